@@ -1,0 +1,235 @@
+"""The one flow-controlled pipe between two byte streams.
+
+Every place labrelay joins two streams (a TCP connection and an SSH channel at
+the agent; later channel to channel at the relay) goes through :class:`Bridge`.
+The rules it enforces, whatever the sides are:
+
+* bytes read from one side are written to the other at once; nothing is queued
+  in the bridge itself;
+* when a side's *sink* reports that it is full, the other side stops *reading*
+  (a TCP transport stops reading its socket; an SSH channel stops re-opening its
+  receive window, so the peer's window is the buffer bound) and resumes when the
+  sink drains;
+* a side learns that bytes it delivered were accepted downstream through
+  :meth:`Side.consumed`, which is where an SSH channel re-opens its window;
+* EOF travels one way while data keeps flowing the other (half-close); the
+  bridge ends when both sides are closed.
+
+A side is anything implementing :class:`Side`; :class:`TCPSide` adapts a Twisted
+TCP transport.  The SSH channel side lives in :mod:`relay.ssh.channels`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ITCPTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+class Side(TypingProtocol):
+    """One end of a bridge, as the bridge sees it."""
+
+    def attach(self, bridge: Bridge) -> None:
+        """Start delivering events to ``bridge`` (buffered data first)."""
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` out of this side.  Never refuses; reports congestion
+        through ``bridge.sinkFull``/``bridge.sinkDrained``."""
+
+    def consumed(self, nbytes: int) -> None:
+        """``nbytes`` this side delivered were handed on downstream."""
+
+    def pauseReading(self, reason: str) -> None:
+        """Stop delivering data until every pause reason is lifted."""
+
+    def resumeReading(self, reason: str) -> None:
+        """Lift one pause reason."""
+
+    def writeEOF(self) -> None:
+        """No more data will be written (after what was written is sent)."""
+
+    def close(self) -> None:
+        """Close gracefully once pending writes are flushed."""
+
+    def abort(self) -> None:
+        """Close now, dropping anything pending."""
+
+
+SINK_FULL = "sink-full"
+
+
+class Bridge:
+    """Joins two sides; see the module docstring for the guarantees.
+
+    ``onClosed`` is called once, when both sides have closed, with the byte
+    counts ``(a_to_b, b_to_a)``: accounting and status hook in there.
+    """
+
+    _log = Logger()
+
+    def __init__(self, a: Side, b: Side, onClosed: object = None) -> None:
+        self.a = a
+        self.b = b
+        self.bytesAtoB = 0
+        self.bytesBtoA = 0
+        self._open = {id(a), id(b)}
+        self._onClosed = onClosed
+        a.attach(self)
+        b.attach(self)
+
+    def peer(self, side: Side) -> Side:
+        return self.b if side is self.a else self.a
+
+    # events from the sides
+
+    def dataReceived(self, src: Side, data: bytes) -> None:
+        if src is self.a:
+            self.bytesAtoB += len(data)
+            self.b.write(data)
+        else:
+            self.bytesBtoA += len(data)
+            self.a.write(data)
+        src.consumed(len(data))
+
+    def sinkFull(self, dst: Side) -> None:
+        self.peer(dst).pauseReading(SINK_FULL)
+
+    def sinkDrained(self, dst: Side) -> None:
+        self.peer(dst).resumeReading(SINK_FULL)
+
+    def eofReceived(self, src: Side) -> None:
+        self.peer(src).writeEOF()
+
+    def sideClosed(self, side: Side, reason: Failure | None = None) -> None:
+        """``side`` is gone: close the other one after it flushed what it has."""
+        if id(side) not in self._open:
+            return
+        self._open.discard(id(side))
+        if self._open:
+            self.peer(side).close()
+            return
+        if callable(self._onClosed):
+            self._onClosed(self.bytesAtoB, self.bytesBtoA)
+
+
+@implementer(IPushProducer, IHalfCloseableProtocol)
+class TCPSide(Protocol):
+    """A TCP connection as a bridge side.
+
+    It is the connection's protocol (reads come in as ``dataReceived``) and the
+    producer registered with its own transport (the transport tells us when its
+    write buffer is above its high-water mark, which is our "sink full").
+    Before :meth:`attach` it pauses the transport, so nothing is read until the
+    other side exists: the ``twisted.protocols.portforward`` rule.
+    """
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        self.bridge: Bridge | None = None
+        self._pauses: set[str] = set()
+        self._readEOF = False
+        self._wroteEOF = False
+        self._closed = False
+        self.onConnected: object = None
+
+    # Protocol
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        if ITCPTransport.providedBy(transport):
+            transport.setTcpNoDelay(True)
+        transport.registerProducer(self, True)  # type: ignore[union-attr]
+        if self.bridge is None:
+            self.pauseReading("no-peer")
+        if callable(self.onConnected):
+            self.onConnected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        bridge = self.bridge
+        if bridge is not None:
+            bridge.dataReceived(self, data)
+
+    def readConnectionLost(self) -> None:
+        """The peer sent FIN: pass EOF on, keep writing (IHalfCloseableProtocol)."""
+        self._readEOF = True
+        if self.bridge is not None:
+            self.bridge.eofReceived(self)
+        self._maybeFinish()
+
+    def writeConnectionLost(self) -> None:
+        self._maybeFinish()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._closed = True
+        if self.bridge is not None:
+            self.bridge.sideClosed(self, reason)
+
+    # Side
+
+    def attach(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.resumeReading("no-peer")
+        if self._readEOF:
+            bridge.eofReceived(self)
+        if self._closed:
+            bridge.sideClosed(self)
+
+    def write(self, data: bytes) -> None:
+        if not self._closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def consumed(self, nbytes: int) -> None:
+        """TCP re-opens its own window as the kernel drains; nothing to do."""
+
+    def pauseReading(self, reason: str) -> None:
+        if not self._pauses and self.transport is not None and not self._closed:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._pauses.add(reason)
+
+    def resumeReading(self, reason: str) -> None:
+        if reason not in self._pauses:
+            return
+        self._pauses.discard(reason)
+        if not self._pauses and self.transport is not None and not self._closed:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def writeEOF(self) -> None:
+        if self._closed or self._wroteEOF:
+            return
+        self._wroteEOF = True
+        # Twisted only half-closes from doWrite when no paused producer is
+        # registered; we write nothing more, so stop being one.
+        self.transport.unregisterProducer()  # type: ignore[union-attr]
+        self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+    def _maybeFinish(self) -> None:
+        if self._readEOF and self._wroteEOF and not self._closed:
+            self.close()
+
+    def close(self) -> None:
+        if not self._closed and self.transport is not None:
+            if not self._wroteEOF:
+                self.transport.unregisterProducer()  # see writeEOF
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        if not self._closed and self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # IPushProducer, driven by our own transport's write buffer
+
+    def pauseProducing(self) -> None:
+        if self.bridge is not None:
+            self.bridge.sinkFull(self)
+
+    def resumeProducing(self) -> None:
+        if self.bridge is not None:
+            self.bridge.sinkDrained(self)
+
+    def stopProducing(self) -> None:
+        """The transport is going away; connectionLost follows."""

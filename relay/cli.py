@@ -1,0 +1,192 @@
+"""The ``labrelay`` command.
+
+``labrelay agent`` keeps a link and its forwards up (OpenSSH's own flags, or a
+config file, or both); ``labrelay keygen`` makes a key for it; ``labrelay demo``
+runs the whole path on loopback.  Only this module and :mod:`relay.tap` pick the
+global reactor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import ConfigError, NodeConfig
+
+EXIT_USAGE = 2
+
+DESCRIPTION = """\
+labrelay keeps a lab's private hosts reachable through a server on the internet.
+
+  labrelay agent  -R 2201:10.0.0.5:22 lab@cloud.example.org
+      like `autossh -M0 -N -R 2201:10.0.0.5:22 lab@cloud.example.org`, but with
+      keepalives on, forwards re-requested after every reconnect, a refused
+      forward retried on the same link, and bounded memory per session.
+  labrelay agent  --config /etc/labrelay/lab_pc.toml
+  labrelay keygen ~/.ssh/labrelay_ed25519
+  labrelay demo   (the whole path on loopback, ready to try)
+
+Run `labrelay COMMAND --help` for a command's options; docs/ has the rest.
+"""
+
+
+def _add_logging(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text",
+        help="text (default) for people; json writes one JSON object per event to stdout",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show debug events (every session) and library messages")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .agentargs import add_agent_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="labrelay", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"labrelay {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    agent = sub.add_parser(
+        "agent", help="keep a link to an SSH server and its forwards up",
+        description="Keep one SSH link to [user@]host up, with the given reverse (-R) and "
+        "local (-L) forwards, reconnecting with backoff forever. Flags mean what they "
+        "mean to ssh(1); a --config file may add links or settings.",
+    )
+    add_agent_arguments(agent)
+    agent.add_argument("--backoff-initial", type=float, metavar="SECONDS",
+                       help="first reconnect/retry delay (default 1)")
+    agent.add_argument("--backoff-max", type=float, metavar="SECONDS",
+                       help="longest reconnect/retry delay (default 60)")
+    _add_logging(agent)
+
+    keygen = sub.add_parser(
+        "keygen", help="write an ed25519 key pair for an agent",
+        description="Write an ed25519 key pair in OpenSSH format (private key mode 0600) "
+        "and print the authorized_keys line to install on the server.",
+    )
+    keygen.add_argument("path", type=Path, help="where to write the private key (.pub is added)")
+    keygen.add_argument("-C", "--comment", default=None, help="key comment (default user@host)")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing key")
+
+    demo = sub.add_parser(
+        "demo", help="run the whole path on loopback and show it working",
+        description="Start a private OpenSSH sshd (standing in for the cloud server), a "
+        "small target service (standing in for the GPU cluster) and an agent, all on "
+        "127.0.0.1, prove a session through the tunnel and print what to try.",
+    )
+    demo.add_argument("--once", action="store_true",
+                      help="prove the path, then stop (instead of running until Ctrl-C)")
+    _add_logging(demo)
+    return parser
+
+
+def _with_backoff(config: NodeConfig, ns: argparse.Namespace) -> NodeConfig:
+    changes: dict[str, float] = {}
+    if ns.backoff_initial is not None:
+        changes["initial"] = ns.backoff_initial
+    if ns.backoff_max is not None:
+        changes["maximum"] = ns.backoff_max
+    if not changes:
+        return config
+    links = []
+    for link in config.links:
+        backoff = dataclasses.replace(link.backoff, **changes)
+        if backoff.initial <= 0 or backoff.maximum < backoff.initial:
+            raise ConfigError("command line", "--backoff-initial/--backoff-max",
+                              f"need 0 < initial <= max, got {backoff.initial} and "
+                              f"{backoff.maximum}")
+        links.append(dataclasses.replace(link, backoff=backoff))
+    return dataclasses.replace(config, links=tuple(links))
+
+
+def start_logging(fmt: str, verbose: bool) -> None:
+    from twisted.logger import globalLogBeginner
+
+    from .logfmt import json_observer, text_observer
+
+    if fmt == "json":
+        observer = json_observer(sys.stdout, verbose)
+    else:
+        observer = text_observer(sys.stderr, verbose)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def run_reactor(build: Callable[[Any, Callable[[str], object]], Any]) -> int:
+    """Build the service tree with the real reactor, run it until a signal, stop it."""
+    from twisted.internet import reactor
+    from twisted.logger import Logger
+
+    log = Logger(namespace="labrelay")
+    exit_code = [0]
+
+    def fatal(why: str) -> None:
+        log.critical("{why}; stopping", why=why, event="fatal")
+        exit_code[0] = 1
+        if reactor.running:  # type: ignore[attr-defined]
+            reactor.stop()  # type: ignore[attr-defined]
+
+    service = build(reactor, fatal)
+    log.info("labrelay {version} started (pid {pid})", event="agent_started",
+             version=__version__, pid=os.getpid())
+    reactor.callWhenRunning(service.startService)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    log.info("labrelay stopped", event="agent_stopped")
+    return exit_code[0]
+
+
+def cmd_agent(ns: argparse.Namespace) -> int:
+    from .agentargs import config_from_agent_args
+    from .service import make_node_service
+
+    config = _with_backoff(config_from_agent_args(ns), ns)
+    start_logging(ns.log_format, ns.verbose)
+    # run_reactor builds the tree before the reactor runs: a bad key file
+    # raises ConfigError here and exits 2 with nothing started.
+    return run_reactor(lambda r, fatal: make_node_service(config, r, on_fatal=fatal))
+
+
+def cmd_keygen(ns: argparse.Namespace) -> int:
+    import getpass
+    import socket
+
+    from .keygen import generate_keypair
+
+    comment = ns.comment or f"{getpass.getuser()}@{socket.gethostname()}"
+    line = generate_keypair(ns.path, comment, overwrite=ns.force)
+    print(f"wrote {ns.path} (private, mode 0600) and {ns.path}.pub", file=sys.stderr)
+    print("add this line to the server's ~/.ssh/authorized_keys:", file=sys.stderr)
+    print(line)
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(once=ns.once, log_format=ns.log_format, verbose=ns.verbose)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    commands = {"agent": cmd_agent, "keygen": cmd_keygen, "demo": cmd_demo}
+    if ns.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return commands[ns.command](ns)
+    except ConfigError as e:
+        print(f"labrelay: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileExistsError as e:
+        print(f"labrelay: {e}", file=sys.stderr)
+        return EXIT_USAGE

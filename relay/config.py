@@ -1,0 +1,898 @@
+"""The node configuration: frozen, typed objects parsed from one TOML file per node.
+
+Every error names the file, the key path (``link[0].remote[1].connect``) and what
+would be valid, so an operator can fix a file without reading code.  Nothing
+starts on a bad file: parsing is complete before any service is built.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import getpass
+import ipaddress
+import math
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+DEFAULT_WINDOW = 2 * 1024 * 1024
+DEFAULT_MAX_PACKET = 32 * 1024
+
+
+class ConfigError(Exception):
+    """A configuration problem, with where it is and how to fix it.
+
+    ``str(err)`` reads ``FILE: KEYPATH: PROBLEM (HINT)``; the CLI prints it and
+    exits with status 2.
+    """
+
+    def __init__(self, source: str, keypath: str, problem: str, hint: str = "") -> None:
+        self.source = source
+        self.keypath = keypath
+        self.problem = problem
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.source}: {self.keypath}: " if self.keypath else f"{self.source}: "
+        return where + self.problem + (f" ({self.hint})" if self.hint else "")
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A TCP destination or listen address.  ``host`` may be a name or an IP literal."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RemoteForward:
+    """``-R [bind:]port:host:hostport``: the server listens on ``bind:port`` and every
+    connection it accepts is connected, by this node, to ``connect``.
+
+    ``bind`` is sent as-is in the ``tcpip-forward`` request: ``""`` lets the server
+    choose (OpenSSH: loopback unless GatewayPorts), ``"0.0.0.0"``/``"*"`` ask for all
+    interfaces, and a name registers a named service on a labrelay relay.
+    ``port == 0`` asks the server to allocate a port; the bound port is logged.
+    """
+
+    bind: str
+    port: int
+    connect: HostPort
+    name: str
+
+
+@dataclass(frozen=True)
+class LocalForward:
+    """``-L [bind:]port:host:hostport``: this node listens on ``bind:port`` and every
+    connection is carried over the link to ``connect`` as seen from the server.
+    ``port == 0`` picks a free port (logged)."""
+
+    bind: str
+    port: int
+    connect: HostPort
+    name: str
+
+
+@dataclass(frozen=True)
+class HostKeyPolicy:
+    """How the server's host key is verified.
+
+    ``fingerprint`` (``SHA256:...``, as ``ssh-keygen -lf`` prints it) pins one key;
+    otherwise ``known_hosts`` (OpenSSH format, hashed entries too) is consulted.
+    ``accept_new`` (OpenSSH's ``StrictHostKeyChecking=accept-new``) records the key of a
+    host that has no entry yet; a *changed* key is always refused.
+    """
+
+    known_hosts: Path | None = None
+    fingerprint: str | None = None
+    accept_new: bool = False
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """SSH keepalives (``keepalive@openssh.com``, want-reply): one every ``interval``
+    seconds; the link is declared dead after ``count_max`` unanswered ones
+    (OpenSSH's ServerAliveInterval/ServerAliveCountMax).  ``interval == 0`` disables."""
+
+    interval: float = 15.0
+    count_max: int = 3
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Reconnect/retry delays: ``initial * factor**n`` capped at ``maximum``, plus jitter
+    of up to ``jitter`` times the delay.  Retries never stop."""
+
+    initial: float = 1.0
+    maximum: float = 60.0
+    factor: float = 1.5
+    jitter: float = 0.2
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """One upstream SSH server and the forwards carried over the link to it."""
+
+    name: str
+    host: str
+    port: int = 22
+    user: str = ""
+    identities: tuple[Path, ...] = ()
+    host_key: HostKeyPolicy = field(default_factory=HostKeyPolicy)
+    keepalive: Keepalive = field(default_factory=Keepalive)
+    backoff: Backoff = field(default_factory=Backoff)
+    connect_timeout: float = 15.0
+    local_wait: float = 10.0
+    window: int = DEFAULT_WINDOW
+    max_packet: int = DEFAULT_MAX_PACKET
+    remote: tuple[RemoteForward, ...] = ()
+    local: tuple[LocalForward, ...] = ()
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The local status endpoint (HTTP on loopback)."""
+
+    listen: HostPort
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything one labrelay process runs."""
+
+    source: str
+    links: tuple[LinkConfig, ...] = ()
+    admin: AdminConfig | None = None
+
+
+# ---------------------------------------------------------------------------
+# Parsing.  The syntax helpers below raise ``_Bad`` (a problem and a hint, no
+# location); the public wrappers and the TOML walker add the file and key path.
+
+LOCAL_DEFAULT_BIND = "127.0.0.1"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:7022"
+EXAMPLE_FINGERPRINT = "SHA256:BeHN8bwL5c7UYHejLShGY4MwHbRq5hkifsdbZtrio6k"
+
+ForwardKind = Literal["remote", "local"]
+Locate = Callable[[str], tuple[str, str]]
+"""Maps a canonical key path (``link[1].remote[0].name``) to ``(source, keypath)`` as
+the user should read it, e.g. ``("command line", "-R '2201:localhost:22'")``."""
+
+
+class _Bad(Exception):
+    def __init__(self, problem: str, hint: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.hint = hint
+
+
+_HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}\Z")
+_NAME_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,100}\Z")
+_PORT_RE = re.compile(r"[0-9]+\Z")
+
+_LISTEN_HINT = 'use "[bind:]port", e.g. "2201", "0.0.0.0:2201", "gpu-cluster:22", "[::1]:2201"'
+_CONNECT_HINT = 'use "host:port", e.g. "10.0.0.5:22", "localhost:8888", "[::1]:22"'
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _split_hostport(text: str, hint: str) -> tuple[str | None, str]:
+    """``host:port`` / ``[v6]:port`` / ``port`` -> (host or None, port text).
+
+    An unbracketed host is a name, an IPv4 literal, ``*`` or empty; a bracketed one
+    must be an IPv6 literal and is returned without its brackets."""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise _Bad(f"unclosed '[' in {text!r}", hint)
+        host, rest = text[1:close], text[close + 1 :]
+        if not _is_ipv6(host):
+            raise _Bad(f"[{host}] is not an IPv6 address", hint)
+        if not rest.startswith(":"):
+            raise _Bad(f"expected ':port' after ']' in {text!r}", hint)
+        return host, rest[1:]
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return None, text
+    if ":" in host or "[" in host or "]" in host:
+        raise _Bad(f"{text!r}: an IPv6 address must be in brackets", hint)
+    if host not in ("", "*") and not _HOST_RE.match(host):
+        raise _Bad(f"{host!r} is not a host name or IP address", hint)
+    return host, port
+
+
+def _port(text: str, low: int, hint: str) -> int:
+    if not _PORT_RE.match(text):
+        raise _Bad(f"port {text!r} is not a number", hint)
+    port = int(text)
+    if not low <= port <= 65535:
+        raise _Bad(f"port {port} is out of range {low}..65535", hint)
+    return port
+
+
+def _listen(text: str, default_bind: str) -> tuple[str, int]:
+    if not text:
+        raise _Bad("empty listen address", _LISTEN_HINT)
+    host, port_text = _split_hostport(text, _LISTEN_HINT)
+    return (default_bind if host is None else host), _port(port_text, 0, _LISTEN_HINT)
+
+
+def _hostport(text: str) -> HostPort:
+    if not text:
+        raise _Bad("empty address", _CONNECT_HINT)
+    host, port_text = _split_hostport(text, _CONNECT_HINT)
+    if host is None:
+        missing = "host" if _PORT_RE.match(text) else "port"
+        raise _Bad(f"{text!r} has no {missing}", _CONNECT_HINT)
+    if host in ("", "*"):
+        raise _Bad(f"{text!r} has no host", _CONNECT_HINT)
+    return HostPort(host, _port(port_text, 1, _CONNECT_HINT))
+
+
+def _split_colons(text: str, hint: str) -> list[str]:
+    """Split on ``:`` outside ``[...]``, keeping the brackets in the fields."""
+    fields: list[str] = []
+    current: list[str] = []
+    inside = False
+    for ch in text:
+        if ch == ":" and not inside:
+            fields.append("".join(current))
+            current = []
+            continue
+        if ch == "[":
+            if inside:
+                raise _Bad(f"nested '[' in {text!r}", hint)
+            inside = True
+        elif ch == "]":
+            inside = False
+        current.append(ch)
+    if inside:
+        raise _Bad(f"unclosed '[' in {text!r}", hint)
+    fields.append("".join(current))
+    return fields
+
+
+def default_forward_name(kind: ForwardKind, bind: str, port: int) -> str:
+    """The name a forward gets when none is given: ``R:2201``, ``R:gpu-cluster:22``,
+    ``L:8888`` (default bind), ``L:0.0.0.0:8888``; an empty bind reads ``*``."""
+    if kind == "remote":
+        default = ""
+        prefix = "R"
+    else:
+        default = LOCAL_DEFAULT_BIND
+        prefix = "L"
+    if bind == default:
+        return f"{prefix}:{port}"
+    return f"{prefix}:{_bracket(bind) if bind else '*'}:{port}"
+
+
+def _forward(spec: str, kind: ForwardKind) -> RemoteForward | LocalForward:
+    flag = "-R" if kind == "remote" else "-L"
+    hint = (
+        f"use [bind:]port:host:hostport, e.g. {flag} 2201:localhost:22"
+        f" or {flag} [::1]:2201:[::1]:22"
+    )
+    if "/" in spec:
+        raise _Bad("Unix-domain socket forwards are not supported", hint)
+    fields = _split_colons(spec, hint)
+    if len(fields) == 1 and _PORT_RE.match(spec):
+        raise _Bad(f"{flag} PORT alone (a SOCKS proxy) is not supported", hint)
+    if len(fields) not in (3, 4):
+        raise _Bad(f"expected 3 or 4 ':'-separated fields in {spec!r}, got {len(fields)}", hint)
+    default_bind = "" if kind == "remote" else LOCAL_DEFAULT_BIND
+    try:
+        bind, port = _listen(":".join(fields[:-2]), default_bind)
+        connect = _hostport(":".join(fields[-2:]))
+    except _Bad as e:
+        raise _Bad(e.problem, hint) from None
+    name = default_forward_name(kind, bind, port)
+    if kind == "remote":
+        return RemoteForward(bind, port, connect, name)
+    return LocalForward(bind, port, connect, name)
+
+
+def _host(text: str) -> str:
+    hint = 'give a host name or IP address, e.g. "cloud.example.org", "203.0.113.7", "::1"'
+    if "@" in text:
+        raise _Bad(f"{text!r} contains '@'", hint + "; give the user separately")
+    if text.startswith("[") and text.endswith("]") and _is_ipv6(text[1:-1]):
+        return text[1:-1]
+    if _is_ipv6(text) or _HOST_RE.match(text):
+        return text
+    if ":" in text:
+        raise _Bad(f"{text!r} is not a host name (a port is given separately)", hint)
+    raise _Bad(f"{text!r} is not a host name or IP address", hint)
+
+
+def _fingerprint(text: str) -> str:
+    hint = (
+        "give the SHA256 fingerprint as `ssh-keygen -lf KEY.pub` prints it,"
+        f" e.g. {EXAMPLE_FINGERPRINT}"
+    )
+    body = text.removeprefix("SHA256:")
+    if body == text:
+        if text.startswith("MD5:") or re.fullmatch(r"([0-9a-fA-F]{2}:){15}[0-9a-fA-F]{2}", text):
+            raise _Bad("MD5 fingerprints are not accepted", hint)
+        raise _Bad(f"{text!r} does not start with 'SHA256:'", hint)
+    if not re.fullmatch(r"[A-Za-z0-9+/]{43}", body):
+        raise _Bad(f"{text!r} is not 'SHA256:' followed by 43 base64 characters", hint)
+    try:
+        digest = base64.b64decode(body + "=", validate=True)
+    except binascii.Error:
+        raise _Bad(f"{text!r} is not valid base64", hint) from None
+    if base64.b64encode(digest).decode().rstrip("=") != body:
+        raise _Bad(f"{text!r} is not a SHA256 digest (check its last character)", hint)
+    return text
+
+
+def _name(text: str) -> str:
+    if not _NAME_RE.match(text):
+        raise _Bad(
+            f"name {text!r} must be 1..100 characters without spaces or control characters",
+            'e.g. name = "gpu-ssh"',
+        )
+    return text
+
+
+@contextmanager
+def _at(source: str, keypath: str) -> Iterator[None]:
+    """Turn a located-less ``_Bad`` into a ConfigError at ``keypath``."""
+    try:
+        yield
+    except _Bad as e:
+        raise ConfigError(source, keypath, e.problem, e.hint) from None
+
+
+def parse_listen(text: str, *, source: str, keypath: str, default_bind: str) -> tuple[str, int]:
+    """Parse ``[bind:]port`` into ``(bind, port)``; port 0..65535 (0 = allocate).
+
+    The bind address is kept as written (``"*"`` stays ``"*"``; ``[::1]`` loses its
+    brackets); ``default_bind`` is used when there is none, and ``":2201"`` gives
+    ``""`` explicitly."""
+    with _at(source, keypath):
+        result = _listen(text, default_bind)
+    return result
+
+
+def parse_hostport(text: str, *, source: str, keypath: str) -> HostPort:
+    """Parse ``host:port`` (``[v6]:port``); port 1..65535."""
+    with _at(source, keypath):
+        result = _hostport(text)
+    return result
+
+
+def parse_forward_spec(
+    spec: str, kind: ForwardKind, *, source: str, keypath: str
+) -> RemoteForward | LocalForward:
+    """Parse OpenSSH's ``[bind:]port:host:hostport`` (IPv6 in brackets) as given to
+    ``-R`` (``kind="remote"``, default bind ``""``) or ``-L`` (default bind
+    ``127.0.0.1``).  The forward gets its default name (:func:`default_forward_name`)."""
+    with _at(source, keypath):
+        result = _forward(spec, kind)
+    return result
+
+
+def parse_host(text: str, *, source: str, keypath: str) -> str:
+    """Check a server host name or IP literal (``[v6]`` loses its brackets)."""
+    with _at(source, keypath):
+        result = _host(text)
+    return result
+
+
+def parse_fingerprint(text: str, *, source: str, keypath: str) -> str:
+    """Check a pinned host key fingerprint: ``SHA256:`` + 43 base64 characters."""
+    with _at(source, keypath):
+        result = _fingerprint(text)
+    return result
+
+
+def parse_name(text: str, *, source: str, keypath: str) -> str:
+    """Check a link or forward name: 1..100 characters, no spaces or control characters."""
+    with _at(source, keypath):
+        result = _name(text)
+    return result
+
+
+def default_known_hosts() -> Path:
+    """``~/.ssh/known_hosts``, used when neither ``known_hosts`` nor ``host_key`` is set."""
+    return Path("~/.ssh/known_hosts").expanduser()
+
+
+def current_user(*, source: str, keypath: str) -> str:
+    """The login name of this process (the default ``user``, as for ssh)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        raise ConfigError(
+            source, keypath, "cannot tell the current user name", 'set it, e.g. user = "lab"'
+        ) from None
+
+
+# --- the TOML walker --------------------------------------------------------
+
+_TOP_KEYS = {
+    "admin": '[admin] listen = "127.0.0.1:7022"',
+    "link": '[[link]] host = "cloud.example.org"',
+}
+_ADMIN_KEYS = {"listen": 'listen = "127.0.0.1:7022"'}
+_LINK_KEYS = {
+    "name": 'name = "cloud"',
+    "host": 'host = "cloud.example.org"',
+    "port": "port = 22",
+    "user": 'user = "lab"',
+    "identity": 'identity = "~/.ssh/id_ed25519"',
+    "known_hosts": 'known_hosts = "~/.ssh/known_hosts"',
+    "host_key": f'host_key = "{EXAMPLE_FINGERPRINT}"',
+    "strict_host_key_checking": 'strict_host_key_checking = "accept-new"',
+    "keepalive_interval": "keepalive_interval = 15",
+    "keepalive_count": "keepalive_count = 3",
+    "backoff_initial": "backoff_initial = 1.0",
+    "backoff_max": "backoff_max = 60.0",
+    "backoff_factor": "backoff_factor = 1.5",
+    "backoff_jitter": "backoff_jitter = 0.2",
+    "connect_timeout": "connect_timeout = 15",
+    "local_wait": "local_wait = 10",
+    "window": "window = 2097152",
+    "max_packet": "max_packet = 32768",
+    "remote": '[[link.remote]] listen = "2201", connect = "localhost:22"',
+    "local": '[[link.local]] listen = "127.0.0.1:8888", connect = "localhost:8888"',
+}
+_REMOTE_KEYS = {
+    "listen": 'listen = "2201"',
+    "connect": 'connect = "10.0.0.5:22"',
+    "name": 'name = "gpu-ssh"',
+}
+_LOCAL_KEYS = {
+    "listen": 'listen = "127.0.0.1:8888"',
+    "connect": 'connect = "localhost:8888"',
+    "name": 'name = "jupyter"',
+}
+# OpenSSH spellings people will try, and what they are called here.
+_ALIASES = {
+    "hostname": "host",
+    "identityfile": "identity",
+    "userknownhostsfile": "known_hosts",
+    "stricthostkeychecking": "strict_host_key_checking",
+    "serveraliveinterval": "keepalive_interval",
+    "serveralivecountmax": "keepalive_count",
+    "connecttimeout": "connect_timeout",
+    "remoteforward": "remote",
+    "localforward": "local",
+    "links": "link",
+}
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"{type(value).__name__} {value}"
+
+
+def _fmt(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+class _Section:
+    """One TOML table with its key path; refuses keys it does not know."""
+
+    def __init__(
+        self, source: str, data: dict[str, Any], path: str, examples: Mapping[str, str]
+    ) -> None:
+        self.source = source
+        self.data = data
+        self.path = path
+        self.examples = examples
+        for key in data:
+            if key not in examples:
+                raise self._unknown(key)
+
+    def _unknown(self, key: str) -> ConfigError:
+        folded = key.lower().replace("-", "_")
+        guess = _ALIASES.get(key.lower())
+        if guess is None and folded in self.examples:
+            guess = folded
+        if guess is None:
+            close = difflib.get_close_matches(folded, list(self.examples), n=1, cutoff=0.6)
+            guess = close[0] if close else None
+        if guess is not None and guess in self.examples:
+            hint = f"did you mean '{guess}'? e.g. {self.examples[guess]}"
+        else:
+            hint = "valid keys here: " + ", ".join(self.examples)
+        return ConfigError(self.source, self.keypath(key), f"unknown key '{key}'", hint)
+
+    def keypath(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, problem: str, hint: str | None = None) -> ConfigError:
+        if hint is None:
+            hint = f"e.g. {self.examples[key]}"
+        return ConfigError(self.source, self.keypath(key), problem, hint)
+
+    def at(self, key: str) -> AbstractContextManager[None]:
+        return _at(self.source, self.keypath(key))
+
+    def string(self, key: str, *, required: bool = False) -> str | None:
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                raise self.error(key, f"missing required key '{key}'")
+            return None
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {_describe(value)}")
+        if not value:
+            raise self.error(key, "must not be empty")
+        return value
+
+    def strings(self, key: str) -> list[str]:
+        """A string or an array of strings."""
+        value = self.data.get(key)
+        if value is None:
+            return []
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if not isinstance(item, str) or not item:
+                what = "an empty string" if item == "" else _describe(item)
+                raise self.error(key, f"expected a string or an array of strings, got {what}")
+        return items
+
+    def integer(self, key: str, default: int, low: int, high: int | None = None) -> int:
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected an integer, got {_describe(value)}")
+        if value < low or (high is not None and value > high):
+            limits = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise self.error(key, f"{key} must be {limits}, got {value}")
+        return value
+
+    def number(
+        self,
+        key: str,
+        default: float,
+        *,
+        low: float,
+        above: bool = False,
+        high: float | None = None,
+    ) -> float:
+        """A finite int or float >= ``low`` (> ``low`` if ``above``) and <= ``high``."""
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"expected a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise self.error(key, f"expected a finite number, got {value}")
+        if value < low or (above and value == low):
+            bound = f"greater than {_fmt(low)}" if above else f"at least {_fmt(low)}"
+            raise self.error(key, f"{key} must be {bound}, got {value}")
+        if high is not None and value > high:
+            raise self.error(key, f"{key} must be at most {_fmt(high)}, got {value}")
+        return float(value)
+
+    def table(self, key: str, examples: Mapping[str, str]) -> _Section | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table, got {_describe(value)}")
+        return _Section(self.source, value, self.keypath(key), examples)
+
+    def tables(self, key: str, examples: Mapping[str, str]) -> list[_Section]:
+        value = self.data.get(key)
+        if value is None:
+            return []
+        full = self.keypath(key) if not self.path else f"{self.path.split('[')[0]}.{key}"
+        hint = f"write one [[{full}]] table per entry, e.g. {self.examples[key]}"
+        if not isinstance(value, list):
+            raise self.error(
+                key,
+                f"expected an array of tables, got {_describe(value)}",
+                hint,
+            )
+        sections = []
+        for i, item in enumerate(value):
+            path = f"{self.keypath(key)}[{i}]"
+            if not isinstance(item, dict):
+                raise ConfigError(
+                    self.source,
+                    path,
+                    f"expected a table, got {_describe(item)}",
+                    hint,
+                )
+            sections.append(_Section(self.source, item, path, examples))
+        return sections
+
+
+def _path(text: str, base: Path) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _parse_forwards(link: _Section, kind: ForwardKind) -> list[tuple[str, int, HostPort, str]]:
+    """The ``[[link.remote]]`` or ``[[link.local]]`` entries as (bind, port, connect, name)."""
+    examples = _REMOTE_KEYS if kind == "remote" else _LOCAL_KEYS
+    default_bind = "" if kind == "remote" else LOCAL_DEFAULT_BIND
+    forwards = []
+    for sec in link.tables(kind, examples):
+        listen = sec.string("listen", required=True)
+        connect = sec.string("connect", required=True)
+        assert listen is not None and connect is not None
+        with sec.at("listen"):
+            bind, port = _listen(listen, default_bind)
+        with sec.at("connect"):
+            target = _hostport(connect)
+        name = sec.string("name")
+        if name is None:
+            name = default_forward_name(kind, bind, port)
+        else:
+            with sec.at("name"):
+                _name(name)
+        forwards.append((bind, port, target, name))
+    return forwards
+
+
+def _parse_host_key(sec: _Section, base: Path) -> HostKeyPolicy:
+    fingerprint = sec.string("host_key")
+    if fingerprint is not None:
+        with sec.at("host_key"):
+            _fingerprint(fingerprint)
+    known_hosts_text = sec.string("known_hosts")
+    if fingerprint is not None and known_hosts_text is not None:
+        raise sec.error(
+            "known_hosts",
+            "set either host_key (pin one key) or known_hosts, not both",
+            f'keep one of them, e.g. host_key = "{EXAMPLE_FINGERPRINT}"',
+        )
+    strict = sec.string("strict_host_key_checking") or "yes"
+    if strict in ("no", "off", "false", "ask"):
+        raise sec.error(
+            "strict_host_key_checking",
+            f"'{strict}' is not allowed: an unattended agent must never trust an unverified "
+            "server (anyone on the path could impersonate it)",
+            'use "accept-new" (record the key on first connection) or pin host_key = "SHA256:..."',
+        )
+    if strict not in ("yes", "accept-new"):
+        raise sec.error(
+            "strict_host_key_checking", f'expected "yes" or "accept-new", got {strict!r}'
+        )
+    accept_new = strict == "accept-new"
+    if fingerprint is not None and accept_new:
+        raise sec.error(
+            "strict_host_key_checking",
+            '"accept-new" has no effect with a pinned host_key',
+            "remove strict_host_key_checking, or use known_hosts instead of host_key",
+        )
+    if fingerprint is not None:
+        return HostKeyPolicy(fingerprint=fingerprint)
+    known_hosts = (
+        default_known_hosts() if known_hosts_text is None else _path(known_hosts_text, base)
+    )
+    return HostKeyPolicy(known_hosts=known_hosts, accept_new=accept_new)
+
+
+def _parse_link(sec: _Section, index: int, base: Path) -> LinkConfig:
+    name = sec.string("name")
+    if name is None:
+        name = f"link{index}"
+    else:
+        with sec.at("name"):
+            _name(name)
+    host_text = sec.string("host", required=True)
+    assert host_text is not None
+    with sec.at("host"):
+        host = _host(host_text)
+    user = sec.string("user")
+    if user is None:
+        user = current_user(source=sec.source, keypath=sec.keypath("user"))
+    elif any(ch.isspace() for ch in user):
+        raise sec.error("user", f"user {user!r} contains white space")
+
+    backoff_initial = sec.number("backoff_initial", Backoff.initial, low=0, above=True)
+    backoff_max = sec.number("backoff_max", Backoff.maximum, low=0, above=True)
+    if backoff_max < backoff_initial:
+        given = "" if "backoff_max" in sec.data else " (the default)"
+        raise sec.error(
+            "backoff_max",
+            f"backoff_max {_fmt(backoff_max)}{given} is less than "
+            f"backoff_initial {_fmt(backoff_initial)}",
+            f"make backoff_max at least backoff_initial, e.g. backoff_max = "
+            f"{_fmt(max(60.0, backoff_initial))}",
+        )
+    window = sec.integer("window", DEFAULT_WINDOW, 32 * 1024, 16 * 1024 * 1024)
+    max_packet = sec.integer("max_packet", DEFAULT_MAX_PACKET, 1024, 256 * 1024)
+    if max_packet > window:
+        raise sec.error(
+            "max_packet",
+            f"max_packet {max_packet} is larger than window {window}",
+            "max_packet must fit in the window, e.g. window = 2097152 and max_packet = 32768",
+        )
+    remote = tuple(RemoteForward(*fields) for fields in _parse_forwards(sec, "remote"))
+    local = tuple(LocalForward(*fields) for fields in _parse_forwards(sec, "local"))
+    return LinkConfig(
+        name=name,
+        host=host,
+        port=sec.integer("port", 22, 1, 65535),
+        user=user,
+        identities=tuple(_path(text, base) for text in sec.strings("identity")),
+        host_key=_parse_host_key(sec, base),
+        keepalive=Keepalive(
+            interval=sec.number("keepalive_interval", Keepalive.interval, low=0),
+            count_max=sec.integer("keepalive_count", Keepalive.count_max, 1),
+        ),
+        backoff=Backoff(
+            initial=backoff_initial,
+            maximum=backoff_max,
+            factor=sec.number("backoff_factor", Backoff.factor, low=1),
+            jitter=sec.number("backoff_jitter", Backoff.jitter, low=0, high=1),
+        ),
+        connect_timeout=sec.number("connect_timeout", 15.0, low=0, above=True),
+        local_wait=sec.number("local_wait", 10.0, low=0),
+        window=window,
+        max_packet=max_packet,
+        remote=remote,
+        local=local,
+    )
+
+
+def _parse_admin(sec: _Section) -> AdminConfig:
+    text = sec.string("listen") or DEFAULT_ADMIN_LISTEN
+    with sec.at("listen"):
+        bind, port = _listen(text, LOCAL_DEFAULT_BIND)
+    loopback = bind == "localhost"
+    if not loopback:
+        try:
+            loopback = ipaddress.ip_address(bind).is_loopback
+        except ValueError:
+            loopback = False
+    if not loopback:
+        raise sec.error(
+            "listen",
+            f"the admin endpoint must listen on a loopback address, not {bind or '*'!r}",
+            'e.g. listen = "127.0.0.1:7022"; reach it from elsewhere through SSH',
+        )
+    return AdminConfig(HostPort(bind, port))
+
+
+def validate_node(config: NodeConfig, locate: Locate | None = None) -> None:
+    """Check what spans links: link names and forward names are unique in the node,
+    a remote listen address is used once per link and a local one once per node.
+
+    ``locate`` turns canonical key paths into what the user wrote (the command line
+    uses it); by default every path is in ``config.source``."""
+
+    def where(keypath: str) -> tuple[str, str]:
+        return locate(keypath) if locate is not None else (config.source, keypath)
+
+    def fail(keypath: str, first: str, problem: str, hint: str) -> None:
+        source, path = where(keypath)
+        first_source, first_path = where(first)
+        also = first_path if first_source == source else f"{first_path} in {first_source}"
+        raise ConfigError(source, path, problem.replace("{also}", also), hint)
+
+    links: dict[str, str] = {}
+    for i, link in enumerate(config.links):
+        keypath = f"link[{i}].name"
+        if link.name in links:
+            fail(
+                keypath,
+                links[link.name],
+                f"duplicate link name {link.name!r} (also {{also}})",
+                'give each link its own name: name = "..." in the file, --name on the command line',
+            )
+        links[link.name] = keypath
+
+    names: dict[str, str] = {}
+    local_listens: dict[tuple[str, int], str] = {}
+    for i, link in enumerate(config.links):
+        remote_listens: dict[tuple[str, int], str] = {}
+        forwards: list[tuple[ForwardKind, int, RemoteForward | LocalForward]] = [
+            *(("remote", j, f) for j, f in enumerate(link.remote)),
+            *(("local", j, f) for j, f in enumerate(link.local)),
+        ]
+        for kind, j, fwd in forwards:
+            base = f"link[{i}].{kind}[{j}]"
+            listens = remote_listens if kind == "remote" else local_listens
+            key = (fwd.bind, fwd.port)
+            if fwd.port != 0 and key in listens:
+                address = f"{_bracket(fwd.bind)}:{fwd.port}" if fwd.bind else str(fwd.port)
+                fail(
+                    f"{base}.listen",
+                    listens[key],
+                    f"{address} is already forwarded by {{also}}",
+                    "each listen address carries one forward; change the port",
+                )
+            listens[key] = f"{base}.listen"
+            derived = fwd.name == default_forward_name(kind, fwd.bind, fwd.port)
+            keypath = base if derived else f"{base}.name"
+            if fwd.name in names:
+                what = "derived " if derived else ""
+                fail(
+                    keypath,
+                    names[fwd.name],
+                    f"duplicate {what}forward name {fwd.name!r} (also {{also}})",
+                    'forward names are unique within a node: set name = "..." on one of them',
+                )
+            names[fwd.name] = keypath
+
+
+def parse_config(text: str, source: str, *, base_dir: Path | None = None) -> NodeConfig:
+    """Parse a node's TOML config.  ``source`` names it in errors; relative paths in
+    it are relative to ``base_dir`` (default: the directory of ``source``).
+
+    A config with no links and no admin section is valid here; whether that is
+    enough to run is the caller's decision."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(
+            source,
+            "",
+            f"TOML syntax error: {e}",
+            'strings need double quotes and tables brackets, e.g. host = "cloud.example.org"',
+        ) from None
+    base = base_dir if base_dir is not None else Path(source).expanduser().absolute().parent
+    top = _Section(source, doc, "", _TOP_KEYS)
+    admin = top.table("admin", _ADMIN_KEYS)
+    config = NodeConfig(
+        source=source,
+        links=tuple(
+            _parse_link(sec, i, base) for i, sec in enumerate(top.tables("link", _LINK_KEYS))
+        ),
+        admin=_parse_admin(admin) if admin is not None else None,
+    )
+    validate_node(config)
+    return config
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    """Read and parse a config file; a missing or unreadable file is a ConfigError."""
+    source = str(path)
+    file = Path(path).expanduser()
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            source,
+            "",
+            f"cannot read the config file: {e.strerror or e}",
+            "check the path; docs/config.md has a complete example to start from",
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            source, "", f"not UTF-8 text (bad byte at offset {e.start})", "save it as UTF-8"
+        ) from None
+    return parse_config(text, source, base_dir=file.absolute().parent)

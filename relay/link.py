@@ -1,0 +1,243 @@
+"""``Link``: one persistent SSH link to an upstream server and the forwards it carries.
+
+The link is a ``ClientService`` (capped, jittered backoff; it never gives up, at
+boot or later).  A connection attempt only counts as connected once the host
+key was verified, a key was accepted and the ``ssh-connection`` service runs
+(``prepareConnection``); then every reverse forward is requested and waiting
+local connections are released.  When the link is lost — the server went away,
+or keepalives found it dead — forwards go down and the service reconnects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import ClientService
+from twisted.application.service import MultiService
+from twisted.conch.ssh import keys
+from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .backoff import retry_policy
+from .bridge import Bridge, TCPSide
+from .config import LinkConfig
+from .forwards import LocalForwardListener, RemoteForwardRunner
+from .ssh.channels import BridgedChannel
+from .ssh.client import LinkConnection, LinkTransport
+from .ssh.hostkeys import HostKeyVerifier
+
+CANCEL_TIMEOUT = 2.0
+
+
+class LinkDown(Exception):
+    """The link was not ready within the time a new local connection may wait."""
+
+
+class _LoggingEndpoint:
+    """Logs each connection attempt, so an operator sees the link trying."""
+
+    def __init__(self, link: Link, endpoint: HostnameEndpoint) -> None:
+        self._link = link
+        self._endpoint = endpoint
+
+    def connect(self, factory: Factory) -> defer.Deferred[Protocol]:
+        self._link.state = "connecting"
+        self._link.log.info(
+            "link {link}: connecting to {host}:{port}",
+            event="link_connecting", link=self._link.name,
+            host=self._link.config.host, port=self._link.config.port,
+        )
+        return self._endpoint.connect(factory)
+
+
+class Link(MultiService):
+    """One upstream SSH server, its reverse forwards and its local forwards."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: LinkConfig,
+        reactor: Any,
+        identities: list[keys.Key],
+        on_fatal: Callable[[str], object] | None = None,
+    ) -> None:
+        super().__init__()
+        self.setName(f"link:{config.name}")
+        self.config = config
+        self.name = config.name
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.identities = identities
+        self.verifier = HostKeyVerifier(config.host_key, config.host, config.port)
+        self.state = "down"
+        self.since = reactor.seconds()
+        self.last_error: str | None = None
+        self.connection: LinkConnection | None = None
+        self._on_fatal = on_fatal
+        self._waiters: list[tuple[defer.Deferred[LinkConnection], IDelayedCall]] = []
+        policy = retry_policy(config.backoff)
+        self.remote = [RemoteForwardRunner(self, fwd, policy) for fwd in config.remote]
+        self.local = [LocalForwardListener(self, fwd) for fwd in config.local]
+        for listener in self.local:
+            listener.setServiceParent(self)
+
+        def logged_policy(failures: int) -> float:
+            delay = policy(failures)
+            self.log.info(
+                "link {link}: reconnecting in {delay:.2f}s (attempt {failures})",
+                event="link_retry", link=self.name, delay=delay, failures=failures,
+            )
+            return delay
+
+        assert IReactorTCP.providedBy(reactor)
+        endpoint = HostnameEndpoint(
+            reactor, config.host, config.port, timeout=config.connect_timeout
+        )
+        factory = Factory.forProtocol(lambda: LinkTransport(self))
+        self.client = ClientService(
+            _LoggingEndpoint(self, endpoint),  # type: ignore[arg-type]
+            factory,
+            retryPolicy=logged_policy,
+            clock=reactor,
+            prepareConnection=self._prepare,
+        )
+        self.client.setServiceParent(self)
+
+    # connection life
+
+    def _prepare(self, proto: Any) -> defer.Deferred[None]:
+        def failed(f: Failure) -> Failure:
+            self.last_error = f.getErrorMessage()
+            self.state = "down"
+            self.log.warn(
+                "link {link}: attempt failed: {reason}",
+                event="link_failed", link=self.name, reason=self.last_error,
+            )
+            return f
+
+        return proto.ready.addCallbacks(self._linkUp, failed)
+
+    def _linkUp(self, conn: LinkConnection) -> None:
+        self.connection = conn
+        self.state = "connected"
+        self.since = self.reactor.seconds()
+        self.last_error = None
+        peer = conn.transport.transport.getPeer()
+        self.log.info(
+            "link {link}: connected to {host}:{port} as {user}",
+            event="link_connected", link=self.name, host=self.config.host,
+            port=self.config.port, user=self.config.user, peer=str(peer),
+        )
+        for forward in self.remote:
+            forward.linkUp(conn)
+        waiters, self._waiters = self._waiters, []
+        for d, timer in waiters:
+            timer.cancel()
+            d.callback(conn)
+
+    def linkLost(self, transport: LinkTransport, why: str) -> None:
+        """Called by the transport of a ready link when it closes."""
+        if self.connection is None or self.connection.transport is not transport:
+            return
+        self.connection = None
+        self.state = "down"
+        self.since = self.reactor.seconds()
+        self.last_error = why
+        for forward in self.remote:
+            forward.linkDown()
+        if self.running:
+            self.log.warn("link {link}: lost: {reason}", event="link_lost", link=self.name,
+                          reason=why)
+
+    def whenReady(self, timeout: float) -> defer.Deferred[LinkConnection]:
+        """The ready connection, waiting up to ``timeout`` seconds for one."""
+        if self.connection is not None:
+            return defer.succeed(self.connection)
+        d: defer.Deferred[LinkConnection] = defer.Deferred()
+
+        def expire() -> None:
+            self._waiters = [(w, t) for (w, t) in self._waiters if w is not d]
+            d.errback(LinkDown(f"link {self.name} is down and did not come back within "
+                               f"{timeout:g}s (last error: {self.last_error or 'none'})"))
+
+        self._waiters.append((d, self.clock.callLater(timeout, expire)))
+        return d
+
+    def remoteForwardFor(self, host: str, port: int) -> RemoteForwardRunner | None:
+        candidates = [f for f in self.remote if f.matches(host, port)]
+        if len(candidates) > 1:
+            candidates = [f for f in candidates if f.config.bind == host] or candidates[:1]
+        return candidates[0] if candidates else None
+
+    def sessionStarted(
+        self,
+        forward: RemoteForwardRunner | LocalForwardListener,
+        side: TCPSide,
+        channel: BridgedChannel,
+        origin: str,
+    ) -> Bridge:
+        counters = forward.counters
+        counters.active += 1
+        counters.total += 1
+        local = isinstance(forward, LocalForwardListener)
+
+        def ended(a_to_b: int, b_to_a: int) -> None:
+            counters.active -= 1
+            to_target, from_target = (a_to_b, b_to_a) if local else (b_to_a, a_to_b)
+            counters.bytes_in += to_target
+            counters.bytes_out += from_target
+            self.log.debug(
+                "forward {forward}: session from {origin} closed "
+                "({to_target} bytes in, {from_target} out)",
+                event="session_closed", link=self.name, forward=forward.name, origin=origin,
+                to_target=to_target, from_target=from_target,
+            )
+
+        self.log.debug(
+            "forward {forward}: session from {origin}", event="session_open",
+            link=self.name, forward=forward.name, origin=origin,
+        )
+        return Bridge(side, channel, onClosed=ended)
+
+    def fatal(self, why: str) -> None:
+        if self._on_fatal is not None:
+            self._on_fatal(why)
+
+    # shutdown
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Cancel forwards on the server, say goodbye, then stop reconnecting."""
+        conn = self.connection
+        cancels = [f.cancel() for f in self.remote]
+        for d, timer in self._waiters:
+            timer.cancel()
+            d.errback(LinkDown(f"link {self.name} is stopping"))
+        self._waiters = []
+
+        def disconnect(_: object) -> defer.Deferred[None]:
+            if conn is not None and self.connection is conn:
+                conn.transport.sendDisconnect(DISCONNECT_BY_APPLICATION, b"labrelay stopping")
+            return defer.maybeDeferred(super(Link, self).stopService)  # type: ignore[arg-type]
+
+        done = defer.DeferredList(cancels)
+        timer = self.clock.callLater(CANCEL_TIMEOUT, done.cancel)
+        done.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        return done.addBoth(disconnect)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "server": f"{self.config.host}:{self.config.port}",
+            "user": self.config.user,
+            "state": self.state,
+            "since": self.since,
+            "last_error": self.last_error,
+            "forwards": [f.status() for f in self.remote] + [f.status() for f in self.local],
+        }

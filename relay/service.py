@@ -1,0 +1,63 @@
+"""Builds the service tree a node config describes.
+
+Everything that can be wrong with the configuration on disk — unreadable or
+too-open key files, no identity at all — is checked here, before any service
+starts, and reported as a :class:`~relay.config.ConfigError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.conch.ssh import keys
+
+from .config import ConfigError, LinkConfig, NodeConfig
+from .link import Link
+from .ssh.identity import IdentityError, default_identity_paths, load_identity
+
+
+def load_identities(config: NodeConfig, link: LinkConfig, index: int) -> list[keys.Key]:
+    paths = list(link.identities) or default_identity_paths()
+    if not paths:
+        raise ConfigError(
+            config.source, f"link[{index}].identity",
+            "no identity (private key) given and none of ~/.ssh/id_ed25519, id_ecdsa, "
+            "id_rsa exists",
+            "give -i KEYFILE, set identity = \"/path/key\", or create one with "
+            "`labrelay keygen KEYFILE`",
+        )
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append(load_identity(path))
+        except IdentityError as e:
+            raise ConfigError(config.source, f"link[{index}].identity", str(e)) from e
+    return loaded
+
+
+class NodeService(MultiService):
+    """The root service of one labrelay process."""
+
+    def __init__(self, config: NodeConfig, reactor: Any,
+                 on_fatal: Callable[[str], object] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.links: list[Link] = []
+        for index, link_config in enumerate(config.links):
+            identities = load_identities(config, link_config, index)
+            link = Link(link_config, reactor, identities, on_fatal=on_fatal)
+            link.setServiceParent(self)
+            self.links.append(link)
+
+    def status(self) -> dict[str, Any]:
+        return {"links": [link.status() for link in self.links]}
+
+
+def make_node_service(config: NodeConfig, reactor: Any,
+                      on_fatal: Callable[[str], object] | None = None) -> NodeService:
+    if not config.links:
+        raise ConfigError(config.source, "link", "nothing to run: no [[link]] configured",
+                          "add a [[link]] table, or give [user@]host on the command line")
+    return NodeService(config, reactor, on_fatal=on_fatal)

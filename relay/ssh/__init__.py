@@ -1,0 +1,1 @@
+"""Conch glue: the client link, the relay server, channels, authentication and host keys."""

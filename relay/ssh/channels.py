@@ -1,0 +1,192 @@
+"""``BridgedChannel``: an SSH channel that is one side of a :class:`relay.bridge.Bridge`.
+
+Window discipline (DESIGN §4): the receive window shrinks as data arrives (in
+:class:`relay.ssh.connection.FlowConnection`) and is re-opened here only for
+bytes the bridge reported as accepted downstream while the downstream was not
+full.  Bytes accepted into a full downstream are *owed* and credited when it
+drains.  So the bytes of one session held anywhere in this process are bounded
+by the window we advertise plus the downstream's own high-water mark.
+
+The send side pauses the bridge's other side when the peer's window is spent or
+the link itself is congested.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.conch.ssh.channel import SSHChannel
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from ..config import DEFAULT_MAX_PACKET, DEFAULT_WINDOW
+
+if TYPE_CHECKING:
+    from ..bridge import Bridge
+
+WINDOW_EXHAUSTED = "window"
+LINK_CONGESTED = "link"
+
+
+class BridgedChannel(SSHChannel):
+    """A forwarding channel (``direct-tcpip`` or ``forwarded-tcpip``)."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        name: bytes,
+        *,
+        window: int = DEFAULT_WINDOW,
+        maxPacket: int = DEFAULT_MAX_PACKET,
+        remoteWindow: int = 0,
+        remoteMaxPacket: int = 0,
+        conn: Any = None,
+    ) -> None:
+        super().__init__(
+            localWindow=window,
+            localMaxPacket=maxPacket,
+            remoteWindow=remoteWindow,
+            remoteMaxPacket=remoteMaxPacket,
+            conn=conn,
+        )
+        self.name = name
+        self.bridge: Bridge | None = None
+        self.opened: defer.Deferred[BridgedChannel] = defer.Deferred()
+        self._early: list[bytes] = []
+        self._credit = 0
+        self._owed = 0
+        self._pauses: set[str] = set()
+        self._congestion: set[str] = set()
+        self._eofPending = False
+        self._sentEOF = False
+        self._gotEOF = False
+        self._isClosed = False
+
+    # Conch events
+
+    def channelOpen(self, specificData: bytes) -> None:
+        if not self.opened.called:
+            self.opened.callback(self)
+
+    def openFailed(self, reason: Any) -> None:
+        if not self.opened.called:
+            self.opened.errback(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        bridge = self.bridge
+        if bridge is None:
+            self._early.append(data)  # bounded: no window is re-opened for it
+        else:
+            bridge.dataReceived(self, data)
+
+    def eofReceived(self) -> None:
+        self._gotEOF = True
+        if self.bridge is not None:
+            self.bridge.eofReceived(self)
+        self._maybeFinish()
+
+    def closeReceived(self) -> None:
+        """The peer closed: what is still buffered for it can never be sent."""
+        self.buf = b""
+        self.conn.sendClose(self)
+
+    def closed(self) -> None:
+        self._isClosed = True
+        if self.bridge is not None:
+            self.bridge.sideClosed(self)
+
+    def addWindowBytes(self, data: int) -> None:
+        super().addWindowBytes(data)
+        if self._eofPending and not self.buf:
+            self._eofPending = False
+            self._sendEOF()
+
+    def stopWriting(self) -> None:
+        self._congest(WINDOW_EXHAUSTED)
+
+    def startWriting(self) -> None:
+        self._decongest(WINDOW_EXHAUSTED)
+
+    def linkCongested(self, congested: bool) -> None:
+        if congested:
+            self._congest(LINK_CONGESTED)
+        else:
+            self._decongest(LINK_CONGESTED)
+
+    def _congest(self, reason: str) -> None:
+        first = not self._congestion
+        self._congestion.add(reason)
+        if first and self.bridge is not None:
+            self.bridge.sinkFull(self)
+
+    def _decongest(self, reason: str) -> None:
+        if reason not in self._congestion:
+            return
+        self._congestion.discard(reason)
+        if not self._congestion and self.bridge is not None:
+            self.bridge.sinkDrained(self)
+
+    # Side
+
+    def attach(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        if self._congestion:
+            bridge.sinkFull(self)
+        early, self._early = self._early, []
+        for data in early:
+            bridge.dataReceived(self, data)
+        if self._gotEOF:
+            bridge.eofReceived(self)
+        if self._isClosed:
+            bridge.sideClosed(self)
+
+    def consumed(self, nbytes: int) -> None:
+        if self._pauses:
+            self._owed += nbytes
+        else:
+            self._grant(nbytes)
+
+    def _grant(self, nbytes: int) -> None:
+        self._credit += nbytes
+        # Like OpenSSH: top the window up once less than half of it is left,
+        # so a bulk sender gets one WINDOW_ADJUST per half window, not per packet.
+        if self.localWindowLeft < self.localWindowSize // 2 and not self.localClosed:
+            credit, self._credit = self._credit, 0
+            self.conn.adjustWindow(self, credit)
+
+    def pauseReading(self, reason: str) -> None:
+        self._pauses.add(reason)
+
+    def resumeReading(self, reason: str) -> None:
+        if reason not in self._pauses:
+            return
+        self._pauses.discard(reason)
+        if not self._pauses and self._owed:
+            owed, self._owed = self._owed, 0
+            self._grant(owed)
+
+    def writeEOF(self) -> None:
+        if self._sentEOF or self.localClosed:
+            return
+        if self.buf:
+            self._eofPending = True
+        else:
+            self._sendEOF()
+
+    def _sendEOF(self) -> None:
+        self._sentEOF = True
+        self.conn.sendEOF(self)
+        self._maybeFinish()
+
+    def _maybeFinish(self) -> None:
+        if self._sentEOF and self._gotEOF:
+            self.loseConnection()
+
+    def close(self) -> None:
+        if not self.localClosed:
+            self.loseConnection()
+
+    def abort(self) -> None:
+        self.buf = b""
+        self.conn.sendClose(self)

@@ -1,0 +1,280 @@
+"""The client end of a link: Conch transport, public-key auth and connection service.
+
+One :class:`LinkTransport` is one TCP connection to the upstream SSH server.  Its
+phases are explicit (``phase``): ``handshake`` (version and key exchange; the host
+key is checked here, before any credential is offered), ``auth`` (public keys
+only), ``ready`` (the ``ssh-connection`` service runs), ``closed``.
+:attr:`LinkTransport.ready` fires with the :class:`LinkConnection` once ready, or
+fails with :class:`LinkSetupError` saying why the attempt ended; ``ClientService``
+uses that as its ``prepareConnection`` hook, so a failed handshake counts as a
+failed attempt and is retried with backoff.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Any
+
+from twisted.conch import error
+from twisted.conch.ssh import common, keys, transport, userauth
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..bridge import TCPSide
+from ..keepalive import KeepaliveMonitor
+from .channels import BridgedChannel
+from .connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, FlowConnection
+from .hostkeys import HostKeyError
+
+if TYPE_CHECKING:
+    from ..link import Link
+
+# Fastest first among what both Conch and a stock OpenSSH offer (DESIGN §11).
+PREFERRED_CIPHERS = [b"aes128-ctr", b"aes256-ctr", b"aes192-ctr"]
+PREFERRED_MACS = [b"hmac-sha2-256", b"hmac-sha2-512"]
+TARGET_CONNECT_TIMEOUT = 10.0
+
+
+class LinkSetupError(Exception):
+    """A connection attempt ended before the link was ready; ``str()`` says why."""
+
+
+def _ordered(preferred: list[bytes], supported: list[bytes]) -> list[bytes]:
+    return [c for c in preferred if c in supported] + [c for c in supported if c not in preferred]
+
+
+class LinkTransport(transport.SSHClientTransport):
+    """One connection attempt to the upstream server."""
+
+    _log = Logger()
+    supportedCiphers = _ordered(PREFERRED_CIPHERS, transport.SSHClientTransport.supportedCiphers)
+    supportedMACs = _ordered(PREFERRED_MACS, transport.SSHClientTransport.supportedMACs)
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.phase = "handshake"
+        self.ready: defer.Deferred[LinkConnection] = defer.Deferred()
+        self.why: str | None = None
+        self.connection: LinkConnection | None = None
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        tcp = self.transport
+        tcp.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        tcp.setTcpKeepAlive(True)  # type: ignore[attr-defined]
+        self._timer = self.link.clock.callLater(self.link.config.connect_timeout, self._timeout)
+        super().connectionMade()
+
+    def _timeout(self) -> None:
+        self._timer = None
+        self.why = (
+            f"no SSH handshake within {self.link.config.connect_timeout:g}s "
+            f"(phase {self.phase}); is this an SSH server, and is it responsive?"
+        )
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+        conn = self.connection
+        if conn is not None and conn.keepalive is not None:
+            conn.keepalive.activity()
+        super().dispatchMessage(messageNum, payload)
+
+    def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> defer.Deferred[Any]:
+        try:
+            key = keys.Key.fromString(hostKey)
+            matched = self.link.verifier.verify(key)
+        except HostKeyError as e:
+            self.why = str(e)
+            self._log.error(
+                "link {link}: host key refused: {reason}",
+                event="hostkey_refused", link=self.link.name, reason=str(e),
+            )
+            return defer.fail(e)
+        except keys.BadKeyError as e:
+            self.why = f"server sent an unreadable host key: {e}"
+            return defer.fail(e)
+        self._log.debug(
+            "link {link}: host key ok ({matched})", link=self.link.name, matched=matched
+        )
+        return defer.succeed(True)
+
+    def connectionSecure(self) -> None:
+        self.phase = "auth"
+        self.connection = LinkConnection(self.link)
+        self.requestService(LinkUserAuth(self.link, self.connection))
+
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        # A paused producer keeps Twisted from ever closing (see TCPSide.writeEOF).
+        tcp = self.transport
+        if tcp is not None and getattr(tcp, "producer", None) is not None:
+            tcp.unregisterProducer()  # type: ignore[attr-defined]
+        super().sendDisconnect(reason, desc)
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        text = description.decode("utf-8", "replace")
+        self.why = f"server disconnected: {text} (code {reasonCode})"
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        phase, self.phase = self.phase, "closed"
+        super().connectionLost(reason)
+        why = self.why or (reason.getErrorMessage() if reason is not None else "closed")
+        if not self.ready.called:
+            if phase == "auth" and self.why is None:
+                why = "authentication failed: the server accepted none of our keys"
+            if phase == "auth":
+                self._log.error(
+                    "link {link}: {reason}", event="auth_failed", link=self.link.name,
+                    reason=why,
+                )
+            self.ready.errback(LinkSetupError(why))
+        else:
+            self.link.linkLost(self, why)
+
+    def markReady(self, conn: LinkConnection) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.phase = "ready"
+        self.ready.callback(conn)
+
+
+class LinkUserAuth(userauth.SSHUserAuthClient):
+    """Public-key authentication with the link's identities, nothing else."""
+
+    preferredOrder = [b"publickey"]
+
+    def __init__(self, link: Link, conn: LinkConnection) -> None:
+        super().__init__(link.config.user.encode(), conn)
+        self._keys = list(link.identities)
+        self._current: keys.Key | None = None
+
+    def getPublicKey(self) -> keys.Key | None:
+        if not self._keys:
+            return None
+        self._current = self._keys.pop(0)
+        return self._current.public()
+
+    def getPrivateKey(self) -> defer.Deferred[keys.Key]:
+        assert self._current is not None
+        return defer.succeed(self._current)
+
+    def ssh_USERAUTH_FAILURE(self, packet: bytes) -> Any:
+        methods = common.getNS(packet)[0]
+        if (not self._keys and self.lastAuth == b"publickey") or b"publickey" not in methods:
+            self.transport.why = (  # type: ignore[attr-defined]
+                f"authentication failed for user {self.user.decode()!r}: the server "
+                f"accepted none of our {len(self.transport.link.identities)} key(s)"  # type: ignore[attr-defined]
+                f" (it offers: {methods.decode() or 'nothing'}); add the agent's public "
+                "key to that user's authorized_keys"
+            )
+        return super().ssh_USERAUTH_FAILURE(packet)
+
+
+class LinkConnection(FlowConnection):
+    """The ``ssh-connection`` service of a ready link."""
+
+    _log = Logger()
+
+    def __init__(self, link: Link) -> None:
+        super().__init__()
+        self.link = link
+        self.keepalive: KeepaliveMonitor | None = None
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        ka = self.link.config.keepalive
+        if ka.interval > 0:
+            self.keepalive = KeepaliveMonitor(
+                self.link.clock, ka.interval, ka.count_max, self._sendKeepalive, self._dead
+            )
+            self.keepalive.start()
+        self.transport.markReady(self)
+
+    def serviceStopped(self) -> None:
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        super().serviceStopped()
+
+    def _sendKeepalive(self) -> None:
+        d = self.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
+        d.addErrback(lambda _: None)  # a refusal is an answer too
+
+    def _dead(self, silence: float) -> None:
+        self._log.warn(
+            "link {link}: no answer for {silence:.1f}s ({unanswered} keepalives); "
+            "declaring it dead",
+            event="link_dead", link=self.link.name, silence=silence,
+            unanswered=self.keepalive.sent if self.keepalive else 0,
+        )
+        self.transport.why = f"dead: nothing received for {silence:.1f}s"
+        self.transport.transport.abortConnection()
+
+    # reverse forwards: the server opens a channel per accepted connection
+
+    def channel_forwarded_tcpip(
+        self, windowSize: int, maxPacket: int, data: bytes
+    ) -> defer.Deferred[BridgedChannel]:
+        try:
+            connHost, rest = common.getNS(data)
+            (connPort,) = struct.unpack(">L", rest[:4])
+            origHost, rest = common.getNS(rest[4:])
+            (origPort,) = struct.unpack(">L", rest[:4])
+        except (ValueError, struct.error) as e:
+            raise error.ConchError("malformed forwarded-tcpip", OPEN_CONNECT_FAILED) from e
+        forward = self.link.remoteForwardFor(connHost.decode("utf-8", "replace"), connPort)
+        if forward is None:
+            raise error.ConchError(
+                "no such forward", OPEN_ADMINISTRATIVELY_PROHIBITED
+            )
+        cfg = self.link.config
+        channel = BridgedChannel(
+            b"forwarded-tcpip", window=cfg.window, maxPacket=cfg.max_packet,
+            remoteWindow=windowSize, remoteMaxPacket=maxPacket, conn=self,
+        )
+        target = forward.config.connect
+        endpoint = HostnameEndpoint(
+            self.link.reactor, target.host, target.port, timeout=TARGET_CONNECT_TIMEOUT
+        )
+        origin = f"{origHost.decode('utf-8', 'replace')}:{origPort}"
+
+        def connected(side: TCPSide) -> BridgedChannel:
+            channel.opened.addCallbacks(
+                lambda ch: self.link.sessionStarted(forward, side, ch, origin),
+                lambda _: side.abort(),
+            )
+            return channel
+
+        def failed(f: Failure) -> Failure:
+            self._log.warn(
+                "forward {forward}: cannot reach {target}: {reason}",
+                event="target_unreachable", link=self.link.name, forward=forward.name,
+                target=str(target), reason=f.getErrorMessage(),
+            )
+            return Failure(error.ConchError(f"connect failed: {f.getErrorMessage()}",
+                                            OPEN_CONNECT_FAILED))
+
+        d = endpoint.connect(Factory.forProtocol(TCPSide))
+        return d.addCallbacks(connected, failed)
+
+    # local forwards: we open a channel per accepted connection
+
+    def openDirect(
+        self, host: str, port: int, origHost: str, origPort: int
+    ) -> defer.Deferred[BridgedChannel]:
+        cfg = self.link.config
+        channel = BridgedChannel(
+            b"direct-tcpip", window=cfg.window, maxPacket=cfg.max_packet, conn=self
+        )
+        self.openChannel(
+            channel,
+            common.NS(host.encode()) + struct.pack(">L", port)
+            + common.NS(origHost.encode()) + struct.pack(">L", origPort),
+        )
+        return channel.opened

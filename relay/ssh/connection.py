@@ -1,0 +1,259 @@
+"""``FlowConnection``: Conch's ``SSHConnection`` with labrelay's flow control and checks.
+
+Conch's connection re-opens a channel's receive window as soon as a packet
+arrives, whatever the downstream holds (DESIGN §11); here the window is only
+re-opened by the channel itself, after its bytes were accepted downstream (see
+:class:`relay.ssh.channels.BridgedChannel`).  It also:
+
+* refuses peers that name unknown channel ids, overflow a window past 2^32-1
+  or declare a maximum packet of 0 (Conch raises and drops the link instead);
+* lets ``getChannel`` answer with a Deferred, so an incoming channel is
+  confirmed only once its target is connected (as OpenSSH does), and refused
+  with a reason when it cannot be;
+* acts as the push producer of the link's TCP transport: when the link's write
+  buffer is above its high-water mark every channel is told the link is
+  congested, which pauses the TCP sources feeding them.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.conch import error
+from twisted.conch.ssh import common, connection
+from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+MAX_WINDOW = 0xFFFFFFFF
+OPEN_CONNECT_FAILED = connection.OPEN_CONNECT_FAILED
+OPEN_ADMINISTRATIVELY_PROHIBITED = connection.OPEN_ADMINISTRATIVELY_PROHIBITED
+OPEN_UNKNOWN_CHANNEL_TYPE = connection.OPEN_UNKNOWN_CHANNEL_TYPE
+LINK_BUFFER = 1024 * 1024
+
+
+@implementer(IPushProducer)
+class FlowConnection(connection.SSHConnection):
+    """An ``ssh-connection`` service whose channels own their receive windows."""
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.congested = False
+        self._pendingOpens = 0
+
+    # service life
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        tcp = getattr(self.transport, "transport", None)
+        if tcp is not None and hasattr(tcp, "registerProducer"):
+            # A larger buffer lets many channels batch their packets into big
+            # writes; memory stays bounded because we pause above it.
+            if hasattr(tcp, "bufferSize"):
+                tcp.bufferSize = LINK_BUFFER
+            tcp.registerProducer(self, True)
+
+    # IPushProducer for the link's TCP transport
+
+    def pauseProducing(self) -> None:
+        self.congested = True
+        for channel in list(self.channels.values()):
+            hook = getattr(channel, "linkCongested", None)
+            if hook is not None:
+                hook(True)
+
+    def resumeProducing(self) -> None:
+        self.congested = False
+        for channel in list(self.channels.values()):
+            hook = getattr(channel, "linkCongested", None)
+            if hook is not None:
+                hook(False)
+
+    def stopProducing(self) -> None:
+        """The link is closing; ``serviceStopped`` follows."""
+
+    # checks
+
+    def _channel(self, packet: bytes) -> Any:
+        """The channel a packet names, or ``None`` after disconnecting the peer."""
+        (localChannel,) = struct.unpack(">L", packet[:4])
+        channel = self.channels.get(localChannel)
+        if channel is None:
+            self._protocolError(f"unknown channel id {localChannel}")
+        return channel
+
+    def _protocolError(self, why: str) -> None:
+        self._log.warn("peer protocol error: {why}", why=why, event="protocol_error")
+        self.transport.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, why.encode())
+
+    # packets
+
+    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
+        channelType, rest = common.getNS(packet)
+        senderChannel, windowSize, maxPacket = struct.unpack(">3L", rest[:12])
+        if maxPacket == 0:
+            self._refuseOpen(senderChannel, OPEN_CONNECT_FAILED, "maximum packet size 0")
+            return
+        try:
+            result = self.getChannel(channelType, windowSize, maxPacket, rest[12:])
+        except error.ConchError as e:
+            text, code = e.args if len(e.args) == 2 else (str(e), OPEN_CONNECT_FAILED)
+            if isinstance(text, int):
+                text, code = code, text
+            self._refuseOpen(senderChannel, code, str(text))
+            return
+        except Exception:
+            self._log.failure("channel open failed")
+            self._refuseOpen(senderChannel, OPEN_CONNECT_FAILED, "internal error")
+            return
+        self._pendingOpens += 1
+        d = defer.maybeDeferred(lambda: result)
+        d.addCallbacks(
+            lambda channel: self._confirmOpen(senderChannel, channel, rest[12:]),
+            lambda f: self._failOpen(senderChannel, f),
+        )
+
+    def _confirmOpen(self, senderChannel: int, channel: Any, data: bytes) -> None:
+        self._pendingOpens -= 1
+        if self.transport is None or getattr(self, "_stopped", False):
+            channel.openFailed(error.ConchError("link lost", OPEN_CONNECT_FAILED))
+            return
+        localChannel = self.localChannelID
+        self.localChannelID += 1
+        channel.id = localChannel
+        channel.conn = self
+        self.channels[localChannel] = channel
+        self.channelsToRemoteChannel[channel] = senderChannel
+        self.localToRemoteChannel[localChannel] = senderChannel
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_CONFIRMATION,
+            struct.pack(
+                ">4L", senderChannel, localChannel, channel.localWindowSize, channel.localMaxPacket
+            )
+            + channel.specificData,
+        )
+        if self.congested:
+            channel.linkCongested(True)
+        channel.channelOpen(data)
+
+    def _failOpen(self, senderChannel: int, f: Failure) -> None:
+        self._pendingOpens -= 1
+        if self.transport is None or getattr(self, "_stopped", False):
+            return
+        code = OPEN_CONNECT_FAILED
+        text = f.getErrorMessage()
+        if f.check(error.ConchError) and len(f.value.args) == 2:
+            a, b = f.value.args
+            text, code = (b, a) if isinstance(a, int) else (a, b)
+        self._refuseOpen(senderChannel, int(code), str(text))
+
+    def _refuseOpen(self, senderChannel: int, code: int, text: str) -> None:
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_FAILURE,
+            struct.pack(">2L", senderChannel, code) + common.NS(text.encode()) + common.NS(b""),
+        )
+
+    def ssh_CHANNEL_OPEN_CONFIRMATION(self, packet: bytes) -> None:
+        channel = self._channel(packet)
+        if channel is None:
+            return
+        if channel in self.channelsToRemoteChannel:
+            self._protocolError(f"channel {channel.id} confirmed twice")
+            return
+        maxPacket = struct.unpack(">L", packet[12:16])[0]
+        if maxPacket == 0:
+            self._protocolError("maximum packet size 0")
+            return
+        super().ssh_CHANNEL_OPEN_CONFIRMATION(packet)
+        if self.congested and hasattr(channel, "linkCongested"):
+            channel.linkCongested(True)
+
+    def ssh_CHANNEL_OPEN_FAILURE(self, packet: bytes) -> None:
+        if self._channel(packet) is not None:
+            super().ssh_CHANNEL_OPEN_FAILURE(packet)
+
+    def ssh_CHANNEL_WINDOW_ADJUST(self, packet: bytes) -> None:
+        channel = self._channel(packet)
+        if channel is None:
+            return
+        bytesToAdd = struct.unpack(">L", packet[4:8])[0]
+        if channel.remoteWindowLeft + bytesToAdd > MAX_WINDOW:
+            self._protocolError(f"window adjust overflows channel {channel.id}")
+            return
+        channel.addWindowBytes(bytesToAdd)
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        """Deliver data without re-opening the window: the channel does that."""
+        localChannel, dataLength = struct.unpack(">2L", packet[:8])
+        channel = self.channels.get(localChannel)
+        if channel is None:
+            self._protocolError(f"unknown channel id {localChannel}")
+            return
+        if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
+            self._log.warn(
+                "peer overran channel {id} window; closing it", id=localChannel,
+                event="protocol_error",
+            )
+            self.sendClose(channel)
+            return
+        data = packet[8 : 8 + dataLength]
+        if len(data) != dataLength:
+            self._protocolError("truncated channel data")
+            return
+        channel.localWindowLeft -= dataLength
+        channel.dataReceived(data)
+
+    def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
+        """Forwarding channels carry no stderr; account for it and drop it."""
+        localChannel, _typeCode, dataLength = struct.unpack(">3L", packet[:12])
+        channel = self.channels.get(localChannel)
+        if channel is None:
+            self._protocolError(f"unknown channel id {localChannel}")
+            return
+        if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
+            self.sendClose(channel)
+            return
+        channel.localWindowLeft -= dataLength
+        self.adjustWindow(channel, dataLength)
+
+    def ssh_CHANNEL_EOF(self, packet: bytes) -> None:
+        if self._channel(packet) is not None:
+            super().ssh_CHANNEL_EOF(packet)
+
+    def ssh_CHANNEL_CLOSE(self, packet: bytes) -> None:
+        if self._channel(packet) is not None:
+            super().ssh_CHANNEL_CLOSE(packet)
+
+    def ssh_CHANNEL_REQUEST(self, packet: bytes) -> None:
+        if self._channel(packet) is not None:
+            super().ssh_CHANNEL_REQUEST(packet)
+
+    def ssh_CHANNEL_SUCCESS(self, packet: bytes) -> None:
+        if self._channel(packet) is not None:
+            super().ssh_CHANNEL_SUCCESS(packet)
+
+    def ssh_CHANNEL_FAILURE(self, packet: bytes) -> None:
+        if self._channel(packet) is not None:
+            super().ssh_CHANNEL_FAILURE(packet)
+
+    def ssh_REQUEST_SUCCESS(self, packet: bytes) -> None:
+        if not self.deferreds["global"]:
+            self._protocolError("unexpected global request reply")
+            return
+        super().ssh_REQUEST_SUCCESS(packet)
+
+    def ssh_REQUEST_FAILURE(self, packet: bytes) -> None:
+        if not self.deferreds["global"]:
+            self._protocolError("unexpected global request reply")
+            return
+        super().ssh_REQUEST_FAILURE(packet)
+
+    def serviceStopped(self) -> None:
+        self._stopped = True
+        super().serviceStopped()

@@ -1,0 +1,413 @@
+"""Verification of an SSH server's host key, as OpenSSH's ``ssh`` does it.
+
+A :class:`HostKeyVerifier` answers one question for one ``host:port``: is this key
+the server's?  It either pins one key by its ``SHA256:`` fingerprint or consults an
+OpenSSH ``known_hosts`` file (plain and hashed entries, comma-separated patterns
+with ``*``/``?``/``!``, ``[host]:port`` for other ports than 22, ``@revoked``;
+``@cert-authority`` lines are ignored because certificates are not supported).
+
+Conch's ``twisted.conch.client.knownhosts.KnownHostsFile`` is deliberately not used:
+it ignores ``@revoked`` lines (they fail to parse and are skipped), does not match
+patterns or compare host names case-insensitively, reports a *changed* key at the
+first entry of the key type even when a later entry matches, and appends new lines
+without fixing file modes or a missing final newline.
+
+The file is small and read synchronously on every verification, so edits made by an
+operator (``ssh-keygen -R``, a new line) take effect on the next connection.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import shlex
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from twisted.conch.ssh.keys import Key
+from twisted.logger import Logger
+
+from relay.config import HostKeyPolicy
+
+log = Logger()
+
+DEFAULT_SSH_PORT = 22
+_HASH_MAGIC = "|1|"
+_SALT_LEN = 20  # SHA-1 digest size, as OpenSSH's hostfile.c uses
+
+
+class HostKeyStatus(enum.Enum):
+    """Why a host key was refused."""
+
+    PIN_MISMATCH = "pin-mismatch"  # a pinned fingerprint is configured; the key is another one
+    CHANGED = "changed"  # known_hosts has this key type for the host, with another key
+    UNKNOWN = "unknown"  # known_hosts has no usable entry for the host
+    REVOKED = "revoked"  # the key is listed under @revoked
+    ERROR = "error"  # the policy cannot be applied (unreadable file, bad pin, ...)
+
+
+class HostKeyError(Exception):
+    """The server's host key was refused.
+
+    ``str(err)`` is a one-paragraph message for an operator: which host, which key
+    was offered (type and fingerprint), what was expected and where, and how to fix
+    it.  ``status`` tells the kinds apart for callers that count or log them.
+    """
+
+    def __init__(self, status: HostKeyStatus, hostname: str, problem: str, hint: str = "") -> None:
+        self.status = status
+        self.hostname = hostname
+        self.problem = problem
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"host key verification failed for {self.hostname}: {self.problem}"
+        return text + (f". To fix: {self.hint}" if self.hint else "")
+
+
+def fingerprint_sha256(key: Key) -> str:
+    """``SHA256:<base64>`` without padding, exactly as ``ssh-keygen -lf`` prints it."""
+    return _fingerprint_of_blob(key.blob())
+
+
+def parse_fingerprint(text: str) -> bytes:
+    """The 32-byte digest of a ``SHA256:...`` fingerprint (padding optional).
+
+    Raises ``ValueError`` with a readable reason for anything else (an MD5
+    fingerprint, a truncated one, a public key pasted by mistake).
+    """
+    prefix, sep, encoded = text.strip().partition(":")
+    if not sep or prefix.upper() != "SHA256":
+        raise ValueError(
+            f"fingerprint {text!r} is not of the form SHA256:<base64> "
+            "(print it with: ssh-keygen -lf KEY.pub)"
+        )
+    encoded = encoded.rstrip("=")
+    try:
+        digest = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        digest = b""
+    if len(digest) != hashlib.sha256().digest_size:
+        raise ValueError(
+            f"fingerprint {text!r} is not a valid SHA256 fingerprint: expected 43 base64 "
+            "characters after 'SHA256:' (print it with: ssh-keygen -lf KEY.pub)"
+        )
+    return digest
+
+
+def known_hosts_name(host: str, port: int) -> str:
+    """The name OpenSSH looks up and records: ``host`` for port 22, else ``[host]:port``.
+
+    Host names are compared case-insensitively, so the name is lower-cased.
+    """
+    host = host.lower()
+    return host if port == DEFAULT_SSH_PORT else f"[{host}]:{port}"
+
+
+class HostKeyVerifier:
+    """Applies one :class:`HostKeyPolicy` to the server at ``host:port``.
+
+    A pinned ``fingerprint`` accepts that key and nothing else (the known_hosts file
+    is then not consulted).  Otherwise ``known_hosts`` (default
+    ``~/.ssh/known_hosts``) decides, with OpenSSH's rules: a key listed under
+    ``@revoked`` is refused (whatever host pattern the line carries); a key listed
+    for the host is accepted; a host listed with *another* key of the same type is
+    refused as changed, always; a host with no entry of this key type is refused
+    as unknown, unless ``accept_new``, in which case a hashed line is appended.
+    """
+
+    def __init__(self, policy: HostKeyPolicy, host: str, port: int) -> None:
+        self.policy = policy
+        self.host = host
+        self.port = port
+        self.hostname = known_hosts_name(host, port)
+        self._pin: bytes | None = None
+        if policy.fingerprint is not None:
+            try:
+                self._pin = parse_fingerprint(policy.fingerprint)
+            except ValueError as e:
+                raise HostKeyError(
+                    HostKeyStatus.ERROR,
+                    self.hostname,
+                    f"the pinned {e}",
+                    "set host_key.fingerprint to the SHA256 fingerprint of the server's key",
+                ) from None
+        known = policy.known_hosts if policy.known_hosts is not None else Path("~/.ssh/known_hosts")
+        self.known_hosts = known.expanduser()
+
+    def verify(self, key: Key) -> str:
+        """Accept ``key`` or raise :class:`HostKeyError`.
+
+        Returns what matched, for the log: ``"pinned SHA256:..."``,
+        ``"known_hosts FILE line N"`` or ``"accepted new key, saved to FILE"``.
+        """
+        blob = key.blob()
+        offered = _Offered(key.sshType().decode("ascii"), blob, _fingerprint_of_blob(blob))
+        if self._pin is not None:
+            return self._verify_pinned(offered, self._pin)
+        return self._verify_known_hosts(offered)
+
+    def _verify_pinned(self, offered: _Offered, pin: bytes) -> str:
+        if hmac.compare_digest(hashlib.sha256(offered.blob).digest(), pin):
+            return f"pinned {offered.fingerprint}"
+        expected = _fingerprint_of_digest(pin)
+        raise HostKeyError(
+            HostKeyStatus.PIN_MISMATCH,
+            self.hostname,
+            f"the server offered {offered}, but the configuration pins {expected}. "
+            "This could be a man-in-the-middle attack, or the server's key was replaced",
+            "confirm the server's key out of band (on the server: ssh-keygen -lf "
+            "/etc/ssh/ssh_host_*_key.pub), then set host_key.fingerprint to the new value",
+        )
+
+    def _verify_known_hosts(self, offered: _Offered) -> str:
+        path = self.known_hosts
+        entries, skipped = self._read()
+        for entry in entries:
+            if entry.marker == "@revoked" and hmac.compare_digest(entry.blob, offered.blob):
+                raise HostKeyError(
+                    HostKeyStatus.REVOKED,
+                    self.hostname,
+                    f"the server offered {offered}, which {path} line {entry.lineno} marks "
+                    "@revoked; it is never accepted",
+                    "replace the server's host key, or remove the @revoked line if it is wrong",
+                )
+        same_type = [
+            e
+            for e in entries
+            if e.marker is None and e.key_type == offered.key_type and e.matches(self.hostname)
+        ]
+        for entry in same_type:
+            if hmac.compare_digest(entry.blob, offered.blob):
+                return f"known_hosts {path} line {entry.lineno}"
+        if same_type:
+            old = same_type[0]
+            remove = shlex.join(["ssh-keygen", "-R", self.hostname, "-f", str(path)])
+            raise HostKeyError(
+                HostKeyStatus.CHANGED,
+                self.hostname,
+                f"the host key has CHANGED: the server offered {offered}, but {path} line "
+                f"{old.lineno} records a different {old.key_type} key "
+                f"{_fingerprint_of_blob(old.blob)}. This could be a man-in-the-middle attack, "
+                "or the server's host key was replaced",
+                "if the change is expected, confirm the new fingerprint out of band, remove "
+                f"the old entry with: {remove}  then add the new key (or let accept_new "
+                "record it)",
+            )
+        if self.policy.accept_new:
+            self._append(offered)
+            log.info(
+                "accepted new {key_type} host key {fingerprint} for {hostname}, saved to {path}",
+                key_type=offered.key_type,
+                fingerprint=offered.fingerprint,
+                hostname=self.hostname,
+                path=str(path),
+            )
+            return f"accepted new key, saved to {path}"
+        where = f"{path} has no entry for this host" if path.exists() else f"{path} does not exist"
+        if skipped:
+            lines = ", ".join(str(n) for n in skipped)
+            where += f" (lines {lines} could not be parsed and were ignored)"
+        line = f"{self.hostname} {offered.key_type} {base64.b64encode(offered.blob).decode()}"
+        raise HostKeyError(
+            HostKeyStatus.UNKNOWN,
+            self.hostname,
+            f"the host is UNKNOWN: the server offered {offered} and {where}",
+            "check the fingerprint out of band (on the server: ssh-keygen -lf "
+            f"/etc/ssh/ssh_host_*_key.pub), then add this line to {path}: {line}  "
+            f'-- or pin host_key.fingerprint = "{offered.fingerprint}", or set '
+            "host_key.accept_new = true to record the key on first connection",
+        )
+
+    def _read(self) -> tuple[list[_Entry], list[int]]:
+        """The parsed entries and the numbers of lines that were skipped as invalid."""
+        path = self.known_hosts
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return [], []
+        except OSError as e:
+            raise HostKeyError(
+                HostKeyStatus.ERROR,
+                self.hostname,
+                f"cannot read known_hosts file {path}: {e.strerror or e}",
+                "make it a readable file for the user running labrelay, "
+                "or set host_key.known_hosts to another file",
+            ) from None
+        entries: list[_Entry] = []
+        skipped: list[int] = []
+        for lineno, raw in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            entry = _Entry.parse(line, lineno)
+            if entry is None:
+                log.debug(
+                    "{path} line {lineno}: ignoring an invalid known_hosts line",
+                    path=str(path),
+                    lineno=lineno,
+                )
+                skipped.append(lineno)
+            else:
+                entries.append(entry)
+        return entries, skipped
+
+    def _append(self, offered: _Offered) -> None:
+        """Append a hashed entry (``HashKnownHosts yes``), creating the file 0600 and
+        its directory 0700 if needed.  A failure refuses the key: silently not
+        recording it would make every later connection trust-on-first-use again."""
+        path = self.known_hosts
+        salt = secrets.token_bytes(_SALT_LEN)
+        digest = hmac.new(salt, self.hostname.encode("utf-8"), hashlib.sha1).digest()
+        line = (
+            f"{_HASH_MAGIC}{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()}"
+            f" {offered.key_type} {base64.b64encode(offered.blob).decode()}\n"
+        ).encode("ascii")
+        try:
+            _ensure_private_dir(path.parent)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                st = os.fstat(fd)
+                if st.st_size == 0:
+                    os.fchmod(fd, 0o600)
+                elif os.pread(fd, 1, st.st_size - 1) != b"\n":
+                    line = b"\n" + line
+                _write_all(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise HostKeyError(
+                HostKeyStatus.ERROR,
+                self.hostname,
+                f"the server offered new key {offered} and accept_new is set, but it could "
+                f"not be saved to {path}: {e.strerror or e}",
+                "make the file and its directory writable by the user running labrelay",
+            ) from None
+
+
+@dataclass(frozen=True)
+class _Offered:
+    key_type: str
+    blob: bytes
+    fingerprint: str
+
+    def __str__(self) -> str:
+        return f"{self.key_type} key {self.fingerprint}"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One usable known_hosts line."""
+
+    lineno: int
+    marker: str | None  # "@revoked", "@cert-authority" or None
+    hosts: str  # the comma-separated patterns, or "|1|salt|hash"
+    key_type: str
+    blob: bytes
+
+    @classmethod
+    def parse(cls, line: str, lineno: int) -> _Entry | None:
+        fields = line.split()
+        marker = None
+        if fields[0].startswith("@"):
+            marker = fields.pop(0)
+            if marker not in ("@revoked", "@cert-authority"):
+                return None
+        if len(fields) < 3:
+            return None
+        hosts, key_type, encoded = fields[:3]
+        try:
+            blob = base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            return None
+        if _blob_type(blob) != key_type.encode("ascii", "replace"):
+            return None
+        if hosts.startswith(_HASH_MAGIC) and _split_hashed(hosts) is None:
+            return None
+        return cls(lineno, marker, hosts, key_type, blob)
+
+    def matches(self, hostname: str) -> bool:
+        """OpenSSH's ``match_maybe_hashed``: an HMAC-SHA1 entry, or a pattern list."""
+        hashed = _split_hashed(self.hosts)
+        if hashed is not None:
+            salt, digest = hashed
+            mine = hmac.new(salt, hostname.encode("utf-8"), hashlib.sha1).digest()
+            return hmac.compare_digest(mine, digest)
+        return _match_pattern_list(hostname, self.hosts)
+
+
+def _split_hashed(hosts: str) -> tuple[bytes, bytes] | None:
+    if not hosts.startswith(_HASH_MAGIC):
+        return None
+    parts = hosts[len(_HASH_MAGIC) :].split("|")
+    if len(parts) != 2:
+        return None
+    try:
+        salt, digest = (base64.b64decode(p, validate=True) for p in parts)
+    except binascii.Error:
+        return None
+    if len(digest) != hashlib.sha1().digest_size:
+        return None
+    return salt, digest
+
+
+def _match_pattern_list(name: str, patterns: str) -> bool:
+    """OpenSSH's ``match_hostname``: case-insensitive globs; a matching ``!pattern``
+    excludes the name whatever else matches."""
+    positive = False
+    for pattern in patterns.lower().split(","):
+        negated = pattern.startswith("!")
+        if negated:
+            pattern = pattern[1:]
+        if _glob(pattern).fullmatch(name):
+            if negated:
+                return False
+            positive = True
+    return positive
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    # Not fnmatch: "[" and "]" are literal in OpenSSH patterns ("[host]:2222").
+    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def _blob_type(blob: bytes) -> bytes | None:
+    """The key type at the start of an SSH public key blob (an SSH ``string``)."""
+    if len(blob) < 4:
+        return None
+    (length,) = struct.unpack(">I", blob[:4])
+    if length > len(blob) - 4:
+        return None
+    return blob[4 : 4 + length]
+
+
+def _fingerprint_of_blob(blob: bytes) -> str:
+    return _fingerprint_of_digest(hashlib.sha256(blob).digest())
+
+
+def _fingerprint_of_digest(digest: bytes) -> str:
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def _ensure_private_dir(directory: Path) -> None:
+    """Create ``directory`` 0700 (like ``~/.ssh``) if it does not exist."""
+    if directory.is_dir():
+        return
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

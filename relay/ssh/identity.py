@@ -1,0 +1,171 @@
+"""Loading the agent's private key (its identity) from an OpenSSH key file.
+
+Accepted: the OpenSSH format (``-----BEGIN OPENSSH PRIVATE KEY-----``, ssh-keygen's
+default: ed25519, ecdsa-256/384/521, rsa) and PEM files (``RSA``/``EC PRIVATE KEY``
+and unencrypted PKCS#8 ``PRIVATE KEY``).  Refused, each with its own message: a
+missing or non-regular file, a file group or others may access (as OpenSSH refuses
+it), a public key, a passphrase-protected key (the agent runs unattended and has no
+one to ask) and anything that is not a key.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from twisted.conch.ssh.keys import BadKeyError, EncryptedKeyError, Key
+
+_MAX_KEY_FILE = 1024 * 1024  # the largest RSA key file is ~20 KiB
+_DEFAULT_NAMES = ("id_ed25519", "id_ecdsa", "id_rsa")
+_PUBLIC_PREFIXES = (b"ssh-", b"ecdsa-", b"sk-", b"---- BEGIN SSH2 PUBLIC KEY")
+
+
+class IdentityError(Exception):
+    """An identity file that cannot be used: ``str(err)`` names the file, what is
+    wrong with it and how to fix it."""
+
+    def __init__(self, path: Path, problem: str, hint: str = "") -> None:
+        self.path = path
+        self.problem = problem
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"identity file '{self.path}': {self.problem}"
+        return text + (f"; {self.hint}" if self.hint else "")
+
+
+def default_identity_paths(home: Path | None = None) -> list[Path]:
+    """``~/.ssh/id_ed25519``, ``id_ecdsa`` and ``id_rsa``, in that order, those that exist."""
+    ssh_dir = (home if home is not None else Path.home()) / ".ssh"
+    return [ssh_dir / name for name in _DEFAULT_NAMES if (ssh_dir / name).is_file()]
+
+
+def load_identity(path: Path) -> Key:
+    """The private key in ``path``, or :class:`IdentityError`.
+
+    The file must be a regular file that neither group nor others can read or
+    write (``mode & 0o077 == 0``), like OpenSSH requires.
+    """
+    path = path.expanduser()
+    data = _read_private_file(path)
+    key = _parse(path, data)
+    if key.isPublic():
+        raise _public_key_error(path)
+    return key
+
+
+def _read_private_file(path: Path) -> bytes:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise IdentityError(
+            path,
+            "no such file",
+            f"fix the path, or create a key with: ssh-keygen -t ed25519 -N '' -f {_quote(path)}",
+        ) from None
+    except OSError as e:
+        raise IdentityError(path, f"cannot be examined: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise IdentityError(
+            path, "is a directory, not a private key file", "name the key file itself"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise IdentityError(path, "is not a regular file", "name the private key file itself")
+    if st.st_size > _MAX_KEY_FILE:
+        raise IdentityError(
+            path, f"is {st.st_size} bytes, too large to be a private key", "name the key file"
+        )
+    try:
+        with path.open("rb") as f:
+            data = f.read(_MAX_KEY_FILE + 1)
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+    except OSError as e:
+        raise IdentityError(
+            path,
+            f"cannot be read: {e.strerror or e}",
+            "make it readable by the user running labrelay (mode 600, owned by that user)",
+        ) from None
+    if _looks_public(data):
+        # Before the mode check: "chmod 600" would be the wrong advice for a .pub file.
+        raise _public_key_error(path)
+    if mode & 0o077:
+        raise IdentityError(
+            path,
+            f"Permissions {mode:04o} for '{path}' are too open: a private key must not be "
+            "accessible by group or others, so it is ignored",
+            f"run: chmod 600 {_quote(path)}",
+        )
+    return data
+
+
+def _parse(path: Path, data: bytes) -> Key:
+    text = data.lstrip()
+    if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in text:
+        raise _encrypted_key_error(path)
+    if text.startswith(b"-----BEGIN PRIVATE KEY-----"):
+        return _parse_pkcs8(path, data)
+    try:
+        return Key.fromString(data)
+    except EncryptedKeyError:
+        raise _encrypted_key_error(path) from None
+    except Exception as e:  # Conch raises many kinds on malformed input
+        detail = f" ({e})" if isinstance(e, BadKeyError) and str(e) else ""
+        raise IdentityError(
+            path,
+            f"is not a supported private key{detail}",
+            "use an OpenSSH private key file (ed25519, ecdsa or rsa), e.g. one made with: "
+            f"ssh-keygen -t ed25519 -N '' -f {_quote(path)}",
+        ) from None
+
+
+def _parse_pkcs8(path: Path, data: bytes) -> Key:
+    try:
+        private = load_pem_private_key(data, password=None)
+    except TypeError:  # "Password was not given but private key is encrypted"
+        raise _encrypted_key_error(path) from None
+    except ValueError as e:
+        raise IdentityError(path, f"is not a valid PKCS#8 private key ({e})") from None
+    if not isinstance(
+        private, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    ):
+        raise IdentityError(
+            path,
+            f"holds an unsupported key type ({type(private).__name__})",
+            "use an ed25519, ecdsa or rsa key",
+        )
+    return Key(private)
+
+
+def _looks_public(data: bytes) -> bool:
+    text = data.lstrip()
+    return text.startswith(_PUBLIC_PREFIXES) or b"PUBLIC KEY-----" in text[:100]
+
+
+def _encrypted_key_error(path: Path) -> IdentityError:
+    return IdentityError(
+        path,
+        "is protected by a passphrase; passphrase-protected keys are not supported yet "
+        "(the agent runs unattended)",
+        "give the agent its own unencrypted key, readable only by the user running it: "
+        "ssh-keygen -t ed25519 -N '' -f KEYFILE && chmod 600 KEYFILE, "
+        "and authorize KEYFILE.pub on the server",
+    )
+
+
+def _public_key_error(path: Path) -> IdentityError:
+    private = path.with_suffix("") if path.suffix == ".pub" else None
+    hint = (
+        f"name the private key instead: {private}"
+        if private is not None and private.exists()
+        else "name the private key file (the one without .pub)"
+    )
+    return IdentityError(path, "is a public key, not a private key", hint)
+
+
+def _quote(path: Path) -> str:
+    return shlex.quote(str(path))

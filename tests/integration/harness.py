@@ -1,0 +1,1439 @@
+"""Real-process test harness: OpenSSH sshd instances, labrelay processes, TCP targets.
+
+Everything here binds 127.0.0.1 port 0 (or a port chosen at run time), waits on
+streams, queues and sockets with bounded timeouts -- never on a fixed sleep -- and
+cleans up after itself.  A timeout or an early exit raises ``HarnessError`` (an
+``AssertionError``) whose message carries what the process printed, so a failing
+test explains itself.
+
+Main pieces:
+
+``Sshd``           an OpenSSH ``sshd -D -e`` from a temp dir; kill/restart/stop/cont.
+``AgentProcess``   a labrelay process whose ``--log-format json`` stdout is parsed into
+                   events that tests ``wait_for``.
+``SshProcess``     a stock ``ssh`` client process whose stderr can be waited on.
+``EchoServer``, ``HashSink``, ``Source``, ``LazyReader``   threaded TCP targets.
+``TcpProxy``       a selectors-based TCP proxy with ``blackhole()``/``restore()``/``kill_all()``.
+``DataStream``     deterministic pseudo-random bytes with a known sha256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import random
+import re
+import select
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+LOOPBACK = "127.0.0.1"
+MiB = 1024 * 1024
+
+
+class HarnessError(AssertionError):
+    """A bounded wait ran out, or a process ended before what a test waited for."""
+
+
+# ---------------------------------------------------------------------------
+# small utilities
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that was free a moment ago (bind port 0, read it back, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def find_program(name: str) -> str | None:
+    """``shutil.which`` that also looks in the sbin directories (``sshd``)."""
+    path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/usr/local/sbin:/sbin"
+    return shutil.which(name, path=path)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _descendants(root: int) -> set[int]:
+    """All live descendants of ``root`` (by walking /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ..." -- comm may contain spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if fields[0] == b"Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _signal_pids(pids: Iterator[int] | set[int] | list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _wait_pids_gone(pids: set[int], timeout: float) -> None:
+    """Block until every pid has exited (pidfds become readable at exit)."""
+    fds = []
+    for pid in pids:
+        try:
+            fds.append(os.pidfd_open(pid))
+        except ProcessLookupError:
+            continue
+    try:
+        deadline = time.monotonic() + timeout
+        pending = list(fds)
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HarnessError(f"processes still alive after SIGKILL: {sorted(pids)}")
+            ready, _, _ = select.select(pending, [], [], remaining)
+            pending = [fd for fd in pending if fd not in ready]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def rss_kb(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB, from /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise HarnessError(f"no VmRSS for pid {pid}")
+
+
+class LineLog:
+    """Lines read from a stream by a background thread; waiters block on a condition.
+
+    Several streams (for instance successive sshd runs) can feed one log; ``eof``
+    refers to the most recently attached stream.
+    """
+
+    def __init__(self, copy_to: Path | None = None) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = True
+        self._copy_to = copy_to
+        self._threads: list[threading.Thread] = []
+
+    def attach(self, stream: IO[bytes], name: str = "reader") -> threading.Thread:
+        with self._cond:
+            self._eof = False
+        generation = len(self._threads) + 1
+        thread = threading.Thread(
+            target=self._pump, args=(stream, generation), name=name, daemon=True
+        )
+        self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def _pump(self, stream: IO[bytes], generation: int) -> None:
+        try:
+            for raw in stream:
+                self.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        except (OSError, ValueError):
+            pass
+        finally:
+            with self._cond:
+                if generation == len(self._threads):
+                    self._eof = True
+                self._cond.notify_all()
+
+    def append(self, line: str) -> None:
+        with self._cond:
+            self.lines.append(line)
+            if self._copy_to is not None:
+                with open(self._copy_to, "a") as f:
+                    f.write(line + "\n")
+            self._cond.notify_all()
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.lines)
+
+    @property
+    def eof(self) -> bool:
+        with self._cond:
+            return self._eof
+
+    def text(self, since: int = 0) -> str:
+        with self._cond:
+            return "\n".join(self.lines[since:])
+
+    def join(self, timeout: float = 10.0) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def wait_for(
+        self,
+        pattern: str | re.Pattern[str],
+        timeout: float,
+        since: int = 0,
+        what: str = "log",
+        stop_at_eof: bool = True,
+    ) -> re.Match[str]:
+        """The first line at index >= ``since`` matching ``pattern`` (``re.search``)."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        index = since
+        with self._cond:
+            while True:
+                while index < len(self.lines):
+                    m = regex.search(self.lines[index])
+                    index += 1
+                    if m:
+                        return m
+                if stop_at_eof and self._eof:
+                    raise HarnessError(
+                        f"{what} ended before a line matching {regex.pattern!r}:\n"
+                        + self._tail(since)
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise HarnessError(
+                        f"no {what} line matching {regex.pattern!r} within {timeout}s:\n"
+                        + self._tail(since)
+                    )
+                self._cond.wait(remaining)
+
+    def _tail(self, since: int, n: int = 60) -> str:
+        return "\n".join(self.lines[max(since, len(self.lines) - n) :])
+
+
+# ---------------------------------------------------------------------------
+# keys
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An ed25519 key made with ssh-keygen (private file mode 0600)."""
+
+    path: Path
+    public: str  # "ssh-ed25519 AAAA... comment"
+
+    @property
+    def public_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".pub")
+
+    def fingerprint(self) -> str:
+        return key_fingerprint(self.public_path)
+
+    def public_blob(self) -> str:
+        """``ssh-ed25519 AAAA...`` without the comment."""
+        return " ".join(self.public.split()[:2])
+
+
+def make_key(path: Path, comment: str = "labrelay-test") -> KeyPair:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for p in (path, path.with_name(path.name + ".pub")):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    keygen = find_program("ssh-keygen") or "ssh-keygen"
+    subprocess.run(
+        [keygen, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+    )
+    os.chmod(path, 0o600)
+    public = path.with_name(path.name + ".pub").read_text().strip()
+    return KeyPair(path, public)
+
+
+def key_fingerprint(public_path: Path) -> str:
+    """``SHA256:...`` as ``ssh-keygen -lf`` prints it."""
+    keygen = find_program("ssh-keygen") or "ssh-keygen"
+    out = subprocess.run(
+        [keygen, "-l", "-E", "sha256", "-f", str(public_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return out.split()[1]
+
+
+def known_hosts_line(public_blob: str, port: int, host: str = LOOPBACK) -> str:
+    pattern = host if port == 22 else f"[{host}]:{port}"
+    return f"{pattern} {public_blob}"
+
+
+def write_known_hosts(path: Path, *lines: str) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+# ---------------------------------------------------------------------------
+# sshd
+
+SSHD_CONFIG = """\
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {dir}/ssh_host_ed25519_key
+PidFile {dir}/sshd.pid
+AuthorizedKeysFile {dir}/authorized_keys
+StrictModes no
+UsePAM no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AllowTcpForwarding yes
+GatewayPorts clientspecified
+PrintMotd no
+PrintLastLog no
+SetEnv LABRELAY_TEST_HOST={name}
+LogLevel VERBOSE
+ClientAliveInterval 0
+"""
+
+_BIND_FAILED = re.compile(r"Bind to port \d+ .*failed|Cannot bind any address")
+
+
+_CONN_FROM = re.compile(r"Connection from 127\.0\.0\.1 port (\d+) on ")
+
+
+def _connection_ended(port: int) -> str:
+    return (
+        r"(?:closed by|reset by|Disconnected from|Received disconnect from|"
+        r"Timeout before authentication for|Unable to negotiate with)"
+        rf"\D*127\.0\.0\.1 port {port}\b"
+    )
+
+
+class Sshd:
+    """A real OpenSSH sshd on 127.0.0.1, configured from its own temp dir.
+
+    ``start()`` picks a free port (retrying if another process takes it first) and
+    returns once the log says "Server listening on".  Session processes fork from
+    the listener and call setsid(), so signals go to the whole /proc descendant tree
+    rather than to a process group.
+    """
+
+    START_TIMEOUT = 15.0
+
+    def __init__(self, directory: Path, name: str, authorized: Sequence[str] = ()) -> None:
+        self.dir = directory
+        self.name = name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.dir / "sshd_config"
+        self.log_path = self.dir / "sshd.log"
+        self.host_key = make_key(self.dir / "ssh_host_ed25519_key", comment=f"host-{name}")
+        (self.dir / "authorized_keys").write_text("".join(k + "\n" for k in authorized))
+        self.port = 0
+        self.log = LineLog(copy_to=self.log_path)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._binary = find_program("sshd")
+        if self._binary is None:
+            raise HarnessError("sshd not found")
+
+    # -- lifecycle
+
+    def start(self, attempts: int = 5) -> Sshd:
+        for _ in range(attempts):
+            if self._run(free_port()):
+                return self
+        raise HarnessError(f"sshd {self.name}: could not bind a port:\n{self.log_text()}")
+
+    def restart(self) -> None:
+        """Start again on the same port (after ``kill()``)."""
+        if self.running:
+            raise HarnessError("restart() while sshd is running; kill() it first")
+        if not self._run(self.port):
+            raise HarnessError(f"sshd {self.name}: port {self.port} not free:\n{self.log_text()}")
+
+    def _run(self, port: int) -> bool:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        self.port = port
+        self.config_path.write_text(SSHD_CONFIG.format(port=port, dir=self.dir, name=self.name))
+        since = self.log.mark()
+        self.log.append(f"=== labrelay-test: starting sshd {self.name} on port {port} ===")
+        self.proc = subprocess.Popen(
+            [self._binary or "sshd", "-D", "-e", "-f", str(self.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert self.proc.stderr is not None
+        self.log.attach(self.proc.stderr, name=f"sshd-{self.name}-log")
+        try:
+            self.log.wait_for(
+                rf"Server listening on 127\.0\.0\.1 port {port}\b",
+                self.START_TIMEOUT,
+                since=since,
+                what=f"sshd {self.name}",
+            )
+            return True
+        except HarnessError:
+            if self.running:
+                self.kill()
+            self._reap()
+            if _BIND_FAILED.search(self.log.text(since)):
+                return False
+            raise
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise HarnessError("sshd not started")
+        return self.proc.pid
+
+    def _tree(self) -> set[int]:
+        """Stop the listener, then every descendant until the set stops growing; return it.
+
+        Stopping first means nothing forks between the scan and the signal.
+        """
+        pids = {self.pid}
+        _signal_pids(pids, signal.SIGSTOP)
+        while True:
+            found = _descendants(self.pid) - pids
+            if not found:
+                return pids
+            _signal_pids(found, signal.SIGSTOP)
+            pids |= found
+
+    def kill(self) -> None:
+        """SIGKILL the listener and every session process; return when all are gone."""
+        if not self.running:
+            return
+        pids = self._tree()
+        _signal_pids(pids, signal.SIGKILL)
+        _wait_pids_gone(pids, 10.0)
+        self._reap()
+        self.log.append(f"=== labrelay-test: sshd {self.name} killed ===")
+
+    def _reap(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            self.log.join(5)
+
+    def stop_sessions(self) -> None:
+        """SIGKILL every session process; the listener keeps accepting."""
+        if not self.running:
+            return
+        # Freeze the listener while scanning so no new session forks in between.
+        os.kill(self.pid, signal.SIGSTOP)
+        try:
+            pids: set[int] = set()
+            while True:
+                found = _descendants(self.pid) - pids
+                if not found:
+                    break
+                _signal_pids(found, signal.SIGSTOP)
+                pids |= found
+            _signal_pids(pids, signal.SIGKILL)
+            _wait_pids_gone(pids, 10.0)
+        finally:
+            os.kill(self.pid, signal.SIGCONT)
+
+    def sigstop_all(self) -> None:
+        """Freeze the listener and every session: the silent-peer failure."""
+        self._tree()
+
+    def sigcont_all(self) -> None:
+        pids = {self.pid} | _descendants(self.pid)
+        _signal_pids(pids, signal.SIGCONT)
+
+    def close(self) -> None:
+        if self.running:
+            with contextlib.suppress(ProcessLookupError):
+                self.sigcont_all()
+            self.kill()
+
+    # -- what it looks like from outside
+
+    def authorize(self, public: str) -> None:
+        with open(self.dir / "authorized_keys", "a") as f:
+            f.write(public + "\n")
+
+    def known_hosts_line(self, port: int | None = None, host: str = LOOPBACK) -> str:
+        """``[127.0.0.1]:PORT ssh-ed25519 ...``; ``port`` for reaching it through a forward."""
+        return known_hosts_line(self.host_key.public_blob(), port or self.port, host)
+
+    def fingerprint(self) -> str:
+        return self.host_key.fingerprint()
+
+    def log_text(self, since: int = 0) -> str:
+        return self.log.text(since)
+
+    def wait_log(self, pattern: str, timeout: float = 10.0, since: int = 0) -> re.Match[str]:
+        return self.log.wait_for(
+            pattern, timeout, since=since, what=f"sshd {self.name}", stop_at_eof=False
+        )
+
+    def connection_ports(self, since: int = 0) -> list[int]:
+        """Client ports of the connections logged since line ``since``."""
+        return [int(m.group(1)) for m in map(_CONN_FROM.search, self.log.lines[since:]) if m]
+
+    def sync_log(self, since: int = 0, timeout: float = 15.0) -> int:
+        """Wait until the log has caught up with every connection made so far.
+
+        Opens and closes a sentinel connection (after its banner, so its session
+        process exists) and waits for its lines, then waits until each connection
+        logged since ``since`` is also logged as ended.  Returns the sentinel's port,
+        which callers leave out of ``connection_ports``.
+        """
+        with connect(self.port, timeout=timeout) as sock:
+            sentinel = sock.getsockname()[1]
+            recv_exactly(sock, 4)  # "SSH-"
+        self.wait_log(rf"Connection from 127\.0\.0\.1 port {sentinel} ", timeout, since)
+        for port in self.connection_ports(since):
+            self.wait_log(_connection_ended(port), timeout, since)
+        return sentinel
+
+    def diagnostics(self) -> str:
+        state = f"pid {self.proc.pid}, running={self.running}" if self.proc else "not started"
+        return f"sshd {self.name} port {self.port} ({state}); log:\n" + self.log.text()
+
+
+# ---------------------------------------------------------------------------
+# processes: the agent and stock ssh
+
+
+class _Process:
+    """A child process in its own session, with stderr (and stdout) read by threads."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+        name: str = "process",
+    ) -> None:
+        self.argv = [str(a) for a in argv]
+        self.name = name
+        full_env = dict(os.environ)
+        full_env["PYTHONUNBUFFERED"] = "1"
+        if env:
+            full_env.update(env)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+        assert self.proc.stderr is not None
+        self.stderr = LineLog()
+        self.stderr.attach(self.proc.stderr, name=f"{name}-stderr")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise HarnessError(
+                f"{self.name} still running after {timeout}s\n{self.diagnostics()}"
+            ) from None
+        self._join_readers()
+        return rc
+
+    def _join_readers(self) -> None:
+        self.stderr.join(5)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL.  Returns the exit status."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+                os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._join_readers()
+        return self.proc.returncode
+
+    def kill(self) -> int:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._join_readers()
+        return self.proc.returncode
+
+    def sigstop(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def sigcont(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def rss_kb(self) -> int:
+        return rss_kb(self.proc.pid)
+
+    def stderr_text(self) -> str:
+        return self.stderr.text()
+
+    def diagnostics(self) -> str:
+        return (
+            f"{self.name}: {' '.join(self.argv)}\n"
+            f"pid {self.proc.pid}, returncode {self.proc.poll()}\n"
+            f"--- stderr ---\n{self.stderr.text()}"
+        )
+
+
+class SshProcess(_Process):
+    """A stock OpenSSH client; wait on its stderr (``-v`` lines, "Allocated port ...")."""
+
+    def __init__(self, argv: Sequence[str], name: str = "ssh") -> None:
+        super().__init__(argv, name=name)
+        assert self.proc.stdout is not None
+        self.stdout = LineLog()
+        self.stdout.attach(self.proc.stdout, name=f"{name}-stdout")
+
+    def wait_stderr(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
+        return self.stderr.wait_for(pattern, timeout, what=self.name)
+
+    def _join_readers(self) -> None:
+        super()._join_readers()
+        self.stdout.join(5)
+
+    def diagnostics(self) -> str:
+        return super().diagnostics() + f"\n--- stdout ---\n{self.stdout.text()}"
+
+
+def ssh_argv(
+    port: int,
+    identity: Path,
+    known_hosts: Path,
+    *options: str,
+    command: str | None = None,
+    user: str = "root",
+    host: str = LOOPBACK,
+) -> list[str]:
+    """A stock ``ssh`` command line isolated from the user's and system's config."""
+    return [
+        find_program("ssh") or "ssh",
+        "-F",
+        "/dev/null",
+        "-p",
+        str(port),
+        "-i",
+        str(identity),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        f"UserKnownHostsFile={known_hosts}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "UpdateHostKeys=no",
+        "-o",
+        "ConnectTimeout=10",
+        *options,
+        f"{user}@{host}",
+        *([command] if command is not None else []),
+    ]
+
+
+Matcher = Any  # a value compared with ==, or a callable predicate
+
+
+class AgentProcess(_Process):
+    """A labrelay process whose stdout carries one JSON event per line.
+
+    Every event is kept (with ``_index``, its position).  ``wait_for`` searches from a
+    cursor that advances past each match, so consecutive waits assert order; pass
+    ``since=`` (for example a ``mark()``) to search from elsewhere.  A line that is not
+    a JSON event is kept as ``{"event": "_raw", "text": line}``.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+        name: str = "agent",
+    ) -> None:
+        super().__init__(argv, env=env, cwd=cwd, name=name)
+        self._events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._cursor = 0
+        self._stdout_eof = False
+        assert self.proc.stdout is not None
+        self._reader = threading.Thread(
+            target=self._pump, args=(self.proc.stdout,), name=f"{name}-stdout", daemon=True
+        )
+        self._reader.start()
+
+    @staticmethod
+    def _parse(line: str) -> dict[str, Any]:
+        for start in (0, line.find("{")):
+            if start < 0:
+                continue
+            try:
+                obj = json.loads(line[start:])
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and "event" in obj:
+                return obj
+        return {"event": "_raw", "text": line}
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        try:
+            for raw in stream:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if not line.strip():
+                    continue
+                event = self._parse(line)
+                with self._cond:
+                    event["_index"] = len(self._events)
+                    self._events.append(event)
+                    self._cond.notify_all()
+        except (OSError, ValueError):
+            pass
+        finally:
+            with self._cond:
+                self._stdout_eof = True
+                self._cond.notify_all()
+
+    def _join_readers(self) -> None:
+        super()._join_readers()
+        self._reader.join(5)
+
+    # -- queries
+
+    def mark(self) -> int:
+        """The index the next event will get."""
+        with self._cond:
+            return len(self._events)
+
+    def events(self, name: str | None = None, since: int = 0, **match: Matcher) -> list[dict]:
+        with self._cond:
+            return [
+                e
+                for e in self._events[since:]
+                if (name is None or e.get("event") == name) and _matches(e, match)
+            ]
+
+    def wait_for(
+        self, event: str, timeout: float = 15.0, since: int | None = None, **match: Matcher
+    ) -> dict[str, Any]:
+        """Block until an event named ``event`` whose fields match arrives; return it.
+
+        Fails at once if the process closes its stdout (exits) first.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            index = self._cursor if since is None else since
+            while True:
+                while index < len(self._events):
+                    e = self._events[index]
+                    index += 1
+                    if e.get("event") == event and _matches(e, match):
+                        self._cursor = index
+                        return e
+                if self._stdout_eof:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise HarnessError(
+                        f"no {event} {match or ''} from {self.name} within {timeout}s\n"
+                        + self.diagnostics()
+                    )
+                self._cond.wait(remaining)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        self._join_readers()
+        raise HarnessError(
+            f"{self.name} exited (status {self.proc.poll()}) before {event} {match or ''}\n"
+            + self.diagnostics()
+        )
+
+    def assert_no_event(self, event: str, since: int = 0, **match: Matcher) -> None:
+        found = self.events(event, since=since, **match)
+        if found:
+            raise HarnessError(f"unexpected {event}: {found}\n" + self.diagnostics())
+
+    def diagnostics(self) -> str:
+        with self._cond:
+            lines = [json.dumps(e, sort_keys=True) for e in self._events]
+        return super().diagnostics() + "\n--- events ---\n" + "\n".join(lines)
+
+
+def _matches(event: dict[str, Any], match: dict[str, Matcher]) -> bool:
+    for key, want in match.items():
+        if key not in event:
+            return False
+        have = event[key]
+        if callable(want):
+            if not want(have):
+                return False
+        elif have != want:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# data
+
+
+class DataStream:
+    """``size`` deterministic pseudo-random bytes from ``seed``, produced in chunks.
+
+    The same (seed, size) always yields the same bytes, so sender and checker need
+    share nothing but the two numbers.
+    """
+
+    def __init__(self, seed: int, size: int, chunk: int = MiB) -> None:
+        self.seed = seed
+        self.size = size
+        self.chunk = chunk
+        self._digest: str | None = None
+
+    def chunks(self) -> Iterator[bytes]:
+        rng = random.Random(self.seed)
+        left = self.size
+        while left > 0:
+            n = min(self.chunk, left)
+            yield rng.randbytes(n)
+            left -= n
+
+    @property
+    def sha256(self) -> str:
+        if self._digest is None:
+            h = hashlib.sha256()
+            for c in self.chunks():
+                h.update(c)
+            self._digest = h.hexdigest()
+        return self._digest
+
+    def bytes(self) -> bytes:
+        return b"".join(self.chunks())
+
+
+@dataclass(frozen=True)
+class Received:
+    nbytes: int
+    sha256: str
+
+
+def read_to_eof(sock: socket.socket, bufsize: int = 256 * 1024) -> Received:
+    h = hashlib.sha256()
+    total = 0
+    while True:
+        data = sock.recv(bufsize)
+        if not data:
+            return Received(total, h.hexdigest())
+        h.update(data)
+        total += len(data)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        data = sock.recv(min(n - len(buf), 256 * 1024))
+        if not data:
+            raise HarnessError(f"EOF after {len(buf)} of {n} bytes")
+        buf += data
+    return bytes(buf)
+
+
+def connect(port: int, host: str = LOOPBACK, timeout: float = 30.0) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class _Thread(threading.Thread):
+    """A thread that keeps its target's exception to re-raise in ``result()``."""
+
+    def __init__(self, target: Callable[[], Any], name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._fn = target
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._result = self._fn()
+        except BaseException as e:
+            self._error = e
+
+    def result(self, timeout: float) -> Any:
+        self.join(timeout)
+        if self.is_alive():
+            raise HarnessError(f"{self.name} did not finish within {timeout}s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def echo_roundtrip(
+    port: int,
+    payload: bytes,
+    host: str = LOOPBACK,
+    timeout: float = 30.0,
+    greeting: bytes = b"",
+) -> bytes:
+    """Send ``payload`` to an echo server through ``port``; return what came back.
+
+    Reads exactly ``len(greeting) + len(payload)`` bytes, sending from a second thread
+    so a payload larger than the socket buffers cannot deadlock.  Does not rely on
+    half-close.
+    """
+    with connect(port, host, timeout) as sock:
+        sender = _Thread(lambda: sock.sendall(payload), name="echo-sender")
+        sender.start()
+        got = recv_exactly(sock, len(greeting) + len(payload))
+        sender.result(timeout)
+    if not got.startswith(greeting):
+        raise HarnessError(f"expected greeting {greeting!r}, got {got[: len(greeting)]!r}")
+    return got[len(greeting) :]
+
+
+def send_stream(port: int, stream: DataStream, host: str = LOOPBACK, timeout: float = 60.0) -> None:
+    """Connect, send ``stream``, then half-close and drain until the peer closes."""
+    with connect(port, host, timeout) as sock:
+        for chunk in stream.chunks():
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            read_to_eof(sock)
+
+
+def receive_stream(port: int, host: str = LOOPBACK, timeout: float = 60.0) -> Received:
+    """Connect and read to EOF; return length and sha256."""
+    with connect(port, host, timeout) as sock:
+        return read_to_eof(sock)
+
+
+# ---------------------------------------------------------------------------
+# TCP targets
+
+
+class TcpServer:
+    """A threaded server on 127.0.0.1 port 0: one thread per accepted connection."""
+
+    kind = "server"
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server((LOOPBACK, 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.address = (LOOPBACK, self.port)
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.accepted = 0
+        self.errors: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=self._accept_loop, name=f"{self.kind}-{self.port}", daemon=True
+        )
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+                self.accepted += 1
+            threading.Thread(
+                target=self._serve, args=(conn,), name=f"{self.kind}-conn", daemon=True
+            ).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            self.handle(conn)
+        except OSError as e:
+            if not self._closed:
+                self.errors.append(e)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns = list(self._conns)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(5)
+
+
+class EchoServer(TcpServer):
+    """Sends ``greeting`` (to tell servers apart), then echoes until EOF."""
+
+    kind = "echo"
+
+    def __init__(self, greeting: bytes = b"") -> None:
+        self.greeting = greeting
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        if self.greeting:
+            conn.sendall(self.greeting)
+        while True:
+            data = conn.recv(256 * 1024)
+            if not data:
+                conn.shutdown(socket.SHUT_WR)
+                return
+            conn.sendall(data)
+
+
+class HashSink(TcpServer):
+    """Reads each connection to EOF and records (length, sha256) in ``results``.
+
+    With ``reply=True`` it then writes ``b"<length> <sha256>\\n"`` back before closing.
+    """
+
+    kind = "sink"
+
+    def __init__(self, reply: bool = False) -> None:
+        self.reply = reply
+        self.results: queue.Queue[Received] = queue.Queue()
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        got = read_to_eof(conn)
+        self.results.put(got)
+        if self.reply:
+            conn.sendall(f"{got.nbytes} {got.sha256}\n".encode())
+        conn.shutdown(socket.SHUT_WR)
+
+    def result(self, timeout: float = 60.0) -> Received:
+        try:
+            return self.results.get(timeout=timeout)
+        except queue.Empty:
+            raise HarnessError(f"sink {self.port}: no complete stream within {timeout}s") from None
+
+
+class Source(TcpServer):
+    """Sends ``stream`` on each connection, half-closes, drains until the peer closes."""
+
+    kind = "source"
+
+    def __init__(self, stream: DataStream) -> None:
+        self.stream = stream
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        for chunk in self.stream.chunks():
+            conn.sendall(chunk)
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(120)
+        read_to_eof(conn)
+
+
+class LazyReader(TcpServer):
+    """Accepts and reads nothing until ``release`` is set; then reads to EOF and hashes.
+
+    ``connected`` is set once a connection has been accepted.
+    """
+
+    kind = "lazy"
+
+    def __init__(self, hold_timeout: float = 300.0) -> None:
+        self.release = threading.Event()
+        self.connected = threading.Event()
+        self.hold_timeout = hold_timeout
+        self.results: queue.Queue[Received] = queue.Queue()
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        self.connected.set()
+        if not self.release.wait(self.hold_timeout):
+            return
+        got = read_to_eof(conn)
+        self.results.put(got)
+
+    def result(self, timeout: float = 120.0) -> Received:
+        try:
+            return self.results.get(timeout=timeout)
+        except queue.Empty:
+            raise HarnessError(f"lazy reader: no complete stream within {timeout}s") from None
+
+
+class ModeServer(TcpServer):
+    """One target for several jobs, chosen by the first byte a client sends.
+
+    ``b"E"``: echo everything after it.  ``b"U"``: read to EOF and record (length,
+    sha256) in ``results``.  ``b"D"`` + seed + size (8 bytes each, big-endian): send
+    ``DataStream(seed, size)`` and half-close.  Use with ``mode_echo``,
+    ``mode_upload`` and ``mode_download``.
+    """
+
+    kind = "mode"
+
+    def __init__(self) -> None:
+        self.results: queue.Queue[Received] = queue.Queue()
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        mode = recv_exactly(conn, 1)
+        if mode == b"E":
+            while data := conn.recv(256 * 1024):
+                conn.sendall(data)
+        elif mode == b"U":
+            self.results.put(read_to_eof(conn))
+        elif mode == b"D":
+            header = recv_exactly(conn, 16)
+            stream = DataStream(int.from_bytes(header[:8]), int.from_bytes(header[8:]))
+            for chunk in stream.chunks():
+                conn.sendall(chunk)
+            conn.shutdown(socket.SHUT_WR)
+            conn.settimeout(120)
+            read_to_eof(conn)
+            return
+        conn.shutdown(socket.SHUT_WR)
+
+    def result(self, timeout: float = 120.0) -> Received:
+        try:
+            return self.results.get(timeout=timeout)
+        except queue.Empty:
+            raise HarnessError(f"mode server: no complete upload within {timeout}s") from None
+
+
+def mode_echo(port: int, payload: bytes, timeout: float = 60.0) -> bytes:
+    """Echo ``payload`` through a ModeServer behind ``port``."""
+    with connect(port, timeout=timeout) as sock:
+        sender = _Thread(lambda: sock.sendall(b"E" + payload), name="echo-sender")
+        sender.start()
+        got = recv_exactly(sock, len(payload))
+        sender.result(timeout)
+    return got
+
+
+def mode_upload(port: int, stream: DataStream, timeout: float = 120.0) -> None:
+    """Send ``stream`` to a ModeServer (it records what arrived), half-close, drain."""
+    with connect(port, timeout=timeout) as sock:
+        sock.sendall(b"U")
+        for chunk in stream.chunks():
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            read_to_eof(sock)
+
+
+def mode_download(port: int, stream: DataStream, timeout: float = 120.0) -> Received:
+    """Ask a ModeServer for ``stream`` and read it to EOF."""
+    with connect(port, timeout=timeout) as sock:
+        sock.sendall(b"D" + stream.seed.to_bytes(8) + stream.size.to_bytes(8))
+        return read_to_eof(sock)
+
+
+@dataclass
+class PushOutcome:
+    sent: int = 0
+    stalled_at: int | None = None
+
+
+class StallingPusher:
+    """Pushes a DataStream into a port from a thread; notices when the pipeline is full.
+
+    Each ``send()`` waits at most ``stall_after`` seconds for room.  The first time one
+    gets none, ``stalled`` is set (the bytes accepted so far are in ``outcome``) and the
+    pusher waits for ``resume`` before going on with a long timeout.  Then it half-closes.
+    """
+
+    def __init__(
+        self, port: int, stream: DataStream, stall_after: float = 2.0, host: str = LOOPBACK
+    ) -> None:
+        self.port = port
+        self.stream = stream
+        self.stall_after = stall_after
+        self.stalled = threading.Event()
+        self.resume = threading.Event()
+        self.outcome = PushOutcome()
+        self._sock = connect(port, host, timeout=stall_after)
+        self._thread = _Thread(self._run, name="pusher")
+        self._thread.start()
+
+    def _run(self) -> PushOutcome:
+        sock = self._sock
+        try:
+            for chunk in self.stream.chunks():
+                view = memoryview(chunk)
+                while view:
+                    try:
+                        n = sock.send(view)
+                    except TimeoutError:
+                        if self.stalled.is_set():
+                            raise
+                        self.outcome.stalled_at = self.outcome.sent
+                        self.stalled.set()
+                        if not self.resume.wait(300):
+                            raise HarnessError("pusher: never resumed") from None
+                        sock.settimeout(120)
+                        continue
+                    view = view[n:]
+                    self.outcome.sent += n
+            sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                read_to_eof(sock)
+            return self.outcome
+        finally:
+            sock.close()
+
+    def wait_stalled(self, timeout: float) -> int:
+        """Block until the push stalls; return the bytes accepted by then."""
+        if not self.stalled.wait(timeout):
+            raise HarnessError(
+                f"push never stalled within {timeout}s ({self.outcome.sent} bytes sent)"
+            )
+        return self.outcome.stalled_at or 0
+
+    def result(self, timeout: float = 300.0) -> PushOutcome:
+        self.resume.set()
+        result: PushOutcome = self._thread.result(timeout)
+        return result
+
+
+# ---------------------------------------------------------------------------
+# TCP proxy
+
+
+class _End:
+    __slots__ = ("events", "outbuf", "peer", "rd_eof", "sock", "wr_shut")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.outbuf = bytearray()  # bytes waiting to be written to this socket
+        self.rd_eof = False
+        self.wr_shut = False
+        self.events = 0
+        self.peer: _End = self
+
+
+class TcpProxy:
+    """A TCP proxy on 127.0.0.1 port 0 to ``upstream``, run by one selector thread.
+
+    ``blackhole()`` stops moving bytes both ways on every connection (new ones too)
+    without closing anything -- to both ends it looks like a silent network.
+    ``restore()`` moves bytes again; ``kill_all()`` resets every connection.  Each
+    control call returns after the proxy thread has applied it.
+    """
+
+    BUFFER_LIMIT = 512 * 1024
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self._lsock = socket.create_server((LOOPBACK, 0))
+        self._lsock.setblocking(False)
+        self.port: int = self._lsock.getsockname()[1]
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._sel.register(self._lsock, selectors.EVENT_READ, "listen")
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._ends: list[_End] = []
+        self._commands: queue.Queue[tuple[str, threading.Event]] = queue.Queue()
+        self._blackholed = False
+        self._running = True
+        self.accepted = 0
+        self._thread = threading.Thread(target=self._loop, name=f"proxy-{self.port}", daemon=True)
+        self._thread.start()
+
+    # -- control (from any thread)
+
+    def _command(self, name: str) -> None:
+        done = threading.Event()
+        self._commands.put((name, done))
+        self._wake_w.send(b"x")
+        if not done.wait(10):
+            raise HarnessError(f"proxy did not apply {name}")
+
+    def blackhole(self) -> None:
+        self._command("blackhole")
+
+    def restore(self) -> None:
+        self._command("restore")
+
+    def kill_all(self) -> None:
+        self._command("kill_all")
+
+    @property
+    def connections(self) -> int:
+        return len(self._ends) // 2
+
+    def close(self) -> None:
+        if self._running:
+            with contextlib.suppress(HarnessError):
+                self._command("close")
+            self._thread.join(5)
+
+    # -- the loop
+
+    def _loop(self) -> None:
+        try:
+            while self._running:
+                for key, mask in self._sel.select():
+                    if key.data == "listen":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._control()
+                    else:
+                        self._io(key.data, mask)
+                self._update()
+        finally:
+            for end in self._ends:
+                end.sock.close()
+            self._lsock.close()
+            self._wake_r.close()
+            self._wake_w.close()
+            self._sel.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._lsock.accept()
+            except BlockingIOError:
+                return
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            self.accepted += 1
+            a, b = _End(client), _End(server)
+            a.peer, b.peer = b, a
+            for end in (a, b):
+                end.sock.setblocking(False)
+                end.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._ends.append(end)
+
+    def _control(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._wake_r.recv(4096)
+        while True:
+            try:
+                name, done = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if name == "blackhole":
+                self._blackholed = True
+            elif name == "restore":
+                self._blackholed = False
+            elif name == "kill_all":
+                for end in list(self._ends):
+                    self._drop(end, reset=True)
+            elif name == "close":
+                for end in list(self._ends):
+                    self._drop(end, reset=True)
+                self._running = False
+            done.set()
+
+    def _io(self, end: _End, mask: int) -> None:
+        if end not in self._ends:  # dropped earlier in this select() round
+            return
+        try:
+            if mask & selectors.EVENT_READ and not end.rd_eof:
+                data = end.sock.recv(256 * 1024)
+                if data:
+                    end.peer.outbuf += data
+                else:
+                    end.rd_eof = True
+            if mask & selectors.EVENT_WRITE and end.outbuf:
+                n = end.sock.send(end.outbuf)
+                del end.outbuf[:n]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._drop(end, reset=True)
+
+    def _drop(self, end: _End, reset: bool) -> None:
+        for e in (end, end.peer):
+            if e not in self._ends:
+                continue
+            self._ends.remove(e)
+            if e.events:
+                self._sel.unregister(e.sock)
+                e.events = 0
+            if reset:
+                with contextlib.suppress(OSError):
+                    e.sock.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                    )
+            e.sock.close()
+
+    def _update(self) -> None:
+        for end in list(self._ends):
+            if end not in self._ends:
+                continue
+            if self._blackholed:
+                want = 0
+            else:
+                want = 0
+                if not end.rd_eof and len(end.peer.outbuf) < self.BUFFER_LIMIT:
+                    want |= selectors.EVENT_READ
+                if end.outbuf:
+                    want |= selectors.EVENT_WRITE
+                # Pass a FIN on once everything before it has been written.
+                if end.peer.rd_eof and not end.outbuf and not end.wr_shut:
+                    with contextlib.suppress(OSError):
+                        end.sock.shutdown(socket.SHUT_WR)
+                    end.wr_shut = True
+                if end.wr_shut and end.peer.wr_shut:
+                    self._drop(end, reset=False)
+                    continue
+            if want != end.events:
+                if end.events == 0:
+                    self._sel.register(end.sock, want, end)
+                elif want == 0:
+                    self._sel.unregister(end.sock)
+                else:
+                    self._sel.modify(end.sock, want, end)
+                end.events = want

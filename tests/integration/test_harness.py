@@ -1,0 +1,337 @@
+"""Self-tests of the harness against stock OpenSSH: if these fail, the agent tests mean nothing.
+
+They run the same fixtures the agent tests use, with a stock ``ssh -N -R``/``-L`` in the
+agent's place, and check bytes by content.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Targets
+from harness import (
+    AgentProcess,
+    DataStream,
+    HarnessError,
+    MiB,
+    Sshd,
+    SshProcess,
+    StallingPusher,
+    _descendants,
+    connect,
+    echo_roundtrip,
+    free_port,
+    receive_stream,
+    send_stream,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def stock_reverse(
+    start_ssh: Callable[..., SshProcess],
+    ssh_command: Callable[..., list[str]],
+    sshd: Sshd,
+    kh: Path,
+    spec: str,
+) -> tuple[SshProcess, int]:
+    """Run ``ssh -N -R spec`` and return it with the port the server bound."""
+    ssh = start_ssh(
+        ssh_command(sshd.port, kh, "-v", "-N", "-o", "ExitOnForwardFailure=yes", "-R", spec)
+    )
+    listen = spec.split(":")[0]
+    if listen == "0":
+        m = ssh.wait_stderr(r"Allocated port (\d+) for remote forward")
+        return ssh, int(m.group(1))
+    ssh.wait_stderr(rf"remote forward success for: listen {listen}\b")
+    return ssh, int(listen)
+
+
+def test_sshd_runs_commands_as_named_host(
+    sshd_factory: Callable[[str], Sshd],
+    known_hosts: Callable[..., Path],
+    ssh_command: Callable[..., list[str]],
+) -> None:
+    a, b = sshd_factory("alpha"), sshd_factory("beta")
+    assert a.port != b.port
+    for s in (a, b):
+        kh = known_hosts(s.known_hosts_line())
+        out = subprocess.run(
+            ssh_command(s.port, kh, command="echo $LABRELAY_TEST_HOST"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == s.name
+        assert s.fingerprint().startswith("SHA256:")
+        assert "Accepted publickey for root" in s.log_text()
+
+
+def test_wrong_known_hosts_is_refused_by_stock_ssh(
+    sshd_factory: Callable[[str], Sshd],
+    known_hosts: Callable[..., Path],
+    ssh_command: Callable[..., list[str]],
+) -> None:
+    a, b = sshd_factory("alpha"), sshd_factory("beta")
+    kh = known_hosts(b.known_hosts_line(port=a.port))  # b's key under a's address
+    out = subprocess.run(
+        ssh_command(a.port, kh, command="true"), capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 255
+    assert "HOST IDENTIFICATION HAS CHANGED" in out.stderr
+
+
+def test_stock_reverse_forward_moves_bytes(
+    sshd: Sshd,
+    known_hosts: Callable[..., Path],
+    ssh_command: Callable[..., list[str]],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+) -> None:
+    kh = known_hosts(sshd.known_hosts_line())
+    echo = targets.echo(greeting=b"hello\n")
+    _, port = stock_reverse(start_ssh, ssh_command, sshd, kh, f"0:127.0.0.1:{echo.port}")
+    payload = DataStream(1, 4 * MiB).bytes()
+    assert echo_roundtrip(port, payload, greeting=b"hello\n") == payload
+
+    sink = targets.sink()
+    _, port = stock_reverse(start_ssh, ssh_command, sshd, kh, f"0:127.0.0.1:{sink.port}")
+    up = DataStream(2, 16 * MiB)
+    send_stream(port, up)
+    got = sink.result()
+    assert (got.nbytes, got.sha256) == (up.size, up.sha256)
+
+    down = DataStream(3, 16 * MiB)
+    source = targets.source(down)
+    _, port = stock_reverse(start_ssh, ssh_command, sshd, kh, f"0:127.0.0.1:{source.port}")
+    got = receive_stream(port)
+    assert (got.nbytes, got.sha256) == (down.size, down.sha256)
+
+
+def test_stock_local_forward(
+    sshd: Sshd,
+    known_hosts: Callable[..., Path],
+    ssh_command: Callable[..., list[str]],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+) -> None:
+    kh = known_hosts(sshd.known_hosts_line())
+    echo = targets.echo()
+    port = free_port()
+    ssh = start_ssh(
+        ssh_command(
+            sshd.port,
+            kh,
+            "-v",
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-L",
+            f"127.0.0.1:{port}:127.0.0.1:{echo.port}",
+        )
+    )
+    ssh.wait_stderr(rf"Local forwarding listening on 127\.0\.0\.1 port {port}")
+    assert echo_roundtrip(port, b"through -L") == b"through -L"
+
+
+def test_kill_and_restart_same_port(
+    sshd: Sshd,
+    known_hosts: Callable[..., Path],
+    ssh_command: Callable[..., list[str]],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+) -> None:
+    kh = known_hosts(sshd.known_hosts_line())
+    echo = targets.echo()
+    ssh, fwd = stock_reverse(start_ssh, ssh_command, sshd, kh, f"0:127.0.0.1:{echo.port}")
+    tree = {sshd.pid} | _descendants(sshd.pid)
+    assert len(tree) >= 2  # the listener and at least one session process
+    port = sshd.port
+
+    sshd.kill()
+    assert not sshd.running
+    for pid in tree:
+        assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid), pid
+    assert ssh.wait_exit(30) == 255
+    with pytest.raises(ConnectionRefusedError):
+        connect(fwd, timeout=5).close()
+
+    sshd.restart()
+    assert sshd.port == port
+    ssh, fwd = stock_reverse(start_ssh, ssh_command, sshd, kh, f"0:127.0.0.1:{echo.port}")
+    assert echo_roundtrip(fwd, b"again") == b"again"
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2 :].split()[0] == b"Z"
+
+
+def test_stop_sessions_keeps_listener(
+    sshd: Sshd,
+    known_hosts: Callable[..., Path],
+    ssh_command: Callable[..., list[str]],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+) -> None:
+    kh = known_hosts(sshd.known_hosts_line())
+    echo = targets.echo()
+    ssh, _ = stock_reverse(start_ssh, ssh_command, sshd, kh, f"0:127.0.0.1:{echo.port}")
+    sshd.stop_sessions()
+    assert ssh.wait_exit(30) == 255
+    assert sshd.running
+    _, fwd = stock_reverse(start_ssh, ssh_command, sshd, kh, f"0:127.0.0.1:{echo.port}")
+    assert echo_roundtrip(fwd, b"still here") == b"still here"
+
+
+def test_sigstop_all_freezes_server(sshd: Sshd) -> None:
+    sshd.sigstop_all()
+    try:
+        with connect(sshd.port, timeout=5) as sock:
+            sock.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                sock.recv(100)  # no banner from a frozen sshd
+            sshd.sigcont_all()
+            sock.settimeout(10)
+            assert sock.recv(100).startswith(b"SSH-2.0-OpenSSH")
+    finally:
+        sshd.sigcont_all()
+
+
+def test_proxy_blackhole_restore_kill(
+    sshd: Sshd,
+    known_hosts: Callable[..., Path],
+    ssh_command: Callable[..., list[str]],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+) -> None:
+    echo = targets.echo()
+    proxy = targets.proxy(echo.address)
+    payload = DataStream(4, 2 * MiB).bytes()
+    assert echo_roundtrip(proxy.port, payload) == payload
+
+    with connect(proxy.port, timeout=10) as sock:
+        sock.sendall(b"before")
+        assert sock.recv(100) == b"before"
+        proxy.blackhole()
+        sock.sendall(b"during")
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(100)
+        proxy.restore()
+        sock.settimeout(10)
+        assert sock.recv(100) == b"during"
+        proxy.kill_all()
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            while sock.recv(100):
+                pass
+
+    # A stock ssh through the proxy, then a silent cut: keepalives notice it.
+    up = targets.proxy(("127.0.0.1", sshd.port))
+    kh = known_hosts(sshd.known_hosts_line(port=up.port))
+    ssh = start_ssh(
+        ssh_command(
+            up.port,
+            kh,
+            "-N",
+            "-o",
+            "ServerAliveInterval=1",
+            "-o",
+            "ServerAliveCountMax=2",
+            "-R",
+            f"0:127.0.0.1:{echo.port}",
+        )
+    )
+    m = ssh.wait_stderr(r"Allocated port (\d+) for remote forward")
+    assert echo_roundtrip(int(m.group(1)), b"via proxy") == b"via proxy"
+    up.blackhole()
+    ssh.wait_stderr(r"Timeout, server .* not responding", timeout=10)
+    assert ssh.wait_exit(10) == 255
+
+
+def test_pipeline_stall_is_detected_and_released(
+    sshd: Sshd,
+    known_hosts: Callable[..., Path],
+    ssh_command: Callable[..., list[str]],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+) -> None:
+    """The memory test's mechanism, with stock ssh as the forwarder."""
+    kh = known_hosts(sshd.known_hosts_line())
+    lazy = targets.lazy_reader()
+    _, port = stock_reverse(start_ssh, ssh_command, sshd, kh, f"0:127.0.0.1:{lazy.port}")
+    stream = DataStream(5, 128 * MiB)
+    pusher = StallingPusher(port, stream)
+    stalled_at = pusher.wait_stalled(120)
+    assert lazy.connected.is_set()
+    assert 0 < stalled_at < stream.size
+    lazy.release.set()
+    assert pusher.result(300).sent == stream.size
+    got = lazy.result()
+    assert (got.nbytes, got.sha256) == (stream.size, stream.sha256)
+
+
+FAKE_AGENT = textwrap.dedent(
+    """
+    import json, signal, sys, time
+    def emit(event, **fields):
+        print(json.dumps({"event": event, "level": "info", "time": time.time(), **fields}),
+              flush=True)
+    signal.signal(signal.SIGTERM, lambda *a: (emit("agent_stopped"), sys.exit(0)))
+    emit("agent_started", pid=0)
+    print("not json at all", flush=True)
+    print("2024-01-01 [-] " + json.dumps({"event": "prefixed"}), flush=True)
+    for i in range(3):
+        emit("tick", n=i)
+    print("oops", file=sys.stderr, flush=True)
+    if sys.argv[1] == "exit":
+        sys.exit(3)
+    signal.pause()
+    """
+)
+
+
+def test_agent_process_events(tmp_path: Path) -> None:
+    script = tmp_path / "fake_agent.py"
+    script.write_text(FAKE_AGENT)
+
+    agent = AgentProcess([sys.executable, str(script), "wait"], name="fake")
+    try:
+        agent.wait_for("agent_started")
+        assert agent.wait_for("tick", n=lambda n: n >= 1)["n"] == 1
+        assert agent.wait_for("tick")["n"] == 2  # the cursor moved past n=1
+        assert agent.wait_for("tick", since=0)["n"] == 0
+        assert agent.wait_for("prefixed", since=0)["_index"] == 2
+        assert any(e["text"] == "not json at all" for e in agent.events("_raw"))
+        with pytest.raises(HarnessError, match="no never"):
+            agent.wait_for("never", timeout=0.2)
+        assert agent.rss_kb() > 0
+        agent.stderr.wait_for("oops", 10)
+        assert agent.stop() == 0
+        assert agent.events("agent_stopped")
+    finally:
+        agent.kill()
+
+    agent = AgentProcess([sys.executable, str(script), "exit"], name="fake")
+    with pytest.raises(HarnessError, match=r"exited \(status 3\)") as info:
+        agent.wait_for("never", timeout=30)
+    assert "oops" in str(info.value)
+    assert agent.wait_exit() == 3
+
+
+def test_free_port_is_bindable() -> None:
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port)):
+        pass

@@ -1,0 +1,344 @@
+"""Host key verification against real keys and known_hosts files made by OpenSSH's tools."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from twisted.conch.ssh.keys import Key
+
+from relay.config import HostKeyPolicy
+from relay.ssh.hostkeys import (
+    HostKeyError,
+    HostKeyStatus,
+    HostKeyVerifier,
+    fingerprint_sha256,
+    known_hosts_name,
+    parse_fingerprint,
+)
+
+pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
+
+HOST = "127.0.0.1"
+PORT = 2222
+BRACKETED = "[127.0.0.1]:2222"
+
+
+def ssh_keygen(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ssh-keygen", *args], capture_output=True, text=True, check=False)
+
+
+def make_key(directory: Path, name: str, key_type: str = "ed25519") -> tuple[Key, str]:
+    """A fresh key pair by ssh-keygen: the public Key and its ``type base64`` text."""
+    path = directory / name
+    ssh_keygen("-q", "-t", key_type, "-N", "", "-C", name, "-f", str(path)).check_returncode()
+    text = (directory / f"{name}.pub").read_text()
+    key_type_name, b64 = text.split()[:2]
+    return Key.fromString(text), f"{key_type_name} {b64}"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, tuple[Key, str]]:
+    d = tmp_path / "keys"
+    d.mkdir()
+    return {
+        "a": make_key(d, "a"),
+        "b": make_key(d, "b"),
+        "ecdsa": make_key(d, "ecdsa", "ecdsa"),
+    }
+
+
+def verifier(
+    known_hosts: Path, port: int = PORT, host: str = HOST, *, accept_new: bool = False
+) -> HostKeyVerifier:
+    policy = HostKeyPolicy(known_hosts=known_hosts, accept_new=accept_new)
+    return HostKeyVerifier(policy, host, port)
+
+
+def write(path: Path, *lines: str) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+# -- fingerprints ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key_type", ["ed25519", "ecdsa", "rsa"])
+def test_fingerprint_is_what_ssh_keygen_prints(tmp_path: Path, key_type: str) -> None:
+    key, _ = make_key(tmp_path, "k", key_type)
+    printed = ssh_keygen("-lf", str(tmp_path / "k.pub")).stdout.split()[1]
+    assert printed.startswith("SHA256:")
+    assert fingerprint_sha256(key) == printed
+    assert parse_fingerprint(printed) == parse_fingerprint(printed + "=")
+
+
+@pytest.mark.parametrize(
+    "bad", ["MD5:12:34", "SHA256:tooshort", "AAAAC3NzaC1lZDI1NTE5", "SHA256:!!!" + "A" * 40]
+)
+def test_parse_fingerprint_rejects_other_forms(bad: str) -> None:
+    with pytest.raises(ValueError, match="SHA256"):
+        parse_fingerprint(bad)
+
+
+def test_known_hosts_name_is_openssh_form() -> None:
+    assert known_hosts_name("Relay.Example.ORG", 22) == "relay.example.org"
+    assert known_hosts_name("127.0.0.1", 2222) == "[127.0.0.1]:2222"
+    assert known_hosts_name("::1", 2222) == "[::1]:2222"
+
+
+# -- pinned fingerprints --------------------------------------------------------------------
+
+
+def test_pinned_fingerprint_accepts_only_that_key(tmp_path: Path, keys) -> None:
+    key_a, _ = keys["a"]
+    key_b, _ = keys["b"]
+    fp = fingerprint_sha256(key_a)
+    v = HostKeyVerifier(HostKeyPolicy(fingerprint=fp, known_hosts=tmp_path / "kh"), HOST, PORT)
+    assert v.verify(key_a) == f"pinned {fp}"
+    with pytest.raises(HostKeyError) as err:
+        v.verify(key_b)
+    assert err.value.status is HostKeyStatus.PIN_MISMATCH
+    message = str(err.value)
+    assert BRACKETED in message
+    assert fingerprint_sha256(key_b) in message and fp in message
+    assert "host_key.fingerprint" in message
+    assert not (tmp_path / "kh").exists()
+
+
+def test_pinned_fingerprint_wins_over_accept_new(tmp_path: Path, keys) -> None:
+    key_a, _ = keys["a"]
+    key_b, _ = keys["b"]
+    policy = HostKeyPolicy(
+        fingerprint=fingerprint_sha256(key_a), known_hosts=tmp_path / "kh", accept_new=True
+    )
+    with pytest.raises(HostKeyError):
+        HostKeyVerifier(policy, HOST, PORT).verify(key_b)
+    assert not (tmp_path / "kh").exists()
+
+
+def test_malformed_pin_is_refused_up_front() -> None:
+    with pytest.raises(HostKeyError) as err:
+        HostKeyVerifier(HostKeyPolicy(fingerprint="MD5:aa:bb:cc"), HOST, PORT)
+    assert err.value.status is HostKeyStatus.ERROR
+    assert "SHA256" in str(err.value)
+
+
+# -- known_hosts: accepted ------------------------------------------------------------------
+
+
+def test_plain_entry_with_host_list_comments_and_blank_lines(tmp_path: Path, keys) -> None:
+    key_a, line_a = keys["a"]
+    kh = write(
+        tmp_path / "known_hosts",
+        "# a comment",
+        "",
+        "this line is not valid",
+        f"other.example,relay.example.org,{HOST} {line_a} a comment",
+    )
+    v = verifier(kh, port=22)
+    assert v.verify(key_a) == f"known_hosts {kh} line 4"
+    assert verifier(kh, port=22, host="Relay.Example.ORG").verify(key_a)
+
+
+def test_plain_entry_for_port_22_does_not_cover_other_ports(tmp_path: Path, keys) -> None:
+    key_a, line_a = keys["a"]
+    kh = write(tmp_path / "known_hosts", f"{HOST} {line_a}")
+    with pytest.raises(HostKeyError) as err:
+        verifier(kh, port=PORT).verify(key_a)
+    assert err.value.status is HostKeyStatus.UNKNOWN
+
+
+def test_bracketed_port_entry(tmp_path: Path, keys) -> None:
+    key_a, line_a = keys["a"]
+    kh = write(tmp_path / "known_hosts", f"{BRACKETED} {line_a}")
+    assert verifier(kh).verify(key_a) == f"known_hosts {kh} line 1"
+    with pytest.raises(HostKeyError):
+        verifier(kh, port=22).verify(key_a)
+
+
+@pytest.mark.parametrize("port", [22, PORT])
+def test_entries_hashed_by_ssh_keygen(tmp_path: Path, keys, port: int) -> None:
+    key_a, line_a = keys["a"]
+    key_b, line_b = keys["b"]
+    name = known_hosts_name(HOST, port)
+    kh = write(tmp_path / "known_hosts", f"decoy.example {line_b}", f"{name},localhost {line_a}")
+    ssh_keygen("-H", "-f", str(kh)).check_returncode()
+    content = kh.read_text()
+    assert HOST not in content and "|1|" in content
+    assert verifier(kh, port=port).verify(key_a).startswith(f"known_hosts {kh} line ")
+    assert verifier(kh, port=22, host="localhost").verify(key_a)
+    with pytest.raises(HostKeyError) as err:  # the decoy's hashed name is not ours
+        verifier(kh, port=port).verify(key_b)
+    assert err.value.status is HostKeyStatus.CHANGED
+
+
+def test_patterns_and_negation(tmp_path: Path, keys) -> None:
+    key_a, line_a = keys["a"]
+    kh = write(tmp_path / "known_hosts", f"*.example.org,!bad.example.org,relay?.lab {line_a}")
+    assert verifier(kh, 22, "x.example.org").verify(key_a)
+    assert verifier(kh, 22, "relay7.lab").verify(key_a)
+    for host in ("bad.example.org", "example.org", "relay10.lab"):
+        with pytest.raises(HostKeyError):
+            verifier(kh, 22, host).verify(key_a)
+
+
+def test_a_later_entry_of_the_same_type_may_match(tmp_path: Path, keys) -> None:
+    key_a, line_a = keys["a"]
+    _, line_b = keys["b"]
+    kh = write(tmp_path / "known_hosts", f"{BRACKETED} {line_b}", f"{BRACKETED} {line_a}")
+    assert verifier(kh).verify(key_a) == f"known_hosts {kh} line 2"
+
+
+# -- known_hosts: refused -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("accept_new", [False, True])
+def test_changed_key_is_refused_with_the_fix(tmp_path: Path, keys, accept_new: bool) -> None:
+    key_a, _ = keys["a"]
+    _, line_b = keys["b"]
+    kh = write(tmp_path / "known_hosts", "# header", f"{BRACKETED} {line_b}")
+    before = kh.read_bytes()
+    with pytest.raises(HostKeyError) as err:
+        verifier(kh, accept_new=accept_new).verify(key_a)
+    assert err.value.status is HostKeyStatus.CHANGED
+    message = str(err.value)
+    assert "CHANGED" in message and BRACKETED in message
+    assert "ssh-ed25519" in message and fingerprint_sha256(key_a) in message
+    assert fingerprint_sha256(keys["b"][0]) in message
+    assert f"{kh} line 2" in message
+    assert f"ssh-keygen -R '{BRACKETED}' -f {kh}" in message
+    assert kh.read_bytes() == before
+
+
+def test_the_suggested_removal_command_works(tmp_path: Path, keys) -> None:
+    key_a, _ = keys["a"]
+    _, line_b = keys["b"]
+    kh = write(tmp_path / "known_hosts", f"{BRACKETED} {line_b}")
+    ssh_keygen("-H", "-f", str(kh)).check_returncode()
+    with pytest.raises(HostKeyError):
+        verifier(kh).verify(key_a)
+    ssh_keygen("-R", BRACKETED, "-f", str(kh)).check_returncode()
+    assert verifier(kh, accept_new=True).verify(key_a) == f"accepted new key, saved to {kh}"
+
+
+def test_unknown_host_is_refused_with_the_line_to_add(tmp_path: Path, keys) -> None:
+    key_a, line_a = keys["a"]
+    _, line_b = keys["b"]
+    kh = write(tmp_path / "known_hosts", f"elsewhere.example {line_b}", "garbage line")
+    with pytest.raises(HostKeyError) as err:
+        verifier(kh).verify(key_a)
+    assert err.value.status is HostKeyStatus.UNKNOWN
+    message = str(err.value)
+    assert "UNKNOWN" in message and fingerprint_sha256(key_a) in message
+    assert f"{BRACKETED} {line_a}" in message
+    assert "accept_new" in message and "lines 2" in message
+
+
+def test_missing_file_means_unknown_and_is_not_created(tmp_path: Path, keys) -> None:
+    kh = tmp_path / "nope" / "known_hosts"
+    with pytest.raises(HostKeyError) as err:
+        verifier(kh).verify(keys["a"][0])
+    assert err.value.status is HostKeyStatus.UNKNOWN
+    assert "does not exist" in str(err.value)
+    assert not kh.parent.exists()
+
+
+def test_only_other_key_types_known_is_unknown(tmp_path: Path, keys) -> None:
+    key_a, _ = keys["a"]
+    _, line_ecdsa = keys["ecdsa"]
+    kh = write(tmp_path / "known_hosts", f"{BRACKETED} {line_ecdsa}")
+    with pytest.raises(HostKeyError) as err:
+        verifier(kh).verify(key_a)
+    assert err.value.status is HostKeyStatus.UNKNOWN
+    assert verifier(kh, accept_new=True).verify(key_a).startswith("accepted new key")
+    assert verifier(kh).verify(key_a) == f"known_hosts {kh} line 2"
+    assert verifier(kh).verify(keys["ecdsa"][0]) == f"known_hosts {kh} line 1"
+
+
+@pytest.mark.parametrize("accept_new", [False, True])
+def test_revoked_key_is_refused_even_if_listed(tmp_path: Path, keys, accept_new: bool) -> None:
+    key_a, line_a = keys["a"]
+    kh = write(tmp_path / "known_hosts", f"{BRACKETED} {line_a}", f"@revoked * {line_a}")
+    with pytest.raises(HostKeyError) as err:
+        verifier(kh, accept_new=accept_new).verify(key_a)
+    assert err.value.status is HostKeyStatus.REVOKED
+    assert "@revoked" in str(err.value) and f"{kh} line 2" in str(err.value)
+
+
+def test_cert_authority_lines_are_ignored(tmp_path: Path, keys) -> None:
+    key_a, line_a = keys["a"]
+    kh = write(tmp_path / "known_hosts", f"@cert-authority * {line_a}")
+    with pytest.raises(HostKeyError) as err:
+        verifier(kh).verify(key_a)
+    assert err.value.status is HostKeyStatus.UNKNOWN
+
+
+def test_key_type_field_must_match_the_key(tmp_path: Path, keys) -> None:
+    key_a, line_a = keys["a"]
+    kh = write(tmp_path / "known_hosts", f"{BRACKETED} ssh-rsa {line_a.split()[1]}")
+    with pytest.raises(HostKeyError) as err:
+        verifier(kh).verify(key_a)
+    assert err.value.status is HostKeyStatus.UNKNOWN
+
+
+def test_unreadable_known_hosts_is_an_error(tmp_path: Path, keys) -> None:
+    kh = tmp_path / "known_hosts"
+    kh.mkdir()
+    with pytest.raises(HostKeyError) as err:
+        verifier(kh, accept_new=True).verify(keys["a"][0])
+    assert err.value.status is HostKeyStatus.ERROR
+    assert str(kh) in str(err.value)
+
+
+# -- accept_new -----------------------------------------------------------------------------
+
+
+def test_accept_new_records_a_hashed_line_openssh_finds(tmp_path: Path, keys) -> None:
+    key_a, line_a = keys["a"]
+    kh = tmp_path / "dot-ssh" / "known_hosts"
+    assert verifier(kh, accept_new=True).verify(key_a) == f"accepted new key, saved to {kh}"
+    assert stat.S_IMODE(kh.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(kh.stat().st_mode) == 0o600
+    (line,) = kh.read_text().splitlines()
+    assert line.startswith("|1|") and line.endswith(line_a) and HOST not in line
+
+    assert verifier(kh).verify(key_a) == f"known_hosts {kh} line 1"
+    with pytest.raises(HostKeyError) as err:
+        verifier(kh, accept_new=True).verify(keys["b"][0])
+    assert err.value.status is HostKeyStatus.CHANGED
+
+    found = ssh_keygen("-F", BRACKETED, "-f", str(kh))
+    assert found.returncode == 0
+    assert line_a in found.stdout
+    assert ssh_keygen("-F", HOST, "-f", str(kh)).returncode == 1
+
+
+def test_accept_new_for_port_22_records_the_bare_name(tmp_path: Path, keys) -> None:
+    key_a, _ = keys["a"]
+    kh = tmp_path / "known_hosts"
+    verifier(kh, port=22, host="Relay.Example.ORG", accept_new=True).verify(key_a)
+    assert ssh_keygen("-F", "relay.example.org", "-f", str(kh)).returncode == 0
+
+
+def test_accept_new_appends_after_a_line_without_newline(tmp_path: Path, keys) -> None:
+    key_a, _ = keys["a"]
+    _, line_b = keys["b"]
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"elsewhere.example {line_b}")
+    kh.chmod(0o644)
+    verifier(kh, accept_new=True).verify(key_a)
+    assert stat.S_IMODE(kh.stat().st_mode) == 0o644  # an existing file keeps its mode
+    assert verifier(kh, 22, "elsewhere.example").verify(keys["b"][0]).endswith("line 1")
+    assert verifier(kh).verify(key_a) == f"known_hosts {kh} line 2"
+
+
+def test_accept_new_that_cannot_save_refuses(tmp_path: Path, keys) -> None:
+    kh = tmp_path / "known_hosts"
+    kh.symlink_to(tmp_path / "missing" / "known_hosts")  # reads as absent; cannot be created
+    with pytest.raises(HostKeyError) as err:
+        verifier(kh, accept_new=True).verify(keys["a"][0])
+    assert err.value.status is HostKeyStatus.ERROR
+    assert "could not be saved" in str(err.value)
