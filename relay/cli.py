@@ -18,6 +18,7 @@ from typing import Any
 
 from . import __version__
 from .config import ConfigError, NodeConfig
+from .keygen import KeygenError
 
 EXIT_USAGE = 2
 
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="first reconnect/retry delay (default 1)")
     agent.add_argument("--backoff-max", type=float, metavar="SECONDS",
                        help="longest reconnect/retry delay (default 60)")
+    agent.add_argument("--admin", metavar="[ADDR:]PORT",
+                       help="serve status (JSON, Prometheus /metrics) on this loopback "
+                       "address; read it with `labrelay status`")
     _add_logging(agent)
 
     keygen = sub.add_parser(
@@ -77,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("-C", "--comment", default=None, help="key comment (default user@host)")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key")
 
+    status = sub.add_parser(
+        "status", help="show a running labrelay's links, forwards and sessions",
+        description="Fetch the status of a labrelay started with --admin (or [admin] in "
+        "its config) and print it as tables.",
+    )
+    status.add_argument("--admin", default=None, metavar="ADDR:PORT",
+                        help="its admin endpoint (default 127.0.0.1:7022)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+
     demo = sub.add_parser(
         "demo", help="run the whole path on loopback and show it working",
         description="Start a private OpenSSH sshd (standing in for the cloud server), a "
@@ -87,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prove the path, then stop (instead of running until Ctrl-C)")
     _add_logging(demo)
     return parser
+
+
+def _with_admin(config: NodeConfig, ns: argparse.Namespace) -> NodeConfig:
+    if ns.admin is None:
+        return config
+    from .config import parse_admin_listen
+
+    admin = parse_admin_listen(ns.admin, source="command line", keypath="--admin")
+    return dataclasses.replace(config, admin=admin)
 
 
 def _with_backoff(config: NodeConfig, ns: argparse.Namespace) -> NodeConfig:
@@ -148,7 +170,7 @@ def cmd_agent(ns: argparse.Namespace) -> int:
     from .agentargs import config_from_agent_args
     from .service import make_node_service
 
-    config = _with_backoff(config_from_agent_args(ns), ns)
+    config = _with_admin(_with_backoff(config_from_agent_args(ns), ns), ns)
     start_logging(ns.log_format, ns.verbose)
     # run_reactor builds the tree before the reactor runs: a bad key file
     # raises ConfigError here and exits 2 with nothing started.
@@ -169,6 +191,25 @@ def cmd_keygen(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(ns: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+
+    from .config import DEFAULT_ADMIN_LISTEN
+    from .status import fetch, format_status
+
+    address = ns.admin or DEFAULT_ADMIN_LISTEN
+    try:
+        snapshot = fetch(address)
+    except (urllib.error.URLError, OSError) as e:
+        print(f"labrelay: cannot read status from http://{address}/status.json: {e}\n"
+              "  is labrelay running with --admin (or [admin] in its config)?",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(snapshot, indent=2) if ns.json else format_status(snapshot), end="")
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -178,7 +219,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    commands = {"agent": cmd_agent, "keygen": cmd_keygen, "demo": cmd_demo}
+    commands = {"agent": cmd_agent, "keygen": cmd_keygen, "status": cmd_status,
+                "demo": cmd_demo}
     if ns.command is None:
         parser.print_help()
         return EXIT_USAGE
@@ -187,6 +229,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"labrelay: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except FileExistsError as e:
+    except KeygenError as e:
         print(f"labrelay: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -767,9 +767,17 @@ def _parse_link(sec: _Section, index: int, base: Path) -> LinkConfig:
 
 
 def _parse_admin(sec: _Section) -> AdminConfig:
-    text = sec.string("listen") or DEFAULT_ADMIN_LISTEN
-    with sec.at("listen"):
-        bind, port = _listen(text, LOCAL_DEFAULT_BIND)
+    return parse_admin_listen(
+        sec.string("listen") or DEFAULT_ADMIN_LISTEN, source=sec.source,
+        keypath=sec.keypath("listen"),
+    )
+
+
+def parse_admin_listen(text: str, *, source: str, keypath: str) -> AdminConfig:
+    """``[addr:]port`` of the admin endpoint; only loopback addresses are allowed,
+    since it has no authentication of its own."""
+    bind, port = parse_listen(text, source=source, keypath=keypath,
+                              default_bind=LOCAL_DEFAULT_BIND)
     loopback = bind == "localhost"
     if not loopback:
         try:
@@ -777,8 +785,8 @@ def _parse_admin(sec: _Section) -> AdminConfig:
         except ValueError:
             loopback = False
     if not loopback:
-        raise sec.error(
-            "listen",
+        raise ConfigError(
+            source, keypath,
             f"the admin endpoint must listen on a loopback address, not {bind or '*'!r}",
             'e.g. listen = "127.0.0.1:7022"; reach it from elsewhere through SSH',
         )

@@ -7,15 +7,19 @@ starts, and reported as a :class:`~relay.config.ConfigError`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
+from twisted.application.internet import TCPServer
 from twisted.application.service import MultiService
 from twisted.conch.ssh import keys
+from twisted.web.server import Site
 
 from .config import ConfigError, LinkConfig, NodeConfig
 from .link import Link
 from .ssh.identity import IdentityError, default_identity_paths, load_identity
+from .status import admin_resource, base_snapshot
 
 
 def load_identities(config: NodeConfig, link: LinkConfig, index: int) -> list[keys.Key]:
@@ -44,15 +48,24 @@ class NodeService(MultiService):
                  on_fatal: Callable[[str], object] | None = None) -> None:
         super().__init__()
         self.config = config
+        self._started = reactor.seconds()
         self.links: list[Link] = []
         for index, link_config in enumerate(config.links):
             identities = load_identities(config, link_config, index)
             link = Link(link_config, reactor, identities, on_fatal=on_fatal)
             link.setServiceParent(self)
             self.links.append(link)
+        if config.admin is not None:
+            listen = config.admin.listen
+            site = Site(admin_resource(self.status))
+            site.noisy = False
+            admin = TCPServer(listen.port, site, interface=listen.host, reactor=reactor)
+            admin.setName("admin")
+            admin.setServiceParent(self)
 
     def status(self) -> dict[str, Any]:
-        return {"links": [link.status() for link in self.links]}
+        return {**base_snapshot(os.getpid(), self._started),
+                "links": [link.status() for link in self.links]}
 
 
 def make_node_service(config: NodeConfig, reactor: Any,
