@@ -112,6 +112,7 @@ class RemoteForwardRunner:
             bind=self.config.bind, port=port, host=self.config.bind or "(server default)",
             target=str(self.config.connect),
         )
+        self.link.forwardReady()
 
     def _refused(self, f: Failure, conn: LinkConnection) -> None:
         if conn is not self._conn:

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from .backoff import retry_policy
 from .bridge import Bridge, TCPSide
 from .config import LinkConfig
-from .forwards import LocalForwardListener, RemoteForwardRunner
+from .forwards import ForwardState, LocalForwardListener, RemoteForwardRunner
 from .ssh.channels import BridgedChannel
 from .ssh.client import LinkConnection, LinkTransport
 from .ssh.hostkeys import HostKeyVerifier
@@ -82,6 +82,7 @@ class Link(MultiService):
         self.connection: LinkConnection | None = None
         self._on_fatal = on_fatal
         self._waiters: list[tuple[defer.Deferred[LinkConnection], IDelayedCall]] = []
+        self._allReady: list[defer.Deferred[None]] = []
         policy = retry_policy(config.backoff)
         self.remote = [RemoteForwardRunner(self, fwd, policy) for fwd in config.remote]
         self.local = [LocalForwardListener(self, fwd) for fwd in config.local]
@@ -137,6 +138,7 @@ class Link(MultiService):
         )
         for forward in self.remote:
             forward.linkUp(conn)
+        self.forwardReady()
         waiters, self._waiters = self._waiters, []
         for d, timer in waiters:
             timer.cancel()
@@ -169,6 +171,21 @@ class Link(MultiService):
 
         self._waiters.append((d, self.clock.callLater(timeout, expire)))
         return d
+
+    def whenAllReady(self) -> defer.Deferred[None]:
+        """Fires once every reverse forward is granted on a connected link."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._allReady.append(d)
+        self.forwardReady()
+        return d
+
+    def forwardReady(self) -> None:
+        if self.connection is None or any(f.state is not ForwardState.READY
+                                          for f in self.remote):
+            return
+        waiters, self._allReady = self._allReady, []
+        for d in waiters:
+            d.callback(None)
 
     def remoteForwardFor(self, host: str, port: int) -> RemoteForwardRunner | None:
         candidates = [f for f in self.remote if f.matches(host, port)]
