@@ -24,8 +24,12 @@ def retry_policy(
     """
 
     def policy(failures: int) -> float:
-        exponent = min(max(failures - 1, 0), 64)
-        delay = min(backoff.initial * backoff.factor**exponent, backoff.maximum)
+        exponent = max(failures - 1, 0)
+        try:
+            grown = backoff.initial * backoff.factor**exponent
+        except OverflowError:  # far past the cap: a float power overflows, not saturates
+            grown = backoff.maximum
+        delay = min(grown, backoff.maximum)
         return delay + delay * backoff.jitter * rand()
 
     return policy

@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "address; read it with `labrelay status`")
     _add_logging(agent)
 
+    run = sub.add_parser(
+        "run", help="run what a node config file describes (= agent --config FILE)",
+        description="Run the links and forwards of a node config file (TOML, see "
+        "docs/config.md). The same service as `twistd -n labrelay --config FILE`.",
+    )
+    run.add_argument("config_file", metavar="CONFIG", help="the node config file")
+    run.add_argument("--admin", metavar="[ADDR:]PORT", help="serve status on this loopback "
+                     "address (overrides [admin] in the file)")
+    _add_logging(run)
+
     keygen = sub.add_parser(
         "keygen", help="write an ed25519 key pair for an agent",
         description="Write an ed25519 key pair in OpenSSH format (private key mode 0600) "
@@ -177,6 +187,15 @@ def cmd_agent(ns: argparse.Namespace) -> int:
     return run_reactor(lambda r, fatal: make_node_service(config, r, on_fatal=fatal))
 
 
+def cmd_run(ns: argparse.Namespace) -> int:
+    from .config import load_config
+    from .service import make_node_service
+
+    config = _with_admin(load_config(ns.config_file), ns)
+    start_logging(ns.log_format, ns.verbose)
+    return run_reactor(lambda r, fatal: make_node_service(config, r, on_fatal=fatal))
+
+
 def cmd_keygen(ns: argparse.Namespace) -> int:
     import getpass
     import socket
@@ -219,7 +238,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    commands = {"agent": cmd_agent, "keygen": cmd_keygen, "status": cmd_status,
+    commands = {"agent": cmd_agent, "run": cmd_run, "keygen": cmd_keygen, "status": cmd_status,
                 "demo": cmd_demo}
     if ns.command is None:
         parser.print_help()

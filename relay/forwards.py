@@ -197,6 +197,7 @@ class LocalForwardListener(Service):
 
         def buildProtocol(addr: Any) -> TCPSide:
             side = build(addr)
+            assert isinstance(side, TCPSide)
             side.onConnected = self._accepted
             return side
 
@@ -231,7 +232,7 @@ class LocalForwardListener(Service):
         port, self._port = self._port, None
         self.state = ForwardState.DOWN
         if port is not None:
-            return defer.maybeDeferred(port.stopListening)
+            return defer.maybeDeferred(port.stopListening)  # type: ignore[call-overload]
         return None
 
     def _accepted(self, side: TCPSide) -> None:

@@ -19,8 +19,8 @@ from twisted.conch.ssh import keys
 from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -46,7 +46,7 @@ class _LoggingEndpoint:
         self._link = link
         self._endpoint = endpoint
 
-    def connect(self, factory: Factory) -> defer.Deferred[Protocol]:
+    def connect(self, factory: Factory) -> defer.Deferred[IProtocol]:
         self._link.state = "connecting"
         self._link.log.info(
             "link {link}: connecting to {host}:{port}",
@@ -97,7 +97,6 @@ class Link(MultiService):
             )
             return delay
 
-        assert IReactorTCP.providedBy(reactor)
         endpoint = HostnameEndpoint(
             reactor, config.host, config.port, timeout=config.connect_timeout
         )
@@ -130,7 +129,7 @@ class Link(MultiService):
         self.state = "connected"
         self.since = self.reactor.seconds()
         self.last_error = None
-        peer = conn.transport.transport.getPeer()
+        peer = conn.link_transport.tcp.getPeer()
         self.log.info(
             "link {link}: connected to {host}:{port} as {user}",
             event="link_connected", link=self.name, host=self.config.host,
@@ -146,7 +145,7 @@ class Link(MultiService):
 
     def linkLost(self, transport: LinkTransport, why: str) -> None:
         """Called by the transport of a ready link when it closes."""
-        if self.connection is None or self.connection.transport is not transport:
+        if self.connection is None or self.connection.link_transport is not transport:
             return
         self.connection = None
         self.state = "down"
@@ -239,13 +238,15 @@ class Link(MultiService):
         self._waiters = []
 
         def disconnect(_: object) -> defer.Deferred[None]:
+            if timer.active():
+                timer.cancel()
             if conn is not None and self.connection is conn:
-                conn.transport.sendDisconnect(DISCONNECT_BY_APPLICATION, b"labrelay stopping")
+                conn.link_transport.sendDisconnect(DISCONNECT_BY_APPLICATION,
+                                                   b"labrelay stopping")
             return defer.maybeDeferred(super(Link, self).stopService)  # type: ignore[arg-type]
 
-        done = defer.DeferredList(cancels)
+        done: defer.Deferred[Any] = defer.DeferredList(cancels)
         timer = self.clock.callLater(CANCEL_TIMEOUT, done.cancel)
-        done.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
         return done.addBoth(disconnect)
 
     def status(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ failed attempt and is retried with backoff.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.conch import error
 from twisted.conch.ssh import common, keys, transport, userauth
@@ -62,10 +62,14 @@ class LinkTransport(transport.SSHClientTransport):
         self.connection: LinkConnection | None = None
         self._timer: IDelayedCall | None = None
 
+    @property
+    def tcp(self) -> Any:
+        """The TCP transport under the SSH transport."""
+        return self.transport
+
     def connectionMade(self) -> None:
-        tcp = self.transport
-        tcp.setTcpNoDelay(True)  # type: ignore[attr-defined]
-        tcp.setTcpKeepAlive(True)  # type: ignore[attr-defined]
+        self.tcp.setTcpNoDelay(True)
+        self.tcp.setTcpKeepAlive(True)
         self._timer = self.link.clock.callLater(self.link.config.connect_timeout, self._timeout)
         super().connectionMade()
 
@@ -75,7 +79,7 @@ class LinkTransport(transport.SSHClientTransport):
             f"no SSH handshake within {self.link.config.connect_timeout:g}s "
             f"(phase {self.phase}); is this an SSH server, and is it responsive?"
         )
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.tcp.abortConnection()
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         conn = self.connection
@@ -168,9 +172,10 @@ class LinkUserAuth(userauth.SSHUserAuthClient):
     def ssh_USERAUTH_FAILURE(self, packet: bytes) -> Any:
         methods = common.getNS(packet)[0]
         if (not self._keys and self.lastAuth == b"publickey") or b"publickey" not in methods:
-            self.transport.why = (  # type: ignore[attr-defined]
+            transport = cast(LinkTransport, self.transport)
+            transport.why = (
                 f"authentication failed for user {self.user.decode()!r}: the server "
-                f"accepted none of our {len(self.transport.link.identities)} key(s)"  # type: ignore[attr-defined]
+                f"accepted none of our {len(transport.link.identities)} key(s)"
                 f" (it offers: {methods.decode() or 'nothing'}); add the agent's public "
                 "key to that user's authorized_keys"
             )
@@ -187,6 +192,10 @@ class LinkConnection(FlowConnection):
         self.link = link
         self.keepalive: KeepaliveMonitor | None = None
 
+    @property
+    def link_transport(self) -> LinkTransport:
+        return cast(LinkTransport, self.transport)
+
     def serviceStarted(self) -> None:
         super().serviceStarted()
         ka = self.link.config.keepalive
@@ -195,7 +204,7 @@ class LinkConnection(FlowConnection):
                 self.link.clock, ka.interval, ka.count_max, self._sendKeepalive, self._dead
             )
             self.keepalive.start()
-        self.transport.markReady(self)
+        self.link_transport.markReady(self)
 
     def serviceStopped(self) -> None:
         if self.keepalive is not None:
@@ -213,8 +222,8 @@ class LinkConnection(FlowConnection):
             event="link_dead", link=self.link.name, silence=silence,
             unanswered=self.keepalive.sent if self.keepalive else 0,
         )
-        self.transport.why = f"dead: nothing received for {silence:.1f}s"
-        self.transport.transport.abortConnection()
+        self.link_transport.why = f"dead: nothing received for {silence:.1f}s"
+        self.link_transport.tcp.abortConnection()
 
     # reverse forwards: the server opens a channel per accepted connection
 

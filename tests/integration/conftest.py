@@ -126,8 +126,12 @@ def agent_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "relay", "agent", "--log-format", "json", *args]
 
 
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
 def twistd_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "twisted", *args]
+    """``twistd ARGS`` with this interpreter (``python -m twisted`` is ``twist``, not twistd)."""
+    return [sys.executable, "-c", TWISTD, *args]
 
 
 def child_env() -> dict[str, str]:
