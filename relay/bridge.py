@@ -21,6 +21,7 @@ TCP transport.  The SSH channel side lives in :mod:`relay.ssh.channels`.
 
 from __future__ import annotations
 
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ITCPTransport
@@ -128,6 +129,7 @@ class TCPSide(Protocol):
     """
 
     _log = Logger()
+    transport: Any  # an ITCPTransport once connected (Twisted types it Optional)
 
     def __init__(self) -> None:
         self.bridge: Bridge | None = None
@@ -143,7 +145,7 @@ class TCPSide(Protocol):
         transport = self.transport
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
-        transport.registerProducer(self, True)  # type: ignore[union-attr]
+        transport.registerProducer(self, True)
         if self.bridge is None:
             self.pauseReading("no-peer")
         if callable(self.onConnected):
@@ -181,14 +183,14 @@ class TCPSide(Protocol):
 
     def write(self, data: bytes) -> None:
         if not self._closed:
-            self.transport.write(data)  # type: ignore[union-attr]
+            self.transport.write(data)
 
     def consumed(self, nbytes: int) -> None:
         """TCP re-opens its own window as the kernel drains; nothing to do."""
 
     def pauseReading(self, reason: str) -> None:
         if not self._pauses and self.transport is not None and not self._closed:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.transport.pauseProducing()
         self._pauses.add(reason)
 
     def resumeReading(self, reason: str) -> None:
@@ -196,7 +198,7 @@ class TCPSide(Protocol):
             return
         self._pauses.discard(reason)
         if not self._pauses and self.transport is not None and not self._closed:
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self.transport.resumeProducing()
 
     def writeEOF(self) -> None:
         if self._closed or self._wroteEOF:
@@ -204,8 +206,8 @@ class TCPSide(Protocol):
         self._wroteEOF = True
         # Twisted only half-closes from doWrite when no paused producer is
         # registered; we write nothing more, so stop being one.
-        self.transport.unregisterProducer()  # type: ignore[union-attr]
-        self.transport.loseWriteConnection()  # type: ignore[union-attr]
+        self.transport.unregisterProducer()
+        self.transport.loseWriteConnection()
 
     def _maybeFinish(self) -> None:
         if self._readEOF and self._wroteEOF and not self._closed:
@@ -219,7 +221,7 @@ class TCPSide(Protocol):
 
     def abort(self) -> None:
         if not self._closed and self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()
 
     # IPushProducer, driven by our own transport's write buffer
 

@@ -3,9 +3,11 @@
 While the link is silent, a ``keepalive@openssh.com`` global request (want
 reply) goes out every ``interval`` seconds.  Any packet from the peer — a reply
 (OpenSSH answers with REQUEST_FAILURE, which counts), data, anything — proves it
-alive.  When nothing at all has arrived for ``interval × count_max`` seconds the
-link is declared dead, so a silently cut path (no FIN, no RST) is detected in
-bounded time instead of after TCP's retransmission timeout of ~15 minutes.
+alive.  As in OpenSSH, the link is declared dead once ``count_max`` keepalives in
+a row went unanswered, each given ``interval`` seconds to be answered: after
+``interval × (count_max + 1)`` seconds of silence.  So a silently cut path (no
+FIN, no RST) is detected in bounded time instead of after TCP's retransmission
+timeout of ~15 minutes, and even ``count_max = 1`` probes before giving up.
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ class KeepaliveMonitor:
 
     @property
     def limit(self) -> float:
-        return self.interval * self.count_max
+        """Seconds of silence after which the link is dead."""
+        return self.interval * (self.count_max + 1)
 
     def start(self) -> None:
+        self.stop()
         if self.interval > 0:
             self.last_activity = self._clock.seconds()
             self._schedule(self.interval)
@@ -70,7 +74,7 @@ class KeepaliveMonitor:
             self._dead = True
             self._on_dead(silence)
             return
-        if silence >= self.interval * (self.sent + 1) - 1e-9:
+        if self.sent < self.count_max and silence >= self.interval * (self.sent + 1) - 1e-9:
             self.sent += 1
             self._send()
         next_keepalive = self.last_activity + self.interval * (self.sent + 1)

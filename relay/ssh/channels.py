@@ -32,6 +32,7 @@ class BridgedChannel(SSHChannel):
     """A forwarding channel (``direct-tcpip`` or ``forwarded-tcpip``)."""
 
     _log = Logger()
+    conn: Any  # always set once the channel is in use (Conch types it Optional)
 
     def __init__(
         self,

@@ -41,6 +41,7 @@ class FlowConnection(connection.SSHConnection):
     """An ``ssh-connection`` service whose channels own their receive windows."""
 
     _log = Logger()
+    transport: Any  # the SSH transport, set by Conch before any packet arrives
 
     def __init__(self) -> None:
         super().__init__()
@@ -80,12 +81,25 @@ class FlowConnection(connection.SSHConnection):
 
     # checks
 
-    def _channel(self, packet: bytes) -> Any:
-        """The channel a packet names, or ``None`` after disconnecting the peer."""
+    def _channel(self, packet: bytes, opened: bool = True, size: int = 4) -> Any:
+        """The channel a packet names, or ``None`` after disconnecting the peer.
+
+        ``opened``: the packet is only valid on a confirmed channel (everything
+        but the answers to our own CHANNEL_OPEN, which need an unconfirmed one).
+        ``size``: the fixed-size head the packet must have.  Conch's stock
+        handlers raise (KeyError, struct.error) on any of these instead.
+        """
+        if len(packet) < size:
+            self._protocolError("truncated channel packet")
+            return None
         (localChannel,) = struct.unpack(">L", packet[:4])
         channel = self.channels.get(localChannel)
         if channel is None:
             self._protocolError(f"unknown channel id {localChannel}")
+        elif (channel in self.channelsToRemoteChannel) != opened:
+            state = "unconfirmed" if opened else "already open"
+            self._protocolError(f"channel id {localChannel} is {state}")
+            return None
         return channel
 
     def _protocolError(self, why: str) -> None:
@@ -103,10 +117,7 @@ class FlowConnection(connection.SSHConnection):
         try:
             result = self.getChannel(channelType, windowSize, maxPacket, rest[12:])
         except error.ConchError as e:
-            text, code = e.args if len(e.args) == 2 else (str(e), OPEN_CONNECT_FAILED)
-            if isinstance(text, int):
-                text, code = code, text
-            self._refuseOpen(senderChannel, code, str(text))
+            self._refuseOpen(senderChannel, *_openError(e))
             return
         except Exception:
             self._log.failure("channel open failed")
@@ -146,12 +157,10 @@ class FlowConnection(connection.SSHConnection):
         self._pendingOpens -= 1
         if self.transport is None or getattr(self, "_stopped", False):
             return
-        code = OPEN_CONNECT_FAILED
-        text = f.getErrorMessage()
-        if f.check(error.ConchError) and len(f.value.args) == 2:
-            a, b = f.value.args
-            text, code = (b, a) if isinstance(a, int) else (a, b)
-        self._refuseOpen(senderChannel, int(code), str(text))
+        if isinstance(f.value, error.ConchError):
+            self._refuseOpen(senderChannel, *_openError(f.value))
+        else:
+            self._refuseOpen(senderChannel, OPEN_CONNECT_FAILED, f.getErrorMessage())
 
     def _refuseOpen(self, senderChannel: int, code: int, text: str) -> None:
         self.transport.sendPacket(
@@ -160,11 +169,8 @@ class FlowConnection(connection.SSHConnection):
         )
 
     def ssh_CHANNEL_OPEN_CONFIRMATION(self, packet: bytes) -> None:
-        channel = self._channel(packet)
+        channel = self._channel(packet, opened=False, size=16)
         if channel is None:
-            return
-        if channel in self.channelsToRemoteChannel:
-            self._protocolError(f"channel {channel.id} confirmed twice")
             return
         maxPacket = struct.unpack(">L", packet[12:16])[0]
         if maxPacket == 0:
@@ -175,11 +181,11 @@ class FlowConnection(connection.SSHConnection):
             channel.linkCongested(True)
 
     def ssh_CHANNEL_OPEN_FAILURE(self, packet: bytes) -> None:
-        if self._channel(packet) is not None:
+        if self._channel(packet, opened=False, size=8) is not None:
             super().ssh_CHANNEL_OPEN_FAILURE(packet)
 
     def ssh_CHANNEL_WINDOW_ADJUST(self, packet: bytes) -> None:
-        channel = self._channel(packet)
+        channel = self._channel(packet, size=8)
         if channel is None:
             return
         bytesToAdd = struct.unpack(">L", packet[4:8])[0]
@@ -190,11 +196,10 @@ class FlowConnection(connection.SSHConnection):
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
         """Deliver data without re-opening the window: the channel does that."""
-        localChannel, dataLength = struct.unpack(">2L", packet[:8])
-        channel = self.channels.get(localChannel)
+        channel = self._channel(packet, size=8)
         if channel is None:
-            self._protocolError(f"unknown channel id {localChannel}")
             return
+        localChannel, dataLength = struct.unpack(">2L", packet[:8])
         if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
             self._log.warn(
                 "peer overran channel {id} window; closing it", id=localChannel,
@@ -211,11 +216,10 @@ class FlowConnection(connection.SSHConnection):
 
     def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
         """Forwarding channels carry no stderr; account for it and drop it."""
-        localChannel, _typeCode, dataLength = struct.unpack(">3L", packet[:12])
-        channel = self.channels.get(localChannel)
+        channel = self._channel(packet, size=12)
         if channel is None:
-            self._protocolError(f"unknown channel id {localChannel}")
             return
+        _localChannel, _typeCode, dataLength = struct.unpack(">3L", packet[:12])
         if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
             self.sendClose(channel)
             return
@@ -257,3 +261,17 @@ class FlowConnection(connection.SSHConnection):
     def serviceStopped(self) -> None:
         self._stopped = True
         super().serviceStopped()
+
+
+def _openError(e: error.ConchError) -> tuple[int, str]:
+    """(reason code, text) for a refused open from a ``ConchError``.
+
+    Conch raises both ``ConchError(text, code)`` and ``ConchError(code, text)``
+    (Twisted #3657), and ``ConchError(text)`` leaves the code ``None``.
+    """
+    text, code = e.value, e.data
+    if isinstance(text, int) and not isinstance(code, int):
+        text, code = code, text
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return (code if isinstance(code, int) else OPEN_CONNECT_FAILED), str(text)

@@ -1197,6 +1197,7 @@ class StallingPusher:
         self.stall_after = stall_after
         self.stalled = threading.Event()
         self.resume = threading.Event()
+        self._settled = threading.Event()  # stalled, or finished, or failed
         self.outcome = PushOutcome()
         self._sock = connect(port, host, timeout=stall_after)
         self._thread = _Thread(self._run, name="pusher")
@@ -1215,6 +1216,7 @@ class StallingPusher:
                             raise
                         self.outcome.stalled_at = self.outcome.sent
                         self.stalled.set()
+                        self._settled.set()
                         if not self.resume.wait(300):
                             raise HarnessError("pusher: never resumed") from None
                         sock.settimeout(120)
@@ -1227,12 +1229,20 @@ class StallingPusher:
             return self.outcome
         finally:
             sock.close()
+            self._settled.set()
 
     def wait_stalled(self, timeout: float) -> int:
-        """Block until the push stalls; return the bytes accepted by then."""
-        if not self.stalled.wait(timeout):
+        """Block until the push stalls; return the bytes accepted by then.
+
+        Fails at once if the push ends (all sent, or an error) without stalling.
+        """
+        self._settled.wait(timeout)
+        if not self.stalled.is_set():
+            if not self._thread.is_alive():
+                self._thread.result(0)  # re-raises the pusher's error, if any
             raise HarnessError(
-                f"push never stalled within {timeout}s ({self.outcome.sent} bytes sent)"
+                f"push never stalled within {timeout}s ({self.outcome.sent} bytes sent, "
+                f"pusher {'running' if self._thread.is_alive() else 'done'})"
             )
         return self.outcome.stalled_at or 0
 

@@ -214,10 +214,7 @@ def test_reconnects_after_sshd_killed_and_restarted(
 
 
 def test_silent_cut_detected_by_keepalive(
-    sshd: Sshd,
-    run_agent: Callable[..., AgentProcess],
-    known_hosts: Callable[..., Path],
-    targets: Targets,
+    sshd: Sshd, run_agent: Callable[..., AgentProcess], targets: Targets
 ) -> None:
     """The network goes silent (no FIN, no RST): keepalives declare the link dead in
     about interval x count; when the path is back the agent reconnects."""

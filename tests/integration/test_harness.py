@@ -138,7 +138,9 @@ def test_stock_local_forward(
             f"127.0.0.1:{port}:127.0.0.1:{echo.port}",
         )
     )
-    ssh.wait_stderr(rf"Local forwarding listening on 127\.0\.0\.1 port {port}")
+    ssh.wait_stderr(rf"Local forwarding listening on 127\.0\.0\.1 port {port}\.")
+    # ssh logs that line between bind() and listen(); this one comes after all listeners.
+    ssh.wait_stderr(r"Entering interactive session")
     assert echo_roundtrip(port, b"through -L") == b"through -L"
 
 

@@ -1,0 +1,351 @@
+"""``Bridge`` and ``TCPSide`` over in-memory transports: ordering, backpressure, half-close.
+
+The SSH side is a scripted :class:`FakeSide` here; the real ``BridgedChannel``
+over a ``FlowConnection`` is exercised in ``test_channels.py``.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ITCPTransport
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relay.bridge import SINK_FULL, Bridge, TCPSide
+
+
+@implementer(ITCPTransport)
+class FakeTCP(StringTransport):
+    """A TCP transport in memory, with a write buffer that pushes back.
+
+    As a consumer it behaves like Twisted's ``FileDescriptor``: every write while
+    more than ``highWater`` bytes are unsent calls the registered streaming
+    producer's ``pauseProducing``; once :meth:`drain` empties the buffer, a paused
+    producer is resumed.  As a producer (reading the socket) its state is
+    StringTransport's ``producerState``.
+    """
+
+    def __init__(self, highWater: int | None = None) -> None:
+        super().__init__(lenient=True)  # real transports accept pause/resume while closing
+        self.highWater = highWater
+        self.unsent = bytearray()
+        self.producerPaused = False
+        self.noDelay = False
+        self.writeClosed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.writeClosed, "write after loseWriteConnection"
+        assert not self.disconnecting, "write after loseConnection"
+        super().write(data)
+        if self.highWater is None:
+            return
+        self.unsent += data
+        if self.producer is not None and self.streaming and len(self.unsent) > self.highWater:
+            self.producerPaused = True
+            self.producer.pauseProducing()
+
+    def drain(self, nbytes: int | None = None) -> bytes:
+        """The kernel took ``nbytes`` (default: all) of the unsent bytes."""
+        n = len(self.unsent) if nbytes is None else nbytes
+        out, self.unsent = bytes(self.unsent[:n]), self.unsent[n:]
+        if not self.unsent and self.producerPaused and self.producer is not None:
+            self.producerPaused = False
+            self.producer.resumeProducing()
+        return out
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.noDelay = enabled
+
+    def getTcpNoDelay(self) -> bool:
+        return self.noDelay
+
+    def loseWriteConnection(self) -> None:
+        self.writeClosed = True
+
+
+class FakeSide:
+    """A scripted bridge side that records what the bridge asks of it."""
+
+    def __init__(self) -> None:
+        self.bridge: Bridge | None = None
+        self.written: list[bytes] = []
+        self.consumedBytes = 0
+        self.pauses: set[str] = set()
+        self.pauseCalls: list[str] = []
+        self.resumeCalls: list[str] = []
+        self.wroteEOF = False
+        self.closeCalls = 0
+        self.abortCalls = 0
+
+    # Side
+    def attach(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+
+    def write(self, data: bytes) -> None:
+        assert not self.wroteEOF, "write after writeEOF"
+        self.written.append(data)
+
+    def consumed(self, nbytes: int) -> None:
+        self.consumedBytes += nbytes
+
+    def pauseReading(self, reason: str) -> None:
+        self.pauseCalls.append(reason)
+        self.pauses.add(reason)
+
+    def resumeReading(self, reason: str) -> None:
+        self.resumeCalls.append(reason)
+        self.pauses.discard(reason)
+
+    def writeEOF(self) -> None:
+        self.wroteEOF = True
+
+    def close(self) -> None:
+        self.closeCalls += 1
+
+    def abort(self) -> None:
+        self.abortCalls += 1
+
+    # what the peer of this side does
+    def receive(self, data: bytes) -> None:
+        assert self.bridge is not None
+        self.bridge.dataReceived(self, data)
+
+    def full(self) -> None:
+        assert self.bridge is not None
+        self.bridge.sinkFull(self)
+
+    def drained(self) -> None:
+        assert self.bridge is not None
+        self.bridge.sinkDrained(self)
+
+    def eof(self) -> None:
+        assert self.bridge is not None
+        self.bridge.eofReceived(self)
+
+    def closed(self) -> None:
+        assert self.bridge is not None
+        self.bridge.sideClosed(self)
+
+
+class Ended:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, a_to_b: int, b_to_a: int) -> None:
+        self.calls.append((a_to_b, b_to_a))
+
+
+def connected_tcp(highWater: int | None = None) -> tuple[TCPSide, FakeTCP]:
+    side = TCPSide()
+    transport = FakeTCP(highWater)
+    side.makeConnection(transport)
+    return side, transport
+
+
+def bridged(highWater: int | None = None) -> tuple[TCPSide, FakeTCP, FakeSide, Bridge, Ended]:
+    tcp, transport = connected_tcp(highWater)
+    other = FakeSide()
+    ended = Ended()
+    bridge = Bridge(tcp, other, onClosed=ended)
+    return tcp, transport, other, bridge, ended
+
+
+# --- TCPSide before it has a peer ------------------------------------------
+
+
+def test_tcp_side_provides_producer_and_half_close() -> None:
+    assert IPushProducer.providedBy(TCPSide())
+    assert IHalfCloseableProtocol.providedBy(TCPSide())
+
+
+def test_tcp_is_paused_until_attached_then_resumed() -> None:
+    """The portforward rule: nothing is read from the socket until the peer exists."""
+    seen: list[TCPSide] = []
+    tcp = TCPSide()
+    tcp.onConnected = seen.append
+    transport = FakeTCP()
+    tcp.makeConnection(transport)
+    assert transport.producerState == "paused"
+    assert transport.producer is tcp and transport.streaming is True
+    assert transport.noDelay is True
+    assert seen == [tcp]
+    other = FakeSide()
+    Bridge(tcp, other)
+    assert transport.producerState == "producing"
+
+
+def test_tcp_eof_and_close_before_attach_are_delivered_on_attach() -> None:
+    tcp, _transport = connected_tcp()
+    tcp.readConnectionLost()
+    tcp.connectionLost(Failure(ConnectionDone()))
+    other = FakeSide()
+    ended = Ended()
+    Bridge(tcp, other, onClosed=ended)
+    assert other.wroteEOF
+    assert other.closeCalls == 1
+    other.closed()
+    assert ended.calls == [(0, 0)]
+
+
+# --- data ------------------------------------------------------------------
+
+
+def test_data_each_way_arrives_in_order_and_is_counted() -> None:
+    tcp, transport, other, bridge, _ = bridged()
+    chunks = [bytes([i]) * (i + 1) for i in range(50)]
+    for i, chunk in enumerate(chunks):
+        tcp.dataReceived(chunk)
+        other.receive(chunk[::-1] + b"%d" % i)
+    assert b"".join(other.written) == b"".join(chunks)
+    expected_back = b"".join(c[::-1] + b"%d" % i for i, c in enumerate(chunks))
+    assert transport.value() == expected_back
+    assert bridge.bytesAtoB == sum(map(len, chunks))
+    assert bridge.bytesBtoA == len(expected_back)
+    # what a side delivered is reported back to it as handed on
+    assert other.consumedBytes == len(expected_back)
+
+
+def test_bridge_holds_no_bytes_itself() -> None:
+    tcp, _transport, other, _bridge, _ = bridged()
+    tcp.dataReceived(b"x" * 100_000)
+    assert other.written == [b"x" * 100_000]
+
+
+# --- backpressure ----------------------------------------------------------
+
+
+def test_other_sink_full_pauses_tcp_reading_and_drained_resumes() -> None:
+    _tcp, transport, other, _bridge, _ = bridged()
+    other.full()
+    assert transport.producerState == "paused"
+    other.full()  # repeated reports are harmless
+    other.drained()
+    assert transport.producerState == "producing"
+
+
+def test_tcp_write_buffer_full_pauses_the_other_side() -> None:
+    _tcp, transport, other, _bridge, _ = bridged(highWater=1000)
+    other.receive(b"a" * 600)
+    assert other.pauses == set()
+    other.receive(b"b" * 600)  # 1200 unsent > high-water: the transport pauses us
+    assert other.pauses == {SINK_FULL}
+    other.receive(b"c" * 10)  # still full; the bridge never refuses bytes
+    assert transport.drain(500) == b"a" * 500
+    assert other.pauses == {SINK_FULL}  # partly drained is still full
+    transport.drain()
+    assert other.pauses == set()
+    assert transport.value() == b"a" * 600 + b"b" * 600 + b"c" * 10
+
+
+def test_drained_without_full_does_not_resume_a_transport_paused_for_no_peer() -> None:
+    """A stray 'drained' must not lift a pause it did not cause."""
+    tcp, transport = connected_tcp()
+    assert transport.producerState == "paused"
+    tcp.resumeReading(SINK_FULL)
+    assert transport.producerState == "paused"
+
+
+def test_pause_reasons_stack() -> None:
+    tcp, transport, _other, _bridge, _ = bridged()
+    tcp.pauseReading("a")
+    tcp.pauseReading("b")
+    tcp.resumeReading("a")
+    assert transport.producerState == "paused"
+    tcp.resumeReading("b")
+    assert transport.producerState == "producing"
+
+
+# --- half-close and close --------------------------------------------------
+
+
+def test_tcp_eof_is_passed_on_while_data_flows_back() -> None:
+    tcp, transport, other, _bridge, ended = bridged()
+    tcp.dataReceived(b"request")
+    tcp.readConnectionLost()
+    assert other.wroteEOF
+    assert not transport.disconnecting and not transport.writeClosed
+    other.receive(b"response part 1, ")
+    other.receive(b"part 2")
+    assert transport.value() == b"response part 1, part 2"
+    assert ended.calls == []
+
+
+def test_other_eof_half_closes_tcp_while_tcp_keeps_sending() -> None:
+    tcp, transport, other, _bridge, _ended = bridged()
+    other.receive(b"all of it")
+    other.eof()
+    assert transport.writeClosed
+    assert not transport.disconnecting
+    # a paused registered producer would keep Twisted from ever half-closing
+    assert transport.producer is None
+    tcp.dataReceived(b"still talking")
+    assert other.written == [b"still talking"]
+
+
+def test_both_eofs_close_and_report_counts_once() -> None:
+    tcp, transport, other, _bridge, ended = bridged()
+    tcp.dataReceived(b"12345")
+    tcp.readConnectionLost()
+    other.receive(b"abc")
+    other.eof()
+    assert transport.writeClosed
+    tcp.writeConnectionLost()  # the FIN went out
+    assert transport.disconnecting
+    tcp.connectionLost(Failure(ConnectionDone()))
+    assert other.closeCalls == 1
+    assert ended.calls == []  # the other side has not finished closing
+    other.closed()
+    assert ended.calls == [(5, 3)]
+    other.closed()
+    tcp.connectionLost(Failure(ConnectionDone()))
+    assert ended.calls == [(5, 3)]
+
+
+def test_eof_after_reading_side_closed_first() -> None:
+    """EOF in the other order: the peer's EOF first, then ours."""
+    tcp, transport, other, _bridge, ended = bridged()
+    other.eof()
+    assert transport.writeClosed and not transport.disconnecting
+    tcp.readConnectionLost()
+    assert other.wroteEOF
+    assert transport.disconnecting  # both directions done: close
+    tcp.connectionLost(Failure(ConnectionDone()))
+    other.closed()
+    assert ended.calls == [(0, 0)]
+
+
+def test_other_side_closing_closes_tcp() -> None:
+    _tcp, transport, other, _bridge, ended = bridged()
+    other.full()  # closing must work even with reading paused
+    other.closed()
+    assert transport.disconnecting
+    assert transport.producer is None
+    assert ended.calls == []
+    _tcp.connectionLost(Failure(ConnectionDone()))
+    assert ended.calls == [(0, 0)]
+
+
+def test_tcp_reset_closes_the_other_side() -> None:
+    tcp, _transport, other, _bridge, ended = bridged()
+    tcp.dataReceived(b"partial")
+    tcp.connectionLost(Failure(ConnectionLost()))
+    assert other.closeCalls == 1
+    other.receive(b"late bytes")  # dropped, not written to a dead transport
+    other.closed()
+    assert ended.calls == [(7, 10)]
+
+
+def test_abort_drops_the_connection() -> None:
+    tcp, transport, _other, _bridge, _ = bridged()
+    tcp.abort()
+    assert transport.disconnected
+
+
+def test_on_closed_is_optional() -> None:
+    tcp, _transport = connected_tcp()
+    other = FakeSide()
+    Bridge(tcp, other)
+    tcp.connectionLost(Failure(ConnectionDone()))
+    other.closed()
+    assert other.closeCalls == 1

@@ -1,0 +1,810 @@
+"""``BridgedChannel`` and ``FlowConnection`` driven by packets, over in-memory transports.
+
+The peer is scripted: packets go in through ``FlowConnection.packetReceived`` as
+Conch's transport would deliver them, and what the connection sends is recorded
+by :class:`FakeSSHTransport`.  The TCP end of each session is a ``TCPSide`` on
+:class:`FakeTCP`, whose write buffer pushes back like Twisted's.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from twisted.conch import error
+from twisted.conch.ssh import common
+from twisted.conch.ssh.connection import (
+    MSG_CHANNEL_CLOSE,
+    MSG_CHANNEL_DATA,
+    MSG_CHANNEL_EOF,
+    MSG_CHANNEL_EXTENDED_DATA,
+    MSG_CHANNEL_OPEN,
+    MSG_CHANNEL_OPEN_CONFIRMATION,
+    MSG_CHANNEL_OPEN_FAILURE,
+    MSG_CHANNEL_REQUEST,
+    MSG_CHANNEL_WINDOW_ADJUST,
+    MSG_REQUEST_FAILURE,
+    MSG_REQUEST_SUCCESS,
+)
+from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relay.bridge import Bridge, TCPSide
+from relay.ssh.channels import BridgedChannel
+from relay.ssh.connection import (
+    LINK_BUFFER,
+    OPEN_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_CONNECT_FAILED,
+    FlowConnection,
+)
+
+WINDOW = 64 * 1024  # our receive window (small, so tests move few bytes)
+MAX_PACKET = 8 * 1024  # our maximum packet
+PEER_ID = 100  # the peer's id for the channel
+MAX_WINDOW = 0xFFFFFFFF
+
+
+# --- doubles ---------------------------------------------------------------
+
+
+@implementer(ITCPTransport)
+class FakeTCP(StringTransport):
+    """A TCP transport in memory whose write buffer pushes back like ``FileDescriptor``:
+    each write above ``highWater`` unsent bytes pauses the registered producer, and
+    emptying the buffer (:meth:`drain`) resumes it.  Reading is ``producerState``."""
+
+    def __init__(self, highWater: int | None = None) -> None:
+        super().__init__(lenient=True)
+        self.highWater = highWater
+        self.unsent = bytearray()
+        self.producerPaused = False
+        self.writeClosed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.writeClosed and not self.disconnecting
+        super().write(data)
+        if self.highWater is None:
+            return
+        self.unsent += data
+        if self.producer is not None and self.streaming and len(self.unsent) > self.highWater:
+            self.producerPaused = True
+            self.producer.pauseProducing()
+
+    def drain(self, nbytes: int | None = None) -> None:
+        n = len(self.unsent) if nbytes is None else nbytes
+        del self.unsent[:n]
+        if not self.unsent and self.producerPaused and self.producer is not None:
+            self.producerPaused = False
+            self.producer.resumeProducing()
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def loseWriteConnection(self) -> None:
+        self.writeClosed = True
+
+
+class FakeSSHTransport:
+    """The SSH transport under a connection: records packets and disconnects."""
+
+    def __init__(self, tcp: Any = None) -> None:
+        self.transport = tcp  # the link's TCP connection
+        self.packets: list[tuple[int, bytes]] = []
+        self.disconnects: list[tuple[int, bytes]] = []
+        self.unimplemented = 0
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        self.packets.append((messageType, payload))
+
+    def sendDisconnect(self, reason: int, description: bytes) -> None:
+        self.disconnects.append((reason, description))
+
+    def sendUnimplemented(self) -> None:
+        self.unimplemented += 1
+
+    def logPrefix(self) -> str:
+        return "fake-ssh"
+
+    # decoding what was sent to the peer
+
+    def kinds(self) -> list[int]:
+        return [kind for kind, _ in self.packets]
+
+    def of(self, kind: int) -> list[bytes]:
+        return [payload for k, payload in self.packets if k == kind]
+
+    def adjusts(self) -> list[int]:
+        return [struct.unpack(">2L", p)[1] for p in self.of(MSG_CHANNEL_WINDOW_ADJUST)]
+
+    def data(self) -> bytes:
+        return b"".join(common.getNS(p[4:])[0] for p in self.of(MSG_CHANNEL_DATA))
+
+    def dataPackets(self) -> list[bytes]:
+        return [common.getNS(p[4:])[0] for p in self.of(MSG_CHANNEL_DATA)]
+
+    def openFailures(self) -> list[tuple[int, int, bytes]]:
+        out = []
+        for p in self.of(MSG_CHANNEL_OPEN_FAILURE):
+            sender, code = struct.unpack(">2L", p[:8])
+            out.append((sender, code, common.getNS(p[8:])[0]))
+        return out
+
+
+ChannelFactory = Callable[[bytes, int, int, bytes], Any]
+
+
+class Conn(FlowConnection):
+    """A FlowConnection whose incoming channels come from ``channelFactory``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channelFactory: ChannelFactory | None = None
+        self.getChannelCalls = 0
+
+    def getChannel(self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes) -> Any:
+        self.getChannelCalls += 1
+        assert self.channelFactory is not None
+        return self.channelFactory(channelType, windowSize, maxPacket, data)
+
+
+class Harness:
+    """One connection with a scripted peer."""
+
+    def __init__(self, linkTCP: Any = None) -> None:
+        self.ssh = FakeSSHTransport(linkTCP)
+        self.conn = Conn()
+        self.conn.transport = self.ssh  # type: ignore[assignment]
+        self.conn.serviceStarted()
+        self.ended: list[tuple[int, int]] = []
+
+    def receive(self, kind: int, payload: bytes) -> None:
+        self.conn.packetReceived(kind, payload)
+
+    def bridgedChannel(
+        self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes
+    ) -> BridgedChannel:
+        return BridgedChannel(
+            channelType,
+            window=WINDOW,
+            maxPacket=MAX_PACKET,
+            remoteWindow=windowSize,
+            remoteMaxPacket=maxPacket,
+            conn=self.conn,
+        )
+
+    def openFromPeer(
+        self, peerWindow: int = 1 << 20, peerMaxPacket: int = 32 * 1024, peerId: int = PEER_ID
+    ) -> BridgedChannel:
+        made: list[BridgedChannel] = []
+
+        def factory(channelType: bytes, windowSize: int, maxPacket: int, data: bytes) -> Any:
+            made.append(self.bridgedChannel(channelType, windowSize, maxPacket, data))
+            return made[-1]
+
+        self.conn.channelFactory = factory
+        self.receive(MSG_CHANNEL_OPEN, openPacket(peerId, peerWindow, peerMaxPacket))
+        (channel,) = made
+        return channel
+
+    def session(
+        self, highWater: int | None = None, **peer: int
+    ) -> tuple[BridgedChannel, TCPSide, FakeTCP, Bridge]:
+        channel = self.openFromPeer(**peer)
+        tcp = TCPSide()
+        transport = FakeTCP(highWater)
+        tcp.makeConnection(transport)
+        bridge = Bridge(tcp, channel, onClosed=lambda a, b: self.ended.append((a, b)))
+        return channel, tcp, transport, bridge
+
+    # the peer's packets for one of our channels
+
+    def data(self, channel: BridgedChannel, data: bytes) -> None:
+        self.receive(MSG_CHANNEL_DATA, struct.pack(">L", channel.id) + common.NS(data))
+
+    def adjust(self, channel: BridgedChannel, nbytes: int) -> None:
+        self.receive(MSG_CHANNEL_WINDOW_ADJUST, struct.pack(">2L", channel.id, nbytes))
+
+    def eof(self, channel: BridgedChannel) -> None:
+        self.receive(MSG_CHANNEL_EOF, struct.pack(">L", channel.id))
+
+    def close(self, channel: BridgedChannel) -> None:
+        self.receive(MSG_CHANNEL_CLOSE, struct.pack(">L", channel.id))
+
+
+def openPacket(peerId: int, window: int, maxPacket: int, kind: bytes = b"forwarded-tcpip") -> bytes:
+    target = common.NS(b"127.0.0.1") + struct.pack(">L", 8080)
+    origin = common.NS(b"10.0.0.9") + struct.pack(">L", 50000)
+    return common.NS(kind) + struct.pack(">3L", peerId, window, maxPacket) + target + origin
+
+
+class GreedyPeer:
+    """A sender that pushes as much as the window it was granted allows."""
+
+    def __init__(self, h: Harness, channel: BridgedChannel) -> None:
+        self.h = h
+        self.channel = channel
+        self.window = WINDOW  # what our OPEN_CONFIRMATION advertised
+        self.seenAdjusts = 0
+        self.sent = bytearray()
+        self._counter = 0
+
+    def _refresh(self) -> None:
+        adjusts = self.h.ssh.adjusts()
+        self.window += sum(adjusts[self.seenAdjusts :])
+        self.seenAdjusts = len(adjusts)
+
+    def pump(self, limit: int) -> int:
+        """Send up to ``limit`` bytes, in packets, within the window; bytes sent."""
+        sent = 0
+        self._refresh()
+        while sent < limit and self.window > 0:
+            n = min(MAX_PACKET, self.window, limit - sent)
+            chunk = bytes((self._counter + i) % 251 for i in range(n))
+            self._counter += n
+            self.h.data(self.channel, chunk)
+            self.window -= n
+            self.sent += chunk
+            sent += n
+            assert self.channel.localWindowLeft >= 0
+            self._refresh()
+        return sent
+
+
+# --- the receive window (peer -> channel -> TCP) -----------------------------
+
+
+def test_confirmation_advertises_our_window_and_packet_size() -> None:
+    h = Harness()
+    channel = h.openFromPeer(peerWindow=5000, peerMaxPacket=1000)
+    (confirm,) = h.ssh.of(MSG_CHANNEL_OPEN_CONFIRMATION)
+    assert struct.unpack(">4L", confirm[:16]) == (PEER_ID, channel.id, WINDOW, MAX_PACKET)
+    assert channel.remoteWindowLeft == 5000
+    assert channel.remoteMaxPacket == 1000
+    assert channel.opened.called
+
+
+def test_data_shrinks_the_window_and_reaches_tcp_without_an_adjust() -> None:
+    h = Harness()
+    channel, _tcp, transport, bridge = h.session()
+    h.data(channel, b"x" * 1000)
+    h.data(channel, b"y" * 2000)
+    assert channel.localWindowLeft == WINDOW - 3000
+    assert transport.value() == b"x" * 1000 + b"y" * 2000
+    assert bridge.bytesBtoA == 3000
+    assert h.ssh.adjusts() == []  # more than half the window is left
+
+
+def test_adjusts_are_batched_per_half_window_and_add_up_to_bytes_accepted() -> None:
+    h = Harness()
+    channel, _tcp, transport, _bridge = h.session()
+    peer = GreedyPeer(h, channel)
+    total = 10 * WINDOW
+    while len(peer.sent) < total:
+        assert peer.pump(1024) == 1024  # a fast downstream never starves the peer
+    assert transport.value() == bytes(peer.sent)
+    adjusts = h.ssh.adjusts()
+    assert all(a > WINDOW // 2 for a in adjusts)  # no adjust per packet
+    assert len(adjusts) in (19, 20)
+    owedToPeer = WINDOW - channel.localWindowLeft  # received but not yet re-granted
+    assert sum(adjusts) + owedToPeer == total
+    assert owedToPeer < WINDOW // 2
+
+
+def test_no_adjust_while_tcp_is_full_then_one_when_it_drains() -> None:
+    highWater = 4 * 1024
+    h = Harness()
+    channel, _tcp, transport, _bridge = h.session(highWater=highWater)
+    peer = GreedyPeer(h, channel)
+    assert peer.pump(10 * WINDOW) == WINDOW  # then the window is spent
+    assert channel.localWindowLeft == 0
+    assert h.ssh.adjusts() == []
+    assert len(transport.unsent) == WINDOW <= WINDOW + highWater
+    assert peer.pump(MAX_PACKET) == 0  # stalled, no memory grows
+    transport.drain(WINDOW - 1)
+    assert h.ssh.adjusts() == []  # Twisted resumes its producer only once empty
+    transport.drain()
+    assert h.ssh.adjusts() == [WINDOW]
+    assert peer.pump(WINDOW) == WINDOW
+    assert transport.value() == bytes(peer.sent)
+
+
+def test_memory_stays_bounded_with_a_slow_reader() -> None:
+    """A greedy peer into a slow TCP reader: the bytes held for the session never
+    exceed the window plus the TCP high-water mark, and nothing is lost."""
+    highWater = 16 * 1024
+    h = Harness()
+    channel, _tcp, transport, _bridge = h.session(highWater=highWater)
+    peer = GreedyPeer(h, channel)
+    peak = 0
+    drains = [100, 3000, 0, 17_000, 5, 40_000, 9000]
+    for step in range(400):
+        peer.pump(3 * MAX_PACKET)
+        peak = max(peak, len(transport.unsent))
+        assert len(transport.unsent) <= WINDOW + highWater
+        assert 0 <= channel.localWindowLeft <= WINDOW
+        transport.drain(min(drains[step % len(drains)], len(transport.unsent)))
+    transport.drain()
+    peer.pump(0)
+    assert transport.value() == bytes(peer.sent)
+    assert len(peer.sent) > 20 * WINDOW  # it did move, not just stall
+    assert peak > highWater  # and the bound was exercised
+    granted = sum(h.ssh.adjusts())
+    assert granted <= len(peer.sent)
+    assert WINDOW - channel.localWindowLeft == len(peer.sent) - granted
+
+
+def test_data_before_the_bridge_waits_without_reopening_the_window() -> None:
+    h = Harness()
+    channel = h.openFromPeer()
+    for i in range(5):
+        h.data(channel, bytes([65 + i]) * MAX_PACKET)
+    assert channel.localWindowLeft == WINDOW - 5 * MAX_PACKET
+    assert h.ssh.adjusts() == []
+    tcp = TCPSide()
+    transport = FakeTCP()
+    tcp.makeConnection(transport)
+    Bridge(tcp, channel)
+    assert transport.value() == b"".join(bytes([65 + i]) * MAX_PACKET for i in range(5))
+    # now accepted: credited, topping the window up to at least half (batched)
+    assert channel.localWindowLeft >= WINDOW // 2
+    assert 0 < sum(h.ssh.adjusts()) <= 5 * MAX_PACKET
+
+
+def test_extended_data_is_dropped_and_credited() -> None:
+    h = Harness()
+    channel, _tcp, transport, _bridge = h.session()
+    h.receive(MSG_CHANNEL_EXTENDED_DATA, struct.pack(">2L", channel.id, 1) + common.NS(b"e" * 500))
+    assert transport.value() == b""
+    assert channel.localWindowLeft == WINDOW
+    assert h.ssh.adjusts() == [500]
+
+
+# --- the send window (TCP -> channel -> peer) --------------------------------
+
+
+def test_tcp_data_is_split_into_peer_sized_packets() -> None:
+    h = Harness()
+    channel, tcp, _transport, bridge = h.session(peerWindow=100_000, peerMaxPacket=1000)
+    tcp.dataReceived(b"a" * 2500)
+    assert h.ssh.dataPackets() == [b"a" * 1000, b"a" * 1000, b"a" * 500]
+    assert channel.remoteWindowLeft == 100_000 - 2500
+    assert bridge.bytesAtoB == 2500
+
+
+def test_window_exhausted_buffers_pauses_tcp_and_flushes_on_adjust() -> None:
+    h = Harness()
+    channel, tcp, transport, _bridge = h.session(peerWindow=10, peerMaxPacket=4)
+    assert transport.producerState == "producing"
+    tcp.dataReceived(b"0123456789abcdef")
+    assert h.ssh.dataPackets() == [b"0123", b"4567", b"89"]
+    assert channel.buf == b"abcdef"
+    assert transport.producerState == "paused"  # the TCP source stops reading
+    h.adjust(channel, 3)
+    assert h.ssh.data() == b"0123456789abc"
+    assert transport.producerState == "paused"  # still not all flushed
+    h.adjust(channel, 100)
+    assert h.ssh.data() == b"0123456789abcdef"
+    assert channel.buf == b""
+    assert transport.producerState == "producing"
+    assert channel.remoteWindowLeft == 97
+
+
+def test_window_spent_exactly_pauses_on_the_next_write() -> None:
+    h = Harness()
+    channel, tcp, transport, _bridge = h.session(peerWindow=8, peerMaxPacket=8)
+    tcp.dataReceived(b"12345678")
+    assert channel.remoteWindowLeft == 0
+    assert transport.producerState == "producing"
+    tcp.dataReceived(b"9")
+    assert transport.producerState == "paused"
+    assert channel.buf == b"9"
+
+
+def test_eof_requested_while_buffered_is_sent_after_the_flush() -> None:
+    h = Harness()
+    channel, tcp, _transport, _bridge = h.session(peerWindow=4, peerMaxPacket=4)
+    tcp.dataReceived(b"abcdefgh")
+    tcp.readConnectionLost()
+    assert MSG_CHANNEL_EOF not in h.ssh.kinds()
+    h.adjust(channel, 2)
+    assert MSG_CHANNEL_EOF not in h.ssh.kinds()
+    h.adjust(channel, 2)
+    kinds = h.ssh.kinds()
+    assert kinds.count(MSG_CHANNEL_EOF) == 1
+    assert kinds.index(MSG_CHANNEL_EOF) > max(
+        i for i, k in enumerate(kinds) if k == MSG_CHANNEL_DATA
+    )
+    assert h.ssh.data() == b"abcdefgh"
+
+
+def test_channel_congested_before_the_bridge_pauses_tcp_at_once() -> None:
+    """A channel that is already congested when bridged pauses its TCP at once."""
+    h = Harness()
+    channel = h.openFromPeer(peerWindow=0, peerMaxPacket=1024)
+    tcp = TCPSide()
+    transport = FakeTCP()
+    tcp.makeConnection(transport)
+    Bridge(tcp, channel)
+    tcp.dataReceived(b"hello")
+    assert transport.producerState == "paused"
+    h.adjust(channel, 1024)
+    assert transport.producerState == "producing"
+    assert h.ssh.data() == b"hello"
+
+
+# --- link congestion -------------------------------------------------------
+
+
+def test_link_congestion_pauses_and_resumes_every_tcp_source() -> None:
+    link = StringTransport()
+    link.bufferSize = 65536  # type: ignore[attr-defined]
+    h = Harness(linkTCP=link)
+    assert link.producer is h.conn and link.streaming
+    assert link.bufferSize == LINK_BUFFER  # type: ignore[attr-defined]
+    sessions = [h.session(peerId=PEER_ID + i) for i in range(3)]
+    transports = [s[2] for s in sessions]
+    h.conn.pauseProducing()
+    assert [t.producerState for t in transports] == ["paused"] * 3
+    # a channel opened while the link is congested starts paused too
+    _ch, _tcp, late, _b = h.session(peerId=PEER_ID + 9)
+    assert late.producerState == "paused"
+    h.conn.resumeProducing()
+    assert [t.producerState for t in [*transports, late]] == ["producing"] * 4
+
+
+def test_link_and_window_congestion_both_must_clear() -> None:
+    h = Harness(linkTCP=StringTransport())
+    channel, tcp, transport, _bridge = h.session(peerWindow=0, peerMaxPacket=1024)
+    tcp.dataReceived(b"x")  # window exhausted
+    h.conn.pauseProducing()  # and the link congested
+    h.conn.resumeProducing()
+    assert transport.producerState == "paused"  # the window is still shut
+    h.conn.pauseProducing()
+    h.adjust(channel, 1000)
+    assert transport.producerState == "paused"  # the link is still congested
+    h.conn.resumeProducing()
+    assert transport.producerState == "producing"
+
+
+# --- half-close and close through a real channel ----------------------------
+
+
+def test_half_close_both_ways_then_closed_once_with_counts() -> None:
+    h = Harness()
+    channel, tcp, transport, _bridge = h.session()
+    tcp.dataReceived(b"GET /")
+    tcp.readConnectionLost()  # client done sending
+    assert h.ssh.kinds()[-1] == MSG_CHANNEL_EOF
+    assert not transport.writeClosed
+    h.data(channel, b"200 OK")  # the answer still flows
+    h.data(channel, b" body")
+    assert transport.value() == b"200 OK body"
+    h.eof(channel)
+    assert transport.writeClosed  # FIN to the client
+    assert h.ssh.kinds()[-1] == MSG_CHANNEL_CLOSE  # both EOFs: the channel closes
+    tcp.writeConnectionLost()
+    assert transport.disconnecting
+    tcp.connectionLost(Failure(ConnectionDone()))
+    assert h.ended == []
+    h.close(channel)  # the peer's CLOSE completes the channel
+    assert h.ended == [(5, 11)]
+    assert h.ssh.kinds().count(MSG_CHANNEL_CLOSE) == 1
+    assert channel.id not in h.conn.channels
+
+
+def test_peer_close_drops_unsendable_bytes_and_closes_tcp() -> None:
+    h = Harness()
+    channel, tcp, transport, _bridge = h.session(peerWindow=2, peerMaxPacket=2)
+    tcp.dataReceived(b"never sent")
+    assert channel.buf == b"ver sent"
+    h.close(channel)
+    assert channel.buf == b""
+    assert h.ssh.kinds()[-1] == MSG_CHANNEL_CLOSE
+    assert transport.disconnecting
+    assert transport.producer is None
+    tcp.connectionLost(Failure(ConnectionDone()))
+    assert h.ended == [(10, 0)]
+
+
+def test_tcp_lost_closes_the_channel_after_its_buffer_is_flushed() -> None:
+    h = Harness()
+    channel, tcp, _transport, _bridge = h.session(peerWindow=2, peerMaxPacket=2)
+    tcp.dataReceived(b"tail")
+    tcp.connectionLost(Failure(ConnectionDone()))
+    assert MSG_CHANNEL_CLOSE not in h.ssh.kinds()
+    h.adjust(channel, 2)
+    assert h.ssh.data() == b"tail"
+    assert h.ssh.kinds()[-1] == MSG_CHANNEL_CLOSE
+    h.close(channel)
+    assert h.ended == [(4, 0)]
+
+
+def test_link_lost_closes_every_session() -> None:
+    h = Harness()
+    sessions = [h.session(peerId=PEER_ID + i) for i in range(2)]
+    h.conn.serviceStopped()
+    for _channel, _tcp, transport, _bridge in sessions:
+        assert transport.disconnecting
+
+
+# --- FlowConnection hardening -------------------------------------------------
+
+
+def assertProtocolError(h: Harness) -> None:
+    assert len(h.ssh.disconnects) == 1
+    assert h.ssh.disconnects[0][0] == DISCONNECT_PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize(
+    "kind, payload",
+    [
+        (MSG_CHANNEL_DATA, struct.pack(">L", 42) + common.NS(b"hi")),
+        (MSG_CHANNEL_EXTENDED_DATA, struct.pack(">2L", 42, 1) + common.NS(b"hi")),
+        (MSG_CHANNEL_WINDOW_ADJUST, struct.pack(">2L", 42, 10)),
+        (MSG_CHANNEL_EOF, struct.pack(">L", 42)),
+        (MSG_CHANNEL_CLOSE, struct.pack(">L", 42)),
+        (MSG_CHANNEL_REQUEST, struct.pack(">L", 42) + common.NS(b"x") + b"\x01"),
+        (MSG_CHANNEL_OPEN_CONFIRMATION, struct.pack(">4L", 42, 1, 100, 100)),
+        (MSG_CHANNEL_OPEN_FAILURE, struct.pack(">2L", 42, 1) + common.NS(b"no") + common.NS(b"")),
+    ],
+)
+def test_unknown_channel_id_disconnects_without_raising(kind: int, payload: bytes) -> None:
+    h = Harness()
+    h.openFromPeer()  # channel 0 exists; 42 does not
+    h.receive(kind, payload)
+    assertProtocolError(h)
+    assert b"42" in h.ssh.disconnects[0][1]
+
+
+@pytest.mark.parametrize(
+    "kind", [MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST, MSG_CHANNEL_OPEN_CONFIRMATION]
+)
+def test_truncated_channel_packet_disconnects(kind: int) -> None:
+    h = Harness()
+    h.openFromPeer()
+    h.receive(kind, b"\x00\x00")
+    assertProtocolError(h)
+
+
+def test_data_shorter_than_declared_disconnects() -> None:
+    h = Harness()
+    channel, _tcp, transport, _bridge = h.session()
+    h.receive(MSG_CHANNEL_DATA, struct.pack(">2L", channel.id, 100) + b"short")
+    assertProtocolError(h)
+    assert transport.value() == b""
+    assert channel.localWindowLeft == WINDOW
+
+
+def test_window_adjust_up_to_the_limit_is_fine_and_beyond_disconnects() -> None:
+    h = Harness()
+    channel = h.openFromPeer(peerWindow=1000)
+    h.adjust(channel, MAX_WINDOW - 1000)
+    assert channel.remoteWindowLeft == MAX_WINDOW
+    assert h.ssh.disconnects == []
+    h.adjust(channel, 1)
+    assertProtocolError(h)
+    assert channel.remoteWindowLeft == MAX_WINDOW
+
+
+def test_open_with_max_packet_zero_is_refused() -> None:
+    h = Harness()
+    h.conn.channelFactory = h.bridgedChannel
+    h.receive(MSG_CHANNEL_OPEN, openPacket(7, 1000, 0))
+    assert h.conn.getChannelCalls == 0
+    assert h.ssh.openFailures() == [(7, OPEN_CONNECT_FAILED, b"maximum packet size 0")]
+    assert MSG_CHANNEL_OPEN_CONFIRMATION not in h.ssh.kinds()
+    assert h.ssh.disconnects == []
+
+
+def test_data_beyond_the_window_closes_the_channel() -> None:
+    h = Harness()
+    channel, _tcp, transport, _bridge = h.session(highWater=0)  # full: nothing re-granted
+    peer = GreedyPeer(h, channel)
+    peer.pump(WINDOW)
+    assert channel.localWindowLeft == 0
+    before = transport.value()
+    h.data(channel, b"one byte too many"[:1])
+    assert h.ssh.kinds()[-1] == MSG_CHANNEL_CLOSE
+    assert channel.localClosed
+    assert transport.value() == before  # not delivered
+    assert h.ssh.disconnects == []
+
+
+def test_data_beyond_max_packet_closes_the_channel() -> None:
+    h = Harness()
+    channel, _tcp, transport, _bridge = h.session()
+    h.data(channel, b"z" * (MAX_PACKET + 1))
+    assert h.ssh.kinds()[-1] == MSG_CHANNEL_CLOSE
+    assert transport.value() == b""
+    assert channel.localWindowLeft == WINDOW
+
+
+def test_deferred_channel_is_confirmed_only_when_it_fires() -> None:
+    h = Harness()
+    pending: defer.Deferred[BridgedChannel] = defer.Deferred()
+    args: list[tuple[int, int]] = []
+
+    def factory(channelType: bytes, windowSize: int, maxPacket: int, data: bytes) -> Any:
+        args.append((windowSize, maxPacket))
+        return pending
+
+    h.conn.channelFactory = factory
+    h.receive(MSG_CHANNEL_OPEN, openPacket(7, 5000, 1000))
+    assert h.ssh.packets == []  # nothing until the target is connected
+    channel = h.bridgedChannel(b"forwarded-tcpip", *args[0], b"")
+    pending.callback(channel)
+    (confirm,) = h.ssh.of(MSG_CHANNEL_OPEN_CONFIRMATION)
+    assert struct.unpack(">4L", confirm[:16]) == (7, channel.id, WINDOW, MAX_PACKET)
+    assert h.conn.channels[channel.id] is channel
+    assert channel.opened.called
+
+
+@pytest.mark.parametrize(
+    "failure, code, text",
+    [
+        (error.ConchError("no such forward", OPEN_ADMINISTRATIVELY_PROHIBITED),
+         OPEN_ADMINISTRATIVELY_PROHIBITED, b"no such forward"),
+        (error.ConchError(OPEN_ADMINISTRATIVELY_PROHIBITED, "swapped"),  # Twisted #3657
+         OPEN_ADMINISTRATIVELY_PROHIBITED, b"swapped"),
+        (error.ConchError("no code given"), OPEN_CONNECT_FAILED, b"no code given"),
+        (error.ConchError(b"bytes text", OPEN_CONNECT_FAILED), OPEN_CONNECT_FAILED, b"bytes text"),
+        (ConnectionRefusedError("connection refused"), OPEN_CONNECT_FAILED,
+         b"connection refused"),
+    ],
+)  # fmt: skip
+def test_deferred_channel_failure_is_refused_with_its_reason(
+    failure: Exception, code: int, text: bytes
+) -> None:
+    h = Harness()
+    pending: defer.Deferred[BridgedChannel] = defer.Deferred()
+    h.conn.channelFactory = lambda *a: pending
+    h.receive(MSG_CHANNEL_OPEN, openPacket(7, 5000, 1000))
+    assert h.ssh.packets == []
+    pending.errback(failure)
+    assert h.ssh.openFailures() == [(7, code, text)]
+    assert h.conn.channels == {}
+
+
+@pytest.mark.parametrize(
+    "raised, code, text",
+    [
+        (error.ConchError("unknown channel", 3), 3, b"unknown channel"),
+        (error.ConchError("no code given"), OPEN_CONNECT_FAILED, b"no code given"),
+        (RuntimeError("bug"), OPEN_CONNECT_FAILED, b"internal error"),
+    ],
+)
+def test_get_channel_raising_is_refused(raised: Exception, code: int, text: bytes) -> None:
+    h = Harness()
+
+    def factory(*_: Any) -> Any:
+        raise raised
+
+    h.conn.channelFactory = factory
+    h.receive(MSG_CHANNEL_OPEN, openPacket(7, 5000, 1000))
+    assert h.ssh.openFailures() == [(7, code, text)]
+    assert h.ssh.disconnects == []
+
+
+def test_channel_ready_after_the_link_stopped_is_failed_not_confirmed() -> None:
+    h = Harness()
+    pending: defer.Deferred[BridgedChannel] = defer.Deferred()
+    h.conn.channelFactory = lambda *a: pending
+    h.receive(MSG_CHANNEL_OPEN, openPacket(7, 5000, 1000))
+    h.conn.serviceStopped()
+    channel = h.bridgedChannel(b"forwarded-tcpip", 5000, 1000, b"")
+    failures: list[Failure] = []
+    channel.opened.addErrback(failures.append)
+    pending.callback(channel)
+    assert h.ssh.packets == []
+    assert len(failures) == 1
+
+
+def test_unexpected_global_replies_disconnect() -> None:
+    for kind in (MSG_REQUEST_SUCCESS, MSG_REQUEST_FAILURE):
+        h = Harness()
+        h.receive(kind, b"")
+        assertProtocolError(h)
+
+
+def test_expected_global_replies_fire_the_request() -> None:
+    h = Harness()
+    ok = h.conn.sendGlobalRequest(b"tcpip-forward", b"", wantReply=1)
+    refused = h.conn.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
+    results: list[Any] = []
+    ok.addCallback(results.append)
+    refused.addErrback(lambda f: results.append(f.type))
+    h.receive(MSG_REQUEST_SUCCESS, b"\x00\x00\x1f\x90")
+    h.receive(MSG_REQUEST_FAILURE, b"")
+    assert results == [b"\x00\x00\x1f\x90", error.ConchError]
+    assert h.ssh.disconnects == []
+
+
+def ourChannel(h: Harness) -> BridgedChannel:
+    """A channel we asked the peer to open (direct-tcpip), not yet confirmed."""
+    channel = BridgedChannel(b"direct-tcpip", window=WINDOW, maxPacket=MAX_PACKET, conn=h.conn)
+    h.conn.openChannel(channel, b"")
+    return channel
+
+
+def confirm(h: Harness, channel: BridgedChannel, maxPacket: int = 1024) -> None:
+    h.receive(
+        MSG_CHANNEL_OPEN_CONFIRMATION, struct.pack(">4L", channel.id, PEER_ID, 4096, maxPacket)
+    )
+
+
+def test_our_open_confirmed_then_usable() -> None:
+    h = Harness()
+    channel = ourChannel(h)
+    assert not channel.opened.called
+    confirm(h, channel)
+    assert channel.opened.called
+    assert (channel.remoteWindowLeft, channel.remoteMaxPacket) == (4096, 1024)
+    assert h.ssh.disconnects == []
+
+
+def test_confirmation_twice_disconnects() -> None:
+    h = Harness()
+    channel = ourChannel(h)
+    confirm(h, channel)
+    confirm(h, channel)
+    assertProtocolError(h)
+
+
+def test_confirmation_with_max_packet_zero_disconnects() -> None:
+    h = Harness()
+    channel = ourChannel(h)
+    confirm(h, channel, maxPacket=0)
+    assertProtocolError(h)
+    assert not channel.opened.called
+
+
+def test_open_failure_fails_the_open() -> None:
+    h = Harness()
+    channel = ourChannel(h)
+    failures: list[Failure] = []
+    channel.opened.addErrback(failures.append)
+    h.receive(
+        MSG_CHANNEL_OPEN_FAILURE,
+        struct.pack(">2L", channel.id, OPEN_CONNECT_FAILED)
+        + common.NS(b"refused")
+        + common.NS(b""),
+    )
+    assert len(failures) == 1
+    assert failures[0].value.args == (b"refused", OPEN_CONNECT_FAILED)
+    assert h.conn.channels == {}
+
+
+def test_open_failure_for_an_open_channel_disconnects_and_stops_cleanly() -> None:
+    h = Harness()
+    channel = ourChannel(h)
+    confirm(h, channel)
+    h.receive(
+        MSG_CHANNEL_OPEN_FAILURE,
+        struct.pack(">2L", channel.id, 2) + common.NS(b"late") + common.NS(b""),
+    )
+    assertProtocolError(h)
+    h.conn.serviceStopped()  # Conch's bookkeeping is still consistent
+
+
+@pytest.mark.parametrize(
+    "kind, payload",
+    [
+        (MSG_CHANNEL_DATA, common.NS(b"early")),
+        (MSG_CHANNEL_WINDOW_ADJUST, struct.pack(">L", 10)),
+        (MSG_CHANNEL_EOF, b""),
+        (MSG_CHANNEL_CLOSE, b""),
+    ],
+)
+def test_traffic_on_an_unconfirmed_channel_disconnects(kind: int, payload: bytes) -> None:
+    h = Harness()
+    channel = ourChannel(h)
+    h.receive(kind, struct.pack(">L", channel.id) + payload)
+    assertProtocolError(h)
+    h.conn.serviceStopped()
