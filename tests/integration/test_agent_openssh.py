@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -460,3 +461,84 @@ colour = "blue"
 
     sentinel = sshd.sync_log(since)
     assert [p for p in sshd.connection_ports(since) if p != sentinel] == []
+
+
+# 11 --------------------------------------------------------------------------
+
+
+def test_local_forward_waits_for_the_link_then_refuses_cleanly(
+    sshd: Sshd,
+    start_agent: Callable[..., AgentProcess],
+    client_key: KeyPair,
+    known_hosts: Callable[..., Path],
+    targets: Targets,
+    tmp_path: Path,
+) -> None:
+    """A local forward keeps listening while the link is down. A connection made then
+    is held (not read, not refused) and served once the link is back; one that the
+    link does not come back for within ``local_wait`` is closed cleanly."""
+    echo = targets.echo()
+    kh = known_hosts(sshd.known_hosts_line())
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f"""
+[[link]]
+name = "cloud"
+host = "127.0.0.1"
+port = {sshd.port}
+user = "root"
+identity = "{client_key.path}"
+known_hosts = "{kh}"
+backoff_initial = 0.2
+backoff_max = 0.5
+local_wait = 2
+
+[[link.local]]
+name = "svc"
+listen = "127.0.0.1:0"
+connect = "127.0.0.1:{echo.port}"
+"""
+    )
+    agent = start_agent("--config", str(config))
+    agent.wait_for("link_connected", timeout=20)
+    port = agent.wait_for("forward_ready", timeout=20, since=0, forward="svc")["port"]
+    assert echo_roundtrip(port, b"link up") == b"link up"
+
+    sshd.kill()
+    agent.wait_for("link_lost", timeout=15)
+
+    # Held while the link is down, then served when it is back.
+    with connect(port, timeout=20) as held:
+        held.sendall(b"sent while the link was down")
+        sshd.restart()
+        agent.wait_for("link_connected", timeout=15)
+        assert recv_exactly(held, 28) == b"sent while the link was down"
+
+    # The link stays down past local_wait: the connection is closed, nothing served.
+    sshd.kill()
+    agent.wait_for("link_lost", timeout=15)
+    accepted_before = echo.accepted
+    with connect(port, timeout=20) as refused:
+        refused.sendall(b"nobody will answer")
+        started = time.monotonic()
+        assert refused.recv(100) == b""  # clean close (FIN), after the wait
+        waited = time.monotonic() - started
+    agent.wait_for("local_refused", timeout=5, forward="svc")
+    assert 1.5 <= waited <= 8, f"closed after {waited:.1f}s, local_wait is 2s"
+    assert echo.accepted == accepted_before
+
+
+# 12 --------------------------------------------------------------------------
+
+
+def test_demo_proves_the_path(start_process: Callable[..., AgentProcess]) -> None:
+    """``labrelay demo --once`` (the README's first command) sets up a private sshd, a
+    web target and an agent, and proves the path with HTTP and a real ssh login."""
+    demo = start_process(
+        [sys.executable, "-m", "relay", "demo", "--once", "--log-format", "json"], name="demo"
+    )
+    assert demo.wait_exit(timeout=60) == 0, demo.diagnostics()
+    proofs = [e["text"] for e in demo.events("demo_proof")]
+    assert any("through forward jupyter ->" in t and "hello from the lab" in t for t in proofs)
+    assert any("through forward jupyter-L ->" in t for t in proofs)
+    assert any("reached gpu_cluster" in t for t in proofs), proofs
