@@ -354,6 +354,16 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return ticks / CLOCK_TICKS
 
 
+def machine_cpu() -> dict[str, float]:
+    """Seconds of CPU time (all CPUs) from /proc/stat: busy in this VM, and stolen by
+    the hypervisor (time this VM wanted to run but its vCPU was not scheduled)."""
+    with open("/proc/stat") as f:
+        values = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+    return {"busy": (user + nice + system + irq + softirq) / CLOCK_TICKS,
+            "steal": steal / CLOCK_TICKS}
+
+
 def descendants(root: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -711,6 +721,8 @@ class Bench:
         self.check_alive()
         sshd_lines0 = self.sshd_log.count
         health["agent_after_warmup"] = proc_health(agent_pid)
+        ours = [os.getpid(), *descendants(os.getpid())]
+        machine0, ours0, wall0 = machine_cpu(), cpu_seconds(ours), time.monotonic()
 
         for run in range(1, args.runs + 1):
             for op in directions:
@@ -738,6 +750,14 @@ class Bench:
             health.setdefault("agent_after_first_latency_run", proc_health(agent_pid))
 
         health["agent_end"] = proc_health(agent_pid)
+        machine1, wall = machine_cpu(), time.monotonic() - wall0
+        machine = {
+            "wall_s": wall,
+            "busy_cpu_s": machine1["busy"] - machine0["busy"],
+            "bench_processes_cpu_s": cpu_seconds(ours) - ours0,
+            "steal_cpu_s": machine1["steal"] - machine0["steal"],
+            "loadavg_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        }
         sshd_lines = self.sshd_log.count - sshd_lines0
         if sshd_lines:
             self.anomalies.append(f"sshd logged {sshd_lines} lines during the measurements:\n"
@@ -752,7 +772,7 @@ class Bench:
                 self.agent_events.append(event)
         for event in self.agent_events:
             self.anomalies.append(f"agent logged {event.get('level')}: {event.get('text')}")
-        return summarize(self, tput, lat, health, sshd_lines)
+        return summarize(self, tput, lat, health, sshd_lines, machine)
 
 
 # ---------------------------------------------------------------------------
@@ -775,7 +795,8 @@ def spread(values: Sequence[float]) -> dict[str, float] | None:
 
 def summarize(bench: Bench, tput: dict[str, dict[str, list[dict[str, Any]]]],
               lat: dict[str, dict[str, list[dict[str, Any]]]],
-              health: dict[str, Any], sshd_lines: int) -> dict[str, Any]:
+              health: dict[str, Any], sshd_lines: int, machine: dict[str, Any]
+              ) -> dict[str, Any]:
     args = bench.args
     gib = args.bytes / GiB
     throughput: dict[str, Any] = {}
@@ -789,6 +810,13 @@ def summarize(bench: Bench, tput: dict[str, dict[str, list[dict[str, Any]]]],
                     [r["cpu_forwarder"] / gib for r in runs if r["cpu_forwarder"] is not None]),
                 "sshd_cpu_s_per_gib": spread(
                     [r["cpu_sshd"] / gib for r in runs if r["cpu_sshd"] is not None]),
+                # busy fraction of one core during the transfer: ~1.0 means that
+                # single-threaded process was the bottleneck
+                "forwarder_core_share": spread(
+                    [r["cpu_forwarder"] / r["seconds"] for r in runs
+                     if r["cpu_forwarder"] is not None]),
+                "sshd_core_share": spread(
+                    [r["cpu_sshd"] / r["seconds"] for r in runs if r["cpu_sshd"] is not None]),
             }
     latency: dict[str, Any] = {}
     for kind, per_path in lat.items():
@@ -814,7 +842,7 @@ def summarize(bench: Bench, tput: dict[str, dict[str, list[dict[str, Any]]]],
                 "sshd_cpu_ms_per_session": spread(
                     [r["cpu_sshd"] * 1000 / len(r["ms"]) for r in runs
                      if r["cpu_sshd"] is not None]),
-                "ms": samples,
+                "ms": [[round(x, 3) for x in s] for s in samples],
             }
 
     def median_of(op: str, name: str) -> float | None:
@@ -865,6 +893,7 @@ def summarize(bench: Bench, tput: dict[str, dict[str, list[dict[str, Any]]]],
         "goals": goals,
         "agent_health": health,
         "sshd_log_lines_during_measurement": sshd_lines,
+        "machine_cpu_during_measurement": machine,
         "anomalies": bench.anomalies,
     }
 
@@ -968,21 +997,23 @@ def markdown(res: dict[str, Any]) -> str:
         "## Throughput",
         "",
         "| path | cipher | push MB/s | pull MB/s | forwarder CPU s/GiB push / pull "
-        "| sshd CPU s/GiB push / pull |",
-        "|---|---|---|---|---|---|",
+        "| forwarder busy share of a core, push / pull | sshd CPU s/GiB push / pull |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, p in res["paths"].items():
         push = tp.get("push", {}).get(name, {})
         pull = tp.get("pull", {}).get(name, {})
         if name == DIRECT:
-            fcpu = scpu = "–"
+            fcpu = share = scpu = "–"
         else:
             fcpu = (f"{_fmt(push.get('forwarder_cpu_s_per_gib'), 2)} / "
                     f"{_fmt(pull.get('forwarder_cpu_s_per_gib'), 2)}")
+            share = (f"{_fmt(push.get('forwarder_core_share'), 2)} / "
+                     f"{_fmt(pull.get('forwarder_core_share'), 2)}")
             scpu = (f"{_fmt(push.get('sshd_cpu_s_per_gib'), 2)} / "
                     f"{_fmt(pull.get('sshd_cpu_s_per_gib'), 2)}")
         out.append(f"| {p['label']} | {p['cipher']} | {_fmt(push.get('mb_per_s'))} "
-                   f"| {_fmt(pull.get('mb_per_s'))} | {fcpu} | {scpu} |")
+                   f"| {_fmt(pull.get('mb_per_s'))} | {fcpu} | {share} | {scpu} |")
     out += ["", "Agent ÷ ssh, throughput: " + "; ".join(
         f"{op} {_ratio(r.get(f'{op}_agent_over_ssh'))} (default cipher), "
         f"{_ratio(r.get(f'{op}_agent_over_ssh-aes'))} (aes128-ctr)" for op in tp) + "."]
@@ -1009,6 +1040,14 @@ def markdown(res: dict[str, Any]) -> str:
     out += ["", "## Goals", "", "| goal | value | status |", "|---|---|---|"]
     for g in res["goals"]:
         out.append(f"| {g['goal']} | {_goal_value(g)} | **{g['status']}** |")
+    m = res.get("machine_cpu_during_measurement")
+    if m:
+        out += ["", f"Machine during the measurements ({m['wall_s']:.0f} s): CPUs busy "
+                f"{m['busy_cpu_s']:.0f} of {m['wall_s'] * (c['nproc'] or 1):.0f} CPU-seconds, "
+                f"{m['bench_processes_cpu_s']:.0f} of them in this benchmark's processes "
+                "(the rest is mostly loopback TCP softirq work, plus anything else running); "
+                f"hypervisor steal {m['steal_cpu_s']:.1f} s; load average at end "
+                f"{m['loadavg_at_end']}."]
     h = res["agent_health"]
     out += ["", "Agent process (RSS KiB, peak RSS KiB, open fds): ready "
             f"{h.get('agent_ready')}, after warm-up {h.get('agent_after_warmup')}, "

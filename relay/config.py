@@ -148,12 +148,67 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class ServiceGrant:
+    """A service pattern in a grant: ``name:port``, or ``name:*`` (``port is None``)."""
+
+    name: str
+    port: int | None
+
+    def matches(self, name: str, port: int) -> bool:
+        return self.name == name and (self.port is None or self.port == port)
+
+    def __str__(self) -> str:
+        return f"{self.name}:{'*' if self.port is None else self.port}"
+
+
+@dataclass(frozen=True)
+class PrincipalConfig:
+    """One ``[[relay.agent]]`` or ``[[relay.user]]`` entry (or one grant-file line).
+
+    ``keys`` are OpenSSH public-key lines (``ssh-ed25519 AAAA... comment``).
+    Agents use ``services`` (names they may register) and ``public_ports``; users use
+    ``services`` (names they may reach) and ``max_sessions``.
+    """
+
+    kind: str  # "agent" | "user"
+    name: str
+    keys: tuple[str, ...]
+    services: tuple[ServiceGrant, ...] = ()
+    public_ports: tuple[int, ...] = ()
+    max_sessions: int | None = None
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """labrelay's own SSH relay (the cloud end): ``[relay]`` in the node config."""
+
+    listen: HostPort = HostPort("0.0.0.0", 2222)
+    state_dir: Path = Path("/var/lib/labrelay")
+    public_bind: str = "0.0.0.0"
+    agents_file: Path | None = None
+    users_file: Path | None = None
+    agents: tuple[PrincipalConfig, ...] = ()
+    users: tuple[PrincipalConfig, ...] = ()
+    login_grace: float = 30.0
+    max_auth_tries: int = 6
+    max_unauthenticated: int = 64
+    max_channels: int = 1024
+    max_sessions_per_user: int = 64
+    idle_timeout: float = 0.0
+    public_wait: float = 10.0
+    keepalive: Keepalive = field(default_factory=Keepalive)
+    window: int = DEFAULT_WINDOW
+    max_packet: int = DEFAULT_MAX_PACKET
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything one labrelay process runs."""
 
     source: str
     links: tuple[LinkConfig, ...] = ()
     admin: AdminConfig | None = None
+    relay: RelayConfig | None = None
 
 
 # ---------------------------------------------------------------------------
