@@ -72,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "address; read it with `labrelay status`")
     _add_logging(agent)
 
+    relay = sub.add_parser(
+        "relay", help="run labrelay's own SSH relay (the cloud end)",
+        description="Run labrelay's SSH relay: agents register named services (ssh -R "
+        "NAME:PORT:host:port) and public ports they are granted; users reach them with "
+        "stock `ssh -J user@relay:PORT me@NAME` or `ssh -L`. Grants come from "
+        "[[relay.agent]]/[[relay.user]] in --config or from authorized_keys-style files.",
+    )
+    from .relayargs import add_relay_arguments
+
+    add_relay_arguments(relay)
+    _add_logging(relay)
+
     run = sub.add_parser(
         "run", help="run what a node config file describes (= agent --config FILE)",
         description="Run the links and forwards of a node config file (TOML, see "
@@ -196,6 +208,15 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return run_reactor(lambda r, fatal: make_node_service(config, r, on_fatal=fatal))
 
 
+def cmd_relay(ns: argparse.Namespace) -> int:
+    from .relayargs import config_from_relay_args
+    from .service import make_node_service
+
+    config = config_from_relay_args(ns)
+    start_logging(ns.log_format, ns.verbose)
+    return run_reactor(lambda r, fatal: make_node_service(config, r, on_fatal=fatal))
+
+
 def cmd_keygen(ns: argparse.Namespace) -> int:
     import getpass
     import socket
@@ -238,7 +259,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    commands = {"agent": cmd_agent, "run": cmd_run, "keygen": cmd_keygen, "status": cmd_status,
+    commands = {"agent": cmd_agent, "relay": cmd_relay, "run": cmd_run, "keygen": cmd_keygen, "status": cmd_status,
                 "demo": cmd_demo}
     if ns.command is None:
         parser.print_help()

@@ -220,6 +220,9 @@ DEFAULT_ADMIN_LISTEN = "127.0.0.1:7022"
 EXAMPLE_FINGERPRINT = "SHA256:BeHN8bwL5c7UYHejLShGY4MwHbRq5hkifsdbZtrio6k"
 
 ForwardKind = Literal["remote", "local"]
+# What ssh(1) sends for `-R port:host:hostport`: the server binds loopback only,
+# whatever its GatewayPorts; `-R :port:...` or `-R *:port:...` asks for all interfaces.
+REMOTE_DEFAULT_BIND = "localhost"
 Locate = Callable[[str], tuple[str, str]]
 """Maps a canonical key path (``link[1].remote[0].name``) to ``(source, keypath)`` as
 the user should read it, e.g. ``("command line", "-R '2201:localhost:22'")``."""
@@ -332,7 +335,7 @@ def default_forward_name(kind: ForwardKind, bind: str, port: int) -> str:
     """The name a forward gets when none is given: ``R:2201``, ``R:gpu-cluster:22``,
     ``L:8888`` (default bind), ``L:0.0.0.0:8888``; an empty bind reads ``*``."""
     if kind == "remote":
-        default = ""
+        default = REMOTE_DEFAULT_BIND
         prefix = "R"
     else:
         default = LOCAL_DEFAULT_BIND
@@ -355,7 +358,7 @@ def _forward(spec: str, kind: ForwardKind) -> RemoteForward | LocalForward:
         raise _Bad(f"{flag} PORT alone (a SOCKS proxy) is not supported", hint)
     if len(fields) not in (3, 4):
         raise _Bad(f"expected 3 or 4 ':'-separated fields in {spec!r}, got {len(fields)}", hint)
-    default_bind = "" if kind == "remote" else LOCAL_DEFAULT_BIND
+    default_bind = REMOTE_DEFAULT_BIND if kind == "remote" else LOCAL_DEFAULT_BIND
     try:
         bind, port = _listen(":".join(fields[:-2]), default_bind)
         connect = _hostport(":".join(fields[-2:]))
@@ -441,7 +444,7 @@ def parse_forward_spec(
     spec: str, kind: ForwardKind, *, source: str, keypath: str
 ) -> RemoteForward | LocalForward:
     """Parse OpenSSH's ``[bind:]port:host:hostport`` (IPv6 in brackets) as given to
-    ``-R`` (``kind="remote"``, default bind ``""``) or ``-L`` (default bind
+    ``-R`` (``kind="remote"``, default bind ``"localhost"`` as ssh(1) sends) or ``-L`` (default bind
     ``127.0.0.1``).  The forward gets its default name (:func:`default_forward_name`)."""
     with _at(source, keypath):
         result = _forward(spec, kind)
@@ -698,7 +701,7 @@ def _path(text: str, base: Path) -> Path:
 def _parse_forwards(link: _Section, kind: ForwardKind) -> list[tuple[str, int, HostPort, str]]:
     """The ``[[link.remote]]`` or ``[[link.local]]`` entries as (bind, port, connect, name)."""
     examples = _REMOTE_KEYS if kind == "remote" else _LOCAL_KEYS
-    default_bind = "" if kind == "remote" else LOCAL_DEFAULT_BIND
+    default_bind = REMOTE_DEFAULT_BIND if kind == "remote" else LOCAL_DEFAULT_BIND
     forwards = []
     for sec in link.tables(kind, examples):
         listen = sec.string("listen", required=True)

@@ -55,6 +55,13 @@ class NodeService(MultiService):
             link = Link(link_config, reactor, identities, on_fatal=on_fatal)
             link.setServiceParent(self)
             self.links.append(link)
+        self.relay: Any = None
+        if config.relay is not None:
+            from .grants import Grants
+            from .relayserver import RelayService
+
+            self.relay = RelayService(config.relay, Grants(config.relay, config.source), reactor)
+            self.relay.setServiceParent(self)
         if config.admin is not None:
             listen = config.admin.listen
             site = Site(admin_resource(self.status))
@@ -64,13 +71,17 @@ class NodeService(MultiService):
             admin.setServiceParent(self)
 
     def status(self) -> dict[str, Any]:
-        return {**base_snapshot(os.getpid(), self._started),
-                "links": [link.status() for link in self.links]}
+        snapshot = {**base_snapshot(os.getpid(), self._started),
+                    "links": [link.status() for link in self.links]}
+        if self.relay is not None:
+            snapshot["relay"] = self.relay.core.status()
+        return snapshot
 
 
 def make_node_service(config: NodeConfig, reactor: Any,
                       on_fatal: Callable[[str], object] | None = None) -> NodeService:
-    if not config.links:
-        raise ConfigError(config.source, "link", "nothing to run: no [[link]] configured",
+    if not config.links and config.relay is None and not getattr(config, "forwards", ()):
+        raise ConfigError(config.source, "link", "nothing to run: no [[link]], [relay] or "
+                          "[[forward]] configured",
                           "add a [[link]] table, or give [user@]host on the command line")
     return NodeService(config, reactor, on_fatal=on_fatal)

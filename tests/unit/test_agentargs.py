@@ -93,7 +93,7 @@ def test_seed_style_command_line(tmp_path: Path) -> None:
                 identities=(tmp_path / "key",),
                 host_key=HostKeyPolicy(known_hosts=Path("/x")),
                 keepalive=Keepalive(interval=5.0, count_max=3),
-                remote=(RemoteForward("", 2201, HostPort("localhost", 22), "R:2201"),),
+                remote=(RemoteForward("localhost", 2201, HostPort("localhost", 22), "R:2201"),),
             ),
         ),
     )
@@ -270,7 +270,7 @@ def test_destination_adds_a_link_to_the_file(tmp_path: Path) -> None:
     cloud, backup = node.links
     assert cloud.remote[0].name == "gpu-ssh" and len(cloud.remote) == 1
     assert backup.name == "backup.example.org"
-    assert backup.remote == (RemoteForward("", 2202, HostPort("localhost", 22), "R:2202"),)
+    assert backup.remote == (RemoteForward("localhost", 2202, HostPort("localhost", 22), "R:2202"),)
 
 
 def test_destination_link_name_must_be_unique(tmp_path: Path) -> None:

@@ -145,7 +145,7 @@ def test_full_config() -> None:
                 window=1048576,
                 max_packet=16384,
                 remote=(
-                    RemoteForward("", 2201, HostPort("10.0.0.5", 22), "gpu-ssh"),
+                    RemoteForward("localhost", 2201, HostPort("10.0.0.5", 22), "gpu-ssh"),
                     RemoteForward("gpu-cluster", 22, HostPort("10.0.0.5", 22), "R:gpu-cluster:22"),
                     RemoteForward("::1", 0, HostPort("fd00::5", 8888), "R:[::1]:0"),
                 ),
@@ -512,7 +512,7 @@ def test_parse_hostport() -> None:
         (
             "2201:localhost:22",
             "remote",
-            RemoteForward("", 2201, HostPort("localhost", 22), "R:2201"),
+            RemoteForward("localhost", 2201, HostPort("localhost", 22), "R:2201"),
         ),
         (
             "gpu-cluster:22:10.0.0.5:22",

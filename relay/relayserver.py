@@ -1,0 +1,494 @@
+"""labrelay's relay: named services, per-key grants, public ports, takeover, sharing.
+
+:class:`RelayCore` decides; :mod:`relay.ssh.server` parses SSH and asks it.  The
+relay never opens a connection to a host:port on the network: every user session
+goes to a *registered service*, i.e. over a channel to the agent that registered
+it.  Public ports are listeners on the relay whose connections go the same way.
+
+Sessions that arrive while their service's agent is away (reconnecting) wait up
+to ``public_wait`` seconds for it, then are refused cleanly.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import TCPServer
+from twisted.application.service import MultiService
+from twisted.conch import error
+from twisted.conch.ssh import common, keys
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .bridge import Bridge, TCPSide
+from .config import ConfigError, RelayConfig
+from .grants import Grants
+from .keygen import generate_keypair
+from .routing import Outcome, Registration, Registry
+from .ssh.channels import BridgedChannel
+from .ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
+from .ssh.hostkeys import fingerprint_sha256
+from .ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection, RelayFactory, RelayTransport
+
+PUBLIC_BINDS = {"", "0.0.0.0", "*", "::", "localhost", "127.0.0.1", "::1"}
+TAKEOVER_PROBE = 0.5
+PUBLIC = ""  # the registry name of a public port
+
+
+@dataclass(eq=False)
+class Session:
+    """One user session: a user's channel or a public connection, bridged to an agent."""
+
+    user: str
+    service: str
+    origin: str
+    started: float
+    bridge: Bridge | None = None
+
+    def counts(self) -> tuple[int, int]:
+        if self.bridge is None:
+            return 0, 0
+        return self.bridge.bytesAtoB, self.bridge.bytesBtoA
+
+
+@dataclass
+class ServiceTotals:
+    sessions_total: int = 0
+    bytes_to_service: int = 0
+    bytes_from_service: int = 0
+    active: set[Session] = field(default_factory=set)
+
+
+class RelayCore:
+    """The relay's decisions and state; one per relay listener."""
+
+    _log = Logger()
+
+    def __init__(self, config: RelayConfig, grants: Grants, reactor: Any) -> None:
+        self.config = config
+        self.grants = grants
+        self.reactor = reactor
+        self.registry = Registry()
+        self.connections: set[RelayConnection] = set()
+        self.sessions: set[Session] = set()
+        self.totals: dict[str, ServiceTotals] = {}
+        self.user_active: dict[str, int] = {}
+        self.public: dict[int, IListeningPort] = {}
+        self.counters = {"auth_refused": 0, "requests_refused": 0, "sessions_refused": 0,
+                         "connections_dropped_unauthenticated_cap": 0}
+        self._unauthenticated: set[RelayTransport] = set()
+        self._waiters: dict[tuple[str, int], list[defer.Deferred[Registration]]] = {}
+
+    # connection admission
+
+    def mayAcceptConnection(self, addr: Any) -> bool:
+        """OpenSSH's MaxStartups: a flood of handshakes cannot starve real users."""
+        if len(self._unauthenticated) >= self.config.max_unauthenticated:
+            self.counters["connections_dropped_unauthenticated_cap"] += 1
+            self._log.warn(
+                "dropping connection from {peer}: {n} connections are still authenticating "
+                "(max_unauthenticated)", event="relay_unauth_cap",
+                peer=f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', '?')}",
+                n=len(self._unauthenticated),
+            )
+            return False
+        return True
+
+    def transportStarted(self, transport: RelayTransport) -> None:
+        self._unauthenticated.add(transport)
+
+    def authenticated(self, transport: RelayTransport) -> None:
+        self._unauthenticated.discard(transport)
+
+    def disconnected(self, transport: RelayTransport) -> None:
+        self._unauthenticated.discard(transport)
+
+    # sessions of agents and users
+
+    def sessionStarted(self, conn: RelayConnection) -> None:
+        self.connections.add(conn)
+        ident = conn.identity
+        self._log.info(
+            "{kind} {name} connected from {peer}", event="relay_connected",
+            kind=ident.kind, name=ident.name, peer=conn.peer,
+        )
+
+    def sessionStopped(self, conn: RelayConnection) -> None:
+        self.connections.discard(conn)
+        gone = self.registry.drop_session(conn)
+        ident = conn.identity
+        self._log.info(
+            "{kind} {name} at {peer} disconnected; {n} service(s) now waiting for it",
+            event="relay_disconnected", kind=ident.kind, name=ident.name, peer=conn.peer,
+            n=len(gone), services=",".join(_label(r) for r in gone),
+        )
+
+    # global requests
+
+    def globalRequest(self, conn: RelayConnection, requestType: bytes,
+                      data: bytes) -> Any:
+        if requestType == b"tcpip-forward":
+            return self._forward(conn, data)
+        if requestType == b"cancel-tcpip-forward":
+            return self._cancel(conn, data)
+        return False  # keepalives and anything unknown: a standard failure reply
+
+    def _refuse(self, conn: RelayConnection, what: str, why: str) -> bool:
+        self.counters["requests_refused"] += 1
+        self._log.warn(
+            "{kind} {name}: refused {what}: {why}", event="relay_request_refused",
+            kind=conn.identity.kind, name=conn.principal_name, what=what, why=why,
+        )
+        return False
+
+    def _forward(self, conn: RelayConnection, data: bytes) -> Any:
+        try:
+            bindb, rest = common.getNS(data)
+            (port,) = struct.unpack(">L", rest[:4])
+            bind = bindb.decode("utf-8")
+        except (ValueError, struct.error, UnicodeDecodeError):
+            return self._refuse(conn, "tcpip-forward", "malformed request")
+        what = f"tcpip-forward {bind}:{port}"
+        principal = self.grants.principal_for(conn.identity.key_blob)
+        if principal is None:
+            return self._refuse(conn, what, "this key is no longer granted")
+        if principal.kind != "agent":
+            return self._refuse(conn, what, "users may not register services")
+        if bind in PUBLIC_BINDS:
+            if port == 0 or not principal.may_bind_public(port):
+                return self._refuse(conn, what, f"public port {port} is not granted to "
+                                    f"agent {principal.name}")
+            if not self._listenPublic(port):
+                return self._refuse(conn, what, f"cannot listen on public port {port}")
+            name = PUBLIC
+        else:
+            if not principal.may_register(bind, port):
+                return self._refuse(conn, what, f"service {bind}:{port} is not granted to "
+                                    f"agent {principal.name}")
+            name = bind
+        outcome, why = self.registry.offer(name, port, conn)
+        if outcome is Outcome.REFUSED:
+            return self._refuse(conn, what, why)
+        if outcome is Outcome.GRANTED:
+            self._register(name, port, conn, bind, takeover=False)
+            return True
+        holder = self.registry.lookup(name, port)
+        assert holder is not None
+        return self._probeThenTakeover(name, port, conn, bind, holder, what)
+
+    def _probeThenTakeover(self, name: str, port: int, conn: RelayConnection, bind: str,
+                           holder: Registration, what: str) -> defer.Deferred[bool]:
+        old: Any = holder.session
+        why_alive = f"held by a live session of {holder.owner} from {old.peer}"
+        answered = old.probe()
+        timer = self.reactor.callLater(TAKEOVER_PROBE, answered.cancel)
+
+        def alive(_: object) -> bool:
+            if timer.active():
+                timer.cancel()
+            if conn not in self.connections:
+                return False
+            return self._refuse(conn, what, f"{why_alive} (answered a probe just now)")
+
+        def stale(f: Failure) -> bool:
+            f.trap(defer.CancelledError)
+            current = self.registry.lookup(name, port)
+            if conn not in self.connections or current is None or current.session is not old:
+                return self._forward_again(conn, name, port, bind)
+            self._register(name, port, conn, bind, takeover=True)
+            old.disconnect("superseded by a newer session of the same agent")
+            return True
+
+        return answered.addCallbacks(alive, stale)
+
+    def _forward_again(self, conn: RelayConnection, name: str, port: int, bind: str) -> bool:
+        outcome, why = self.registry.offer(name, port, conn)
+        if outcome is Outcome.GRANTED:
+            self._register(name, port, conn, bind, takeover=False)
+            return True
+        return self._refuse(conn, f"tcpip-forward {bind}:{port}", why)
+
+    def _register(self, name: str, port: int, conn: RelayConnection, bind: str,
+                  takeover: bool) -> None:
+        self.registry.register(name, port, conn, bind, self.reactor.seconds())
+        label = _label_of(name, port)
+        self._log.info(
+            "agent {agent} registered {service}{how}", event="relay_service_registered",
+            agent=conn.principal_name, service=label, peer=conn.peer, takeover=takeover,
+            how=" (took it over from its stale session)" if takeover else "",
+        )
+        for d in self._waiters.pop((name, port), []):
+            reg = self.registry.lookup(name, port)
+            if reg is not None:
+                d.callback(reg)
+
+    def _cancel(self, conn: RelayConnection, data: bytes) -> bool:
+        try:
+            bindb, rest = common.getNS(data)
+            (port,) = struct.unpack(">L", rest[:4])
+            bind = bindb.decode("utf-8")
+        except (ValueError, struct.error, UnicodeDecodeError):
+            return False
+        name = PUBLIC if bind in PUBLIC_BINDS else bind
+        if not self.registry.unregister(name, port, conn):
+            return False
+        self._log.info("agent {agent} cancelled {service}", event="relay_service_cancelled",
+                       agent=conn.principal_name, service=_label_of(name, port))
+        if name == PUBLIC:
+            listener = self.public.pop(port, None)
+            if listener is not None:
+                listener.stopListening()
+        return True
+
+    # reaching a service
+
+    def whenRegistered(self, name: str, port: int, timeout: float) -> defer.Deferred[Registration]:
+        reg = self.registry.lookup(name, port)
+        if reg is not None:
+            return defer.succeed(reg)
+        d: defer.Deferred[Registration] = defer.Deferred()
+        waiters = self._waiters.setdefault((name, port), [])
+        waiters.append(d)
+        timer: IDelayedCall = self.reactor.callLater(timeout, d.cancel)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if d in waiters:
+                waiters.remove(d)
+            return result
+
+        return d.addBoth(done)
+
+    def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
+                        channel: BridgedChannel) -> defer.Deferred[BridgedChannel]:
+        ident = conn.identity
+        principal = self.grants.principal_for(ident.key_blob)
+        service = f"{host}:{port}"
+
+        def refuse(code: int, why: str) -> defer.Deferred[BridgedChannel]:
+            self.counters["sessions_refused"] += 1
+            self._log.warn(
+                "{kind} {name}: refused session to {service}: {why}",
+                event="relay_session_refused", kind=ident.kind, name=ident.name,
+                service=service, why=why,
+            )
+            return defer.fail(error.ConchError(why, code))
+
+        if principal is None:
+            return refuse(OPEN_ADMINISTRATIVELY_PROHIBITED, "this key is no longer granted")
+        if principal.kind != "user" or not principal.may_reach(host, port):
+            return refuse(OPEN_ADMINISTRATIVELY_PROHIBITED, f"{service} is not granted to "
+                          f"{principal.kind} {principal.name}")
+        cap = principal.max_sessions or self.config.max_sessions_per_user
+        if self.user_active.get(principal.name, 0) >= cap:
+            return refuse(OPEN_RESOURCE_SHORTAGE, f"user {principal.name} already has {cap} "
+                          "sessions open (max_sessions)")
+        if self.registry.lookup(host, port) is None and self.grants.owner_of(host) is None:
+            return refuse(OPEN_CONNECT_FAILED, f"no service {service} on this relay")
+        session = Session(principal.name, service, origin, self.reactor.seconds())
+        self._sessionOpening(session)
+        d = self.whenRegistered(host, port, self.config.public_wait)
+        d.addCallback(lambda reg: self._openToAgent(reg, port, origin))
+
+        def connected(agent_channel: BridgedChannel) -> BridgedChannel:
+            channel.opened.addCallbacks(
+                lambda ch: self._bridge(session, ch, agent_channel),
+                lambda _: (agent_channel.abort(), self._sessionEnded(session, 0, 0)),
+            )
+            return channel
+
+        def failed(f: Failure) -> defer.Deferred[BridgedChannel]:
+            self._sessionEnded(session, 0, 0)
+            why = ("its agent did not come back within "
+                   f"{self.config.public_wait:g}s") if f.check(defer.CancelledError) else (
+                f"its agent could not connect it: {f.getErrorMessage()}")
+            return refuse(OPEN_CONNECT_FAILED, f"service {service} unavailable: {why}")
+
+        return d.addCallbacks(connected, failed)
+
+    def _openToAgent(self, reg: Registration, port: int,
+                     origin: str) -> defer.Deferred[BridgedChannel]:
+        host, _, oport = origin.rpartition(":")
+        agent: Any = reg.session
+        return agent.openForwarded(reg.bind, port, host, int(oport or 0))
+
+    def _sessionOpening(self, session: Session) -> None:
+        self.sessions.add(session)
+        self.user_active[session.user] = self.user_active.get(session.user, 0) + 1
+        totals = self.totals.setdefault(session.service, ServiceTotals())
+        totals.sessions_total += 1
+        totals.active.add(session)
+
+    def _bridge(self, session: Session, user_side: Any, agent_side: BridgedChannel) -> Bridge:
+        def ended(to_service: int, from_service: int) -> None:
+            self._sessionEnded(session, to_service, from_service)
+
+        session.bridge = Bridge(user_side, agent_side, onClosed=ended)
+        return session.bridge
+
+    def _sessionEnded(self, session: Session, to_service: int, from_service: int) -> None:
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        self.user_active[session.user] -= 1
+        totals = self.totals[session.service]
+        totals.active.discard(session)
+        totals.bytes_to_service += to_service
+        totals.bytes_from_service += from_service
+
+    # public ports
+
+    def _listenPublic(self, port: int) -> bool:
+        if port in self.public:
+            return True
+        factory = Factory.forProtocol(TCPSide)
+        build = factory.buildProtocol
+
+        def buildProtocol(addr: Any) -> Any:
+            side = build(addr)
+            side.onConnected = lambda s: self._publicConnection(port, s)
+            return side
+
+        factory.buildProtocol = buildProtocol  # type: ignore[method-assign]
+        factory.noisy = False
+        try:
+            self.public[port] = self.reactor.listenTCP(
+                port, factory, interface=self.config.public_bind
+            )
+        except Exception as e:
+            self._log.error("cannot listen on public port {port}: {why}",
+                            event="relay_public_failed", port=port, why=str(e))
+            return False
+        self._log.info("public port {port} listening on {bind}", event="relay_public_port",
+                       port=port, bind=self.config.public_bind)
+        return True
+
+    def _publicConnection(self, port: int, side: TCPSide) -> None:
+        peer = side.transport.getPeer()
+        origin = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
+        reg = self.registry.lookup(PUBLIC, port)
+        owner = reg.owner if reg is not None else (
+            p.name if (p := self.grants.public_port_owner(port)) is not None else "?")
+        session = Session(f"public:{port}", f"public:{port}", origin, self.reactor.seconds())
+        self._sessionOpening(session)
+        d = self.whenRegistered(PUBLIC, port, self.config.public_wait)
+        d.addCallback(lambda r: self._openToAgent(r, port, origin))
+
+        def failed(f: Failure) -> None:
+            self._sessionEnded(session, 0, 0)
+            self._log.warn(
+                "public port {port}: connection from {origin} closed: agent {owner} {why}",
+                event="relay_public_refused", port=port, origin=origin, owner=owner,
+                why="did not come back in time" if f.check(defer.CancelledError)
+                else f"could not connect it ({f.getErrorMessage()})",
+            )
+            side.close()
+
+        d.addCallbacks(lambda ch: self._bridge(session, side, ch), failed)
+
+    def stop(self) -> defer.Deferred[Any]:
+        listeners, self.public = list(self.public.values()), {}
+        return defer.DeferredList(
+            [defer.maybeDeferred(p.stopListening) for p in listeners]  # type: ignore[call-overload]
+        )
+
+    # status
+
+    def status(self) -> dict[str, Any]:
+        now = self.reactor.seconds()
+        conns = sorted(self.connections, key=lambda c: (c.identity.kind, c.principal_name))
+        return {
+            "listen": str(self.config.listen),
+            "agents": [
+                {"name": c.principal_name, "peer": c.peer,
+                 "services": [_label(r) for r in self.registry.held_by(c)]}
+                for c in conns if c.identity.kind == "agent"
+            ],
+            "users": [{"name": c.principal_name, "peer": c.peer}
+                      for c in conns if c.identity.kind == "user"],
+            "services": [
+                {"service": _label(r), "owner": r.owner, "since": r.since,
+                 "sessions_active": len(self.totals.get(_label(r), ServiceTotals()).active),
+                 "sessions_total": self.totals.get(_label(r), ServiceTotals()).sessions_total}
+                for r in self.registry.registrations()
+            ],
+            "sessions": [
+                {"user": s.user, "service": s.service, "origin": s.origin,
+                 "age": round(now - s.started, 3), "bytes_to_service": s.counts()[0],
+                 "bytes_from_service": s.counts()[1]}
+                for s in sorted(self.sessions, key=lambda s: s.started)
+            ],
+            "per_service": {
+                name: {"sessions_total": t.sessions_total, "sessions_active": len(t.active),
+                       "bytes_to_service": t.bytes_to_service
+                       + sum(s.counts()[0] for s in t.active),
+                       "bytes_from_service": t.bytes_from_service
+                       + sum(s.counts()[1] for s in t.active)}
+                for name, t in sorted(self.totals.items())
+            },
+            "per_user": dict(sorted(self.user_active.items())),
+            "public_ports": sorted(self.public),
+            "counters": dict(self.counters),
+        }
+
+
+def _label_of(name: str, port: int) -> str:
+    return f"public:{port}" if name == PUBLIC else f"{name}:{port}"
+
+
+def _label(reg: Registration) -> str:
+    return _label_of(reg.name, reg.port)
+
+
+def load_host_keys(state_dir: Path) -> dict[bytes, keys.Key]:
+    """The relay's host keys, generated into ``state_dir`` on first start."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(str(state_dir), "relay.state_dir", f"cannot create it: {e}",
+                          "choose a writable directory with --state-dir") from e
+    path = state_dir / "ssh_host_ed25519_key"
+    if not path.exists():
+        generate_keypair(path, "labrelay-relay-host-key")
+    key = keys.Key.fromFile(str(path))
+    return {key.sshType(): key}
+
+
+class RelayService(MultiService):
+    """The relay's listener plus its core, as a service."""
+
+    _log = Logger()
+
+    def __init__(self, config: RelayConfig, grants: Grants, reactor: Any) -> None:
+        super().__init__()
+        self.setName("relay")
+        self.core = RelayCore(config, grants, reactor)
+        host_keys = load_host_keys(config.state_dir)
+        self.factory = RelayFactory(self.core, host_keys)
+        self.fingerprints = [fingerprint_sha256(k.public()) for k in host_keys.values()]
+        self.server = TCPServer(config.listen.port, self.factory,
+                                interface=config.listen.host, reactor=reactor)
+        self.server.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        port = self.server._port  # type: ignore[attr-defined]
+        bound = port.getHost().port if port is not None else self.core.config.listen.port
+        self._log.info(
+            "relay listening on {host}:{port}; host key {fingerprints}",
+            event="relay_listening", host=self.core.config.listen.host, port=bound,
+            fingerprints=" ".join(self.fingerprints),
+        )
+
+    def stopService(self) -> defer.Deferred[Any]:
+        for conn in list(self.core.connections):
+            conn.disconnect("relay shutting down")
+        d: defer.Deferred[Any] = self.core.stop()
+        return d.addCallback(lambda _: MultiService.stopService(self))

@@ -1,0 +1,323 @@
+"""The relay's SSH server: Conch transport, public-key auth and connection service.
+
+Identity comes only from a key whose signature verified (Conch's userauth checks
+the signature; :class:`GrantChecker` maps the key to a principal).  Everything
+else a session may do is decided by :class:`relay.relayserver.RelayCore` from the
+principal's grants: this module only parses SSH requests and answers them.
+
+Hardening over Conch's defaults (DESIGN §11): a login grace time and a cap on
+authentication attempts, a cap on unauthenticated connections (OpenSSH's
+MaxStartups), a cap on channels per connection, keepalives to every peer, and
+every channel type but ``direct-tcpip`` refused.  Conch's own
+``UnixConchUser`` (an open proxy) is never used.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.conch import error
+from twisted.conch.avatar import ConchUser
+from twisted.conch.checkers import ISSHPrivateKey
+from twisted.conch.ssh import common, factory, keys, transport, userauth
+from twisted.cred import portal
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..keepalive import KeepaliveMonitor
+from .channels import BridgedChannel
+from .connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, FlowConnection
+
+if TYPE_CHECKING:
+    from ..grants import Principal
+    from ..relayserver import RelayCore
+
+OPEN_RESOURCE_SHORTAGE = 4
+REFUSED_CHANNEL_TYPES = {
+    b"session": "shell, exec and subsystem sessions",
+    b"x11": "X11 forwarding",
+    b"auth-agent@openssh.com": "agent forwarding",
+    b"direct-streamlocal@openssh.com": "unix socket forwarding",
+}
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a connection authenticated as: the verified key and its principal."""
+
+    key_blob: bytes
+    principal: Principal
+
+    @property
+    def name(self) -> str:
+        return self.principal.name
+
+    @property
+    def kind(self) -> str:
+        return self.principal.kind
+
+
+@implementer(ICredentialsChecker)
+class GrantChecker:
+    """Public keys only; a key maps to a principal through the grants."""
+
+    credentialInterfaces = (ISSHPrivateKey,)
+
+    def __init__(self, core: RelayCore) -> None:
+        self.core = core
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Identity]:
+        principal = self.core.grants.principal_for(credentials.blob)
+        if principal is None:
+            return defer.fail(UnauthorizedLogin("key not granted"))
+        if not credentials.signature:
+            return defer.fail(error.ValidPublicKey())
+        try:
+            key = keys.Key.fromString(credentials.blob)
+            if key.verify(credentials.signature, credentials.sigData):
+                return defer.succeed(Identity(credentials.blob, principal))
+        except Exception:  # a malformed key or signature is a failed login
+            pass
+        return defer.fail(UnauthorizedLogin("bad signature"))
+
+
+class RelayAvatar(ConchUser):
+    """Carries the identity to the connection; Conch's channel lookup is unused."""
+
+    def __init__(self, identity: Identity) -> None:
+        super().__init__()
+        self.identity = identity
+
+
+@implementer(portal.IRealm)
+class RelayRealm:
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
+        from twisted.conch.interfaces import IConchUser
+
+        return IConchUser, RelayAvatar(avatarId), lambda: None
+
+
+class RelayUserAuth(userauth.SSHUserAuthServer):
+    """Conch's userauth with the relay's grace time and attempt cap."""
+
+    def serviceStarted(self) -> None:
+        core: RelayCore = self.transport.factory.core  # type: ignore[union-attr]
+        self.loginTimeout = core.config.login_grace
+        self.attemptsBeforeDisconnect = core.config.max_auth_tries
+        self.clock = core.reactor
+        super().serviceStarted()
+        self.supportedAuthentications = [b"publickey"]
+
+    def _ebBadAuth(self, reason: Failure) -> None:
+        if self.method == b"publickey" and reason.check(UnauthorizedLogin):
+            self._log.info(
+                "auth refused for user {user} from {peer}: {why}", event="relay_auth_refused",
+                user=self.user.decode("utf-8", "replace"), why=reason.getErrorMessage(),
+                peer=str(self.transport.transport.getPeer()),  # type: ignore[union-attr]
+            )
+        super()._ebBadAuth(reason)
+
+
+class RelayTransport(transport.SSHServerTransport):
+    """One client connection to the relay (an agent or a user)."""
+
+    _log = Logger()
+    factory: RelayFactory
+
+    def connectionMade(self) -> None:
+        tcp: Any = self.transport
+        tcp.setTcpNoDelay(True)
+        tcp.setTcpKeepAlive(True)
+        self.authenticated = False
+        self.factory.core.transportStarted(self)
+        super().connectionMade()
+
+    def setService(self, service: Any) -> None:
+        if isinstance(service, RelayConnection) and not self.authenticated:
+            self.authenticated = True
+            self.factory.core.authenticated(self)
+        super().setService(service)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        super().connectionLost(reason)
+        self.factory.core.disconnected(self)
+
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        tcp: Any = self.transport
+        if tcp is not None and getattr(tcp, "producer", None) is not None:
+            tcp.unregisterProducer()
+        super().sendDisconnect(reason, desc)
+
+
+class RelayFactory(factory.SSHFactory):
+    """Builds a transport per accepted connection, within the unauthenticated cap."""
+
+    protocol = RelayTransport
+    noisy = False
+
+    def __init__(self, core: RelayCore, hostKeys: dict[bytes, keys.Key]) -> None:
+        self.core = core
+        self.publicKeys = {name: key.public() for name, key in hostKeys.items()}
+        self.privateKeys = dict(hostKeys)
+        self.portal = portal.Portal(RelayRealm(), [GrantChecker(core)])
+        self.services = {
+            b"ssh-userauth": RelayUserAuth,
+            b"ssh-connection": lambda: RelayConnection(core),
+        }
+
+    def getPrimes(self) -> None:
+        return None  # fixed groups and curve25519 only
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if not self.core.mayAcceptConnection(addr):
+            return None  # closes the TCP connection at once
+        return super().buildProtocol(addr)
+
+
+class RelayConnection(FlowConnection):
+    """The ``ssh-connection`` service of an authenticated agent or user."""
+
+    _log = Logger()
+
+    def __init__(self, core: RelayCore) -> None:
+        super().__init__()
+        self.core = core
+        self.keepalive: KeepaliveMonitor | None = None
+        self._replies: list[list[Any]] = []  # [done, ok, data] in request order
+
+    @property
+    def identity(self) -> Identity:
+        avatar: RelayAvatar = self.transport.avatar
+        return avatar.identity
+
+    @property
+    def principal_name(self) -> str:
+        return self.identity.name
+
+    @property
+    def peer(self) -> str:
+        peer = self.transport.transport.getPeer()
+        return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        ka = self.core.config.keepalive
+        if ka.interval > 0:
+            self.keepalive = KeepaliveMonitor(
+                self.core.reactor, ka.interval, ka.count_max, self.probe, self._dead
+            )
+            self.keepalive.start()
+        self.core.sessionStarted(self)
+
+    def serviceStopped(self) -> None:
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        super().serviceStopped()
+        self.core.sessionStopped(self)
+
+    def packetReceived(self, messageNum: int, packet: bytes) -> None:
+        if self.keepalive is not None:
+            self.keepalive.activity()
+        super().packetReceived(messageNum, packet)
+
+    def probe(self) -> defer.Deferred[Any]:
+        """One keepalive; fires (with anything) when the peer answers."""
+        d = self.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
+        return d.addErrback(lambda _: None)
+
+    def _dead(self, silence: float) -> None:
+        self._log.warn(
+            "{kind} {name} at {peer}: no answer for {silence:.1f}s; closing",
+            event="relay_peer_dead", kind=self.identity.kind, name=self.principal_name,
+            peer=self.peer, silence=silence,
+        )
+        self.transport.transport.abortConnection()
+
+    def disconnect(self, why: str) -> None:
+        self.transport.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, why.encode())
+
+    # global requests, answered in order even when some take time
+
+    def ssh_GLOBAL_REQUEST(self, packet: bytes) -> None:
+        requestType, rest = common.getNS(packet)
+        wantReply, data = rest[0:1] != b"\x00", rest[1:]
+        result = defer.maybeDeferred(self.core.globalRequest, self, requestType, data)
+        if not wantReply:
+            result.addErrback(lambda f: self._log.failure("global request", f))
+            return
+        slot: list[Any] = [False, False, b""]
+        self._replies.append(slot)
+
+        def answered(outcome: Any) -> None:
+            ok, reply = outcome if isinstance(outcome, tuple) else (bool(outcome), b"")
+            slot[:] = [True, ok, reply]
+            self._flushReplies()
+
+        def failed(f: Failure) -> None:
+            self._log.failure("global request {type}", f, type=requestType)
+            slot[:] = [True, False, b""]
+            self._flushReplies()
+
+        result.addCallbacks(answered, failed)
+
+    def _flushReplies(self) -> None:
+        from twisted.conch.ssh.connection import MSG_REQUEST_FAILURE, MSG_REQUEST_SUCCESS
+
+        while self._replies and self._replies[0][0]:
+            _, ok, data = self._replies.pop(0)
+            if self.transport is not None and not getattr(self, "_stopped", False):
+                self.transport.sendPacket(MSG_REQUEST_SUCCESS if ok else MSG_REQUEST_FAILURE,
+                                          data if ok else b"")
+
+    # channels
+
+    def getChannel(self, channelType: bytes, windowSize: int, maxPacket: int,
+                   data: bytes) -> Any:
+        if len(self.channels) + self._pendingOpens >= self.core.config.max_channels:
+            raise error.ConchError("too many channels on this connection",
+                                   OPEN_RESOURCE_SHORTAGE)
+        if channelType != b"direct-tcpip":
+            what = REFUSED_CHANNEL_TYPES.get(channelType, "this channel type")
+            self._log.info(
+                "{name}: refused {type} channel ({what} are not offered by the relay)",
+                event="relay_channel_refused", name=self.principal_name,
+                type=channelType.decode("ascii", "replace"), what=what,
+            )
+            raise error.ConchError(f"{what} are not offered by this relay",
+                                   OPEN_ADMINISTRATIVELY_PROHIBITED)
+        try:
+            host, rest = common.getNS(data)
+            (port,) = struct.unpack(">L", rest[:4])
+            origHost, rest = common.getNS(rest[4:])
+            (origPort,) = struct.unpack(">L", rest[:4])
+        except (ValueError, struct.error) as e:
+            raise error.ConchError("malformed direct-tcpip", OPEN_CONNECT_FAILED) from e
+        channel = BridgedChannel(
+            b"direct-tcpip", window=self.core.config.window,
+            maxPacket=self.core.config.max_packet, remoteWindow=windowSize,
+            remoteMaxPacket=maxPacket, conn=self,
+        )
+        origin = f"{origHost.decode('utf-8', 'replace')}:{origPort}"
+        return self.core.openUserSession(
+            self, host.decode("utf-8", "replace"), port, origin, channel
+        )
+
+    def openForwarded(self, bind: str, port: int, origHost: str,
+                      origPort: int) -> defer.Deferred[BridgedChannel]:
+        """Open a ``forwarded-tcpip`` channel to this agent for one session."""
+        channel = BridgedChannel(
+            b"forwarded-tcpip", window=self.core.config.window,
+            maxPacket=self.core.config.max_packet, conn=self,
+        )
+        self.openChannel(
+            channel,
+            common.NS(bind.encode()) + struct.pack(">L", port)
+            + common.NS(origHost.encode()) + struct.pack(">L", origPort),
+        )
+        return channel.opened
