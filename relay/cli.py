@@ -112,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="its admin endpoint (default 127.0.0.1:7022)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
+    sshcfg = sub.add_parser(
+        "ssh-config", help="print a relay user's ~/.ssh/config snippet",
+        description="Print the ~/.ssh/config entries one user of a labrelay relay needs: "
+        "the relay, a ProxyJump Host per ssh service they are granted, LocalForward "
+        "lines for the others, and the relay's host key. Run it where the relay's "
+        "config (and state dir) are.",
+    )
+    sshcfg.add_argument("--config", required=True, metavar="FILE",
+                        help="the relay's node config (grants come from it and its files)")
+    sshcfg.add_argument("--user", required=True, help="the user (a [[relay.user]] name)")
+    sshcfg.add_argument("--host", required=True, metavar="HOST[:PORT]",
+                        help="the relay's public name and port as users reach it")
+    sshcfg.add_argument("--identity", default="~/.ssh/id_ed25519",
+                        help="the user's private key path on their machine")
+
     demo = sub.add_parser(
         "demo", help="run the whole path on loopback and show it working",
         description="Start a private OpenSSH sshd (standing in for the cloud server), a "
@@ -250,6 +265,28 @@ def cmd_status(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ssh_config(ns: argparse.Namespace) -> int:
+    from .config import load_config
+    from .grants import Grants
+    from .sshconfig import relay_host_key_line, render
+
+    config = load_config(ns.config)
+    if config.relay is None:
+        raise ConfigError(config.source, "relay", "this config has no [relay] section",
+                          "point --config at the relay's node config")
+    user = next((p for p in Grants(config.relay, config.source).principals()
+                 if p.kind == "user" and p.name == ns.user), None)
+    if user is None:
+        raise ConfigError(config.source, "relay.user", f"no user named {ns.user!r}",
+                          "use a name from [[relay.user]] or the users file")
+    host, _, port = ns.host.rpartition(":") if ":" in ns.host else (ns.host, "", "")
+    relay_port = int(port) if port else config.relay.listen.port
+    print(render(user=user.name, relay_host=host or ns.host, relay_port=relay_port,
+                 services=user.services, identity=ns.identity,
+                 host_key_line=relay_host_key_line(config.relay.state_dir)), end="")
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -259,8 +296,10 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    commands = {"agent": cmd_agent, "relay": cmd_relay, "run": cmd_run, "keygen": cmd_keygen, "status": cmd_status,
-                "demo": cmd_demo}
+    commands = {
+        "agent": cmd_agent, "relay": cmd_relay, "run": cmd_run, "keygen": cmd_keygen,
+        "status": cmd_status, "ssh-config": cmd_ssh_config, "demo": cmd_demo,
+    }
     if ns.command is None:
         parser.print_help()
         return EXIT_USAGE

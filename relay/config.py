@@ -15,7 +15,7 @@ import ipaddress
 import math
 import re
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,13 +149,18 @@ class AdminConfig:
 
 @dataclass(frozen=True)
 class ServiceGrant:
-    """A service pattern in a grant: ``name:port``, or ``name:*`` (``port is None``)."""
+    """A service pattern in a grant: ``name:port``, or ``name:*`` (``port is None``).
+
+    Names are stored lower-case (ssh lower-cases host names, so ``-J`` asks for
+    ``gpu-cluster`` whatever was typed).  In a user's grant the name may be ``"*"``:
+    every service (``"*"`` alone in the config is ``ServiceGrant("*", None)``)."""
 
     name: str
     port: int | None
 
     def matches(self, name: str, port: int) -> bool:
-        return self.name == name and (self.port is None or self.port == port)
+        """Whether ``name:port`` is covered; a ``"*"`` name (users only) covers every name."""
+        return self.name in ("*", name) and (self.port is None or self.port == port)
 
     def __str__(self) -> str:
         return f"{self.name}:{'*' if self.port is None else self.port}"
@@ -413,6 +418,120 @@ def _name(text: str) -> str:
     return text
 
 
+_SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}\Z")
+_NUMERIC_RE = re.compile(r"[0-9.]+\Z")
+_WILDCARD_BINDS = frozenset({"", "*", "0.0.0.0", "::"})
+_AGENT_SERVICE_HINT = 'use "name:port" or "name:*", e.g. "gpu-cluster:22", "tensorboard:*"'
+_USER_SERVICE_HINT = (
+    'use "name:port", "name:*", "*:port" or "*" (every service), e.g. "gpu-cluster:22", '
+    '"jupyter:*"'
+)
+_KEY_HINT = (
+    "give one line of a .pub file, e.g. "
+    '"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... lab_pc" (labrelay keygen makes one)'
+)
+_PUBLIC_BIND_HINT = 'give an IP address, e.g. public_bind = "0.0.0.0" (every interface)'
+
+
+def _service_name(text: str, hint: str) -> str:
+    """A service name as agents register it and users ask for it, lower-cased."""
+    if not _SERVICE_RE.match(text):
+        raise _Bad(
+            f"service name {text!r} must start with a letter or digit and contain only "
+            "letters, digits, '.', '_' and '-'",
+            hint,
+        )
+    if _NUMERIC_RE.match(text):
+        raise _Bad(
+            f"service name {text!r} looks like an address: the relay reaches named services, "
+            "never addresses",
+            hint,
+        )
+    lowered = text.lower()
+    if lowered == "localhost":
+        raise _Bad("'localhost' cannot be a service name: it would read as the relay itself", hint)
+    return lowered
+
+
+def _service_grant(text: str, kind: str) -> ServiceGrant:
+    """``name:port``, ``name:*``; for users also ``*:port``, ``*:*`` and ``*``."""
+    hint = _USER_SERVICE_HINT if kind == "user" else _AGENT_SERVICE_HINT
+    if text == "*" and kind == "user":
+        return ServiceGrant("*", None)
+    name, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise _Bad(f"{text!r} has no ':port'", hint)
+    if name == "*":
+        if kind != "user":
+            raise _Bad(
+                "an agent is granted names one by one: '*' would let it claim every name",
+                hint,
+            )
+    elif name.startswith("[") or ":" in name:
+        raise _Bad(f"{text!r}: the relay grants named services, never addresses", hint)
+    else:
+        name = _service_name(name, hint)
+    port = None if port_text == "*" else _port(port_text, 1, hint)
+    return ServiceGrant(name, port)
+
+
+def _public_key(text: str) -> tuple[bytes, str]:
+    """An OpenSSH public-key line (``TYPE BASE64 [comment]``) -> (SSH wire blob, comment).
+
+    The blob is what the relay compares a verified signature's key with."""
+    from twisted.conch.ssh.keys import Key
+
+    if "PRIVATE KEY" in text:
+        raise _Bad("this is a private key: never give it to the relay", _KEY_HINT)
+    fields = text.split(None, 2)
+    if len(fields) < 2:
+        raise _Bad(f"expected 'TYPE BASE64 [comment]', got {text[:60]!r}", _KEY_HINT)
+    key_type, body = fields[0], fields[1]
+    comment = fields[2].strip() if len(fields) == 3 else ""
+    if "-cert-" in key_type:
+        raise _Bad(f"certificates ({key_type}) are not supported", _KEY_HINT)
+    if key_type == "ssh-dss":
+        raise _Bad("DSA keys are obsolete and refused", _KEY_HINT)
+    try:
+        blob = base64.b64decode(body, validate=True)
+    except binascii.Error:
+        raise _Bad(f"the key data {body[:20]!r}... is not base64", _KEY_HINT) from None
+    try:
+        key = Key.fromString(blob, type="blob")
+        parsed_type = key.sshType().decode("ascii")
+        canonical = key.blob()
+    except Exception:  # Conch raises many kinds on hostile bytes; all mean "not a key"
+        raise _Bad(f"not a valid {key_type} public key (damaged when copied?)", _KEY_HINT) from None
+    if parsed_type != key_type:
+        raise _Bad(f"the line says {key_type} but the key data is {parsed_type}", _KEY_HINT)
+    if key.type() == "RSA" and key.size() < 1024:
+        raise _Bad(f"an RSA key of {key.size()} bits is too weak", _KEY_HINT)
+    return canonical, comment
+
+
+def _principal_name(text: str) -> str:
+    if not _NAME_RE.match(text):
+        raise _Bad(
+            f"name {text!r} must be 1..100 characters without spaces or control characters",
+            'e.g. name = "lab_pc"',
+        )
+    return text
+
+
+def _bind_address(text: str) -> str:
+    if text in ("", "*"):
+        return "0.0.0.0"
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if text == "localhost":
+        return text
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise _Bad(f"{text!r} is not an IP address", _PUBLIC_BIND_HINT) from None
+    return text
+
+
 @contextmanager
 def _at(source: str, keypath: str) -> Iterator[None]:
     """Turn a located-less ``_Bad`` into a ConfigError at ``keypath``."""
@@ -472,6 +591,180 @@ def parse_name(text: str, *, source: str, keypath: str) -> str:
     return result
 
 
+def parse_service_grant(text: str, kind: str, *, source: str, keypath: str) -> ServiceGrant:
+    """Parse a grant of a service: ``name:port`` / ``name:*`` (agents and users) or
+    ``*:port`` / ``*`` (users only).  The name is lower-cased."""
+    with _at(source, keypath):
+        result = _service_grant(text, kind)
+    return result
+
+
+def parse_service_name(text: str, *, source: str, keypath: str) -> str:
+    """Check a service name (``gpu-cluster``) and return it lower-cased."""
+    with _at(source, keypath):
+        result = _service_name(text, 'e.g. "gpu-cluster"')
+    return result
+
+
+def parse_public_key(text: str, *, source: str, keypath: str) -> tuple[bytes, str]:
+    """Parse an OpenSSH public-key line into (SSH wire blob, comment); the declared type
+    must match the key data, and certificates and DSA keys are refused."""
+    with _at(source, keypath):
+        result = _public_key(text)
+    return result
+
+
+def parse_principal_name(text: str, *, source: str, keypath: str) -> str:
+    """Check an agent's or user's name: 1..100 characters, no spaces or control characters."""
+    with _at(source, keypath):
+        result = _principal_name(text)
+    return result
+
+
+def parse_public_bind(text: str, *, source: str, keypath: str) -> str:
+    """The address public ports listen on: an IP literal (``*``/empty = ``0.0.0.0``)."""
+    with _at(source, keypath):
+        result = _bind_address(text)
+    return result
+
+
+def parse_relay_listen(text: str, *, source: str, keypath: str) -> HostPort:
+    """``[addr:]port`` of the relay's SSH server; no address (or ``*``) = ``0.0.0.0``."""
+    bind, port = parse_listen(text, source=source, keypath=keypath, default_bind="0.0.0.0")
+    return HostPort(bind if bind not in ("", "*") else "0.0.0.0", port)
+
+
+Where = tuple[str, str]
+"""``(source, keypath)`` of something written in a config or grant file."""
+
+
+@dataclass(frozen=True)
+class PrincipalSite:
+    """A principal and where each of its parts was written, so that a conflict between
+    two grants (in the config, in grant files, or one of each) names both places."""
+
+    principal: PrincipalConfig
+    name_at: Where
+    keys_at: tuple[Where, ...]
+    services_at: tuple[Where, ...]
+    ports_at: tuple[Where, ...]
+
+
+def config_sites(relay: RelayConfig, source: str) -> list[PrincipalSite]:
+    """The ``[[relay.agent]]`` and ``[[relay.user]]`` entries as sites in ``source``."""
+    sites = []
+    for kind, entries in (("agent", relay.agents), ("user", relay.users)):
+        for i, p in enumerate(entries):
+            base = f"relay.{kind}[{i}]"
+            sites.append(
+                PrincipalSite(
+                    principal=p,
+                    name_at=(source, f"{base}.name"),
+                    keys_at=tuple((source, f"{base}.keys[{j}]") for j in range(len(p.keys))),
+                    services_at=tuple(
+                        (source, f"{base}.services[{j}]") for j in range(len(p.services))
+                    ),
+                    ports_at=tuple(
+                        (source, f"{base}.public_ports[{j}]") for j in range(len(p.public_ports))
+                    ),
+                )
+            )
+    return sites
+
+
+def check_principals(
+    sites: Sequence[PrincipalSite], relay: RelayConfig, listen_at: Where
+) -> list[tuple[bytes, ...]]:
+    """Check that identity and ownership are unambiguous across all principals, and
+    return each site's key blobs (a key listed twice for one principal counts once).
+
+    Refused: two agents (or two users) with one name; one key in two principals
+    (identity comes from the key); one service name granted to two agents (only its
+    owner may take a name over); one public port granted to two agents, or equal to
+    the relay's own SSH port on an overlapping address."""
+
+    def conflict(at: Where, first: Where, problem: str, hint: str) -> ConfigError:
+        if first[0] == at[0]:
+            also = first[1]
+        else:
+            also = f"{first[1]} in {first[0]}" if first[1] else first[0]
+        return ConfigError(at[0], at[1], problem.replace("{also}", also), hint)
+
+    names: dict[tuple[str, str], Where] = {}
+    keys: dict[bytes, tuple[int, Where]] = {}
+    services: dict[str, tuple[int, Where]] = {}
+    ports: dict[int, tuple[int, Where]] = {}
+    listen = relay.listen
+    overlaps = (
+        listen.host in _WILDCARD_BINDS
+        or relay.public_bind in _WILDCARD_BINDS
+        or listen.host == relay.public_bind
+    )
+    if listen.port and overlaps:
+        ports[listen.port] = (-1, listen_at)
+    blobs: list[tuple[bytes, ...]] = []
+    for i, site in enumerate(sites):
+        p = site.principal
+        if (p.kind, p.name) in names:
+            raise conflict(
+                site.name_at,
+                names[(p.kind, p.name)],
+                f"duplicate {p.kind} name {p.name!r} (also {{also}})",
+                f"give each {p.kind} its own name; one {p.kind} may have several keys",
+            )
+        names[(p.kind, p.name)] = site.name_at
+        mine: list[bytes] = []
+        for line, at in zip(p.keys, site.keys_at, strict=True):
+            with _at(*at):
+                blob, _ = _public_key(line)
+            if blob in keys:
+                owner, first = keys[blob]
+                if owner == i:
+                    continue
+                other = sites[owner].principal
+                raise conflict(
+                    at,
+                    first,
+                    f"this key already belongs to {other.kind} {other.name!r} (also {{also}})",
+                    "identity comes from the key alone: give every agent and user keys of "
+                    "their own; labrelay keygen makes one",
+                )
+            keys[blob] = (i, at)
+            mine.append(blob)
+        blobs.append(tuple(mine))
+        if p.kind != "agent":
+            continue
+        for grant, at in zip(p.services, site.services_at, strict=True):
+            owner, first = services.setdefault(grant.name, (i, at))
+            if owner != i:
+                raise conflict(
+                    at,
+                    first,
+                    f"service {grant.name!r} is already granted to agent "
+                    f"{sites[owner].principal.name!r} (also {{also}})",
+                    "a service name has one owning agent, so that only it can take the name "
+                    "over when it reconnects; give the other service another name",
+                )
+        for port, at in zip(p.public_ports, site.ports_at, strict=True):
+            owner, first = ports.setdefault(port, (i, at))
+            if owner == -1:
+                raise conflict(
+                    at,
+                    first,
+                    f"public port {port} is the relay's own SSH port (also {{also}})",
+                    "pick another public port, or move the relay's listen port",
+                )
+            if owner != i:
+                raise conflict(
+                    at,
+                    first,
+                    f"public port {port} is already granted to agent "
+                    f"{sites[owner].principal.name!r} (also {{also}})",
+                    "each public port belongs to one agent; pick another port",
+                )
+    return blobs
+
+
 def default_known_hosts() -> Path:
     """``~/.ssh/known_hosts``, used when neither ``known_hosts`` nor ``host_key`` is set."""
     return Path("~/.ssh/known_hosts").expanduser()
@@ -492,6 +785,7 @@ def current_user(*, source: str, keypath: str) -> str:
 _TOP_KEYS = {
     "admin": '[admin] listen = "127.0.0.1:7022"',
     "link": '[[link]] host = "cloud.example.org"',
+    "relay": '[relay] listen = "0.0.0.0:2222"',
 }
 _ADMIN_KEYS = {"listen": 'listen = "127.0.0.1:7022"'}
 _LINK_KEYS = {
@@ -526,6 +820,40 @@ _LOCAL_KEYS = {
     "connect": 'connect = "localhost:8888"',
     "name": 'name = "jupyter"',
 }
+_RELAY_KEYS = {
+    "listen": 'listen = "0.0.0.0:2222"',
+    "state_dir": 'state_dir = "/var/lib/labrelay"',
+    "public_bind": 'public_bind = "0.0.0.0"',
+    "agents_file": 'agents_file = "agents"',
+    "users_file": 'users_file = "users"',
+    "login_grace": "login_grace = 30",
+    "max_auth_tries": "max_auth_tries = 6",
+    "max_unauthenticated": "max_unauthenticated = 64",
+    "max_channels": "max_channels = 1024",
+    "max_sessions_per_user": "max_sessions_per_user = 64",
+    "idle_timeout": "idle_timeout = 0",
+    "public_wait": "public_wait = 10",
+    "keepalive_interval": "keepalive_interval = 15",
+    "keepalive_count": "keepalive_count = 3",
+    "window": "window = 2097152",
+    "max_packet": "max_packet = 32768",
+    "agent": '[[relay.agent]] name = "lab_pc", keys = ["ssh-ed25519 AAAA... lab_pc"], '
+    'services = ["gpu-cluster:22"]',
+    "user": '[[relay.user]] name = "alice", keys = ["ssh-ed25519 AAAA... alice"], '
+    'services = ["gpu-cluster:22"]',
+}
+_RELAY_AGENT_KEYS = {
+    "name": 'name = "lab_pc"',
+    "keys": 'keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... lab_pc"]',
+    "services": 'services = ["gpu-cluster:22", "jupyter:8888", "tensorboard:*"]',
+    "public_ports": "public_ports = [2201]",
+}
+_RELAY_USER_KEYS = {
+    "name": 'name = "alice"',
+    "keys": 'keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... alice"]',
+    "services": 'services = ["gpu-cluster:22", "jupyter:*"]',
+    "max_sessions": "max_sessions = 10",
+}
 # OpenSSH spellings people will try, and what they are called here.
 _ALIASES = {
     "hostname": "host",
@@ -538,6 +866,15 @@ _ALIASES = {
     "remoteforward": "remote",
     "localforward": "local",
     "links": "link",
+    "listenaddress": "listen",
+    "logingracetime": "login_grace",
+    "maxauthtries": "max_auth_tries",
+    "maxstartups": "max_unauthenticated",
+    "maxsessions": "max_sessions",
+    "clientaliveinterval": "keepalive_interval",
+    "clientalivecountmax": "keepalive_count",
+    "service": "services",
+    "public_port": "public_ports",
 }
 
 
@@ -622,6 +959,27 @@ class _Section:
             if not isinstance(item, str) or not item:
                 what = "an empty string" if item == "" else _describe(item)
                 raise self.error(key, f"expected a string or an array of strings, got {what}")
+        return items
+
+    def integers(self, key: str, low: int, high: int) -> list[int]:
+        """An integer or an array of integers, each between ``low`` and ``high``."""
+        value = self.data.get(key)
+        if value is None:
+            return []
+        items = value if isinstance(value, list) else [value]
+        for j, item in enumerate(items):
+            where = f"{self.keypath(key)}[{j}]" if isinstance(value, list) else self.keypath(key)
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise ConfigError(
+                    self.source, where,
+                    f"expected an integer or an array of integers, got {_describe(item)}",
+                    f"e.g. {self.examples[key]}",
+                )
+            if not low <= item <= high:
+                raise ConfigError(
+                    self.source, where, f"must be between {low} and {high}, got {item}",
+                    f"e.g. {self.examples[key]}",
+                )
         return items
 
     def integer(self, key: str, default: int, low: int, high: int | None = None) -> int:
@@ -831,6 +1189,95 @@ def _parse_admin(sec: _Section) -> AdminConfig:
     )
 
 
+def _parse_principal(sec: _Section, kind: str) -> PrincipalConfig:
+    """One ``[[relay.agent]]`` or ``[[relay.user]]`` table (conflicts between tables
+    are checked afterwards, by :func:`check_principals`)."""
+    name = sec.string("name", required=True)
+    assert name is not None
+    with sec.at("name"):
+        _principal_name(name)
+    if "keys" not in sec.data:
+        raise sec.error("keys", "missing required key 'keys'")
+    keys = [line.strip() for line in sec.strings("keys")]
+    if not keys:
+        raise sec.error("keys", f"the {kind} has no keys")
+    for j, line in enumerate(keys):
+        with _at(sec.source, f"{sec.keypath('keys')}[{j}]"):
+            _public_key(line)
+    services = []
+    for j, text in enumerate(sec.strings("services")):
+        with _at(sec.source, f"{sec.keypath('services')}[{j}]"):
+            services.append(_service_grant(text, kind))
+    if kind == "agent":
+        return PrincipalConfig(
+            kind=kind,
+            name=name,
+            keys=tuple(keys),
+            services=tuple(dict.fromkeys(services)),
+            public_ports=tuple(dict.fromkeys(sec.integers("public_ports", 1, 65535))),
+        )
+    max_sessions = sec.integer("max_sessions", 1, 1) if "max_sessions" in sec.data else None
+    return PrincipalConfig(
+        kind=kind,
+        name=name,
+        keys=tuple(keys),
+        services=tuple(dict.fromkeys(services)),
+        max_sessions=max_sessions,
+    )
+
+
+def _parse_relay(sec: _Section, base: Path) -> RelayConfig:
+    listen = parse_relay_listen(
+        sec.string("listen") or "0.0.0.0:2222", source=sec.source, keypath=sec.keypath("listen")
+    )
+    state_dir = sec.string("state_dir")
+    public_bind = sec.string("public_bind")
+    if public_bind is not None:
+        with sec.at("public_bind"):
+            public_bind = _bind_address(public_bind)
+    agents_file = sec.string("agents_file")
+    users_file = sec.string("users_file")
+    window = sec.integer("window", DEFAULT_WINDOW, 32 * 1024, 16 * 1024 * 1024)
+    max_packet = sec.integer("max_packet", DEFAULT_MAX_PACKET, 1024, 256 * 1024)
+    if max_packet > window:
+        raise sec.error(
+            "max_packet",
+            f"max_packet {max_packet} is larger than window {window}",
+            "max_packet must fit in the window, e.g. window = 2097152 and max_packet = 32768",
+        )
+    defaults = RelayConfig()
+    relay = RelayConfig(
+        listen=listen,
+        state_dir=defaults.state_dir if state_dir is None else _path(state_dir, base),
+        public_bind=defaults.public_bind if public_bind is None else public_bind,
+        agents_file=None if agents_file is None else _path(agents_file, base),
+        users_file=None if users_file is None else _path(users_file, base),
+        agents=tuple(
+            _parse_principal(s, "agent") for s in sec.tables("agent", _RELAY_AGENT_KEYS)
+        ),
+        users=tuple(_parse_principal(s, "user") for s in sec.tables("user", _RELAY_USER_KEYS)),
+        login_grace=sec.number("login_grace", defaults.login_grace, low=0, above=True),
+        max_auth_tries=sec.integer("max_auth_tries", defaults.max_auth_tries, 1),
+        max_unauthenticated=sec.integer(
+            "max_unauthenticated", defaults.max_unauthenticated, 1
+        ),
+        max_channels=sec.integer("max_channels", defaults.max_channels, 1),
+        max_sessions_per_user=sec.integer(
+            "max_sessions_per_user", defaults.max_sessions_per_user, 1
+        ),
+        idle_timeout=sec.number("idle_timeout", defaults.idle_timeout, low=0),
+        public_wait=sec.number("public_wait", defaults.public_wait, low=0),
+        keepalive=Keepalive(
+            interval=sec.number("keepalive_interval", Keepalive.interval, low=0),
+            count_max=sec.integer("keepalive_count", Keepalive.count_max, 1),
+        ),
+        window=window,
+        max_packet=max_packet,
+    )
+    check_principals(config_sites(relay, sec.source), relay, (sec.source, sec.keypath("listen")))
+    return relay
+
+
 def parse_admin_listen(text: str, *, source: str, keypath: str) -> AdminConfig:
     """``[addr:]port`` of the admin endpoint; only loopback addresses are allowed,
     since it has no authentication of its own."""
@@ -917,8 +1364,9 @@ def parse_config(text: str, source: str, *, base_dir: Path | None = None) -> Nod
     """Parse a node's TOML config.  ``source`` names it in errors; relative paths in
     it are relative to ``base_dir`` (default: the directory of ``source``).
 
-    A config with no links and no admin section is valid here; whether that is
-    enough to run is the caller's decision."""
+    A config with no links, no relay and no admin section is valid here; whether that
+    is enough to run is the caller's decision.  Grant files named by ``[relay]`` are
+    read by :class:`relay.grants.Grants`, not here."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -931,12 +1379,14 @@ def parse_config(text: str, source: str, *, base_dir: Path | None = None) -> Nod
     base = base_dir if base_dir is not None else Path(source).expanduser().absolute().parent
     top = _Section(source, doc, "", _TOP_KEYS)
     admin = top.table("admin", _ADMIN_KEYS)
+    relay = top.table("relay", _RELAY_KEYS)
     config = NodeConfig(
         source=source,
         links=tuple(
             _parse_link(sec, i, base) for i, sec in enumerate(top.tables("link", _LINK_KEYS))
         ),
         admin=_parse_admin(admin) if admin is not None else None,
+        relay=_parse_relay(relay, base) if relay is not None else None,
     )
     validate_node(config)
     return config

@@ -67,8 +67,10 @@ class Link(MultiService):
         reactor: Any,
         identities: list[keys.Key],
         on_fatal: Callable[[str], object] | None = None,
+        local_relay: Any = None,
     ) -> None:
         super().__init__()
+        self.local_relay = local_relay
         self.setName(f"link:{config.name}")
         self.config = config
         self.name = config.name
@@ -195,7 +197,7 @@ class Link(MultiService):
     def sessionStarted(
         self,
         forward: RemoteForwardRunner | LocalForwardListener,
-        side: TCPSide,
+        side: TCPSide | BridgedChannel,
         channel: BridgedChannel,
         origin: str,
     ) -> Bridge:
@@ -221,6 +223,15 @@ class Link(MultiService):
             link=self.name, forward=forward.name, origin=origin,
         )
         return Bridge(side, channel, onClosed=ended)
+
+    def openRelayService(self, name: str, port: int,
+                         origin: str) -> defer.Deferred[BridgedChannel]:
+        """A channel to ``name:port`` registered at this node's relay (chaining)."""
+        if self.local_relay is None:
+            return defer.fail(LinkDown(f"{name}:{port} is a relay service, but this node "
+                                       "runs no [relay]"))
+        d: defer.Deferred[BridgedChannel] = self.local_relay.openLocal(name, port, origin)
+        return d
 
     def fatal(self, why: str) -> None:
         if self._on_fatal is not None:

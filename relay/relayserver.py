@@ -298,9 +298,12 @@ class RelayCore:
         d.addCallback(lambda reg: self._openToAgent(reg, port, origin))
 
         def connected(agent_channel: BridgedChannel) -> BridgedChannel:
+            def not_opened(_: object) -> None:
+                agent_channel.abort()
+                self._sessionEnded(session, 0, 0)
+
             channel.opened.addCallbacks(
-                lambda ch: self._bridge(session, ch, agent_channel),
-                lambda _: (agent_channel.abort(), self._sessionEnded(session, 0, 0)),
+                lambda ch: self._bridge(session, ch, agent_channel), not_opened
             )
             return channel
 
@@ -312,6 +315,20 @@ class RelayCore:
             return refuse(OPEN_CONNECT_FAILED, f"service {service} unavailable: {why}")
 
         return d.addCallbacks(connected, failed)
+
+    def openLocal(self, name: str, port: int, origin: str) -> defer.Deferred[BridgedChannel]:
+        """A channel to registered service ``name:port`` for this node's own use.
+
+        Chaining: this node's link re-exports a service registered here to an
+        upstream relay.  The node's config authorizes it, so no user grant applies;
+        the service must be granted to an agent here, and its agent gets the usual
+        ``public_wait`` to come back.
+        """
+        if self.registry.lookup(name, port) is None and self.grants.owner_of(name) is None:
+            return defer.fail(error.ConchError(f"no service {name}:{port} on this relay",
+                                               OPEN_CONNECT_FAILED))
+        d = self.whenRegistered(name, port, self.config.public_wait)
+        return d.addCallback(lambda reg: self._openToAgent(reg, port, origin))
 
     def _openToAgent(self, reg: Registration, port: int,
                      origin: str) -> defer.Deferred[BridgedChannel]:
@@ -352,7 +369,7 @@ class RelayCore:
         build = factory.buildProtocol
 
         def buildProtocol(addr: Any) -> Any:
-            side = build(addr)
+            side: Any = build(addr)
             side.onConnected = lambda s: self._publicConnection(port, s)
             return side
 

@@ -27,7 +27,10 @@ from typing import Protocol
 class AgentSession(Protocol):
     """What the routing table needs to know of an agent's SSH connection."""
 
-    principal_name: str
+    @property
+    def principal_name(self) -> str: ...
+
+    def disconnect(self, why: str) -> None: ...
 
 
 class Outcome(Enum):

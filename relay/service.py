@@ -50,11 +50,6 @@ class NodeService(MultiService):
         self.config = config
         self._started = reactor.seconds()
         self.links: list[Link] = []
-        for index, link_config in enumerate(config.links):
-            identities = load_identities(config, link_config, index)
-            link = Link(link_config, reactor, identities, on_fatal=on_fatal)
-            link.setServiceParent(self)
-            self.links.append(link)
         self.relay: Any = None
         if config.relay is not None:
             from .grants import Grants
@@ -62,6 +57,12 @@ class NodeService(MultiService):
 
             self.relay = RelayService(config.relay, Grants(config.relay, config.source), reactor)
             self.relay.setServiceParent(self)
+        for index, link_config in enumerate(config.links):
+            identities = load_identities(config, link_config, index)
+            link = Link(link_config, reactor, identities, on_fatal=on_fatal,
+                        local_relay=self.relay.core if self.relay is not None else None)
+            link.setServiceParent(self)
+            self.links.append(link)
         if config.admin is not None:
             listen = config.admin.listen
             site = Site(admin_resource(self.status))

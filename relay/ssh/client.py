@@ -248,12 +248,9 @@ class LinkConnection(FlowConnection):
             remoteWindow=windowSize, remoteMaxPacket=maxPacket, conn=self,
         )
         target = forward.config.connect
-        endpoint = HostnameEndpoint(
-            self.link.reactor, target.host, target.port, timeout=TARGET_CONNECT_TIMEOUT
-        )
         origin = f"{origHost.decode('utf-8', 'replace')}:{origPort}"
 
-        def connected(side: TCPSide) -> BridgedChannel:
+        def connected(side: Any) -> BridgedChannel:
             channel.opened.addCallbacks(
                 lambda ch: self.link.sessionStarted(forward, side, ch, origin),
                 lambda _: side.abort(),
@@ -269,7 +266,15 @@ class LinkConnection(FlowConnection):
             return Failure(error.ConchError(f"connect failed: {f.getErrorMessage()}",
                                             OPEN_CONNECT_FAILED))
 
-        d = endpoint.connect(Factory.forProtocol(TCPSide))
+        d: defer.Deferred[Any]
+        if getattr(forward.config, "via_relay", False):
+            # Chaining: the target is a service registered at this node's own relay.
+            d = self.link.openRelayService(target.host, target.port, origin)
+        else:
+            endpoint = HostnameEndpoint(
+                self.link.reactor, target.host, target.port, timeout=TARGET_CONNECT_TIMEOUT
+            )
+            d = endpoint.connect(Factory.forProtocol(TCPSide))
         return d.addCallbacks(connected, failed)
 
     # local forwards: we open a channel per accepted connection

@@ -72,7 +72,7 @@ class GrantChecker:
     def __init__(self, core: RelayCore) -> None:
         self.core = core
 
-    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Identity]:
+    def requestAvatarId(self, credentials: Any) -> Any:
         principal = self.core.grants.principal_for(credentials.blob)
         if principal is None:
             return defer.fail(UnauthorizedLogin("key not granted"))
@@ -108,7 +108,7 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
 
     def serviceStarted(self) -> None:
         core: RelayCore = self.transport.factory.core  # type: ignore[union-attr]
-        self.loginTimeout = core.config.login_grace
+        self.loginTimeout = core.config.login_grace  # type: ignore[assignment]
         self.attemptsBeforeDisconnect = core.config.max_auth_tries
         self.clock = core.reactor
         super().serviceStarted()
@@ -118,7 +118,8 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
         if self.method == b"publickey" and reason.check(UnauthorizedLogin):
             self._log.info(
                 "auth refused for user {user} from {peer}: {why}", event="relay_auth_refused",
-                user=self.user.decode("utf-8", "replace"), why=reason.getErrorMessage(),
+                user=(self.user or b"").decode("utf-8", "replace"),
+                why=reason.getErrorMessage(),
                 peer=str(self.transport.transport.getPeer()),  # type: ignore[union-attr]
             )
         super()._ebBadAuth(reason)
@@ -148,6 +149,9 @@ class RelayTransport(transport.SSHServerTransport):
         super().connectionLost(reason)
         self.factory.core.disconnected(self)
 
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        """A client saying goodbye is routine, not an error."""
+
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
         tcp: Any = self.transport
         if tcp is not None and getattr(tcp, "producer", None) is not None:
@@ -166,7 +170,7 @@ class RelayFactory(factory.SSHFactory):
         self.publicKeys = {name: key.public() for name, key in hostKeys.items()}
         self.privateKeys = dict(hostKeys)
         self.portal = portal.Portal(RelayRealm(), [GrantChecker(core)])
-        self.services = {
+        self.services: dict[bytes, Any] = {
             b"ssh-userauth": RelayUserAuth,
             b"ssh-connection": lambda: RelayConnection(core),
         }

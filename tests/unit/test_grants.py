@@ -1,0 +1,587 @@
+"""relay.grants: grant files, the merged view, authorization, and reloading."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.conch.ssh.keys import Key
+from twisted.logger import ILogObserver, Logger
+from zope.interface import implementer
+
+from relay import grants as grants_module
+from relay.config import ConfigError, PrincipalConfig, RelayConfig, ServiceGrant
+from relay.grants import Grants, Principal, _options, parse_grant_file
+
+SOURCE = "node.toml"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Six real public keys from ssh-keygen, as ``TYPE BASE64`` (no comment)."""
+    directory = tmp_path_factory.mktemp("keys")
+    lines = []
+    for i in range(6):
+        path = directory / f"k{i}"
+        kind = ["-t", "ecdsa", "-b", "256"] if i == 5 else ["-t", "ed25519"]
+        subprocess.run(["ssh-keygen", "-q", *kind, "-N", "", "-C", "", "-f", str(path)], check=True)
+        lines.append(" ".join((directory / f"k{i}.pub").read_text().split()[:2]))
+    return lines
+
+
+def blob(key: str) -> bytes:
+    return Key.fromString(key).blob()
+
+
+@implementer(ILogObserver)
+class Events:
+    """Collects what relay.grants logs."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == name]
+
+
+@pytest.fixture
+def events(monkeypatch: pytest.MonkeyPatch) -> Events:
+    collector = Events()
+    monkeypatch.setattr(grants_module, "_log", Logger(observer=collector))
+    return collector
+
+
+def write(path: Path, *lines: str) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def error_of(text: str, kind: str = "agent") -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_grant_file(text, kind, "agents" if kind == "agent" else "users")
+    return info.value
+
+
+def check(err: ConfigError, source: str, keypath: str, *fragments: str) -> None:
+    assert err.source == source
+    assert err.keypath == keypath
+    assert err.hint, "every error carries a hint"
+    for fragment in fragments:
+        assert fragment in str(err), (fragment, str(err))
+
+
+# --- option syntax ---------------------------------------------------------------------
+
+
+def test_options_split_at_the_first_blank_outside_quotes() -> None:
+    options, rest = _options('a,b="x, y",C="say \\"hi\\"",no-pty  ssh-ed25519 AAAA c', "f:1")
+    assert options == [
+        ("a", None, "a"),
+        ("b", "x, y", 'b="x, y"'),
+        ("c", 'say "hi"', 'C="say \\"hi\\""'),
+        ("no-pty", None, "no-pty"),
+    ]
+    assert rest == "ssh-ed25519 AAAA c"
+
+
+def test_a_line_without_options() -> None:
+    assert _options("ssh-ed25519 AAAA c", "f:1") == ([], "ssh-ed25519 AAAA c")
+    assert _options("ecdsa-sha2-nistp256 AAAA", "f:1") == ([], "ecdsa-sha2-nistp256 AAAA")
+
+
+@pytest.mark.parametrize(
+    ("line", "keypath", "fragment"),
+    [
+        ("permitopen=gpu:22 ssh-ed25519 AAAA", "permitopen", "must be in double quotes"),
+        ('permitopen="gpu:22 ssh-ed25519 AAAA', "permitopen", "unclosed quote"),
+        ('permitopen="gpu:22";x ssh-ed25519 AAAA', 'permitopen="gpu:22"', "unexpected ';'"),
+        ('permitopen="gpu:22"', "", "options but no key"),
+        (",x ssh-ed25519 AAAA", "", "expected an option or a key type at column 1"),
+    ],
+)
+def test_option_syntax_errors(line: str, keypath: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _options(line, "users:4")
+    check(info.value, "users:4", keypath, fragment)
+
+
+# --- agents files ------------------------------------------------------------------------
+
+
+def test_agents_file(keys: list[str]) -> None:
+    text = "\n".join(
+        [
+            "# lab agents",
+            "",
+            f'restrict,permitlisten="gpu-cluster:22",permitlisten="2201",no-pty {keys[0]} lab_pc',
+            f'permitlisten="Jupyter:*",permitlisten="0.0.0.0:2202" {keys[1]} lab_pc',
+            f'permitlisten="*:2203",permitlisten="[::]:2204",port-forwarding {keys[2]} lab_pc',
+            f"   {keys[3]} spare   ",
+            f'permitlisten="tensorboard:6006" {keys[4]} other',
+        ]
+    )
+    sites = parse_grant_file(text, "agent", "/etc/labrelay/agents")
+    assert [s.principal for s in sites] == [
+        PrincipalConfig(
+            kind="agent",
+            name="lab_pc",
+            keys=(f"{keys[0]} lab_pc", f"{keys[1]} lab_pc", f"{keys[2]} lab_pc"),
+            services=(ServiceGrant("gpu-cluster", 22), ServiceGrant("jupyter", None)),
+            public_ports=(2201, 2202, 2203, 2204),
+        ),
+        PrincipalConfig(kind="agent", name="spare", keys=(f"{keys[3]} spare",)),
+        PrincipalConfig(
+            kind="agent",
+            name="other",
+            keys=(f"{keys[4]} other",),
+            services=(ServiceGrant("tensorboard", 6006),),
+        ),
+    ]
+    lab = sites[0]
+    assert lab.name_at == ("/etc/labrelay/agents:3", "")
+    assert lab.keys_at[1] == ("/etc/labrelay/agents:4", "")
+    assert lab.services_at[1] == ("/etc/labrelay/agents:4", 'permitlisten="Jupyter:*"')
+    assert lab.ports_at[3] == ("/etc/labrelay/agents:5", 'permitlisten="[::]:2204"')
+
+
+@pytest.mark.parametrize(
+    ("options", "keypath", "fragment", "hint"),
+    [
+        ('permitlisten="2201x"', 'permitlisten="2201x"', "public port '2201x'", "2201"),
+        ('permitlisten="0"', 'permitlisten="0"', "public port '0'", "2201"),
+        ('permitlisten="*:*"', 'permitlisten="*:*"', "public port '*'", "2201"),
+        (
+            'permitlisten="127.0.0.1:2201"',
+            'permitlisten="127.0.0.1:2201"',
+            "is an address",
+            'permitlisten="2201"',
+        ),
+        ('permitlisten="gpu:99999"', 'permitlisten="gpu:99999"', "out of range", "gpu-cluster"),
+        ('permitlisten="*"', 'permitlisten="*"', "public port '*'", "2201"),
+        ("permitlisten", "permitlisten", "permitlisten needs a value", "gpu-cluster:22"),
+        ('permitopen="gpu:22"', 'permitopen="gpu:22"', "belongs in the users file", "permitlisten"),
+        ('max-sessions="3"', 'max-sessions="3"', "belongs in the users file", "permitlisten"),
+        (
+            'from="10.0.0.0/8,192.168.0.0/16"',
+            'from="10.0.0.0/8,192.168.0.0/16"',
+            "from is not supported",
+            "firewall",
+        ),
+        ('command="/bin/true"', 'command="/bin/true"', "not supported", "runs no commands"),
+        ("pty", "pty", "not supported", "never allocates a pty"),
+        ("no-port-forwarding", "no-port-forwarding", "would forbid everything", "remove it"),
+        ('no-pty="x"', 'no-pty="x"', "no-pty takes no value", "no-pty"),
+        ("frobnicate", "frobnicate", "unknown option 'frobnicate'", "valid options here"),
+    ],
+)
+def test_agents_file_errors(
+    keys: list[str], options: str, keypath: str, fragment: str, hint: str
+) -> None:
+    err = error_of(f"# first\n{keys[0]} ok\n{options} {keys[1]} lab_pc\n")
+    check(err, "agents:3", keypath, fragment)
+    assert hint in err.hint
+
+
+def test_key_without_a_comment(keys: list[str]) -> None:
+    err = error_of(f'permitlisten="gpu:22" {keys[0]}\n')
+    check(err, "agents:1", "", "the comment is the agent's name", "AAAA... lab_pc")
+    err = error_of(f"{keys[0]}   \n", "user")
+    check(err, "users:1", "", "the comment is the user's name", "AAAA... alice")
+
+
+def test_comment_with_spaces_is_not_a_name(keys: list[str]) -> None:
+    err = error_of(f"{keys[0]} Alice Smith\n", "user")
+    check(err, "users:1", "", "'Alice Smith'", "without spaces")
+    assert "the key's comment is the user's name" in err.hint
+
+
+@pytest.mark.parametrize(
+    ("key", "fragment"),
+    [
+        ("ssh-ed25519 AAAA", "not a valid ssh-ed25519 public key"),
+        ("ssh-ed25519", "expected 'TYPE BASE64 [comment]'"),
+        ("ssh-ed25519 @@@ x", "not base64"),
+    ],
+)
+def test_bad_key_lines_name_the_line(key: str, fragment: str) -> None:
+    err = error_of(f"\n\n{key}\n")
+    check(err, "agents:3", "", fragment)
+
+
+# --- users files -------------------------------------------------------------------------
+
+
+def test_users_file(keys: list[str]) -> None:
+    text = (
+        f'permitopen="gpu-cluster:22",permitopen="jupyter:*",max-sessions="10" {keys[0]} alice\n'
+        f'no-agent-forwarding,permitopen="gpu-cluster:22",max-sessions="10" {keys[1]} alice\n'
+        f'permitopen="*" {keys[2]} admin\n'
+        f'permitopen="*:22" {keys[3]} sshonly\n'
+    )
+    principals = [s.principal for s in parse_grant_file(text, "user", "users")]
+    assert principals == [
+        PrincipalConfig(
+            kind="user",
+            name="alice",
+            keys=(f"{keys[0]} alice", f"{keys[1]} alice"),
+            services=(ServiceGrant("gpu-cluster", 22), ServiceGrant("jupyter", None)),
+            max_sessions=10,
+        ),
+        PrincipalConfig(
+            kind="user",
+            name="admin",
+            keys=(f"{keys[2]} admin",),
+            services=(ServiceGrant("*", None),),
+        ),
+        PrincipalConfig(
+            kind="user",
+            name="sshonly",
+            keys=(f"{keys[3]} sshonly",),
+            services=(ServiceGrant("*", 22),),
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "keypath", "fragment"),
+    [
+        ('permitopen="10.0.0.5:22"', 'permitopen="10.0.0.5:22"', "looks like an address"),
+        ('permitopen="[::1]:22"', 'permitopen="[::1]:22"', "never addresses"),
+        ('permitopen="a:1,b:2"', 'permitopen="a:1,b:2"', "never addresses"),
+        ('permitopen="jupyter"', 'permitopen="jupyter"', "has no ':port'"),
+        ('permitlisten="2201"', 'permitlisten="2201"', "belongs in the agents file"),
+        ('max-sessions="0"', 'max-sessions="0"', "max-sessions must be a whole number >= 1"),
+        ('max-sessions="many"', 'max-sessions="many"', "got 'many'"),
+        ("max-sessions", "max-sessions", "max-sessions needs a value"),
+    ],
+)
+def test_users_file_errors(keys: list[str], options: str, keypath: str, fragment: str) -> None:
+    err = error_of(f"{options} {keys[0]} alice\n", "user")
+    check(err, "users:1", keypath, fragment)
+
+
+def test_conflicting_max_sessions_for_one_user(keys: list[str]) -> None:
+    err = error_of(f'max-sessions="3" {keys[0]} alice\nmax-sessions="4" {keys[1]} alice\n', "user")
+    check(err, "users:2", 'max-sessions="4"', 'already has max-sessions="3" (also users:1)')
+
+
+# --- Principal truth tables ------------------------------------------------------------
+
+AGENT = Principal(
+    kind="agent",
+    name="lab_pc",
+    services=(ServiceGrant("gpu-cluster", 22), ServiceGrant("tensorboard", None)),
+    public_ports=frozenset({2201}),
+    max_sessions=None,
+)
+USER = Principal(
+    kind="user",
+    name="alice",
+    services=(ServiceGrant("gpu-cluster", 22), ServiceGrant("jupyter", None)),
+    public_ports=frozenset(),
+    max_sessions=10,
+)
+EVERYTHING = Principal("user", "root", (ServiceGrant("*", None),), frozenset(), 64)
+NOTHING = Principal("agent", "idle", (), frozenset(), None)
+
+
+@pytest.mark.parametrize(
+    ("principal", "name", "port", "register", "reach"),
+    [
+        (AGENT, "gpu-cluster", 22, True, False),
+        (AGENT, "GPU-Cluster", 22, True, False),
+        (AGENT, "gpu-cluster", 2222, False, False),
+        (AGENT, "tensorboard", 6006, True, False),
+        (AGENT, "tensorboard", 0, False, False),
+        (AGENT, "jupyter", 8888, False, False),
+        (USER, "gpu-cluster", 22, False, True),
+        (USER, "gpu-cluster", 23, False, False),
+        (USER, "jupyter", 8888, False, True),
+        (USER, "JUPYTER", 9999, False, True),
+        (USER, "jupyter", 70000, False, False),
+        (USER, "tensorboard", 6006, False, False),
+        (USER, "127.0.0.1", 22, False, False),
+        (EVERYTHING, "anything", 1, False, True),
+        (EVERYTHING, "gpu-cluster", 22, False, True),
+        (EVERYTHING, "gpu-cluster", 0, False, False),
+        (NOTHING, "gpu-cluster", 22, False, False),
+    ],
+)
+def test_register_and_reach(
+    principal: Principal, name: str, port: int, register: bool, reach: bool
+) -> None:
+    assert principal.may_register(name, port) is register
+    assert principal.may_reach(name, port) is reach
+
+
+@pytest.mark.parametrize(
+    ("principal", "port", "allowed"),
+    [(AGENT, 2201, True), (AGENT, 2202, False), (NOTHING, 2201, False), (USER, 2201, False)],
+)
+def test_bind_public(principal: Principal, port: int, allowed: bool) -> None:
+    assert principal.may_bind_public(port) is allowed
+
+
+def test_a_user_with_a_public_port_still_cannot_bind() -> None:
+    odd = replace(USER, public_ports=frozenset({2201}))
+    assert not odd.may_bind_public(2201)
+
+
+# --- Grants: the merged view -----------------------------------------------------------
+
+
+def relay_with(keys: list[str], tmp_path: Path, **changes: Any) -> RelayConfig:
+    config_agent = PrincipalConfig(
+        kind="agent",
+        name="cfg_agent",
+        keys=(keys[0],),
+        services=(ServiceGrant("gpu-cluster", 22),),
+        public_ports=(2201,),
+    )
+    config_user = PrincipalConfig(
+        kind="user", name="cfg_user", keys=(keys[1],), services=(ServiceGrant("*", None),)
+    )
+    base = RelayConfig(agents=(config_agent,), users=(config_user,), max_sessions_per_user=7)
+    return replace(base, **changes)
+
+
+def test_config_only(keys: list[str], tmp_path: Path) -> None:
+    grants = Grants(relay_with(keys, tmp_path), SOURCE)
+    agent = grants.principal_for(blob(keys[0]))
+    assert agent == Principal(
+        "agent", "cfg_agent", (ServiceGrant("gpu-cluster", 22),), frozenset({2201}), None
+    )
+    user = grants.principal_for(blob(keys[1]))
+    assert user is not None and user.name == "cfg_user" and user.max_sessions == 7
+    assert grants.principal_for(blob(keys[2])) is None
+    assert grants.principal_for(b"garbage") is None
+    assert grants.owner_of("gpu-cluster") == agent
+    assert grants.owner_of("GPU-CLUSTER") == agent
+    assert grants.owner_of("jupyter") is None
+    assert grants.public_port_owner(2201) == agent
+    assert grants.public_port_owner(2202) is None
+    assert grants.principals() == [agent, user]
+
+
+def test_config_and_files_merged(keys: list[str], tmp_path: Path) -> None:
+    agents = write(
+        tmp_path / "agents", f'permitlisten="jupyter:*",permitlisten="2202" {keys[2]} lab'
+    )
+    users = write(
+        tmp_path / "users",
+        f'permitopen="jupyter:8888",max-sessions="3" {keys[3]} alice',
+        f'permitopen="gpu-cluster:22" {keys[5]} alice',
+        f"{keys[4]} bob",
+    )
+    grants = Grants(relay_with(keys, tmp_path, agents_file=agents, users_file=users), SOURCE)
+    assert [(p.kind, p.name) for p in grants.principals()] == [
+        ("agent", "cfg_agent"),
+        ("user", "cfg_user"),
+        ("agent", "lab"),
+        ("user", "alice"),
+        ("user", "bob"),
+    ]
+    lab = grants.principal_for(blob(keys[2]))
+    assert lab is not None and grants.owner_of("jupyter") == lab
+    assert grants.public_port_owner(2202) == lab
+    alice = grants.principal_for(blob(keys[3]))
+    assert alice is grants.principal_for(blob(keys[5]))
+    assert alice is not None and alice.max_sessions == 3
+    assert alice.may_reach("gpu-cluster", 22) and alice.may_reach("jupyter", 8888)
+    bob = grants.principal_for(blob(keys[4]))
+    assert bob is not None and bob.services == () and bob.max_sessions == 7
+
+
+@pytest.mark.parametrize(
+    ("agents_line", "keypath", "fragment"),
+    [
+        (
+            "{k0} lab",
+            "",
+            "this key already belongs to agent 'cfg_agent' "
+            "(also relay.agent[0].keys[0] in node.toml)",
+        ),
+        (
+            'permitlisten="gpu-cluster:*" {k2} lab',
+            'permitlisten="gpu-cluster:*"',
+            "service 'gpu-cluster' is already granted to agent 'cfg_agent'",
+        ),
+        (
+            'permitlisten="2201" {k2} lab',
+            'permitlisten="2201"',
+            "public port 2201 is already granted to agent 'cfg_agent'",
+        ),
+        (
+            "{k2} cfg_agent",
+            "",
+            "duplicate agent name 'cfg_agent' (also relay.agent[0].name in node.toml)",
+        ),
+    ],
+)
+def test_conflicts_with_the_config_at_start_up(
+    keys: list[str], tmp_path: Path, agents_line: str, keypath: str, fragment: str
+) -> None:
+    agents = write(tmp_path / "agents", "# agents", agents_line.format(k0=keys[0], k2=keys[2]))
+    with pytest.raises(ConfigError) as info:
+        Grants(relay_with(keys, tmp_path, agents_file=agents), SOURCE)
+    check(info.value, f"{agents}:2", keypath, fragment)
+
+
+def test_conflict_between_the_two_files(keys: list[str], tmp_path: Path) -> None:
+    agents = write(tmp_path / "agents", f"{keys[2]} lab")
+    users = write(tmp_path / "users", f"{keys[2]} alice")
+    with pytest.raises(ConfigError) as info:
+        Grants(RelayConfig(agents_file=agents, users_file=users), SOURCE)
+    check(info.value, f"{users}:1", "", f"already belongs to agent 'lab' (also {agents}:1)")
+
+
+def test_missing_file_at_start_up(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        Grants(RelayConfig(users_file=tmp_path / "nope"), SOURCE)
+    check(info.value, str(tmp_path / "nope"), "", "cannot read the users file", "No such file")
+    assert "users_file" in info.value.hint
+
+
+def test_world_writable_file_is_refused(keys: list[str], tmp_path: Path) -> None:
+    users = write(tmp_path / "users", f"{keys[0]} alice")
+    users.chmod(0o666)
+    with pytest.raises(ConfigError) as info:
+        Grants(RelayConfig(users_file=users), SOURCE)
+    check(info.value, str(users), "", "writable by anyone", "chmod o-w")
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError) as info:
+        Grants(RelayConfig(users_file=users), SOURCE)
+    check(info.value, str(users), "", "not UTF-8")
+
+
+# --- Grants: reloading -----------------------------------------------------------------
+
+
+def test_reload_sees_a_rewrite(keys: list[str], tmp_path: Path, events: Events) -> None:
+    users = write(tmp_path / "users", f'permitopen="a:1" {keys[0]} alice')
+    grants = Grants(RelayConfig(users_file=users), SOURCE)
+    alice = grants.principal_for(blob(keys[0]))
+    assert alice is not None and alice.may_reach("a", 1) and not alice.may_reach("b", 1)
+    # Same length, same inode, written at once: only the content tells.
+    write(users, f'permitopen="b:1" {keys[0]} alice')
+    alice = grants.principal_for(blob(keys[0]))
+    assert alice is not None and alice.may_reach("b", 1) and not alice.may_reach("a", 1)
+    assert len(events.named("grants_reloaded")) == 1
+
+
+def test_reload_after_an_atomic_replace(keys: list[str], tmp_path: Path) -> None:
+    agents = write(tmp_path / "agents", f'permitlisten="gpu:22" {keys[0]} lab')
+    grants = Grants(RelayConfig(agents_file=agents), SOURCE)
+    assert grants.owner_of("gpu") is not None
+    fresh = write(tmp_path / "agents.new", f'permitlisten="gpu:22" {keys[1]} lab2')
+    os.replace(fresh, agents)
+    owner = grants.owner_of("gpu")
+    assert owner is not None and owner.name == "lab2"
+    assert grants.principal_for(blob(keys[0])) is None
+
+
+def test_revoked_key_is_refused_at_once(keys: list[str], tmp_path: Path) -> None:
+    users = write(tmp_path / "users", f"{keys[0]} alice", f"{keys[1]} bob")
+    grants = Grants(RelayConfig(users_file=users), SOURCE)
+    assert grants.principal_for(blob(keys[1])) is not None
+    write(users, f"{keys[0]} alice")
+    assert grants.principal_for(blob(keys[1])) is None
+    assert grants.principal_for(blob(keys[0])) is not None
+
+
+def test_broken_rewrite_keeps_the_old_grants(
+    keys: list[str], tmp_path: Path, events: Events
+) -> None:
+    users = write(tmp_path / "users", f'permitopen="a:1" {keys[0]} alice')
+    grants = Grants(RelayConfig(users_file=users), SOURCE)
+    write(users, f'permitopen="a:1" {keys[0]} alice', f"bogus {keys[1]} bob")
+    alice = grants.principal_for(blob(keys[0]))
+    assert alice is not None and alice.may_reach("a", 1)
+    assert grants.principal_for(blob(keys[1])) is None
+    [failure] = events.named("grants_reload_failed")
+    assert failure["log_level"].name == "error"
+    assert failure["file"] == f"{users}:2"
+    assert "unknown option 'bogus'" in failure["reason"]
+    # Not re-parsed (nor logged again) while the file stays as it is ...
+    grants.principal_for(blob(keys[0]))
+    grants.principals()
+    assert len(events.named("grants_reload_failed")) == 1
+    # ... and taken as soon as it is fixed.
+    write(users, f'permitopen="a:1" {keys[0]} alice', f"{keys[1]} bob")
+    bob = grants.principal_for(blob(keys[1]))
+    assert bob is not None and bob.name == "bob"
+
+
+def test_a_conflict_on_reload_is_refused(keys: list[str], tmp_path: Path, events: Events) -> None:
+    agents = write(tmp_path / "agents", f'permitlisten="gpu:22" {keys[0]} lab')
+    users = write(tmp_path / "users", f"{keys[1]} alice")
+    grants = Grants(RelayConfig(agents_file=agents, users_file=users), SOURCE)
+    write(users, f"{keys[1]} alice", f"{keys[0]} mallory")
+    principal = grants.principal_for(blob(keys[0]))
+    assert principal is not None and principal.name == "lab"
+    [failure] = events.named("grants_reload_failed")
+    assert "already belongs to agent 'lab'" in failure["reason"]
+
+
+def test_a_deleted_file_keeps_the_old_grants(
+    keys: list[str], tmp_path: Path, events: Events
+) -> None:
+    users = write(tmp_path / "users", f"{keys[0]} alice")
+    grants = Grants(RelayConfig(users_file=users), SOURCE)
+    users.unlink()
+    assert grants.principal_for(blob(keys[0])) is not None
+    [failure] = events.named("grants_reload_failed")
+    assert "cannot read the users file" in failure["reason"]
+    write(users, f"{keys[1]} bob")
+    assert grants.principal_for(blob(keys[0])) is None
+    assert grants.principal_for(blob(keys[1])) is not None
+
+
+def test_an_unchanged_file_is_only_stat_ed(
+    keys: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = write(tmp_path / "users", f"{keys[0]} alice")
+    grants = Grants(RelayConfig(users_file=users), SOURCE)
+    monkeypatch.setattr(grants_module, "_RACY_NS", 0)
+    reads: list[Path] = []
+    real_read = grants_module._read
+
+    def counting_read(path: Path, kind: str) -> Any:
+        reads.append(path)
+        return real_read(path, kind)
+
+    monkeypatch.setattr(grants_module, "_read", counting_read)
+    for _ in range(5):
+        assert grants.principal_for(blob(keys[0])) is not None
+    assert reads == []
+    os.utime(users, ns=(1, 1))
+    assert grants.principal_for(blob(keys[0])) is not None
+    assert reads == [users]
+
+
+def test_a_change_invisible_to_stat_is_seen_while_racy(
+    keys: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rewrite within one tick of the file system's clock can keep inode, size and
+    times; for a while after a change the content itself is compared."""
+    now = time.time_ns()
+    monkeypatch.setattr(grants_module, "_signature", lambda st: (0, 0, 0, now, now))
+    users = write(tmp_path / "users", f"{keys[0]} alice")
+    grants = Grants(RelayConfig(users_file=users), SOURCE)
+    write(users, f"{keys[0]} alice", f"{keys[1]} bob")
+    assert grants.principal_for(blob(keys[1])) is not None
+    monkeypatch.setattr(grants_module, "_RACY_NS", 0)
+    write(users, f"{keys[0]} alice")
+    assert grants.principal_for(blob(keys[1])) is not None, "stat-only once no longer racy"
