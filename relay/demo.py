@@ -1,17 +1,19 @@
-"""``labrelay demo``: the seed's whole path on loopback, ready to try.
+"""``labrelay demo``: the whole product on loopback, ready to try.
 
-Stands up, in a temporary directory and on 127.0.0.1 only:
+Stands up, in a temporary directory and on 127.0.0.1 only, all in this process:
 
-* a private OpenSSH ``sshd`` playing the cloud server (own config, host key and
-  authorized keys; nothing of the machine's own sshd is touched), which is also
-  the "GPU cluster" sshd the user logs into through the tunnel;
-* a small web page playing the lab's Jupyter;
-* a labrelay agent (in this process) with reverse forwards for both, a local
-  forward, and its admin endpoint;
+* labrelay's relay (the cloud end) with grants for one agent and two users;
+* an agent (the lab PC) linked to it, registering the named services
+  ``jupyter:8888`` (a small web page standing in for the lab's Jupyter) and, when
+  OpenSSH's ``sshd`` is installed, ``gpu-cluster:22`` (a private sshd standing in
+  for the GPU cluster: nothing of the machine's own sshd is touched);
+* a second, simulated user (bob) whose own labrelay link holds a local forward to
+  ``jupyter:8888`` through the relay;
 
-then proves the path (an HTTP fetch through the server-side port, and a real
-``ssh`` session through the tunnel when the ``ssh`` client is installed) and
-prints the commands to try while it runs.
+then proves the path (bob's HTTP fetch through relay and agent; alice's real
+``ssh -J`` login to ``gpu-cluster`` by name when ``ssh``/``sshd`` exist) and prints
+the commands to try while it runs.  No OpenSSH server is needed for the relay
+path itself.
 """
 
 from __future__ import annotations
@@ -41,10 +43,15 @@ from .config import (
     LinkConfig,
     LocalForward,
     NodeConfig,
+    PrincipalConfig,
+    RelayConfig,
     RemoteForward,
+    ServiceGrant,
 )
 from .keygen import generate_keypair
+from .relayserver import load_host_keys
 from .service import make_node_service
+from .ssh.hostkeys import fingerprint_sha256
 
 log = Logger(namespace="labrelay.demo")
 MARKER = "hello from the lab (labrelay demo)"
@@ -126,28 +133,46 @@ class Demo:
         self.reactor = reactor
         self.dir = workdir
         self.user = getpass.getuser()
+        self.relay_port = _free_port()
         self.sshd_port = _free_port()
         self.admin_port = _free_port()
         self.sshd: _SshdProtocol | None = None
         self.node: Any = None
         self.web_port: Any = None
+        self.keys: dict[str, str] = {}
 
-    def _write_files(self) -> None:
+    def _write_files(self, with_sshd: bool) -> None:
         d = self.dir
-        generate_keypair(d / "host_ed25519", "demo-sshd-host-key")
-        agent_line = generate_keypair(d / "agent_ed25519", "labrelay-demo-agent")
-        user_line = generate_keypair(d / "user_ed25519", "labrelay-demo-user")
-        (d / "authorized_keys").write_text(f"{agent_line}\n{user_line}\n")
-        host_pub = (d / "host_ed25519.pub").read_text().split()[:2]
-        (d / "known_hosts").write_text(f"[127.0.0.1]:{self.sshd_port} {' '.join(host_pub)}\n")
-        (d / "sshd_config").write_text(
-            f"Port {self.sshd_port}\nListenAddress 127.0.0.1\n"
-            f"HostKey {d / 'host_ed25519'}\nPidFile {d / 'sshd.pid'}\n"
-            f"AuthorizedKeysFile {d / 'authorized_keys'}\n"
-            "StrictModes no\nUsePAM no\nPasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-            "AllowTcpForwarding yes\nGatewayPorts no\nX11Forwarding no\n"
-            "SetEnv LABRELAY_DEMO_HOST=gpu_cluster\nLogLevel INFO\n"
+        for name in ("lab_pc", "alice", "bob"):
+            self.keys[name] = generate_keypair(d / f"{name}_ed25519", name)
+        host_keys = load_host_keys(d / "relay-state")
+        relay_pub = next(iter(host_keys.values())).public()
+        self.relay_fingerprint = fingerprint_sha256(relay_pub)
+        known = [f"[127.0.0.1]:{self.relay_port} {relay_pub.toString('OPENSSH').decode()}"]
+        if with_sshd:
+            generate_keypair(d / "gpu_host_ed25519", "demo-gpu-cluster-host-key")
+            gpu_pub = " ".join((d / "gpu_host_ed25519.pub").read_text().split()[:2])
+            known.append(f"gpu-cluster {gpu_pub}")
+            (d / "authorized_keys").write_text(self.keys["alice"] + "\n")
+            (d / "sshd_config").write_text(
+                f"Port {self.sshd_port}\nListenAddress 127.0.0.1\n"
+                f"HostKey {d / 'gpu_host_ed25519'}\nPidFile {d / 'sshd.pid'}\n"
+                f"AuthorizedKeysFile {d / 'authorized_keys'}\n"
+                "StrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+                "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+                "AllowTcpForwarding no\nX11Forwarding no\n"
+                "SetEnv LABRELAY_DEMO_HOST=gpu_cluster\nLogLevel INFO\n"
+            )
+        (d / "known_hosts").write_text("\n".join(known) + "\n")
+        (d / "ssh_config").write_text(
+            f"Host labrelay\n    HostName 127.0.0.1\n    Port {self.relay_port}\n"
+            f"    User alice\n    IdentityFile {d / 'alice_ed25519'}\n"
+            "    IdentitiesOnly yes\n    BatchMode yes\n"
+            f"    UserKnownHostsFile {d / 'known_hosts'}\n    StrictHostKeyChecking yes\n\n"
+            f"Host gpu-cluster\n    ProxyJump labrelay\n    User {self.user}\n"
+            f"    IdentityFile {d / 'alice_ed25519'}\n    IdentitiesOnly yes\n"
+            "    BatchMode yes\n"
+            f"    UserKnownHostsFile {d / 'known_hosts'}\n    StrictHostKeyChecking yes\n"
         )
 
     async def start_sshd(self, sshd: str) -> None:
@@ -166,103 +191,120 @@ class Demo:
             if timer.active():
                 timer.cancel()
 
-    def node_config(self, web_port: int) -> NodeConfig:
-        link = LinkConfig(
-            name="cloud",
-            host="127.0.0.1",
-            port=self.sshd_port,
-            user=self.user,
-            identities=(self.dir / "agent_ed25519",),
-            host_key=HostKeyPolicy(known_hosts=self.dir / "known_hosts"),
-            keepalive=Keepalive(interval=5, count_max=3),
-            backoff=Backoff(initial=0.5, maximum=5),
-            remote=(
-                RemoteForward("127.0.0.1", 0, HostPort("127.0.0.1", self.sshd_port), "gpu-ssh"),
-                RemoteForward("127.0.0.1", 0, HostPort("127.0.0.1", web_port), "jupyter"),
-            ),
-            local=(LocalForward("127.0.0.1", 0, HostPort("127.0.0.1", web_port), "jupyter-L"),),
+    def _principal(self, kind: str, name: str, services: list[str]) -> PrincipalConfig:
+        return PrincipalConfig(
+            kind=kind, name=name, keys=(self.keys[name],),
+            services=tuple(ServiceGrant(n, int(p)) for n, p in (s.split(":") for s in services)),
         )
-        return NodeConfig(source="labrelay demo", links=(link,),
+
+    def _link(self, name: str, remote: tuple[RemoteForward, ...] = (),
+              local: tuple[LocalForward, ...] = ()) -> LinkConfig:
+        return LinkConfig(
+            name=name, host="127.0.0.1", port=self.relay_port, user=name,
+            identities=(self.dir / f"{name}_ed25519",),
+            host_key=HostKeyPolicy(fingerprint=self.relay_fingerprint),
+            keepalive=Keepalive(interval=5, count_max=3), backoff=Backoff(initial=0.2, maximum=2),
+            remote=remote, local=local,
+        )
+
+    def node_config(self, web_port: int, with_sshd: bool) -> NodeConfig:
+        services = ["jupyter:8888"] + (["gpu-cluster:22"] if with_sshd else [])
+        relay = RelayConfig(
+            listen=HostPort("127.0.0.1", self.relay_port), state_dir=self.dir / "relay-state",
+            public_bind="127.0.0.1",
+            agents=(self._principal("agent", "lab_pc", services),),
+            users=(self._principal("user", "alice", services),
+                   self._principal("user", "bob", ["jupyter:8888"])),
+            keepalive=Keepalive(interval=5, count_max=3),
+        )
+        remote = [RemoteForward("jupyter", 8888, HostPort("127.0.0.1", web_port), "jupyter")]
+        if with_sshd:
+            remote.append(RemoteForward("gpu-cluster", 22, HostPort("127.0.0.1", self.sshd_port),
+                                        "gpu-cluster"))
+        agent = self._link("lab_pc", remote=tuple(remote))
+        bob = self._link("bob", local=(
+            LocalForward("127.0.0.1", 0, HostPort("jupyter", 8888), "bob-jupyter"),))
+        return NodeConfig(source="labrelay demo", links=(agent, bob), relay=relay,
                           admin=AdminConfig(HostPort("127.0.0.1", self.admin_port)))
 
     async def run(self, once: bool) -> int:
         sshd = find_sshd()
-        if sshd is None:
-            raise DemoError("OpenSSH's sshd is not installed; on Debian/Ubuntu: "
-                            "apt-get install openssh-server (scripts/dev demo does it for you)")
-        self._write_files()
-        await self.start_sshd(sshd)
+        with_sshd = sshd is not None and shutil.which("ssh") is not None
+        self._write_files(with_sshd)
+        if with_sshd:
+            assert sshd is not None
+            await self.start_sshd(sshd)
         site = Site(_Page())
         site.noisy = False
         self.web_port = self.reactor.listenTCP(0, site, interface="127.0.0.1")
         web = self.web_port.getHost().port
-        self.node = make_node_service(self.node_config(web), self.reactor)
+        self.node = make_node_service(self.node_config(web, with_sshd), self.reactor)
         self.node.startService()
-        link = self.node.links[0]
-        ready = link.whenAllReady()
+        agent, bob = self.node.links
+        ready = defer.DeferredList([agent.whenAllReady(), bob.whenReady(PROOF_TIMEOUT)],
+                                   fireOnOneErrback=True, consumeErrors=True)
         timer = self.reactor.callLater(PROOF_TIMEOUT, ready.cancel)
         try:
             await ready
-        except defer.CancelledError:
-            raise DemoError(f"the forwards were not ready within {PROOF_TIMEOUT:g}s; "
-                            f"link state: {link.state}, last error: {link.last_error}") from None
+        except (defer.CancelledError, defer.FirstError):
+            raise DemoError(f"the links were not ready within {PROOF_TIMEOUT:g}s; agent: "
+                            f"{agent.state} ({agent.last_error}), bob: {bob.state} "
+                            f"({bob.last_error})") from None
         finally:
             if timer.active():
                 timer.cancel()
-        ports = {f.name: f.bound_port for f in link.remote + link.local}
-        await self.prove(ports)
-        self.print_tries(ports, once)
+        bob_port = bob.local[0].bound_port
+        await self.prove(bob_port, with_sshd)
+        self.print_tries(bob_port, with_sshd, once)
         if once:
             return 0
         await defer.Deferred()  # until Ctrl-C stops the reactor
         return 0
 
-    async def prove(self, ports: dict[str, int | None]) -> None:
+    async def prove(self, bob_port: int | None, with_sshd: bool) -> None:
         from twisted.web.client import Agent, readBody
 
-        agent = Agent(self.reactor)
-        for name in ("jupyter", "jupyter-L"):
-            url = f"http://127.0.0.1:{ports[name]}/".encode()
-            body = (await readBody(await agent.request(b"GET", url))).decode()
-            if MARKER not in body:
-                raise DemoError(f"unexpected answer through {name}: {body!r}")
-            log.info("proved: GET {url} through forward {name} -> {body}",
-                     event="demo_proof", url=url.decode(), name=name, body=body.strip())
-        ssh = shutil.which("ssh")
-        if ssh is None:
-            log.info("no ssh client installed: skipping the ssh proof", event="demo_proof")
+        url = f"http://127.0.0.1:{bob_port}/".encode()
+        body = (await readBody(await Agent(self.reactor).request(b"GET", url))).decode()
+        if MARKER not in body:
+            raise DemoError(f"unexpected answer through the relay: {body!r}")
+        log.info("proved: bob's GET {url} -> relay -> jupyter:8888 -> {body}",
+                 event="demo_proof", url=url.decode(), body=body.strip())
+        if not with_sshd:
+            log.info("no OpenSSH sshd/ssh installed: skipping the ssh -J proof",
+                     event="demo_proof")
             return
+        ssh = shutil.which("ssh")
+        assert ssh is not None
         collect = _CollectProtocol()
-        argv = [ssh, *self.ssh_options(), "-p", str(ports["gpu-ssh"]), f"{self.user}@127.0.0.1",
-                "echo reached $LABRELAY_DEMO_HOST as $(id -un) through the tunnel"]
+        argv = [ssh, "-F", str(self.dir / "ssh_config"), "gpu-cluster",
+                "echo reached $LABRELAY_DEMO_HOST as $(id -un) by name through the relay"]
         self.reactor.spawnProcess(collect, ssh, argv, env=dict(os.environ))
         code, out, err = await collect.done
         if code != 0 or "reached gpu_cluster" not in out:
-            raise DemoError(f"ssh through the tunnel failed (exit {code}): {err or out}")
-        log.info("proved: ssh through forward gpu-ssh -> {out}", event="demo_proof",
+            raise DemoError(f"ssh -J through the relay failed (exit {code}): {err or out}")
+        log.info("proved: alice's ssh -J gpu-cluster -> {out}", event="demo_proof",
                  out=out.strip())
 
-    def ssh_options(self) -> list[str]:
-        return ["-i", str(self.dir / "user_ed25519"), "-o", "IdentitiesOnly=yes",
-                "-o", f"UserKnownHostsFile={self.dir / 'known_hosts'}",
-                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
-                "-o", "HostKeyAlias=[127.0.0.1]:" + str(self.sshd_port)]
-
-    def print_tries(self, ports: dict[str, int | None], once: bool) -> None:
-        opts = " ".join(self.ssh_options())
+    def print_tries(self, bob_port: int | None, with_sshd: bool, once: bool) -> None:
+        cfg = self.dir / "ssh_config"
+        ssh_lines = (
+            f"  ssh -F {cfg} gpu-cluster 'echo $LABRELAY_DEMO_HOST'      # alice, by name\n"
+            f"  ssh -F {cfg} -J labrelay gpu-cluster                     # the same with -J\n"
+            if with_sshd else
+            "  (install openssh-server and openssh-client to also try ssh -J gpu-cluster)\n"
+        )
         print(
             f"""
 labrelay demo is up (files in {self.dir}):
-  private sshd (the "cloud server")  127.0.0.1:{self.sshd_port}
-  agent link "cloud" with reverse forwards
-    gpu-ssh   127.0.0.1:{ports['gpu-ssh']} on the server -> the GPU cluster's sshd
-    jupyter   127.0.0.1:{ports['jupyter']} on the server -> the lab's web service
-  and a local forward
-    jupyter-L 127.0.0.1:{ports['jupyter-L']} here -> the lab's web service via the server
+  relay        127.0.0.1:{self.relay_port}  host key {self.relay_fingerprint}
+  agent lab_pc registered  jupyter:8888{'  gpu-cluster:22' if with_sshd else ''}
+  user bob     local forward 127.0.0.1:{bob_port} -> jupyter:8888 via the relay
+  users alice (you, keys in {self.dir}) and bob are granted what they may reach
 
 Try, in another terminal:
-  ssh {opts} -p {ports['gpu-ssh']} {self.user}@127.0.0.1 'echo $LABRELAY_DEMO_HOST'
-  curl http://127.0.0.1:{ports['jupyter']}/
+{ssh_lines}  ssh -F {cfg} -N -L 8888:jupyter:8888 labrelay              # then open http://127.0.0.1:8888/
+  curl http://127.0.0.1:{bob_port}/
   labrelay status --admin 127.0.0.1:{self.admin_port}
   curl http://127.0.0.1:{self.admin_port}/metrics
 {"(--once: stopping now; run `labrelay demo` to keep it up)" if once else "Press Ctrl-C to stop."}

@@ -168,10 +168,10 @@ class RelayCore:
                 return self._refuse(conn, what, f"cannot listen on public port {port}")
             name = PUBLIC
         else:
-            if not principal.may_register(bind, port):
+            name = bind.lower()  # ssh lower-cases host names: names are case-insensitive
+            if not principal.may_register(name, port):
                 return self._refuse(conn, what, f"service {bind}:{port} is not granted to "
                                     f"agent {principal.name}")
-            name = bind
         outcome, why = self.registry.offer(name, port, conn)
         if outcome is Outcome.REFUSED:
             return self._refuse(conn, what, why)
@@ -235,7 +235,7 @@ class RelayCore:
             bind = bindb.decode("utf-8")
         except (ValueError, struct.error, UnicodeDecodeError):
             return False
-        name = PUBLIC if bind in PUBLIC_BINDS else bind
+        name = PUBLIC if bind in PUBLIC_BINDS else bind.lower()
         if not self.registry.unregister(name, port, conn):
             return False
         self._log.info("agent {agent} cancelled {service}", event="relay_service_cancelled",
@@ -270,6 +270,7 @@ class RelayCore:
                         channel: BridgedChannel) -> defer.Deferred[BridgedChannel]:
         ident = conn.identity
         principal = self.grants.principal_for(ident.key_blob)
+        host = host.lower()
         service = f"{host}:{port}"
 
         def refuse(code: int, why: str) -> defer.Deferred[BridgedChannel]:
@@ -324,6 +325,7 @@ class RelayCore:
         the service must be granted to an agent here, and its agent gets the usual
         ``public_wait`` to come back.
         """
+        name = name.lower()
         if self.registry.lookup(name, port) is None and self.grants.owner_of(name) is None:
             return defer.fail(error.ConchError(f"no service {name}:{port} on this relay",
                                                OPEN_CONNECT_FAILED))

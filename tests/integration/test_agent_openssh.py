@@ -532,13 +532,15 @@ connect = "127.0.0.1:{echo.port}"
 
 
 def test_demo_proves_the_path(start_process: Callable[..., AgentProcess]) -> None:
-    """``labrelay demo --once`` (the README's first command) sets up a private sshd, a
-    web target and an agent, and proves the path with HTTP and a real ssh login."""
+    """``labrelay demo --once`` (the README's first command) runs the relay, an agent
+    and a simulated user in one process, plus a private sshd as the GPU cluster, and
+    proves the path: bob's HTTP through the relay, alice's real ``ssh -J`` by name."""
     demo = start_process(
         [sys.executable, "-m", "relay", "demo", "--once", "--log-format", "json"], name="demo"
     )
     assert demo.wait_exit(timeout=60) == 0, demo.diagnostics()
     proofs = [e["text"] for e in demo.events("demo_proof")]
-    assert any("through forward jupyter ->" in t and "hello from the lab" in t for t in proofs)
-    assert any("through forward jupyter-L ->" in t for t in proofs)
-    assert any("reached gpu_cluster" in t for t in proofs), proofs
+    assert any("-> relay -> jupyter:8888 ->" in t and "hello from the lab" in t for t in proofs)
+    assert any("ssh -J gpu-cluster -> reached gpu_cluster" in t for t in proofs), proofs
+    registered = {e["service"] for e in demo.events("relay_service_registered")}
+    assert registered == {"jupyter:8888", "gpu-cluster:22"}
