@@ -70,6 +70,7 @@ class RemoteForward:
     port: int
     connect: HostPort
     name: str
+    via_relay: bool = False  # ``connect`` names a service registered at this node's relay
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,18 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class PlainForwardConfig:
+    """``[[forward]]``: a plain TCP hop.  This node listens on ``bind:port`` and splices
+    every connection it accepts to ``connect`` (no SSH, no user-space copy; see
+    docs/datapath.md).  ``port == 0`` picks a free port (logged)."""
+
+    bind: str
+    port: int
+    connect: HostPort
+    name: str
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything one labrelay process runs."""
 
@@ -214,6 +227,7 @@ class NodeConfig:
     links: tuple[LinkConfig, ...] = ()
     admin: AdminConfig | None = None
     relay: RelayConfig | None = None
+    forwards: tuple[PlainForwardConfig, ...] = ()
 
 
 # ---------------------------------------------------------------------------
@@ -813,6 +827,7 @@ _LINK_KEYS = {
 _REMOTE_KEYS = {
     "listen": 'listen = "2201"',
     "connect": 'connect = "10.0.0.5:22"',
+    "service": 'service = "gpu-cluster:22"',
     "name": 'name = "gpu-ssh"',
 }
 _LOCAL_KEYS = {
@@ -1056,18 +1071,24 @@ def _path(text: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _parse_forwards(link: _Section, kind: ForwardKind) -> list[tuple[str, int, HostPort, str]]:
-    """The ``[[link.remote]]`` or ``[[link.local]]`` entries as (bind, port, connect, name)."""
+def _parse_forwards(link: _Section, kind: ForwardKind) -> list[tuple[Any, ...]]:
+    """The ``[[link.remote]]`` or ``[[link.local]]`` entries as (bind, port, connect, name)
+    (and, for remote forwards, whether ``connect`` is a service of this node's relay)."""
     examples = _REMOTE_KEYS if kind == "remote" else _LOCAL_KEYS
     default_bind = REMOTE_DEFAULT_BIND if kind == "remote" else LOCAL_DEFAULT_BIND
-    forwards = []
+    forwards: list[tuple[Any, ...]] = []
     for sec in link.tables(kind, examples):
         listen = sec.string("listen", required=True)
-        connect = sec.string("connect", required=True)
+        service = sec.string("service") if kind == "remote" else None
+        if service is not None and sec.string("connect") is not None:
+            raise sec.error("service", "set either connect (a host:port reached from this "
+                            "node) or service (a service registered at this node's relay), "
+                            "not both", 'e.g. service = "gpu-cluster:22"')
+        connect = service if service is not None else sec.string("connect", required=True)
         assert listen is not None and connect is not None
         with sec.at("listen"):
             bind, port = _listen(listen, default_bind)
-        with sec.at("connect"):
+        with sec.at("service" if service is not None else "connect"):
             target = _hostport(connect)
         name = sec.string("name")
         if name is None:
@@ -1075,7 +1096,8 @@ def _parse_forwards(link: _Section, kind: ForwardKind) -> list[tuple[str, int, H
         else:
             with sec.at("name"):
                 _name(name)
-        forwards.append((bind, port, target, name))
+        forwards.append((bind, port, target, name, True) if service is not None
+                        else (bind, port, target, name))
     return forwards
 
 
@@ -1360,6 +1382,77 @@ def validate_node(config: NodeConfig, locate: Locate | None = None) -> None:
             names[fwd.name] = keypath
 
 
+# --- [[forward]]: plain TCP hops --------------------------------------------
+
+_TOP_KEYS["forward"] = '[[forward]] listen = "0.0.0.0:2201", connect = "localhost:22"'
+_FORWARD_KEYS = {
+    "listen": 'listen = "0.0.0.0:2201"',
+    "connect": 'connect = "10.0.0.5:22"',
+    "name": 'name = "gpu-ssh-hop"',
+}
+
+
+def default_plain_forward_name(bind: str, port: int) -> str:
+    """``P:2201`` (default bind), ``P:0.0.0.0:2201``; an empty bind reads ``*``."""
+    if bind == LOCAL_DEFAULT_BIND:
+        return f"P:{port}"
+    return f"P:{_bracket(bind) if bind else '*'}:{port}"
+
+
+def _parse_plain_forwards(top: _Section) -> tuple[PlainForwardConfig, ...]:
+    forwards = []
+    for sec in top.tables("forward", _FORWARD_KEYS):
+        listen = sec.string("listen", required=True)
+        connect = sec.string("connect", required=True)
+        assert listen is not None and connect is not None
+        with sec.at("listen"):
+            bind, port = _listen(listen, LOCAL_DEFAULT_BIND)
+        with sec.at("connect"):
+            target = _hostport(connect)
+        name = sec.string("name")
+        if name is None:
+            name = default_plain_forward_name(bind, port)
+        else:
+            with sec.at("name"):
+                _name(name)
+        forwards.append(PlainForwardConfig(bind, port, target, name))
+    return tuple(forwards)
+
+
+def _validate_plain_forwards(config: NodeConfig) -> None:
+    """A ``[[forward]]`` name is unique among all the node's forwards, and its listen
+    address is not used by another ``[[forward]]`` or ``[[link.local]]`` (port 0 excepted)."""
+    names: dict[str, str] = {}
+    listens: dict[tuple[str, int], str] = {}
+    for i, link in enumerate(config.links):
+        for j, remote in enumerate(link.remote):
+            names.setdefault(remote.name, f"link[{i}].remote[{j}]")
+        for j, local in enumerate(link.local):
+            names.setdefault(local.name, f"link[{i}].local[{j}]")
+            if local.port != 0:
+                listens.setdefault((local.bind, local.port), f"link[{i}].local[{j}].listen")
+    for i, fwd in enumerate(config.forwards):
+        base = f"forward[{i}]"
+        key = (fwd.bind, fwd.port)
+        if fwd.port != 0 and key in listens:
+            address = f"{_bracket(fwd.bind)}:{fwd.port}" if fwd.bind else str(fwd.port)
+            raise ConfigError(
+                config.source, f"{base}.listen",
+                f"{address} is already used by {listens[key]}",
+                "each listen address carries one forward; change the port",
+            )
+        listens[key] = f"{base}.listen"
+        derived = fwd.name == default_plain_forward_name(fwd.bind, fwd.port)
+        if fwd.name in names:
+            raise ConfigError(
+                config.source, base if derived else f"{base}.name",
+                f"duplicate {'derived ' if derived else ''}forward name {fwd.name!r} "
+                f"(also {names[fwd.name]})",
+                'forward names are unique within a node: set name = "..." on one of them',
+            )
+        names[fwd.name] = base
+
+
 def parse_config(text: str, source: str, *, base_dir: Path | None = None) -> NodeConfig:
     """Parse a node's TOML config.  ``source`` names it in errors; relative paths in
     it are relative to ``base_dir`` (default: the directory of ``source``).
@@ -1387,8 +1480,10 @@ def parse_config(text: str, source: str, *, base_dir: Path | None = None) -> Nod
         ),
         admin=_parse_admin(admin) if admin is not None else None,
         relay=_parse_relay(relay, base) if relay is not None else None,
+        forwards=_parse_plain_forwards(top),
     )
     validate_node(config)
+    _validate_plain_forwards(config)
     return config
 
 

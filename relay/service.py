@@ -63,6 +63,18 @@ class NodeService(MultiService):
                         local_relay=self.relay.core if self.relay is not None else None)
             link.setServiceParent(self)
             self.links.append(link)
+        self.plain_forwards: list[Any] = []
+        if config.forwards:
+            from .datapath import DatapathError
+            from .plainhop import PlainForward
+
+            for fwd in config.forwards:
+                try:
+                    plain = PlainForward(fwd, reactor, on_fatal=on_fatal)
+                except DatapathError as e:
+                    raise ConfigError("environment", "LABRELAY_DATAPATH", str(e)) from e
+                plain.setServiceParent(self)
+                self.plain_forwards.append(plain)
         if config.admin is not None:
             listen = config.admin.listen
             site = Site(admin_resource(self.status))
@@ -76,6 +88,9 @@ class NodeService(MultiService):
                     "links": [link.status() for link in self.links]}
         if self.relay is not None:
             snapshot["relay"] = self.relay.core.status()
+        if self.plain_forwards:
+            snapshot["forwards"] = [f.status() for f in self.plain_forwards]
+            snapshot["datapath"] = self.plain_forwards[0].datapath.status()
         return snapshot
 
 
