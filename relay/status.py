@@ -78,7 +78,44 @@ def prometheus_text(snapshot: dict[str, Any]) -> str:
         for link_name, f in forwards:
             labels = f'link="{link_name}",forward="{_label(f["name"])}",kind="{f["kind"]}"'
             lines.append(f"labrelay_{metric}{{{labels}}} {value(f)}")
+    relay = snapshot.get("relay")
+    if relay is not None:
+        lines += _relay_metrics(relay)
     return "\n".join(lines) + "\n"
+
+
+def _relay_metrics(relay: dict[str, Any]) -> list[str]:
+    lines = [
+        "# HELP labrelay_relay_agents_connected Agent connections now.",
+        "# TYPE labrelay_relay_agents_connected gauge",
+        f"labrelay_relay_agents_connected {len(relay.get('agents', []))}",
+        "# HELP labrelay_relay_users_connected User connections now.",
+        "# TYPE labrelay_relay_users_connected gauge",
+        f"labrelay_relay_users_connected {len(relay.get('users', []))}",
+        "# HELP labrelay_relay_service_up 1 while an agent holds the service.",
+        "# TYPE labrelay_relay_service_up gauge",
+    ]
+    for svc in relay.get("services", []):
+        lines.append(f'labrelay_relay_service_up{{service="{_label(svc["service"])}",'
+                     f'owner="{_label(svc["owner"])}"}} 1')
+    per_service = relay.get("per_service", {})
+    for metric, key, kind in (
+        ("relay_sessions_active", "sessions_active", "gauge"),
+        ("relay_sessions_total", "sessions_total", "counter"),
+        ("relay_bytes_to_service_total", "bytes_to_service", "counter"),
+        ("relay_bytes_from_service_total", "bytes_from_service", "counter"),
+    ):
+        lines.append(f"# TYPE labrelay_{metric} {kind}")
+        for name, values in per_service.items():
+            lines.append(f'labrelay_{metric}{{service="{_label(name)}"}} {values[key]}')
+    lines.append("# HELP labrelay_relay_user_sessions Sessions open now per user.")
+    lines.append("# TYPE labrelay_relay_user_sessions gauge")
+    for user, count in relay.get("per_user", {}).items():
+        lines.append(f'labrelay_relay_user_sessions{{user="{_label(user)}"}} {count}')
+    for counter, value in relay.get("counters", {}).items():
+        lines.append(f"# TYPE labrelay_relay_{counter}_total counter")
+        lines.append(f"labrelay_relay_{counter}_total {value}")
+    return lines
 
 
 def admin_resource(snapshot: Snapshot) -> Resource:
@@ -134,7 +171,38 @@ def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
                 f"{f['bytes_to_target']}/{f['bytes_from_target']}", note,
             ])
     head = f"labrelay {snapshot.get('version', '?')} (pid {snapshot.get('pid', '?')})"
-    return f"{head}\n\n{_table(links)}\n\n{_table(forwards)}\n"
+    parts = [head]
+    if len(links) > 1:
+        parts += [_table(links), _table(forwards)]
+    relay = snapshot.get("relay")
+    if relay is not None:
+        parts += _relay_tables(relay, now)
+    return "\n\n".join(parts) + "\n"
+
+
+def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
+    agents = [["AGENT", "FROM", "SERVICES"]] + [
+        [a["name"], a["peer"], " ".join(a["services"]) or "-"] for a in relay.get("agents", [])
+    ]
+    services = [["SERVICE", "OWNER", "FOR", "OPEN", "TOTAL", "BYTES TO/FROM"]]
+    per_service = relay.get("per_service", {})
+    for svc in relay.get("services", []):
+        totals = per_service.get(svc["service"], {})
+        services.append([
+            svc["service"], svc["owner"], _age(svc.get("since"), now),
+            str(totals.get("sessions_active", 0)), str(totals.get("sessions_total", 0)),
+            f"{totals.get('bytes_to_service', 0)}/{totals.get('bytes_from_service', 0)}",
+        ])
+    sessions = [["USER", "SERVICE", "FROM", "AGE", "BYTES TO/FROM"]] + [
+        [s["user"], s["service"], s["origin"], f"{s['age']:.0f}s",
+         f"{s['bytes_to_service']}/{s['bytes_from_service']}"]
+        for s in relay.get("sessions", [])
+    ]
+    out = [f"relay on {relay.get('listen', '?')}: {len(relay.get('agents', []))} agent(s), "
+           f"{len(relay.get('users', []))} user connection(s)", _table(agents), _table(services)]
+    if len(sessions) > 1:
+        out.append(_table(sessions))
+    return out
 
 
 def base_snapshot(pid: int, started: float) -> dict[str, Any]:
