@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, cast
 from twisted.conch import error
 from twisted.conch.ssh import common, keys, transport, userauth
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -26,6 +25,7 @@ from twisted.python.failure import Failure
 
 from ..bridge import TCPSide
 from ..keepalive import KeepaliveMonitor
+from ..net import client_endpoint, quickack
 from .channels import BridgedChannel
 from .connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, FlowConnection
 from .hostkeys import HostKeyError
@@ -80,6 +80,10 @@ class LinkTransport(transport.SSHClientTransport):
             f"(phase {self.phase}); is this an SSH server, and is it responsive?"
         )
         self.tcp.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        quickack(self.transport)
+        super().dataReceived(data)
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         conn = self.connection
@@ -271,8 +275,8 @@ class LinkConnection(FlowConnection):
             # Chaining: the target is a service registered at this node's own relay.
             d = self.link.openRelayService(target.host, target.port, origin)
         else:
-            endpoint = HostnameEndpoint(
-                self.link.reactor, target.host, target.port, timeout=TARGET_CONNECT_TIMEOUT
+            endpoint = client_endpoint(
+                self.link.reactor, target.host, target.port, TARGET_CONNECT_TIMEOUT
             )
             d = endpoint.connect(Factory.forProtocol(TCPSide))
         return d.addCallbacks(connected, failed)
