@@ -186,28 +186,43 @@ class RelayCore:
                            holder: Registration, what: str) -> defer.Deferred[bool]:
         old: Any = holder.session
         why_alive = f"held by a live session of {holder.owner} from {old.peer}"
-        answered = old.probe()
-        timer = self.reactor.callLater(TAKEOVER_PROBE, answered.cancel)
+        result: defer.Deferred[bool] = defer.Deferred()
 
-        def alive(_: object) -> bool:
+        # The probe's own Deferred cannot be cancelled to mean "no answer":
+        # ``probe()`` turns every failure (a cancellation too) into an answer.
+        def answered(_: object) -> None:
+            if result.called:
+                return
             if timer.active():
                 timer.cancel()
-            if conn not in self.connections:
-                return False
-            return self._refuse(conn, what, f"{why_alive} (answered a probe just now)")
+            if old not in self.connections:  # it died meanwhile: not an answer
+                result.callback(self._forward_again(conn, name, port, bind))
+            elif conn not in self.connections:
+                result.callback(False)
+            else:
+                result.callback(
+                    self._refuse(conn, what, f"{why_alive} (answered a probe just now)"))
 
-        def stale(f: Failure) -> bool:
-            f.trap(defer.CancelledError)
+        def silent() -> None:
+            if result.called:
+                return
             current = self.registry.lookup(name, port)
-            if conn not in self.connections or current is None or current.session is not old:
-                return self._forward_again(conn, name, port, bind)
-            self._register(name, port, conn, bind, takeover=True)
-            old.disconnect("superseded by a newer session of the same agent")
-            return True
+            if conn not in self.connections:
+                result.callback(False)
+            elif current is None or current.session is not old:
+                result.callback(self._forward_again(conn, name, port, bind))
+            else:
+                self._register(name, port, conn, bind, takeover=True)
+                old.disconnect("superseded by a newer session of the same agent")
+                result.callback(True)
 
-        return answered.addCallbacks(alive, stale)
+        timer = self.reactor.callLater(TAKEOVER_PROBE, silent)
+        old.probe().addBoth(answered)
+        return result
 
     def _forward_again(self, conn: RelayConnection, name: str, port: int, bind: str) -> bool:
+        if conn not in self.connections:  # gone while we probed: register nothing for it
+            return False
         outcome, why = self.registry.offer(name, port, conn)
         if outcome is Outcome.GRANTED:
             self._register(name, port, conn, bind, takeover=False)
@@ -291,7 +306,7 @@ class RelayCore:
         if self.user_active.get(principal.name, 0) >= cap:
             return refuse(OPEN_RESOURCE_SHORTAGE, f"user {principal.name} already has {cap} "
                           "sessions open (max_sessions)")
-        if self.registry.lookup(host, port) is None and self.grants.owner_of(host) is None:
+        if self.registry.lookup(host, port) is None and not self._mayAppear(host, port):
             return refuse(OPEN_CONNECT_FAILED, f"no service {service} on this relay")
         session = Session(principal.name, service, origin, self.reactor.seconds())
         self._sessionOpening(session)
@@ -326,11 +341,16 @@ class RelayCore:
         ``public_wait`` to come back.
         """
         name = name.lower()
-        if self.registry.lookup(name, port) is None and self.grants.owner_of(name) is None:
+        if self.registry.lookup(name, port) is None and not self._mayAppear(name, port):
             return defer.fail(error.ConchError(f"no service {name}:{port} on this relay",
                                                OPEN_CONNECT_FAILED))
         d = self.whenRegistered(name, port, self.config.public_wait)
         return d.addCallback(lambda reg: self._openToAgent(reg, port, origin))
+
+    def _mayAppear(self, name: str, port: int) -> bool:
+        """Whether ``name:port`` can ever be registered: worth waiting for its agent."""
+        owner = self.grants.owner_of(name)
+        return owner is not None and owner.may_register(name, port)
 
     def _openToAgent(self, reg: Registration, port: int,
                      origin: str) -> defer.Deferred[BridgedChannel]:

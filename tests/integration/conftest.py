@@ -15,18 +15,22 @@ from typing import Any
 
 import pytest
 from harness import (
+    AUDITED_LABRELAY,
     AgentProcess,
+    CountingSource,
     DataStream,
     EchoServer,
     HashSink,
     KeyPair,
     LazyReader,
     ModeServer,
+    RelayNode,
     Source,
     Sshd,
     SshProcess,
     TcpProxy,
     find_program,
+    free_port,
     make_key,
     ssh_argv,
     write_known_hosts,
@@ -213,6 +217,9 @@ class Targets:
     def lazy_reader(self) -> LazyReader:
         return self._keep(LazyReader())
 
+    def counting_source(self, stream: DataStream, stall_after: float = 2.0) -> CountingSource:
+        return self._keep(CountingSource(stream, stall_after))
+
     def proxy(self, upstream: tuple[str, int]) -> TcpProxy:
         return self._keep(TcpProxy(upstream))
 
@@ -239,3 +246,54 @@ def ssh_command(client_key: KeyPair) -> Callable[..., list[str]]:
         return ssh_argv(port, client_key.path, known_hosts, *options, command=command)
 
     return build
+
+
+def relay_command(*args: str) -> list[str]:
+    """``labrelay relay --log-format json ARGS``, with outbound connects audited on stderr."""
+    return [sys.executable, "-c", AUDITED_LABRELAY, "relay", "--log-format", "json", *args]
+
+
+@pytest.fixture
+def start_relay(
+    start_process: Callable[..., AgentProcess], tmp_path: Path
+) -> Callable[..., RelayNode]:
+    """``start_relay(agents=[...], users=[...], relay_toml="", name="relay")``.
+
+    Writes the agents and users grant files (authorized_keys lines) and a node config
+    whose ``[relay]`` listens on 127.0.0.1 port 0 and whose ``[admin]`` is on a free
+    loopback port; ``relay_toml`` is added to the ``[relay]`` table (keys, then
+    ``[[relay.user]]``/``[[relay.agent]]`` tables).  Returns once it listens.
+    """
+    count = 0
+
+    def start(
+        agents: list[str] | None = None,
+        users: list[str] | None = None,
+        relay_toml: str = "",
+        name: str = "relay",
+    ) -> RelayNode:
+        nonlocal count
+        count += 1
+        directory = tmp_path / f"{name}-{count}"
+        directory.mkdir()
+        (directory / "agents").write_text("".join(line + "\n" for line in agents or []))
+        (directory / "users").write_text("".join(line + "\n" for line in users or []))
+        admin_port = free_port()
+        config = directory / "node.toml"
+        config.write_text(
+            f"""\
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[relay]
+listen = "127.0.0.1:0"
+state_dir = "{directory / "state"}"
+agents_file = "agents"
+users_file = "users"
+{relay_toml}
+"""
+        )
+        proc = start_process(relay_command("--config", str(config)), name=name)
+        return RelayNode(proc, directory, admin_port)
+
+    return start

@@ -313,6 +313,7 @@ PrintLastLog no
 SetEnv LABRELAY_TEST_HOST={name}
 LogLevel VERBOSE
 ClientAliveInterval 0
+Subsystem sftp internal-sftp
 """
 
 _BIND_FAILED = re.compile(r"Bind to port \d+ .*failed|Cannot bind any address")
@@ -1447,3 +1448,209 @@ class TcpProxy:
                 else:
                     self._sel.modify(end.sock, want, end)
                 end.events = want
+
+
+# ---------------------------------------------------------------------------
+# the labrelay relay as a process, and what it does on the network
+
+# Runs ``labrelay ARGS`` with an audit hook that reports every outbound connect()
+# and name lookup of the process on stderr, so a test can assert on the relay's
+# connection *attempts*, not only on the replies it sends.
+AUDITED_LABRELAY = """\
+import os, sys
+def _audit(event, args):
+    if event in ("socket.connect", "socket.getaddrinfo"):
+        os.write(2, ("labrelay-audit %s %r\\n" % (event, args[1:] if event == "socket.connect"
+                                                   else args[:2])).encode())
+sys.addaudithook(_audit)
+sys.argv[0] = "labrelay"
+from relay.cli import main
+raise SystemExit(main())
+"""
+
+_TCP_STATES = {
+    "01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1",
+    "05": "FIN_WAIT2", "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT",
+    "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING", "0C": "NEW_SYN_RECV",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TcpSocket:
+    """One TCP socket a process holds, from /proc/PID/fd and /proc/PID/net/tcp{,6}."""
+
+    state: str
+    local: tuple[str, int]
+    remote: tuple[str, int]
+
+
+def _proc_address(text: str) -> tuple[str, int]:
+    addr, port = text.split(":")
+    if len(addr) == 8:  # IPv4, little-endian
+        host = socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1])
+    else:  # IPv6: four little-endian 32-bit words
+        raw = b"".join(bytes.fromhex(addr[i : i + 8])[::-1] for i in range(0, 32, 8))
+        host = socket.inet_ntop(socket.AF_INET6, raw)
+    return host, int(port, 16)
+
+
+def tcp_sockets(pid: int) -> list[TcpSocket]:
+    """Every TCP socket ``pid`` has open, with its state and both addresses."""
+    inodes: set[int] = set()
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"{fd_dir}/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    found = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if int(fields[9]) in inodes:
+                    found.append(
+                        TcpSocket(
+                            _TCP_STATES.get(fields[3], fields[3]),
+                            _proc_address(fields[1]),
+                            _proc_address(fields[2]),
+                        )
+                    )
+    return found
+
+
+class CountingSource(TcpServer):
+    """Sends ``stream`` on each connection, counting what the peer's path accepted.
+
+    A ``send`` that gets no room for ``stall_after`` seconds sets ``stalled`` (bytes
+    accepted by then in ``stalled_at``); sending then goes on with a long timeout, so a
+    reader that starts reading later still gets the whole stream.  ``connected`` is set
+    on accept, ``finished`` once everything was sent and the peer closed.
+    """
+
+    kind = "counting-source"
+
+    def __init__(self, stream: DataStream, stall_after: float = 2.0) -> None:
+        self.stream = stream
+        self.stall_after = stall_after
+        self.sent = 0
+        self.stalled_at: int | None = None
+        self.connected = threading.Event()
+        self.stalled = threading.Event()
+        self.finished = threading.Event()
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        self.connected.set()
+        conn.settimeout(self.stall_after)
+        for chunk in self.stream.chunks():
+            view = memoryview(chunk)
+            while view:
+                try:
+                    n = conn.send(view)
+                except TimeoutError:
+                    if self.stalled.is_set():
+                        raise
+                    self.stalled_at = self.sent
+                    self.stalled.set()
+                    conn.settimeout(300)
+                    continue
+                view = view[n:]
+                self.sent += n
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(120)
+        read_to_eof(conn)
+        self.finished.set()
+
+    def wait_stalled(self, timeout: float) -> int:
+        if not self.stalled.wait(timeout):
+            raise HarnessError(
+                f"source {self.port}: never stalled within {timeout}s ({self.sent} bytes sent)"
+            )
+        return self.stalled_at or 0
+
+
+class RelayNode:
+    """A running ``labrelay relay`` process (see ``start_relay`` in conftest.py).
+
+    ``port`` is its SSH port, ``known_hosts`` a file trusting its host key (tests may
+    add lines with ``trust()``), ``admin`` its status endpoint ``host:port``.
+    Outbound connection attempts of the process are in ``connect_attempts()``.
+    """
+
+    def __init__(self, proc: AgentProcess, directory: Path, admin_port: int) -> None:
+        self.proc = proc
+        self.name = proc.name
+        self.dir = directory
+        listening = proc.wait_for("relay_listening", timeout=20)
+        self.port: int = listening["port"]
+        self.fingerprints: str = listening["fingerprints"]
+        self.admin = f"{LOOPBACK}:{admin_port}"
+        self.admin_port = admin_port
+        self.host_key_path = directory / "state" / "ssh_host_ed25519_key"
+        blob = " ".join(
+            self.host_key_path.with_name("ssh_host_ed25519_key.pub").read_text().split()[:2]
+        )
+        self.host_key_blob = blob
+        self.known_hosts = directory / "known_hosts"
+        write_known_hosts(self.known_hosts, known_hosts_line(blob, self.port))
+
+    # -- the process
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss_kb(self) -> int:
+        return self.proc.rss_kb()
+
+    def wait_for(
+        self, event: str, timeout: float = 15.0, since: int | None = None, **match: Matcher
+    ) -> dict[str, Any]:
+        return self.proc.wait_for(event, timeout=timeout, since=since, **match)
+
+    def events(self, event: str | None = None, since: int = 0, **match: Matcher) -> list[dict]:
+        """Like ``AgentProcess.events``; ``match`` may include ``name`` (a relay field)."""
+        return [e for e in self.proc.events(event, since=since) if _matches(e, match)]
+
+    def mark(self) -> int:
+        return self.proc.mark()
+
+    def diagnostics(self) -> str:
+        return self.proc.diagnostics()
+
+    # -- trust and status
+
+    def trust(self, *lines: str) -> None:
+        """Add known_hosts lines (targets reached through the relay by name)."""
+        with open(self.known_hosts, "a") as f:
+            f.write("".join(line + "\n" for line in lines))
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{self.admin}/status.json", timeout=timeout) as r:
+            result: dict[str, Any] = json.load(r)
+            return result
+
+    def metrics(self, timeout: float = 10.0) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{self.admin}/metrics", timeout=timeout) as r:
+            return str(r.read().decode())
+
+    # -- what it did on the network
+
+    def connect_attempts(self) -> list[str]:
+        """Audit lines for every connect()/getaddrinfo() the relay process made."""
+        return [line for line in self.proc.stderr.lines if line.startswith("labrelay-audit ")]
+
+    def listening_ports(self) -> set[int]:
+        return {s.local[1] for s in tcp_sockets(self.pid) if s.state == "LISTEN"}
+
+    def outbound_sockets(self) -> list[TcpSocket]:
+        """TCP sockets of the relay that are not its listeners nor accepted from them."""
+        sockets = tcp_sockets(self.pid)
+        mine = {s.local[1] for s in sockets if s.state == "LISTEN"}
+        return [s for s in sockets if s.state != "LISTEN" and s.local[1] not in mine]
