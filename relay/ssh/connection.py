@@ -25,7 +25,7 @@ from twisted.conch.ssh import common, connection
 from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -78,6 +78,19 @@ class FlowConnection(connection.SSHConnection):
 
     def stopProducing(self) -> None:
         """The link is closing; ``serviceStopped`` follows."""
+
+    def packetReceived(self, messageNum: int, packet: bytes) -> None:
+        try:
+            super().packetReceived(messageNum, packet)
+        except (struct.error, IndexError, TypeError, ValueError):
+            # Conch parses fixed fields unchecked (a CHANNEL_OPEN cut short raises
+            # struct.error): without this, an "Unhandled Error" and a dropped TCP
+            # connection instead of a protocol-error disconnect.
+            self._log.failure(
+                "malformed message {num} from the peer; disconnecting", level=LogLevel.warn,
+                event="malformed_packet", num=messageNum,
+            )
+            self._protocolError(f"malformed message {messageNum}")
 
     # checks
 

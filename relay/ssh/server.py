@@ -26,7 +26,7 @@ from twisted.cred import portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -228,17 +228,7 @@ class RelayConnection(FlowConnection):
     def packetReceived(self, messageNum: int, packet: bytes) -> None:
         if self.keepalive is not None:
             self.keepalive.activity()
-        try:
-            super().packetReceived(messageNum, packet)
-        except (struct.error, IndexError, TypeError, ValueError):
-            # Conch parses fixed fields unchecked (a CHANNEL_OPEN cut short raises
-            # struct.error): without this, an "Unhandled Error" and a dropped TCP
-            # connection instead of a protocol-error disconnect.
-            self._log.failure(
-                "{name}: malformed message {num}; disconnecting", level=LogLevel.warn,
-                event="relay_malformed_packet", name=self.principal_name, num=messageNum,
-            )
-            self._protocolError(f"malformed message {messageNum}")
+        super().packetReceived(messageNum, packet)
 
     def probe(self) -> defer.Deferred[Any]:
         """One keepalive; fires (with anything) when the peer answers."""
