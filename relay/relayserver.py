@@ -50,6 +50,8 @@ class Session:
     origin: str
     started: float
     bridge: Bridge | None = None
+    seen: tuple[int, int] = (0, 0)  # byte counts at the last idle sweep
+    active_at: float = 0.0  # when they last changed
 
     def counts(self) -> tuple[int, int]:
         if self.bridge is None:
@@ -83,6 +85,7 @@ class RelayCore:
         self.counters = {"auth_refused": 0, "requests_refused": 0, "sessions_refused": 0,
                          "connections_dropped_unauthenticated_cap": 0}
         self._unauthenticated: set[RelayTransport] = set()
+        self._sweeper: IDelayedCall | None = None
         self._waiters: dict[tuple[str, int], list[defer.Deferred[Registration]]] = {}
 
     # connection admission
@@ -308,7 +311,8 @@ class RelayCore:
                           "sessions open (max_sessions)")
         if self.registry.lookup(host, port) is None and not self._mayAppear(host, port):
             return refuse(OPEN_CONNECT_FAILED, f"no service {service} on this relay")
-        session = Session(principal.name, service, origin, self.reactor.seconds())
+        now = self.reactor.seconds()
+        session = Session(principal.name, service, origin, now, active_at=now)
         self._sessionOpening(session)
         d = self.whenRegistered(host, port, self.config.public_wait)
         d.addCallback(lambda reg: self._openToAgent(reg, port, origin))
@@ -415,7 +419,8 @@ class RelayCore:
         reg = self.registry.lookup(PUBLIC, port)
         owner = reg.owner if reg is not None else (
             p.name if (p := self.grants.public_port_owner(port)) is not None else "?")
-        session = Session(f"public:{port}", f"public:{port}", origin, self.reactor.seconds())
+        now = self.reactor.seconds()
+        session = Session(f"public:{port}", f"public:{port}", origin, now, active_at=now)
         self._sessionOpening(session)
         d = self.whenRegistered(PUBLIC, port, self.config.public_wait)
         d.addCallback(lambda r: self._openToAgent(r, port, origin))
@@ -432,7 +437,38 @@ class RelayCore:
 
         d.addCallbacks(lambda ch: self._bridge(session, side, ch), failed)
 
+    # idle sessions
+
+    def start(self) -> None:
+        if self.config.idle_timeout > 0:
+            self._scheduleSweep()
+
+    def _scheduleSweep(self) -> None:
+        # Sweeping at half the timeout closes an idle session between 1 and 1.5
+        # timeouts after its last byte, with no per-byte bookkeeping on the data path.
+        self._sweeper = self.reactor.callLater(self.config.idle_timeout / 2, self.sweepIdle)
+
+    def sweepIdle(self) -> None:
+        """Close sessions that moved no byte either way for ``idle_timeout`` seconds."""
+        now = self.reactor.seconds()
+        for session in list(self.sessions):
+            counts = session.counts()
+            if counts != session.seen or session.bridge is None:
+                session.seen, session.active_at = counts, now
+            elif now - session.active_at >= self.config.idle_timeout:
+                self._log.info(
+                    "closing {user}'s idle session to {service} (nothing for {idle:.0f}s)",
+                    event="relay_session_idle", user=session.user, service=session.service,
+                    idle=now - session.active_at,
+                )
+                session.bridge.a.abort()
+                session.bridge.b.abort()
+        self._scheduleSweep()
+
     def stop(self) -> defer.Deferred[Any]:
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
         listeners, self.public = list(self.public.values()), {}
         return defer.DeferredList(
             [defer.maybeDeferred(p.stopListening) for p in listeners]  # type: ignore[call-overload]
@@ -518,6 +554,7 @@ class RelayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        self.core.start()
         port = self.server._port  # type: ignore[attr-defined]
         bound = port.getHost().port if port is not None else self.core.config.listen.port
         self._log.info(

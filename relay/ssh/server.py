@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.conch import error
 from twisted.conch.avatar import ConchUser
-from twisted.conch.checkers import ISSHPrivateKey
 from twisted.conch.ssh import common, factory, keys, transport, userauth
 from twisted.cred import portal
 from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ISSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.logger import Logger

@@ -1,0 +1,243 @@
+"""RelayCore's decisions with a fake clock and fake SSH connections.
+
+The integration tests drive the relay with real OpenSSH; these pin down the timing
+and the state machine of registration and takeover exactly, without a network.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.conch.ssh import common, keys
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+
+from relay.config import PrincipalConfig, RelayConfig, ServiceGrant
+from relay.grants import Grants
+from relay.relayserver import TAKEOVER_PROBE, RelayCore, Session
+from relay.routing import Outcome, Registry
+
+
+def _key(comment: str) -> tuple[str, bytes]:
+    key = keys.Key(Ed25519PrivateKey.generate())
+    line = key.public().toString("OPENSSH").decode() + f" {comment}"
+    return line, key.public().blob()
+
+
+@dataclass
+class FakeIdentity:
+    key_blob: bytes
+    name: str
+    kind: str
+
+
+@dataclass(eq=False)
+class FakeConn:
+    """Just what RelayCore asks of a RelayConnection."""
+
+    identity: FakeIdentity
+    peer: str = "127.0.0.1:1"
+    probes: list[defer.Deferred[Any]] = field(default_factory=list)
+    disconnected: list[str] = field(default_factory=list)
+
+    @property
+    def principal_name(self) -> str:
+        return self.identity.name
+
+    def probe(self) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.probes.append(d)
+        return d
+
+    def disconnect(self, why: str) -> None:
+        self.disconnected.append(why)
+
+
+def _forward(name: str, port: int) -> bytes:
+    return common.NS(name.encode()) + struct.pack(">L", port)
+
+
+@pytest.fixture
+def world() -> tuple[RelayCore, MemoryReactorClock, dict[str, bytes]]:
+    agent_line, agent_blob = _key("lab_pc")
+    other_line, other_blob = _key("intruder")
+    user_line, user_blob = _key("alice")
+    config = RelayConfig(
+        agents=(
+            PrincipalConfig("agent", "lab_pc", (agent_line,), (ServiceGrant("gpu-cluster", 22),)),
+            PrincipalConfig("agent", "intruder", (other_line,), (ServiceGrant("other", 22),)),
+        ),
+        users=(PrincipalConfig("user", "alice", (user_line,), (ServiceGrant("gpu-cluster", 22),)),),
+        idle_timeout=60,
+    )
+    clock = MemoryReactorClock()
+    core = RelayCore(config, Grants(config, "test"), clock)
+    blobs = {"lab_pc": agent_blob, "intruder": other_blob, "alice": user_blob}
+    return core, clock, blobs
+
+
+def _conn(core: RelayCore, blobs: dict[str, bytes], name: str, kind: str = "agent") -> Any:
+    conn = FakeConn(FakeIdentity(blobs[name], name, kind))
+    core.connections.add(conn)  # type: ignore[arg-type]
+    return conn
+
+
+def _register(core: RelayCore, conn: Any, name: str = "gpu-cluster", port: int = 22) -> Any:
+    return defer.maybeDeferred(core.globalRequest, conn, b"tcpip-forward", _forward(name, port))
+
+
+def _result(d: defer.Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the request has not been answered"
+    return results[0]
+
+
+def test_first_registration_is_granted_at_once(world: Any) -> None:
+    core, clock, blobs = world
+    agent = _conn(core, blobs, "lab_pc")
+    assert _result(_register(core, agent)) is True
+    reg = core.registry.lookup("gpu-cluster", 22)
+    assert reg is not None and reg.session is agent and reg.bind == "gpu-cluster"
+
+
+def test_names_are_case_insensitive(world: Any) -> None:
+    core, clock, blobs = world
+    agent = _conn(core, blobs, "lab_pc")
+    assert _result(_register(core, agent, "GPU-Cluster")) is True
+    reg = core.registry.lookup("gpu-cluster", 22)
+    assert reg is not None and reg.bind == "GPU-Cluster"  # echoed as the agent sent it
+
+
+def test_ungranted_name_and_user_registration_are_refused(world: Any) -> None:
+    core, clock, blobs = world
+    agent = _conn(core, blobs, "lab_pc")
+    user = _conn(core, blobs, "alice", kind="user")
+    assert _result(_register(core, agent, "other")) is False
+    assert _result(_register(core, user)) is False
+    assert core.registry.registrations() == []
+    assert core.counters["requests_refused"] == 2
+
+
+def test_stale_holder_is_taken_over_after_the_probe_window(world: Any) -> None:
+    core, clock, blobs = world
+    old = _conn(core, blobs, "lab_pc")
+    new = _conn(core, blobs, "lab_pc")
+    _result(_register(core, old))
+    pending = _register(core, new)
+    assert len(old.probes) == 1
+    clock.advance(TAKEOVER_PROBE - 0.01)
+    assert not pending.called, "decided before the probe window closed"
+    clock.advance(0.02)
+    assert _result(pending) is True
+    assert core.registry.lookup("gpu-cluster", 22).session is new
+    assert old.disconnected == ["superseded by a newer session of the same agent"]
+
+
+def test_live_holder_keeps_the_name_no_flapping(world: Any) -> None:
+    core, clock, blobs = world
+    holder = _conn(core, blobs, "lab_pc")
+    newcomer = _conn(core, blobs, "lab_pc")
+    _result(_register(core, holder))
+    pending = _register(core, newcomer)
+    holder.probes[0].callback(b"")  # the holder answers its keepalive
+    assert _result(pending) is False
+    clock.advance(TAKEOVER_PROBE * 2)  # the timer was cancelled: nothing changes later
+    assert core.registry.lookup("gpu-cluster", 22).session is holder
+    assert holder.disconnected == []
+    assert not clock.getDelayedCalls()
+
+
+def test_other_agent_is_refused_online_or_not(world: Any) -> None:
+    core, clock, blobs = world
+    owner = _conn(core, blobs, "lab_pc")
+    intruder = _conn(core, blobs, "intruder")
+    assert _result(_register(core, intruder)) is False  # owner offline: not granted anyway
+    _result(_register(core, owner))
+    assert _result(_register(core, intruder)) is False
+    assert owner.probes == []  # never probed on behalf of another agent
+
+
+def test_holder_dying_during_the_probe_hands_over_cleanly(world: Any) -> None:
+    core, clock, blobs = world
+    old = _conn(core, blobs, "lab_pc")
+    new = _conn(core, blobs, "lab_pc")
+    _result(_register(core, old))
+    pending = _register(core, new)
+    core.sessionStopped(old)  # its connection closed while we waited
+    old.probes[0].errback(Exception("connection lost"))
+    assert _result(pending) is True
+    assert core.registry.lookup("gpu-cluster", 22).session is new
+
+
+def test_waiting_user_session_is_released_by_registration(world: Any) -> None:
+    core, clock, blobs = world
+    waiting = core.whenRegistered("gpu-cluster", 22, timeout=10)
+    agent = _conn(core, blobs, "lab_pc")
+    clock.advance(3)
+    _result(_register(core, agent))
+    assert _result(waiting).session is agent
+    assert not clock.getDelayedCalls()
+
+
+def test_waiting_gives_up_after_the_timeout(world: Any) -> None:
+    core, clock, blobs = world
+    waiting = core.whenRegistered("gpu-cluster", 22, timeout=10)
+    clock.advance(10)
+    assert isinstance(_result(waiting).value, defer.CancelledError)
+
+
+class _FakeSide:
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class _FakeBridge:
+    def __init__(self) -> None:
+        self.bytesAtoB = 0
+        self.bytesBtoA = 0
+        self.a = _FakeSide()
+        self.b = _FakeSide()
+
+
+def test_idle_sessions_are_closed_busy_ones_kept(world: Any) -> None:
+    core, clock, blobs = world
+    core.start()
+    idle, busy = (Session("alice", "gpu-cluster:22", "x:1", 0.0, active_at=0.0)
+                  for _ in range(2))
+    for s in (idle, busy):
+        s.bridge = _FakeBridge()  # type: ignore[assignment]
+        core._sessionOpening(s)
+    for _ in range(4):  # two minutes, sweeping every 30 s
+        busy.bridge.bytesAtoB += 1  # type: ignore[union-attr]
+        clock.advance(30)
+    assert idle.bridge.a.aborted and idle.bridge.b.aborted  # type: ignore[union-attr]
+    assert not busy.bridge.a.aborted  # type: ignore[union-attr]
+    core.stop()
+    assert not clock.getDelayedCalls()
+
+
+def test_registry_offer_outcomes() -> None:
+    @dataclass(eq=False)
+    class S:
+        principal_name: str
+
+        def disconnect(self, why: str) -> None:
+            pass
+
+    registry = Registry()
+    a1, a2, b = S("a"), S("a"), S("b")
+    assert registry.offer("svc", 1, a1)[0] is Outcome.GRANTED
+    registry.register("svc", 1, a1, "svc", 0.0)
+    assert registry.offer("svc", 1, a1)[0] is Outcome.GRANTED
+    assert registry.offer("svc", 1, a2)[0] is Outcome.PROBE
+    assert registry.offer("svc", 1, b)[0] is Outcome.REFUSED
+    assert [r.name for r in registry.drop_session(a1)] == ["svc"]
+    assert registry.lookup("svc", 1) is None
