@@ -191,8 +191,8 @@ class RelayCore:
         why_alive = f"held by a live session of {holder.owner} from {old.peer}"
         result: defer.Deferred[bool] = defer.Deferred()
 
-        # The probe's own Deferred cannot be cancelled to mean "no answer":
-        # ``probe()`` turns every failure (a cancellation too) into an answer.
+        # Decided by whichever comes first: the holder answering the probe, the
+        # holder's connection stopping (no answer will come), or the window closing.
         def answered(_: object) -> None:
             if result.called:
                 return
@@ -209,6 +209,8 @@ class RelayCore:
         def silent() -> None:
             if result.called:
                 return
+            if timer.active():
+                timer.cancel()
             current = self.registry.lookup(name, port)
             if conn not in self.connections:
                 result.callback(False)
@@ -220,7 +222,7 @@ class RelayCore:
                 result.callback(True)
 
         timer = self.reactor.callLater(TAKEOVER_PROBE, silent)
-        old.probe().addBoth(answered)
+        old.probe().addCallback(lambda alive: answered(None) if alive else silent())
         return result
 
     def _forward_again(self, conn: RelayConnection, name: str, port: int, bind: str) -> bool:

@@ -230,10 +230,17 @@ class RelayConnection(FlowConnection):
             self.keepalive.activity()
         super().packetReceived(messageNum, packet)
 
-    def probe(self) -> defer.Deferred[Any]:
-        """One keepalive; fires (with anything) when the peer answers."""
+    def probe(self) -> defer.Deferred[bool]:
+        """One keepalive: fires True when the peer answers (a refusal is an answer
+        too), False when the connection stops before it does."""
         d = self.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
-        return d.addErrback(lambda _: None)
+
+        def failed(f: Failure) -> bool:
+            # Conch errbacks a REQUEST_FAILURE reply with its packet as second arg,
+            # and pending requests of a stopped connection with a message alone.
+            return isinstance(f.value, error.ConchError) and len(f.value.args) > 1
+
+        return d.addCallbacks(lambda _: True, failed)
 
     def _dead(self, silence: float) -> None:
         self._log.warn(

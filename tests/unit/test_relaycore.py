@@ -41,15 +41,15 @@ class FakeConn:
 
     identity: FakeIdentity
     peer: str = "127.0.0.1:1"
-    probes: list[defer.Deferred[Any]] = field(default_factory=list)
+    probes: list[defer.Deferred[bool]] = field(default_factory=list)
     disconnected: list[str] = field(default_factory=list)
 
     @property
     def principal_name(self) -> str:
         return self.identity.name
 
-    def probe(self) -> defer.Deferred[Any]:
-        d: defer.Deferred[Any] = defer.Deferred()
+    def probe(self) -> defer.Deferred[bool]:
+        d: defer.Deferred[bool] = defer.Deferred()
         self.probes.append(d)
         return d
 
@@ -98,7 +98,7 @@ def _result(d: defer.Deferred[Any]) -> Any:
 
 
 def test_first_registration_is_granted_at_once(world: Any) -> None:
-    core, clock, blobs = world
+    core, _clock, blobs = world
     agent = _conn(core, blobs, "lab_pc")
     assert _result(_register(core, agent)) is True
     reg = core.registry.lookup("gpu-cluster", 22)
@@ -106,7 +106,7 @@ def test_first_registration_is_granted_at_once(world: Any) -> None:
 
 
 def test_names_are_case_insensitive(world: Any) -> None:
-    core, clock, blobs = world
+    core, _clock, blobs = world
     agent = _conn(core, blobs, "lab_pc")
     assert _result(_register(core, agent, "GPU-Cluster")) is True
     reg = core.registry.lookup("gpu-cluster", 22)
@@ -114,7 +114,7 @@ def test_names_are_case_insensitive(world: Any) -> None:
 
 
 def test_ungranted_name_and_user_registration_are_refused(world: Any) -> None:
-    core, clock, blobs = world
+    core, _clock, blobs = world
     agent = _conn(core, blobs, "lab_pc")
     user = _conn(core, blobs, "alice", kind="user")
     assert _result(_register(core, agent, "other")) is False
@@ -144,7 +144,7 @@ def test_live_holder_keeps_the_name_no_flapping(world: Any) -> None:
     newcomer = _conn(core, blobs, "lab_pc")
     _result(_register(core, holder))
     pending = _register(core, newcomer)
-    holder.probes[0].callback(b"")  # the holder answers its keepalive
+    holder.probes[0].callback(True)  # the holder answers its keepalive
     assert _result(pending) is False
     clock.advance(TAKEOVER_PROBE * 2)  # the timer was cancelled: nothing changes later
     assert core.registry.lookup("gpu-cluster", 22).session is holder
@@ -153,7 +153,7 @@ def test_live_holder_keeps_the_name_no_flapping(world: Any) -> None:
 
 
 def test_other_agent_is_refused_online_or_not(world: Any) -> None:
-    core, clock, blobs = world
+    core, _clock, blobs = world
     owner = _conn(core, blobs, "lab_pc")
     intruder = _conn(core, blobs, "intruder")
     assert _result(_register(core, intruder)) is False  # owner offline: not granted anyway
@@ -163,15 +163,27 @@ def test_other_agent_is_refused_online_or_not(world: Any) -> None:
 
 
 def test_holder_dying_during_the_probe_hands_over_cleanly(world: Any) -> None:
-    core, clock, blobs = world
+    core, _clock, blobs = world
     old = _conn(core, blobs, "lab_pc")
     new = _conn(core, blobs, "lab_pc")
     _result(_register(core, old))
     pending = _register(core, new)
     core.sessionStopped(old)  # its connection closed while we waited
-    old.probes[0].errback(Exception("connection lost"))
+    old.probes[0].callback(False)
     assert _result(pending) is True
     assert core.registry.lookup("gpu-cluster", 22).session is new
+
+
+def test_holder_stopping_before_answering_is_a_takeover_at_once(world: Any) -> None:
+    core, clock, blobs = world
+    old = _conn(core, blobs, "lab_pc")
+    new = _conn(core, blobs, "lab_pc")
+    _result(_register(core, old))
+    pending = _register(core, new)
+    old.probes[0].callback(False)  # its connection stopped: no answer will come
+    assert _result(pending) is True
+    assert core.registry.lookup("gpu-cluster", 22).session is new
+    assert not clock.getDelayedCalls()
 
 
 def test_waiting_user_session_is_released_by_registration(world: Any) -> None:
@@ -185,7 +197,7 @@ def test_waiting_user_session_is_released_by_registration(world: Any) -> None:
 
 
 def test_waiting_gives_up_after_the_timeout(world: Any) -> None:
-    core, clock, blobs = world
+    core, clock, _blobs = world
     waiting = core.whenRegistered("gpu-cluster", 22, timeout=10)
     clock.advance(10)
     assert isinstance(_result(waiting).value, defer.CancelledError)
@@ -208,7 +220,7 @@ class _FakeBridge:
 
 
 def test_idle_sessions_are_closed_busy_ones_kept(world: Any) -> None:
-    core, clock, blobs = world
+    core, clock, _blobs = world
     core.start()
     idle, busy = (Session("alice", "gpu-cluster:22", "x:1", 0.0, active_at=0.0)
                   for _ in range(2))
