@@ -21,11 +21,12 @@ TCP transport.  The SSH channel side lives in :mod:`relay.ssh.channels`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ITCPTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -235,3 +236,19 @@ class TCPSide(Protocol):
 
     def stopProducing(self) -> None:
         """The transport is going away; connectionLost follows."""
+
+
+class SideFactory(Factory):
+    """Builds a :class:`TCPSide` per accepted connection and reports each one, paused
+    until bridged, to ``on_connected`` (a listener's half of a forward)."""
+
+    noisy = False
+
+    def __init__(self, on_connected: Callable[[TCPSide], object]) -> None:
+        self._on_connected = on_connected
+
+    def buildProtocol(self, addr: Any) -> TCPSide:
+        side = TCPSide()
+        side.onConnected = self._on_connected
+        side.factory = self
+        return side

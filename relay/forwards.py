@@ -19,16 +19,15 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.conch.ssh import common
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .bridge import TCPSide
+from .bridge import SideFactory, TCPSide
 from .config import LocalForward, RemoteForward
+from .ssh.wire import pack_forward
 
 if TYPE_CHECKING:
     from .link import Link
@@ -81,7 +80,7 @@ class RemoteForwardRunner:
         self._timer: IDelayedCall | None = None
 
     def _request_data(self, port: int) -> bytes:
-        return common.NS(self.config.bind.encode()) + struct.pack(">L", port)
+        return pack_forward(self.config.bind, port)
 
     def linkUp(self, conn: LinkConnection) -> None:
         self._conn = conn
@@ -192,16 +191,7 @@ class LocalForwardListener(Service):
             bind = "0.0.0.0"  # ssh(1): empty or "*" means every interface
         endpoint_class = TCP6ServerEndpoint if ":" in bind else TCP4ServerEndpoint
         endpoint = endpoint_class(reactor, self.config.port, interface=bind)
-        factory = Factory.forProtocol(TCPSide)
-        build = factory.buildProtocol
-
-        def buildProtocol(addr: Any) -> TCPSide:
-            side = build(addr)
-            assert isinstance(side, TCPSide)
-            side.onConnected = self._accepted
-            return side
-
-        factory.buildProtocol = buildProtocol  # type: ignore[method-assign]
+        factory = SideFactory(self._accepted)
         # Listening is synchronous for TCP endpoints; a failure (port in use)
         # surfaces here, at start-up, where the operator sees it.
         d = endpoint.listen(factory)

@@ -11,7 +11,6 @@ to ``public_wait`` seconds for it, then are refused cleanly.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,13 @@ from typing import Any
 from twisted.application.internet import TCPServer
 from twisted.application.service import MultiService
 from twisted.conch import error
-from twisted.conch.ssh import common, keys
+from twisted.conch.ssh import keys
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .bridge import Bridge, TCPSide
+from .bridge import Bridge, SideFactory, TCPSide
 from .config import ConfigError, RelayConfig
 from .grants import Grants
 from .keygen import generate_keypair
@@ -35,6 +33,7 @@ from .ssh.channels import BridgedChannel
 from .ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
 from .ssh.hostkeys import fingerprint_sha256
 from .ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection, RelayFactory, RelayTransport
+from .ssh.wire import unpack_forward
 
 PUBLIC_BINDS = {"", "0.0.0.0", "*", "::", "localhost", "127.0.0.1", "::1"}
 TAKEOVER_PROBE = 0.5
@@ -152,10 +151,8 @@ class RelayCore:
 
     def _forward(self, conn: RelayConnection, data: bytes) -> Any:
         try:
-            bindb, rest = common.getNS(data)
-            (port,) = struct.unpack(">L", rest[:4])
-            bind = bindb.decode("utf-8")
-        except (ValueError, struct.error, UnicodeDecodeError):
+            bind, port = unpack_forward(data)
+        except ValueError:
             return self._refuse(conn, "tcpip-forward", "malformed request")
         what = f"tcpip-forward {bind}:{port}"
         principal = self.grants.principal_for(conn.identity.key_blob)
@@ -250,10 +247,8 @@ class RelayCore:
 
     def _cancel(self, conn: RelayConnection, data: bytes) -> bool:
         try:
-            bindb, rest = common.getNS(data)
-            (port,) = struct.unpack(">L", rest[:4])
-            bind = bindb.decode("utf-8")
-        except (ValueError, struct.error, UnicodeDecodeError):
+            bind, port = unpack_forward(data)
+        except ValueError:
             return False
         name = PUBLIC if bind in PUBLIC_BINDS else bind.lower()
         if not self.registry.unregister(name, port, conn):
@@ -393,16 +388,7 @@ class RelayCore:
     def _listenPublic(self, port: int) -> bool:
         if port in self.public:
             return True
-        factory = Factory.forProtocol(TCPSide)
-        build = factory.buildProtocol
-
-        def buildProtocol(addr: Any) -> Any:
-            side: Any = build(addr)
-            side.onConnected = lambda s: self._publicConnection(port, s)
-            return side
-
-        factory.buildProtocol = buildProtocol  # type: ignore[method-assign]
-        factory.noisy = False
+        factory = SideFactory(lambda side: self._publicConnection(port, side))
         try:
             self.public[port] = self.reactor.listenTCP(
                 port, factory, interface=self.config.public_bind

@@ -12,7 +12,6 @@ failed attempt and is retried with backoff.
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.conch import error
@@ -29,6 +28,7 @@ from ..net import client_endpoint, quickack
 from .channels import BridgedChannel
 from .connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, FlowConnection
 from .hostkeys import HostKeyError
+from .wire import pack_endpoints, unpack_endpoints
 
 if TYPE_CHECKING:
     from ..link import Link
@@ -235,13 +235,10 @@ class LinkConnection(FlowConnection):
         self, windowSize: int, maxPacket: int, data: bytes
     ) -> defer.Deferred[BridgedChannel]:
         try:
-            connHost, rest = common.getNS(data)
-            (connPort,) = struct.unpack(">L", rest[:4])
-            origHost, rest = common.getNS(rest[4:])
-            (origPort,) = struct.unpack(">L", rest[:4])
-        except (ValueError, struct.error) as e:
+            connHost, connPort, origHost, origPort = unpack_endpoints(data)
+        except ValueError as e:
             raise error.ConchError("malformed forwarded-tcpip", OPEN_CONNECT_FAILED) from e
-        forward = self.link.remoteForwardFor(connHost.decode("utf-8", "replace"), connPort)
+        forward = self.link.remoteForwardFor(connHost, connPort)
         if forward is None:
             raise error.ConchError(
                 "no such forward", OPEN_ADMINISTRATIVELY_PROHIBITED
@@ -252,7 +249,7 @@ class LinkConnection(FlowConnection):
             remoteWindow=windowSize, remoteMaxPacket=maxPacket, conn=self,
         )
         target = forward.config.connect
-        origin = f"{origHost.decode('utf-8', 'replace')}:{origPort}"
+        origin = f"{origHost}:{origPort}"
 
         def connected(side: Any) -> BridgedChannel:
             channel.opened.addCallbacks(
@@ -290,9 +287,5 @@ class LinkConnection(FlowConnection):
         channel = BridgedChannel(
             b"direct-tcpip", window=cfg.window, maxPacket=cfg.max_packet, conn=self
         )
-        self.openChannel(
-            channel,
-            common.NS(host.encode()) + struct.pack(">L", port)
-            + common.NS(origHost.encode()) + struct.pack(">L", origPort),
-        )
+        self.openChannel(channel, pack_endpoints(host, port, origHost, origPort))
         return channel.opened

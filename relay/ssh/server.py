@@ -14,7 +14,6 @@ every channel type but ``direct-tcpip`` refused.  Conch's own
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ from zope.interface import implementer
 from ..keepalive import KeepaliveMonitor
 from .channels import BridgedChannel
 from .connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, FlowConnection
+from .wire import pack_endpoints, unpack_endpoints
 
 if TYPE_CHECKING:
     from ..grants import Principal
@@ -303,21 +303,15 @@ class RelayConnection(FlowConnection):
             raise error.ConchError(f"{what} are not offered by this relay",
                                    OPEN_ADMINISTRATIVELY_PROHIBITED)
         try:
-            host, rest = common.getNS(data)
-            (port,) = struct.unpack(">L", rest[:4])
-            origHost, rest = common.getNS(rest[4:])
-            (origPort,) = struct.unpack(">L", rest[:4])
-        except (ValueError, struct.error) as e:
+            host, port, origHost, origPort = unpack_endpoints(data)
+        except ValueError as e:
             raise error.ConchError("malformed direct-tcpip", OPEN_CONNECT_FAILED) from e
         channel = BridgedChannel(
             b"direct-tcpip", window=self.core.config.window,
             maxPacket=self.core.config.max_packet, remoteWindow=windowSize,
             remoteMaxPacket=maxPacket, conn=self,
         )
-        origin = f"{origHost.decode('utf-8', 'replace')}:{origPort}"
-        return self.core.openUserSession(
-            self, host.decode("utf-8", "replace"), port, origin, channel
-        )
+        return self.core.openUserSession(self, host, port, f"{origHost}:{origPort}", channel)
 
     def openForwarded(self, bind: str, port: int, origHost: str,
                       origPort: int) -> defer.Deferred[BridgedChannel]:
@@ -326,9 +320,5 @@ class RelayConnection(FlowConnection):
             b"forwarded-tcpip", window=self.core.config.window,
             maxPacket=self.core.config.max_packet, conn=self,
         )
-        self.openChannel(
-            channel,
-            common.NS(bind.encode()) + struct.pack(">L", port)
-            + common.NS(origHost.encode()) + struct.pack(">L", origPort),
-        )
+        self.openChannel(channel, pack_endpoints(bind, port, origHost, origPort))
         return channel.opened

@@ -1,0 +1,43 @@
+"""The request and channel-open payloads labrelay sends and parses (RFC 4254 §7).
+
+One place encodes and decodes them, for the agent's and the relay's side alike;
+a malformed payload raises :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from twisted.conch.ssh import common
+
+
+def pack_forward(bind: str, port: int) -> bytes:
+    """``tcpip-forward``/``cancel-tcpip-forward``: address to bind, port to bind."""
+    return common.NS(bind.encode()) + struct.pack(">L", port)
+
+
+def unpack_forward(data: bytes) -> tuple[str, int]:
+    try:
+        bind, rest = common.getNS(data)
+        (port,) = struct.unpack(">L", rest[:4])
+        return bind.decode("utf-8"), port
+    except (struct.error, UnicodeDecodeError, IndexError) as e:
+        raise ValueError(f"malformed forward request: {e}") from e
+
+
+def pack_endpoints(host: str, port: int, orig_host: str, orig_port: int) -> bytes:
+    """``direct-tcpip``/``forwarded-tcpip`` open data: target (or the address that
+    was connected) and originator."""
+    return (common.NS(host.encode()) + struct.pack(">L", port)
+            + common.NS(orig_host.encode()) + struct.pack(">L", orig_port))
+
+
+def unpack_endpoints(data: bytes) -> tuple[str, int, str, int]:
+    try:
+        host, rest = common.getNS(data)
+        (port,) = struct.unpack(">L", rest[:4])
+        orig, rest = common.getNS(rest[4:])
+        (orig_port,) = struct.unpack(">L", rest[:4])
+    except (struct.error, IndexError) as e:
+        raise ValueError(f"malformed channel address: {e}") from e
+    return (host.decode("utf-8", "replace"), port, orig.decode("utf-8", "replace"), orig_port)
