@@ -13,6 +13,7 @@ the link itself is congested.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from twisted.conch.ssh.channel import SSHChannel
@@ -63,6 +64,10 @@ class BridgedChannel(SSHChannel):
         self._sentEOF = False
         self._gotEOF = False
         self._isClosed = False
+        # Bytes beyond the peer's window, in arrival order.  Conch's own ``buf``
+        # grows by ``bytes +=``, copying the whole backlog on every packet (measured:
+        # a quarter of the relay's CPU when one channel feeds another).
+        self._queued: deque[bytes] = deque()
 
     # Conch events
 
@@ -88,8 +93,8 @@ class BridgedChannel(SSHChannel):
         self._maybeFinish()
 
     def closeReceived(self) -> None:
-        """The peer closed: what is still buffered for it can never be sent."""
-        self.buf = b""
+        """The peer closed: what is still queued for it can never be sent."""
+        self._queued.clear()
         self.conn.sendClose(self)
 
     def closed(self) -> None:
@@ -97,11 +102,61 @@ class BridgedChannel(SSHChannel):
         if self.bridge is not None:
             self.bridge.sideClosed(self)
 
+    # sending, within the peer's window
+
+    def write(self, data: bytes) -> None:
+        if self._queued:
+            self._queued.append(data)
+        else:
+            self._sendWithinWindow(data)
+
+    def _sendWithinWindow(self, data: bytes) -> None:
+        window = self.remoteWindowLeft
+        if len(data) > window:
+            self._queued.append(data[window:])
+            data = data[:window]
+            if self.areWriting:
+                self.areWriting = 0
+                self.stopWriting()
+        if data:
+            self._sendNow(data)
+
+    def _sendNow(self, data: bytes) -> None:
+        step, send = self.remoteMaxPacket, self.conn.sendData
+        if len(data) <= step:
+            send(self, data)
+        else:
+            view = memoryview(data)
+            for offset in range(0, len(data), step):
+                send(self, bytes(view[offset:offset + step]))
+        self.remoteWindowLeft -= len(data)
+
     def addWindowBytes(self, data: int) -> None:
-        super().addWindowBytes(data)
-        if self._eofPending and not self.buf:
+        self.remoteWindowLeft += data
+        queued = self._queued
+        while queued and self.remoteWindowLeft > 0:
+            chunk = queued[0]
+            if len(chunk) > self.remoteWindowLeft:
+                queued[0] = chunk[self.remoteWindowLeft:]
+                chunk = chunk[:self.remoteWindowLeft]
+            else:
+                queued.popleft()
+            self._sendNow(chunk)
+        if queued:
+            return
+        if not self.areWriting and not self.closing:
+            self.areWriting = 1
+            self.startWriting()
+        if self._eofPending:
             self._eofPending = False
             self._sendEOF()
+        if self.closing:
+            self.loseConnection()
+
+    def loseConnection(self) -> None:
+        self.closing = 1
+        if not self._queued:
+            self.conn.sendClose(self)
 
     def stopWriting(self) -> None:
         self._congest(WINDOW_EXHAUSTED)
@@ -170,7 +225,7 @@ class BridgedChannel(SSHChannel):
     def writeEOF(self) -> None:
         if self._sentEOF or self.localClosed:
             return
-        if self.buf:
+        if self._queued:
             self._eofPending = True
         else:
             self._sendEOF()
@@ -189,5 +244,5 @@ class BridgedChannel(SSHChannel):
             self.loseConnection()
 
     def abort(self) -> None:
-        self.buf = b""
+        self._queued.clear()
         self.conn.sendClose(self)

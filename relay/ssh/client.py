@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from ..bridge import TCPSide
 from ..keepalive import KeepaliveMonitor
 from ..net import client_endpoint, quickack
+from .aead import GCM_CIPHERS, AEADTransportMixin
 from .channels import BridgedChannel
 from .connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, FlowConnection
 from .hostkeys import HostKeyError
@@ -47,11 +48,13 @@ def _ordered(preferred: list[bytes], supported: list[bytes]) -> list[bytes]:
     return [c for c in preferred if c in supported] + [c for c in supported if c not in preferred]
 
 
-class LinkTransport(transport.SSHClientTransport):
+class LinkTransport(AEADTransportMixin, transport.SSHClientTransport):
     """One connection attempt to the upstream server."""
 
     _log = Logger()
-    supportedCiphers = _ordered(PREFERRED_CIPHERS, transport.SSHClientTransport.supportedCiphers)
+    supportedCiphers = _ordered(
+        GCM_CIPHERS + PREFERRED_CIPHERS, AEADTransportMixin.supportedCiphers
+    )
     supportedMACs = _ordered(PREFERRED_MACS, transport.SSHClientTransport.supportedMACs)
 
     def __init__(self, link: Link) -> None:

@@ -33,7 +33,7 @@ MAX_WINDOW = 0xFFFFFFFF
 OPEN_CONNECT_FAILED = connection.OPEN_CONNECT_FAILED
 OPEN_ADMINISTRATIVELY_PROHIBITED = connection.OPEN_ADMINISTRATIVELY_PROHIBITED
 OPEN_UNKNOWN_CHANNEL_TYPE = connection.OPEN_UNKNOWN_CHANNEL_TYPE
-LINK_BUFFER = 1024 * 1024
+LINK_BUFFER = 128 * 1024  # like OpenSSH: stop feeding channels past 128 KiB queued
 
 
 @implementer(IPushProducer)
@@ -54,8 +54,10 @@ class FlowConnection(connection.SSHConnection):
         super().serviceStarted()
         tcp = getattr(self.transport, "transport", None)
         if tcp is not None and hasattr(tcp, "registerProducer"):
-            # A larger buffer lets many channels batch their packets into big
-            # writes; memory stays bounded because we pause above it.
+            # Above this many bytes waiting to be written, every channel's source is
+            # paused: enough to batch packets into large writes, small enough that an
+            # interactive session never queues behind much bulk (measured: 1 MiB gave
+            # a 45 ms echo p99 under bulk through the relay, 128 KiB under 20 ms).
             if hasattr(tcp, "bufferSize"):
                 tcp.bufferSize = LINK_BUFFER
             tcp.registerProducer(self, True)
@@ -78,6 +80,14 @@ class FlowConnection(connection.SSHConnection):
 
     def stopProducing(self) -> None:
         """The link is closing; ``serviceStopped`` follows."""
+
+    def sendData(self, channel: Any, data: bytes) -> None:
+        """Conch's, framed by the transport in one copy when it can (relay.ssh.aead)."""
+        send = getattr(self.transport, "sendChannelData", None)
+        if send is None or channel.localClosed:
+            super().sendData(channel, data)
+        else:
+            send(self.channelsToRemoteChannel[channel], data)
 
     def packetReceived(self, messageNum: int, packet: bytes) -> None:
         try:

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..keepalive import KeepaliveMonitor
+from .aead import AEADTransportMixin
 from .channels import BridgedChannel
 from .connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, FlowConnection
 from .wire import pack_endpoints, unpack_endpoints
@@ -125,7 +126,7 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
         super()._ebBadAuth(reason)
 
 
-class RelayTransport(transport.SSHServerTransport):
+class RelayTransport(AEADTransportMixin, transport.SSHServerTransport):
     """One client connection to the relay (an agent or a user)."""
 
     _log = Logger()

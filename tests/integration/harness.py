@@ -341,9 +341,12 @@ class Sshd:
 
     START_TIMEOUT = 15.0
 
-    def __init__(self, directory: Path, name: str, authorized: Sequence[str] = ()) -> None:
+    def __init__(
+        self, directory: Path, name: str, authorized: Sequence[str] = (), extra_config: str = ""
+    ) -> None:
         self.dir = directory
         self.name = name
+        self.extra_config = extra_config  # appended to SSHD_CONFIG (e.g. "Ciphers ...\n")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.dir / "sshd_config"
         self.log_path = self.dir / "sshd.log"
@@ -374,7 +377,9 @@ class Sshd:
     def _run(self, port: int) -> bool:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         self.port = port
-        self.config_path.write_text(SSHD_CONFIG.format(port=port, dir=self.dir, name=self.name))
+        self.config_path.write_text(
+            SSHD_CONFIG.format(port=port, dir=self.dir, name=self.name) + self.extra_config
+        )
         since = self.log.mark()
         self.log.append(f"=== labrelay-test: starting sshd {self.name} on port {port} ===")
         self.proc = subprocess.Popen(

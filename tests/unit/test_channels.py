@@ -384,14 +384,14 @@ def test_window_exhausted_buffers_pauses_tcp_and_flushes_on_adjust() -> None:
     assert transport.producerState == "producing"
     tcp.dataReceived(b"0123456789abcdef")
     assert h.ssh.dataPackets() == [b"0123", b"4567", b"89"]
-    assert channel.buf == b"abcdef"
+    assert b"".join(channel._queued) == b"abcdef"
     assert transport.producerState == "paused"  # the TCP source stops reading
     h.adjust(channel, 3)
     assert h.ssh.data() == b"0123456789abc"
     assert transport.producerState == "paused"  # still not all flushed
     h.adjust(channel, 100)
     assert h.ssh.data() == b"0123456789abcdef"
-    assert channel.buf == b""
+    assert b"".join(channel._queued) == b""
     assert transport.producerState == "producing"
     assert channel.remoteWindowLeft == 97
 
@@ -404,7 +404,7 @@ def test_window_spent_exactly_pauses_on_the_next_write() -> None:
     assert transport.producerState == "producing"
     tcp.dataReceived(b"9")
     assert transport.producerState == "paused"
-    assert channel.buf == b"9"
+    assert b"".join(channel._queued) == b"9"
 
 
 def test_eof_requested_while_buffered_is_sent_after_the_flush() -> None:
@@ -503,9 +503,9 @@ def test_peer_close_drops_unsendable_bytes_and_closes_tcp() -> None:
     h = Harness()
     channel, tcp, transport, _bridge = h.session(peerWindow=2, peerMaxPacket=2)
     tcp.dataReceived(b"never sent")
-    assert channel.buf == b"ver sent"
+    assert b"".join(channel._queued) == b"ver sent"
     h.close(channel)
-    assert channel.buf == b""
+    assert b"".join(channel._queued) == b""
     assert h.ssh.kinds()[-1] == MSG_CHANNEL_CLOSE
     assert transport.disconnecting
     assert transport.producer is None
