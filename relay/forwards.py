@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from .bridge import SideFactory, TCPSide
 from .config import LocalForward, RemoteForward
+from .net import LISTEN_BACKLOG
 from .ssh.wire import pack_forward
 
 if TYPE_CHECKING:
@@ -190,7 +191,8 @@ class LocalForwardListener(Service):
         if bind in ("*", ""):
             bind = "0.0.0.0"  # ssh(1): empty or "*" means every interface
         endpoint_class = TCP6ServerEndpoint if ":" in bind else TCP4ServerEndpoint
-        endpoint = endpoint_class(reactor, self.config.port, interface=bind)
+        endpoint = endpoint_class(reactor, self.config.port, backlog=LISTEN_BACKLOG,
+                                  interface=bind)
         factory = SideFactory(self._accepted)
         # Listening is synchronous for TCP endpoints; a failure (port in use)
         # surfaces here, at start-up, where the operator sees it.

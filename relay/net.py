@@ -9,6 +9,11 @@ from typing import Any
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 
+# Twisted listens with a backlog of 50: a burst of new sessions (64 at once, measured)
+# lost connection attempts to SYN retries a second later.  sshd uses 128; the kernel
+# caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 511
+
 
 def client_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
     """An endpoint for ``host:port``; IP literals skip name resolution.

@@ -28,6 +28,7 @@ from .bridge import Bridge, SideFactory, TCPSide
 from .config import ConfigError, RelayConfig
 from .grants import Grants
 from .keygen import generate_keypair
+from .net import LISTEN_BACKLOG
 from .routing import Outcome, Registration, Registry
 from .ssh.channels import BridgedChannel
 from .ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
@@ -391,7 +392,7 @@ class RelayCore:
         factory = SideFactory(lambda side: self._publicConnection(port, side))
         try:
             self.public[port] = self.reactor.listenTCP(
-                port, factory, interface=self.config.public_bind
+                port, factory, backlog=LISTEN_BACKLOG, interface=self.config.public_bind
             )
         except Exception as e:
             self._log.error("cannot listen on public port {port}: {why}",
