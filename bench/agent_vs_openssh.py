@@ -38,6 +38,7 @@ import os
 import platform
 import queue
 import re
+import select
 import shutil
 import signal
 import socket
@@ -187,7 +188,7 @@ def _pull(view: memoryview, port: int, nbytes: int) -> dict[str, Any]:
 
 def _setup(port: int, sessions: int, gap: float) -> dict[str, Any]:
     """``sessions`` echo sessions one after another, ``gap`` idle seconds before each."""
-    times = []
+    times: list[float] = []
     for _ in range(sessions):
         if gap:
             time.sleep(gap)  # idle time, outside the measured interval
@@ -321,15 +322,32 @@ class Children:
                 notes.append(f"{name} (pid {proc.pid}) ignored SIGTERM for {timeout:g}s: killed")
                 proc.kill()
                 proc.wait()
-        deadline = time.monotonic() + timeout
-        for pid in sorted(self.extra_pids):
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)  # sshd sessions end once their client has gone
-            if _alive(pid):
-                notes.append(f"sshd session pid {pid} outlived its client: terminated")
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
+        # sshd sessions end by themselves once their client has gone; wait on
+        # their pidfds (readable at exit), then end whatever is left.
+        for pid in _wait_exit(self.extra_pids, timeout):
+            notes.append(f"sshd session pid {pid} outlived its client: terminated")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         return notes
+
+
+def _wait_exit(pids: set[int], timeout: float) -> list[int]:
+    """Wait up to ``timeout`` seconds for ``pids`` (not our children) to exit;
+    the ones still alive."""
+    fds: dict[int, int] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fds[os.pidfd_open(pid)] = pid
+    try:
+        deadline = time.monotonic() + timeout
+        pending = list(fds)
+        while pending and (remaining := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select(pending, [], [], remaining)
+            pending = [fd for fd in pending if fd not in ready]
+        return sorted(fds[fd] for fd in pending if _alive(fds[fd]))
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -385,15 +403,18 @@ def descendants(root: int) -> set[int]:
     return found
 
 
-def proc_health(pid: int) -> dict[str, int]:
-    """RSS, peak RSS (KiB) and open fds of ``pid``: what a leak would grow."""
-    out: dict[str, int] = {}
+def proc_health(pid: int) -> dict[str, Any]:
+    """RSS, peak RSS (KiB), open fds and state of ``pid``: what a leak would grow, and
+    whether a stalled process is running, sleeping or stopped."""
+    out: dict[str, Any] = {}
     with contextlib.suppress(OSError):
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key in ("VmRSS", "VmHWM"):
                     out[key.lower() + "_kib"] = int(value.split()[0])
+                elif key == "State":
+                    out["state"] = value.strip()
         out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
     return out
 
@@ -458,9 +479,15 @@ class Route:
 
 
 class Bench:
+    """The processes of one benchmark run, and the measurements over them."""
+
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.dir = workdir
+        self.key = workdir / "client_ed25519"
+        self.known_hosts = workdir / "known_hosts"
+        self.sshd_config_path = workdir / "sshd_config"
+        self.sshd_binary = ""
         self.children = Children()
         self.user = getpass.getuser()
         self.paths = {name: Route(name) for name in PATHS}
@@ -473,6 +500,9 @@ class Bench:
         self.client_out: Lines | None = None
         self.agent_events: list[dict[str, Any]] = []
         self.loadavg_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        # the code the agent will import: the commit plus any uncommitted changes
+        self.commit = git_commit()
+        self.relay_changes = git_relay_changes()
 
     # -- set-up
 
@@ -486,25 +516,20 @@ class Bench:
     def start_sshd(self) -> None:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         host = self.keygen("host_ed25519")
-        self.key = self.keygen("client_ed25519")
-        (self.dir / "authorized_keys").write_text(
-            Path(f"{self.key}.pub").read_text())
+        self.keygen(self.key.name)
+        (self.dir / "authorized_keys").write_text(Path(f"{self.key}.pub").read_text())
         self.sshd_port = free_port()
         host_pub = " ".join(Path(f"{host}.pub").read_text().split()[:2])
-        self.known_hosts = self.dir / "known_hosts"
         self.known_hosts.write_text(f"[{LOOPBACK}]:{self.sshd_port} {host_pub}\n")
-        config = self.dir / "sshd_config"
-        config.write_text(SSHD_CONFIG.format(port=self.sshd_port, dir=self.dir))
-        sshd = find_program("sshd")
-        self.sshd_binary = sshd
+        self.sshd_config_path.write_text(SSHD_CONFIG.format(port=self.sshd_port, dir=self.dir))
+        self.sshd_binary = find_program("sshd")
         self.sshd = self.children.start(
-            "sshd", [sshd, "-D", "-e", "-f", str(config)],
+            "sshd", [self.sshd_binary, "-D", "-e", "-f", str(self.sshd_config_path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert self.sshd.stderr is not None
         self.sshd_log = Lines(self.sshd.stderr, "sshd-stderr")
         self.sshd_log.wait_for(lambda line: "Server listening" in line, START_TIMEOUT,
                                "'Server listening' from sshd")
-        self.sshd_config_path = config
 
     def start_target(self) -> None:
         proc = self.children.start(
@@ -548,7 +573,11 @@ class Bench:
                 return int(event["port"])
             return None
 
-        path.port = path.log.wait_for(ready, START_TIMEOUT, "forward_ready event from the agent")
+        try:
+            path.port = path.log.wait_for(ready, START_TIMEOUT,
+                                          "forward_ready event from the agent")
+        except BenchError as e:
+            raise BenchError(f"agent (exit status {path.forwarder.poll()}): {e}") from None
         self._new_sshd_sessions(before, path)
 
     def _agent_event(self, line: str) -> dict[str, Any] | None:
@@ -882,8 +911,8 @@ def summarize(bench: Bench, tput: dict[str, dict[str, list[dict[str, Any]]]],
     return {
         "benchmark": "agent_vs_openssh",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "relay_tree_modified": git_dirty(),
+        "commit": bench.commit,
+        "relay_uncommitted_at_start": bench.relay_changes,
         "conditions": conditions(bench),
         "paths": {name: {"label": LABELS[name], "cipher": p.cipher, "port_on_server": p.port,
                          "argv": p.argv} for name, p in bench.paths.items()},
@@ -910,11 +939,12 @@ def git_commit() -> str:
     return _run_text(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]) or "nogit"
 
 
-def git_dirty() -> bool | None:
-    """Whether relay/ differs from the commit (read-only: no index refresh is written)."""
+def git_relay_changes() -> list[str]:
+    """Uncommitted changes under relay/, as ``git status --porcelain`` lines (read-only:
+    ``--no-optional-locks`` keeps git from writing its index)."""
     out = _run_text(["git", "-C", str(REPO), "--no-optional-locks", "status", "--porcelain",
                      "--", "relay"])
-    return bool(out) if out is not None else None
+    return out.splitlines()
 
 
 def conditions(bench: Bench) -> dict[str, Any]:
@@ -980,13 +1010,16 @@ LATENCY_TITLES = {
 
 def markdown(res: dict[str, Any]) -> str:
     c = res["conditions"]
-    dirty = " (relay/ modified vs. that commit)" if res.get("relay_tree_modified") else ""
+    changes = res.get("relay_uncommitted_at_start") or []
+    dirty = " plus uncommitted changes in relay/" if changes else ""
     tp = res["throughput"]
     r = res["ratios"]
     out = [
         f"# labrelay agent vs OpenSSH `ssh -N -R` — {res['date']}, commit "
         f"`{res['commit']}`{dirty}",
         "",
+        *([f"Uncommitted in relay/ when the agent started: {', '.join(changes)}.", ""]
+          if changes else []),
         f"{c['cpu_model']}, {c['nproc']} CPUs (load {c['loadavg_at_start']} at start), "
         f"Linux {c['kernel']}, Python {c['python']}, Twisted {c['twisted']}, "
         f"cryptography {c['cryptography']}, labrelay {c['labrelay']}, {c['openssh']}. "
@@ -1059,6 +1092,7 @@ def markdown(res: dict[str, Any]) -> str:
         out += ["No anomalies: every transfer arrived complete, no session failed or stalled "
                 f"past {STALL_SECONDS:g} s, the agent logged no warning or error, and sshd "
                 "logged nothing during the measurements.", ""]
+    out += ["What bounds each figure, and how to reproduce: `docs/benchmarks.md`.", ""]
     return "\n".join(out)
 
 

@@ -1,0 +1,1371 @@
+"""labrelay's relay + agent against stock OpenSSH ``ssh -N -R``, side by side in one run.
+
+A real ``labrelay relay`` process (the cloud end) and a real ``labrelay agent``
+process (the lab end) hold one SSH link; the agent registers the named services
+``bulk:9000`` and ``echo:7`` and two granted public ports, all pointing at target
+processes on loopback. Paths from a client process to those targets:
+
+* ``relay``       the relay's public port: relay -> agent's channel -> target (the pure
+  relay+agent figure: no user-side ssh);
+* ``relay-L``     a stock ``ssh -N -L LOCAL:bulk:9000 alice@relay`` (and a second user's
+  ``ssh -N -L LOCAL:echo:7 bob@relay``): the user's ssh adds its own cost;
+* ``ssh``         ``ssh -N -R PORT:127.0.0.1:TARGET`` to a private OpenSSH ``sshd``, OpenSSH's
+  default cipher (the issue's baseline);
+* ``ssh-aes``     the same with ``-c aes128-ctr -m hmac-sha2-256``, the relay link's cipher;
+* ``direct``      the client straight to the target: the harness's own ceiling.
+
+Measured, path by path within each run so machine noise hits all alike: bulk throughput
+each way with the CPU seconds per GiB of every forwarding process; new-session set-up
+latency; interactive 1-byte echo round trips while another session on the same link
+pushes bulk. Once, on fresh processes: 10 000 concurrent idle sessions through the relay's
+public port (each confirmed end to end by a 1-byte greeting from the target), with the
+relay's and the agent's RSS per session, and the same through ``ssh -R``.
+
+The sshd set-up, process plumbing, CPU accounting and the push/pull/set-up client code
+come from ``bench/agent_vs_openssh.py``.
+
+Run from the repository root with the venv's Python::
+
+    python -m bench.relay_vs_openssh            # 1 GiB x 5 runs
+    python -m bench.relay_vs_openssh --quick    # 256 MiB x 3 runs
+
+Results: a table on stdout, ``bench/results/relay_vs_openssh-DATE-COMMIT.json`` and
+``bench/results/relay_vs_openssh-latest.md``. See ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import errno
+import json
+import os
+import re
+import resource
+import selectors
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import agent_vs_openssh as avo
+from bench.agent_vs_openssh import (
+    LOOPBACK,
+    STALL_SECONDS,
+    START_TIMEOUT,
+    BenchError,
+    GiB,
+    Lines,
+    MiB,
+    cpu_seconds,
+    descendants,
+    find_program,
+    free_port,
+    machine_cpu,
+    pctl,
+    proc_health,
+    spread,
+)
+
+REPO = avo.REPO
+RESULTS_DIR = avo.RESULTS_DIR
+THIS = str(Path(__file__).resolve())
+
+THROUGHPUT_GOAL = 0.75  # relay+agent / ssh -N -R (default cipher), from issues 3 and 6
+SETUP_P50_GOAL_MS = 2.0
+IDLE_KIB_GOAL = 10.0  # per session, each of relay and agent
+ECHO_P99_GOAL_MS = 20.0
+NOFILE = 65536  # RLIMIT_NOFILE for the harness and (inherited) every child
+
+RELAY, RELAY_L, SSH, SSH_AES, DIRECT = "relay", "relay-L", "ssh", "ssh-aes", "direct"
+PATHS = (RELAY, RELAY_L, SSH, SSH_AES, DIRECT)
+LABELS = {
+    RELAY: "relay+agent, public port",
+    RELAY_L: "relay+agent, user's ssh -L",
+    SSH: "ssh -R (default cipher)",
+    SSH_AES: "ssh -R aes128-ctr+hmac-sha2-256",
+    DIRECT: "direct (no tunnel)",
+}
+# 10 000 idle sessions: through the relay twice (the second round shows whether the
+# first one's memory is reused, i.e. nothing leaked), then through ssh -R
+IDLE_ROUNDS = ((RELAY, "relay"), (RELAY, "relay, 2nd round"), (SSH, "ssh"))
+BULK_SERVICE, ECHO_SERVICE = ("bulk", 9000), ("echo", 7)
+
+RELAY_CONFIG = """\
+[relay]
+listen = "127.0.0.1:0"
+state_dir = "{dir}/relay-state"
+public_bind = "127.0.0.1"
+
+[[relay.agent]]
+name = "bench_agent"
+keys = ["{agent_key}"]
+services = ["{bulk}", "{echo}"]
+public_ports = [{p_bulk}, {p_echo}]
+
+[[relay.user]]
+name = "alice"
+keys = ["{alice_key}"]
+services = ["{bulk}"]
+
+[[relay.user]]
+name = "bob"
+keys = ["{bob_key}"]
+services = ["{echo}"]
+"""
+
+
+# ---------------------------------------------------------------------------
+# workers: this file re-run with --worker KIND, each in its own process
+
+GREETING = b"G"
+
+
+def raise_nofile(limit: int = NOFILE) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE to ``limit`` (root may raise the hard limit too); the result."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for want in ((limit, max(hard, limit)), (min(limit, hard), hard)):
+        try:  # raising the hard limit needs CAP_SYS_RESOURCE; else up to the hard one
+            resource.setrlimit(resource.RLIMIT_NOFILE, want)
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def greeter_worker() -> None:
+    """The second target: greets every connection with one byte, then echoes.
+
+    One thread, epoll, non-blocking sockets: holds tens of thousands of idle
+    connections cheaply. ``count`` on stdin prints how many it holds; EOF exits.
+    """
+    raise_nofile()
+    server = socket.create_server((LOOPBACK, 0), backlog=4096)
+    server.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(server, selectors.EVENT_READ)
+    conns: dict[int, socket.socket] = {}
+    pending: dict[int, bytes] = {}
+    accepted = 0
+    print(json.dumps({"port": server.getsockname()[1]}), flush=True)
+
+    def commands() -> None:
+        for line in sys.stdin:
+            if line.strip() == "count":
+                print(json.dumps({"open": len(conns), "accepted": accepted}), flush=True)
+        os._exit(0)
+
+    threading.Thread(target=commands, daemon=True).start()
+
+    def drop(sock: socket.socket) -> None:
+        fd = sock.fileno()
+        sel.unregister(sock)
+        conns.pop(fd, None)
+        pending.pop(fd, None)
+        sock.close()
+
+    while True:
+        for key, mask in sel.select():
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            if sock is server:
+                for _ in range(256):
+                    try:
+                        conn, _ = server.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:  # EMFILE and friends: leave it in the backlog
+                        break
+                    conn.setblocking(False)
+                    avo._nodelay(conn)
+                    conn.send(GREETING)  # a fresh socket always takes one byte
+                    conns[conn.fileno()] = conn
+                    accepted += 1
+                    sel.register(conn, selectors.EVENT_READ)
+                continue
+            fd = sock.fileno()
+            try:
+                if mask & selectors.EVENT_WRITE:
+                    out = pending.pop(fd)
+                    n = sock.send(out)
+                    if n < len(out):
+                        pending[fd] = out[n:]
+                    else:
+                        sel.modify(sock, selectors.EVENT_READ)
+                    continue
+                data = sock.recv(65536)
+                if not data:
+                    drop(sock)
+                    continue
+                n = sock.send(data)
+                if n < len(data):
+                    pending[fd] = data[n:]
+                    sel.modify(sock, selectors.EVENT_WRITE)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                drop(sock)
+
+
+def _hold(port: int, count: int, in_flight: int, held: list[socket.socket]) -> dict[str, Any]:
+    """Open ``count`` connections to ``port``, at most ``in_flight`` not yet greeted at a
+    time; each counts once the target's greeting came back through the path. Kept open."""
+    sel = selectors.DefaultSelector()
+    started: dict[int, float] = {}
+    opened = failed = 0
+    errors: dict[str, int] = {}
+    first_error = ""
+    begin = time.perf_counter()
+    deadline = time.monotonic() + STALL_SECONDS
+    waits: list[float] = []
+
+    def fail(sock: socket.socket, why: str) -> None:
+        nonlocal failed, first_error
+        failed += 1
+        errors[why] = errors.get(why, 0) + 1
+        first_error = first_error or why
+        with contextlib.suppress(KeyError, ValueError):
+            sel.unregister(sock)
+        sock.close()
+
+    launched = 0
+    while opened + failed < count:
+        while launched < count and launched - opened - failed < in_flight:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            code = sock.connect_ex((LOOPBACK, port))
+            launched += 1
+            if code not in (0, errno.EINPROGRESS):
+                fail(sock, os.strerror(code))
+                continue
+            started[sock.fileno()] = time.perf_counter()
+            sel.register(sock, selectors.EVENT_READ)
+        events = sel.select(timeout=1.0)
+        if events:
+            deadline = time.monotonic() + STALL_SECONDS
+        elif time.monotonic() > deadline:
+            for key in list(sel.get_map().values()):
+                fail(key.fileobj, f"no greeting within {STALL_SECONDS:g}s")  # type: ignore[arg-type]
+            break
+        for key, _ in events:
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            try:
+                data = sock.recv(1)
+            except OSError as e:
+                fail(sock, type(e).__name__)
+                continue
+            if data != GREETING:
+                fail(sock, "closed before the greeting" if not data else f"got {data!r}")
+                continue
+            sel.unregister(sock)
+            waits.append((time.perf_counter() - started[sock.fileno()]) * 1000.0)
+            opened += 1
+            held.append(sock)
+    sel.close()
+    seconds = time.perf_counter() - begin
+    return {"opened": opened, "failed": failed, "errors": errors, "first_error": first_error,
+            "seconds": seconds, "held": len(held),
+            "greeting_ms": {"p50": pctl(waits, 50), "p99": pctl(waits, 99),
+                            "max": max(waits)} if waits else None,
+            "slow": sum(w > 900 for w in waits)}
+
+
+def _echo(port: int, count: int, gap: float) -> dict[str, Any]:
+    """``count`` 1-byte round trips on one connection to the greeter, ``gap`` s apart."""
+    times: list[float] = []
+    with avo._connect(port) as sock:
+        if avo._recv_exact(sock, 1) != GREETING:
+            raise OSError("no greeting from the echo target")
+        for i in range(count):
+            time.sleep(gap)
+            start = time.perf_counter()
+            sock.sendall(b"x")
+            if sock.recv(1) != b"x":
+                raise OSError(f"echo {i + 1}: connection closed")
+            times.append((time.perf_counter() - start) * 1000.0)
+    return {"ms": times}
+
+
+def client_worker() -> None:
+    """JSON commands on stdin, one JSON answer line each: the agent bench's push, pull and
+    set-up operations, plus echo round trips, holding idle sessions and releasing them."""
+    raise_nofile()
+    payload = memoryview(os.urandom(avo.CHUNK))
+    view = memoryview(bytearray(avo.CHUNK))
+    held: list[socket.socket] = []
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        try:
+            if op == "push":
+                result = avo._push(payload, cmd["port"], cmd["bytes"])
+            elif op == "pull":
+                result = avo._pull(view, cmd["port"], cmd["bytes"])
+            elif op == "setup":
+                result = avo._setup(cmd["port"], cmd["sessions"], cmd["gap"])
+            elif op == "echo":
+                result = _echo(cmd["port"], cmd["count"], cmd["gap"])
+            elif op == "hold":
+                result = _hold(cmd["port"], cmd["count"], cmd["in_flight"], held)
+            elif op == "release":
+                for sock in held:
+                    sock.close()
+                result = {"closed": len(held)}
+                held.clear()
+            else:
+                result = {"error": f"unknown op {op!r}"}
+        except (OSError, ValueError) as e:
+            result = {"error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(result), flush=True)
+
+
+def bulk_worker(port: int) -> None:
+    """Push into the sink at ``port`` until a line arrives on stdin; then report."""
+    payload = memoryview(os.urandom(avo.CHUNK))
+    stop = threading.Event()
+
+    def wait_stop() -> None:
+        sys.stdin.readline()
+        stop.set()
+
+    threading.Thread(target=wait_stop, daemon=True).start()
+    sent = 0
+    announced = False
+    start = time.perf_counter()
+    try:
+        with avo._connect(port) as sock:
+            sock.sendall(avo.MODE_SINK)
+            sent = 1
+            while not stop.is_set():
+                sock.sendall(payload)
+                sent += len(payload)
+                if not announced and sent >= 32 * MiB:
+                    announced = True
+                    print(json.dumps({"started": time.perf_counter() - start}), flush=True)
+            seconds = time.perf_counter() - start
+            sock.shutdown(socket.SHUT_WR)
+            reply = avo._recv_exact(sock, 8)
+        count = int.from_bytes(reply, "big") if len(reply) == 8 else -1
+        print(json.dumps({"bytes": sent, "count": count, "seconds": seconds}), flush=True)
+    except OSError as e:
+        print(json.dumps({"error": f"{type(e).__name__}: {e}", "bytes": sent}), flush=True)
+
+
+# ---------------------------------------------------------------------------
+# the set-up
+
+
+@dataclass
+class Route(avo.Route):
+    """One path: where bulk/set-up sessions (``port``) and echo/idle sessions
+    (``echo_port``) connect, and which processes carry it (for CPU and memory)."""
+
+    echo_port: int = 0
+    groups: dict[str, list[int]] = field(default_factory=dict)  # CPU accounting
+
+
+class RelayBench(avo.Bench):
+    """The processes of one run and the measurements over them.
+
+    Reuses the agent bench's sshd, target, ssh readiness and client plumbing.
+    """
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        super().__init__(args, workdir)
+        self.paths: dict[str, Route] = {name: Route(name) for name in PATHS}  # type: ignore[assignment]
+        self.greeter: subprocess.Popen[bytes] | None = None
+        self.greeter_out: Lines | None = None
+        self.greeter_port = 0
+        self.relay: subprocess.Popen[bytes] | None = None
+        self.relay_log: Lines | None = None
+        self.relay_port = 0
+        self.relay_argv: list[str] = []
+        self.agent: subprocess.Popen[bytes] | None = None
+        self.agent_log: Lines | None = None
+        self.agent_argv: list[str] = []
+        self.public_bulk = 0
+        self.public_echo = 0
+        self.relay_known_hosts = workdir / "relay_known_hosts"
+        self.users: dict[str, subprocess.Popen[bytes]] = {}
+        self.user_logs: dict[str, Lines] = {}
+        self.link_cipher = ""
+
+    # -- processes
+
+    def start_greeter(self) -> None:
+        self.greeter = self.children.start(
+            "greeter", [sys.executable, THIS, "--worker", "greeter"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.greeter.stdout is not None
+        self.greeter_out = Lines(self.greeter.stdout, "greeter-stdout")
+        line = self.greeter_out.wait_for(lambda s: s, START_TIMEOUT, "the greeter's port")
+        self.greeter_port = int(json.loads(line)["port"])
+
+    def greeter_count(self) -> dict[str, int]:
+        assert self.greeter is not None and self.greeter.stdin is not None
+        assert self.greeter_out is not None
+        self.greeter.stdin.write(b"count\n")
+        self.greeter.stdin.flush()
+        line = self.greeter_out.wait_for(lambda s: s, 20, "the greeter's count")
+        result: dict[str, int] = json.loads(line)
+        return result
+
+    def start_client(self) -> None:
+        self.client = self.children.start(
+            "client", [sys.executable, THIS, "--worker", "client"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.client.stdout is not None
+        self.client_out = Lines(self.client.stdout, "client-stdout")
+
+    @staticmethod
+    def _event(line: str) -> dict[str, Any] | None:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return None
+        return event if isinstance(event, dict) else None
+
+    def start_relay(self) -> None:
+        keys = {name: self.keygen(f"{name}_ed25519") for name in ("agent", "alice", "bob")}
+        blob = {name: " ".join(Path(f"{path}.pub").read_text().split()[:2])
+                for name, path in keys.items()}
+        self.public_bulk, self.public_echo = free_port(), free_port()
+        config = self.dir / "relay.toml"
+        config.write_text(RELAY_CONFIG.format(
+            dir=self.dir, agent_key=blob["agent"], alice_key=blob["alice"], bob_key=blob["bob"],
+            bulk="{}:{}".format(*BULK_SERVICE), echo="{}:{}".format(*ECHO_SERVICE),
+            p_bulk=self.public_bulk, p_echo=self.public_echo))
+        self.relay_argv = [self.args.python, "-m", "relay", "relay", "--log-format", "json",
+                           "--config", str(config)]
+        self.relay = self.children.start("relay", self.relay_argv, cwd=REPO,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert self.relay.stdout is not None
+        self.relay_log = Lines(self.relay.stdout, "relay-stdout")
+
+        def listening(line: str) -> int | None:
+            event = self._event(line)
+            if event and event.get("event") == "relay_listening":
+                return int(event["port"])
+            return None
+
+        try:
+            self.relay_port = self.relay_log.wait_for(listening, START_TIMEOUT,
+                                                      "relay_listening from the relay")
+        except BenchError as e:
+            raise BenchError(f"relay (exit status {self.relay.poll()}): {e}") from None
+        host_pub = self.dir / "relay-state" / "ssh_host_ed25519_key.pub"
+        host = " ".join(host_pub.read_text().split()[:2])
+        self.relay_known_hosts.write_text(f"[{LOOPBACK}]:{self.relay_port} {host}\n")
+
+    def start_relay_agent(self) -> None:
+        assert self.target_port and self.greeter_port
+        target, greeter = f"{LOOPBACK}:{self.target_port}", f"{LOOPBACK}:{self.greeter_port}"
+        forwards = [f"{BULK_SERVICE[0]}:{BULK_SERVICE[1]}:{target}",
+                    f"{ECHO_SERVICE[0]}:{ECHO_SERVICE[1]}:{greeter}",
+                    f"{self.public_bulk}:{target}", f"{self.public_echo}:{greeter}"]
+        self.agent_argv = [
+            self.args.python, "-m", "relay", "agent", "--log-format", "json",
+            "-p", str(self.relay_port), "-i", str(self.dir / "agent_ed25519"),
+            "-o", f"UserKnownHostsFile={self.relay_known_hosts}",
+            *[arg for f in forwards for arg in ("-R", f)], f"bench_agent@{LOOPBACK}",
+        ]
+        self.agent = self.children.start("agent", self.agent_argv, cwd=REPO,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert self.agent.stdout is not None
+        self.agent_log = Lines(self.agent.stdout, "agent-stdout")
+        ready: set[str] = set()
+
+        def all_ready(line: str) -> bool:
+            event = self._event(line)
+            if event and event.get("event") == "forward_ready":
+                ready.add(f"{event.get('bind')}:{event.get('port')}")
+            return len(ready) == len(forwards)
+
+        try:
+            self.agent_log.wait_for(all_ready, START_TIMEOUT,
+                                    f"{len(forwards)} forward_ready events from the agent")
+        except BenchError as e:
+            raise BenchError(f"agent (exit status {self.agent.poll()}): {e}") from None
+        path = self.paths[RELAY]
+        path.port, path.echo_port = self.public_bulk, self.public_echo
+        path.argv = self.agent_argv
+        path.groups = {"relay": [self.relay.pid], "agent": [self.agent.pid]}
+
+    def relay_ssh_base(self, user: str) -> list[str]:
+        return [find_program("ssh"), "-F", "/dev/null", "-o", "BatchMode=yes",
+                "-o", "IdentitiesOnly=yes", "-i", str(self.dir / f"{user}_ed25519"),
+                "-o", f"UserKnownHostsFile={self.relay_known_hosts}",
+                "-o", "StrictHostKeyChecking=yes", "-p", str(self.relay_port)]
+
+    def _wait_listening(self, name: str, proc: subprocess.Popen[bytes], log: Lines,
+                        port: int) -> None:
+        """Readiness of an ssh forward: its port accepts (the target sees an empty probe)."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                raise BenchError(f"{name} exited ({proc.returncode}) before its forward was "
+                                 f"up:\n{log.text()}")
+            with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 1):
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"{name}: port {port} not listening within "
+                                 f"{START_TIMEOUT:g}s:\n{log.text()}")
+            time.sleep(0.02)
+
+    def start_user(self, user: str, service: tuple[str, int]) -> int:
+        """A stock ``ssh -N -L LOCAL:SERVICE user@relay``; its local port."""
+        local = free_port()
+        argv = [*self.relay_ssh_base(user), "-N", "-o", "ExitOnForwardFailure=yes",
+                "-L", f"{LOOPBACK}:{local}:{service[0]}:{service[1]}", f"{user}@{LOOPBACK}"]
+        proc = self.children.start(f"ssh-L-{user}", argv, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        log = Lines(proc.stderr, f"ssh-L-{user}-stderr")
+        self.users[user], self.user_logs[user] = proc, log
+        self._wait_listening(f"ssh -L ({user})", proc, log, local)
+        return local
+
+    def start_relay_users(self) -> None:
+        assert self.relay is not None and self.agent is not None
+        path = self.paths[RELAY_L]
+        path.port = self.start_user("alice", BULK_SERVICE)
+        path.echo_port = self.start_user("bob", ECHO_SERVICE)
+        path.forwarder = self.users["alice"]
+        path.log = self.user_logs["alice"]
+        path.argv = list(self.users["alice"].args)  # type: ignore[arg-type]
+        path.groups = {"relay": [self.relay.pid], "agent": [self.agent.pid],
+                       "user ssh": [self.users["alice"].pid, self.users["bob"].pid]}
+
+    def start_openssh(self, name: str, extra: Sequence[str]) -> None:
+        """``ssh -N -R PORT:TARGET -R PORT2:GREETER``: both over one ssh connection."""
+        path = self.paths[name]
+        assert self.sshd is not None
+        before = descendants(self.sshd.pid)
+        path.port, path.echo_port = free_port(), free_port()
+        path.argv = [*self.ssh_base(), *extra, "-N", "-o", "ExitOnForwardFailure=yes",
+                     "-R", f"{LOOPBACK}:{path.port}:{LOOPBACK}:{self.target_port}",
+                     "-R", f"{LOOPBACK}:{path.echo_port}:{LOOPBACK}:{self.greeter_port}",
+                     f"{self.user}@{LOOPBACK}"]
+        path.forwarder = self.children.start(name, path.argv, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE)
+        assert path.forwarder.stderr is not None
+        path.log = Lines(path.forwarder.stderr, f"{name}-stderr")
+        self._wait_listening(name, path.forwarder, path.log, path.port)
+        self._wait_listening(name, path.forwarder, path.log, path.echo_port)
+        self._new_sshd_sessions(before, path)
+        path.groups = {"ssh": [path.forwarder.pid], "sshd": sorted(path.sshd_pids)}
+
+    def relay_ciphers(self) -> tuple[str, str]:
+        """(the agent's link, alice's ssh) as negotiated with the relay: both Conch ends
+        take the client's first choice the server has; ``ssh -v`` shows the user's."""
+        probe = ("from relay.ssh.client import LinkTransport as C; "
+                 "from relay.ssh.server import RelayTransport as S; "
+                 "print(next(c for c in C.supportedCiphers if c in S.supportedCiphers).decode(),"
+                 " '+', next(m for m in C.supportedMACs if m in S.supportedMACs).decode())")
+        link = subprocess.run([self.args.python, "-c", probe], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip() or "unknown"
+        if "gcm" in link.split(" + ")[0]:  # an AEAD cipher: no separate MAC
+            link = link.split(" + ")[0] + " + <implicit>"
+        # the relay refuses the session channel after the key exchange: that is enough
+        out = subprocess.run([*self.relay_ssh_base("alice"), "-v", f"alice@{LOOPBACK}", "true"],
+                             capture_output=True, text=True, timeout=START_TIMEOUT,
+                             stdin=subprocess.DEVNULL).stderr
+        m = re.search(r"kex: client->server cipher: (\S+) MAC: (\S+)", out)
+        user = f"{m.group(1)} + {m.group(2)}" if m else "unknown"
+        return link, user
+
+    def setup(self) -> None:
+        self.start_sshd()
+        self.start_target()
+        self.start_greeter()
+        self.start_relay()
+        self.start_relay_agent()
+        self.start_relay_users()
+        self.start_openssh(SSH, ())
+        self.start_openssh(SSH_AES, avo.AES_OPTIONS)
+        direct = self.paths[DIRECT]
+        direct.port, direct.echo_port = self.target_port, self.greeter_port
+        self.start_client()
+        self.link_cipher, user_cipher = self.relay_ciphers()
+        self.paths[RELAY].cipher = f"link {self.link_cipher}"
+        self.paths[RELAY_L].cipher = f"user {user_cipher}; link {self.link_cipher}"
+        self.paths[SSH].cipher = self.negotiated(())
+        self.paths[SSH_AES].cipher = self.negotiated(avo.AES_OPTIONS)
+        direct.cipher = "none"
+
+    # -- accounting and checks
+
+    def process_pids(self) -> dict[str, int]:
+        """The forwarding processes whose memory and fds are tracked."""
+        pids = {}
+        if self.relay is not None:
+            pids["relay"] = self.relay.pid
+        if self.agent is not None:
+            pids["agent"] = self.agent.pid
+        return pids
+
+    def health(self) -> dict[str, Any]:
+        return {name: proc_health(pid) for name, pid in self.process_pids().items()}
+
+    def check_alive(self) -> None:
+        procs: list[tuple[str, subprocess.Popen[bytes] | None, Lines | None]] = [
+            ("relay", self.relay, self.relay_log), ("agent", self.agent, self.agent_log),
+            ("greeter", self.greeter, self.greeter_out)]
+        procs += [(n, p, None) for n, p in self.children.procs if n == "target"]
+        procs += [(f"ssh -L ({u})", p, self.user_logs[u]) for u, p in self.users.items()]
+        procs += [(p.name, p.forwarder, p.log) for p in self.paths.values()
+                  if p.name in (SSH, SSH_AES)]
+        for name, proc, log in procs:
+            if proc is not None and proc.poll() is not None:
+                raise BenchError(f"{name} exited ({proc.returncode}) mid-run:\n"
+                                 + (log.text() if log else ""))
+
+    def diagnose(self, path: avo.Route, what: str, error: str) -> str:
+        text = super().diagnose(path, what, error)
+        extra = []
+        if path.name in (RELAY, RELAY_L):
+            for name, pid in self.process_pids().items():
+                extra.append(f"  {name} pid {pid}: {proc_health(pid)}")
+            for name, log in (("relay", self.relay_log), ("agent", self.agent_log)):
+                if log is not None:
+                    extra.append(f"  {name} last output:\n    "
+                                 + log.text(10).replace("\n", "\n    "))
+        return "\n".join([text, *extra])
+
+    def measured(self, path: avo.Route, fn: Callable[[], dict[str, Any]], what: str
+                 ) -> dict[str, Any] | None:
+        """Run ``fn`` with the CPU seconds of every process of ``path``, by group."""
+        groups: dict[str, list[int]] = getattr(path, "groups", {})
+        before = {g: cpu_seconds(pids) for g, pids in groups.items()}
+        result = fn()
+        result["cpu"] = {g: cpu_seconds(pids) - before[g] for g, pids in groups.items()}
+        if "error" in result:
+            report = self.diagnose(path, what, result["error"])
+            path.failures.append(report)
+            self.anomalies.append(report)
+            print(f"!! {report}", file=sys.stderr, flush=True)
+            return None
+        return result
+
+    def fail(self, path: Route, what: str, error: str) -> None:
+        report = self.diagnose(path, what, error)
+        path.failures.append(report)
+        self.anomalies.append(report)
+        print(f"!! {report}", file=sys.stderr, flush=True)
+
+    # -- interactive echo while another session pushes bulk on the same link
+
+    def interactive(self, path: Route) -> dict[str, Any] | None:
+        args = self.args
+        bulk = self.children.start(
+            f"bulk-{path.name}", [sys.executable, THIS, "--worker", "bulk", str(path.port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert bulk.stdin is not None and bulk.stdout is not None
+        out = Lines(bulk.stdout, f"bulk-{path.name}-stdout")
+        result: dict[str, Any] | None = None
+        try:
+            started = json.loads(out.wait_for(lambda s: s, STALL_SECONDS, "bulk to start"))
+            if "error" in started:
+                self.fail(path, "bulk push for the echo test", started["error"])
+                return None
+            timeout = args.echoes * (args.echo_gap_ms / 1000 + 1) + STALL_SECONDS
+            result = self.measured(
+                path, lambda: self.client_call({"op": "echo", "port": path.echo_port,
+                                                "count": args.echoes,
+                                                "gap": args.echo_gap_ms / 1000}, timeout),
+                "interactive echo under bulk")
+            bulk.stdin.write(b"stop\n")
+            bulk.stdin.flush()
+            done = json.loads(out.wait_for(lambda s: s, STALL_SECONDS + 30, "bulk to stop"))
+            if "error" in done:
+                self.fail(path, "bulk push during the echo test", done["error"])
+                return None
+            if done["count"] != done["bytes"]:
+                self.fail(path, "bulk push during the echo test",
+                          f"{done['bytes']} bytes sent, {done['count']} arrived")
+                return None
+            if result is not None:
+                result["bulk_mb_per_s"] = done["bytes"] / done["seconds"] / 1e6
+        except BenchError as e:
+            self.fail(path, "interactive echo under bulk", str(e))
+            return None
+        finally:
+            with contextlib.suppress(OSError):
+                bulk.stdin.close()
+            try:
+                bulk.wait(STALL_SECONDS)
+            except subprocess.TimeoutExpired:
+                bulk.kill()
+                bulk.wait()
+        return result
+
+    # -- 10 000 idle sessions
+
+    def idle(self, path: Route) -> dict[str, Any] | None:
+        """Open ``--idle-sessions`` connections through ``path`` to the greeter and hold
+        them; RSS and fds of the forwarding processes before, with them, and after."""
+        args = self.args
+        if path.name == RELAY:
+            pids = self.process_pids()
+        else:
+            assert path.forwarder is not None
+            pids = {"ssh": path.forwarder.pid,
+                    **{f"sshd {pid}": pid for pid in sorted(path.sshd_pids)}}
+        base = self.greeter_count()["open"]
+        time.sleep(0.5)
+        before = {name: proc_health(pid) for name, pid in pids.items()}
+        cpu0 = {name: cpu_seconds([pid]) for name, pid in pids.items()}
+        timeout = args.idle_sessions / 100 + 2 * STALL_SECONDS
+        overflows0 = listen_overflows()
+        opened = self.client_call({"op": "hold", "port": path.echo_port,
+                                   "count": args.idle_sessions, "in_flight": args.in_flight},
+                                  timeout)
+        cpu = {name: cpu_seconds([pid]) - cpu0[name] for name, pid in pids.items()}
+        overflows = listen_overflows() - overflows0
+        time.sleep(args.settle)
+        held = self.greeter_count()["open"] - base
+        during = {name: proc_health(pid) for name, pid in pids.items()}
+        released = self.client_call({"op": "release"}, 60)
+        t0 = time.monotonic()
+        while self.greeter_count()["open"] > base and time.monotonic() - t0 < STALL_SECONDS:
+            time.sleep(0.1)
+        drained = self.greeter_count()["open"] - base
+        drain_s = time.monotonic() - t0
+        time.sleep(args.settle)
+        after = {name: proc_health(pid) for name, pid in pids.items()}
+        n = opened.get("opened", 0)
+        res: dict[str, Any] = {
+            "requested": args.idle_sessions, "opened": n, "failed": opened.get("failed"),
+            "errors": opened.get("errors"), "open_seconds": opened.get("seconds"),
+            "sessions_per_s": n / opened["seconds"] if opened.get("seconds") else None,
+            "greeting_ms": opened.get("greeting_ms"),
+            "greetings_over_900ms": opened.get("slow"),
+            "listen_overflows_machine_wide": overflows,
+            "listen_backlog": listen_backlog(path.echo_port), "held_at_target": held,
+            "released": released.get("closed"), "left_at_target_after_release": drained,
+            "release_seconds": drain_s, "cpu_s_opening": cpu,
+            "before": before, "during": during, "after": after,
+            "kib_per_session": {name: (during[name].get("vmrss_kib", 0)
+                                       - before[name].get("vmrss_kib", 0)) / n if n else None
+                                for name in pids},
+            "fds_per_session": {name: (during[name].get("fds", 0) - before[name].get("fds", 0))
+                                / n if n else None for name in pids},
+        }
+        if path.name != RELAY:  # the sshd session: privsep monitor plus its child, summed
+            sshd = [name for name in pids if name.startswith("sshd")]
+            total = sum(during[s].get("vmrss_kib", 0) - before[s].get("vmrss_kib", 0)
+                        for s in sshd)
+            res["kib_per_session"]["sshd (all)"] = total / n if n else None
+        problems = []
+        if "error" in opened:
+            problems.append(opened["error"])
+        if n != args.idle_sessions:
+            problems.append(f"{n} of {args.idle_sessions} sessions connected through "
+                            f"(first error: {opened.get('first_error')}; {opened.get('errors')})")
+        if held < n:
+            problems.append(f"the target held {held} connections, {n} expected")
+        if drained > 0:
+            problems.append(f"{drained} connections still open at the target "
+                            f"{STALL_SECONDS:g} s after the client closed them")
+        for text in problems:
+            self.fail(path, f"{args.idle_sessions} idle sessions", text)
+        return res
+
+    # -- the run
+
+    def warm_up_sessions(self) -> None:
+        for path in self.paths.values():
+            self.sessions(path, 20, 0, "warm-up sessions")
+
+    def warm_up_bulk(self) -> None:
+        for path in self.paths.values():
+            for op in ("push", "pull"):
+                self.transfer(op, path, 64 * MiB)
+
+    def active(self) -> list[Route]:  # type: ignore[override]
+        return [p for p in self.paths.values() if not p.failures or self.args.keep_going]
+
+    def run(self) -> dict[str, Any]:  # type: ignore[override]
+        args = self.args
+        directions = ["push"] + ([] if args.no_reverse else ["pull"])
+        tput: dict[str, dict[str, list[dict[str, Any]]]] = {
+            op: {p: [] for p in PATHS} for op in directions}
+        kinds = ["back_to_back"] + (["idle_gap"] if args.gap_sessions else [])
+        lat: dict[str, dict[str, list[dict[str, Any]]]] = {
+            kind: {p: [] for p in PATHS} for kind in kinds}
+        echo: dict[str, list[dict[str, Any]]] = {p: [] for p in PATHS}
+        idle: dict[str, Any] = {}
+        health: dict[str, Any] = {"ready": self.health()}
+        ours = [os.getpid(), *descendants(os.getpid())]
+        machine0, ours0, wall0 = machine_cpu(), cpu_seconds(ours), time.monotonic()
+        sshd_lines0 = self.sshd_log.count if self.sshd_log else 0
+
+        print("warming up: 20 sessions per path (not recorded)", flush=True)
+        self.warm_up_sessions()
+        self.check_alive()
+        health["after_warmup_sessions"] = self.health()
+        if args.idle_sessions:
+            for name, key in IDLE_ROUNDS:
+                print(f"{args.idle_sessions} idle sessions through {key} ...", flush=True)
+                idle[key] = entry = self.idle(self.paths[name])
+                entry["path"] = name
+                self.check_alive()
+                kib = entry["kib_per_session"]
+                print(f"  {entry['opened']} held, {entry['sessions_per_s'] or 0:.0f} sessions/s "
+                      "opening; KiB/session "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in kib.items() if v is not None),
+                      flush=True)
+        health["after_idle"] = self.health()
+        print("warming up: 64 MiB each way per path (not recorded)", flush=True)
+        self.warm_up_bulk()
+        self.check_alive()
+        health["after_warmup_bulk"] = self.health()
+
+        for run in range(1, args.runs + 1):
+            for op in directions:
+                for path in self.active():
+                    r = self.transfer(op, path, args.bytes)
+                    self.check_alive()
+                    if r is not None:
+                        tput[op][path.name].append(r)
+                        cpu = " ".join(f"{g} {s / (args.bytes / GiB):.2f}"
+                                       for g, s in r["cpu"].items())
+                        print(f"run {run}/{args.runs} {op:4} {path.name:8} "
+                              f"{args.bytes / r['seconds'] / 1e6:8.1f} MB/s"
+                              + (f"   CPU s/GiB: {cpu}" if cpu else ""), flush=True)
+            for kind in kinds:
+                n, gap = ((args.sessions, 0.0) if kind == "back_to_back"
+                          else (args.gap_sessions, args.gap_ms))
+                for path in self.active():
+                    r = self.sessions(path, n, gap, f"set-up latency ({kind})")
+                    self.check_alive()
+                    if r is not None:
+                        lat[kind][path.name].append(r)
+                        ms = r["ms"]
+                        print(f"run {run}/{args.runs} set-up {kind:12} {path.name:8} "
+                              f"p50 {pctl(ms, 50):6.2f}  p99 {pctl(ms, 99):6.2f}  "
+                              f"max {max(ms):7.2f} ms", flush=True)
+            for path in self.active():
+                r = self.interactive(path)
+                self.check_alive()
+                if r is not None:
+                    echo[path.name].append(r)
+                    ms = r["ms"]
+                    print(f"run {run}/{args.runs} echo under bulk  {path.name:8} "
+                          f"p50 {pctl(ms, 50):6.2f}  p99 {pctl(ms, 99):6.2f}  "
+                          f"max {max(ms):7.2f} ms  (bulk {r['bulk_mb_per_s']:.0f} MB/s)",
+                          flush=True)
+            health[f"after_run_{run}"] = self.health()
+
+        machine1, wall = machine_cpu(), time.monotonic() - wall0
+        machine = {
+            "wall_s": wall,
+            "busy_cpu_s": machine1["busy"] - machine0["busy"],
+            "bench_processes_cpu_s": cpu_seconds(ours) - ours0,
+            "steal_cpu_s": machine1["steal"] - machine0["steal"],
+            "loadavg_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        }
+        sshd_lines = (self.sshd_log.count - sshd_lines0) if self.sshd_log else 0
+        if sshd_lines and self.sshd_log is not None:
+            self.anomalies.append(f"sshd logged {sshd_lines} lines during the measurements:\n"
+                                  + self.sshd_log.text(min(sshd_lines, 20)))
+        for name, log in (("relay", self.relay_log), ("agent", self.agent_log)):
+            if log is None:
+                continue
+            for line in log.tail:
+                event = self._event(line)
+                if event is None:
+                    self.anomalies.append(f"{name} printed a non-JSON line: {line}")
+                elif event.get("level") not in ("info", "debug"):
+                    self.anomalies.append(f"{name} logged {event.get('level')}: "
+                                          f"{event.get('text')}")
+        return summarize(self, tput, lat, echo, idle, health, machine)
+
+
+# ---------------------------------------------------------------------------
+# statistics and reports
+
+
+def _median(s: dict[str, float] | None) -> float | None:
+    return s["median"] if s else None
+
+
+def summarize(bench: RelayBench, tput: dict[str, dict[str, list[dict[str, Any]]]],
+              lat: dict[str, dict[str, list[dict[str, Any]]]],
+              echo: dict[str, list[dict[str, Any]]], idle: dict[str, Any],
+              health: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any]:
+    args = bench.args
+    gib = args.bytes / GiB
+    throughput: dict[str, Any] = {}
+    for op, per_path in tput.items():
+        throughput[op] = {}
+        for name, runs in per_path.items():
+            groups = list(runs[0]["cpu"]) if runs else []
+            throughput[op][name] = {
+                "mb_per_s": spread([args.bytes / r["seconds"] / 1e6 for r in runs]),
+                "seconds": [r["seconds"] for r in runs],
+                "cpu_s_per_gib": {g: spread([r["cpu"][g] / gib for r in runs])
+                                  for g in groups},
+                # busy share of one core: ~1.0 means that process was the bottleneck
+                "core_share": {g: spread([r["cpu"][g] / r["seconds"] for r in runs])
+                               for g in groups},
+            }
+    latency: dict[str, Any] = {}
+    for kind, per_path in lat.items():
+        latency[kind] = {name: _latency(runs) for name, runs in per_path.items()}
+    interactive = {}
+    for name, runs in echo.items():
+        entry = _latency(runs)
+        if entry is not None:
+            entry["bulk_mb_per_s"] = spread([r["bulk_mb_per_s"] for r in runs])
+        interactive[name] = entry
+
+    def tp(op: str, name: str) -> float | None:
+        return _median(throughput.get(op, {}).get(name, {}).get("mb_per_s"))
+
+    ratios: dict[str, Any] = {}
+    goals: list[dict[str, Any]] = []
+
+    def goal(text: str, value: float | None, ok: Callable[[float], bool], unit: str = ""
+             ) -> None:
+        goals.append({"goal": text, "value": value, "unit": unit,
+                      "status": "PASS" if value is not None and ok(value) else "MISS"})
+
+    for op in throughput:
+        for name in (RELAY, RELAY_L):
+            for ref in (SSH, SSH_AES):
+                a, b = tp(op, name), tp(op, ref)
+                ratios[f"{op}_{name}_over_{ref}"] = a / b if a and b else None
+            value = ratios[f"{op}_{name}_over_{SSH}"]
+            goal(f"throughput {op}: {LABELS[name]} / ssh -R (default cipher) "
+                 f">= {THROUGHPUT_GOAL}", value, lambda v: v >= THROUGHPUT_GOAL)
+    for kind, per_path in latency.items():
+        label = "back to back" if kind == "back_to_back" else f"{args.gap_ms:g} ms idle before"
+        for name in (RELAY, RELAY_L):
+            entry = per_path.get(name)
+            value = _median(entry["p50_ms"]) if entry else None
+            goal(f"set-up p50, {label}: {LABELS[name]} <= {SETUP_P50_GOAL_MS:g} ms", value,
+                 lambda v: v <= SETUP_P50_GOAL_MS, "ms")
+            ref = per_path.get(SSH)
+            refv = _median(ref["p50_ms"]) if ref else None
+            ratios[f"setup_p50_{kind}_{name}_over_{SSH}"] = (
+                value / refv if value and refv else None)
+    for name, entry in idle.items():
+        if name != RELAY or entry is None:  # the goal is judged on the first round
+            continue
+        for proc in ("relay", "agent"):
+            goal(f"{args.idle_sessions} idle sessions: {proc} memory per session "
+                 f"<= {IDLE_KIB_GOAL:g} KiB", entry["kib_per_session"].get(proc),
+                 lambda v: v <= IDLE_KIB_GOAL, "KiB")
+    for name in (RELAY, RELAY_L):
+        entry = interactive.get(name)
+        value = _median(entry["p99_ms"]) if entry else None
+        goal(f"echo p99 under bulk on the same link: {LABELS[name]} "
+             f"<= {ECHO_P99_GOAL_MS:g} ms", value, lambda v: v <= ECHO_P99_GOAL_MS, "ms")
+        ref = interactive.get(SSH)
+        refv = _median(ref["p99_ms"]) if ref else None
+        ratios[f"echo_p99_{name}_over_{SSH}"] = value / refv if value and refv else None
+
+    cond = avo.conditions(bench)
+    cond.update({
+        "order": "fresh processes: 20 warm-up sessions per path; then "
+                 f"{args.idle_sessions} idle sessions through relay, then through ssh; "
+                 "64 MiB each way per path (warm-up, not recorded); then per run: push "
+                 "a,b,c,d,e; pull a,b,c,d,e; back-to-back sessions a..e; idle-gap sessions "
+                 "a..e; echo under bulk a..e",
+        "idle_sessions": args.idle_sessions, "idle_in_flight": args.in_flight,
+        "idle_settle_s": args.settle,
+        "echoes_per_run": args.echoes, "echo_gap_ms": args.echo_gap_ms,
+        "rlimit_nofile": {name: _nofile(pid) for name, pid in bench.process_pids().items()},
+        "relay_argv": bench.relay_argv, "agent_argv": bench.agent_argv,
+        "link_cipher": bench.link_cipher,
+        "relay_window": "default (2 MiB per channel, 32 KiB packets)",
+    })
+    return {
+        "benchmark": "relay_vs_openssh",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "commit": bench.commit,
+        "relay_uncommitted_at_start": bench.relay_changes,
+        "conditions": cond,
+        "paths": {name: {"label": LABELS[name], "cipher": p.cipher, "port": p.port,
+                         "echo_port": p.echo_port, "argv": p.argv,
+                         "cpu_groups": list(p.groups)}
+                  for name, p in bench.paths.items()},
+        "throughput": throughput,
+        "setup_latency": latency,
+        "interactive_under_bulk": interactive,
+        "idle_sessions": idle,
+        "ratios": ratios,
+        "goals": goals,
+        "process_health": health,
+        "machine_cpu_during_measurement": machine,
+        "anomalies": bench.anomalies,
+    }
+
+
+def _latency(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not runs:
+        return None
+    samples = [r["ms"] for r in runs]
+    pooled = [x for s in samples for x in s]
+    groups = list(runs[0]["cpu"])
+    return {
+        "samples_per_run": len(samples[0]),
+        "p50_ms": spread([pctl(s, 50) for s in samples]),
+        "p99_ms": spread([pctl(s, 99) for s in samples]),
+        "max_ms": spread([max(s) for s in samples]),
+        "pooled": {"samples": len(pooled), "p50_ms": pctl(pooled, 50),
+                   "p90_ms": pctl(pooled, 90), "p99_ms": pctl(pooled, 99),
+                   "max_ms": max(pooled), "mean_ms": statistics.fmean(pooled),
+                   "over_20ms": sum(x > 20 for x in pooled)},
+        "cpu_ms_per_sample": {g: spread([r["cpu"][g] * 1000 / len(r["ms"]) for r in runs])
+                              for g in groups},
+        "ms": [[round(x, 3) for x in s] for s in samples],
+    }
+
+
+def listen_overflows() -> int:
+    """TcpExt ListenOverflows (machine-wide): SYNs dropped because a listen backlog was full."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/net/netstat") as f:
+        lines = f.read().splitlines()
+        for head, values in zip(lines[::2], lines[1::2], strict=False):
+            if head.startswith("TcpExt:"):
+                table = dict(zip(head.split()[1:], values.split()[1:], strict=True))
+                return int(table["ListenOverflows"])
+    return -1
+
+
+def listen_backlog(port: int) -> int | None:
+    """The accept backlog of the socket listening on 127.0.0.1:``port`` (``ss``'s Send-Q)."""
+    out = avo._run_text(["ss", "-Hltn", f"sport = :{port}"])
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[0] == "LISTEN":
+            return int(fields[2])
+    return None
+
+
+def _nofile(pid: int) -> str:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return " ".join(line.split()[3:5])
+    return "?"
+
+
+_fmt, _ratio = avo._fmt, avo._ratio
+
+
+def _goal_value(g: dict[str, Any]) -> str:
+    v = g["value"]
+    if v is None:
+        return "n/a"
+    return f"{v:.2f} {g['unit']}".strip()
+
+
+def _cpu_cell(entry: dict[str, Any], key: str = "cpu_s_per_gib") -> str:
+    groups = entry.get(key) or {}
+    return ", ".join(f"{g} {_fmt(s, 2)}" for g, s in groups.items()) or "–"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    c = res["conditions"]
+    changes = res.get("relay_uncommitted_at_start") or []
+    dirty = " plus uncommitted changes in relay/" if changes else ""
+    r = res["ratios"]
+    out = [
+        f"# labrelay relay + agent vs OpenSSH `ssh -N -R` — {res['date']}, commit "
+        f"`{res['commit']}`{dirty}",
+        "",
+        *([f"Uncommitted in relay/ when the run started: {', '.join(changes)}.", ""]
+          if changes else []),
+        f"{c['cpu_model']}, {c['nproc']} CPUs (load {c['loadavg_at_start']} at start), "
+        f"Linux {c['kernel']}, Python {c['python']}, Twisted {c['twisted']}, "
+        f"cryptography {c['cryptography']}, labrelay {c['labrelay']}, {c['openssh']}. "
+        f"{c['bytes'] / MiB:g} MiB per transfer, {c['runs']} runs interleaved path by path; "
+        "figures are the median (min–max) over the runs; MB = 10^6 bytes, KiB = 1024 bytes; "
+        "CPU is user+system seconds from /proc/PID/stat. Everything on 127.0.0.1: one "
+        "`labrelay relay` process, one `labrelay agent` process holding one SSH link to it "
+        f"({c['link_cipher']}), a private OpenSSH `sshd` for the `ssh -R` paths. "
+        f"RLIMIT_NOFILE of relay/agent: {c['rlimit_nofile']}.",
+        "",
+        "| path | what carries it | cipher |",
+        "|---|---|---|",
+    ]
+    carriers = {
+        RELAY: "client → relay public port → agent link channel → target",
+        RELAY_L: "client → user's `ssh -N -L …:bulk:9000` → relay → agent link → target",
+        SSH: "client → sshd's `-R` port → ssh -N -R → target",
+        SSH_AES: "the same, `-c aes128-ctr -m hmac-sha2-256`",
+        DIRECT: "client → target",
+    }
+    for name, p in res["paths"].items():
+        out.append(f"| {p['label']} | {carriers[name]} | {p['cipher']} |")
+    tp = res["throughput"]
+    out += ["", "## Throughput", "",
+            "| path | push MB/s | pull MB/s | CPU s/GiB push | CPU s/GiB pull "
+            "| busy share of a core, push |",
+            "|---|---|---|---|---|---|"]
+    for name, p in res["paths"].items():
+        push = tp.get("push", {}).get(name, {})
+        pull = tp.get("pull", {}).get(name, {})
+        out.append(f"| {p['label']} | {_fmt(push.get('mb_per_s'))} "
+                   f"| {_fmt(pull.get('mb_per_s'))} | {_cpu_cell(push)} | {_cpu_cell(pull)} "
+                   f"| {_cpu_cell(push, 'core_share')} |")
+    out += ["", "Ratios to `ssh -R` (default cipher / aes128-ctr): " + "; ".join(
+        f"{op} {LABELS[n]} {_ratio(r.get(f'{op}_{n}_over_{SSH}'))} / "
+        f"{_ratio(r.get(f'{op}_{n}_over_{SSH_AES}'))}" for op in tp for n in (RELAY, RELAY_L))
+        + "."]
+    titles = {"back_to_back": "New-session set-up latency, back to back (connect, 1 byte, "
+                              "1-byte echo, close)",
+              "idle_gap": f"The same with {c['gap_ms']:g} ms idle before each session"}
+    for kind, per_path in res["setup_latency"].items():
+        first = next((v for v in per_path.values() if v), None)
+        n = first["samples_per_run"] if first else 0
+        out += ["", "## " + titles[kind], "", f"{n} sessions per path per run.", "",
+                "| path | p50 ms | p99 ms | max ms | all runs: p90 ms, > 20 ms "
+                "| CPU ms/session |", "|---|---|---|---|---|---|"]
+        out += _latency_rows(res, per_path)
+    ia = res["interactive_under_bulk"]
+    first = next((v for v in ia.values() if v), None)
+    out += ["", "## Interactive echo while another session pushes bulk on the same link", "",
+            f"{first['samples_per_run'] if first else 0} round trips of 1 byte, "
+            f"{c['echo_gap_ms']:g} ms apart, on one session to the echo target, while a second "
+            "session of the same path pushes into the sink without pause (for the relay paths "
+            "both cross the one agent link; for ssh -R both ride one ssh connection; relay-L "
+            "uses two users' ssh -L, alice's bulk and bob's echo).", "",
+            "| path | p50 ms | p99 ms | max ms | all runs: p90 ms, > 20 ms | CPU ms/echo "
+            "| bulk meanwhile MB/s |", "|---|---|---|---|---|---|---|"]
+    rows = _latency_rows(res, ia)
+    for i, name in enumerate(n for n in res["paths"]):
+        entry = ia.get(name)
+        rows[i] += f" {_fmt(entry.get('bulk_mb_per_s')) if entry else 'n/a'} |"
+    out += rows
+    idle = res["idle_sessions"]
+    if idle:
+        out += ["", f"## {c['idle_sessions']} concurrent idle sessions on one link", "",
+                f"Fresh processes (after 20 warm-up sessions, before any bulk): the client opens "
+                f"{c['idle_sessions']} TCP connections to the path's echo port, at most "
+                f"{c['idle_in_flight']} not yet confirmed at a time; each counts once the "
+                "target's 1-byte greeting has come back through the path; the target holds "
+                "them all. RSS from /proc/PID/status before and with them open "
+                f"({c['idle_settle_s']:g} s after the last one), then all are closed.", "",
+                "| path | held | open rate /s | greeting p50 / p99 / max ms, > 0.9 s "
+                "| KiB per session "
+                "| fds per session | CPU s to open all | RSS KiB before → with → after close |",
+                "|---|---|---|---|---|---|---|---|"]
+        for name, e in idle.items():
+            if e is None:
+                continue
+            kib = ", ".join(f"{k} {v:.2f}" for k, v in e["kib_per_session"].items()
+                            if v is not None)
+            fds = ", ".join(f"{k} {v:.2f}" for k, v in e["fds_per_session"].items()
+                            if v is not None and not k.startswith("sshd "))
+            cpu = ", ".join(f"{k} {v:.2f}" for k, v in e["cpu_s_opening"].items())
+            rss = "; ".join(
+                f"{k} {e['before'][k].get('vmrss_kib')} → {e['during'][k].get('vmrss_kib')} → "
+                f"{e['after'][k].get('vmrss_kib')}" for k in e["before"])
+            g = e.get("greeting_ms") or {}
+            label = LABELS[e["path"]] + name.removeprefix(e["path"])
+            out.append(f"| {label} | {e['held_at_target']}/{e['requested']} "
+                       f"| {e['sessions_per_s'] or 0:.0f} "
+                       f"| {g.get('p50', 0):.1f} / {g.get('p99', 0):.1f} / {g.get('max', 0):.0f}, "
+                       f"{e.get('greetings_over_900ms')} | {kib} | {fds} "
+                       f"| {cpu} | {rss} |")
+        out += ["", "Listen backlog of the port the idle sessions connect to (`ss` Send-Q): "
+                + ", ".join(f"{k} {e.get('listen_backlog')}" for k, e in idle.items() if e)
+                + "; SYNs dropped on a full backlog while opening (TcpExt ListenOverflows, "
+                "machine-wide): " + ", ".join(
+                    f"{k} {e.get('listen_overflows_machine_wide')}"
+                    for k, e in idle.items() if e) + ". A dropped SYN is retried after 1 s, "
+                "which is what greetings over 0.9 s are."]
+    out += ["", "## Goals", "", "| goal | value | status |", "|---|---|---|"]
+    for g in res["goals"]:
+        out.append(f"| {g['goal']} | {_goal_value(g)} | **{g['status']}** |")
+    m = res.get("machine_cpu_during_measurement")
+    if m:
+        out += ["", f"Machine during the measurements ({m['wall_s']:.0f} s): CPUs busy "
+                f"{m['busy_cpu_s']:.0f} of {m['wall_s'] * (c['nproc'] or 1):.0f} CPU-seconds, "
+                f"{m['bench_processes_cpu_s']:.0f} of them in this benchmark's processes "
+                "(the rest is mostly loopback TCP softirq work, plus whatever else ran); "
+                f"hypervisor steal {m['steal_cpu_s']:.1f} s; load average at end "
+                f"{m['loadavg_at_end']}."]
+    h = res["process_health"]
+    out += ["", "Relay and agent (RSS KiB, peak RSS KiB, fds): " + "; ".join(
+        f"{stage} " + ", ".join(f"{p} {v.get('vmrss_kib')}/{v.get('vmhwm_kib')}/{v.get('fds')}"
+                                for p, v in procs.items())
+        for stage, procs in h.items() if stage in ("ready", "after_idle", "after_warmup_bulk")
+        or stage == f"after_run_{c['runs']}") + ".", ""]
+    if res["anomalies"]:
+        out += ["Anomalies:", ""] + [
+            "    " + a.replace("\n", "\n    ") for a in res["anomalies"]] + [""]
+    else:
+        out += ["No anomalies: every transfer arrived complete, every idle session reached the "
+                f"target, no session failed or stalled past {STALL_SECONDS:g} s, relay and "
+                "agent logged no warning or error, and sshd logged nothing.", ""]
+    out += ["What bounds each figure, and how to reproduce: `docs/benchmarks.md`.", ""]
+    return "\n".join(out)
+
+
+def _latency_rows(res: dict[str, Any], per_path: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, p in res["paths"].items():
+        lat = per_path.get(name) or {}
+        pooled = lat.get("pooled") or {}
+        over = (f"{pooled['p90_ms']:.2f}, {pooled['over_20ms']}/{pooled['samples']}"
+                if pooled else "n/a")
+        cpu = ", ".join(f"{g} {_fmt(s, 3)}" for g, s in
+                        (lat.get("cpu_ms_per_sample") or {}).items()) or "–"
+        rows.append(f"| {p['label']} | {_fmt(lat.get('p50_ms'), 2)} "
+                    f"| {_fmt(lat.get('p99_ms'), 2)} | {_fmt(lat.get('max_ms'), 2)} "
+                    f"| {over} | {cpu} |")
+    return rows
+
+
+def print_table(res: dict[str, Any]) -> None:
+    tp, lat, ia = res["throughput"], res["setup_latency"], res["interactive_under_bulk"]
+    print()
+    print(f"{'path':32} {'push MB/s':>22} {'pull MB/s':>22} {'set-up p50/p99':>15} "
+          f"{'echo p50/p99 ms':>16}  CPU s/GiB push")
+    for name, p in res["paths"].items():
+        push = tp.get("push", {}).get(name, {})
+        pull = tp.get("pull", {}).get(name, {})
+        s = lat.get("back_to_back", {}).get(name)
+        e = ia.get(name)
+        setup = f"{s['p50_ms']['median']:.2f}/{s['p99_ms']['median']:.2f}" if s else "n/a"
+        echo = f"{e['p50_ms']['median']:.2f}/{e['p99_ms']['median']:.2f}" if e else "n/a"
+        cpu = ", ".join(f"{g} {v['median']:.2f}" for g, v in
+                        (push.get("cpu_s_per_gib") or {}).items() if v)
+        print(f"{p['label']:32} {_fmt(push.get('mb_per_s')):>22} "
+              f"{_fmt(pull.get('mb_per_s')):>22} {setup:>15} {echo:>16}  {cpu}")
+    for name, e in res["idle_sessions"].items():
+        if e:
+            kib = ", ".join(f"{k} {v:.2f}" for k, v in e["kib_per_session"].items()
+                            if v is not None and not k.startswith("sshd "))
+            print(f"{e['held_at_target']} idle sessions via {name}: KiB/session {kib}")
+    print()
+    for g in res["goals"]:
+        print(f"  {g['status']:4}  {g['goal']}: {_goal_value(g)}")
+    for a in res["anomalies"]:
+        print(f"  !! {a}")
+
+
+# ---------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.relay_vs_openssh",
+        description="labrelay relay + agent vs OpenSSH ssh -N -R on loopback: throughput and "
+        "CPU, set-up latency, 10 000 idle sessions, interactive echo under bulk, side by side "
+        "in one run.")
+    p.add_argument("--bytes", type=avo.parse_bytes, default=None,
+                   help="bytes per transfer, e.g. 1GiB (default), 256MiB")
+    p.add_argument("--runs", type=int, default=None, help="runs (default 5; --quick 3)")
+    p.add_argument("--sessions", type=int, default=200,
+                   help="back-to-back set-up sessions per path per run (default 200)")
+    p.add_argument("--gap-sessions", type=int, default=50,
+                   help="also time this many sessions per path per run with the link idle "
+                   "before each (default 50; 0 skips it)")
+    p.add_argument("--gap-ms", type=float, default=50.0,
+                   help="idle time before each of those (default 50 ms)")
+    p.add_argument("--idle-sessions", type=int, default=10000,
+                   help="concurrent idle sessions held through one link (default 10000; "
+                   "0 skips it)")
+    p.add_argument("--in-flight", type=int, default=64,
+                   help="idle sessions opened but not yet confirmed, at most (default 64)")
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="seconds to wait before reading RSS with the idle sessions open")
+    p.add_argument("--echoes", type=int, default=500,
+                   help="1-byte round trips per path per run under bulk (default 500)")
+    p.add_argument("--echo-gap-ms", type=float, default=5.0,
+                   help="pause between round trips (default 5 ms)")
+    p.add_argument("--quick", action="store_true", help="256 MiB and 3 runs")
+    p.add_argument("--no-reverse", action="store_true",
+                   help="skip the pull direction (target -> client)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="keep measuring a path after it failed once")
+    p.add_argument("--python", default=sys.executable,
+                   help="the Python that runs the relay and the agent (default: this one)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    return p
+
+
+def write_results(directory: Path, res: dict[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    js = directory / f"relay_vs_openssh-{res['date'][:10]}-{res['commit']}.json"
+    js.write_text(json.dumps(res, indent=2) + "\n")
+    md = directory / "relay_vs_openssh-latest.md"
+    shown = js.relative_to(REPO) if js.is_relative_to(REPO) else js
+    md.write_text(markdown(res) + f"\nRaw data: `{shown}`.\n")
+    print(f"wrote {js} and {md}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        kind = argv[1]
+        if kind == "bulk":
+            bulk_worker(int(argv[2]))
+        else:
+            {"client": client_worker, "greeter": greeter_worker}[kind]()
+        return 0
+    args = build_parser().parse_args(argv)
+    if args.bytes is None:
+        args.bytes = 256 * MiB if args.quick else GiB
+    if args.runs is None:
+        args.runs = 3 if args.quick else 5
+    nofile = raise_nofile()  # inherited by every child: relay, agent, sshd, ssh, workers
+    if args.idle_sessions and nofile[0] < args.idle_sessions + 1024:
+        print(f"bench: RLIMIT_NOFILE is {nofile[0]}; {args.idle_sessions} idle sessions need "
+              "more (run as root or raise the hard limit)", file=sys.stderr)
+        return 1
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
+    code = 1
+    with tempfile.TemporaryDirectory(prefix="labrelay-relay-bench-") as tmp:
+        workdir = Path(tmp)
+        workdir.chmod(0o755)  # the privilege-separated sshd reads its files
+        bench = RelayBench(args, workdir)
+        try:
+            print(f"setting up in {workdir} ...", flush=True)
+            bench.setup()
+            for p in bench.paths.values():
+                print(f"  {p.name:8} port {p.port:5} echo port {p.echo_port:5}  {p.cipher}",
+                      flush=True)
+            res = bench.run()
+            write_results(args.results_dir, res)
+            print_table(res)
+            code = 0 if not res["anomalies"] else 3
+        except BenchError as e:
+            print(f"bench: {e}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("bench: interrupted; stopping everything", file=sys.stderr)
+            code = 130
+        finally:
+            for note in bench.children.stop_all():
+                print(f"bench: cleanup: {note}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
