@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -106,13 +107,19 @@ class Bridge:
     def eofReceived(self, src: Side) -> None:
         self.peer(src).writeEOF()
 
-    def sideClosed(self, side: Side, reason: Failure | None = None) -> None:
-        """``side`` is gone: close the other one after it flushed what it has."""
+    def sideClosed(self, side: Side, clean: bool = True) -> None:
+        """``side`` is gone.  After a clean end (it sent EOF first) the other side is
+        closed once it flushed what it has; after an abnormal one (a reset, a dead
+        link) it is aborted, so its peer sees an error rather than a clean end of data
+        that could pass a truncated transfer off as complete."""
         if id(side) not in self._open:
             return
         self._open.discard(id(side))
         if self._open:
-            self.peer(side).close()
+            if clean:
+                self.peer(side).close()
+            else:
+                self.peer(side).abort()
             return
         if callable(self._onClosed):
             self._onClosed(self.bytesAtoB, self.bytesBtoA)
@@ -138,6 +145,7 @@ class TCPSide(Protocol):
         self._readEOF = False
         self._wroteEOF = False
         self._closed = False
+        self._cleanEnd = True
         self.onConnected: object = None
 
     # Protocol
@@ -169,8 +177,10 @@ class TCPSide(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closed = True
+        self._cleanEnd = self._readEOF or (reason is not None
+                                           and reason.check(ConnectionDone) is not None)
         if self.bridge is not None:
-            self.bridge.sideClosed(self, reason)
+            self.bridge.sideClosed(self, clean=self._cleanEnd)
 
     # Side
 
@@ -180,7 +190,7 @@ class TCPSide(Protocol):
         if self._readEOF:
             bridge.eofReceived(self)
         if self._closed:
-            bridge.sideClosed(self)
+            bridge.sideClosed(self, clean=self._cleanEnd)
 
     def write(self, data: bytes) -> None:
         if not self._closed:

@@ -408,8 +408,18 @@ class RelayCore:
         reg = self.registry.lookup(PUBLIC, port)
         owner = reg.owner if reg is not None else (
             p.name if (p := self.grants.public_port_owner(port)) is not None else "?")
+        label = f"public:{port}"
+        if self.user_active.get(label, 0) >= self.config.max_sessions_per_user:
+            self.counters["sessions_refused"] += 1
+            self._log.warn(
+                "public port {port}: connection from {origin} refused: {cap} sessions open "
+                "or waiting (max_sessions_per_user)", event="relay_public_refused",
+                port=port, origin=origin, cap=self.config.max_sessions_per_user,
+            )
+            side.abort()
+            return
         now = self.reactor.seconds()
-        session = Session(f"public:{port}", f"public:{port}", origin, now, active_at=now)
+        session = Session(label, label, origin, now, active_at=now)
         self._sessionOpening(session)
         d = self.whenRegistered(PUBLIC, port, self.config.public_wait)
         d.addCallback(lambda r: self._openToAgent(r, port, origin))

@@ -100,7 +100,7 @@ class BridgedChannel(SSHChannel):
     def closed(self) -> None:
         self._isClosed = True
         if self.bridge is not None:
-            self.bridge.sideClosed(self)
+            self.bridge.sideClosed(self, clean=self._gotEOF)
 
     # sending, within the peer's window
 
@@ -195,7 +195,7 @@ class BridgedChannel(SSHChannel):
         if self._gotEOF:
             bridge.eofReceived(self)
         if self._isClosed:
-            bridge.sideClosed(self)
+            bridge.sideClosed(self, clean=self._gotEOF)
 
     def consumed(self, nbytes: int) -> None:
         if self._pauses:

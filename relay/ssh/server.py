@@ -138,15 +138,37 @@ class RelayTransport(AEADTransportMixin, transport.SSHServerTransport):
         tcp.setTcpKeepAlive(True)
         self.authenticated = False
         self.factory.core.transportStarted(self)
+        # The grace time runs from the TCP connection, not from ssh-userauth as in
+        # Conch: a peer that never finishes its version line or key exchange (a
+        # slowloris) must not hold one of the max_unauthenticated places forever.
+        core = self.factory.core
+        self._graceTimer = core.reactor.callLater(core.config.login_grace, self._graceExpired)
         super().connectionMade()
+
+    def _graceExpired(self) -> None:
+        self._graceTimer = None
+        if not self.authenticated:
+            self._log.info(
+                "closing {peer}: not authenticated within {grace:g}s (login_grace)",
+                event="relay_login_timeout", peer=str(self.transport.getPeer()),  # type: ignore[union-attr]
+                grace=self.factory.core.config.login_grace,
+            )
+            self.transport.abortConnection()  # type: ignore[union-attr]
 
     def setService(self, service: Any) -> None:
         if isinstance(service, RelayConnection) and not self.authenticated:
             self.authenticated = True
+            if self._graceTimer is not None and self._graceTimer.active():
+                self._graceTimer.cancel()
+            self._graceTimer = None
             self.factory.core.authenticated(self)
         super().setService(service)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        timer = getattr(self, "_graceTimer", None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._graceTimer = None
         super().connectionLost(reason)
         self.factory.core.disconnected(self)
 

@@ -326,11 +326,11 @@ def test_other_side_closing_closes_tcp() -> None:
     assert ended.calls == [(0, 0)]
 
 
-def test_tcp_reset_closes_the_other_side() -> None:
+def test_tcp_reset_resets_the_other_side() -> None:
     tcp, _transport, other, _bridge, ended = bridged()
     tcp.dataReceived(b"partial")
     tcp.connectionLost(Failure(ConnectionLost()))
-    assert other.closeCalls == 1
+    assert (other.abortCalls, other.closeCalls) == (1, 0)
     other.receive(b"late bytes")  # dropped, not written to a dead transport
     other.closed()
     assert ended.calls == [(7, 10)]

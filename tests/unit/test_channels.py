@@ -499,7 +499,10 @@ def test_half_close_both_ways_then_closed_once_with_counts() -> None:
     assert channel.id not in h.conn.channels
 
 
-def test_peer_close_drops_unsendable_bytes_and_closes_tcp() -> None:
+def test_peer_close_without_eof_drops_unsendable_bytes_and_resets_tcp() -> None:
+    """A channel closed with no EOF first (a dead link, an aborted peer) ended
+    abnormally: the TCP side is reset, so its peer cannot mistake a cut-off
+    transfer for a complete one."""
     h = Harness()
     channel, tcp, transport, _bridge = h.session(peerWindow=2, peerMaxPacket=2)
     tcp.dataReceived(b"never sent")
@@ -507,8 +510,7 @@ def test_peer_close_drops_unsendable_bytes_and_closes_tcp() -> None:
     h.close(channel)
     assert b"".join(channel._queued) == b""
     assert h.ssh.kinds()[-1] == MSG_CHANNEL_CLOSE
-    assert transport.disconnecting
-    assert transport.producer is None
+    assert transport.disconnected  # set by StringTransport.abortConnection only
     tcp.connectionLost(Failure(ConnectionDone()))
     assert h.ended == [(10, 0)]
 
