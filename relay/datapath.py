@@ -53,7 +53,7 @@ from ._splice import DONE, MOVED, WAIT_IN, WAIT_OUT, MoveError
 ENV = "LABRELAY_DATAPATH"
 CHOICES = ("auto", "c", "python")
 COPY_BUF_SIZE = 65536
-DEFAULT_PIPE_SIZE = 256 * 1024
+DEFAULT_PIPE_SIZE = 1024 * 1024  # docs/datapath.md: a third of the syscalls of 256 KiB
 DEFAULT_BUDGET = 1 << 20
 
 _log = Logger(namespace="labrelay.datapath")
@@ -616,10 +616,12 @@ class ReactorPump:
 
     def __init__(self, reactor: Any, *, pipe_size: int = DEFAULT_PIPE_SIZE,
                  max_pipes: int = 1024, max_idle_pipes: int = 64,
-                 budget: int = DEFAULT_BUDGET, copy: bool = False, native: bool = False) -> None:
+                 budget: int = DEFAULT_BUDGET, copy: bool = False,
+                 short_waits: bool = True, native: bool = False) -> None:
         self.reactor = reactor
         self.budget = budget
         self.copy = copy
+        self.short_waits = short_waits
         self.native = native
         self._next = 0
         self.pairs: dict[int, _ReactorPair] = {}
@@ -629,7 +631,8 @@ class ReactorPump:
     def _mover(self, in_fd: int, out_fd: int, close_out: bool) -> Mover:
         in_mode = os.fstat(in_fd).st_mode
         kwargs = dict(out_socket=_is_socket(out_fd), close_out=close_out,
-                      in_file=stat.S_ISREG(in_mode), copy=self.copy, short_waits=True)
+                      in_file=stat.S_ISREG(in_mode), copy=self.copy,
+                      short_waits=self.short_waits)
         if self.native:
             return _splice.Direction(self.pool, in_fd, out_fd, **kwargs)
         return PyDirection(self.pool, in_fd, out_fd, **kwargs)
@@ -697,12 +700,14 @@ class ThreadPump:
 
     def __init__(self, reactor: Any, *, pipe_size: int = DEFAULT_PIPE_SIZE,
                  max_pipes: int = 1024, max_idle_pipes: int = 64,
-                 budget: int = DEFAULT_BUDGET, copy: bool = False) -> None:
+                 budget: int = DEFAULT_BUDGET, copy: bool = False,
+                 short_waits: bool = True) -> None:
         self.reactor = reactor
         self.native = _splice.Pump(_splice.PumpConfig(
             pipe_size=pipe_size, max_pipes=max_pipes, max_idle_pipes=max_idle_pipes,
-            budget=budget, copy=copy))
+            budget=budget, copy=copy, short_waits=short_waits))
         self._done: dict[int, PairDone] = {}
+        self._final: dict[str, int] = {}
         self._reader = _Notify(self)
         reactor.addReader(self._reader)
 
@@ -718,17 +723,20 @@ class ThreadPump:
                 done(end)
 
     def abort(self, pair_id: int) -> None:
-        self.native.abort(pair_id)
+        if not self.native.closed:  # once closed, every pair was reset already
+            self.native.abort(pair_id)
 
     def pair_bytes(self, pair_id: int) -> tuple[int, int] | None:
-        return self.native.pair_bytes(pair_id)
+        return None if self.native.closed else self.native.pair_bytes(pair_id)
 
     def stats(self) -> dict[str, int]:
-        return self.native.stats()
+        return self._final if self.native.closed else self.native.stats()
 
     def close(self) -> None:
         if self.native.closed:
             return
+        self._final = {**self.native.stats(), "pairs_active": 0, "pipes_total": 0,
+                       "pipes_idle": 0}
         self.reactor.removeReader(self._reader)
         pending, self._done = self._done, {}
         ids = list(pending)
@@ -770,18 +778,15 @@ class DataPath:
     def __init__(self, reactor: Any, backend: Backend | None = None, *,
                  pipe_size: int = DEFAULT_PIPE_SIZE, max_pipes: int = 1024,
                  max_idle_pipes: int = 64, budget: int = DEFAULT_BUDGET,
-                 copy: bool = False, variant: str | None = None) -> None:
+                 copy: bool = False, short_waits: bool = True,
+                 variant: str | None = None) -> None:
         self.reactor = reactor
         self.backend = backend if backend is not None else choose_backend()
-        options = dict(pipe_size=pipe_size, max_pipes=max_pipes, max_idle_pipes=max_idle_pipes,
-                       budget=budget, copy=copy)
-        self.pump: ThreadPump | ReactorPump
-        if variant == "c-reactor":  # benchmark only: lr_move from the reactor thread
-            self.pump = ReactorPump(reactor, native=True, **options)  # type: ignore[arg-type]
-        elif self.backend.name == "c":
-            self.pump = ThreadPump(reactor, **options)  # type: ignore[arg-type]
-        else:
-            self.pump = ReactorPump(reactor, **options)  # type: ignore[arg-type]
+        self._options: dict[str, Any] = dict(
+            pipe_size=pipe_size, max_pipes=max_pipes, max_idle_pipes=max_idle_pipes,
+            budget=budget, copy=copy, short_waits=short_waits)
+        self._variant = variant
+        self._pump: ThreadPump | ReactorPump | None = None
         self.pairs: dict[int, SplicedPair] = {}
         self.pairs_total = 0
         self.pairs_failed = 0
@@ -789,6 +794,28 @@ class DataPath:
         self.bytes_done = 0
         self._closed = False
         _raise_fd_limit()
+
+    @property
+    def pump(self) -> ThreadPump | ReactorPump:
+        """The pump, started on first use.  Not at construction: ``twistd`` builds the
+        service tree before it forks into the background, and a thread does not
+        survive a fork."""
+        if self._pump is None:
+            if self._closed:
+                raise ConnectionError(errno.ESHUTDOWN, "the data path is closed")
+            options = self._options
+            if self._variant == "c-reactor":  # benchmark only: lr_move from the reactor
+                self._pump = ReactorPump(self.reactor, native=True, **options)
+            elif self.backend.name == "c":
+                self._pump = ThreadPump(self.reactor, **options)
+            else:
+                self._pump = ReactorPump(self.reactor, **options)
+        return self._pump
+
+    def start(self) -> None:
+        """Start the pump now (at reactor start-up, so a failure shows early)."""
+        if not self._closed:
+            self.pump  # noqa: B018
 
     def splice(self, a: End, b: End, *, from_a: bytes = b"", from_b: bytes = b"") -> SplicedPair:
         """Join ``a`` and ``b``; the data path owns (and will close) their fds.
@@ -845,14 +872,15 @@ class DataPath:
             "pairs_failed": self.pairs_failed,
             "pairs_fell_back": self.pairs_fell_back,
             "bytes": self.bytes_done + sum(a + b for a, b in live),
-            **self.pump.stats(),
+            **(self._pump.stats() if self._pump is not None else {}),
         }
 
     def close(self) -> None:
         """Reset every pair still running and stop the pump."""
         if not self._closed:
             self._closed = True
-            self.pump.close()
+            if self._pump is not None:
+                self._pump.close()
 
 
 def _raise_fd_limit() -> None:
@@ -880,6 +908,7 @@ def get(reactor: Any) -> DataPath:
         backend = choose_backend()
         dp = DataPath(reactor, backend)
         _datapaths[reactor] = dp
+        reactor.callWhenRunning(dp.start)
         reactor.addSystemEventTrigger("after", "shutdown", dp.close)
         key = (backend.name, backend.reason)
         if key not in _logged:

@@ -1,0 +1,488 @@
+"""One plain TCP hop (``[[forward]]``) with each data-path backend, against socat
+and a direct connection, side by side in one run.
+
+Paths, each carrying the same stream from a source process to a sink process:
+
+* ``direct``     the source straight to the sink: what loopback can do;
+* ``socat``      ``socat -b 131072 TCP-LISTEN:... TCP:sink`` (one process per transfer);
+* ``c``          ``python -m relay run`` with a ``[[forward]]``, ``LABRELAY_DATAPATH=c``;
+* ``python``     the same with ``LABRELAY_DATAPATH=python``.
+
+With ``--design``, in-process relays (this file re-run as ``--worker relay``) add the
+variants docs/datapath.md compares: the C pump with other pipe sizes, with
+read/write instead of splice, without short-read waits, ``lr_move`` called once per
+wakeup from the Twisted loop (``c-reactor``), Python read/write, and a pure Twisted
+relay (``relay.bridge``, producers both ways).
+
+Two workloads: ``bulk`` (the source sends as fast as it can, 1 MiB ``sendall``s) and
+``paced`` (32 KiB bursts at about 400 MB/s: the wakeup pattern of an ssh session,
+where per-wakeup cost, not per-byte cost, decides); ``--design`` adds ``small``
+(2 KiB writes, paced, on 1/16 of the size: where read/write might beat splice).
+Each path is measured in turn within every run, so machine noise hits all alike;
+the table shows medians: MB/s (10^6 bytes) at the sink, and CPU seconds per GiB of
+the relaying process (from /proc, or wait4 for socat), plus the C pump's wakeups
+per GiB.
+
+Run from the repository root with the venv's Python::
+
+    python -m bench.plain_hop                # 1 GiB x 5 runs, bulk and paced
+    python -m bench.plain_hop --design       # also the design variants
+    python -m bench.plain_hop --quick        # 256 MiB x 3 runs
+
+Results: a table on stdout, ``bench/results/plain_hop-latest.md`` and
+``bench/results/plain_hop-latest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import select
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "bench" / "results"
+LOOPBACK = "127.0.0.1"
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+TIMEOUT = 300.0
+
+GOAL_RATIO = 0.55  # of direct, from the issue
+GOAL_CPU = 0.3  # CPU-s/GiB
+
+PATHS = ("direct", "socat", "c", "python")
+DESIGN = ("c-64k", "c-256k", "c-copy", "c-noshort", "c-reactor", "python-copy", "twisted")
+LABELS = {
+    "direct": "direct loopback (no relay)",
+    "socat": "socat -b 131072",
+    "c": "labrelay, C pump thread (LABRELAY_DATAPATH=c)",
+    "python": "labrelay, Python backend (os.splice from the reactor)",
+    "c-64k": "C pump thread, 64 KiB pipes",
+    "c-256k": "C pump thread, 256 KiB pipes",
+    "c-copy": "C pump thread, read/write instead of splice",
+    "c-noshort": "C pump thread, read until EAGAIN (no short-read waits)",
+    "c-reactor": "lr_move once per wakeup from the Twisted loop",
+    "python-copy": "Python backend, os.read/os.write",
+    "twisted": "pure Twisted relay (relay.bridge, producers both ways)",
+}
+WORKLOADS = {"bulk": (MiB, 0.0), "paced": (32 * KiB, 400e6), "small": (2 * KiB, 50e6)}
+SIZE_SHARE = {"small": 16}  # the small-write workload moves size/16 (it is slow by design)
+
+
+# --- workers (separate processes) ------------------------------------------------
+
+
+def worker_sink() -> None:
+    """Accept connections one after another; for each, read to EOF and report."""
+    listener = socket.create_server((LOOPBACK, 0), backlog=64)
+    print(json.dumps({"port": listener.getsockname()[1]}), flush=True)
+    buf = bytearray(MiB)
+    while True:
+        conn, _ = listener.accept()
+        start = time.perf_counter()
+        total = 0
+        with conn:
+            while n := conn.recv_into(buf):
+                total += n
+        print(json.dumps({"bytes": total, "seconds": time.perf_counter() - start}), flush=True)
+
+
+def worker_source(port: int, size: int, burst: int, rate: float) -> None:
+    """Send ``size`` bytes in ``burst``-byte writes, paced to ``rate`` bytes/s if > 0."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            sock = socket.create_connection((LOOPBACK, port))
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)  # socat is still starting
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    block = memoryview(os.urandom(burst))
+    sent = 0
+    start = time.perf_counter()
+    while sent < size:
+        n = min(burst, size - sent)
+        sock.sendall(block[:n])
+        sent += n
+        if rate:
+            ahead = start + sent / rate - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
+    sock.close()
+
+
+def worker_relay(variant: str, target_port: int) -> None:
+    """An in-process relay for one design variant; prints its port, answers
+    ``stats`` lines on stdin with the data path's status."""
+    from twisted.internet import reactor, stdio
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+    from twisted.internet.protocol import Factory
+    from twisted.protocols.basic import LineReceiver
+
+    from relay.bridge import Bridge, TCPSide
+    from relay.config import HostPort, PlainForwardConfig
+    from relay.datapath import Backend, DataPath
+    from relay.plainhop import PlainForward
+
+    status: Any = lambda: {}  # noqa: E731
+    if variant == "twisted":
+        class Front(TCPSide):
+            def connectionMade(self) -> None:
+                super().connectionMade()
+                back = TCPSide()
+                endpoint = TCP4ClientEndpoint(reactor, LOOPBACK, target_port)
+                endpoint.connect(Factory.forProtocol(lambda: back)).addCallback(
+                    lambda _: Bridge(self, back))
+
+        def listening(port: Any) -> None:
+            print(json.dumps({"port": port.getHost().port}), flush=True)
+
+        TCP4ServerEndpoint(reactor, 0, interface=LOOPBACK).listen(
+            Factory.forProtocol(Front)).addCallback(listening)
+    else:
+        variants: dict[str, dict[str, Any]] = {
+            "c-64k": {"pipe_size": 64 * KiB}, "c-256k": {"pipe_size": 256 * KiB},
+            "c-copy": {"copy": True}, "c-noshort": {"short_waits": False},
+            "c-reactor": {"variant": "c-reactor"}, "python-copy": {"copy": True},
+        }
+        options = variants.get(variant, {})
+        backend = "python" if variant.startswith("python") else "c"
+        dp = DataPath(reactor, Backend(backend, f"bench variant {variant}"), **options)
+        forward = PlainForward(PlainForwardConfig(LOOPBACK, 0, HostPort(LOOPBACK, target_port),
+                                                  variant), reactor, data_path=dp)
+        forward.startService()
+        print(json.dumps({"port": forward.bound_port}), flush=True)
+        status = dp.status
+
+    class Stats(LineReceiver):
+        delimiter = b"\n"
+
+        def lineReceived(self, line: bytes) -> None:
+            self.sendLine(json.dumps(status()).encode())
+
+        def connectionLost(self, reason: Any = None) -> None:
+            if reactor.running:  # type: ignore[attr-defined]
+                reactor.stop()  # type: ignore[attr-defined]
+
+    stdio.StandardIO(Stats())
+    reactor.run()  # type: ignore[attr-defined]
+
+
+# --- the harness --------------------------------------------------------------------
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _read_json(proc: subprocess.Popen[str], timeout: float = TIMEOUT) -> dict[str, Any]:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise TimeoutError(f"no answer from {proc.args!r} within {timeout}s")
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{proc.args!r} exited with {proc.wait()}")
+    result: dict[str, Any] = json.loads(line)
+    return result
+
+
+def _spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.plain_hop", "--worker", *args], cwd=REPO, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, **(env or {})})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+class Relay:
+    """A long-lived relaying process and how to read its counters."""
+
+    def __init__(self, name: str, sink_port: int, tmp: Path) -> None:
+        self.name = name
+        self.admin: str | None = None
+        if name in ("c", "python"):
+            self.admin = f"{LOOPBACK}:{_free_port()}"
+            config = tmp / f"{name}.toml"
+            config.write_text(f'[admin]\nlisten = "{self.admin}"\n\n[[forward]]\n'
+                              f'listen = "{LOOPBACK}:0"\nconnect = "{LOOPBACK}:{sink_port}"\n')
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "relay", "run", str(config), "--log-format", "json"],
+                cwd=REPO, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                env={**os.environ, "LABRELAY_DATAPATH": name})
+            while True:
+                event = _read_json(self.proc, 30)
+                if event.get("event") == "plain_forward_ready":
+                    self.port = int(event["port"])
+                    break
+        else:
+            self.proc = _spawn("relay", name, str(sink_port))
+            self.port = int(_read_json(self.proc, 30)["port"])
+
+    def stats(self) -> dict[str, Any]:
+        if self.admin is not None:
+            from relay.status import fetch
+
+            result: dict[str, Any] = fetch(self.admin).get("datapath") or {}
+            return result
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("stats\n")
+        self.proc.stdin.flush()
+        return _read_json(self.proc, 30)
+
+    def cpu(self) -> float:
+        return _cpu(self.proc.pid)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@dataclass
+class Sample:
+    mbps: float
+    cpu_per_gib: float | None
+    wakeups_per_gib: float | None = None
+    syscalls_per_gib: float | None = None
+
+
+@dataclass
+class Series:
+    path: str
+    workload: str
+    samples: list[Sample] = field(default_factory=list)
+
+    def median(self, attr: str) -> float | None:
+        values = [getattr(s, attr) for s in self.samples if getattr(s, attr) is not None]
+        return statistics.median(values) if values else None
+
+    def spread(self) -> tuple[float, float]:
+        rates = [s.mbps for s in self.samples]
+        return min(rates), max(rates)
+
+    def ratio(self, direct: Series | None) -> float | None:
+        """Median over runs of this path's rate / direct's rate in the same run: the
+        paths of a run are measured back to back, so load that drifts over the whole
+        bench cancels out."""
+        if direct is None or not direct.samples:
+            return None
+        return statistics.median(s.mbps / d.mbps for s, d in zip(self.samples, direct.samples,
+                                                                   strict=False))
+
+
+def _socat_transfer(sink_port: int, size: int, burst: int, rate: float,
+                    sink: subprocess.Popen[str]) -> tuple[dict[str, Any], float]:
+    port = _free_port()
+    proc = subprocess.Popen(["socat", "-b", "131072", f"TCP-LISTEN:{port},bind={LOOPBACK},"
+                             "reuseaddr", f"TCP:{LOOPBACK}:{sink_port}"])
+    source = _spawn("source", str(port), str(size), str(burst), str(rate))
+    result = _read_json(sink)
+    source.wait(TIMEOUT)
+    _, _, usage = os.wait4(proc.pid, 0)
+    proc.returncode = 0
+    return result, usage.ru_utime + usage.ru_stime
+
+
+def measure(path: str, relays: dict[str, Relay], sink: subprocess.Popen[str], sink_port: int,
+            size: int, workload: str) -> Sample:
+    burst, rate = WORKLOADS[workload]
+    size //= SIZE_SHARE.get(workload, 1)
+    if path == "socat":
+        result, cpu = _socat_transfer(sink_port, size, burst, rate, sink)
+        return Sample(result["bytes"] / result["seconds"] / 1e6, cpu * GiB / result["bytes"])
+    relay = relays.get(path)
+    port = sink_port if relay is None else relay.port
+    before = relay.stats() if relay is not None else {}
+    cpu0 = relay.cpu() if relay is not None else 0.0
+    source = _spawn("source", str(port), str(size), str(burst), str(rate))
+    result = _read_json(sink)
+    source.wait(TIMEOUT)
+    if result["bytes"] != size:
+        raise RuntimeError(f"{path}: the sink got {result['bytes']} of {size} bytes")
+    mbps = result["bytes"] / result["seconds"] / 1e6
+    if relay is None:
+        return Sample(mbps, None)
+    cpu = relay.cpu() - cpu0
+    after = relay.stats()
+    per_gib = GiB / result["bytes"]
+    sample = Sample(mbps, cpu * per_gib)
+    if "wakeups" in after and "wakeups" in before:
+        sample.wakeups_per_gib = (after["wakeups"] - before["wakeups"]) * per_gib
+        sample.syscalls_per_gib = (after["syscalls"] - before["syscalls"]) * per_gib
+    return sample
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def render(series: list[Series], meta: dict[str, Any]) -> str:
+    lines = [
+        "# One plain TCP hop: labrelay's data path vs socat vs direct",
+        "",
+        f"`python -m bench.plain_hop {' '.join(meta['argv'])}` — {meta['date']}, commit "
+        f"{meta['commit']}, {meta['cpus']} CPUs ({meta['cpu_model']}), Linux {meta['kernel']}, "
+        f"Python {meta['python']}.",
+        f"{meta['size'] // MiB} MiB per transfer, median of {meta['runs']} runs, paths "
+        "interleaved within each run. Source, relay and sink are separate processes sharing "
+        "the CPUs. MB/s = 10^6 bytes/s at the sink; CPU-s/GiB of the relaying process only "
+        "(all its threads); × direct is the median of per-run ratios. Load average "
+        f"{meta['loadavg'][0]} before, {meta['loadavg'][1]} after (other work on the box "
+        "makes MB/s noisy; CPU-s/GiB much less so).",
+        "",
+    ]
+    for workload, title in (("bulk", "Bulk: the source writes 1 MiB at a time, as fast as "
+                             "it can"),
+                            ("paced", "Paced: 32 KiB bursts at ~400 MB/s (an ssh session's "
+                             "wakeup pattern)"),
+                            ("small", "Small writes: 2 KiB bursts, paced (interactive-like; "
+                             "1/16 of the size)")):
+        rows = [s for s in series if s.workload == workload]
+        if not rows:
+            continue
+        direct = next((s for s in rows if s.path == "direct"), None)
+        lines += [f"## {title}", "",
+                  "| path | MB/s | (min–max) | × direct | relay CPU-s/GiB | pump wakeups/GiB | "
+                  "pump syscalls/GiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for s in rows:
+            low, high = s.spread()
+            lines.append(
+                f"| {LABELS[s.path]} | {_fmt(s.median('mbps'), '.0f')} | "
+                f"{low:.0f}–{high:.0f} | {_fmt(s.ratio(direct), '.2f')} | "
+                f"{_fmt(s.median('cpu_per_gib'), '.3f')} | "
+                f"{_fmt(s.median('wakeups_per_gib'), ',.0f')} | "
+                f"{_fmt(s.median('syscalls_per_gib'), ',.0f')} |")
+        lines.append("")
+    bulk = {s.path: s for s in series if s.workload == "bulk"}
+    if "direct" in bulk and "c" in bulk:
+        ratio = bulk["c"].ratio(bulk["direct"]) or 0.0
+        c_cpu = bulk["c"].median("cpu_per_gib") or 0.0
+        met = ratio >= GOAL_RATIO and c_cpu <= GOAL_CPU
+        lines += [
+            f"Goal (issue 4): one plain hop ≥ {GOAL_RATIO}× direct at ≤ {GOAL_CPU} CPU-s/GiB. "
+            f"C backend: {ratio:.2f}× at {c_cpu:.3f} CPU-s/GiB — "
+            f"{'met' if met else 'NOT met'}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.plain_hop",
+                                     description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--size", type=int, default=GiB, help="bytes per transfer (1 GiB)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="256 MiB x 3 runs")
+    parser.add_argument("--design", action="store_true", help="also the design variants")
+    parser.add_argument("--workloads", default=None,
+                        help="comma-separated: bulk, paced, small (default bulk,paced; "
+                        "with --design all three)")
+    parser.add_argument("--paths", default=None, help="comma-separated subset of paths")
+    parser.add_argument("--output", default="plain_hop-latest",
+                        help="result file stem in bench/results/")
+    parser.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    ns = parser.parse_args(argv)
+    if ns.worker:
+        kind, *rest = ns.worker
+        if kind == "sink":
+            worker_sink()
+        elif kind == "source":
+            worker_source(int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3]))
+        elif kind == "relay":
+            worker_relay(rest[0], int(rest[1]))
+        return 0
+    if ns.quick:
+        ns.size, ns.runs = 256 * MiB, 3
+    paths = list(PATHS) + (list(DESIGN) if ns.design else [])
+    if ns.paths:
+        paths = [p for p in ns.paths.split(",") if p]
+    if shutil.which("socat") is None and "socat" in paths:
+        print("socat not installed: skipping it", file=sys.stderr)
+        paths.remove("socat")
+    default = "bulk,paced,small" if ns.design else "bulk,paced"
+    workloads = [w for w in (ns.workloads or default).split(",") if w]
+
+    load_before = Path("/proc/loadavg").read_text().split()[0]
+    sink = _spawn("sink")
+    sink_port = int(_read_json(sink, 30)["port"])
+    relays: dict[str, Relay] = {}
+    series = {(p, w): Series(p, w) for w in workloads for p in paths}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for path in paths:
+                if path not in ("direct", "socat"):
+                    relays[path] = Relay(path, sink_port, Path(tmp))
+            for run in range(ns.runs):
+                for workload in workloads:
+                    for path in paths:
+                        sample = measure(path, relays, sink, sink_port, ns.size, workload)
+                        series[(path, workload)].samples.append(sample)
+                        print(f"run {run + 1}/{ns.runs} {workload:5} {path:12} "
+                              f"{sample.mbps:8.0f} MB/s  cpu/GiB "
+                              f"{_fmt(sample.cpu_per_gib, '.3f')}  wakeups/GiB "
+                              f"{_fmt(sample.wakeups_per_gib, ',.0f')}", flush=True)
+        finally:
+            for relay in relays.values():
+                relay.close()
+            sink.kill()
+            sink.wait(10)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                            capture_output=True).stdout.strip() or "unknown"
+    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                      text=True, capture_output=True).stdout.strip():
+        commit += "+changes"
+    cpu_model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu_model = line.split(":", 1)[1].strip()
+            break
+    meta = {
+        "argv": argv if argv is not None else sys.argv[1:],
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit, "cpus": os.cpu_count(), "cpu_model": cpu_model,
+        "kernel": platform.release(), "python": platform.python_version(),
+        "size": ns.size, "runs": ns.runs,
+        "loadavg": [load_before, Path("/proc/loadavg").read_text().split()[0]],
+    }
+    ordered = [series[(p, w)] for w in workloads for p in paths]
+    text = render(ordered, meta)
+    print("\n" + text)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{ns.output}.md").write_text(text)
+    (RESULTS_DIR / f"{ns.output}.json").write_text(json.dumps({
+        "meta": meta,
+        "series": [{"path": s.path, "label": LABELS[s.path], "workload": s.workload,
+                    "median": {k: s.median(k) for k in ("mbps", "cpu_per_gib",
+                                                         "wakeups_per_gib",
+                                                         "syscalls_per_gib")},
+                    "ratio_to_direct": s.ratio(next(
+                        (d for d in ordered if d.path == "direct" and d.workload == s.workload),
+                        None)),
+                    "samples": [vars(x) for x in s.samples]} for s in ordered],
+    }, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
