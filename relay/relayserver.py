@@ -86,6 +86,7 @@ class RelayCore:
                          "connections_dropped_unauthenticated_cap": 0}
         self._unauthenticated: set[RelayTransport] = set()
         self._sweeper: IDelayedCall | None = None
+        self._publicWaiting: dict[int, int] = {}  # connections waiting for their agent
         self._waiters: dict[tuple[str, int], list[defer.Deferred[Registration]]] = {}
 
     # connection admission
@@ -409,19 +410,29 @@ class RelayCore:
         owner = reg.owner if reg is not None else (
             p.name if (p := self.grants.public_port_owner(port)) is not None else "?")
         label = f"public:{port}"
-        if self.user_active.get(label, 0) >= self.config.max_sessions_per_user:
+        if self._publicWaiting.get(port, 0) >= self.config.max_unauthenticated:
+            # Only connections still waiting for their agent are capped: they hold a
+            # socket here and nothing else, and a flood of them must not pile up while
+            # the agent is away.  Established sessions are the target's to limit.
             self.counters["sessions_refused"] += 1
             self._log.warn(
-                "public port {port}: connection from {origin} refused: {cap} sessions open "
-                "or waiting (max_sessions_per_user)", event="relay_public_refused",
-                port=port, origin=origin, cap=self.config.max_sessions_per_user,
+                "public port {port}: connection from {origin} refused: {cap} connections "
+                "already waiting for agent {owner} (max_unauthenticated)",
+                event="relay_public_refused", port=port, origin=origin,
+                cap=self.config.max_unauthenticated, owner=owner,
             )
             side.abort()
             return
         now = self.reactor.seconds()
         session = Session(label, label, origin, now, active_at=now)
         self._sessionOpening(session)
-        d = self.whenRegistered(PUBLIC, port, self.config.public_wait)
+        self._publicWaiting[port] = self._publicWaiting.get(port, 0) + 1
+
+        def waited(result: Any) -> Any:
+            self._publicWaiting[port] -= 1
+            return result
+
+        d = self.whenRegistered(PUBLIC, port, self.config.public_wait).addBoth(waited)
         d.addCallback(lambda r: self._openToAgent(r, port, origin))
 
         def failed(f: Failure) -> None:
