@@ -187,12 +187,9 @@ def topology() -> Iterator[Topology]:
             "Keepalives 1 s x 3 on both ends (dead after 4 s of silence, OpenSSH's meaning), "
             "backoff 0.5 -> 2 s, login_grace 3 s, max_unauthenticated 32: short so that "
             "5 trials per fault fit; see docs/e2e.md.",
-            "The two xfail rows are known bugs (docs/e2e.md, 'Known bugs'); their silently "
-            "wrong sessions and lost bytes are counted in the totals above.",
-            "Also observed: replacing a frozen agent that holds several forwards can refuse "
-            "some of the new agent's forwards once ('answered a probe just now': the first "
-            "takeover closed the stale session under the pending probes); they register on "
-            "the agent's retry 0.5 s later (the 'refused on the way' counts).",
+            "Silently wrong sessions and lost bytes, if any, are counted in the totals "
+            "above; the two bugs this suite found (raw TCP cut by a dead link ended with a "
+            "FIN; login_grace not covering key exchange) are fixed (docs/e2e.md).",
         ]
         yield topo
     finally:
