@@ -126,6 +126,15 @@ class _CollectProtocol(protocol.ProcessProtocol):
                             self.err.decode(errors="replace")))
 
 
+def _labrelay_command() -> str:
+    """How to run labrelay again from another terminal (it may live in a venv)."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) == "labrelay":
+        on_path = shutil.which("labrelay") == os.path.abspath(argv0)
+        return "labrelay" if on_path else argv0
+    return f"{sys.executable} -m relay"
+
+
 class Demo:
     """Everything the demo starts, and how to stop it."""
 
@@ -305,7 +314,7 @@ labrelay demo is up (files in {self.dir}):
 Try, in another terminal:
 {ssh_lines}  ssh -F {cfg} -N -L 8888:jupyter:8888 labrelay              # then open http://127.0.0.1:8888/
   curl http://127.0.0.1:{bob_port}/
-  labrelay status --admin 127.0.0.1:{self.admin_port}
+  {_labrelay_command()} status --admin 127.0.0.1:{self.admin_port}
   curl http://127.0.0.1:{self.admin_port}/metrics
 {"(--once: stopping now; run `labrelay demo` to keep it up)" if once else "Press Ctrl-C to stop."}
 """,
