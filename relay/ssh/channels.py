@@ -128,7 +128,7 @@ class BridgedChannel(SSHChannel):
         else:
             view = memoryview(data)
             for offset in range(0, len(data), step):
-                send(self, bytes(view[offset:offset + step]))
+                send(self, view[offset:offset + step])  # copied once, into the packet
         self.remoteWindowLeft -= len(data)
 
     def addWindowBytes(self, data: int) -> None:
