@@ -136,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--once", action="store_true",
                       help="prove the path, then stop (instead of running until Ctrl-C)")
     _add_logging(demo)
+    connect = sub.add_parser(
+        "connect", help="reach a relay's service through the fast path (an ssh ProxyCommand)",
+        description="Join stdin/stdout to SERVICE behind a labrelay relay: authenticate over "
+        "SSH, take the fast path (a spliced data connection) when the relay offers it for "
+        "SERVICE, else an SSH channel. Made to be OpenSSH's ProxyCommand, e.g.\n\n"
+        "  ssh -o ProxyCommand='labrelay connect -p 2222 alice@relay %h:%p' me@gpu-cluster",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from .connect import add_connect_arguments
+
+    add_connect_arguments(connect)
     sub.add_parser("bench", add_help=False, help="run the benchmark suite (from a checkout; "
                    "`labrelay bench --help`)")
     return parser
@@ -289,6 +300,12 @@ def cmd_ssh_config(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_connect(ns: argparse.Namespace) -> int:
+    from .connect import run
+
+    return run(ns)
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -306,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "agent": cmd_agent, "relay": cmd_relay, "run": cmd_run, "keygen": cmd_keygen,
         "status": cmd_status, "ssh-config": cmd_ssh_config, "demo": cmd_demo,
+        "connect": cmd_connect,
     }
     if ns.command is None:
         parser.print_help()

@@ -137,6 +137,7 @@ class LinkConfig:
     local_wait: float = 10.0
     window: int = DEFAULT_WINDOW
     max_packet: int = DEFAULT_MAX_PACKET
+    fast_path_pool: int = 4  # idle data connections to a labrelay relay; 0 = no fast path
     remote: tuple[RemoteForward, ...] = ()
     local: tuple[LocalForward, ...] = ()
 
@@ -205,6 +206,12 @@ class RelayConfig:
     keepalive: Keepalive = field(default_factory=Keepalive)
     window: int = DEFAULT_WINDOW
     max_packet: int = DEFAULT_MAX_PACKET
+    # The fast path (docs/fastpath.md): off unless ``data_port`` is set (0 = any free port).
+    data_port: int | None = None
+    data_bind: str | None = None  # default: public_bind
+    e2e_services: tuple[ServiceGrant, ...] = ()  # services whose payload is end-to-end encrypted
+    token_lifetime: float = 10.0
+    data_hello_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -819,6 +826,7 @@ _LINK_KEYS = {
     "backoff_jitter": "backoff_jitter = 0.2",
     "connect_timeout": "connect_timeout = 15",
     "local_wait": "local_wait = 10",
+    "fast_path_pool": "fast_path_pool = 4",
     "window": "window = 2097152",
     "max_packet": "max_packet = 32768",
     "remote": '[[link.remote]] listen = "2201", connect = "localhost:22"',
@@ -852,6 +860,11 @@ _RELAY_KEYS = {
     "keepalive_count": "keepalive_count = 3",
     "window": "window = 2097152",
     "max_packet": "max_packet = 32768",
+    "data_port": "data_port = 2223",
+    "data_bind": 'data_bind = "0.0.0.0"',
+    "e2e_services": 'e2e_services = ["gpu-cluster:22", "*:22"]',
+    "token_lifetime": "token_lifetime = 10",
+    "data_hello_timeout": "data_hello_timeout = 5",
     "agent": '[[relay.agent]] name = "lab_pc", keys = ["ssh-ed25519 AAAA... lab_pc"], '
     'services = ["gpu-cluster:22"]',
     "user": '[[relay.user]] name = "alice", keys = ["ssh-ed25519 AAAA... alice"], '
@@ -1199,6 +1212,7 @@ def _parse_link(sec: _Section, index: int, base: Path) -> LinkConfig:
         local_wait=sec.number("local_wait", 10.0, low=0),
         window=window,
         max_packet=max_packet,
+        fast_path_pool=sec.integer("fast_path_pool", 4, 0, 64),
         remote=remote,
         local=local,
     )
@@ -1267,8 +1281,22 @@ def _parse_relay(sec: _Section, base: Path) -> RelayConfig:
             f"max_packet {max_packet} is larger than window {window}",
             "max_packet must fit in the window, e.g. window = 2097152 and max_packet = 32768",
         )
+    data_bind = sec.string("data_bind")
+    if data_bind is not None:
+        with sec.at("data_bind"):
+            data_bind = _bind_address(data_bind)
+    e2e = []
+    for j, text in enumerate(sec.strings("e2e_services")):
+        with _at(sec.source, f"{sec.keypath('e2e_services')}[{j}]"):
+            e2e.append(_service_grant(text, "user"))
     defaults = RelayConfig()
     relay = RelayConfig(
+        data_port=sec.integer("data_port", 0, 0, 65535) if "data_port" in sec.data else None,
+        data_bind=data_bind,
+        e2e_services=tuple(dict.fromkeys(e2e)),
+        token_lifetime=sec.number("token_lifetime", defaults.token_lifetime, low=0, above=True),
+        data_hello_timeout=sec.number("data_hello_timeout", defaults.data_hello_timeout,
+                                      low=0, above=True),
         listen=listen,
         state_dir=defaults.state_dir if state_dir is None else _path(state_dir, base),
         public_bind=defaults.public_bind if public_bind is None else public_bind,

@@ -42,7 +42,8 @@ from typing import Any, NamedTuple, Protocol
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from twisted.internet.interfaces import IReadDescriptor, ITCPTransport, IWriteDescriptor
+from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -161,6 +162,30 @@ def detach_transport(transport: Any) -> tuple[int, bytes]:
     transport._shouldShutdown = False
     transport.connectionLost(Failure(ConnectionDone("handed to the data path")))
     return fd, unsent
+
+
+class Held(TwistedProtocol):
+    """A connection waiting for the data path: nothing is read, nothing written."""
+
+    transport: Any
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.lost = False
+        self.onMade: Callable[[Held], object] | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
+        if self.onMade is not None:
+            self.onMade(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data  # only before the pause took effect; bounded by one read
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = True
 
 
 # --- the Python backend ----------------------------------------------------------

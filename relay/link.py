@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from .backoff import retry_policy
 from .bridge import Bridge, TCPSide
 from .config import LinkConfig
+from .datapool import DataPool
 from .forwards import ForwardState, LocalForwardListener, RemoteForwardRunner
 from .ssh.channels import BridgedChannel
 from .ssh.client import LinkConnection, LinkTransport
@@ -88,6 +89,7 @@ class Link(MultiService):
         policy = retry_policy(config.backoff)
         self.remote = [RemoteForwardRunner(self, fwd, policy) for fwd in config.remote]
         self.local = [LocalForwardListener(self, fwd) for fwd in config.local]
+        self.pool = DataPool(self, config.fast_path_pool)
         for listener in self.local:
             listener.setServiceParent(self)
 
@@ -139,6 +141,7 @@ class Link(MultiService):
         )
         for forward in self.remote:
             forward.linkUp(conn)
+        self.pool.linkUp(conn)
         self.forwardReady()
         waiters, self._waiters = self._waiters, []
         for d, timer in waiters:
@@ -155,6 +158,7 @@ class Link(MultiService):
         self.last_error = why
         for forward in self.remote:
             forward.linkDown()
+        self.pool.linkDown()
         if self.running:
             self.log.warn("link {link}: lost: {reason}", event="link_lost", link=self.name,
                           reason=why)
@@ -242,6 +246,7 @@ class Link(MultiService):
     def stopService(self) -> defer.Deferred[None]:
         """Cancel forwards on the server, say goodbye, then stop reconnecting."""
         conn = self.connection
+        self.pool.stop()
         cancels = [f.cancel() for f in self.remote]
         for d, timer in self._waiters:
             timer.cancel()
@@ -269,4 +274,5 @@ class Link(MultiService):
             "since": self.since,
             "last_error": self.last_error,
             "forwards": [f.status() for f in self.remote] + [f.status() for f in self.local],
+            "fast_path": self.pool.status(),
         }

@@ -21,40 +21,17 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, ITCPTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import datapath
 from .config import PlainForwardConfig
+from .datapath import Held
 from .forwards import SessionCounters
 
 LISTEN_BACKLOG = 1024
-
-
-class _Held(Protocol):
-    """A connection waiting for the data path: nothing is read, nothing written."""
-
-    transport: Any
-
-    def __init__(self) -> None:
-        self.received = b""
-        self.lost = False
-        self.onMade: Callable[[_Held], object] | None = None
-
-    def connectionMade(self) -> None:
-        self.transport.pauseProducing()
-        if ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)
-        if self.onMade is not None:
-            self.onMade(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data  # only before the pause took effect; bounded by one read
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.lost = True
 
 
 class PlainForward(Service):
@@ -94,13 +71,13 @@ class PlainForward(Service):
         # default backlog of 50 would drop SYNs and cost clients a 1 s retransmit.
         endpoint = endpoint_class(self.reactor, self.config.port, backlog=LISTEN_BACKLOG,
                                   interface=bind)
-        factory = Factory.forProtocol(_Held)
+        factory = Factory.forProtocol(Held)
         factory.noisy = False
         build = factory.buildProtocol
 
-        def buildProtocol(addr: Any) -> _Held:
+        def buildProtocol(addr: Any) -> Held:
             proto = build(addr)
-            assert isinstance(proto, _Held)
+            assert isinstance(proto, Held)
             proto.onMade = self._accepted
             return proto
 
@@ -143,18 +120,18 @@ class PlainForward(Service):
             return defer.maybeDeferred(port.stopListening)  # type: ignore[call-overload]
         return None
 
-    def _accepted(self, client: _Held) -> None:
+    def _accepted(self, client: Held) -> None:
         peer = client.transport.getPeer()
         origin = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
         target = self.config.connect
         endpoint = HostnameEndpoint(self.reactor, target.host, target.port,
                                     timeout=self.connect_timeout)
-        factory = Factory.forProtocol(_Held)
+        factory = Factory.forProtocol(Held)
         factory.noisy = False
         d = endpoint.connect(factory)
         self._pending.add(d)
 
-        def connected(server: _Held) -> None:
+        def connected(server: Held) -> None:
             self._pending.discard(d)
             if client.lost:  # cannot happen while unread, but do not splice a dead socket
                 server.transport.loseConnection()
@@ -175,7 +152,7 @@ class PlainForward(Service):
 
         d.addCallbacks(connected, failed)
 
-    def _splice(self, client: _Held, server: _Held, origin: str) -> None:
+    def _splice(self, client: Held, server: Held, origin: str) -> None:
         try:
             pair = self.datapath.splice_transports(
                 client.transport, server.transport,

@@ -21,6 +21,7 @@ from relay.config import (
     parse_admin_listen,
     parse_public_bind,
     parse_relay_listen,
+    parse_service_grant,
 )
 from relay.grants import Grants
 
@@ -72,11 +73,33 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
         help="the address granted public ports listen on (default 0.0.0.0)",
     )
     parser.add_argument(
+        "--data-port",
+        dest="data_port",
+        metavar="PORT",
+        help="turn the fast path on: the TCP port users' and agents' data connections "
+        "meet at (0 = any free port; see docs/fastpath.md)",
+    )
+    parser.add_argument(
+        "--e2e",
+        dest="e2e_services",
+        action="append",
+        metavar="SERVICE",
+        help="a service whose payload is end-to-end encrypted (ssh: NAME:22, or *:22), so "
+        "it may take the fast path; repeat for several. Replaces e2e_services",
+    )
+    parser.add_argument(
         "--admin",
         metavar="[ADDR:]PORT",
         help="serve status (JSON, Prometheus /metrics) on this loopback address; read it "
         "with `labrelay status`",
     )
+
+
+def _cli_port(text: str, flag: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise ConfigError(CLI, f"{flag} {text}", f"{text!r} is not a port number",
+                          f"give 1..65535 (or 0 for any free port), e.g. {flag} 2223")
+    return int(text)
 
 
 def _cli_path(text: str) -> Path:
@@ -113,6 +136,12 @@ def config_from_relay_args(ns: argparse.Namespace) -> NodeConfig:
             relay,
             public_bind=parse_public_bind(ns.public_bind, source=CLI, keypath="--public-bind"),
         )
+    if ns.data_port is not None:
+        relay = replace(relay, data_port=_cli_port(ns.data_port, "--data-port"))
+    if ns.e2e_services is not None:
+        relay = replace(relay, e2e_services=tuple(
+            parse_service_grant(text, "user", source=CLI, keypath=f"--e2e {text}")
+            for text in ns.e2e_services))
     admin = base.admin
     if ns.admin is not None:
         admin = parse_admin_listen(ns.admin, source=CLI, keypath="--admin")

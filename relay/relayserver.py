@@ -24,8 +24,11 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from . import fastwire
 from .bridge import Bridge, SideFactory, TCPSide
 from .config import ConfigError, RelayConfig
+from .datapath import SplicedPair
+from .dataport import DataPort, PairingError
 from .grants import Grants
 from .keygen import generate_keypair
 from .net import LISTEN_BACKLOG
@@ -43,20 +46,38 @@ PUBLIC = ""  # the registry name of a public port
 
 @dataclass(eq=False)
 class Session:
-    """One user session: a user's channel or a public connection, bridged to an agent."""
+    """One user session: a user's channel or a public connection bridged to an agent's
+    channel (``path="channel"``), or a fast-path data connection spliced to an agent's
+    (``path="spliced"``)."""
 
     user: str
     service: str
     origin: str
     started: float
     bridge: Bridge | None = None
+    pair: SplicedPair | None = None
+    path: str = "channel"
     seen: tuple[int, int] = (0, 0)  # byte counts at the last idle sweep
     active_at: float = 0.0  # when they last changed
 
     def counts(self) -> tuple[int, int]:
+        if self.pair is not None:
+            moved = self.pair.bytes()
+            return moved.a_to_b, moved.b_to_a
         if self.bridge is None:
             return 0, 0
         return self.bridge.bytesAtoB, self.bridge.bytesBtoA
+
+    @property
+    def started_moving(self) -> bool:
+        return self.bridge is not None or self.pair is not None
+
+    def abort(self) -> None:
+        if self.pair is not None:
+            self.pair.abort()
+        elif self.bridge is not None:
+            self.bridge.a.abort()
+            self.bridge.b.abort()
 
 
 @dataclass
@@ -88,6 +109,7 @@ class RelayCore:
         self._sweeper: IDelayedCall | None = None
         self._publicWaiting: dict[int, int] = {}  # connections waiting for their agent
         self._waiters: dict[tuple[str, int], list[defer.Deferred[Registration]]] = {}
+        self.dataport = DataPort(self)
 
     # connection admission
 
@@ -126,6 +148,7 @@ class RelayCore:
     def sessionStopped(self, conn: RelayConnection) -> None:
         self.connections.discard(conn)
         gone = self.registry.drop_session(conn)
+        self.dataport.sessionStopped(conn)
         ident = conn.identity
         self._log.info(
             "{kind} {name} at {peer} disconnected; {n} service(s) now waiting for it",
@@ -141,6 +164,10 @@ class RelayCore:
             return self._forward(conn, data)
         if requestType == b"cancel-tcpip-forward":
             return self._cancel(conn, data)
+        if requestType == fastwire.TOKEN_REQUEST:
+            return self.dataport.tokenRequest(conn, data)
+        if requestType == fastwire.POOL_REQUEST:
+            return self.dataport.poolRequest(conn, data)
         return False  # keepalives and anything unknown: a standard failure reply
 
     def _refuse(self, conn: RelayConnection, what: str, why: str) -> bool:
@@ -368,6 +395,32 @@ class RelayCore:
         totals.sessions_total += 1
         totals.active.add(session)
 
+    # the fast path's sessions (relay.dataport pairs them)
+
+    def fastSessionOpening(self, principal: Any, service: str, origin: str) -> Session:
+        """Count a fast-path session against the user's cap, or raise PairingError."""
+        cap = principal.max_sessions or self.config.max_sessions_per_user
+        if self.user_active.get(principal.name, 0) >= cap:
+            self.counters["sessions_refused"] += 1
+            raise PairingError(f"user {principal.name} already has {cap} sessions open "
+                               "(max_sessions)")
+        now = self.reactor.seconds()
+        session = Session(principal.name, service, origin, now, path="spliced", active_at=now)
+        self._sessionOpening(session)
+        return session
+
+    def fastSessionSpliced(self, session: Session, pair: SplicedPair) -> None:
+        session.pair = pair
+
+        def ended(_: object) -> None:
+            moved = pair.bytes()
+            self._sessionEnded(session, moved.a_to_b, moved.b_to_a)
+
+        pair.done.addBoth(ended)
+
+    def fastSessionFailed(self, session: Session) -> None:
+        self._sessionEnded(session, 0, 0)
+
     def _bridge(self, session: Session, user_side: Any, agent_side: BridgedChannel) -> Bridge:
         def ended(to_service: int, from_service: int) -> None:
             self._sessionEnded(session, to_service, from_service)
@@ -450,6 +503,7 @@ class RelayCore:
     # idle sessions
 
     def start(self) -> None:
+        self.dataport.start()
         if self.config.idle_timeout > 0:
             self._scheduleSweep()
 
@@ -463,7 +517,7 @@ class RelayCore:
         now = self.reactor.seconds()
         for session in list(self.sessions):
             counts = session.counts()
-            if counts != session.seen or session.bridge is None:
+            if counts != session.seen or not session.started_moving:
                 session.seen, session.active_at = counts, now
             elif now - session.active_at >= self.config.idle_timeout:
                 self._log.info(
@@ -471,8 +525,7 @@ class RelayCore:
                     event="relay_session_idle", user=session.user, service=session.service,
                     idle=now - session.active_at,
                 )
-                session.bridge.a.abort()
-                session.bridge.b.abort()
+                session.abort()
         self._scheduleSweep()
 
     def stop(self) -> defer.Deferred[Any]:
@@ -480,9 +533,11 @@ class RelayCore:
             self._sweeper.cancel()
         self._sweeper = None
         listeners, self.public = list(self.public.values()), {}
-        return defer.DeferredList(
-            [defer.maybeDeferred(p.stopListening) for p in listeners]  # type: ignore[call-overload]
-        )
+        stopping = [defer.maybeDeferred(p.stopListening) for p in listeners]  # type: ignore[call-overload]
+        data = self.dataport.stop()
+        if data is not None:
+            stopping.append(data)
+        return defer.DeferredList(stopping)
 
     # status
 
@@ -505,7 +560,7 @@ class RelayCore:
                 for r in self.registry.registrations()
             ],
             "sessions": [
-                {"user": s.user, "service": s.service, "origin": s.origin,
+                {"user": s.user, "service": s.service, "origin": s.origin, "path": s.path,
                  "age": round(now - s.started, 3), "bytes_to_service": s.counts()[0],
                  "bytes_from_service": s.counts()[1]}
                 for s in sorted(self.sessions, key=lambda s: s.started)
@@ -520,6 +575,7 @@ class RelayCore:
             },
             "per_user": dict(sorted(self.user_active.items())),
             "public_ports": sorted(self.public),
+            "fast_path": self.dataport.status(),
             "counters": dict(self.counters),
         }
 

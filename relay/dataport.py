@@ -1,0 +1,464 @@
+"""The relay's end of the fast path: tokens over SSH, a data port, pairing, splicing.
+
+DESIGN §2.3: for a service declared end-to-end encrypted (``e2e_services``), a
+user granted it asks over SSH for a one-time token (``data-token@labrelay``); its
+data connection presents the token at the data port; an idle connection the
+service's agent dialled beforehand (``data-pool@labrelay`` tokens) is dispatched
+to the service; once the agent says its target is connected, the relay splices
+the two sockets (:mod:`relay.datapath`) and never sees a byte again.
+
+Every check happens before a byte reaches the agent: the token (see
+:mod:`relay.tokens`), the user's grant (again: grants may have been reloaded), the
+user's session cap, and that the agent which pooled the connection still holds the
+service.  A data connection that does not send its 37-byte hello within
+``data_hello_timeout`` is closed, and counts as a failure for its address.
+
+The wire format is in :mod:`relay.fastwire`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import datapath
+from . import fastwire as fw
+from .net import LISTEN_BACKLOG
+from .tokens import Throttle, TokenBook, TokenRefused
+
+if TYPE_CHECKING:
+    from .relayserver import RelayCore
+    from .routing import Registration
+    from .ssh.server import RelayConnection
+
+POOL_TOKEN_LIFETIME = 30.0
+MAX_POOL_PER_AGENT = 64
+MAX_TOKENS_PER_REQUEST = 16
+AGENT_REPLY_TIMEOUT = 15.0  # the agent's own target connect timeout is 10 s
+
+
+class PairingError(Exception):
+    """Why a user's data connection was not paired (sent to the user)."""
+
+
+@dataclass(eq=False)
+class AgentPool:
+    """The idle data connections one agent session dialled, and who waits for one."""
+
+    session: Any
+    spliceable: set[tuple[str, int]]
+    idle: deque[DataConnection] = field(default_factory=deque)
+    waiters: deque[defer.Deferred[DataConnection]] = field(default_factory=deque)
+    dispatched: int = 0
+
+    def put(self, conn: DataConnection) -> None:
+        while self.waiters:
+            d = self.waiters.popleft()
+            if not d.called:
+                d.callback(conn)
+                return
+        self.idle.append(conn)
+
+    def take(self, clock: Any, timeout: float) -> defer.Deferred[DataConnection]:
+        while self.idle:
+            conn = self.idle.popleft()
+            if conn.state == "idle":
+                return defer.succeed(conn)
+        d: defer.Deferred[DataConnection] = defer.Deferred()
+        timer = clock.callLater(timeout, d.cancel)
+        self.waiters.append(d)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(done)
+
+    def close(self) -> None:
+        for conn in list(self.idle):
+            conn.transport.loseConnection()
+        self.idle.clear()
+        while self.waiters:
+            d = self.waiters.popleft()
+            if not d.called:
+                d.errback(PairingError("the agent disconnected"))
+
+
+class DataConnection(Protocol):
+    """One connection to the data port, until it is spliced or closed.
+
+    States: ``hello`` (collecting the 37 bytes) -> ``user`` (paused, waiting to be
+    paired) or ``idle`` (an agent's pooled connection, read only to notice its end)
+    -> ``dispatched`` (an agent's, waiting for ``K``/``E``) -> ``spliced``; any ->
+    ``closed``."""
+
+    transport: Any
+
+    def __init__(self, port: DataPort) -> None:
+        self.port = port
+        self.state = "hello"
+        self.buf = b""
+        self.extra = b""  # bytes read past our framing: they belong to the stream
+        self.source = "?"
+        self.pool: AgentPool | None = None
+        self.reply: defer.Deferred[str] | None = None
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.source = str(getattr(peer, "host", "?"))
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
+        if not self.port.admit(self):
+            self.state = "closed"
+            self.transport.abortConnection()
+            return
+        self._timer = self.port.clock.callLater(self.port.hello_timeout, self._helloTimeout)
+
+    def _helloTimeout(self) -> None:
+        self._timer = None
+        self.port.refuse(self, "no hello", f"did not send its hello within "
+                         f"{self.port.hello_timeout:g}s", failure=True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == "hello":
+            self.buf += data
+            try:
+                length = fw.hello_length(self.buf)
+            except fw.WireError as e:
+                self.port.refuse(self, "not a data connection", str(e), failure=True)
+                return
+            if length is None or len(self.buf) < length:
+                return
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            hello, self.extra, self.buf = self.buf[:length], self.buf[length:], b""
+            self.transport.pauseProducing()
+            role, token, service = fw.parse_hello(hello)
+            self.port.helloReceived(self, role, token, service)
+        elif self.state == "idle":
+            self.port.refuse(self, "protocol", "an idle agent data connection sent bytes")
+        elif self.state == "dispatched":
+            self.buf += data
+            try:
+                parsed = fw.parse_reply(self.buf, fw.AGENT_OK, fw.AGENT_ERROR)
+            except fw.WireError as e:
+                self._answered(Failure(PairingError(f"the agent answered nonsense: {e}")))
+                return
+            if parsed is None:
+                return
+            ok, message, self.extra = parsed
+            self.buf = b""
+            self.transport.pauseProducing()
+            self._answered(message if ok else Failure(PairingError(
+                f"the agent could not connect the service: {message}")))
+        else:
+            self.extra += data  # one read that raced a pause; it belongs to the stream
+
+    def _answered(self, result: Any) -> None:
+        d, self.reply = self.reply, None
+        if d is not None and not d.called:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    def dispatch(self, bind: str, port: int) -> defer.Deferred[str]:
+        """Send GO to this idle agent connection; fires once the agent answers."""
+        self.state = "dispatched"
+        self.reply = defer.Deferred()
+        self.transport.write(fw.pack_go(bind, port))
+        self.transport.resumeProducing()
+        return self.reply
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        was, self.state = self.state, "closed"
+        self.port.lost(self, was)
+        self._answered(Failure(PairingError("the agent's data connection closed")))
+
+
+class DataPort:
+    """The data port of one relay, with its tokens and the agents' pools."""
+
+    _log = Logger()
+
+    def __init__(self, core: RelayCore) -> None:
+        self.core = core
+        self.config = core.config
+        self.clock = core.reactor
+        self.hello_timeout = core.config.data_hello_timeout
+        self.tokens = TokenBook(self.clock, core.config.token_lifetime)
+        self.throttle = Throttle(self.clock)
+        self.pools: dict[Any, AgentPool] = {}
+        self.pending: set[DataConnection] = set()
+        self.listener: IListeningPort | None = None
+        self.counters = {"data_connections": 0, "data_refused": 0, "data_throttled": 0,
+                         "paired": 0, "pair_failed": 0}
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.data_port is not None
+
+    @property
+    def bound_port(self) -> int:
+        if self.listener is None:
+            return 0
+        return int(self.listener.getHost().port)
+
+    def start(self) -> None:
+        if self.config.data_port is None:
+            return
+        factory = Factory.forProtocol(lambda: DataConnection(self))
+        factory.noisy = False
+        bind = self.config.data_bind or self.config.public_bind
+        self.listener = self.clock.listenTCP(self.config.data_port, factory,
+                                             backlog=LISTEN_BACKLOG, interface=bind)
+        self._log.info("fast path: data port {port} on {bind}", event="relay_data_port",
+                       port=self.bound_port, bind=bind)
+
+    def stop(self) -> defer.Deferred[Any] | None:
+        for pool in list(self.pools.values()):
+            pool.close()
+        self.pools.clear()
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            return defer.maybeDeferred(listener.stopListening)  # type: ignore[call-overload]
+        return None
+
+    # --- SSH side: tokens ------------------------------------------------------
+
+    def e2e(self, name: str, port: int) -> bool:
+        return any(g.matches(name, port) for g in self.config.e2e_services)
+
+    def tokenRequest(self, conn: RelayConnection, data: bytes) -> tuple[bool, bytes]:
+        """``data-token@labrelay`` from a user: a token, or why not."""
+        try:
+            name, port = fw.unpack_token_request(data)
+        except fw.WireError:
+            return False, b""
+        name = name.lower()
+        service = f"{name}:{port}"
+
+        def answer(status: fw.Status, why: str, token: bytes = b"") -> tuple[bool, bytes]:
+            if status is not fw.Status.OK:
+                self._log.info("{name}: no fast path to {service}: {why}",
+                               event="relay_token_refused", name=conn.principal_name,
+                               service=service, why=why, status=status.name)
+            return True, fw.pack_token_reply(status, why, self.bound_port, token,
+                                             self.tokens.lifetime if token else 0.0)
+
+        principal = self.core.grants.principal_for(conn.identity.key_blob)
+        if principal is None:
+            return answer(fw.Status.REFUSED, "this key is no longer granted")
+        if principal.kind != "user" or not principal.may_reach(name, port):
+            return answer(fw.Status.REFUSED,
+                          f"{service} is not granted to {principal.kind} {principal.name}")
+        if not self.enabled or self.listener is None:
+            return answer(fw.Status.UNAVAILABLE, "this relay has no data port (fast path off)")
+        if not self.e2e(name, port):
+            return answer(fw.Status.UNAVAILABLE,
+                          f"{service} is not declared end-to-end encrypted on the relay "
+                          "(e2e_services)")
+        reg = self.core.registry.lookup(name, port)
+        if reg is None:
+            return answer(fw.Status.UNAVAILABLE, f"{service} is not registered right now")
+        pool = self.pools.get(reg.session)
+        if pool is None:
+            return answer(fw.Status.UNAVAILABLE,
+                          f"agent {reg.owner} keeps no data connections (fast path off "
+                          "there, or an older agent)")
+        if (reg.bind.lower(), port) not in pool.spliceable:
+            return answer(fw.Status.UNAVAILABLE,
+                          f"agent {reg.owner} cannot splice {service} (a chained service)")
+        token = self.tokens.issue(fw.ROLE_USER, principal.name, conn, (name, port))
+        return answer(fw.Status.OK, "", token)
+
+    def poolRequest(self, conn: RelayConnection, data: bytes) -> tuple[bool, bytes]:
+        """``data-pool@labrelay`` from an agent: tokens for its idle data connections."""
+        try:
+            count, services = fw.unpack_pool_request(data)
+        except fw.WireError:
+            return False, b""
+        principal = self.core.grants.principal_for(conn.identity.key_blob)
+        if principal is None or principal.kind != "agent":
+            return True, fw.pack_pool_reply(fw.Status.REFUSED, "only agents keep data pools")
+        if not self.enabled or self.listener is None:
+            return True, fw.pack_pool_reply(fw.Status.UNAVAILABLE,
+                                            "this relay has no data port (fast path off)")
+        pool = self.pools.get(conn)
+        if pool is None:
+            pool = self.pools[conn] = AgentPool(conn, set())
+        pool.spliceable = {(n, p) for n, p in services if principal.may_register(n, p)}
+        room = MAX_POOL_PER_AGENT - len(pool.idle)
+        n = max(0, min(count, MAX_TOKENS_PER_REQUEST, room))
+        tokens = [self.tokens.issue(fw.ROLE_AGENT, principal.name, conn,
+                                    lifetime=POOL_TOKEN_LIFETIME) for _ in range(n)]
+        return True, fw.pack_pool_reply(fw.Status.OK, "", self.bound_port, tokens,
+                                        POOL_TOKEN_LIFETIME)
+
+    def sessionStopped(self, conn: Any) -> None:
+        self.tokens.drop_session(conn)
+        pool = self.pools.pop(conn, None)
+        if pool is not None:
+            pool.close()
+
+    # --- the data port -----------------------------------------------------------
+
+    def admit(self, dc: DataConnection) -> bool:
+        self.counters["data_connections"] += 1
+        if self.throttle.blocked(dc.source):
+            self.counters["data_throttled"] += 1
+            return False
+        if len(self.pending) >= self.config.max_unauthenticated:
+            self.counters["data_refused"] += 1
+            self._log.warn("data port: dropping a connection from {source}: {n} still owe "
+                           "their hello (max_unauthenticated)", event="relay_data_cap",
+                           source=dc.source, n=len(self.pending))
+            return False
+        self.pending.add(dc)
+        return True
+
+    def refuse(self, dc: DataConnection, what: str, why: str, *, failure: bool = False,
+               tell: str | None = None) -> None:
+        self.pending.discard(dc)
+        self.counters["data_refused"] += 1
+        if failure:
+            self.throttle.failed(dc.source)
+        self._log.warn("data port: refused a connection from {source}: {why}",
+                       event="relay_data_refused", source=dc.source, what=what, why=why)
+        if dc.state != "closed":
+            dc.state = "closed"
+            if tell is not None:
+                dc.transport.write(fw.pack_error(fw.USER_ERROR, tell))
+                dc.transport.loseConnection()
+            else:
+                dc.transport.abortConnection()
+
+    def helloReceived(self, dc: DataConnection, role: bytes, token: bytes,
+                      service: tuple[str, int] | None) -> None:
+        self.pending.discard(dc)
+        alive: Callable[[Any], bool] = lambda s: s in self.core.connections  # noqa: E731
+        try:
+            ticket = self.tokens.redeem(role, token, alive, service)
+        except TokenRefused as e:
+            self.pending.add(dc)  # refuse() discards it again
+            self.refuse(dc, "token", f"{'user' if role == fw.ROLE_USER else 'agent'} token "
+                        f"refused: {e.why.value}", failure=True,
+                        tell=f"token refused: {e.why.value}" if role == fw.ROLE_USER else None)
+            return
+        if role == fw.ROLE_AGENT:
+            pool = self.pools.get(ticket.session)
+            if pool is None or len(pool.idle) >= MAX_POOL_PER_AGENT:
+                self.refuse(dc, "pool", f"agent {ticket.principal}: pool full or gone")
+                return
+            dc.state = "idle"
+            dc.pool = pool
+            if dc.extra:
+                self.refuse(dc, "protocol", "an agent data connection sent bytes after hello")
+                return
+            dc.transport.resumeProducing()  # only to notice when it closes
+            pool.put(dc)
+            return
+        dc.state = "user"
+        assert ticket.service is not None
+        self._pairUser(dc, ticket.principal, ticket.service, ticket.session)
+
+    def lost(self, dc: DataConnection, was: str) -> None:
+        self.pending.discard(dc)
+        if was == "idle" and dc.pool is not None:
+            try:
+                dc.pool.idle.remove(dc)
+            except ValueError:
+                pass
+
+    # --- pairing -------------------------------------------------------------------
+
+    def _pairUser(self, user: DataConnection, principal_name: str,
+                  service: tuple[str, int], asked_by: RelayConnection) -> None:
+        name, port = service
+        label = f"{name}:{port}"
+        # Grants are looked up again: a key revoked since the token was issued is refused.
+        principal = self.core.grants.principal_for(asked_by.identity.key_blob)
+        if principal is None or not principal.may_reach(name, port):
+            self.refuse(user, "grant", f"{principal_name} is no longer granted {label}",
+                        tell=f"{label} is not granted to you")
+            return
+        try:
+            session = self.core.fastSessionOpening(principal, label, f"{user.source}")
+        except PairingError as e:
+            self.refuse(user, "cap", str(e), tell=str(e))
+            return
+        timeout = self.config.public_wait
+        chosen: list[DataConnection] = []
+
+        def with_registration(reg: Registration) -> defer.Deferred[DataConnection]:
+            pool = self.pools.get(reg.session)
+            if pool is None or (reg.bind.lower(), port) not in pool.spliceable:
+                raise PairingError(f"agent {reg.owner} keeps no data connections for {label}")
+            return pool.take(self.clock, timeout)
+
+        def with_agent_conn(agent: DataConnection) -> defer.Deferred[str]:
+            chosen.append(agent)
+            if user.state != "user":
+                raise PairingError("the user's data connection closed")
+            reg = self.core.registry.lookup(name, port)
+            bind = reg.bind if reg is not None else name
+            d = agent.dispatch(bind, port)
+            timer = self.clock.callLater(AGENT_REPLY_TIMEOUT, d.cancel)
+            return d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+
+        def paired(_: object) -> None:
+            agent = chosen[0]
+            try:
+                pair = datapath.get(self.clock).splice_transports(
+                    user.transport, agent.transport, from_a=user.extra,
+                    from_b=fw.USER_OK + agent.extra)
+            except (OSError, TypeError) as e:
+                raise PairingError(f"cannot splice: {e}") from e
+            user.state = agent.state = "spliced"
+            self.counters["paired"] += 1
+            self.core.fastSessionSpliced(session, pair)
+            self._log.info("{user}: fast path to {service} spliced",
+                           event="relay_fast_session", user=principal_name, service=label,
+                           origin=user.source)
+
+        def failed(f: Failure) -> None:
+            self.counters["pair_failed"] += 1
+            self.core.fastSessionFailed(session)
+            why = ("no agent data connection became free in time" if f.check(
+                defer.CancelledError) else f.getErrorMessage())
+            for agent in chosen:
+                if agent.state != "closed":
+                    agent.transport.abortConnection()
+            self.refuse(user, "pairing", f"{principal_name} to {label}: {why}",
+                        tell=f"{label} unavailable: {why}")
+
+        d = self.core.whenRegistered(name, port, timeout)
+        d.addCallback(with_registration).addCallback(with_agent_conn)
+        d.addCallbacks(paired, failed).addErrback(failed)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "data_port": self.bound_port if self.listener is not None else None,
+            "e2e_services": [str(g) for g in self.config.e2e_services],
+            "tokens_outstanding": len(self.tokens),
+            "tokens_issued": dict(self.tokens.issued),
+            "tokens_redeemed": dict(self.tokens.redeemed),
+            "tokens_refused": {k: v for k, v in self.tokens.refused.items() if v},
+            "pools": {getattr(p.session, "principal_name", "?"): len(p.idle)
+                      for p in self.pools.values()},
+            **self.counters,
+        }

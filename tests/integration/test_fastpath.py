@@ -1,0 +1,356 @@
+"""The fast path (issue 4 §5-6) with real processes: a ``labrelay relay`` with a data
+port, the labrelay agent keeping its pool of data connections, a real target sshd,
+and stock ``ssh``/``scp`` using ``labrelay connect`` as their ProxyCommand.
+
+The token tests speak the data port's bytes themselves (``tokenclient.py`` gets real
+tokens over SSH) and check each refused connection moved 0 bytes to the agent: the
+agent's pool never dispatched a session and the target sshd saw no connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO_ROOT, Targets, child_env
+from harness import (
+    LOOPBACK,
+    AgentProcess,
+    DataStream,
+    KeyPair,
+    MiB,
+    RelayNode,
+    Sshd,
+    find_program,
+    known_hosts_line,
+    make_key,
+    sha256_hex,
+)
+
+from relay import fastwire as fw
+
+pytestmark = pytest.mark.integration
+TOKENCLIENT = Path(__file__).with_name("tokenclient.py")
+
+
+@dataclass(frozen=True)
+class Keys:
+    lab_pc: KeyPair  # the agent: gpu-cluster:22, web:8080
+    alice: KeyPair  # gpu-cluster:22, web:8080
+    bob: KeyPair  # web:8080 only
+
+
+@pytest.fixture(scope="module")
+def keys(openssh: None, tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    d = tmp_path_factory.mktemp("fastpath-keys")
+    return Keys(**{n: make_key(d / n, comment=n) for n in Keys.__dataclass_fields__})
+
+
+@dataclass
+class Site:
+    relay: RelayNode
+    agent: AgentProcess
+    gpu: Sshd
+    web_port: int
+    data_port: int
+    keys: Keys
+    client_key: KeyPair
+    tmp: Path
+
+    def connect_argv(self, user: str, key: KeyPair, service: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "relay", "connect", "-p", str(self.relay.port),
+                "-i", str(key.path), "-o", f"UserKnownHostsFile={self.relay.known_hosts}",
+                *extra, f"{user}@{LOOPBACK}", service]
+
+    def ssh_config(self) -> Path:
+        """An ssh_config whose gpu-cluster goes through ``labrelay connect`` as alice."""
+        path = self.tmp / "ssh_config"
+        proxy = " ".join(self.connect_argv("alice", self.keys.alice, "%h:%p"))
+        path.write_text(f"""\
+Host gpu-cluster
+  User root
+  IdentityFile {self.client_key.path}
+  ProxyCommand {proxy}
+Host *
+  IdentitiesOnly yes
+  BatchMode yes
+  UserKnownHostsFile {self.relay.known_hosts}
+  GlobalKnownHostsFile /dev/null
+  StrictHostKeyChecking yes
+  UpdateHostKeys no
+  ConnectTimeout 20
+""")
+        return path
+
+    def pool(self) -> dict[str, Any]:
+        return dict(self.agent_status()["links"][0]["fast_path"])
+
+    def agent_status(self) -> dict[str, Any]:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.agent_admin}/status.json",
+                                    timeout=10) as r:
+            return dict(json.load(r))
+
+    agent_admin: int = 0
+
+    def fast(self) -> dict[str, Any]:
+        return dict(self.relay.status()["relay"]["fast_path"])
+
+
+def _free_port() -> int:
+    from harness import free_port
+
+    return free_port()
+
+
+@pytest.fixture
+def site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
+         start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
+         targets: Targets, tmp_path: Path) -> Iterator[Site]:
+    k = keys
+    gpu = sshd_factory("gpu_cluster")
+    web = targets.echo(greeting=b"web\n")
+    relay = start_relay(
+        agents=[f'permitlisten="gpu-cluster:22",permitlisten="web:8080" '
+                f"{k.lab_pc.public_blob()} lab_pc"],
+        users=[f'permitopen="gpu-cluster:22",permitopen="web:8080" {k.alice.public_blob()} alice',
+               f'permitopen="web:8080" {k.bob.public_blob()} bob'],
+        relay_toml='data_port = 0\ne2e_services = ["gpu-cluster:22"]\ntoken_lifetime = 4\n'
+                   "data_hello_timeout = 1\npublic_wait = 3\n")
+    data_port = relay.wait_for("relay_data_port", since=0)["port"]
+    relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
+    admin = _free_port()
+    agent = start_agent(
+        "-p", str(relay.port), "-i", str(k.lab_pc.path),
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "ServerAliveInterval=5",
+        "--admin", f"127.0.0.1:{admin}",
+        "-R", f"gpu-cluster:22:127.0.0.1:{gpu.port}", "-R", f"web:8080:127.0.0.1:{web.port}",
+        "lab_pc@127.0.0.1", name="agent")  # fmt: skip
+    agent.wait_for("fast_path_ready", timeout=20)
+    agent.wait_for("forward_ready", timeout=20, since=0, bind="gpu-cluster")
+    agent.wait_for("forward_ready", timeout=20, since=0, bind="web")
+    s = Site(relay, agent, gpu, web.port, data_port, k, client_key, tmp_path)
+    s.agent_admin = admin
+    _wait(lambda: s.pool()["idle"] == 4, "the agent's pool to fill")
+    yield s
+
+
+def _wait(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Poll a status endpoint (a remote process's state has no event to await here)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _run(argv: list[str], input: bytes | None = None, timeout: float = 120.0,
+         ) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(argv, input=input, capture_output=True, timeout=timeout,
+                          env={**os.environ, **child_env()}, cwd=REPO_ROOT,
+                          stdin=None if input is not None else subprocess.DEVNULL)
+
+
+# 1 ---------------------------------------------------------------------------
+
+
+def test_ssh_and_scp_through_the_fast_path_are_spliced(site: Site) -> None:
+    """``ssh -o ProxyCommand='labrelay connect ... gpu-cluster'`` lands on the real target
+    sshd; 256 MiB of scp arrive byte-exact; while a session is open the relay's status
+    shows it spliced; the bytes never went through an SSH channel at the relay."""
+    cfg = site.ssh_config()
+    ssh = find_program("ssh") or "ssh"
+    out = _run([ssh, "-F", str(cfg), "gpu-cluster", "echo $LABRELAY_TEST_HOST"])
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().strip() == "gpu_cluster"
+    assert b"fast path unavailable" not in out.stderr
+
+    stream = DataStream(41, 256 * MiB)
+    src, dst = site.tmp / "up.bin", site.tmp / "arrived.bin"
+    with open(src, "wb") as f:
+        for chunk in stream.chunks():
+            f.write(chunk)
+    scp = find_program("scp") or "scp"
+    out = _run([scp, "-q", "-F", str(cfg), str(src), f"gpu-cluster:{dst}"], timeout=300)
+    assert out.returncode == 0, out.stderr.decode()
+    assert dst.stat().st_size == stream.size
+    assert sha256_hex(dst.read_bytes()) == stream.sha256
+
+    # A session held open: status shows it spliced, with bytes.
+    held = subprocess.Popen([ssh, "-F", str(cfg), "gpu-cluster", "echo ready; cat >/dev/null"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env={**os.environ, **child_env()}, cwd=REPO_ROOT)
+    try:
+        assert held.stdout is not None and held.stdout.readline() == b"ready\n"
+        sessions = site.relay.status()["relay"]["sessions"]
+        assert [s["path"] for s in sessions] == ["spliced"], sessions
+        assert sessions[0]["user"] == "alice" and sessions[0]["service"] == "gpu-cluster:22"
+        assert sessions[0]["bytes_to_service"] > 0 and sessions[0]["bytes_from_service"] > 0
+    finally:
+        assert held.stdin is not None
+        held.stdin.close()
+        assert held.wait(timeout=30) == 0
+    fast = site.fast()
+    assert fast["paired"] == 3 and fast["pair_failed"] == 0
+    per = site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
+    assert per["sessions_total"] == 3 and per["bytes_to_service"] > stream.size
+    _wait(lambda: site.pool()["sessions_total"] == 3 and site.pool()["idle"] == 4,
+          "the agent to count its sessions and refill")
+    assert site.pool()["bytes_to_target"] > stream.size
+    assert site.relay.connect_attempts() == []
+
+
+# 2 ---------------------------------------------------------------------------
+
+
+def test_ungranted_user_is_refused_before_any_pairing(site: Site) -> None:
+    """bob may reach web:8080 only: his ``labrelay connect`` to gpu-cluster is refused at
+    the token request, no data connection is paired and the agent dispatches nothing."""
+    out = _run(site.connect_argv("bob", site.keys.bob, "gpu-cluster"), input=b"")
+    assert out.returncode == 1
+    assert b"refused by the relay: gpu-cluster:22 is not granted to user bob" in out.stderr
+    assert out.stdout == b""
+    assert site.fast()["paired"] == 0 and site.fast()["tokens_issued"]["user"] == 0
+    assert site.pool()["sessions_total"] == 0
+    assert "Accepted publickey" not in site.gpu.log_text()
+
+
+def test_falls_back_to_a_channel_when_the_service_is_not_e2e(site: Site) -> None:
+    """web:8080 is not declared end-to-end encrypted: ``labrelay connect`` says so once on
+    stderr and carries the stream in an SSH channel; bytes arrive exactly, both ways."""
+    payload = DataStream(7, 2 * MiB).bytes()
+    out = _run(site.connect_argv("bob", site.keys.bob, "web:8080"), input=payload)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout == b"web\n" + payload
+    lines = out.stderr.decode().splitlines()
+    assert len(lines) == 1 and "fast path unavailable for web:8080" in lines[0], lines
+    assert "not declared end-to-end encrypted" in lines[0]
+    assert site.fast()["paired"] == 0
+    per = site.relay.status()["relay"]["per_service"]["web:8080"]
+    assert per["sessions_total"] == 1
+
+
+# 3 ---------------------------------------------------------------------------
+
+
+class Tokens:
+    """A live SSH session of ``user`` at the relay holding ``count`` tokens."""
+
+    def __init__(self, site: Site, user: str, key: KeyPair, service: str, count: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(TOKENCLIENT), "-p", str(site.relay.port), "-i", str(key.path),
+             "-o", f"UserKnownHostsFile={site.relay.known_hosts}", "--count", str(count),
+             f"{user}@{LOOPBACK}", service],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, **child_env()}, cwd=REPO_ROOT)
+        assert self.proc.stdout is not None
+        self.replies = [json.loads(self.proc.stdout.readline()) for _ in range(count)]
+        for r in self.replies:
+            assert r["status"] == "OK", r
+        self.tokens = [bytes.fromhex(r["token"]) for r in self.replies]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            self.proc.wait(timeout=15)
+
+
+def _read_all(s: socket.socket) -> bytes:
+    """Everything received until the relay closed (FIN or RST)."""
+    got = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+
+
+def _present(port: int, data: bytes) -> bytes:
+    """Send ``data`` to the data port; return everything the relay sent before closing."""
+    with socket.create_connection((LOOPBACK, port), timeout=15) as s:
+        s.sendall(data)
+        return _read_all(s)
+
+
+def _refusal(reply: bytes) -> str:
+    parsed = fw.parse_reply(reply, fw.USER_OK, fw.USER_ERROR)
+    assert parsed is not None and not parsed[0], reply
+    return parsed[1]
+
+
+def test_tokens_missing_wrong_expired_replayed_other_service_and_stalled(site: Site) -> None:
+    """Every bad presentation is closed with 0 bytes forwarded to the agent."""
+    port = site.data_port
+    tokens = Tokens(site, "alice", site.keys.alice, "gpu-cluster", 4)
+    issued = time.monotonic()
+    try:
+        good, expiring, other, stalled = tokens.tokens
+        # wrong: a random token of the right shape
+        assert "unknown" in _refusal(_present(port, fw.user_hello(os.urandom(32),
+                                                                  "gpu-cluster", 22)))
+        # wrong secret behind a real id: refused, and that ticket is burnt
+        forged = good[:8] + bytes(24)
+        assert "wrong secret" in _refusal(_present(port, fw.user_hello(forged, "gpu-cluster", 22)))
+        assert "unknown" in _refusal(_present(port, fw.user_hello(good, "gpu-cluster", 22)))
+        # for another service: a token for gpu-cluster:22 presented for web:8080
+        assert "another service" in _refusal(_present(port, fw.user_hello(other, "web", 8080)))
+        # missing: a connection that sends nothing is closed after data_hello_timeout
+        assert _present(port, b"") == b""
+        # not a hello at all
+        assert _present(port, b"SSH-2.0-OpenSSH_9.2\r\n") == b""
+        # one byte at a time, then stalled: closed at the hello timeout, nothing paired
+        hello = fw.user_hello(stalled, "gpu-cluster", 22)
+        with socket.create_connection((LOOPBACK, port), timeout=15) as s:
+            for b in hello[:-1]:
+                s.sendall(bytes([b]))
+            assert _read_all(s) == b""
+        # expired: token_lifetime is 4 s on this relay
+        time.sleep(max(0.0, 4.3 - (time.monotonic() - issued)))
+        assert "expired" in _refusal(_present(port, fw.user_hello(expiring, "gpu-cluster", 22)))
+    finally:
+        tokens.close()
+    fast = site.fast()
+    assert fast["paired"] == 0 and fast["tokens_redeemed"]["user"] == 0, fast
+    refused = fast["tokens_refused"]
+    assert refused == {"unknown": 2, "wrong secret": 1, "issued for another service": 1,
+                       "expired": 1}, refused
+    assert fast["data_refused"] >= 8
+    assert site.pool()["sessions_total"] == 0
+    assert "Accepted publickey" not in site.gpu.log_text()
+
+
+def test_replayed_and_session_bound_tokens(site: Site) -> None:
+    """A token opens one session: replayed, it is unknown.  A token whose SSH session
+    ended is refused.  A pool (agent) token presented as a user's is not a user's."""
+    port = site.data_port
+    tokens = Tokens(site, "alice", site.keys.alice, "gpu-cluster", 2)
+    first, orphan = tokens.tokens
+    hello = fw.user_hello(first, "gpu-cluster", 22)
+    with socket.create_connection((LOOPBACK, port), timeout=15) as s:
+        s.sendall(hello)
+        got = b""
+        while not got.startswith(b"\x00SSH-2.0-"):
+            chunk = s.recv(4096)
+            assert chunk, got
+            got += chunk
+    assert "unknown" in _refusal(_present(port, hello))  # replayed
+    tokens.close()  # the session that asked for ``orphan`` ends
+    site.relay.wait_for("relay_disconnected", since=0, name="alice")
+    assert "unknown" in _refusal(_present(port, fw.user_hello(orphan, "gpu-cluster", 22)))
+    fast = site.fast()
+    assert fast["paired"] == 1 and fast["tokens_redeemed"]["user"] == 1
+    _wait(lambda: site.pool()["sessions_total"] == 1, "the agent to count its session")
