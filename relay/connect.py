@@ -161,7 +161,7 @@ class Connector:
         link = Link(cfg, self.reactor, self.identities)
         endpoint = client_endpoint(self.reactor, cfg.host, cfg.port, cfg.connect_timeout)
         try:
-            proto = await endpoint.connect(Factory.forProtocol(lambda: LinkTransport(link)))
+            proto: Any = await endpoint.connect(Factory.forProtocol(lambda: LinkTransport(link)))
             self.conn = await proto.ready
         except Exception as e:
             self.say(f"cannot reach the relay {cfg.host}:{cfg.port}: {e}")
@@ -203,7 +203,7 @@ class Connector:
         endpoint = client_endpoint(self.reactor, cfg.host, data_port, cfg.connect_timeout)
         try:
             hello = fw.user_hello(token, self.options.service, self.options.port)
-            proto = await endpoint.connect(Factory.forProtocol(lambda: _UserData(hello)))
+            proto: Any = await endpoint.connect(Factory.forProtocol(lambda: _UserData(hello)))
             timer = self.reactor.callLater(lifetime + PAIR_TIMEOUT_SLACK + 10.0,
                                            proto.answer.cancel)
             try:
@@ -243,9 +243,14 @@ class Connector:
             return EXIT_FAILED
         done: defer.Deferred[None] = defer.Deferred()
         side = TCPSide()
-        stdio.StandardIO(side, stdin=self.stdin_fd, stdout=self.stdout_fd,
+        stdio.StandardIO(side, stdin=self.stdin_fd, stdout=self.stdout_fd,  # type: ignore[call-arg]
                          reactor=self.reactor)
-        Bridge(side, channel, onClosed=lambda a, b: done.called or done.callback(None))
+
+        def closed(to_service: int, from_service: int) -> None:
+            if not done.called:
+                done.callback(None)
+
+        Bridge(side, channel, onClosed=closed)
         await done
         return 0
 

@@ -180,7 +180,7 @@ class DataPool:
         self._asking = False
         if conn is not self._conn:
             return
-        if f.check(error.ConchError) and len(f.value.args) > 1:
+        if isinstance(f.value, error.ConchError) and len(f.value.args) > 1:
             self._off("unsupported", "the server does not offer labrelay's fast path "
                       "(a stock sshd, or an older relay)")
         # else: the link stopped meanwhile; linkUp starts again

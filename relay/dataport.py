@@ -216,7 +216,7 @@ class DataPort:
     def bound_port(self) -> int:
         if self.listener is None:
             return 0
-        return int(self.listener.getHost().port)
+        return int(self.listener.getHost().port)  # type: ignore[attr-defined]
 
     def start(self) -> None:
         if self.config.data_port is None:

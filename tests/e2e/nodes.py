@@ -273,7 +273,10 @@ max_unauthenticated = 32
 keepalive_interval = 1
 keepalive_count = 3
 public_wait = 5
+data_port = 2223
+e2e_services = ["gpu-cluster:22"]
 """
+RELAY_DATA_PORT = 2223
 KEEPALIVE = (1.0, 3)  # interval, count: dead after interval x (count + 1) = 4 s of silence
 BACKOFF = (0.5, 2.0)  # initial, max (jitter 0.2, labrelay's default)
 

@@ -10,8 +10,6 @@ produce (its ``SetEnv`` and its network namespace), and sha256 for every transfe
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -19,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pytest
 from harness import DataStream, recv_exactly
 from nodes import (
     CLOUD,
@@ -32,7 +29,6 @@ from nodes import (
     MiB,
     NsRelay,
     Site,
-    child_env,
     file_sha256,
     labrelay_argv,
     rate,
@@ -53,8 +49,9 @@ def assert_relay_clean(relay: NsRelay) -> int:
 
 
 def scp_checked(site: Site, user: str, stream: DataStream, src: str, dst: str,
-                dst_path: Path, record: Record, scenario: str, **extra: Any) -> float:
-    out, took = site.scp(user, src, dst)
+                dst_path: Path, record: Record, scenario: str, config: Path | None = None,
+                **extra: Any) -> float:
+    out, took = site.scp(user, src, dst, config=config)
     assert out.returncode == 0, out.stderr.decode(errors="replace")
     size, digest = file_sha256(dst_path)
     assert (size, digest) == (stream.size, stream.sha256)
@@ -169,26 +166,50 @@ def test_seed_with_labrelay_relay(site: Site, record: Record) -> None:
 
 def test_seed_fast_path(site: Site, record: Record) -> None:
     """``ssh -o ProxyCommand='labrelay connect alice@cloud gpu-cluster' gpu-cluster``
-    (DESIGN §2.3), once ``labrelay connect`` exists."""
-    probe = subprocess.run(labrelay_argv("connect", "--help"), capture_output=True, text=True,
-                           cwd=site.dir, env={**os.environ, **child_env()})
-    if probe.returncode != 0:
-        pytest.skip("fast path not built yet: `labrelay connect` does not exist "
-                    f"({probe.stderr.strip().splitlines()[-1] if probe.stderr else 'no output'})")
+    (DESIGN §2.3) from mac: alice's grant is checked over SSH, her data connection meets
+    one of lab_pc's pre-dialled ones at cloud's data port, both are spliced; the marker
+    and a 64 MiB scp each way arrive byte-exact; bob's ungranted service is refused
+    before any pairing; gpu_cluster sees connections from lab_pc only."""
     gpu = site.start_gpu(data=False)
     relay = site.start_relay()
     agent = site.start_agent()
     site.wait_agent_ready(agent)
+    agent.wait_for("fast_path_ready", timeout=20, since=0)
     cfg = site.user_config("alice")
     proxy = (f"{sys.executable} -m relay connect -p {relay.port} "
              f"-i {site.keys.alice.path} -o UserKnownHostsFile={relay.known_hosts} "
-             f"alice@{CLOUD} gpu-cluster")
-    out = site.mac_run([site.ssh_bin, "-F", str(cfg), "-o", f"ProxyCommand={proxy}",
-                        "-o", "ProxyJump=none", "gpu-cluster", site.marker_command()])
+             f"alice@{CLOUD} %h:%p")
+    fast_cfg = site.dir / "ssh_config.alice.fast"
+    fast_cfg.write_text(f"Host gpu-cluster\n  ProxyCommand {proxy}\n  ProxyJump none\n"
+                        + cfg.read_text())
+    out = site.mac_run([site.ssh_bin, "-F", str(fast_cfg), "gpu-cluster",
+                        site.marker_command()])
     assert out.returncode == 0, out.stderr.decode(errors="replace")
     assert out.stdout.decode().strip() == site.expected_marker()
+    assert b"fast path unavailable" not in out.stderr
+
+    up = DataStream(503, SCP_SIZE)
+    src = site.write_file("fast-up.bin", up)
+    dst = site.dir / "fast-arrived.bin"
+    scp_checked(site, "alice", up, str(src), f"gpu-cluster:{dst}", dst, record,
+                "seed, labrelay relay: fast path (labrelay connect, scp up)", config=fast_cfg)
+    back = site.dir / "fast-back.bin"
+    scp_checked(site, "alice", up, f"gpu-cluster:{dst}", str(back), back, record,
+                "seed, labrelay relay: fast path (labrelay connect, scp down)",
+                config=fast_cfg)
+
+    # bob is not granted data:9000: refused at the token request, nothing paired.
+    bob = site.mac_run([sys.executable, "-m", "relay", "connect", "-p", str(relay.port),
+                        "-i", str(site.keys.bob.path),
+                        "-o", f"UserKnownHostsFile={relay.known_hosts}",
+                        f"bob@{CLOUD}", f"data:{DATA_PORT}"], input=b"")
+    assert bob.returncode == 1 and b"not granted to user bob" in bob.stderr, bob.stderr
+
+    fast = relay.status()["relay"]["fast_path"]
+    assert fast["paired"] == 3 and fast["pair_failed"] == 0, fast
     assert gpu.connections() == gpu.connections_from(LAB)
-    record("seed, labrelay relay: fast path (labrelay connect)", sessions=1, silently_wrong=0)
+    record("seed, labrelay relay: fast path (labrelay connect)", sessions=3, silently_wrong=0,
+           paired=fast["paired"], relay_outbound_connects=assert_relay_clean(relay))
 
 
 # ---------------------------------------------------------------------------
