@@ -115,6 +115,17 @@ def _relay_metrics(relay: dict[str, Any]) -> list[str]:
     for counter, value in relay.get("counters", {}).items():
         lines.append(f"# TYPE labrelay_relay_{counter}_total counter")
         lines.append(f"labrelay_relay_{counter}_total {value}")
+    fast = relay.get("fast_path") or {}
+    for counter in ("paired", "pair_failed", "data_connections", "data_refused",
+                    "data_throttled"):
+        if counter in fast:
+            lines.append(f"# TYPE labrelay_relay_fast_{counter}_total counter")
+            lines.append(f"labrelay_relay_fast_{counter}_total {fast[counter]}")
+    if fast.get("tokens_refused"):
+        lines.append("# TYPE labrelay_relay_fast_tokens_refused_total counter")
+    for reason, value in fast.get("tokens_refused", {}).items():
+        lines.append(f'labrelay_relay_fast_tokens_refused_total{{reason="{_label(reason)}"}} '
+                     f"{value}")
     return lines
 
 
@@ -174,6 +185,15 @@ def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
     parts = [head]
     if len(links) > 1:
         parts += [_table(links), _table(forwards)]
+        for link in snapshot.get("links", []):
+            fp = link.get("fast_path")
+            if fp and fp.get("state") != "off":
+                parts.append(
+                    f"link {link['name']} fast path: {fp['state']}"
+                    + (f" ({fp['reason']})" if fp.get("reason") else "")
+                    + f"; {fp['idle']} idle data connections, {fp['sessions_active']} open / "
+                    f"{fp['sessions_total']} spliced sessions, bytes in/out "
+                    f"{fp['bytes_to_target']}/{fp['bytes_from_target']}")
     relay = snapshot.get("relay")
     if relay is not None:
         parts += _relay_tables(relay, now)
@@ -193,8 +213,8 @@ def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
             str(totals.get("sessions_active", 0)), str(totals.get("sessions_total", 0)),
             f"{totals.get('bytes_to_service', 0)}/{totals.get('bytes_from_service', 0)}",
         ])
-    sessions = [["USER", "SERVICE", "FROM", "AGE", "BYTES TO/FROM"]] + [
-        [s["user"], s["service"], s["origin"], f"{s['age']:.0f}s",
+    sessions = [["USER", "SERVICE", "FROM", "PATH", "AGE", "BYTES TO/FROM"]] + [
+        [s["user"], s["service"], s["origin"], s.get("path", "channel"), f"{s['age']:.0f}s",
          f"{s['bytes_to_service']}/{s['bytes_from_service']}"]
         for s in relay.get("sessions", [])
     ]
@@ -202,6 +222,18 @@ def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
            f"{len(relay.get('users', []))} user connection(s)", _table(agents), _table(services)]
     if len(sessions) > 1:
         out.append(_table(sessions))
+    fast = relay.get("fast_path")
+    if fast is not None:
+        if fast.get("data_port") is None:
+            out.append("fast path: off (no data_port)")
+        else:
+            refused = sum(fast.get("tokens_refused", {}).values())
+            pools = " ".join(f"{n}={k}" for n, k in sorted(fast.get("pools", {}).items()))
+            out.append(
+                f"fast path: data port {fast['data_port']}, e2e "
+                f"{' '.join(fast.get('e2e_services', [])) or '(none)'}; "
+                f"{fast.get('paired', 0)} paired, {fast.get('pair_failed', 0)} failed, "
+                f"{refused} tokens refused; idle agent connections: {pools or '-'}")
     return out
 
 

@@ -196,6 +196,12 @@ def test_ssh_and_scp_through_the_fast_path_are_spliced(site: Site) -> None:
         assert [s["path"] for s in sessions] == ["spliced"], sessions
         assert sessions[0]["user"] == "alice" and sessions[0]["service"] == "gpu-cluster:22"
         assert sessions[0]["bytes_to_service"] > 0 and sessions[0]["bytes_from_service"] > 0
+        table = _run([sys.executable, "-m", "relay", "status", "--admin", site.relay.admin])
+        assert table.returncode == 0, table.stderr.decode()
+        row = next(line for line in table.stdout.decode().splitlines()
+                   if line.startswith("alice"))
+        assert "gpu-cluster:22" in row and "spliced" in row, row
+        assert "fast path: data port" in table.stdout.decode()
     finally:
         assert held.stdin is not None
         held.stdin.close()
