@@ -649,3 +649,43 @@ def test_cli_public_port_on_the_relay_port(tmp_path: Path, keys: list[str]) -> N
         "the relay's own SSH port (also relay.listen in command line)",
         source=f"{agents}:1",
     )
+
+
+# --- the fast path's keys ---------------------------------------------------------
+
+
+def test_fast_path_is_off_by_default_and_on_with_a_data_port() -> None:
+    assert relay_of("[relay]\n").data_port is None
+    relay = relay_of('[relay]\ndata_port = 2223\ndata_bind = "127.0.0.1"\n'
+                     'e2e_services = ["gpu-cluster:22", "*:22", "GPU-Cluster:22"]\n'
+                     "token_lifetime = 3\ndata_hello_timeout = 2\n")
+    assert relay.data_port == 2223 and relay.data_bind == "127.0.0.1"
+    assert relay.e2e_services == (ServiceGrant("gpu-cluster", 22), ServiceGrant("*", 22))
+    assert (relay.token_lifetime, relay.data_hello_timeout) == (3, 2)
+    assert relay_of("[relay]\ndata_port = 0\n").data_port == 0  # any free port
+
+
+@pytest.mark.parametrize(
+    ("line", "keypath", "fragment"),
+    [
+        ("data_port = 70000", "relay.data_port", "between 0 and 65535"),
+        ('data_bind = "example.org"', "relay.data_bind", "not an IP address"),
+        ('e2e_services = ["gpu cluster:22"]', "relay.e2e_services[0]", "gpu cluster"),
+        ("token_lifetime = 0", "relay.token_lifetime", "greater than 0"),
+        ("data_hello_timeout = -1", "relay.data_hello_timeout", "greater than 0"),
+    ],
+)
+def test_fast_path_value_errors(line: str, keypath: str, fragment: str) -> None:
+    check(error_of(f"[relay]\n{line}\n"), keypath, fragment)
+
+
+def test_cli_turns_the_fast_path_on(tmp_path: Path, keys: list[str]) -> None:
+    users = grant_file(tmp_path / "users", f"{keys[1]}")
+    config = config_from_relay_args(relay_args("--users", str(users), "--data-port", "2223",
+                                               "--e2e", "gpu-cluster:22", "--e2e", "*:22"))
+    assert config.relay is not None
+    assert config.relay.data_port == 2223
+    assert config.relay.e2e_services == (ServiceGrant("gpu-cluster", 22), ServiceGrant("*", 22))
+    with pytest.raises(ConfigError) as info:
+        config_from_relay_args(relay_args("--users", str(users), "--data-port", "x"))
+    check(info.value, "--data-port x", "not a port number", source="command line")
