@@ -328,3 +328,14 @@ def test_help_reads_at_any_width(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("COLUMNS", columns)
         assert "-R PORT:HOST:HOSTPORT" in agent.format_help()
     assert all(action.help for action in agent._actions)
+
+
+def test_fast_path_pool_flag_and_key(tmp_path: Path) -> None:
+    assert config("-R", "gpu:22:10.0.0.5:22", "lab@cloud").links[0].fast_path_pool == 4
+    off = config("--fast-path-pool", "0", "-R", "gpu:22:10.0.0.5:22", "lab@cloud")
+    assert off.links[0].fast_path_pool == 0
+    bad = error("--fast-path-pool", "100", "lab@cloud")
+    assert bad.keypath == "--fast-path-pool" and "100" in str(bad)
+    path = write(tmp_path, '[[link]]\nname = "c"\nhost = "cloud"\nuser = "lab"\n'
+                           "fast_path_pool = 2\n")
+    assert config("--config", path).links[0].fast_path_pool == 2
