@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from twisted.conch import error
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -95,6 +96,7 @@ class DataPool:
         self._asking = False
         self._retry: IDelayedCall | None = None
         self._pairs: set[datapath.SplicedPair] = set()
+        self._ready: list[defer.Deferred[None]] = []
         self.sessions_total = 0
         self.dial_failures = 0
         self.bytes_to_target = 0
@@ -172,6 +174,9 @@ class DataPool:
                            port=data_port)
         self.state = "ready"
         self.data_port = data_port
+        waiters, self._ready = self._ready, []
+        for d in waiters:
+            d.callback(None)
         expires = self.link.clock.seconds() + lifetime
         self.stash.extend((t, expires) for t in tokens)
         self.refill()
@@ -184,6 +189,14 @@ class DataPool:
             self._off("unsupported", "the server does not offer labrelay's fast path "
                       "(a stock sshd, or an older relay)")
         # else: the link stopped meanwhile; linkUp starts again
+
+    def whenReady(self) -> defer.Deferred[None]:
+        """Fires once the relay granted the pool (the demo waits for it)."""
+        if self.state == "ready":
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._ready.append(d)
+        return d
 
     def _off(self, state: str, why: str) -> None:
         if self.state != state or self.reason != why:

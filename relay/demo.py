@@ -181,6 +181,14 @@ class Demo:
             f"Host gpu-cluster\n    ProxyJump labrelay\n    User {self.user}\n"
             f"    IdentityFile {d / 'alice_ed25519'}\n    IdentitiesOnly yes\n"
             "    BatchMode yes\n"
+            f"    UserKnownHostsFile {d / 'known_hosts'}\n    StrictHostKeyChecking yes\n\n"
+            # The fast path: the same login, its bytes spliced at relay and agent.
+            f"Host gpu-cluster-fast\n    HostKeyAlias gpu-cluster\n    User {self.user}\n"
+            f"    ProxyCommand {_labrelay_command()} connect -p {self.relay_port} "
+            f"-i {d / 'alice_ed25519'} -o UserKnownHostsFile={d / 'known_hosts'} "
+            "alice@127.0.0.1 gpu-cluster\n"
+            f"    IdentityFile {d / 'alice_ed25519'}\n    IdentitiesOnly yes\n"
+            "    BatchMode yes\n"
             f"    UserKnownHostsFile {d / 'known_hosts'}\n    StrictHostKeyChecking yes\n"
         )
 
@@ -225,6 +233,8 @@ class Demo:
             users=(self._principal("user", "alice", services),
                    self._principal("user", "bob", ["jupyter:8888"])),
             keepalive=Keepalive(interval=5, count_max=3),
+            data_port=0, data_bind="127.0.0.1",
+            e2e_services=(ServiceGrant("gpu-cluster", 22),) if with_sshd else (),
         )
         remote = [RemoteForward("jupyter", 8888, HostPort("127.0.0.1", web_port), "jupyter")]
         if with_sshd:
@@ -250,7 +260,8 @@ class Demo:
         self.node = make_node_service(self.node_config(web, with_sshd), self.reactor)
         self.node.startService()
         agent, bob = self.node.links
-        ready = defer.DeferredList([agent.whenAllReady(), bob.whenReady(PROOF_TIMEOUT)],
+        ready = defer.DeferredList([agent.whenAllReady(), bob.whenReady(PROOF_TIMEOUT),
+                                    agent.pool.whenReady()],
                                    fireOnOneErrback=True, consumeErrors=True)
         timer = self.reactor.callLater(PROOF_TIMEOUT, ready.cancel)
         try:
@@ -294,12 +305,22 @@ class Demo:
             raise DemoError(f"ssh -J through the relay failed (exit {code}): {err or out}")
         log.info("proved: alice's ssh -J gpu-cluster -> {out}", event="demo_proof",
                  out=out.strip())
+        collect = _CollectProtocol()
+        argv = [ssh, "-F", str(self.dir / "ssh_config"), "gpu-cluster-fast",
+                "echo reached $LABRELAY_DEMO_HOST on the fast path"]
+        self.reactor.spawnProcess(collect, ssh, argv, env=dict(os.environ))
+        code, out, err = await collect.done
+        if code != 0 or "reached gpu_cluster" not in out or "unavailable" in err:
+            raise DemoError(f"ssh through labrelay connect failed (exit {code}): {err or out}")
+        log.info("proved: alice's ssh gpu-cluster-fast (labrelay connect) -> {out}",
+                 event="demo_proof", out=out.strip())
 
     def print_tries(self, bob_port: int | None, with_sshd: bool, once: bool) -> None:
         cfg = self.dir / "ssh_config"
         ssh_lines = (
             f"  ssh -F {cfg} gpu-cluster 'echo $LABRELAY_DEMO_HOST'      # alice, by name\n"
             f"  ssh -F {cfg} -J labrelay gpu-cluster                     # the same with -J\n"
+            f"  ssh -F {cfg} gpu-cluster-fast   # the fast path: ProxyCommand labrelay connect\n"
             if with_sshd else
             "  (install openssh-server and openssh-client to also try ssh -J gpu-cluster)\n"
         )
