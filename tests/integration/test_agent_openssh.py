@@ -534,7 +534,8 @@ connect = "127.0.0.1:{echo.port}"
 def test_demo_proves_the_path(start_process: Callable[..., AgentProcess]) -> None:
     """``labrelay demo --once`` (the README's first command) runs the relay, an agent
     and a simulated user in one process, plus a private sshd as the GPU cluster, and
-    proves the path: bob's HTTP through the relay, alice's real ``ssh -J`` by name."""
+    proves the path: bob's HTTP through the relay, alice's real ``ssh -J`` by name, and
+    the same login on the fast path (``labrelay connect`` as ProxyCommand, spliced)."""
     demo = start_process(
         [sys.executable, "-m", "relay", "demo", "--once", "--log-format", "json"], name="demo"
     )
@@ -542,5 +543,8 @@ def test_demo_proves_the_path(start_process: Callable[..., AgentProcess]) -> Non
     proofs = [e["text"] for e in demo.events("demo_proof")]
     assert any("-> relay -> jupyter:8888 ->" in t and "hello from the lab" in t for t in proofs)
     assert any("ssh -J gpu-cluster -> reached gpu_cluster" in t for t in proofs), proofs
+    assert any("(labrelay connect) -> reached gpu_cluster on the fast path" in t
+               for t in proofs), proofs
+    assert demo.events("relay_fast_session", service="gpu-cluster:22")
     registered = {e["service"] for e in demo.events("relay_service_registered")}
     assert registered == {"jupyter:8888", "gpu-cluster:22"}
