@@ -296,7 +296,9 @@ def cmd_ssh_config(ns: argparse.Namespace) -> int:
     relay_port = int(port) if port else config.relay.listen.port
     print(render(user=user.name, relay_host=host or ns.host, relay_port=relay_port,
                  services=user.services, identity=ns.identity,
-                 host_key_line=relay_host_key_line(config.relay.state_dir)), end="")
+                 host_key_line=relay_host_key_line(config.relay.state_dir),
+                 fast=config.relay.e2e_services if config.relay.data_port is not None else ()),
+          end="")
     return 0
 
 

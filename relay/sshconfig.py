@@ -26,8 +26,14 @@ def render(
     identity: str = "~/.ssh/id_ed25519",
     host_key_line: str | None = None,
     known_hosts: str = "~/.ssh/known_hosts",
+    fast: Iterable[ServiceGrant] = (),
 ) -> str:
-    """The snippet, as text.  ``host_key_line`` is ``"ssh-ed25519 AAAA..."``."""
+    """The snippet, as text.  ``host_key_line`` is ``"ssh-ed25519 AAAA..."``.
+
+    Services matched by ``fast`` (the relay's ``e2e_services``, when it has a data
+    port) are reached with ``ProxyCommand labrelay connect`` (the fast path) instead of
+    ``ProxyJump``; ``labrelay connect`` falls back to a channel by itself."""
+    fast = tuple(fast)
     port_part = "" if relay_port == 22 else f"[{relay_host}]:{relay_port}"
     kh_name = port_part or relay_host
     lines = [
@@ -55,6 +61,15 @@ def render(
     for grant in services:
         if grant.name == "*":
             wildcard = True
+        elif grant.port == 22 and any(f.matches(grant.name, 22) for f in fast):
+            lines += [
+                "",
+                f"Host {grant.name}",
+                "    # the fast path: spliced at the relay, encrypted once (docs/fastpath.md)",
+                f"    ProxyCommand labrelay connect -p {relay_port} -i {identity} "
+                f"-o UserKnownHostsFile={known_hosts} {user}@{relay_host} %h:%p",
+                "    # User <your account on that host>",
+            ]
         elif grant.port == 22:
             lines += [
                 "",

@@ -1,0 +1,28 @@
+"""relay.sshconfig: the ~/.ssh/config snippet `labrelay ssh-config` prints."""
+
+from __future__ import annotations
+
+from relay.config import ServiceGrant
+from relay.sshconfig import render
+
+
+def test_jump_hosts_local_forwards_and_the_host_key() -> None:
+    text = render(user="alice", relay_host="relay.example.org", relay_port=2222,
+                  services=[ServiceGrant("gpu-cluster", 22), ServiceGrant("jupyter", 8888)],
+                  host_key_line="ssh-ed25519 AAAAC3Nz")
+    assert "echo '[relay.example.org]:2222 ssh-ed25519 AAAAC3Nz' >> ~/.ssh/known_hosts" in text
+    assert "Host gpu-cluster\n    ProxyJump labrelay\n" in text
+    assert "    LocalForward 8888 jupyter:8888" in text
+    assert "ProxyCommand" not in text
+
+
+def test_e2e_services_take_the_fast_path() -> None:
+    text = render(user="alice", relay_host="relay.example.org", relay_port=2222,
+                  services=[ServiceGrant("gpu-cluster", 22), ServiceGrant("login", 22)],
+                  identity="~/.ssh/alice", fast=[ServiceGrant("gpu-cluster", 22)])
+    gpu = text.split("Host gpu-cluster\n")[1].split("\n\n")[0]
+    assert ("ProxyCommand labrelay connect -p 2222 -i ~/.ssh/alice "
+            "-o UserKnownHostsFile=~/.ssh/known_hosts alice@relay.example.org %h:%p") in gpu
+    assert "ProxyJump" not in gpu
+    login = text.split("Host login\n")[1].split("\n\n")[0]
+    assert "ProxyJump labrelay" in login
