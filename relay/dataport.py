@@ -378,7 +378,7 @@ class DataPort:
 
     def lost(self, dc: DataConnection, was: str) -> None:
         self.pending.discard(dc)
-        if was == "idle" and dc.pool is not None:
+        if dc.pool is not None:  # an idle one, or one refused (state already "closed")
             try:
                 dc.pool.idle.remove(dc)
             except ValueError:
@@ -401,16 +401,20 @@ class DataPort:
         except PairingError as e:
             self.refuse(user, "cap", str(e), tell=str(e))
             return
-        timeout = self.config.public_wait
+        # One deadline for the service's agent to be there and have a free connection.
+        deadline = self.clock.seconds() + self.config.public_wait
         chosen: list[DataConnection] = []
+        stage = ["registration"]
 
         def with_registration(reg: Registration) -> defer.Deferred[DataConnection]:
             pool = self.pools.get(reg.session)
             if pool is None or (reg.bind.lower(), port) not in pool.spliceable:
                 raise PairingError(f"agent {reg.owner} keeps no data connections for {label}")
-            return pool.take(self.clock, timeout)
+            stage[0] = "pool"
+            return pool.take(self.clock, max(0.0, deadline - self.clock.seconds()))
 
         def with_agent_conn(agent: DataConnection) -> defer.Deferred[str]:
+            stage[0] = "agent"
             chosen.append(agent)
             if user.state != "user":
                 raise PairingError("the user's data connection closed")
@@ -438,15 +442,20 @@ class DataPort:
         def failed(f: Failure) -> None:
             self.counters["pair_failed"] += 1
             self.core.fastSessionFailed(session)
-            why = ("no agent data connection became free in time" if f.check(
-                defer.CancelledError) else f.getErrorMessage())
+            timeouts = {
+                "registration": f"its agent did not come back within "
+                                f"{self.config.public_wait:g}s",
+                "pool": "no agent data connection became free in time",
+                "agent": f"the agent did not answer within {AGENT_REPLY_TIMEOUT:g}s",
+            }
+            why = timeouts[stage[0]] if f.check(defer.CancelledError) else f.getErrorMessage()
             for agent in chosen:
                 if agent.state != "closed":
                     agent.transport.abortConnection()
             self.refuse(user, "pairing", f"{principal_name} to {label}: {why}",
                         tell=f"{label} unavailable: {why}")
 
-        d = self.core.whenRegistered(name, port, timeout)
+        d = self.core.whenRegistered(name, port, self.config.public_wait)
         d.addCallback(with_registration).addCallback(with_agent_conn)
         d.addCallbacks(paired, failed).addErrback(failed)
 

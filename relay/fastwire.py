@@ -70,13 +70,13 @@ def _u32(data: bytes, at: int) -> tuple[int, int]:
 
 
 def _string(data: bytes, at: int) -> tuple[bytes, int]:
-    try:
-        value, rest = common.getNS(data[at:])
-    except (struct.error, IndexError) as e:
-        raise WireError(f"truncated string: {e}") from e
-    if len(rest) > len(data) - at:  # pragma: no cover - getNS never grows
-        raise WireError("bad string")
-    return value, len(data) - len(rest)
+    # Conch's getNS slices without checking the declared length is there.
+    if len(data) < at + 4:
+        raise WireError("truncated string length")
+    (n,) = struct.unpack_from(">L", data, at)
+    if len(data) < at + 4 + n:
+        raise WireError(f"truncated string: {n} bytes declared, {len(data) - at - 4} present")
+    return data[at + 4:at + 4 + n], at + 4 + n
 
 
 # --- SSH extension payloads ---------------------------------------------------

@@ -1,0 +1,624 @@
+"""relay.dataport's state machine with a fake core, a MemoryReactorClock and
+StringTransports: no sockets, nothing sleeps.
+
+What a unit test cannot do is the splice itself (it takes real TCP sockets): the
+step that calls relay.datapath is replaced by a recording fake here, and
+tests/integration/test_fastpath.py covers the real path end to end.  A
+StringTransport never calls connectionLost by itself: ``_lose`` does, where a real
+reactor would after an abort or a close.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.conch.ssh import keys
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+import relay.dataport
+from relay import fastwire as fw
+from relay.config import PrincipalConfig, RelayConfig, ServiceGrant
+from relay.dataport import (
+    AGENT_REPLY_TIMEOUT,
+    MAX_TOKENS_PER_REQUEST,
+    POOL_TOKEN_LIFETIME,
+    AgentPool,
+    DataConnection,
+    DataPort,
+    PairingError,
+)
+from relay.grants import Grants
+from relay.routing import Registry
+from relay.tokens import Throttle
+
+GPU = ("gpu-cluster", 22)
+SOURCE = "192.0.2.7"
+
+
+# --- fakes ---------------------------------------------------------------------------
+
+
+def _key(comment: str) -> tuple[str, bytes]:
+    key = keys.Key(Ed25519PrivateKey.generate())
+    return key.public().toString("OPENSSH").decode() + f" {comment}", key.public().blob()
+
+
+@dataclass
+class FakeIdentity:
+    key_blob: bytes
+    name: str
+    kind: str
+
+
+@dataclass(eq=False)
+class FakeConn:
+    """Just what DataPort (and the Registry) ask of a RelayConnection."""
+
+    identity: FakeIdentity
+
+    @property
+    def principal_name(self) -> str:
+        return self.identity.name
+
+    def disconnect(self, why: str) -> None:  # pragma: no cover - Registry protocol only
+        pass
+
+
+@dataclass(eq=False)
+class FakeCore:
+    """Just what DataPort asks of a RelayCore."""
+
+    config: RelayConfig
+    grants: Grants
+    reactor: MemoryReactorClock
+    registry: Registry = field(default_factory=Registry)
+    connections: set[Any] = field(default_factory=set)
+    cap_reached: bool = False
+    opened: list[tuple[str, str, str]] = field(default_factory=list)
+    spliced: list[tuple[object, Any]] = field(default_factory=list)
+    failed: list[object] = field(default_factory=list)
+
+    def whenRegistered(self, name: str, port: int, timeout: float) -> defer.Deferred[Any]:
+        reg = self.registry.lookup(name, port)
+        if reg is not None:
+            return defer.succeed(reg)
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.reactor.callLater(timeout, d.cancel)
+        return d
+
+    def fastSessionOpening(self, principal: Any, service: str, origin: str) -> object:
+        if self.cap_reached:
+            raise PairingError(f"user {principal.name} already has 1 sessions open")
+        self.opened.append((principal.name, service, origin))
+        return ("session", len(self.opened))
+
+    def fastSessionSpliced(self, session: object, pair: Any) -> None:
+        self.spliced.append((session, pair))
+
+    def fastSessionFailed(self, session: object) -> None:
+        self.failed.append(session)
+
+
+class FakeDataPath:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, Any, bytes, bytes]] = []
+
+    def splice_transports(self, a: Any, b: Any, *, from_a: bytes = b"",
+                          from_b: bytes = b"") -> object:
+        self.calls.append((a, b, from_a, from_b))
+        return ("pair", len(self.calls))
+
+
+@dataclass
+class World:
+    core: FakeCore
+    port: DataPort
+    clock: MemoryReactorClock
+    blobs: dict[str, bytes]
+
+    def ssh(self, name: str, kind: str) -> FakeConn:
+        """An authenticated SSH session of ``name``, alive."""
+        conn = FakeConn(FakeIdentity(self.blobs[name], name, kind))
+        self.core.connections.add(conn)
+        return conn
+
+    def agent_with_pool(self, spliceable: bool = True) -> tuple[FakeConn, AgentPool]:
+        """lab_pc online: gpu-cluster:22 registered and a data pool kept for it."""
+        agent = self.ssh("lab_pc", "agent")
+        self.core.registry.register(*GPU, agent, "GPU-Cluster", self.clock.seconds())
+        pool = AgentPool(agent, {GPU} if spliceable else set())
+        self.port.pools[agent] = pool
+        return agent, pool
+
+
+@pytest.fixture
+def world() -> World:
+    lines, blobs = {}, {}
+    for name in ("lab_pc", "alice", "bob", "mallory"):
+        lines[name], blobs[name] = _key(name)
+    config = RelayConfig(
+        agents=(PrincipalConfig("agent", "lab_pc", (lines["lab_pc"],),
+                                (ServiceGrant("gpu-cluster", 22), ServiceGrant("plain", 22))),),
+        users=(PrincipalConfig("user", "alice", (lines["alice"],),
+                               (ServiceGrant("gpu-cluster", 22), ServiceGrant("plain", 22))),
+               PrincipalConfig("user", "bob", (lines["bob"],), (ServiceGrant("plain", 22),))),
+        data_port=0,
+        e2e_services=(ServiceGrant("gpu-cluster", 22), ServiceGrant("lonely", 22)),
+        token_lifetime=5,
+        data_hello_timeout=1,
+        public_wait=3,
+        max_unauthenticated=4,
+    )
+    clock = MemoryReactorClock()
+    core = FakeCore(config, Grants(config, "test"), clock)
+    port = DataPort(core)  # type: ignore[arg-type]
+    port.start()
+    return World(core, port, clock, blobs)
+
+
+def _dial(port: DataPort, host: str = SOURCE) -> tuple[DataConnection, StringTransport]:
+    factory = port.clock.tcpServers[-1][1]
+    addr = IPv4Address("TCP", host, 40000)
+    dc = factory.buildProtocol(addr)
+    transport = StringTransport(peerAddress=addr)
+    dc.makeConnection(transport)
+    return dc, transport
+
+
+def _lose(dc: DataConnection) -> None:
+    """What the reactor does after an abort or a close (or the peer's)."""
+    dc.connectionLost(Failure(ConnectionDone()))
+
+
+def _feed(dc: DataConnection, data: bytes) -> None:
+    for i in range(len(data)):
+        dc.dataReceived(data[i:i + 1])
+
+
+def _aborted(t: StringTransport) -> bool:
+    return bool(t.disconnected)  # StringTransport.abortConnection sets it, close does not
+
+
+def _token_request(world: World, who: FakeConn, name: str = "gpu-cluster",
+                   port: int = 22) -> tuple[fw.Status, str, int, bytes, float]:
+    ok, reply = world.port.tokenRequest(who, fw.pack_token_request(name, port))  # type: ignore[arg-type]
+    assert ok is True
+    return fw.unpack_token_reply(reply)
+
+
+# --- the hello -------------------------------------------------------------------------------
+
+
+def test_listener_and_status(world: World) -> None:
+    assert world.port.enabled
+    (port, _factory, _backlog, interface), = world.clock.tcpServers
+    assert port == 0 and interface == "0.0.0.0"
+    assert world.port.status()["data_port"] == world.port.bound_port
+
+
+def test_silent_connection_is_aborted_after_the_hello_timeout(world: World) -> None:
+    world.port.throttle = Throttle(world.clock, limit=1)
+    dc, t = _dial(world.port)
+    assert dc.source == SOURCE and dc in world.port.pending
+    world.clock.advance(0.99)
+    assert not t.disconnecting
+    world.clock.advance(0.02)
+    assert _aborted(t) and t.value() == b"" and dc.state == "closed"
+    assert dc not in world.port.pending
+    assert world.port.counters["data_refused"] == 1
+    assert world.port.throttle.blocked(SOURCE)  # counted as a failure
+    _lose(dc)
+    assert not world.clock.getDelayedCalls()
+
+
+def test_slow_but_complete_hello_is_not_timed_out(world: World) -> None:
+    world.agent_with_pool()
+    dc, t = _dial(world.port)
+    world.clock.advance(0.9)
+    _feed(dc, fw.agent_hello(b"\x00" * fw.TOKEN_LEN))  # a bad token, but in time
+    assert not world.clock.getDelayedCalls()  # the timer was cancelled
+    assert _aborted(t) and world.port.counters["data_refused"] == 1
+
+
+@pytest.mark.parametrize("garbage", [b"X", b"SSH-2.0-OpenSSH_9.6\r\n", b"LRD1Z", b"\x00"])
+def test_garbage_is_refused_at_once(world: World, garbage: bytes) -> None:
+    world.port.throttle = Throttle(world.clock, limit=1)
+    dc, t = _dial(world.port)
+    dc.dataReceived(garbage)
+    assert _aborted(t) and t.value() == b"" and dc.state == "closed"
+    assert world.port.throttle.blocked(SOURCE)
+    assert dc not in world.port.pending
+    _lose(dc)
+    assert not world.clock.getDelayedCalls()
+    assert world.port.counters["data_refused"] == 1
+
+
+def test_throttled_source_is_turned_away_before_its_hello(world: World) -> None:
+    world.port.throttle = Throttle(world.clock, limit=2)
+    for _ in range(2):
+        dc, _t = _dial(world.port)
+        dc.dataReceived(b"?")
+        _lose(dc)
+    dc, t = _dial(world.port)
+    assert _aborted(t) and dc.state == "closed" and dc not in world.port.pending
+    assert not world.clock.getDelayedCalls()  # no hello timer for it
+    _lose(dc)
+    other, t2 = _dial(world.port, "198.51.100.1")
+    assert not t2.disconnecting and other.state == "hello"
+    assert world.port.counters["data_throttled"] == 1
+    assert world.port.counters["data_connections"] == 4
+
+
+def test_connections_owing_a_hello_are_capped(world: World) -> None:
+    conns = [_dial(world.port, f"198.51.100.{i}") for i in range(4)]
+    assert all(not t.disconnecting for _dc, t in conns)
+    dc, t = _dial(world.port, "198.51.100.9")
+    assert _aborted(t) and dc not in world.port.pending
+    assert world.port.counters["data_refused"] == 1
+    _lose(conns[0][0])  # one goes: room for another
+    _dc, t = _dial(world.port, "198.51.100.10")
+    assert not t.disconnecting
+
+
+# --- agents' pooled connections ---------------------------------------------------------------
+
+
+def test_agent_hello_with_a_pool_token_becomes_idle(world: World) -> None:
+    agent, pool = world.agent_with_pool()
+    token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
+    dc, t = _dial(world.port)
+    _feed(dc, fw.agent_hello(token))
+    assert dc.state == "idle" and dc.pool is pool and list(pool.idle) == [dc]
+    assert not t.disconnecting and t.value() == b""
+    assert t.producerState == "producing"  # read again, only to notice its end
+    assert dc not in world.port.pending and not world.clock.getDelayedCalls()
+    assert world.port.tokens.redeemed["agent"] == 1
+    _lose(dc)
+    assert not pool.idle
+
+
+def test_pool_request_gives_tokens_that_open_idle_connections(world: World) -> None:
+    agent = world.ssh("lab_pc", "agent")
+    request = fw.pack_pool_request(3, [("gpu-cluster", 22), ("plain", 22), ("stolen", 22)])
+    ok, reply = world.port.poolRequest(agent, request)  # type: ignore[arg-type]
+    status, message, data_port, tokens, lifetime = fw.unpack_pool_reply(reply)
+    assert ok and status is fw.Status.OK and message == ""
+    assert data_port == world.port.bound_port and lifetime == POOL_TOKEN_LIFETIME
+    assert len(tokens) == 3 and len(set(tokens)) == 3
+    pool = world.port.pools[agent]
+    assert pool.spliceable == {("gpu-cluster", 22), ("plain", 22)}  # not granted: dropped
+    for token in tokens:
+        dc, _t = _dial(world.port)
+        dc.dataReceived(fw.agent_hello(token))
+        assert dc.state == "idle"
+    assert len(pool.idle) == 3
+
+
+def test_pool_request_is_capped_per_request(world: World) -> None:
+    agent = world.ssh("lab_pc", "agent")
+    _ok, reply = world.port.poolRequest(agent, fw.pack_pool_request(1000, []))  # type: ignore[arg-type]
+    assert len(fw.unpack_pool_reply(reply)[3]) == MAX_TOKENS_PER_REQUEST
+
+
+def test_pool_request_from_a_user_or_without_a_data_port(world: World) -> None:
+    alice = world.ssh("alice", "user")
+    _ok, reply = world.port.poolRequest(alice, fw.pack_pool_request(2, []))  # type: ignore[arg-type]
+    assert fw.unpack_pool_reply(reply)[:2] == (fw.Status.REFUSED, "only agents keep data pools")
+    assert world.port.poolRequest(alice, b"\x00") == (False, b"")  # type: ignore[arg-type]
+    world.port.stop()
+    agent = world.ssh("lab_pc", "agent")
+    _ok, reply = world.port.poolRequest(agent, fw.pack_pool_request(2, []))  # type: ignore[arg-type]
+    assert fw.unpack_pool_reply(reply)[0] is fw.Status.UNAVAILABLE
+
+
+def test_agent_token_whose_pool_is_gone_is_refused(world: World) -> None:
+    world.port.throttle = Throttle(world.clock, limit=1)
+    agent = world.ssh("lab_pc", "agent")
+    token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)  # no pool for it
+    dc, t = _dial(world.port)
+    dc.dataReceived(fw.agent_hello(token))
+    assert _aborted(t) and dc.state == "closed"
+    assert not world.port.throttle.blocked(SOURCE)  # a valid token: not a guess
+
+
+def test_agent_bytes_after_the_hello_are_refused(world: World) -> None:
+    agent, pool = world.agent_with_pool()
+    token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
+    dc, t = _dial(world.port)
+    dc.dataReceived(fw.agent_hello(token) + b"x")
+    assert _aborted(t) and dc.state == "closed" and not pool.idle
+
+
+def test_agent_token_used_as_a_user_is_refused(world: World) -> None:
+    agent, _pool = world.agent_with_pool()
+    token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
+    dc, t = _dial(world.port)
+    dc.dataReceived(fw.user_hello(token, *GPU))
+    assert t.value() == fw.pack_error(fw.USER_ERROR, "token refused: wrong role")
+    assert t.disconnecting and dc.state == "closed"
+
+
+def test_idle_connection_sending_bytes_is_closed(world: World) -> None:
+    agent, _pool = world.agent_with_pool()
+    token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
+    dc, t = _dial(world.port)
+    dc.dataReceived(fw.agent_hello(token))
+    dc.dataReceived(b"K")
+    assert _aborted(t) and dc.state == "closed"
+
+
+def test_idle_connection_refused_leaves_the_pool(world: World) -> None:
+    agent, pool = world.agent_with_pool()
+    token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
+    dc, _t = _dial(world.port)
+    dc.dataReceived(fw.agent_hello(token))
+    dc.dataReceived(b"K")  # refused: closed
+    _lose(dc)
+    assert dc not in pool.idle
+
+
+def test_agent_session_ending_closes_its_pool_and_forgets_its_tokens(world: World) -> None:
+    agent, pool = world.agent_with_pool()
+    token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
+    unused = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
+    dc, t = _dial(world.port)
+    dc.dataReceived(fw.agent_hello(token))
+    world.port.sessionStopped(agent)
+    assert t.disconnecting and agent not in world.port.pools and not pool.idle
+    assert len(world.port.tokens) == 0
+    _lose(dc)
+    dc2, t2 = _dial(world.port)
+    dc2.dataReceived(fw.agent_hello(unused))
+    assert _aborted(t2)
+
+
+# --- users -----------------------------------------------------------------------------------
+
+
+def test_user_hello_with_a_bad_token_is_told_and_closed(world: World) -> None:
+    world.port.throttle = Throttle(world.clock, limit=1)
+    dc, t = _dial(world.port)
+    _feed(dc, fw.user_hello(b"\x42" * fw.TOKEN_LEN, *GPU))
+    assert t.value() == b"\x01" + bytes([len("token refused: unknown")]) + b"token refused: unknown"
+    assert t.disconnecting and not _aborted(t)  # closed after the message, not reset
+    assert dc.state == "closed" and dc not in world.port.pending
+    assert world.port.throttle.blocked(SOURCE)
+    assert world.port.tokens.refused["unknown"] == 1
+
+
+def test_user_token_for_another_service_is_refused(world: World) -> None:
+    world.agent_with_pool()
+    alice = world.ssh("alice", "user")
+    token = world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
+    dc, t = _dial(world.port)
+    dc.dataReceived(fw.user_hello(token, "gpu-cluster", 2222))
+    assert t.value() == fw.pack_error(fw.USER_ERROR, "token refused: issued for another service")
+
+
+def test_user_token_whose_ssh_session_ended_is_refused(world: World) -> None:
+    world.agent_with_pool()
+    alice = world.ssh("alice", "user")
+    token = world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
+    world.core.connections.discard(alice)
+    dc, t = _dial(world.port)
+    dc.dataReceived(fw.user_hello(token, *GPU))
+    assert t.value() == fw.pack_error(fw.USER_ERROR, "token refused: its SSH session ended")
+
+
+def _paired_up(world: World, extra: bytes = b"") -> tuple[DataConnection, StringTransport,
+                                                             DataConnection, StringTransport]:
+    """alice's data connection, dispatched to lab_pc's idle one."""
+    agent, pool = world.agent_with_pool()
+    adc, at = _dial(world.port, "203.0.113.5")
+    adc.dataReceived(fw.agent_hello(world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)))
+    alice = world.ssh("alice", "user")
+    status, _msg, _port, token, _life = _token_request(world, alice)
+    assert status is fw.Status.OK
+    udc, ut = _dial(world.port)
+    udc.dataReceived(fw.user_hello(token, "GPU-Cluster", 22) + extra)
+    assert udc.state == "user" and ut.producerState == "paused" and udc.extra == extra
+    assert adc.state == "dispatched" and not pool.idle
+    assert at.value() == fw.pack_go("GPU-Cluster", 22)  # the bind the agent registered
+    assert world.core.opened == [("alice", "gpu-cluster:22", SOURCE)]
+    return udc, ut, adc, at
+
+
+def test_user_is_paired_and_spliced_once_the_agent_says_k(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeDataPath()
+    monkeypatch.setattr(relay.dataport.datapath, "get", lambda clock: fake)
+    udc, ut, adc, at = _paired_up(world, extra=b"SSH-2.0-client\r\n")
+    adc.dataReceived(fw.AGENT_OK + b"SSH-2.0-server\r\n")
+    assert fake.calls == [(ut, at, b"SSH-2.0-client\r\n", fw.USER_OK + b"SSH-2.0-server\r\n")]
+    assert udc.state == adc.state == "spliced"
+    assert world.core.spliced == [(("session", 1), ("pair", 1))] and not world.core.failed
+    assert world.port.counters["paired"] == 1
+    assert not world.clock.getDelayedCalls()  # the agent reply timer was cancelled
+    assert ut.value() == b""  # USER_OK goes through the splice, not this transport
+
+
+def test_agent_that_cannot_connect_fails_the_user(world: World) -> None:
+    udc, ut, adc, at = _paired_up(world)
+    _feed(adc, fw.pack_error(fw.AGENT_ERROR, "connection refused"))
+    told = ut.value()
+    assert told.startswith(fw.USER_ERROR)
+    ok, message, rest = fw.parse_reply(told, fw.USER_OK, fw.USER_ERROR)  # type: ignore[misc]
+    assert not ok and rest == b""
+    assert message == ("gpu-cluster:22 unavailable: the agent could not connect the service: "
+                       "connection refused")
+    assert ut.disconnecting and udc.state == "closed"
+    assert _aborted(at)
+    assert world.core.failed == [("session", 1)] and world.port.counters["pair_failed"] == 1
+    assert not world.clock.getDelayedCalls()
+
+
+def test_agent_answering_nonsense_fails_the_user(world: World) -> None:
+    _udc, ut, adc, at = _paired_up(world)
+    adc.dataReceived(b"?")
+    assert b"the agent answered nonsense" in ut.value() and ut.disconnecting
+    assert _aborted(at) and world.core.failed
+
+
+def test_agent_that_never_answers_is_given_up(world: World) -> None:
+    _udc, ut, _adc, at = _paired_up(world)
+    world.clock.advance(AGENT_REPLY_TIMEOUT - 0.1)
+    assert ut.value() == b""
+    world.clock.advance(0.2)
+    assert ut.value().startswith(fw.USER_ERROR) and ut.disconnecting
+    assert _aborted(at) and world.core.failed
+
+
+def test_agent_reply_timeout_is_not_reported_as_no_free_connection(world: World) -> None:
+    _udc, ut, _adc, _at = _paired_up(world)
+    world.clock.advance(AGENT_REPLY_TIMEOUT + 0.1)
+    assert b"became free in time" not in ut.value()
+
+
+def test_agent_connection_closing_while_dispatched_fails_the_user(world: World) -> None:
+    _udc, ut, adc, _at = _paired_up(world)
+    _lose(adc)
+    assert b"the agent's data connection closed" in ut.value()
+    assert world.core.failed == [("session", 1)]
+
+
+def test_user_waits_for_a_free_agent_connection_then_gives_up(world: World) -> None:
+    world.agent_with_pool()  # a pool, but nothing idle in it
+    alice = world.ssh("alice", "user")
+    token = world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
+    udc, ut = _dial(world.port)
+    udc.dataReceived(fw.user_hello(token, *GPU))
+    world.clock.advance(world.core.config.public_wait - 0.1)
+    assert ut.value() == b"" and udc.state == "user"
+    world.clock.advance(0.2)
+    assert ut.value() == fw.pack_error(
+        fw.USER_ERROR, "gpu-cluster:22 unavailable: no agent data connection became free in time")
+    assert world.core.failed == [("session", 1)]
+    assert not world.clock.getDelayedCalls()
+
+
+def test_agent_connection_arriving_later_is_handed_to_the_waiting_user(world: World) -> None:
+    agent, pool = world.agent_with_pool()
+    alice = world.ssh("alice", "user")
+    token = world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
+    udc, _ut = _dial(world.port)
+    udc.dataReceived(fw.user_hello(token, *GPU))
+    world.clock.advance(1)
+    adc, at = _dial(world.port, "203.0.113.5")
+    adc.dataReceived(fw.agent_hello(world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)))
+    assert adc.state == "dispatched" and not pool.idle
+    assert at.value() == fw.pack_go("GPU-Cluster", 22)
+
+
+def test_user_whose_grant_was_revoked_is_refused(world: World,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    world.agent_with_pool()
+    alice = world.ssh("alice", "user")
+    token = world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
+    monkeypatch.setattr(world.core.grants, "principal_for", lambda blob: None)
+    udc, ut = _dial(world.port)
+    udc.dataReceived(fw.user_hello(token, *GPU))
+    assert ut.value() == fw.pack_error(fw.USER_ERROR, "gpu-cluster:22 is not granted to you")
+    assert not world.core.opened
+
+
+def test_user_at_the_session_cap_is_refused(world: World) -> None:
+    world.agent_with_pool()
+    world.core.cap_reached = True
+    alice = world.ssh("alice", "user")
+    token = world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
+    udc, ut = _dial(world.port)
+    udc.dataReceived(fw.user_hello(token, *GPU))
+    assert ut.value() == fw.pack_error(fw.USER_ERROR, "user alice already has 1 sessions open")
+    assert udc.state == "closed"
+
+
+# --- data-token@labrelay --------------------------------------------------------------------
+
+
+def test_token_request_ok(world: World) -> None:
+    world.agent_with_pool()
+    alice = world.ssh("alice", "user")
+    status, message, data_port, token, lifetime = _token_request(world, alice, "GPU-Cluster")
+    assert (status, message, data_port, lifetime) == (fw.Status.OK, "", world.port.bound_port,
+                                                      5.0)
+    assert len(token) == fw.TOKEN_LEN == 32
+    ticket = world.port.tokens.redeem(fw.ROLE_USER, token, None, GPU)  # lower-cased
+    assert ticket.principal == "alice" and ticket.session is alice
+
+
+def test_token_request_refused_when_not_granted(world: World) -> None:
+    world.agent_with_pool()
+    bob = world.ssh("bob", "user")
+    status, message, _port, token, lifetime = _token_request(world, bob)
+    assert status is fw.Status.REFUSED and token == b"" and lifetime == 0.0
+    assert message == "gpu-cluster:22 is not granted to user bob"
+    agent = world.ssh("lab_pc", "agent")
+    assert _token_request(world, agent)[0] is fw.Status.REFUSED
+    stranger = FakeConn(FakeIdentity(b"not a granted key", "mallory", "user"))
+    assert _token_request(world, stranger)[:2] == (fw.Status.REFUSED,
+                                                   "this key is no longer granted")
+    assert len(world.port.tokens) == 0
+
+
+def test_token_request_unavailable_for_a_service_not_e2e(world: World) -> None:
+    agent, pool = world.agent_with_pool()
+    world.core.registry.register("plain", 22, agent, "plain", 0.0)
+    pool.spliceable.add(("plain", 22))
+    alice = world.ssh("alice", "user")
+    status, message, *_ = _token_request(world, alice, "plain")
+    assert status is fw.Status.UNAVAILABLE and "e2e_services" in message
+
+
+def test_token_request_unavailable_when_not_registered(world: World) -> None:
+    alice = world.ssh("alice", "user")
+    status, message, *_ = _token_request(world, alice)
+    assert status is fw.Status.UNAVAILABLE and "not registered" in message
+
+
+def test_token_request_unavailable_for_an_agent_without_a_pool(world: World) -> None:
+    agent, _pool = world.agent_with_pool()
+    del world.port.pools[agent]
+    alice = world.ssh("alice", "user")
+    status, message, *_ = _token_request(world, alice)
+    assert status is fw.Status.UNAVAILABLE and "keeps no data connections" in message
+
+
+def test_token_request_unavailable_for_a_service_the_agent_cannot_splice(world: World) -> None:
+    world.agent_with_pool(spliceable=False)
+    alice = world.ssh("alice", "user")
+    status, message, *_ = _token_request(world, alice)
+    assert status is fw.Status.UNAVAILABLE and "cannot splice" in message
+
+
+def test_token_request_unavailable_without_a_data_port(world: World) -> None:
+    world.agent_with_pool()
+    world.port.stop()
+    alice = world.ssh("alice", "user")
+    status, message, *_ = _token_request(world, alice)
+    assert status is fw.Status.UNAVAILABLE and "no data port" in message
+
+
+def test_malformed_token_request_is_a_request_failure(world: World) -> None:
+    alice = world.ssh("alice", "user")
+    assert world.port.tokenRequest(alice, b"\x00\x00") == (False, b"")  # type: ignore[arg-type]
+
+
+def test_status_counts(world: World) -> None:
+    world.agent_with_pool()
+    alice = world.ssh("alice", "user")
+    _token_request(world, alice)
+    dc, _t = _dial(world.port)
+    dc.dataReceived(b"?")
+    status = world.port.status()
+    assert status["tokens_outstanding"] == 1 and status["tokens_issued"] == {"user": 1,
+                                                                             "agent": 0}
+    assert status["pools"] == {"lab_pc": 0}
+    assert status["data_connections"] == 1 and status["data_refused"] == 1
+    assert status["e2e_services"] == ["gpu-cluster:22", "lonely:22"]

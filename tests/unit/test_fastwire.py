@@ -1,0 +1,292 @@
+"""relay.fastwire: the fast path's SSH extension payloads and data-port framing.
+
+Pure encoding: round trips, incremental parsing (one byte at a time, ``None`` until
+a frame is whole) and WireError on every kind of malformed input.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from twisted.conch.ssh import common
+
+from relay import fastwire as fw
+from relay.fastwire import Status, WireError
+
+TOKEN = bytes(range(fw.TOKEN_LEN))
+
+
+# --- SSH extension payloads ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "port"), [("gpu-cluster", 22), ("a", 1), ("x" * 255, 65535)])
+def test_token_request_round_trip(name: str, port: int) -> None:
+    assert fw.unpack_token_request(fw.pack_token_request(name, port)) == (name, port)
+
+
+def test_token_request_keeps_the_case_it_was_sent_with() -> None:
+    # Lower-casing is the relay's job (DataPort.tokenRequest), not the wire's.
+    assert fw.unpack_token_request(fw.pack_token_request("GPU", 22)) == ("GPU", 22)
+
+
+def test_token_request_rejects_a_non_ascii_name() -> None:
+    data = common.NS("gpü".encode()) + struct.pack(">L", 22)
+    with pytest.raises(WireError, match="ASCII"):
+        fw.unpack_token_request(data)
+
+
+@pytest.mark.parametrize("status", list(Status))
+def test_token_reply_round_trip(status: Status) -> None:
+    data = fw.pack_token_reply(status, "why not ✓", 2222, TOKEN, 5.25)
+    assert fw.unpack_token_reply(data) == (status, "why not ✓", 2222, TOKEN, 5.25)
+
+
+def test_token_reply_defaults() -> None:
+    assert fw.unpack_token_reply(fw.pack_token_reply(Status.REFUSED, "no")) == (
+        Status.REFUSED, "no", 0, b"", 0.0)
+
+
+def test_token_reply_lifetime_is_whole_milliseconds() -> None:
+    assert fw.unpack_token_reply(fw.pack_token_reply(Status.OK, "", 1, TOKEN, 0.0019))[4] == 0.001
+
+
+@pytest.mark.parametrize("services", [[], [("gpu-cluster", 22)], [("a", 1), ("b-c.d", 65535)]])
+def test_pool_request_round_trip(services: list[tuple[str, int]]) -> None:
+    assert fw.unpack_pool_request(fw.pack_pool_request(4, services)) == (4, services)
+
+
+def test_pool_request_lower_cases_names_and_splits_at_the_last_colon() -> None:
+    data = struct.pack(">LL", 1, 2) + common.NS(b"GPU:22") + common.NS(b"fe80::1:80")
+    assert fw.unpack_pool_request(data) == (1, [("gpu", 22), ("fe80::1", 80)])
+
+
+@pytest.mark.parametrize("raw", [b"gpu", b":22", b"gpu:", b"gpu:x2", b"gpu:-1"])
+def test_pool_request_rejects_a_bad_service(raw: bytes) -> None:
+    with pytest.raises(WireError, match="bad service"):
+        fw.unpack_pool_request(struct.pack(">LL", 1, 1) + common.NS(raw))
+
+
+def test_pool_request_caps_the_number_of_services() -> None:
+    with pytest.raises(WireError, match="4097 services"):
+        fw.unpack_pool_request(struct.pack(">LL", 1, 4097))
+
+
+@pytest.mark.parametrize("tokens", [[], [TOKEN], [TOKEN, b"\xff" * fw.TOKEN_LEN]])
+@pytest.mark.parametrize("status", list(Status))
+def test_pool_reply_round_trip(status: Status, tokens: list[bytes]) -> None:
+    data = fw.pack_pool_reply(status, "msg", 7000, tokens, 30.0)
+    assert fw.unpack_pool_reply(data) == (status, "msg", 7000, tokens, 30.0)
+
+
+def test_pool_reply_defaults() -> None:
+    assert fw.unpack_pool_reply(fw.pack_pool_reply(Status.UNAVAILABLE, "off")) == (
+        Status.UNAVAILABLE, "off", 0, [], 0.0)
+
+
+def test_replies_reject_an_unknown_status() -> None:
+    with pytest.raises(WireError, match="unknown status 7"):
+        fw.unpack_token_reply(struct.pack(">L", 7) + fw.pack_token_reply(Status.OK, "")[4:])
+    with pytest.raises(WireError, match="unknown status 3"):
+        fw.unpack_pool_reply(struct.pack(">L", 3) + fw.pack_pool_reply(Status.OK, "")[4:])
+
+
+# Every strict prefix of a whole payload is truncated and must raise.  (The pool
+# request, whose last field is a string, is tested on its own below.)
+_PAYLOADS = {
+    "token_request": (fw.pack_token_request("gpu-cluster", 22), fw.unpack_token_request),
+    "token_reply": (fw.pack_token_reply(Status.OK, "hi", 2222, TOKEN, 5.0),
+                    fw.unpack_token_reply),
+    "pool_reply": (fw.pack_pool_reply(Status.OK, "hi", 2222, [TOKEN, TOKEN], 30.0),
+                   fw.unpack_pool_reply),
+    "pool_request_no_services": (fw.pack_pool_request(3, []), fw.unpack_pool_request),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_PAYLOADS))
+def test_truncated_payloads_raise(kind: str) -> None:
+    data, unpack = _PAYLOADS[kind]
+    unpack(data)  # whole: fine
+    for cut in range(len(data)):
+        with pytest.raises(WireError):
+            unpack(data[:cut])
+
+
+def test_truncated_pool_request_raises_before_its_last_string() -> None:
+    data = fw.pack_pool_request(1, [("gpu-cluster", 22)])
+    for cut in range(len(data) - len("gpu-cluster:22")):
+        with pytest.raises(WireError):
+            fw.unpack_pool_request(data[:cut])
+
+
+def test_truncated_pool_request_raises_inside_its_last_string() -> None:
+    data = fw.pack_pool_request(1, [("gpu-cluster", 22)])
+    with pytest.raises(WireError):
+        fw.unpack_pool_request(data[:-1])  # today: (1, [("gpu-cluster", 2)])
+
+
+# --- hellos ---------------------------------------------------------------------------
+
+
+def _length_fed_byte_by_byte(hello: bytes) -> list[int | None]:
+    return [fw.hello_length(hello[:i]) for i in range(len(hello) + 1)]
+
+
+def test_agent_hello_layout_and_length() -> None:
+    hello = fw.agent_hello(TOKEN)
+    assert hello == b"LRD1A" + TOKEN
+    assert len(hello) == fw.HELLO_LEN == 37
+    lengths = _length_fed_byte_by_byte(hello)
+    assert lengths[:5] == [None] * 5  # the role byte decides
+    assert lengths[5:] == [fw.HELLO_LEN] * (len(hello) - 4)
+    assert fw.parse_hello(hello) == (fw.ROLE_AGENT, TOKEN, None)
+
+
+def test_user_hello_layout_and_length() -> None:
+    hello = fw.user_hello(TOKEN, "gpu-cluster", 2222)
+    assert hello == b"LRD1U" + TOKEN + b"\x0bgpu-cluster" + struct.pack(">H", 2222)
+    lengths = _length_fed_byte_by_byte(hello)
+    # Unknown until the name's length byte arrives, then exact (and never changes).
+    assert lengths[:fw.HELLO_LEN + 1] == [None] * (fw.HELLO_LEN + 1)
+    assert lengths[fw.HELLO_LEN + 1:] == [len(hello)] * (len(hello) - fw.HELLO_LEN)
+    assert fw.parse_hello(hello) == (fw.ROLE_USER, TOKEN, ("gpu-cluster", 2222))
+
+
+def test_hello_length_ignores_what_follows() -> None:
+    hello = fw.user_hello(TOKEN, "svc", 22)
+    assert fw.hello_length(hello + b"SSH-2.0-stream") == len(hello)
+    assert fw.hello_length(fw.agent_hello(TOKEN) + b"x") == fw.HELLO_LEN
+
+
+def test_longest_user_hello() -> None:
+    hello = fw.user_hello(TOKEN, "n" * 255, 65535)
+    assert len(hello) == fw.MAX_HELLO_LEN == fw.hello_length(hello)
+
+
+def test_parse_hello_lower_cases_the_user_service() -> None:
+    hello = fw.user_hello(TOKEN, "GPU-Cluster", 22)
+    assert fw.parse_hello(hello)[2] == ("gpu-cluster", 22)
+
+
+@pytest.mark.parametrize("bad", [b"X", b"LX", b"LRX", b"LRD2", b"lrd1", b"SSH-2.0-OpenSSH",
+                                 b"\x00" * 40, b"LRGO"])
+def test_hello_length_rejects_a_wrong_magic_at_any_prefix(bad: bytes) -> None:
+    for i in range(1, len(bad) + 1):
+        if fw.MAGIC.startswith(bad[:i]):
+            continue  # still a possible hello
+        with pytest.raises(WireError, match="not a labrelay data connection"):
+            fw.hello_length(bad[:i])
+
+
+def test_hello_length_empty_is_unknown() -> None:
+    assert fw.hello_length(b"") is None
+
+
+@pytest.mark.parametrize("role", [b"X", b"u", b"a", b"\x00"])
+def test_hello_length_rejects_an_unknown_role(role: bytes) -> None:
+    with pytest.raises(WireError, match="unknown role"):
+        fw.hello_length(fw.MAGIC + role)
+    with pytest.raises(WireError, match="unknown role"):
+        fw.parse_hello(fw.MAGIC + role + TOKEN)
+
+
+def test_parse_hello_wants_exactly_one_hello() -> None:
+    hello = fw.user_hello(TOKEN, "svc", 22)
+    with pytest.raises(WireError, match="not one whole hello"):
+        fw.parse_hello(hello[:-1])
+    with pytest.raises(WireError, match="not one whole hello"):
+        fw.parse_hello(hello + b"x")
+    with pytest.raises(WireError, match="not one whole hello"):
+        fw.parse_hello(fw.agent_hello(TOKEN)[:-1])
+    with pytest.raises(WireError):
+        fw.parse_hello(b"nonsense")
+
+
+@pytest.mark.parametrize("token", [b"", TOKEN[:-1], TOKEN + b"x"])
+def test_hellos_reject_a_bad_token_length(token: bytes) -> None:
+    with pytest.raises(WireError):
+        fw.agent_hello(token)
+    with pytest.raises(WireError):
+        fw.user_hello(token, "svc", 22)
+
+
+@pytest.mark.parametrize(("name", "port"), [("n" * 256, 22), ("svc", 0), ("svc", 65536),
+                                            ("svc", -1)])
+def test_user_hello_rejects_a_bad_service(name: str, port: int) -> None:
+    with pytest.raises(WireError):
+        fw.user_hello(TOKEN, name, port)
+
+
+def test_user_hello_rejects_a_non_ascii_name() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        fw.user_hello(TOKEN, "gpü", 22)
+
+
+# --- GO ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "port"), [("gpu-cluster", 22), ("", 1), ("n" * 255, 65535)])
+def test_go_incremental(name: str, port: int) -> None:
+    go = fw.pack_go(name, port)
+    assert go == b"LRGO" + struct.pack(">HB", port, len(name)) + name.encode()
+    for i in range(len(go)):
+        assert fw.parse_go(go[:i]) is None
+    assert fw.parse_go(go) == ((name, port), b"")
+    assert fw.parse_go(go + b"K-and-more") == ((name, port), b"K-and-more")
+
+
+@pytest.mark.parametrize("bad", [b"X", b"LRD1", b"LRG0", b"LRGX\x00\x16\x00", b"lrgo\x00\x16\x00"])
+def test_parse_go_rejects_a_wrong_magic_at_any_prefix(bad: bytes) -> None:
+    for i in range(1, len(bad) + 1):
+        if fw.GO_MAGIC.startswith(bad[:i]):
+            continue  # still a possible GO
+        with pytest.raises(WireError, match="not a dispatch"):
+            fw.parse_go(bad[:i])
+
+
+def test_pack_go_rejects_a_long_name() -> None:
+    with pytest.raises(WireError):
+        fw.pack_go("n" * 256, 22)
+
+
+# --- replies (agent's K/E, relay's 00/01) ---------------------------------------------------
+
+_MARKERS = [("agent", fw.AGENT_OK, fw.AGENT_ERROR), ("user", fw.USER_OK, fw.USER_ERROR)]
+
+
+@pytest.mark.parametrize(("who", "ok", "err"), _MARKERS)
+def test_ok_reply(who: str, ok: bytes, err: bytes) -> None:
+    assert fw.parse_reply(b"", ok, err) is None
+    assert fw.parse_reply(ok, ok, err) == (True, "", b"")
+    assert fw.parse_reply(ok + b"stream", ok, err) == (True, "", b"stream")
+
+
+@pytest.mark.parametrize("message", ["", "connection refused", "ünïcödé ✓"])
+@pytest.mark.parametrize(("who", "ok", "err"), _MARKERS)
+def test_error_reply_incremental(who: str, ok: bytes, err: bytes, message: str) -> None:
+    reply = fw.pack_error(err, message)
+    assert reply == err + bytes([len(message.encode())]) + message.encode()
+    for i in range(len(reply)):
+        assert fw.parse_reply(reply[:i], ok, err) is None
+    assert fw.parse_reply(reply, ok, err) == (False, message, b"")
+    assert fw.parse_reply(reply + b"rest", ok, err) == (False, message, b"rest")
+
+
+def test_error_message_is_cut_at_255_bytes() -> None:
+    reply = fw.pack_error(fw.USER_ERROR, "x" * 300)
+    assert len(reply) == 2 + 255
+    assert fw.parse_reply(reply, fw.USER_OK, fw.USER_ERROR) == (False, "x" * 255, b"")
+
+
+@pytest.mark.parametrize(("who", "ok", "err"), _MARKERS)
+def test_unexpected_reply_byte(who: str, ok: bytes, err: bytes) -> None:
+    for bad in (b"?", b"\x02", b"k", b"LRGO"):
+        with pytest.raises(WireError, match="unexpected reply byte"):
+            fw.parse_reply(bad, ok, err)
+
+
+def test_markers_are_not_interchangeable() -> None:
+    with pytest.raises(WireError):
+        fw.parse_reply(fw.USER_OK, fw.AGENT_OK, fw.AGENT_ERROR)
+    with pytest.raises(WireError):
+        fw.parse_reply(fw.AGENT_OK, fw.USER_OK, fw.USER_ERROR)
