@@ -1,7 +1,8 @@
 """The benchmark suite: run the benchmark modules, combine their results, report and plot.
 
 ``python -m bench`` (or ``labrelay bench``) runs ``bench.agent_vs_openssh``,
-``bench.relay_vs_openssh`` and ``bench.plain_hop`` (or the ones named with ``--only``) as
+``bench.relay_vs_openssh``, ``bench.plain_hop`` and ``bench.fast_path`` (or the ones named
+with ``--only``) as
 subprocesses, streams their output with a prefix and the elapsed time, then reads the JSON
 each wrote and writes
 
@@ -53,6 +54,7 @@ SUITES: dict[str, Suite] = {
                    ("--quick", "--sessions", "100", "--gap-sessions", "20",
                     "--idle-sessions", "1000", "--echoes", "200", "--settle", "1"), True),
     "plain_hop": Suite("plain_hop", "bench.plain_hop", "plain_hop", ("--quick",), False),
+    "fast_path": Suite("fast_path", "bench.fast_path", "fast_path", ("--quick",), False),
 }
 
 
@@ -108,6 +110,18 @@ def _fig(figs: dict[str, dict[str, Any]], name: str, stat: Any, unit: str,
 def key_figures(suite: str, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The figures worth tracking from one suite's JSON, flat: name -> value, min, max, unit."""
     figs: dict[str, dict[str, Any]] = {}
+    if suite == "fast_path":
+        for s in data.get("series") or []:
+            if not isinstance(s, dict):
+                continue
+            base = f"fast_path.{s.get('workload', '?')}.{s.get('path', '?')}"
+            label = f"{s.get('label') or s.get('path')}, {s.get('workload')}"
+            _fig(figs, f"{base}.mb_per_s", s.get("mb_per_s"), "MB/s", label)
+            _fig(figs, f"{base}.ratio_to_direct", s.get("ratio_to_direct"), "×",
+                 f"{label} ÷ direct")
+            for proc, st in (s.get("cpu_s_per_gib") or {}).items():
+                _fig(figs, f"{base}.cpu_s_per_gib.{proc}", st, "CPU-s/GiB", f"{label}, {proc}")
+        return figs
     if suite == "plain_hop":
         for s in data.get("series") or []:
             if not isinstance(s, dict):
@@ -165,7 +179,8 @@ def goals(suite: str, data: dict[str, Any]) -> list[dict[str, Any]]:
     for g in data.get("goals") or []:
         if isinstance(g, dict) and "goal" in g:
             out.append({"suite": suite, "goal": g["goal"], "value": _num(g.get("value")),
-                        "unit": g.get("unit", ""), "status": g.get("status", "?")})
+                        "unit": g.get("unit", ""), "status": g.get("status", "?"),
+                        "margin": _num(g.get("margin"))})
     if suite == "plain_hop":  # no goals list in its JSON: issue 4's goal, from the figures
         c = next((s for s in data.get("series") or [] if isinstance(s, dict)
                   and s.get("path") == "c" and s.get("workload") == "bulk"), None)
@@ -181,7 +196,7 @@ def conditions(suite: str, data: dict[str, Any]) -> dict[str, Any]:
     meta = data.get("meta") or {}
     keep = ("cpu_model", "nproc", "kernel", "python", "twisted", "cryptography", "labrelay",
             "openssh", "bytes", "runs", "ciphers", "link_cipher", "relay_window",
-            "loadavg_at_start", "idle_sessions")
+            "loadavg_at_start", "idle_sessions", "datapath_backend")
     out = {k: c[k] for k in keep if k in c}
     if meta:
         out.update({"cpu_model": meta.get("cpu_model"), "nproc": meta.get("cpus"),
@@ -274,6 +289,8 @@ def conditions_line(c: dict[str, Any]) -> str:
         parts.append(f"{c['runs']} runs")
     if c.get("link_cipher"):
         parts.append(f"link {c['link_cipher']}")
+    if c.get("datapath_backend"):
+        parts.append(f"data path {c['datapath_backend']}")
     parts.append(f"commit {c.get('commit', '?')}, {str(c.get('date', '?'))[:16]}")
     return "; ".join(parts)
 
@@ -314,6 +331,20 @@ def markdown(combined: dict[str, Any], plots: list[Path], plot_note: str = "") -
             cpu = ph.get(k.replace("throughput_mb_per_s", "cpu_s_per_gib"))
             L.append(f"| plain_hop | {v['label'].rsplit(',', 1)[0]} | {_fmt(v)} | {_fmt(paced)} "
                      f"| {_fmt(cpu, 2) if cpu else '–'} |")
+    if L[-1] == "|---|---|---|---|---|":  # no agent, relay or plain_hop figures
+        del L[-5:]
+    fp = figs.get("fast_path") or {}
+    rows = [(k[:-len(".mb_per_s")], v) for k, v in fp.items() if k.endswith(".mb_per_s")]
+    if rows:
+        L += ["", "## Fast path: a user's ssh session and raw TCP (MB/s = 10^6 bytes/s)", "",
+              "| workload | path | MB/s | × direct | CPU-s/GiB of each relaying process |",
+              "|---|---|---|---|---|"]
+        for base, v in rows:
+            ratio = fp.get(f"{base}.ratio_to_direct")
+            cpu = [f"{k.rsplit('.', 1)[-1]} {c['value']:.2f}" for k, c in fp.items()
+                   if k.startswith(f"{base}.cpu_s_per_gib.")]
+            L.append(f"| {base.split('.')[1]} | {v['label'].rsplit(',', 1)[0]} | {_fmt(v)} | "
+                     f"{_fmt(ratio, 2) if ratio else '–'} | {', '.join(cpu) or '–'} |")
     ratios = [(s, k, v) for s, f in figs.items() for k, v in f.items()
               if ".ratio." in k or k.endswith(".ratio_to_direct")]
     if ratios:
@@ -347,7 +378,8 @@ def markdown(combined: dict[str, Any], plots: list[Path], plot_note: str = "") -
         L += ["", "## Goals", "", "| suite | goal | value | status |", "|---|---|---|---|"]
         for g in gl:
             val = "–" if g["value"] is None else f"{g['value']:.2f} {g.get('unit') or ''}".strip()
-            L.append(f"| {g['suite']} | {g['goal']} | {val} | **{g['status']}** |")
+            margin = f" (margin {g['margin']:+.3f})" if g.get("margin") is not None else ""
+            L.append(f"| {g['suite']} | {g['goal']} | {val} | **{g['status']}**{margin} |")
     L += ["", "## Plots", ""]
     if plot_note:
         L.append(plot_note)
@@ -404,6 +436,9 @@ def make_plots(datas: dict[str, dict[str, Any]], combined: dict[str, Any],
     for k, v in (figs.get("plain_hop") or {}).items():
         if k.endswith(".throughput_mb_per_s"):
             rows.append(("plain_hop", v))
+    for k, v in (figs.get("fast_path") or {}).items():
+        if k.endswith(".mb_per_s"):
+            rows.append(("fast_path", v))
     if rows:
         fig, ax = plt.subplots(figsize=(12, 0.35 * len(rows) + 1.8))
         names = [f"{s}: {v['label']}" for s, v in rows]
@@ -413,7 +448,8 @@ def make_plots(datas: dict[str, dict[str, Any]], combined: dict[str, Any],
                [max(0.0, (v["max"] if v["max"] is not None else v["value"]) - v["value"])
                 for _s, v in rows]]
         ax.barh(range(len(rows)), vals, xerr=err, capsize=3,
-                color=[{"agent": "C0", "relay": "C1", "plain_hop": "C2"}[s] for s, _ in rows])
+                color=[{"agent": "C0", "relay": "C1", "plain_hop": "C2", "fast_path": "C3"}[s]
+                       for s, _ in rows])
         ax.set_yticks(range(len(rows)), names, fontsize=7)
         ax.invert_yaxis()
         ax.set_xscale("log")

@@ -93,3 +93,122 @@ def test_previous_combined_skips_suite_files_and_the_new_one(tmp_path: Path) -> 
     new.write_text(json.dumps({"suite": suite.SUITE_ID}))
     assert suite.previous_combined(tmp_path, new) == tmp_path / "2026-11-27-aaaaaaa.json"
     assert suite.previous_combined(tmp_path, None) == new
+
+
+# --- the fast path suite (bench/fast_path.py): report rendering, no transfers -------------
+
+fast_path = pytest.importorskip("bench.fast_path")
+
+
+def fast_path_json(ratio: float = 0.72, connect_cpu: float = 0.38) -> dict:
+    def series(workload: str, path: str, mb: float, cpu: dict | None = None,
+               ratio_: float | None = None) -> dict:
+        cpu = cpu or {}
+        return {"workload": workload, "path": path,
+                "label": fast_path.LABELS[workload, path],
+                "carrier": fast_path.CARRIERS[workload, path], "mb_per_s": stat(mb, mb - 5, mb + 5),
+                "ratio_to_direct": None if ratio_ is None else stat(ratio_, ratio_ - 0.05,
+                                                                    ratio_ + 0.05),
+                "cpu_s_per_gib": {g: stat(v) for g, v in cpu.items()},
+                "core_share": {g: stat(v / 3) for g, v in cpu.items()},
+                "setup_s": stat(0.3), "setup_cpu_s": {g: stat(0.01) for g in cpu},
+                "teardown_cpu_s": {g: stat(0.0) for g in cpu},
+                "own_exited_before_stream_end": 0, "samples": []}
+
+    goals: list[dict] = []
+    fast_path._goal(goals, "ssh session via the fast path ÷ direct >= 0.65", ratio, 0.65, True,
+                    "×")
+    fast_path._goal(goals, "ssh stream: labrelay connect CPU-s/GiB <= 0.4", connect_cpu, 0.4,
+                    False, "CPU-s/GiB", "moonshot")
+    fast_path._goal(goals, "raw TCP via the fast path ÷ direct loopback >= 0.35", None, 0.35,
+                    True, "×")
+    return {
+        "benchmark": "fast_path", "date": "2026-11-28T19:00:00+00:00", "commit": "abc1234",
+        "relay_uncommitted_at_start": [],
+        "conditions": {"cpu_model": "Test CPU", "nproc": 2, "loadavg_at_start": "0.1 0.1 0.1",
+                       "kernel": "6.1", "python": "3.11", "twisted": "26", "cryptography": "50",
+                       "labrelay": "0.1", "openssh": "OpenSSH_9.2p1", "bytes": 2**30, "runs": 5,
+                       "datapath_env": "(unset: auto)", "datapath_backend": "c (auto)",
+                       "backends_logged": {"relay backend: data path: c backend": 1},
+                       "ciphers": {"user ssh": "chacha20-poly1305@openssh.com"},
+                       "remote_command": fast_path.REMOTE_COMMAND,
+                       "rusage_wrapper_start_s": 0.08, "seed_variant": "public port",
+                       "timing": "t", "cpu_method": "c", "order": "o"},
+        "series": [
+            series("ssh", "direct", 550.0),
+            series("ssh", "fast", 400.0, {"connect": connect_cpu, "relay": 0.44, "agent": 0.24},
+                   ratio),
+            series("ssh", "seed", 350.0, {"ssh_R": 1.2, "cloud_sshd": 1.1}, 0.64),
+            series("raw", "direct", 4600.0),
+            series("raw", "fast", 1100.0, {"connect": 0.36, "relay": 0.16, "agent": 0.2}, 0.24),
+        ],
+        "goals": goals,
+        "machine_cpu_during_measurement": {"wall_s": 90.0, "busy_cpu_s": 150.0,
+                                           "bench_processes_cpu_s": 100.0, "steal_cpu_s": 0.0,
+                                           "loadavg_at_end": "1.0 1.0 1.0"},
+        "anomalies": [],
+    }
+
+
+def test_fast_path_goals_have_signed_margins() -> None:
+    g = {x["goal"]: x for x in fast_path_json(ratio=0.60, connect_cpu=0.30)["goals"]}
+    ratio = g["ssh session via the fast path ÷ direct >= 0.65"]
+    assert ratio["status"] == "MISS" and ratio["margin"] == pytest.approx(-0.05)
+    cpu = g["ssh stream: labrelay connect CPU-s/GiB <= 0.4"]
+    assert cpu["status"] == "PASS" and cpu["margin"] == pytest.approx(0.10)
+    assert cpu["margin_pct"] == pytest.approx(25.0) and cpu["level"] == "moonshot"
+    missing = g["raw TCP via the fast path ÷ direct loopback >= 0.35"]
+    assert missing["status"] == "MISS" and missing["margin"] is None
+
+
+def test_fast_path_own_report() -> None:
+    md = fast_path.markdown(fast_path_json())
+    assert "| ssh via the fast path (ProxyCommand labrelay connect) | 400.0 (395.0–405.0) | " \
+           "0.72 (0.67–0.77) | labrelay connect 0.38" in md
+    assert "ssh -N -R (lab_pc) 1.20" in md and "cloud sshd session 1.10" in md
+    assert "| goal | 0.720 × | +0.070 (+11 %) | **PASS** |" in md
+    assert "| moonshot | 0.380 CPU-s/GiB | +0.020 (+5 %) | **PASS** |" in md
+    assert "No anomalies" in md and "Test CPU" in md
+    for line in md.splitlines():  # no stray pipes inside table cells
+        if line.startswith("| ssh | ") or line.startswith("| raw | "):
+            assert line.count("|") == 4, line
+
+
+def test_fast_path_in_the_combined_report() -> None:
+    data = fast_path_json()
+    figs = suite.key_figures("fast_path", data)
+    assert figs["fast_path.ssh.fast.mb_per_s"]["value"] == 400.0
+    assert figs["fast_path.ssh.fast.ratio_to_direct"]["better"] == "higher"
+    assert figs["fast_path.ssh.fast.cpu_s_per_gib.connect"]["better"] == "lower"
+    assert "fast_path.ssh.direct.ratio_to_direct" not in figs
+    assert suite.key_figures("fast_path", {"series": [None, {"path": "x"}]}) == {}
+    combined = suite.combine({"fast_path": data}, {"fast_path": "f.json"}, "abc1234",
+                             "2026-11-28T19:00:00+00:00")
+    md = suite.markdown(combined, [])
+    assert "## Fast path" in md
+    assert "| ssh | ssh via the fast path (ProxyCommand labrelay connect) | 400.0 (395.0–405.0) " \
+           "| 0.72 (0.67–0.77) | connect 0.38, relay 0.44, agent 0.24 |" in md
+    assert "**PASS** (margin +0.070)" in md and "data path c (auto)" in md
+    worse = suite.compare(suite.combine({"fast_path": fast_path_json(ratio=0.5)}, {}, "c", "d"),
+                          combined)
+    assert any(r["worse"] and r["figure"] == "fast_path.ssh.fast.ratio_to_direct" for r in worse)
+
+
+def test_fast_path_accounting_and_rusage_wrapper(tmp_path: Path) -> None:
+    acct = fast_path.Accounting({})
+    acct.own("connect", 2**22 + 12345)  # no such process: its /proc reads give None
+    acct.start, acct.end = {"connect": 0.25}, {"connect": 0.65}
+    phases = acct.finish(own_total=0.72)
+    assert phases["setup_cpu"]["connect"] == 0.25
+    assert phases["cpu"]["connect"] == pytest.approx(0.40)
+    assert phases["teardown_cpu"]["connect"] == pytest.approx(0.07)
+    acct.end = {"connect": None}  # gone before the stream's end: all after start is stream
+    assert acct.finish(own_total=0.72)["cpu"]["connect"] == pytest.approx(0.47)
+
+    out = tmp_path / "rusage.jsonl"
+    import subprocess
+    code = subprocess.run([sys.executable, fast_path.THIS, "--worker", "rusage", str(out), "--",
+                           sys.executable, "-c", "raise SystemExit(3)"], timeout=60).returncode
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert code == 3 and lines[0]["pid"] > 0
+    assert lines[1]["exit"] == 3 and lines[1]["cpu_s"] > 0

@@ -1,0 +1,1148 @@
+"""The fast path (``labrelay connect`` -> relay data port -> agent data pool, spliced)
+against ssh straight to the target and the seed's OpenSSH chain, side by side in one run.
+
+Everything on 127.0.0.1, real processes, from a temporary directory:
+
+* a private OpenSSH ``sshd``, the target ("gpu-cluster");
+* a ``labrelay relay`` with ``data_port = 0`` and ``e2e_services = ["gpu-cluster:22",
+  "sink:9000"]``, and a ``labrelay agent`` ("lab_pc") registering ``-R gpu-cluster:22:TARGET``
+  and ``-R sink:9000:SINK`` that keeps its pool of data connections (``fast_path_ready``);
+  both with ``LABRELAY_DATAPATH`` as inherited (default ``auto``: the C pump thread);
+* a second private ``sshd``, the seed's "cloud", and ``ssh -N -R 127.0.0.1:PUB:127.0.0.1:TARGET``
+  to it (the seed's ``autossh -M 0 -R ...`` from lab_pc is this same ssh);
+* a raw TCP sink (this file re-run as ``--worker sink``) that counts what arrives.
+
+Workload ``ssh``: a user's ``ssh ... 'echo ready; wc -c'`` (a sink like ``cat > /dev/null``
+that also prints the byte count, which is checked), OpenSSH's default cipher, fed
+``--bytes`` on stdin by a feeder process once the session printed ``ready``:
+
+* ``direct``  ssh straight to the target sshd;
+* ``fast``    ssh with ``ProxyCommand`` = ``python -m relay connect ... %h:%p`` as alice;
+* ``seed``    ssh to the cloud's public port ``-p PUB`` (the seed's public-port way; the
+  target's sshd answers through the ``ssh -R`` tunnel).
+
+Workload ``raw``: the same bytes into the sink:
+
+* ``direct``  a Python client (bench.plain_hop's source worker) straight to the sink;
+* ``socat``   the feeder's pipe into ``socat -u STDIN TCP:SINK`` (the same pipe-fed shape);
+* ``fast``    the feeder's pipe into ``python -m relay connect ... sink:9000``, stdout to
+  /dev/null (sink:9000 is declared e2e for this: raw TCP is not really encrypted).
+
+Within each run every variant takes its turn, the order rotated run by run, so machine
+noise falls on all alike. Throughput: ssh from "go" to ssh's exit; raw from the sink's
+first byte to its EOF. CPU seconds per GiB of every relaying process during the stream:
+long-lived processes (relay, agent, ``ssh -R``, cloud sshd sessions) from
+``/proc/PID/stat`` (all threads: the C pump is one) before and after; processes that live
+for one session (``labrelay connect``, socat) run under a small wrapper (``--worker
+rusage``) that reads their exact lifetime total with ``wait4``; the stream share is that
+total minus ``/proc/PID/stat`` read when the stream starts.
+
+Run from the repository root with the venv's Python::
+
+    python -m bench.fast_path             # 1 GiB x 5 runs
+    python -m bench.fast_path --quick     # 256 MiB x 3 runs
+
+Results: a table on stdout, ``bench/results/fast_path-latest.json`` and
+``bench/results/fast_path-latest.md``. Also run by ``python -m bench --only fast_path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import queue
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script (the ProxyCommand wrapper): make bench importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import agent_vs_openssh as avo
+from bench import relay_vs_openssh as rvo
+from bench.agent_vs_openssh import (
+    LOOPBACK,
+    STALL_SECONDS,
+    START_TIMEOUT,
+    BenchError,
+    GiB,
+    Lines,
+    MiB,
+    cpu_seconds,
+    descendants,
+    find_program,
+    free_port,
+    machine_cpu,
+    spread,
+)
+
+REPO = avo.REPO
+RESULTS_DIR = avo.RESULTS_DIR
+THIS = str(Path(__file__).resolve())
+
+SSH_RATIO_GOAL = 0.65  # fast path ssh session ÷ direct
+SEED_RATIO_SEEN = 0.30  # the seed chain as measured before (for the report's context)
+CPU_GOAL, CPU_MOONSHOT = 0.7, 0.4  # CPU-s/GiB of each fast-path process
+RAW_RATIO_GOAL, RAW_RATIO_MOONSHOT = 0.35, 0.5
+
+SSH, RAW = "ssh", "raw"
+DIRECT, FAST, SEED, SOCAT = "direct", "fast", "seed", "socat"
+VARIANTS = {SSH: (DIRECT, FAST, SEED), RAW: (DIRECT, SOCAT, FAST)}
+LABELS = {
+    (SSH, DIRECT): "ssh direct to the target",
+    (SSH, FAST): "ssh via the fast path (ProxyCommand labrelay connect)",
+    (SSH, SEED): "ssh via the seed's OpenSSH chain (cloud sshd + ssh -N -R, public port)",
+    (RAW, DIRECT): "direct loopback (Python client)",
+    (RAW, SOCAT): "socat -u STDIN TCP:sink (pipe-fed, no relay)",
+    (RAW, FAST): "labrelay connect sink:9000 via the fast path (pipe-fed)",
+}
+CARRIERS = {
+    (SSH, DIRECT): "feeder's pipe → ssh → target sshd",
+    (SSH, FAST): "feeder's pipe → ssh → `labrelay connect` (splice) → relay data port "
+                 "(splice) → agent's pool connection (splice) → target sshd",
+    (SSH, SEED): "feeder's pipe → ssh → cloud sshd's `-R` port → cloud sshd session → "
+                 "ssh -N -R link (lab_pc) → target sshd",
+    (RAW, DIRECT): "Python client → sink",
+    (RAW, SOCAT): "feeder's pipe → socat → sink",
+    (RAW, FAST): "feeder's pipe → `labrelay connect` → relay → agent → sink",
+}
+PROCS = {
+    "connect": "labrelay connect",
+    "relay": "relay",
+    "agent": "agent",
+    "ssh_R": "ssh -N -R (lab_pc)",
+    "cloud_sshd": "cloud sshd session",
+    "socat": "socat",
+}
+SERVICES = ("gpu-cluster:22", "sink:9000")
+REMOTE_COMMAND = "echo ready; wc -c"
+
+RELAY_CONFIG = """\
+[relay]
+listen = "127.0.0.1:0"
+state_dir = "{dir}/relay-state"
+public_bind = "127.0.0.1"
+data_port = 0
+e2e_services = [{services}]
+
+[[relay.agent]]
+name = "lab_pc"
+keys = ["{agent_key}"]
+services = [{services}]
+
+[[relay.user]]
+name = "alice"
+keys = ["{alice_key}"]
+services = [{services}]
+"""
+
+
+# ---------------------------------------------------------------------------
+# workers: this file re-run with --worker KIND
+
+
+def feed_worker(nbytes: int) -> None:
+    """Wait for one line on stdin, then write ``nbytes`` (random, 1 MiB at a time) to stdout."""
+    block = memoryview(os.urandom(avo.CHUNK))
+    if not sys.stdin.buffer.readline():
+        return  # the harness went away or gave up on this trial
+    left = nbytes
+    try:
+        while left:
+            left -= os.write(1, block[:min(left, len(block))])
+    except BrokenPipeError:
+        print(f"feed: the reader closed with {left} bytes left", file=sys.stderr)
+        os._exit(1)
+    os.close(1)
+
+
+def sink_worker() -> None:
+    """Count what arrives on each connection: ``accepted`` at accept, ``done`` with the byte
+    count and first byte -> EOF seconds at EOF, as JSON lines; exits when stdin closes."""
+    server = socket.create_server((LOOPBACK, 0), backlog=64)
+    lock = threading.Lock()
+
+    def say(obj: dict[str, Any]) -> None:
+        with lock:
+            print(json.dumps(obj), flush=True)
+
+    def serve(conn: socket.socket, n: int) -> None:
+        view = memoryview(bytearray(avo.CHUNK))
+        with conn:
+            say({"event": "accepted", "conn": n})
+            accepted = time.perf_counter()
+            total = first_n = 0
+            try:
+                first_n = conn.recv_into(view)
+                first = time.perf_counter()
+                total = first_n
+                while first_n and (k := conn.recv_into(view)):
+                    total += k
+            except OSError as e:
+                say({"event": "error", "conn": n, "error": str(e), "bytes": total})
+                return
+            end = time.perf_counter()
+            say({"event": "done", "conn": n, "bytes": total,
+                 "seconds": end - first if first_n else 0.0, "since_accept": end - accepted})
+
+    say({"port": server.getsockname()[1]})
+    threading.Thread(target=avo._exit_when_parent_goes, daemon=True).start()
+    n = 0
+    while True:
+        conn, _ = server.accept()
+        n += 1
+        threading.Thread(target=serve, args=(conn, n), daemon=True).start()
+
+
+def rusage_worker(out: str, argv: list[str]) -> int:
+    """Run ``argv`` (sharing our stdin/stdout/stderr) and write its pid, then its exit status
+    and exact lifetime CPU seconds (``wait4``: every thread), as JSON lines to ``out``."""
+    # ssh sends its ProxyCommand SIGHUP when it exits: we must still report. A handler,
+    # not SIG_IGN, so that the child starts with the default disposition.
+    signal.signal(signal.SIGHUP, lambda *_: None)
+    pid = os.posix_spawn(argv[0], argv, dict(os.environ))
+    with open(out, "a") as f:
+        f.write(json.dumps({"pid": pid}) + "\n")
+    _, status, ru = os.wait4(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    with open(out, "a") as f:
+        f.write(json.dumps({"exit": code, "cpu_s": ru.ru_utime + ru.ru_stime,
+                            "utime": ru.ru_utime, "stime": ru.ru_stime,
+                            "maxrss_kib": ru.ru_maxrss}) + "\n")
+    return code if code >= 0 else 128 - code
+
+
+# ---------------------------------------------------------------------------
+# the set-up
+
+
+class Wrapped:
+    """A process started under ``--worker rusage``: its pid and, once it ended, its rusage."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _lines(self) -> list[dict[str, Any]]:
+        with contextlib.suppress(OSError, ValueError):
+            return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return []
+
+    def wait(self, key: str, timeout: float) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for entry in self._lines():
+                if key in entry:
+                    return entry
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.005)
+
+
+class Accounting:
+    """CPU seconds of one trial's relaying processes in three phases: set-up (session
+    started -> stream starts), the stream, and teardown (stream ended -> the per-session
+    process exited). Long-lived processes (``groups``) are read from /proc/PID/stat; the
+    per-session one (``own``: labrelay connect, socat) from /proc while it lives and, for
+    its whole life, from ``wait4`` (``finish``'s ``own_total``)."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.own_name = ""
+        self.own_pid = 0
+        self.spawn = self._sample()
+        self.start: dict[str, float | None] = {}
+        self.end: dict[str, float | None] = {}
+
+    def own(self, name: str, pid: int) -> None:
+        self.own_name, self.own_pid = name, pid
+
+    def _sample(self) -> dict[str, float | None]:
+        found: dict[str, float | None] = {g: cpu_seconds(p) for g, p in self.groups.items()}
+        if self.own_pid:
+            found[self.own_name] = proc_cpu(self.own_pid)
+        return found
+
+    def stream_start(self) -> None:
+        self.start = self._sample()
+
+    def stream_end(self) -> None:
+        self.end = self._sample()
+
+    def finish(self, own_total: float | None) -> dict[str, Any]:
+        after = self._sample()
+        cpu: dict[str, float] = {}
+        setup: dict[str, float] = {}
+        teardown: dict[str, float] = {}
+        for g in self.groups:
+            s0, s1, s2, s3 = self.spawn[g], self.start[g], self.end[g], after[g]
+            assert s0 is not None and s1 is not None and s2 is not None and s3 is not None
+            setup[g], cpu[g], teardown[g] = s1 - s0, s2 - s1, s3 - s2
+        gone_early = False
+        if self.own_pid and own_total is not None:
+            g = self.own_name
+            at_start, at_end = self.start.get(g), self.end.get(g)
+            setup[g] = at_start or 0.0
+            if at_end is None:  # it had already exited: its teardown counts as stream
+                gone_early = True
+                cpu[g], teardown[g] = own_total - (at_start or 0.0), 0.0
+            else:
+                cpu[g], teardown[g] = at_end - (at_start or 0.0), own_total - at_end
+        return {"cpu": cpu, "setup_cpu": setup, "teardown_cpu": teardown,
+                "own_exited_before_stream_end": gone_early}
+
+
+def proc_cpu(pid: int) -> float | None:
+    """utime + stime of ``pid`` (all its threads), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / avo.CLOCK_TICKS
+
+
+class FastBench(rvo.RelayBench):
+    """The processes of one run: target sshd, sink, relay, agent, cloud sshd, ``ssh -R``;
+    and one trial of each variant at a time over them."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        super().__init__(args, workdir)
+        self.paths = {}  # this bench's variants are not RelayBench's paths
+        self.user_known_hosts = workdir / "user_known_hosts"
+        self.sink: subprocess.Popen[bytes] | None = None
+        self.sink_out: Lines | None = None
+        self.sink_port = 0
+        self.data_port = 0
+        self.pub_port = 0
+        self.cloud: avo.Bench | None = None
+        self.ssh_r = avo.Route("ssh_R")
+        self.ciphers: dict[str, str] = {}
+        self.backend = ""
+        self.failed: set[tuple[str, str]] = set()
+        self.events: dict[str, int] = {}
+        self.stray: set[int] = set()  # per-session processes not our children (connect)
+        self.trials = 0
+        self.wrapper_start_s: float | None = None
+        self.feeders: list[subprocess.Popen[bytes]] = []
+
+    # -- processes
+
+    def start_sink(self) -> None:
+        self.sink = self.children.start("sink", [sys.executable, THIS, "--worker", "sink"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.sink.stdout is not None
+        self.sink_out = Lines(self.sink.stdout, "sink-stdout")
+        line = self.sink_out.wait_for(lambda s: s, START_TIMEOUT, "the sink's port")
+        self.sink_port = int(json.loads(line)["port"])
+
+    def start_relay(self) -> None:
+        keys = {name: self.keygen(f"{name}_ed25519") for name in ("agent", "alice")}
+        blob = {name: " ".join(Path(f"{path}.pub").read_text().split()[:2])
+                for name, path in keys.items()}
+        config = self.dir / "relay.toml"
+        config.write_text(RELAY_CONFIG.format(
+            dir=self.dir, agent_key=blob["agent"], alice_key=blob["alice"],
+            services=", ".join(f'"{s}"' for s in SERVICES)))
+        self.relay_argv = [self.args.python, "-m", "relay", "relay", "--log-format", "json",
+                           "--config", str(config)]
+        self.relay = self.children.start("relay", self.relay_argv, cwd=REPO,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert self.relay.stdout is not None
+        self.relay_log = Lines(self.relay.stdout, "relay-stdout")
+        ports: dict[str, int] = {}
+
+        def both(line: str) -> bool:
+            event = self._event(line) or {}
+            if event.get("event") in ("relay_listening", "relay_data_port"):
+                ports[str(event["event"])] = int(event["port"])
+            return len(ports) == 2
+
+        try:
+            self.relay_log.wait_for(both, START_TIMEOUT, "relay_listening and relay_data_port")
+        except BenchError as e:
+            raise BenchError(f"relay (exit status {self.relay.poll()}): {e}") from None
+        self.relay_port, self.data_port = ports["relay_listening"], ports["relay_data_port"]
+        host_pub = self.dir / "relay-state" / "ssh_host_ed25519_key.pub"
+        host = " ".join(host_pub.read_text().split()[:2])
+        self.relay_known_hosts.write_text(f"[{LOOPBACK}]:{self.relay_port} {host}\n")
+
+    def start_relay_agent(self) -> None:
+        assert self.target_port and self.sink_port
+        forwards = [f"gpu-cluster:22:{LOOPBACK}:{self.target_port}",
+                    f"sink:9000:{LOOPBACK}:{self.sink_port}"]
+        self.agent_argv = [
+            self.args.python, "-m", "relay", "agent", "--log-format", "json",
+            "-p", str(self.relay_port), "-i", str(self.dir / "agent_ed25519"),
+            "-o", f"UserKnownHostsFile={self.relay_known_hosts}",
+            *[arg for f in forwards for arg in ("-R", f)], f"lab_pc@{LOOPBACK}",
+        ]
+        self.agent = self.children.start("agent", self.agent_argv, cwd=REPO,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert self.agent.stdout is not None
+        self.agent_log = Lines(self.agent.stdout, "agent-stdout")
+        seen: set[str] = set()
+
+        def ready(line: str) -> bool:
+            event = self._event(line) or {}
+            if event.get("event") == "forward_ready":
+                seen.add(f"{event.get('bind')}")
+            elif event.get("event") in ("fast_path_ready", "fast_path_off"):
+                if event["event"] == "fast_path_off":
+                    raise BenchError(f"the agent has no fast path: {event.get('reason')}")
+                seen.add("fast path")
+            return len(seen) == len(forwards) + 1
+
+        try:
+            self.agent_log.wait_for(ready, START_TIMEOUT,
+                                    "fast_path_ready and forward_ready from the agent")
+        except BenchError as e:
+            raise BenchError(f"agent (exit status {self.agent.poll()}): {e}") from None
+
+    def start_seed(self) -> None:
+        """The seed's cloud: a second private sshd, and lab_pc's ``ssh -N -R`` to it."""
+        cloud_dir = self.dir / "cloud"
+        cloud_dir.mkdir()
+        cloud_dir.chmod(0o755)
+        cloud = self.cloud = avo.Bench(self.args, cloud_dir)
+        cloud.children = self.children  # one cleanup for everything
+        cloud.start_sshd()
+        assert cloud.sshd is not None
+        before = descendants(cloud.sshd.pid)
+        self.pub_port = free_port()
+        r = self.ssh_r
+        r.argv = [*cloud.ssh_base(), "-N", "-o", "ExitOnForwardFailure=yes",
+                  "-R", f"{LOOPBACK}:{self.pub_port}:{LOOPBACK}:{self.target_port}",
+                  f"{cloud.user}@{LOOPBACK}"]
+        r.forwarder = self.children.start("ssh -R", r.argv, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE)
+        assert r.forwarder.stderr is not None
+        r.log = Lines(r.forwarder.stderr, "ssh-R-stderr")
+        self._wait_listening("ssh -N -R", r.forwarder, r.log, self.pub_port)
+        cloud._new_sshd_sessions(before, r)
+        if not r.sshd_pids:
+            raise BenchError("no cloud sshd session process found for ssh -N -R")
+
+    def write_user_known_hosts(self) -> None:
+        host = " ".join((self.dir / "host_ed25519.pub").read_text().split()[:2])
+        self.user_known_hosts.write_text(
+            f"[{LOOPBACK}]:{self.sshd_port} {host}\n[{LOOPBACK}]:{self.pub_port} {host}\n"
+            f"gpu-cluster {host}\n")
+
+    def probe_backend(self) -> str:
+        probe = ("from relay.datapath import choose_backend as c; b = c(); "
+                 "print(f'{b.name} ({b.reason})')")
+        out = subprocess.run([self.args.python, "-c", probe], cwd=REPO, capture_output=True,
+                             text=True, timeout=START_TIMEOUT)
+        return out.stdout.strip() or f"unknown: {out.stderr.strip()[-200:]}"
+
+    def wrapper_overhead(self) -> float:
+        """Seconds the rusage wrapper adds to starting a process (it delays the fast path's
+        session set-up, not its stream): the median of 3 ``wrapper -- true``."""
+        times = []
+        for i in range(3):
+            start = time.perf_counter()
+            subprocess.run(self.wrapped(self.dir / f"overhead-{i}.jsonl",
+                                        [find_program("true")]), check=True, cwd=REPO)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def setup(self) -> None:
+        self.start_sshd()
+        self.start_target_noop()
+        self.start_sink()
+        self.start_relay()
+        self.start_relay_agent()
+        self.start_seed()
+        self.write_user_known_hosts()
+        assert self.cloud is not None
+        self.ciphers = {"user ssh (all ssh variants)": self.negotiated(()),
+                        "seed ssh -N -R link": self.cloud.negotiated(())}
+        self.backend = self.probe_backend()
+        self.wrapper_start_s = self.wrapper_overhead()
+
+    def start_target_noop(self) -> None:
+        """The target is the sshd itself: the avo target worker is not needed."""
+        self.target_port = self.sshd_port
+
+    # -- one trial
+
+    def user_ssh(self, variant: str, rusage_out: Path) -> list[str]:
+        argv = [find_program("ssh"), "-F", "/dev/null", "-o", "BatchMode=yes",
+                "-o", "IdentitiesOnly=yes", "-i", str(self.key),
+                "-o", f"UserKnownHostsFile={self.user_known_hosts}",
+                "-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes",
+                "-o", "UpdateHostKeys=no"]
+        if variant == DIRECT:
+            return [*argv, "-p", str(self.sshd_port), f"{self.user}@{LOOPBACK}", REMOTE_COMMAND]
+        if variant == SEED:
+            return [*argv, "-p", str(self.pub_port), f"{self.user}@{LOOPBACK}", REMOTE_COMMAND]
+        proxy = " ".join(self.wrapped(rusage_out, self.connect_argv("%h:%p")))
+        return [*argv, "-o", f"ProxyCommand={proxy}", f"{self.user}@gpu-cluster",
+                REMOTE_COMMAND]
+
+    def connect_argv(self, service: str) -> list[str]:
+        return [self.args.python, "-m", "relay", "connect", "-p", str(self.relay_port),
+                "-i", str(self.dir / "alice_ed25519"),
+                "-o", f"UserKnownHostsFile={self.relay_known_hosts}",
+                f"alice@{LOOPBACK}", service]
+
+    def wrapped(self, out: Path, argv: list[str]) -> list[str]:
+        return [self.args.python, THIS, "--worker", "rusage", str(out), "--", *argv]
+
+    def groups(self, workload: str, variant: str) -> dict[str, list[int]]:
+        """The long-lived relaying processes of a variant, by name (CPU from /proc)."""
+        if variant == FAST:
+            assert self.relay is not None and self.agent is not None
+            return {"relay": [self.relay.pid], "agent": [self.agent.pid]}
+        if variant == SEED:
+            assert self.ssh_r.pid is not None
+            return {"ssh_R": [self.ssh_r.pid], "cloud_sshd": sorted(self.ssh_r.sshd_pids)}
+        return {}
+
+    def drain_logs(self) -> None:
+        """Count the relay's and the agent's events so far; warnings are anomalies."""
+        for name, log in (("relay", self.relay_log), ("agent", self.agent_log)):
+            if log is None:
+                continue
+            while True:
+                try:
+                    line = log.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if line is None:
+                    break
+                event = self._event(line)
+                if event is None:
+                    self.anomalies.append(f"{name} printed a non-JSON line: {line}")
+                    continue
+                key = f"{name}:{event.get('event')}"
+                self.events[key] = self.events.get(key, 0) + 1
+                if event.get("event") == "datapath_backend":
+                    self.events[f"{name} backend: {event.get('text')}"] = 1
+                elif event.get("level") not in ("info", "debug"):
+                    self.anomalies.append(f"{name} logged {event.get('level')}: "
+                                          f"{event.get('text')}")
+
+    def trial(self, workload: str, variant: str, nbytes: int) -> dict[str, Any] | None:
+        self.trials += 1
+        out = self.dir / f"rusage-{self.trials}.jsonl"
+        self.drain_logs()
+        spliced0 = self.events.get("relay:relay_fast_session", 0)
+        try:
+            if workload == SSH:
+                result = self._ssh_trial(variant, nbytes, out)
+            else:
+                result = self._raw_trial(variant, nbytes, out)
+        except BenchError as e:
+            result = {"error": str(e)}
+        finally:
+            self._reap(out)
+            for feeder in self.feeders:  # one that never got "go" ends on EOF
+                with contextlib.suppress(OSError, ValueError):
+                    assert feeder.stdin is not None
+                    feeder.stdin.close()
+                try:
+                    feeder.wait(10)
+                except subprocess.TimeoutExpired:
+                    feeder.kill()
+            self.feeders.clear()
+        self.drain_logs()
+        if "error" not in result and variant == FAST and \
+                self.events.get("relay:relay_fast_session", 0) != spliced0 + 1:
+            result["error"] = ("the relay did not log exactly one relay_fast_session: the "
+                               "session did not take the fast path")
+        if "error" in result:
+            self.failed.add((workload, variant))
+            report = f"{workload} {variant}: {result['error']}"
+            self.anomalies.append(report)
+            print(f"!! {report}", file=sys.stderr, flush=True)
+            return None
+        return result
+
+    def _reap(self, out: Path) -> None:
+        """A wrapped process left over from a failed trial: ended here."""
+        pid = Wrapped(out).wait("pid", 0)
+        if pid is None:
+            return
+        if Wrapped(out).wait("exit", 5.0) is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid["pid"]), signal.SIGTERM)
+            self.stray.add(int(pid["pid"]))
+
+    def _feeder(self, nbytes: int) -> tuple[subprocess.Popen[bytes], int]:
+        """A feeder waiting for "go", and the read end of its pipe (the caller closes it)."""
+        r, w = os.pipe()
+        feeder = self.children.start("feed", [sys.executable, THIS, "--worker", "feed",
+                                              str(nbytes)], stdin=subprocess.PIPE, stdout=w)
+        os.close(w)
+        self.feeders.append(feeder)
+        return feeder, r
+
+    @staticmethod
+    def _go(feeder: subprocess.Popen[bytes]) -> float:
+        assert feeder.stdin is not None
+        start = time.perf_counter()
+        feeder.stdin.write(b"go\n")
+        feeder.stdin.close()
+        return start
+
+    def _ssh_trial(self, variant: str, nbytes: int, out: Path) -> dict[str, Any]:
+        feeder, r = self._feeder(nbytes)
+        argv = self.user_ssh(variant, out)
+        acct = Accounting(self.groups(SSH, variant))
+        spawned = time.perf_counter()
+        ssh = self.children.start(f"ssh {variant}", argv, stdin=r, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, cwd=REPO, env=avo_env())
+        os.close(r)
+        assert ssh.stdout is not None and ssh.stderr is not None
+        sout, serr = Lines(ssh.stdout, "ssh-stdout"), Lines(ssh.stderr, "ssh-stderr")
+        try:
+            sout.wait_for(lambda s: s.strip() == "ready", START_TIMEOUT, "'ready' from ssh")
+        except BenchError as e:
+            ssh.kill()
+            raise BenchError(f"{e}\nssh stderr:\n{serr.text()}") from None
+        ready = time.perf_counter()
+        if variant == FAST:
+            entry = Wrapped(out).wait("pid", 5.0)
+            if entry is None:
+                ssh.kill()
+                raise BenchError("the ProxyCommand wrapper wrote no pid")
+            acct.own("connect", int(entry["pid"]))
+        acct.stream_start()
+        start = self._go(feeder)
+        if not wait_exit(ssh, nbytes / 1e6 + 2 * STALL_SECONDS + 30):
+            ssh.kill()
+            raise BenchError(f"ssh did not finish in time:\n{serr.text()}")
+        seconds = time.perf_counter() - start
+        acct.stream_end()
+        result: dict[str, Any] = {"seconds": seconds, "setup_s": ready - spawned}
+        if variant == FAST:
+            end = Wrapped(out).wait("exit", 30.0)
+            if end is None:
+                raise BenchError("labrelay connect did not exit within 30 s of ssh")
+            if end["exit"] != 0:
+                result["error"] = f"labrelay connect exited {end['exit']}"
+            result.update(acct.finish(end["cpu_s"]))
+        else:
+            result.update(acct.finish(None))
+        feeder.wait(30)
+        try:
+            count = sout.wait_for(lambda s: s.strip() if s.strip().isdigit() else None, 10,
+                                  "the byte count from wc -c")
+        except BenchError:
+            count = "-1"
+        result["bytes"] = int(count)
+        stderr = serr.text()
+        if ssh.returncode != 0 or int(count) != nbytes:
+            result["error"] = (f"ssh exited {ssh.returncode}, {count} of {nbytes} bytes "
+                               f"arrived:\n{stderr}")
+        elif stderr:
+            self.anomalies.append(f"ssh {variant} said on stderr: {stderr}")
+        return result
+
+    def _sink_event(self, conn_event: str, timeout: float, conn: int | None = None
+                    ) -> dict[str, Any]:
+        """The sink's next ``conn_event`` (of connection ``conn``, if given)."""
+        assert self.sink_out is not None
+
+        def match(line: str) -> dict[str, Any] | None:
+            event = json.loads(line)
+            if conn is not None and event.get("conn") != conn:
+                return None  # a connection of an earlier, failed trial
+            if event.get("event") == "error":
+                raise BenchError(f"sink: {event['error']} after {event['bytes']} bytes")
+            return event if event.get("event") == conn_event else None
+
+        result: dict[str, Any] = self.sink_out.wait_for(match, timeout, f"sink {conn_event}")
+        return result
+
+    def _raw_trial(self, variant: str, nbytes: int, out: Path) -> dict[str, Any]:
+        timeout = nbytes / 1e6 + 2 * STALL_SECONDS + 30
+        acct = Accounting(self.groups(RAW, variant))
+        feeder: subprocess.Popen[bytes] | None = None
+        errs: Lines | None = None
+        spawned = time.perf_counter()
+        if variant == DIRECT:
+            client = self.children.start(
+                "source", [sys.executable, "-m", "bench.plain_hop", "--worker", "source",
+                           str(self.sink_port), str(nbytes), str(MiB), "0"], cwd=REPO,
+                stdout=subprocess.DEVNULL)
+        else:
+            feeder, r = self._feeder(nbytes)
+            argv = ([find_program("socat"), "-b", "131072", "-u", "STDIN",
+                     f"TCP:{LOOPBACK}:{self.sink_port}"] if variant == SOCAT
+                    else self.connect_argv("sink:9000"))
+            spawned = time.perf_counter()
+            client = self.children.start(variant, self.wrapped(out, argv), stdin=r,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         cwd=REPO, env=avo_env())
+            os.close(r)
+            assert client.stderr is not None
+            errs = Lines(client.stderr, f"{variant}-stderr")
+        try:
+            conn = self._sink_event("accepted", START_TIMEOUT)["conn"]
+        except BenchError as e:
+            client.kill()
+            raise BenchError(f"{e}\n{errs.text() if errs else ''}") from None
+        ready = time.perf_counter()
+        if feeder is not None:
+            entry = Wrapped(out).wait("pid", 5.0)
+            if entry is None:
+                client.kill()
+                raise BenchError("the rusage wrapper wrote no pid")
+            acct.own("socat" if variant == SOCAT else "connect", int(entry["pid"]))
+        acct.stream_start()
+        if feeder is not None:
+            self._go(feeder)
+        done = self._sink_event("done", timeout, conn)
+        acct.stream_end()
+        result: dict[str, Any] = {"seconds": done["seconds"], "bytes": done["bytes"],
+                                  "setup_s": ready - spawned}
+        if not wait_exit(client, 30):
+            client.kill()
+            raise BenchError(f"{variant} did not exit within 30 s of the sink's EOF")
+        if feeder is not None:
+            end = Wrapped(out).wait("exit", 10.0)
+            if end is None:
+                raise BenchError(f"{variant} did not report its exit")
+            result.update(acct.finish(end["cpu_s"]))
+            feeder.wait(30)
+        else:
+            result.update(acct.finish(None))
+        text = errs.text() if errs else ""
+        if client.returncode != 0 or done["bytes"] != nbytes:
+            result["error"] = (f"{variant} exited {client.returncode}, {done['bytes']} of "
+                               f"{nbytes} bytes arrived:\n{text}")
+        elif text:
+            self.anomalies.append(f"raw {variant} said on stderr: {text}")
+        return result
+
+    # -- the run
+
+    def check_alive(self) -> None:
+        procs = [("relay", self.relay, self.relay_log), ("agent", self.agent, self.agent_log),
+                 ("sink", self.sink, self.sink_out), ("ssh -N -R", self.ssh_r.forwarder,
+                                                      self.ssh_r.log),
+                 ("target sshd", self.sshd, self.sshd_log)]
+        if self.cloud is not None:
+            procs.append(("cloud sshd", self.cloud.sshd, self.cloud.sshd_log))
+        for name, proc, log in procs:
+            if proc is not None and proc.poll() is not None:
+                raise BenchError(f"{name} exited ({proc.returncode}) mid-run:\n"
+                                 + (log.text() if log else ""))
+
+    def run(self) -> dict[str, Any]:  # type: ignore[override]
+        args = self.args
+        samples: dict[str, dict[str, list[dict[str, Any]]]] = {
+            w: {v: [] for v in vs} for w, vs in VARIANTS.items()}
+        warm = min(args.bytes, 64 * MiB)
+        print(f"warming up: {warm // MiB} MiB per variant (not recorded)", flush=True)
+        for workload, variants in VARIANTS.items():
+            for variant in variants:
+                self.trial(workload, variant, warm)
+        self.failed.clear()  # a warm-up failure is reported, and measured again
+        self.check_alive()
+        machine0, wall0 = machine_cpu(), time.monotonic()
+        ours = [os.getpid(), *descendants(os.getpid())]
+        ours0 = cpu_seconds(ours)
+        for run in range(1, args.runs + 1):
+            for workload, variants in VARIANTS.items():
+                k = (run - 1) % len(variants)
+                for variant in variants[k:] + variants[:k]:  # rotated run by run
+                    if (workload, variant) in self.failed and not args.keep_going:
+                        continue
+                    r = self.trial(workload, variant, args.bytes)
+                    self.check_alive()
+                    if r is None:
+                        continue
+                    r["run"] = run
+                    samples[workload][variant].append(r)
+                    cpu = " ".join(f"{g} {s / (args.bytes / GiB):.2f}"
+                                   for g, s in r["cpu"].items())
+                    print(f"run {run}/{args.runs} {workload:3} {variant:6} "
+                          f"{args.bytes / r['seconds'] / 1e6:8.1f} MB/s  set-up "
+                          f"{r['setup_s'] * 1000:6.0f} ms"
+                          + (f"   CPU s/GiB: {cpu}" if cpu else ""), flush=True)
+        machine1 = machine_cpu()
+        machine = {
+            "wall_s": time.monotonic() - wall0,
+            "busy_cpu_s": machine1["busy"] - machine0["busy"],
+            "bench_processes_cpu_s": cpu_seconds(ours) - ours0,
+            "steal_cpu_s": machine1["steal"] - machine0["steal"],
+            "loadavg_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        }
+        return summarize(self, samples, machine)
+
+    def cleanup(self) -> list[str]:
+        notes = self.children.stop_all()
+        for pid in sorted(self.stray):
+            if avo._alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                notes.append(f"killed leftover process {pid}")
+        return notes
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait for ``proc`` to exit, woken by its pidfd the moment it does (``Popen.wait``
+    with a timeout polls with sleeps of up to 50 ms); False on timeout."""
+    fd = os.pidfd_open(proc.pid)
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    if not ready:
+        return False
+    proc.wait()
+    return True
+
+
+def avo_env() -> dict[str, str]:
+    """The environment of ssh (and so of its ProxyCommand) and of the wrapped processes:
+    ours, with the checkout importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+# ---------------------------------------------------------------------------
+# statistics and reports
+
+
+def _goal(goals: list[dict[str, Any]], text: str, value: float | None, target: float,
+          higher: bool, unit: str = "", level: str = "goal") -> None:
+    ok = value is not None and (value >= target if higher else value <= target)
+    margin = None if value is None else (value - target if higher else target - value)
+    goals.append({"goal": text, "value": value, "target": target, "unit": unit,
+                  "level": level, "status": "PASS" if ok else "MISS", "margin": margin,
+                  "margin_pct": None if margin is None or not target else 100 * margin / target})
+
+
+def summarize(bench: FastBench, samples: dict[str, dict[str, list[dict[str, Any]]]],
+              machine: dict[str, Any]) -> dict[str, Any]:
+    args = bench.args
+    gib = args.bytes / GiB
+    series: list[dict[str, Any]] = []
+    for workload, per_variant in samples.items():
+        direct = {r["run"]: r["seconds"] for r in per_variant.get(DIRECT, [])}
+        for variant, runs in per_variant.items():
+            order = list(PROCS)
+            groups = sorted(dict.fromkeys(g for r in runs for g in r["cpu"]),
+                            key=lambda g: order.index(g) if g in order else len(order))
+            ratios = [direct[r["run"]] / r["seconds"] for r in runs if r["run"] in direct]
+            series.append({
+                "workload": workload, "path": variant, "label": LABELS[workload, variant],
+                "carrier": CARRIERS[workload, variant],
+                "mb_per_s": spread([args.bytes / r["seconds"] / 1e6 for r in runs]),
+                # the median of per-run ratios: each run's variants ran back to back
+                "ratio_to_direct": spread(ratios) if variant != DIRECT else None,
+                "cpu_s_per_gib": {g: spread([r["cpu"][g] / gib for r in runs if g in r["cpu"]])
+                                  for g in groups},
+                "core_share": {g: spread([r["cpu"][g] / r["seconds"] for r in runs
+                                          if g in r["cpu"]]) for g in groups},
+                "setup_s": spread([r["setup_s"] for r in runs]),
+                "setup_cpu_s": {g: spread([r["setup_cpu"][g] for r in runs
+                                           if g in r["setup_cpu"]]) for g in groups},
+                "teardown_cpu_s": {g: spread([r["teardown_cpu"][g] for r in runs
+                                              if g in r["teardown_cpu"]]) for g in groups},
+                "own_exited_before_stream_end": sum(
+                    bool(r.get("own_exited_before_stream_end")) for r in runs),
+                "samples": runs,
+            })
+
+    def find(workload: str, path: str) -> dict[str, Any]:
+        return next((s for s in series if s["workload"] == workload and s["path"] == path), {})
+
+    def med(x: dict[str, Any] | None) -> float | None:
+        return x["median"] if x else None
+
+    goals: list[dict[str, Any]] = []
+    fast = find(SSH, FAST)
+    _goal(goals, f"ssh session via the fast path ÷ direct >= {SSH_RATIO_GOAL}",
+          med(fast.get("ratio_to_direct")), SSH_RATIO_GOAL, True, "×")
+    for proc in ("connect", "relay", "agent"):
+        value = med((fast.get("cpu_s_per_gib") or {}).get(proc))
+        for level, target in (("goal", CPU_GOAL), ("moonshot", CPU_MOONSHOT)):
+            _goal(goals, f"ssh stream: {PROCS[proc]} CPU-s/GiB <= {target}", value, target,
+                  False, "CPU-s/GiB", level)
+    raw = med(find(RAW, FAST).get("ratio_to_direct"))
+    for level, target in (("goal", RAW_RATIO_GOAL), ("moonshot", RAW_RATIO_MOONSHOT)):
+        _goal(goals, f"raw TCP via the fast path ÷ direct loopback >= {target}", raw, target,
+              True, "×", level)
+
+    shim = SimpleNamespace(
+        args=argparse.Namespace(python=args.python, bytes=args.bytes, runs=args.runs,
+                                sessions=0, gap_sessions=0, gap_ms=0.0, no_reverse=True),
+        loadavg_at_start=bench.loadavg_at_start, paths={})
+    cond = avo.conditions(shim)  # type: ignore[arg-type]
+    for k in ("setup_sessions_per_run", "gap_sessions_per_run", "gap_ms", "directions",
+              "chunk_bytes"):
+        cond.pop(k, None)
+    cond.update({
+        "ciphers": bench.ciphers,
+        "datapath_backend": bench.backend,
+        "datapath_env": os.environ.get("LABRELAY_DATAPATH", "(unset: auto)"),
+        "backends_logged": {k: v for k, v in bench.events.items() if " backend: " in k},
+        "remote_command": REMOTE_COMMAND,
+        "seed_variant": "public port: user ssh -p PUB to the cloud sshd, whose -R listener "
+                        "belongs to lab_pc's ssh -N -R 127.0.0.1:PUB:127.0.0.1:TARGET "
+                        "(autossh would run this same ssh; -J through the cloud is not "
+                        "measured)",
+        "order": f"fresh processes; a warm-up of {min(args.bytes, 64 * MiB) // MiB} MiB per "
+                 "variant (not recorded); then per run: the ssh variants, then the raw "
+                 "variants, each workload's order rotated by one every run",
+        "timing": "ssh: from 'go' to the feeder (session already up) to ssh's exit; raw: "
+                  "the sink's first byte to its EOF",
+        "cpu_method": "utime+stime from /proc/PID/stat (all threads: the C pump is one; "
+                      "10 ms ticks) of relay, agent, ssh -N -R, the cloud sshd session "
+                      "processes and of labrelay connect / socat at the session's start, "
+                      "the stream's start and its end; labrelay connect and socat also run "
+                      "under a wrapper that reads their exact lifetime total with wait4 "
+                      "(set-up + stream + teardown)",
+        "rusage_wrapper_start_s": bench.wrapper_start_s,
+        "relay_argv": bench.relay_argv, "agent_argv": bench.agent_argv,
+        "ssh_R_argv": bench.ssh_r.argv,
+        "user_ssh_argv": {v: bench.user_ssh(v, Path("RUSAGE.jsonl")) for v in VARIANTS[SSH]},
+        "events": dict(sorted(bench.events.items())),
+    })
+    return {
+        "benchmark": "fast_path",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "commit": bench.commit,
+        "relay_uncommitted_at_start": bench.relay_changes,
+        "conditions": cond,
+        "series": series,
+        "goals": goals,
+        "machine_cpu_during_measurement": machine,
+        "anomalies": bench.anomalies,
+    }
+
+
+def _fmt(s: dict[str, float] | None, digits: int = 1) -> str:
+    return avo._fmt(s, digits)
+
+
+def _cpu_cell(entry: dict[str, Any], key: str, digits: int = 2) -> str:
+    groups = entry.get(key) or {}
+    return ", ".join(f"{PROCS.get(g, g)} {_fmt(s, digits)}" for g, s in groups.items()
+                     if s) or "–"
+
+
+def _goal_row(g: dict[str, Any]) -> str:
+    v, m = g.get("value"), g.get("margin")
+    value = "n/a" if v is None else f"{v:.3f} {g.get('unit') or ''}".strip()
+    margin = "n/a" if m is None else f"{m:+.3f}" + (
+        f" ({g['margin_pct']:+.0f} %)" if g.get("margin_pct") is not None else "")
+    return f"| {g['goal']} | {g.get('level', 'goal')} | {value} | {margin} | **{g['status']}** |"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    c = res["conditions"]
+    changes = res.get("relay_uncommitted_at_start") or []
+    dirty = " plus uncommitted changes in relay/" if changes else ""
+    mib = c["bytes"] / MiB
+    out = [
+        f"# labrelay fast path vs direct ssh and the seed's OpenSSH chain — {res['date']}, "
+        f"commit `{res['commit']}`{dirty}",
+        "",
+        *([f"Uncommitted in relay/ when the run started: {', '.join(changes)}.", ""]
+          if changes else []),
+        f"{c['cpu_model']}, {c['nproc']} CPUs (load {c['loadavg_at_start']} at start), "
+        f"Linux {c['kernel']}, Python {c['python']}, Twisted {c['twisted']}, "
+        f"cryptography {c['cryptography']}, labrelay {c['labrelay']}, {c['openssh']}. "
+        f"{mib:g} MiB per transfer, {c['runs']} runs; within each run every variant takes its "
+        "turn (order rotated run by run); figures are the median (min–max) over the runs; "
+        "× direct is the median (min–max) of the per-run ratios; MB = 10^6 bytes. "
+        f"Data path: LABRELAY_DATAPATH {c.get('datapath_env')}; labrelay connect's backend "
+        f"{c.get('datapath_backend')}; the relay and the agent logged: "
+        + ("; ".join(k.replace(" backend: data path:", ":") for k in
+                     c.get("backends_logged") or {}) or "nothing") + ". Ciphers: "
+        + "; ".join(f"{k}: {v}" for k, v in (c.get("ciphers") or {}).items()) + ".",
+        "",
+        "| workload | path | what carries it |",
+        "|---|---|---|",
+    ]
+    out += [f"| {s['workload']} | {s['label']} | {s['carrier']} |" for s in res["series"]]
+    titles = {
+        SSH: f"## A user's ssh session: `ssh … '{c.get('remote_command')}'` fed {mib:g} MiB "
+             "on stdin",
+        RAW: f"## Raw TCP: {mib:g} MiB into a sink service (`sink:9000`, declared e2e)",
+    }
+    notes = {
+        SSH: "Timed from 'go' to the feeder (the session is already up: it printed 'ready') "
+             "to ssh's exit; `wc -c` reads to EOF like `cat > /dev/null` and its count is "
+             "checked. Set-up: ssh started → 'ready' (the fast path's includes "
+             f"{(c.get('rusage_wrapper_start_s') or 0) * 1000:.0f} ms for the CPU-accounting "
+             "wrapper's own start).",
+        RAW: "Timed at the sink from its first byte to EOF; the byte count is checked. "
+             "Set-up: client started → the sink accepted.",
+    }
+    for workload in (SSH, RAW):
+        rows = [s for s in res["series"] if s["workload"] == workload]
+        if not rows:
+            continue
+        out += ["", titles[workload], "", notes[workload], "",
+                "| path | MB/s | × direct | CPU-s/GiB of each relaying process (stream) "
+                "| busy share of a core | set-up s | CPU-s per session: set-up "
+                "| CPU-s per session: teardown |",
+                "|---|---|---|---|---|---|---|---|"]
+        for s in rows:
+            ratio = _fmt(s.get("ratio_to_direct"), 2) if s["path"] != DIRECT else "1"
+            out.append(f"| {s['label']} | {_fmt(s.get('mb_per_s'))} | {ratio} "
+                       f"| {_cpu_cell(s, 'cpu_s_per_gib')} | {_cpu_cell(s, 'core_share')} "
+                       f"| {_fmt(s.get('setup_s'), 3)} | {_cpu_cell(s, 'setup_cpu_s', 3)} "
+                       f"| {_cpu_cell(s, 'teardown_cpu_s', 3)} |")
+    out += ["", "## Goals", "",
+            f"An earlier measurement of the seed chain (not this harness) gave about "
+            f"{SEED_RATIO_SEEN}× direct; here it is a reference, not a goal. Margin: how far "
+            "the value is on the good side of the target (negative: short of it).", "",
+            "| goal | level | value | margin | status |", "|---|---|---|---|---|"]
+    out += [_goal_row(g) for g in res["goals"]]
+    out += ["", "## Method", "",
+            f"- Seed chain: {c.get('seed_variant')}.",
+            f"- Timing: {c.get('timing')}.",
+            f"- CPU: {c.get('cpu_method')}. The stream's CPU is counted from its start to "
+            "its end (ssh's exit; the sink's EOF); set-up CPU from the session's start to the "
+            "stream's (for connect and socat: their whole start-up, Python and SSH "
+            "handshake with the relay included); teardown CPU from the stream's end to the "
+            "per-session process's exit (for connect: mostly the Python interpreter "
+            "shutting down).",
+            f"- Order: {c.get('order')}."]
+    m = res.get("machine_cpu_during_measurement")
+    if m:
+        out += ["", f"Machine during the measurements ({m['wall_s']:.0f} s): CPUs busy "
+                f"{m['busy_cpu_s']:.0f} of {m['wall_s'] * (c['nproc'] or 1):.0f} CPU-seconds, "
+                f"{m['bench_processes_cpu_s']:.0f} of them in this benchmark's long-lived "
+                "processes (sshds, relay, agent, ssh -N -R, sink, harness; the rest is the "
+                "per-session ssh clients, sshd sessions, labrelay connect, socat and feeders, "
+                "loopback TCP softirq work, plus whatever else ran); "
+                f"hypervisor steal {m['steal_cpu_s']:.1f} s; load average at end "
+                f"{m['loadavg_at_end']}."]
+    out.append("")
+    if res["anomalies"]:
+        out += ["Anomalies:", ""] + [
+            "    " + a.replace("\n", "\n    ") for a in res["anomalies"]] + [""]
+    else:
+        out += ["No anomalies: every transfer arrived complete, every fast-path session was "
+                "spliced (one relay_fast_session each), nothing fell back to a channel, and "
+                "relay and agent logged no warning or error.", ""]
+    if c.get("note"):
+        out += [str(c["note"]), ""]
+    return "\n".join(out)
+
+
+def print_table(res: dict[str, Any]) -> None:
+    print()
+    print(f"{'workload':8} {'path':7} {'MB/s':>22} {'× direct':>18}  CPU s/GiB")
+    for s in res["series"]:
+        cpu = ", ".join(f"{g} {v['median']:.2f}" for g, v in s["cpu_s_per_gib"].items() if v)
+        ratio = _fmt(s.get("ratio_to_direct"), 2) if s["path"] != DIRECT else "1"
+        print(f"{s['workload']:8} {s['path']:7} {_fmt(s.get('mb_per_s')):>22} {ratio:>18}  "
+              f"{cpu}")
+    print()
+    for g in res["goals"]:
+        v = "n/a" if g["value"] is None else f"{g['value']:.2f}"
+        print(f"  {g['status']:4}  [{g['level']}] {g['goal']}: {v}")
+    for a in res["anomalies"]:
+        print(f"  !! {a}")
+
+
+# ---------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.fast_path",
+        description="labrelay's fast path (labrelay connect -> relay data port -> agent, "
+        "spliced) vs ssh direct and the seed's ssh -R chain, and raw TCP through it vs "
+        "direct loopback; side by side in one run, on loopback.")
+    p.add_argument("--bytes", type=avo.parse_bytes, default=None,
+                   help="bytes per transfer, e.g. 1GiB (default), 256MiB")
+    p.add_argument("--runs", type=int, default=None, help="runs (default 5; --quick 3)")
+    p.add_argument("--quick", action="store_true", help="256 MiB and 3 runs")
+    p.add_argument("--keep-going", action="store_true",
+                   help="keep measuring a variant after it failed once")
+    p.add_argument("--note", default="", help="a sentence to add to the Markdown report")
+    p.add_argument("--python", default=sys.executable,
+                   help="the Python that runs relay, agent and labrelay connect")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    return p
+
+
+def write_results(directory: Path, res: dict[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    js = directory / "fast_path-latest.json"
+    js.write_text(json.dumps(res, indent=2) + "\n")
+    md = directory / "fast_path-latest.md"
+    shown = js.relative_to(REPO) if js.is_relative_to(REPO) else js
+    md.write_text(markdown(res) + f"\nRaw data: `{shown}`.\n")
+    print(f"wrote {js} and {md}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        kind = argv[1]
+        if kind == "feed":
+            feed_worker(int(argv[2]))
+        elif kind == "sink":
+            sink_worker()
+        elif kind == "rusage":
+            rest = argv[3:]
+            return rusage_worker(argv[2], rest[1:] if rest[:1] == ["--"] else rest)
+        return 0
+    args = build_parser().parse_args(argv)
+    if args.bytes is None:
+        args.bytes = 256 * MiB if args.quick else GiB
+    if args.runs is None:
+        args.runs = 3 if args.quick else 5
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
+    code = 1
+    with tempfile.TemporaryDirectory(prefix="labrelay-fastpath-bench-") as tmp:
+        workdir = Path(tmp)
+        workdir.chmod(0o755)  # the privilege-separated sshd reads its files
+        bench = FastBench(args, workdir)
+        try:
+            print(f"setting up in {workdir} ...", flush=True)
+            bench.setup()
+            print(f"  target sshd {bench.sshd_port}, relay {bench.relay_port} (data port "
+                  f"{bench.data_port}), cloud public port {bench.pub_port}, sink "
+                  f"{bench.sink_port}; backend {bench.backend}; {bench.ciphers}", flush=True)
+            res = bench.run()
+            if args.note:
+                res["conditions"]["note"] = args.note
+            write_results(args.results_dir, res)
+            print_table(res)
+            code = 0 if not res["anomalies"] else 3
+        except BenchError as e:
+            print(f"bench: {e}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("bench: interrupted; stopping everything", file=sys.stderr)
+            code = 130
+        finally:
+            for note in bench.cleanup():
+                print(f"bench: cleanup: {note}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
