@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/eventfd.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
@@ -349,7 +350,44 @@ int lr_move(struct lr_dir *d, struct lr_pool *pool, uint64_t budget, uint64_t *m
             continue;
         }
 
-        /* 3. read into the (empty) pipe or buffer */
+        /* 3. one end is a pipe already (labrelay connect's stdin/stdout): the kernel
+         * moves pipe <-> socket in one call, half the syscalls of going through a
+         * pipe of our own, and nothing is ever held here. */
+        if ((d->flags & LR_DIR_DIRECT) && !(d->flags & LR_DIR_COPY)) {
+            d->syscalls++;
+            n = do_splice(d->in_fd, d->out_fd, want);
+            if (n > 0) {
+                moved += (uint64_t)n;
+                d->moved += (uint64_t)n;
+                if ((d->flags & LR_DIR_SHORT_WAITS) && (size_t)n < want)
+                    short_read = 1;
+                continue;
+            }
+            if (n == 0) {
+                d->flags |= LR_DIR_EOF;
+                continue;
+            }
+            if (n == -EINTR)
+                continue;
+            if (n == -EAGAIN) {
+                /* Empty input or full output: bytes waiting in in_fd say which. */
+                int avail = 0;
+                rc = ioctl(d->in_fd, FIONREAD, &avail) == 0 && avail > 0 ? LR_WAIT_OUT
+                                                                         : LR_WAIT_IN;
+                goto out;
+            }
+            if (refused(n)) {
+                d->flags &= ~(unsigned int)LR_DIR_DIRECT; /* through a pipe of ours */
+                continue;
+            }
+            /* EPIPE: the reader of out_fd is gone; otherwise the socket end failed */
+            d->err_side = n == -EPIPE ? LR_SIDE_OUT
+                        : (d->flags & LR_DIR_IN_PIPE) ? LR_SIDE_OUT : LR_SIDE_IN;
+            rc = (int)n;
+            goto out;
+        }
+
+        /* 4. read into the (empty) pipe or buffer */
         n = fill(d, pool, want, &cap);
         if (n > 0) {
             if ((d->flags & LR_DIR_SHORT_WAITS) && (size_t)n < cap)
@@ -394,6 +432,7 @@ struct lr_ep {
     uint32_t registered; /* epoll mask now registered; 0 = not in the epoll set */
     int pollable;        /* 0: epoll refuses it (regular file): always ready */
     int is_socket;
+    int is_pipe;
     struct lr_pair *pair;
 };
 
@@ -834,6 +873,7 @@ static int add_ep(struct lr_pair *pr, int fd)
         return -errno;
     pr->ep[pr->nep].fd = fd;
     pr->ep[pr->nep].is_socket = S_ISSOCK(st.st_mode);
+    pr->ep[pr->nep].is_pipe = S_ISFIFO(st.st_mode);
     pr->ep[pr->nep].pollable = !S_ISREG(st.st_mode);
     pr->ep[pr->nep].pair = pr;
     pr->nep++;
@@ -846,6 +886,15 @@ static int ep_is_socket(struct lr_pair *pr, int fd)
     for (i = 0; i < pr->nep; i++)
         if (pr->ep[i].fd == fd)
             return pr->ep[i].is_socket;
+    return 0;
+}
+
+static int ep_is_pipe(struct lr_pair *pr, int fd)
+{
+    int i;
+    for (i = 0; i < pr->nep; i++)
+        if (pr->ep[i].fd == fd)
+            return pr->ep[i].is_pipe;
     return 0;
 }
 
@@ -926,6 +975,10 @@ int64_t lr_pump_add(lr_pump *p, int a_rfd, int a_wfd, int b_rfd, int b_wfd,
             d->flags |= LR_DIR_OUT_SOCKET;
         if (ep_is_file(pr, d->in_fd))
             d->flags |= LR_DIR_IN_FILE;
+        else if (ep_is_pipe(pr, d->in_fd) && ep_is_socket(pr, d->out_fd))
+            d->flags |= LR_DIR_DIRECT | LR_DIR_IN_PIPE;
+        else if (ep_is_socket(pr, d->in_fd) && ep_is_pipe(pr, d->out_fd))
+            d->flags |= LR_DIR_DIRECT;
     }
     rc = lr_dir_prefix(&pr->dir[0], ab_prefix, ab_prefix != NULL ? ab_len : 0);
     if (rc == 0)

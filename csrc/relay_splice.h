@@ -31,6 +31,8 @@
 #define LR_DIR_IN_FILE 0x04     /* in_fd is a regular file: sendfile(2) it */
 #define LR_DIR_COPY 0x08        /* use read/write through a buffer, not splice */
 #define LR_DIR_SHORT_WAITS 0x10 /* a short read ends the call (the caller polls level-triggered) */
+#define LR_DIR_DIRECT 0x20      /* in_fd or out_fd is a pipe: splice straight across, no pipe of ours */
+#define LR_DIR_IN_PIPE 0x40     /* (with LR_DIR_DIRECT) in_fd is the pipe, out_fd the socket */
 /* struct lr_dir.flags: set by lr_move */
 #define LR_DIR_EOF 0x100        /* in_fd gave EOF */
 #define LR_DIR_DONE 0x200       /* out_fd was shut: nothing more will move */

@@ -337,6 +337,52 @@ def test_pipes_and_files_as_ends(reactor: Any, dp: DataPath, tmp_path: Path,
     assert bytes(got) == download  # and the reader saw EOF: the pipe was closed
 
 
+def test_pipe_in_and_pipe_out_as_labrelay_connect_uses_them(
+        reactor: Any, dp: DataPath, sockets: list[socket.socket]) -> None:
+    """Side a is a pair of pipes (ssh's ProxyCommand stdin/stdout): the C pump splices
+    pipe -> socket and socket -> pipe straight across.  A writer that pauses and a slow
+    reader make both directions wait on each side; prefixes go first; EOF on the
+    input pipe half-closes the socket, EOF on the socket closes the output pipe."""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    relay_b, peer_b = tcp_pair()
+    sockets.append(peer_b)
+    fb = relay_b.detach()
+    upload = os.urandom(8 * MiB + 3)
+    download = os.urandom(6 * MiB + 5)
+    pb = Peer(peer_b, download)
+    got = bytearray()
+
+    def write_pipe() -> None:
+        for i in range(0, len(upload), 1 << 20):
+            _write_all(in_w, upload[i:i + (1 << 20)])
+            time.sleep(0.01)  # a writer that pauses: the pump waits on an empty pipe
+        os.close(in_w)
+
+    def read_pipe() -> None:
+        while chunk := os.read(out_r, 4096):  # a slow reader: the pump waits on a full pipe
+            got.extend(chunk)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (write_pipe, read_pipe)]
+    for t in threads:
+        t.start()
+    pair = dp.splice(End(in_r, out_w), End(fb, fb), from_a=b"first:", from_b=b"hello:")
+    result = wait(reactor, pair.done, timeout=60)
+    pb.join()
+    for t in threads:
+        t.join(30)
+    os.close(out_r)
+    assert result == PairResult(len(upload) + 6, len(download) + 6)
+    assert bytes(pb.received) == b"first:" + upload
+    assert bytes(got) == b"hello:" + download
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def test_status_shows_backend_and_counts(reactor: Any, dp: DataPath, backend: str,
                                          sockets: list[socket.socket]) -> None:
     peer_a, a, b, peer_b = pair_of_hops(sockets)
