@@ -380,6 +380,16 @@ int lr_move(struct lr_dir *d, struct lr_pool *pool, uint64_t budget, uint64_t *m
                 d->flags &= ~(unsigned int)LR_DIR_DIRECT; /* through a pipe of ours */
                 continue;
             }
+            if (n == -EPIPE && !(d->flags & LR_DIR_IN_PIPE)) {
+                /* splice into a pipe whose reader is gone fails even with nothing to
+                 * move.  With nothing waiting in in_fd that is not an error yet: go on
+                 * through a pipe of ours, which fails only if bytes do arrive. */
+                int avail = 0;
+                if (ioctl(d->in_fd, FIONREAD, &avail) == 0 && avail == 0) {
+                    d->flags &= ~(unsigned int)LR_DIR_DIRECT;
+                    continue;
+                }
+            }
             /* EPIPE: the reader of out_fd is gone; otherwise the socket end failed */
             d->err_side = n == -EPIPE ? LR_SIDE_OUT
                         : (d->flags & LR_DIR_IN_PIPE) ? LR_SIDE_OUT : LR_SIDE_IN;

@@ -74,7 +74,9 @@ class Site:
     def ssh_config(self) -> Path:
         """An ssh_config whose gpu-cluster goes through ``labrelay connect`` as alice."""
         path = self.tmp / "ssh_config"
-        proxy = " ".join(self.connect_argv("alice", self.keys.alice, "%h:%p"))
+        # Each labrelay connect appends its stderr here: on the fast path it says nothing.
+        proxy = (f"sh -c 'exec {' '.join(self.connect_argv('alice', self.keys.alice, '%h:%p'))} "
+                 f"2>>{self.tmp / 'connect.err'}'")
         path.write_text(f"""\
 Host gpu-cluster
   User root
@@ -206,6 +208,7 @@ def test_ssh_and_scp_through_the_fast_path_are_spliced(site: Site) -> None:
         assert held.stdin is not None
         held.stdin.close()
         assert held.wait(timeout=30) == 0
+    assert (site.tmp / "connect.err").read_text() == ""  # not a word: no fallback, no error
     fast = site.fast()
     assert fast["paired"] == 3 and fast["pair_failed"] == 0
     per = site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]

@@ -377,6 +377,25 @@ def test_pipe_in_and_pipe_out_as_labrelay_connect_uses_them(
     assert bytes(got) == b"hello:" + download
 
 
+def test_an_output_pipe_closed_early_is_no_error_while_nothing_comes(
+        reactor: Any, dp: DataPath, sockets: list[socket.socket]) -> None:
+    """ssh closes its ProxyCommand's pipes when it exits; if the other end has nothing
+    more to say, the pair ends cleanly (splice into a reader-less pipe fails at once,
+    even with nothing to move: that must not count as an error)."""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.close(out_r)  # the reader is gone before anything moved
+    relay_b, peer_b = tcp_pair()
+    sockets.append(peer_b)
+    fb = relay_b.detach()
+    _write_all(in_w, b"bye")
+    os.close(in_w)
+    pb = Peer(peer_b, b"", wait_eof_first=True)  # the far end has nothing more to say
+    assert wait(reactor, dp.splice(End(in_r, out_w), End(fb, fb)).done) == PairResult(3, 0)
+    pb.join()
+    assert bytes(pb.received) == b"bye" and pb.error is None
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
