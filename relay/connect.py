@@ -21,6 +21,9 @@ stdout is the stream: everything this command says goes to stderr.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
+import stat
 import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -37,6 +40,7 @@ from .config import ConfigError, LinkConfig
 from .net import client_endpoint
 
 CLI = "command line"
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 EXIT_FAILED = 1
 PAIR_TIMEOUT_SLACK = 5.0
 
@@ -87,6 +91,17 @@ def options_from_args(ns: argparse.Namespace) -> ConnectOptions:
                           "e.g. gpu-cluster or jupyter:8888")
     return ConnectOptions(link=link, service=name.lower(), port=int(port_text or 22),
                           fast_path=ns.fast_path)
+
+
+def _grow_pipe(fd: int) -> None:
+    """ssh's ProxyCommand pipes hold 64 KiB: at 1 MiB ssh and the pump each wake a
+    sixteenth as often for the same bytes.  Best effort (a tty or socket is left as is;
+    an unprivileged user may be over its pipe-buffer quota)."""
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, F_SETPIPE_SZ, datapath.DEFAULT_PIPE_SIZE)
+    except OSError:
+        pass
 
 
 class _UserData(Protocol):
@@ -222,6 +237,8 @@ class Connector:
         if self.verbose:
             self.say(f"{self.label}: fast path (spliced) via data port {data_port}")
         dp = datapath.get(self.reactor)
+        for pipe_fd in (self.stdin_fd, self.stdout_fd):
+            _grow_pipe(pipe_fd)
         fd, unsent = datapath.detach_transport(proto.transport)
         pair = dp.splice(datapath.End(self.stdin_fd, self.stdout_fd), datapath.End(fd, fd),
                          from_a=unsent, from_b=extra)
