@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from . import datapath
 from . import fastwire as fw
 from .datapath import Held
-from .net import client_endpoint
+from .net import client_endpoint, probe_idle
 
 if TYPE_CHECKING:
     from .link import Link
@@ -52,6 +52,7 @@ class PoolConnection(Protocol):
     def connectionMade(self) -> None:
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
+        probe_idle(self.transport)
         self.transport.write(fw.agent_hello(self.token))
         self.state = "idle"
         self.pool.connected(self)

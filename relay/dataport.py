@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 
 from . import datapath
 from . import fastwire as fw
-from .net import LISTEN_BACKLOG
+from .net import LISTEN_BACKLOG, probe_idle
 from .tokens import Throttle, TokenBook, TokenRefused
 
 if TYPE_CHECKING:
@@ -43,10 +43,16 @@ POOL_TOKEN_LIFETIME = 30.0
 MAX_POOL_PER_AGENT = 64
 MAX_TOKENS_PER_REQUEST = 16
 AGENT_REPLY_TIMEOUT = 15.0  # the agent's own target connect timeout is 10 s
+MAX_DISPATCH_TRIES = 3  # pooled connections found dead at dispatch before giving up
 
 
 class PairingError(Exception):
     """Why a user's data connection was not paired (sent to the user)."""
+
+
+class AgentConnectionGone(PairingError):
+    """The agent's data connection closed before it answered GO (a stale one: try
+    another)."""
 
 
 @dataclass(eq=False)
@@ -187,7 +193,7 @@ class DataConnection(Protocol):
         self._timer = None
         was, self.state = self.state, "closed"
         self.port.lost(self, was)
-        self._answered(Failure(PairingError("the agent's data connection closed")))
+        self._answered(Failure(AgentConnectionGone("the agent's data connection closed")))
 
 
 class DataPort:
@@ -366,6 +372,7 @@ class DataPort:
                 return
             dc.state = "idle"
             dc.pool = pool
+            probe_idle(dc.transport)
             if dc.extra:
                 self.refuse(dc, "protocol", "an agent data connection sent bytes after hello")
                 return
@@ -406,26 +413,37 @@ class DataPort:
         chosen: list[DataConnection] = []
         stage = ["registration"]
 
-        def with_registration(reg: Registration) -> defer.Deferred[DataConnection]:
+        def with_registration(reg: Registration) -> defer.Deferred[str]:
             pool = self.pools.get(reg.session)
             if pool is None or (reg.bind.lower(), port) not in pool.spliceable:
                 raise PairingError(f"agent {reg.owner} keeps no data connections for {label}")
-            stage[0] = "pool"
-            return pool.take(self.clock, max(0.0, deadline - self.clock.seconds()))
+            return dispatch_next(pool, reg.bind, MAX_DISPATCH_TRIES)
 
-        def with_agent_conn(agent: DataConnection) -> defer.Deferred[str]:
+        def dispatch_next(pool: AgentPool, bind: str, tries: int) -> defer.Deferred[str]:
+            stage[0] = "pool"
+            d = pool.take(self.clock, max(0.0, deadline - self.clock.seconds()))
+            d.addCallback(with_agent_conn, bind)
+
+            def stale(f: Failure) -> Any:
+                # A pooled connection that died idle (its probes found it, or the
+                # relay learns it only now): another one, while tries and time remain.
+                if f.check(AgentConnectionGone) and tries > 1 and user.state == "user":
+                    return dispatch_next(pool, bind, tries - 1)
+                return f
+
+            return d.addErrback(stale)
+
+        def with_agent_conn(agent: DataConnection, bind: str) -> defer.Deferred[str]:
             stage[0] = "agent"
             chosen.append(agent)
             if user.state != "user":
                 raise PairingError("the user's data connection closed")
-            reg = self.core.registry.lookup(name, port)
-            bind = reg.bind if reg is not None else name
             d = agent.dispatch(bind, port)
             timer = self.clock.callLater(AGENT_REPLY_TIMEOUT, d.cancel)
             return d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
 
         def paired(_: object) -> None:
-            agent = chosen[0]
+            agent = chosen[-1]
             try:
                 pair = datapath.get(self.clock).splice_transports(
                     user.transport, agent.transport, from_a=user.extra,
@@ -456,7 +474,7 @@ class DataPort:
                         tell=f"{label} unavailable: {why}")
 
         d = self.core.whenRegistered(name, port, self.config.public_wait)
-        d.addCallback(with_registration).addCallback(with_agent_conn)
+        d.addCallback(with_registration)
         d.addCallbacks(paired, failed).addErrback(failed)
 
     def status(self) -> dict[str, Any]:

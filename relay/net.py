@@ -44,3 +44,24 @@ def quickack(transport: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         except OSError:
             pass
+
+
+def probe_idle(transport: Any, idle: int = 30, interval: int = 10, count: int = 3) -> None:
+    """TCP keepalives after ``idle`` seconds of silence, every ``interval``, ``count``
+    unanswered: dead after idle + interval x count.
+
+    For the fast path's idle data connections, which carry nothing until a user needs
+    them: the probes keep NAT and firewall mappings alive (many drop idle TCP after a
+    few minutes, silently) and find a dead one before a user is paired with it.
+    """
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval),
+                            ("TCP_KEEPCNT", count)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError:
+        pass

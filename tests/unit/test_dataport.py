@@ -481,9 +481,38 @@ def test_agent_reply_timeout_is_not_reported_as_no_free_connection(world: World)
     assert b"became free in time" not in ut.value()
 
 
-def test_agent_connection_closing_while_dispatched_fails_the_user(world: World) -> None:
+def _pooled(world: World) -> tuple[DataConnection, StringTransport]:
+    """One more idle connection from lab_pc's (already registered) session."""
+    agent = next(iter(world.port.pools))
+    adc, at = _dial(world.port, "203.0.113.5")
+    adc.dataReceived(fw.agent_hello(world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)))
+    return adc, at
+
+
+def test_a_stale_agent_connection_is_replaced_by_the_next_one(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pooled connection that closes when dispatched (it died idle) costs the user
+    nothing: the next one the agent dials gets the GO."""
+    fake = FakeDataPath()
+    monkeypatch.setattr(relay.dataport.datapath, "get", lambda clock: fake)
+    udc, ut, adc, _at = _paired_up(world)
+    _lose(adc)
+    assert ut.value() == b"" and udc.state == "user"
+    adc2, at2 = _pooled(world)
+    assert adc2.state == "dispatched" and at2.value() == fw.pack_go("GPU-Cluster", 22)
+    adc2.dataReceived(fw.AGENT_OK)
+    assert fake.calls == [(ut, at2, b"", fw.USER_OK)]
+    assert world.core.failed == []
+
+
+def test_agent_connections_closing_while_dispatched_fail_the_user_at_last(
+        world: World) -> None:
     _udc, ut, adc, _at = _paired_up(world)
     _lose(adc)
+    for _ in range(2):  # MAX_DISPATCH_TRIES in all
+        more, _t = _pooled(world)
+        assert more.state == "dispatched"
+        _lose(more)
     assert b"the agent's data connection closed" in ut.value()
     assert world.core.failed == [("session", 1)]
 
