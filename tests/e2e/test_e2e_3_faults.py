@@ -169,8 +169,8 @@ def test_silent_blackhole_detected_on_both_ends(site: Site, record: Record) -> N
 
 def test_relay_killed_and_restarted(site: Site, record: Record) -> None:
     """SIGKILL the relay; start it again (same config, state and port): the agent
-    notices at once, re-registers every service within 1 s of its next attempt, and no
-    name is registered twice."""
+    notices at once, re-registers every service within 1 s of its next attempt, no
+    name is registered twice, and its fast-path pool is granted again."""
     lab = Lab(site)
     detect, recovery = [], []
     for trial in range(TRIALS):
@@ -192,6 +192,7 @@ def test_relay_killed_and_restarted(site: Site, record: Record) -> None:
         names = [s["service"] if isinstance(s, dict) else s for s in services]
         assert len(names) == len(set(names)), services
         assert relay.events("relay_request_refused") == []
+        lab.agent.wait_for("fast_path_ready", timeout=10, since=a_mark)  # the pool is back
         lab.works()
     assert max(detect) <= 1.0, detect
     record("fault: relay SIGKILLed and restarted", detection_s=summary(detect),
