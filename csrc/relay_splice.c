@@ -276,10 +276,43 @@ void lr_dir_release(struct lr_dir *d, struct lr_pool *pool)
     d->buf_off = d->buf_len = d->buf_cap = 0;
 }
 
+/* One end is a pipe already (labrelay connect's stdin/stdout): the kernel moves
+ * pipe <-> socket in one call, half the syscalls of going through a pipe of ours, and
+ * nothing is ever held here.  -EINTR: try again (it switched to a pipe of ours). */
+static ssize_t straight_across(struct lr_dir *d, size_t len)
+{
+    ssize_t n;
+    int avail = 0;
+
+    d->syscalls++;
+    n = do_splice(d->in_fd, d->out_fd, len);
+    if (n > 0) {
+        d->moved += (uint64_t)n;
+        return n;
+    }
+    /* Splice into a pipe whose reader left fails even with nothing to move; with
+     * nothing waiting in in_fd that is no error yet: a pipe of ours fails only if
+     * bytes do arrive (labrelay connect after ssh exited). */
+    if (refused(n) || (n == -EPIPE && !(d->flags & LR_DIR_IN_PIPE)
+                       && ioctl(d->in_fd, FIONREAD, &avail) == 0 && avail == 0)) {
+        d->flags &= ~(unsigned int)LR_DIR_DIRECT;
+        return -EINTR;
+    }
+    return n;
+}
+
+/* After EAGAIN straight across: empty input or full output; bytes waiting in in_fd
+ * say which. */
+static int straight_wait(struct lr_dir *d)
+{
+    int avail = 0;
+    return ioctl(d->in_fd, FIONREAD, &avail) == 0 && avail > 0 ? LR_WAIT_OUT : LR_WAIT_IN;
+}
+
 int lr_move(struct lr_dir *d, struct lr_pool *pool, uint64_t budget, uint64_t *moved_out)
 {
     uint64_t moved = 0;
-    int rc, short_read = 0;
+    int rc, short_read = 0, straight;
     ssize_t n;
     size_t want, cap;
 
@@ -350,56 +383,18 @@ int lr_move(struct lr_dir *d, struct lr_pool *pool, uint64_t budget, uint64_t *m
             continue;
         }
 
-        /* 3. one end is a pipe already (labrelay connect's stdin/stdout): the kernel
-         * moves pipe <-> socket in one call, half the syscalls of going through a
-         * pipe of our own, and nothing is ever held here. */
-        if ((d->flags & LR_DIR_DIRECT) && !(d->flags & LR_DIR_COPY)) {
-            d->syscalls++;
-            n = do_splice(d->in_fd, d->out_fd, want);
-            if (n > 0) {
-                moved += (uint64_t)n;
-                d->moved += (uint64_t)n;
-                if ((d->flags & LR_DIR_SHORT_WAITS) && (size_t)n < want)
-                    short_read = 1;
-                continue;
-            }
-            if (n == 0) {
-                d->flags |= LR_DIR_EOF;
-                continue;
-            }
-            if (n == -EINTR)
-                continue;
-            if (n == -EAGAIN) {
-                /* Empty input or full output: bytes waiting in in_fd say which. */
-                int avail = 0;
-                rc = ioctl(d->in_fd, FIONREAD, &avail) == 0 && avail > 0 ? LR_WAIT_OUT
-                                                                         : LR_WAIT_IN;
-                goto out;
-            }
-            if (refused(n)) {
-                d->flags &= ~(unsigned int)LR_DIR_DIRECT; /* through a pipe of ours */
-                continue;
-            }
-            if (n == -EPIPE && !(d->flags & LR_DIR_IN_PIPE)) {
-                /* splice into a pipe whose reader is gone fails even with nothing to
-                 * move.  With nothing waiting in in_fd that is not an error yet: go on
-                 * through a pipe of ours, which fails only if bytes do arrive. */
-                int avail = 0;
-                if (ioctl(d->in_fd, FIONREAD, &avail) == 0 && avail == 0) {
-                    d->flags &= ~(unsigned int)LR_DIR_DIRECT;
-                    continue;
-                }
-            }
-            /* EPIPE: the reader of out_fd is gone; otherwise the socket end failed */
-            d->err_side = n == -EPIPE ? LR_SIDE_OUT
-                        : (d->flags & LR_DIR_IN_PIPE) ? LR_SIDE_OUT : LR_SIDE_IN;
-            rc = (int)n;
-            goto out;
+        /* 3. move straight across (one end is a pipe already), or read into the
+         * (empty) pipe or buffer */
+        straight = (d->flags & LR_DIR_DIRECT) && !(d->flags & LR_DIR_COPY);
+        if (straight) {
+            cap = want;
+            n = straight_across(d, want);
+        } else {
+            n = fill(d, pool, want, &cap);
         }
-
-        /* 4. read into the (empty) pipe or buffer */
-        n = fill(d, pool, want, &cap);
         if (n > 0) {
+            if (straight)
+                moved += (uint64_t)n;
             if ((d->flags & LR_DIR_SHORT_WAITS) && (size_t)n < cap)
                 short_read = 1; /* most likely drained: let the poller say if not */
             continue;
@@ -411,10 +406,12 @@ int lr_move(struct lr_dir *d, struct lr_pool *pool, uint64_t budget, uint64_t *m
         if (n == -EINTR)
             continue;
         if (n == -EAGAIN) {
-            rc = LR_WAIT_IN;
+            rc = straight ? straight_wait(d) : LR_WAIT_IN;
             goto out;
         }
-        d->err_side = LR_SIDE_IN;
+        /* EPIPE: out_fd's reader is gone; a pipe -> socket move failed on the socket */
+        d->err_side = straight && (n == -EPIPE || (d->flags & LR_DIR_IN_PIPE)) ? LR_SIDE_OUT
+                                                                              : LR_SIDE_IN;
         rc = (int)n;
         goto out;
     }
