@@ -79,6 +79,13 @@ def _string(data: bytes, at: int) -> tuple[bytes, int]:
     return data[at + 4:at + 4 + n], at + 4 + n
 
 
+def _status(value: int) -> Status:
+    try:
+        return Status(value)
+    except ValueError as e:
+        raise WireError(f"unknown status {value}") from e
+
+
 # --- SSH extension payloads ---------------------------------------------------
 
 
@@ -107,11 +114,7 @@ def unpack_token_reply(data: bytes) -> tuple[Status, str, int, bytes, float]:
     data_port, at = _u32(data, at)
     token, at = _string(data, at)
     lifetime_ms, _ = _u32(data, at)
-    try:
-        return (Status(status), message.decode("utf-8", "replace"), data_port, token,
-                lifetime_ms / 1000)
-    except ValueError as e:
-        raise WireError(f"unknown status {status}") from e
+    return _status(status), message.decode("utf-8", "replace"), data_port, token, lifetime_ms / 1000
 
 
 def pack_pool_request(count: int, services: list[tuple[str, int]]) -> bytes:
@@ -152,11 +155,8 @@ def unpack_pool_reply(data: bytes) -> tuple[Status, str, int, list[bytes], float
         token, at = _string(data, at)
         tokens.append(token)
     lifetime_ms, _ = _u32(data, at)
-    try:
-        return (Status(status), message.decode("utf-8", "replace"), data_port, tokens,
-                lifetime_ms / 1000)
-    except ValueError as e:
-        raise WireError(f"unknown status {status}") from e
+    return (_status(status), message.decode("utf-8", "replace"), data_port, tokens,
+            lifetime_ms / 1000)
 
 
 # --- the data port ------------------------------------------------------------
