@@ -42,7 +42,9 @@ from .net import client_endpoint
 CLI = "command line"
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 EXIT_FAILED = 1
-PAIR_TIMEOUT_SLACK = 5.0
+DATA_CONNECT_TIMEOUT = 5.0
+# The relay answers within its public_wait (10 s) plus the agent's reply time (15 s).
+PAIR_TIMEOUT = 40.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class Connector:
         self.stdout_fd = stdout_fd
         self.path = ""
         self.conn: Any = None
+        self.unreachable = ""
 
     def say(self, text: str) -> None:
         self.stderr.write(f"labrelay connect: {text}\n")
@@ -207,20 +210,30 @@ class Connector:
                     self.say(f"refused by the relay: {message}")
                     return EXIT_FAILED
                 if status is fw.Status.OK:
-                    return await self._fast(data_port, token, lifetime)
-                why = message
+                    code = await self._fast(data_port, token, lifetime)
+                    if code is not None:
+                        return code
+                    why = self.unreachable
+                else:
+                    why = message
         self.say(f"fast path unavailable for {self.label} ({why}); using an SSH channel "
                  "through the relay")
         return await self._channel()
 
-    async def _fast(self, data_port: int, token: bytes, lifetime: float) -> int:
+    async def _fast(self, data_port: int, token: bytes, lifetime: float) -> int | None:
+        """The session on the fast path; None if the data port cannot be reached (a
+        firewall in between is the usual reason): the caller falls back."""
         cfg = self.options.link
-        endpoint = client_endpoint(self.reactor, cfg.host, data_port, cfg.connect_timeout)
+        endpoint = client_endpoint(self.reactor, cfg.host, data_port,
+                                   min(cfg.connect_timeout, DATA_CONNECT_TIMEOUT))
+        hello = fw.user_hello(token, self.options.service, self.options.port)
         try:
-            hello = fw.user_hello(token, self.options.service, self.options.port)
             proto: Any = await endpoint.connect(Factory.forProtocol(lambda: _UserData(hello)))
-            timer = self.reactor.callLater(lifetime + PAIR_TIMEOUT_SLACK + 10.0,
-                                           proto.answer.cancel)
+        except Exception as e:
+            self.unreachable = f"cannot reach its data port {cfg.host}:{data_port}: {e}"
+            return None
+        try:
+            timer = self.reactor.callLater(PAIR_TIMEOUT, proto.answer.cancel)
             try:
                 extra = await proto.answer
             finally:

@@ -363,3 +363,33 @@ def test_replayed_and_session_bound_tokens(site: Site) -> None:
     fast = site.fast()
     assert fast["paired"] == 1 and fast["tokens_redeemed"]["user"] == 1
     _wait(lambda: site.pool()["sessions_total"] == 1, "the agent to count its session")
+
+
+def test_an_unreachable_data_port_falls_back_to_a_channel(
+        keys: Keys, start_relay: Callable[..., RelayNode],
+        start_agent: Callable[..., AgentProcess], targets: Targets) -> None:
+    """The relay offers a data port the user cannot reach (here: bound to another
+    address; in real life, a firewall): ``labrelay connect`` says so once and carries the
+    session in an SSH channel instead of failing."""
+    k = keys
+    web = targets.echo(greeting=b"web\n")
+    relay = start_relay(
+        agents=[f'permitlisten="web:8080" {k.lab_pc.public_blob()} lab_pc'],
+        users=[f'permitopen="web:8080" {k.bob.public_blob()} bob'],
+        relay_toml='data_port = 0\ndata_bind = "127.0.0.2"\ne2e_services = ["web:8080"]\n')
+    agent = start_agent(
+        "-p", str(relay.port), "-i", str(k.lab_pc.path),
+        "-o", f"UserKnownHostsFile={relay.known_hosts}",
+        "-R", f"web:8080:127.0.0.1:{web.port}", "lab_pc@127.0.0.1", name="agent")
+    agent.wait_for("fast_path_ready", timeout=20)
+    agent.wait_for("forward_ready", timeout=20, since=0, bind="web")
+    argv = [sys.executable, "-m", "relay", "connect", "-p", str(relay.port),
+            "-i", str(k.bob.path), "-o", f"UserKnownHostsFile={relay.known_hosts}",
+            f"bob@{LOOPBACK}", "web:8080"]
+    payload = DataStream(9, 1 * MiB).bytes()
+    out = _run(argv, input=payload)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout == b"web\n" + payload
+    lines = out.stderr.decode().splitlines()
+    assert len(lines) == 1 and "cannot reach its data port" in lines[0], lines
+    assert "using an SSH channel" in lines[0]
