@@ -108,6 +108,9 @@ class DataPool:
     def linkUp(self, conn: LinkConnection) -> None:
         if self.size <= 0:
             return
+        if not self._services():  # a user's link, or public ports only: nothing to splice
+            self.state, self.reason = "off", "no named remote forwards to splice"
+            return
         self._conn = conn
         self.state = "starting"
         self.stash = []
