@@ -201,7 +201,10 @@ class Connector:
                 reply = await self.conn.sendGlobalRequest(
                     fw.TOKEN_REQUEST, fw.pack_token_request(self.options.service,
                                                             self.options.port), wantReply=1)
-            except ConchError:
+            except ConchError as e:
+                if e.data is None:  # the connection stopped, not a REQUEST_FAILURE
+                    self.say(f"the relay closed the connection: {e.value}")
+                    return EXIT_FAILED
                 why = "the relay does not offer labrelay's fast path (a stock sshd or an " \
                       "older relay)"
             else:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.conch import error
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
@@ -29,6 +28,7 @@ from . import datapath
 from . import fastwire as fw
 from .datapath import Held
 from .net import client_endpoint, probe_idle
+from .ssh.connection import refused_by_peer
 
 if TYPE_CHECKING:
     from .link import Link
@@ -177,6 +177,7 @@ class DataPool:
                            event="fast_path_ready", link=self.link.name, n=self.size,
                            port=data_port)
         self.state = "ready"
+        self.reason = ""
         self.data_port = data_port
         waiters, self._ready = self._ready, []
         for d in waiters:
@@ -189,7 +190,7 @@ class DataPool:
         self._asking = False
         if conn is not self._conn:
             return
-        if isinstance(f.value, error.ConchError) and len(f.value.args) > 1:
+        if refused_by_peer(f):
             self._off("unsupported", "the server does not offer labrelay's fast path "
                       "(a stock sshd, or an older relay)")
         # else: the link stopped meanwhile; linkUp starts again
@@ -253,6 +254,7 @@ class DataPool:
                        link=self.link.name, why=why)
         self.idle.discard(pc)
         pc.transport.abortConnection()
+        self._later()  # replaced, but not at once: the relay is misbehaving
 
     # a session
 

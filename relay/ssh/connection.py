@@ -37,6 +37,16 @@ LINK_BUFFER = 128 * 1024  # like OpenSSH: stop feeding channels past 128 KiB que
 
 
 @implementer(IPushProducer)
+def refused_by_peer(failure: Failure) -> bool:
+    """Whether a global request's failure is the peer's ``REQUEST_FAILURE`` reply.
+
+    Conch errbacks that with ``ConchError("global request failed", packet)`` and the
+    requests pending on a stopped connection with ``ConchError("Connection stopped.")``,
+    whose ``data`` is None (``args`` has two items either way)."""
+    e = failure.value
+    return isinstance(e, error.ConchError) and e.data is not None
+
+
 class FlowConnection(connection.SSHConnection):
     """An ``ssh-connection`` service whose channels own their receive windows."""
 

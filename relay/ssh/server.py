@@ -32,7 +32,12 @@ from zope.interface import implementer
 from ..keepalive import KeepaliveMonitor
 from .aead import AEADTransportMixin
 from .channels import BridgedChannel
-from .connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, FlowConnection
+from .connection import (
+    OPEN_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_CONNECT_FAILED,
+    FlowConnection,
+    refused_by_peer,
+)
 from .wire import pack_endpoints, unpack_endpoints
 
 if TYPE_CHECKING:
@@ -258,12 +263,7 @@ class RelayConnection(FlowConnection):
         too), False when the connection stops before it does."""
         d = self.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
 
-        def failed(f: Failure) -> bool:
-            # Conch errbacks a REQUEST_FAILURE reply with its packet as second arg,
-            # and pending requests of a stopped connection with a message alone.
-            return isinstance(f.value, error.ConchError) and len(f.value.args) > 1
-
-        return d.addCallbacks(lambda _: True, failed)
+        return d.addCallbacks(lambda _: True, refused_by_peer)
 
     def _dead(self, silence: float) -> None:
         self._log.warn(

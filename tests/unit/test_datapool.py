@@ -1,0 +1,661 @@
+"""relay.datapool (the agent's end of the fast path) with a fake link, a fake SSH
+connection, a MemoryReactorClock and StringTransports: no sockets, nothing sleeps.
+
+Dials go through the real endpoints (relay.net.client_endpoint with IP literals:
+TCP4ClientEndpoint), so MemoryReactorClock.tcpClients records them; a test plays
+the reactor by building the protocol from the recorded factory and connecting a
+StringTransport (or by calling the factory's clientConnectionFailed).  The splice
+itself takes real sockets: relay.datapath.get is replaced by a recording fake, and
+tests/integration/test_fastpath.py covers the real path.  A StringTransport never
+calls connectionLost by itself: ``_lose`` does, where a real reactor would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from twisted.conch.error import ConchError
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+
+import relay.datapool
+from relay import fastwire as fw
+from relay.config import HostPort, RemoteForward
+from relay.datapath import PairAborted, PairResult
+from relay.datapool import RETRY_DELAY, TARGET_CONNECT_TIMEOUT, DataPool, PoolConnection
+from relay.forwards import SessionCounters
+
+RELAY_HOST = "192.0.2.10"
+DATA_PORT = 7022
+CONNECT_TIMEOUT = 7.0
+LIFETIME = 60.0
+GPU = ("gpu-cluster", 22)
+GPU_TARGET = HostPort("127.0.0.1", 2222)
+
+
+# --- fakes ---------------------------------------------------------------------------------
+
+
+class FakeForward:
+    """Just what DataPool asks of a RemoteForwardRunner."""
+
+    def __init__(self, bind: str, port: int, connect: HostPort = GPU_TARGET, *,
+                 via_relay: bool = False, bound_port: int | None = None) -> None:
+        self.config = RemoteForward(bind, port, connect, f"fwd-{bind or 'default'}:{port}",
+                                    via_relay)
+        self.name = self.config.name
+        self.bound_port = bound_port if bound_port is not None else port
+        self.counters = SessionCounters()
+
+
+@dataclass
+class FakeLinkConfig:
+    host: str = RELAY_HOST
+    connect_timeout: float = CONNECT_TIMEOUT
+
+
+@dataclass(eq=False)
+class FakeLink:
+    """Just what DataPool asks of a Link."""
+
+    remote: list[FakeForward]
+    name: str = "lab"
+    config: FakeLinkConfig = field(default_factory=FakeLinkConfig)
+    clock: MemoryReactorClock = field(default_factory=MemoryReactorClock)
+
+    @property
+    def reactor(self) -> MemoryReactorClock:
+        return self.clock
+
+    def remoteForwardFor(self, host: str, port: int) -> FakeForward | None:
+        for f in self.remote:
+            if f.config.bind.lower() == host.lower() and f.bound_port == port:
+                return f
+        return None
+
+
+@dataclass(eq=False)
+class FakeConn:
+    """Just what DataPool asks of a LinkConnection: global requests, answered by hand."""
+
+    requests: list[tuple[bytes, bytes, int, defer.Deferred[bytes]]] = field(
+        default_factory=list)
+
+    def sendGlobalRequest(self, type: bytes, data: bytes, wantReply: int = 0
+                          ) -> defer.Deferred[bytes]:
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self.requests.append((type, data, wantReply, d))
+        return d
+
+
+class FakePair:
+    def __init__(self) -> None:
+        self.done: defer.Deferred[PairResult] = defer.Deferred()
+        self.moved = PairResult(0, 0)
+        self.aborted = False
+
+    def bytes(self) -> PairResult:
+        return self.moved
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class FakeDataPath:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, Any, bytes, bytes]] = []
+        self.pairs: list[FakePair] = []
+        self.fail_with: Exception | None = None
+
+    def splice_transports(self, a: Any, b: Any, *, from_a: bytes = b"",
+                          from_b: bytes = b"") -> FakePair:
+        self.calls.append((a, b, from_a, from_b))
+        if self.fail_with is not None:
+            raise self.fail_with
+        pair = FakePair()
+        self.pairs.append(pair)
+        return pair
+
+
+@dataclass
+class World:
+    link: FakeLink
+    pool: DataPool
+    conn: FakeConn
+    clock: MemoryReactorClock
+    datapath: FakeDataPath
+    gpu: FakeForward
+
+
+def _make(monkeypatch: pytest.MonkeyPatch, size: int = 2,
+          extra: list[FakeForward] | None = None) -> World:
+    fake = FakeDataPath()
+    monkeypatch.setattr(relay.datapool.datapath, "get", lambda reactor: fake)
+    gpu = FakeForward("GPU-Cluster", 22)
+    link = FakeLink([gpu, *(extra or [])])
+    pool = DataPool(link, size)  # type: ignore[arg-type]
+    return World(link, pool, FakeConn(), link.clock, fake, gpu)
+
+
+@pytest.fixture
+def world(monkeypatch: pytest.MonkeyPatch) -> World:
+    return _make(monkeypatch)
+
+
+def _tokens(n: int, first: int = 1) -> list[bytes]:
+    return [bytes([first + i]) * fw.TOKEN_LEN for i in range(n)]
+
+
+def _answer(world: World, reply: bytes, index: int = -1) -> None:
+    world.conn.requests[index][3].callback(reply)
+
+
+def _grant(world: World, tokens: list[bytes], lifetime: float = LIFETIME,
+           index: int = -1) -> None:
+    _answer(world, fw.pack_pool_reply(fw.Status.OK, "", DATA_PORT, tokens, lifetime), index)
+
+
+def _dials(world: World) -> list[tuple[Any, ...]]:
+    """The connects to the relay's data port, in order."""
+    return [c for c in world.clock.tcpClients if c[:2] == (RELAY_HOST, DATA_PORT)]
+
+
+def _targets(world: World) -> list[tuple[Any, ...]]:
+    return [c for c in world.clock.tcpClients if c[:2] != (RELAY_HOST, DATA_PORT)]
+
+
+def _connect(client: tuple[Any, ...]) -> tuple[Any, StringTransport]:
+    """What the reactor does once a recorded connectTCP succeeds: the endpoint's
+    wrapped protocol, connected; returns the application's protocol and its transport."""
+    host, port, factory = client[:3]
+    wrapper = factory.buildProtocol(IPv4Address("TCP", host, port))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+    wrapper.makeConnection(transport)
+    return wrapper._wrappedProtocol, transport
+
+
+def _refuse(world: World, client: tuple[Any, ...]) -> Failure:
+    """What the reactor does once a recorded connectTCP fails."""
+    reason = Failure(ConnectionRefusedError("nobody listens"))
+    connector = world.clock.connectors[world.clock.tcpClients.index(client)]
+    client[2].clientConnectionFailed(connector, reason)
+    return reason
+
+
+def _lose(pc: PoolConnection) -> None:
+    """What the reactor does after a close (ours or the peer's)."""
+    pc.connectionLost(Failure(ConnectionDone()))
+
+
+def _feed(pc: PoolConnection, data: bytes) -> None:
+    for i in range(len(data)):
+        pc.dataReceived(data[i:i + 1])
+
+
+def _ready(world: World, tokens: list[bytes] | None = None) -> None:
+    world.pool.linkUp(world.conn)  # type: ignore[arg-type]
+    _grant(world, tokens if tokens is not None else _tokens(world.pool.size))
+
+
+def _idle(world: World) -> tuple[PoolConnection, StringTransport]:
+    """A ready pool and its first dial connected (idle), the hello cleared."""
+    _ready(world)
+    pc, t = _connect(_dials(world)[0])
+    assert pc.state == "idle"
+    t.clear()
+    return pc, t
+
+
+def _events(logs: Any, name: str) -> list[Any]:
+    return [e for e in logs if e.get("event") == name]
+
+
+# --- off, asking ------------------------------------------------------------------------------
+
+
+def test_size_zero_is_off_and_asks_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _make(monkeypatch, size=0)
+    assert w.pool.state == "off" and w.pool.reason == "fast_path_pool = 0"
+    w.pool.linkUp(w.conn)  # type: ignore[arg-type]
+    w.pool.refill()
+    assert w.conn.requests == [] and w.clock.tcpClients == []
+    assert w.pool.state == "off"
+    assert w.pool.status()["state"] == "off" and w.pool.status()["data_port"] is None
+    w.pool.linkDown()
+    assert w.pool.state == "off"
+
+
+def test_link_up_asks_once_for_size_tokens_naming_spliceable_services(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _make(monkeypatch, size=3, extra=[
+        FakeForward("", 8080),
+        FakeForward("0.0.0.0", 9000),
+        FakeForward("localhost", 2200),
+        FakeForward("*", 2201),
+        FakeForward("chained", 23, via_relay=True),
+        FakeForward("Web", 0, bound_port=45000),  # allocated by the server
+    ])
+    assert w.pool.state == "down"
+    w.pool.linkUp(w.conn)  # type: ignore[arg-type]
+    assert w.pool.state == "starting"
+    ((kind, data, want_reply, _d),) = w.conn.requests
+    assert kind == fw.POOL_REQUEST == b"data-pool@labrelay" and want_reply
+    assert fw.unpack_pool_request(data) == (3, [GPU, ("web", 45000)])
+    w.pool.refill()  # still waiting for the answer: no second request
+    assert len(w.conn.requests) == 1 and w.clock.tcpClients == []
+
+
+# --- the answer -------------------------------------------------------------------------------
+
+
+def test_ok_reply_makes_it_ready_and_dials_size_connections(world: World) -> None:
+    world.pool.linkUp(world.conn)  # type: ignore[arg-type]
+    with capturedLogs() as logs:
+        _grant(world, _tokens(2))
+    assert world.pool.state == "ready" and world.pool.data_port == DATA_PORT
+    (ready,) = _events(logs, "fast_path_ready")
+    assert ready["n"] == 2 and ready["port"] == DATA_PORT and ready["link"] == "lab"
+    dials = _dials(world)
+    assert len(dials) == 2 == len(world.clock.tcpClients)
+    assert all(timeout == CONNECT_TIMEOUT for _h, _p, _f, timeout, _b in dials)
+    assert world.pool.dialing == 2 and world.pool.stash == []
+    assert len(world.conn.requests) == 1
+    status = world.pool.status()
+    assert (status["state"], status["data_port"], status["dialing"], status["idle"]) == (
+        "ready", DATA_PORT, 2, 0)
+
+
+def test_pool_connection_writes_its_hello_and_joins_idle(world: World) -> None:
+    granted = _tokens(2)
+    _ready(world, granted)
+    hellos = []
+    for client in _dials(world):
+        pc, t = _connect(client)
+        assert isinstance(pc, PoolConnection)
+        assert t.value() in (fw.agent_hello(granted[0]), fw.agent_hello(granted[1]))
+        assert t.value() == fw.agent_hello(pc.token)  # the hello, nothing more
+        assert pc.state == "idle" and pc in world.pool.idle
+        assert t.producerState == "producing" and not t.disconnecting
+        hellos.append(t.value())
+    assert sorted(hellos) == sorted(fw.agent_hello(t) for t in granted)  # one token each
+    assert world.pool.dialing == 0 and world.pool.status()["idle"] == 2
+    assert len(world.conn.requests) == 1  # full: nothing asked
+
+
+def test_extra_tokens_are_stashed_and_used_for_refills_without_asking(world: World) -> None:
+    granted = _tokens(5)
+    _ready(world, granted)
+    assert len(_dials(world)) == 2 and len(world.pool.stash) == 3
+    pc, _t = _connect(_dials(world)[0])
+    _connect(_dials(world)[1])
+    _lose(pc)  # the relay closed an idle connection
+    assert pc not in world.pool.idle and len(_dials(world)) == 2  # not at once
+    world.clock.advance(RETRY_DELAY)
+    assert len(_dials(world)) == 3 and len(world.pool.stash) == 2
+    assert len(world.conn.requests) == 1
+    new, t3 = _connect(_dials(world)[2])
+    assert new.token in granted[2:] and t3.value() == fw.agent_hello(new.token)
+    assert len(world.pool.idle) == 2
+
+
+def test_expired_stashed_tokens_are_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _make(monkeypatch, size=1)
+    lifetime = 10.0
+    w.pool.linkUp(w.conn)  # type: ignore[arg-type]
+    with capturedLogs() as logs:
+        _grant(w, _tokens(3), lifetime=lifetime)
+        assert len(_dials(w)) == 1 and len(w.pool.stash) == 2
+        _refuse(w, _dials(w)[0])
+        w.clock.advance(RETRY_DELAY)  # t=2: well within the lifetime
+        assert len(_dials(w)) == 2 and len(w.pool.stash) == 1 and len(w.conn.requests) == 1
+        _refuse(w, _dials(w)[1])
+        w.clock.advance(lifetime - 1.0 + 0.1 - w.clock.seconds())  # past lifetime - 1 s
+        assert w.clock.seconds() > lifetime - 1.0
+        assert len(_dials(w)) == 2  # the stashed token was not dialled ...
+        assert len(w.conn.requests) == 2 and w.pool.stash == []  # ... new ones were asked for
+        _grant(w, _tokens(1, first=9))
+        assert len(_dials(w)) == 3
+        assert len(_events(logs, "fast_path_ready")) == 1  # said once
+
+
+def test_stashed_token_just_before_the_margin_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _make(monkeypatch, size=1)
+    w.pool.linkUp(w.conn)  # type: ignore[arg-type]
+    _grant(w, _tokens(2), lifetime=10.0)
+    _refuse(w, _dials(w)[0])
+    w.clock.advance(8.9)  # the retry runs at 8.9 < 10 - 1
+    assert len(_dials(w)) == 2 and len(w.conn.requests) == 1
+
+
+def test_unavailable_reply_turns_it_off_with_the_relays_reason(world: World) -> None:
+    world.pool.linkUp(world.conn)  # type: ignore[arg-type]
+    ready = world.pool.whenReady()
+    with capturedLogs() as logs:
+        _answer(world, fw.pack_pool_reply(fw.Status.UNAVAILABLE, "this relay has no data port"))
+    assert world.pool.state == "unavailable"
+    assert world.pool.reason == "this relay has no data port"
+    assert world.clock.tcpClients == []
+    (off,) = _events(logs, "fast_path_off")
+    assert off["reason"] == "this relay has no data port"
+    world.pool.refill()
+    assert len(world.conn.requests) == 1 and not ready.called
+
+
+def test_nonsense_reply_turns_it_off(world: World) -> None:
+    world.pool.linkUp(world.conn)  # type: ignore[arg-type]
+    _answer(world, b"\x00\x00")
+    assert world.pool.state == "unavailable"
+    assert world.pool.reason.startswith("the relay answered nonsense: ")
+    assert world.clock.tcpClients == []
+
+
+def test_request_failure_means_unsupported(world: World) -> None:
+    world.pool.linkUp(world.conn)  # type: ignore[arg-type]
+    world.conn.requests[0][3].errback(ConchError("global request failed", b"packet"))
+    assert world.pool.state == "unsupported"
+    assert "does not offer labrelay's fast path" in world.pool.reason
+    world.pool.refill()
+    assert len(world.conn.requests) == 1 and world.clock.tcpClients == []
+
+
+def test_connection_stopped_errback_leaves_it_alone(world: World) -> None:
+    world.pool.linkUp(world.conn)  # type: ignore[arg-type]
+    stopped = ConchError("Connection stopped.")  # what Conch's serviceStopped errbacks with
+    with capturedLogs() as logs:
+        world.conn.requests[0][3].errback(stopped)
+    assert _events(logs, "fast_path_off") == []
+    assert world.pool.state == "starting" and world.pool.reason == ""
+
+
+def test_other_errbacks_leave_it_alone(world: World) -> None:
+    world.pool.linkUp(world.conn)  # type: ignore[arg-type]
+    world.conn.requests[0][3].errback(ConnectionDone("gone"))
+    assert world.pool.state == "starting" and world.pool.reason == ""
+    assert world.clock.tcpClients == []
+    world.pool.refill()  # no longer asking: it may ask again
+    assert len(world.conn.requests) == 2
+
+
+def test_link_stopping_mid_request_recovers_on_the_next_link(world: World) -> None:
+    """Conch errbacks pending requests (serviceStopped) before the link calls
+    linkDown; whatever that did, the next link asks again and gets ready."""
+    world.pool.linkUp(world.conn)  # type: ignore[arg-type]
+    world.conn.requests[0][3].errback(ConchError("Connection stopped."))
+    world.pool.linkDown()
+    assert world.pool.state == "down"
+    conn2 = FakeConn()
+    world.pool.linkUp(conn2)  # type: ignore[arg-type]
+    assert len(conn2.requests) == 1
+    conn2.requests[0][3].callback(fw.pack_pool_reply(fw.Status.OK, "", DATA_PORT, _tokens(2),
+                                                     LIFETIME))
+    assert world.pool.state == "ready" and len(_dials(world)) == 2
+
+
+def test_reason_is_cleared_once_ready_again(world: World) -> None:
+    world.pool.linkUp(world.conn)  # type: ignore[arg-type]
+    _answer(world, fw.pack_pool_reply(fw.Status.UNAVAILABLE, "data port restarting"))
+    world.pool.linkDown()
+    conn2 = FakeConn()
+    world.pool.linkUp(conn2)  # type: ignore[arg-type]
+    conn2.requests[0][3].callback(fw.pack_pool_reply(fw.Status.OK, "", DATA_PORT, _tokens(2),
+                                                     LIFETIME))
+    assert world.pool.state == "ready"
+    assert world.pool.status()["reason"] == ""
+
+
+def test_answer_for_a_previous_connection_is_ignored(world: World) -> None:
+    world.pool.linkUp(world.conn)  # type: ignore[arg-type]
+    world.pool.linkDown()
+    _grant(world, _tokens(2))
+    assert world.pool.state == "down" and world.clock.tcpClients == []
+    conn2 = FakeConn()
+    world.pool.linkUp(conn2)  # type: ignore[arg-type]
+    assert len(conn2.requests) == 1
+
+
+def test_when_ready_fires_on_the_grant_and_at_once_when_ready(world: World) -> None:
+    world.pool.linkUp(world.conn)  # type: ignore[arg-type]
+    first, second = world.pool.whenReady(), world.pool.whenReady()
+    assert not first.called and not second.called
+    _grant(world, _tokens(2))
+    assert first.called and second.called
+    now = world.pool.whenReady()
+    assert now.called
+    results: list[object] = []
+    now.addCallback(results.append)
+    assert results == [None]
+
+
+# --- a session --------------------------------------------------------------------------------
+
+
+def test_go_for_a_known_forward_connects_its_target_and_splices(world: World) -> None:
+    pc, t = _idle(world)
+    _connect(_dials(world)[1])
+    assert len(world.pool.idle) == 2 and len(world.conn.requests) == 1
+    _feed(pc, fw.pack_go("GPU-Cluster", 22))
+    assert pc.state == "connecting" and t.producerState == "paused"
+    assert pc not in world.pool.idle
+    # refill: one more token asked for (none stashed)
+    assert len(world.conn.requests) == 2
+    _grant(world, _tokens(2, first=10))
+    assert len(_dials(world)) == 3 and world.pool.dialing == 1
+    (target,) = _targets(world)
+    assert target[:2] == (GPU_TARGET.host, GPU_TARGET.port)
+    assert target[3] == TARGET_CONNECT_TIMEOUT
+    assert t.value() == b"" and world.datapath.calls == []
+    _server, st = _connect(target)
+    assert t.value() == fw.AGENT_OK
+    assert world.datapath.calls == [(t, st, b"", b"")]
+    assert st.producerState == "paused"  # Held: nothing read before the splice
+    assert pc.state == "spliced"
+    counters = world.gpu.counters
+    assert (counters.active, counters.total) == (1, 1)
+    (pair,) = world.datapath.pairs
+    pair.moved = PairResult(100, 2000)
+    status = world.pool.status()
+    assert status["sessions_active"] == 1 and status["sessions_total"] == 1
+    assert (status["bytes_to_target"], status["bytes_from_target"]) == (100, 2000)
+    pair.moved = PairResult(123, 4567)
+    pair.done.callback(pair.moved)
+    assert (counters.active, counters.total) == (0, 1)
+    assert (counters.bytes_in, counters.bytes_out) == (123, 4567)
+    status = world.pool.status()
+    assert status["sessions_active"] == 0 and status["sessions_total"] == 1
+    assert (status["bytes_to_target"], status["bytes_from_target"]) == (123, 4567)
+
+
+def test_go_uses_a_stashed_token_for_the_refill(world: World) -> None:
+    _ready(world, _tokens(3))
+    pc, _t = _connect(_dials(world)[0])
+    pc.dataReceived(fw.pack_go(*GPU))
+    assert len(_dials(world)) == 3 and len(world.conn.requests) == 1
+
+
+def test_bytes_after_the_go_go_to_the_target_first(world: World) -> None:
+    pc, t = _idle(world)
+    pc.dataReceived(fw.pack_go(*GPU) + b"SSH-2.0-")
+    pc.dataReceived(b"client\r\n")  # raced the pause
+    _server, st = _connect(_targets(world)[0])
+    assert world.datapath.calls == [(t, st, b"SSH-2.0-client\r\n", b"")]
+
+
+def test_pair_ending_on_an_error_still_counts_its_bytes(world: World) -> None:
+    pc, _t = _idle(world)
+    pc.dataReceived(fw.pack_go(*GPU))
+    _connect(_targets(world)[0])
+    (pair,) = world.datapath.pairs
+    pair.moved = PairResult(5, 6)
+    pair.done.errback(Failure(PairAborted(104, "a", 5, 6)))
+    c = world.gpu.counters
+    assert (c.active, c.total, c.bytes_in, c.bytes_out) == (0, 1, 5, 6)
+    assert world.pool.status()["sessions_active"] == 0
+
+
+def test_stop_aborts_live_pairs_and_closes_idle_ones(world: World) -> None:
+    pc, _t = _idle(world)
+    _idle_pc, it = _connect(_dials(world)[1])
+    pc.dataReceived(fw.pack_go(*GPU))
+    _connect(_targets(world)[0])
+    (pair,) = world.datapath.pairs
+    world.pool.stop()
+    assert pair.aborted and it.disconnecting and not world.pool.idle
+    assert world.pool.state == "down"
+
+
+@pytest.mark.parametrize("go", [fw.pack_go("nothing-here", 22), fw.pack_go("GPU-Cluster", 23)])
+def test_go_for_an_unknown_service_is_answered_with_an_error(world: World, go: bytes) -> None:
+    pc, t = _idle(world)
+    _feed(pc, go)
+    assert t.value() == fw.pack_error(fw.AGENT_ERROR, "no such forward on this agent")
+    assert t.disconnecting and not t.disconnected  # closed after the message, not reset
+    assert _targets(world) == [] and world.datapath.calls == []
+    assert pc not in world.pool.idle
+
+
+def test_go_for_a_via_relay_forward_is_answered_with_an_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _make(monkeypatch, extra=[FakeForward("chained", 23, via_relay=True)])
+    pc, t = _idle(w)
+    _feed(pc, fw.pack_go("chained", 23))
+    assert t.value() == fw.pack_error(fw.AGENT_ERROR, "no such forward on this agent")
+    assert t.disconnecting and _targets(w) == []
+
+
+def test_target_connect_failing_is_answered_with_the_reason(world: World) -> None:
+    pc, t = _idle(world)
+    pc.dataReceived(fw.pack_go(*GPU))
+    with capturedLogs() as logs:
+        reason = _refuse(world, _targets(world)[0])
+    why = f"connect to {GPU_TARGET} failed: {reason.getErrorMessage()}"
+    assert t.value() == fw.pack_error(fw.AGENT_ERROR, why)
+    assert t.disconnecting and world.datapath.calls == []
+    assert world.gpu.counters.total == 0
+    (event,) = _events(logs, "target_unreachable")
+    assert event["forward"] == world.gpu.name
+
+
+def test_target_failing_after_the_pool_connection_closed_writes_nothing(world: World) -> None:
+    pc, t = _idle(world)
+    pc.dataReceived(fw.pack_go(*GPU))
+    _lose(pc)
+    _refuse(world, _targets(world)[0])
+    assert t.value() == b""
+
+
+def test_target_connecting_after_the_pool_connection_closed_is_aborted(world: World) -> None:
+    pc, t = _idle(world)
+    pc.dataReceived(fw.pack_go(*GPU))
+    _lose(pc)
+    _server, st = _connect(_targets(world)[0])
+    assert st.disconnected and t.value() == b"" and world.datapath.calls == []
+    assert world.gpu.counters.total == 0
+
+
+def test_splice_failing_resets_both(world: World) -> None:
+    world.datapath.fail_with = OSError(9, "bad file descriptor")
+    pc, t = _idle(world)
+    pc.dataReceived(fw.pack_go(*GPU))
+    with capturedLogs() as logs:
+        _server, st = _connect(_targets(world)[0])
+    assert t.disconnected and st.disconnected
+    assert world.gpu.counters.total == 0 and world.pool.status()["sessions_total"] == 0
+    assert _events(logs, "fast_path_splice_failed")
+
+
+@pytest.mark.parametrize("garbage", [b"X", b"LRGX", b"SSH-2.0-x\r\n", b"K"])
+def test_garbage_instead_of_go_aborts_the_connection(world: World, garbage: bytes) -> None:
+    pc, t = _idle(world)
+    with capturedLogs() as logs:
+        _feed(pc, garbage)
+    assert t.disconnected and pc not in world.pool.idle
+    assert _targets(world) == [] and _events(logs, "fast_path_protocol")
+
+
+def test_connection_dropped_for_garbage_is_replaced_later(world: World) -> None:
+    pc, _t = _idle(world)
+    _connect(_dials(world)[1])
+    pc.dataReceived(b"X")
+    _lose(pc)  # what the reactor does after the abort
+    world.clock.advance(RETRY_DELAY)
+    assert len(world.conn.requests) == 2  # a token asked for, to replace it
+
+
+# --- link down, losses, failures --------------------------------------------------------------
+
+
+def test_link_down_closes_idle_connections_and_stops_refills(world: World) -> None:
+    pc, t = _idle(world)
+    other, ot = _connect(_dials(world)[1])
+    world.pool.linkDown()
+    assert world.pool.state == "down"
+    assert t.disconnecting and ot.disconnecting and not world.pool.idle
+    _lose(pc)
+    _lose(other)
+    world.pool.refill()
+    world.clock.advance(RETRY_DELAY * 10)
+    assert len(world.conn.requests) == 1 and len(_dials(world)) == 2
+    assert world.clock.getDelayedCalls() == []
+
+
+def test_link_down_cancels_a_pending_retry(world: World) -> None:
+    pc, _t = _idle(world)
+    _lose(pc)
+    assert len(world.clock.getDelayedCalls()) == 1
+    world.pool.linkDown()
+    assert world.clock.getDelayedCalls() == []
+
+
+def test_dial_completing_after_link_down_is_closed(world: World) -> None:
+    _ready(world)
+    world.pool.linkDown()
+    pc, t = _connect(_dials(world)[0])
+    assert t.disconnecting and pc not in world.pool.idle and world.pool.dialing == 1
+    _refuse(world, _dials(world)[1])
+    assert world.pool.dialing == 0 and world.clock.getDelayedCalls() == []
+
+
+def test_lost_idle_connection_is_redialled_after_the_retry_delay(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _make(monkeypatch, size=1)
+    pc, _t = _idle(w)
+    _lose(pc)
+    assert not w.pool.idle and len(w.conn.requests) == 1  # not at once
+    w.clock.advance(RETRY_DELAY - 0.1)
+    assert len(w.conn.requests) == 1
+    w.clock.advance(0.1)
+    assert len(w.conn.requests) == 2
+    _grant(w, _tokens(1, first=7))
+    assert len(_dials(w)) == 2
+
+
+def test_lost_connection_that_was_not_idle_schedules_nothing(world: World) -> None:
+    pc, _t = _idle(world)
+    pc.dataReceived(fw.pack_go(*GPU))  # refill asks for one at once
+    _lose(pc)
+    assert world.clock.getDelayedCalls() == [] and len(world.conn.requests) == 2
+
+
+def test_dial_failure_is_counted_and_retried_later(world: World) -> None:
+    _ready(world, _tokens(3))  # one spare in the stash
+    with capturedLogs() as logs:
+        _refuse(world, _dials(world)[0])
+    assert world.pool.dial_failures == 1 and world.pool.status()["dial_failures"] == 1
+    assert world.pool.dialing == 1 and _events(logs, "fast_path_dial_failed")
+    assert len(_dials(world)) == 2  # not at once
+    _refuse(world, _dials(world)[1])  # a second failure: still one retry
+    assert world.pool.dial_failures == 2 and len(world.clock.getDelayedCalls()) == 1
+    world.clock.advance(RETRY_DELAY)
+    assert len(_dials(world)) == 3  # the stashed token
+    assert len(world.conn.requests) == 2  # and one more asked for
+
+
+def test_dial_uses_the_link_host_and_the_granted_data_port(world: World) -> None:
+    _ready(world)
+    assert {c[:2] for c in world.clock.tcpClients} == {(RELAY_HOST, DATA_PORT)}
