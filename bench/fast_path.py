@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import queue
@@ -75,36 +74,57 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script (the ProxyCommand wrapper): make bench importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import agent_vs_openssh as avo
 from bench import relay_vs_openssh as rvo
-from bench.agent_vs_openssh import (
+from bench.common import (
+    CHUNK,
     LOOPBACK,
+    REPO,
     STALL_SECONDS,
     START_TIMEOUT,
     BenchError,
     GiB,
     Lines,
+    MachineMeter,
     MiB,
+    Route,
+    SshdBench,
+    add_python_and_results,
+    add_run_options,
+    alive,
+    anomaly_lines,
+    bench_parser,
+    check_procs,
+    conditions_text,
+    connect_retry,
+    cpu_note,
     cpu_seconds,
-    descendants,
+    exit_when_parent_goes,
     find_program,
+    fmt,
     free_port,
-    machine_cpu,
+    json_event,
+    machine_conditions,
+    machine_split,
+    machine_text,
+    print_anomalies,
+    proc_cpu,
+    public_key,
+    quick_defaults,
+    read_port,
+    result_head,
+    run_bench,
     spread,
+    uncommitted,
 )
 
-REPO = avo.REPO
-RESULTS_DIR = avo.RESULTS_DIR
 THIS = str(Path(__file__).resolve())
 
 SSH_RATIO_GOAL = 0.65  # fast path ssh session ÷ direct
@@ -197,7 +217,7 @@ services = [{services}]
 
 def feed_worker(nbytes: int) -> None:
     """Wait for one line on stdin, then write ``nbytes`` (random, 1 MiB at a time) to stdout."""
-    block = memoryview(os.urandom(avo.CHUNK))
+    block = memoryview(os.urandom(CHUNK))
     if not sys.stdin.buffer.readline():
         return  # the harness went away or gave up on this trial
     left = nbytes
@@ -214,17 +234,8 @@ def source_worker(port: int, nbytes: int) -> None:
     """The raw client: bench.plain_hop's source worker (TCP_NODELAY, one 1 MiB random block,
     ``sendall`` of memoryview slices, then close), connecting first (retried while a listener
     starts) and sending only after a line on stdin, so that the stream starts on "go"."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        try:
-            sock = socket.create_connection((LOOPBACK, port))
-            break
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)  # socat is still starting
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    block = memoryview(os.urandom(avo.CHUNK))
+    sock = connect_retry(port, START_TIMEOUT)
+    block = memoryview(os.urandom(CHUNK))
     if not sys.stdin.buffer.readline():
         return  # the harness went away or gave up on this trial
     sent = 0
@@ -246,7 +257,7 @@ def sink_worker() -> None:
             print(json.dumps(obj), flush=True)
 
     def serve(conn: socket.socket, n: int) -> None:
-        view = memoryview(bytearray(avo.CHUNK))
+        view = memoryview(bytearray(CHUNK))
         with conn:
             say({"event": "accepted", "conn": n})
             accepted = time.perf_counter()
@@ -265,7 +276,7 @@ def sink_worker() -> None:
                  "seconds": end - first if first_n else 0.0, "since_accept": end - accepted})
 
     say({"port": server.getsockname()[1]})
-    threading.Thread(target=avo._exit_when_parent_goes, daemon=True).start()
+    threading.Thread(target=exit_when_parent_goes, daemon=True).start()
     n = 0
     while True:
         conn, _ = server.accept()
@@ -382,26 +393,6 @@ class Accounting:
                 "own_exited_before_stream_end": gone_early, "machine": self.machine()}
 
 
-def machine_split() -> tuple[float, float, float]:
-    """(monotonic seconds, user+nice CPU-s, system+irq+softirq CPU-s) of the whole machine,
-    from /proc/stat: loopback TCP's work (softirq included) shows up as kernel time."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:8]]
-    user, nice, system, _idle, _iowait, irq, softirq = v
-    return (time.monotonic(), (user + nice) / avo.CLOCK_TICKS,
-            (system + irq + softirq) / avo.CLOCK_TICKS)
-
-
-def proc_cpu(pid: int) -> float | None:
-    """utime + stime of ``pid`` (all its threads), or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / avo.CLOCK_TICKS
-
-
 class FastBench(rvo.RelayBench):
     """The processes of one run: target sshd, sink, relay, agent, cloud sshd, ``ssh -R``;
     and one trial of each variant at a time over them."""
@@ -415,8 +406,8 @@ class FastBench(rvo.RelayBench):
         self.sink_port = 0
         self.data_port = 0
         self.pub_port = 0
-        self.cloud: avo.Bench | None = None
-        self.ssh_r = avo.Route("ssh_R")
+        self.cloud: SshdBench | None = None
+        self.ssh_r = Route("ssh_R")
         self.ciphers: dict[str, str] = {}
         self.backend = ""
         self.failed: set[tuple[str, str]] = set()
@@ -430,62 +421,35 @@ class FastBench(rvo.RelayBench):
     # -- processes
 
     def start_sink(self) -> None:
-        self.sink = self.children.start("sink", [sys.executable, THIS, "--worker", "sink"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert self.sink.stdout is not None
-        self.sink_out = Lines(self.sink.stdout, "sink-stdout")
-        line = self.sink_out.wait_for(lambda s: s, START_TIMEOUT, "the sink's port")
-        self.sink_port = int(json.loads(line)["port"])
+        self.sink, self.sink_out = self.start_worker("sink", THIS, "sink")
+        self.sink_port = read_port(self.sink_out, "the sink's port")
 
     def start_relay(self) -> None:
-        keys = {name: self.keygen(f"{name}_ed25519") for name in ("agent", "alice")}
-        blob = {name: " ".join(Path(f"{path}.pub").read_text().split()[:2])
-                for name, path in keys.items()}
+        blob = self.user_keys("agent", "alice")
         config = self.dir / "relay.toml"
         config.write_text(RELAY_CONFIG.format(
             dir=self.dir, agent_key=blob["agent"], alice_key=blob["alice"],
             services=", ".join(f'"{s}"' for s in SERVICES)))
-        self.relay_argv = [self.args.python, "-m", "relay", "relay", "--log-format", "json",
-                           "--config", str(config)]
-        self.relay = self.children.start("relay", self.relay_argv, cwd=REPO,
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert self.relay.stdout is not None
-        self.relay_log = Lines(self.relay.stdout, "relay-stdout")
         ports: dict[str, int] = {}
 
         def both(line: str) -> bool:
-            event = self._event(line) or {}
+            event = json_event(line) or {}
             if event.get("event") in ("relay_listening", "relay_data_port"):
                 ports[str(event["event"])] = int(event["port"])
             return len(ports) == 2
 
-        try:
-            self.relay_log.wait_for(both, START_TIMEOUT, "relay_listening and relay_data_port")
-        except BenchError as e:
-            raise BenchError(f"relay (exit status {self.relay.poll()}): {e}") from None
+        self.start_relay_process(config, both, "relay_listening and relay_data_port")
         self.relay_port, self.data_port = ports["relay_listening"], ports["relay_data_port"]
-        host_pub = self.dir / "relay-state" / "ssh_host_ed25519_key.pub"
-        host = " ".join(host_pub.read_text().split()[:2])
-        self.relay_known_hosts.write_text(f"[{LOOPBACK}]:{self.relay_port} {host}\n")
+        self.trust_relay_host()
 
     def start_relay_agent(self) -> None:
         assert self.target_port and self.sink_port
         forwards = [f"gpu-cluster:22:{LOOPBACK}:{self.target_port}",
                     f"sink:9000:{LOOPBACK}:{self.sink_port}"]
-        self.agent_argv = [
-            self.args.python, "-m", "relay", "agent", "--log-format", "json",
-            "-p", str(self.relay_port), "-i", str(self.dir / "agent_ed25519"),
-            "-o", f"UserKnownHostsFile={self.relay_known_hosts}",
-            *[arg for f in forwards for arg in ("-R", f)], f"lab_pc@{LOOPBACK}",
-        ]
-        self.agent = self.children.start("agent", self.agent_argv, cwd=REPO,
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert self.agent.stdout is not None
-        self.agent_log = Lines(self.agent.stdout, "agent-stdout")
         seen: set[str] = set()
 
         def ready(line: str) -> bool:
-            event = self._event(line) or {}
+            event = json_event(line) or {}
             if event.get("event") == "forward_ready":
                 seen.add(f"{event.get('bind')}")
             elif event.get("event") in ("fast_path_ready", "fast_path_off"):
@@ -494,38 +458,25 @@ class FastBench(rvo.RelayBench):
                 seen.add("fast path")
             return len(seen) == len(forwards) + 1
 
-        try:
-            self.agent_log.wait_for(ready, START_TIMEOUT,
-                                    "fast_path_ready and forward_ready from the agent")
-        except BenchError as e:
-            raise BenchError(f"agent (exit status {self.agent.poll()}): {e}") from None
+        self.start_relay_agent_process(forwards, "lab_pc", ready,
+                                       "fast_path_ready and forward_ready from the agent")
 
     def start_seed(self) -> None:
         """The seed's cloud: a second private sshd, and lab_pc's ``ssh -N -R`` to it."""
         cloud_dir = self.dir / "cloud"
         cloud_dir.mkdir()
         cloud_dir.chmod(0o755)
-        cloud = self.cloud = avo.Bench(self.args, cloud_dir)
+        cloud = self.cloud = SshdBench(self.args, cloud_dir)
         cloud.children = self.children  # one cleanup for everything
         cloud.start_sshd()
-        assert cloud.sshd is not None
-        before = descendants(cloud.sshd.pid)
         self.pub_port = free_port()
         r = self.ssh_r
-        r.argv = [*cloud.ssh_base(), "-N", "-o", "ExitOnForwardFailure=yes",
-                  "-R", f"{LOOPBACK}:{self.pub_port}:{LOOPBACK}:{self.target_port}",
-                  f"{cloud.user}@{LOOPBACK}"]
-        r.forwarder = self.children.start("ssh -R", r.argv, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE)
-        assert r.forwarder.stderr is not None
-        r.log = Lines(r.forwarder.stderr, "ssh-R-stderr")
-        self._wait_listening("ssh -N -R", r.forwarder, r.log, self.pub_port)
-        cloud._new_sshd_sessions(before, r)
+        cloud.ssh_reverse(r, "ssh -R", (), [(self.pub_port, self.target_port)], "ssh -N -R")
         if not r.sshd_pids:
             raise BenchError("no cloud sshd session process found for ssh -N -R")
 
     def write_user_known_hosts(self) -> None:
-        host = " ".join((self.dir / "host_ed25519.pub").read_text().split()[:2])
+        host = public_key(self.dir / "host_ed25519.pub")
         self.user_known_hosts.write_text(
             f"[{LOOPBACK}]:{self.sshd_port} {host}\n[{LOOPBACK}]:{self.pub_port} {host}\n"
             f"gpu-cluster {host}\n")
@@ -614,7 +565,7 @@ class FastBench(rvo.RelayBench):
                     break
                 if line is None:
                     break
-                event = self._event(line)
+                event = json_event(line)
                 if event is None:
                     self.anomalies.append(f"{name} printed a non-JSON line: {line}")
                     continue
@@ -870,10 +821,7 @@ class FastBench(rvo.RelayBench):
                  ("target sshd", self.sshd, self.sshd_log)]
         if self.cloud is not None:
             procs.append(("cloud sshd", self.cloud.sshd, self.cloud.sshd_log))
-        for name, proc, log in procs:
-            if proc is not None and proc.poll() is not None:
-                raise BenchError(f"{name} exited ({proc.returncode}) mid-run:\n"
-                                 + (log.text() if log else ""))
+        check_procs(procs)
 
     def run(self) -> dict[str, Any]:  # type: ignore[override]
         args = self.args
@@ -886,9 +834,7 @@ class FastBench(rvo.RelayBench):
                 self.trial(workload, variant, warm)
         self.failed.clear()  # a warm-up failure is reported, and measured again
         self.check_alive()
-        machine0, wall0 = machine_cpu(), time.monotonic()
-        ours = [os.getpid(), *descendants(os.getpid())]
-        ours0 = cpu_seconds(ours)
+        meter = MachineMeter()
         for run in range(1, args.runs + 1):
             for workload, variants in VARIANTS.items():
                 k = (run - 1) % len(variants)
@@ -901,28 +847,21 @@ class FastBench(rvo.RelayBench):
                         continue
                     r["run"] = run
                     samples[workload][variant].append(r)
-                    cpu = " ".join(f"{g} {s / (args.bytes / GiB):.2f}"
-                                   for g, s in r["cpu"].items())
                     print(f"run {run}/{args.runs} {workload:3} {variant:10} "
                           f"{args.bytes / r['seconds'] / 1e6:8.1f} MB/s  set-up "
-                          f"{r['setup_s'] * 1000:6.0f} ms"
-                          + (f"   CPU s/GiB: {cpu}" if cpu else ""), flush=True)
-        machine1 = machine_cpu()
-        machine = {
-            "wall_s": time.monotonic() - wall0,
-            "busy_cpu_s": machine1["busy"] - machine0["busy"],
-            "bench_processes_cpu_s": cpu_seconds(ours) - ours0,
-            "steal_cpu_s": machine1["steal"] - machine0["steal"],
-            "loadavg_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        }
-        return summarize(self, samples, machine)
+                          f"{r['setup_s'] * 1000:6.0f} ms" + cpu_note(r["cpu"], args.bytes),
+                          flush=True)
+        res = summarize(self, samples, meter.result())
+        if args.note:
+            res["conditions"]["note"] = args.note
+        return res
 
     def cleanup(self) -> list[str]:
         if self.inetd is not None:
             self.inetd.close()
         notes = self.children.stop_all()
         for pid in sorted(self.stray):
-            if avo._alive(pid):
+            if alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 notes.append(f"killed leftover process {pid}")
@@ -1022,16 +961,15 @@ def summarize(bench: FastBench, samples: dict[str, dict[str, list[dict[str, Any]
         _goal(goals, f"raw TCP via the fast path (socket-fed) ÷ direct loopback >= {target}",
               raw, target, True, "×", level)
 
-    shim = SimpleNamespace(
-        args=argparse.Namespace(python=args.python, bytes=args.bytes, runs=args.runs,
-                                sessions=0, gap_sessions=0, gap_ms=0.0, no_reverse=True),
-        loadavg_at_start=bench.loadavg_at_start, paths={})
-    cond = avo.conditions(shim)  # type: ignore[arg-type]
-    for k in ("setup_sessions_per_run", "gap_sessions_per_run", "gap_ms", "directions",
-              "chunk_bytes"):
-        cond.pop(k, None)
-    cond.update({
+    cond = {
+        **machine_conditions(args.python, bench.loadavg_at_start),
+        "bytes": args.bytes,
+        "runs": args.runs,
         "ciphers": bench.ciphers,
+        "mb": "10^6 bytes",
+        "order": f"fresh processes; a warm-up of {min(args.bytes, 64 * MiB) // MiB} MiB per "
+                 "variant (not recorded); then per run: the ssh variants, then the raw "
+                 "variants, each workload's order rotated by one every run",
         "datapath_backend": bench.backend,
         "datapath_env": os.environ.get("LABRELAY_DATAPATH", "(unset: auto)"),
         "backends_logged": {k: v for k, v in bench.events.items() if " backend: " in k},
@@ -1040,9 +978,6 @@ def summarize(bench: FastBench, samples: dict[str, dict[str, list[dict[str, Any]
                         "belongs to lab_pc's ssh -N -R 127.0.0.1:PUB:127.0.0.1:TARGET "
                         "(autossh would run this same ssh; -J through the cloud is not "
                         "measured)",
-        "order": f"fresh processes; a warm-up of {min(args.bytes, 64 * MiB) // MiB} MiB per "
-                 "variant (not recorded); then per run: the ssh variants, then the raw "
-                 "variants, each workload's order rotated by one every run",
         "timing": "ssh: from 'go' to the feeder (session already up) to ssh's exit; raw: "
                   "the sink's first byte to its EOF (the client or feeder gets 'go' once the "
                   "sink accepted, so set-up is not in it)",
@@ -1058,12 +993,9 @@ def summarize(bench: FastBench, samples: dict[str, dict[str, list[dict[str, Any]
         "ssh_R_argv": bench.ssh_r.argv,
         "user_ssh_argv": {v: bench.user_ssh(v, Path("RUSAGE.jsonl")) for v in VARIANTS[SSH]},
         "events": dict(sorted(bench.events.items())),
-    })
+    }
     return {
-        "benchmark": "fast_path",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "commit": bench.commit,
-        "relay_uncommitted_at_start": bench.relay_changes,
+        **result_head("fast_path", bench),
         "conditions": cond,
         "series": series,
         "goals": goals,
@@ -1072,13 +1004,9 @@ def summarize(bench: FastBench, samples: dict[str, dict[str, list[dict[str, Any]
     }
 
 
-def _fmt(s: dict[str, float] | None, digits: int = 1) -> str:
-    return avo._fmt(s, digits)
-
-
 def _cpu_cell(entry: dict[str, Any], key: str, digits: int = 2) -> str:
     groups = entry.get(key) or {}
-    return ", ".join(f"{PROCS.get(g, g)} {_fmt(s, digits)}" for g, s in groups.items()
+    return ", ".join(f"{PROCS.get(g, g)} {fmt(s, digits)}" for g, s in groups.items()
                      if s) or "–"
 
 
@@ -1088,8 +1016,8 @@ def _machine_cell(entry: dict[str, Any]) -> str:
     if not busy:
         return "–"
     per_gib = entry.get("machine_cpu_s_per_gib")
-    return f"{_fmt(busy, 2)} / {_fmt(kernel, 2)}" + (
-        f"; {_fmt(per_gib, 2)} CPU-s/GiB" if per_gib else "")
+    return f"{fmt(busy, 2)} / {fmt(kernel, 2)}" + (
+        f"; {fmt(per_gib, 2)} CPU-s/GiB" if per_gib else "")
 
 
 def _goal_row(g: dict[str, Any]) -> str:
@@ -1102,18 +1030,14 @@ def _goal_row(g: dict[str, Any]) -> str:
 
 def markdown(res: dict[str, Any]) -> str:
     c = res["conditions"]
-    changes = res.get("relay_uncommitted_at_start") or []
-    dirty = " plus uncommitted changes in relay/" if changes else ""
+    dirty, changes = uncommitted(res, "the run started")
     mib = c["bytes"] / MiB
     out = [
         f"# labrelay fast path vs direct ssh and the seed's OpenSSH chain — {res['date']}, "
         f"commit `{res['commit']}`{dirty}",
         "",
-        *([f"Uncommitted in relay/ when the run started: {', '.join(changes)}.", ""]
-          if changes else []),
-        f"{c['cpu_model']}, {c['nproc']} CPUs (load {c['loadavg_at_start']} at start), "
-        f"Linux {c['kernel']}, Python {c['python']}, Twisted {c['twisted']}, "
-        f"cryptography {c['cryptography']}, labrelay {c['labrelay']}, {c['openssh']}. "
+        *changes,
+        conditions_text(c) +
         f"{mib:g} MiB per transfer, {c['runs']} runs; within each run every variant takes its "
         "turn (order rotated run by run); figures are the median (min–max) over the runs; "
         "× direct is the median (min–max) of the per-run ratios; MB = 10^6 bytes. "
@@ -1158,11 +1082,11 @@ def markdown(res: dict[str, Any]) -> str:
                 "| CPU-s per session: teardown |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for s in rows:
-            ratio = _fmt(s.get("ratio_to_direct"), 2) if s["path"] != DIRECT else "1"
-            out.append(f"| {s['label']} | {_fmt(s.get('mb_per_s'))} | {ratio} "
+            ratio = fmt(s.get("ratio_to_direct"), 2) if s["path"] != DIRECT else "1"
+            out.append(f"| {s['label']} | {fmt(s.get('mb_per_s'))} | {ratio} "
                        f"| {_cpu_cell(s, 'cpu_s_per_gib')} | {_cpu_cell(s, 'core_share')} "
                        f"| {_machine_cell(s)} "
-                       f"| {_fmt(s.get('setup_s'), 3)} | {_cpu_cell(s, 'setup_cpu_s', 3)} "
+                       f"| {fmt(s.get('setup_s'), 3)} | {_cpu_cell(s, 'setup_cpu_s', 3)} "
                        f"| {_cpu_cell(s, 'teardown_cpu_s', 3)} |")
 
     def raw_ratio(path: str) -> str:
@@ -1201,22 +1125,15 @@ def markdown(res: dict[str, Any]) -> str:
             f"- Order: {c.get('order')}."]
     m = res.get("machine_cpu_during_measurement")
     if m:
-        out += ["", f"Machine during the measurements ({m['wall_s']:.0f} s): CPUs busy "
-                f"{m['busy_cpu_s']:.0f} of {m['wall_s'] * (c['nproc'] or 1):.0f} CPU-seconds, "
-                f"{m['bench_processes_cpu_s']:.0f} of them in this benchmark's long-lived "
-                "processes (sshds, relay, agent, ssh -N -R, sink, harness; the rest is the "
-                "per-session ssh clients, sshd sessions, labrelay connect, socat and feeders, "
-                "loopback TCP softirq work, plus whatever else ran); "
-                f"hypervisor steal {m['steal_cpu_s']:.1f} s; load average at end "
-                f"{m['loadavg_at_end']}."]
+        out += ["", machine_text(m, c["nproc"], "long-lived processes (sshds, relay, agent, "
+                                 "ssh -N -R, sink, harness; the rest is the per-session ssh "
+                                 "clients, sshd sessions, labrelay connect, socat and feeders, "
+                                 "loopback TCP softirq work, plus whatever else ran)")]
     out.append("")
-    if res["anomalies"]:
-        out += ["Anomalies:", ""] + [
-            "    " + a.replace("\n", "\n    ") for a in res["anomalies"]] + [""]
-    else:
-        out += ["No anomalies: every transfer arrived complete, every fast-path session was "
-                "spliced (one relay_fast_session each), nothing fell back to a channel, and "
-                "relay and agent logged no warning or error.", ""]
+    out += anomaly_lines(res["anomalies"], "No anomalies: every transfer arrived complete, "
+                         "every fast-path session was spliced (one relay_fast_session each), "
+                         "nothing fell back to a channel, and relay and agent logged no warning "
+                         "or error.")
     if c.get("note"):
         out += [str(c["note"]), ""]
     return "\n".join(out)
@@ -1228,19 +1145,18 @@ def print_table(res: dict[str, Any]) -> None:
           f"{'machine: cores, CPU-s/GiB':>26}  CPU s/GiB")
     for s in res["series"]:
         cpu = ", ".join(f"{g} {v['median']:.2f}" for g, v in s["cpu_s_per_gib"].items() if v)
-        ratio = _fmt(s.get("ratio_to_direct"), 2) if s["path"] != DIRECT else "1"
+        ratio = fmt(s.get("ratio_to_direct"), 2) if s["path"] != DIRECT else "1"
         busy = ((s.get("machine_cores") or {}).get("busy_cores") or {}).get("median")
         per_gib = (s.get("machine_cpu_s_per_gib") or {}).get("median")
         busy_text = "" if busy is None else f"{busy:.2f}" + (
             "" if per_gib is None else f" {per_gib:.2f}")
-        print(f"{s['workload']:8} {s['path']:10} {_fmt(s.get('mb_per_s')):>22} {ratio:>18} "
+        print(f"{s['workload']:8} {s['path']:10} {fmt(s.get('mb_per_s')):>22} {ratio:>18} "
               f"{busy_text:>26}  {cpu}")
     print()
     for g in res["goals"]:
         v = "n/a" if g["value"] is None else f"{g['value']:.2f}"
         print(f"  {g['status']:4}  [{g['level']}] {g['goal']}: {v}")
-    for a in res["anomalies"]:
-        print(f"  !! {a}")
+    print_anomalies(res)
 
 
 # ---------------------------------------------------------------------------
@@ -1248,32 +1164,15 @@ def print_table(res: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.fast_path",
-        description="labrelay's fast path (labrelay connect -> relay data port -> agent, "
-        "spliced) vs ssh direct and the seed's ssh -R chain, and raw TCP through it vs "
-        "direct loopback; side by side in one run, on loopback.")
-    p.add_argument("--bytes", type=avo.parse_bytes, default=None,
-                   help="bytes per transfer, e.g. 1GiB (default), 256MiB")
-    p.add_argument("--runs", type=int, default=None, help="runs (default 5; --quick 3)")
-    p.add_argument("--quick", action="store_true", help="256 MiB and 3 runs")
-    p.add_argument("--keep-going", action="store_true",
-                   help="keep measuring a variant after it failed once")
+    p = bench_parser("python -m bench.fast_path",
+                     "labrelay's fast path (labrelay connect -> relay data port -> agent, "
+                     "spliced) vs ssh direct and the seed's ssh -R chain, and raw TCP through "
+                     "it vs direct loopback; side by side in one run, on loopback.",
+                     "runs (default 5; --quick 3)")
+    add_run_options(p, "variant", reverse=False)
     p.add_argument("--note", default="", help="a sentence to add to the Markdown report")
-    p.add_argument("--python", default=sys.executable,
-                   help="the Python that runs relay, agent and labrelay connect")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    add_python_and_results(p, "the Python that runs relay, agent and labrelay connect")
     return p
-
-
-def write_results(directory: Path, res: dict[str, Any]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    js = directory / "fast_path-latest.json"
-    js.write_text(json.dumps(res, indent=2) + "\n")
-    md = directory / "fast_path-latest.md"
-    shown = js.relative_to(REPO) if js.is_relative_to(REPO) else js
-    md.write_text(markdown(res) + f"\nRaw data: `{shown}`.\n")
-    print(f"wrote {js} and {md}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1290,44 +1189,15 @@ def main(argv: list[str] | None = None) -> int:
             rest = argv[3:]
             return rusage_worker(argv[2], rest[1:] if rest[:1] == ["--"] else rest)
         return 0
-    args = build_parser().parse_args(argv)
-    if args.bytes is None:
-        args.bytes = 256 * MiB if args.quick else GiB
-    if args.runs is None:
-        args.runs = 3 if args.quick else 5
+    args = quick_defaults(build_parser().parse_args(argv))
 
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+    def announce(bench: FastBench) -> None:
+        print(f"  target sshd {bench.sshd_port}, relay {bench.relay_port} (data port "
+              f"{bench.data_port}), cloud public port {bench.pub_port}, sink "
+              f"{bench.sink_port}; backend {bench.backend}; {bench.ciphers}", flush=True)
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGHUP, terminate)
-    code = 1
-    with tempfile.TemporaryDirectory(prefix="labrelay-fastpath-bench-") as tmp:
-        workdir = Path(tmp)
-        workdir.chmod(0o755)  # the privilege-separated sshd reads its files
-        bench = FastBench(args, workdir)
-        try:
-            print(f"setting up in {workdir} ...", flush=True)
-            bench.setup()
-            print(f"  target sshd {bench.sshd_port}, relay {bench.relay_port} (data port "
-                  f"{bench.data_port}), cloud public port {bench.pub_port}, sink "
-                  f"{bench.sink_port}; backend {bench.backend}; {bench.ciphers}", flush=True)
-            res = bench.run()
-            if args.note:
-                res["conditions"]["note"] = args.note
-            write_results(args.results_dir, res)
-            print_table(res)
-            code = 0 if not res["anomalies"] else 3
-        except BenchError as e:
-            print(f"bench: {e}", file=sys.stderr)
-        except KeyboardInterrupt:
-            print("bench: interrupted; stopping everything", file=sys.stderr)
-            code = 130
-        finally:
-            for note in bench.cleanup():
-                print(f"bench: cleanup: {note}", file=sys.stderr)
-    return code
+    return run_bench("labrelay-fastpath-bench-", lambda workdir: FastBench(args, workdir),
+                     announce, markdown, print_table, args.results_dir, dated=False)
 
 
 if __name__ == "__main__":

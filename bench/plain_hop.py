@@ -52,11 +52,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "bench" / "results"
-LOOPBACK = "127.0.0.1"
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+if __package__ in (None, ""):  # run as a script: make ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    LOOPBACK,
+    REPO,
+    RESULTS_DIR,
+    GiB,
+    KiB,
+    MiB,
+    connect_retry,
+    cpu_model,
+    free_port,
+    proc_cpu,
+)
+
 TIMEOUT = 300.0
 
 GOAL_RATIO = 0.55  # of direct, from the issue
@@ -101,16 +112,7 @@ def worker_sink() -> None:
 
 def worker_source(port: int, size: int, burst: int, rate: float) -> None:
     """Send ``size`` bytes in ``burst``-byte writes, paced to ``rate`` bytes/s if > 0."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            sock = socket.create_connection((LOOPBACK, port))
-            break
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)  # socat is still starting
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = connect_retry(port, 30)
     block = memoryview(os.urandom(burst))
     sent = 0
     start = time.perf_counter()
@@ -186,8 +188,10 @@ def worker_relay(variant: str, target_port: int) -> None:
 
 
 def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    cpu = proc_cpu(pid)
+    if cpu is None:
+        raise RuntimeError(f"process {pid} is gone: no CPU time to read")
+    return cpu
 
 
 def _read_json(proc: subprocess.Popen[str], timeout: float = TIMEOUT) -> dict[str, Any]:
@@ -208,12 +212,6 @@ def _spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[st
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, **(env or {})})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
 class Relay:
     """A long-lived relaying process and how to read its counters."""
 
@@ -221,7 +219,7 @@ class Relay:
         self.name = name
         self.admin: str | None = None
         if name in ("c", "python"):
-            self.admin = f"{LOOPBACK}:{_free_port()}"
+            self.admin = f"{LOOPBACK}:{free_port()}"
             config = tmp / f"{name}.toml"
             config.write_text(f'[admin]\nlisten = "{self.admin}"\n\n[[forward]]\n'
                               f'listen = "{LOOPBACK}:0"\nconnect = "{LOOPBACK}:{sink_port}"\n')
@@ -293,7 +291,7 @@ class Series:
 
 def _socat_transfer(sink_port: int, size: int, burst: int, rate: float,
                     sink: subprocess.Popen[str]) -> tuple[dict[str, Any], float]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(["socat", "-b", "131072", f"TCP-LISTEN:{port},bind={LOOPBACK},"
                              "reuseaddr", f"TCP:{LOOPBACK}:{sink_port}"])
     source = _spawn("source", str(port), str(size), str(burst), str(rate))
@@ -452,15 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                       text=True, capture_output=True).stdout.strip():
         commit += "+changes"
-    cpu_model = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu_model = line.split(":", 1)[1].strip()
-            break
     meta = {
         "argv": argv if argv is not None else sys.argv[1:],
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit, "cpus": os.cpu_count(), "cpu_model": cpu_model,
+        "commit": commit, "cpus": os.cpu_count(), "cpu_model": cpu_model(),
         "kernel": platform.release(), "python": platform.python_version(),
         "size": ns.size, "runs": ns.runs,
         "loadavg": [load_before, Path("/proc/loadavg").read_text().split()[0]],

@@ -22,7 +22,7 @@ public port (each confirmed end to end by a 1-byte greeting from the target), wi
 relay's and the agent's RSS per session, and the same through ``ssh -R``.
 
 The sshd set-up, process plumbing, CPU accounting and the push/pull/set-up client code
-come from ``bench/agent_vs_openssh.py``.
+come from ``bench/common.py``, the measurement loop from ``bench/agent_vs_openssh.py``.
 
 Run from the repository root with the venv's Python::
 
@@ -37,19 +37,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import errno
 import json
 import os
-import re
 import resource
 import selectors
-import signal
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -61,26 +56,57 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import agent_vs_openssh as avo
-from bench.agent_vs_openssh import (
+from bench import common
+from bench.common import (
+    CHUNK,
     LOOPBACK,
+    MODE_SINK,
+    REPO,
     STALL_SECONDS,
-    START_TIMEOUT,
     BenchError,
     GiB,
     Lines,
+    MachineMeter,
     MiB,
+    add_python_and_results,
+    add_run_options,
+    add_session_options,
+    anomaly_lines,
+    bench_parser,
+    check_procs,
+    conditions_text,
+    connect,
+    cpu_note,
     cpu_seconds,
-    descendants,
-    find_program,
+    fmt,
+    fmt_ratio,
     free_port,
-    machine_cpu,
+    goals_table,
+    json_event,
+    machine_text,
+    nodelay,
     pctl,
+    per_run_latency,
+    pooled_latency,
+    print_goals,
     proc_health,
+    public_key,
+    pull_bytes,
+    push_bytes,
+    quick_defaults,
+    read_port,
+    recv_exact,
+    result_head,
+    run_bench,
+    run_text,
+    setup_sessions,
     spread,
+    ssh_client,
+    ssh_negotiated,
+    uncommitted,
+    wait_ready,
 )
 
-REPO = avo.REPO
-RESULTS_DIR = avo.RESULTS_DIR
 THIS = str(Path(__file__).resolve())
 
 THROUGHPUT_GOAL = 0.75  # relay+agent / ssh -N -R (default cipher), from issues 3 and 6
@@ -191,7 +217,7 @@ def greeter_worker() -> None:
                     except OSError:  # EMFILE and friends: leave it in the backlog
                         break
                     conn.setblocking(False)
-                    avo._nodelay(conn)
+                    nodelay(conn)
                     conn.send(GREETING)  # a fresh socket always takes one byte
                     conns[conn.fileno()] = conn
                     accepted += 1
@@ -288,8 +314,8 @@ def _hold(port: int, count: int, in_flight: int, held: list[socket.socket]) -> d
 def _echo(port: int, count: int, gap: float) -> dict[str, Any]:
     """``count`` 1-byte round trips on one connection to the greeter, ``gap`` s apart."""
     times: list[float] = []
-    with avo._connect(port) as sock:
-        if avo._recv_exact(sock, 1) != GREETING:
+    with connect(port) as sock:
+        if recv_exact(sock, 1) != GREETING:
             raise OSError("no greeting from the echo target")
         for i in range(count):
             time.sleep(gap)
@@ -305,19 +331,19 @@ def client_worker() -> None:
     """JSON commands on stdin, one JSON answer line each: the agent bench's push, pull and
     set-up operations, plus echo round trips, holding idle sessions and releasing them."""
     raise_nofile()
-    payload = memoryview(os.urandom(avo.CHUNK))
-    view = memoryview(bytearray(avo.CHUNK))
+    payload = memoryview(os.urandom(CHUNK))
+    view = memoryview(bytearray(CHUNK))
     held: list[socket.socket] = []
     for line in sys.stdin:
         cmd = json.loads(line)
         op = cmd["op"]
         try:
             if op == "push":
-                result = avo._push(payload, cmd["port"], cmd["bytes"])
+                result = push_bytes(payload, cmd["port"], cmd["bytes"])
             elif op == "pull":
-                result = avo._pull(view, cmd["port"], cmd["bytes"])
+                result = pull_bytes(view, cmd["port"], cmd["bytes"])
             elif op == "setup":
-                result = avo._setup(cmd["port"], cmd["sessions"], cmd["gap"])
+                result = setup_sessions(cmd["port"], cmd["sessions"], cmd["gap"])
             elif op == "echo":
                 result = _echo(cmd["port"], cmd["count"], cmd["gap"])
             elif op == "hold":
@@ -336,7 +362,7 @@ def client_worker() -> None:
 
 def bulk_worker(port: int) -> None:
     """Push into the sink at ``port`` until a line arrives on stdin; then report."""
-    payload = memoryview(os.urandom(avo.CHUNK))
+    payload = memoryview(os.urandom(CHUNK))
     stop = threading.Event()
 
     def wait_stop() -> None:
@@ -348,8 +374,8 @@ def bulk_worker(port: int) -> None:
     announced = False
     start = time.perf_counter()
     try:
-        with avo._connect(port) as sock:
-            sock.sendall(avo.MODE_SINK)
+        with connect(port) as sock:
+            sock.sendall(MODE_SINK)
             sent = 1
             while not stop.is_set():
                 sock.sendall(payload)
@@ -359,7 +385,7 @@ def bulk_worker(port: int) -> None:
                     print(json.dumps({"started": time.perf_counter() - start}), flush=True)
             seconds = time.perf_counter() - start
             sock.shutdown(socket.SHUT_WR)
-            reply = avo._recv_exact(sock, 8)
+            reply = recv_exact(sock, 8)
         count = int.from_bytes(reply, "big") if len(reply) == 8 else -1
         print(json.dumps({"bytes": sent, "count": count, "seconds": seconds}), flush=True)
     except OSError as e:
@@ -371,7 +397,7 @@ def bulk_worker(port: int) -> None:
 
 
 @dataclass
-class Route(avo.Route):
+class Route(common.Route):
     """One path: where bulk/set-up sessions (``port``) and echo/idle sessions
     (``echo_port``) connect, and which processes carry it (for CPU and memory)."""
 
@@ -384,6 +410,8 @@ class RelayBench(avo.Bench):
 
     Reuses the agent bench's sshd, target, ssh readiness and client plumbing.
     """
+
+    MAX_MS_WIDTH = 7
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         super().__init__(args, workdir)
@@ -408,13 +436,8 @@ class RelayBench(avo.Bench):
     # -- processes
 
     def start_greeter(self) -> None:
-        self.greeter = self.children.start(
-            "greeter", [sys.executable, THIS, "--worker", "greeter"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert self.greeter.stdout is not None
-        self.greeter_out = Lines(self.greeter.stdout, "greeter-stdout")
-        line = self.greeter_out.wait_for(lambda s: s, START_TIMEOUT, "the greeter's port")
-        self.greeter_port = int(json.loads(line)["port"])
+        self.greeter, self.greeter_out = self.start_worker("greeter", THIS, "greeter")
+        self.greeter_port = read_port(self.greeter_out, "the greeter's port")
 
     def greeter_count(self) -> dict[str, int]:
         assert self.greeter is not None and self.greeter.stdin is not None
@@ -426,51 +449,57 @@ class RelayBench(avo.Bench):
         return result
 
     def start_client(self) -> None:
-        self.client = self.children.start(
-            "client", [sys.executable, THIS, "--worker", "client"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert self.client.stdout is not None
-        self.client_out = Lines(self.client.stdout, "client-stdout")
+        self.client, self.client_out = self.start_worker("client", THIS, "client")
 
-    @staticmethod
-    def _event(line: str) -> dict[str, Any] | None:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return None
-        return event if isinstance(event, dict) else None
-
-    def start_relay(self) -> None:
-        keys = {name: self.keygen(f"{name}_ed25519") for name in ("agent", "alice", "bob")}
-        blob = {name: " ".join(Path(f"{path}.pub").read_text().split()[:2])
-                for name, path in keys.items()}
-        self.public_bulk, self.public_echo = free_port(), free_port()
-        config = self.dir / "relay.toml"
-        config.write_text(RELAY_CONFIG.format(
-            dir=self.dir, agent_key=blob["agent"], alice_key=blob["alice"], bob_key=blob["bob"],
-            bulk="{}:{}".format(*BULK_SERVICE), echo="{}:{}".format(*ECHO_SERVICE),
-            p_bulk=self.public_bulk, p_echo=self.public_echo))
+    def start_relay_process(self, config: Path, ready: Callable[[str], Any], what: str) -> Any:
+        """``labrelay relay --config CONFIG``; the first truthy ``ready(line)`` of its log."""
         self.relay_argv = [self.args.python, "-m", "relay", "relay", "--log-format", "json",
                            "--config", str(config)]
         self.relay = self.children.start("relay", self.relay_argv, cwd=REPO,
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert self.relay.stdout is not None
         self.relay_log = Lines(self.relay.stdout, "relay-stdout")
+        return wait_ready("relay", self.relay, self.relay_log, ready, what)
+
+    def trust_relay_host(self) -> None:
+        """The relay's host key, from its state directory, into ``relay_known_hosts``."""
+        host = public_key(self.dir / "relay-state" / "ssh_host_ed25519_key.pub")
+        self.relay_known_hosts.write_text(f"[{LOOPBACK}]:{self.relay_port} {host}\n")
+
+    def start_relay_agent_process(self, forwards: Sequence[str], login: str,
+                                  ready: Callable[[str], Any], what: str) -> None:
+        """``labrelay agent -R FORWARD... LOGIN@relay`` with the key ``agent_ed25519``,
+        ready at the first truthy ``ready(line)`` of its log."""
+        self.agent_argv = [
+            self.args.python, "-m", "relay", "agent", "--log-format", "json",
+            "-p", str(self.relay_port), "-i", str(self.dir / "agent_ed25519"),
+            "-o", f"UserKnownHostsFile={self.relay_known_hosts}",
+            *[arg for f in forwards for arg in ("-R", f)], f"{login}@{LOOPBACK}",
+        ]
+        self.agent = self.children.start("agent", self.agent_argv, cwd=REPO,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert self.agent.stdout is not None
+        self.agent_log = Lines(self.agent.stdout, "agent-stdout")
+        wait_ready("agent", self.agent, self.agent_log, ready, what)
+
+    def start_relay(self) -> None:
+        blob = self.user_keys("agent", "alice", "bob")
+        self.public_bulk, self.public_echo = free_port(), free_port()
+        config = self.dir / "relay.toml"
+        config.write_text(RELAY_CONFIG.format(
+            dir=self.dir, agent_key=blob["agent"], alice_key=blob["alice"], bob_key=blob["bob"],
+            bulk="{}:{}".format(*BULK_SERVICE), echo="{}:{}".format(*ECHO_SERVICE),
+            p_bulk=self.public_bulk, p_echo=self.public_echo))
 
         def listening(line: str) -> int | None:
-            event = self._event(line)
+            event = json_event(line)
             if event and event.get("event") == "relay_listening":
                 return int(event["port"])
             return None
 
-        try:
-            self.relay_port = self.relay_log.wait_for(listening, START_TIMEOUT,
-                                                      "relay_listening from the relay")
-        except BenchError as e:
-            raise BenchError(f"relay (exit status {self.relay.poll()}): {e}") from None
-        host_pub = self.dir / "relay-state" / "ssh_host_ed25519_key.pub"
-        host = " ".join(host_pub.read_text().split()[:2])
-        self.relay_known_hosts.write_text(f"[{LOOPBACK}]:{self.relay_port} {host}\n")
+        self.relay_port = self.start_relay_process(config, listening,
+                                                   "relay_listening from the relay")
+        self.trust_relay_host()
 
     def start_relay_agent(self) -> None:
         assert self.target_port and self.greeter_port
@@ -478,54 +507,24 @@ class RelayBench(avo.Bench):
         forwards = [f"{BULK_SERVICE[0]}:{BULK_SERVICE[1]}:{target}",
                     f"{ECHO_SERVICE[0]}:{ECHO_SERVICE[1]}:{greeter}",
                     f"{self.public_bulk}:{target}", f"{self.public_echo}:{greeter}"]
-        self.agent_argv = [
-            self.args.python, "-m", "relay", "agent", "--log-format", "json",
-            "-p", str(self.relay_port), "-i", str(self.dir / "agent_ed25519"),
-            "-o", f"UserKnownHostsFile={self.relay_known_hosts}",
-            *[arg for f in forwards for arg in ("-R", f)], f"bench_agent@{LOOPBACK}",
-        ]
-        self.agent = self.children.start("agent", self.agent_argv, cwd=REPO,
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert self.agent.stdout is not None
-        self.agent_log = Lines(self.agent.stdout, "agent-stdout")
         ready: set[str] = set()
 
         def all_ready(line: str) -> bool:
-            event = self._event(line)
+            event = json_event(line)
             if event and event.get("event") == "forward_ready":
                 ready.add(f"{event.get('bind')}:{event.get('port')}")
             return len(ready) == len(forwards)
 
-        try:
-            self.agent_log.wait_for(all_ready, START_TIMEOUT,
-                                    f"{len(forwards)} forward_ready events from the agent")
-        except BenchError as e:
-            raise BenchError(f"agent (exit status {self.agent.poll()}): {e}") from None
+        self.start_relay_agent_process(forwards, "bench_agent", all_ready,
+                                       f"{len(forwards)} forward_ready events from the agent")
+        assert self.relay is not None and self.agent is not None
         path = self.paths[RELAY]
         path.port, path.echo_port = self.public_bulk, self.public_echo
         path.argv = self.agent_argv
         path.groups = {"relay": [self.relay.pid], "agent": [self.agent.pid]}
 
     def relay_ssh_base(self, user: str) -> list[str]:
-        return [find_program("ssh"), "-F", "/dev/null", "-o", "BatchMode=yes",
-                "-o", "IdentitiesOnly=yes", "-i", str(self.dir / f"{user}_ed25519"),
-                "-o", f"UserKnownHostsFile={self.relay_known_hosts}",
-                "-o", "StrictHostKeyChecking=yes", "-p", str(self.relay_port)]
-
-    def _wait_listening(self, name: str, proc: subprocess.Popen[bytes], log: Lines,
-                        port: int) -> None:
-        """Readiness of an ssh forward: its port accepts (the target sees an empty probe)."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise BenchError(f"{name} exited ({proc.returncode}) before its forward was "
-                                 f"up:\n{log.text()}")
-            with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 1):
-                return
-            if time.monotonic() > deadline:
-                raise BenchError(f"{name}: port {port} not listening within "
-                                 f"{START_TIMEOUT:g}s:\n{log.text()}")
-            time.sleep(0.02)
+        return ssh_client(self.dir / f"{user}_ed25519", self.relay_known_hosts, self.relay_port)
 
     def start_user(self, user: str, service: tuple[str, int]) -> int:
         """A stock ``ssh -N -L LOCAL:SERVICE user@relay``; its local port."""
@@ -554,20 +553,10 @@ class RelayBench(avo.Bench):
     def start_openssh(self, name: str, extra: Sequence[str]) -> None:
         """``ssh -N -R PORT:TARGET -R PORT2:GREETER``: both over one ssh connection."""
         path = self.paths[name]
-        assert self.sshd is not None
-        before = descendants(self.sshd.pid)
         path.port, path.echo_port = free_port(), free_port()
-        path.argv = [*self.ssh_base(), *extra, "-N", "-o", "ExitOnForwardFailure=yes",
-                     "-R", f"{LOOPBACK}:{path.port}:{LOOPBACK}:{self.target_port}",
-                     "-R", f"{LOOPBACK}:{path.echo_port}:{LOOPBACK}:{self.greeter_port}",
-                     f"{self.user}@{LOOPBACK}"]
-        path.forwarder = self.children.start(name, path.argv, stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.PIPE)
-        assert path.forwarder.stderr is not None
-        path.log = Lines(path.forwarder.stderr, f"{name}-stderr")
-        self._wait_listening(name, path.forwarder, path.log, path.port)
-        self._wait_listening(name, path.forwarder, path.log, path.echo_port)
-        self._new_sshd_sessions(before, path)
+        self.ssh_reverse(path, name, extra, [(path.port, self.target_port),
+                                             (path.echo_port, self.greeter_port)])
+        assert path.forwarder is not None
         path.groups = {"ssh": [path.forwarder.pid], "sshd": sorted(path.sshd_pids)}
 
     def relay_ciphers(self) -> tuple[str, str]:
@@ -582,11 +571,7 @@ class RelayBench(avo.Bench):
         if "gcm" in link.split(" + ")[0]:  # an AEAD cipher: no separate MAC
             link = link.split(" + ")[0] + " + <implicit>"
         # the relay refuses the session channel after the key exchange: that is enough
-        out = subprocess.run([*self.relay_ssh_base("alice"), "-v", f"alice@{LOOPBACK}", "true"],
-                             capture_output=True, text=True, timeout=START_TIMEOUT,
-                             stdin=subprocess.DEVNULL).stderr
-        m = re.search(r"kex: client->server cipher: (\S+) MAC: (\S+)", out)
-        user = f"{m.group(1)} + {m.group(2)}" if m else "unknown"
+        user = ssh_negotiated([*self.relay_ssh_base("alice"), "-v", f"alice@{LOOPBACK}", "true"])
         return link, user
 
     def setup(self) -> None:
@@ -630,12 +615,9 @@ class RelayBench(avo.Bench):
         procs += [(f"ssh -L ({u})", p, self.user_logs[u]) for u, p in self.users.items()]
         procs += [(p.name, p.forwarder, p.log) for p in self.paths.values()
                   if p.name in (SSH, SSH_AES)]
-        for name, proc, log in procs:
-            if proc is not None and proc.poll() is not None:
-                raise BenchError(f"{name} exited ({proc.returncode}) mid-run:\n"
-                                 + (log.text() if log else ""))
+        check_procs(procs)
 
-    def diagnose(self, path: avo.Route, what: str, error: str) -> str:
+    def diagnose(self, path: common.Route, what: str, error: str) -> str:
         text = super().diagnose(path, what, error)
         extra = []
         if path.name in (RELAY, RELAY_L):
@@ -647,7 +629,7 @@ class RelayBench(avo.Bench):
                                  + log.text(10).replace("\n", "\n    "))
         return "\n".join([text, *extra])
 
-    def measured(self, path: avo.Route, fn: Callable[[], dict[str, Any]], what: str
+    def measured(self, path: common.Route, fn: Callable[[], dict[str, Any]], what: str
                  ) -> dict[str, Any] | None:
         """Run ``fn`` with the CPU seconds of every process of ``path``, by group."""
         groups: dict[str, list[int]] = getattr(path, "groups", {})
@@ -655,28 +637,16 @@ class RelayBench(avo.Bench):
         result = fn()
         result["cpu"] = {g: cpu_seconds(pids) - before[g] for g, pids in groups.items()}
         if "error" in result:
-            report = self.diagnose(path, what, result["error"])
-            path.failures.append(report)
-            self.anomalies.append(report)
-            print(f"!! {report}", file=sys.stderr, flush=True)
+            self.fail(path, what, result["error"])
             return None
         return result
-
-    def fail(self, path: Route, what: str, error: str) -> None:
-        report = self.diagnose(path, what, error)
-        path.failures.append(report)
-        self.anomalies.append(report)
-        print(f"!! {report}", file=sys.stderr, flush=True)
 
     # -- interactive echo while another session pushes bulk on the same link
 
     def interactive(self, path: Route) -> dict[str, Any] | None:
         args = self.args
-        bulk = self.children.start(
-            f"bulk-{path.name}", [sys.executable, THIS, "--worker", "bulk", str(path.port)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert bulk.stdin is not None and bulk.stdout is not None
-        out = Lines(bulk.stdout, f"bulk-{path.name}-stdout")
+        bulk, out = self.start_worker(f"bulk-{path.name}", THIS, "bulk", str(path.port))
+        assert bulk.stdin is not None
         result: dict[str, Any] | None = None
         try:
             started = json.loads(out.wait_for(lambda s: s, STALL_SECONDS, "bulk to start"))
@@ -800,19 +770,16 @@ class RelayBench(avo.Bench):
     def active(self) -> list[Route]:  # type: ignore[override]
         return [p for p in self.paths.values() if not p.failures or self.args.keep_going]
 
+    def transfer_note(self, r: dict[str, Any]) -> str:
+        return cpu_note(r["cpu"], self.args.bytes)
+
     def run(self) -> dict[str, Any]:  # type: ignore[override]
         args = self.args
-        directions = ["push"] + ([] if args.no_reverse else ["pull"])
-        tput: dict[str, dict[str, list[dict[str, Any]]]] = {
-            op: {p: [] for p in PATHS} for op in directions}
-        kinds = ["back_to_back"] + (["idle_gap"] if args.gap_sessions else [])
-        lat: dict[str, dict[str, list[dict[str, Any]]]] = {
-            kind: {p: [] for p in PATHS} for kind in kinds}
+        directions, tput, kinds, lat = self.sample_tables()
         echo: dict[str, list[dict[str, Any]]] = {p: [] for p in PATHS}
         idle: dict[str, Any] = {}
         health: dict[str, Any] = {"ready": self.health()}
-        ours = [os.getpid(), *descendants(os.getpid())]
-        machine0, ours0, wall0 = machine_cpu(), cpu_seconds(ours), time.monotonic()
+        meter = MachineMeter()
         sshd_lines0 = self.sshd_log.count if self.sshd_log else 0
 
         print("warming up: 20 sessions per path (not recorded)", flush=True)
@@ -837,29 +804,8 @@ class RelayBench(avo.Bench):
         health["after_warmup_bulk"] = self.health()
 
         for run in range(1, args.runs + 1):
-            for op in directions:
-                for path in self.active():
-                    r = self.transfer(op, path, args.bytes)
-                    self.check_alive()
-                    if r is not None:
-                        tput[op][path.name].append(r)
-                        cpu = " ".join(f"{g} {s / (args.bytes / GiB):.2f}"
-                                       for g, s in r["cpu"].items())
-                        print(f"run {run}/{args.runs} {op:4} {path.name:8} "
-                              f"{args.bytes / r['seconds'] / 1e6:8.1f} MB/s"
-                              + (f"   CPU s/GiB: {cpu}" if cpu else ""), flush=True)
-            for kind in kinds:
-                n, gap = ((args.sessions, 0.0) if kind == "back_to_back"
-                          else (args.gap_sessions, args.gap_ms))
-                for path in self.active():
-                    r = self.sessions(path, n, gap, f"set-up latency ({kind})")
-                    self.check_alive()
-                    if r is not None:
-                        lat[kind][path.name].append(r)
-                        ms = r["ms"]
-                        print(f"run {run}/{args.runs} set-up {kind:12} {path.name:8} "
-                              f"p50 {pctl(ms, 50):6.2f}  p99 {pctl(ms, 99):6.2f}  "
-                              f"max {max(ms):7.2f} ms", flush=True)
+            self.throughput_round(run, directions, tput)
+            self.latency_round(run, kinds, lat)
             for path in self.active():
                 r = self.interactive(path)
                 self.check_alive()
@@ -872,23 +818,13 @@ class RelayBench(avo.Bench):
                           flush=True)
             health[f"after_run_{run}"] = self.health()
 
-        machine1, wall = machine_cpu(), time.monotonic() - wall0
-        machine = {
-            "wall_s": wall,
-            "busy_cpu_s": machine1["busy"] - machine0["busy"],
-            "bench_processes_cpu_s": cpu_seconds(ours) - ours0,
-            "steal_cpu_s": machine1["steal"] - machine0["steal"],
-            "loadavg_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        }
-        sshd_lines = (self.sshd_log.count - sshd_lines0) if self.sshd_log else 0
-        if sshd_lines and self.sshd_log is not None:
-            self.anomalies.append(f"sshd logged {sshd_lines} lines during the measurements:\n"
-                                  + self.sshd_log.text(min(sshd_lines, 20)))
+        machine = meter.result()
+        self.sshd_lines_since(sshd_lines0)
         for name, log in (("relay", self.relay_log), ("agent", self.agent_log)):
             if log is None:
                 continue
             for line in log.tail:
-                event = self._event(line)
+                event = json_event(line)
                 if event is None:
                     self.anomalies.append(f"{name} printed a non-JSON line: {line}")
                 elif event.get("level") not in ("info", "debug"):
@@ -997,10 +933,7 @@ def summarize(bench: RelayBench, tput: dict[str, dict[str, list[dict[str, Any]]]
         "relay_window": "default (2 MiB per channel, 32 KiB packets)",
     })
     return {
-        "benchmark": "relay_vs_openssh",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "commit": bench.commit,
-        "relay_uncommitted_at_start": bench.relay_changes,
+        **result_head("relay_vs_openssh", bench),
         "conditions": cond,
         "paths": {name: {"label": LABELS[name], "cipher": p.cipher, "port": p.port,
                          "echo_port": p.echo_port, "argv": p.argv,
@@ -1026,13 +959,8 @@ def _latency(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     groups = list(runs[0]["cpu"])
     return {
         "samples_per_run": len(samples[0]),
-        "p50_ms": spread([pctl(s, 50) for s in samples]),
-        "p99_ms": spread([pctl(s, 99) for s in samples]),
-        "max_ms": spread([max(s) for s in samples]),
-        "pooled": {"samples": len(pooled), "p50_ms": pctl(pooled, 50),
-                   "p90_ms": pctl(pooled, 90), "p99_ms": pctl(pooled, 99),
-                   "max_ms": max(pooled), "mean_ms": statistics.fmean(pooled),
-                   "over_20ms": sum(x > 20 for x in pooled)},
+        **per_run_latency(samples),
+        "pooled": {"samples": len(pooled), **pooled_latency(pooled)},
         "cpu_ms_per_sample": {g: spread([r["cpu"][g] * 1000 / len(r["ms"]) for r in runs])
                               for g in groups},
         "ms": [[round(x, 3) for x in s] for s in samples],
@@ -1052,7 +980,7 @@ def listen_overflows() -> int:
 
 def listen_backlog(port: int) -> int | None:
     """The accept backlog of the socket listening on 127.0.0.1:``port`` (``ss``'s Send-Q)."""
-    out = avo._run_text(["ss", "-Hltn", f"sport = :{port}"])
+    out = run_text(["ss", "-Hltn", f"sport = :{port}"])
     for line in out.splitlines():
         fields = line.split()
         if len(fields) >= 4 and fields[0] == "LISTEN":
@@ -1068,35 +996,21 @@ def _nofile(pid: int) -> str:
     return "?"
 
 
-_fmt, _ratio = avo._fmt, avo._ratio
-
-
-def _goal_value(g: dict[str, Any]) -> str:
-    v = g["value"]
-    if v is None:
-        return "n/a"
-    return f"{v:.2f} {g['unit']}".strip()
-
-
 def _cpu_cell(entry: dict[str, Any], key: str = "cpu_s_per_gib") -> str:
     groups = entry.get(key) or {}
-    return ", ".join(f"{g} {_fmt(s, 2)}" for g, s in groups.items()) or "–"
+    return ", ".join(f"{g} {fmt(s, 2)}" for g, s in groups.items()) or "–"
 
 
 def markdown(res: dict[str, Any]) -> str:
     c = res["conditions"]
-    changes = res.get("relay_uncommitted_at_start") or []
-    dirty = " plus uncommitted changes in relay/" if changes else ""
+    dirty, changes = uncommitted(res, "the run started")
     r = res["ratios"]
     out = [
         f"# labrelay relay + agent vs OpenSSH `ssh -N -R` — {res['date']}, commit "
         f"`{res['commit']}`{dirty}",
         "",
-        *([f"Uncommitted in relay/ when the run started: {', '.join(changes)}.", ""]
-          if changes else []),
-        f"{c['cpu_model']}, {c['nproc']} CPUs (load {c['loadavg_at_start']} at start), "
-        f"Linux {c['kernel']}, Python {c['python']}, Twisted {c['twisted']}, "
-        f"cryptography {c['cryptography']}, labrelay {c['labrelay']}, {c['openssh']}. "
+        *changes,
+        conditions_text(c) +
         f"{c['bytes'] / MiB:g} MiB per transfer, {c['runs']} runs interleaved path by path; "
         "figures are the median (min–max) over the runs; MB = 10^6 bytes, KiB = 1024 bytes; "
         "CPU is user+system seconds from /proc/PID/stat. Everything on 127.0.0.1: one "
@@ -1124,12 +1038,12 @@ def markdown(res: dict[str, Any]) -> str:
     for name, p in res["paths"].items():
         push = tp.get("push", {}).get(name, {})
         pull = tp.get("pull", {}).get(name, {})
-        out.append(f"| {p['label']} | {_fmt(push.get('mb_per_s'))} "
-                   f"| {_fmt(pull.get('mb_per_s'))} | {_cpu_cell(push)} | {_cpu_cell(pull)} "
+        out.append(f"| {p['label']} | {fmt(push.get('mb_per_s'))} "
+                   f"| {fmt(pull.get('mb_per_s'))} | {_cpu_cell(push)} | {_cpu_cell(pull)} "
                    f"| {_cpu_cell(push, 'core_share')} |")
     out += ["", "Ratios to `ssh -R` (default cipher / aes128-ctr): " + "; ".join(
-        f"{op} {LABELS[n]} {_ratio(r.get(f'{op}_{n}_over_{SSH}'))} / "
-        f"{_ratio(r.get(f'{op}_{n}_over_{SSH_AES}'))}" for op in tp for n in (RELAY, RELAY_L))
+        f"{op} {LABELS[n]} {fmt_ratio(r.get(f'{op}_{n}_over_{SSH}'))} / "
+        f"{fmt_ratio(r.get(f'{op}_{n}_over_{SSH_AES}'))}" for op in tp for n in (RELAY, RELAY_L))
         + "."]
     titles = {"back_to_back": "New-session set-up latency, back to back (connect, 1 byte, "
                               "1-byte echo, close)",
@@ -1154,7 +1068,7 @@ def markdown(res: dict[str, Any]) -> str:
     rows = _latency_rows(res, ia)
     for i, name in enumerate(n for n in res["paths"]):
         entry = ia.get(name)
-        rows[i] += f" {_fmt(entry.get('bulk_mb_per_s')) if entry else 'n/a'} |"
+        rows[i] += f" {fmt(entry.get('bulk_mb_per_s')) if entry else 'n/a'} |"
     out += rows
     idle = res["idle_sessions"]
     if idle:
@@ -1194,30 +1108,21 @@ def markdown(res: dict[str, Any]) -> str:
                     f"{k} {e.get('listen_overflows_machine_wide')}"
                     for k, e in idle.items() if e) + ". A dropped SYN is retried after 1 s, "
                 "which is what greetings over 0.9 s are."]
-    out += ["", "## Goals", "", "| goal | value | status |", "|---|---|---|"]
-    for g in res["goals"]:
-        out.append(f"| {g['goal']} | {_goal_value(g)} | **{g['status']}** |")
+    out += goals_table(res["goals"])
     m = res.get("machine_cpu_during_measurement")
     if m:
-        out += ["", f"Machine during the measurements ({m['wall_s']:.0f} s): CPUs busy "
-                f"{m['busy_cpu_s']:.0f} of {m['wall_s'] * (c['nproc'] or 1):.0f} CPU-seconds, "
-                f"{m['bench_processes_cpu_s']:.0f} of them in this benchmark's processes "
-                "(the rest is mostly loopback TCP softirq work, plus whatever else ran); "
-                f"hypervisor steal {m['steal_cpu_s']:.1f} s; load average at end "
-                f"{m['loadavg_at_end']}."]
+        out += ["", machine_text(m, c["nproc"], "processes (the rest is mostly loopback TCP "
+                                 "softirq work, plus whatever else ran)")]
     h = res["process_health"]
     out += ["", "Relay and agent (RSS KiB, peak RSS KiB, fds): " + "; ".join(
         f"{stage} " + ", ".join(f"{p} {v.get('vmrss_kib')}/{v.get('vmhwm_kib')}/{v.get('fds')}"
                                 for p, v in procs.items())
         for stage, procs in h.items() if stage in ("ready", "after_idle", "after_warmup_bulk")
         or stage == f"after_run_{c['runs']}") + ".", ""]
-    if res["anomalies"]:
-        out += ["Anomalies:", ""] + [
-            "    " + a.replace("\n", "\n    ") for a in res["anomalies"]] + [""]
-    else:
-        out += ["No anomalies: every transfer arrived complete, every idle session reached the "
-                f"target, no session failed or stalled past {STALL_SECONDS:g} s, relay and "
-                "agent logged no warning or error, and sshd logged nothing.", ""]
+    out += anomaly_lines(res["anomalies"], "No anomalies: every transfer arrived complete, "
+                         "every idle session reached the target, no session failed or stalled "
+                         f"past {STALL_SECONDS:g} s, relay and agent logged no warning or error, "
+                         "and sshd logged nothing.")
     out += ["What bounds each figure, and how to reproduce: `docs/benchmarks.md`.", ""]
     return "\n".join(out)
 
@@ -1229,10 +1134,10 @@ def _latency_rows(res: dict[str, Any], per_path: dict[str, Any]) -> list[str]:
         pooled = lat.get("pooled") or {}
         over = (f"{pooled['p90_ms']:.2f}, {pooled['over_20ms']}/{pooled['samples']}"
                 if pooled else "n/a")
-        cpu = ", ".join(f"{g} {_fmt(s, 3)}" for g, s in
+        cpu = ", ".join(f"{g} {fmt(s, 3)}" for g, s in
                         (lat.get("cpu_ms_per_sample") or {}).items()) or "–"
-        rows.append(f"| {p['label']} | {_fmt(lat.get('p50_ms'), 2)} "
-                    f"| {_fmt(lat.get('p99_ms'), 2)} | {_fmt(lat.get('max_ms'), 2)} "
+        rows.append(f"| {p['label']} | {fmt(lat.get('p50_ms'), 2)} "
+                    f"| {fmt(lat.get('p99_ms'), 2)} | {fmt(lat.get('max_ms'), 2)} "
                     f"| {over} | {cpu} |")
     return rows
 
@@ -1251,18 +1156,14 @@ def print_table(res: dict[str, Any]) -> None:
         echo = f"{e['p50_ms']['median']:.2f}/{e['p99_ms']['median']:.2f}" if e else "n/a"
         cpu = ", ".join(f"{g} {v['median']:.2f}" for g, v in
                         (push.get("cpu_s_per_gib") or {}).items() if v)
-        print(f"{p['label']:32} {_fmt(push.get('mb_per_s')):>22} "
-              f"{_fmt(pull.get('mb_per_s')):>22} {setup:>15} {echo:>16}  {cpu}")
+        print(f"{p['label']:32} {fmt(push.get('mb_per_s')):>22} "
+              f"{fmt(pull.get('mb_per_s')):>22} {setup:>15} {echo:>16}  {cpu}")
     for name, e in res["idle_sessions"].items():
         if e:
             kib = ", ".join(f"{k} {v:.2f}" for k, v in e["kib_per_session"].items()
                             if v is not None and not k.startswith("sshd "))
             print(f"{e['held_at_target']} idle sessions via {name}: KiB/session {kib}")
-    print()
-    for g in res["goals"]:
-        print(f"  {g['status']:4}  {g['goal']}: {_goal_value(g)}")
-    for a in res["anomalies"]:
-        print(f"  !! {a}")
+    print_goals(res)
 
 
 # ---------------------------------------------------------------------------
@@ -1270,21 +1171,13 @@ def print_table(res: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.relay_vs_openssh",
-        description="labrelay relay + agent vs OpenSSH ssh -N -R on loopback: throughput and "
-        "CPU, set-up latency, 10 000 idle sessions, interactive echo under bulk, side by side "
-        "in one run.")
-    p.add_argument("--bytes", type=avo.parse_bytes, default=None,
-                   help="bytes per transfer, e.g. 1GiB (default), 256MiB")
-    p.add_argument("--runs", type=int, default=None, help="runs (default 5; --quick 3)")
-    p.add_argument("--sessions", type=int, default=200,
-                   help="back-to-back set-up sessions per path per run (default 200)")
-    p.add_argument("--gap-sessions", type=int, default=50,
-                   help="also time this many sessions per path per run with the link idle "
-                   "before each (default 50; 0 skips it)")
-    p.add_argument("--gap-ms", type=float, default=50.0,
-                   help="idle time before each of those (default 50 ms)")
+    p = bench_parser("python -m bench.relay_vs_openssh",
+                     "labrelay relay + agent vs OpenSSH ssh -N -R on loopback: throughput and "
+                     "CPU, set-up latency, 10 000 idle sessions, interactive echo under bulk, "
+                     "side by side in one run.",
+                     "runs (default 5; --quick 3)")
+    add_session_options(p, "back-to-back set-up sessions per path per run (default 200)", 50,
+                        "idle time before each of those (default 50 ms)")
     p.add_argument("--idle-sessions", type=int, default=10000,
                    help="concurrent idle sessions held through one link (default 10000; "
                    "0 skips it)")
@@ -1296,25 +1189,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1-byte round trips per path per run under bulk (default 500)")
     p.add_argument("--echo-gap-ms", type=float, default=5.0,
                    help="pause between round trips (default 5 ms)")
-    p.add_argument("--quick", action="store_true", help="256 MiB and 3 runs")
-    p.add_argument("--no-reverse", action="store_true",
-                   help="skip the pull direction (target -> client)")
-    p.add_argument("--keep-going", action="store_true",
-                   help="keep measuring a path after it failed once")
-    p.add_argument("--python", default=sys.executable,
-                   help="the Python that runs the relay and the agent (default: this one)")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    add_run_options(p, "path")
+    add_python_and_results(p, "the Python that runs the relay and the agent (default: this one)")
     return p
-
-
-def write_results(directory: Path, res: dict[str, Any]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    js = directory / f"relay_vs_openssh-{res['date'][:10]}-{res['commit']}.json"
-    js.write_text(json.dumps(res, indent=2) + "\n")
-    md = directory / "relay_vs_openssh-latest.md"
-    shown = js.relative_to(REPO) if js.is_relative_to(REPO) else js
-    md.write_text(markdown(res) + f"\nRaw data: `{shown}`.\n")
-    print(f"wrote {js} and {md}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1326,47 +1203,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             {"client": client_worker, "greeter": greeter_worker}[kind]()
         return 0
-    args = build_parser().parse_args(argv)
-    if args.bytes is None:
-        args.bytes = 256 * MiB if args.quick else GiB
-    if args.runs is None:
-        args.runs = 3 if args.quick else 5
+    args = quick_defaults(build_parser().parse_args(argv))
     nofile = raise_nofile()  # inherited by every child: relay, agent, sshd, ssh, workers
     if args.idle_sessions and nofile[0] < args.idle_sessions + 1024:
         print(f"bench: RLIMIT_NOFILE is {nofile[0]}; {args.idle_sessions} idle sessions need "
               "more (run as root or raise the hard limit)", file=sys.stderr)
         return 1
 
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+    def announce(bench: RelayBench) -> None:
+        for p in bench.paths.values():
+            print(f"  {p.name:8} port {p.port:5} echo port {p.echo_port:5}  {p.cipher}",
+                  flush=True)
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGHUP, terminate)
-    code = 1
-    with tempfile.TemporaryDirectory(prefix="labrelay-relay-bench-") as tmp:
-        workdir = Path(tmp)
-        workdir.chmod(0o755)  # the privilege-separated sshd reads its files
-        bench = RelayBench(args, workdir)
-        try:
-            print(f"setting up in {workdir} ...", flush=True)
-            bench.setup()
-            for p in bench.paths.values():
-                print(f"  {p.name:8} port {p.port:5} echo port {p.echo_port:5}  {p.cipher}",
-                      flush=True)
-            res = bench.run()
-            write_results(args.results_dir, res)
-            print_table(res)
-            code = 0 if not res["anomalies"] else 3
-        except BenchError as e:
-            print(f"bench: {e}", file=sys.stderr)
-        except KeyboardInterrupt:
-            print("bench: interrupted; stopping everything", file=sys.stderr)
-            code = 130
-        finally:
-            for note in bench.children.stop_all():
-                print(f"bench: cleanup: {note}", file=sys.stderr)
-    return code
+    return run_bench("labrelay-relay-bench-", lambda workdir: RelayBench(args, workdir),
+                     announce, markdown, print_table, args.results_dir)
 
 
 if __name__ == "__main__":
