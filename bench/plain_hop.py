@@ -194,14 +194,27 @@ def _cpu(pid: int) -> float:
     return cpu
 
 
+_pending: dict[int, bytes] = {}  # bytes read past the last line, per child stdout fd
+
+
 def _read_json(proc: subprocess.Popen[str], timeout: float = TIMEOUT) -> dict[str, Any]:
+    """The child's next JSON line.  Read with os.read, not ``readline`` after ``select``:
+    a buffered ``readline`` may swallow several lines, and ``select`` then waits for
+    data that was already read (the relay logs its start-up events in one burst)."""
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        raise TimeoutError(f"no answer from {proc.args!r} within {timeout}s")
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"{proc.args!r} exited with {proc.wait()}")
+    fd = proc.stdout.fileno()
+    buf = _pending.pop(fd, b"")
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            _pending[fd] = buf
+            raise TimeoutError(f"no answer from {proc.args!r} within {timeout}s")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.wait()}")
+        buf += chunk
+    line, _, _pending[fd] = buf.partition(b"\n")
     result: dict[str, Any] = json.loads(line)
     return result
 
@@ -227,14 +240,19 @@ class Relay:
                 [sys.executable, "-m", "relay", "run", str(config), "--log-format", "json"],
                 cwd=REPO, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 env={**os.environ, "LABRELAY_DATAPATH": name})
-            while True:
-                event = _read_json(self.proc, 30)
-                if event.get("event") == "plain_forward_ready":
-                    self.port = int(event["port"])
-                    break
         else:
             self.proc = _spawn("relay", name, str(sink_port))
-            self.port = int(_read_json(self.proc, 30)["port"])
+        try:  # not yet in the caller's list: a failed start must not leave it running
+            if self.admin is not None:
+                while (event := _read_json(self.proc, 30)).get("event") != "plain_forward_ready":
+                    pass
+                self.port = int(event["port"])
+            else:
+                self.port = int(_read_json(self.proc, 30)["port"])
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
 
     def stats(self) -> dict[str, Any]:
         if self.admin is not None:
@@ -396,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated: bulk, paced, small (default bulk,paced; "
                         "with --design all three)")
     parser.add_argument("--paths", default=None, help="comma-separated subset of paths")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                        help="where the .md and .json go (default bench/results)")
     parser.add_argument("--output", default="plain_hop-latest",
                         help="result file stem in bench/results/")
     parser.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -461,9 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     ordered = [series[(p, w)] for w in workloads for p in paths]
     text = render(ordered, meta)
     print("\n" + text)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"{ns.output}.md").write_text(text)
-    (RESULTS_DIR / f"{ns.output}.json").write_text(json.dumps({
+    ns.results_dir.mkdir(parents=True, exist_ok=True)
+    (ns.results_dir / f"{ns.output}.md").write_text(text)
+    (ns.results_dir / f"{ns.output}.json").write_text(json.dumps({
         "meta": meta,
         "series": [{"path": s.path, "label": LABELS[s.path], "workload": s.workload,
                     "median": {k: s.median(k) for k in ("mbps", "cpu_per_gib",
