@@ -11,7 +11,7 @@ processes on loopback. Paths from a client process to those targets:
   ``ssh -N -L LOCAL:echo:7 bob@relay``): the user's ssh adds its own cost;
 * ``ssh``         ``ssh -N -R PORT:127.0.0.1:TARGET`` to a private OpenSSH ``sshd``, OpenSSH's
   default cipher (the issue's baseline);
-* ``ssh-aes``     the same with ``-c aes128-ctr -m hmac-sha2-256``, the relay link's cipher;
+* ``ssh-aes``     the same with ``-c aes128-gcm@openssh.com``, the relay link's cipher;
 * ``direct``      the client straight to the target: the harness's own ceiling.
 
 Measured, path by path within each run so machine noise hits all alike: bulk throughput
@@ -1041,7 +1041,7 @@ def markdown(res: dict[str, Any]) -> str:
         out.append(f"| {p['label']} | {fmt(push.get('mb_per_s'))} "
                    f"| {fmt(pull.get('mb_per_s'))} | {_cpu_cell(push)} | {_cpu_cell(pull)} "
                    f"| {_cpu_cell(push, 'core_share')} |")
-    out += ["", "Ratios to `ssh -R` (default cipher / aes128-ctr): " + "; ".join(
+    out += ["", "Ratios to `ssh -R` (default cipher / the link's aes128-gcm): " + "; ".join(
         f"{op} {LABELS[n]} {fmt_ratio(r.get(f'{op}_{n}_over_{SSH}'))} / "
         f"{fmt_ratio(r.get(f'{op}_{n}_over_{SSH_AES}'))}" for op in tp for n in (RELAY, RELAY_L))
         + "."]
