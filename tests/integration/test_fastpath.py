@@ -393,3 +393,26 @@ def test_an_unreachable_data_port_falls_back_to_a_channel(
     lines = out.stderr.decode().splitlines()
     assert len(lines) == 1 and "cannot reach its data port" in lines[0], lines
     assert "using an SSH channel" in lines[0]
+
+
+def test_a_burst_of_sessions_outgrows_the_pool(site: Site) -> None:
+    """9 ssh sessions at once against a pool of 4: the first take idle connections,
+    the rest wait for the agent to dial more; every one lands, spliced.  (9: the target
+    sshd's own MaxStartups starts dropping at 10 unauthenticated connections.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = site.ssh_config()
+    ssh = find_program("ssh") or "ssh"
+
+    def one(i: int) -> subprocess.CompletedProcess[bytes]:
+        return _run([ssh, "-F", str(cfg), "gpu-cluster", f"echo {i} $LABRELAY_TEST_HOST"])
+
+    with ThreadPoolExecutor(9) as pool:
+        results = list(pool.map(one, range(9)))
+    for i, out in enumerate(results):
+        assert out.returncode == 0, out.stderr.decode() + site.gpu.log_text()[-3000:]
+        assert out.stdout.decode().split() == [str(i), "gpu_cluster"]
+    fast = site.fast()
+    assert fast["paired"] == 9 and fast["pair_failed"] == 0, fast
+    assert (site.tmp / "connect.err").read_text() == ""
+    _wait(lambda: site.pool()["idle"] == 4, "the pool to be full again")
