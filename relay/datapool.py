@@ -138,8 +138,13 @@ class DataPool:
     def _services(self) -> list[tuple[str, int]]:
         from .relayserver import PUBLIC_BINDS
 
+        local = self.link.local_relay
         return [(f.config.bind.lower(), f.bound_port or f.config.port) for f in self.link.remote
-                if not f.config.via_relay and f.config.bind not in PUBLIC_BINDS]
+                if f.config.bind not in PUBLIC_BINDS and (
+                    not f.config.via_relay  # a socket this agent connects itself
+                    # chaining: a service of this node's relay, spliced on to its agent
+                    or (local is not None and local.dataport.spliceable(
+                        f.config.connect.host, f.config.connect.port)))]
 
     # keeping it full
 
@@ -262,29 +267,42 @@ class DataPool:
         self.idle.discard(pc)
         self.refill()
         forward = self.link.remoteForwardFor(name, port)
-        if forward is None or forward.config.via_relay:
+        local = self.link.local_relay
+        if forward is None or (forward.config.via_relay and (
+                local is None or not local.dataport.spliceable(forward.config.connect.host,
+                                                               forward.config.connect.port))):
             self._fail(pc, name, port, "no such forward on this agent")
             return
         target = forward.config.connect
-        endpoint = client_endpoint(self.link.reactor, target.host, target.port,
-                                   TARGET_CONNECT_TIMEOUT)
-        factory = Factory.forProtocol(Held)
-        factory.noisy = False
+        d: defer.Deferred[tuple[Any, bytes]]
+        if forward.config.via_relay:
+            # Chaining: one of the service's own agent's data connections at this
+            # node's relay, answered K; this session is then spliced through to it.
+            d = local.dataport.pairLocal(target.host, target.port).addCallback(
+                lambda dc: (dc.transport, dc.extra))
+        else:
+            endpoint = client_endpoint(self.link.reactor, target.host, target.port,
+                                       TARGET_CONNECT_TIMEOUT)
+            factory = Factory.forProtocol(Held)
+            factory.noisy = False
+            connecting: defer.Deferred[Any] = endpoint.connect(factory)
+            d = connecting.addCallback(lambda held: (held.transport, held.received))
 
-        def connected(server: Held) -> None:
+        def connected(server: tuple[Any, bytes]) -> None:
+            transport, received = server
             if pc.state != "connecting":
-                server.transport.abortConnection()
+                transport.abortConnection()
                 return
             pc.transport.write(fw.AGENT_OK)
             try:
                 pair = datapath.get(self.link.reactor).splice_transports(
-                    pc.transport, server.transport, from_a=pc.buf, from_b=server.received)
+                    pc.transport, transport, from_a=pc.buf, from_b=received)
             except (OSError, TypeError) as e:
                 self._log.error("forward {forward}: cannot splice: {reason}",
                                 event="fast_path_splice_failed", forward=forward.name,
                                 reason=str(e))
                 pc.transport.abortConnection()
-                server.transport.abortConnection()
+                transport.abortConnection()
                 return
             pc.state = "spliced"
             self._sessionStarted(forward, pair)
@@ -296,7 +314,7 @@ class DataPool:
                            reason=f.getErrorMessage())
             self._fail(pc, name, port, f"connect to {target} failed: {f.getErrorMessage()}")
 
-        endpoint.connect(factory).addCallbacks(connected, failed)
+        d.addCallbacks(connected, failed)
 
     def _fail(self, pc: PoolConnection, name: str, port: int, why: str) -> None:
         if pc.state == "closed":

@@ -212,7 +212,7 @@ class DataPort:
         self.pending: set[DataConnection] = set()
         self.listener: IListeningPort | None = None
         self.counters = {"data_connections": 0, "data_refused": 0, "data_throttled": 0,
-                         "paired": 0, "pair_failed": 0}
+                         "paired": 0, "pair_failed": 0, "paired_local": 0}
 
     @property
     def enabled(self) -> bool:
@@ -408,7 +408,63 @@ class DataPort:
         except PairingError as e:
             self.refuse(user, "cap", str(e), tell=str(e))
             return
-        # One deadline for the service's agent to be there and have a free connection.
+        wanted: Callable[[], bool] = lambda: user.state == "user"  # noqa: E731
+
+        def paired(agent: DataConnection) -> None:
+            try:
+                pair = datapath.get(self.clock).splice_transports(
+                    user.transport, agent.transport, from_a=user.extra,
+                    from_b=fw.USER_OK + agent.extra)
+            except (OSError, TypeError) as e:
+                agent.transport.abortConnection()
+                raise PairingError(f"cannot splice: {e}") from e
+            user.state = agent.state = "spliced"
+            self.counters["paired"] += 1
+            self.core.fastSessionSpliced(session, pair)
+            self._log.info("{user}: fast path to {service} spliced",
+                           event="relay_fast_session", user=principal_name, service=label,
+                           origin=user.source)
+
+        def failed(f: Failure) -> None:
+            self.counters["pair_failed"] += 1
+            self.core.fastSessionFailed(session)
+            why = f.getErrorMessage()
+            self.refuse(user, "pairing", f"{principal_name} to {label}: {why}",
+                        tell=f"{label} unavailable: {why}")
+
+        d = self._dispatch(name, port, wanted)
+        d.addCallbacks(paired, failed).addErrback(failed)
+
+    def pairLocal(self, name: str, port: int) -> defer.Deferred[DataConnection]:
+        """An agent data connection to ``name:port`` registered here, dispatched and
+        answered ``K``, for this node's own use: chaining, where this node's agent
+        splices a fast-path session from an upstream relay to it (the node's config
+        authorizes it, as for :meth:`RelayCore.openLocal`).  The caller splices it."""
+        name = name.lower()
+        if not self.enabled or self.listener is None:
+            return defer.fail(PairingError(f"this node's relay has no data port for {name}:{port}"))
+
+        def paired(agent: DataConnection) -> DataConnection:
+            self.counters["paired_local"] += 1
+            self._log.info("fast path to {service} spliced on for this node's link (chaining)",
+                           event="relay_fast_chained", service=f"{name}:{port}")
+            return agent
+
+        return self._dispatch(name, port, lambda: True).addCallback(paired)
+
+    def spliceable(self, name: str, port: int) -> bool:
+        """Whether :meth:`pairLocal` can serve ``name:port`` (for the chaining agent's
+        pool request)."""
+        return self.enabled and self.e2e(name.lower(), port)
+
+    def _dispatch(self, name: str, port: int,
+                  wanted: Callable[[], bool]) -> defer.Deferred[DataConnection]:
+        """One of ``name:port``'s agent's idle connections, sent GO and answered ``K``
+        (paused; bytes read past ``K`` in its ``extra``), or PairingError saying which
+        wait expired.  One deadline (``public_wait``) covers the agent being registered
+        and having a free connection; a pooled connection found closed is replaced, up
+        to MAX_DISPATCH_TRIES.  ``wanted()`` false: the requester left; stop."""
+        label = f"{name}:{port}"
         deadline = self.clock.seconds() + self.config.public_wait
         chosen: list[DataConnection] = []
         stage = ["registration"]
@@ -427,7 +483,7 @@ class DataPort:
             def stale(f: Failure) -> Any:
                 # A pooled connection that died idle (its probes found it, or the
                 # relay learns it only now): another one, while tries and time remain.
-                if f.check(AgentConnectionGone) and tries > 1 and user.state == "user":
+                if f.check(AgentConnectionGone) and tries > 1 and wanted():
                     return dispatch_next(pool, bind, tries - 1)
                 return f
 
@@ -436,46 +492,30 @@ class DataPort:
         def with_agent_conn(agent: DataConnection, bind: str) -> defer.Deferred[str]:
             stage[0] = "agent"
             chosen.append(agent)
-            if user.state != "user":
+            if not wanted():
                 raise PairingError("the user's data connection closed")
             d = agent.dispatch(bind, port)
             timer = self.clock.callLater(AGENT_REPLY_TIMEOUT, d.cancel)
             return d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
 
-        def paired(_: object) -> None:
-            agent = chosen[-1]
-            try:
-                pair = datapath.get(self.clock).splice_transports(
-                    user.transport, agent.transport, from_a=user.extra,
-                    from_b=fw.USER_OK + agent.extra)
-            except (OSError, TypeError) as e:
-                raise PairingError(f"cannot splice: {e}") from e
-            user.state = agent.state = "spliced"
-            self.counters["paired"] += 1
-            self.core.fastSessionSpliced(session, pair)
-            self._log.info("{user}: fast path to {service} spliced",
-                           event="relay_fast_session", user=principal_name, service=label,
-                           origin=user.source)
-
-        def failed(f: Failure) -> None:
-            self.counters["pair_failed"] += 1
-            self.core.fastSessionFailed(session)
+        def failed(f: Failure) -> Failure:
             timeouts = {
                 "registration": f"its agent did not come back within "
                                 f"{self.config.public_wait:g}s",
                 "pool": "no agent data connection became free in time",
                 "agent": f"the agent did not answer within {AGENT_REPLY_TIMEOUT:g}s",
             }
-            why = timeouts[stage[0]] if f.check(defer.CancelledError) else f.getErrorMessage()
             for agent in chosen:
                 if agent.state != "closed":
                     agent.transport.abortConnection()
-            self.refuse(user, "pairing", f"{principal_name} to {label}: {why}",
-                        tell=f"{label} unavailable: {why}")
+            if f.check(defer.CancelledError):
+                return Failure(PairingError(timeouts[stage[0]]))
+            return f
 
-        d = self.core.whenRegistered(name, port, self.config.public_wait)
+        d: defer.Deferred[Any] = self.core.whenRegistered(name, port, self.config.public_wait)
         d.addCallback(with_registration)
-        d.addCallbacks(paired, failed).addErrback(failed)
+        d.addCallbacks(lambda _: chosen[-1], failed)
+        return d
 
     def status(self) -> dict[str, Any]:
         return {

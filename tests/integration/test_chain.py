@@ -28,7 +28,9 @@ pytestmark = pytest.mark.integration
 
 def _relay_toml(port: int, state: Path, agents: list[tuple[str, KeyPair, str]],
                 users: list[tuple[str, KeyPair, str]]) -> str:
-    text = f'[relay]\nlisten = "127.0.0.1:{port}"\nstate_dir = "{state}"\npublic_wait = 5\n'
+    # Both relays offer the fast path for ssh: it is spliced through the chain as well.
+    text = (f'[relay]\nlisten = "127.0.0.1:{port}"\nstate_dir = "{state}"\npublic_wait = 5\n'
+            'data_port = 0\ne2e_services = ["gpu-cluster:22"]\n')
     for kind, entries in (("agent", agents), ("user", users)):
         for name, key, services in entries:
             text += (f'\n[[relay.{kind}]]\nname = "{name}"\nkeys = ["{key.public}"]\n'
@@ -136,3 +138,19 @@ service = "web:8080"
     tunnel.wait_stderr(r"Entering interactive session")  # after every listener is up
     payload = b"through two relays by name"
     assert echo_roundtrip(local, payload) == payload
+
+    # The fast path through the chain: labrelay connect at the cloud relay, whose
+    # agent (lab_pc) splices on to gpu_cluster's agent's data connection at lab_pc's
+    # relay, which splices to the sshd: three spliced hops, no SSH channel anywhere.
+    gpu_agent.wait_for("fast_path_ready", timeout=20, since=0)
+    lab_node.wait_for("fast_path_ready", timeout=20, since=0)
+    proxy = (f"{sys.executable} -m relay connect -p {cloud_port} -i {alice.path} "
+             f"-o UserKnownHostsFile={known} alice@127.0.0.1 %h:%p")
+    fast = subprocess.run([ssh, "-F", str(config), "-o", f"ProxyCommand={proxy}",
+                           "-o", "ProxyJump=none", "gpu-cluster", "echo $LABRELAY_TEST_HOST"],
+                          capture_output=True, text=True, timeout=60)
+    assert fast.returncode == 0, fast.stderr
+    assert fast.stdout.strip() == "gpu_cluster"
+    assert "fast path unavailable" not in fast.stderr, fast.stderr
+    cloud_relay.wait_for("relay_fast_session", timeout=10, since=0, service="gpu-cluster:22")
+    lab_node.wait_for("relay_fast_chained", timeout=10, since=0, service="gpu-cluster:22")

@@ -68,6 +68,7 @@ class FakeLink:
     name: str = "lab"
     config: FakeLinkConfig = field(default_factory=FakeLinkConfig)
     clock: MemoryReactorClock = field(default_factory=MemoryReactorClock)
+    local_relay: Any = None  # this node's RelayCore, when it runs one (chaining)
 
     @property
     def reactor(self) -> MemoryReactorClock:
@@ -659,3 +660,68 @@ def test_dial_failure_is_counted_and_retried_later(world: World) -> None:
 def test_dial_uses_the_link_host_and_the_granted_data_port(world: World) -> None:
     _ready(world)
     assert {c[:2] for c in world.clock.tcpClients} == {(RELAY_HOST, DATA_PORT)}
+
+
+@dataclass(eq=False)
+class FakeLocalDataPort:
+    """This node's relay's data port, as the chaining agent uses it."""
+
+    e2e: set[tuple[str, int]]
+    asked: list[tuple[str, int, defer.Deferred[Any]]] = field(default_factory=list)
+
+    def spliceable(self, name: str, port: int) -> bool:
+        return (name, port) in self.e2e
+
+    def pairLocal(self, name: str, port: int) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.asked.append((name, port, d))
+        return d
+
+
+@dataclass
+class FakeLocalRelay:
+    dataport: FakeLocalDataPort
+
+
+@dataclass(eq=False)
+class FakeAgentDataConnection:
+    transport: StringTransport
+    extra: bytes
+
+
+def test_a_chained_service_is_offered_and_spliced_through_this_nodes_relay(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chaining: ``chained:23`` is a service of this node's own relay (``via_relay``).
+    With a data port there it is offered to the upstream relay; a GO for it is paired
+    with one of that service's agent's data connections at the local relay (already
+    answered K) and the two are spliced; K goes upstream only then."""
+    chained = FakeForward("chained", 23, via_relay=True)
+    w = _make(monkeypatch, extra=[chained])
+    local = FakeLocalDataPort({(chained.config.connect.host, chained.config.connect.port)})
+    w.link.local_relay = FakeLocalRelay(local)
+    w.pool.linkUp(w.conn)  # type: ignore[arg-type]
+    ((_kind, data, _want, _d),) = w.conn.requests
+    assert fw.unpack_pool_request(data)[1] == [GPU, ("chained", 23)]
+    pc, t = _idle(w)
+    _feed(pc, fw.pack_go("chained", 23) + b"SSH-2.0-client\r\n")
+    ((name, port, d),) = local.asked
+    assert (name, port) == (chained.config.connect.host, chained.config.connect.port)
+    assert t.value() == b"" and _targets(w) == []  # no socket of its own: the local relay's
+    downstream = StringTransport()
+    d.callback(FakeAgentDataConnection(downstream, b"SSH-2.0-server\r\n"))
+    assert t.value() == fw.AGENT_OK
+    assert w.datapath.calls == [(t, downstream, b"SSH-2.0-client\r\n", b"SSH-2.0-server\r\n")]
+    assert pc.state == "spliced" and chained.counters.total == 1
+
+
+def test_a_chained_service_whose_local_pairing_fails_is_answered_with_why(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    chained = FakeForward("chained", 23, via_relay=True)
+    w = _make(monkeypatch, extra=[chained])
+    local = FakeLocalDataPort({(chained.config.connect.host, chained.config.connect.port)})
+    w.link.local_relay = FakeLocalRelay(local)
+    pc, t = _idle(w)
+    _feed(pc, fw.pack_go("chained", 23))
+    local.asked[0][2].errback(RuntimeError("no agent data connection became free in time"))
+    assert t.value().startswith(fw.AGENT_ERROR) and b"became free in time" in t.value()
+    assert t.disconnecting and w.datapath.calls == []

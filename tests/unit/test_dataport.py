@@ -651,3 +651,18 @@ def test_status_counts(world: World) -> None:
     assert status["pools"] == {"lab_pc": 0}
     assert status["data_connections"] == 1 and status["data_refused"] == 1
     assert status["e2e_services"] == ["gpu-cluster:22", "lonely:22"]
+
+
+def test_pair_local_hands_over_an_agent_connection_that_said_k(world: World) -> None:
+    """Chaining: this node's own link asks for ``gpu-cluster:22`` registered here; it gets
+    the agent's data connection once the agent answered K, to splice on itself."""
+    agent, _pool = world.agent_with_pool()
+    adc, at = _dial(world.port, "203.0.113.5")
+    adc.dataReceived(fw.agent_hello(world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)))
+    got: list[DataConnection] = []
+    world.port.pairLocal("GPU-Cluster", 22).addCallback(got.append)
+    assert at.value() == fw.pack_go("GPU-Cluster", 22)
+    adc.dataReceived(fw.AGENT_OK + b"SSH-2.0-server\r\n")
+    assert got == [adc] and adc.extra == b"SSH-2.0-server\r\n"
+    assert world.port.counters["paired_local"] == 1
+    assert world.port.spliceable("GPU-Cluster", 22) and not world.port.spliceable("web", 8080)
