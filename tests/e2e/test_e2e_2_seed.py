@@ -230,7 +230,8 @@ def test_chain_agent_on_gpu_cluster_through_relay_on_lab_pc(site: Site, record: 
     lab_toml.write_text(
         relay_toml(LAB, LAB_RELAY_PORT, lab_dir / "state",
                    [("gpu_agent", k.gpu_agent, ["gpu-cluster:22"], [])], [],
-                   extra="keepalive_interval = 1\nkeepalive_count = 3\n", admin_port=7023)
+                   extra="keepalive_interval = 1\nkeepalive_count = 3\n"
+                         'data_port = 2224\ne2e_services = ["gpu-cluster:22"]\n', admin_port=7023)
         + f"""
 [[link]]
 name = "cloud"
@@ -264,8 +265,24 @@ service = "gpu-cluster:22"
     dst = site.dir / "arrived.bin"
     scp_checked(site, "alice", up, str(src), f"gpu-cluster:{dst}", dst, record,
                 "chain: gpu_cluster agent -> relay on lab_pc -> cloud relay (ssh -J, scp up)")
+    # The fast path through the same chain: spliced at cloud, at lab_pc (its link onto
+    # gpu_cluster's agent's data connection) and by gpu_cluster's agent onto its sshd.
+    gpu_agent.wait_for("fast_path_ready", timeout=20, since=0)
+    lab.wait_for("fast_path_ready", timeout=20, since=0)
+    fast_cfg = site.dir / "ssh_config.alice.chain-fast"
+    fast_cfg.write_text(
+        "Host gpu-cluster\n  ProxyJump none\n  ProxyCommand "
+        f"{sys.executable} -m relay connect -p {cloud.port} -i {site.keys.alice.path} "
+        f"-o UserKnownHostsFile={cloud.known_hosts} alice@{CLOUD} %h:%p\n"
+        + site.user_config("alice").read_text())
+    back = site.dir / "back.bin"
+    scp_checked(site, "alice", up, f"gpu-cluster:{dst}", str(back), back, record,
+                "chain: the fast path through both relays (labrelay connect, scp down)",
+                config=fast_cfg)
+    cloud.wait_for("relay_fast_session", timeout=10, since=0, service="gpu-cluster:22")
+    lab.wait_for("relay_fast_chained", timeout=10, since=0, service="gpu-cluster:22")
     # gpu_cluster's sshd saw only its own agent (local connections), never lab_pc.
-    assert gpu.connections_from(GPU) >= 2 and gpu.connections_from(LAB) == 0
+    assert gpu.connections_from(GPU) >= 3 and gpu.connections_from(LAB) == 0
     assert_relay_clean(cloud)
 
 
