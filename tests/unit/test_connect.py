@@ -1,0 +1,51 @@
+"""relay.connect's command line: what `labrelay connect` is asked to reach, and how."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from relay.config import ConfigError
+from relay.connect import add_connect_arguments, options_from_args
+
+
+@pytest.fixture(autouse=True)
+def _home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("USER", "tester")
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_connect_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_ssh_style_flags_and_a_service_by_name() -> None:
+    o = options_from_args(parse("-p", "2222", "-i", "/k/alice", "-o",
+                                "UserKnownHostsFile=/k/known", "alice@relay.example.org",
+                                "GPU-Cluster"))
+    assert (o.service, o.port, o.fast_path) == ("gpu-cluster", 22, True)
+    assert (o.link.host, o.link.port, o.link.user) == ("relay.example.org", 2222, "alice")
+    assert o.link.identities == (Path("/k/alice"),)
+    assert o.link.host_key.known_hosts == Path("/k/known")
+
+
+def test_service_with_a_port_as_ssh_passes_percent_h_percent_p() -> None:
+    o = options_from_args(parse("--no-fast-path", "relay", "jupyter:8888"))
+    assert (o.service, o.port, o.fast_path) == ("jupyter", 8888, False)
+
+
+@pytest.mark.parametrize("service", ["gpu:port", "gpu:0", "gpu:70000", ":22"])
+def test_bad_service_is_refused_with_an_example(service: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        options_from_args(parse("relay", service))
+    assert "expected SERVICE or SERVICE:PORT" in str(info.value)
+    assert "gpu-cluster" in info.value.hint
+
+
+def test_strict_host_key_checking_no_is_refused() -> None:
+    with pytest.raises(ConfigError):
+        options_from_args(parse("-o", "StrictHostKeyChecking=no", "relay", "gpu"))
