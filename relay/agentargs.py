@@ -237,7 +237,7 @@ def _option(flags: _Flags, text: str) -> None:
             CLI,
             f"-o {key}",
             f"unsupported option {key!r}",
-            hint + "labrelay agent supports " + ", ".join(sorted(_SUPPORTED.values())),
+            hint + "supported: " + ", ".join(sorted(_SUPPORTED.values())),
         )
     keypath = f"-o {name}"
     if name == "Port":
