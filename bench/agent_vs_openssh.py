@@ -7,7 +7,16 @@ Every path forwards the same kind of session through the same private OpenSSH
 * ``ssh``        ``ssh -N -R 127.0.0.1:PORT:127.0.0.1:TARGET`` with OpenSSH's default cipher;
 * ``ssh-same``   the same with ``-c``/``-m`` set to whatever cipher and MAC the agent's link
   negotiated (read from its ``ssh_keys`` event), for a comparison at equal cipher;
-* ``direct``     the client straight to the target, no tunnel: what the harness can do.
+* ``direct``     the client straight to the target, no tunnel: what the harness can do;
+
+and the Python tools a user might pick instead (``bench.peers``; their own venv, made
+and cached by the set-up, or reported as skipped):
+
+* ``asyncssh``   asyncssh's ``conn.forward_remote_port('127.0.0.1', 0, '127.0.0.1', TARGET)``,
+  the same reverse forward;
+* ``sshtunnel``  sshtunnel (paramiko) ``SSHTunnelForwarder(remote_bind_address=TARGET)``: a
+  LOCAL forward (``-L``; sshtunnel has no reverse forward), so next to it
+* ``ssh-L``      ``ssh -N -L 127.0.0.1:PORT:127.0.0.1:TARGET``, OpenSSH's local forward.
 
 Measured, interleaved path by path within each run so machine noise hits all alike:
 bulk throughput client -> tunnel -> target ("push") and target -> tunnel -> client
@@ -20,6 +29,7 @@ Run from the repository root with the venv's Python::
 
     python -m bench.agent_vs_openssh            # 1 GiB x 5 runs, 200 sessions per run
     python -m bench.agent_vs_openssh --quick    # 256 MiB x 3 runs
+    python -m bench.agent_vs_openssh --no-peers # without asyncssh, sshtunnel and ssh -L
 
 Results: a table on stdout, ``bench/results/agent_vs_openssh-DATE-COMMIT.json`` and
 ``bench/results/agent_vs_openssh-latest.md``. See ``docs/benchmarks.md``.
@@ -45,6 +55,7 @@ from bench.common import (
     LOOPBACK,
     REPO,
     STALL_SECONDS,
+    BenchError,
     GiB,
     Lines,
     MachineMeter,
@@ -84,6 +95,9 @@ from bench.common import (
     uncommitted,
     wait_ready,
 )
+from bench.peers import ensure_peers
+
+PEERS_SCRIPT = str(Path(__file__).resolve().parent / "peers.py")
 
 THIS = str(Path(__file__).resolve())
 
@@ -91,13 +105,25 @@ THROUGHPUT_GOAL = 0.8  # agent / ssh, from the issue
 SETUP_P50_GOAL_MS = 2.0
 
 AGENT, SSH, SSH_SAME, DIRECT = "agent", "ssh", "ssh-same", "direct"
-PATHS = (AGENT, SSH, SSH_SAME, DIRECT)
+ASYNCSSH, SSH_L, SSHTUNNEL = "asyncssh", "ssh-L", "sshtunnel"
+PEERS = (ASYNCSSH, SSHTUNNEL)  # Python tools, from their own venv (bench.peers)
+PATHS = (AGENT, SSH, SSH_SAME, ASYNCSSH, SSH_L, SSHTUNNEL, DIRECT)  # the order of every round
+LOCAL = (SSH_L, SSHTUNNEL)  # local forwards (-L): the listener is on the client's side
+# sshtunnel ends the whole channel when the client half-closes, so the sink's reply to a
+# push never comes back: its pushes tell the sink the count first (MODE_COUNTED) instead
+NO_HALF_CLOSE = (SSHTUNNEL,)
 LABELS = {
     AGENT: "labrelay agent",
     SSH: "ssh -R (default cipher)",
     SSH_SAME: "ssh -R, the agent's cipher",
+    ASYNCSSH: "asyncssh forward_remote_port (-R)",
+    SSH_L: "ssh -L (default cipher), local forward",
+    SSHTUNNEL: "sshtunnel (paramiko), local forward -L",
     DIRECT: "direct (no tunnel)",
 }
+# the peers' ratios (numerator, denominator), reported when the denominator was measured:
+# the agent against each peer, and sshtunnel against OpenSSH's own local forward
+PEER_RATIOS = ((AGENT, ASYNCSSH), (AGENT, SSHTUNNEL), (AGENT, SSH_L), (SSHTUNNEL, SSH_L))
 AEAD_MARKERS = ("gcm", "poly1305")  # ciphers whose MAC is implicit
 # The link's cipher before AES-GCM; bench.relay_vs_openssh still uses it for its ssh-aes path.
 AES_OPTIONS = ("-c", "aes128-ctr", "-m", "hmac-sha2-256")
@@ -117,7 +143,8 @@ def client_worker() -> None:
         cmd = json.loads(line)
         try:
             if cmd["op"] == "push":
-                result = push_bytes(payload, cmd["port"], cmd["bytes"])
+                result = push_bytes(payload, cmd["port"], cmd["bytes"],
+                                    cmd.get("counted", False))
             elif cmd["op"] == "pull":
                 result = pull_bytes(view, cmd["port"], cmd["bytes"])
             elif cmd["op"] == "setup":
@@ -146,6 +173,8 @@ class Bench(SshdBench):
         self.client_out: Lines | None = None
         self.agent_events: list[dict[str, Any]] = []
         self.agent_keys: tuple[str, str] | None = None  # (cipher, MAC) from ssh_keys
+        # the peers' venv, versions and any skipped peer with its reason (bench.peers)
+        self.peers: dict[str, Any] = {"skipped": {}, "versions": {}}
 
     # -- set-up
 
@@ -188,6 +217,72 @@ class Bench(SshdBench):
         path.port = free_port()
         self.ssh_reverse(path, name, extra, [(path.port, self.target_port)])
 
+    def start_ssh_local(self, name: str) -> None:
+        """``ssh -N -L 127.0.0.1:PORT:127.0.0.1:TARGET``: OpenSSH's local forward."""
+        path = self.paths[name]
+        path.port = free_port()
+        assert self.sshd is not None
+        before = descendants(self.sshd.pid)
+        path.argv = [*self.ssh_base(), "-N", "-o", "ExitOnForwardFailure=yes",
+                     "-L", f"{LOOPBACK}:{path.port}:{LOOPBACK}:{self.target_port}",
+                     f"{self.user}@{LOOPBACK}"]
+        path.forwarder = self.children.start(name, path.argv, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE)
+        assert path.forwarder.stderr is not None
+        path.log = Lines(path.forwarder.stderr, f"{name}-stderr")
+        self._wait_listening(name, path.forwarder, path.log, path.port)
+        self._new_sshd_sessions(before, path)
+
+    def start_peer(self, name: str) -> None:
+        """A Python peer (``bench/peers.py NAME``) in the peers' venv; ready at its JSON line."""
+        path = self.paths[name]
+        assert self.sshd is not None
+        before = descendants(self.sshd.pid)
+        path.argv = [self.peers["python"], PEERS_SCRIPT, name, str(self.sshd_port), self.user,
+                     str(self.key), str(self.known_hosts), str(self.target_port)]
+        path.forwarder = self.children.start(name, path.argv, stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert path.forwarder.stdout is not None
+        path.log = Lines(path.forwarder.stdout, f"{name}-output")
+
+        def ready(line: str) -> dict[str, Any] | None:
+            event = json_event(line)
+            return event if event and "port" in event else None
+
+        event = wait_ready(name, path.forwarder, path.log, ready, f"ready line from {name}")
+        path.port = int(event["port"])
+        path.cipher = str(event.get("cipher"))
+        self.peers["versions"].update(event.get("versions") or {})
+        self._new_sshd_sessions(before, path)
+
+    def setup_peers(self) -> None:
+        """The peers' venv (made or reused), then each peer and ssh -L; a peer that cannot
+        be installed or started is dropped from the run with its reason."""
+        if self.args.no_peers:
+            self.peers["skipped"] = {p: "--no-peers" for p in PEERS}
+        else:
+            self.peers.update(ensure_peers(self.args.peers_venv))
+        for name in PEERS:
+            if name in self.peers["skipped"]:
+                continue
+            try:
+                self.start_peer(name)
+            except BenchError as e:
+                self.peers["skipped"][name] = f"did not start: {e}"
+                proc = self.paths[name].forwarder
+                if proc is not None and proc.poll() is None:
+                    proc.terminate()
+        for name, reason in self.peers["skipped"].items():
+            print(f"  {name}: skipped ({reason.splitlines()[0] if reason else '?'})",
+                  flush=True)
+        if SSHTUNNEL not in self.peers["skipped"]:
+            self.start_ssh_local(SSH_L)
+            self.paths[SSH_L].cipher = self.negotiated(())
+        else:
+            del self.paths[SSH_L]  # only there as sshtunnel's OpenSSH counterpart
+        for name in self.peers["skipped"]:
+            self.paths.pop(name, None)
+
     def agent_cipher(self) -> tuple[str, str]:
         """The cipher and MAC of the agent's link: from its ``ssh_keys`` event, else (an
         agent that does not log it) its first preferences that this sshd allows."""
@@ -217,6 +312,7 @@ class Bench(SshdBench):
         same = ["-c", cipher] + (["-m", mac] if mac != "<implicit>" else [])
         self.start_ssh(SSH, ())
         self.start_ssh(SSH_SAME, same)
+        self.setup_peers()
         self.start_client()
         self.paths[AGENT].cipher = f"{cipher} + {mac}"
         self.paths[SSH].cipher = self.negotiated(())
@@ -239,7 +335,14 @@ class Bench(SshdBench):
         return result
 
     def check_alive(self) -> None:
-        check_procs([(path.name, path.forwarder, path.log) for path in self.paths.values()])
+        """A core path's forwarder gone ends the run; a peer's is a failure of that path."""
+        check_procs([(path.name, path.forwarder, path.log) for path in self.paths.values()
+                     if path.name not in PEERS])
+        for name in PEERS:
+            path = self.paths.get(name)
+            if (path is not None and path.forwarder is not None
+                    and path.forwarder.poll() is not None and not path.failures):
+                self.fail(path, "forwarding", f"exited ({path.forwarder.returncode})")
 
     def diagnose(self, path: Route, what: str, error: str) -> str:
         """Everything worth reporting about a path that failed a measurement."""
@@ -275,10 +378,11 @@ class Bench(SshdBench):
 
     def transfer(self, op: str, path: Route, nbytes: int) -> dict[str, Any] | None:
         timeout = nbytes / 1e6 + 2 * STALL_SECONDS + 30  # >= 1 MB/s, then a stall
-        result = self.measured(
-            path, lambda: self.client_call({"op": op, "port": path.port, "bytes": nbytes},
-                                           timeout),
-            f"{op} of {nbytes} bytes")
+        cmd = {"op": op, "port": path.port, "bytes": nbytes}
+        if path.name in NO_HALF_CLOSE:
+            cmd["counted"] = True
+        result = self.measured(path, lambda: self.client_call(cmd, timeout),
+                               f"{op} of {nbytes} bytes")
         if result is not None and result["count"] != nbytes:
             report = self.diagnose(path, f"{op} of {nbytes} bytes",
                                    f"{result['count']} bytes arrived")
@@ -328,7 +432,7 @@ class Bench(SshdBench):
                 self.check_alive()
                 if r is not None:
                     tput[op][path.name].append(r)
-                    print(f"run {run}/{args.runs} {op:4} {path.name:8} "
+                    print(f"run {run}/{args.runs} {op:4} {path.name:9} "
                           f"{args.bytes / r['seconds'] / 1e6:8.1f} MB/s" + self.transfer_note(r),
                           flush=True)
 
@@ -344,7 +448,7 @@ class Bench(SshdBench):
                 if r is not None:
                     lat[kind][path.name].append(r)
                     ms = r["ms"]
-                    print(f"run {run}/{args.runs} set-up {kind:12} {path.name:8} "
+                    print(f"run {run}/{args.runs} set-up {kind:12} {path.name:9} "
                           f"p50 {pctl(ms, 50):6.2f}  p99 {pctl(ms, 99):6.2f}  "
                           f"max {max(ms):{self.MAX_MS_WIDTH}.2f} ms", flush=True)
 
@@ -465,6 +569,10 @@ def summarize(bench: Bench, tput: dict[str, dict[str, list[dict[str, Any]]]],
                           "value": ratio,
                           "status": "PASS" if ratio is not None and ratio >= THROUGHPUT_GOAL
                           else "MISS"})
+        for num, den in PEER_RATIOS:  # no goals: context for the reader
+            if den in throughput[op]:
+                a, b = median_of(op, num), median_of(op, den)
+                ratios[f"{op}_{num}_over_{den}"] = a / b if a and b else None
     for kind, per_path in latency.items():
         def p50(name: str, per_path: dict[str, Any] = per_path) -> float | None:
             entry = per_path.get(name)
@@ -481,6 +589,10 @@ def summarize(bench: Bench, tput: dict[str, dict[str, list[dict[str, Any]]]],
             other = p50(ref)
             ratios[f"setup_p50_{kind}_agent_over_{ref}"] = (
                 agent_p50 / other if agent_p50 and other else None)
+        for num, den in PEER_RATIOS:
+            if den in per_path:
+                a, b = p50(num), p50(den)
+                ratios[f"setup_p50_{kind}_{num}_over_{den}"] = a / b if a and b else None
 
     return {
         **result_head("agent_vs_openssh", bench),
@@ -500,6 +612,7 @@ def summarize(bench: Bench, tput: dict[str, dict[str, list[dict[str, Any]]]],
 
 def conditions(bench: Bench) -> dict[str, Any]:
     args = bench.args
+    order = ",".join(bench.paths)
     return {
         **machine_conditions(args.python, bench.loadavg_at_start),
         "bytes": args.bytes,
@@ -511,9 +624,17 @@ def conditions(bench: Bench) -> dict[str, Any]:
         "chunk_bytes": CHUNK,
         "ciphers": {name: p.cipher for name, p in bench.paths.items()},
         "mb": "10^6 bytes",
-        "order": "per run: push a,b,c,d; pull a,b,c,d; back-to-back sessions a,b,c,d; "
-                 "idle-gap sessions a,b,c,d. A warm-up of 64 MiB each way and 20 sessions "
+        "order": f"per run: push {order}; pull {order}; back-to-back sessions {order}; "
+                 f"idle-gap sessions {order}. A warm-up of 64 MiB each way and 20 sessions "
                  "per path comes first and is not recorded",
+        # the Python peers: their venv, versions (asyncssh, sshtunnel, paramiko and the
+        # cryptography they use), and any skipped with its reason
+        "peers": {
+            "venv": bench.peers.get("venv"),
+            "versions": bench.peers.get("versions") or {},
+            "skipped": bench.peers.get("skipped") or {},
+            "local_forwards": [name for name in LOCAL if name in bench.paths],
+        },
     }
 
 
@@ -537,7 +658,9 @@ def markdown(res: dict[str, Any]) -> str:
         conditions_text(c) +
         f"{c['bytes'] / MiB:g} MiB per transfer, {c['runs']} runs interleaved path by path; "
         "figures are the median (min–max) over the runs; MB = 10^6 bytes; CPU is user+system "
-        "seconds of the forwarding process (agent or ssh) and of its sshd session processes.",
+        "seconds of the forwarding process (agent, ssh or the Python peer) and of its sshd "
+        "session processes.",
+        *peers_text(c.get("peers")),
         "",
         "## Throughput",
         "",
@@ -562,6 +685,7 @@ def markdown(res: dict[str, Any]) -> str:
     out += ["", "Agent ÷ ssh, throughput: " + "; ".join(
         f"{op} {fmt_ratio(r.get(f'{op}_agent_over_ssh'))} (default cipher), "
         f"{fmt_ratio(r.get(f'{op}_agent_over_ssh-same'))} (same cipher)" for op in tp) + "."]
+    out += peer_ratio_lines(r, [f"{op}_" for op in tp], "throughput")
     for kind, per_path in res["setup_latency"].items():
         first = next((v for v in per_path.values() if v), None)
         n = first["sessions_per_run"] if first else 0
@@ -582,6 +706,7 @@ def markdown(res: dict[str, Any]) -> str:
         out += ["", f"Agent ÷ ssh, set-up p50: "
                 f"{fmt_ratio(r.get(f'setup_p50_{kind}_agent_over_ssh'))} (default cipher), "
                 f"{fmt_ratio(r.get(f'setup_p50_{kind}_agent_over_ssh-same'))} (same cipher)."]
+        out += peer_ratio_lines(r, [f"setup_p50_{kind}_"], "set-up p50")
     out += goals_table(res["goals"])
     m = res.get("machine_cpu_during_measurement")
     if m:
@@ -598,12 +723,58 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+PEER_NAMES = {ASYNCSSH: "asyncssh", SSHTUNNEL: "sshtunnel", SSH_L: "ssh -L"}
+
+
+def peers_text(peers: dict[str, Any] | None) -> list[str]:
+    """The report's paragraph on the Python peers: versions, what sshtunnel forwards,
+    and any peer skipped with its reason."""
+    if not peers:
+        return []
+    v = peers.get("versions") or {}
+    measured = [f"{name} {v[name]}" for name in ("asyncssh", "sshtunnel") if v.get(name)
+                and name not in (peers.get("skipped") or {})]
+    lines = [""]
+    if measured:
+        extra = (f" (paramiko {v['paramiko']})" if v.get("paramiko") and "sshtunnel"
+                 not in (peers.get("skipped") or {}) else "")
+        lines.append(
+            f"Python peers, in their own venv (`{peers.get('venv')}`, cryptography "
+            f"{v.get('cryptography', '?')}): {', '.join(measured)}{extra}, each with its "
+            "defaults. asyncssh does the same reverse forward (`forward_remote_port`) as "
+            "the agent and `ssh -R`; sshtunnel has only local forwards, so it is a `-L` "
+            "(listener on the client's side, the sshd connects to the target) and is "
+            "set beside `ssh -N -L`, not the reverse forwards. Its host key is not checked, and "
+            "its pushes tell the sink their byte count first: sshtunnel closes the whole "
+            "channel when the client half-closes, so the sink's count would never come back.")
+    for name, reason in (peers.get("skipped") or {}).items():
+        lines.append(f"Skipped: {name} ({reason.splitlines()[0] if reason else '?'}).")
+    return lines if len(lines) > 1 else []
+
+
+def peer_ratio_lines(r: dict[str, Any], prefixes: list[str], what: str) -> list[str]:
+    """``Agent ÷ asyncssh ...`` for the peer ratios that this result has."""
+    parts = []
+    for num, den in PEER_RATIOS:
+        vals = [(p, r.get(f"{p}{num}_over_{den}")) for p in prefixes
+                if f"{p}{num}_over_{den}" in r]
+        if not vals:
+            continue
+        text = ", ".join((f"{p.rstrip('_')} " if len(prefixes) > 1 else "") + fmt_ratio(x)
+                         for p, x in vals)
+        parts.append(f"{'agent' if num == AGENT else PEER_NAMES[num]} ÷ {PEER_NAMES[den]} "
+                     f"{text}")
+    if not parts:
+        return []
+    return ["", f"Python peers, {what}: " + "; ".join(parts) + "."]
+
+
 def print_table(res: dict[str, Any]) -> None:
     tp = res["throughput"]
     lat = res["setup_latency"]
     kinds = list(lat)
     print()
-    head = f"{'path':32} {'push MB/s':>22} {'pull MB/s':>22} {'CPU s/GiB':>10}"
+    head = f"{'path':40} {'push MB/s':>22} {'pull MB/s':>22} {'CPU s/GiB':>10}"
     for kind in kinds:
         head += f" {'p50/p99 ms ' + ('b2b' if kind == 'back_to_back' else 'gap'):>17}"
     print(head)
@@ -612,7 +783,7 @@ def print_table(res: dict[str, Any]) -> None:
         pull = tp.get("pull", {}).get(name, {})
         cpu = push.get("forwarder_cpu_s_per_gib")
         cpu_text = format(cpu["median"], ".2f") if cpu else "-"
-        line = (f"{p['label']:32} {fmt(push.get('mb_per_s')):>22} "
+        line = (f"{p['label']:40} {fmt(push.get('mb_per_s')):>22} "
                 f"{fmt(pull.get('mb_per_s')):>22} {cpu_text:>10}")
         for kind in kinds:
             entry = lat[kind].get(name)
@@ -636,6 +807,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "idle time before each of those sessions (default 50 ms: longer than "
                         "Linux's 40 ms delayed-ACK timer)")
     add_run_options(p, "path")
+    p.add_argument("--no-peers", action="store_true",
+                   help="leave out the Python peers (asyncssh, sshtunnel) and ssh -L")
+    p.add_argument("--peers-venv", type=Path, default=None,
+                   help="the peers' venv, made and filled with pip if it lacks them "
+                   "(default: $LABRELAY_BENCH_PEERS or ~/.cache/labrelay-bench-peers)")
     add_python_and_results(p, "the Python that runs the agent (default: this one; it must "
                            "import relay)")
     return p
@@ -650,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def announce(bench: Bench) -> None:
         for p in bench.paths.values():
-            print(f"  {p.name:8} port {p.port:5}  {p.cipher}", flush=True)
+            print(f"  {p.name:9} port {p.port:5}  {p.cipher}", flush=True)
 
     return run_bench("labrelay-bench-", lambda workdir: Bench(args, workdir), announce,
                      markdown, print_table, args.results_dir)

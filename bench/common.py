@@ -50,6 +50,9 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # the session protocol of the client and target workers (agent and relay benches)
 
 MODE_ECHO, MODE_SINK, MODE_SOURCE = b"E", b"S", b"R"
+# a sink told its byte count up front (8 bytes after the mode byte), for forwarders that
+# cannot pass on a half-close: it replies once that many bytes arrived, not at EOF
+MODE_COUNTED = b"C"
 
 
 def nodelay(sock: socket.socket) -> None:
@@ -97,6 +100,17 @@ def _target_session(conn: socket.socket, payload: memoryview) -> None:
             elif mode == MODE_SINK:
                 view = memoryview(bytearray(CHUNK))
                 count = 1 + drain(conn, view)  # the mode byte counts too
+                conn.sendall(struct.pack(">Q", count))
+            elif mode == MODE_COUNTED:
+                (nbytes,) = struct.unpack(">Q", recv_exact(conn, 8))
+                view = memoryview(bytearray(CHUNK))
+                count, left = 9, nbytes - 9  # the mode byte and the count count too
+                while left > 0:
+                    n = conn.recv_into(view[:min(left, CHUNK)])
+                    if n == 0:
+                        break
+                    count += n
+                    left -= n
                 conn.sendall(struct.pack(">Q", count))
             elif mode == MODE_SOURCE:
                 (nbytes,) = struct.unpack(">Q", recv_exact(conn, 8))
@@ -147,13 +161,20 @@ def connect_retry(port: int, timeout: float) -> socket.socket:
     return sock
 
 
-def push_bytes(payload: memoryview, port: int, nbytes: int) -> dict[str, Any]:
-    """Client -> tunnel -> target sink; done when the sink reports its count."""
+def push_bytes(payload: memoryview, port: int, nbytes: int,
+               counted: bool = False) -> dict[str, Any]:
+    """Client -> tunnel -> target sink; done when the sink reports its count. ``counted``:
+    the sink is told the count first and replies without waiting for our half-close
+    (for a forwarder that closes the whole connection at EOF, as sshtunnel does)."""
     start = time.perf_counter()
     with connect(port) as sock:
-        sock.sendall(MODE_SINK)
-        send_count(sock, payload, nbytes - 1)
-        sock.shutdown(socket.SHUT_WR)
+        if counted:
+            sock.sendall(MODE_COUNTED + struct.pack(">Q", nbytes))
+            send_count(sock, payload, nbytes - 9)
+        else:
+            sock.sendall(MODE_SINK)
+            send_count(sock, payload, nbytes - 1)
+            sock.shutdown(socket.SHUT_WR)
         reply = recv_exact(sock, 8)
     seconds = time.perf_counter() - start
     count = struct.unpack(">Q", reply)[0] if len(reply) == 8 else -1

@@ -202,7 +202,7 @@ def conditions(suite: str, data: dict[str, Any]) -> dict[str, Any]:
     meta = data.get("meta") or {}
     keep = ("cpu_model", "nproc", "kernel", "python", "twisted", "cryptography", "labrelay",
             "openssh", "bytes", "runs", "ciphers", "link_cipher", "relay_window",
-            "loadavg_at_start", "idle_sessions", "datapath_backend")
+            "loadavg_at_start", "idle_sessions", "datapath_backend", "peers")
     out = {k: c[k] for k in keep if k in c}
     if meta:
         out.update({"cpu_model": meta.get("cpu_model"), "nproc": meta.get("cpus"),
@@ -301,6 +301,20 @@ def conditions_line(c: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def peers_line(peers: dict[str, Any]) -> str:
+    """The Python peers of the agent bench: their versions, and any skipped with why."""
+    versions = peers.get("versions") or {}
+    skipped = peers.get("skipped") or {}
+    shown = [f"{k} {v}" for k, v in versions.items() if v and k not in skipped]
+    text = "Python peers: " + (", ".join(shown) or "none measured")
+    if peers.get("local_forwards"):
+        text += f" (local forwards -L: {', '.join(peers['local_forwards'])})"
+    if skipped:
+        text += "; skipped: " + "; ".join(
+            f"{k} ({str(v).splitlines()[0] if v else '?'})" for k, v in skipped.items())
+    return text
+
+
 def markdown(combined: dict[str, Any], plots: list[Path], plot_note: str = "") -> str:
     figs = combined.get("figures") or {}
     L = [f"# labrelay benchmark suite — {combined.get('date', '?')[:16]}, "
@@ -312,6 +326,8 @@ def markdown(combined: dict[str, Any], plots: list[Path], plot_note: str = "") -
         L.append(f"- **{s}**: {conditions_line(c)}")
         if isinstance(c.get("ciphers"), dict):
             L.append("  - ciphers: " + "; ".join(f"{p}: {v}" for p, v in c["ciphers"].items()))
+        if isinstance(c.get("peers"), dict):
+            L.append("  - " + peers_line(c["peers"]))
     L += ["", "## Throughput (MB/s = 10^6 bytes/s)", "",
           "| suite | path | push / bulk | pull / paced | CPU-s/GiB (push) |",
           "|---|---|---|---|---|"]

@@ -141,14 +141,21 @@ def fast_path_json(ratio: float = 0.72, connect_cpu: float = 0.38) -> dict:
             series("ssh", "fast", 400.0, {"connect": connect_cpu, "relay": 0.44, "agent": 0.24},
                    ratio),
             series("ssh", "seed", 350.0, {"ssh_R": 1.2, "cloud_sshd": 1.1}, 0.64),
+            series("ssh", "seed_full", 170.0, {"full_cloud_sshd": 1.1, "full_autossh_R": 1.2,
+                                               "full_ssh_L": 1.3, "full_lab_sshd_L": 1.1,
+                                               "full_lab_sshd_R": 1.2, "full_gpu_ssh_R": 1.3},
+                   0.31),
             series("raw", "direct", 4600.0),
             series("raw", "socat_sock", 2500.0, {"socat": 0.3}, 0.5),
             series("raw", "fast_sock", 1900.0, {"connect": 0.3, "relay": 0.3, "agent": 0.3},
                    0.36),
+            series("raw", "seed_full", 400.0, {"full_autossh_R": 0.9}, 0.09),
             series("raw", "socat_pipe", 800.0, {"socat": 0.7}, 0.15),
             series("raw", "fast_pipe", 1100.0, {"connect": 0.36, "relay": 0.16, "agent": 0.2},
                    0.24),
         ],
+        "seed_full": {"ssh_ratio_to_fast": stat(0.43, 0.4, 0.5),
+                      "raw_ratio_to_fast_sock": stat(0.21, 0.2, 0.25)},
         "goals": goals,
         "machine_cpu_during_measurement": {"wall_s": 90.0, "busy_cpu_s": 150.0,
                                            "bench_processes_cpu_s": 100.0, "steal_cpu_s": 0.0,
@@ -184,6 +191,16 @@ def test_fast_path_own_report() -> None:
     assert "socket-fed fast path (labrelay connect as an inetd-style service: " \
            "0.36× (0.31–0.41) direct)" in md
     assert "the pipe-fed extras 0.24× (0.19–0.29) (fast path) and 0.15× (0.10–0.20)" in md
+    # the seed's full chain: its own rows, and the goals' text quotes its measured ratios
+    assert "| ssh via the seed's full chain (ssh -R, ssh -L detach, autossh -R; public port) " \
+           "| 170.0 (165.0–175.0) | 0.31 (0.26–0.36) | cloud sshd session (autossh's) 1.10" in md
+    for proc in ("autossh -R (lab_pc → cloud) 1.20", "ssh -N -L (lab_pc detach) 1.30",
+                 "lab_pc sshd session of the -L 1.10", "lab_pc sshd session of the -R 1.20",
+                 "ssh -N -R (gpu_cluster → lab_pc) 1.30"):
+        assert proc in md
+    assert "a user's ssh session 0.31× (0.26–0.36) direct (0.43× (0.40–0.50) the fast " \
+           "path's), raw 0.09× (0.04–0.14) direct loopback (0.21× (0.20–0.25)" in md
+    assert "about 0.30×" in md
     for line in md.splitlines():  # no stray pipes inside table cells
         if line.startswith("| ssh | ") or line.startswith("| raw | "):
             assert line.count("|") == 4, line
@@ -198,6 +215,8 @@ def test_fast_path_in_the_combined_report() -> None:
     assert "fast_path.ssh.direct.ratio_to_direct" not in figs
     assert figs["fast_path.raw.fast_sock.ratio_to_direct"]["value"] == 0.36
     assert figs["fast_path.raw.fast_pipe.ratio_to_direct"]["value"] == 0.24
+    assert figs["fast_path.ssh.seed_full.ratio_to_direct"]["value"] == 0.31
+    assert figs["fast_path.ssh.seed_full.cpu_s_per_gib.full_ssh_L"]["better"] == "lower"
     assert suite.key_figures("fast_path", {"series": [None, {"path": "x"}]}) == {}
     combined = suite.combine({"fast_path": data}, {"fast_path": "f.json"}, "abc1234",
                              "2026-11-28T19:00:00+00:00")
@@ -229,3 +248,137 @@ def test_fast_path_accounting_and_rusage_wrapper(tmp_path: Path) -> None:
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert code == 3 and lines[0]["pid"] > 0
     assert lines[1]["exit"] == 3 and lines[1]["cpu_s"] > 0
+
+
+# --- the agent bench's Python peers (bench/agent_vs_openssh.py, bench/peers.py) ------------
+
+agent_bench = pytest.importorskip("bench.agent_vs_openssh")
+peers = pytest.importorskip("bench.peers")
+
+
+def agent_json(skipped: dict | None = None) -> dict:
+    names = ["agent", "ssh", "ssh-same", "asyncssh", "ssh-L", "sshtunnel", "direct"]
+    for name in skipped or {}:
+        names.remove(name)
+    if "sshtunnel" in (skipped or {}):
+        names.remove("ssh-L")
+    mb = {"agent": 700.0, "ssh": 650.0, "ssh-same": 950.0, "asyncssh": 280.0, "ssh-L": 900.0,
+          "sshtunnel": 140.0, "direct": 5000.0}
+    p50 = {"agent": 0.8, "ssh": 42.0, "ssh-same": 42.0, "asyncssh": 1.6, "ssh-L": 0.5,
+           "sshtunnel": 44.0, "direct": 0.2}
+
+    def tput(name: str) -> dict:
+        return {"mb_per_s": stat(mb[name], mb[name] - 10, mb[name] + 10),
+                "forwarder_cpu_s_per_gib": stat(3.5 if name == "asyncssh" else 1.0),
+                "forwarder_core_share": stat(0.9), "sshd_cpu_s_per_gib": stat(1.0)}
+
+    def lat(name: str) -> dict:
+        return {"sessions_per_run": 3, "p50_ms": stat(p50[name]), "p99_ms": stat(p50[name] * 2),
+                "max_ms": stat(p50[name] * 3),
+                "pooled": {"sessions": 3, "p90_ms": p50[name], "over_20ms": 0},
+                "forwarder_cpu_ms_per_session": stat(0.5)}
+
+    ratios = {}
+    for num, den in agent_bench.PEER_RATIOS:
+        if num in names and den in names:
+            ratios[f"push_{num}_over_{den}"] = mb[num] / mb[den]
+            ratios[f"setup_p50_back_to_back_{num}_over_{den}"] = p50[num] / p50[den]
+    return {
+        "benchmark": "agent_vs_openssh", "date": "2026-11-28T21:00:00+00:00",
+        "commit": "abc1234", "relay_uncommitted_at_start": [],
+        "conditions": {"cpu_model": "Test CPU", "nproc": 2, "loadavg_at_start": "0.1",
+                       "kernel": "6.1", "python": "3.11", "twisted": "26", "cryptography": "50",
+                       "labrelay": "0.1", "openssh": "OpenSSH_9.2p1", "bytes": 2**30,
+                       "runs": 5, "gap_ms": 50.0,
+                       "ciphers": {n: "aes128-gcm@openssh.com" for n in names},
+                       "peers": {"venv": "/cache/peers",
+                                 "versions": {"asyncssh": "2.24.1", "sshtunnel": "0.5.1",
+                                              "paramiko": "5.1.0", "cryptography": "50.0.2"},
+                                 "skipped": skipped or {},
+                                 "local_forwards": [n for n in ("ssh-L", "sshtunnel")
+                                                    if n in names]}},
+        "paths": {n: {"label": agent_bench.LABELS[n], "cipher": "aes128-gcm@openssh.com"}
+                  for n in names},
+        "throughput": {"push": {n: tput(n) for n in names}},
+        "setup_latency": {"back_to_back": {n: lat(n) for n in names}},
+        "ratios": {"push_agent_over_ssh": 700 / 650, **ratios},
+        "goals": [], "agent_health": {}, "anomalies": [],
+    }
+
+
+def test_agent_report_has_the_python_peers() -> None:
+    md = agent_bench.markdown(agent_json())
+    assert "| asyncssh forward_remote_port (-R) | aes128-gcm@openssh.com | 280.0 (270.0–290.0) " \
+           "| n/a | 3.50 (3.50–3.50) / n/a |" in md
+    assert "| sshtunnel (paramiko), local forward -L | aes128-gcm@openssh.com | 140.0" in md
+    assert "| ssh -L (default cipher), local forward |" in md
+    assert "asyncssh 2.24.1, sshtunnel 0.5.1 (paramiko 5.1.0)" in md
+    assert "sshtunnel has only local forwards" in md
+    assert "Python peers, throughput: agent ÷ asyncssh 2.50; agent ÷ sshtunnel 5.00; " \
+           "agent ÷ ssh -L 0.78; sshtunnel ÷ ssh -L 0.16." in md
+    assert "Python peers, set-up p50: agent ÷ asyncssh 0.50;" in md
+    assert "Skipped" not in md
+
+
+def test_agent_report_names_skipped_peers() -> None:
+    reason = "pip install exited 1: ERROR: No matching distribution found for asyncssh"
+    md = agent_bench.markdown(agent_json({"asyncssh": reason, "sshtunnel": reason}))
+    assert "asyncssh forward_remote_port" not in md and "ssh -L" not in md
+    assert f"Skipped: asyncssh ({reason})." in md and f"Skipped: sshtunnel ({reason})." in md
+    assert "Python peers, throughput" not in md
+    # an older result, before the peers, still renders
+    old = agent_json({"asyncssh": reason, "sshtunnel": reason})
+    del old["conditions"]["peers"]
+    assert "Python peers" not in agent_bench.markdown(old)
+
+
+def test_agent_peers_in_the_combined_report() -> None:
+    data = agent_json({"sshtunnel": "did not start: no ready line"})
+    figs = suite.key_figures("agent", data)
+    assert figs["agent.throughput.push.asyncssh.mb_per_s"]["value"] == 280.0
+    assert figs["agent.ratio.push_agent_over_asyncssh"]["better"] == "higher"
+    md = suite.markdown(suite.combine({"agent": data}, {}, "abc1234", "2026-11-28"), [])
+    assert "  - Python peers: asyncssh 2.24.1, paramiko 5.1.0, cryptography 50.0.2; " \
+           "skipped: sshtunnel (did not start: no ready line)" in md
+
+
+def test_peers_skipped_when_the_install_fails(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    calls = []
+
+    def fake_run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 1, "", "ERROR: network is unreachable\n")
+
+    monkeypatch.setattr(peers.subprocess, "run", fake_run)
+    monkeypatch.delenv(peers.VENV_ENV, raising=False)
+    out = peers.ensure_peers(tmp_path / "venv", base_python=sys.executable)
+    assert calls[0][1:3] == ["-m", "venv"] and len(calls) == 1
+    assert set(out["skipped"]) == {"asyncssh", "sshtunnel"}
+    assert "network is unreachable" in out["skipped"]["asyncssh"]
+    assert not out["installed"] and out["versions"] == {}
+
+
+def test_counted_sink_replies_without_a_half_close() -> None:
+    import socket
+    import struct
+    import threading
+
+    from bench import common
+
+    listener = socket.create_server((common.LOOPBACK, 0))  # TCP: the session sets NODELAY
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    t = threading.Thread(target=common._target_session,
+                         args=(server, memoryview(b"x" * 16)), daemon=True)
+    t.start()
+    with client:
+        nbytes = 3 * 2**20 + 5
+        client.sendall(common.MODE_COUNTED + struct.pack(">Q", nbytes))
+        common.send_count(client, memoryview(b"y" * 65536), nbytes - 9)
+        client.settimeout(10)
+        assert struct.unpack(">Q", common.recv_exact(client, 8))[0] == nbytes  # no shutdown
+    t.join(10)
