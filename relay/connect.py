@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from . import datapath
 from . import fastwire as fw
 from .bridge import Bridge, TCPSide
-from .config import ConfigError, LinkConfig
+from .config import ConfigError, LinkConfig, NodeConfig
 from .net import client_endpoint
 
 CLI = "command line"
@@ -106,6 +106,10 @@ def _grow_pipe(fd: int) -> None:
         pass
 
 
+class DataPortUnreachable(Exception):
+    """The relay's data port did not accept a connection; ``str()`` says why."""
+
+
 class _UserData(Protocol):
     """The data connection until the relay answers: hello out, one reply in."""
 
@@ -161,7 +165,6 @@ class Connector:
         self.stdout_fd = stdout_fd
         self.path = ""
         self.conn: Any = None
-        self.unreachable = ""
 
     def say(self, text: str) -> None:
         self.stderr.write(f"labrelay connect: {text}\n")
@@ -171,16 +174,23 @@ class Connector:
     def label(self) -> str:
         return f"{self.options.service}:{self.options.port}"
 
-    async def run(self) -> int:
+    async def open(self) -> Any:
+        """One authenticated SSH connection to the relay (a ``LinkConnection``): the
+        link's own transport and host-key check, without its reconnecting service."""
         from .link import Link
         from .ssh.client import LinkTransport
 
         cfg = self.options.link
         link = Link(cfg, self.reactor, self.identities)
         endpoint = client_endpoint(self.reactor, cfg.host, cfg.port, cfg.connect_timeout)
+        proto: Any = await endpoint.connect(Factory.forProtocol(lambda: LinkTransport(link)))
+        self.conn = await proto.ready
+        return self.conn
+
+    async def run(self) -> int:
+        cfg = self.options.link
         try:
-            proto: Any = await endpoint.connect(Factory.forProtocol(lambda: LinkTransport(link)))
-            self.conn = await proto.ready
+            await self.open()
         except Exception as e:
             self.say(f"cannot reach the relay {cfg.host}:{cfg.port}: {e}")
             return EXIT_FAILED
@@ -208,24 +218,24 @@ class Connector:
                 why = "the relay does not offer labrelay's fast path (a stock sshd or an " \
                       "older relay)"
             else:
-                status, message, data_port, token, lifetime = fw.unpack_token_reply(reply)
+                status, message, data_port, token, _lifetime = fw.unpack_token_reply(reply)
                 if status is fw.Status.REFUSED:
                     self.say(f"refused by the relay: {message}")
                     return EXIT_FAILED
-                if status is fw.Status.OK:
-                    code = await self._fast(data_port, token, lifetime)
-                    if code is not None:
-                        return code
-                    why = self.unreachable
-                else:
+                if status is not fw.Status.OK:
                     why = message
+                else:
+                    try:
+                        return await self._fast(data_port, token)
+                    except DataPortUnreachable as e:
+                        why = str(e)
         self.say(f"fast path unavailable for {self.label} ({why}); using an SSH channel "
                  "through the relay")
         return await self._channel()
 
-    async def _fast(self, data_port: int, token: bytes, lifetime: float) -> int | None:
-        """The session on the fast path; None if the data port cannot be reached (a
-        firewall in between is the usual reason): the caller falls back."""
+    async def _fast(self, data_port: int, token: bytes) -> int:
+        """The session on the fast path; DataPortUnreachable if the data port cannot be
+        reached (a firewall in between is the usual reason): the caller falls back."""
         cfg = self.options.link
         endpoint = client_endpoint(self.reactor, cfg.host, data_port,
                                    min(cfg.connect_timeout, DATA_CONNECT_TIMEOUT))
@@ -233,8 +243,8 @@ class Connector:
         try:
             proto: Any = await endpoint.connect(Factory.forProtocol(lambda: _UserData(hello)))
         except Exception as e:
-            self.unreachable = f"cannot reach its data port {cfg.host}:{data_port}: {e}"
-            return None
+            raise DataPortUnreachable(
+                f"cannot reach its data port {cfg.host}:{data_port}: {e}") from e
         try:
             timer = self.reactor.callLater(PAIR_TIMEOUT, proto.answer.cancel)
             try:
@@ -295,8 +305,6 @@ def run(argv_ns: argparse.Namespace) -> int:
     from .service import load_identities
 
     options = options_from_args(argv_ns)
-    from .config import NodeConfig
-
     identities = load_identities(NodeConfig(source=CLI, links=(options.link,)), options.link, 0)
     result = [EXIT_FAILED]
     connector = Connector(options, reactor, identities, verbose=argv_ns.verbose)

@@ -63,7 +63,6 @@ class AgentPool:
     spliceable: set[tuple[str, int]]
     idle: deque[DataConnection] = field(default_factory=deque)
     waiters: deque[defer.Deferred[DataConnection]] = field(default_factory=deque)
-    dispatched: int = 0
 
     def put(self, conn: DataConnection) -> None:
         while self.waiters:
@@ -360,7 +359,6 @@ class DataPort:
         try:
             ticket = self.tokens.redeem(role, token, alive, service)
         except TokenRefused as e:
-            self.pending.add(dc)  # refuse() discards it again
             self.refuse(dc, "token", f"{'user' if role == fw.ROLE_USER else 'agent'} token "
                         f"refused: {e.why.value}", failure=True,
                         tell=f"token refused: {e.why.value}" if role == fw.ROLE_USER else None)

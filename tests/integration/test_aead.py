@@ -92,6 +92,18 @@ def run_agent(
     )  # fmt: skip
 
 
+def both_ways(port: int, target: Any, seed: int, size: int) -> None:
+    """``size`` bytes up to the mode target and ``size`` back (seeds ``seed`` and
+    ``seed + 1``), each checked by length and sha256."""
+    up = DataStream(seed, size)
+    mode_upload(port, up)
+    got = target.result()
+    assert (got.nbytes, got.sha256) == (up.size, up.sha256)
+    down = DataStream(seed + 1, size)
+    got = mode_download(port, down)
+    assert (got.nbytes, got.sha256) == (down.size, down.sha256)
+
+
 def keys_events(proc: AgentProcess | RelayNode, **match: Any) -> list[dict[str, Any]]:
     return proc.events("ssh_keys", **match)
 
@@ -120,13 +132,7 @@ def test_agent_against_gcm_only_sshd_moves_64_mib_each_way(
     assert (keys["cipher_out"], keys["cipher_in"]) == (cipher, cipher), keys
     assert keys["mac_out"] == keys["mac_in"] == "<implicit>"
 
-    up = DataStream(71, 64 * MiB)
-    mode_upload(port, up)
-    got = target.result()
-    assert (got.nbytes, got.sha256) == (up.size, up.sha256)
-    down = DataStream(72, 64 * MiB)
-    got = mode_download(port, down)
-    assert (got.nbytes, got.sha256) == (down.size, down.sha256)
+    both_ways(port, target, seed=71, size=64 * MiB)
     payload = DataStream(73, 1 * MiB).bytes()
     assert mode_echo(port, payload) == payload
     agent.assert_no_event("link_lost")
@@ -147,13 +153,7 @@ def test_agent_survives_sshd_rekeying_every_mib(
         "-R", f"0:127.0.0.1:{target.port}",
     )  # fmt: skip
     port = agent.wait_for("forward_ready", timeout=20, kind="remote")["port"]
-    up = DataStream(74, 16 * MiB)
-    mode_upload(port, up)
-    got = target.result()
-    assert (got.nbytes, got.sha256) == (up.size, up.sha256)
-    down = DataStream(75, 16 * MiB)
-    got = mode_download(port, down)
-    assert (got.nbytes, got.sha256) == (down.size, down.sha256)
+    both_ways(port, target, seed=74, size=16 * MiB)
     rekeys = keys_events(agent)
     print(f"agent saw {len(rekeys)} key exchanges with sshd RekeyLimit 1M")
     # sshd rekeys after 1 MiB each way: dozens of key exchanges, all GCM
@@ -184,13 +184,7 @@ def test_agent_starts_rekeys_itself_and_sshd_follows(
         "-R", f"0:127.0.0.1:{target.port}", "root@127.0.0.1",
     ])  # fmt: skip
     port = agent.wait_for("forward_ready", timeout=20, kind="remote")["port"]
-    up = DataStream(77, 16 * MiB)
-    mode_upload(port, up)
-    got = target.result()
-    assert (got.nbytes, got.sha256) == (up.size, up.sha256)
-    down = DataStream(78, 16 * MiB)
-    got = mode_download(port, down)
-    assert (got.nbytes, got.sha256) == (down.size, down.sha256)
+    both_ways(port, target, seed=77, size=16 * MiB)
     rekeys = keys_events(agent)
     print(f"agent started {len(rekeys) - 1} key exchanges with stock sshd")
     assert len(rekeys) >= 16, [e["count"] for e in rekeys]
@@ -311,13 +305,7 @@ def test_stock_ssh_with_gcm_through_the_relay(
         ssh.wait_stderr(rf"kex: {direction} cipher: {re.escape(cipher)} MAC: <implicit>")
     assert relay.events("ssh_keys", since=mark, cipher_in=cipher, cipher_out=cipher)
 
-    up = DataStream(81, 32 * MiB)
-    mode_upload(port, up)
-    got = target.result()
-    assert (got.nbytes, got.sha256) == (up.size, up.sha256)
-    down = DataStream(82, 32 * MiB)
-    got = mode_download(port, down)
-    assert (got.nbytes, got.sha256) == (down.size, down.sha256)
+    both_ways(port, target, seed=81, size=32 * MiB)
     payload = DataStream(83, 4 * MiB).bytes()
     assert mode_echo(port, payload) == payload
     assert ssh.returncode is None
@@ -331,13 +319,7 @@ def test_stock_ssh_rekeying_every_mib_through_the_relay(
     relay, user_key, target = relay_with_agent
     mark = relay.mark()
     ssh, port = user_forward(start_ssh, relay, user_key, "-c", GCM128, "-o", "RekeyLimit=1M")
-    up = DataStream(84, 16 * MiB)
-    mode_upload(port, up)
-    got = target.result()
-    assert (got.nbytes, got.sha256) == (up.size, up.sha256)
-    down = DataStream(85, 16 * MiB)
-    got = mode_download(port, down)
-    assert (got.nbytes, got.sha256) == (down.size, down.sha256)
+    both_ways(port, target, seed=84, size=16 * MiB)
     newkeys = len(re.findall(r"SSH2_MSG_NEWKEYS received", ssh.stderr_text()))
     print(f"ssh -o RekeyLimit=1M through the relay: {newkeys} key exchanges")
     assert newkeys >= 16, ssh.stderr_text()[-3000:]
@@ -354,13 +336,7 @@ def test_relay_starts_rekeys_itself_and_stock_ssh_follows(
     relay, user_key, target = rekeying_relay_with_agent
     mark = relay.mark()
     ssh, port = user_forward(start_ssh, relay, user_key, "-c", GCM128)
-    up = DataStream(87, 16 * MiB)
-    mode_upload(port, up)
-    got = target.result()
-    assert (got.nbytes, got.sha256) == (up.size, up.sha256)
-    down = DataStream(88, 16 * MiB)
-    got = mode_download(port, down)
-    assert (got.nbytes, got.sha256) == (down.size, down.sha256)
+    both_ways(port, target, seed=87, size=16 * MiB)
     newkeys = len(re.findall(r"SSH2_MSG_NEWKEYS received", ssh.stderr_text()))
     print(f"relay started {newkeys - 1} key exchanges with stock ssh")
     assert newkeys >= 16, ssh.stderr_text()[-3000:]

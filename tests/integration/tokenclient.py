@@ -14,15 +14,12 @@ import json
 import sys
 
 from twisted.internet import defer, reactor, stdio
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 
 from relay import fastwire as fw
 from relay.config import NodeConfig
-from relay.connect import CLI, add_connect_arguments, options_from_args
-from relay.link import Link
-from relay.net import client_endpoint
+from relay.connect import CLI, Connector, add_connect_arguments, options_from_args
 from relay.service import load_identities
-from relay.ssh.client import LinkTransport
 
 
 class _Stdin(Protocol):
@@ -36,11 +33,7 @@ class _Stdin(Protocol):
 async def main(ns: argparse.Namespace) -> None:
     options = options_from_args(ns)
     keys = load_identities(NodeConfig(source=CLI, links=(options.link,)), options.link, 0)
-    cfg = options.link
-    link = Link(cfg, reactor, keys)
-    endpoint = client_endpoint(reactor, cfg.host, cfg.port, cfg.connect_timeout)
-    proto = await endpoint.connect(Factory.forProtocol(lambda: LinkTransport(link)))
-    conn = await proto.ready
+    conn = await Connector(options, reactor, keys).open()
     for _ in range(ns.count):
         reply = await conn.sendGlobalRequest(
             fw.TOKEN_REQUEST, fw.pack_token_request(options.service, options.port), wantReply=1)
