@@ -185,6 +185,33 @@ class PrincipalConfig:
     max_sessions: int | None = None
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+PenaltyOverflow = Literal["permissive", "deny-all"]
+
+
+@dataclass(frozen=True)
+class PenaltyConfig:
+    """Per-source penalties (OpenSSH's ``PerSourcePenalties``): ``[relay.penalties]``.
+
+    Each connection that ends badly adds its offence's seconds to its source's penalty
+    (accumulating up to ``max``); a source is refused at accept once its penalty left
+    exceeds ``min``, until it runs out.  ``max_sources`` bounds the table;
+    ``overflow`` says what a full table does: ``permissive`` forgets the penalties
+    that would expire soonest (nobody is locked out), ``deny-all`` refuses every
+    source that is not exempt until entries expire.
+    """
+
+    enabled: bool = True
+    authfail: float = 5.0  # the connection failed authentication (or presented a bad token)
+    noauth: float = 1.0  # it closed without authenticating (or before its hello)
+    grace_exceeded: float = 20.0  # it was still unauthenticated after login_grace
+    protocol: float = 10.0  # it sent bytes that are not the protocol (a bad hello, garbage)
+    max: float = 600.0
+    min: float = 15.0
+    max_sources: int = 65536
+    overflow: PenaltyOverflow = "permissive"
+
+
 @dataclass(frozen=True)
 class RelayConfig:
     """labrelay's own SSH relay (the cloud end): ``[relay]`` in the node config."""
@@ -199,6 +226,13 @@ class RelayConfig:
     login_grace: float = 30.0
     max_auth_tries: int = 6
     max_unauthenticated: int = 64
+    # Per source (docs/relay.md "Per-source limits"): sources are IPv4 /32 and IPv6 /64
+    # networks by default; each may hold this many unauthenticated connections per port.
+    per_source_max_unauthenticated: int = 10
+    per_source_netblock4: int = 32
+    per_source_netblock6: int = 64
+    penalties: PenaltyConfig = field(default_factory=PenaltyConfig)
+    penalty_exempt: tuple[IPNetwork, ...] = ()
     max_channels: int = 1024
     max_sessions_per_user: int = 64
     idle_timeout: float = 0.0
@@ -852,6 +886,11 @@ _RELAY_KEYS = {
     "login_grace": "login_grace = 30",
     "max_auth_tries": "max_auth_tries = 6",
     "max_unauthenticated": "max_unauthenticated = 64",
+    "per_source_max_unauthenticated": "per_source_max_unauthenticated = 10",
+    "per_source_netblock4": "per_source_netblock4 = 32",
+    "per_source_netblock6": "per_source_netblock6 = 64",
+    "penalties": "[relay.penalties] authfail = 5, noauth = 1, grace_exceeded = 20",
+    "penalty_exempt": 'penalty_exempt = ["192.0.2.0/24", "2001:db8::/48"]',
     "max_channels": "max_channels = 1024",
     "max_sessions_per_user": "max_sessions_per_user = 64",
     "idle_timeout": "idle_timeout = 0",
@@ -869,6 +908,17 @@ _RELAY_KEYS = {
     'services = ["gpu-cluster:22"]',
     "user": '[[relay.user]] name = "alice", keys = ["ssh-ed25519 AAAA... alice"], '
     'services = ["gpu-cluster:22"]',
+}
+_PENALTY_KEYS = {
+    "enabled": "enabled = true",
+    "authfail": "authfail = 5",
+    "noauth": "noauth = 1",
+    "grace_exceeded": "grace_exceeded = 20",
+    "protocol": "protocol = 10",
+    "max": "max = 600",
+    "min": "min = 15",
+    "max_sources": "max_sources = 65536",
+    "overflow": 'overflow = "permissive"',
 }
 _RELAY_AGENT_KEYS = {
     "name": 'name = "lab_pc"',
@@ -898,6 +948,12 @@ _ALIASES = {
     "logingracetime": "login_grace",
     "maxauthtries": "max_auth_tries",
     "maxstartups": "max_unauthenticated",
+    "persourcemaxstartups": "per_source_max_unauthenticated",
+    "persourcenetblocksize": "per_source_netblock4",
+    "persourcepenalties": "penalties",
+    "persourcepenaltyexemptlist": "penalty_exempt",
+    "max-sources4": "max_sources",
+    "max-sources6": "max_sources",
     "maxsessions": "max_sessions",
     "clientaliveinterval": "keepalive_interval",
     "clientalivecountmax": "keepalive_count",
@@ -1262,6 +1318,47 @@ def _parse_principal(sec: _Section, kind: str) -> PrincipalConfig:
     )
 
 
+def _parse_penalties(sec: _Section | None) -> PenaltyConfig:
+    defaults = PenaltyConfig()
+    if sec is None:
+        return defaults
+    enabled = sec.data.get("enabled", defaults.enabled)
+    if not isinstance(enabled, bool):
+        raise sec.error("enabled", f"expected true or false, got {_describe(enabled)}")
+    overflow = sec.data.get("overflow", defaults.overflow)
+    if overflow not in ("permissive", "deny-all"):
+        raise sec.error("overflow", f"expected \"permissive\" or \"deny-all\", got "
+                        f"{_describe(overflow)}",
+                        'overflow = "permissive" (a full table forgets the penalties '
+                        'expiring soonest) or "deny-all" (it refuses everyone not exempt)')
+    seconds = {key: sec.number(key, getattr(defaults, key), low=0)
+               for key in ("authfail", "noauth", "grace_exceeded", "protocol", "min")}
+    maximum = sec.number("max", defaults.max, low=0, above=True)
+    if seconds["min"] >= maximum:
+        raise sec.error("min", f"min ({_fmt(seconds['min'])}) must be below max "
+                        f"({_fmt(maximum)}): a penalty could never become active",
+                        "e.g. min = 15 and max = 600")
+    return PenaltyConfig(
+        enabled=enabled, authfail=seconds["authfail"], noauth=seconds["noauth"],
+        grace_exceeded=seconds["grace_exceeded"], protocol=seconds["protocol"],
+        max=maximum, min=seconds["min"],
+        max_sources=sec.integer("max_sources", defaults.max_sources, 1, 16 * 1024 * 1024),
+        overflow=overflow,
+    )
+
+
+def _networks(sec: _Section, key: str) -> tuple[IPNetwork, ...]:
+    nets = []
+    for j, text in enumerate(sec.strings(key)):
+        try:
+            nets.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ConfigError(sec.source, f"{sec.keypath(key)}[{j}]",
+                              f"{text!r} is not an IP address or network",
+                              f"e.g. {sec.examples[key]}") from None
+    return tuple(dict.fromkeys(nets))
+
+
 def _parse_relay(sec: _Section, base: Path) -> RelayConfig:
     listen = parse_relay_listen(
         sec.string("listen") or "0.0.0.0:2222", source=sec.source, keypath=sec.keypath("listen")
@@ -1311,6 +1408,15 @@ def _parse_relay(sec: _Section, base: Path) -> RelayConfig:
         max_unauthenticated=sec.integer(
             "max_unauthenticated", defaults.max_unauthenticated, 1
         ),
+        per_source_max_unauthenticated=sec.integer(
+            "per_source_max_unauthenticated", defaults.per_source_max_unauthenticated, 1
+        ),
+        per_source_netblock4=sec.integer("per_source_netblock4",
+                                         defaults.per_source_netblock4, 0, 32),
+        per_source_netblock6=sec.integer("per_source_netblock6",
+                                         defaults.per_source_netblock6, 0, 128),
+        penalties=_parse_penalties(sec.table("penalties", _PENALTY_KEYS)),
+        penalty_exempt=_networks(sec, "penalty_exempt"),
         max_channels=sec.integer("max_channels", defaults.max_channels, 1),
         max_sessions_per_user=sec.integer(
             "max_sessions_per_user", defaults.max_sessions_per_user, 1

@@ -11,7 +11,10 @@ Every check happens before a byte reaches the agent: the token (see
 :mod:`relay.tokens`), the user's grant (again: grants may have been reloaded), the
 user's session cap, and that the agent which pooled the connection still holds the
 service.  A data connection that does not send its 37-byte hello within
-``data_hello_timeout`` is closed, and counts as a failure for its address.
+``data_hello_timeout`` is closed.  Who may connect at all is :mod:`relay.admission`'s
+data-port gate: per-source and global caps on connections still owing their hello,
+and penalties (shared with the SSH port) for a refused token, a bad hello, a hello
+timeout or a close before the hello.
 
 The wire format is in :mod:`relay.fastwire`.
 """
@@ -31,8 +34,9 @@ from twisted.python.failure import Failure
 
 from . import datapath
 from . import fastwire as fw
+from .admission import Admission, Offence, Refusal, Ticket
 from .net import LISTEN_BACKLOG, probe_idle
-from .tokens import Throttle, TokenBook, TokenRefused
+from .tokens import TokenBook, TokenRefused
 
 if TYPE_CHECKING:
     from .relayserver import RelayCore
@@ -117,6 +121,7 @@ class DataConnection(Protocol):
         self.pool: AgentPool | None = None
         self.reply: defer.Deferred[str] | None = None
         self._timer: IDelayedCall | None = None
+        self.admission: Ticket | None = None  # from DataPort.admit
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -132,7 +137,7 @@ class DataConnection(Protocol):
     def _helloTimeout(self) -> None:
         self._timer = None
         self.port.refuse(self, "no hello", f"did not send its hello within "
-                         f"{self.port.hello_timeout:g}s", failure=True)
+                         f"{self.port.hello_timeout:g}s", failure=Offence.GRACE)
 
     def dataReceived(self, data: bytes) -> None:
         if self.state == "hello":
@@ -140,7 +145,8 @@ class DataConnection(Protocol):
             try:
                 length = fw.hello_length(self.buf)
             except fw.WireError as e:
-                self.port.refuse(self, "not a data connection", str(e), failure=True)
+                self.port.refuse(self, "not a data connection", str(e),
+                                 failure=Offence.PROTOCOL)
                 return
             if length is None or len(self.buf) < length:
                 return
@@ -200,13 +206,15 @@ class DataPort:
 
     _log = Logger()
 
-    def __init__(self, core: RelayCore) -> None:
+    def __init__(self, core: RelayCore, admission: Admission | None = None) -> None:
         self.core = core
         self.config = core.config
         self.clock = core.reactor
         self.hello_timeout = core.config.data_hello_timeout
         self.tokens = TokenBook(self.clock, core.config.token_lifetime)
-        self.throttle = Throttle(self.clock)
+        # The relay passes the admission it shares with its SSH port.
+        self.admission = admission or Admission(core.config, self.clock)
+        self.gate = self.admission.gate("data", core.config.max_unauthenticated)
         self.pools: dict[Any, AgentPool] = {}
         self.pending: set[DataConnection] = set()
         self.listener: IListeningPort | None = None
@@ -324,24 +332,32 @@ class DataPort:
 
     def admit(self, dc: DataConnection) -> bool:
         self.counters["data_connections"] += 1
-        if self.throttle.blocked(dc.source):
-            self.counters["data_throttled"] += 1
-            return False
-        if len(self.pending) >= self.config.max_unauthenticated:
+        verdict = self.gate.admit(dc.source)
+        if verdict is Refusal.GLOBAL:
             self.counters["data_refused"] += 1
             self._log.warn("data port: dropping a connection from {source}: {n} still owe "
                            "their hello (max_unauthenticated)", event="relay_data_cap",
-                           source=dc.source, n=len(self.pending))
+                           source=dc.source, n=self.gate.total)
             return False
+        if not isinstance(verdict, Ticket):  # penalised, or its source's cap is full
+            self.counters["data_throttled"] += 1
+            return False
+        dc.admission = verdict
         self.pending.add(dc)
         return True
 
-    def refuse(self, dc: DataConnection, what: str, why: str, *, failure: bool = False,
-               tell: str | None = None) -> None:
+    def _release(self, dc: DataConnection, offence: Offence | None = None) -> None:
+        """``dc`` no longer owes its hello; ``offence`` penalises its source."""
         self.pending.discard(dc)
+        if dc.admission is not None:
+            self.gate.closed(dc.admission, offence)
+
+    def refuse(self, dc: DataConnection, what: str, why: str, *,
+               failure: bool | Offence = False, tell: str | None = None) -> None:
+        """Close ``dc``; ``failure`` penalises its source (``True``: a refused token,
+        ``authfail``; or the :class:`Offence`)."""
+        self._release(dc, Offence.AUTHFAIL if failure is True else failure or None)
         self.counters["data_refused"] += 1
-        if failure:
-            self.throttle.failed(dc.source)
         self._log.warn("data port: refused a connection from {source}: {why}",
                        event="relay_data_refused", source=dc.source, what=what, why=why)
         if dc.state != "closed":
@@ -354,7 +370,7 @@ class DataPort:
 
     def helloReceived(self, dc: DataConnection, role: bytes, token: bytes,
                       service: tuple[str, int] | None) -> None:
-        self.pending.discard(dc)
+        self._release(dc)
         alive: Callable[[Any], bool] = lambda s: s in self.core.connections  # noqa: E731
         try:
             ticket = self.tokens.redeem(role, token, alive, service)
@@ -382,7 +398,7 @@ class DataPort:
         self._pairUser(dc, ticket.principal, ticket.service, ticket.session)
 
     def lost(self, dc: DataConnection, was: str) -> None:
-        self.pending.discard(dc)
+        self._release(dc, Offence.NOAUTH if was == "hello" else None)  # closed before hello
         if dc.pool is not None:  # an idle one, or one refused (state already "closed")
             try:
                 dc.pool.idle.remove(dc)
@@ -525,5 +541,6 @@ class DataPort:
             "tokens_refused": {k: v for k, v in self.tokens.refused.items() if v},
             "pools": {getattr(p.session, "principal_name", "?"): len(p.idle)
                       for p in self.pools.values()},
+            "admission": self.gate.status(),
             **self.counters,
         }

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import fastwire
+from .admission import Admission, Offence, Refusal, Ticket
 from .bridge import Bridge, SideFactory, TCPSide
 from .config import ConfigError, RelayConfig
 from .datapath import SplicedPair
@@ -105,35 +106,47 @@ class RelayCore:
         self.public: dict[int, IListeningPort] = {}
         self.counters = {"auth_refused": 0, "requests_refused": 0, "sessions_refused": 0,
                          "connections_dropped_unauthenticated_cap": 0}
-        self._unauthenticated: set[RelayTransport] = set()
+        # Per-source limits and penalties, shared by the SSH port and the data port.
+        self.admission = Admission(config, reactor)
+        self.ssh_gate = self.admission.gate("ssh", config.max_unauthenticated)
         self._sweeper: IDelayedCall | None = None
         self._publicWaiting: dict[int, int] = {}  # connections waiting for their agent
         self._waiters: dict[tuple[str, int], list[defer.Deferred[Registration]]] = {}
-        self.dataport = DataPort(self)
+        self.dataport = DataPort(self, self.admission)
 
     # connection admission
 
-    def mayAcceptConnection(self, addr: Any) -> bool:
-        """OpenSSH's MaxStartups: a flood of handshakes cannot starve real users."""
-        if len(self._unauthenticated) >= self.config.max_unauthenticated:
+    def admitConnection(self, addr: Any) -> Ticket | None:
+        """A ticket for a new SSH connection, or None: close it at once.
+
+        OpenSSH's PerSourcePenalties, PerSourceMaxStartups and MaxStartups, in that
+        order (relay.admission): a flood of handshakes from one host cannot starve
+        real users from others; the global cap is the last line."""
+        host = str(getattr(addr, "host", "?"))
+        verdict = self.ssh_gate.admit(host)
+        if isinstance(verdict, Ticket):
+            return verdict
+        if verdict is Refusal.GLOBAL:
             self.counters["connections_dropped_unauthenticated_cap"] += 1
             self._log.warn(
                 "dropping connection from {peer}: {n} connections are still authenticating "
                 "(max_unauthenticated)", event="relay_unauth_cap",
-                peer=f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', '?')}",
-                n=len(self._unauthenticated),
+                peer=f"{host}:{getattr(addr, 'port', '?')}", n=self.ssh_gate.total,
             )
-            return False
-        return True
-
-    def transportStarted(self, transport: RelayTransport) -> None:
-        self._unauthenticated.add(transport)
+        return None
 
     def authenticated(self, transport: RelayTransport) -> None:
-        self._unauthenticated.discard(transport)
+        if transport.admission is not None:
+            self.ssh_gate.passed(transport.admission)
 
     def disconnected(self, transport: RelayTransport) -> None:
-        self._unauthenticated.discard(transport)
+        """The connection ended: an unauthenticated one earns its source a penalty
+        (``grace-exceeded``, ``authfail``, ``protocol`` or else ``noauth``)."""
+        ticket = transport.admission
+        if ticket is None:
+            return
+        offence = None if transport.authenticated else (transport.offence or Offence.NOAUTH)
+        self.ssh_gate.closed(ticket, offence)
 
     # sessions of agents and users
 
@@ -576,6 +589,7 @@ class RelayCore:
             "per_user": dict(sorted(self.user_active.items())),
             "public_ports": sorted(self.public),
             "fast_path": self.dataport.status(),
+            "admission": self.admission.status(),
             "counters": dict(self.counters),
         }
 

@@ -121,6 +121,31 @@ def _relay_metrics(relay: dict[str, Any]) -> list[str]:
         if counter in fast:
             lines.append(f"# TYPE labrelay_relay_fast_{counter}_total counter")
             lines.append(f"labrelay_relay_fast_{counter}_total {fast[counter]}")
+    admission = relay.get("admission") or {}
+    if admission:
+        lines += [
+            "# HELP labrelay_relay_penalised_sources Sources refused now for a penalty.",
+            "# TYPE labrelay_relay_penalised_sources gauge",
+            f"labrelay_relay_penalised_sources {admission.get('penalised_sources', 0)}",
+            "# HELP labrelay_relay_penalties_total Penalties given, by offence.",
+            "# TYPE labrelay_relay_penalties_total counter",
+        ]
+        for offence, value in admission.get("penalties", {}).items():
+            lines.append(f'labrelay_relay_penalties_total{{offence="{_label(offence)}"}} {value}')
+        lines += ["# HELP labrelay_relay_admission_refused_total Connections closed at "
+                  "accept, by port and reason.",
+                  "# TYPE labrelay_relay_admission_refused_total counter"]
+        for port in ("ssh", "data"):
+            for reason, value in (admission.get(port) or {}).get("refused", {}).items():
+                lines.append(f'labrelay_relay_admission_refused_total{{port="{port}",'
+                             f'reason="{_label(reason)}"}} {value}')
+        lines += ["# HELP labrelay_relay_unauthenticated Connections not yet authenticated "
+                  "(SSH) or owing their hello (data), by port.",
+                  "# TYPE labrelay_relay_unauthenticated gauge"]
+        for port in ("ssh", "data"):
+            if port in admission:
+                lines.append(f'labrelay_relay_unauthenticated{{port="{port}"}} '
+                             f"{admission[port]['unauthenticated']}")
     if fast.get("tokens_refused"):
         lines.append("# TYPE labrelay_relay_fast_tokens_refused_total counter")
     for reason, value in fast.get("tokens_refused", {}).items():

@@ -6,9 +6,10 @@ else a session may do is decided by :class:`relay.relayserver.RelayCore` from th
 principal's grants: this module only parses SSH requests and answers them.
 
 Hardening over Conch's defaults (DESIGN §11): a login grace time and a cap on
-authentication attempts, a cap on unauthenticated connections (OpenSSH's
-MaxStartups), a cap on channels per connection, keepalives to every peer, and
-every channel type but ``direct-tcpip`` refused.  Conch's own
+authentication attempts, per-source limits and penalties and a global cap on
+unauthenticated connections (:mod:`relay.admission`; OpenSSH's PerSourcePenalties,
+PerSourceMaxStartups and MaxStartups), a cap on channels per connection,
+keepalives to every peer, and every channel type but ``direct-tcpip`` refused.  Conch's own
 ``UnixConchUser`` (an open proxy) is never used.
 """
 
@@ -29,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..admission import Offence, Ticket
 from ..keepalive import KeepaliveMonitor
 from .aead import AEADTransportMixin
 from .channels import BridgedChannel
@@ -122,6 +124,8 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
 
     def _ebBadAuth(self, reason: Failure) -> None:
         if self.method == b"publickey" and reason.check(UnauthorizedLogin):
+            relay: Any = self.transport
+            relay.offended(Offence.AUTHFAIL)
             self._log.info(
                 "auth refused for user {user} from {peer}: {why}", event="relay_auth_refused",
                 user=(self.user or b"").decode("utf-8", "replace"),
@@ -136,13 +140,21 @@ class RelayTransport(AEADTransportMixin, transport.SSHServerTransport):
 
     _log = Logger()
     factory: RelayFactory
+    admission: Ticket | None = None  # set by RelayFactory.buildProtocol
+    offence: Offence | None = None  # how it misbehaved before authenticating, if it did
+    authenticated = False
+
+    # Disconnects the relay sends for bytes that are not SSH: a ``protocol`` offence.
+    PROTOCOL_DISCONNECTS = frozenset({
+        transport.DISCONNECT_PROTOCOL_ERROR, transport.DISCONNECT_MAC_ERROR,
+        transport.DISCONNECT_PROTOCOL_VERSION_NOT_SUPPORTED,
+    })
 
     def connectionMade(self) -> None:
         tcp: Any = self.transport
         tcp.setTcpNoDelay(True)
         tcp.setTcpKeepAlive(True)
         self.authenticated = False
-        self.factory.core.transportStarted(self)
         # The grace time runs from the TCP connection, not from ssh-userauth as in
         # Conch: a peer that never finishes its version line or key exchange (a
         # slowloris) must not hold one of the max_unauthenticated places forever.
@@ -150,9 +162,16 @@ class RelayTransport(AEADTransportMixin, transport.SSHServerTransport):
         self._graceTimer = core.reactor.callLater(core.config.login_grace, self._graceExpired)
         super().connectionMade()
 
+    def offended(self, offence: Offence) -> None:
+        """Record what this unauthenticated connection did wrong; the worst one counts
+        when it ends (:meth:`RelayCore.disconnected`)."""
+        if not self.authenticated and (self.offence is None or offence is Offence.GRACE):
+            self.offence = offence
+
     def _graceExpired(self) -> None:
         self._graceTimer = None
         if not self.authenticated:
+            self.offended(Offence.GRACE)
             self._log.info(
                 "closing {peer}: not authenticated within {grace:g}s (login_grace)",
                 event="relay_login_timeout", peer=str(self.transport.getPeer()),  # type: ignore[union-attr]
@@ -181,6 +200,8 @@ class RelayTransport(AEADTransportMixin, transport.SSHServerTransport):
         """A client saying goodbye is routine, not an error."""
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        if reason in self.PROTOCOL_DISCONNECTS:
+            self.offended(Offence.PROTOCOL)
         tcp: Any = self.transport
         if tcp is not None and getattr(tcp, "producer", None) is not None:
             tcp.unregisterProducer()
@@ -207,9 +228,12 @@ class RelayFactory(factory.SSHFactory):
         return None  # fixed groups and curve25519 only
 
     def buildProtocol(self, addr: Any) -> Any:
-        if not self.core.mayAcceptConnection(addr):
+        ticket = self.core.admitConnection(addr)
+        if ticket is None:
             return None  # closes the TCP connection at once
-        return super().buildProtocol(addr)
+        proto: Any = super().buildProtocol(addr)
+        proto.admission = ticket
+        return proto
 
 
 class RelayConnection(FlowConnection):

@@ -36,7 +36,6 @@ from relay.dataport import (
 )
 from relay.grants import Grants
 from relay.routing import Registry
-from relay.tokens import Throttle
 
 GPU = ("gpu-cluster", 22)
 SOURCE = "192.0.2.7"
@@ -186,6 +185,11 @@ def _aborted(t: StringTransport) -> bool:
     return bool(t.disconnected)  # StringTransport.abortConnection sets it, close does not
 
 
+def _penalties(world: World) -> dict[str, int]:
+    """Offences the data port's admission has counted, by kind (non-zero only)."""
+    return {k: v for k, v in world.port.admission.penalties.penalised.items() if v}
+
+
 def _token_request(world: World, who: FakeConn, name: str = "gpu-cluster",
                    port: int = 22) -> tuple[fw.Status, str, int, bytes, float]:
     ok, reply = world.port.tokenRequest(who, fw.pack_token_request(name, port))  # type: ignore[arg-type]
@@ -204,7 +208,6 @@ def test_listener_and_status(world: World) -> None:
 
 
 def test_silent_connection_is_aborted_after_the_hello_timeout(world: World) -> None:
-    world.port.throttle = Throttle(world.clock, limit=1)
     dc, t = _dial(world.port)
     assert dc.source == SOURCE and dc in world.port.pending
     world.clock.advance(0.99)
@@ -213,7 +216,7 @@ def test_silent_connection_is_aborted_after_the_hello_timeout(world: World) -> N
     assert _aborted(t) and t.value() == b"" and dc.state == "closed"
     assert dc not in world.port.pending
     assert world.port.counters["data_refused"] == 1
-    assert world.port.throttle.blocked(SOURCE)  # counted as a failure
+    assert _penalties(world) == {"grace-exceeded": 1}  # its source is penalised
     _lose(dc)
     assert not world.clock.getDelayedCalls()
 
@@ -229,19 +232,20 @@ def test_slow_but_complete_hello_is_not_timed_out(world: World) -> None:
 
 @pytest.mark.parametrize("garbage", [b"X", b"SSH-2.0-OpenSSH_9.6\r\n", b"LRD1Z", b"\x00"])
 def test_garbage_is_refused_at_once(world: World, garbage: bytes) -> None:
-    world.port.throttle = Throttle(world.clock, limit=1)
     dc, t = _dial(world.port)
     dc.dataReceived(garbage)
     assert _aborted(t) and t.value() == b"" and dc.state == "closed"
-    assert world.port.throttle.blocked(SOURCE)
+    assert _penalties(world) == {"protocol": 1}
     assert dc not in world.port.pending
     _lose(dc)
     assert not world.clock.getDelayedCalls()
     assert world.port.counters["data_refused"] == 1
 
 
-def test_throttled_source_is_turned_away_before_its_hello(world: World) -> None:
-    world.port.throttle = Throttle(world.clock, limit=2)
+def test_penalised_source_is_turned_away_before_its_hello(world: World) -> None:
+    """Two garbage hellos earn 2 x 10 s of penalty, past ``min`` (15 s): the source's
+    next connection is closed at accept; another source is not affected; once the
+    penalty runs out the source is let in again."""
     for _ in range(2):
         dc, _t = _dial(world.port)
         dc.dataReceived(b"?")
@@ -254,6 +258,28 @@ def test_throttled_source_is_turned_away_before_its_hello(world: World) -> None:
     assert not t2.disconnecting and other.state == "hello"
     assert world.port.counters["data_throttled"] == 1
     assert world.port.counters["data_connections"] == 4
+    assert world.port.status()["admission"]["refused"]["penalty"] == 1
+    _lose(other)
+    world.clock.advance(20.1)
+    again, t3 = _dial(world.port)
+    assert not t3.disconnecting and again.state == "hello"
+    _lose(again)
+
+
+def test_close_before_the_hello_is_penalised_and_after_it_is_not(world: World) -> None:
+    """``noauth``: a connection that closes owing its hello costs its source 1 s; one
+    that sent a hello (here an agent's, pooled) and closes later costs nothing."""
+    dc, _t = _dial(world.port)
+    _lose(dc)
+    assert _penalties(world) == {"noauth": 1}
+    assert dc not in world.port.pending and world.port.gate.total == 0
+    agent, _pool = world.agent_with_pool()
+    token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
+    pooled, t = _dial(world.port)
+    pooled.dataReceived(fw.agent_hello(token))
+    assert pooled.state == "idle" and not t.disconnecting
+    _lose(pooled)
+    assert _penalties(world) == {"noauth": 1}
 
 
 def test_connections_owing_a_hello_are_capped(world: World) -> None:
@@ -319,13 +345,12 @@ def test_pool_request_from_a_user_or_without_a_data_port(world: World) -> None:
 
 
 def test_agent_token_whose_pool_is_gone_is_refused(world: World) -> None:
-    world.port.throttle = Throttle(world.clock, limit=1)
     agent = world.ssh("lab_pc", "agent")
     token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)  # no pool for it
     dc, t = _dial(world.port)
     dc.dataReceived(fw.agent_hello(token))
     assert _aborted(t) and dc.state == "closed"
-    assert not world.port.throttle.blocked(SOURCE)  # a valid token: not a guess
+    assert _penalties(world) == {}  # a valid token: not a guess
 
 
 def test_agent_bytes_after_the_hello_are_refused(world: World) -> None:
@@ -383,13 +408,12 @@ def test_agent_session_ending_closes_its_pool_and_forgets_its_tokens(world: Worl
 
 
 def test_user_hello_with_a_bad_token_is_told_and_closed(world: World) -> None:
-    world.port.throttle = Throttle(world.clock, limit=1)
     dc, t = _dial(world.port)
     _feed(dc, fw.user_hello(b"\x42" * fw.TOKEN_LEN, *GPU))
     assert t.value() == b"\x01" + bytes([len("token refused: unknown")]) + b"token refused: unknown"
     assert t.disconnecting and not _aborted(t)  # closed after the message, not reset
     assert dc.state == "closed" and dc not in world.port.pending
-    assert world.port.throttle.blocked(SOURCE)
+    assert _penalties(world) == {"authfail": 1}
     assert world.port.tokens.refused["unknown"] == 1
 
 

@@ -1,0 +1,200 @@
+"""relay.admission: per-source caps and penalties, driven by a task.Clock (no sockets)."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+
+import pytest
+from twisted.internet.task import Clock
+
+from relay.admission import Admission, Gate, Offence, Refusal, Ticket
+from relay.config import PenaltyConfig, RelayConfig
+
+A, B, C = "192.0.2.1", "192.0.2.2", "198.51.100.9"
+
+
+def _admission(clock: Clock, **changes: object) -> Admission:
+    penalty = {k[len("penalty_"):]: changes.pop(k) for k in list(changes)
+               if k.startswith("penalty_") and k != "penalty_exempt"}
+    config = dataclasses.replace(RelayConfig(), penalties=PenaltyConfig(**penalty),  # type: ignore[arg-type]
+                                 **changes)  # type: ignore[arg-type]
+    return Admission(config, clock)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def _ticket(gate: Gate, host: str) -> Ticket:
+    verdict = gate.admit(host)
+    assert isinstance(verdict, Ticket), verdict
+    return verdict
+
+
+def test_sources_are_ipv4_addresses_and_ipv6_64s_by_default(clock: Clock) -> None:
+    adm = _admission(clock)
+    assert adm.source("192.0.2.7") == ("192.0.2.7/32", False)
+    assert adm.source("2001:db8:1:2:aaaa::1") == ("2001:db8:1:2::/64", False)
+    assert adm.source("2001:db8:1:2:bbbb::9")[0] == adm.source("2001:db8:1:2::5")[0]
+    assert adm.source("2001:db8:1:3::1")[0] != adm.source("2001:db8:1:2::1")[0]
+    assert adm.source("::ffff:192.0.2.7") == ("192.0.2.7/32", False)  # dual-stack listener
+    assert adm.source("fe80::1%eth0") == ("fe80::/64", False)
+    assert adm.source("?") == ("?", False)  # not an address: its own source
+
+
+def test_netblocks_and_exempt_networks_are_configurable(clock: Clock) -> None:
+    adm = _admission(clock, per_source_netblock4=24, per_source_netblock6=48,
+                     penalty_exempt=(ipaddress.ip_network("192.0.2.0/28"),
+                                     ipaddress.ip_network("2001:db8::/32")))
+    assert adm.source("192.0.2.200") == ("192.0.2.0/24", False)
+    assert adm.source("192.0.2.3") == ("192.0.2.0/24", True)
+    assert adm.source("2001:db8:1:2::1") == ("2001:db8:1::/48", True)
+
+
+def test_per_source_cap_then_global_cap(clock: Clock) -> None:
+    adm = _admission(clock, per_source_max_unauthenticated=2)
+    gate = adm.gate("ssh", global_cap=3)
+    a1, _a2 = _ticket(gate, A), _ticket(gate, A)
+    assert gate.admit(A) is Refusal.PER_SOURCE  # A holds its 2
+    _ticket(gate, B)
+    assert gate.admit(C) is Refusal.GLOBAL  # 3 in all: the last line
+    gate.passed(a1)  # A authenticated: it no longer counts, anywhere
+    gate.passed(a1)  # idempotent
+    assert gate.total == 2 and gate.pending == {f"{A}/32": 1, f"{B}/32": 1}
+    _ticket(gate, C)
+    assert gate.refused == {"penalty": 0, "per_source_cap": 1, "global_cap": 1,
+                            "penalty_table_full": 0}
+    assert not clock.getDelayedCalls()
+
+
+def test_gates_count_separately_but_share_penalties(clock: Clock) -> None:
+    adm = _admission(clock, per_source_max_unauthenticated=1)
+    ssh, data = adm.gate("ssh", 10), adm.gate("data", 10)
+    t = _ticket(ssh, A)
+    _ticket(data, A)  # the data port has its own count
+    ssh.closed(t, Offence.GRACE)  # 20 s > min 15 s: active at once
+    assert ssh.admit(A) is Refusal.PENALTY and data.admit(A) is Refusal.PENALTY
+    assert adm.status()["penalised_sources"] == 1
+
+
+def test_penalties_accumulate_and_activate_past_min(clock: Clock) -> None:
+    """sshd's arithmetic: each authfail adds 5 s to what is left; the penalty is
+    enforced once what is left exceeds min (15 s)."""
+    adm = _admission(clock)
+    gate = adm.gate("ssh", 64)
+    for expected_left in (5, 10, 15):
+        gate.closed(_ticket(gate, A), Offence.AUTHFAIL)
+        assert adm.penalties.left(f"{A}/32") == expected_left
+    assert isinstance(gate.admit(A), Ticket)  # 15 s is not more than min
+    clock.advance(1)
+    gate.closed(_ticket(gate, A), Offence.AUTHFAIL)  # 14 + 5 = 19 s left
+    assert gate.admit(A) is Refusal.PENALTY
+    assert isinstance(gate.admit(B), Ticket)  # someone else is not affected
+    clock.advance(18.9)
+    assert gate.admit(A) is Refusal.PENALTY
+    clock.advance(0.2)
+    assert isinstance(gate.admit(A), Ticket)  # ran out
+    assert len(adm.penalties) == 0  # and was forgotten
+    assert adm.penalties.penalised["authfail"] == 4 and adm.penalties.activated == 1
+
+
+def test_penalty_is_capped_at_max(clock: Clock) -> None:
+    adm = _admission(clock, penalty_max=60.0)
+    gate = adm.gate("ssh", 64)
+    for _ in range(50):
+        adm.penalties.penalise(f"{A}/32", Offence.GRACE)
+    assert gate.admit(A) is Refusal.PENALTY
+    assert adm.penalties.left(f"{A}/32") == 60.0
+    clock.advance(60.01)
+    assert isinstance(gate.admit(A), Ticket)
+
+
+def test_noauth_alone_takes_many_closes_to_matter(clock: Clock) -> None:
+    """An honest client that connects and goes away (a port probe, ssh -G mistakes)
+    costs 1 s; 16 of them in a burst are needed before its host is refused."""
+    adm = _admission(clock)
+    gate = adm.gate("data", 64)
+    for _ in range(15):
+        gate.closed(_ticket(gate, A), Offence.NOAUTH)
+    last = _ticket(gate, A)  # 15 s left is not more than min: still let in
+    gate.closed(last, Offence.NOAUTH)
+    assert gate.admit(A) is Refusal.PENALTY
+
+
+def test_exempt_sources_are_never_penalised_but_are_capped(clock: Clock) -> None:
+    adm = _admission(clock, per_source_max_unauthenticated=1,
+                     penalty_exempt=(ipaddress.ip_network("192.0.2.0/24"),))
+    gate = adm.gate("ssh", 64)
+    t = _ticket(gate, A)
+    assert gate.admit(A) is Refusal.PER_SOURCE
+    for _ in range(10):
+        gate.closed(t, Offence.GRACE)
+    assert len(adm.penalties) == 0
+    _ticket(gate, A)
+
+
+def test_disabled_penalties_record_nothing(clock: Clock) -> None:
+    adm = _admission(clock, penalty_enabled=False)
+    gate = adm.gate("ssh", 64)
+    for _ in range(10):
+        gate.closed(_ticket(gate, A), Offence.GRACE)
+    assert len(adm.penalties) == 0 and isinstance(gate.admit(A), Ticket)
+
+
+def test_a_full_table_is_permissive_by_default(clock: Clock) -> None:
+    """max_sources bounds memory; when a new source arrives the penalty that would
+    expire soonest is forgotten (sshd's permissive overflow): nobody is locked out."""
+    adm = _admission(clock, penalty_max_sources=3)
+    gate = adm.gate("ssh", 64)
+    for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+        gate.closed(_ticket(gate, host), Offence.GRACE)  # 20 s each, staggered
+        clock.advance(1)
+    gate.closed(_ticket(gate, "10.0.0.4"), Offence.GRACE)
+    assert len(adm.penalties) == 3 and adm.penalties.forgotten == 1
+    assert isinstance(gate.admit("10.0.0.1"), Ticket)  # the soonest to expire: forgotten
+    for host in ("10.0.0.2", "10.0.0.3", "10.0.0.4"):
+        assert gate.admit(host) is Refusal.PENALTY
+    assert isinstance(gate.admit(C), Ticket)  # strangers are let in
+
+
+def test_a_full_table_can_deny_all(clock: Clock) -> None:
+    adm = _admission(clock, penalty_max_sources=2, penalty_overflow="deny-all",
+                     penalty_exempt=(ipaddress.ip_network("203.0.113.0/24"),))
+    gate = adm.gate("ssh", 64)
+    gate.closed(_ticket(gate, A), Offence.NOAUTH)
+    gate.closed(_ticket(gate, B), Offence.NOAUTH)
+    assert gate.admit(C) is Refusal.OVERFLOW  # not exempt: refused while full
+    assert isinstance(gate.admit("203.0.113.5"), Ticket)  # exempt
+    t = _ticket(gate, "203.0.113.6")
+    gate.closed(t, Offence.GRACE)  # exempt: not recorded
+    clock.advance(1.01)  # both 1 s penalties ran out
+    assert isinstance(gate.admit(C), Ticket)
+    assert gate.refused["penalty_table_full"] == 1
+
+
+def test_the_table_stays_bounded_under_an_address_flood(clock: Clock) -> None:
+    adm = _admission(clock, penalty_max_sources=100)
+    gate = adm.gate("ssh", 64)
+    for i in range(5000):
+        host = str(ipaddress.ip_address("2001:db8::") + (i << 64))  # a new /64 each time
+        gate.closed(_ticket(gate, host), Offence.AUTHFAIL)
+        clock.advance(0.001)
+    assert len(adm.penalties) == 100
+    assert len(adm.penalties._heap) <= 2 * 100 + 64
+    assert gate.total == 0 and gate.pending == {}
+
+
+def test_status(clock: Clock) -> None:
+    adm = _admission(clock)
+    ssh = adm.gate("ssh", 64)
+    ssh.closed(_ticket(ssh, A), Offence.GRACE)
+    _ticket(ssh, B)
+    status = adm.status()
+    assert status["penalised_sources"] == 1 and status["tracked_sources"] == 1
+    assert status["penalties"]["grace-exceeded"] == 1
+    assert status["ssh"] == {"unauthenticated": 1, "sources": 1,
+                             "refused": {"penalty": 0, "per_source_cap": 0, "global_cap": 0,
+                                         "penalty_table_full": 0}}
+    assert not clock.getDelayedCalls()
