@@ -1,0 +1,368 @@
+"""Per-source limits and penalties (issue 10 item 4) against a real ``labrelay relay``.
+
+The attacker is one host, 127.0.0.2 (every socket bound there before connecting);
+alice is 127.0.0.1.  The relay runs with its defaults for everything this file is
+about (``per_source_max_unauthenticated = 10``, ``max_unauthenticated = 64``,
+``login_grace = 30``, ``data_hello_timeout = 5``, the default penalties), plus a
+data port and gpu-cluster:22 declared end-to-end encrypted for the fast path.
+
+Each test asserts the attack fails (refused at accept, penalised) and that alice,
+meanwhile, logs in with stock ssh through the relay (``-J``) and takes the fast path
+(``labrelay connect`` as ProxyCommand).  Figures are printed (``pytest -s``) and kept
+in the notes for docs/security.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import pytest
+from conftest import REPO_ROOT, Targets, child_env
+from harness import (
+    LOOPBACK,
+    AgentProcess,
+    KeyPair,
+    RelayNode,
+    Sshd,
+    find_program,
+    free_port,
+    known_hosts_line,
+    make_key,
+)
+
+pytestmark = pytest.mark.integration
+
+ATTACKER = "127.0.0.2"
+FLOOD = 100
+PER_SOURCE = 10  # the default per_source_max_unauthenticated
+
+
+@dataclass(frozen=True)
+class Keys:
+    lab_pc: KeyPair
+    alice: KeyPair
+    mallory: KeyPair  # known to nobody
+
+
+@pytest.fixture(scope="module")
+def keys(openssh: None, tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    d = tmp_path_factory.mktemp("admission-keys")
+    return Keys(**{n: make_key(d / n, comment=n) for n in Keys.__dataclass_fields__})
+
+
+@dataclass
+class Site:
+    relay: RelayNode
+    agent: AgentProcess
+    gpu: Sshd
+    data_port: int
+    keys: Keys
+    client_key: KeyPair
+    tmp: Path
+    agent_admin: int
+
+    def ssh_config(self) -> Path:
+        """gpu-cluster two ways: ``gpu-cluster`` by the fast path (labrelay connect as
+        ProxyCommand), ``gpu-jump`` by ``-J alice@relay`` (an SSH channel)."""
+        path = self.tmp / "ssh_config"
+        connect = [sys.executable, "-m", "relay", "connect", "-p", str(self.relay.port),
+                   "-i", str(self.keys.alice.path),
+                   "-o", f"UserKnownHostsFile={self.relay.known_hosts}",
+                   f"alice@{LOOPBACK}", "gpu-cluster:22"]
+        proxy = f"sh -c 'exec {' '.join(connect)} 2>>{self.tmp / 'connect.err'}'"
+        path.write_text(f"""\
+Host gpu-cluster
+  User root
+  IdentityFile {self.client_key.path}
+  ProxyCommand {proxy}
+Host gpu-jump
+  HostName gpu-cluster
+  HostKeyAlias gpu-cluster
+  User root
+  IdentityFile {self.client_key.path}
+  ProxyJump alice@{LOOPBACK}:{self.relay.port}
+Host {LOOPBACK}
+  IdentityFile {self.keys.alice.path}
+Host *
+  IdentitiesOnly yes
+  BatchMode yes
+  UserKnownHostsFile {self.relay.known_hosts}
+  GlobalKnownHostsFile /dev/null
+  StrictHostKeyChecking yes
+  UpdateHostKeys no
+  ConnectTimeout 20
+""")
+        return path
+
+    def pool(self) -> dict[str, Any]:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.agent_admin}/status.json",
+                                    timeout=10) as r:
+            return dict(json.load(r)["links"][0]["fast_path"])
+
+    def admission(self) -> dict[str, Any]:
+        return dict(self.relay.status()["relay"]["admission"])
+
+    def alice(self, host: str) -> float:
+        """alice runs ``echo`` on gpu_cluster via ``host`` (gpu-cluster: fast path,
+        gpu-jump: -J); returns the seconds it took, asserting it worked."""
+        ssh = find_program("ssh") or "ssh"
+        start = time.monotonic()
+        out = subprocess.run([ssh, "-F", str(self.ssh_config()), host,
+                              "echo $LABRELAY_TEST_HOST"], capture_output=True, timeout=90,
+                             stdin=subprocess.DEVNULL, env={**os.environ, **child_env()},
+                             cwd=REPO_ROOT)
+        took = time.monotonic() - start
+        assert out.returncode == 0, out.stderr.decode() + self.relay.diagnostics()
+        assert out.stdout.decode().strip() == "gpu_cluster"
+        return took
+
+
+@pytest.fixture
+def site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
+         start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
+         targets: Targets, tmp_path: Path) -> Iterator[Site]:
+    gpu = sshd_factory("gpu_cluster")
+    relay = start_relay(
+        agents=[f'permitlisten="gpu-cluster:22" {keys.lab_pc.public_blob()} lab_pc'],
+        users=[f'permitopen="gpu-cluster:22" {keys.alice.public_blob()} alice'],
+        relay_toml='data_port = 0\ne2e_services = ["gpu-cluster:22"]\n')
+    data_port = relay.wait_for("relay_data_port", since=0)["port"]
+    relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
+    admin = free_port()
+    agent = start_agent(
+        "-p", str(relay.port), "-i", str(keys.lab_pc.path),
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "--admin", f"127.0.0.1:{admin}",
+        "-R", f"gpu-cluster:22:127.0.0.1:{gpu.port}", "lab_pc@127.0.0.1", name="agent")
+    agent.wait_for("fast_path_ready", timeout=20)
+    agent.wait_for("forward_ready", timeout=20, since=0, bind="gpu-cluster")
+    s = Site(relay, agent, gpu, data_port, keys, client_key, tmp_path, admin)
+    _until(lambda: s.pool()["idle"] == 4, "the agent's pool to fill")
+    yield s
+
+
+def _until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Poll a status endpoint: a remote process's counters have no event to await."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _counted(site: Site, offence: str, n: int) -> Callable[[], bool]:
+    return lambda: bool(site.admission()["penalties"][offence] == n)
+
+
+def _dial(port: int, source: str = ATTACKER) -> socket.socket | None:
+    """A connection from ``source``; None if the relay reset it before ``connect``
+    even returned (refused at accept, faster than the client could look)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((source, 0))
+    s.settimeout(10)
+    try:
+        s.connect((LOOPBACK, port))
+    except ConnectionResetError:
+        s.close()
+        return None
+    return s
+
+
+def _flood(port: int) -> tuple[list[socket.socket], int]:
+    """FLOOD connections from the attacker: the open sockets, and how many were reset
+    during connect."""
+    dialled = [_dial(port) for _ in range(FLOOD)]
+    sockets = [s for s in dialled if s is not None]
+    return sockets, FLOOD - len(sockets)
+
+
+def _closed_now(sockets: list[socket.socket], within: float) -> set[socket.socket]:
+    """The sockets the relay closed (EOF or reset, no byte) within ``within`` seconds;
+    a socket that received bytes (the relay's SSH banner) counts as held."""
+    closed: set[socket.socket] = set()
+    waiting = set(sockets)
+    deadline = time.monotonic() + within
+    while waiting and (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select(list(waiting), [], [], left)
+        for s in ready:
+            waiting.discard(s)
+            try:
+                if s.recv(256, socket.MSG_PEEK) == b"":
+                    closed.add(s)
+            except ConnectionResetError:
+                closed.add(s)
+    return closed
+
+
+def _refused_at_accept(port: int) -> float:
+    """Seconds until a fresh connection from the attacker is closed without a byte
+    (asserting it is)."""
+    start = time.monotonic()
+    s = _dial(port)
+    if s is None:
+        return time.monotonic() - start
+    try:
+        s.settimeout(5)
+        try:
+            data = s.recv(256)
+        except ConnectionResetError:
+            data = b""
+        assert data == b"", f"the relay answered {data!r}: not refused"
+        return time.monotonic() - start
+    finally:
+        s.close()
+
+
+# --- 100 idle connections from one host -------------------------------------------------
+
+
+def test_idle_flood_on_the_ssh_port_does_not_lock_others_out(site: Site) -> None:
+    """100 TCP connections from 127.0.0.2 that send nothing, held open: 10 are held
+    (the source's share), 90 are closed at accept; alice from 127.0.0.1 logs in through
+    ``-J`` and takes the fast path meanwhile, as fast as before within reason."""
+    base_jump = site.alice("gpu-jump")
+    base_fast = site.alice("gpu-cluster")
+    flood, reset = _flood(site.relay.port)
+    try:
+        closed = len(_closed_now(flood, within=3.0)) + reset
+        _until(lambda: site.admission()["ssh"]["refused"]["per_source_cap"]
+               == FLOOD - PER_SOURCE, "the relay to count the refusals")
+        ssh = site.admission()["ssh"]
+        assert ssh["unauthenticated"] == PER_SOURCE and ssh["refused"]["global_cap"] == 0
+        assert closed == FLOOD - PER_SOURCE, closed
+        jump = site.alice("gpu-jump")
+        fast = site.alice("gpu-cluster")
+        assert _refused_at_accept(site.relay.port) < 1.0  # the attacker is still capped
+    finally:
+        for s in flood:
+            s.close()
+    print(f"\nssh-port flood: {closed}/{FLOOD} refused at accept, {PER_SOURCE} held; "
+          f"alice -J {jump:.2f}s (before {base_jump:.2f}s), fast path {fast:.2f}s "
+          f"(before {base_fast:.2f}s)")
+    assert (site.tmp / "connect.err").read_text() == ""  # the fast path, no fallback
+    assert site.relay.status()["relay"]["fast_path"]["paired"] == 2
+    assert jump < 10 and fast < 10
+
+
+def test_idle_flood_on_the_data_port_does_not_lock_others_out(site: Site) -> None:
+    """The same 100 idle connections against the data port: 10 wait for their hello
+    timeout, 90 are reset at accept; alice's fast path (her data connection comes
+    from 127.0.0.1) and the agent's pool refill work meanwhile.  When the 10 time out
+    (``grace-exceeded``, 20 s each) 127.0.0.2 is penalised at both ports."""
+    mark = site.relay.mark()
+    flood, reset = _flood(site.data_port)
+    try:
+        closed = len(_closed_now(flood, within=2.0)) + reset
+        assert closed == FLOOD - PER_SOURCE, closed
+        data = site.admission()["data"]
+        assert data["unauthenticated"] == PER_SOURCE
+        assert data["refused"]["per_source_cap"] == FLOOD - PER_SOURCE
+        fast = site.alice("gpu-cluster")
+        jump = site.alice("gpu-jump")
+        _until(lambda: site.pool()["idle"] == 4, "the pool to refill")
+        # The held ten are closed at the hello timeout: the source is penalised.
+        event = site.relay.wait_for("relay_source_penalised", timeout=15, since=mark,
+                                    source=f"{ATTACKER}/32")
+        assert event["offence"] == "grace-exceeded"
+    finally:
+        for s in flood:
+            s.close()
+    ssh_refusal = _refused_at_accept(site.relay.port)
+    data_refusal = _refused_at_accept(site.data_port)
+    status = site.admission()
+    assert status["penalised_sources"] == 1
+    assert status["ssh"]["refused"]["penalty"] >= 1 and status["data"]["refused"]["penalty"] >= 1
+    again = site.alice("gpu-cluster")  # 127.0.0.1 is not penalised
+    print(f"\ndata-port flood: {closed}/{FLOOD} reset at accept, {PER_SOURCE} held "
+          f"until the hello timeout; alice fast path {fast:.2f}s, -J {jump:.2f}s; then "
+          f"127.0.0.2 penalised: refused at accept in {ssh_refusal * 1000:.1f} ms (ssh), "
+          f"{data_refusal * 1000:.1f} ms (data); alice again {again:.2f}s")
+    metrics = site.relay.metrics()
+    assert "labrelay_relay_penalised_sources 1" in metrics
+    assert 'labrelay_relay_admission_refused_total{port="data",reason="per_source_cap"} 90' \
+        in metrics
+
+
+# --- failed authentication and early closes ------------------------------------------------
+
+
+def _paramiko_login(port: int, key: KeyPair, user: str = "mallory") -> str:
+    """One paramiko login from the attacker with ``key``: ``refused-at-accept``,
+    ``auth-failed`` or ``logged-in``."""
+    sock = _dial(port)
+    if sock is None:
+        return "refused-at-accept"
+    t = paramiko.Transport(sock)
+    try:
+        try:
+            t.start_client(timeout=10)
+        except (paramiko.SSHException, EOFError, ConnectionResetError):
+            return "refused-at-accept"
+        try:
+            t.auth_publickey(user, paramiko.Ed25519Key.from_private_key_file(str(key.path)))
+        except paramiko.AuthenticationException:
+            return "auth-failed"
+        return "logged-in"
+    finally:
+        t.close()
+        sock.close()
+
+
+def test_repeated_auth_failures_penalise_the_source_only(site: Site) -> None:
+    """paramiko with a key the relay does not know, from 127.0.0.2: each failed login
+    costs 5 s (``authfail``); past 15 s the source is refused at accept, on both ports;
+    alice from 127.0.0.1 logs in and takes the fast path meanwhile."""
+    outcomes = []
+    for i in range(6):
+        outcomes.append(_paramiko_login(site.relay.port, site.keys.mallory))
+        if outcomes[-1] == "auth-failed":  # the relay counts it when the connection ends
+            _until(_counted(site, "authfail", i + 1), "the failure to be counted")
+    assert outcomes[:4] == ["auth-failed"] * 4, outcomes  # 5+5+5+5 = 20 s > min 15 s
+    assert outcomes[4:] == ["refused-at-accept"] * 2, outcomes
+    event = site.relay.wait_for("relay_source_penalised", since=0, source=f"{ATTACKER}/32")
+    assert event["offence"] == "authfail"
+    refused_in = _refused_at_accept(site.relay.port)
+    assert _refused_at_accept(site.data_port) < 1.0
+    fast = site.alice("gpu-cluster")
+    jump = site.alice("gpu-jump")
+    status = site.admission()
+    assert status["penalties"]["authfail"] == 4 and status["penalised_sources"] == 1
+    assert status["ssh"]["refused"]["penalty"] >= 3
+    print(f"\nauth failures: {outcomes}; then refused at accept in {refused_in * 1000:.1f} ms; "
+          f"alice fast path {fast:.2f}s, -J {jump:.2f}s")
+
+
+def test_early_closes_on_the_data_port_are_penalised(site: Site) -> None:
+    """Connections to the data port that close before their hello (``noauth``, 1 s
+    each): after 16 or so in a burst (more than ``min``, 15 s, left) the source is
+    refused at accept; alice's fast path works meanwhile and the agent's pool (hello
+    sent at once) is not penalised."""
+    closes = 0
+    while site.admission()["penalised_sources"] == 0:
+        s = _dial(site.data_port)
+        assert s is not None, "refused before it was penalised"
+        s.close()
+        closes += 1
+        assert closes <= 20, "20 early closes and the source is still not penalised"
+        _until(_counted(site, "noauth", closes), "the close to be counted")
+    assert closes >= 16, closes  # 15 s of penalty is not more than min
+    refused_in = _refused_at_accept(site.data_port)
+    status = site.admission()
+    assert status["penalised_sources"] == 1 and status["data"]["refused"]["penalty"] == 1
+    fast = site.alice("gpu-cluster")
+    _until(lambda: site.pool()["idle"] == 4, "the pool to refill")
+    assert site.admission()["penalised_sources"] == 1  # alice and lab_pc cost nothing
+    print(f"\ndata-port early closes: {closes} closes, then refused at accept in "
+          f"{refused_in * 1000:.1f} ms; alice fast path {fast:.2f}s")
