@@ -10,8 +10,9 @@ close.  Modelled on OpenSSH sshd 9.8+ (``MaxStartups``, ``PerSourceMaxStartups``
   default (one IPv6 host usually owns a whole /64); IPv4-mapped IPv6 addresses count
   as IPv4;
 - each gate lets a source hold at most ``per_source_max_unauthenticated``
-  connections that have not authenticated (SSH) or sent their hello (data port); the
-  global ``max_unauthenticated`` is the last line, after the per-source checks;
+  connections that have not authenticated (SSH) or sent their hello (data port), and
+  everyone together ``max_unauthenticated`` (the last line; checked, as sshd does,
+  after the penalty and before the per-source cap, which only changes the reason);
 - a connection that ends badly earns its source a penalty (:class:`Offence`); the
   seconds add up, capped at ``max``; once a source's penalty left exceeds ``min`` it
   is *active* and every new connection from that source is refused until it runs
@@ -51,6 +52,14 @@ class Offence(Enum):
     NOAUTH = "noauth"  # closed before authenticating / before its hello
     GRACE = "grace-exceeded"  # still unauthenticated (or without hello) at the deadline
     PROTOCOL = "protocol"  # sent something that is not the protocol
+
+
+_SEVERITY = (Offence.NOAUTH, Offence.AUTHFAIL, Offence.PROTOCOL, Offence.GRACE)
+
+
+def worst(a: Offence | None, b: Offence) -> Offence:
+    """The worse of two offences of one connection (only one is penalised)."""
+    return b if a is None or _SEVERITY.index(b) > _SEVERITY.index(a) else a
 
 
 class Refusal(Enum):
@@ -221,10 +230,10 @@ class Gate:
                 return Refusal.OVERFLOW
             if penalties.active(source) is not None:
                 return Refusal.PENALTY
+        if self.total >= self.global_cap:  # sshd's order: penalty, MaxStartups, per source
+            return Refusal.GLOBAL
         if self.pending.get(source, 0) >= self.admission.per_source:
             return Refusal.PER_SOURCE
-        if self.total >= self.global_cap:
-            return Refusal.GLOBAL
         return None
 
     def passed(self, ticket: Ticket) -> None:

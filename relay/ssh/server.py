@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..admission import Offence, Ticket
+from ..admission import Offence, Ticket, worst
 from ..keepalive import KeepaliveMonitor
 from .aead import AEADTransportMixin
 from .channels import BridgedChannel
@@ -165,8 +165,8 @@ class RelayTransport(AEADTransportMixin, transport.SSHServerTransport):
     def offended(self, offence: Offence) -> None:
         """Record what this unauthenticated connection did wrong; the worst one counts
         when it ends (:meth:`RelayCore.disconnected`)."""
-        if not self.authenticated and (self.offence is None or offence is Offence.GRACE):
-            self.offence = offence
+        if not self.authenticated:
+            self.offence = worst(self.offence, offence)
 
     def _graceExpired(self) -> None:
         self._graceTimer = None

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.conch.ssh import keys
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
-from relay.admission import Admission, Gate, Offence, Refusal, Ticket
+from relay.admission import Admission, Gate, Offence, Refusal, Ticket, worst
 from relay.config import PenaltyConfig, RelayConfig
+from relay.grants import Grants
+from relay.relayserver import RelayCore
+from relay.ssh.server import RelayFactory
 
 A, B, C = "192.0.2.1", "192.0.2.2", "198.51.100.9"
 
@@ -198,3 +208,115 @@ def test_status(clock: Clock) -> None:
                              "refused": {"penalty": 0, "per_source_cap": 0, "global_cap": 0,
                                          "penalty_table_full": 0}}
     assert not clock.getDelayedCalls()
+
+
+# --- the SSH port: how a connection ended decides its offence ---------------------------
+
+
+class _TCP(StringTransport):
+    """A StringTransport with the TCP options RelayTransport sets."""
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass
+
+    def abortConnection(self) -> None:
+        self.loseConnection()
+
+
+@pytest.fixture
+def relay() -> tuple[RelayCore, RelayFactory, MemoryReactorClock]:
+    reactor = MemoryReactorClock()
+    config = dataclasses.replace(RelayConfig(), login_grace=5.0,
+                                 per_source_max_unauthenticated=2)
+    core = RelayCore(config, Grants(config, "test"), reactor)
+    host_key = keys.Key(Ed25519PrivateKey.generate())
+    factory = RelayFactory(core, {host_key.sshType(): host_key})
+    factory.startFactory()
+    return core, factory, reactor
+
+
+def _connect(factory: RelayFactory, host: str = A) -> tuple[Any, _TCP]:
+    addr = IPv4Address("TCP", host, 40000)
+    proto = factory.buildProtocol(addr)
+    tcp = _TCP(peerAddress=addr)
+    if proto is not None:
+        proto.makeConnection(tcp)
+    return proto, tcp
+
+
+def _end(proto: Any) -> None:
+    proto.connectionLost(Failure(ConnectionDone()))
+
+
+@pytest.mark.parametrize(
+    ("misbehave", "offence"),
+    [
+        (lambda proto, reactor: None, "noauth"),  # connects and goes away
+        (lambda proto, reactor: reactor.advance(5.0), "grace-exceeded"),
+        (lambda proto, reactor: proto.dataReceived(b"SSH-1.5-old\r\n"), "protocol"),
+        (lambda proto, reactor: proto.dataReceived(b"SSH-2.0-x\r\n" + b"\x00" * 64),
+         "protocol"),  # a packet length of 0
+    ],
+    ids=["closed", "login-grace", "ssh-1", "bad-packet"],
+)
+def test_ssh_connection_ending_unauthenticated_is_penalised(
+        relay: tuple[RelayCore, RelayFactory, MemoryReactorClock], misbehave: Any,
+        offence: str) -> None:
+    core, factory, reactor = relay
+    proto, _tcp = _connect(factory)
+    assert core.ssh_gate.total == 1
+    misbehave(proto, reactor)
+    _end(proto)
+    assert core.ssh_gate.total == 0
+    penalised = {k: v for k, v in core.admission.penalties.penalised.items() if v}
+    assert penalised == {offence: 1}
+    assert not reactor.getDelayedCalls()
+
+
+def test_ssh_auth_failure_counts_as_authfail_and_wins_over_noauth(
+        relay: tuple[RelayCore, RelayFactory, MemoryReactorClock]) -> None:
+    core, factory, _reactor = relay
+    proto, _tcp = _connect(factory)
+    proto.offended(Offence.AUTHFAIL)  # what RelayUserAuth._ebBadAuth records
+    proto.offended(Offence.NOAUTH)  # not worse
+    _end(proto)
+    assert core.admission.penalties.penalised["authfail"] == 1
+    assert core.admission.penalties.penalised["noauth"] == 0
+
+
+def test_worst_offence_wins() -> None:
+    assert worst(None, Offence.NOAUTH) is Offence.NOAUTH
+    assert worst(Offence.AUTHFAIL, Offence.NOAUTH) is Offence.AUTHFAIL
+    assert worst(Offence.AUTHFAIL, Offence.PROTOCOL) is Offence.PROTOCOL
+    assert worst(Offence.GRACE, Offence.PROTOCOL) is Offence.GRACE
+
+
+def test_ssh_refused_at_accept_by_source_cap_then_penalty(
+        relay: tuple[RelayCore, RelayFactory, MemoryReactorClock]) -> None:
+    core, factory, reactor = relay
+    held = [_connect(factory)[0] for _ in range(2)]
+    assert _connect(factory)[0] is None  # per_source_max_unauthenticated = 2
+    assert _connect(factory, B)[0] is not None  # another host is not affected
+    reactor.advance(5.0)  # the held ones reach login_grace: 2 x 20 s
+    for proto in held:
+        _end(proto)
+    assert _connect(factory)[0] is None
+    status = core.status()["admission"]
+    assert status["ssh"]["refused"] == {"penalty": 1, "per_source_cap": 1, "global_cap": 0,
+                                        "penalty_table_full": 0}
+    assert status["penalised_sources"] == 1
+    assert core.counters["connections_dropped_unauthenticated_cap"] == 0
+
+
+def test_authenticated_connections_are_not_penalised(
+        relay: tuple[RelayCore, RelayFactory, MemoryReactorClock]) -> None:
+    core, factory, _reactor = relay
+    proto, _tcp = _connect(factory)
+    core.authenticated(proto)  # what RelayTransport.setService does on success
+    proto.authenticated = True
+    _end(proto)
+    assert sum(core.admission.penalties.penalised.values()) == 0
+    assert core.ssh_gate.total == 0

@@ -17,6 +17,7 @@ from relay.config import (
     HostPort,
     Keepalive,
     NodeConfig,
+    PenaltyConfig,
     PrincipalConfig,
     RelayConfig,
     ServiceGrant,
@@ -689,3 +690,84 @@ def test_cli_turns_the_fast_path_on(tmp_path: Path, keys: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
         config_from_relay_args(relay_args("--users", str(users), "--data-port", "x"))
     check(info.value, "--data-port x", "not a port number", source="command line")
+
+
+# --- per-source limits and penalties --------------------------------------------------
+
+
+def test_per_source_defaults() -> None:
+    relay = relay_of("[relay]\n")
+    assert relay.per_source_max_unauthenticated == 10
+    assert (relay.per_source_netblock4, relay.per_source_netblock6) == (32, 64)
+    assert relay.penalties == PenaltyConfig(
+        enabled=True, authfail=5, noauth=1, grace_exceeded=20, protocol=10, max=600, min=15,
+        max_sources=65536, overflow="permissive")
+    assert relay.penalty_exempt == ()
+
+
+def test_per_source_settings() -> None:
+    relay = relay_of("""
+[relay]
+per_source_max_unauthenticated = 3
+per_source_netblock4 = 24
+per_source_netblock6 = 48
+penalty_exempt = ["192.0.2.0/24", "2001:db8::1", "192.0.2.0/24"]
+
+[relay.penalties]
+authfail = 30
+noauth = 0
+grace_exceeded = 60.5
+protocol = 90
+max = 3600
+min = 0
+max_sources = 1000
+overflow = "deny-all"
+""")
+    assert relay.per_source_max_unauthenticated == 3
+    assert (relay.per_source_netblock4, relay.per_source_netblock6) == (24, 48)
+    assert [str(n) for n in relay.penalty_exempt] == ["192.0.2.0/24", "2001:db8::1/128"]
+    assert relay.penalties == PenaltyConfig(
+        enabled=True, authfail=30, noauth=0, grace_exceeded=60.5, protocol=90, max=3600,
+        min=0, max_sources=1000, overflow="deny-all")
+    assert relay_of("[relay.penalties]\nenabled = false\n").penalties.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("line", "keypath", "fragment"),
+    [
+        ("per_source_max_unauthenticated = 0", "relay.per_source_max_unauthenticated",
+         "at least 1"),
+        ("per_source_netblock4 = 33", "relay.per_source_netblock4", "between 0 and 32"),
+        ("per_source_netblock6 = 129", "relay.per_source_netblock6", "between 0 and 128"),
+        ('penalty_exempt = ["lab.example.org"]', "relay.penalty_exempt[0]",
+         "not an IP address or network"),
+        ("penalty_exempt = [1]", "relay.penalty_exempt", "expected a string"),
+        ('penalties = "on"', "relay.penalties", "expected a table"),
+        ("penalties = { authfail = -1 }", "relay.penalties.authfail", "at least 0"),
+        ("penalties = { max = 0 }", "relay.penalties.max", "greater than 0"),
+        ("penalties = { min = 600 }", "relay.penalties.min", "must be below max"),
+        ("penalties = { max_sources = 0 }", "relay.penalties.max_sources", "between 1 and"),
+        ('penalties = { overflow = "deny" }', "relay.penalties.overflow", '"deny-all"'),
+        ('penalties = { enabled = "yes" }', "relay.penalties.enabled", "true or false"),
+        ("penalties = { crash = 90 }", "relay.penalties.crash", "unknown key 'crash'"),
+    ],
+)
+def test_per_source_errors(line: str, keypath: str, fragment: str) -> None:
+    check(error_of(f"[relay]\n{line}\n"), keypath, fragment)
+
+
+@pytest.mark.parametrize(
+    ("key", "guess"),
+    [
+        ("PerSourceMaxStartups", "per_source_max_unauthenticated"),
+        ("PerSourcePenaltyExemptList", "penalty_exempt"),
+    ],
+)
+def test_openssh_per_source_spellings_get_a_suggestion(key: str, guess: str) -> None:
+    err = error_of(f"[relay]\n{key} = 1\n")
+    check(err, f"relay.{key}", f"did you mean '{guess}'")
+
+
+def test_penalty_key_spelled_as_in_sshd_gets_a_suggestion() -> None:
+    err = error_of('[relay.penalties]\n"grace-exceeded" = 5\n')
+    check(err, "relay.penalties.grace-exceeded", "did you mean 'grace_exceeded'")
