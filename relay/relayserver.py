@@ -119,7 +119,7 @@ class RelayCore:
     def admitConnection(self, addr: Any) -> Ticket | None:
         """A ticket for a new SSH connection, or None: close it at once.
 
-        OpenSSH's PerSourcePenalties, PerSourceMaxStartups and MaxStartups, in that
+        OpenSSH's PerSourcePenalties, MaxStartups and PerSourceMaxStartups, in that
         order (relay.admission): a flood of handshakes from one host cannot starve
         real users from others; the global cap is the last line."""
         host = str(getattr(addr, "host", "?"))

@@ -259,6 +259,13 @@ def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
                 f"{' '.join(fast.get('e2e_services', [])) or '(none)'}; "
                 f"{fast.get('paired', 0)} paired, {fast.get('pair_failed', 0)} failed, "
                 f"{refused} tokens refused; idle agent connections: {pools or '-'}")
+    admission = relay.get("admission")
+    if admission:
+        refused_at = " ".join(
+            f"{port} {sum((admission.get(port) or {}).get('refused', {}).values())}"
+            for port in ("ssh", "data") if port in admission)
+        out.append(f"admission: {admission.get('penalised_sources', 0)} source(s) penalised "
+                   f"now; refused at accept: {refused_at}")
     return out
 
 

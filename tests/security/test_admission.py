@@ -340,6 +340,12 @@ def test_repeated_auth_failures_penalise_the_source_only(site: Site) -> None:
     status = site.admission()
     assert status["penalties"]["authfail"] == 4 and status["penalised_sources"] == 1
     assert status["ssh"]["refused"]["penalty"] >= 3
+    table = subprocess.run([sys.executable, "-m", "relay", "status", "--admin", site.relay.admin],
+                           capture_output=True, timeout=30, env={**os.environ, **child_env()},
+                           cwd=REPO_ROOT)
+    assert table.returncode == 0, table.stderr.decode()
+    assert "admission: 1 source(s) penalised now; refused at accept: ssh " \
+        in table.stdout.decode(), table.stdout.decode()
     print(f"\nauth failures: {outcomes}; then refused at accept in {refused_in * 1000:.1f} ms; "
           f"alice fast path {fast:.2f}s, -J {jump:.2f}s")
 
