@@ -36,6 +36,7 @@ from . import datapath
 from . import fastwire as fw
 from .admission import Admission, Offence, Refusal, Ticket
 from .net import LISTEN_BACKLOG, probe_idle
+from .tokens import Refusal as TokenRefusal
 from .tokens import TokenBook, TokenRefused
 
 if TYPE_CHECKING:
@@ -48,6 +49,10 @@ MAX_POOL_PER_AGENT = 64
 MAX_TOKENS_PER_REQUEST = 16
 AGENT_REPLY_TIMEOUT = 15.0  # the agent's own target connect timeout is 10 s
 MAX_DISPATCH_TRIES = 3  # pooled connections found dead at dispatch before giving up
+# Token refusals that penalise the source (authfail): those a guesser or forger gets.
+# The others (expired, session gone, wrong role or service) need a real token's secret:
+# an honest client that was late, not an attack.
+GUESSED = frozenset({TokenRefusal.MALFORMED, TokenRefusal.UNKNOWN, TokenRefusal.WRONG})
 
 
 class PairingError(Exception):
@@ -376,7 +381,7 @@ class DataPort:
             ticket = self.tokens.redeem(role, token, alive, service)
         except TokenRefused as e:
             self.refuse(dc, "token", f"{'user' if role == fw.ROLE_USER else 'agent'} token "
-                        f"refused: {e.why.value}", failure=True,
+                        f"refused: {e.why.value}", failure=e.why in GUESSED,
                         tell=f"token refused: {e.why.value}" if role == fw.ROLE_USER else None)
             return
         if role == fw.ROLE_AGENT:

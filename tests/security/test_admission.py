@@ -236,7 +236,7 @@ def test_idle_flood_on_the_ssh_port_does_not_lock_others_out(site: Site) -> None
     base_fast = site.alice("gpu-cluster")
     flood, reset = _flood(site.relay.port)
     try:
-        closed = len(_closed_now(flood, within=3.0)) + reset
+        closed = len(_closed_now(flood, within=10.0)) + reset  # held ones get a banner
         _until(lambda: site.admission()["ssh"]["refused"]["per_source_cap"]
                == FLOOD - PER_SOURCE, "the relay to count the refusals")
         ssh = site.admission()["ssh"]
@@ -361,7 +361,7 @@ def test_early_closes_on_the_data_port_are_penalised(site: Site) -> None:
         assert s is not None, "refused before it was penalised"
         s.close()
         closes += 1
-        assert closes <= 20, "20 early closes and the source is still not penalised"
+        assert closes <= 30, "30 early closes and the source is still not penalised"
         _until(_counted(site, "noauth", closes), "the close to be counted")
     assert closes >= 16, closes  # 15 s of penalty is not more than min
     refused_in = _refused_at_accept(site.data_port)

@@ -434,6 +434,7 @@ def test_user_token_whose_ssh_session_ended_is_refused(world: World) -> None:
     dc, t = _dial(world.port)
     dc.dataReceived(fw.user_hello(token, *GPU))
     assert t.value() == fw.pack_error(fw.USER_ERROR, "token refused: its SSH session ended")
+    assert _penalties(world) == {}  # a real token, late: not a guess, not penalised
 
 
 def _paired_up(world: World, extra: bytes = b"") -> tuple[DataConnection, StringTransport,
