@@ -48,7 +48,7 @@ from .config import PenaltyConfig, RelayConfig
 class Offence(Enum):
     """How a connection ended badly (sshd's penalty classes, plus ``protocol``)."""
 
-    AUTHFAIL = "authfail"  # failed authentication; at the data port, a refused token
+    AUTHFAIL = "authfail"  # failed authentication; at the data port, a guessed token
     NOAUTH = "noauth"  # closed before authenticating / before its hello
     GRACE = "grace-exceeded"  # still unauthenticated (or without hello) at the deadline
     PROTOCOL = "protocol"  # sent something that is not the protocol
