@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import conftest
 import pytest
+import relay_fixtures
 from conftest import Targets
 from harness import (
     AUDITED_LABRELAY,
@@ -244,7 +244,7 @@ def rekeying_relay_with_agent(
 ) -> tuple[RelayNode, KeyPair, Any]:
     """The same with a relay that rekeys every MiB by itself."""
     monkeypatch.setattr(
-        conftest, "relay_command",
+        relay_fixtures, "relay_command",
         lambda *args: [sys.executable, "-c", REKEY_1M + AUDITED_LABRELAY, "relay",
                        "--log-format", "json", *args],
     )  # fmt: skip

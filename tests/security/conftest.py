@@ -1,5 +1,5 @@
 """Fixtures of the security suite: the integration suite's fixtures (real relay, sshd,
-keys, targets), loaded under their own module name so both conftests coexist.
+keys, targets) from :mod:`relay_fixtures`.
 
 Every test here plays an attacker (a third-party SSH implementation, raw sockets, an
 on-path box) against a real ``labrelay relay`` process and asserts two things: the
@@ -8,23 +8,13 @@ attack fails, and honest users keep working meanwhile.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-INTEGRATION = HERE.parent / "integration"
-sys.path[:0] = [str(HERE), str(INTEGRATION)]
+sys.path[:0] = [str(HERE), str(HERE.parent / "integration")]
 
-_spec = importlib.util.spec_from_file_location(
-    "labrelay_integration_fixtures", INTEGRATION / "conftest.py"
-)
-assert _spec is not None and _spec.loader is not None
-_fixtures = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = _fixtures
-_spec.loader.exec_module(_fixtures)
+from relay_fixtures import *  # noqa: E402, F403
+from relay_fixtures import REPO_ROOT, Targets, agent_command, child_env  # noqa: E402
 
-# Fixtures and hooks are found by name in this module's namespace.
-globals().update(
-    {name: value for name, value in vars(_fixtures).items() if not name.startswith("__")}
-)
+__all__ = ["REPO_ROOT", "Targets", "agent_command", "child_env"]

@@ -1,0 +1,304 @@
+"""Fixtures for the real-process tests: sshd instances, keys, agents, targets.
+
+A plain module, not a conftest: ``tests/integration/conftest.py`` and
+``tests/security/conftest.py`` both take its fixtures and hook with a star import, so a
+test that patches a helper (``relay_command``) patches it here, where the fixtures
+look it up.
+
+Everything a fixture starts is torn down by it, also when the test fails.  When a
+test fails, the events and stderr of every agent and the log of every sshd it used
+are attached to the report as extra sections.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import (
+    AUDITED_LABRELAY,
+    AgentProcess,
+    CountingSource,
+    DataStream,
+    EchoServer,
+    HashSink,
+    KeyPair,
+    LazyReader,
+    ModeServer,
+    RelayNode,
+    Source,
+    Sshd,
+    SshProcess,
+    TcpProxy,
+    find_program,
+    free_port,
+    make_key,
+    ssh_argv,
+    write_known_hosts,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DIAGNOSTICS = pytest.StashKey[list[Any]]()
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(scope="session")
+def openssh() -> None:
+    """Skip when OpenSSH is missing on a developer machine; fail in CI."""
+    missing = [p for p in ("sshd", "ssh", "ssh-keygen") if find_program(p) is None]
+    if missing:
+        reason = f"OpenSSH not installed ({', '.join(missing)} missing; `scripts/dev setup`)"
+        if in_ci():
+            pytest.fail(reason + " and CI=true")
+        pytest.skip(reason)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed:
+        for obj in item.stash.get(DIAGNOSTICS, []):
+            try:
+                text = obj.diagnostics()
+            except Exception as e:  # diagnostics must never hide the real failure
+                text = f"(diagnostics failed: {e!r})"
+            report.sections.append((f"{obj.__class__.__name__} {getattr(obj, 'name', '')}", text))
+    return report
+
+
+@pytest.fixture
+def diagnostics(request: pytest.FixtureRequest) -> Callable[[Any], Any]:
+    """Register an object whose ``diagnostics()`` goes into the report if the test fails."""
+    registry = request.node.stash.setdefault(DIAGNOSTICS, [])
+
+    def register(obj: Any) -> Any:
+        registry.append(obj)
+        return obj
+
+    return register
+
+
+@pytest.fixture(scope="session")
+def client_key(openssh: None, tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    """The ed25519 key every agent and ssh client logs in with; authorized on every Sshd."""
+    return make_key(tmp_path_factory.mktemp("client") / "id_ed25519", comment="labrelay-client")
+
+
+@pytest.fixture
+def sshd_factory(
+    openssh: None,
+    client_key: KeyPair,
+    tmp_path: Path,
+    diagnostics: Callable[[Any], Any],
+) -> Iterator[Callable[[str], Sshd]]:
+    """``sshd_factory(name)`` starts one more sshd (``SetEnv LABRELAY_TEST_HOST=name``)."""
+    started: list[Sshd] = []
+
+    def start(name: str) -> Sshd:
+        sshd = Sshd(tmp_path / f"sshd-{name}", name, authorized=[client_key.public])
+        started.append(sshd)
+        diagnostics(sshd)
+        return sshd.start()
+
+    yield start
+    for sshd in reversed(started):
+        sshd.close()
+
+
+@pytest.fixture
+def sshd(sshd_factory: Callable[[str], Sshd]) -> Sshd:
+    return sshd_factory("cloud")
+
+
+@pytest.fixture
+def known_hosts(tmp_path: Path) -> Callable[..., Path]:
+    """``known_hosts(*lines, name=...)`` writes a known_hosts file and returns its path."""
+    count = 0
+
+    def write(*lines: str, name: str | None = None) -> Path:
+        nonlocal count
+        count += 1
+        return write_known_hosts(tmp_path / (name or f"known_hosts.{count}"), *lines)
+
+    return write
+
+
+def agent_command(*args: str) -> list[str]:
+    """``python -m relay agent --log-format json ARGS``."""
+    return [sys.executable, "-m", "relay", "agent", "--log-format", "json", *args]
+
+
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+def twistd_command(*args: str) -> list[str]:
+    """``twistd ARGS`` with this interpreter (``python -m twisted`` is ``twist``, not twistd)."""
+    return [sys.executable, "-c", TWISTD, *args]
+
+
+def child_env() -> dict[str, str]:
+    """PYTHONPATH with the checkout root first, so ``twisted/plugins`` here is found."""
+    existing = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), existing) if p)}
+
+
+@pytest.fixture
+def start_process(
+    diagnostics: Callable[[Any], Any],
+) -> Iterator[Callable[..., AgentProcess]]:
+    """``start_process(argv, name=...)``: an AgentProcess for any JSON-logging command."""
+    procs: list[AgentProcess] = []
+
+    def start(argv: list[str], name: str = "agent", env: dict[str, str] | None = None) -> Any:
+        proc = AgentProcess(argv, env={**child_env(), **(env or {})}, cwd=REPO_ROOT, name=name)
+        procs.append(proc)
+        diagnostics(proc)
+        return proc
+
+    yield start
+    for proc in reversed(procs):
+        proc.stop()
+
+
+@pytest.fixture
+def start_agent(
+    start_process: Callable[..., AgentProcess],
+) -> Callable[..., AgentProcess]:
+    """``start_agent(*args, name=...)`` runs ``python -m relay agent --log-format json ARGS``."""
+
+    def start(*args: str, name: str = "agent") -> AgentProcess:
+        return start_process(agent_command(*args), name=name)
+
+    return start
+
+
+@pytest.fixture
+def start_ssh(
+    diagnostics: Callable[[Any], Any],
+) -> Iterator[Callable[..., SshProcess]]:
+    """``start_ssh(argv, name=...)`` runs a stock ssh client, stopped at teardown."""
+    procs: list[SshProcess] = []
+
+    def start(argv: list[str], name: str = "ssh") -> SshProcess:
+        proc = SshProcess(argv, name=name)
+        procs.append(proc)
+        diagnostics(proc)
+        return proc
+
+    yield start
+    for proc in reversed(procs):
+        proc.stop()
+
+
+class Targets:
+    """Creates threaded TCP targets and proxies; all closed at teardown."""
+
+    def __init__(self) -> None:
+        self._open: list[Any] = []
+
+    def _keep(self, obj: Any) -> Any:
+        self._open.append(obj)
+        return obj
+
+    def echo(self, greeting: bytes = b"") -> EchoServer:
+        return self._keep(EchoServer(greeting))
+
+    def mode(self) -> ModeServer:
+        return self._keep(ModeServer())
+
+    def sink(self, reply: bool = False) -> HashSink:
+        return self._keep(HashSink(reply))
+
+    def source(self, stream: DataStream) -> Source:
+        return self._keep(Source(stream))
+
+    def lazy_reader(self) -> LazyReader:
+        return self._keep(LazyReader())
+
+    def counting_source(self, stream: DataStream, stall_after: float = 2.0) -> CountingSource:
+        return self._keep(CountingSource(stream, stall_after))
+
+    def proxy(self, upstream: tuple[str, int]) -> TcpProxy:
+        return self._keep(TcpProxy(upstream))
+
+    def close(self) -> None:
+        for obj in reversed(self._open):
+            if isinstance(obj, LazyReader):
+                obj.release.set()
+            obj.close()
+
+
+@pytest.fixture
+def targets() -> Iterator[Targets]:
+    t = Targets()
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def ssh_command(client_key: KeyPair) -> Callable[..., list[str]]:
+    """``ssh_command(port, known_hosts, *options, command=None)``: a stock ssh argv
+    logging in with the client key."""
+
+    def build(port: int, known_hosts: Path, *options: str, command: str | None = None) -> list[str]:
+        return ssh_argv(port, client_key.path, known_hosts, *options, command=command)
+
+    return build
+
+
+def relay_command(*args: str) -> list[str]:
+    """``labrelay relay --log-format json ARGS``, with outbound connects audited on stderr."""
+    return [sys.executable, "-c", AUDITED_LABRELAY, "relay", "--log-format", "json", *args]
+
+
+@pytest.fixture
+def start_relay(
+    start_process: Callable[..., AgentProcess], tmp_path: Path
+) -> Callable[..., RelayNode]:
+    """``start_relay(agents=[...], users=[...], relay_toml="", name="relay")``.
+
+    Writes the agents and users grant files (authorized_keys lines) and a node config
+    whose ``[relay]`` listens on 127.0.0.1 port 0 and whose ``[admin]`` is on a free
+    loopback port; ``relay_toml`` is added to the ``[relay]`` table (keys, then
+    ``[[relay.user]]``/``[[relay.agent]]`` tables).  Returns once it listens.
+    """
+    count = 0
+
+    def start(
+        agents: list[str] | None = None,
+        users: list[str] | None = None,
+        relay_toml: str = "",
+        name: str = "relay",
+    ) -> RelayNode:
+        nonlocal count
+        count += 1
+        directory = tmp_path / f"{name}-{count}"
+        directory.mkdir()
+        (directory / "agents").write_text("".join(line + "\n" for line in agents or []))
+        (directory / "users").write_text("".join(line + "\n" for line in users or []))
+        admin_port = free_port()
+        config = directory / "node.toml"
+        config.write_text(
+            f"""\
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[relay]
+listen = "127.0.0.1:0"
+state_dir = "{directory / "state"}"
+agents_file = "agents"
+users_file = "users"
+{relay_toml}
+"""
+        )
+        proc = start_process(relay_command("--config", str(config)), name=name)
+        return RelayNode(proc, directory, admin_port)
+
+    return start
