@@ -246,6 +246,9 @@ class RelayConfig:
     e2e_services: tuple[ServiceGrant, ...] = ()  # services whose payload is end-to-end encrypted
     token_lifetime: float = 10.0
     data_hello_timeout: float = 5.0
+    # How often the grant files are checked for changes (revocation takes effect
+    # within two of these once the file is written).
+    grants_poll_interval: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -904,6 +907,7 @@ _RELAY_KEYS = {
     "e2e_services": 'e2e_services = ["gpu-cluster:22", "*:22"]',
     "token_lifetime": "token_lifetime = 10",
     "data_hello_timeout": "data_hello_timeout = 5",
+    "grants_poll_interval": "grants_poll_interval = 0.25",
     "agent": '[[relay.agent]] name = "lab_pc", keys = ["ssh-ed25519 AAAA... lab_pc"], '
     'services = ["gpu-cluster:22"]',
     "user": '[[relay.user]] name = "alice", keys = ["ssh-ed25519 AAAA... alice"], '
@@ -1394,6 +1398,8 @@ def _parse_relay(sec: _Section, base: Path) -> RelayConfig:
         token_lifetime=sec.number("token_lifetime", defaults.token_lifetime, low=0, above=True),
         data_hello_timeout=sec.number("data_hello_timeout", defaults.data_hello_timeout,
                                       low=0, above=True),
+        grants_poll_interval=sec.number("grants_poll_interval", defaults.grants_poll_interval,
+                                        low=0, above=True, high=10),
         listen=listen,
         state_dir=defaults.state_dir if state_dir is None else _path(state_dir, base),
         public_bind=defaults.public_bind if public_bind is None else public_bind,

@@ -423,7 +423,8 @@ class DataPort:
                         tell=f"{label} is not granted to you")
             return
         try:
-            session = self.core.fastSessionOpening(principal, label, f"{user.source}")
+            session = self.core.fastSessionOpening(principal, label, f"{user.source}",
+                                                   key=asked_by.identity.key_blob)
         except PairingError as e:
             self.refuse(user, "cap", str(e), tell=str(e))
             return
@@ -439,7 +440,8 @@ class DataPort:
                 raise PairingError(f"cannot splice: {e}") from e
             user.state = agent.state = "spliced"
             self.counters["paired"] += 1
-            self.core.fastSessionSpliced(session, pair)
+            self.core.fastSessionSpliced(session, pair,
+                                         agent.pool.session if agent.pool else None)
             self._log.info("{user}: fast path to {service} spliced",
                            event="relay_fast_session", user=principal_name, service=label,
                            origin=user.source)

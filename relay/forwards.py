@@ -135,6 +135,22 @@ class RemoteForwardRunner:
         )
         self._timer = self.link.clock.callLater(delay, self._request)
 
+    def revoked(self, why: str) -> None:
+        """The relay dropped this registration (``grant-revoked@labrelay``): its grant
+        is gone.  Asked again with backoff, so it comes back if the grant does."""
+        if self._conn is None or self.state is not ForwardState.READY:
+            return
+        self.failures += 1
+        self.state = ForwardState.REFUSED
+        self.last_error = f"revoked by the relay: {why}"
+        delay = self._policy(self.failures)
+        self._log.warn(
+            "forward {forward}: the relay revoked {bind}:{port}: {reason}; asking again in "
+            "{delay:.1f}s", event="forward_revoked", link=self.link.name, forward=self.name,
+            bind=self.config.bind, port=self.bound_port, reason=why, delay=delay,
+        )
+        self._timer = self.link.clock.callLater(delay, self._request)
+
     def linkDown(self) -> None:
         self._conn = None
         if self._timer is not None and self._timer.active():

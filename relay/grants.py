@@ -7,22 +7,31 @@ SSH admins (``permitlisten="gpu-cluster:22"`` on an agent's key line,
 docs/relay.md, "Grants".
 
 Identity comes from the key alone, so a key belongs to one principal, and a service
-name to one agent (only its owner may ever take it over).  A grant file that changes
-is re-read on the next lookup; a bad new version is refused as a whole and the
-previous grants stay in force until the file is fixed.
+name to one agent (only its owner may ever take it over).
+
+Revocation is immediate and fails closed (docs/relay.md, "Reloading"):
+:class:`GrantsWatcher` polls the grant files on the reactor's clock and
+:meth:`Grants.poll` re-reads one that changed once it has settled; every reload
+yields a :class:`GrantsChange` (computed by the pure :func:`diff_grants`) that the
+relay applies to what is already running.  A deleted or emptied file grants nothing;
+a bad line grants nothing (the other lines still do); a file that is unsafe or cannot
+be decoded grants nothing at all.  Only at start-up is any problem fatal.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
 import stat
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from relay.config import (
@@ -113,6 +122,84 @@ class _State:
     principals: tuple[Principal, ...]
     owners: dict[str, Principal]
     public_ports: dict[int, Principal]
+    origins: dict[bytes, str] = field(default_factory=dict)  # key -> FILE:LINE or config
+
+
+# --- what a reload took away ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loss:
+    """What one key lost in a reload.
+
+    ``everything``: the key is granted nothing any more, or now belongs to another
+    principal (identity comes from the key alone, so a key that changed hands is a new
+    identity: what it holds goes, and it may log in again as who it now is).
+    Otherwise the key was narrowed: ``services`` are grants it had that nothing it has
+    now covers, ``public_ports`` the public ports it no longer has.  Either way the
+    relay checks what runs against the grants now in force; this only says whom to
+    check and what to log."""
+
+    before: Principal
+    everything: bool
+    services: tuple[ServiceGrant, ...] = ()
+    public_ports: tuple[int, ...] = ()
+    where: str = ""  # where the key was granted before (FILE:LINE or the config)
+
+    def describe(self) -> str:
+        if self.everything:
+            return f"{self.before.kind} {self.before.name}: key no longer granted"
+        lost = [str(g) for g in self.services] + [f"public:{p}" for p in self.public_ports]
+        return f"{self.before.kind} {self.before.name}: lost {', '.join(lost)}"
+
+
+@dataclass(frozen=True)
+class GrantsChange:
+    """The difference between two grant states, by key (see :func:`diff_grants`)."""
+
+    losses: Mapping[bytes, Loss]
+    added: int = 0  # keys granted now that were not before
+
+    @property
+    def revoked(self) -> dict[bytes, Loss]:
+        return {k: v for k, v in self.losses.items() if v.everything}
+
+    @property
+    def narrowed(self) -> dict[bytes, Loss]:
+        return {k: v for k, v in self.losses.items() if not v.everything}
+
+
+def _covers(other: ServiceGrant, grant: ServiceGrant) -> bool:
+    """Whether ``other`` allows everything ``grant`` allows."""
+    return other.name in ("*", grant.name) and (other.port is None or other.port == grant.port)
+
+
+def diff_grants(
+    old: Mapping[bytes, Principal],
+    new: Mapping[bytes, Principal],
+    origins: Mapping[bytes, str] | None = None,
+) -> GrantsChange:
+    """What each key of ``old`` lost in ``new`` (pure: plain data in, plain data out).
+
+    A key missing from ``new``, or whose principal changed kind or name, lost
+    everything; one whose grants shrank lost the grants no new grant covers (so
+    ``gpu-*`` -> ``gpu-a`` is a loss of ``gpu-*``, ``gpu:22`` -> ``gpu:*`` none).
+    ``max_sessions`` is not a loss: a lowered cap refuses new sessions only."""
+    losses: dict[bytes, Loss] = {}
+    where = origins or {}
+    for key, before in old.items():
+        after = new.get(key)
+        if after is None or (after.kind, after.name) != (before.kind, before.name):
+            losses[key] = Loss(before, True, before.services,
+                               tuple(sorted(before.public_ports)), where.get(key, ""))
+            continue
+        services = tuple(
+            g for g in before.services if not any(_covers(h, g) for h in after.services)
+        )
+        ports = tuple(sorted(before.public_ports - after.public_ports))
+        if services or ports:
+            losses[key] = Loss(before, False, services, ports, where.get(key, ""))
+    return GrantsChange(losses, sum(1 for key in new if key not in old))
 
 
 @dataclass(frozen=True)
@@ -130,6 +217,10 @@ class _Snapshot:
     def racy_until(self) -> int:
         return self.signature[4] + _RACY_NS if self.data is not None else 0
 
+    @property
+    def missing(self) -> bool:
+        return self.data is None and self.signature == (-1, errno.ENOENT)
+
 
 def _signature(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, max(st.st_mtime_ns, st.st_ctime_ns))
@@ -145,83 +236,130 @@ def _read(path: Path, kind: str) -> _Snapshot:
     return _Snapshot(path, kind, _signature(st), data, "", st.st_mode)
 
 
+def _same(a: tuple[_Snapshot, ...], b: tuple[_Snapshot, ...]) -> bool:
+    """Same content and mode (the stat signature may differ: a touch is no change)."""
+    return [(s.data, s.mode, s.error) for s in a] == [(s.data, s.mode, s.error) for s in b]
+
+
+_MAX_SETTLE_POLLS = 3
+"""Polls a changing file may keep changing before it is taken as it is."""
+
+
 class Grants:
     """Who is who, by public key, and what each may do.
 
-    Every lookup stats the grant files (cheap) and re-reads them when an inode, size
-    or time changed (and, for two seconds after a change, when the content did: a
-    rewrite within one clock tick keeps all three), so a revoked key loses new sessions
-    at once.  A new version that fails to parse, conflicts, or vanishes is refused as a
-    whole: the previous grants stay in force, an error is logged
-    (``event="grants_reload_failed"``) and the files are tried again once one changes."""
+    Lookups are pure: they read the grants in force.  :meth:`poll` (called by
+    :class:`GrantsWatcher` on the reactor's clock) stats the grant files and re-reads
+    one whose inode, size or times changed (and, for two seconds after a change, one
+    whose content did: a rewrite within one tick of the file system's clock keeps all
+    three).  A changed file is taken once two polls in a row read the same bytes, so a
+    file caught half-written (an editor's truncate-then-write, a copy in progress) is
+    not applied as a version that revokes every key after the cut.
 
-    def __init__(self, relay: RelayConfig, source: str) -> None:
+    A reload never keeps old grants: a missing or unsafe file grants nothing, a bad
+    line grants nothing, a line that conflicts with an earlier grant grants nothing;
+    each is logged as an error with ``FILE:LINE``.  Observers (the relay) receive the
+    :class:`GrantsChange` of every reload and take away what was lost."""
+
+    def __init__(
+        self, relay: RelayConfig, source: str, *, wall_ns: Callable[[], int] = time.time_ns
+    ) -> None:
         """Raises ConfigError if a grant file is missing, unreadable or bad, or if the
-        grants conflict (one key twice, one service name for two agents ...)."""
+        grants conflict (one key twice, one service name for two agents ...): at
+        start-up an operator is watching, so nothing is silently dropped.
+
+        ``wall_ns`` is the wall clock file times are compared with."""
         self._relay = relay
         self._source = source
+        self._wall_ns = wall_ns
         self._sites = config_sites(relay, source)
         self._files = [
             (path, kind)
             for path, kind in ((relay.agents_file, AGENT), (relay.users_file, USER))
             if path is not None
         ]
+        self._observers: list[Callable[[GrantsChange], None]] = []
+        self._pending: tuple[_Snapshot, ...] | None = None
+        self._pending_polls = 0
         self._seen = tuple(_read(path, kind) for path, kind in self._files)
-        self._state = self._build(self._seen)
+        self._state = self._build(self._seen, strict=True)
 
     # --- lookups ---------------------------------------------------------
 
     def principal_for(self, key_blob: bytes) -> Principal | None:
         """The agent or user whose key has this SSH wire blob (``Key.blob()``)."""
-        self._refresh()
         return self._state.by_key.get(key_blob)
 
     def principals(self) -> list[Principal]:
         """Every principal: config tables first, then the agents file, then the users file."""
-        self._refresh()
         return list(self._state.principals)
 
     def owner_of(self, service_name: str) -> Principal | None:
         """The agent granted ``service_name`` (case-insensitive), if any."""
-        self._refresh()
         return self._state.owners.get(service_name.lower())
 
     def public_port_owner(self, port: int) -> Principal | None:
         """The agent granted public port ``port``, if any."""
-        self._refresh()
         return self._state.public_ports.get(port)
+
+    @property
+    def watched(self) -> bool:
+        """Whether there are grant files to watch (config tables are read once)."""
+        return bool(self._files)
 
     # --- reloading -------------------------------------------------------
 
-    def _refresh(self) -> None:
+    def subscribe(self, observer: Callable[[GrantsChange], None]) -> None:
+        """Call ``observer(change)`` after every reload, with the new grants in force."""
+        self._observers.append(observer)
+
+    def poll(self) -> GrantsChange | None:
+        """Reload if a grant file changed and has settled; the change, or None."""
         if not self._files or not self._changed():
-            return
+            self._pending = None
+            return None
         snapshot = tuple(_read(path, kind) for path, kind in self._files)
-        if [(s.signature, s.data, s.mode) for s in snapshot] == [
-            (s.signature, s.data, s.mode) for s in self._seen
-        ]:
-            return
-        self._seen = snapshot
-        try:
-            state = self._build(snapshot)
-        except ConfigError as e:
-            _log.error(
-                "grants not reloaded, the previous grants stay in force: {reason}",
-                event="grants_reload_failed",
-                reason=str(e),
-                file=e.source,
-            )
-            return
-        self._state = state
+        if _same(snapshot, self._seen):  # touched, or changed and changed back
+            self._seen, self._pending = snapshot, None
+            return None
+        if self._pending is not None and (
+            _same(snapshot, self._pending) or self._pending_polls >= _MAX_SETTLE_POLLS
+        ):
+            return self._reload(snapshot)
+        if self._pending is None:
+            self._pending_polls = 0
+        self._pending = snapshot
+        self._pending_polls += 1
+        return None
+
+    def reload(self) -> GrantsChange:
+        """Re-read the grant files now, settled or not."""
+        return self._reload(tuple(_read(path, kind) for path, kind in self._files))
+
+    def _reload(self, snapshot: tuple[_Snapshot, ...]) -> GrantsChange:
+        self._seen, self._pending = snapshot, None
+        old = self._state
+        self._state = state = self._build(snapshot, strict=False)
+        change = diff_grants(old.by_key, state.by_key, old.origins)
         _log.info(
-            "grants reloaded: {agents} agents, {users} users",
+            "grants reloaded: {agents} agents, {users} users; {revoked} key(s) revoked, "
+            "{narrowed} narrowed, {added} added",
             event="grants_reloaded",
             agents=sum(p.kind == AGENT for p in state.principals),
             users=sum(p.kind == USER for p in state.principals),
+            revoked=len(change.revoked),
+            narrowed=len(change.narrowed),
+            added=change.added,
         )
+        for observer in list(self._observers):
+            try:
+                observer(change)
+            except Exception:
+                _log.failure("applying a grants change", event="grants_apply_failed")
+        return change
 
     def _changed(self) -> bool:
-        now = time.time_ns()
+        now = self._wall_ns()
         for seen in self._seen:
             try:
                 signature = _signature(os.stat(seen.path))
@@ -233,38 +371,114 @@ class Grants:
                 return True
         return False
 
-    def _build(self, snapshot: Iterable[_Snapshot]) -> _State:
+    def _text(self, file: _Snapshot) -> str:
+        """The file's text, or ConfigError saying why it grants nothing."""
+        if file.data is None:
+            raise ConfigError(
+                str(file.path),
+                "",
+                f"cannot read the {file.kind}s file: {file.error}",
+                f"check {file.kind}s_file in [relay] or --{file.kind}s",
+            )
+        if file.mode & stat.S_IWOTH:
+            raise ConfigError(
+                str(file.path),
+                "",
+                f"the {file.kind}s file is writable by anyone, so anyone could grant "
+                "themselves access",
+                f"chmod o-w {file.path}",
+            )
+        try:
+            return file.data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                str(file.path),
+                "",
+                f"not UTF-8 text (bad byte at offset {e.start})",
+                "save it as UTF-8",
+            ) from None
+
+    def _fileSites(self, file: _Snapshot, strict: bool) -> list[PrincipalSite]:
+        """One file's principals; when not ``strict``, what is wrong grants nothing
+        and is logged instead of raised."""
+        try:
+            text = self._text(file)
+        except ConfigError as e:
+            if strict:
+                raise
+            if file.missing:
+                _log.warn(
+                    "{kind}s file {file} is missing: no {kind} keys from it are granted",
+                    event="grants_file_missing", kind=file.kind, file=str(file.path),
+                )
+            else:
+                _log.error(
+                    "{kind}s file {file} grants nothing: {reason}",
+                    event="grants_file_invalid", kind=file.kind, file=str(file.path),
+                    reason=str(e),
+                )
+            return []
+        if strict:
+            return parse_grant_file(text, file.kind, str(file.path))
+        problems: list[ConfigError] = []
+        sites = parse_grant_file(text, file.kind, str(file.path), problems=problems)
+        for problem in problems:
+            _log.error(
+                "{file}: this line grants nothing (the other lines still apply): {reason}",
+                event="grants_line_invalid", kind=file.kind, file=problem.source,
+                reason=str(problem),
+            )
+        if not sites and not problems:
+            _log.warn(
+                "{kind}s file {file} is empty: no {kind} keys from it are granted",
+                event="grants_file_empty", kind=file.kind, file=str(file.path),
+            )
+        return sites
+
+    def _checked(
+        self, sites: list[PrincipalSite], strict: bool
+    ) -> tuple[list[PrincipalSite], list[tuple[bytes, ...]]]:
+        """The sites and their key blobs, conflicts resolved.  At start-up a conflict
+        is an error; on reload the later of two conflicting grants grants nothing (the
+        grant in force stays: a line added by mistake cannot take a name or a key)."""
+        listen_at = (self._source, "relay.listen")
+        while True:
+            try:
+                return sites, check_principals(sites, self._relay, listen_at)
+            except ConfigError as e:
+                if strict:
+                    raise
+                at = (e.source, e.keypath)
+                index = next(
+                    (i for i, s in enumerate(sites)
+                     if at in (s.name_at, *s.keys_at, *s.services_at, *s.ports_at)),
+                    None,
+                )
+                if index is None or index < len(self._sites):
+                    # Not a file's line (the config tables were checked at start-up):
+                    # fail closed on every file.
+                    _log.error(
+                        "grant files grant nothing: {reason}", event="grants_conflict",
+                        file=e.source, reason=str(e), kind="", name="",
+                    )
+                    sites = list(self._sites)
+                    continue
+                dropped = sites.pop(index).principal
+                _log.error(
+                    "{file}: {kind} {name} grants nothing here: {reason}",
+                    event="grants_conflict", file=e.source, kind=dropped.kind,
+                    name=dropped.name, reason=str(e),
+                )
+
+    def _build(self, snapshot: Iterable[_Snapshot], strict: bool) -> _State:
         sites = list(self._sites)
         for file in snapshot:
-            if file.data is None:
-                raise ConfigError(
-                    str(file.path),
-                    "",
-                    f"cannot read the {file.kind}s file: {file.error}",
-                    f"check {file.kind}s_file in [relay] or --{file.kind}s",
-                )
-            if file.mode & stat.S_IWOTH:
-                raise ConfigError(
-                    str(file.path),
-                    "",
-                    f"the {file.kind}s file is writable by anyone, so anyone could grant "
-                    "themselves access",
-                    f"chmod o-w {file.path}",
-                )
-            try:
-                text = file.data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ConfigError(
-                    str(file.path),
-                    "",
-                    f"not UTF-8 text (bad byte at offset {e.start})",
-                    "save it as UTF-8",
-                ) from None
-            sites.extend(parse_grant_file(text, file.kind, str(file.path)))
-        blobs = check_principals(sites, self._relay, (self._source, "relay.listen"))
+            sites.extend(self._fileSites(file, strict))
+        sites, blobs = self._checked(sites, strict)
         by_key: dict[bytes, Principal] = {}
         owners: dict[str, Principal] = {}
         public_ports: dict[int, Principal] = {}
+        origins: dict[bytes, str] = {}
         principals = []
         for site, keys in zip(sites, blobs, strict=True):
             p = site.principal
@@ -280,10 +494,40 @@ class Grants:
             )
             principals.append(principal)
             by_key.update(dict.fromkeys(keys, principal))
+            origins.update(dict.fromkeys(keys, site.name_at[0]))
             if p.kind == AGENT:
                 owners.update(dict.fromkeys((g.name for g in p.services), principal))
                 public_ports.update(dict.fromkeys(p.public_ports, principal))
-        return _State(by_key, tuple(principals), owners, public_ports)
+        return _State(by_key, tuple(principals), owners, public_ports, origins)
+
+
+class GrantsWatcher:
+    """Polls the grant files on the reactor's clock, so a change takes effect without
+    waiting for a lookup: within two intervals of the file settling (one to notice,
+    one to see it stayed the same).  Polling rather than inotify: two ``stat`` calls
+    per interval cost nothing, and it sees every way a file can change (rename over
+    it, a bind mount, NFS, a config-management tool) the same way."""
+
+    def __init__(self, grants: Grants, clock: Any, interval: float) -> None:
+        self.grants = grants
+        self.interval = interval
+        self._loop = LoopingCall(self._poll)
+        self._loop.clock = clock
+
+    def start(self) -> None:
+        if self.grants.watched and not self._loop.running:
+            self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def _poll(self) -> None:
+        try:
+            self.grants.poll()
+        except Exception:  # a LoopingCall that raises stops: keep watching
+            _log.failure("polling the grant files", event="grants_poll_failed")
+
 
 
 # --- grant files ---------------------------------------------------------------
@@ -461,19 +705,40 @@ def _grant_line(
     return name, key_text, grants, max_sessions
 
 
-def parse_grant_file(text: str, kind: str, source: str) -> list[PrincipalSite]:
+def parse_grant_file(
+    text: str, kind: str, source: str, *, problems: list[ConfigError] | None = None
+) -> list[PrincipalSite]:
     """Parse an agents file (``kind="agent"``) or users file (``kind="user"``).
 
     Lines with the same name (key comment) make one principal with several keys, its
-    grants merged.  Errors name ``FILE:LINE`` and, where it helps, the option."""
+    grants merged.  Errors name ``FILE:LINE`` and, where it helps, the option.  With
+    ``problems``, a bad line is appended there and grants nothing instead of raising
+    (a reload: one typo must not revoke every other line)."""
     entries: dict[str, _Entry] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         where = f"{source}:{number}"
-        name, key_text, grants, max_sessions = _grant_line(line, kind, where)
-        entry = entries.get(name)
+        try:
+            name, key_text, grants, max_sessions = _grant_line(line, kind, where)
+            entry = entries.get(name)
+            if max_sessions is not None and entry is not None:
+                value, written = max_sessions
+                if entry.max_sessions is not None and entry.max_sessions[0] != value:
+                    first = entry.max_sessions[1]
+                    raise ConfigError(
+                        where,
+                        written,
+                        f'{name} already has max-sessions="{entry.max_sessions[0]}" '
+                        f"(also {first[0]})",
+                        "give max-sessions once per user, or the same on every line",
+                    )
+        except ConfigError as e:
+            if problems is None:
+                raise
+            problems.append(e)
+            continue
         if entry is None:
             entry = entries[name] = _Entry(name, (where, ""), [], {}, {})
         entry.keys.append((key_text, (where, "")))
@@ -483,16 +748,7 @@ def parse_grant_file(text: str, kind: str, source: str) -> list[PrincipalSite]:
             else:
                 entry.services.setdefault(grant, (where, written))
         if max_sessions is not None:
-            value, written = max_sessions
-            if entry.max_sessions is not None and entry.max_sessions[0] != value:
-                first = entry.max_sessions[1]
-                raise ConfigError(
-                    where,
-                    written,
-                    f'{name} already has max-sessions="{entry.max_sessions[0]}" (also {first[0]})',
-                    "give max-sessions once per user, or the same on every line",
-                )
-            entry.max_sessions = (value, (where, written))
+            entry.max_sessions = (max_sessions[0], (where, max_sessions[1]))
     sites = []
     for entry in entries.values():
         principal = PrincipalConfig(

@@ -192,6 +192,19 @@ class Link(MultiService):
         for d in waiters:
             d.callback(None)
 
+    def grantRevoked(self, bind: str, port: int, why: str) -> None:
+        """The relay dropped registration ``bind:port``: its grant was revoked."""
+        runners = [f for f in self.remote if f.matches(bind, port)
+                   and f.config.bind.lower() == bind.lower()]
+        if not runners:
+            self.log.warn(
+                "link {link}: the relay revoked {bind}:{port}, which we do not hold: {reason}",
+                event="forward_revoked", link=self.name, forward=None, bind=bind, port=port,
+                reason=why,
+            )
+        for runner in runners:
+            runner.revoked(why)
+
     def remoteForwardFor(self, host: str, port: int) -> RemoteForwardRunner | None:
         candidates = [f for f in self.remote if f.matches(host, port)]
         if len(candidates) > 1:

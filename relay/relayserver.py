@@ -30,7 +30,7 @@ from .bridge import Bridge, SideFactory, TCPSide
 from .config import ConfigError, RelayConfig
 from .datapath import SplicedPair
 from .dataport import DataPort, PairingError
-from .grants import Grants
+from .grants import Grants, GrantsChange, GrantsWatcher, Principal
 from .keygen import generate_keypair
 from .net import LISTEN_BACKLOG
 from .routing import Outcome, Registration, Registry
@@ -60,6 +60,9 @@ class Session:
     path: str = "channel"
     seen: tuple[int, int] = (0, 0)  # byte counts at the last idle sweep
     active_at: float = 0.0  # when they last changed
+    key: bytes | None = None  # the user's key (None: a public-port connection)
+    agent: Any = None  # the agent connection serving it, once known
+    aborted: bool = False  # closed by the relay before it started moving
 
     def counts(self) -> tuple[int, int]:
         if self.pair is not None:
@@ -74,6 +77,7 @@ class Session:
         return self.bridge is not None or self.pair is not None
 
     def abort(self) -> None:
+        self.aborted = True
         if self.pair is not None:
             self.pair.abort()
         elif self.bridge is not None:
@@ -113,6 +117,8 @@ class RelayCore:
         self._publicWaiting: dict[int, int] = {}  # connections waiting for their agent
         self._waiters: dict[tuple[str, int], list[defer.Deferred[Registration]]] = {}
         self.dataport = DataPort(self, self.admission)
+        self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
+        grants.subscribe(self.grantsChanged)
 
     # connection admission
 
@@ -206,6 +212,7 @@ class RelayCore:
             if port == 0 or not principal.may_bind_public(port):
                 return self._refuse(conn, what, f"public port {port} is not granted to "
                                     f"agent {principal.name}")
+            self._evictUngrantedHolder(PUBLIC, port, conn)
             if not self._listenPublic(port):
                 return self._refuse(conn, what, f"cannot listen on public port {port}")
             name = PUBLIC
@@ -214,6 +221,7 @@ class RelayCore:
             if not principal.may_register(name, port):
                 return self._refuse(conn, what, f"service {bind}:{port} is not granted to "
                                     f"agent {principal.name}")
+            self._evictUngrantedHolder(name, port, conn)
         outcome, why = self.registry.offer(name, port, conn)
         if outcome is Outcome.REFUSED:
             return self._refuse(conn, what, why)
@@ -351,10 +359,11 @@ class RelayCore:
         if self.registry.lookup(host, port) is None and not self._mayAppear(host, port):
             return refuse(OPEN_CONNECT_FAILED, f"no service {service} on this relay")
         now = self.reactor.seconds()
-        session = Session(principal.name, service, origin, now, active_at=now)
+        session = Session(principal.name, service, origin, now, active_at=now,
+                          key=ident.key_blob)
         self._sessionOpening(session)
         d = self.whenRegistered(host, port, self.config.public_wait)
-        d.addCallback(lambda reg: self._openToAgent(reg, port, origin))
+        d.addCallback(lambda reg: self._openToAgent(reg, port, origin, session))
 
         def connected(agent_channel: BridgedChannel) -> BridgedChannel:
             def not_opened(_: object) -> None:
@@ -395,10 +404,12 @@ class RelayCore:
         owner = self.grants.owner_of(name)
         return owner is not None and owner.may_register(name, port)
 
-    def _openToAgent(self, reg: Registration, port: int,
-                     origin: str) -> defer.Deferred[BridgedChannel]:
+    def _openToAgent(self, reg: Registration, port: int, origin: str,
+                     session: Session | None = None) -> defer.Deferred[BridgedChannel]:
         host, _, oport = origin.rpartition(":")
         agent: Any = reg.session
+        if session is not None:
+            session.agent = agent
         return agent.openForwarded(reg.bind, port, host, int(oport or 0))
 
     def _sessionOpening(self, session: Session) -> None:
@@ -410,7 +421,8 @@ class RelayCore:
 
     # the fast path's sessions (relay.dataport pairs them)
 
-    def fastSessionOpening(self, principal: Any, service: str, origin: str) -> Session:
+    def fastSessionOpening(self, principal: Any, service: str, origin: str,
+                           key: bytes | None = None) -> Session:
         """Count a fast-path session against the user's cap, or raise PairingError."""
         cap = principal.max_sessions or self.config.max_sessions_per_user
         if self.user_active.get(principal.name, 0) >= cap:
@@ -418,18 +430,22 @@ class RelayCore:
             raise PairingError(f"user {principal.name} already has {cap} sessions open "
                                "(max_sessions)")
         now = self.reactor.seconds()
-        session = Session(principal.name, service, origin, now, path="spliced", active_at=now)
+        session = Session(principal.name, service, origin, now, path="spliced", active_at=now,
+                          key=key)
         self._sessionOpening(session)
         return session
 
-    def fastSessionSpliced(self, session: Session, pair: SplicedPair) -> None:
+    def fastSessionSpliced(self, session: Session, pair: SplicedPair, agent: Any = None) -> None:
         session.pair = pair
+        session.agent = agent
 
         def ended(_: object) -> None:
             moved = pair.bytes()
             self._sessionEnded(session, moved.a_to_b, moved.b_to_a)
 
         pair.done.addBoth(ended)
+        if session.aborted:  # its grant went while it was being paired
+            pair.abort()
 
     def fastSessionFailed(self, session: Session) -> None:
         self._sessionEnded(session, 0, 0)
@@ -439,6 +455,8 @@ class RelayCore:
             self._sessionEnded(session, to_service, from_service)
 
         session.bridge = Bridge(user_side, agent_side, onClosed=ended)
+        if session.aborted:  # its grant went while it was opening
+            session.abort()
         return session.bridge
 
     def _sessionEnded(self, session: Session, to_service: int, from_service: int) -> None:
@@ -450,6 +468,96 @@ class RelayCore:
         totals.active.discard(session)
         totals.bytes_to_service += to_service
         totals.bytes_from_service += from_service
+
+    # grants reloaded: what a key lost goes at once (DESIGN §7)
+
+    def grantsChanged(self, change: GrantsChange) -> None:
+        """Apply a grants reload to what is running.
+
+        A key that lost everything loses its registrations, its sessions (spliced
+        ones too, which outlive its SSH connection) and its connections, each told
+        why.  A narrowed agent loses the registrations it may no longer hold (and
+        their sessions; a ``grant-revoked@labrelay`` tells it which); a narrowed user
+        loses its sessions to services it may no longer reach.  Decisions use the
+        grants now in force; ``change`` only says whose things to look at."""
+        if not change.losses:
+            return
+        for session in sorted(self.sessions, key=lambda s: s.started):
+            key = session.key
+            loss = change.losses.get(key) if key is not None else None
+            if key is None or loss is None:
+                continue
+            principal = None if loss.everything else self.grants.principal_for(key)
+            name, _, port = session.service.rpartition(":")
+            if principal is None or not principal.may_reach(name, int(port)):
+                why = ("the user's key is no longer granted" if loss.everything
+                       else f"{session.service} is no longer granted to user {session.user}")
+                self._closeSession(session, why)
+        for conn in sorted(self.connections, key=lambda c: (c.identity.kind, c.principal_name)):
+            loss = change.losses.get(conn.identity.key_blob)
+            if loss is None:
+                continue
+            if loss.everything:
+                self._revokeConnection(conn, loss.where)
+            elif conn.identity.kind == "agent":
+                principal = self.grants.principal_for(conn.identity.key_blob)
+                for reg in self.registry.held_by(conn):
+                    if not _mayHold(principal, reg):
+                        self._dropRegistration(reg, f"{_label(reg)} is no longer granted to "
+                                               f"agent {conn.principal_name}", tell=True)
+
+    def _revokeConnection(self, conn: RelayConnection, where: str) -> None:
+        for reg in self.registry.held_by(conn):
+            self._dropRegistration(reg, "its agent's key is no longer granted", tell=False)
+        self._log.warn(
+            "{kind} {name} at {peer}: key no longer granted (was in {where}); disconnecting",
+            event="relay_key_revoked", kind=conn.identity.kind, name=conn.principal_name,
+            peer=conn.peer, where=where,
+        )
+        conn.disconnect("this key is no longer granted on this relay")
+
+    def _dropRegistration(self, reg: Registration, why: str, tell: bool) -> None:
+        """Forget ``reg``, close its public listener and its sessions; with ``tell``,
+        send its agent ``grant-revoked@labrelay`` (the agent stays connected)."""
+        if not self.registry.unregister(reg.name, reg.port, reg.session):
+            return
+        label = _label(reg)
+        if reg.name == PUBLIC:
+            listener = self.public.pop(reg.port, None)
+            if listener is not None:
+                listener.stopListening()
+        closing = [s for s in self.sessions if s.agent is reg.session and s.service == label]
+        for session in closing:
+            self._closeSession(session, f"{label} was revoked: {why}")
+        self._log.warn(
+            "agent {agent}: registration {service} dropped: {why} ({n} session(s) closed)",
+            event="relay_registration_revoked", agent=reg.owner, service=label, why=why,
+            n=len(closing),
+        )
+        if tell:
+            agent: Any = reg.session
+            agent.grantRevoked(reg.bind, reg.port, why)
+
+    def _closeSession(self, session: Session, why: str) -> None:
+        self._log.warn(
+            "closing {user}'s {path} session to {service}: {why}",
+            event="relay_session_revoked", user=session.user, service=session.service,
+            path=session.path, origin=session.origin, why=why,
+        )
+        session.abort()
+
+    def _evictUngrantedHolder(self, name: str, port: int, conn: RelayConnection) -> None:
+        """Before a granted agent's registration is decided: a holder whose key no
+        longer holds the grant loses the name now, so it can neither answer the
+        takeover probe nor refuse the newcomer."""
+        holder = self.registry.lookup(name, port)
+        if holder is None or holder.session is conn:
+            return
+        identity = getattr(holder.session, "identity", None)
+        principal = None if identity is None else self.grants.principal_for(identity.key_blob)
+        if not _mayHold(principal, holder):
+            self._dropRegistration(holder, f"{_label(holder)} is no longer granted to this "
+                                   "key", tell=True)
 
     # public ports
 
@@ -499,7 +607,7 @@ class RelayCore:
             return result
 
         d = self.whenRegistered(PUBLIC, port, self.config.public_wait).addBoth(waited)
-        d.addCallback(lambda r: self._openToAgent(r, port, origin))
+        d.addCallback(lambda r: self._openToAgent(r, port, origin, session))
 
         def failed(f: Failure) -> None:
             self._sessionEnded(session, 0, 0)
@@ -517,6 +625,7 @@ class RelayCore:
 
     def start(self) -> None:
         self.dataport.start()
+        self.grantsWatcher.start()
         if self.config.idle_timeout > 0:
             self._scheduleSweep()
 
@@ -542,6 +651,7 @@ class RelayCore:
         self._scheduleSweep()
 
     def stop(self) -> defer.Deferred[Any]:
+        self.grantsWatcher.stop()
         if self._sweeper is not None and self._sweeper.active():
             self._sweeper.cancel()
         self._sweeper = None
@@ -600,6 +710,15 @@ def _label_of(name: str, port: int) -> str:
 
 def _label(reg: Registration) -> str:
     return _label_of(reg.name, reg.port)
+
+
+def _mayHold(principal: Principal | None, reg: Registration) -> bool:
+    """Whether ``principal`` (None: an ungranted key) may hold registration ``reg``."""
+    if principal is None:
+        return False
+    if reg.name == PUBLIC:
+        return principal.may_bind_public(reg.port)
+    return principal.may_register(reg.name, reg.port)
 
 
 def load_host_keys(state_dir: Path) -> dict[bytes, keys.Key]:

@@ -29,7 +29,7 @@ from .aead import GCM_CIPHERS, AEADTransportMixin
 from .channels import BridgedChannel
 from .connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, FlowConnection
 from .hostkeys import HostKeyError
-from .wire import pack_endpoints, unpack_endpoints
+from .wire import GRANT_REVOKED, pack_endpoints, unpack_endpoints, unpack_grant_revoked
 
 if TYPE_CHECKING:
     from ..link import Link
@@ -217,6 +217,18 @@ class LinkConnection(FlowConnection):
         if self.keepalive is not None:
             self.keepalive.stop()
         super().serviceStopped()
+
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
+        """``grant-revoked@labrelay``: the relay dropped one of our registrations
+        (its grant was revoked); anything else as Conch does (refused)."""
+        if requestType == GRANT_REVOKED:
+            try:
+                bind, port, why = unpack_grant_revoked(data)
+            except ValueError:
+                return 0
+            self.link.grantRevoked(bind, port, why)
+            return 1
+        return super().gotGlobalRequest(requestType, data)
 
     def _sendKeepalive(self) -> None:
         d = self.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)

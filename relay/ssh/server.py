@@ -40,7 +40,7 @@ from .connection import (
     FlowConnection,
     refused_by_peer,
 )
-from .wire import pack_endpoints, unpack_endpoints
+from .wire import GRANT_REVOKED, pack_endpoints, pack_grant_revoked, unpack_endpoints
 
 if TYPE_CHECKING:
     from ..grants import Principal
@@ -299,6 +299,11 @@ class RelayConnection(FlowConnection):
 
     def disconnect(self, why: str) -> None:
         self.transport.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, why.encode())
+
+    def grantRevoked(self, bind: str, port: int, why: str) -> None:
+        """Tell the agent its registration ``bind:port`` was dropped (its grant was
+        revoked): ``grant-revoked@labrelay``, no reply wanted, so a stock ssh ignores it."""
+        self.sendGlobalRequest(GRANT_REVOKED, pack_grant_revoked(bind, port, why), wantReply=0)
 
     # global requests, answered in order even when some take time
 

@@ -41,3 +41,28 @@ def unpack_endpoints(data: bytes) -> tuple[str, int, str, int]:
     except (struct.error, IndexError) as e:
         raise ValueError(f"malformed channel address: {e}") from e
     return (host.decode("utf-8", "replace"), port, orig.decode("utf-8", "replace"), orig_port)
+
+
+GRANT_REVOKED = b"grant-revoked@labrelay"
+"""Relay -> agent global request, no reply wanted (a stock ssh ignores it): the
+registration ``bind:port`` was dropped because the agent's key lost its grant."""
+
+_MAX_REASON = 1024
+
+
+def pack_grant_revoked(bind: str, port: int, why: str) -> bytes:
+    """``grant-revoked@labrelay``: the bind string and port the agent registered, and
+    why the relay dropped them (UTF-8, at most 1 KiB)."""
+    reason = why.encode("utf-8")[:_MAX_REASON].decode("utf-8", "ignore")
+    return pack_forward(bind, port) + common.NS(reason.encode("utf-8"))
+
+
+def unpack_grant_revoked(data: bytes) -> tuple[str, int, str]:
+    try:
+        bind, rest = common.getNS(data)
+        (port,) = struct.unpack(">L", rest[:4])
+        why, _ = common.getNS(rest[4:])
+        return (bind.decode("utf-8", "replace"), port,
+                why[:_MAX_REASON].decode("utf-8", "replace"))
+    except (struct.error, IndexError) as e:
+        raise ValueError(f"malformed grant-revoked request: {e}") from e

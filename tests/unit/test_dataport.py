@@ -92,13 +92,14 @@ class FakeCore:
         self.reactor.callLater(timeout, d.cancel)
         return d
 
-    def fastSessionOpening(self, principal: Any, service: str, origin: str) -> object:
+    def fastSessionOpening(self, principal: Any, service: str, origin: str,
+                           key: bytes | None = None) -> object:
         if self.cap_reached:
             raise PairingError(f"user {principal.name} already has 1 sessions open")
         self.opened.append((principal.name, service, origin))
         return ("session", len(self.opened))
 
-    def fastSessionSpliced(self, session: object, pair: Any) -> None:
+    def fastSessionSpliced(self, session: object, pair: Any, agent: Any = None) -> None:
         self.spliced.append((session, pair))
 
     def fastSessionFailed(self, session: object) -> None:

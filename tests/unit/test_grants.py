@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.conch.ssh.keys import Key
+from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger
 from zope.interface import implementer
 
 from relay import grants as grants_module
 from relay.config import ConfigError, PrincipalConfig, RelayConfig, ServiceGrant
-from relay.grants import Grants, Principal, _options, parse_grant_file
+from relay.grants import (
+    Grants,
+    GrantsChange,
+    GrantsWatcher,
+    Loss,
+    Principal,
+    _options,
+    diff_grants,
+    parse_grant_file,
+)
 
 SOURCE = "node.toml"
 
@@ -469,6 +478,13 @@ def test_not_utf8(tmp_path: Path) -> None:
 # --- Grants: reloading -----------------------------------------------------------------
 
 
+def settle(grants: Grants) -> GrantsChange | None:
+    """Two polls: the first notices a change, the second sees it settled and applies it."""
+    first = grants.poll()
+    assert first is None, "a change is applied only once it has settled"
+    return grants.poll()
+
+
 def test_reload_sees_a_rewrite(keys: list[str], tmp_path: Path, events: Events) -> None:
     users = write(tmp_path / "users", f'permitopen="a:1" {keys[0]} alice')
     grants = Grants(RelayConfig(users_file=users), SOURCE)
@@ -476,9 +492,15 @@ def test_reload_sees_a_rewrite(keys: list[str], tmp_path: Path, events: Events) 
     assert alice is not None and alice.may_reach("a", 1) and not alice.may_reach("b", 1)
     # Same length, same inode, written at once: only the content tells.
     write(users, f'permitopen="b:1" {keys[0]} alice')
+    assert grants.principal_for(blob(keys[0])) == alice, "lookups never reload"
+    change = settle(grants)
+    assert change is not None
+    assert change.narrowed[blob(keys[0])].services == (ServiceGrant("a", 1),)
     alice = grants.principal_for(blob(keys[0]))
     assert alice is not None and alice.may_reach("b", 1) and not alice.may_reach("a", 1)
-    assert len(events.named("grants_reloaded")) == 1
+    [reloaded] = events.named("grants_reloaded")
+    assert (reloaded["users"], reloaded["revoked"], reloaded["narrowed"]) == (1, 0, 1)
+    assert grants.poll() is None, "nothing changed since"
 
 
 def test_reload_after_an_atomic_replace(keys: list[str], tmp_path: Path) -> None:
@@ -487,66 +509,129 @@ def test_reload_after_an_atomic_replace(keys: list[str], tmp_path: Path) -> None
     assert grants.owner_of("gpu") is not None
     fresh = write(tmp_path / "agents.new", f'permitlisten="gpu:22" {keys[1]} lab2')
     os.replace(fresh, agents)
+    change = settle(grants)
     owner = grants.owner_of("gpu")
     assert owner is not None and owner.name == "lab2"
     assert grants.principal_for(blob(keys[0])) is None
+    assert change is not None and list(change.revoked) == [blob(keys[0])]
+    assert change.revoked[blob(keys[0])].where == f"{agents}:1"
+    assert change.added == 1
 
 
-def test_revoked_key_is_refused_at_once(keys: list[str], tmp_path: Path) -> None:
+def test_revoked_key_is_refused_once_reloaded(keys: list[str], tmp_path: Path) -> None:
     users = write(tmp_path / "users", f"{keys[0]} alice", f"{keys[1]} bob")
     grants = Grants(RelayConfig(users_file=users), SOURCE)
+    seen: list[GrantsChange] = []
+    grants.subscribe(seen.append)
     assert grants.principal_for(blob(keys[1])) is not None
     write(users, f"{keys[0]} alice")
+    change = settle(grants)
     assert grants.principal_for(blob(keys[1])) is None
     assert grants.principal_for(blob(keys[0])) is not None
+    assert seen == [change] and change is not None and list(change.revoked) == [blob(keys[1])]
 
 
-def test_broken_rewrite_keeps_the_old_grants(
+def test_a_half_written_file_is_not_applied_until_it_settles(
+    keys: list[str], tmp_path: Path
+) -> None:
+    users = write(tmp_path / "users", f"{keys[0]} alice", f"{keys[1]} bob")
+    grants = Grants(RelayConfig(users_file=users), SOURCE)
+    write(users)  # truncated: the writer has not written yet
+    assert grants.poll() is None
+    write(users, f"{keys[0]} alice", f"{keys[1]} bob", f"{keys[2]} carol")
+    assert grants.poll() is None, "still changing"
+    change = grants.poll()
+    assert change is not None and change.revoked == {} and change.added == 1
+    assert grants.principal_for(blob(keys[1])) is not None
+
+
+def test_a_file_that_never_settles_is_taken_as_it_is(keys: list[str], tmp_path: Path) -> None:
+    users = write(tmp_path / "users", f"{keys[0]} alice")
+    grants = Grants(RelayConfig(users_file=users), SOURCE)
+    changes = []
+    for i in range(1, 6):
+        write(users, *(f"{keys[j]} user{j}" for j in range(i + 1)))
+        changes.append(grants.poll())
+    assert changes[:3] == [None, None, None] and changes[3] is not None
+
+
+def test_a_bad_line_grants_nothing_and_the_others_still_apply(
     keys: list[str], tmp_path: Path, events: Events
 ) -> None:
-    users = write(tmp_path / "users", f'permitopen="a:1" {keys[0]} alice')
+    users = write(tmp_path / "users", f'permitopen="a:1" {keys[0]} alice', f"{keys[1]} bob")
     grants = Grants(RelayConfig(users_file=users), SOURCE)
     write(users, f'permitopen="a:1" {keys[0]} alice', f"bogus {keys[1]} bob")
+    change = settle(grants)
     alice = grants.principal_for(blob(keys[0]))
     assert alice is not None and alice.may_reach("a", 1)
-    assert grants.principal_for(blob(keys[1])) is None
-    [failure] = events.named("grants_reload_failed")
+    assert grants.principal_for(blob(keys[1])) is None, "fails closed: bob's typo revokes bob"
+    assert change is not None and list(change.revoked) == [blob(keys[1])]
+    [failure] = events.named("grants_line_invalid")
     assert failure["log_level"].name == "error"
     assert failure["file"] == f"{users}:2"
     assert "unknown option 'bogus'" in failure["reason"]
     # Not re-parsed (nor logged again) while the file stays as it is ...
-    grants.principal_for(blob(keys[0]))
-    grants.principals()
-    assert len(events.named("grants_reload_failed")) == 1
+    assert grants.poll() is None
+    assert len(events.named("grants_line_invalid")) == 1
     # ... and taken as soon as it is fixed.
     write(users, f'permitopen="a:1" {keys[0]} alice', f"{keys[1]} bob")
+    settle(grants)
     bob = grants.principal_for(blob(keys[1]))
     assert bob is not None and bob.name == "bob"
 
 
-def test_a_conflict_on_reload_is_refused(keys: list[str], tmp_path: Path, events: Events) -> None:
+def test_a_conflicting_line_grants_nothing_and_cannot_take_a_key(
+    keys: list[str], tmp_path: Path, events: Events
+) -> None:
     agents = write(tmp_path / "agents", f'permitlisten="gpu:22" {keys[0]} lab')
     users = write(tmp_path / "users", f"{keys[1]} alice")
     grants = Grants(RelayConfig(agents_file=agents, users_file=users), SOURCE)
     write(users, f"{keys[1]} alice", f"{keys[0]} mallory")
+    change = settle(grants)
     principal = grants.principal_for(blob(keys[0]))
     assert principal is not None and principal.name == "lab"
-    [failure] = events.named("grants_reload_failed")
+    assert grants.principal_for(blob(keys[1])) is not None, "alice's line is not touched"
+    assert change is not None and change.losses == {}
+    [failure] = events.named("grants_conflict")
+    assert failure["file"] == f"{users}:2" and failure["name"] == "mallory"
     assert "already belongs to agent 'lab'" in failure["reason"]
 
 
-def test_a_deleted_file_keeps_the_old_grants(
+def test_a_deleted_file_grants_nothing(keys: list[str], tmp_path: Path, events: Events) -> None:
+    users = write(tmp_path / "users", f"{keys[0]} alice")
+    grants = Grants(RelayConfig(users_file=users), SOURCE)
+    users.unlink()
+    change = settle(grants)
+    assert grants.principal_for(blob(keys[0])) is None
+    assert change is not None and list(change.revoked) == [blob(keys[0])]
+    [missing] = events.named("grants_file_missing")
+    assert missing["log_level"].name == "warn" and missing["file"] == str(users)
+    write(users, f"{keys[1]} bob")
+    settle(grants)
+    assert grants.principal_for(blob(keys[0])) is None
+    assert grants.principal_for(blob(keys[1])) is not None
+
+
+def test_an_emptied_file_grants_nothing(keys: list[str], tmp_path: Path, events: Events) -> None:
+    agents = write(tmp_path / "agents", f'permitlisten="gpu:22" {keys[0]} lab')
+    grants = Grants(RelayConfig(agents_file=agents), SOURCE)
+    write(agents, "# nobody for now")
+    change = settle(grants)
+    assert grants.principal_for(blob(keys[0])) is None and grants.owner_of("gpu") is None
+    assert change is not None and list(change.revoked) == [blob(keys[0])]
+    assert events.named("grants_file_empty")[0]["file"] == str(agents)
+
+
+def test_a_world_writable_file_grants_nothing(
     keys: list[str], tmp_path: Path, events: Events
 ) -> None:
     users = write(tmp_path / "users", f"{keys[0]} alice")
     grants = Grants(RelayConfig(users_file=users), SOURCE)
-    users.unlink()
-    assert grants.principal_for(blob(keys[0])) is not None
-    [failure] = events.named("grants_reload_failed")
-    assert "cannot read the users file" in failure["reason"]
-    write(users, f"{keys[1]} bob")
+    users.chmod(0o666)
+    settle(grants)
     assert grants.principal_for(blob(keys[0])) is None
-    assert grants.principal_for(blob(keys[1])) is not None
+    [invalid] = events.named("grants_file_invalid")
+    assert invalid["log_level"].name == "error" and "writable by anyone" in invalid["reason"]
 
 
 def test_an_unchanged_file_is_only_stat_ed(
@@ -564,11 +649,14 @@ def test_an_unchanged_file_is_only_stat_ed(
 
     monkeypatch.setattr(grants_module, "_read", counting_read)
     for _ in range(5):
+        assert grants.poll() is None
         assert grants.principal_for(blob(keys[0])) is not None
     assert reads == []
     os.utime(users, ns=(1, 1))
+    assert grants.poll() is None, "touched, same content: no reload"
     assert grants.principal_for(blob(keys[0])) is not None
     assert reads == [users]
+    assert grants.poll() is None and reads == [users]
 
 
 def test_a_change_invisible_to_stat_is_seen_while_racy(
@@ -576,12 +664,123 @@ def test_a_change_invisible_to_stat_is_seen_while_racy(
 ) -> None:
     """A rewrite within one tick of the file system's clock can keep inode, size and
     times; for a while after a change the content itself is compared."""
-    now = time.time_ns()
+    now = 10**18
     monkeypatch.setattr(grants_module, "_signature", lambda st: (0, 0, 0, now, now))
     users = write(tmp_path / "users", f"{keys[0]} alice")
-    grants = Grants(RelayConfig(users_file=users), SOURCE)
+    wall = [now]
+    grants = Grants(RelayConfig(users_file=users), SOURCE, wall_ns=lambda: wall[0])
     write(users, f"{keys[0]} alice", f"{keys[1]} bob")
+    settle(grants)
     assert grants.principal_for(blob(keys[1])) is not None
-    monkeypatch.setattr(grants_module, "_RACY_NS", 0)
+    wall[0] = now + grants_module._RACY_NS
     write(users, f"{keys[0]} alice")
+    assert grants.poll() is None and grants.poll() is None
     assert grants.principal_for(blob(keys[1])) is not None, "stat-only once no longer racy"
+
+
+def test_watcher_polls_on_the_clock(keys: list[str], tmp_path: Path) -> None:
+    users = write(tmp_path / "users", f"{keys[0]} alice")
+    grants = Grants(RelayConfig(users_file=users), SOURCE)
+    clock = Clock()
+    watcher = GrantsWatcher(grants, clock, 0.25)
+    watcher.start()
+    write(users)
+    clock.advance(0.25)
+    assert grants.principal_for(blob(keys[0])) is not None, "noticed, not yet settled"
+    clock.advance(0.25)
+    assert grants.principal_for(blob(keys[0])) is None, "applied two intervals after the write"
+    watcher.stop()
+    assert clock.getDelayedCalls() == []
+
+
+def test_watcher_keeps_watching_after_an_error(
+    keys: list[str], tmp_path: Path, events: Events
+) -> None:
+    users = write(tmp_path / "users", f"{keys[0]} alice")
+    grants = Grants(RelayConfig(users_file=users), SOURCE)
+
+    def broken(change: GrantsChange) -> None:
+        raise RuntimeError("observer bug")
+
+    grants.subscribe(broken)
+    clock = Clock()
+    watcher = GrantsWatcher(grants, clock, 0.25)
+    watcher.start()
+    write(users)
+    clock.advance(0.25)
+    clock.advance(0.25)
+    assert grants.principal_for(blob(keys[0])) is None
+    assert events.named("grants_apply_failed")
+    assert len(clock.getDelayedCalls()) == 1, "still polling"
+    watcher.stop()
+
+
+def test_watcher_without_grant_files_does_nothing() -> None:
+    clock = Clock()
+    watcher = GrantsWatcher(Grants(RelayConfig(), SOURCE), clock, 0.25)
+    watcher.start()
+    assert clock.getDelayedCalls() == []
+    watcher.stop()
+
+
+# --- diff_grants: plain data ----------------------------------------------------------------
+
+
+def agent(name: str, *services: ServiceGrant, ports: tuple[int, ...] = ()) -> Principal:
+    return Principal("agent", name, services, frozenset(ports), None)
+
+
+def user(name: str, *services: ServiceGrant, max_sessions: int = 64) -> Principal:
+    return Principal("user", name, services, frozenset(), max_sessions)
+
+
+GPU, WEB = ServiceGrant("gpu", 22), ServiceGrant("web", 8080)
+
+
+def test_diff_nothing_changed() -> None:
+    state = {b"k1": agent("lab", GPU), b"k2": user("alice", GPU)}
+    change = diff_grants(state, dict(state))
+    assert change.losses == {} and change.added == 0
+
+
+def test_diff_a_removed_key_lost_everything() -> None:
+    lab = agent("lab", GPU, ports=(2201,))
+    change = diff_grants({b"k1": lab, b"k2": user("alice", GPU)},
+                         {b"k2": user("alice", GPU), b"k3": agent("lab", GPU)},
+                         {b"k1": "agents:3"})
+    assert change.revoked == {b"k1": Loss(lab, True, (GPU,), (2201,), "agents:3")}
+    assert change.narrowed == {} and change.added == 1
+    assert change.revoked[b"k1"].describe() == "agent lab: key no longer granted"
+
+
+def test_diff_a_key_that_changed_hands_lost_everything() -> None:
+    change = diff_grants({b"k": user("alice", GPU)}, {b"k": user("mallory", GPU)})
+    assert change.revoked[b"k"].everything
+    change = diff_grants({b"k": user("alice", GPU)}, {b"k": agent("alice", GPU)})
+    assert change.revoked[b"k"].everything
+
+
+def test_diff_narrowing_lists_what_was_lost() -> None:
+    change = diff_grants({b"a": agent("lab", GPU, WEB, ports=(2201, 2202)),
+                          b"u": user("alice", GPU, WEB)},
+                         {b"a": agent("lab", GPU, ports=(2202,)), b"u": user("alice", WEB)})
+    assert change.revoked == {}
+    assert change.narrowed[b"a"].services == (WEB,)
+    assert change.narrowed[b"a"].public_ports == (2201,)
+    assert change.narrowed[b"u"].services == (GPU,)
+    assert change.narrowed[b"u"].describe() == "user alice: lost gpu:22"
+
+
+def test_diff_a_grant_covered_by_a_wider_one_is_no_loss() -> None:
+    wide = [ServiceGrant("gpu", None), ServiceGrant("*", 22), ServiceGrant("*", None)]
+    for grant in wide:
+        assert diff_grants({b"u": user("alice", GPU)}, {b"u": user("alice", grant)}).losses == {}
+    # ... and the other way round is a loss of the wide grant.
+    change = diff_grants({b"u": user("alice", ServiceGrant("*", None))}, {b"u": user("alice", GPU)})
+    assert change.narrowed[b"u"].services == (ServiceGrant("*", None),)
+
+
+def test_diff_a_lowered_session_cap_is_no_loss() -> None:
+    change = diff_grants({b"u": user("alice", GPU, max_sessions=10)},
+                         {b"u": user("alice", GPU, max_sessions=1)})
+    assert change.losses == {}

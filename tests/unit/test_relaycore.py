@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from twisted.conch.ssh import common, keys
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
-from relay.config import PrincipalConfig, RelayConfig, ServiceGrant
+from relay.config import HostPort, PrincipalConfig, RelayConfig, ServiceGrant
 from relay.grants import Grants
 from relay.relayserver import TAKEOVER_PROBE, RelayCore, Session
 from relay.routing import Outcome, Registry
@@ -43,6 +44,7 @@ class FakeConn:
     peer: str = "127.0.0.1:1"
     probes: list[defer.Deferred[bool]] = field(default_factory=list)
     disconnected: list[str] = field(default_factory=list)
+    revoked: list[tuple[str, int, str]] = field(default_factory=list)
 
     @property
     def principal_name(self) -> str:
@@ -55,6 +57,9 @@ class FakeConn:
 
     def disconnect(self, why: str) -> None:
         self.disconnected.append(why)
+
+    def grantRevoked(self, bind: str, port: int, why: str) -> None:
+        self.revoked.append((bind, port, why))
 
 
 def _forward(name: str, port: int) -> bytes:
@@ -253,3 +258,165 @@ def test_registry_offer_outcomes() -> None:
     assert registry.offer("svc", 1, b)[0] is Outcome.REFUSED
     assert [r.name for r in registry.drop_session(a1)] == ["svc"]
     assert registry.lookup("svc", 1) is None
+
+
+# --- grants reloaded: revocation and narrowing take effect at once ------------------------
+
+
+@dataclass
+class Filed:
+    """A core whose grants come from files, and the keys: ``lines[name]``, ``blobs[name]``."""
+
+    core: RelayCore
+    clock: MemoryReactorClock
+    agents: Path
+    users: Path
+    lines: dict[str, str]
+    blobs: dict[str, bytes]
+
+    def write(self, agents: list[str] | None = None, users: list[str] | None = None) -> None:
+        for path, entries in ((self.agents, agents), (self.users, users)):
+            if entries is not None:
+                path.write_text("".join(e + "\n" for e in entries))
+        self.core.grants.reload()
+
+
+LAB = 'permitlisten="gpu-cluster:22",permitlisten="web:80",permitlisten="2201" {key}'
+ALICE = 'permitopen="gpu-cluster:22",permitopen="web:80" {key}'
+
+
+@pytest.fixture
+def filed(tmp_path: Path) -> Filed:
+    lines, blobs = {}, {}
+    for name in ("k1", "k2", "alice", "bob"):
+        line, blobs[name] = _key("x")
+        lines[name] = " ".join(line.split()[:2])
+    agents, users = tmp_path / "agents", tmp_path / "users"
+    agents.write_text(LAB.format(key=lines["k1"]) + " lab_pc\n")
+    users.write_text(ALICE.format(key=lines["alice"]) + " alice\n"
+                     f'permitopen="web:80" {lines["bob"]} bob\n')
+    config = RelayConfig(agents_file=agents, users_file=users,
+                         listen=HostPort("127.0.0.1", 2222))
+    clock = MemoryReactorClock()
+    core = RelayCore(config, Grants(config, "test"), clock)
+    return Filed(core, clock, agents, users, lines, blobs)
+
+
+class _FakePair:
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def _session(core: RelayCore, user: str, service: str, key: bytes | None, agent: Any) -> Session:
+    session = Session(user, service, "x:1", 0.0, key=key, agent=agent, path="spliced")
+    session.pair = _FakePair()  # type: ignore[assignment]
+    core._sessionOpening(session)
+    return session
+
+
+def _aborted(session: Session) -> bool:
+    return bool(session.pair.aborted)  # type: ignore[union-attr]
+
+
+def test_revoked_agent_key_loses_its_names_sessions_and_connection(filed: Filed) -> None:
+    core, b = filed.core, filed.blobs
+    k1 = _conn(core, b, "k1")
+    k1.identity.name = "lab_pc"
+    assert _result(_register(core, k1)) is True
+    assert _result(_register(core, k1, "")) is False  # port 22 is no public port granted
+    assert _result(_register(core, k1, "", 2201)) is True
+    assert 2201 in core.public
+    alice = _session(core, "alice", "gpu-cluster:22", b["alice"], k1)
+    public = _session(core, "public:2201", "public:2201", None, k1)
+    filed.write(agents=[LAB.format(key=filed.lines["k2"]) + " lab_pc"])
+    assert core.registry.registrations() == []
+    assert core.public == {}
+    assert _aborted(alice) and _aborted(public)
+    assert k1.disconnected == ["this key is no longer granted on this relay"]
+    assert k1.revoked == []  # told by the disconnect
+    # K2 is the lab's key now: it takes the name at once, no probe of anyone.
+    k2 = _conn(core, b, "k2")
+    k2.identity.name = "lab_pc"
+    assert _result(_register(core, k2)) is True
+    assert k1.probes == []
+
+
+def test_narrowed_agent_loses_only_what_it_lost_and_is_told(filed: Filed) -> None:
+    core, b = filed.core, filed.blobs
+    k1 = _conn(core, b, "k1")
+    k1.identity.name = "lab_pc"
+    _result(_register(core, k1))
+    _result(_register(core, k1, "web", 80))
+    gpu = _session(core, "alice", "gpu-cluster:22", b["alice"], k1)
+    web = _session(core, "alice", "web:80", b["alice"], k1)
+    filed.write(agents=['permitlisten="gpu-cluster:22" ' + filed.lines["k1"] + " lab_pc"])
+    assert [(r.name, r.port) for r in core.registry.registrations()] == [("gpu-cluster", 22)]
+    assert _aborted(web) and not _aborted(gpu)
+    assert k1.disconnected == []
+    assert k1.revoked == [("web", 80, "web:80 is no longer granted to agent lab_pc")]
+    # ... and cannot register it again.
+    assert _result(_register(core, k1, "web", 80)) is False
+
+
+def test_a_holder_whose_grant_went_cannot_keep_a_name_by_answering_probes(filed: Filed) -> None:
+    """Even if a reload was not applied to it (belt and braces): the holder's key is
+    checked before the takeover probe."""
+    core, b = filed.core, filed.blobs
+    k1 = _conn(core, b, "k1")
+    k1.identity.name = "lab_pc"
+    _result(_register(core, k1))
+    core.grants._observers.clear()  # the reload is not applied to what runs
+    filed.write(agents=[LAB.format(key=filed.lines["k2"]) + " lab_pc"])
+    assert core.registry.lookup("gpu-cluster", 22).session is k1  # type: ignore[union-attr]
+    k2 = _conn(core, b, "k2")
+    k2.identity.name = "lab_pc"
+    assert _result(_register(core, k2)) is True, "no probe: K1 may not hold it"
+    assert k1.probes == []
+    assert core.registry.lookup("gpu-cluster", 22).session is k2  # type: ignore[union-attr]
+    assert k1.revoked == [("gpu-cluster", 22, "gpu-cluster:22 is no longer granted to this key")]
+
+
+def test_revoked_user_key_loses_its_sessions_and_connection(filed: Filed) -> None:
+    core, b = filed.core, filed.blobs
+    agent = _conn(core, b, "k1")
+    alice, bob = _conn(core, b, "alice", kind="user"), _conn(core, b, "bob", kind="user")
+    hers = _session(core, "alice", "gpu-cluster:22", b["alice"], agent)
+    his = _session(core, "bob", "web:80", b["bob"], agent)
+    filed.write(users=[f'permitopen="web:80" {filed.lines["bob"]} bob'])
+    assert _aborted(hers) and not _aborted(his)
+    assert alice.disconnected == ["this key is no longer granted on this relay"]
+    assert bob.disconnected == [] and agent.disconnected == []
+
+
+def test_narrowed_user_loses_the_sessions_it_may_no_longer_have(filed: Filed) -> None:
+    core, b = filed.core, filed.blobs
+    agent = _conn(core, b, "k1")
+    alice = _conn(core, b, "alice", kind="user")
+    gpu = _session(core, "alice", "gpu-cluster:22", b["alice"], agent)
+    web = _session(core, "alice", "web:80", b["alice"], agent)
+    filed.write(users=[f'permitopen="web:80" {filed.lines["alice"]} alice'])
+    assert _aborted(gpu) and not _aborted(web)
+    assert alice.disconnected == []
+
+
+def test_a_session_revoked_while_opening_is_closed_when_it_connects(filed: Filed) -> None:
+    core, b = filed.core, filed.blobs
+    session = Session("alice", "gpu-cluster:22", "x:1", 0.0, key=b["alice"])
+    core._sessionOpening(session)
+    filed.write(users=[])
+    assert session.aborted
+    pair = _FakePair()
+    pair.done = defer.Deferred()  # type: ignore[attr-defined]
+    core.fastSessionSpliced(session, pair)  # type: ignore[arg-type]
+    assert pair.aborted
+
+
+def test_the_watcher_runs_with_the_core(filed: Filed) -> None:
+    core, clock = filed.core, filed.clock
+    core.start()
+    assert len(clock.getDelayedCalls()) == 1
+    core.stop()
+    assert clock.getDelayedCalls() == []

@@ -1,0 +1,71 @@
+"""``grant-revoked@labrelay``: its wire format, and what the agent's forward does with it.
+
+The relay sends it when a registration is dropped because the agent's key lost the
+grant (docs/relay.md, "Reloading"); the agent logs it and asks again with backoff.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from relay.config import HostPort, RemoteForward
+from relay.forwards import ForwardState, RemoteForwardRunner
+from relay.ssh.wire import pack_grant_revoked, unpack_grant_revoked
+
+
+def test_round_trip_and_reason_bounded() -> None:
+    assert unpack_grant_revoked(pack_grant_revoked("web", 8080, "gone")) == ("web", 8080, "gone")
+    bind, port, why = unpack_grant_revoked(pack_grant_revoked("", 2201, "é" * 2000))
+    assert (bind, port) == ("", 2201) and len(why.encode()) <= 1024
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00\x00\x00\x03web", b"\x00\x00\x00\x03web\x00\x00"])
+def test_malformed_is_an_error(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        unpack_grant_revoked(data)
+
+
+class FakeLink:
+    name = "relay"
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+
+    def forwardReady(self) -> None:
+        pass
+
+
+class FakeConn:
+    def __init__(self) -> None:
+        self.requests: list[tuple[bytes, bytes]] = []
+        self.replies: list[defer.Deferred[bytes]] = []
+
+    def sendGlobalRequest(self, kind: bytes, data: bytes, wantReply: int) -> Any:
+        self.requests.append((kind, data))
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self.replies.append(d)
+        return d
+
+
+def test_a_revoked_forward_asks_again_with_backoff() -> None:
+    link = FakeLink()
+    runner = RemoteForwardRunner(link, RemoteForward("web", 8080, HostPort("127.0.0.1", 80), "web"),
+                                 lambda failures: 2.0 * failures)  # type: ignore[arg-type]
+    conn = FakeConn()
+    runner.linkUp(conn)  # type: ignore[arg-type]
+    conn.replies[0].callback(b"")
+    assert runner.state is ForwardState.READY and runner.matches("web", 8080)
+    why = "web:8080 is no longer granted to agent lab_pc"
+    runner.revoked(why)
+    assert runner.state is ForwardState.REFUSED and not runner.matches("web", 8080)
+    assert runner.last_error == f"revoked by the relay: {why}"
+    runner.revoked("twice")  # not ready: ignored
+    assert runner.failures == 1
+    link.clock.advance(2.0)
+    assert len(conn.requests) == 2 and conn.requests[1][0] == b"tcpip-forward"
+    runner.linkDown()
+    assert link.clock.getDelayedCalls() == []
