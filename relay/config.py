@@ -212,6 +212,9 @@ class RelayConfig:
     e2e_services: tuple[ServiceGrant, ...] = ()  # services whose payload is end-to-end encrypted
     token_lifetime: float = 10.0
     data_hello_timeout: float = 5.0
+    # Unused fast-path tickets one SSH session / one user or agent may hold at once.
+    max_tokens_per_session: int = 64
+    max_tokens_per_user: int = 256
 
 
 @dataclass(frozen=True)
@@ -865,6 +868,8 @@ _RELAY_KEYS = {
     "e2e_services": 'e2e_services = ["gpu-cluster:22", "*:22"]',
     "token_lifetime": "token_lifetime = 10",
     "data_hello_timeout": "data_hello_timeout = 5",
+    "max_tokens_per_session": "max_tokens_per_session = 64",
+    "max_tokens_per_user": "max_tokens_per_user = 256",
     "agent": '[[relay.agent]] name = "lab_pc", keys = ["ssh-ed25519 AAAA... lab_pc"], '
     'services = ["gpu-cluster:22"]',
     "user": '[[relay.user]] name = "alice", keys = ["ssh-ed25519 AAAA... alice"], '
@@ -1297,6 +1302,9 @@ def _parse_relay(sec: _Section, base: Path) -> RelayConfig:
         token_lifetime=sec.number("token_lifetime", defaults.token_lifetime, low=0, above=True),
         data_hello_timeout=sec.number("data_hello_timeout", defaults.data_hello_timeout,
                                       low=0, above=True),
+        max_tokens_per_session=sec.integer("max_tokens_per_session",
+                                           defaults.max_tokens_per_session, 1),
+        max_tokens_per_user=sec.integer("max_tokens_per_user", defaults.max_tokens_per_user, 1),
         listen=listen,
         state_dir=defaults.state_dir if state_dir is None else _path(state_dir, base),
         public_bind=defaults.public_bind if public_bind is None else public_bind,
