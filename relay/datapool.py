@@ -120,8 +120,10 @@ class BurstLog:
         self.count = 0
 
     def stop(self) -> None:
+        """End the burst now (saying how many more there were)."""
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+            self._end()
         self._timer = None
 
 
@@ -234,7 +236,9 @@ class DataPool:
         self.data_host = host
         self.state = "starting"
         self.stash = []
-        self._credits = 0
+        # The first fill is free; the budget is for replacing connections lost
+        # without a valid dispatch.
+        self._credits = self.size
         self.refill()
 
     def linkDown(self) -> None:
@@ -242,13 +246,13 @@ class DataPool:
         if self.size > 0:
             self.state = "down"
         self._cancelRetry()
+        self.burst.stop()
         for pc in list(self.idle):
             pc.transport.loseConnection()
         self.idle.clear()
 
     def stop(self) -> None:
         self.linkDown()
-        self.burst.stop()
         for pair in list(self._pairs):
             pair.abort()
 
