@@ -320,7 +320,7 @@ class DataPool:
                            "{port} for {services}", event="fast_path_ready",
                            link=self.link.name, n=self.size, host=self.data_host,
                            port=reply.data_port,
-                           services=sorted(f"{n}:{p}" for n, p in self.dispatchable))
+                           services=" ".join(sorted(f"{n}:{p}" for n, p in self.dispatchable)))
         self.state = "ready"
         self.reason = ""
         self.data_port = reply.data_port
