@@ -554,6 +554,8 @@ class DataPort:
             "data_port": self.bound_port if self.listener is not None else None,
             "e2e_services": [str(g) for g in self.config.e2e_services],
             "tokens_outstanding": len(self.tokens),
+            "tokens_outstanding_by_role": self.tokens.outstanding(),
+            "tokens_swept": self.tokens.swept,
             "tokens_issued": dict(self.tokens.issued),
             "tokens_redeemed": dict(self.tokens.redeemed),
             "tokens_refused": {k: v for k, v in self.tokens.refused.items() if v},

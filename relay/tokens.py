@@ -99,6 +99,13 @@ class TokenBook:
     def __len__(self) -> int:
         return len(self._tickets)
 
+    def outstanding(self) -> dict[str, int]:
+        """Unused tickets by role."""
+        counts = {"user": 0, "agent": 0}
+        for ticket in self._tickets.values():
+            counts[_ROLE_NAMES.get(ticket.role, "user")] += 1
+        return counts
+
     # the sweep
 
     def start(self, interval: float | None = None) -> None:

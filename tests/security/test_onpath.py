@@ -75,14 +75,18 @@ def _recv_exactly(s: socket.socket, n: int) -> bytes:
     return got
 
 
-def _read_until_closed(s: socket.socket, timeout: float = 10.0) -> bytes:
+def _read_until_closed(s: socket.socket, timeout: float = 10.0) -> bytes | None:
+    """What the peer sent until it closed (FIN or RST); None if it kept the connection
+    open past ``timeout`` (for the box: accepted, which must never happen)."""
     s.settimeout(timeout)
     got = b""
     while True:
         try:
             chunk = s.recv(65536)
-        except (ConnectionResetError, socket.timeout):
+        except ConnectionResetError:
             return got
+        except TimeoutError:
+            return None
         if not chunk:
             return got
         got += chunk
@@ -103,8 +107,10 @@ class OnPathBox:
         self.accepted: list[float] = []  # when each agent data connection arrived
         self.forwarded: list[tuple[socket.socket, socket.socket]] = []
         self.captured: dict[str, bytes] = {}  # nonce, hello, go of a forwarded connection
-        self.after_go: list[tuple[str, bytes]] = []  # what the agent sent after our GO
-        self.impersonated: list[bytes] = []  # what the real data port sent after its challenge
+        # What the agent sent after our GO, and what the real data port sent after its
+        # challenge to our impersonation, until each closed (None: it did not close).
+        self.after_go: list[tuple[str, bytes | None]] = []
+        self.impersonated: list[bytes | None] = []
         self.kinds = Counter[str]()
         self._turn = 0
         self._socks: list[socket.socket] = [self.ssh, self.data]
