@@ -440,7 +440,7 @@ class DataPool:
     def dispatched(self, pc: PoolConnection, name: str, port: int) -> None:
         """A GO whose MAC was right: the relay asked for ``name:port``."""
         self.idle.discard(pc)
-        self._credits += 1  # the relay used it: replace it at once
+        self._credits = min(self._credits + 1, self.size)  # the relay used it: replace at once
         self.refill()
         forward = self._forwardFor(name, port)
         local = self.link.local_relay
