@@ -263,7 +263,7 @@ class DataPort:
         return any(g.matches(name, port) for g in self.config.e2e_services)
 
     def tokenRequest(self, conn: RelayConnection, data: bytes) -> tuple[bool, bytes]:
-        """``data-token@labrelay`` from a user: a token, or why not."""
+        """``data-token-v2@labrelay`` from a user: a ticket, or why not."""
         try:
             name, port = fw.unpack_token_request(data)
         except fw.WireError:
@@ -309,7 +309,8 @@ class DataPort:
         return answer(fw.Status.OK, "", token)
 
     def poolRequest(self, conn: RelayConnection, data: bytes) -> tuple[bool, bytes]:
-        """``data-pool@labrelay`` from an agent: tokens for its idle data connections."""
+        """``data-pool-v2@labrelay`` from an agent: tickets for its idle data connections,
+        and which of the services it offered will be dispatched to it."""
         try:
             count, services = fw.unpack_pool_request(data)
         except fw.WireError:

@@ -617,7 +617,7 @@ def test_user_at_the_session_cap_is_refused(world: World) -> None:
     assert udc.state == "closed"
 
 
-# --- data-token@labrelay --------------------------------------------------------------------
+# --- data-token-v2@labrelay -----------------------------------------------------------------
 
 
 def test_token_request_ok(world: World) -> None:
