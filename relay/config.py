@@ -249,6 +249,9 @@ class RelayConfig:
     # How often the grant files are checked for changes (revocation takes effect
     # within two of these once the file is written).
     grants_poll_interval: float = 0.25
+    # Unused fast-path tickets one SSH session / one user or agent may hold at once.
+    max_tokens_per_session: int = 64
+    max_tokens_per_user: int = 256
 
 
 @dataclass(frozen=True)
@@ -908,6 +911,8 @@ _RELAY_KEYS = {
     "token_lifetime": "token_lifetime = 10",
     "data_hello_timeout": "data_hello_timeout = 5",
     "grants_poll_interval": "grants_poll_interval = 0.25",
+    "max_tokens_per_session": "max_tokens_per_session = 64",
+    "max_tokens_per_user": "max_tokens_per_user = 256",
     "agent": '[[relay.agent]] name = "lab_pc", keys = ["ssh-ed25519 AAAA... lab_pc"], '
     'services = ["gpu-cluster:22"]',
     "user": '[[relay.user]] name = "alice", keys = ["ssh-ed25519 AAAA... alice"], '
@@ -1400,6 +1405,9 @@ def _parse_relay(sec: _Section, base: Path) -> RelayConfig:
                                       low=0, above=True),
         grants_poll_interval=sec.number("grants_poll_interval", defaults.grants_poll_interval,
                                         low=0, above=True, high=10),
+        max_tokens_per_session=sec.integer("max_tokens_per_session",
+                                           defaults.max_tokens_per_session, 1),
+        max_tokens_per_user=sec.integer("max_tokens_per_user", defaults.max_tokens_per_user, 1),
         listen=listen,
         state_dir=defaults.state_dir if state_dir is None else _path(state_dir, base),
         public_bind=defaults.public_bind if public_bind is None else public_bind,

@@ -3,8 +3,10 @@
     ssh -o ProxyCommand='labrelay connect -p 2222 alice@relay gpu-cluster' me@gpu-cluster
 
 It authenticates to the relay over SSH with the user's key (the relay checks the
-grant), asks for a one-time token (``data-token@labrelay``), opens a data
-connection to the relay's data port with it, and once the relay says it is paired
+grant), asks for a one-time ticket (``data-token-v2@labrelay``), opens a data
+connection to the relay's data port and answers the relay's challenge with a proof
+of the ticket (its secret never crosses the data port: someone who reads or replays
+the hello gets nothing), and once the relay says it is paired
 hands stdin/stdout and that socket to :mod:`relay.datapath`: from then on the
 user's own ssh stream is copied in the kernel, and this process only waits.  The
 SSH connection to the relay is closed once the data connection is paired.
@@ -37,7 +39,7 @@ from . import datapath
 from . import fastwire as fw
 from .bridge import Bridge, TCPSide
 from .config import ConfigError, LinkConfig, NodeConfig
-from .net import client_endpoint
+from .net import client_endpoint, peer_ip
 
 CLI = "command line"
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -111,24 +113,39 @@ class DataPortUnreachable(Exception):
 
 
 class _UserData(Protocol):
-    """The data connection until the relay answers: hello out, one reply in."""
+    """The data connection until the relay answers: its challenge in, our hello (the
+    proof over its nonce) out, one reply in."""
 
     transport: Any
 
-    def __init__(self, hello: bytes) -> None:
-        self.hello = hello
+    def __init__(self, token: bytes, name: str, port: int) -> None:
+        self.token = token
+        self.service = (name, port)
+        self.nonce: bytes | None = None
         self.buf = b""
         self.answer: defer.Deferred[bytes] = defer.Deferred()
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
-        self.transport.write(self.hello)
 
     def dataReceived(self, data: bytes) -> None:
         if self.answer.called:
             self.buf += data  # raced the pause: part of the stream
             return
         self.buf += data
+        if self.nonce is None:
+            try:
+                challenge = fw.parse_challenge(self.buf)
+            except fw.WireError as e:
+                self.answer.errback(ConnectionError(f"the data port answered nonsense ({e})"))
+                self.transport.abortConnection()
+                return
+            if challenge is None:
+                return
+            self.nonce, self.buf = challenge
+            self.transport.write(fw.user_hello(self.token, self.nonce, *self.service))
+            if not self.buf:
+                return
         try:
             parsed = fw.parse_reply(self.buf, fw.USER_OK, fw.USER_ERROR)
         except fw.WireError as e:
@@ -237,14 +254,20 @@ class Connector:
         """The session on the fast path; DataPortUnreachable if the data port cannot be
         reached (a firewall in between is the usual reason): the caller falls back."""
         cfg = self.options.link
-        endpoint = client_endpoint(self.reactor, cfg.host, data_port,
+        # The address this SSH connection reached (its host key was checked), not
+        # the relay's name resolved again.
+        host = peer_ip(self.conn) or cfg.host
+        endpoint = client_endpoint(self.reactor, host, data_port,
                                    min(cfg.connect_timeout, DATA_CONNECT_TIMEOUT))
-        hello = fw.user_hello(token, self.options.service, self.options.port)
+        if len(token) != fw.TOKEN_LEN:
+            raise DataPortUnreachable("the relay sent a malformed ticket")
+        service, port = self.options.service, self.options.port
         try:
-            proto: Any = await endpoint.connect(Factory.forProtocol(lambda: _UserData(hello)))
+            proto: Any = await endpoint.connect(
+                Factory.forProtocol(lambda: _UserData(token, service, port)))
         except Exception as e:
             raise DataPortUnreachable(
-                f"cannot reach its data port {cfg.host}:{data_port}: {e}") from e
+                f"cannot reach its data port {host}:{data_port}: {e}") from e
         try:
             timer = self.reactor.callLater(PAIR_TIMEOUT, proto.answer.cancel)
             try:

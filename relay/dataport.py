@@ -1,26 +1,29 @@
 """The relay's end of the fast path: tokens over SSH, a data port, pairing, splicing.
 
 DESIGN §2.3: for a service declared end-to-end encrypted (``e2e_services``), a
-user granted it asks over SSH for a one-time token (``data-token@labrelay``); its
-data connection presents the token at the data port; an idle connection the
-service's agent dialled beforehand (``data-pool@labrelay`` tokens) is dispatched
-to the service; once the agent says its target is connected, the relay splices
+user granted it asks over SSH for a one-time ticket (``data-token-v2@labrelay``);
+its data connection proves it holds the ticket at the data port (an HMAC over the
+relay's fresh nonce: the secret never crosses the data port); an idle connection
+the service's agent dialled beforehand (``data-pool-v2@labrelay`` tickets, proved
+the same way) is dispatched to the service with a GO MAC'd with that connection's
+own ticket secret; once the agent says its target is connected, the relay splices
 the two sockets (:mod:`relay.datapath`) and never sees a byte again.
 
-Every check happens before a byte reaches the agent: the token (see
+Every check happens before a byte reaches the agent: the proof (see
 :mod:`relay.tokens`), the user's grant (again: grants may have been reloaded), the
 user's session cap, and that the agent which pooled the connection still holds the
-service.  A data connection that does not send its 37-byte hello within
-``data_hello_timeout`` is closed.  Who may connect at all is :mod:`relay.admission`'s
-data-port gate: per-source and global caps on connections still owing their hello,
-and penalties (shared with the SSH port) for a refused token, a bad hello, a hello
-timeout or a close before the hello.
+service and offered it as end-to-end encrypted.  A data connection that does not
+send its hello within ``data_hello_timeout`` is closed.  Who may connect at all is
+:mod:`relay.admission`'s data-port gate: per-source and global caps on connections
+still owing their hello, and penalties (shared with the SSH port) for a refused
+proof, a bad hello, a hello timeout or a close before the hello.
 
 The wire format is in :mod:`relay.fastwire`.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,10 +37,11 @@ from twisted.python.failure import Failure
 
 from . import datapath
 from . import fastwire as fw
-from .admission import Admission, Offence, Refusal, Ticket
+from .admission import Admission, Offence, Refusal
+from .admission import Ticket as AdmissionTicket
 from .net import LISTEN_BACKLOG, probe_idle
 from .tokens import Refusal as TokenRefusal
-from .tokens import TokenBook, TokenRefused
+from .tokens import Ticket, TokenBook, TokenRefused, TooManyTokens
 
 if TYPE_CHECKING:
     from .relayserver import RelayCore
@@ -110,7 +114,7 @@ class AgentPool:
 class DataConnection(Protocol):
     """One connection to the data port, until it is spliced or closed.
 
-    States: ``hello`` (collecting the 37 bytes) -> ``user`` (paused, waiting to be
+    States: ``hello`` (challenge sent, collecting the hello) -> ``user`` (paused, waiting to be
     paired) or ``idle`` (an agent's pooled connection, read only to notice its end)
     -> ``dispatched`` (an agent's, waiting for ``K``/``E``) -> ``spliced``; any ->
     ``closed``."""
@@ -126,7 +130,9 @@ class DataConnection(Protocol):
         self.pool: AgentPool | None = None
         self.reply: defer.Deferred[str] | None = None
         self._timer: IDelayedCall | None = None
-        self.admission: Ticket | None = None  # from DataPort.admit
+        self.admission: AdmissionTicket | None = None  # from DataPort.admit
+        self.nonce = b""  # this connection's challenge: what its hello must prove over
+        self.ticket: Ticket | None = None  # once proved: its secret keys the GO's MAC
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -138,6 +144,8 @@ class DataConnection(Protocol):
             self.transport.abortConnection()
             return
         self._timer = self.port.clock.callLater(self.port.hello_timeout, self._helloTimeout)
+        self.nonce = secrets.token_bytes(fw.NONCE_LEN)
+        self.transport.write(fw.challenge(self.nonce))
 
     def _helloTimeout(self) -> None:
         self._timer = None
@@ -160,8 +168,7 @@ class DataConnection(Protocol):
             self._timer = None
             hello, self.extra, self.buf = self.buf[:length], self.buf[length:], b""
             self.transport.pauseProducing()
-            role, token, service = fw.parse_hello(hello)
-            self.port.helloReceived(self, role, token, service)
+            self.port.helloReceived(self, fw.parse_hello(hello))
         elif self.state == "idle":
             self.port.refuse(self, "protocol", "an idle agent data connection sent bytes")
         elif self.state == "dispatched":
@@ -190,10 +197,13 @@ class DataConnection(Protocol):
                 d.callback(result)
 
     def dispatch(self, bind: str, port: int) -> defer.Deferred[str]:
-        """Send GO to this idle agent connection; fires once the agent answers."""
+        """Send GO to this idle agent connection, MAC'd with its ticket's secret and
+        bound to its ticket id and nonce; fires once the agent answers."""
+        assert self.ticket is not None
         self.state = "dispatched"
         self.reply = defer.Deferred()
-        self.transport.write(fw.pack_go(bind, port))
+        mac = fw.go_mac(self.ticket.secret, self.ticket.token_id, self.nonce, bind, port)
+        self.transport.write(fw.pack_go(bind, port, mac))
         self.transport.resumeProducing()
         return self.reply
 
@@ -216,7 +226,9 @@ class DataPort:
         self.config = core.config
         self.clock = core.reactor
         self.hello_timeout = core.config.data_hello_timeout
-        self.tokens = TokenBook(self.clock, core.config.token_lifetime)
+        self.tokens = TokenBook(self.clock, core.config.token_lifetime,
+                                max_per_session=core.config.max_tokens_per_session,
+                                max_per_principal=core.config.max_tokens_per_user)
         # The relay passes the admission it shares with its SSH port.
         self.admission = admission or Admission(core.config, self.clock)
         self.gate = self.admission.gate("data", core.config.max_unauthenticated)
@@ -244,10 +256,12 @@ class DataPort:
         bind = self.config.data_bind or self.config.public_bind
         self.listener = self.clock.listenTCP(self.config.data_port, factory,
                                              backlog=LISTEN_BACKLOG, interface=bind)
+        self.tokens.start()
         self._log.info("fast path: data port {port} on {bind}", event="relay_data_port",
                        port=self.bound_port, bind=bind)
 
     def stop(self) -> defer.Deferred[Any] | None:
+        self.tokens.stop()
         for pool in list(self.pools.values()):
             pool.close()
         self.pools.clear()
@@ -262,7 +276,7 @@ class DataPort:
         return any(g.matches(name, port) for g in self.config.e2e_services)
 
     def tokenRequest(self, conn: RelayConnection, data: bytes) -> tuple[bool, bytes]:
-        """``data-token@labrelay`` from a user: a token, or why not."""
+        """``data-token-v2@labrelay`` from a user: a ticket, or why not."""
         try:
             name, port = fw.unpack_token_request(data)
         except fw.WireError:
@@ -301,11 +315,15 @@ class DataPort:
         if (reg.bind.lower(), port) not in pool.spliceable:
             return answer(fw.Status.UNAVAILABLE,
                           f"agent {reg.owner} cannot splice {service} (a chained service)")
-        token = self.tokens.issue(fw.ROLE_USER, principal.name, conn, (name, port))
+        try:
+            token = self.tokens.issue(fw.ROLE_USER, principal.name, conn, (name, port))
+        except TooManyTokens as e:
+            return answer(fw.Status.UNAVAILABLE, str(e))
         return answer(fw.Status.OK, "", token)
 
     def poolRequest(self, conn: RelayConnection, data: bytes) -> tuple[bool, bytes]:
-        """``data-pool@labrelay`` from an agent: tokens for its idle data connections."""
+        """``data-pool-v2@labrelay`` from an agent: tickets for its idle data connections,
+        and which of the services it offered will be dispatched to it."""
         try:
             count, services = fw.unpack_pool_request(data)
         except fw.WireError:
@@ -319,13 +337,18 @@ class DataPort:
         pool = self.pools.get(conn)
         if pool is None:
             pool = self.pools[conn] = AgentPool(conn, set())
-        pool.spliceable = {(n, p) for n, p in services if principal.may_register(n, p)}
+        # Only what the agent offered, may register, and is declared end-to-end
+        # encrypted here is ever dispatched to it; the reply says which, and the agent
+        # accepts a dispatch for nothing else.
+        pool.spliceable = {(n, p) for n, p in services
+                           if principal.may_register(n, p) and self.e2e(n, p)}
         room = MAX_POOL_PER_AGENT - len(pool.idle)
-        n = max(0, min(count, MAX_TOKENS_PER_REQUEST, room))
+        n = max(0, min(count, MAX_TOKENS_PER_REQUEST, room,
+                       self.tokens.room(principal.name, conn)))
         tokens = [self.tokens.issue(fw.ROLE_AGENT, principal.name, conn,
                                     lifetime=POOL_TOKEN_LIFETIME) for _ in range(n)]
         return True, fw.pack_pool_reply(fw.Status.OK, "", self.bound_port, tokens,
-                                        POOL_TOKEN_LIFETIME)
+                                        POOL_TOKEN_LIFETIME, sorted(pool.spliceable))
 
     def sessionStopped(self, conn: Any) -> None:
         self.tokens.drop_session(conn)
@@ -344,7 +367,7 @@ class DataPort:
                            "their hello (max_unauthenticated)", event="relay_data_cap",
                            source=dc.source, n=self.gate.total)
             return False
-        if not isinstance(verdict, Ticket):  # penalised, or its source's cap is full
+        if not isinstance(verdict, AdmissionTicket):  # penalised, or its source's cap is full
             self.counters["data_throttled"] += 1
             return False
         dc.admission = verdict
@@ -373,12 +396,13 @@ class DataPort:
             else:
                 dc.transport.abortConnection()
 
-    def helloReceived(self, dc: DataConnection, role: bytes, token: bytes,
-                      service: tuple[str, int] | None) -> None:
+    def helloReceived(self, dc: DataConnection, hello: fw.Hello) -> None:
         self._release(dc)
         alive: Callable[[Any], bool] = lambda s: s in self.core.connections  # noqa: E731
+        role = hello.role
         try:
-            ticket = self.tokens.redeem(role, token, alive, service)
+            ticket = self.tokens.redeem(role, hello.token_id, dc.nonce, hello.proof, alive,
+                                        hello.service)
         except TokenRefused as e:
             self.refuse(dc, "token", f"{'user' if role == fw.ROLE_USER else 'agent'} token "
                         f"refused: {e.why.value}", failure=e.why in GUESSED,
@@ -391,6 +415,7 @@ class DataPort:
                 return
             dc.state = "idle"
             dc.pool = pool
+            dc.ticket = ticket
             probe_idle(dc.transport)
             if dc.extra:
                 self.refuse(dc, "protocol", "an agent data connection sent bytes after hello")
@@ -460,10 +485,20 @@ class DataPort:
         """An agent data connection to ``name:port`` registered here, dispatched and
         answered ``K``, for this node's own use: chaining, where this node's agent
         splices a fast-path session from an upstream relay to it (the node's config
-        authorizes it, as for :meth:`RelayCore.openLocal`).  The caller splices it."""
+        authorizes it, as for :meth:`RelayCore.openLocal`).  The caller splices it.
+
+        No shortcut: the service must be declared end-to-end encrypted here, the
+        downstream agent must have offered it in its pool request, and the GO to its
+        pooled connection is MAC'd like a user's.  This node's agent calls it only for
+        a dispatch it verified (relay.datapool)."""
         name = name.lower()
         if not self.enabled or self.listener is None:
             return defer.fail(PairingError(f"this node's relay has no data port for {name}:{port}"))
+        if not self.e2e(name, port):
+            # The same rule as for a user: only end-to-end encrypted services are
+            # spliced, and only to an agent that offered the service as such.
+            return defer.fail(PairingError(f"{name}:{port} is not declared end-to-end "
+                                           "encrypted on this node's relay"))
 
         def paired(agent: DataConnection) -> DataConnection:
             self.counters["paired_local"] += 1
@@ -543,9 +578,12 @@ class DataPort:
             "data_port": self.bound_port if self.listener is not None else None,
             "e2e_services": [str(g) for g in self.config.e2e_services],
             "tokens_outstanding": len(self.tokens),
+            "tokens_outstanding_by_role": self.tokens.outstanding(),
+            "tokens_swept": self.tokens.swept,
             "tokens_issued": dict(self.tokens.issued),
             "tokens_redeemed": dict(self.tokens.redeemed),
             "tokens_refused": {k: v for k, v in self.tokens.refused.items() if v},
+            "tokens_capped": self.tokens.capped,
             "pools": {getattr(p.session, "principal_name", "?"): len(p.idle)
                       for p in self.pools.values()},
             "admission": self.gate.status(),

@@ -1,50 +1,75 @@
 """The fast path's wire format: two SSH extensions and the data port's framing.
 
-Pure encoding, no I/O (DESIGN §2.3, docs/fastpath.md).  Control travels over SSH
-as labrelay extensions (RFC 4251 §6 private names, so a stock peer answers
-``REQUEST_FAILURE`` and the caller falls back to a channel):
+Pure encoding and the MACs, no I/O (DESIGN §2.3, docs/fastpath.md "Protocol").
+Control travels over SSH as labrelay extensions (RFC 4251 §6 private names, so a
+stock peer answers ``REQUEST_FAILURE`` and the caller falls back to a channel).
+The names carry the protocol version: version 1 (``data-token@labrelay``, a bearer
+token in the clear and an unauthenticated dispatch) is refused by name, so an old
+peer and a new one never half-speak — the old one falls back or turns its pool off.
 
-``data-token@labrelay`` (user -> relay)
+``data-token-v2@labrelay`` (user -> relay)
     request: ``string name, uint32 port``; reply (``REQUEST_SUCCESS``):
-    ``uint32 status, string message, uint32 data_port, string token,
+    ``uint32 status, string message, uint32 data_port, string ticket,
     uint32 lifetime_ms``.
-``data-pool@labrelay`` (agent -> relay)
+``data-pool-v2@labrelay`` (agent -> relay)
     request: ``uint32 count, uint32 n, n x string "name:port"`` (the services
     this agent can splice to a target itself); reply: ``uint32 status,
-    string message, uint32 data_port, uint32 n, n x string token,
-    uint32 lifetime_ms``.
+    string message, uint32 data_port, uint32 n, n x string ticket,
+    uint32 lifetime_ms, uint32 m, m x string "name:port"`` (of those offered, the
+    ones the relay will dispatch: granted to this agent and end-to-end encrypted).
 
-The data port speaks a few fixed bytes before it becomes a plain byte pipe:
+A *ticket* is 32 random bytes: an 8-byte id and a 24-byte secret.  It crosses only
+the SSH connection that asked for it.  The secret never crosses the data port: a
+data connection proves it holds the ticket by an HMAC-SHA256 keyed with the secret
+over a fresh challenge, and the relay's dispatch of an agent's pooled connection is
+MAC'd with the same secret, bound to that connection.
 
-- every data connection opens with a hello: ``b"LRD1"``, a role byte (``U``
-  user, ``A`` agent pool) and a 32-byte token; a user's goes on with the service
-  it expects, ``uint8 len name uint16 port`` (a token only opens its own service);
-- the relay dispatches an idle agent connection with ``b"LRGO" uint16 port
-  uint8 len name``; the agent answers ``b"K"`` once its target is connected, or
-  ``b"E" uint8 len message`` and closes;
-- the relay answers a user ``b"\\x00"`` once paired (the stream follows), or
-  ``b"\\x01" uint8 len message`` and closes.
+On the data port (``LRD2``; a peer speaking ``LRD1`` is refused at its first byte):
 
-Nothing else is ever framed: after those bytes both ends are spliced.
+1. the relay speaks first: ``b"LRD2"`` and a 32-byte random ``nonce``;
+2. the peer answers with its hello: ``b"LRD2"``, a role byte (``U`` user, ``A``
+   agent pool), the 8-byte ticket id and ``proof`` = HMAC-SHA256(secret,
+   ``"labrelay-fastpath-v2 hello\0" role id nonce [string name uint16 port]``);
+   a user's hello goes on with the service it expects, ``uint8 len name uint16
+   port`` (a ticket opens only its own service, and the proof covers it);
+3. the relay dispatches an idle agent connection with ``b"LRGO" uint16 port uint8
+   len name`` and ``mac`` = HMAC-SHA256(secret, ``"labrelay-fastpath-v2 go\0" id
+   nonce uint32 counter uint16 port string name``), ``counter`` 0 (a connection is
+   dispatched at most once; the agent accepts one GO per connection); the agent
+   answers ``b"K"`` once its target is connected, or ``b"E" uint8 len message`` and
+   closes;
+4. the relay answers a user ``b"\x00"`` once paired (the stream follows), or
+   ``b"\x01" uint8 len message`` and closes.
+
+Nothing else is ever framed: after those bytes both ends are spliced.  What this
+buys against someone on the path, and what it does not, is in docs/fastpath.md.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
+from dataclasses import dataclass
 from enum import IntEnum
 
 from twisted.conch.ssh import common
 
-TOKEN_REQUEST = b"data-token@labrelay"
-POOL_REQUEST = b"data-pool@labrelay"
+TOKEN_REQUEST = b"data-token-v2@labrelay"
+POOL_REQUEST = b"data-pool-v2@labrelay"
 
-MAGIC = b"LRD1"
+MAGIC = b"LRD2"
 ROLE_USER = b"U"
 ROLE_AGENT = b"A"
 TOKEN_ID_LEN = 8
 TOKEN_SECRET_LEN = 24  # 192 random bits; the id is 64 more
 TOKEN_LEN = TOKEN_ID_LEN + TOKEN_SECRET_LEN
-HELLO_LEN = len(MAGIC) + 1 + TOKEN_LEN
+NONCE_LEN = 32
+MAC_LEN = 32  # HMAC-SHA256
+CHALLENGE_LEN = len(MAGIC) + NONCE_LEN
+HELLO_LEN = len(MAGIC) + 1 + TOKEN_ID_LEN + MAC_LEN
+_HELLO_LABEL = b"labrelay-fastpath-v2 hello\x00"
+_GO_LABEL = b"labrelay-fastpath-v2 go\x00"
 
 GO_MAGIC = b"LRGO"
 AGENT_OK = b"K"
@@ -130,49 +155,118 @@ def unpack_pool_request(data: bytes) -> tuple[int, list[tuple[str, int]]]:
     services = []
     for _ in range(n):
         raw, at = _string(data, at)
-        name, _, port = raw.decode("ascii", "replace").rpartition(":")
-        if not name or not port.isdigit():
-            raise WireError(f"bad service {raw!r}")
-        services.append((name.lower(), int(port)))
+        services.append(_service(raw))
     return count, services
 
 
+def _service(raw: bytes) -> tuple[str, int]:
+    """``"name:port"`` as ``(lower-case name, port)``."""
+    name, _, port = raw.decode("ascii", "replace").rpartition(":")
+    if not name or not port.isdigit() or not 0 < int(port) < 65536:
+        raise WireError(f"bad service {raw[:80]!r}")
+    return name.lower(), int(port)
+
+
 def pack_pool_reply(status: Status, message: str, data_port: int = 0,
-                    tokens: list[bytes] | None = None, lifetime: float = 0.0) -> bytes:
+                    tokens: list[bytes] | None = None, lifetime: float = 0.0,
+                    services: list[tuple[str, int]] | None = None) -> bytes:
     tokens = tokens or []
+    services = services or []
     return (struct.pack(">L", status) + common.NS(message.encode())
             + struct.pack(">LL", data_port, len(tokens)) + b"".join(common.NS(t) for t in tokens)
-            + struct.pack(">L", int(lifetime * 1000)))
+            + struct.pack(">LL", int(lifetime * 1000), len(services))
+            + b"".join(common.NS(f"{name}:{port}".encode()) for name, port in services))
 
 
-def unpack_pool_reply(data: bytes) -> tuple[Status, str, int, list[bytes], float]:
+@dataclass(frozen=True)
+class PoolReply:
+    status: Status
+    message: str
+    data_port: int = 0
+    tokens: tuple[bytes, ...] = ()
+    lifetime: float = 0.0
+    services: frozenset[tuple[str, int]] = frozenset()  # what the relay will dispatch
+
+
+def unpack_pool_reply(data: bytes) -> PoolReply:
     status, at = _u32(data, 0)
     message, at = _string(data, at)
     data_port, at = _u32(data, at)
     n, at = _u32(data, at)
+    if n > 4096:
+        raise WireError(f"{n} tickets in one reply")
     tokens = []
-    for _ in range(min(n, 4096)):
+    for _ in range(n):
         token, at = _string(data, at)
         tokens.append(token)
-    lifetime_ms, _ = _u32(data, at)
-    return (_status(status), message.decode("utf-8", "replace"), data_port, tokens,
-            lifetime_ms / 1000)
+    lifetime_ms, at = _u32(data, at)
+    m, at = _u32(data, at)
+    if m > 4096:
+        raise WireError(f"{m} services in one reply")
+    services = []
+    for _ in range(m):
+        raw, at = _string(data, at)
+        services.append(_service(raw))
+    return PoolReply(_status(status), message.decode("utf-8", "replace"), data_port,
+                     tuple(tokens), lifetime_ms / 1000, frozenset(services))
 
 
 # --- the data port ------------------------------------------------------------
 
 
-def agent_hello(token: bytes) -> bytes:
+def split_ticket(token: bytes) -> tuple[bytes, bytes]:
+    """``(id, secret)`` of a 32-byte ticket."""
     if len(token) != TOKEN_LEN:
-        raise WireError("bad token length")
-    return MAGIC + ROLE_AGENT + token
+        raise WireError("bad ticket length")
+    return token[:TOKEN_ID_LEN], token[TOKEN_ID_LEN:]
 
 
-def user_hello(token: bytes, name: str, port: int) -> bytes:
+def challenge(nonce: bytes) -> bytes:
+    """The relay's first bytes on every data connection."""
+    if len(nonce) != NONCE_LEN:
+        raise WireError("bad nonce length")
+    return MAGIC + nonce
+
+
+def parse_challenge(data: bytes) -> tuple[bytes, bytes] | None:
+    """``(nonce, rest)`` once ``data`` holds the whole challenge, else None; WireError
+    if it is not one (an old relay, or something else listening there)."""
+    n = min(len(data), len(MAGIC))
+    if data[:n] != MAGIC[:n]:
+        raise WireError("not a labrelay v2 data port")
+    if len(data) < CHALLENGE_LEN:
+        return None
+    return data[len(MAGIC):CHALLENGE_LEN], data[CHALLENGE_LEN:]
+
+
+def _service_bytes(service: tuple[str, int] | None) -> bytes:
+    if service is None:
+        return b""
+    name, port = service
+    return common.NS(name.encode("ascii", "replace")) + struct.pack(">H", port)
+
+
+def hello_proof(secret: bytes, role: bytes, token_id: bytes, nonce: bytes,
+                service: tuple[str, int] | None = None) -> bytes:
+    """HMAC-SHA256 over the hello's transcript: proves the ticket's secret without
+    sending it, for this connection's nonce only (a replayed hello is useless)."""
+    msg = _HELLO_LABEL + role + token_id + nonce + _service_bytes(service)
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def agent_hello(token: bytes, nonce: bytes) -> bytes:
+    token_id, secret = split_ticket(token)
+    return MAGIC + ROLE_AGENT + token_id + hello_proof(secret, ROLE_AGENT, token_id, nonce)
+
+
+def user_hello(token: bytes, nonce: bytes, name: str, port: int) -> bytes:
     raw = name.encode("ascii")
     if len(token) != TOKEN_LEN or len(raw) > 255 or not 0 < port < 65536:
-        raise WireError("bad token, service name or port")
-    return MAGIC + ROLE_USER + token + bytes([len(raw)]) + raw + struct.pack(">H", port)
+        raise WireError("bad ticket, service name or port")
+    token_id, secret = split_ticket(token)
+    proof = hello_proof(secret, ROLE_USER, token_id, nonce, (name.lower(), port))
+    return (MAGIC + ROLE_USER + token_id + proof + bytes([len(raw)]) + raw
+            + struct.pack(">H", port))
 
 
 MAX_HELLO_LEN = HELLO_LEN + 1 + 255 + 2
@@ -183,7 +277,7 @@ def hello_length(data: bytes) -> int | None:
     not one."""
     n = min(len(data), len(MAGIC))
     if data[:n] != MAGIC[:n]:
-        raise WireError("not a labrelay data connection")
+        raise WireError("not a labrelay v2 data connection")
     if len(data) < 5:
         return None
     role = data[4:5]
@@ -196,28 +290,56 @@ def hello_length(data: bytes) -> int | None:
     return HELLO_LEN + 1 + data[HELLO_LEN] + 2
 
 
-def parse_hello(data: bytes) -> tuple[bytes, bytes, tuple[str, int] | None]:
-    """``(role, token, service)`` from exactly one hello (``service`` for users)."""
+@dataclass(frozen=True)
+class Hello:
+    role: bytes
+    token_id: bytes
+    proof: bytes
+    service: tuple[str, int] | None  # users only, lower-cased
+
+
+def parse_hello(data: bytes) -> Hello:
+    """One whole hello (``service`` for users)."""
     if hello_length(data) != len(data):
         raise WireError("not one whole hello")
-    role, token = data[4:5], data[5:HELLO_LEN]
+    role = data[4:5]
+    at = 5 + TOKEN_ID_LEN
+    token_id, proof = data[5:at], data[at:HELLO_LEN]
     if role == ROLE_AGENT:
-        return role, token, None
+        return Hello(role, token_id, proof, None)
     n = data[HELLO_LEN]
     name = data[HELLO_LEN + 1:HELLO_LEN + 1 + n].decode("ascii", "replace").lower()
     (port,) = struct.unpack(">H", data[-2:])
-    return role, token, (name, port)
+    return Hello(role, token_id, proof, (name, port))
 
 
-def pack_go(name: str, port: int) -> bytes:
+def go_mac(secret: bytes, token_id: bytes, nonce: bytes, name: str, port: int,
+           counter: int = 0) -> bytes:
+    """The MAC on a dispatch: keyed with the pooled connection's ticket secret (which
+    crossed only the agent's SSH link) and bound to that connection's ticket id and
+    nonce, so a GO cannot be forged, altered or moved onto another connection."""
+    msg = (_GO_LABEL + token_id + nonce + struct.pack(">LH", counter, port)
+           + common.NS(name.encode("ascii", "replace")))
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def go_valid(secret: bytes, token_id: bytes, nonce: bytes, name: str, port: int,
+             mac: bytes, counter: int = 0) -> bool:
+    """Constant-time check of a dispatch's MAC."""
+    return hmac.compare_digest(go_mac(secret, token_id, nonce, name, port, counter), mac)
+
+
+def pack_go(name: str, port: int, mac: bytes) -> bytes:
     raw = name.encode("ascii")
     if len(raw) > 255:
         raise WireError("service name longer than 255 bytes")
-    return GO_MAGIC + struct.pack(">HB", port, len(raw)) + raw
+    if len(mac) != MAC_LEN:
+        raise WireError("bad MAC length")
+    return GO_MAGIC + struct.pack(">HB", port, len(raw)) + raw + mac
 
 
-def parse_go(data: bytes) -> tuple[tuple[str, int], bytes] | None:
-    """``((name, port), rest)`` once ``data`` holds a whole GO, else None."""
+def parse_go(data: bytes) -> tuple[tuple[str, int], bytes, bytes] | None:
+    """``((name, port), mac, rest)`` once ``data`` holds a whole GO, else None."""
     if len(data) < 7:
         if not GO_MAGIC.startswith(data[:4]):
             raise WireError("not a dispatch")
@@ -225,9 +347,10 @@ def parse_go(data: bytes) -> tuple[tuple[str, int], bytes] | None:
     if not data.startswith(GO_MAGIC):
         raise WireError("not a dispatch")
     port, n = struct.unpack_from(">HB", data, 4)
-    if len(data) < 7 + n:
+    end = 7 + n + MAC_LEN
+    if len(data) < end:
         return None
-    return (data[7:7 + n].decode("ascii", "replace"), port), data[7 + n:]
+    return (data[7:7 + n].decode("ascii", "replace"), port), data[7 + n:end], data[end:]
 
 
 def pack_error(marker: bytes, message: str) -> bytes:

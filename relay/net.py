@@ -30,6 +30,18 @@ def client_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStre
     return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
 
 
+def peer_ip(conn: Any) -> str | None:
+    """The IP address an SSH connection's (``LinkConnection``) TCP transport is
+    connected to, or None if it is not one.  The fast path dials the data port there:
+    the address whose host key was checked, not a fresh resolution of the name."""
+    try:
+        host = str(conn.link_transport.tcp.getPeer().host)
+        ipaddress.ip_address(host)
+    except (AttributeError, ValueError):
+        return None
+    return host
+
+
 def quickack(transport: Any) -> None:
     """Ask Linux to acknowledge at once rather than delay the ACK (up to 40 ms).
 

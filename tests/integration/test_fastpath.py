@@ -3,7 +3,8 @@ port, the labrelay agent keeping its pool of data connections, a real target ssh
 and stock ``ssh``/``scp`` using ``labrelay connect`` as their ProxyCommand.
 
 The token tests speak the data port's bytes themselves (``tokenclient.py`` gets real
-tokens over SSH) and check each refused connection moved 0 bytes to the agent: the
+tickets over SSH; the test answers the relay's challenge with a proof, or with a
+wrong one) and check each refused connection moved 0 bytes to the agent: the
 agent's pool never dispatched a session and the target sshd saw no connection.
 """
 
@@ -291,11 +292,30 @@ def _read_all(s: socket.socket) -> bytes:
         got += chunk
 
 
-def _present(port: int, data: bytes) -> bytes:
-    """Send ``data`` to the data port; return everything the relay sent before closing."""
+def _challenge(s: socket.socket) -> bytes:
+    """The relay's nonce: the first bytes of every data connection."""
+    got = b""
+    while True:
+        parsed = fw.parse_challenge(got)
+        if parsed is not None:
+            assert parsed[1] == b"", got
+            return parsed[0]
+        chunk = s.recv(fw.CHALLENGE_LEN - len(got))
+        assert chunk, got
+        got += chunk
+
+
+def _present(port: int, hello: Callable[[bytes], bytes] | bytes) -> bytes:
+    """Read the relay's challenge, send ``hello(nonce)`` (or fixed bytes); return
+    everything the relay sent after the challenge, until it closed."""
     with socket.create_connection((LOOPBACK, port), timeout=15) as s:
-        s.sendall(data)
+        nonce = _challenge(s)
+        s.sendall(hello(nonce) if callable(hello) else hello)
         return _read_all(s)
+
+
+def _user(token: bytes, name: str, port: int) -> Callable[[bytes], bytes]:
+    return lambda nonce: fw.user_hello(token, nonce, name, port)
 
 
 def _refusal(reply: bytes) -> str:
@@ -311,58 +331,65 @@ def test_tokens_missing_wrong_expired_replayed_other_service_and_stalled(site: S
     issued = time.monotonic()
     try:
         good, expiring, other, stalled = tokens.tokens
-        # wrong: a random token of the right shape
-        assert "unknown" in _refusal(_present(port, fw.user_hello(os.urandom(32),
-                                                                  "gpu-cluster", 22)))
-        # wrong secret behind a real id: refused, and that ticket is burnt
+        # wrong: a random ticket of the right shape
+        assert "unknown" in _refusal(_present(port, _user(os.urandom(32), "gpu-cluster", 22)))
+        # a proof made without the secret, behind a real id: refused, and that ticket
+        # is burnt
         forged = good[:8] + bytes(24)
-        assert "wrong secret" in _refusal(_present(port, fw.user_hello(forged, "gpu-cluster", 22)))
-        assert "unknown" in _refusal(_present(port, fw.user_hello(good, "gpu-cluster", 22)))
-        # for another service: a token for gpu-cluster:22 presented for web:8080
-        assert "another service" in _refusal(_present(port, fw.user_hello(other, "web", 8080)))
+        assert "wrong proof" in _refusal(_present(port, _user(forged, "gpu-cluster", 22)))
+        assert "unknown" in _refusal(_present(port, _user(good, "gpu-cluster", 22)))
+        # for another service: a ticket for gpu-cluster:22 presented for web:8080
+        assert "another service" in _refusal(_present(port, _user(other, "web", 8080)))
         # missing: a connection that sends nothing is closed after data_hello_timeout
         assert _present(port, b"") == b""
-        # not a hello at all
+        # not a hello at all; nor a version-1 hello (LRD1 and a bearer token)
         assert _present(port, b"SSH-2.0-OpenSSH_9.2\r\n") == b""
+        assert _present(port, b"LRD1U" + stalled) == b""
         # one byte at a time, then stalled: closed at the hello timeout, nothing paired
-        hello = fw.user_hello(stalled, "gpu-cluster", 22)
         with socket.create_connection((LOOPBACK, port), timeout=15) as s:
+            hello = fw.user_hello(stalled, _challenge(s), "gpu-cluster", 22)
             for b in hello[:-1]:
                 s.sendall(bytes([b]))
             assert _read_all(s) == b""
         # expired: token_lifetime is 4 s on this relay
         time.sleep(max(0.0, 4.3 - (time.monotonic() - issued)))
-        assert "expired" in _refusal(_present(port, fw.user_hello(expiring, "gpu-cluster", 22)))
+        assert "expired" in _refusal(_present(port, _user(expiring, "gpu-cluster", 22)))
     finally:
         tokens.close()
     fast = site.fast()
     assert fast["paired"] == 0 and fast["tokens_redeemed"]["user"] == 0, fast
     refused = fast["tokens_refused"]
-    assert refused == {"unknown": 2, "wrong secret": 1, "issued for another service": 1,
+    assert refused == {"unknown": 2, "wrong proof": 1, "issued for another service": 1,
                        "expired": 1}, refused
-    assert fast["data_refused"] >= 8
+    assert fast["data_refused"] >= 9
     assert site.pool()["sessions_total"] == 0
     assert "Accepted publickey" not in site.gpu.log_text()
 
 
 def test_replayed_and_session_bound_tokens(site: Site) -> None:
-    """A token opens one session: replayed, it is unknown.  A token whose SSH session
-    ended is refused.  A pool (agent) token presented as a user's is not a user's."""
+    """A ticket opens one session: a hello replayed, before or after, is refused (it
+    proves nothing for another connection's nonce).  A ticket whose SSH session ended
+    is refused."""
     port = site.data_port
-    tokens = Tokens(site, "alice", site.keys.alice, "gpu-cluster", 2)
-    first, orphan = tokens.tokens
-    hello = fw.user_hello(first, "gpu-cluster", 22)
+    tokens = Tokens(site, "alice", site.keys.alice, "gpu-cluster", 3)
+    first, orphan, sniffed = tokens.tokens
     with socket.create_connection((LOOPBACK, port), timeout=15) as s:
+        hello = fw.user_hello(first, _challenge(s), "gpu-cluster", 22)
         s.sendall(hello)
         got = b""
         while not got.startswith(b"\x00SSH-2.0-"):
             chunk = s.recv(4096)
             assert chunk, got
             got += chunk
-    assert "unknown" in _refusal(_present(port, hello))  # replayed
+    assert "unknown" in _refusal(_present(port, hello))  # replayed after use
+    # A hello someone read on the wire (made for another connection's nonce), raced to
+    # the relay before its owner: a wrong proof, and the ticket is burnt.
+    with socket.create_connection((LOOPBACK, port), timeout=15) as s:
+        read_on_the_wire = fw.user_hello(sniffed, _challenge(s), "gpu-cluster", 22)
+    assert "wrong proof" in _refusal(_present(port, read_on_the_wire))
     tokens.close()  # the session that asked for ``orphan`` ends
     site.relay.wait_for("relay_disconnected", since=0, name="alice")
-    assert "unknown" in _refusal(_present(port, fw.user_hello(orphan, "gpu-cluster", 22)))
+    assert "unknown" in _refusal(_present(port, _user(orphan, "gpu-cluster", 22)))
     fast = site.fast()
     assert fast["paired"] == 1 and fast["tokens_redeemed"]["user"] == 1
     _wait(lambda: site.pool()["sessions_total"] == 1, "the agent to count its session")

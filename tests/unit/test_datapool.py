@@ -52,6 +52,12 @@ class FakeForward:
         self.name = self.config.name
         self.bound_port = bound_port if bound_port is not None else port
         self.counters = SessionCounters()
+        self.ready = True
+
+    def matches(self, host: str, port: int) -> bool:
+        # As RemoteForwardRunner.matches: ready, and by port alone (DataPool must not
+        # rely on it for the name).
+        return self.ready and self.bound_port == port
 
 
 @dataclass
@@ -75,8 +81,9 @@ class FakeLink:
         return self.clock
 
     def remoteForwardFor(self, host: str, port: int) -> FakeForward | None:
+        # Link's own is by port alone (channels); DataPool must not use it.
         for f in self.remote:
-            if f.config.bind.lower() == host.lower() and f.bound_port == port:
+            if f.bound_port == port:
                 return f
         return None
 
@@ -87,6 +94,14 @@ class FakeConn:
 
     requests: list[tuple[bytes, bytes, int, defer.Deferred[bytes]]] = field(
         default_factory=list)
+    peer: Any = field(default_factory=lambda: IPv4Address("TCP", RELAY_HOST, 22))
+
+    @property
+    def link_transport(self) -> Any:
+        """The SSH transport, whose TCP transport's peer is the address the link
+        actually reached: the data port is dialled there."""
+        tcp = StringTransport(peerAddress=self.peer)
+        return type("T", (), {"tcp": tcp})()
 
     def sendGlobalRequest(self, type: bytes, data: bytes, wantReply: int = 0
                           ) -> defer.Deferred[bytes]:
@@ -158,8 +173,21 @@ def _answer(world: World, reply: bytes, index: int = -1) -> None:
 
 
 def _grant(world: World, tokens: list[bytes], lifetime: float = LIFETIME,
-           index: int = -1) -> None:
-    _answer(world, fw.pack_pool_reply(fw.Status.OK, "", DATA_PORT, tokens, lifetime), index)
+           index: int = -1, services: list[tuple[str, int]] | None = None) -> None:
+    """The relay's OK; ``services`` (what it will dispatch) default: all offered."""
+    if services is None:
+        services = fw.unpack_pool_request(world.conn.requests[index][1])[1]
+    _answer(world, fw.pack_pool_reply(fw.Status.OK, "", DATA_PORT, tokens, lifetime, services),
+            index)
+
+
+_NONCES = iter(range(1, 1 << 30))
+
+
+def _go(pc: PoolConnection, name: str, port: int) -> bytes:
+    """The GO the real relay would send ``pc``: MAC'd with its ticket, bound to its
+    ticket id and the nonce it was sent."""
+    return fw.pack_go(name, port, fw.go_mac(pc.secret, pc.token_id, pc.nonce, name, port))
 
 
 def _dials(world: World) -> list[tuple[Any, ...]]:
@@ -178,7 +206,11 @@ def _connect(client: tuple[Any, ...]) -> tuple[Any, StringTransport]:
     wrapper = factory.buildProtocol(IPv4Address("TCP", host, port))
     transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
     wrapper.makeConnection(transport)
-    return wrapper._wrappedProtocol, transport
+    proto = wrapper._wrappedProtocol
+    if isinstance(proto, PoolConnection) and proto.state == "challenge":
+        assert transport.value() == b""  # it waits for the relay to speak first
+        proto.dataReceived(fw.challenge(next(_NONCES).to_bytes(fw.NONCE_LEN, "big")))
+    return proto, transport
 
 
 def _refuse(world: World, client: tuple[Any, ...]) -> Failure:
@@ -246,7 +278,7 @@ def test_link_up_asks_once_for_size_tokens_naming_spliceable_services(
     w.pool.linkUp(w.conn)  # type: ignore[arg-type]
     assert w.pool.state == "starting"
     ((kind, data, want_reply, _d),) = w.conn.requests
-    assert kind == fw.POOL_REQUEST == b"data-pool@labrelay" and want_reply
+    assert kind == fw.POOL_REQUEST == b"data-pool-v2@labrelay" and want_reply
     assert fw.unpack_pool_request(data) == (3, [GPU, ("web", 45000)])
     w.pool.refill()  # still waiting for the answer: no second request
     assert len(w.conn.requests) == 1 and w.clock.tcpClients == []
@@ -279,12 +311,13 @@ def test_pool_connection_writes_its_hello_and_joins_idle(world: World) -> None:
     for client in _dials(world):
         pc, t = _connect(client)
         assert isinstance(pc, PoolConnection)
-        assert t.value() in (fw.agent_hello(granted[0]), fw.agent_hello(granted[1]))
-        assert t.value() == fw.agent_hello(pc.token)  # the hello, nothing more
+        assert t.value() in (fw.agent_hello(granted[0], pc.nonce),
+                             fw.agent_hello(granted[1], pc.nonce))
+        assert t.value() == fw.agent_hello(pc.token, pc.nonce)  # the hello, nothing more
         assert pc.state == "idle" and pc in world.pool.idle
         assert t.producerState == "producing" and not t.disconnecting
-        hellos.append(t.value())
-    assert sorted(hellos) == sorted(fw.agent_hello(t) for t in granted)  # one token each
+        hellos.append(t.value()[5:13])
+    assert sorted(hellos) == sorted(t[:8] for t in granted)  # one ticket each
     assert world.pool.dialing == 0 and world.pool.status()["idle"] == 2
     assert len(world.conn.requests) == 1  # full: nothing asked
 
@@ -301,7 +334,7 @@ def test_extra_tokens_are_stashed_and_used_for_refills_without_asking(world: Wor
     assert len(_dials(world)) == 3 and len(world.pool.stash) == 2
     assert len(world.conn.requests) == 1
     new, t3 = _connect(_dials(world)[2])
-    assert new.token in granted[2:] and t3.value() == fw.agent_hello(new.token)
+    assert new.token in granted[2:] and t3.value() == fw.agent_hello(new.token, new.nonce)
     assert len(world.pool.idle) == 2
 
 
@@ -394,7 +427,7 @@ def test_link_stopping_mid_request_recovers_on_the_next_link(world: World) -> No
     world.pool.linkUp(conn2)  # type: ignore[arg-type]
     assert len(conn2.requests) == 1
     conn2.requests[0][3].callback(fw.pack_pool_reply(fw.Status.OK, "", DATA_PORT, _tokens(2),
-                                                     LIFETIME))
+                                                     LIFETIME, [GPU]))
     assert world.pool.state == "ready" and len(_dials(world)) == 2
 
 
@@ -405,7 +438,7 @@ def test_reason_is_cleared_once_ready_again(world: World) -> None:
     conn2 = FakeConn()
     world.pool.linkUp(conn2)  # type: ignore[arg-type]
     conn2.requests[0][3].callback(fw.pack_pool_reply(fw.Status.OK, "", DATA_PORT, _tokens(2),
-                                                     LIFETIME))
+                                                     LIFETIME, [GPU]))
     assert world.pool.state == "ready"
     assert world.pool.status()["reason"] == ""
 
@@ -440,7 +473,7 @@ def test_go_for_a_known_forward_connects_its_target_and_splices(world: World) ->
     pc, t = _idle(world)
     _connect(_dials(world)[1])
     assert len(world.pool.idle) == 2 and len(world.conn.requests) == 1
-    _feed(pc, fw.pack_go("GPU-Cluster", 22))
+    _feed(pc, _go(pc, "GPU-Cluster", 22))
     assert pc.state == "connecting" and t.producerState == "paused"
     assert pc not in world.pool.idle
     # refill: one more token asked for (none stashed)
@@ -475,13 +508,13 @@ def test_go_for_a_known_forward_connects_its_target_and_splices(world: World) ->
 def test_go_uses_a_stashed_token_for_the_refill(world: World) -> None:
     _ready(world, _tokens(3))
     pc, _t = _connect(_dials(world)[0])
-    pc.dataReceived(fw.pack_go(*GPU))
+    pc.dataReceived(_go(pc, *GPU))
     assert len(_dials(world)) == 3 and len(world.conn.requests) == 1
 
 
 def test_bytes_after_the_go_go_to_the_target_first(world: World) -> None:
     pc, t = _idle(world)
-    pc.dataReceived(fw.pack_go(*GPU) + b"SSH-2.0-")
+    pc.dataReceived(_go(pc, *GPU) + b"SSH-2.0-")
     pc.dataReceived(b"client\r\n")  # raced the pause
     _server, st = _connect(_targets(world)[0])
     assert world.datapath.calls == [(t, st, b"SSH-2.0-client\r\n", b"")]
@@ -489,7 +522,7 @@ def test_bytes_after_the_go_go_to_the_target_first(world: World) -> None:
 
 def test_pair_ending_on_an_error_still_counts_its_bytes(world: World) -> None:
     pc, _t = _idle(world)
-    pc.dataReceived(fw.pack_go(*GPU))
+    pc.dataReceived(_go(pc, *GPU))
     _connect(_targets(world)[0])
     (pair,) = world.datapath.pairs
     pair.moved = PairResult(5, 6)
@@ -502,7 +535,7 @@ def test_pair_ending_on_an_error_still_counts_its_bytes(world: World) -> None:
 def test_stop_aborts_live_pairs_and_closes_idle_ones(world: World) -> None:
     pc, _t = _idle(world)
     _idle_pc, it = _connect(_dials(world)[1])
-    pc.dataReceived(fw.pack_go(*GPU))
+    pc.dataReceived(_go(pc, *GPU))
     _connect(_targets(world)[0])
     (pair,) = world.datapath.pairs
     world.pool.stop()
@@ -510,11 +543,13 @@ def test_stop_aborts_live_pairs_and_closes_idle_ones(world: World) -> None:
     assert world.pool.state == "down"
 
 
-@pytest.mark.parametrize("go", [fw.pack_go("nothing-here", 22), fw.pack_go("GPU-Cluster", 23)])
-def test_go_for_an_unknown_service_is_answered_with_an_error(world: World, go: bytes) -> None:
+@pytest.mark.parametrize(("name", "port"), [("nothing-here", 22), ("GPU-Cluster", 23)])
+def test_go_for_an_unknown_service_is_answered_with_an_error(world: World, name: str,
+                                                             port: int) -> None:
     pc, t = _idle(world)
-    _feed(pc, go)
-    assert t.value() == fw.pack_error(fw.AGENT_ERROR, "no such forward on this agent")
+    _feed(pc, _go(pc, name, port))
+    assert t.value() == fw.pack_error(fw.AGENT_ERROR,
+                                      "no such end-to-end encrypted forward on this agent")
     assert t.disconnecting and not t.disconnected  # closed after the message, not reset
     assert _targets(world) == [] and world.datapath.calls == []
     assert pc not in world.pool.idle
@@ -524,14 +559,15 @@ def test_go_for_a_via_relay_forward_is_answered_with_an_error(
         monkeypatch: pytest.MonkeyPatch) -> None:
     w = _make(monkeypatch, extra=[FakeForward("chained", 23, via_relay=True)])
     pc, t = _idle(w)
-    _feed(pc, fw.pack_go("chained", 23))
-    assert t.value() == fw.pack_error(fw.AGENT_ERROR, "no such forward on this agent")
+    _feed(pc, _go(pc, "chained", 23))
+    assert t.value() == fw.pack_error(fw.AGENT_ERROR,
+                                      "no such end-to-end encrypted forward on this agent")
     assert t.disconnecting and _targets(w) == []
 
 
 def test_target_connect_failing_is_answered_with_the_reason(world: World) -> None:
     pc, t = _idle(world)
-    pc.dataReceived(fw.pack_go(*GPU))
+    pc.dataReceived(_go(pc, *GPU))
     with capturedLogs() as logs:
         reason = _refuse(world, _targets(world)[0])
     why = f"connect to {GPU_TARGET} failed: {reason.getErrorMessage()}"
@@ -544,7 +580,7 @@ def test_target_connect_failing_is_answered_with_the_reason(world: World) -> Non
 
 def test_target_failing_after_the_pool_connection_closed_writes_nothing(world: World) -> None:
     pc, t = _idle(world)
-    pc.dataReceived(fw.pack_go(*GPU))
+    pc.dataReceived(_go(pc, *GPU))
     _lose(pc)
     _refuse(world, _targets(world)[0])
     assert t.value() == b""
@@ -552,7 +588,7 @@ def test_target_failing_after_the_pool_connection_closed_writes_nothing(world: W
 
 def test_target_connecting_after_the_pool_connection_closed_is_aborted(world: World) -> None:
     pc, t = _idle(world)
-    pc.dataReceived(fw.pack_go(*GPU))
+    pc.dataReceived(_go(pc, *GPU))
     _lose(pc)
     _server, st = _connect(_targets(world)[0])
     assert st.disconnected and t.value() == b"" and world.datapath.calls == []
@@ -562,7 +598,7 @@ def test_target_connecting_after_the_pool_connection_closed_is_aborted(world: Wo
 def test_splice_failing_resets_both(world: World) -> None:
     world.datapath.fail_with = OSError(9, "bad file descriptor")
     pc, t = _idle(world)
-    pc.dataReceived(fw.pack_go(*GPU))
+    pc.dataReceived(_go(pc, *GPU))
     with capturedLogs() as logs:
         _server, st = _connect(_targets(world)[0])
     assert t.disconnected and st.disconnected
@@ -608,7 +644,7 @@ def test_link_down_closes_idle_connections_and_stops_refills(world: World) -> No
 def test_link_down_cancels_a_pending_retry(world: World) -> None:
     pc, _t = _idle(world)
     _lose(pc)
-    assert len(world.clock.getDelayedCalls()) == 1
+    assert len(world.clock.getDelayedCalls()) == 2  # the retry and the burst's end
     world.pool.linkDown()
     assert world.clock.getDelayedCalls() == []
 
@@ -638,7 +674,7 @@ def test_lost_idle_connection_is_redialled_after_the_retry_delay(
 
 def test_lost_connection_that_was_not_idle_schedules_nothing(world: World) -> None:
     pc, _t = _idle(world)
-    pc.dataReceived(fw.pack_go(*GPU))  # refill asks for one at once
+    pc.dataReceived(_go(pc, *GPU))  # refill asks for one at once
     _lose(pc)
     assert world.clock.getDelayedCalls() == [] and len(world.conn.requests) == 2
 
@@ -703,7 +739,7 @@ def test_a_chained_service_is_offered_and_spliced_through_this_nodes_relay(
     ((_kind, data, _want, _d),) = w.conn.requests
     assert fw.unpack_pool_request(data)[1] == [GPU, ("chained", 23)]
     pc, t = _idle(w)
-    _feed(pc, fw.pack_go("chained", 23) + b"SSH-2.0-client\r\n")
+    _feed(pc, _go(pc, "chained", 23) + b"SSH-2.0-client\r\n")
     ((name, port, d),) = local.asked
     assert (name, port) == (chained.config.connect.host, chained.config.connect.port)
     assert t.value() == b"" and _targets(w) == []  # no socket of its own: the local relay's
@@ -721,7 +757,209 @@ def test_a_chained_service_whose_local_pairing_fails_is_answered_with_why(
     local = FakeLocalDataPort({(chained.config.connect.host, chained.config.connect.port)})
     w.link.local_relay = FakeLocalRelay(local)
     pc, t = _idle(w)
-    _feed(pc, fw.pack_go("chained", 23))
+    _feed(pc, _go(pc, "chained", 23))
     local.asked[0][2].errback(RuntimeError("no agent data connection became free in time"))
     assert t.value().startswith(fw.AGENT_ERROR) and b"became free in time" in t.value()
     assert t.disconnecting and w.datapath.calls == []
+
+
+# --- what someone on the path can send (issue 10 §3) -----------------------------------------
+
+
+def test_dials_the_address_the_link_reached_not_the_name(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data port is dialled at the link's peer address (whose host key was checked),
+    not at a fresh resolution of the configured name."""
+    w = _make(monkeypatch)
+    w.link.config.host = "relay.example.org"
+    w.conn.peer = IPv4Address("TCP", "198.51.100.3", 22)
+    _ready(w)
+    assert {c[:2] for c in w.clock.tcpClients} == {("198.51.100.3", DATA_PORT)}
+    assert w.pool.status()["data_host"] == "198.51.100.3"
+
+
+def test_a_link_without_an_ip_peer_keeps_no_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    from twisted.internet.address import UNIXAddress
+
+    w = _make(monkeypatch)
+    w.conn.peer = UNIXAddress(b"/run/relay.sock")
+    w.pool.linkUp(w.conn)  # type: ignore[arg-type]
+    assert w.pool.state == "off" and w.conn.requests == [] and w.clock.tcpClients == []
+
+
+def test_the_hello_waits_for_the_challenge_and_proves_without_the_secret(world: World) -> None:
+    _ready(world)
+    wrapper_client = _dials(world)[0]
+    host, port, factory = wrapper_client[:3]
+    wrapper = factory.buildProtocol(IPv4Address("TCP", host, port))
+    t = StringTransport()
+    wrapper.makeConnection(t)
+    pc = wrapper._wrappedProtocol
+    assert pc.state == "challenge" and t.value() == b""
+    nonce = b"\x11" * fw.NONCE_LEN
+    _feed(pc, fw.challenge(nonce))
+    assert t.value() == fw.agent_hello(pc.token, nonce) and pc.secret not in t.value()
+    assert pc.state == "idle"
+
+
+@pytest.mark.parametrize("garbage", [b"LRD1", b"LRGO\x00\x16\x00", b"X"])
+def test_a_wrong_challenge_aborts(world: World, garbage: bytes) -> None:
+    _ready(world)
+    host, port, factory = _dials(world)[0][:3]
+    wrapper = factory.buildProtocol(IPv4Address("TCP", host, port))
+    t = StringTransport()
+    wrapper.makeConnection(t)
+    wrapper._wrappedProtocol.dataReceived(garbage)
+    assert t.disconnected and t.value() == b"" and not world.pool.idle - {wrapper._wrappedProtocol}
+
+
+def _assert_refused_without_a_byte(world: World, pc: PoolConnection, t: StringTransport) -> None:
+    assert t.disconnected and t.value() == b""  # aborted: nothing said to the sender
+    assert pc not in world.pool.idle and pc.state == "closed"
+    assert _targets(world) == [] and world.datapath.calls == []
+
+
+def test_a_forged_go_is_refused(world: World) -> None:
+    """``LRGO`` + a service with a MAC made without the ticket's secret."""
+    pc, t = _idle(world)
+    with capturedLogs() as logs:
+        _feed(pc, fw.pack_go(*GPU, bytes(fw.MAC_LEN)))
+    _assert_refused_without_a_byte(world, pc, t)
+    (event,) = _events(logs, "fast_path_protocol")
+    assert "wrong MAC" in event["why"]
+
+
+def test_a_go_replayed_from_another_connection_is_refused(world: World) -> None:
+    pc, t = _idle(world)
+    other, _ot = _connect(_dials(world)[1])
+    _feed(pc, _go(other, *GPU))  # a valid GO, but for the other connection
+    _assert_refused_without_a_byte(world, pc, t)
+
+
+def test_a_go_made_with_a_guessed_nonce_is_refused(world: World) -> None:
+    pc, t = _idle(world)
+    mac = fw.go_mac(pc.secret, pc.token_id, bytes(fw.NONCE_LEN), *GPU)
+    _feed(pc, fw.pack_go(*GPU, mac))
+    _assert_refused_without_a_byte(world, pc, t)
+
+
+def test_an_altered_go_is_refused(world: World) -> None:
+    pc, t = _idle(world)
+    go = _go(pc, "GPU-Cluster", 22)
+    _feed(pc, go[:4] + b"\x00\x17" + go[6:])  # port 22 -> 23, MAC left
+    _assert_refused_without_a_byte(world, pc, t)
+
+
+@pytest.mark.parametrize(("name", "port"), [
+    ("jupyter", 8888),  # offered, but not listed e2e by the relay
+    ("web", 22),  # the port of an e2e forward, another name (port alone would match)
+    ("gpu-cluster", 2222),  # the right name, another port
+    ("", 8080),  # a public-port forward: never offered
+])
+def test_a_go_with_a_valid_mac_outside_the_e2e_set_connects_nothing(
+        monkeypatch: pytest.MonkeyPatch, name: str, port: int) -> None:
+    w = _make(monkeypatch, extra=[FakeForward("jupyter", 8888), FakeForward("", 8080)])
+    w.pool.linkUp(w.conn)  # type: ignore[arg-type]
+    offered = fw.unpack_pool_request(w.conn.requests[0][1])[1]
+    assert offered == [GPU, ("jupyter", 8888)]
+    _grant(w, _tokens(2), services=[GPU])  # the relay lists gpu-cluster:22 only
+    assert w.pool.dispatchable == {GPU}
+    pc, t = _connect(_dials(w)[0])
+    t.clear()
+    with capturedLogs() as logs:
+        _feed(pc, _go(pc, name, port))
+    assert t.value() == fw.pack_error(fw.AGENT_ERROR,
+                                      "no such end-to-end encrypted forward on this agent")
+    assert _targets(w) == [] and w.datapath.calls == []
+    assert _events(logs, "fast_path_dispatch_refused")
+
+
+def test_a_service_the_relay_lists_but_this_agent_did_not_offer_is_refused(
+        world: World) -> None:
+    world.pool.linkUp(world.conn)  # type: ignore[arg-type]
+    _grant(world, _tokens(2), services=[GPU, ("stolen", 22)])
+    assert world.pool.dispatchable == {GPU}
+
+
+def test_refill_after_failures_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone on the path closes (or garbles) every data connection at once: the
+    agent redials at most pool-size per REFILL_WINDOW after its first fill and a
+    bucket's worth, and logs once per window, not once per connection."""
+    from relay.datapool import REFILL_WINDOW
+
+    size = 4
+    w = _make(monkeypatch, size=size)
+    with capturedLogs() as logs:
+        _ready(w, _tokens(size))
+        served = 0
+        for step in range(int(20 / 0.05)):
+            dials = _dials(w)
+            for client in dials[served:]:
+                pc, _t = _connect(client)
+                pc.dataReceived(b"LRGO\x00\x16\x07jupyter" + bytes(fw.MAC_LEN) if step % 2
+                                else b"X")
+                _lose(pc)
+            served = len(dials)
+            for _k, _data, _want, d in w.conn.requests:
+                if not d.called:
+                    d.callback(fw.pack_pool_reply(fw.Status.OK, "", DATA_PORT,
+                                                  _tokens(size, first=step % 200 + 1),
+                                                  LIFETIME, [GPU]))
+            w.clock.advance(0.05)
+        w.pool.linkDown()  # ends the last burst: its summary is logged
+    # 20 s: the first fill, a bucket of `size`, then size per window.
+    bound = size + size + size * 20 / REFILL_WINDOW
+    assert len(_dials(w)) <= bound + 1, len(_dials(w))
+    assert len(_dials(w)) >= size * 20 / REFILL_WINDOW  # it does keep trying
+    firsts = _events(logs, "fast_path_protocol")
+    assert len(firsts) <= 20 / REFILL_WINDOW + 1
+    summaries = _events(logs, "fast_path_protocol_burst")
+    assert sum(e["count"] for e in summaries) + len(firsts) == w.pool.failures
+    assert w.pool.status()["failures"] == len(_dials(w))
+
+
+def test_a_valid_dispatch_is_replaced_at_once_even_after_failures(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _make(monkeypatch, size=1)
+    _ready(w, _tokens(8))
+    pc, _t = _connect(_dials(w)[0])
+    for _ in range(3):  # spend the budget: closed without a dispatch, three times
+        pc.dataReceived(b"X")
+        _lose(pc)
+        n = len(_dials(w))
+        w.clock.advance(w.pool.budget.wait() + RETRY_DELAY)
+        assert len(_dials(w)) == n + 1
+        pc, _t = _connect(_dials(w)[-1])
+    assert w.pool.budget.tokens < 1
+    before = len(_dials(w))
+    pc.dataReceived(_go(pc, *GPU))
+    assert len(_dials(w)) == before + 1  # at once: the relay used it
+
+
+def test_refill_budget_and_burst_log_on_a_clock() -> None:
+    from twisted.internet.task import Clock
+
+    from relay.datapool import BurstLog, RefillBudget
+
+    clock = Clock()
+    budget = RefillBudget(clock, 4, window=5.0)
+    assert [budget.take() for _ in range(5)] == [True] * 4 + [False]
+    assert budget.wait() == pytest.approx(1.25)
+    clock.advance(1.25)
+    assert budget.take() and not budget.take()
+    clock.advance(100)
+    assert sum(budget.take() for _ in range(10)) == 4  # never more than its capacity
+
+    said: list[tuple[str, Any]] = []
+    log = BurstLog(clock, 5.0, lambda why: said.append(("first", why)),
+                   lambda n, why: said.append(("more", (n, why))))
+    for i in range(10):
+        log.failed(f"closed {i}")
+    assert said == [("first", "closed 0")]
+    clock.advance(5.0)
+    assert said[1] == ("more", (9, "closed 9"))
+    log.failed("again")
+    assert said[2] == ("first", "again")
+    clock.advance(5.0)
+    assert len(said) == 3  # one failure in that burst: no summary
+    assert not clock.getDelayedCalls()

@@ -169,7 +169,29 @@ def _dial(port: DataPort, host: str = SOURCE) -> tuple[DataConnection, StringTra
     dc = factory.buildProtocol(addr)
     transport = StringTransport(peerAddress=addr)
     dc.makeConnection(transport)
+    if dc.state == "hello":  # admitted: the relay spoke first, with a fresh nonce
+        assert transport.value() == fw.challenge(dc.nonce)
+        transport.clear()
     return dc, transport
+
+
+def _pool_hello(world: World, agent: FakeConn, dc: DataConnection) -> bytes:
+    """A fresh pool ticket of ``agent``'s, presented on ``dc`` as the agent would."""
+    return fw.agent_hello(world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent), dc.nonce)
+
+
+def _timers(world: World) -> list[Any]:
+    """Pending timers but the token sweep's (it runs while the data port listens)."""
+    sweeper = world.port.tokens._sweeper
+    return [c for c in world.clock.getDelayedCalls()
+            if sweeper is None or c is not sweeper.call]
+
+
+def _go(dc: DataConnection, name: str, port: int) -> bytes:
+    """The GO the relay must send ``dc``: MAC'd with its ticket, bound to its nonce."""
+    assert dc.ticket is not None
+    return fw.pack_go(name, port, fw.go_mac(dc.ticket.secret, dc.ticket.token_id, dc.nonce,
+                                            name, port))
 
 
 def _lose(dc: DataConnection) -> None:
@@ -201,6 +223,28 @@ def _token_request(world: World, who: FakeConn, name: str = "gpu-cluster",
 # --- the hello -------------------------------------------------------------------------------
 
 
+def test_expired_tokens_are_swept_while_the_port_listens(world: World) -> None:
+    alice = world.ssh("alice", "user")
+    world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
+    world.clock.advance(5.5)  # token_lifetime 5: one sweep later it is gone
+    world.clock.advance(5.0)
+    assert len(world.port.tokens) == 0 and world.port.tokens.swept == 1
+    world.port.stop()
+    assert not world.clock.getDelayedCalls()
+
+
+def test_token_requests_are_capped_per_session(world: World) -> None:
+    world.agent_with_pool()
+    alice = world.ssh("alice", "user")
+    world.port.tokens.max_per_session = 2
+    assert _token_request(world, alice)[0] is fw.Status.OK
+    assert _token_request(world, alice)[0] is fw.Status.OK
+    status, message, _port, token, _life = _token_request(world, alice)
+    assert status is fw.Status.UNAVAILABLE and token == b""  # falls back to a channel
+    assert "max_tokens_per_session" in message
+    assert world.port.status()["tokens_capped"] == 1
+
+
 def test_listener_and_status(world: World) -> None:
     assert world.port.enabled
     (port, _factory, _backlog, interface), = world.clock.tcpServers
@@ -219,19 +263,20 @@ def test_silent_connection_is_aborted_after_the_hello_timeout(world: World) -> N
     assert world.port.counters["data_refused"] == 1
     assert _penalties(world) == {"grace-exceeded": 1}  # its source is penalised
     _lose(dc)
-    assert not world.clock.getDelayedCalls()
+    assert not _timers(world)
 
 
 def test_slow_but_complete_hello_is_not_timed_out(world: World) -> None:
     world.agent_with_pool()
     dc, t = _dial(world.port)
     world.clock.advance(0.9)
-    _feed(dc, fw.agent_hello(b"\x00" * fw.TOKEN_LEN))  # a bad token, but in time
-    assert not world.clock.getDelayedCalls()  # the timer was cancelled
+    _feed(dc, fw.agent_hello(b"\x00" * fw.TOKEN_LEN, dc.nonce))  # a bad token, but in time
+    assert not _timers(world)  # the timer was cancelled
     assert _aborted(t) and world.port.counters["data_refused"] == 1
 
 
-@pytest.mark.parametrize("garbage", [b"X", b"SSH-2.0-OpenSSH_9.6\r\n", b"LRD1Z", b"\x00"])
+@pytest.mark.parametrize("garbage", [b"X", b"SSH-2.0-OpenSSH_9.6\r\n", b"LRD1Z", b"\x00",
+                                     b"LRD1A" + bytes(32)])  # a version-1 hello
 def test_garbage_is_refused_at_once(world: World, garbage: bytes) -> None:
     dc, t = _dial(world.port)
     dc.dataReceived(garbage)
@@ -239,7 +284,7 @@ def test_garbage_is_refused_at_once(world: World, garbage: bytes) -> None:
     assert _penalties(world) == {"protocol": 1}
     assert dc not in world.port.pending
     _lose(dc)
-    assert not world.clock.getDelayedCalls()
+    assert not _timers(world)
     assert world.port.counters["data_refused"] == 1
 
 
@@ -253,7 +298,7 @@ def test_penalised_source_is_turned_away_before_its_hello(world: World) -> None:
         _lose(dc)
     dc, t = _dial(world.port)
     assert _aborted(t) and dc.state == "closed" and dc not in world.port.pending
-    assert not world.clock.getDelayedCalls()  # no hello timer for it
+    assert not _timers(world)  # no hello timer for it
     _lose(dc)
     other, t2 = _dial(world.port, "198.51.100.1")
     assert not t2.disconnecting and other.state == "hello"
@@ -277,7 +322,7 @@ def test_close_before_the_hello_is_penalised_and_after_it_is_not(world: World) -
     agent, _pool = world.agent_with_pool()
     token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
     pooled, t = _dial(world.port)
-    pooled.dataReceived(fw.agent_hello(token))
+    pooled.dataReceived(fw.agent_hello(token, pooled.nonce))
     assert pooled.state == "idle" and not t.disconnecting
     _lose(pooled)
     assert _penalties(world) == {"noauth": 1}
@@ -301,11 +346,11 @@ def test_agent_hello_with_a_pool_token_becomes_idle(world: World) -> None:
     agent, pool = world.agent_with_pool()
     token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
     dc, t = _dial(world.port)
-    _feed(dc, fw.agent_hello(token))
+    _feed(dc, fw.agent_hello(token, dc.nonce))
     assert dc.state == "idle" and dc.pool is pool and list(pool.idle) == [dc]
     assert not t.disconnecting and t.value() == b""
     assert t.producerState == "producing"  # read again, only to notice its end
-    assert dc not in world.port.pending and not world.clock.getDelayedCalls()
+    assert dc not in world.port.pending and not _timers(world)
     assert world.port.tokens.redeemed["agent"] == 1
     _lose(dc)
     assert not pool.idle
@@ -315,15 +360,18 @@ def test_pool_request_gives_tokens_that_open_idle_connections(world: World) -> N
     agent = world.ssh("lab_pc", "agent")
     request = fw.pack_pool_request(3, [("gpu-cluster", 22), ("plain", 22), ("stolen", 22)])
     ok, reply = world.port.poolRequest(agent, request)  # type: ignore[arg-type]
-    status, message, data_port, tokens, lifetime = fw.unpack_pool_reply(reply)
-    assert ok and status is fw.Status.OK and message == ""
-    assert data_port == world.port.bound_port and lifetime == POOL_TOKEN_LIFETIME
+    r = fw.unpack_pool_reply(reply)
+    tokens = r.tokens
+    assert ok and r.status is fw.Status.OK and r.message == ""
+    assert r.data_port == world.port.bound_port and r.lifetime == POOL_TOKEN_LIFETIME
     assert len(tokens) == 3 and len(set(tokens)) == 3
     pool = world.port.pools[agent]
-    assert pool.spliceable == {("gpu-cluster", 22), ("plain", 22)}  # not granted: dropped
+    # plain:22 is granted but not end-to-end encrypted, stolen:22 not granted: dropped,
+    # and the reply tells the agent which ones it may be dispatched to.
+    assert pool.spliceable == {("gpu-cluster", 22)} == r.services
     for token in tokens:
         dc, _t = _dial(world.port)
-        dc.dataReceived(fw.agent_hello(token))
+        dc.dataReceived(fw.agent_hello(token, dc.nonce))
         assert dc.state == "idle"
     assert len(pool.idle) == 3
 
@@ -331,25 +379,26 @@ def test_pool_request_gives_tokens_that_open_idle_connections(world: World) -> N
 def test_pool_request_is_capped_per_request(world: World) -> None:
     agent = world.ssh("lab_pc", "agent")
     _ok, reply = world.port.poolRequest(agent, fw.pack_pool_request(1000, []))  # type: ignore[arg-type]
-    assert len(fw.unpack_pool_reply(reply)[3]) == MAX_TOKENS_PER_REQUEST
+    assert len(fw.unpack_pool_reply(reply).tokens) == MAX_TOKENS_PER_REQUEST
 
 
 def test_pool_request_from_a_user_or_without_a_data_port(world: World) -> None:
     alice = world.ssh("alice", "user")
     _ok, reply = world.port.poolRequest(alice, fw.pack_pool_request(2, []))  # type: ignore[arg-type]
-    assert fw.unpack_pool_reply(reply)[:2] == (fw.Status.REFUSED, "only agents keep data pools")
+    r = fw.unpack_pool_reply(reply)
+    assert (r.status, r.message) == (fw.Status.REFUSED, "only agents keep data pools")
     assert world.port.poolRequest(alice, b"\x00") == (False, b"")  # type: ignore[arg-type]
     world.port.stop()
     agent = world.ssh("lab_pc", "agent")
     _ok, reply = world.port.poolRequest(agent, fw.pack_pool_request(2, []))  # type: ignore[arg-type]
-    assert fw.unpack_pool_reply(reply)[0] is fw.Status.UNAVAILABLE
+    assert fw.unpack_pool_reply(reply).status is fw.Status.UNAVAILABLE
 
 
 def test_agent_token_whose_pool_is_gone_is_refused(world: World) -> None:
     agent = world.ssh("lab_pc", "agent")
     token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)  # no pool for it
     dc, t = _dial(world.port)
-    dc.dataReceived(fw.agent_hello(token))
+    dc.dataReceived(fw.agent_hello(token, dc.nonce))
     assert _aborted(t) and dc.state == "closed"
     assert _penalties(world) == {}  # a valid token: not a guess
 
@@ -358,7 +407,7 @@ def test_agent_bytes_after_the_hello_are_refused(world: World) -> None:
     agent, pool = world.agent_with_pool()
     token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
     dc, t = _dial(world.port)
-    dc.dataReceived(fw.agent_hello(token) + b"x")
+    dc.dataReceived(fw.agent_hello(token, dc.nonce) + b"x")
     assert _aborted(t) and dc.state == "closed" and not pool.idle
 
 
@@ -366,7 +415,7 @@ def test_agent_token_used_as_a_user_is_refused(world: World) -> None:
     agent, _pool = world.agent_with_pool()
     token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
     dc, t = _dial(world.port)
-    dc.dataReceived(fw.user_hello(token, *GPU))
+    dc.dataReceived(fw.user_hello(token, dc.nonce, *GPU))
     assert t.value() == fw.pack_error(fw.USER_ERROR, "token refused: wrong role")
     assert t.disconnecting and dc.state == "closed"
 
@@ -375,7 +424,7 @@ def test_idle_connection_sending_bytes_is_closed(world: World) -> None:
     agent, _pool = world.agent_with_pool()
     token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
     dc, t = _dial(world.port)
-    dc.dataReceived(fw.agent_hello(token))
+    dc.dataReceived(fw.agent_hello(token, dc.nonce))
     dc.dataReceived(b"K")
     assert _aborted(t) and dc.state == "closed"
 
@@ -384,7 +433,7 @@ def test_idle_connection_refused_leaves_the_pool(world: World) -> None:
     agent, pool = world.agent_with_pool()
     token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
     dc, _t = _dial(world.port)
-    dc.dataReceived(fw.agent_hello(token))
+    dc.dataReceived(fw.agent_hello(token, dc.nonce))
     dc.dataReceived(b"K")  # refused: closed
     _lose(dc)
     assert dc not in pool.idle
@@ -395,13 +444,13 @@ def test_agent_session_ending_closes_its_pool_and_forgets_its_tokens(world: Worl
     token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
     unused = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
     dc, t = _dial(world.port)
-    dc.dataReceived(fw.agent_hello(token))
+    dc.dataReceived(fw.agent_hello(token, dc.nonce))
     world.port.sessionStopped(agent)
     assert t.disconnecting and agent not in world.port.pools and not pool.idle
     assert len(world.port.tokens) == 0
     _lose(dc)
     dc2, t2 = _dial(world.port)
-    dc2.dataReceived(fw.agent_hello(unused))
+    dc2.dataReceived(fw.agent_hello(unused, dc2.nonce))
     assert _aborted(t2)
 
 
@@ -410,7 +459,7 @@ def test_agent_session_ending_closes_its_pool_and_forgets_its_tokens(world: Worl
 
 def test_user_hello_with_a_bad_token_is_told_and_closed(world: World) -> None:
     dc, t = _dial(world.port)
-    _feed(dc, fw.user_hello(b"\x42" * fw.TOKEN_LEN, *GPU))
+    _feed(dc, fw.user_hello(b"\x42" * fw.TOKEN_LEN, dc.nonce, *GPU))
     assert t.value() == b"\x01" + bytes([len("token refused: unknown")]) + b"token refused: unknown"
     assert t.disconnecting and not _aborted(t)  # closed after the message, not reset
     assert dc.state == "closed" and dc not in world.port.pending
@@ -423,7 +472,7 @@ def test_user_token_for_another_service_is_refused(world: World) -> None:
     alice = world.ssh("alice", "user")
     token = world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
     dc, t = _dial(world.port)
-    dc.dataReceived(fw.user_hello(token, "gpu-cluster", 2222))
+    dc.dataReceived(fw.user_hello(token, dc.nonce, "gpu-cluster", 2222))
     assert t.value() == fw.pack_error(fw.USER_ERROR, "token refused: issued for another service")
 
 
@@ -433,7 +482,7 @@ def test_user_token_whose_ssh_session_ended_is_refused(world: World) -> None:
     token = world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
     world.core.connections.discard(alice)
     dc, t = _dial(world.port)
-    dc.dataReceived(fw.user_hello(token, *GPU))
+    dc.dataReceived(fw.user_hello(token, dc.nonce, *GPU))
     assert t.value() == fw.pack_error(fw.USER_ERROR, "token refused: its SSH session ended")
     assert _penalties(world) == {}  # a real token, late: not a guess, not penalised
 
@@ -443,15 +492,15 @@ def _paired_up(world: World, extra: bytes = b"") -> tuple[DataConnection, String
     """alice's data connection, dispatched to lab_pc's idle one."""
     agent, pool = world.agent_with_pool()
     adc, at = _dial(world.port, "203.0.113.5")
-    adc.dataReceived(fw.agent_hello(world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)))
+    adc.dataReceived(_pool_hello(world, agent, adc))
     alice = world.ssh("alice", "user")
     status, _msg, _port, token, _life = _token_request(world, alice)
     assert status is fw.Status.OK
     udc, ut = _dial(world.port)
-    udc.dataReceived(fw.user_hello(token, "GPU-Cluster", 22) + extra)
+    udc.dataReceived(fw.user_hello(token, udc.nonce, "GPU-Cluster", 22) + extra)
     assert udc.state == "user" and ut.producerState == "paused" and udc.extra == extra
     assert adc.state == "dispatched" and not pool.idle
-    assert at.value() == fw.pack_go("GPU-Cluster", 22)  # the bind the agent registered
+    assert at.value() == _go(adc, "GPU-Cluster", 22)  # the bind the agent registered
     assert world.core.opened == [("alice", "gpu-cluster:22", SOURCE)]
     return udc, ut, adc, at
 
@@ -466,7 +515,7 @@ def test_user_is_paired_and_spliced_once_the_agent_says_k(
     assert udc.state == adc.state == "spliced"
     assert world.core.spliced == [(("session", 1), ("pair", 1))] and not world.core.failed
     assert world.port.counters["paired"] == 1
-    assert not world.clock.getDelayedCalls()  # the agent reply timer was cancelled
+    assert not _timers(world)  # the agent reply timer was cancelled
     assert ut.value() == b""  # USER_OK goes through the splice, not this transport
 
 
@@ -482,7 +531,7 @@ def test_agent_that_cannot_connect_fails_the_user(world: World) -> None:
     assert ut.disconnecting and udc.state == "closed"
     assert _aborted(at)
     assert world.core.failed == [("session", 1)] and world.port.counters["pair_failed"] == 1
-    assert not world.clock.getDelayedCalls()
+    assert not _timers(world)
 
 
 def test_agent_answering_nonsense_fails_the_user(world: World) -> None:
@@ -511,7 +560,7 @@ def _pooled(world: World) -> tuple[DataConnection, StringTransport]:
     """One more idle connection from lab_pc's (already registered) session."""
     agent = next(iter(world.port.pools))
     adc, at = _dial(world.port, "203.0.113.5")
-    adc.dataReceived(fw.agent_hello(world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)))
+    adc.dataReceived(_pool_hello(world, agent, adc))
     return adc, at
 
 
@@ -525,7 +574,7 @@ def test_a_stale_agent_connection_is_replaced_by_the_next_one(
     _lose(adc)
     assert ut.value() == b"" and udc.state == "user"
     adc2, at2 = _pooled(world)
-    assert adc2.state == "dispatched" and at2.value() == fw.pack_go("GPU-Cluster", 22)
+    assert adc2.state == "dispatched" and at2.value() == _go(adc2, "GPU-Cluster", 22)
     adc2.dataReceived(fw.AGENT_OK)
     assert fake.calls == [(ut, at2, b"", fw.USER_OK)]
     assert world.core.failed == []
@@ -548,14 +597,14 @@ def test_user_waits_for_a_free_agent_connection_then_gives_up(world: World) -> N
     alice = world.ssh("alice", "user")
     token = world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
     udc, ut = _dial(world.port)
-    udc.dataReceived(fw.user_hello(token, *GPU))
+    udc.dataReceived(fw.user_hello(token, udc.nonce, *GPU))
     world.clock.advance(world.core.config.public_wait - 0.1)
     assert ut.value() == b"" and udc.state == "user"
     world.clock.advance(0.2)
     assert ut.value() == fw.pack_error(
         fw.USER_ERROR, "gpu-cluster:22 unavailable: no agent data connection became free in time")
     assert world.core.failed == [("session", 1)]
-    assert not world.clock.getDelayedCalls()
+    assert not _timers(world)
 
 
 def test_agent_connection_arriving_later_is_handed_to_the_waiting_user(world: World) -> None:
@@ -563,12 +612,12 @@ def test_agent_connection_arriving_later_is_handed_to_the_waiting_user(world: Wo
     alice = world.ssh("alice", "user")
     token = world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
     udc, _ut = _dial(world.port)
-    udc.dataReceived(fw.user_hello(token, *GPU))
+    udc.dataReceived(fw.user_hello(token, udc.nonce, *GPU))
     world.clock.advance(1)
     adc, at = _dial(world.port, "203.0.113.5")
-    adc.dataReceived(fw.agent_hello(world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)))
+    adc.dataReceived(_pool_hello(world, agent, adc))
     assert adc.state == "dispatched" and not pool.idle
-    assert at.value() == fw.pack_go("GPU-Cluster", 22)
+    assert at.value() == _go(adc, "GPU-Cluster", 22)
 
 
 def test_user_whose_grant_was_revoked_is_refused(world: World,
@@ -578,7 +627,7 @@ def test_user_whose_grant_was_revoked_is_refused(world: World,
     token = world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
     monkeypatch.setattr(world.core.grants, "principal_for", lambda blob: None)
     udc, ut = _dial(world.port)
-    udc.dataReceived(fw.user_hello(token, *GPU))
+    udc.dataReceived(fw.user_hello(token, udc.nonce, *GPU))
     assert ut.value() == fw.pack_error(fw.USER_ERROR, "gpu-cluster:22 is not granted to you")
     assert not world.core.opened
 
@@ -589,12 +638,12 @@ def test_user_at_the_session_cap_is_refused(world: World) -> None:
     alice = world.ssh("alice", "user")
     token = world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
     udc, ut = _dial(world.port)
-    udc.dataReceived(fw.user_hello(token, *GPU))
+    udc.dataReceived(fw.user_hello(token, udc.nonce, *GPU))
     assert ut.value() == fw.pack_error(fw.USER_ERROR, "user alice already has 1 sessions open")
     assert udc.state == "closed"
 
 
-# --- data-token@labrelay --------------------------------------------------------------------
+# --- data-token-v2@labrelay -----------------------------------------------------------------
 
 
 def test_token_request_ok(world: World) -> None:
@@ -604,7 +653,9 @@ def test_token_request_ok(world: World) -> None:
     assert (status, message, data_port, lifetime) == (fw.Status.OK, "", world.port.bound_port,
                                                       5.0)
     assert len(token) == fw.TOKEN_LEN == 32
-    ticket = world.port.tokens.redeem(fw.ROLE_USER, token, None, GPU)  # lower-cased
+    proof = fw.hello_proof(token[8:], fw.ROLE_USER, token[:8], b"n" * 32, GPU)
+    ticket = world.port.tokens.redeem(fw.ROLE_USER, token[:8], b"n" * 32, proof, None,
+                                      GPU)  # lower-cased
     assert ticket.principal == "alice" and ticket.session is alice
 
 
@@ -684,11 +735,91 @@ def test_pair_local_hands_over_an_agent_connection_that_said_k(world: World) -> 
     the agent's data connection once the agent answered K, to splice on itself."""
     agent, _pool = world.agent_with_pool()
     adc, at = _dial(world.port, "203.0.113.5")
-    adc.dataReceived(fw.agent_hello(world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)))
+    adc.dataReceived(_pool_hello(world, agent, adc))
     got: list[DataConnection] = []
     world.port.pairLocal("GPU-Cluster", 22).addCallback(got.append)
-    assert at.value() == fw.pack_go("GPU-Cluster", 22)
+    assert at.value() == _go(adc, "GPU-Cluster", 22)
     adc.dataReceived(fw.AGENT_OK + b"SSH-2.0-server\r\n")
     assert got == [adc] and adc.extra == b"SSH-2.0-server\r\n"
     assert world.port.counters["paired_local"] == 1
     assert world.port.spliceable("GPU-Cluster", 22) and not world.port.spliceable("web", 8080)
+
+
+# --- the proof and the authenticated dispatch (issue 10 §3) ---------------------------------
+
+
+def test_every_connection_gets_its_own_nonce(world: World) -> None:
+    nonces = {_dial(world.port, f"198.51.100.{i}")[0].nonce for i in range(4)}
+    assert len(nonces) == 4 and all(len(n) == fw.NONCE_LEN for n in nonces)
+
+
+def test_a_hello_replayed_on_another_connection_is_refused(world: World) -> None:
+    """What an on-path attacker who read (or solicited) the agent's hello can do with
+    it at the real data port: nothing; the ticket is burnt."""
+    agent, pool = world.agent_with_pool()
+    token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
+    seen, _t = _dial(world.port)  # the connection the agent's hello was made for
+    hello = fw.agent_hello(token, seen.nonce)
+    dc, t = _dial(world.port)
+    dc.dataReceived(hello)
+    assert _aborted(t) and t.value() == b"" and dc.state == "closed" and not pool.idle
+    assert world.port.tokens.refused["wrong proof"] == 1
+    seen.dataReceived(hello)  # now even its own connection: the ticket is gone
+    assert seen.state == "closed" and world.port.tokens.refused["unknown"] == 1
+
+
+def test_a_bearer_token_sent_as_the_proof_is_refused(world: World) -> None:
+    """Version 1 sent the whole token: sent in the proof's place, it proves nothing."""
+    agent, pool = world.agent_with_pool()
+    token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
+    dc, t = _dial(world.port)
+    dc.dataReceived(fw.MAGIC + fw.ROLE_AGENT + token[:8] + token[8:] + bytes(8))
+    assert _aborted(t) and not pool.idle
+
+
+def test_go_is_macd_with_the_connections_ticket(world: World) -> None:
+    agent, _pool = world.agent_with_pool()
+    adc, at = _dial(world.port)
+    token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
+    adc.dataReceived(fw.agent_hello(token, adc.nonce))
+    alice = world.ssh("alice", "user")
+    utoken = _token_request(world, alice)[3]
+    udc, _ut = _dial(world.port)
+    udc.dataReceived(fw.user_hello(utoken, udc.nonce, *GPU))
+    (name, port), mac, rest = fw.parse_go(at.value())  # type: ignore[misc]
+    assert (name, port, rest) == ("GPU-Cluster", 22, b"")
+    # What the agent checks: its own ticket's secret, its id, the nonce it was sent.
+    assert fw.go_valid(token[8:], token[:8], adc.nonce, name, port, mac)
+    assert not fw.go_valid(token[8:], token[:8], udc.nonce, name, port, mac)
+    assert token[8:] not in at.value()
+
+
+def test_pool_lists_only_e2e_services_and_only_those_are_dispatched(world: World) -> None:
+    agent = world.ssh("lab_pc", "agent")
+    world.core.registry.register("plain", 22, agent, "plain", world.clock.seconds())
+    _ok, reply = world.port.poolRequest(  # type: ignore[arg-type]
+        agent, fw.pack_pool_request(2, [("gpu-cluster", 22), ("plain", 22)]))
+    assert fw.unpack_pool_reply(reply).services == {("gpu-cluster", 22)}
+    alice = world.ssh("alice", "user")
+    status, message, *_ = _token_request(world, alice, "plain", 22)
+    assert status is fw.Status.UNAVAILABLE and "not declared end-to-end" in message
+
+
+def test_pair_local_obeys_the_e2e_rule(world: World) -> None:
+    """Chaining has no shortcut: a service not declared e2e on this node's relay is
+    never dispatched, even for this node's own agent; an agent that did not offer it
+    (its pool's spliceable) is not dispatched either."""
+    agent, pool = world.agent_with_pool()
+    world.core.registry.register("plain", 22, agent, "plain", world.clock.seconds())
+    pool.spliceable.add(("plain", 22))  # even if the pool had it
+    adc, at = _dial(world.port)
+    adc.dataReceived(fw.agent_hello(world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent),
+                                    adc.nonce))
+    failures: list[Failure] = []
+    world.port.pairLocal("plain", 22).addErrback(failures.append)
+    assert failures and "not declared end-to-end encrypted" in failures[0].getErrorMessage()
+    assert at.value() == b"" and adc.state == "idle"
+    pool.spliceable.discard(GPU)
+    world.port.pairLocal(*GPU).addErrback(failures.append)
+    assert len(failures) == 2 and "keeps no data connections" in failures[1].getErrorMessage()
+    assert at.value() == b""

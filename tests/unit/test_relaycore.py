@@ -420,3 +420,18 @@ def test_the_watcher_runs_with_the_core(filed: Filed) -> None:
     assert len(clock.getDelayedCalls()) == 1
     core.stop()
     assert clock.getDelayedCalls() == []
+
+
+def test_version_1_fast_path_requests_are_refused_by_name(world: Any) -> None:
+    """Fast path v1 (a bearer token in the clear, an unauthenticated dispatch) is not
+    spoken: its requests get a standard failure, so a v1 agent turns its pool off and a
+    v1 ``labrelay connect`` falls back to a channel (docs/fastpath.md "Versions")."""
+    from relay import fastwire
+
+    core, _clock, blobs = world
+    agent, alice = _conn(core, blobs, "lab_pc"), _conn(core, blobs, "alice", "user")
+    pool = fastwire.pack_pool_request(4, [("gpu-cluster", 22)])
+    assert core.globalRequest(agent, b"data-pool@labrelay", pool) is False
+    token = fastwire.pack_token_request("gpu-cluster", 22)
+    assert core.globalRequest(alice, b"data-token@labrelay", token) is False
+    assert fastwire.POOL_REQUEST != b"data-pool@labrelay"

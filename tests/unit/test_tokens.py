@@ -1,6 +1,8 @@
-"""relay.tokens: the data port's one-time tokens and the throttle on guessing them.
+"""relay.tokens: the data port's one-time tickets and the throttle on guessing them.
 
-Time is a twisted.internet.task.Clock: nothing sleeps.
+A presenter proves a ticket by an HMAC of its secret over the connection's nonce
+(``_redeem`` plays an honest holder, or one holding a wrong secret); the secret
+itself is never presented.  Time is a twisted.internet.task.Clock: nothing sleeps.
 """
 
 from __future__ import annotations
@@ -12,10 +14,27 @@ import pytest
 from twisted.internet.task import Clock
 
 import relay.tokens
-from relay.fastwire import ROLE_AGENT, ROLE_USER, TOKEN_ID_LEN, TOKEN_LEN
-from relay.tokens import Refusal, Throttle, TokenBook, TokenRefused
+from relay.fastwire import (
+    MAC_LEN,
+    NONCE_LEN,
+    ROLE_AGENT,
+    ROLE_USER,
+    TOKEN_ID_LEN,
+    TOKEN_LEN,
+    hello_proof,
+)
+from relay.tokens import Refusal, TokenBook, TokenRefused, TooManyTokens
 
 SVC = ("gpu-cluster", 22)
+NONCE = b"\x07" * NONCE_LEN
+
+
+def _redeem(book: TokenBook, role: bytes, token: bytes, alive: Any = None,
+            service: tuple[str, int] | None = None, nonce: bytes = NONCE) -> Any:
+    """Present ``token`` as its holder would: its id and the proof over ``nonce``."""
+    token_id, secret = token[:TOKEN_ID_LEN], token[TOKEN_ID_LEN:]
+    return book.redeem(role, token_id, nonce, hello_proof(secret, role, token_id, nonce, service),
+                       alive, service)
 
 
 class Session:
@@ -35,7 +54,7 @@ def book(clock: Clock) -> TokenBook:
 def _refusal(book: TokenBook, role: bytes, token: bytes, alive: Any = None,
              service: tuple[str, int] | None = None) -> Refusal:
     with pytest.raises(TokenRefused) as info:
-        book.redeem(role, token, alive, service)
+        _redeem(book, role, token, alive, service)
     assert str(info.value) == info.value.why.value
     return info.value.why
 
@@ -60,7 +79,7 @@ def test_redeem_returns_the_ticket_once(book: TokenBook, clock: Clock) -> None:
     s = Session()
     clock.advance(100)
     token = book.issue(ROLE_USER, "alice", s, SVC)
-    ticket = book.redeem(ROLE_USER, token, lambda sess: sess is s, SVC)
+    ticket = _redeem(book, ROLE_USER, token, lambda sess: sess is s, SVC)
     assert (ticket.role, ticket.principal, ticket.session, ticket.service) == (
         ROLE_USER, "alice", s, SVC)
     assert ticket.expires == 110.0
@@ -72,7 +91,7 @@ def test_redeem_returns_the_ticket_once(book: TokenBook, clock: Clock) -> None:
 def test_agent_token_has_no_service(book: TokenBook) -> None:
     s = Session()
     token = book.issue(ROLE_AGENT, "lab_pc", s)
-    ticket = book.redeem(ROLE_AGENT, token)
+    ticket = _redeem(book, ROLE_AGENT, token)
     assert ticket.service is None and ticket.principal == "lab_pc"
 
 
@@ -100,10 +119,12 @@ def test_secret_is_compared_in_constant_time(book: TokenBook,
     monkeypatch.setattr(relay.tokens.hmac, "compare_digest", spy)
     good = book.issue(ROLE_USER, "alice", Session(), SVC)
     bad = book.issue(ROLE_USER, "alice", Session(), SVC)
-    book.redeem(ROLE_USER, good, None, SVC)
-    assert calls == [(good[TOKEN_ID_LEN:], good[TOKEN_ID_LEN:])]
+    _redeem(book, ROLE_USER, good, None, SVC)
+    proof = hello_proof(good[TOKEN_ID_LEN:], ROLE_USER, good[:TOKEN_ID_LEN], NONCE, SVC)
+    assert calls == [(proof, proof)]
     assert _refusal(book, ROLE_USER, _flip_last(bad), None, SVC) is Refusal.WRONG
-    assert len(calls) == 2 and calls[1] == (bad[TOKEN_ID_LEN:], _flip_last(bad)[TOKEN_ID_LEN:])
+    forged = hello_proof(_flip_last(bad)[TOKEN_ID_LEN:], ROLE_USER, bad[:TOKEN_ID_LEN], NONCE, SVC)
+    assert len(calls) == 2 and calls[1][1] == forged and calls[1][0] != forged
 
 
 def test_secret_is_not_compared_with_eq(book: TokenBook,
@@ -119,7 +140,7 @@ def test_expired(book: TokenBook, clock: Clock) -> None:
     token = book.issue(ROLE_USER, "alice", Session(), SVC)
     clock.advance(10.0)  # still valid at exactly the lifetime
     early = book.issue(ROLE_USER, "alice", Session(), SVC)
-    assert book.redeem(ROLE_USER, early, None, SVC)
+    assert _redeem(book, ROLE_USER, early, None, SVC)
     clock.advance(0.001)
     assert _refusal(book, ROLE_USER, token, None, SVC) is Refusal.EXPIRED
     assert len(book) == 0
@@ -128,7 +149,7 @@ def test_expired(book: TokenBook, clock: Clock) -> None:
 def test_expiry_boundary(book: TokenBook, clock: Clock) -> None:
     token = book.issue(ROLE_USER, "alice", Session(), SVC)
     clock.advance(10.0)
-    assert book.redeem(ROLE_USER, token, None, SVC).principal == "alice"
+    assert _redeem(book, ROLE_USER, token, None, SVC).principal == "alice"
 
 
 def test_per_issue_lifetime(book: TokenBook, clock: Clock) -> None:
@@ -137,7 +158,7 @@ def test_per_issue_lifetime(book: TokenBook, clock: Clock) -> None:
     clock.advance(2.0)
     assert _refusal(book, ROLE_USER, short, None, SVC) is Refusal.EXPIRED
     clock.advance(20.0)  # past the book's 10 s, within its own 30 s
-    assert book.redeem(ROLE_AGENT, long).expires == 30.0
+    assert _redeem(book, ROLE_AGENT, long).expires == 30.0
 
 
 def test_wrong_role(book: TokenBook) -> None:
@@ -169,12 +190,92 @@ def test_session_gone(book: TokenBook) -> None:
     assert _refusal(book, ROLE_USER, token, lambda _: True, SVC) is Refusal.UNKNOWN
 
 
-@pytest.mark.parametrize("length", [0, 1, TOKEN_ID_LEN, TOKEN_LEN - 1, TOKEN_LEN + 1, 64])
-def test_malformed_length(book: TokenBook, length: int) -> None:
+@pytest.mark.parametrize(("id_len", "proof_len"), [(0, MAC_LEN), (TOKEN_ID_LEN - 1, MAC_LEN),
+                                                   (TOKEN_ID_LEN + 1, MAC_LEN),
+                                                   (TOKEN_ID_LEN, 0), (TOKEN_ID_LEN, MAC_LEN - 1),
+                                                   (TOKEN_ID_LEN, MAC_LEN + 1)])
+def test_malformed_length(book: TokenBook, id_len: int, proof_len: int) -> None:
     token = book.issue(ROLE_USER, "alice", Session(), SVC)
-    assert _refusal(book, ROLE_USER, (token * 3)[:length], None, SVC) is Refusal.MALFORMED
+    with pytest.raises(TokenRefused) as info:
+        book.redeem(ROLE_USER, (token * 2)[:id_len], NONCE, b"\x00" * proof_len, None, SVC)
+    assert info.value.why is Refusal.MALFORMED
     assert len(book) == 1  # nothing was looked up, nothing burnt
-    assert book.redeem(ROLE_USER, token, None, SVC)
+    assert _redeem(book, ROLE_USER, token, None, SVC)
+
+
+def test_a_proof_for_another_nonce_is_wrong_and_burns_the_ticket(book: TokenBook) -> None:
+    """A hello read on the wire (or captured by whoever owned the data port the holder
+    dialled) and presented on another connection meets another nonce."""
+    token = book.issue(ROLE_AGENT, "lab_pc", Session())
+    token_id, secret = token[:TOKEN_ID_LEN], token[TOKEN_ID_LEN:]
+    captured = hello_proof(secret, ROLE_AGENT, token_id, b"\x01" * NONCE_LEN)
+    with pytest.raises(TokenRefused) as info:
+        book.redeem(ROLE_AGENT, token_id, b"\x02" * NONCE_LEN, captured)
+    assert info.value.why is Refusal.WRONG
+    assert _refusal(book, ROLE_AGENT, token) is Refusal.UNKNOWN
+
+
+def test_ticket_keeps_its_secret_for_the_dispatch_mac(book: TokenBook) -> None:
+    token = book.issue(ROLE_AGENT, "lab_pc", Session())
+    ticket = _redeem(book, ROLE_AGENT, token)
+    assert ticket.token_id + ticket.secret == token
+
+
+# --- caps and the sweep ---------------------------------------------------------------
+
+
+def test_tokens_are_capped_per_session(clock: Clock) -> None:
+    book = TokenBook(clock, 10.0, max_per_session=3, max_per_principal=100)
+    s, other = Session(), Session()
+    held = [book.issue(ROLE_USER, "alice", s, SVC) for _ in range(3)]
+    assert book.room("alice", s) == 0
+    with pytest.raises(TooManyTokens, match="max_tokens_per_session"):
+        book.issue(ROLE_USER, "alice", s, SVC)
+    assert book.capped == 1
+    book.issue(ROLE_USER, "alice", other, SVC)  # another session of hers is not capped
+    _redeem(book, ROLE_USER, held[0], None, SVC)  # one used: room for one more
+    assert book.room("alice", s) == 1
+    book.issue(ROLE_USER, "alice", s, SVC)
+    assert book.drop_session(s) == 3 and book.room("alice", s) == 3
+
+
+def test_tokens_are_capped_per_principal(clock: Clock) -> None:
+    book = TokenBook(clock, 10.0, max_per_session=100, max_per_principal=4)
+    for _ in range(4):
+        book.issue(ROLE_USER, "alice", Session(), SVC)
+    with pytest.raises(TooManyTokens, match="max_tokens_per_user"):
+        book.issue(ROLE_USER, "alice", Session(), SVC)
+    book.issue(ROLE_USER, "bob", Session(), SVC)  # others are not
+    clock.advance(10.5)
+    assert book.sweep() == 5
+    assert book.room("alice", Session()) == 4  # expired tickets free the room
+
+
+def test_a_refused_presentation_frees_the_room(clock: Clock) -> None:
+    book = TokenBook(clock, 10.0, max_per_session=1, max_per_principal=1)
+    s = Session()
+    token = book.issue(ROLE_USER, "alice", s, SVC)
+    _refusal(book, ROLE_USER, _flip_last(token), None, SVC)
+    assert book.room("alice", s) == 1
+
+
+def test_expired_tickets_are_swept_on_the_clock(clock: Clock) -> None:
+    book = TokenBook(clock, 10.0)
+    book.start()
+    long = book.issue(ROLE_AGENT, "lab_pc", Session(), lifetime=30.0)
+    for _ in range(5):
+        book.issue(ROLE_USER, "alice", Session(), SVC, lifetime=1.0)  # behind a longer one
+    assert len(book) == 6
+    clock.advance(5.0)  # one sweep interval (min(lifetime, 5 s)); no issue meanwhile
+    assert len(book) == 1 and book.swept == 5
+    clock.advance(30.0)
+    assert len(book) == 0
+    book.stop()
+    book.issue(ROLE_AGENT, "lab_pc", Session(), lifetime=1.0)
+    clock.advance(60.0)
+    assert len(book) == 1  # stopped: no timer left behind
+    assert not clock.getDelayedCalls()
+    assert _refusal(book, ROLE_AGENT, long) is Refusal.UNKNOWN
 
 
 def test_drop_session_forgets_only_that_sessions_tickets(book: TokenBook) -> None:
@@ -187,7 +288,7 @@ def test_drop_session_forgets_only_that_sessions_tickets(book: TokenBook) -> Non
     assert len(book) == 1
     assert _refusal(book, ROLE_USER, g1, None, SVC) is Refusal.UNKNOWN
     assert _refusal(book, ROLE_AGENT, g2) is Refusal.UNKNOWN
-    assert book.redeem(ROLE_USER, k, None, SVC).session is kept
+    assert _redeem(book, ROLE_USER, k, None, SVC).session is kept
 
 
 def test_expired_tickets_are_forgotten_on_a_later_issue(book: TokenBook, clock: Clock) -> None:
@@ -200,7 +301,7 @@ def test_expired_tickets_are_forgotten_on_a_later_issue(book: TokenBook, clock: 
     book.issue(ROLE_USER, "alice", Session(), SVC)
     assert len(book) == 2
     assert _refusal(book, ROLE_USER, old[0], None, SVC) is Refusal.UNKNOWN  # not EXPIRED
-    assert book.redeem(ROLE_USER, newer, None, SVC)
+    assert _redeem(book, ROLE_USER, newer, None, SVC)
 
 
 def test_counters(book: TokenBook, clock: Clock) -> None:
@@ -214,104 +315,28 @@ def test_counters(book: TokenBook, clock: Clock) -> None:
     a1, a2 = (book.issue(ROLE_AGENT, "lab_pc", s) for _ in range(2))
     assert book.issued == {"user": 3, "agent": 2}
 
-    book.redeem(ROLE_USER, u1, None, SVC)
-    book.redeem(ROLE_AGENT, a1)
+    _redeem(book, ROLE_USER, u1, None, SVC)
+    _redeem(book, ROLE_AGENT, a1)
     for token, role, service in [(u1, ROLE_USER, SVC), (b"short", ROLE_USER, SVC),
                                  (_flip_last(u2), ROLE_USER, SVC), (a2, ROLE_USER, SVC),
                                  (u3, ROLE_USER, ("other", 1))]:
         with pytest.raises(TokenRefused):
-            book.redeem(role, token, None, service)
+            _redeem(book, role, token, None, service)
     assert book.redeemed == {"user": 1, "agent": 1}
     assert {k: v for k, v in book.refused.items() if v} == {
-        "unknown": 1, "malformed": 1, "wrong secret": 1, "wrong role": 1,
+        "unknown": 1, "malformed": 1, "wrong proof": 1, "wrong role": 1,
         "issued for another service": 1}
 
     e = book.issue(ROLE_USER, "alice", s, SVC)
     g = book.issue(ROLE_USER, "alice", s, SVC)
     with pytest.raises(TokenRefused):
-        book.redeem(ROLE_USER, g, lambda _: False, SVC)
+        _redeem(book, ROLE_USER, g, lambda _: False, SVC)
     clock.advance(11)
     with pytest.raises(TokenRefused):
-        book.redeem(ROLE_USER, e, None, SVC)
+        _redeem(book, ROLE_USER, e, None, SVC)
     assert book.refused["expired"] == 1 and book.refused["its SSH session ended"] == 1
-    assert book.refused["throttled"] == 0  # the throttle counts its own
 
 
 def test_refusal_carries_its_reason() -> None:
     e = TokenRefused(Refusal.EXPIRED)
     assert e.why is Refusal.EXPIRED and str(e) == "expired"
-
-
-# --- Throttle --------------------------------------------------------------------------
-
-
-def test_throttle_blocks_after_limit_failures_in_the_window(clock: Clock) -> None:
-    t = Throttle(clock, limit=3, window=60.0)
-    assert not t.blocked("10.0.0.1")
-    for _ in range(2):
-        t.failed("10.0.0.1")
-        clock.advance(1)
-    assert not t.blocked("10.0.0.1")
-    t.failed("10.0.0.1")
-    assert t.blocked("10.0.0.1")
-    assert t.turned_away == 1
-
-
-def test_throttle_unblocks_once_the_window_passes(clock: Clock) -> None:
-    t = Throttle(clock, limit=3, window=60.0)
-    for _ in range(3):
-        t.failed("10.0.0.1")
-        clock.advance(10)
-    # failures at 0, 10, 20; now 30
-    assert t.blocked("10.0.0.1")
-    clock.advance(30)  # 60: the one at 0 is exactly at the horizon, still counted
-    assert t.blocked("10.0.0.1")
-    clock.advance(0.5)  # it slid out
-    assert not t.blocked("10.0.0.1")
-    assert t.turned_away == 2
-    t.failed("10.0.0.1")
-    assert t.blocked("10.0.0.1")
-
-
-def test_throttle_failures_spread_out_never_block(clock: Clock) -> None:
-    t = Throttle(clock, limit=3, window=10.0)
-    for _ in range(20):
-        t.failed("10.0.0.1")
-        clock.advance(6)
-        assert not t.blocked("10.0.0.1")
-    assert t.turned_away == 0
-
-
-def test_throttle_sources_are_independent(clock: Clock) -> None:
-    t = Throttle(clock, limit=2, window=60.0)
-    t.failed("10.0.0.1")
-    t.failed("10.0.0.1")
-    t.failed("10.0.0.2")
-    assert t.blocked("10.0.0.1")
-    assert not t.blocked("10.0.0.2")
-    assert not t.blocked("10.0.0.3")
-    assert t.turned_away == 1
-
-
-def test_throttle_caps_the_sources_it_remembers(clock: Clock) -> None:
-    t = Throttle(clock, limit=1, window=60.0, max_sources=3)
-    for host in ("a", "b", "c"):
-        t.failed(host)
-        clock.advance(1)
-    assert all(t.blocked(h) for h in ("a", "b", "c"))
-    t.failed("a")  # a failed again: now the most recent
-    t.failed("d")  # evicts the oldest: b
-    assert not t.blocked("b")
-    assert t.blocked("a") and t.blocked("c") and t.blocked("d")
-    t.failed("e")  # evicts c
-    assert not t.blocked("c")
-    assert t.turned_away == 3 + 3
-
-
-def test_throttle_defaults(clock: Clock) -> None:
-    t = Throttle(clock)
-    for _ in range(19):
-        t.failed("x")
-    assert not t.blocked("x")
-    t.failed("x")
-    assert t.blocked("x")
