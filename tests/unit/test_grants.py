@@ -312,6 +312,11 @@ NOTHING = Principal("agent", "idle", (), frozenset(), None)
         (EVERYTHING, "anything", 1, False, True),
         (EVERYTHING, "gpu-cluster", 22, False, True),
         (EVERYTHING, "gpu-cluster", 0, False, False),
+        (EVERYTHING, "", 2201, False, False),
+        (EVERYTHING, "0.0.0.0", 2201, False, False),
+        (EVERYTHING, "LocalHost", 2201, False, False),
+        (EVERYTHING, "127.0.0.1", 2201, False, False),
+        (EVERYTHING, "*", 2201, False, False),
         (NOTHING, "gpu-cluster", 22, False, False),
     ],
 )
@@ -585,3 +590,14 @@ def test_a_change_invisible_to_stat_is_seen_while_racy(
     monkeypatch.setattr(grants_module, "_RACY_NS", 0)
     write(users, f"{keys[0]} alice")
     assert grants.principal_for(blob(keys[1])) is not None, "stat-only once no longer racy"
+
+
+def test_public_port_names_cover_every_public_bind() -> None:
+    """Every bind the relay turns into a public-port registration is a name no user
+    grant reaches, not even ``*``: public ports are reached through their listener."""
+    from relay.grants import PUBLIC_PORT_NAMES
+    from relay.relayserver import PUBLIC, PUBLIC_BINDS
+
+    assert PUBLIC in PUBLIC_PORT_NAMES
+    assert PUBLIC_BINDS <= PUBLIC_PORT_NAMES
+    assert not any(EVERYTHING.may_reach(name, 2201) for name in PUBLIC_PORT_NAMES)
