@@ -11,6 +11,7 @@ cut, and alice's stock ``ssh -L`` through the relay must work before and after.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -65,6 +66,29 @@ def grants(k: Keys) -> tuple[list[str], list[str]]:
             [f'permitopen="web:8080" {k.alice.public_blob()} alice'])
 
 
+class FormatKey(paramiko.PKey):
+    """A "key" whose algorithm name is a log format reaching into the relay's objects
+    and whose blob no SSH library parses: Conch used to log that name *as* a format."""
+
+    def __init__(self) -> None:
+        pass
+
+    def get_name(self) -> str:
+        return "{log_source.factory.privateKeys}"
+
+    def asbytes(self) -> bytes:
+        return b"\x00\x00\x00\x03bad"
+
+    def can_sign(self) -> bool:
+        return True
+
+    def sign_ssh_data(self, data: bytes, algorithm: str | None = None) -> paramiko.Message:
+        m = paramiko.Message()
+        m.add_string("x")
+        m.add_string(b"sig")
+        return m
+
+
 @contextmanager
 def paramiko_transport(port: int) -> Iterator[paramiko.Transport]:
     transport = paramiko.Transport((LOOPBACK, port))
@@ -82,6 +106,8 @@ def attack(port: int, k: Keys) -> None:
     for user in (FORGED_USER, BIG_USER):
         with paramiko_transport(port) as t, pytest.raises(paramiko.AuthenticationException):
             t.auth_publickey(user, key(str(k.stranger.path)))
+    with paramiko_transport(port) as t, pytest.raises(paramiko.AuthenticationException):
+        t.auth_publickey("format", FormatKey())
     with paramiko_transport(port) as t:
         t.auth_publickey("alice", key(str(k.alice.path)))
         for host in (FORGED_HOST, LONG_HOST):
@@ -160,6 +186,7 @@ users_file = "users"
     assert "h" * 200 + "[... 59805 more chars]" in text
     assert f"refused {escaped(FORGED_TYPE)} channel" in text
     assert f"refused tcpip-forward {escaped(FORGED_SERVICE)}:22" in text
+    assert "auth refused for user format from" in text and "privateKeys" not in text
     assert max(len(line) for line in lines) < 2500
 
 
@@ -179,7 +206,9 @@ def test_json_log_fields_are_escaped_and_truncated(
     assert not relay.events("_raw"), relay.events("_raw")  # every stdout line is JSON
     refused = relay.events("relay_auth_refused", since=mark)
     assert [e["user"] for e in refused] == [escaped(FORGED_USER),
-                                            "A" * 200 + "[... 56 more chars]"]
+                                            "A" * 200 + "[... 56 more chars]", "format"]
+    assert refused[2]["why"] == "unsupported key type or malformed key"
+    assert not [e for e in relay.events() if "privateKeys" in json.dumps(e)]
     assert all("\n" not in e["text"] for e in refused)
     sessions = relay.events("relay_session_refused", since=mark, name="alice")
     assert [e["service"] for e in sessions] == [
