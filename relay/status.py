@@ -31,6 +31,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from . import __version__
+from .logfmt import escape
 
 Snapshot = Callable[[], dict[str, Any]]
 
@@ -143,6 +144,7 @@ def _relay_metrics(relay: dict[str, Any]) -> list[str]:
 
 
 MIN_TOKEN_LENGTH = 16
+CELL_LIMIT = 80
 _WILDCARDS = ("", "*", "0.0.0.0", "::")
 
 
@@ -304,6 +306,8 @@ def _age(since: float | None, now: float) -> str:
 
 
 def _table(rows: list[list[str]]) -> str:
+    # Cells carry peer-supplied strings (a session's claimed origin): one visible line each.
+    rows = [[escape(cell, CELL_LIMIT) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                      for row in rows)
@@ -345,7 +349,8 @@ def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
     relay = snapshot.get("relay")
     if relay is not None:
         parts += _relay_tables(relay, now)
-    return "\n\n".join(parts) + "\n"
+    lines = "\n\n".join(parts).split("\n")
+    return "".join(escape(line, None, backslash=False) + "\n" for line in lines)
 
 
 def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:

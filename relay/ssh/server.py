@@ -50,6 +50,8 @@ USER_NAME_LIMIT = 256
 logged).  A longer name fails that attempt, so no peer string of up to a packet's size
 is held or logged before authentication (the log shows at most 200 characters)."""
 NAME_LIMIT = 64
+ORIGIN_LIMIT = 255
+"""Characters of a ``direct-tcpip`` originator address kept for a session."""
 """Bytes of an authentication method or service name kept before authentication."""
 REFUSED_CHANNEL_TYPES = {
     b"session": "shell, exec and subsystem sessions",
@@ -381,7 +383,10 @@ class RelayConnection(FlowConnection):
             maxPacket=self.core.config.max_packet, remoteWindow=windowSize,
             remoteMaxPacket=maxPacket, conn=self,
         )
-        return self.core.openUserSession(self, host, port, f"{origHost}:{origPort}", channel)
+        # The originator is the client's claim (an address); it is kept per session, shown
+        # by `labrelay status` and passed to the agent, so only its first bytes are kept.
+        origin = f"{origHost[:ORIGIN_LIMIT]}:{origPort}"
+        return self.core.openUserSession(self, host, port, origin, channel)
 
     def openForwarded(self, bind: str, port: int, origHost: str,
                       origPort: int) -> defer.Deferred[BridgedChannel]:

@@ -164,3 +164,24 @@ def test_missing_token_file(tmp_path: Path) -> None:
         read_token(tmp_path / "absent")
     with pytest.raises(TokenError, match=r"cannot read|not a regular file"):
         read_token(tmp_path)  # a directory
+
+
+# --- labrelay status output ----------------------------------------------------------
+
+
+def test_status_tables_escape_peer_strings() -> None:
+    """A session's origin is the client's own claim; ``labrelay status`` prints it to the
+    operator's terminal as one visible, bounded cell."""
+    from relay.status import CELL_LIMIT, format_status
+
+    forged = "10.0.0.1\x1b]0;owned\x07\n2026-01-01 fake line" + "x" * 500
+    snapshot = {"version": "x", "pid": 1, "relay": {
+        "listen": "127.0.0.1:2222", "agents": [], "users": [], "services": [],
+        "sessions": [{"user": "alice", "service": "web:8080", "origin": forged + ":5",
+                      "age": 1.0, "bytes_to_service": 0, "bytes_from_service": 0}],
+    }}
+    text = format_status(snapshot, now=0.0)
+    assert "\x1b" not in text and "\x07" not in text
+    assert "\\x1b]0;owned\\x07\\n2026-01-01 fake line" in text
+    assert not any(line.startswith("2026-01-01") for line in text.splitlines())
+    assert max(len(line) for line in text.splitlines()) < CELL_LIMIT + 150
