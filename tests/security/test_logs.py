@@ -21,9 +21,10 @@ from pathlib import Path
 
 import paramiko
 import pytest
-from conftest import Targets
+from conftest import Targets, twistd_command
 from harness import (
     LOOPBACK,
+    AgentProcess,
     KeyPair,
     RelayNode,
     SshProcess,
@@ -221,3 +222,43 @@ def test_json_log_fields_are_escaped_and_truncated(
         for value in event.values():
             if isinstance(value, str):
                 assert value.isprintable() and len(value) < 2500, event
+
+
+def test_twistd_log_has_no_forged_line(
+    start_process: Callable[..., AgentProcess], keys: Keys, tmp_path: Path,
+) -> None:
+    """``twistd -n labrelay --config F``: twistd's own log observer (stdout here, the
+    ``--logfile`` otherwise) sees the same escaped and truncated fields."""
+    agents, users = grants(keys)
+    (tmp_path / "agents").write_text("\n".join(agents) + "\n")
+    (tmp_path / "users").write_text("\n".join(users) + "\n")
+    config = tmp_path / "node.toml"
+    config.write_text(f"""\
+[relay]
+listen = "127.0.0.1:0"
+state_dir = "{tmp_path / "state"}"
+agents_file = "agents"
+users_file = "users"
+""")
+    twistd = start_process(twistd_command("-n", "--pidfile", "", "labrelay",
+                                          "--config", str(config)), name="twistd")
+    listening = twistd.wait_for("_raw", timeout=30, text=lambda t: "relay listening on" in t)
+    port = int(re.search(r"relay listening on 127\.0\.0\.1:(\d+);", listening["text"])[1])
+
+    key = paramiko.Ed25519Key.from_private_key_file
+    for user in (FORGED_USER, BIG_USER):
+        with paramiko_transport(port) as t, pytest.raises(paramiko.AuthenticationException):
+            t.auth_publickey(user, key(str(keys.stranger.path)))
+    with paramiko_transport(port) as t, pytest.raises(paramiko.AuthenticationException):
+        t.auth_publickey("format", FormatKey())
+    twistd.wait_for("_raw", timeout=15, text=lambda t: "auth refused for user format" in t)
+
+    lines = [e["text"] for e in twistd.events("_raw")]
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[")
+    assert all(stamp.match(line) or line.startswith("\t") for line in lines), lines
+    assert not [line for line in lines if line.startswith(FAKE[:19])]
+    text = "\n".join(lines)
+    assert f"auth refused for user {escaped(FORGED_USER)} from" in text
+    assert "A" * 200 + "[... 56 more chars] from" in text
+    assert "privateKeys" not in text
+    assert max(len(line) for line in lines) < 2500
