@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import conftest
 import pytest
 from conftest import Targets
 from harness import (
@@ -243,8 +242,10 @@ def rekeying_relay_with_agent(
     targets: Targets,
 ) -> tuple[RelayNode, KeyPair, Any]:
     """The same with a relay that rekeys every MiB by itself."""
-    monkeypatch.setattr(
-        conftest, "relay_command",
+    # Patch the module start_relay really runs in: with tests/security collected too,
+    # `conftest` may name the security suite's copy of the fixtures.
+    monkeypatch.setitem(
+        start_relay.__globals__, "relay_command",
         lambda *args: [sys.executable, "-c", REKEY_1M + AUDITED_LABRELAY, "relay",
                        "--log-format", "json", *args],
     )  # fmt: skip

@@ -69,13 +69,15 @@ def grants(k: Keys) -> tuple[list[str], list[str]]:
 
 class FormatKey(paramiko.PKey):
     """A "key" whose algorithm name is a log format reaching into the relay's objects
-    and whose blob no SSH library parses: Conch used to log that name *as* a format."""
+    and whose blob no SSH library parses: Conch used to log that name *as* a format,
+    and before the fix this one wrote the relay's private host key (its ``repr``,
+    with the secret) into the log, from an unauthenticated connection."""
 
     def __init__(self) -> None:
         pass
 
     def get_name(self) -> str:
-        return "{log_source.factory.privateKeys}"
+        return "{log_source.transport.factory.privateKeys}"
 
     def asbytes(self) -> bytes:
         return b"\x00\x00\x00\x03bad"
@@ -187,7 +189,8 @@ users_file = "users"
     assert "h" * 200 + "[... 59805 more chars]" in text
     assert f"refused {escaped(FORGED_TYPE)} channel" in text
     assert f"refused tcpip-forward {escaped(FORGED_SERVICE)}:22" in text
-    assert "auth refused for user format from" in text and "privateKeys" not in text
+    assert "auth refused for user format from" in text
+    assert "privateKeys" not in text and "Private Key" not in text
     assert max(len(line) for line in lines) < 2500
 
 
@@ -209,7 +212,8 @@ def test_json_log_fields_are_escaped_and_truncated(
     assert [e["user"] for e in refused] == [escaped(FORGED_USER),
                                             "A" * 200 + "[... 56 more chars]", "format"]
     assert refused[2]["why"] == "unsupported key type or malformed key"
-    assert not [e for e in relay.events() if "privateKeys" in json.dumps(e)]
+    assert not [e for e in relay.events()
+                if "privateKeys" in json.dumps(e) or "Private Key" in json.dumps(e)]
     assert all("\n" not in e["text"] for e in refused)
     sessions = relay.events("relay_session_refused", since=mark, name="alice")
     assert [e["service"] for e in sessions] == [
@@ -260,5 +264,5 @@ users_file = "users"
     text = "\n".join(lines)
     assert f"auth refused for user {escaped(FORGED_USER)} from" in text
     assert "A" * 200 + "[... 56 more chars] from" in text
-    assert "privateKeys" not in text
+    assert "privateKeys" not in text and "Private Key" not in text
     assert max(len(line) for line in lines) < 2500
