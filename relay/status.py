@@ -144,7 +144,7 @@ def _relay_metrics(relay: dict[str, Any]) -> list[str]:
 
 
 MIN_TOKEN_LENGTH = 16
-CELL_LIMIT = 80
+CELL_LIMIT = 120
 _WILDCARDS = ("", "*", "0.0.0.0", "::")
 
 
