@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--admin", default=None, metavar="ADDR:PORT",
                         help="its admin endpoint (default 127.0.0.1:7022)")
+    status.add_argument("--token-file", default=None, type=Path, metavar="FILE",
+                        help="send the bearer token in FILE (its [admin] token_file)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
     sshcfg = sub.add_parser(
@@ -157,7 +159,8 @@ def _with_admin(config: NodeConfig, ns: argparse.Namespace) -> NodeConfig:
         return config
     from .config import parse_admin_listen
 
-    admin = parse_admin_listen(ns.admin, source="command line", keypath="--admin")
+    admin = parse_admin_listen(ns.admin, source="command line", keypath="--admin",
+                               token_file=config.admin.token_file if config.admin else None)
     return dataclasses.replace(config, admin=admin)
 
 
@@ -264,11 +267,21 @@ def cmd_status(ns: argparse.Namespace) -> int:
     import urllib.error
 
     from .config import DEFAULT_ADMIN_LISTEN
-    from .status import fetch, format_status
+    from .status import TokenError, fetch, format_status, read_token
 
     address = ns.admin or DEFAULT_ADMIN_LISTEN
     try:
-        snapshot = fetch(address)
+        token = read_token(ns.token_file) if ns.token_file is not None else None
+    except TokenError as e:
+        print(f"labrelay: {e}", file=sys.stderr)
+        return 2
+    try:
+        snapshot = fetch(address, token=token)
+    except urllib.error.HTTPError as e:
+        print(f"labrelay: http://{address}/status.json answered {e.code} {e.reason}"
+              + (" (give its token with --token-file)" if e.code == 401 else ""),
+              file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError) as e:
         print(f"labrelay: cannot read status from http://{address}/status.json: {e}\n"
               "  is labrelay running with --admin (or [admin] in its config)?",

@@ -144,9 +144,12 @@ class LinkConfig:
 
 @dataclass(frozen=True)
 class AdminConfig:
-    """The local status endpoint (HTTP on loopback)."""
+    """The status endpoint (HTTP).  It answers only requests addressed to itself (the
+    ``Host`` header, against DNS rebinding); with ``token_file`` it also requires
+    ``Authorization: Bearer <token>``, and only then may it listen beyond loopback."""
 
     listen: HostPort
+    token_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -848,7 +851,8 @@ _TOP_KEYS = {
     "link": '[[link]] host = "cloud.example.org"',
     "relay": '[relay] listen = "0.0.0.0:2222"',
 }
-_ADMIN_KEYS = {"listen": 'listen = "127.0.0.1:7022"'}
+_ADMIN_KEYS = {"listen": 'listen = "127.0.0.1:7022"',
+               "token_file": 'token_file = "/etc/labrelay/admin.token"'}
 _LINK_KEYS = {
     "name": 'name = "cloud"',
     "host": 'host = "cloud.example.org"',
@@ -1283,10 +1287,12 @@ def _parse_link(sec: _Section, index: int, base: Path) -> LinkConfig:
     )
 
 
-def _parse_admin(sec: _Section) -> AdminConfig:
+def _parse_admin(sec: _Section, base: Path) -> AdminConfig:
+    token_file = sec.string("token_file")
     return parse_admin_listen(
         sec.string("listen") or DEFAULT_ADMIN_LISTEN, source=sec.source,
         keypath=sec.keypath("listen"),
+        token_file=_path(token_file, base) if token_file else None,
     )
 
 
@@ -1448,9 +1454,11 @@ def _parse_relay(sec: _Section, base: Path) -> RelayConfig:
     return relay
 
 
-def parse_admin_listen(text: str, *, source: str, keypath: str) -> AdminConfig:
-    """``[addr:]port`` of the admin endpoint; only loopback addresses are allowed,
-    since it has no authentication of its own."""
+def parse_admin_listen(text: str, *, source: str, keypath: str,
+                       token_file: Path | None = None) -> AdminConfig:
+    """``[addr:]port`` of the admin endpoint.  Without a ``token_file`` only loopback
+    addresses are allowed (it would have no authentication at all); with one, any
+    address (scrapers on other hosts present the bearer token)."""
     bind, port = parse_listen(text, source=source, keypath=keypath,
                               default_bind=LOCAL_DEFAULT_BIND)
     loopback = bind == "localhost"
@@ -1459,13 +1467,15 @@ def parse_admin_listen(text: str, *, source: str, keypath: str) -> AdminConfig:
             loopback = ipaddress.ip_address(bind).is_loopback
         except ValueError:
             loopback = False
-    if not loopback:
+    if not loopback and token_file is None:
         raise ConfigError(
             source, keypath,
-            f"the admin endpoint must listen on a loopback address, not {bind or '*'!r}",
-            'e.g. listen = "127.0.0.1:7022"; reach it from elsewhere through SSH',
+            f"the admin endpoint must listen on a loopback address, not {bind or '*'!r}, "
+            "unless it requires a bearer token",
+            'e.g. listen = "127.0.0.1:7022"; reach it from elsewhere through SSH, or set '
+            '[admin] token_file = "/etc/labrelay/admin.token" (mode 0600)',
         )
-    return AdminConfig(HostPort(bind, port))
+    return AdminConfig(HostPort(bind, port), token_file)
 
 
 def validate_node(config: NodeConfig, locate: Locate | None = None) -> None:
@@ -1626,7 +1636,7 @@ def parse_config(text: str, source: str, *, base_dir: Path | None = None) -> Nod
         links=tuple(
             _parse_link(sec, i, base) for i, sec in enumerate(top.tables("link", _LINK_KEYS))
         ),
-        admin=_parse_admin(admin) if admin is not None else None,
+        admin=_parse_admin(admin, base) if admin is not None else None,
         relay=_parse_relay(relay, base) if relay is not None else None,
         forwards=_parse_plain_forwards(top),
     )

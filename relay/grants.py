@@ -61,6 +61,13 @@ _KEY_TYPE_RE = re.compile(r"(?:ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]*(?:[ \t]|\Z)")
 _OPTION_NAME_RE = re.compile(r"[A-Za-z0-9-]+")
 _WILDCARD_HOSTS = ("", "*", "0.0.0.0", "[::]")
 
+PUBLIC_PORT_NAMES = frozenset(
+    {"", "*", "0.0.0.0", "::", "[::]", "localhost", "127.0.0.1", "::1", "[::1]"}
+)
+"""Names a ``tcpip-forward`` bind turns into a public-port registration (a superset of
+``relay.relayserver.PUBLIC_BINDS``).  They never name a service, so no user grant, not
+even ``*``, reaches them: a public port is reached through its public listener only."""
+
 # OpenSSH options that only restrict what labrelay never offers anyway (ptys, X11,
 # agent forwarding, user rc): accepted and ignored.  ``port-forwarding`` undoes the
 # ``restrict`` of a line whose permitopen/permitlisten labrelay honours anyway.
@@ -102,8 +109,11 @@ class Principal:
         return self.kind == AGENT and self._granted(name, port)
 
     def may_reach(self, name: str, port: int) -> bool:
-        """Whether this user may open a session to ``name:port`` (``direct-tcpip``)."""
-        return self.kind == USER and self._granted(name, port)
+        """Whether this user may open a session to ``name:port`` (``direct-tcpip`` or a
+        fast-path token).  Never to a public port's registration (see
+        :data:`PUBLIC_PORT_NAMES`), whatever the grant says."""
+        return (self.kind == USER and name.lower() not in PUBLIC_PORT_NAMES
+                and self._granted(name, port))
 
     def may_bind_public(self, port: int) -> bool:
         """Whether this agent may have the relay listen on public port ``port``."""

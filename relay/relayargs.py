@@ -144,7 +144,8 @@ def config_from_relay_args(ns: argparse.Namespace) -> NodeConfig:
             for text in ns.e2e_services))
     admin = base.admin
     if ns.admin is not None:
-        admin = parse_admin_listen(ns.admin, source=CLI, keypath="--admin")
+        admin = parse_admin_listen(ns.admin, source=CLI, keypath="--admin",
+                                   token_file=base.admin.token_file if base.admin else None)
     if not (relay.agents or relay.users or relay.agents_file or relay.users_file):
         raise ConfigError(
             base.source,

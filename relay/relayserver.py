@@ -349,6 +349,9 @@ class RelayCore:
 
         if principal is None:
             return refuse(OPEN_ADMINISTRATIVELY_PROHIBITED, "this key is no longer granted")
+        if host in PUBLIC_BINDS:  # the registry's name for public ports: never over SSH
+            return refuse(OPEN_ADMINISTRATIVELY_PROHIBITED, "public ports are reached through "
+                          "their public listener only, not over SSH")
         if principal.kind != "user" or not principal.may_reach(host, port):
             return refuse(OPEN_ADMINISTRATIVELY_PROHIBITED, f"{service} is not granted to "
                           f"{principal.kind} {principal.name}")

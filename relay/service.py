@@ -14,12 +14,13 @@ from typing import Any
 from twisted.application.internet import TCPServer
 from twisted.application.service import MultiService
 from twisted.conch.ssh import keys
+from twisted.logger import Logger
 from twisted.web.server import Site
 
 from .config import ConfigError, LinkConfig, NodeConfig
 from .link import Link
 from .ssh.identity import IdentityError, default_identity_paths, load_identity
-from .status import admin_resource, base_snapshot
+from .status import AdminGate, TokenError, admin_resource, base_snapshot, read_token
 
 
 def load_identities(config: NodeConfig, link: LinkConfig, index: int) -> list[keys.Key]:
@@ -39,6 +40,19 @@ def load_identities(config: NodeConfig, link: LinkConfig, index: int) -> list[ke
         except IdentityError as e:
             raise ConfigError(config.source, f"link[{index}].identity", str(e)) from e
     return loaded
+
+
+class AdminServer(TCPServer):
+    """The admin endpoint's listener; says where it listens once it does."""
+
+    _log = Logger()
+
+    def startService(self) -> None:
+        super().startService()
+        port: Any = self._port  # type: ignore[attr-defined]
+        bound = port.getHost()
+        self._log.info("admin endpoint listening on {host}:{port}", event="admin_listening",
+                       host=bound.host, port=bound.port)
 
 
 class NodeService(MultiService):
@@ -77,9 +91,15 @@ class NodeService(MultiService):
                 self.plain_forwards.append(plain)
         if config.admin is not None:
             listen = config.admin.listen
-            site = Site(admin_resource(self.status))
+            token = None
+            if config.admin.token_file is not None:
+                try:
+                    token = read_token(config.admin.token_file)
+                except TokenError as e:
+                    raise ConfigError(config.source, "admin.token_file", str(e)) from e
+            site = Site(admin_resource(self.status, AdminGate(listen.host, token)))
             site.noisy = False
-            admin = TCPServer(listen.port, site, interface=listen.host, reactor=reactor)
+            admin = AdminServer(listen.port, site, interface=listen.host, reactor=reactor)
             admin.setName("admin")
             admin.setServiceParent(self)
 

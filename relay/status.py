@@ -1,23 +1,37 @@
-"""The local admin endpoint: JSON status, Prometheus metrics, and ``labrelay status``.
+"""The admin endpoint: JSON status, Prometheus metrics, and ``labrelay status``.
 
-Served over HTTP on a loopback address only (the config refuses others): it
-shows link health, each forward's state (ready, or refused and retrying, with
-the reason) and per-forward session counters.  ``labrelay status`` fetches the
-JSON and prints it as tables.
+Served over HTTP, on a loopback address unless a bearer token is configured (the
+config refuses others): it shows link health, each forward's state (ready, or
+refused and retrying, with the reason) and per-forward session counters.
+``labrelay status`` fetches the JSON and prints it as tables.
+
+Every request first passes :class:`AdminGate`: it must be addressed to this endpoint
+(its ``Host`` header names the address the connection arrived on, or ``localhost``
+when that is loopback), so a web page whose name an attacker re-points at 127.0.0.1
+(DNS rebinding) gets ``421 Misdirected Request`` and no data; with a token, it must
+also carry ``Authorization: Bearer <token>`` (``401`` otherwise).
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
+import os
+import stat
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from twisted.web.resource import Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from . import __version__
+from .logfmt import escape
 
 Snapshot = Callable[[], dict[str, Any]]
 
@@ -154,17 +168,153 @@ def _relay_metrics(relay: dict[str, Any]) -> list[str]:
     return lines
 
 
-def admin_resource(snapshot: Snapshot) -> Resource:
+MIN_TOKEN_LENGTH = 16
+CELL_LIMIT = 120
+_WILDCARDS = ("", "*", "0.0.0.0", "::")
+
+
+class TokenError(Exception):
+    """The admin token file is missing, unreadable, too open or too short."""
+
+
+def read_token(path: Path) -> bytes:
+    """The bearer token in ``path`` (surrounding white space stripped).
+
+    The file must be a regular file readable by its owner only (``chmod 600``), as
+    OpenSSH requires of private keys, and hold at least :data:`MIN_TOKEN_LENGTH`
+    characters (``openssl rand -hex 32 > admin.token`` makes one)."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read(4096)
+    except OSError as e:
+        raise TokenError(f"cannot read the admin token file {path}: {e.strerror}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise TokenError(f"the admin token file {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise TokenError(f"the admin token file {path} is readable by others (mode "
+                         f"{stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
+    token = data.strip()
+    if len(token) < MIN_TOKEN_LENGTH or any(c < 0x21 or c > 0x7E for c in token):
+        raise TokenError(f"the admin token in {path} must be at least {MIN_TOKEN_LENGTH} "
+                         "printable ASCII characters without spaces")
+    return token
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An HTTP answer that carries no data."""
+
+    code: int
+    reason: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def _host_name(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class AdminGate:
+    """Decides, from a request's headers and the address it arrived on, whether the
+    admin endpoint answers it.  Sans-IO: :func:`admin_resource` feeds it requests.
+
+    Accepted ``Host`` values (case-insensitive): the configured listen host (unless a
+    wildcard) and the local address the connection arrived on, each with the local
+    port, plus ``localhost``, ``127.0.0.1`` and ``[::1]`` when that address is
+    loopback; the bare name without a port only on port 80.  A missing ``Host`` is
+    refused too (every browser, curl, urllib and Prometheus send one).
+    """
+
+    def __init__(self, listen_host: str, token: bytes | None = None) -> None:
+        self.listen_host = listen_host
+        self.token = token
+
+    def allowed_hosts(self, local_host: str, local_port: int) -> set[str]:
+        names = {_host_name(local_host)}
+        if self.listen_host not in _WILDCARDS:
+            names.add(_host_name(self.listen_host))
+        if _is_loopback(local_host):
+            names |= {"localhost", "127.0.0.1", "[::1]"}
+        allowed = {f"{name}:{local_port}".lower() for name in names}
+        if local_port == 80:
+            allowed |= {name.lower() for name in names}
+        return allowed
+
+    def check(self, host_header: bytes | None, local_host: str, local_port: int,
+              authorization: bytes | None) -> Refusal | None:
+        """None to answer the request, else the refusal to send instead."""
+        host = (host_header or b"").decode("latin-1").strip().lower()
+        if host not in self.allowed_hosts(local_host, local_port):
+            return Refusal(421, "misdirected request: this endpoint answers only requests "
+                           "addressed to its own address or localhost")
+        if self.token is not None:
+            scheme, _, presented = (authorization or b"").strip().partition(b" ")
+            if not (scheme.lower() == b"bearer"
+                    and hmac.compare_digest(presented.strip(), self.token)):
+                return Refusal(401, "a bearer token is required",
+                               ((b"www-authenticate", b'Bearer realm="labrelay"'),))
+        return None
+
+
+class _Refused(Resource):
+    isLeaf = True
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__()
+        self._refusal = refusal
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(self._refusal.code)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        for name, value in self._refusal.headers:
+            request.setHeader(name, value)
+        return (self._refusal.reason + "\n").encode()
+
+
+class _Gated(Resource):
+    """The admin tree behind an :class:`AdminGate`: every path is decided here first."""
+
+    def __init__(self, inner: Resource, gate: AdminGate) -> None:
+        super().__init__()
+        self._inner = inner
+        self._gate = gate
+
+    def getChildWithDefault(self, path: bytes, request: Any) -> IResource:
+        local = request.getHost()
+        refusal = self._gate.check(request.getHeader(b"host"), getattr(local, "host", ""),
+                                   getattr(local, "port", 0),
+                                   request.getHeader(b"authorization"))
+        if refusal is not None:
+            return _Refused(refusal)
+        child: Resource | None = self._inner.children.get(path)
+        return child if child is not None else notFound()
+
+
+def admin_resource(snapshot: Snapshot, gate: AdminGate) -> Resource:
     root = Resource()
     root.putChild(b"status.json", _Leaf(snapshot, _json, "application/json"))
     root.putChild(b"metrics", _Leaf(snapshot, prometheus_text, "text/plain; version=0.0.4"))
     root.putChild(b"", _Leaf(snapshot, _json, "application/json"))
-    return root
+    return _Gated(root, gate)
 
 
-def fetch(address: str, timeout: float = 5.0) -> dict[str, Any]:
-    """The JSON status of the labrelay whose admin endpoint is ``host:port``."""
-    with urllib.request.urlopen(f"http://{address}/status.json", timeout=timeout) as reply:
+def fetch(address: str, timeout: float = 5.0, token: bytes | None = None) -> dict[str, Any]:
+    """The JSON status of the labrelay whose admin endpoint is ``host:port`` (with
+    ``Authorization: Bearer`` when a token is given)."""
+    request = urllib.request.Request(f"http://{address}/status.json")
+    if token is not None:
+        request.add_header("Authorization", "Bearer " + token.decode("ascii"))
+    with urllib.request.urlopen(request, timeout=timeout) as reply:
         result: dict[str, Any] = json.load(reply)
         return result
 
@@ -181,6 +331,8 @@ def _age(since: float | None, now: float) -> str:
 
 
 def _table(rows: list[list[str]]) -> str:
+    # Cells carry peer-supplied strings (a session's claimed origin): one visible line each.
+    rows = [[escape(cell, CELL_LIMIT) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                      for row in rows)
@@ -222,7 +374,8 @@ def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
     relay = snapshot.get("relay")
     if relay is not None:
         parts += _relay_tables(relay, now)
-    return "\n\n".join(parts) + "\n"
+    lines = "\n\n".join(parts).split("\n")
+    return "".join(escape(line, None, backslash=False) + "\n" for line in lines)
 
 
 def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:

@@ -47,6 +47,14 @@ if TYPE_CHECKING:
     from ..relayserver import RelayCore
 
 OPEN_RESOURCE_SHORTAGE = 4
+USER_NAME_LIMIT = 256
+"""Bytes of a user name the relay keeps (identity comes from the key; the name is only
+logged).  A longer name fails that attempt, so no peer string of up to a packet's size
+is held or logged before authentication (the log shows at most 200 characters)."""
+NAME_LIMIT = 64
+ORIGIN_LIMIT = 255
+"""Characters of a ``direct-tcpip`` originator address kept for a session."""
+"""Bytes of an authentication method or service name kept before authentication."""
 REFUSED_CHANNEL_TYPES = {
     b"session": "shell, exec and subsystem sessions",
     b"x11": "X11 forwarding",
@@ -121,6 +129,33 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
         self.clock = core.reactor
         super().serviceStarted()
         self.supportedAuthentications = [b"publickey"]
+
+    def ssh_USERAUTH_REQUEST(self, packet: bytes) -> Any:
+        """Conch's, except that an overlong user name, service or method fails the
+        attempt at once (counted against ``max_auth_tries``) and only its first bytes
+        are kept."""
+        user, next_service, method, _ = common.getNS(packet, 3)
+        if (len(user) <= USER_NAME_LIMIT and len(next_service) <= NAME_LIMIT
+                and len(method) <= NAME_LIMIT):
+            return super().ssh_USERAUTH_REQUEST(packet)
+        self.authenticatedWith = []
+        self.user, self.nextService = user[:USER_NAME_LIMIT], next_service[:NAME_LIMIT]
+        self.method = method[:NAME_LIMIT]
+        self._ebBadAuth(Failure(UnauthorizedLogin(
+            f"user name, service or method too long ({len(user)}, {len(next_service)} and "
+            f"{len(method)} bytes; at most {USER_NAME_LIMIT}, {NAME_LIMIT}, {NAME_LIMIT})")))
+        return None
+
+    def auth_publickey(self, packet: bytes) -> Any:
+        """Conch's, after refusing a key blob Conch cannot parse here: Conch would log
+        the peer's algorithm name as part of a log *format* (``str.format`` of peer
+        bytes), which lets a peer inject ``{...}`` fields, and crash on non-ASCII."""
+        try:
+            _, blob, _ = common.getNS(packet[1:], 2)
+            keys.Key.fromString(blob)
+        except Exception:  # a key Conch cannot parse is a failed login, nothing more
+            return defer.fail(UnauthorizedLogin("unsupported key type or malformed key"))
+        return super().auth_publickey(packet)
 
     def _ebBadAuth(self, reason: Failure) -> None:
         if self.method == b"publickey" and reason.check(UnauthorizedLogin):
@@ -198,6 +233,20 @@ class RelayTransport(AEADTransportMixin, transport.SSHServerTransport):
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         """A client saying goodbye is routine, not an error."""
+
+    def ssh_SERVICE_REQUEST(self, packet: bytes) -> None:
+        """Conch's, except that an unknown service's name is not echoed back and
+        logged at full length (it may be as long as a packet, before any login)."""
+        service, _ = common.getNS(packet)
+        try:
+            known = self.factory.getService(self, service) is not None
+        except KeyError:  # Conch's lookup after login
+            known = False
+        if not known:
+            self.sendDisconnect(transport.DISCONNECT_SERVICE_NOT_AVAILABLE,
+                                b"don't have service " + service[:NAME_LIMIT])
+            return
+        super().ssh_SERVICE_REQUEST(packet)
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
         if reason in self.PROTOCOL_DISCONNECTS:
@@ -363,7 +412,10 @@ class RelayConnection(FlowConnection):
             maxPacket=self.core.config.max_packet, remoteWindow=windowSize,
             remoteMaxPacket=maxPacket, conn=self,
         )
-        return self.core.openUserSession(self, host, port, f"{origHost}:{origPort}", channel)
+        # The originator is the client's claim (an address); it is kept per session, shown
+        # by `labrelay status` and passed to the agent, so only its first bytes are kept.
+        origin = f"{origHost[:ORIGIN_LIMIT]}:{origPort}"
+        return self.core.openUserSession(self, host, port, origin, channel)
 
     def openForwarded(self, bind: str, port: int, origHost: str,
                       origPort: int) -> defer.Deferred[BridgedChannel]:

@@ -435,6 +435,14 @@ def test_admin_must_be_loopback() -> None:
     for listen in ("0.0.0.0:7022", "*:7022", ":7022", "example.org:7022"):
         err = error_of(f'[admin]\nlisten = "{listen}"')
         check(err, "admin.listen", "must listen on a loopback address")
+        assert "token_file" in err.hint
+
+
+def test_admin_token_file_allows_other_addresses() -> None:
+    admin = parse('[admin]\nlisten = "0.0.0.0:7022"\ntoken_file = "admin.token"').admin
+    assert admin == AdminConfig(HostPort("0.0.0.0", 7022), BASE / "admin.token")
+    local = parse('[admin]\ntoken_file = "/etc/labrelay/admin.token"').admin
+    assert local == AdminConfig(HostPort("127.0.0.1", 7022), Path("/etc/labrelay/admin.token"))
 
 
 def test_toml_syntax_error_names_the_line() -> None:

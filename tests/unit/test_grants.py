@@ -321,6 +321,11 @@ NOTHING = Principal("agent", "idle", (), frozenset(), None)
         (EVERYTHING, "anything", 1, False, True),
         (EVERYTHING, "gpu-cluster", 22, False, True),
         (EVERYTHING, "gpu-cluster", 0, False, False),
+        (EVERYTHING, "", 2201, False, False),
+        (EVERYTHING, "0.0.0.0", 2201, False, False),
+        (EVERYTHING, "LocalHost", 2201, False, False),
+        (EVERYTHING, "127.0.0.1", 2201, False, False),
+        (EVERYTHING, "*", 2201, False, False),
         (NOTHING, "gpu-cluster", 22, False, False),
     ],
 )
@@ -784,3 +789,14 @@ def test_diff_a_lowered_session_cap_is_no_loss() -> None:
     change = diff_grants({b"u": user("alice", GPU, max_sessions=10)},
                          {b"u": user("alice", GPU, max_sessions=1)})
     assert change.losses == {}
+
+
+def test_public_port_names_cover_every_public_bind() -> None:
+    """Every bind the relay turns into a public-port registration is a name no user
+    grant reaches, not even ``*``: public ports are reached through their listener."""
+    from relay.grants import PUBLIC_PORT_NAMES
+    from relay.relayserver import PUBLIC, PUBLIC_BINDS
+
+    assert PUBLIC in PUBLIC_PORT_NAMES
+    assert PUBLIC_BINDS <= PUBLIC_PORT_NAMES
+    assert not any(EVERYTHING.may_reach(name, 2201) for name in PUBLIC_PORT_NAMES)

@@ -1,0 +1,187 @@
+"""relay.status: the admin endpoint answers only requests addressed to itself (DNS
+rebinding), and only with the bearer token when one is configured.
+
+The gate is sans-IO and tested directly; the resource tree is driven through
+twisted.web's in-memory ``DummyRequest`` so the refusals are seen as HTTP answers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.web.resource import Resource, getChildForRequest
+from twisted.web.test.requesthelper import DummyRequest
+
+from relay.status import (
+    MIN_TOKEN_LENGTH,
+    AdminGate,
+    TokenError,
+    admin_resource,
+    read_token,
+)
+
+TOKEN = b"0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("host", "local", "port", "answered"),
+    [
+        (b"127.0.0.1:7022", "127.0.0.1", 7022, True),
+        (b"localhost:7022", "127.0.0.1", 7022, True),
+        (b"LOCALHOST:7022", "127.0.0.1", 7022, True),
+        (b"[::1]:7022", "::1", 7022, True),
+        (b"localhost:7022", "::1", 7022, True),
+        (b"127.0.0.1:7022", "::1", 7022, True),
+        (b"evil.example", "127.0.0.1", 7022, False),
+        (b"evil.example:7022", "127.0.0.1", 7022, False),
+        (b"127.0.0.1", "127.0.0.1", 7022, False),  # no port: only on port 80
+        (b"127.0.0.1:7023", "127.0.0.1", 7022, False),
+        (b"localhost.:7022", "127.0.0.1", 7022, False),
+        (b"", "127.0.0.1", 7022, False),
+        (None, "127.0.0.1", 7022, False),
+        (b"localhost", "127.0.0.1", 80, True),
+        (b"localhost:80", "127.0.0.1", 80, True),
+        (b"evil.example", "127.0.0.1", 80, False),
+    ],
+)
+def test_host_must_name_the_endpoint(host: bytes | None, local: str, port: int,
+                                     answered: bool) -> None:
+    refusal = AdminGate("127.0.0.1").check(host, local, port, None)
+    assert (refusal is None) is answered
+    if refusal is not None:
+        assert refusal.code == 421
+
+
+def test_a_non_loopback_endpoint_answers_its_own_address_only() -> None:
+    gate = AdminGate("0.0.0.0", TOKEN)
+    auth = b"Bearer " + TOKEN
+    assert gate.check(b"10.0.0.5:7022", "10.0.0.5", 7022, auth) is None
+    assert gate.check(b"[2001:db8::5]:7022", "2001:db8::5", 7022, auth) is None
+    for host in (b"localhost:7022", b"127.0.0.1:7022", b"evil.example:7022"):
+        refusal = gate.check(host, "10.0.0.5", 7022, auth)
+        assert refusal is not None and refusal.code == 421
+    named = AdminGate("status.lab.example", TOKEN)
+    assert named.check(b"status.lab.example:7022", "10.0.0.5", 7022, auth) is None
+
+
+@pytest.mark.parametrize(
+    ("authorization", "answered"),
+    [
+        (b"Bearer " + TOKEN, True),
+        (b"bearer " + TOKEN, True),
+        (None, False),
+        (b"", False),
+        (b"Bearer", False),
+        (b"Bearer " + TOKEN[:-1], False),
+        (b"Bearer " + TOKEN + b"x", False),
+        (b"Basic " + TOKEN, False),
+    ],
+)
+def test_bearer_token(authorization: bytes | None, answered: bool) -> None:
+    gate = AdminGate("127.0.0.1", TOKEN)
+    refusal = gate.check(b"127.0.0.1:7022", "127.0.0.1", 7022, authorization)
+    assert (refusal is None) is answered
+    if refusal is not None:
+        assert refusal.code == 401
+        assert dict(refusal.headers)[b"www-authenticate"].startswith(b"Bearer")
+
+
+def test_the_host_is_checked_before_the_token() -> None:
+    refusal = AdminGate("127.0.0.1", TOKEN).check(b"evil.example", "127.0.0.1", 7022, None)
+    assert refusal is not None and refusal.code == 421
+
+
+def render(root: Resource, path: bytes, host: bytes | None, local: object,
+           authorization: bytes | None = None) -> tuple[int, bytes]:
+    request = DummyRequest(path.lstrip(b"/").split(b"/"))
+    request.uri = request.path = path
+    if host is not None:
+        request.requestHeaders.setRawHeaders(b"host", [host])
+    if authorization is not None:
+        request.requestHeaders.setRawHeaders(b"authorization", [authorization])
+    request.getHost = lambda: local  # type: ignore[method-assign]
+    resource = getChildForRequest(root, request)
+    body = resource.render(request)
+    return request.responseCode or 200, body
+
+
+@pytest.mark.parametrize("path", [b"/status.json", b"/metrics", b"/", b"/nothing"])
+def test_every_path_is_gated(path: bytes) -> None:
+    root = admin_resource(lambda: {"version": "x", "secret": "who is connected"},
+                          AdminGate("127.0.0.1"))
+    local = IPv4Address("TCP", "127.0.0.1", 7022)
+    code, body = render(root, path, b"evil.example", local)
+    assert code == 421 and b"secret" not in body and b"{" not in body
+    code, body = render(root, path, b"localhost:7022", local)
+    assert code == (404 if path == b"/nothing" else 200)
+    if path in (b"/status.json", b"/"):
+        assert b"who is connected" in body
+
+
+def test_token_over_http() -> None:
+    root = admin_resource(lambda: {"version": "x"}, AdminGate("::1", TOKEN))
+    local = IPv6Address("TCP", "::1", 7022)
+    assert render(root, b"/status.json", b"[::1]:7022", local)[0] == 401
+    assert render(root, b"/status.json", b"[::1]:7022", local, b"Bearer nope")[0] == 401
+    code, body = render(root, b"/status.json", b"[::1]:7022", local, b"Bearer " + TOKEN)
+    assert code == 200 and b'"version": "x"' in body
+
+
+# --- the token file ----------------------------------------------------------------
+
+
+def write(path: Path, data: bytes, mode: int) -> Path:
+    path.write_bytes(data)
+    os.chmod(path, mode)
+    return path
+
+
+def test_read_token(tmp_path: Path) -> None:
+    assert read_token(write(tmp_path / "t", TOKEN + b"\n", 0o600)) == TOKEN
+    assert read_token(write(tmp_path / "r", TOKEN, 0o400)) == TOKEN
+
+
+@pytest.mark.parametrize(
+    ("data", "mode", "fragment"),
+    [
+        (TOKEN, 0o640, "readable by others"),
+        (TOKEN, 0o604, "readable by others"),
+        (b"short", 0o600, f"at least {MIN_TOKEN_LENGTH}"),
+        (b"with a space in the token", 0o600, "without spaces"),
+        (b"", 0o600, "at least"),
+    ],
+)
+def test_bad_token_files(tmp_path: Path, data: bytes, mode: int, fragment: str) -> None:
+    with pytest.raises(TokenError, match=fragment):
+        read_token(write(tmp_path / "t", data, mode))
+
+
+def test_missing_token_file(tmp_path: Path) -> None:
+    with pytest.raises(TokenError, match="cannot read"):
+        read_token(tmp_path / "absent")
+    with pytest.raises(TokenError, match=r"cannot read|not a regular file"):
+        read_token(tmp_path)  # a directory
+
+
+# --- labrelay status output ----------------------------------------------------------
+
+
+def test_status_tables_escape_peer_strings() -> None:
+    """A session's origin is the client's own claim; ``labrelay status`` prints it to the
+    operator's terminal as one visible, bounded cell."""
+    from relay.status import CELL_LIMIT, format_status
+
+    forged = "10.0.0.1\x1b]0;owned\x07\n2026-01-01 fake line" + "x" * 500
+    snapshot = {"version": "x", "pid": 1, "relay": {
+        "listen": "127.0.0.1:2222", "agents": [], "users": [], "services": [],
+        "sessions": [{"user": "alice", "service": "web:8080", "origin": forged + ":5",
+                      "age": 1.0, "bytes_to_service": 0, "bytes_from_service": 0}],
+    }}
+    text = format_status(snapshot, now=0.0)
+    assert "\x1b" not in text and "\x07" not in text
+    assert "\\x1b]0;owned\\x07\\n2026-01-01 fake line" in text
+    assert not any(line.startswith("2026-01-01") for line in text.splitlines())
+    assert max(len(line) for line in text.splitlines()) < CELL_LIMIT + 150
