@@ -133,6 +133,10 @@ def _is_socket(fd: int) -> bool:
     return stat.S_ISSOCK(os.fstat(fd).st_mode)
 
 
+def _inert(*args: Any, **kwargs: Any) -> None:
+    """doRead/doWrite of a transport handed to the data path."""
+
+
 def detach_transport(transport: Any) -> tuple[int, bytes]:
     """Take a connected Twisted TCP transport's socket away from Twisted.
 
@@ -158,6 +162,12 @@ def detach_transport(transport: Any) -> tuple[int, bytes]:
     transport._tempDataLen = 0
     transport.stopReading()
     transport.stopWriting()
+    # The reactor may still dispatch an event it polled before the detach: a read that
+    # detaches its own transport, on an event that also says "writable", is followed by
+    # doWrite on a transport without a socket (an Unhandled Error seen under load).
+    # Twisted's own abortConnection neuters both the same way.
+    transport.doRead = _inert
+    transport.doWrite = _inert
     # Twisted's orderly close would shutdown(2) the socket, which our dup shares.
     transport._shouldShutdown = False
     transport.connectionLost(Failure(ConnectionDone("handed to the data path")))

@@ -299,6 +299,27 @@ def test_twisted_transports_are_detached_with_their_unsent_bytes(
                                 len(b"greeting-to-client;hello client"))
 
 
+def test_a_detached_transport_ignores_events_polled_before_the_detach(
+        reactor: Any, sockets: list[socket.socket]) -> None:
+    """A read that detaches its own transport on an event that also says "writable" is
+    followed, in the same reactor step, by ``doWrite``: it must be a no-op, not an
+    Unhandled Error on a transport whose socket is gone."""
+    accepted: defer.Deferred[Any] = defer.Deferred()
+    front = reactor.listenTCP(0, protocol.Factory.forProtocol(
+        lambda: _Hold(accepted, b"")), interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", front.getHost().port))
+    sockets.append(client)
+    transport = wait(reactor, accepted).transport
+    front.stopListening()
+    transport.write(b"unsent")
+    fd, unsent = datapath.detach_transport(transport)
+    try:
+        assert unsent == b"unsent"
+        assert transport.doWrite() is None and transport.doRead() is None
+    finally:
+        os.close(fd)
+
+
 def test_a_transport_without_an_fd_is_refused(reactor: Any, dp: DataPath) -> None:
     from twisted.internet.testing import StringTransport
 
