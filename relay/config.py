@@ -198,6 +198,9 @@ class RelayConfig:
     users: tuple[PrincipalConfig, ...] = ()
     login_grace: float = 30.0
     max_auth_tries: int = 6
+    #: Seconds a key exchange (the first or a re-key) may take before the peer is
+    #: dropped; what waits for it meanwhile pauses the sessions' sources.
+    kex_timeout: float = 30.0
     max_unauthenticated: int = 64
     max_channels: int = 1024
     max_sessions_per_user: int = 64
@@ -851,6 +854,7 @@ _RELAY_KEYS = {
     "users_file": 'users_file = "users"',
     "login_grace": "login_grace = 30",
     "max_auth_tries": "max_auth_tries = 6",
+    "kex_timeout": "kex_timeout = 30",
     "max_unauthenticated": "max_unauthenticated = 64",
     "max_channels": "max_channels = 1024",
     "max_sessions_per_user": "max_sessions_per_user = 64",
@@ -1308,6 +1312,7 @@ def _parse_relay(sec: _Section, base: Path) -> RelayConfig:
         users=tuple(_parse_principal(s, "user") for s in sec.tables("user", _RELAY_USER_KEYS)),
         login_grace=sec.number("login_grace", defaults.login_grace, low=0, above=True),
         max_auth_tries=sec.integer("max_auth_tries", defaults.max_auth_tries, 1),
+        kex_timeout=sec.number("kex_timeout", defaults.kex_timeout, low=0, above=True),
         max_unauthenticated=sec.integer(
             "max_unauthenticated", defaults.max_unauthenticated, 1
         ),

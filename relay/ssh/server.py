@@ -10,6 +10,13 @@ authentication attempts, a cap on unauthenticated connections (OpenSSH's
 MaxStartups), a cap on channels per connection, keepalives to every peer, and
 every channel type but ``direct-tcpip`` refused.  Conch's own
 ``UnixConchUser`` (an open proxy) is never used.
+
+The algorithms, strict key exchange and the key exchange bounds (``kex_timeout``,
+the queue during a key exchange counted as link congestion) are
+:mod:`relay.ssh.policy` and :mod:`relay.ssh.aead`.  The relay waits up to
+``KEXINIT_WAIT`` for the client's KEXINIT before sending its own, so that a client
+offering AES-GCM is not offered chacha20-poly1305 (which costs about five times
+the CPU per packet here; ``policy.server_ciphers_for``).
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ if TYPE_CHECKING:
     from ..relayserver import RelayCore
 
 OPEN_RESOURCE_SHORTAGE = 4
+#: Seconds the relay waits for a client's first KEXINIT before sending its own.
+#: OpenSSH, PuTTY, Dropbear, paramiko and asyncssh send theirs at once.
+KEXINIT_WAIT = 1.0
 REFUSED_CHANNEL_TYPES = {
     b"session": "shell, exec and subsystem sessions",
     b"x11": "X11 forwarding",
@@ -148,6 +158,9 @@ class RelayTransport(AEADTransportMixin, transport.SSHServerTransport):
         # slowloris) must not hold one of the max_unauthenticated places forever.
         core = self.factory.core
         self._graceTimer = core.reactor.callLater(core.config.login_grace, self._graceExpired)
+        self.kexClock = core.reactor
+        self.kexTimeout = core.config.kex_timeout
+        self.kexInitWait = KEXINIT_WAIT
         super().connectionMade()
 
     def _graceExpired(self) -> None:
@@ -204,7 +217,7 @@ class RelayFactory(factory.SSHFactory):
         }
 
     def getPrimes(self) -> None:
-        return None  # fixed groups and curve25519 only
+        return None  # no group exchange (relay.ssh.policy)
 
     def buildProtocol(self, addr: Any) -> Any:
         if not self.core.mayAcceptConnection(addr):
