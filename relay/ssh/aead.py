@@ -475,15 +475,19 @@ class AEADTransportMixin:
             if call is not None and call.active():
                 call.cancel()
 
+    def _peerName(self) -> str:
+        tcp = self.transport
+        peer = tcp.getPeer() if tcp is not None else None
+        return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+
     def _kexTimedOut(self) -> None:
         self._kexTimer = None
         tcp = self.transport
         self._log.warn(
             "key exchange #{count} with {peer} not finished after {timeout:g}s "
             "(kex_timeout); dropping the peer",
-            event="ssh_kex_timeout", count=self.keyExchanges + 1,
-            peer=str(tcp.getPeer()) if tcp is not None else "?", timeout=self.kexTimeout,
-            queued=self._kexBacklog,
+            event="ssh_kex_timeout", count=self.keyExchanges + 1, peer=self._peerName(),
+            timeout=self.kexTimeout, queued=self._kexBacklog,
         )  # fmt: skip
         self._fatal(DISCONNECT_KEY_EXCHANGE_FAILED, b"key exchange timed out")
         if tcp is not None:
@@ -496,8 +500,9 @@ class AEADTransportMixin:
         self._kexBacklog += len(payload) + QUEUED_OVERHEAD
         if self._kexBacklog > KEX_BACKLOG_LIMIT:
             self._log.warn(
-                "{queued} bytes wait for a key exchange the peer does not finish; "
+                "{queued} bytes wait for a key exchange {peer} does not finish; "
                 "dropping the peer", event="ssh_kex_backlog", queued=self._kexBacklog,
+                peer=self._peerName(),
             )  # fmt: skip
             self._blockedByKeyExchange.clear()
             self._fatal(DISCONNECT_KEY_EXCHANGE_FAILED, b"key exchange backlog over limit")
@@ -724,9 +729,15 @@ class AEADTransportMixin:
         return 4 + _LENGTH.unpack_from(first)[0] + enc.verifyDigestSize
 
     def _fatal(self, reason: int, why: bytes) -> None:
+        """Disconnect for a transport-level fault of the peer (logged: event
+        ``ssh_transport_error``); nothing more it sent is parsed."""
         if self._readDead:
             return
         self._readDead = True
+        self._log.info(
+            "disconnecting {peer}: {why}", event="ssh_transport_error", code=reason,
+            why=why.decode("ascii", "replace"), peer=self._peerName(),
+        )  # fmt: skip
         self.sendDisconnect(reason, why)  # type: ignore[attr-defined]
 
     def _nextPacket(self, buf: bytes | bytearray, off: int) -> tuple[int, bytes, int] | None:

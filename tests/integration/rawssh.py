@@ -25,9 +25,9 @@ Scenarios (each on one fresh connection):
 ``garbage``               64 KiB of random bytes on the encrypted transport.
 ``hang-kex``              open a ``direct-tcpip`` channel to SERVICE (a source that
                           streams), read 1 MiB, then send a KEXINIT and never finish
-                          the key exchange, granting 64 MiB more window every 0.1 s;
-                          report how much arrived after the KEXINIT and how long the
-                          relay kept the connection.
+                          the key exchange, topping the window up to 80 MiB every
+                          0.1 s; report how much arrived after the KEXINIT and how
+                          long the relay kept the connection.
 
 The transport is Conch's client with labrelay's AEAD mixin (``relay.ssh.aead``): the
 relay offers AEAD ciphers only, which stock Conch lacks.
@@ -353,7 +353,7 @@ async def hang_kex(conn: RawConnection, service: str) -> dict[str, Any]:
     started = time.monotonic()
     raw.sendRawKexInit()
     lost = False
-    # Replenish what was read, then 64 MiB more every 0.1 s (up to 3 GiB in all).
+    # Keep 80 MiB of window open, topped up every 0.1 s (up to 3 GiB granted in all).
     while not conn.client.lost.called and time.monotonic() - started < STEP_TIMEOUT:
         more = conn.counted[ours] + WINDOW - granted + 64 * MiB
         if granted + more < 3 << 30:
