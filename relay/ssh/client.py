@@ -115,6 +115,10 @@ class LinkTransport(AEADTransportMixin, transport.SSHClientTransport):
         self.requestService(LinkUserAuth(self.link, self.connection))
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        if self.why is None and reason != transport.DISCONNECT_BY_APPLICATION:
+            # A refusal of ours (relay.ssh.policy: no AEAD cipher in common, a strict
+            # KEX violation, ...) is why this attempt failed.
+            self.why = f"refused the server: {desc.decode('utf-8', 'replace')}"
         # A paused producer keeps Twisted from ever closing (see TCPSide.writeEOF).
         tcp = self.transport
         if tcp is not None and getattr(tcp, "producer", None) is not None:

@@ -101,7 +101,9 @@ def lab(
     alice = make_key(tmp_path / "alice", comment="alice")
     mallory = make_key(tmp_path / "mallory", comment="mallory")
     relay = start_relay(
-        agents=[f'permitlisten="echo:8080",permitlisten="stream:9000" {agent_key.public_blob()} lab_pc'],
+        agents=[
+            f'permitlisten="echo:8080",permitlisten="stream:9000" {agent_key.public_blob()} lab_pc'
+        ],
         users=[
             f'permitopen="echo:8080" {alice.public_blob()} alice',
             f'permitopen="echo:8080",permitopen="stream:9000" {mallory.public_blob()} mallory',
