@@ -546,3 +546,18 @@ def test_malformed_kexinit_is_a_value_error() -> None:
     t.ssh_KEXINIT(bytes(16) + b"\xff\xff\xff\xff")
     assert said and b"KEXINIT" in said[0]
     assert MSG_KEXINIT == 20
+
+
+def test_client_side_key_exchange_timeout() -> None:
+    """The agent's link (the client side) has the same bound: a server that leaves a
+    re-key hanging is dropped after kexTimeout."""
+    clock = task.Clock()
+    client = Client()
+    client.kexClock = clock
+    client, server, pump = pair(client=client)
+    assert client.secure == 1
+    clock.advance(60)  # the first exchange finished: no timer left behind
+    assert not client.transport.disconnecting
+    client.sendKexInit()  # never pumped: the server does not answer
+    clock.advance(client.kexTimeout + 0.1)
+    assert client.transport.disconnecting
