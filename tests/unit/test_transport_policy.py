@@ -554,7 +554,7 @@ def test_client_side_key_exchange_timeout() -> None:
     clock = task.Clock()
     client = Client()
     client.kexClock = clock
-    client, server, pump = pair(client=client)
+    client, _, _ = pair(client=client)
     assert client.secure == 1
     clock.advance(60)  # the first exchange finished: no timer left behind
     assert not client.transport.disconnecting
