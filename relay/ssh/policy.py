@@ -64,6 +64,17 @@ CLIENT_HOST_KEY_ALGORITHMS = (
     b"rsa-sha2-512",
     b"rsa-sha2-256",
 )
+#: Signature algorithms accepted for user keys, sent as ``server-sig-algs`` (RFC 8308).
+#: Conch sends its host key algorithms there instead, which told stock ssh that an RSA
+#: user key cannot be used at all ("no mutual signature algorithm").
+USER_KEY_ALGORITHMS = (
+    b"ssh-ed25519",
+    b"ecdsa-sha2-nistp256",
+    b"ecdsa-sha2-nistp384",
+    b"ecdsa-sha2-nistp521",
+    b"rsa-sha2-512",
+    b"rsa-sha2-256",
+)
 #: GCM first: one AESGCM call per packet against two ChaCha20 and a Poly1305
 #: (measured ~4 µs against ~20 µs per 32 KiB packet; docs/relay.md).
 CIPHERS = (AES128_GCM, AES256_GCM, CHACHA20_POLY1305)

@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..keepalive import KeepaliveMonitor
+from . import policy
 from .aead import AEADTransportMixin
 from .channels import BridgedChannel
 from .connection import (
@@ -192,6 +193,14 @@ class RelayTransport(AEADTransportMixin, transport.SSHServerTransport):
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         """A client saying goodbye is routine, not an error."""
+
+    def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
+        """``server-sig-algs`` names the user key algorithms the relay accepts, not
+        (as Conch has it) its own host key algorithms."""
+        super().sendExtInfo([
+            (name, b",".join(policy.USER_KEY_ALGORITHMS) if name == b"server-sig-algs" else value)
+            for name, value in extensions
+        ])  # fmt: skip
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
         tcp: Any = self.transport

@@ -44,6 +44,8 @@ from harness import (
     ssh_argv,
 )
 
+from relay.ssh import policy
+
 pytestmark = pytest.mark.integration
 
 RAWSSH = Path(__file__).resolve().parents[1] / "integration" / "rawssh.py"
@@ -67,19 +69,21 @@ class Lab:
     agent: AgentProcess
     alice: KeyPair
     mallory: KeyPair
+    rsa_user: KeyPair  # "bob", with a 3072-bit RSA key
     stream: CountingSource
     start_ssh: Callable[..., SshProcess]
 
     def ssh(self, key: KeyPair, *options: str, user: str) -> list[str]:
         return ssh_argv(self.relay.port, key.path, self.relay.known_hosts, *options, user=user)
 
-    def forward(self, *options: str, user: str = "alice", service: str = "echo:8080") -> tuple[
-        SshProcess, int
-    ]:
-        """``ssh -v -N -L PORT:SERVICE OPTIONS`` as alice: (process, PORT) once it listens."""
+    def forward(
+        self, *options: str, user: str = "alice", key: KeyPair | None = None
+    ) -> tuple[SshProcess, int]:
+        """``ssh -v -N -L PORT:echo:8080 OPTIONS`` as alice: (process, PORT) once it listens."""
         port = free_port()
+        service = "echo:8080"
         proc = self.start_ssh(
-            self.ssh(self.alice, "-v", "-N", "-o", "ExitOnForwardFailure=yes",
+            self.ssh(key or self.alice, "-v", "-N", "-o", "ExitOnForwardFailure=yes",
                      "-L", f"127.0.0.1:{port}:{service}", *options, user=user),
             name=f"ssh-L-{port}",
         )  # fmt: skip
@@ -100,6 +104,12 @@ def lab(
     agent_key = make_key(tmp_path / "lab_pc", comment="lab_pc")
     alice = make_key(tmp_path / "alice", comment="alice")
     mallory = make_key(tmp_path / "mallory", comment="mallory")
+    rsa_path = tmp_path / "bob_rsa"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "rsa", "-b", "3072", "-N", "", "-C", "bob", "-f", str(rsa_path)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    rsa_user = KeyPair(rsa_path, Path(f"{rsa_path}.pub").read_text().strip())
     relay = start_relay(
         agents=[
             f'permitlisten="echo:8080",permitlisten="stream:9000" {agent_key.public_blob()} lab_pc'
@@ -107,6 +117,7 @@ def lab(
         users=[
             f'permitopen="echo:8080" {alice.public_blob()} alice',
             f'permitopen="echo:8080",permitopen="stream:9000" {mallory.public_blob()} mallory',
+            f'permitopen="echo:8080" {rsa_user.public_blob()} bob',
         ],
         relay_toml=f"kex_timeout = {KEX_TIMEOUT}\n",
     )
@@ -120,7 +131,7 @@ def lab(
     )  # fmt: skip
     for name in ("echo", "stream"):
         agent.wait_for("forward_ready", timeout=20, since=0, kind="remote", bind=name)
-    return Lab(relay, agent, alice, mallory, stream, start_ssh)
+    return Lab(relay, agent, alice, mallory, rsa_user, stream, start_ssh)
 
 
 class AliceMeanwhile:
@@ -341,6 +352,21 @@ def test_paramiko_negotiates_strict_kex(lab: Lab) -> None:
         client.close()
     keys = lab.relay.wait_for("ssh_keys", timeout=10, since=mark)
     assert keys["strict_kex"] is True, keys
+
+
+def test_rsa_user_key_signs_with_sha2(lab: Lab) -> None:
+    """``server-sig-algs`` lists the user key algorithms the relay accepts (Conch sent
+    its own host key algorithms there, ``ssh-ed25519`` only, and stock ssh then had
+    "no mutual signature algorithm" for an RSA key): bob's RSA key logs in, with an
+    rsa-sha2 signature (stock ssh never signs with SHA-1 ``ssh-rsa``)."""
+    ssh, port = lab.forward(user="bob", key=lab.rsa_user)
+    text = ssh.stderr_text()
+    sig_algs = re.search(r"server-sig-algs=<([^>]*)>", text)
+    assert sig_algs is not None, text[-2000:]
+    print(f"server-sig-algs: {sig_algs.group(1)}")
+    assert sig_algs.group(1).split(",") == [a.decode() for a in policy.USER_KEY_ALGORITHMS]
+    assert "ssh-rsa" not in sig_algs.group(1).split(",")
+    assert echo_roundtrip(port, b"bob") == b"bob"
 
 
 # -- a key exchange left hanging while data is pushed -------------------------------
