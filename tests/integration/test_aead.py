@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import conftest
 import pytest
 from conftest import Targets
 from harness import (
@@ -270,8 +269,11 @@ def rekeying_relay_with_agent(
     targets: Targets,
 ) -> tuple[RelayNode, KeyPair, Any]:
     """The same with a relay that rekeys every MiB by itself."""
-    monkeypatch.setattr(
-        conftest, "relay_command",
+    # Patched where start_relay looks it up: the conftest module that defined the
+    # fixture (tests/security loads a second copy of it, and with both suites in one
+    # run ``import conftest`` may name that copy).
+    monkeypatch.setitem(
+        start_relay.__globals__, "relay_command",
         lambda *args: [sys.executable, "-c", REKEY_1M + AUDITED_LABRELAY, "relay",
                        "--log-format", "json", *args],
     )  # fmt: skip
