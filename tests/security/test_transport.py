@@ -255,7 +255,9 @@ def test_ssh_audit_reports_no_failure_and_no_compression(lab: Lab) -> None:
     exe = Path(sys.executable).with_name("ssh-audit")
     argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "ssh_audit"]
     out = subprocess.run(
-        [*argv, "-j", "-p", str(lab.relay.port), "127.0.0.1"],
+        # --skip-rate-test: its 38 connections in a burst test connection throttling
+        # (DHEat), which is the per-source limits' business, not the algorithms'.
+        [*argv, "-j", "--skip-rate-test", "-p", str(lab.relay.port), "127.0.0.1"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.stdout.strip(), out.stderr
@@ -279,8 +281,8 @@ def test_ssh_audit_reports_no_failure_and_no_compression(lab: Lab) -> None:
     }  # fmt: skip
     assert "kex-strict-s-v00@openssh.com" in {a["algorithm"] for a in report["kex"]}
     print(f"recommendations: {json.dumps(recs)}; exit status {out.returncode}")
-    # ssh_audit.exitcodes: 0 good, 2 warnings only (curve25519 is not post-quantum),
-    # 3 a failure, 1 a connection error.
+    # ssh_audit.exitcodes: 0 good, 2 warnings only (curve25519 "does not provide
+    # protection against post-quantum attacks"), 3 a failure, 1 a connection error.
     assert out.returncode in (0, 2), (out.returncode, out.stderr)
 
 
