@@ -228,6 +228,9 @@ class RelayConfig:
     users: tuple[PrincipalConfig, ...] = ()
     login_grace: float = 30.0
     max_auth_tries: int = 6
+    #: Seconds a key exchange (the first or a re-key) may take before the peer is
+    #: dropped; what waits for it meanwhile pauses the sessions' sources.
+    kex_timeout: float = 30.0
     max_unauthenticated: int = 64
     # Per source (docs/relay.md "Per-source limits"): sources are IPv4 /32 and IPv6 /64
     # networks by default; each may hold this many unauthenticated connections per port.
@@ -895,6 +898,7 @@ _RELAY_KEYS = {
     "users_file": 'users_file = "users"',
     "login_grace": "login_grace = 30",
     "max_auth_tries": "max_auth_tries = 6",
+    "kex_timeout": "kex_timeout = 30",
     "max_unauthenticated": "max_unauthenticated = 64",
     "per_source_max_unauthenticated": "per_source_max_unauthenticated = 10",
     "per_source_netblock4": "per_source_netblock4 = 32",
@@ -1425,6 +1429,7 @@ def _parse_relay(sec: _Section, base: Path) -> RelayConfig:
         users=tuple(_parse_principal(s, "user") for s in sec.tables("user", _RELAY_USER_KEYS)),
         login_grace=sec.number("login_grace", defaults.login_grace, low=0, above=True),
         max_auth_tries=sec.integer("max_auth_tries", defaults.max_auth_tries, 1),
+        kex_timeout=sec.number("kex_timeout", defaults.kex_timeout, low=0, above=True),
         max_unauthenticated=sec.integer(
             "max_unauthenticated", defaults.max_unauthenticated, 1
         ),

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from ..bridge import TCPSide
 from ..keepalive import KeepaliveMonitor
 from ..net import client_endpoint, quickack
-from .aead import GCM_CIPHERS, AEADTransportMixin
+from .aead import AEADTransportMixin
 from .channels import BridgedChannel
 from .connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, FlowConnection
 from .hostkeys import HostKeyError
@@ -34,9 +34,6 @@ from .wire import GRANT_REVOKED, pack_endpoints, unpack_endpoints, unpack_grant_
 if TYPE_CHECKING:
     from ..link import Link
 
-# Fastest first among what both Conch and a stock OpenSSH offer (DESIGN §11).
-PREFERRED_CIPHERS = [b"aes128-ctr", b"aes256-ctr", b"aes192-ctr"]
-PREFERRED_MACS = [b"hmac-sha2-256", b"hmac-sha2-512"]
 TARGET_CONNECT_TIMEOUT = 10.0
 
 
@@ -44,18 +41,13 @@ class LinkSetupError(Exception):
     """A connection attempt ended before the link was ready; ``str()`` says why."""
 
 
-def _ordered(preferred: list[bytes], supported: list[bytes]) -> list[bytes]:
-    return [c for c in preferred if c in supported] + [c for c in supported if c not in preferred]
-
-
 class LinkTransport(AEADTransportMixin, transport.SSHClientTransport):
-    """One connection attempt to the upstream server."""
+    """One connection attempt to the upstream server.
+
+    Algorithms, strict KEX and key exchange bounds: :mod:`relay.ssh.policy` and
+    :mod:`relay.ssh.aead` (the same as the relay's server side)."""
 
     _log = Logger()
-    supportedCiphers = _ordered(
-        GCM_CIPHERS + PREFERRED_CIPHERS, AEADTransportMixin.supportedCiphers
-    )
-    supportedMACs = _ordered(PREFERRED_MACS, transport.SSHClientTransport.supportedMACs)
 
     def __init__(self, link: Link) -> None:
         self.link = link
@@ -74,7 +66,11 @@ class LinkTransport(AEADTransportMixin, transport.SSHClientTransport):
         self.tcp.setTcpNoDelay(True)
         self.tcp.setTcpKeepAlive(True)
         self._timer = self.link.clock.callLater(self.link.config.connect_timeout, self._timeout)
+        self.kexClock = self.link.clock
         super().connectionMade()
+
+    def knownHostKeyTypes(self) -> list[str]:
+        return self.link.verifier.known_key_types()
 
     def _timeout(self) -> None:
         self._timer = None
@@ -119,6 +115,10 @@ class LinkTransport(AEADTransportMixin, transport.SSHClientTransport):
         self.requestService(LinkUserAuth(self.link, self.connection))
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        if self.why is None and reason != transport.DISCONNECT_BY_APPLICATION:
+            # A refusal of ours (relay.ssh.policy: no AEAD cipher in common, a strict
+            # KEX violation, ...) is why this attempt failed.
+            self.why = f"refused the server: {desc.decode('utf-8', 'replace')}"
         # A paused producer keeps Twisted from ever closing (see TCPSide.writeEOF).
         tcp = self.transport
         if tcp is not None and getattr(tcp, "producer", None) is not None:

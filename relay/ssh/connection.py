@@ -12,7 +12,9 @@ re-opened by the channel itself, after its bytes were accepted downstream (see
   with a reason when it cannot be;
 * acts as the push producer of the link's TCP transport: when the link's write
   buffer is above its high-water mark every channel is told the link is
-  congested, which pauses the TCP sources feeding them.
+  congested, which pauses the TCP sources feeding them.  The SSH transport's
+  queue during a key exchange counts the same way (``keyExchangeBacklog``, from
+  :mod:`relay.ssh.aead`): the link is congested while either is full.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class FlowConnection(connection.SSHConnection):
     def __init__(self) -> None:
         super().__init__()
         self.congested = False
+        self._tcpFull = False  # the TCP write buffer is over its high-water mark
+        self._kexFull = False  # packets queued during a key exchange are over LINK_BUFFER
         self._pendingOpens = 0
 
     # service life
@@ -75,18 +79,28 @@ class FlowConnection(connection.SSHConnection):
     # IPushProducer for the link's TCP transport
 
     def pauseProducing(self) -> None:
-        self.congested = True
-        for channel in list(self.channels.values()):
-            hook = getattr(channel, "linkCongested", None)
-            if hook is not None:
-                hook(True)
+        self._tcpFull = True
+        self._setCongested()
 
     def resumeProducing(self) -> None:
-        self.congested = False
+        self._tcpFull = False
+        self._setCongested()
+
+    def keyExchangeBacklog(self, full: bool) -> None:
+        """The transport's queue of packets waiting for a key exchange to finish is
+        over (or back under) ``LINK_BUFFER``: the same as a full TCP buffer."""
+        self._kexFull = full
+        self._setCongested()
+
+    def _setCongested(self) -> None:
+        congested = self._tcpFull or self._kexFull
+        if congested == self.congested:
+            return
+        self.congested = congested
         for channel in list(self.channels.values()):
             hook = getattr(channel, "linkCongested", None)
             if hook is not None:
-                hook(False)
+                hook(congested)
 
     def stopProducing(self) -> None:
         """The link is closing; ``serviceStopped`` follows."""

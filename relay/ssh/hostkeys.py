@@ -155,6 +155,23 @@ class HostKeyVerifier:
             return self._verify_pinned(offered, self._pin)
         return self._verify_known_hosts(offered)
 
+    def known_key_types(self) -> list[str]:
+        """Key types known_hosts records for this host, in file order (none when a
+        fingerprint is pinned or the file is unreadable): the SSH client offers
+        these host key algorithms first, as OpenSSH does, so a recorded ECDSA or RSA
+        key is asked for again rather than an unrecorded ed25519 one refused."""
+        if self._pin is not None:
+            return []
+        try:
+            entries, _skipped = self._read()
+        except (OSError, HostKeyError):
+            return []
+        types: list[str] = []
+        for e in entries:
+            if e.marker is None and e.matches(self.hostname) and e.key_type not in types:
+                types.append(e.key_type)
+        return types
+
     def _verify_pinned(self, offered: _Offered, pin: bytes) -> str:
         if hmac.compare_digest(hashlib.sha256(offered.blob).digest(), pin):
             return f"pinned {offered.fingerprint}"

@@ -11,6 +11,13 @@ unauthenticated connections (:mod:`relay.admission`; OpenSSH's PerSourcePenaltie
 PerSourceMaxStartups and MaxStartups), a cap on channels per connection,
 keepalives to every peer, and every channel type but ``direct-tcpip`` refused.  Conch's own
 ``UnixConchUser`` (an open proxy) is never used.
+
+The algorithms, strict key exchange and the key exchange bounds (``kex_timeout``,
+the queue during a key exchange counted as link congestion) are
+:mod:`relay.ssh.policy` and :mod:`relay.ssh.aead`.  The relay waits up to
+``KEXINIT_WAIT`` for the client's KEXINIT before sending its own, so that a client
+offering AES-GCM is not offered chacha20-poly1305 (which costs about five times
+the CPU per packet here; ``policy.server_ciphers_for``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from zope.interface import implementer
 
 from ..admission import Offence, Ticket, worst
 from ..keepalive import KeepaliveMonitor
+from . import policy
 from .aead import AEADTransportMixin
 from .channels import BridgedChannel
 from .connection import (
@@ -52,9 +60,12 @@ USER_NAME_LIMIT = 256
 logged).  A longer name fails that attempt, so no peer string of up to a packet's size
 is held or logged before authentication (the log shows at most 200 characters)."""
 NAME_LIMIT = 64
+"""Bytes of an authentication method or service name kept before authentication."""
 ORIGIN_LIMIT = 255
 """Characters of a ``direct-tcpip`` originator address kept for a session."""
-"""Bytes of an authentication method or service name kept before authentication."""
+#: Seconds the relay waits for a client's first KEXINIT before sending its own.
+#: OpenSSH, PuTTY, Dropbear, paramiko and asyncssh send theirs at once.
+KEXINIT_WAIT = 1.0
 REFUSED_CHANNEL_TYPES = {
     b"session": "shell, exec and subsystem sessions",
     b"x11": "X11 forwarding",
@@ -195,6 +206,9 @@ class RelayTransport(AEADTransportMixin, transport.SSHServerTransport):
         # slowloris) must not hold one of the max_unauthenticated places forever.
         core = self.factory.core
         self._graceTimer = core.reactor.callLater(core.config.login_grace, self._graceExpired)
+        self.kexClock = core.reactor
+        self.kexTimeout = core.config.kex_timeout
+        self.kexInitWait = KEXINIT_WAIT
         super().connectionMade()
 
     def offended(self, offence: Offence) -> None:
@@ -248,6 +262,14 @@ class RelayTransport(AEADTransportMixin, transport.SSHServerTransport):
             return
         super().ssh_SERVICE_REQUEST(packet)
 
+    def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
+        """``server-sig-algs`` names the user key algorithms the relay accepts, not
+        (as Conch has it) its own host key algorithms."""
+        super().sendExtInfo([
+            (name, b",".join(policy.USER_KEY_ALGORITHMS) if name == b"server-sig-algs" else value)
+            for name, value in extensions
+        ])  # fmt: skip
+
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
         if reason in self.PROTOCOL_DISCONNECTS:
             self.offended(Offence.PROTOCOL)
@@ -274,7 +296,7 @@ class RelayFactory(factory.SSHFactory):
         }
 
     def getPrimes(self) -> None:
-        return None  # fixed groups and curve25519 only
+        return None  # no group exchange (relay.ssh.policy)
 
     def buildProtocol(self, addr: Any) -> Any:
         ticket = self.core.admitConnection(addr)

@@ -23,6 +23,14 @@ Scenarios (each on one fresh connection):
                           (global), a ``tcpip-forward`` (forward), a ``direct-tcpip``
                           open (direct).
 ``garbage``               64 KiB of random bytes on the encrypted transport.
+``hang-kex``              open a ``direct-tcpip`` channel to SERVICE (a source that
+                          streams), read 1 MiB, then send a KEXINIT and never finish
+                          the key exchange, topping the window up to 80 MiB every
+                          0.1 s; report how much arrived after the KEXINIT and how
+                          long the relay kept the connection.
+
+The transport is Conch's client with labrelay's AEAD mixin (``relay.ssh.aead``): the
+relay offers AEAD ciphers only, which stock Conch lacks.
 
 The outcome says whether the relay disconnected (``disconnect``: reason code and text
 of its ``SSH_MSG_DISCONNECT``; ``lost``: the TCP connection closed) and what each
@@ -35,12 +43,15 @@ import argparse
 import json
 import random
 import struct
+import time
 from collections import Counter
 from typing import Any
 
 from twisted.conch.ssh import common, connection, keys, transport, userauth
 from twisted.internet import defer, protocol, reactor, task
 from twisted.python.failure import Failure
+
+from relay.ssh.aead import AEADTransportMixin
 
 MSG = connection.messages  # number -> name
 OPEN_CONFIRMATION = connection.MSG_CHANNEL_OPEN_CONFIRMATION
@@ -61,10 +72,30 @@ class Client:
         self.auth_failed = False
 
 
-class RawTransport(transport.SSHClientTransport):
+class RawTransport(AEADTransportMixin, transport.SSHClientTransport):
     def __init__(self, client: Client, opts: argparse.Namespace) -> None:
         self.client = client
         self.opts = opts
+        self.hanging = False  # a KEXINIT was sent by hand: ignore the relay's answer
+        self.relayKexInit: float | None = None
+
+    def ssh_KEXINIT(self, packet: bytes) -> None:
+        if self.hanging:
+            self.relayKexInit = time.monotonic()
+            return
+        super().ssh_KEXINIT(packet)
+
+    def sendRawKexInit(self) -> None:
+        """A KEXINIT outside Conch's key exchange state: our own packets keep flowing
+        and the key exchange is never finished."""
+        self.hanging = True
+        lists = [
+            b",".join(self.supportedKeyExchanges), b",".join(self.supportedPublicKeys),
+            *[b",".join(self.supportedCiphers)] * 2, *[b",".join(self.supportedMACs)] * 2,
+            b"none", b"none", b"", b"",
+        ]  # fmt: skip
+        payload = random.randbytes(16) + b"".join(common.NS(x) for x in lists) + bytes(5)
+        self.sendPacket(transport.MSG_KEXINIT, payload)
 
     def verifyHostKey(self, pubKey: bytes, fingerprint: bytes) -> defer.Deferred[Any]:
         if keys.Key.fromString(pubKey) != self.opts.host_key:
@@ -116,6 +147,7 @@ class RawConnection(connection.SSHConnection):
         self.answers: dict[int, tuple[str, Any]] = {}  # our channel id -> answer
         self.remote: dict[int, int] = {}  # our channel id -> relay's channel id
         self.data: dict[int, bytearray] = {}
+        self.counted: dict[int, int] = {}  # channels whose data is only counted
         self.closed: set[int] = set()
         self.counts: Counter[str] = Counter()
         self._waiters: list[tuple[Any, defer.Deferred[None]]] = []
@@ -154,7 +186,10 @@ class RawConnection(connection.SSHConnection):
             self.answers[ours] = ("refused", {"code": code, "why": why})
         elif messageNum == connection.MSG_CHANNEL_DATA:
             (ours,) = struct.unpack(">L", packet[:4])
-            self.data.setdefault(ours, bytearray()).extend(common.getNS(packet[4:])[0])
+            if ours in self.counted:
+                self.counted[ours] += struct.unpack(">L", packet[4:8])[0]
+            else:
+                self.data.setdefault(ours, bytearray()).extend(common.getNS(packet[4:])[0])
         elif messageNum == connection.MSG_CHANNEL_CLOSE:
             (ours,) = struct.unpack(">L", packet[:4])
             if ours not in self.closed:
@@ -304,6 +339,43 @@ async def garbage(conn: RawConnection) -> dict[str, Any]:
     return {}
 
 
+async def hang_kex(conn: RawConnection, service: str) -> dict[str, Any]:
+    ours = 5
+    conn.counted[ours] = 0
+    conn.open(ours, service)
+    await conn.until(lambda: ours in conn.answers)
+    if conn.answers[ours][0] != "open":
+        return {"open": conn.answers[ours][1]}
+    await conn.until(lambda: conn.counted[ours] >= MiB)
+    raw: Any = conn.transport
+    before = conn.counted[ours]
+    granted = WINDOW
+    started = time.monotonic()
+    raw.sendRawKexInit()
+    lost = False
+    # Keep 80 MiB of window open, topped up every 0.1 s (up to 3 GiB granted in all).
+    while not conn.client.lost.called and time.monotonic() - started < STEP_TIMEOUT:
+        more = conn.counted[ours] + WINDOW - granted + 64 * MiB
+        if granted + more < 3 << 30:
+            conn.send(
+                connection.MSG_CHANNEL_WINDOW_ADJUST, struct.pack(">2L", conn.remote[ours], more)
+            )
+            granted += more
+        await task.deferLater(reactor, 0.1, lambda: None)
+    lost = conn.client.lost.called
+    return {
+        "open": "open",
+        "before_kexinit": before,
+        "after_kexinit": conn.counted[ours] - before,
+        "window_granted": granted,
+        "relay_kexinit": raw.relayKexInit is not None,
+        "dropped_after": round(time.monotonic() - started, 2) if lost else None,
+    }
+
+
+MiB = 1 << 20
+
+
 async def run(opts: argparse.Namespace) -> dict[str, Any]:
     client = Client()
     factory = protocol.ClientFactory()
@@ -331,6 +403,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             )
         elif name == "garbage":
             outcome.update(await garbage(conn))
+        elif name == "hang-kex":
+            outcome.update(await hang_kex(conn, opts.service))
         else:
             raise SystemExit(f"unknown scenario {opts.scenario}")
     except Exception as e:

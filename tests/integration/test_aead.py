@@ -9,7 +9,7 @@
   with ``ssh -o RekeyLimit=1M``, 16 MiB across many rekeys started by ssh.
 * Rekeys started by labrelay itself (its byte limit lowered to 1 MiB): the agent with
   stock sshd, the relay with stock ssh.
-* Fallback: the same paths with AES-CTR only still work (Conch's own cipher code).
+* AEAD only: an sshd or an ssh allowing nothing but AES-CTR is refused, with a reason.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from harness import (
 pytestmark = pytest.mark.integration
 
 GCM128, GCM256 = "aes128-gcm@openssh.com", "aes256-gcm@openssh.com"
+CHACHA = "chacha20-poly1305@openssh.com"
 
 # labrelay started with its own rekey threshold at 1 MiB (1 GiB by default), so that
 # labrelay, not its peer, starts the key exchanges.
@@ -192,14 +193,17 @@ def test_agent_starts_rekeys_itself_and_sshd_follows(
     assert "kex_protocol_error" not in sshd.log_text()
 
 
-def test_agent_falls_back_to_ctr_when_sshd_has_no_gcm(
+def test_agent_against_chacha_only_sshd_across_rekeys(
     cipher_sshd: Callable[..., Sshd],
     client_key: KeyPair,
     known_hosts: Callable[..., Path],
     start_agent: Callable[..., AgentProcess],
     targets: Targets,
 ) -> None:
-    sshd = cipher_sshd("aes128-ctr,aes256-ctr", rekey="4M")
+    """chacha20-poly1305 on the Conch client side with stock sshd (strict KEX on both
+    ends): 16 MiB each way across sshd's rekeys every MiB; the sequence numbers, which
+    are chacha's nonce, restart at each NEWKEYS on both ends alike."""
+    sshd = cipher_sshd("chacha20-poly1305@openssh.com", rekey="1M")
     target = targets.mode()
     agent = run_agent(
         start_agent, client_key, known_hosts(sshd.known_hosts_line()), sshd.port,
@@ -207,14 +211,37 @@ def test_agent_falls_back_to_ctr_when_sshd_has_no_gcm(
     )  # fmt: skip
     port = agent.wait_for("forward_ready", timeout=20, kind="remote")["port"]
     keys = agent.wait_for("ssh_keys", timeout=5, since=0)
-    assert (keys["cipher_out"], keys["mac_out"]) == ("aes128-ctr", "hmac-sha2-256"), keys
-    up = DataStream(76, 16 * MiB)
-    mode_upload(port, up)
-    got = target.result()
-    assert (got.nbytes, got.sha256) == (up.size, up.sha256)
-    assert len(keys_events(agent)) >= 4  # rekeyed on the CTR path too
+    assert (keys["cipher_out"], keys["cipher_in"]) == (CHACHA, CHACHA), keys
+    assert keys["strict_kex"] is True, keys
+    both_ways(port, target, seed=91, size=16 * MiB)
+    rekeys = keys_events(agent)
+    print(f"agent on chacha20-poly1305 with sshd: {len(rekeys)} key exchanges")
+    assert len(rekeys) >= 16 and all(e["strict_kex"] for e in rekeys)
+    agent.assert_no_event("link_lost")
     assert agent.events(level="warn") == agent.events(level="error") == []
     assert "kex_protocol_error" not in sshd.log_text()
+
+
+def test_agent_refuses_an_sshd_without_aead_ciphers(
+    cipher_sshd: Callable[..., Sshd],
+    client_key: KeyPair,
+    known_hosts: Callable[..., Path],
+    start_agent: Callable[..., AgentProcess],
+    targets: Targets,
+) -> None:
+    """AEAD only (relay.ssh.policy): an sshd that allows nothing but AES-CTR is refused,
+    and the agent says why."""
+    sshd = cipher_sshd("aes128-ctr,aes256-ctr")
+    target = targets.mode()
+    agent = run_agent(
+        start_agent, client_key, known_hosts(sshd.known_hosts_line()), sshd.port,
+        "-R", f"0:127.0.0.1:{target.port}",
+    )  # fmt: skip
+    failed = agent.wait_for("link_failed", timeout=20)
+    print(f"agent: {failed['reason']}")
+    assert "only AEAD ciphers are allowed" in failed["reason"], failed
+    assert "aes128-gcm@openssh.com" in failed["reason"], failed
+    agent.assert_no_event("link_connected")
 
 
 # -- stock ssh (Conch server side) against the labrelay relay ----------------------
@@ -346,13 +373,20 @@ def test_relay_starts_rekeys_itself_and_stock_ssh_follows(
     assert relay.events(level="warn") == relay.events(level="error") == []
 
 
-def test_stock_ssh_with_ctr_through_the_relay(
+def test_stock_ssh_with_ctr_only_is_refused_by_the_relay(
     relay_with_agent: tuple[RelayNode, KeyPair, Any],
     start_ssh: Callable[..., SshProcess],
 ) -> None:
+    """``ssh -c aes128-ctr``: the relay offers AEAD ciphers only; ssh is told so."""
     relay, user_key, _target = relay_with_agent
-    ssh, port = user_forward(start_ssh, relay, user_key, "-c", "aes128-ctr",
-                             "-m", "hmac-sha2-256")  # fmt: skip
-    ssh.wait_stderr(r"kex: server->client cipher: aes128-ctr MAC: hmac-sha2-256 ")
-    payload = DataStream(86, 4 * MiB).bytes()
-    assert mode_echo(port, payload) == payload
+    mark = relay.mark()
+    proc = start_ssh(
+        ssh_argv(relay.port, user_key.path, relay.known_hosts, "-v", "-N",
+                 "-c", "aes128-ctr", "-m", "hmac-sha2-256", user="alice"),
+        name="ssh-ctr",
+    )  # fmt: skip
+    assert proc.wait_exit(20) == 255
+    print(proc.stderr_text()[-600:])
+    refused = relay.wait_for("ssh_kex_refused", timeout=10, since=mark)
+    assert "only AEAD ciphers are allowed" in refused["why"], refused
+    assert re.search(r"no matching cipher found|only AEAD ciphers", proc.stderr_text())

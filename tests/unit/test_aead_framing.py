@@ -30,6 +30,7 @@ from twisted.test import iosim
 from relay.ssh.aead import (
     AES128_GCM,
     AES256_GCM,
+    CHACHA20_POLY1305,
     MSG_CHANNEL_DATA,
     AEADTransportMixin,
     GCMDirection,
@@ -370,31 +371,51 @@ def test_conch_pair_negotiates_gcm_moves_packets_and_rekeys(cipher: bytes) -> No
     assert not client.transport.disconnecting and not server.transport.disconnecting
 
 
-def test_conch_pair_falls_back_to_ctr() -> None:
-    client, server, pump = connected([b"aes128-ctr"])
-    assert client.currentEncryptions.outCipType == b"aes128-ctr"
-    assert client.currentEncryptions.outMACType == b"hmac-sha2-256"
-    assert getattr(client.currentEncryptions, "outGCM", None) is None
-    at_server = Recorder(server)
-    for i in range(10):
-        client.sendPacket(MSG_IGNORE, struct.pack(">L", i * 3000) + b"c" * (i * 3000))
-    client.sendKexInit()
+def test_conch_pair_refuses_ctr() -> None:
+    """AEAD only (relay.ssh.policy): a peer offering nothing but CTR is refused with a
+    reason that says what is allowed."""
+    key = keys.Key(ed25519.Ed25519PrivateKey.generate())
+    f = factory.SSHFactory()
+    f.publicKeys = {b"ssh-ed25519": key.public()}
+    f.privateKeys = {b"ssh-ed25519": key}
+    f.getPrimes = lambda: None  # type: ignore[method-assign]
+    f.protocol = Server
+    f.startFactory()
+    server = f.buildProtocol(None)
+    said: list[bytes] = []
+    server.sendDisconnect = lambda code, why: said.append(why)  # type: ignore[method-assign]
+    client = Client()
+    client.supportedCiphers = [b"aes128-ctr"]
+    _, _, pump = iosim.connectedServerAndClient(lambda: server, lambda: client)
     pump.flush()
-    client.sendPacket(MSG_IGNORE, b"\x00\x00\x00\x01z")
-    pump.flush()
-    assert len(at_server.got) == 11 and client.keyExchanges == 2
+    assert not client.secure
+    assert said and b"only AEAD ciphers" in said[0] and b"aes128-gcm" in said[0], said
 
 
-def test_gcm_is_preferred_by_default() -> None:
-    assert AEADTransportMixin.supportedCiphers[:3] == [AES128_GCM, AES256_GCM, b"aes128-ctr"]
-    assert AEADTransportMixin.supportedMACs[0] == b"hmac-sha2-256"
-    for name in AEADTransportMixin.supportedCiphers + AEADTransportMixin.supportedMACs:
-        assert b"chacha20" not in name and b"-etm" not in name
+def test_policy_is_the_offer() -> None:
+    """Both transports offer the policy's lists: AEAD ciphers, ETM MAC names, no
+    compression; no CBC/CTR, non-ETM MAC, SHA-1 or NIST key exchange."""
+    assert AEADTransportMixin.supportedCiphers == [AES128_GCM, AES256_GCM, CHACHA20_POLY1305]
+    assert AEADTransportMixin.supportedCompressions == [b"none"]
+    for name in AEADTransportMixin.supportedMACs:
+        assert name.endswith(b"-etm@openssh.com")
     from relay.ssh.client import LinkTransport
     from relay.ssh.server import RelayTransport
 
-    assert LinkTransport.supportedCiphers[:3] == [AES128_GCM, AES256_GCM, b"aes128-ctr"]
-    assert RelayTransport.supportedCiphers[:3] == [AES128_GCM, AES256_GCM, b"aes128-ctr"]
+    assert LinkTransport.supportedCiphers == RelayTransport.supportedCiphers
+    client, server, _pump = connected()
+    assert server.supportedKeyExchanges == [
+        b"mlkem768x25519-sha256", b"curve25519-sha256", b"curve25519-sha256@libssh.org",
+        b"kex-strict-s-v00@openssh.com",
+    ]  # fmt: skip
+    assert client.supportedKeyExchanges == [
+        b"curve25519-sha256", b"curve25519-sha256@libssh.org", b"kex-strict-c-v00@openssh.com",
+    ]  # fmt: skip
+    assert server.supportedPublicKeys == [b"ssh-ed25519"]
+    assert b"ssh-rsa" not in client.supportedPublicKeys
+    assert b"ssh-dss" not in client.supportedPublicKeys
+    for t in (client, server):
+        assert t.kexGuard.strict and t.currentEncryptions.outCipType == AES128_GCM
 
 
 def test_rekeys_by_itself_after_rekey_after_bytes() -> None:

@@ -342,3 +342,25 @@ def test_accept_new_that_cannot_save_refuses(tmp_path: Path, keys) -> None:
         verifier(kh, accept_new=True).verify(keys["a"][0])
     assert err.value.status is HostKeyStatus.ERROR
     assert "could not be saved" in str(err.value)
+
+
+# -- the host key types the client asks for first ---------------------------------------------
+
+
+def test_known_key_types_lists_this_hosts_types_in_file_order(tmp_path: Path, keys) -> None:
+    """The SSH client offers these host key algorithms first (relay.ssh.policy), so a
+    host recorded with an ECDSA key is asked for that one, not an unrecorded ed25519."""
+    path = write(
+        tmp_path / "known_hosts",
+        f"otherhost {keys['a'][1]}",
+        f"{BRACKETED} {keys['ecdsa'][1]}",
+        f"@revoked {BRACKETED} {keys['b'][1]}",
+        f"{BRACKETED} {keys['a'][1]}",
+        f"{BRACKETED} {keys['b'][1]}",
+    )
+    assert verifier(path).known_key_types() == ["ecdsa-sha2-nistp256", "ssh-ed25519"]
+    assert verifier(tmp_path / "missing").known_key_types() == []
+    pinned = HostKeyVerifier(
+        HostKeyPolicy(fingerprint=fingerprint_sha256(keys["a"][0]), known_hosts=path), HOST, PORT
+    )
+    assert pinned.known_key_types() == []
