@@ -30,6 +30,7 @@ Nothing else is ever framed: after those bytes both ends are spliced.
 
 from __future__ import annotations
 
+import re
 import struct
 from enum import IntEnum
 
@@ -45,6 +46,8 @@ TOKEN_ID_LEN = 8
 TOKEN_SECRET_LEN = 24  # 192 random bits; the id is 64 more
 TOKEN_LEN = TOKEN_ID_LEN + TOKEN_SECRET_LEN
 HELLO_LEN = len(MAGIC) + 1 + TOKEN_LEN
+
+_PORT_TEXT = re.compile(r"[0-9]{1,5}")
 
 GO_MAGIC = b"LRGO"
 AGENT_OK = b"K"
@@ -131,8 +134,10 @@ def unpack_pool_request(data: bytes) -> tuple[int, list[tuple[str, int]]]:
     for _ in range(n):
         raw, at = _string(data, at)
         name, _, port = raw.decode("ascii", "replace").rpartition(":")
-        if not name or not port.isdigit():
-            raise WireError(f"bad service {raw!r}")
+        # At most 5 ASCII digits: a TCP port, and never int() of a 1 MiB digit string
+        # (a ValueError past 4300 digits, which callers catching WireError would miss).
+        if not name or not _PORT_TEXT.fullmatch(port) or int(port) > 65535:
+            raise WireError(f"bad service {raw[:300]!r}")
         services.append((name.lower(), int(port)))
     return count, services
 

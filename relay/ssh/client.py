@@ -28,6 +28,7 @@ from ..net import client_endpoint, quickack
 from .aead import GCM_CIPHERS, AEADTransportMixin
 from .channels import BridgedChannel
 from .connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, FlowConnection
+from .guard import PeerInputGuard
 from .hostkeys import HostKeyError
 from .wire import pack_endpoints, unpack_endpoints
 
@@ -48,7 +49,7 @@ def _ordered(preferred: list[bytes], supported: list[bytes]) -> list[bytes]:
     return [c for c in preferred if c in supported] + [c for c in supported if c not in preferred]
 
 
-class LinkTransport(AEADTransportMixin, transport.SSHClientTransport):
+class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTransport):
     """One connection attempt to the upstream server."""
 
     _log = Logger()

@@ -38,6 +38,7 @@ from .connection import (
     FlowConnection,
     refused_by_peer,
 )
+from .guard import PeerInputGuard
 from .wire import pack_endpoints, unpack_endpoints
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
         super()._ebBadAuth(reason)
 
 
-class RelayTransport(AEADTransportMixin, transport.SSHServerTransport):
+class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTransport):
     """One client connection to the relay (an agent or a user)."""
 
     _log = Logger()

@@ -1,0 +1,73 @@
+"""``PeerInputGuard``: a malformed message from the peer is a protocol error, not a crash.
+
+Conch's transport parses the fixed fields of its messages unchecked: a ``KEXINIT``,
+``KEX_ECDH_INIT``, ``SERVICE_REQUEST`` or ``USERAUTH_REQUEST`` cut short raises
+``struct.error`` (or ``IndexError``, ``ValueError`` ...) out of ``dataReceived``.
+Twisted then logs an "Unhandled Error" with the peer's traceback and drops the TCP
+connection, before authentication and as often as anyone cares to try.  Found by
+tests/fuzz (``transport_banner``, ``transport_packets``).  With this guard such a
+message ends the connection the way every other protocol error does: a logged
+warning (event ``malformed_packet``) and ``DISCONNECT_PROTOCOL_ERROR``.  The
+connection layer has the same guard in :class:`relay.ssh.connection.FlowConnection`.
+
+It also keeps Conch from reading packets before the peer's version line: Conch's
+version parsing looks for ``"\\n"`` from ``buf.find(b"SSH-")``, which is -1 when there
+is no ``SSH-`` at all, so any buffer that merely *ends* in a newline was parsed as
+packets and dispatched (a ``KEXINIT`` before the version exchange, whose hash then
+lacks the version string: an AttributeError).  Lines before the version are only
+buffered now (Conch drops the peer past 4 KiB).
+
+Mix in first: ``class T(PeerInputGuard, AEADTransportMixin, SSHServerTransport)``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
+
+#: What Conch's unchecked parsing raises on a short or inconsistent message.
+MSG_NEWKEYS = 21
+MSG_KEX_FIRST, MSG_KEX_LAST = 30, 49  # the key exchange method's own messages
+MALFORMED = (struct.error, IndexError, KeyError, TypeError, ValueError, UnicodeDecodeError)
+
+
+class PeerInputGuard:
+    """Protocol-error disconnects for messages Conch cannot parse (module docstring)."""
+
+    gotVersion: bool
+    _log: Any
+    _keyExchangeState: str
+    _KEY_EXCHANGE_PROGRESSING: str
+
+    def getPacket(self) -> bytes | None:
+        if not self.gotVersion:
+            return None
+        return super().getPacket()  # type: ignore[misc,no-any-return]
+
+    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+        if messageNum == MSG_NEWKEYS or MSG_KEX_FIRST <= messageNum <= MSG_KEX_LAST:
+            # Only within a key exchange (RFC 4253 §7): Conch's handlers assume one
+            # (a KEX_ECDH_INIT first reads the negotiated kexAlg: AttributeError).
+            if self._keyExchangeState != self._KEY_EXCHANGE_PROGRESSING:
+                self._malformed(messageNum, "outside a key exchange")
+                return
+        try:
+            super().dispatchMessage(messageNum, payload)  # type: ignore[misc]
+        except MALFORMED as e:
+            self._malformed(messageNum, repr(e)[:120])
+
+    def _malformed(self, messageNum: int, why: str) -> None:
+        # A warning without a traceback: anyone can trigger this before logging in.
+        self._log.warn(
+            "malformed message {num} from the peer ({why}); disconnecting",
+            event="malformed_packet", num=messageNum, why=why,
+        )
+        fatal = getattr(self, "_fatal", None)  # relay.ssh.aead: stop parsing too
+        if fatal is not None:
+            fatal(DISCONNECT_PROTOCOL_ERROR, b"malformed message %d" % messageNum)
+        else:
+            self.sendDisconnect(  # type: ignore[attr-defined]
+                DISCONNECT_PROTOCOL_ERROR, b"malformed message %d" % messageNum
+            )
