@@ -10,6 +10,11 @@ message ends the connection the way every other protocol error does: a logged
 warning (event ``malformed_packet``) and ``DISCONNECT_PROTOCOL_ERROR``.  The
 connection layer has the same guard in :class:`relay.ssh.connection.FlowConnection`.
 
+Messages are also checked against where the connection is, where Conch does not:
+nothing but the transport's own messages before the first key exchange completes
+(Conch started ``ssh-userauth`` on a ``SERVICE_REQUEST`` in the clear), and the key
+exchange's messages (``NEWKEYS``, 30-49) only within a key exchange.
+
 It also keeps Conch from reading packets before the peer's version line: Conch's
 version parsing looks for ``"\\n"`` from ``buf.find(b"SSH-")``, which is -1 when there
 is no ``SSH-`` at all, so any buffer that merely *ends* in a newline was parsed as
@@ -27,9 +32,14 @@ from typing import Any
 
 from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
 
-#: What Conch's unchecked parsing raises on a short or inconsistent message.
-MSG_NEWKEYS = 21
+MSG_KEXINIT, MSG_NEWKEYS = 20, 21
 MSG_KEX_FIRST, MSG_KEX_LAST = 30, 49  # the key exchange method's own messages
+#: Allowed before the first key exchange completes: DISCONNECT, IGNORE, UNIMPLEMENTED,
+#: DEBUG, KEXINIT, NEWKEYS and the key exchange method's messages.
+BEFORE_KEYS = frozenset(
+    {1, 2, 3, 4, MSG_KEXINIT, MSG_NEWKEYS, *range(MSG_KEX_FIRST, MSG_KEX_LAST + 1)}
+)
+#: What Conch's unchecked parsing raises on a short or inconsistent message.
 MALFORMED = (struct.error, IndexError, KeyError, TypeError, ValueError, UnicodeDecodeError)
 
 
@@ -37,9 +47,9 @@ class PeerInputGuard:
     """Protocol-error disconnects for messages Conch cannot parse (module docstring)."""
 
     gotVersion: bool
+    keyExchanges: int  # completed key exchanges (relay.ssh.aead)
     _log: Any
-    _keyExchangeState: str
-    _KEY_EXCHANGE_PROGRESSING: str
+    _peerInKex = False  # the peer sent KEXINIT and not yet its NEWKEYS
 
     def getPacket(self) -> bytes | None:
         if not self.gotVersion:
@@ -47,16 +57,34 @@ class PeerInputGuard:
         return super().getPacket()  # type: ignore[misc,no-any-return]
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+        tcp = getattr(self, "transport", None)
+        if tcp is None or getattr(tcp, "disconnecting", False):
+            # Conch's own sendDisconnect (bad KEXINIT, unknown service ...) closes the
+            # connection but leaves the rest of the read to be parsed: not acted upon.
+            return
+        if self.keyExchanges == 0 and messageNum not in BEFORE_KEYS:
+            # Conch starts ssh-userauth on a SERVICE_REQUEST sent in the clear before any
+            # key exchange, and its publickey method then fails an assert (no session
+            # id): an AssertionError out of dataReceived.  Nothing but the transport's
+            # own messages belongs before the first NEWKEYS (RFC 4253 §7-10).
+            self._malformed(messageNum, "before the first key exchange")
+            return
         if messageNum == MSG_NEWKEYS or MSG_KEX_FIRST <= messageNum <= MSG_KEX_LAST:
-            # Only within a key exchange (RFC 4253 §7): Conch's handlers assume one
-            # (a KEX_ECDH_INIT first reads the negotiated kexAlg: AttributeError).
-            if self._keyExchangeState != self._KEY_EXCHANGE_PROGRESSING:
+            # Only between the peer's KEXINIT and its NEWKEYS (RFC 4253 §7): Conch's
+            # handlers assume a negotiated exchange (a KEX_ECDH_INIT first reads the
+            # negotiated kexAlg: AttributeError).
+            if not self._peerInKex:
                 self._malformed(messageNum, "outside a key exchange")
                 return
         try:
             super().dispatchMessage(messageNum, payload)  # type: ignore[misc]
         except MALFORMED as e:
             self._malformed(messageNum, repr(e)[:120])
+            return
+        if messageNum == MSG_KEXINIT:
+            self._peerInKex = True
+        elif messageNum == MSG_NEWKEYS:
+            self._peerInKex = False
 
     def _malformed(self, messageNum: int, why: str) -> None:
         # A warning without a traceback: anyone can trigger this before logging in.

@@ -1,0 +1,177 @@
+"""What the fuzz targets found, pinned: each input as the fuzzer reduced it (also in
+the corpus as ``regress-*``, replayed by test_fuzz_ci) and the behaviour now expected.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import fuzztargets as ft
+import fuzzworld as world
+import pytest
+from twisted.conch.ssh import common
+from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
+
+from relay import fastwire as fw
+from relay.agentargs import _Flags, _option
+from relay.config import ConfigError
+from relay.grants import parse_grant_file
+
+CORPUS = Path(__file__).resolve().parent / "corpus"
+
+
+def regress(target: str, name: str, data: bytes) -> bytes:
+    """The committed corpus file holds this input (so the fuzzer starts from it)."""
+    path = CORPUS / target / f"regress-{name}"
+    assert path.read_bytes() == data, f"{path} differs: run make_corpus.py"
+    return data
+
+
+def relay_after_version() -> Any:
+    """The relay's transport past the client's version line, before any key."""
+    core, _clock = world.new_core()
+    t = world.new_transport(core)
+    t.dataReceived(world.CLIENT_VERSION)
+    return t
+
+
+# --- SSH transport ---------------------------------------------------------------
+
+
+def test_truncated_kexinit_is_a_protocol_error_not_an_unhandled_error() -> None:
+    """Conch's ssh_KEXINIT read 10 name-lists unchecked: struct.error out of
+    dataReceived ("Unhandled Error", the TCP connection dropped without a reason)."""
+    data = regress("transport_packets", "truncated-kexinit", b"\x01" + bytes((20, 0, 3)) + b"abc")
+    t = relay_after_version()
+    t.dataReceived(world.frame_plain(b"\x14abc"))
+    assert t.disconnects == [(DISCONNECT_PROTOCOL_ERROR, b"malformed message 20")]
+    assert t.transport.disconnecting
+    ft.transport_packets(data)
+
+
+def test_kex_message_before_kexinit_is_refused() -> None:
+    """A KEX_ECDH_INIT before any KEXINIT made Conch read the negotiated kexAlg, which
+    does not exist yet: AttributeError out of dataReceived."""
+    data = regress("transport_packets", "ecdh-before-kexinit",
+                   b"\x01" + bytes((30, 0, 36)) + common.NS(bytes(32)))
+    t = relay_after_version()
+    t.dataReceived(world.frame_plain(b"\x1e" + common.NS(bytes(32))))
+    assert t.disconnects == [(DISCONNECT_PROTOCOL_ERROR, b"malformed message 30")]
+    ft.transport_packets(data)
+
+
+def test_newkeys_outside_a_key_exchange_is_refused() -> None:
+    t = relay_after_version()
+    t.dataReceived(world.frame_plain(b"\x15"))
+    assert t.disconnects == [(DISCONNECT_PROTOCOL_ERROR, b"malformed message 21")]
+
+
+def test_no_packet_is_read_before_the_version_line() -> None:
+    """Conch searched for "\\n" from find(b"SSH-") == -1, i.e. looked at the last byte
+    only: a buffer without any version line that ends in a newline was parsed as
+    packets and dispatched before the version exchange."""
+    packet = world.frame_plain(b"\x14" + b"\x00" * 16 + b"\x00\x00\x00\x00" * 10 + b"\x00" * 5)
+    data = regress("transport_banner", "packet-before-version", b"\x00" + packet + b"\n")
+    core, _clock = world.new_core()
+    t = world.new_transport(core)
+    dispatched = []
+    t.dispatchMessage = lambda n, p: dispatched.append(n)
+    t.dataReceived(packet + b"\n")
+    assert dispatched == [] and not t.gotVersion and not t.disconnects
+    t.dataReceived(b"x" * 4096)  # then Conch's 4 KiB limit on what precedes the version
+    assert t.disconnects and t.transport.disconnecting
+    ft.transport_banner(data)
+
+
+def test_an_honest_client_still_gets_through_the_kex() -> None:
+    """The guard only refuses what is out of place: a real KEXINIT and ECDH_INIT get
+    the relay's KEX_ECDH_REPLY and NEWKEYS."""
+    import make_corpus
+
+    t = relay_after_version()
+    sent = len(t.transport.value())
+    t.dataReceived(world.frame_plain(make_corpus.KEXINIT))
+    t.dataReceived(world.frame_plain(b"\x1e" + common.NS(bytes(range(1, 33)))))
+    assert not t.disconnects
+    assert len(t.transport.value()) > sent + 100  # the reply, signed with the host key
+
+
+# --- fast path -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("port", [b"218888", b"65536", b"9" * 5000])
+def test_pool_request_ports_past_65535_are_wire_errors(port: bytes) -> None:
+    """``int(port)`` took any digit string: ports past 65535 were accepted (and a
+    5000-digit one raised ValueError, which poolRequest's ``except WireError`` missed:
+    a failure logged for every such request)."""
+    body = struct.pack(">LL", 1, 1) + common.NS(b"juper:" + port)
+    if port == b"218888":
+        regress("fastwire_ssh", "pool-port-218888", b"\x02" + body)
+    with pytest.raises(fw.WireError):
+        fw.unpack_pool_request(body)
+
+
+# --- grant files and -o ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "option"), [
+    ("agent", 'permitlisten="²"'),
+    ("user", 'max-sessions="²"'),
+    ("agent", 'permitlisten="1' + "0" * 5000 + '"'),
+    ("agent", 'permitlisten="gpu:1' + "0" * 5000 + '"'),
+])
+def test_unicode_and_huge_numbers_in_grants_are_config_errors(kind: str, option: str) -> None:
+    """``str.isdigit`` accepts "²", which ``int()`` refuses; ``int()`` refuses more than
+    4300 digits: both were ValueError, not the ConfigError that names the line."""
+    line = f"{option} {world.key_line(10, 'lab')}\n"
+    if option == 'permitlisten="²"':
+        regress("grant_file", "superscript-port", b"\x00" + line.encode())
+    with pytest.raises(ConfigError, match="fuzz:1"):
+        parse_grant_file(line, kind, "fuzz")
+
+
+def test_time_option_does_not_backtrack() -> None:
+    """``(?:[0-9]+[smhdw]?)+`` is ambiguous: 30 digits and a letter took minutes."""
+    data = regress("agent_option", "redos", b"ServerAliveInterval=" + b"1" * 40 + b"x")
+    started = time.process_time()
+    with pytest.raises(ConfigError, match="expected seconds"):
+        _option(_Flags(), data.decode())
+    assert time.process_time() - started < 0.1
+
+
+@pytest.mark.parametrize("text", [
+    "ServerAliveInterval=" + "9" * 5000,
+    "ConnectTimeout=99999999999999999999w",
+    "ServerAliveCountMax=" + "9" * 5000,
+    "IdentityFile=/tmp/a\x00b",
+])
+def test_agent_options_that_raised_other_errors(text: str) -> None:
+    """Overflowing numbers (ValueError past 4300 digits, OverflowError in float()) and a
+    NUL in a path (ValueError from pathlib): now ConfigError."""
+    if "\x00" in text:
+        regress("agent_option", "nul-in-path", text.encode())
+    with pytest.raises(ConfigError):
+        _option(_Flags(), text)
+
+
+def test_times_in_range_still_parse() -> None:
+    flags = _Flags()
+    _option(flags, "ServerAliveInterval=1h30m5")
+    _option(flags, "ConnectTimeout=0010s")
+    assert flags.keepalive_interval == 5405 and flags.connect_timeout == 10
+
+
+def test_services_before_the_first_key_exchange_are_refused() -> None:
+    """Conch accepted ``SERVICE_REQUEST ssh-userauth`` in the clear, before any key
+    exchange, and a publickey USERAUTH_REQUEST then failed an assert (no session id):
+    an AssertionError out of dataReceived.  Found while building the transport target."""
+    data = regress("transport_packets", "userauth-in-clear",
+                   b"\x01" + bytes((5, 0, 16)) + common.NS(b"ssh-userauth"))
+    t = relay_after_version()
+    t.dataReceived(world.frame_plain(b"\x05" + common.NS(b"ssh-userauth")))
+    assert t.disconnects == [(DISCONNECT_PROTOCOL_ERROR, b"malformed message 5")]
+    assert t.service is None
+    ft.transport_packets(data)
