@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import fuzzworld as world
+from twisted.conch.ssh import common
 from twisted.conch.ssh import transport as ssh_transport
 from twisted.conch.ssh.transport import SSHCiphers
 from twisted.internet import defer
@@ -303,6 +304,43 @@ def transport_packets(data: bytes) -> None:
     _no_failures_logged()
 
 
+SESSION_ID = bytes(range(32))
+
+
+def signed_userauth(kind: str, user: bytes = b"alice") -> bytes:
+    """A publickey USERAUTH_REQUEST payload signed for ``SESSION_ID`` by the fixed key
+    of ``kind`` (what an honest client sends after the key exchange)."""
+    key = world.AGENT_KEY if kind == "agent" else world.USER_KEY
+    blob = key.public().blob()
+    head = (common.NS(user) + common.NS(b"ssh-connection") + common.NS(b"publickey") + b"\x01"
+            + common.NS(b"ssh-ed25519") + common.NS(blob))
+    signature = key.sign(common.NS(SESSION_ID) + b"\x32" + head)
+    return head + common.NS(signature)
+
+
+def userauth(data: bytes) -> None:
+    """User authentication as the relay runs it (RelayUserAuth, GrantChecker, Conch's
+    SSHUserAuthServer), as if the key exchange were done: records are messages
+    50 + (sel % 30) or, with bit 7, connection messages 80..100 once authenticated.
+    Pre-auth, reached by anyone who completes a key exchange: nothing escapes
+    ``dispatchMessage``, no failure is logged, the connection stops cleanly."""
+    core, clock = world.new_core()
+    t = world.new_transport(core)
+    t.dataReceived(world.CLIENT_VERSION)
+    t.sessionID = SESSION_ID  # what the key exchange leaves behind
+    t.keyExchanges = 1
+    t.dispatchMessage(5, common.NS(b"ssh-userauth"))
+    assert not t.disconnects, t.disconnects
+    for sel, payload in _records(data)[:32]:
+        if t.transport.disconnecting:
+            break
+        num = 80 + (sel & 0x7F) % 21 if sel & 0x80 else 50 + sel % 30
+        t.dispatchMessage(num, payload)
+        clock.advance(0.01)
+    _close(t, clock)
+    _no_failures_logged()
+
+
 class _Recorder(AEADTransportMixin, ssh_transport.SSHTransportBase):
     """The AEAD packet reader with dispatch recorded instead of acted upon."""
 
@@ -467,6 +505,7 @@ TARGETS: dict[str, Target] = {
     "transport_banner": transport_banner,
     "transport_packets": transport_packets,
     "aead_framing": aead_framing,
+    "userauth": userauth,
     "connection": connection,
     "grant_file": grant_file,
     "agent_option": agent_option,

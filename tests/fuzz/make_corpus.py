@@ -216,6 +216,31 @@ def channel() -> dict[str, bytes]:
     }
 
 
+def userauth() -> dict[str, bytes]:
+    alice = ft.signed_userauth("user")
+    agent = ft.signed_userauth("agent", b"lab_pc")
+    probe = alice[: alice.index(b"publickey") + 9] + b"\x00" + alice[
+        alice.index(b"publickey") + 10 :].rsplit(common.NS(b""), 1)[0]
+    register = rec(0x80, common.NS(b"tcpip-forward") + b"\x01"
+                   + wire.pack_forward("gpu-cluster", 22))
+    return {
+        "alice": rec(0, alice),
+        "alice-then-open": rec(0, alice) + rec(0x80 | 10, common.NS(b"direct-tcpip")
+                                               + struct.pack(">3L", 1, 1 << 20, 32768)
+                                               + wire.pack_endpoints("gpu-cluster", 22, "h", 1)),
+        "agent-registers": rec(0, agent) + register,
+        "none-method": rec(0, common.NS(b"alice") + common.NS(b"ssh-connection")
+                           + common.NS(b"none")),
+        "password": rec(0, common.NS(b"alice") + common.NS(b"ssh-connection")
+                        + common.NS(b"password") + b"\x00" + common.NS(b"hunter2")),
+        "bad-signature": rec(0, alice[:-8] + b"\x00" * 8),
+        "unknown-key": rec(0, ft.signed_userauth("user").replace(b"alice", b"mallo")),
+        "probe": rec(0, probe),
+        "wrong-service": rec(0, common.NS(b"alice") + common.NS(b"ssh-userauth")
+                             + common.NS(b"none")),
+    }
+
+
 def grants() -> dict[str, bytes]:
     keys = [world.key_line(seed, "").strip() for seed in (10, 11, 12)]
     agents = (
@@ -266,6 +291,7 @@ SEEDS = {
     "transport_banner": banner,
     "transport_packets": packets,
     "aead_framing": aead,
+    "userauth": userauth,
     "connection": channel,
     "grant_file": grants,
     "agent_option": options,
