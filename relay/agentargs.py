@@ -220,8 +220,14 @@ def _seconds(text: str, keypath: str, example: str) -> int:
     return total
 
 
-def _cli_path(text: str) -> Path:
-    return Path(text).expanduser().absolute()
+def _cli_path(text: str, keypath: str = "-i") -> Path:
+    try:
+        return Path(text).expanduser().absolute()
+    except RuntimeError:  # "~nobody/key": no such user (found by tests/fuzz agent_option)
+        raise ConfigError(
+            CLI, keypath, f"cannot expand {text[:100]!r}: no such user's home directory",
+            "give the path without ~user, or with ~ for your own home",
+        ) from None
 
 
 def _yes_no(text: str, keypath: str) -> bool:
@@ -263,7 +269,7 @@ def _option(flags: _Flags, text: str) -> None:
     elif name == "User":
         flags.claim("user", value, keypath)
     elif name == "IdentityFile":
-        flags.identities.append(_cli_path(value))
+        flags.identities.append(_cli_path(value, keypath))
     elif name == "UserKnownHostsFile":
         if len(value.split()) != 1:
             raise ConfigError(
@@ -272,7 +278,7 @@ def _option(flags: _Flags, text: str) -> None:
                 "exactly one known_hosts file is supported",
                 "e.g. -o UserKnownHostsFile=~/.ssh/known_hosts",
             )
-        flags.claim("known_hosts", _cli_path(value), keypath)
+        flags.claim("known_hosts", _cli_path(value, keypath), keypath)
     elif name == "StrictHostKeyChecking":
         flags.claim("accept_new", _strict(value, keypath), keypath)
     elif name == "ServerAliveInterval":

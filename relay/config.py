@@ -519,7 +519,7 @@ def _public_key(text: str) -> tuple[bytes, str]:
         raise _Bad("DSA keys are obsolete and refused", _KEY_HINT)
     try:
         blob = base64.b64decode(body, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a non-ASCII str (tests/fuzz grant_file)
         raise _Bad(f"the key data {body[:20]!r}... is not base64", _KEY_HINT) from None
     try:
         key = Key.fromString(blob, type="blob")

@@ -19,7 +19,9 @@ from __future__ import annotations
 import itertools
 import random
 import struct
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import fuzzworld as world
@@ -31,7 +33,7 @@ from twisted.python.failure import Failure
 
 from relay import fastwire as fw
 from relay.agentargs import _Flags, _option
-from relay.config import ConfigError
+from relay.config import ConfigError, HostKeyPolicy
 from relay.grants import parse_grant_file
 from relay.ssh import wire
 from relay.ssh.aead import (
@@ -41,6 +43,7 @@ from relay.ssh.aead import (
     GCMDirection,
     PacketCiphers,
 )
+from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier, parse_fingerprint
 
 Target = Callable[[bytes], None]
 FAILURES = world.FailureLog()
@@ -496,6 +499,30 @@ def agent_option(data: bytes) -> None:
         pass
 
 
+_KNOWN_HOSTS = Path(tempfile.mkdtemp(prefix="labrelay-fuzz-kh-")) / "known_hosts"
+
+
+def known_hosts(data: bytes) -> None:
+    """The agent's host-key check (``HostKeyVerifier.verify``) against a known_hosts
+    file of any content (``data[1:]``; ``data[0]`` picks the port, 22 or 2222), and
+    ``parse_fingerprint`` of its first line: the key is accepted (a str saying why) or
+    refused with HostKeyError; a fingerprint parses to 32 bytes or raises ValueError."""
+    if not data:
+        return
+    _KNOWN_HOSTS.write_bytes(data[1:])
+    policy = HostKeyPolicy(known_hosts=_KNOWN_HOSTS)
+    port = 22 if data[0] % 2 == 0 else 2222
+    try:
+        why = HostKeyVerifier(policy, "cloud.example.org", port).verify(world.HOST_KEY.public())
+        assert isinstance(why, str)
+    except HostKeyError:
+        pass
+    try:
+        assert len(parse_fingerprint(data[1:].decode("utf-8", "replace").split("\n")[0])) == 32
+    except ValueError:
+        pass
+
+
 TARGETS: dict[str, Target] = {
     "fastwire_hello": fastwire_hello,
     "fastwire_dispatch": fastwire_dispatch,
@@ -509,4 +536,5 @@ TARGETS: dict[str, Target] = {
     "connection": connection,
     "grant_file": grant_file,
     "agent_option": agent_option,
+    "known_hosts": known_hosts,
 }

@@ -282,6 +282,31 @@ def options() -> dict[str, bytes]:
     }.items()}
 
 
+def known_hosts() -> dict[str, bytes]:
+    import base64
+    import hashlib
+    import hmac
+
+    key = world.HOST_KEY.public().toString("OPENSSH").decode()
+    other = world.fixed_key(9).public().toString("OPENSSH").decode()
+    salt = bytes(range(20))
+    digest = hmac.new(salt, b"cloud.example.org", hashlib.sha1).digest()
+    hashed = f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()}"
+    fingerprint = "SHA256:" + base64.b64encode(
+        hashlib.sha256(world.HOST_KEY.public().blob()).digest()).decode().rstrip("=")
+    return {name: text.encode() for name, text in {
+        "plain": f"\x00cloud.example.org {key}\n",
+        "port": f"\x01[cloud.example.org]:2222 {key}\n",
+        "hashed": f"\x00{hashed} {key}\n",
+        "patterns": f"\x00*.example.org,!evil.example.org {key}\n# comment\n",
+        "changed": f"\x00cloud.example.org {other}\n",
+        "revoked": f"\x00@revoked * {key}\ncloud.example.org {key}\n",
+        "cert-authority": f"\x00@cert-authority *.example.org {key}\n",
+        "fingerprint": f"\x00{fingerprint}\n",
+        "broken": "\x00cloud.example.org ssh-ed25519 AAAA\xe9\n|1|x|y ssh-ed25519 AAAA\n",
+    }.items()}
+
+
 SEEDS = {
     "fastwire_hello": hello,
     "fastwire_dispatch": dispatch,
@@ -295,6 +320,7 @@ SEEDS = {
     "connection": channel,
     "grant_file": grants,
     "agent_option": options,
+    "known_hosts": known_hosts,
 }
 
 

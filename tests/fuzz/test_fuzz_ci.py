@@ -3,7 +3,7 @@ target under atheris for a short bounded time (docs/fuzzing.md).
 
 The replay needs nothing but the targets; the atheris run needs atheris (in the test
 extra, Linux and Python <= 3.12) and fails -- not skips -- under ``CI=true`` without it.
-``LABRELAY_FUZZ_SECONDS`` sets the time per target (default 10; 0 skips the atheris
+``LABRELAY_FUZZ_SECONDS`` sets the time per target (default 8; 0 skips the atheris
 run); a crash fails the test and leaves the input in the pytest temp directory.
 """
 
@@ -20,7 +20,7 @@ import fuzztargets
 import pytest
 
 HERE = Path(__file__).resolve().parent
-SECONDS = int(os.environ.get("LABRELAY_FUZZ_SECONDS", "10"))
+SECONDS = int(os.environ.get("LABRELAY_FUZZ_SECONDS", "8"))
 
 
 @pytest.mark.parametrize("target", sorted(fuzztargets.TARGETS))

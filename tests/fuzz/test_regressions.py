@@ -175,3 +175,36 @@ def test_services_before_the_first_key_exchange_are_refused() -> None:
     assert t.disconnects == [(DISCONNECT_PROTOCOL_ERROR, b"malformed message 5")]
     assert t.service is None
     ft.transport_packets(data)
+
+
+def test_non_ascii_key_data_in_a_grant_is_a_config_error() -> None:
+    """``base64.b64decode(str, validate=True)`` raises ValueError, not binascii.Error,
+    on non-ASCII text: a grant line with "é" in the key escaped as ValueError."""
+    data = (CORPUS / "grant_file" / "regress-non-ascii-base64").read_bytes()
+    line = world.key_line(10, "lab_pc")
+    bad = line[:30] + "é" + line[31:]
+    with pytest.raises(ConfigError, match="not base64"):
+        parse_grant_file(bad + "\n", "agent", "fuzz")
+    ft.grant_file(data)
+
+
+def test_identity_file_of_an_unknown_users_home_is_a_config_error() -> None:
+    """``Path("~nosuchuser/x").expanduser()`` raises RuntimeError."""
+    data = (CORPUS / "agent_option" / "regress-tilde-unknown-user").read_bytes()
+    with pytest.raises(ConfigError, match="no such user"):
+        _option(_Flags(), "IdentityFile=~labrelay-no-such-user/id_ed25519")
+    ft.agent_option(data)
+
+
+def test_non_ascii_known_hosts_line_is_skipped(tmp_path: Path) -> None:
+    """The same base64 trap in known_hosts: a line with "é" in the key made the agent's
+    host-key check raise ValueError instead of skipping the line."""
+    from relay.config import HostKeyPolicy
+    from relay.ssh.hostkeys import HostKeyVerifier
+
+    key = world.HOST_KEY.public().toString("OPENSSH").decode()
+    path = tmp_path / "known_hosts"
+    path.write_text(f"cloud.example.org {key[:20]}é{key[21:]}\ncloud.example.org {key}\n")
+    verifier = HostKeyVerifier(HostKeyPolicy(known_hosts=path), "cloud.example.org", 22)
+    assert verifier.verify(world.HOST_KEY.public()).endswith("line 2")
+    ft.known_hosts((CORPUS / "known_hosts" / "regress-non-ascii-base64").read_bytes())
