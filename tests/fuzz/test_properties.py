@@ -255,3 +255,43 @@ def test_agent_option(name: str, sep: str, value: str) -> None:
     started = time.process_time()
     ft.agent_option(f"{name}{sep}{value}".encode())
     assert time.process_time() - started < 0.5, "an option took too long to parse"
+
+
+# --- user authentication and the agent's known_hosts -------------------------
+
+auth_fields = st.tuples(
+    st.sampled_from([b"alice", b"lab_pc", b"", b"\xff" * 3]),
+    st.sampled_from([b"ssh-connection", b"ssh-userauth", b"x"]),
+    st.sampled_from([b"publickey", b"none", b"password", b"keyboard-interactive", b""]),
+    st.sampled_from([b"\x00", b"\x01", b""]),
+    st.sampled_from([b"ssh-ed25519", b"rsa-sha2-256", b"ssh-rsa", b""]),
+    st.one_of(st.just(world.USER_KEY.public().blob()), st.just(world.AGENT_KEY.public().blob()),
+              st.binary(max_size=60)),
+    st.one_of(st.none(), st.binary(max_size=90)),
+)
+
+
+@SLOW
+@given(st.lists(auth_fields, max_size=5), st.booleans())
+def test_userauth_requests(requests: list[tuple[bytes, ...]], signed_first: bool) -> None:
+    """USERAUTH_REQUESTs with any user, service, method, key and signature (optionally
+    after a correctly signed one): refusals or success, never an exception."""
+    body = rec(0, ft.signed_userauth("user")) if signed_first else b""
+    for user, service, method, flag, alg, blob, sig in requests:
+        payload = (common.NS(user) + common.NS(service) + common.NS(method) + flag
+                   + common.NS(alg) + common.NS(blob) + (b"" if sig is None else common.NS(sig)))
+        body += rec(0, payload)
+    ft.userauth(body)
+
+
+@FAST
+@given(st.lists(st.tuples(
+    st.sampled_from(["", "@revoked ", "@cert-authority ", "@other "]),
+    st.sampled_from(["cloud.example.org", "[cloud.example.org]:2222", "*", "!cloud*,*",
+                     "|1|AAAA|BBBB", "|1|é|x", "*.org", ""]),
+    st.sampled_from(["ssh-ed25519", "ssh-rsa", ""]),
+    st.one_of(st.just(world.HOST_KEY.public().toString("OPENSSH").decode().split()[1]),
+              st.text(max_size=30))), max_size=5), st.booleans())
+def test_known_hosts_lines(lines: list[tuple[str, str, str, str]], other_port: bool) -> None:
+    text = "\n".join(f"{marker}{hosts} {kind} {data}" for marker, hosts, kind, data in lines)
+    ft.known_hosts((b"\x01" if other_port else b"\x00") + text.encode())
