@@ -48,6 +48,8 @@ class PeerInputGuard:
 
     gotVersion: bool
     keyExchanges: int  # completed key exchanges (relay.ssh.aead)
+    isClient: bool
+    nextEncryptions: Any
     _log: Any
     _peerInKex = False  # the peer sent KEXINIT and not yet its NEWKEYS
 
@@ -75,6 +77,14 @@ class PeerInputGuard:
             # negotiated kexAlg: AttributeError).
             if not self._peerInKex:
                 self._malformed(messageNum, "outside a key exchange")
+                return
+            if (messageNum == MSG_NEWKEYS and not self.isClient
+                    and not getattr(self.nextEncryptions, "encBlockSize", 0)):
+                # Conch's server takes the peer's NEWKEYS as "switch keys now" even
+                # when its own side of the exchange never ran (the client skipped or
+                # had ignored its KEX_ECDH_INIT): the next packet then meets a cipher
+                # without keys, an AttributeError (tests/fuzz transport_packets).
+                self._malformed(messageNum, "NEWKEYS before the key exchange finished")
                 return
         try:
             super().dispatchMessage(messageNum, payload)  # type: ignore[misc]

@@ -121,6 +121,19 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
         super().serviceStarted()
         self.supportedAuthentications = [b"publickey"]
 
+    def auth_publickey(self, packet: bytes) -> Any:
+        """Conch guesses the key blob's format (``Key.fromString`` without a type), so a
+        blob that looks like an LSH key reaches an ``assert`` in its s-expression
+        parser: an AssertionError out of ``dataReceived`` before authentication, at
+        will (found by tests/fuzz ``userauth``).  A USERAUTH_REQUEST carries an SSH
+        wire blob: it is parsed as one, and anything else is a failed attempt."""
+        try:
+            _alg, blob, _rest = common.getNS(packet[1:], 2)
+            keys.Key.fromString(blob, type="blob")
+        except Exception:  # Conch raises many kinds on hostile bytes; all mean "no key"
+            return defer.fail(UnauthorizedLogin("malformed public key"))
+        return super().auth_publickey(packet)
+
     def _ebBadAuth(self, reason: Failure) -> None:
         if self.method == b"publickey" and reason.check(UnauthorizedLogin):
             self._log.info(

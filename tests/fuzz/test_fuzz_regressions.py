@@ -30,6 +30,11 @@ def regress(target: str, name: str, data: bytes) -> bytes:
     return data
 
 
+def regress_file(target: str, name: str) -> bytes:
+    """A ``regress-*`` corpus file saved as the fuzzer wrote it."""
+    return (CORPUS / target / f"regress-{name}").read_bytes()
+
+
 def relay_after_version() -> Any:
     """The relay's transport past the client's version line, before any key."""
     core, _clock = world.new_core()
@@ -97,6 +102,8 @@ def test_an_honest_client_still_gets_through_the_kex() -> None:
     t.dataReceived(world.frame_plain(b"\x1e" + common.NS(bytes(range(1, 33)))))
     assert not t.disconnects
     assert len(t.transport.value()) > sent + 100  # the reply, signed with the host key
+    t.dataReceived(world.frame_plain(b"\x15"))  # NEWKEYS after the exchange: accepted
+    assert not t.disconnects and t.keyExchanges == 1
 
 
 # --- fast path -------------------------------------------------------------------
@@ -208,3 +215,42 @@ def test_non_ascii_known_hosts_line_is_skipped(tmp_path: Path) -> None:
     verifier = HostKeyVerifier(HostKeyPolicy(known_hosts=path), "cloud.example.org", 22)
     assert verifier.verify(world.HOST_KEY.public()).endswith("line 2")
     ft.known_hosts((CORPUS / "known_hosts" / "regress-non-ascii-base64").read_bytes())
+
+
+def test_newkeys_after_an_ignored_kex_packet_is_refused() -> None:
+    """A KEXINIT whose first_kex_packet_follows guessed wrong makes Conch ignore the
+    next KEX packet; a NEWKEYS then switched the server to ciphers that have no keys,
+    and the next packet raised AttributeError ("no attribute 'decryptor'")."""
+    data = (CORPUS / "transport_packets" / "regress-newkeys-without-kex").read_bytes()
+    import make_corpus
+
+    t = relay_after_version()
+    kexinit = make_corpus.KEXINIT[:-5] + b"\x01\x00\x00\x00\x00"  # a guessed packet follows
+    t.dataReceived(world.frame_plain(kexinit))
+    t.dataReceived(world.frame_plain(b"\x1e" + common.NS(bytes(range(1, 33)))))
+    if not t.disconnects:  # the guess was judged wrong: the ECDH_INIT was ignored
+        t.dataReceived(world.frame_plain(b"\x15") + b"\x00" * 64)
+    assert t.disconnects and t.disconnects[-1][0] == DISCONNECT_PROTOCOL_ERROR
+    ft.transport_packets(data)
+
+
+def test_a_userauth_key_blob_that_looks_like_lsh_is_a_failed_attempt() -> None:
+    """Conch's auth_publickey guessed the blob's format: "{...}" went to its LSH
+    s-expression parser and an ``assert`` there (AssertionError out of dataReceived,
+    before authentication).  Now: a refused attempt, the connection still usable."""
+    data = regress_file("userauth", "lsh-looking-blob")
+    core, _clock = world.new_core()
+    t = world.new_transport(core)
+    t.dataReceived(world.CLIENT_VERSION)
+    t.sessionID = ft.SESSION_ID
+    t.keyExchanges = 1
+    t.dispatchMessage(5, common.NS(b"ssh-userauth"))
+    sent = []
+    t.sendPacket = lambda n, p: sent.append(n)
+    bad = (common.NS(b"alice") + common.NS(b"ssh-connection") + common.NS(b"publickey")
+           + b"\x00" + common.NS(b"ssh-ed25519") + common.NS(b"{KDE6cHVibGljLWtleSg=}"))
+    t.dispatchMessage(50, bad)
+    assert sent == [51] and not t.disconnects  # USERAUTH_FAILURE
+    t.dispatchMessage(50, ft.signed_userauth("user"))
+    assert sent[-1] == 52 and t.authenticated  # USERAUTH_SUCCESS: alice gets in
+    ft.userauth(data)
