@@ -71,6 +71,12 @@ class PeerInputGuard:
             # own messages belongs before the first NEWKEYS (RFC 4253 §7-10).
             self._malformed(messageNum, "before the first key exchange")
             return
+        if messageNum == MSG_KEXINIT and self._peerInKex:
+            # A second KEXINIT before the peer's NEWKEYS: Conch answers with a
+            # RuntimeError ("Cannot send KEXINIT while key exchange state is ...")
+            # out of dataReceived (tests/fuzz transport_banner).
+            self._malformed(messageNum, "KEXINIT within a key exchange")
+            return
         if messageNum == MSG_NEWKEYS or MSG_KEX_FIRST <= messageNum <= MSG_KEX_LAST:
             # Only between the peer's KEXINIT and its NEWKEYS (RFC 4253 §7): Conch's
             # handlers assume a negotiated exchange (a KEX_ECDH_INIT first reads the

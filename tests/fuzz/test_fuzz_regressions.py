@@ -254,3 +254,15 @@ def test_a_userauth_key_blob_that_looks_like_lsh_is_a_failed_attempt() -> None:
     t.dispatchMessage(50, ft.signed_userauth("user"))
     assert sent[-1] == 52 and t.authenticated  # USERAUTH_SUCCESS: alice gets in
     ft.userauth(data)
+
+
+def test_a_second_kexinit_within_a_key_exchange_is_refused() -> None:
+    """Conch's ssh_KEXINIT raised RuntimeError ("Cannot send KEXINIT while key exchange
+    state is '_KEY_EXCHANGE_PROGRESSING'") on a peer's second KEXINIT."""
+    import make_corpus
+
+    data = regress_file("transport_banner", "second-kexinit")
+    t = relay_after_version()
+    t.dataReceived(world.frame_plain(make_corpus.KEXINIT) * 2)
+    assert t.disconnects == [(DISCONNECT_PROTOCOL_ERROR, b"malformed message 20")]
+    ft.transport_banner(data)
