@@ -34,6 +34,11 @@ from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
 
 MSG_KEXINIT, MSG_NEWKEYS = 20, 21
 MSG_KEX_FIRST, MSG_KEX_LAST = 30, 49  # the key exchange method's own messages
+# Within 30-49, by method: KEXDH/KEX_ECDH (and ML-KEM hybrid) INIT/REPLY, and RFC 4419's
+# group exchange (REQUEST_OLD shares 30, GROUP shares 31).
+MSG_KEX_INIT, MSG_KEX_REPLY = 30, 31
+MSG_KEX_DH_GEX_GROUP, MSG_KEX_DH_GEX_INIT, MSG_KEX_DH_GEX_REPLY = 31, 32, 33
+MSG_KEX_DH_GEX_REQUEST = 34
 #: Allowed before the first key exchange completes: DISCONNECT, IGNORE, UNIMPLEMENTED,
 #: DEBUG, KEXINIT, NEWKEYS and the key exchange method's messages.
 BEFORE_KEYS = frozenset(
@@ -84,6 +89,13 @@ class PeerInputGuard:
             if not self._peerInKex:
                 self._malformed(messageNum, "outside a key exchange")
                 return
+            if MSG_KEX_FIRST <= messageNum <= MSG_KEX_LAST and not self._kexMessageFits(messageNum):
+                # Conch dispatches 30-49 by number whatever was negotiated: a
+                # KEX_DH_GEX_INIT in a curve25519 exchange reached the group-exchange
+                # handler, which read a group that was never chosen (AttributeError
+                # 'p'; tests/fuzz transport_packets).
+                self._malformed(messageNum, "not a message of the negotiated key exchange")
+                return
             if (messageNum == MSG_NEWKEYS and not self.isClient
                     and not getattr(self.nextEncryptions, "encBlockSize", 0)):
                 # Conch's server takes the peer's NEWKEYS as "switch keys now" even
@@ -101,6 +113,20 @@ class PeerInputGuard:
             self._peerInKex = True
         elif messageNum == MSG_NEWKEYS:
             self._peerInKex = False
+
+    def _kexMessageFits(self, messageNum: int) -> bool:
+        """Whether ``messageNum`` (30-49) belongs to the negotiated key exchange, from
+        the peer's side: one INIT to a server and one REPLY to a client, except in a
+        Diffie-Hellman group exchange (RFC 4419), whose group must be chosen before
+        its INIT."""
+        kexAlg = getattr(self, "kexAlg", None) or b""
+        if not kexAlg.startswith(b"diffie-hellman-group-exchange-"):
+            return messageNum == (MSG_KEX_REPLY if self.isClient else MSG_KEX_INIT)
+        if self.isClient:
+            return messageNum in (MSG_KEX_DH_GEX_GROUP, MSG_KEX_DH_GEX_REPLY)
+        if messageNum == MSG_KEX_DH_GEX_INIT:
+            return getattr(self, "p", None) is not None  # after REQUEST chose a group
+        return messageNum in (MSG_KEX_INIT, MSG_KEX_DH_GEX_REQUEST)
 
     def _malformed(self, messageNum: int, why: str) -> None:
         # A warning without a traceback: anyone can trigger this before logging in.

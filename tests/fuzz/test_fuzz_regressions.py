@@ -266,3 +266,17 @@ def test_a_second_kexinit_within_a_key_exchange_is_refused() -> None:
     t.dataReceived(world.frame_plain(make_corpus.KEXINIT) * 2)
     assert t.disconnects == [(DISCONNECT_PROTOCOL_ERROR, b"malformed message 20")]
     ft.transport_banner(data)
+
+
+def test_a_kex_message_of_another_method_is_refused() -> None:
+    """Conch dispatches messages 30-49 by number whatever was negotiated: a
+    KEX_DH_GEX_INIT (32) in a curve25519 exchange read a group that was never chosen
+    (AttributeError 'p')."""
+    import make_corpus
+
+    data = regress_file("transport_packets", "gex-init-in-curve25519")
+    t = relay_after_version()
+    t.dataReceived(world.frame_plain(make_corpus.KEXINIT))
+    t.dataReceived(world.frame_plain(b"\x20" + common.NS(b"\x81" * 8)))
+    assert t.disconnects == [(DISCONNECT_PROTOCOL_ERROR, b"malformed message 32")]
+    ft.transport_packets(data)
