@@ -28,3 +28,17 @@ _spec.loader.exec_module(_fixtures)
 globals().update(
     {name: value for name, value in vars(_fixtures).items() if not name.startswith("__")}
 )
+
+
+def pytest_configure(config: object) -> None:
+    """Give ``import conftest`` back to tests/integration.
+
+    Its test modules ``import conftest`` and monkeypatch it (test_aead patches
+    ``relay_command`` to make the relay rekey every MiB).  When both directories are
+    given on the command line (``pytest tests/integration tests/security``), pytest
+    loads both conftests first and this one is left as ``sys.modules["conftest"]``:
+    the patch then lands here, never reaches the fixture, and the test fails."""
+    integration = str(INTEGRATION / "conftest.py")
+    for plugin in config.pluginmanager.get_plugins():  # type: ignore[attr-defined]
+        if getattr(plugin, "__file__", None) == integration:
+            sys.modules["conftest"] = plugin
