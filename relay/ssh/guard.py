@@ -12,8 +12,12 @@ connection layer has the same guard in :class:`relay.ssh.connection.FlowConnecti
 
 Messages are also checked against where the connection is, where Conch does not:
 nothing but the transport's own messages before the first key exchange completes
-(Conch started ``ssh-userauth`` on a ``SERVICE_REQUEST`` in the clear), and the key
-exchange's messages (``NEWKEYS``, 30-49) only within a key exchange.
+(Conch started ``ssh-userauth`` on a ``SERVICE_REQUEST`` in the clear); the key
+exchange's messages only between the peer's ``KEXINIT`` and its ``NEWKEYS``, and only
+those of the negotiated method (Conch dispatches 30-49 by number); no second
+``KEXINIT`` within an exchange; and, on the server, the peer's ``NEWKEYS`` only once
+the relay's side of the exchange has run.  Each of these raised out of Conch before
+(AttributeError, RuntimeError, AssertionError; tests/fuzz/test_fuzz_regressions.py).
 
 It also keeps Conch from reading packets before the peer's version line: Conch's
 version parsing looks for ``"\\n"`` from ``buf.find(b"SSH-")``, which is -1 when there
