@@ -28,6 +28,7 @@ from ..net import client_endpoint, quickack
 from .aead import AEADTransportMixin
 from .channels import BridgedChannel
 from .connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, FlowConnection
+from .guard import PeerInputGuard
 from .hostkeys import HostKeyError
 from .wire import GRANT_REVOKED, pack_endpoints, unpack_endpoints, unpack_grant_revoked
 
@@ -41,7 +42,7 @@ class LinkSetupError(Exception):
     """A connection attempt ended before the link was ready; ``str()`` says why."""
 
 
-class LinkTransport(AEADTransportMixin, transport.SSHClientTransport):
+class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTransport):
     """One connection attempt to the upstream server.
 
     Algorithms, strict KEX and key exchange bounds: :mod:`relay.ssh.policy` and
