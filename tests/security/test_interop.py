@@ -68,7 +68,7 @@ from harness import (
 )
 from sshsniff import AEAD_CIPHERS, SniffingProxy, format_negotiated
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.security]
 
 PAYLOAD_SIZE = 2 * MiB
 #: Every step of a row (a login, a transfer) gets this long; a row takes ~1-3 s.
@@ -301,7 +301,7 @@ def interop_matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[di
     print(f"\ninterop matrix ({len(rows)} rows passed) -> {path}")
     for r in rows:
         agreed = r["negotiated"]
-        print(f"  {r['row']:<28} {r['client_banner']:<36} {format_negotiated(agreed)}")
+        print(f"  {r['row']:<34} {r['client_banner']:<40} {format_negotiated(agreed)}")
 
 
 @pytest.fixture
@@ -683,9 +683,7 @@ def test_user_dropbear_dbclient(
     home = lab.tmp_path / "dbclient-home"
     (home / ".ssh").mkdir(parents=True, mode=0o700)
     write_known_hosts(home / ".ssh" / "known_hosts", f"{LOOPBACK} {lab.relay.host_key_blob}")
-    key = lab.tmp_path / "alice.dropbear"
-    subprocess.run([tools["dropbearconvert"], "openssh", "dropbear", str(lab.keys.alice.path),
-                    str(key)], check=True, capture_output=True)  # fmt: skip
+    key = dropbear_key(tools, lab.keys.alice, lab.tmp_path)
     payload = DataStream(6, PAYLOAD_SIZE).bytes()
     argv = [tools["dbclient"], "-i", str(key), "-p", str(sniffer.port), "-B", "web:8080",
             f"alice@{LOOPBACK}"]  # fmt: skip
@@ -693,6 +691,46 @@ def test_user_dropbear_dbclient(
         piped = pipe_through(argv, payload, env={"HOME": str(home)})
         row.output("dbclient stderr", lambda: piped.stderr)
         moved = assert_echoed(piped, payload, "dbclient -B web:8080")
+    row.record(sniffer, moved)
+
+
+def dropbear_key(tools: dict[str, str], key: KeyPair, directory: Path) -> Path:
+    """``key`` in Dropbear's own format (dbclient reads no OpenSSH private keys)."""
+    out = directory / f"{key.path.name}.dropbear"
+    subprocess.run([tools["dropbearconvert"], "openssh", "dropbear", str(key.path), str(out)],
+                   check=True, capture_output=True)  # fmt: skip
+    return out
+
+
+def test_user_dropbear_dbclient_multihop(
+    row: MatrixRow,
+    lab: Lab,
+    client_key: KeyPair,
+    sshd_factory: Callable[[str], Sshd],
+    start_ssh: Callable[..., SshProcess],
+) -> None:
+    """Dropbear's ``ssh -J``: ``dbclient alice@relay/PORT,root@gpu-cluster cat`` (the
+    second hop runs through a nested ``dbclient -B gpu-cluster:22``); 2 MiB through
+    ``cat`` on the target sshd and back."""
+    tools = require_programs("dbclient", "dropbearconvert")
+    gpu = sshd_factory("gpu_cluster")
+    register_web(lab, start_ssh, f"gpu-cluster:22:127.0.0.1:{gpu.port}")
+    sniffer = row.sniff(lab.relay.port)
+    home = lab.tmp_path / "dbclient-home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    write_known_hosts(
+        home / ".ssh" / "known_hosts",
+        f"{LOOPBACK} {lab.relay.host_key_blob}",
+        f"gpu-cluster {gpu.host_key.public_blob()}",
+    )
+    keys = [dropbear_key(tools, k, lab.tmp_path) for k in (lab.keys.alice, client_key)]
+    payload = DataStream(14, PAYLOAD_SIZE).bytes()
+    argv = [tools["dbclient"], *(a for k in keys for a in ("-i", str(k))),
+            f"alice@{LOOPBACK}/{sniffer.port},root@gpu-cluster", "cat"]  # fmt: skip
+    with row.explained():
+        piped = pipe_through(argv, payload, env={"HOME": str(home)})
+        row.output("dbclient stderr", lambda: piped.stderr)
+        moved = assert_echoed(piped, payload, "dbclient relay,gpu-cluster 'cat'")
     row.record(sniffer, moved)
 
 
