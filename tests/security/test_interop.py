@@ -292,16 +292,29 @@ class MatrixRow:
 
 
 @pytest.fixture(scope="module")
-def interop_matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[dict[str, Any]]]:
-    """Every row's record; written to ``<basetemp>/interop-matrix.json`` and printed."""
+def interop_matrix(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[dict[str, Any]]]:
+    """Every row's record; written to ``<basetemp>/interop-matrix.json`` and shown as a
+    table on the terminal even without ``-s`` (so CI's log says who negotiated what)."""
     rows: list[dict[str, Any]] = []
     yield rows
     path = tmp_path_factory.getbasetemp() / "interop-matrix.json"
     path.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"\ninterop matrix ({len(rows)} rows passed) -> {path}")
+    lines = [f"interop matrix: {len(rows)} connections recorded -> {path}"]
     for r in rows:
-        agreed = r["negotiated"]
-        print(f"  {r['row']:<34} {r['client_banner']:<40} {format_negotiated(agreed)}")
+        agreed = format_negotiated(r["negotiated"])
+        ends = f"{r['client_banner']} -> {r['server_banner']}".replace("SSH-2.0-", "")
+        lines.append(f"  {r['row']:<34} {ends:<48} {agreed}")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        print("\n" + "\n".join(lines))
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("")
+        for line in lines:
+            reporter.write_line(line)
 
 
 @pytest.fixture
