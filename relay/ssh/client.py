@@ -22,17 +22,21 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..bridge import TCPSide
-from ..keepalive import KeepaliveMonitor
-from ..net import client_endpoint, quickack
-from .aead import AEADTransportMixin
-from .channels import BridgedChannel
-from .connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, FlowConnection
-from .hostkeys import HostKeyError
-from .wire import GRANT_REVOKED, pack_endpoints, unpack_endpoints, unpack_grant_revoked
+from relay.core.keepalive import KeepaliveMonitor
+from relay.datapath.bridge import TCPSide
+from relay.datapath.net import client_endpoint, quickack
+from relay.ssh.aead import AEADTransportMixin
+from relay.ssh.channels import BridgedChannel
+from relay.ssh.connection import (
+    OPEN_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_CONNECT_FAILED,
+    FlowConnection,
+)
+from relay.ssh.hostkeys import HostKeyError
+from relay.ssh.wire import GRANT_REVOKED, pack_endpoints, unpack_endpoints, unpack_grant_revoked
 
 if TYPE_CHECKING:
-    from ..link import Link
+    from relay.agent.link import Link
 
 TARGET_CONNECT_TIMEOUT = 10.0
 

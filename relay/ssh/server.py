@@ -2,12 +2,12 @@
 
 Identity comes only from a key whose signature verified (Conch's userauth checks
 the signature; :class:`GrantChecker` maps the key to a principal).  Everything
-else a session may do is decided by :class:`relay.relayserver.RelayCore` from the
+else a session may do is decided by :class:`relay.server.relay.RelayCore` from the
 principal's grants: this module only parses SSH requests and answers them.
 
 Hardening over Conch's defaults (DESIGN §11): a login grace time and a cap on
 authentication attempts, per-source limits and penalties and a global cap on
-unauthenticated connections (:mod:`relay.admission`; OpenSSH's PerSourcePenalties,
+unauthenticated connections (:mod:`relay.core.admission`; OpenSSH's PerSourcePenalties,
 PerSourceMaxStartups and MaxStartups), a cap on channels per connection,
 keepalives to every peer, and every channel type but ``direct-tcpip`` refused.  Conch's own
 ``UnixConchUser`` (an open proxy) is never used.
@@ -37,22 +37,22 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..admission import Offence, Ticket, worst
-from ..keepalive import KeepaliveMonitor
-from . import policy
-from .aead import AEADTransportMixin
-from .channels import BridgedChannel
-from .connection import (
+from relay.core.admission import Offence, Ticket, worst
+from relay.core.keepalive import KeepaliveMonitor
+from relay.ssh import policy
+from relay.ssh.aead import AEADTransportMixin
+from relay.ssh.channels import BridgedChannel
+from relay.ssh.connection import (
     OPEN_ADMINISTRATIVELY_PROHIBITED,
     OPEN_CONNECT_FAILED,
     FlowConnection,
     refused_by_peer,
 )
-from .wire import GRANT_REVOKED, pack_endpoints, pack_grant_revoked, unpack_endpoints
+from relay.ssh.wire import GRANT_REVOKED, pack_endpoints, pack_grant_revoked, unpack_endpoints
 
 if TYPE_CHECKING:
-    from ..grants import Principal
-    from ..relayserver import RelayCore
+    from relay.server.grants import Principal
+    from relay.server.relay import RelayCore
 
 OPEN_RESOURCE_SHORTAGE = 4
 USER_NAME_LIMIT = 256

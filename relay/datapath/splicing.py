@@ -12,7 +12,7 @@ partial moves, or EOF with bytes still in the pipe.
 Two backends, chosen once per process by ``LABRELAY_DATAPATH``:
 
 ``c``
-    :mod:`relay._splice`'s pump thread (csrc/relay_splice.c): a native thread with
+    :mod:`relay.datapath._splice`'s pump thread (csrc/relay_splice.c): a native thread with
     its own epoll set owns the pairs; the reactor hears from it only when a pair
     ends.  Per wakeup no Python runs at all.  docs/datapath.md has the figures.
 ``python``
@@ -48,8 +48,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import _splice
-from ._splice import DONE, MOVED, WAIT_IN, WAIT_OUT, MoveError
+from relay.datapath import _splice
+from relay.datapath._splice import DONE, MOVED, WAIT_IN, WAIT_OUT, MoveError
 
 ENV = "LABRELAY_DATAPATH"
 CHOICES = ("auto", "c", "python")
@@ -730,7 +730,7 @@ class _Notify:
 
 
 class ThreadPump:
-    """The ``c`` backend: :class:`relay._splice.Pump` plus the reactor reader that
+    """The ``c`` backend: :class:`relay.datapath._splice.Pump` plus the reactor reader that
     collects ended pairs."""
 
     def __init__(self, reactor: Any, *, pipe_size: int = DEFAULT_PIPE_SIZE,

@@ -23,7 +23,7 @@ vouch for (docs/fastpath.md "Protocol"):
 
 An idle connection that gets a valid GO connects that service's target like a
 ``forwarded-tcpip`` channel would, answers ``K`` (or ``E`` and why) and hands both
-sockets to :mod:`relay.datapath`.
+sockets to :mod:`relay.datapath.splicing`.
 
 Against a stock sshd the request is refused (``REQUEST_FAILURE``) and the pool
 stays off for that link; ``fast_path_pool = 0`` turns it off.  Chained services
@@ -41,15 +41,15 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import datapath
-from . import fastwire as fw
-from .datapath import Held
-from .net import client_endpoint, peer_ip, probe_idle
-from .ssh.connection import refused_by_peer
+from relay.core import fastwire as fw
+from relay.datapath import splicing as datapath
+from relay.datapath.net import client_endpoint, peer_ip, probe_idle
+from relay.datapath.splicing import Held
+from relay.ssh.connection import refused_by_peer
 
 if TYPE_CHECKING:
-    from .link import Link
-    from .ssh.client import LinkConnection
+    from relay.agent.link import Link
+    from relay.ssh.client import LinkConnection
 
 TARGET_CONNECT_TIMEOUT = 10.0
 RETRY_DELAY = 2.0
@@ -262,7 +262,7 @@ class DataPool:
         self._retry = None
 
     def _services(self) -> list[tuple[str, int]]:
-        from .relayserver import PUBLIC_BINDS
+        from relay.server.relay import PUBLIC_BINDS
 
         local = self.link.local_relay
         return [(f.config.bind.lower(), f.bound_port or f.config.port) for f in self.link.remote
@@ -426,7 +426,7 @@ class DataPool:
         """The forward for exactly ``name:port`` (name case-insensitive, port exact), if
         this agent offered it and the relay listed it as one it dispatches; never a
         public-port forward, never one matched by port alone."""
-        from .relayserver import PUBLIC_BINDS
+        from relay.server.relay import PUBLIC_BINDS
 
         name = name.lower()
         if (name, port) not in self.dispatchable:

@@ -4,7 +4,7 @@
 grants in two authorized_keys-format files; ``labrelay relay node.toml`` (or
 ``--config node.toml``) runs the ``[relay]`` of a node config, and flags given as
 well win over the file's ``[relay]`` keys.  The result is the same frozen
-:class:`~relay.config.NodeConfig` a file gives.
+:class:`~relay.config.node.NodeConfig` a file gives.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from relay.config import (
+from relay.config.node import (
     ConfigError,
     NodeConfig,
     RelayConfig,
@@ -23,7 +23,7 @@ from relay.config import (
     parse_relay_listen,
     parse_service_grant,
 )
-from relay.grants import Grants
+from relay.server.grants import Grants
 
 CLI = "command line"
 

@@ -24,14 +24,14 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .backoff import retry_policy
-from .bridge import Bridge, TCPSide
-from .config import LinkConfig
-from .datapool import DataPool
-from .forwards import ForwardState, LocalForwardListener, RemoteForwardRunner
-from .ssh.channels import BridgedChannel
-from .ssh.client import LinkConnection, LinkTransport
-from .ssh.hostkeys import HostKeyVerifier
+from relay.agent.datapool import DataPool
+from relay.agent.forwards import ForwardState, LocalForwardListener, RemoteForwardRunner
+from relay.config.node import LinkConfig
+from relay.core.backoff import retry_policy
+from relay.datapath.bridge import Bridge, TCPSide
+from relay.ssh.channels import BridgedChannel
+from relay.ssh.client import LinkConnection, LinkTransport
+from relay.ssh.hostkeys import HostKeyVerifier
 
 CANCEL_TIMEOUT = 2.0
 

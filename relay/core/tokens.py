@@ -9,7 +9,7 @@ rules are DESIGN §7's and docs/fastpath.md's:
   the whole ticket crosses only the SSH connection that asked for it;
 - the data port never carries the secret: the presenter proves it with
   HMAC-SHA256(secret, transcript incl. the relay's fresh nonce)
-  (:func:`relay.fastwire.hello_proof`), compared with :func:`hmac.compare_digest`;
+  (:func:`relay.core.fastwire.hello_proof`), compared with :func:`hmac.compare_digest`;
   a wrong proof burns the ticket (its id leaked); a hello replayed on another
   connection meets another nonce and is a wrong proof;
 - single use: redeeming removes the ticket, whatever the outcome;
@@ -34,7 +34,7 @@ from typing import Any
 
 from twisted.internet import task
 
-from .fastwire import MAC_LEN, ROLE_AGENT, ROLE_USER, TOKEN_ID_LEN, TOKEN_LEN, hello_proof
+from relay.core.fastwire import MAC_LEN, ROLE_AGENT, ROLE_USER, TOKEN_ID_LEN, TOKEN_LEN, hello_proof
 
 _ROLE_NAMES = {ROLE_USER: "user", ROLE_AGENT: "agent"}
 
@@ -166,7 +166,7 @@ class TokenBook:
     def redeem(self, role: bytes, token_id: bytes, nonce: bytes, proof: bytes,
                alive: Any = None, service: tuple[str, int] | None = None) -> Ticket:
         """The ticket ``token_id`` names, removed, if ``proof`` is the HMAC of its
-        secret over this connection's ``nonce`` (:func:`relay.fastwire.hello_proof`);
+        secret over this connection's ``nonce`` (:func:`relay.core.fastwire.hello_proof`);
         or :class:`TokenRefused`.
 
         ``alive(session)`` says whether the session that asked still exists;

@@ -1,11 +1,11 @@
-"""cffi builder for ``relay._splice_c``, the native data path (``csrc/``).
+"""cffi builder for ``relay.datapath._splice_c``, the native data path (``csrc/``).
 
 Wiring only: the header ``csrc/relay_splice.h`` is the ``cdef`` as it stands, and
 ``csrc/*.c`` are compiled into the extension (API mode, out-of-line).  setup.py
 names this file in ``cffi_modules``, so ``pip install .`` builds the module and a
 compiler error fails the install.  Run it directly to build in place::
 
-    python relay/_splice_build.py
+    python relay/datapath/_splice_build.py
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cffi import FFI
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 HEADER = CSRC / "relay_splice.h"
 
@@ -31,7 +31,7 @@ def _rel(path: Path) -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(HEADER.read_text())
 ffibuilder.set_source(
-    "relay._splice_c",
+    "relay.datapath._splice_c",
     '#include <stddef.h>\n#include <stdint.h>\n#include "relay_splice.h"\n',
     sources=[_rel(p) for p in sorted(CSRC.glob("*.c"))],
     include_dirs=[_rel(CSRC)],

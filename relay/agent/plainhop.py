@@ -1,7 +1,7 @@
 """Plain TCP hops: ``[[forward]]`` in the node config, on the spliced data path.
 
 A :class:`PlainForward` listens; for every connection it accepts it connects to
-the target and hands both sockets to :mod:`relay.datapath`, which moves the bytes
+the target and hands both sockets to :mod:`relay.datapath.splicing`, which moves the bytes
 in the kernel.  What the seed did with ``ssh -L *:PORT:localhost:PORT localhost``
 (encrypting loopback traffic for nothing), without the encryption and without a
 user-space copy.
@@ -26,10 +26,10 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import datapath
-from .config import PlainForwardConfig
-from .datapath import Held
-from .forwards import SessionCounters
+from relay.agent.forwards import SessionCounters
+from relay.config.node import PlainForwardConfig
+from relay.datapath import splicing as datapath
+from relay.datapath.splicing import Held
 
 LISTEN_BACKLOG = 1024
 

@@ -7,18 +7,18 @@ relay's fresh nonce: the secret never crosses the data port); an idle connection
 the service's agent dialled beforehand (``data-pool-v2@labrelay`` tickets, proved
 the same way) is dispatched to the service with a GO MAC'd with that connection's
 own ticket secret; once the agent says its target is connected, the relay splices
-the two sockets (:mod:`relay.datapath`) and never sees a byte again.
+the two sockets (:mod:`relay.datapath.splicing`) and never sees a byte again.
 
 Every check happens before a byte reaches the agent: the proof (see
-:mod:`relay.tokens`), the user's grant (again: grants may have been reloaded), the
+:mod:`relay.core.tokens`), the user's grant (again: grants may have been reloaded), the
 user's session cap, and that the agent which pooled the connection still holds the
 service and offered it as end-to-end encrypted.  A data connection that does not
 send its hello within ``data_hello_timeout`` is closed.  Who may connect at all is
-:mod:`relay.admission`'s data-port gate: per-source and global caps on connections
+:mod:`relay.core.admission`'s data-port gate: per-source and global caps on connections
 still owing their hello, and penalties (shared with the SSH port) for a refused
 proof, a bad hello, a hello timeout or a close before the hello.
 
-The wire format is in :mod:`relay.fastwire`.
+The wire format is in :mod:`relay.core.fastwire`.
 """
 
 from __future__ import annotations
@@ -35,18 +35,18 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import datapath
-from . import fastwire as fw
-from .admission import Admission, Offence, Refusal
-from .admission import Ticket as AdmissionTicket
-from .net import LISTEN_BACKLOG, probe_idle
-from .tokens import Refusal as TokenRefusal
-from .tokens import Ticket, TokenBook, TokenRefused, TooManyTokens
+from relay.core import fastwire as fw
+from relay.core.admission import Admission, Offence, Refusal
+from relay.core.admission import Ticket as AdmissionTicket
+from relay.core.tokens import Refusal as TokenRefusal
+from relay.core.tokens import Ticket, TokenBook, TokenRefused, TooManyTokens
+from relay.datapath import splicing as datapath
+from relay.datapath.net import LISTEN_BACKLOG, probe_idle
 
 if TYPE_CHECKING:
-    from .relayserver import RelayCore
-    from .routing import Registration
-    from .ssh.server import RelayConnection
+    from relay.core.routing import Registration
+    from relay.server.relay import RelayCore
+    from relay.ssh.server import RelayConnection
 
 POOL_TOKEN_LIFETIME = 30.0
 MAX_POOL_PER_AGENT = 64
@@ -490,7 +490,7 @@ class DataPort:
         No shortcut: the service must be declared end-to-end encrypted here, the
         downstream agent must have offered it in its pool request, and the GO to its
         pooled connection is MAC'd like a user's.  This node's agent calls it only for
-        a dispatch it verified (relay.datapool)."""
+        a dispatch it verified (relay.agent.datapool)."""
         name = name.lower()
         if not self.enabled or self.listener is None:
             return defer.fail(PairingError(f"this node's relay has no data port for {name}:{port}"))

@@ -1,6 +1,6 @@
-"""The only importer of the compiled ``relay._splice_c``: its codes become Python.
+"""The only importer of the compiled ``relay.datapath._splice_c``: its codes become Python.
 
-Nothing here touches Twisted; :mod:`relay.datapath` builds on it.  Two layers, as
+Nothing here touches Twisted; :mod:`relay.datapath.splicing` builds on it.  Two layers, as
 in ``csrc/relay_splice.h``:
 
 * :class:`Direction` and :class:`PipePool` wrap ``lr_move``, the stateless mover
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 try:
-    from . import _splice_c  # type: ignore[attr-defined]
+    from relay.datapath import _splice_c  # type: ignore[attr-defined]
 except ImportError as e:  # not built (pure-Python install) or not Linux
     _splice_c = None
     IMPORT_ERROR: str | None = f"{e}"
@@ -67,7 +67,7 @@ def _check(rc: int, what: str) -> int:
 
 def _require() -> None:
     if lib is None:
-        raise ImportError(f"relay._splice_c is not available: {IMPORT_ERROR}")
+        raise ImportError(f"relay.datapath._splice_c is not available: {IMPORT_ERROR}")
 
 
 class PipePool:

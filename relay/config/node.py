@@ -1622,7 +1622,7 @@ def parse_config(text: str, source: str, *, base_dir: Path | None = None) -> Nod
 
     A config with no links, no relay and no admin section is valid here; whether that
     is enough to run is the caller's decision.  Grant files named by ``[relay]`` are
-    read by :class:`relay.grants.Grants`, not here."""
+    read by :class:`relay.server.grants.Grants`, not here."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -24,21 +24,21 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import fastwire
-from .admission import Admission, Offence, Refusal, Ticket
-from .bridge import Bridge, SideFactory, TCPSide
-from .config import ConfigError, RelayConfig
-from .datapath import SplicedPair
-from .dataport import DataPort, PairingError
-from .grants import Grants, GrantsChange, GrantsWatcher, Principal
-from .keygen import generate_keypair
-from .net import LISTEN_BACKLOG
-from .routing import Outcome, Registration, Registry
-from .ssh.channels import BridgedChannel
-from .ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
-from .ssh.hostkeys import fingerprint_sha256
-from .ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection, RelayFactory, RelayTransport
-from .ssh.wire import unpack_forward
+from relay.config.node import ConfigError, RelayConfig
+from relay.core import fastwire
+from relay.core.admission import Admission, Offence, Refusal, Ticket
+from relay.core.routing import Outcome, Registration, Registry
+from relay.datapath.bridge import Bridge, SideFactory, TCPSide
+from relay.datapath.net import LISTEN_BACKLOG
+from relay.datapath.splicing import SplicedPair
+from relay.server.dataport import DataPort, PairingError
+from relay.server.grants import Grants, GrantsChange, GrantsWatcher, Principal
+from relay.ssh.channels import BridgedChannel
+from relay.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
+from relay.ssh.hostkeys import fingerprint_sha256
+from relay.ssh.keygen import generate_keypair
+from relay.ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection, RelayFactory, RelayTransport
+from relay.ssh.wire import unpack_forward
 
 PUBLIC_BINDS = {"", "0.0.0.0", "*", "::", "localhost", "127.0.0.1", "::1"}
 TAKEOVER_PROBE = 0.5
@@ -126,7 +126,7 @@ class RelayCore:
         """A ticket for a new SSH connection, or None: close it at once.
 
         OpenSSH's PerSourcePenalties, MaxStartups and PerSourceMaxStartups, in that
-        order (relay.admission): a flood of handshakes from one host cannot starve
+        order (relay.core.admission): a flood of handshakes from one host cannot starve
         real users from others; the global cap is the last line."""
         host = str(getattr(addr, "host", "?"))
         verdict = self.ssh_gate.admit(host)
@@ -422,7 +422,7 @@ class RelayCore:
         totals.sessions_total += 1
         totals.active.add(session)
 
-    # the fast path's sessions (relay.dataport pairs them)
+    # the fast path's sessions (relay.server.dataport pairs them)
 
     def fastSessionOpening(self, principal: Any, service: str, origin: str,
                            key: bytes | None = None) -> Session:

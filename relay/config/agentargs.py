@@ -4,7 +4,7 @@
 ``ssh -N -R 2201:localhost:22 lab@cloud.example.org`` would, forever.  The flags
 either describe a link of their own (when a destination is given; it is added to the
 links of ``--config``) or adjust the single link of ``--config FILE``.  Either way
-the result is the same frozen :class:`~relay.config.NodeConfig` a file gives, and
+the result is the same frozen :class:`~relay.config.node.NodeConfig` a file gives, and
 the command line wins over the file where both set the same value.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from relay.config import (
+from relay.config.node import (
     ConfigError,
     HostKeyPolicy,
     Keepalive,

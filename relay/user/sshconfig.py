@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from .config import ServiceGrant
+from relay.config.node import ServiceGrant
 
 RELAY_ALIAS = "labrelay"
 

@@ -30,8 +30,8 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from . import __version__
-from .logfmt import escape
+from relay import __version__
+from relay.ops.logfmt import escape
 
 Snapshot = Callable[[], dict[str, Any]]
 

@@ -34,7 +34,7 @@ from typing import Any
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from relay.config import (
+from relay.config.node import (
     ConfigError,
     PrincipalConfig,
     PrincipalSite,
@@ -65,7 +65,7 @@ PUBLIC_PORT_NAMES = frozenset(
     {"", "*", "0.0.0.0", "::", "[::]", "localhost", "127.0.0.1", "::1", "[::1]"}
 )
 """Names a ``tcpip-forward`` bind turns into a public-port registration (a superset of
-``relay.relayserver.PUBLIC_BINDS``).  They never name a service, so no user grant, not
+``relay.server.relay.PUBLIC_BINDS``).  They never name a service, so no user grant, not
 even ``*``, reaches them: a public port is reached through its public listener only."""
 
 # OpenSSH options that only restrict what labrelay never offers anyway (ptys, X11,

@@ -2,7 +2,7 @@
 
 Everything that can be wrong with the configuration on disk — unreadable or
 too-open key files, no identity at all — is checked here, before any service
-starts, and reported as a :class:`~relay.config.ConfigError`.
+starts, and reported as a :class:`~relay.config.node.ConfigError`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from twisted.conch.ssh import keys
 from twisted.logger import Logger
 from twisted.web.server import Site
 
-from .config import ConfigError, LinkConfig, NodeConfig
-from .link import Link
-from .ssh.identity import IdentityError, default_identity_paths, load_identity
-from .status import AdminGate, TokenError, admin_resource, base_snapshot, read_token
+from relay.agent.link import Link
+from relay.config.node import ConfigError, LinkConfig, NodeConfig
+from relay.ops.status import AdminGate, TokenError, admin_resource, base_snapshot, read_token
+from relay.ssh.identity import IdentityError, default_identity_paths, load_identity
 
 
 def load_identities(config: NodeConfig, link: LinkConfig, index: int) -> list[keys.Key]:
@@ -66,8 +66,8 @@ class NodeService(MultiService):
         self.links: list[Link] = []
         self.relay: Any = None
         if config.relay is not None:
-            from .grants import Grants
-            from .relayserver import RelayService
+            from relay.server.grants import Grants
+            from relay.server.relay import RelayService
 
             self.relay = RelayService(config.relay, Grants(config.relay, config.source), reactor)
             self.relay.setServiceParent(self)
@@ -79,8 +79,8 @@ class NodeService(MultiService):
             self.links.append(link)
         self.plain_forwards: list[Any] = []
         if config.forwards:
-            from .datapath import DatapathError
-            from .plainhop import PlainForward
+            from relay.agent.plainhop import PlainForward
+            from relay.datapath.splicing import DatapathError
 
             for fwd in config.forwards:
                 try:

@@ -2,7 +2,7 @@
 
 ``labrelay agent`` keeps a link and its forwards up (OpenSSH's own flags, or a
 config file, or both); ``labrelay keygen`` makes a key for it; ``labrelay demo``
-runs the whole path on loopback.  Only this module and :mod:`relay.tap` pick the
+runs the whole path on loopback.  Only this module and :mod:`relay.ops.tap` pick the
 global reactor.
 """
 
@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import ConfigError, NodeConfig
-from .keygen import KeygenError
+from relay import __version__
+from relay.config.node import ConfigError, NodeConfig
+from relay.ssh.keygen import KeygenError
 
 EXIT_USAGE = 2
 
@@ -47,7 +47,7 @@ def _add_logging(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .agentargs import add_agent_arguments
+    from relay.config.agentargs import add_agent_arguments
 
     parser = argparse.ArgumentParser(
         prog="labrelay", description=DESCRIPTION,
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stock `ssh -J user@relay:PORT me@NAME` or `ssh -L`. Grants come from "
         "[[relay.agent]]/[[relay.user]] in --config or from authorized_keys-style files.",
     )
-    from .relayargs import add_relay_arguments
+    from relay.cli.relayargs import add_relay_arguments
 
     add_relay_arguments(relay)
     _add_logging(relay)
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  ssh -o ProxyCommand='labrelay connect -p 2222 alice@relay %h:%p' me@gpu-cluster",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from .connect import add_connect_arguments
+    from relay.user.connect import add_connect_arguments
 
     add_connect_arguments(connect)
     sub.add_parser("bench", add_help=False, help="run the benchmark suite (from a checkout; "
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _with_admin(config: NodeConfig, ns: argparse.Namespace) -> NodeConfig:
     if ns.admin is None:
         return config
-    from .config import parse_admin_listen
+    from relay.config.node import parse_admin_listen
 
     admin = parse_admin_listen(ns.admin, source="command line", keypath="--admin",
                                token_file=config.admin.token_file if config.admin else None)
@@ -186,7 +186,7 @@ def _with_backoff(config: NodeConfig, ns: argparse.Namespace) -> NodeConfig:
 def start_logging(fmt: str, verbose: bool) -> None:
     from twisted.logger import globalLogBeginner
 
-    from .logfmt import json_observer, text_observer
+    from relay.ops.logfmt import json_observer, text_observer
 
     if fmt == "json":
         observer = json_observer(sys.stdout, verbose)
@@ -220,8 +220,8 @@ def run_reactor(build: Callable[[Any, Callable[[str], object]], Any]) -> int:
 
 
 def cmd_agent(ns: argparse.Namespace) -> int:
-    from .agentargs import config_from_agent_args
-    from .service import make_node_service
+    from relay.config.agentargs import config_from_agent_args
+    from relay.ops.service import make_node_service
 
     config = _with_admin(_with_backoff(config_from_agent_args(ns), ns), ns)
     start_logging(ns.log_format, ns.verbose)
@@ -231,8 +231,8 @@ def cmd_agent(ns: argparse.Namespace) -> int:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from .config import load_config
-    from .service import make_node_service
+    from relay.config.node import load_config
+    from relay.ops.service import make_node_service
 
     config = _with_admin(load_config(ns.config_file), ns)
     start_logging(ns.log_format, ns.verbose)
@@ -240,8 +240,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 
 def cmd_relay(ns: argparse.Namespace) -> int:
-    from .relayargs import config_from_relay_args
-    from .service import make_node_service
+    from relay.cli.relayargs import config_from_relay_args
+    from relay.ops.service import make_node_service
 
     config = config_from_relay_args(ns)
     start_logging(ns.log_format, ns.verbose)
@@ -252,7 +252,7 @@ def cmd_keygen(ns: argparse.Namespace) -> int:
     import getpass
     import socket
 
-    from .keygen import generate_keypair
+    from relay.ssh.keygen import generate_keypair
 
     comment = ns.comment or f"{getpass.getuser()}@{socket.gethostname()}"
     line = generate_keypair(ns.path, comment, overwrite=ns.force)
@@ -266,8 +266,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
     import json
     import urllib.error
 
-    from .config import DEFAULT_ADMIN_LISTEN
-    from .status import TokenError, fetch, format_status, read_token
+    from relay.config.node import DEFAULT_ADMIN_LISTEN
+    from relay.ops.status import TokenError, fetch, format_status, read_token
 
     address = ns.admin or DEFAULT_ADMIN_LISTEN
     try:
@@ -292,9 +292,9 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
 
 def cmd_ssh_config(ns: argparse.Namespace) -> int:
-    from .config import load_config
-    from .grants import Grants
-    from .sshconfig import relay_host_key_line, render
+    from relay.config.node import load_config
+    from relay.server.grants import Grants
+    from relay.user.sshconfig import relay_host_key_line, render
 
     config = load_config(ns.config)
     if config.relay is None:
@@ -316,13 +316,13 @@ def cmd_ssh_config(ns: argparse.Namespace) -> int:
 
 
 def cmd_connect(ns: argparse.Namespace) -> int:
-    from .connect import run
+    from relay.user.connect import run
 
     return run(ns)
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from relay.cli.demo import run_demo
 
     return run_demo(once=ns.once, log_format=ns.log_format, verbose=ns.verbose)
 
@@ -330,7 +330,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own parser: bench/suite.py, found in the checkout
-        from .benchcmd import main as bench_main
+        from relay.cli.benchcmd import main as bench_main
 
         return bench_main(argv[1:])
     parser = build_parser()

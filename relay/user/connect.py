@@ -7,7 +7,7 @@ grant), asks for a one-time ticket (``data-token-v2@labrelay``), opens a data
 connection to the relay's data port and answers the relay's challenge with a proof
 of the ticket (its secret never crosses the data port: someone who reads or replays
 the hello gets nothing), and once the relay says it is paired
-hands stdin/stdout and that socket to :mod:`relay.datapath`: from then on the
+hands stdin/stdout and that socket to :mod:`relay.datapath.splicing`: from then on the
 user's own ssh stream is copied in the kernel, and this process only waits.  The
 SSH connection to the relay is closed once the data connection is paired.
 
@@ -35,11 +35,11 @@ from twisted.internet import defer, stdio
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from . import datapath
-from . import fastwire as fw
-from .bridge import Bridge, TCPSide
-from .config import ConfigError, LinkConfig, NodeConfig
-from .net import client_endpoint, peer_ip
+from relay.config.node import ConfigError, LinkConfig, NodeConfig
+from relay.core import fastwire as fw
+from relay.datapath import splicing as datapath
+from relay.datapath.bridge import Bridge, TCPSide
+from relay.datapath.net import client_endpoint, peer_ip
 
 CLI = "command line"
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -82,7 +82,7 @@ def add_connect_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(ns: argparse.Namespace) -> ConnectOptions:
     """The command line as :class:`ConnectOptions`; raises ConfigError."""
-    from .agentargs import config_from_agent_args
+    from relay.config.agentargs import config_from_agent_args
 
     agent_ns = argparse.Namespace(
         destination=ns.destination, config=None, port=ns.port, login=ns.login,
@@ -194,8 +194,8 @@ class Connector:
     async def open(self) -> Any:
         """One authenticated SSH connection to the relay (a ``LinkConnection``): the
         link's own transport and host-key check, without its reconnecting service."""
-        from .link import Link
-        from .ssh.client import LinkTransport
+        from relay.agent.link import Link
+        from relay.ssh.client import LinkTransport
 
         cfg = self.options.link
         link = Link(cfg, self.reactor, self.identities)
@@ -325,7 +325,7 @@ def run(argv_ns: argparse.Namespace) -> int:
     """``labrelay connect``: parse, run the reactor until the session ends, exit code."""
     from twisted.internet import reactor
 
-    from .service import load_identities
+    from relay.ops.service import load_identities
 
     options = options_from_args(argv_ns)
     identities = load_identities(NodeConfig(source=CLI, links=(options.link,)), options.link, 0)

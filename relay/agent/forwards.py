@@ -25,14 +25,14 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .bridge import SideFactory, TCPSide
-from .config import LocalForward, RemoteForward
-from .net import LISTEN_BACKLOG
-from .ssh.wire import pack_forward
+from relay.config.node import LocalForward, RemoteForward
+from relay.datapath.bridge import SideFactory, TCPSide
+from relay.datapath.net import LISTEN_BACKLOG
+from relay.ssh.wire import pack_forward
 
 if TYPE_CHECKING:
-    from .link import Link
-    from .ssh.client import LinkConnection
+    from relay.agent.link import Link
+    from relay.ssh.client import LinkConnection
 
 
 class ForwardState(Enum):

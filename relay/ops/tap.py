@@ -3,7 +3,7 @@
 Builds exactly the service tree ``labrelay agent --config`` runs; twistd adds
 daemonising, ``--pidfile`` and ``--logfile``.  twistd's own log observer (the
 ``--logfile`` file, stdout or ``--syslog``) is wrapped by
-:func:`relay.logfmt.sanitizing_observer`, so peer-supplied strings are escaped and
+:func:`relay.ops.logfmt.sanitizing_observer`, so peer-supplied strings are escaped and
 truncated there as in ``labrelay``'s own output; an explicit ``--logger`` is left as
 the operator chose it.
 """
@@ -17,7 +17,7 @@ from twisted.application.service import IService, MultiService
 from twisted.logger import ILogObserver
 from twisted.python import usage
 
-from .config import ConfigError, load_config
+from relay.config.node import ConfigError, load_config
 
 
 class Options(usage.Options):
@@ -63,7 +63,7 @@ class TwistdRoot(MultiService):
         if options is None or options.get("logger") or not hasattr(parent, "setComponent"):
             return
         if parent.getComponent(ILogObserver, None) is None:
-            from .logfmt import sanitizing_observer
+            from relay.ops.logfmt import sanitizing_observer
 
             parent.setComponent(ILogObserver, sanitizing_observer(_twistd_observer(options)))
 
@@ -73,14 +73,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    from .service import make_node_service
+    from relay.ops.service import make_node_service
 
     try:
         config = load_config(options["config"])
         if options["log-format"] == "json":
             from twisted.logger import globalLogPublisher
 
-            from .logfmt import json_observer
+            from relay.ops.logfmt import json_observer
 
             globalLogPublisher.addObserver(json_observer(sys.stdout))
 

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from .config import (
+from relay.config.node import (
     AdminConfig,
     Backoff,
     HostKeyPolicy,
@@ -48,10 +48,10 @@ from .config import (
     RemoteForward,
     ServiceGrant,
 )
-from .keygen import generate_keypair
-from .relayserver import load_host_keys
-from .service import make_node_service
-from .ssh.hostkeys import fingerprint_sha256
+from relay.ops.service import make_node_service
+from relay.server.relay import load_host_keys
+from relay.ssh.hostkeys import fingerprint_sha256
+from relay.ssh.keygen import generate_keypair
 
 log = Logger(namespace="labrelay.demo")
 MARKER = "hello from the lab (labrelay demo)"
@@ -357,7 +357,7 @@ Try, in another terminal:
 def run_demo(once: bool, log_format: str, verbose: bool) -> int:
     from twisted.internet import reactor
 
-    from .cli import start_logging
+    from relay.cli.main import start_logging
 
     start_logging(log_format, verbose)
     result = {"code": 1}

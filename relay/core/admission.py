@@ -42,7 +42,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from .config import PenaltyConfig, RelayConfig
+from relay.config.node import PenaltyConfig, RelayConfig
 
 
 class Offence(Enum):
