@@ -32,24 +32,26 @@ stays off for that link; ``fast_path_pool = 0`` turns it off.  Chained services
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relay.agent.chaining import LocalRelay
+from relay.agent.forwards import RemoteForwardRunner
+from relay.config.node import LinkConfig
 from relay.core import fastwire as fw
+from relay.core.routing import PUBLIC_BINDS
 from relay.datapath import splicing as datapath
 from relay.datapath.net import client_endpoint, peer_ip, probe_idle
 from relay.datapath.splicing import Held
+from relay.ssh.client import LinkConnection
 from relay.ssh.connection import refused_by_peer
-
-if TYPE_CHECKING:
-    from relay.agent.link import Link
-    from relay.ssh.client import LinkConnection
 
 TARGET_CONNECT_TIMEOUT = 10.0
 RETRY_DELAY = 2.0
@@ -190,12 +192,34 @@ class PoolConnection(Protocol):
         self.pool.lost(self, was)
 
 
+class PoolOwner(TypingProtocol):
+    """What the data pool needs of its link (:class:`relay.agent.link.Link`)."""
+
+    @property
+    def name(self) -> str | None: ...
+
+    @property
+    def config(self) -> LinkConfig: ...
+
+    @property
+    def reactor(self) -> Any: ...
+
+    @property
+    def clock(self) -> IReactorTime: ...
+
+    @property
+    def remote(self) -> Sequence[RemoteForwardRunner]: ...
+
+    @property
+    def local_relay(self) -> LocalRelay | None: ...
+
+
 class DataPool:
     """A link's pool of idle data connections to its relay's data port."""
 
     _log = Logger()
 
-    def __init__(self, link: Link, size: int) -> None:
+    def __init__(self, link: PoolOwner, size: int) -> None:
         self.link = link
         self.size = size
         self.state = "off" if size <= 0 else "down"
@@ -262,8 +286,6 @@ class DataPool:
         self._retry = None
 
     def _services(self) -> list[tuple[str, int]]:
-        from relay.server.relay import PUBLIC_BINDS
-
         local = self.link.local_relay
         return [(f.config.bind.lower(), f.bound_port or f.config.port) for f in self.link.remote
                 if f.config.bind not in PUBLIC_BINDS and (
@@ -426,8 +448,6 @@ class DataPool:
         """The forward for exactly ``name:port`` (name case-insensitive, port exact), if
         this agent offered it and the relay listed it as one it dispatches; never a
         public-port forward, never one matched by port alone."""
-        from relay.server.relay import PUBLIC_BINDS
-
         name = name.lower()
         if (name, port) not in self.dispatchable:
             return None
@@ -455,7 +475,7 @@ class DataPool:
             return
         target = forward.config.connect
         d: defer.Deferred[tuple[Any, bytes]]
-        if forward.config.via_relay:
+        if forward.config.via_relay and local is not None:  # (checked above)
             # Chaining: one of the service's own agent's data connections at this
             # node's relay, answered K; this session is then spliced through to it.
             d = local.dataport.pairLocal(target.host, target.port).addCallback(

@@ -16,23 +16,21 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.config.node import LocalForward, RemoteForward
+from relay.config.node import LinkConfig, LocalForward, RemoteForward
 from relay.datapath.bridge import SideFactory, TCPSide
 from relay.datapath.net import LISTEN_BACKLOG
+from relay.ssh.channels import BridgedChannel
+from relay.ssh.client import LinkConnection
 from relay.ssh.wire import pack_forward
-
-if TYPE_CHECKING:
-    from relay.agent.link import Link
-    from relay.ssh.client import LinkConnection
 
 
 class ForwardState(Enum):
@@ -61,13 +59,43 @@ class SessionCounters:
         }
 
 
+class ForwardOwner(Protocol):
+    """What a forward needs of its link (:class:`relay.agent.link.Link`)."""
+
+    @property
+    def name(self) -> str | None: ...
+
+    @property
+    def config(self) -> LinkConfig: ...
+
+    @property
+    def reactor(self) -> Any: ...
+
+    @property
+    def clock(self) -> IReactorTime: ...
+
+    def forwardReady(self) -> None:
+        """A reverse forward was granted."""
+
+    def fatal(self, why: str) -> None:
+        """The node cannot run as configured (a local forward cannot listen)."""
+
+    def whenReady(self, timeout: float) -> defer.Deferred[LinkConnection]:
+        """The ready connection, waiting up to ``timeout`` seconds for one."""
+
+    def sessionStarted(self, forward: Any, side: Any, channel: BridgedChannel,
+                       origin: str) -> Any:
+        """A session's channel opened: bridge it to ``side`` and count it."""
+
+
 class RemoteForwardRunner:
     """One ``-R`` forward on one link."""
 
     _log = Logger()
     kind = "remote"
 
-    def __init__(self, link: Link, config: RemoteForward, policy: Callable[[int], float]) -> None:
+    def __init__(self, link: ForwardOwner, config: RemoteForward,
+                 policy: Callable[[int], float]) -> None:
         self.link = link
         self.config = config
         self.name = config.name
@@ -191,7 +219,7 @@ class LocalForwardListener(Service):
     _log = Logger()
     kind = "local"
 
-    def __init__(self, link: Link, config: LocalForward) -> None:
+    def __init__(self, link: ForwardOwner, config: LocalForward) -> None:
         self.link = link
         self.config = config
         self.name = config.name

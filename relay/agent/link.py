@@ -24,13 +24,14 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relay.agent.chaining import LocalRelay
 from relay.agent.datapool import DataPool
 from relay.agent.forwards import ForwardState, LocalForwardListener, RemoteForwardRunner
 from relay.config.node import LinkConfig
 from relay.core.backoff import retry_policy
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.channels import BridgedChannel
-from relay.ssh.client import LinkConnection, LinkTransport
+from relay.ssh.client import LinkConnection, LinkTransport, transport_factory
 from relay.ssh.hostkeys import HostKeyVerifier
 
 CANCEL_TIMEOUT = 2.0
@@ -68,7 +69,7 @@ class Link(MultiService):
         reactor: Any,
         identities: list[keys.Key],
         on_fatal: Callable[[str], object] | None = None,
-        local_relay: Any = None,
+        local_relay: LocalRelay | None = None,
     ) -> None:
         super().__init__()
         self.local_relay = local_relay
@@ -104,7 +105,7 @@ class Link(MultiService):
         endpoint = HostnameEndpoint(
             reactor, config.host, config.port, timeout=config.connect_timeout
         )
-        factory = Factory.forProtocol(lambda: LinkTransport(self))
+        factory = transport_factory(self)
         self.client = ClientService(
             _LoggingEndpoint(self, endpoint),  # type: ignore[arg-type]
             factory,

@@ -357,7 +357,7 @@ Try, in another terminal:
 def run_demo(once: bool, log_format: str, verbose: bool) -> int:
     from twisted.internet import reactor
 
-    from relay.cli.main import start_logging
+    from relay.ops.logfmt import start_logging
 
     start_logging(log_format, verbose)
     result = {"code": 1}

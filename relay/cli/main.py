@@ -18,6 +18,7 @@ from typing import Any
 
 from relay import __version__
 from relay.config.node import ConfigError, NodeConfig
+from relay.ops.logfmt import start_logging
 from relay.ssh.keygen import KeygenError
 
 EXIT_USAGE = 2
@@ -181,18 +182,6 @@ def _with_backoff(config: NodeConfig, ns: argparse.Namespace) -> NodeConfig:
                               f"{backoff.maximum}")
         links.append(dataclasses.replace(link, backoff=backoff))
     return dataclasses.replace(config, links=tuple(links))
-
-
-def start_logging(fmt: str, verbose: bool) -> None:
-    from twisted.logger import globalLogBeginner
-
-    from relay.ops.logfmt import json_observer, text_observer
-
-    if fmt == "json":
-        observer = json_observer(sys.stdout, verbose)
-    else:
-        observer = text_observer(sys.stderr, verbose)
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
 def run_reactor(build: Callable[[Any, Callable[[str], object]], Any]) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from relay.core.clock import Clock, Timer
 
 
 class KeepaliveMonitor:
@@ -27,7 +27,7 @@ class KeepaliveMonitor:
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: Clock,
         interval: float,
         count_max: int,
         send: Callable[[], object],
@@ -40,7 +40,7 @@ class KeepaliveMonitor:
         self._on_dead = on_dead
         self.last_activity = clock.seconds()
         self.sent = 0
-        self._timer: IDelayedCall | None = None
+        self._timer: Timer | None = None
         self._dead = False
 
     @property

@@ -23,6 +23,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+PUBLIC_BINDS = frozenset({"", "0.0.0.0", "*", "::", "localhost", "127.0.0.1", "::1"})
+"""``tcpip-forward`` binds that ask the relay for a public port, not a named service.
+The agent needs them too: it never offers such a forward on the fast path."""
+PUBLIC = ""
+"""The registry's name of a public port's registration."""
+
 
 class AgentSession(Protocol):
     """What the routing table needs to know of an agent's SSH connection."""

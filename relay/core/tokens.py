@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from twisted.internet import task
-
+from relay.core.clock import Clock, Timer
 from relay.core.fastwire import MAC_LEN, ROLE_AGENT, ROLE_USER, TOKEN_ID_LEN, TOKEN_LEN, hello_proof
 
 _ROLE_NAMES = {ROLE_USER: "user", ROLE_AGENT: "agent"}
@@ -74,12 +73,12 @@ class Ticket:
 
 
 class TokenBook:
-    """Issued tickets, by id.  ``clock`` is an ``IReactorTime``.
+    """Issued tickets, by id.  ``clock`` is an ``IReactorTime`` (:class:`Clock`).
 
     ``max_per_session`` and ``max_per_principal`` cap the unused tickets one SSH
     session and one principal (user or agent name) may hold at once."""
 
-    def __init__(self, clock: Any, lifetime: float, max_per_session: int = 64,
+    def __init__(self, clock: Clock, lifetime: float, max_per_session: int = 64,
                  max_per_principal: int = 256) -> None:
         self.clock = clock
         self.lifetime = lifetime
@@ -88,7 +87,8 @@ class TokenBook:
         self._tickets: OrderedDict[bytes, Ticket] = OrderedDict()
         self._per_session: dict[Any, int] = {}
         self._per_principal: dict[str, int] = {}
-        self._sweeper: task.LoopingCall | None = None
+        self._sweeper: Timer | None = None
+        self._sweep_every = 0.0
         self.issued = {"user": 0, "agent": 0}
         self.redeemed = {"user": 0, "agent": 0}
         self.refused: dict[str, int] = {r.value: 0 for r in Refusal}
@@ -112,15 +112,17 @@ class TokenBook:
         at most 5 s): an expired ticket lives at most that much longer."""
         if self._sweeper is not None:
             return
-        self._sweeper = task.LoopingCall(self.sweep)
-        self._sweeper.clock = self.clock
-        self._sweeper.start(interval if interval is not None else min(self.lifetime, 5.0),
-                            now=False)
+        self._sweep_every = interval if interval is not None else min(self.lifetime, 5.0)
+        self._sweeper = self.clock.callLater(self._sweep_every, self._sweepTick)
+
+    def _sweepTick(self) -> None:
+        self._sweeper = self.clock.callLater(self._sweep_every, self._sweepTick)
+        self.sweep()
 
     def stop(self) -> None:
         sweeper, self._sweeper = self._sweeper, None
-        if sweeper is not None and sweeper.running:
-            sweeper.stop()
+        if sweeper is not None and sweeper.active():
+            sweeper.cancel()
 
     def sweep(self) -> int:
         """Forget every expired ticket; how many."""

@@ -34,11 +34,12 @@ from __future__ import annotations
 import json
 import re
 import string
+import sys
 import time
 from collections.abc import Mapping
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, LegacyLogObserverWrapper, LogLevel
+from twisted.logger import ILogObserver, LegacyLogObserverWrapper, LogLevel, globalLogBeginner
 from twisted.python import log as legacy_log
 from zope.interface import provider
 
@@ -236,3 +237,13 @@ def sanitizing_observer(inner: Any) -> ILogObserver:
         inner(event)
 
     return observe
+
+
+def start_logging(fmt: str, verbose: bool) -> None:
+    """Begin the global log for the ``labrelay`` command (and its demo): JSON lines on
+    stdout for ``json``, else text on stderr."""
+    if fmt == "json":
+        observer = json_observer(sys.stdout, verbose)
+    else:
+        observer = text_observer(sys.stderr, verbose)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)

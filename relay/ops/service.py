@@ -13,33 +13,13 @@ from typing import Any
 
 from twisted.application.internet import TCPServer
 from twisted.application.service import MultiService
-from twisted.conch.ssh import keys
 from twisted.logger import Logger
 from twisted.web.server import Site
 
 from relay.agent.link import Link
-from relay.config.node import ConfigError, LinkConfig, NodeConfig
+from relay.config.node import ConfigError, NodeConfig
 from relay.ops.status import AdminGate, TokenError, admin_resource, base_snapshot, read_token
-from relay.ssh.identity import IdentityError, default_identity_paths, load_identity
-
-
-def load_identities(config: NodeConfig, link: LinkConfig, index: int) -> list[keys.Key]:
-    paths = list(link.identities) or default_identity_paths()
-    if not paths:
-        raise ConfigError(
-            config.source, f"link[{index}].identity",
-            "no identity (private key) given and none of ~/.ssh/id_ed25519, id_ecdsa, "
-            "id_rsa exists",
-            "give -i KEYFILE, set identity = \"/path/key\", or create one with "
-            "`labrelay keygen KEYFILE`",
-        )
-    loaded = []
-    for path in paths:
-        try:
-            loaded.append(load_identity(path))
-        except IdentityError as e:
-            raise ConfigError(config.source, f"link[{index}].identity", str(e)) from e
-    return loaded
+from relay.ssh.identity import load_identities
 
 
 class AdminServer(TCPServer):

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, ITCPTransport
@@ -35,18 +36,18 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relay.config.node import RelayConfig
 from relay.core import fastwire as fw
 from relay.core.admission import Admission, Offence, Refusal
 from relay.core.admission import Ticket as AdmissionTicket
+from relay.core.routing import Registration, Registry
 from relay.core.tokens import Refusal as TokenRefusal
 from relay.core.tokens import Ticket, TokenBook, TokenRefused, TooManyTokens
 from relay.datapath import splicing as datapath
 from relay.datapath.net import LISTEN_BACKLOG, probe_idle
-
-if TYPE_CHECKING:
-    from relay.core.routing import Registration
-    from relay.server.relay import RelayCore
-    from relay.ssh.server import RelayConnection
+from relay.datapath.splicing import SplicedPair
+from relay.server.grants import Grants
+from relay.ssh.server import RelayConnection
 
 POOL_TOKEN_LIFETIME = 30.0
 MAX_POOL_PER_AGENT = 64
@@ -57,6 +58,40 @@ MAX_DISPATCH_TRIES = 3  # pooled connections found dead at dispatch before givin
 # The others (expired, session gone, wrong role or service) need a real token's secret:
 # an honest client that was late, not an attack.
 GUESSED = frozenset({TokenRefusal.MALFORMED, TokenRefusal.UNKNOWN, TokenRefusal.WRONG})
+
+
+class RelayForDataPort(TypingProtocol):
+    """What the data port needs of the relay (:class:`relay.server.relay.RelayCore`):
+    settings, clock, grants, registrations, live connections and the session table."""
+
+    @property
+    def config(self) -> RelayConfig: ...
+
+    @property
+    def reactor(self) -> Any: ...
+
+    @property
+    def grants(self) -> Grants: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+    @property
+    def connections(self) -> Collection[RelayConnection]: ...
+
+    def fastSessionOpening(self, principal: Any, service: str, origin: str,
+                           key: bytes | None = None) -> Any:
+        """Count a fast-path session against the user's cap, or raise PairingError."""
+
+    def fastSessionSpliced(self, session: Any, pair: SplicedPair, agent: Any = None) -> None:
+        """The session's two ends are spliced: account for it until it ends."""
+
+    def fastSessionFailed(self, session: Any) -> None:
+        """The session counted by fastSessionOpening never started."""
+
+    def whenRegistered(self, name: str, port: int,
+                       timeout: float) -> defer.Deferred[Registration]:
+        """The registration of ``name:port``, waiting up to ``timeout`` for one."""
 
 
 class PairingError(Exception):
@@ -221,7 +256,7 @@ class DataPort:
 
     _log = Logger()
 
-    def __init__(self, core: RelayCore, admission: Admission | None = None) -> None:
+    def __init__(self, core: RelayForDataPort, admission: Admission | None = None) -> None:
         self.core = core
         self.config = core.config
         self.clock = core.reactor

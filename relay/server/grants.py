@@ -47,11 +47,9 @@ from relay.config.node import (
     parse_public_key,
     parse_service_grant,
 )
+from relay.core.grants import AGENT, USER, Principal
 
 _log = Logger()
-
-AGENT = "agent"
-USER = "user"
 
 _RACY_NS = 2_000_000_000
 """How long after a file's last change its content, not only its stat, is compared:
@@ -60,13 +58,6 @@ a rewrite within one tick of the file system's clock keeps size, mtime and inode
 _KEY_TYPE_RE = re.compile(r"(?:ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]*(?:[ \t]|\Z)")
 _OPTION_NAME_RE = re.compile(r"[A-Za-z0-9-]+")
 _WILDCARD_HOSTS = ("", "*", "0.0.0.0", "[::]")
-
-PUBLIC_PORT_NAMES = frozenset(
-    {"", "*", "0.0.0.0", "::", "[::]", "localhost", "127.0.0.1", "::1", "[::1]"}
-)
-"""Names a ``tcpip-forward`` bind turns into a public-port registration (a superset of
-``relay.server.relay.PUBLIC_BINDS``).  They never name a service, so no user grant, not
-even ``*``, reaches them: a public port is reached through its public listener only."""
 
 # OpenSSH options that only restrict what labrelay never offers anyway (ptys, X11,
 # agent forwarding, user rc): accepted and ignored.  ``port-forwarding`` undoes the
@@ -89,41 +80,6 @@ _UNSUPPORTED = {
     "verify-required": "security-key verification is not supported",
     "touch-required": "security-key touch policies are not supported",
 }
-
-
-@dataclass(frozen=True)
-class Principal:
-    """An agent or a user as the relay sees it after authentication.
-
-    ``max_sessions`` is a user's cap on concurrent sessions: its own grant, else the
-    relay's ``max_sessions_per_user``; always None for agents."""
-
-    kind: str  # "agent" | "user"
-    name: str
-    services: tuple[ServiceGrant, ...]
-    public_ports: frozenset[int]
-    max_sessions: int | None
-
-    def may_register(self, name: str, port: int) -> bool:
-        """Whether this agent may register the service ``name:port`` (``tcpip-forward``)."""
-        return self.kind == AGENT and self._granted(name, port)
-
-    def may_reach(self, name: str, port: int) -> bool:
-        """Whether this user may open a session to ``name:port`` (``direct-tcpip`` or a
-        fast-path token).  Never to a public port's registration (see
-        :data:`PUBLIC_PORT_NAMES`), whatever the grant says."""
-        return (self.kind == USER and name.lower() not in PUBLIC_PORT_NAMES
-                and self._granted(name, port))
-
-    def may_bind_public(self, port: int) -> bool:
-        """Whether this agent may have the relay listen on public port ``port``."""
-        return self.kind == AGENT and port in self.public_ports
-
-    def _granted(self, name: str, port: int) -> bool:
-        if not 1 <= port <= 65535:
-            return False
-        lowered = name.lower()
-        return any(grant.matches(lowered, port) for grant in self.services)
 
 
 @dataclass(frozen=True)

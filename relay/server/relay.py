@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from relay.config.node import ConfigError, RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
-from relay.core.routing import Outcome, Registration, Registry
+from relay.core.routing import PUBLIC, PUBLIC_BINDS, Outcome, Registration, Registry
 from relay.datapath.bridge import Bridge, SideFactory, TCPSide
 from relay.datapath.net import LISTEN_BACKLOG
 from relay.datapath.splicing import SplicedPair
@@ -40,9 +40,7 @@ from relay.ssh.keygen import generate_keypair
 from relay.ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection, RelayFactory, RelayTransport
 from relay.ssh.wire import unpack_forward
 
-PUBLIC_BINDS = {"", "0.0.0.0", "*", "::", "localhost", "127.0.0.1", "::1"}
 TAKEOVER_PROBE = 0.5
-PUBLIC = ""  # the registry name of a public port
 
 
 @dataclass(eq=False)

@@ -40,6 +40,7 @@ from relay.core import fastwire as fw
 from relay.datapath import splicing as datapath
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.datapath.net import client_endpoint, peer_ip
+from relay.ssh.client import SingleConnection, open_connection
 
 CLI = "command line"
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -193,15 +194,10 @@ class Connector:
 
     async def open(self) -> Any:
         """One authenticated SSH connection to the relay (a ``LinkConnection``): the
-        link's own transport and host-key check, without its reconnecting service."""
-        from relay.agent.link import Link
-        from relay.ssh.client import LinkTransport
-
-        cfg = self.options.link
-        link = Link(cfg, self.reactor, self.identities)
-        endpoint = client_endpoint(self.reactor, cfg.host, cfg.port, cfg.connect_timeout)
-        proto: Any = await endpoint.connect(Factory.forProtocol(lambda: LinkTransport(link)))
-        self.conn = await proto.ready
+        link's own transport and host-key check, without its reconnecting service
+        (:func:`relay.ssh.client.open_connection`)."""
+        owner = SingleConnection(self.options.link, self.reactor, self.identities)
+        self.conn = await open_connection(owner)
         return self.conn
 
     async def run(self) -> int:
@@ -325,7 +321,7 @@ def run(argv_ns: argparse.Namespace) -> int:
     """``labrelay connect``: parse, run the reactor until the session ends, exit code."""
     from twisted.internet import reactor
 
-    from relay.ops.service import load_identities
+    from relay.ssh.identity import load_identities
 
     options = options_from_args(argv_ns)
     identities = load_identities(NodeConfig(source=CLI, links=(options.link,)), options.link, 0)

@@ -183,8 +183,7 @@ def _pool_hello(world: World, agent: FakeConn, dc: DataConnection) -> bytes:
 def _timers(world: World) -> list[Any]:
     """Pending timers but the token sweep's (it runs while the data port listens)."""
     sweeper = world.port.tokens._sweeper
-    return [c for c in world.clock.getDelayedCalls()
-            if sweeper is None or c is not sweeper.call]
+    return [c for c in world.clock.getDelayedCalls() if c is not sweeper]
 
 
 def _go(dc: DataConnection, name: str, port: int) -> bytes:

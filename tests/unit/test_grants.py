@@ -794,8 +794,8 @@ def test_diff_a_lowered_session_cap_is_no_loss() -> None:
 def test_public_port_names_cover_every_public_bind() -> None:
     """Every bind the relay turns into a public-port registration is a name no user
     grant reaches, not even ``*``: public ports are reached through their listener."""
-    from relay.server.grants import PUBLIC_PORT_NAMES
-    from relay.server.relay import PUBLIC, PUBLIC_BINDS
+    from relay.core.grants import PUBLIC_PORT_NAMES
+    from relay.core.routing import PUBLIC, PUBLIC_BINDS
 
     assert PUBLIC in PUBLIC_PORT_NAMES
     assert PUBLIC_BINDS <= PUBLIC_PORT_NAMES
