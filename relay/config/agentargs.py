@@ -55,7 +55,11 @@ _SUPPORTED = {
     )
 }
 _OPTION_RE = re.compile(r"\s*([A-Za-z]+)\s*(?:=\s*|\s+)(.*?)\s*\Z")
-_TIME_RE = re.compile(r"(?:[0-9]+[smhdwSMHDW]?)+\Z")
+# Every group but the last has its unit, so there is one way to match a string: no
+# backtracking blow-up (the old "(?:[0-9]+[smhdw]?)+" took seconds on 30 digits and a
+# letter; found by tests/fuzz agent_option).
+_TIME_RE = re.compile(r"(?:[0-9]+[smhdwSMHDW])*[0-9]*\Z")
+_MAX_SECONDS = 2**31 - 1  # OpenSSH's convtime() limit (INT_MAX)
 _TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -185,27 +189,45 @@ class _Flags:
 def _int(text: str, keypath: str, low: int, high: int, example: str) -> int:
     if not re.fullmatch(r"[0-9]+", text):
         raise ConfigError(CLI, keypath, f"expected a number, got {text!r}", f"e.g. {example}")
-    value = int(text)
-    if not low <= value <= high:
+    # int() refuses strings of more than 4300 digits (ValueError): compare lengths first.
+    digits = text.lstrip("0")
+    value = int(digits or "0") if len(digits) <= 18 else None
+    if value is None or not low <= value <= high:
+        got = value if value is not None else f"{digits[:20]}... ({len(digits)} digits)"
         raise ConfigError(
-            CLI, keypath, f"must be between {low} and {high}, got {value}", f"e.g. {example}"
+            CLI, keypath, f"must be between {low} and {high}, got {got}", f"e.g. {example}"
         )
     return value
 
 
 def _seconds(text: str, keypath: str, example: str) -> int:
     """OpenSSH's time format: ``30``, ``30s``, ``5m``, ``1h30m``."""
-    if not _TIME_RE.match(text):
+    if not text or not _TIME_RE.match(text):
         raise ConfigError(
             CLI, keypath, f"expected seconds or a time like 1m30s, got {text!r}", f"e.g. {example}"
         )
-    return sum(
-        int(n) * _TIME_UNITS[unit.lower()] for n, unit in re.findall(r"([0-9]+)([a-zA-Z]?)", text)
-    )
+    total = 0
+    for n, unit in re.findall(r"([0-9]+)([a-zA-Z]?)", text):
+        digits = n.lstrip("0")
+        if len(digits) > 10:  # int() refuses more than 4300 digits; this is far past the cap
+            total = _MAX_SECONDS + 1
+            break
+        total += int(digits or "0") * _TIME_UNITS[unit.lower()]
+    if total > _MAX_SECONDS:
+        raise ConfigError(
+            CLI, keypath, f"{text!r} is more than {_MAX_SECONDS} seconds", f"e.g. {example}"
+        )
+    return total
 
 
-def _cli_path(text: str) -> Path:
-    return Path(text).expanduser().absolute()
+def _cli_path(text: str, keypath: str = "-i") -> Path:
+    try:
+        return Path(text).expanduser().absolute()
+    except RuntimeError:  # "~nobody/key": no such user (found by tests/fuzz agent_option)
+        raise ConfigError(
+            CLI, keypath, f"cannot expand {text[:100]!r}: no such user's home directory",
+            "give the path without ~user, or with ~ for your own home",
+        ) from None
 
 
 def _yes_no(text: str, keypath: str) -> bool:
@@ -216,6 +238,8 @@ def _yes_no(text: str, keypath: str) -> bool:
 
 
 def _option(flags: _Flags, text: str) -> None:
+    if "\x00" in text:  # a path with one makes pathlib raise ValueError
+        raise ConfigError(CLI, "-o", "a NUL character in an option", "remove it")
     match = _OPTION_RE.match(text)
     if match is None or not match.group(2):
         raise ConfigError(
@@ -245,7 +269,7 @@ def _option(flags: _Flags, text: str) -> None:
     elif name == "User":
         flags.claim("user", value, keypath)
     elif name == "IdentityFile":
-        flags.identities.append(_cli_path(value))
+        flags.identities.append(_cli_path(value, keypath))
     elif name == "UserKnownHostsFile":
         if len(value.split()) != 1:
             raise ConfigError(
@@ -254,7 +278,7 @@ def _option(flags: _Flags, text: str) -> None:
                 "exactly one known_hosts file is supported",
                 "e.g. -o UserKnownHostsFile=~/.ssh/known_hosts",
             )
-        flags.claim("known_hosts", _cli_path(value), keypath)
+        flags.claim("known_hosts", _cli_path(value, keypath), keypath)
     elif name == "StrictHostKeyChecking":
         flags.claim("accept_new", _strict(value, keypath), keypath)
     elif name == "ServerAliveInterval":

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -70,6 +71,8 @@ CHALLENGE_LEN = len(MAGIC) + NONCE_LEN
 HELLO_LEN = len(MAGIC) + 1 + TOKEN_ID_LEN + MAC_LEN
 _HELLO_LABEL = b"labrelay-fastpath-v2 hello\x00"
 _GO_LABEL = b"labrelay-fastpath-v2 go\x00"
+
+_PORT_TEXT = re.compile(r"[0-9]{1,5}")
 
 GO_MAGIC = b"LRGO"
 AGENT_OK = b"K"
@@ -162,7 +165,9 @@ def unpack_pool_request(data: bytes) -> tuple[int, list[tuple[str, int]]]:
 def _service(raw: bytes) -> tuple[str, int]:
     """``"name:port"`` as ``(lower-case name, port)``."""
     name, _, port = raw.decode("ascii", "replace").rpartition(":")
-    if not name or not port.isdigit() or not 0 < int(port) < 65536:
+    # At most 5 ASCII digits: a TCP port, and never int() of a 1 MiB digit string (a
+    # ValueError past 4300 digits) or of "²" (isdigit, but no int): callers catch WireError.
+    if not name or not _PORT_TEXT.fullmatch(port) or not 0 < int(port) < 65536:
         raise WireError(f"bad service {raw[:80]!r}")
     return name.lower(), int(port)
 

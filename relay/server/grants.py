@@ -57,6 +57,7 @@ a rewrite within one tick of the file system's clock keeps size, mtime and inode
 
 _KEY_TYPE_RE = re.compile(r"(?:ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]*(?:[ \t]|\Z)")
 _OPTION_NAME_RE = re.compile(r"[A-Za-z0-9-]+")
+_NUMBER_RE = re.compile(r"[0-9]{1,9}")
 _WILDCARD_HOSTS = ("", "*", "0.0.0.0", "[::]")
 
 # OpenSSH options that only restrict what labrelay never offers anyway (ptys, X11,
@@ -559,6 +560,13 @@ def _options(line: str, where: str) -> tuple[list[tuple[str, str | None, str]], 
         raise ConfigError(where, line[start:i], f"unexpected {line[i]!r} after an option", hint)
 
 
+def _small_number(text: str) -> bool:
+    """Whether ``text`` is 1..9 ASCII digits.  ``str.isdigit`` also accepts "²" and
+    other Unicode digits that ``int()`` refuses with a ValueError (found by tests/fuzz
+    grant_file), and ``int()`` refuses more than 4300 digits."""
+    return _NUMBER_RE.fullmatch(text) is not None
+
+
 def _permitlisten(value: str, where: str, written: str) -> ServiceGrant | int:
     """An agent's ``permitlisten``: a service (``name:port``/``name:*``) or a public
     port (``2201``, ``0.0.0.0:2201``, ``*:2201``, ``[::]:2201``)."""
@@ -575,7 +583,7 @@ def _permitlisten(value: str, where: str, written: str) -> ServiceGrant | int:
             f"{host} is an address: public ports listen on the relay's public_bind address",
             'write just the port, e.g. permitlisten="2201"',
         )
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not _small_number(port_text) or not 1 <= int(port_text) <= 65535:
         raise ConfigError(
             where, written, f"public port {port_text!r} must be a number in 1..65535", hint
         )
@@ -583,7 +591,7 @@ def _permitlisten(value: str, where: str, written: str) -> ServiceGrant | int:
 
 
 def _max_sessions(value: str, where: str, written: str) -> int:
-    if not value.isdigit() or int(value) < 1:
+    if not _small_number(value) or int(value) < 1:
         raise ConfigError(
             where,
             written,

@@ -39,6 +39,7 @@ from relay.ssh.connection import (
     OPEN_CONNECT_FAILED,
     FlowConnection,
 )
+from relay.ssh.guard import PeerInputGuard
 from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier
 from relay.ssh.wire import GRANT_REVOKED, pack_endpoints, unpack_endpoints, unpack_grant_revoked
 
@@ -99,7 +100,7 @@ class LinkSetupError(Exception):
     """A connection attempt ended before the link was ready; ``str()`` says why."""
 
 
-class LinkTransport(AEADTransportMixin, transport.SSHClientTransport):
+class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTransport):
     """One connection attempt to the upstream server.
 
     Algorithms, strict KEX and key exchange bounds: :mod:`relay.ssh.policy` and

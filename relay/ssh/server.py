@@ -52,6 +52,7 @@ from relay.ssh.connection import (
     FlowConnection,
     refused_by_peer,
 )
+from relay.ssh.guard import PeerInputGuard
 from relay.ssh.wire import GRANT_REVOKED, pack_endpoints, pack_grant_revoked, unpack_endpoints
 
 OPEN_RESOURCE_SHORTAGE = 4
@@ -206,12 +207,15 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
         return None
 
     def auth_publickey(self, packet: bytes) -> Any:
-        """Conch's, after refusing a key blob Conch cannot parse here: Conch would log
-        the peer's algorithm name as part of a log *format* (``str.format`` of peer
-        bytes), which lets a peer inject ``{...}`` fields, and crash on non-ASCII."""
+        """Conch's, after refusing a key blob Conch cannot parse as an SSH wire blob:
+        Conch would log the peer's algorithm name as part of a log *format*
+        (``str.format`` of peer bytes), which lets a peer inject ``{...}`` fields, and
+        crash on non-ASCII; and it guesses the blob's format (``Key.fromString`` without
+        a type), so a blob that looks like an LSH key reached an ``assert`` in its
+        s-expression parser before authentication (found by tests/fuzz ``userauth``)."""
         try:
             _, blob, _ = common.getNS(packet[1:], 2)
-            keys.Key.fromString(blob)
+            keys.Key.fromString(blob, type="blob")
         except Exception:  # a key Conch cannot parse is a failed login, nothing more
             return defer.fail(UnauthorizedLogin("unsupported key type or malformed key"))
         return super().auth_publickey(packet)
@@ -229,7 +233,7 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
         super()._ebBadAuth(reason)
 
 
-class RelayTransport(AEADTransportMixin, transport.SSHServerTransport):
+class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTransport):
     """One client connection to the relay (an agent or a user)."""
 
     _log = Logger()

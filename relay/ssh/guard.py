@@ -1,0 +1,147 @@
+"""``PeerInputGuard``: a malformed message from the peer is a protocol error, not a crash.
+
+Conch's transport parses the fixed fields of its messages unchecked: a ``KEXINIT``,
+``KEX_ECDH_INIT``, ``SERVICE_REQUEST`` or ``USERAUTH_REQUEST`` cut short raises
+``struct.error`` (or ``IndexError``, ``ValueError`` ...) out of ``dataReceived``.
+Twisted then logs an "Unhandled Error" with the peer's traceback and drops the TCP
+connection, before authentication and as often as anyone cares to try.  Found by
+tests/fuzz (``transport_banner``, ``transport_packets``).  With this guard such a
+message ends the connection the way every other protocol error does: a logged
+warning (event ``malformed_packet``) and ``DISCONNECT_PROTOCOL_ERROR``.  The
+connection layer has the same guard in :class:`relay.ssh.connection.FlowConnection`.
+
+Messages are also checked against where the connection is, where Conch does not:
+nothing but the transport's own messages before the first key exchange completes
+(Conch started ``ssh-userauth`` on a ``SERVICE_REQUEST`` in the clear); the key
+exchange's messages only between the peer's ``KEXINIT`` and its ``NEWKEYS``, and only
+those of the negotiated method (Conch dispatches 30-49 by number); no second
+``KEXINIT`` within an exchange; and, on the server, the peer's ``NEWKEYS`` only once
+the relay's side of the exchange has run.  Each of these raised out of Conch before
+(AttributeError, RuntimeError, AssertionError; tests/fuzz/test_fuzz_regressions.py).
+
+It also keeps Conch from reading packets before the peer's version line: Conch's
+version parsing looks for ``"\\n"`` from ``buf.find(b"SSH-")``, which is -1 when there
+is no ``SSH-`` at all, so any buffer that merely *ends* in a newline was parsed as
+packets and dispatched (a ``KEXINIT`` before the version exchange, whose hash then
+lacks the version string: an AttributeError).  Lines before the version are only
+buffered now (Conch drops the peer past 4 KiB).
+
+Mix in first: ``class T(PeerInputGuard, AEADTransportMixin, SSHServerTransport)``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
+
+MSG_KEXINIT, MSG_NEWKEYS = 20, 21
+MSG_KEX_FIRST, MSG_KEX_LAST = 30, 49  # the key exchange method's own messages
+# Within 30-49, by method: KEXDH/KEX_ECDH (and ML-KEM hybrid) INIT/REPLY, and RFC 4419's
+# group exchange (REQUEST_OLD shares 30, GROUP shares 31).
+MSG_KEX_INIT, MSG_KEX_REPLY = 30, 31
+MSG_KEX_DH_GEX_GROUP, MSG_KEX_DH_GEX_INIT, MSG_KEX_DH_GEX_REPLY = 31, 32, 33
+MSG_KEX_DH_GEX_REQUEST = 34
+#: Allowed before the first key exchange completes: DISCONNECT, IGNORE, UNIMPLEMENTED,
+#: DEBUG, KEXINIT, NEWKEYS and the key exchange method's messages.
+BEFORE_KEYS = frozenset(
+    {1, 2, 3, 4, MSG_KEXINIT, MSG_NEWKEYS, *range(MSG_KEX_FIRST, MSG_KEX_LAST + 1)}
+)
+#: What Conch's unchecked parsing raises on a short or inconsistent message.
+MALFORMED = (struct.error, IndexError, KeyError, TypeError, ValueError, UnicodeDecodeError)
+
+
+class PeerInputGuard:
+    """Protocol-error disconnects for messages Conch cannot parse (module docstring)."""
+
+    gotVersion: bool
+    keyExchanges: int  # completed key exchanges (relay.ssh.aead)
+    isClient: bool
+    nextEncryptions: Any
+    _log: Any
+    _peerInKex = False  # the peer sent KEXINIT and not yet its NEWKEYS
+
+    def getPacket(self) -> bytes | None:
+        if not self.gotVersion:
+            return None
+        return super().getPacket()  # type: ignore[misc,no-any-return]
+
+    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+        tcp = getattr(self, "transport", None)
+        if tcp is None or getattr(tcp, "disconnecting", False):
+            # Conch's own sendDisconnect (bad KEXINIT, unknown service ...) closes the
+            # connection but leaves the rest of the read to be parsed: not acted upon.
+            return
+        if self.keyExchanges == 0 and messageNum not in BEFORE_KEYS:
+            # Conch starts ssh-userauth on a SERVICE_REQUEST sent in the clear before any
+            # key exchange, and its publickey method then fails an assert (no session
+            # id): an AssertionError out of dataReceived.  Nothing but the transport's
+            # own messages belongs before the first NEWKEYS (RFC 4253 §7-10).
+            self._malformed(messageNum, "before the first key exchange")
+            return
+        if messageNum == MSG_KEXINIT and self._peerInKex:
+            # A second KEXINIT before the peer's NEWKEYS: Conch answers with a
+            # RuntimeError ("Cannot send KEXINIT while key exchange state is ...")
+            # out of dataReceived (tests/fuzz transport_banner).
+            self._malformed(messageNum, "KEXINIT within a key exchange")
+            return
+        if messageNum == MSG_NEWKEYS or MSG_KEX_FIRST <= messageNum <= MSG_KEX_LAST:
+            # Only between the peer's KEXINIT and its NEWKEYS (RFC 4253 §7): Conch's
+            # handlers assume a negotiated exchange (a KEX_ECDH_INIT first reads the
+            # negotiated kexAlg: AttributeError).
+            if not self._peerInKex:
+                self._malformed(messageNum, "outside a key exchange")
+                return
+            if MSG_KEX_FIRST <= messageNum <= MSG_KEX_LAST and not self._kexMessageFits(messageNum):
+                # Conch dispatches 30-49 by number whatever was negotiated: a
+                # KEX_DH_GEX_INIT in a curve25519 exchange reached the group-exchange
+                # handler, which read a group that was never chosen (AttributeError
+                # 'p'; tests/fuzz transport_packets).
+                self._malformed(messageNum, "not a message of the negotiated key exchange")
+                return
+            if (messageNum == MSG_NEWKEYS and not self.isClient
+                    and not getattr(self.nextEncryptions, "encBlockSize", 0)):
+                # Conch's server takes the peer's NEWKEYS as "switch keys now" even
+                # when its own side of the exchange never ran (the client skipped or
+                # had ignored its KEX_ECDH_INIT): the next packet then meets a cipher
+                # without keys, an AttributeError (tests/fuzz transport_packets).
+                self._malformed(messageNum, "NEWKEYS before the key exchange finished")
+                return
+        try:
+            super().dispatchMessage(messageNum, payload)  # type: ignore[misc]
+        except MALFORMED as e:
+            self._malformed(messageNum, repr(e)[:120])
+            return
+        if messageNum == MSG_KEXINIT:
+            self._peerInKex = True
+        elif messageNum == MSG_NEWKEYS:
+            self._peerInKex = False
+
+    def _kexMessageFits(self, messageNum: int) -> bool:
+        """Whether ``messageNum`` (30-49) belongs to the negotiated key exchange, from
+        the peer's side: one INIT to a server and one REPLY to a client, except in a
+        Diffie-Hellman group exchange (RFC 4419), whose group must be chosen before
+        its INIT."""
+        kexAlg = getattr(self, "kexAlg", None) or b""
+        if not kexAlg.startswith(b"diffie-hellman-group-exchange-"):
+            return messageNum == (MSG_KEX_REPLY if self.isClient else MSG_KEX_INIT)
+        if self.isClient:
+            return messageNum in (MSG_KEX_DH_GEX_GROUP, MSG_KEX_DH_GEX_REPLY)
+        if messageNum == MSG_KEX_DH_GEX_INIT:
+            return getattr(self, "p", None) is not None  # after REQUEST chose a group
+        return messageNum in (MSG_KEX_INIT, MSG_KEX_DH_GEX_REQUEST)
+
+    def _malformed(self, messageNum: int, why: str) -> None:
+        # A warning without a traceback: anyone can trigger this before logging in.
+        self._log.warn(
+            "malformed message {num} from the peer ({why}); disconnecting",
+            event="malformed_packet", num=messageNum, why=why,
+        )
+        fatal = getattr(self, "_fatal", None)  # relay.ssh.aead: stop parsing too
+        if fatal is not None:
+            fatal(DISCONNECT_PROTOCOL_ERROR, b"malformed message %d" % messageNum)
+        else:
+            self.sendDisconnect(  # type: ignore[attr-defined]
+                DISCONNECT_PROTOCOL_ERROR, b"malformed message %d" % messageNum
+            )

@@ -1,0 +1,165 @@
+"""The fixed world the fuzz targets run in: keys, grants, a relay core, transports.
+
+Everything here is deterministic (fixed key seeds, fixed IVs, a memory reactor), so
+a crashing input replays the same way on any machine.  The targets reach the code
+under test only through what a peer reaches: ``dataReceived`` of the relay's SSH
+transport, ``packetReceived`` of its connection service, ``RelayCore.globalRequest``
+and the public parse functions of the wire modules.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.conch.ssh import keys
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
+
+from relay.config.node import PrincipalConfig, RelayConfig, ServiceGrant
+from relay.server.grants import Grants
+from relay.server.relay import RelayCore
+from relay.ssh.server import Identity, RelayAvatar, RelayConnection, RelayFactory
+
+CLIENT_VERSION = b"SSH-2.0-OpenSSH_9.6p1 Debian-4\r\n"
+
+
+def fixed_key(seed: int) -> keys.Key:
+    """An ed25519 key from a fixed seed: the same on every run."""
+    return keys.Key(Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32))
+
+
+def key_line(seed: int, comment: str) -> str:
+    return fixed_key(seed).public().toString("OPENSSH").decode() + f" {comment}"
+
+
+HOST_KEY = fixed_key(1)
+AGENT_KEY = fixed_key(2)
+USER_KEY = fixed_key(3)
+PUBLIC_PORT = 2201
+
+
+def relay_config() -> RelayConfig:
+    """An agent ``lab_pc`` (gpu-cluster:22, jupyter:*, public port 2201) and a user
+    ``alice`` granted everything, with the fast path on (gpu-cluster:22 end-to-end)."""
+    return RelayConfig(
+        agents=(
+            PrincipalConfig(
+                "agent", "lab_pc", (key_line(2, "lab_pc"),),
+                (ServiceGrant("gpu-cluster", 22), ServiceGrant("jupyter", None)),
+                public_ports=(PUBLIC_PORT,),
+            ),
+        ),
+        users=(PrincipalConfig("user", "alice", (key_line(3, "alice"),),
+                               (ServiceGrant("*", None),)),),
+        data_port=0,
+        e2e_services=(ServiceGrant("gpu-cluster", 22),),
+        idle_timeout=60,
+    )
+
+
+_CONFIG = relay_config()
+_GRANTS = Grants(_CONFIG, "fuzz")
+
+
+def new_core() -> tuple[RelayCore, MemoryReactorClock]:
+    """A fresh relay core on a memory reactor, its data port listening (in memory)."""
+    clock = MemoryReactorClock()
+    core = RelayCore(_CONFIG, _GRANTS, clock)
+    core.dataport.start()
+    return core, clock
+
+
+def identity(kind: str) -> Identity:
+    key = AGENT_KEY if kind == "agent" else USER_KEY
+    principal = _GRANTS.principal_for(key.public().blob())
+    assert principal is not None
+    return Identity(key.public().blob(), principal)
+
+
+class TCP(StringTransport):
+    """A StringTransport with the TCP options the relay sets."""
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass
+
+
+def new_transport(core: RelayCore) -> Any:
+    """The relay's SSH server transport for one accepted connection, over a StringTransport.
+
+    ``sendDisconnect`` calls are recorded in ``t.disconnects``."""
+    factory = RelayFactory(core, {b"ssh-ed25519": HOST_KEY})
+    factory.startFactory()
+    t = factory.buildProtocol(None)
+    assert t is not None
+    disconnects: list[tuple[int, bytes]] = []
+    send = t.sendDisconnect
+
+    def recorded(reason: int, desc: bytes) -> None:
+        disconnects.append((reason, desc))
+        send(reason, desc)
+
+    t.sendDisconnect = recorded
+    t.disconnects = disconnects
+    t.makeConnection(TCP())
+    return t
+
+
+class FakeLink:
+    """What a ``RelayConnection`` needs of its SSH transport after authentication."""
+
+    def __init__(self, kind: str) -> None:
+        self.avatar = RelayAvatar(identity(kind))
+        self.transport = TCP()
+        self.sent: list[tuple[int, bytes]] = []
+        self.disconnects: list[tuple[int, bytes]] = []
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        self.sent.append((messageType, payload))
+
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        self.disconnects.append((reason, desc))
+        self.transport.loseConnection()
+
+    def sendUnimplemented(self) -> None:
+        self.sent.append((3, b""))
+
+
+def new_connection(core: RelayCore, kind: str) -> tuple[RelayConnection, FakeLink]:
+    conn = RelayConnection(core)
+    link = FakeLink(kind)
+    conn.transport = link  # as Conch's transport.setService does
+    conn.serviceStarted()
+    return conn, link
+
+
+def frame_plain(payload: bytes, pad: int | None = None) -> bytes:
+    """One unencrypted SSH packet (before the first NEWKEYS), padded to 8 bytes."""
+    if pad is None:
+        pad = 8 - (5 + len(payload)) % 8
+        pad += 8 if pad < 4 else 0
+    body = bytes((pad,)) + payload + b"\x00" * pad
+    return struct.pack(">L", len(body)) + body
+
+
+class FailureLog:
+    """Log events at level error or critical that carry a failure: "Unhandled Error",
+    and ``log.failure`` of an exception the code did not expect.  (A failure logged as
+    a warning was expected and handled, e.g. FlowConnection's ``malformed_packet``.)"""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if "log_failure" in event and event.get("log_level") in (LogLevel.error,
+                                                                  LogLevel.critical):
+            self.events.append(event)
+
+    def take(self) -> list[dict[str, Any]]:
+        events, self.events = self.events, []
+        return events
