@@ -1,4 +1,4 @@
-"""One-time tickets for the fast path's data port, and the throttle on guessing them.
+"""One-time tickets for the fast path's data port.
 
 No I/O but the sweep timer: the relay's data port asks :meth:`TokenBook.redeem`
 with the ticket id, the nonce it sent and the proof the connection answered.  The
@@ -19,8 +19,8 @@ rules are DESIGN §7's and docs/fastpath.md's:
   the ticket back and checks that session is still alive;
 - outstanding tickets are capped per SSH session and per principal, so a user
   cannot grow the relay's memory by asking;
-- failures are counted per source address; an address with ``limit`` failures in
-  ``window`` seconds is turned away before its bytes are even looked at.
+- guessing is not throttled here: a refused proof earns its source a penalty in
+  :mod:`relay.admission`, shared with the SSH port.
 """
 
 from __future__ import annotations
