@@ -20,7 +20,7 @@ rules are DESIGN §7's and docs/fastpath.md's:
 - outstanding tickets are capped per SSH session and per principal, so a user
   cannot grow the relay's memory by asking;
 - guessing is not throttled here: a refused proof earns its source a penalty in
-  :mod:`relay.admission`, shared with the SSH port.
+  :mod:`relay.core.admission`, shared with the SSH port.
 """
 
 from __future__ import annotations
