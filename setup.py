@@ -10,8 +10,8 @@ from pathlib import Path
 from setuptools import setup
 
 HERE = Path(__file__).parent
-BUILDER = HERE / "relay" / "_splice_build.py"
+BUILDER = HERE / "relay" / "datapath" / "_splice_build.py"
 
 setup(
-    cffi_modules=["relay/_splice_build.py:ffibuilder"] if BUILDER.exists() else [],
+    cffi_modules=["relay/datapath/_splice_build.py:ffibuilder"] if BUILDER.exists() else [],
 )

@@ -611,7 +611,7 @@ class FastBench(rvo.RelayBench):
             f"[{LOOPBACK}]:{self.full_pub} {host}\ngpu-cluster {host}\n")
 
     def probe_backend(self) -> str:
-        probe = ("from relay.datapath import choose_backend as c; b = c(); "
+        probe = ("from relay.datapath.splicing import choose_backend as c; b = c(); "
                  "print(f'{b.name} ({b.reason})')")
         out = subprocess.run([self.args.python, "-c", probe], cwd=REPO, capture_output=True,
                              text=True, timeout=START_TIMEOUT)

@@ -12,7 +12,7 @@ With ``--design``, in-process relays (this file re-run as ``--worker relay``) ad
 variants docs/datapath.md compares: the C pump with other pipe sizes, with
 read/write instead of splice, without short-read waits, ``lr_move`` called once per
 wakeup from the Twisted loop (``c-reactor``), Python read/write, and a pure Twisted
-relay (``relay.bridge``, producers both ways).
+relay (``relay.datapath.bridge``, producers both ways).
 
 Two workloads: ``bulk`` (the source sends as fast as it can, 1 MiB ``sendall``s) and
 ``paced`` (32 KiB bursts at about 400 MB/s: the wakeup pattern of an ssh session,
@@ -86,7 +86,7 @@ LABELS = {
     "c-noshort": "C pump thread, read until EAGAIN (no short-read waits)",
     "c-reactor": "lr_move once per wakeup from the Twisted loop",
     "python-copy": "Python backend, os.read/os.write",
-    "twisted": "pure Twisted relay (relay.bridge, producers both ways)",
+    "twisted": "pure Twisted relay (relay.datapath.bridge, producers both ways)",
 }
 WORKLOADS = {"bulk": (MiB, 0.0), "paced": (32 * KiB, 400e6), "small": (2 * KiB, 50e6)}
 SIZE_SHARE = {"small": 16}  # the small-write workload moves size/16 (it is slow by design)
@@ -135,10 +135,10 @@ def worker_relay(variant: str, target_port: int) -> None:
     from twisted.internet.protocol import Factory
     from twisted.protocols.basic import LineReceiver
 
-    from relay.bridge import Bridge, TCPSide
-    from relay.config import HostPort, PlainForwardConfig
-    from relay.datapath import Backend, DataPath
-    from relay.plainhop import PlainForward
+    from relay.agent.plainhop import PlainForward
+    from relay.config.node import HostPort, PlainForwardConfig
+    from relay.datapath.bridge import Bridge, TCPSide
+    from relay.datapath.splicing import Backend, DataPath
 
     status: Any = lambda: {}  # noqa: E731
     if variant == "twisted":
@@ -256,7 +256,7 @@ class Relay:
 
     def stats(self) -> dict[str, Any]:
         if self.admin is not None:
-            from relay.status import fetch
+            from relay.ops.status import fetch
 
             result: dict[str, Any] = fetch(self.admin).get("datapath") or {}
             return result

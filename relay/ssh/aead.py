@@ -98,8 +98,8 @@ from twisted.conch.ssh.transport import (
     SSHCiphers,
 )
 
-from . import policy
-from .connection import LINK_BUFFER
+from relay.ssh import policy
+from relay.ssh.connection import LINK_BUFFER
 
 AES128_GCM = policy.AES128_GCM
 AES256_GCM = policy.AES256_GCM

@@ -1,4 +1,4 @@
-"""``BridgedChannel``: an SSH channel that is one side of a :class:`relay.bridge.Bridge`.
+"""``BridgedChannel``: an SSH channel that is one side of a :class:`relay.datapath.bridge.Bridge`.
 
 Window discipline (DESIGN §4): the receive window shrinks as data arrives (in
 :class:`relay.ssh.connection.FlowConnection`) and is re-opened here only for
@@ -20,10 +20,10 @@ from twisted.conch.ssh.channel import SSHChannel
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from ..config import DEFAULT_MAX_PACKET, DEFAULT_WINDOW
+from relay.config.node import DEFAULT_MAX_PACKET, DEFAULT_WINDOW
 
 if TYPE_CHECKING:
-    from ..bridge import Bridge
+    from relay.datapath.bridge import Bridge
 
 WINDOW_EXHAUSTED = "window"
 LINK_CONGESTED = "link"

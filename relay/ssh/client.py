@@ -8,34 +8,92 @@ only), ``ready`` (the ``ssh-connection`` service runs), ``closed``.
 fails with :class:`LinkSetupError` saying why the attempt ended; ``ClientService``
 uses that as its ``prepareConnection`` hook, so a failed handshake counts as a
 failed attempt and is retried with backoff.
+
+What the transport needs of whoever owns the connection (settings, clock, host-key
+verifier, identities, and the events of a ready link) is :class:`LinkOwner`, declared
+here: the agent's :class:`relay.agent.link.Link` implements it, and
+:func:`open_connection` opens one connection for a :class:`SingleConnection` owner
+(``labrelay connect``), so nothing here imports the agent.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from twisted.conch import error
 from twisted.conch.ssh import common, keys, transport, userauth
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..bridge import TCPSide
-from ..keepalive import KeepaliveMonitor
-from ..net import client_endpoint, quickack
-from .aead import AEADTransportMixin
-from .channels import BridgedChannel
-from .connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, FlowConnection
-from .guard import PeerInputGuard
-from .hostkeys import HostKeyError
-from .wire import GRANT_REVOKED, pack_endpoints, unpack_endpoints, unpack_grant_revoked
-
-if TYPE_CHECKING:
-    from ..link import Link
+from relay.config.node import LinkConfig, RemoteForward
+from relay.core.keepalive import KeepaliveMonitor
+from relay.datapath.bridge import Bridge, TCPSide
+from relay.datapath.net import client_endpoint, quickack
+from relay.ssh.aead import AEADTransportMixin
+from relay.ssh.channels import BridgedChannel
+from relay.ssh.connection import (
+    OPEN_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_CONNECT_FAILED,
+    FlowConnection,
+)
+from relay.ssh.guard import PeerInputGuard
+from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier
+from relay.ssh.wire import GRANT_REVOKED, pack_endpoints, unpack_endpoints, unpack_grant_revoked
 
 TARGET_CONNECT_TIMEOUT = 10.0
+
+
+class ReverseForward(Protocol):
+    """A reverse forward, as the connection sees one: its name and its config."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def config(self) -> RemoteForward: ...
+
+
+class LinkOwner(Protocol):
+    """What a client connection needs of its owner (the agent's link, or one
+    :class:`SingleConnection`)."""
+
+    @property
+    def name(self) -> str | None: ...
+
+    @property
+    def config(self) -> LinkConfig: ...
+
+    @property
+    def reactor(self) -> Any: ...
+
+    @property
+    def clock(self) -> IReactorTime: ...
+
+    @property
+    def verifier(self) -> HostKeyVerifier: ...
+
+    @property
+    def identities(self) -> list[keys.Key]: ...
+
+    def linkLost(self, transport: LinkTransport, why: str) -> None:
+        """The transport of a ready connection closed."""
+
+    def grantRevoked(self, bind: str, port: int, why: str) -> None:
+        """The relay dropped our registration ``bind:port``."""
+
+    def remoteForwardFor(self, host: str, port: int) -> ReverseForward | None:
+        """The reverse forward a ``forwarded-tcpip`` channel to ``host:port`` is for."""
+
+    def sessionStarted(self, forward: Any, side: Any, channel: BridgedChannel,
+                       origin: str) -> Any:
+        """A forwarded session's channel opened: bridge it to ``side``."""
+
+    def openRelayService(self, name: str, port: int,
+                         origin: str) -> defer.Deferred[BridgedChannel]:
+        """A channel to a service of this node's own relay (chaining)."""
 
 
 class LinkSetupError(Exception):
@@ -50,7 +108,7 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
 
     _log = Logger()
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: LinkOwner) -> None:
         self.link = link
         self.phase = "handshake"
         self.ready: defer.Deferred[LinkConnection] = defer.Deferred()
@@ -162,7 +220,7 @@ class LinkUserAuth(userauth.SSHUserAuthClient):
 
     preferredOrder = [b"publickey"]
 
-    def __init__(self, link: Link, conn: LinkConnection) -> None:
+    def __init__(self, link: LinkOwner, conn: LinkConnection) -> None:
         super().__init__(link.config.user.encode(), conn)
         self._keys = list(link.identities)
         self._current: keys.Key | None = None
@@ -195,7 +253,7 @@ class LinkConnection(FlowConnection):
 
     _log = Logger()
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: LinkOwner) -> None:
         super().__init__()
         self.link = link
         self.keepalive: KeepaliveMonitor | None = None
@@ -305,3 +363,56 @@ class LinkConnection(FlowConnection):
         )
         self.openChannel(channel, pack_endpoints(host, port, origHost, origPort))
         return channel.opened
+
+
+class SingleConnection:
+    """The owner of one connection that is neither kept up nor forwards anything
+    (``labrelay connect``): the link's settings, host-key check and identities without
+    its reconnecting service."""
+
+    _log = Logger()
+
+    def __init__(self, config: LinkConfig, reactor: Any, identities: list[keys.Key]) -> None:
+        self.config = config
+        self.name = config.name
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.identities = identities
+        self.verifier = HostKeyVerifier(config.host_key, config.host, config.port)
+
+    def linkLost(self, transport: LinkTransport, why: str) -> None:
+        """Nothing to reconnect: whoever holds the connection sees it close."""
+
+    def grantRevoked(self, bind: str, port: int, why: str) -> None:
+        self._log.warn(
+            "link {link}: the relay revoked {bind}:{port}, which we do not hold: {reason}",
+            event="forward_revoked", link=self.name, forward=None, bind=bind, port=port,
+            reason=why,
+        )
+
+    def remoteForwardFor(self, host: str, port: int) -> ReverseForward | None:
+        return None  # no reverse forwards: every forwarded-tcpip is refused
+
+    def sessionStarted(self, forward: Any, side: Any, channel: BridgedChannel,
+                       origin: str) -> Bridge:
+        return Bridge(side, channel)
+
+    def openRelayService(self, name: str, port: int,
+                         origin: str) -> defer.Deferred[BridgedChannel]:
+        return defer.fail(LinkSetupError(f"{name}:{port} is a relay service, but this "
+                                         "connection has no relay of its own"))
+
+
+def transport_factory(owner: LinkOwner) -> Factory:
+    """The factory of client transports for ``owner`` (one per connection attempt)."""
+    return Factory.forProtocol(lambda: LinkTransport(owner))
+
+
+async def open_connection(owner: LinkOwner) -> LinkConnection:
+    """One authenticated SSH connection for ``owner``: TCP (``connect_timeout``), the
+    handshake with its host-key check, public-key auth; fails with
+    :class:`LinkSetupError` (or the TCP error) saying why."""
+    cfg = owner.config
+    endpoint = client_endpoint(owner.reactor, cfg.host, cfg.port, cfg.connect_timeout)
+    proto = cast(LinkTransport, await endpoint.connect(transport_factory(owner)))
+    return await proto.ready

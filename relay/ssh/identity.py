@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.conch.ssh.keys import BadKeyError, EncryptedKeyError, Key
 
+from relay.config.node import ConfigError, LinkConfig, NodeConfig
+
 _MAX_KEY_FILE = 1024 * 1024  # the largest RSA key file is ~20 KiB
 _DEFAULT_NAMES = ("id_ed25519", "id_ecdsa", "id_rsa")
 _PUBLIC_PREFIXES = (b"ssh-", b"ecdsa-", b"sk-", b"---- BEGIN SSH2 PUBLIC KEY")
@@ -169,3 +171,24 @@ def _public_key_error(path: Path) -> IdentityError:
 
 def _quote(path: Path) -> str:
     return shlex.quote(str(path))
+
+
+def load_identities(config: NodeConfig, link: LinkConfig, index: int) -> list[Key]:
+    """The link's identities (its ``identity`` files, else the default ones), loaded;
+    a problem is a :class:`ConfigError` naming the config key."""
+    paths = list(link.identities) or default_identity_paths()
+    if not paths:
+        raise ConfigError(
+            config.source, f"link[{index}].identity",
+            "no identity (private key) given and none of ~/.ssh/id_ed25519, id_ecdsa, "
+            "id_rsa exists",
+            "give -i KEYFILE, set identity = \"/path/key\", or create one with "
+            "`labrelay keygen KEYFILE`",
+        )
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append(load_identity(path))
+        except IdentityError as e:
+            raise ConfigError(config.source, f"link[{index}].identity", str(e)) from e
+    return loaded

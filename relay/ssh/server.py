@@ -2,12 +2,14 @@
 
 Identity comes only from a key whose signature verified (Conch's userauth checks
 the signature; :class:`GrantChecker` maps the key to a principal).  Everything
-else a session may do is decided by :class:`relay.relayserver.RelayCore` from the
-principal's grants: this module only parses SSH requests and answers them.
+else a session may do is decided by the relay above it from the principal's grants:
+this module only parses SSH requests and answers them.  What it needs of that relay is
+:class:`RelayHandler` (declared here, implemented by :class:`relay.server.relay.RelayCore`),
+so nothing here imports the relay.
 
 Hardening over Conch's defaults (DESIGN §11): a login grace time and a cap on
 authentication attempts, per-source limits and penalties and a global cap on
-unauthenticated connections (:mod:`relay.admission`; OpenSSH's PerSourcePenalties,
+unauthenticated connections (:mod:`relay.core.admission`; OpenSSH's PerSourcePenalties,
 PerSourceMaxStartups and MaxStartups), a cap on channels per connection,
 keepalives to every peer, and every channel type but ``direct-tcpip`` refused.  Conch's own
 ``UnixConchUser`` (an open proxy) is never used.
@@ -23,7 +25,7 @@ the CPU per packet here; ``policy.server_ciphers_for``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.conch import error
 from twisted.conch.avatar import ConchUser
@@ -37,23 +39,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..admission import Offence, Ticket, worst
-from ..keepalive import KeepaliveMonitor
-from . import policy
-from .aead import AEADTransportMixin
-from .channels import BridgedChannel
-from .connection import (
+from relay.config.node import RelayConfig
+from relay.core.admission import Offence, Ticket, worst
+from relay.core.grants import Principal
+from relay.core.keepalive import KeepaliveMonitor
+from relay.ssh import policy
+from relay.ssh.aead import AEADTransportMixin
+from relay.ssh.channels import BridgedChannel
+from relay.ssh.connection import (
     OPEN_ADMINISTRATIVELY_PROHIBITED,
     OPEN_CONNECT_FAILED,
     FlowConnection,
     refused_by_peer,
 )
-from .guard import PeerInputGuard
-from .wire import GRANT_REVOKED, pack_endpoints, pack_grant_revoked, unpack_endpoints
-
-if TYPE_CHECKING:
-    from ..grants import Principal
-    from ..relayserver import RelayCore
+from relay.ssh.guard import PeerInputGuard
+from relay.ssh.wire import GRANT_REVOKED, pack_endpoints, pack_grant_revoked, unpack_endpoints
 
 OPEN_RESOURCE_SHORTAGE = 4
 USER_NAME_LIMIT = 256
@@ -67,6 +67,54 @@ ORIGIN_LIMIT = 255
 #: Seconds the relay waits for a client's first KEXINIT before sending its own.
 #: OpenSSH, PuTTY, Dropbear, paramiko and asyncssh send theirs at once.
 KEXINIT_WAIT = 1.0
+
+
+class PrincipalLookup(Protocol):
+    """The grants, as far as authentication needs them."""
+
+    def principal_for(self, key_blob: bytes) -> Principal | None:
+        """The principal a public key (SSH wire blob) belongs to, if granted."""
+
+
+class RelayHandler(Protocol):
+    """What the SSH server needs of the relay above it.
+
+    Settings and the clock (``config``, ``reactor``), the grants (``grants``), and the
+    events of a connection's life; every decision (admission, registrations, sessions)
+    is the handler's."""
+
+    @property
+    def config(self) -> RelayConfig: ...
+
+    @property
+    def reactor(self) -> Any: ...
+
+    @property
+    def grants(self) -> PrincipalLookup: ...
+
+    def admitConnection(self, addr: Any) -> Ticket | None:
+        """A ticket for a new TCP connection, or None to close it at once."""
+
+    def authenticated(self, transport: RelayTransport) -> None:
+        """The transport's peer authenticated."""
+
+    def disconnected(self, transport: RelayTransport) -> None:
+        """The transport closed (authenticated or not)."""
+
+    def sessionStarted(self, conn: RelayConnection) -> None:
+        """An authenticated connection's ``ssh-connection`` service started."""
+
+    def sessionStopped(self, conn: RelayConnection) -> None:
+        """That service stopped."""
+
+    def globalRequest(self, conn: RelayConnection, requestType: bytes, data: bytes) -> Any:
+        """Answer a global request: False, True, bytes, or a Deferred of one."""
+
+    def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
+                        channel: BridgedChannel) -> defer.Deferred[BridgedChannel]:
+        """Bridge a user's ``direct-tcpip`` channel to ``host:port``."""
+
+
 REFUSED_CHANNEL_TYPES = {
     b"session": "shell, exec and subsystem sessions",
     b"x11": "X11 forwarding",
@@ -97,7 +145,7 @@ class GrantChecker:
 
     credentialInterfaces = (ISSHPrivateKey,)
 
-    def __init__(self, core: RelayCore) -> None:
+    def __init__(self, core: RelayHandler) -> None:
         self.core = core
 
     def requestAvatarId(self, credentials: Any) -> Any:
@@ -135,7 +183,7 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
     """Conch's userauth with the relay's grace time and attempt cap."""
 
     def serviceStarted(self) -> None:
-        core: RelayCore = self.transport.factory.core  # type: ignore[union-attr]
+        core: RelayHandler = self.transport.factory.core  # type: ignore[union-attr]
         self.loginTimeout = core.config.login_grace  # type: ignore[assignment]
         self.attemptsBeforeDisconnect = core.config.max_auth_tries
         self.clock = core.reactor
@@ -217,7 +265,7 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
 
     def offended(self, offence: Offence) -> None:
         """Record what this unauthenticated connection did wrong; the worst one counts
-        when it ends (:meth:`RelayCore.disconnected`)."""
+        when it ends (:meth:`RelayHandler.disconnected`)."""
         if not self.authenticated:
             self.offence = worst(self.offence, offence)
 
@@ -289,7 +337,7 @@ class RelayFactory(factory.SSHFactory):
     protocol = RelayTransport
     noisy = False
 
-    def __init__(self, core: RelayCore, hostKeys: dict[bytes, keys.Key]) -> None:
+    def __init__(self, core: RelayHandler, hostKeys: dict[bytes, keys.Key]) -> None:
         self.core = core
         self.publicKeys = {name: key.public() for name, key in hostKeys.items()}
         self.privateKeys = dict(hostKeys)
@@ -316,7 +364,7 @@ class RelayConnection(FlowConnection):
 
     _log = Logger()
 
-    def __init__(self, core: RelayCore) -> None:
+    def __init__(self, core: RelayHandler) -> None:
         super().__init__()
         self.core = core
         self.keepalive: KeepaliveMonitor | None = None

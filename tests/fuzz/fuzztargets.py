@@ -31,10 +31,10 @@ from twisted.conch.ssh.transport import SSHCiphers
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from relay import fastwire as fw
-from relay.agentargs import _Flags, _option
-from relay.config import ConfigError, HostKeyPolicy
-from relay.grants import parse_grant_file
+from relay.config.agentargs import _Flags, _option
+from relay.config.node import ConfigError, HostKeyPolicy
+from relay.core import fastwire as fw
+from relay.server.grants import parse_grant_file
 from relay.ssh import wire
 from relay.ssh.aead import (
     AES128_GCM,
@@ -82,7 +82,7 @@ def _chunks(data: bytes, seed: int) -> list[bytes]:
     return out
 
 
-# --- the data port and the fast path's SSH extensions (relay/fastwire.py) --------
+# --- the data port and the fast path's SSH extensions (relay/core/fastwire.py) --------
 
 
 def fastwire_hello(data: bytes) -> None:

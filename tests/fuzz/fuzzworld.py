@@ -17,9 +17,9 @@ from twisted.conch.ssh import keys
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 
-from relay.config import PrincipalConfig, RelayConfig, ServiceGrant
-from relay.grants import Grants
-from relay.relayserver import RelayCore
+from relay.config.node import PrincipalConfig, RelayConfig, ServiceGrant
+from relay.server.grants import Grants
+from relay.server.relay import RelayCore
 from relay.ssh.server import Identity, RelayAvatar, RelayConnection, RelayFactory
 
 CLIENT_VERSION = b"SSH-2.0-OpenSSH_9.6p1 Debian-4\r\n"

@@ -23,7 +23,7 @@ import fuzztargets as ft  # noqa: E402
 import fuzzworld as world  # noqa: E402
 from twisted.conch.ssh import common  # noqa: E402
 
-from relay import fastwire as fw  # noqa: E402
+from relay.core import fastwire as fw  # noqa: E402
 from relay.ssh import wire  # noqa: E402
 
 TOKEN = bytes(range(fw.TOKEN_LEN))

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.conch.ssh import common
 
-from relay import fastwire as fw
+from relay.core import fastwire as fw
 from relay.ssh import wire
 
 FAST = settings(max_examples=300, deadline=None,

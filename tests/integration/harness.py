@@ -1469,7 +1469,7 @@ def _audit(event, args):
                                                    else args[:2])).encode())
 sys.addaudithook(_audit)
 sys.argv[0] = "labrelay"
-from relay.cli import main
+from relay.cli.main import main
 raise SystemExit(main())
 """
 

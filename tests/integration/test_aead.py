@@ -48,7 +48,7 @@ CHACHA = "chacha20-poly1305@openssh.com"
 # labrelay started with its own rekey threshold at 1 MiB (1 GiB by default), so that
 # labrelay, not its peer, starts the key exchanges.
 REKEY_1M = "import relay.ssh.aead as a; a.AEADTransportMixin.rekeyAfterBytes = 1 << 20\n"
-LABRELAY = "import sys; sys.argv[0] = 'labrelay'; from relay.cli import main; sys.exit(main())"
+LABRELAY = "import sys; sys.argv[0] = 'labrelay'; from relay.cli.main import main; sys.exit(main())"
 
 
 @pytest.fixture

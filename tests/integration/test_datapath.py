@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 from harness import AgentProcess, free_port
 
-from relay import _splice
-from relay.status import fetch
+from relay.datapath import _splice
+from relay.ops.status import fetch
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +128,9 @@ def selected_backend() -> str:
     if value == "python":
         return "python"
     if value == "c" and not _splice.AVAILABLE:
-        pytest.fail(f"LABRELAY_DATAPATH=c but relay._splice_c is missing: {_splice.IMPORT_ERROR}")
+        pytest.fail(
+            f"LABRELAY_DATAPATH=c but relay.datapath._splice_c is missing: {_splice.IMPORT_ERROR}"
+        )
     return "c" if _splice.AVAILABLE else "python"
 
 

@@ -37,7 +37,7 @@ from harness import (
     sha256_hex,
 )
 
-from relay import fastwire as fw
+from relay.core import fastwire as fw
 
 pytestmark = pytest.mark.integration
 TOKENCLIENT = Path(__file__).with_name("tokenclient.py")
@@ -129,7 +129,7 @@ def site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
         users=[f'permitopen="gpu-cluster:22",permitopen="web:8080" {k.alice.public_blob()} alice',
                f'permitopen="web:8080" {k.bob.public_blob()} bob'],
         # The token tests present bad tokens and stalled hellos from 127.0.0.1 on
-        # purpose, which would get it penalised (relay.admission); the penalties have
+        # purpose, which would get it penalised (relay.core.admission); the penalties have
         # their own tests in tests/security/test_admission.py.
         relay_toml='data_port = 0\ne2e_services = ["gpu-cluster:22"]\ntoken_lifetime = 4\n'
                    'data_hello_timeout = 1\npublic_wait = 3\npenalty_exempt = ["127.0.0.1"]\n')

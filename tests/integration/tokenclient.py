@@ -16,10 +16,10 @@ import sys
 from twisted.internet import defer, reactor, stdio
 from twisted.internet.protocol import Protocol
 
-from relay import fastwire as fw
-from relay.config import NodeConfig
-from relay.connect import CLI, Connector, add_connect_arguments, options_from_args
-from relay.service import load_identities
+from relay.config.node import NodeConfig
+from relay.core import fastwire as fw
+from relay.ops.service import load_identities
+from relay.user.connect import CLI, Connector, add_connect_arguments, options_from_args
 
 
 class _Stdin(Protocol):

@@ -52,7 +52,7 @@ from harness import (
     make_key,
 )
 
-from relay import fastwire as fw
+from relay.core import fastwire as fw
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""relay.status: the admin endpoint answers only requests addressed to itself (DNS
+"""relay.ops.status: the admin endpoint answers only requests addressed to itself (DNS
 rebinding), and only with the bearer token when one is configured.
 
 The gate is sans-IO and tested directly; the resource tree is driven through
@@ -15,7 +15,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.test.requesthelper import DummyRequest
 
-from relay.status import (
+from relay.ops.status import (
     MIN_TOKEN_LENGTH,
     AdminGate,
     TokenError,
@@ -172,7 +172,7 @@ def test_missing_token_file(tmp_path: Path) -> None:
 def test_status_tables_escape_peer_strings() -> None:
     """A session's origin is the client's own claim; ``labrelay status`` prints it to the
     operator's terminal as one visible, bounded cell."""
-    from relay.status import CELL_LIMIT, format_status
+    from relay.ops.status import CELL_LIMIT, format_status
 
     forged = "10.0.0.1\x1b]0;owned\x07\n2026-01-01 fake line" + "x" * 500
     snapshot = {"version": "x", "pid": 1, "relay": {

@@ -1,4 +1,4 @@
-"""relay.agentargs: ssh's flags for ``labrelay agent``, alone and on top of a config file."""
+"""relay.config.agentargs: ssh's flags for ``labrelay agent``, alone and on top of a config file."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.agentargs import add_agent_arguments, config_from_agent_args
-from relay.config import (
+from relay.config.agentargs import add_agent_arguments, config_from_agent_args
+from relay.config.node import (
     EXAMPLE_FINGERPRINT,
     ConfigError,
     HostKeyPolicy,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay.backoff import retry_policy
-from relay.config import Backoff
+from relay.config.node import Backoff
+from relay.core.backoff import retry_policy
 
 
 def no_jitter() -> float:

@@ -12,7 +12,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.bridge import SINK_FULL, Bridge, TCPSide
+from relay.datapath.bridge import SINK_FULL, Bridge, TCPSide
 
 
 @implementer(ITCPTransport)

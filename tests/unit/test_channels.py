@@ -36,7 +36,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.bridge import Bridge, TCPSide
+from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import (
     LINK_BUFFER,

@@ -1,4 +1,4 @@
-"""relay.config: the TOML format, its defaults, and what every error message says."""
+"""relay.config.node: the TOML format, its defaults, and what every error message says."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import (
+from relay.config.node import (
     DEFAULT_MAX_PACKET,
     DEFAULT_WINDOW,
     EXAMPLE_FINGERPRINT,

@@ -1,4 +1,4 @@
-"""relay.connect's command line: what `labrelay connect` is asked to reach, and how."""
+"""relay.user.connect's command line: what `labrelay connect` is asked to reach, and how."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import ConfigError
-from relay.connect import add_connect_arguments, options_from_args
+from relay.config.node import ConfigError
+from relay.user.connect import add_connect_arguments, options_from_args
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,11 @@
-"""relay.datapool (the agent's end of the fast path) with a fake link, a fake SSH
+"""relay.agent.datapool (the agent's end of the fast path) with a fake link, a fake SSH
 connection, a MemoryReactorClock and StringTransports: no sockets, nothing sleeps.
 
-Dials go through the real endpoints (relay.net.client_endpoint with IP literals:
+Dials go through the real endpoints (relay.datapath.net.client_endpoint with IP literals:
 TCP4ClientEndpoint), so MemoryReactorClock.tcpClients records them; a test plays
 the reactor by building the protocol from the recorded factory and connecting a
 StringTransport (or by calling the factory's clientConnectionFailed).  The splice
-itself takes real sockets: relay.datapath.get is replaced by a recording fake, and
+itself takes real sockets: relay.datapath.splicing.get is replaced by a recording fake, and
 tests/integration/test_fastpath.py covers the real path.  A StringTransport never
 calls connectionLost by itself: ``_lose`` does, where a real reactor would.
 """
@@ -24,12 +24,12 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
-import relay.datapool
-from relay import fastwire as fw
-from relay.config import HostPort, RemoteForward
-from relay.datapath import PairAborted, PairResult
-from relay.datapool import RETRY_DELAY, TARGET_CONNECT_TIMEOUT, DataPool, PoolConnection
-from relay.forwards import SessionCounters
+import relay.agent.datapool
+from relay.agent.datapool import RETRY_DELAY, TARGET_CONNECT_TIMEOUT, DataPool, PoolConnection
+from relay.agent.forwards import SessionCounters
+from relay.config.node import HostPort, RemoteForward
+from relay.core import fastwire as fw
+from relay.datapath.splicing import PairAborted, PairResult
 
 RELAY_HOST = "192.0.2.10"
 DATA_PORT = 7022
@@ -152,7 +152,7 @@ class World:
 def _make(monkeypatch: pytest.MonkeyPatch, size: int = 2,
           extra: list[FakeForward] | None = None) -> World:
     fake = FakeDataPath()
-    monkeypatch.setattr(relay.datapool.datapath, "get", lambda reactor: fake)
+    monkeypatch.setattr(relay.agent.datapool.datapath, "get", lambda reactor: fake)
     gpu = FakeForward("GPU-Cluster", 22)
     link = FakeLink([gpu, *(extra or [])])
     pool = DataPool(link, size)  # type: ignore[arg-type]
@@ -885,7 +885,7 @@ def test_refill_after_failures_is_bounded(monkeypatch: pytest.MonkeyPatch) -> No
     """Someone on the path closes (or garbles) every data connection at once: the
     agent redials at most pool-size per REFILL_WINDOW after its first fill and a
     bucket's worth, and logs once per window, not once per connection."""
-    from relay.datapool import REFILL_WINDOW
+    from relay.agent.datapool import REFILL_WINDOW
 
     size = 4
     w = _make(monkeypatch, size=size)
@@ -939,7 +939,7 @@ def test_a_valid_dispatch_is_replaced_at_once_even_after_failures(
 def test_refill_budget_and_burst_log_on_a_clock() -> None:
     from twisted.internet.task import Clock
 
-    from relay.datapool import BurstLog, RefillBudget
+    from relay.agent.datapool import BurstLog, RefillBudget
 
     clock = Clock()
     budget = RefillBudget(clock, 4, window=5.0)

@@ -1,8 +1,8 @@
-"""relay.dataport's state machine with a fake core, a MemoryReactorClock and
+"""relay.server.dataport's state machine with a fake core, a MemoryReactorClock and
 StringTransports: no sockets, nothing sleeps.
 
 What a unit test cannot do is the splice itself (it takes real TCP sockets): the
-step that calls relay.datapath is replaced by a recording fake here, and
+step that calls relay.datapath.splicing is replaced by a recording fake here, and
 tests/integration/test_fastpath.py covers the real path end to end.  A
 StringTransport never calls connectionLost by itself: ``_lose`` does, where a real
 reactor would after an abort or a close.
@@ -22,10 +22,11 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-import relay.dataport
-from relay import fastwire as fw
-from relay.config import PrincipalConfig, RelayConfig, ServiceGrant
-from relay.dataport import (
+import relay.server.dataport
+from relay.config.node import PrincipalConfig, RelayConfig, ServiceGrant
+from relay.core import fastwire as fw
+from relay.core.routing import Registry
+from relay.server.dataport import (
     AGENT_REPLY_TIMEOUT,
     MAX_TOKENS_PER_REQUEST,
     POOL_TOKEN_LIFETIME,
@@ -34,8 +35,7 @@ from relay.dataport import (
     DataPort,
     PairingError,
 )
-from relay.grants import Grants
-from relay.routing import Registry
+from relay.server.grants import Grants
 
 GPU = ("gpu-cluster", 22)
 SOURCE = "192.0.2.7"
@@ -183,8 +183,7 @@ def _pool_hello(world: World, agent: FakeConn, dc: DataConnection) -> bytes:
 def _timers(world: World) -> list[Any]:
     """Pending timers but the token sweep's (it runs while the data port listens)."""
     sweeper = world.port.tokens._sweeper
-    return [c for c in world.clock.getDelayedCalls()
-            if sweeper is None or c is not sweeper.call]
+    return [c for c in world.clock.getDelayedCalls() if c is not sweeper]
 
 
 def _go(dc: DataConnection, name: str, port: int) -> bytes:
@@ -508,7 +507,7 @@ def _paired_up(world: World, extra: bytes = b"") -> tuple[DataConnection, String
 def test_user_is_paired_and_spliced_once_the_agent_says_k(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeDataPath()
-    monkeypatch.setattr(relay.dataport.datapath, "get", lambda clock: fake)
+    monkeypatch.setattr(relay.server.dataport.datapath, "get", lambda clock: fake)
     udc, ut, adc, at = _paired_up(world, extra=b"SSH-2.0-client\r\n")
     adc.dataReceived(fw.AGENT_OK + b"SSH-2.0-server\r\n")
     assert fake.calls == [(ut, at, b"SSH-2.0-client\r\n", fw.USER_OK + b"SSH-2.0-server\r\n")]
@@ -569,7 +568,7 @@ def test_a_stale_agent_connection_is_replaced_by_the_next_one(
     """A pooled connection that closes when dispatched (it died idle) costs the user
     nothing: the next one the agent dials gets the GO."""
     fake = FakeDataPath()
-    monkeypatch.setattr(relay.dataport.datapath, "get", lambda clock: fake)
+    monkeypatch.setattr(relay.server.dataport.datapath, "get", lambda clock: fake)
     udc, ut, adc, _at = _paired_up(world)
     _lose(adc)
     assert ut.value() == b"" and udc.state == "user"

@@ -1,4 +1,4 @@
-"""relay.fastwire: the fast path's SSH extension payloads and data-port framing.
+"""relay.core.fastwire: the fast path's SSH extension payloads and data-port framing.
 
 Pure encoding: round trips, incremental parsing (one byte at a time, ``None`` until
 a frame is whole) and WireError on every kind of malformed input.
@@ -13,8 +13,8 @@ import struct
 import pytest
 from twisted.conch.ssh import common
 
-from relay import fastwire as fw
-from relay.fastwire import Status, WireError
+from relay.core import fastwire as fw
+from relay.core.fastwire import Status, WireError
 
 TOKEN = bytes(range(fw.TOKEN_LEN))
 

@@ -12,8 +12,8 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from relay.config import HostPort, RemoteForward
-from relay.forwards import ForwardState, RemoteForwardRunner
+from relay.agent.forwards import ForwardState, RemoteForwardRunner
+from relay.config.node import HostPort, RemoteForward
 from relay.ssh.wire import pack_grant_revoked, unpack_grant_revoked
 
 

@@ -1,4 +1,4 @@
-"""relay.grants: grant files, the merged view, authorization, and reloading."""
+"""relay.server.grants: grant files, the merged view, authorization, and reloading."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger
 from zope.interface import implementer
 
-from relay import grants as grants_module
-from relay.config import ConfigError, PrincipalConfig, RelayConfig, ServiceGrant
-from relay.grants import (
+from relay.config.node import ConfigError, PrincipalConfig, RelayConfig, ServiceGrant
+from relay.server import grants as grants_module
+from relay.server.grants import (
     Grants,
     GrantsChange,
     GrantsWatcher,
@@ -49,7 +49,7 @@ def blob(key: str) -> bytes:
 
 @implementer(ILogObserver)
 class Events:
-    """Collects what relay.grants logs."""
+    """Collects what relay.server.grants logs."""
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
@@ -794,8 +794,8 @@ def test_diff_a_lowered_session_cap_is_no_loss() -> None:
 def test_public_port_names_cover_every_public_bind() -> None:
     """Every bind the relay turns into a public-port registration is a name no user
     grant reaches, not even ``*``: public ports are reached through their listener."""
-    from relay.grants import PUBLIC_PORT_NAMES
-    from relay.relayserver import PUBLIC, PUBLIC_BINDS
+    from relay.core.grants import PUBLIC_PORT_NAMES
+    from relay.core.routing import PUBLIC, PUBLIC_BINDS
 
     assert PUBLIC in PUBLIC_PORT_NAMES
     assert PUBLIC_BINDS <= PUBLIC_PORT_NAMES

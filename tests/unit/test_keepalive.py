@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from relay.keepalive import KeepaliveMonitor
+from relay.core.keepalive import KeepaliveMonitor
 
 INTERVAL = 15.0
 COUNT = 3

@@ -1,4 +1,4 @@
-"""Key pairs written by relay.keygen, checked with OpenSSH's ssh-keygen."""
+"""Key pairs written by relay.ssh.keygen, checked with OpenSSH's ssh-keygen."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from twisted.conch.ssh.keys import Key
 
-from relay.keygen import KeygenError, generate_keypair
 from relay.ssh.identity import load_identity
+from relay.ssh.keygen import KeygenError, generate_keypair
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
 

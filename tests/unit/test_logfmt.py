@@ -1,4 +1,4 @@
-"""relay.logfmt: peer strings reach a log escaped and truncated, and never as a format.
+"""relay.ops.logfmt: peer strings reach a log escaped and truncated, and never as a format.
 
 The forged line below is what a pre-auth user name tried against the relay before the
 fix: it showed in the text log as a line of its own.
@@ -20,7 +20,7 @@ from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from zope.interface import provider
 
-from relay.logfmt import (
+from relay.ops.logfmt import (
     CONTINUATION,
     FIELD_LIMIT,
     TEXT_LIMIT,
@@ -244,7 +244,7 @@ def test_twistd_root_sets_the_sanitizing_observer_on_the_application(tmp_path: P
     twistd would have built from --logfile (twistd uses the application's component)."""
     from twisted.application.service import MultiService
 
-    from relay.tap import TwistdRoot
+    from relay.ops.tap import TwistdRoot
 
     logfile = tmp_path / "twistd.log"
     server_options = {"logfile": str(logfile), "nodaemon": True, "logger": None,
@@ -263,7 +263,7 @@ def test_twistd_root_sets_the_sanitizing_observer_on_the_application(tmp_path: P
 def test_twistd_root_leaves_an_explicit_logger_alone() -> None:
     from twisted.application.service import MultiService
 
-    from relay.tap import TwistdRoot
+    from relay.ops.tap import TwistdRoot
 
     app = Application("labrelay")
     TwistdRoot(MultiService(), {"logger": "my.observer"}).setServiceParent(app)

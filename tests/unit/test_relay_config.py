@@ -1,4 +1,4 @@
-"""relay.config's [relay] section and relay.relayargs: defaults, every rule, every error."""
+"""relay.config.node's [relay] section and relay.cli.relayargs: defaults, rules, errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from twisted.conch.ssh.keys import Key
 
-from relay.config import (
+from relay.cli.relayargs import add_relay_arguments, config_from_relay_args
+from relay.config.node import (
     DEFAULT_MAX_PACKET,
     DEFAULT_WINDOW,
     AdminConfig,
@@ -26,7 +27,6 @@ from relay.config import (
     parse_service_grant,
     parse_service_name,
 )
-from relay.relayargs import add_relay_arguments, config_from_relay_args
 
 SOURCE = "node.toml"
 BASE = Path("/etc/labrelay")

@@ -17,10 +17,10 @@ from twisted.conch.ssh import common, keys
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
-from relay.config import HostPort, PrincipalConfig, RelayConfig, ServiceGrant
-from relay.grants import Grants
-from relay.relayserver import TAKEOVER_PROBE, RelayCore, Session
-from relay.routing import Outcome, Registry
+from relay.config.node import HostPort, PrincipalConfig, RelayConfig, ServiceGrant
+from relay.core.routing import Outcome, Registry
+from relay.server.grants import Grants
+from relay.server.relay import TAKEOVER_PROBE, RelayCore, Session
 
 
 def _key(comment: str) -> tuple[str, bytes]:
@@ -426,7 +426,7 @@ def test_version_1_fast_path_requests_are_refused_by_name(world: Any) -> None:
     """Fast path v1 (a bearer token in the clear, an unauthenticated dispatch) is not
     spoken: its requests get a standard failure, so a v1 agent turns its pool off and a
     v1 ``labrelay connect`` falls back to a channel (docs/fastpath.md "Versions")."""
-    from relay import fastwire
+    from relay.core import fastwire
 
     core, _clock, blobs = world
     agent, alice = _conn(core, blobs, "lab_pc"), _conn(core, blobs, "alice", "user")

@@ -1,4 +1,4 @@
-"""relay.admission: per-source caps and penalties, driven by a task.Clock (no sockets)."""
+"""relay.core.admission: per-source caps and penalties, driven by a task.Clock (no sockets)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from relay.admission import Admission, Gate, Offence, Refusal, Ticket, worst
-from relay.config import PenaltyConfig, RelayConfig
-from relay.grants import Grants
-from relay.relayserver import RelayCore
+from relay.config.node import PenaltyConfig, RelayConfig
+from relay.core.admission import Admission, Gate, Offence, Refusal, Ticket, worst
+from relay.server.grants import Grants
+from relay.server.relay import RelayCore
 from relay.ssh.server import RelayFactory
 
 A, B, C = "192.0.2.1", "192.0.2.2", "198.51.100.9"

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from relay import _splice
-from relay._splice import DONE, MOVED, WAIT_IN, WAIT_OUT, MoveError
-from relay.datapath import PyDirection, PyPipePool
+from relay.datapath import _splice
+from relay.datapath._splice import DONE, MOVED, WAIT_IN, WAIT_OUT, MoveError
+from relay.datapath.splicing import PyDirection, PyPipePool
 
 MiB = 1024 * 1024
 
@@ -36,7 +36,7 @@ def selected_backend() -> str:
         return "python"
     if value == "c":
         if not _splice.AVAILABLE:
-            pytest.fail(f"LABRELAY_DATAPATH=c but relay._splice_c is missing: "
+            pytest.fail(f"LABRELAY_DATAPATH=c but relay.datapath._splice_c is missing: "
                         f"{_splice.IMPORT_ERROR}")
         return "c"
     return "c" if _splice.AVAILABLE else "python"

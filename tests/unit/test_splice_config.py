@@ -1,5 +1,5 @@
 """``[[forward]]`` plain hops: config parsing, the service tree, status, and one
-session through a :class:`~relay.plainhop.PlainForward` on a private reactor."""
+session through a :class:`~relay.agent.plainhop.PlainForward` on a private reactor."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ import pytest
 from test_splice import selected_backend
 from twisted.internet.epollreactor import EPollReactor
 
-from relay import datapath
-from relay.config import (
+from relay.agent.plainhop import PlainForward
+from relay.config.node import (
     ConfigError,
     HostPort,
     NodeConfig,
     PlainForwardConfig,
     parse_config,
 )
-from relay.plainhop import PlainForward
-from relay.service import make_node_service
+from relay.datapath import splicing as datapath
+from relay.ops.service import make_node_service
 
 
 def parse(text: str) -> NodeConfig:

@@ -1,4 +1,4 @@
-"""The data path's pumps behind :class:`relay.datapath.DataPath`, on real sockets
+"""The data path's pumps behind :class:`relay.datapath.splicing.DataPath`, on real sockets
 with a private reactor: both directions, half-close each way, resets, cancel,
 bytes Twisted had not sent yet, pipes and files as ends, status, and the backend
 choice.  The backend under test is ``LABRELAY_DATAPATH``'s (CI runs both).
@@ -26,8 +26,9 @@ from twisted.internet.error import ConnectionDone
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from relay import _splice, datapath
-from relay.datapath import (
+from relay.datapath import _splice
+from relay.datapath import splicing as datapath
+from relay.datapath.splicing import (
     Backend,
     DataPath,
     DatapathError,
@@ -472,7 +473,7 @@ def test_choice_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DatapathError, match="not one of auto, c, python"):
         datapath.choose_backend("fast")
     monkeypatch.setattr(_splice, "AVAILABLE", False)
-    monkeypatch.setattr(_splice, "IMPORT_ERROR", "no module named relay._splice_c")
+    monkeypatch.setattr(_splice, "IMPORT_ERROR", "no module named relay.datapath._splice_c")
     with pytest.raises(DatapathError, match="native module is not available"):
         datapath.choose_backend("c")
     auto = datapath.choose_backend("auto")

@@ -1,9 +1,9 @@
-"""relay.sshconfig: the ~/.ssh/config snippet `labrelay ssh-config` prints."""
+"""relay.user.sshconfig: the ~/.ssh/config snippet `labrelay ssh-config` prints."""
 
 from __future__ import annotations
 
-from relay.config import ServiceGrant
-from relay.sshconfig import render
+from relay.config.node import ServiceGrant
+from relay.user.sshconfig import render
 
 
 def test_jump_hosts_local_forwards_and_the_host_key() -> None:

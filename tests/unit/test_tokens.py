@@ -1,4 +1,4 @@
-"""relay.tokens: the data port's one-time tickets and the throttle on guessing them.
+"""relay.core.tokens: the data port's one-time tickets and the throttle on guessing them.
 
 A presenter proves a ticket by an HMAC of its secret over the connection's nonce
 (``_redeem`` plays an honest holder, or one holding a wrong secret); the secret
@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-import relay.tokens
-from relay.fastwire import (
+import relay.core.tokens
+from relay.core.fastwire import (
     MAC_LEN,
     NONCE_LEN,
     ROLE_AGENT,
@@ -23,7 +23,7 @@ from relay.fastwire import (
     TOKEN_LEN,
     hello_proof,
 )
-from relay.tokens import Refusal, TokenBook, TokenRefused, TooManyTokens
+from relay.core.tokens import Refusal, TokenBook, TokenRefused, TooManyTokens
 
 SVC = ("gpu-cluster", 22)
 NONCE = b"\x07" * NONCE_LEN
@@ -116,7 +116,7 @@ def test_secret_is_compared_in_constant_time(book: TokenBook,
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(relay.tokens.hmac, "compare_digest", spy)
+    monkeypatch.setattr(relay.core.tokens.hmac, "compare_digest", spy)
     good = book.issue(ROLE_USER, "alice", Session(), SVC)
     bad = book.issue(ROLE_USER, "alice", Session(), SVC)
     _redeem(book, ROLE_USER, good, None, SVC)
@@ -131,7 +131,7 @@ def test_secret_is_not_compared_with_eq(book: TokenBook,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # Belt and braces for the spy above: a bytes == on the secret would bypass
     # compare_digest, so make compare_digest the only thing that can say "equal".
-    monkeypatch.setattr(relay.tokens.hmac, "compare_digest", lambda a, b: False)
+    monkeypatch.setattr(relay.core.tokens.hmac, "compare_digest", lambda a, b: False)
     token = book.issue(ROLE_USER, "alice", Session(), SVC)
     assert _refusal(book, ROLE_USER, token, None, SVC) is Refusal.WRONG
 

@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 labrelay = ServiceMaker(
     "labrelay",
-    "relay.tap",
+    "relay.ops.tap",
     "labrelay: lab link agent and relay (see `labrelay --help`)",
     "labrelay",
 )

@@ -1,0 +1,566 @@
+"""The agent's end of the fast path: data connections dialled before they are needed.
+
+When its link is up, the agent asks the relay (``data-pool-v2@labrelay``) for a
+few one-time tickets and dials the relay's data port with each, so that a user's
+fast-path session finds a connection already open: set-up costs the relay one
+write and the agent one connect to the target, not a TCP handshake across the
+internet.
+
+The data connections are not encrypted and someone on the path may own the
+address they go to, so the agent trusts nothing on them that the SSH link did not
+vouch for (docs/fastpath.md "Protocol"):
+
+- it dials the data port at the address its SSH link is connected to (the link's
+  peer), not at a fresh resolution of the relay's name;
+- it answers the relay's challenge with a proof of the ticket's secret, never the
+  secret;
+- it acts on a GO only if its MAC, keyed with that connection's ticket secret and
+  bound to its ticket id and nonce, is right, and only for the exact name and port
+  of a forward it offered and the relay listed as end-to-end encrypted;
+- a connection that ends without a valid dispatch (closed, garbage, a bad MAC) is
+  replaced at a bounded rate (:class:`RefillBudget`) and logged once per burst
+  (:class:`BurstLog`); one used by a valid dispatch is replaced at once.
+
+An idle connection that gets a valid GO connects that service's target like a
+``forwarded-tcpip`` channel would, answers ``K`` (or ``E`` and why) and hands both
+sockets to :mod:`relay.datapath.splicing`.
+
+Against a stock sshd the request is refused (``REQUEST_FAILURE``) and the pool
+stays off for that link; ``fast_path_pool = 0`` turns it off.  Chained services
+(``via_relay``) are channels on this node, not sockets, so they are not offered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relay.agent.chaining import LocalRelay
+from relay.agent.forwards import RemoteForwardRunner
+from relay.config.node import LinkConfig
+from relay.core import fastwire as fw
+from relay.core.routing import PUBLIC_BINDS
+from relay.datapath import splicing as datapath
+from relay.datapath.net import client_endpoint, peer_ip, probe_idle
+from relay.datapath.splicing import Held
+from relay.ssh.client import LinkConnection
+from relay.ssh.connection import refused_by_peer
+
+TARGET_CONNECT_TIMEOUT = 10.0
+RETRY_DELAY = 2.0
+REFILL_WINDOW = 5.0  # failed pool connections are replaced at most pool-size per window
+
+
+class RefillBudget:
+    """A token bucket for dialling pool connections: ``capacity`` dials at once, then
+    ``capacity`` per ``window`` seconds.  Dials that replace a connection the relay
+    validly dispatched do not spend from it (a burst of real sessions refills at
+    once); every other dial does, so someone who closes or garbles the agent's data
+    connections makes it redial at a bounded rate, not in a loop.  Sans-IO."""
+
+    def __init__(self, clock: Any, capacity: int, window: float = REFILL_WINDOW) -> None:
+        self.clock = clock
+        self.capacity = float(max(1, capacity))
+        self.rate = self.capacity / window
+        self.tokens = self.capacity
+        self._at = clock.seconds()
+
+    def _update(self) -> None:
+        now = self.clock.seconds()
+        self.tokens = min(self.capacity, self.tokens + (now - self._at) * self.rate)
+        self._at = now
+
+    def take(self) -> bool:
+        """Spend one dial if there is one."""
+        self._update()
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def wait(self) -> float:
+        """Seconds until the next dial may be spent."""
+        self._update()
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+
+class BurstLog:
+    """Logs the first failure of a burst, then only how many more there were once
+    ``window`` seconds passed: an attacker who kills every data connection costs one
+    log line per window, not one per connection.  Sans-IO but for the timer."""
+
+    def __init__(self, clock: Any, window: float, first: Callable[[str], None],
+                 more: Callable[[int, str], None]) -> None:
+        self.clock = clock
+        self.window = window
+        self.first = first
+        self.more = more
+        self.count = 0
+        self.last = ""
+        self._timer: IDelayedCall | None = None
+
+    def failed(self, why: str) -> None:
+        self.last = why
+        if self._timer is None:
+            self.first(why)
+            self.count = 0
+            self._timer = self.clock.callLater(self.window, self._end)
+        else:
+            self.count += 1
+
+    def _end(self) -> None:
+        self._timer = None
+        if self.count:
+            self.more(self.count, self.last)
+        self.count = 0
+
+    def stop(self) -> None:
+        """End the burst now (saying how many more there were)."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+            self._end()
+        self._timer = None
+
+
+class PoolConnection(Protocol):
+    """One pre-dialled data connection: ``dialing`` -> ``challenge`` (waiting for the
+    relay's nonce) -> ``idle`` (hello sent, waiting for a GO) -> ``connecting`` ->
+    ``spliced``; any -> ``closed``."""
+
+    transport: Any
+
+    def __init__(self, pool: DataPool, token: bytes) -> None:
+        self.pool = pool
+        self.token = token
+        self.token_id, self.secret = fw.split_ticket(token)
+        self.nonce = b""
+        self.state = "dialing"
+        self.buf = b""
+
+    def connectionMade(self) -> None:
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
+        probe_idle(self.transport)
+        self.state = "challenge"
+        self.pool.connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state not in ("challenge", "idle"):
+            self.buf += data  # one read that raced the pause: it belongs to the stream
+            return
+        self.buf += data
+        if self.state == "challenge":
+            try:
+                parsed = fw.parse_challenge(self.buf)
+            except fw.WireError as e:
+                self.pool.protocolError(self, str(e))
+                return
+            if parsed is None:
+                return
+            self.nonce, self.buf = parsed
+            if self.buf:
+                self.pool.protocolError(self, "bytes after the challenge, before our hello")
+                return
+            self.transport.write(fw.agent_hello(self.token, self.nonce))
+            self.state = "idle"
+            return
+        try:
+            go = fw.parse_go(self.buf)
+        except fw.WireError as e:
+            self.pool.protocolError(self, str(e))
+            return
+        if go is None:
+            return
+        (name, port), mac, self.buf = go
+        if not fw.go_valid(self.secret, self.token_id, self.nonce, name, port, mac):
+            self.pool.protocolError(self, "a dispatch with a wrong MAC (forged, altered or "
+                                    "replayed from another connection)")
+            return
+        self.state = "connecting"
+        self.transport.pauseProducing()
+        self.pool.dispatched(self, name, port)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        was, self.state = self.state, "closed"
+        self.pool.lost(self, was)
+
+
+class PoolOwner(TypingProtocol):
+    """What the data pool needs of its link (:class:`relay.agent.link.Link`)."""
+
+    @property
+    def name(self) -> str | None: ...
+
+    @property
+    def config(self) -> LinkConfig: ...
+
+    @property
+    def reactor(self) -> Any: ...
+
+    @property
+    def clock(self) -> IReactorTime: ...
+
+    @property
+    def remote(self) -> Sequence[RemoteForwardRunner]: ...
+
+    @property
+    def local_relay(self) -> LocalRelay | None: ...
+
+
+class DataPool:
+    """A link's pool of idle data connections to its relay's data port."""
+
+    _log = Logger()
+
+    def __init__(self, link: PoolOwner, size: int) -> None:
+        self.link = link
+        self.size = size
+        self.state = "off" if size <= 0 else "down"
+        self.reason = "fast_path_pool = 0" if size <= 0 else ""
+        self.data_port = 0
+        self.data_host = ""  # the address the link is connected to
+        self.dispatchable: frozenset[tuple[str, int]] = frozenset()
+        self.budget = RefillBudget(link.clock, size)
+        self._credits = 0  # dials owed for validly dispatched connections (free)
+        self.burst = BurstLog(link.clock, REFILL_WINDOW, self._logFirst, self._logMore)
+        self.idle: set[PoolConnection] = set()
+        self.dialing = 0
+        self.stash: list[tuple[bytes, float]] = []  # tokens not dialled yet, with expiry
+        self._conn: LinkConnection | None = None
+        self._asking = False
+        self._retry: IDelayedCall | None = None
+        self._pairs: set[datapath.SplicedPair] = set()
+        self._ready: list[defer.Deferred[None]] = []
+        self.sessions_total = 0
+        self.dial_failures = 0
+        self.failures = 0  # connections that ended without a valid dispatch
+        self.bytes_to_target = 0
+        self.bytes_from_target = 0
+
+    # link life
+
+    def linkUp(self, conn: LinkConnection) -> None:
+        if self.size <= 0:
+            return
+        if not self._services():  # a user's link, or public ports only: nothing to splice
+            self.state, self.reason = "off", "no named remote forwards to splice"
+            return
+        host = peer_ip(conn)
+        if host is None:
+            self.state, self.reason = "off", "the link is not a TCP connection to an IP address"
+            return
+        self._conn = conn
+        self.data_host = host
+        self.state = "starting"
+        self.stash = []
+        # The first fill is free; the budget is for replacing connections lost
+        # without a valid dispatch.
+        self._credits = self.size
+        self.refill()
+
+    def linkDown(self) -> None:
+        self._conn = None
+        if self.size > 0:
+            self.state = "down"
+        self._cancelRetry()
+        self.burst.stop()
+        for pc in list(self.idle):
+            pc.transport.loseConnection()
+        self.idle.clear()
+
+    def stop(self) -> None:
+        self.linkDown()
+        for pair in list(self._pairs):
+            pair.abort()
+
+    def _cancelRetry(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
+    def _services(self) -> list[tuple[str, int]]:
+        local = self.link.local_relay
+        return [(f.config.bind.lower(), f.bound_port or f.config.port) for f in self.link.remote
+                if f.config.bind not in PUBLIC_BINDS and (
+                    not f.config.via_relay  # a socket this agent connects itself
+                    # chaining: a service of this node's relay, spliced on to its agent
+                    or (local is not None and local.dataport.spliceable(
+                        f.config.connect.host, f.config.connect.port)))]
+
+    # keeping it full
+
+    def refill(self) -> None:
+        conn = self._conn
+        if conn is None or self.state in ("off", "unsupported", "unavailable"):
+            return
+        want = self.size - len(self.idle) - self.dialing
+        now = self.link.clock.seconds()
+        self.stash = [(t, exp) for t, exp in self.stash if exp > now + 1.0]
+        while want > 0 and self.stash:
+            if self._credits > 0:
+                self._credits -= 1
+            elif not self.budget.take():
+                self._later(self.budget.wait())  # failures spent the budget: later
+                return
+            self._dial(self.stash.pop()[0])
+            want -= 1
+        if want <= 0 or self._asking or self._retry is not None:
+            return
+        self._asking = True
+        offered = self._services()
+        d = conn.sendGlobalRequest(fw.POOL_REQUEST,
+                                   fw.pack_pool_request(self.size, offered), wantReply=1)
+        d.addCallbacks(self._granted, self._refused, callbackArgs=(conn, offered),
+                       errbackArgs=(conn,))
+
+    def _granted(self, data: bytes, conn: LinkConnection,
+                 offered: list[tuple[str, int]]) -> None:
+        self._asking = False
+        if conn is not self._conn:
+            return
+        try:
+            reply = fw.unpack_pool_reply(data)
+            tokens = [t for t in reply.tokens if len(t) == fw.TOKEN_LEN]
+        except fw.WireError as e:
+            self._off("unavailable", f"the relay answered nonsense: {e}")
+            return
+        if reply.status is not fw.Status.OK:
+            self._off("unavailable", reply.message)
+            return
+        # A dispatch is accepted only for what this agent offered AND the relay says it
+        # will dispatch (granted, end-to-end encrypted): both crossed the SSH link.
+        self.dispatchable = frozenset(offered) & reply.services
+        if self.state != "ready":
+            self._log.info("link {link}: fast path on: {n} data connections to {host} port "
+                           "{port} for {services}", event="fast_path_ready",
+                           link=self.link.name, n=self.size, host=self.data_host,
+                           port=reply.data_port,
+                           services=" ".join(sorted(f"{n}:{p}" for n, p in self.dispatchable)))
+        self.state = "ready"
+        self.reason = ""
+        self.data_port = reply.data_port
+        waiters, self._ready = self._ready, []
+        for d in waiters:
+            d.callback(None)
+        expires = self.link.clock.seconds() + reply.lifetime
+        self.stash.extend((t, expires) for t in tokens)
+        self.refill()
+
+    def _refused(self, f: Failure, conn: LinkConnection) -> None:
+        self._asking = False
+        if conn is not self._conn:
+            return
+        if refused_by_peer(f):
+            self._off("unsupported", "the server does not offer labrelay's fast path "
+                      "(a stock sshd, or an older relay)")
+        # else: the link stopped meanwhile; linkUp starts again
+
+    def whenReady(self) -> defer.Deferred[None]:
+        """Fires once the relay granted the pool (the demo waits for it)."""
+        if self.state == "ready":
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._ready.append(d)
+        return d
+
+    def _off(self, state: str, why: str) -> None:
+        if self.state != state or self.reason != why:
+            self._log.info("link {link}: no fast path: {reason}", event="fast_path_off",
+                           link=self.link.name, reason=why)
+        self.state = state
+        self.reason = why
+
+    def _dial(self, token: bytes) -> None:
+        self.dialing += 1
+        # The address the SSH link is connected to, whose host key was checked: not
+        # the relay's name resolved again (a second answer may be someone else's).
+        endpoint = client_endpoint(self.link.reactor, self.data_host, self.data_port,
+                                   self.link.config.connect_timeout)
+        factory = Factory.forProtocol(lambda: PoolConnection(self, token))
+        factory.noisy = False
+
+        def failed(f: Failure) -> None:
+            self.dialing -= 1
+            self.dial_failures += 1
+            self._log.warn("link {link}: cannot dial the data port {host}:{port}: {reason}",
+                           event="fast_path_dial_failed", link=self.link.name,
+                           host=self.data_host, port=self.data_port,
+                           reason=f.getErrorMessage())
+            self._later()
+
+        endpoint.connect(factory).addErrback(failed)
+
+    def _later(self, delay: float = RETRY_DELAY) -> None:
+        if self._retry is None and self._conn is not None:
+            def again() -> None:
+                self._retry = None
+                self.refill()
+
+            self._retry = self.link.clock.callLater(max(delay, 0.01), again)
+
+    def connected(self, pc: PoolConnection) -> None:
+        self.dialing -= 1
+        if self._conn is None:
+            pc.transport.loseConnection()
+            return
+        self.idle.add(pc)
+
+    def lost(self, pc: PoolConnection, was: str) -> None:
+        if was in ("challenge", "idle") and pc in self.idle:
+            self.idle.discard(pc)
+            # Closed without a valid dispatch: the relay refused our ticket, or
+            # someone on the path closed it.  Replaced within the refill budget.
+            self._failed("closed before a valid dispatch" if was == "idle"
+                         else "closed before the relay's challenge")
+
+    def protocolError(self, pc: PoolConnection, why: str) -> None:
+        self.idle.discard(pc)
+        pc.state = "closed"
+        pc.transport.abortConnection()
+        self._failed(why)
+
+    def _failed(self, why: str) -> None:
+        self.failures += 1
+        self.burst.failed(why)
+        self._later(self.budget.wait() if self.budget.wait() > 0 else RETRY_DELAY)
+
+    def _logFirst(self, why: str) -> None:
+        self._log.warn("link {link}: a data connection to {host}:{port} ended without a valid "
+                       "dispatch: {why}; replacing at most {n} per {window:g}s",
+                       event="fast_path_protocol", link=self.link.name, host=self.data_host,
+                       port=self.data_port, why=why, n=self.size, window=REFILL_WINDOW)
+
+    def _logMore(self, count: int, why: str) -> None:
+        self._log.warn("link {link}: {count} more data connections ended without a valid "
+                       "dispatch in {window:g}s (last: {why})", event="fast_path_protocol_burst",
+                       link=self.link.name, count=count, why=why, window=REFILL_WINDOW)
+
+    # a session
+
+    def _forwardFor(self, name: str, port: int) -> Any:
+        """The forward for exactly ``name:port`` (name case-insensitive, port exact), if
+        this agent offered it and the relay listed it as one it dispatches; never a
+        public-port forward, never one matched by port alone."""
+        name = name.lower()
+        if (name, port) not in self.dispatchable:
+            return None
+        for f in self.link.remote:
+            if (f.config.bind.lower() == name and f.config.bind not in PUBLIC_BINDS
+                    and f.matches(name, port)):
+                return f
+        return None
+
+    def dispatched(self, pc: PoolConnection, name: str, port: int) -> None:
+        """A GO whose MAC was right: the relay asked for ``name:port``."""
+        self.idle.discard(pc)
+        self._credits = min(self._credits + 1, self.size)  # the relay used it: replace at once
+        self.refill()
+        forward = self._forwardFor(name, port)
+        local = self.link.local_relay
+        if forward is None or (forward.config.via_relay and (
+                local is None or not local.dataport.spliceable(forward.config.connect.host,
+                                                               forward.config.connect.port))):
+            self._log.warn("link {link}: the relay dispatched {service}, which this agent did "
+                           "not offer as end-to-end encrypted: refused",
+                           event="fast_path_dispatch_refused", link=self.link.name,
+                           service=f"{name[:64]}:{port}")
+            self._fail(pc, name, port, "no such end-to-end encrypted forward on this agent")
+            return
+        target = forward.config.connect
+        d: defer.Deferred[tuple[Any, bytes]]
+        if forward.config.via_relay and local is not None:  # (checked above)
+            # Chaining: one of the service's own agent's data connections at this
+            # node's relay, answered K; this session is then spliced through to it.
+            d = local.dataport.pairLocal(target.host, target.port).addCallback(
+                lambda dc: (dc.transport, dc.extra))
+        else:
+            endpoint = client_endpoint(self.link.reactor, target.host, target.port,
+                                       TARGET_CONNECT_TIMEOUT)
+            factory = Factory.forProtocol(Held)
+            factory.noisy = False
+            connecting: defer.Deferred[Any] = endpoint.connect(factory)
+            d = connecting.addCallback(lambda held: (held.transport, held.received))
+
+        def connected(server: tuple[Any, bytes]) -> None:
+            transport, received = server
+            if pc.state != "connecting":
+                transport.abortConnection()
+                return
+            pc.transport.write(fw.AGENT_OK)
+            try:
+                pair = datapath.get(self.link.reactor).splice_transports(
+                    pc.transport, transport, from_a=pc.buf, from_b=received)
+            except (OSError, TypeError) as e:
+                self._log.error("forward {forward}: cannot splice: {reason}",
+                                event="fast_path_splice_failed", forward=forward.name,
+                                reason=str(e))
+                pc.transport.abortConnection()
+                transport.abortConnection()
+                return
+            pc.state = "spliced"
+            self._sessionStarted(forward, pair)
+
+        def failed(f: Failure) -> None:
+            self._log.warn("forward {forward}: cannot reach {target}: {reason}",
+                           event="target_unreachable", link=self.link.name,
+                           forward=forward.name, target=str(target),
+                           reason=f.getErrorMessage())
+            self._fail(pc, name, port, f"connect to {target} failed: {f.getErrorMessage()}")
+
+        d.addCallbacks(connected, failed)
+
+    def _fail(self, pc: PoolConnection, name: str, port: int, why: str) -> None:
+        if pc.state == "closed":
+            return
+        pc.transport.write(fw.pack_error(fw.AGENT_ERROR, why))
+        pc.transport.loseConnection()
+
+    def _sessionStarted(self, forward: Any, pair: datapath.SplicedPair) -> None:
+        self._pairs.add(pair)
+        self.sessions_total += 1
+        counters = forward.counters
+        counters.active += 1
+        counters.total += 1
+
+        def ended(result: Any) -> None:
+            self._pairs.discard(pair)
+            moved = pair.bytes()
+            counters.active -= 1
+            counters.bytes_in += moved.a_to_b
+            counters.bytes_out += moved.b_to_a
+            self.bytes_to_target += moved.a_to_b
+            self.bytes_from_target += moved.b_to_a
+            if isinstance(result, Failure) and not result.check(datapath.PairAborted):
+                self._log.debug("forward {forward}: spliced session ended: {reason}",
+                                event="fast_path_session_error", forward=forward.name,
+                                reason=result.getErrorMessage())
+
+        pair.done.addBoth(ended)
+
+    def status(self) -> dict[str, Any]:
+        live = [p.bytes() for p in list(self._pairs)]
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "size": self.size,
+            "data_port": self.data_port or None,
+            "idle": len(self.idle),
+            "dialing": self.dialing,
+            "sessions_active": len(self._pairs),
+            "sessions_total": self.sessions_total,
+            "bytes_to_target": self.bytes_to_target + sum(b.a_to_b for b in live),
+            "bytes_from_target": self.bytes_from_target + sum(b.b_to_a for b in live),
+            "dial_failures": self.dial_failures,
+            "failures": self.failures,
+            "data_host": self.data_host or None,
+            "dispatchable": sorted(f"{n}:{p}" for n, p in self.dispatchable),
+        }
+
+

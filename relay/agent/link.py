@@ -1,0 +1,292 @@
+"""``Link``: one persistent SSH link to an upstream server and the forwards it carries.
+
+The link is a ``ClientService`` (capped, jittered backoff; it never gives up, at
+boot or later).  A connection attempt only counts as connected once the host
+key was verified, a key was accepted and the ``ssh-connection`` service runs
+(``prepareConnection``); then every reverse forward is requested and waiting
+local connections are released.  When the link is lost — the server went away,
+or keepalives found it dead — forwards go down and the service reconnects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import ClientService
+from twisted.application.service import MultiService
+from twisted.conch.ssh import keys
+from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relay.agent.chaining import LocalRelay
+from relay.agent.datapool import DataPool
+from relay.agent.forwards import ForwardState, LocalForwardListener, RemoteForwardRunner
+from relay.config.node import LinkConfig
+from relay.core.backoff import retry_policy
+from relay.datapath.bridge import Bridge, TCPSide
+from relay.ssh.channels import BridgedChannel
+from relay.ssh.client import LinkConnection, LinkTransport, transport_factory
+from relay.ssh.hostkeys import HostKeyVerifier
+
+CANCEL_TIMEOUT = 2.0
+
+
+class LinkDown(Exception):
+    """The link was not ready within the time a new local connection may wait."""
+
+
+class _LoggingEndpoint:
+    """Logs each connection attempt, so an operator sees the link trying."""
+
+    def __init__(self, link: Link, endpoint: HostnameEndpoint) -> None:
+        self._link = link
+        self._endpoint = endpoint
+
+    def connect(self, factory: Factory) -> defer.Deferred[IProtocol]:
+        self._link.state = "connecting"
+        self._link.log.info(
+            "link {link}: connecting to {host}:{port}",
+            event="link_connecting", link=self._link.name,
+            host=self._link.config.host, port=self._link.config.port,
+        )
+        return self._endpoint.connect(factory)
+
+
+class Link(MultiService):
+    """One upstream SSH server, its reverse forwards and its local forwards."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: LinkConfig,
+        reactor: Any,
+        identities: list[keys.Key],
+        on_fatal: Callable[[str], object] | None = None,
+        local_relay: LocalRelay | None = None,
+    ) -> None:
+        super().__init__()
+        self.local_relay = local_relay
+        self.setName(f"link:{config.name}")
+        self.config = config
+        self.name = config.name
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.identities = identities
+        self.verifier = HostKeyVerifier(config.host_key, config.host, config.port)
+        self.state = "down"
+        self.since = reactor.seconds()
+        self.last_error: str | None = None
+        self.connection: LinkConnection | None = None
+        self._on_fatal = on_fatal
+        self._waiters: list[tuple[defer.Deferred[LinkConnection], IDelayedCall]] = []
+        self._allReady: list[defer.Deferred[None]] = []
+        policy = retry_policy(config.backoff)
+        self.remote = [RemoteForwardRunner(self, fwd, policy) for fwd in config.remote]
+        self.local = [LocalForwardListener(self, fwd) for fwd in config.local]
+        self.pool = DataPool(self, config.fast_path_pool)
+        for listener in self.local:
+            listener.setServiceParent(self)
+
+        def logged_policy(failures: int) -> float:
+            delay = policy(failures)
+            self.log.info(
+                "link {link}: reconnecting in {delay:.2f}s (attempt {failures})",
+                event="link_retry", link=self.name, delay=delay, failures=failures,
+            )
+            return delay
+
+        endpoint = HostnameEndpoint(
+            reactor, config.host, config.port, timeout=config.connect_timeout
+        )
+        factory = transport_factory(self)
+        self.client = ClientService(
+            _LoggingEndpoint(self, endpoint),  # type: ignore[arg-type]
+            factory,
+            retryPolicy=logged_policy,
+            clock=reactor,
+            prepareConnection=self._prepare,
+        )
+        self.client.setServiceParent(self)
+
+    # connection life
+
+    def _prepare(self, proto: Any) -> defer.Deferred[None]:
+        def failed(f: Failure) -> Failure:
+            self.last_error = f.getErrorMessage()
+            self.state = "down"
+            self.log.warn(
+                "link {link}: attempt failed: {reason}",
+                event="link_failed", link=self.name, reason=self.last_error,
+            )
+            return f
+
+        return proto.ready.addCallbacks(self._linkUp, failed)
+
+    def _linkUp(self, conn: LinkConnection) -> None:
+        self.connection = conn
+        self.state = "connected"
+        self.since = self.reactor.seconds()
+        self.last_error = None
+        peer = conn.link_transport.tcp.getPeer()
+        self.log.info(
+            "link {link}: connected to {host}:{port} as {user}",
+            event="link_connected", link=self.name, host=self.config.host,
+            port=self.config.port, user=self.config.user, peer=str(peer),
+        )
+        for forward in self.remote:
+            forward.linkUp(conn)
+        self.pool.linkUp(conn)
+        self.forwardReady()
+        waiters, self._waiters = self._waiters, []
+        for d, timer in waiters:
+            timer.cancel()
+            d.callback(conn)
+
+    def linkLost(self, transport: LinkTransport, why: str) -> None:
+        """Called by the transport of a ready link when it closes."""
+        if self.connection is None or self.connection.link_transport is not transport:
+            return
+        self.connection = None
+        self.state = "down"
+        self.since = self.reactor.seconds()
+        self.last_error = why
+        for forward in self.remote:
+            forward.linkDown()
+        self.pool.linkDown()
+        if self.running:
+            self.log.warn("link {link}: lost: {reason}", event="link_lost", link=self.name,
+                          reason=why)
+
+    def whenReady(self, timeout: float) -> defer.Deferred[LinkConnection]:
+        """The ready connection, waiting up to ``timeout`` seconds for one."""
+        if self.connection is not None:
+            return defer.succeed(self.connection)
+        d: defer.Deferred[LinkConnection] = defer.Deferred()
+
+        def expire() -> None:
+            self._waiters = [(w, t) for (w, t) in self._waiters if w is not d]
+            d.errback(LinkDown(f"link {self.name} is down and did not come back within "
+                               f"{timeout:g}s (last error: {self.last_error or 'none'})"))
+
+        self._waiters.append((d, self.clock.callLater(timeout, expire)))
+        return d
+
+    def whenAllReady(self) -> defer.Deferred[None]:
+        """Fires once every reverse forward is granted on a connected link."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._allReady.append(d)
+        self.forwardReady()
+        return d
+
+    def forwardReady(self) -> None:
+        if self.connection is None or any(f.state is not ForwardState.READY
+                                          for f in self.remote):
+            return
+        waiters, self._allReady = self._allReady, []
+        for d in waiters:
+            d.callback(None)
+
+    def grantRevoked(self, bind: str, port: int, why: str) -> None:
+        """The relay dropped registration ``bind:port``: its grant was revoked."""
+        runners = [f for f in self.remote if f.matches(bind, port)
+                   and f.config.bind.lower() == bind.lower()]
+        if not runners:
+            self.log.warn(
+                "link {link}: the relay revoked {bind}:{port}, which we do not hold: {reason}",
+                event="forward_revoked", link=self.name, forward=None, bind=bind, port=port,
+                reason=why,
+            )
+        for runner in runners:
+            runner.revoked(why)
+
+    def remoteForwardFor(self, host: str, port: int) -> RemoteForwardRunner | None:
+        candidates = [f for f in self.remote if f.matches(host, port)]
+        if len(candidates) > 1:
+            candidates = [f for f in candidates if f.config.bind == host] or candidates[:1]
+        return candidates[0] if candidates else None
+
+    def sessionStarted(
+        self,
+        forward: RemoteForwardRunner | LocalForwardListener,
+        side: TCPSide | BridgedChannel,
+        channel: BridgedChannel,
+        origin: str,
+    ) -> Bridge:
+        counters = forward.counters
+        counters.active += 1
+        counters.total += 1
+        local = isinstance(forward, LocalForwardListener)
+
+        def ended(a_to_b: int, b_to_a: int) -> None:
+            counters.active -= 1
+            to_target, from_target = (a_to_b, b_to_a) if local else (b_to_a, a_to_b)
+            counters.bytes_in += to_target
+            counters.bytes_out += from_target
+            self.log.debug(
+                "forward {forward}: session from {origin} closed "
+                "({to_target} bytes in, {from_target} out)",
+                event="session_closed", link=self.name, forward=forward.name, origin=origin,
+                to_target=to_target, from_target=from_target,
+            )
+
+        self.log.debug(
+            "forward {forward}: session from {origin}", event="session_open",
+            link=self.name, forward=forward.name, origin=origin,
+        )
+        return Bridge(side, channel, onClosed=ended)
+
+    def openRelayService(self, name: str, port: int,
+                         origin: str) -> defer.Deferred[BridgedChannel]:
+        """A channel to ``name:port`` registered at this node's relay (chaining)."""
+        if self.local_relay is None:
+            return defer.fail(LinkDown(f"{name}:{port} is a relay service, but this node "
+                                       "runs no [relay]"))
+        d: defer.Deferred[BridgedChannel] = self.local_relay.openLocal(name, port, origin)
+        return d
+
+    def fatal(self, why: str) -> None:
+        if self._on_fatal is not None:
+            self._on_fatal(why)
+
+    # shutdown
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Cancel forwards on the server, say goodbye, then stop reconnecting."""
+        conn = self.connection
+        self.pool.stop()
+        cancels = [f.cancel() for f in self.remote]
+        for d, timer in self._waiters:
+            timer.cancel()
+            d.errback(LinkDown(f"link {self.name} is stopping"))
+        self._waiters = []
+
+        def disconnect(_: object) -> defer.Deferred[None]:
+            if timer.active():
+                timer.cancel()
+            if conn is not None and self.connection is conn:
+                conn.link_transport.sendDisconnect(DISCONNECT_BY_APPLICATION,
+                                                   b"labrelay stopping")
+            return defer.maybeDeferred(super(Link, self).stopService)  # type: ignore[arg-type]
+
+        done: defer.Deferred[Any] = defer.DeferredList(cancels)
+        timer = self.clock.callLater(CANCEL_TIMEOUT, done.cancel)
+        return done.addBoth(disconnect)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "server": f"{self.config.host}:{self.config.port}",
+            "user": self.config.user,
+            "state": self.state,
+            "since": self.since,
+            "last_error": self.last_error,
+            "forwards": [f.status() for f in self.remote] + [f.status() for f in self.local],
+            "fast_path": self.pool.status(),
+        }

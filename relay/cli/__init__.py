@@ -1,0 +1,1 @@
+"""The ``labrelay`` command and its subcommands."""

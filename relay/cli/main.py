@@ -1,0 +1,342 @@
+"""The ``labrelay`` command.
+
+``labrelay agent`` keeps a link and its forwards up (OpenSSH's own flags, or a
+config file, or both); ``labrelay keygen`` makes a key for it; ``labrelay demo``
+runs the whole path on loopback.  Only this module and :mod:`relay.ops.tap` pick the
+global reactor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from relay import __version__
+from relay.config.node import ConfigError, NodeConfig
+from relay.ops.logfmt import start_logging
+from relay.ssh.keygen import KeygenError
+
+EXIT_USAGE = 2
+
+DESCRIPTION = """\
+labrelay keeps a lab's private hosts reachable through a server on the internet.
+
+  labrelay agent  -R 2201:10.0.0.5:22 lab@cloud.example.org
+      like `autossh -M0 -N -R 2201:10.0.0.5:22 lab@cloud.example.org`, but with
+      keepalives on, forwards re-requested after every reconnect, a refused
+      forward retried on the same link, and bounded memory per session.
+  labrelay agent  --config /etc/labrelay/lab_pc.toml
+  labrelay keygen ~/.ssh/labrelay_ed25519
+  labrelay demo   (the whole path on loopback, ready to try)
+
+Run `labrelay COMMAND --help` for a command's options; docs/ has the rest.
+"""
+
+
+def _add_logging(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text",
+        help="text (default) for people; json writes one JSON object per event to stdout",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show debug events (every session) and library messages")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from relay.config.agentargs import add_agent_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="labrelay", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"labrelay {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    agent = sub.add_parser(
+        "agent", help="keep a link to an SSH server and its forwards up",
+        description="Keep one SSH link to [user@]host up, with the given reverse (-R) and "
+        "local (-L) forwards, reconnecting with backoff forever. Flags mean what they "
+        "mean to ssh(1); a --config file may add links or settings.",
+    )
+    add_agent_arguments(agent)
+    agent.add_argument("--backoff-initial", type=float, metavar="SECONDS",
+                       help="first reconnect/retry delay (default 1)")
+    agent.add_argument("--backoff-max", type=float, metavar="SECONDS",
+                       help="longest reconnect/retry delay (default 60)")
+    agent.add_argument("--admin", metavar="[ADDR:]PORT",
+                       help="serve status (JSON, Prometheus /metrics) on this loopback "
+                       "address; read it with `labrelay status`")
+    _add_logging(agent)
+
+    relay = sub.add_parser(
+        "relay", help="run labrelay's own SSH relay (the cloud end)",
+        description="Run labrelay's SSH relay: agents register named services (ssh -R "
+        "NAME:PORT:host:port) and public ports they are granted; users reach them with "
+        "stock `ssh -J user@relay:PORT me@NAME` or `ssh -L`. Grants come from "
+        "[[relay.agent]]/[[relay.user]] in --config or from authorized_keys-style files.",
+    )
+    from relay.cli.relayargs import add_relay_arguments
+
+    add_relay_arguments(relay)
+    _add_logging(relay)
+
+    run = sub.add_parser(
+        "run", help="run what a node config file describes (= agent --config FILE)",
+        description="Run the links and forwards of a node config file (TOML, see "
+        "docs/config.md). The same service as `twistd -n labrelay --config FILE`.",
+    )
+    run.add_argument("config_file", metavar="CONFIG", help="the node config file")
+    run.add_argument("--admin", metavar="[ADDR:]PORT", help="serve status on this loopback "
+                     "address (overrides [admin] in the file)")
+    _add_logging(run)
+
+    keygen = sub.add_parser(
+        "keygen", help="write an ed25519 key pair for an agent",
+        description="Write an ed25519 key pair in OpenSSH format (private key mode 0600) "
+        "and print the authorized_keys line to install on the server.",
+    )
+    keygen.add_argument("path", type=Path, help="where to write the private key (.pub is added)")
+    keygen.add_argument("-C", "--comment", default=None, help="key comment (default user@host)")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing key")
+
+    status = sub.add_parser(
+        "status", help="show a running labrelay's links, forwards and sessions",
+        description="Fetch the status of a labrelay started with --admin (or [admin] in "
+        "its config) and print it as tables.",
+    )
+    status.add_argument("--admin", default=None, metavar="ADDR:PORT",
+                        help="its admin endpoint (default 127.0.0.1:7022)")
+    status.add_argument("--token-file", default=None, type=Path, metavar="FILE",
+                        help="send the bearer token in FILE (its [admin] token_file)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    sshcfg = sub.add_parser(
+        "ssh-config", help="print a relay user's ~/.ssh/config snippet",
+        description="Print the ~/.ssh/config entries one user of a labrelay relay needs: "
+        "the relay, a ProxyJump Host per ssh service they are granted, LocalForward "
+        "lines for the others, and the relay's host key. Run it where the relay's "
+        "config (and state dir) are.",
+    )
+    sshcfg.add_argument("--config", required=True, metavar="FILE",
+                        help="the relay's node config (grants come from it and its files)")
+    sshcfg.add_argument("--user", required=True, help="the user (a [[relay.user]] name)")
+    sshcfg.add_argument("--host", required=True, metavar="HOST[:PORT]",
+                        help="the relay's public name and port as users reach it")
+    sshcfg.add_argument("--identity", default="~/.ssh/id_ed25519",
+                        help="the user's private key path on their machine")
+
+    demo = sub.add_parser(
+        "demo", help="run the whole path on loopback and show it working",
+        description="Start a private OpenSSH sshd (standing in for the cloud server), a "
+        "small target service (standing in for the GPU cluster) and an agent, all on "
+        "127.0.0.1, prove a session through the tunnel and print what to try.",
+    )
+    demo.add_argument("--once", action="store_true",
+                      help="prove the path, then stop (instead of running until Ctrl-C)")
+    _add_logging(demo)
+    connect = sub.add_parser(
+        "connect", help="reach a relay's service through the fast path (an ssh ProxyCommand)",
+        description="Join stdin/stdout to SERVICE behind a labrelay relay: authenticate over "
+        "SSH, take the fast path (a spliced data connection) when the relay offers it for "
+        "SERVICE, else an SSH channel. Made to be OpenSSH's ProxyCommand, e.g.\n\n"
+        "  ssh -o ProxyCommand='labrelay connect -p 2222 alice@relay %h:%p' me@gpu-cluster",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from relay.user.connect import add_connect_arguments
+
+    add_connect_arguments(connect)
+    sub.add_parser("bench", add_help=False, help="run the benchmark suite (from a checkout; "
+                   "`labrelay bench --help`)")
+    return parser
+
+
+def _with_admin(config: NodeConfig, ns: argparse.Namespace) -> NodeConfig:
+    if ns.admin is None:
+        return config
+    from relay.config.node import parse_admin_listen
+
+    admin = parse_admin_listen(ns.admin, source="command line", keypath="--admin",
+                               token_file=config.admin.token_file if config.admin else None)
+    return dataclasses.replace(config, admin=admin)
+
+
+def _with_backoff(config: NodeConfig, ns: argparse.Namespace) -> NodeConfig:
+    changes: dict[str, float] = {}
+    if ns.backoff_initial is not None:
+        changes["initial"] = ns.backoff_initial
+    if ns.backoff_max is not None:
+        changes["maximum"] = ns.backoff_max
+    if not changes:
+        return config
+    links = []
+    for link in config.links:
+        backoff = dataclasses.replace(link.backoff, **changes)
+        if backoff.initial <= 0 or backoff.maximum < backoff.initial:
+            raise ConfigError("command line", "--backoff-initial/--backoff-max",
+                              f"need 0 < initial <= max, got {backoff.initial} and "
+                              f"{backoff.maximum}")
+        links.append(dataclasses.replace(link, backoff=backoff))
+    return dataclasses.replace(config, links=tuple(links))
+
+
+def run_reactor(build: Callable[[Any, Callable[[str], object]], Any]) -> int:
+    """Build the service tree with the real reactor, run it until a signal, stop it."""
+    from twisted.internet import reactor
+    from twisted.logger import Logger
+
+    log = Logger(namespace="labrelay")
+    exit_code = [0]
+
+    def fatal(why: str) -> None:
+        log.critical("{why}; stopping", why=why, event="fatal")
+        exit_code[0] = 1
+        if reactor.running:  # type: ignore[attr-defined]
+            reactor.stop()  # type: ignore[attr-defined]
+
+    service = build(reactor, fatal)
+    log.info("labrelay {version} started (pid {pid})", event="agent_started",
+             version=__version__, pid=os.getpid())
+    reactor.callWhenRunning(service.startService)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    log.info("labrelay stopped", event="agent_stopped")
+    return exit_code[0]
+
+
+def cmd_agent(ns: argparse.Namespace) -> int:
+    from relay.config.agentargs import config_from_agent_args
+    from relay.ops.service import make_node_service
+
+    config = _with_admin(_with_backoff(config_from_agent_args(ns), ns), ns)
+    start_logging(ns.log_format, ns.verbose)
+    # run_reactor builds the tree before the reactor runs: a bad key file
+    # raises ConfigError here and exits 2 with nothing started.
+    return run_reactor(lambda r, fatal: make_node_service(config, r, on_fatal=fatal))
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from relay.config.node import load_config
+    from relay.ops.service import make_node_service
+
+    config = _with_admin(load_config(ns.config_file), ns)
+    start_logging(ns.log_format, ns.verbose)
+    return run_reactor(lambda r, fatal: make_node_service(config, r, on_fatal=fatal))
+
+
+def cmd_relay(ns: argparse.Namespace) -> int:
+    from relay.cli.relayargs import config_from_relay_args
+    from relay.ops.service import make_node_service
+
+    config = config_from_relay_args(ns)
+    start_logging(ns.log_format, ns.verbose)
+    return run_reactor(lambda r, fatal: make_node_service(config, r, on_fatal=fatal))
+
+
+def cmd_keygen(ns: argparse.Namespace) -> int:
+    import getpass
+    import socket
+
+    from relay.ssh.keygen import generate_keypair
+
+    comment = ns.comment or f"{getpass.getuser()}@{socket.gethostname()}"
+    line = generate_keypair(ns.path, comment, overwrite=ns.force)
+    print(f"wrote {ns.path} (private, mode 0600) and {ns.path}.pub", file=sys.stderr)
+    print("add this line to the server's ~/.ssh/authorized_keys:", file=sys.stderr)
+    print(line)
+    return 0
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+
+    from relay.config.node import DEFAULT_ADMIN_LISTEN
+    from relay.ops.status import TokenError, fetch, format_status, read_token
+
+    address = ns.admin or DEFAULT_ADMIN_LISTEN
+    try:
+        token = read_token(ns.token_file) if ns.token_file is not None else None
+    except TokenError as e:
+        print(f"labrelay: {e}", file=sys.stderr)
+        return 2
+    try:
+        snapshot = fetch(address, token=token)
+    except urllib.error.HTTPError as e:
+        print(f"labrelay: http://{address}/status.json answered {e.code} {e.reason}"
+              + (" (give its token with --token-file)" if e.code == 401 else ""),
+              file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as e:
+        print(f"labrelay: cannot read status from http://{address}/status.json: {e}\n"
+              "  is labrelay running with --admin (or [admin] in its config)?",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(snapshot, indent=2) if ns.json else format_status(snapshot), end="")
+    return 0
+
+
+def cmd_ssh_config(ns: argparse.Namespace) -> int:
+    from relay.config.node import load_config
+    from relay.server.grants import Grants
+    from relay.user.sshconfig import relay_host_key_line, render
+
+    config = load_config(ns.config)
+    if config.relay is None:
+        raise ConfigError(config.source, "relay", "this config has no [relay] section",
+                          "point --config at the relay's node config")
+    user = next((p for p in Grants(config.relay, config.source).principals()
+                 if p.kind == "user" and p.name == ns.user), None)
+    if user is None:
+        raise ConfigError(config.source, "relay.user", f"no user named {ns.user!r}",
+                          "use a name from [[relay.user]] or the users file")
+    host, _, port = ns.host.rpartition(":") if ":" in ns.host else (ns.host, "", "")
+    relay_port = int(port) if port else config.relay.listen.port
+    print(render(user=user.name, relay_host=host or ns.host, relay_port=relay_port,
+                 services=user.services, identity=ns.identity,
+                 host_key_line=relay_host_key_line(config.relay.state_dir),
+                 fast=config.relay.e2e_services if config.relay.data_port is not None else ()),
+          end="")
+    return 0
+
+
+def cmd_connect(ns: argparse.Namespace) -> int:
+    from relay.user.connect import run
+
+    return run(ns)
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from relay.cli.demo import run_demo
+
+    return run_demo(once=ns.once, log_format=ns.log_format, verbose=ns.verbose)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: bench/suite.py, found in the checkout
+        from relay.cli.benchcmd import main as bench_main
+
+        return bench_main(argv[1:])
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    commands = {
+        "agent": cmd_agent, "relay": cmd_relay, "run": cmd_run, "keygen": cmd_keygen,
+        "status": cmd_status, "ssh-config": cmd_ssh_config, "demo": cmd_demo,
+        "connect": cmd_connect,
+    }
+    if ns.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return commands[ns.command](ns)
+    except ConfigError as e:
+        print(f"labrelay: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeygenError as e:
+        print(f"labrelay: {e}", file=sys.stderr)
+        return EXIT_USAGE

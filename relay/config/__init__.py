@@ -1,0 +1,1 @@
+"""Node configuration: the schema (frozen dataclasses), TOML loader, OpenSSH grammar."""

@@ -1,0 +1,304 @@
+"""Who may open a connection: per-source limits and penalties (no I/O).
+
+One abusive host must not lock everyone else out (DESIGN §7).  The relay's SSH port
+and its data port each ask a :class:`Gate` at accept time, before a byte is read;
+a refused connection is closed at once, which costs the relay one accept and one
+close.  Modelled on OpenSSH sshd 9.8+ (``MaxStartups``, ``PerSourceMaxStartups``,
+``PerSourceNetBlockSize``, ``PerSourcePenalties``, ``PerSourcePenaltyExemptList``):
+
+- a *source* is the peer's address masked to a network: IPv4 /32 and IPv6 /64 by
+  default (one IPv6 host usually owns a whole /64); IPv4-mapped IPv6 addresses count
+  as IPv4;
+- each gate lets a source hold at most ``per_source_max_unauthenticated``
+  connections that have not authenticated (SSH) or sent their hello (data port), and
+  everyone together ``max_unauthenticated`` (the last line; checked, as sshd does,
+  after the penalty and before the per-source cap, which only changes the reason);
+- a connection that ends badly earns its source a penalty (:class:`Offence`); the
+  seconds add up, capped at ``max``; once a source's penalty left exceeds ``min`` it
+  is *active* and every new connection from that source is refused until it runs
+  out.  Penalties are shared by both ports: a host that guesses tokens at the data
+  port is also refused at the SSH port;
+- exempt networks are never penalised nor refused for a penalty (the per-source cap
+  still applies to them);
+- the penalty table holds at most ``max_sources`` sources.  ``permissive`` (the
+  default) forgets the penalties that would expire soonest to make room: a flood of
+  addresses can shorten other sources' penalties but never locks anyone out.
+  ``deny-all`` refuses every source that is not exempt while the table is full.
+  Expired penalties are dropped, soonest first, whenever a connection is admitted
+  or penalised (a heap by expiry: amortised O(log n), no timer); the table of
+  unauthenticated counts only holds sources with a live connection, so it is
+  bounded by the global cap.
+
+``clock`` is an ``IReactorTime``: unit tests drive it with ``task.Clock``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from twisted.logger import Logger
+
+from relay.config.node import PenaltyConfig, RelayConfig
+
+
+class Offence(Enum):
+    """How a connection ended badly (sshd's penalty classes, plus ``protocol``)."""
+
+    AUTHFAIL = "authfail"  # failed authentication; at the data port, a guessed token
+    NOAUTH = "noauth"  # closed before authenticating / before its hello
+    GRACE = "grace-exceeded"  # still unauthenticated (or without hello) at the deadline
+    PROTOCOL = "protocol"  # sent something that is not the protocol
+
+
+_SEVERITY = (Offence.NOAUTH, Offence.AUTHFAIL, Offence.PROTOCOL, Offence.GRACE)
+
+
+def worst(a: Offence | None, b: Offence) -> Offence:
+    """The worse of two offences of one connection (only one is penalised)."""
+    return b if a is None or _SEVERITY.index(b) > _SEVERITY.index(a) else a
+
+
+class Refusal(Enum):
+    """Why a connection was refused at accept."""
+
+    PENALTY = "penalty"  # its source is penalised
+    PER_SOURCE = "per_source_cap"  # its source holds per_source_max_unauthenticated already
+    GLOBAL = "global_cap"  # max_unauthenticated connections are authenticating already
+    OVERFLOW = "penalty_table_full"  # deny-all and the penalty table is full
+
+
+@dataclass(eq=False)
+class _Penalty:
+    expiry: float
+    active: bool
+    offence: Offence
+
+
+class Penalties:
+    """The penalty table: source -> seconds of penalty left, bounded and expiring."""
+
+    _log = Logger()
+
+    def __init__(self, config: PenaltyConfig, clock: Any) -> None:
+        self.config = config
+        self.clock = clock
+        self._table: dict[str, _Penalty] = {}
+        self._heap: list[tuple[float, int, str]] = []  # (expiry, seq, source); stale ok
+        self._seq = 0
+        self.penalised = {o.value: 0 for o in Offence}  # offences counted, by kind
+        self.activated = 0  # times a source's penalty became active
+        self.forgotten = 0  # penalties dropped early because the table was full
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def seconds(self, offence: Offence) -> float:
+        return {
+            Offence.AUTHFAIL: self.config.authfail,
+            Offence.NOAUTH: self.config.noauth,
+            Offence.GRACE: self.config.grace_exceeded,
+            Offence.PROTOCOL: self.config.protocol,
+        }[offence]
+
+    def full(self) -> bool:
+        self._expire()
+        return len(self._table) >= self.config.max_sources
+
+    def active(self, source: str) -> _Penalty | None:
+        """The source's penalty if it is active now (its connections are refused)."""
+        self._expire()
+        entry = self._table.get(source)
+        return entry if entry is not None and entry.active else None
+
+    def left(self, source: str) -> float:
+        """Seconds of penalty ``source`` has left (0 if none), active or not."""
+        entry = self._table.get(source)
+        return max(0.0, entry.expiry - self.clock.seconds()) if entry is not None else 0.0
+
+    def active_count(self) -> int:
+        now = self.clock.seconds()
+        return sum(1 for p in self._table.values() if p.active and p.expiry > now)
+
+    def penalise(self, source: str, offence: Offence) -> None:
+        """Add ``offence``'s seconds to ``source``'s penalty (srclimit_penalise)."""
+        secs = self.seconds(offence)
+        if not self.config.enabled or secs <= 0:
+            return
+        self.penalised[offence.value] += 1
+        now = self.clock.seconds()
+        self._expire()
+        entry = self._table.get(source)
+        if entry is None:
+            if len(self._table) >= self.config.max_sources and self.config.overflow == "deny-all":
+                self._log.warn("penalty table full ({n} sources): cannot penalise {source} "
+                               "for {offence}", event="relay_penalty_overflow",
+                               n=len(self._table), source=source, offence=offence.value)
+                return
+            entry = self._table[source] = _Penalty(now + min(secs, self.config.max),
+                                                   False, offence)
+            self._push(source, entry)
+            while len(self._table) > self.config.max_sources:  # permissive: as sshd,
+                self._forgetSoonest()  # forget whichever expires soonest, maybe this one
+            if source not in self._table:
+                return
+        else:
+            entry.expiry = min(entry.expiry + secs, now + self.config.max)
+            entry.offence = offence
+            self._push(source, entry)
+        if not entry.active and entry.expiry - now > self.config.min:
+            entry.active = True
+            self.activated += 1
+            self._log.info("penalising {source} for {seconds:.0f}s (last offence: {offence}); "
+                           "its connections are refused until then",
+                           event="relay_source_penalised", source=source,
+                           seconds=entry.expiry - now, offence=offence.value)
+
+    def _push(self, source: str, entry: _Penalty) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (entry.expiry, self._seq, source))
+        if len(self._heap) > 2 * len(self._table) + 64:  # stale entries: rebuild
+            self._heap = [(p.expiry, i, s) for i, (s, p) in enumerate(self._table.items())]
+            heapq.heapify(self._heap)
+
+    def _pop(self) -> tuple[str, _Penalty] | None:
+        """The live entry expiring soonest, without removing it from the table."""
+        while self._heap:
+            expiry, _, source = self._heap[0]
+            entry = self._table.get(source)
+            if entry is not None and entry.expiry == expiry:
+                return source, entry
+            heapq.heappop(self._heap)  # stale: the source was dropped or re-penalised
+        return None
+
+    def _forgetSoonest(self) -> None:
+        head = self._pop()
+        assert head is not None
+        heapq.heappop(self._heap)
+        del self._table[head[0]]
+        self.forgotten += 1
+
+    def _expire(self) -> None:
+        now = self.clock.seconds()
+        while (head := self._pop()) is not None and head[1].expiry <= now:
+            heapq.heappop(self._heap)
+            del self._table[head[0]]
+        if not self._table:
+            self._heap.clear()
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted connection: its source and whether it still counts as
+    unauthenticated at its gate."""
+
+    source: str
+    exempt: bool
+    pending: bool = True
+
+
+@dataclass(eq=False)
+class Gate:
+    """Admission for one listener (the SSH port or the data port)."""
+
+    name: str
+    admission: Admission
+    global_cap: int
+    pending: dict[str, int] = field(default_factory=dict)  # source -> unauthenticated
+    total: int = 0
+    refused: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in Refusal})
+
+    def admit(self, host: str) -> Ticket | Refusal:
+        """A ticket for a new connection from ``host``, or why it is refused."""
+        source, exempt = self.admission.source(host)
+        why = self._check(source, exempt)
+        if why is not None:
+            self.refused[why.value] += 1
+            return why
+        self.pending[source] = self.pending.get(source, 0) + 1
+        self.total += 1
+        return Ticket(source, exempt)
+
+    def _check(self, source: str, exempt: bool) -> Refusal | None:
+        penalties = self.admission.penalties
+        if not exempt:
+            if penalties.config.enabled and penalties.config.overflow == "deny-all" \
+                    and penalties.full():
+                return Refusal.OVERFLOW
+            if penalties.active(source) is not None:
+                return Refusal.PENALTY
+        if self.total >= self.global_cap:  # sshd's order: penalty, MaxStartups, per source
+            return Refusal.GLOBAL
+        if self.pending.get(source, 0) >= self.admission.per_source:
+            return Refusal.PER_SOURCE
+        return None
+
+    def passed(self, ticket: Ticket) -> None:
+        """The connection authenticated (or sent its hello): it no longer counts."""
+        if not ticket.pending:
+            return
+        ticket.pending = False
+        self.total -= 1
+        left = self.pending[ticket.source] - 1
+        if left:
+            self.pending[ticket.source] = left
+        else:
+            del self.pending[ticket.source]
+
+    def closed(self, ticket: Ticket, offence: Offence | None) -> None:
+        """The connection ended; ``offence`` if it ended badly."""
+        self.passed(ticket)
+        if offence is not None:
+            self.penalise(ticket, offence)
+
+    def penalise(self, ticket: Ticket, offence: Offence) -> None:
+        if not ticket.exempt:
+            self.admission.penalties.penalise(ticket.source, offence)
+
+    def status(self) -> dict[str, Any]:
+        return {"unauthenticated": self.total, "sources": len(self.pending),
+                "refused": dict(self.refused)}
+
+
+class Admission:
+    """Sources, the exempt list and the shared penalty table; one :class:`Gate` per port."""
+
+    def __init__(self, config: RelayConfig, clock: Any) -> None:
+        self.config = config
+        self.per_source = config.per_source_max_unauthenticated
+        self.penalties = Penalties(config.penalties, clock)
+        self.gates: dict[str, Gate] = {}
+
+    def gate(self, name: str, global_cap: int) -> Gate:
+        gate = self.gates[name] = Gate(name, self, global_cap)
+        return gate
+
+    def source(self, host: str) -> tuple[str, bool]:
+        """``host``'s source (its network, as text) and whether it is exempt.  A host
+        that is not an IP address (a UNIX socket, a test double) is its own source."""
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return host, False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        bits = (self.config.per_source_netblock4 if ip.version == 4
+                else self.config.per_source_netblock6)
+        net = ipaddress.ip_network((ip, bits), strict=False)
+        exempt = any(ip in n for n in self.config.penalty_exempt)
+        return str(net), exempt
+
+    def status(self) -> dict[str, Any]:
+        p = self.penalties
+        return {
+            "per_source_max_unauthenticated": self.per_source,
+            "penalised_sources": p.active_count(),
+            "tracked_sources": len(p),
+            "penalties": dict(p.penalised),
+            "penalties_activated": p.activated,
+            "penalties_forgotten": p.forgotten,
+            **{name: g.status() for name, g in self.gates.items()},
+        }

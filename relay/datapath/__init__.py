@@ -1,0 +1,1 @@
+"""Moving bytes: the flow-controlled bridge, splice backends and the cffi glue."""

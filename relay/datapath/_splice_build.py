@@ -1,0 +1,46 @@
+"""cffi builder for ``relay.datapath._splice_c``, the native data path (``csrc/``).
+
+Wiring only: the header ``csrc/relay_splice.h`` is the ``cdef`` as it stands, and
+``csrc/*.c`` are compiled into the extension (API mode, out-of-line).  setup.py
+names this file in ``cffi_modules``, so ``pip install .`` builds the module and a
+compiler error fails the install.  Run it directly to build in place::
+
+    python relay/datapath/_splice_build.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cffi import FFI
+
+ROOT = Path(__file__).resolve().parents[2]
+CSRC = ROOT / "csrc"
+HEADER = CSRC / "relay_splice.h"
+
+
+def _rel(path: Path) -> str:
+    """setuptools wants source paths relative to the project root (its cwd)."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive (not on Linux, but be exact)
+        return str(path)
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(HEADER.read_text())
+ffibuilder.set_source(
+    "relay.datapath._splice_c",
+    '#include <stddef.h>\n#include <stdint.h>\n#include "relay_splice.h"\n',
+    sources=[_rel(p) for p in sorted(CSRC.glob("*.c"))],
+    include_dirs=[_rel(CSRC)],
+    depends=[_rel(HEADER)],  # rebuilt when it changes, and shipped in the sdist
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                        "-Werror=implicit-function-declaration"],
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    ffibuilder.compile(tmpdir=str(ROOT), verbose=True)

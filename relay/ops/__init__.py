@@ -1,0 +1,1 @@
+"""Running a node: status and the admin endpoint, logging, the service tree, twistd glue."""

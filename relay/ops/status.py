@@ -1,0 +1,426 @@
+"""The admin endpoint: JSON status, Prometheus metrics, and ``labrelay status``.
+
+Served over HTTP, on a loopback address unless a bearer token is configured (the
+config refuses others): it shows link health, each forward's state (ready, or
+refused and retrying, with the reason) and per-forward session counters.
+``labrelay status`` fetches the JSON and prints it as tables.
+
+Every request first passes :class:`AdminGate`: it must be addressed to this endpoint
+(its ``Host`` header names the address the connection arrived on, or ``localhost``
+when that is loopback), so a web page whose name an attacker re-points at 127.0.0.1
+(DNS rebinding) gets ``421 Misdirected Request`` and no data; with a token, it must
+also carry ``Authorization: Bearer <token>`` (``401`` otherwise).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+import stat
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+
+from relay import __version__
+from relay.ops.logfmt import escape
+
+Snapshot = Callable[[], dict[str, Any]]
+
+
+class _Leaf(Resource):
+    isLeaf = True
+
+    def __init__(self, snapshot: Snapshot, render: Callable[[dict[str, Any]], str],
+                 content_type: str) -> None:
+        super().__init__()
+        self._snapshot = snapshot
+        self._render = render
+        self._type = content_type
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", self._type.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        return self._render(self._snapshot()).encode()
+
+
+def _json(snapshot: dict[str, Any]) -> str:
+    return json.dumps(snapshot, indent=2, sort_keys=True) + "\n"
+
+
+def _label(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus_text(snapshot: dict[str, Any]) -> str:
+    """Prometheus exposition format (text 0.0.4) of a status snapshot."""
+    lines = [
+        "# HELP labrelay_info labrelay version.",
+        "# TYPE labrelay_info gauge",
+        f'labrelay_info{{version="{_label(snapshot.get("version", ""))}"}} 1',
+        "# HELP labrelay_link_up 1 when the link is connected and authenticated.",
+        "# TYPE labrelay_link_up gauge",
+    ]
+    forwards: list[tuple[str, dict[str, Any]]] = []
+    for link in snapshot.get("links", []):
+        name = _label(link["name"])
+        lines.append(f'labrelay_link_up{{link="{name}"}} {int(link["state"] == "connected")}')
+        forwards.extend((name, f) for f in link.get("forwards", []))
+    series = [
+        ("forward_ready", "gauge", "1 when the forward is usable.",
+         lambda f: int(f["state"] in ("ready", "listening"))),
+        ("forward_failures", "gauge", "Refusals in a row (0 once granted).",
+         lambda f: f.get("failures", 0)),
+        ("sessions_active", "gauge", "Sessions open now.", lambda f: f["sessions_active"]),
+        ("sessions_total", "counter", "Sessions since start.", lambda f: f["sessions_total"]),
+        ("bytes_to_target_total", "counter", "Bytes carried toward the target.",
+         lambda f: f["bytes_to_target"]),
+        ("bytes_from_target_total", "counter", "Bytes carried back from the target.",
+         lambda f: f["bytes_from_target"]),
+    ]
+    for metric, kind, help_text, value in series:
+        lines.append(f"# HELP labrelay_{metric} {help_text}")
+        lines.append(f"# TYPE labrelay_{metric} {kind}")
+        for link_name, f in forwards:
+            labels = f'link="{link_name}",forward="{_label(f["name"])}",kind="{f["kind"]}"'
+            lines.append(f"labrelay_{metric}{{{labels}}} {value(f)}")
+    relay = snapshot.get("relay")
+    if relay is not None:
+        lines += _relay_metrics(relay)
+    return "\n".join(lines) + "\n"
+
+
+def _relay_metrics(relay: dict[str, Any]) -> list[str]:
+    lines = [
+        "# HELP labrelay_relay_agents_connected Agent connections now.",
+        "# TYPE labrelay_relay_agents_connected gauge",
+        f"labrelay_relay_agents_connected {len(relay.get('agents', []))}",
+        "# HELP labrelay_relay_users_connected User connections now.",
+        "# TYPE labrelay_relay_users_connected gauge",
+        f"labrelay_relay_users_connected {len(relay.get('users', []))}",
+        "# HELP labrelay_relay_service_up 1 while an agent holds the service.",
+        "# TYPE labrelay_relay_service_up gauge",
+    ]
+    for svc in relay.get("services", []):
+        lines.append(f'labrelay_relay_service_up{{service="{_label(svc["service"])}",'
+                     f'owner="{_label(svc["owner"])}"}} 1')
+    per_service = relay.get("per_service", {})
+    for metric, key, kind in (
+        ("relay_sessions_active", "sessions_active", "gauge"),
+        ("relay_sessions_total", "sessions_total", "counter"),
+        ("relay_bytes_to_service_total", "bytes_to_service", "counter"),
+        ("relay_bytes_from_service_total", "bytes_from_service", "counter"),
+    ):
+        lines.append(f"# TYPE labrelay_{metric} {kind}")
+        for name, values in per_service.items():
+            lines.append(f'labrelay_{metric}{{service="{_label(name)}"}} {values[key]}')
+    lines.append("# HELP labrelay_relay_user_sessions Sessions open now per user.")
+    lines.append("# TYPE labrelay_relay_user_sessions gauge")
+    for user, count in relay.get("per_user", {}).items():
+        lines.append(f'labrelay_relay_user_sessions{{user="{_label(user)}"}} {count}')
+    for counter, value in relay.get("counters", {}).items():
+        lines.append(f"# TYPE labrelay_relay_{counter}_total counter")
+        lines.append(f"labrelay_relay_{counter}_total {value}")
+    fast = relay.get("fast_path") or {}
+    for counter in ("paired", "pair_failed", "data_connections", "data_refused",
+                    "data_throttled"):
+        if counter in fast:
+            lines.append(f"# TYPE labrelay_relay_fast_{counter}_total counter")
+            lines.append(f"labrelay_relay_fast_{counter}_total {fast[counter]}")
+    admission = relay.get("admission") or {}
+    if admission:
+        lines += [
+            "# HELP labrelay_relay_penalised_sources Sources refused now for a penalty.",
+            "# TYPE labrelay_relay_penalised_sources gauge",
+            f"labrelay_relay_penalised_sources {admission.get('penalised_sources', 0)}",
+            "# HELP labrelay_relay_penalties_total Penalties given, by offence.",
+            "# TYPE labrelay_relay_penalties_total counter",
+        ]
+        for offence, value in admission.get("penalties", {}).items():
+            lines.append(f'labrelay_relay_penalties_total{{offence="{_label(offence)}"}} {value}')
+        lines += ["# HELP labrelay_relay_admission_refused_total Connections closed at "
+                  "accept, by port and reason.",
+                  "# TYPE labrelay_relay_admission_refused_total counter"]
+        for port in ("ssh", "data"):
+            for reason, value in (admission.get(port) or {}).get("refused", {}).items():
+                lines.append(f'labrelay_relay_admission_refused_total{{port="{port}",'
+                             f'reason="{_label(reason)}"}} {value}')
+        lines += ["# HELP labrelay_relay_unauthenticated Connections not yet authenticated "
+                  "(SSH) or owing their hello (data), by port.",
+                  "# TYPE labrelay_relay_unauthenticated gauge"]
+        for port in ("ssh", "data"):
+            if port in admission:
+                lines.append(f'labrelay_relay_unauthenticated{{port="{port}"}} '
+                             f"{admission[port]['unauthenticated']}")
+    if fast.get("tokens_refused"):
+        lines.append("# TYPE labrelay_relay_fast_tokens_refused_total counter")
+    for reason, value in fast.get("tokens_refused", {}).items():
+        lines.append(f'labrelay_relay_fast_tokens_refused_total{{reason="{_label(reason)}"}} '
+                     f"{value}")
+    return lines
+
+
+MIN_TOKEN_LENGTH = 16
+CELL_LIMIT = 120
+_WILDCARDS = ("", "*", "0.0.0.0", "::")
+
+
+class TokenError(Exception):
+    """The admin token file is missing, unreadable, too open or too short."""
+
+
+def read_token(path: Path) -> bytes:
+    """The bearer token in ``path`` (surrounding white space stripped).
+
+    The file must be a regular file readable by its owner only (``chmod 600``), as
+    OpenSSH requires of private keys, and hold at least :data:`MIN_TOKEN_LENGTH`
+    characters (``openssl rand -hex 32 > admin.token`` makes one)."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read(4096)
+    except OSError as e:
+        raise TokenError(f"cannot read the admin token file {path}: {e.strerror}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise TokenError(f"the admin token file {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise TokenError(f"the admin token file {path} is readable by others (mode "
+                         f"{stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
+    token = data.strip()
+    if len(token) < MIN_TOKEN_LENGTH or any(c < 0x21 or c > 0x7E for c in token):
+        raise TokenError(f"the admin token in {path} must be at least {MIN_TOKEN_LENGTH} "
+                         "printable ASCII characters without spaces")
+    return token
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An HTTP answer that carries no data."""
+
+    code: int
+    reason: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def _host_name(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class AdminGate:
+    """Decides, from a request's headers and the address it arrived on, whether the
+    admin endpoint answers it.  Sans-IO: :func:`admin_resource` feeds it requests.
+
+    Accepted ``Host`` values (case-insensitive): the configured listen host (unless a
+    wildcard) and the local address the connection arrived on, each with the local
+    port, plus ``localhost``, ``127.0.0.1`` and ``[::1]`` when that address is
+    loopback; the bare name without a port only on port 80.  A missing ``Host`` is
+    refused too (every browser, curl, urllib and Prometheus send one).
+    """
+
+    def __init__(self, listen_host: str, token: bytes | None = None) -> None:
+        self.listen_host = listen_host
+        self.token = token
+
+    def allowed_hosts(self, local_host: str, local_port: int) -> set[str]:
+        names = {_host_name(local_host)}
+        if self.listen_host not in _WILDCARDS:
+            names.add(_host_name(self.listen_host))
+        if _is_loopback(local_host):
+            names |= {"localhost", "127.0.0.1", "[::1]"}
+        allowed = {f"{name}:{local_port}".lower() for name in names}
+        if local_port == 80:
+            allowed |= {name.lower() for name in names}
+        return allowed
+
+    def check(self, host_header: bytes | None, local_host: str, local_port: int,
+              authorization: bytes | None) -> Refusal | None:
+        """None to answer the request, else the refusal to send instead."""
+        host = (host_header or b"").decode("latin-1").strip().lower()
+        if host not in self.allowed_hosts(local_host, local_port):
+            return Refusal(421, "misdirected request: this endpoint answers only requests "
+                           "addressed to its own address or localhost")
+        if self.token is not None:
+            scheme, _, presented = (authorization or b"").strip().partition(b" ")
+            if not (scheme.lower() == b"bearer"
+                    and hmac.compare_digest(presented.strip(), self.token)):
+                return Refusal(401, "a bearer token is required",
+                               ((b"www-authenticate", b'Bearer realm="labrelay"'),))
+        return None
+
+
+class _Refused(Resource):
+    isLeaf = True
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__()
+        self._refusal = refusal
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(self._refusal.code)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        for name, value in self._refusal.headers:
+            request.setHeader(name, value)
+        return (self._refusal.reason + "\n").encode()
+
+
+class _Gated(Resource):
+    """The admin tree behind an :class:`AdminGate`: every path is decided here first."""
+
+    def __init__(self, inner: Resource, gate: AdminGate) -> None:
+        super().__init__()
+        self._inner = inner
+        self._gate = gate
+
+    def getChildWithDefault(self, path: bytes, request: Any) -> IResource:
+        local = request.getHost()
+        refusal = self._gate.check(request.getHeader(b"host"), getattr(local, "host", ""),
+                                   getattr(local, "port", 0),
+                                   request.getHeader(b"authorization"))
+        if refusal is not None:
+            return _Refused(refusal)
+        child: Resource | None = self._inner.children.get(path)
+        return child if child is not None else notFound()
+
+
+def admin_resource(snapshot: Snapshot, gate: AdminGate) -> Resource:
+    root = Resource()
+    root.putChild(b"status.json", _Leaf(snapshot, _json, "application/json"))
+    root.putChild(b"metrics", _Leaf(snapshot, prometheus_text, "text/plain; version=0.0.4"))
+    root.putChild(b"", _Leaf(snapshot, _json, "application/json"))
+    return _Gated(root, gate)
+
+
+def fetch(address: str, timeout: float = 5.0, token: bytes | None = None) -> dict[str, Any]:
+    """The JSON status of the labrelay whose admin endpoint is ``host:port`` (with
+    ``Authorization: Bearer`` when a token is given)."""
+    request = urllib.request.Request(f"http://{address}/status.json")
+    if token is not None:
+        request.add_header("Authorization", "Bearer " + token.decode("ascii"))
+    with urllib.request.urlopen(request, timeout=timeout) as reply:
+        result: dict[str, Any] = json.load(reply)
+        return result
+
+
+def _age(since: float | None, now: float) -> str:
+    if not since:
+        return "-"
+    seconds = int(now - since)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def _table(rows: list[list[str]]) -> str:
+    # Cells carry peer-supplied strings (a session's claimed origin): one visible line each.
+    rows = [[escape(cell, CELL_LIMIT) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+
+
+def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    links = [["LINK", "SERVER", "STATE", "FOR", "LAST ERROR"]]
+    forwards = [["LINK", "FORWARD", "KIND", "LISTEN", "CONNECT", "STATE", "SESSIONS",
+                 "BYTES IN/OUT", "NOTE"]]
+    for link in snapshot.get("links", []):
+        links.append([link["name"], link["server"], link["state"], _age(link.get("since"), now),
+                      link.get("last_error") or ""])
+        for f in link.get("forwards", []):
+            listen = f["listen"]
+            if f.get("bound_port") is not None and listen.endswith(":0"):
+                listen = listen[:-1] + str(f["bound_port"])
+            note = f.get("last_error") or ""
+            if f["state"] == "refused":
+                note = f"retrying ({f.get('failures', 0)} refusals): {note}"
+            forwards.append([
+                link["name"], f["name"], f["kind"], listen, f["connect"], f["state"],
+                f"{f['sessions_active']} open / {f['sessions_total']}",
+                f"{f['bytes_to_target']}/{f['bytes_from_target']}", note,
+            ])
+    head = f"labrelay {snapshot.get('version', '?')} (pid {snapshot.get('pid', '?')})"
+    parts = [head]
+    if len(links) > 1:
+        parts += [_table(links), _table(forwards)]
+        for link in snapshot.get("links", []):
+            fp = link.get("fast_path")
+            if fp and fp.get("state") != "off":
+                parts.append(
+                    f"link {link['name']} fast path: {fp['state']}"
+                    + (f" ({fp['reason']})" if fp.get("reason") else "")
+                    + f"; {fp['idle']} idle data connections, {fp['sessions_active']} open / "
+                    f"{fp['sessions_total']} spliced sessions, bytes in/out "
+                    f"{fp['bytes_to_target']}/{fp['bytes_from_target']}")
+    relay = snapshot.get("relay")
+    if relay is not None:
+        parts += _relay_tables(relay, now)
+    lines = "\n\n".join(parts).split("\n")
+    return "".join(escape(line, None, backslash=False) + "\n" for line in lines)
+
+
+def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
+    agents = [["AGENT", "FROM", "SERVICES"]] + [
+        [a["name"], a["peer"], " ".join(a["services"]) or "-"] for a in relay.get("agents", [])
+    ]
+    services = [["SERVICE", "OWNER", "FOR", "OPEN", "TOTAL", "BYTES TO/FROM"]]
+    per_service = relay.get("per_service", {})
+    for svc in relay.get("services", []):
+        totals = per_service.get(svc["service"], {})
+        services.append([
+            svc["service"], svc["owner"], _age(svc.get("since"), now),
+            str(totals.get("sessions_active", 0)), str(totals.get("sessions_total", 0)),
+            f"{totals.get('bytes_to_service', 0)}/{totals.get('bytes_from_service', 0)}",
+        ])
+    sessions = [["USER", "SERVICE", "FROM", "PATH", "AGE", "BYTES TO/FROM"]] + [
+        [s["user"], s["service"], s["origin"], s.get("path", "channel"), f"{s['age']:.0f}s",
+         f"{s['bytes_to_service']}/{s['bytes_from_service']}"]
+        for s in relay.get("sessions", [])
+    ]
+    out = [f"relay on {relay.get('listen', '?')}: {len(relay.get('agents', []))} agent(s), "
+           f"{len(relay.get('users', []))} user connection(s)", _table(agents), _table(services)]
+    if len(sessions) > 1:
+        out.append(_table(sessions))
+    fast = relay.get("fast_path")
+    if fast is not None:
+        if fast.get("data_port") is None:
+            out.append("fast path: off (no data_port)")
+        else:
+            refused = sum(fast.get("tokens_refused", {}).values())
+            pools = " ".join(f"{n}={k}" for n, k in sorted(fast.get("pools", {}).items()))
+            out.append(
+                f"fast path: data port {fast['data_port']}, e2e "
+                f"{' '.join(fast.get('e2e_services', [])) or '(none)'}; "
+                f"{fast.get('paired', 0)} paired, {fast.get('pair_failed', 0)} failed, "
+                f"{refused} tokens refused; idle agent connections: {pools or '-'}")
+    admission = relay.get("admission")
+    if admission:
+        refused_at = " ".join(
+            f"{port} {sum((admission.get(port) or {}).get('refused', {}).values())}"
+            for port in ("ssh", "data") if port in admission)
+        out.append(f"admission: {admission.get('penalised_sources', 0)} source(s) penalised "
+                   f"now; refused at accept: {refused_at}")
+    return out
+
+
+def base_snapshot(pid: int, started: float) -> dict[str, Any]:
+    return {"version": __version__, "pid": pid, "started": started}

@@ -1,0 +1,93 @@
+"""twistd integration: ``twistd -n labrelay --config node.toml``.
+
+Builds exactly the service tree ``labrelay agent --config`` runs; twistd adds
+daemonising, ``--pidfile`` and ``--logfile``.  twistd's own log observer (the
+``--logfile`` file, stdout or ``--syslog``) is wrapped by
+:func:`relay.ops.logfmt.sanitizing_observer`, so peer-supplied strings are escaped and
+truncated there as in ``labrelay``'s own output; an explicit ``--logger`` is left as
+the operator chose it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.logger import ILogObserver
+from twisted.python import usage
+
+from relay.config.node import ConfigError, load_config
+
+
+class Options(usage.Options):
+    synopsis = "--config FILE [--log-format text|json]"
+    longdesc = (
+        "Run the labrelay links and forwards described by a node config file "
+        "(see docs/config.md). Same service as `labrelay agent --config FILE`."
+    )
+    optParameters = [
+        ["config", "c", None, "node configuration file (TOML)"],
+        ["log-format", None, None,
+         "json: also write labrelay's events as JSON lines to stdout"],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config FILE is required")
+        if self["log-format"] not in (None, "text", "json"):
+            raise usage.UsageError("--log-format must be text or json")
+
+
+def _twistd_observer(server_options: Any) -> Any:
+    """The observer twistd would build from its own options (``--logfile``,
+    ``--syslog``, ``--nodaemon``), by twistd's own code."""
+    from twisted.scripts.twistd import _SomeApplicationRunner
+
+    return _SomeApplicationRunner.loggerFactory(server_options)._getLogObserver()
+
+
+class TwistdRoot(MultiService):
+    """The service twistd runs: the node service, plus a sanitizing log observer set
+    on twistd's application before twistd starts logging (twistd uses an
+    ``ILogObserver`` component of the application instead of its default)."""
+
+    def __init__(self, node: IService, server_options: Any) -> None:
+        super().__init__()
+        self._server_options = server_options
+        node.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        options = self._server_options
+        if options is None or options.get("logger") or not hasattr(parent, "setComponent"):
+            return
+        if parent.getComponent(ILogObserver, None) is None:
+            from relay.ops.logfmt import sanitizing_observer
+
+            parent.setComponent(ILogObserver, sanitizing_observer(_twistd_observer(options)))
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    from relay.ops.service import make_node_service
+
+    try:
+        config = load_config(options["config"])
+        if options["log-format"] == "json":
+            from twisted.logger import globalLogPublisher
+
+            from relay.ops.logfmt import json_observer
+
+            globalLogPublisher.addObserver(json_observer(sys.stdout))
+
+        def fatal(why: str) -> None:
+            reactor.stop()
+
+        node = make_node_service(config, reactor, on_fatal=fatal)
+    except ConfigError as e:
+        raise SystemExit(f"labrelay: {e}") from None
+    return TwistdRoot(node, getattr(options, "parent", None))

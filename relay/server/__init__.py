@@ -1,0 +1,1 @@
+"""The relay: the SSH server shell, public listeners, the data port, grants."""

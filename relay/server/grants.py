@@ -1,0 +1,745 @@
+"""Who may use the relay, and for what: agents and users known by their public keys.
+
+Grants come from two places, merged into one view: ``[[relay.agent]]`` and
+``[[relay.user]]`` in the node config, and authorized_keys-format grant files for
+SSH admins (``permitlisten="gpu-cluster:22"`` on an agent's key line,
+``permitopen="gpu-cluster:22"`` on a user's; the key's comment is the name).  See
+docs/relay.md, "Grants".
+
+Identity comes from the key alone, so a key belongs to one principal, and a service
+name to one agent (only its owner may ever take it over).
+
+Revocation is immediate and fails closed (docs/relay.md, "Reloading"):
+:class:`GrantsWatcher` polls the grant files on the reactor's clock and
+:meth:`Grants.poll` re-reads one that changed once it has settled; every reload
+yields a :class:`GrantsChange` (computed by the pure :func:`diff_grants`) that the
+relay applies to what is already running.  A deleted or emptied file grants nothing;
+a bad line grants nothing (the other lines still do); a file that is unsafe or cannot
+be decoded grants nothing at all.  Only at start-up is any problem fatal.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import re
+import stat
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from relay.config.node import (
+    ConfigError,
+    PrincipalConfig,
+    PrincipalSite,
+    RelayConfig,
+    ServiceGrant,
+    Where,
+    check_principals,
+    config_sites,
+    parse_principal_name,
+    parse_public_key,
+    parse_service_grant,
+)
+from relay.core.grants import AGENT, USER, Principal
+
+_log = Logger()
+
+_RACY_NS = 2_000_000_000
+"""How long after a file's last change its content, not only its stat, is compared:
+a rewrite within one tick of the file system's clock keeps size, mtime and inode."""
+
+_KEY_TYPE_RE = re.compile(r"(?:ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]*(?:[ \t]|\Z)")
+_OPTION_NAME_RE = re.compile(r"[A-Za-z0-9-]+")
+_NUMBER_RE = re.compile(r"[0-9]{1,9}")
+_WILDCARD_HOSTS = ("", "*", "0.0.0.0", "[::]")
+
+# OpenSSH options that only restrict what labrelay never offers anyway (ptys, X11,
+# agent forwarding, user rc): accepted and ignored.  ``port-forwarding`` undoes the
+# ``restrict`` of a line whose permitopen/permitlisten labrelay honours anyway.
+_IGNORED = ("restrict", "port-forwarding")
+# Known OpenSSH options labrelay does not implement: refusing them is safer than
+# silently granting more than the line says.
+_UNSUPPORTED = {
+    "from": "source-address restrictions are not supported; drop it or filter with a firewall",
+    "expiry-time": "key expiry is not supported; remove the line when the key should expire",
+    "command": "the relay runs no commands",
+    "environment": "the relay runs no commands, so it sets no environment",
+    "principals": "certificates are not supported",
+    "cert-authority": "certificates are not supported",
+    "tunnel": "tun/tap forwarding is not supported",
+    "pty": "the relay never allocates a pty",
+    "x11-forwarding": "the relay never forwards X11",
+    "agent-forwarding": "the relay never forwards the SSH agent",
+    "user-rc": "the relay runs no commands",
+    "verify-required": "security-key verification is not supported",
+    "touch-required": "security-key touch policies are not supported",
+}
+
+
+@dataclass(frozen=True)
+class _State:
+    by_key: dict[bytes, Principal]
+    principals: tuple[Principal, ...]
+    owners: dict[str, Principal]
+    public_ports: dict[int, Principal]
+    origins: dict[bytes, str] = field(default_factory=dict)  # key -> FILE:LINE or config
+
+
+# --- what a reload took away ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loss:
+    """What one key lost in a reload.
+
+    ``everything``: the key is granted nothing any more, or now belongs to another
+    principal (identity comes from the key alone, so a key that changed hands is a new
+    identity: what it holds goes, and it may log in again as who it now is).
+    Otherwise the key was narrowed: ``services`` are grants it had that nothing it has
+    now covers, ``public_ports`` the public ports it no longer has.  Either way the
+    relay checks what runs against the grants now in force; this only says whom to
+    check and what to log."""
+
+    before: Principal
+    everything: bool
+    services: tuple[ServiceGrant, ...] = ()
+    public_ports: tuple[int, ...] = ()
+    where: str = ""  # where the key was granted before (FILE:LINE or the config)
+
+    def describe(self) -> str:
+        if self.everything:
+            return f"{self.before.kind} {self.before.name}: key no longer granted"
+        lost = [str(g) for g in self.services] + [f"public:{p}" for p in self.public_ports]
+        return f"{self.before.kind} {self.before.name}: lost {', '.join(lost)}"
+
+
+@dataclass(frozen=True)
+class GrantsChange:
+    """The difference between two grant states, by key (see :func:`diff_grants`)."""
+
+    losses: Mapping[bytes, Loss]
+    added: int = 0  # keys granted now that were not before
+
+    @property
+    def revoked(self) -> dict[bytes, Loss]:
+        return {k: v for k, v in self.losses.items() if v.everything}
+
+    @property
+    def narrowed(self) -> dict[bytes, Loss]:
+        return {k: v for k, v in self.losses.items() if not v.everything}
+
+
+def _covers(other: ServiceGrant, grant: ServiceGrant) -> bool:
+    """Whether ``other`` allows everything ``grant`` allows."""
+    return other.name in ("*", grant.name) and (other.port is None or other.port == grant.port)
+
+
+def diff_grants(
+    old: Mapping[bytes, Principal],
+    new: Mapping[bytes, Principal],
+    origins: Mapping[bytes, str] | None = None,
+) -> GrantsChange:
+    """What each key of ``old`` lost in ``new`` (pure: plain data in, plain data out).
+
+    A key missing from ``new``, or whose principal changed kind or name, lost
+    everything; one whose grants shrank lost the grants no new grant covers (so
+    ``gpu-*`` -> ``gpu-a`` is a loss of ``gpu-*``, ``gpu:22`` -> ``gpu:*`` none).
+    ``max_sessions`` is not a loss: a lowered cap refuses new sessions only."""
+    losses: dict[bytes, Loss] = {}
+    where = origins or {}
+    for key, before in old.items():
+        after = new.get(key)
+        if after is None or (after.kind, after.name) != (before.kind, before.name):
+            losses[key] = Loss(before, True, before.services,
+                               tuple(sorted(before.public_ports)), where.get(key, ""))
+            continue
+        services = tuple(
+            g for g in before.services if not any(_covers(h, g) for h in after.services)
+        )
+        ports = tuple(sorted(before.public_ports - after.public_ports))
+        if services or ports:
+            losses[key] = Loss(before, False, services, ports, where.get(key, ""))
+    return GrantsChange(losses, sum(1 for key in new if key not in old))
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """One grant file as last read: stat signature, bytes (None if unreadable)."""
+
+    path: Path
+    kind: str
+    signature: tuple[int, ...]
+    data: bytes | None
+    error: str
+    mode: int = 0
+
+    @property
+    def racy_until(self) -> int:
+        return self.signature[4] + _RACY_NS if self.data is not None else 0
+
+    @property
+    def missing(self) -> bool:
+        return self.data is None and self.signature == (-1, errno.ENOENT)
+
+
+def _signature(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, max(st.st_mtime_ns, st.st_ctime_ns))
+
+
+def _read(path: Path, kind: str) -> _Snapshot:
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+    except OSError as e:
+        return _Snapshot(path, kind, (-1, e.errno or 0), None, e.strerror or str(e))
+    return _Snapshot(path, kind, _signature(st), data, "", st.st_mode)
+
+
+def _same(a: tuple[_Snapshot, ...], b: tuple[_Snapshot, ...]) -> bool:
+    """Same content and mode (the stat signature may differ: a touch is no change)."""
+    return [(s.data, s.mode, s.error) for s in a] == [(s.data, s.mode, s.error) for s in b]
+
+
+_MAX_SETTLE_POLLS = 3
+"""Polls a changing file may keep changing before it is taken as it is."""
+
+
+class Grants:
+    """Who is who, by public key, and what each may do.
+
+    Lookups are pure: they read the grants in force.  :meth:`poll` (called by
+    :class:`GrantsWatcher` on the reactor's clock) stats the grant files and re-reads
+    one whose inode, size or times changed (and, for two seconds after a change, one
+    whose content did: a rewrite within one tick of the file system's clock keeps all
+    three).  A changed file is taken once two polls in a row read the same bytes, so a
+    file caught half-written (an editor's truncate-then-write, a copy in progress) is
+    not applied as a version that revokes every key after the cut.
+
+    A reload never keeps old grants: a missing or unsafe file grants nothing, a bad
+    line grants nothing, a line that conflicts with an earlier grant grants nothing;
+    each is logged as an error with ``FILE:LINE``.  Observers (the relay) receive the
+    :class:`GrantsChange` of every reload and take away what was lost."""
+
+    def __init__(
+        self, relay: RelayConfig, source: str, *, wall_ns: Callable[[], int] = time.time_ns
+    ) -> None:
+        """Raises ConfigError if a grant file is missing, unreadable or bad, or if the
+        grants conflict (one key twice, one service name for two agents ...): at
+        start-up an operator is watching, so nothing is silently dropped.
+
+        ``wall_ns`` is the wall clock file times are compared with."""
+        self._relay = relay
+        self._source = source
+        self._wall_ns = wall_ns
+        self._sites = config_sites(relay, source)
+        self._files = [
+            (path, kind)
+            for path, kind in ((relay.agents_file, AGENT), (relay.users_file, USER))
+            if path is not None
+        ]
+        self._observers: list[Callable[[GrantsChange], None]] = []
+        self._pending: tuple[_Snapshot, ...] | None = None
+        self._pending_polls = 0
+        self._seen = tuple(_read(path, kind) for path, kind in self._files)
+        self._state = self._build(self._seen, strict=True)
+
+    # --- lookups ---------------------------------------------------------
+
+    def principal_for(self, key_blob: bytes) -> Principal | None:
+        """The agent or user whose key has this SSH wire blob (``Key.blob()``)."""
+        return self._state.by_key.get(key_blob)
+
+    def principals(self) -> list[Principal]:
+        """Every principal: config tables first, then the agents file, then the users file."""
+        return list(self._state.principals)
+
+    def owner_of(self, service_name: str) -> Principal | None:
+        """The agent granted ``service_name`` (case-insensitive), if any."""
+        return self._state.owners.get(service_name.lower())
+
+    def public_port_owner(self, port: int) -> Principal | None:
+        """The agent granted public port ``port``, if any."""
+        return self._state.public_ports.get(port)
+
+    @property
+    def watched(self) -> bool:
+        """Whether there are grant files to watch (config tables are read once)."""
+        return bool(self._files)
+
+    # --- reloading -------------------------------------------------------
+
+    def subscribe(self, observer: Callable[[GrantsChange], None]) -> None:
+        """Call ``observer(change)`` after every reload, with the new grants in force."""
+        self._observers.append(observer)
+
+    def poll(self) -> GrantsChange | None:
+        """Reload if a grant file changed and has settled; the change, or None."""
+        if not self._files or not self._changed():
+            self._pending = None
+            return None
+        snapshot = tuple(_read(path, kind) for path, kind in self._files)
+        if _same(snapshot, self._seen):  # touched, or changed and changed back
+            self._seen, self._pending = snapshot, None
+            return None
+        if self._pending is not None and (
+            _same(snapshot, self._pending) or self._pending_polls >= _MAX_SETTLE_POLLS
+        ):
+            return self._reload(snapshot)
+        if self._pending is None:
+            self._pending_polls = 0
+        self._pending = snapshot
+        self._pending_polls += 1
+        return None
+
+    def reload(self) -> GrantsChange:
+        """Re-read the grant files now, settled or not."""
+        return self._reload(tuple(_read(path, kind) for path, kind in self._files))
+
+    def _reload(self, snapshot: tuple[_Snapshot, ...]) -> GrantsChange:
+        self._seen, self._pending = snapshot, None
+        old = self._state
+        self._state = state = self._build(snapshot, strict=False)
+        change = diff_grants(old.by_key, state.by_key, old.origins)
+        _log.info(
+            "grants reloaded: {agents} agents, {users} users; {revoked} key(s) revoked, "
+            "{narrowed} narrowed, {added} added",
+            event="grants_reloaded",
+            agents=sum(p.kind == AGENT for p in state.principals),
+            users=sum(p.kind == USER for p in state.principals),
+            revoked=len(change.revoked),
+            narrowed=len(change.narrowed),
+            added=change.added,
+        )
+        for observer in list(self._observers):
+            try:
+                observer(change)
+            except Exception:
+                _log.failure("applying a grants change", event="grants_apply_failed")
+        return change
+
+    def _changed(self) -> bool:
+        now = self._wall_ns()
+        for seen in self._seen:
+            try:
+                signature = _signature(os.stat(seen.path))
+            except OSError as e:
+                signature = (-1, e.errno or 0)
+            if signature != seen.signature:
+                return True
+            if now < seen.racy_until and _read(seen.path, seen.kind).data != seen.data:
+                return True
+        return False
+
+    def _text(self, file: _Snapshot) -> str:
+        """The file's text, or ConfigError saying why it grants nothing."""
+        if file.data is None:
+            raise ConfigError(
+                str(file.path),
+                "",
+                f"cannot read the {file.kind}s file: {file.error}",
+                f"check {file.kind}s_file in [relay] or --{file.kind}s",
+            )
+        if file.mode & stat.S_IWOTH:
+            raise ConfigError(
+                str(file.path),
+                "",
+                f"the {file.kind}s file is writable by anyone, so anyone could grant "
+                "themselves access",
+                f"chmod o-w {file.path}",
+            )
+        try:
+            return file.data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                str(file.path),
+                "",
+                f"not UTF-8 text (bad byte at offset {e.start})",
+                "save it as UTF-8",
+            ) from None
+
+    def _fileSites(self, file: _Snapshot, strict: bool) -> list[PrincipalSite]:
+        """One file's principals; when not ``strict``, what is wrong grants nothing
+        and is logged instead of raised."""
+        try:
+            text = self._text(file)
+        except ConfigError as e:
+            if strict:
+                raise
+            if file.missing:
+                _log.warn(
+                    "{kind}s file {file} is missing: no {kind} keys from it are granted",
+                    event="grants_file_missing", kind=file.kind, file=str(file.path),
+                )
+            else:
+                _log.error(
+                    "{kind}s file {file} grants nothing: {reason}",
+                    event="grants_file_invalid", kind=file.kind, file=str(file.path),
+                    reason=str(e),
+                )
+            return []
+        if strict:
+            return parse_grant_file(text, file.kind, str(file.path))
+        problems: list[ConfigError] = []
+        sites = parse_grant_file(text, file.kind, str(file.path), problems=problems)
+        for problem in problems:
+            _log.error(
+                "{file}: this line grants nothing (the other lines still apply): {reason}",
+                event="grants_line_invalid", kind=file.kind, file=problem.source,
+                reason=str(problem),
+            )
+        if not sites and not problems:
+            _log.warn(
+                "{kind}s file {file} is empty: no {kind} keys from it are granted",
+                event="grants_file_empty", kind=file.kind, file=str(file.path),
+            )
+        return sites
+
+    def _checked(
+        self, sites: list[PrincipalSite], strict: bool
+    ) -> tuple[list[PrincipalSite], list[tuple[bytes, ...]]]:
+        """The sites and their key blobs, conflicts resolved.  At start-up a conflict
+        is an error; on reload the later of two conflicting grants grants nothing (the
+        grant in force stays: a line added by mistake cannot take a name or a key)."""
+        listen_at = (self._source, "relay.listen")
+        while True:
+            try:
+                return sites, check_principals(sites, self._relay, listen_at)
+            except ConfigError as e:
+                if strict:
+                    raise
+                at = (e.source, e.keypath)
+                index = next(
+                    (i for i, s in enumerate(sites)
+                     if at in (s.name_at, *s.keys_at, *s.services_at, *s.ports_at)),
+                    None,
+                )
+                if index is None or index < len(self._sites):
+                    # Not a file's line (the config tables were checked at start-up):
+                    # fail closed on every file.
+                    _log.error(
+                        "grant files grant nothing: {reason}", event="grants_conflict",
+                        file=e.source, reason=str(e), kind="", name="",
+                    )
+                    sites = list(self._sites)
+                    continue
+                dropped = sites.pop(index).principal
+                _log.error(
+                    "{file}: {kind} {name} grants nothing here: {reason}",
+                    event="grants_conflict", file=e.source, kind=dropped.kind,
+                    name=dropped.name, reason=str(e),
+                )
+
+    def _build(self, snapshot: Iterable[_Snapshot], strict: bool) -> _State:
+        sites = list(self._sites)
+        for file in snapshot:
+            sites.extend(self._fileSites(file, strict))
+        sites, blobs = self._checked(sites, strict)
+        by_key: dict[bytes, Principal] = {}
+        owners: dict[str, Principal] = {}
+        public_ports: dict[int, Principal] = {}
+        origins: dict[bytes, str] = {}
+        principals = []
+        for site, keys in zip(sites, blobs, strict=True):
+            p = site.principal
+            max_sessions = p.max_sessions
+            if p.kind == USER and max_sessions is None:
+                max_sessions = self._relay.max_sessions_per_user
+            principal = Principal(
+                kind=p.kind,
+                name=p.name,
+                services=p.services,
+                public_ports=frozenset(p.public_ports),
+                max_sessions=max_sessions,
+            )
+            principals.append(principal)
+            by_key.update(dict.fromkeys(keys, principal))
+            origins.update(dict.fromkeys(keys, site.name_at[0]))
+            if p.kind == AGENT:
+                owners.update(dict.fromkeys((g.name for g in p.services), principal))
+                public_ports.update(dict.fromkeys(p.public_ports, principal))
+        return _State(by_key, tuple(principals), owners, public_ports, origins)
+
+
+class GrantsWatcher:
+    """Polls the grant files on the reactor's clock, so a change takes effect without
+    waiting for a lookup: within two intervals of the file settling (one to notice,
+    one to see it stayed the same).  Polling rather than inotify: two ``stat`` calls
+    per interval cost nothing, and it sees every way a file can change (rename over
+    it, a bind mount, NFS, a config-management tool) the same way."""
+
+    def __init__(self, grants: Grants, clock: Any, interval: float) -> None:
+        self.grants = grants
+        self.interval = interval
+        self._loop = LoopingCall(self._poll)
+        self._loop.clock = clock
+
+    def start(self) -> None:
+        if self.grants.watched and not self._loop.running:
+            self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def _poll(self) -> None:
+        try:
+            self.grants.poll()
+        except Exception:  # a LoopingCall that raises stops: keep watching
+            _log.failure("polling the grant files", event="grants_poll_failed")
+
+
+
+# --- grant files ---------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    """One principal being assembled from the lines that carry its name."""
+
+    name: str
+    name_at: Where
+    keys: list[tuple[str, Where]]
+    services: dict[ServiceGrant, Where]
+    ports: dict[int, Where]
+    max_sessions: tuple[int, Where] | None = None
+
+
+def _options(line: str, where: str) -> tuple[list[tuple[str, str | None, str]], str]:
+    """Split an authorized_keys line into its options and the key part.
+
+    Options are ``name`` or ``name="value"`` separated by commas, up to the first
+    blank outside quotes; ``\\"`` is a quote inside a value.  Returns
+    ``[(lower-cased name, value or None, text as written)]`` and the rest of the line."""
+    if _KEY_TYPE_RE.match(line):
+        return [], line
+    hint = 'write options as name="value" separated by commas, e.g. permitopen="gpu-cluster:22"'
+    options = []
+    i, n = 0, len(line)
+    while True:
+        match = _OPTION_NAME_RE.match(line, i)
+        if match is None:
+            raise ConfigError(
+                where, "", f"expected an option or a key type at column {i + 1}", hint
+            )
+        start, name = i, match.group()
+        i = match.end()
+        value = None
+        if i < n and line[i] == "=":
+            i += 1
+            if i >= n or line[i] != '"':
+                raise ConfigError(
+                    where, name, f"the value of {name} must be in double quotes", hint
+                )
+            i += 1
+            chars = []
+            while i < n and line[i] != '"':
+                if line[i] == "\\" and i + 1 < n and line[i + 1] == '"':
+                    i += 1
+                chars.append(line[i])
+                i += 1
+            if i >= n:
+                raise ConfigError(where, name, f"unclosed quote in the value of {name}", hint)
+            i += 1
+            value = "".join(chars)
+        options.append((name.lower(), value, line[start:i]))
+        if i >= n:
+            raise ConfigError(where, "", "options but no key after them", hint)
+        if line[i] == ",":
+            i += 1
+            continue
+        if line[i] in " \t":
+            return options, line[i:].strip()
+        raise ConfigError(where, line[start:i], f"unexpected {line[i]!r} after an option", hint)
+
+
+def _small_number(text: str) -> bool:
+    """Whether ``text`` is 1..9 ASCII digits.  ``str.isdigit`` also accepts "²" and
+    other Unicode digits that ``int()`` refuses with a ValueError (found by tests/fuzz
+    grant_file), and ``int()`` refuses more than 4300 digits."""
+    return _NUMBER_RE.fullmatch(text) is not None
+
+
+def _permitlisten(value: str, where: str, written: str) -> ServiceGrant | int:
+    """An agent's ``permitlisten``: a service (``name:port``/``name:*``) or a public
+    port (``2201``, ``0.0.0.0:2201``, ``*:2201``, ``[::]:2201``)."""
+    hint = 'e.g. permitlisten="gpu-cluster:22" (a service) or permitlisten="2201" (a public port)'
+    host, sep, port_text = value.rpartition(":")
+    if sep and host not in _WILDCARD_HOSTS:
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return parse_service_grant(value, AGENT, source=where, keypath=written)
+        raise ConfigError(
+            where,
+            written,
+            f"{host} is an address: public ports listen on the relay's public_bind address",
+            'write just the port, e.g. permitlisten="2201"',
+        )
+    if not _small_number(port_text) or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(
+            where, written, f"public port {port_text!r} must be a number in 1..65535", hint
+        )
+    return int(port_text)
+
+
+def _max_sessions(value: str, where: str, written: str) -> int:
+    if not _small_number(value) or int(value) < 1:
+        raise ConfigError(
+            where,
+            written,
+            f"max-sessions must be a whole number >= 1, got {value!r}",
+            'e.g. max-sessions="10"',
+        )
+    return int(value)
+
+
+def _grant_line(
+    line: str, kind: str, where: str
+) -> tuple[str, str, list[tuple[ServiceGrant | int, str]], tuple[int, str] | None]:
+    """(name, key text, each grant with the option it came from, max-sessions)."""
+    options, key_text = _options(line, where)
+    parse_public_key(key_text, source=where, keypath="")
+    fields = key_text.split(None, 2)
+    name = fields[2].strip() if len(fields) == 3 else ""
+    example = "lab_pc" if kind == AGENT else "alice"
+    if not name:
+        raise ConfigError(
+            where,
+            "",
+            f"the key has no comment, and the comment is the {kind}'s name",
+            f"add the name after the key, e.g. ssh-ed25519 AAAA... {example}",
+        )
+    try:
+        parse_principal_name(name, source=where, keypath="")
+    except ConfigError as e:
+        raise ConfigError(
+            where, "", e.problem, f"the key's comment is the {kind}'s name, e.g. {example}"
+        ) from None
+    grant_option = "permitlisten" if kind == AGENT else "permitopen"
+    grants: list[tuple[ServiceGrant | int, str]] = []
+    max_sessions = None
+    for option, value, written in options:
+        if option == grant_option or (option == "max-sessions" and kind == USER):
+            if value is None:
+                example_value = "10" if option == "max-sessions" else "gpu-cluster:22"
+                raise ConfigError(
+                    where, written, f"{option} needs a value", f'e.g. {option}="{example_value}"'
+                )
+            if option == "max-sessions":
+                max_sessions = (_max_sessions(value, where, written), written)
+            elif kind == AGENT:
+                grants.append((_permitlisten(value, where, written), written))
+            else:
+                grant = parse_service_grant(value, USER, source=where, keypath=written)
+                grants.append((grant, written))
+        elif option == "no-port-forwarding":
+            raise ConfigError(
+                where,
+                written,
+                "no-port-forwarding would forbid everything this line grants",
+                f"remove it: labrelay forwards only what {grant_option} grants",
+            )
+        elif option in _IGNORED or option.startswith("no-"):
+            if value is not None:
+                raise ConfigError(where, written, f"{option} takes no value", f"write {option}")
+        elif option in ("permitopen", "permitlisten", "max-sessions"):
+            other = "users" if kind == AGENT else "agents"
+            raise ConfigError(
+                where,
+                written,
+                f"{option} belongs in the {other} file, not the {kind}s file",
+                f"a {kind}s file grants with {grant_option}"
+                + (" and max-sessions" if kind == USER else ""),
+            )
+        elif option in _UNSUPPORTED:
+            raise ConfigError(
+                where, written, f"{option} is not supported by labrelay", _UNSUPPORTED[option]
+            )
+        else:
+            valid = [
+                grant_option,
+                *(["max-sessions"] if kind == USER else []),
+                "restrict",
+                "no-pty and the other no-* options",
+            ]
+            raise ConfigError(
+                where,
+                written,
+                f"unknown option {option!r}",
+                "valid options here: " + ", ".join(valid),
+            )
+    return name, key_text, grants, max_sessions
+
+
+def parse_grant_file(
+    text: str, kind: str, source: str, *, problems: list[ConfigError] | None = None
+) -> list[PrincipalSite]:
+    """Parse an agents file (``kind="agent"``) or users file (``kind="user"``).
+
+    Lines with the same name (key comment) make one principal with several keys, its
+    grants merged.  Errors name ``FILE:LINE`` and, where it helps, the option.  With
+    ``problems``, a bad line is appended there and grants nothing instead of raising
+    (a reload: one typo must not revoke every other line)."""
+    entries: dict[str, _Entry] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{source}:{number}"
+        try:
+            name, key_text, grants, max_sessions = _grant_line(line, kind, where)
+            entry = entries.get(name)
+            if max_sessions is not None and entry is not None:
+                value, written = max_sessions
+                if entry.max_sessions is not None and entry.max_sessions[0] != value:
+                    first = entry.max_sessions[1]
+                    raise ConfigError(
+                        where,
+                        written,
+                        f'{name} already has max-sessions="{entry.max_sessions[0]}" '
+                        f"(also {first[0]})",
+                        "give max-sessions once per user, or the same on every line",
+                    )
+        except ConfigError as e:
+            if problems is None:
+                raise
+            problems.append(e)
+            continue
+        if entry is None:
+            entry = entries[name] = _Entry(name, (where, ""), [], {}, {})
+        entry.keys.append((key_text, (where, "")))
+        for grant, written in grants:
+            if isinstance(grant, int):
+                entry.ports.setdefault(grant, (where, written))
+            else:
+                entry.services.setdefault(grant, (where, written))
+        if max_sessions is not None:
+            entry.max_sessions = (max_sessions[0], (where, max_sessions[1]))
+    sites = []
+    for entry in entries.values():
+        principal = PrincipalConfig(
+            kind=kind,
+            name=entry.name,
+            keys=tuple(key for key, _ in entry.keys),
+            services=tuple(entry.services),
+            public_ports=tuple(entry.ports),
+            max_sessions=None if entry.max_sessions is None else entry.max_sessions[0],
+        )
+        sites.append(
+            PrincipalSite(
+                principal=principal,
+                name_at=entry.name_at,
+                keys_at=tuple(at for _, at in entry.keys),
+                services_at=tuple(entry.services.values()),
+                ports_at=tuple(entry.ports.values()),
+            )
+        )
+    return sites

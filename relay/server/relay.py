@@ -1,0 +1,770 @@
+"""labrelay's relay: named services, per-key grants, public ports, takeover, sharing.
+
+:class:`RelayCore` decides; :mod:`relay.ssh.server` parses SSH and asks it.  The
+relay never opens a connection to a host:port on the network: every user session
+goes to a *registered service*, i.e. over a channel to the agent that registered
+it.  Public ports are listeners on the relay whose connections go the same way.
+
+Sessions that arrive while their service's agent is away (reconnecting) wait up
+to ``public_wait`` seconds for it, then are refused cleanly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import TCPServer
+from twisted.application.service import MultiService
+from twisted.conch import error
+from twisted.conch.ssh import keys
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relay.config.node import ConfigError, RelayConfig
+from relay.core import fastwire
+from relay.core.admission import Admission, Offence, Refusal, Ticket
+from relay.core.routing import PUBLIC, PUBLIC_BINDS, Outcome, Registration, Registry
+from relay.datapath.bridge import Bridge, SideFactory, TCPSide
+from relay.datapath.net import LISTEN_BACKLOG
+from relay.datapath.splicing import SplicedPair
+from relay.server.dataport import DataPort, PairingError
+from relay.server.grants import Grants, GrantsChange, GrantsWatcher, Principal
+from relay.ssh.channels import BridgedChannel
+from relay.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
+from relay.ssh.hostkeys import fingerprint_sha256
+from relay.ssh.keygen import generate_keypair
+from relay.ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection, RelayFactory, RelayTransport
+from relay.ssh.wire import unpack_forward
+
+TAKEOVER_PROBE = 0.5
+
+
+@dataclass(eq=False)
+class Session:
+    """One user session: a user's channel or a public connection bridged to an agent's
+    channel (``path="channel"``), or a fast-path data connection spliced to an agent's
+    (``path="spliced"``)."""
+
+    user: str
+    service: str
+    origin: str
+    started: float
+    bridge: Bridge | None = None
+    pair: SplicedPair | None = None
+    path: str = "channel"
+    seen: tuple[int, int] = (0, 0)  # byte counts at the last idle sweep
+    active_at: float = 0.0  # when they last changed
+    key: bytes | None = None  # the user's key (None: a public-port connection)
+    agent: Any = None  # the agent connection serving it, once known
+    aborted: bool = False  # closed by the relay before it started moving
+
+    def counts(self) -> tuple[int, int]:
+        if self.pair is not None:
+            moved = self.pair.bytes()
+            return moved.a_to_b, moved.b_to_a
+        if self.bridge is None:
+            return 0, 0
+        return self.bridge.bytesAtoB, self.bridge.bytesBtoA
+
+    @property
+    def started_moving(self) -> bool:
+        return self.bridge is not None or self.pair is not None
+
+    def abort(self) -> None:
+        self.aborted = True
+        if self.pair is not None:
+            self.pair.abort()
+        elif self.bridge is not None:
+            self.bridge.a.abort()
+            self.bridge.b.abort()
+
+
+@dataclass
+class ServiceTotals:
+    sessions_total: int = 0
+    bytes_to_service: int = 0
+    bytes_from_service: int = 0
+    active: set[Session] = field(default_factory=set)
+
+
+class RelayCore:
+    """The relay's decisions and state; one per relay listener."""
+
+    _log = Logger()
+
+    def __init__(self, config: RelayConfig, grants: Grants, reactor: Any) -> None:
+        self.config = config
+        self.grants = grants
+        self.reactor = reactor
+        self.registry = Registry()
+        self.connections: set[RelayConnection] = set()
+        self.sessions: set[Session] = set()
+        self.totals: dict[str, ServiceTotals] = {}
+        self.user_active: dict[str, int] = {}
+        self.public: dict[int, IListeningPort] = {}
+        self.counters = {"auth_refused": 0, "requests_refused": 0, "sessions_refused": 0,
+                         "connections_dropped_unauthenticated_cap": 0}
+        # Per-source limits and penalties, shared by the SSH port and the data port.
+        self.admission = Admission(config, reactor)
+        self.ssh_gate = self.admission.gate("ssh", config.max_unauthenticated)
+        self._sweeper: IDelayedCall | None = None
+        self._publicWaiting: dict[int, int] = {}  # connections waiting for their agent
+        self._waiters: dict[tuple[str, int], list[defer.Deferred[Registration]]] = {}
+        self.dataport = DataPort(self, self.admission)
+        self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
+        grants.subscribe(self.grantsChanged)
+
+    # connection admission
+
+    def admitConnection(self, addr: Any) -> Ticket | None:
+        """A ticket for a new SSH connection, or None: close it at once.
+
+        OpenSSH's PerSourcePenalties, MaxStartups and PerSourceMaxStartups, in that
+        order (relay.core.admission): a flood of handshakes from one host cannot starve
+        real users from others; the global cap is the last line."""
+        host = str(getattr(addr, "host", "?"))
+        verdict = self.ssh_gate.admit(host)
+        if isinstance(verdict, Ticket):
+            return verdict
+        if verdict is Refusal.GLOBAL:
+            self.counters["connections_dropped_unauthenticated_cap"] += 1
+            self._log.warn(
+                "dropping connection from {peer}: {n} connections are still authenticating "
+                "(max_unauthenticated)", event="relay_unauth_cap",
+                peer=f"{host}:{getattr(addr, 'port', '?')}", n=self.ssh_gate.total,
+            )
+        return None
+
+    def authenticated(self, transport: RelayTransport) -> None:
+        if transport.admission is not None:
+            self.ssh_gate.passed(transport.admission)
+
+    def disconnected(self, transport: RelayTransport) -> None:
+        """The connection ended: an unauthenticated one earns its source a penalty
+        (``grace-exceeded``, ``authfail``, ``protocol`` or else ``noauth``)."""
+        ticket = transport.admission
+        if ticket is None:
+            return
+        offence = None if transport.authenticated else (transport.offence or Offence.NOAUTH)
+        self.ssh_gate.closed(ticket, offence)
+
+    # sessions of agents and users
+
+    def sessionStarted(self, conn: RelayConnection) -> None:
+        self.connections.add(conn)
+        ident = conn.identity
+        self._log.info(
+            "{kind} {name} connected from {peer}", event="relay_connected",
+            kind=ident.kind, name=ident.name, peer=conn.peer,
+        )
+
+    def sessionStopped(self, conn: RelayConnection) -> None:
+        self.connections.discard(conn)
+        gone = self.registry.drop_session(conn)
+        self.dataport.sessionStopped(conn)
+        ident = conn.identity
+        self._log.info(
+            "{kind} {name} at {peer} disconnected; {n} service(s) now waiting for it",
+            event="relay_disconnected", kind=ident.kind, name=ident.name, peer=conn.peer,
+            n=len(gone), services=",".join(_label(r) for r in gone),
+        )
+
+    # global requests
+
+    def globalRequest(self, conn: RelayConnection, requestType: bytes,
+                      data: bytes) -> Any:
+        if requestType == b"tcpip-forward":
+            return self._forward(conn, data)
+        if requestType == b"cancel-tcpip-forward":
+            return self._cancel(conn, data)
+        if requestType == fastwire.TOKEN_REQUEST:
+            return self.dataport.tokenRequest(conn, data)
+        if requestType == fastwire.POOL_REQUEST:
+            return self.dataport.poolRequest(conn, data)
+        return False  # keepalives and anything unknown: a standard failure reply
+
+    def _refuse(self, conn: RelayConnection, what: str, why: str) -> bool:
+        self.counters["requests_refused"] += 1
+        self._log.warn(
+            "{kind} {name}: refused {what}: {why}", event="relay_request_refused",
+            kind=conn.identity.kind, name=conn.principal_name, what=what, why=why,
+        )
+        return False
+
+    def _forward(self, conn: RelayConnection, data: bytes) -> Any:
+        try:
+            bind, port = unpack_forward(data)
+        except ValueError:
+            return self._refuse(conn, "tcpip-forward", "malformed request")
+        what = f"tcpip-forward {bind}:{port}"
+        principal = self.grants.principal_for(conn.identity.key_blob)
+        if principal is None:
+            return self._refuse(conn, what, "this key is no longer granted")
+        if principal.kind != "agent":
+            return self._refuse(conn, what, "users may not register services")
+        if bind in PUBLIC_BINDS:
+            if port == 0 or not principal.may_bind_public(port):
+                return self._refuse(conn, what, f"public port {port} is not granted to "
+                                    f"agent {principal.name}")
+            self._evictUngrantedHolder(PUBLIC, port, conn)
+            if not self._listenPublic(port):
+                return self._refuse(conn, what, f"cannot listen on public port {port}")
+            name = PUBLIC
+        else:
+            name = bind.lower()  # ssh lower-cases host names: names are case-insensitive
+            if not principal.may_register(name, port):
+                return self._refuse(conn, what, f"service {bind}:{port} is not granted to "
+                                    f"agent {principal.name}")
+            self._evictUngrantedHolder(name, port, conn)
+        outcome, why = self.registry.offer(name, port, conn)
+        if outcome is Outcome.REFUSED:
+            return self._refuse(conn, what, why)
+        if outcome is Outcome.GRANTED:
+            self._register(name, port, conn, bind, takeover=False)
+            return True
+        holder = self.registry.lookup(name, port)
+        assert holder is not None
+        return self._probeThenTakeover(name, port, conn, bind, holder, what)
+
+    def _probeThenTakeover(self, name: str, port: int, conn: RelayConnection, bind: str,
+                           holder: Registration, what: str) -> defer.Deferred[bool]:
+        old: Any = holder.session
+        why_alive = f"held by a live session of {holder.owner} from {old.peer}"
+        result: defer.Deferred[bool] = defer.Deferred()
+
+        # Decided by whichever comes first: the holder answering the probe, the
+        # holder's connection stopping (no answer will come), or the window closing.
+        def answered(_: object) -> None:
+            if result.called:
+                return
+            if timer.active():
+                timer.cancel()
+            if old not in self.connections:  # it died meanwhile: not an answer
+                result.callback(self._forward_again(conn, name, port, bind))
+            elif conn not in self.connections:
+                result.callback(False)
+            else:
+                result.callback(
+                    self._refuse(conn, what, f"{why_alive} (answered a probe just now)"))
+
+        def silent() -> None:
+            if result.called:
+                return
+            if timer.active():
+                timer.cancel()
+            current = self.registry.lookup(name, port)
+            if conn not in self.connections:
+                result.callback(False)
+            elif current is None or current.session is not old:
+                result.callback(self._forward_again(conn, name, port, bind))
+            else:
+                self._register(name, port, conn, bind, takeover=True)
+                old.disconnect("superseded by a newer session of the same agent")
+                result.callback(True)
+
+        timer = self.reactor.callLater(TAKEOVER_PROBE, silent)
+        old.probe().addCallback(lambda alive: answered(None) if alive else silent())
+        return result
+
+    def _forward_again(self, conn: RelayConnection, name: str, port: int, bind: str) -> bool:
+        if conn not in self.connections:  # gone while we probed: register nothing for it
+            return False
+        outcome, why = self.registry.offer(name, port, conn)
+        if outcome is Outcome.GRANTED:
+            self._register(name, port, conn, bind, takeover=False)
+            return True
+        return self._refuse(conn, f"tcpip-forward {bind}:{port}", why)
+
+    def _register(self, name: str, port: int, conn: RelayConnection, bind: str,
+                  takeover: bool) -> None:
+        self.registry.register(name, port, conn, bind, self.reactor.seconds())
+        label = _label_of(name, port)
+        self._log.info(
+            "agent {agent} registered {service}{how}", event="relay_service_registered",
+            agent=conn.principal_name, service=label, peer=conn.peer, takeover=takeover,
+            how=" (took it over from its stale session)" if takeover else "",
+        )
+        for d in self._waiters.pop((name, port), []):
+            reg = self.registry.lookup(name, port)
+            if reg is not None:
+                d.callback(reg)
+
+    def _cancel(self, conn: RelayConnection, data: bytes) -> bool:
+        try:
+            bind, port = unpack_forward(data)
+        except ValueError:
+            return False
+        name = PUBLIC if bind in PUBLIC_BINDS else bind.lower()
+        if not self.registry.unregister(name, port, conn):
+            return False
+        self._log.info("agent {agent} cancelled {service}", event="relay_service_cancelled",
+                       agent=conn.principal_name, service=_label_of(name, port))
+        if name == PUBLIC:
+            listener = self.public.pop(port, None)
+            if listener is not None:
+                listener.stopListening()
+        return True
+
+    # reaching a service
+
+    def whenRegistered(self, name: str, port: int, timeout: float) -> defer.Deferred[Registration]:
+        reg = self.registry.lookup(name, port)
+        if reg is not None:
+            return defer.succeed(reg)
+        d: defer.Deferred[Registration] = defer.Deferred()
+        waiters = self._waiters.setdefault((name, port), [])
+        waiters.append(d)
+        timer: IDelayedCall = self.reactor.callLater(timeout, d.cancel)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if d in waiters:
+                waiters.remove(d)
+            return result
+
+        return d.addBoth(done)
+
+    def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
+                        channel: BridgedChannel) -> defer.Deferred[BridgedChannel]:
+        ident = conn.identity
+        principal = self.grants.principal_for(ident.key_blob)
+        host = host.lower()
+        service = f"{host}:{port}"
+
+        def refuse(code: int, why: str) -> defer.Deferred[BridgedChannel]:
+            self.counters["sessions_refused"] += 1
+            self._log.warn(
+                "{kind} {name}: refused session to {service}: {why}",
+                event="relay_session_refused", kind=ident.kind, name=ident.name,
+                service=service, why=why,
+            )
+            return defer.fail(error.ConchError(why, code))
+
+        if principal is None:
+            return refuse(OPEN_ADMINISTRATIVELY_PROHIBITED, "this key is no longer granted")
+        if host in PUBLIC_BINDS:  # the registry's name for public ports: never over SSH
+            return refuse(OPEN_ADMINISTRATIVELY_PROHIBITED, "public ports are reached through "
+                          "their public listener only, not over SSH")
+        if principal.kind != "user" or not principal.may_reach(host, port):
+            return refuse(OPEN_ADMINISTRATIVELY_PROHIBITED, f"{service} is not granted to "
+                          f"{principal.kind} {principal.name}")
+        cap = principal.max_sessions or self.config.max_sessions_per_user
+        if self.user_active.get(principal.name, 0) >= cap:
+            return refuse(OPEN_RESOURCE_SHORTAGE, f"user {principal.name} already has {cap} "
+                          "sessions open (max_sessions)")
+        if self.registry.lookup(host, port) is None and not self._mayAppear(host, port):
+            return refuse(OPEN_CONNECT_FAILED, f"no service {service} on this relay")
+        now = self.reactor.seconds()
+        session = Session(principal.name, service, origin, now, active_at=now,
+                          key=ident.key_blob)
+        self._sessionOpening(session)
+        d = self.whenRegistered(host, port, self.config.public_wait)
+        d.addCallback(lambda reg: self._openToAgent(reg, port, origin, session))
+
+        def connected(agent_channel: BridgedChannel) -> BridgedChannel:
+            def not_opened(_: object) -> None:
+                agent_channel.abort()
+                self._sessionEnded(session, 0, 0)
+
+            channel.opened.addCallbacks(
+                lambda ch: self._bridge(session, ch, agent_channel), not_opened
+            )
+            return channel
+
+        def failed(f: Failure) -> defer.Deferred[BridgedChannel]:
+            self._sessionEnded(session, 0, 0)
+            why = ("its agent did not come back within "
+                   f"{self.config.public_wait:g}s") if f.check(defer.CancelledError) else (
+                f"its agent could not connect it: {f.getErrorMessage()}")
+            return refuse(OPEN_CONNECT_FAILED, f"service {service} unavailable: {why}")
+
+        return d.addCallbacks(connected, failed)
+
+    def openLocal(self, name: str, port: int, origin: str) -> defer.Deferred[BridgedChannel]:
+        """A channel to registered service ``name:port`` for this node's own use.
+
+        Chaining: this node's link re-exports a service registered here to an
+        upstream relay.  The node's config authorizes it, so no user grant applies;
+        the service must be granted to an agent here, and its agent gets the usual
+        ``public_wait`` to come back.
+        """
+        name = name.lower()
+        if self.registry.lookup(name, port) is None and not self._mayAppear(name, port):
+            return defer.fail(error.ConchError(f"no service {name}:{port} on this relay",
+                                               OPEN_CONNECT_FAILED))
+        d = self.whenRegistered(name, port, self.config.public_wait)
+        return d.addCallback(lambda reg: self._openToAgent(reg, port, origin))
+
+    def _mayAppear(self, name: str, port: int) -> bool:
+        """Whether ``name:port`` can ever be registered: worth waiting for its agent."""
+        owner = self.grants.owner_of(name)
+        return owner is not None and owner.may_register(name, port)
+
+    def _openToAgent(self, reg: Registration, port: int, origin: str,
+                     session: Session | None = None) -> defer.Deferred[BridgedChannel]:
+        host, _, oport = origin.rpartition(":")
+        agent: Any = reg.session
+        if session is not None:
+            session.agent = agent
+        return agent.openForwarded(reg.bind, port, host, int(oport or 0))
+
+    def _sessionOpening(self, session: Session) -> None:
+        self.sessions.add(session)
+        self.user_active[session.user] = self.user_active.get(session.user, 0) + 1
+        totals = self.totals.setdefault(session.service, ServiceTotals())
+        totals.sessions_total += 1
+        totals.active.add(session)
+
+    # the fast path's sessions (relay.server.dataport pairs them)
+
+    def fastSessionOpening(self, principal: Any, service: str, origin: str,
+                           key: bytes | None = None) -> Session:
+        """Count a fast-path session against the user's cap, or raise PairingError."""
+        cap = principal.max_sessions or self.config.max_sessions_per_user
+        if self.user_active.get(principal.name, 0) >= cap:
+            self.counters["sessions_refused"] += 1
+            raise PairingError(f"user {principal.name} already has {cap} sessions open "
+                               "(max_sessions)")
+        now = self.reactor.seconds()
+        session = Session(principal.name, service, origin, now, path="spliced", active_at=now,
+                          key=key)
+        self._sessionOpening(session)
+        return session
+
+    def fastSessionSpliced(self, session: Session, pair: SplicedPair, agent: Any = None) -> None:
+        session.pair = pair
+        session.agent = agent
+
+        def ended(_: object) -> None:
+            moved = pair.bytes()
+            self._sessionEnded(session, moved.a_to_b, moved.b_to_a)
+
+        pair.done.addBoth(ended)
+        if session.aborted:  # its grant went while it was being paired
+            pair.abort()
+
+    def fastSessionFailed(self, session: Session) -> None:
+        self._sessionEnded(session, 0, 0)
+
+    def _bridge(self, session: Session, user_side: Any, agent_side: BridgedChannel) -> Bridge:
+        def ended(to_service: int, from_service: int) -> None:
+            self._sessionEnded(session, to_service, from_service)
+
+        session.bridge = Bridge(user_side, agent_side, onClosed=ended)
+        if session.aborted:  # its grant went while it was opening
+            session.abort()
+        return session.bridge
+
+    def _sessionEnded(self, session: Session, to_service: int, from_service: int) -> None:
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        self.user_active[session.user] -= 1
+        totals = self.totals[session.service]
+        totals.active.discard(session)
+        totals.bytes_to_service += to_service
+        totals.bytes_from_service += from_service
+
+    # grants reloaded: what a key lost goes at once (DESIGN §7)
+
+    def grantsChanged(self, change: GrantsChange) -> None:
+        """Apply a grants reload to what is running.
+
+        A key that lost everything loses its registrations, its sessions (spliced
+        ones too, which outlive its SSH connection) and its connections, each told
+        why.  A narrowed agent loses the registrations it may no longer hold (and
+        their sessions; a ``grant-revoked@labrelay`` tells it which); a narrowed user
+        loses its sessions to services it may no longer reach.  Decisions use the
+        grants now in force; ``change`` only says whose things to look at."""
+        if not change.losses:
+            return
+        for session in sorted(self.sessions, key=lambda s: s.started):
+            key = session.key
+            loss = change.losses.get(key) if key is not None else None
+            if key is None or loss is None:
+                continue
+            principal = None if loss.everything else self.grants.principal_for(key)
+            name, _, port = session.service.rpartition(":")
+            if principal is None or not principal.may_reach(name, int(port)):
+                why = ("the user's key is no longer granted" if loss.everything
+                       else f"{session.service} is no longer granted to user {session.user}")
+                self._closeSession(session, why)
+        for conn in sorted(self.connections, key=lambda c: (c.identity.kind, c.principal_name)):
+            loss = change.losses.get(conn.identity.key_blob)
+            if loss is None:
+                continue
+            if loss.everything:
+                self._revokeConnection(conn, loss.where)
+            elif conn.identity.kind == "agent":
+                principal = self.grants.principal_for(conn.identity.key_blob)
+                for reg in self.registry.held_by(conn):
+                    if not _mayHold(principal, reg):
+                        self._dropRegistration(reg, f"{_label(reg)} is no longer granted to "
+                                               f"agent {conn.principal_name}", tell=True)
+
+    def _revokeConnection(self, conn: RelayConnection, where: str) -> None:
+        for reg in self.registry.held_by(conn):
+            self._dropRegistration(reg, "its agent's key is no longer granted", tell=False)
+        self._log.warn(
+            "{kind} {name} at {peer}: key no longer granted (was in {where}); disconnecting",
+            event="relay_key_revoked", kind=conn.identity.kind, name=conn.principal_name,
+            peer=conn.peer, where=where,
+        )
+        conn.disconnect("this key is no longer granted on this relay")
+
+    def _dropRegistration(self, reg: Registration, why: str, tell: bool) -> None:
+        """Forget ``reg``, close its public listener and its sessions; with ``tell``,
+        send its agent ``grant-revoked@labrelay`` (the agent stays connected)."""
+        if not self.registry.unregister(reg.name, reg.port, reg.session):
+            return
+        label = _label(reg)
+        if reg.name == PUBLIC:
+            listener = self.public.pop(reg.port, None)
+            if listener is not None:
+                listener.stopListening()
+        closing = [s for s in self.sessions if s.agent is reg.session and s.service == label]
+        for session in closing:
+            self._closeSession(session, f"{label} was revoked: {why}")
+        self._log.warn(
+            "agent {agent}: registration {service} dropped: {why} ({n} session(s) closed)",
+            event="relay_registration_revoked", agent=reg.owner, service=label, why=why,
+            n=len(closing),
+        )
+        if tell:
+            agent: Any = reg.session
+            agent.grantRevoked(reg.bind, reg.port, why)
+
+    def _closeSession(self, session: Session, why: str) -> None:
+        self._log.warn(
+            "closing {user}'s {path} session to {service}: {why}",
+            event="relay_session_revoked", user=session.user, service=session.service,
+            path=session.path, origin=session.origin, why=why,
+        )
+        session.abort()
+
+    def _evictUngrantedHolder(self, name: str, port: int, conn: RelayConnection) -> None:
+        """Before a granted agent's registration is decided: a holder whose key no
+        longer holds the grant loses the name now, so it can neither answer the
+        takeover probe nor refuse the newcomer."""
+        holder = self.registry.lookup(name, port)
+        if holder is None or holder.session is conn:
+            return
+        identity = getattr(holder.session, "identity", None)
+        principal = None if identity is None else self.grants.principal_for(identity.key_blob)
+        if not _mayHold(principal, holder):
+            self._dropRegistration(holder, f"{_label(holder)} is no longer granted to this "
+                                   "key", tell=True)
+
+    # public ports
+
+    def _listenPublic(self, port: int) -> bool:
+        if port in self.public:
+            return True
+        factory = SideFactory(lambda side: self._publicConnection(port, side))
+        try:
+            self.public[port] = self.reactor.listenTCP(
+                port, factory, backlog=LISTEN_BACKLOG, interface=self.config.public_bind
+            )
+        except Exception as e:
+            self._log.error("cannot listen on public port {port}: {why}",
+                            event="relay_public_failed", port=port, why=str(e))
+            return False
+        self._log.info("public port {port} listening on {bind}", event="relay_public_port",
+                       port=port, bind=self.config.public_bind)
+        return True
+
+    def _publicConnection(self, port: int, side: TCPSide) -> None:
+        peer = side.transport.getPeer()
+        origin = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
+        reg = self.registry.lookup(PUBLIC, port)
+        owner = reg.owner if reg is not None else (
+            p.name if (p := self.grants.public_port_owner(port)) is not None else "?")
+        label = f"public:{port}"
+        if self._publicWaiting.get(port, 0) >= self.config.max_unauthenticated:
+            # Only connections still waiting for their agent are capped: they hold a
+            # socket here and nothing else, and a flood of them must not pile up while
+            # the agent is away.  Established sessions are the target's to limit.
+            self.counters["sessions_refused"] += 1
+            self._log.warn(
+                "public port {port}: connection from {origin} refused: {cap} connections "
+                "already waiting for agent {owner} (max_unauthenticated)",
+                event="relay_public_refused", port=port, origin=origin,
+                cap=self.config.max_unauthenticated, owner=owner,
+            )
+            side.abort()
+            return
+        now = self.reactor.seconds()
+        session = Session(label, label, origin, now, active_at=now)
+        self._sessionOpening(session)
+        self._publicWaiting[port] = self._publicWaiting.get(port, 0) + 1
+
+        def waited(result: Any) -> Any:
+            self._publicWaiting[port] -= 1
+            return result
+
+        d = self.whenRegistered(PUBLIC, port, self.config.public_wait).addBoth(waited)
+        d.addCallback(lambda r: self._openToAgent(r, port, origin, session))
+
+        def failed(f: Failure) -> None:
+            self._sessionEnded(session, 0, 0)
+            self._log.warn(
+                "public port {port}: connection from {origin} closed: agent {owner} {why}",
+                event="relay_public_refused", port=port, origin=origin, owner=owner,
+                why="did not come back in time" if f.check(defer.CancelledError)
+                else f"could not connect it ({f.getErrorMessage()})",
+            )
+            side.close()
+
+        d.addCallbacks(lambda ch: self._bridge(session, side, ch), failed)
+
+    # idle sessions
+
+    def start(self) -> None:
+        self.dataport.start()
+        self.grantsWatcher.start()
+        if self.config.idle_timeout > 0:
+            self._scheduleSweep()
+
+    def _scheduleSweep(self) -> None:
+        # Sweeping at half the timeout closes an idle session between 1 and 1.5
+        # timeouts after its last byte, with no per-byte bookkeeping on the data path.
+        self._sweeper = self.reactor.callLater(self.config.idle_timeout / 2, self.sweepIdle)
+
+    def sweepIdle(self) -> None:
+        """Close sessions that moved no byte either way for ``idle_timeout`` seconds."""
+        now = self.reactor.seconds()
+        for session in list(self.sessions):
+            counts = session.counts()
+            if counts != session.seen or not session.started_moving:
+                session.seen, session.active_at = counts, now
+            elif now - session.active_at >= self.config.idle_timeout:
+                self._log.info(
+                    "closing {user}'s idle session to {service} (nothing for {idle:.0f}s)",
+                    event="relay_session_idle", user=session.user, service=session.service,
+                    idle=now - session.active_at,
+                )
+                session.abort()
+        self._scheduleSweep()
+
+    def stop(self) -> defer.Deferred[Any]:
+        self.grantsWatcher.stop()
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
+        listeners, self.public = list(self.public.values()), {}
+        stopping = [defer.maybeDeferred(p.stopListening) for p in listeners]  # type: ignore[call-overload]
+        data = self.dataport.stop()
+        if data is not None:
+            stopping.append(data)
+        return defer.DeferredList(stopping)
+
+    # status
+
+    def status(self) -> dict[str, Any]:
+        now = self.reactor.seconds()
+        conns = sorted(self.connections, key=lambda c: (c.identity.kind, c.principal_name))
+        return {
+            "listen": str(self.config.listen),
+            "agents": [
+                {"name": c.principal_name, "peer": c.peer,
+                 "services": [_label(r) for r in self.registry.held_by(c)]}
+                for c in conns if c.identity.kind == "agent"
+            ],
+            "users": [{"name": c.principal_name, "peer": c.peer}
+                      for c in conns if c.identity.kind == "user"],
+            "services": [
+                {"service": _label(r), "owner": r.owner, "since": r.since,
+                 "sessions_active": len(self.totals.get(_label(r), ServiceTotals()).active),
+                 "sessions_total": self.totals.get(_label(r), ServiceTotals()).sessions_total}
+                for r in self.registry.registrations()
+            ],
+            "sessions": [
+                {"user": s.user, "service": s.service, "origin": s.origin, "path": s.path,
+                 "age": round(now - s.started, 3), "bytes_to_service": s.counts()[0],
+                 "bytes_from_service": s.counts()[1]}
+                for s in sorted(self.sessions, key=lambda s: s.started)
+            ],
+            "per_service": {
+                name: {"sessions_total": t.sessions_total, "sessions_active": len(t.active),
+                       "bytes_to_service": t.bytes_to_service
+                       + sum(s.counts()[0] for s in t.active),
+                       "bytes_from_service": t.bytes_from_service
+                       + sum(s.counts()[1] for s in t.active)}
+                for name, t in sorted(self.totals.items())
+            },
+            "per_user": dict(sorted(self.user_active.items())),
+            "public_ports": sorted(self.public),
+            "fast_path": self.dataport.status(),
+            "admission": self.admission.status(),
+            "counters": dict(self.counters),
+        }
+
+
+def _label_of(name: str, port: int) -> str:
+    return f"public:{port}" if name == PUBLIC else f"{name}:{port}"
+
+
+def _label(reg: Registration) -> str:
+    return _label_of(reg.name, reg.port)
+
+
+def _mayHold(principal: Principal | None, reg: Registration) -> bool:
+    """Whether ``principal`` (None: an ungranted key) may hold registration ``reg``."""
+    if principal is None:
+        return False
+    if reg.name == PUBLIC:
+        return principal.may_bind_public(reg.port)
+    return principal.may_register(reg.name, reg.port)
+
+
+def load_host_keys(state_dir: Path) -> dict[bytes, keys.Key]:
+    """The relay's host keys, generated into ``state_dir`` on first start."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(str(state_dir), "relay.state_dir", f"cannot create it: {e}",
+                          "choose a writable directory with --state-dir") from e
+    path = state_dir / "ssh_host_ed25519_key"
+    if not path.exists():
+        generate_keypair(path, "labrelay-relay-host-key")
+    key = keys.Key.fromFile(str(path))
+    return {key.sshType(): key}
+
+
+class RelayService(MultiService):
+    """The relay's listener plus its core, as a service."""
+
+    _log = Logger()
+
+    def __init__(self, config: RelayConfig, grants: Grants, reactor: Any) -> None:
+        super().__init__()
+        self.setName("relay")
+        self.core = RelayCore(config, grants, reactor)
+        host_keys = load_host_keys(config.state_dir)
+        self.factory = RelayFactory(self.core, host_keys)
+        self.fingerprints = [fingerprint_sha256(k.public()) for k in host_keys.values()]
+        self.server = TCPServer(config.listen.port, self.factory,
+                                interface=config.listen.host, reactor=reactor)
+        self.server.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        self.core.start()
+        port = self.server._port  # type: ignore[attr-defined]
+        bound = port.getHost().port if port is not None else self.core.config.listen.port
+        self._log.info(
+            "relay listening on {host}:{port}; host key {fingerprints}",
+            event="relay_listening", host=self.core.config.listen.host, port=bound,
+            fingerprints=" ".join(self.fingerprints),
+        )
+
+    def stopService(self) -> defer.Deferred[Any]:
+        for conn in list(self.core.connections):
+            conn.disconnect("relay shutting down")
+        d: defer.Deferred[Any] = self.core.stop()
+        return d.addCallback(lambda _: MultiService.stopService(self))

@@ -1,0 +1,1 @@
+"""The user's end: ``labrelay connect`` and the ssh config snippet users paste."""

@@ -1,0 +1,343 @@
+"""``labrelay connect``: a user's end of the fast path, made to be ssh's ProxyCommand.
+
+    ssh -o ProxyCommand='labrelay connect -p 2222 alice@relay gpu-cluster' me@gpu-cluster
+
+It authenticates to the relay over SSH with the user's key (the relay checks the
+grant), asks for a one-time ticket (``data-token-v2@labrelay``), opens a data
+connection to the relay's data port and answers the relay's challenge with a proof
+of the ticket (its secret never crosses the data port: someone who reads or replays
+the hello gets nothing), and once the relay says it is paired
+hands stdin/stdout and that socket to :mod:`relay.datapath.splicing`: from then on the
+user's own ssh stream is copied in the kernel, and this process only waits.  The
+SSH connection to the relay is closed once the data connection is paired.
+
+When the fast path is unavailable (the service is not declared end-to-end
+encrypted, the relay has no data port, the agent keeps no data connections, or the
+server is a stock sshd) it says so once on stderr and carries the stream in an
+SSH channel instead (``direct-tcpip``, as ``ssh -W`` would).  A refusal (not
+granted) is an error, not a reason to fall back.
+
+stdout is the stream: everything this command says goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import stat
+import sys
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from twisted.conch.error import ConchError
+from twisted.internet import defer, stdio
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from relay.config.node import ConfigError, LinkConfig, NodeConfig
+from relay.core import fastwire as fw
+from relay.datapath import splicing as datapath
+from relay.datapath.bridge import Bridge, TCPSide
+from relay.datapath.net import client_endpoint, peer_ip
+from relay.ssh.client import SingleConnection, open_connection
+
+CLI = "command line"
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+EXIT_FAILED = 1
+DATA_CONNECT_TIMEOUT = 5.0
+# The relay answers within its public_wait (10 s) plus the agent's reply time (15 s).
+PAIR_TIMEOUT = 40.0
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    link: LinkConfig
+    service: str
+    port: int
+    fast_path: bool = True
+
+
+def add_connect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("destination", metavar="[user@]relay",
+                        help="the labrelay relay, as for ssh (the user name is not checked: "
+                        "your key is your identity)")
+    parser.add_argument("service", metavar="SERVICE[:PORT]",
+                        help="the service to reach (port 22 if none); ssh's %%h:%%p works")
+    parser.add_argument("-p", dest="port", metavar="PORT",
+                        help="the relay's SSH port (default 22)")
+    parser.add_argument("-l", dest="login", metavar="USER", help="user name at the relay")
+    parser.add_argument("-i", dest="identity", action="append", default=[],
+                        metavar="IDENTITY", help="private key file (default ~/.ssh/id_*)")
+    parser.add_argument("-o", dest="options", action="append", default=[],
+                        metavar="OPTION=VALUE",
+                        help="UserKnownHostsFile, StrictHostKeyChecking (yes|accept-new), "
+                        "IdentityFile, ConnectTimeout, Port, User")
+    parser.add_argument("--host-key", dest="host_key", metavar="SHA256:FINGERPRINT",
+                        help="pin the relay's host key instead of checking known_hosts")
+    parser.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                        help="always use an SSH channel through the relay")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="say which path the session takes")
+
+
+def options_from_args(ns: argparse.Namespace) -> ConnectOptions:
+    """The command line as :class:`ConnectOptions`; raises ConfigError."""
+    from relay.config.agentargs import config_from_agent_args
+
+    agent_ns = argparse.Namespace(
+        destination=ns.destination, config=None, port=ns.port, login=ns.login,
+        identity=ns.identity, remote=[], local=[], options=ns.options, no_command=True,
+        name=None, fast_path_pool=None, host_key=ns.host_key)
+    link = config_from_agent_args(agent_ns).links[0]
+    name, _, port_text = ns.service.partition(":")
+    if not name or (port_text and (not port_text.isdigit() or not 1 <= int(port_text) <= 65535)):
+        raise ConfigError(CLI, repr(ns.service), "expected SERVICE or SERVICE:PORT",
+                          "e.g. gpu-cluster or jupyter:8888")
+    return ConnectOptions(link=link, service=name.lower(), port=int(port_text or 22),
+                          fast_path=ns.fast_path)
+
+
+def _grow_pipe(fd: int) -> None:
+    """ssh's ProxyCommand pipes hold 64 KiB: at 1 MiB ssh and the pump each wake a
+    sixteenth as often for the same bytes.  Best effort (a tty or socket is left as is;
+    an unprivileged user may be over its pipe-buffer quota)."""
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, F_SETPIPE_SZ, datapath.DEFAULT_PIPE_SIZE)
+    except OSError:
+        pass
+
+
+class DataPortUnreachable(Exception):
+    """The relay's data port did not accept a connection; ``str()`` says why."""
+
+
+class _UserData(Protocol):
+    """The data connection until the relay answers: its challenge in, our hello (the
+    proof over its nonce) out, one reply in."""
+
+    transport: Any
+
+    def __init__(self, token: bytes, name: str, port: int) -> None:
+        self.token = token
+        self.service = (name, port)
+        self.nonce: bytes | None = None
+        self.buf = b""
+        self.answer: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.answer.called:
+            self.buf += data  # raced the pause: part of the stream
+            return
+        self.buf += data
+        if self.nonce is None:
+            try:
+                challenge = fw.parse_challenge(self.buf)
+            except fw.WireError as e:
+                self.answer.errback(ConnectionError(f"the data port answered nonsense ({e})"))
+                self.transport.abortConnection()
+                return
+            if challenge is None:
+                return
+            self.nonce, self.buf = challenge
+            self.transport.write(fw.user_hello(self.token, self.nonce, *self.service))
+            if not self.buf:
+                return
+        try:
+            parsed = fw.parse_reply(self.buf, fw.USER_OK, fw.USER_ERROR)
+        except fw.WireError as e:
+            self.answer.errback(ConnectionError(f"the data port answered nonsense ({e})"))
+            return
+        if parsed is None:
+            return
+        ok, message, self.buf = parsed
+        self.transport.pauseProducing()
+        if ok:
+            self.answer.callback(self.buf)
+        else:
+            self.answer.errback(ConnectionError(f"the relay refused the data connection: "
+                                                f"{message}"))
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if not self.answer.called:
+            self.answer.errback(ConnectionError(
+                "the relay closed the data connection without answering"))
+
+
+class Connector:
+    """One ``labrelay connect`` run."""
+
+    def __init__(self, options: ConnectOptions, reactor: Any, identities: list[Any],
+                 stderr: TextIO = sys.stderr, verbose: bool = False,
+                 stdin_fd: int = 0, stdout_fd: int = 1) -> None:
+        self.options = options
+        self.reactor = reactor
+        self.identities = identities
+        self.stderr = stderr
+        self.verbose = verbose
+        self.stdin_fd = stdin_fd
+        self.stdout_fd = stdout_fd
+        self.path = ""
+        self.conn: Any = None
+
+    def say(self, text: str) -> None:
+        self.stderr.write(f"labrelay connect: {text}\n")
+        self.stderr.flush()
+
+    @property
+    def label(self) -> str:
+        return f"{self.options.service}:{self.options.port}"
+
+    async def open(self) -> Any:
+        """One authenticated SSH connection to the relay (a ``LinkConnection``): the
+        link's own transport and host-key check, without its reconnecting service
+        (:func:`relay.ssh.client.open_connection`)."""
+        owner = SingleConnection(self.options.link, self.reactor, self.identities)
+        self.conn = await open_connection(owner)
+        return self.conn
+
+    async def run(self) -> int:
+        cfg = self.options.link
+        try:
+            await self.open()
+        except Exception as e:
+            self.say(f"cannot reach the relay {cfg.host}:{cfg.port}: {e}")
+            return EXIT_FAILED
+        try:
+            return await self._session()
+        finally:
+            self._hangUp()
+
+    def _hangUp(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None and conn.transport is not None:
+            conn.link_transport.sendDisconnect(11, b"labrelay connect done")
+
+    async def _session(self) -> int:
+        why = "--no-fast-path"
+        if self.options.fast_path:
+            try:
+                reply = await self.conn.sendGlobalRequest(
+                    fw.TOKEN_REQUEST, fw.pack_token_request(self.options.service,
+                                                            self.options.port), wantReply=1)
+            except ConchError as e:
+                if e.data is None:  # the connection stopped, not a REQUEST_FAILURE
+                    self.say(f"the relay closed the connection: {e.value}")
+                    return EXIT_FAILED
+                why = "the relay does not offer labrelay's fast path (a stock sshd or an " \
+                      "older relay)"
+            else:
+                status, message, data_port, token, _lifetime = fw.unpack_token_reply(reply)
+                if status is fw.Status.REFUSED:
+                    self.say(f"refused by the relay: {message}")
+                    return EXIT_FAILED
+                if status is not fw.Status.OK:
+                    why = message
+                else:
+                    try:
+                        return await self._fast(data_port, token)
+                    except DataPortUnreachable as e:
+                        why = str(e)
+        self.say(f"fast path unavailable for {self.label} ({why}); using an SSH channel "
+                 "through the relay")
+        return await self._channel()
+
+    async def _fast(self, data_port: int, token: bytes) -> int:
+        """The session on the fast path; DataPortUnreachable if the data port cannot be
+        reached (a firewall in between is the usual reason): the caller falls back."""
+        cfg = self.options.link
+        # The address this SSH connection reached (its host key was checked), not
+        # the relay's name resolved again.
+        host = peer_ip(self.conn) or cfg.host
+        endpoint = client_endpoint(self.reactor, host, data_port,
+                                   min(cfg.connect_timeout, DATA_CONNECT_TIMEOUT))
+        if len(token) != fw.TOKEN_LEN:
+            raise DataPortUnreachable("the relay sent a malformed ticket")
+        service, port = self.options.service, self.options.port
+        try:
+            proto: Any = await endpoint.connect(
+                Factory.forProtocol(lambda: _UserData(token, service, port)))
+        except Exception as e:
+            raise DataPortUnreachable(
+                f"cannot reach its data port {host}:{data_port}: {e}") from e
+        try:
+            timer = self.reactor.callLater(PAIR_TIMEOUT, proto.answer.cancel)
+            try:
+                extra = await proto.answer
+            finally:
+                if timer.active():
+                    timer.cancel()
+        except defer.CancelledError:
+            self.say(f"the relay did not pair the data connection for {self.label} in time")
+            return EXIT_FAILED
+        except Exception as e:
+            self.say(f"fast path to {self.label} failed: {e}")
+            return EXIT_FAILED
+        self._hangUp()  # the token is spent; the session no longer needs SSH
+        self.path = "spliced"
+        if self.verbose:
+            self.say(f"{self.label}: fast path (spliced) via data port {data_port}")
+        dp = datapath.get(self.reactor)
+        for pipe_fd in (self.stdin_fd, self.stdout_fd):
+            _grow_pipe(pipe_fd)
+        fd, unsent = datapath.detach_transport(proto.transport)
+        pair = dp.splice(datapath.End(self.stdin_fd, self.stdout_fd), datapath.End(fd, fd),
+                         from_a=unsent, from_b=extra)
+        try:
+            await pair.done
+        except datapath.PairError as e:
+            self.say(f"session to {self.label} ended abnormally: {e.strerror} "
+                     f"({'your side' if e.side == 'a' else 'the relay side'})")
+            return EXIT_FAILED
+        return 0
+
+    async def _channel(self) -> int:
+        self.path = "channel"
+        try:
+            channel = await self.conn.openDirect(self.options.service, self.options.port,
+                                                 "labrelay-connect", 0)
+        except Exception as e:
+            self.say(f"the relay refused {self.label}: {e}")
+            return EXIT_FAILED
+        done: defer.Deferred[None] = defer.Deferred()
+        side = TCPSide()
+        stdio.StandardIO(side, stdin=self.stdin_fd, stdout=self.stdout_fd,  # type: ignore[call-arg]
+                         reactor=self.reactor)
+
+        def closed(to_service: int, from_service: int) -> None:
+            if not done.called:
+                done.callback(None)
+
+        Bridge(side, channel, onClosed=closed)
+        await done
+        return 0
+
+
+def run(argv_ns: argparse.Namespace) -> int:
+    """``labrelay connect``: parse, run the reactor until the session ends, exit code."""
+    from twisted.internet import reactor
+
+    from relay.ssh.identity import load_identities
+
+    options = options_from_args(argv_ns)
+    identities = load_identities(NodeConfig(source=CLI, links=(options.link,)), options.link, 0)
+    result = [EXIT_FAILED]
+    connector = Connector(options, reactor, identities, verbose=argv_ns.verbose)
+
+    def finished(code: int | Failure) -> None:
+        if isinstance(code, Failure):
+            connector.say(f"internal error: {code.getErrorMessage()}")
+            code = EXIT_FAILED
+        result[0] = code
+        reactor.callLater(0, reactor.stop)  # type: ignore[attr-defined]
+
+    def start() -> None:
+        defer.Deferred.fromCoroutine(connector.run()).addBoth(finished)
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    return result[0]

@@ -1,0 +1,106 @@
+"""``labrelay ssh-config``: the ``~/.ssh/config`` snippet a relay's user needs.
+
+Users of a labrelay relay need nothing but stock OpenSSH.  This prints, for one
+user, a ``Host`` entry for the relay itself and one per ssh service they are
+granted (reached by name through ``ProxyJump``), plus ``LocalForward`` lines for
+their other services, and the relay's host key for ``known_hosts`` so the first
+connection is verified instead of trusted blindly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from relay.config.node import ServiceGrant
+
+RELAY_ALIAS = "labrelay"
+
+
+def render(
+    *,
+    user: str,
+    relay_host: str,
+    relay_port: int,
+    services: Iterable[ServiceGrant],
+    identity: str = "~/.ssh/id_ed25519",
+    host_key_line: str | None = None,
+    known_hosts: str = "~/.ssh/known_hosts",
+    fast: Iterable[ServiceGrant] = (),
+) -> str:
+    """The snippet, as text.  ``host_key_line`` is ``"ssh-ed25519 AAAA..."``.
+
+    Services matched by ``fast`` (the relay's ``e2e_services``, when it has a data
+    port) are reached with ``ProxyCommand labrelay connect`` (the fast path) instead of
+    ``ProxyJump``; ``labrelay connect`` falls back to a channel by itself."""
+    fast = tuple(fast)
+    port_part = "" if relay_port == 22 else f"[{relay_host}]:{relay_port}"
+    kh_name = port_part or relay_host
+    lines = [
+        f"# labrelay: services on {relay_host}:{relay_port} for {user}",
+        "# Append to ~/.ssh/config; then e.g. `ssh gpu-cluster` or `scp file gpu-cluster:`.",
+    ]
+    if host_key_line:
+        lines += [
+            f"# The relay's host key; add it to {known_hosts} once:",
+            f"#   echo '{kh_name} {host_key_line}' >> {known_hosts}",
+        ]
+    lines += [
+        "",
+        f"Host {RELAY_ALIAS}",
+        f"    HostName {relay_host}",
+        f"    Port {relay_port}",
+        f"    User {user}",
+        f"    IdentityFile {identity}",
+        "    IdentitiesOnly yes",
+        "    ServerAliveInterval 15",
+        "    ExitOnForwardFailure yes",
+    ]
+    tunnels: list[ServiceGrant] = []
+    wildcard = False
+    for grant in services:
+        if grant.name == "*":
+            wildcard = True
+        elif grant.port == 22 and any(f.matches(grant.name, 22) for f in fast):
+            lines += [
+                "",
+                f"Host {grant.name}",
+                "    # the fast path: spliced at the relay, encrypted once (docs/fastpath.md)",
+                f"    ProxyCommand labrelay connect -p {relay_port} -i {identity} "
+                f"-o UserKnownHostsFile={known_hosts} {user}@{relay_host} %h:%p",
+                "    # User <your account on that host>",
+            ]
+        elif grant.port == 22:
+            lines += [
+                "",
+                f"Host {grant.name}",
+                f"    ProxyJump {RELAY_ALIAS}",
+                "    # User <your account on that host>",
+            ]
+        else:
+            tunnels.append(grant)
+    if tunnels:
+        lines += ["", f"# Other services: `ssh -N {RELAY_ALIAS}-tunnels` keeps these open",
+                  f"Host {RELAY_ALIAS}-tunnels",
+                  f"    HostName {relay_host}", f"    Port {relay_port}", f"    User {user}",
+                  f"    IdentityFile {identity}", "    IdentitiesOnly yes",
+                  "    SessionType none"]
+        for grant in tunnels:
+            if grant.port is None:
+                lines.append(f"    # LocalForward PORT {grant.name}:PORT   (any port of "
+                             f"{grant.name} is granted)")
+            else:
+                lines.append(f"    LocalForward {grant.port} {grant.name}:{grant.port}")
+    if wildcard:
+        lines += ["", "# You may reach every service on this relay: add a Host entry with",
+                  f"# `ProxyJump {RELAY_ALIAS}` for each ssh service you use."]
+    return "\n".join(lines) + "\n"
+
+
+def relay_host_key_line(state_dir: Path) -> str | None:
+    """``"ssh-ed25519 AAAA..."`` of a relay whose state directory is readable here."""
+    path = state_dir / "ssh_host_ed25519_key.pub"
+    try:
+        return " ".join(path.read_text().split()[:2])
+    except OSError:
+        return None
