@@ -65,9 +65,14 @@ _GRANTS = Grants(_CONFIG, "fuzz")
 
 
 def new_core() -> tuple[RelayCore, MemoryReactorClock]:
-    """A fresh relay core on a memory reactor, its data port listening (in memory)."""
+    """A fresh relay core on a memory reactor, its data port listening (in memory).
+
+    With grants of its own: a core subscribes to its ``Grants`` for reloads and
+    nothing unsubscribes it (one core per relay process), so a shared ``Grants`` kept
+    every input's core, connections and transports alive (RSS grew by ~2 MiB per
+    thousand inputs, to 750 MiB in a minute of ``userauth``)."""
     clock = MemoryReactorClock()
-    core = RelayCore(_CONFIG, _GRANTS, clock)
+    core = RelayCore(_CONFIG, Grants(_CONFIG, "fuzz"), clock)
     core.dataport.start()
     return core, clock
 
