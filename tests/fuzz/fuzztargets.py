@@ -38,12 +38,14 @@ from relay.server.grants import parse_grant_file
 from relay.ssh import wire
 from relay.ssh.aead import (
     AES128_GCM,
+    AES256_GCM,
+    CHACHA20_POLY1305,
     MAX_PACKET_LENGTH,
     AEADTransportMixin,
-    GCMDirection,
     PacketCiphers,
 )
 from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier, parse_fingerprint
+from relay.ssh.policy import STRICT_KEX_CLIENT
 
 Target = Callable[[bytes], None]
 FAILURES = world.FailureLog()
@@ -86,13 +88,28 @@ def _chunks(data: bytes, seed: int) -> list[bytes]:
 
 
 def fastwire_hello(data: bytes) -> None:
-    """``hello_length``/``parse_hello``, as DataConnection uses them on a data port read.
+    """The data port's version 2 framing as both ends read it: ``parse_challenge`` (the
+    client reading the relay's ``LRD2`` + nonce) and ``hello_length``/``parse_hello``
+    (DataConnection reading a hello).
 
-    ``hello_length`` returns None (need more), a length in HELLO_LEN..MAX_HELLO_LEN,
-    or raises WireError; its verdict never changes as bytes are added (a prefix it
-    refused stays refused, a length once known stays the same); once that many bytes
-    are there, ``parse_hello`` of them succeeds with a 32-byte token, a known role,
-    and for users a name of at most 255 characters and a 16-bit port."""
+    ``parse_challenge``: None only on a prefix of ``LRD2`` shorter than the challenge,
+    else a 32-byte nonce and the exact unread tail, or WireError.  ``hello_length``
+    returns None (need more), a length in HELLO_LEN..MAX_HELLO_LEN, or raises
+    WireError; its verdict never changes as bytes are added (a prefix it refused stays
+    refused, a length once known stays the same); once that many bytes are there,
+    ``parse_hello`` of them succeeds with an 8-byte ticket id, a 32-byte proof, a known
+    role, and for users (only) a lower-case name of at most 255 characters and a 16-bit
+    port; checking the proof against any secret and nonce is a bool, never an error."""
+    try:
+        got = fw.parse_challenge(data)
+    except fw.WireError:
+        assert not data.startswith(fw.MAGIC[: len(data)]), "a prefix of LRD2 refused"
+    else:
+        if got is None:
+            assert len(data) < fw.CHALLENGE_LEN and fw.MAGIC.startswith(data[:4])
+        else:
+            nonce, rest = got
+            assert len(nonce) == fw.NONCE_LEN and data == fw.MAGIC + nonce + rest
     verdicts: list[Any] = []
     for k in range(min(len(data), fw.MAX_HELLO_LEN + 1) + 1):
         try:
@@ -106,11 +123,15 @@ def fastwire_hello(data: bytes) -> None:
     if isinstance(length, int):
         assert fw.HELLO_LEN <= length <= fw.MAX_HELLO_LEN, length
         if len(data) >= length:
-            role, token, service = fw.parse_hello(data[:length])
-            assert role in (fw.ROLE_USER, fw.ROLE_AGENT) and len(token) == fw.TOKEN_LEN
-            assert (service is None) == (role == fw.ROLE_AGENT)
-            if service is not None:
-                assert len(service[0]) <= 255 and 0 <= service[1] <= 0xFFFF
+            hello = fw.parse_hello(data[:length])
+            assert hello.role in (fw.ROLE_USER, fw.ROLE_AGENT)
+            assert len(hello.token_id) == fw.TOKEN_ID_LEN and len(hello.proof) == fw.MAC_LEN
+            assert (hello.service is None) == (hello.role == fw.ROLE_AGENT)
+            if hello.service is not None:
+                name, port = hello.service
+                assert len(name) <= 255 and name == name.lower() and 0 <= port <= 0xFFFF
+            proof = fw.hello_proof(_SECRET, hello.role, hello.token_id, _NONCE, hello.service)
+            assert len(proof) == fw.MAC_LEN
     elif length is None:
         assert len(data) < fw.MAX_HELLO_LEN
     try:
@@ -119,22 +140,29 @@ def fastwire_hello(data: bytes) -> None:
         pass
 
 
+_SECRET = bytes(range(fw.TOKEN_SECRET_LEN))
+_NONCE = bytes(range(100, 100 + fw.NONCE_LEN))
+
+
 def fastwire_dispatch(data: bytes) -> None:
     """``parse_go`` (the agent reading a dispatch) and ``parse_reply`` (the relay reading
     an agent's answer, the user's client reading the relay's): None only while the
-    message can still complete (under 7 + 255 or 2 + 255 bytes), else a bounded message
-    and ``rest``, the exact unread tail; WireError for anything else."""
+    message can still complete (under 7 + 255 + 32 or 2 + 255 bytes), else a bounded
+    message and ``rest``, the exact unread tail; a GO's MAC is 32 bytes and checking
+    it (``go_valid``) is a bool, never an error; WireError for anything else."""
     try:
         go = fw.parse_go(data)
     except fw.WireError:
         go = None
     else:
         if go is None:
-            assert len(data) < 7 + 255
+            assert len(data) < 7 + 255 + fw.MAC_LEN
         else:
-            (name, port), rest = go
-            assert len(name) <= 255 and 0 <= port <= 0xFFFF
-            assert data.endswith(rest) and len(rest) <= len(data) - 7
+            (name, port), mac, rest = go
+            assert len(name) <= 255 and 0 <= port <= 0xFFFF and len(mac) == fw.MAC_LEN
+            n = data[6]
+            assert data == data[: 7 + n] + mac + rest, "mac and rest are not the tail"
+            assert isinstance(fw.go_valid(_SECRET, bytes(8), _NONCE, name, port, mac), bool)
     for ok, err in ((fw.AGENT_OK, fw.AGENT_ERROR), (fw.USER_OK, fw.USER_ERROR)):
         try:
             reply = fw.parse_reply(data, ok, err)
@@ -149,10 +177,11 @@ def fastwire_dispatch(data: bytes) -> None:
 
 
 def fastwire_ssh(data: bytes) -> None:
-    """The payloads of ``data-token@labrelay`` and ``data-pool@labrelay`` (requests as
-    the relay reads them, replies as the user's and the agent's ends read them): a
-    result whose ports fit their fields and whose lists are bounded, or WireError
-    (the only error the callers catch) -- never another ValueError."""
+    """The payloads of ``data-token-v2@labrelay`` and ``data-pool-v2@labrelay`` (requests
+    as the relay reads them, replies as the user's and the agent's ends read them): a
+    result whose ports fit their fields, whose services are ``(name, 1..65535)`` and
+    whose lists are bounded, or WireError (the only error the callers catch) -- never
+    another ValueError."""
     if not data:
         return
     which, body = data[0] % 4, data[1:]
@@ -167,10 +196,13 @@ def fastwire_ssh(data: bytes) -> None:
             _count, services = fw.unpack_pool_request(body)
             assert len(services) <= 4096
             for name, port in services:
-                assert name and 0 <= port <= 0xFFFF, (name, port)
+                assert name and 0 < port <= 0xFFFF, (name, port)
         else:
-            _status, _message, _port, tokens, lifetime = fw.unpack_pool_reply(body)
-            assert len(tokens) <= 4096 and lifetime >= 0
+            reply = fw.unpack_pool_reply(body)
+            assert len(reply.tokens) <= 4096 and reply.lifetime >= 0
+            assert 0 <= reply.data_port <= 0xFFFFFFFF and len(reply.services) <= 4096
+            for name, port in reply.services:
+                assert name and 0 < port <= 0xFFFF, (name, port)
     except fw.WireError:
         pass
 
@@ -307,7 +339,7 @@ def transport_packets(data: bytes) -> None:
     _no_failures_logged()
 
 
-SESSION_ID = bytes(range(32))
+SESSION_ID = world.SESSION_ID
 
 
 def signed_userauth(kind: str, user: bytes = b"alice") -> bytes:
@@ -323,15 +355,15 @@ def signed_userauth(kind: str, user: bytes = b"alice") -> bytes:
 
 def userauth(data: bytes) -> None:
     """User authentication as the relay runs it (RelayUserAuth, GrantChecker, Conch's
-    SSHUserAuthServer), as if the key exchange were done: records are messages
+    SSHUserAuthServer) after a completed strict key exchange (``world.after_strict_kex``):
+    the client's ``SERVICE_REQUEST ssh-userauth`` is accepted, then records are messages
     50 + (sel % 30) or, with bit 7, connection messages 80..100 once authenticated.
     Pre-auth, reached by anyone who completes a key exchange: nothing escapes
     ``dispatchMessage``, no failure is logged, the connection stops cleanly."""
     core, clock = world.new_core()
     t = world.new_transport(core)
     t.dataReceived(world.CLIENT_VERSION)
-    t.sessionID = SESSION_ID  # what the key exchange leaves behind
-    t.keyExchanges = 1
+    world.after_strict_kex(t)
     t.dispatchMessage(5, common.NS(b"ssh-userauth"))
     assert not t.disconnects, t.disconnects
     for sel, payload in _records(data)[:32]:
@@ -347,6 +379,8 @@ def userauth(data: bytes) -> None:
 class _Recorder(AEADTransportMixin, ssh_transport.SSHTransportBase):
     """The AEAD packet reader with dispatch recorded instead of acted upon."""
 
+    isClient = False
+
     def __init__(self) -> None:
         self.dispatched: list[tuple[int, bytes]] = []
         self.disconnects: list[int] = []
@@ -359,61 +393,95 @@ class _Recorder(AEADTransportMixin, ssh_transport.SSHTransportBase):
         super().sendDisconnect(reason, desc)
 
 
-_KEY = bytes(range(32))
+_KEY = bytes(range(64))  # chacha20-poly1305 takes 64 bytes; GCM the first 16 or 32
 _IV_OUT = bytes(range(100, 116))  # the peer's "in", ours "out": unused here
 _IV_IN = bytes.fromhex("a0a1a2a3fffffffffffffffe") + b"\x00" * 4  # the counter wraps
 _INTEG = bytes(range(64, 128))
+#: ``data[0] % 4`` of aead_framing: the ciphers the transport policy allows, and none.
+AEAD_MODES = (b"none", AES128_GCM, AES256_GCM, CHACHA20_POLY1305)
 
 
 def _ciphers(mode: int) -> tuple[SSHCiphers, SSHCiphers | None]:
-    """(the reader's ciphers, the peer's matching sender) for ``mode``: 0 none (the
-    pre-key path), 1 aes128-gcm, 2 aes128-ctr + hmac-sha2-256."""
+    """(the reader's ciphers, the peer's matching sender) for ``mode`` (``AEAD_MODES``):
+    ``none`` is the pre-key path; the others are set through ``PacketCiphers.setKeys``
+    as ``_keySetup`` does after a key exchange (the MAC is implicit)."""
     if mode == 0:
         none = SSHCiphers(b"none", b"none", b"none", b"none")
         none.setKeys(b"", b"", b"", b"", b"", b"")
         return none, None
-    cipher, mac = (AES128_GCM, b"hmac-sha2-256") if mode == 1 else (b"aes128-ctr",
-                                                                       b"hmac-sha2-256")
+    cipher, mac = AEAD_MODES[mode], b"hmac-sha2-256-etm@openssh.com"
     reader = PacketCiphers(cipher, cipher, mac, mac)
     reader.setKeys(_IV_OUT, _KEY, _IV_IN, _KEY, _INTEG, _INTEG)
     peer = PacketCiphers(cipher, cipher, mac, mac)
     peer.setKeys(_IV_IN, _KEY, _IV_OUT, _KEY, _INTEG, _INTEG)
+    assert reader.inAEAD is not None and peer.outAEAD is not None
     return reader, peer
 
 
-def _seal(mode: int, peer: Any, gcm: GCMDirection | None, seq: int, rec: bytes) -> bytes:
-    """``rec`` (padding length, message number, payload, as the fuzzer chose them) as
-    the peer would put it on the wire: the plaintext is cut/zero-filled to the cipher's
-    block, so the framing is right and only the fields inside are hostile."""
+def _plain(mode: int, rec: bytes) -> bytes:
+    """``rec`` (padding length, message number, payload, as the fuzzer chose them) cut
+    or zero-filled to the cipher's alignment, so only the fields inside are hostile."""
     if mode == 0:
-        plain = rec + b"\x00" * (-(len(rec) + 4) % 8)
+        return rec + b"\x00" * (-(len(rec) + 4) % 8)
+    block = 16 if mode in (1, 2) else 8
+    return rec + b"\x00" * max(block - len(rec), -len(rec) % block)
+
+
+def _seal(mode: int, peer: Any, seq: int, plain: bytes) -> bytes:
+    """``plain`` as the peer puts it on the wire as packet ``seq``."""
+    if mode == 0:
         return struct.pack(">L", len(plain)) + plain
-    if mode == 1:
-        assert gcm is not None
-        plain = rec + b"\x00" * max(16 - len(rec), -len(rec) % 16)
-        length = struct.pack(">L", len(plain))
-        return length + gcm.aead.encrypt(gcm.nonce(), plain, length)
-    plain = rec + b"\x00" * max(12 - len(rec), -(len(rec) + 4) % 16)
-    packet = struct.pack(">L", len(plain)) + plain
-    return peer.encrypt(packet) + peer.makeMAC(seq, packet)
+    return b"".join(peer.outAEAD.seal(seq, plain))
+
+
+def _sealed_stream(mode: int, strict: bool, records: list[bytes]) -> tuple[bytes, list[bytes]]:
+    """The wire bytes of ``records`` sealed in order by the peer (sequence numbers
+    restarting after a NEWKEYS under strict KEX, as the reader expects), and their
+    plaintexts."""
+    _reader, peer = _ciphers(mode)
+    out, plains, seq = [], [], 0
+    for rec in records:
+        plain = _plain(mode, rec)
+        out.append(_seal(mode, peer, seq, plain))
+        plains.append(plain)
+        seq = 0 if strict and plain[1:2] == b"\x15" else (seq + 1) & 0xFFFFFFFF
+    return b"".join(out), plains
+
+
+def _expected(mode: int, plains: list[bytes]) -> tuple[list[tuple[int, bytes]], bool]:
+    """What the reader must make of correctly sealed ``plains``: each packet's message
+    and payload in order, up to the first whose padding length is impossible (at least
+    4 bytes under keys, RFC 4253 6; Conch checks only that it fits in the clear), which
+    ends in a disconnect."""
+    out = []
+    for plain in plains:
+        pad = plain[0]
+        if len(plain) - pad < 2 or (mode and pad < 4):
+            return out, True
+        out.append((plain[1], plain[2 : len(plain) - pad]))
+    return out, False
 
 
 def aead_framing(data: bytes) -> None:
     """The AEAD transport's packet reader (``dataReceived``/``getPacket`` of
-    ``AEADTransportMixin``) after keys are set through ``PacketCiphers.setKeys``, for no
-    cipher, AES-GCM and AES-CTR + HMAC.  ``data[0]``: mode (% 3), raw bytes or sealed
-    records (bit 2), how reads are cut (the rest).  The same bytes cut into reads
-    differently give the same messages and the same disconnect; a disconnect stops
-    parsing; at most one packet is buffered; never an exception."""
+    ``AEADTransportMixin``) after keys are set through ``PacketCiphers.setKeys``, for
+    no cipher, AES-128-GCM, AES-256-GCM and chacha20-poly1305 (the transport policy's
+    AEAD ciphers).  ``data[0]``: mode (bits 0-1), raw bytes or sealed records (bit 2),
+    strict KEX (bit 3; always for chacha20-poly1305, which the policy allows only with
+    it), how reads are cut (bits 4-7).  The same bytes cut into reads differently give
+    the same messages and the same disconnect; correctly sealed records come out
+    exactly as sealed, in order, up to the first with an impossible padding length
+    (then one disconnect); a disconnect stops parsing; at most one packet is
+    buffered; never an exception."""
     if not data:
         return
-    mode, sealed, cut = data[0] % 3, bool(data[0] & 4), data[0] >> 3
+    mode, sealed, cut = data[0] % 4, bool(data[0] & 4), data[0] >> 4
+    strict = bool(data[0] & 8) or AEAD_MODES[mode] == CHACHA20_POLY1305
     body = data[1:]
+    expected = None
     if sealed:
-        _reader, peer = _ciphers(mode)
-        gcm = getattr(peer, "outGCM", None)
-        body = b"".join(_seal(mode, peer, gcm, seq, rec)
-                        for seq, (_sel, rec) in enumerate(_records(body)))
+        body, plains = _sealed_stream(mode, strict, [r for _sel, r in _records(body)])
+        expected = _expected(mode, plains)
     outcomes = []
     for seed in (0, cut + 1):
         reader, _peer = _ciphers(mode)
@@ -421,6 +489,9 @@ def aead_framing(data: bytes) -> None:
         t.transport = world.TCP()
         t.gotVersion = True
         t.currentEncryptions = reader
+        if strict:  # the state a strict key exchange leaves (world.after_strict_kex)
+            t.kexGuard.kexinit_received([STRICT_KEX_CLIENT], 0)
+            t.kexGuard.newkeys_received()
         for chunk in _chunks(body, seed):
             t.dataReceived(chunk)
             assert len(t._rbuf or b"") <= MAX_BUFFERED
@@ -429,6 +500,10 @@ def aead_framing(data: bytes) -> None:
         assert len(t.disconnects) <= 1, "disconnected twice"
         outcomes.append((t.dispatched, t.disconnects))
     assert outcomes[0] == outcomes[1], "the result depends on how reads were cut"
+    if expected is not None:
+        messages, bad = expected
+        assert outcomes[0][0] == messages, "sealed records did not come out as sealed"
+        assert bool(outcomes[0][1]) == bad, "a disconnect without a bad record, or none"
 
 
 # --- the connection layer after authentication (relay/ssh/connection.py) --------

@@ -27,6 +27,8 @@ from relay.core import fastwire as fw  # noqa: E402
 from relay.ssh import wire  # noqa: E402
 
 TOKEN = bytes(range(fw.TOKEN_LEN))
+TOKEN_ID, SECRET = fw.split_ticket(TOKEN)
+NONCE = bytes(range(200, 200 + fw.NONCE_LEN))
 
 
 def rec(sel: int, payload: bytes) -> bytes:
@@ -42,8 +44,8 @@ KEXINIT = (
     b"\x14" + bytes(range(16)) + namelists(
         b"curve25519-sha256,curve25519-sha256@libssh.org,ext-info-c,kex-strict-c-v00@openssh.com",
         b"ssh-ed25519,rsa-sha2-512,rsa-sha2-256",
-        b"aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr",
-        b"aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr",
+        b"chacha20-poly1305@openssh.com,aes128-ctr,aes128-gcm@openssh.com,aes256-gcm@openssh.com",
+        b"chacha20-poly1305@openssh.com,aes128-ctr,aes128-gcm@openssh.com,aes256-gcm@openssh.com",
         b"hmac-sha2-256-etm@openssh.com,hmac-sha2-256",
         b"hmac-sha2-256-etm@openssh.com,hmac-sha2-256",
         b"none,zlib@openssh.com", b"none,zlib@openssh.com", b"", b"",
@@ -53,23 +55,31 @@ ECDH_INIT = b"\x1e" + common.NS(bytes(range(1, 33)))
 
 
 def hello() -> dict[str, bytes]:
-    user = fw.user_hello(TOKEN, "gpu-cluster", 22)
+    user = fw.user_hello(TOKEN, NONCE, "gpu-cluster", 22)
     return {
-        "agent": fw.agent_hello(TOKEN),
+        "challenge": fw.challenge(NONCE),
+        "challenge-and-more": fw.challenge(NONCE) + b"LRD2",
+        "agent": fw.agent_hello(TOKEN, NONCE),
         "user": user,
-        "user-long-name": fw.user_hello(TOKEN, "a" * 255, 65535),
+        "user-long-name": fw.user_hello(TOKEN, NONCE, "a" * 255, 65535),
         "user-and-stream": user + b"SSH-2.0-OpenSSH_9.6\r\n",
         "partial": user[:20],
         "bad-role": fw.MAGIC + b"X" + TOKEN,
+        "v1-hello": b"LRD1A" + TOKEN,  # a version 1 peer: refused at its first byte
         "not-labrelay": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
     }
 
 
+def _go(name: str, port: int) -> bytes:
+    return fw.pack_go(name, port, fw.go_mac(SECRET, TOKEN_ID, NONCE, name, port))
+
+
 def dispatch() -> dict[str, bytes]:
     return {
-        "go": fw.pack_go("gpu-cluster", 22),
-        "go-and-stream": fw.pack_go("jupyter", 8888) + b"stream bytes",
-        "go-partial": fw.pack_go("gpu-cluster", 22)[:9],
+        "go": _go("gpu-cluster", 22),
+        "go-and-stream": _go("jupyter", 8888) + b"stream bytes",
+        "go-partial": _go("gpu-cluster", 22)[:9],
+        "go-without-mac": _go("gpu-cluster", 22)[:-fw.MAC_LEN],
         "ok": fw.AGENT_OK,
         "ok-and-stream": fw.AGENT_OK + b"SSH-2.0-OpenSSH_9.6\r\n",
         "agent-error": fw.pack_error(fw.AGENT_ERROR, "connection refused"),
@@ -86,7 +96,10 @@ def fastwire_ssh() -> dict[str, bytes]:
         "token-refused": b"\x01" + fw.pack_token_reply(fw.Status.REFUSED, "not granted"),
         "pool-request": b"\x02" + fw.pack_pool_request(4, [("gpu-cluster", 22),
                                                             ("jupyter", 8888)]),
-        "pool-reply": b"\x03" + fw.pack_pool_reply(fw.Status.OK, "", 40000, [TOKEN] * 3, 60.0),
+        "pool-reply": b"\x03" + fw.pack_pool_reply(fw.Status.OK, "", 40000, [TOKEN] * 3, 60.0,
+                                                   [("gpu-cluster", 22)]),
+        "pool-reply-unavailable": b"\x03" + fw.pack_pool_reply(fw.Status.UNAVAILABLE,
+                                                               "no e2e service"),
         "pool-many": b"\x02" + struct.pack(">LL", 1, 5000),
         "truncated": b"\x00\x00\x00\x00\xff",
     }
@@ -157,31 +170,30 @@ def packets() -> dict[str, bytes]:
 def aead() -> dict[str, bytes]:
     def record(mode: int, msg: int, payload: bytes) -> bytes:
         n = 2 + len(payload)
-        if mode == 1:
-            plain = max(16, -(-n // 16) * 16)
-            pad = plain - n
-            if pad < 4:
-                pad += 16
+        if mode == 0:
+            pad = 8 - (4 + n) % 8
+            pad += 8 if pad < 4 else 0
         else:
-            block = 8 if mode == 0 else 16
-            pad = block - (4 + n) % block
-            if pad < 4:
-                pad += block
+            block = 16 if mode in (1, 2) else 8
+            pad = block - n % block
+            pad += block if pad < 4 else 0
         return rec(0, bytes((pad, msg)) + payload + b"\x00" * pad)
 
     out: dict[str, bytes] = {}
     messages = [(2, b"hello"), (94, struct.pack(">LL", 0, 5) + b"abcde"), (2, b"x" * 600)]
-    for mode, label in ((0, "none"), (1, "gcm"), (2, "ctr")):
+    rekey = [(2, b"before"), (21, b""), (2, b"after")]  # NEWKEYS: strict KEX resets seqnr
+    for mode, label in ((0, "none"), (1, "gcm128"), (2, "gcm256"), (3, "chacha")):
         records = b"".join(record(mode, m, p) for m, p in messages)
         for cut in (0, 5):
-            out[f"{label}-sealed-cut{cut}"] = bytes((mode | 4 | cut << 3,)) + records
+            out[f"{label}-sealed-cut{cut}"] = bytes((mode | 4 | cut << 4,)) + records
+        out[f"{label}-sealed-strict-newkeys"] = bytes((mode | 4 | 8 | 3 << 4,)) + b"".join(
+            record(mode, m, p) for m, p in rekey)
         # The same stream as raw bytes: a valid wire stream for the reader's fresh keys.
-        _reader, peer = ft._ciphers(mode)
-        gcm = getattr(peer, "outGCM", None)
-        raw = b"".join(ft._seal(mode, peer, gcm, seq, r)
-                       for seq, (_s, r) in enumerate(ft._records(records)))
-        out[f"{label}-raw"] = bytes((mode | 3 << 3,)) + raw
-        out[f"{label}-raw-flipped"] = bytes((mode,)) + raw[:-1] + bytes((raw[-1] ^ 1,))
+        strict = mode == 3
+        raw, _plains = ft._sealed_stream(mode, strict, [r for _s, r in ft._records(records)])
+        flags = mode | (8 if strict else 0)
+        out[f"{label}-raw"] = bytes((flags | 3 << 4,)) + raw
+        out[f"{label}-raw-flipped"] = bytes((flags,)) + raw[:-1] + bytes((raw[-1] ^ 1,))
         out[f"{label}-bad-padding"] = bytes((mode | 4,)) + rec(0, b"\xff\x02" + b"\x00" * 30)
     return out
 

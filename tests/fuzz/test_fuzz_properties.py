@@ -12,6 +12,7 @@ import time
 
 import fuzztargets as ft
 import fuzzworld as world
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.conch.ssh import common
@@ -29,6 +30,9 @@ u32 = st.one_of(st.sampled_from([0, 1, 22, 65535, 65536, 2**31, 2**32 - 1]),
 names = st.one_of(st.sampled_from(["gpu-cluster", "jupyter", "", "*", "a" * 255]),
                   st.text(max_size=40))
 tokens = st.binary(min_size=fw.TOKEN_LEN, max_size=fw.TOKEN_LEN)
+nonces = st.binary(min_size=fw.NONCE_LEN, max_size=fw.NONCE_LEN)
+pool_services = st.lists(st.tuples(st.from_regex(r"[a-z0-9][a-z0-9.-]{0,30}", fullmatch=True),
+                                   st.integers(1, 65535)), max_size=4)
 
 
 def rec(sel: int, payload: bytes) -> bytes:
@@ -39,21 +43,51 @@ def rec(sel: int, payload: bytes) -> bytes:
 
 
 @FAST
-@given(tokens, st.text(st.characters(max_codepoint=127), min_size=1, max_size=255),
+@given(tokens, nonces, st.text(st.characters(max_codepoint=127), min_size=1, max_size=255),
        st.integers(1, 65535), st.binary(max_size=40))
-def test_user_hello_round_trip(token: bytes, name: str, port: int, extra: bytes) -> None:
-    hello = fw.user_hello(token, name, port)
+def test_user_hello_round_trip(token: bytes, nonce: bytes, name: str, port: int,
+                               extra: bytes) -> None:
+    """A v2 user hello parses back to its ticket id and service, and its proof is the
+    HMAC of the ticket's secret over this nonce and service only."""
+    token_id, secret = fw.split_ticket(token)
+    hello = fw.user_hello(token, nonce, name, port)
     assert fw.hello_length(hello + extra) == len(hello)
-    assert fw.parse_hello(hello) == (fw.ROLE_USER, token, (name.lower(), port))
+    got = fw.parse_hello(hello)
+    assert (got.role, got.token_id, got.service) == (fw.ROLE_USER, token_id, (name.lower(), port))
+    assert got.proof == fw.hello_proof(secret, fw.ROLE_USER, token_id, nonce, got.service)
+    assert got.proof != fw.hello_proof(secret, fw.ROLE_USER, token_id, nonce[::-1] + b"x",
+                                       got.service)
+    assert got.proof != fw.hello_proof(secret, fw.ROLE_USER, token_id, nonce,
+                                       (name.lower(), port % 65535 + 1))
+    ft.fastwire_hello(hello + extra)
+    ft.fastwire_hello(fw.challenge(nonce) + extra)
+
+
+@FAST
+@given(tokens, nonces, st.binary(max_size=40))
+def test_agent_hello_round_trip(token: bytes, nonce: bytes, extra: bytes) -> None:
+    token_id, secret = fw.split_ticket(token)
+    hello = fw.agent_hello(token, nonce)
+    assert fw.hello_length(hello + extra) == len(hello) == fw.HELLO_LEN
+    got = fw.parse_hello(hello)
+    assert (got.role, got.token_id, got.service) == (fw.ROLE_AGENT, token_id, None)
+    assert got.proof == fw.hello_proof(secret, fw.ROLE_AGENT, token_id, nonce)
     ft.fastwire_hello(hello + extra)
 
 
 @FAST
-@given(st.text(st.characters(max_codepoint=127), max_size=255), st.integers(0, 65535),
-       st.binary(max_size=40))
-def test_go_round_trip(name: str, port: int, rest: bytes) -> None:
-    go = fw.pack_go(name, port)
-    assert fw.parse_go(go + rest) == ((name, port), rest)
+@given(tokens, nonces, st.text(st.characters(max_codepoint=127), max_size=255),
+       st.integers(0, 65535), st.binary(max_size=40))
+def test_go_round_trip(token: bytes, nonce: bytes, name: str, port: int, rest: bytes) -> None:
+    """A v2 GO parses back to its service and MAC, the MAC verifies for this ticket and
+    connection only, and every prefix is "need more"."""
+    token_id, secret = fw.split_ticket(token)
+    mac = fw.go_mac(secret, token_id, nonce, name, port)
+    go = fw.pack_go(name, port, mac)
+    assert fw.parse_go(go + rest) == ((name, port), mac, rest)
+    assert fw.go_valid(secret, token_id, nonce, name, port, mac)
+    assert not fw.go_valid(secret, token_id, nonce[::-1] + b"x", name, port, mac)
+    assert not fw.go_valid(secret, token_id, nonce, name, port, mac, counter=1)
     for cut in range(len(go)):
         assert fw.parse_go(go[:cut]) is None
     ft.fastwire_dispatch(go + rest)
@@ -62,9 +96,16 @@ def test_go_round_trip(name: str, port: int, rest: bytes) -> None:
 @FAST
 @given(st.integers(0, 2**32 - 1),
        st.lists(st.tuples(st.from_regex(r"[a-z0-9][a-z0-9.-]{0,30}", fullmatch=True),
-                          st.integers(0, 65535)), max_size=8))
+                          st.integers(1, 65535)), max_size=8))
 def test_pool_request_round_trip(count: int, services: list[tuple[str, int]]) -> None:
     assert fw.unpack_pool_request(fw.pack_pool_request(count, services)) == (count, services)
+
+
+@pytest.mark.parametrize("port", [0, 65536])
+def test_pool_request_port_outside_1_65535_is_a_wire_error(port: int) -> None:
+    """v2 services are TCP ports 1..65535 (version 1 accepted port 0)."""
+    with pytest.raises(fw.WireError):
+        fw.unpack_pool_request(fw.pack_pool_request(1, [("gpu-cluster", port)]))
 
 
 @FAST
@@ -82,12 +123,16 @@ def test_pool_request_hostile_services(count: int, services: list[str]) -> None:
 
 @FAST
 @given(st.sampled_from(list(fw.Status)), names, u32, st.lists(st.binary(max_size=40),
-                                                              max_size=5), st.integers(0, 10**6))
+                                                              max_size=5), st.integers(0, 10**6),
+       pool_services)
 def test_replies_round_trip(status: fw.Status, message: str, port: int, toks: list[bytes],
-                            lifetime_ms: int) -> None:
-    reply = fw.pack_pool_reply(status, message, port, toks, lifetime_ms / 1000)
+                            lifetime_ms: int, services: list[tuple[str, int]]) -> None:
+    reply = fw.pack_pool_reply(status, message, port, toks, lifetime_ms / 1000, services)
     got = fw.unpack_pool_reply(reply)
-    assert got[0] is status and got[2] == port and got[3] == toks
+    assert got.status is status and got.data_port == port and got.tokens == tuple(toks)
+    assert got.services == frozenset(services)
+    # Milliseconds on the wire, truncated (int()): never longer than packed, < 1 ms shorter.
+    assert lifetime_ms - 1 <= round(got.lifetime * 1000, 6) <= lifetime_ms
     one = fw.pack_token_reply(status, message, port, toks[0] if toks else b"", lifetime_ms / 1000)
     assert fw.unpack_token_reply(one)[0] is status
     for cut in range(0, len(reply), 3):
@@ -204,15 +249,19 @@ def test_banner(parts: list[bytes], cut: int) -> None:
 
 
 @SLOW
-@given(st.integers(0, 2), st.lists(st.tuples(st.integers(0, 255), st.integers(0, 255),
-                                             st.binary(max_size=70)), max_size=6),
-       st.integers(0, 31))
-def test_aead_sealed_records(mode: int, records: list[tuple[int, int, bytes]],
+@given(st.integers(0, 3), st.booleans(),
+       st.lists(st.tuples(st.integers(0, 255),
+                          st.sampled_from([2, 21, 94, 255]) | st.integers(0, 255),
+                          st.binary(max_size=70)), max_size=6),
+       st.integers(0, 15))
+def test_aead_sealed_records(mode: int, strict: bool, records: list[tuple[int, int, bytes]],
                              cut: int) -> None:
-    """Packets sealed with the right keys whose padding length, message number and size
-    are anything: same outcome however the reads are cut."""
+    """Packets sealed with the right keys (none, AES-128/256-GCM, chacha20-poly1305)
+    whose padding length, message number (NEWKEYS too: strict KEX restarts the sequence
+    numbers) and size are anything: read back exactly as sealed up to the first bad
+    padding, the same however the reads are cut."""
     body = b"".join(rec(0, bytes((pad, msg)) + payload) for pad, msg, payload in records)
-    ft.aead_framing(bytes((mode | 4 | cut << 3,)) + body)
+    ft.aead_framing(bytes((mode | 4 | (8 if strict else 0) | cut << 4,)) + body)
 
 
 # --- grant files and -o --------------------------------------------------------

@@ -48,11 +48,14 @@ def relay_after_version() -> Any:
 
 def test_truncated_kexinit_is_a_protocol_error_not_an_unhandled_error() -> None:
     """Conch's ssh_KEXINIT read 10 name-lists unchecked: struct.error out of
-    dataReceived ("Unhandled Error", the TCP connection dropped without a reason)."""
+    dataReceived ("Unhandled Error", the TCP connection dropped without a reason).
+    relay.ssh.guard turned it into "malformed message 20"; since the transport policy
+    (relay.ssh.aead), the KEXINIT is parsed by ``policy.KexInit.parse`` before Conch
+    sees it, and the disconnect says what is wrong with it."""
     data = regress("transport_packets", "truncated-kexinit", b"\x01" + bytes((20, 0, 3)) + b"abc")
     t = relay_after_version()
     t.dataReceived(world.frame_plain(b"\x14abc"))
-    assert t.disconnects == [(DISCONNECT_PROTOCOL_ERROR, b"malformed message 20")]
+    assert t.disconnects == [(DISCONNECT_PROTOCOL_ERROR, b"KEXINIT shorter than its cookie")]
     assert t.transport.disconnecting
     ft.transport_packets(data)
 
@@ -104,6 +107,11 @@ def test_an_honest_client_still_gets_through_the_kex() -> None:
     assert len(t.transport.value()) > sent + 100  # the reply, signed with the host key
     t.dataReceived(world.frame_plain(b"\x15"))  # NEWKEYS after the exchange: accepted
     assert not t.disconnects and t.keyExchanges == 1
+    # The state world.after_strict_kex gives the userauth target without an exchange:
+    assert t.kexGuard.strict and not t.kexGuard.initial and t.sessionID is not None
+    assert t.incomingPacketSequence == 0  # strict KEX: restarted at NEWKEYS
+    t.dispatchMessage(5, common.NS(b"ssh-userauth"))  # now a service may start
+    assert not t.disconnects and t.service is not None
 
 
 # --- fast path -------------------------------------------------------------------
@@ -242,9 +250,9 @@ def test_a_userauth_key_blob_that_looks_like_lsh_is_a_failed_attempt() -> None:
     core, _clock = world.new_core()
     t = world.new_transport(core)
     t.dataReceived(world.CLIENT_VERSION)
-    t.sessionID = ft.SESSION_ID
-    t.keyExchanges = 1
+    world.after_strict_kex(t)
     t.dispatchMessage(5, common.NS(b"ssh-userauth"))
+    assert not t.disconnects
     sent = []
     t.sendPacket = lambda n, p: sent.append(n)
     bad = (common.NS(b"alice") + common.NS(b"ssh-connection") + common.NS(b"publickey")
