@@ -155,6 +155,13 @@ class GrantChecker:
         if not credentials.signature:
             return defer.fail(error.ValidPublicKey())
         try:
+            # Only the algorithms server-sig-algs names: a client that signs with
+            # SHA-1 ``ssh-rsa`` anyway (OpenSSH refuses it since 8.8) is refused.
+            signed_with = common.getNS(credentials.signature)[0]
+            if signed_with not in policy.USER_KEY_ALGORITHMS:
+                return defer.fail(UnauthorizedLogin(
+                    f"signature algorithm {signed_with[:40]!r} is not accepted "
+                    f"(use one of {b','.join(policy.USER_KEY_ALGORITHMS).decode()})"))
             key = keys.Key.fromString(credentials.blob)
             if key.verify(credentials.signature, credentials.sigData):
                 return defer.succeed(Identity(credentials.blob, principal))

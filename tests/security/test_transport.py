@@ -371,6 +371,31 @@ def test_rsa_user_key_signs_with_sha2(lab: Lab) -> None:
     assert echo_roundtrip(port, b"bob") == b"bob"
 
 
+def test_sha1_rsa_signatures_are_refused(lab: Lab) -> None:
+    """A client that signs with SHA-1 ``ssh-rsa`` although ``server-sig-algs`` does not
+    list it (asyncssh told to sign with ``ssh-rsa`` only: it then falls back to it, as
+    an old client would) is refused; the same key with an rsa-sha2 signature logs in."""
+    import asyncio
+
+    import asyncssh
+
+    mark = lab.relay.mark()
+
+    async def login(signature_algs: list[str]) -> bool:
+        async with asyncssh.connect(
+            "127.0.0.1", port=lab.relay.port, username="bob",
+            client_keys=[str(lab.rsa_user.path)], known_hosts=str(lab.relay.known_hosts),
+            agent_path=None, config=None, signature_algs=signature_algs,
+        ) as conn:  # fmt: skip
+            return conn.get_extra_info("username") == "bob"
+
+    with pytest.raises(asyncssh.PermissionDenied):
+        asyncio.run(login(["ssh-rsa"]))
+    refused = lab.relay.wait_for("relay_auth_refused", timeout=10, since=mark, user="bob")
+    assert "ssh-rsa" in refused["why"] and "not accepted" in refused["why"], refused
+    assert asyncio.run(login(["rsa-sha2-256"]))
+
+
 # -- a key exchange left hanging while data is pushed -------------------------------
 
 
