@@ -1428,7 +1428,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{bench.autossh}; backend {bench.backend}; {bench.ciphers}", flush=True)
 
     return run_bench("labrelay-fastpath-bench-", lambda workdir: FastBench(args, workdir),
-                     announce, markdown, print_table, args.results_dir, dated=False)
+                     announce, markdown, print_table, args.results_dir)
 
 
 if __name__ == "__main__":
