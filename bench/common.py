@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
+from bench.history import HISTORY, write_latest
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
 LOOPBACK = "127.0.0.1"
@@ -840,19 +842,12 @@ def print_anomalies(res: dict[str, Any]) -> None:
         print(f"  !! {a}")
 
 
-def write_results(directory: Path, res: dict[str, Any], markdown: str,
-                  dated: bool = True) -> None:
-    """``BENCHMARK-DATE-COMMIT.json`` (or ``BENCHMARK-latest.json``) and
-    ``BENCHMARK-latest.md`` in ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    stem = res["benchmark"]
-    js = directory / (f"{stem}-{res['date'][:10]}-{res['commit']}.json" if dated
-                      else f"{stem}-latest.json")
-    js.write_text(json.dumps(res, indent=2) + "\n")
-    md = directory / f"{stem}-latest.md"
-    shown = js.relative_to(REPO) if js.is_relative_to(REPO) else js
-    md.write_text(markdown + f"\nRaw data: `{shown}`.\n")
-    print(f"wrote {js} and {md}", flush=True)
+def write_results(directory: Path, res: dict[str, Any], markdown: str) -> None:
+    """Overwrite ``BENCHMARK-latest.json`` and ``BENCHMARK-latest.md`` in ``directory`` and
+    append the run's line to ``history.jsonl`` (``bench.history``)."""
+    js = write_latest(directory, res["benchmark"], res, markdown)
+    print(f"wrote {js}, {js.with_suffix('.md')} and a line in {js.parent / HISTORY}",
+          flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -938,8 +933,7 @@ H = TypeVar("H", bound=Harness)
 
 def run_bench(prefix: str, make: Callable[[Path], H], announce: Callable[[H], None],
               markdown: Callable[[dict[str, Any]], str],
-              print_table: Callable[[dict[str, Any]], None], results_dir: Path,
-              dated: bool = True) -> int:
+              print_table: Callable[[dict[str, Any]], None], results_dir: Path) -> int:
     """Set up ``make(workdir)`` in a new temporary directory, ``announce`` it, run it, write
     its result and report (``write_results``) and print its table; everything is stopped at
     the end. The exit status: 0 clean, 3 with anomalies, 1 set-up failed, 130 interrupted."""
@@ -954,7 +948,7 @@ def run_bench(prefix: str, make: Callable[[Path], H], announce: Callable[[H], No
             bench.setup()
             announce(bench)
             res = bench.run()
-            write_results(results_dir, res, markdown(res), dated)
+            write_results(results_dir, res, markdown(res))
             print_table(res)
             code = 0 if not res["anomalies"] else 3
         except BenchError as e:

@@ -70,7 +70,8 @@ Run from the repository root with the venv's Python::
     python -m bench.fast_path --quick     # 256 MiB x 3 runs
 
 Results: a table on stdout, ``bench/results/fast_path-latest.json`` and
-``bench/results/fast_path-latest.md``. Also run by ``python -m bench --only fast_path``.
+``bench/results/fast_path-latest.md`` (overwritten), and a line in
+``bench/results/history.jsonl``. Also run by ``python -m bench --only fast_path``.
 """
 
 from __future__ import annotations
@@ -1428,7 +1429,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{bench.autossh}; backend {bench.backend}; {bench.ciphers}", flush=True)
 
     return run_bench("labrelay-fastpath-bench-", lambda workdir: FastBench(args, workdir),
-                     announce, markdown, print_table, args.results_dir, dated=False)
+                     announce, markdown, print_table, args.results_dir)
 
 
 if __name__ == "__main__":

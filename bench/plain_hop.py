@@ -30,7 +30,8 @@ Run from the repository root with the venv's Python::
     python -m bench.plain_hop --quick        # 256 MiB x 3 runs
 
 Results: a table on stdout, ``bench/results/plain_hop-latest.md`` and
-``bench/results/plain_hop-latest.json``.
+``bench/results/plain_hop-latest.json`` (overwritten), and a line in
+``bench/results/history.jsonl``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from bench.common import (
     free_port,
     proc_cpu,
 )
+from bench.history import HISTORY, write_latest
 
 TIMEOUT = 300.0
 
@@ -417,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                         help="where the .md and .json go (default bench/results)")
     parser.add_argument("--output", default="plain_hop-latest",
-                        help="result file stem in bench/results/")
+                        help="results go to OUTPUT.json and OUTPUT.md (OUTPUT ends in "
+                        "-latest; the committed --design run is plain_hop-design-latest) and "
+                        "a line in history.jsonl")
     parser.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
     if ns.worker:
@@ -481,9 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     ordered = [series[(p, w)] for w in workloads for p in paths]
     text = render(ordered, meta)
     print("\n" + text)
-    ns.results_dir.mkdir(parents=True, exist_ok=True)
-    (ns.results_dir / f"{ns.output}.md").write_text(text)
-    (ns.results_dir / f"{ns.output}.json").write_text(json.dumps({
+    stem = ns.output.removesuffix("-latest")
+    js = write_latest(ns.results_dir, stem, {
         "meta": meta,
         "series": [{"path": s.path, "label": LABELS[s.path], "workload": s.workload,
                     "median": {k: s.median(k) for k in ("mbps", "cpu_per_gib",
@@ -493,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
                         (d for d in ordered if d.path == "direct" and d.workload == s.workload),
                         None)),
                     "samples": [vars(x) for x in s.samples]} for s in ordered],
-    }, indent=2) + "\n")
+    }, text)
+    print(f"wrote {js}, {js.with_suffix('.md')} and a line in {js.parent / HISTORY}")
     return 0
 
 

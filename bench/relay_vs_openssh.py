@@ -29,8 +29,9 @@ Run from the repository root with the venv's Python::
     python -m bench.relay_vs_openssh            # 1 GiB x 5 runs
     python -m bench.relay_vs_openssh --quick    # 256 MiB x 3 runs
 
-Results: a table on stdout, ``bench/results/relay_vs_openssh-DATE-COMMIT.json`` and
-``bench/results/relay_vs_openssh-latest.md``. See ``docs/benchmarks.md``.
+Results: a table on stdout, ``bench/results/relay_vs_openssh-latest.json`` and
+``bench/results/relay_vs_openssh-latest.md`` (overwritten), and a line in
+``bench/results/history.jsonl``. See ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations

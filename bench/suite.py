@@ -2,17 +2,16 @@
 
 ``python -m bench`` (or ``labrelay bench``) runs ``bench.agent_vs_openssh``,
 ``bench.relay_vs_openssh``, ``bench.plain_hop`` and ``bench.fast_path`` (or the ones named
-with ``--only``) as
-subprocesses, streams their output with a prefix and the elapsed time, then reads the JSON
-each wrote and writes
+with ``--only``) as subprocesses and streams their output with a prefix and the elapsed
+time. Each writes ``<stem>-latest.json`` and ``.md`` (overwritten) and appends its line to
+``history.jsonl`` (``bench.history``). Then this reads each suite's latest JSON and writes
 
-- ``bench/results/<YYYY-MM-DD>-<commit>.json``: the conditions and each suite's key figures;
 - ``bench/results/latest.md``: the key figures as tables, goals PASS/MISS, the plots;
 - ``bench/results/latest-*.png``: the plots (needs matplotlib: ``pip install labrelay[bench]``).
 
-``--compare`` then compares the key figures with the newest earlier combined file and
-flags every figure more than 15 % worse (a report: the exit status stays 0).
-``--report-only`` skips running and builds the report from the newest JSON files there.
+``--compare`` then compares each suite's latest run with the run before it in the history
+(by commit order) and flags every figure more than 15 % worse (a report: the exit status
+stays 0). ``--report-only`` skips running and rebuilds the report from the latest files.
 See docs/performance.md.
 """
 
@@ -22,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -31,10 +29,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.figures import (  # noqa: F401  (lower_is_better: the tests use it from here)
+    conditions,
+    get_in,
+    goals,
+    key_figures,
+    lower_is_better,
+    num,
+)
+from bench.history import (
+    HISTORY,
+    CommitOrder,
+    history_line,
+    latest_result,
+    line_figures,
+    parse_date,
+    previous_line,
+    read_history,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 SUITE_ID = "labrelay-bench"
-COMBINED_RE = re.compile(r"^\d{4}-\d{2}-\d{2}-[0-9a-f]{4,40}\.json$")
 WORSE = 0.15
 
 
@@ -44,173 +60,17 @@ class Suite:
     module: str
     stem: str
     quick_args: tuple[str, ...]
-    dated: bool  # writes STEM-DATE-COMMIT.json (else STEM-latest.json)
 
 
 SUITES: dict[str, Suite] = {
     "agent": Suite("agent", "bench.agent_vs_openssh", "agent_vs_openssh",
-                   ("--quick", "--sessions", "100", "--gap-sessions", "20"), True),
+                   ("--quick", "--sessions", "100", "--gap-sessions", "20")),
     "relay": Suite("relay", "bench.relay_vs_openssh", "relay_vs_openssh",
                    ("--quick", "--sessions", "100", "--gap-sessions", "20",
-                    "--idle-sessions", "1000", "--echoes", "200", "--settle", "1"), True),
-    "plain_hop": Suite("plain_hop", "bench.plain_hop", "plain_hop", ("--quick",), False),
-    "fast_path": Suite("fast_path", "bench.fast_path", "fast_path", ("--quick",), False),
+                    "--idle-sessions", "1000", "--echoes", "200", "--settle", "1")),
+    "plain_hop": Suite("plain_hop", "bench.plain_hop", "plain_hop", ("--quick",)),
+    "fast_path": Suite("fast_path", "bench.fast_path", "fast_path", ("--quick",)),
 }
-
-
-# ---------------------------------------------------------------- small helpers
-
-def _get(d: Any, *keys: Any) -> Any:
-    """``d[k1][k2]...`` or None if any level is missing or not a dict/list."""
-    for k in keys:
-        if isinstance(d, dict):
-            d = d.get(k)
-        elif isinstance(d, list) and isinstance(k, int) and -len(d) <= k < len(d):
-            d = d[k]
-        else:
-            return None
-    return d
-
-
-def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
-
-
-def _stat(x: Any) -> tuple[float | None, float | None, float | None]:
-    """(median, min, max) from a ``{"median","min","max"}`` dict or a bare number."""
-    if isinstance(x, dict):
-        return _num(x.get("median")), _num(x.get("min")), _num(x.get("max"))
-    v = _num(x)
-    return v, None, None
-
-
-def lower_is_better(name: str, unit: str = "") -> bool:
-    """Direction of a figure: latency, CPU and memory are better lower, throughput higher."""
-    if unit in ("ms", "KiB", "CPU-s/GiB"):
-        return True
-    if unit == "MB/s":
-        return False
-    n = name.lower()
-    if any(w in n for w in ("cpu", "kib", "rss", "memory", "_ms", "setup", "echo", "latency")):
-        return True
-    return False  # throughput and throughput ratios
-
-
-def _fig(figs: dict[str, dict[str, Any]], name: str, stat: Any, unit: str,
-         label: str) -> None:
-    med, lo, hi = _stat(stat)
-    if med is None:
-        return
-    figs[name] = {"value": med, "min": lo, "max": hi, "unit": unit, "label": label,
-                  "better": "lower" if lower_is_better(name, unit) else "higher"}
-
-
-# ---------------------------------------------------------------- key figures
-
-def key_figures(suite: str, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The figures worth tracking from one suite's JSON, flat: name -> value, min, max, unit."""
-    figs: dict[str, dict[str, Any]] = {}
-    if suite == "fast_path":
-        for s in data.get("series") or []:
-            if not isinstance(s, dict):
-                continue
-            base = f"fast_path.{s.get('workload', '?')}.{s.get('path', '?')}"
-            label = f"{s.get('label') or s.get('path')}, {s.get('workload')}"
-            _fig(figs, f"{base}.mb_per_s", s.get("mb_per_s"), "MB/s", label)
-            _fig(figs, f"{base}.ratio_to_direct", s.get("ratio_to_direct"), "×",
-                 f"{label} ÷ direct")
-            for proc, st in (s.get("cpu_s_per_gib") or {}).items():
-                _fig(figs, f"{base}.cpu_s_per_gib.{proc}", st, "CPU-s/GiB", f"{label}, {proc}")
-        return figs
-    if suite == "plain_hop":
-        for s in data.get("series") or []:
-            if not isinstance(s, dict):
-                continue
-            base = f"plain_hop.{s.get('workload', '?')}.{s.get('path', '?')}"
-            samples = [_num(x.get("mbps")) for x in s.get("samples") or []
-                       if isinstance(x, dict)]
-            vals = [v for v in samples if v is not None]
-            med = _get(s, "median", "mbps")
-            stat = {"median": med, "min": min(vals) if vals else None,
-                    "max": max(vals) if vals else None}
-            label = s.get("label") or s.get("path")
-            _fig(figs, f"{base}.throughput_mb_per_s", stat, "MB/s", f"{label}, {s.get('workload')}")
-            _fig(figs, f"{base}.cpu_s_per_gib", _get(s, "median", "cpu_per_gib"), "CPU-s/GiB",
-                 f"{label}, {s.get('workload')}")
-            _fig(figs, f"{base}.ratio_to_direct", s.get("ratio_to_direct"), "×",
-                 f"{label}, {s.get('workload')} ÷ direct")
-        return figs
-    labels = {p: (_get(v, "label") or p) for p, v in (data.get("paths") or {}).items()}
-    for direction, paths in (data.get("throughput") or {}).items():
-        for path, t in (paths or {}).items():
-            base = f"{suite}.throughput.{direction}.{path}"
-            label = f"{labels.get(path, path)}, {direction}"
-            _fig(figs, f"{base}.mb_per_s", _get(t, "mb_per_s"), "MB/s", label)
-            _fig(figs, f"{base}.forwarder_cpu_s_per_gib", _get(t, "forwarder_cpu_s_per_gib"),
-                 "CPU-s/GiB", label)
-            for proc, st in (_get(t, "cpu_s_per_gib") or {}).items():
-                _fig(figs, f"{base}.cpu_s_per_gib.{proc}", st, "CPU-s/GiB", f"{label}, {proc}")
-    for mode, paths in (data.get("setup_latency") or {}).items():
-        for path, s in (paths or {}).items():
-            for q in ("p50_ms", "p99_ms"):
-                _fig(figs, f"{suite}.setup.{mode}.{path}.{q}", _get(s, q), "ms",
-                     f"{labels.get(path, path)}, set-up {q[:3]}, {mode.replace('_', ' ')}")
-    for path, s in (data.get("interactive_under_bulk") or {}).items():
-        for q in ("p50_ms", "p99_ms"):
-            _fig(figs, f"{suite}.echo_under_bulk.{path}.{q}", _get(s, q), "ms",
-                 f"{labels.get(path, path)}, echo {q[:3]} under bulk")
-    for key, s in (data.get("idle_sessions") or {}).items():
-        if "2nd" in key:
-            continue
-        for proc, kib in (_get(s, "kib_per_session") or {}).items():
-            if proc.startswith("sshd ") and proc != "sshd (all)":
-                continue
-            _fig(figs, f"{suite}.memory_per_session.{key}.{proc}_kib", kib, "KiB",
-                 f"{proc}, {_get(s, 'requested')} idle sessions")
-    end = _get(data, "agent_health", "agent_end", "vmrss_kib")
-    _fig(figs, f"{suite}.agent_rss_end_kib", end, "KiB", "agent RSS at the end")
-    for name, v in (data.get("ratios") or {}).items():
-        _fig(figs, f"{suite}.ratio.{name}", v, "×", name.replace("_", " "))
-    return figs
-
-
-def goals(suite: str, data: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for g in data.get("goals") or []:
-        if isinstance(g, dict) and "goal" in g:
-            out.append({"suite": suite, "goal": g["goal"], "value": _num(g.get("value")),
-                        "unit": g.get("unit", ""), "status": g.get("status", "?"),
-                        "margin": _num(g.get("margin"))})
-    if suite == "plain_hop":  # no goals list in its JSON: issue 4's goal, from the figures
-        c = next((s for s in data.get("series") or [] if isinstance(s, dict)
-                  and s.get("path") == "c" and s.get("workload") == "bulk"), None)
-        r = _num(_get(c, "ratio_to_direct"))
-        if r is not None:
-            out.append({"suite": suite, "goal": "plain hop (C backend) ÷ direct >= 0.55",
-                        "value": r, "unit": "×", "status": "PASS" if r >= 0.55 else "MISS",
-                        "margin": r - 0.55})
-        cpu = _num(_get(c, "median", "cpu_per_gib"))
-        if cpu is not None:
-            out.append({"suite": suite, "goal": "plain hop (C backend) CPU-s/GiB <= 0.3",
-                        "value": cpu, "unit": "CPU-s/GiB",
-                        "status": "PASS" if cpu <= 0.3 else "MISS", "margin": 0.3 - cpu})
-    return out
-
-
-def conditions(suite: str, data: dict[str, Any]) -> dict[str, Any]:
-    c = dict(data.get("conditions") or {})
-    meta = data.get("meta") or {}
-    keep = ("cpu_model", "nproc", "kernel", "python", "twisted", "cryptography", "labrelay",
-            "openssh", "bytes", "runs", "ciphers", "link_cipher", "relay_window",
-            "loadavg_at_start", "idle_sessions", "datapath_backend", "peers")
-    out = {k: c[k] for k in keep if k in c}
-    if meta:
-        out.update({"cpu_model": meta.get("cpu_model"), "nproc": meta.get("cpus"),
-                    "kernel": meta.get("kernel"), "python": meta.get("python"),
-                    "bytes": meta.get("size"), "runs": meta.get("runs")})
-    out["date"] = data.get("date") or meta.get("date")
-    out["commit"] = data.get("commit") or meta.get("commit")
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def combine(datas: dict[str, dict[str, Any]], sources: dict[str, str], commit: str,
@@ -230,9 +90,9 @@ def compare(new: dict[str, Any], old: dict[str, Any],
     """Per figure in both: old, new, new ÷ old and whether it got more than threshold worse."""
     rows = []
     for suite, figs in (new.get("figures") or {}).items():
-        before = _get(old, "figures", suite) or {}
+        before = get_in(old, "figures", suite) or {}
         for name, f in figs.items():
-            o, n = _num(_get(before, name, "value")), _num(_get(f, "value"))
+            o, n = num(get_in(before, name, "value")), num(get_in(f, "value"))
             if o is None or n is None:
                 continue
             ratio = n / o if o else None
@@ -257,17 +117,30 @@ def format_compare(rows: list[dict[str, Any]], old_name: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def previous_combined(results_dir: Path, exclude: Path | None) -> Path | None:
-    found = []
-    for p in results_dir.glob("*-*.json"):
-        if not COMBINED_RE.match(p.name) or (exclude and p.resolve() == exclude.resolve()):
+def history_baseline(suite: str, data: dict[str, Any], dirs: list[Path],
+                     order: CommitOrder) -> dict[str, Any] | None:
+    """The history line of ``suite`` just before the run in ``data`` (by commit order), from
+    the ``history.jsonl`` of each of ``dirs``."""
+    lines = list({json.dumps(x, sort_keys=True): x
+                  for d in dict.fromkeys(dirs) for x in read_history(d)}.values())
+    return previous_line(lines, history_line(suite, data), order)
+
+
+def compare_with_history(datas: dict[str, dict[str, Any]], dirs: list[Path],
+                         order: CommitOrder) -> str:
+    """``--compare``: each suite's latest run against its previous history line."""
+    out = []
+    for suite, data in datas.items():
+        prev = history_baseline(suite, data, dirs, order)
+        if prev is None:
+            out.append(f"compare [{suite}]: no earlier run of this suite in {HISTORY}; "
+                       "nothing to compare with\n")
             continue
-        try:
-            if json.loads(p.read_text()).get("suite") == SUITE_ID:
-                found.append(p)
-        except (OSError, ValueError, AttributeError):
-            continue
-    return max(found, key=lambda p: (p.name[:10], p.stat().st_mtime), default=None)
+        new = {"figures": {suite: key_figures(suite, data)}}
+        old = {"figures": {suite: line_figures(prev)}}
+        name = f"[{suite}] the run at {prev.get('commit')} ({str(prev.get('date'))[:16]})"
+        out.append(format_compare(compare(new, old), name))
+    return "".join(out)
 
 
 # ---------------------------------------------------------------- markdown
@@ -415,7 +288,7 @@ def markdown(combined: dict[str, Any], plots: list[Path], plot_note: str = "") -
 # ---------------------------------------------------------------- plots
 
 def _title(combined: dict[str, Any], suite: str) -> str:
-    c = _get(combined, "conditions", suite) or {}
+    c = get_in(combined, "conditions", suite) or {}
     bits = [f"{c.get('nproc', '?')} CPUs {c.get('cpu_model', '')}".strip(),
             f"Linux {c.get('kernel', '?')}", f"Py {c.get('python', '?')}"]
     if c.get("openssh"):
@@ -483,11 +356,11 @@ def make_plots(datas: dict[str, dict[str, Any]], combined: dict[str, Any],
 
     # set-up latency: distributions from the raw per-session samples
     for s in ("agent", "relay"):
-        lat = _get(datas.get(s), "setup_latency") or {}
+        lat = get_in(datas.get(s), "setup_latency") or {}
         series = []
         for mode, paths in lat.items():
             for path, v in (paths or {}).items():
-                ms = [x for run in (_get(v, "ms") or []) if isinstance(run, list)
+                ms = [x for run in (get_in(v, "ms") or []) if isinstance(run, list)
                       for x in run if isinstance(x, int | float)]
                 if ms:
                     series.append((f"{path}\n{mode.replace('_', ' ')}", ms))
@@ -517,7 +390,7 @@ def make_plots(datas: dict[str, dict[str, Any]], combined: dict[str, Any],
         ax.axhline(10, color="r", linestyle="--", linewidth=1, label="goal 10 KiB")
         ax.legend(fontsize=7)
         ax.set_ylabel("KiB RSS per idle session")
-        n = _get(combined, "conditions", "relay", "idle_sessions") or "?"
+        n = get_in(combined, "conditions", "relay", "idle_sessions") or "?"
         ax.set_title(f"Memory per session, {n} idle sessions on one link/process\n"
                      + _title(combined, "relay"), fontsize=7)
         save(fig, "memory")
@@ -593,13 +466,16 @@ def run_one(suite: Suite, quick: bool, results_dir: Path, cwd: Path) -> int | No
     return code
 
 
-def find_result(suite: Suite, dirs: list[Path], since: float = 0.0) -> Path | None:
-    """The newest JSON the suite wrote (modified at or after since)."""
-    pat = re.compile(rf"^{re.escape(suite.stem)}-\d{{4}}-\d{{2}}-\d{{2}}-.+\.json$"
-                     if suite.dated else rf"^{re.escape(suite.stem)}-latest\.json$")
-    found = [p for d in dirs if d.is_dir() for p in d.iterdir()
-             if pat.match(p.name) and p.stat().st_mtime >= since]
-    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+def fresh_result(suite: Suite, results_dir: Path, started: float,
+                 order: CommitOrder) -> tuple[Path, dict[str, Any]] | None:
+    """The result the run just made: ``<stem>-latest.json`` if its recorded date is not
+    before the run started (a failed run leaves the previous one there)."""
+    found = latest_result(suite.stem, [results_dir], order)
+    if found is None:
+        return None
+    date = parse_date(conditions(suite.name, found[1]).get("date"))
+    # plain_hop records minutes only
+    return found if date.timestamp() >= started - 60 else None
 
 
 def git_commit(cwd: Path) -> str:
@@ -613,21 +489,27 @@ def git_commit(cwd: Path) -> str:
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Run labrelay's benchmark suite side by side with OpenSSH, "
-        "socat and the loopback limit; write a combined JSON, bench/results/latest.md and "
-        "plots. See docs/performance.md.")
+        "socat and the loopback limit; each suite writes SUITE-latest.json/.md and a line in "
+        "history.jsonl; then write bench/results/latest.md and plots. "
+        "See docs/performance.md.")
     p.add_argument("--quick", action="store_true",
                    help="256 MiB x 3 runs and fewer sessions (under 5 minutes on 2 cores)")
     p.add_argument("--only", default=",".join(SUITES), metavar="LIST",
                    help=f"comma-separated subset of {','.join(SUITES)} (default: all)")
     p.add_argument("--compare", action="store_true",
-                   help="compare with the newest earlier combined results (report only)")
+                   help="compare each suite's latest run with the run before it in "
+                   "history.jsonl, by commit order (report only)")
     p.add_argument("--report-only", action="store_true",
-                   help="run nothing: build the report from the newest JSON in the results dir")
+                   help="run nothing: build the report from each suite's latest JSON "
+                   "(the newest by commit order of the results dir and bench/results)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     return p
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m bench",
+         repo: Path | None = REPO) -> int:
+    """Run (unless ``--report-only``), then report; ``repo`` is the git repository whose
+    history orders the runs (None: by their recorded dates, with a warning)."""
     args = build_parser(prog).parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in SUITES]
@@ -637,14 +519,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         return 2
     results_dir: Path = args.results_dir.resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
-    dirs = list(dict.fromkeys([results_dir, RESULTS_DIR]))
+    dirs = [results_dir]  # every suite takes --results-dir
+    order = CommitOrder(repo)
     started = time.time()
     datas: dict[str, dict[str, Any]] = {}
     sources: dict[str, str] = {}
     for n in names:
         suite = SUITES[n]
-        since = 0.0
-        if not args.report_only:
+        if args.report_only:
+            found = latest_result(suite.stem, dirs, order)
+        else:
             try:
                 code = run_one(suite, args.quick, results_dir, REPO)
             except KeyboardInterrupt:
@@ -652,42 +536,26 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
                 return 130
             if code is None:
                 continue
-            since = started
-        path = find_result(suite, dirs, since)
-        if path is None:
+            found = fresh_result(suite, results_dir, started, order)
+        if found is None:
             print(f"[{n}] no results found", flush=True)
             continue
-        try:
-            datas[n] = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            print(f"[{n}] cannot read {path}: {e}", flush=True)
-            continue
+        path, datas[n] = found
         sources[n] = str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
     if not datas:
         print(f"{prog}: no results to report", file=sys.stderr)
         return 1
     now = datetime.datetime.now(datetime.UTC)
-    commit = git_commit(REPO)
-    combined = combine(datas, sources, commit, now.isoformat(timespec="seconds"))
-    out = results_dir / f"{now:%Y-%m-%d}-{commit}.json"
-    # the baseline is read before writing: the new file may replace one of the same name
-    prev = previous_combined(results_dir, exclude=None) if args.compare else None
-    baseline = json.loads(prev.read_text()) if prev else None
-    out.write_text(json.dumps(combined, indent=2) + "\n")
+    combined = combine(datas, sources, git_commit(REPO), now.isoformat(timespec="seconds"))
     plots, note = make_plots(datas, combined, results_dir)
     if note:
         print(note, flush=True)
     md = results_dir / "latest.md"
     md.write_text(markdown(combined, plots, note))
-    print(f"wrote {out}, {md}" + "".join(f", {p.name}" for p in plots), flush=True)
+    print(f"wrote {md}" + "".join(f", {p.name}" for p in plots), flush=True)
     for g in combined["goals"]:
         val = "–" if g["value"] is None else f"{g['value']:.2f}"
         print(f"  {g['status']:4}  [{g['suite']}] {g['goal']}: {val} {g.get('unit') or ''}")
     if args.compare:
-        if prev is None or baseline is None:
-            print("compare: no earlier combined results file in "
-                  f"{results_dir} (YYYY-MM-DD-COMMIT.json); nothing to compare with")
-        else:
-            same = " (the file this run replaced)" if prev.name == out.name else ""
-            print(format_compare(compare(combined, baseline), prev.name + same), end="")
+        print(compare_with_history(datas, dirs, order), end="")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,9 +21,10 @@ def stat(median: float, lo: float | None = None, hi: float | None = None) -> dic
             "max": median if hi is None else hi, "n": 3}
 
 
-def relay_json(mb: float = 300.0, p50: float = 1.5, kib: float = 4.0) -> dict:
+def relay_json(mb: float = 300.0, p50: float = 1.5, kib: float = 4.0, commit: str = "abc1234",
+               date: str = "2026-11-28T18:00:00+00:00") -> dict:
     return {
-        "benchmark": "relay_vs_openssh", "date": "2026-11-28T18:00:00+00:00", "commit": "abc1234",
+        "benchmark": "relay_vs_openssh", "date": date, "commit": commit,
         "conditions": {"cpu_model": "Test CPU", "nproc": 2, "kernel": "6.1", "python": "3.11",
                        "bytes": 2**28, "runs": 3, "link_cipher": "aes128-gcm@openssh.com"},
         "paths": {"relay": {"label": "relay+agent, public port"}, "ssh": {"label": "ssh -R"}},
@@ -85,14 +87,131 @@ def test_compare_flags_more_than_15_percent_worse_by_direction() -> None:
     assert "!!" in text and "old.json" in text
 
 
-def test_previous_combined_skips_suite_files_and_the_new_one(tmp_path: Path) -> None:
-    assert suite.previous_combined(tmp_path, None) is None
-    (tmp_path / "relay_vs_openssh-2026-11-28-abc1234.json").write_text("{}")
-    (tmp_path / "2026-11-27-aaaaaaa.json").write_text(json.dumps({"suite": suite.SUITE_ID}))
-    new = tmp_path / "2026-11-28-bbbbbbb.json"
-    new.write_text(json.dumps({"suite": suite.SUITE_ID}))
-    assert suite.previous_combined(tmp_path, new) == tmp_path / "2026-11-27-aaaaaaa.json"
-    assert suite.previous_combined(tmp_path, None) == new
+# --- the results directory: latest file per suite, history, commit order (bench/history.py)
+
+history = pytest.importorskip("bench.history")
+common = pytest.importorskip("bench.common")
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.fixture
+def two_commits(tmp_path: Path) -> tuple[Path, str, str]:
+    """A real git repository with two commits: (repo, older, newer), short ids."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "bench@example.invalid")
+    git(repo, "config", "user.name", "bench")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "older")
+    older = git(repo, "rev-parse", "--short", "HEAD")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "newer")
+    return repo, older, git(repo, "rev-parse", "--short", "HEAD")
+
+
+LATE, EARLY = "2026-12-01T12:00:00+00:00", "2026-11-01T12:00:00+00:00"
+
+
+def test_commit_order_beats_recorded_dates(two_commits: tuple[Path, str, str]) -> None:
+    repo, older, newer = two_commits
+    warnings: list[str] = []
+    order = history.CommitOrder(repo, warnings.append)
+    # the older commit's run was recorded later (a rerun, a skewed clock): commits decide
+    runs = [(newer, EARLY), (older, LATE), (older + "+changes", "2026-11-02 10:00 UTC")]
+    ranked = order.sort(runs, lambda r: r)
+    assert ranked == [(older + "+changes", "2026-11-02 10:00 UTC"), (older, LATE),
+                      (newer, EARLY)]
+    assert warnings == []
+
+
+def test_commit_order_falls_back_to_dates_with_a_warning(
+        two_commits: tuple[Path, str, str]) -> None:
+    repo, older, newer = two_commits
+    runs = [(older, LATE), (newer, EARLY)]
+    warnings: list[str] = []
+    assert history.CommitOrder(None, warnings.append).sort(runs, lambda r: r) == \
+        [(newer, EARLY), (older, LATE)]
+    assert len(warnings) == 1 and "no git repository" in warnings[0]
+    warnings.clear()
+    runs.append(("deadbee", "2026-11-15T00:00:00+00:00"))
+    assert history.CommitOrder(repo, warnings.append).sort(runs, lambda r: r)[1][0] == \
+        "deadbee"
+    assert len(warnings) == 1 and "deadbee" in warnings[0]
+
+
+def test_a_run_overwrites_its_latest_file_and_appends_history(tmp_path: Path) -> None:
+    common.write_results(tmp_path, relay_json(commit="aaaaaaa", date=EARLY), "# report one")
+    common.write_results(tmp_path, relay_json(mb=240.0, commit="bbbbbbb", date=LATE),
+                         "# report two")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "history.jsonl", "relay_vs_openssh-latest.json", "relay_vs_openssh-latest.md"]
+    latest = json.loads((tmp_path / "relay_vs_openssh-latest.json").read_text())
+    assert latest["commit"] == "bbbbbbb"
+    assert (tmp_path / "relay_vs_openssh-latest.md").read_text().startswith("# report two")
+    text = (tmp_path / "history.jsonl").read_text()
+    lines = [json.loads(x) for x in text.splitlines()]
+    assert [(x["suite"], x["commit"], x["date"]) for x in lines] == [
+        ("relay", "aaaaaaa", EARLY), ("relay", "bbbbbbb", LATE)]
+    assert lines[1]["figures"] == {"ratio.push_relay_over_ssh": 0.96}
+    assert lines[1]["goals"] == {"throughput push >= 0.75": [0.96, "PASS"]}
+    assert lines[1]["runs"] == 3 and lines[1]["dirty"] is False
+    assert max(len(x) for x in text.splitlines()) < 500  # compact: the full JSON stays out
+    assert history.line_figures(lines[0]) == {"relay.ratio.push_relay_over_ssh": {"value": 1.2}}
+
+
+def test_latest_result_is_picked_by_commit_not_by_date(
+        tmp_path: Path, two_commits: tuple[Path, str, str]) -> None:
+    repo, older, newer = two_commits
+    a, b = tmp_path / "a", tmp_path / "b"
+    history.write_latest(a, "relay_vs_openssh", relay_json(commit=newer, date=EARLY), "")
+    history.write_latest(b, "relay_vs_openssh", relay_json(commit=older, date=LATE), "")
+    order = history.CommitOrder(repo, pytest.fail)
+    found = history.latest_result("relay_vs_openssh", [b, a], order)
+    assert found is not None and found[0] == a / "relay_vs_openssh-latest.json"
+    assert history.latest_result("fast_path", [a, b], order) is None
+
+
+def test_report_only_and_compare_use_the_previous_run_by_commit(
+        tmp_path: Path, two_commits: tuple[Path, str, str],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    repo, older, newer = two_commits
+    results = tmp_path / "results"
+    # three runs, appended out of order; the latest file is the newer commit's
+    history.write_latest(results, "relay_vs_openssh", relay_json(mb=400.0, commit=older,
+                                                                   date=EARLY), "")
+    history.write_latest(results, "relay_vs_openssh", relay_json(mb=250.0, commit="0000000",
+                                                                   date=LATE), "")
+    lines = (results / "history.jsonl").read_text().splitlines()
+    (results / "history.jsonl").write_text(lines[0] + "\n")  # drop the run not in the repo
+    history.write_latest(results, "relay_vs_openssh", relay_json(mb=240.0, commit=newer,
+                                                                   date=EARLY), "")
+    code = suite.main(["--report-only", "--compare", "--only", "relay,agent",
+                       "--results-dir", str(results)], repo=repo)
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"compare with [relay] the run at {older}" in out
+    assert "!!   0.60  relay.ratio.push_relay_over_ssh" in out  # 0.96 after 1.6
+    assert "[agent] no results found" in out
+    md = (results / "latest.md").read_text()
+    assert f"commit {newer}" in md and "relay_vs_openssh-latest.json" in md
+
+
+def test_compare_without_an_earlier_run_says_so(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    history.write_latest(tmp_path, "relay_vs_openssh", relay_json(), "")
+    assert suite.main(["--report-only", "--compare", "--only", "relay",
+                       "--results-dir", str(tmp_path)], repo=None) == 0
+    captured = capsys.readouterr()
+    assert "compare [relay]: no earlier run of this suite in history.jsonl" in captured.out
+
+
+def test_dates_of_both_formats_order_together() -> None:
+    assert history.parse_date("2026-11-28 20:57 UTC") < \
+        history.parse_date("2026-11-28T21:00:00+00:00")
+    assert history.parse_date("not a date") < history.parse_date("2000-01-01")
 
 
 # --- the fast path suite (bench/fast_path.py): report rendering, no transfers -------------
