@@ -137,6 +137,7 @@ def worker_relay(variant: str, target_port: int) -> None:
     from twisted.internet.protocol import Factory
     from twisted.protocols.basic import LineReceiver
 
+    from bench.reactor_native import NativeReactorDataPath
     from relay.agent.plainhop import PlainForward
     from relay.config.node import HostPort, PlainForwardConfig
     from relay.datapath.bridge import Bridge, TCPSide
@@ -161,11 +162,12 @@ def worker_relay(variant: str, target_port: int) -> None:
         variants: dict[str, dict[str, Any]] = {
             "c-64k": {"pipe_size": 64 * KiB}, "c-256k": {"pipe_size": 256 * KiB},
             "c-copy": {"copy": True}, "c-noshort": {"short_waits": False},
-            "c-reactor": {"variant": "c-reactor"}, "python-copy": {"copy": True},
+            "python-copy": {"copy": True},
         }
         options = variants.get(variant, {})
         backend = "python" if variant.startswith("python") else "c"
-        dp = DataPath(reactor, Backend(backend, f"bench variant {variant}"), **options)
+        path = NativeReactorDataPath if variant == "c-reactor" else DataPath
+        dp = path(reactor, Backend(backend, f"bench variant {variant}"), **options)
         forward = PlainForward(PlainForwardConfig(LOOPBACK, 0, HostPort(LOOPBACK, target_port),
                                                   variant), reactor, data_path=dp)
         forward.startService()

@@ -1,9 +1,14 @@
 /* labrelay's native data path: move bytes between file descriptors in the kernel.
  *
- * This file is both the C header and the cffi cdef (relay/_splice_build.py reads
- * it verbatim), so it holds declarations and integer #defines only: no #include,
- * no include guard, no other macros.  Include <stddef.h> and <stdint.h> first.
- * docs/datapath.md explains the design and the figures behind it.
+ * This file is both the C header and the cffi cdef (relay/datapath/_splice_build.py
+ * reads it verbatim), so it holds declarations and integer #defines only: no
+ * #include, no include guard, no other macros.  Include <stddef.h> and <stdint.h>
+ * first.  docs/datapath.md explains the design and the figures behind it.
+ *
+ * The code, one file per job: pool.c (the capped pipe pool), mover.c (lr_move and
+ * struct lr_dir's helpers), pump.c (the pump thread), pump_api.c (lr_pump_*, called
+ * from the interpreter's thread).  What they share and cffi must not see is in
+ * lr_internal.h.
  *
  * Two layers:
  *

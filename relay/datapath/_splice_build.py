@@ -1,7 +1,9 @@
 """cffi builder for ``relay.datapath._splice_c``, the native data path (``csrc/``).
 
 Wiring only: the header ``csrc/relay_splice.h`` is the ``cdef`` as it stands, and
-``csrc/*.c`` are compiled into the extension (API mode, out-of-line).  setup.py
+``csrc/*.c`` (pool, mover, pump thread, pump API; they share the private
+``csrc/lr_internal.h``, which cffi never reads) are compiled into the extension
+(API mode, out-of-line).  setup.py
 names this file in ``cffi_modules``, so ``pip install .`` builds the module and a
 compiler error fails the install.  Run it directly to build in place::
 
@@ -35,7 +37,8 @@ ffibuilder.set_source(
     '#include <stddef.h>\n#include <stdint.h>\n#include "relay_splice.h"\n',
     sources=[_rel(p) for p in sorted(CSRC.glob("*.c"))],
     include_dirs=[_rel(CSRC)],
-    depends=[_rel(HEADER)],  # rebuilt when it changes, and shipped in the sdist
+    # rebuilt when a header changes, and shipped in the sdist
+    depends=[_rel(p) for p in sorted(CSRC.glob("*.h"))],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Werror=implicit-function-declaration"],
     libraries=["pthread"],
