@@ -7,9 +7,11 @@ public-key lines (as in ``authorized_keys``), principal names and bind addresses
 
 Two levels, so that the TOML file, the command line and the grant files share one
 grammar: the plain functions (``host_port``, ``service_grant``, ...) raise
-:class:`~relay.config.errors.Bad` (a problem and a hint); the ``parse_*`` wrappers
+:class:`~relay.config.errors.Bad` (a problem and a hint); the ``parse_*`` functions
 take the ``source`` and ``keypath`` and raise a located
-:class:`~relay.config.errors.ConfigError`.
+:class:`~relay.config.errors.ConfigError`.  Most are made by one factory,
+:func:`_locating`, from the plain function (they were a dozen copies of one shape);
+the few that take more than the text are written out.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import base64
 import binascii
 import ipaddress
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from relay.config.errors import Bad, ConfigError, located
 from relay.config.schema import (
@@ -31,6 +35,9 @@ from relay.config.schema import (
     RemoteForward,
     ServiceGrant,
 )
+
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 EXAMPLE_FINGERPRINT = "SHA256:BeHN8bwL5c7UYHejLShGY4MwHbRq5hkifsdbZtrio6k"
 _HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}\Z")
@@ -99,6 +106,7 @@ def listen_address(text: str, default_bind: str) -> tuple[str, int]:
 
 
 def host_port(text: str) -> HostPort:
+    """Parse ``host:port`` (``[v6]:port``); port 1..65535."""
     if not text:
         raise Bad("empty address", _CONNECT_HINT)
     host, port_text = _split_hostport(text, _CONNECT_HINT)
@@ -173,6 +181,7 @@ def forward(spec: str, kind: ForwardKind) -> RemoteForward | LocalForward:
 
 
 def host_name(text: str) -> str:
+    """Check a server host name or IP literal (``[v6]`` loses its brackets)."""
     hint = 'give a host name or IP address, e.g. "cloud.example.org", "203.0.113.7", "::1"'
     if "@" in text:
         raise Bad(f"{text!r} contains '@'", hint + "; give the user separately")
@@ -186,6 +195,7 @@ def host_name(text: str) -> str:
 
 
 def fingerprint(text: str) -> str:
+    """Check a pinned host key fingerprint: ``SHA256:`` + 43 base64 characters."""
     hint = (
         "give the SHA256 fingerprint as `ssh-keygen -lf KEY.pub` prints it,"
         f" e.g. {EXAMPLE_FINGERPRINT}"
@@ -207,6 +217,7 @@ def fingerprint(text: str) -> str:
 
 
 def object_name(text: str) -> str:
+    """Check a link or forward name: 1..100 characters, no spaces or control characters."""
     if not _NAME_RE.match(text):
         raise Bad(
             f"name {text!r} must be 1..100 characters without spaces or control characters",
@@ -273,9 +284,9 @@ def service_grant(text: str, kind: str) -> ServiceGrant:
 
 
 def public_key(text: str) -> tuple[bytes, str]:
-    """An OpenSSH public-key line (``TYPE BASE64 [comment]``) -> (SSH wire blob, comment).
-
-    The blob is what the relay compares a verified signature's key with."""
+    """Parse an OpenSSH public-key line (``TYPE BASE64 [comment]``) into (SSH wire blob,
+    comment); the declared type must match the key data, and certificates and DSA keys
+    are refused.  The blob is what the relay compares a verified signature's key with."""
     from twisted.conch.ssh.keys import Key
 
     if "PRIVATE KEY" in text:
@@ -307,6 +318,7 @@ def public_key(text: str) -> tuple[bytes, str]:
 
 
 def principal_name(text: str) -> str:
+    """Check an agent's or user's name: 1..100 characters, no spaces or control characters."""
     if not _NAME_RE.match(text):
         raise Bad(
             f"name {text!r} must be 1..100 characters without spaces or control characters",
@@ -316,6 +328,7 @@ def principal_name(text: str) -> str:
 
 
 def bind_address(text: str) -> str:
+    """The address public ports listen on: an IP literal (``*``/empty = ``0.0.0.0``)."""
     if text in ("", "*"):
         return "0.0.0.0"
     if text.startswith("[") and text.endswith("]"):
@@ -338,6 +351,40 @@ def default_plain_forward_name(bind: str, port: int) -> str:
     return f"P:{bracket(bind) if bind else '*'}:{port}"
 
 
+class Located(Protocol[R_co]):
+    """A grammar function given the place its text was written (:func:`_locating`)."""
+
+    def __call__(self, text: str, *, source: str, keypath: str) -> R_co: ...
+
+
+def _locating(parse: Callable[[str], R]) -> Located[R]:
+    """``parse`` (which raises :class:`Bad`) as ``parse_x(text, *, source, keypath)``,
+    which raises a ConfigError at ``keypath``: the one shape of every ``parse_*``."""
+
+    def parse_at(text: str, *, source: str, keypath: str) -> R:
+        with located(source, keypath):
+            result = parse(text)
+        return result
+
+    parse_at.__doc__ = parse.__doc__
+    return parse_at
+
+
+def _service_name_alone(text: str) -> str:
+    """Check a service name (``gpu-cluster``) and return it lower-cased."""
+    return service_name(text, 'e.g. "gpu-cluster"')
+
+
+parse_hostport = _locating(host_port)
+parse_host = _locating(host_name)
+parse_fingerprint = _locating(fingerprint)
+parse_name = _locating(object_name)
+parse_service_name = _locating(_service_name_alone)
+parse_public_key = _locating(public_key)
+parse_principal_name = _locating(principal_name)
+parse_public_bind = _locating(bind_address)
+
+
 def parse_listen(text: str, *, source: str, keypath: str, default_bind: str) -> tuple[str, int]:
     """Parse ``[bind:]port`` into ``(bind, port)``; port 0..65535 (0 = allocate).
 
@@ -346,13 +393,6 @@ def parse_listen(text: str, *, source: str, keypath: str, default_bind: str) -> 
     ``""`` explicitly."""
     with located(source, keypath):
         result = listen_address(text, default_bind)
-    return result
-
-
-def parse_hostport(text: str, *, source: str, keypath: str) -> HostPort:
-    """Parse ``host:port`` (``[v6]:port``); port 1..65535."""
-    with located(source, keypath):
-        result = host_port(text)
     return result
 
 
@@ -367,61 +407,11 @@ def parse_forward_spec(
     return result
 
 
-def parse_host(text: str, *, source: str, keypath: str) -> str:
-    """Check a server host name or IP literal (``[v6]`` loses its brackets)."""
-    with located(source, keypath):
-        result = host_name(text)
-    return result
-
-
-def parse_fingerprint(text: str, *, source: str, keypath: str) -> str:
-    """Check a pinned host key fingerprint: ``SHA256:`` + 43 base64 characters."""
-    with located(source, keypath):
-        result = fingerprint(text)
-    return result
-
-
-def parse_name(text: str, *, source: str, keypath: str) -> str:
-    """Check a link or forward name: 1..100 characters, no spaces or control characters."""
-    with located(source, keypath):
-        result = object_name(text)
-    return result
-
-
 def parse_service_grant(text: str, kind: str, *, source: str, keypath: str) -> ServiceGrant:
     """Parse a grant of a service: ``name:port`` / ``name:*`` (agents and users) or
     ``*:port`` / ``*`` (users only).  The name is lower-cased."""
     with located(source, keypath):
         result = service_grant(text, kind)
-    return result
-
-
-def parse_service_name(text: str, *, source: str, keypath: str) -> str:
-    """Check a service name (``gpu-cluster``) and return it lower-cased."""
-    with located(source, keypath):
-        result = service_name(text, 'e.g. "gpu-cluster"')
-    return result
-
-
-def parse_public_key(text: str, *, source: str, keypath: str) -> tuple[bytes, str]:
-    """Parse an OpenSSH public-key line into (SSH wire blob, comment); the declared type
-    must match the key data, and certificates and DSA keys are refused."""
-    with located(source, keypath):
-        result = public_key(text)
-    return result
-
-
-def parse_principal_name(text: str, *, source: str, keypath: str) -> str:
-    """Check an agent's or user's name: 1..100 characters, no spaces or control characters."""
-    with located(source, keypath):
-        result = principal_name(text)
-    return result
-
-
-def parse_public_bind(text: str, *, source: str, keypath: str) -> str:
-    """The address public ports listen on: an IP literal (``*``/empty = ``0.0.0.0``)."""
-    with located(source, keypath):
-        result = bind_address(text)
     return result
 
 
