@@ -139,7 +139,7 @@ def worker_relay(variant: str, target_port: int) -> None:
 
     from bench.reactor_native import NativeReactorDataPath
     from relay.agent.plainhop import PlainForward
-    from relay.config.node import HostPort, PlainForwardConfig
+    from relay.config.schema import HostPort, PlainForwardConfig
     from relay.datapath.bridge import Bridge, TCPSide
     from relay.datapath.splicing import Backend, DataPath
 

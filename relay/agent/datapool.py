@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 
 from relay.agent.chaining import LocalRelay
 from relay.agent.forwards import RemoteForwardRunner
-from relay.config.node import LinkConfig
+from relay.config.schema import LinkConfig
 from relay.core import fastwire as fw
 from relay.core.routing import PUBLIC_BINDS
 from relay.datapath import splicing as datapath

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTi
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.config.node import LinkConfig, LocalForward, RemoteForward
+from relay.config.schema import LinkConfig, LocalForward, RemoteForward
 from relay.datapath.bridge import SideFactory, TCPSide
 from relay.datapath.net import LISTEN_BACKLOG
 from relay.ssh.channels import BridgedChannel

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from relay.agent.chaining import LocalRelay
 from relay.agent.datapool import DataPool
 from relay.agent.forwards import ForwardState, LocalForwardListener, RemoteForwardRunner
-from relay.config.node import LinkConfig
+from relay.config.schema import LinkConfig
 from relay.core.backoff import retry_policy
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.channels import BridgedChannel

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.agent.forwards import SessionCounters
-from relay.config.node import PlainForwardConfig
+from relay.config.schema import PlainForwardConfig
 from relay.datapath import splicing as datapath
 from relay.datapath.splicing import Held
 

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from relay.config.node import (
+from relay.config.schema import (
     AdminConfig,
     Backoff,
     HostKeyPolicy,

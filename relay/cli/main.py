@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from relay import __version__
-from relay.config.node import ConfigError, NodeConfig
+from relay.config.errors import ConfigError
+from relay.config.schema import NodeConfig
 from relay.ops.logfmt import start_logging
 from relay.ssh.keygen import KeygenError
 
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _with_admin(config: NodeConfig, ns: argparse.Namespace) -> NodeConfig:
     if ns.admin is None:
         return config
-    from relay.config.node import parse_admin_listen
+    from relay.config.grammar import parse_admin_listen
 
     admin = parse_admin_listen(ns.admin, source="command line", keypath="--admin",
                                token_file=config.admin.token_file if config.admin else None)
@@ -220,7 +221,7 @@ def cmd_agent(ns: argparse.Namespace) -> int:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from relay.config.node import load_config
+    from relay.config.loader import load_config
     from relay.ops.service import make_node_service
 
     config = _with_admin(load_config(ns.config_file), ns)
@@ -255,7 +256,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
     import json
     import urllib.error
 
-    from relay.config.node import DEFAULT_ADMIN_LISTEN
+    from relay.config.schema import DEFAULT_ADMIN_LISTEN
     from relay.ops.status import TokenError, fetch, format_status, read_token
 
     address = ns.admin or DEFAULT_ADMIN_LISTEN
@@ -281,7 +282,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
 
 def cmd_ssh_config(ns: argparse.Namespace) -> int:
-    from relay.config.node import load_config
+    from relay.config.loader import load_config
     from relay.server.grants import Grants
     from relay.user.sshconfig import relay_host_key_line, render
 

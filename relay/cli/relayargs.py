@@ -4,7 +4,7 @@
 grants in two authorized_keys-format files; ``labrelay relay node.toml`` (or
 ``--config node.toml``) runs the ``[relay]`` of a node config, and flags given as
 well win over the file's ``[relay]`` keys.  The result is the same frozen
-:class:`~relay.config.node.NodeConfig` a file gives.
+:class:`~relay.config.schema.NodeConfig` a file gives.
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from relay.config.node import (
-    ConfigError,
-    NodeConfig,
-    RelayConfig,
-    load_config,
+from relay.config.errors import ConfigError
+from relay.config.grammar import (
     parse_admin_listen,
     parse_public_bind,
     parse_relay_listen,
     parse_service_grant,
 )
+from relay.config.loader import load_config
+from relay.config.schema import NodeConfig, RelayConfig
 from relay.server.grants import Grants
 
 CLI = "command line"

@@ -1,1 +1,2 @@
-"""Node configuration: the schema (frozen dataclasses), TOML loader, OpenSSH grammar."""
+"""Node configuration, bottom layer: errors, schema, grammar, checks, keys, section, loader
+(each module imports only those before it), and agentargs (ssh's flags)."""

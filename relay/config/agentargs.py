@@ -4,7 +4,7 @@
 ``ssh -N -R 2201:localhost:22 lab@cloud.example.org`` would, forever.  The flags
 either describe a link of their own (when a destination is given; it is added to the
 links of ``--config``) or adjust the single link of ``--config FILE``.  Either way
-the result is the same frozen :class:`~relay.config.node.NodeConfig` a file gives, and
+the result is the same frozen :class:`~relay.config.schema.NodeConfig` a file gives, and
 the command line wins over the file where both set the same value.
 """
 
@@ -18,8 +18,11 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from relay.config.node import (
-    ConfigError,
+from relay.config.checks import validate_node
+from relay.config.errors import ConfigError
+from relay.config.grammar import parse_fingerprint, parse_forward_spec, parse_host, parse_name
+from relay.config.loader import load_config
+from relay.config.schema import (
     HostKeyPolicy,
     Keepalive,
     LinkConfig,
@@ -28,12 +31,6 @@ from relay.config.node import (
     RemoteForward,
     current_user,
     default_known_hosts,
-    load_config,
-    parse_fingerprint,
-    parse_forward_spec,
-    parse_host,
-    parse_name,
-    validate_node,
 )
 
 CLI = "command line"

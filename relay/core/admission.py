@@ -42,7 +42,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from relay.config.node import PenaltyConfig, RelayConfig
+from relay.config.schema import PenaltyConfig, RelayConfig
 
 
 class Offence(Enum):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from relay.config.node import Backoff
+from relay.config.schema import Backoff
 
 
 def retry_policy(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.config.node import ServiceGrant
+from relay.config.schema import ServiceGrant
 
 AGENT = "agent"
 USER = "user"

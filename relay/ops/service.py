@@ -2,7 +2,7 @@
 
 Everything that can be wrong with the configuration on disk — unreadable or
 too-open key files, no identity at all — is checked here, before any service
-starts, and reported as a :class:`~relay.config.node.ConfigError`.
+starts, and reported as a :class:`~relay.config.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from relay.agent.link import Link
-from relay.config.node import ConfigError, NodeConfig
+from relay.config.errors import ConfigError
+from relay.config.schema import NodeConfig
 from relay.ops.status import AdminGate, TokenError, admin_resource, base_snapshot, read_token
 from relay.ssh.identity import load_identities
 

@@ -17,7 +17,8 @@ from twisted.application.service import IService, MultiService
 from twisted.logger import ILogObserver
 from twisted.python import usage
 
-from relay.config.node import ConfigError, load_config
+from relay.config.errors import ConfigError
+from relay.config.loader import load_config
 
 
 class Options(usage.Options):

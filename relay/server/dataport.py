@@ -36,7 +36,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.config.node import RelayConfig
+from relay.config.schema import RelayConfig
 from relay.core import fastwire as fw
 from relay.core.admission import Admission, Offence, Refusal
 from relay.core.admission import Ticket as AdmissionTicket

@@ -34,19 +34,10 @@ from typing import Any
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from relay.config.node import (
-    ConfigError,
-    PrincipalConfig,
-    PrincipalSite,
-    RelayConfig,
-    ServiceGrant,
-    Where,
-    check_principals,
-    config_sites,
-    parse_principal_name,
-    parse_public_key,
-    parse_service_grant,
-)
+from relay.config.checks import PrincipalSite, check_principals, config_sites
+from relay.config.errors import ConfigError, Where
+from relay.config.grammar import parse_principal_name, parse_public_key, parse_service_grant
+from relay.config.schema import PrincipalConfig, RelayConfig, ServiceGrant
 from relay.core.grants import AGENT, USER, Principal
 
 _log = Logger()

@@ -24,7 +24,8 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.config.node import ConfigError, RelayConfig
+from relay.config.errors import ConfigError
+from relay.config.schema import RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
 from relay.core.routing import PUBLIC, PUBLIC_BINDS, Outcome, Registration, Registry

@@ -20,7 +20,7 @@ from twisted.conch.ssh.channel import SSHChannel
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from relay.config.node import DEFAULT_MAX_PACKET, DEFAULT_WINDOW
+from relay.config.schema import DEFAULT_MAX_PACKET, DEFAULT_WINDOW
 
 if TYPE_CHECKING:
     from relay.datapath.bridge import Bridge

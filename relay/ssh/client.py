@@ -28,7 +28,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.config.node import LinkConfig, RemoteForward
+from relay.config.schema import LinkConfig, RemoteForward
 from relay.core.keepalive import KeepaliveMonitor
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.datapath.net import client_endpoint, quickack

@@ -33,7 +33,7 @@ from pathlib import Path
 from twisted.conch.ssh.keys import Key
 from twisted.logger import Logger
 
-from relay.config.node import HostKeyPolicy
+from relay.config.schema import HostKeyPolicy
 
 log = Logger()
 

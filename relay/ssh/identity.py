@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.conch.ssh.keys import BadKeyError, EncryptedKeyError, Key
 
-from relay.config.node import ConfigError, LinkConfig, NodeConfig
+from relay.config.errors import ConfigError
+from relay.config.schema import LinkConfig, NodeConfig
 
 _MAX_KEY_FILE = 1024 * 1024  # the largest RSA key file is ~20 KiB
 _DEFAULT_NAMES = ("id_ed25519", "id_ecdsa", "id_rsa")

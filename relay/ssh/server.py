@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.config.node import RelayConfig
+from relay.config.schema import RelayConfig
 from relay.core.admission import Offence, Ticket, worst
 from relay.core.grants import Principal
 from relay.core.keepalive import KeepaliveMonitor

@@ -35,7 +35,8 @@ from twisted.internet import defer, stdio
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from relay.config.node import ConfigError, LinkConfig, NodeConfig
+from relay.config.errors import ConfigError
+from relay.config.schema import LinkConfig, NodeConfig
 from relay.core import fastwire as fw
 from relay.datapath import splicing as datapath
 from relay.datapath.bridge import Bridge, TCPSide

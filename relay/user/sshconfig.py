@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from relay.config.node import ServiceGrant
+from relay.config.schema import ServiceGrant
 
 RELAY_ALIAS = "labrelay"
 

@@ -32,7 +32,8 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from relay.config.agentargs import _Flags, _option
-from relay.config.node import ConfigError, HostKeyPolicy
+from relay.config.errors import ConfigError
+from relay.config.schema import HostKeyPolicy
 from relay.core import fastwire as fw
 from relay.server.grants import parse_grant_file
 from relay.ssh import wire

@@ -17,7 +17,7 @@ from twisted.conch.ssh import keys
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 
-from relay.config.node import PrincipalConfig, RelayConfig, ServiceGrant
+from relay.config.schema import PrincipalConfig, RelayConfig, ServiceGrant
 from relay.server.grants import Grants
 from relay.server.relay import RelayCore
 from relay.ssh import policy

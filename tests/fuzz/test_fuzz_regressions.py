@@ -16,7 +16,7 @@ from twisted.conch.ssh import common
 from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
 
 from relay.config.agentargs import _Flags, _option
-from relay.config.node import ConfigError
+from relay.config.errors import ConfigError
 from relay.core import fastwire as fw
 from relay.server.grants import parse_grant_file
 
@@ -214,7 +214,7 @@ def test_identity_file_of_an_unknown_users_home_is_a_config_error() -> None:
 def test_non_ascii_known_hosts_line_is_skipped(tmp_path: Path) -> None:
     """The same base64 trap in known_hosts: a line with "é" in the key made the agent's
     host-key check raise ValueError instead of skipping the line."""
-    from relay.config.node import HostKeyPolicy
+    from relay.config.schema import HostKeyPolicy
     from relay.ssh.hostkeys import HostKeyVerifier
 
     key = world.HOST_KEY.public().toString("OPENSSH").decode()

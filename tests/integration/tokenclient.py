@@ -16,7 +16,7 @@ import sys
 from twisted.internet import defer, reactor, stdio
 from twisted.internet.protocol import Protocol
 
-from relay.config.node import NodeConfig
+from relay.config.schema import NodeConfig
 from relay.core import fastwire as fw
 from relay.ops.service import load_identities
 from relay.user.connect import CLI, Connector, add_connect_arguments, options_from_args

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from relay.config.agentargs import add_agent_arguments, config_from_agent_args
-from relay.config.node import (
-    EXAMPLE_FINGERPRINT,
-    ConfigError,
+from relay.config.errors import ConfigError
+from relay.config.grammar import EXAMPLE_FINGERPRINT
+from relay.config.schema import (
     HostKeyPolicy,
     HostPort,
     Keepalive,

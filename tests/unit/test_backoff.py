@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.config.node import Backoff
+from relay.config.schema import Backoff
 from relay.core.backoff import retry_policy
 
 

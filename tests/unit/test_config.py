@@ -1,4 +1,4 @@
-"""relay.config.node: the TOML format, its defaults, and what every error message says."""
+"""relay.config.loader and .grammar: the TOML format, its defaults, and every error message."""
 
 from __future__ import annotations
 
@@ -6,13 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from relay.config.node import (
+from relay.config.errors import ConfigError
+from relay.config.grammar import (
+    EXAMPLE_FINGERPRINT,
+    parse_forward_spec,
+    parse_hostport,
+    parse_listen,
+)
+from relay.config.loader import load_config, parse_config
+from relay.config.schema import (
     DEFAULT_MAX_PACKET,
     DEFAULT_WINDOW,
-    EXAMPLE_FINGERPRINT,
     AdminConfig,
     Backoff,
-    ConfigError,
     ForwardKind,
     HostKeyPolicy,
     HostPort,
@@ -21,11 +27,6 @@ from relay.config.node import (
     LocalForward,
     NodeConfig,
     RemoteForward,
-    load_config,
-    parse_config,
-    parse_forward_spec,
-    parse_hostport,
-    parse_listen,
 )
 
 SOURCE = "node.toml"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config.node import ConfigError
+from relay.config.errors import ConfigError
 from relay.user.connect import add_connect_arguments, options_from_args
 
 

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 import relay.agent.datapool
 from relay.agent.datapool import RETRY_DELAY, TARGET_CONNECT_TIMEOUT, DataPool, PoolConnection
 from relay.agent.forwards import SessionCounters
-from relay.config.node import HostPort, RemoteForward
+from relay.config.schema import HostPort, RemoteForward
 from relay.core import fastwire as fw
 from relay.datapath.splicing import PairAborted, PairResult
 

@@ -23,7 +23,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 import relay.server.dataport
-from relay.config.node import PrincipalConfig, RelayConfig, ServiceGrant
+from relay.config.schema import PrincipalConfig, RelayConfig, ServiceGrant
 from relay.core import fastwire as fw
 from relay.core.routing import Registry
 from relay.server.dataport import (

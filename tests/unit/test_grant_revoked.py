@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from relay.agent.forwards import ForwardState, RemoteForwardRunner
-from relay.config.node import HostPort, RemoteForward
+from relay.config.schema import HostPort, RemoteForward
 from relay.ssh.wire import pack_grant_revoked, unpack_grant_revoked
 
 

@@ -14,7 +14,8 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger
 from zope.interface import implementer
 
-from relay.config.node import ConfigError, PrincipalConfig, RelayConfig, ServiceGrant
+from relay.config.errors import ConfigError
+from relay.config.schema import PrincipalConfig, RelayConfig, ServiceGrant
 from relay.server import grants as grants_module
 from relay.server.grants import (
     Grants,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from twisted.conch.ssh.keys import Key
 
-from relay.config.node import HostKeyPolicy
+from relay.config.schema import HostKeyPolicy
 from relay.ssh.hostkeys import (
     HostKeyError,
     HostKeyStatus,

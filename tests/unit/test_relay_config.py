@@ -1,4 +1,4 @@
-"""relay.config.node's [relay] section and relay.cli.relayargs: defaults, rules, errors."""
+"""relay.config.loader's [relay] section and relay.cli.relayargs: defaults, rules, errors."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import pytest
 from twisted.conch.ssh.keys import Key
 
 from relay.cli.relayargs import add_relay_arguments, config_from_relay_args
-from relay.config.node import (
+from relay.config.errors import ConfigError
+from relay.config.grammar import parse_public_key, parse_service_grant, parse_service_name
+from relay.config.loader import parse_config
+from relay.config.schema import (
     DEFAULT_MAX_PACKET,
     DEFAULT_WINDOW,
     AdminConfig,
-    ConfigError,
     HostPort,
     Keepalive,
     NodeConfig,
@@ -22,10 +24,6 @@ from relay.config.node import (
     PrincipalConfig,
     RelayConfig,
     ServiceGrant,
-    parse_config,
-    parse_public_key,
-    parse_service_grant,
-    parse_service_name,
 )
 
 SOURCE = "node.toml"

@@ -17,7 +17,7 @@ from twisted.conch.ssh import common, keys
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
-from relay.config.node import HostPort, PrincipalConfig, RelayConfig, ServiceGrant
+from relay.config.schema import HostPort, PrincipalConfig, RelayConfig, ServiceGrant
 from relay.core.routing import Outcome, Registry
 from relay.server.grants import Grants
 from relay.server.relay import TAKEOVER_PROBE, RelayCore, Session

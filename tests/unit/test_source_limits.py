@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from relay.config.node import PenaltyConfig, RelayConfig
+from relay.config.schema import PenaltyConfig, RelayConfig
 from relay.core.admission import Admission, Gate, Offence, Refusal, Ticket, worst
 from relay.server.grants import Grants
 from relay.server.relay import RelayCore

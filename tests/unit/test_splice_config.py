@@ -14,13 +14,9 @@ from test_splice import selected_backend
 from twisted.internet.epollreactor import EPollReactor
 
 from relay.agent.plainhop import PlainForward
-from relay.config.node import (
-    ConfigError,
-    HostPort,
-    NodeConfig,
-    PlainForwardConfig,
-    parse_config,
-)
+from relay.config.errors import ConfigError
+from relay.config.loader import parse_config
+from relay.config.schema import HostPort, NodeConfig, PlainForwardConfig
 from relay.datapath import splicing as datapath
 from relay.ops.service import make_node_service
 

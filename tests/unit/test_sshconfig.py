@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.config.node import ServiceGrant
+from relay.config.schema import ServiceGrant
 from relay.user.sshconfig import render
 
 

@@ -1,0 +1,59 @@
+"""Config errors and where they are: the bottom of :mod:`relay.config`.
+
+Every config problem reaches the operator as a :class:`ConfigError` that names the
+file (or "command line"), the key path (``link[0].remote[1].connect``) and what would
+be valid.  The grammar in :mod:`relay.config.grammar` knows no locations: it raises
+:class:`Bad` (a problem and a hint), and whoever knows where the text was written
+(the TOML walker, the command line, a grant file) turns it into a ConfigError with
+:func:`located`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+class ConfigError(Exception):
+    """A configuration problem, with where it is and how to fix it.
+
+    ``str(err)`` reads ``FILE: KEYPATH: PROBLEM (HINT)``; the CLI prints it and
+    exits with status 2.
+    """
+
+    def __init__(self, source: str, keypath: str, problem: str, hint: str = "") -> None:
+        self.source = source
+        self.keypath = keypath
+        self.problem = problem
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.source}: {self.keypath}: " if self.keypath else f"{self.source}: "
+        return where + self.problem + (f" ({self.hint})" if self.hint else "")
+
+
+class Bad(Exception):
+    """A syntax problem with no location yet: what is wrong and how to write it."""
+
+    def __init__(self, problem: str, hint: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.hint = hint
+
+
+Where = tuple[str, str]
+"""``(source, keypath)`` of something written in a config or grant file."""
+
+Locate = Callable[[str], tuple[str, str]]
+"""Maps a canonical key path (``link[1].remote[0].name``) to ``(source, keypath)`` as
+the user should read it, e.g. ``("command line", "-R '2201:localhost:22'")``."""
+
+
+@contextmanager
+def located(source: str, keypath: str) -> Iterator[None]:
+    """Turn a located-less :class:`Bad` into a ConfigError at ``keypath``."""
+    try:
+        yield
+    except Bad as e:
+        raise ConfigError(source, keypath, e.problem, e.hint) from None

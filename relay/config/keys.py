@@ -1,0 +1,117 @@
+"""The file's vocabulary: every key each TOML section accepts, with an example.
+
+The examples are the hints of the errors (``e.g. keepalive_count = 3``, "did you
+mean 'host'?"), so they are written as an operator would write the key.  A key
+missing here is refused as unknown by :class:`relay.config.section.Section`.
+"""
+
+from __future__ import annotations
+
+from relay.config.grammar import EXAMPLE_FINGERPRINT
+
+TOP_KEYS = {
+    "admin": '[admin] listen = "127.0.0.1:7022"',
+    "link": '[[link]] host = "cloud.example.org"',
+    "relay": '[relay] listen = "0.0.0.0:2222"',
+    "forward": '[[forward]] listen = "0.0.0.0:2201", connect = "localhost:22"',
+}
+ADMIN_KEYS = {"listen": 'listen = "127.0.0.1:7022"',
+              "token_file": 'token_file = "/etc/labrelay/admin.token"'}
+LINK_KEYS = {
+    "name": 'name = "cloud"',
+    "host": 'host = "cloud.example.org"',
+    "port": "port = 22",
+    "user": 'user = "lab"',
+    "identity": 'identity = "~/.ssh/id_ed25519"',
+    "known_hosts": 'known_hosts = "~/.ssh/known_hosts"',
+    "host_key": f'host_key = "{EXAMPLE_FINGERPRINT}"',
+    "strict_host_key_checking": 'strict_host_key_checking = "accept-new"',
+    "keepalive_interval": "keepalive_interval = 15",
+    "keepalive_count": "keepalive_count = 3",
+    "backoff_initial": "backoff_initial = 1.0",
+    "backoff_max": "backoff_max = 60.0",
+    "backoff_factor": "backoff_factor = 1.5",
+    "backoff_jitter": "backoff_jitter = 0.2",
+    "connect_timeout": "connect_timeout = 15",
+    "local_wait": "local_wait = 10",
+    "fast_path_pool": "fast_path_pool = 4",
+    "window": "window = 2097152",
+    "max_packet": "max_packet = 32768",
+    "remote": '[[link.remote]] listen = "2201", connect = "localhost:22"',
+    "local": '[[link.local]] listen = "127.0.0.1:8888", connect = "localhost:8888"',
+}
+REMOTE_KEYS = {
+    "listen": 'listen = "2201"',
+    "connect": 'connect = "10.0.0.5:22"',
+    "service": 'service = "gpu-cluster:22"',
+    "name": 'name = "gpu-ssh"',
+}
+LOCAL_KEYS = {
+    "listen": 'listen = "127.0.0.1:8888"',
+    "connect": 'connect = "localhost:8888"',
+    "name": 'name = "jupyter"',
+}
+RELAY_KEYS = {
+    "listen": 'listen = "0.0.0.0:2222"',
+    "state_dir": 'state_dir = "/var/lib/labrelay"',
+    "public_bind": 'public_bind = "0.0.0.0"',
+    "agents_file": 'agents_file = "agents"',
+    "users_file": 'users_file = "users"',
+    "login_grace": "login_grace = 30",
+    "max_auth_tries": "max_auth_tries = 6",
+    "kex_timeout": "kex_timeout = 30",
+    "max_unauthenticated": "max_unauthenticated = 64",
+    "per_source_max_unauthenticated": "per_source_max_unauthenticated = 10",
+    "per_source_netblock4": "per_source_netblock4 = 32",
+    "per_source_netblock6": "per_source_netblock6 = 64",
+    "penalties": "[relay.penalties] authfail = 5, noauth = 1, grace_exceeded = 20",
+    "penalty_exempt": 'penalty_exempt = ["192.0.2.0/24", "2001:db8::/48"]',
+    "max_channels": "max_channels = 1024",
+    "max_sessions_per_user": "max_sessions_per_user = 64",
+    "idle_timeout": "idle_timeout = 0",
+    "public_wait": "public_wait = 10",
+    "keepalive_interval": "keepalive_interval = 15",
+    "keepalive_count": "keepalive_count = 3",
+    "window": "window = 2097152",
+    "max_packet": "max_packet = 32768",
+    "data_port": "data_port = 2223",
+    "data_bind": 'data_bind = "0.0.0.0"',
+    "e2e_services": 'e2e_services = ["gpu-cluster:22", "*:22"]',
+    "token_lifetime": "token_lifetime = 10",
+    "data_hello_timeout": "data_hello_timeout = 5",
+    "grants_poll_interval": "grants_poll_interval = 0.25",
+    "max_tokens_per_session": "max_tokens_per_session = 64",
+    "max_tokens_per_user": "max_tokens_per_user = 256",
+    "agent": '[[relay.agent]] name = "lab_pc", keys = ["ssh-ed25519 AAAA... lab_pc"], '
+    'services = ["gpu-cluster:22"]',
+    "user": '[[relay.user]] name = "alice", keys = ["ssh-ed25519 AAAA... alice"], '
+    'services = ["gpu-cluster:22"]',
+}
+PENALTY_KEYS = {
+    "enabled": "enabled = true",
+    "authfail": "authfail = 5",
+    "noauth": "noauth = 1",
+    "grace_exceeded": "grace_exceeded = 20",
+    "protocol": "protocol = 10",
+    "max": "max = 600",
+    "min": "min = 15",
+    "max_sources": "max_sources = 65536",
+    "overflow": 'overflow = "permissive"',
+}
+RELAY_AGENT_KEYS = {
+    "name": 'name = "lab_pc"',
+    "keys": 'keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... lab_pc"]',
+    "services": 'services = ["gpu-cluster:22", "jupyter:8888", "tensorboard:*"]',
+    "public_ports": "public_ports = [2201]",
+}
+RELAY_USER_KEYS = {
+    "name": 'name = "alice"',
+    "keys": 'keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... alice"]',
+    "services": 'services = ["gpu-cluster:22", "jupyter:*"]',
+    "max_sessions": "max_sessions = 10",
+}
+FORWARD_KEYS = {
+    "listen": 'listen = "0.0.0.0:2201"',
+    "connect": 'connect = "10.0.0.5:22"',
+    "name": 'name = "gpu-ssh-hop"',
+}

@@ -1,0 +1,282 @@
+"""The node configuration's schema: frozen, typed objects and their defaults.
+
+What one labrelay process runs (:class:`NodeConfig`: links, plain hops, the relay,
+the admin endpoint) as immutable values; every other layer reads these and nothing
+else.  The defaults live here, on the fields, and in the few constants below that the
+grammar and the command line share.  Parsing is elsewhere: :mod:`relay.config.grammar`
+(OpenSSH-style syntax) and :mod:`relay.config.loader` (the TOML file).
+"""
+
+from __future__ import annotations
+
+import getpass
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from relay.config.errors import ConfigError
+
+DEFAULT_WINDOW = 2 * 1024 * 1024
+DEFAULT_MAX_PACKET = 32 * 1024
+LOCAL_DEFAULT_BIND = "127.0.0.1"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:7022"
+# What ssh(1) sends for `-R port:host:hostport`: the server binds loopback only,
+# whatever its GatewayPorts; `-R :port:...` or `-R *:port:...` asks for all interfaces.
+REMOTE_DEFAULT_BIND = "localhost"
+ForwardKind = Literal["remote", "local"]
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A TCP destination or listen address.  ``host`` may be a name or an IP literal."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RemoteForward:
+    """``-R [bind:]port:host:hostport``: the server listens on ``bind:port`` and every
+    connection it accepts is connected, by this node, to ``connect``.
+
+    ``bind`` is sent as-is in the ``tcpip-forward`` request: ``""`` lets the server
+    choose (OpenSSH: loopback unless GatewayPorts), ``"0.0.0.0"``/``"*"`` ask for all
+    interfaces, and a name registers a named service on a labrelay relay.
+    ``port == 0`` asks the server to allocate a port; the bound port is logged.
+    """
+
+    bind: str
+    port: int
+    connect: HostPort
+    name: str
+    via_relay: bool = False  # ``connect`` names a service registered at this node's relay
+
+
+@dataclass(frozen=True)
+class LocalForward:
+    """``-L [bind:]port:host:hostport``: this node listens on ``bind:port`` and every
+    connection is carried over the link to ``connect`` as seen from the server.
+    ``port == 0`` picks a free port (logged)."""
+
+    bind: str
+    port: int
+    connect: HostPort
+    name: str
+
+
+@dataclass(frozen=True)
+class HostKeyPolicy:
+    """How the server's host key is verified.
+
+    ``fingerprint`` (``SHA256:...``, as ``ssh-keygen -lf`` prints it) pins one key;
+    otherwise ``known_hosts`` (OpenSSH format, hashed entries too) is consulted.
+    ``accept_new`` (OpenSSH's ``StrictHostKeyChecking=accept-new``) records the key of a
+    host that has no entry yet; a *changed* key is always refused.
+    """
+
+    known_hosts: Path | None = None
+    fingerprint: str | None = None
+    accept_new: bool = False
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """SSH keepalives (``keepalive@openssh.com``, want-reply): one every ``interval``
+    seconds; the link is declared dead after ``count_max`` unanswered ones
+    (OpenSSH's ServerAliveInterval/ServerAliveCountMax).  ``interval == 0`` disables."""
+
+    interval: float = 15.0
+    count_max: int = 3
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Reconnect/retry delays: ``initial * factor**n`` capped at ``maximum``, plus jitter
+    of up to ``jitter`` times the delay.  Retries never stop."""
+
+    initial: float = 1.0
+    maximum: float = 60.0
+    factor: float = 1.5
+    jitter: float = 0.2
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """One upstream SSH server and the forwards carried over the link to it."""
+
+    name: str
+    host: str
+    port: int = 22
+    user: str = ""
+    identities: tuple[Path, ...] = ()
+    host_key: HostKeyPolicy = field(default_factory=HostKeyPolicy)
+    keepalive: Keepalive = field(default_factory=Keepalive)
+    backoff: Backoff = field(default_factory=Backoff)
+    connect_timeout: float = 15.0
+    local_wait: float = 10.0
+    window: int = DEFAULT_WINDOW
+    max_packet: int = DEFAULT_MAX_PACKET
+    fast_path_pool: int = 4  # idle data connections to a labrelay relay; 0 = no fast path
+    remote: tuple[RemoteForward, ...] = ()
+    local: tuple[LocalForward, ...] = ()
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The status endpoint (HTTP).  It answers only requests addressed to itself (the
+    ``Host`` header, against DNS rebinding); with ``token_file`` it also requires
+    ``Authorization: Bearer <token>``, and only then may it listen beyond loopback."""
+
+    listen: HostPort
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServiceGrant:
+    """A service pattern in a grant: ``name:port``, or ``name:*`` (``port is None``).
+
+    Names are stored lower-case (ssh lower-cases host names, so ``-J`` asks for
+    ``gpu-cluster`` whatever was typed).  In a user's grant the name may be ``"*"``:
+    every service (``"*"`` alone in the config is ``ServiceGrant("*", None)``)."""
+
+    name: str
+    port: int | None
+
+    def matches(self, name: str, port: int) -> bool:
+        """Whether ``name:port`` is covered; a ``"*"`` name (users only) covers every name."""
+        return self.name in ("*", name) and (self.port is None or self.port == port)
+
+    def __str__(self) -> str:
+        return f"{self.name}:{'*' if self.port is None else self.port}"
+
+
+@dataclass(frozen=True)
+class PrincipalConfig:
+    """One ``[[relay.agent]]`` or ``[[relay.user]]`` entry (or one grant-file line).
+
+    ``keys`` are OpenSSH public-key lines (``ssh-ed25519 AAAA... comment``).
+    Agents use ``services`` (names they may register) and ``public_ports``; users use
+    ``services`` (names they may reach) and ``max_sessions``.
+    """
+
+    kind: str  # "agent" | "user"
+    name: str
+    keys: tuple[str, ...]
+    services: tuple[ServiceGrant, ...] = ()
+    public_ports: tuple[int, ...] = ()
+    max_sessions: int | None = None
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+PenaltyOverflow = Literal["permissive", "deny-all"]
+
+
+@dataclass(frozen=True)
+class PenaltyConfig:
+    """Per-source penalties (OpenSSH's ``PerSourcePenalties``): ``[relay.penalties]``.
+
+    Each connection that ends badly adds its offence's seconds to its source's penalty
+    (accumulating up to ``max``); a source is refused at accept once its penalty left
+    exceeds ``min``, until it runs out.  ``max_sources`` bounds the table;
+    ``overflow`` says what a full table does: ``permissive`` forgets the penalties
+    that would expire soonest (nobody is locked out), ``deny-all`` refuses every
+    source that is not exempt until entries expire.
+    """
+
+    enabled: bool = True
+    authfail: float = 5.0  # the connection failed authentication (or presented a bad token)
+    noauth: float = 1.0  # it closed without authenticating (or before its hello)
+    grace_exceeded: float = 20.0  # it was still unauthenticated after login_grace
+    protocol: float = 10.0  # it sent bytes that are not the protocol (a bad hello, garbage)
+    max: float = 600.0
+    min: float = 15.0
+    max_sources: int = 65536
+    overflow: PenaltyOverflow = "permissive"
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """labrelay's own SSH relay (the cloud end): ``[relay]`` in the node config."""
+
+    listen: HostPort = HostPort("0.0.0.0", 2222)
+    state_dir: Path = Path("/var/lib/labrelay")
+    public_bind: str = "0.0.0.0"
+    agents_file: Path | None = None
+    users_file: Path | None = None
+    agents: tuple[PrincipalConfig, ...] = ()
+    users: tuple[PrincipalConfig, ...] = ()
+    login_grace: float = 30.0
+    max_auth_tries: int = 6
+    #: Seconds a key exchange (the first or a re-key) may take before the peer is
+    #: dropped; what waits for it meanwhile pauses the sessions' sources.
+    kex_timeout: float = 30.0
+    max_unauthenticated: int = 64
+    # Per source (docs/relay.md "Per-source limits"): sources are IPv4 /32 and IPv6 /64
+    # networks by default; each may hold this many unauthenticated connections per port.
+    per_source_max_unauthenticated: int = 10
+    per_source_netblock4: int = 32
+    per_source_netblock6: int = 64
+    penalties: PenaltyConfig = field(default_factory=PenaltyConfig)
+    penalty_exempt: tuple[IPNetwork, ...] = ()
+    max_channels: int = 1024
+    max_sessions_per_user: int = 64
+    idle_timeout: float = 0.0
+    public_wait: float = 10.0
+    keepalive: Keepalive = field(default_factory=Keepalive)
+    window: int = DEFAULT_WINDOW
+    max_packet: int = DEFAULT_MAX_PACKET
+    # The fast path (docs/fastpath.md): off unless ``data_port`` is set (0 = any free port).
+    data_port: int | None = None
+    data_bind: str | None = None  # default: public_bind
+    e2e_services: tuple[ServiceGrant, ...] = ()  # services whose payload is end-to-end encrypted
+    token_lifetime: float = 10.0
+    data_hello_timeout: float = 5.0
+    # How often the grant files are checked for changes (revocation takes effect
+    # within two of these once the file is written).
+    grants_poll_interval: float = 0.25
+    # Unused fast-path tickets one SSH session / one user or agent may hold at once.
+    max_tokens_per_session: int = 64
+    max_tokens_per_user: int = 256
+
+
+@dataclass(frozen=True)
+class PlainForwardConfig:
+    """``[[forward]]``: a plain TCP hop.  This node listens on ``bind:port`` and splices
+    every connection it accepts to ``connect`` (no SSH, no user-space copy; see
+    docs/datapath.md).  ``port == 0`` picks a free port (logged)."""
+
+    bind: str
+    port: int
+    connect: HostPort
+    name: str
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything one labrelay process runs."""
+
+    source: str
+    links: tuple[LinkConfig, ...] = ()
+    admin: AdminConfig | None = None
+    relay: RelayConfig | None = None
+    forwards: tuple[PlainForwardConfig, ...] = ()
+
+
+
+def default_known_hosts() -> Path:
+    """``~/.ssh/known_hosts``, used when neither ``known_hosts`` nor ``host_key`` is set."""
+    return Path("~/.ssh/known_hosts").expanduser()
+
+
+def current_user(*, source: str, keypath: str) -> str:
+    """The login name of this process (the default ``user``, as for ssh)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        raise ConfigError(
+            source, keypath, "cannot tell the current user name", 'set it, e.g. user = "lab"'
+        ) from None
