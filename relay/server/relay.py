@@ -11,7 +11,7 @@ to ``public_wait`` seconds for it, then are refused cleanly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from relay.config.node import ConfigError, RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
 from relay.core.routing import PUBLIC, PUBLIC_BINDS, Outcome, Registration, Registry
+from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
 from relay.datapath.bridge import Bridge, SideFactory, TCPSide
 from relay.datapath.net import LISTEN_BACKLOG
 from relay.datapath.splicing import SplicedPair
@@ -43,54 +44,6 @@ from relay.ssh.wire import unpack_forward
 TAKEOVER_PROBE = 0.5
 
 
-@dataclass(eq=False)
-class Session:
-    """One user session: a user's channel or a public connection bridged to an agent's
-    channel (``path="channel"``), or a fast-path data connection spliced to an agent's
-    (``path="spliced"``)."""
-
-    user: str
-    service: str
-    origin: str
-    started: float
-    bridge: Bridge | None = None
-    pair: SplicedPair | None = None
-    path: str = "channel"
-    seen: tuple[int, int] = (0, 0)  # byte counts at the last idle sweep
-    active_at: float = 0.0  # when they last changed
-    key: bytes | None = None  # the user's key (None: a public-port connection)
-    agent: Any = None  # the agent connection serving it, once known
-    aborted: bool = False  # closed by the relay before it started moving
-
-    def counts(self) -> tuple[int, int]:
-        if self.pair is not None:
-            moved = self.pair.bytes()
-            return moved.a_to_b, moved.b_to_a
-        if self.bridge is None:
-            return 0, 0
-        return self.bridge.bytesAtoB, self.bridge.bytesBtoA
-
-    @property
-    def started_moving(self) -> bool:
-        return self.bridge is not None or self.pair is not None
-
-    def abort(self) -> None:
-        self.aborted = True
-        if self.pair is not None:
-            self.pair.abort()
-        elif self.bridge is not None:
-            self.bridge.a.abort()
-            self.bridge.b.abort()
-
-
-@dataclass
-class ServiceTotals:
-    sessions_total: int = 0
-    bytes_to_service: int = 0
-    bytes_from_service: int = 0
-    active: set[Session] = field(default_factory=set)
-
-
 class RelayCore:
     """The relay's decisions and state; one per relay listener."""
 
@@ -102,9 +55,8 @@ class RelayCore:
         self.reactor = reactor
         self.registry = Registry()
         self.connections: set[RelayConnection] = set()
-        self.sessions: set[Session] = set()
-        self.totals: dict[str, ServiceTotals] = {}
-        self.user_active: dict[str, int] = {}
+        self.sessions = SessionTable()
+        self._aborts: dict[SessionRow, Callable[[], None]] = {}  # stops a moving row's bytes
         self.public: dict[int, IListeningPort] = {}
         self.counters = {"auth_refused": 0, "requests_refused": 0, "sessions_refused": 0,
                          "connections_dropped_unauthenticated_cap": 0}
@@ -354,22 +306,20 @@ class RelayCore:
             return refuse(OPEN_ADMINISTRATIVELY_PROHIBITED, f"{service} is not granted to "
                           f"{principal.kind} {principal.name}")
         cap = principal.max_sessions or self.config.max_sessions_per_user
-        if self.user_active.get(principal.name, 0) >= cap:
+        if self.sessions.active_for_user(principal.name) >= cap:
             return refuse(OPEN_RESOURCE_SHORTAGE, f"user {principal.name} already has {cap} "
                           "sessions open (max_sessions)")
         if self.registry.lookup(host, port) is None and not self._mayAppear(host, port):
             return refuse(OPEN_CONNECT_FAILED, f"no service {service} on this relay")
-        now = self.reactor.seconds()
-        session = Session(principal.name, service, origin, now, active_at=now,
-                          key=ident.key_blob)
-        self._sessionOpening(session)
+        session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
+                                     key=ident.key_blob)
         d = self.whenRegistered(host, port, self.config.public_wait)
         d.addCallback(lambda reg: self._openToAgent(reg, port, origin, session))
 
         def connected(agent_channel: BridgedChannel) -> BridgedChannel:
             def not_opened(_: object) -> None:
                 agent_channel.abort()
-                self._sessionEnded(session, 0, 0)
+                self._sessionEnded(session, 0, 0, "user channel did not open")
 
             channel.opened.addCallbacks(
                 lambda ch: self._bridge(session, ch, agent_channel), not_opened
@@ -377,7 +327,7 @@ class RelayCore:
             return channel
 
         def failed(f: Failure) -> defer.Deferred[BridgedChannel]:
-            self._sessionEnded(session, 0, 0)
+            self._sessionEnded(session, 0, 0, "agent unavailable")
             why = ("its agent did not come back within "
                    f"{self.config.public_wait:g}s") if f.check(defer.CancelledError) else (
                 f"its agent could not connect it: {f.getErrorMessage()}")
@@ -406,69 +356,70 @@ class RelayCore:
         return owner is not None and owner.may_register(name, port)
 
     def _openToAgent(self, reg: Registration, port: int, origin: str,
-                     session: Session | None = None) -> defer.Deferred[BridgedChannel]:
+                     session: SessionRow | None = None) -> defer.Deferred[BridgedChannel]:
         host, _, oport = origin.rpartition(":")
         agent: Any = reg.session
         if session is not None:
             session.agent = agent
         return agent.openForwarded(reg.bind, port, host, int(oport or 0))
 
-    def _sessionOpening(self, session: Session) -> None:
-        self.sessions.add(session)
-        self.user_active[session.user] = self.user_active.get(session.user, 0) + 1
-        totals = self.totals.setdefault(session.service, ServiceTotals())
-        totals.sessions_total += 1
-        totals.active.add(session)
-
     # the fast path's sessions (relay.server.dataport pairs them)
 
     def fastSessionOpening(self, principal: Any, service: str, origin: str,
-                           key: bytes | None = None) -> Session:
+                           key: bytes | None = None) -> SessionRow:
         """Count a fast-path session against the user's cap, or raise PairingError."""
         cap = principal.max_sessions or self.config.max_sessions_per_user
-        if self.user_active.get(principal.name, 0) >= cap:
+        if self.sessions.active_for_user(principal.name) >= cap:
             self.counters["sessions_refused"] += 1
             raise PairingError(f"user {principal.name} already has {cap} sessions open "
                                "(max_sessions)")
-        now = self.reactor.seconds()
-        session = Session(principal.name, service, origin, now, path="spliced", active_at=now,
-                          key=key)
-        self._sessionOpening(session)
-        return session
+        return self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
+                                  path=SPLICED, key=key)
 
-    def fastSessionSpliced(self, session: Session, pair: SplicedPair, agent: Any = None) -> None:
-        session.pair = pair
-        session.agent = agent
-
+    def fastSessionSpliced(self, session: SessionRow, pair: SplicedPair,
+                           agent: Any = None) -> None:
         def ended(_: object) -> None:
             moved = pair.bytes()
-            self._sessionEnded(session, moved.a_to_b, moved.b_to_a)
+            self._sessionEnded(session, moved.a_to_b, moved.b_to_a, "spliced pair done")
 
         pair.done.addBoth(ended)
-        if session.aborted:  # its grant went while it was being paired
-            pair.abort()
 
-    def fastSessionFailed(self, session: Session) -> None:
-        self._sessionEnded(session, 0, 0)
+        def meter() -> tuple[int, int]:
+            moved = pair.bytes()
+            return moved.a_to_b, moved.b_to_a
 
-    def _bridge(self, session: Session, user_side: Any, agent_side: BridgedChannel) -> Bridge:
+        self._moving(session, meter, pair.abort, agent)
+
+    def fastSessionFailed(self, session: SessionRow) -> None:
+        self._sessionEnded(session, 0, 0, "fast path pairing failed")
+
+    def _bridge(self, session: SessionRow, user_side: Any, agent_side: BridgedChannel) -> Bridge:
         def ended(to_service: int, from_service: int) -> None:
-            self._sessionEnded(session, to_service, from_service)
+            self._sessionEnded(session, to_service, from_service, "bridge closed")
 
-        session.bridge = Bridge(user_side, agent_side, onClosed=ended)
-        if session.aborted:  # its grant went while it was opening
-            session.abort()
-        return session.bridge
+        bridge = Bridge(user_side, agent_side, onClosed=ended)
 
-    def _sessionEnded(self, session: Session, to_service: int, from_service: int) -> None:
+        def abort() -> None:
+            bridge.a.abort()
+            bridge.b.abort()
+
+        self._moving(session, lambda: (bridge.bytesAtoB, bridge.bytesBtoA), abort)
+        return bridge
+
+    def _moving(self, session: SessionRow, meter: Meter, abort: Callable[[], None],
+                agent: Any = None) -> None:
+        """``session``'s bytes move now: the table reads them through ``meter``, and
+        ``abort`` stops them."""
         if session not in self.sessions:
             return
-        self.sessions.discard(session)
-        self.user_active[session.user] -= 1
-        totals = self.totals[session.service]
-        totals.active.discard(session)
-        totals.bytes_to_service += to_service
-        totals.bytes_from_service += from_service
+        self._aborts[session] = abort
+        if not self.sessions.moving(session, meter, agent):
+            abort()  # its grant went while it was opening or being paired
+
+    def _sessionEnded(self, session: SessionRow, to_service: int, from_service: int,
+                      why: str) -> None:
+        self._aborts.pop(session, None)
+        self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why)
 
     # grants reloaded: what a key lost goes at once (DESIGN §7)
 
@@ -483,7 +434,7 @@ class RelayCore:
         grants now in force; ``change`` only says whose things to look at."""
         if not change.losses:
             return
-        for session in sorted(self.sessions, key=lambda s: s.started):
+        for session in self.sessions.rows():
             key = session.key
             loss = change.losses.get(key) if key is not None else None
             if key is None or loss is None:
@@ -527,7 +478,7 @@ class RelayCore:
             listener = self.public.pop(reg.port, None)
             if listener is not None:
                 listener.stopListening()
-        closing = [s for s in self.sessions if s.agent is reg.session and s.service == label]
+        closing = self.sessions.of_agent_service(reg.session, label)
         for session in closing:
             self._closeSession(session, f"{label} was revoked: {why}")
         self._log.warn(
@@ -539,13 +490,20 @@ class RelayCore:
             agent: Any = reg.session
             agent.grantRevoked(reg.bind, reg.port, why)
 
-    def _closeSession(self, session: Session, why: str) -> None:
+    def _closeSession(self, session: SessionRow, why: str) -> None:
         self._log.warn(
             "closing {user}'s {path} session to {service}: {why}",
             event="relay_session_revoked", user=session.user, service=session.service,
             path=session.path, origin=session.origin, why=why,
         )
-        session.abort()
+        self._abortSession(session, why)
+
+    def _abortSession(self, session: SessionRow, why: str) -> None:
+        """Close ``session`` now if it moves bytes, else as soon as it would start."""
+        self.sessions.request_close(session, why)
+        abort = self._aborts.get(session)
+        if abort is not None:
+            abort()
 
     def _evictUngrantedHolder(self, name: str, port: int, conn: RelayConnection) -> None:
         """Before a granted agent's registration is decided: a holder whose key no
@@ -598,9 +556,7 @@ class RelayCore:
             )
             side.abort()
             return
-        now = self.reactor.seconds()
-        session = Session(label, label, origin, now, active_at=now)
-        self._sessionOpening(session)
+        session = self.sessions.open(label, label, origin, self.reactor.seconds())
         self._publicWaiting[port] = self._publicWaiting.get(port, 0) + 1
 
         def waited(result: Any) -> Any:
@@ -611,7 +567,7 @@ class RelayCore:
         d.addCallback(lambda r: self._openToAgent(r, port, origin, session))
 
         def failed(f: Failure) -> None:
-            self._sessionEnded(session, 0, 0)
+            self._sessionEnded(session, 0, 0, "agent unavailable")
             self._log.warn(
                 "public port {port}: connection from {origin} closed: agent {owner} {why}",
                 event="relay_public_refused", port=port, origin=origin, owner=owner,
@@ -638,17 +594,13 @@ class RelayCore:
     def sweepIdle(self) -> None:
         """Close sessions that moved no byte either way for ``idle_timeout`` seconds."""
         now = self.reactor.seconds()
-        for session in list(self.sessions):
-            counts = session.counts()
-            if counts != session.seen or not session.started_moving:
-                session.seen, session.active_at = counts, now
-            elif now - session.active_at >= self.config.idle_timeout:
-                self._log.info(
-                    "closing {user}'s idle session to {service} (nothing for {idle:.0f}s)",
-                    event="relay_session_idle", user=session.user, service=session.service,
-                    idle=now - session.active_at,
-                )
-                session.abort()
+        for session in self.sessions.idle(now, self.config.idle_timeout):
+            self._log.info(
+                "closing {user}'s idle session to {service} (nothing for {idle:.0f}s)",
+                event="relay_session_idle", user=session.user, service=session.service,
+                idle=now - session.active_at,
+            )
+            self._abortSession(session, "idle")
         self._scheduleSweep()
 
     def stop(self) -> defer.Deferred[Any]:
@@ -679,25 +631,18 @@ class RelayCore:
                       for c in conns if c.identity.kind == "user"],
             "services": [
                 {"service": _label(r), "owner": r.owner, "since": r.since,
-                 "sessions_active": len(self.totals.get(_label(r), ServiceTotals()).active),
-                 "sessions_total": self.totals.get(_label(r), ServiceTotals()).sessions_total}
+                 "sessions_active": len(self.sessions.totals(_label(r)).active),
+                 "sessions_total": self.sessions.totals(_label(r)).sessions_total}
                 for r in self.registry.registrations()
             ],
             "sessions": [
                 {"user": s.user, "service": s.service, "origin": s.origin, "path": s.path,
                  "age": round(now - s.started, 3), "bytes_to_service": s.counts()[0],
                  "bytes_from_service": s.counts()[1]}
-                for s in sorted(self.sessions, key=lambda s: s.started)
+                for s in self.sessions.rows()
             ],
-            "per_service": {
-                name: {"sessions_total": t.sessions_total, "sessions_active": len(t.active),
-                       "bytes_to_service": t.bytes_to_service
-                       + sum(s.counts()[0] for s in t.active),
-                       "bytes_from_service": t.bytes_from_service
-                       + sum(s.counts()[1] for s in t.active)}
-                for name, t in sorted(self.totals.items())
-            },
-            "per_user": dict(sorted(self.user_active.items())),
+            "per_service": self.sessions.per_service(),
+            "per_user": self.sessions.per_user(),
             "public_ports": sorted(self.public),
             "fast_path": self.dataport.status(),
             "admission": self.admission.status(),
