@@ -27,7 +27,8 @@ from twisted.python.failure import Failure
 from relay.config.node import ConfigError, RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
-from relay.core.routing import PUBLIC, PUBLIC_BINDS, Outcome, Registration, Registry
+from relay.core.router import SUPERSEDED, Decision, Probe, Router, Verdict, label_of
+from relay.core.routing import PUBLIC, PUBLIC_BINDS, Registration, Registry
 from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
 from relay.datapath.bridge import Bridge, SideFactory, TCPSide
 from relay.datapath.net import LISTEN_BACKLOG
@@ -54,6 +55,7 @@ class RelayCore:
         self.grants = grants
         self.reactor = reactor
         self.registry = Registry()
+        self.router = Router(self.registry, self._principalOf, lambda s: s in self.connections)
         self.connections: set[RelayConnection] = set()
         self.sessions = SessionTable()
         self._aborts: dict[SessionRow, Callable[[], None]] = {}  # stops a moving row's bytes
@@ -65,7 +67,6 @@ class RelayCore:
         self.ssh_gate = self.admission.gate("ssh", config.max_unauthenticated)
         self._sweeper: IDelayedCall | None = None
         self._publicWaiting: dict[int, int] = {}  # connections waiting for their agent
-        self._waiters: dict[tuple[str, int], list[defer.Deferred[Registration]]] = {}
         self.dataport = DataPort(self, self.admission)
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
         grants.subscribe(self.grantsChanged)
@@ -116,7 +117,7 @@ class RelayCore:
 
     def sessionStopped(self, conn: RelayConnection) -> None:
         self.connections.discard(conn)
-        gone = self.registry.drop_session(conn)
+        gone = self.router.drop_session(conn)
         self.dataport.sessionStopped(conn)
         ident = conn.identity
         self._log.info(
@@ -147,114 +148,88 @@ class RelayCore:
         )
         return False
 
+    def _principalOf(self, session: Any) -> Principal | None:
+        """The principal ``session``'s key is granted as now (None: no longer granted)."""
+        return self.grants.principal_for(session.identity.key_blob)
+
     def _forward(self, conn: RelayConnection, data: bytes) -> Any:
         try:
             bind, port = unpack_forward(data)
         except ValueError:
             return self._refuse(conn, "tcpip-forward", "malformed request")
         what = f"tcpip-forward {bind}:{port}"
-        principal = self.grants.principal_for(conn.identity.key_blob)
-        if principal is None:
-            return self._refuse(conn, what, "this key is no longer granted")
-        if principal.kind != "agent":
-            return self._refuse(conn, what, "users may not register services")
-        if bind in PUBLIC_BINDS:
-            if port == 0 or not principal.may_bind_public(port):
-                return self._refuse(conn, what, f"public port {port} is not granted to "
-                                    f"agent {principal.name}")
-            self._evictUngrantedHolder(PUBLIC, port, conn)
-            if not self._listenPublic(port):
-                return self._refuse(conn, what, f"cannot listen on public port {port}")
-            name = PUBLIC
-        else:
-            name = bind.lower()  # ssh lower-cases host names: names are case-insensitive
-            if not principal.may_register(name, port):
-                return self._refuse(conn, what, f"service {bind}:{port} is not granted to "
-                                    f"agent {principal.name}")
-            self._evictUngrantedHolder(name, port, conn)
-        outcome, why = self.registry.offer(name, port, conn)
-        if outcome is Outcome.REFUSED:
-            return self._refuse(conn, what, why)
-        if outcome is Outcome.GRANTED:
-            self._register(name, port, conn, bind, takeover=False)
-            return True
-        holder = self.registry.lookup(name, port)
-        assert holder is not None
-        return self._probeThenTakeover(name, port, conn, bind, holder, what)
+        name, refused = self.router.claim(self._principalOf(conn), bind, port)
+        if refused is not None:
+            return self._refuse(conn, what, refused)
+        holder = self.router.ungranted_holder(name, port, conn)
+        if holder is not None:
+            self._dropRegistration(holder, f"{_label(holder)} is no longer granted to this "
+                                   "key", tell=True)
+        if name == PUBLIC and not self._listenPublic(port):
+            return self._refuse(conn, what, f"cannot listen on public port {port}")
+        decision = self.router.offer(name, port, conn, bind, self.reactor.seconds())
+        if decision.probe is not None:
+            return self._probeThenTakeover(decision.probe, conn, what)
+        return self._apply(decision, conn, what)
 
-    def _probeThenTakeover(self, name: str, port: int, conn: RelayConnection, bind: str,
-                           holder: Registration, what: str) -> defer.Deferred[bool]:
-        old: Any = holder.session
-        why_alive = f"held by a live session of {holder.owner} from {old.peer}"
-        result: defer.Deferred[bool] = defer.Deferred()
-
-        # Decided by whichever comes first: the holder answering the probe, the
-        # holder's connection stopping (no answer will come), or the window closing.
-        def answered(_: object) -> None:
-            if result.called:
-                return
-            if timer.active():
-                timer.cancel()
-            if old not in self.connections:  # it died meanwhile: not an answer
-                result.callback(self._forward_again(conn, name, port, bind))
-            elif conn not in self.connections:
-                result.callback(False)
-            else:
-                result.callback(
-                    self._refuse(conn, what, f"{why_alive} (answered a probe just now)"))
-
-        def silent() -> None:
-            if result.called:
-                return
-            if timer.active():
-                timer.cancel()
-            current = self.registry.lookup(name, port)
-            if conn not in self.connections:
-                result.callback(False)
-            elif current is None or current.session is not old:
-                result.callback(self._forward_again(conn, name, port, bind))
-            else:
-                self._register(name, port, conn, bind, takeover=True)
-                old.disconnect("superseded by a newer session of the same agent")
-                result.callback(True)
-
-        timer = self.reactor.callLater(TAKEOVER_PROBE, silent)
-        old.probe().addCallback(lambda alive: answered(None) if alive else silent())
-        return result
-
-    def _forward_again(self, conn: RelayConnection, name: str, port: int, bind: str) -> bool:
-        if conn not in self.connections:  # gone while we probed: register nothing for it
+    def _apply(self, decision: Decision, conn: RelayConnection, what: str) -> bool:
+        """Do what the router decided about ``conn``'s ``what``; the request's answer."""
+        if decision.verdict is Verdict.GONE:
             return False
-        outcome, why = self.registry.offer(name, port, conn)
-        if outcome is Outcome.GRANTED:
-            self._register(name, port, conn, bind, takeover=False)
-            return True
-        return self._refuse(conn, f"tcpip-forward {bind}:{port}", why)
-
-    def _register(self, name: str, port: int, conn: RelayConnection, bind: str,
-                  takeover: bool) -> None:
-        self.registry.register(name, port, conn, bind, self.reactor.seconds())
-        label = _label_of(name, port)
+        if decision.verdict is Verdict.REFUSED:
+            return self._refuse(conn, what, decision.why)
+        reg = decision.registration
+        assert reg is not None
+        takeover = decision.verdict is Verdict.TAKEOVER
         self._log.info(
             "agent {agent} registered {service}{how}", event="relay_service_registered",
-            agent=conn.principal_name, service=label, peer=conn.peer, takeover=takeover,
+            agent=conn.principal_name, service=_label(reg), peer=conn.peer, takeover=takeover,
             how=" (took it over from its stale session)" if takeover else "",
         )
-        for d in self._waiters.pop((name, port), []):
-            reg = self.registry.lookup(name, port)
-            if reg is not None:
-                d.callback(reg)
+        for waiter in decision.woken:
+            d: Any = waiter.who
+            d.callback(reg)
+        if decision.superseded is not None:
+            decision.superseded.disconnect(SUPERSEDED)
+        return True
+
+    def _probeThenTakeover(self, probe: Probe, conn: RelayConnection,
+                           what: str) -> defer.Deferred[bool]:
+        """Probe the holder for ``TAKEOVER_PROBE`` seconds; the router decides from the
+        first of: its answer, its connection stopping (no answer will come), silence."""
+        result: defer.Deferred[bool] = defer.Deferred()
+
+        def settle(decision: Decision | None) -> None:
+            if decision is None:  # settled already
+                return
+            if timer.active():
+                timer.cancel()
+            result.callback(self._apply(decision, conn, what))
+
+        def silent() -> None:
+            settle(self.router.probe_silent(probe, self.reactor.seconds()))
+
+        def answered(alive: bool) -> None:
+            if alive:
+                settle(self.router.probe_answered(probe, self.reactor.seconds()))
+            else:
+                silent()
+
+        timer = self.reactor.callLater(TAKEOVER_PROBE, silent)
+        old: Any = probe.holder.session
+        old.probe().addCallback(answered)
+        return result
 
     def _cancel(self, conn: RelayConnection, data: bytes) -> bool:
         try:
             bind, port = unpack_forward(data)
         except ValueError:
             return False
-        name = PUBLIC if bind in PUBLIC_BINDS else bind.lower()
-        if not self.registry.unregister(name, port, conn):
+        name = self.router.cancel(bind, port, conn)
+        if name is None:
             return False
         self._log.info("agent {agent} cancelled {service}", event="relay_service_cancelled",
-                       agent=conn.principal_name, service=_label_of(name, port))
+                       agent=conn.principal_name, service=label_of(name, port))
         if name == PUBLIC:
             listener = self.public.pop(port, None)
             if listener is not None:
@@ -268,15 +243,13 @@ class RelayCore:
         if reg is not None:
             return defer.succeed(reg)
         d: defer.Deferred[Registration] = defer.Deferred()
-        waiters = self._waiters.setdefault((name, port), [])
-        waiters.append(d)
+        waiter = self.router.wait(name, port, d, self.reactor.seconds(), timeout)
         timer: IDelayedCall = self.reactor.callLater(timeout, d.cancel)
 
         def done(result: Any) -> Any:
             if timer.active():
                 timer.cancel()
-            if d in waiters:
-                waiters.remove(d)
+            self.router.unwait(waiter)
             return result
 
         return d.addBoth(done)
@@ -452,11 +425,9 @@ class RelayCore:
             if loss.everything:
                 self._revokeConnection(conn, loss.where)
             elif conn.identity.kind == "agent":
-                principal = self.grants.principal_for(conn.identity.key_blob)
-                for reg in self.registry.held_by(conn):
-                    if not _mayHold(principal, reg):
-                        self._dropRegistration(reg, f"{_label(reg)} is no longer granted to "
-                                               f"agent {conn.principal_name}", tell=True)
+                for reg in self.router.no_longer_held(conn):
+                    self._dropRegistration(reg, f"{_label(reg)} is no longer granted to "
+                                           f"agent {conn.principal_name}", tell=True)
 
     def _revokeConnection(self, conn: RelayConnection, where: str) -> None:
         for reg in self.registry.held_by(conn):
@@ -471,7 +442,7 @@ class RelayCore:
     def _dropRegistration(self, reg: Registration, why: str, tell: bool) -> None:
         """Forget ``reg``, close its public listener and its sessions; with ``tell``,
         send its agent ``grant-revoked@labrelay`` (the agent stays connected)."""
-        if not self.registry.unregister(reg.name, reg.port, reg.session):
+        if not self.router.drop(reg):
             return
         label = _label(reg)
         if reg.name == PUBLIC:
@@ -504,19 +475,6 @@ class RelayCore:
         abort = self._aborts.get(session)
         if abort is not None:
             abort()
-
-    def _evictUngrantedHolder(self, name: str, port: int, conn: RelayConnection) -> None:
-        """Before a granted agent's registration is decided: a holder whose key no
-        longer holds the grant loses the name now, so it can neither answer the
-        takeover probe nor refuse the newcomer."""
-        holder = self.registry.lookup(name, port)
-        if holder is None or holder.session is conn:
-            return
-        identity = getattr(holder.session, "identity", None)
-        principal = None if identity is None else self.grants.principal_for(identity.key_blob)
-        if not _mayHold(principal, holder):
-            self._dropRegistration(holder, f"{_label(holder)} is no longer granted to this "
-                                   "key", tell=True)
 
     # public ports
 
@@ -650,21 +608,8 @@ class RelayCore:
         }
 
 
-def _label_of(name: str, port: int) -> str:
-    return f"public:{port}" if name == PUBLIC else f"{name}:{port}"
-
-
 def _label(reg: Registration) -> str:
-    return _label_of(reg.name, reg.port)
-
-
-def _mayHold(principal: Principal | None, reg: Registration) -> bool:
-    """Whether ``principal`` (None: an ungranted key) may hold registration ``reg``."""
-    if principal is None:
-        return False
-    if reg.name == PUBLIC:
-        return principal.may_bind_public(reg.port)
-    return principal.may_register(reg.name, reg.port)
+    return label_of(reg.name, reg.port)
 
 
 def load_host_keys(state_dir: Path) -> dict[bytes, keys.Key]:
