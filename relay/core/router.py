@@ -60,6 +60,14 @@ class Probe:
         return f"held by a live session of {self.holder.owner} from {self.holder.session.peer}"
 
 
+class Refused(Enum):
+    """Why a user session is refused (the shell maps it to an SSH open-failure code)."""
+
+    PROHIBITED = "prohibited"  # not granted, or a public port's name
+    CAP = "cap"  # the user has its sessions' worth open (max_sessions)
+    NO_SERVICE = "no-service"  # not registered and never can be: not worth waiting for
+
+
 @dataclass(eq=False)
 class Waiter:
     """Someone (``who``: opaque to the router) waiting for ``name:port`` until ``until``."""
@@ -130,6 +138,43 @@ class Router:
         elif not principal.may_register(name, port):
             return name, f"service {bind}:{port} is not granted to agent {principal.name}"
         return name, None
+
+    def admit_session(self, principal: Principal | None, name: str, port: int, active: int,
+                      default_cap: int, owner: Principal | None) -> tuple[Refused, str] | None:
+        """Whether a user (``principal``, with ``active`` sessions open) may open a session
+        to ``name:port`` (lower-cased); None: yes, wait for its agent if it is away.
+        ``owner`` is the agent the name is granted to (None: nobody)."""
+        service = f"{name}:{port}"
+        if principal is None:
+            return Refused.PROHIBITED, "this key is no longer granted"
+        if name in PUBLIC_BINDS:  # the registry's name for public ports: never over SSH
+            return Refused.PROHIBITED, ("public ports are reached through their public "
+                                        "listener only, not over SSH")
+        if principal.kind != "user" or not principal.may_reach(name, port):
+            return Refused.PROHIBITED, (f"{service} is not granted to {principal.kind} "
+                                        f"{principal.name}")
+        refused = self.over_cap(principal, active, default_cap)
+        if refused is not None:
+            return refused
+        if self.registry.lookup(name, port) is None and not self.may_appear(owner, name, port):
+            return Refused.NO_SERVICE, f"no service {service} on this relay"
+        return None
+
+    @staticmethod
+    def over_cap(principal: Principal, active: int,
+                 default_cap: int) -> tuple[Refused, str] | None:
+        """The per-user cap: the user's own ``max-sessions``, else the relay's."""
+        cap = principal.max_sessions or default_cap
+        if active >= cap:
+            return Refused.CAP, (f"user {principal.name} already has {cap} sessions open "
+                                 "(max_sessions)")
+        return None
+
+    @staticmethod
+    def may_appear(owner: Principal | None, name: str, port: int) -> bool:
+        """Whether ``name:port`` can ever be registered (by ``owner``, the agent its name
+        is granted to): worth waiting for its agent."""
+        return owner is not None and owner.may_register(name, port)
 
     def ungranted_holder(self, name: str, port: int, session: AgentSession) -> Registration | None:
         """The holder of ``name:port`` (not ``session``) whose key no longer holds the

@@ -27,8 +27,8 @@ from twisted.python.failure import Failure
 from relay.config.node import ConfigError, RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
-from relay.core.router import SUPERSEDED, Decision, Probe, Router, Verdict, label_of
-from relay.core.routing import PUBLIC, PUBLIC_BINDS, Registration, Registry
+from relay.core.router import SUPERSEDED, Decision, Probe, Refused, Router, Verdict, label_of
+from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
 from relay.datapath.bridge import Bridge, SideFactory, TCPSide
 from relay.datapath.net import LISTEN_BACKLOG
@@ -43,6 +43,13 @@ from relay.ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection, RelayFacto
 from relay.ssh.wire import unpack_forward
 
 TAKEOVER_PROBE = 0.5
+
+_OPEN_FAILURE = {
+    Refused.PROHIBITED: OPEN_ADMINISTRATIVELY_PROHIBITED,
+    Refused.CAP: OPEN_RESOURCE_SHORTAGE,
+    Refused.NO_SERVICE: OPEN_CONNECT_FAILED,
+}
+"""The SSH open-failure code for each reason the router refuses a user session."""
 
 
 class RelayCore:
@@ -270,20 +277,13 @@ class RelayCore:
             )
             return defer.fail(error.ConchError(why, code))
 
-        if principal is None:
-            return refuse(OPEN_ADMINISTRATIVELY_PROHIBITED, "this key is no longer granted")
-        if host in PUBLIC_BINDS:  # the registry's name for public ports: never over SSH
-            return refuse(OPEN_ADMINISTRATIVELY_PROHIBITED, "public ports are reached through "
-                          "their public listener only, not over SSH")
-        if principal.kind != "user" or not principal.may_reach(host, port):
-            return refuse(OPEN_ADMINISTRATIVELY_PROHIBITED, f"{service} is not granted to "
-                          f"{principal.kind} {principal.name}")
-        cap = principal.max_sessions or self.config.max_sessions_per_user
-        if self.sessions.active_for_user(principal.name) >= cap:
-            return refuse(OPEN_RESOURCE_SHORTAGE, f"user {principal.name} already has {cap} "
-                          "sessions open (max_sessions)")
-        if self.registry.lookup(host, port) is None and not self._mayAppear(host, port):
-            return refuse(OPEN_CONNECT_FAILED, f"no service {service} on this relay")
+        active = 0 if principal is None else self.sessions.active_for_user(principal.name)
+        refused = self.router.admit_session(principal, host, port, active,
+                                            self.config.max_sessions_per_user,
+                                            self.grants.owner_of(host))
+        if refused is not None:
+            return refuse(_OPEN_FAILURE[refused[0]], refused[1])
+        assert principal is not None
         session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
                                      key=ident.key_blob)
         d = self.whenRegistered(host, port, self.config.public_wait)
@@ -317,16 +317,12 @@ class RelayCore:
         ``public_wait`` to come back.
         """
         name = name.lower()
-        if self.registry.lookup(name, port) is None and not self._mayAppear(name, port):
+        if (self.registry.lookup(name, port) is None
+                and not self.router.may_appear(self.grants.owner_of(name), name, port)):
             return defer.fail(error.ConchError(f"no service {name}:{port} on this relay",
                                                OPEN_CONNECT_FAILED))
         d = self.whenRegistered(name, port, self.config.public_wait)
         return d.addCallback(lambda reg: self._openToAgent(reg, port, origin))
-
-    def _mayAppear(self, name: str, port: int) -> bool:
-        """Whether ``name:port`` can ever be registered: worth waiting for its agent."""
-        owner = self.grants.owner_of(name)
-        return owner is not None and owner.may_register(name, port)
 
     def _openToAgent(self, reg: Registration, port: int, origin: str,
                      session: SessionRow | None = None) -> defer.Deferred[BridgedChannel]:
@@ -341,11 +337,11 @@ class RelayCore:
     def fastSessionOpening(self, principal: Any, service: str, origin: str,
                            key: bytes | None = None) -> SessionRow:
         """Count a fast-path session against the user's cap, or raise PairingError."""
-        cap = principal.max_sessions or self.config.max_sessions_per_user
-        if self.sessions.active_for_user(principal.name) >= cap:
+        refused = self.router.over_cap(principal, self.sessions.active_for_user(principal.name),
+                                       self.config.max_sessions_per_user)
+        if refused is not None:
             self.counters["sessions_refused"] += 1
-            raise PairingError(f"user {principal.name} already has {cap} sessions open "
-                               "(max_sessions)")
+            raise PairingError(refused[1])
         return self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
                                   path=SPLICED, key=key)
 

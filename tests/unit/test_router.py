@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from relay.config.node import ServiceGrant
 from relay.core.grants import AGENT, USER, Principal
-from relay.core.router import SUPERSEDED, Router, Verdict
+from relay.core.router import SUPERSEDED, Refused, Router, Verdict
 from relay.core.routing import PUBLIC, Registry
 
 
@@ -186,3 +186,29 @@ def test_cancel_forgets_only_the_holders_own() -> None:
     assert w.router.cancel("localhost", 2201, other) is None
     assert w.router.cancel("localhost", 2201, agent) == PUBLIC
     assert w.router.registry.registrations() == []
+
+
+ALICE = Principal(kind=USER, name="alice", services=(ServiceGrant("gpu-cluster", 22),),
+                  public_ports=frozenset(), max_sessions=None)
+
+
+def test_user_sessions_need_a_grant_a_place_under_the_cap_and_a_service_that_can_come() -> None:
+    w = World()
+    router = w.router
+    assert router.admit_session(ALICE, "gpu-cluster", 22, 0, 10, LAB) is None  # waits for it
+    assert router.admit_session(None, "gpu-cluster", 22, 0, 10, LAB) == (
+        Refused.PROHIBITED, "this key is no longer granted")
+    assert router.admit_session(ALICE, "localhost", 2201, 0, 10, LAB)[0] is Refused.PROHIBITED
+    assert router.admit_session(ALICE, "web", 80, 0, 10, LAB) == (
+        Refused.PROHIBITED, "web:80 is not granted to user alice")
+    assert router.admit_session(LAB, "gpu-cluster", 22, 0, 10, LAB) == (
+        Refused.PROHIBITED, "gpu-cluster:22 is not granted to agent lab_pc")
+    assert router.admit_session(ALICE, "gpu-cluster", 22, 10, 10, LAB) == (
+        Refused.CAP, "user alice already has 10 sessions open (max_sessions)")
+    own = Principal(kind=USER, name="alice", services=ALICE.services,
+                    public_ports=frozenset(), max_sessions=2)
+    assert router.admit_session(own, "gpu-cluster", 22, 2, 10, LAB)[0] is Refused.CAP
+    assert router.admit_session(ALICE, "gpu-cluster", 22, 0, 10, None) == (
+        Refused.NO_SERVICE, "no service gpu-cluster:22 on this relay")
+    router.offer("gpu-cluster", 22, w.conn(LAB), "gpu-cluster", 0.0)
+    assert router.admit_session(ALICE, "gpu-cluster", 22, 0, 10, None) is None  # registered
