@@ -36,6 +36,9 @@ class AgentSession(Protocol):
     @property
     def principal_name(self) -> str: ...
 
+    @property
+    def peer(self) -> str: ...
+
     def disconnect(self, why: str) -> None: ...
 
 
@@ -57,8 +60,30 @@ class Registration:
     active: set[object] = field(default_factory=set)
 
 
+class ServiceRegistry(Protocol):
+    """The registry interface: what :class:`relay.core.router.Router` needs of the table.
+
+    :class:`Registry` is the in-memory implementation; a shared store (DESIGN §10)
+    plugs in here.  ``session`` values are compared by identity."""
+
+    def lookup(self, name: str, port: int) -> Registration | None: ...
+
+    def registrations(self) -> list[Registration]: ...
+
+    def offer(self, name: str, port: int, session: AgentSession) -> tuple[Outcome, str]: ...
+
+    def register(self, name: str, port: int, session: AgentSession, bind: str,
+                 now: float) -> Registration | None: ...
+
+    def unregister(self, name: str, port: int, session: AgentSession) -> bool: ...
+
+    def drop_session(self, session: AgentSession) -> list[Registration]: ...
+
+    def held_by(self, session: AgentSession) -> list[Registration]: ...
+
+
 class Registry:
-    """Services by ``(name, port)``."""
+    """Services by ``(name, port)``, in memory: the first :class:`ServiceRegistry`."""
 
     def __init__(self) -> None:
         self._services: dict[tuple[str, int], Registration] = {}

@@ -11,7 +11,7 @@ to ``public_wait`` seconds for it, then are refused cleanly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,9 @@ from relay.config.errors import ConfigError
 from relay.config.schema import RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
-from relay.core.routing import PUBLIC, PUBLIC_BINDS, Outcome, Registration, Registry
+from relay.core.router import SUPERSEDED, Decision, Probe, Refused, Router, Verdict, label_of
+from relay.core.routing import PUBLIC, Registration, Registry
+from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
 from relay.datapath.bridge import Bridge, SideFactory, TCPSide
 from relay.datapath.net import LISTEN_BACKLOG
 from relay.datapath.splicing import SplicedPair
@@ -43,53 +45,12 @@ from relay.ssh.wire import unpack_forward
 
 TAKEOVER_PROBE = 0.5
 
-
-@dataclass(eq=False)
-class Session:
-    """One user session: a user's channel or a public connection bridged to an agent's
-    channel (``path="channel"``), or a fast-path data connection spliced to an agent's
-    (``path="spliced"``)."""
-
-    user: str
-    service: str
-    origin: str
-    started: float
-    bridge: Bridge | None = None
-    pair: SplicedPair | None = None
-    path: str = "channel"
-    seen: tuple[int, int] = (0, 0)  # byte counts at the last idle sweep
-    active_at: float = 0.0  # when they last changed
-    key: bytes | None = None  # the user's key (None: a public-port connection)
-    agent: Any = None  # the agent connection serving it, once known
-    aborted: bool = False  # closed by the relay before it started moving
-
-    def counts(self) -> tuple[int, int]:
-        if self.pair is not None:
-            moved = self.pair.bytes()
-            return moved.a_to_b, moved.b_to_a
-        if self.bridge is None:
-            return 0, 0
-        return self.bridge.bytesAtoB, self.bridge.bytesBtoA
-
-    @property
-    def started_moving(self) -> bool:
-        return self.bridge is not None or self.pair is not None
-
-    def abort(self) -> None:
-        self.aborted = True
-        if self.pair is not None:
-            self.pair.abort()
-        elif self.bridge is not None:
-            self.bridge.a.abort()
-            self.bridge.b.abort()
-
-
-@dataclass
-class ServiceTotals:
-    sessions_total: int = 0
-    bytes_to_service: int = 0
-    bytes_from_service: int = 0
-    active: set[Session] = field(default_factory=set)
+_OPEN_FAILURE = {
+    Refused.PROHIBITED: OPEN_ADMINISTRATIVELY_PROHIBITED,
+    Refused.CAP: OPEN_RESOURCE_SHORTAGE,
+    Refused.NO_SERVICE: OPEN_CONNECT_FAILED,
+}
+"""The SSH open-failure code for each reason the router refuses a user session."""
 
 
 class RelayCore:
@@ -102,10 +63,10 @@ class RelayCore:
         self.grants = grants
         self.reactor = reactor
         self.registry = Registry()
+        self.router = Router(self.registry, self._principalOf, lambda s: s in self.connections)
         self.connections: set[RelayConnection] = set()
-        self.sessions: set[Session] = set()
-        self.totals: dict[str, ServiceTotals] = {}
-        self.user_active: dict[str, int] = {}
+        self.sessions = SessionTable()
+        self._aborts: dict[SessionRow, Callable[[], None]] = {}  # stops a moving row's bytes
         self.public: dict[int, IListeningPort] = {}
         self.counters = {"auth_refused": 0, "requests_refused": 0, "sessions_refused": 0,
                          "connections_dropped_unauthenticated_cap": 0}
@@ -114,7 +75,6 @@ class RelayCore:
         self.ssh_gate = self.admission.gate("ssh", config.max_unauthenticated)
         self._sweeper: IDelayedCall | None = None
         self._publicWaiting: dict[int, int] = {}  # connections waiting for their agent
-        self._waiters: dict[tuple[str, int], list[defer.Deferred[Registration]]] = {}
         self.dataport = DataPort(self, self.admission)
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
         grants.subscribe(self.grantsChanged)
@@ -165,7 +125,7 @@ class RelayCore:
 
     def sessionStopped(self, conn: RelayConnection) -> None:
         self.connections.discard(conn)
-        gone = self.registry.drop_session(conn)
+        gone = self.router.drop_session(conn)
         self.dataport.sessionStopped(conn)
         ident = conn.identity
         self._log.info(
@@ -196,114 +156,88 @@ class RelayCore:
         )
         return False
 
+    def _principalOf(self, session: Any) -> Principal | None:
+        """The principal ``session``'s key is granted as now (None: no longer granted)."""
+        return self.grants.principal_for(session.identity.key_blob)
+
     def _forward(self, conn: RelayConnection, data: bytes) -> Any:
         try:
             bind, port = unpack_forward(data)
         except ValueError:
             return self._refuse(conn, "tcpip-forward", "malformed request")
         what = f"tcpip-forward {bind}:{port}"
-        principal = self.grants.principal_for(conn.identity.key_blob)
-        if principal is None:
-            return self._refuse(conn, what, "this key is no longer granted")
-        if principal.kind != "agent":
-            return self._refuse(conn, what, "users may not register services")
-        if bind in PUBLIC_BINDS:
-            if port == 0 or not principal.may_bind_public(port):
-                return self._refuse(conn, what, f"public port {port} is not granted to "
-                                    f"agent {principal.name}")
-            self._evictUngrantedHolder(PUBLIC, port, conn)
-            if not self._listenPublic(port):
-                return self._refuse(conn, what, f"cannot listen on public port {port}")
-            name = PUBLIC
-        else:
-            name = bind.lower()  # ssh lower-cases host names: names are case-insensitive
-            if not principal.may_register(name, port):
-                return self._refuse(conn, what, f"service {bind}:{port} is not granted to "
-                                    f"agent {principal.name}")
-            self._evictUngrantedHolder(name, port, conn)
-        outcome, why = self.registry.offer(name, port, conn)
-        if outcome is Outcome.REFUSED:
-            return self._refuse(conn, what, why)
-        if outcome is Outcome.GRANTED:
-            self._register(name, port, conn, bind, takeover=False)
-            return True
-        holder = self.registry.lookup(name, port)
-        assert holder is not None
-        return self._probeThenTakeover(name, port, conn, bind, holder, what)
+        name, refused = self.router.claim(self._principalOf(conn), bind, port)
+        if refused is not None:
+            return self._refuse(conn, what, refused)
+        holder = self.router.ungranted_holder(name, port, conn)
+        if holder is not None:
+            self._dropRegistration(holder, f"{_label(holder)} is no longer granted to this "
+                                   "key", tell=True)
+        if name == PUBLIC and not self._listenPublic(port):
+            return self._refuse(conn, what, f"cannot listen on public port {port}")
+        decision = self.router.offer(name, port, conn, bind, self.reactor.seconds())
+        if decision.probe is not None:
+            return self._probeThenTakeover(decision.probe, conn, what)
+        return self._apply(decision, conn, what)
 
-    def _probeThenTakeover(self, name: str, port: int, conn: RelayConnection, bind: str,
-                           holder: Registration, what: str) -> defer.Deferred[bool]:
-        old: Any = holder.session
-        why_alive = f"held by a live session of {holder.owner} from {old.peer}"
-        result: defer.Deferred[bool] = defer.Deferred()
-
-        # Decided by whichever comes first: the holder answering the probe, the
-        # holder's connection stopping (no answer will come), or the window closing.
-        def answered(_: object) -> None:
-            if result.called:
-                return
-            if timer.active():
-                timer.cancel()
-            if old not in self.connections:  # it died meanwhile: not an answer
-                result.callback(self._forward_again(conn, name, port, bind))
-            elif conn not in self.connections:
-                result.callback(False)
-            else:
-                result.callback(
-                    self._refuse(conn, what, f"{why_alive} (answered a probe just now)"))
-
-        def silent() -> None:
-            if result.called:
-                return
-            if timer.active():
-                timer.cancel()
-            current = self.registry.lookup(name, port)
-            if conn not in self.connections:
-                result.callback(False)
-            elif current is None or current.session is not old:
-                result.callback(self._forward_again(conn, name, port, bind))
-            else:
-                self._register(name, port, conn, bind, takeover=True)
-                old.disconnect("superseded by a newer session of the same agent")
-                result.callback(True)
-
-        timer = self.reactor.callLater(TAKEOVER_PROBE, silent)
-        old.probe().addCallback(lambda alive: answered(None) if alive else silent())
-        return result
-
-    def _forward_again(self, conn: RelayConnection, name: str, port: int, bind: str) -> bool:
-        if conn not in self.connections:  # gone while we probed: register nothing for it
+    def _apply(self, decision: Decision, conn: RelayConnection, what: str) -> bool:
+        """Do what the router decided about ``conn``'s ``what``; the request's answer."""
+        if decision.verdict is Verdict.GONE:
             return False
-        outcome, why = self.registry.offer(name, port, conn)
-        if outcome is Outcome.GRANTED:
-            self._register(name, port, conn, bind, takeover=False)
-            return True
-        return self._refuse(conn, f"tcpip-forward {bind}:{port}", why)
-
-    def _register(self, name: str, port: int, conn: RelayConnection, bind: str,
-                  takeover: bool) -> None:
-        self.registry.register(name, port, conn, bind, self.reactor.seconds())
-        label = _label_of(name, port)
+        if decision.verdict is Verdict.REFUSED:
+            return self._refuse(conn, what, decision.why)
+        reg = decision.registration
+        assert reg is not None
+        takeover = decision.verdict is Verdict.TAKEOVER
         self._log.info(
             "agent {agent} registered {service}{how}", event="relay_service_registered",
-            agent=conn.principal_name, service=label, peer=conn.peer, takeover=takeover,
+            agent=conn.principal_name, service=_label(reg), peer=conn.peer, takeover=takeover,
             how=" (took it over from its stale session)" if takeover else "",
         )
-        for d in self._waiters.pop((name, port), []):
-            reg = self.registry.lookup(name, port)
-            if reg is not None:
-                d.callback(reg)
+        for waiter in decision.woken:
+            d: Any = waiter.who
+            d.callback(reg)
+        if decision.superseded is not None:
+            decision.superseded.disconnect(SUPERSEDED)
+        return True
+
+    def _probeThenTakeover(self, probe: Probe, conn: RelayConnection,
+                           what: str) -> defer.Deferred[bool]:
+        """Probe the holder for ``TAKEOVER_PROBE`` seconds; the router decides from the
+        first of: its answer, its connection stopping (no answer will come), silence."""
+        result: defer.Deferred[bool] = defer.Deferred()
+
+        def settle(decision: Decision | None) -> None:
+            if decision is None:  # settled already
+                return
+            if timer.active():
+                timer.cancel()
+            result.callback(self._apply(decision, conn, what))
+
+        def silent() -> None:
+            settle(self.router.probe_silent(probe, self.reactor.seconds()))
+
+        def answered(alive: bool) -> None:
+            if alive:
+                settle(self.router.probe_answered(probe, self.reactor.seconds()))
+            else:
+                silent()
+
+        timer = self.reactor.callLater(TAKEOVER_PROBE, silent)
+        old: Any = probe.holder.session
+        old.probe().addCallback(answered)
+        return result
 
     def _cancel(self, conn: RelayConnection, data: bytes) -> bool:
         try:
             bind, port = unpack_forward(data)
         except ValueError:
             return False
-        name = PUBLIC if bind in PUBLIC_BINDS else bind.lower()
-        if not self.registry.unregister(name, port, conn):
+        name = self.router.cancel(bind, port, conn)
+        if name is None:
             return False
         self._log.info("agent {agent} cancelled {service}", event="relay_service_cancelled",
-                       agent=conn.principal_name, service=_label_of(name, port))
+                       agent=conn.principal_name, service=label_of(name, port))
         if name == PUBLIC:
             listener = self.public.pop(port, None)
             if listener is not None:
@@ -317,15 +251,13 @@ class RelayCore:
         if reg is not None:
             return defer.succeed(reg)
         d: defer.Deferred[Registration] = defer.Deferred()
-        waiters = self._waiters.setdefault((name, port), [])
-        waiters.append(d)
+        waiter = self.router.wait(name, port, d, self.reactor.seconds(), timeout)
         timer: IDelayedCall = self.reactor.callLater(timeout, d.cancel)
 
         def done(result: Any) -> Any:
             if timer.active():
                 timer.cancel()
-            if d in waiters:
-                waiters.remove(d)
+            self.router.unwait(waiter)
             return result
 
         return d.addBoth(done)
@@ -346,31 +278,22 @@ class RelayCore:
             )
             return defer.fail(error.ConchError(why, code))
 
-        if principal is None:
-            return refuse(OPEN_ADMINISTRATIVELY_PROHIBITED, "this key is no longer granted")
-        if host in PUBLIC_BINDS:  # the registry's name for public ports: never over SSH
-            return refuse(OPEN_ADMINISTRATIVELY_PROHIBITED, "public ports are reached through "
-                          "their public listener only, not over SSH")
-        if principal.kind != "user" or not principal.may_reach(host, port):
-            return refuse(OPEN_ADMINISTRATIVELY_PROHIBITED, f"{service} is not granted to "
-                          f"{principal.kind} {principal.name}")
-        cap = principal.max_sessions or self.config.max_sessions_per_user
-        if self.user_active.get(principal.name, 0) >= cap:
-            return refuse(OPEN_RESOURCE_SHORTAGE, f"user {principal.name} already has {cap} "
-                          "sessions open (max_sessions)")
-        if self.registry.lookup(host, port) is None and not self._mayAppear(host, port):
-            return refuse(OPEN_CONNECT_FAILED, f"no service {service} on this relay")
-        now = self.reactor.seconds()
-        session = Session(principal.name, service, origin, now, active_at=now,
-                          key=ident.key_blob)
-        self._sessionOpening(session)
+        active = 0 if principal is None else self.sessions.active_for_user(principal.name)
+        refused = self.router.admit_session(principal, host, port, active,
+                                            self.config.max_sessions_per_user,
+                                            self.grants.owner_of(host))
+        if refused is not None:
+            return refuse(_OPEN_FAILURE[refused[0]], refused[1])
+        assert principal is not None
+        session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
+                                     key=ident.key_blob)
         d = self.whenRegistered(host, port, self.config.public_wait)
         d.addCallback(lambda reg: self._openToAgent(reg, port, origin, session))
 
         def connected(agent_channel: BridgedChannel) -> BridgedChannel:
             def not_opened(_: object) -> None:
                 agent_channel.abort()
-                self._sessionEnded(session, 0, 0)
+                self._sessionEnded(session, 0, 0, "user channel did not open")
 
             channel.opened.addCallbacks(
                 lambda ch: self._bridge(session, ch, agent_channel), not_opened
@@ -378,7 +301,7 @@ class RelayCore:
             return channel
 
         def failed(f: Failure) -> defer.Deferred[BridgedChannel]:
-            self._sessionEnded(session, 0, 0)
+            self._sessionEnded(session, 0, 0, "agent unavailable")
             why = ("its agent did not come back within "
                    f"{self.config.public_wait:g}s") if f.check(defer.CancelledError) else (
                 f"its agent could not connect it: {f.getErrorMessage()}")
@@ -395,81 +318,78 @@ class RelayCore:
         ``public_wait`` to come back.
         """
         name = name.lower()
-        if self.registry.lookup(name, port) is None and not self._mayAppear(name, port):
+        if (self.registry.lookup(name, port) is None
+                and not self.router.may_appear(self.grants.owner_of(name), name, port)):
             return defer.fail(error.ConchError(f"no service {name}:{port} on this relay",
                                                OPEN_CONNECT_FAILED))
         d = self.whenRegistered(name, port, self.config.public_wait)
         return d.addCallback(lambda reg: self._openToAgent(reg, port, origin))
 
-    def _mayAppear(self, name: str, port: int) -> bool:
-        """Whether ``name:port`` can ever be registered: worth waiting for its agent."""
-        owner = self.grants.owner_of(name)
-        return owner is not None and owner.may_register(name, port)
-
     def _openToAgent(self, reg: Registration, port: int, origin: str,
-                     session: Session | None = None) -> defer.Deferred[BridgedChannel]:
+                     session: SessionRow | None = None) -> defer.Deferred[BridgedChannel]:
         host, _, oport = origin.rpartition(":")
         agent: Any = reg.session
         if session is not None:
             session.agent = agent
         return agent.openForwarded(reg.bind, port, host, int(oport or 0))
 
-    def _sessionOpening(self, session: Session) -> None:
-        self.sessions.add(session)
-        self.user_active[session.user] = self.user_active.get(session.user, 0) + 1
-        totals = self.totals.setdefault(session.service, ServiceTotals())
-        totals.sessions_total += 1
-        totals.active.add(session)
-
     # the fast path's sessions (relay.server.dataport pairs them)
 
     def fastSessionOpening(self, principal: Any, service: str, origin: str,
-                           key: bytes | None = None) -> Session:
+                           key: bytes | None = None) -> SessionRow:
         """Count a fast-path session against the user's cap, or raise PairingError."""
-        cap = principal.max_sessions or self.config.max_sessions_per_user
-        if self.user_active.get(principal.name, 0) >= cap:
+        refused = self.router.over_cap(principal, self.sessions.active_for_user(principal.name),
+                                       self.config.max_sessions_per_user)
+        if refused is not None:
             self.counters["sessions_refused"] += 1
-            raise PairingError(f"user {principal.name} already has {cap} sessions open "
-                               "(max_sessions)")
-        now = self.reactor.seconds()
-        session = Session(principal.name, service, origin, now, path="spliced", active_at=now,
-                          key=key)
-        self._sessionOpening(session)
-        return session
+            raise PairingError(refused[1])
+        return self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
+                                  path=SPLICED, key=key)
 
-    def fastSessionSpliced(self, session: Session, pair: SplicedPair, agent: Any = None) -> None:
-        session.pair = pair
-        session.agent = agent
-
+    def fastSessionSpliced(self, session: SessionRow, pair: SplicedPair,
+                           agent: Any = None) -> None:
         def ended(_: object) -> None:
             moved = pair.bytes()
-            self._sessionEnded(session, moved.a_to_b, moved.b_to_a)
+            self._sessionEnded(session, moved.a_to_b, moved.b_to_a, "spliced pair done")
 
         pair.done.addBoth(ended)
-        if session.aborted:  # its grant went while it was being paired
-            pair.abort()
 
-    def fastSessionFailed(self, session: Session) -> None:
-        self._sessionEnded(session, 0, 0)
+        def meter() -> tuple[int, int]:
+            moved = pair.bytes()
+            return moved.a_to_b, moved.b_to_a
 
-    def _bridge(self, session: Session, user_side: Any, agent_side: BridgedChannel) -> Bridge:
+        self._moving(session, meter, pair.abort, agent)
+
+    def fastSessionFailed(self, session: SessionRow) -> None:
+        self._sessionEnded(session, 0, 0, "fast path pairing failed")
+
+    def _bridge(self, session: SessionRow, user_side: Any, agent_side: BridgedChannel) -> Bridge:
         def ended(to_service: int, from_service: int) -> None:
-            self._sessionEnded(session, to_service, from_service)
+            self._sessionEnded(session, to_service, from_service, "bridge closed")
 
-        session.bridge = Bridge(user_side, agent_side, onClosed=ended)
-        if session.aborted:  # its grant went while it was opening
-            session.abort()
-        return session.bridge
+        bridge = Bridge(user_side, agent_side, onClosed=ended)
 
-    def _sessionEnded(self, session: Session, to_service: int, from_service: int) -> None:
+        def abort() -> None:
+            bridge.a.abort()
+            bridge.b.abort()
+
+        self._moving(session, lambda: (bridge.bytesAtoB, bridge.bytesBtoA), abort)
+        return bridge
+
+    def _moving(self, session: SessionRow, meter: Meter, abort: Callable[[], None],
+                agent: Any = None) -> None:
+        """``session``'s bytes move now: the table reads them through ``meter``, and
+        ``abort`` stops them."""
         if session not in self.sessions:
             return
-        self.sessions.discard(session)
-        self.user_active[session.user] -= 1
-        totals = self.totals[session.service]
-        totals.active.discard(session)
-        totals.bytes_to_service += to_service
-        totals.bytes_from_service += from_service
+        self._aborts[session] = abort
+        if not self.sessions.moving(session, meter, agent):
+            abort()  # its grant went while it was opening or being paired
+
+    def _sessionEnded(self, session: SessionRow, to_service: int, from_service: int,
+                      why: str) -> None:
+        self._aborts.pop(session, None)
+        self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why)
 
     # grants reloaded: what a key lost goes at once (DESIGN §7)
 
@@ -484,7 +404,7 @@ class RelayCore:
         grants now in force; ``change`` only says whose things to look at."""
         if not change.losses:
             return
-        for session in sorted(self.sessions, key=lambda s: s.started):
+        for session in self.sessions.rows():
             key = session.key
             loss = change.losses.get(key) if key is not None else None
             if key is None or loss is None:
@@ -502,11 +422,9 @@ class RelayCore:
             if loss.everything:
                 self._revokeConnection(conn, loss.where)
             elif conn.identity.kind == "agent":
-                principal = self.grants.principal_for(conn.identity.key_blob)
-                for reg in self.registry.held_by(conn):
-                    if not _mayHold(principal, reg):
-                        self._dropRegistration(reg, f"{_label(reg)} is no longer granted to "
-                                               f"agent {conn.principal_name}", tell=True)
+                for reg in self.router.no_longer_held(conn):
+                    self._dropRegistration(reg, f"{_label(reg)} is no longer granted to "
+                                           f"agent {conn.principal_name}", tell=True)
 
     def _revokeConnection(self, conn: RelayConnection, where: str) -> None:
         for reg in self.registry.held_by(conn):
@@ -521,14 +439,14 @@ class RelayCore:
     def _dropRegistration(self, reg: Registration, why: str, tell: bool) -> None:
         """Forget ``reg``, close its public listener and its sessions; with ``tell``,
         send its agent ``grant-revoked@labrelay`` (the agent stays connected)."""
-        if not self.registry.unregister(reg.name, reg.port, reg.session):
+        if not self.router.drop(reg):
             return
         label = _label(reg)
         if reg.name == PUBLIC:
             listener = self.public.pop(reg.port, None)
             if listener is not None:
                 listener.stopListening()
-        closing = [s for s in self.sessions if s.agent is reg.session and s.service == label]
+        closing = self.sessions.of_agent_service(reg.session, label)
         for session in closing:
             self._closeSession(session, f"{label} was revoked: {why}")
         self._log.warn(
@@ -540,26 +458,20 @@ class RelayCore:
             agent: Any = reg.session
             agent.grantRevoked(reg.bind, reg.port, why)
 
-    def _closeSession(self, session: Session, why: str) -> None:
+    def _closeSession(self, session: SessionRow, why: str) -> None:
         self._log.warn(
             "closing {user}'s {path} session to {service}: {why}",
             event="relay_session_revoked", user=session.user, service=session.service,
             path=session.path, origin=session.origin, why=why,
         )
-        session.abort()
+        self._abortSession(session, why)
 
-    def _evictUngrantedHolder(self, name: str, port: int, conn: RelayConnection) -> None:
-        """Before a granted agent's registration is decided: a holder whose key no
-        longer holds the grant loses the name now, so it can neither answer the
-        takeover probe nor refuse the newcomer."""
-        holder = self.registry.lookup(name, port)
-        if holder is None or holder.session is conn:
-            return
-        identity = getattr(holder.session, "identity", None)
-        principal = None if identity is None else self.grants.principal_for(identity.key_blob)
-        if not _mayHold(principal, holder):
-            self._dropRegistration(holder, f"{_label(holder)} is no longer granted to this "
-                                   "key", tell=True)
+    def _abortSession(self, session: SessionRow, why: str) -> None:
+        """Close ``session`` now if it moves bytes, else as soon as it would start."""
+        self.sessions.request_close(session, why)
+        abort = self._aborts.get(session)
+        if abort is not None:
+            abort()
 
     # public ports
 
@@ -599,9 +511,7 @@ class RelayCore:
             )
             side.abort()
             return
-        now = self.reactor.seconds()
-        session = Session(label, label, origin, now, active_at=now)
-        self._sessionOpening(session)
+        session = self.sessions.open(label, label, origin, self.reactor.seconds())
         self._publicWaiting[port] = self._publicWaiting.get(port, 0) + 1
 
         def waited(result: Any) -> Any:
@@ -612,7 +522,7 @@ class RelayCore:
         d.addCallback(lambda r: self._openToAgent(r, port, origin, session))
 
         def failed(f: Failure) -> None:
-            self._sessionEnded(session, 0, 0)
+            self._sessionEnded(session, 0, 0, "agent unavailable")
             self._log.warn(
                 "public port {port}: connection from {origin} closed: agent {owner} {why}",
                 event="relay_public_refused", port=port, origin=origin, owner=owner,
@@ -639,17 +549,13 @@ class RelayCore:
     def sweepIdle(self) -> None:
         """Close sessions that moved no byte either way for ``idle_timeout`` seconds."""
         now = self.reactor.seconds()
-        for session in list(self.sessions):
-            counts = session.counts()
-            if counts != session.seen or not session.started_moving:
-                session.seen, session.active_at = counts, now
-            elif now - session.active_at >= self.config.idle_timeout:
-                self._log.info(
-                    "closing {user}'s idle session to {service} (nothing for {idle:.0f}s)",
-                    event="relay_session_idle", user=session.user, service=session.service,
-                    idle=now - session.active_at,
-                )
-                session.abort()
+        for session in self.sessions.idle(now, self.config.idle_timeout):
+            self._log.info(
+                "closing {user}'s idle session to {service} (nothing for {idle:.0f}s)",
+                event="relay_session_idle", user=session.user, service=session.service,
+                idle=now - session.active_at,
+            )
+            self._abortSession(session, "idle")
         self._scheduleSweep()
 
     def stop(self) -> defer.Deferred[Any]:
@@ -680,25 +586,18 @@ class RelayCore:
                       for c in conns if c.identity.kind == "user"],
             "services": [
                 {"service": _label(r), "owner": r.owner, "since": r.since,
-                 "sessions_active": len(self.totals.get(_label(r), ServiceTotals()).active),
-                 "sessions_total": self.totals.get(_label(r), ServiceTotals()).sessions_total}
+                 "sessions_active": len(self.sessions.totals(_label(r)).active),
+                 "sessions_total": self.sessions.totals(_label(r)).sessions_total}
                 for r in self.registry.registrations()
             ],
             "sessions": [
                 {"user": s.user, "service": s.service, "origin": s.origin, "path": s.path,
                  "age": round(now - s.started, 3), "bytes_to_service": s.counts()[0],
                  "bytes_from_service": s.counts()[1]}
-                for s in sorted(self.sessions, key=lambda s: s.started)
+                for s in self.sessions.rows()
             ],
-            "per_service": {
-                name: {"sessions_total": t.sessions_total, "sessions_active": len(t.active),
-                       "bytes_to_service": t.bytes_to_service
-                       + sum(s.counts()[0] for s in t.active),
-                       "bytes_from_service": t.bytes_from_service
-                       + sum(s.counts()[1] for s in t.active)}
-                for name, t in sorted(self.totals.items())
-            },
-            "per_user": dict(sorted(self.user_active.items())),
+            "per_service": self.sessions.per_service(),
+            "per_user": self.sessions.per_user(),
             "public_ports": sorted(self.public),
             "fast_path": self.dataport.status(),
             "admission": self.admission.status(),
@@ -706,21 +605,8 @@ class RelayCore:
         }
 
 
-def _label_of(name: str, port: int) -> str:
-    return f"public:{port}" if name == PUBLIC else f"{name}:{port}"
-
-
 def _label(reg: Registration) -> str:
-    return _label_of(reg.name, reg.port)
-
-
-def _mayHold(principal: Principal | None, reg: Registration) -> bool:
-    """Whether ``principal`` (None: an ungranted key) may hold registration ``reg``."""
-    if principal is None:
-        return False
-    if reg.name == PUBLIC:
-        return principal.may_bind_public(reg.port)
-    return principal.may_register(reg.name, reg.port)
+    return label_of(reg.name, reg.port)
 
 
 def load_host_keys(state_dir: Path) -> dict[bytes, keys.Key]:

@@ -19,8 +19,9 @@ from twisted.internet.testing import MemoryReactorClock
 
 from relay.config.schema import HostPort, PrincipalConfig, RelayConfig, ServiceGrant
 from relay.core.routing import Outcome, Registry
+from relay.core.sessions import SPLICED, SessionRow
 from relay.server.grants import Grants
-from relay.server.relay import TAKEOVER_PROBE, RelayCore, Session
+from relay.server.relay import TAKEOVER_PROBE, RelayCore
 
 
 def _key(comment: str) -> tuple[str, bytes]:
@@ -227,16 +228,16 @@ class _FakeBridge:
 def test_idle_sessions_are_closed_busy_ones_kept(world: Any) -> None:
     core, clock, _blobs = world
     core.start()
-    idle, busy = (Session("alice", "gpu-cluster:22", "x:1", 0.0, active_at=0.0)
-                  for _ in range(2))
-    for s in (idle, busy):
-        s.bridge = _FakeBridge()  # type: ignore[assignment]
-        core._sessionOpening(s)
+    idle, busy = _FakeBridge(), _FakeBridge()
+    for bridge in (idle, busy):
+        row = core.sessions.open("alice", "gpu-cluster:22", "x:1", 0.0)
+        core._moving(row, lambda b=bridge: (b.bytesAtoB, b.bytesBtoA),
+                     lambda b=bridge: (b.a.abort(), b.b.abort()))
     for _ in range(4):  # two minutes, sweeping every 30 s
-        busy.bridge.bytesAtoB += 1  # type: ignore[union-attr]
+        busy.bytesAtoB += 1
         clock.advance(30)
-    assert idle.bridge.a.aborted and idle.bridge.b.aborted  # type: ignore[union-attr]
-    assert not busy.bridge.a.aborted  # type: ignore[union-attr]
+    assert idle.a.aborted and idle.b.aborted
+    assert not busy.a.aborted
     core.stop()
     assert not clock.getDelayedCalls()
 
@@ -310,15 +311,16 @@ class _FakePair:
         self.aborted = True
 
 
-def _session(core: RelayCore, user: str, service: str, key: bytes | None, agent: Any) -> Session:
-    session = Session(user, service, "x:1", 0.0, key=key, agent=agent, path="spliced")
-    session.pair = _FakePair()  # type: ignore[assignment]
-    core._sessionOpening(session)
-    return session
+def _session(core: RelayCore, user: str, service: str, key: bytes | None,
+             agent: Any) -> _FakePair:
+    session = core.sessions.open(user, service, "x:1", 0.0, key=key, agent=agent, path=SPLICED)
+    pair = _FakePair()
+    core._moving(session, lambda: (0, 0), pair.abort)
+    return pair
 
 
-def _aborted(session: Session) -> bool:
-    return bool(session.pair.aborted)  # type: ignore[union-attr]
+def _aborted(pair: _FakePair) -> bool:
+    return pair.aborted
 
 
 def test_revoked_agent_key_loses_its_names_sessions_and_connection(filed: Filed) -> None:
@@ -404,10 +406,10 @@ def test_narrowed_user_loses_the_sessions_it_may_no_longer_have(filed: Filed) ->
 
 def test_a_session_revoked_while_opening_is_closed_when_it_connects(filed: Filed) -> None:
     core, b = filed.core, filed.blobs
-    session = Session("alice", "gpu-cluster:22", "x:1", 0.0, key=b["alice"])
-    core._sessionOpening(session)
+    session: SessionRow = core.sessions.open("alice", "gpu-cluster:22", "x:1", 0.0,
+                                             key=b["alice"])
     filed.write(users=[])
-    assert session.aborted
+    assert session.closing
     pair = _FakePair()
     pair.done = defer.Deferred()  # type: ignore[attr-defined]
     core.fastSessionSpliced(session, pair)  # type: ignore[arg-type]
