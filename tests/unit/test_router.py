@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.config.node import ServiceGrant
+from relay.config.schema import ServiceGrant
 from relay.core.grants import AGENT, USER, Principal
 from relay.core.router import SUPERSEDED, Refused, Router, Verdict
 from relay.core.routing import PUBLIC, Registry
