@@ -791,6 +791,14 @@ class AEADTransportMixin:
         if plain is None:
             self._fatal(DISCONNECT_MAC_ERROR, b"bad MAC")
             return None
+        return self._unpadded(plain, packetLen, end)
+
+    def _unpadded(
+        self, plain: bytes, packetLen: int, end: int
+    ) -> tuple[int, bytes, int] | None:
+        """``(message number, payload, end)`` of an AEAD packet's authenticated
+        plaintext ``padding_length || payload || padding``; None (and disconnecting)
+        when the padding length is impossible."""
         pad = plain[0]
         stop = packetLen - pad
         if pad < 4 or stop < 2:
@@ -838,12 +846,7 @@ class AEADTransportMixin:
         if plain is None:
             self._fatal(DISCONNECT_MAC_ERROR, b"bad MAC")
             return None
-        pad = plain[0]
-        stop = packetLen - pad
-        if pad < 4 or stop < 2:
-            self._fatal(DISCONNECT_PROTOCOL_ERROR, b"bad padding length %d" % pad)
-            return None
-        return plain[1], plain[2:stop], end
+        return self._unpadded(plain, packetLen, end)
 
     def _readClassic(
         self, enc: SSHCiphers, buf: bytes | bytearray, off: int
