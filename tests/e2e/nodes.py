@@ -399,8 +399,9 @@ class Site:
 
     def agent_argv(self, port: int, known_hosts: Path, *forwards: str,
                    server: str = CLOUD, user: str = "lab_pc",
-                   key: KeyPair | None = None) -> list[str]:
-        interval, count = KEEPALIVE
+                   key: KeyPair | None = None,
+                   keepalive: tuple[float, int] = KEEPALIVE) -> list[str]:
+        interval, count = keepalive
         initial, most = BACKOFF
         rs = [a for f in forwards for a in ("-R", f)]
         return labrelay_argv(
@@ -413,14 +414,18 @@ class Site:
             *rs, f"{user}@{server}",
         )  # fmt: skip
 
-    def start_agent(self, *extra: str, name: str = "agent") -> AgentProcess:
+    def start_agent(self, *extra: str, name: str = "agent",
+                    keepalive: tuple[float, int] = KEEPALIVE) -> AgentProcess:
         """lab_pc's agent against the relay: gpu-cluster:22 and data:9000 by name, public
-        ports 2201 (gpu_cluster's sshd) and 2202 (the data service); ``extra`` -R specs."""
+        ports 2201 (gpu_cluster's sshd) and 2202 (the data service); ``extra`` -R specs;
+        ``keepalive`` (ServerAliveInterval, ServerAliveCountMax), short by default so the
+        fault scenarios see a dead link within seconds."""
         assert self.relay is not None
         argv = self.agent_argv(
             RELAY_PORT, self.relay.known_hosts,
             f"gpu-cluster:22:{GPU}:22", f"data:{DATA_PORT}:{GPU}:{DATA_PORT}",
             f"{PUBLIC_PORT}:{GPU}:22", f"{DATA_PUBLIC_PORT}:{GPU}:{DATA_PORT}", *extra,
+            keepalive=keepalive,
         )
         return self.process("lab_pc", argv, name=name)
 
