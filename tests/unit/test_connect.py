@@ -49,3 +49,35 @@ def test_bad_service_is_refused_with_an_example(service: str) -> None:
 def test_strict_host_key_checking_no_is_refused() -> None:
     with pytest.raises(ConfigError):
         options_from_args(parse("-o", "StrictHostKeyChecking=no", "relay", "gpu"))
+
+
+class _Conn:
+    """An SSH connection whose TCP transport is connected to ``host``."""
+
+    def __init__(self, host: str) -> None:
+        from types import SimpleNamespace
+
+        from twisted.internet.address import IPv4Address
+
+        peer = IPv4Address("TCP", host, 2222)
+        self.link_transport = SimpleNamespace(tcp=SimpleNamespace(getPeer=lambda: peer))
+
+
+def test_the_data_port_is_dialled_at_the_ssh_connection_peer() -> None:
+    """``labrelay connect`` dials the data port at the IP its SSH connection reached,
+    never at a fresh resolution of the relay's name (docs/fastpath.md, docs/security.md:
+    an on-path box that answers for the name must not get the data connection)."""
+    from twisted.internet import defer
+    from twisted.internet.testing import MemoryReactorClock
+
+    from relay.core import fastwire as fw
+    from relay.user.connect import Connector
+
+    options = options_from_args(parse("-p", "2222", "alice@relay.example.org", "gpu-cluster"))
+    reactor = MemoryReactorClock()
+    connector = Connector(options, reactor, identities=[])
+    connector.conn = _Conn("192.0.2.7")  # the address whose host key was checked
+    d = defer.ensureDeferred(connector._fast(2223, b"\x01" * fw.TOKEN_LEN))
+    assert [(c[0], c[1]) for c in reactor.tcpClients] == [("192.0.2.7", 2223)]
+    d.cancel()
+    d.addErrback(lambda f: None)
