@@ -34,6 +34,7 @@ from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
 from relay.datapath.bridge import Bridge, SideFactory, TCPSide
 from relay.datapath.net import LISTEN_BACKLOG
 from relay.datapath.splicing import SplicedPair
+from relay.server import audit
 from relay.server.dataport import DataPort, PairingError
 from relay.server.grants import Grants, GrantsChange, GrantsWatcher, Principal
 from relay.ssh.channels import BridgedChannel
@@ -74,6 +75,7 @@ class RelayCore:
         self.admission = Admission(config, reactor)
         self.ssh_gate = self.admission.gate("ssh", config.max_unauthenticated)
         self._sweeper: IDelayedCall | None = None
+        self._started = False
         self._publicWaiting: dict[int, int] = {}  # connections waiting for their agent
         self.dataport = DataPort(self, self.admission)
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
@@ -287,6 +289,7 @@ class RelayCore:
         assert principal is not None
         session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
                                      key=ident.key_blob)
+        audit.opened(session)
         d = self.whenRegistered(host, port, self.config.public_wait)
         d.addCallback(lambda reg: self._openToAgent(reg, port, origin, session))
 
@@ -343,8 +346,10 @@ class RelayCore:
         if refused is not None:
             self.counters["sessions_refused"] += 1
             raise PairingError(refused[1])
-        return self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
-                                  path=SPLICED, key=key)
+        row = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
+                                 path=SPLICED, key=key)
+        audit.opened(row)
+        return row
 
     def fastSessionSpliced(self, session: SessionRow, pair: SplicedPair,
                            agent: Any = None) -> None:
@@ -389,7 +394,31 @@ class RelayCore:
     def _sessionEnded(self, session: SessionRow, to_service: int, from_service: int,
                       why: str) -> None:
         self._aborts.pop(session, None)
-        self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why)
+        if self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why):
+            audit.closed(session)
+
+    # a reload (relay.ops.reload): live settings and grants
+
+    def reconfigure(self, config: RelayConfig, grants: bool) -> None:
+        """Run with a reloaded ``[relay]`` from now on (the restart-only keys already
+        hold their running values, :func:`relay.config.diff.diff_relay`).  Limits and
+        timeouts are read where they are used, so new connections and sessions get the
+        new values and open ones keep running (a lowered cap refuses new sessions
+        only); the idle sweep is rescheduled; with ``grants`` the grants are rebuilt
+        from the new tables and files, else the files are re-read, and what a key lost
+        goes at once through :meth:`grantsChanged`."""
+        old, self.config = self.config, config
+        self.dataport.config = config
+        if old.idle_timeout != config.idle_timeout and self._started:
+            if self._sweeper is not None and self._sweeper.active():
+                self._sweeper.cancel()
+            self._sweeper = None
+            if config.idle_timeout > 0:
+                self._scheduleSweep()
+        if grants:
+            self.grants.reconfigure(config)
+        else:
+            self.grants.reload()
 
     # grants reloaded: what a key lost goes at once (DESIGN §7)
 
@@ -512,6 +541,7 @@ class RelayCore:
             side.abort()
             return
         session = self.sessions.open(label, label, origin, self.reactor.seconds())
+        audit.opened(session)
         self._publicWaiting[port] = self._publicWaiting.get(port, 0) + 1
 
         def waited(result: Any) -> Any:
@@ -536,6 +566,7 @@ class RelayCore:
     # idle sessions
 
     def start(self) -> None:
+        self._started = True
         self.dataport.start()
         self.grantsWatcher.start()
         if self.config.idle_timeout > 0:
@@ -598,6 +629,11 @@ class RelayCore:
             ],
             "per_service": self.sessions.per_service(),
             "per_user": self.sessions.per_user(),
+            "per_user_totals": self.sessions.per_user_totals(),
+            "service_grants": [
+                {"service": str(g), "owner": p.name}
+                for p in self.grants.principals() if p.kind == "agent" for g in p.services
+            ],
             "public_ports": sorted(self.public),
             "fast_path": self.dataport.status(),
             "admission": self.admission.status(),
