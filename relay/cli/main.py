@@ -294,6 +294,33 @@ def cmd_check(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_of(path: Path) -> tuple[str, Path | None]:
+    """The admin address and token file of the config at ``path``, read leniently: the
+    config being reloaded may be the broken one, and the running labrelay (not this
+    command) is the one to say everything that is wrong with it."""
+    import tomllib
+
+    from relay.config.grammar import parse_admin_listen
+
+    try:
+        admin = tomllib.loads(path.read_text("utf-8")).get("admin")
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(path), "", f"cannot read it: {e}") from None
+    if not isinstance(admin, dict):
+        raise ConfigError(str(path), "admin", "no [admin] section: a running labrelay is "
+                          "reloaded through its admin endpoint",
+                          "add [admin] (or send SIGHUP to its process)")
+    token = admin.get("token_file")
+    token_path = None
+    if isinstance(token, str):
+        token_path = Path(token).expanduser()
+        if not token_path.is_absolute():
+            token_path = path.absolute().parent / token_path
+    listen = parse_admin_listen(str(admin.get("listen", "")), source=str(path),
+                                keypath="admin.listen", token_file=token_path)
+    return str(listen.listen), token_path
+
+
 def cmd_reload(ns: argparse.Namespace) -> int:
     import urllib.error
 
@@ -302,15 +329,9 @@ def cmd_reload(ns: argparse.Namespace) -> int:
 
     address, token_file = ns.admin, ns.token_file
     if ns.config is not None:
-        from relay.config.loader import load_config
-
-        admin = load_config(ns.config).admin
-        if admin is None:
-            raise ConfigError(str(ns.config), "admin", "no [admin] section: a running "
-                              "labrelay is reloaded through its admin endpoint",
-                              "add [admin] (or send SIGHUP to its process)")
-        address = address or str(admin.listen)
-        token_file = token_file or admin.token_file
+        admin_listen, admin_token = _admin_of(ns.config)
+        address = address or admin_listen
+        token_file = token_file or admin_token
     address = address or DEFAULT_ADMIN_LISTEN
     try:
         token = read_token(token_file) if token_file is not None else None

@@ -119,9 +119,21 @@ def sanitize_event(event: Mapping[str, Any]) -> dict[str, Any]:
             safe[key] = escape(value, TEXT_LIMIT)
         elif not key.startswith("log_") and isinstance(value, (str, bytes)):
             safe[key] = escape(value)
+        elif not key.startswith("log_") and _simple_list(value):
+            safe[key] = [escape(v) if isinstance(v, (str, bytes)) else v
+                         for v in value[:LIST_LIMIT]]
         else:
             safe[key] = value
     return safe
+
+
+LIST_LIMIT = 100
+"""Items of a list field kept (a reload's changes or problems)."""
+
+
+def _simple_list(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(v, (*_SIMPLE, bytes)) for v in value)
 
 
 class _PlainFieldFormatter(string.Formatter):
@@ -183,7 +195,8 @@ def _wanted(event: Mapping[str, Any], verbose: bool) -> bool:
 
 def json_observer(stream: IO[str], verbose: bool = False) -> ILogObserver:
     """One JSON object per line: ``event``, ``level``, ``time``, ``text`` and every
-    simple field, all escaped and truncated (:func:`sanitize_event`)."""
+    simple field (and list of simple values), all escaped and truncated
+    (:func:`sanitize_event`)."""
 
     @provider(ILogObserver)
     def observe(raw: dict[str, Any]) -> None:
@@ -198,7 +211,8 @@ def json_observer(stream: IO[str], verbose: bool = False) -> ILogObserver:
             "text": text,
         }
         for key, value in event.items():
-            if not key.startswith("log_") and key not in record and isinstance(value, _SIMPLE):
+            if not key.startswith("log_") and key not in record and (
+                    isinstance(value, _SIMPLE) or _simple_list(value)):
                 record[key] = value
         stream.write(json.dumps(record) + "\n")
         stream.flush()
