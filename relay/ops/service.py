@@ -103,10 +103,19 @@ class NodeService(MultiService):
     def startLink(self, config: NodeConfig, link_config: LinkConfig) -> Link:
         index = config.links.index(link_config)
         identities = load_identities(config, link_config, index)
-        link = Link(link_config, self.reactor, identities, on_fatal=self._on_fatal,
+        link = Link(link_config, self.reactor, identities, on_fatal=self._fatalFor(),
                     local_relay=self.relay.core if self.relay is not None else None)
         link.setServiceParent(self)
         return link
+
+    def _fatalFor(self) -> Callable[[str], object] | None:
+        """A part built at start-up stops the process when it cannot run (a port that
+        cannot be bound); one a reload added only logs it: the node runs on."""
+        return self._on_fatal if not self.running else self._lateFailure
+
+    def _lateFailure(self, why: str) -> None:
+        self._log.error("a part added by a reload cannot run: {why}",
+                        event="reload_start_failed", why=why)
 
     def stopLink(self, link: Link) -> Any:
         return link.disownServiceParent()
@@ -116,7 +125,7 @@ class NodeService(MultiService):
         from relay.datapath.splicing import DatapathError
 
         try:
-            plain = PlainForward(fwd, self.reactor, on_fatal=self._on_fatal)
+            plain = PlainForward(fwd, self.reactor, on_fatal=self._fatalFor())
         except DatapathError as e:
             raise ConfigError("environment", "LABRELAY_DATAPATH", str(e)) from e
         plain.setServiceParent(self)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, Targets, child_env
@@ -44,11 +45,9 @@ def test_three_users_sessions_audit_events_and_totals(
     start_agent: Callable[..., AgentProcess],
     start_ssh: Callable[..., SshProcess],
     targets: Targets,
-    tmp_path: "os.PathLike[str]",
+    tmp_path: Path,
 ) -> None:
-    from pathlib import Path
-
-    base = Path(tmp_path)
+    base = tmp_path
     keys: dict[str, KeyPair] = {n: make_key(base / "keys" / n, n)
                                 for n in ("lab_pc", "alice", "bob", "carol")}
     echo = targets.echo()

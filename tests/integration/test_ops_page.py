@@ -104,7 +104,7 @@ def test_promtool_accepts_metrics_of_a_running_relay_and_agent(
     site: tuple[RelayNode, AgentProcess, str],
 ) -> None:
     promtool = tool("promtool")
-    relay, agent, agent_admin = site
+    relay, _agent, agent_admin = site
     for name, address in (("relay", relay.admin), ("agent", agent_admin)):
         text = get(address, "/metrics")
         out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,

@@ -232,7 +232,7 @@ def test_sighup_under_a_256mib_scp_adds_a_service_and_a_user_and_revokes_one(
         assert again.returncode != 0 and b"Permission denied" in again.stderr
 
         # alice's scp was never touched.
-        out, err = scp.communicate(timeout=240)
+        _, err = scp.communicate(timeout=240)
         assert scp.returncode == 0, err.decode()
     finally:
         if scp.poll() is None:
