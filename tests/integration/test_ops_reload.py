@@ -349,3 +349,36 @@ port = 70000
         and f"{users}:2" in out.stderr, out.stderr
     assert "4 problem(s)" in out.stderr or "3 problem(s)" in out.stderr, out.stderr
     assert not (tmp_path / "state").exists()
+
+
+def test_a_part_a_reload_adds_that_cannot_run_is_logged_and_the_node_runs_on(
+    start_process: Callable[..., AgentProcess], targets: Targets, tmp_path: Path,
+) -> None:
+    """A ``[[forward]]`` added by a reload on a port already in use: ``reload_done``,
+    then ``reload_start_failed`` naming it; the process and its other hop keep running
+    (at start-up the same error stops it, exit 1); removing it again is a clean reload."""
+    echo = targets.echo(greeting=b"hop\n")
+    first = free_port()
+    admin = free_port()
+    config = tmp_path / "node.toml"
+    hop = f'[[forward]]\nname = "first"\nlisten = "127.0.0.1:{first}"\n' \
+          f'connect = "127.0.0.1:{echo.port}"\n'
+    config.write_text(f'[admin]\nlisten = "127.0.0.1:{admin}"\n\n{hop}')
+    node = start_process([sys.executable, "-m", "relay", "run", "--log-format", "json",
+                          str(config)], name="node")
+    node.wait_for("admin_listening")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        config.write_text(config.read_text() + f'\n[[forward]]\nname = "second"\n'
+                          f'listen = "127.0.0.1:{taken}"\nconnect = "127.0.0.1:{echo.port}"\n')
+        out = labrelay("reload", "--config", str(config))
+        assert out.returncode == 0 and out.stdout == "forward second: started\n", out
+        failed = node.wait_for("reload_start_failed")
+        assert "forward second: cannot listen" in failed["why"]
+    assert echo_roundtrip(first, b"still here", greeting=b"hop\n") == b"still here"
+    node.assert_no_event("fatal")
+    config.write_text(f'[admin]\nlisten = "127.0.0.1:{admin}"\n\n{hop}')
+    out = labrelay("reload", "--config", str(config))
+    assert out.returncode == 0 and out.stdout == "forward second: stopped\n", out

@@ -220,3 +220,64 @@ def test_reloader_a_file_that_does_not_parse_changes_nothing(tmp_path: Path) -> 
     part = Part("a")
     result = Reloader(old, load, [part], Clock()).reload()  # type: ignore[list-item]
     assert not result.ok and result.errors == ["f: a: x", "f: b: y"] and part.applied == []
+
+
+# --- the parts turn the diff into starts and stops on the node ------------------------
+
+
+class FakeLink:
+    def __init__(self, config: object) -> None:
+        self.config = config
+        self.name = config.name  # type: ignore[attr-defined]
+        self.calls: list[tuple[str, str]] = []
+
+    def addForward(self, config: object, forward: object) -> None:
+        self.config = config
+        self.calls.append(("add", forward.name))  # type: ignore[attr-defined]
+
+    def removeForward(self, config: object, forward: object) -> None:
+        self.config = config
+        self.calls.append(("remove", forward.name))  # type: ignore[attr-defined]
+
+
+class FakeNode:
+    def __init__(self, config: NodeConfig) -> None:
+        self.links = [FakeLink(link) for link in config.links]
+        self.plain_forwards: list[object] = []
+        self.relay = None
+        self.log: list[str] = []
+
+    def startLink(self, config: NodeConfig, link: object) -> FakeLink:
+        self.log.append(f"start {link.name}")  # type: ignore[attr-defined]
+        return FakeLink(link)
+
+    def stopLink(self, link: FakeLink) -> None:
+        self.log.append(f"stop {link.name}")
+
+    def startPlain(self, forward: object) -> object:
+        self.log.append(f"start plain {forward.name}")  # type: ignore[attr-defined]
+        return forward
+
+    def stopPlain(self, plain: object) -> None:
+        self.log.append(f"stop plain {plain.name}")  # type: ignore[attr-defined]
+
+
+def test_links_part_keeps_unchanged_links_and_their_objects() -> None:
+    from relay.ops.parts import LinksPart, PlainForwardsPart
+
+    old = config()
+    node = FakeNode(old)
+    cloud, backup = node.links
+    new = config(BASE.replace('host = "backup.example.org"', 'host = "b2.example.org"')
+                 .replace('name = "jupyter"', 'name = "jupyter2"')
+                 .replace('name = "hop"', 'name = "hop2"'))
+    changes = LinksPart(node).apply(old, new)  # type: ignore[arg-type]
+    assert node.log == ["stop backup", "start backup"]
+    assert cloud.calls == [("remove", "jupyter"), ("add", "jupyter2")]
+    assert node.links[0] is cloud and node.links[1] is not backup
+    assert changes == ["link cloud: forward jupyter removed", "link backup: restarted (host "
+                       "changed)", "link cloud: forward jupyter2 added"]
+    node.plain_forwards[:] = list(old.forwards)
+    assert PlainForwardsPart(node).apply(old, new) == [  # type: ignore[arg-type]
+        "forward hop: stopped", "forward hop2: started"]
+    assert [f.name for f in node.plain_forwards] == ["hop2"]  # type: ignore[attr-defined]
