@@ -127,7 +127,7 @@ class RelayPart:
             changes.append(diff.describe(action))
         if core is not None:
             if settings is not None:
-                core.reconfigure(settings.new, settings.grants)
+                core.reconfigure(settings.new)
             else:
                 core.grants.reload()
         return _logged(changes)

@@ -392,22 +392,19 @@ class RelayCore:
 
     # a reload (relay.ops.reload): live settings and grants
 
-    def reconfigure(self, config: RelayConfig, grants: bool) -> None:
+    def reconfigure(self, config: RelayConfig) -> None:
         """Run with a reloaded ``[relay]`` from now on (the restart-only keys already
         hold their running values, :func:`relay.config.diff.diff_relay`).  Limits and
         timeouts are read where they are used, so new connections and sessions get the
         new values and open ones keep running (a lowered cap refuses new sessions
-        only); the idle sweep is rescheduled; with ``grants`` the grants are rebuilt
-        from the new tables and files, else the files are re-read, and what a key lost
-        goes at once through :meth:`grantsChanged`."""
+        only); the idle sweep is restarted; the grants are rebuilt from the new tables,
+        files and default cap, and what a key lost goes at once through
+        :meth:`grantsChanged`."""
         old, self.config = self.config, config
         self.dataport.config = config
         if old.idle_timeout != config.idle_timeout and self._started:
             self.idle.restart()
-        if grants:
-            self.grants.reconfigure(config)
-        else:
-            self.grants.reload()
+        self.grants.reconfigure(config)
 
     # grants reloaded: what a key lost goes at once (DESIGN §7)
 
