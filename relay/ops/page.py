@@ -110,7 +110,7 @@ def _relay(relay: dict[str, Any], now: float) -> list[str]:
         for s in relay.get("sessions", [])
     ]
     out = [
-        f'<p class="meta">relay on {_e(relay.get("listen"))}: '
+        f'<p class="meta">relay on {_e(relay.get("bound") or relay.get("listen"))}: '
         f'{len(relay.get("agents", []))} agent(s), {len(connected)} user(s) connected</p>',
         _table("Services", ["service", "state", "agent", "up for", "open", "sessions",
                             "bytes to", "bytes from"], services, "no service granted"),

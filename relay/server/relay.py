@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.config.schema import RelayConfig
+from relay.config.schema import HostPort, RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
 from relay.core.router import SUPERSEDED, Decision, Probe, Refused, Router, Verdict, label_of
@@ -71,6 +71,7 @@ class RelayCore:
         self.admission = Admission(config, reactor)
         self.ssh_gate = self.admission.gate("ssh", config.max_unauthenticated)
         self.idle = IdleSweeper(self)
+        self.bound: HostPort | None = None  # where the SSH listener is (its port 0 resolved)
         self._started = False
         self.dataport = DataPort(self, self.admission)
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
@@ -511,6 +512,7 @@ class RelayCore:
             self.sessions, sorted(self.publicPorts.listeners),
             {"fast_path": self.dataport.status(), "admission": self.admission.status(),
              "counters": dict(self.counters),
+             "bound": str(self.bound) if self.bound is not None else None,
              "service_grants": [
                  {"service": str(g), "owner": p.name}
                  for p in self.grants.principals() if p.kind == "agent" for g in p.services
