@@ -762,10 +762,13 @@ class AgentProcess(_Process):
             ]
 
     def wait_for(
-        self, event: str, timeout: float = 15.0, since: int | None = None, **match: Matcher
+        self, event: str, timeout: float = 15.0, since: int | None = None,
+        advance: bool = True, **match: Matcher,
     ) -> dict[str, Any]:
         """Block until an event named ``event`` whose fields match arrives; return it.
 
+        Later waits with ``since=None`` start after it, unless ``advance`` is false
+        (a look-up of a fact, such as a bound port, that must not skip events).
         Fails at once if the process closes its stdout (exits) first.
         """
         deadline = time.monotonic() + timeout
@@ -776,7 +779,8 @@ class AgentProcess(_Process):
                     e = self._events[index]
                     index += 1
                     if e.get("event") == event and _matches(e, match):
-                        self._cursor = index
+                        if advance:
+                            self._cursor = index
                         return e
                 if self._stdout_eof:
                     break
