@@ -15,6 +15,10 @@ What is here, by what it stands in for:
 - transports: :class:`FakeTCPTransport` (a TCP socket whose write buffer pushes back
   like Twisted's ``FileDescriptor``), :class:`FakeSSHTransport` (what a Conch connection
   service sends, recorded and decoded);
+- SSH transport pairs: :class:`TrustingSSHClient` and :class:`PlainSSHServer` (Conch's
+  transports with labrelay's AEAD ciphers and algorithm policy), :func:`ssh_server`
+  (a server transport with a fresh host key), :func:`connect_in_memory` (a client and
+  a server over ``iosim``, key exchange done), :class:`IgnoreRecorder`;
 - bridge sides: :class:`FakeSide` (one side of a ``relay.datapath.bridge.Bridge``,
   scripted);
 - the relay's SSH sessions: :class:`FakeIdentity` and :class:`FakeRelayConnection`
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.conch.ssh import common, keys
+from twisted.conch.ssh import common, factory, keys, transport
 from twisted.conch.ssh.connection import (
     MSG_CHANNEL_DATA,
     MSG_CHANNEL_OPEN_FAILURE,
@@ -47,11 +51,13 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol, ITCPTransport
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.test import iosim
 from zope.interface import implementer
 
 from relay.config.schema import PrincipalConfig, ServiceGrant
 from relay.datapath.bridge import Bridge
 from relay.datapath.splicing import PairResult
+from relay.ssh.aead import AEADTransportMixin
 
 __all__ = [
     "FakeDataPath",
@@ -61,12 +67,17 @@ __all__ = [
     "FakeSSHTransport",
     "FakeSide",
     "FakeTCPTransport",
+    "IgnoreRecorder",
     "KeyRing",
+    "PlainSSHServer",
     "TestKey",
+    "TrustingSSHClient",
+    "connect_in_memory",
     "connection_lost",
     "feed_bytewise",
     "new_key",
     "result_of",
+    "ssh_server",
 ]
 
 
@@ -268,6 +279,59 @@ class FakeSSHTransport:
             sender, code = struct.unpack(">2L", p[:8])
             out.append((sender, code, common.getNS(p[8:])[0]))
         return out
+
+
+# --- SSH transport pairs -------------------------------------------------------------
+
+
+class TrustingSSHClient(AEADTransportMixin, transport.SSHClientTransport):
+    """A Conch client transport with labrelay's ciphers that trusts any host key and
+    counts ``connectionSecure`` calls in ``secure`` (once, not again at each rekey)."""
+
+    secure = 0
+
+    def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> defer.Deferred[bool]:
+        return defer.succeed(True)
+
+    def connectionSecure(self) -> None:
+        self.secure += 1
+
+
+class PlainSSHServer(AEADTransportMixin, transport.SSHServerTransport):
+    """A Conch server transport with labrelay's ciphers and nothing else of the relay."""
+
+
+def ssh_server(protocol: type[transport.SSHServerTransport] = PlainSSHServer,
+               host_key: keys.Key | None = None) -> Any:
+    """A server transport of class ``protocol`` as its factory builds it for one
+    connection, with ``host_key`` (default: a fresh ed25519 key) and no DH groups (only
+    the curve25519 and ECDH exchanges)."""
+    key = host_key if host_key is not None else new_key("host").key
+    f = factory.SSHFactory()
+    f.publicKeys = {key.sshType(): key.public()}
+    f.privateKeys = {key.sshType(): key}
+    f.getPrimes = lambda: None  # type: ignore[method-assign]
+    f.protocol = protocol
+    f.startFactory()
+    return f.buildProtocol(None)
+
+
+def connect_in_memory(server: Any, client: Any) -> iosim.IOPump:
+    """Connect two protocols over ``twisted.test.iosim`` and deliver every byte both
+    have to say (for SSH transports: version lines, key exchange, NEWKEYS); the pump
+    is returned for what the test sends next."""
+    _, _, pump = iosim.connectedServerAndClient(lambda: server, lambda: client)
+    pump.flush()
+    return pump
+
+
+class IgnoreRecorder:
+    """Records the SSH_MSG_IGNORE payloads a transport receives (the packets tests
+    exchange to prove a direction works)."""
+
+    def __init__(self, t: Any) -> None:
+        self.got: list[bytes] = []
+        t.ssh_IGNORE = lambda packet: self.got.append(packet)
 
 
 # --- bridge sides --------------------------------------------------------------------

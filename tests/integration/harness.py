@@ -52,7 +52,15 @@ class HarnessError(AssertionError):
 
 
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that was free a moment ago (bind port 0, read it back, release it)."""
+    """A TCP port that was free a moment ago (bind port 0, read it back, release it).
+
+    Racy (another process may take it before it is used), so only for a port that
+    must be named before anything listens on it: a public port written in a grant,
+    a port a forward must keep across a server restart, a stock ``ssh -L`` (OpenSSH
+    refuses a local forward on port 0), an sshd (whose start retries on a bind
+    failure).  Everything labrelay listens on binds port 0 and is read back from its
+    events (``relay_listening``, ``admin_listening``, ``relay_data_port``,
+    ``forward_ready``, ``plain_forward_ready``)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

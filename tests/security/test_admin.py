@@ -30,6 +30,7 @@ from harness import (
     make_key,
     ssh_argv,
 )
+from relay_fixtures import admin_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -118,11 +119,10 @@ def start_relay_with_token(start_process: Callable[..., AgentProcess], directory
     token_file = directory / "admin.token"
     token_file.write_text(TOKEN + "\n")
     os.chmod(token_file, token_mode)
-    admin_port = free_port()
     config = directory / "node.toml"
     config.write_text(f"""\
 [admin]
-listen = "127.0.0.1:{admin_port}"
+listen = "127.0.0.1:0"
 token_file = "admin.token"
 
 [relay]
@@ -132,7 +132,7 @@ agents_file = "agents"
 users_file = "users"
 """)
     proc = start_process(relay_command("--config", str(config)), name="relay-token")
-    return RelayNode(proc, directory, admin_port), token_file
+    return RelayNode(proc, directory, admin_port(proc)), token_file
 
 
 def test_bearer_token_for_scrapers(
@@ -173,7 +173,7 @@ def test_a_token_file_readable_by_others_stops_the_relay(tmp_path: Path) -> None
     config = directory / "node.toml"
     config.write_text(f"""\
 [admin]
-listen = "127.0.0.1:{free_port()}"
+listen = "127.0.0.1:0"
 token_file = "admin.token"
 
 [relay]
