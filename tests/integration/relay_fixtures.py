@@ -28,6 +28,7 @@ from harness import (
     CountingSource,
     DataStream,
     EchoServer,
+    HarnessError,
     HashSink,
     KeyPair,
     LazyReader,
@@ -38,6 +39,7 @@ from harness import (
     SshProcess,
     TcpProxy,
     find_program,
+    free_port,
     make_key,
     ssh_argv,
     write_known_hosts,
@@ -374,3 +376,27 @@ Host *
   ConnectTimeout 20
 """)
     return path
+
+
+def stock_local_forward(start_ssh: Callable[..., SshProcess], argv: Callable[[int], list[str]],
+                        name: str = "ssh-L", attempts: int = 5) -> tuple[SshProcess, int]:
+    """A stock ``ssh -v -N -o ExitOnForwardFailure=yes -L 127.0.0.1:PORT:...`` (``argv(PORT)``),
+    once its listener is up: ``(process, PORT)``.
+
+    OpenSSH refuses a local forward on port 0, so PORT is one that was free a moment
+    ago; if another process took it first, ssh fails to bind and exits, and the next
+    attempt takes another port."""
+    for _ in range(attempts):
+        port = free_port()
+        proc = start_ssh(argv(port), name=name)
+        try:
+            # ssh logs "Local forwarding listening" before bind(); the channel comes
+            # after listen().
+            proc.wait_stderr(rf"Local forwarding listening on 127\.0\.0\.1 port {port}\b")
+            proc.wait_stderr(r"new port-listener")
+            return proc, port
+        except HarnessError:
+            if "Address already in use" not in proc.stderr_text():
+                raise
+            proc.stop()
+    raise HarnessError(f"{name}: no free port for ssh -L in {attempts} attempts")

@@ -19,9 +19,9 @@ from harness import (
     SshProcess,
     echo_roundtrip,
     find_program,
-    free_port,
     make_key,
 )
+from relay_fixtures import stock_local_forward
 
 pytestmark = pytest.mark.integration
 
@@ -132,10 +132,11 @@ service = "web:8080"
     assert result.stdout.strip() == "gpu_cluster"
 
     # A non-ssh service by name too, through a stock ssh -L at the cloud relay.
-    local = free_port()
-    tunnel = start_ssh([ssh, "-F", str(config), "-v", "-N", "-o", "ExitOnForwardFailure=yes",
-                        "-L", f"127.0.0.1:{local}:web:8080", "relay"], name="alice-L")
-    tunnel.wait_stderr(r"Entering interactive session")  # after every listener is up
+    _tunnel, local = stock_local_forward(
+        start_ssh,
+        lambda port: [ssh, "-F", str(config), "-v", "-N", "-o", "ExitOnForwardFailure=yes",
+                      "-L", f"127.0.0.1:{port}:web:8080", "relay"],
+        name="alice-L")
     payload = b"through two relays by name"
     assert echo_roundtrip(local, payload) == payload
 

@@ -26,11 +26,10 @@ from harness import (
     RelayNode,
     SshProcess,
     echo_roundtrip,
-    free_port,
     make_key,
     ssh_argv,
 )
-from relay_fixtures import admin_port
+from relay_fixtures import admin_port, stock_local_forward
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -79,12 +78,12 @@ def test_dns_rebinding_is_refused_and_status_still_works(
                                "-R", f"web:8080:127.0.0.1:{web.port}", user="lab_pc"),
                       name="stock-agent")  # fmt: skip
     agent.wait_stderr(r"remote forward success for: listen web:8080,")
-    local = free_port()
-    ssh = start_ssh(ssh_argv(relay.port, alice.path, relay.known_hosts, "-v", "-N",
-                             "-o", "ExitOnForwardFailure=yes",
-                             "-L", f"127.0.0.1:{local}:web:8080", user="alice"),
-                    name="alice")  # fmt: skip
-    ssh.wait_stderr(r"new port-listener")
+    _ssh, local = stock_local_forward(
+        start_ssh,
+        lambda port: ssh_argv(relay.port, alice.path, relay.known_hosts, "-v", "-N",
+                              "-o", "ExitOnForwardFailure=yes",
+                              "-L", f"127.0.0.1:{port}:web:8080", user="alice"),
+        name="alice")  # fmt: skip
     relay.wait_for("relay_connected", name="alice")
     port = relay.admin_port
     relay.wait_for("admin_listening", since=0, port=port)
