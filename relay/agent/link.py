@@ -29,6 +29,7 @@ from relay.agent.datapool import DataPool
 from relay.agent.forwards import ForwardState, LocalForwardListener, RemoteForwardRunner
 from relay.config.schema import LinkConfig
 from relay.core.backoff import retry_policy
+from relay.core.clock import expire
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.client import LinkConnection, LinkTransport, transport_factory
@@ -268,16 +269,13 @@ class Link(MultiService):
         self._waiters = []
 
         def disconnect(_: object) -> defer.Deferred[None]:
-            if timer.active():
-                timer.cancel()
             if conn is not None and self.connection is conn:
                 conn.link_transport.sendDisconnect(DISCONNECT_BY_APPLICATION,
                                                    b"labrelay stopping")
             return defer.maybeDeferred(super(Link, self).stopService)  # type: ignore[arg-type]
 
         done: defer.Deferred[Any] = defer.DeferredList(cancels)
-        timer = self.clock.callLater(CANCEL_TIMEOUT, done.cancel)
-        return done.addBoth(disconnect)
+        return expire(done, CANCEL_TIMEOUT, self.clock).addBoth(disconnect)
 
     def status(self) -> dict[str, Any]:
         return {

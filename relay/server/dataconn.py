@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from relay.core import fastwire as fw
 from relay.core.admission import Offence
 from relay.core.admission import Ticket as AdmissionTicket
+from relay.core.clock import expire
 from relay.core.tokens import Ticket
 
 
@@ -71,15 +72,8 @@ class AgentPool:
             if conn.state == "idle":
                 return defer.succeed(conn)
         d: defer.Deferred[DataConnection] = defer.Deferred()
-        timer = clock.callLater(timeout, d.cancel)
         self.waiters.append(d)
-
-        def done(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        return d.addBoth(done)
+        return expire(d, timeout, clock)
 
     def close(self) -> None:
         for conn in list(self.idle):

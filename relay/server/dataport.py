@@ -37,6 +37,7 @@ from relay.config.schema import RelayConfig
 from relay.core import fastwire as fw
 from relay.core.admission import Admission, Offence, Refusal
 from relay.core.admission import Ticket as AdmissionTicket
+from relay.core.clock import expire
 from relay.core.routing import Registration, Registry
 from relay.core.tokens import Refusal as TokenRefusal
 from relay.core.tokens import TokenBook, TokenRefused, TooManyTokens
@@ -426,9 +427,7 @@ class DataPort:
             chosen.append(agent)
             if not wanted():
                 raise PairingError("the user's data connection closed")
-            d = agent.dispatch(bind, port)
-            timer = self.clock.callLater(AGENT_REPLY_TIMEOUT, d.cancel)
-            return d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+            return expire(agent.dispatch(bind, port), AGENT_REPLY_TIMEOUT, self.clock)
 
         def failed(f: Failure) -> Failure:
             timeouts = {
