@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -37,7 +38,7 @@ class DataPortHandler(TypingProtocol):
 
     def helloReceived(self, dc: DataConnection, hello: fw.Hello) -> None: ...
 
-    def lost(self, dc: DataConnection, was: str) -> None: ...
+    def lost(self, dc: DataConnection, was: DataState) -> None: ...
 
 
 class PairingError(Exception):
@@ -69,7 +70,7 @@ class AgentPool:
     def take(self, clock: Any, timeout: float) -> defer.Deferred[DataConnection]:
         while self.idle:
             conn = self.idle.popleft()
-            if conn.state == "idle":
+            if conn.state is DataState.IDLE:
                 return defer.succeed(conn)
         d: defer.Deferred[DataConnection] = defer.Deferred()
         self.waiters.append(d)
@@ -85,19 +86,26 @@ class AgentPool:
                 d.errback(PairingError("the agent disconnected"))
 
 
-class DataConnection(Protocol):
-    """One connection to the data port, until it is spliced or closed.
+class DataState(StrEnum):
+    """A connection to the data port: ``HELLO`` -> ``USER`` or ``IDLE`` ->
+    ``DISPATCHED`` -> ``SPLICED``; any -> ``CLOSED``."""
 
-    States: ``hello`` (challenge sent, collecting the hello) -> ``user`` (paused, waiting to be
-    paired) or ``idle`` (an agent's pooled connection, read only to notice its end)
-    -> ``dispatched`` (an agent's, waiting for ``K``/``E``) -> ``spliced``; any ->
-    ``closed``."""
+    HELLO = "hello"  # challenge sent, collecting the hello
+    USER = "user"  # a user's, paused, waiting to be paired
+    IDLE = "idle"  # an agent's pooled connection, read only to notice its end
+    DISPATCHED = "dispatched"  # an agent's, sent a GO, waiting for K/E
+    SPLICED = "spliced"
+    CLOSED = "closed"
+
+
+class DataConnection(Protocol):
+    """One connection to the data port, until it is spliced or closed (:class:`DataState`)."""
 
     transport: Any
 
     def __init__(self, port: DataPortHandler) -> None:
         self.port = port
-        self.state = "hello"
+        self.state = DataState.HELLO
         self.buf = b""
         self.extra = b""  # bytes read past our framing: they belong to the stream
         self.source = "?"
@@ -114,7 +122,7 @@ class DataConnection(Protocol):
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
         if not self.port.admit(self):
-            self.state = "closed"
+            self.state = DataState.CLOSED
             self.transport.abortConnection()
             return
         self._timer = self.port.clock.callLater(self.port.hello_timeout, self._helloTimeout)
@@ -127,7 +135,7 @@ class DataConnection(Protocol):
                          f"{self.port.hello_timeout:g}s", failure=Offence.GRACE)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state == "hello":
+        if self.state is DataState.HELLO:
             self.buf += data
             try:
                 length = fw.hello_length(self.buf)
@@ -143,9 +151,9 @@ class DataConnection(Protocol):
             hello, self.extra, self.buf = self.buf[:length], self.buf[length:], b""
             self.transport.pauseProducing()
             self.port.helloReceived(self, fw.parse_hello(hello))
-        elif self.state == "idle":
+        elif self.state is DataState.IDLE:
             self.port.refuse(self, "protocol", "an idle agent data connection sent bytes")
-        elif self.state == "dispatched":
+        elif self.state is DataState.DISPATCHED:
             self.buf += data
             try:
                 parsed = fw.parse_reply(self.buf, fw.AGENT_OK, fw.AGENT_ERROR)
@@ -174,7 +182,7 @@ class DataConnection(Protocol):
         """Send GO to this idle agent connection, MAC'd with its ticket's secret and
         bound to its ticket id and nonce; fires once the agent answers."""
         assert self.ticket is not None
-        self.state = "dispatched"
+        self.state = DataState.DISPATCHED
         self.reply = defer.Deferred()
         mac = fw.go_mac(self.ticket.secret, self.ticket.token_id, self.nonce, bind, port)
         self.transport.write(fw.pack_go(bind, port, mac))
@@ -185,6 +193,6 @@ class DataConnection(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        was, self.state = self.state, "closed"
+        was, self.state = self.state, DataState.CLOSED
         self.port.lost(self, was)
         self._answered(Failure(AgentConnectionGone("the agent's data connection closed")))

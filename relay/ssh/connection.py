@@ -148,8 +148,8 @@ class FlowConnection(connection.SSHConnection):
         if channel is None:
             self._protocolError(f"unknown channel id {localChannel}")
         elif (channel in self.channelsToRemoteChannel) != opened:
-            state = "unconfirmed" if opened else "already open"
-            self._protocolError(f"channel id {localChannel} is {state}")
+            condition = "unconfirmed" if opened else "already open"
+            self._protocolError(f"channel id {localChannel} is {condition}")
             return None
         return channel
 

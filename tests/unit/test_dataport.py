@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 import relay.server.dataport
 from relay.config.schema import RelayConfig, ServiceGrant
 from relay.core import fastwire as fw
+from relay.core.clock import expire
 from relay.core.routing import Registry
 from relay.server.dataconn import AgentPool, DataConnection, PairingError
 from relay.server.dataport import (
@@ -65,9 +66,7 @@ class FakeCore:
         reg = self.registry.lookup(name, port)
         if reg is not None:
             return defer.succeed(reg)
-        d: defer.Deferred[Any] = defer.Deferred()
-        self.reactor.callLater(timeout, d.cancel)
-        return d
+        return expire(defer.Deferred(), timeout, self.reactor)
 
     def fastSessionOpening(self, principal: Any, service: str, origin: str,
                            key: bytes | None = None) -> object:
