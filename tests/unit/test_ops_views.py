@@ -152,3 +152,35 @@ def test_journal_text_has_priority_and_no_time_stamp() -> None:
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d warn  relay listening on 22\n",
                     plain.getvalue())
     assert journal.getvalue() == "<4>warn  relay listening on 22\n"
+
+
+def test_audit_events_in_text_and_json() -> None:
+    """One close event, as the text and the JSON observers write it (peer strings
+    escaped in both)."""
+    import json
+
+    from twisted.logger import globalLogPublisher
+
+    from relay.ops.logfmt import json_observer
+    from relay.server import audit
+
+    text, lines = io.StringIO(), io.StringIO()
+    observers = [text_observer(text), json_observer(lines)]
+    for observer in observers:
+        globalLogPublisher.addObserver(observer)
+    try:
+        table = SessionTable()
+        row = table.open("alice", "gpu:22", "1.2.3.4:5\x1b[2J", 10.0, key=b"key")
+        table.close(row, 12.5, 100, 2048, "bridge closed")
+        audit.closed(row)
+    finally:
+        for observer in observers:
+            globalLogPublisher.removeObserver(observer)
+    assert re.search(r"info  session close: alice \(SHA256:\S+\) to gpu:22 from "
+                     r"1\.2\.3\.4:5\\x1b\[2J by channel: 100 bytes to it, 2048 from it in "
+                     r"2\.500s \(bridge closed\)", text.getvalue()), text.getvalue()
+    event = json.loads(lines.getvalue().splitlines()[-1])
+    assert (event["event"], event["bytes_to_service"], event["bytes_from_service"],
+            event["duration"], event["path"], event["audit"]) == (
+        "session_close", 100, 2048, 2.5, "channel", True)
+    assert event["origin"] == "1.2.3.4:5\\x1b[2J"
