@@ -13,8 +13,7 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, ITCPTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from relay.core import fastwire as fw
@@ -22,6 +21,7 @@ from relay.core.admission import Offence
 from relay.core.admission import Ticket as AdmissionTicket
 from relay.core.clock import expire
 from relay.core.tokens import Ticket
+from relay.datapath.handoff import Handoff
 
 
 class DataPortHandler(TypingProtocol):
@@ -98,16 +98,13 @@ class DataState(StrEnum):
     CLOSED = "closed"
 
 
-class DataConnection(Protocol):
+class DataConnection(Handoff):
     """One connection to the data port, until it is spliced or closed (:class:`DataState`)."""
 
-    transport: Any
-
     def __init__(self, port: DataPortHandler) -> None:
+        super().__init__()
         self.port = port
         self.state = DataState.HELLO
-        self.buf = b""
-        self.extra = b""  # bytes read past our framing: they belong to the stream
         self.source = "?"
         self.pool: AgentPool | None = None
         self.reply: defer.Deferred[str] | None = None
@@ -116,11 +113,9 @@ class DataConnection(Protocol):
         self.nonce = b""  # this connection's challenge: what its hello must prove over
         self.ticket: Ticket | None = None  # once proved: its secret keys the GO's MAC
 
-    def connectionMade(self) -> None:
+    def prefaceStarted(self) -> None:
         peer = self.transport.getPeer()
         self.source = str(getattr(peer, "host", "?"))
-        if ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)
         if not self.port.admit(self):
             self.state = DataState.CLOSED
             self.transport.abortConnection()
@@ -134,9 +129,8 @@ class DataConnection(Protocol):
         self.port.refuse(self, "no hello", f"did not send its hello within "
                          f"{self.port.hello_timeout:g}s", failure=Offence.GRACE)
 
-    def dataReceived(self, data: bytes) -> None:
+    def prefaceReceived(self) -> None:
         if self.state is DataState.HELLO:
-            self.buf += data
             try:
                 length = fw.hello_length(self.buf)
             except fw.WireError as e:
@@ -148,13 +142,12 @@ class DataConnection(Protocol):
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._timer = None
-            hello, self.extra, self.buf = self.buf[:length], self.buf[length:], b""
-            self.transport.pauseProducing()
+            hello = self.buf[:length]
+            self.hold(self.buf[length:])
             self.port.helloReceived(self, fw.parse_hello(hello))
         elif self.state is DataState.IDLE:
             self.port.refuse(self, "protocol", "an idle agent data connection sent bytes")
         elif self.state is DataState.DISPATCHED:
-            self.buf += data
             try:
                 parsed = fw.parse_reply(self.buf, fw.AGENT_OK, fw.AGENT_ERROR)
             except fw.WireError as e:
@@ -162,13 +155,10 @@ class DataConnection(Protocol):
                 return
             if parsed is None:
                 return
-            ok, message, self.extra = parsed
-            self.buf = b""
-            self.transport.pauseProducing()
+            ok, message, rest = parsed
+            self.hold(rest)
             self._answered(message if ok else Failure(PairingError(
                 f"the agent could not connect the service: {message}")))
-        else:
-            self.extra += data  # one read that raced a pause; it belongs to the stream
 
     def _answered(self, result: Any) -> None:
         d, self.reply = self.reply, None
@@ -186,10 +176,11 @@ class DataConnection(Protocol):
         self.reply = defer.Deferred()
         mac = fw.go_mac(self.ticket.secret, self.ticket.token_id, self.nonce, bind, port)
         self.transport.write(fw.pack_go(bind, port, mac))
-        self.transport.resumeProducing()
+        self.resume()
         return self.reply
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

@@ -75,8 +75,17 @@ class FakeCore:
         self.opened.append((principal.name, service, origin))
         return ("session", len(self.opened))
 
-    def fastSessionSpliced(self, session: object, pair: Any, agent: Any = None) -> None:
-        self.spliced.append((session, pair))
+    def fastSessionCounters(self, session: object, agent: Any = None) -> Any:
+        core = self
+
+        class Recorder:
+            def pairStarted(self, pair: Any) -> None:
+                core.spliced.append((session, pair))
+
+            def pairEnded(self, pair: Any, result: Any) -> None:
+                pass
+
+        return Recorder()
 
     def fastSessionFailed(self, session: object) -> None:
         self.failed.append(session)
