@@ -49,6 +49,7 @@ class OptionalBuildExt(build_ext):
         if not OptionalBuildExt.said:
             OptionalBuildExt.said = True
             why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            why = f"{type(e).__name__}: {why[:100]}{'...' if len(why) > 100 else ''}"
             sys.stderr.write(PURE.format(why=why) + "\n")
 
 

@@ -384,7 +384,9 @@ def run(argv_ns: argparse.Namespace) -> int:
     if resolved is not None:
         tokens = {"d": str(Path.home()), "u": _local_user(), "h": resolved.hostname,
                   "r": resolved.user, "%": "%"}
-        files = [userkeys.expand(f, tokens) for f in resolved.identity_files]
+        # ssh -G drops an -i file that does not exist: keep it, to say so (as ssh does).
+        files = [Path(p) for p in argv_ns.identity] + \
+            [userkeys.expand(f, tokens) for f in resolved.identity_files]
         only, agent = resolved.identities_only, resolved.identity_agent
     else:
         files = list(options.link.identities) or [Path(f) for f in userkeys.DEFAULT_FILES]

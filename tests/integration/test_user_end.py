@@ -139,6 +139,13 @@ def test_connect_on_the_portable_backend_carries_ssh_and_scp(site: Site) -> None
     assert fast["paired"] == 2 and fast["pair_failed"] == 0
     per = site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
     assert per["bytes_to_service"] > stream.size
+    # The relay says which backend it runs (here: this install's, as the test sees it).
+    from relay.datapath.splicing import choose_backend
+
+    backend = choose_backend().name
+    assert site.relay.status()["datapath"]["backend"] == backend
+    table = _run([sys.executable, "-m", "relay", "status", "--admin", site.relay.admin])
+    assert f"data path: {backend} backend" in table.stdout.decode(), table.stdout.decode()
 
 
 # 2 ---------------------------------------------------------------------------
