@@ -21,12 +21,14 @@ from pathlib import Path
 import pytest
 from conftest import child_env
 from harness import LOOPBACK, DataStream, KeyPair, MiB, find_program, sha256_hex
-from test_fastpath import Keys, Site, _run, _wait, keys, site  # noqa: F401
+import test_fastpath
+from test_fastpath import Site, _run, _wait
 
 from relay.config.schema import ServiceGrant
 from relay.user.sshconfig import render
 
 pytestmark = pytest.mark.integration
+keys, site = test_fastpath.keys, test_fastpath.site  # the fast-path site: relay, agent, sshd
 NOLINUX = Path(__file__).resolve().parents[1] / "nolinux"
 PASSPHRASE = "correct horse battery staple"
 

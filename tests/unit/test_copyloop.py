@@ -17,12 +17,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_splice import drive, hop, read_all, send_then_shut, sockets  # noqa: F401
+import test_splice
+from test_splice import drive, hop, read_all, send_then_shut
 
 from relay.datapath._splice import DONE, WAIT_IN, WAIT_OUT, MoveError
 from relay.datapath.copyloop import CopyDirection
 
 MiB = 1024 * 1024
+sockets = test_splice.sockets  # the fixture
 NOLINUX = Path(__file__).resolve().parents[1] / "nolinux"
 REPO = Path(__file__).resolve().parents[2]
 
