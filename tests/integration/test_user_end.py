@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+import test_fastpath
 from conftest import child_env
 from harness import LOOPBACK, DataStream, KeyPair, MiB, find_program, sha256_hex
-import test_fastpath
 from test_fastpath import Site, _run, _wait
 
 from relay.config.schema import ServiceGrant
