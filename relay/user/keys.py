@@ -147,7 +147,8 @@ def load_files(paths: Iterable[Path], explicit: Sequence[Path], ask: Ask,
                say: Say) -> list[tuple[Path, keys.Key | LockedKey]]:
     """Each identity file that exists, loaded (a locked one as :class:`LockedKey`).
     A missing file is skipped (ssh's defaults rarely all exist), with a warning if the
-    user named it; any other problem with a file is an :class:`IdentityError`."""
+    user named it; a file that cannot be used (too open, not a key, not unlocked) is
+    skipped with a word on why, as ssh does."""
     named = {p.expanduser() for p in explicit}
     out: list[tuple[Path, keys.Key | LockedKey]] = []
     for path in dict.fromkeys(p.expanduser() for p in paths):
@@ -155,15 +156,18 @@ def load_files(paths: Iterable[Path], explicit: Sequence[Path], ask: Ask,
             if path in named:
                 say(f"identity file {path} not accessible: no such file")
             continue
-        data = read_key_file(path)
         try:
-            out.append((path, parse_key(path, data)))
-        except keys.EncryptedKeyError:
-            public = public_half(path, data)
-            if public is None:  # an old PEM key without its .pub: ssh asks now too
-                out.append((path, unlock(path, data, ask, say)))
-            else:
-                out.append((path, LockedKey(path, public, data, ask, say)))
+            data = read_key_file(path)
+            try:
+                out.append((path, parse_key(path, data)))
+            except keys.EncryptedKeyError:
+                public = public_half(path, data)
+                if public is None:  # an old PEM key without its .pub: ssh asks now too
+                    out.append((path, unlock(path, data, ask, say)))
+                else:
+                    out.append((path, LockedKey(path, public, data, ask, say)))
+        except IdentityError as e:  # too open, not a key, not unlocked: ssh skips it too
+            say(f"{e}; skipping it")
     return out
 
 

@@ -69,6 +69,16 @@ def test_missing_files_are_skipped_and_named_ones_said(tmp_path: Path) -> None:
     assert said == [f"identity file {named} not accessible: no such file"]
 
 
+def test_an_unusable_file_is_skipped_with_a_word(tmp_path: Path) -> None:
+    loose = _keygen(tmp_path / "loose")
+    loose.chmod(0o644)
+    good = _keygen(tmp_path / "good")
+    said: list[str] = []
+    found = userkeys.load_files([loose, good], [], lambda p: None, said.append)
+    assert [p for p, _ in found] == [good]
+    assert len(said) == 1 and "too open" in said[0] and said[0].endswith("skipping it")
+
+
 def test_ssh_order_and_identities_only(tmp_path: Path) -> None:
     from twisted.conch.ssh import keys
 
