@@ -330,8 +330,8 @@ class Connector:
         dp = datapath.get(self.reactor)
         if self.verbose:
             how = "copied" if dp.backend.name == "portable" else "spliced"
-            self.say(f"{self.label}: fast path ({how}: {dp.backend.name} data path) via data "
-                     f"port {data_port}")
+            self.say(f"{self.label}: fast path ({how}) via data port {data_port}, "
+                     f"{dp.backend.name} data path")
         for pipe_fd in (self.stdin_fd, self.stdout_fd):
             _grow_pipe(pipe_fd)
         fd, unsent = datapath.detach_transport(proto.transport)

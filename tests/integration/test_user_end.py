@@ -134,8 +134,8 @@ def test_connect_on_the_portable_backend_carries_ssh_and_scp(site: Site) -> None
     assert sha256_hex(dst.read_bytes()) == stream.sha256
 
     said = err.read_text().splitlines()
-    assert said.count("labrelay connect: gpu-cluster:22: fast path (copied: portable data "
-                      f"path) via data port {site.data_port}") == 2, said
+    assert said.count("labrelay connect: gpu-cluster:22: fast path (copied) via data port "
+                      f"{site.data_port}, portable data path") == 2, said
     assert not [line for line in said if "fast path unavailable" in line], said
     fast = site.fast()
     assert fast["paired"] == 2 and fast["pair_failed"] == 0
