@@ -75,7 +75,9 @@ def _reached(out: subprocess.CompletedProcess[bytes]) -> None:
 
 
 def _nolinux_env() -> dict[str, str]:
-    return {"PYTHONPATH": os.pathsep.join((str(NOLINUX), child_env()["PYTHONPATH"]))}
+    """A laptop's: no Linux extras, and no LABRELAY_DATAPATH (CI sets =c for the rest)."""
+    return {"PYTHONPATH": os.pathsep.join((str(NOLINUX), child_env()["PYTHONPATH"])),
+            "LABRELAY_DATAPATH": "auto"}
 
 
 def _locked_copy(key: KeyPair, path: Path) -> Path:
