@@ -126,7 +126,7 @@ def choose_backend(value: str | None = None) -> Backend:
         raise DatapathError(
             f"{ENV}=c but the native module is not available ({_splice.IMPORT_ERROR}); "
             "rebuild with `pip install -e .` (needs a C compiler and Python headers), "
-            f"or set {ENV}=python"
+            f"or set {ENV}={'python' if can_splice else 'portable'}"
         )
     if not can_splice:
         return Backend("portable", "no native module and no splice on this system")

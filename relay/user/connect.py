@@ -240,6 +240,12 @@ class Connector:
 
     async def run(self) -> int:
         cfg = self.options.link
+        if self.options.fast_path:
+            try:  # before anything is spent: a bad LABRELAY_DATAPATH is the user's to fix
+                datapath.choose_backend()
+            except datapath.DatapathError as e:
+                self.say(str(e))
+                return EXIT_FAILED
         if self.options.keys is not None:
             try:
                 self.identities, self.agent = await self.options.keys.load(

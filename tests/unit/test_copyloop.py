@@ -106,15 +106,16 @@ def test_errors_name_their_side(sockets: list[socket.socket]) -> None:
 
 def test_the_data_path_is_portable_where_linux_is_not() -> None:
     """With Linux's extras removed (tests/nolinux), ``labrelay connect``'s modules
-    import, ``auto`` chooses the portable backend, and ``python`` is refused with a
-    message that names the way out."""
+    import, ``auto`` chooses the portable backend, and ``python`` and ``c`` are refused
+    with a message that names the way out."""
     code = (
         "import os, relay.user.connect, relay.cli.main\n"
         "from relay.datapath import splicing as s, _splice\n"
         "assert not hasattr(os, 'splice') and not _splice.AVAILABLE\n"
         "b = s.choose_backend('auto'); print(b.name, '|', b.reason)\n"
-        "try:\n    s.choose_backend('python')\n"
-        "except s.DatapathError as e:\n    print(e)\n"
+        "for name in ('python', 'c'):\n"
+        "    try:\n        s.choose_backend(name)\n"
+        "    except s.DatapathError as e:\n        print(e)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(NOLINUX), str(REPO)))}
     env.pop("LABRELAY_DATAPATH", None)
@@ -123,4 +124,5 @@ def test_the_data_path_is_portable_where_linux_is_not() -> None:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("portable | no native module and no splice"), lines
-    assert "LABRELAY_DATAPATH=portable" in lines[1], lines
+    assert "LABRELAY_DATAPATH=portable" in lines[1], lines  # python: no splice here
+    assert lines[2].endswith("or set LABRELAY_DATAPATH=portable"), lines  # c: no module
