@@ -11,10 +11,10 @@ answers the relay's challenge with a proof of the ticket (its secret never cross
 data port: someone who reads or replays the hello gets nothing), and once the relay
 says it is paired hands stdin/stdout and that socket to :mod:`relay.datapath.splicing`:
 from then on the user's own ssh stream is copied in the kernel (Linux), or by the
-portable copy loop
-(macOS and other systems without splice, or ``LABRELAY_DATAPATH=portable``), and this
-process only waits.  Nothing Linux-only is imported on this path.  The
-SSH connection to the relay is closed once the data connection is paired.
+portable copy loop (macOS and other systems without splice, or
+``LABRELAY_DATAPATH=portable``), and this process only waits.  Nothing Linux-only
+is imported on this path.  The SSH connection to the relay is closed once the data
+connection is paired.
 
 When the fast path is unavailable (the service is not declared end-to-end
 encrypted, the relay has no data port, the agent keeps no data connections, or the
@@ -38,14 +38,17 @@ from typing import Any, TextIO
 
 from twisted.conch.error import ConchError
 from twisted.internet import defer, stdio
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from relay.config.errors import ConfigError
 from relay.config.schema import LinkConfig
 from relay.core import fastwire as fw
+from relay.core.clock import expire
 from relay.datapath import splicing as datapath
 from relay.datapath.bridge import Bridge, TCPSide
+from relay.datapath.handoff import Handoff
+from relay.datapath.join import join
 from relay.datapath.net import client_endpoint, peer_ip
 from relay.ssh.client import Identity, SingleConnection, open_connection
 from relay.user import keys as userkeys
@@ -150,27 +153,23 @@ class DataPortUnreachable(Exception):
     """The relay's data port did not accept a connection; ``str()`` says why."""
 
 
-class _UserData(Protocol):
+class _UserData(Handoff):
     """The data connection until the relay answers: its challenge in, our hello (the
-    proof over its nonce) out, one reply in."""
-
-    transport: Any
+    proof over its nonce) out, one reply in; then held for the data path."""
 
     def __init__(self, token: bytes, name: str, port: int) -> None:
+        super().__init__()
         self.token = token
         self.service = (name, port)
         self.nonce: bytes | None = None
-        self.buf = b""
-        self.answer: defer.Deferred[bytes] = defer.Deferred()
+        self.answer: defer.Deferred[None] = defer.Deferred()
 
-    def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)
+    def prefaceStarted(self) -> None:
+        pass  # the relay speaks first
 
-    def dataReceived(self, data: bytes) -> None:
+    def prefaceReceived(self) -> None:
         if self.answer.called:
-            self.buf += data  # raced the pause: part of the stream
             return
-        self.buf += data
         if self.nonce is None:
             try:
                 challenge = fw.parse_challenge(self.buf)
@@ -191,15 +190,16 @@ class _UserData(Protocol):
             return
         if parsed is None:
             return
-        ok, message, self.buf = parsed
-        self.transport.pauseProducing()
+        ok, message, rest = parsed
+        self.hold(rest)
         if ok:
-            self.answer.callback(self.buf)
+            self.answer.callback(None)
         else:
             self.answer.errback(ConnectionError(f"the relay refused the data connection: "
                                                 f"{message}"))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
         if not self.answer.called:
             self.answer.errback(ConnectionError(
                 "the relay closed the data connection without answering"))
@@ -319,12 +319,7 @@ class Connector:
             raise DataPortUnreachable(
                 f"cannot reach its data port {host}:{data_port}: {e}") from e
         try:
-            timer = self.reactor.callLater(PAIR_TIMEOUT, proto.answer.cancel)
-            try:
-                extra = await proto.answer
-            finally:
-                if timer.active():
-                    timer.cancel()
+            await expire(proto.answer, PAIR_TIMEOUT, self.reactor)
         except defer.CancelledError:
             self.say(f"the relay did not pair the data connection for {self.label} in time")
             return EXIT_FAILED
@@ -340,9 +335,7 @@ class Connector:
                      f"{dp.backend.name} data path")
         for pipe_fd in (self.stdin_fd, self.stdout_fd):
             _grow_pipe(pipe_fd)
-        fd, unsent = datapath.detach_transport(proto.transport)
-        pair = dp.splice(datapath.End(self.stdin_fd, self.stdout_fd), datapath.End(fd, fd),
-                         from_a=unsent, from_b=extra)
+        pair = join(dp, datapath.End(self.stdin_fd, self.stdout_fd), proto)
         try:
             await pair.done
         except datapath.PairError as e:

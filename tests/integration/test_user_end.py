@@ -22,7 +22,8 @@ import pytest
 import test_fastpath
 from conftest import child_env
 from harness import LOOPBACK, DataStream, KeyPair, MiB, find_program, sha256_hex
-from test_fastpath import Site, _run, _wait
+from relay_fixtures import wait_until
+from test_fastpath import Site, _run
 
 from relay.config.schema import ServiceGrant
 from relay.user.sshconfig import render
@@ -288,5 +289,5 @@ Host *
     _reached(_ssh(cfg, "gpu-cluster", "echo $LABRELAY_TEST_HOST",
                   env={"PATH": paths["without"]}))
     assert site.fast()["paired"] == 1  # the second went through an SSH channel (ssh -J)
-    _wait(lambda: site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
+    wait_until(lambda: site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
           ["sessions_total"] == 2, "the relay to count the -J session")
