@@ -182,6 +182,8 @@ class NodeService(MultiService):
             snapshot["datapath"] = datapath
         elif self.plain_forwards:
             snapshot["datapath"] = self.plain_forwards[0].datapath.status()
+        else:
+            snapshot["datapath"] = splicing.describe(self.reactor)
         if self.reloader is not None:
             snapshot["reload"] = self.reloader.status()
         return snapshot

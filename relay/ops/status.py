@@ -336,6 +336,9 @@ def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
     relay = snapshot.get("relay")
     if relay is not None:
         parts += _relay_tables(relay, now)
+    dp = snapshot.get("datapath")
+    if dp:
+        parts.append(f"data path: {dp.get('backend', '?')} backend ({dp.get('reason', '')})")
     reload = snapshot.get("reload")
     if reload is not None and reload.get("last") is not None:
         last = reload["last"]
