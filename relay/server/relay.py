@@ -28,7 +28,16 @@ from relay.config.errors import ConfigError
 from relay.config.schema import RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
-from relay.core.router import SUPERSEDED, Decision, Probe, Refused, Router, Verdict, label_of
+from relay.core.router import (
+    SUPERSEDED,
+    Decision,
+    Probe,
+    Refused,
+    Router,
+    Verdict,
+    Waiter,
+    label_of,
+)
 from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
 from relay.datapath.bridge import Bridge, SideFactory, TCPSide
@@ -75,6 +84,8 @@ class RelayCore:
         self.ssh_gate = self.admission.gate("ssh", config.max_unauthenticated)
         self._sweeper: IDelayedCall | None = None
         self._publicWaiting: dict[int, int] = {}  # connections waiting for their agent
+        # Registrations whose tcpip-forward reply is not sent yet: not handed out.
+        self._announcing: dict[tuple[str, int], Registration] = {}
         self.dataport = DataPort(self, self.admission)
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
         grants.subscribe(self.grantsChanged)
@@ -175,13 +186,19 @@ class RelayCore:
                                    "key", tell=True)
         if name == PUBLIC and not self._listenPublic(port):
             return self._refuse(conn, what, f"cannot listen on public port {port}")
+        replied = conn.whenReplied()
         decision = self.router.offer(name, port, conn, bind, self.reactor.seconds())
         if decision.probe is not None:
-            return self._probeThenTakeover(decision.probe, conn, what)
-        return self._apply(decision, conn, what)
+            return self._probeThenTakeover(decision.probe, conn, what, replied)
+        return self._apply(decision, conn, what, replied)
 
-    def _apply(self, decision: Decision, conn: RelayConnection, what: str) -> bool:
-        """Do what the router decided about ``conn``'s ``what``; the request's answer."""
+    def _apply(self, decision: Decision, conn: RelayConnection, what: str,
+               replied: defer.Deferred[None]) -> bool:
+        """Do what the router decided about ``conn``'s ``what``; the request's answer.
+
+        Sessions waiting for the name are handed the registration only once the reply
+        was sent (``replied``): before, the agent does not hold its forward as
+        registered and refuses a ``forwarded-tcpip`` for it."""
         if decision.verdict is Verdict.GONE:
             return False
         if decision.verdict is Verdict.REFUSED:
@@ -194,15 +211,44 @@ class RelayCore:
             agent=conn.principal_name, service=_label(reg), peer=conn.peer, takeover=takeover,
             how=" (took it over from its stale session)" if takeover else "",
         )
-        for waiter in decision.woken:
-            d: Any = waiter.who
-            d.callback(reg)
+        if not replied.called:
+            key = (reg.name, reg.port)
+            self._announcing[key] = reg
+
+            def announced(result: object) -> object:
+                if self._announcing.get(key) is reg:
+                    del self._announcing[key]
+                return result
+
+            replied.addBoth(announced)
+        woken = decision.woken
+        replied.addCallbacks(lambda _: self._wake(reg, woken), lambda _: self._waitAgain(woken))
         if decision.superseded is not None:
             decision.superseded.disconnect(SUPERSEDED)
         return True
 
-    def _probeThenTakeover(self, probe: Probe, conn: RelayConnection,
-                           what: str) -> defer.Deferred[bool]:
+    def _wake(self, reg: Registration, woken: list[Waiter]) -> None:
+        """Hand ``reg`` to the sessions that waited for it, now that its agent knows it
+        holds it; if it went meanwhile (its agent left again), they wait on."""
+        if self.registry.lookup(reg.name, reg.port) is not reg:
+            self._waitAgain(woken)
+            return
+        # and those that came while the reply was on its way
+        for waiter in woken + self.router.waiting(reg.name, reg.port):
+            d: Any = waiter.who
+            if not d.called:
+                d.callback(reg)
+
+    def _waitAgain(self, woken: list[Waiter]) -> None:
+        """The registration that woke ``woken`` is gone before they were served: they
+        wait for the next one, until their own time runs out."""
+        for waiter in woken:
+            d: Any = waiter.who
+            if not d.called:
+                self.router.requeue(waiter)
+
+    def _probeThenTakeover(self, probe: Probe, conn: RelayConnection, what: str,
+                           replied: defer.Deferred[None]) -> defer.Deferred[bool]:
         """Probe the holder for ``TAKEOVER_PROBE`` seconds; the router decides from the
         first of: its answer, its connection stopping (no answer will come), silence."""
         result: defer.Deferred[bool] = defer.Deferred()
@@ -212,7 +258,7 @@ class RelayCore:
                 return
             if timer.active():
                 timer.cancel()
-            result.callback(self._apply(decision, conn, what))
+            result.callback(self._apply(decision, conn, what, replied))
 
         def silent() -> None:
             settle(self.router.probe_silent(probe, self.reactor.seconds()))
@@ -247,11 +293,16 @@ class RelayCore:
     # reaching a service
 
     def whenRegistered(self, name: str, port: int, timeout: float) -> defer.Deferred[Registration]:
+        """``name:port``'s registration once its agent knows it holds it, waiting up to
+        ``timeout`` seconds for its agent (CancelledError after that)."""
         reg = self.registry.lookup(name, port)
-        if reg is not None:
+        if reg is not None and (name, port) not in self._announcing:
             return defer.succeed(reg)
         d: defer.Deferred[Registration] = defer.Deferred()
         waiter = self.router.wait(name, port, d, self.reactor.seconds(), timeout)
+        self._log.info("a session waits up to {timeout:g}s for {service}: its agent is away",
+                       event="relay_session_waiting", service=label_of(name, port),
+                       timeout=timeout)
         timer: IDelayedCall = self.reactor.callLater(timeout, d.cancel)
 
         def done(result: Any) -> Any:

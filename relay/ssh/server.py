@@ -375,7 +375,8 @@ class RelayConnection(FlowConnection):
         super().__init__()
         self.core = core
         self.keepalive: KeepaliveMonitor | None = None
-        self._replies: list[list[Any]] = []  # [done, ok, data] in request order
+        self._replies: list[list[Any]] = []  # [done, ok, data, replied] in request order
+        self._handling: list[defer.Deferred[None]] | None = None  # the request being handled
 
     @property
     def identity(self) -> Identity:
@@ -400,12 +401,6 @@ class RelayConnection(FlowConnection):
             )
             self.keepalive.start()
         self.core.sessionStarted(self)
-
-    def serviceStopped(self) -> None:
-        if self.keepalive is not None:
-            self.keepalive.stop()
-        super().serviceStopped()
-        self.core.sessionStopped(self)
 
     def packetReceived(self, messageNum: int, packet: bytes) -> None:
         if self.keepalive is not None:
@@ -440,33 +435,67 @@ class RelayConnection(FlowConnection):
     def ssh_GLOBAL_REQUEST(self, packet: bytes) -> None:
         requestType, rest = common.getNS(packet)
         wantReply, data = rest[0:1] != b"\x00", rest[1:]
-        result = defer.maybeDeferred(self.core.globalRequest, self, requestType, data)
+        replied: list[defer.Deferred[None]] = []
+        self._handling = replied
+        try:
+            result = defer.maybeDeferred(self.core.globalRequest, self, requestType, data)
+        finally:
+            self._handling = None
         if not wantReply:
             result.addErrback(lambda f: self._log.failure("global request", f))
+            result.addBoth(lambda _: _fire(replied))
             return
-        slot: list[Any] = [False, False, b""]
+        slot: list[Any] = [False, False, b"", replied]
         self._replies.append(slot)
 
         def answered(outcome: Any) -> None:
             ok, reply = outcome if isinstance(outcome, tuple) else (bool(outcome), b"")
-            slot[:] = [True, ok, reply]
+            slot[:3] = [True, ok, reply]
             self._flushReplies()
 
         def failed(f: Failure) -> None:
             self._log.failure("global request {type}", f, type=requestType)
-            slot[:] = [True, False, b""]
+            slot[:3] = [True, False, b""]
             self._flushReplies()
 
         result.addCallbacks(answered, failed)
+
+    def whenReplied(self) -> defer.Deferred[None]:
+        """Fires once the reply to the global request being handled now was sent.
+
+        What a request granted may be used only after the peer heard so: a
+        ``forwarded-tcpip`` sent ahead of its ``tcpip-forward``'s reply is refused by an
+        agent that does not hold the forward as registered yet.  Replies go out in
+        request order, so one request can wait behind another's (a takeover probe).
+        Fails if the connection stops before the reply was sent; fires at once for a
+        request that wants no reply, or outside any request."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if self._handling is None:
+            d.callback(None)
+        else:
+            self._handling.append(d)
+        return d
 
     def _flushReplies(self) -> None:
         from twisted.conch.ssh.connection import MSG_REQUEST_FAILURE, MSG_REQUEST_SUCCESS
 
         while self._replies and self._replies[0][0]:
-            _, ok, data = self._replies.pop(0)
+            _, ok, data, replied = self._replies.pop(0)
             if self.transport is not None and not getattr(self, "_stopped", False):
                 self.transport.sendPacket(MSG_REQUEST_SUCCESS if ok else MSG_REQUEST_FAILURE,
                                           data if ok else b"")
+                _fire(replied)
+            else:
+                _fire(replied, error.ConchError("connection stopped before the reply"))
+
+    def serviceStopped(self) -> None:
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        super().serviceStopped()
+        replies, self._replies = self._replies, []
+        for slot in replies:
+            _fire(slot[3], error.ConchError("connection stopped before the reply"))
+        self.core.sessionStopped(self)
 
     # channels
 
@@ -507,3 +536,13 @@ class RelayConnection(FlowConnection):
         )
         self.openChannel(channel, pack_endpoints(bind, port, origHost, origPort))
         return channel.opened
+
+
+def _fire(waiting: list[defer.Deferred[None]], why: Exception | None = None) -> None:
+    """Fire (or fail, with ``why``) the Deferreds waiting for a reply to be sent."""
+    pending, waiting[:] = list(waiting), []
+    for d in pending:
+        if why is None:
+            d.callback(None)
+        else:
+            d.errback(why)

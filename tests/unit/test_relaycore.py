@@ -46,6 +46,8 @@ class FakeConn:
     probes: list[defer.Deferred[bool]] = field(default_factory=list)
     disconnected: list[str] = field(default_factory=list)
     revoked: list[tuple[str, int, str]] = field(default_factory=list)
+    hold_replies: bool = False  # replies "on their way" until the test fires them
+    replies: list[defer.Deferred[None]] = field(default_factory=list)
 
     @property
     def principal_name(self) -> str:
@@ -61,6 +63,13 @@ class FakeConn:
 
     def grantRevoked(self, bind: str, port: int, why: str) -> None:
         self.revoked.append((bind, port, why))
+
+    def whenReplied(self) -> defer.Deferred[None]:
+        if not self.hold_replies:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self.replies.append(d)
+        return d
 
 
 def _forward(name: str, port: int) -> bytes:
@@ -199,6 +208,39 @@ def test_waiting_user_session_is_released_by_registration(world: Any) -> None:
     clock.advance(3)
     _result(_register(core, agent))
     assert _result(waiting).session is agent
+    assert not clock.getDelayedCalls()
+
+
+def test_waiting_sessions_get_the_registration_only_once_the_reply_was_sent(world: Any) -> None:
+    """The race of issue 16: a forwarded-tcpip sent before the tcpip-forward's reply is
+    refused by the agent ("no such forward").  Waiters, and sessions arriving while the
+    reply is on its way, are handed the registration after it was sent."""
+    core, clock, blobs = world
+    waiting = core.whenRegistered("gpu-cluster", 22, timeout=10)
+    agent = _conn(core, blobs, "lab_pc")
+    agent.hold_replies = True
+    assert _result(_register(core, agent)) is True
+    late = core.whenRegistered("gpu-cluster", 22, timeout=10)
+    assert not waiting.called and not late.called, "handed out before the agent heard"
+    agent.replies[0].callback(None)
+    assert _result(waiting).session is agent and _result(late).session is agent
+    assert not clock.getDelayedCalls()
+
+
+def test_waiters_wait_on_when_the_agent_goes_before_its_reply(world: Any) -> None:
+    core, clock, blobs = world
+    waiting = core.whenRegistered("gpu-cluster", 22, timeout=10)
+    gone = _conn(core, blobs, "lab_pc")
+    gone.hold_replies = True
+    _result(_register(core, gone))
+    core.connections.discard(gone)
+    core.sessionStopped(gone)
+    gone.replies[0].errback(RuntimeError("connection stopped before the reply"))
+    assert not waiting.called
+    clock.advance(2)
+    back = _conn(core, blobs, "lab_pc")
+    _result(_register(core, back))
+    assert _result(waiting).session is back
     assert not clock.getDelayedCalls()
 
 
