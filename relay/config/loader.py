@@ -245,6 +245,7 @@ def _parse_link(sec: Section, index: int, base: Path) -> LinkConfig:
         window=window,
         max_packet=max_packet,
         fast_path_pool=sec.integer("fast_path_pool", 4, 0, 64),
+        resume_grace=sec.number("resume_grace", LinkConfig.resume_grace, low=0, high=86400),
         remote=remote,
         local=local,
     )
@@ -392,6 +393,7 @@ def _parse_relay(sec: Section, base: Path) -> RelayConfig:
         ),
         idle_timeout=sec.number("idle_timeout", defaults.idle_timeout, low=0),
         public_wait=sec.number("public_wait", defaults.public_wait, low=0),
+        resume_grace=sec.number("resume_grace", defaults.resume_grace, low=0, high=86400),
         keepalive=_keepalive(sec),
         window=window,
         max_packet=max_packet,

@@ -295,15 +295,22 @@ class ResumeTable:
 # wire formats
 
 
-def pack_hello() -> bytes:
-    return struct.pack(">L", VERSION)
+def pack_hello(instance: bytes) -> bytes:
+    """The agent's hello: version and its instance id (new at every start: a relay
+    holding sessions of the same key for another instance resets them at once, the
+    process that could resume them is gone)."""
+    return struct.pack(">LL", VERSION, len(instance)) + instance
 
 
-def unpack_hello(data: bytes) -> int:
-    if len(data) < 4:
+def unpack_hello(data: bytes) -> tuple[int, bytes]:
+    try:
+        version, n = struct.unpack(">LL", data[:8])
+    except struct.error as e:
+        raise ValueError("malformed resume hello") from e
+    instance = data[8:8 + n]
+    if n == 0 or n > 64 or len(instance) != n:
         raise ValueError("malformed resume hello")
-    (version,) = struct.unpack(">L", data[:4])
-    return int(version)
+    return int(version), instance
 
 
 def pack_hello_reply(instance: bytes, grace: float) -> bytes:

@@ -11,6 +11,7 @@ to ``public_wait`` seconds for it, then are refused cleanly.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ from relay.config.errors import ConfigError
 from relay.config.schema import RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
+from relay.core.resume import HELLO as RESUME_HELLO
+from relay.core.resume import pack_hello_reply
+from relay.core.resume import unpack_hello as unpack_resume_hello
 from relay.core.router import (
     SUPERSEDED,
     Decision,
@@ -49,6 +53,7 @@ from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
 from relay.ssh.hostkeys import fingerprint_sha256
 from relay.ssh.keygen import generate_keypair
+from relay.ssh.resumable import ResumableSessions, ResumableSide
 from relay.ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection, RelayFactory, RelayTransport
 from relay.ssh.wire import unpack_forward
 
@@ -87,6 +92,11 @@ class RelayCore:
         # Registrations whose tcpip-forward reply is not sent yet: not handed out.
         self._announcing: dict[tuple[str, int], Registration] = {}
         self.dataport = DataPort(self, self.admission)
+        # Sessions a labrelay agent may resume over a new link (docs/resilience.md); the
+        # instance id tells its agents when this relay restarted (nothing to resume).
+        self.resume = ResumableSessions(reactor, config.resume_grace, "relay",
+                                        on_resumed=self._resumed)
+        self.instance = secrets.token_bytes(16)
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
         grants.subscribe(self.grantsChanged)
 
@@ -139,10 +149,13 @@ class RelayCore:
         gone = self.router.drop_session(conn)
         self.dataport.sessionStopped(conn)
         ident = conn.identity
+        held = sum(1 for s in self.resume.held_sides() if s.row is not None
+                   and s.row.agent is conn)
         self._log.info(
-            "{kind} {name} at {peer} disconnected; {n} service(s) now waiting for it",
-            event="relay_disconnected", kind=ident.kind, name=ident.name, peer=conn.peer,
-            n=len(gone), services=",".join(_label(r) for r in gone),
+            "{kind} {name} at {peer} disconnected; {n} service(s) now waiting for it, "
+            "{held} session(s) held for it", event="relay_disconnected", kind=ident.kind,
+            name=ident.name, peer=conn.peer, n=len(gone),
+            services=",".join(_label(r) for r in gone), held=held,
         )
 
     # global requests
@@ -157,7 +170,36 @@ class RelayCore:
             return self.dataport.tokenRequest(conn, data)
         if requestType == fastwire.POOL_REQUEST:
             return self.dataport.poolRequest(conn, data)
+        if requestType == RESUME_HELLO:
+            return self._resumeHello(conn, data)
         return False  # keepalives and anything unknown: a standard failure reply
+
+    def _resumeHello(self, conn: RelayConnection, data: bytes) -> Any:
+        """A labrelay agent can resume sessions: its sessions will be resumable, and
+        those its key's *other* process left held cannot come back (it restarted)."""
+        if not self.resume.enabled or conn.identity.kind != "agent":
+            return False
+        try:
+            _version, instance = unpack_resume_hello(data)
+        except ValueError:
+            return False
+        conn.resumable, conn.agent_instance = True, instance
+        key = conn.identity.key_blob
+        for side in self.resume.held_sides():
+            owner: Any = side.stream.owner
+            if owner[0] == key and owner[1] != instance:
+                self._log.warn(
+                    "agent {agent}: session {label} cannot be resumed: its agent restarted",
+                    event="session_resume_refused", where="relay", agent=conn.principal_name,
+                    label=side.label, why="its agent restarted")
+                side.refused("its agent restarted")
+        return True, pack_hello_reply(self.instance, self.config.resume_grace)
+
+    def _resumed(self, side: ResumableSide) -> None:
+        """A session continues over its agent's new connection: its row follows."""
+        row = side.row
+        if row is not None and side.channel is not None:
+            row.agent = side.channel.conn
 
     def _refuse(self, conn: RelayConnection, what: str, why: str) -> bool:
         self.counters["requests_refused"] += 1
@@ -419,6 +461,8 @@ class RelayCore:
             self._sessionEnded(session, to_service, from_service, "bridge closed")
 
         bridge = Bridge(user_side, agent_side, onClosed=ended)
+        if isinstance(agent_side, ResumableSide):
+            agent_side.row = session
 
         def abort() -> None:
             bridge.a.abort()
@@ -650,6 +694,7 @@ class RelayCore:
             "per_service": self.sessions.per_service(),
             "per_user": self.sessions.per_user(),
             "public_ports": sorted(self.public),
+            "held_sessions": self.resume.status(),
             "fast_path": self.dataport.status(),
             "admission": self.admission.status(),
             "counters": dict(self.counters),

@@ -43,6 +43,8 @@ from relay.config.schema import RelayConfig
 from relay.core.admission import Offence, Ticket, worst
 from relay.core.grants import Principal
 from relay.core.keepalive import KeepaliveMonitor
+from relay.core.resume import OPEN_RESUMABLE, RESUME_CHANNEL, ResumeRefused, pack_sid
+from relay.core.routing import PUBLIC_BINDS
 from relay.ssh import policy
 from relay.ssh.aead import AEADTransportMixin
 from relay.ssh.channels import BridgedChannel
@@ -53,6 +55,7 @@ from relay.ssh.connection import (
     refused_by_peer,
 )
 from relay.ssh.guard import PeerInputGuard
+from relay.ssh.resumable import ResumableSessions
 from relay.ssh.wire import GRANT_REVOKED, pack_endpoints, pack_grant_revoked, unpack_endpoints
 
 OPEN_RESOURCE_SHORTAGE = 4
@@ -113,6 +116,10 @@ class RelayHandler(Protocol):
     def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
                         channel: BridgedChannel) -> defer.Deferred[BridgedChannel]:
         """Bridge a user's ``direct-tcpip`` channel to ``host:port``."""
+
+    @property
+    def resume(self) -> ResumableSessions:
+        """The sessions agents may resume over a new link (relay.ssh.resumable)."""
 
 
 REFUSED_CHANNEL_TYPES = {
@@ -377,6 +384,8 @@ class RelayConnection(FlowConnection):
         self.keepalive: KeepaliveMonitor | None = None
         self._replies: list[list[Any]] = []  # [done, ok, data, replied] in request order
         self._handling: list[defer.Deferred[None]] | None = None  # the request being handled
+        self.resumable = False  # a labrelay agent said resume@labrelay hello
+        self.agent_instance = b""  # which agent process (from its hello)
 
     @property
     def identity(self) -> Identity:
@@ -504,6 +513,8 @@ class RelayConnection(FlowConnection):
         if len(self.channels) + self._pendingOpens >= self.core.config.max_channels:
             raise error.ConchError("too many channels on this connection",
                                    OPEN_RESOURCE_SHORTAGE)
+        if channelType == RESUME_CHANNEL and self.resumable:
+            return self._resumeSession(windowSize, maxPacket, data)
         if channelType != b"direct-tcpip":
             what = REFUSED_CHANNEL_TYPES.get(channelType, "this channel type")
             self._log.info(
@@ -528,14 +539,39 @@ class RelayConnection(FlowConnection):
         return self.core.openUserSession(self, host, port, origin, channel)
 
     def openForwarded(self, bind: str, port: int, origHost: str,
-                      origPort: int) -> defer.Deferred[BridgedChannel]:
-        """Open a ``forwarded-tcpip`` channel to this agent for one session."""
+                      origPort: int) -> defer.Deferred[Any]:
+        """Open a ``forwarded-tcpip`` channel to this agent for one session: its bridge
+        side.  To an agent that said hello, a ``forwarded-resumable@labrelay`` whose
+        side holds across a broken link (relay.ssh.resumable)."""
+        resume = self.core.resume
+        resumable = self.resumable and resume.enabled
         channel = BridgedChannel(
-            b"forwarded-tcpip", window=self.core.config.window,
+            OPEN_RESUMABLE if resumable else b"forwarded-tcpip", window=self.core.config.window,
             maxPacket=self.core.config.max_packet, conn=self,
         )
-        self.openChannel(channel, pack_endpoints(bind, port, origHost, origPort))
-        return channel.opened
+        data = pack_endpoints(bind, port, origHost, origPort)
+        if not resumable:
+            self.openChannel(channel, data)
+            return channel.opened
+        sid = resume.new_sid()
+        self.openChannel(channel, data + pack_sid(sid))
+        service = f"public:{port}" if bind in PUBLIC_BINDS else f"{bind}:{port}"
+        label = f"{service} from {origHost}:{origPort}"
+        owner = (self.identity.key_blob, self.agent_instance)
+        return channel.opened.addCallback(lambda ch: resume.open(sid, owner, ch, label))
+
+    def _resumeSession(self, windowSize: int, maxPacket: int, data: bytes) -> BridgedChannel:
+        """The agent resumes a held session on this new connection."""
+        owner = (self.identity.key_blob, self.agent_instance)
+        try:
+            return self.core.resume.accept(
+                self, owner, self.core.config.window, self.core.config.max_packet,
+                windowSize, maxPacket, data)
+        except ResumeRefused as e:
+            self._log.warn("agent {name}: refused to resume a session: {why}",
+                           event="relay_resume_refused", name=self.principal_name,
+                           why=str(e))
+            raise error.ConchError(str(e), OPEN_CONNECT_FAILED) from e
 
 
 def _fire(waiting: list[defer.Deferred[None]], why: Exception | None = None) -> None:

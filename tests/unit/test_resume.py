@@ -21,9 +21,11 @@ from relay.core.resume import (
     ResumeTable,
     Stream,
     StreamState,
+    pack_hello,
     pack_hello_reply,
     pack_offer,
     split_sid,
+    unpack_hello,
     unpack_hello_reply,
     unpack_offer,
 )
@@ -227,6 +229,7 @@ def test_wire_formats_round_trip_and_reject_garbage() -> None:
     offer = Offer(SID, 2**40 + 5, True)
     assert unpack_offer(pack_offer(offer)) == offer
     assert unpack_hello_reply(pack_hello_reply(b"i" * 16, 60)) == (b"i" * 16, 60)
+    assert unpack_hello(pack_hello(b"a" * 16)) == (1, b"a" * 16)
     head, sid = split_sid(b"fields" + b"\x00\x00\x00\x10" + SID)
     assert (head, sid) == (b"fields", SID)
     for bad in (b"", b"\x00\x00\x00\x10" + SID, b"\x00\x00\x00\x05abcde" + b"\x00" * 9):
