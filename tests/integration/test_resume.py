@@ -24,7 +24,6 @@ from harness import (
     AgentProcess,
     DataStream,
     HarnessError,
-    KeyPair,
     MiB,
     RelayNode,
     SshProcess,
