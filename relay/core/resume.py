@@ -29,7 +29,6 @@ resumes one) are here too; docs/resilience.md describes the exchange.
 from __future__ import annotations
 
 import struct
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -117,7 +116,11 @@ class Stream:
         self.deadline: float | None = None
         self.resumes = 0
         self.why_ended: str | None = None
-        self._replay: deque[bytes] = deque()  # covers [acked, sent)
+        # [acked, sent) in one buffer: appended at the end, cut at the front (CPython's
+        # bytearray does that without moving the rest).  One buffer, not a chunk per read:
+        # chunks kept between the link's short-lived packet buffers fragmented the heap
+        # (measured: 1.3 windows of RSS per session instead of 1).
+        self._replay = bytearray()
 
     # while open (and, for writes already under way, while held)
 
@@ -125,7 +128,7 @@ class Stream:
         """``data`` was written toward the peer (sent now, or when the link is back)."""
         if self.state is StreamState.ENDED or not data:
             return
-        self._replay.append(bytes(data))
+        self._replay += data
         self.sent += len(data)
 
     def wrote_eof(self) -> None:
@@ -146,15 +149,7 @@ class Stream:
         if drop <= 0:
             return
         self.acked = total
-        replay = self._replay
-        while drop > 0:
-            head = replay[0]
-            if len(head) <= drop:
-                replay.popleft()
-                drop -= len(head)
-            else:
-                replay[0] = head[drop:]
-                drop = 0
+        del self._replay[:drop]
 
     def got(self, nbytes: int) -> None:
         self.received += nbytes
@@ -207,7 +202,11 @@ class Stream:
         self.state = StreamState.OPEN
         self.held_since = self.deadline = None
         self.resumes += 1
-        return Resumption(list(self._replay), self.eof_sent and not peer.eof, outage)
+        return Resumption(self._pending(), self.eof_sent and not peer.eof, outage)
+
+    def _pending(self) -> list[bytes]:
+        """The unacknowledged bytes, in order."""
+        return [bytes(self._replay)] if self._replay else []
 
     def expired(self, now: float) -> bool:
         """Whether it is held past its deadline (then it is ended)."""
@@ -221,7 +220,7 @@ class Stream:
             return
         self.state = StreamState.ENDED
         self.why_ended = why
-        self._replay.clear()
+        self._replay = bytearray()
 
     def age(self, now: float) -> float:
         """Seconds it has been held (0 if it is not)."""
