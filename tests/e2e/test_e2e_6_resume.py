@@ -15,6 +15,9 @@ keepalives (1 s x 3) and hold the sessions.
   cut against an 8 s grace (``resume_grace`` on both ends, the setting is the
   deadline), and the shorter one keeps the suite inside CI's time budget.
 
+* The fast path: a spliced ``labrelay connect`` scp across the same 20 s cut arrives
+  byte-exact, carried by TCP's own retransmission (no labrelay resume involved).
+
 The cut's length is the scenario itself (the link is held down that long), not a wait
 for something that could be awaited.
 """
@@ -25,6 +28,7 @@ import contextlib
 import hashlib
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -329,3 +333,48 @@ def test_past_the_grace_every_session_ends_with_an_error_none_short(site: Site,
     record("resume: a 12 s cut past an 8 s grace", ok=True, sessions=10,
            silently_wrong=0, notes=f"{errors} ended with an error, none short "
                                   "(the 70 s cut / 60 s grace of the issue, scaled down)")
+
+
+def test_a_spliced_fast_path_session_rides_tcp_across_a_20s_cut(site: Site,
+                                                                record: Record) -> None:
+    """The fast path's spliced sessions are not resumed by labrelay: each hop is a plain
+    TCP connection whose bytes only the kernels hold, and TCP's own retransmission
+    carries them across a cut (docs/resilience.md).  A paced 64 MiB scp through
+    ``labrelay connect`` spans a 20 s cut of lab_pc's uplink: the agent's SSH link dies
+    and comes back meanwhile, the spliced session never notices and arrives byte-exact."""
+    relay, agent = _lab(site, grace=None)
+    agent.wait_for("fast_path_ready", timeout=20, since=0)
+    cfg = site.user_config("alice")
+    proxy = (f"{sys.executable} -m relay connect -p {relay.port} "
+             f"-i {site.keys.alice.path} -o UserKnownHostsFile={relay.known_hosts} "
+             f"alice@{CLOUD} %h:%p")
+    fast_cfg = site.dir / "ssh_config.alice.fast"
+    fast_cfg.write_text(f"Host gpu-cluster\n  ProxyCommand {proxy}\n  ProxyJump none\n"
+                        + cfg.read_text())
+    stream = DataStream(650, SIZE)
+    src = site.write_file("fast-cut.bin", stream)
+    dst = site.dir / "fast-cut.arrived"
+    result: dict[str, Any] = {}
+    assert site.gpu is not None
+    mark = site.gpu.log.mark()
+
+    def run() -> None:
+        out = site.mac_run([site.scp_bin, "-q", "-l", SCP_LIMIT, "-F", str(fast_cfg),
+                            str(src), f"gpu-cluster:{dst}"], timeout=600)
+        result.update(rc=out.returncode, stderr=out.stderr.decode())
+
+    t = threading.Thread(target=run, daemon=True, name="fast-scp")
+    t.start()
+    site.gpu.wait_log(r"Starting session: subsystem 'sftp'", timeout=30, since=mark)
+    paired = relay.status()["relay"]["fast_path"]["paired"]
+    assert paired == 1, relay.status()["relay"]["fast_path"]
+    cut = _cut(site, 20.0, relay, agent)
+    agent.wait_for("link_connected", timeout=60, since=0)
+    t.join(600)
+    assert result.get("rc") == 0, result
+    assert file_sha256(dst) == (stream.size, stream.sha256)
+    assert relay.events("session_resumed") == []  # nothing of labrelay's resumed it
+    record("resume: a spliced fast-path scp across a 20 s cut", ok=True, sessions=1,
+           completed=1, silently_wrong=0,
+           notes=f"TCP's retransmission carried it; the agent's SSH link was found dead "
+                 f"after {cut['agent_dead']:.1f} s and reconnected meanwhile")
