@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
+from relay.core.clock import expire
 from relay.core.router import Router, Waiter, label_of
 from relay.core.routing import Registration, ServiceRegistry
 
@@ -44,15 +44,11 @@ class Waiting:
         self._log.info("a session waits up to {timeout:g}s for {service}: its agent is away",
                        event="relay_session_waiting", service=label_of(name, port),
                        timeout=timeout)
-        timer: IDelayedCall = self.reactor.callLater(timeout, d.cancel)
-
         def done(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
             self.router.unwait(waiter)
             return result
 
-        return d.addBoth(done)
+        return expire(d, timeout, self.reactor).addBoth(done)
 
     def registered(self, reg: Registration, woken: list[Waiter],
                    replied: defer.Deferred[None]) -> None:
