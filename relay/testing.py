@@ -409,8 +409,7 @@ class FakeRelayConnection:
     """What ``RelayCore``, ``DataPort`` and the registry ask of a ``RelayConnection``.
 
     ``probe()`` returns a Deferred the test fires (``True``: the holder answered);
-    disconnects and revoked grants are recorded.  ``whenReplied()`` fires at once, or,
-    with ``hold_replies``, when the test fires it from ``replies`` (a reply on its way).
+    disconnects and revoked grants are recorded.
     """
 
     identity: FakeIdentity
@@ -418,8 +417,6 @@ class FakeRelayConnection:
     probes: list[defer.Deferred[bool]] = field(default_factory=list)
     disconnected: list[str] = field(default_factory=list)
     revoked: list[tuple[str, int, str]] = field(default_factory=list)
-    hold_replies: bool = False
-    replies: list[defer.Deferred[None]] = field(default_factory=list)
 
     @property
     def principal_name(self) -> str:
@@ -437,11 +434,7 @@ class FakeRelayConnection:
         self.revoked.append((bind, port, why))
 
     def whenReplied(self) -> defer.Deferred[None]:
-        if not self.hold_replies:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self.replies.append(d)
-        return d
+        return defer.succeed(None)  # its replies are sent at once
 
 
 # --- the data path -------------------------------------------------------------------

@@ -24,15 +24,7 @@ from relay.config.schema import RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
 from relay.core.resume import HELLO as RESUME_HELLO
-from relay.core.router import (
-    SUPERSEDED,
-    Decision,
-    Probe,
-    Refused,
-    Router,
-    Verdict,
-    label_of,
-)
+from relay.core.router import SUPERSEDED, Decision, Probe, Refused, Router, Verdict, label_of
 from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
 from relay.datapath.bridge import Bridge
