@@ -65,12 +65,12 @@ class ResumableSide:
                  channel: BridgedChannel, label: str) -> None:
         self.sessions = sessions
         self.stream = stream
-        self.label = label  # what logs and status call it: "user -> service"
+        self.label = label  # what logs and status call it: "SERVICE from ORIGIN"
         self.channel: BridgedChannel | None = channel
         self.bridge: Any = None
         self.row: Any = None  # the relay's session row, for its owner to update
         self._pauses: set[str] = set()
-        self._closeAfter = False  # the bridge asked close() while held
+        self._closeAfter = False  # the bridge asked close(): again after a resume
         self._timer: IDelayedCall | None = None
         channel.onCredit = self._credited
 
