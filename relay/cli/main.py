@@ -294,7 +294,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
 def cmd_ssh_config(ns: argparse.Namespace) -> int:
     from relay.config.loader import load_config
     from relay.server.grants import Grants
-    from relay.user.sshconfig import relay_host_key_line, render
+    from relay.user.sshconfig import fast_path_note, relay_host_key_line, render
 
     config = load_config(ns.config)
     if config.relay is None:
@@ -307,11 +307,14 @@ def cmd_ssh_config(ns: argparse.Namespace) -> int:
                           "use a name from [[relay.user]] or the users file")
     host, _, port = ns.host.rpartition(":") if ":" in ns.host else (ns.host, "", "")
     relay_port = int(port) if port else config.relay.listen.port
+    fast = config.relay.e2e_services if config.relay.data_port is not None else ()
     print(render(user=user.name, relay_host=host or ns.host, relay_port=relay_port,
                  services=user.services, identity=ns.identity,
-                 host_key_line=relay_host_key_line(config.relay.state_dir),
-                 fast=config.relay.e2e_services if config.relay.data_port is not None else ()),
+                 host_key_line=relay_host_key_line(config.relay.state_dir), fast=fast),
           end="")
+    note = fast_path_note(user.services, fast)
+    if note is not None:
+        print(f"labrelay ssh-config: {note}", file=sys.stderr)
     return 0
 
 

@@ -43,6 +43,7 @@ class NodeService(MultiService):
                  on_fatal: Callable[[str], object] | None = None) -> None:
         super().__init__()
         self.config = config
+        self._reactor = reactor
         self._started = reactor.seconds()
         self.links: list[Link] = []
         self.relay: Any = None
@@ -92,6 +93,10 @@ class NodeService(MultiService):
         if self.plain_forwards:
             snapshot["forwards"] = [f.status() for f in self.plain_forwards]
             snapshot["datapath"] = self.plain_forwards[0].datapath.status()
+        else:
+            from relay.datapath.splicing import describe
+
+            snapshot["datapath"] = describe(self._reactor)
         return snapshot
 
 

@@ -378,6 +378,9 @@ def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
     relay = snapshot.get("relay")
     if relay is not None:
         parts += _relay_tables(relay, now)
+    dp = snapshot.get("datapath")
+    if dp:
+        parts.append(f"data path: {dp.get('backend', '?')} backend ({dp.get('reason', '')})")
     lines = "\n\n".join(parts).split("\n")
     return "".join(escape(line, None, backslash=False) + "\n" for line in lines)
 
