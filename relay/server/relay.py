@@ -430,6 +430,9 @@ class RelayCore:
                 why = ("the user's key is no longer granted" if loss.everything
                        else f"{session.service} is no longer granted to user {session.user}")
                 self._closeSession(session, why)
+        for session, why in self.resumes.no_longer_granted(change.losses,
+                                                           self.grants.principal_for):
+            self._closeSession(session, f"held for resumption: {why}")
         for conn in sorted(self.connections, key=lambda c: (c.identity.kind, c.principal_name)):
             loss = change.losses.get(conn.identity.key_blob)
             if loss is None:

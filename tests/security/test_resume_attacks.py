@@ -1,0 +1,220 @@
+"""Attacks on resumable sessions (docs/resilience.md) against a real relay.
+
+A labrelay agent's link is blackholed so that the relay holds a public-port session
+for it.  Then:
+
+- **hijack**: paramiko, logged in with *another* agent key, says the
+  ``resume@labrelay`` hello with an instance id of its own and offers
+  ``resume-session@labrelay`` for forged session ids (random, and the 8 hex digits
+  the status and the logs show, padded), with counts beyond what was sent; a granted
+  *user* and a client that never said hello try the same channel.  Every offer is
+  refused, none ends the held session, and the honest agent resumes it byte-exact
+  once its link is back.
+- **revoked while held**: the grant file narrows the agent (it loses the held
+  session's public port) while its link is down.  The relay must reset that held
+  session at once, not keep the user's connection for the grace period and let the
+  agent resume a session to a port it may no longer serve; the port it keeps serves
+  new connections when the link is back.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paramiko
+import pytest
+from conftest import Targets
+from harness import (
+    AgentProcess,
+    RelayNode,
+    connect,
+    free_port,
+    known_hosts_line,
+    make_key,
+    recv_exactly,
+)
+from paramiko.common import cMSG_CHANNEL_OPEN
+from paramiko.message import Message
+
+pytestmark = [pytest.mark.integration, pytest.mark.security]
+
+HELLO = b"resume@labrelay"
+RESUME = "resume-session@labrelay"
+
+
+def _grant(key: object, name: str, *ports: int) -> str:
+    opts = ",".join(f'permitlisten="{p}"' for p in ports)
+    return f"{opts} {key.public_blob()} {name}"  # type: ignore[attr-defined]
+
+
+def _world(start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+           targets: Targets, tmp_path: Path) -> tuple[RelayNode, object, AgentProcess,
+                                                       dict[str, object], int, int]:
+    keys = {n: make_key(tmp_path / n, comment=n) for n in ("lab_pc", "mallory", "alice")}
+    held_port, kept_port = free_port(), free_port()
+    relay = start_relay(
+        agents=[_grant(keys["lab_pc"], "lab_pc", held_port, kept_port),
+                _grant(keys["mallory"], "mallory", free_port())],
+        users=[f'permitopen="web:8080" {keys["alice"].public_blob()} alice'],
+        relay_toml=('public_bind = "127.0.0.1"\npublic_wait = 30\nresume_grace = 60\n'
+                    'keepalive_interval = 1\nkeepalive_count = 2\n'
+                    'penalty_exempt = ["127.0.0.1"]\n'),
+    )
+    proxy = targets.proxy(("127.0.0.1", relay.port))
+    relay.trust(known_hosts_line(relay.host_key_blob, proxy.port))
+    echo = targets.echo()
+    agent = start_agent(
+        "-p", str(proxy.port), "-i", str(keys["lab_pc"].path),
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+        "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2",
+        "--backoff-initial", "0.2", "--backoff-max", "1", "--resume-grace", "60",
+        "-R", f"0.0.0.0:{held_port}:127.0.0.1:{echo.port}",
+        "-R", f"0.0.0.0:{kept_port}:127.0.0.1:{echo.port}",
+        "lab_pc@127.0.0.1", name="agent",
+    )  # fmt: skip
+    agent.wait_for("link_connected", timeout=20)
+    for port in (held_port, kept_port):
+        agent.wait_for("forward_ready", timeout=20, since=0, kind="remote", port=port)
+    return relay, proxy, agent, keys, held_port, kept_port
+
+
+def _hold(relay: RelayNode, proxy: object, agent: AgentProcess, port: int) -> socket.socket:
+    """An echo session on public ``port``, then the link blackholed until the relay
+    holds the session."""
+    sock = connect(port, timeout=30)
+    sock.sendall(b"before ")
+    assert recv_exactly(sock, 7) == b"before "
+    mark, rmark = agent.mark(), relay.mark()
+    proxy.blackhole()  # type: ignore[attr-defined]
+    relay.wait_for("session_held", timeout=20, since=rmark)
+    agent.wait_for("session_held", timeout=20, since=mark)
+    return sock
+
+
+def _login(relay: RelayNode, key: object, user: str) -> paramiko.Transport:
+    t = paramiko.Transport(("127.0.0.1", relay.port))
+    t.connect(username=user, pkey=paramiko.Ed25519Key.from_private_key_file(
+        str(key.path)))  # type: ignore[attr-defined]
+    assert t.is_authenticated()
+    return t
+
+
+def _offer(sid: bytes, received: int, eof: bool = False) -> bytes:
+    return struct.pack(">L", len(sid)) + sid + struct.pack(">QB", received, int(eof))
+
+
+def _try_resume(t: paramiko.Transport, data: bytes) -> str:
+    """Open ``resume-session@labrelay`` with ``data`` as its type-specific data (as
+    paramiko's ``open_channel`` does for the types it knows): what the relay said."""
+    chanid = t._next_channel()
+    m = Message()
+    m.add_byte(cMSG_CHANNEL_OPEN)
+    m.add_string(RESUME)
+    m.add_int(chanid)
+    m.add_int(2 * 1024 * 1024)
+    m.add_int(32768)
+    m.add_bytes(data)
+    with t.lock:
+        chan = paramiko.Channel(chanid)
+        t._channels.put(chanid, chan)
+        t.channel_events[chanid] = event = threading.Event()
+        t.channels_seen[chanid] = True
+        chan._set_transport(t)
+        chan._set_window(2 * 1024 * 1024, 32768)
+    t._send_user_message(m)
+    if not event.wait(10):
+        raise AssertionError("the relay did not answer the channel open")
+    opened = t._channels.get(chanid)
+    if opened is not None:
+        opened.close()
+        return "opened"
+    return f"refused: {t.saved_exception}"
+
+
+def test_another_key_a_user_and_a_stock_client_cannot_resume_a_held_session(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    relay, proxy, agent, keys, held_port, _ = _world(start_relay, start_agent, targets,
+                                                     tmp_path)
+    sock = _hold(relay, proxy, agent, held_port)
+    shown = relay.status()["relay"]["held_sessions"]
+    assert len(shown) == 1
+    prefix = bytes.fromhex(shown[0]["id"])  # what status and logs show of the id
+    forged = [prefix + bytes(16 - len(prefix)), prefix + secrets.token_bytes(16 - len(prefix)),
+              secrets.token_bytes(16)]
+    rmark = relay.mark()
+
+    # Another agent key: says hello (fresh instance), offers forged ids and counts.
+    mallory = _login(relay, keys["mallory"], "mallory")
+    hello = (1, secrets.token_bytes(16))  # uint32 version, string instance id
+    assert mallory.global_request(HELLO.decode(), hello, wait=True) is not None
+    outcomes = [_try_resume(mallory, _offer(sid, n)) for sid in forged for n in (0, 7, 2**40)]
+    assert all(o.startswith("refused") for o in outcomes), outcomes
+    # A malformed offer (short id, huge length field) is refused too, not a crash.
+    assert _try_resume(mallory, struct.pack(">L", 2**31) + b"x" * 8).startswith("refused")
+    mallory.close()
+
+    # A granted user: the hello is refused and so is the channel.
+    alice = _login(relay, keys["alice"], "alice")
+    assert alice.global_request(HELLO.decode(), hello, wait=True) is None
+    assert _try_resume(alice, _offer(forged[0], 0)).startswith("refused")
+    alice.close()
+    # An agent that never said hello (a stock client's behaviour).
+    stock = _login(relay, keys["mallory"], "mallory")
+    assert _try_resume(stock, _offer(forged[0], 0)).startswith("refused")
+    stock.close()
+
+    refused = relay.events("relay_resume_refused", since=rmark)
+    assert len(refused) >= 9 and all(e["name"] == "mallory" for e in refused), refused
+    assert relay.events("session_resume_refused", since=rmark) == []
+    assert len(relay.status()["relay"]["held_sessions"]) == 1  # untouched
+
+    # The honest agent resumes it byte-exact.
+    proxy.restore()  # type: ignore[attr-defined]
+    agent.wait_for("session_resumed", timeout=30)
+    sock.sendall(b"after")
+    assert recv_exactly(sock, 5) == b"after"
+    assert relay.status()["relay"]["held_sessions"] == []
+
+
+def test_a_grant_narrowed_while_the_link_is_down_ends_the_held_session_at_once(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    relay, proxy, agent, keys, held_port, kept_port = _world(start_relay, start_agent,
+                                                             targets, tmp_path)
+    sock = _hold(relay, proxy, agent, held_port)
+    rmark, mark = relay.mark(), agent.mark()
+    t0 = time.monotonic()
+    (relay.dir / "agents").write_text(
+        _grant(keys["lab_pc"], "lab_pc", kept_port) + "\n"
+        + _grant(keys["mallory"], "mallory", free_port()) + "\n")
+    revoked = relay.wait_for("relay_session_revoked", timeout=10, since=rmark,
+                             service=f"public:{held_port}")
+    assert "no longer granted to agent lab_pc" in revoked["why"], revoked
+    # The user's connection ends with an error at once, not after the 60 s grace.
+    sock.settimeout(10)
+    with pytest.raises(OSError):
+        sock.sendall(b"x")
+        if sock.recv(1) == b"":
+            raise ConnectionResetError("closed")
+    ended = time.monotonic() - t0
+    print(f"\nheld session of a narrowed grant reset after {ended:.2f}s (grace 60 s)")
+    assert ended < 10
+    assert relay.status()["relay"]["held_sessions"] == []
+
+    # Back: nothing of the revoked port comes back; the kept port serves.
+    proxy.restore()  # type: ignore[attr-defined]
+    agent.wait_for("link_connected", timeout=30, since=mark)
+    agent.wait_for("forward_ready", timeout=20, since=mark, kind="remote", port=kept_port)
+    assert relay.events("session_resumed", since=rmark) == []
+    honest = connect(kept_port, timeout=30)
+    honest.sendall(b"still served")
+    assert recv_exactly(honest, 12) == b"still served"
