@@ -259,10 +259,12 @@ class RelayCore:
 
     # reaching a service
 
-    def whenRegistered(self, name: str, port: int, timeout: float) -> defer.Deferred[Registration]:
+    def whenRegistered(self, name: str, port: int, timeout: float,
+                       row: SessionRow | None = None) -> defer.Deferred[Registration]:
         """``name:port``'s registration once its agent knows it holds it, waiting up to
-        ``timeout`` seconds for its agent (relay.server.waiting)."""
-        return self.waiting.whenRegistered(name, port, timeout)
+        ``timeout`` seconds for its agent (relay.server.waiting); ``row``'s wait ends at
+        once if the relay closes it meanwhile (a grants reload)."""
+        return self.waiting.whenRegistered(name, port, timeout, row)
 
     def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
                         channel: BridgedChannel) -> defer.Deferred[BridgedChannel]:
@@ -290,7 +292,7 @@ class RelayCore:
         session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
                                      key=ident.key_blob)
         audit.opened(session)
-        d = self.whenRegistered(host, port, self.config.public_wait)
+        d = self.whenRegistered(host, port, self.config.public_wait, session)
         d.addCallback(lambda reg: self.openToAgent(reg, port, origin, session))
 
         def connected(agent_channel: BridgedChannel) -> BridgedChannel:
@@ -305,7 +307,7 @@ class RelayCore:
 
         def failed(f: Failure) -> defer.Deferred[BridgedChannel]:
             self.sessionEnded(session, 0, 0, "agent unavailable")
-            why = ("its agent did not come back within "
+            why = session.closing or ("its agent did not come back within "
                    f"{self.config.public_wait:g}s") if f.check(defer.CancelledError) else (
                 f"its agent could not connect it: {f.getErrorMessage()}")
             return refuse(OPEN_CONNECT_FAILED, f"service {service} unavailable: {why}")
@@ -433,6 +435,7 @@ class RelayCore:
         for session, why in self.resumes.no_longer_granted(change.losses,
                                                            self.grants.principal_for):
             self._closeSession(session, f"held for resumption: {why}")
+        self._endHopelessWaits()
         for conn in sorted(self.connections, key=lambda c: (c.identity.kind, c.principal_name)):
             loss = change.losses.get(conn.identity.key_blob)
             if loss is None:
@@ -443,6 +446,20 @@ class RelayCore:
                 for reg in self.router.no_longer_held(conn):
                     self._dropRegistration(reg, f"{_label(reg)} is no longer granted to "
                                            f"agent {conn.principal_name}", tell=True)
+
+    def _endHopelessWaits(self) -> None:
+        """Sessions waiting for a service no agent may register any more end now, and a
+        public port no agent holds or may hold stops listening: the revoked agent's
+        door must not stay open for ``public_wait`` (or, for the listener, forever)."""
+        for session, name, port in self.waiting.waits():
+            if not (self.grants.public_port_owner(port) is not None if name == PUBLIC
+                    else self.router.may_appear(self.grants.owner_of(name), name, port)):
+                self._closeSession(session, f"{session.service} is no longer granted to "
+                                   "any agent")
+        for port in sorted(self.publicPorts.listeners):
+            if (self.registry.lookup(PUBLIC, port) is None
+                    and self.grants.public_port_owner(port) is None):
+                self.publicPorts.close(port)
 
     def _revokeConnection(self, conn: RelayConnection, where: str) -> None:
         for reg in self.registry.held_by(conn):
@@ -488,6 +505,8 @@ class RelayCore:
         abort = self._aborts.get(session)
         if abort is not None:
             abort()
+        else:
+            self.waiting.cancel(session)  # waiting for its agent: ends now
 
     # start, stop
 

@@ -48,7 +48,7 @@ HELLO = b"resume@labrelay"
 RESUME = "resume-session@labrelay"
 
 
-def _grant(key: object, name: str, *ports: int) -> str:
+def _grant(key: object, name: str, *ports: int | str) -> str:
     opts = ",".join(f'permitlisten="{p}"' for p in ports)
     return f"{opts} {key.public_blob()} {name}"  # type: ignore[attr-defined]
 
@@ -59,9 +59,9 @@ def _world(start_relay: Callable[..., RelayNode], start_agent: Callable[..., Age
     keys = {n: make_key(tmp_path / n, comment=n) for n in ("lab_pc", "mallory", "alice")}
     held_port, kept_port = free_port(), free_port()
     relay = start_relay(
-        agents=[_grant(keys["lab_pc"], "lab_pc", held_port, kept_port),
+        agents=[_grant(keys["lab_pc"], "lab_pc", held_port, kept_port, "web:8080"),
                 _grant(keys["mallory"], "mallory", free_port())],
-        users=[f'permitopen="web:8080" {keys["alice"].public_blob()} alice'],
+        users=[f'permitopen="web:8080",permitopen="gpu:22" {keys["alice"].public_blob()} alice'],
         relay_toml=('public_bind = "127.0.0.1"\npublic_wait = 30\nresume_grace = 60\n'
                     'keepalive_interval = 1\nkeepalive_count = 2\n'
                     'penalty_exempt = ["127.0.0.1"]\n'),
@@ -76,6 +76,7 @@ def _world(start_relay: Callable[..., RelayNode], start_agent: Callable[..., Age
         "--backoff-initial", "0.2", "--backoff-max", "1", "--resume-grace", "60",
         "-R", f"0.0.0.0:{held_port}:127.0.0.1:{echo.port}",
         "-R", f"0.0.0.0:{kept_port}:127.0.0.1:{echo.port}",
+        "-R", f"web:8080:127.0.0.1:{echo.port}",
         "lab_pc@127.0.0.1", name="agent",
     )  # fmt: skip
     agent.wait_for("link_connected", timeout=20)
@@ -218,3 +219,67 @@ def test_a_grant_narrowed_while_the_link_is_down_ends_the_held_session_at_once(
     honest = connect(kept_port, timeout=30)
     honest.sendall(b"still served")
     assert recv_exactly(honest, 12) == b"still served"
+
+
+def test_a_grant_narrowed_while_the_agent_is_away_ends_waiting_sessions_and_its_port(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """While the agent is away, alice waits for web:8080 and a stranger waits on a
+    public port.  The grant files take web:8080 from alice and the public port from
+    the agent: both waits end at once (not after ``public_wait``), the revoked port
+    stops listening; a connection to the port the agent keeps, made while it was away,
+    is served when it is back."""
+    relay, proxy, agent, keys, held_port, kept_port = _world(start_relay, start_agent,
+                                                             targets, tmp_path)
+    rmark, mark = relay.mark(), agent.mark()
+    proxy.blackhole()  # type: ignore[attr-defined]
+    relay.wait_for("relay_disconnected", timeout=20, since=rmark, kind="agent")
+
+    alice = _login(relay, keys["alice"], "alice")
+    outcome: dict[str, object] = {}
+
+    def open_web() -> None:
+        try:
+            outcome["chan"] = alice.open_channel("direct-tcpip", ("web", 8080),
+                                                 ("127.0.0.1", 1), timeout=60)
+        except Exception as e:
+            outcome["error"] = e
+        outcome["at"] = time.monotonic()
+
+    opener = threading.Thread(target=open_web, daemon=True)
+    opener.start()
+    stranger = connect(held_port, timeout=60)
+    kept = connect(kept_port, timeout=60)
+    kept.sendall(b"kept ")
+    for service in ("web:8080", f"public:{held_port}", f"public:{kept_port}"):
+        relay.wait_for("relay_session_waiting", timeout=10, since=rmark, service=service)
+
+    rmark = relay.mark()
+    t0 = time.monotonic()
+    (relay.dir / "users").write_text(
+        f'permitopen="gpu:22" {keys["alice"].public_blob()} alice\n')  # type: ignore[attr-defined]
+    (relay.dir / "agents").write_text(
+        _grant(keys["lab_pc"], "lab_pc", kept_port, "web:8080") + "\n"
+        + _grant(keys["mallory"], "mallory", free_port()) + "\n")
+    opener.join(15)
+    assert "error" in outcome, outcome  # refused, not opened
+    stranger.settimeout(10)
+    with pytest.raises(OSError):
+        stranger.sendall(b"x")
+        if stranger.recv(1) == b"":
+            raise ConnectionResetError("closed")
+    stranger_ended = time.monotonic() - t0
+    alice_ended = float(outcome["at"]) - t0  # type: ignore[arg-type]
+    print(f"\nwaiting sessions of revoked grants ended after {alice_ended:.2f}s (user) "
+          f"and {stranger_ended:.2f}s (public port); public_wait 30 s")
+    assert alice_ended < 10 and stranger_ended < 10
+    with pytest.raises(OSError):
+        connect(held_port, timeout=5).recv(1)  # nothing listens there any more
+
+    proxy.restore()  # type: ignore[attr-defined]
+    agent.wait_for("link_connected", timeout=30, since=mark)
+    assert recv_exactly(kept, 5) == b"kept "
+    kept.sendall(b"and on")
+    assert recv_exactly(kept, 6) == b"and on"
+    alice.close()
