@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
@@ -53,9 +54,13 @@ def _grant(key: object, name: str, *ports: int | str) -> str:
     return f"{opts} {key.public_blob()} {name}"  # type: ignore[attr-defined]
 
 
+World = tuple[RelayNode, Any, AgentProcess, dict[str, Any], int, int]
+
+
 def _world(start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
-           targets: Targets, tmp_path: Path) -> tuple[RelayNode, object, AgentProcess,
-                                                       dict[str, object], int, int]:
+           targets: Targets, tmp_path: Path, extra: str = "") -> World:
+    """The relay, the proxy under lab_pc's link, lab_pc's agent, the keys, and lab_pc's
+    two public ports (both to an echo server)."""
     keys = {n: make_key(tmp_path / n, comment=n) for n in ("lab_pc", "mallory", "alice")}
     held_port, kept_port = free_port(), free_port()
     relay = start_relay(
@@ -64,7 +69,7 @@ def _world(start_relay: Callable[..., RelayNode], start_agent: Callable[..., Age
         users=[f'permitopen="web:8080",permitopen="gpu:22" {keys["alice"].public_blob()} alice'],
         relay_toml=('public_bind = "127.0.0.1"\npublic_wait = 30\nresume_grace = 60\n'
                     'keepalive_interval = 1\nkeepalive_count = 2\n'
-                    'penalty_exempt = ["127.0.0.1"]\n'),
+                    f'penalty_exempt = ["127.0.0.1"]\n{extra}'),
     )
     proxy = targets.proxy(("127.0.0.1", relay.port))
     relay.trust(known_hosts_line(relay.host_key_blob, proxy.port))
@@ -283,3 +288,127 @@ def test_a_grant_narrowed_while_the_agent_is_away_ends_waiting_sessions_and_its_
     kept.sendall(b"and on")
     assert recv_exactly(kept, 6) == b"and on"
     alice.close()
+
+
+class HugeWindowAgent(paramiko.Transport):
+    """An agent that says the resume hello, accepts ``forwarded-resumable@labrelay``
+    as paramiko accepts ``forwarded-tcpip`` (the same fields, the session id after
+    them) and opens each with a 4 GiB window it never has to re-open: the relay's
+    replay buffer is bounded by the peer's window, which this peer chooses."""
+
+    def _parse_channel_open(self, m: Message) -> None:
+        kind = m.get_text()  # the message starts after its type byte
+        if kind != "forwarded-resumable@labrelay":
+            m.rewind()
+            return super()._parse_channel_open(m)  # type: ignore[misc, no-any-return]
+        rest = m.get_remainder()
+        forged = Message()
+        forged.add_string("forwarded-tcpip")
+        forged.add_bytes(rest[:-(4 + 16)])  # without the session id
+        forged.rewind()
+        return super()._parse_channel_open(forged)  # type: ignore[misc, no-any-return]
+
+
+def _bytes_to(relay: RelayNode, service: str) -> int:
+    rows = [s for s in relay.status()["relay"]["sessions"] if s["service"] == service]
+    return rows[0]["bytes_to_service"] if rows else 0
+
+
+def test_an_agent_with_a_huge_window_cannot_grow_the_relays_replay_buffer(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """mallory's agent (paramiko, a 4 GiB window, never re-opened) holds a public
+    port; a client pushes 96 MiB at it.  Without a bound the relay keeps every byte
+    for a replay it will never need; with it the relay keeps at most
+    REPLAY_LIMIT (16 MiB, the largest window a labrelay end can be configured with)
+    plus one read, and stops reading the client.  lab_pc's honest public port keeps working."""
+    relay, _proxy, _agent, keys, _held, kept_port = _world(start_relay, start_agent, targets,
+                                                           tmp_path)
+    line = (relay.dir / "agents").read_text().splitlines()[1]
+    mallory_port = int(line.split('"')[1])
+    proxy = targets.proxy(("127.0.0.1", relay.port))
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    t = HugeWindowAgent(sock, default_window_size=2**32 - 1)
+    t.connect(username="mallory", pkey=paramiko.Ed25519Key.from_private_key_file(
+        str(keys["mallory"].path)))  # type: ignore[attr-defined]
+    assert t.global_request("resume@labrelay", (1, secrets.token_bytes(16)), wait=True)
+    accepted: list[paramiko.Channel] = []
+    t.request_port_forward("0.0.0.0", mallory_port,
+                           handler=lambda ch, origin, server: accepted.append(ch))
+    base = relay.rss_kb()
+
+    total = 96 * 1024 * 1024
+    client = connect(mallory_port, timeout=120)
+    pushed: list[int] = []
+
+    def push() -> None:
+        block = bytes(1024 * 1024)
+        try:
+            for _ in range(total // len(block)):
+                client.sendall(block)
+                pushed.append(len(block))
+        except OSError:
+            pass
+
+    pusher = threading.Thread(target=push, daemon=True)
+    pusher.start()
+    service = f"public:{mallory_port}"
+    # Bounded polling (nothing to await): until all was taken, or it stopped moving.
+    deadline, last, still = time.monotonic() + 90, -1, 0
+    while time.monotonic() < deadline and pusher.is_alive():
+        now = _bytes_to(relay, service)
+        still = still + 1 if now == last and now > 0 else 0
+        if still >= 10:
+            break
+        last = now
+        time.sleep(0.2)
+    moved = _bytes_to(relay, service)
+    grown = (relay.rss_kb() - base) / 1024
+    rmark = relay.mark()
+    proxy.blackhole()  # type: ignore[attr-defined]
+    relay.wait_for("session_held", timeout=20, since=rmark)
+    unacked = max(h["unacked_bytes"] for h in relay.status()["relay"]["held_sessions"]
+                  if h["session"].startswith(service))
+    print(f"\nhuge-window agent: the relay took {moved / 2**20:.1f} MiB of 96 from the "
+          f"client, kept {unacked / 2**20:.1f} MiB for replay, its RSS grew {grown:.1f} MiB")
+    # the limit, plus the one read (64 KiB) that came before the client was paused
+    assert unacked <= 16 * 1024 * 1024 + 64 * 1024, unacked
+    assert moved <= 16 * 1024 * 1024 + 64 * 1024, moved
+
+    honest = connect(kept_port, timeout=30)
+    honest.sendall(b"honest")
+    assert recv_exactly(honest, 6) == b"honest"
+    client.close()
+    t.close()
+
+
+def test_resumable_sessions_are_capped_and_the_rest_end_with_the_link(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """Each resumable session keeps up to a window of replay at the relay, and a public
+    port's connections are anyone's to open: ``resume_max_sessions = 3`` and five
+    connections; the link is cut: three are held and resumed, two end with it."""
+    relay, proxy, agent, _keys, held_port, _ = _world(start_relay, start_agent, targets,
+                                                      tmp_path, "resume_max_sessions = 3\n")
+    socks = [connect(held_port, timeout=30) for _ in range(5)]
+    for i, sock in enumerate(socks):
+        sock.sendall(b"%d" % i)
+        assert recv_exactly(sock, 1) == b"%d" % i
+    rmark, mark = relay.mark(), agent.mark()
+    proxy.blackhole()  # type: ignore[attr-defined]
+    for _ in range(3):
+        relay.wait_for("session_held", timeout=20, since=rmark)
+    assert len(relay.status()["relay"]["held_sessions"]) == 3
+    proxy.restore()  # type: ignore[attr-defined]
+    for _ in range(3):
+        agent.wait_for("session_resumed", timeout=30, since=mark)
+    alive = []
+    for sock in socks:
+        try:
+            sock.sendall(b"?")
+            alive.append(recv_exactly(sock, 1) == b"?")
+        except OSError:
+            alive.append(False)
+    assert sorted(alive) == [False, False, True, True, True], alive
