@@ -19,11 +19,13 @@ for it.  Then:
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
 import struct
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,14 +60,16 @@ World = tuple[RelayNode, Any, AgentProcess, dict[str, Any], int, int]
 
 
 def _world(start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
-           targets: Targets, tmp_path: Path, extra: str = "") -> World:
+           targets: Targets, tmp_path: Path, extra: str = "", in_toml: bool = False) -> World:
     """The relay, the proxy under lab_pc's link, lab_pc's agent, the keys, and lab_pc's
     two public ports (both to an echo server)."""
     keys = {n: make_key(tmp_path / n, comment=n) for n in ("lab_pc", "mallory", "alice")}
     held_port, kept_port = free_port(), free_port()
+    lab_pc = [_grant(keys["lab_pc"], "lab_pc", held_port, kept_port, "web:8080")]
+    if in_toml:  # lab_pc's grant in the node config, changed by a reload
+        lab_pc, extra = [], extra + _table(keys["lab_pc"], held_port, kept_port)
     relay = start_relay(
-        agents=[_grant(keys["lab_pc"], "lab_pc", held_port, kept_port, "web:8080"),
-                _grant(keys["mallory"], "mallory", free_port())],
+        agents=[*lab_pc, _grant(keys["mallory"], "mallory", free_port())],
         users=[f'permitopen="web:8080",permitopen="gpu:22" {keys["alice"].public_blob()} alice'],
         relay_toml=('public_bind = "127.0.0.1"\npublic_wait = 30\nresume_grace = 60\n'
                     'keepalive_interval = 1\nkeepalive_count = 2\n'
@@ -88,6 +92,12 @@ def _world(start_relay: Callable[..., RelayNode], start_agent: Callable[..., Age
     for port in (held_port, kept_port):
         agent.wait_for("forward_ready", timeout=20, since=0, kind="remote", port=port)
     return relay, proxy, agent, keys, held_port, kept_port
+
+
+def _table(key: Any, *ports: int) -> str:
+    """lab_pc's ``[[relay.agent]]`` table with public ``ports`` and web:8080."""
+    return (f'\n[[relay.agent]]\nname = "lab_pc"\nkeys = ["{key.public_blob()}"]\n'
+            f'services = ["web:8080"]\npublic_ports = {list(ports)}\n')
 
 
 def _hold(relay: RelayNode, proxy: object, agent: AgentProcess, port: int) -> socket.socket:
@@ -412,3 +422,38 @@ def test_resumable_sessions_are_capped_and_the_rest_end_with_the_link(
         except OSError:
             alive.append(False)
     assert sorted(alive) == [False, False, True, True, True], alive
+
+
+def test_a_config_reload_that_narrows_the_agent_ends_its_held_session_at_once(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """The same through the node config: lab_pc's ``[[relay.agent]]`` table loses the
+    held session's public port and ``POST /reload`` applies it."""
+    relay, proxy, agent, _keys, held_port, kept_port = _world(
+        start_relay, start_agent, targets, tmp_path, in_toml=True)
+    sock = _hold(relay, proxy, agent, held_port)
+    config = relay.dir / "node.toml"
+    config.write_text(config.read_text().replace(
+        f"public_ports = {[held_port, kept_port]}", f"public_ports = {[kept_port]}"))
+    rmark, mark = relay.mark(), agent.mark()
+    t0 = time.monotonic()
+    request = urllib.request.Request(f"http://{relay.admin}/reload", data=b"", method="POST",
+                                     headers={"X-Labrelay-Action": "reload"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert json.load(reply)["ok"] is True
+    relay.wait_for("relay_session_revoked", timeout=10, since=rmark,
+                   service=f"public:{held_port}")
+    sock.settimeout(10)
+    with pytest.raises(OSError):
+        sock.sendall(b"x")
+        if sock.recv(1) == b"":
+            raise ConnectionResetError("closed")
+    print(f"\nheld session reset {time.monotonic() - t0:.2f}s after POST /reload")
+    assert relay.status()["relay"]["held_sessions"] == []
+    proxy.restore()  # type: ignore[attr-defined]
+    agent.wait_for("forward_ready", timeout=30, since=mark, kind="remote", port=kept_port)
+    assert relay.events("session_resumed", since=rmark) == []
+    honest = connect(kept_port, timeout=30)
+    honest.sendall(b"kept")
+    assert recv_exactly(honest, 4) == b"kept"
