@@ -65,10 +65,13 @@ from relay.config.schema import (
     PrincipalConfig,
     RelayConfig,
     RemoteForward,
+    TLSListenConfig,
     current_user,
     default_known_hosts,
 )
 from relay.config.section import Section, describe, fmt
+from relay.config.transport import server_name as tls_server_name
+from relay.config.transport import transport_config
 
 T = TypeVar("T")
 
@@ -245,6 +248,10 @@ def _parse_link(sec: Section, index: int, base: Path) -> LinkConfig:
         window=window,
         max_packet=max_packet,
         fast_path_pool=sec.integer("fast_path_pool", 4, 0, 64),
+        transport=transport_config(
+            sec.string, lambda key: (sec.source, sec.keypath(key)),
+            lambda text: _path(text, base),
+            lambda key: sec.integer(key, 443, 1, 65535) if key in sec.data else None),
         remote=remote,
         local=local,
     )
@@ -332,6 +339,29 @@ def _networks(sec: Section, key: str) -> tuple[IPNetwork, ...]:
     return tuple(dict.fromkeys(nets))
 
 
+def _parse_tls_listen(sec: Section, base: Path) -> TLSListenConfig | None:
+    """``tls_cert`` (with ``tls_key``) turns the TLS port on, on 443 unless
+    ``tls_listen`` says otherwise."""
+    cert, key = sec.string("tls_cert"), sec.string("tls_key")
+    if cert is None:
+        for other in ("tls_key", "tls_listen", "tls_names", "tls_handshake_timeout"):
+            if other in sec.data:
+                raise sec.error(other, f"{other} has no effect without tls_cert",
+                                'set tls_cert and tls_key (PEM files, e.g. certbot\'s '
+                                'fullchain.pem and privkey.pem) to turn the TLS port on')
+        return None
+    if key is None:
+        raise sec.error("tls_key", "tls_cert is set but tls_key is not",
+                        'e.g. tls_key = "/etc/letsencrypt/live/relay.example.org/privkey.pem"')
+    listen = parse_relay_listen(sec.string("tls_listen") or "0.0.0.0:443", source=sec.source,
+                                keypath=sec.keypath("tls_listen"))
+    names = tuple(_each(sec, "tls_names", lambda text: tls_server_name(text)))
+    return TLSListenConfig(
+        cert=_path(cert, base), key=_path(key, base), listen=listen, names=names,
+        handshake_timeout=sec.number("tls_handshake_timeout", 10.0, low=0, above=True),
+    )
+
+
 def _parse_relay(sec: Section, base: Path) -> RelayConfig:
     listen = parse_relay_listen(
         sec.string("listen") or "0.0.0.0:2222", source=sec.source, keypath=sec.keypath("listen")
@@ -395,6 +425,7 @@ def _parse_relay(sec: Section, base: Path) -> RelayConfig:
         keepalive=_keepalive(sec),
         window=window,
         max_packet=max_packet,
+        tls=_parse_tls_listen(sec, base),
     )
     check_principals(config_sites(relay, sec.source), relay, (sec.source, sec.keypath("listen")))
     return relay

@@ -36,12 +36,14 @@ from relay.datapath.net import LISTEN_BACKLOG
 from relay.datapath.splicing import SplicedPair
 from relay.server.dataport import DataPort, PairingError
 from relay.server.grants import Grants, GrantsChange, GrantsWatcher, Principal
+from relay.server.tlsport import TLSPort
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
 from relay.ssh.hostkeys import fingerprint_sha256
 from relay.ssh.keygen import generate_keypair
 from relay.ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection, RelayFactory, RelayTransport
 from relay.ssh.wire import unpack_forward
+from relay.transport.tlsserver import CertificateError
 
 TAKEOVER_PROBE = 0.5
 
@@ -75,6 +77,7 @@ class RelayCore:
         self.ssh_gate = self.admission.gate("ssh", config.max_unauthenticated)
         self._sweeper: IDelayedCall | None = None
         self._publicWaiting: dict[int, int] = {}  # connections waiting for their agent
+        self.extra_status: dict[str, Callable[[], dict[str, Any]]] = {}  # e.g. the TLS port
         self.dataport = DataPort(self, self.admission)
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
         grants.subscribe(self.grantsChanged)
@@ -602,6 +605,7 @@ class RelayCore:
             "fast_path": self.dataport.status(),
             "admission": self.admission.status(),
             "counters": dict(self.counters),
+            **{name: get() for name, get in self.extra_status.items()},
         }
 
 
@@ -638,10 +642,22 @@ class RelayService(MultiService):
         self.server = TCPServer(config.listen.port, self.factory,
                                 interface=config.listen.host, reactor=reactor)
         self.server.setServiceParent(self)
+        self.tls: TLSPort | None = None
+        if config.tls is not None:
+            try:
+                self.tls = TLSPort(config.tls, self.factory, self.core.admission,
+                                   config.max_unauthenticated, reactor)
+            except CertificateError as e:
+                raise ConfigError(str(config.tls.cert), "relay.tls_cert", str(e),
+                                  "tls_cert and tls_key are PEM files, e.g. certbot's "
+                                  "fullchain.pem and privkey.pem") from None
+            self.core.extra_status["tls"] = self.tls.status
 
     def startService(self) -> None:
         super().startService()
         self.core.start()
+        if self.tls is not None:
+            self.tls.start()
         port = self.server._port  # type: ignore[attr-defined]
         bound = port.getHost().port if port is not None else self.core.config.listen.port
         self._log.info(
@@ -651,6 +667,8 @@ class RelayService(MultiService):
         )
 
     def stopService(self) -> defer.Deferred[Any]:
+        if self.tls is not None:
+            self.tls.stop()
         for conn in list(self.core.connections):
             conn.disconnect("relay shutting down")
         d: defer.Deferred[Any] = self.core.stop()
