@@ -33,7 +33,7 @@ class _Tunnel(Protocol):
     def __init__(self, request: bytes, factory: IProtocolFactory, addr: Any,
                  ready: defer.Deferred[IProtocol], proxy: ProxyURL) -> None:
         self.request = request
-        self.factory = factory
+        self.inner_factory = factory
         self.addr = addr
         self.ready = ready
         self.proxy = proxy
@@ -59,7 +59,7 @@ class _Tunnel(Protocol):
 
     def _open(self, answer: Tunnel) -> None:
         self.buf = b""
-        inner = self.factory.buildProtocol(self.addr)
+        inner = self.inner_factory.buildProtocol(self.addr)
         if inner is None:
             self._fail(Failure(ConnectionRefusedError("the protocol factory refused")))
             return
