@@ -20,7 +20,8 @@ from relay.transport.dial import Dialer, Route, routes
 from relay.transport.tlsserver import CertificateError, CertificateSource
 
 PROXY = ProxyURL("proxy", 3128)
-USER = ('[[relay.user]]\nname = "a"\nkeys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJw3u6oWHBBcM7TlsVPq51/sDO2tWgpjEmV9CEcpjb44 a"]\n'
+USER = ('[[relay.user]]\nname = "a"\nkeys = ["ssh-ed25519 '
+        'AAAAC3NzaC1lZDI1NTE5AAAAIJw3u6oWHBBcM7TlsVPq51/sDO2tWgpjEmV9CEcpjb44 a"]\n'
         'services = ["gpu-cluster:22"]\n')
 
 
@@ -78,7 +79,7 @@ def test_config_keys_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not both"):
         parse_config('[[link]]\nhost = "h"\nuser = "u"\ntls_ca_file = "a"\n'
                      'tls_pin = "sha256//YLh1dUR9y6Kja30RrAn7JKnbQG/uEtLMkBgFF2Fuihg="\n', "n")
-    with pytest.raises(ConfigError, match="relay.tls_key: tls_cert is set but tls_key is not"):
+    with pytest.raises(ConfigError, match=r"relay\.tls_key: tls_cert is set but tls_key is not"):
         parse_config('[relay]\ntls_cert = "c"\n' + USER, "n")
     with pytest.raises(ConfigError, match="tls_listen has no effect without tls_cert"):
         parse_config('[relay]\ntls_listen = "443"\n', "n")
