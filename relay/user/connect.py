@@ -42,6 +42,7 @@ from relay.datapath import splicing as datapath
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.datapath.net import client_endpoint, peer_ip
 from relay.ssh.client import SingleConnection, open_connection
+from relay.transport.dial import route_of
 
 CLI = "command line"
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -251,6 +252,10 @@ class Connector:
         """The session on the fast path; DataPortUnreachable if the data port cannot be
         reached (a firewall in between is the usual reason): the caller falls back."""
         cfg = self.options.link
+        route = route_of(self.conn.link_transport)
+        if route is not None and not route.direct:
+            raise DataPortUnreachable(f"the relay is reached by {route}, and its data port "
+                                      "is not reachable that way")
         # The address this SSH connection reached (its host key was checked), not
         # the relay's name resolved again.
         host = peer_ip(self.conn) or cfg.host

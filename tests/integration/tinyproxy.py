@@ -54,7 +54,7 @@ class Tinyproxy:
             if self.proc.poll() is not None:
                 raise HarnessError(f"tinyproxy exited {self.proc.returncode}: "
                                    f"{self.log.read_text()[-2000:]}")
-            if not connect and b"listening on" in self.log.read_bytes().lower():
+            if not connect and b"accepting connections" in self.log.read_bytes().lower():
                 return
             if connect:
                 try:
