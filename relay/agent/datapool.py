@@ -254,7 +254,9 @@ class DataPool:
             return
         host = peer_ip(conn)
         if host is None:
-            self.state, self.reason = "off", "the link is not a TCP connection to an IP address"
+            self.state, self.reason = "off", ("the link is not a plain TCP connection to an IP "
+                                              "address (TLS or a proxy: the data port is not "
+                                              "reachable that way)")
             return
         self._conn = conn
         self.data_host = host

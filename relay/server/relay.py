@@ -666,6 +666,11 @@ class RelayService(MultiService):
             fingerprints=" ".join(self.fingerprints),
         )
 
+    def reloadCertificates(self) -> bool:
+        """Read the TLS certificate files again if they changed (a reload signal may
+        call this; new handshakes also check by themselves).  True if it changed."""
+        return self.tls.reload() if self.tls is not None else False
+
     def stopService(self) -> defer.Deferred[Any]:
         if self.tls is not None:
             self.tls.stop()

@@ -35,7 +35,7 @@ class CertificateError(Exception):
 
 
 class WrongServerName(Exception):
-    """The client asked (SNI) for a name this relay does not serve."""
+    """The client asked (SNI, ALPN) for a name or protocol this relay does not serve."""
 
 
 def _stamp(path: Path) -> tuple[int, int, int]:
@@ -183,6 +183,11 @@ class CertificateSource:
         for ours in self.alpn:
             if ours in offered:
                 return ours
+        # OpenSSL would carry on without ALPN (and the relay would take it for SSH):
+        # a client that asked for something else is refused instead.
+        shown = ",".join(p.decode("ascii", "replace")[:40] for p in offered[:8])
+        connection.get_app_data().failVerification(Failure(WrongServerName(
+            f"the client offered only ALPN protocols this relay does not speak: {shown}")))
         return SSL.NO_OVERLAPPING_PROTOCOLS
 
     def status(self) -> dict[str, Any]:

@@ -64,6 +64,43 @@ def test_link_and_connect_through_the_proxy_over_tls(
     assert "CONNECT" in proxy.log.read_text()
 
 
+def test_stock_ssh_and_openssl_s_client_through_the_proxy(
+        site: TLSRelay, start_agent: Callable[..., AgentProcess], client_key: KeyPair,  # noqa: F811
+        proxy_factory: Callable[..., Tinyproxy], tmp_path: Path) -> None:
+    """docs/networks.md's hint for stock tools behind a proxy: ``openssl s_client -proxy
+    HOST:PORT`` in the ProxyCommand that ``labrelay ssh-config --tls`` prints."""
+    from relay.config.schema import ServiceGrant
+    from relay.user.sshconfig import render
+
+    proxy = proxy_factory([site.tls_port])
+    agent = start_tls_agent(site, start_agent)
+    agent.wait_for("forward_ready", timeout=20, bind="gpu-cluster")
+    text = render(user="alice", relay_host="relay.test", relay_port=site.relay.port,
+                  services=[ServiceGrant("gpu-cluster", 22)],
+                  identity=str(site.user_key.path), tls_port=site.tls_port,
+                  tls_ca_file=str(site.ca.pem_path), tls_connect=LOOPBACK)
+    text = text.replace("openssl s_client", f"openssl s_client -proxy {LOOPBACK}:{proxy.port}")
+    site.relay.trust(f"[relay.test]:{site.relay.port} {site.relay.host_key_blob}")
+    cfg = tmp_path / "ssh_config.proxy"
+    cfg.write_text(text + f"""
+Host gpu-cluster
+  User root
+  IdentityFile {client_key.path}
+Host *
+  BatchMode yes
+  UserKnownHostsFile {site.relay.known_hosts}
+  GlobalKnownHostsFile /dev/null
+  StrictHostKeyChecking yes
+  UpdateHostKeys no
+  ConnectTimeout 20
+""")
+    out = _run([find_program("ssh") or "ssh", "-F", str(cfg), "gpu-cluster",
+                "echo $LABRELAY_TEST_HOST"])
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().strip() == "gpu_cluster"
+    assert "CONNECT" in proxy.log.read_text()
+
+
 def test_a_refusing_proxy_is_an_error_with_its_status_line(
         site: TLSRelay, proxy_factory: Callable[..., Tinyproxy]) -> None:  # noqa: F811
     """CONNECT to a port the proxy does not allow (the plain SSH port): 403 and its

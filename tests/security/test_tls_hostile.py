@@ -229,3 +229,24 @@ def test_a_stalled_handshake_is_closed_at_the_timeout(site: Site) -> None:
     assert took < 15
     print(f"\nstalled handshake closed, seen {took:.1f}s after it stalled (alice's session "
           "ran meanwhile)")
+
+
+@pytest.mark.parametrize("sni,alpn", [("other.example.org", ["labrelay-ssh/1"]),
+                                      (RELAY_NAME, ["h2", "http/1.1"])],
+                         ids=["unknown SNI name", "only foreign ALPN"])
+def test_a_name_or_protocol_the_relay_does_not_serve_is_refused(
+        site: Site, sni: str, alpn: list[str]) -> None:
+    """A client that asks for another host name (SNI), or offers only protocols the relay
+    does not speak (ALPN), fails its handshake: no SSH, a ``protocol`` penalty."""
+    ctx = ssl.create_default_context(cafile=str(site.ca.pem_path))
+    ctx.check_hostname = False
+    ctx.set_alpn_protocols(alpn)
+    raw = _dial(site.tls_port)
+    assert raw is not None
+    with raw, pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
+        with ctx.wrap_socket(raw, server_hostname=sni) as tls:
+            tls.settimeout(5)
+            assert b"SSH-" not in tls.recv(64)
+    _until(lambda: site.tls()["handshake_failed"] == 1, "the refused handshake")
+    assert site.tls()["handshakes"] == 0
+    assert site.admission()["penalties"]["protocol"] == 1
