@@ -32,7 +32,7 @@ from relay.config.schema import (
     current_user,
     default_known_hosts,
 )
-from relay.config.transport import OPTION_KEYS, apply_options
+from relay.config.transport import OPTION_KEYS, apply_options, claim_option
 
 CLI = "command line"
 
@@ -183,13 +183,6 @@ class _Flags:
         setattr(self, attr, value)
         self.origin.setdefault(attr, keypath)
 
-    def claim_transport(self, key: str, value: str, keypath: str) -> None:
-        previous = self.transport.get(key)
-        if previous is not None and previous[0] != value:
-            raise ConfigError(CLI, keypath, f"{value} conflicts with {previous[0]}",
-                              "give each setting once")
-        self.transport[key] = (value, keypath)
-
     def touches_link(self) -> bool:
         return bool(self.origin or self.identities or self.remote or self.local
                     or self.transport)
@@ -302,11 +295,7 @@ def _option(flags: _Flags, text: str) -> None:
             raise ConfigError(CLI, keypath, "must be more than 0 seconds", "e.g. 15")
         flags.claim("connect_timeout", float(seconds), keypath)
     elif name in OPTION_KEYS:
-        if name == "TLSPort":
-            _int(value, keypath, 1, 65535, "-o TLSPort=443")
-        elif name == "TLSCAFile":
-            value = str(_cli_path(value, keypath))
-        flags.claim_transport(OPTION_KEYS[name], value, keypath)
+        claim_option(flags.transport, OPTION_KEYS[name], value, keypath, CLI)
     elif name == "ExitOnForwardFailure":
         _yes_no(value, keypath)
         _log.info(

@@ -139,6 +139,17 @@ OPTION_KEYS = {"Transport": "transport", "TLSPort": "tls_port",
                "TLSPin": "tls_pin", "Proxy": "proxy"}
 
 
+def claim_option(options: dict[str, tuple[str, str]], key: str, value: str, keypath: str,
+                 source: str) -> None:
+    """Record ``-o`` option ``key`` (its TOML key); the same key twice with different
+    values is an error, as for ssh's other options here."""
+    previous = options.get(key)
+    if previous is not None and previous[0] != value:
+        raise ConfigError(source, keypath, f"{value} conflicts with {previous[0]}",
+                          "give each setting once")
+    options[key] = (value, keypath)
+
+
 def apply_options(t: TransportConfig, options: dict[str, tuple[str, str]],
                   source: str) -> TransportConfig:
     """``t`` with command-line options on top: ``options`` maps a TOML key to
@@ -152,11 +163,18 @@ def apply_options(t: TransportConfig, options: dict[str, tuple[str, str]],
             if key == "transport":
                 t = replace(t, mode=mode(text))
             elif key == "tls_port":
+                if not text.isdigit() or not 1 <= int(text[:6]) <= 65535:
+                    raise Bad(f"expected a port 1..65535, got {text[:20]!r}", "e.g. 443")
                 t = replace(t, tls_port=int(text))
             elif key == "tls_server_name":
                 t = replace(t, server_name=server_name(text))
             elif key == "tls_ca_file":
-                t = replace(t, ca_file=Path(text), pin=None)
+                try:
+                    path = Path(text).expanduser().absolute()
+                except RuntimeError:  # ~nobody: no such user
+                    raise Bad(f"cannot expand {text[:100]!r}", "give the path without "
+                              "~user") from None
+                t = replace(t, ca_file=path, pin=None)
             elif key == "tls_pin":
                 t = replace(t, pin=pin(text), ca_file=None)
             elif key == "proxy":
