@@ -153,8 +153,10 @@ def test_auto_falls_back_in_order_and_remembers_the_route(
     assert isinstance(targets, Targets)
     cut = targets.proxy((LOOPBACK, site.tls_port))
     closed = free_port()
+    admin = free_port()
     options = ["-p", str(closed), "-o", "Transport=auto", "-o", f"TLSPort={cut.port}",
-               "-o", "TLSServerName=relay.test", "-o", f"TLSCAFile={site.ca.pem_path}"]
+               "-o", "TLSServerName=relay.test", "-o", f"TLSCAFile={site.ca.pem_path}",
+               "--admin", f"127.0.0.1:{admin}"]
     known = site.tmp / "known_hosts.auto"
     known.write_text(site.relay.known_hosts.read_text().replace(
         f"[{LOOPBACK}]:{site.relay.port}", f"[{LOOPBACK}]:{closed}"))
@@ -165,6 +167,13 @@ def test_auto_falls_back_in_order_and_remembers_the_route(
     assert agent.events("link_route_failed")[0]["route"] == f"tcp {LOOPBACK}:{closed}"
     assert connected["route"] == f"tls {LOOPBACK}:{cut.port}"
     agent.wait_for("link_route_chosen", since=0, route=f"tls {LOOPBACK}:{cut.port}")
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status.json", timeout=10) as r:
+        link = json.load(r)["links"][0]
+    assert link["route"] == f"tls {LOOPBACK}:{cut.port}" and link["state"] == "connected"
+    assert "TLS or a proxy" in link["fast_path"]["reason"], link["fast_path"]
     mark = agent.mark()
     cut.kill_all()
     agent.wait_for("link_lost", timeout=20, since=mark)
