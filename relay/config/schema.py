@@ -105,10 +105,9 @@ class Backoff:
 
 
 TransportMode = Literal["tcp", "tls", "auto"]
-#: The ALPN ids of the relay's TLS port (docs/networks.md): SSH to the relay, and the
-#: fast path's data connections.  A client that offers none gets SSH.
+#: The ALPN id of SSH on the relay's TLS port (docs/networks.md); a client that offers
+#: no ALPN gets SSH too.
 ALPN_SSH = "labrelay-ssh/1"
-ALPN_DATA = "labrelay-data/1"
 DEFAULT_TLS_PORT = 443
 
 

@@ -27,7 +27,7 @@ from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
 
-from relay.config.schema import ALPN_DATA, ALPN_SSH, LinkConfig, ProxyURL
+from relay.config.schema import ALPN_SSH, LinkConfig, ProxyURL
 from relay.core.httpconnect import proxy_from_env
 from relay.datapath.net import client_endpoint
 from relay.transport.proxy import ConnectProxyEndpoint
@@ -73,8 +73,8 @@ def routes(cfg: LinkConfig, env: Mapping[str, str] | None = None) -> list[Route]
 
 def endpoint(reactor: Any, cfg: LinkConfig, route: Route, *,
              alpn: str = ALPN_SSH, port: int | None = None) -> IStreamClientEndpoint:
-    """The endpoint of ``route`` (``port`` instead of the route's, for a data
-    connection on the same way)."""
+    """The endpoint of ``route`` (``port`` and ``alpn`` instead of the route's and SSH's,
+    for another connection the same way)."""
     target = route.port if port is None else port
     inner: Any
     if route.proxy is not None:
@@ -164,14 +164,6 @@ class Dialer:
                       link=self.label, route=str(route), reason=why)
         if route == self.current:
             self._advance()
-
-    def data_endpoint(self, route: Route, data_port: int) -> IStreamClientEndpoint | None:
-        """Where a fast-path data connection goes when the link took ``route``: the
-        data port for a direct route; over TLS the relay's TLS port with ALPN
-        ``labrelay-data/1`` (the relay decrypts it in user space)."""
-        if route.direct:
-            return None
-        return endpoint(self.reactor, self.cfg, route, alpn=ALPN_DATA)
 
 
 def route_of(proto: Any) -> Route | None:
