@@ -33,12 +33,13 @@ stays off for that link; ``fast_path_pool = 0`` turns it off.  Chained services
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import StrEnum
 from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -49,8 +50,9 @@ from relay.config.schema import LinkConfig
 from relay.core import fastwire as fw
 from relay.core.routing import PUBLIC_BINDS
 from relay.datapath import splicing as datapath
+from relay.datapath.handoff import Handoff, Held
+from relay.datapath.join import Handed, OnEnd, SessionCounters, join
 from relay.datapath.net import client_endpoint, peer_ip, probe_idle
-from relay.datapath.splicing import Held
 from relay.ssh.client import LinkConnection
 from relay.ssh.connection import refused_by_peer
 
@@ -58,34 +60,49 @@ TARGET_CONNECT_TIMEOUT = 10.0
 RETRY_DELAY = 2.0
 
 
-class PoolConnection(Protocol):
-    """One pre-dialled data connection: ``dialing`` -> ``challenge`` (waiting for the
-    relay's nonce) -> ``idle`` (hello sent, waiting for a GO) -> ``connecting`` ->
-    ``spliced``; any -> ``closed``."""
+class PoolConnState(StrEnum):
+    """A pre-dialled data connection (:class:`PoolConnection`)."""
 
-    transport: Any
+    DIALING = "dialing"
+    CHALLENGE = "challenge"  # connected, waiting for the relay's nonce
+    IDLE = "idle"  # hello sent, waiting for a GO
+    CONNECTING = "connecting"  # a valid GO: connecting the target
+    SPLICED = "spliced"
+    CLOSED = "closed"
+
+
+class PoolState(StrEnum):
+    """The pool as ``status`` shows it (``fast_path.state``): ``OFF``,
+    ``UNSUPPORTED`` and ``UNAVAILABLE`` say why there is none (``reason``)."""
+
+    OFF = "off"  # not configured, or nothing it could splice
+    DOWN = "down"  # the link is down
+    STARTING = "starting"  # asked the relay for tickets
+    READY = "ready"
+    UNSUPPORTED = "unsupported"  # the server has no data port (a stock sshd, an old relay)
+    UNAVAILABLE = "unavailable"  # the relay refused or answered nonsense
+
+
+class PoolConnection(Handoff):
+    """One pre-dialled data connection: ``dialing`` -> ``challenge`` (waiting for the
+    relay's nonce) -> ``idle`` (hello sent, waiting for a GO) -> ``connecting`` (held
+    for the data path) -> ``spliced``; any -> ``closed``."""
 
     def __init__(self, pool: DataPool, token: bytes) -> None:
+        super().__init__()
         self.pool = pool
         self.token = token
         self.token_id, self.secret = fw.split_ticket(token)
         self.nonce = b""
-        self.state = "dialing"
-        self.buf = b""
+        self.state = PoolConnState.DIALING
 
-    def connectionMade(self) -> None:
-        if ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)
+    def prefaceStarted(self) -> None:
         probe_idle(self.transport)
-        self.state = "challenge"
+        self.state = PoolConnState.CHALLENGE
         self.pool.connected(self)
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.state not in ("challenge", "idle"):
-            self.buf += data  # one read that raced the pause: it belongs to the stream
-            return
-        self.buf += data
-        if self.state == "challenge":
+    def prefaceReceived(self) -> None:
+        if self.state is PoolConnState.CHALLENGE:
             try:
                 parsed = fw.parse_challenge(self.buf)
             except fw.WireError as e:
@@ -98,7 +115,9 @@ class PoolConnection(Protocol):
                 self.pool.protocolError(self, "bytes after the challenge, before our hello")
                 return
             self.transport.write(fw.agent_hello(self.token, self.nonce))
-            self.state = "idle"
+            self.state = PoolConnState.IDLE
+            return
+        if self.state is not PoolConnState.IDLE:
             return
         try:
             go = fw.parse_go(self.buf)
@@ -107,17 +126,18 @@ class PoolConnection(Protocol):
             return
         if go is None:
             return
-        (name, port), mac, self.buf = go
+        (name, port), mac, rest = go
         if not fw.go_valid(self.secret, self.token_id, self.nonce, name, port, mac):
             self.pool.protocolError(self, "a dispatch with a wrong MAC (forged, altered or "
                                     "replayed from another connection)")
             return
-        self.state = "connecting"
-        self.transport.pauseProducing()
+        self.state = PoolConnState.CONNECTING
+        self.hold(rest)
         self.pool.dispatched(self, name, port)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        was, self.state = self.state, "closed"
+        super().connectionLost(reason)
+        was, self.state = self.state, PoolConnState.CLOSED
         self.pool.lost(self, was)
 
 
@@ -151,7 +171,7 @@ class DataPool:
     def __init__(self, link: PoolOwner, size: int) -> None:
         self.link = link
         self.size = size
-        self.state = "off" if size <= 0 else "down"
+        self.state = PoolState.OFF if size <= 0 else PoolState.DOWN
         self.reason = "fast_path_pool = 0" if size <= 0 else ""
         self.data_port = 0
         self.data_host = ""  # the address the link is connected to
@@ -165,13 +185,10 @@ class DataPool:
         self._conn: LinkConnection | None = None
         self._asking = False
         self._retry: IDelayedCall | None = None
-        self._pairs: set[datapath.SplicedPair] = set()
+        self.counters = SessionCounters()  # every spliced session of the pool
         self._ready: list[defer.Deferred[None]] = []
-        self.sessions_total = 0
         self.dial_failures = 0
         self.failures = 0  # connections that ended without a valid dispatch
-        self.bytes_to_target = 0
-        self.bytes_from_target = 0
 
     # link life
 
@@ -179,17 +196,17 @@ class DataPool:
         if self.size <= 0:
             return
         if not self._services():  # a user's link, or public ports only: nothing to splice
-            self.state, self.reason = "off", "no named remote forwards to splice"
+            self.state, self.reason = PoolState.OFF, "no named remote forwards to splice"
             return
         host = peer_ip(conn)
         if host is None:
-            self.state, self.reason = "off", ("the link is not a plain TCP connection to an IP "
-                                              "address (TLS or a proxy: the data port is not "
-                                              "reachable that way)")
+            self.state = PoolState.OFF
+            self.reason = ("the link is not a plain TCP connection to an IP address (TLS or "
+                           "a proxy: the data port is not reachable that way)")
             return
         self._conn = conn
         self.data_host = host
-        self.state = "starting"
+        self.state = PoolState.STARTING
         self.stash = []
         # The first fill is free; the budget is for replacing connections lost
         # without a valid dispatch.
@@ -199,7 +216,7 @@ class DataPool:
     def linkDown(self) -> None:
         self._conn = None
         if self.size > 0:
-            self.state = "down"
+            self.state = PoolState.DOWN
         self._cancelRetry()
         self.burst.stop()
         for pc in list(self.idle):
@@ -208,7 +225,7 @@ class DataPool:
 
     def stop(self) -> None:
         self.linkDown()
-        for pair in list(self._pairs):
+        for pair in list(self.counters.pairs):
             pair.abort()
 
     def _cancelRetry(self) -> None:
@@ -229,7 +246,8 @@ class DataPool:
 
     def refill(self) -> None:
         conn = self._conn
-        if conn is None or self.state in ("off", "unsupported", "unavailable"):
+        if conn is None or self.state in (PoolState.OFF, PoolState.UNSUPPORTED,
+                                          PoolState.UNAVAILABLE):
             return
         want = self.size - len(self.idle) - self.dialing
         now = self.link.clock.seconds()
@@ -260,21 +278,21 @@ class DataPool:
             reply = fw.unpack_pool_reply(data)
             tokens = [t for t in reply.tokens if len(t) == fw.TOKEN_LEN]
         except fw.WireError as e:
-            self._off("unavailable", f"the relay answered nonsense: {e}")
+            self._off(PoolState.UNAVAILABLE, f"the relay answered nonsense: {e}")
             return
         if reply.status is not fw.Status.OK:
-            self._off("unavailable", reply.message)
+            self._off(PoolState.UNAVAILABLE, reply.message)
             return
         # A dispatch is accepted only for what this agent offered AND the relay says it
         # will dispatch (granted, end-to-end encrypted): both crossed the SSH link.
         self.dispatchable = frozenset(offered) & reply.services
-        if self.state != "ready":
+        if self.state is not PoolState.READY:
             self._log.info("link {link}: fast path on: {n} data connections to {host} port "
                            "{port} for {services}", event="fast_path_ready",
                            link=self.link.name, n=self.size, host=self.data_host,
                            port=reply.data_port,
                            services=" ".join(sorted(f"{n}:{p}" for n, p in self.dispatchable)))
-        self.state = "ready"
+        self.state = PoolState.READY
         self.reason = ""
         self.data_port = reply.data_port
         waiters, self._ready = self._ready, []
@@ -289,19 +307,19 @@ class DataPool:
         if conn is not self._conn:
             return
         if refused_by_peer(f):
-            self._off("unsupported", "the server does not offer labrelay's fast path "
+            self._off(PoolState.UNSUPPORTED, "the server does not offer labrelay's fast path "
                       "(a stock sshd, or an older relay)")
         # else: the link stopped meanwhile; linkUp starts again
 
     def whenReady(self) -> defer.Deferred[None]:
         """Fires once the relay granted the pool (the demo waits for it)."""
-        if self.state == "ready":
+        if self.state is PoolState.READY:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._ready.append(d)
         return d
 
-    def _off(self, state: str, why: str) -> None:
+    def _off(self, state: PoolState, why: str) -> None:
         if self.state != state or self.reason != why:
             self._log.info("link {link}: no fast path: {reason}", event="fast_path_off",
                            link=self.link.name, reason=why)
@@ -343,17 +361,17 @@ class DataPool:
             return
         self.idle.add(pc)
 
-    def lost(self, pc: PoolConnection, was: str) -> None:
-        if was in ("challenge", "idle") and pc in self.idle:
+    def lost(self, pc: PoolConnection, was: PoolConnState) -> None:
+        if was in (PoolConnState.CHALLENGE, PoolConnState.IDLE) and pc in self.idle:
             self.idle.discard(pc)
             # Closed without a valid dispatch: the relay refused our ticket, or
             # someone on the path closed it.  Replaced within the refill budget.
-            self._failed("closed before a valid dispatch" if was == "idle"
+            self._failed("closed before a valid dispatch" if was is PoolConnState.IDLE
                          else "closed before the relay's challenge")
 
     def protocolError(self, pc: PoolConnection, why: str) -> None:
         self.idle.discard(pc)
-        pc.state = "closed"
+        pc.state = PoolConnState.CLOSED
         pc.transport.abortConnection()
         self._failed(why)
 
@@ -405,38 +423,42 @@ class DataPool:
             self._fail(pc, name, port, "no such end-to-end encrypted forward on this agent")
             return
         target = forward.config.connect
-        d: defer.Deferred[tuple[Any, bytes]]
+        d: defer.Deferred[Handed]
         if forward.config.via_relay and local is not None:  # (checked above)
             # Chaining: one of the service's own agent's data connections at this
             # node's relay, answered K; this session is then spliced through to it.
-            d = local.dataport.pairLocal(target.host, target.port).addCallback(
-                lambda dc: (dc.transport, dc.extra))
+            d = local.dataport.pairLocal(target.host, target.port)
         else:
             endpoint = client_endpoint(self.link.reactor, target.host, target.port,
                                        TARGET_CONNECT_TIMEOUT)
             factory = Factory.forProtocol(Held)
             factory.noisy = False
-            connecting: defer.Deferred[Any] = endpoint.connect(factory)
-            d = connecting.addCallback(lambda held: (held.transport, held.received))
+            connecting: defer.Deferred[Any] = endpoint.connect(factory)  # of a Held
+            d = connecting
 
-        def connected(server: tuple[Any, bytes]) -> None:
-            transport, received = server
-            if pc.state != "connecting":
-                transport.abortConnection()
+        def connected(server: Handed) -> None:
+            if pc.state is not PoolConnState.CONNECTING:
+                server.transport.abortConnection()
                 return
             pc.transport.write(fw.AGENT_OK)
+
+            def ended(pair: datapath.SplicedPair, result: Any) -> None:
+                if isinstance(result, Failure) and not result.check(datapath.PairAborted):
+                    self._log.debug("forward {forward}: spliced session ended: {reason}",
+                                    event="fast_path_session_error", forward=forward.name,
+                                    reason=result.getErrorMessage())
+
             try:
-                pair = datapath.get(self.link.reactor).splice_transports(
-                    pc.transport, transport, from_a=pc.buf, from_b=received)
+                join(datapath.get(self.link.reactor), pc, server,
+                     (forward.counters, self.counters, OnEnd(ended)))
             except (OSError, TypeError) as e:
                 self._log.error("forward {forward}: cannot splice: {reason}",
                                 event="fast_path_splice_failed", forward=forward.name,
                                 reason=str(e))
                 pc.transport.abortConnection()
-                transport.abortConnection()
+                server.transport.abortConnection()
                 return
-            pc.state = "spliced"
-            self._sessionStarted(forward, pair)
+            pc.state = PoolConnState.SPLICED
 
         def failed(f: Failure) -> None:
             self._log.warn("forward {forward}: cannot reach {target}: {reason}",
@@ -448,35 +470,12 @@ class DataPool:
         d.addCallbacks(connected, failed)
 
     def _fail(self, pc: PoolConnection, name: str, port: int, why: str) -> None:
-        if pc.state == "closed":
+        if pc.state is PoolConnState.CLOSED:
             return
         pc.transport.write(fw.pack_error(fw.AGENT_ERROR, why))
         pc.transport.loseConnection()
 
-    def _sessionStarted(self, forward: Any, pair: datapath.SplicedPair) -> None:
-        self._pairs.add(pair)
-        self.sessions_total += 1
-        counters = forward.counters
-        counters.active += 1
-        counters.total += 1
-
-        def ended(result: Any) -> None:
-            self._pairs.discard(pair)
-            moved = pair.bytes()
-            counters.active -= 1
-            counters.bytes_in += moved.a_to_b
-            counters.bytes_out += moved.b_to_a
-            self.bytes_to_target += moved.a_to_b
-            self.bytes_from_target += moved.b_to_a
-            if isinstance(result, Failure) and not result.check(datapath.PairAborted):
-                self._log.debug("forward {forward}: spliced session ended: {reason}",
-                                event="fast_path_session_error", forward=forward.name,
-                                reason=result.getErrorMessage())
-
-        pair.done.addBoth(ended)
-
     def status(self) -> dict[str, Any]:
-        live = [p.bytes() for p in list(self._pairs)]
         return {
             "state": self.state,
             "reason": self.reason,
@@ -484,10 +483,7 @@ class DataPool:
             "data_port": self.data_port or None,
             "idle": len(self.idle),
             "dialing": self.dialing,
-            "sessions_active": len(self._pairs),
-            "sessions_total": self.sessions_total,
-            "bytes_to_target": self.bytes_to_target + sum(b.a_to_b for b in live),
-            "bytes_from_target": self.bytes_from_target + sum(b.b_to_a for b in live),
+            **self.counters.as_dict(),
             "dial_failures": self.dial_failures,
             "failures": self.failures,
             "data_host": self.data_host or None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 from twisted.application.service import Service
@@ -26,12 +27,21 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.agent.forwards import SessionCounters
 from relay.config.schema import PlainForwardConfig
 from relay.datapath import splicing as datapath
-from relay.datapath.splicing import Held
+from relay.datapath.handoff import Held
+from relay.datapath.join import OnEnd, SessionCounters, join
 
 LISTEN_BACKLOG = 1024
+
+
+class PlainState(StrEnum):
+    """A plain hop as ``status`` shows it: not listening (stopped, or before its
+    listener is up), listening, or failed to listen (fatal to the node: on_fatal)."""
+
+    DOWN = "down"
+    LISTENING = "listening"
+    FAILED = "failed"
 
 
 class PlainForward(Service):
@@ -52,14 +62,13 @@ class PlainForward(Service):
         # The backend is chosen (and a bad LABRELAY_DATAPATH refused) when the
         # service tree is built, before anything listens.
         self.datapath = data_path if data_path is not None else datapath.get(reactor)
-        self.state = "down"
+        self.state = PlainState.DOWN
         self.bound_port: int | None = None
         self.last_error: str | None = None
         self.counters = SessionCounters()
         self.failures = 0
         self._port: IListeningPort | None = None
         self._pending: set[defer.Deferred[Any]] = set()
-        self._pairs: set[datapath.SplicedPair] = set()
 
     def startService(self) -> None:
         super().startService()
@@ -87,7 +96,7 @@ class PlainForward(Service):
     def _listening(self, port: IListeningPort) -> None:
         self._port = port
         self.bound_port = port.getHost().port  # type: ignore[attr-defined]
-        self.state = "listening"
+        self.state = PlainState.LISTENING
         self._log.info(
             "forward {forward} ready: listening on {bind}:{port} -> {target} (plain TCP, "
             "{backend} data path)",
@@ -97,7 +106,7 @@ class PlainForward(Service):
         )
 
     def _listenFailed(self, f: Failure) -> None:
-        self.state = "failed"
+        self.state = PlainState.FAILED
         self.last_error = f.getErrorMessage()
         self._log.error(
             "forward {forward}: cannot listen on {bind}:{port}: {reason}",
@@ -110,10 +119,10 @@ class PlainForward(Service):
 
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
-        self.state = "down"
+        self.state = PlainState.DOWN
         for d in list(self._pending):
             d.cancel()
-        for pair in list(self._pairs):
+        for pair in list(self.counters.pairs):
             pair.abort()
         port, self._port = self._port, None
         if port is not None:
@@ -153,30 +162,8 @@ class PlainForward(Service):
         d.addCallbacks(connected, failed)
 
     def _splice(self, client: Held, server: Held, origin: str) -> None:
-        try:
-            pair = self.datapath.splice_transports(
-                client.transport, server.transport,
-                from_a=client.received, from_b=server.received)
-        except (OSError, TypeError) as e:
-            self.last_error = str(e)
-            self._log.error("forward {forward}: cannot splice {origin}: {reason}",
-                            event="plain_splice_failed", forward=self.name, origin=origin,
-                            reason=str(e))
-            client.transport.abortConnection()
-            server.transport.abortConnection()
-            return
-        self._pairs.add(pair)
-        self.counters.active += 1
-        self.counters.total += 1
-        self._log.debug("forward {forward}: session from {origin} spliced",
-                        event="plain_session_started", forward=self.name, origin=origin)
-
-        def ended(result: datapath.PairResult | Failure) -> None:
-            self._pairs.discard(pair)
-            self.counters.active -= 1
+        def ended(pair: datapath.SplicedPair, result: datapath.PairResult | Failure) -> None:
             counts = pair.bytes()
-            self.counters.bytes_in += counts.a_to_b
-            self.counters.bytes_out += counts.b_to_a
             error = None
             if isinstance(result, Failure):
                 exc = result.value
@@ -192,13 +179,20 @@ class PlainForward(Service):
                 error_text="" if error is None else f" ({error})",
             )
 
-        pair.done.addBoth(ended)
+        try:
+            join(self.datapath, client, server, (self.counters, OnEnd(ended)))
+        except (OSError, TypeError) as e:
+            self.last_error = str(e)
+            self._log.error("forward {forward}: cannot splice {origin}: {reason}",
+                            event="plain_splice_failed", forward=self.name, origin=origin,
+                            reason=str(e))
+            client.transport.abortConnection()
+            server.transport.abortConnection()
+            return
+        self._log.debug("forward {forward}: session from {origin} spliced",
+                        event="plain_session_started", forward=self.name, origin=origin)
 
     def status(self) -> dict[str, Any]:
-        live = [p.bytes() for p in list(self._pairs)]
-        counters = self.counters.as_dict()
-        counters["bytes_to_target"] += sum(b.a_to_b for b in live)
-        counters["bytes_from_target"] += sum(b.b_to_a for b in live)
         return {
             "name": self.name,
             "kind": self.kind,
@@ -210,5 +204,5 @@ class PlainForward(Service):
             "datapath": self.datapath.backend.name,
             "connect_failures": self.failures,
             "last_error": self.last_error,
-            **counters,
+            **self.counters.as_dict(),
         }

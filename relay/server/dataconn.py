@@ -8,18 +8,20 @@ from __future__ import annotations
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, ITCPTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from relay.core import fastwire as fw
 from relay.core.admission import Offence
 from relay.core.admission import Ticket as AdmissionTicket
+from relay.core.clock import expire
 from relay.core.tokens import Ticket
+from relay.datapath.handoff import Handoff
 
 
 class DataPortHandler(TypingProtocol):
@@ -36,7 +38,7 @@ class DataPortHandler(TypingProtocol):
 
     def helloReceived(self, dc: DataConnection, hello: fw.Hello) -> None: ...
 
-    def lost(self, dc: DataConnection, was: str) -> None: ...
+    def lost(self, dc: DataConnection, was: DataState) -> None: ...
 
 
 class PairingError(Exception):
@@ -68,18 +70,11 @@ class AgentPool:
     def take(self, clock: Any, timeout: float) -> defer.Deferred[DataConnection]:
         while self.idle:
             conn = self.idle.popleft()
-            if conn.state == "idle":
+            if conn.state is DataState.IDLE:
                 return defer.succeed(conn)
         d: defer.Deferred[DataConnection] = defer.Deferred()
-        timer = clock.callLater(timeout, d.cancel)
         self.waiters.append(d)
-
-        def done(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        return d.addBoth(done)
+        return expire(d, timeout, clock)
 
     def close(self) -> None:
         for conn in list(self.idle):
@@ -91,21 +86,25 @@ class AgentPool:
                 d.errback(PairingError("the agent disconnected"))
 
 
-class DataConnection(Protocol):
-    """One connection to the data port, until it is spliced or closed.
+class DataState(StrEnum):
+    """A connection to the data port: ``HELLO`` -> ``USER`` or ``IDLE`` ->
+    ``DISPATCHED`` -> ``SPLICED``; any -> ``CLOSED``."""
 
-    States: ``hello`` (challenge sent, collecting the hello) -> ``user`` (paused, waiting to be
-    paired) or ``idle`` (an agent's pooled connection, read only to notice its end)
-    -> ``dispatched`` (an agent's, waiting for ``K``/``E``) -> ``spliced``; any ->
-    ``closed``."""
+    HELLO = "hello"  # challenge sent, collecting the hello
+    USER = "user"  # a user's, paused, waiting to be paired
+    IDLE = "idle"  # an agent's pooled connection, read only to notice its end
+    DISPATCHED = "dispatched"  # an agent's, sent a GO, waiting for K/E
+    SPLICED = "spliced"
+    CLOSED = "closed"
 
-    transport: Any
+
+class DataConnection(Handoff):
+    """One connection to the data port, until it is spliced or closed (:class:`DataState`)."""
 
     def __init__(self, port: DataPortHandler) -> None:
+        super().__init__()
         self.port = port
-        self.state = "hello"
-        self.buf = b""
-        self.extra = b""  # bytes read past our framing: they belong to the stream
+        self.state = DataState.HELLO
         self.source = "?"
         self.pool: AgentPool | None = None
         self.reply: defer.Deferred[str] | None = None
@@ -114,13 +113,11 @@ class DataConnection(Protocol):
         self.nonce = b""  # this connection's challenge: what its hello must prove over
         self.ticket: Ticket | None = None  # once proved: its secret keys the GO's MAC
 
-    def connectionMade(self) -> None:
+    def prefaceStarted(self) -> None:
         peer = self.transport.getPeer()
         self.source = str(getattr(peer, "host", "?"))
-        if ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)
         if not self.port.admit(self):
-            self.state = "closed"
+            self.state = DataState.CLOSED
             self.transport.abortConnection()
             return
         self._timer = self.port.clock.callLater(self.port.hello_timeout, self._helloTimeout)
@@ -132,9 +129,8 @@ class DataConnection(Protocol):
         self.port.refuse(self, "no hello", f"did not send its hello within "
                          f"{self.port.hello_timeout:g}s", failure=Offence.GRACE)
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.state == "hello":
-            self.buf += data
+    def prefaceReceived(self) -> None:
+        if self.state is DataState.HELLO:
             try:
                 length = fw.hello_length(self.buf)
             except fw.WireError as e:
@@ -146,13 +142,12 @@ class DataConnection(Protocol):
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._timer = None
-            hello, self.extra, self.buf = self.buf[:length], self.buf[length:], b""
-            self.transport.pauseProducing()
+            hello = self.buf[:length]
+            self.hold(self.buf[length:])
             self.port.helloReceived(self, fw.parse_hello(hello))
-        elif self.state == "idle":
+        elif self.state is DataState.IDLE:
             self.port.refuse(self, "protocol", "an idle agent data connection sent bytes")
-        elif self.state == "dispatched":
-            self.buf += data
+        elif self.state is DataState.DISPATCHED:
             try:
                 parsed = fw.parse_reply(self.buf, fw.AGENT_OK, fw.AGENT_ERROR)
             except fw.WireError as e:
@@ -160,13 +155,10 @@ class DataConnection(Protocol):
                 return
             if parsed is None:
                 return
-            ok, message, self.extra = parsed
-            self.buf = b""
-            self.transport.pauseProducing()
+            ok, message, rest = parsed
+            self.hold(rest)
             self._answered(message if ok else Failure(PairingError(
                 f"the agent could not connect the service: {message}")))
-        else:
-            self.extra += data  # one read that raced a pause; it belongs to the stream
 
     def _answered(self, result: Any) -> None:
         d, self.reply = self.reply, None
@@ -180,17 +172,18 @@ class DataConnection(Protocol):
         """Send GO to this idle agent connection, MAC'd with its ticket's secret and
         bound to its ticket id and nonce; fires once the agent answers."""
         assert self.ticket is not None
-        self.state = "dispatched"
+        self.state = DataState.DISPATCHED
         self.reply = defer.Deferred()
         mac = fw.go_mac(self.ticket.secret, self.ticket.token_id, self.nonce, bind, port)
         self.transport.write(fw.pack_go(bind, port, mac))
-        self.transport.resumeProducing()
+        self.resume()
         return self.reply
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        was, self.state = self.state, "closed"
+        was, self.state = self.state, DataState.CLOSED
         self.port.lost(self, was)
         self._answered(Failure(AgentConnectionGone("the agent's data connection closed")))
