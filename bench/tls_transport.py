@@ -45,21 +45,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    LOOPBACK,
-    RESULTS_DIR,
-    BenchError,
-    Lines,
-    MiB,
-    SshdBench,
-    find_program,
-    free_port,
-    json_event,
-    machine_conditions,
-    public_key,
-    wait_ready,
-)
 from bench.history import write_latest
+from bench.procs import BenchError, Lines, find_program, free_port, json_event, wait_ready
+from bench.report import machine_conditions
+from bench.sessions import LOOPBACK, RESULTS_DIR, MiB
+from bench.sshd import SshdBench, public_key
 
 VARIANTS = ("direct", "user_plain", "user_tls", "agent_tls")
 LABELS = {"direct": "ssh straight to the target",
