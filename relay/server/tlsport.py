@@ -17,6 +17,7 @@ re-reads its files when they change (at the next handshake, or on ``reload()``).
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from OpenSSL import SSL
@@ -35,6 +36,17 @@ from relay.transport.tlsserver import CertificateSource, WrongServerName
 ALPN_OFFERED = [ALPN_SSH.encode()]
 
 
+class InsideState(StrEnum):
+    """``handshake`` (holding a ``tls`` gate ticket) -> ``inside`` (the handshake is done:
+    the gate is left, the SSH server runs inside) or ``refused`` (the SSH port's own
+    admission said no); any -> ``closed``."""
+
+    HANDSHAKE = "handshake"
+    INSIDE = "inside"
+    REFUSED = "refused"
+    CLOSED = "closed"
+
+
 @implementer(IHandshakeListener)
 class _Inside(Protocol):
     """One TLS connection until its handshake is done, then a pipe to what runs inside."""
@@ -44,8 +56,9 @@ class _Inside(Protocol):
     def __init__(self, port: TLSPort, addr: Any, ticket: Ticket) -> None:
         self.port = port
         self.addr = addr
-        self.ticket: Ticket | None = ticket
-        self.inner: Any = None
+        self.ticket = ticket
+        self.state = InsideState.HANDSHAKE
+        self.inner: Any = None  # the SSH transport, from INSIDE on
         self.offence: Offence | None = None
         self._timer: IDelayedCall | None = None
 
@@ -64,27 +77,29 @@ class _Inside(Protocol):
             self._timer.cancel()
         self._timer = None
         self.port.counters["handshakes"] += 1
-        self.port.gate.passed(self.ticket)  # type: ignore[arg-type]
-        self.ticket = None
+        self.port.gate.passed(self.ticket)
         inner = self.port.ssh_factory.buildProtocol(self.addr)
         if inner is None:  # the SSH port's own admission refused it
+            self.state = InsideState.REFUSED
             self.transport.abortConnection()
             return
+        self.state = InsideState.INSIDE
         self.inner = inner
         inner.makeConnection(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.inner is not None:
+        if self.state is InsideState.INSIDE:
             self.inner.dataReceived(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self.inner is not None:
+        was, self.state = self.state, InsideState.CLOSED
+        if was is InsideState.INSIDE:
             self.inner.connectionLost(reason)
             return
-        if self.ticket is None:
+        if was is not InsideState.HANDSHAKE:
             return
         offence = self.offence
         if offence is None:
@@ -96,7 +111,6 @@ class _Inside(Protocol):
                     "TLS port: handshake with {peer} failed: {why}", event="tls_refused",
                     peer=self.ticket.source, why=_reason(reason))
         self.port.gate.closed(self.ticket, offence)
-        self.ticket = None
 
 
 def _reason(reason: Failure | None) -> str:

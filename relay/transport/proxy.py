@@ -12,16 +12,26 @@ nothing is a failed attempt, not a hang).
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory
+from twisted.internet.interfaces import IProtocol, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from relay.config.schema import ProxyURL
 from relay.core.httpconnect import ProxyError, Tunnel, connect_request, parse_response
 from relay.datapath.net import client_endpoint
+
+
+class TunnelState(Enum):
+    """``asking`` (CONNECT sent, reading the answer) -> ``open`` (the caller's protocol
+    runs on the connection) or ``failed``."""
+
+    ASKING = "asking"
+    OPEN = "open"
+    FAILED = "failed"
 
 
 class _Tunnel(Protocol):
@@ -38,15 +48,18 @@ class _Tunnel(Protocol):
         self.ready = ready
         self.proxy = proxy
         self.buf = b""
-        self.inner: IProtocol | None = None
+        self.state = TunnelState.ASKING
+        self.inner: Any = None  # the caller's protocol, once OPEN
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
         self.transport.write(self.request)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.inner is not None:
+        if self.state is TunnelState.OPEN:
             self.inner.dataReceived(data)
+            return
+        if self.state is TunnelState.FAILED:
             return
         self.buf += data
         try:
@@ -63,6 +76,7 @@ class _Tunnel(Protocol):
         if inner is None:
             self._fail(Failure(ConnectionRefusedError("the protocol factory refused")))
             return
+        self.state = TunnelState.OPEN
         self.inner = inner
         inner.makeConnection(self.transport)
         if not self.ready.called:
@@ -71,12 +85,13 @@ class _Tunnel(Protocol):
             inner.dataReceived(answer.rest)
 
     def _fail(self, why: Failure) -> None:
+        self.state = TunnelState.FAILED
         if not self.ready.called:
             self.ready.errback(why)
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.inner is not None:
+        if self.state is TunnelState.OPEN:
             self.inner.connectionLost(reason)
         elif not self.ready.called:
             self.ready.errback(Failure(ProxyError(
@@ -98,36 +113,26 @@ class ConnectProxyEndpoint:
         request = connect_request(self.host, self.port, self.proxy)
         ready: defer.Deferred[IProtocol] = defer.Deferred()
         tunnels: list[_Tunnel] = []
-        timer: IDelayedCall | None = None
 
         def build() -> _Tunnel:
             tunnel = _Tunnel(request, factory, None, ready, self.proxy)
             tunnels.append(tunnel)
             return tunnel
 
-        def expire() -> None:
-            nonlocal timer
-            timer = None
-            if not ready.called:
-                ready.errback(Failure(ProxyError(
-                    f"{self.proxy} did not open the tunnel to {self.host}:{self.port} "
-                    f"within {self.timeout:g}s")))
+        def timed_out(result: Any, timeout: float) -> Failure:
             for t in tunnels:
                 if t.transport is not None:
                     t.transport.abortConnection()
-
-        def stop_timer(result: Any) -> Any:
-            if timer is not None and timer.active():
-                timer.cancel()
-            return result
-
-        timer = self.reactor.callLater(self.timeout, expire)
-        endpoint = client_endpoint(self.reactor, self.proxy.host, self.proxy.port, self.timeout)
+            return Failure(ProxyError(
+                f"{self.proxy} did not open the tunnel to {self.host}:{self.port} "
+                f"within {timeout:g}s"))
 
         def unreachable(f: Failure) -> None:
             if not ready.called:
                 ready.errback(Failure(ProxyError(
                     f"cannot reach the proxy {self.proxy}: {f.getErrorMessage()}")))
 
+        ready.addTimeout(self.timeout, self.reactor, onTimeoutCancel=timed_out)
+        endpoint = client_endpoint(self.reactor, self.proxy.host, self.proxy.port, self.timeout)
         endpoint.connect(Factory.forProtocol(build)).addErrback(unreachable)
-        return ready.addBoth(stop_timer)
+        return ready
