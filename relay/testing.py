@@ -2,11 +2,9 @@
 
 Public, like ``treq.testing``: labrelay's own unit tests use these, and so may tests
 of code built on labrelay.  Nothing here opens a socket, starts a thread or reads a
-clock; time comes from a ``twisted.internet.task.Clock`` or a
-``twisted.internet.testing.MemoryReactorClock`` the test owns.  For two real protocols
-talking to each other in memory, use ``twisted.test.iosim.connect`` (as
-``tests/unit/test_aead_framing.py`` does); the doubles here stand in for *one* side
-where the other is scripted by the test.
+clock; time comes from a ``task.Clock`` or ``MemoryReactorClock`` the test owns.  Two
+real protocols talk in memory over ``twisted.test.iosim`` (:func:`connect_in_memory`);
+the other doubles stand in for *one* side where the test scripts the other.
 
 What is here, by what it stands in for:
 
@@ -19,18 +17,15 @@ What is here, by what it stands in for:
   transports with labrelay's AEAD ciphers and algorithm policy), :func:`ssh_server`
   (a server transport with a fresh host key), :func:`connect_in_memory` (a client and
   a server over ``iosim``, key exchange done), :class:`IgnoreRecorder`;
-- bridge sides: :class:`FakeSide` (one side of a ``relay.datapath.bridge.Bridge``,
-  scripted);
+- bridge sides: :class:`FakeSide` (one side of a ``Bridge``, scripted);
 - the relay's SSH sessions: :class:`FakeIdentity` and :class:`FakeRelayConnection`
   (what ``RelayCore``, ``DataPort`` and the registry ask of a ``RelayConnection``);
 - the data path: :class:`FakeDataPath` and :class:`FakePair` (the splice, which needs
   real sockets, recorded instead);
 - small verbs: :func:`result_of` (a fired Deferred's result), :func:`connection_lost`
-  (what the reactor does after a close), :func:`feed_bytewise` (a peer's bytes one at a
-  time, the worst case for a parser).
+  (what the reactor does after a close), :func:`feed_bytewise` (one byte at a time).
 
-This module sits above every other one (``pyproject.toml``'s import-linter layers):
-it may import any of them, and no product module imports it.
+The top layer of ``pyproject.toml``'s import-linter contract: nothing imports it.
 """
 
 from __future__ import annotations
@@ -225,13 +220,9 @@ class FakeTCPTransport(StringTransport):
 
 
 class FakeSSHTransport:
-    """The SSH transport under a connection service: records what it sends.
-
-    Set it as a ``FlowConnection``'s (or any ``SSHConnection``'s) ``transport`` and
-    call the service's ``serviceStarted``; the packets the service sends land in
-    ``packets`` and the helpers decode them.  ``tcp`` is the link's TCP transport, if
-    the code under test reaches for it.
-    """
+    """The SSH transport under a connection service (its ``transport``, before
+    ``serviceStarted``): the packets it sends land in ``packets``, decoded by the
+    helpers.  ``tcp`` is the link's TCP transport, if the code under test reaches it."""
 
     def __init__(self, tcp: Any = None) -> None:
         self.transport = tcp

@@ -426,6 +426,10 @@ def test_other_agent_key_cannot_take_a_name_online_or_not(
         start_agent, relay, keys.lab_pc, f"gpu-cluster:22:127.0.0.1:{target.port}", name="owner"
     )
     agent_ready(owner, "gpu-cluster")
+    # The relay's own line, read from its stdout, may come after the agent's: it must
+    # be in before the intruder's attempts are marked.
+    relay.wait_for("relay_service_registered", since=0, agent="lab_pc",
+                   service="gpu-cluster:22")
 
     def intruder_tries(what: str) -> None:
         since = relay.mark()
