@@ -250,3 +250,23 @@ def test_a_name_or_protocol_the_relay_does_not_serve_is_refused(
     _until(lambda: site.tls()["handshake_failed"] == 1, "the refused handshake")
     assert site.tls()["handshakes"] == 0
     assert site.admission()["penalties"]["protocol"] == 1
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
+def test_tls_before_1_2_is_refused(site: Site) -> None:
+    """A client that speaks at most TLS 1.1 fails its handshake at the relay (TLS 1.2+
+    only): the relay counts a failed handshake, nothing of SSH is sent."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    ctx.set_ciphers("ALL:@SECLEVEL=0")
+    raw = _dial(site.tls_port)
+    assert raw is not None
+    with raw, pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
+        with ctx.wrap_socket(raw, server_hostname=RELAY_NAME) as tls:
+            tls.settimeout(5)
+            tls.recv(64)
+    _until(lambda: site.tls()["handshake_failed"] == 1, "the refused handshake")
+    assert site.tls()["handshakes"] == 0
