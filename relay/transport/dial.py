@@ -26,6 +26,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from relay.config.schema import ALPN_SSH, LinkConfig, ProxyURL
 from relay.core.httpconnect import proxy_from_env
@@ -134,10 +135,10 @@ class Dialer:
             self.log.warn("link {link}: {route} failed: {reason}", event="link_route_failed",
                           link=self.label, route=str(route), reason=why)
             errors.append(f"{route}: {why}")
-            if left <= 1 or len(self.routes) == 1:
-                if len(self.routes) > 1:
-                    f.value.args = ("; ".join(errors),)
+            if len(self.routes) == 1:
                 return f
+            if left <= 1:
+                return Failure(ConnectionError("every route failed: " + "; ".join(errors)))
             self._advance()
             return self._try(factory, left - 1, errors)
 

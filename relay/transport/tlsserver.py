@@ -22,7 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from OpenSSL import SSL, crypto
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
@@ -43,22 +46,17 @@ def _stamp(path: Path) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _certificates(data: bytes, path: Path) -> list[crypto.X509]:
-    marker = b"-----END CERTIFICATE-----"
-    chunks = [c + marker for c in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in c]
-    if not chunks:
+def _certificates(data: bytes, path: Path) -> list[x509.Certificate]:
+    if b"-----BEGIN CERTIFICATE-----" not in data:
         raise CertificateError(f"{path}: no PEM certificate in it")
     try:
-        return [crypto.load_certificate(crypto.FILETYPE_PEM, c) for c in chunks]
-    except crypto.Error as e:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as e:
         raise CertificateError(f"{path}: not a PEM certificate: {e}") from None
 
 
-def dns_names(cert: crypto.X509) -> list[str]:
+def dns_names(c: x509.Certificate) -> list[str]:
     """The DNS names a certificate is for (subjectAltName; the CN if it has none)."""
-    from cryptography import x509
-
-    c = cert.to_cryptography()
     try:
         san = c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = [str(n).lower() for n in san.get_values_for_type(x509.DNSName)]
@@ -110,12 +108,16 @@ class CertificateSource:
             raise CertificateError(f"cannot read {e.filename}: {e.strerror}") from None
         chain = _certificates(cert_pem, self.cert_path)
         try:
-            key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
-        except crypto.Error as e:
+            key: Any = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise CertificateError(f"{self.key_path}: not a PEM private key "
                                    f"(or it has a passphrase): {e}") from None
+        # cryptography's objects: pyOpenSSL takes them (and deprecates its own X509 and
+        # PKey); Twisted's type hints still name the old ones.
+        leaf: Any = chain[0]
+        rest: Any = chain[1:]
         options = ssl.CertificateOptions(
-            privateKey=key, certificate=chain[0], extraCertChain=chain[1:],
+            privateKey=key, certificate=leaf, extraCertChain=rest,
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         )
         try:
@@ -131,8 +133,9 @@ class CertificateSource:
         self._context = context
         self._stamps = stamps
         self.names = self.configured_names or dns_names(chain[0])
-        self.fingerprint = chain[0].digest("sha256").decode()
-        self.not_after = (chain[0].get_notAfter() or b"").decode()
+        digest = chain[0].fingerprint(hashes.SHA256()).hex().upper()
+        self.fingerprint = ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+        self.not_after = chain[0].not_valid_after_utc.strftime("%Y-%m-%d %H:%M UTC")
         self.loads += 1
 
     def reload(self) -> bool:

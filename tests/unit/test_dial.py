@@ -130,3 +130,31 @@ def test_certificate_source_reloads_when_the_files_change(tmp_path: Path) -> Non
         CertificateSource(tmp_path / "bad.pem", key)
     with pytest.raises(CertificateError, match="not the key of the certificate"):
         CertificateSource(first.cert, second.key)
+
+
+def test_dialer_tries_every_route_in_order_then_says_what_each_did() -> None:
+    """A connection failure moves on at once; when every route failed the error lists
+    each with its reason (a MemoryReactor: nothing really dials)."""
+    from twisted.internet.error import ConnectionRefusedError as Refused
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.python.failure import Failure
+
+    reactor = MemoryReactorClock()
+    cfg = LinkConfig(name="cloud", host="192.0.2.1", port=2222, transport=TransportConfig(
+        mode="auto", proxy=ProxyURL("192.0.2.9", 3128)))
+    dialer = Dialer(reactor, cfg)
+    results: list[object] = []
+    dialer.connect(Factory.forProtocol(Protocol)).addBoth(results.append)
+    seen = []
+    for n in range(3):
+        host, port, factory, _, _ = reactor.tcpClients[n]
+        seen.append((host, port))
+        factory.clientConnectionFailed(reactor.connectors[n], Failure(Refused()))
+    assert seen == [("192.0.2.1", 2222), ("192.0.2.1", 443), ("192.0.2.9", 3128)]
+    (failure,) = results
+    assert isinstance(failure, Failure)
+    text = failure.getErrorMessage()
+    assert text.startswith("every route failed: tcp 192.0.2.1:2222: ")
+    assert "; tls 192.0.2.1:443: " in text
+    assert "; tls 192.0.2.1:443 via proxy http://192.0.2.9:3128: cannot reach the proxy" in text
