@@ -151,6 +151,11 @@ def test_agent_link_and_labrelay_connect_over_tls(
     tls = site.relay.status()["relay"]["tls"]
     assert tls["handshakes"] >= 2 and tls["handshake_failed"] == 0, tls
     assert tls["certificate"]["names"] == [RELAY_NAME]
+    table = _run([sys.executable, "-m", "relay", "status", "--admin", site.relay.admin])
+    assert table.returncode == 0, table.stderr.decode()
+    line = next(x for x in table.stdout.decode().splitlines() if x.startswith("TLS port"))
+    assert f"TLS port {site.tls_port}: certificate for {RELAY_NAME}" in line
+    assert "0 failed" in line
 
 
 def test_stock_ssh_with_openssl_s_client_as_proxycommand(
