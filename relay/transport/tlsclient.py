@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.config.schema import TransportConfig
+from relay.transport.tlsserver import modern_ciphers
 
 # X509_V_ERR_* codes (openssl/x509_vfy.h) and what each means to an operator.
 _UNTRUSTED = {2, 18, 19, 20, 21, 27}
@@ -108,7 +109,8 @@ class VerifyingCreator:
         self._inner = ssl.optionsForClientTLS(
             server_name, trustRoot=trust_root,
             acceptableProtocols=[alpn] if alpn is not None else None,
-            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2,
+                                     "acceptableCiphers": modern_ciphers()},
         )
         if isIPAddress(server_name) or isIPv6Address(server_name):
             self._id: Any = IPAddress_ID(server_name)

@@ -41,6 +41,15 @@ class WrongServerName(Exception):
     """The client asked (SNI, ALPN) for a name or protocol this relay does not serve."""
 
 
+#: TLS 1.2's suites: forward secrecy and AEAD only (Twisted's default list still has
+#: CBC and static-RSA suites for old clients).  TLS 1.3's suites are all AEAD.
+MODERN_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL"
+
+
+def modern_ciphers() -> Any:
+    return ssl.AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS)
+
+
 def _stamp(path: Path) -> tuple[int, int, int]:
     st = os.stat(path)
     return (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -118,7 +127,7 @@ class CertificateSource:
         rest: Any = chain[1:]
         options = ssl.CertificateOptions(
             privateKey=key, certificate=leaf, extraCertChain=rest,
-            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2, acceptableCiphers=modern_ciphers(),
         )
         try:
             context = options.getContext()

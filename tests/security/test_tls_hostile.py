@@ -270,3 +270,20 @@ def test_tls_before_1_2_is_refused(site: Site) -> None:
             tls.recv(64)
     _until(lambda: site.tls()["handshake_failed"] == 1, "the refused handshake")
     assert site.tls()["handshakes"] == 0
+
+
+def test_tls_1_2_without_forward_secrecy_or_aead_is_refused(site: Site) -> None:
+    """A TLS 1.2 client offering only CBC or static-RSA suites fails its handshake."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE-ECDSA-AES128-SHA:AES128-GCM-SHA256:AES256-SHA")
+    raw = _dial(site.tls_port)
+    assert raw is not None
+    with raw, pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
+        with ctx.wrap_socket(raw, server_hostname=RELAY_NAME) as tls:
+            tls.settimeout(5)
+            tls.recv(64)
+    _until(lambda: site.tls()["handshake_failed"] == 1, "the refused handshake")
+    assert site.tls()["handshakes"] == 0
