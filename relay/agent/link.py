@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from relay.agent.chaining import LocalRelay
 from relay.agent.datapool import DataPool
 from relay.agent.forwards import ForwardState, LocalForwardListener, RemoteForwardRunner
-from relay.config.schema import LinkConfig
+from relay.config.schema import LinkConfig, LocalForward, RemoteForward
 from relay.core.backoff import retry_policy
 from relay.core.clock import expire
 from relay.datapath.bridge import Bridge, TCPSide
@@ -96,11 +96,13 @@ class Link(MultiService):
         self.state = LinkState.DOWN
         self.since = reactor.seconds()
         self.last_error: str | None = None
+        self.connects = 0  # times the link came up (reconnects: all but the first)
+        self.last_up: float | None = None
         self.connection: LinkConnection | None = None
         self._on_fatal = on_fatal
         self._waiters: list[tuple[defer.Deferred[LinkConnection], IDelayedCall]] = []
         self._allReady: list[defer.Deferred[None]] = []
-        policy = retry_policy(config.backoff)
+        policy = self._policy = retry_policy(config.backoff)
         self.remote = [RemoteForwardRunner(self, fwd, policy) for fwd in config.remote]
         self.local = [LocalForwardListener(self, fwd) for fwd in config.local]
         self.pool = DataPool(self, config.fast_path_pool)
@@ -151,7 +153,8 @@ class Link(MultiService):
     def _linkUp(self, conn: LinkConnection) -> None:
         self.connection = conn
         self.state = LinkState.CONNECTED
-        self.since = self.reactor.seconds()
+        self.since = self.last_up = self.reactor.seconds()
+        self.connects += 1
         self.last_error = None
         peer = conn.link_transport.tcp.getPeer()
         route = conn.link_transport.transport_route
@@ -269,6 +272,37 @@ class Link(MultiService):
         d: defer.Deferred[BridgedChannel] = self.local_relay.openLocal(name, port, origin)
         return d
 
+    # a reload (relay.ops.reload): forwards added and removed on a running link
+
+    def addForward(self, config: LinkConfig, forward: RemoteForward | LocalForward) -> None:
+        """Carry ``forward`` from now on (requested at once if the link is up);
+        ``config`` is the link's reloaded config, which lists it."""
+        self.config = config
+        if isinstance(forward, RemoteForward):
+            runner = RemoteForwardRunner(self, forward, self._policy)
+            self.remote.append(runner)
+            if self.connection is not None:
+                runner.linkUp(self.connection)
+            return
+        listener = LocalForwardListener(self, forward)
+        self.local.append(listener)
+        listener.setServiceParent(self)
+
+    def removeForward(self, config: LinkConfig,
+                      forward: RemoteForward | LocalForward) -> defer.Deferred[Any]:
+        """Stop carrying ``forward``: a remote one is cancelled on the server, a local
+        one stops listening.  Its sessions already open run until they end."""
+        self.config = config
+        if isinstance(forward, RemoteForward):
+            for runner in [f for f in self.remote if f.config == forward]:
+                self.remote.remove(runner)
+                return runner.cancel()
+            return defer.succeed(None)
+        for listener in [f for f in self.local if f.config == forward]:
+            self.local.remove(listener)
+            return defer.maybeDeferred(listener.disownServiceParent)  # type: ignore[arg-type]
+        return defer.succeed(None)
+
     def fatal(self, why: str) -> None:
         if self._on_fatal is not None:
             self._on_fatal(why)
@@ -303,6 +337,9 @@ class Link(MultiService):
             "state": self.state,
             "since": self.since,
             "last_error": self.last_error,
+            "connects": self.connects,
+            "reconnects": max(0, self.connects - 1),
+            "last_up": self.last_up,
             "forwards": [f.status() for f in self.remote] + [f.status() for f in self.local],
             "fast_path": self.pool.status(),
         }

@@ -139,6 +139,13 @@ OPTION_KEYS = {"Transport": "transport", "TLSPort": "tls_port",
                "TLSPin": "tls_pin", "Proxy": "proxy"}
 
 
+def is_transport_option(text: str) -> bool:
+    """Whether ``-o text`` is one of labrelay's own transport options (``Transport=tls``,
+    ``Proxy ...``), which ``ssh -G`` would refuse as unknown."""
+    name = text.strip().replace("=", " ", 1).split(" ", 1)[0].lower()
+    return name in {k.lower() for k in OPTION_KEYS}
+
+
 def claim_option(options: dict[str, tuple[str, str]], key: str, value: str, keypath: str,
                  source: str) -> None:
     """Record ``-o`` option ``key`` (its TOML key); the same key twice with different

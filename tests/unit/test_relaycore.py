@@ -16,7 +16,7 @@ from twisted.conch.ssh import common
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
-from relay.config.schema import HostPort, RelayConfig
+from relay.config.schema import HostPort, RelayConfig, ServiceGrant
 from relay.core.routing import Outcome, Registry
 from relay.core.sessions import SPLICED, SessionRow
 from relay.server.grants import Grants
@@ -385,3 +385,36 @@ def test_version_1_fast_path_requests_are_refused_by_name(world: Any) -> None:
     token = fastwire.pack_token_request("gpu-cluster", 22)
     assert core.globalRequest(alice, b"data-token@labrelay", token) is False
     assert fastwire.POOL_REQUEST != b"data-pool@labrelay"
+
+
+def test_reconfigure_applies_limits_grants_and_the_idle_sweep(world: Any) -> None:
+    """A reload's live [relay] settings: the idle sweep follows the new timeout (off, then
+    on again), the default per-user cap reaches the grants, a user removed from the
+    tables loses her connection at once, and an agent's new service can be claimed."""
+    import dataclasses
+
+    core, clock, blobs = world
+    core.start()
+    alice = _conn(core, blobs, "alice", kind="user")
+    agent = _conn(core, blobs, "lab_pc")
+    assert result_of(_register(core, agent, "web", 8080)) is False  # not granted yet
+    config = core.config
+    assert core.grants.principal_for(blobs["alice"]).max_sessions == 64
+    lab_pc = dataclasses.replace(config.agents[0], services=(
+        *config.agents[0].services, ServiceGrant("web", 8080)))
+    quieter = dataclasses.replace(config, idle_timeout=0, max_sessions_per_user=3,
+                                  agents=(lab_pc, config.agents[1]))
+    def sweeps_in(seconds: float) -> bool:
+        return any(abs(c.getTime() - clock.seconds() - seconds) < 1e-9
+                   for c in clock.getDelayedCalls())
+
+    assert sweeps_in(30)  # idle_timeout 60: every 30 s
+    core.reconfigure(quieter)
+    assert core.config is quieter and not sweeps_in(30)
+    assert core.grants.principal_for(blobs["alice"]).max_sessions == 3
+    assert result_of(_register(core, agent, "web", 8080)) is True
+    core.reconfigure(dataclasses.replace(quieter, users=(), idle_timeout=10))
+    assert alice.disconnected == ["this key is no longer granted on this relay"]
+    assert sweeps_in(5)
+    core.stop()
+    assert not clock.getDelayedCalls()
