@@ -15,7 +15,7 @@ from tlscerts import CA, RELAY_NAME
 
 from relay.config.errors import ConfigError
 from relay.config.loader import parse_config
-from relay.config.schema import LinkConfig, ProxyURL, TransportConfig
+from relay.config.schema import LinkConfig, NodeConfig, ProxyURL, TransportConfig
 from relay.transport.dial import Dialer, Route, routes
 from relay.transport.tlsserver import CertificateError, CertificateSource
 
@@ -158,3 +158,33 @@ def test_dialer_tries_every_route_in_order_then_says_what_each_did() -> None:
     assert text.startswith("every route failed: tcp 192.0.2.1:2222: ")
     assert "; tls 192.0.2.1:443: " in text
     assert "; tls 192.0.2.1:443 via proxy http://192.0.2.9:3128: cannot reach the proxy" in text
+
+
+def test_a_reload_rereads_the_certificate_and_a_changed_tls_key_needs_a_restart(
+        tmp_path: Path) -> None:
+    """``labrelay reload``/SIGHUP (ops.parts.RelayPart) asks the relay to re-read its
+    certificate files; changing a ``tls_*`` key is reported as needing a restart."""
+    from relay.config import diff
+    from relay.config.schema import HostPort, RelayConfig, TLSListenConfig
+    from relay.ops.parts import RelayPart
+
+    class Relay:
+        core = None
+        calls = 0
+
+        def reloadCertificates(self) -> bool:
+            self.calls += 1
+            return True
+
+    class Node:
+        relay = Relay()
+
+    tls = TLSListenConfig(cert=tmp_path / "c.pem", key=tmp_path / "k.pem")
+    old = NodeConfig(source="n", relay=RelayConfig(tls=tls))
+    moved = RelayConfig(tls=TLSListenConfig(cert=tls.cert, key=tls.key,
+                                            listen=HostPort("0.0.0.0", 8443)))
+    (action,) = diff.diff_relay(old.relay, moved)
+    assert isinstance(action, diff.NeedsRestart) and action.keypath == "relay.tls"
+    node = Node()
+    changes = RelayPart(node).apply(old, old)  # type: ignore[arg-type]
+    assert node.relay.calls == 1 and changes == ["relay: TLS certificate reloaded"]
