@@ -65,13 +65,11 @@ from relay.config.schema import (
     PrincipalConfig,
     RelayConfig,
     RemoteForward,
-    TLSListenConfig,
     current_user,
     default_known_hosts,
 )
 from relay.config.section import Section, describe, fmt
-from relay.config.transport import server_name as tls_server_name
-from relay.config.transport import transport_config
+from relay.config.transport import tls_listen, transport_config
 
 T = TypeVar("T")
 
@@ -262,6 +260,7 @@ def _parse_link(sec: Section, index: int, base: Path) -> LinkConfig:
             sec.string, lambda key: (sec.source, sec.keypath(key)),
             lambda text: _path(text, base),
             lambda key: sec.integer(key, 443, 1, 65535) if key in sec.data else None),
+        resume_grace=sec.number("resume_grace", LinkConfig.resume_grace, low=0, high=86400),
         remote=remote,
         local=local,
     )
@@ -349,29 +348,6 @@ def _networks(sec: Section, key: str) -> tuple[IPNetwork, ...]:
     return tuple(dict.fromkeys(nets))
 
 
-def _parse_tls_listen(sec: Section, base: Path) -> TLSListenConfig | None:
-    """``tls_cert`` (with ``tls_key``) turns the TLS port on, on 443 unless
-    ``tls_listen`` says otherwise."""
-    cert, key = sec.string("tls_cert"), sec.string("tls_key")
-    if cert is None:
-        for other in ("tls_key", "tls_listen", "tls_names", "tls_handshake_timeout"):
-            if other in sec.data:
-                raise sec.error(other, f"{other} has no effect without tls_cert",
-                                'set tls_cert and tls_key (PEM files, e.g. certbot\'s '
-                                'fullchain.pem and privkey.pem) to turn the TLS port on')
-        return None
-    if key is None:
-        raise sec.error("tls_key", "tls_cert is set but tls_key is not",
-                        'e.g. tls_key = "/etc/letsencrypt/live/relay.example.org/privkey.pem"')
-    listen = parse_relay_listen(sec.string("tls_listen") or "0.0.0.0:443", source=sec.source,
-                                keypath=sec.keypath("tls_listen"))
-    names = tuple(_each(sec, "tls_names", lambda text: tls_server_name(text)))
-    return TLSListenConfig(
-        cert=_path(cert, base), key=_path(key, base), listen=listen, names=names,
-        handshake_timeout=sec.number("tls_handshake_timeout", 10.0, low=0, above=True),
-    )
-
-
 def _principals(sec: Section, kind: str, examples: Any,
                 problems: list[ConfigError] | None) -> tuple[PrincipalConfig, ...]:
     """The ``[[relay.agent]]`` or ``[[relay.user]]`` entries; with ``problems``, a wrong
@@ -442,10 +418,11 @@ def _parse_relay(sec: Section, base: Path,
         ),
         idle_timeout=sec.number("idle_timeout", defaults.idle_timeout, low=0),
         public_wait=sec.number("public_wait", defaults.public_wait, low=0),
+        resume_grace=sec.number("resume_grace", defaults.resume_grace, low=0, high=86400),
         keepalive=_keepalive(sec),
         window=window,
         max_packet=max_packet,
-        tls=_parse_tls_listen(sec, base),
+        tls=tls_listen(sec, lambda text: _path(text, base)),
     )
     check_principals(config_sites(relay, sec.source), relay, (sec.source, sec.keypath("listen")))
     return relay

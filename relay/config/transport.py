@@ -18,7 +18,15 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from relay.config.errors import Bad, ConfigError, located
-from relay.config.schema import DEFAULT_TLS_PORT, ProxyURL, TransportConfig, TransportMode
+from relay.config.grammar import parse_relay_listen
+from relay.config.schema import (
+    DEFAULT_TLS_PORT,
+    ProxyURL,
+    TLSListenConfig,
+    TransportConfig,
+    TransportMode,
+)
+from relay.config.section import Section
 
 MODES: tuple[TransportMode, ...] = ("tcp", "tls", "auto")
 PROXY_ENV = "env"
@@ -188,3 +196,29 @@ def apply_options(t: TransportConfig, options: dict[str, tuple[str, str]],
                 env = text.strip().lower() == PROXY_ENV
                 t = replace(t, proxy=None if env else proxy_url(text), proxy_from_env=env)
     return t
+
+
+def tls_listen(sec: Section, path: Callable[[str], Path]) -> TLSListenConfig | None:
+    """``[relay]``'s TLS port: ``tls_cert`` (with ``tls_key``) turns it on, on 443 unless
+    ``tls_listen`` says otherwise; ``path(text)`` resolves a file as the loader does."""
+    cert, key = sec.string("tls_cert"), sec.string("tls_key")
+    if cert is None:
+        for other in ("tls_key", "tls_listen", "tls_names", "tls_handshake_timeout"):
+            if other in sec.data:
+                raise sec.error(other, f"{other} has no effect without tls_cert",
+                                "set tls_cert and tls_key (PEM files, e.g. certbot's "
+                                "fullchain.pem and privkey.pem) to turn the TLS port on")
+        return None
+    if key is None:
+        raise sec.error("tls_key", "tls_cert is set but tls_key is not",
+                        'e.g. tls_key = "/etc/letsencrypt/live/relay.example.org/privkey.pem"')
+    listen = parse_relay_listen(sec.string("tls_listen") or "0.0.0.0:443", source=sec.source,
+                                keypath=sec.keypath("tls_listen"))
+    names = []
+    for j, text in enumerate(sec.strings("tls_names")):
+        with located(sec.source, f"{sec.keypath('tls_names')}[{j}]"):
+            names.append(server_name(text))
+    return TLSListenConfig(
+        cert=path(cert), key=path(key), listen=listen, names=tuple(names),
+        handshake_timeout=sec.number("tls_handshake_timeout", 10.0, low=0, above=True),
+    )
