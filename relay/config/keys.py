@@ -109,6 +109,9 @@ RELAY_USER_KEYS = {
     "keys": 'keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... alice"]',
     "services": 'services = ["gpu-cluster:22", "jupyter:*"]',
     "max_sessions": "max_sessions = 10",
+    "share": "share = 2",
+    "rate_limit": 'rate_limit = "20MB"',
+    "rate_burst": 'rate_burst = "4MB"',
 }
 FORWARD_KEYS = {
     "listen": 'listen = "0.0.0.0:2201"',

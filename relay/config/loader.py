@@ -288,7 +288,22 @@ def _parse_principal(sec: Section, kind: str) -> PrincipalConfig:
         keys=tuple(keys),
         services=tuple(dict.fromkeys(services)),
         max_sessions=max_sessions,
+        share=sec.number("share", 1.0, low=0.01, high=100),
+        rate_limit=_byte_rate(sec, "rate_limit"),
+        rate_burst=_byte_rate(sec, "rate_burst"),
     )
+
+
+def _byte_rate(sec: Section, key: str) -> int | None:
+    """``rate_limit``/``rate_burst``: a byte count as an integer or a string with a unit."""
+    value = sec.data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise sec.error(key, f"expected a string or an integer, got {describe(value)}")
+    return grammar.parse_byte_rate(value, source=sec.source, keypath=sec.keypath(key))
 
 
 def _parse_penalties(sec: Section | None) -> PenaltyConfig:

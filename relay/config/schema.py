@@ -160,7 +160,9 @@ class PrincipalConfig:
 
     ``keys`` are OpenSSH public-key lines (``ssh-ed25519 AAAA... comment``).
     Agents use ``services`` (names they may register) and ``public_ports``; users use
-    ``services`` (names they may reach) and ``max_sessions``.
+    ``services`` (names they may reach), ``max_sessions`` and the sharing settings:
+    ``share`` (weight on a congested link, docs/sharing.md), ``rate_limit`` (bytes/s
+    each way, None: unlimited) and ``rate_burst`` (bytes; None: one second's worth).
     """
 
     kind: str  # "agent" | "user"
@@ -169,6 +171,9 @@ class PrincipalConfig:
     services: tuple[ServiceGrant, ...] = ()
     public_ports: tuple[int, ...] = ()
     max_sessions: int | None = None
+    share: float = 1.0
+    rate_limit: int | None = None
+    rate_burst: int | None = None
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -36,7 +36,13 @@ from twisted.logger import Logger
 
 from relay.config.checks import PrincipalSite, check_principals, config_sites
 from relay.config.errors import ConfigError, Where
-from relay.config.grammar import parse_principal_name, parse_public_key, parse_service_grant
+from relay.config.grammar import (
+    parse_byte_rate,
+    parse_principal_name,
+    parse_public_key,
+    parse_service_grant,
+    parse_share,
+)
 from relay.config.schema import PrincipalConfig, RelayConfig, ServiceGrant
 from relay.core.grants import AGENT, USER, Principal
 
@@ -449,6 +455,9 @@ class Grants:
                 services=p.services,
                 public_ports=frozenset(p.public_ports),
                 max_sessions=max_sessions,
+                share=p.share,
+                rate_limit=p.rate_limit,
+                rate_burst=p.rate_burst,
             )
             principals.append(principal)
             by_key.update(dict.fromkeys(keys, principal))
@@ -501,6 +510,7 @@ class _Entry:
     services: dict[ServiceGrant, Where]
     ports: dict[int, Where]
     max_sessions: tuple[int, Where] | None = None
+    sharing: dict[str, tuple[float, str]] = field(default_factory=dict)  # option -> value, FILE:LINE
 
 
 def _options(line: str, where: str) -> tuple[list[tuple[str, str | None, str]], str]:
@@ -592,10 +602,25 @@ def _max_sessions(value: str, where: str, written: str) -> int:
     return int(value)
 
 
+_SHARING = ("share", "rate-limit", "rate-burst")
+"""A user's sharing options (docs/sharing.md): its weight on a congested link and its
+rate limit each way with the burst."""
+
+
+def _sharing(option: str, value: str | None, where: str, written: str) -> float:
+    example = {"share": "2", "rate-limit": "20MB", "rate-burst": "4MB"}[option]
+    if value is None:
+        raise ConfigError(where, written, f"{option} needs a value", f'e.g. {option}="{example}"')
+    if option == "share":
+        return parse_share(value, source=where, keypath=written)
+    return float(parse_byte_rate(value, source=where, keypath=written))
+
+
 def _grant_line(
-    line: str, kind: str, where: str
+    line: str, kind: str, where: str, sharing: dict[str, float] | None = None
 ) -> tuple[str, str, list[tuple[ServiceGrant | int, str]], tuple[int, str] | None]:
-    """(name, key text, each grant with the option it came from, max-sessions)."""
+    """(name, key text, each grant with the option it came from, max-sessions); a user's
+    sharing options go into ``sharing``."""
     options, key_text = _options(line, where)
     parse_public_key(key_text, source=where, keypath="")
     fields = key_text.split(None, 2)
@@ -631,6 +656,10 @@ def _grant_line(
             else:
                 grant = parse_service_grant(value, USER, source=where, keypath=written)
                 grants.append((grant, written))
+        elif option in _SHARING and kind == USER:
+            value_ = _sharing(option, value, where, written)
+            if sharing is not None:
+                sharing[option] = value_
         elif option == "no-port-forwarding":
             raise ConfigError(
                 where,
@@ -657,7 +686,7 @@ def _grant_line(
         else:
             valid = [
                 grant_option,
-                *(["max-sessions"] if kind == USER else []),
+                *(["max-sessions", *_SHARING] if kind == USER else []),
                 "restrict",
                 "no-pty and the other no-* options",
             ]
@@ -668,6 +697,10 @@ def _grant_line(
                 "valid options here: " + ", ".join(valid),
             )
     return name, key_text, grants, max_sessions
+
+
+def _whole(setting: tuple[float, str] | None) -> int | None:
+    return None if setting is None else int(setting[0])
 
 
 def parse_grant_file(
@@ -685,9 +718,18 @@ def parse_grant_file(
         if not line or line.startswith("#"):
             continue
         where = f"{source}:{number}"
+        sharing: dict[str, float] = {}
         try:
-            name, key_text, grants, max_sessions = _grant_line(line, kind, where)
+            name, key_text, grants, max_sessions = _grant_line(line, kind, where, sharing)
             entry = entries.get(name)
+            for option, value in sharing.items():
+                earlier = entry.sharing.get(option) if entry is not None else None
+                if earlier is not None and earlier[0] != value:
+                    raise ConfigError(
+                        where, option,
+                        f"{name} already has a different {option} (on {earlier[1]})",
+                        f"give {option} once per user, or the same on every line",
+                    )
             if max_sessions is not None and entry is not None:
                 value, written = max_sessions
                 if entry.max_sessions is not None and entry.max_sessions[0] != value:
@@ -714,6 +756,8 @@ def parse_grant_file(
                 entry.services.setdefault(grant, (where, written))
         if max_sessions is not None:
             entry.max_sessions = (max_sessions[0], (where, max_sessions[1]))
+        for option, value in sharing.items():
+            entry.sharing[option] = (value, where)
     sites = []
     for entry in entries.values():
         principal = PrincipalConfig(
@@ -723,6 +767,9 @@ def parse_grant_file(
             services=tuple(entry.services),
             public_ports=tuple(entry.ports),
             max_sessions=None if entry.max_sessions is None else entry.max_sessions[0],
+            share=entry.sharing.get("share", (1.0, ""))[0],
+            rate_limit=_whole(entry.sharing.get("rate-limit")),
+            rate_burst=_whole(entry.sharing.get("rate-burst")),
         )
         sites.append(
             PrincipalSite(
