@@ -36,6 +36,7 @@ from relay.datapath.net import LISTEN_BACKLOG
 from relay.datapath.splicing import SplicedPair
 from relay.server.dataport import DataPort, PairingError
 from relay.server.grants import Grants, GrantsChange, GrantsWatcher, Principal
+from relay.server.sharing import Sharing
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
 from relay.ssh.hostkeys import fingerprint_sha256
@@ -77,6 +78,8 @@ class RelayCore:
         self._publicWaiting: dict[int, int] = {}  # connections waiting for their agent
         self.dataport = DataPort(self, self.admission)
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
+        self.sharing = Sharing(grants, reactor)
+        grants.subscribe(lambda _change: self.sharing.refresh())
         grants.subscribe(self.grantsChanged)
 
     # connection admission
@@ -291,6 +294,8 @@ class RelayCore:
         d.addCallback(lambda reg: self._openToAgent(reg, port, origin, session))
 
         def connected(agent_channel: BridgedChannel) -> BridgedChannel:
+            self.sharing.tag(channel, principal.name)
+
             def not_opened(_: object) -> None:
                 agent_channel.abort()
                 self._sessionEnded(session, 0, 0, "user channel did not open")
@@ -331,7 +336,15 @@ class RelayCore:
         agent: Any = reg.session
         if session is not None:
             session.agent = agent
-        return agent.openForwarded(reg.bind, port, host, int(oport or 0))
+        d: defer.Deferred[BridgedChannel] = agent.openForwarded(reg.bind, port, host,
+                                                                int(oport or 0))
+        if session is not None:
+            def tag(channel: BridgedChannel) -> BridgedChannel:
+                self.sharing.tagAgentChannel(channel, session.user)
+                return channel
+
+            d.addCallback(tag)
+        return d
 
     # the fast path's sessions (relay.server.dataport pairs them)
 
@@ -364,10 +377,14 @@ class RelayCore:
         self._sessionEnded(session, 0, 0, "fast path pairing failed")
 
     def _bridge(self, session: SessionRow, user_side: Any, agent_side: BridgedChannel) -> Bridge:
+        limiter = self.sharing.limiter(session.user, user_side)
+
         def ended(to_service: int, from_service: int) -> None:
+            if limiter is not None:
+                limiter.release()  # type: ignore[attr-defined]
             self._sessionEnded(session, to_service, from_service, "bridge closed")
 
-        bridge = Bridge(user_side, agent_side, onClosed=ended)
+        bridge = Bridge(user_side, agent_side, onClosed=ended, onData=limiter)
 
         def abort() -> None:
             bridge.a.abort()
@@ -601,6 +618,9 @@ class RelayCore:
             "public_ports": sorted(self.public),
             "fast_path": self.dataport.status(),
             "admission": self.admission.status(),
+            "sharing": self.sharing.status() | {"queued": {
+                c.principal_name: c.queueStatus() for c in conns
+                if c.identity.kind == "agent" and c.queueStatus()}},
             "counters": dict(self.counters),
         }
 

@@ -1,0 +1,175 @@
+"""The relay's side of sharing: whose bytes a channel carries, weights, rate limits.
+
+Scheduling itself happens in every :class:`relay.ssh.connection.FlowConnection`
+(its :class:`relay.core.fairshare.FairScheduler`); this module tells it what it
+needs: each bridged channel's user (``shareUser``) and the users' weights
+(``share``), and, on an agent's ``forwarded-tcpip`` channel, sends the agent the
+same through ``share@labrelay`` so the agent schedules its direction of the link by
+user too.  Rate limits (``rate_limit``, ``rate_burst``) are token buckets per user
+and direction (:mod:`relay.core.ratelimit`), charged as a bridge moves bytes; a
+user in debt has the source that read the bytes paused (``pauseReading("rate")``,
+the bridge's one pause mechanism) until the debt is paid.  Spliced sessions are
+charged from their byte counts and paused the same way through their pump.
+
+Settings come from the grants (config tables and users file), so a reload of
+either changes shares and limits at once (:meth:`Sharing.refresh`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from relay.core.grants import USER, Principal
+from relay.core.ratelimit import DOWN, UP, Limit, TokenBucket, UserLimits
+from relay.ssh.wire import SHARE, pack_share
+
+RATE = "rate"
+"""The pause reason of a source whose user is over its rate limit."""
+SPLICE_POLL = 0.05
+"""Seconds between two readings of a rate-limited spliced pair's byte counts."""
+
+
+class PrincipalSource(Protocol):
+    def principals(self) -> list[Principal]: ...
+
+
+class Pausable(Protocol):
+    def pauseReading(self, reason: str) -> None: ...
+
+    def resumeReading(self, reason: str) -> None: ...
+
+
+class Sharing:
+    """Users' weights and rate limits for one relay."""
+
+    _log = Logger()
+
+    def __init__(self, grants: PrincipalSource, reactor: Any) -> None:
+        self._grants = grants
+        self.reactor = reactor
+        self.limits = UserLimits()
+        self._weights: dict[str, float] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read shares and limits from the grants in force (at start and on reload)."""
+        weights: dict[str, float] = {}
+        limits: dict[str, Limit] = {}
+        for p in self._grants.principals():
+            if p.kind != USER:
+                continue
+            if p.share != 1.0:
+                weights[p.name] = p.share
+            if p.rate_limit is not None:
+                limits[p.name] = Limit(p.rate_limit, p.rate_burst or 0)
+        self._weights = weights
+        self.limits.set_limits(limits, self.reactor.seconds())
+
+    def weight(self, user: str) -> float:
+        return self._weights.get(user, 1.0)
+
+    # --- fair share -------------------------------------------------------
+
+    def tag(self, channel: Any, user: str) -> None:
+        """``channel`` carries ``user``'s bytes on its connection's link."""
+        channel.shareUser = user
+        scheduler = getattr(channel.conn, "scheduler", None)
+        if scheduler is not None:
+            scheduler.set_weight(user, self.weight(user))
+
+    def tagAgentChannel(self, channel: Any, user: str) -> None:
+        """Tag an agent's ``forwarded-tcpip`` channel here and at the agent."""
+        self.tag(channel, user)
+        channel.conn.sendRequest(channel, SHARE, pack_share(user, self.weight(user)))
+
+    # --- rate limits ------------------------------------------------------
+
+    def limiter(self, user: str, user_side: Pausable) -> Callable[[Any, int], None] | None:
+        """A bridge's byte hook that charges ``user``'s buckets (None: not limited).
+        Bytes read from ``user_side`` go to the service; the others come from it."""
+        if self.limits.limit(user) is None:
+            return None
+        held = _Held(self.reactor)
+
+        def moved(src: Any, nbytes: int) -> None:
+            bucket = self.limits.bucket(user, UP if src is user_side else DOWN,
+                                        self.reactor.seconds())
+            if bucket is not None:
+                held.charge(src, bucket, nbytes)
+
+        moved.release = held.release  # type: ignore[attr-defined]
+        return moved
+
+    def limitSpliced(self, user: str, counts: Callable[[], tuple[int, int]],
+                     pause: Callable[[bool], None]) -> Callable[[], None] | None:
+        """Charge a spliced pair's bytes to ``user`` every ``SPLICE_POLL`` seconds and
+        ``pause(True)`` its pump while the user is in debt; the function that stops
+        it (None: not limited)."""
+        if self.limits.limit(user) is None:
+            return None
+        state = {"up": 0, "down": 0, "paused": False}
+        timer: list[IDelayedCall] = []
+
+        def tick() -> None:
+            now = self.reactor.seconds()
+            up, down = counts()
+            wait = 0.0
+            for direction, key, value in ((UP, "up", up), (DOWN, "down", down)):
+                bucket = self.limits.bucket(user, direction, now)
+                if bucket is not None:
+                    wait = max(wait, bucket.charge(value - state[key], now))
+                state[key] = value
+            paused = wait > 0
+            if paused != state["paused"]:
+                state["paused"] = paused
+                pause(paused)
+            timer[:] = [self.reactor.callLater(max(SPLICE_POLL, min(wait, 1.0)), tick)]
+
+        def stop() -> None:
+            for t in timer:
+                if t.active():
+                    t.cancel()
+            timer.clear()
+
+        timer.append(self.reactor.callLater(SPLICE_POLL, tick))
+        return stop
+
+    def status(self) -> dict[str, Any]:
+        """Weights and limits in force, with each limited user's credit left."""
+        now = self.reactor.seconds()
+        return {"shares": dict(sorted(self._weights.items())),
+                "rate_limits": self.limits.status(now)}
+
+
+class _Held:
+    """The sources of one bridge paused for a rate limit, and their timers."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self._timers: dict[int, tuple[Any, IDelayedCall]] = {}
+
+    def charge(self, src: Any, bucket: TokenBucket, nbytes: int) -> None:
+        wait = bucket.charge(nbytes, self.reactor.seconds())
+        if wait > 0 and id(src) not in self._timers:
+            src.pauseReading(RATE)
+            self._timers[id(src)] = (src, self.reactor.callLater(
+                wait, self._due, src, bucket))
+
+    def _due(self, src: Any, bucket: TokenBucket) -> None:
+        wait = bucket.wait(self.reactor.seconds())
+        if wait > 0:  # other sessions of the user spent the credit meanwhile
+            self._timers[id(src)] = (src, self.reactor.callLater(wait, self._due, src, bucket))
+            return
+        del self._timers[id(src)]
+        src.resumeReading(RATE)
+
+    def release(self) -> None:
+        """The bridge ended: cancel the timers."""
+        for _src, timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
