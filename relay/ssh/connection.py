@@ -25,6 +25,7 @@ re-opened by the channel itself, after its bytes were accepted downstream (see
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +50,8 @@ CHANNEL_QUEUE = 128 * 1024
 """Bytes a channel may have waiting for a congested link before its source pauses:
 enough that every active session always has a packet ready for its turn."""
 CHANNEL_RESUME = CHANNEL_QUEUE // 2
+UNSENT_LOWAT = LINK_BUFFER
+"""Unsent bytes the kernel may hold for the link (TCP_NOTSENT_LOWAT)."""
 
 
 @implementer(IPushProducer)
@@ -98,6 +101,7 @@ class FlowConnection(connection.SSHConnection):
             if hasattr(tcp, "bufferSize"):
                 tcp.bufferSize = LINK_BUFFER
             tcp.registerProducer(self, True)
+            _limitUnsent(tcp)
 
     # IPushProducer for the link's TCP transport
 
@@ -399,6 +403,24 @@ class FlowConnection(connection.SSHConnection):
         self._held.clear()
         self._closing.clear()
         super().serviceStopped()
+
+
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
+def _limitUnsent(tcp: Any) -> None:
+    """Keep at most ``LINK_BUFFER`` unsent bytes in the kernel's socket buffer too
+    (``TCP_NOTSENT_LOWAT``): on a link slower than the machine, the kernel would
+    otherwise queue megabytes in front of every scheduled packet (at 20 MB/s, 4 MB is
+    200 ms before a keystroke's echo), and the order the scheduler chose would only
+    apply behind them."""
+    sock = getattr(tcp, "socket", None)
+    if sock is None or getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, UNSENT_LOWAT)
+    except OSError:
+        pass  # not Linux/BSD: the kernel's buffer stays as it is
 
 
 def _openError(e: error.ConchError) -> tuple[int, str]:
