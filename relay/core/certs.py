@@ -44,6 +44,7 @@ from relay.core.keylife import KeyLimits, source_address_allows
 from relay.core.krl import Krl
 
 CERT_SUFFIX = b"-cert-v01@openssh.com"
+NO_LIMITS = KeyLimits()
 FOREVER = 0xFFFFFFFFFFFFFFFF
 
 
@@ -54,7 +55,7 @@ class Authority:
     ca_blob: bytes
     principal: Principal
     accepted: frozenset[str]  # certificate principals accepted
-    limits: KeyLimits = KeyLimits()
+    limits: KeyLimits = NO_LIMITS
     where: str = ""  # FILE:LINE
 
 

@@ -17,8 +17,8 @@ Interactive sessions: a packet of at most ``sparse_bytes`` for a session that ha
 nothing queued (a keystroke, its echo, a prompt) is sent before any queued bulk,
 its user's bulk included, as fq_codel treats sparse flows.  It is charged to its
 user's credit, which may go below zero; a user more than one quantum in debt
-queues like bulk until its turns in the round-robin have paid the debt back, so nobody takes more than its
-share by sending small packets.
+queues like bulk until its turns in the round-robin have paid the debt back, so
+nobody takes more than its share by sending small packets.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ class Krl:
             return "the key is listed in the KRL"
         if hashlib.sha256(blob).digest() in self.sha256:
             return "the key's SHA256 fingerprint is listed in the KRL"
-        if hashlib.sha1(blob).digest() in self.sha1:  # noqa: S324 - the format's own hash
+        if hashlib.sha1(blob).digest() in self.sha1:  # the format's own hash
             return "the key's SHA1 fingerprint is listed in the KRL"
         return None
 

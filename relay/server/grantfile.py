@@ -60,7 +60,8 @@ class _Entry:
     services: dict[ServiceGrant, Where]
     ports: dict[int, Where]
     max_sessions: tuple[int, Where] | None = None
-    sharing: dict[str, tuple[float, str]] = field(default_factory=dict)  # option -> value, FILE:LINE
+    # a user's sharing options: option -> (value, FILE:LINE)
+    sharing: dict[str, tuple[float, str]] = field(default_factory=dict)
 
 
 def _options(line: str, where: str) -> tuple[list[tuple[str, str | None, str]], str]:

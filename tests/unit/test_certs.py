@@ -62,8 +62,9 @@ def authorities(pki: Path, *lines: Authority) -> dict[bytes, list[Authority]]:
 
 
 def line(pki: Path, principal: Principal = ALICE, accepted: tuple[str, ...] = ("alice",),
-         limits: KeyLimits = KeyLimits()) -> Authority:
-    return Authority(blob(pki / "ca.pub"), principal, frozenset(accepted), limits, "users:1")
+         limits: KeyLimits | None = None) -> Authority:
+    return Authority(blob(pki / "ca.pub"), principal, frozenset(accepted),
+                     limits or KeyLimits(), "users:1")
 
 
 NOW = time.time()

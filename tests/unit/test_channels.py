@@ -38,7 +38,6 @@ from zope.interface import implementer
 
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.channels import BridgedChannel
-from relay.ssh.wire import SHARE, pack_share, unpack_share
 from relay.ssh.connection import (
     CHANNEL_QUEUE,
     LINK_BUFFER,
@@ -46,6 +45,7 @@ from relay.ssh.connection import (
     OPEN_CONNECT_FAILED,
     FlowConnection,
 )
+from relay.ssh.wire import SHARE, pack_share, unpack_share
 
 WINDOW = 64 * 1024  # our receive window (small, so tests move few bytes)
 MAX_PACKET = 8 * 1024  # our maximum packet
@@ -450,7 +450,7 @@ def test_a_congested_link_pauses_a_source_only_past_its_own_queue() -> None:
     h = Harness(linkTCP=link)
     assert link.producer is h.conn and link.streaming
     assert link.bufferSize == LINK_BUFFER  # type: ignore[attr-defined]
-    (bulk, bulkTCP, bulkT, _), (chat, chatTCP, chatT, _) = (
+    (_bulk, bulkTCP, bulkT, _), (_chat, chatTCP, chatT, _) = (
         h.session(peerId=PEER_ID), h.session(peerId=PEER_ID + 1))
     h.conn.pauseProducing()
     assert h.conn.congested

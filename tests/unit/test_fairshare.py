@@ -105,7 +105,7 @@ def test_small_packets_cannot_take_more_than_the_share() -> None:
     each from an idle session, still gets half of a link shared with one bulk user."""
     sched: FairScheduler[str] = FairScheduler()
     got: Counter[str] = Counter()
-    for i in range(4):
+    for _ in range(4):
         sched.push("bulk", "bob", "b", PACKET)
     for round_ in range(20000):
         sched.push(f"tiny{round_}", "mallory", "t", 1000)
