@@ -57,6 +57,7 @@ RELAY_KEYS = {
     "public_bind": 'public_bind = "0.0.0.0"',
     "agents_file": 'agents_file = "agents"',
     "users_file": 'users_file = "users"',
+    "revoked_keys": 'revoked_keys = "revoked.krl"',
     "login_grace": "login_grace = 30",
     "max_auth_tries": "max_auth_tries = 6",
     "kex_timeout": "kex_timeout = 30",

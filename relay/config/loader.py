@@ -358,6 +358,7 @@ def _parse_relay(sec: Section, base: Path) -> RelayConfig:
             public_bind = grammar.bind_address(public_bind)
     agents_file = sec.string("agents_file")
     users_file = sec.string("users_file")
+    revoked_keys = sec.string("revoked_keys")
     window, max_packet = _window(sec)
     data_bind = sec.string("data_bind")
     if data_bind is not None:
@@ -382,6 +383,7 @@ def _parse_relay(sec: Section, base: Path) -> RelayConfig:
         public_bind=defaults.public_bind if public_bind is None else public_bind,
         agents_file=None if agents_file is None else _path(agents_file, base),
         users_file=None if users_file is None else _path(users_file, base),
+        revoked_keys=None if revoked_keys is None else _path(revoked_keys, base),
         agents=tuple(
             _parse_principal(s, "agent") for s in sec.tables("agent", RELAY_AGENT_KEYS)
         ),

@@ -155,6 +155,28 @@ class ServiceGrant:
 
 
 @dataclass(frozen=True)
+class KeyLimitsConfig:
+    """OpenSSH's ``expiry-time=`` (as a Unix time) and ``from=`` (the pattern list as
+    written) on one key line of a grant file."""
+
+    key: str
+    expires: float | None = None
+    sources: str | None = None
+
+
+@dataclass(frozen=True)
+class CertAuthorityConfig:
+    """A ``cert-authority`` line: a CA key whose certificates log in as this principal
+    when one of their principals is in ``principals`` (docs/relay.md, "Certificates")."""
+
+    key: str
+    principals: tuple[str, ...]
+    expires: float | None = None
+    sources: str | None = None
+    where: str = ""
+
+
+@dataclass(frozen=True)
 class PrincipalConfig:
     """One ``[[relay.agent]]`` or ``[[relay.user]]`` entry (or one grant-file line).
 
@@ -174,6 +196,8 @@ class PrincipalConfig:
     share: float = 1.0
     rate_limit: int | None = None
     rate_burst: int | None = None
+    key_limits: tuple[KeyLimitsConfig, ...] = ()
+    authorities: tuple[CertAuthorityConfig, ...] = ()
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -212,6 +236,7 @@ class RelayConfig:
     public_bind: str = "0.0.0.0"
     agents_file: Path | None = None
     users_file: Path | None = None
+    revoked_keys: Path | None = None  # an OpenSSH KRL (ssh-keygen -k) or a file of public keys
     agents: tuple[PrincipalConfig, ...] = ()
     users: tuple[PrincipalConfig, ...] = ()
     login_grace: float = 30.0

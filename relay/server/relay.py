@@ -30,6 +30,7 @@ from relay.datapath.bridge import Bridge
 from relay.datapath.splicing import SplicedPair
 from relay.server.dataconn import PairingError
 from relay.server.dataport import DataPort
+from relay.server.expiry import KeyExpiry
 from relay.server.grants import Grants, GrantsChange, GrantsWatcher, Principal
 from relay.server.public import PublicPorts
 from relay.server.sharing import Sharing
@@ -73,6 +74,7 @@ class RelayCore:
         self.dataport = DataPort(self, self.admission)
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
         self.sharing = Sharing(grants, reactor)
+        self.expiry = KeyExpiry(self)
         grants.subscribe(lambda _change: self.sharing.refresh())
         grants.subscribe(self.grantsChanged)
 
@@ -115,6 +117,7 @@ class RelayCore:
     def sessionStarted(self, conn: RelayConnection) -> None:
         self.connections.add(conn)
         ident = conn.identity
+        self.expiry.watch(ident.key_blob)
         self._log.info(
             "{kind} {name} connected from {peer}", event="relay_connected",
             kind=ident.kind, name=ident.name, peer=conn.peer,
@@ -410,7 +413,10 @@ class RelayCore:
         why.  A narrowed agent loses the registrations it may no longer hold (and
         their sessions; a ``grant-revoked@labrelay`` tells it which); a narrowed user
         loses its sessions to services it may no longer reach.  Decisions use the
-        grants now in force; ``change`` only says whose things to look at."""
+        grants now in force; ``change`` only says whose things to look at.  Keys that
+        are no longer usable for a reason a diff cannot show (expired, revoked by the
+        KRL, a certificate whose CA went) go too (:meth:`KeyExpiry.recheck`)."""
+        self.expiry.recheck(skip=change.losses.keys())
         if not change.losses:
             return
         for session in self.sessions.rows():
@@ -434,6 +440,21 @@ class RelayCore:
                 for reg in self.router.no_longer_held(conn):
                     self._dropRegistration(reg, f"{_label(reg)} is no longer granted to "
                                            f"agent {conn.principal_name}", tell=True)
+
+    def endKey(self, key_blob: bytes, why: str) -> None:
+        """Close every session and connection of ``key_blob`` (it expired or was revoked)."""
+        for session in self.sessions.rows():
+            if session.key == key_blob:
+                self._closeSession(session, why)
+        for conn in list(self.connections):
+            if conn.identity.key_blob == key_blob:
+                for reg in self.registry.held_by(conn):
+                    self._dropRegistration(reg, why, tell=False)
+                self._log.warn(
+                    "{kind} {name} at {peer}: {why}; disconnecting", event="relay_key_ended",
+                    kind=conn.identity.kind, name=conn.principal_name, peer=conn.peer, why=why,
+                )
+                conn.disconnect(f"{why}")
 
     def _revokeConnection(self, conn: RelayConnection, where: str) -> None:
         for reg in self.registry.held_by(conn):
@@ -507,6 +528,7 @@ class RelayCore:
 
     def stop(self) -> defer.Deferred[Any]:
         self.grantsWatcher.stop()
+        self.expiry.stop()
         if self._sweeper is not None and self._sweeper.active():
             self._sweeper.cancel()
         self._sweeper = None
