@@ -360,12 +360,19 @@ class RelayCore:
             moved = pair.bytes()
             self.sessionEnded(session, moved.a_to_b, moved.b_to_a, "spliced pair done")
 
-        pair.done.addBoth(ended)
-
         def meter() -> tuple[int, int]:
             moved = pair.bytes()
             return moved.a_to_b, moved.b_to_a
 
+        unlimit = self.sharing.limitSpliced(session.user, meter, pair.pause)
+
+        def stopLimit(result: object) -> object:
+            if unlimit is not None:
+                unlimit()
+            return result
+
+        pair.done.addBoth(stopLimit)
+        pair.done.addBoth(ended)
         self._moving(session, meter, pair.abort, agent)
 
     def fastSessionFailed(self, session: SessionRow) -> None:

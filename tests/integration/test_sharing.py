@@ -1,20 +1,23 @@
 """Per-user rate limits through a real relay, agent and OpenSSH client (issue 15).
 
 A user limited to 20 MB/s (``rate-limit="20MB"`` in the users file) pushes 200 MiB
-through a stock ``ssh -L`` over one agent link: it takes 10 s ± 15 %, and the
-limit shows in the relay's status.  An unlimited user on the same relay is not
-slowed.  (Fair share on a congested link needs a link slower than the processes,
+through a stock ``ssh -L`` over one agent link, and through the fast path
+(``labrelay connect``, spliced): each takes 10 s ± 15 %, and the limit shows in the
+relay's status.  An unlimited user on the same relay is not slowed.  (Fair share on a congested link needs a link slower than the processes,
 so it is an e2e scenario: tests/e2e/test_e2e_6_sharing.py.)
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Targets
+from conftest import REPO_ROOT, Targets, child_env
 from harness import (
     AgentProcess,
     DataStream,
@@ -109,3 +112,46 @@ def test_a_rate_limited_user_moves_at_its_rate_on_the_channel_path(
     push(port, stream)
     assert sink.result(timeout=60).nbytes == SIZE
     assert time.monotonic() - started < expected * 0.7
+
+
+def test_a_rate_limited_user_moves_at_its_rate_on_the_fast_path(
+    openssh: None,
+    tmp_path: Path,
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    targets: Targets,
+) -> None:
+    """The same limit on a spliced session (``labrelay connect``): the relay pauses the
+    pump's direction while alice is over her rate."""
+    lab_pc, alice = (make_key(tmp_path / n, comment=n) for n in ("lab_pc", "alice"))
+    relay = start_relay(
+        agents=[f'permitlisten="bulk:9000" {lab_pc.public_blob()} lab_pc'],
+        users=[f'permitopen="bulk:9000",rate-limit="20MB",rate-burst="1MB" '
+               f"{alice.public_blob()} alice"],
+        relay_toml='data_port = 0\ne2e_services = ["bulk:9000"]\n'
+                   'penalty_exempt = ["127.0.0.1"]',
+    )
+    sink = targets.sink()
+    agent = labrelay_agent(start_agent, relay, lab_pc, f"bulk:9000:127.0.0.1:{sink.port}")
+    agent.wait_for("fast_path_ready", timeout=20)
+    stream = DataStream(16, SIZE)
+    src = tmp_path / "upload.bin"
+    with open(src, "wb") as f:
+        for chunk in stream.chunks():
+            f.write(chunk)
+    argv = [sys.executable, "-m", "relay", "connect", "-p", str(relay.port),
+            "-i", str(alice.path), "-o", f"UserKnownHostsFile={relay.known_hosts}",
+            "alice@127.0.0.1", "bulk:9000"]
+    started = time.monotonic()
+    with open(src, "rb") as stdin:
+        out = subprocess.run(argv, stdin=stdin, capture_output=True, timeout=120,
+                             env={**os.environ, **child_env()}, cwd=REPO_ROOT)
+    got = sink.result(timeout=60)
+    took = time.monotonic() - started
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr == b""  # spliced: no fallback to a channel
+    assert (got.nbytes, got.sha256) == (SIZE, stream.sha256)
+    relay.wait_for("relay_fast_session", since=0, user="alice")  # it was spliced
+    expected = (SIZE - 1_000_000) / RATE
+    print(f"alice on the fast path, limited to 20 MB/s: 200 MiB in {took:.2f} s")
+    assert expected * 0.85 <= took <= expected * 1.15, took
