@@ -169,3 +169,28 @@ def test_expiry_time_refuses_then_ends_open_sessions(
     assert -0.1 <= closed_at - expires <= 1.0, closed_at - expires
     relay.wait_for("relay_key_ended", timeout=5, name="carol")
     assert shutil.which("ssh") is not None
+
+
+def test_an_agent_certificate_registers_the_services_its_principals_name(
+    pki: Path,
+    tmp_path: Path,
+    start_relay: Callable[..., RelayNode],
+    start_ssh: Callable[..., SshProcess],
+) -> None:
+    """A stock ``ssh -R`` as the agent, with a certificate whose principals are
+    ``lab_pc`` (who it is) and ``web:8080`` (what it may register): web:8080 is granted,
+    gpu-cluster:22 (not among its principals) refused, though the CA line allows both."""
+    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    relay = start_relay(
+        agents=[f'cert-authority,principals="lab_pc",permitlisten="web:8080",'
+                f'permitlisten="gpu-cluster:22" {ca} lab_pc'],
+        relay_toml='penalty_exempt = ["127.0.0.1"]',
+    )
+    key = user_cert(pki, "lab_pc", "-n", "lab_pc,web:8080", "-V", "-5m:+1h")
+    proc = start_ssh(ssh_argv(relay.port, key, relay.known_hosts, "-v", "-N",
+                              "-R", "web:8080:127.0.0.1:9", "-R", "gpu-cluster:22:127.0.0.1:9",
+                              user="lab_pc"), name="stock-agent-cert")
+    proc.wait_stderr(r"remote forward success for: listen web:8080")
+    proc.wait_stderr(r"remote forward failure for: listen gpu-cluster:22")
+    agents = relay.status()["relay"]["agents"]
+    assert agents[0]["name"] == "lab_pc" and agents[0]["services"] == ["web:8080"]
