@@ -165,6 +165,39 @@ def _relay_metrics(relay: dict[str, Any]) -> list[str]:
     for reason, value in fast.get("tokens_refused", {}).items():
         lines.append(f'labrelay_relay_fast_tokens_refused_total{{reason="{_label(reason)}"}} '
                      f"{value}")
+    return lines + _sharing_metrics(relay.get("sharing") or {})
+
+
+def _sharing_metrics(sharing: dict[str, Any]) -> list[str]:
+    """Shares, rate limits and what waits for a congested agent link (docs/sharing.md)."""
+    if not sharing:
+        return []
+    lines = ["# HELP labrelay_relay_user_share A user's weight on a congested link "
+             "(users not listed have 1).",
+             "# TYPE labrelay_relay_user_share gauge"]
+    for user, weight in sharing.get("shares", {}).items():
+        lines.append(f'labrelay_relay_user_share{{user="{_label(user)}"}} {weight}')
+    limits = sharing.get("rate_limits", {})
+    lines += ["# HELP labrelay_relay_user_rate_limit_bytes A user's rate limit each way "
+              "(bytes/s).",
+              "# TYPE labrelay_relay_user_rate_limit_bytes gauge"]
+    for user, limit in limits.items():
+        lines.append(f'labrelay_relay_user_rate_limit_bytes{{user="{_label(user)}"}} '
+                     f"{int(limit['rate'])}")
+    lines += ["# HELP labrelay_relay_user_rate_credit_bytes Bytes a limited user may move "
+              "now without waiting, by direction.",
+              "# TYPE labrelay_relay_user_rate_credit_bytes gauge"]
+    for user, limit in limits.items():
+        for direction in ("to_service", "from_service"):
+            lines.append(f'labrelay_relay_user_rate_credit_bytes{{user="{_label(user)}",'
+                         f'direction="{direction}"}} {int(limit[f"credit_{direction}"])}')
+    lines += ["# HELP labrelay_relay_link_queued_bytes Bytes waiting for a congested agent "
+              "link, by agent and user.",
+              "# TYPE labrelay_relay_link_queued_bytes gauge"]
+    for agent, users in sharing.get("queued", {}).items():
+        for user, queued in users.items():
+            lines.append(f'labrelay_relay_link_queued_bytes{{agent="{_label(agent)}",'
+                         f'user="{_label(user)}"}} {queued}')
     return lines
 
 
