@@ -371,9 +371,11 @@ class Site:
     # -- cloud: the labrelay relay
 
     def start_relay(self, extra: str = "", name: str = "relay",
-                    user_settings: dict[str, str] | None = None) -> NsRelay:
+                    user_settings: dict[str, str] | None = None,
+                    user_services: dict[str, list[str]] | None = None) -> NsRelay:
         """The relay on cloud; ``user_settings`` adds lines to a user's ``[[relay.user]]``
-        table (``{"alice": "share = 2"}``)."""
+        table (``{"alice": "share = 2"}``), ``user_services`` replaces a user's grants."""
+        grants = {**USER_GRANTS, **(user_services or {})}
         k = self.keys
         directory = self.dir / "relay"
         directory.mkdir(exist_ok=True)
@@ -382,7 +384,7 @@ class Site:
             CLOUD, RELAY_PORT, directory / "state",
             [("lab_pc", k.lab_pc, ["gpu-cluster:22", "data:9000", f"echo:{ECHO_PORT}"],
               [PUBLIC_PORT, DATA_PUBLIC_PORT])],
-            [(u, getattr(k, u), s) for u, s in USER_GRANTS.items()],
+            [(u, getattr(k, u), s) for u, s in grants.items()],
             extra=RELAY_SETTINGS + extra, user_settings=user_settings,
         ))
         proc = self.process("cloud", audited_relay_argv("relay", "--log-format", "json",
