@@ -165,8 +165,9 @@ def plot(res: dict[str, Any], path: Path) -> str | None:
                label="measured", color="#3a76b0")
         ax.bar([i + 0.27 for i in x], [s["users"][u]["ideal"] * 100 for u in users], 0.27,
                label="weighted ideal", color="#9bc48a")
-        ax.set_xticks(list(x), [f"{u}\n{s['users'][u]['streams']} str., w {s['users'][u]['weight']:g}"
-                                for u in users], fontsize=8)
+        ticks = [f"{u}\n{s['users'][u]['streams']} str., w {s['users'][u]['weight']:g}"
+                 for u in users]
+        ax.set_xticks(list(x), ticks, fontsize=8)
         title = f"{name}\nJain {s['jain']:.3f}, {s['link_mb_s']:.0f} MB/s"
         if "echo_p99_ms" in s:
             title += f", echo p99 {s['echo_p99_ms']:.0f} ms"
@@ -193,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = 1 if args.quick else args.runs
     sys.path.insert(0, str(E2E))
     sys.path.insert(0, str(REPO / "tests" / "integration"))
-    from bench.common import git_commit, loadavg
-    from bench.history import write_latest
     from nodes import make_keys
     from topology import Topology
+
+    from bench.common import git_commit, loadavg
+    from bench.history import write_latest
 
     topo = Topology()
     load = loadavg()

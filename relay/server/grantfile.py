@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 from relay.config.checks import PrincipalSite
 from relay.config.errors import ConfigError, Where

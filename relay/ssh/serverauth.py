@@ -189,8 +189,10 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
                 self._ebCheckKey, packet[1:])
         signature = common.getNS(rest)[0]
         transport: Any = self.transport
+        user: bytes = self.user or b""
+        service: bytes = self.nextService or b""
         signed = (common.NS(transport.sessionID) + bytes((userauth.MSG_USERAUTH_REQUEST,))
-                  + common.NS(self.user) + common.NS(self.nextService)
+                  + common.NS(user) + common.NS(service)
                   + common.NS(b"publickey") + bytes((hasSig,)) + common.NS(algorithm)
                   + common.NS(blob))
         c = SSHPrivateKey(self.user, algorithm, blob, signed, signature)

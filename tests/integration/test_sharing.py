@@ -3,8 +3,9 @@
 A user limited to 20 MB/s (``rate-limit="20MB"`` in the users file) pushes 200 MiB
 through a stock ``ssh -L`` over one agent link, and through the fast path
 (``labrelay connect``, spliced): each takes 10 s ± 15 %, and the limit shows in the
-relay's status.  An unlimited user on the same relay is not slowed.  (Fair share on a congested link needs a link slower than the processes,
-so it is an e2e scenario: tests/e2e/test_e2e_6_sharing.py.)
+relay's status.  An unlimited user on the same relay is not slowed.  (Fair share on a
+congested link needs a link slower than the processes, so it is an e2e scenario:
+tests/e2e/test_e2e_6_sharing.py.)
 """
 
 from __future__ import annotations
