@@ -8,6 +8,8 @@ own stock ``ssh -L`` with a number of TCP connections; over ``--seconds`` each u
 share of the bytes that crossed the link is measured (tests/e2e/sharingload.py, the
 same load as tests/e2e/test_e2e_6_sharing.py).  Scenarios:
 
+* ``echo_alone``: eve's echo round trips with no bulk at all: what the box's load alone
+  costs an interactive session (the reference for the echo figures below);
 * ``2u_1v8``: alice 1 stream, carol 8, equal weights; eve's echo round trips meanwhile;
 * ``2u_1v8_w2``: the same with alice's ``share = 2``; eve's echo too;
 * ``4u_1_2_4_8``: alice 1, bob 2, carol 4, eve 8 streams, equal weights.
@@ -42,6 +44,7 @@ RESULTS = REPO / "bench" / "results"
 STEM = "sharing"
 
 SCENARIOS: dict[str, dict[str, Any]] = {
+    "echo_alone": {"streams": {}, "shares": {}, "echo": "eve"},
     "2u_1v8": {"streams": {"alice": 1, "carol": 8}, "shares": {}, "echo": "eve"},
     "2u_1v8_w2": {"streams": {"alice": 1, "carol": 8}, "shares": {"alice": 2}, "echo": "eve"},
     "4u_1_2_4_8": {"streams": {"alice": 1, "bob": 2, "carol": 4, "eve": 8}, "shares": {},
@@ -72,7 +75,7 @@ def run_scenario(topo: Any, keys: Any, workdir: Path, name: str, spec: dict[str,
     out: dict[str, Any] = {
         "shares": {u: round(m.share(u), 4) for u in spec["streams"]},
         "jain": round(jain([m.bytes[u] / weights[u] for u in spec["streams"]]), 4),
-        "link_mb_s": round(m.link_mb_s, 2),
+        "link_mb_s": round(m.link_mb_s, 2) if spec["streams"] else 0.0,
     }
     if m.rtts:
         out["echo_p50_ms"] = round(percentile(m.rtts, 0.5) * 1000, 2)
@@ -132,6 +135,8 @@ def markdown(res: dict[str, Any]) -> str:
     for name, s in res["scenarios"].items():
         echo = (f"{s['echo_p50_ms']:.1f} / {s['echo_p99_ms']:.1f}" if "echo_p99_ms" in s
                 else "")
+        if not s["users"]:
+            lines.append(f"| {name} | (no bulk) | | | | | | | | {echo} |")
         for i, (user, u) in enumerate(s["users"].items()):
             lines.append(
                 f"| {name if i == 0 else ''} | {user} | {u['streams']} | {u['weight']:g} | "
@@ -153,7 +158,7 @@ def plot(res: dict[str, Any], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install labrelay[bench]): no plot"
-    names = list(res["scenarios"])
+    names = [n for n, s in res["scenarios"].items() if s["users"]]
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), sharey=True)
     for ax, name in zip(axes, names, strict=True):
         s = res["scenarios"][name]
@@ -170,7 +175,10 @@ def plot(res: dict[str, Any], path: Path) -> str | None:
         ax.set_xticks(list(x), ticks, fontsize=8)
         title = f"{name}\nJain {s['jain']:.3f}, {s['link_mb_s']:.0f} MB/s"
         if "echo_p99_ms" in s:
+            alone = res["scenarios"].get("echo_alone", {}).get("echo_p99_ms")
             title += f", echo p99 {s['echo_p99_ms']:.0f} ms"
+            if alone is not None:
+                title += f" ({alone:.0f} alone)"
         ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("share of the link, %")
     axes[0].legend(fontsize=7, loc="upper left")
@@ -236,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     res["interactive_under_bulk"] = {
         name: {"p50_ms": scenarios[name]["echo_p50_ms"], "p99_ms": scenarios[name]["echo_p99_ms"]}
-        for name in ("2u_1v8", "2u_1v8_w2")}
+        for name in ("echo_alone", "2u_1v8", "2u_1v8_w2")}
     args.results_dir.mkdir(parents=True, exist_ok=True)
     note = plot(res, args.results_dir / "latest-sharing.png")
     write_latest(args.results_dir, STEM, res, markdown(res) + (f"\n{note}\n" if note else ""))
