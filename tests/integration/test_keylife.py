@@ -194,3 +194,22 @@ def test_an_agent_certificate_registers_the_services_its_principals_name(
     proc.wait_stderr(r"remote forward failure for: listen gpu-cluster:22")
     agents = relay.status()["relay"]["agents"]
     assert agents[0]["name"] == "lab_pc" and agents[0]["services"] == ["web:8080"]
+
+
+def test_the_labrelay_agent_presents_its_certificate(
+    pki: Path,
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+) -> None:
+    """``labrelay agent -i KEY`` with ``KEY-cert.pub`` beside it (as ssh(1) finds it) logs in
+    with the certificate; the plain key is granted nothing."""
+    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    relay = start_relay(
+        agents=[f'cert-authority,principals="lab_pc",permitlisten="web:8080" {ca} lab_pc'],
+        relay_toml='penalty_exempt = ["127.0.0.1"]',
+    )
+    key = user_cert(pki, "agent_key", "-n", "lab_pc,web:8080", "-V", "-5m:+1h")
+    pair = KeyPair(key, (pki / "agent_key.pub").read_text().strip())
+    agent = labrelay_agent(start_agent, relay, pair, "web:8080:127.0.0.1:9")
+    agent.wait_for("forward_ready", timeout=20, since=0, bind="web")
+    assert relay.status()["relay"]["agents"][0]["services"] == ["web:8080"]
