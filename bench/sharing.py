@@ -205,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     from nodes import make_keys
     from topology import Topology
 
-    from bench.common import git_commit, loadavg
     from bench.history import write_latest
+    from bench.meter import loadavg
+    from bench.procs import git_commit
 
     topo = Topology()
     load = loadavg()
