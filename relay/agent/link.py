@@ -11,6 +11,7 @@ or keepalives found it dead — forwards go down and the service reconnects.
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 from twisted.application.internet import ClientService
@@ -29,12 +30,22 @@ from relay.agent.datapool import DataPool
 from relay.agent.forwards import ForwardState, LocalForwardListener, RemoteForwardRunner
 from relay.config.schema import LinkConfig
 from relay.core.backoff import retry_policy
+from relay.core.clock import expire
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.client import LinkConnection, LinkTransport, transport_factory
 from relay.ssh.hostkeys import HostKeyVerifier
 
 CANCEL_TIMEOUT = 2.0
+
+
+class LinkState(StrEnum):
+    """A link as ``status`` shows it: trying to connect (after a backoff delay or
+    during a handshake), up, or down (stopped, or lost until the next attempt)."""
+
+    DOWN = "down"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
 
 
 class LinkDown(Exception):
@@ -49,7 +60,7 @@ class _LoggingEndpoint:
         self._endpoint = endpoint
 
     def connect(self, factory: Factory) -> defer.Deferred[IProtocol]:
-        self._link.state = "connecting"
+        self._link.state = LinkState.CONNECTING
         self._link.log.info(
             "link {link}: connecting to {host}:{port}",
             event="link_connecting", link=self._link.name,
@@ -80,7 +91,7 @@ class Link(MultiService):
         self.clock: IReactorTime = reactor
         self.identities = identities
         self.verifier = HostKeyVerifier(config.host_key, config.host, config.port)
-        self.state = "down"
+        self.state = LinkState.DOWN
         self.since = reactor.seconds()
         self.last_error: str | None = None
         self.connection: LinkConnection | None = None
@@ -120,7 +131,7 @@ class Link(MultiService):
     def _prepare(self, proto: Any) -> defer.Deferred[None]:
         def failed(f: Failure) -> Failure:
             self.last_error = f.getErrorMessage()
-            self.state = "down"
+            self.state = LinkState.DOWN
             self.log.warn(
                 "link {link}: attempt failed: {reason}",
                 event="link_failed", link=self.name, reason=self.last_error,
@@ -131,7 +142,7 @@ class Link(MultiService):
 
     def _linkUp(self, conn: LinkConnection) -> None:
         self.connection = conn
-        self.state = "connected"
+        self.state = LinkState.CONNECTED
         self.since = self.reactor.seconds()
         self.last_error = None
         peer = conn.link_transport.tcp.getPeer()
@@ -154,7 +165,7 @@ class Link(MultiService):
         if self.connection is None or self.connection.link_transport is not transport:
             return
         self.connection = None
-        self.state = "down"
+        self.state = LinkState.DOWN
         self.since = self.reactor.seconds()
         self.last_error = why
         for forward in self.remote:
@@ -265,16 +276,13 @@ class Link(MultiService):
         self._waiters = []
 
         def disconnect(_: object) -> defer.Deferred[None]:
-            if timer.active():
-                timer.cancel()
             if conn is not None and self.connection is conn:
                 conn.link_transport.sendDisconnect(DISCONNECT_BY_APPLICATION,
                                                    b"labrelay stopping")
             return defer.maybeDeferred(super(Link, self).stopService)  # type: ignore[arg-type]
 
         done: defer.Deferred[Any] = defer.DeferredList(cancels)
-        timer = self.clock.callLater(CANCEL_TIMEOUT, done.cancel)
-        return done.addBoth(disconnect)
+        return expire(done, CANCEL_TIMEOUT, self.clock).addBoth(disconnect)
 
     def status(self) -> dict[str, Any]:
         return {

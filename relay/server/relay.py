@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from relay.config.schema import RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
+from relay.core.clock import expire
 from relay.core.router import SUPERSEDED, Decision, Probe, Refused, Router, Verdict, label_of
 from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
@@ -251,15 +252,11 @@ class RelayCore:
             return defer.succeed(reg)
         d: defer.Deferred[Registration] = defer.Deferred()
         waiter = self.router.wait(name, port, d, self.reactor.seconds(), timeout)
-        timer: IDelayedCall = self.reactor.callLater(timeout, d.cancel)
-
         def done(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
             self.router.unwait(waiter)
             return result
 
-        return d.addBoth(done)
+        return expire(d, timeout, self.reactor).addBoth(done)
 
     def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
                         channel: BridgedChannel) -> defer.Deferred[BridgedChannel]:

@@ -18,6 +18,7 @@ here: the agent's :class:`relay.agent.link.Link` implements it, and
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, Protocol, cast
 
 from twisted.conch import error
@@ -100,6 +101,16 @@ class LinkSetupError(Exception):
     """A connection attempt ended before the link was ready; ``str()`` says why."""
 
 
+class LinkPhase(StrEnum):
+    """Where a connection attempt is: the host key is checked in ``HANDSHAKE``, before
+    any credential is offered; only ``READY`` is a link (docs/design.md)."""
+
+    HANDSHAKE = "handshake"
+    AUTH = "auth"
+    READY = "ready"
+    CLOSED = "closed"
+
+
 class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTransport):
     """One connection attempt to the upstream server.
 
@@ -110,7 +121,7 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
 
     def __init__(self, link: LinkOwner) -> None:
         self.link = link
-        self.phase = "handshake"
+        self.phase = LinkPhase.HANDSHAKE
         self.ready: defer.Deferred[LinkConnection] = defer.Deferred()
         self.why: str | None = None
         self.connection: LinkConnection | None = None
@@ -169,7 +180,7 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         return defer.succeed(True)
 
     def connectionSecure(self) -> None:
-        self.phase = "auth"
+        self.phase = LinkPhase.AUTH
         self.connection = LinkConnection(self.link)
         self.requestService(LinkUserAuth(self.link, self.connection))
 
@@ -192,13 +203,13 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        phase, self.phase = self.phase, "closed"
+        phase, self.phase = self.phase, LinkPhase.CLOSED
         super().connectionLost(reason)
         why = self.why or (reason.getErrorMessage() if reason is not None else "closed")
         if not self.ready.called:
-            if phase == "auth" and self.why is None:
+            if phase is LinkPhase.AUTH and self.why is None:
                 why = "authentication failed: the server accepted none of our keys"
-            if phase == "auth":
+            if phase is LinkPhase.AUTH:
                 self._log.error(
                     "link {link}: {reason}", event="auth_failed", link=self.link.name,
                     reason=why,
@@ -211,7 +222,7 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self.phase = "ready"
+        self.phase = LinkPhase.READY
         self.ready.callback(conn)
 
 

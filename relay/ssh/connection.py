@@ -54,7 +54,6 @@ UNSENT_LOWAT = LINK_BUFFER
 """Unsent bytes the kernel may hold for the link (TCP_NOTSENT_LOWAT)."""
 
 
-@implementer(IPushProducer)
 def refused_by_peer(failure: Failure) -> bool:
     """Whether a global request's failure is the peer's ``REQUEST_FAILURE`` reply.
 
@@ -65,8 +64,14 @@ def refused_by_peer(failure: Failure) -> bool:
     return isinstance(e, error.ConchError) and e.data is not None
 
 
+@implementer(IPushProducer)
 class FlowConnection(connection.SSHConnection):
-    """An ``ssh-connection`` service whose channels own their receive windows."""
+    """An ``ssh-connection`` service whose channels own their receive windows.
+
+    It is the push producer of the link's TCP transport (:meth:`serviceStarted`
+    registers it): while the TCP write buffer is full, what channels send waits in
+    :attr:`scheduler` (fair share), and a channel with too much waiting has its own
+    source paused (see the module docstring)."""
 
     _log = Logger()
     transport: Any  # the SSH transport, set by Conch before any packet arrives
@@ -82,6 +87,7 @@ class FlowConnection(connection.SSHConnection):
         self._held: set[Any] = set()
         self._closing: set[Any] = set()  # channels whose CLOSE waits behind their data
         self._draining = False
+        self._stopped = False  # serviceStopped: nothing more is sent
 
     @property
     def congested(self) -> bool:
@@ -240,8 +246,8 @@ class FlowConnection(connection.SSHConnection):
         if channel is None:
             self._protocolError(f"unknown channel id {localChannel}")
         elif (channel in self.channelsToRemoteChannel) != opened:
-            state = "unconfirmed" if opened else "already open"
-            self._protocolError(f"channel id {localChannel} is {state}")
+            condition = "unconfirmed" if opened else "already open"
+            self._protocolError(f"channel id {localChannel} is {condition}")
             return None
         return channel
 
@@ -275,7 +281,7 @@ class FlowConnection(connection.SSHConnection):
 
     def _confirmOpen(self, senderChannel: int, channel: Any, data: bytes) -> None:
         self._pendingOpens -= 1
-        if self.transport is None or getattr(self, "_stopped", False):
+        if self.transport is None or self._stopped:
             channel.openFailed(error.ConchError("link lost", OPEN_CONNECT_FAILED))
             return
         localChannel = self.localChannelID
@@ -296,7 +302,7 @@ class FlowConnection(connection.SSHConnection):
 
     def _failOpen(self, senderChannel: int, f: Failure) -> None:
         self._pendingOpens -= 1
-        if self.transport is None or getattr(self, "_stopped", False):
+        if self.transport is None or self._stopped:
             return
         if isinstance(f.value, error.ConchError):
             self._refuseOpen(senderChannel, *_openError(f.value))

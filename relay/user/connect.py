@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from relay.config.errors import ConfigError
 from relay.config.schema import LinkConfig, NodeConfig
 from relay.core import fastwire as fw
+from relay.core.clock import expire
 from relay.datapath import splicing as datapath
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.datapath.handoff import Handoff
@@ -265,12 +266,7 @@ class Connector:
             raise DataPortUnreachable(
                 f"cannot reach its data port {host}:{data_port}: {e}") from e
         try:
-            timer = self.reactor.callLater(PAIR_TIMEOUT, proto.answer.cancel)
-            try:
-                await proto.answer
-            finally:
-                if timer.active():
-                    timer.cancel()
+            await expire(proto.answer, PAIR_TIMEOUT, self.reactor)
         except defer.CancelledError:
             self.say(f"the relay did not pair the data connection for {self.label} in time")
             return EXIT_FAILED
