@@ -332,11 +332,7 @@ class RelayCore:
         d: defer.Deferred[BridgedChannel] = agent.openForwarded(reg.bind, port, host,
                                                                 int(oport or 0))
         if session is not None:
-            def tag(channel: BridgedChannel) -> BridgedChannel:
-                self.sharing.tagAgentChannel(channel, session.user)
-                return channel
-
-            d.addCallback(tag)
+            d.addCallback(self.sharing.tagAgentChannel, session.user)
         return d
 
     # the fast path's sessions (relay.server.dataport pairs them)
@@ -432,18 +428,15 @@ class RelayCore:
 
     def endKey(self, key_blob: bytes, why: str) -> None:
         """Close every session and connection of ``key_blob`` (it expired or was revoked)."""
-        for session in self.sessions.rows():
-            if session.key == key_blob:
-                self._closeSession(session, why)
-        for conn in list(self.connections):
-            if conn.identity.key_blob == key_blob:
-                for reg in self.registry.held_by(conn):
-                    self._dropRegistration(reg, why, tell=False)
-                self._log.warn(
-                    "{kind} {name} at {peer}: {why}; disconnecting", event="relay_key_ended",
-                    kind=conn.identity.kind, name=conn.principal_name, peer=conn.peer, why=why,
-                )
-                conn.disconnect(f"{why}")
+        for session in [s for s in self.sessions.rows() if s.key == key_blob]:
+            self._closeSession(session, why)
+        for conn in [c for c in self.connections if c.identity.key_blob == key_blob]:
+            for reg in self.registry.held_by(conn):
+                self._dropRegistration(reg, why, tell=False)
+            self._log.warn("{kind} {name} at {peer}: {why}; disconnecting",
+                           event="relay_key_ended", kind=conn.identity.kind,
+                           name=conn.principal_name, peer=conn.peer, why=why)
+            conn.disconnect(why)
 
     def _revokeConnection(self, conn: RelayConnection, where: str) -> None:
         for reg in self.registry.held_by(conn):
@@ -534,9 +527,7 @@ class RelayCore:
             self.reactor.seconds(), self.config, self.connections, self.registry,
             self.sessions, sorted(self.publicPorts.listeners),
             {"fast_path": self.dataport.status(), "admission": self.admission.status(),
-             "sharing": self.sharing.status() | {"queued": {
-                 c.principal_name: c.queueStatus() for c in self.connections
-                 if c.identity.kind == "agent" and c.queueStatus()}},
+             "sharing": self.sharing.status(self.connections),
              "counters": dict(self.counters)},
         )
 

@@ -17,7 +17,7 @@ either changes shares and limits at once (:meth:`Sharing.refresh`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall
@@ -84,10 +84,12 @@ class Sharing:
         if scheduler is not None:
             scheduler.set_weight(user, self.weight(user))
 
-    def tagAgentChannel(self, channel: Any, user: str) -> None:
-        """Tag an agent's ``forwarded-tcpip`` channel here and at the agent."""
+    def tagAgentChannel(self, channel: Any, user: str) -> Any:
+        """Tag an agent's ``forwarded-tcpip`` channel here and at the agent; returns the
+        channel (a Deferred's callback)."""
         self.tag(channel, user)
         channel.conn.sendRequest(channel, SHARE, pack_share(user, self.weight(user)))
+        return channel
 
     # --- rate limits ------------------------------------------------------
 
@@ -144,11 +146,16 @@ class Sharing:
         timer.append(self.reactor.callLater(SPLICE_POLL, tick))
         return stop
 
-    def status(self) -> dict[str, Any]:
-        """Weights and limits in force, with each limited user's credit left."""
+    def status(self, connections: Iterable[Any] = ()) -> dict[str, Any]:
+        """Weights and limits in force, with each limited user's credit left, and the
+        bytes waiting per user on each congested agent link of ``connections``."""
         now = self.reactor.seconds()
-        return {"shares": dict(sorted(self._weights.items())),
-                "rate_limits": self.limits.status(now)}
+        out: dict[str, Any] = {"shares": dict(sorted(self._weights.items())),
+                               "rate_limits": self.limits.status(now)}
+        if connections:
+            out["queued"] = {c.principal_name: c.queueStatus() for c in connections
+                             if c.identity.kind == "agent" and c.queueStatus()}
+        return out
 
 
 class _Held:
