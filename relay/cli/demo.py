@@ -328,7 +328,7 @@ Try, in another terminal:
 {ssh_lines}  ssh -F {cfg} -N -L 8888:jupyter:8888 labrelay              # then open http://127.0.0.1:8888/
   curl http://127.0.0.1:{bob_port}/
   {_labrelay_command()} status --admin 127.0.0.1:{self.admin_port}
-  curl http://127.0.0.1:{self.admin_port}/metrics
+  curl http://127.0.0.1:{self.admin_port}/metrics          # or open http://127.0.0.1:{self.admin_port}/
 {"(--once: stopping now; run `labrelay demo` to keep it up)" if once else "Press Ctrl-C to stop."}
 """,
             flush=True,

@@ -16,29 +16,33 @@ from typing import Any
 
 from twisted.conch import error
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.config.schema import RelayConfig
+from relay.config.schema import HostPort, RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
-from relay.core.clock import expire
+from relay.core.resume import HELLO as RESUME_HELLO
 from relay.core.router import SUPERSEDED, Decision, Probe, Refused, Router, Verdict, label_of
 from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
 from relay.datapath.bridge import Bridge
 from relay.datapath.join import PairCounters
 from relay.datapath.splicing import SplicedPair
+from relay.server import audit
 from relay.server.dataconn import PairingError
 from relay.server.dataport import DataPort
 from relay.server.expiry import KeyExpiry
 from relay.server.grants import Grants, GrantsChange, GrantsWatcher, Principal
+from relay.server.idle import IdleSweeper
 from relay.server.public import PublicPorts
+from relay.server.resumes import RelayResumes
 from relay.server.sharing import Sharing
 from relay.server.status import relay_status
+from relay.server.waiting import Waiting
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
+from relay.ssh.resumable import ResumableSide
 from relay.ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection, RelayTransport
 from relay.ssh.wire import unpack_forward
 
@@ -72,8 +76,15 @@ class RelayCore:
         # Per-source limits and penalties, shared by the SSH port and the data port.
         self.admission = Admission(config, reactor)
         self.ssh_gate = self.admission.gate("ssh", config.max_unauthenticated)
-        self._sweeper: IDelayedCall | None = None
+        self.idle = IdleSweeper(self)
+        self.bound: HostPort | None = None  # where the SSH listener is (its port 0 resolved)
+        self._started = False
+        self.waiting = Waiting(self.registry, self.router, reactor)
         self.dataport = DataPort(self, self.admission)
+        # Sessions a labrelay agent may resume over a new link (docs/resilience.md); the
+        # instance id tells its agents when this relay restarted (nothing to resume).
+        self.resumes = RelayResumes(reactor, config.resume_grace)
+        self.resume = self.resumes.sessions
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
         self.sharing = Sharing(grants, reactor)
         self.expiry = KeyExpiry(self)
@@ -130,10 +141,12 @@ class RelayCore:
         gone = self.router.drop_session(conn)
         self.dataport.sessionStopped(conn)
         ident = conn.identity
+        held = self.resumes.held_for(conn)
         self._log.info(
-            "{kind} {name} at {peer} disconnected; {n} service(s) now waiting for it",
-            event="relay_disconnected", kind=ident.kind, name=ident.name, peer=conn.peer,
-            n=len(gone), services=",".join(_label(r) for r in gone),
+            "{kind} {name} at {peer} disconnected; {n} service(s) now waiting for it, "
+            "{held} session(s) held for it", event="relay_disconnected", kind=ident.kind,
+            name=ident.name, peer=conn.peer, n=len(gone),
+            services=",".join(_label(r) for r in gone), held=held,
         )
 
     # global requests
@@ -148,6 +161,8 @@ class RelayCore:
             return self.dataport.tokenRequest(conn, data)
         if requestType == fastwire.POOL_REQUEST:
             return self.dataport.poolRequest(conn, data)
+        if requestType == RESUME_HELLO:
+            return self.resumes.hello(conn, data)
         return False  # keepalives and anything unknown: a standard failure reply
 
     def _refuse(self, conn: RelayConnection, what: str, why: str) -> bool:
@@ -177,13 +192,19 @@ class RelayCore:
                                    "key", tell=True)
         if name == PUBLIC and not self.publicPorts.listen(port):
             return self._refuse(conn, what, f"cannot listen on public port {port}")
+        replied = conn.whenReplied()
         decision = self.router.offer(name, port, conn, bind, self.reactor.seconds())
         if decision.probe is not None:
-            return self._probeThenTakeover(decision.probe, conn, what)
-        return self._apply(decision, conn, what)
+            return self._probeThenTakeover(decision.probe, conn, what, replied)
+        return self._apply(decision, conn, what, replied)
 
-    def _apply(self, decision: Decision, conn: RelayConnection, what: str) -> bool:
-        """Do what the router decided about ``conn``'s ``what``; the request's answer."""
+    def _apply(self, decision: Decision, conn: RelayConnection, what: str,
+               replied: defer.Deferred[None]) -> bool:
+        """Do what the router decided about ``conn``'s ``what``; the request's answer.
+
+        Sessions waiting for the name are handed the registration only once the reply
+        was sent (``replied``): before, the agent does not hold its forward as
+        registered and refuses a ``forwarded-tcpip`` for it."""
         if decision.verdict is Verdict.GONE:
             return False
         if decision.verdict is Verdict.REFUSED:
@@ -196,15 +217,13 @@ class RelayCore:
             agent=conn.principal_name, service=_label(reg), peer=conn.peer, takeover=takeover,
             how=" (took it over from its stale session)" if takeover else "",
         )
-        for waiter in decision.woken:
-            d: Any = waiter.who
-            d.callback(reg)
+        self.waiting.registered(reg, decision.woken, replied)
         if decision.superseded is not None:
             decision.superseded.disconnect(SUPERSEDED)
         return True
 
-    def _probeThenTakeover(self, probe: Probe, conn: RelayConnection,
-                           what: str) -> defer.Deferred[bool]:
+    def _probeThenTakeover(self, probe: Probe, conn: RelayConnection, what: str,
+                           replied: defer.Deferred[None]) -> defer.Deferred[bool]:
         """Probe the holder for ``TAKEOVER_PROBE`` seconds; the router decides from the
         first of: its answer, its connection stopping (no answer will come), silence."""
         result: defer.Deferred[bool] = defer.Deferred()
@@ -214,7 +233,7 @@ class RelayCore:
                 return
             if timer.active():
                 timer.cancel()
-            result.callback(self._apply(decision, conn, what))
+            result.callback(self._apply(decision, conn, what, replied))
 
         def silent() -> None:
             settle(self.router.probe_silent(probe, self.reactor.seconds()))
@@ -247,16 +266,9 @@ class RelayCore:
     # reaching a service
 
     def whenRegistered(self, name: str, port: int, timeout: float) -> defer.Deferred[Registration]:
-        reg = self.registry.lookup(name, port)
-        if reg is not None:
-            return defer.succeed(reg)
-        d: defer.Deferred[Registration] = defer.Deferred()
-        waiter = self.router.wait(name, port, d, self.reactor.seconds(), timeout)
-        def done(result: Any) -> Any:
-            self.router.unwait(waiter)
-            return result
-
-        return expire(d, timeout, self.reactor).addBoth(done)
+        """``name:port``'s registration once its agent knows it holds it, waiting up to
+        ``timeout`` seconds for its agent (relay.server.waiting)."""
+        return self.waiting.whenRegistered(name, port, timeout)
 
     def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
                         channel: BridgedChannel) -> defer.Deferred[BridgedChannel]:
@@ -283,6 +295,7 @@ class RelayCore:
         assert principal is not None
         session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
                                      key=ident.key_blob)
+        audit.opened(session)
         d = self.whenRegistered(host, port, self.config.public_wait)
         d.addCallback(lambda reg: self.openToAgent(reg, port, origin, session))
 
@@ -345,8 +358,10 @@ class RelayCore:
         if refused is not None:
             self.counters["sessions_refused"] += 1
             raise PairingError(refused[1])
-        return self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
-                                  path=SPLICED, key=key)
+        row = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
+                                 path=SPLICED, key=key)
+        audit.opened(row)
+        return row
 
     def fastSessionCounters(self, session: SessionRow, agent: Any = None) -> PairCounters:
         """What counts ``session``'s spliced pair: its row (the pair's counts are its
@@ -365,6 +380,8 @@ class RelayCore:
             self.sessionEnded(session, to_service, from_service, "bridge closed")
 
         bridge = Bridge(user_side, agent_side, onClosed=ended, onData=limiter)
+        if isinstance(agent_side, ResumableSide):
+            agent_side.row = session
 
         def abort() -> None:
             bridge.a.abort()
@@ -386,7 +403,24 @@ class RelayCore:
     def sessionEnded(self, session: SessionRow, to_service: int, from_service: int,
                       why: str) -> None:
         self._aborts.pop(session, None)
-        self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why)
+        if self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why):
+            audit.closed(session)
+
+    # a reload (relay.ops.reload): live settings and grants
+
+    def reconfigure(self, config: RelayConfig) -> None:
+        """Run with a reloaded ``[relay]`` from now on (the restart-only keys already
+        hold their running values, :func:`relay.config.diff.diff_relay`).  Limits and
+        timeouts are read where they are used, so new connections and sessions get the
+        new values and open ones keep running (a lowered cap refuses new sessions
+        only); the idle sweep is restarted; the grants are rebuilt from the new tables,
+        files and default cap, and what a key lost goes at once through
+        :meth:`grantsChanged`."""
+        old, self.config = self.config, config
+        self.dataport.config = config
+        if old.idle_timeout != config.idle_timeout and self._started:
+            self.idle.restart()
+        self.grants.reconfigure(config)
 
     # grants reloaded: what a key lost goes at once (DESIGN §7)
 
@@ -474,46 +508,27 @@ class RelayCore:
             event="relay_session_revoked", user=session.user, service=session.service,
             path=session.path, origin=session.origin, why=why,
         )
-        self._abortSession(session, why)
+        self.abortSession(session, why)
 
-    def _abortSession(self, session: SessionRow, why: str) -> None:
+    def abortSession(self, session: SessionRow, why: str) -> None:
         """Close ``session`` now if it moves bytes, else as soon as it would start."""
         self.sessions.request_close(session, why)
         abort = self._aborts.get(session)
         if abort is not None:
             abort()
 
-    # idle sessions
+    # start, stop
 
     def start(self) -> None:
+        self._started = True
         self.dataport.start()
         self.grantsWatcher.start()
-        if self.config.idle_timeout > 0:
-            self._scheduleSweep()
-
-    def _scheduleSweep(self) -> None:
-        # Sweeping at half the timeout closes an idle session between 1 and 1.5
-        # timeouts after its last byte, with no per-byte bookkeeping on the data path.
-        self._sweeper = self.reactor.callLater(self.config.idle_timeout / 2, self.sweepIdle)
-
-    def sweepIdle(self) -> None:
-        """Close sessions that moved no byte either way for ``idle_timeout`` seconds."""
-        now = self.reactor.seconds()
-        for session in self.sessions.idle(now, self.config.idle_timeout):
-            self._log.info(
-                "closing {user}'s idle session to {service} (nothing for {idle:.0f}s)",
-                event="relay_session_idle", user=session.user, service=session.service,
-                idle=now - session.active_at,
-            )
-            self._abortSession(session, "idle")
-        self._scheduleSweep()
+        self.idle.start()
 
     def stop(self) -> defer.Deferred[Any]:
         self.grantsWatcher.stop()
         self.expiry.stop()
-        if self._sweeper is not None and self._sweeper.active():
-            self._sweeper.cancel()
-        self._sweeper = None
+        self.idle.stop()
         stopping = self.publicPorts.stop()
         data = self.dataport.stop()
         if data is not None:
@@ -526,9 +541,15 @@ class RelayCore:
         return relay_status(
             self.reactor.seconds(), self.config, self.connections, self.registry,
             self.sessions, sorted(self.publicPorts.listeners),
-            {"fast_path": self.dataport.status(), "admission": self.admission.status(),
+            {"held_sessions": self.resume.status(),
+             "fast_path": self.dataport.status(), "admission": self.admission.status(),
              "sharing": self.sharing.status(self.connections),
-             "counters": dict(self.counters)},
+             "counters": dict(self.counters),
+             "bound": str(self.bound) if self.bound is not None else None,
+             "service_grants": [
+                 {"service": str(g), "owner": p.name}
+                 for p in self.grants.principals() if p.kind == "agent" for g in p.services
+             ]},
         )
 
 

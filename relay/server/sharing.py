@@ -84,12 +84,17 @@ class Sharing:
         if scheduler is not None:
             scheduler.set_weight(user, self.weight(user))
 
-    def tagAgentChannel(self, channel: Any, user: str) -> Any:
-        """Tag an agent's ``forwarded-tcpip`` channel here and at the agent; returns the
-        channel (a Deferred's callback)."""
+    def tagAgentChannel(self, side: Any, user: str) -> Any:
+        """Tag an agent's ``forwarded-tcpip`` channel here and at the agent; returns
+        ``side`` (a Deferred's callback).  ``side`` is the channel, or a resumable
+        session's side (relay.ssh.resumable) whose ``channel`` carries it now; a session
+        resumed on a new channel is scheduled as nobody's in particular (user "")."""
+        channel = getattr(side, "channel", side)
+        if channel is None or getattr(channel, "conn", None) is None:
+            return side
         self.tag(channel, user)
         channel.conn.sendRequest(channel, SHARE, pack_share(user, self.weight(user)))
-        return channel
+        return side
 
     # --- rate limits ------------------------------------------------------
 

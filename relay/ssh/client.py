@@ -18,6 +18,7 @@ here: the agent's :class:`relay.agent.link.Link` implements it, and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any, Protocol, cast
 
@@ -31,6 +32,7 @@ from twisted.python.failure import Failure
 
 from relay.config.schema import LinkConfig, RemoteForward
 from relay.core.keepalive import KeepaliveMonitor
+from relay.core.resume import split_sid
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.datapath.net import client_endpoint, quickack
 from relay.ssh.aead import AEADTransportMixin
@@ -42,6 +44,7 @@ from relay.ssh.connection import (
 )
 from relay.ssh.guard import PeerInputGuard
 from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier
+from relay.ssh.resumable import ResumableSessions
 from relay.ssh.wire import GRANT_REVOKED, pack_endpoints, unpack_endpoints, unpack_grant_revoked
 
 TARGET_CONNECT_TIMEOUT = 10.0
@@ -55,6 +58,19 @@ class ReverseForward(Protocol):
 
     @property
     def config(self) -> RemoteForward: ...
+
+
+class Signer(Protocol):
+    """A key whose private half is not here: held by an ssh-agent, or still locked by
+    a passphrase that is asked for only when a server accepts the public half (as
+    ssh does).  ``sign`` fails when it cannot sign; the next identity is tried."""
+
+    def public(self) -> keys.Key: ...
+
+    def sign(self, data: bytes) -> defer.Deferred[bytes]: ...
+
+
+Identity = keys.Key | Signer
 
 
 class LinkOwner(Protocol):
@@ -77,7 +93,7 @@ class LinkOwner(Protocol):
     def verifier(self) -> HostKeyVerifier: ...
 
     @property
-    def identities(self) -> list[keys.Key]: ...
+    def identities(self) -> Sequence[Identity]: ...
 
     def linkLost(self, transport: LinkTransport, why: str) -> None:
         """The transport of a ready connection closed."""
@@ -88,13 +104,18 @@ class LinkOwner(Protocol):
     def remoteForwardFor(self, host: str, port: int) -> ReverseForward | None:
         """The reverse forward a ``forwarded-tcpip`` channel to ``host:port`` is for."""
 
-    def sessionStarted(self, forward: Any, side: Any, channel: BridgedChannel,
+    def sessionStarted(self, forward: Any, side: Any, channel: Any,
                        origin: str) -> Any:
-        """A forwarded session's channel opened: bridge it to ``side``."""
+        """A forwarded session's channel opened (a :class:`BridgedChannel`, or the
+        :class:`ResumableSide` around one): bridge it to ``side``."""
 
     def openRelayService(self, name: str, port: int,
                          origin: str) -> defer.Deferred[BridgedChannel]:
         """A channel to a service of this node's own relay (chaining)."""
+
+    @property
+    def resume(self) -> ResumableSessions | None:
+        """The link's resumable sessions (None: it resumes none)."""
 
 
 class LinkSetupError(Exception):
@@ -252,25 +273,33 @@ class LinkUserAuth(userauth.SSHUserAuthClient):
 
     def __init__(self, link: LinkOwner, conn: LinkConnection) -> None:
         super().__init__(link.config.user.encode(), conn)
-        self._keys: list[tuple[keys.Key, bytes]] = []
+        self._keys: list[tuple[Identity, bytes]] = []
         for key in link.identities:
             certificate = getattr(key, "certificate", b"")
             if certificate:
                 self._keys.append((key, certificate))
             self._keys.append((key, b""))
-        self._current: keys.Key | None = None
+        self._current: Identity | None = None
 
     def getPublicKey(self) -> Any:
         if not self._keys:
             return None
         self._current, certificate = self._keys.pop(0)
-        if certificate:
+        if certificate and isinstance(self._current, keys.Key):
             return _Certificate(self._current, certificate)
         return self._current.public()
 
     def getPrivateKey(self) -> defer.Deferred[keys.Key]:
-        assert self._current is not None
+        assert isinstance(self._current, keys.Key)
         return defer.succeed(self._current)
+
+    def signData(self, publicKey: keys.Key, signData: bytes) -> defer.Deferred[bytes] | None:
+        """A key here signs itself; a :class:`Signer` (an ssh-agent's key, a locked
+        one) is asked to."""
+        if isinstance(self._current, keys.Key):
+            return super().signData(publicKey, signData)
+        assert self._current is not None
+        return self._current.sign(signData)
 
     def ssh_USERAUTH_FAILURE(self, packet: bytes) -> Any:
         methods = common.getNS(packet)[0]
@@ -279,8 +308,9 @@ class LinkUserAuth(userauth.SSHUserAuthClient):
             transport.why = (
                 f"authentication failed for user {self.user.decode()!r}: the server "
                 f"accepted none of our {len(transport.link.identities)} key(s)"
-                f" (it offers: {methods.decode() or 'nothing'}); add the agent's public "
-                "key to that user's authorized_keys"
+                f" (it offers: {methods.decode() or 'nothing'}); "
+                + getattr(transport.link, "auth_hint",
+                          "add the agent's public key to that user's authorized_keys")
             )
         return super().ssh_USERAUTH_FAILURE(packet)
 
@@ -294,6 +324,7 @@ class LinkConnection(FlowConnection):
         super().__init__()
         self.link = link
         self.keepalive: KeepaliveMonitor | None = None
+        self.resumable = False  # the relay answered our resume@labrelay hello
 
     @property
     def link_transport(self) -> LinkTransport:
@@ -345,6 +376,27 @@ class LinkConnection(FlowConnection):
     def channel_forwarded_tcpip(
         self, windowSize: int, maxPacket: int, data: bytes
     ) -> defer.Deferred[BridgedChannel]:
+        return self._forwarded(windowSize, maxPacket, data, None)
+
+    def channel_forwarded_resumable_labrelay(
+        self, windowSize: int, maxPacket: int, data: bytes
+    ) -> defer.Deferred[BridgedChannel]:
+        """A ``forwarded-tcpip`` with a session id: the relay holds it across a broken
+        link and so does this end (relay.ssh.resumable), if we said hello."""
+        resume = self.link.resume
+        if resume is None or not self.resumable:
+            raise error.ConchError("resumable sessions were not negotiated",
+                                   OPEN_ADMINISTRATIVELY_PROHIBITED)
+        try:
+            head, sid = split_sid(data)
+        except ValueError as e:
+            raise error.ConchError("malformed resumable open", OPEN_CONNECT_FAILED) from e
+        if sid in resume.table:
+            raise error.ConchError("session id in use", OPEN_CONNECT_FAILED)
+        return self._forwarded(windowSize, maxPacket, head, sid)
+
+    def _forwarded(self, windowSize: int, maxPacket: int, data: bytes,
+                   sid: bytes | None) -> defer.Deferred[BridgedChannel]:
         try:
             connHost, connPort, origHost, origPort = unpack_endpoints(data)
         except ValueError as e:
@@ -362,11 +414,15 @@ class LinkConnection(FlowConnection):
         target = forward.config.connect
         origin = f"{origHost}:{origPort}"
 
+        def started(ch: BridgedChannel, side: Any) -> Any:
+            resume = self.link.resume
+            if sid is None or resume is None:
+                return self.link.sessionStarted(forward, side, ch, origin)
+            held = resume.open(sid, None, ch, f"{forward.name} from {origin}")
+            return self.link.sessionStarted(forward, side, held, origin)
+
         def connected(side: Any) -> BridgedChannel:
-            channel.opened.addCallbacks(
-                lambda ch: self.link.sessionStarted(forward, side, ch, origin),
-                lambda _: side.abort(),
-            )
+            channel.opened.addCallbacks(lambda ch: started(ch, side), lambda _: side.abort())
             return channel
 
         def failed(f: Failure) -> Failure:
@@ -409,13 +465,17 @@ class SingleConnection:
 
     _log = Logger()
 
-    def __init__(self, config: LinkConfig, reactor: Any, identities: list[keys.Key]) -> None:
+    auth_hint = ("is your public key in the relay's grants for that user? "
+                 "(ask the relay's admin; `ssh-add -L` lists the keys of your ssh-agent)")
+
+    def __init__(self, config: LinkConfig, reactor: Any, identities: Sequence[Identity]) -> None:
         self.config = config
         self.name = config.name
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.identities = identities
         self.verifier = HostKeyVerifier(config.host_key, config.host, config.port)
+        self.resume: ResumableSessions | None = None
 
     def linkLost(self, transport: LinkTransport, why: str) -> None:
         """Nothing to reconnect: whoever holds the connection sees it close."""

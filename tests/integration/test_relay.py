@@ -1036,12 +1036,12 @@ def test_status_and_metrics_show_agents_services_and_user_sessions(
 
         metrics = relay.metrics().splitlines()
         for line in (
-            "labrelay_relay_agents_connected 1",
-            'labrelay_relay_service_up{service="web:8080",owner="lab_pc"} 1',
-            'labrelay_relay_service_up{service="gpu-cluster:22",owner="lab_pc"} 1',
-            'labrelay_relay_sessions_active{service="web:8080"} 3',
-            'labrelay_relay_user_sessions{user="alice"} 2',
-            'labrelay_relay_user_sessions{user="bob"} 1',
+            "labrelay_relay_agents_connected 1.0",
+            'labrelay_relay_service_up{owner="lab_pc",service="web:8080"} 1.0',
+            'labrelay_relay_service_up{owner="lab_pc",service="gpu-cluster:22"} 1.0',
+            'labrelay_relay_sessions_active{service="web:8080"} 3.0',
+            'labrelay_relay_user_sessions_active{user="alice"} 2.0',
+            'labrelay_relay_user_sessions_active{user="bob"} 1.0',
         ):
             assert line in metrics, f"{line!r} not in /metrics:\n" + "\n".join(metrics)
     finally:

@@ -101,7 +101,7 @@ def test_dns_rebinding_is_refused_and_status_still_works(
         users = json.loads(body)["relay"]["users"]
         assert any(u.get("name") == "alice" for u in users), users
     code, _, body = http_get(port, f"localhost:{port}", "/metrics")
-    assert code == 200 and b"labrelay_relay_users_connected 1" in body
+    assert code == 200 and b"labrelay_relay_users_connected 1.0" in body
 
     done = labrelay_status("--admin", relay.admin)
     assert done.returncode == 0, done.stderr
@@ -153,7 +153,7 @@ def test_bearer_token_for_scrapers(
     code, _, body = http_get(port, f"localhost:{port}", authorization="Bearer " + TOKEN)
     assert code == 200 and json.loads(body)["relay"]["users"] == []
     code, _, body = http_get(port, here, "/metrics", authorization="Bearer " + TOKEN)
-    assert code == 200 and b"labrelay_relay_agents_connected 0" in body
+    assert code == 200 and b"labrelay_relay_agents_connected 0.0" in body
 
     done = labrelay_status("--admin", relay.admin, "--token-file", str(token_file))
     assert done.returncode == 0, done.stderr

@@ -248,8 +248,8 @@ def test_idle_flood_on_the_data_port_does_not_lock_others_out(site: Site) -> Non
           f"127.0.0.2 penalised: refused at accept in {ssh_refusal * 1000:.1f} ms (ssh), "
           f"{data_refusal * 1000:.1f} ms (data); alice again {again:.2f}s")
     metrics = site.relay.metrics()
-    assert "labrelay_relay_penalised_sources 1" in metrics
-    assert 'labrelay_relay_admission_refused_total{port="data",reason="per_source_cap"} 90' \
+    assert "labrelay_relay_penalised_sources 1.0" in metrics
+    assert 'labrelay_relay_admission_refused_total{port="data",reason="per_source_cap"} 90.0' \
         in metrics
 
 

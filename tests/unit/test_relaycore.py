@@ -16,7 +16,7 @@ from twisted.conch.ssh import common
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
-from relay.config.schema import HostPort, RelayConfig
+from relay.config.schema import HostPort, RelayConfig, ServiceGrant
 from relay.core.routing import Outcome, Registry
 from relay.core.sessions import SPLICED, SessionRow
 from relay.server.grants import Grants
@@ -155,6 +155,51 @@ def test_waiting_user_session_is_released_by_registration(world: Any) -> None:
     clock.advance(3)
     result_of(_register(core, agent))
     assert result_of(waiting).session is agent
+    assert not clock.getDelayedCalls()
+
+
+def _holding(conn: Any) -> list[defer.Deferred[None]]:
+    """Make ``conn``'s replies wait until the test fires them (a reply on its way)."""
+    replies: list[defer.Deferred[None]] = []
+
+    def whenReplied() -> defer.Deferred[None]:
+        replies.append(defer.Deferred())
+        return replies[-1]
+
+    conn.whenReplied = whenReplied
+    return replies
+
+
+def test_waiting_sessions_get_the_registration_only_once_the_reply_was_sent(world: Any) -> None:
+    """The race of issue 16: a forwarded-tcpip sent before the tcpip-forward's reply is
+    refused by the agent ("no such forward").  Waiters, and sessions arriving while the
+    reply is on its way, are handed the registration after it was sent."""
+    core, clock, blobs = world
+    waiting = core.whenRegistered("gpu-cluster", 22, timeout=10)
+    agent = _conn(core, blobs, "lab_pc")
+    agent.replies = _holding(agent)
+    assert result_of(_register(core, agent)) is True
+    late = core.whenRegistered("gpu-cluster", 22, timeout=10)
+    assert not waiting.called and not late.called, "handed out before the agent heard"
+    agent.replies[0].callback(None)
+    assert result_of(waiting).session is agent and result_of(late).session is agent
+    assert not clock.getDelayedCalls()
+
+
+def test_waiters_wait_on_when_the_agent_goes_before_its_reply(world: Any) -> None:
+    core, clock, blobs = world
+    waiting = core.whenRegistered("gpu-cluster", 22, timeout=10)
+    gone = _conn(core, blobs, "lab_pc")
+    gone.replies = _holding(gone)
+    result_of(_register(core, gone))
+    core.connections.discard(gone)
+    core.sessionStopped(gone)
+    gone.replies[0].errback(RuntimeError("connection stopped before the reply"))
+    assert not waiting.called
+    clock.advance(2)
+    back = _conn(core, blobs, "lab_pc")
+    result_of(_register(core, back))
+    assert result_of(waiting).session is back
     assert not clock.getDelayedCalls()
 
 
@@ -385,3 +430,36 @@ def test_version_1_fast_path_requests_are_refused_by_name(world: Any) -> None:
     token = fastwire.pack_token_request("gpu-cluster", 22)
     assert core.globalRequest(alice, b"data-token@labrelay", token) is False
     assert fastwire.POOL_REQUEST != b"data-pool@labrelay"
+
+
+def test_reconfigure_applies_limits_grants_and_the_idle_sweep(world: Any) -> None:
+    """A reload's live [relay] settings: the idle sweep follows the new timeout (off, then
+    on again), the default per-user cap reaches the grants, a user removed from the
+    tables loses her connection at once, and an agent's new service can be claimed."""
+    import dataclasses
+
+    core, clock, blobs = world
+    core.start()
+    alice = _conn(core, blobs, "alice", kind="user")
+    agent = _conn(core, blobs, "lab_pc")
+    assert result_of(_register(core, agent, "web", 8080)) is False  # not granted yet
+    config = core.config
+    assert core.grants.principal_for(blobs["alice"]).max_sessions == 64
+    lab_pc = dataclasses.replace(config.agents[0], services=(
+        *config.agents[0].services, ServiceGrant("web", 8080)))
+    quieter = dataclasses.replace(config, idle_timeout=0, max_sessions_per_user=3,
+                                  agents=(lab_pc, config.agents[1]))
+    def sweeps_in(seconds: float) -> bool:
+        return any(abs(c.getTime() - clock.seconds() - seconds) < 1e-9
+                   for c in clock.getDelayedCalls())
+
+    assert sweeps_in(30)  # idle_timeout 60: every 30 s
+    core.reconfigure(quieter)
+    assert core.config is quieter and not sweeps_in(30)
+    assert core.grants.principal_for(blobs["alice"]).max_sessions == 3
+    assert result_of(_register(core, agent, "web", 8080)) is True
+    core.reconfigure(dataclasses.replace(quieter, users=(), idle_timeout=10))
+    assert alice.disconnected == ["this key is no longer granted on this relay"]
+    assert sweeps_in(5)
+    core.stop()
+    assert not clock.getDelayedCalls()
