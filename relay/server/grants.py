@@ -293,6 +293,7 @@ class Grants:
         it names), re-read the files now and tell the observers what was lost.  The
         caller checked ``relay`` first (:func:`grant_problems`)."""
         self._relay = relay
+        self.trust.setPath(relay.revoked_keys)
         self._sites = config_sites(relay, self._source)
         self._files = [
             (path, kind)

@@ -91,6 +91,17 @@ class KeyTrust:
                   file=str(self._path), keys=len(self._krl.keys) + len(self._krl.sha256)
                   + len(self._krl.sha1), cas=len(self._krl.certs))
 
+    def setPath(self, revoked: Path | None) -> None:
+        """A reload named another ``revoked_keys`` file (or none): read it now (a bad one
+        keeps the list in force, as on any reload); the certificates seen stay known."""
+        if revoked == self._path:
+            return
+        self._path, self._krlSignature = revoked, None
+        if revoked is None:
+            self._krl = None
+        else:
+            self._loadKrl(strict=False)
+
     def pollKrl(self) -> bool:
         """Re-read the KRL if its file changed; whether it did."""
         if self._path is None:

@@ -98,3 +98,6 @@ def test_revoked_keys_krl_and_text(setup: tuple[Path, list[str], Wall]) -> None:
     # ...and stops the relay at start-up.
     with pytest.raises(ConfigError, match="revoked keys"):
         Grants(RelayConfig(users_file=users, revoked_keys=d / "revoked.krl"), "node.toml")
+    # A reload whose [relay] names no revoked_keys any more: the keys it listed are back.
+    grants.reconfigure(RelayConfig(users_file=users))
+    assert grants.principal_for(blob(keys[0])) is not None
