@@ -83,6 +83,13 @@ class RelayResumes:
             out.append((side.row, why))
         return out
 
+    def held_rows_of(self, key_blob: bytes) -> list[Any]:
+        """The session rows held for agent key ``key_blob`` (it expired or was revoked:
+        its agent cannot resume them)."""
+        return [side.row for side in self.sessions.held_sides()
+                if side.row is not None and isinstance(side.stream.owner, tuple)
+                and side.stream.owner[0] == key_blob]
+
     def _resumed(self, side: ResumableSide) -> None:
         """A session continues over its agent's new connection: its row follows."""
         row = side.row
