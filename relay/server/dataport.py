@@ -44,6 +44,7 @@ from relay.core.routing import Registration, Registry
 from relay.core.tokens import Refusal as TokenRefusal
 from relay.core.tokens import Ticket, TokenBook, TokenRefused, TooManyTokens
 from relay.datapath import splicing as datapath
+from relay.datapath.bridge import TCPSide
 from relay.datapath.net import LISTEN_BACKLOG, probe_idle
 from relay.datapath.splicing import SplicedPair
 from relay.server.grants import Grants
@@ -120,6 +121,14 @@ class AgentPool:
                 return
         self.idle.append(conn)
 
+    def take_idle(self) -> DataConnection | None:
+        """An idle connection now, or None (nobody waits)."""
+        while self.idle:
+            conn = self.idle.popleft()
+            if conn.state == "idle":
+                return conn
+        return None
+
     def take(self, clock: Any, timeout: float) -> defer.Deferred[DataConnection]:
         while self.idle:
             conn = self.idle.popleft()
@@ -152,7 +161,8 @@ class DataConnection(Protocol):
     States: ``hello`` (challenge sent, collecting the hello) -> ``user`` (paused, waiting to be
     paired) or ``idle`` (an agent's pooled connection, read only to notice its end)
     -> ``dispatched`` (an agent's, waiting for ``K``/``E``) -> ``spliced``; any ->
-    ``closed``."""
+    ``closed``; ``dispatched`` -> ``joined`` (an agent's, answered for a user's SSH
+    channel: its transport now belongs to a bridge side, :meth:`DataPort.pooledRoute`)."""
 
     transport: Any
 
@@ -271,7 +281,8 @@ class DataPort:
         self.pending: set[DataConnection] = set()
         self.listener: IListeningPort | None = None
         self.counters = {"data_connections": 0, "data_refused": 0, "data_throttled": 0,
-                         "paired": 0, "pair_failed": 0, "paired_local": 0}
+                         "paired": 0, "pair_failed": 0, "paired_local": 0,
+                         "pooled": 0}
 
     @property
     def enabled(self) -> bool:
@@ -542,6 +553,49 @@ class DataPort:
             return agent
 
         return self._dispatch(name, port, lambda: True).addCallback(paired)
+
+    def pooledRoute(self, reg: Registration, port: int) -> defer.Deferred[TCPSide] | None:
+        """A user's SSH channel to ``reg`` (``ssh -J``, ``ssh -L``) carried on to the
+        agent on one of its pooled data connections instead of a channel on its link,
+        or None: use the link.
+
+        Only for a service declared end-to-end encrypted here that the agent offered
+        as such (the same rule as the fast path: the relay writes the channel's
+        payload, the user's own end-to-end encrypted stream, to an unencrypted
+        connection), and only when an idle pooled connection is there now: a session
+        never waits for the pool, it takes the link.  The dispatch is the fast path's
+        (a GO MAC'd with that connection's ticket secret; the agent connects the target
+        and answers ``K``); the answered connection becomes a bridge side, so the
+        channel and it are joined under the one flow control (relay.datapath.bridge).
+        Fails with PairingError if the agent could not connect the target, or
+        AgentConnectionGone if the connection turned out dead (the caller then uses
+        the link)."""
+        if not self.enabled or self.listener is None or not self.e2e(reg.name, port):
+            return None
+        pool = self.pools.get(reg.session)
+        if pool is None or (reg.bind.lower(), port) not in pool.spliceable:
+            return None
+        agent = pool.take_idle()
+        if agent is None:
+            return None
+        d = agent.dispatch(reg.bind, port)
+        timer = self.clock.callLater(AGENT_REPLY_TIMEOUT, d.cancel)
+
+        def answered(_: str) -> TCPSide:
+            agent.state = "joined"
+            self.counters["pooled"] += 1
+            return TCPSide.adopt(agent.transport, agent.extra)
+
+        def failed(f: Failure) -> Failure:
+            if agent.state != "closed":
+                agent.transport.abortConnection()
+            if f.check(defer.CancelledError):
+                return Failure(PairingError(f"the agent did not answer within "
+                                            f"{AGENT_REPLY_TIMEOUT:g}s"))
+            return f
+
+        d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        return d.addCallbacks(answered, failed)
 
     def spliceable(self, name: str, port: int) -> bool:
         """Whether :meth:`pairLocal` can serve ``name:port`` (for the chaining agent's

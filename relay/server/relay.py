@@ -30,11 +30,11 @@ from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
 from relay.core.router import SUPERSEDED, Decision, Probe, Refused, Router, Verdict, label_of
 from relay.core.routing import PUBLIC, Registration, Registry
-from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
-from relay.datapath.bridge import Bridge, SideFactory, TCPSide
+from relay.core.sessions import CHANNEL, POOLED, SPLICED, Meter, SessionRow, SessionTable
+from relay.datapath.bridge import Bridge, Side, SideFactory, TCPSide
 from relay.datapath.net import LISTEN_BACKLOG
 from relay.datapath.splicing import SplicedPair
-from relay.server.dataport import DataPort, PairingError
+from relay.server.dataport import AgentConnectionGone, DataPort, PairingError
 from relay.server.grants import Grants, GrantsChange, GrantsWatcher, Principal
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
@@ -288,9 +288,9 @@ class RelayCore:
         session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
                                      key=ident.key_blob)
         d = self.whenRegistered(host, port, self.config.public_wait)
-        d.addCallback(lambda reg: self._openToAgent(reg, port, origin, session))
+        d.addCallback(lambda reg: self._openUserToAgent(reg, port, origin, session))
 
-        def connected(agent_channel: BridgedChannel) -> BridgedChannel:
+        def connected(agent_channel: Side) -> BridgedChannel:
             def not_opened(_: object) -> None:
                 agent_channel.abort()
                 self._sessionEnded(session, 0, 0, "user channel did not open")
@@ -333,6 +333,34 @@ class RelayCore:
             session.agent = agent
         return agent.openForwarded(reg.bind, port, host, int(oport or 0))
 
+    def _openUserToAgent(self, reg: Registration, port: int, origin: str,
+                         session: SessionRow) -> defer.Deferred[Side]:
+        """The agent's side of a user's channel session: one of its pooled data
+        connections for an end-to-end encrypted service when one is idle
+        (``DataPort.pooledRoute``: the user's stream is then encrypted once, by the
+        user, instead of also on the link), else a channel on its link."""
+        pooled = self.dataport.pooledRoute(reg, port)
+        if pooled is None:
+            channel: defer.Deferred[Any] = self._openToAgent(reg, port, origin, session)
+            return channel
+        session.agent = reg.session
+        session.path = POOLED
+
+        def stale(f: Failure) -> Any:
+            # The pooled connection was dead (the agent learns and replaces it): the
+            # link carries this one.
+            f.trap(AgentConnectionGone)
+            session.path = CHANNEL
+            return self._openToAgent(reg, port, origin, session)
+
+        def pooled_ok(side: Side) -> Side:
+            self._log.info("{user}: {service} carried on the agent's pooled data "
+                           "connection", event="relay_pooled_session", user=session.user,
+                           service=session.service, origin=origin)
+            return side
+
+        return pooled.addCallbacks(pooled_ok, stale)
+
     # the fast path's sessions (relay.server.dataport pairs them)
 
     def fastSessionOpening(self, principal: Any, service: str, origin: str,
@@ -363,7 +391,7 @@ class RelayCore:
     def fastSessionFailed(self, session: SessionRow) -> None:
         self._sessionEnded(session, 0, 0, "fast path pairing failed")
 
-    def _bridge(self, session: SessionRow, user_side: Any, agent_side: BridgedChannel) -> Bridge:
+    def _bridge(self, session: SessionRow, user_side: Any, agent_side: Side) -> Bridge:
         def ended(to_service: int, from_service: int) -> None:
             self._sessionEnded(session, to_service, from_service, "bridge closed")
 
