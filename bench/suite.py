@@ -1,7 +1,8 @@
 """The benchmark suite: run the benchmark modules, combine their results, report and plot.
 
 ``python -m bench`` (or ``labrelay bench``) runs ``bench.agent_vs_openssh``,
-``bench.relay_vs_openssh``, ``bench.plain_hop`` and ``bench.fast_path`` (or the ones named
+``bench.relay_vs_openssh``, ``bench.plain_hop``, ``bench.fast_path`` and
+``bench.stock_paths`` (or the ones named
 with ``--only``) as subprocesses and streams their output with a prefix and the elapsed
 time. Each writes ``<stem>-latest.json`` and ``.md`` (overwritten) and appends its line to
 ``history.jsonl`` (``bench.history``). Then this reads each suite's latest JSON and writes
@@ -70,6 +71,7 @@ SUITES: dict[str, Suite] = {
                     "--idle-sessions", "1000", "--echoes", "200", "--settle", "1")),
     "plain_hop": Suite("plain_hop", "bench.plain_hop", "plain_hop", ("--quick",)),
     "fast_path": Suite("fast_path", "bench.fast_path", "fast_path", ("--quick",)),
+    "stock_paths": Suite("stock_paths", "bench.stock_paths", "stock_paths", ("--quick",)),
 }
 
 
@@ -240,6 +242,19 @@ def markdown(combined: dict[str, Any], plots: list[Path], plot_note: str = "") -
                    if k.startswith(f"{base}.cpu_s_per_gib.")]
             L.append(f"| {base.split('.')[1]} | {v['label'].rsplit(',', 1)[0]} | {_fmt(v)} | "
                      f"{_fmt(ratio, 2) if ratio else '–'} | {', '.join(cpu) or '–'} |")
+    sp = figs.get("stock_paths") or {}
+    rows = [(k[:-len(".mb_per_s")], v) for k, v in sp.items() if k.endswith(".mb_per_s")]
+    if rows:
+        L += ["", "## Stock OpenSSH paths: ssh -J and ssh -L through the relay vs the seed's "
+              "(MB/s = 10^6 bytes/s)", "",
+              "| workload | path | MB/s | × direct | CPU-s/GiB of each relaying process |",
+              "|---|---|---|---|---|"]
+        for base, v in rows:
+            ratio = sp.get(f"{base}.ratio_to_direct")
+            cpu = [f"{k.rsplit('.', 1)[-1]} {c['value']:.2f}" for k, c in sp.items()
+                   if k.startswith(f"{base}.cpu_s_per_gib.")]
+            L.append(f"| {base.split('.', 1)[1]} | {v['label']} | {_fmt(v)} | "
+                     f"{_fmt(ratio, 2) if ratio else '–'} | {', '.join(cpu) or '–'} |")
     ratios = [(s, k, v) for s, f in figs.items() for k, v in f.items()
               if ".ratio." in k or k.endswith(".ratio_to_direct")]
     if ratios:
@@ -331,9 +346,10 @@ def make_plots(datas: dict[str, dict[str, Any]], combined: dict[str, Any],
     for k, v in (figs.get("plain_hop") or {}).items():
         if k.endswith(".throughput_mb_per_s"):
             rows.append(("plain_hop", v))
-    for k, v in (figs.get("fast_path") or {}).items():
-        if k.endswith(".mb_per_s"):
-            rows.append(("fast_path", v))
+    for suite in ("fast_path", "stock_paths"):
+        for k, v in (figs.get(suite) or {}).items():
+            if k.endswith(".mb_per_s"):
+                rows.append((suite, v))
     if rows:
         fig, ax = plt.subplots(figsize=(12, 0.35 * len(rows) + 1.8))
         names = [f"{s}: {v['label']}" for s, v in rows]
@@ -343,7 +359,8 @@ def make_plots(datas: dict[str, dict[str, Any]], combined: dict[str, Any],
                [max(0.0, (v["max"] if v["max"] is not None else v["value"]) - v["value"])
                 for _s, v in rows]]
         ax.barh(range(len(rows)), vals, xerr=err, capsize=3,
-                color=[{"agent": "C0", "relay": "C1", "plain_hop": "C2", "fast_path": "C3"}[s]
+                color=[{"agent": "C0", "relay": "C1", "plain_hop": "C2", "fast_path": "C3",
+                        "stock_paths": "C4"}[s]
                        for s, _ in rows])
         ax.set_yticks(range(len(rows)), names, fontsize=7)
         ax.invert_yaxis()
