@@ -21,6 +21,8 @@ it printed ``ready`` (timed from "go" to ssh's exit), OpenSSH's default cipher:
 * ``direct``   straight to the target sshd;
 * ``relay_J``  ``ssh -J alice@relay gpu-cluster`` (e2e: the pooled route; the relay
   logs ``relay_pooled_session``, checked per trial);
+* ``relay_J_chacha`` the same with ``Ciphers chacha20-poly1305@openssh.com`` for the
+  jump host (the relay otherwise agrees AES-GCM with a stock ssh): which AEAD is cheaper;
 * ``relay_J_link`` ``ssh -J alice@relay gpu-chan`` (not e2e: a channel on the link);
 * ``seed_J``   ``ssh -J cloud -p PUB 127.0.0.1``: the jump through the cloud's sshd to
   the ``-R`` port, the seed's way for a user with no public port open.
@@ -103,12 +105,14 @@ SETUP_GOAL_MS = 2.0  # set-up p50 after the idle gap, relay + agent
 SSH, RAW = "ssh", "raw"
 DIRECT = "direct"
 RELAY_J, RELAY_J_LINK, SEED_J = "relay_J", "relay_J_link", "seed_J"
+RELAY_J_CHACHA = "relay_J_chacha"  # the same as relay_J with chacha20-poly1305 to the relay
 RELAY_L, RELAY_L_E2E, SEED_L = "relay_L", "relay_L_e2e", "seed_L"
-VARIANTS = {SSH: (DIRECT, RELAY_J, RELAY_J_LINK, SEED_J),
+VARIANTS = {SSH: (DIRECT, RELAY_J, RELAY_J_CHACHA, RELAY_J_LINK, SEED_J),
             RAW: (DIRECT, RELAY_L, RELAY_L_E2E, SEED_L)}
 LABELS = {
     (SSH, DIRECT): "ssh direct to the target",
     (SSH, RELAY_J): "ssh -J alice@relay gpu-cluster (e2e: pooled data connection)",
+    (SSH, RELAY_J_CHACHA): "the same, chacha20-poly1305 to the relay (-J host's Ciphers)",
     (SSH, RELAY_J_LINK): "ssh -J alice@relay gpu-chan (not e2e: channel on the link)",
     (SSH, SEED_J): "the seed: ssh -J cloud -p PUB (cloud sshd + ssh -N -R)",
     (RAW, DIRECT): "direct loopback (client worker → target)",
@@ -231,6 +235,12 @@ Host relay
   Port {self.relay_port}
   User alice
   IdentityFile {self.dir / 'alice_ed25519'}
+Host relay-chacha
+  HostName {LOOPBACK}
+  Port {self.relay_port}
+  User alice
+  IdentityFile {self.dir / 'alice_ed25519'}
+  Ciphers chacha20-poly1305@openssh.com
 Host cloud
   HostName {LOOPBACK}
   Port {self.cloud.sshd_port}
@@ -284,9 +294,11 @@ Host *
         self.write_ssh_config()
         self.start_local_forwards()
         assert self.cloud is not None
-        self.ciphers = {"user ssh (all ssh variants, and to relay and cloud)": self.negotiated(()),
+        link, user = self.relay_ciphers()
+        self.ciphers = {"user ssh to the target and to the cloud": self.negotiated(()),
+                        "user ssh to the relay": user,
                         "seed ssh -N -R link": self.cloud.negotiated(()),
-                        "relay link": self.relay_ciphers()[0]}
+                        "relay link (agent)": link}
 
     def start_target(self) -> None:
         avo.Bench.start_target(self)
@@ -299,13 +311,14 @@ Host *
             return [*ssh, "-p", str(self.sshd_port), LOOPBACK, REMOTE_COMMAND]
         if variant == SEED_J:
             return [*ssh, "-J", "cloud", "-p", str(self.pub_port), LOOPBACK, REMOTE_COMMAND]
-        host = "gpu-cluster" if variant == RELAY_J else "gpu-chan"
-        return [*ssh, "-J", "relay", host, REMOTE_COMMAND]
+        host = "gpu-chan" if variant == RELAY_J_LINK else "gpu-cluster"
+        jump = "relay-chacha" if variant == RELAY_J_CHACHA else "relay"
+        return [*ssh, "-J", jump, host, REMOTE_COMMAND]
 
     def ssh_groups(self, variant: str, ssh_pid: int) -> dict[str, list[int]]:
         """The relaying processes of an ssh variant once its session is up."""
         user = [ssh_pid, *descendants(ssh_pid)]
-        if variant in (RELAY_J, RELAY_J_LINK):
+        if variant in (RELAY_J, RELAY_J_CHACHA, RELAY_J_LINK):
             assert self.relay is not None and self.agent is not None
             return {"relay": [self.relay.pid], "agent": [self.agent.pid], "user_ssh": user}
         if variant == SEED_J:
@@ -405,7 +418,7 @@ Host *
             self.feeders.clear()
         self.drain_logs()
         pooled = self.events.get("relay:relay_pooled_session", 0) - pooled0
-        if "error" not in result and variant == RELAY_J and pooled != 1:
+        if "error" not in result and variant in (RELAY_J, RELAY_J_CHACHA) and pooled != 1:
             result["error"] = f"{pooled} relay_pooled_session events, not 1: not pooled"
         if "error" not in result and variant in (RELAY_J_LINK, RELAY_L) and pooled:
             result["error"] = "a session to a service not declared e2e was pooled"
@@ -475,12 +488,57 @@ Host *
                         print(f"run {run}/{args.runs} set-up {kind:12} {variant:12} p50 "
                               f"{pctl(ms, 50):6.2f} p99 {pctl(ms, 99):6.2f} ms", flush=True)
         res = summarize(self, samples, setups, meter.result())
+        res["aead_cpu_s_per_gib"] = aead_cost(args.python)
         if args.note:
             res["conditions"]["note"] = args.note
         return res
 
     def cleanup(self) -> list[str]:
         return self.children.stop_all()
+
+
+# ---------------------------------------------------------------------------
+# the AEAD ciphers' own cost, in the relay's code
+
+
+AEAD_PROBE = """
+import os, time
+from relay.ssh import aead
+packet, n = 32 * 1024, 8192  # 256 MiB in 32 KiB packets
+plain = os.urandom(packet)
+out = {}
+for name, make in (("aes128-gcm@openssh.com", lambda: aead.GCMDirection(bytes(16), bytes(12))),
+                   ("chacha20-poly1305@openssh.com", lambda: aead.ChaChaDirection(bytes(64)))):
+    tx, rx = make(), make()
+    sealed = [b"".join(tx.seal(i, plain)) for i in range(64)]
+    t0 = time.process_time()
+    for i in range(n):
+        tx.seal(i, plain)
+    t1 = time.process_time()
+    for i in range(n):
+        wire = memoryview(sealed[i % 64])
+        if isinstance(rx, aead.GCMDirection):
+            rx.counter = i % 64
+            rx.aead.decrypt(rx.nonce(), wire[4:], wire[:4])
+        else:
+            rx.open(i % 64, wire[:-16], wire[-16:])
+    t2 = time.process_time()
+    gib = n * packet / 2 ** 30
+    out[name] = {"seal": (t1 - t0) / gib, "open": (t2 - t1) / gib}
+print(__import__("json").dumps(out))
+"""
+
+
+def aead_cost(python: str) -> dict[str, Any]:
+    """CPU-s/GiB of sealing and opening 32 KiB packets with each AEAD the relay offers a
+    stock ssh, in its own code (relay.ssh.aead); one process, nothing else."""
+    out = subprocess.run([python, "-c", AEAD_PROBE], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    try:
+        result: dict[str, Any] = __import__("json").loads(out.stdout)
+    except ValueError:
+        return {"error": out.stderr[-500:]}
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -523,6 +581,7 @@ def summarize(bench: StockBench, samples: dict[tuple[str, str, str], list[dict[s
     ratios = {
         "J_to_direct": med(find(RELAY_J, "ssh").get("ratio_to_direct")),
         "J_link_to_direct": med(find(RELAY_J_LINK, "ssh").get("ratio_to_direct")),
+        "J_chacha_to_J": med(ratio((SSH, RELAY_J_CHACHA, "ssh"), (SSH, RELAY_J, "ssh"))),
         "seed_J_to_direct": med(find(SEED_J, "ssh").get("ratio_to_direct")),
         "J_to_seed_J": med(ratio((SSH, RELAY_J, "ssh"), (SSH, SEED_J, "ssh"))),
         "L_push_to_seed": med(ratio((RAW, RELAY_L, "push"), (RAW, SEED_L, "push"))),
@@ -594,6 +653,11 @@ def markdown(res: dict[str, Any]) -> str:
         for v, s in per.items():
             out.append(f"| {kind.replace('_', ' ')} | {LABELS[(RAW, v)]} | "
                        f"{fmt(s['p50_ms'], 2)} | {fmt(s['p99_ms'], 2)} |")
+    aead = res.get("aead_cpu_s_per_gib") or {}
+    if aead and "error" not in aead:
+        out += ["", "The AEADs' own cost in relay.ssh.aead (32 KiB packets, one process): " +
+                "; ".join(f"{k} seal {v['seal']:.2f}, open {v['open']:.2f} CPU-s/GiB"
+                          for k, v in aead.items())]
     out += ["", "| goal | value | status |", "|---|---|---|"]
     for g in res["goals"]:
         v = "–" if g["value"] is None else f"{g['value']:.2f} {g['unit']}"

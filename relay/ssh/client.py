@@ -32,6 +32,7 @@ from relay.config.schema import LinkConfig, RemoteForward
 from relay.core.keepalive import KeepaliveMonitor
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.datapath.net import client_endpoint, quickack
+from relay.ssh import policy
 from relay.ssh.aead import AEADTransportMixin
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import (
@@ -303,6 +304,11 @@ class LinkConnection(FlowConnection):
         self.link_transport.why = f"dead: nothing received for {silence:.1f}s"
         self.link_transport.tcp.abortConnection()
 
+    def _maxPacket(self) -> int:
+        """The channel maximum packet to announce: larger to a labrelay relay."""
+        return policy.channel_max_packet(self.link.config.max_packet,
+                                         getattr(self.transport, "otherVersionString", None))
+
     # reverse forwards: the server opens a channel per accepted connection
 
     def channel_forwarded_tcpip(
@@ -319,7 +325,7 @@ class LinkConnection(FlowConnection):
             )
         cfg = self.link.config
         channel = BridgedChannel(
-            b"forwarded-tcpip", window=cfg.window, maxPacket=cfg.max_packet,
+            b"forwarded-tcpip", window=cfg.window, maxPacket=self._maxPacket(),
             remoteWindow=windowSize, remoteMaxPacket=maxPacket, conn=self,
         )
         target = forward.config.connect
@@ -359,7 +365,7 @@ class LinkConnection(FlowConnection):
     ) -> defer.Deferred[BridgedChannel]:
         cfg = self.link.config
         channel = BridgedChannel(
-            b"direct-tcpip", window=cfg.window, maxPacket=cfg.max_packet, conn=self
+            b"direct-tcpip", window=cfg.window, maxPacket=self._maxPacket(), conn=self
         )
         self.openChannel(channel, pack_endpoints(host, port, origHost, origPort))
         return channel.opened

@@ -407,9 +407,12 @@ class RelayConnection(FlowConnection):
         super().serviceStopped()
         self.core.sessionStopped(self)
 
-    def packetReceived(self, messageNum: int, packet: bytes) -> None:
+    def activity(self) -> None:
         if self.keepalive is not None:
             self.keepalive.activity()
+
+    def packetReceived(self, messageNum: int, packet: bytes) -> None:
+        self.activity()
         super().packetReceived(messageNum, packet)
 
     def probe(self) -> defer.Deferred[bool]:
@@ -503,7 +506,9 @@ class RelayConnection(FlowConnection):
         """Open a ``forwarded-tcpip`` channel to this agent for one session."""
         channel = BridgedChannel(
             b"forwarded-tcpip", window=self.core.config.window,
-            maxPacket=self.core.config.max_packet, conn=self,
+            maxPacket=policy.channel_max_packet(
+                self.core.config.max_packet, getattr(self.transport, "otherVersionString", None)),
+            conn=self,
         )
         self.openChannel(channel, pack_endpoints(bind, port, origHost, origPort))
         return channel.opened
