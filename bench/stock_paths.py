@@ -24,6 +24,9 @@ it printed ``ready`` (timed from "go" to ssh's exit), OpenSSH's default cipher:
 * ``relay_J_chacha`` the same with ``Ciphers chacha20-poly1305@openssh.com`` for the
   jump host (the relay otherwise agrees AES-GCM with a stock ssh): which AEAD is cheaper;
 * ``relay_J_link`` ``ssh -J alice@relay gpu-chan`` (not e2e: a channel on the link);
+* ``fast``     for reference, the same session with ``ProxyCommand labrelay connect``
+  (the fast path: spliced at relay and agent; its relay and agent CPU in the same run
+  say what the machine's load does to a path with no Python per byte);
 * ``seed_J``   ``ssh -J cloud -p PUB 127.0.0.1``: the jump through the cloud's sshd to
   the ``-R`` port, the seed's way for a user with no public port open.
 
@@ -81,7 +84,6 @@ from bench.common import (
     add_run_options,
     bench_parser,
     check_procs,
-    cpu_seconds,
     descendants,
     find_program,
     fmt,
@@ -90,6 +92,7 @@ from bench.common import (
     machine_conditions,
     pctl,
     per_run_latency,
+    proc_cpu,
     public_key,
     quick_defaults,
     result_head,
@@ -106,8 +109,9 @@ SSH, RAW = "ssh", "raw"
 DIRECT = "direct"
 RELAY_J, RELAY_J_LINK, SEED_J = "relay_J", "relay_J_link", "seed_J"
 RELAY_J_CHACHA = "relay_J_chacha"  # the same as relay_J with chacha20-poly1305 to the relay
+FAST = "fast"  # the same session through labrelay connect (the fast path), for reference
 RELAY_L, RELAY_L_E2E, SEED_L = "relay_L", "relay_L_e2e", "seed_L"
-VARIANTS = {SSH: (DIRECT, RELAY_J, RELAY_J_CHACHA, RELAY_J_LINK, SEED_J),
+VARIANTS = {SSH: (DIRECT, RELAY_J, RELAY_J_CHACHA, RELAY_J_LINK, SEED_J, FAST),
             RAW: (DIRECT, RELAY_L, RELAY_L_E2E, SEED_L)}
 LABELS = {
     (SSH, DIRECT): "ssh direct to the target",
@@ -115,6 +119,7 @@ LABELS = {
     (SSH, RELAY_J_CHACHA): "the same, chacha20-poly1305 to the relay (-J host's Ciphers)",
     (SSH, RELAY_J_LINK): "ssh -J alice@relay gpu-chan (not e2e: channel on the link)",
     (SSH, SEED_J): "the seed: ssh -J cloud -p PUB (cloud sshd + ssh -N -R)",
+    (SSH, FAST): "for reference: ssh with ProxyCommand labrelay connect (fast path, spliced)",
     (RAW, DIRECT): "direct loopback (client worker → target)",
     (RAW, RELAY_L): "user's ssh -L to web:80 through relay + agent (not e2e: link)",
     (RAW, RELAY_L_E2E): "user's ssh -L to web-e2e:80 (e2e: pooled data connection)",
@@ -149,6 +154,18 @@ services = [{services}]
 
 def _quoted(items: tuple[str, ...]) -> str:
     return ", ".join(f'"{s}"' for s in items)
+
+
+def _per_pid(pids: list[int]) -> dict[int, float]:
+    """CPU seconds of each live pid of ``pids``."""
+    return {p: c for p in pids if (c := proc_cpu(p)) is not None}
+
+
+def _delta(before: dict[int, float], pids: list[int]) -> float:
+    """CPU seconds ``pids`` used since ``before``, over the pids alive at both reads (a
+    process of the previous session still exiting at the first read is left out)."""
+    after = _per_pid(pids)
+    return sum(after[p] - c for p, c in before.items() if p in after)
 
 
 class StockBench(fp.FastBench):
@@ -311,6 +328,9 @@ Host *
             return [*ssh, "-p", str(self.sshd_port), LOOPBACK, REMOTE_COMMAND]
         if variant == SEED_J:
             return [*ssh, "-J", "cloud", "-p", str(self.pub_port), LOOPBACK, REMOTE_COMMAND]
+        if variant == FAST:
+            proxy = " ".join(self.connect_argv("%h:%p"))
+            return [*ssh, "-o", f"ProxyCommand={proxy}", "gpu-cluster", REMOTE_COMMAND]
         host = "gpu-chan" if variant == RELAY_J_LINK else "gpu-cluster"
         jump = "relay-chacha" if variant == RELAY_J_CHACHA else "relay"
         return [*ssh, "-J", jump, host, REMOTE_COMMAND]
@@ -318,7 +338,7 @@ Host *
     def ssh_groups(self, variant: str, ssh_pid: int) -> dict[str, list[int]]:
         """The relaying processes of an ssh variant once its session is up."""
         user = [ssh_pid, *descendants(ssh_pid)]
-        if variant in (RELAY_J, RELAY_J_CHACHA, RELAY_J_LINK):
+        if variant in (RELAY_J, RELAY_J_CHACHA, RELAY_J_LINK, FAST):
             assert self.relay is not None and self.agent is not None
             return {"relay": [self.relay.pid], "agent": [self.agent.pid], "user_ssh": user}
         if variant == SEED_J:
@@ -345,7 +365,7 @@ Host *
         argv = self.user_ssh(variant, out)
         spawned = time.perf_counter()
         ssh = self.children.start(f"ssh {variant}", argv, stdin=r, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, cwd=REPO)
+                                  stderr=subprocess.PIPE, cwd=REPO, env=fp.avo_env())
         os.close(r)
         assert ssh.stdout is not None and ssh.stderr is not None
         sout, serr = Lines(ssh.stdout, "ssh-stdout"), Lines(ssh.stderr, "ssh-stderr")
@@ -356,7 +376,7 @@ Host *
             raise BenchError(f"{e}\nssh stderr:\n{serr.text()}") from None
         ready = time.perf_counter()
         groups = self.ssh_groups(variant, ssh.pid)
-        before = {g: cpu_seconds(p) for g, p in groups.items()}
+        before = {g: _per_pid(p) for g, p in groups.items()}
         start = self._go(feeder)
         if not fp.wait_exit(ssh, nbytes / 1e6 + 2 * STALL_SECONDS + 30):
             ssh.kill()
@@ -364,7 +384,7 @@ Host *
         seconds = time.perf_counter() - start
         # The user's ssh and its -J child have exited: their CPU is not readable now;
         # the relaying processes are what is judged.
-        cpu = {g: cpu_seconds(p) - before[g] for g, p in groups.items() if g != "user_ssh"}
+        cpu = {g: _delta(before[g], p) for g, p in groups.items() if g != "user_ssh"}
         feeder.wait(30)
         try:
             count = sout.wait_for(lambda s: s.strip() if s.strip().isdigit() else None, 10,
@@ -381,12 +401,12 @@ Host *
     def _raw_trial(self, variant: str, nbytes: int, op: str  # type: ignore[override]
                    ) -> dict[str, Any]:
         groups = self.raw_groups(variant)
-        before = {g: cpu_seconds(p) for g, p in groups.items()}
+        before = {g: _per_pid(p) for g, p in groups.items()}
         timeout = nbytes / 1e6 + 2 * STALL_SECONDS + 30
         r = self.client_call({"op": op, "port": self.ports[variant], "bytes": nbytes}, timeout)
         if "error" in r:
             return {"error": f"{op}: {r['error']}"}
-        cpu = {g: cpu_seconds(p) - before[g] for g, p in groups.items()}
+        cpu = {g: _delta(before[g], p) for g, p in groups.items()}
         result = {"seconds": r["seconds"], "bytes": r["count"], "cpu": cpu, "op": op}
         if r["count"] != nbytes:
             result["error"] = f"{op}: {r['count']} of {nbytes} bytes arrived"
@@ -397,6 +417,7 @@ Host *
         self.trials += 1
         self.drain_logs()
         pooled0 = self.events.get("relay:relay_pooled_session", 0)
+        spliced0 = self.events.get("relay:relay_fast_session", 0)
         try:
             if workload == SSH:
                 result = self._ssh_trial(variant, nbytes, self.dir / "unused.jsonl")
@@ -418,6 +439,9 @@ Host *
             self.feeders.clear()
         self.drain_logs()
         pooled = self.events.get("relay:relay_pooled_session", 0) - pooled0
+        spliced = self.events.get("relay:relay_fast_session", 0) - spliced0
+        if "error" not in result and variant == FAST and spliced != 1:
+            result["error"] = f"{spliced} relay_fast_session events, not 1: not the fast path"
         if "error" not in result and variant in (RELAY_J, RELAY_J_CHACHA) and pooled != 1:
             result["error"] = f"{pooled} relay_pooled_session events, not 1: not pooled"
         if "error" not in result and variant in (RELAY_J_LINK, RELAY_L) and pooled:
@@ -582,6 +606,7 @@ def summarize(bench: StockBench, samples: dict[tuple[str, str, str], list[dict[s
         "J_to_direct": med(find(RELAY_J, "ssh").get("ratio_to_direct")),
         "J_link_to_direct": med(find(RELAY_J_LINK, "ssh").get("ratio_to_direct")),
         "J_chacha_to_J": med(ratio((SSH, RELAY_J_CHACHA, "ssh"), (SSH, RELAY_J, "ssh"))),
+        "fast_to_direct": med(find(FAST, "ssh").get("ratio_to_direct")),
         "seed_J_to_direct": med(find(SEED_J, "ssh").get("ratio_to_direct")),
         "J_to_seed_J": med(ratio((SSH, RELAY_J, "ssh"), (SSH, SEED_J, "ssh"))),
         "L_push_to_seed": med(ratio((RAW, RELAY_L, "push"), (RAW, SEED_L, "push"))),
@@ -596,6 +621,8 @@ def summarize(bench: StockBench, samples: dict[tuple[str, str, str], list[dict[s
         for level, target in (("goal", L_RATIO_GOAL), ("moonshot", L_RATIO_MOONSHOT)):
             fp._goal(goals, f"ssh -L bulk {op} to a non-e2e service ÷ the seed's >= {target}",
                      ratios[f"L_{op}_to_seed"], target, True, "×", level)
+    fp._goal(goals, f"no regression: ssh via the fast path ÷ direct >= {fp.SSH_RATIO_GOAL}",
+             ratios["fast_to_direct"], fp.SSH_RATIO_GOAL, True, "×")
     fp._goal(goals, f"relay CPU-s/GiB on -J <= {J_CPU_GOAL}",
              med(find(RELAY_J, "ssh").get("cpu_s_per_gib", {}).get("relay")), J_CPU_GOAL,
              False, "CPU-s/GiB")
