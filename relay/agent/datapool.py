@@ -32,7 +32,7 @@ stays off for that link; ``fast_path_pool = 0`` turns it off.  Chained services
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 
 from relay.agent.chaining import LocalRelay
 from relay.agent.forwards import RemoteForwardRunner
+from relay.agent.refill import REFILL_WINDOW, BurstLog, RefillBudget
 from relay.config.schema import LinkConfig
 from relay.core import fastwire as fw
 from relay.core.routing import PUBLIC_BINDS
@@ -55,78 +56,6 @@ from relay.ssh.connection import refused_by_peer
 
 TARGET_CONNECT_TIMEOUT = 10.0
 RETRY_DELAY = 2.0
-REFILL_WINDOW = 5.0  # failed pool connections are replaced at most pool-size per window
-
-
-class RefillBudget:
-    """A token bucket for dialling pool connections: ``capacity`` dials at once, then
-    ``capacity`` per ``window`` seconds.  Dials that replace a connection the relay
-    validly dispatched do not spend from it (a burst of real sessions refills at
-    once); every other dial does, so someone who closes or garbles the agent's data
-    connections makes it redial at a bounded rate, not in a loop.  Sans-IO."""
-
-    def __init__(self, clock: Any, capacity: int, window: float = REFILL_WINDOW) -> None:
-        self.clock = clock
-        self.capacity = float(max(1, capacity))
-        self.rate = self.capacity / window
-        self.tokens = self.capacity
-        self._at = clock.seconds()
-
-    def _update(self) -> None:
-        now = self.clock.seconds()
-        self.tokens = min(self.capacity, self.tokens + (now - self._at) * self.rate)
-        self._at = now
-
-    def take(self) -> bool:
-        """Spend one dial if there is one."""
-        self._update()
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-    def wait(self) -> float:
-        """Seconds until the next dial may be spent."""
-        self._update()
-        return max(0.0, (1.0 - self.tokens) / self.rate)
-
-
-class BurstLog:
-    """Logs the first failure of a burst, then only how many more there were once
-    ``window`` seconds passed: an attacker who kills every data connection costs one
-    log line per window, not one per connection.  Sans-IO but for the timer."""
-
-    def __init__(self, clock: Any, window: float, first: Callable[[str], None],
-                 more: Callable[[int, str], None]) -> None:
-        self.clock = clock
-        self.window = window
-        self.first = first
-        self.more = more
-        self.count = 0
-        self.last = ""
-        self._timer: IDelayedCall | None = None
-
-    def failed(self, why: str) -> None:
-        self.last = why
-        if self._timer is None:
-            self.first(why)
-            self.count = 0
-            self._timer = self.clock.callLater(self.window, self._end)
-        else:
-            self.count += 1
-
-    def _end(self) -> None:
-        self._timer = None
-        if self.count:
-            self.more(self.count, self.last)
-        self.count = 0
-
-    def stop(self) -> None:
-        """End the burst now (saying how many more there were)."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-            self._end()
-        self._timer = None
 
 
 class PoolConnection(Protocol):

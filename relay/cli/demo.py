@@ -49,7 +49,7 @@ from relay.config.schema import (
     ServiceGrant,
 )
 from relay.ops.service import make_node_service
-from relay.server.relay import load_host_keys
+from relay.server.service import load_host_keys
 from relay.ssh.hostkeys import fingerprint_sha256
 from relay.ssh.keygen import generate_keypair
 

@@ -48,7 +48,7 @@ class NodeService(MultiService):
         self.relay: Any = None
         if config.relay is not None:
             from relay.server.grants import Grants
-            from relay.server.relay import RelayService
+            from relay.server.service import RelayService
 
             self.relay = RelayService(config.relay, Grants(config.relay, config.source), reactor)
             self.relay.setServiceParent(self)

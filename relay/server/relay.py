@@ -12,35 +12,31 @@ to ``public_wait`` seconds for it, then are refused cleanly.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from twisted.application.internet import TCPServer
-from twisted.application.service import MultiService
 from twisted.conch import error
-from twisted.conch.ssh import keys
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.config.errors import ConfigError
 from relay.config.schema import RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
 from relay.core.router import SUPERSEDED, Decision, Probe, Refused, Router, Verdict, label_of
 from relay.core.routing import PUBLIC, Registration, Registry
-from relay.core.sessions import CHANNEL, POOLED, SPLICED, Meter, SessionRow, SessionTable
-from relay.datapath.bridge import Bridge, Side, SideFactory, TCPSide
-from relay.datapath.net import LISTEN_BACKLOG
+from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
+from relay.datapath.bridge import Bridge, Side
 from relay.datapath.splicing import SplicedPair
-from relay.server.dataport import AgentConnectionGone, DataPort, PairingError
+from relay.server.dataconn import PairingError
+from relay.server.dataport import DataPort
 from relay.server.grants import Grants, GrantsChange, GrantsWatcher, Principal
+from relay.server.pooled import open_user_side
+from relay.server.public import PublicPorts
+from relay.server.status import relay_status
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
-from relay.ssh.hostkeys import fingerprint_sha256
-from relay.ssh.keygen import generate_keypair
-from relay.ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection, RelayFactory, RelayTransport
+from relay.ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection, RelayTransport
 from relay.ssh.wire import unpack_forward
 
 TAKEOVER_PROBE = 0.5
@@ -67,14 +63,13 @@ class RelayCore:
         self.connections: set[RelayConnection] = set()
         self.sessions = SessionTable()
         self._aborts: dict[SessionRow, Callable[[], None]] = {}  # stops a moving row's bytes
-        self.public: dict[int, IListeningPort] = {}
+        self.publicPorts = PublicPorts(self)
         self.counters = {"auth_refused": 0, "requests_refused": 0, "sessions_refused": 0,
                          "connections_dropped_unauthenticated_cap": 0}
         # Per-source limits and penalties, shared by the SSH port and the data port.
         self.admission = Admission(config, reactor)
         self.ssh_gate = self.admission.gate("ssh", config.max_unauthenticated)
         self._sweeper: IDelayedCall | None = None
-        self._publicWaiting: dict[int, int] = {}  # connections waiting for their agent
         self.dataport = DataPort(self, self.admission)
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
         grants.subscribe(self.grantsChanged)
@@ -173,7 +168,7 @@ class RelayCore:
         if holder is not None:
             self._dropRegistration(holder, f"{_label(holder)} is no longer granted to this "
                                    "key", tell=True)
-        if name == PUBLIC and not self._listenPublic(port):
+        if name == PUBLIC and not self.publicPorts.listen(port):
             return self._refuse(conn, what, f"cannot listen on public port {port}")
         decision = self.router.offer(name, port, conn, bind, self.reactor.seconds())
         if decision.probe is not None:
@@ -239,9 +234,7 @@ class RelayCore:
         self._log.info("agent {agent} cancelled {service}", event="relay_service_cancelled",
                        agent=conn.principal_name, service=label_of(name, port))
         if name == PUBLIC:
-            listener = self.public.pop(port, None)
-            if listener is not None:
-                listener.stopListening()
+            self.publicPorts.close(port)
         return True
 
     # reaching a service
@@ -288,20 +281,20 @@ class RelayCore:
         session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
                                      key=ident.key_blob)
         d = self.whenRegistered(host, port, self.config.public_wait)
-        d.addCallback(lambda reg: self._openUserToAgent(reg, port, origin, session))
+        d.addCallback(lambda reg: open_user_side(self, reg, port, origin, session))
 
         def connected(agent_channel: Side) -> BridgedChannel:
             def not_opened(_: object) -> None:
                 agent_channel.abort()
-                self._sessionEnded(session, 0, 0, "user channel did not open")
+                self.sessionEnded(session, 0, 0, "user channel did not open")
 
             channel.opened.addCallbacks(
-                lambda ch: self._bridge(session, ch, agent_channel), not_opened
+                lambda ch: self.bridge(session, ch, agent_channel), not_opened
             )
             return channel
 
         def failed(f: Failure) -> defer.Deferred[BridgedChannel]:
-            self._sessionEnded(session, 0, 0, "agent unavailable")
+            self.sessionEnded(session, 0, 0, "agent unavailable")
             why = ("its agent did not come back within "
                    f"{self.config.public_wait:g}s") if f.check(defer.CancelledError) else (
                 f"its agent could not connect it: {f.getErrorMessage()}")
@@ -323,43 +316,15 @@ class RelayCore:
             return defer.fail(error.ConchError(f"no service {name}:{port} on this relay",
                                                OPEN_CONNECT_FAILED))
         d = self.whenRegistered(name, port, self.config.public_wait)
-        return d.addCallback(lambda reg: self._openToAgent(reg, port, origin))
+        return d.addCallback(lambda reg: self.openToAgent(reg, port, origin))
 
-    def _openToAgent(self, reg: Registration, port: int, origin: str,
+    def openToAgent(self, reg: Registration, port: int, origin: str,
                      session: SessionRow | None = None) -> defer.Deferred[BridgedChannel]:
         host, _, oport = origin.rpartition(":")
         agent: Any = reg.session
         if session is not None:
             session.agent = agent
         return agent.openForwarded(reg.bind, port, host, int(oport or 0))
-
-    def _openUserToAgent(self, reg: Registration, port: int, origin: str,
-                         session: SessionRow) -> defer.Deferred[Side]:
-        """The agent's side of a user's channel session: one of its pooled data
-        connections for an end-to-end encrypted service when one is idle
-        (``DataPort.pooledRoute``: the user's stream is then encrypted once, by the
-        user, instead of also on the link), else a channel on its link."""
-        pooled = self.dataport.pooledRoute(reg, port)
-        if pooled is None:
-            channel: defer.Deferred[Any] = self._openToAgent(reg, port, origin, session)
-            return channel
-        session.agent = reg.session
-        session.path = POOLED
-
-        def stale(f: Failure) -> Any:
-            # The pooled connection was dead (the agent learns and replaces it): the
-            # link carries this one.
-            f.trap(AgentConnectionGone)
-            session.path = CHANNEL
-            return self._openToAgent(reg, port, origin, session)
-
-        def pooled_ok(side: Side) -> Side:
-            self._log.info("{user}: {service} carried on the agent's pooled data "
-                           "connection", event="relay_pooled_session", user=session.user,
-                           service=session.service, origin=origin)
-            return side
-
-        return pooled.addCallbacks(pooled_ok, stale)
 
     # the fast path's sessions (relay.server.dataport pairs them)
 
@@ -378,7 +343,7 @@ class RelayCore:
                            agent: Any = None) -> None:
         def ended(_: object) -> None:
             moved = pair.bytes()
-            self._sessionEnded(session, moved.a_to_b, moved.b_to_a, "spliced pair done")
+            self.sessionEnded(session, moved.a_to_b, moved.b_to_a, "spliced pair done")
 
         pair.done.addBoth(ended)
 
@@ -389,11 +354,11 @@ class RelayCore:
         self._moving(session, meter, pair.abort, agent)
 
     def fastSessionFailed(self, session: SessionRow) -> None:
-        self._sessionEnded(session, 0, 0, "fast path pairing failed")
+        self.sessionEnded(session, 0, 0, "fast path pairing failed")
 
-    def _bridge(self, session: SessionRow, user_side: Any, agent_side: Side) -> Bridge:
+    def bridge(self, session: SessionRow, user_side: Any, agent_side: Side) -> Bridge:
         def ended(to_service: int, from_service: int) -> None:
-            self._sessionEnded(session, to_service, from_service, "bridge closed")
+            self.sessionEnded(session, to_service, from_service, "bridge closed")
 
         bridge = Bridge(user_side, agent_side, onClosed=ended)
 
@@ -414,7 +379,7 @@ class RelayCore:
         if not self.sessions.moving(session, meter, agent):
             abort()  # its grant went while it was opening or being paired
 
-    def _sessionEnded(self, session: SessionRow, to_service: int, from_service: int,
+    def sessionEnded(self, session: SessionRow, to_service: int, from_service: int,
                       why: str) -> None:
         self._aborts.pop(session, None)
         self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why)
@@ -471,9 +436,7 @@ class RelayCore:
             return
         label = _label(reg)
         if reg.name == PUBLIC:
-            listener = self.public.pop(reg.port, None)
-            if listener is not None:
-                listener.stopListening()
+            self.publicPorts.close(reg.port)
         closing = self.sessions.of_agent_service(reg.session, label)
         for session in closing:
             self._closeSession(session, f"{label} was revoked: {why}")
@@ -500,66 +463,6 @@ class RelayCore:
         abort = self._aborts.get(session)
         if abort is not None:
             abort()
-
-    # public ports
-
-    def _listenPublic(self, port: int) -> bool:
-        if port in self.public:
-            return True
-        factory = SideFactory(lambda side: self._publicConnection(port, side))
-        try:
-            self.public[port] = self.reactor.listenTCP(
-                port, factory, backlog=LISTEN_BACKLOG, interface=self.config.public_bind
-            )
-        except Exception as e:
-            self._log.error("cannot listen on public port {port}: {why}",
-                            event="relay_public_failed", port=port, why=str(e))
-            return False
-        self._log.info("public port {port} listening on {bind}", event="relay_public_port",
-                       port=port, bind=self.config.public_bind)
-        return True
-
-    def _publicConnection(self, port: int, side: TCPSide) -> None:
-        peer = side.transport.getPeer()
-        origin = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
-        reg = self.registry.lookup(PUBLIC, port)
-        owner = reg.owner if reg is not None else (
-            p.name if (p := self.grants.public_port_owner(port)) is not None else "?")
-        label = f"public:{port}"
-        if self._publicWaiting.get(port, 0) >= self.config.max_unauthenticated:
-            # Only connections still waiting for their agent are capped: they hold a
-            # socket here and nothing else, and a flood of them must not pile up while
-            # the agent is away.  Established sessions are the target's to limit.
-            self.counters["sessions_refused"] += 1
-            self._log.warn(
-                "public port {port}: connection from {origin} refused: {cap} connections "
-                "already waiting for agent {owner} (max_unauthenticated)",
-                event="relay_public_refused", port=port, origin=origin,
-                cap=self.config.max_unauthenticated, owner=owner,
-            )
-            side.abort()
-            return
-        session = self.sessions.open(label, label, origin, self.reactor.seconds())
-        self._publicWaiting[port] = self._publicWaiting.get(port, 0) + 1
-
-        def waited(result: Any) -> Any:
-            self._publicWaiting[port] -= 1
-            return result
-
-        d = self.whenRegistered(PUBLIC, port, self.config.public_wait).addBoth(waited)
-        d.addCallback(lambda r: self._openToAgent(r, port, origin, session))
-
-        def failed(f: Failure) -> None:
-            self._sessionEnded(session, 0, 0, "agent unavailable")
-            self._log.warn(
-                "public port {port}: connection from {origin} closed: agent {owner} {why}",
-                event="relay_public_refused", port=port, origin=origin, owner=owner,
-                why="did not come back in time" if f.check(defer.CancelledError)
-                else f"could not connect it ({f.getErrorMessage()})",
-            )
-            side.close()
-
-        d.addCallbacks(lambda ch: self._bridge(session, side, ch), failed)
 
     # idle sessions
 
@@ -591,8 +494,7 @@ class RelayCore:
         if self._sweeper is not None and self._sweeper.active():
             self._sweeper.cancel()
         self._sweeper = None
-        listeners, self.public = list(self.public.values()), {}
-        stopping = [defer.maybeDeferred(p.stopListening) for p in listeners]  # type: ignore[call-overload]
+        stopping = self.publicPorts.stop()
         data = self.dataport.stop()
         if data is not None:
             stopping.append(data)
@@ -601,85 +503,13 @@ class RelayCore:
     # status
 
     def status(self) -> dict[str, Any]:
-        now = self.reactor.seconds()
-        conns = sorted(self.connections, key=lambda c: (c.identity.kind, c.principal_name))
-        return {
-            "listen": str(self.config.listen),
-            "agents": [
-                {"name": c.principal_name, "peer": c.peer,
-                 "services": [_label(r) for r in self.registry.held_by(c)]}
-                for c in conns if c.identity.kind == "agent"
-            ],
-            "users": [{"name": c.principal_name, "peer": c.peer}
-                      for c in conns if c.identity.kind == "user"],
-            "services": [
-                {"service": _label(r), "owner": r.owner, "since": r.since,
-                 "sessions_active": len(self.sessions.totals(_label(r)).active),
-                 "sessions_total": self.sessions.totals(_label(r)).sessions_total}
-                for r in self.registry.registrations()
-            ],
-            "sessions": [
-                {"user": s.user, "service": s.service, "origin": s.origin, "path": s.path,
-                 "age": round(now - s.started, 3), "bytes_to_service": s.counts()[0],
-                 "bytes_from_service": s.counts()[1]}
-                for s in self.sessions.rows()
-            ],
-            "per_service": self.sessions.per_service(),
-            "per_user": self.sessions.per_user(),
-            "public_ports": sorted(self.public),
-            "fast_path": self.dataport.status(),
-            "admission": self.admission.status(),
-            "counters": dict(self.counters),
-        }
+        return relay_status(
+            self.reactor.seconds(), self.config, self.connections, self.registry,
+            self.sessions, sorted(self.publicPorts.listeners),
+            {"fast_path": self.dataport.status(), "admission": self.admission.status(),
+             "counters": dict(self.counters)},
+        )
 
 
 def _label(reg: Registration) -> str:
     return label_of(reg.name, reg.port)
-
-
-def load_host_keys(state_dir: Path) -> dict[bytes, keys.Key]:
-    """The relay's host keys, generated into ``state_dir`` on first start."""
-    try:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(str(state_dir), "relay.state_dir", f"cannot create it: {e}",
-                          "choose a writable directory with --state-dir") from e
-    path = state_dir / "ssh_host_ed25519_key"
-    if not path.exists():
-        generate_keypair(path, "labrelay-relay-host-key")
-    key = keys.Key.fromFile(str(path))
-    return {key.sshType(): key}
-
-
-class RelayService(MultiService):
-    """The relay's listener plus its core, as a service."""
-
-    _log = Logger()
-
-    def __init__(self, config: RelayConfig, grants: Grants, reactor: Any) -> None:
-        super().__init__()
-        self.setName("relay")
-        self.core = RelayCore(config, grants, reactor)
-        host_keys = load_host_keys(config.state_dir)
-        self.factory = RelayFactory(self.core, host_keys)
-        self.fingerprints = [fingerprint_sha256(k.public()) for k in host_keys.values()]
-        self.server = TCPServer(config.listen.port, self.factory,
-                                interface=config.listen.host, reactor=reactor)
-        self.server.setServiceParent(self)
-
-    def startService(self) -> None:
-        super().startService()
-        self.core.start()
-        port = self.server._port  # type: ignore[attr-defined]
-        bound = port.getHost().port if port is not None else self.core.config.listen.port
-        self._log.info(
-            "relay listening on {host}:{port}; host key {fingerprints}",
-            event="relay_listening", host=self.core.config.listen.host, port=bound,
-            fingerprints=" ".join(self.fingerprints),
-        )
-
-    def stopService(self) -> defer.Deferred[Any]:
-        for conn in list(self.core.connections):
-            conn.disconnect("relay shutting down")
-        d: defer.Deferred[Any] = self.core.stop()
-        return d.addCallback(lambda _: MultiService.stopService(self))

@@ -138,7 +138,7 @@ class PeerInputGuard:
             "malformed message {num} from the peer ({why}); disconnecting",
             event="malformed_packet", num=messageNum, why=why,
         )
-        fatal = getattr(self, "_fatal", None)  # relay.ssh.aead: stop parsing too
+        fatal = getattr(self, "_fatal", None)  # relay.ssh.kex: stop parsing too
         if fatal is not None:
             fatal(DISCONNECT_PROTOCOL_ERROR, b"malformed message %d" % messageNum)
         else:

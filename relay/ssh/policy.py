@@ -3,7 +3,7 @@
 One place decides what labrelay's SSH ends offer and accept: the relay's server
 (:mod:`relay.ssh.server`), the agent's link and ``labrelay connect`` (both
 :mod:`relay.ssh.client`).  Nothing here does I/O: the transports in
-:mod:`relay.ssh.aead` ask these functions and :class:`KexGuard`.
+:mod:`relay.ssh.kex` (under :mod:`relay.ssh.aead`) ask these functions and :class:`KexGuard`.
 
 What is offered, and why (ISSUE 10, ssh-audit's and OpenSSH's current defaults):
 

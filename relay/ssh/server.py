@@ -1,7 +1,7 @@
 """The relay's SSH server: Conch transport, public-key auth and connection service.
 
 Identity comes only from a key whose signature verified (Conch's userauth checks
-the signature; :class:`GrantChecker` maps the key to a principal).  Everything
+the signature; :class:`relay.ssh.serverauth.GrantChecker` maps the key to a principal).  Everything
 else a session may do is decided by the relay above it from the principal's grants:
 this module only parses SSH requests and answers them.  What it needs of that relay is
 :class:`RelayHandler` (declared here, implemented by :class:`relay.server.relay.RelayCore`),
@@ -16,7 +16,7 @@ keepalives to every peer, and every channel type but ``direct-tcpip`` refused.  
 
 The algorithms, strict key exchange and the key exchange bounds (``kex_timeout``,
 the queue during a key exchange counted as link congestion) are
-:mod:`relay.ssh.policy` and :mod:`relay.ssh.aead`.  The relay waits up to
+:mod:`relay.ssh.policy` and :mod:`relay.ssh.kex`.  The relay waits up to
 ``KEXINIT_WAIT`` for the client's KEXINIT before sending its own, so that a client
 offering AES-GCM is not offered chacha20-poly1305 (which costs about five times
 the CPU per packet here; ``policy.server_ciphers_for``).
@@ -24,24 +24,17 @@ the CPU per packet here; ``policy.server_ciphers_for``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.conch import error
-from twisted.conch.avatar import ConchUser
-from twisted.conch.ssh import common, factory, keys, transport, userauth
+from twisted.conch.ssh import common, factory, keys, transport
 from twisted.cred import portal
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import ISSHPrivateKey
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.config.schema import RelayConfig
 from relay.core.admission import Offence, Ticket, worst
-from relay.core.grants import Principal
 from relay.core.keepalive import KeepaliveMonitor
 from relay.ssh import policy
 from relay.ssh.aead import AEADTransportMixin
@@ -53,15 +46,17 @@ from relay.ssh.connection import (
     refused_by_peer,
 )
 from relay.ssh.guard import PeerInputGuard
+from relay.ssh.serverauth import (
+    NAME_LIMIT,
+    AuthHandler,
+    GrantChecker,
+    Identity,
+    RelayAvatar,
+    RelayUserAuth,
+)
 from relay.ssh.wire import GRANT_REVOKED, pack_endpoints, pack_grant_revoked, unpack_endpoints
 
 OPEN_RESOURCE_SHORTAGE = 4
-USER_NAME_LIMIT = 256
-"""Bytes of a user name the relay keeps (identity comes from the key; the name is only
-logged).  A longer name fails that attempt, so no peer string of up to a packet's size
-is held or logged before authentication (the log shows at most 200 characters)."""
-NAME_LIMIT = 64
-"""Bytes of an authentication method or service name kept before authentication."""
 ORIGIN_LIMIT = 255
 """Characters of a ``direct-tcpip`` originator address kept for a session."""
 #: Seconds the relay waits for a client's first KEXINIT before sending its own.
@@ -69,28 +64,12 @@ ORIGIN_LIMIT = 255
 KEXINIT_WAIT = 1.0
 
 
-class PrincipalLookup(Protocol):
-    """The grants, as far as authentication needs them."""
-
-    def principal_for(self, key_blob: bytes) -> Principal | None:
-        """The principal a public key (SSH wire blob) belongs to, if granted."""
-
-
-class RelayHandler(Protocol):
+class RelayHandler(AuthHandler, Protocol):
     """What the SSH server needs of the relay above it.
 
     Settings and the clock (``config``, ``reactor``), the grants (``grants``), and the
     events of a connection's life; every decision (admission, registrations, sessions)
     is the handler's."""
-
-    @property
-    def config(self) -> RelayConfig: ...
-
-    @property
-    def reactor(self) -> Any: ...
-
-    @property
-    def grants(self) -> PrincipalLookup: ...
 
     def admitConnection(self, addr: Any) -> Ticket | None:
         """A ticket for a new TCP connection, or None to close it at once."""
@@ -123,121 +102,12 @@ REFUSED_CHANNEL_TYPES = {
 }
 
 
-@dataclass(frozen=True)
-class Identity:
-    """Who a connection authenticated as: the verified key and its principal."""
-
-    key_blob: bytes
-    principal: Principal
-
-    @property
-    def name(self) -> str:
-        return self.principal.name
-
-    @property
-    def kind(self) -> str:
-        return self.principal.kind
-
-
-@implementer(ICredentialsChecker)
-class GrantChecker:
-    """Public keys only; a key maps to a principal through the grants."""
-
-    credentialInterfaces = (ISSHPrivateKey,)
-
-    def __init__(self, core: RelayHandler) -> None:
-        self.core = core
-
-    def requestAvatarId(self, credentials: Any) -> Any:
-        principal = self.core.grants.principal_for(credentials.blob)
-        if principal is None:
-            return defer.fail(UnauthorizedLogin("key not granted"))
-        if not credentials.signature:
-            return defer.fail(error.ValidPublicKey())
-        try:
-            # Only the algorithms server-sig-algs names: a client that signs with
-            # SHA-1 ``ssh-rsa`` anyway (OpenSSH refuses it since 8.8) is refused.
-            signed_with = common.getNS(credentials.signature)[0]
-            if signed_with not in policy.USER_KEY_ALGORITHMS:
-                return defer.fail(UnauthorizedLogin(
-                    f"signature algorithm {signed_with[:40]!r} is not accepted "
-                    f"(use one of {b','.join(policy.USER_KEY_ALGORITHMS).decode()})"))
-            key = keys.Key.fromString(credentials.blob)
-            if key.verify(credentials.signature, credentials.sigData):
-                return defer.succeed(Identity(credentials.blob, principal))
-        except Exception:  # a malformed key or signature is a failed login
-            pass
-        return defer.fail(UnauthorizedLogin("bad signature"))
-
-
-class RelayAvatar(ConchUser):
-    """Carries the identity to the connection; Conch's channel lookup is unused."""
-
-    def __init__(self, identity: Identity) -> None:
-        super().__init__()
-        self.identity = identity
-
-
 @implementer(portal.IRealm)
 class RelayRealm:
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
         from twisted.conch.interfaces import IConchUser
 
         return IConchUser, RelayAvatar(avatarId), lambda: None
-
-
-class RelayUserAuth(userauth.SSHUserAuthServer):
-    """Conch's userauth with the relay's grace time and attempt cap."""
-
-    def serviceStarted(self) -> None:
-        core: RelayHandler = self.transport.factory.core  # type: ignore[union-attr]
-        self.loginTimeout = core.config.login_grace  # type: ignore[assignment]
-        self.attemptsBeforeDisconnect = core.config.max_auth_tries
-        self.clock = core.reactor
-        super().serviceStarted()
-        self.supportedAuthentications = [b"publickey"]
-
-    def ssh_USERAUTH_REQUEST(self, packet: bytes) -> Any:
-        """Conch's, except that an overlong user name, service or method fails the
-        attempt at once (counted against ``max_auth_tries``) and only its first bytes
-        are kept."""
-        user, next_service, method, _ = common.getNS(packet, 3)
-        if (len(user) <= USER_NAME_LIMIT and len(next_service) <= NAME_LIMIT
-                and len(method) <= NAME_LIMIT):
-            return super().ssh_USERAUTH_REQUEST(packet)
-        self.authenticatedWith = []
-        self.user, self.nextService = user[:USER_NAME_LIMIT], next_service[:NAME_LIMIT]
-        self.method = method[:NAME_LIMIT]
-        self._ebBadAuth(Failure(UnauthorizedLogin(
-            f"user name, service or method too long ({len(user)}, {len(next_service)} and "
-            f"{len(method)} bytes; at most {USER_NAME_LIMIT}, {NAME_LIMIT}, {NAME_LIMIT})")))
-        return None
-
-    def auth_publickey(self, packet: bytes) -> Any:
-        """Conch's, after refusing a key blob Conch cannot parse as an SSH wire blob:
-        Conch would log the peer's algorithm name as part of a log *format*
-        (``str.format`` of peer bytes), which lets a peer inject ``{...}`` fields, and
-        crash on non-ASCII; and it guesses the blob's format (``Key.fromString`` without
-        a type), so a blob that looks like an LSH key reached an ``assert`` in its
-        s-expression parser before authentication (found by tests/fuzz ``userauth``)."""
-        try:
-            _, blob, _ = common.getNS(packet[1:], 2)
-            keys.Key.fromString(blob, type="blob")
-        except Exception:  # a key Conch cannot parse is a failed login, nothing more
-            return defer.fail(UnauthorizedLogin("unsupported key type or malformed key"))
-        return super().auth_publickey(packet)
-
-    def _ebBadAuth(self, reason: Failure) -> None:
-        if self.method == b"publickey" and reason.check(UnauthorizedLogin):
-            relay: Any = self.transport
-            relay.offended(Offence.AUTHFAIL)
-            self._log.info(
-                "auth refused for user {user} from {peer}: {why}", event="relay_auth_refused",
-                user=(self.user or b"").decode("utf-8", "replace"),
-                why=reason.getErrorMessage(),
-                peer=str(self.transport.transport.getPeer()),  # type: ignore[union-attr]
-            )
-        super()._ebBadAuth(reason)
 
 
 class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTransport):

@@ -35,14 +35,14 @@ from relay.config.agentargs import _Flags, _option
 from relay.config.errors import ConfigError
 from relay.config.schema import HostKeyPolicy
 from relay.core import fastwire as fw
-from relay.server.grants import parse_grant_file
+from relay.server.grantfile import parse_grant_file
 from relay.ssh import wire
-from relay.ssh.aead import (
+from relay.ssh.aead import AEADTransportMixin
+from relay.ssh.ciphers import (
     AES128_GCM,
     AES256_GCM,
     CHACHA20_POLY1305,
     MAX_PACKET_LENGTH,
-    AEADTransportMixin,
     PacketCiphers,
 )
 from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier, parse_fingerprint

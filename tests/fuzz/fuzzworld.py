@@ -21,7 +21,8 @@ from relay.config.schema import PrincipalConfig, RelayConfig, ServiceGrant
 from relay.server.grants import Grants
 from relay.server.relay import RelayCore
 from relay.ssh import policy
-from relay.ssh.server import Identity, RelayAvatar, RelayConnection, RelayFactory
+from relay.ssh.server import RelayConnection, RelayFactory
+from relay.ssh.serverauth import Identity, RelayAvatar
 
 CLIENT_VERSION = b"SSH-2.0-OpenSSH_9.6p1 Debian-4\r\n"
 

@@ -18,7 +18,7 @@ from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
 from relay.config.agentargs import _Flags, _option
 from relay.config.errors import ConfigError
 from relay.core import fastwire as fw
-from relay.server.grants import parse_grant_file
+from relay.server.grantfile import parse_grant_file
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 

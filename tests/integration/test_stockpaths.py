@@ -199,7 +199,7 @@ def site(openssh: None, client_key: KeyPair, start_relay: Callable[..., RelayNod
         agent.wait_for("forward_ready", timeout=20, since=0, bind=bind)
     s = Site(relay, agent, gpu, web, box, alice, client_key, admin, tmp_path)
     _wait(lambda: s.pool()["idle"] == POOL and s.fast()["pools"].get("lab_pc") == POOL,
-          "the agent's pool to fill (through the box)")
+          "the agent's pool to fill (through the box)", timeout=30)
     try:
         yield s
     finally:

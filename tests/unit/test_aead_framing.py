@@ -27,12 +27,12 @@ from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 
-from relay.ssh.aead import (
+from relay.ssh.aead import AEADTransportMixin
+from relay.ssh.ciphers import (
     AES128_GCM,
     AES256_GCM,
     CHACHA20_POLY1305,
     MSG_CHANNEL_DATA,
-    AEADTransportMixin,
     GCMDirection,
     PacketCiphers,
     gcm_padding,

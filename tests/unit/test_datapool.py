@@ -885,7 +885,7 @@ def test_refill_after_failures_is_bounded(monkeypatch: pytest.MonkeyPatch) -> No
     """Someone on the path closes (or garbles) every data connection at once: the
     agent redials at most pool-size per REFILL_WINDOW after its first fill and a
     bucket's worth, and logs once per window, not once per connection."""
-    from relay.agent.datapool import REFILL_WINDOW
+    from relay.agent.refill import REFILL_WINDOW
 
     size = 4
     w = _make(monkeypatch, size=size)
@@ -939,7 +939,7 @@ def test_a_valid_dispatch_is_replaced_at_once_even_after_failures(
 def test_refill_budget_and_burst_log_on_a_clock() -> None:
     from twisted.internet.task import Clock
 
-    from relay.agent.datapool import BurstLog, RefillBudget
+    from relay.agent.refill import BurstLog, RefillBudget
 
     clock = Clock()
     budget = RefillBudget(clock, 4, window=5.0)

@@ -26,14 +26,12 @@ import relay.server.dataport
 from relay.config.schema import PrincipalConfig, RelayConfig, ServiceGrant
 from relay.core import fastwire as fw
 from relay.core.routing import Registry
+from relay.server.dataconn import AgentPool, DataConnection, PairingError
 from relay.server.dataport import (
     AGENT_REPLY_TIMEOUT,
     MAX_TOKENS_PER_REQUEST,
     POOL_TOKEN_LIFETIME,
-    AgentPool,
-    DataConnection,
     DataPort,
-    PairingError,
 )
 from relay.server.grants import Grants
 

@@ -17,15 +17,14 @@ from zope.interface import implementer
 from relay.config.errors import ConfigError
 from relay.config.schema import PrincipalConfig, RelayConfig, ServiceGrant
 from relay.server import grants as grants_module
+from relay.server.grantfile import _options, parse_grant_file
 from relay.server.grants import (
     Grants,
     GrantsChange,
     GrantsWatcher,
     Loss,
     Principal,
-    _options,
     diff_grants,
-    parse_grant_file,
 )
 
 SOURCE = "node.toml"

@@ -330,12 +330,12 @@ def test_revoked_agent_key_loses_its_names_sessions_and_connection(filed: Filed)
     assert _result(_register(core, k1)) is True
     assert _result(_register(core, k1, "")) is False  # port 22 is no public port granted
     assert _result(_register(core, k1, "", 2201)) is True
-    assert 2201 in core.public
+    assert 2201 in core.publicPorts.listeners
     alice = _session(core, "alice", "gpu-cluster:22", b["alice"], k1)
     public = _session(core, "public:2201", "public:2201", None, k1)
     filed.write(agents=[LAB.format(key=filed.lines["k2"]) + " lab_pc"])
     assert core.registry.registrations() == []
-    assert core.public == {}
+    assert core.publicPorts.listeners == {}
     assert _aborted(alice) and _aborted(public)
     assert k1.disconnected == ["this key is no longer granted on this relay"]
     assert k1.revoked == []  # told by the disconnect

@@ -23,12 +23,12 @@ from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 
-from relay.ssh import aead, policy
-from relay.ssh.aead import (
+from relay.ssh import kex, policy
+from relay.ssh.aead import AEADTransportMixin
+from relay.ssh.ciphers import (
     AES128_GCM,
     AES256_GCM,
     CHACHA20_POLY1305,
-    AEADTransportMixin,
     ChaChaDirection,
     PacketCiphers,
     chacha_padding,
@@ -447,7 +447,7 @@ def test_queue_during_a_key_exchange_is_link_congestion_and_is_bounded_in_time()
 
 
 def test_queue_past_the_hard_limit_drops_the_peer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(aead, "KEX_BACKLOG_LIMIT", 1 << 20)
+    monkeypatch.setattr(kex, "KEX_BACKLOG_LIMIT", 1 << 20)
     _, server, _ = pair()
     server.service = Service()
     server.sendKexInit()

@@ -1,0 +1,205 @@
+"""One connection to the relay's data port (:class:`DataConnection`: the challenge,
+the hello, an agent's idle pooled connection and its GO) and an agent's pool of them
+(:class:`AgentPool`); :class:`relay.server.dataport.DataPort` decides what becomes of
+each.  The wire format is in :mod:`relay.core.fastwire`."""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+from relay.core import fastwire as fw
+from relay.core.admission import Offence
+from relay.core.admission import Ticket as AdmissionTicket
+from relay.core.tokens import Ticket
+
+
+class DataPortHandler(TypingProtocol):
+    """What a :class:`DataConnection` needs of its data port
+    (:class:`relay.server.dataport.DataPort`)."""
+
+    clock: Any
+    hello_timeout: float
+
+    def admit(self, dc: DataConnection) -> bool: ...
+
+    def refuse(self, dc: DataConnection, what: str, why: str, *,
+               failure: bool | Offence = ..., tell: str | None = ...) -> None: ...
+
+    def helloReceived(self, dc: DataConnection, hello: fw.Hello) -> None: ...
+
+    def lost(self, dc: DataConnection, was: str) -> None: ...
+
+
+class PairingError(Exception):
+    """Why a user's data connection was not paired (sent to the user)."""
+
+
+class AgentConnectionGone(PairingError):
+    """The agent's data connection closed before it answered GO (a stale one: try
+    another)."""
+
+
+@dataclass(eq=False)
+class AgentPool:
+    """The idle data connections one agent session dialled, and who waits for one."""
+
+    session: Any
+    spliceable: set[tuple[str, int]]
+    idle: deque[DataConnection] = field(default_factory=deque)
+    waiters: deque[defer.Deferred[DataConnection]] = field(default_factory=deque)
+
+    def put(self, conn: DataConnection) -> None:
+        while self.waiters:
+            d = self.waiters.popleft()
+            if not d.called:
+                d.callback(conn)
+                return
+        self.idle.append(conn)
+
+    def take_idle(self) -> DataConnection | None:
+        """An idle connection now, or None (nobody waits)."""
+        while self.idle:
+            conn = self.idle.popleft()
+            if conn.state == "idle":
+                return conn
+        return None
+
+    def take(self, clock: Any, timeout: float) -> defer.Deferred[DataConnection]:
+        while self.idle:
+            conn = self.idle.popleft()
+            if conn.state == "idle":
+                return defer.succeed(conn)
+        d: defer.Deferred[DataConnection] = defer.Deferred()
+        timer = clock.callLater(timeout, d.cancel)
+        self.waiters.append(d)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(done)
+
+    def close(self) -> None:
+        for conn in list(self.idle):
+            conn.transport.loseConnection()
+        self.idle.clear()
+        while self.waiters:
+            d = self.waiters.popleft()
+            if not d.called:
+                d.errback(PairingError("the agent disconnected"))
+
+
+class DataConnection(Protocol):
+    """One connection to the data port, until it is spliced or closed.
+
+    States: ``hello`` (challenge sent, collecting the hello) -> ``user`` (paused, waiting to be
+    paired) or ``idle`` (an agent's pooled connection, read only to notice its end)
+    -> ``dispatched`` (an agent's, waiting for ``K``/``E``) -> ``spliced``; any ->
+    ``closed``; ``dispatched`` -> ``joined`` (an agent's, answered for a user's SSH
+    channel: its transport now belongs to a bridge side, ``DataPort.pooledRoute``)."""
+
+    transport: Any
+
+    def __init__(self, port: DataPortHandler) -> None:
+        self.port = port
+        self.state = "hello"
+        self.buf = b""
+        self.extra = b""  # bytes read past our framing: they belong to the stream
+        self.source = "?"
+        self.pool: AgentPool | None = None
+        self.reply: defer.Deferred[str] | None = None
+        self._timer: IDelayedCall | None = None
+        self.admission: AdmissionTicket | None = None  # from DataPort.admit
+        self.nonce = b""  # this connection's challenge: what its hello must prove over
+        self.ticket: Ticket | None = None  # once proved: its secret keys the GO's MAC
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.source = str(getattr(peer, "host", "?"))
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
+        if not self.port.admit(self):
+            self.state = "closed"
+            self.transport.abortConnection()
+            return
+        self._timer = self.port.clock.callLater(self.port.hello_timeout, self._helloTimeout)
+        self.nonce = secrets.token_bytes(fw.NONCE_LEN)
+        self.transport.write(fw.challenge(self.nonce))
+
+    def _helloTimeout(self) -> None:
+        self._timer = None
+        self.port.refuse(self, "no hello", f"did not send its hello within "
+                         f"{self.port.hello_timeout:g}s", failure=Offence.GRACE)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == "hello":
+            self.buf += data
+            try:
+                length = fw.hello_length(self.buf)
+            except fw.WireError as e:
+                self.port.refuse(self, "not a data connection", str(e),
+                                 failure=Offence.PROTOCOL)
+                return
+            if length is None or len(self.buf) < length:
+                return
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            hello, self.extra, self.buf = self.buf[:length], self.buf[length:], b""
+            self.transport.pauseProducing()
+            self.port.helloReceived(self, fw.parse_hello(hello))
+        elif self.state == "idle":
+            self.port.refuse(self, "protocol", "an idle agent data connection sent bytes")
+        elif self.state == "dispatched":
+            self.buf += data
+            try:
+                parsed = fw.parse_reply(self.buf, fw.AGENT_OK, fw.AGENT_ERROR)
+            except fw.WireError as e:
+                self._answered(Failure(PairingError(f"the agent answered nonsense: {e}")))
+                return
+            if parsed is None:
+                return
+            ok, message, self.extra = parsed
+            self.buf = b""
+            self.transport.pauseProducing()
+            self._answered(message if ok else Failure(PairingError(
+                f"the agent could not connect the service: {message}")))
+        else:
+            self.extra += data  # one read that raced a pause; it belongs to the stream
+
+    def _answered(self, result: Any) -> None:
+        d, self.reply = self.reply, None
+        if d is not None and not d.called:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    def dispatch(self, bind: str, port: int) -> defer.Deferred[str]:
+        """Send GO to this idle agent connection, MAC'd with its ticket's secret and
+        bound to its ticket id and nonce; fires once the agent answers."""
+        assert self.ticket is not None
+        self.state = "dispatched"
+        self.reply = defer.Deferred()
+        mac = fw.go_mac(self.ticket.secret, self.ticket.token_id, self.nonce, bind, port)
+        self.transport.write(fw.pack_go(bind, port, mac))
+        self.transport.resumeProducing()
+        return self.reply
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        was, self.state = self.state, "closed"
+        self.port.lost(self, was)
+        self._answered(Failure(AgentConnectionGone("the agent's data connection closed")))

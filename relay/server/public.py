@@ -1,0 +1,134 @@
+"""The relay's public ports: a listener per registered public port, whose connections
+go to the agent that registered it like any user session (docs/relay.md, "Public
+ports").
+
+A connection that arrives while the port's agent is away waits up to ``public_wait``
+seconds for it; at most ``max_unauthenticated`` of them wait per port.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relay.config.schema import RelayConfig
+from relay.core.routing import PUBLIC, Registration, Registry
+from relay.core.sessions import SessionRow, SessionTable
+from relay.datapath.bridge import Bridge, SideFactory, TCPSide
+from relay.datapath.net import LISTEN_BACKLOG
+from relay.server.grants import Grants
+from relay.ssh.channels import BridgedChannel
+
+
+class PublicShell(Protocol):
+    """What the public ports need of the relay (:class:`relay.server.relay.RelayCore`)."""
+
+    config: RelayConfig
+    grants: Grants
+    reactor: Any
+    registry: Registry
+    sessions: SessionTable
+    counters: dict[str, int]
+
+    def whenRegistered(
+        self, name: str, port: int, timeout: float
+    ) -> defer.Deferred[Registration]: ...
+
+    def openToAgent(
+        self, reg: Registration, port: int, origin: str, session: SessionRow | None = None
+    ) -> defer.Deferred[BridgedChannel]: ...
+
+    def sessionEnded(
+        self, session: SessionRow, to_service: int, from_service: int, why: str
+    ) -> None: ...
+
+    def bridge(self, session: SessionRow, user_side: Any, agent_side: BridgedChannel) -> Bridge: ...
+
+
+class PublicPorts:
+    """The listeners of the public ports, by port number (``listeners``)."""
+
+    _log = Logger()
+
+    def __init__(self, relay: PublicShell) -> None:
+        self.relay = relay
+        self.listeners: dict[int, IListeningPort] = {}
+        self._waiting: dict[int, int] = {}  # connections waiting for their agent
+
+    def listen(self, port: int) -> bool:
+        """Listen on ``port`` (if not already); False if it cannot be bound."""
+        if port in self.listeners:
+            return True
+        config = self.relay.config
+        factory = SideFactory(lambda side: self._connection(port, side))
+        try:
+            self.listeners[port] = self.relay.reactor.listenTCP(
+                port, factory, backlog=LISTEN_BACKLOG, interface=config.public_bind
+            )
+        except Exception as e:
+            self._log.error("cannot listen on public port {port}: {why}",
+                            event="relay_public_failed", port=port, why=str(e))
+            return False
+        self._log.info("public port {port} listening on {bind}", event="relay_public_port",
+                       port=port, bind=config.public_bind)
+        return True
+
+    def close(self, port: int) -> None:
+        """Stop listening on ``port`` (its registration went)."""
+        listener = self.listeners.pop(port, None)
+        if listener is not None:
+            listener.stopListening()
+
+    def stop(self) -> list[defer.Deferred[Any]]:
+        """Stop every listener; the Deferreds fire when they have stopped."""
+        listeners = list(self.listeners.values())
+        self.listeners.clear()
+        return [defer.maybeDeferred(p.stopListening) for p in listeners]  # type: ignore[call-overload]
+
+    def _connection(self, port: int, side: TCPSide) -> None:
+        relay = self.relay
+        config = relay.config
+        peer = side.transport.getPeer()
+        origin = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
+        reg = relay.registry.lookup(PUBLIC, port)
+        owner = reg.owner if reg is not None else (
+            p.name if (p := relay.grants.public_port_owner(port)) is not None else "?")
+        label = f"public:{port}"
+        if self._waiting.get(port, 0) >= config.max_unauthenticated:
+            # Only connections still waiting for their agent are capped: they hold a
+            # socket here and nothing else, and a flood of them must not pile up while
+            # the agent is away.  Established sessions are the target's to limit.
+            relay.counters["sessions_refused"] += 1
+            self._log.warn(
+                "public port {port}: connection from {origin} refused: {cap} connections "
+                "already waiting for agent {owner} (max_unauthenticated)",
+                event="relay_public_refused", port=port, origin=origin,
+                cap=config.max_unauthenticated, owner=owner,
+            )
+            side.abort()
+            return
+        session = relay.sessions.open(label, label, origin, relay.reactor.seconds())
+        self._waiting[port] = self._waiting.get(port, 0) + 1
+
+        def waited(result: Any) -> Any:
+            self._waiting[port] -= 1
+            return result
+
+        d = relay.whenRegistered(PUBLIC, port, config.public_wait).addBoth(waited)
+        d.addCallback(lambda r: relay.openToAgent(r, port, origin, session))
+
+        def failed(f: Failure) -> None:
+            relay.sessionEnded(session, 0, 0, "agent unavailable")
+            self._log.warn(
+                "public port {port}: connection from {origin} closed: agent {owner} {why}",
+                event="relay_public_refused", port=port, origin=origin, owner=owner,
+                why="did not come back in time" if f.check(defer.CancelledError)
+                else f"could not connect it ({f.getErrorMessage()})",
+            )
+            side.close()
+
+        d.addCallbacks(lambda ch: relay.bridge(session, side, ch), failed)

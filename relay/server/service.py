@@ -1,0 +1,69 @@
+"""The relay as a service: its SSH listener around a :class:`RelayCore`, and the host
+keys it presents (generated into the state directory on first start)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import TCPServer
+from twisted.application.service import MultiService
+from twisted.conch.ssh import keys
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from relay.config.errors import ConfigError
+from relay.config.schema import RelayConfig
+from relay.server.grants import Grants
+from relay.server.relay import RelayCore
+from relay.ssh.hostkeys import fingerprint_sha256
+from relay.ssh.keygen import generate_keypair
+from relay.ssh.server import RelayFactory
+
+
+def load_host_keys(state_dir: Path) -> dict[bytes, keys.Key]:
+    """The relay's host keys, generated into ``state_dir`` on first start."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(str(state_dir), "relay.state_dir", f"cannot create it: {e}",
+                          "choose a writable directory with --state-dir") from e
+    path = state_dir / "ssh_host_ed25519_key"
+    if not path.exists():
+        generate_keypair(path, "labrelay-relay-host-key")
+    key = keys.Key.fromFile(str(path))
+    return {key.sshType(): key}
+
+
+class RelayService(MultiService):
+    """The relay's listener plus its core, as a service."""
+
+    _log = Logger()
+
+    def __init__(self, config: RelayConfig, grants: Grants, reactor: Any) -> None:
+        super().__init__()
+        self.setName("relay")
+        self.core = RelayCore(config, grants, reactor)
+        host_keys = load_host_keys(config.state_dir)
+        self.factory = RelayFactory(self.core, host_keys)
+        self.fingerprints = [fingerprint_sha256(k.public()) for k in host_keys.values()]
+        self.server = TCPServer(config.listen.port, self.factory,
+                                interface=config.listen.host, reactor=reactor)
+        self.server.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        self.core.start()
+        port = self.server._port  # type: ignore[attr-defined]
+        bound = port.getHost().port if port is not None else self.core.config.listen.port
+        self._log.info(
+            "relay listening on {host}:{port}; host key {fingerprints}",
+            event="relay_listening", host=self.core.config.listen.host, port=bound,
+            fingerprints=" ".join(self.fingerprints),
+        )
+
+    def stopService(self) -> defer.Deferred[Any]:
+        for conn in list(self.core.connections):
+            conn.disconnect("relay shutting down")
+        d: defer.Deferred[Any] = self.core.stop()
+        return d.addCallback(lambda _: MultiService.stopService(self))
