@@ -306,7 +306,8 @@ class LinkConnection(FlowConnection):
 
     def _maxPacket(self) -> int:
         """The channel maximum packet to announce: larger to a labrelay relay."""
-        return policy.channel_max_packet(self.link.config.max_packet,
+        cfg = self.link.config
+        return policy.channel_max_packet(cfg.max_packet, cfg.window,
                                          getattr(self.transport, "otherVersionString", None))
 
     # reverse forwards: the server opens a channel per accepted connection

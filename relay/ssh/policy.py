@@ -340,9 +340,9 @@ def labrelay_peer(version: bytes | None) -> bool:
     return software == VERSION_STRING or software.startswith(VERSION_STRING + b"_")
 
 
-def channel_max_packet(configured: int, peer_version: bytes | None) -> int:
+def channel_max_packet(configured: int, window: int, peer_version: bytes | None) -> int:
     """The maximum packet to announce on a channel: larger between two labrelay ends
-    (never smaller than what the config says)."""
+    (never smaller than what the config says, never more than the channel's window)."""
     if labrelay_peer(peer_version):
-        return max(configured, LABRELAY_MAX_PACKET)
+        return min(max(configured, LABRELAY_MAX_PACKET), max(configured, window))
     return configured

@@ -377,7 +377,8 @@ class RelayConnection(FlowConnection):
         channel = BridgedChannel(
             b"forwarded-tcpip", window=self.core.config.window,
             maxPacket=policy.channel_max_packet(
-                self.core.config.max_packet, getattr(self.transport, "otherVersionString", None)),
+                self.core.config.max_packet, self.core.config.window,
+                getattr(self.transport, "otherVersionString", None)),
             conn=self,
         )
         self.openChannel(channel, pack_endpoints(bind, port, origHost, origPort))

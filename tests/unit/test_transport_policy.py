@@ -586,7 +586,9 @@ def test_both_labrelay_ends_announce_the_same_version_string() -> None:
 def test_a_labrelay_peer_is_known_by_its_version_string(version: bytes | None,
                                                         ours: bool) -> None:
     assert policy.labrelay_peer(version) is ours
+    window = 2 << 20
     expected = policy.LABRELAY_MAX_PACKET if ours else 32768
-    assert policy.channel_max_packet(32768, version) == expected
-    # never smaller than the configured value
-    assert policy.channel_max_packet(1 << 20, version) == 1 << 20
+    assert policy.channel_max_packet(32768, window, version) == expected
+    # never smaller than the configured value, never more than the window
+    assert policy.channel_max_packet(1 << 20, window, version) == 1 << 20
+    assert policy.channel_max_packet(32768, 65536, version) == (65536 if ours else 32768)
