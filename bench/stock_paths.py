@@ -161,10 +161,12 @@ def _per_pid(pids: list[int]) -> dict[int, float]:
     return {p: c for p in pids if (c := proc_cpu(p)) is not None}
 
 
-def _delta(before: dict[int, float], pids: list[int]) -> float:
-    """CPU seconds ``pids`` used since ``before``, over the pids alive at both reads (a
-    process of the previous session still exiting at the first read is left out)."""
-    after = _per_pid(pids)
+def _delta(before: dict[int, float], pids: list[int],
+           polled: dict[int, float] | None = None) -> float:
+    """CPU seconds ``pids`` used since ``before``: each pid read at the first read and now
+    (or, if it is gone now, at its last poll in ``polled``); one gone with no poll (a
+    process of the previous session still exiting at the first read) is left out."""
+    after = {**(polled or {}), **_per_pid(pids)}
     return sum(after[p] - c for p, c in before.items() if p in after)
 
 
@@ -378,13 +380,19 @@ Host *
         groups = self.ssh_groups(variant, ssh.pid)
         before = {g: _per_pid(p) for g, p in groups.items()}
         start = self._go(feeder)
-        if not fp.wait_exit(ssh, nbytes / 1e6 + 2 * STALL_SECONDS + 30):
-            ssh.kill()
-            raise BenchError(f"ssh did not finish in time:\n{serr.text()}")
+        deadline = start + nbytes / 1e6 + 2 * STALL_SECONDS + 30
+        last = before
+        # Polled while the stream runs: the cloud sshd session of the seed's jump ends
+        # with the user's ssh, before its CPU could be read afterwards.
+        while not fp.wait_exit(ssh, 0.05):
+            if time.perf_counter() > deadline:
+                ssh.kill()
+                raise BenchError(f"ssh did not finish in time:\n{serr.text()}")
+            last = {g: {**last[g], **_per_pid(p)} for g, p in groups.items()}
         seconds = time.perf_counter() - start
-        # The user's ssh and its -J child have exited: their CPU is not readable now;
-        # the relaying processes are what is judged.
-        cpu = {g: _delta(before[g], p) for g, p in groups.items() if g != "user_ssh"}
+        # The user's ssh and its -J child have exited: the relaying processes are what is
+        # judged (a pid gone by now counts up to its last poll).
+        cpu = {g: _delta(before[g], p, last[g]) for g, p in groups.items() if g != "user_ssh"}
         feeder.wait(30)
         try:
             count = sout.wait_for(lambda s: s.strip() if s.strip().isdigit() else None, 10,
