@@ -41,6 +41,7 @@ from harness import (
     free_port,
     known_hosts_line,
     make_key,
+    read_to_eof,
     sha256_hex,
 )
 
@@ -48,6 +49,7 @@ pytestmark = pytest.mark.integration
 
 BOX = "127.0.0.3"  # where the agent believes the relay is
 POOL = 4
+BULK = 128 * MiB
 MARKER = b"labrelay-non-e2e-marker-" + os.urandom(8).hex().encode()
 
 
@@ -126,6 +128,7 @@ class Site:
     agent: AgentProcess
     gpu: Sshd
     web: Any
+    bulk: Any  # bulk:9000, declared e2e: a CountingSource
     box: RecordingBox
     alice: KeyPair
     client_key: KeyPair
@@ -176,13 +179,15 @@ def site(openssh: None, client_key: KeyPair, start_relay: Callable[..., RelayNod
     alice = make_key(tmp_path / "alice", comment="alice")
     gpu = sshd_factory("gpu_cluster")
     web = targets.echo(greeting=b"web\n")
+    bulk = targets.counting_source(DataStream(77, BULK), stall_after=2.0)
     data_port = free_port()
     relay = start_relay(
-        agents=[f'permitlisten="gpu-cluster:22",permitlisten="web:8080" '
-                f"{lab_pc.public_blob()} lab_pc"],
-        users=[f'permitopen="gpu-cluster:22",permitopen="web:8080" {alice.public_blob()} alice'],
+        agents=[f'permitlisten="gpu-cluster:22",permitlisten="web:8080",'
+                f'permitlisten="bulk:9000" {lab_pc.public_blob()} lab_pc'],
+        users=[f'permitopen="gpu-cluster:22",permitopen="web:8080",permitopen="bulk:9000" '
+               f"{alice.public_blob()} alice"],
         relay_toml=f'data_port = {data_port}\ndata_bind = "127.0.0.1"\n'
-                   'e2e_services = ["gpu-cluster:22"]\npublic_wait = 5\n')
+                   'e2e_services = ["gpu-cluster:22", "bulk:9000"]\npublic_wait = 5\n')
     relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
     box = RecordingBox(relay.port, data_port)
     relay.trust(known_hosts_line(relay.host_key_blob, box.ssh_port, host=BOX))
@@ -192,12 +197,13 @@ def site(openssh: None, client_key: KeyPair, start_relay: Callable[..., RelayNod
         "-o", f"UserKnownHostsFile={relay.known_hosts}", "--admin", f"127.0.0.1:{admin}",
         "--fast-path-pool", str(POOL),
         "-R", f"gpu-cluster:22:127.0.0.1:{gpu.port}", "-R", f"web:8080:127.0.0.1:{web.port}",
-        f"lab_pc@{BOX}", name="agent")  # fmt: skip
+        "-R", f"bulk:9000:127.0.0.1:{bulk.port}", f"lab_pc@{BOX}", name="agent")  # fmt: skip
     ready = agent.wait_for("fast_path_ready", timeout=20)
-    assert ready["host"] == BOX and ready["services"] == "gpu-cluster:22"  # web: not e2e
-    for bind in ("gpu-cluster", "web"):
+    assert ready["host"] == BOX
+    assert ready["services"] == "bulk:9000 gpu-cluster:22"  # web: not e2e
+    for bind in ("gpu-cluster", "web", "bulk"):
         agent.wait_for("forward_ready", timeout=20, since=0, bind=bind)
-    s = Site(relay, agent, gpu, web, box, alice, client_key, admin, tmp_path)
+    s = Site(relay, agent, gpu, web, bulk, box, alice, client_key, admin, tmp_path)
     _wait(lambda: s.pool()["idle"] == POOL and s.fast()["pools"].get("lab_pc") == POOL,
           "the agent's pool to fill (through the box)", timeout=30)
     try:
@@ -347,3 +353,29 @@ def test_more_J_sessions_than_pooled_connections_take_the_link(site: Site) -> No
             p.stdin.close()
         for p in held:
             assert p.wait(timeout=30) == 0
+
+
+def test_a_user_who_never_reads_on_the_pooled_route_costs_bounded_memory(
+        site: Site, start_ssh: Callable[..., SshProcess]) -> None:
+    """A target pushes 128 MiB at a user's ``ssh -L`` to an e2e service on the pooled
+    route, and the user never reads: the pipeline fills and stalls the target (the
+    channel's window pauses the data connection, whose kernel buffers stop the agent's
+    splice) and the relay's RSS grows by less than 32 MiB.  Then the user reads: every
+    byte arrives, in order."""
+    port = _local_forward(site, start_ssh, "bulk:9000")
+    baseline = site.relay.rss_kb()
+    with socket.create_connection((LOOPBACK, port), timeout=10) as user:
+        assert site.bulk.connected.wait(15)
+        stalled_at = site.bulk.wait_stalled(120)
+        growth = site.relay.rss_kb() - baseline
+        assert [x["path"] for x in site.sessions()] == ["pooled"]
+        print(f"never-reader on the pooled route: {stalled_at / MiB:.1f} MiB in flight, "
+              f"relay RSS +{growth} KiB")
+        assert stalled_at < BULK
+        assert growth < 32 * 1024, f"relay RSS grew {growth} KiB with a reader that never reads"
+        user.settimeout(120)
+        got = read_to_eof(user)
+    stream = DataStream(77, BULK)
+    assert (got.nbytes, got.sha256) == (stream.size, stream.sha256)
+    assert site.fast()["pooled"] == 1
+
