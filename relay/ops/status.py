@@ -130,7 +130,7 @@ def _relay_metrics(relay: dict[str, Any]) -> list[str]:
         lines.append(f"# TYPE labrelay_relay_{counter}_total counter")
         lines.append(f"labrelay_relay_{counter}_total {value}")
     fast = relay.get("fast_path") or {}
-    for counter in ("paired", "pair_failed", "data_connections", "data_refused",
+    for counter in ("paired", "pair_failed", "pooled", "data_connections", "data_refused",
                     "data_throttled"):
         if counter in fast:
             lines.append(f"# TYPE labrelay_relay_fast_{counter}_total counter")
@@ -411,6 +411,7 @@ def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
                 f"fast path: data port {fast['data_port']}, e2e "
                 f"{' '.join(fast.get('e2e_services', [])) or '(none)'}; "
                 f"{fast.get('paired', 0)} paired, {fast.get('pair_failed', 0)} failed, "
+                f"{fast.get('pooled', 0)} stock sessions pooled, "
                 f"{refused} tokens refused; idle agent connections: {pools or '-'}")
     admission = relay.get("admission")
     if admission:

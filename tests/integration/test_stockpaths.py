@@ -289,6 +289,7 @@ def test_scp_64_mib_both_ways_over_J_rides_the_pooled_route(
         held.stdin.close()
         assert held.wait(timeout=30) == 0, held.stderr.read() if held.stderr else b""
     assert site.fast()["pooled"] == 4
+    assert "labrelay_relay_fast_pooled_total 4" in site.relay.metrics().splitlines()
     assert site.relay.connect_attempts() == []
 
 
