@@ -56,19 +56,11 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (
-    LOOPBACK,
-    REPO,
-    RESULTS_DIR,
-    GiB,
-    KiB,
-    MiB,
-    connect_retry,
-    cpu_model,
-    free_port,
-    proc_cpu,
-)
 from bench.history import HISTORY, write_latest
+from bench.meter import proc_cpu
+from bench.procs import free_port
+from bench.report import cpu_model
+from bench.sessions import LOOPBACK, REPO, RESULTS_DIR, GiB, KiB, MiB, connect_retry
 
 TIMEOUT = 300.0
 

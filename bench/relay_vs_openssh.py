@@ -21,8 +21,9 @@ pushes bulk. Once, on fresh processes: 10 000 concurrent idle sessions through t
 public port (each confirmed end to end by a 1-byte greeting from the target), with the
 relay's and the agent's RSS per session, and the same through ``ssh -R``.
 
-The sshd set-up, process plumbing, CPU accounting and the push/pull/set-up client code
-come from ``bench/common.py``, the measurement loop from ``bench/agent_vs_openssh.py``.
+The sshd set-up (``bench/sshd.py``), process plumbing (``bench/procs.py``), CPU
+accounting (``bench/meter.py``) and the push/pull/set-up client code
+(``bench/sessions.py``) are shared, the measurement loop from ``bench/agent_vs_openssh.py``.
 
 Run from the repository root with the venv's Python::
 
@@ -38,15 +39,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
-import os
-import resource
-import selectors
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,76 +52,60 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import agent_vs_openssh as avo
-from bench import common
-from bench.common import (
-    CHUNK,
-    LOOPBACK,
-    MODE_SINK,
-    REPO,
-    STALL_SECONDS,
-    BenchError,
-    GiB,
-    Lines,
-    MachineMeter,
-    MiB,
+from bench.cli import (
     add_python_and_results,
     add_run_options,
     add_session_options,
-    anomaly_lines,
     bench_parser,
-    check_procs,
-    conditions_text,
-    connect,
-    cpu_note,
-    cpu_seconds,
-    fmt,
-    fmt_ratio,
-    free_port,
-    goals_table,
-    json_event,
-    machine_text,
-    nodelay,
-    pctl,
-    per_run_latency,
-    pooled_latency,
-    print_goals,
-    proc_health,
-    public_key,
-    pull_bytes,
-    push_bytes,
     quick_defaults,
-    read_port,
-    recv_exact,
-    result_head,
     run_bench,
-    run_text,
-    setup_sessions,
-    spread,
-    ssh_client,
-    ssh_negotiated,
-    uncommitted,
+)
+from bench.meter import MachineMeter, cpu_note, cpu_seconds, proc_health
+from bench.procs import (
+    BenchError,
+    Lines,
+    check_procs,
+    free_port,
+    json_event,
+    read_port,
     wait_ready,
 )
+from bench.relay_report import (
+    DIRECT,
+    RELAY,
+    RELAY_L,
+    SSH,
+    SSH_AES,
+    listen_backlog,
+    listen_overflows,
+    markdown,
+    print_table,
+    summarize,
+)
+from bench.relay_workers import (
+    bulk_worker,
+    client_worker,
+    greeter_worker,
+    raise_nofile,
+)
+from bench.report import (
+    pctl,
+)
+from bench.sessions import (
+    LOOPBACK,
+    REPO,
+    STALL_SECONDS,
+    MiB,
+)
+from bench.sshd import Route as BaseRoute
+from bench.sshd import public_key, ssh_client, ssh_negotiated
 
 THIS = str(Path(__file__).resolve())
 
-THROUGHPUT_GOAL = 0.75  # relay+agent / ssh -N -R (default cipher), from issues 3 and 6
-SETUP_P50_GOAL_MS = 2.0
-IDLE_KIB_GOAL = 10.0  # per session, each of relay and agent
-ECHO_P99_GOAL_MS = 20.0
-NOFILE = 65536  # RLIMIT_NOFILE for the harness and (inherited) every child
 
-RELAY, RELAY_L, SSH, SSH_AES, DIRECT = "relay", "relay-L", "ssh", "ssh-aes", "direct"
 # The cipher labrelay's link negotiates (relay/ssh/aead.py), for an equal-cipher peer.
 SAME_CIPHER_OPTIONS = ("-c", "aes128-gcm@openssh.com")
 PATHS = (RELAY, RELAY_L, SSH, SSH_AES, DIRECT)
-LABELS = {
-    RELAY: "relay+agent, public port",
-    RELAY_L: "relay+agent, user's ssh -L",
-    SSH: "ssh -R (default cipher)",
-    SSH_AES: "ssh -R aes128-gcm (the link's cipher)",
-    DIRECT: "direct (no tunnel)",
-}
 # 10 000 idle sessions: through the relay twice (the second round shows whether the
 # first one's memory is reused, i.e. nothing leaked), then through ssh -R
 IDLE_ROUNDS = ((RELAY, "relay"), (RELAY, "relay, 2nd round"), (SSH, "ssh"))
@@ -157,248 +136,11 @@ services = ["{echo}"]
 
 
 # ---------------------------------------------------------------------------
-# workers: this file re-run with --worker KIND, each in its own process
-
-GREETING = b"G"
-
-
-def raise_nofile(limit: int = NOFILE) -> tuple[int, int]:
-    """Raise RLIMIT_NOFILE to ``limit`` (root may raise the hard limit too); the result."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for want in ((limit, max(hard, limit)), (min(limit, hard), hard)):
-        try:  # raising the hard limit needs CAP_SYS_RESOURCE; else up to the hard one
-            resource.setrlimit(resource.RLIMIT_NOFILE, want)
-            break
-        except (ValueError, OSError):
-            continue
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def greeter_worker() -> None:
-    """The second target: greets every connection with one byte, then echoes.
-
-    One thread, epoll, non-blocking sockets: holds tens of thousands of idle
-    connections cheaply. ``count`` on stdin prints how many it holds; EOF exits.
-    """
-    raise_nofile()
-    server = socket.create_server((LOOPBACK, 0), backlog=4096)
-    server.setblocking(False)
-    sel = selectors.DefaultSelector()
-    sel.register(server, selectors.EVENT_READ)
-    conns: dict[int, socket.socket] = {}
-    pending: dict[int, bytes] = {}
-    accepted = 0
-    print(json.dumps({"port": server.getsockname()[1]}), flush=True)
-
-    def commands() -> None:
-        for line in sys.stdin:
-            if line.strip() == "count":
-                print(json.dumps({"open": len(conns), "accepted": accepted}), flush=True)
-        os._exit(0)
-
-    threading.Thread(target=commands, daemon=True).start()
-
-    def drop(sock: socket.socket) -> None:
-        fd = sock.fileno()
-        sel.unregister(sock)
-        conns.pop(fd, None)
-        pending.pop(fd, None)
-        sock.close()
-
-    while True:
-        for key, mask in sel.select():
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
-            if sock is server:
-                for _ in range(256):
-                    try:
-                        conn, _ = server.accept()
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError:  # EMFILE and friends: leave it in the backlog
-                        break
-                    conn.setblocking(False)
-                    nodelay(conn)
-                    conn.send(GREETING)  # a fresh socket always takes one byte
-                    conns[conn.fileno()] = conn
-                    accepted += 1
-                    sel.register(conn, selectors.EVENT_READ)
-                continue
-            fd = sock.fileno()
-            try:
-                if mask & selectors.EVENT_WRITE:
-                    out = pending.pop(fd)
-                    n = sock.send(out)
-                    if n < len(out):
-                        pending[fd] = out[n:]
-                    else:
-                        sel.modify(sock, selectors.EVENT_READ)
-                    continue
-                data = sock.recv(65536)
-                if not data:
-                    drop(sock)
-                    continue
-                n = sock.send(data)
-                if n < len(data):
-                    pending[fd] = data[n:]
-                    sel.modify(sock, selectors.EVENT_WRITE)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                drop(sock)
-
-
-def _hold(port: int, count: int, in_flight: int, held: list[socket.socket]) -> dict[str, Any]:
-    """Open ``count`` connections to ``port``, at most ``in_flight`` not yet greeted at a
-    time; each counts once the target's greeting came back through the path. Kept open."""
-    sel = selectors.DefaultSelector()
-    started: dict[int, float] = {}
-    opened = failed = 0
-    errors: dict[str, int] = {}
-    first_error = ""
-    begin = time.perf_counter()
-    deadline = time.monotonic() + STALL_SECONDS
-    waits: list[float] = []
-
-    def fail(sock: socket.socket, why: str) -> None:
-        nonlocal failed, first_error
-        failed += 1
-        errors[why] = errors.get(why, 0) + 1
-        first_error = first_error or why
-        with contextlib.suppress(KeyError, ValueError):
-            sel.unregister(sock)
-        sock.close()
-
-    launched = 0
-    while opened + failed < count:
-        while launched < count and launched - opened - failed < in_flight:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            code = sock.connect_ex((LOOPBACK, port))
-            launched += 1
-            if code not in (0, errno.EINPROGRESS):
-                fail(sock, os.strerror(code))
-                continue
-            started[sock.fileno()] = time.perf_counter()
-            sel.register(sock, selectors.EVENT_READ)
-        events = sel.select(timeout=1.0)
-        if events:
-            deadline = time.monotonic() + STALL_SECONDS
-        elif time.monotonic() > deadline:
-            for key in list(sel.get_map().values()):
-                fail(key.fileobj, f"no greeting within {STALL_SECONDS:g}s")  # type: ignore[arg-type]
-            break
-        for key, _ in events:
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
-            try:
-                data = sock.recv(1)
-            except OSError as e:
-                fail(sock, type(e).__name__)
-                continue
-            if data != GREETING:
-                fail(sock, "closed before the greeting" if not data else f"got {data!r}")
-                continue
-            sel.unregister(sock)
-            waits.append((time.perf_counter() - started[sock.fileno()]) * 1000.0)
-            opened += 1
-            held.append(sock)
-    sel.close()
-    seconds = time.perf_counter() - begin
-    return {"opened": opened, "failed": failed, "errors": errors, "first_error": first_error,
-            "seconds": seconds, "held": len(held),
-            "greeting_ms": {"p50": pctl(waits, 50), "p99": pctl(waits, 99),
-                            "max": max(waits)} if waits else None,
-            "slow": sum(w > 900 for w in waits)}
-
-
-def _echo(port: int, count: int, gap: float) -> dict[str, Any]:
-    """``count`` 1-byte round trips on one connection to the greeter, ``gap`` s apart."""
-    times: list[float] = []
-    with connect(port) as sock:
-        if recv_exact(sock, 1) != GREETING:
-            raise OSError("no greeting from the echo target")
-        for i in range(count):
-            time.sleep(gap)
-            start = time.perf_counter()
-            sock.sendall(b"x")
-            if sock.recv(1) != b"x":
-                raise OSError(f"echo {i + 1}: connection closed")
-            times.append((time.perf_counter() - start) * 1000.0)
-    return {"ms": times}
-
-
-def client_worker() -> None:
-    """JSON commands on stdin, one JSON answer line each: the agent bench's push, pull and
-    set-up operations, plus echo round trips, holding idle sessions and releasing them."""
-    raise_nofile()
-    payload = memoryview(os.urandom(CHUNK))
-    view = memoryview(bytearray(CHUNK))
-    held: list[socket.socket] = []
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        op = cmd["op"]
-        try:
-            if op == "push":
-                result = push_bytes(payload, cmd["port"], cmd["bytes"])
-            elif op == "pull":
-                result = pull_bytes(view, cmd["port"], cmd["bytes"])
-            elif op == "setup":
-                result = setup_sessions(cmd["port"], cmd["sessions"], cmd["gap"])
-            elif op == "echo":
-                result = _echo(cmd["port"], cmd["count"], cmd["gap"])
-            elif op == "hold":
-                result = _hold(cmd["port"], cmd["count"], cmd["in_flight"], held)
-            elif op == "release":
-                for sock in held:
-                    sock.close()
-                result = {"closed": len(held)}
-                held.clear()
-            else:
-                result = {"error": f"unknown op {op!r}"}
-        except (OSError, ValueError) as e:
-            result = {"error": f"{type(e).__name__}: {e}"}
-        print(json.dumps(result), flush=True)
-
-
-def bulk_worker(port: int) -> None:
-    """Push into the sink at ``port`` until a line arrives on stdin; then report."""
-    payload = memoryview(os.urandom(CHUNK))
-    stop = threading.Event()
-
-    def wait_stop() -> None:
-        sys.stdin.readline()
-        stop.set()
-
-    threading.Thread(target=wait_stop, daemon=True).start()
-    sent = 0
-    announced = False
-    start = time.perf_counter()
-    try:
-        with connect(port) as sock:
-            sock.sendall(MODE_SINK)
-            sent = 1
-            while not stop.is_set():
-                sock.sendall(payload)
-                sent += len(payload)
-                if not announced and sent >= 32 * MiB:
-                    announced = True
-                    print(json.dumps({"started": time.perf_counter() - start}), flush=True)
-            seconds = time.perf_counter() - start
-            sock.shutdown(socket.SHUT_WR)
-            reply = recv_exact(sock, 8)
-        count = int.from_bytes(reply, "big") if len(reply) == 8 else -1
-        print(json.dumps({"bytes": sent, "count": count, "seconds": seconds}), flush=True)
-    except OSError as e:
-        print(json.dumps({"error": f"{type(e).__name__}: {e}", "bytes": sent}), flush=True)
-
-
-# ---------------------------------------------------------------------------
 # the set-up
 
 
 @dataclass
-class Route(common.Route):
+class Route(BaseRoute):
     """One path: where bulk/set-up sessions (``port``) and echo/idle sessions
     (``echo_port``) connect, and which processes carry it (for CPU and memory)."""
 
@@ -618,7 +360,7 @@ class RelayBench(avo.Bench):
                   if p.name in (SSH, SSH_AES)]
         check_procs(procs)
 
-    def diagnose(self, path: common.Route, what: str, error: str) -> str:
+    def diagnose(self, path: BaseRoute, what: str, error: str) -> str:
         text = super().diagnose(path, what, error)
         extra = []
         if path.name in (RELAY, RELAY_L):
@@ -630,7 +372,7 @@ class RelayBench(avo.Bench):
                                  + log.text(10).replace("\n", "\n    "))
         return "\n".join([text, *extra])
 
-    def measured(self, path: common.Route, fn: Callable[[], dict[str, Any]], what: str
+    def measured(self, path: BaseRoute, fn: Callable[[], dict[str, Any]], what: str
                  ) -> dict[str, Any] | None:
         """Run ``fn`` with the CPU seconds of every process of ``path``, by group."""
         groups: dict[str, list[int]] = getattr(path, "groups", {})
@@ -832,339 +574,6 @@ class RelayBench(avo.Bench):
                     self.anomalies.append(f"{name} logged {event.get('level')}: "
                                           f"{event.get('text')}")
         return summarize(self, tput, lat, echo, idle, health, machine)
-
-
-# ---------------------------------------------------------------------------
-# statistics and reports
-
-
-def _median(s: dict[str, float] | None) -> float | None:
-    return s["median"] if s else None
-
-
-def summarize(bench: RelayBench, tput: dict[str, dict[str, list[dict[str, Any]]]],
-              lat: dict[str, dict[str, list[dict[str, Any]]]],
-              echo: dict[str, list[dict[str, Any]]], idle: dict[str, Any],
-              health: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any]:
-    args = bench.args
-    gib = args.bytes / GiB
-    throughput: dict[str, Any] = {}
-    for op, per_path in tput.items():
-        throughput[op] = {}
-        for name, runs in per_path.items():
-            groups = list(runs[0]["cpu"]) if runs else []
-            throughput[op][name] = {
-                "mb_per_s": spread([args.bytes / r["seconds"] / 1e6 for r in runs]),
-                "seconds": [r["seconds"] for r in runs],
-                "cpu_s_per_gib": {g: spread([r["cpu"][g] / gib for r in runs])
-                                  for g in groups},
-                # busy share of one core: ~1.0 means that process was the bottleneck
-                "core_share": {g: spread([r["cpu"][g] / r["seconds"] for r in runs])
-                               for g in groups},
-            }
-    latency: dict[str, Any] = {}
-    for kind, per_path in lat.items():
-        latency[kind] = {name: _latency(runs) for name, runs in per_path.items()}
-    interactive = {}
-    for name, runs in echo.items():
-        entry = _latency(runs)
-        if entry is not None:
-            entry["bulk_mb_per_s"] = spread([r["bulk_mb_per_s"] for r in runs])
-        interactive[name] = entry
-
-    def tp(op: str, name: str) -> float | None:
-        return _median(throughput.get(op, {}).get(name, {}).get("mb_per_s"))
-
-    ratios: dict[str, Any] = {}
-    goals: list[dict[str, Any]] = []
-
-    def goal(text: str, value: float | None, ok: Callable[[float], bool], unit: str = ""
-             ) -> None:
-        goals.append({"goal": text, "value": value, "unit": unit,
-                      "status": "PASS" if value is not None and ok(value) else "MISS"})
-
-    for op in throughput:
-        for name in (RELAY, RELAY_L):
-            for ref in (SSH, SSH_AES):
-                a, b = tp(op, name), tp(op, ref)
-                ratios[f"{op}_{name}_over_{ref}"] = a / b if a and b else None
-            value = ratios[f"{op}_{name}_over_{SSH}"]
-            goal(f"throughput {op}: {LABELS[name]} / ssh -R (default cipher) "
-                 f">= {THROUGHPUT_GOAL}", value, lambda v: v >= THROUGHPUT_GOAL)
-    for kind, per_path in latency.items():
-        label = "back to back" if kind == "back_to_back" else f"{args.gap_ms:g} ms idle before"
-        for name in (RELAY, RELAY_L):
-            entry = per_path.get(name)
-            value = _median(entry["p50_ms"]) if entry else None
-            goal(f"set-up p50, {label}: {LABELS[name]} <= {SETUP_P50_GOAL_MS:g} ms", value,
-                 lambda v: v <= SETUP_P50_GOAL_MS, "ms")
-            ref = per_path.get(SSH)
-            refv = _median(ref["p50_ms"]) if ref else None
-            ratios[f"setup_p50_{kind}_{name}_over_{SSH}"] = (
-                value / refv if value and refv else None)
-    for name, entry in idle.items():
-        if name != RELAY or entry is None:  # the goal is judged on the first round
-            continue
-        for proc in ("relay", "agent"):
-            goal(f"{args.idle_sessions} idle sessions: {proc} memory per session "
-                 f"<= {IDLE_KIB_GOAL:g} KiB", entry["kib_per_session"].get(proc),
-                 lambda v: v <= IDLE_KIB_GOAL, "KiB")
-    for name in (RELAY, RELAY_L):
-        entry = interactive.get(name)
-        value = _median(entry["p99_ms"]) if entry else None
-        goal(f"echo p99 under bulk on the same link: {LABELS[name]} "
-             f"<= {ECHO_P99_GOAL_MS:g} ms", value, lambda v: v <= ECHO_P99_GOAL_MS, "ms")
-        ref = interactive.get(SSH)
-        refv = _median(ref["p99_ms"]) if ref else None
-        ratios[f"echo_p99_{name}_over_{SSH}"] = value / refv if value and refv else None
-
-    cond = avo.conditions(bench)
-    cond.update({
-        "order": "fresh processes: 20 warm-up sessions per path; then "
-                 f"{args.idle_sessions} idle sessions through relay, then through ssh; "
-                 "64 MiB each way per path (warm-up, not recorded); then per run: push "
-                 "a,b,c,d,e; pull a,b,c,d,e; back-to-back sessions a..e; idle-gap sessions "
-                 "a..e; echo under bulk a..e",
-        "idle_sessions": args.idle_sessions, "idle_in_flight": args.in_flight,
-        "idle_settle_s": args.settle,
-        "echoes_per_run": args.echoes, "echo_gap_ms": args.echo_gap_ms,
-        "rlimit_nofile": {name: _nofile(pid) for name, pid in bench.process_pids().items()},
-        "relay_argv": bench.relay_argv, "agent_argv": bench.agent_argv,
-        "link_cipher": bench.link_cipher,
-        "relay_window": "default (2 MiB per channel, 32 KiB packets)",
-    })
-    return {
-        **result_head("relay_vs_openssh", bench),
-        "conditions": cond,
-        "paths": {name: {"label": LABELS[name], "cipher": p.cipher, "port": p.port,
-                         "echo_port": p.echo_port, "argv": p.argv,
-                         "cpu_groups": list(p.groups)}
-                  for name, p in bench.paths.items()},
-        "throughput": throughput,
-        "setup_latency": latency,
-        "interactive_under_bulk": interactive,
-        "idle_sessions": idle,
-        "ratios": ratios,
-        "goals": goals,
-        "process_health": health,
-        "machine_cpu_during_measurement": machine,
-        "anomalies": bench.anomalies,
-    }
-
-
-def _latency(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    if not runs:
-        return None
-    samples = [r["ms"] for r in runs]
-    pooled = [x for s in samples for x in s]
-    groups = list(runs[0]["cpu"])
-    return {
-        "samples_per_run": len(samples[0]),
-        **per_run_latency(samples),
-        "pooled": {"samples": len(pooled), **pooled_latency(pooled)},
-        "cpu_ms_per_sample": {g: spread([r["cpu"][g] * 1000 / len(r["ms"]) for r in runs])
-                              for g in groups},
-        "ms": [[round(x, 3) for x in s] for s in samples],
-    }
-
-
-def listen_overflows() -> int:
-    """TcpExt ListenOverflows (machine-wide): SYNs dropped because a listen backlog was full."""
-    with contextlib.suppress(OSError, ValueError), open("/proc/net/netstat") as f:
-        lines = f.read().splitlines()
-        for head, values in zip(lines[::2], lines[1::2], strict=False):
-            if head.startswith("TcpExt:"):
-                table = dict(zip(head.split()[1:], values.split()[1:], strict=True))
-                return int(table["ListenOverflows"])
-    return -1
-
-
-def listen_backlog(port: int) -> int | None:
-    """The accept backlog of the socket listening on 127.0.0.1:``port`` (``ss``'s Send-Q)."""
-    out = run_text(["ss", "-Hltn", f"sport = :{port}"])
-    for line in out.splitlines():
-        fields = line.split()
-        if len(fields) >= 4 and fields[0] == "LISTEN":
-            return int(fields[2])
-    return None
-
-
-def _nofile(pid: int) -> str:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/limits") as f:
-        for line in f:
-            if line.startswith("Max open files"):
-                return " ".join(line.split()[3:5])
-    return "?"
-
-
-def _cpu_cell(entry: dict[str, Any], key: str = "cpu_s_per_gib") -> str:
-    groups = entry.get(key) or {}
-    return ", ".join(f"{g} {fmt(s, 2)}" for g, s in groups.items()) or "–"
-
-
-def markdown(res: dict[str, Any]) -> str:
-    c = res["conditions"]
-    dirty, changes = uncommitted(res, "the run started")
-    r = res["ratios"]
-    out = [
-        f"# labrelay relay + agent vs OpenSSH `ssh -N -R` — {res['date']}, commit "
-        f"`{res['commit']}`{dirty}",
-        "",
-        *changes,
-        conditions_text(c) +
-        f"{c['bytes'] / MiB:g} MiB per transfer, {c['runs']} runs interleaved path by path; "
-        "figures are the median (min–max) over the runs; MB = 10^6 bytes, KiB = 1024 bytes; "
-        "CPU is user+system seconds from /proc/PID/stat. Everything on 127.0.0.1: one "
-        "`labrelay relay` process, one `labrelay agent` process holding one SSH link to it "
-        f"({c['link_cipher']}), a private OpenSSH `sshd` for the `ssh -R` paths. "
-        f"RLIMIT_NOFILE of relay/agent: {c['rlimit_nofile']}.",
-        "",
-        "| path | what carries it | cipher |",
-        "|---|---|---|",
-    ]
-    carriers = {
-        RELAY: "client → relay public port → agent link channel → target",
-        RELAY_L: "client → user's `ssh -N -L …:bulk:9000` → relay → agent link → target",
-        SSH: "client → sshd's `-R` port → ssh -N -R → target",
-        SSH_AES: "the same, `-c aes128-gcm@openssh.com` (the cipher of labrelay's link)",
-        DIRECT: "client → target",
-    }
-    for name, p in res["paths"].items():
-        out.append(f"| {p['label']} | {carriers[name]} | {p['cipher']} |")
-    tp = res["throughput"]
-    out += ["", "## Throughput", "",
-            "| path | push MB/s | pull MB/s | CPU s/GiB push | CPU s/GiB pull "
-            "| busy share of a core, push |",
-            "|---|---|---|---|---|---|"]
-    for name, p in res["paths"].items():
-        push = tp.get("push", {}).get(name, {})
-        pull = tp.get("pull", {}).get(name, {})
-        out.append(f"| {p['label']} | {fmt(push.get('mb_per_s'))} "
-                   f"| {fmt(pull.get('mb_per_s'))} | {_cpu_cell(push)} | {_cpu_cell(pull)} "
-                   f"| {_cpu_cell(push, 'core_share')} |")
-    out += ["", "Ratios to `ssh -R` (default cipher / the link's aes128-gcm): " + "; ".join(
-        f"{op} {LABELS[n]} {fmt_ratio(r.get(f'{op}_{n}_over_{SSH}'))} / "
-        f"{fmt_ratio(r.get(f'{op}_{n}_over_{SSH_AES}'))}" for op in tp for n in (RELAY, RELAY_L))
-        + "."]
-    titles = {"back_to_back": "New-session set-up latency, back to back (connect, 1 byte, "
-                              "1-byte echo, close)",
-              "idle_gap": f"The same with {c['gap_ms']:g} ms idle before each session"}
-    for kind, per_path in res["setup_latency"].items():
-        first = next((v for v in per_path.values() if v), None)
-        n = first["samples_per_run"] if first else 0
-        out += ["", "## " + titles[kind], "", f"{n} sessions per path per run.", "",
-                "| path | p50 ms | p99 ms | max ms | all runs: p90 ms, > 20 ms "
-                "| CPU ms/session |", "|---|---|---|---|---|---|"]
-        out += _latency_rows(res, per_path)
-    ia = res["interactive_under_bulk"]
-    first = next((v for v in ia.values() if v), None)
-    out += ["", "## Interactive echo while another session pushes bulk on the same link", "",
-            f"{first['samples_per_run'] if first else 0} round trips of 1 byte, "
-            f"{c['echo_gap_ms']:g} ms apart, on one session to the echo target, while a second "
-            "session of the same path pushes into the sink without pause (for the relay paths "
-            "both cross the one agent link; for ssh -R both ride one ssh connection; relay-L "
-            "uses two users' ssh -L, alice's bulk and bob's echo).", "",
-            "| path | p50 ms | p99 ms | max ms | all runs: p90 ms, > 20 ms | CPU ms/echo "
-            "| bulk meanwhile MB/s |", "|---|---|---|---|---|---|---|"]
-    rows = _latency_rows(res, ia)
-    for i, name in enumerate(n for n in res["paths"]):
-        entry = ia.get(name)
-        rows[i] += f" {fmt(entry.get('bulk_mb_per_s')) if entry else 'n/a'} |"
-    out += rows
-    idle = res["idle_sessions"]
-    if idle:
-        out += ["", f"## {c['idle_sessions']} concurrent idle sessions on one link", "",
-                f"Fresh processes (after 20 warm-up sessions, before any bulk): the client opens "
-                f"{c['idle_sessions']} TCP connections to the path's echo port, at most "
-                f"{c['idle_in_flight']} not yet confirmed at a time; each counts once the "
-                "target's 1-byte greeting has come back through the path; the target holds "
-                "them all. RSS from /proc/PID/status before and with them open "
-                f"({c['idle_settle_s']:g} s after the last one), then all are closed.", "",
-                "| path | held | open rate /s | greeting p50 / p99 / max ms, > 0.9 s "
-                "| KiB per session "
-                "| fds per session | CPU s to open all | RSS KiB before → with → after close |",
-                "|---|---|---|---|---|---|---|---|"]
-        for name, e in idle.items():
-            if e is None:
-                continue
-            kib = ", ".join(f"{k} {v:.2f}" for k, v in e["kib_per_session"].items()
-                            if v is not None)
-            fds = ", ".join(f"{k} {v:.2f}" for k, v in e["fds_per_session"].items()
-                            if v is not None and not k.startswith("sshd "))
-            cpu = ", ".join(f"{k} {v:.2f}" for k, v in e["cpu_s_opening"].items())
-            rss = "; ".join(
-                f"{k} {e['before'][k].get('vmrss_kib')} → {e['during'][k].get('vmrss_kib')} → "
-                f"{e['after'][k].get('vmrss_kib')}" for k in e["before"])
-            g = e.get("greeting_ms") or {}
-            label = LABELS[e["path"]] + name.removeprefix(e["path"])
-            out.append(f"| {label} | {e['held_at_target']}/{e['requested']} "
-                       f"| {e['sessions_per_s'] or 0:.0f} "
-                       f"| {g.get('p50', 0):.1f} / {g.get('p99', 0):.1f} / {g.get('max', 0):.0f}, "
-                       f"{e.get('greetings_over_900ms')} | {kib} | {fds} "
-                       f"| {cpu} | {rss} |")
-        out += ["", "Listen backlog of the port the idle sessions connect to (`ss` Send-Q): "
-                + ", ".join(f"{k} {e.get('listen_backlog')}" for k, e in idle.items() if e)
-                + "; SYNs dropped on a full backlog while opening (TcpExt ListenOverflows, "
-                "machine-wide): " + ", ".join(
-                    f"{k} {e.get('listen_overflows_machine_wide')}"
-                    for k, e in idle.items() if e) + ". A dropped SYN is retried after 1 s, "
-                "which is what greetings over 0.9 s are."]
-    out += goals_table(res["goals"])
-    m = res.get("machine_cpu_during_measurement")
-    if m:
-        out += ["", machine_text(m, c["nproc"], "processes (the rest is mostly loopback TCP "
-                                 "softirq work, plus whatever else ran)")]
-    h = res["process_health"]
-    out += ["", "Relay and agent (RSS KiB, peak RSS KiB, fds): " + "; ".join(
-        f"{stage} " + ", ".join(f"{p} {v.get('vmrss_kib')}/{v.get('vmhwm_kib')}/{v.get('fds')}"
-                                for p, v in procs.items())
-        for stage, procs in h.items() if stage in ("ready", "after_idle", "after_warmup_bulk")
-        or stage == f"after_run_{c['runs']}") + ".", ""]
-    out += anomaly_lines(res["anomalies"], "No anomalies: every transfer arrived complete, "
-                         "every idle session reached the target, no session failed or stalled "
-                         f"past {STALL_SECONDS:g} s, relay and agent logged no warning or error, "
-                         "and sshd logged nothing.")
-    out += ["What bounds each figure, and how to reproduce: `docs/benchmarks.md`.", ""]
-    return "\n".join(out)
-
-
-def _latency_rows(res: dict[str, Any], per_path: dict[str, Any]) -> list[str]:
-    rows = []
-    for name, p in res["paths"].items():
-        lat = per_path.get(name) or {}
-        pooled = lat.get("pooled") or {}
-        over = (f"{pooled['p90_ms']:.2f}, {pooled['over_20ms']}/{pooled['samples']}"
-                if pooled else "n/a")
-        cpu = ", ".join(f"{g} {fmt(s, 3)}" for g, s in
-                        (lat.get("cpu_ms_per_sample") or {}).items()) or "–"
-        rows.append(f"| {p['label']} | {fmt(lat.get('p50_ms'), 2)} "
-                    f"| {fmt(lat.get('p99_ms'), 2)} | {fmt(lat.get('max_ms'), 2)} "
-                    f"| {over} | {cpu} |")
-    return rows
-
-
-def print_table(res: dict[str, Any]) -> None:
-    tp, lat, ia = res["throughput"], res["setup_latency"], res["interactive_under_bulk"]
-    print()
-    print(f"{'path':32} {'push MB/s':>22} {'pull MB/s':>22} {'set-up p50/p99':>15} "
-          f"{'echo p50/p99 ms':>16}  CPU s/GiB push")
-    for name, p in res["paths"].items():
-        push = tp.get("push", {}).get(name, {})
-        pull = tp.get("pull", {}).get(name, {})
-        s = lat.get("back_to_back", {}).get(name)
-        e = ia.get(name)
-        setup = f"{s['p50_ms']['median']:.2f}/{s['p99_ms']['median']:.2f}" if s else "n/a"
-        echo = f"{e['p50_ms']['median']:.2f}/{e['p99_ms']['median']:.2f}" if e else "n/a"
-        cpu = ", ".join(f"{g} {v['median']:.2f}" for g, v in
-                        (push.get("cpu_s_per_gib") or {}).items() if v)
-        print(f"{p['label']:32} {fmt(push.get('mb_per_s')):>22} "
-              f"{fmt(pull.get('mb_per_s')):>22} {setup:>15} {echo:>16}  {cpu}")
-    for name, e in res["idle_sessions"].items():
-        if e:
-            kib = ", ".join(f"{k} {v:.2f}" for k, v in e["kib_per_session"].items()
-                            if v is not None and not k.startswith("sshd "))
-            print(f"{e['held_at_target']} idle sessions via {name}: KiB/session {kib}")
-    print_goals(res)
 
 
 # ---------------------------------------------------------------------------

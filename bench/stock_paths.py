@@ -69,36 +69,19 @@ if __package__ in (None, ""):
 
 from bench import agent_vs_openssh as avo
 from bench import fast_path as fp
-from bench.common import (
-    LOOPBACK,
-    REPO,
-    STALL_SECONDS,
-    START_TIMEOUT,
-    BenchError,
-    GiB,
-    Lines,
-    MachineMeter,
-    MiB,
-    SshdBench,
+from bench import fast_path_report as fpr
+from bench.cli import (
     add_python_and_results,
     add_run_options,
     bench_parser,
-    check_procs,
-    descendants,
-    find_program,
-    fmt,
-    free_port,
-    json_event,
-    machine_conditions,
-    pctl,
-    per_run_latency,
-    proc_cpu,
-    public_key,
     quick_defaults,
-    result_head,
     run_bench,
-    spread,
 )
+from bench.meter import MachineMeter, descendants, proc_cpu
+from bench.procs import BenchError, Lines, check_procs, find_program, free_port, json_event
+from bench.report import fmt, machine_conditions, pctl, per_run_latency, result_head, spread
+from bench.sessions import LOOPBACK, REPO, STALL_SECONDS, START_TIMEOUT, GiB, MiB
+from bench.sshd import SshdBench, public_key
 
 J_RATIO_GOAL = 0.55  # ssh -J session ÷ direct
 L_RATIO_GOAL, L_RATIO_MOONSHOT = 1.0, 1.3  # ssh -L bulk, relay ÷ seed
@@ -130,7 +113,7 @@ PROCS = {"relay": "relay", "agent": "agent", "user_ssh": "user's ssh (with its -
          "cloud_sshd_user": "cloud sshd session of the user's jump or -L"}
 E2E = ("gpu-cluster:22", "web-e2e:80")
 SERVICES = ("gpu-cluster:22", "gpu-chan:22", "web:80", "web-e2e:80")
-REMOTE_COMMAND = fp.REMOTE_COMMAND
+REMOTE_COMMAND = fpr.REMOTE_COMMAND
 
 RELAY_CONFIG = """\
 [relay]
@@ -623,19 +606,19 @@ def summarize(bench: StockBench, samples: dict[tuple[str, str, str], list[dict[s
         "L_e2e_pull_to_seed": med(ratio((RAW, RELAY_L_E2E, "pull"), (RAW, SEED_L, "pull"))),
     }
     goals: list[dict[str, Any]] = []
-    fp._goal(goals, f"ssh -J session through the relay ÷ direct >= {J_RATIO_GOAL}",
+    fpr._goal(goals, f"ssh -J session through the relay ÷ direct >= {J_RATIO_GOAL}",
              ratios["J_to_direct"], J_RATIO_GOAL, True, "×")
     for op in ("push", "pull"):
         for level, target in (("goal", L_RATIO_GOAL), ("moonshot", L_RATIO_MOONSHOT)):
-            fp._goal(goals, f"ssh -L bulk {op} to a non-e2e service ÷ the seed's >= {target}",
+            fpr._goal(goals, f"ssh -L bulk {op} to a non-e2e service ÷ the seed's >= {target}",
                      ratios[f"L_{op}_to_seed"], target, True, "×", level)
-    fp._goal(goals, f"no regression: ssh via the fast path ÷ direct >= {fp.SSH_RATIO_GOAL}",
-             ratios["fast_to_direct"], fp.SSH_RATIO_GOAL, True, "×")
-    fp._goal(goals, f"relay CPU-s/GiB on -J <= {J_CPU_GOAL}",
+    fpr._goal(goals, f"no regression: ssh via the fast path ÷ direct >= {fpr.SSH_RATIO_GOAL}",
+             ratios["fast_to_direct"], fpr.SSH_RATIO_GOAL, True, "×")
+    fpr._goal(goals, f"relay CPU-s/GiB on -J <= {J_CPU_GOAL}",
              med(find(RELAY_J, "ssh").get("cpu_s_per_gib", {}).get("relay")), J_CPU_GOAL,
              False, "CPU-s/GiB")
     for variant in (RELAY_L, RELAY_L_E2E):
-        fp._goal(goals, f"set-up p50 after {args.gap_ms:g} ms idle, {variant} (relay + agent) "
+        fpr._goal(goals, f"set-up p50 after {args.gap_ms:g} ms idle, {variant} (relay + agent) "
                         f"<= {SETUP_GOAL_MS} ms",
                  med(latency.get("idle_gap", {}).get(variant, {}).get("p50_ms")),
                  SETUP_GOAL_MS, False, "ms")

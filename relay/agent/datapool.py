@@ -37,8 +37,8 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -49,8 +49,9 @@ from relay.config.schema import LinkConfig
 from relay.core import fastwire as fw
 from relay.core.routing import PUBLIC_BINDS
 from relay.datapath import splicing as datapath
+from relay.datapath.handoff import Handoff, Held
+from relay.datapath.join import Handed, OnEnd, SessionCounters, join
 from relay.datapath.net import client_endpoint, peer_ip, probe_idle
-from relay.datapath.splicing import Held
 from relay.ssh.client import LinkConnection
 from relay.ssh.connection import refused_by_peer
 
@@ -58,33 +59,25 @@ TARGET_CONNECT_TIMEOUT = 10.0
 RETRY_DELAY = 2.0
 
 
-class PoolConnection(Protocol):
+class PoolConnection(Handoff):
     """One pre-dialled data connection: ``dialing`` -> ``challenge`` (waiting for the
-    relay's nonce) -> ``idle`` (hello sent, waiting for a GO) -> ``connecting`` ->
-    ``spliced``; any -> ``closed``."""
-
-    transport: Any
+    relay's nonce) -> ``idle`` (hello sent, waiting for a GO) -> ``connecting`` (held
+    for the data path) -> ``spliced``; any -> ``closed``."""
 
     def __init__(self, pool: DataPool, token: bytes) -> None:
+        super().__init__()
         self.pool = pool
         self.token = token
         self.token_id, self.secret = fw.split_ticket(token)
         self.nonce = b""
         self.state = "dialing"
-        self.buf = b""
 
-    def connectionMade(self) -> None:
-        if ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)
+    def prefaceStarted(self) -> None:
         probe_idle(self.transport)
         self.state = "challenge"
         self.pool.connected(self)
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.state not in ("challenge", "idle"):
-            self.buf += data  # one read that raced the pause: it belongs to the stream
-            return
-        self.buf += data
+    def prefaceReceived(self) -> None:
         if self.state == "challenge":
             try:
                 parsed = fw.parse_challenge(self.buf)
@@ -100,6 +93,8 @@ class PoolConnection(Protocol):
             self.transport.write(fw.agent_hello(self.token, self.nonce))
             self.state = "idle"
             return
+        if self.state != "idle":
+            return
         try:
             go = fw.parse_go(self.buf)
         except fw.WireError as e:
@@ -107,16 +102,17 @@ class PoolConnection(Protocol):
             return
         if go is None:
             return
-        (name, port), mac, self.buf = go
+        (name, port), mac, rest = go
         if not fw.go_valid(self.secret, self.token_id, self.nonce, name, port, mac):
             self.pool.protocolError(self, "a dispatch with a wrong MAC (forged, altered or "
                                     "replayed from another connection)")
             return
         self.state = "connecting"
-        self.transport.pauseProducing()
+        self.hold(rest)
         self.pool.dispatched(self, name, port)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
         was, self.state = self.state, "closed"
         self.pool.lost(self, was)
 
@@ -165,13 +161,10 @@ class DataPool:
         self._conn: LinkConnection | None = None
         self._asking = False
         self._retry: IDelayedCall | None = None
-        self._pairs: set[datapath.SplicedPair] = set()
+        self.counters = SessionCounters()  # every spliced session of the pool
         self._ready: list[defer.Deferred[None]] = []
-        self.sessions_total = 0
         self.dial_failures = 0
         self.failures = 0  # connections that ended without a valid dispatch
-        self.bytes_to_target = 0
-        self.bytes_from_target = 0
 
     # link life
 
@@ -206,7 +199,7 @@ class DataPool:
 
     def stop(self) -> None:
         self.linkDown()
-        for pair in list(self._pairs):
+        for pair in list(self.counters.pairs):
             pair.abort()
 
     def _cancelRetry(self) -> None:
@@ -403,38 +396,42 @@ class DataPool:
             self._fail(pc, name, port, "no such end-to-end encrypted forward on this agent")
             return
         target = forward.config.connect
-        d: defer.Deferred[tuple[Any, bytes]]
+        d: defer.Deferred[Handed]
         if forward.config.via_relay and local is not None:  # (checked above)
             # Chaining: one of the service's own agent's data connections at this
             # node's relay, answered K; this session is then spliced through to it.
-            d = local.dataport.pairLocal(target.host, target.port).addCallback(
-                lambda dc: (dc.transport, dc.extra))
+            d = local.dataport.pairLocal(target.host, target.port)
         else:
             endpoint = client_endpoint(self.link.reactor, target.host, target.port,
                                        TARGET_CONNECT_TIMEOUT)
             factory = Factory.forProtocol(Held)
             factory.noisy = False
-            connecting: defer.Deferred[Any] = endpoint.connect(factory)
-            d = connecting.addCallback(lambda held: (held.transport, held.received))
+            connecting: defer.Deferred[Any] = endpoint.connect(factory)  # of a Held
+            d = connecting
 
-        def connected(server: tuple[Any, bytes]) -> None:
-            transport, received = server
+        def connected(server: Handed) -> None:
             if pc.state != "connecting":
-                transport.abortConnection()
+                server.transport.abortConnection()
                 return
             pc.transport.write(fw.AGENT_OK)
+
+            def ended(pair: datapath.SplicedPair, result: Any) -> None:
+                if isinstance(result, Failure) and not result.check(datapath.PairAborted):
+                    self._log.debug("forward {forward}: spliced session ended: {reason}",
+                                    event="fast_path_session_error", forward=forward.name,
+                                    reason=result.getErrorMessage())
+
             try:
-                pair = datapath.get(self.link.reactor).splice_transports(
-                    pc.transport, transport, from_a=pc.buf, from_b=received)
+                join(datapath.get(self.link.reactor), pc, server,
+                     (forward.counters, self.counters, OnEnd(ended)))
             except (OSError, TypeError) as e:
                 self._log.error("forward {forward}: cannot splice: {reason}",
                                 event="fast_path_splice_failed", forward=forward.name,
                                 reason=str(e))
                 pc.transport.abortConnection()
-                transport.abortConnection()
+                server.transport.abortConnection()
                 return
             pc.state = "spliced"
-            self._sessionStarted(forward, pair)
 
         def failed(f: Failure) -> None:
             self._log.warn("forward {forward}: cannot reach {target}: {reason}",
@@ -451,30 +448,7 @@ class DataPool:
         pc.transport.write(fw.pack_error(fw.AGENT_ERROR, why))
         pc.transport.loseConnection()
 
-    def _sessionStarted(self, forward: Any, pair: datapath.SplicedPair) -> None:
-        self._pairs.add(pair)
-        self.sessions_total += 1
-        counters = forward.counters
-        counters.active += 1
-        counters.total += 1
-
-        def ended(result: Any) -> None:
-            self._pairs.discard(pair)
-            moved = pair.bytes()
-            counters.active -= 1
-            counters.bytes_in += moved.a_to_b
-            counters.bytes_out += moved.b_to_a
-            self.bytes_to_target += moved.a_to_b
-            self.bytes_from_target += moved.b_to_a
-            if isinstance(result, Failure) and not result.check(datapath.PairAborted):
-                self._log.debug("forward {forward}: spliced session ended: {reason}",
-                                event="fast_path_session_error", forward=forward.name,
-                                reason=result.getErrorMessage())
-
-        pair.done.addBoth(ended)
-
     def status(self) -> dict[str, Any]:
-        live = [p.bytes() for p in list(self._pairs)]
         return {
             "state": self.state,
             "reason": self.reason,
@@ -482,10 +456,7 @@ class DataPool:
             "data_port": self.data_port or None,
             "idle": len(self.idle),
             "dialing": self.dialing,
-            "sessions_active": len(self._pairs),
-            "sessions_total": self.sessions_total,
-            "bytes_to_target": self.bytes_to_target + sum(b.a_to_b for b in live),
-            "bytes_from_target": self.bytes_from_target + sum(b.b_to_a for b in live),
+            **self.counters.as_dict(),
             "dial_failures": self.dial_failures,
             "failures": self.failures,
             "data_host": self.data_host or None,

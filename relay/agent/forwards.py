@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from relay.config.schema import LinkConfig, LocalForward, RemoteForward
 from relay.datapath.bridge import SideFactory, TCPSide
+from relay.datapath.join import SessionCounters
 from relay.datapath.net import LISTEN_BACKLOG
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.client import LinkConnection
@@ -39,24 +40,6 @@ class ForwardState(Enum):
     READY = "ready"
     REFUSED = "refused"  # waiting to retry
     LISTENING = "listening"  # local forwards
-
-
-class SessionCounters:
-    """Per-forward accounting shown in status."""
-
-    def __init__(self) -> None:
-        self.active = 0
-        self.total = 0
-        self.bytes_in = 0  # toward the target
-        self.bytes_out = 0  # back to the client
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "sessions_active": self.active,
-            "sessions_total": self.total,
-            "bytes_to_target": self.bytes_in,
-            "bytes_from_target": self.bytes_out,
-        }
 
 
 class ForwardOwner(Protocol):

@@ -220,15 +220,12 @@ class Link(MultiService):
         origin: str,
     ) -> Bridge:
         counters = forward.counters
-        counters.active += 1
-        counters.total += 1
+        counters.opened()
         local = isinstance(forward, LocalForwardListener)
 
         def ended(a_to_b: int, b_to_a: int) -> None:
-            counters.active -= 1
             to_target, from_target = (a_to_b, b_to_a) if local else (b_to_a, a_to_b)
-            counters.bytes_in += to_target
-            counters.bytes_out += from_target
+            counters.closed(to_target, from_target)
             self.log.debug(
                 "forward {forward}: session from {origin} closed "
                 "({to_target} bytes in, {from_target} out)",

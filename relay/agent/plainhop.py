@@ -26,10 +26,10 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.agent.forwards import SessionCounters
 from relay.config.schema import PlainForwardConfig
 from relay.datapath import splicing as datapath
-from relay.datapath.splicing import Held
+from relay.datapath.handoff import Held
+from relay.datapath.join import OnEnd, SessionCounters, join
 
 LISTEN_BACKLOG = 1024
 
@@ -59,7 +59,6 @@ class PlainForward(Service):
         self.failures = 0
         self._port: IListeningPort | None = None
         self._pending: set[defer.Deferred[Any]] = set()
-        self._pairs: set[datapath.SplicedPair] = set()
 
     def startService(self) -> None:
         super().startService()
@@ -113,7 +112,7 @@ class PlainForward(Service):
         self.state = "down"
         for d in list(self._pending):
             d.cancel()
-        for pair in list(self._pairs):
+        for pair in list(self.counters.pairs):
             pair.abort()
         port, self._port = self._port, None
         if port is not None:
@@ -153,30 +152,8 @@ class PlainForward(Service):
         d.addCallbacks(connected, failed)
 
     def _splice(self, client: Held, server: Held, origin: str) -> None:
-        try:
-            pair = self.datapath.splice_transports(
-                client.transport, server.transport,
-                from_a=client.received, from_b=server.received)
-        except (OSError, TypeError) as e:
-            self.last_error = str(e)
-            self._log.error("forward {forward}: cannot splice {origin}: {reason}",
-                            event="plain_splice_failed", forward=self.name, origin=origin,
-                            reason=str(e))
-            client.transport.abortConnection()
-            server.transport.abortConnection()
-            return
-        self._pairs.add(pair)
-        self.counters.active += 1
-        self.counters.total += 1
-        self._log.debug("forward {forward}: session from {origin} spliced",
-                        event="plain_session_started", forward=self.name, origin=origin)
-
-        def ended(result: datapath.PairResult | Failure) -> None:
-            self._pairs.discard(pair)
-            self.counters.active -= 1
+        def ended(pair: datapath.SplicedPair, result: datapath.PairResult | Failure) -> None:
             counts = pair.bytes()
-            self.counters.bytes_in += counts.a_to_b
-            self.counters.bytes_out += counts.b_to_a
             error = None
             if isinstance(result, Failure):
                 exc = result.value
@@ -192,13 +169,20 @@ class PlainForward(Service):
                 error_text="" if error is None else f" ({error})",
             )
 
-        pair.done.addBoth(ended)
+        try:
+            join(self.datapath, client, server, (self.counters, OnEnd(ended)))
+        except (OSError, TypeError) as e:
+            self.last_error = str(e)
+            self._log.error("forward {forward}: cannot splice {origin}: {reason}",
+                            event="plain_splice_failed", forward=self.name, origin=origin,
+                            reason=str(e))
+            client.transport.abortConnection()
+            server.transport.abortConnection()
+            return
+        self._log.debug("forward {forward}: session from {origin} spliced",
+                        event="plain_session_started", forward=self.name, origin=origin)
 
     def status(self) -> dict[str, Any]:
-        live = [p.bytes() for p in list(self._pairs)]
-        counters = self.counters.as_dict()
-        counters["bytes_to_target"] += sum(b.a_to_b for b in live)
-        counters["bytes_from_target"] += sum(b.b_to_a for b in live)
         return {
             "name": self.name,
             "kind": self.kind,
@@ -210,5 +194,5 @@ class PlainForward(Service):
             "datapath": self.datapath.backend.name,
             "connect_failures": self.failures,
             "last_error": self.last_error,
-            **counters,
+            **self.counters.as_dict(),
         }

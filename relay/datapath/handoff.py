@@ -1,8 +1,10 @@
 """The Twisted hand-off: a connection's socket taken away from Twisted for the data path.
 
 :func:`detach_transport` takes a connected TCP transport's socket (and the bytes
-Twisted had not sent yet) out of the reactor; :class:`Held` is the protocol of a
-connection that waits, paused, to be handed over.
+Twisted had not sent yet) out of the reactor; :class:`Handoff` is the protocol of a
+connection that reads a preface (a challenge, a hello, a GO, an answer: the fast
+path's, :mod:`relay.core.fastwire`) and then waits, paused, to be handed over, keeping
+what it read past the preface; :class:`Held` is one with no preface.
 """
 
 from __future__ import annotations
@@ -59,26 +61,72 @@ def detach_transport(transport: Any) -> tuple[int, bytes]:
     return fd, unsent
 
 
-class Held(TwistedProtocol):
-    """A connection waiting for the data path: nothing is read, nothing written."""
+class Handoff(TwistedProtocol):
+    """A connection that reads a preface, then waits, paused, to be handed to the data
+    path (:func:`relay.datapath.join.join`).
+
+    A subclass starts its preface in :meth:`prefaceStarted` (write a challenge) and
+    parses ``self.buf`` in :meth:`prefaceReceived` as bytes arrive; when the preface is
+    done it calls :meth:`hold` with the bytes read past it.  Reading stops there: those
+    bytes, and any read that raced the pause, are ``extra``, the stream's first bytes,
+    which :func:`~relay.datapath.join.join` delivers before anything else.
+    :meth:`resume` reads more preface (the relay's pooled connection, held after its
+    hello, then waiting for its agent's answer).  The default preface is empty: the
+    connection is held as soon as it is made (a plain hop's client and target)."""
 
     transport: Any
 
     def __init__(self) -> None:
-        self.received = b""
+        self.buf = b""  # preface bytes read and not yet parsed
+        self.extra = b""  # bytes read past the preface: they belong to the stream
+        self.held = False
         self.lost = False
-        self.onMade: Callable[[Held], object] | None = None
 
     def connectionMade(self) -> None:
-        self.transport.pauseProducing()
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
-        if self.onMade is not None:
-            self.onMade(self)
+        self.prefaceStarted()
+
+    def prefaceStarted(self) -> None:
+        """The connection is up.  Default: no preface, hold it at once."""
+        self.hold()
 
     def dataReceived(self, data: bytes) -> None:
-        self.received += data  # only before the pause took effect; bounded by one read
+        if self.held:
+            self.extra += data  # a read that raced the pause: it belongs to the stream
+            return
+        self.buf += data
+        self.prefaceReceived()
+
+    def prefaceReceived(self) -> None:
+        """``self.buf`` grew.  Default: no preface, all of it is the stream's."""
+        self.hold(self.buf)
+
+    def hold(self, rest: bytes = b"") -> None:
+        """The preface is over: stop reading; ``rest`` was read past it."""
+        self.held = True
+        self.buf = b""
+        self.extra += rest
+        self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        """Read again, more preface (after :meth:`hold`; ``extra`` is kept)."""
+        self.held = False
+        self.transport.resumeProducing()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
 
+
+class Held(Handoff):
+    """A connection with no preface, held from the start; ``onMade`` is told when it is
+    up (a plain hop's accepted client)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.onMade: Callable[[Held], object] | None = None
+
+    def prefaceStarted(self) -> None:
+        self.hold()
+        if self.onMade is not None:
+            self.onMade(self)

@@ -1,8 +1,8 @@
 """The data path: joins two file descriptors (usually two TCP sockets) and moves
 their bytes in the kernel, away from the Twisted loop.
 
-Twisted accepts and connects; :func:`splice_pair` then takes the two sockets out
-of Twisted and gives them to a *pump*, which copies both directions until both
+Twisted accepts and connects; :func:`relay.datapath.join.join` then takes the two
+sockets out of Twisted and gives them to a *pump*, which copies both directions until both
 have ended (half-close travels: EOF one way, data still flowing the other), or
 one end fails (the other end is then reset).  Back-pressure is the kernel's: a
 full socket stops its direction until it drains; nothing is buffered beyond one
@@ -28,7 +28,9 @@ The choice is logged once (``event="datapath_backend"``) and shown by
 The pieces: :mod:`relay.datapath.pymover` (the Python mover and pipe pool),
 :mod:`relay.datapath.pumps` (the two pumps), :mod:`relay.datapath.handoff`
 (taking a socket from Twisted).  This module is the facade: the backend choice,
-:class:`DataPath`, :func:`splice_pair`; it re-exports the names callers use.
+:class:`DataPath`; it re-exports the names callers use.  The hand-off itself (a
+connection's preface, then the splice and its counters) is :mod:`relay.datapath.handoff`
+and :mod:`relay.datapath.join`.
 """
 
 from __future__ import annotations
@@ -287,19 +289,6 @@ def get(reactor: Any) -> DataPath:
             _log.info("data path: {backend} backend ({reason})", event="datapath_backend",
                       backend=backend.name, reason=backend.reason)
     return dp
-
-
-def splice_pair(reactor: Any, transport_a: Any, transport_b: Any, *,
-                from_a: bytes = b"", from_b: bytes = b"") -> defer.Deferred[PairResult]:
-    """Join two connected Twisted TCP transports in the kernel.
-
-    Returns a Deferred that fires with ``PairResult(a_to_b, b_to_a)`` once both
-    directions have ended, or fails with :class:`PairError` (one end failed; the
-    other was reset).  Cancelling it resets both ends.  The transports' protocols
-    get ``connectionLost(ConnectionDone)`` at once: from here on the data path owns
-    the sockets."""
-    return get(reactor).splice_transports(transport_a, transport_b,
-                                          from_a=from_a, from_b=from_b).done
 
 
 def status(reactor: Any) -> dict[str, Any] | None:

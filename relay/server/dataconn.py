@@ -12,14 +12,14 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, ITCPTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from relay.core import fastwire as fw
 from relay.core.admission import Offence
 from relay.core.admission import Ticket as AdmissionTicket
 from relay.core.tokens import Ticket
+from relay.datapath.handoff import Handoff
 
 
 class DataPortHandler(TypingProtocol):
@@ -99,22 +99,19 @@ class AgentPool:
                 d.errback(PairingError("the agent disconnected"))
 
 
-class DataConnection(Protocol):
+class DataConnection(Handoff):
     """One connection to the data port, until it is spliced or closed.
 
-    States: ``hello`` (challenge sent, collecting the hello) -> ``user`` (paused, waiting to be
+    States: ``hello`` (challenge sent, collecting the hello) -> ``user`` (held, waiting to be
     paired) or ``idle`` (an agent's pooled connection, read only to notice its end)
-    -> ``dispatched`` (an agent's, waiting for ``K``/``E``) -> ``spliced``; any ->
-    ``closed``; ``dispatched`` -> ``joined`` (an agent's, answered for a user's SSH
-    channel: its transport now belongs to a bridge side, ``DataPort.pooledRoute``)."""
-
-    transport: Any
+    -> ``dispatched`` (an agent's, waiting for ``K``/``E``; then held) -> ``spliced``; any
+    -> ``closed``; ``dispatched`` -> ``joined`` (an agent's, answered for a user's SSH
+    channel: its transport now belongs to a bridge side, ``relay.server.pooled``)."""
 
     def __init__(self, port: DataPortHandler) -> None:
+        super().__init__()
         self.port = port
         self.state = "hello"
-        self.buf = b""
-        self.extra = b""  # bytes read past our framing: they belong to the stream
         self.source = "?"
         self.pool: AgentPool | None = None
         self.reply: defer.Deferred[str] | None = None
@@ -123,11 +120,9 @@ class DataConnection(Protocol):
         self.nonce = b""  # this connection's challenge: what its hello must prove over
         self.ticket: Ticket | None = None  # once proved: its secret keys the GO's MAC
 
-    def connectionMade(self) -> None:
+    def prefaceStarted(self) -> None:
         peer = self.transport.getPeer()
         self.source = str(getattr(peer, "host", "?"))
-        if ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)
         if not self.port.admit(self):
             self.state = "closed"
             self.transport.abortConnection()
@@ -141,9 +136,8 @@ class DataConnection(Protocol):
         self.port.refuse(self, "no hello", f"did not send its hello within "
                          f"{self.port.hello_timeout:g}s", failure=Offence.GRACE)
 
-    def dataReceived(self, data: bytes) -> None:
+    def prefaceReceived(self) -> None:
         if self.state == "hello":
-            self.buf += data
             try:
                 length = fw.hello_length(self.buf)
             except fw.WireError as e:
@@ -155,13 +149,12 @@ class DataConnection(Protocol):
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._timer = None
-            hello, self.extra, self.buf = self.buf[:length], self.buf[length:], b""
-            self.transport.pauseProducing()
+            hello = self.buf[:length]
+            self.hold(self.buf[length:])
             self.port.helloReceived(self, fw.parse_hello(hello))
         elif self.state == "idle":
             self.port.refuse(self, "protocol", "an idle agent data connection sent bytes")
         elif self.state == "dispatched":
-            self.buf += data
             try:
                 parsed = fw.parse_reply(self.buf, fw.AGENT_OK, fw.AGENT_ERROR)
             except fw.WireError as e:
@@ -169,13 +162,10 @@ class DataConnection(Protocol):
                 return
             if parsed is None:
                 return
-            ok, message, self.extra = parsed
-            self.buf = b""
-            self.transport.pauseProducing()
+            ok, message, rest = parsed
+            self.hold(rest)
             self._answered(message if ok else Failure(PairingError(
                 f"the agent could not connect the service: {message}")))
-        else:
-            self.extra += data  # one read that raced a pause; it belongs to the stream
 
     def _answered(self, result: Any) -> None:
         d, self.reply = self.reply, None
@@ -193,10 +183,11 @@ class DataConnection(Protocol):
         self.reply = defer.Deferred()
         mac = fw.go_mac(self.ticket.secret, self.ticket.token_id, self.nonce, bind, port)
         self.transport.write(fw.pack_go(bind, port, mac))
-        self.transport.resumeProducing()
+        self.resume()
         return self.reply
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

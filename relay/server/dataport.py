@@ -41,8 +41,8 @@ from relay.core.routing import Registration, Registry
 from relay.core.tokens import Refusal as TokenRefusal
 from relay.core.tokens import TokenBook, TokenRefused, TooManyTokens
 from relay.datapath import splicing as datapath
+from relay.datapath.join import PairCounters, join
 from relay.datapath.net import LISTEN_BACKLOG, probe_idle
-from relay.datapath.splicing import SplicedPair
 from relay.server.dataconn import AgentConnectionGone, AgentPool, DataConnection, PairingError
 from relay.server.grants import Grants
 from relay.ssh.server import RelayConnection
@@ -81,8 +81,8 @@ class RelayForDataPort(TypingProtocol):
                            key: bytes | None = None) -> Any:
         """Count a fast-path session against the user's cap, or raise PairingError."""
 
-    def fastSessionSpliced(self, session: Any, pair: SplicedPair, agent: Any = None) -> None:
-        """The session's two ends are spliced: account for it until it ends."""
+    def fastSessionCounters(self, session: Any, agent: Any = None) -> PairCounters:
+        """What counts the session's spliced pair until it ends."""
 
     def fastSessionFailed(self, session: Any) -> None:
         """The session counted by fastSessionOpening never started."""
@@ -297,7 +297,7 @@ class DataPort:
             if dc.extra:
                 self.refuse(dc, "protocol", "an agent data connection sent bytes after hello")
                 return
-            dc.transport.resumeProducing()  # only to notice when it closes
+            dc.resume()  # only to notice when it closes
             pool.put(dc)
             return
         dc.state = "user"
@@ -333,17 +333,15 @@ class DataPort:
         wanted: Callable[[], bool] = lambda: user.state == "user"  # noqa: E731
 
         def paired(agent: DataConnection) -> None:
+            counters = self.core.fastSessionCounters(
+                session, agent.pool.session if agent.pool else None)
             try:
-                pair = datapath.get(self.clock).splice_transports(
-                    user.transport, agent.transport, from_a=user.extra,
-                    from_b=fw.USER_OK + agent.extra)
+                join(datapath.get(self.clock), user, agent, (counters,), to_a=fw.USER_OK)
             except (OSError, TypeError) as e:
                 agent.transport.abortConnection()
                 raise PairingError(f"cannot splice: {e}") from e
             user.state = agent.state = "spliced"
             self.counters["paired"] += 1
-            self.core.fastSessionSpliced(session, pair,
-                                         agent.pool.session if agent.pool else None)
             self._log.info("{user}: fast path to {service} spliced",
                            event="relay_fast_session", user=principal_name, service=label,
                            origin=user.source)

@@ -27,6 +27,7 @@ from relay.core.router import SUPERSEDED, Decision, Probe, Refused, Router, Verd
 from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
 from relay.datapath.bridge import Bridge, Side
+from relay.datapath.join import PairCounters
 from relay.datapath.splicing import SplicedPair
 from relay.server.dataconn import PairingError
 from relay.server.dataport import DataPort
@@ -339,19 +340,10 @@ class RelayCore:
         return self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
                                   path=SPLICED, key=key)
 
-    def fastSessionSpliced(self, session: SessionRow, pair: SplicedPair,
-                           agent: Any = None) -> None:
-        def ended(_: object) -> None:
-            moved = pair.bytes()
-            self.sessionEnded(session, moved.a_to_b, moved.b_to_a, "spliced pair done")
-
-        pair.done.addBoth(ended)
-
-        def meter() -> tuple[int, int]:
-            moved = pair.bytes()
-            return moved.a_to_b, moved.b_to_a
-
-        self._moving(session, meter, pair.abort, agent)
+    def fastSessionCounters(self, session: SessionRow, agent: Any = None) -> PairCounters:
+        """What counts ``session``'s spliced pair: its row (the pair's counts are its
+        meter, aborting the pair closes it) and, when the pair ends, its closing."""
+        return _SplicedRow(self, session, agent)
 
     def fastSessionFailed(self, session: SessionRow) -> None:
         self.sessionEnded(session, 0, 0, "fast path pairing failed")
@@ -513,3 +505,21 @@ class RelayCore:
 
 def _label(reg: Registration) -> str:
     return label_of(reg.name, reg.port)
+
+
+class _SplicedRow:
+    """A fast-path session's row, counting its spliced pair (:class:`PairCounters`)."""
+
+    def __init__(self, core: RelayCore, session: SessionRow, agent: Any) -> None:
+        self.core, self.session, self.agent = core, session, agent
+
+    def pairStarted(self, pair: SplicedPair) -> None:
+        def meter() -> tuple[int, int]:
+            moved = pair.bytes()
+            return moved.a_to_b, moved.b_to_a
+
+        self.core._moving(self.session, meter, pair.abort, self.agent)
+
+    def pairEnded(self, pair: SplicedPair, result: Any) -> None:
+        moved = pair.bytes()
+        self.core.sessionEnded(self.session, moved.a_to_b, moved.b_to_a, "spliced pair done")

@@ -32,7 +32,7 @@ from typing import Any, TextIO
 
 from twisted.conch.error import ConchError
 from twisted.internet import defer, stdio
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from relay.config.errors import ConfigError
@@ -40,6 +40,8 @@ from relay.config.schema import LinkConfig, NodeConfig
 from relay.core import fastwire as fw
 from relay.datapath import splicing as datapath
 from relay.datapath.bridge import Bridge, TCPSide
+from relay.datapath.handoff import Handoff
+from relay.datapath.join import join
 from relay.datapath.net import client_endpoint, peer_ip
 from relay.ssh.client import SingleConnection, open_connection
 
@@ -114,27 +116,23 @@ class DataPortUnreachable(Exception):
     """The relay's data port did not accept a connection; ``str()`` says why."""
 
 
-class _UserData(Protocol):
+class _UserData(Handoff):
     """The data connection until the relay answers: its challenge in, our hello (the
-    proof over its nonce) out, one reply in."""
-
-    transport: Any
+    proof over its nonce) out, one reply in; then held for the data path."""
 
     def __init__(self, token: bytes, name: str, port: int) -> None:
+        super().__init__()
         self.token = token
         self.service = (name, port)
         self.nonce: bytes | None = None
-        self.buf = b""
-        self.answer: defer.Deferred[bytes] = defer.Deferred()
+        self.answer: defer.Deferred[None] = defer.Deferred()
 
-    def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)
+    def prefaceStarted(self) -> None:
+        pass  # the relay speaks first
 
-    def dataReceived(self, data: bytes) -> None:
+    def prefaceReceived(self) -> None:
         if self.answer.called:
-            self.buf += data  # raced the pause: part of the stream
             return
-        self.buf += data
         if self.nonce is None:
             try:
                 challenge = fw.parse_challenge(self.buf)
@@ -155,15 +153,16 @@ class _UserData(Protocol):
             return
         if parsed is None:
             return
-        ok, message, self.buf = parsed
-        self.transport.pauseProducing()
+        ok, message, rest = parsed
+        self.hold(rest)
         if ok:
-            self.answer.callback(self.buf)
+            self.answer.callback(None)
         else:
             self.answer.errback(ConnectionError(f"the relay refused the data connection: "
                                                 f"{message}"))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
         if not self.answer.called:
             self.answer.errback(ConnectionError(
                 "the relay closed the data connection without answering"))
@@ -268,7 +267,7 @@ class Connector:
         try:
             timer = self.reactor.callLater(PAIR_TIMEOUT, proto.answer.cancel)
             try:
-                extra = await proto.answer
+                await proto.answer
             finally:
                 if timer.active():
                     timer.cancel()
@@ -285,9 +284,7 @@ class Connector:
         dp = datapath.get(self.reactor)
         for pipe_fd in (self.stdin_fd, self.stdout_fd):
             _grow_pipe(pipe_fd)
-        fd, unsent = datapath.detach_transport(proto.transport)
-        pair = dp.splice(datapath.End(self.stdin_fd, self.stdout_fd), datapath.End(fd, fd),
-                         from_a=unsent, from_b=extra)
+        pair = join(dp, datapath.End(self.stdin_fd, self.stdout_fd), proto)
         try:
             await pair.done
         except datapath.PairError as e:

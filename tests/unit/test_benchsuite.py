@@ -90,7 +90,7 @@ def test_compare_flags_more_than_15_percent_worse_by_direction() -> None:
 # --- the results directory: latest file per suite, history, commit order (bench/history.py)
 
 history = pytest.importorskip("bench.history")
-common = pytest.importorskip("bench.common")
+report = pytest.importorskip("bench.report")
 
 
 def git(repo: Path, *args: str) -> str:
@@ -143,8 +143,8 @@ def test_commit_order_falls_back_to_dates_with_a_warning(
 
 
 def test_a_run_overwrites_its_latest_file_and_appends_history(tmp_path: Path) -> None:
-    common.write_results(tmp_path, relay_json(commit="aaaaaaa", date=EARLY), "# report one")
-    common.write_results(tmp_path, relay_json(mb=240.0, commit="bbbbbbb", date=LATE),
+    report.write_results(tmp_path, relay_json(commit="aaaaaaa", date=EARLY), "# report one")
+    report.write_results(tmp_path, relay_json(mb=240.0, commit="bbbbbbb", date=LATE),
                          "# report two")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "history.jsonl", "relay_vs_openssh-latest.json", "relay_vs_openssh-latest.md"]
@@ -217,6 +217,7 @@ def test_dates_of_both_formats_order_together() -> None:
 # --- the fast path suite (bench/fast_path.py): report rendering, no transfers -------------
 
 fast_path = pytest.importorskip("bench.fast_path")
+fpr = pytest.importorskip("bench.fast_path_report")
 
 
 def fast_path_json(ratio: float = 0.72, connect_cpu: float = 0.38) -> dict:
@@ -224,8 +225,8 @@ def fast_path_json(ratio: float = 0.72, connect_cpu: float = 0.38) -> dict:
                ratio_: float | None = None) -> dict:
         cpu = cpu or {}
         return {"workload": workload, "path": path,
-                "label": fast_path.LABELS[workload, path],
-                "carrier": fast_path.CARRIERS[workload, path], "mb_per_s": stat(mb, mb - 5, mb + 5),
+                "label": fpr.LABELS[workload, path],
+                "carrier": fpr.CARRIERS[workload, path], "mb_per_s": stat(mb, mb - 5, mb + 5),
                 "ratio_to_direct": None if ratio_ is None else stat(ratio_, ratio_ - 0.05,
                                                                     ratio_ + 0.05),
                 "cpu_s_per_gib": {g: stat(v) for g, v in cpu.items()},
@@ -237,11 +238,11 @@ def fast_path_json(ratio: float = 0.72, connect_cpu: float = 0.38) -> dict:
                 "machine_cpu_s_per_gib": stat(1.6)}
 
     goals: list[dict] = []
-    fast_path._goal(goals, "ssh session via the fast path ÷ direct >= 0.65", ratio, 0.65, True,
+    fpr._goal(goals, "ssh session via the fast path ÷ direct >= 0.65", ratio, 0.65, True,
                     "×")
-    fast_path._goal(goals, "ssh stream: labrelay connect CPU-s/GiB <= 0.4", connect_cpu, 0.4,
+    fpr._goal(goals, "ssh stream: labrelay connect CPU-s/GiB <= 0.4", connect_cpu, 0.4,
                     False, "CPU-s/GiB", "moonshot")
-    fast_path._goal(goals, "raw TCP via the fast path (socket-fed) ÷ direct loopback >= 0.35",
+    fpr._goal(goals, "raw TCP via the fast path (socket-fed) ÷ direct loopback >= 0.35",
                     None, 0.35, True, "×")
     return {
         "benchmark": "fast_path", "date": "2026-11-28T19:00:00+00:00", "commit": "abc1234",
@@ -252,7 +253,7 @@ def fast_path_json(ratio: float = 0.72, connect_cpu: float = 0.38) -> dict:
                        "datapath_env": "(unset: auto)", "datapath_backend": "c (auto)",
                        "backends_logged": {"relay backend: data path: c backend": 1},
                        "ciphers": {"user ssh": "chacha20-poly1305@openssh.com"},
-                       "remote_command": fast_path.REMOTE_COMMAND,
+                       "remote_command": fpr.REMOTE_COMMAND,
                        "rusage_wrapper_start_s": 0.08, "seed_variant": "public port",
                        "timing": "t", "cpu_method": "c", "order": "o"},
         "series": [
@@ -295,7 +296,7 @@ def test_fast_path_goals_have_signed_margins() -> None:
 
 
 def test_fast_path_own_report() -> None:
-    md = fast_path.markdown(fast_path_json())
+    md = fpr.markdown(fast_path_json())
     assert "| ssh via the fast path (ProxyCommand labrelay connect) | 400.0 (395.0–405.0) | " \
            "0.72 (0.67–0.77) | labrelay connect 0.38" in md
     assert "ssh -N -R (lab_pc) 1.20" in md and "cloud sshd session 1.10" in md
@@ -371,7 +372,7 @@ def test_fast_path_accounting_and_rusage_wrapper(tmp_path: Path) -> None:
 
 # --- the agent bench's Python peers (bench/agent_vs_openssh.py, bench/peers.py) ------------
 
-agent_bench = pytest.importorskip("bench.agent_vs_openssh")
+agent_bench = pytest.importorskip("bench.agent_report")
 peers = pytest.importorskip("bench.peers")
 
 
@@ -485,19 +486,19 @@ def test_counted_sink_replies_without_a_half_close() -> None:
     import struct
     import threading
 
-    from bench import common
+    from bench import sessions
 
-    listener = socket.create_server((common.LOOPBACK, 0))  # TCP: the session sets NODELAY
+    listener = socket.create_server((sessions.LOOPBACK, 0))  # TCP: the session sets NODELAY
     client = socket.create_connection(listener.getsockname())
     server, _ = listener.accept()
     listener.close()
-    t = threading.Thread(target=common._target_session,
+    t = threading.Thread(target=sessions._target_session,
                          args=(server, memoryview(b"x" * 16)), daemon=True)
     t.start()
     with client:
         nbytes = 3 * 2**20 + 5
-        client.sendall(common.MODE_COUNTED + struct.pack(">Q", nbytes))
-        common.send_count(client, memoryview(b"y" * 65536), nbytes - 9)
+        client.sendall(sessions.MODE_COUNTED + struct.pack(">Q", nbytes))
+        sessions.send_count(client, memoryview(b"y" * 65536), nbytes - 9)
         client.settimeout(10)
-        assert struct.unpack(">Q", common.recv_exact(client, 8))[0] == nbytes  # no shutdown
+        assert struct.unpack(">Q", sessions.recv_exact(client, 8))[0] == nbytes  # no shutdown
     t.join(10)

@@ -26,9 +26,9 @@ from twisted.python.failure import Failure
 
 import relay.agent.datapool
 from relay.agent.datapool import RETRY_DELAY, TARGET_CONNECT_TIMEOUT, DataPool, PoolConnection
-from relay.agent.forwards import SessionCounters
 from relay.config.schema import HostPort, RemoteForward
 from relay.core import fastwire as fw
+from relay.datapath.join import SessionCounters
 from relay.datapath.splicing import PairAborted, PairResult
 
 RELAY_HOST = "192.0.2.10"

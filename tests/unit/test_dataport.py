@@ -97,8 +97,17 @@ class FakeCore:
         self.opened.append((principal.name, service, origin))
         return ("session", len(self.opened))
 
-    def fastSessionSpliced(self, session: object, pair: Any, agent: Any = None) -> None:
-        self.spliced.append((session, pair))
+    def fastSessionCounters(self, session: object, agent: Any = None) -> Any:
+        core = self
+
+        class Recorder:
+            def pairStarted(self, pair: Any) -> None:
+                core.spliced.append((session, pair.label))
+
+            def pairEnded(self, pair: Any, result: Any) -> None:
+                pass
+
+        return Recorder()
 
     def fastSessionFailed(self, session: object) -> None:
         self.failed.append(session)
@@ -111,7 +120,13 @@ class FakeDataPath:
     def splice_transports(self, a: Any, b: Any, *, from_a: bytes = b"",
                           from_b: bytes = b"") -> object:
         self.calls.append((a, b, from_a, from_b))
-        return ("pair", len(self.calls))
+        return FakePair(("pair", len(self.calls)))
+
+
+@dataclass(eq=False)
+class FakePair:
+    label: tuple[str, int]
+    done: defer.Deferred[Any] = field(default_factory=defer.Deferred)
 
 
 @dataclass

@@ -412,7 +412,7 @@ def test_a_session_revoked_while_opening_is_closed_when_it_connects(filed: Filed
     assert session.closing
     pair = _FakePair()
     pair.done = defer.Deferred()  # type: ignore[attr-defined]
-    core.fastSessionSpliced(session, pair)  # type: ignore[arg-type]
+    core.fastSessionCounters(session).pairStarted(pair)  # type: ignore[arg-type]
     assert pair.aborted
 
 
