@@ -196,6 +196,11 @@ class SessionTable:
                 quiet.append(row)
         return quiet
 
+    def pooled_of_agent(self, agent: object) -> list[SessionRow]:
+        """The open rows carried on ``agent``'s pooled data connections (path
+        ``pooled``): they end with its link, as its channels do."""
+        return [r for r in self.rows() if r.agent is agent and r.path == POOLED]
+
     def of_agent_service(self, agent: object, service: str) -> list[SessionRow]:
         """The open rows to ``service`` served by ``agent`` (a registration's sessions)."""
         return [r for r in self.rows() if r.agent is agent and r.service == service]

@@ -123,6 +123,14 @@ class RelayCore:
         self.connections.discard(conn)
         gone = self.router.drop_session(conn)
         self.dataport.sessionStopped(conn)
+        # A stock user's session on one of this agent's pooled data connections ends
+        # with the agent's link, as it would on a channel of that link (a fast-path
+        # session, which the user chose, is independent of it).
+        for row in self.sessions.pooled_of_agent(conn):
+            self._log.info("closing {user}'s pooled session to {service}: its agent's link "
+                           "ended", event="relay_pooled_session_ended", user=row.user,
+                           service=row.service, origin=row.origin)
+            self._abortSession(row, "its agent's link ended")
         ident = conn.identity
         self._log.info(
             "{kind} {name} at {peer} disconnected; {n} service(s) now waiting for it",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -66,6 +67,7 @@ class RecordingBox:
         self.data_connections = 0
         self.marker_seen = False
         self.socks: list[socket.socket] = [self.ssh, self.data]
+        self.link: list[socket.socket] = []  # the SSH pass-through's sockets
         for listener, upstream, record in ((self.ssh, relay_ssh_port, False),
                                            (self.data, data_port, True)):
             threading.Thread(target=self._accept, args=(listener, upstream, record),
@@ -80,6 +82,14 @@ class RecordingBox:
             except OSError:
                 pass
 
+    def cut_link(self) -> None:
+        """Reset the agent's SSH link (only it: the data connections stay up)."""
+        with self.lock:
+            link, self.link = self.link, []
+        for s in link:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+
     def _accept(self, listener: socket.socket, port: int, record: bool) -> None:
         while True:
             try:
@@ -93,6 +103,8 @@ class RecordingBox:
                 self.socks += [down, up]
                 if record:
                     self.data_connections += 1
+                else:
+                    self.link += [down, up]
             for src, dst in ((down, up), (up, down)):
                 threading.Thread(target=self._pump, args=(src, dst, record),
                                  daemon=True).start()
@@ -379,4 +391,26 @@ def test_a_user_who_never_reads_on_the_pooled_route_costs_bounded_memory(
     stream = DataStream(77, BULK)
     assert (got.nbytes, got.sha256) == (stream.size, stream.sha256)
     assert site.fast()["pooled"] == 1
+
+
+def test_a_pooled_session_ends_with_its_agents_link(site: Site) -> None:
+    """Only the agent's SSH link is cut (the box resets it; the data connections stay
+    up): a stock ``ssh -J`` session on the pooled route ends with an error, as it would on
+    a channel of that link, instead of living on without the link that vouched for it."""
+    ssh = find_program("ssh") or "ssh"
+    held = subprocess.Popen([ssh, "-F", str(site.config()), "-J", site.jump, "gpu-cluster",
+                             "echo ready; cat >/dev/null"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert held.stdout is not None and held.stdout.readline() == b"ready\n"
+        assert [x["path"] for x in site.sessions()] == ["pooled"]
+        mark = site.relay.mark()
+        site.box.cut_link()
+        site.relay.wait_for("relay_disconnected", timeout=20, since=mark, name="lab_pc")
+        assert held.wait(timeout=30) != 0  # ended with an error, not cleanly
+    finally:
+        if held.poll() is None:
+            held.kill()
+    closed = site.relay.events("relay_pooled_session_ended", since=mark)
+    assert [(e["user"], e["service"]) for e in closed] == [("alice", "gpu-cluster:22")], closed
 

@@ -74,7 +74,8 @@ class Site:
 
     def ssh_config(self) -> Path:
         """gpu-cluster two ways: ``gpu-cluster`` by the fast path (labrelay connect as
-        ProxyCommand), ``gpu-jump`` by ``-J alice@relay`` (an SSH channel)."""
+        ProxyCommand), ``gpu-jump`` by ``-J alice@relay`` (an SSH channel to the relay, and
+        from there one of the agent's pooled data connections when one is idle)."""
         path = self.tmp / "ssh_config"
         connect = [sys.executable, "-m", "relay", "connect", "-p", str(self.relay.port),
                    "-i", str(self.keys.alice.path),
@@ -149,7 +150,12 @@ def site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
     agent.wait_for("fast_path_ready", timeout=20)
     agent.wait_for("forward_ready", timeout=20, since=0, bind="gpu-cluster")
     s = Site(relay, agent, gpu, data_port, keys, client_key, tmp_path, admin)
-    _until(lambda: s.pool()["idle"] == 4, "the agent's pool to fill")
+    # Idle at the agent once connected; counted by the relay's admission until their
+    # hellos are in: wait for both, or a test that counts unauthenticated data
+    # connections sees the pool's own (seen under load).
+    _until(lambda: s.pool()["idle"] == 4
+           and s.relay.status()["relay"]["fast_path"]["pools"].get("lab_pc") == 4,
+           "the agent's pool to fill")
     yield s
 
 
