@@ -108,6 +108,7 @@ from bench.cli import (
 from bench.fast_path_report import (
     DIRECT,
     FAST,
+    FAST_PORTABLE,
     FAST_SOCK,
     FAST_VARIANTS,
     PIPE_FED,
@@ -587,7 +588,11 @@ class FastBench(rvo.RelayBench):
         if variant in (SEED, SEED_FULL):
             port = self.pub_port if variant == SEED else self.full_pub
             return [*argv, "-p", str(port), f"{self.user}@{LOOPBACK}", REMOTE_COMMAND]
-        proxy = " ".join(self.wrapped(rusage_out, self.connect_argv("%h:%p")))
+        connect = self.connect_argv("%h:%p")
+        if variant == FAST_PORTABLE:  # only the user's end: relay and agent as inherited
+            connect = [find_program("env") or "/usr/bin/env", "LABRELAY_DATAPATH=portable",
+                       *connect]
+        proxy = " ".join(self.wrapped(rusage_out, connect))
         return [*argv, "-o", f"ProxyCommand={proxy}", f"{self.user}@gpu-cluster",
                 REMOTE_COMMAND]
 
@@ -720,7 +725,7 @@ class FastBench(rvo.RelayBench):
             ssh.kill()
             raise BenchError(f"{e}\nssh stderr:\n{serr.text()}") from None
         ready = time.perf_counter()
-        if variant == FAST:
+        if variant in (FAST, FAST_PORTABLE):
             entry = Wrapped(out).wait("pid", 5.0)
             if entry is None:
                 ssh.kill()
@@ -734,7 +739,7 @@ class FastBench(rvo.RelayBench):
         seconds = time.perf_counter() - start
         acct.stream_end()
         result: dict[str, Any] = {"seconds": seconds, "setup_s": ready - spawned}
-        if variant == FAST:
+        if variant in (FAST, FAST_PORTABLE):
             end = Wrapped(out).wait("exit", 30.0)
             if end is None:
                 raise BenchError("labrelay connect did not exit within 30 s of ssh")

@@ -27,22 +27,27 @@ if TYPE_CHECKING:
     from bench.fast_path import FastBench
 
 SSH_RATIO_GOAL = 0.65  # fast path ssh session ÷ direct
+PORTABLE_RATIO_GOAL = 0.6  # the same with labrelay connect on its portable copy loop
 SEED_RATIO_SEEN = 0.30  # the seed's chain as the issue measured it before (not this harness)
 CPU_GOAL, CPU_MOONSHOT = 0.7, 0.4  # CPU-s/GiB of each fast-path process
 RAW_RATIO_GOAL, RAW_RATIO_MOONSHOT = 0.35, 0.5
 SSH, RAW = "ssh", "raw"
 DIRECT, FAST, SEED = "direct", "fast", "seed"
+FAST_PORTABLE = "fast_portable"  # labrelay connect with LABRELAY_DATAPATH=portable (a laptop)
 SEED_FULL = "seed_full"  # the seed's full chain: ssh -R, ssh -L detach, autossh -R
 SOCAT_SOCK, FAST_SOCK = "socat_sock", "fast_sock"  # socket-fed: FAST_SOCK is the raw goal's
 SOCAT_PIPE, FAST_PIPE = "socat_pipe", "fast_pipe"  # pipe-fed: reported extras
-VARIANTS = {SSH: (DIRECT, FAST, SEED, SEED_FULL),
+VARIANTS = {SSH: (DIRECT, FAST, FAST_PORTABLE, SEED, SEED_FULL),
             RAW: (DIRECT, SOCAT_SOCK, FAST_SOCK, SEED_FULL, SOCAT_PIPE, FAST_PIPE)}
-FAST_VARIANTS = (FAST, FAST_SOCK, FAST_PIPE)  # through labrelay connect, relay and agent
+# through labrelay connect, relay and agent
+FAST_VARIANTS = (FAST, FAST_PORTABLE, FAST_SOCK, FAST_PIPE)
 PIPE_FED = (SOCAT_PIPE, FAST_PIPE)
 RAW_GOAL_PATH = FAST_SOCK
 LABELS = {
     (SSH, DIRECT): "ssh direct to the target",
     (SSH, FAST): "ssh via the fast path (ProxyCommand labrelay connect)",
+    (SSH, FAST_PORTABLE): "ssh via the fast path, labrelay connect on its portable copy "
+                          "loop (LABRELAY_DATAPATH=portable, as on a Mac)",
     (SSH, SEED): "ssh via the seed's OpenSSH chain (cloud sshd + ssh -N -R, public port)",
     (SSH, SEED_FULL): "ssh via the seed's full chain (ssh -R, ssh -L detach, autossh -R; "
                       "public port)",
@@ -59,6 +64,9 @@ CARRIERS = {
     (SSH, DIRECT): "feeder's pipe → ssh → target sshd",
     (SSH, FAST): "feeder's pipe → ssh → `labrelay connect` (splice) → relay data port "
                  "(splice) → agent's pool connection (splice) → target sshd",
+    (SSH, FAST_PORTABLE): "feeder's pipe → ssh → `labrelay connect` (readv/write copy "
+                          "loop) → relay data port (splice) → agent's pool connection "
+                          "(splice) → target sshd",
     (SSH, SEED): "feeder's pipe → ssh → cloud sshd's `-R` port → cloud sshd session → "
                  "ssh -N -R link (lab_pc) → target sshd",
     (SSH, SEED_FULL): "feeder's pipe → ssh → cloud sshd's `-R` port → cloud sshd session → "
@@ -200,6 +208,9 @@ def summarize(bench: FastBench, samples: dict[str, dict[str, list[dict[str, Any]
         for level, target in (("goal", CPU_GOAL), ("moonshot", CPU_MOONSHOT)):
             _goal(goals, f"ssh stream: {PROCS[proc]} CPU-s/GiB <= {target}", value, target,
                   False, "CPU-s/GiB", level)
+    _goal(goals, f"ssh session via the fast path, labrelay connect portable, ÷ direct >= "
+          f"{PORTABLE_RATIO_GOAL}", med(find(SSH, FAST_PORTABLE).get("ratio_to_direct")),
+          PORTABLE_RATIO_GOAL, True, "×")
     raw = med(find(RAW, RAW_GOAL_PATH).get("ratio_to_direct"))  # socket-fed, inetd-style
     for level, target in (("goal", RAW_RATIO_GOAL), ("moonshot", RAW_RATIO_MOONSHOT)):
         _goal(goals, f"raw TCP via the fast path (socket-fed) ÷ direct loopback >= {target}",

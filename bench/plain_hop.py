@@ -228,9 +228,8 @@ class Relay:
         self.name = name
         self.admin: str | None = None
         if name in ("c", "python"):
-            self.admin = f"{LOOPBACK}:{free_port()}"
             config = tmp / f"{name}.toml"
-            config.write_text(f'[admin]\nlisten = "{self.admin}"\n\n[[forward]]\n'
+            config.write_text(f'[admin]\nlisten = "{LOOPBACK}:0"\n\n[[forward]]\n'
                               f'listen = "{LOOPBACK}:0"\nconnect = "{LOOPBACK}:{sink_port}"\n')
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "relay", "run", str(config), "--log-format", "json"],
@@ -239,10 +238,15 @@ class Relay:
         else:
             self.proc = _spawn("relay", name, str(sink_port))
         try:  # not yet in the caller's list: a failed start must not leave it running
-            if self.admin is not None:
-                while (event := _read_json(self.proc, 30)).get("event") != "plain_forward_ready":
-                    pass
-                self.port = int(event["port"])
+            if name in ("c", "python"):
+                # Both listeners bind port 0; each says where, in either order.
+                seen: dict[str, int] = {}
+                while len(seen) < 2:
+                    event = _read_json(self.proc, 30)
+                    if event.get("event") in ("plain_forward_ready", "admin_listening"):
+                        seen[event["event"]] = int(event["port"])
+                self.port = seen["plain_forward_ready"]
+                self.admin = f"{LOOPBACK}:{seen['admin_listening']}"
             else:
                 self.port = int(_read_json(self.proc, 30)["port"])
         except BaseException:

@@ -33,6 +33,7 @@ stays off for that link; ``fast_path_pool = 0`` turns it off.  Chained services
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import StrEnum
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -59,6 +60,29 @@ TARGET_CONNECT_TIMEOUT = 10.0
 RETRY_DELAY = 2.0
 
 
+class PoolConnState(StrEnum):
+    """A pre-dialled data connection (:class:`PoolConnection`)."""
+
+    DIALING = "dialing"
+    CHALLENGE = "challenge"  # connected, waiting for the relay's nonce
+    IDLE = "idle"  # hello sent, waiting for a GO
+    CONNECTING = "connecting"  # a valid GO: connecting the target
+    SPLICED = "spliced"
+    CLOSED = "closed"
+
+
+class PoolState(StrEnum):
+    """The pool as ``status`` shows it (``fast_path.state``): ``OFF``,
+    ``UNSUPPORTED`` and ``UNAVAILABLE`` say why there is none (``reason``)."""
+
+    OFF = "off"  # not configured, or nothing it could splice
+    DOWN = "down"  # the link is down
+    STARTING = "starting"  # asked the relay for tickets
+    READY = "ready"
+    UNSUPPORTED = "unsupported"  # the server has no data port (a stock sshd, an old relay)
+    UNAVAILABLE = "unavailable"  # the relay refused or answered nonsense
+
+
 class PoolConnection(Handoff):
     """One pre-dialled data connection: ``dialing`` -> ``challenge`` (waiting for the
     relay's nonce) -> ``idle`` (hello sent, waiting for a GO) -> ``connecting`` (held
@@ -70,15 +94,15 @@ class PoolConnection(Handoff):
         self.token = token
         self.token_id, self.secret = fw.split_ticket(token)
         self.nonce = b""
-        self.state = "dialing"
+        self.state = PoolConnState.DIALING
 
     def prefaceStarted(self) -> None:
         probe_idle(self.transport)
-        self.state = "challenge"
+        self.state = PoolConnState.CHALLENGE
         self.pool.connected(self)
 
     def prefaceReceived(self) -> None:
-        if self.state == "challenge":
+        if self.state is PoolConnState.CHALLENGE:
             try:
                 parsed = fw.parse_challenge(self.buf)
             except fw.WireError as e:
@@ -91,9 +115,9 @@ class PoolConnection(Handoff):
                 self.pool.protocolError(self, "bytes after the challenge, before our hello")
                 return
             self.transport.write(fw.agent_hello(self.token, self.nonce))
-            self.state = "idle"
+            self.state = PoolConnState.IDLE
             return
-        if self.state != "idle":
+        if self.state is not PoolConnState.IDLE:
             return
         try:
             go = fw.parse_go(self.buf)
@@ -107,13 +131,13 @@ class PoolConnection(Handoff):
             self.pool.protocolError(self, "a dispatch with a wrong MAC (forged, altered or "
                                     "replayed from another connection)")
             return
-        self.state = "connecting"
+        self.state = PoolConnState.CONNECTING
         self.hold(rest)
         self.pool.dispatched(self, name, port)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         super().connectionLost(reason)
-        was, self.state = self.state, "closed"
+        was, self.state = self.state, PoolConnState.CLOSED
         self.pool.lost(self, was)
 
 
@@ -147,7 +171,7 @@ class DataPool:
     def __init__(self, link: PoolOwner, size: int) -> None:
         self.link = link
         self.size = size
-        self.state = "off" if size <= 0 else "down"
+        self.state = PoolState.OFF if size <= 0 else PoolState.DOWN
         self.reason = "fast_path_pool = 0" if size <= 0 else ""
         self.data_port = 0
         self.data_host = ""  # the address the link is connected to
@@ -172,15 +196,16 @@ class DataPool:
         if self.size <= 0:
             return
         if not self._services():  # a user's link, or public ports only: nothing to splice
-            self.state, self.reason = "off", "no named remote forwards to splice"
+            self.state, self.reason = PoolState.OFF, "no named remote forwards to splice"
             return
         host = peer_ip(conn)
         if host is None:
-            self.state, self.reason = "off", "the link is not a TCP connection to an IP address"
+            self.state = PoolState.OFF
+            self.reason = "the link is not a TCP connection to an IP address"
             return
         self._conn = conn
         self.data_host = host
-        self.state = "starting"
+        self.state = PoolState.STARTING
         self.stash = []
         # The first fill is free; the budget is for replacing connections lost
         # without a valid dispatch.
@@ -190,7 +215,7 @@ class DataPool:
     def linkDown(self) -> None:
         self._conn = None
         if self.size > 0:
-            self.state = "down"
+            self.state = PoolState.DOWN
         self._cancelRetry()
         self.burst.stop()
         for pc in list(self.idle):
@@ -220,7 +245,8 @@ class DataPool:
 
     def refill(self) -> None:
         conn = self._conn
-        if conn is None or self.state in ("off", "unsupported", "unavailable"):
+        if conn is None or self.state in (PoolState.OFF, PoolState.UNSUPPORTED,
+                                          PoolState.UNAVAILABLE):
             return
         want = self.size - len(self.idle) - self.dialing
         now = self.link.clock.seconds()
@@ -251,21 +277,21 @@ class DataPool:
             reply = fw.unpack_pool_reply(data)
             tokens = [t for t in reply.tokens if len(t) == fw.TOKEN_LEN]
         except fw.WireError as e:
-            self._off("unavailable", f"the relay answered nonsense: {e}")
+            self._off(PoolState.UNAVAILABLE, f"the relay answered nonsense: {e}")
             return
         if reply.status is not fw.Status.OK:
-            self._off("unavailable", reply.message)
+            self._off(PoolState.UNAVAILABLE, reply.message)
             return
         # A dispatch is accepted only for what this agent offered AND the relay says it
         # will dispatch (granted, end-to-end encrypted): both crossed the SSH link.
         self.dispatchable = frozenset(offered) & reply.services
-        if self.state != "ready":
+        if self.state is not PoolState.READY:
             self._log.info("link {link}: fast path on: {n} data connections to {host} port "
                            "{port} for {services}", event="fast_path_ready",
                            link=self.link.name, n=self.size, host=self.data_host,
                            port=reply.data_port,
                            services=" ".join(sorted(f"{n}:{p}" for n, p in self.dispatchable)))
-        self.state = "ready"
+        self.state = PoolState.READY
         self.reason = ""
         self.data_port = reply.data_port
         waiters, self._ready = self._ready, []
@@ -280,19 +306,19 @@ class DataPool:
         if conn is not self._conn:
             return
         if refused_by_peer(f):
-            self._off("unsupported", "the server does not offer labrelay's fast path "
+            self._off(PoolState.UNSUPPORTED, "the server does not offer labrelay's fast path "
                       "(a stock sshd, or an older relay)")
         # else: the link stopped meanwhile; linkUp starts again
 
     def whenReady(self) -> defer.Deferred[None]:
         """Fires once the relay granted the pool (the demo waits for it)."""
-        if self.state == "ready":
+        if self.state is PoolState.READY:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._ready.append(d)
         return d
 
-    def _off(self, state: str, why: str) -> None:
+    def _off(self, state: PoolState, why: str) -> None:
         if self.state != state or self.reason != why:
             self._log.info("link {link}: no fast path: {reason}", event="fast_path_off",
                            link=self.link.name, reason=why)
@@ -334,17 +360,17 @@ class DataPool:
             return
         self.idle.add(pc)
 
-    def lost(self, pc: PoolConnection, was: str) -> None:
-        if was in ("challenge", "idle") and pc in self.idle:
+    def lost(self, pc: PoolConnection, was: PoolConnState) -> None:
+        if was in (PoolConnState.CHALLENGE, PoolConnState.IDLE) and pc in self.idle:
             self.idle.discard(pc)
             # Closed without a valid dispatch: the relay refused our ticket, or
             # someone on the path closed it.  Replaced within the refill budget.
-            self._failed("closed before a valid dispatch" if was == "idle"
+            self._failed("closed before a valid dispatch" if was is PoolConnState.IDLE
                          else "closed before the relay's challenge")
 
     def protocolError(self, pc: PoolConnection, why: str) -> None:
         self.idle.discard(pc)
-        pc.state = "closed"
+        pc.state = PoolConnState.CLOSED
         pc.transport.abortConnection()
         self._failed(why)
 
@@ -410,7 +436,7 @@ class DataPool:
             d = connecting
 
         def connected(server: Handed) -> None:
-            if pc.state != "connecting":
+            if pc.state is not PoolConnState.CONNECTING:
                 server.transport.abortConnection()
                 return
             pc.transport.write(fw.AGENT_OK)
@@ -431,7 +457,7 @@ class DataPool:
                 pc.transport.abortConnection()
                 server.transport.abortConnection()
                 return
-            pc.state = "spliced"
+            pc.state = PoolConnState.SPLICED
 
         def failed(f: Failure) -> None:
             self._log.warn("forward {forward}: cannot reach {target}: {reason}",
@@ -443,7 +469,7 @@ class DataPool:
         d.addCallbacks(connected, failed)
 
     def _fail(self, pc: PoolConnection, name: str, port: int, why: str) -> None:
-        if pc.state == "closed":
+        if pc.state is PoolConnState.CLOSED:
             return
         pc.transport.write(fw.pack_error(fw.AGENT_ERROR, why))
         pc.transport.loseConnection()

@@ -11,6 +11,7 @@ or keepalives found it dead — forwards go down and the service reconnects.
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 from twisted.application.internet import ClientService
@@ -27,14 +28,24 @@ from twisted.python.failure import Failure
 from relay.agent.chaining import LocalRelay
 from relay.agent.datapool import DataPool
 from relay.agent.forwards import ForwardState, LocalForwardListener, RemoteForwardRunner
-from relay.config.schema import LinkConfig
+from relay.config.schema import LinkConfig, LocalForward, RemoteForward
 from relay.core.backoff import retry_policy
+from relay.core.clock import expire
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.client import LinkConnection, LinkTransport, transport_factory
 from relay.ssh.hostkeys import HostKeyVerifier
 
 CANCEL_TIMEOUT = 2.0
+
+
+class LinkState(StrEnum):
+    """A link as ``status`` shows it: trying to connect (after a backoff delay or
+    during a handshake), up, or down (stopped, or lost until the next attempt)."""
+
+    DOWN = "down"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
 
 
 class LinkDown(Exception):
@@ -49,7 +60,7 @@ class _LoggingEndpoint:
         self._endpoint = endpoint
 
     def connect(self, factory: Factory) -> defer.Deferred[IProtocol]:
-        self._link.state = "connecting"
+        self._link.state = LinkState.CONNECTING
         self._link.log.info(
             "link {link}: connecting to {host}:{port}",
             event="link_connecting", link=self._link.name,
@@ -80,14 +91,16 @@ class Link(MultiService):
         self.clock: IReactorTime = reactor
         self.identities = identities
         self.verifier = HostKeyVerifier(config.host_key, config.host, config.port)
-        self.state = "down"
+        self.state = LinkState.DOWN
         self.since = reactor.seconds()
         self.last_error: str | None = None
+        self.connects = 0  # times the link came up (reconnects: all but the first)
+        self.last_up: float | None = None
         self.connection: LinkConnection | None = None
         self._on_fatal = on_fatal
         self._waiters: list[tuple[defer.Deferred[LinkConnection], IDelayedCall]] = []
         self._allReady: list[defer.Deferred[None]] = []
-        policy = retry_policy(config.backoff)
+        policy = self._policy = retry_policy(config.backoff)
         self.remote = [RemoteForwardRunner(self, fwd, policy) for fwd in config.remote]
         self.local = [LocalForwardListener(self, fwd) for fwd in config.local]
         self.pool = DataPool(self, config.fast_path_pool)
@@ -120,7 +133,7 @@ class Link(MultiService):
     def _prepare(self, proto: Any) -> defer.Deferred[None]:
         def failed(f: Failure) -> Failure:
             self.last_error = f.getErrorMessage()
-            self.state = "down"
+            self.state = LinkState.DOWN
             self.log.warn(
                 "link {link}: attempt failed: {reason}",
                 event="link_failed", link=self.name, reason=self.last_error,
@@ -131,8 +144,9 @@ class Link(MultiService):
 
     def _linkUp(self, conn: LinkConnection) -> None:
         self.connection = conn
-        self.state = "connected"
-        self.since = self.reactor.seconds()
+        self.state = LinkState.CONNECTED
+        self.since = self.last_up = self.reactor.seconds()
+        self.connects += 1
         self.last_error = None
         peer = conn.link_transport.tcp.getPeer()
         self.log.info(
@@ -154,7 +168,7 @@ class Link(MultiService):
         if self.connection is None or self.connection.link_transport is not transport:
             return
         self.connection = None
-        self.state = "down"
+        self.state = LinkState.DOWN
         self.since = self.reactor.seconds()
         self.last_error = why
         for forward in self.remote:
@@ -248,6 +262,37 @@ class Link(MultiService):
         d: defer.Deferred[BridgedChannel] = self.local_relay.openLocal(name, port, origin)
         return d
 
+    # a reload (relay.ops.reload): forwards added and removed on a running link
+
+    def addForward(self, config: LinkConfig, forward: RemoteForward | LocalForward) -> None:
+        """Carry ``forward`` from now on (requested at once if the link is up);
+        ``config`` is the link's reloaded config, which lists it."""
+        self.config = config
+        if isinstance(forward, RemoteForward):
+            runner = RemoteForwardRunner(self, forward, self._policy)
+            self.remote.append(runner)
+            if self.connection is not None:
+                runner.linkUp(self.connection)
+            return
+        listener = LocalForwardListener(self, forward)
+        self.local.append(listener)
+        listener.setServiceParent(self)
+
+    def removeForward(self, config: LinkConfig,
+                      forward: RemoteForward | LocalForward) -> defer.Deferred[Any]:
+        """Stop carrying ``forward``: a remote one is cancelled on the server, a local
+        one stops listening.  Its sessions already open run until they end."""
+        self.config = config
+        if isinstance(forward, RemoteForward):
+            for runner in [f for f in self.remote if f.config == forward]:
+                self.remote.remove(runner)
+                return runner.cancel()
+            return defer.succeed(None)
+        for listener in [f for f in self.local if f.config == forward]:
+            self.local.remove(listener)
+            return defer.maybeDeferred(listener.disownServiceParent)  # type: ignore[arg-type]
+        return defer.succeed(None)
+
     def fatal(self, why: str) -> None:
         if self._on_fatal is not None:
             self._on_fatal(why)
@@ -265,16 +310,13 @@ class Link(MultiService):
         self._waiters = []
 
         def disconnect(_: object) -> defer.Deferred[None]:
-            if timer.active():
-                timer.cancel()
             if conn is not None and self.connection is conn:
                 conn.link_transport.sendDisconnect(DISCONNECT_BY_APPLICATION,
                                                    b"labrelay stopping")
             return defer.maybeDeferred(super(Link, self).stopService)  # type: ignore[arg-type]
 
         done: defer.Deferred[Any] = defer.DeferredList(cancels)
-        timer = self.clock.callLater(CANCEL_TIMEOUT, done.cancel)
-        return done.addBoth(disconnect)
+        return expire(done, CANCEL_TIMEOUT, self.clock).addBoth(disconnect)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -284,6 +326,9 @@ class Link(MultiService):
             "state": self.state,
             "since": self.since,
             "last_error": self.last_error,
+            "connects": self.connects,
+            "reconnects": max(0, self.connects - 1),
+            "last_up": self.last_up,
             "forwards": [f.status() for f in self.remote] + [f.status() for f in self.local],
             "fast_path": self.pool.status(),
         }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 from twisted.application.service import Service
@@ -32,6 +33,15 @@ from relay.datapath.handoff import Held
 from relay.datapath.join import OnEnd, SessionCounters, join
 
 LISTEN_BACKLOG = 1024
+
+
+class PlainState(StrEnum):
+    """A plain hop as ``status`` shows it: not listening (stopped, or before its
+    listener is up), listening, or failed to listen (fatal to the node: on_fatal)."""
+
+    DOWN = "down"
+    LISTENING = "listening"
+    FAILED = "failed"
 
 
 class PlainForward(Service):
@@ -52,7 +62,7 @@ class PlainForward(Service):
         # The backend is chosen (and a bad LABRELAY_DATAPATH refused) when the
         # service tree is built, before anything listens.
         self.datapath = data_path if data_path is not None else datapath.get(reactor)
-        self.state = "down"
+        self.state = PlainState.DOWN
         self.bound_port: int | None = None
         self.last_error: str | None = None
         self.counters = SessionCounters()
@@ -86,7 +96,7 @@ class PlainForward(Service):
     def _listening(self, port: IListeningPort) -> None:
         self._port = port
         self.bound_port = port.getHost().port  # type: ignore[attr-defined]
-        self.state = "listening"
+        self.state = PlainState.LISTENING
         self._log.info(
             "forward {forward} ready: listening on {bind}:{port} -> {target} (plain TCP, "
             "{backend} data path)",
@@ -96,7 +106,7 @@ class PlainForward(Service):
         )
 
     def _listenFailed(self, f: Failure) -> None:
-        self.state = "failed"
+        self.state = PlainState.FAILED
         self.last_error = f.getErrorMessage()
         self._log.error(
             "forward {forward}: cannot listen on {bind}:{port}: {reason}",
@@ -109,7 +119,7 @@ class PlainForward(Service):
 
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
-        self.state = "down"
+        self.state = PlainState.DOWN
         for d in list(self._pending):
             d.cancel()
         for pair in list(self.counters.pairs):

@@ -198,15 +198,11 @@ class Demo:
         self.sshd = _SshdProtocol()
         argv = [sshd, "-D", "-e", "-f", str(self.dir / "sshd_config")]
         self.reactor.spawnProcess(self.sshd, sshd, argv, env=dict(os.environ))
-        timer = self.reactor.callLater(SSHD_START_TIMEOUT, self.sshd.listening.cancel)
         try:
-            await self.sshd.listening
-        except defer.CancelledError:
+            await self.sshd.listening.addTimeout(SSHD_START_TIMEOUT, self.reactor)
+        except defer.TimeoutError:
             raise DemoError(f"the private sshd did not start within {SSHD_START_TIMEOUT:g}s:\n"
                             + self.sshd.output.decode("utf-8", "replace")) from None
-        finally:
-            if timer.active():
-                timer.cancel()
 
     def _principal(self, kind: str, name: str, services: list[str]) -> PrincipalConfig:
         return PrincipalConfig(
@@ -263,16 +259,12 @@ class Demo:
         ready = defer.DeferredList([agent.whenAllReady(), bob.whenReady(PROOF_TIMEOUT),
                                     agent.pool.whenReady()],
                                    fireOnOneErrback=True, consumeErrors=True)
-        timer = self.reactor.callLater(PROOF_TIMEOUT, ready.cancel)
         try:
-            await ready
-        except (defer.CancelledError, defer.FirstError):
+            await ready.addTimeout(PROOF_TIMEOUT, self.reactor)
+        except (defer.TimeoutError, defer.FirstError):
             raise DemoError(f"the links were not ready within {PROOF_TIMEOUT:g}s; agent: "
                             f"{agent.state} ({agent.last_error}), bob: {bob.state} "
                             f"({bob.last_error})") from None
-        finally:
-            if timer.active():
-                timer.cancel()
         bob_port = bob.local[0].bound_port
         await self.prove(bob_port, with_sshd)
         self.print_tries(bob_port, with_sshd, once)
@@ -336,7 +328,7 @@ Try, in another terminal:
 {ssh_lines}  ssh -F {cfg} -N -L 8888:jupyter:8888 labrelay              # then open http://127.0.0.1:8888/
   curl http://127.0.0.1:{bob_port}/
   {_labrelay_command()} status --admin 127.0.0.1:{self.admin_port}
-  curl http://127.0.0.1:{self.admin_port}/metrics
+  curl http://127.0.0.1:{self.admin_port}/metrics          # or open http://127.0.0.1:{self.admin_port}/
 {"(--once: stopping now; run `labrelay demo` to keep it up)" if once else "Press Ctrl-C to stop."}
 """,
             flush=True,

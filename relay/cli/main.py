@@ -116,6 +116,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="send the bearer token in FILE (its [admin] token_file)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
+    check = sub.add_parser(
+        "check", help="validate a node config without starting anything (exit 0 or 2)",
+        description="Check a node config file as start-up would (as `sshd -t` does): "
+        "its syntax, the key files of its links, the grant files of its relay, its admin "
+        "token file. Every problem is printed; exit 0 if there is none, 2 otherwise. "
+        "For systemd's ExecStartPre=.",
+    )
+    check.add_argument("config_file", metavar="CONFIG", help="the node config file")
+    check.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+
+    reload = sub.add_parser(
+        "reload", help="make a running labrelay re-read its config (as SIGHUP does)",
+        description="Ask a running labrelay, through its admin endpoint, to re-read its "
+        "config and apply the differences; a config with problems changes nothing. Prints "
+        "what changed or every problem; exit 0 if applied, 1 if refused or unreachable. "
+        "For systemd's ExecReload=.",
+    )
+    reload.add_argument("--config", default=None, type=Path, metavar="CONFIG",
+                        help="take the admin address and token file from this config's "
+                        "[admin]")
+    reload.add_argument("--admin", default=None, metavar="ADDR:PORT",
+                        help="its admin endpoint (default: --config's [admin], else "
+                        "127.0.0.1:7022)")
+    reload.add_argument("--token-file", default=None, type=Path, metavar="FILE",
+                        help="send the bearer token in FILE")
+
     sshcfg = sub.add_parser(
         "ssh-config", help="print a relay user's ~/.ssh/config snippet",
         description="Print the ~/.ssh/config entries one user of a labrelay relay needs: "
@@ -209,33 +235,128 @@ def run_reactor(build: Callable[[Any, Callable[[str], object]], Any]) -> int:
     return exit_code[0]
 
 
-def cmd_agent(ns: argparse.Namespace) -> int:
-    from relay.config.agentargs import config_from_agent_args
+def _node(config: NodeConfig, reactor: Any, fatal: Callable[[str], object],
+          load: Callable[[], NodeConfig]) -> Any:
+    """The node service of a ``labrelay`` command: it reloads with ``load`` on SIGHUP
+    and ``POST /reload``, and speaks sd_notify when systemd runs it."""
+    from relay.ops.notify import SystemdNotifier
     from relay.ops.service import make_node_service
 
-    config = _with_admin(_with_backoff(config_from_agent_args(ns), ns), ns)
+    return make_node_service(config, reactor, on_fatal=fatal, load=load,
+                             notifier=SystemdNotifier(), handle_sighup=True)
+
+
+def cmd_agent(ns: argparse.Namespace) -> int:
+    from relay.config.agentargs import config_from_agent_args
+
+    def load() -> NodeConfig:
+        return _with_admin(_with_backoff(config_from_agent_args(ns), ns), ns)
+
+    config = load()
     start_logging(ns.log_format, ns.verbose)
     # run_reactor builds the tree before the reactor runs: a bad key file
     # raises ConfigError here and exits 2 with nothing started.
-    return run_reactor(lambda r, fatal: make_node_service(config, r, on_fatal=fatal))
+    return run_reactor(lambda r, fatal: _node(config, r, fatal, load))
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
     from relay.config.loader import load_config
-    from relay.ops.service import make_node_service
 
-    config = _with_admin(load_config(ns.config_file), ns)
+    def load() -> NodeConfig:
+        return _with_admin(load_config(ns.config_file), ns)
+
+    config = load()
     start_logging(ns.log_format, ns.verbose)
-    return run_reactor(lambda r, fatal: make_node_service(config, r, on_fatal=fatal))
+    return run_reactor(lambda r, fatal: _node(config, r, fatal, load))
 
 
 def cmd_relay(ns: argparse.Namespace) -> int:
     from relay.cli.relayargs import config_from_relay_args
-    from relay.ops.service import make_node_service
 
     config = config_from_relay_args(ns)
     start_logging(ns.log_format, ns.verbose)
-    return run_reactor(lambda r, fatal: make_node_service(config, r, on_fatal=fatal))
+    return run_reactor(lambda r, fatal: _node(config, r, fatal,
+                                              lambda: config_from_relay_args(ns)))
+
+
+def cmd_check(ns: argparse.Namespace) -> int:
+    from relay.config.loader import load_config
+    from relay.ops.check import check_config
+
+    problems = check_config(lambda: load_config(ns.config_file))
+    for problem in problems:
+        print(f"labrelay: {problem}", file=sys.stderr)
+    if problems:
+        print(f"labrelay: {ns.config_file}: {len(problems)} problem(s)", file=sys.stderr)
+        return EXIT_USAGE
+    if not ns.quiet:
+        print(f"{ns.config_file}: OK")
+    return 0
+
+
+def _admin_of(path: Path) -> tuple[str, Path | None]:
+    """The admin address and token file of the config at ``path``, read leniently: the
+    config being reloaded may be the broken one, and the running labrelay (not this
+    command) is the one to say everything that is wrong with it."""
+    import tomllib
+
+    from relay.config.grammar import parse_admin_listen
+
+    try:
+        admin = tomllib.loads(path.read_text("utf-8")).get("admin")
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(path), "", f"cannot read it: {e}") from None
+    if not isinstance(admin, dict):
+        raise ConfigError(str(path), "admin", "no [admin] section: a running labrelay is "
+                          "reloaded through its admin endpoint",
+                          "add [admin] (or send SIGHUP to its process)")
+    token = admin.get("token_file")
+    token_path = None
+    if isinstance(token, str):
+        token_path = Path(token).expanduser()
+        if not token_path.is_absolute():
+            token_path = path.absolute().parent / token_path
+    listen = parse_admin_listen(str(admin.get("listen", "")), source=str(path),
+                                keypath="admin.listen", token_file=token_path)
+    return str(listen.listen), token_path
+
+
+def cmd_reload(ns: argparse.Namespace) -> int:
+    import urllib.error
+
+    from relay.config.schema import DEFAULT_ADMIN_LISTEN
+    from relay.ops.status import TokenError, post_reload, read_token
+
+    address, token_file = ns.admin, ns.token_file
+    if ns.config is not None:
+        admin_listen, admin_token = _admin_of(ns.config)
+        address = address or admin_listen
+        token_file = token_file or admin_token
+    address = address or DEFAULT_ADMIN_LISTEN
+    try:
+        token = read_token(token_file) if token_file is not None else None
+    except TokenError as e:
+        print(f"labrelay: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = post_reload(address, token=token)
+    except urllib.error.HTTPError as e:
+        print(f"labrelay: http://{address}/reload answered {e.code} {e.reason}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as e:
+        print(f"labrelay: cannot reach http://{address}/reload: {e}", file=sys.stderr)
+        return 1
+    if not result["ok"]:
+        for error in result["errors"]:
+            print(f"labrelay: {error}", file=sys.stderr)
+        print(f"labrelay: reload refused ({len(result['errors'])} problem(s)); the running "
+              "config is unchanged", file=sys.stderr)
+        return 1
+    for change in result["changes"]:
+        print(change)
+    if not result["changes"]:
+        print("reloaded: nothing changed")
+    return 0
 
 
 def cmd_keygen(ns: argparse.Namespace) -> int:
@@ -284,7 +405,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
 def cmd_ssh_config(ns: argparse.Namespace) -> int:
     from relay.config.loader import load_config
     from relay.server.grants import Grants
-    from relay.user.sshconfig import relay_host_key_line, render
+    from relay.user.sshconfig import fast_path_note, relay_host_key_line, render
 
     config = load_config(ns.config)
     if config.relay is None:
@@ -297,11 +418,14 @@ def cmd_ssh_config(ns: argparse.Namespace) -> int:
                           "use a name from [[relay.user]] or the users file")
     host, _, port = ns.host.rpartition(":") if ":" in ns.host else (ns.host, "", "")
     relay_port = int(port) if port else config.relay.listen.port
+    fast = config.relay.e2e_services if config.relay.data_port is not None else ()
     print(render(user=user.name, relay_host=host or ns.host, relay_port=relay_port,
                  services=user.services, identity=ns.identity,
-                 host_key_line=relay_host_key_line(config.relay.state_dir),
-                 fast=config.relay.e2e_services if config.relay.data_port is not None else ()),
+                 host_key_line=relay_host_key_line(config.relay.state_dir), fast=fast),
           end="")
+    note = fast_path_note(user.services, fast)
+    if note is not None:
+        print(f"labrelay ssh-config: {note}", file=sys.stderr)
     return 0
 
 
@@ -328,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "agent": cmd_agent, "relay": cmd_relay, "run": cmd_run, "keygen": cmd_keygen,
         "status": cmd_status, "ssh-config": cmd_ssh_config, "demo": cmd_demo,
-        "connect": cmd_connect,
+        "connect": cmd_connect, "check": cmd_check, "reload": cmd_reload,
     }
     if ns.command is None:
         parser.print_help()

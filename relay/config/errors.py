@@ -33,6 +33,35 @@ class ConfigError(Exception):
         return where + self.problem + (f" ({self.hint})" if self.hint else "")
 
 
+class ConfigErrors(ConfigError):
+    """Several configuration problems found in one pass (each entry of a file is read
+    even when an earlier one is wrong), so an operator fixes them all at once.
+
+    ``errors`` holds each :class:`ConfigError`; ``str()`` is one line per problem."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = list(errors)
+        first = self.errors[0]
+        super().__init__(first.source, first.keypath, first.problem, first.hint)
+
+    def __str__(self) -> str:
+        errors = getattr(self, "errors", None)
+        if not errors:
+            return super().__str__()
+        return f"{len(errors)} problems:\n" + "\n".join(f"  {e}" for e in errors)
+
+
+def raise_all(errors: list[ConfigError]) -> None:
+    """Raise nothing, the one error, or :class:`ConfigErrors` with all of them."""
+    flat: list[ConfigError] = []
+    for error in errors:
+        flat.extend(error.errors if isinstance(error, ConfigErrors) else [error])
+    if len(flat) == 1:
+        raise flat[0]
+    if flat:
+        raise ConfigErrors(flat)
+
+
 class Bad(Exception):
     """A syntax problem with no location yet: what is wrong and how to write it."""
 

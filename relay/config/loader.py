@@ -24,7 +24,7 @@ from relay.config.checks import (
     validate_node,
     validate_plain_forwards,
 )
-from relay.config.errors import ConfigError, located
+from relay.config.errors import ConfigError, located, raise_all
 from relay.config.grammar import (
     EXAMPLE_FINGERPRINT,
     default_forward_name,
@@ -71,6 +71,16 @@ from relay.config.schema import (
 from relay.config.section import Section, describe, fmt
 
 T = TypeVar("T")
+
+
+def _collect(problems: list[ConfigError], parse: Callable[[], T]) -> T | None:
+    """``parse()``, or None with its ConfigError added to ``problems``: one wrong entry
+    does not hide the problems of the next ones."""
+    try:
+        return parse()
+    except ConfigError as e:
+        problems.append(e)
+        return None
 
 
 def _path(text: str, base: Path) -> Path:
@@ -332,7 +342,19 @@ def _networks(sec: Section, key: str) -> tuple[IPNetwork, ...]:
     return tuple(dict.fromkeys(nets))
 
 
-def _parse_relay(sec: Section, base: Path) -> RelayConfig:
+def _principals(sec: Section, kind: str, examples: Any,
+                problems: list[ConfigError] | None) -> tuple[PrincipalConfig, ...]:
+    """The ``[[relay.agent]]`` or ``[[relay.user]]`` entries; with ``problems``, a wrong
+    entry is added there and the others are still read."""
+    if problems is None:
+        return tuple(_parse_principal(s, kind) for s in sec.tables(kind, examples))
+    read = [_collect(problems, lambda s=s: _parse_principal(s, kind))  # type: ignore[misc]
+            for s in sec.tables(kind, examples)]
+    return tuple(p for p in read if p is not None)
+
+
+def _parse_relay(sec: Section, base: Path,
+                 problems: list[ConfigError] | None = None) -> RelayConfig:
     listen = parse_relay_listen(
         sec.string("listen") or "0.0.0.0:2222", source=sec.source, keypath=sec.keypath("listen")
     )
@@ -367,10 +389,8 @@ def _parse_relay(sec: Section, base: Path) -> RelayConfig:
         public_bind=defaults.public_bind if public_bind is None else public_bind,
         agents_file=None if agents_file is None else _path(agents_file, base),
         users_file=None if users_file is None else _path(users_file, base),
-        agents=tuple(
-            _parse_principal(s, "agent") for s in sec.tables("agent", RELAY_AGENT_KEYS)
-        ),
-        users=tuple(_parse_principal(s, "user") for s in sec.tables("user", RELAY_USER_KEYS)),
+        agents=_principals(sec, "agent", RELAY_AGENT_KEYS, problems),
+        users=_principals(sec, "user", RELAY_USER_KEYS, problems),
         login_grace=sec.number("login_grace", defaults.login_grace, low=0, above=True),
         max_auth_tries=sec.integer("max_auth_tries", defaults.max_auth_tries, 1),
         kex_timeout=sec.number("kex_timeout", defaults.kex_timeout, low=0, above=True),
@@ -400,22 +420,32 @@ def _parse_relay(sec: Section, base: Path) -> RelayConfig:
     return relay
 
 
-def _parse_plain_forwards(top: Section) -> tuple[PlainForwardConfig, ...]:
-    forwards = []
-    for sec in top.tables("forward", FORWARD_KEYS):
-        listen = sec.string("listen", required=True)
-        connect = sec.string("connect", required=True)
-        assert listen is not None and connect is not None
-        fields = _forward_entry(
-            sec, listen, LOCAL_DEFAULT_BIND, "connect", connect, default_plain_forward_name
-        )
-        forwards.append(PlainForwardConfig(*fields))
-    return tuple(forwards)
+def _parse_plain_forward(sec: Section) -> PlainForwardConfig:
+    listen = sec.string("listen", required=True)
+    connect = sec.string("connect", required=True)
+    assert listen is not None and connect is not None
+    fields = _forward_entry(
+        sec, listen, LOCAL_DEFAULT_BIND, "connect", connect, default_plain_forward_name
+    )
+    return PlainForwardConfig(*fields)
+
+
+def _parse_plain_forwards(top: Section,
+                          problems: list[ConfigError]) -> tuple[PlainForwardConfig, ...]:
+    read = [_collect(problems, lambda sec=sec: _parse_plain_forward(sec))  # type: ignore[misc]
+            for sec in top.tables("forward", FORWARD_KEYS)]
+    return tuple(f for f in read if f is not None)
 
 
 def parse_config(text: str, source: str, *, base_dir: Path | None = None) -> NodeConfig:
     """Parse a node's TOML config.  ``source`` names it in errors; relative paths in
     it are relative to ``base_dir`` (default: the directory of ``source``).
+
+    Every entry (each ``[[link]]``, ``[admin]``, ``[relay]``, each principal and each
+    ``[[forward]]``) is read even when an earlier one is wrong: one problem raises its
+    ConfigError, several raise :class:`~relay.config.errors.ConfigErrors` with the
+    first problem of each entry.  The checks that span entries run once every entry
+    read.
 
     A config with no links, no relay and no admin section is valid here; whether that
     is enough to run is the caller's decision.  Grant files named by ``[relay]`` are
@@ -430,17 +460,25 @@ def parse_config(text: str, source: str, *, base_dir: Path | None = None) -> Nod
             'strings need double quotes and tables brackets, e.g. host = "cloud.example.org"',
         ) from None
     base = base_dir if base_dir is not None else Path(source).expanduser().absolute().parent
+    problems: list[ConfigError] = []
     top = Section(source, doc, "", TOP_KEYS)
-    admin = top.table("admin", ADMIN_KEYS)
-    relay = top.table("relay", RELAY_KEYS)
+    admin = _collect(problems, lambda: top.table("admin", ADMIN_KEYS))
+    relay = _collect(problems, lambda: top.table("relay", RELAY_KEYS))
+    link_secs = _collect(problems, lambda: top.tables("link", LINK_KEYS)) or []
+    links = [_collect(problems, lambda i=i, sec=sec: _parse_link(sec, i, base))  # type: ignore[misc]
+             for i, sec in enumerate(link_secs)]
+    admin_config = _collect(problems, lambda: _parse_admin(admin, base)) if admin else None
+    relay_config = _collect(problems, lambda: _parse_relay(relay, base, problems)) \
+        if relay is not None else None
+    forwards = _collect(problems, lambda: _parse_plain_forwards(top, problems))
+    raise_all(problems)
+    assert forwards is not None
     config = NodeConfig(
         source=source,
-        links=tuple(
-            _parse_link(sec, i, base) for i, sec in enumerate(top.tables("link", LINK_KEYS))
-        ),
-        admin=_parse_admin(admin, base) if admin is not None else None,
-        relay=_parse_relay(relay, base) if relay is not None else None,
-        forwards=_parse_plain_forwards(top),
+        links=tuple(link for link in links if link is not None),
+        admin=admin_config,
+        relay=relay_config,
+        forwards=forwards,
     )
     validate_node(config)
     validate_plain_forwards(config)

@@ -82,12 +82,24 @@ class SessionRow:
 
 @dataclass
 class ServiceTotals:
-    """What a service's sessions add up to; ``active`` are its open rows."""
+    """What a service's (or a user's) sessions add up to; ``active`` are its open rows."""
 
     sessions_total: int = 0
     bytes_to_service: int = 0  # of ended sessions; add the active rows' counts
     bytes_from_service: int = 0
     active: set[SessionRow] = field(default_factory=set)
+
+
+def _summed(totals: dict[str, ServiceTotals]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for name, t in sorted(totals.items()):
+        live = [r.counts() for r in t.active]
+        out[name] = {
+            "sessions_total": t.sessions_total, "sessions_active": len(t.active),
+            "bytes_to_service": t.bytes_to_service + sum(c[0] for c in live),
+            "bytes_from_service": t.bytes_from_service + sum(c[1] for c in live),
+        }
+    return out
 
 
 class SessionTable:
@@ -97,6 +109,7 @@ class SessionTable:
         self._open: set[SessionRow] = set()
         self._services: dict[str, ServiceTotals] = {}
         self._users: dict[str, int] = {}  # open sessions per user (users seen stay, at 0)
+        self._user_totals: dict[str, ServiceTotals] = {}
         self.recent: deque[SessionRow] = deque(maxlen=RECENT)
 
     # rows
@@ -108,9 +121,10 @@ class SessionTable:
                          active_at=now)
         self._open.add(row)
         self._users[user] = self._users.get(user, 0) + 1
-        totals = self._services.setdefault(service, ServiceTotals())
-        totals.sessions_total += 1
-        totals.active.add(row)
+        for totals in (self._services.setdefault(service, ServiceTotals()),
+                       self._user_totals.setdefault(user, ServiceTotals())):
+            totals.sessions_total += 1
+            totals.active.add(row)
         return row
 
     def moving(self, row: SessionRow, meter: Meter, agent: object = None) -> bool:
@@ -138,10 +152,10 @@ class SessionTable:
         row.why = row.closing or why
         row.to_service, row.from_service = to_service, from_service
         self._users[row.user] -= 1
-        totals = self._services[row.service]
-        totals.active.discard(row)
-        totals.bytes_to_service += to_service
-        totals.bytes_from_service += from_service
+        for totals in (self._services[row.service], self._user_totals[row.user]):
+            totals.active.discard(row)
+            totals.bytes_to_service += to_service
+            totals.bytes_from_service += from_service
         self.recent.append(row)
         return True
 
@@ -165,15 +179,12 @@ class SessionTable:
 
     def per_service(self) -> dict[str, dict[str, int]]:
         """Per service ever seen: sessions opened and open, bytes each way (ended and live)."""
-        out: dict[str, dict[str, int]] = {}
-        for name, t in sorted(self._services.items()):
-            live = [r.counts() for r in t.active]
-            out[name] = {
-                "sessions_total": t.sessions_total, "sessions_active": len(t.active),
-                "bytes_to_service": t.bytes_to_service + sum(c[0] for c in live),
-                "bytes_from_service": t.bytes_from_service + sum(c[1] for c in live),
-            }
-        return out
+        return _summed(self._services)
+
+    def per_user_totals(self) -> dict[str, dict[str, int]]:
+        """Per user ever seen (a public port's connections under ``public:PORT``): the
+        same running totals as :meth:`per_service`, kept for the table's lifetime."""
+        return _summed(self._user_totals)
 
     def per_user(self) -> dict[str, int]:
         """Open sessions per user ever seen (0 once all ended)."""

@@ -18,8 +18,13 @@ Two backends, chosen once per process by ``LABRELAY_DATAPATH``:
 ``python``
     the same state machine in Python, driven by the reactor (``os.splice``, or
     ``os.read``/``os.write`` where splice is refused).
+``portable``
+    :mod:`relay.datapath.copyloop`: a plain copy loop (``readv``/``write`` through one
+    buffer per direction), driven by the reactor; nothing Linux-only.  What runs
+    where there is no ``splice`` (macOS, the BSDs).
 ``auto`` (default)
-    ``c`` when the extension is built, else ``python``.
+    ``c`` when the extension is built, else ``python`` where ``os.splice`` exists
+    (Linux), else ``portable``.
 
 Either way, a direction whose fds cannot be spliced (``EINVAL``/``ENOSYS``: a file
 opened for append, a tty …) falls back to read/write for that direction alone.
@@ -46,6 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.datapath import _splice
+from relay.datapath.copyloop import CopyPump
 from relay.datapath.handoff import Held as Held
 from relay.datapath.handoff import detach_transport as detach_transport
 from relay.datapath.pumps import PairDone as PairDone
@@ -58,7 +64,7 @@ from relay.datapath.pymover import PyDirection as PyDirection
 from relay.datapath.pymover import PyPipePool as PyPipePool
 
 ENV = "LABRELAY_DATAPATH"
-CHOICES = ("auto", "c", "python")
+CHOICES = ("auto", "c", "python", "portable")
 
 _log = Logger(namespace="labrelay.datapath")
 
@@ -95,7 +101,7 @@ class PairAborted(PairError):
 
 @dataclass(frozen=True)
 class Backend:
-    name: str  # "c" or "python"
+    name: str  # "c", "python" or "portable"
     reason: str
 
 
@@ -108,7 +114,13 @@ def choose_backend(value: str | None = None) -> Backend:
         raise DatapathError(
             f"{ENV}={raw!r} is not one of {', '.join(CHOICES)}"
         )
+    if wanted == "portable":
+        return Backend("portable", f"{ENV}=portable")
+    can_splice = hasattr(os, "splice")
     if wanted == "python":
+        if not can_splice:
+            raise DatapathError(f"{ENV}=python needs os.splice (Linux); "
+                                f"set {ENV}=portable (or auto) here")
         return Backend("python", f"{ENV}=python")
     if _splice.AVAILABLE:
         return Backend("c", f"{ENV}={wanted}")
@@ -116,8 +128,10 @@ def choose_backend(value: str | None = None) -> Backend:
         raise DatapathError(
             f"{ENV}=c but the native module is not available ({_splice.IMPORT_ERROR}); "
             "rebuild with `pip install -e .` (needs a C compiler and Python headers), "
-            f"or set {ENV}=python"
+            f"or set {ENV}={'python' if can_splice else 'portable'}"
         )
+    if not can_splice:
+        return Backend("portable", "no native module and no splice on this system")
     return Backend("python", f"native module not available ({_splice.IMPORT_ERROR})")
 
 # --- the facade -----------------------------------------------------------------
@@ -183,6 +197,8 @@ class DataPath:
         """A new pump of the chosen backend (the seam the benchmark's variants use)."""
         if self.backend.name == "c":
             return ThreadPump(self.reactor, **options)
+        if self.backend.name == "portable":
+            return CopyPump(self.reactor, **options)
         return ReactorPump(self.reactor, **options)
 
     def start(self) -> None:
@@ -295,3 +311,16 @@ def status(reactor: Any) -> dict[str, Any] | None:
     """The data path's status for ``reactor``, or None if it was never used."""
     dp = _datapaths.get(reactor)
     return None if dp is None else dp.status()
+
+
+def describe(reactor: Any) -> dict[str, Any]:
+    """What ``labrelay status`` shows of the data path: its status once used, else the
+    backend it will run (``backend``, ``reason``), or why none can."""
+    used = status(reactor)
+    if used is not None:
+        return used
+    try:
+        backend = choose_backend()
+    except DatapathError as e:
+        return {"backend": "none", "reason": str(e)}
+    return {"backend": backend.name, "reason": backend.reason}

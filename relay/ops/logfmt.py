@@ -24,7 +24,13 @@ authentication).  Every observer this module builds therefore sees events throug
   a failure's traceback is escaped line by line and written as indented
   continuation lines (``  | …``), so no peer byte can start a line of its own.
 
-The text form's lines therefore always start with a time stamp or with ``  | ``.
+The text form's lines therefore always start with a time stamp (or, on journald, a
+``<N>`` priority) or with ``  | ``.
+
+Under systemd, when stderr *is* the journal (``$JOURNAL_STREAM`` names its device and
+inode), the text form drops its own time stamp, which journald records anyway, and
+starts each line with the syslog priority (``<3>`` error, ``<4>`` warning, ``<6>``
+info, ``<7>`` debug) that journald reads as the entry's priority.
 :func:`sanitizing_observer` gives the same guarantee to observers this module does
 not build (twistd's log file, syslog).
 """
@@ -113,9 +119,21 @@ def sanitize_event(event: Mapping[str, Any]) -> dict[str, Any]:
             safe[key] = escape(value, TEXT_LIMIT)
         elif not key.startswith("log_") and isinstance(value, (str, bytes)):
             safe[key] = escape(value)
+        elif not key.startswith("log_") and _simple_list(value):
+            safe[key] = [escape(v) if isinstance(v, (str, bytes)) else v
+                         for v in value[:LIST_LIMIT]]
         else:
             safe[key] = value
     return safe
+
+
+LIST_LIMIT = 100
+"""Items of a list field kept (a reload's changes or problems)."""
+
+
+def _simple_list(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(v, (*_SIMPLE, bytes)) for v in value)
 
 
 class _PlainFieldFormatter(string.Formatter):
@@ -177,7 +195,8 @@ def _wanted(event: Mapping[str, Any], verbose: bool) -> bool:
 
 def json_observer(stream: IO[str], verbose: bool = False) -> ILogObserver:
     """One JSON object per line: ``event``, ``level``, ``time``, ``text`` and every
-    simple field, all escaped and truncated (:func:`sanitize_event`)."""
+    simple field (and list of simple values), all escaped and truncated
+    (:func:`sanitize_event`)."""
 
     @provider(ILogObserver)
     def observe(raw: dict[str, Any]) -> None:
@@ -192,7 +211,8 @@ def json_observer(stream: IO[str], verbose: bool = False) -> ILogObserver:
             "text": text,
         }
         for key, value in event.items():
-            if not key.startswith("log_") and key not in record and isinstance(value, _SIMPLE):
+            if not key.startswith("log_") and key not in record and (
+                    isinstance(value, _SIMPLE) or _simple_list(value)):
                 record[key] = value
         stream.write(json.dumps(record) + "\n")
         stream.flush()
@@ -200,18 +220,43 @@ def json_observer(stream: IO[str], verbose: bool = False) -> ILogObserver:
     return observe
 
 
-def text_observer(stream: IO[str], verbose: bool = False) -> ILogObserver:
+_PRIORITY = {"critical": 2, "error": 3, "warn": 4, "info": 6, "debug": 7}
+"""syslog priorities of twisted.logger's levels, as journald reads a ``<N>`` prefix."""
+
+
+def is_journal(stream: IO[str], environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``stream`` is connected to journald: ``$JOURNAL_STREAM`` (``DEV:INODE``,
+    set by systemd for a unit whose output goes to the journal) names its file."""
+    import os
+
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def text_observer(stream: IO[str], verbose: bool = False,
+                  journal: bool = False) -> ILogObserver:
     """``YYYY-MM-DD HH:MM:SS level message``, one line per event; a traceback follows
-    as lines that start with :data:`CONTINUATION`."""
+    as lines that start with :data:`CONTINUATION`.  With ``journal`` (stderr is
+    journald's), ``<N>level message``: journald adds the time and reads the priority."""
 
     @provider(ILogObserver)
     def observe(raw: dict[str, Any]) -> None:
         if not _wanted(raw, verbose):
             return
         event = sanitize_event(raw)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.get("log_time")))
         level = event.get("log_level", LogLevel.info).name
-        lines = [f"{stamp} {level:<5} {format_event(event)}"]
+        if journal:
+            lines = [f"<{_PRIORITY.get(level, 6)}>{level:<5} {format_event(event)}"]
+        else:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.get("log_time")))
+            lines = [f"{stamp} {level:<5} {format_event(event)}"]
         lines += [CONTINUATION + line for line in _traceback(event)]
         stream.write("\n".join(lines) + "\n")
         stream.flush()
@@ -245,5 +290,5 @@ def start_logging(fmt: str, verbose: bool) -> None:
     if fmt == "json":
         observer = json_observer(sys.stdout, verbose)
     else:
-        observer = text_observer(sys.stderr, verbose)
+        observer = text_observer(sys.stderr, verbose, journal=is_journal(sys.stderr))
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)

@@ -8,6 +8,7 @@ starts, and reported as a :class:`~relay.config.errors.ConfigError`.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,12 @@ from twisted.web.server import Site
 
 from relay.agent.link import Link
 from relay.config.errors import ConfigError
-from relay.config.schema import NodeConfig
+from relay.config.schema import LinkConfig, NodeConfig, PlainForwardConfig
+from relay.ops.check import node_problems
+from relay.ops.metrics import MetricsRegistry
+from relay.ops.notify import SystemdNotifier
+from relay.ops.parts import default_parts
+from relay.ops.reload import Reloader
 from relay.ops.status import AdminGate, TokenError, admin_resource, base_snapshot, read_token
 from relay.ssh.identity import load_identities
 
@@ -37,13 +43,27 @@ class AdminServer(TCPServer):
 
 
 class NodeService(MultiService):
-    """The root service of one labrelay process."""
+    """The root service of one labrelay process.
+
+    With ``load`` (how to read the config again) it can reload: a :class:`Reloader`
+    with the default parts (:mod:`relay.ops.parts`) is :attr:`reloader`, reached by
+    SIGHUP (``handle_sighup``, set by the command line and twistd, never by tests
+    that build a node in-process) and by ``POST /reload`` on the admin endpoint."""
+
+    _log = Logger()
 
     def __init__(self, config: NodeConfig, reactor: Any,
-                 on_fatal: Callable[[str], object] | None = None) -> None:
+                 on_fatal: Callable[[str], object] | None = None, *,
+                 load: Callable[[], NodeConfig] | None = None,
+                 notifier: SystemdNotifier | None = None,
+                 handle_sighup: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.reactor = reactor
+        self._on_fatal = on_fatal
         self._started = reactor.seconds()
+        self.notifier = notifier
+        self._handle_sighup = handle_sighup
         self.links: list[Link] = []
         self.relay: Any = None
         if config.relay is not None:
@@ -52,24 +72,15 @@ class NodeService(MultiService):
 
             self.relay = RelayService(config.relay, Grants(config.relay, config.source), reactor)
             self.relay.setServiceParent(self)
-        for index, link_config in enumerate(config.links):
-            identities = load_identities(config, link_config, index)
-            link = Link(link_config, reactor, identities, on_fatal=on_fatal,
-                        local_relay=self.relay.core if self.relay is not None else None)
-            link.setServiceParent(self)
-            self.links.append(link)
+        for link_config in config.links:
+            self.links.append(self.startLink(config, link_config))
         self.plain_forwards: list[Any] = []
-        if config.forwards:
-            from relay.agent.plainhop import PlainForward
-            from relay.datapath.splicing import DatapathError
-
-            for fwd in config.forwards:
-                try:
-                    plain = PlainForward(fwd, reactor, on_fatal=on_fatal)
-                except DatapathError as e:
-                    raise ConfigError("environment", "LABRELAY_DATAPATH", str(e)) from e
-                plain.setServiceParent(self)
-                self.plain_forwards.append(plain)
+        for fwd in config.forwards:
+            self.plain_forwards.append(self.startPlain(fwd))
+        self.reloader: Reloader | None = None
+        if load is not None:
+            self.reloader = Reloader(config, load, default_parts(self), reactor,
+                                     check=node_problems, notifier=notifier)
         if config.admin is not None:
             listen = config.admin.listen
             token = None
@@ -78,11 +89,84 @@ class NodeService(MultiService):
                     token = read_token(config.admin.token_file)
                 except TokenError as e:
                     raise ConfigError(config.source, "admin.token_file", str(e)) from e
-            site = Site(admin_resource(self.status, AdminGate(listen.host, token)))
+            metrics = MetricsRegistry(self.status)
+            reload = self.reloadNow if self.reloader is not None else None
+            site = Site(admin_resource(self.status, AdminGate(listen.host, token),
+                                       metrics=metrics.exposition, reload=reload))
             site.noisy = False
             admin = AdminServer(listen.port, site, interface=listen.host, reactor=reactor)
             admin.setName("admin")
             admin.setServiceParent(self)
+
+    # parts that a reload starts and stops (relay.ops.parts)
+
+    def startLink(self, config: NodeConfig, link_config: LinkConfig) -> Link:
+        index = config.links.index(link_config)
+        identities = load_identities(config, link_config, index)
+        link = Link(link_config, self.reactor, identities, on_fatal=self._fatalFor(),
+                    local_relay=self.relay.core if self.relay is not None else None)
+        link.setServiceParent(self)
+        return link
+
+    def _fatalFor(self) -> Callable[[str], object] | None:
+        """A part built at start-up stops the process when it cannot run (a port that
+        cannot be bound); one a reload added only logs it: the node runs on."""
+        return self._on_fatal if not self.running else self._lateFailure
+
+    def _lateFailure(self, why: str) -> None:
+        self._log.error("a part added by a reload cannot run: {why}",
+                        event="reload_start_failed", why=why)
+
+    def stopLink(self, link: Link) -> Any:
+        return link.disownServiceParent()
+
+    def startPlain(self, fwd: PlainForwardConfig) -> Any:
+        from relay.agent.plainhop import PlainForward
+        from relay.datapath.splicing import DatapathError
+
+        try:
+            plain = PlainForward(fwd, self.reactor, on_fatal=self._fatalFor())
+        except DatapathError as e:
+            raise ConfigError("environment", "LABRELAY_DATAPATH", str(e)) from e
+        plain.setServiceParent(self)
+        return plain
+
+    def stopPlain(self, plain: Any) -> Any:
+        return plain.disownServiceParent()
+
+    # reload
+
+    def reloadNow(self) -> dict[str, Any]:
+        """Reload the config (SIGHUP, ``POST /reload``); what it did, as JSON data."""
+        assert self.reloader is not None
+        return self.reloader.reload().as_dict()
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reloadNow)
+
+    def startService(self) -> None:
+        super().startService()
+        if self._handle_sighup and self.reloader is not None:
+            signal.signal(signal.SIGHUP, self._sighup)
+        if self.notifier is not None:
+            self.notifier.ready("running: " + self._summary())
+            self.notifier.start_watchdog(self.reactor)
+
+    def stopService(self) -> Any:
+        if self.notifier is not None:
+            self.notifier.stopping()
+            self.notifier.stop_watchdog()
+        if self._handle_sighup and self.reloader is not None:
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        return super().stopService()
+
+    def _summary(self) -> str:
+        parts = [f"{len(self.links)} link(s)"]
+        if self.relay is not None:
+            parts.append(f"relay on {self.relay.core.config.listen}")
+        if self.plain_forwards:
+            parts.append(f"{len(self.plain_forwards)} plain forward(s)")
+        return ", ".join(parts)
 
     def status(self) -> dict[str, Any]:
         snapshot = {**base_snapshot(os.getpid(), self._started),
@@ -91,14 +175,28 @@ class NodeService(MultiService):
             snapshot["relay"] = self.relay.core.status()
         if self.plain_forwards:
             snapshot["forwards"] = [f.status() for f in self.plain_forwards]
+        from relay.datapath import splicing
+
+        datapath = splicing.status(self.reactor)
+        if datapath is not None:
+            snapshot["datapath"] = datapath
+        elif self.plain_forwards:
             snapshot["datapath"] = self.plain_forwards[0].datapath.status()
+        else:
+            snapshot["datapath"] = splicing.describe(self.reactor)
+        if self.reloader is not None:
+            snapshot["reload"] = self.reloader.status()
         return snapshot
 
 
 def make_node_service(config: NodeConfig, reactor: Any,
-                      on_fatal: Callable[[str], object] | None = None) -> NodeService:
+                      on_fatal: Callable[[str], object] | None = None, *,
+                      load: Callable[[], NodeConfig] | None = None,
+                      notifier: SystemdNotifier | None = None,
+                      handle_sighup: bool = False) -> NodeService:
     if not config.links and config.relay is None and not getattr(config, "forwards", ()):
         raise ConfigError(config.source, "link", "nothing to run: no [[link]], [relay] or "
                           "[[forward]] configured",
                           "add a [[link]] table, or give [user@]host on the command line")
-    return NodeService(config, reactor, on_fatal=on_fatal)
+    return NodeService(config, reactor, on_fatal=on_fatal, load=load, notifier=notifier,
+                       handle_sighup=handle_sighup)

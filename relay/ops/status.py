@@ -56,118 +56,6 @@ def _json(snapshot: dict[str, Any]) -> str:
     return json.dumps(snapshot, indent=2, sort_keys=True) + "\n"
 
 
-def _label(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def prometheus_text(snapshot: dict[str, Any]) -> str:
-    """Prometheus exposition format (text 0.0.4) of a status snapshot."""
-    lines = [
-        "# HELP labrelay_info labrelay version.",
-        "# TYPE labrelay_info gauge",
-        f'labrelay_info{{version="{_label(snapshot.get("version", ""))}"}} 1',
-        "# HELP labrelay_link_up 1 when the link is connected and authenticated.",
-        "# TYPE labrelay_link_up gauge",
-    ]
-    forwards: list[tuple[str, dict[str, Any]]] = []
-    for link in snapshot.get("links", []):
-        name = _label(link["name"])
-        lines.append(f'labrelay_link_up{{link="{name}"}} {int(link["state"] == "connected")}')
-        forwards.extend((name, f) for f in link.get("forwards", []))
-    series = [
-        ("forward_ready", "gauge", "1 when the forward is usable.",
-         lambda f: int(f["state"] in ("ready", "listening"))),
-        ("forward_failures", "gauge", "Refusals in a row (0 once granted).",
-         lambda f: f.get("failures", 0)),
-        ("sessions_active", "gauge", "Sessions open now.", lambda f: f["sessions_active"]),
-        ("sessions_total", "counter", "Sessions since start.", lambda f: f["sessions_total"]),
-        ("bytes_to_target_total", "counter", "Bytes carried toward the target.",
-         lambda f: f["bytes_to_target"]),
-        ("bytes_from_target_total", "counter", "Bytes carried back from the target.",
-         lambda f: f["bytes_from_target"]),
-    ]
-    for metric, kind, help_text, value in series:
-        lines.append(f"# HELP labrelay_{metric} {help_text}")
-        lines.append(f"# TYPE labrelay_{metric} {kind}")
-        for link_name, f in forwards:
-            labels = f'link="{link_name}",forward="{_label(f["name"])}",kind="{f["kind"]}"'
-            lines.append(f"labrelay_{metric}{{{labels}}} {value(f)}")
-    relay = snapshot.get("relay")
-    if relay is not None:
-        lines += _relay_metrics(relay)
-    return "\n".join(lines) + "\n"
-
-
-def _relay_metrics(relay: dict[str, Any]) -> list[str]:
-    lines = [
-        "# HELP labrelay_relay_agents_connected Agent connections now.",
-        "# TYPE labrelay_relay_agents_connected gauge",
-        f"labrelay_relay_agents_connected {len(relay.get('agents', []))}",
-        "# HELP labrelay_relay_users_connected User connections now.",
-        "# TYPE labrelay_relay_users_connected gauge",
-        f"labrelay_relay_users_connected {len(relay.get('users', []))}",
-        "# HELP labrelay_relay_service_up 1 while an agent holds the service.",
-        "# TYPE labrelay_relay_service_up gauge",
-    ]
-    for svc in relay.get("services", []):
-        lines.append(f'labrelay_relay_service_up{{service="{_label(svc["service"])}",'
-                     f'owner="{_label(svc["owner"])}"}} 1')
-    per_service = relay.get("per_service", {})
-    for metric, key, kind in (
-        ("relay_sessions_active", "sessions_active", "gauge"),
-        ("relay_sessions_total", "sessions_total", "counter"),
-        ("relay_bytes_to_service_total", "bytes_to_service", "counter"),
-        ("relay_bytes_from_service_total", "bytes_from_service", "counter"),
-    ):
-        lines.append(f"# TYPE labrelay_{metric} {kind}")
-        for name, values in per_service.items():
-            lines.append(f'labrelay_{metric}{{service="{_label(name)}"}} {values[key]}')
-    lines.append("# HELP labrelay_relay_user_sessions Sessions open now per user.")
-    lines.append("# TYPE labrelay_relay_user_sessions gauge")
-    for user, count in relay.get("per_user", {}).items():
-        lines.append(f'labrelay_relay_user_sessions{{user="{_label(user)}"}} {count}')
-    for counter, value in relay.get("counters", {}).items():
-        lines.append(f"# TYPE labrelay_relay_{counter}_total counter")
-        lines.append(f"labrelay_relay_{counter}_total {value}")
-    fast = relay.get("fast_path") or {}
-    for counter in ("paired", "pair_failed", "pooled", "data_connections", "data_refused",
-                    "data_throttled"):
-        if counter in fast:
-            lines.append(f"# TYPE labrelay_relay_fast_{counter}_total counter")
-            lines.append(f"labrelay_relay_fast_{counter}_total {fast[counter]}")
-    admission = relay.get("admission") or {}
-    if admission:
-        lines += [
-            "# HELP labrelay_relay_penalised_sources Sources refused now for a penalty.",
-            "# TYPE labrelay_relay_penalised_sources gauge",
-            f"labrelay_relay_penalised_sources {admission.get('penalised_sources', 0)}",
-            "# HELP labrelay_relay_penalties_total Penalties given, by offence.",
-            "# TYPE labrelay_relay_penalties_total counter",
-        ]
-        for offence, value in admission.get("penalties", {}).items():
-            lines.append(f'labrelay_relay_penalties_total{{offence="{_label(offence)}"}} {value}')
-        lines += ["# HELP labrelay_relay_admission_refused_total Connections closed at "
-                  "accept, by port and reason.",
-                  "# TYPE labrelay_relay_admission_refused_total counter"]
-        for port in ("ssh", "data"):
-            for reason, value in (admission.get(port) or {}).get("refused", {}).items():
-                lines.append(f'labrelay_relay_admission_refused_total{{port="{port}",'
-                             f'reason="{_label(reason)}"}} {value}')
-        lines += ["# HELP labrelay_relay_unauthenticated Connections not yet authenticated "
-                  "(SSH) or owing their hello (data), by port.",
-                  "# TYPE labrelay_relay_unauthenticated gauge"]
-        for port in ("ssh", "data"):
-            if port in admission:
-                lines.append(f'labrelay_relay_unauthenticated{{port="{port}"}} '
-                             f"{admission[port]['unauthenticated']}")
-    if fast.get("tokens_refused"):
-        lines.append("# TYPE labrelay_relay_fast_tokens_refused_total counter")
-    for reason, value in fast.get("tokens_refused", {}).items():
-        lines.append(f'labrelay_relay_fast_tokens_refused_total{{reason="{_label(reason)}"}} '
-                     f"{value}")
-    return lines
-
-
 MIN_TOKEN_LENGTH = 16
 CELL_LIMIT = 120
 _WILDCARDS = ("", "*", "0.0.0.0", "::")
@@ -300,12 +188,86 @@ class _Gated(Resource):
         return child if child is not None else notFound()
 
 
-def admin_resource(snapshot: Snapshot, gate: AdminGate) -> Resource:
+class _Metrics(Resource):
+    isLeaf = True
+
+    def __init__(self, exposition: Callable[[], bytes]) -> None:
+        super().__init__()
+        self._exposition = exposition
+
+    def render_GET(self, request: Request) -> bytes:
+        from relay.ops.metrics import CONTENT_TYPE
+
+        request.setHeader(b"content-type", CONTENT_TYPE.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        return self._exposition()
+
+
+RELOAD_HEADER = b"x-labrelay-action"
+"""``POST /reload`` must carry ``X-Labrelay-Action: reload``: a page in a browser cannot
+add that header to a cross-site request without a CORS preflight this endpoint never
+grants, so a web page the operator visits cannot make the relay reload."""
+
+
+class _Reload(Resource):
+    """``POST /reload``: reload the config now; 200 with what changed, 409 with every
+    problem when the new config was refused (nothing changed)."""
+
+    isLeaf = True
+
+    def __init__(self, reload: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        self._reload = reload
+
+    def render_POST(self, request: Request) -> bytes:
+        request.setHeader(b"cache-control", b"no-store")
+        if request.getHeader(RELOAD_HEADER) != b"reload":
+            request.setResponseCode(403)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"POST /reload needs the header X-Labrelay-Action: reload\n"
+        result = self._reload()
+        request.setResponseCode(200 if result["ok"] else 409)
+        request.setHeader(b"content-type", b"application/json")
+        return _json(result).encode()
+
+
+def admin_resource(snapshot: Snapshot, gate: AdminGate, *,
+                   metrics: Callable[[], bytes] | None = None,
+                   reload: Callable[[], dict[str, Any]] | None = None) -> Resource:
+    """The admin tree: ``/`` (the status page), ``/status.json``, ``/metrics`` and,
+    when the node can reload, ``POST /reload``; every path behind ``gate``."""
+    from relay.ops.metrics import MetricsRegistry
+    from relay.ops.page import render_page
+
+    if metrics is None:
+        metrics = MetricsRegistry(snapshot).exposition
     root = Resource()
     root.putChild(b"status.json", _Leaf(snapshot, _json, "application/json"))
-    root.putChild(b"metrics", _Leaf(snapshot, prometheus_text, "text/plain; version=0.0.4"))
-    root.putChild(b"", _Leaf(snapshot, _json, "application/json"))
+    root.putChild(b"metrics", _Metrics(metrics))
+    root.putChild(b"", _Leaf(snapshot, render_page, "text/html; charset=utf-8"))
+    if reload is not None:
+        root.putChild(b"reload", _Reload(reload))
     return _Gated(root, gate)
+
+
+def post_reload(address: str, timeout: float = 60.0,
+                token: bytes | None = None) -> dict[str, Any]:
+    """Ask the labrelay whose admin endpoint is ``host:port`` to reload; its answer
+    (``ok``, ``changes``, ``errors``), also when it refused the new config."""
+    import urllib.error
+
+    request = urllib.request.Request(f"http://{address}/reload", data=b"", method="POST")
+    request.add_header("X-Labrelay-Action", "reload")
+    if token is not None:
+        request.add_header("Authorization", "Bearer " + token.decode("ascii"))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            result: dict[str, Any] = json.load(reply)
+    except urllib.error.HTTPError as e:
+        if e.code != 409:
+            raise
+        result = json.load(e)
+    return result
 
 
 def fetch(address: str, timeout: float = 5.0, token: bytes | None = None) -> dict[str, Any]:
@@ -374,6 +336,14 @@ def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
     relay = snapshot.get("relay")
     if relay is not None:
         parts += _relay_tables(relay, now)
+    dp = snapshot.get("datapath")
+    if dp:
+        parts.append(f"data path: {dp.get('backend', '?')} backend ({dp.get('reason', '')})")
+    reload = snapshot.get("reload")
+    if reload is not None and reload.get("last") is not None:
+        last = reload["last"]
+        parts.append(f"last reload {_age(last['at'], now)} ago: " + (
+            "applied" if last["ok"] else "REFUSED: " + "; ".join(last["errors"])))
     lines = "\n\n".join(parts).split("\n")
     return "".join(escape(line, None, backslash=False) + "\n" for line in lines)
 
@@ -396,10 +366,17 @@ def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
          f"{s['bytes_to_service']}/{s['bytes_from_service']}"]
         for s in relay.get("sessions", [])
     ]
+    accounts = [["USER", "OPEN", "SESSIONS", "BYTES TO/FROM"]] + [
+        [name, str(t["sessions_active"]), str(t["sessions_total"]),
+         f"{t['bytes_to_service']}/{t['bytes_from_service']}"]
+        for name, t in relay.get("per_user_totals", {}).items()
+    ]
     out = [f"relay on {relay.get('listen', '?')}: {len(relay.get('agents', []))} agent(s), "
            f"{len(relay.get('users', []))} user connection(s)", _table(agents), _table(services)]
     if len(sessions) > 1:
         out.append(_table(sessions))
+    if len(accounts) > 1:
+        out.append(_table(accounts))
     fast = relay.get("fast_path")
     if fast is not None:
         if fast.get("data_port") is None:

@@ -1,7 +1,10 @@
 """twistd integration: ``twistd -n labrelay --config node.toml``.
 
-Builds exactly the service tree ``labrelay agent --config`` runs; twistd adds
-daemonising, ``--pidfile`` and ``--logfile``.  twistd's own log observer (the
+Builds exactly the service tree ``labrelay agent --config`` runs (a relay, links,
+plain hops: whatever the file has); twistd adds daemonising, ``--pidfile`` and
+``--logfile``.  SIGHUP reloads the config file, as under ``labrelay``; a bad config
+exits at once with status 1, and so does a fatal error later (a port that cannot be
+bound).  twistd's own log observer (the
 ``--logfile`` file, stdout or ``--syslog``) is wrapped by
 :func:`relay.ops.logfmt.sanitizing_observer`, so peer-supplied strings are escaped and
 truncated there as in ``labrelay``'s own output; an explicit ``--logger`` is left as
@@ -10,11 +13,13 @@ the operator chose it.
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from relay.config.errors import ConfigError
@@ -85,10 +90,43 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
             globalLogPublisher.addObserver(json_observer(sys.stdout))
 
-        def fatal(why: str) -> None:
-            reactor.stop()
+        from relay.ops.notify import SystemdNotifier
 
-        node = make_node_service(config, reactor, on_fatal=fatal)
+        node = make_node_service(config, reactor, on_fatal=_Fatal(reactor),
+                                 load=lambda: load_config(options["config"]),
+                                 notifier=SystemdNotifier(), handle_sighup=True)
     except ConfigError as e:
         raise SystemExit(f"labrelay: {e}") from None
     return TwistdRoot(node, getattr(options, "parent", None))
+
+
+class _Fatal:
+    """What a fatal error does under twistd: log it, stop the reactor, and make twistd
+    exit with status 1.  twistd itself exits 0 whenever its reactor stops (unless a
+    signal stopped it), which would tell systemd (``Restart=on-failure``) and scripts
+    that nothing went wrong; an exit hook that runs after twistd's own clean-up (pid
+    file removed, logs flushed) sets the status instead."""
+
+    _log = Logger(namespace="labrelay")
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._armed = False
+
+    def __call__(self, why: str) -> None:
+        self._log.critical("{why}; stopping", why=why, event="fatal")
+        if not self._armed:
+            self._armed = True
+            atexit.register(_exit_failed)
+        # twistd starts the services before its reactor runs: a port that cannot be
+        # bound is found then, and the reactor is stopped as soon as it runs.
+        if self._reactor.running:
+            self._reactor.stop()
+        else:
+            self._reactor.callWhenRunning(self._reactor.stop)
+
+
+def _exit_failed() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -18,6 +19,7 @@ from twisted.python.failure import Failure
 from relay.core import fastwire as fw
 from relay.core.admission import Offence
 from relay.core.admission import Ticket as AdmissionTicket
+from relay.core.clock import expire
 from relay.core.tokens import Ticket
 from relay.datapath.handoff import Handoff
 
@@ -36,7 +38,7 @@ class DataPortHandler(TypingProtocol):
 
     def helloReceived(self, dc: DataConnection, hello: fw.Hello) -> None: ...
 
-    def lost(self, dc: DataConnection, was: str) -> None: ...
+    def lost(self, dc: DataConnection, was: DataState) -> None: ...
 
 
 class PairingError(Exception):
@@ -69,25 +71,18 @@ class AgentPool:
         """An idle connection now, or None (nobody waits)."""
         while self.idle:
             conn = self.idle.popleft()
-            if conn.state == "idle":
+            if conn.state is DataState.IDLE:
                 return conn
         return None
 
     def take(self, clock: Any, timeout: float) -> defer.Deferred[DataConnection]:
         while self.idle:
             conn = self.idle.popleft()
-            if conn.state == "idle":
+            if conn.state is DataState.IDLE:
                 return defer.succeed(conn)
         d: defer.Deferred[DataConnection] = defer.Deferred()
-        timer = clock.callLater(timeout, d.cancel)
         self.waiters.append(d)
-
-        def done(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        return d.addBoth(done)
+        return expire(d, timeout, clock)
 
     def close(self) -> None:
         for conn in list(self.idle):
@@ -99,19 +94,28 @@ class AgentPool:
                 d.errback(PairingError("the agent disconnected"))
 
 
-class DataConnection(Handoff):
-    """One connection to the data port, until it is spliced or closed.
+class DataState(StrEnum):
+    """A connection to the data port: ``HELLO`` -> ``USER`` or ``IDLE`` ->
+    ``DISPATCHED`` -> ``SPLICED`` (or ``JOINED``: an agent's answered for a user's SSH
+    channel, its transport now a bridge side, :mod:`relay.server.pooled`); any ->
+    ``CLOSED``."""
 
-    States: ``hello`` (challenge sent, collecting the hello) -> ``user`` (held, waiting to be
-    paired) or ``idle`` (an agent's pooled connection, read only to notice its end)
-    -> ``dispatched`` (an agent's, waiting for ``K``/``E``; then held) -> ``spliced``; any
-    -> ``closed``; ``dispatched`` -> ``joined`` (an agent's, answered for a user's SSH
-    channel: its transport now belongs to a bridge side, ``relay.server.pooled``)."""
+    HELLO = "hello"  # challenge sent, collecting the hello
+    USER = "user"  # a user's, paused, waiting to be paired
+    IDLE = "idle"  # an agent's pooled connection, read only to notice its end
+    DISPATCHED = "dispatched"  # an agent's, sent a GO, waiting for K/E
+    SPLICED = "spliced"
+    JOINED = "joined"  # an agent's, answered for a user's SSH channel: a bridge side now
+    CLOSED = "closed"
+
+
+class DataConnection(Handoff):
+    """One connection to the data port, until it is spliced or closed (:class:`DataState`)."""
 
     def __init__(self, port: DataPortHandler) -> None:
         super().__init__()
         self.port = port
-        self.state = "hello"
+        self.state = DataState.HELLO
         self.source = "?"
         self.pool: AgentPool | None = None
         self.reply: defer.Deferred[str] | None = None
@@ -124,7 +128,7 @@ class DataConnection(Handoff):
         peer = self.transport.getPeer()
         self.source = str(getattr(peer, "host", "?"))
         if not self.port.admit(self):
-            self.state = "closed"
+            self.state = DataState.CLOSED
             self.transport.abortConnection()
             return
         self._timer = self.port.clock.callLater(self.port.hello_timeout, self._helloTimeout)
@@ -137,7 +141,7 @@ class DataConnection(Handoff):
                          f"{self.port.hello_timeout:g}s", failure=Offence.GRACE)
 
     def prefaceReceived(self) -> None:
-        if self.state == "hello":
+        if self.state is DataState.HELLO:
             try:
                 length = fw.hello_length(self.buf)
             except fw.WireError as e:
@@ -152,9 +156,9 @@ class DataConnection(Handoff):
             hello = self.buf[:length]
             self.hold(self.buf[length:])
             self.port.helloReceived(self, fw.parse_hello(hello))
-        elif self.state == "idle":
+        elif self.state is DataState.IDLE:
             self.port.refuse(self, "protocol", "an idle agent data connection sent bytes")
-        elif self.state == "dispatched":
+        elif self.state is DataState.DISPATCHED:
             try:
                 parsed = fw.parse_reply(self.buf, fw.AGENT_OK, fw.AGENT_ERROR)
             except fw.WireError as e:
@@ -179,7 +183,7 @@ class DataConnection(Handoff):
         """Send GO to this idle agent connection, MAC'd with its ticket's secret and
         bound to its ticket id and nonce; fires once the agent answers."""
         assert self.ticket is not None
-        self.state = "dispatched"
+        self.state = DataState.DISPATCHED
         self.reply = defer.Deferred()
         mac = fw.go_mac(self.ticket.secret, self.ticket.token_id, self.nonce, bind, port)
         self.transport.write(fw.pack_go(bind, port, mac))
@@ -191,6 +195,6 @@ class DataConnection(Handoff):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        was, self.state = self.state, "closed"
+        was, self.state = self.state, DataState.CLOSED
         self.port.lost(self, was)
         self._answered(Failure(AgentConnectionGone("the agent's data connection closed")))

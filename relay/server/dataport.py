@@ -24,6 +24,7 @@ The wire format is in :mod:`relay.core.fastwire`.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from enum import Enum
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -37,13 +38,20 @@ from relay.config.schema import RelayConfig
 from relay.core import fastwire as fw
 from relay.core.admission import Admission, Offence, Refusal
 from relay.core.admission import Ticket as AdmissionTicket
+from relay.core.clock import expire
 from relay.core.routing import Registration, Registry
 from relay.core.tokens import Refusal as TokenRefusal
 from relay.core.tokens import TokenBook, TokenRefused, TooManyTokens
 from relay.datapath import splicing as datapath
 from relay.datapath.join import PairCounters, join
 from relay.datapath.net import LISTEN_BACKLOG, probe_idle
-from relay.server.dataconn import AgentConnectionGone, AgentPool, DataConnection, PairingError
+from relay.server.dataconn import (
+    AgentConnectionGone,
+    AgentPool,
+    DataConnection,
+    DataState,
+    PairingError,
+)
 from relay.server.grants import Grants
 from relay.ssh.server import RelayConnection
 
@@ -56,6 +64,15 @@ MAX_DISPATCH_TRIES = 3  # pooled connections found dead at dispatch before givin
 # The others (expired, session gone, wrong role or service) need a real token's secret:
 # an honest client that was late, not an attack.
 GUESSED = frozenset({TokenRefusal.MALFORMED, TokenRefusal.UNKNOWN, TokenRefusal.WRONG})
+
+
+class Wait(Enum):
+    """What a dispatch waits for, in order: its agent registered, one of the agent's
+    pooled connections free, that connection's answer to the GO."""
+
+    REGISTRATION = "registration"
+    POOL = "pool"
+    AGENT = "agent"
 
 
 class RelayForDataPort(TypingProtocol):
@@ -265,8 +282,8 @@ class DataPort:
         self.counters["data_refused"] += 1
         self._log.warn("data port: refused a connection from {source}: {why}",
                        event="relay_data_refused", source=dc.source, what=what, why=why)
-        if dc.state != "closed":
-            dc.state = "closed"
+        if dc.state is not DataState.CLOSED:
+            dc.state = DataState.CLOSED
             if tell is not None:
                 dc.transport.write(fw.pack_error(fw.USER_ERROR, tell))
                 dc.transport.loseConnection()
@@ -290,7 +307,7 @@ class DataPort:
             if pool is None or len(pool.idle) >= MAX_POOL_PER_AGENT:
                 self.refuse(dc, "pool", f"agent {ticket.principal}: pool full or gone")
                 return
-            dc.state = "idle"
+            dc.state = DataState.IDLE
             dc.pool = pool
             dc.ticket = ticket
             probe_idle(dc.transport)
@@ -300,12 +317,13 @@ class DataPort:
             dc.resume()  # only to notice when it closes
             pool.put(dc)
             return
-        dc.state = "user"
+        dc.state = DataState.USER
         assert ticket.service is not None
         self._pairUser(dc, ticket.principal, ticket.service, ticket.session)
 
-    def lost(self, dc: DataConnection, was: str) -> None:
-        self._release(dc, Offence.NOAUTH if was == "hello" else None)  # closed before hello
+    def lost(self, dc: DataConnection, was: DataState) -> None:
+        # closed before its hello: a NOAUTH offence
+        self._release(dc, Offence.NOAUTH if was is DataState.HELLO else None)
         if dc.pool is not None:  # an idle one, or one refused (state already "closed")
             try:
                 dc.pool.idle.remove(dc)
@@ -330,7 +348,7 @@ class DataPort:
         except PairingError as e:
             self.refuse(user, "cap", str(e), tell=str(e))
             return
-        wanted: Callable[[], bool] = lambda: user.state == "user"  # noqa: E731
+        wanted: Callable[[], bool] = lambda: user.state is DataState.USER  # noqa: E731
 
         def paired(agent: DataConnection) -> None:
             counters = self.core.fastSessionCounters(
@@ -340,7 +358,7 @@ class DataPort:
             except (OSError, TypeError) as e:
                 agent.transport.abortConnection()
                 raise PairingError(f"cannot splice: {e}") from e
-            user.state = agent.state = "spliced"
+            user.state = agent.state = DataState.SPLICED
             self.counters["paired"] += 1
             self._log.info("{user}: fast path to {service} spliced",
                            event="relay_fast_session", user=principal_name, service=label,
@@ -398,7 +416,7 @@ class DataPort:
         label = f"{name}:{port}"
         deadline = self.clock.seconds() + self.config.public_wait
         chosen: list[DataConnection] = []
-        stage = ["registration"]
+        stage = Wait.REGISTRATION  # what a timeout (CancelledError) ran out waiting for
 
         def with_registration(reg: Registration) -> defer.Deferred[str]:
             pool = self.pools.get(reg.session)
@@ -407,7 +425,8 @@ class DataPort:
             return dispatch_next(pool, reg.bind, MAX_DISPATCH_TRIES)
 
         def dispatch_next(pool: AgentPool, bind: str, tries: int) -> defer.Deferred[str]:
-            stage[0] = "pool"
+            nonlocal stage
+            stage = Wait.POOL
             d = pool.take(self.clock, max(0.0, deadline - self.clock.seconds()))
             d.addCallback(with_agent_conn, bind)
 
@@ -421,26 +440,25 @@ class DataPort:
             return d.addErrback(stale)
 
         def with_agent_conn(agent: DataConnection, bind: str) -> defer.Deferred[str]:
-            stage[0] = "agent"
+            nonlocal stage
+            stage = Wait.AGENT
             chosen.append(agent)
             if not wanted():
                 raise PairingError("the user's data connection closed")
-            d = agent.dispatch(bind, port)
-            timer = self.clock.callLater(AGENT_REPLY_TIMEOUT, d.cancel)
-            return d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+            return expire(agent.dispatch(bind, port), AGENT_REPLY_TIMEOUT, self.clock)
 
         def failed(f: Failure) -> Failure:
             timeouts = {
-                "registration": f"its agent did not come back within "
-                                f"{self.config.public_wait:g}s",
-                "pool": "no agent data connection became free in time",
-                "agent": f"the agent did not answer within {AGENT_REPLY_TIMEOUT:g}s",
+                Wait.REGISTRATION: f"its agent did not come back within "
+                                   f"{self.config.public_wait:g}s",
+                Wait.POOL: "no agent data connection became free in time",
+                Wait.AGENT: f"the agent did not answer within {AGENT_REPLY_TIMEOUT:g}s",
             }
             for agent in chosen:
-                if agent.state != "closed":
+                if agent.state is not DataState.CLOSED:
                     agent.transport.abortConnection()
             if f.check(defer.CancelledError):
-                return Failure(PairingError(timeouts[stage[0]]))
+                return Failure(PairingError(timeouts[stage]))
             return f
 
         d: defer.Deferred[Any] = self.core.whenRegistered(name, port, self.config.public_wait)

@@ -260,6 +260,19 @@ class Grants:
         self._pending_polls += 1
         return None
 
+    def reconfigure(self, relay: RelayConfig) -> GrantsChange:
+        """Take the grants of a reloaded ``[relay]`` (its tables and which grant files
+        it names), re-read the files now and tell the observers what was lost.  The
+        caller checked ``relay`` first (:func:`grant_problems`)."""
+        self._relay = relay
+        self._sites = config_sites(relay, self._source)
+        self._files = [
+            (path, kind)
+            for path, kind in ((relay.agents_file, AGENT), (relay.users_file, USER))
+            if path is not None
+        ]
+        return self.reload()
+
     def reload(self) -> GrantsChange:
         """Re-read the grant files now, settled or not."""
         return self._reload(tuple(_read(path, kind) for path, kind in self._files))
@@ -299,38 +312,11 @@ class Grants:
                 return True
         return False
 
-    def _text(self, file: _Snapshot) -> str:
-        """The file's text, or ConfigError saying why it grants nothing."""
-        if file.data is None:
-            raise ConfigError(
-                str(file.path),
-                "",
-                f"cannot read the {file.kind}s file: {file.error}",
-                f"check {file.kind}s_file in [relay] or --{file.kind}s",
-            )
-        if file.mode & stat.S_IWOTH:
-            raise ConfigError(
-                str(file.path),
-                "",
-                f"the {file.kind}s file is writable by anyone, so anyone could grant "
-                "themselves access",
-                f"chmod o-w {file.path}",
-            )
-        try:
-            return file.data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(
-                str(file.path),
-                "",
-                f"not UTF-8 text (bad byte at offset {e.start})",
-                "save it as UTF-8",
-            ) from None
-
     def _fileSites(self, file: _Snapshot, strict: bool) -> list[PrincipalSite]:
         """One file's principals; when not ``strict``, what is wrong grants nothing
         and is logged instead of raised."""
         try:
-            text = self._text(file)
+            text = _file_text(file)
         except ConfigError as e:
             if strict:
                 raise
@@ -427,6 +413,58 @@ class Grants:
                 owners.update(dict.fromkeys((g.name for g in p.services), principal))
                 public_ports.update(dict.fromkeys(p.public_ports, principal))
         return _State(by_key, tuple(principals), owners, public_ports, origins)
+
+
+def _file_text(file: _Snapshot) -> str:
+    """The file's text, or ConfigError saying why it grants nothing."""
+    if file.data is None:
+        raise ConfigError(
+            str(file.path),
+            "",
+            f"cannot read the {file.kind}s file: {file.error}",
+            f"check {file.kind}s_file in [relay] or --{file.kind}s",
+        )
+    if file.mode & stat.S_IWOTH:
+        raise ConfigError(
+            str(file.path),
+            "",
+            f"the {file.kind}s file is writable by anyone, so anyone could grant "
+            "themselves access",
+            f"chmod o-w {file.path}",
+        )
+    try:
+        return file.data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            str(file.path),
+            "",
+            f"not UTF-8 text (bad byte at offset {e.start})",
+            "save it as UTF-8",
+        ) from None
+
+
+def grant_problems(relay: RelayConfig, source: str) -> list[ConfigError]:
+    """Every problem start-up would refuse in ``relay``'s grants: each unreadable or
+    unsafe grant file, each bad line, then (if the lines are sound) a conflict between
+    grants.  ``labrelay check`` and a reload report them all at once; empty when the
+    grants are sound."""
+    problems: list[ConfigError] = []
+    sites = list(config_sites(relay, source))
+    for path, kind in ((relay.agents_file, AGENT), (relay.users_file, USER)):
+        if path is None:
+            continue
+        try:
+            text = _file_text(_read(path, kind))
+        except ConfigError as e:
+            problems.append(e)
+            continue
+        sites.extend(parse_grant_file(text, kind, str(path), problems=problems))
+    if not problems:
+        try:
+            check_principals(sites, relay, (source, "relay.listen"))
+        except ConfigError as e:
+            problems.append(e)
+    return problems
 
 
 class GrantsWatcher:

@@ -29,10 +29,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relay.core.clock import expire
 from relay.core.routing import Registration
-from relay.core.sessions import CHANNEL, POOLED, SessionRow
+from relay.core.sessions import CHANNEL, POOLED, SessionRow, SessionTable
 from relay.datapath.bridge import Side, TCPSide
-from relay.server.dataconn import AgentConnectionGone, PairingError
+from relay.server.dataconn import AgentConnectionGone, DataState, PairingError
 from relay.server.dataport import AGENT_REPLY_TIMEOUT, DataPort
 from relay.ssh.channels import BridgedChannel
 
@@ -44,6 +45,12 @@ class PooledShell(TypingProtocol):
 
     @property
     def dataport(self) -> DataPort: ...
+
+    @property
+    def sessions(self) -> SessionTable: ...
+
+    def abortSession(self, session: SessionRow, why: str) -> None:
+        """Close ``session`` now (or as soon as it would start)."""
 
     def openToAgent(self, reg: Registration, port: int, origin: str,
                     session: SessionRow | None = None) -> defer.Deferred[BridgedChannel]:
@@ -67,23 +74,21 @@ def pooled_route(dataport: DataPort, reg: Registration,
     agent = pool.take_idle()
     if agent is None:
         return None
-    d = agent.dispatch(reg.bind, port)
-    timer = dataport.clock.callLater(AGENT_REPLY_TIMEOUT, d.cancel)
+    d = expire(agent.dispatch(reg.bind, port), AGENT_REPLY_TIMEOUT, dataport.clock)
 
     def answered(_: str) -> TCPSide:
-        agent.state = "joined"
+        agent.state = DataState.JOINED
         dataport.counters["pooled"] += 1
         return TCPSide.adopt(agent.transport, agent.extra)
 
     def failed(f: Failure) -> Failure:
-        if agent.state != "closed":
+        if agent.state is not DataState.CLOSED:
             agent.transport.abortConnection()
         if f.check(defer.CancelledError):
             return Failure(PairingError(f"the agent did not answer within "
                                         f"{AGENT_REPLY_TIMEOUT:g}s"))
         return f
 
-    d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
     return d.addCallbacks(answered, failed)
 
 
@@ -113,3 +118,14 @@ def open_user_side(relay: PooledShell, reg: Registration, port: int, origin: str
         return side
 
     return pooled.addCallbacks(joined, stale)
+
+
+def close_pooled(relay: PooledShell, agent: object) -> None:
+    """``agent``'s link ended: its pooled sessions end with it, as its channels do (a
+    fast-path session, which the user chose, is independent of the link)."""
+    for row in relay.sessions.pooled_of_agent(agent):
+        _log.info("closing {user}'s pooled session to {service}: its agent's link ended",
+                  event="relay_pooled_session_ended", user=row.user, service=row.service,
+                  origin=row.origin)
+        relay.abortSession(row, "its agent's link ended")
+

@@ -20,6 +20,7 @@ from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SessionRow, SessionTable
 from relay.datapath.bridge import Bridge, SideFactory, TCPSide
 from relay.datapath.net import LISTEN_BACKLOG
+from relay.server import audit
 from relay.server.grants import Grants
 from relay.ssh.channels import BridgedChannel
 
@@ -112,6 +113,7 @@ class PublicPorts:
             side.abort()
             return
         session = relay.sessions.open(label, label, origin, relay.reactor.seconds())
+        audit.opened(session)
         self._waiting[port] = self._waiting.get(port, 0) + 1
 
         def waited(result: Any) -> Any:

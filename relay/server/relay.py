@@ -16,23 +16,25 @@ from typing import Any
 
 from twisted.conch import error
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.config.schema import RelayConfig
+from relay.config.schema import HostPort, RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
+from relay.core.clock import expire
 from relay.core.router import SUPERSEDED, Decision, Probe, Refused, Router, Verdict, label_of
 from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
 from relay.datapath.bridge import Bridge, Side
 from relay.datapath.join import PairCounters
 from relay.datapath.splicing import SplicedPair
+from relay.server import audit
 from relay.server.dataconn import PairingError
 from relay.server.dataport import DataPort
 from relay.server.grants import Grants, GrantsChange, GrantsWatcher, Principal
-from relay.server.pooled import open_user_side
+from relay.server.idle import IdleSweeper
+from relay.server.pooled import close_pooled, open_user_side
 from relay.server.public import PublicPorts
 from relay.server.status import relay_status
 from relay.ssh.channels import BridgedChannel
@@ -70,7 +72,9 @@ class RelayCore:
         # Per-source limits and penalties, shared by the SSH port and the data port.
         self.admission = Admission(config, reactor)
         self.ssh_gate = self.admission.gate("ssh", config.max_unauthenticated)
-        self._sweeper: IDelayedCall | None = None
+        self.idle = IdleSweeper(self)
+        self.bound: HostPort | None = None  # where the SSH listener is (its port 0 resolved)
+        self._started = False
         self.dataport = DataPort(self, self.admission)
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
         grants.subscribe(self.grantsChanged)
@@ -123,14 +127,7 @@ class RelayCore:
         self.connections.discard(conn)
         gone = self.router.drop_session(conn)
         self.dataport.sessionStopped(conn)
-        # A stock user's session on one of this agent's pooled data connections ends
-        # with the agent's link, as it would on a channel of that link (a fast-path
-        # session, which the user chose, is independent of it).
-        for row in self.sessions.pooled_of_agent(conn):
-            self._log.info("closing {user}'s pooled session to {service}: its agent's link "
-                           "ended", event="relay_pooled_session_ended", user=row.user,
-                           service=row.service, origin=row.origin)
-            self._abortSession(row, "its agent's link ended")
+        close_pooled(self, conn)
         ident = conn.identity
         self._log.info(
             "{kind} {name} at {peer} disconnected; {n} service(s) now waiting for it",
@@ -254,15 +251,11 @@ class RelayCore:
             return defer.succeed(reg)
         d: defer.Deferred[Registration] = defer.Deferred()
         waiter = self.router.wait(name, port, d, self.reactor.seconds(), timeout)
-        timer: IDelayedCall = self.reactor.callLater(timeout, d.cancel)
-
         def done(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
             self.router.unwait(waiter)
             return result
 
-        return d.addBoth(done)
+        return expire(d, timeout, self.reactor).addBoth(done)
 
     def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
                         channel: BridgedChannel) -> defer.Deferred[BridgedChannel]:
@@ -289,6 +282,7 @@ class RelayCore:
         assert principal is not None
         session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
                                      key=ident.key_blob)
+        audit.opened(session)
         d = self.whenRegistered(host, port, self.config.public_wait)
         d.addCallback(lambda reg: open_user_side(self, reg, port, origin, session))
 
@@ -345,8 +339,10 @@ class RelayCore:
         if refused is not None:
             self.counters["sessions_refused"] += 1
             raise PairingError(refused[1])
-        return self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
-                                  path=SPLICED, key=key)
+        row = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
+                                 path=SPLICED, key=key)
+        audit.opened(row)
+        return row
 
     def fastSessionCounters(self, session: SessionRow, agent: Any = None) -> PairCounters:
         """What counts ``session``'s spliced pair: its row (the pair's counts are its
@@ -382,7 +378,24 @@ class RelayCore:
     def sessionEnded(self, session: SessionRow, to_service: int, from_service: int,
                       why: str) -> None:
         self._aborts.pop(session, None)
-        self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why)
+        if self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why):
+            audit.closed(session)
+
+    # a reload (relay.ops.reload): live settings and grants
+
+    def reconfigure(self, config: RelayConfig) -> None:
+        """Run with a reloaded ``[relay]`` from now on (the restart-only keys already
+        hold their running values, :func:`relay.config.diff.diff_relay`).  Limits and
+        timeouts are read where they are used, so new connections and sessions get the
+        new values and open ones keep running (a lowered cap refuses new sessions
+        only); the idle sweep is restarted; the grants are rebuilt from the new tables,
+        files and default cap, and what a key lost goes at once through
+        :meth:`grantsChanged`."""
+        old, self.config = self.config, config
+        self.dataport.config = config
+        if old.idle_timeout != config.idle_timeout and self._started:
+            self.idle.restart()
+        self.grants.reconfigure(config)
 
     # grants reloaded: what a key lost goes at once (DESIGN §7)
 
@@ -455,45 +468,26 @@ class RelayCore:
             event="relay_session_revoked", user=session.user, service=session.service,
             path=session.path, origin=session.origin, why=why,
         )
-        self._abortSession(session, why)
+        self.abortSession(session, why)
 
-    def _abortSession(self, session: SessionRow, why: str) -> None:
+    def abortSession(self, session: SessionRow, why: str) -> None:
         """Close ``session`` now if it moves bytes, else as soon as it would start."""
         self.sessions.request_close(session, why)
         abort = self._aborts.get(session)
         if abort is not None:
             abort()
 
-    # idle sessions
+    # start, stop
 
     def start(self) -> None:
+        self._started = True
         self.dataport.start()
         self.grantsWatcher.start()
-        if self.config.idle_timeout > 0:
-            self._scheduleSweep()
-
-    def _scheduleSweep(self) -> None:
-        # Sweeping at half the timeout closes an idle session between 1 and 1.5
-        # timeouts after its last byte, with no per-byte bookkeeping on the data path.
-        self._sweeper = self.reactor.callLater(self.config.idle_timeout / 2, self.sweepIdle)
-
-    def sweepIdle(self) -> None:
-        """Close sessions that moved no byte either way for ``idle_timeout`` seconds."""
-        now = self.reactor.seconds()
-        for session in self.sessions.idle(now, self.config.idle_timeout):
-            self._log.info(
-                "closing {user}'s idle session to {service} (nothing for {idle:.0f}s)",
-                event="relay_session_idle", user=session.user, service=session.service,
-                idle=now - session.active_at,
-            )
-            self._abortSession(session, "idle")
-        self._scheduleSweep()
+        self.idle.start()
 
     def stop(self) -> defer.Deferred[Any]:
         self.grantsWatcher.stop()
-        if self._sweeper is not None and self._sweeper.active():
-            self._sweeper.cancel()
-        self._sweeper = None
+        self.idle.stop()
         stopping = self.publicPorts.stop()
         data = self.dataport.stop()
         if data is not None:
@@ -507,7 +501,12 @@ class RelayCore:
             self.reactor.seconds(), self.config, self.connections, self.registry,
             self.sessions, sorted(self.publicPorts.listeners),
             {"fast_path": self.dataport.status(), "admission": self.admission.status(),
-             "counters": dict(self.counters)},
+             "counters": dict(self.counters),
+             "bound": str(self.bound) if self.bound is not None else None,
+             "service_grants": [
+                 {"service": str(g), "owner": p.name}
+                 for p in self.grants.principals() if p.kind == "agent" for g in p.services
+             ]},
         )
 
 

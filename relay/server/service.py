@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from relay.config.errors import ConfigError
-from relay.config.schema import RelayConfig
+from relay.config.schema import HostPort, RelayConfig
 from relay.server.grants import Grants
 from relay.server.relay import RelayCore
 from relay.ssh.hostkeys import fingerprint_sha256
@@ -56,6 +56,7 @@ class RelayService(MultiService):
         self.core.start()
         port = self.server._port  # type: ignore[attr-defined]
         bound = port.getHost().port if port is not None else self.core.config.listen.port
+        self.core.bound = HostPort(self.core.config.listen.host, bound)
         self._log.info(
             "relay listening on {host}:{port}; host key {fingerprints}",
             event="relay_listening", host=self.core.config.listen.host, port=bound,

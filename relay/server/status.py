@@ -42,6 +42,7 @@ def relay_status(now: float, config: RelayConfig, connections: Collection[RelayC
         ],
         "per_service": sessions.per_service(),
         "per_user": sessions.per_user(),
+        "per_user_totals": sessions.per_user_totals(),
         "public_ports": public_ports,
         **more,
     }

@@ -18,6 +18,8 @@ here: the agent's :class:`relay.agent.link.Link` implements it, and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from enum import StrEnum
 from typing import Any, Protocol, cast
 
 from twisted.conch import error
@@ -57,6 +59,19 @@ class ReverseForward(Protocol):
     def config(self) -> RemoteForward: ...
 
 
+class Signer(Protocol):
+    """A key whose private half is not here: held by an ssh-agent, or still locked by
+    a passphrase that is asked for only when a server accepts the public half (as
+    ssh does).  ``sign`` fails when it cannot sign; the next identity is tried."""
+
+    def public(self) -> keys.Key: ...
+
+    def sign(self, data: bytes) -> defer.Deferred[bytes]: ...
+
+
+Identity = keys.Key | Signer
+
+
 class LinkOwner(Protocol):
     """What a client connection needs of its owner (the agent's link, or one
     :class:`SingleConnection`)."""
@@ -77,7 +92,7 @@ class LinkOwner(Protocol):
     def verifier(self) -> HostKeyVerifier: ...
 
     @property
-    def identities(self) -> list[keys.Key]: ...
+    def identities(self) -> Sequence[Identity]: ...
 
     def linkLost(self, transport: LinkTransport, why: str) -> None:
         """The transport of a ready connection closed."""
@@ -101,6 +116,16 @@ class LinkSetupError(Exception):
     """A connection attempt ended before the link was ready; ``str()`` says why."""
 
 
+class LinkPhase(StrEnum):
+    """Where a connection attempt is: the host key is checked in ``HANDSHAKE``, before
+    any credential is offered; only ``READY`` is a link (docs/design.md)."""
+
+    HANDSHAKE = "handshake"
+    AUTH = "auth"
+    READY = "ready"
+    CLOSED = "closed"
+
+
 class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTransport):
     """One connection attempt to the upstream server.
 
@@ -111,7 +136,7 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
 
     def __init__(self, link: LinkOwner) -> None:
         self.link = link
-        self.phase = "handshake"
+        self.phase = LinkPhase.HANDSHAKE
         self.ready: defer.Deferred[LinkConnection] = defer.Deferred()
         self.why: str | None = None
         self.connection: LinkConnection | None = None
@@ -170,7 +195,7 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         return defer.succeed(True)
 
     def connectionSecure(self) -> None:
-        self.phase = "auth"
+        self.phase = LinkPhase.AUTH
         self.connection = LinkConnection(self.link)
         self.requestService(LinkUserAuth(self.link, self.connection))
 
@@ -193,13 +218,13 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        phase, self.phase = self.phase, "closed"
+        phase, self.phase = self.phase, LinkPhase.CLOSED
         super().connectionLost(reason)
         why = self.why or (reason.getErrorMessage() if reason is not None else "closed")
         if not self.ready.called:
-            if phase == "auth" and self.why is None:
+            if phase is LinkPhase.AUTH and self.why is None:
                 why = "authentication failed: the server accepted none of our keys"
-            if phase == "auth":
+            if phase is LinkPhase.AUTH:
                 self._log.error(
                     "link {link}: {reason}", event="auth_failed", link=self.link.name,
                     reason=why,
@@ -212,7 +237,7 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self.phase = "ready"
+        self.phase = LinkPhase.READY
         self.ready.callback(conn)
 
 
@@ -224,7 +249,7 @@ class LinkUserAuth(userauth.SSHUserAuthClient):
     def __init__(self, link: LinkOwner, conn: LinkConnection) -> None:
         super().__init__(link.config.user.encode(), conn)
         self._keys = list(link.identities)
-        self._current: keys.Key | None = None
+        self._current: Identity | None = None
 
     def getPublicKey(self) -> keys.Key | None:
         if not self._keys:
@@ -233,8 +258,16 @@ class LinkUserAuth(userauth.SSHUserAuthClient):
         return self._current.public()
 
     def getPrivateKey(self) -> defer.Deferred[keys.Key]:
-        assert self._current is not None
+        assert isinstance(self._current, keys.Key)
         return defer.succeed(self._current)
+
+    def signData(self, publicKey: keys.Key, signData: bytes) -> defer.Deferred[bytes] | None:
+        """A key here signs itself; a :class:`Signer` (an ssh-agent's key, a locked
+        one) is asked to."""
+        if isinstance(self._current, keys.Key):
+            return super().signData(publicKey, signData)
+        assert self._current is not None
+        return self._current.sign(signData)
 
     def ssh_USERAUTH_FAILURE(self, packet: bytes) -> Any:
         methods = common.getNS(packet)[0]
@@ -243,8 +276,9 @@ class LinkUserAuth(userauth.SSHUserAuthClient):
             transport.why = (
                 f"authentication failed for user {self.user.decode()!r}: the server "
                 f"accepted none of our {len(transport.link.identities)} key(s)"
-                f" (it offers: {methods.decode() or 'nothing'}); add the agent's public "
-                "key to that user's authorized_keys"
+                f" (it offers: {methods.decode() or 'nothing'}); "
+                + getattr(transport.link, "auth_hint",
+                          "add the agent's public key to that user's authorized_keys")
             )
         return super().ssh_USERAUTH_FAILURE(packet)
 
@@ -379,7 +413,10 @@ class SingleConnection:
 
     _log = Logger()
 
-    def __init__(self, config: LinkConfig, reactor: Any, identities: list[keys.Key]) -> None:
+    auth_hint = ("is your public key in the relay's grants for that user? "
+                 "(ask the relay's admin; `ssh-add -L` lists the keys of your ssh-agent)")
+
+    def __init__(self, config: LinkConfig, reactor: Any, identities: Sequence[Identity]) -> None:
         self.config = config
         self.name = config.name
         self.reactor = reactor

@@ -38,7 +38,6 @@ OPEN_UNKNOWN_CHANNEL_TYPE = connection.OPEN_UNKNOWN_CHANNEL_TYPE
 LINK_BUFFER = 128 * 1024  # like OpenSSH: stop feeding channels past 128 KiB queued
 
 
-@implementer(IPushProducer)
 def refused_by_peer(failure: Failure) -> bool:
     """Whether a global request's failure is the peer's ``REQUEST_FAILURE`` reply.
 
@@ -49,8 +48,12 @@ def refused_by_peer(failure: Failure) -> bool:
     return isinstance(e, error.ConchError) and e.data is not None
 
 
+@implementer(IPushProducer)
 class FlowConnection(connection.SSHConnection):
-    """An ``ssh-connection`` service whose channels own their receive windows."""
+    """An ``ssh-connection`` service whose channels own their receive windows.
+
+    It is the push producer of the link's TCP transport (:meth:`serviceStarted`
+    registers it): a full TCP write buffer pauses every channel's source."""
 
     _log = Logger()
     transport: Any  # the SSH transport, set by Conch before any packet arrives
@@ -61,6 +64,7 @@ class FlowConnection(connection.SSHConnection):
         self._tcpFull = False  # the TCP write buffer is over its high-water mark
         self._kexFull = False  # packets queued during a key exchange are over LINK_BUFFER
         self._pendingOpens = 0
+        self._stopped = False  # serviceStopped: nothing more is sent
 
     # service life
 
@@ -161,8 +165,8 @@ class FlowConnection(connection.SSHConnection):
         if channel is None:
             self._protocolError(f"unknown channel id {localChannel}")
         elif (channel in self.channelsToRemoteChannel) != opened:
-            state = "unconfirmed" if opened else "already open"
-            self._protocolError(f"channel id {localChannel} is {state}")
+            condition = "unconfirmed" if opened else "already open"
+            self._protocolError(f"channel id {localChannel} is {condition}")
             return None
         return channel
 
@@ -196,7 +200,7 @@ class FlowConnection(connection.SSHConnection):
 
     def _confirmOpen(self, senderChannel: int, channel: Any, data: bytes) -> None:
         self._pendingOpens -= 1
-        if self.transport is None or getattr(self, "_stopped", False):
+        if self.transport is None or self._stopped:
             channel.openFailed(error.ConchError("link lost", OPEN_CONNECT_FAILED))
             return
         localChannel = self.localChannelID
@@ -219,7 +223,7 @@ class FlowConnection(connection.SSHConnection):
 
     def _failOpen(self, senderChannel: int, f: Failure) -> None:
         self._pendingOpens -= 1
-        if self.transport is None or getattr(self, "_stopped", False):
+        if self.transport is None or self._stopped:
             return
         if isinstance(f.value, error.ConchError):
             self._refuseOpen(senderChannel, *_openError(f.value))

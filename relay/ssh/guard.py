@@ -26,7 +26,11 @@ packets and dispatched (a ``KEXINIT`` before the version exchange, whose hash th
 lacks the version string: an AttributeError).  Lines before the version are only
 buffered now (Conch drops the peer past 4 KiB).
 
-Mix in first: ``class T(PeerInputGuard, AEADTransportMixin, SSHServerTransport)``.
+Mix in first, over the transport policy (whose ``_fatal`` it disconnects with):
+``class T(PeerInputGuard, AEADTransportMixin, SSHServerTransport)``.  The rule of what
+may come before the first key exchange is ``relay.ssh.policy.BEFORE_KEYS``, the same
+one the policy's ``KexGuard`` applies; here it holds until the first exchange has
+completed and a breach is reported as a malformed message.
 """
 
 from __future__ import annotations
@@ -36,18 +40,19 @@ from typing import Any
 
 from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
 
-MSG_KEXINIT, MSG_NEWKEYS = 20, 21
-MSG_KEX_FIRST, MSG_KEX_LAST = 30, 49  # the key exchange method's own messages
+from relay.ssh.policy import (
+    BEFORE_KEYS,
+    MSG_KEX_FIRST,
+    MSG_KEX_LAST,
+    MSG_KEXINIT,
+    MSG_NEWKEYS,
+)
+
 # Within 30-49, by method: KEXDH/KEX_ECDH (and ML-KEM hybrid) INIT/REPLY, and RFC 4419's
 # group exchange (REQUEST_OLD shares 30, GROUP shares 31).
 MSG_KEX_INIT, MSG_KEX_REPLY = 30, 31
 MSG_KEX_DH_GEX_GROUP, MSG_KEX_DH_GEX_INIT, MSG_KEX_DH_GEX_REPLY = 31, 32, 33
 MSG_KEX_DH_GEX_REQUEST = 34
-#: Allowed before the first key exchange completes: DISCONNECT, IGNORE, UNIMPLEMENTED,
-#: DEBUG, KEXINIT, NEWKEYS and the key exchange method's messages.
-BEFORE_KEYS = frozenset(
-    {1, 2, 3, 4, MSG_KEXINIT, MSG_NEWKEYS, *range(MSG_KEX_FIRST, MSG_KEX_LAST + 1)}
-)
 #: What Conch's unchecked parsing raises on a short or inconsistent message.
 MALFORMED = (struct.error, IndexError, KeyError, TypeError, ValueError, UnicodeDecodeError)
 
@@ -60,6 +65,7 @@ class PeerInputGuard:
     isClient: bool
     nextEncryptions: Any
     _log: Any
+    _fatal: Any  # relay.ssh.kex.KexMixin's: disconnect, and stop parsing too
     _peerInKex = False  # the peer sent KEXINIT and not yet its NEWKEYS
 
     def getPacket(self) -> bytes | None:
@@ -138,10 +144,4 @@ class PeerInputGuard:
             "malformed message {num} from the peer ({why}); disconnecting",
             event="malformed_packet", num=messageNum, why=why,
         )
-        fatal = getattr(self, "_fatal", None)  # relay.ssh.kex: stop parsing too
-        if fatal is not None:
-            fatal(DISCONNECT_PROTOCOL_ERROR, b"malformed message %d" % messageNum)
-        else:
-            self.sendDisconnect(  # type: ignore[attr-defined]
-                DISCONNECT_PROTOCOL_ERROR, b"malformed message %d" % messageNum
-            )
+        self._fatal(DISCONNECT_PROTOCOL_ERROR, b"malformed message %d" % messageNum)

@@ -62,6 +62,34 @@ def load_identity(path: Path) -> Key:
     return key
 
 
+def read_key_file(path: Path) -> bytes:
+    """The bytes of private key file ``path``, checked as :func:`load_identity` checks
+    it (a regular file, mode 600, not a public key), or :class:`IdentityError`."""
+    return _read_private_file(path.expanduser())
+
+
+def parse_key(path: Path, data: bytes, passphrase: bytes | None = None) -> Key:
+    """The private key in ``data`` (read from ``path``), unlocked by ``passphrase``;
+    :class:`EncryptedKeyError` when it needs one (or a different one)."""
+    if passphrase is None:
+        try:
+            return _parse(path, data)
+        except IdentityError as e:
+            if e.problem.startswith("is protected by a passphrase"):
+                raise EncryptedKeyError(str(e)) from None
+            raise
+    if data.lstrip().startswith((b"-----BEGIN ENCRYPTED PRIVATE KEY-----",
+                                 b"-----BEGIN PRIVATE KEY-----")):
+        try:
+            return Key(load_pem_private_key(data, password=passphrase))
+        except (TypeError, ValueError):
+            raise EncryptedKeyError(f"'{path}': wrong passphrase") from None
+    try:
+        return Key.fromString(data, passphrase=passphrase)
+    except Exception:  # Conch: BadKeyError ("check ints"), ValueError, ...
+        raise EncryptedKeyError(f"'{path}': wrong passphrase") from None
+
+
 def _read_private_file(path: Path) -> bytes:
     try:
         st = path.stat()

@@ -7,6 +7,7 @@ installed into :class:`relay.ssh.ciphers.PacketCiphers`, rekeying after
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 from twisted.conch.ssh import transport
@@ -33,6 +34,15 @@ def _printable(names: bytes, limit: int = 300) -> str:
     """A peer's name-list for a log field: printable ASCII only, truncated."""
     text = "".join(chr(b) if 32 <= b < 127 else "?" for b in names[:limit])
     return text + ("..." if len(names) > limit else "")
+
+
+class FirstKexInit(Enum):
+    """Our first KEXINIT: not yet sent; held back (the server waits ``kexInitWait`` for
+    the client's, to fit its cipher offer to it); sent."""
+
+    PENDING = "pending"
+    WAITING = "waiting"
+    SENT = "sent"
 
 
 class KexMixin:
@@ -81,7 +91,7 @@ class KexMixin:
     kexInitWait = 0.0
     _kexTimer: Any = None
     _kexInitWaitCall: Any = None
-    _firstKexInit = "pending"  # "pending", "waiting" (for the peer's), "sent"
+    _firstKexInit: FirstKexInit = FirstKexInit.PENDING
     _kexBacklog = 0
     _kexBacklogFull = False
     _guard: policy.KexGuard | None = None
@@ -113,17 +123,17 @@ class KexMixin:
         super().connectionMade()  # type: ignore[misc]
 
     def sendKexInit(self) -> None:
-        if self._firstKexInit == "pending":
+        if self._firstKexInit is FirstKexInit.PENDING:
             if not self.isClient and self.kexInitWait > 0 and self.kexClock is not None:
-                self._firstKexInit = "waiting"
+                self._firstKexInit = FirstKexInit.WAITING
                 self._kexInitWaitCall = self.kexClock.callLater(
                     self.kexInitWait, self._kexInitWaitOver
                 )
                 self._armKexTimer()
                 return
-            self._firstKexInit = "sent"
-        elif self._firstKexInit == "waiting":
-            self._firstKexInit = "sent"
+            self._firstKexInit = FirstKexInit.SENT
+        elif self._firstKexInit is FirstKexInit.WAITING:
+            self._firstKexInit = FirstKexInit.SENT
             call, self._kexInitWaitCall = self._kexInitWaitCall, None
             if call is not None and call.active():
                 call.cancel()
@@ -133,7 +143,7 @@ class KexMixin:
     def _kexInitWaitOver(self) -> None:
         """The client has not sent its KEXINIT: send ours (everything offered)."""
         self._kexInitWaitCall = None
-        if self._firstKexInit == "waiting":
+        if self._firstKexInit is FirstKexInit.WAITING:
             self.sendKexInit()
 
     def ssh_KEXINIT(self, packet: bytes) -> None:
@@ -147,7 +157,7 @@ class KexMixin:
         if why is not None:
             self._fatal(DISCONNECT_PROTOCOL_ERROR, why.encode())
             return
-        if self._firstKexInit == "waiting":
+        if self._firstKexInit is FirstKexInit.WAITING:
             self.supportedCiphers = policy.server_ciphers_for(peer)
         if self._keyExchangeState == self._KEY_EXCHANGE_NONE:
             # Ours first (Conch would send it from inside its negotiation): the

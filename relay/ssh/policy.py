@@ -99,6 +99,16 @@ MSG_UNIMPLEMENTED = 3
 MSG_DEBUG = 4
 MSG_KEXINIT = 20
 MSG_NEWKEYS = 21
+MSG_KEX_FIRST, MSG_KEX_LAST = 30, 49  # the key exchange method's own messages
+#: What a peer may send before the first key exchange completes (RFC 4253 §7-10):
+#: DISCONNECT, IGNORE, UNIMPLEMENTED, DEBUG, KEXINIT, NEWKEYS and the key exchange
+#: method's messages.  The one statement of the rule: :meth:`KexGuard.check` applies
+#: it until the peer's first NEWKEYS, ``relay.ssh.guard.PeerInputGuard`` until the
+#: first exchange completed, each reporting it its own way.
+BEFORE_KEYS = frozenset({
+    MSG_DISCONNECT, MSG_IGNORE, MSG_UNIMPLEMENTED, MSG_DEBUG, MSG_KEXINIT, MSG_NEWKEYS,
+    *range(MSG_KEX_FIRST, MSG_KEX_LAST + 1),
+})
 
 
 def client_kex(supported: Iterable[bytes]) -> list[bytes]:
@@ -311,18 +321,14 @@ class KexGuard:
         """Whether an incoming message may be dispatched now; the error if not."""
         if not self.initial:
             return None
-        if message in (MSG_KEXINIT, MSG_NEWKEYS) or 30 <= message <= 49:
-            return None
-        if message == MSG_DISCONNECT:
-            return None
-        if message in (MSG_IGNORE, MSG_UNIMPLEMENTED, MSG_DEBUG):
-            if self.strict:
-                return (
-                    f"strict KEX violation: message {message} during the initial key "
-                    "exchange (CVE-2023-48795)"
-                )
-            return None
-        return f"message {message} before the first key exchange completed"
+        if message not in BEFORE_KEYS:
+            return f"message {message} before the first key exchange completed"
+        if self.strict and message in (MSG_IGNORE, MSG_UNIMPLEMENTED, MSG_DEBUG):
+            return (
+                f"strict KEX violation: message {message} during the initial key "
+                "exchange (CVE-2023-48795)"
+            )
+        return None
 
     def newkeys_received(self) -> None:
         self.initial = False

@@ -30,6 +30,7 @@ from twisted.conch import error
 from twisted.conch.ssh import common, factory, keys, transport
 from twisted.cred import portal
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -118,6 +119,7 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
     admission: Ticket | None = None  # set by RelayFactory.buildProtocol
     offence: Offence | None = None  # how it misbehaved before authenticating, if it did
     authenticated = False
+    _graceTimer: IDelayedCall | None = None  # login_grace: from connectionMade to auth
 
     # Disconnects the relay sends for bytes that are not SSH: a ``protocol`` offence.
     PROTOCOL_DISCONNECTS = frozenset({
@@ -167,9 +169,8 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
         super().setService(service)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        timer = getattr(self, "_graceTimer", None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        if self._graceTimer is not None and self._graceTimer.active():
+            self._graceTimer.cancel()
         self._graceTimer = None
         super().connectionLost(reason)
         self.factory.core.disconnected(self)
@@ -337,7 +338,7 @@ class RelayConnection(FlowConnection):
 
         while self._replies and self._replies[0][0]:
             _, ok, data = self._replies.pop(0)
-            if self.transport is not None and not getattr(self, "_stopped", False):
+            if self.transport is not None and not self._stopped:
                 self.transport.sendPacket(MSG_REQUEST_SUCCESS if ok else MSG_REQUEST_FAILURE,
                                           data if ok else b"")
 

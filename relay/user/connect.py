@@ -2,14 +2,19 @@
 
     ssh -o ProxyCommand='labrelay connect -p 2222 alice@relay gpu-cluster' me@gpu-cluster
 
-It authenticates to the relay over SSH with the user's key (the relay checks the
-grant), asks for a one-time ticket (``data-token-v2@labrelay``), opens a data
-connection to the relay's data port and answers the relay's challenge with a proof
-of the ticket (its secret never crosses the data port: someone who reads or replays
-the hello gets nothing), and once the relay says it is paired
-hands stdin/stdout and that socket to :mod:`relay.datapath.splicing`: from then on the
-user's own ssh stream is copied in the kernel, and this process only waits.  The
-SSH connection to the relay is closed once the data connection is paired.
+The relay's name is resolved as the user's ssh resolves it (``ssh -G``, with
+``-F``: :mod:`relay.user.sshresolve`), and it authenticates with the keys ssh would
+offer (the ssh-agent's, then identity files, a passphrase asked only when needed:
+:mod:`relay.user.keys`); the relay checks the grant.  It asks for a one-time ticket
+(``data-token-v2@labrelay``), opens a data connection to the relay's data port and
+answers the relay's challenge with a proof of the ticket (its secret never crosses the
+data port: someone who reads or replays the hello gets nothing), and once the relay
+says it is paired hands stdin/stdout and that socket to :mod:`relay.datapath.splicing`:
+from then on the user's own ssh stream is copied in the kernel (Linux), or by the
+portable copy loop (macOS and other systems without splice, or
+``LABRELAY_DATAPATH=portable``), and this process only waits.  Nothing Linux-only
+is imported on this path.  The SSH connection to the relay is closed once the data
+connection is paired.
 
 When the fast path is unavailable (the service is not declared end-to-end
 encrypted, the relay has no data port, the agent keeps no data connections, or the
@@ -28,6 +33,7 @@ import os
 import stat
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 from twisted.conch.error import ConchError
@@ -36,17 +42,19 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from relay.config.errors import ConfigError
-from relay.config.schema import LinkConfig, NodeConfig
+from relay.config.schema import LinkConfig
 from relay.core import fastwire as fw
+from relay.core.clock import expire
 from relay.datapath import splicing as datapath
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.datapath.handoff import Handoff
 from relay.datapath.join import join
 from relay.datapath.net import client_endpoint, peer_ip
-from relay.ssh.client import SingleConnection, open_connection
+from relay.ssh.client import Identity, SingleConnection, open_connection
+from relay.user import keys as userkeys
+from relay.user.sshresolve import Resolved, ResolveError, resolve
 
 CLI = "command line"
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 EXIT_FAILED = 1
 DATA_CONNECT_TIMEOUT = 5.0
 # The relay answers within its public_wait (10 s) plus the agent's reply time (15 s).
@@ -59,6 +67,7 @@ class ConnectOptions:
     service: str
     port: int
     fast_path: bool = True
+    keys: userkeys.KeySource | None = None  # None: the identities given to Connector
 
 
 def add_connect_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,8 +83,12 @@ def add_connect_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="IDENTITY", help="private key file (default ~/.ssh/id_*)")
     parser.add_argument("-o", dest="options", action="append", default=[],
                         metavar="OPTION=VALUE",
-                        help="UserKnownHostsFile, StrictHostKeyChecking (yes|accept-new), "
-                        "IdentityFile, ConnectTimeout, Port, User")
+                        help="an ssh_config option, as for ssh (labrelay uses HostName, "
+                        "Port, User, IdentityFile, IdentitiesOnly, IdentityAgent, "
+                        "UserKnownHostsFile, StrictHostKeyChecking, ConnectTimeout)")
+    parser.add_argument("-F", dest="config_file", metavar="CONFIGFILE",
+                        help="the ssh config file to read the relay's Host entry from "
+                        "(default ~/.ssh/config, as ssh)")
     parser.add_argument("--host-key", dest="host_key", metavar="SHA256:FINGERPRINT",
                         help="pin the relay's host key instead of checking known_hosts")
     parser.add_argument("--no-fast-path", dest="fast_path", action="store_false",
@@ -84,13 +97,34 @@ def add_connect_arguments(parser: argparse.ArgumentParser) -> None:
                         help="say which path the session takes")
 
 
-def options_from_args(ns: argparse.Namespace) -> ConnectOptions:
-    """The command line as :class:`ConnectOptions`; raises ConfigError."""
+_STRICT = {"yes": "yes", "true": "yes", "ask": "yes", "accept-new": "accept-new",
+           "no": "accept-new", "false": "accept-new", "off": "accept-new"}
+
+
+def options_from_args(ns: argparse.Namespace, resolved: Resolved | None = None,
+                      ) -> ConnectOptions:
+    """The command line (and, when given, what ``ssh -G`` resolved from it) as
+    :class:`ConnectOptions`; raises ConfigError."""
     from relay.config.agentargs import config_from_agent_args
 
+    if resolved is None:
+        destination, port, login, identity, options = (
+            ns.destination, ns.port, ns.login, ns.identity, ns.options)
+    else:
+        # ssh applied the command line already; what it says is the whole story.  A
+        # host key is never taken on trust: "ask" (no one to ask) is "yes", and "no" is
+        # accept-new (a changed key is still refused).
+        destination, port, login, identity = (
+            resolved.hostname, str(resolved.port), resolved.user or None, [])
+        options = [f"StrictHostKeyChecking="
+                   f"{_STRICT.get(resolved.strict_host_key_checking.lower(), 'yes')}"]
+        if resolved.known_hosts:
+            options.append(f"UserKnownHostsFile={resolved.known_hosts[0]}")
+        if resolved.connect_timeout is not None:
+            options.append(f"ConnectTimeout={resolved.connect_timeout:g}")
     agent_ns = argparse.Namespace(
-        destination=ns.destination, config=None, port=ns.port, login=ns.login,
-        identity=ns.identity, remote=[], local=[], options=ns.options, no_command=True,
+        destination=destination, config=None, port=port, login=login,
+        identity=identity, remote=[], local=[], options=options, no_command=True,
         name=None, fast_path_pool=None, host_key=ns.host_key)
     link = config_from_agent_args(agent_ns).links[0]
     name, _, port_text = ns.service.partition(":")
@@ -104,10 +138,13 @@ def options_from_args(ns: argparse.Namespace) -> ConnectOptions:
 def _grow_pipe(fd: int) -> None:
     """ssh's ProxyCommand pipes hold 64 KiB: at 1 MiB ssh and the pump each wake a
     sixteenth as often for the same bytes.  Best effort (a tty or socket is left as is;
-    an unprivileged user may be over its pipe-buffer quota)."""
+    an unprivileged user may be over its pipe-buffer quota; only Linux can resize)."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is None:
+        return
     try:
         if stat.S_ISFIFO(os.fstat(fd).st_mode):
-            fcntl.fcntl(fd, F_SETPIPE_SZ, datapath.DEFAULT_PIPE_SIZE)
+            fcntl.fcntl(fd, set_size, datapath.DEFAULT_PIPE_SIZE)
     except OSError:
         pass
 
@@ -171,7 +208,7 @@ class _UserData(Handoff):
 class Connector:
     """One ``labrelay connect`` run."""
 
-    def __init__(self, options: ConnectOptions, reactor: Any, identities: list[Any],
+    def __init__(self, options: ConnectOptions, reactor: Any, identities: list[Identity],
                  stderr: TextIO = sys.stderr, verbose: bool = False,
                  stdin_fd: int = 0, stdout_fd: int = 1) -> None:
         self.options = options
@@ -183,6 +220,7 @@ class Connector:
         self.stdout_fd = stdout_fd
         self.path = ""
         self.conn: Any = None
+        self.agent: Any = None
 
     def say(self, text: str) -> None:
         self.stderr.write(f"labrelay connect: {text}\n")
@@ -202,6 +240,19 @@ class Connector:
 
     async def run(self) -> int:
         cfg = self.options.link
+        if self.options.fast_path:
+            try:  # before anything is spent: a bad LABRELAY_DATAPATH is the user's to fix
+                datapath.choose_backend()
+            except datapath.DatapathError as e:
+                self.say(str(e))
+                return EXIT_FAILED
+        if self.options.keys is not None:
+            try:
+                self.identities, self.agent = await self.options.keys.load(
+                    self.reactor, self.say, self.verbose)
+            except (userkeys.NoIdentity, userkeys.IdentityError) as e:
+                self.say(str(e))
+                return EXIT_FAILED
         try:
             await self.open()
         except Exception as e:
@@ -213,6 +264,9 @@ class Connector:
             self._hangUp()
 
     def _hangUp(self) -> None:
+        agent, self.agent = self.agent, None
+        if agent is not None and agent.transport is not None:
+            agent.transport.loseConnection()
         conn, self.conn = self.conn, None
         if conn is not None and conn.transport is not None:
             conn.link_transport.sendDisconnect(11, b"labrelay connect done")
@@ -265,12 +319,7 @@ class Connector:
             raise DataPortUnreachable(
                 f"cannot reach its data port {host}:{data_port}: {e}") from e
         try:
-            timer = self.reactor.callLater(PAIR_TIMEOUT, proto.answer.cancel)
-            try:
-                await proto.answer
-            finally:
-                if timer.active():
-                    timer.cancel()
+            await expire(proto.answer, PAIR_TIMEOUT, self.reactor)
         except defer.CancelledError:
             self.say(f"the relay did not pair the data connection for {self.label} in time")
             return EXIT_FAILED
@@ -279,9 +328,11 @@ class Connector:
             return EXIT_FAILED
         self._hangUp()  # the token is spent; the session no longer needs SSH
         self.path = "spliced"
-        if self.verbose:
-            self.say(f"{self.label}: fast path (spliced) via data port {data_port}")
         dp = datapath.get(self.reactor)
+        if self.verbose:
+            how = "copied" if dp.backend.name == "portable" else "spliced"
+            self.say(f"{self.label}: fast path ({how}) via data port {data_port}, "
+                     f"{dp.backend.name} data path")
         for pipe_fd in (self.stdin_fd, self.stdout_fd):
             _grow_pipe(pipe_fd)
         pair = join(dp, datapath.End(self.stdin_fd, self.stdout_fd), proto)
@@ -319,12 +370,33 @@ def run(argv_ns: argparse.Namespace) -> int:
     """``labrelay connect``: parse, run the reactor until the session ends, exit code."""
     from twisted.internet import reactor
 
-    from relay.ssh.identity import load_identities
+    from relay.user.askpass import ask
 
-    options = options_from_args(argv_ns)
-    identities = load_identities(NodeConfig(source=CLI, links=(options.link,)), options.link, 0)
+    try:
+        resolved = resolve(argv_ns.destination, config_file=argv_ns.config_file,
+                           port=argv_ns.port, login=argv_ns.login,
+                           identities=argv_ns.identity, options=argv_ns.options)
+    except ResolveError as e:
+        sys.stderr.write(f"labrelay connect: {e}\n")
+        return EXIT_FAILED
+    options = options_from_args(argv_ns, resolved)
+    if resolved is not None:
+        tokens = {"d": str(Path.home()), "u": _local_user(), "h": resolved.hostname,
+                  "r": resolved.user, "%": "%"}
+        # ssh -G drops an -i file that does not exist: keep it, to say so (as ssh does).
+        files = [Path(p) for p in argv_ns.identity] + \
+            [userkeys.expand(f, tokens) for f in resolved.identity_files]
+        only, agent = resolved.identities_only, resolved.identity_agent
+    else:
+        files = list(options.link.identities) or [Path(f) for f in userkeys.DEFAULT_FILES]
+        only, agent = False, None
+    source = userkeys.KeySource(
+        files=tuple(files), explicit=tuple(Path(p) for p in argv_ns.identity),
+        identities_only=only, agent=userkeys.agent_socket(agent), ask=ask)
+    options = ConnectOptions(options.link, options.service, options.port, options.fast_path,
+                             keys=source)
     result = [EXIT_FAILED]
-    connector = Connector(options, reactor, identities, verbose=argv_ns.verbose)
+    connector = Connector(options, reactor, [], verbose=argv_ns.verbose)
 
     def finished(code: int | Failure) -> None:
         if isinstance(code, Failure):
@@ -339,3 +411,12 @@ def run(argv_ns: argparse.Namespace) -> int:
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return result[0]
+
+
+def _local_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""

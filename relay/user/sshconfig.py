@@ -5,6 +5,14 @@ user, a ``Host`` entry for the relay itself and one per ssh service they are
 granted (reached by name through ``ProxyJump``), plus ``LocalForward`` lines for
 their other services, and the relay's host key for ``known_hosts`` so the first
 connection is verified instead of trusted blindly.
+
+A service on the fast path gets two entries that work with and without labrelay
+installed: a ``Match originalhost NAME exec "command -v labrelay"`` block with
+``ProxyCommand labrelay connect RELAY-ALIAS %h:%p`` (taken when the ``labrelay``
+command exists), then the ``Host NAME`` entry with ``ProxyJump``.  ssh keeps the
+first of ``ProxyCommand``/``ProxyJump`` it reads, so without labrelay the same file
+goes through the relay as ``ssh -J`` does.  ``labrelay connect`` reads the relay
+alias's ``HostName``, ``Port``, ``User``, ``IdentityFile`` with ``ssh -G``.
 """
 
 from __future__ import annotations
@@ -27,12 +35,15 @@ def render(
     host_key_line: str | None = None,
     known_hosts: str = "~/.ssh/known_hosts",
     fast: Iterable[ServiceGrant] = (),
+    config_file: str | None = None,
 ) -> str:
     """The snippet, as text.  ``host_key_line`` is ``"ssh-ed25519 AAAA..."``.
 
     Services matched by ``fast`` (the relay's ``e2e_services``, when it has a data
-    port) are reached with ``ProxyCommand labrelay connect`` (the fast path) instead of
-    ``ProxyJump``; ``labrelay connect`` falls back to a channel by itself."""
+    port) are reached with ``ProxyCommand labrelay connect`` (the fast path) where
+    labrelay is installed, else with ``ProxyJump``; ``labrelay connect`` falls back to a
+    channel by itself.  ``config_file``: where the snippet goes, when not
+    ``~/.ssh/config`` (``labrelay connect -F`` then reads the relay's entry there)."""
     fast = tuple(fast)
     port_part = "" if relay_port == 22 else f"[{relay_host}]:{relay_port}"
     kh_name = port_part or relay_host
@@ -62,12 +73,17 @@ def render(
         if grant.name == "*":
             wildcard = True
         elif grant.port == 22 and any(f.matches(grant.name, 22) for f in fast):
+            dash_f = f"-F {config_file} " if config_file else ""
             lines += [
                 "",
+                f"# {grant.name}: the fast path where labrelay is installed (spliced at the "
+                "relay, encrypted once: docs/fastpath.md),",
+                f"# else ProxyJump {RELAY_ALIAS} (stock ssh).  ssh keeps the first of the two "
+                "it reads.",
+                f'Match originalhost {grant.name} exec "command -v labrelay >/dev/null 2>&1"',
+                f"    ProxyCommand labrelay connect {dash_f}{RELAY_ALIAS} %h:%p",
                 f"Host {grant.name}",
-                "    # the fast path: spliced at the relay, encrypted once (docs/fastpath.md)",
-                f"    ProxyCommand labrelay connect -p {relay_port} -i {identity} "
-                f"-o UserKnownHostsFile={known_hosts} {user}@{relay_host} %h:%p",
+                f"    ProxyJump {RELAY_ALIAS}",
                 "    # User <your account on that host>",
             ]
         elif grant.port == 22:
@@ -95,6 +111,17 @@ def render(
         lines += ["", "# You may reach every service on this relay: add a Host entry with",
                   f"# `ProxyJump {RELAY_ALIAS}` for each ssh service you use."]
     return "\n".join(lines) + "\n"
+
+
+def fast_path_note(services: Iterable[ServiceGrant], fast: Iterable[ServiceGrant]) -> str | None:
+    """What ``labrelay ssh-config`` says on stderr about the entries it wrote."""
+    fast = tuple(fast)
+    names = [g.name for g in services
+             if g.name != "*" and g.port == 22 and any(f.matches(g.name, 22) for f in fast)]
+    if not names:
+        return None
+    return (f"{', '.join(names)}: the fast path (ProxyCommand labrelay connect) where "
+            f"labrelay is installed, else ProxyJump {RELAY_ALIAS}; both entries are written")
 
 
 def relay_host_key_line(state_dir: Path) -> str | None:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.conch.ssh import keys
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 
 from relay.config.schema import PrincipalConfig, RelayConfig, ServiceGrant
@@ -23,17 +22,18 @@ from relay.server.relay import RelayCore
 from relay.ssh import policy
 from relay.ssh.server import RelayConnection, RelayFactory
 from relay.ssh.serverauth import Identity, RelayAvatar
+from relay.testing import FakeTCPTransport, new_key
 
 CLIENT_VERSION = b"SSH-2.0-OpenSSH_9.6p1 Debian-4\r\n"
 
 
 def fixed_key(seed: int) -> keys.Key:
     """An ed25519 key from a fixed seed: the same on every run."""
-    return keys.Key(Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32))
+    return new_key(seed=seed).key
 
 
 def key_line(seed: int, comment: str) -> str:
-    return fixed_key(seed).public().toString("OPENSSH").decode() + f" {comment}"
+    return new_key(comment, seed=seed).line
 
 
 HOST_KEY = fixed_key(1)
@@ -85,14 +85,7 @@ def identity(kind: str) -> Identity:
     return Identity(key.public().blob(), principal)
 
 
-class TCP(StringTransport):
-    """A StringTransport with the TCP options the relay sets."""
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        pass
-
-    def setTcpKeepAlive(self, enabled: bool) -> None:
-        pass
+TCP = FakeTCPTransport  # the TCP options the relay sets, in memory
 
 
 def new_transport(core: RelayCore) -> Any:

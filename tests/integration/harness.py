@@ -52,7 +52,15 @@ class HarnessError(AssertionError):
 
 
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that was free a moment ago (bind port 0, read it back, release it)."""
+    """A TCP port that was free a moment ago (bind port 0, read it back, release it).
+
+    Racy (another process may take it before it is used), so only for a port that
+    must be named before anything listens on it: a public port written in a grant,
+    a port a forward must keep across a server restart, a stock ``ssh -L`` (OpenSSH
+    refuses a local forward on port 0), an sshd (whose start retries on a bind
+    failure).  Everything labrelay listens on binds port 0 and is read back from its
+    events (``relay_listening``, ``admin_listening``, ``relay_data_port``,
+    ``forward_ready``, ``plain_forward_ready``)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -762,10 +770,13 @@ class AgentProcess(_Process):
             ]
 
     def wait_for(
-        self, event: str, timeout: float = 15.0, since: int | None = None, **match: Matcher
+        self, event: str, timeout: float = 15.0, since: int | None = None,
+        advance: bool = True, **match: Matcher,
     ) -> dict[str, Any]:
         """Block until an event named ``event`` whose fields match arrives; return it.
 
+        Later waits with ``since=None`` start after it, unless ``advance`` is false
+        (a look-up of a fact, such as a bound port, that must not skip events).
         Fails at once if the process closes its stdout (exits) first.
         """
         deadline = time.monotonic() + timeout
@@ -776,7 +787,8 @@ class AgentProcess(_Process):
                     e = self._events[index]
                     index += 1
                     if e.get("event") == event and _matches(e, match):
-                        self._cursor = index
+                        if advance:
+                            self._cursor = index
                         return e
                 if self._stdout_eof:
                     break

@@ -12,8 +12,10 @@ are attached to the report as extra sections.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,12 @@ from typing import Any
 import pytest
 from harness import (
     AUDITED_LABRELAY,
+    LOOPBACK,
     AgentProcess,
     CountingSource,
     DataStream,
     EchoServer,
+    HarnessError,
     HashSink,
     KeyPair,
     LazyReader,
@@ -265,9 +269,10 @@ def start_relay(
     """``start_relay(agents=[...], users=[...], relay_toml="", name="relay")``.
 
     Writes the agents and users grant files (authorized_keys lines) and a node config
-    whose ``[relay]`` listens on 127.0.0.1 port 0 and whose ``[admin]`` is on a free
-    loopback port; ``relay_toml`` is added to the ``[relay]`` table (keys, then
-    ``[[relay.user]]``/``[[relay.agent]]`` tables).  Returns once it listens.
+    whose ``[relay]`` and ``[admin]`` listen on 127.0.0.1 port 0 (the ports are read
+    back from the ``relay_listening`` and ``admin_listening`` events); ``relay_toml``
+    is added to the ``[relay]`` table (keys, then ``[[relay.user]]``/``[[relay.agent]]``
+    tables).  Returns once it listens.
     """
     count = 0
 
@@ -283,12 +288,11 @@ def start_relay(
         directory.mkdir()
         (directory / "agents").write_text("".join(line + "\n" for line in agents or []))
         (directory / "users").write_text("".join(line + "\n" for line in users or []))
-        admin_port = free_port()
         config = directory / "node.toml"
         config.write_text(
             f"""\
 [admin]
-listen = "127.0.0.1:{admin_port}"
+listen = "127.0.0.1:0"
 
 [relay]
 listen = "127.0.0.1:0"
@@ -299,6 +303,100 @@ users_file = "users"
 """
         )
         proc = start_process(relay_command("--config", str(config)), name=name)
-        return RelayNode(proc, directory, admin_port)
+        return RelayNode(proc, directory, admin_port(proc))
 
     return start
+
+
+# --- what several real-process tests do the same way ------------------------------------
+
+
+def admin_port(proc: AgentProcess, timeout: float = 20.0) -> int:
+    """The port a labrelay process's admin endpoint bound (``--admin 127.0.0.1:0`` or
+    ``listen = "127.0.0.1:0"``), from its ``admin_listening`` event."""
+    return int(proc.wait_for("admin_listening", timeout=timeout, since=0, advance=False)["port"])
+
+
+def admin_status(port: int, host: str = LOOPBACK) -> dict[str, Any]:
+    """``/status.json`` of a labrelay admin endpoint."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{host}:{port}/status.json", timeout=10) as r:
+        return dict(json.load(r))
+
+
+def wait_until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Poll ``cond`` (a remote process's counters, read from its status endpoint, have
+    no event to await) until it holds, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def connect_argv(relay: RelayNode, user: str, key: KeyPair, service: str,
+                 *extra: str) -> list[str]:
+    """``labrelay connect`` as ``user`` (logging in with ``key``) to ``service`` through
+    ``relay``, trusting the relay's host key."""
+    return [sys.executable, "-m", "relay", "connect", "-p", str(relay.port),
+            "-i", str(key.path), "-o", f"UserKnownHostsFile={relay.known_hosts}",
+            *extra, f"{user}@{LOOPBACK}", service]
+
+
+def user_ssh_config(path: Path, relay: RelayNode, client_key: KeyPair, user: str,
+                    user_key: KeyPair, connect_err: Path) -> Path:
+    """A user's ssh_config for the service gpu-cluster (a target sshd that trusts
+    ``client_key``), two ways: ``gpu-cluster`` by the fast path (``labrelay connect`` as
+    ProxyCommand, its stderr appended to ``connect_err``: on the fast path it says
+    nothing), ``gpu-jump`` by ``-J user@relay`` (an SSH channel).  ``-J`` to the relay
+    by hand (``ssh -J user@127.0.0.1:PORT gpu-cluster``) uses ``user_key`` too."""
+    connect = connect_argv(relay, user, user_key, "%h:%p")
+    proxy = f"sh -c 'exec {' '.join(connect)} 2>>{connect_err}'"
+    path.write_text(f"""\
+Host gpu-cluster
+  User root
+  IdentityFile {client_key.path}
+  ProxyCommand {proxy}
+Host gpu-jump
+  HostName gpu-cluster
+  HostKeyAlias gpu-cluster
+  User root
+  IdentityFile {client_key.path}
+  ProxyJump {user}@{LOOPBACK}:{relay.port}
+Host {LOOPBACK}
+  IdentityFile {user_key.path}
+Host *
+  IdentitiesOnly yes
+  BatchMode yes
+  UserKnownHostsFile {relay.known_hosts}
+  GlobalKnownHostsFile /dev/null
+  StrictHostKeyChecking yes
+  UpdateHostKeys no
+  ConnectTimeout 20
+""")
+    return path
+
+
+def stock_local_forward(start_ssh: Callable[..., SshProcess], argv: Callable[[int], list[str]],
+                        name: str = "ssh-L", attempts: int = 5) -> tuple[SshProcess, int]:
+    """A stock ``ssh -v -N -o ExitOnForwardFailure=yes -L 127.0.0.1:PORT:...`` (``argv(PORT)``),
+    once its listener is up: ``(process, PORT)``.
+
+    OpenSSH refuses a local forward on port 0, so PORT is one that was free a moment
+    ago; if another process took it first, ssh fails to bind and exits, and the next
+    attempt takes another port."""
+    for _ in range(attempts):
+        port = free_port()
+        proc = start_ssh(argv(port), name=name)
+        try:
+            # ssh logs "Local forwarding listening" before bind(); the channel comes
+            # after listen().
+            proc.wait_stderr(rf"Local forwarding listening on 127\.0\.0\.1 port {port}\b")
+            proc.wait_stderr(r"new port-listener")
+            return proc, port
+        except HarnessError:
+            if "Address already in use" not in proc.stderr_text():
+                raise
+            proc.stop()
+    raise HarnessError(f"{name}: no free port for ssh -L in {attempts} attempts")

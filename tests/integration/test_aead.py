@@ -32,13 +32,13 @@ from harness import (
     RelayNode,
     Sshd,
     SshProcess,
-    free_port,
     make_key,
     mode_download,
     mode_echo,
     mode_upload,
     ssh_argv,
 )
+from relay_fixtures import stock_local_forward
 
 pytestmark = pytest.mark.integration
 
@@ -307,16 +307,13 @@ def user_forward(
     start_ssh: Callable[..., SshProcess], relay: RelayNode, key: KeyPair, *options: str
 ) -> tuple[SshProcess, int]:
     """``ssh -v -N -L PORT:bulk:9000 alice@relay OPTIONS``; (process, PORT) once it listens."""
-    port = free_port()
-    proc = start_ssh(
-        ssh_argv(relay.port, key.path, relay.known_hosts, "-v", "-N",
-                 "-o", "ExitOnForwardFailure=yes", "-L", f"127.0.0.1:{port}:bulk:9000",
-                 *options, user="alice"),
+    return stock_local_forward(
+        start_ssh,
+        lambda port: ssh_argv(relay.port, key.path, relay.known_hosts, "-v", "-N",
+                              "-o", "ExitOnForwardFailure=yes",
+                              "-L", f"127.0.0.1:{port}:bulk:9000", *options, user="alice"),
         name="ssh-L",
     )  # fmt: skip
-    proc.wait_stderr(rf"Local forwarding listening on 127\.0\.0\.1 port {port}\b")
-    proc.wait_stderr(r"new port-listener")
-    return proc, port
 
 
 @pytest.mark.parametrize("cipher", [GCM128, GCM256])

@@ -264,14 +264,14 @@ def test_port_held_by_old_session_is_retried_without_dropping_link(
     stock_target = targets.echo(greeting=b"stock\n")
     fixed_target = targets.echo(greeting=b"agent-fixed\n")
     any_target = targets.echo(greeting=b"agent-any\n")
-    fixed = free_port()
     kh = known_hosts(sshd.known_hosts_line())
     stock = start_ssh(
         ssh_command(sshd.port, kh, "-v", "-N", "-o", "ExitOnForwardFailure=yes",
-                    "-R", f"{fixed}:127.0.0.1:{stock_target.port}"),
+                    "-R", f"0:127.0.0.1:{stock_target.port}"),
         name="stock-ssh",
     )  # fmt: skip
-    stock.wait_stderr(rf"remote forward success for: listen {fixed}\b")
+    # sshd picks the port; the agent then asks for that very port.
+    fixed = int(stock.wait_stderr(r"Allocated port (\d+) for remote forward").group(1))
     assert echo_roundtrip(fixed, b"x", greeting=b"stock\n") == b"x"
 
     agent = run_agent(

@@ -19,17 +19,18 @@ from harness import (
     SshProcess,
     echo_roundtrip,
     find_program,
-    free_port,
     make_key,
 )
+from relay_fixtures import stock_local_forward
 
 pytestmark = pytest.mark.integration
 
 
-def _relay_toml(port: int, state: Path, agents: list[tuple[str, KeyPair, str]],
+def _relay_toml(state: Path, agents: list[tuple[str, KeyPair, str]],
                 users: list[tuple[str, KeyPair, str]]) -> str:
     # Both relays offer the fast path for ssh: it is spliced through the chain as well.
-    text = (f'[relay]\nlisten = "127.0.0.1:{port}"\nstate_dir = "{state}"\npublic_wait = 5\n'
+    # Each relay binds port 0; the test reads the port back from relay_listening.
+    text = (f'[relay]\nlisten = "127.0.0.1:0"\nstate_dir = "{state}"\npublic_wait = 5\n'
             'data_port = 0\ne2e_services = ["gpu-cluster:22"]\n')
     for kind, entries in (("agent", agents), ("user", users)):
         for name, key, services in entries:
@@ -57,23 +58,22 @@ def test_two_relays_chain_reaches_gpu_cluster_by_name(
     alice = client_key  # alice logs in to gpu_cluster with the same key she uses at the relay
     echo = targets.echo()
 
-    lab_port, cloud_port = free_port(), free_port()
     lab_state, cloud_state = tmp_path / "lab-state", tmp_path / "cloud-state"
 
     cloud = tmp_path / "cloud.toml"
-    cloud.write_text(_relay_toml(cloud_port, cloud_state,
+    cloud.write_text(_relay_toml(cloud_state,
                                  [("lab_pc", lab_key, '"gpu-cluster:22", "web:8080"')],
                                  [("alice", alice, '"gpu-cluster:22", "web:8080"')]))
     cloud_relay = start_process([sys.executable, "-m", "relay", "relay", "--log-format",
                                  "json", "--config", str(cloud)], name="cloud-relay")
-    cloud_relay.wait_for("relay_listening", timeout=20)
+    cloud_port = cloud_relay.wait_for("relay_listening", timeout=20)["port"]
     cloud_kh = tmp_path / "cloud_known_hosts"
     cloud_kh.write_text(_relay_key(cloud_state, cloud_port) + "\n")
 
     # lab_pc: a relay for gpu_cluster's agent, and a link to the cloud re-exporting by name.
     lab = tmp_path / "lab.toml"
     lab.write_text(
-        _relay_toml(lab_port, lab_state,
+        _relay_toml(lab_state,
                     [("gpu_agent", gpu_agent_key, '"gpu-cluster:22", "web:8080"')], [])
         + f"""
 [[link]]
@@ -96,7 +96,7 @@ service = "web:8080"
 """)
     lab_node = start_process([sys.executable, "-m", "relay", "run", "--log-format", "json",
                               str(lab)], name="lab_pc")
-    lab_node.wait_for("relay_listening", timeout=20, since=0)
+    lab_port = lab_node.wait_for("relay_listening", timeout=20, since=0)["port"]
     lab_kh = tmp_path / "lab_known_hosts"
     lab_kh.write_text(_relay_key(lab_state, lab_port) + "\n")
 
@@ -132,10 +132,11 @@ service = "web:8080"
     assert result.stdout.strip() == "gpu_cluster"
 
     # A non-ssh service by name too, through a stock ssh -L at the cloud relay.
-    local = free_port()
-    tunnel = start_ssh([ssh, "-F", str(config), "-v", "-N", "-o", "ExitOnForwardFailure=yes",
-                        "-L", f"127.0.0.1:{local}:web:8080", "relay"], name="alice-L")
-    tunnel.wait_stderr(r"Entering interactive session")  # after every listener is up
+    _tunnel, local = stock_local_forward(
+        start_ssh,
+        lambda port: [ssh, "-F", str(config), "-v", "-N", "-o", "ExitOnForwardFailure=yes",
+                      "-L", f"127.0.0.1:{port}:web:8080", "relay"],
+        name="alice-L")
     payload = b"through two relays by name"
     assert echo_roundtrip(local, payload) == payload
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import AgentProcess, free_port
+from harness import AgentProcess
+from relay_fixtures import admin_port
 
 from relay.datapath import _splice
 from relay.ops.status import fetch
@@ -244,10 +245,9 @@ def helpers() -> Any:
 def start_hop(start_process: Callable[..., AgentProcess], tmp_path: Path,
               backend: str) -> Callable[[int], Hop]:
     def start(target_port: int) -> Hop:
-        admin = f"127.0.0.1:{free_port()}"
         config = tmp_path / "hop.toml"
         config.write_text(
-            f'[admin]\nlisten = "{admin}"\n\n'
+            '[admin]\nlisten = "127.0.0.1:0"\n\n'
             f'[[forward]]\nname = "hop"\nlisten = "127.0.0.1:0"\n'
             f'connect = "127.0.0.1:{target_port}"\n'
         )
@@ -256,7 +256,7 @@ def start_hop(start_process: Callable[..., AgentProcess], tmp_path: Path,
             name=f"hop-{backend}", env={"LABRELAY_DATAPATH": backend})
         chosen = proc.wait_for("datapath_backend", timeout=30)
         assert chosen["backend"] == backend
-        return Hop(proc, admin)
+        return Hop(proc, f"127.0.0.1:{admin_port(proc)}")
 
     return start
 

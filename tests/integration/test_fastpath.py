@@ -36,6 +36,7 @@ from harness import (
     make_key,
     sha256_hex,
 )
+from relay_fixtures import admin_port, admin_status, connect_argv, user_ssh_config, wait_until
 
 from relay.core import fastwire as fw
 
@@ -68,52 +69,23 @@ class Site:
     tmp: Path
 
     def connect_argv(self, user: str, key: KeyPair, service: str, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "relay", "connect", "-p", str(self.relay.port),
-                "-i", str(key.path), "-o", f"UserKnownHostsFile={self.relay.known_hosts}",
-                *extra, f"{user}@{LOOPBACK}", service]
+        return connect_argv(self.relay, user, key, service, *extra)
 
     def ssh_config(self) -> Path:
         """An ssh_config whose gpu-cluster goes through ``labrelay connect`` as alice."""
-        path = self.tmp / "ssh_config"
-        # Each labrelay connect appends its stderr here: on the fast path it says nothing.
-        proxy = (f"sh -c 'exec {' '.join(self.connect_argv('alice', self.keys.alice, '%h:%p'))} "
-                 f"2>>{self.tmp / 'connect.err'}'")
-        path.write_text(f"""\
-Host gpu-cluster
-  User root
-  IdentityFile {self.client_key.path}
-  ProxyCommand {proxy}
-Host *
-  IdentitiesOnly yes
-  BatchMode yes
-  UserKnownHostsFile {self.relay.known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 20
-""")
-        return path
+        return user_ssh_config(self.tmp / "ssh_config", self.relay, self.client_key, "alice",
+                               self.keys.alice, self.tmp / "connect.err")
 
     def pool(self) -> dict[str, Any]:
         return dict(self.agent_status()["links"][0]["fast_path"])
 
     def agent_status(self) -> dict[str, Any]:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.agent_admin}/status.json",
-                                    timeout=10) as r:
-            return dict(json.load(r))
+        return admin_status(self.agent_admin)
 
     agent_admin: int = 0
 
     def fast(self) -> dict[str, Any]:
         return dict(self.relay.status()["relay"]["fast_path"])
-
-
-def _free_port() -> int:
-    from harness import free_port
-
-    return free_port()
 
 
 @pytest.fixture
@@ -135,29 +107,19 @@ def site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
                    'data_hello_timeout = 1\npublic_wait = 3\npenalty_exempt = ["127.0.0.1"]\n')
     data_port = relay.wait_for("relay_data_port", since=0)["port"]
     relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
-    admin = _free_port()
     agent = start_agent(
         "-p", str(relay.port), "-i", str(k.lab_pc.path),
         "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "ServerAliveInterval=5",
-        "--admin", f"127.0.0.1:{admin}",
+        "--admin", "127.0.0.1:0",
         "-R", f"gpu-cluster:22:127.0.0.1:{gpu.port}", "-R", f"web:8080:127.0.0.1:{web.port}",
         "lab_pc@127.0.0.1", name="agent")  # fmt: skip
     agent.wait_for("fast_path_ready", timeout=20)
     agent.wait_for("forward_ready", timeout=20, since=0, bind="gpu-cluster")
     agent.wait_for("forward_ready", timeout=20, since=0, bind="web")
     s = Site(relay, agent, gpu, web.port, data_port, k, client_key, tmp_path)
-    s.agent_admin = admin
-    _wait(lambda: s.pool()["idle"] == 4, "the agent's pool to fill")
+    s.agent_admin = admin_port(agent)
+    wait_until(lambda: s.pool()["idle"] == 4, "the agent's pool to fill")
     yield s
-
-
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    """Poll a status endpoint (a remote process's state has no event to await here)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _run(argv: list[str], input: bytes | None = None, timeout: float = 120.0,
@@ -217,7 +179,12 @@ def test_ssh_and_scp_through_the_fast_path_are_spliced(site: Site) -> None:
     assert fast["paired"] == 3 and fast["pair_failed"] == 0
     per = site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
     assert per["sessions_total"] == 3 and per["bytes_to_service"] > stream.size
-    _wait(lambda: site.pool()["sessions_total"] == 3 and site.pool()["idle"] == 4,
+    # the audit log: one open and one close per spliced session, the scp's bytes in one
+    opens = site.relay.events("session_open", user="alice", path="spliced")
+    closes = site.relay.events("session_close", user="alice", path="spliced")
+    assert len(opens) == len(closes) == 3, (opens, closes)
+    assert max(c["bytes_to_service"] for c in closes) > stream.size
+    wait_until(lambda: site.pool()["sessions_total"] == 3 and site.pool()["idle"] == 4,
           "the agent to count its sessions and refill")
     assert site.pool()["bytes_to_target"] > stream.size
     assert site.relay.connect_attempts() == []
@@ -392,7 +359,7 @@ def test_replayed_and_session_bound_tokens(site: Site) -> None:
     assert "unknown" in _refusal(_present(port, _user(orphan, "gpu-cluster", 22)))
     fast = site.fast()
     assert fast["paired"] == 1 and fast["tokens_redeemed"]["user"] == 1
-    _wait(lambda: site.pool()["sessions_total"] == 1, "the agent to count its session")
+    wait_until(lambda: site.pool()["sessions_total"] == 1, "the agent to count its session")
 
 
 def test_an_unreachable_data_port_falls_back_to_a_channel(
@@ -445,4 +412,4 @@ def test_a_burst_of_sessions_outgrows_the_pool(site: Site) -> None:
     fast = site.fast()
     assert fast["paired"] == 9 and fast["pair_failed"] == 0, fast
     assert (site.tmp / "connect.err").read_text() == ""
-    _wait(lambda: site.pool()["idle"] == 4, "the pool to be full again")
+    wait_until(lambda: site.pool()["idle"] == 4, "the pool to be full again")

@@ -31,6 +31,7 @@ from harness import (
     receive_stream,
     send_stream,
 )
+from relay_fixtures import stock_local_forward
 
 pytestmark = pytest.mark.integration
 
@@ -125,22 +126,11 @@ def test_stock_local_forward(
 ) -> None:
     kh = known_hosts(sshd.known_hosts_line())
     echo = targets.echo()
-    port = free_port()
-    ssh = start_ssh(
-        ssh_command(
-            sshd.port,
-            kh,
-            "-v",
-            "-N",
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-L",
-            f"127.0.0.1:{port}:127.0.0.1:{echo.port}",
-        )
+    _ssh, port = stock_local_forward(
+        start_ssh,
+        lambda port: ssh_command(sshd.port, kh, "-v", "-N", "-o", "ExitOnForwardFailure=yes",
+                                 "-L", f"127.0.0.1:{port}:127.0.0.1:{echo.port}"),
     )
-    ssh.wait_stderr(rf"Local forwarding listening on 127\.0\.0\.1 port {port}\.")
-    # ssh logs that line between bind() and listen(); this one comes after all listeners.
-    ssh.wait_stderr(r"Entering interactive session")
     assert echo_roundtrip(port, b"through -L") == b"through -L"
 
 

@@ -41,7 +41,6 @@ from harness import (
     connect,
     echo_roundtrip,
     find_program,
-    free_port,
     known_hosts_line,
     make_key,
     read_to_eof,
@@ -49,6 +48,7 @@ from harness import (
     sha256_hex,
     ssh_argv,
 )
+from relay_fixtures import stock_local_forward
 
 pytestmark = pytest.mark.integration
 
@@ -143,15 +143,12 @@ def local_forward(
     start_ssh: Callable[..., SshProcess], relay: RelayNode, key: KeyPair, service: str, user: str
 ) -> int:
     """A stock ``ssh -N -L PORT:service`` as ``user``; returns PORT once it listens."""
-    port = free_port()
-    proc = start_ssh(
-        user_ssh(relay, key, "-v", "-N", "-o", "ExitOnForwardFailure=yes",
-                 "-L", f"127.0.0.1:{port}:{service}", user=user),
+    _proc, port = stock_local_forward(
+        start_ssh,
+        lambda port: user_ssh(relay, key, "-v", "-N", "-o", "ExitOnForwardFailure=yes",
+                              "-L", f"127.0.0.1:{port}:{service}", user=user),
         name=f"ssh-L-{user}-{service}",
     )  # fmt: skip
-    # ssh logs "Local forwarding listening" before bind(); the channel comes after listen().
-    proc.wait_stderr(rf"Local forwarding listening on 127\.0\.0\.1 port {port}\b")
-    proc.wait_stderr(r"new port-listener")
     return port
 
 
@@ -429,6 +426,10 @@ def test_other_agent_key_cannot_take_a_name_online_or_not(
         start_agent, relay, keys.lab_pc, f"gpu-cluster:22:127.0.0.1:{target.port}", name="owner"
     )
     agent_ready(owner, "gpu-cluster")
+    # The relay's own line, read from its stdout, may come after the agent's: it must
+    # be in before the intruder's attempts are marked.
+    relay.wait_for("relay_service_registered", since=0, agent="lab_pc",
+                   service="gpu-cluster:22")
 
     def intruder_tries(what: str) -> None:
         since = relay.mark()
@@ -1035,12 +1036,12 @@ def test_status_and_metrics_show_agents_services_and_user_sessions(
 
         metrics = relay.metrics().splitlines()
         for line in (
-            "labrelay_relay_agents_connected 1",
-            'labrelay_relay_service_up{service="web:8080",owner="lab_pc"} 1',
-            'labrelay_relay_service_up{service="gpu-cluster:22",owner="lab_pc"} 1',
-            'labrelay_relay_sessions_active{service="web:8080"} 3',
-            'labrelay_relay_user_sessions{user="alice"} 2',
-            'labrelay_relay_user_sessions{user="bob"} 1',
+            "labrelay_relay_agents_connected 1.0",
+            'labrelay_relay_service_up{owner="lab_pc",service="web:8080"} 1.0',
+            'labrelay_relay_service_up{owner="lab_pc",service="gpu-cluster:22"} 1.0',
+            'labrelay_relay_sessions_active{service="web:8080"} 3.0',
+            'labrelay_relay_user_sessions_active{user="alice"} 2.0',
+            'labrelay_relay_user_sessions_active{user="bob"} 1.0',
         ):
             assert line in metrics, f"{line!r} not in /metrics:\n" + "\n".join(metrics)
     finally:

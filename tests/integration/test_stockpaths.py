@@ -14,14 +14,11 @@ box counts them and looks for a marker only the non-e2e session's payload contai
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import struct
 import subprocess
 import threading
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +36,12 @@ from harness import (
     Sshd,
     SshProcess,
     find_program,
-    free_port,
     known_hosts_line,
     make_key,
     read_to_eof,
     sha256_hex,
 )
+from relay_fixtures import admin_port, admin_status, stock_local_forward, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -175,9 +172,7 @@ Host *
         return dict(self.relay.status()["relay"]["fast_path"])
 
     def pool(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/status.json",
-                                    timeout=10) as r:
-            return dict(json.load(r)["links"][0]["fast_path"])
+        return dict(admin_status(self.admin)["links"][0]["fast_path"])
 
     def sessions(self) -> list[dict[str, Any]]:
         return list(self.relay.status()["relay"]["sessions"])
@@ -192,45 +187,36 @@ def site(openssh: None, client_key: KeyPair, start_relay: Callable[..., RelayNod
     gpu = sshd_factory("gpu_cluster")
     web = targets.echo(greeting=b"web\n")
     bulk = targets.counting_source(DataStream(77, BULK), stall_after=2.0)
-    data_port = free_port()
     relay = start_relay(
         agents=[f'permitlisten="gpu-cluster:22",permitlisten="web:8080",'
                 f'permitlisten="bulk:9000" {lab_pc.public_blob()} lab_pc'],
         users=[f'permitopen="gpu-cluster:22",permitopen="web:8080",permitopen="bulk:9000" '
                f"{alice.public_blob()} alice"],
-        relay_toml=f'data_port = {data_port}\ndata_bind = "127.0.0.1"\n'
+        relay_toml='data_port = 0\ndata_bind = "127.0.0.1"\n'
                    'e2e_services = ["gpu-cluster:22", "bulk:9000"]\npublic_wait = 5\n')
+    data_port = relay.wait_for("relay_data_port", since=0)["port"]
     relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
     box = RecordingBox(relay.port, data_port)
     relay.trust(known_hosts_line(relay.host_key_blob, box.ssh_port, host=BOX))
-    admin = free_port()
     agent = start_agent(
         "-p", str(box.ssh_port), "-i", str(lab_pc.path),
-        "-o", f"UserKnownHostsFile={relay.known_hosts}", "--admin", f"127.0.0.1:{admin}",
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "--admin", "127.0.0.1:0",
         "--fast-path-pool", str(POOL),
         "-R", f"gpu-cluster:22:127.0.0.1:{gpu.port}", "-R", f"web:8080:127.0.0.1:{web.port}",
         "-R", f"bulk:9000:127.0.0.1:{bulk.port}", f"lab_pc@{BOX}", name="agent")  # fmt: skip
+    admin = admin_port(agent)
     ready = agent.wait_for("fast_path_ready", timeout=20)
     assert ready["host"] == BOX
     assert ready["services"] == "bulk:9000 gpu-cluster:22"  # web: not e2e
     for bind in ("gpu-cluster", "web", "bulk"):
         agent.wait_for("forward_ready", timeout=20, since=0, bind=bind)
     s = Site(relay, agent, gpu, web, bulk, box, alice, client_key, admin, tmp_path)
-    _wait(lambda: s.pool()["idle"] == POOL and s.fast()["pools"].get("lab_pc") == POOL,
+    wait_until(lambda: s.pool()["idle"] == POOL and s.fast()["pools"].get("lab_pc") == POOL,
           "the agent's pool to fill (through the box)", timeout=30)
     try:
         yield s
     finally:
         box.close()
-
-
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    """Poll a status endpoint (another process's state has no event to await here)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _run(argv: list[str], timeout: float = 180.0) -> subprocess.CompletedProcess[bytes]:
@@ -241,15 +227,12 @@ def _run(argv: list[str], timeout: float = 180.0) -> subprocess.CompletedProcess
 def _local_forward(site: Site, start_ssh: Callable[..., SshProcess], service: str) -> int:
     """A stock ``ssh -N -L PORT:service alice@relay``; PORT once it listens (from its
     ``-v`` lines: a probe connection would itself open a session)."""
-    port = free_port()
     ssh = find_program("ssh") or "ssh"
-    proc = start_ssh([ssh, "-v", "-F", str(site.config()), "-N", "-o",
-                      "ExitOnForwardFailure=yes", "-p", str(site.relay.port),
-                      "-L", f"127.0.0.1:{port}:{service}", f"alice@{LOOPBACK}"],
-                     name=f"ssh-L-{service}")
-    # ssh logs "Local forwarding listening" before bind(); the channel comes after listen().
-    proc.wait_stderr(rf"Local forwarding listening on 127\.0\.0\.1 port {port}\b")
-    proc.wait_stderr(r"new port-listener")
+    _, port = stock_local_forward(
+        start_ssh, lambda port: [ssh, "-v", "-F", str(site.config()), "-N", "-o",
+                                 "ExitOnForwardFailure=yes", "-p", str(site.relay.port),
+                                 "-L", f"127.0.0.1:{port}:{service}", f"alice@{LOOPBACK}"],
+        name=f"ssh-L-{service}")
     return port
 
 
@@ -281,7 +264,7 @@ def test_scp_64_mib_both_ways_over_J_rides_the_pooled_route(
     assert per["sessions_total"] == 2 and per["bytes_to_service"] > stream.size
     assert per["bytes_from_service"] > stream.size
     assert len(site.relay.events("relay_pooled_session", since=0)) == 2
-    _wait(lambda: site.pool()["sessions_total"] == 2 and site.pool()["idle"] == POOL,
+    wait_until(lambda: site.pool()["sessions_total"] == 2 and site.pool()["idle"] == POOL,
           "the agent to count both sessions and refill")
 
     # A session held open shows path "pooled"; so does a stock ``ssh -L`` to the e2e
@@ -301,7 +284,9 @@ def test_scp_64_mib_both_ways_over_J_rides_the_pooled_route(
         held.stdin.close()
         assert held.wait(timeout=30) == 0, held.stderr.read() if held.stderr else b""
     assert site.fast()["pooled"] == 4
-    assert "labrelay_relay_fast_pooled_total 4" in site.relay.metrics().splitlines()
+    pooled = [line.split()[1] for line in site.relay.metrics().splitlines()
+              if line.startswith("labrelay_relay_fast_pooled_total ")]
+    assert [float(v) for v in pooled] == [4.0], pooled
     assert site.relay.connect_attempts() == []
 
 
@@ -340,7 +325,7 @@ def test_L_to_a_non_e2e_service_stays_on_the_encrypted_link(
     assert not site.box.marker_seen
     assert site.box.data_connections == connections  # not even a redial
     assert site.box.data_bytes == moved
-    _wait(lambda: site.relay.status()["relay"]["per_service"]["web:8080"]["bytes_to_service"]
+    wait_until(lambda: site.relay.status()["relay"]["per_service"]["web:8080"]["bytes_to_service"]
           == len(payload), "the relay to count the session's bytes")
 
 

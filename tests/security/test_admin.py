@@ -26,10 +26,10 @@ from harness import (
     RelayNode,
     SshProcess,
     echo_roundtrip,
-    free_port,
     make_key,
     ssh_argv,
 )
+from relay_fixtures import admin_port, stock_local_forward
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -78,12 +78,12 @@ def test_dns_rebinding_is_refused_and_status_still_works(
                                "-R", f"web:8080:127.0.0.1:{web.port}", user="lab_pc"),
                       name="stock-agent")  # fmt: skip
     agent.wait_stderr(r"remote forward success for: listen web:8080,")
-    local = free_port()
-    ssh = start_ssh(ssh_argv(relay.port, alice.path, relay.known_hosts, "-v", "-N",
-                             "-o", "ExitOnForwardFailure=yes",
-                             "-L", f"127.0.0.1:{local}:web:8080", user="alice"),
-                    name="alice")  # fmt: skip
-    ssh.wait_stderr(r"new port-listener")
+    _ssh, local = stock_local_forward(
+        start_ssh,
+        lambda port: ssh_argv(relay.port, alice.path, relay.known_hosts, "-v", "-N",
+                              "-o", "ExitOnForwardFailure=yes",
+                              "-L", f"127.0.0.1:{port}:web:8080", user="alice"),
+        name="alice")  # fmt: skip
     relay.wait_for("relay_connected", name="alice")
     port = relay.admin_port
     relay.wait_for("admin_listening", since=0, port=port)
@@ -101,7 +101,7 @@ def test_dns_rebinding_is_refused_and_status_still_works(
         users = json.loads(body)["relay"]["users"]
         assert any(u.get("name") == "alice" for u in users), users
     code, _, body = http_get(port, f"localhost:{port}", "/metrics")
-    assert code == 200 and b"labrelay_relay_users_connected 1" in body
+    assert code == 200 and b"labrelay_relay_users_connected 1.0" in body
 
     done = labrelay_status("--admin", relay.admin)
     assert done.returncode == 0, done.stderr
@@ -118,11 +118,10 @@ def start_relay_with_token(start_process: Callable[..., AgentProcess], directory
     token_file = directory / "admin.token"
     token_file.write_text(TOKEN + "\n")
     os.chmod(token_file, token_mode)
-    admin_port = free_port()
     config = directory / "node.toml"
     config.write_text(f"""\
 [admin]
-listen = "127.0.0.1:{admin_port}"
+listen = "127.0.0.1:0"
 token_file = "admin.token"
 
 [relay]
@@ -132,7 +131,7 @@ agents_file = "agents"
 users_file = "users"
 """)
     proc = start_process(relay_command("--config", str(config)), name="relay-token")
-    return RelayNode(proc, directory, admin_port), token_file
+    return RelayNode(proc, directory, admin_port(proc)), token_file
 
 
 def test_bearer_token_for_scrapers(
@@ -154,7 +153,7 @@ def test_bearer_token_for_scrapers(
     code, _, body = http_get(port, f"localhost:{port}", authorization="Bearer " + TOKEN)
     assert code == 200 and json.loads(body)["relay"]["users"] == []
     code, _, body = http_get(port, here, "/metrics", authorization="Bearer " + TOKEN)
-    assert code == 200 and b"labrelay_relay_agents_connected 0" in body
+    assert code == 200 and b"labrelay_relay_agents_connected 0.0" in body
 
     done = labrelay_status("--admin", relay.admin, "--token-file", str(token_file))
     assert done.returncode == 0, done.stderr
@@ -173,7 +172,7 @@ def test_a_token_file_readable_by_others_stops_the_relay(tmp_path: Path) -> None
     config = directory / "node.toml"
     config.write_text(f"""\
 [admin]
-listen = "127.0.0.1:{free_port()}"
+listen = "127.0.0.1:0"
 token_file = "admin.token"
 
 [relay]

@@ -14,7 +14,6 @@ in the notes for docs/security.md.
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import socket
@@ -36,10 +35,10 @@ from harness import (
     RelayNode,
     Sshd,
     find_program,
-    free_port,
     known_hosts_line,
     make_key,
 )
+from relay_fixtures import admin_port, admin_status, user_ssh_config, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -76,42 +75,11 @@ class Site:
         """gpu-cluster two ways: ``gpu-cluster`` by the fast path (labrelay connect as
         ProxyCommand), ``gpu-jump`` by ``-J alice@relay`` (an SSH channel to the relay, and
         from there one of the agent's pooled data connections when one is idle)."""
-        path = self.tmp / "ssh_config"
-        connect = [sys.executable, "-m", "relay", "connect", "-p", str(self.relay.port),
-                   "-i", str(self.keys.alice.path),
-                   "-o", f"UserKnownHostsFile={self.relay.known_hosts}",
-                   f"alice@{LOOPBACK}", "gpu-cluster:22"]
-        proxy = f"sh -c 'exec {' '.join(connect)} 2>>{self.tmp / 'connect.err'}'"
-        path.write_text(f"""\
-Host gpu-cluster
-  User root
-  IdentityFile {self.client_key.path}
-  ProxyCommand {proxy}
-Host gpu-jump
-  HostName gpu-cluster
-  HostKeyAlias gpu-cluster
-  User root
-  IdentityFile {self.client_key.path}
-  ProxyJump alice@{LOOPBACK}:{self.relay.port}
-Host {LOOPBACK}
-  IdentityFile {self.keys.alice.path}
-Host *
-  IdentitiesOnly yes
-  BatchMode yes
-  UserKnownHostsFile {self.relay.known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 20
-""")
-        return path
+        return user_ssh_config(self.tmp / "ssh_config", self.relay, self.client_key, "alice",
+                               self.keys.alice, self.tmp / "connect.err")
 
     def pool(self) -> dict[str, Any]:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.agent_admin}/status.json",
-                                    timeout=10) as r:
-            return dict(json.load(r)["links"][0]["fast_path"])
+        return dict(admin_status(self.agent_admin)["links"][0]["fast_path"])
 
     def admission(self) -> dict[str, Any]:
         return dict(self.relay.status()["relay"]["admission"])
@@ -142,30 +110,20 @@ def site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
         relay_toml='data_port = 0\ne2e_services = ["gpu-cluster:22"]\n')
     data_port = relay.wait_for("relay_data_port", since=0)["port"]
     relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
-    admin = free_port()
     agent = start_agent(
         "-p", str(relay.port), "-i", str(keys.lab_pc.path),
-        "-o", f"UserKnownHostsFile={relay.known_hosts}", "--admin", f"127.0.0.1:{admin}",
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "--admin", "127.0.0.1:0",
         "-R", f"gpu-cluster:22:127.0.0.1:{gpu.port}", "lab_pc@127.0.0.1", name="agent")
     agent.wait_for("fast_path_ready", timeout=20)
     agent.wait_for("forward_ready", timeout=20, since=0, bind="gpu-cluster")
-    s = Site(relay, agent, gpu, data_port, keys, client_key, tmp_path, admin)
+    s = Site(relay, agent, gpu, data_port, keys, client_key, tmp_path, admin_port(agent))
     # Idle at the agent once connected; counted by the relay's admission until their
     # hellos are in: wait for both, or a test that counts unauthenticated data
     # connections sees the pool's own (seen under load).
-    _until(lambda: s.pool()["idle"] == 4
-           and s.relay.status()["relay"]["fast_path"]["pools"].get("lab_pc") == 4,
-           "the agent's pool to fill")
+    wait_until(lambda: s.pool()["idle"] == 4
+               and s.relay.status()["relay"]["fast_path"]["pools"].get("lab_pc") == 4,
+               "the agent's pool to fill")
     yield s
-
-
-def _until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    """Poll a status endpoint: a remote process's counters have no event to await."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _counted(site: Site, offence: str, n: int) -> Callable[[], bool]:
@@ -243,7 +201,7 @@ def test_idle_flood_on_the_ssh_port_does_not_lock_others_out(site: Site) -> None
     flood, reset = _flood(site.relay.port)
     try:
         closed = len(_closed_now(flood, within=10.0)) + reset  # held ones get a banner
-        _until(lambda: site.admission()["ssh"]["refused"]["per_source_cap"]
+        wait_until(lambda: site.admission()["ssh"]["refused"]["per_source_cap"]
                == FLOOD - PER_SOURCE, "the relay to count the refusals")
         ssh = site.admission()["ssh"]
         assert ssh["unauthenticated"] == PER_SOURCE and ssh["refused"]["global_cap"] == 0
@@ -277,7 +235,7 @@ def test_idle_flood_on_the_data_port_does_not_lock_others_out(site: Site) -> Non
         assert data["refused"]["per_source_cap"] == FLOOD - PER_SOURCE
         fast = site.alice("gpu-cluster")
         jump = site.alice("gpu-jump")
-        _until(lambda: site.pool()["idle"] == 4, "the pool to refill")
+        wait_until(lambda: site.pool()["idle"] == 4, "the pool to refill")
         # The held ten are closed at the hello timeout: the source is penalised.
         event = site.relay.wait_for("relay_source_penalised", timeout=15, since=mark,
                                     source=f"{ATTACKER}/32")
@@ -296,8 +254,8 @@ def test_idle_flood_on_the_data_port_does_not_lock_others_out(site: Site) -> Non
           f"127.0.0.2 penalised: refused at accept in {ssh_refusal * 1000:.1f} ms (ssh), "
           f"{data_refusal * 1000:.1f} ms (data); alice again {again:.2f}s")
     metrics = site.relay.metrics()
-    assert "labrelay_relay_penalised_sources 1" in metrics
-    assert 'labrelay_relay_admission_refused_total{port="data",reason="per_source_cap"} 90' \
+    assert "labrelay_relay_penalised_sources 1.0" in metrics
+    assert 'labrelay_relay_admission_refused_total{port="data",reason="per_source_cap"} 90.0' \
         in metrics
 
 
@@ -334,7 +292,7 @@ def test_repeated_auth_failures_penalise_the_source_only(site: Site) -> None:
     for i in range(6):
         outcomes.append(_paramiko_login(site.relay.port, site.keys.mallory))
         if outcomes[-1] == "auth-failed":  # the relay counts it when the connection ends
-            _until(_counted(site, "authfail", i + 1), "the failure to be counted")
+            wait_until(_counted(site, "authfail", i + 1), "the failure to be counted")
     assert outcomes[:4] == ["auth-failed"] * 4, outcomes  # 5+5+5+5 = 20 s > min 15 s
     assert outcomes[4:] == ["refused-at-accept"] * 2, outcomes
     event = site.relay.wait_for("relay_source_penalised", since=0, source=f"{ATTACKER}/32")
@@ -368,13 +326,13 @@ def test_early_closes_on_the_data_port_are_penalised(site: Site) -> None:
         s.close()
         closes += 1
         assert closes <= 30, "30 early closes and the source is still not penalised"
-        _until(_counted(site, "noauth", closes), "the close to be counted")
+        wait_until(_counted(site, "noauth", closes), "the close to be counted")
     assert closes >= 16, closes  # 15 s of penalty is not more than min
     refused_in = _refused_at_accept(site.data_port)
     status = site.admission()
     assert status["penalised_sources"] == 1 and status["data"]["refused"]["penalty"] == 1
     fast = site.alice("gpu-cluster")
-    _until(lambda: site.pool()["idle"] == 4, "the pool to refill")
+    wait_until(lambda: site.pool()["idle"] == 4, "the pool to refill")
     assert site.admission()["penalised_sources"] == 1  # alice and lab_pc cost nothing
     print(f"\ndata-port early closes: {closes} closes, then refused at accept in "
           f"{refused_in * 1000:.1f} ms; alice fast path {fast:.2f}s")

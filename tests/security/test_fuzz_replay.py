@@ -26,11 +26,11 @@ from harness import (
     RelayNode,
     SshProcess,
     connect,
-    free_port,
     make_key,
     recv_exactly,
     ssh_argv,
 )
+from relay_fixtures import stock_local_forward
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -107,14 +107,12 @@ def test_fuzz_corpus_against_a_real_relay(
         "-R", f"web:8080:127.0.0.1:{web.port}", "lab_pc@127.0.0.1",
     )  # fmt: skip
     agent.wait_for("forward_ready", timeout=20, kind="remote", bind="web")
-    port = free_port()
-    ssh = start_ssh(ssh_argv(relay.port, alice_key.path, relay.known_hosts, "-v", "-N",
-                             "-o", "ExitOnForwardFailure=yes",
-                             "-L", f"127.0.0.1:{port}:web:8080", user="alice"),
-                    name="alice")  # fmt: skip
-    # ssh logs "Local forwarding listening" before bind(); the channel comes after listen().
-    ssh.wait_stderr(rf"Local forwarding listening on 127\.0\.0\.1 port {port}\b")
-    ssh.wait_stderr(r"new port-listener")
+    _ssh, port = stock_local_forward(
+        start_ssh,
+        lambda port: ssh_argv(relay.port, alice_key.path, relay.known_hosts, "-v", "-N",
+                              "-o", "ExitOnForwardFailure=yes",
+                              "-L", f"127.0.0.1:{port}:web:8080", user="alice"),
+        name="alice")  # fmt: skip
     alice = connect(port)
 
     def alice_echoes(text: bytes) -> None:

@@ -29,12 +29,12 @@ from harness import (
     RelayNode,
     SshProcess,
     echo_roundtrip,
-    free_port,
     known_hosts_line,
     make_key,
     ssh_argv,
     write_known_hosts,
 )
+from relay_fixtures import stock_local_forward
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -134,12 +134,12 @@ def alice_session(start_ssh: Callable[..., SshProcess], relay_port: int, known_h
                                "-R", f"web:8080:127.0.0.1:{web.port}", user="lab_pc"),
                       name="stock-agent")  # fmt: skip
     agent.wait_stderr(r"remote forward success for: listen web:8080,")
-    local = free_port()
-    alice = start_ssh(ssh_argv(relay_port, k.alice.path, known_hosts, "-v", "-N",
-                               "-o", "ExitOnForwardFailure=yes",
-                               "-L", f"127.0.0.1:{local}:web:8080", user="alice"),
-                      name="alice")  # fmt: skip
-    alice.wait_stderr(r"new port-listener")
+    _alice, local = stock_local_forward(
+        start_ssh,
+        lambda port: ssh_argv(relay_port, k.alice.path, known_hosts, "-v", "-N",
+                              "-o", "ExitOnForwardFailure=yes",
+                              "-L", f"127.0.0.1:{port}:web:8080", user="alice"),
+        name="alice")  # fmt: skip
     assert echo_roundtrip(local, b"before", greeting=b"WEB ") == b"before"
     return local
 

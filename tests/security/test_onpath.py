@@ -24,15 +24,12 @@ box received the target's bytes 11 758 times in 12 s.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,10 +44,10 @@ from harness import (
     RelayNode,
     Sshd,
     find_program,
-    free_port,
     known_hosts_line,
     make_key,
 )
+from relay_fixtures import admin_port, admin_status, user_ssh_config, wait_until
 
 from relay.core import fastwire as fw
 
@@ -256,18 +253,8 @@ class OnPathBox:
 # --- the site --------------------------------------------------------------------------------
 
 
-def _status(admin: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status.json", timeout=10) as r:
-        return dict(json.load(r))
-
-
 def _wait(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Poll a status endpoint (another process's state has no event to await)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    wait_until(cond, what, timeout)
 
 
 def _run(argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[bytes]:
@@ -298,67 +285,50 @@ def test_an_on_path_attacker_gets_no_target_byte_and_no_user_session(
     gpu = sshd_factory("gpu_cluster")
     secret = targets.echo(greeting=b"secret\n")  # e2e-declared; only an attacker would open it
     jupyter = targets.echo(greeting=b"jupyter\n")  # NOT e2e
-    data_port = free_port()
     relay = start_relay(
         agents=[f'permitlisten="gpu-cluster:22",permitlisten="secret:22",'
                 f'permitlisten="jupyter:8888" {lab_pc.public_blob()} lab_pc'],
         users=[f'permitopen="gpu-cluster:22" {alice.public_blob()} alice'],
-        relay_toml=f'data_port = {data_port}\ndata_bind = "127.0.0.1"\n'
+        relay_toml='data_port = 0\ndata_bind = "127.0.0.1"\n'
                    'e2e_services = ["gpu-cluster:22", "secret:22"]\npublic_wait = 5\n')
+    # The box listens on 127.0.0.3 at the port the relay's data port bound on 127.0.0.1.
+    data_port = relay.wait_for("relay_data_port", since=0)["port"]
     relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
     box = box_factory(relay.port, data_port)
     # The box passes SSH through, so the relay's own host key is what the agent sees there.
     relay.trust(known_hosts_line(relay.host_key_blob, box.ssh_port, host=ATTACKER))
-    admin = free_port()
     agent = start_agent(
         "-p", str(box.ssh_port), "-i", str(lab_pc.path),
-        "-o", f"UserKnownHostsFile={relay.known_hosts}", "--admin", f"127.0.0.1:{admin}",
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "--admin", "127.0.0.1:0",
         "--fast-path-pool", str(POOL),
         "-R", f"gpu-cluster:22:127.0.0.1:{gpu.port}", "-R", f"secret:22:127.0.0.1:{secret.port}",
         "-R", f"jupyter:8888:127.0.0.1:{jupyter.port}", f"lab_pc@{ATTACKER}", name="agent")
     ready = agent.wait_for("fast_path_ready", timeout=20)
+    admin = admin_port(agent)
     assert ready["host"] == ATTACKER and ready["port"] == data_port
     assert ready["services"] == "gpu-cluster:22 secret:22"  # jupyter: not e2e
     for bind in ("gpu-cluster", "secret", "jupyter"):
         agent.wait_for("forward_ready", timeout=20, since=0, bind=bind)
 
     def pool() -> dict[str, Any]:
-        return dict(_status(admin)["links"][0]["fast_path"])
+        return dict(admin_status(admin)["links"][0]["fast_path"])
 
     def relay_idle() -> int:
         return int(relay.status()["relay"]["fast_path"]["pools"].get("lab_pc", 0))
 
     _wait(lambda: relay_idle() == POOL, "the pool to fill through the box")
 
-    fast_cfg = tmp_path / "ssh_fast"
-    proxy = (f"sh -c 'exec {sys.executable} -m relay connect -p {relay.port} -i {alice.path} "
-             f"-o UserKnownHostsFile={relay.known_hosts} alice@{LOOPBACK} %h:%p "
-             f"2>>{tmp_path / 'connect.err'}'")
-    common = f"""\
-Host *
-  IdentitiesOnly yes
-  BatchMode yes
-  UserKnownHostsFile {relay.known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 20
-"""
-    fast_cfg.write_text(f"Host gpu-cluster\n  User root\n  IdentityFile {client_key.path}\n"
-                        f"  ProxyCommand {proxy}\n{common}")
-    jump_cfg = tmp_path / "ssh_jump"
-    jump_cfg.write_text(f"Host gpu-cluster\n  User root\n  IdentityFile {client_key.path}\n"
-                        f"Host {LOOPBACK}\n  IdentityFile {alice.path}\n{common}")
+    cfg = user_ssh_config(tmp_path / "ssh_config", relay, client_key, "alice", alice,
+                          tmp_path / "connect.err")
     ssh = find_program("ssh") or "ssh"
 
     def alice_fast() -> None:
-        out = _run([ssh, "-F", str(fast_cfg), "gpu-cluster", "echo $LABRELAY_TEST_HOST"])
+        out = _run([ssh, "-F", str(cfg), "gpu-cluster", "echo $LABRELAY_TEST_HOST"])
         assert out.returncode == 0, out.stderr.decode()
         assert out.stdout.decode().strip() == "gpu_cluster"
 
     def alice_stock() -> None:
-        out = _run([ssh, "-F", str(jump_cfg), "-J", f"alice@{LOOPBACK}:{relay.port}",
-                    "gpu-cluster", "echo $LABRELAY_TEST_HOST"])
+        out = _run([ssh, "-F", str(cfg), "gpu-jump", "echo $LABRELAY_TEST_HOST"])
         assert out.returncode == 0, out.stderr.decode()
         assert out.stdout.decode().strip() == "gpu_cluster"
 

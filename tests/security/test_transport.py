@@ -43,6 +43,7 @@ from harness import (
     make_key,
     ssh_argv,
 )
+from relay_fixtures import stock_local_forward
 
 from relay.ssh import policy
 
@@ -80,16 +81,13 @@ class Lab:
         self, *options: str, user: str = "alice", key: KeyPair | None = None
     ) -> tuple[SshProcess, int]:
         """``ssh -v -N -L PORT:echo:8080 OPTIONS`` as alice: (process, PORT) once it listens."""
-        port = free_port()
         service = "echo:8080"
-        proc = self.start_ssh(
-            self.ssh(key or self.alice, "-v", "-N", "-o", "ExitOnForwardFailure=yes",
-                     "-L", f"127.0.0.1:{port}:{service}", *options, user=user),
-            name=f"ssh-L-{port}",
+        return stock_local_forward(
+            self.start_ssh,
+            lambda port: self.ssh(key or self.alice, "-v", "-N", "-o", "ExitOnForwardFailure=yes",
+                                  "-L", f"127.0.0.1:{port}:{service}", *options, user=user),
+            name=f"ssh-L-{user}",
         )  # fmt: skip
-        proc.wait_stderr(rf"Local forwarding listening on 127\.0\.0\.1 port {port}\b")
-        proc.wait_stderr(r"new port-listener")
-        return proc, port
 
 
 @pytest.fixture

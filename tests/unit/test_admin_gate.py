@@ -117,8 +117,10 @@ def test_every_path_is_gated(path: bytes) -> None:
     assert code == 421 and b"secret" not in body and b"{" not in body
     code, body = render(root, path, b"localhost:7022", local)
     assert code == (404 if path == b"/nothing" else 200)
-    if path in (b"/status.json", b"/"):
+    if path == b"/status.json":
         assert b"who is connected" in body
+    if path == b"/":
+        assert b"<h1>labrelay x</h1>" in body
 
 
 def test_token_over_http() -> None:

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import random
 import struct
-from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from twisted.conch.ssh import common, factory, keys, transport
+from twisted.conch.ssh import common, transport
 from twisted.conch.ssh.transport import (
     DISCONNECT_MAC_ERROR,
     DISCONNECT_PROTOCOL_ERROR,
     MSG_IGNORE,
     SSHCiphers,
 )
-from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 
@@ -37,6 +34,13 @@ from relay.ssh.ciphers import (
     PacketCiphers,
     gcm_padding,
 )
+from relay.testing import (
+    IgnoreRecorder,
+    PlainSSHServer,
+    connect_in_memory,
+    ssh_server,
+)
+from relay.testing import TrustingSSHClient as Client
 
 KEY16 = bytes(range(16))
 KEY32 = bytes(range(100, 132))
@@ -295,44 +299,15 @@ def test_conch_ciphers_untouched_when_no_gcm() -> None:
 # -- a whole Conch client and server, both with the mixin, in memory
 
 
-class Client(AEADTransportMixin, transport.SSHClientTransport):
-    secure = 0  # connectionSecure() calls: once, not again at each rekey
-
-    def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> defer.Deferred[bool]:
-        return defer.succeed(True)
-
-    def connectionSecure(self) -> None:
-        self.secure += 1
-
-
-class Server(AEADTransportMixin, transport.SSHServerTransport):
-    pass
-
-
-class Recorder:
-    """Records IGNORE payloads (the packets these tests exchange)."""
-
-    def __init__(self, t: Any) -> None:
-        self.got: list[bytes] = []
-        t.ssh_IGNORE = lambda packet: self.got.append(packet)
-
-
-def connected(client_ciphers: list[bytes] | None = None) -> tuple[Client, Server, iosim.IOPump]:
-    key = keys.Key(ed25519.Ed25519PrivateKey.generate())
-    f = factory.SSHFactory()
-    f.publicKeys = {b"ssh-ed25519": key.public()}
-    f.privateKeys = {b"ssh-ed25519": key}
-    f.getPrimes = lambda: None  # type: ignore[method-assign]
-    f.protocol = Server
-    f.startFactory()
-    server = f.buildProtocol(None)
+def connected(client_ciphers: list[bytes] | None = None
+              ) -> tuple[Client, PlainSSHServer, iosim.IOPump]:
+    server = ssh_server()
     client = Client()
     if client_ciphers is not None:
         client.supportedCiphers = client_ciphers
-    _, _, pump = iosim.connectedServerAndClient(lambda: server, lambda: client)
-    pump.flush()
+    pump = connect_in_memory(server, client)
     assert client.secure
-    return client, server, pump  # type: ignore[return-value]
+    return client, server, pump
 
 
 @pytest.mark.parametrize("cipher", [AES128_GCM, AES256_GCM])
@@ -345,7 +320,7 @@ def test_conch_pair_negotiates_gcm_moves_packets_and_rekeys(cipher: bytes) -> No
         )
         assert t.currentEncryptions.outGCM is not None  # type: ignore[attr-defined]
         assert t.keyExchanges == 1
-    at_server, at_client = Recorder(server), Recorder(client)
+    at_server, at_client = IgnoreRecorder(server), IgnoreRecorder(client)
     big = bytes(range(256)) * 1024
     for i in range(20):
         client.sendPacket(MSG_IGNORE, struct.pack(">L", len(big)) + big[: i * 997])
@@ -374,20 +349,12 @@ def test_conch_pair_negotiates_gcm_moves_packets_and_rekeys(cipher: bytes) -> No
 def test_conch_pair_refuses_ctr() -> None:
     """AEAD only (relay.ssh.policy): a peer offering nothing but CTR is refused with a
     reason that says what is allowed."""
-    key = keys.Key(ed25519.Ed25519PrivateKey.generate())
-    f = factory.SSHFactory()
-    f.publicKeys = {b"ssh-ed25519": key.public()}
-    f.privateKeys = {b"ssh-ed25519": key}
-    f.getPrimes = lambda: None  # type: ignore[method-assign]
-    f.protocol = Server
-    f.startFactory()
-    server = f.buildProtocol(None)
+    server = ssh_server()
     said: list[bytes] = []
-    server.sendDisconnect = lambda code, why: said.append(why)  # type: ignore[method-assign]
+    server.sendDisconnect = lambda code, why: said.append(why)
     client = Client()
     client.supportedCiphers = [b"aes128-ctr"]
-    _, _, pump = iosim.connectedServerAndClient(lambda: server, lambda: client)
-    pump.flush()
+    connect_in_memory(server, client)
     assert not client.secure
     assert said and b"only AEAD ciphers" in said[0] and b"aes128-gcm" in said[0], said
 
@@ -423,7 +390,7 @@ def test_rekeys_by_itself_after_rekey_after_bytes() -> None:
     the bytes both ways, so both may start one at once, which SSH allows."""
     client, server, pump = connected()
     client.rekeyAfterBytes = server.rekeyAfterBytes = 100_000
-    at_server, at_client = Recorder(server), Recorder(client)
+    at_server, at_client = IgnoreRecorder(server), IgnoreRecorder(client)
     chunk = struct.pack(">L", 30_000) + b"c" * 30_000
     for _ in range(40):  # 1.2 MB each way, in steps the pump interleaves
         client.sendPacket(MSG_IGNORE, chunk)

@@ -1,131 +1,17 @@
 """``Bridge`` and ``TCPSide`` over in-memory transports: ordering, backpressure, half-close.
 
-The SSH side is a scripted :class:`FakeSide` here; the real ``BridgedChannel``
+The SSH side is a scripted ``relay.testing.FakeSide`` here; the real ``BridgedChannel``
 over a ``FlowConnection`` is exercised in ``test_channels.py``.
 """
 
 from __future__ import annotations
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ITCPTransport
-from twisted.internet.testing import StringTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from relay.datapath.bridge import SINK_FULL, Bridge, TCPSide
-
-
-@implementer(ITCPTransport)
-class FakeTCP(StringTransport):
-    """A TCP transport in memory, with a write buffer that pushes back.
-
-    As a consumer it behaves like Twisted's ``FileDescriptor``: every write while
-    more than ``highWater`` bytes are unsent calls the registered streaming
-    producer's ``pauseProducing``; once :meth:`drain` empties the buffer, a paused
-    producer is resumed.  As a producer (reading the socket) its state is
-    StringTransport's ``producerState``.
-    """
-
-    def __init__(self, highWater: int | None = None) -> None:
-        super().__init__(lenient=True)  # real transports accept pause/resume while closing
-        self.highWater = highWater
-        self.unsent = bytearray()
-        self.producerPaused = False
-        self.noDelay = False
-        self.writeClosed = False
-
-    def write(self, data: bytes) -> None:
-        assert not self.writeClosed, "write after loseWriteConnection"
-        assert not self.disconnecting, "write after loseConnection"
-        super().write(data)
-        if self.highWater is None:
-            return
-        self.unsent += data
-        if self.producer is not None and self.streaming and len(self.unsent) > self.highWater:
-            self.producerPaused = True
-            self.producer.pauseProducing()
-
-    def drain(self, nbytes: int | None = None) -> bytes:
-        """The kernel took ``nbytes`` (default: all) of the unsent bytes."""
-        n = len(self.unsent) if nbytes is None else nbytes
-        out, self.unsent = bytes(self.unsent[:n]), self.unsent[n:]
-        if not self.unsent and self.producerPaused and self.producer is not None:
-            self.producerPaused = False
-            self.producer.resumeProducing()
-        return out
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        self.noDelay = enabled
-
-    def getTcpNoDelay(self) -> bool:
-        return self.noDelay
-
-    def loseWriteConnection(self) -> None:
-        self.writeClosed = True
-
-
-class FakeSide:
-    """A scripted bridge side that records what the bridge asks of it."""
-
-    def __init__(self) -> None:
-        self.bridge: Bridge | None = None
-        self.written: list[bytes] = []
-        self.consumedBytes = 0
-        self.pauses: set[str] = set()
-        self.pauseCalls: list[str] = []
-        self.resumeCalls: list[str] = []
-        self.wroteEOF = False
-        self.closeCalls = 0
-        self.abortCalls = 0
-
-    # Side
-    def attach(self, bridge: Bridge) -> None:
-        self.bridge = bridge
-
-    def write(self, data: bytes) -> None:
-        assert not self.wroteEOF, "write after writeEOF"
-        self.written.append(data)
-
-    def consumed(self, nbytes: int) -> None:
-        self.consumedBytes += nbytes
-
-    def pauseReading(self, reason: str) -> None:
-        self.pauseCalls.append(reason)
-        self.pauses.add(reason)
-
-    def resumeReading(self, reason: str) -> None:
-        self.resumeCalls.append(reason)
-        self.pauses.discard(reason)
-
-    def writeEOF(self) -> None:
-        self.wroteEOF = True
-
-    def close(self) -> None:
-        self.closeCalls += 1
-
-    def abort(self) -> None:
-        self.abortCalls += 1
-
-    # what the peer of this side does
-    def receive(self, data: bytes) -> None:
-        assert self.bridge is not None
-        self.bridge.dataReceived(self, data)
-
-    def full(self) -> None:
-        assert self.bridge is not None
-        self.bridge.sinkFull(self)
-
-    def drained(self) -> None:
-        assert self.bridge is not None
-        self.bridge.sinkDrained(self)
-
-    def eof(self) -> None:
-        assert self.bridge is not None
-        self.bridge.eofReceived(self)
-
-    def closed(self) -> None:
-        assert self.bridge is not None
-        self.bridge.sideClosed(self)
+from relay.testing import FakeSide, FakeTCPTransport
 
 
 class Ended:
@@ -136,14 +22,16 @@ class Ended:
         self.calls.append((a_to_b, b_to_a))
 
 
-def connected_tcp(highWater: int | None = None) -> tuple[TCPSide, FakeTCP]:
+def connected_tcp(highWater: int | None = None) -> tuple[TCPSide, FakeTCPTransport]:
     side = TCPSide()
-    transport = FakeTCP(highWater)
+    transport = FakeTCPTransport(highWater)
     side.makeConnection(transport)
     return side, transport
 
 
-def bridged(highWater: int | None = None) -> tuple[TCPSide, FakeTCP, FakeSide, Bridge, Ended]:
+def bridged(
+    highWater: int | None = None,
+) -> tuple[TCPSide, FakeTCPTransport, FakeSide, Bridge, Ended]:
     tcp, transport = connected_tcp(highWater)
     other = FakeSide()
     ended = Ended()
@@ -164,7 +52,7 @@ def test_tcp_is_paused_until_attached_then_resumed() -> None:
     seen: list[TCPSide] = []
     tcp = TCPSide()
     tcp.onConnected = seen.append
-    transport = FakeTCP()
+    transport = FakeTCPTransport()
     tcp.makeConnection(transport)
     assert transport.producerState == "paused"
     assert transport.producer is tcp and transport.streaming is True

@@ -2,8 +2,8 @@
 
 The peer is scripted: packets go in through ``FlowConnection.packetReceived`` as
 Conch's transport would deliver them, and what the connection sends is recorded
-by :class:`FakeSSHTransport`.  The TCP end of each session is a ``TCPSide`` on
-:class:`FakeTCP`, whose write buffer pushes back like Twisted's.
+by ``relay.testing.FakeSSHTransport``.  The TCP end of each session is a ``TCPSide``
+on ``relay.testing.FakeTCPTransport``, whose write buffer pushes back like Twisted's.
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ from twisted.conch.ssh.connection import (
 from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.channels import BridgedChannel
@@ -44,6 +42,7 @@ from relay.ssh.connection import (
     OPEN_CONNECT_FAILED,
     FlowConnection,
 )
+from relay.testing import FakeSSHTransport, FakeTCPTransport
 
 WINDOW = 64 * 1024  # our receive window (small, so tests move few bytes)
 MAX_PACKET = 8 * 1024  # our maximum packet
@@ -52,89 +51,6 @@ MAX_WINDOW = 0xFFFFFFFF
 
 
 # --- doubles ---------------------------------------------------------------
-
-
-@implementer(ITCPTransport)
-class FakeTCP(StringTransport):
-    """A TCP transport in memory whose write buffer pushes back like ``FileDescriptor``:
-    each write above ``highWater`` unsent bytes pauses the registered producer, and
-    emptying the buffer (:meth:`drain`) resumes it.  Reading is ``producerState``."""
-
-    def __init__(self, highWater: int | None = None) -> None:
-        super().__init__(lenient=True)
-        self.highWater = highWater
-        self.unsent = bytearray()
-        self.producerPaused = False
-        self.writeClosed = False
-
-    def write(self, data: bytes) -> None:
-        assert not self.writeClosed and not self.disconnecting
-        super().write(data)
-        if self.highWater is None:
-            return
-        self.unsent += data
-        if self.producer is not None and self.streaming and len(self.unsent) > self.highWater:
-            self.producerPaused = True
-            self.producer.pauseProducing()
-
-    def drain(self, nbytes: int | None = None) -> None:
-        n = len(self.unsent) if nbytes is None else nbytes
-        del self.unsent[:n]
-        if not self.unsent and self.producerPaused and self.producer is not None:
-            self.producerPaused = False
-            self.producer.resumeProducing()
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        pass
-
-    def loseWriteConnection(self) -> None:
-        self.writeClosed = True
-
-
-class FakeSSHTransport:
-    """The SSH transport under a connection: records packets and disconnects."""
-
-    def __init__(self, tcp: Any = None) -> None:
-        self.transport = tcp  # the link's TCP connection
-        self.packets: list[tuple[int, bytes]] = []
-        self.disconnects: list[tuple[int, bytes]] = []
-        self.unimplemented = 0
-
-    def sendPacket(self, messageType: int, payload: bytes) -> None:
-        self.packets.append((messageType, payload))
-
-    def sendDisconnect(self, reason: int, description: bytes) -> None:
-        self.disconnects.append((reason, description))
-
-    def sendUnimplemented(self) -> None:
-        self.unimplemented += 1
-
-    def logPrefix(self) -> str:
-        return "fake-ssh"
-
-    # decoding what was sent to the peer
-
-    def kinds(self) -> list[int]:
-        return [kind for kind, _ in self.packets]
-
-    def of(self, kind: int) -> list[bytes]:
-        return [payload for k, payload in self.packets if k == kind]
-
-    def adjusts(self) -> list[int]:
-        return [struct.unpack(">2L", p)[1] for p in self.of(MSG_CHANNEL_WINDOW_ADJUST)]
-
-    def data(self) -> bytes:
-        return b"".join(common.getNS(p[4:])[0] for p in self.of(MSG_CHANNEL_DATA))
-
-    def dataPackets(self) -> list[bytes]:
-        return [common.getNS(p[4:])[0] for p in self.of(MSG_CHANNEL_DATA)]
-
-    def openFailures(self) -> list[tuple[int, int, bytes]]:
-        out = []
-        for p in self.of(MSG_CHANNEL_OPEN_FAILURE):
-            sender, code = struct.unpack(">2L", p[:8])
-            out.append((sender, code, common.getNS(p[8:])[0]))
-        return out
 
 
 ChannelFactory = Callable[[bytes, int, int, bytes], Any]
@@ -195,10 +111,10 @@ class Harness:
 
     def session(
         self, highWater: int | None = None, **peer: int
-    ) -> tuple[BridgedChannel, TCPSide, FakeTCP, Bridge]:
+    ) -> tuple[BridgedChannel, TCPSide, FakeTCPTransport, Bridge]:
         channel = self.openFromPeer(**peer)
         tcp = TCPSide()
-        transport = FakeTCP(highWater)
+        transport = FakeTCPTransport(highWater)
         tcp.makeConnection(transport)
         bridge = Bridge(tcp, channel, onClosed=lambda a, b: self.ended.append((a, b)))
         return channel, tcp, transport, bridge
@@ -348,7 +264,7 @@ def test_data_before_the_bridge_waits_without_reopening_the_window() -> None:
     assert channel.localWindowLeft == WINDOW - 5 * MAX_PACKET
     assert h.ssh.adjusts() == []
     tcp = TCPSide()
-    transport = FakeTCP()
+    transport = FakeTCPTransport()
     tcp.makeConnection(transport)
     Bridge(tcp, channel)
     assert transport.value() == b"".join(bytes([65 + i]) * MAX_PACKET for i in range(5))
@@ -429,7 +345,7 @@ def test_channel_congested_before_the_bridge_pauses_tcp_at_once() -> None:
     h = Harness()
     channel = h.openFromPeer(peerWindow=0, peerMaxPacket=1024)
     tcp = TCPSide()
-    transport = FakeTCP()
+    transport = FakeTCPTransport()
     tcp.makeConnection(transport)
     Bridge(tcp, channel)
     tcp.dataReceived(b"hello")

@@ -81,3 +81,21 @@ def test_the_data_port_is_dialled_at_the_ssh_connection_peer() -> None:
     assert [(c[0], c[1]) for c in reactor.tcpClients] == [("192.0.2.7", 2223)]
     d.cancel()
     d.addErrback(lambda f: None)
+
+
+@pytest.mark.parametrize(("strict", "accept_new"),
+                         [("ask", False), ("true", False), ("accept-new", True), ("false", True)])
+def test_what_ssh_G_resolved_is_the_link(strict: str, accept_new: bool) -> None:
+    """The relay from ``ssh -G``: its HostName, Port, User and known_hosts; a host key is
+    never taken on trust ("ask": no one to ask, so "yes"; "no" is accept-new)."""
+    from relay.user.sshresolve import Resolved
+
+    resolved = Resolved(hostname="relay.example.org", port=2222, user="alice",
+                        identity_files=("~/.ssh/lab",), identities_only=True,
+                        known_hosts=("/k/known", "/k/known2"), strict_host_key_checking=strict,
+                        connect_timeout=7.0, identity_agent=None)
+    o = options_from_args(parse("myrelay", "gpu-cluster"), resolved)
+    assert (o.link.host, o.link.port, o.link.user) == ("relay.example.org", 2222, "alice")
+    assert o.link.host_key.known_hosts == Path("/k/known")
+    assert o.link.host_key.accept_new is accept_new
+    assert o.link.connect_timeout == 7.0

@@ -5,9 +5,10 @@ Dials go through the real endpoints (relay.datapath.net.client_endpoint with IP 
 TCP4ClientEndpoint), so MemoryReactorClock.tcpClients records them; a test plays
 the reactor by building the protocol from the recorded factory and connecting a
 StringTransport (or by calling the factory's clientConnectionFailed).  The splice
-itself takes real sockets: relay.datapath.splicing.get is replaced by a recording fake, and
-tests/integration/test_fastpath.py covers the real path.  A StringTransport never
-calls connectionLost by itself: ``_lose`` does, where a real reactor would.
+itself takes real sockets: relay.datapath.splicing.get is replaced by
+``relay.testing.FakeDataPath``, and tests/integration/test_fastpath.py covers the real
+path.  A StringTransport never calls connectionLost by itself:
+``relay.testing.connection_lost`` does, where a real reactor would.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from relay.config.schema import HostPort, RemoteForward
 from relay.core import fastwire as fw
 from relay.datapath.join import SessionCounters
 from relay.datapath.splicing import PairAborted, PairResult
+from relay.testing import FakeDataPath, connection_lost, feed_bytewise
 
 RELAY_HOST = "192.0.2.10"
 DATA_PORT = 7022
@@ -108,35 +110,6 @@ class FakeConn:
         d: defer.Deferred[bytes] = defer.Deferred()
         self.requests.append((type, data, wantReply, d))
         return d
-
-
-class FakePair:
-    def __init__(self) -> None:
-        self.done: defer.Deferred[PairResult] = defer.Deferred()
-        self.moved = PairResult(0, 0)
-        self.aborted = False
-
-    def bytes(self) -> PairResult:
-        return self.moved
-
-    def abort(self) -> None:
-        self.aborted = True
-
-
-class FakeDataPath:
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, Any, bytes, bytes]] = []
-        self.pairs: list[FakePair] = []
-        self.fail_with: Exception | None = None
-
-    def splice_transports(self, a: Any, b: Any, *, from_a: bytes = b"",
-                          from_b: bytes = b"") -> FakePair:
-        self.calls.append((a, b, from_a, from_b))
-        if self.fail_with is not None:
-            raise self.fail_with
-        pair = FakePair()
-        self.pairs.append(pair)
-        return pair
 
 
 @dataclass
@@ -219,16 +192,6 @@ def _refuse(world: World, client: tuple[Any, ...]) -> Failure:
     connector = world.clock.connectors[world.clock.tcpClients.index(client)]
     client[2].clientConnectionFailed(connector, reason)
     return reason
-
-
-def _lose(pc: PoolConnection) -> None:
-    """What the reactor does after a close (ours or the peer's)."""
-    pc.connectionLost(Failure(ConnectionDone()))
-
-
-def _feed(pc: PoolConnection, data: bytes) -> None:
-    for i in range(len(data)):
-        pc.dataReceived(data[i:i + 1])
 
 
 def _ready(world: World, tokens: list[bytes] | None = None) -> None:
@@ -328,7 +291,7 @@ def test_extra_tokens_are_stashed_and_used_for_refills_without_asking(world: Wor
     assert len(_dials(world)) == 2 and len(world.pool.stash) == 3
     pc, _t = _connect(_dials(world)[0])
     _connect(_dials(world)[1])
-    _lose(pc)  # the relay closed an idle connection
+    connection_lost(pc)  # the relay closed an idle connection
     assert pc not in world.pool.idle and len(_dials(world)) == 2  # not at once
     world.clock.advance(RETRY_DELAY)
     assert len(_dials(world)) == 3 and len(world.pool.stash) == 2
@@ -473,7 +436,7 @@ def test_go_for_a_known_forward_connects_its_target_and_splices(world: World) ->
     pc, t = _idle(world)
     _connect(_dials(world)[1])
     assert len(world.pool.idle) == 2 and len(world.conn.requests) == 1
-    _feed(pc, _go(pc, "GPU-Cluster", 22))
+    feed_bytewise(pc, _go(pc, "GPU-Cluster", 22))
     assert pc.state == "connecting" and t.producerState == "paused"
     assert pc not in world.pool.idle
     # refill: one more token asked for (none stashed)
@@ -547,7 +510,7 @@ def test_stop_aborts_live_pairs_and_closes_idle_ones(world: World) -> None:
 def test_go_for_an_unknown_service_is_answered_with_an_error(world: World, name: str,
                                                              port: int) -> None:
     pc, t = _idle(world)
-    _feed(pc, _go(pc, name, port))
+    feed_bytewise(pc, _go(pc, name, port))
     assert t.value() == fw.pack_error(fw.AGENT_ERROR,
                                       "no such end-to-end encrypted forward on this agent")
     assert t.disconnecting and not t.disconnected  # closed after the message, not reset
@@ -559,7 +522,7 @@ def test_go_for_a_via_relay_forward_is_answered_with_an_error(
         monkeypatch: pytest.MonkeyPatch) -> None:
     w = _make(monkeypatch, extra=[FakeForward("chained", 23, via_relay=True)])
     pc, t = _idle(w)
-    _feed(pc, _go(pc, "chained", 23))
+    feed_bytewise(pc, _go(pc, "chained", 23))
     assert t.value() == fw.pack_error(fw.AGENT_ERROR,
                                       "no such end-to-end encrypted forward on this agent")
     assert t.disconnecting and _targets(w) == []
@@ -581,7 +544,7 @@ def test_target_connect_failing_is_answered_with_the_reason(world: World) -> Non
 def test_target_failing_after_the_pool_connection_closed_writes_nothing(world: World) -> None:
     pc, t = _idle(world)
     pc.dataReceived(_go(pc, *GPU))
-    _lose(pc)
+    connection_lost(pc)
     _refuse(world, _targets(world)[0])
     assert t.value() == b""
 
@@ -589,7 +552,7 @@ def test_target_failing_after_the_pool_connection_closed_writes_nothing(world: W
 def test_target_connecting_after_the_pool_connection_closed_is_aborted(world: World) -> None:
     pc, t = _idle(world)
     pc.dataReceived(_go(pc, *GPU))
-    _lose(pc)
+    connection_lost(pc)
     _server, st = _connect(_targets(world)[0])
     assert st.disconnected and t.value() == b"" and world.datapath.calls == []
     assert world.gpu.counters.total == 0
@@ -610,7 +573,7 @@ def test_splice_failing_resets_both(world: World) -> None:
 def test_garbage_instead_of_go_aborts_the_connection(world: World, garbage: bytes) -> None:
     pc, t = _idle(world)
     with capturedLogs() as logs:
-        _feed(pc, garbage)
+        feed_bytewise(pc, garbage)
     assert t.disconnected and pc not in world.pool.idle
     assert _targets(world) == [] and _events(logs, "fast_path_protocol")
 
@@ -619,7 +582,7 @@ def test_connection_dropped_for_garbage_is_replaced_later(world: World) -> None:
     pc, _t = _idle(world)
     _connect(_dials(world)[1])
     pc.dataReceived(b"X")
-    _lose(pc)  # what the reactor does after the abort
+    connection_lost(pc)  # what the reactor does after the abort
     world.clock.advance(RETRY_DELAY)
     assert len(world.conn.requests) == 2  # a token asked for, to replace it
 
@@ -633,8 +596,8 @@ def test_link_down_closes_idle_connections_and_stops_refills(world: World) -> No
     world.pool.linkDown()
     assert world.pool.state == "down"
     assert t.disconnecting and ot.disconnecting and not world.pool.idle
-    _lose(pc)
-    _lose(other)
+    connection_lost(pc)
+    connection_lost(other)
     world.pool.refill()
     world.clock.advance(RETRY_DELAY * 10)
     assert len(world.conn.requests) == 1 and len(_dials(world)) == 2
@@ -643,7 +606,7 @@ def test_link_down_closes_idle_connections_and_stops_refills(world: World) -> No
 
 def test_link_down_cancels_a_pending_retry(world: World) -> None:
     pc, _t = _idle(world)
-    _lose(pc)
+    connection_lost(pc)
     assert len(world.clock.getDelayedCalls()) == 2  # the retry and the burst's end
     world.pool.linkDown()
     assert world.clock.getDelayedCalls() == []
@@ -662,7 +625,7 @@ def test_lost_idle_connection_is_redialled_after_the_retry_delay(
         monkeypatch: pytest.MonkeyPatch) -> None:
     w = _make(monkeypatch, size=1)
     pc, _t = _idle(w)
-    _lose(pc)
+    connection_lost(pc)
     assert not w.pool.idle and len(w.conn.requests) == 1  # not at once
     w.clock.advance(RETRY_DELAY - 0.1)
     assert len(w.conn.requests) == 1
@@ -675,7 +638,7 @@ def test_lost_idle_connection_is_redialled_after_the_retry_delay(
 def test_lost_connection_that_was_not_idle_schedules_nothing(world: World) -> None:
     pc, _t = _idle(world)
     pc.dataReceived(_go(pc, *GPU))  # refill asks for one at once
-    _lose(pc)
+    connection_lost(pc)
     assert world.clock.getDelayedCalls() == [] and len(world.conn.requests) == 2
 
 
@@ -739,7 +702,7 @@ def test_a_chained_service_is_offered_and_spliced_through_this_nodes_relay(
     ((_kind, data, _want, _d),) = w.conn.requests
     assert fw.unpack_pool_request(data)[1] == [GPU, ("chained", 23)]
     pc, t = _idle(w)
-    _feed(pc, _go(pc, "chained", 23) + b"SSH-2.0-client\r\n")
+    feed_bytewise(pc, _go(pc, "chained", 23) + b"SSH-2.0-client\r\n")
     ((name, port, d),) = local.asked
     assert (name, port) == (chained.config.connect.host, chained.config.connect.port)
     assert t.value() == b"" and _targets(w) == []  # no socket of its own: the local relay's
@@ -757,7 +720,7 @@ def test_a_chained_service_whose_local_pairing_fails_is_answered_with_why(
     local = FakeLocalDataPort({(chained.config.connect.host, chained.config.connect.port)})
     w.link.local_relay = FakeLocalRelay(local)
     pc, t = _idle(w)
-    _feed(pc, _go(pc, "chained", 23))
+    feed_bytewise(pc, _go(pc, "chained", 23))
     local.asked[0][2].errback(RuntimeError("no agent data connection became free in time"))
     assert t.value().startswith(fw.AGENT_ERROR) and b"became free in time" in t.value()
     assert t.disconnecting and w.datapath.calls == []
@@ -797,7 +760,7 @@ def test_the_hello_waits_for_the_challenge_and_proves_without_the_secret(world: 
     pc = wrapper._wrappedProtocol
     assert pc.state == "challenge" and t.value() == b""
     nonce = b"\x11" * fw.NONCE_LEN
-    _feed(pc, fw.challenge(nonce))
+    feed_bytewise(pc, fw.challenge(nonce))
     assert t.value() == fw.agent_hello(pc.token, nonce) and pc.secret not in t.value()
     assert pc.state == "idle"
 
@@ -823,7 +786,7 @@ def test_a_forged_go_is_refused(world: World) -> None:
     """``LRGO`` + a service with a MAC made without the ticket's secret."""
     pc, t = _idle(world)
     with capturedLogs() as logs:
-        _feed(pc, fw.pack_go(*GPU, bytes(fw.MAC_LEN)))
+        feed_bytewise(pc, fw.pack_go(*GPU, bytes(fw.MAC_LEN)))
     _assert_refused_without_a_byte(world, pc, t)
     (event,) = _events(logs, "fast_path_protocol")
     assert "wrong MAC" in event["why"]
@@ -832,21 +795,21 @@ def test_a_forged_go_is_refused(world: World) -> None:
 def test_a_go_replayed_from_another_connection_is_refused(world: World) -> None:
     pc, t = _idle(world)
     other, _ot = _connect(_dials(world)[1])
-    _feed(pc, _go(other, *GPU))  # a valid GO, but for the other connection
+    feed_bytewise(pc, _go(other, *GPU))  # a valid GO, but for the other connection
     _assert_refused_without_a_byte(world, pc, t)
 
 
 def test_a_go_made_with_a_guessed_nonce_is_refused(world: World) -> None:
     pc, t = _idle(world)
     mac = fw.go_mac(pc.secret, pc.token_id, bytes(fw.NONCE_LEN), *GPU)
-    _feed(pc, fw.pack_go(*GPU, mac))
+    feed_bytewise(pc, fw.pack_go(*GPU, mac))
     _assert_refused_without_a_byte(world, pc, t)
 
 
 def test_an_altered_go_is_refused(world: World) -> None:
     pc, t = _idle(world)
     go = _go(pc, "GPU-Cluster", 22)
-    _feed(pc, go[:4] + b"\x00\x17" + go[6:])  # port 22 -> 23, MAC left
+    feed_bytewise(pc, go[:4] + b"\x00\x17" + go[6:])  # port 22 -> 23, MAC left
     _assert_refused_without_a_byte(world, pc, t)
 
 
@@ -867,7 +830,7 @@ def test_a_go_with_a_valid_mac_outside_the_e2e_set_connects_nothing(
     pc, t = _connect(_dials(w)[0])
     t.clear()
     with capturedLogs() as logs:
-        _feed(pc, _go(pc, name, port))
+        feed_bytewise(pc, _go(pc, name, port))
     assert t.value() == fw.pack_error(fw.AGENT_ERROR,
                                       "no such end-to-end encrypted forward on this agent")
     assert _targets(w) == [] and w.datapath.calls == []
@@ -898,7 +861,7 @@ def test_refill_after_failures_is_bounded(monkeypatch: pytest.MonkeyPatch) -> No
                 pc, _t = _connect(client)
                 pc.dataReceived(b"LRGO\x00\x16\x07jupyter" + bytes(fw.MAC_LEN) if step % 2
                                 else b"X")
-                _lose(pc)
+                connection_lost(pc)
             served = len(dials)
             for _k, _data, _want, d in w.conn.requests:
                 if not d.called:
@@ -925,7 +888,7 @@ def test_a_valid_dispatch_is_replaced_at_once_even_after_failures(
     pc, _t = _connect(_dials(w)[0])
     for _ in range(3):  # spend the budget: closed without a dispatch, three times
         pc.dataReceived(b"X")
-        _lose(pc)
+        connection_lost(pc)
         n = len(_dials(w))
         w.clock.advance(w.pool.budget.wait() + RETRY_DELAY)
         assert len(_dials(w)) == n + 1

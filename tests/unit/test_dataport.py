@@ -2,10 +2,10 @@
 StringTransports: no sockets, nothing sleeps.
 
 What a unit test cannot do is the splice itself (it takes real TCP sockets): the
-step that calls relay.datapath.splicing is replaced by a recording fake here, and
-tests/integration/test_fastpath.py covers the real path end to end.  A
-StringTransport never calls connectionLost by itself: ``_lose`` does, where a real
-reactor would after an abort or a close.
+step that calls relay.datapath.splicing is replaced by ``relay.testing.FakeDataPath``
+here, and tests/integration/test_fastpath.py covers the real path end to end.  A
+StringTransport never calls connectionLost by itself: ``relay.testing.connection_lost``
+does, where a real reactor would after an abort or a close.
 """
 
 from __future__ import annotations
@@ -14,17 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.conch.ssh import keys
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 import relay.server.dataport
-from relay.config.schema import PrincipalConfig, RelayConfig, ServiceGrant
+from relay.config.schema import RelayConfig, ServiceGrant
 from relay.core import fastwire as fw
+from relay.core.clock import expire
 from relay.core.routing import Registry
 from relay.server.dataconn import AgentPool, DataConnection, PairingError
 from relay.server.dataport import (
@@ -34,38 +32,20 @@ from relay.server.dataport import (
     DataPort,
 )
 from relay.server.grants import Grants
+from relay.testing import (
+    FakeDataPath,
+    FakeIdentity,
+    FakeRelayConnection,
+    KeyRing,
+    connection_lost,
+    feed_bytewise,
+)
 
 GPU = ("gpu-cluster", 22)
 SOURCE = "192.0.2.7"
 
 
 # --- fakes ---------------------------------------------------------------------------
-
-
-def _key(comment: str) -> tuple[str, bytes]:
-    key = keys.Key(Ed25519PrivateKey.generate())
-    return key.public().toString("OPENSSH").decode() + f" {comment}", key.public().blob()
-
-
-@dataclass
-class FakeIdentity:
-    key_blob: bytes
-    name: str
-    kind: str
-
-
-@dataclass(eq=False)
-class FakeConn:
-    """Just what DataPort (and the Registry) ask of a RelayConnection."""
-
-    identity: FakeIdentity
-
-    @property
-    def principal_name(self) -> str:
-        return self.identity.name
-
-    def disconnect(self, why: str) -> None:  # pragma: no cover - Registry protocol only
-        pass
 
 
 @dataclass(eq=False)
@@ -86,9 +66,7 @@ class FakeCore:
         reg = self.registry.lookup(name, port)
         if reg is not None:
             return defer.succeed(reg)
-        d: defer.Deferred[Any] = defer.Deferred()
-        self.reactor.callLater(timeout, d.cancel)
-        return d
+        return expire(defer.Deferred(), timeout, self.reactor)
 
     def fastSessionOpening(self, principal: Any, service: str, origin: str,
                            key: bytes | None = None) -> object:
@@ -102,7 +80,7 @@ class FakeCore:
 
         class Recorder:
             def pairStarted(self, pair: Any) -> None:
-                core.spliced.append((session, pair.label))
+                core.spliced.append((session, pair))
 
             def pairEnded(self, pair: Any, result: Any) -> None:
                 pass
@@ -113,36 +91,20 @@ class FakeCore:
         self.failed.append(session)
 
 
-class FakeDataPath:
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, Any, bytes, bytes]] = []
-
-    def splice_transports(self, a: Any, b: Any, *, from_a: bytes = b"",
-                          from_b: bytes = b"") -> object:
-        self.calls.append((a, b, from_a, from_b))
-        return FakePair(("pair", len(self.calls)))
-
-
-@dataclass(eq=False)
-class FakePair:
-    label: tuple[str, int]
-    done: defer.Deferred[Any] = field(default_factory=defer.Deferred)
-
-
 @dataclass
 class World:
     core: FakeCore
     port: DataPort
     clock: MemoryReactorClock
-    blobs: dict[str, bytes]
+    ring: KeyRing
 
-    def ssh(self, name: str, kind: str) -> FakeConn:
+    def ssh(self, name: str, kind: str) -> FakeRelayConnection:
         """An authenticated SSH session of ``name``, alive."""
-        conn = FakeConn(FakeIdentity(self.blobs[name], name, kind))
+        conn = FakeRelayConnection(FakeIdentity(self.ring.blob(name), name, kind))
         self.core.connections.add(conn)
         return conn
 
-    def agent_with_pool(self, spliceable: bool = True) -> tuple[FakeConn, AgentPool]:
+    def agent_with_pool(self, spliceable: bool = True) -> tuple[FakeRelayConnection, AgentPool]:
         """lab_pc online: gpu-cluster:22 registered and a data pool kept for it."""
         agent = self.ssh("lab_pc", "agent")
         self.core.registry.register(*GPU, agent, "GPU-Cluster", self.clock.seconds())
@@ -153,15 +115,10 @@ class World:
 
 @pytest.fixture
 def world() -> World:
-    lines, blobs = {}, {}
-    for name in ("lab_pc", "alice", "bob", "mallory"):
-        lines[name], blobs[name] = _key(name)
+    ring = KeyRing()
     config = RelayConfig(
-        agents=(PrincipalConfig("agent", "lab_pc", (lines["lab_pc"],),
-                                (ServiceGrant("gpu-cluster", 22), ServiceGrant("plain", 22))),),
-        users=(PrincipalConfig("user", "alice", (lines["alice"],),
-                               (ServiceGrant("gpu-cluster", 22), ServiceGrant("plain", 22))),
-               PrincipalConfig("user", "bob", (lines["bob"],), (ServiceGrant("plain", 22),))),
+        agents=(ring.agent("lab_pc", "gpu-cluster:22", "plain:22"),),
+        users=(ring.user("alice", "gpu-cluster:22", "plain:22"), ring.user("bob", "plain:22")),
         data_port=0,
         e2e_services=(ServiceGrant("gpu-cluster", 22), ServiceGrant("lonely", 22)),
         token_lifetime=5,
@@ -173,7 +130,7 @@ def world() -> World:
     core = FakeCore(config, Grants(config, "test"), clock)
     port = DataPort(core)  # type: ignore[arg-type]
     port.start()
-    return World(core, port, clock, blobs)
+    return World(core, port, clock, ring)
 
 
 def _dial(port: DataPort, host: str = SOURCE) -> tuple[DataConnection, StringTransport]:
@@ -188,7 +145,7 @@ def _dial(port: DataPort, host: str = SOURCE) -> tuple[DataConnection, StringTra
     return dc, transport
 
 
-def _pool_hello(world: World, agent: FakeConn, dc: DataConnection) -> bytes:
+def _pool_hello(world: World, agent: FakeRelayConnection, dc: DataConnection) -> bytes:
     """A fresh pool ticket of ``agent``'s, presented on ``dc`` as the agent would."""
     return fw.agent_hello(world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent), dc.nonce)
 
@@ -206,16 +163,6 @@ def _go(dc: DataConnection, name: str, port: int) -> bytes:
                                             name, port))
 
 
-def _lose(dc: DataConnection) -> None:
-    """What the reactor does after an abort or a close (or the peer's)."""
-    dc.connectionLost(Failure(ConnectionDone()))
-
-
-def _feed(dc: DataConnection, data: bytes) -> None:
-    for i in range(len(data)):
-        dc.dataReceived(data[i:i + 1])
-
-
 def _aborted(t: StringTransport) -> bool:
     return bool(t.disconnected)  # StringTransport.abortConnection sets it, close does not
 
@@ -225,7 +172,7 @@ def _penalties(world: World) -> dict[str, int]:
     return {k: v for k, v in world.port.admission.penalties.penalised.items() if v}
 
 
-def _token_request(world: World, who: FakeConn, name: str = "gpu-cluster",
+def _token_request(world: World, who: FakeRelayConnection, name: str = "gpu-cluster",
                    port: int = 22) -> tuple[fw.Status, str, int, bytes, float]:
     ok, reply = world.port.tokenRequest(who, fw.pack_token_request(name, port))  # type: ignore[arg-type]
     assert ok is True
@@ -274,7 +221,7 @@ def test_silent_connection_is_aborted_after_the_hello_timeout(world: World) -> N
     assert dc not in world.port.pending
     assert world.port.counters["data_refused"] == 1
     assert _penalties(world) == {"grace-exceeded": 1}  # its source is penalised
-    _lose(dc)
+    connection_lost(dc)
     assert not _timers(world)
 
 
@@ -282,7 +229,7 @@ def test_slow_but_complete_hello_is_not_timed_out(world: World) -> None:
     world.agent_with_pool()
     dc, t = _dial(world.port)
     world.clock.advance(0.9)
-    _feed(dc, fw.agent_hello(b"\x00" * fw.TOKEN_LEN, dc.nonce))  # a bad token, but in time
+    feed_bytewise(dc, fw.agent_hello(b"\x00" * fw.TOKEN_LEN, dc.nonce))  # a bad token, but in time
     assert not _timers(world)  # the timer was cancelled
     assert _aborted(t) and world.port.counters["data_refused"] == 1
 
@@ -295,7 +242,7 @@ def test_garbage_is_refused_at_once(world: World, garbage: bytes) -> None:
     assert _aborted(t) and t.value() == b"" and dc.state == "closed"
     assert _penalties(world) == {"protocol": 1}
     assert dc not in world.port.pending
-    _lose(dc)
+    connection_lost(dc)
     assert not _timers(world)
     assert world.port.counters["data_refused"] == 1
 
@@ -307,28 +254,28 @@ def test_penalised_source_is_turned_away_before_its_hello(world: World) -> None:
     for _ in range(2):
         dc, _t = _dial(world.port)
         dc.dataReceived(b"?")
-        _lose(dc)
+        connection_lost(dc)
     dc, t = _dial(world.port)
     assert _aborted(t) and dc.state == "closed" and dc not in world.port.pending
     assert not _timers(world)  # no hello timer for it
-    _lose(dc)
+    connection_lost(dc)
     other, t2 = _dial(world.port, "198.51.100.1")
     assert not t2.disconnecting and other.state == "hello"
     assert world.port.counters["data_throttled"] == 1
     assert world.port.counters["data_connections"] == 4
     assert world.port.status()["admission"]["refused"]["penalty"] == 1
-    _lose(other)
+    connection_lost(other)
     world.clock.advance(20.1)
     again, t3 = _dial(world.port)
     assert not t3.disconnecting and again.state == "hello"
-    _lose(again)
+    connection_lost(again)
 
 
 def test_close_before_the_hello_is_penalised_and_after_it_is_not(world: World) -> None:
     """``noauth``: a connection that closes owing its hello costs its source 1 s; one
     that sent a hello (here an agent's, pooled) and closes later costs nothing."""
     dc, _t = _dial(world.port)
-    _lose(dc)
+    connection_lost(dc)
     assert _penalties(world) == {"noauth": 1}
     assert dc not in world.port.pending and world.port.gate.total == 0
     agent, _pool = world.agent_with_pool()
@@ -336,7 +283,7 @@ def test_close_before_the_hello_is_penalised_and_after_it_is_not(world: World) -
     pooled, t = _dial(world.port)
     pooled.dataReceived(fw.agent_hello(token, pooled.nonce))
     assert pooled.state == "idle" and not t.disconnecting
-    _lose(pooled)
+    connection_lost(pooled)
     assert _penalties(world) == {"noauth": 1}
 
 
@@ -346,7 +293,7 @@ def test_connections_owing_a_hello_are_capped(world: World) -> None:
     dc, t = _dial(world.port, "198.51.100.9")
     assert _aborted(t) and dc not in world.port.pending
     assert world.port.counters["data_refused"] == 1
-    _lose(conns[0][0])  # one goes: room for another
+    connection_lost(conns[0][0])  # one goes: room for another
     _dc, t = _dial(world.port, "198.51.100.10")
     assert not t.disconnecting
 
@@ -358,13 +305,13 @@ def test_agent_hello_with_a_pool_token_becomes_idle(world: World) -> None:
     agent, pool = world.agent_with_pool()
     token = world.port.tokens.issue(fw.ROLE_AGENT, "lab_pc", agent)
     dc, t = _dial(world.port)
-    _feed(dc, fw.agent_hello(token, dc.nonce))
+    feed_bytewise(dc, fw.agent_hello(token, dc.nonce))
     assert dc.state == "idle" and dc.pool is pool and list(pool.idle) == [dc]
     assert not t.disconnecting and t.value() == b""
     assert t.producerState == "producing"  # read again, only to notice its end
     assert dc not in world.port.pending and not _timers(world)
     assert world.port.tokens.redeemed["agent"] == 1
-    _lose(dc)
+    connection_lost(dc)
     assert not pool.idle
 
 
@@ -447,7 +394,7 @@ def test_idle_connection_refused_leaves_the_pool(world: World) -> None:
     dc, _t = _dial(world.port)
     dc.dataReceived(fw.agent_hello(token, dc.nonce))
     dc.dataReceived(b"K")  # refused: closed
-    _lose(dc)
+    connection_lost(dc)
     assert dc not in pool.idle
 
 
@@ -460,7 +407,7 @@ def test_agent_session_ending_closes_its_pool_and_forgets_its_tokens(world: Worl
     world.port.sessionStopped(agent)
     assert t.disconnecting and agent not in world.port.pools and not pool.idle
     assert len(world.port.tokens) == 0
-    _lose(dc)
+    connection_lost(dc)
     dc2, t2 = _dial(world.port)
     dc2.dataReceived(fw.agent_hello(unused, dc2.nonce))
     assert _aborted(t2)
@@ -471,7 +418,7 @@ def test_agent_session_ending_closes_its_pool_and_forgets_its_tokens(world: Worl
 
 def test_user_hello_with_a_bad_token_is_told_and_closed(world: World) -> None:
     dc, t = _dial(world.port)
-    _feed(dc, fw.user_hello(b"\x42" * fw.TOKEN_LEN, dc.nonce, *GPU))
+    feed_bytewise(dc, fw.user_hello(b"\x42" * fw.TOKEN_LEN, dc.nonce, *GPU))
     assert t.value() == b"\x01" + bytes([len("token refused: unknown")]) + b"token refused: unknown"
     assert t.disconnecting and not _aborted(t)  # closed after the message, not reset
     assert dc.state == "closed" and dc not in world.port.pending
@@ -525,7 +472,7 @@ def test_user_is_paired_and_spliced_once_the_agent_says_k(
     adc.dataReceived(fw.AGENT_OK + b"SSH-2.0-server\r\n")
     assert fake.calls == [(ut, at, b"SSH-2.0-client\r\n", fw.USER_OK + b"SSH-2.0-server\r\n")]
     assert udc.state == adc.state == "spliced"
-    assert world.core.spliced == [(("session", 1), ("pair", 1))] and not world.core.failed
+    assert world.core.spliced == [(("session", 1), fake.pairs[0])] and not world.core.failed
     assert world.port.counters["paired"] == 1
     assert not _timers(world)  # the agent reply timer was cancelled
     assert ut.value() == b""  # USER_OK goes through the splice, not this transport
@@ -533,7 +480,7 @@ def test_user_is_paired_and_spliced_once_the_agent_says_k(
 
 def test_agent_that_cannot_connect_fails_the_user(world: World) -> None:
     udc, ut, adc, at = _paired_up(world)
-    _feed(adc, fw.pack_error(fw.AGENT_ERROR, "connection refused"))
+    feed_bytewise(adc, fw.pack_error(fw.AGENT_ERROR, "connection refused"))
     told = ut.value()
     assert told.startswith(fw.USER_ERROR)
     ok, message, rest = fw.parse_reply(told, fw.USER_OK, fw.USER_ERROR)  # type: ignore[misc]
@@ -583,7 +530,7 @@ def test_a_stale_agent_connection_is_replaced_by_the_next_one(
     fake = FakeDataPath()
     monkeypatch.setattr(relay.server.dataport.datapath, "get", lambda clock: fake)
     udc, ut, adc, _at = _paired_up(world)
-    _lose(adc)
+    connection_lost(adc)
     assert ut.value() == b"" and udc.state == "user"
     adc2, at2 = _pooled(world)
     assert adc2.state == "dispatched" and at2.value() == _go(adc2, "GPU-Cluster", 22)
@@ -595,11 +542,11 @@ def test_a_stale_agent_connection_is_replaced_by_the_next_one(
 def test_agent_connections_closing_while_dispatched_fail_the_user_at_last(
         world: World) -> None:
     _udc, ut, adc, _at = _paired_up(world)
-    _lose(adc)
+    connection_lost(adc)
     for _ in range(2):  # MAX_DISPATCH_TRIES in all
         more, _t = _pooled(world)
         assert more.state == "dispatched"
-        _lose(more)
+        connection_lost(more)
     assert b"the agent's data connection closed" in ut.value()
     assert world.core.failed == [("session", 1)]
 
@@ -679,7 +626,7 @@ def test_token_request_refused_when_not_granted(world: World) -> None:
     assert message == "gpu-cluster:22 is not granted to user bob"
     agent = world.ssh("lab_pc", "agent")
     assert _token_request(world, agent)[0] is fw.Status.REFUSED
-    stranger = FakeConn(FakeIdentity(b"not a granted key", "mallory", "user"))
+    stranger = FakeRelayConnection(FakeIdentity(b"not a granted key", "mallory", "user"))
     assert _token_request(world, stranger)[:2] == (fw.Status.REFUSED,
                                                    "this key is no longer granted")
     assert len(world.port.tokens) == 0

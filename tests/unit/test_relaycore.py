@@ -7,60 +7,28 @@ and the state machine of registration and takeover exactly, without a network.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.conch.ssh import common, keys
+from twisted.conch.ssh import common
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
-from relay.config.schema import HostPort, PrincipalConfig, RelayConfig, ServiceGrant
+from relay.config.schema import HostPort, RelayConfig, ServiceGrant
 from relay.core.routing import Outcome, Registry
 from relay.core.sessions import SPLICED, SessionRow
 from relay.server.grants import Grants
 from relay.server.relay import TAKEOVER_PROBE, RelayCore
-
-
-def _key(comment: str) -> tuple[str, bytes]:
-    key = keys.Key(Ed25519PrivateKey.generate())
-    line = key.public().toString("OPENSSH").decode() + f" {comment}"
-    return line, key.public().blob()
-
-
-@dataclass
-class FakeIdentity:
-    key_blob: bytes
-    name: str
-    kind: str
-
-
-@dataclass(eq=False)
-class FakeConn:
-    """Just what RelayCore asks of a RelayConnection."""
-
-    identity: FakeIdentity
-    peer: str = "127.0.0.1:1"
-    probes: list[defer.Deferred[bool]] = field(default_factory=list)
-    disconnected: list[str] = field(default_factory=list)
-    revoked: list[tuple[str, int, str]] = field(default_factory=list)
-
-    @property
-    def principal_name(self) -> str:
-        return self.identity.name
-
-    def probe(self) -> defer.Deferred[bool]:
-        d: defer.Deferred[bool] = defer.Deferred()
-        self.probes.append(d)
-        return d
-
-    def disconnect(self, why: str) -> None:
-        self.disconnected.append(why)
-
-    def grantRevoked(self, bind: str, port: int, why: str) -> None:
-        self.revoked.append((bind, port, why))
+from relay.testing import (
+    FakeIdentity,
+    FakePair,
+    FakeRelayConnection,
+    KeyRing,
+    new_key,
+    result_of,
+)
 
 
 def _forward(name: str, port: int) -> bytes:
@@ -69,25 +37,20 @@ def _forward(name: str, port: int) -> bytes:
 
 @pytest.fixture
 def world() -> tuple[RelayCore, MemoryReactorClock, dict[str, bytes]]:
-    agent_line, agent_blob = _key("lab_pc")
-    other_line, other_blob = _key("intruder")
-    user_line, user_blob = _key("alice")
+    ring = KeyRing()
     config = RelayConfig(
-        agents=(
-            PrincipalConfig("agent", "lab_pc", (agent_line,), (ServiceGrant("gpu-cluster", 22),)),
-            PrincipalConfig("agent", "intruder", (other_line,), (ServiceGrant("other", 22),)),
-        ),
-        users=(PrincipalConfig("user", "alice", (user_line,), (ServiceGrant("gpu-cluster", 22),)),),
+        agents=(ring.agent("lab_pc", "gpu-cluster:22"), ring.agent("intruder", "other:22")),
+        users=(ring.user("alice", "gpu-cluster:22"),),
         idle_timeout=60,
     )
     clock = MemoryReactorClock()
     core = RelayCore(config, Grants(config, "test"), clock)
-    blobs = {"lab_pc": agent_blob, "intruder": other_blob, "alice": user_blob}
+    blobs = {name: ring.blob(name) for name in ("lab_pc", "intruder", "alice")}
     return core, clock, blobs
 
 
 def _conn(core: RelayCore, blobs: dict[str, bytes], name: str, kind: str = "agent") -> Any:
-    conn = FakeConn(FakeIdentity(blobs[name], name, kind))
+    conn = FakeRelayConnection(FakeIdentity(blobs[name], name, kind))
     core.connections.add(conn)  # type: ignore[arg-type]
     return conn
 
@@ -96,17 +59,10 @@ def _register(core: RelayCore, conn: Any, name: str = "gpu-cluster", port: int =
     return defer.maybeDeferred(core.globalRequest, conn, b"tcpip-forward", _forward(name, port))
 
 
-def _result(d: defer.Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the request has not been answered"
-    return results[0]
-
-
 def test_first_registration_is_granted_at_once(world: Any) -> None:
     core, _clock, blobs = world
     agent = _conn(core, blobs, "lab_pc")
-    assert _result(_register(core, agent)) is True
+    assert result_of(_register(core, agent)) is True
     reg = core.registry.lookup("gpu-cluster", 22)
     assert reg is not None and reg.session is agent and reg.bind == "gpu-cluster"
 
@@ -114,7 +70,7 @@ def test_first_registration_is_granted_at_once(world: Any) -> None:
 def test_names_are_case_insensitive(world: Any) -> None:
     core, _clock, blobs = world
     agent = _conn(core, blobs, "lab_pc")
-    assert _result(_register(core, agent, "GPU-Cluster")) is True
+    assert result_of(_register(core, agent, "GPU-Cluster")) is True
     reg = core.registry.lookup("gpu-cluster", 22)
     assert reg is not None and reg.bind == "GPU-Cluster"  # echoed as the agent sent it
 
@@ -123,8 +79,8 @@ def test_ungranted_name_and_user_registration_are_refused(world: Any) -> None:
     core, _clock, blobs = world
     agent = _conn(core, blobs, "lab_pc")
     user = _conn(core, blobs, "alice", kind="user")
-    assert _result(_register(core, agent, "other")) is False
-    assert _result(_register(core, user)) is False
+    assert result_of(_register(core, agent, "other")) is False
+    assert result_of(_register(core, user)) is False
     assert core.registry.registrations() == []
     assert core.counters["requests_refused"] == 2
 
@@ -133,13 +89,13 @@ def test_stale_holder_is_taken_over_after_the_probe_window(world: Any) -> None:
     core, clock, blobs = world
     old = _conn(core, blobs, "lab_pc")
     new = _conn(core, blobs, "lab_pc")
-    _result(_register(core, old))
+    result_of(_register(core, old))
     pending = _register(core, new)
     assert len(old.probes) == 1
     clock.advance(TAKEOVER_PROBE - 0.01)
     assert not pending.called, "decided before the probe window closed"
     clock.advance(0.02)
-    assert _result(pending) is True
+    assert result_of(pending) is True
     assert core.registry.lookup("gpu-cluster", 22).session is new
     assert old.disconnected == ["superseded by a newer session of the same agent"]
 
@@ -148,10 +104,10 @@ def test_live_holder_keeps_the_name_no_flapping(world: Any) -> None:
     core, clock, blobs = world
     holder = _conn(core, blobs, "lab_pc")
     newcomer = _conn(core, blobs, "lab_pc")
-    _result(_register(core, holder))
+    result_of(_register(core, holder))
     pending = _register(core, newcomer)
     holder.probes[0].callback(True)  # the holder answers its keepalive
-    assert _result(pending) is False
+    assert result_of(pending) is False
     clock.advance(TAKEOVER_PROBE * 2)  # the timer was cancelled: nothing changes later
     assert core.registry.lookup("gpu-cluster", 22).session is holder
     assert holder.disconnected == []
@@ -162,9 +118,9 @@ def test_other_agent_is_refused_online_or_not(world: Any) -> None:
     core, _clock, blobs = world
     owner = _conn(core, blobs, "lab_pc")
     intruder = _conn(core, blobs, "intruder")
-    assert _result(_register(core, intruder)) is False  # owner offline: not granted anyway
-    _result(_register(core, owner))
-    assert _result(_register(core, intruder)) is False
+    assert result_of(_register(core, intruder)) is False  # owner offline: not granted anyway
+    result_of(_register(core, owner))
+    assert result_of(_register(core, intruder)) is False
     assert owner.probes == []  # never probed on behalf of another agent
 
 
@@ -172,11 +128,11 @@ def test_holder_dying_during_the_probe_hands_over_cleanly(world: Any) -> None:
     core, _clock, blobs = world
     old = _conn(core, blobs, "lab_pc")
     new = _conn(core, blobs, "lab_pc")
-    _result(_register(core, old))
+    result_of(_register(core, old))
     pending = _register(core, new)
     core.sessionStopped(old)  # its connection closed while we waited
     old.probes[0].callback(False)
-    assert _result(pending) is True
+    assert result_of(pending) is True
     assert core.registry.lookup("gpu-cluster", 22).session is new
 
 
@@ -184,10 +140,10 @@ def test_holder_stopping_before_answering_is_a_takeover_at_once(world: Any) -> N
     core, clock, blobs = world
     old = _conn(core, blobs, "lab_pc")
     new = _conn(core, blobs, "lab_pc")
-    _result(_register(core, old))
+    result_of(_register(core, old))
     pending = _register(core, new)
     old.probes[0].callback(False)  # its connection stopped: no answer will come
-    assert _result(pending) is True
+    assert result_of(pending) is True
     assert core.registry.lookup("gpu-cluster", 22).session is new
     assert not clock.getDelayedCalls()
 
@@ -197,8 +153,8 @@ def test_waiting_user_session_is_released_by_registration(world: Any) -> None:
     waiting = core.whenRegistered("gpu-cluster", 22, timeout=10)
     agent = _conn(core, blobs, "lab_pc")
     clock.advance(3)
-    _result(_register(core, agent))
-    assert _result(waiting).session is agent
+    result_of(_register(core, agent))
+    assert result_of(waiting).session is agent
     assert not clock.getDelayedCalls()
 
 
@@ -206,7 +162,7 @@ def test_waiting_gives_up_after_the_timeout(world: Any) -> None:
     core, clock, _blobs = world
     waiting = core.whenRegistered("gpu-cluster", 22, timeout=10)
     clock.advance(10)
-    assert isinstance(_result(waiting).value, defer.CancelledError)
+    assert isinstance(result_of(waiting).value, defer.CancelledError)
 
 
 class _FakeSide:
@@ -290,8 +246,8 @@ ALICE = 'permitopen="gpu-cluster:22",permitopen="web:80" {key}'
 def filed(tmp_path: Path) -> Filed:
     lines, blobs = {}, {}
     for name in ("k1", "k2", "alice", "bob"):
-        line, blobs[name] = _key("x")
-        lines[name] = " ".join(line.split()[:2])
+        key = new_key("x")
+        lines[name], blobs[name] = key.public, key.blob
     agents, users = tmp_path / "agents", tmp_path / "users"
     agents.write_text(LAB.format(key=lines["k1"]) + " lab_pc\n")
     users.write_text(ALICE.format(key=lines["alice"]) + " alice\n"
@@ -303,23 +259,15 @@ def filed(tmp_path: Path) -> Filed:
     return Filed(core, clock, agents, users, lines, blobs)
 
 
-class _FakePair:
-    def __init__(self) -> None:
-        self.aborted = False
-
-    def abort(self) -> None:
-        self.aborted = True
-
-
 def _session(core: RelayCore, user: str, service: str, key: bytes | None,
-             agent: Any) -> _FakePair:
+             agent: Any) -> FakePair:
     session = core.sessions.open(user, service, "x:1", 0.0, key=key, agent=agent, path=SPLICED)
-    pair = _FakePair()
+    pair = FakePair()
     core._moving(session, lambda: (0, 0), pair.abort)
     return pair
 
 
-def _aborted(pair: _FakePair) -> bool:
+def _aborted(pair: FakePair) -> bool:
     return pair.aborted
 
 
@@ -327,9 +275,9 @@ def test_revoked_agent_key_loses_its_names_sessions_and_connection(filed: Filed)
     core, b = filed.core, filed.blobs
     k1 = _conn(core, b, "k1")
     k1.identity.name = "lab_pc"
-    assert _result(_register(core, k1)) is True
-    assert _result(_register(core, k1, "")) is False  # port 22 is no public port granted
-    assert _result(_register(core, k1, "", 2201)) is True
+    assert result_of(_register(core, k1)) is True
+    assert result_of(_register(core, k1, "")) is False  # port 22 is no public port granted
+    assert result_of(_register(core, k1, "", 2201)) is True
     assert 2201 in core.publicPorts.listeners
     alice = _session(core, "alice", "gpu-cluster:22", b["alice"], k1)
     public = _session(core, "public:2201", "public:2201", None, k1)
@@ -342,7 +290,7 @@ def test_revoked_agent_key_loses_its_names_sessions_and_connection(filed: Filed)
     # K2 is the lab's key now: it takes the name at once, no probe of anyone.
     k2 = _conn(core, b, "k2")
     k2.identity.name = "lab_pc"
-    assert _result(_register(core, k2)) is True
+    assert result_of(_register(core, k2)) is True
     assert k1.probes == []
 
 
@@ -350,8 +298,8 @@ def test_narrowed_agent_loses_only_what_it_lost_and_is_told(filed: Filed) -> Non
     core, b = filed.core, filed.blobs
     k1 = _conn(core, b, "k1")
     k1.identity.name = "lab_pc"
-    _result(_register(core, k1))
-    _result(_register(core, k1, "web", 80))
+    result_of(_register(core, k1))
+    result_of(_register(core, k1, "web", 80))
     gpu = _session(core, "alice", "gpu-cluster:22", b["alice"], k1)
     web = _session(core, "alice", "web:80", b["alice"], k1)
     filed.write(agents=['permitlisten="gpu-cluster:22" ' + filed.lines["k1"] + " lab_pc"])
@@ -360,7 +308,7 @@ def test_narrowed_agent_loses_only_what_it_lost_and_is_told(filed: Filed) -> Non
     assert k1.disconnected == []
     assert k1.revoked == [("web", 80, "web:80 is no longer granted to agent lab_pc")]
     # ... and cannot register it again.
-    assert _result(_register(core, k1, "web", 80)) is False
+    assert result_of(_register(core, k1, "web", 80)) is False
 
 
 def test_a_holder_whose_grant_went_cannot_keep_a_name_by_answering_probes(filed: Filed) -> None:
@@ -369,13 +317,13 @@ def test_a_holder_whose_grant_went_cannot_keep_a_name_by_answering_probes(filed:
     core, b = filed.core, filed.blobs
     k1 = _conn(core, b, "k1")
     k1.identity.name = "lab_pc"
-    _result(_register(core, k1))
+    result_of(_register(core, k1))
     core.grants._observers.clear()  # the reload is not applied to what runs
     filed.write(agents=[LAB.format(key=filed.lines["k2"]) + " lab_pc"])
     assert core.registry.lookup("gpu-cluster", 22).session is k1  # type: ignore[union-attr]
     k2 = _conn(core, b, "k2")
     k2.identity.name = "lab_pc"
-    assert _result(_register(core, k2)) is True, "no probe: K1 may not hold it"
+    assert result_of(_register(core, k2)) is True, "no probe: K1 may not hold it"
     assert k1.probes == []
     assert core.registry.lookup("gpu-cluster", 22).session is k2  # type: ignore[union-attr]
     assert k1.revoked == [("gpu-cluster", 22, "gpu-cluster:22 is no longer granted to this key")]
@@ -410,7 +358,7 @@ def test_a_session_revoked_while_opening_is_closed_when_it_connects(filed: Filed
                                              key=b["alice"])
     filed.write(users=[])
     assert session.closing
-    pair = _FakePair()
+    pair = FakePair()
     pair.done = defer.Deferred()  # type: ignore[attr-defined]
     core.fastSessionCounters(session).pairStarted(pair)  # type: ignore[arg-type]
     assert pair.aborted
@@ -437,3 +385,36 @@ def test_version_1_fast_path_requests_are_refused_by_name(world: Any) -> None:
     token = fastwire.pack_token_request("gpu-cluster", 22)
     assert core.globalRequest(alice, b"data-token@labrelay", token) is False
     assert fastwire.POOL_REQUEST != b"data-pool@labrelay"
+
+
+def test_reconfigure_applies_limits_grants_and_the_idle_sweep(world: Any) -> None:
+    """A reload's live [relay] settings: the idle sweep follows the new timeout (off, then
+    on again), the default per-user cap reaches the grants, a user removed from the
+    tables loses her connection at once, and an agent's new service can be claimed."""
+    import dataclasses
+
+    core, clock, blobs = world
+    core.start()
+    alice = _conn(core, blobs, "alice", kind="user")
+    agent = _conn(core, blobs, "lab_pc")
+    assert result_of(_register(core, agent, "web", 8080)) is False  # not granted yet
+    config = core.config
+    assert core.grants.principal_for(blobs["alice"]).max_sessions == 64
+    lab_pc = dataclasses.replace(config.agents[0], services=(
+        *config.agents[0].services, ServiceGrant("web", 8080)))
+    quieter = dataclasses.replace(config, idle_timeout=0, max_sessions_per_user=3,
+                                  agents=(lab_pc, config.agents[1]))
+    def sweeps_in(seconds: float) -> bool:
+        return any(abs(c.getTime() - clock.seconds() - seconds) < 1e-9
+                   for c in clock.getDelayedCalls())
+
+    assert sweeps_in(30)  # idle_timeout 60: every 30 s
+    core.reconfigure(quieter)
+    assert core.config is quieter and not sweeps_in(30)
+    assert core.grants.principal_for(blobs["alice"]).max_sessions == 3
+    assert result_of(_register(core, agent, "web", 8080)) is True
+    core.reconfigure(dataclasses.replace(quieter, users=(), idle_timeout=10))
+    assert alice.disconnected == ["this key is no longer granted on this relay"]
+    assert sweeps_in(5)
+    core.stop()
+    assert not clock.getDelayedCalls()

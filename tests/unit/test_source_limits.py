@@ -7,12 +7,10 @@ import ipaddress
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.conch.ssh import keys
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from relay.config.schema import PenaltyConfig, RelayConfig
@@ -20,6 +18,7 @@ from relay.core.admission import Admission, Gate, Offence, Refusal, Ticket, wors
 from relay.server.grants import Grants
 from relay.server.relay import RelayCore
 from relay.ssh.server import RelayFactory
+from relay.testing import FakeTCPTransport, new_key
 
 A, B, C = "192.0.2.1", "192.0.2.2", "198.51.100.9"
 
@@ -213,14 +212,9 @@ def test_status(clock: Clock) -> None:
 # --- the SSH port: how a connection ended decides its offence ---------------------------
 
 
-class _TCP(StringTransport):
-    """A StringTransport with the TCP options RelayTransport sets."""
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        pass
-
-    def setTcpKeepAlive(self, enabled: bool) -> None:
-        pass
+class _TCP(FakeTCPTransport):
+    """A TCP transport in memory whose abort is a close (so ``disconnecting`` tells
+    both)."""
 
     def abortConnection(self) -> None:
         self.loseConnection()
@@ -232,7 +226,7 @@ def relay() -> tuple[RelayCore, RelayFactory, MemoryReactorClock]:
     config = dataclasses.replace(RelayConfig(), login_grace=5.0,
                                  per_source_max_unauthenticated=2)
     core = RelayCore(config, Grants(config, "test"), reactor)
-    host_key = keys.Key(Ed25519PrivateKey.generate())
+    host_key = new_key().key
     factory = RelayFactory(core, {host_key.sshType(): host_key})
     factory.startFactory()
     return core, factory, reactor

@@ -30,10 +30,12 @@ MiB = 1024 * 1024
 
 
 def selected_backend() -> str:
-    """``c`` or ``python``, as ``LABRELAY_DATAPATH`` asks (``auto``: C when built)."""
+    """``c``, ``python`` or ``portable``, as ``LABRELAY_DATAPATH`` asks (``auto``: C when
+    built).  The movers here are the splicing ones: ``portable`` runs them as ``python``
+    (its own mover's tests are tests/unit/test_copyloop.py)."""
     value = os.environ.get("LABRELAY_DATAPATH", "").strip().lower() or "auto"
-    if value == "python":
-        return "python"
+    if value in ("python", "portable"):
+        return value
     if value == "c":
         if not _splice.AVAILABLE:
             pytest.fail(f"LABRELAY_DATAPATH=c but relay.datapath._splice_c is missing: "
@@ -52,7 +54,7 @@ def make_pool(backend: str) -> Iterator[Any]:
     pools: list[Any] = []
 
     def make(max_total: int = 8, max_idle: int = 4, pipe_size: int = 64 * 1024) -> Any:
-        cls = _splice.PipePool if backend == "c" else PyPipePool
+        cls = _splice.PipePool if backend == "c" else PyPipePool  # portable: as python
         pool = cls(max_total, max_idle, pipe_size)
         pools.append(pool)
         return pool

@@ -20,9 +20,12 @@ def test_e2e_services_take_the_fast_path() -> None:
     text = render(user="alice", relay_host="relay.example.org", relay_port=2222,
                   services=[ServiceGrant("gpu-cluster", 22), ServiceGrant("login", 22)],
                   identity="~/.ssh/alice", fast=[ServiceGrant("gpu-cluster", 22)])
-    gpu = text.split("Host gpu-cluster\n")[1].split("\n\n")[0]
-    assert ("ProxyCommand labrelay connect -p 2222 -i ~/.ssh/alice "
-            "-o UserKnownHostsFile=~/.ssh/known_hosts alice@relay.example.org %h:%p") in gpu
-    assert "ProxyJump" not in gpu
+    gpu = text.split("Match originalhost gpu-cluster")[1].split("\n\n")[0]
+    # With labrelay installed: the fast path, the relay read from its Host entry...
+    assert (' exec "command -v labrelay >/dev/null 2>&1"\n'
+            "    ProxyCommand labrelay connect labrelay %h:%p\n") in gpu
+    # ... and without it, the same file still works through the relay (ssh -J).
+    assert "Host gpu-cluster\n    ProxyJump labrelay\n" in gpu
+    assert "Host labrelay\n    HostName relay.example.org\n    Port 2222\n" in text
     login = text.split("Host login\n")[1].split("\n\n")[0]
     assert "ProxyJump labrelay" in login

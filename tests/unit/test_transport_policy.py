@@ -16,10 +16,9 @@ from typing import Any
 
 import pytest
 from asyncssh.crypto.chacha import ChachaCipher
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from twisted.conch.ssh import factory, keys, transport
+from twisted.conch.ssh import transport
 from twisted.conch.ssh.transport import MSG_IGNORE, MSG_KEXINIT, MSG_NEWKEYS
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 
@@ -34,6 +33,9 @@ from relay.ssh.ciphers import (
     chacha_padding,
 )
 from relay.ssh.connection import LINK_BUFFER, FlowConnection
+from relay.testing import IgnoreRecorder, connect_in_memory, ssh_server
+from relay.testing import PlainSSHServer as Server
+from relay.testing import TrustingSSHClient as Client
 
 KEY64 = bytes(range(64))
 
@@ -174,20 +176,6 @@ def test_chacha_wrong_sequence_number_is_a_mac_error() -> None:
 # -- Conch pairs in memory
 
 
-class Client(AEADTransportMixin, transport.SSHClientTransport):
-    secure = 0
-
-    def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> defer.Deferred[bool]:
-        return defer.succeed(True)
-
-    def connectionSecure(self) -> None:
-        self.secure += 1
-
-
-class Server(AEADTransportMixin, transport.SSHServerTransport):
-    pass
-
-
 class NonStrictClient(Client):
     """A client that does not offer strict KEX (the Terrapin-vulnerable kind)."""
 
@@ -223,14 +211,7 @@ class Service:
 
 
 def make_server(clock: task.Clock | None = None, wait: float = 0.0) -> Server:
-    key = keys.Key(ed25519.Ed25519PrivateKey.generate())
-    f = factory.SSHFactory()
-    f.publicKeys = {b"ssh-ed25519": key.public()}
-    f.privateKeys = {b"ssh-ed25519": key}
-    f.getPrimes = lambda: None  # type: ignore[method-assign]
-    f.protocol = Server
-    f.startFactory()
-    server: Server = f.buildProtocol(None)  # type: ignore[assignment]
+    server: Server = ssh_server()
     server.kexClock = clock
     server.kexInitWait = wait
     return server
@@ -243,15 +224,7 @@ def pair(
     client = client or Client()
     if ciphers is not None:
         client.supportedCiphers = ciphers
-    _, _, pump = iosim.connectedServerAndClient(lambda: server, lambda: client)
-    pump.flush()
-    return client, server, pump
-
-
-class Recorder:
-    def __init__(self, t: Any) -> None:
-        self.got: list[bytes] = []
-        t.ssh_IGNORE = lambda packet: self.got.append(packet)
+    return client, server, connect_in_memory(server, client)
 
 
 def test_conch_pair_on_chacha_with_strict_kex_moves_packets_across_rekeys() -> None:
@@ -261,7 +234,7 @@ def test_conch_pair_on_chacha_with_strict_kex_moves_packets_across_rekeys() -> N
         assert t.kexGuard.strict
         assert t.currentEncryptions.outCipType == CHACHA20_POLY1305
         assert isinstance(t.currentEncryptions.outAEAD, ChaChaDirection)  # type: ignore[attr-defined]
-    at_server, at_client = Recorder(server), Recorder(client)
+    at_server, at_client = IgnoreRecorder(server), IgnoreRecorder(client)
     for rekey in range(3):
         for i in range(20):
             client.sendPacket(MSG_IGNORE, struct.pack(">L", i) + b"c" * i)
@@ -324,7 +297,7 @@ def test_strict_kex_restarts_sequence_numbers_at_each_newkeys() -> None:
     # after the rekey each side counts from 0 again (nothing sent since but NEWKEYS)
     assert client.outgoingPacketSequence == server.incomingPacketSequence == 0
     assert server.outgoingPacketSequence == client.incomingPacketSequence == 0
-    at_server = Recorder(server)
+    at_server = IgnoreRecorder(server)
     client.sendPacket(MSG_IGNORE, b"\x00\x00\x00\x01z")
     pump.flush()
     assert at_server.got == [b"\x00\x00\x00\x01z"] and server.incomingPacketSequence == 1

@@ -1,0 +1,498 @@
+"""Test doubles for labrelay's pieces: what unit tests would otherwise build by hand.
+
+Public, like ``treq.testing``: labrelay's own unit tests use these, and so may tests
+of code built on labrelay.  Nothing here opens a socket, starts a thread or reads a
+clock; time comes from a ``task.Clock`` or ``MemoryReactorClock`` the test owns.  Two
+real protocols talk in memory over ``twisted.test.iosim`` (:func:`connect_in_memory`);
+the other doubles stand in for *one* side where the test scripts the other.
+
+What is here, by what it stands in for:
+
+- keys and grants: :func:`new_key`, :class:`KeyRing` (keys by name, and the
+  ``PrincipalConfig`` entries of a ``RelayConfig`` that grant them services);
+- transports: :class:`FakeTCPTransport` (a TCP socket whose write buffer pushes back
+  like Twisted's ``FileDescriptor``), :class:`FakeSSHTransport` (what a Conch connection
+  service sends, recorded and decoded);
+- SSH transport pairs: :class:`TrustingSSHClient` and :class:`PlainSSHServer` (Conch's
+  transports with labrelay's AEAD ciphers and algorithm policy), :func:`ssh_server`
+  (a server transport with a fresh host key), :func:`connect_in_memory` (a client and
+  a server over ``iosim``, key exchange done), :class:`IgnoreRecorder`;
+- bridge sides: :class:`FakeSide` (one side of a ``Bridge``, scripted);
+- the relay's SSH sessions: :class:`FakeIdentity` and :class:`FakeRelayConnection`
+  (what ``RelayCore``, ``DataPort`` and the registry ask of a ``RelayConnection``);
+- the data path: :class:`FakeDataPath` and :class:`FakePair` (the splice, which needs
+  real sockets, recorded instead);
+- small verbs: :func:`result_of` (a fired Deferred's result), :func:`connection_lost`
+  (what the reactor does after a close), :func:`feed_bytewise` (one byte at a time).
+
+The top layer of ``pyproject.toml``'s import-linter contract: nothing imports it.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.conch.ssh import common, factory, keys, transport
+from twisted.conch.ssh.connection import (
+    MSG_CHANNEL_DATA,
+    MSG_CHANNEL_OPEN_FAILURE,
+    MSG_CHANNEL_WINDOW_ADJUST,
+)
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IProtocol, ITCPTransport
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from zope.interface import implementer
+
+from relay.config.schema import PrincipalConfig, ServiceGrant
+from relay.datapath.bridge import Bridge
+from relay.datapath.splicing import PairResult
+from relay.ssh.aead import AEADTransportMixin
+
+__all__ = [
+    "FakeDataPath",
+    "FakeIdentity",
+    "FakePair",
+    "FakeRelayConnection",
+    "FakeSSHTransport",
+    "FakeSide",
+    "FakeTCPTransport",
+    "IgnoreRecorder",
+    "KeyRing",
+    "PlainSSHServer",
+    "TestKey",
+    "TrustingSSHClient",
+    "connect_in_memory",
+    "connection_lost",
+    "feed_bytewise",
+    "new_key",
+    "result_of",
+    "ssh_server",
+]
+
+
+# --- keys and grants -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TestKey:
+    """An ed25519 key pair and the forms tests need of it."""
+
+    __test__ = False  # not a pytest test class, despite its name
+
+    key: keys.Key
+    comment: str
+
+    @property
+    def public(self) -> str:
+        """``ssh-ed25519 AAAA...`` (no comment): what an authorized_keys line starts with."""
+        return str(self.key.public().toString("OPENSSH").decode())
+
+    @property
+    def line(self) -> str:
+        """``ssh-ed25519 AAAA... comment``: a public-key line as configs hold it."""
+        return f"{self.public} {self.comment}"
+
+    @property
+    def blob(self) -> bytes:
+        """The SSH wire form of the public key (what a connection's identity carries)."""
+        return bytes(self.key.public().blob())
+
+
+def new_key(comment: str = "labrelay-test", seed: int | None = None) -> TestKey:
+    """A fresh ed25519 key; with ``seed`` (0..255) the same key on every run, for
+    inputs that must replay identically (fuzz corpora)."""
+    if seed is None:
+        private = Ed25519PrivateKey.generate()
+    else:
+        private = Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32)
+    return TestKey(keys.Key(private), comment)
+
+
+def _grants(services: tuple[str | ServiceGrant, ...]) -> tuple[ServiceGrant, ...]:
+    out = []
+    for s in services:
+        if isinstance(s, ServiceGrant):
+            out.append(s)
+        else:
+            name, _, port = s.rpartition(":")
+            out.append(ServiceGrant(name.lower(), None if port == "*" else int(port)))
+    return tuple(out)
+
+
+class KeyRing:
+    """Keys by principal name, made on first use, and the config entries granting them.
+
+    ``ring.agent("lab_pc", "gpu-cluster:22")`` is a ``PrincipalConfig`` for a
+    ``RelayConfig``'s ``agents``; ``ring.blob("lab_pc")`` is what that agent's SSH
+    connection would authenticate with.  Services are ``"name:port"`` or ``"name:*"``
+    strings, or ``ServiceGrant``s.
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[str, TestKey] = {}
+
+    def __getitem__(self, name: str) -> TestKey:
+        if name not in self._keys:
+            self._keys[name] = new_key(name)
+        return self._keys[name]
+
+    def line(self, name: str) -> str:
+        return self[name].line
+
+    def blob(self, name: str) -> bytes:
+        return self[name].blob
+
+    def agent(self, name: str, *services: str | ServiceGrant,
+              public_ports: tuple[int, ...] = ()) -> PrincipalConfig:
+        return PrincipalConfig("agent", name, (self.line(name),), _grants(services),
+                               public_ports=public_ports)
+
+    def user(self, name: str, *services: str | ServiceGrant,
+             max_sessions: int | None = None) -> PrincipalConfig:
+        return PrincipalConfig("user", name, (self.line(name),), _grants(services),
+                               max_sessions=max_sessions)
+
+
+# --- transports ----------------------------------------------------------------------
+
+
+@implementer(ITCPTransport)
+class FakeTCPTransport(StringTransport):
+    """A TCP transport in memory whose write buffer pushes back.
+
+    As a consumer it behaves like Twisted's ``FileDescriptor``: every write while more
+    than ``highWater`` bytes are unsent calls the registered streaming producer's
+    ``pauseProducing``; once :meth:`drain` empties the buffer, a paused producer is
+    resumed.  With ``highWater=None`` nothing pushes back.  As a producer (reading
+    the socket) its state is StringTransport's ``producerState``.  It is lenient, as
+    real transports are, about pause/resume while closing.
+    """
+
+    def __init__(self, highWater: int | None = None, **kw: Any) -> None:
+        super().__init__(lenient=True, **kw)
+        self.highWater = highWater
+        self.unsent = bytearray()
+        self.producerPaused = False
+        self.noDelay = False
+        self.keepAlive = False
+        self.writeClosed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.writeClosed, "write after loseWriteConnection"
+        assert not self.disconnecting, "write after loseConnection"
+        super().write(data)
+        if self.highWater is None:
+            return
+        self.unsent += data
+        if self.producer is not None and self.streaming and len(self.unsent) > self.highWater:
+            self.producerPaused = True
+            self.producer.pauseProducing()
+
+    def drain(self, nbytes: int | None = None) -> bytes:
+        """The kernel took ``nbytes`` (default: all) of the unsent bytes; returns them."""
+        n = len(self.unsent) if nbytes is None else nbytes
+        out, self.unsent = bytes(self.unsent[:n]), self.unsent[n:]
+        if not self.unsent and self.producerPaused and self.producer is not None:
+            self.producerPaused = False
+            self.producer.resumeProducing()
+        return out
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.noDelay = enabled
+
+    def getTcpNoDelay(self) -> bool:
+        return self.noDelay
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.keepAlive = enabled
+
+    def getTcpKeepAlive(self) -> bool:
+        return self.keepAlive
+
+    def loseWriteConnection(self) -> None:
+        self.writeClosed = True
+
+
+class FakeSSHTransport:
+    """The SSH transport under a connection service (its ``transport``, before
+    ``serviceStarted``): the packets it sends land in ``packets``, decoded by the
+    helpers.  ``tcp`` is the link's TCP transport, if the code under test reaches it."""
+
+    def __init__(self, tcp: Any = None) -> None:
+        self.transport = tcp
+        self.packets: list[tuple[int, bytes]] = []
+        self.disconnects: list[tuple[int, bytes]] = []
+        self.unimplemented = 0
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        self.packets.append((messageType, payload))
+
+    def sendDisconnect(self, reason: int, description: bytes) -> None:
+        self.disconnects.append((reason, description))
+
+    def sendUnimplemented(self) -> None:
+        self.unimplemented += 1
+
+    def logPrefix(self) -> str:
+        return "fake-ssh"
+
+    # decoding what was sent to the peer
+
+    def kinds(self) -> list[int]:
+        """The message numbers sent, in order."""
+        return [kind for kind, _ in self.packets]
+
+    def of(self, kind: int) -> list[bytes]:
+        """The payloads of every packet of one kind."""
+        return [payload for k, payload in self.packets if k == kind]
+
+    def adjusts(self) -> list[int]:
+        """The byte counts of the WINDOW_ADJUSTs sent."""
+        return [struct.unpack(">2L", p)[1] for p in self.of(MSG_CHANNEL_WINDOW_ADJUST)]
+
+    def data(self) -> bytes:
+        """Every CHANNEL_DATA payload, joined."""
+        return b"".join(self.dataPackets())
+
+    def dataPackets(self) -> list[bytes]:
+        return [common.getNS(p[4:])[0] for p in self.of(MSG_CHANNEL_DATA)]
+
+    def openFailures(self) -> list[tuple[int, int, bytes]]:
+        """``(recipient channel, reason code, description)`` of each OPEN_FAILURE."""
+        out = []
+        for p in self.of(MSG_CHANNEL_OPEN_FAILURE):
+            sender, code = struct.unpack(">2L", p[:8])
+            out.append((sender, code, common.getNS(p[8:])[0]))
+        return out
+
+
+# --- SSH transport pairs -------------------------------------------------------------
+
+
+class TrustingSSHClient(AEADTransportMixin, transport.SSHClientTransport):
+    """A Conch client transport with labrelay's ciphers that trusts any host key and
+    counts ``connectionSecure`` calls in ``secure`` (once, not again at each rekey)."""
+
+    secure = 0
+
+    def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> defer.Deferred[bool]:
+        return defer.succeed(True)
+
+    def connectionSecure(self) -> None:
+        self.secure += 1
+
+
+class PlainSSHServer(AEADTransportMixin, transport.SSHServerTransport):
+    """A Conch server transport with labrelay's ciphers and nothing else of the relay."""
+
+
+def ssh_server(protocol: type[transport.SSHServerTransport] = PlainSSHServer,
+               host_key: keys.Key | None = None) -> Any:
+    """A server transport of class ``protocol`` as its factory builds it for one
+    connection, with ``host_key`` (default: a fresh ed25519 key) and no DH groups (only
+    the curve25519 and ECDH exchanges)."""
+    key = host_key if host_key is not None else new_key("host").key
+    f = factory.SSHFactory()
+    f.publicKeys = {key.sshType(): key.public()}
+    f.privateKeys = {key.sshType(): key}
+    f.getPrimes = lambda: None  # type: ignore[method-assign]
+    f.protocol = protocol
+    f.startFactory()
+    return f.buildProtocol(None)
+
+
+def connect_in_memory(server: Any, client: Any) -> iosim.IOPump:
+    """Connect two protocols over ``twisted.test.iosim`` and deliver every byte both
+    have to say (for SSH transports: version lines, key exchange, NEWKEYS); the pump
+    is returned for what the test sends next."""
+    _, _, pump = iosim.connectedServerAndClient(lambda: server, lambda: client)
+    pump.flush()
+    return pump
+
+
+class IgnoreRecorder:
+    """Records the SSH_MSG_IGNORE payloads a transport receives (the packets tests
+    exchange to prove a direction works)."""
+
+    def __init__(self, t: Any) -> None:
+        self.got: list[bytes] = []
+        t.ssh_IGNORE = lambda packet: self.got.append(packet)
+
+
+# --- bridge sides --------------------------------------------------------------------
+
+
+class FakeSide:
+    """One side of a ``Bridge``, scripted: records what the bridge asks of it, and
+    plays its peer's events (:meth:`receive`, :meth:`full`, :meth:`eof`, ...)."""
+
+    def __init__(self) -> None:
+        self.bridge: Bridge | None = None
+        self.written: list[bytes] = []
+        self.consumedBytes = 0
+        self.pauses: set[str] = set()
+        self.pauseCalls: list[str] = []
+        self.resumeCalls: list[str] = []
+        self.wroteEOF = False
+        self.closeCalls = 0
+        self.abortCalls = 0
+
+    # Side
+    def attach(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+
+    def write(self, data: bytes) -> None:
+        assert not self.wroteEOF, "write after writeEOF"
+        self.written.append(data)
+
+    def consumed(self, nbytes: int) -> None:
+        self.consumedBytes += nbytes
+
+    def pauseReading(self, reason: str) -> None:
+        self.pauseCalls.append(reason)
+        self.pauses.add(reason)
+
+    def resumeReading(self, reason: str) -> None:
+        self.resumeCalls.append(reason)
+        self.pauses.discard(reason)
+
+    def writeEOF(self) -> None:
+        self.wroteEOF = True
+
+    def close(self) -> None:
+        self.closeCalls += 1
+
+    def abort(self) -> None:
+        self.abortCalls += 1
+
+    # what the peer of this side does
+    def _bridge(self) -> Bridge:
+        assert self.bridge is not None, "not attached to a bridge"
+        return self.bridge
+
+    def receive(self, data: bytes) -> None:
+        self._bridge().dataReceived(self, data)
+
+    def full(self) -> None:
+        self._bridge().sinkFull(self)
+
+    def drained(self) -> None:
+        self._bridge().sinkDrained(self)
+
+    def eof(self) -> None:
+        self._bridge().eofReceived(self)
+
+    def closed(self) -> None:
+        self._bridge().sideClosed(self)
+
+
+# --- the relay's SSH sessions --------------------------------------------------------
+
+
+@dataclass
+class FakeIdentity:
+    """What an authenticated ``RelayConnection`` knows of its peer."""
+
+    key_blob: bytes
+    name: str
+    kind: str
+
+
+@dataclass(eq=False)
+class FakeRelayConnection:
+    """What ``RelayCore``, ``DataPort`` and the registry ask of a ``RelayConnection``.
+
+    ``probe()`` returns a Deferred the test fires (``True``: the holder answered);
+    disconnects and revoked grants are recorded.
+    """
+
+    identity: FakeIdentity
+    peer: str = "127.0.0.1:1"
+    probes: list[defer.Deferred[bool]] = field(default_factory=list)
+    disconnected: list[str] = field(default_factory=list)
+    revoked: list[tuple[str, int, str]] = field(default_factory=list)
+
+    @property
+    def principal_name(self) -> str:
+        return self.identity.name
+
+    def probe(self) -> defer.Deferred[bool]:
+        d: defer.Deferred[bool] = defer.Deferred()
+        self.probes.append(d)
+        return d
+
+    def disconnect(self, why: str) -> None:
+        self.disconnected.append(why)
+
+    def grantRevoked(self, bind: str, port: int, why: str) -> None:
+        self.revoked.append((bind, port, why))
+
+
+# --- the data path -------------------------------------------------------------------
+
+
+class FakePair:
+    """A spliced pair that moves nothing by itself: the test sets ``moved`` and fires
+    ``done``."""
+
+    def __init__(self) -> None:
+        self.done: defer.Deferred[PairResult] = defer.Deferred()
+        self.moved = PairResult(0, 0)
+        self.aborted = False
+
+    def bytes(self) -> PairResult:
+        return self.moved
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class FakeDataPath:
+    """``relay.datapath.splicing.DataPath`` recorded: each ``splice_transports`` call
+    is kept with its bytes read ahead and returns a :class:`FakePair` (or raises
+    ``fail_with``)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, Any, bytes, bytes]] = []
+        self.pairs: list[FakePair] = []
+        self.fail_with: Exception | None = None
+
+    def splice_transports(self, a: Any, b: Any, *, from_a: bytes = b"",
+                          from_b: bytes = b"") -> FakePair:
+        self.calls.append((a, b, from_a, from_b))
+        if self.fail_with is not None:
+            raise self.fail_with
+        pair = FakePair()
+        self.pairs.append(pair)
+        return pair
+
+
+# --- small verbs ---------------------------------------------------------------------
+
+
+def result_of(d: defer.Deferred[Any]) -> Any:
+    """The result (or ``Failure``) a Deferred has already fired with; fails the test if
+    it has not fired.  The Deferred is left with no result (a Failure is consumed)."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+def connection_lost(protocol: IProtocol, reason: BaseException | None = None) -> None:
+    """What the reactor does after a close or an abort (ours or the peer's): a
+    ``StringTransport`` never calls ``connectionLost`` by itself."""
+    protocol.connectionLost(Failure(reason if reason is not None else ConnectionDone()))
+
+
+def feed_bytewise(protocol: IProtocol, data: bytes) -> None:
+    """``data`` delivered one byte per ``dataReceived``: every parser state is a
+    boundary once."""
+    for i in range(len(data)):
+        protocol.dataReceived(data[i:i + 1])

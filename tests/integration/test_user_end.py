@@ -1,0 +1,293 @@
+"""The user's end on a laptop (issue 12): ``labrelay connect`` with no Linux extras
+(``tests/nolinux``: no splice, no epoll, no native module, as on a Mac) on its
+portable backend; keys as ssh has them (a passphrase-protected key in a real
+ssh-agent, or given by ``-i`` and unlocked through ``SSH_ASKPASS``); the relay's
+Host alias read from a ``-F`` file; and ``labrelay ssh-config``'s entries with and
+without labrelay installed.  Real relay, agent, target sshd, ssh, scp, ssh-agent.
+
+`.ci/portable` runs the first test again from an installed wheel and from an
+install made with no C compiler reachable.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import test_fastpath
+from conftest import child_env
+from harness import LOOPBACK, DataStream, KeyPair, MiB, find_program, sha256_hex
+from relay_fixtures import wait_until
+from test_fastpath import Site, _run
+
+from relay.config.schema import ServiceGrant
+from relay.user.sshconfig import render
+
+pytestmark = pytest.mark.integration
+keys, site = test_fastpath.keys, test_fastpath.site  # the fast-path site: relay, agent, sshd
+NOLINUX = Path(__file__).resolve().parents[1] / "nolinux"
+PASSPHRASE = "correct horse battery staple"
+
+
+def _connect(*args: str, env: dict[str, str] | None = None, err: Path) -> str:
+    """A ProxyCommand running ``labrelay connect ARGS`` with ``env``, its stderr
+    appended to ``err``."""
+    env_words = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+    argv = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "relay", "connect", *args))
+    return f"sh -c {shlex.quote(f'exec env {env_words} {argv} 2>>{err}')}"
+
+
+def _config(site: Site, proxy: str, extra: str = "") -> Path:
+    path = site.tmp / "ssh_config"
+    path.write_text(f"""\
+Host gpu-cluster
+  User root
+  IdentityFile {site.client_key.path}
+  ProxyCommand {proxy}
+{extra}
+Host *
+  IdentitiesOnly yes
+  BatchMode yes
+  UserKnownHostsFile {site.relay.known_hosts}
+  GlobalKnownHostsFile /dev/null
+  StrictHostKeyChecking yes
+  UpdateHostKeys no
+  ConnectTimeout 20
+""")
+    return path
+
+
+def _ssh(cfg: Path, *args: str, env: dict[str, str] | None = None,
+         ) -> subprocess.CompletedProcess[bytes]:
+    ssh = find_program("ssh") or "ssh"
+    return subprocess.run([ssh, "-F", str(cfg), *args], capture_output=True, timeout=120,
+                          stdin=subprocess.DEVNULL, start_new_session=True,
+                          env={**os.environ, **child_env(), **(env or {})})
+
+
+def _reached(out: subprocess.CompletedProcess[bytes]) -> None:
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().strip() == "gpu_cluster"
+
+
+def _nolinux_env() -> dict[str, str]:
+    """A laptop's: no Linux extras, and no LABRELAY_DATAPATH (CI sets =c for the rest)."""
+    return {"PYTHONPATH": os.pathsep.join((str(NOLINUX), child_env()["PYTHONPATH"])),
+            "LABRELAY_DATAPATH": "auto"}
+
+
+def _locked_copy(key: KeyPair, path: Path) -> Path:
+    """``key`` again, protected by ``PASSPHRASE`` (the same public key: the same grant)."""
+    path.write_bytes(key.path.read_bytes())
+    path.chmod(0o600)
+    Path(f"{path}.pub").write_text(key.public + "\n")
+    keygen = find_program("ssh-keygen") or "ssh-keygen"
+    subprocess.run([keygen, "-q", "-p", "-P", "", "-N", PASSPHRASE, "-f", str(path)],
+                   check=True, capture_output=True, stdin=subprocess.DEVNULL)
+    assert b"aes256-ctr" in subprocess.run(  # really encrypted: the cipher is named
+        ["sh", "-c", f"sed '1d;$d' {shlex.quote(str(path))} | base64 -d"],
+        capture_output=True, check=True).stdout
+    return path
+
+
+def _askpass(tmp: Path) -> tuple[Path, Path]:
+    """An SSH_ASKPASS program that answers ``PASSPHRASE`` and logs each prompt."""
+    log = tmp / "askpass.log"
+    program = tmp / "askpass.sh"
+    program.write_text(f"#!/bin/sh\necho \"$1\" >> {shlex.quote(str(log))}\n"
+                       f"echo {shlex.quote(PASSPHRASE)}\n")
+    program.chmod(0o755)
+    return program, log
+
+
+def _prompts(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+# 1 ---------------------------------------------------------------------------
+
+
+def test_connect_on_the_portable_backend_carries_ssh_and_scp(site: Site) -> None:
+    """With no splice, no epoll and no native module (as on a Mac), ``labrelay
+    connect`` takes the fast path on its portable copy loop: ssh lands on the target
+    and 64 MiB of scp arrive byte-exact."""
+    err = site.tmp / "connect.err"
+    proxy = _connect("-v", "-p", str(site.relay.port), "-i", str(site.keys.alice.path),
+                     "-o", f"UserKnownHostsFile={site.relay.known_hosts}",
+                     f"alice@{LOOPBACK}", "%h:%p", env=_nolinux_env(), err=err)
+    cfg = _config(site, proxy)
+    _reached(_ssh(cfg, "gpu-cluster", "echo $LABRELAY_TEST_HOST"))
+
+    stream = DataStream(12, 64 * MiB)
+    src, dst = site.tmp / "up.bin", site.tmp / "arrived.bin"
+    with open(src, "wb") as f:
+        for chunk in stream.chunks():
+            f.write(chunk)
+    scp = find_program("scp") or "scp"
+    out = subprocess.run([scp, "-q", "-F", str(cfg), str(src), f"gpu-cluster:{dst}"],
+                         capture_output=True, timeout=300, stdin=subprocess.DEVNULL,
+                         env={**os.environ, **child_env()})
+    assert out.returncode == 0, out.stderr.decode()
+    assert dst.stat().st_size == stream.size
+    assert sha256_hex(dst.read_bytes()) == stream.sha256
+
+    said = err.read_text().splitlines()
+    assert said.count("labrelay connect: gpu-cluster:22: fast path (copied) via data port "
+                      f"{site.data_port}, portable data path") == 2, said
+    assert not [line for line in said if "fast path unavailable" in line], said
+    fast = site.fast()
+    assert fast["paired"] == 2 and fast["pair_failed"] == 0
+    per = site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
+    assert per["bytes_to_service"] > stream.size
+    # The relay says which backend it runs (here: this install's, as the test sees it).
+    from relay.datapath.splicing import choose_backend
+
+    backend = choose_backend().name
+    assert site.relay.status()["datapath"]["backend"] == backend
+    table = _run([sys.executable, "-m", "relay", "status", "--admin", site.relay.admin])
+    assert f"data path: {backend} backend" in table.stdout.decode(), table.stdout.decode()
+
+
+# 2 ---------------------------------------------------------------------------
+
+
+def test_a_passphrase_key_held_by_a_real_ssh_agent(site: Site) -> None:
+    """alice's key, passphrase-protected, added to a real ``ssh-agent`` with
+    ``ssh-add`` (the passphrase through SSH_ASKPASS): ``labrelay connect`` with no
+    ``-i`` finds it through SSH_AUTH_SOCK, the agent signs, nobody is asked."""
+    locked = _locked_copy(site.keys.alice, site.tmp / "alice_locked")
+    askpass, log = _askpass(site.tmp)
+    sock = site.tmp / "agent.sock"
+    agent_bin, add_bin = find_program("ssh-agent"), find_program("ssh-add")
+    assert agent_bin and add_bin, "OpenSSH's ssh-agent and ssh-add are needed"
+    agent = subprocess.Popen([agent_bin, "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():  # ssh-agent -D prints nothing to await; it binds, then serves
+            assert time.monotonic() < deadline and agent.poll() is None, "ssh-agent did not start"
+            time.sleep(0.02)
+        ask_env = {"SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force",
+                   "DISPLAY": ":0"}
+        added = subprocess.run([add_bin, str(locked)], capture_output=True, timeout=30,
+                               stdin=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, "SSH_AUTH_SOCK": str(sock), **ask_env})
+        assert added.returncode == 0, added.stderr.decode()
+        assert len(_prompts(log)) == 1  # ssh-add asked, through SSH_ASKPASS
+        listed = subprocess.run([add_bin, "-L"], capture_output=True, text=True, timeout=30,
+                                env={**os.environ, "SSH_AUTH_SOCK": str(sock)})
+        assert site.keys.alice.public_blob() in listed.stdout
+
+        err = site.tmp / "connect.err"
+        proxy = _connect("-v", "-p", str(site.relay.port),
+                         "-o", f"UserKnownHostsFile={site.relay.known_hosts}",
+                         f"alice@{LOOPBACK}", "%h:%p",
+                         env={"SSH_AUTH_SOCK": str(sock), **ask_env}, err=err)
+        _reached(_ssh(_config(site, proxy), "gpu-cluster", "echo $LABRELAY_TEST_HOST"))
+        said = err.read_text()
+        assert "fast path (" in said and "fast path unavailable" not in said, said
+        assert "from ssh-agent" in said, said
+        assert len(_prompts(log)) == 1, "labrelay connect asked for a passphrase"
+        assert site.fast()["paired"] == 1
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+
+
+# 3 ---------------------------------------------------------------------------
+
+
+def test_a_passphrase_key_given_by_i_is_unlocked_through_askpass(site: Site) -> None:
+    """``-i`` a passphrase-protected key, no terminal, SSH_ASKPASS set: asked once,
+    when the relay accepted the key, and the session takes the fast path."""
+    locked = _locked_copy(site.keys.alice, site.tmp / "alice_locked")
+    askpass, log = _askpass(site.tmp)
+    err = site.tmp / "connect.err"
+    proxy = _connect("-p", str(site.relay.port), "-i", str(locked),
+                     "-o", f"UserKnownHostsFile={site.relay.known_hosts}",
+                     f"alice@{LOOPBACK}", "%h:%p",
+                     env={"SSH_ASKPASS": str(askpass), "DISPLAY": ":0", "SSH_AUTH_SOCK": ""},
+                     err=err)
+    _reached(_ssh(_config(site, proxy), "gpu-cluster", "echo $LABRELAY_TEST_HOST"))
+    assert _prompts(log) == [f"Enter passphrase for key '{locked}': "]
+    assert err.read_text() == ""  # the fast path, and not a word
+    assert site.fast()["paired"] == 1
+
+
+# 4 ---------------------------------------------------------------------------
+
+
+def test_the_relay_as_a_host_alias_of_an_F_file(site: Site) -> None:
+    """``labrelay connect -F FILE myrelay``: HostName, Port, User, IdentityFile and
+    UserKnownHostsFile all come from FILE's ``Host myrelay`` entry (through ssh -G)."""
+    cfg = site.tmp / "ssh_config"
+    err = site.tmp / "connect.err"
+    proxy = _connect("-F", str(cfg), "myrelay", "%h:%p", env={"SSH_AUTH_SOCK": ""}, err=err)
+    _config(site, proxy, extra=f"""\
+Host myrelay
+  HostName {LOOPBACK}
+  Port {site.relay.port}
+  User alice
+  IdentityFile {site.keys.alice.path}
+  UserKnownHostsFile {site.relay.known_hosts}
+""")
+    _reached(_ssh(cfg, "gpu-cluster", "echo $LABRELAY_TEST_HOST"))
+    assert err.read_text() == ""
+    assert site.fast()["paired"] == 1
+    assert site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]["sessions_total"] == 1
+
+
+# 5 ---------------------------------------------------------------------------
+
+
+def test_ssh_config_entries_work_with_and_without_labrelay(site: Site) -> None:
+    """``labrelay ssh-config``'s entries: where a ``labrelay`` command exists, ssh
+    takes the fast path (ProxyCommand); where none does, the same file goes through
+    the relay with ProxyJump.  Both reach the target."""
+    cfg = site.tmp / "ssh_config"
+    snippet = render(user="alice", relay_host=LOOPBACK, relay_port=site.relay.port,
+                     services=[ServiceGrant("gpu-cluster", 22)],
+                     identity=str(site.keys.alice.path), known_hosts=str(site.relay.known_hosts),
+                     fast=[ServiceGrant("gpu-cluster", 22)], config_file=str(cfg))
+    cfg.write_text(snippet + f"""
+Host gpu-cluster
+  User root
+  IdentityFile {site.client_key.path}
+Host *
+  IdentitiesOnly yes
+  BatchMode yes
+  UserKnownHostsFile {site.relay.known_hosts}
+  GlobalKnownHostsFile /dev/null
+  StrictHostKeyChecking yes
+  UpdateHostKeys no
+""")
+    with_bin = site.tmp / "with-labrelay"
+    with_bin.mkdir()
+    shim = with_bin / "labrelay"
+    shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m relay \"$@\"\n")
+    shim.chmod(0o755)
+    ssh_dir = str(Path(find_program("ssh") or "/usr/bin/ssh").parent)
+    plain_path = os.pathsep.join(dict.fromkeys((ssh_dir, "/usr/bin", "/bin")))
+    assert subprocess.run(["sh", "-c", "command -v labrelay"], capture_output=True,
+                          env={"PATH": plain_path}).returncode != 0
+    paths = {"with": f"{with_bin}{os.pathsep}{plain_path}", "without": plain_path}
+
+    resolved = {k: _ssh(cfg, "-G", "gpu-cluster", env={"PATH": p}).stdout.decode()
+                for k, p in paths.items()}
+    assert f"proxycommand labrelay connect -F {cfg} labrelay %h:%p" in resolved["with"]
+    assert "proxyjump labrelay" not in resolved["with"]
+    assert "proxyjump labrelay" in resolved["without"]
+    assert "proxycommand" not in resolved["without"]
+
+    _reached(_ssh(cfg, "gpu-cluster", "echo $LABRELAY_TEST_HOST", env={"PATH": paths["with"]}))
+    assert site.fast()["paired"] == 1
+    _reached(_ssh(cfg, "gpu-cluster", "echo $LABRELAY_TEST_HOST",
+                  env={"PATH": paths["without"]}))
+    assert site.fast()["paired"] == 1  # the second went through an SSH channel (ssh -J)
+    wait_until(lambda: site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
+          ["sessions_total"] == 2, "the relay to count the -J session")
