@@ -433,6 +433,9 @@ class FakeRelayConnection:
     def grantRevoked(self, bind: str, port: int, why: str) -> None:
         self.revoked.append((bind, port, why))
 
+    def whenReplied(self) -> defer.Deferred[None]:
+        return defer.succeed(None)  # its replies are sent at once
+
 
 # --- the data path -------------------------------------------------------------------
 

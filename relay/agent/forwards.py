@@ -170,7 +170,16 @@ class RemoteForwardRunner:
         self.state = ForwardState.DOWN
 
     def matches(self, host: str, port: int) -> bool:
-        return self.state is ForwardState.READY and self.bound_port == port
+        """Whether a ``forwarded-tcpip`` to ``port`` is for this forward.
+
+        Also while its request is on its way (a fixed port only): a server may open a
+        session for a forward before its reply arrives here, and OpenSSH's client
+        accepts it too (its permission exists from the request on).  Refusing it would
+        lose a connection that waited for this agent to come back."""
+        if self.state is ForwardState.READY:
+            return self.bound_port == port
+        return (self.state is ForwardState.REQUESTING and self.config.port != 0
+                and self.config.port == port)
 
     def cancel(self) -> defer.Deferred[Any]:
         """Ask the server to stop listening (clean shutdown)."""

@@ -10,6 +10,7 @@ or keepalives found it dead — forwards go down and the service reconnects.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
@@ -31,10 +32,13 @@ from relay.agent.forwards import ForwardState, LocalForwardListener, RemoteForwa
 from relay.config.schema import LinkConfig, LocalForward, RemoteForward
 from relay.core.backoff import retry_policy
 from relay.core.clock import expire
+from relay.core.resume import HELLO, pack_hello, unpack_hello_reply
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.client import LinkConnection, LinkTransport, transport_factory
+from relay.ssh.connection import refused_by_peer
 from relay.ssh.hostkeys import HostKeyVerifier
+from relay.ssh.resumable import ResumableSessions
 
 CANCEL_TIMEOUT = 2.0
 
@@ -104,6 +108,11 @@ class Link(MultiService):
         self.remote = [RemoteForwardRunner(self, fwd, policy) for fwd in config.remote]
         self.local = [LocalForwardListener(self, fwd) for fwd in config.local]
         self.pool = DataPool(self, config.fast_path_pool)
+        # Sessions held across a broken link to a labrelay relay (docs/resilience.md).
+        self.resume: ResumableSessions | None = ResumableSessions(
+            reactor, config.resume_grace, f"link {config.name}")
+        self.instance = secrets.token_bytes(16)  # this agent process, told to the relay
+        self._relayInstance: bytes | None = None  # the relay process we last resumed with
         for listener in self.local:
             listener.setServiceParent(self)
 
@@ -154,6 +163,7 @@ class Link(MultiService):
             event="link_connected", link=self.name, host=self.config.host,
             port=self.config.port, user=self.config.user, peer=str(peer),
         )
+        self._hello(conn)  # first: the relay must know before it opens our sessions
         for forward in self.remote:
             forward.linkUp(conn)
         self.pool.linkUp(conn)
@@ -162,6 +172,45 @@ class Link(MultiService):
         for d, timer in waiters:
             timer.cancel()
             d.callback(conn)
+
+    def _hello(self, conn: LinkConnection) -> None:
+        """Say ``resume@labrelay``; a labrelay relay answers with its instance and the
+        held sessions are offered to it; a stock server refuses, and nothing held can
+        be resumed there.  A relay with another instance id restarted: what it held is
+        gone, so are our held sessions (reset)."""
+        resume = self.resume
+        if resume is None or not resume.enabled:
+            return
+        d = conn.sendGlobalRequest(HELLO, pack_hello(self.instance), wantReply=1)
+
+        def answered(data: bytes) -> None:
+            if self.connection is not conn:
+                return
+            try:
+                instance, _grace = unpack_hello_reply(data)
+            except ValueError:
+                self._cannotResume("the relay's resume hello reply is malformed")
+                return
+            conn.resumable = True
+            if self._relayInstance is not None and instance != self._relayInstance:
+                self._cannotResume("the relay restarted (a relay restart is not resumable)")
+            self._relayInstance = instance
+            resume.resumeOver(conn, self.config.window, self.config.max_packet)
+
+        def refused(f: Failure) -> None:
+            if self.connection is conn and refused_by_peer(f):
+                self._cannotResume("the server does not resume sessions (not a labrelay "
+                                   "relay, or resume_grace = 0 there)")
+
+        d.addCallbacks(answered, refused)
+
+    def _cannotResume(self, why: str) -> None:
+        if self.resume is None:
+            return
+        n = self.resume.end_all(why)
+        if n:
+            self.log.warn("link {link}: {n} held session(s) reset: {why}",
+                          event="link_resume_impossible", link=self.name, n=n, why=why)
 
     def linkLost(self, transport: LinkTransport, why: str) -> None:
         """Called by the transport of a ready link when it closes."""
@@ -174,9 +223,10 @@ class Link(MultiService):
         for forward in self.remote:
             forward.linkDown()
         self.pool.linkDown()
+        held = len(self.resume.held_sides()) if self.resume is not None else 0
         if self.running:
             self.log.warn("link {link}: lost: {reason}", event="link_lost", link=self.name,
-                          reason=why)
+                          reason=why, held=held)
 
     def whenReady(self, timeout: float) -> defer.Deferred[LinkConnection]:
         """The ready connection, waiting up to ``timeout`` seconds for one."""
@@ -230,7 +280,7 @@ class Link(MultiService):
         self,
         forward: RemoteForwardRunner | LocalForwardListener,
         side: TCPSide | BridgedChannel,
-        channel: BridgedChannel,
+        channel: Any,
         origin: str,
     ) -> Bridge:
         counters = forward.counters
@@ -331,4 +381,5 @@ class Link(MultiService):
             "last_up": self.last_up,
             "forwards": [f.status() for f in self.remote] + [f.status() for f in self.local],
             "fast_path": self.pool.status(),
+            "held_sessions": self.resume.status() if self.resume is not None else [],
         }

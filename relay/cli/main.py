@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="first reconnect/retry delay (default 1)")
     agent.add_argument("--backoff-max", type=float, metavar="SECONDS",
                        help="longest reconnect/retry delay (default 60)")
+    agent.add_argument("--resume-grace", type=float, metavar="SECONDS",
+                       help="hold sessions this long for resumption when the link to a "
+                       "labrelay relay breaks (default 60; 0: never)")
     agent.add_argument("--admin", metavar="[ADDR:]PORT",
                        help="serve status (JSON, Prometheus /metrics) on this loopback "
                        "address; read it with `labrelay status`")
@@ -198,6 +201,13 @@ def _with_backoff(config: NodeConfig, ns: argparse.Namespace) -> NodeConfig:
         changes["initial"] = ns.backoff_initial
     if ns.backoff_max is not None:
         changes["maximum"] = ns.backoff_max
+    grace = getattr(ns, "resume_grace", None)
+    if grace is not None:
+        if not 0 <= grace <= 86400:
+            raise ConfigError("command line", "--resume-grace",
+                              f"need 0 <= seconds <= 86400, got {grace}")
+        config = dataclasses.replace(config, links=tuple(
+            dataclasses.replace(link, resume_grace=grace) for link in config.links))
     if not changes:
         return config
     links = []

@@ -121,6 +121,9 @@ class LinkConfig:
     window: int = DEFAULT_WINDOW
     max_packet: int = DEFAULT_MAX_PACKET
     fast_path_pool: int = 4  # idle data connections to a labrelay relay; 0 = no fast path
+    # Seconds sessions are held for resumption when the link to a labrelay relay breaks
+    # (docs/resilience.md); 0 = never held: they end with the link, as with a stock server.
+    resume_grace: float = 60.0
     remote: tuple[RemoteForward, ...] = ()
     local: tuple[LocalForward, ...] = ()
 
@@ -226,6 +229,9 @@ class RelayConfig:
     max_sessions_per_user: int = 64
     idle_timeout: float = 0.0
     public_wait: float = 10.0
+    # Seconds an agent's sessions are held for resumption when its link breaks (only
+    # with a labrelay agent; docs/resilience.md); 0 = never held.
+    resume_grace: float = 60.0
     keepalive: Keepalive = field(default_factory=Keepalive)
     window: int = DEFAULT_WINDOW
     max_packet: int = DEFAULT_MAX_PACKET

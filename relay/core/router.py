@@ -268,6 +268,13 @@ class Router:
         self._waiters.setdefault((name, port), []).append(waiter)
         return waiter
 
+    def requeue(self, waiter: Waiter) -> None:
+        """``waiter`` was woken by a registration that went before it was served: it
+        waits for the next one (still until its own ``until``)."""
+        waiters = self._waiters.setdefault((waiter.name, waiter.port), [])
+        if waiter not in waiters:
+            waiters.append(waiter)
+
     def unwait(self, waiter: Waiter) -> None:
         """``waiter`` stopped waiting (it was served, or gave up)."""
         waiters = self._waiters.get((waiter.name, waiter.port), [])

@@ -333,6 +333,10 @@ def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
                     + f"; {fp['idle']} idle data connections, {fp['sessions_active']} open / "
                     f"{fp['sessions_total']} spliced sessions, bytes in/out "
                     f"{fp['bytes_to_target']}/{fp['bytes_from_target']}")
+        for link in snapshot.get("links", []):
+            if link.get("held_sessions"):
+                parts.append(f"link {link['name']}: sessions held for resumption\n"
+                             + _held(link["held_sessions"]))
     relay = snapshot.get("relay")
     if relay is not None:
         parts += _relay_tables(relay, now)
@@ -377,6 +381,9 @@ def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
         out.append(_table(sessions))
     if len(accounts) > 1:
         out.append(_table(accounts))
+    if relay.get("held_sessions"):
+        out.append("sessions held for their agent to resume them\n"
+                   + _held(relay["held_sessions"]))
     fast = relay.get("fast_path")
     if fast is not None:
         if fast.get("data_port") is None:
@@ -398,6 +405,13 @@ def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
         out.append(f"admission: {admission.get('penalised_sources', 0)} source(s) penalised "
                    f"now; refused at accept: {refused_at}")
     return out
+
+
+def _held(held: list[dict[str, Any]]) -> str:
+    """Held sessions (docs/resilience.md): how long each has been held, and until when."""
+    return _table([["SESSION", "ID", "HELD FOR", "RESET IN", "UNACKED BYTES"]] + [
+        [h["session"], h["id"], f"{h['age']:.0f}s", f"{h['expires_in']:.0f}s",
+         str(h["unacked_bytes"])] for h in held])
 
 
 def base_snapshot(pid: int, started: float) -> dict[str, Any]:

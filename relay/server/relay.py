@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from relay.config.schema import HostPort, RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
-from relay.core.clock import expire
+from relay.core.resume import HELLO as RESUME_HELLO
 from relay.core.router import SUPERSEDED, Decision, Probe, Refused, Router, Verdict, label_of
 from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
@@ -36,9 +36,12 @@ from relay.server.grants import Grants, GrantsChange, GrantsWatcher, Principal
 from relay.server.idle import IdleSweeper
 from relay.server.pooled import close_pooled, open_user_side
 from relay.server.public import PublicPorts
+from relay.server.resumes import RelayResumes
 from relay.server.status import relay_status
+from relay.server.waiting import Waiting
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
+from relay.ssh.resumable import ResumableSide
 from relay.ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection, RelayTransport
 from relay.ssh.wire import unpack_forward
 
@@ -75,7 +78,12 @@ class RelayCore:
         self.idle = IdleSweeper(self)
         self.bound: HostPort | None = None  # where the SSH listener is (its port 0 resolved)
         self._started = False
+        self.waiting = Waiting(self.registry, self.router, reactor)
         self.dataport = DataPort(self, self.admission)
+        # Sessions a labrelay agent may resume over a new link (docs/resilience.md); the
+        # instance id tells its agents when this relay restarted (nothing to resume).
+        self.resumes = RelayResumes(reactor, config.resume_grace)
+        self.resume = self.resumes.sessions
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
         grants.subscribe(self.grantsChanged)
 
@@ -129,10 +137,12 @@ class RelayCore:
         self.dataport.sessionStopped(conn)
         close_pooled(self, conn)
         ident = conn.identity
+        held = self.resumes.held_for(conn)
         self._log.info(
-            "{kind} {name} at {peer} disconnected; {n} service(s) now waiting for it",
-            event="relay_disconnected", kind=ident.kind, name=ident.name, peer=conn.peer,
-            n=len(gone), services=",".join(_label(r) for r in gone),
+            "{kind} {name} at {peer} disconnected; {n} service(s) now waiting for it, "
+            "{held} session(s) held for it", event="relay_disconnected", kind=ident.kind,
+            name=ident.name, peer=conn.peer, n=len(gone),
+            services=",".join(_label(r) for r in gone), held=held,
         )
 
     # global requests
@@ -147,6 +157,8 @@ class RelayCore:
             return self.dataport.tokenRequest(conn, data)
         if requestType == fastwire.POOL_REQUEST:
             return self.dataport.poolRequest(conn, data)
+        if requestType == RESUME_HELLO:
+            return self.resumes.hello(conn, data)
         return False  # keepalives and anything unknown: a standard failure reply
 
     def _refuse(self, conn: RelayConnection, what: str, why: str) -> bool:
@@ -176,13 +188,19 @@ class RelayCore:
                                    "key", tell=True)
         if name == PUBLIC and not self.publicPorts.listen(port):
             return self._refuse(conn, what, f"cannot listen on public port {port}")
+        replied = conn.whenReplied()
         decision = self.router.offer(name, port, conn, bind, self.reactor.seconds())
         if decision.probe is not None:
-            return self._probeThenTakeover(decision.probe, conn, what)
-        return self._apply(decision, conn, what)
+            return self._probeThenTakeover(decision.probe, conn, what, replied)
+        return self._apply(decision, conn, what, replied)
 
-    def _apply(self, decision: Decision, conn: RelayConnection, what: str) -> bool:
-        """Do what the router decided about ``conn``'s ``what``; the request's answer."""
+    def _apply(self, decision: Decision, conn: RelayConnection, what: str,
+               replied: defer.Deferred[None]) -> bool:
+        """Do what the router decided about ``conn``'s ``what``; the request's answer.
+
+        Sessions waiting for the name are handed the registration only once the reply
+        was sent (``replied``): before, the agent does not hold its forward as
+        registered and refuses a ``forwarded-tcpip`` for it."""
         if decision.verdict is Verdict.GONE:
             return False
         if decision.verdict is Verdict.REFUSED:
@@ -195,15 +213,13 @@ class RelayCore:
             agent=conn.principal_name, service=_label(reg), peer=conn.peer, takeover=takeover,
             how=" (took it over from its stale session)" if takeover else "",
         )
-        for waiter in decision.woken:
-            d: Any = waiter.who
-            d.callback(reg)
+        self.waiting.registered(reg, decision.woken, replied)
         if decision.superseded is not None:
             decision.superseded.disconnect(SUPERSEDED)
         return True
 
-    def _probeThenTakeover(self, probe: Probe, conn: RelayConnection,
-                           what: str) -> defer.Deferred[bool]:
+    def _probeThenTakeover(self, probe: Probe, conn: RelayConnection, what: str,
+                           replied: defer.Deferred[None]) -> defer.Deferred[bool]:
         """Probe the holder for ``TAKEOVER_PROBE`` seconds; the router decides from the
         first of: its answer, its connection stopping (no answer will come), silence."""
         result: defer.Deferred[bool] = defer.Deferred()
@@ -213,7 +229,7 @@ class RelayCore:
                 return
             if timer.active():
                 timer.cancel()
-            result.callback(self._apply(decision, conn, what))
+            result.callback(self._apply(decision, conn, what, replied))
 
         def silent() -> None:
             settle(self.router.probe_silent(probe, self.reactor.seconds()))
@@ -246,16 +262,9 @@ class RelayCore:
     # reaching a service
 
     def whenRegistered(self, name: str, port: int, timeout: float) -> defer.Deferred[Registration]:
-        reg = self.registry.lookup(name, port)
-        if reg is not None:
-            return defer.succeed(reg)
-        d: defer.Deferred[Registration] = defer.Deferred()
-        waiter = self.router.wait(name, port, d, self.reactor.seconds(), timeout)
-        def done(result: Any) -> Any:
-            self.router.unwait(waiter)
-            return result
-
-        return expire(d, timeout, self.reactor).addBoth(done)
+        """``name:port``'s registration once its agent knows it holds it, waiting up to
+        ``timeout`` seconds for its agent (relay.server.waiting)."""
+        return self.waiting.whenRegistered(name, port, timeout)
 
     def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
                         channel: BridgedChannel) -> defer.Deferred[BridgedChannel]:
@@ -357,6 +366,8 @@ class RelayCore:
             self.sessionEnded(session, to_service, from_service, "bridge closed")
 
         bridge = Bridge(user_side, agent_side, onClosed=ended)
+        if isinstance(agent_side, ResumableSide):
+            agent_side.row = session
 
         def abort() -> None:
             bridge.a.abort()
@@ -500,7 +511,8 @@ class RelayCore:
         return relay_status(
             self.reactor.seconds(), self.config, self.connections, self.registry,
             self.sessions, sorted(self.publicPorts.listeners),
-            {"fast_path": self.dataport.status(), "admission": self.admission.status(),
+            {"held_sessions": self.resume.status(),
+             "fast_path": self.dataport.status(), "admission": self.admission.status(),
              "counters": dict(self.counters),
              "bound": str(self.bound) if self.bound is not None else None,
              "service_grants": [

@@ -14,6 +14,7 @@ the link itself is congested.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.conch.ssh.channel import SSHChannel
@@ -68,10 +69,17 @@ class BridgedChannel(SSHChannel):
         # grows by ``bytes +=``, copying the whole backlog on every packet (measured:
         # a quarter of the relay's CPU when one channel feeds another).
         self._queued: deque[bytes] = deque()
+        # The peer re-opened our send window by n: the bytes it handed on downstream
+        # (a resumable session trims its replay buffer by them; relay.ssh.resumable).
+        self.onCredit: Callable[[int], object] | None = None
+        self.openData = b""  # the confirmation's channel-specific data, once open
+        # The peer sent CHANNEL_CLOSE (Conch marks remoteClosed on a dropped connection too).
+        self.peerClosed = False
 
     # Conch events
 
     def channelOpen(self, specificData: bytes) -> None:
+        self.openData = specificData
         if not self.opened.called:
             self.opened.callback(self)
 
@@ -94,6 +102,7 @@ class BridgedChannel(SSHChannel):
 
     def closeReceived(self) -> None:
         """The peer closed: what is still queued for it can never be sent."""
+        self.peerClosed = True
         self._queued.clear()
         self.conn.sendClose(self)
 
@@ -133,6 +142,8 @@ class BridgedChannel(SSHChannel):
 
     def addWindowBytes(self, data: int) -> None:
         self.remoteWindowLeft += data
+        if self.onCredit is not None:
+            self.onCredit(data)
         queued = self._queued
         while queued and self.remoteWindowLeft > 0:
             chunk = queued[0]

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from relay.config.schema import LinkConfig, RemoteForward
 from relay.core.keepalive import KeepaliveMonitor
+from relay.core.resume import split_sid
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.datapath.net import client_endpoint, quickack
 from relay.ssh import policy
@@ -44,6 +45,7 @@ from relay.ssh.connection import (
 )
 from relay.ssh.guard import PeerInputGuard
 from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier
+from relay.ssh.resumable import ResumableSessions
 from relay.ssh.wire import GRANT_REVOKED, pack_endpoints, unpack_endpoints, unpack_grant_revoked
 
 TARGET_CONNECT_TIMEOUT = 10.0
@@ -103,13 +105,18 @@ class LinkOwner(Protocol):
     def remoteForwardFor(self, host: str, port: int) -> ReverseForward | None:
         """The reverse forward a ``forwarded-tcpip`` channel to ``host:port`` is for."""
 
-    def sessionStarted(self, forward: Any, side: Any, channel: BridgedChannel,
+    def sessionStarted(self, forward: Any, side: Any, channel: Any,
                        origin: str) -> Any:
-        """A forwarded session's channel opened: bridge it to ``side``."""
+        """A forwarded session's channel opened (a :class:`BridgedChannel`, or the
+        :class:`ResumableSide` around one): bridge it to ``side``."""
 
     def openRelayService(self, name: str, port: int,
                          origin: str) -> defer.Deferred[BridgedChannel]:
         """A channel to a service of this node's own relay (chaining)."""
+
+    @property
+    def resume(self) -> ResumableSessions | None:
+        """The link's resumable sessions (None: it resumes none)."""
 
 
 class LinkSetupError(Exception):
@@ -292,6 +299,7 @@ class LinkConnection(FlowConnection):
         super().__init__()
         self.link = link
         self.keepalive: KeepaliveMonitor | None = None
+        self.resumable = False  # the relay answered our resume@labrelay hello
 
     @property
     def link_transport(self) -> LinkTransport:
@@ -349,6 +357,27 @@ class LinkConnection(FlowConnection):
     def channel_forwarded_tcpip(
         self, windowSize: int, maxPacket: int, data: bytes
     ) -> defer.Deferred[BridgedChannel]:
+        return self._forwarded(windowSize, maxPacket, data, None)
+
+    def channel_forwarded_resumable_labrelay(
+        self, windowSize: int, maxPacket: int, data: bytes
+    ) -> defer.Deferred[BridgedChannel]:
+        """A ``forwarded-tcpip`` with a session id: the relay holds it across a broken
+        link and so does this end (relay.ssh.resumable), if we said hello."""
+        resume = self.link.resume
+        if resume is None or not self.resumable:
+            raise error.ConchError("resumable sessions were not negotiated",
+                                   OPEN_ADMINISTRATIVELY_PROHIBITED)
+        try:
+            head, sid = split_sid(data)
+        except ValueError as e:
+            raise error.ConchError("malformed resumable open", OPEN_CONNECT_FAILED) from e
+        if sid in resume.table:
+            raise error.ConchError("session id in use", OPEN_CONNECT_FAILED)
+        return self._forwarded(windowSize, maxPacket, head, sid)
+
+    def _forwarded(self, windowSize: int, maxPacket: int, data: bytes,
+                   sid: bytes | None) -> defer.Deferred[BridgedChannel]:
         try:
             connHost, connPort, origHost, origPort = unpack_endpoints(data)
         except ValueError as e:
@@ -366,11 +395,15 @@ class LinkConnection(FlowConnection):
         target = forward.config.connect
         origin = f"{origHost}:{origPort}"
 
+        def started(ch: BridgedChannel, side: Any) -> Any:
+            resume = self.link.resume
+            if sid is None or resume is None:
+                return self.link.sessionStarted(forward, side, ch, origin)
+            held = resume.open(sid, None, ch, f"{forward.name} from {origin}")
+            return self.link.sessionStarted(forward, side, held, origin)
+
         def connected(side: Any) -> BridgedChannel:
-            channel.opened.addCallbacks(
-                lambda ch: self.link.sessionStarted(forward, side, ch, origin),
-                lambda _: side.abort(),
-            )
+            channel.opened.addCallbacks(lambda ch: started(ch, side), lambda _: side.abort())
             return channel
 
         def failed(f: Failure) -> Failure:
@@ -423,6 +456,7 @@ class SingleConnection:
         self.clock: IReactorTime = reactor
         self.identities = identities
         self.verifier = HostKeyVerifier(config.host_key, config.host, config.port)
+        self.resume: ResumableSessions | None = None
 
     def linkLost(self, transport: LinkTransport, why: str) -> None:
         """Nothing to reconnect: whoever holds the connection sees it close."""

@@ -37,6 +37,8 @@ from zope.interface import implementer
 
 from relay.core.admission import Offence, Ticket, worst
 from relay.core.keepalive import KeepaliveMonitor
+from relay.core.resume import OPEN_RESUMABLE, RESUME_CHANNEL, ResumeRefused, pack_sid
+from relay.core.routing import PUBLIC_BINDS
 from relay.ssh import policy
 from relay.ssh.aead import AEADTransportMixin
 from relay.ssh.channels import BridgedChannel
@@ -47,6 +49,7 @@ from relay.ssh.connection import (
     refused_by_peer,
 )
 from relay.ssh.guard import PeerInputGuard
+from relay.ssh.resumable import ResumableSessions
 from relay.ssh.serverauth import (
     NAME_LIMIT,
     AuthHandler,
@@ -93,6 +96,10 @@ class RelayHandler(AuthHandler, Protocol):
     def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
                         channel: BridgedChannel) -> defer.Deferred[BridgedChannel]:
         """Bridge a user's ``direct-tcpip`` channel to ``host:port``."""
+
+    @property
+    def resume(self) -> ResumableSessions:
+        """The sessions agents may resume over a new link (relay.ssh.resumable)."""
 
 
 REFUSED_CHANNEL_TYPES = {
@@ -246,7 +253,10 @@ class RelayConnection(FlowConnection):
         super().__init__()
         self.core = core
         self.keepalive: KeepaliveMonitor | None = None
-        self._replies: list[list[Any]] = []  # [done, ok, data] in request order
+        self._replies: list[list[Any]] = []  # [done, ok, data, replied] in request order
+        self._handling: list[defer.Deferred[None]] | None = None  # the request being handled
+        self.resumable = False  # a labrelay agent said resume@labrelay hello
+        self.agent_instance = b""  # which agent process (from its hello)
 
     @property
     def identity(self) -> Identity:
@@ -271,12 +281,6 @@ class RelayConnection(FlowConnection):
             )
             self.keepalive.start()
         self.core.sessionStarted(self)
-
-    def serviceStopped(self) -> None:
-        if self.keepalive is not None:
-            self.keepalive.stop()
-        super().serviceStopped()
-        self.core.sessionStopped(self)
 
     def activity(self) -> None:
         if self.keepalive is not None:
@@ -314,33 +318,67 @@ class RelayConnection(FlowConnection):
     def ssh_GLOBAL_REQUEST(self, packet: bytes) -> None:
         requestType, rest = common.getNS(packet)
         wantReply, data = rest[0:1] != b"\x00", rest[1:]
-        result = defer.maybeDeferred(self.core.globalRequest, self, requestType, data)
+        replied: list[defer.Deferred[None]] = []
+        self._handling = replied
+        try:
+            result = defer.maybeDeferred(self.core.globalRequest, self, requestType, data)
+        finally:
+            self._handling = None
         if not wantReply:
             result.addErrback(lambda f: self._log.failure("global request", f))
+            result.addBoth(lambda _: _fire(replied))
             return
-        slot: list[Any] = [False, False, b""]
+        slot: list[Any] = [False, False, b"", replied]
         self._replies.append(slot)
 
         def answered(outcome: Any) -> None:
             ok, reply = outcome if isinstance(outcome, tuple) else (bool(outcome), b"")
-            slot[:] = [True, ok, reply]
+            slot[:3] = [True, ok, reply]
             self._flushReplies()
 
         def failed(f: Failure) -> None:
             self._log.failure("global request {type}", f, type=requestType)
-            slot[:] = [True, False, b""]
+            slot[:3] = [True, False, b""]
             self._flushReplies()
 
         result.addCallbacks(answered, failed)
+
+    def whenReplied(self) -> defer.Deferred[None]:
+        """Fires once the reply to the global request being handled now was sent.
+
+        What a request granted may be used only after the peer heard so: a
+        ``forwarded-tcpip`` sent ahead of its ``tcpip-forward``'s reply is refused by an
+        agent that does not hold the forward as registered yet.  Replies go out in
+        request order, so one request can wait behind another's (a takeover probe).
+        Fails if the connection stops before the reply was sent; fires at once for a
+        request that wants no reply, or outside any request."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if self._handling is None:
+            d.callback(None)
+        else:
+            self._handling.append(d)
+        return d
 
     def _flushReplies(self) -> None:
         from twisted.conch.ssh.connection import MSG_REQUEST_FAILURE, MSG_REQUEST_SUCCESS
 
         while self._replies and self._replies[0][0]:
-            _, ok, data = self._replies.pop(0)
+            _, ok, data, replied = self._replies.pop(0)
             if self.transport is not None and not self._stopped:
                 self.transport.sendPacket(MSG_REQUEST_SUCCESS if ok else MSG_REQUEST_FAILURE,
                                           data if ok else b"")
+                _fire(replied)
+            else:
+                _fire(replied, error.ConchError("connection stopped before the reply"))
+
+    def serviceStopped(self) -> None:
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        super().serviceStopped()
+        replies, self._replies = self._replies, []
+        for slot in replies:
+            _fire(slot[3], error.ConchError("connection stopped before the reply"))
+        self.core.sessionStopped(self)
 
     # channels
 
@@ -349,6 +387,8 @@ class RelayConnection(FlowConnection):
         if len(self.channels) + self._pendingOpens >= self.core.config.max_channels:
             raise error.ConchError("too many channels on this connection",
                                    OPEN_RESOURCE_SHORTAGE)
+        if channelType == RESUME_CHANNEL and self.resumable:
+            return self._resumeSession(windowSize, maxPacket, data)
         if channelType != b"direct-tcpip":
             what = REFUSED_CHANNEL_TYPES.get(channelType, "this channel type")
             self._log.info(
@@ -373,14 +413,49 @@ class RelayConnection(FlowConnection):
         return self.core.openUserSession(self, host, port, origin, channel)
 
     def openForwarded(self, bind: str, port: int, origHost: str,
-                      origPort: int) -> defer.Deferred[BridgedChannel]:
-        """Open a ``forwarded-tcpip`` channel to this agent for one session."""
+                      origPort: int) -> defer.Deferred[Any]:
+        """Open a ``forwarded-tcpip`` channel to this agent for one session: its bridge
+        side.  To an agent that said hello, a ``forwarded-resumable@labrelay`` whose
+        side holds across a broken link (relay.ssh.resumable)."""
+        resume = self.core.resume
+        resumable = self.resumable and resume.enabled
         channel = BridgedChannel(
-            b"forwarded-tcpip", window=self.core.config.window,
+            OPEN_RESUMABLE if resumable else b"forwarded-tcpip", window=self.core.config.window,
             maxPacket=policy.channel_max_packet(
                 self.core.config.max_packet, self.core.config.window,
                 getattr(self.transport, "otherVersionString", None)),
             conn=self,
         )
-        self.openChannel(channel, pack_endpoints(bind, port, origHost, origPort))
-        return channel.opened
+        data = pack_endpoints(bind, port, origHost, origPort)
+        if not resumable:
+            self.openChannel(channel, data)
+            return channel.opened
+        sid = resume.new_sid()
+        self.openChannel(channel, data + pack_sid(sid))
+        service = f"public:{port}" if bind in PUBLIC_BINDS else f"{bind}:{port}"
+        label = f"{service} from {origHost}:{origPort}"
+        owner = (self.identity.key_blob, self.agent_instance)
+        return channel.opened.addCallback(lambda ch: resume.open(sid, owner, ch, label))
+
+    def _resumeSession(self, windowSize: int, maxPacket: int, data: bytes) -> BridgedChannel:
+        """The agent resumes a held session on this new connection."""
+        owner = (self.identity.key_blob, self.agent_instance)
+        try:
+            return self.core.resume.accept(
+                self, owner, self.core.config.window, self.core.config.max_packet,
+                windowSize, maxPacket, data)
+        except ResumeRefused as e:
+            self._log.warn("agent {name}: refused to resume a session: {why}",
+                           event="relay_resume_refused", name=self.principal_name,
+                           why=str(e))
+            raise error.ConchError(str(e), OPEN_CONNECT_FAILED) from e
+
+
+def _fire(waiting: list[defer.Deferred[None]], why: Exception | None = None) -> None:
+    """Fire (or fail, with ``why``) the Deferreds waiting for a reply to be sent."""
+    pending, waiting[:] = list(waiting), []
+    for d in pending:
+        if why is None:
+            d.callback(None)
+        else:
+            d.errback(why)

@@ -1,5 +1,6 @@
 """Faults on the real path, with the agent and the relay configured as a user would
-(keepalives on; 1 s x 3 here so that five trials of each fault fit the time budget):
+(keepalives on; 1 s x 3 here so that five trials of each fault fit the time budget;
+session resumption off, see ``Lab``):
 
 * lab_pc's uplink taken down mid-transfer, then up again;
 * a silent blackhole between lab_pc and cloud (iptables DROP both ways: no RST);
@@ -36,7 +37,10 @@ class Lab:
     def __init__(self, site: Site) -> None:
         self.site = site
         self.gpu = site.start_gpu()
-        self.relay = site.start_relay()
+        # Resumption off (resume_grace = 0): these scenarios measure detection and
+        # recovery, and that sessions crossing the cut end with an error, not short.
+        # Sessions that survive a cut are test_e2e_6_resume.py's.
+        self.relay = site.start_relay(extra="resume_grace = 0\n")
         self.agent = site.start_agent()
         site.wait_agent_ready(self.agent)
         self.wait_registered(0)

@@ -180,6 +180,9 @@ def test_ssh_and_scp_through_the_fast_path_are_spliced(site: Site) -> None:
     per = site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
     assert per["sessions_total"] == 3 and per["bytes_to_service"] > stream.size
     # the audit log: one open and one close per spliced session, the scp's bytes in one
+    wait_until(lambda: len(site.relay.events("session_close", user="alice",
+                                             path="spliced")) == 3,
+               "the relay to log the held session's close")
     opens = site.relay.events("session_open", user="alice", path="spliced")
     closes = site.relay.events("session_close", user="alice", path="spliced")
     assert len(opens) == len(closes) == 3, (opens, closes)

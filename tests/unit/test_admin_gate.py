@@ -187,3 +187,23 @@ def test_status_tables_escape_peer_strings() -> None:
     assert "\\x1b]0;owned\\x07\\n2026-01-01 fake line" in text
     assert not any(line.startswith("2026-01-01") for line in text.splitlines())
     assert max(len(line) for line in text.splitlines()) < CELL_LIMIT + 150
+
+
+def test_status_shows_held_sessions_with_their_age_at_both_ends() -> None:
+    """docs/resilience.md: status lists each held session, how long it has been held and
+    when it will be reset, on the relay and on each agent link."""
+    from relay.ops.status import format_status
+
+    held = [{"session": "public:2202 from 10.0.0.9:5000", "id": "0a1b2c3d", "age": 12.4,
+             "expires_in": 47.6, "unacked_bytes": 65536}]
+    snapshot = {"version": "x", "pid": 1,
+                "links": [{"name": "cloud", "server": "cloud:2222", "state": "connecting",
+                           "since": 0.0, "last_error": None, "forwards": [],
+                           "held_sessions": held}],
+                "relay": {"listen": "127.0.0.1:2222", "agents": [], "users": [],
+                          "services": [], "sessions": [], "held_sessions": held}}
+    text = format_status(snapshot, now=0.0)
+    assert "link cloud: sessions held for resumption" in text
+    assert "sessions held for their agent to resume them" in text
+    rows = [line for line in text.splitlines() if line.startswith("public:2202")]
+    assert len(rows) == 2 and all("12s" in r and "48s" in r and "65536" in r for r in rows)

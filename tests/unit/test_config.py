@@ -419,6 +419,8 @@ def test_backoff_max_below_initial() -> None:
         ("keepalive_count = 0", "link[0].keepalive_count", "must be at least 1"),
         ("connect_timeout = 0", "link[0].connect_timeout", "must be greater than 0"),
         ("local_wait = -0.5", "link[0].local_wait", "must be at least 0"),
+        ("resume_grace = -1", "link[0].resume_grace", "must be at least 0"),
+        ("resume_grace = 100000", "link[0].resume_grace", "must be at most 86400"),
         ("window = 1024", "link[0].window", "between 32768 and 16777216"),
         ("max_packet = 100", "link[0].max_packet", "between 1024 and 262144"),
     ],
@@ -579,3 +581,9 @@ def test_config_error_format() -> None:
     err = ConfigError("node.toml", "link[0].port", "bad", "e.g. port = 22")
     assert str(err) == "node.toml: link[0].port: bad (e.g. port = 22)"
     assert str(ConfigError("node.toml", "", "bad")) == "node.toml: bad"
+
+
+def test_resume_grace_is_read_and_defaults_to_60() -> None:
+    """docs/config.md: ``resume_grace`` holds sessions for resumption; 0 turns it off."""
+    assert parse(link("")).links[0].resume_grace == 60.0
+    assert parse(link("resume_grace = 0")).links[0].resume_grace == 0

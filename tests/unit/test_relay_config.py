@@ -238,6 +238,8 @@ def test_agent_and_user_may_share_a_name(keys: list[str]) -> None:
         ("max_sessions_per_user = 0", "relay.max_sessions_per_user", "at least 1"),
         ("idle_timeout = -1", "relay.idle_timeout", "at least 0"),
         ("public_wait = -1", "relay.public_wait", "at least 0"),
+        ("resume_grace = -1", "relay.resume_grace", "at least 0"),
+        ("resume_grace = 90000", "relay.resume_grace", "at most 86400"),
         ("keepalive_interval = -1", "relay.keepalive_interval", "at least 0"),
         ("keepalive_count = 0", "relay.keepalive_count", "at least 1"),
         ("window = 1024", "relay.window", "between 32768 and 16777216"),

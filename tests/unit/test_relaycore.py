@@ -158,6 +158,51 @@ def test_waiting_user_session_is_released_by_registration(world: Any) -> None:
     assert not clock.getDelayedCalls()
 
 
+def _holding(conn: Any) -> list[defer.Deferred[None]]:
+    """Make ``conn``'s replies wait until the test fires them (a reply on its way)."""
+    replies: list[defer.Deferred[None]] = []
+
+    def whenReplied() -> defer.Deferred[None]:
+        replies.append(defer.Deferred())
+        return replies[-1]
+
+    conn.whenReplied = whenReplied
+    return replies
+
+
+def test_waiting_sessions_get_the_registration_only_once_the_reply_was_sent(world: Any) -> None:
+    """The race of issue 16: a forwarded-tcpip sent before the tcpip-forward's reply is
+    refused by the agent ("no such forward").  Waiters, and sessions arriving while the
+    reply is on its way, are handed the registration after it was sent."""
+    core, clock, blobs = world
+    waiting = core.whenRegistered("gpu-cluster", 22, timeout=10)
+    agent = _conn(core, blobs, "lab_pc")
+    agent.replies = _holding(agent)
+    assert result_of(_register(core, agent)) is True
+    late = core.whenRegistered("gpu-cluster", 22, timeout=10)
+    assert not waiting.called and not late.called, "handed out before the agent heard"
+    agent.replies[0].callback(None)
+    assert result_of(waiting).session is agent and result_of(late).session is agent
+    assert not clock.getDelayedCalls()
+
+
+def test_waiters_wait_on_when_the_agent_goes_before_its_reply(world: Any) -> None:
+    core, clock, blobs = world
+    waiting = core.whenRegistered("gpu-cluster", 22, timeout=10)
+    gone = _conn(core, blobs, "lab_pc")
+    gone.replies = _holding(gone)
+    result_of(_register(core, gone))
+    core.connections.discard(gone)
+    core.sessionStopped(gone)
+    gone.replies[0].errback(RuntimeError("connection stopped before the reply"))
+    assert not waiting.called
+    clock.advance(2)
+    back = _conn(core, blobs, "lab_pc")
+    result_of(_register(core, back))
+    assert result_of(waiting).session is back
+    assert not clock.getDelayedCalls()
+
+
 def test_waiting_gives_up_after_the_timeout(world: Any) -> None:
     core, clock, _blobs = world
     waiting = core.whenRegistered("gpu-cluster", 22, timeout=10)

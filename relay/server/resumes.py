@@ -1,0 +1,63 @@
+"""The relay's end of resumable sessions (docs/resilience.md).
+
+A labrelay agent says ``resume@labrelay`` first on every link; the relay answers with
+its instance id (new at every start: an agent that finds another one knows the relay
+restarted and nothing it held can be resumed) and from then on opens that agent's
+sessions as ``forwarded-resumable@labrelay``, which :mod:`relay.ssh.resumable` holds
+when the link breaks and resumes over the next one.  The agent's hello carries its own
+instance id: sessions its key's *previous* process left held cannot come back, so they
+are reset at once instead of waiting out the grace period.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from twisted.logger import Logger
+
+from relay.core.resume import pack_hello_reply, unpack_hello
+from relay.ssh.resumable import ResumableSessions, ResumableSide
+from relay.ssh.server import RelayConnection
+
+
+class RelayResumes:
+    """The relay's resumable sessions, its instance id and the agents' hellos."""
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any, grace: float) -> None:
+        self.grace = grace
+        self.sessions = ResumableSessions(reactor, grace, "relay", on_resumed=self._resumed)
+        self.instance = secrets.token_bytes(16)
+
+    def hello(self, conn: RelayConnection, data: bytes) -> Any:
+        """``resume@labrelay`` from ``conn``: the reply, or False (not resumable)."""
+        if not self.sessions.enabled or conn.identity.kind != "agent":
+            return False
+        try:
+            _version, instance = unpack_hello(data)
+        except ValueError:
+            return False
+        conn.resumable, conn.agent_instance = True, instance
+        key = conn.identity.key_blob
+        for side in self.sessions.held_sides():
+            owner: Any = side.stream.owner
+            if owner[0] == key and owner[1] != instance:
+                self._log.warn(
+                    "agent {agent}: session {label} cannot be resumed: its agent restarted",
+                    event="session_resume_refused", where="relay", agent=conn.principal_name,
+                    label=side.label, why="its agent restarted")
+                side.refused("its agent restarted")
+        return True, pack_hello_reply(self.instance, self.grace)
+
+    def held_for(self, conn: RelayConnection) -> int:
+        """How many sessions are held whose agent connection was ``conn``."""
+        return sum(1 for s in self.sessions.held_sides()
+                   if s.row is not None and s.row.agent is conn)
+
+    def _resumed(self, side: ResumableSide) -> None:
+        """A session continues over its agent's new connection: its row follows."""
+        row = side.row
+        if row is not None and side.channel is not None:
+            row.agent = side.channel.conn
