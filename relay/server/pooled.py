@@ -36,6 +36,7 @@ from relay.datapath.bridge import Side, TCPSide
 from relay.server.dataconn import AgentConnectionGone, DataState, PairingError
 from relay.server.dataport import AGENT_REPLY_TIMEOUT, DataPort
 from relay.ssh.channels import BridgedChannel
+from relay.ssh.resumable import ResumableSessions
 
 _log = Logger(namespace="relay.server.pooled")
 
@@ -48,6 +49,9 @@ class PooledShell(TypingProtocol):
 
     @property
     def sessions(self) -> SessionTable: ...
+
+    @property
+    def resume(self) -> ResumableSessions: ...
 
     def abortSession(self, session: SessionRow, why: str) -> None:
         """Close ``session`` now (or as soon as it would start)."""
@@ -120,12 +124,16 @@ def open_user_side(relay: PooledShell, reg: Registration, port: int, origin: str
     return pooled.addCallbacks(joined, stale)
 
 
-def close_pooled(relay: PooledShell, agent: object) -> None:
-    """``agent``'s link ended: its pooled sessions end with it, as its channels do (a
-    fast-path session, which the user chose, is independent of the link)."""
+def close_pooled(relay: PooledShell, agent: Any) -> None:
+    """``agent``'s link ended: its pooled sessions end with it where its channels would
+    (a link that cannot resume its sessions: ``resume_grace = 0``, or an agent that did
+    not say the resume hello).  Where the channels are held to be resumed, the pooled
+    sessions are left to TCP, which carries their bytes across a cut as it does a
+    fast-path session's (docs/resilience.md)."""
+    if getattr(agent, "resumable", False) and relay.resume.enabled:
+        return
     for row in relay.sessions.pooled_of_agent(agent):
         _log.info("closing {user}'s pooled session to {service}: its agent's link ended",
                   event="relay_pooled_session_ended", user=row.user, service=row.service,
                   origin=row.origin)
         relay.abortSession(row, "its agent's link ended")
-

@@ -179,9 +179,11 @@ Host *
 
 
 @pytest.fixture
-def site(openssh: None, client_key: KeyPair, start_relay: Callable[..., RelayNode],
-         start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
-         targets: Targets, tmp_path: Path) -> Iterator[Site]:
+def site(request: pytest.FixtureRequest, openssh: None, client_key: KeyPair,
+         start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+         sshd_factory: Callable[[str], Sshd], targets: Targets,
+         tmp_path: Path) -> Iterator[Site]:
+    extra = "".join(f"{k} = {v}\n" for k, v in getattr(request, "param", {}).items())
     lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
     alice = make_key(tmp_path / "alice", comment="alice")
     gpu = sshd_factory("gpu_cluster")
@@ -193,7 +195,7 @@ def site(openssh: None, client_key: KeyPair, start_relay: Callable[..., RelayNod
         users=[f'permitopen="gpu-cluster:22",permitopen="web:8080",permitopen="bulk:9000" '
                f"{alice.public_blob()} alice"],
         relay_toml='data_port = 0\ndata_bind = "127.0.0.1"\n'
-                   'e2e_services = ["gpu-cluster:22", "bulk:9000"]\npublic_wait = 5\n')
+                   'e2e_services = ["gpu-cluster:22", "bulk:9000"]\npublic_wait = 5\n' + extra)
     data_port = relay.wait_for("relay_data_port", since=0)["port"]
     relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
     box = RecordingBox(relay.port, data_port)
@@ -378,17 +380,44 @@ def test_a_user_who_never_reads_on_the_pooled_route_costs_bounded_memory(
     assert site.fast()["pooled"] == 1
 
 
-def test_a_pooled_session_ends_with_its_agents_link(site: Site) -> None:
-    """Only the agent's SSH link is cut (the box resets it; the data connections stay
-    up): a stock ``ssh -J`` session on the pooled route ends with an error, as it would on
-    a channel of that link, instead of living on without the link that vouched for it."""
+def _held_jump(site: Site) -> subprocess.Popen[bytes]:
+    """A stock ``ssh -J`` session to gpu-cluster that reads its stdin until EOF."""
     ssh = find_program("ssh") or "ssh"
     held = subprocess.Popen([ssh, "-F", str(site.config()), "-J", site.jump, "gpu-cluster",
-                             "echo ready; cat >/dev/null"], stdin=subprocess.PIPE,
+                             "echo ready; wc -c"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert held.stdout is not None and held.stdout.readline() == b"ready\n"
+    assert [x["path"] for x in site.sessions()] == ["pooled"]
+    return held
+
+
+def test_a_pooled_session_rides_tcp_across_its_links_cut(site: Site) -> None:
+    """Only the agent's SSH link is reset (the box cuts it; the data connections stay
+    up) while the relay would resume the link's channels (``resume_grace``, the default):
+    the pooled ``ssh -J`` session goes on over its own TCP connection, as a fast-path
+    session does, and ends cleanly with every byte."""
+    held = _held_jump(site)
     try:
-        assert held.stdout is not None and held.stdout.readline() == b"ready\n"
-        assert [x["path"] for x in site.sessions()] == ["pooled"]
+        assert held.stdin is not None
+        held.stdin.write(b"x" * MiB)
+        held.stdin.flush()
+        mark = site.relay.mark()
+        site.box.cut_link()
+        site.relay.wait_for("relay_disconnected", timeout=20, since=mark, name="lab_pc")
+        out, _ = held.communicate(input=b"y" * MiB, timeout=60)
+        assert held.returncode == 0 and out.strip() == str(2 * MiB).encode(), out
+    finally:
+        if held.poll() is None:
+            held.kill()
+    assert site.relay.events("relay_pooled_session_ended", since=mark) == []
+
+
+@pytest.mark.parametrize("site", [{"resume_grace": 0}], indirect=True)
+def test_without_resume_a_pooled_session_ends_with_its_link(site: Site) -> None:
+    """The same cut with ``resume_grace = 0`` (the link's channels end with it): the
+    pooled ``ssh -J`` session ends with an error too, not later than a channel would."""
+    held = _held_jump(site)
+    try:
         mark = site.relay.mark()
         site.box.cut_link()
         site.relay.wait_for("relay_disconnected", timeout=20, since=mark, name="lab_pc")
