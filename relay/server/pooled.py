@@ -22,6 +22,7 @@ no idle pooled connection, or one found dead, it takes the link as before.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -52,6 +53,9 @@ class PooledShell(TypingProtocol):
 
     @property
     def resume(self) -> ResumableSessions: ...
+
+    @property
+    def connections(self) -> Collection[Any]: ...
 
     def abortSession(self, session: SessionRow, why: str) -> None:
         """Close ``session`` now (or as soon as it would start)."""
@@ -125,15 +129,29 @@ def open_user_side(relay: PooledShell, reg: Registration, port: int, origin: str
 
 
 def close_pooled(relay: PooledShell, agent: Any) -> None:
-    """``agent``'s link ended: its pooled sessions end with it where its channels would
-    (a link that cannot resume its sessions: ``resume_grace = 0``, or an agent that did
-    not say the resume hello).  Where the channels are held to be resumed, the pooled
-    sessions are left to TCP, which carries their bytes across a cut as it does a
-    fast-path session's (docs/resilience.md)."""
-    if getattr(agent, "resumable", False) and relay.resume.enabled:
+    """``agent``'s link ended: its pooled sessions follow the link's channels.  Where
+    those end at once (``resume_grace = 0``, or an agent that did not say the resume
+    hello), so do the pooled sessions.  Where they are held for resume, the pooled
+    sessions' bytes ride their own TCP connections across the cut (as a fast-path
+    session's do), and they end ``resume_grace`` seconds later only if the agent has not
+    come back by then, when the held channels end too (docs/resilience.md)."""
+    resume = relay.resume
+    if not (getattr(agent, "resumable", False) and resume.enabled):
+        _end_pooled(relay, agent, "its agent's link ended")
         return
+    key = agent.identity.key_blob
+
+    def expired() -> None:
+        if not any(c.identity.key_blob == key for c in relay.connections):
+            _end_pooled(relay, agent, f"its agent did not come back within "
+                                      f"{resume.grace:g}s (resume_grace)")
+
+    resume.clock.callLater(resume.grace, expired)
+
+
+def _end_pooled(relay: PooledShell, agent: Any, why: str) -> None:
     for row in relay.sessions.pooled_of_agent(agent):
-        _log.info("closing {user}'s pooled session to {service}: its agent's link ended",
+        _log.info("closing {user}'s pooled session to {service}: {why}",
                   event="relay_pooled_session_ended", user=row.user, service=row.service,
-                  origin=row.origin)
-        relay.abortSession(row, "its agent's link ended")
+                  origin=row.origin, why=why)
+        relay.abortSession(row, why)
