@@ -35,6 +35,12 @@ LINK_KEYS = {
     "connect_timeout": "connect_timeout = 15",
     "local_wait": "local_wait = 10",
     "fast_path_pool": "fast_path_pool = 4",
+    "transport": 'transport = "tls"',
+    "tls_port": "tls_port = 443",
+    "tls_server_name": 'tls_server_name = "relay.example.org"',
+    "tls_ca_file": 'tls_ca_file = "/etc/labrelay/relay-ca.pem"',
+    "tls_pin": 'tls_pin = "sha256//YLh1dUR9y6Kja30RrAn7JKnbQG/uEtLMkBgFF2Fuihg="',
+    "proxy": 'proxy = "http://proxy.example.org:3128"',
     "resume_grace": "resume_grace = 60",
     "window": "window = 2097152",
     "max_packet": "max_packet = 32768",
@@ -58,6 +64,7 @@ RELAY_KEYS = {
     "public_bind": 'public_bind = "0.0.0.0"',
     "agents_file": 'agents_file = "agents"',
     "users_file": 'users_file = "users"',
+    "revoked_keys": 'revoked_keys = "revoked.krl"',
     "login_grace": "login_grace = 30",
     "max_auth_tries": "max_auth_tries = 6",
     "kex_timeout": "kex_timeout = 30",
@@ -84,6 +91,11 @@ RELAY_KEYS = {
     "grants_poll_interval": "grants_poll_interval = 0.25",
     "max_tokens_per_session": "max_tokens_per_session = 64",
     "max_tokens_per_user": "max_tokens_per_user = 256",
+    "tls_cert": 'tls_cert = "/etc/letsencrypt/live/relay.example.org/fullchain.pem"',
+    "tls_key": 'tls_key = "/etc/letsencrypt/live/relay.example.org/privkey.pem"',
+    "tls_listen": 'tls_listen = "0.0.0.0:443"',
+    "tls_names": 'tls_names = ["relay.example.org"]',
+    "tls_handshake_timeout": "tls_handshake_timeout = 10",
     "agent": '[[relay.agent]] name = "lab_pc", keys = ["ssh-ed25519 AAAA... lab_pc"], '
     'services = ["gpu-cluster:22"]',
     "user": '[[relay.user]] name = "alice", keys = ["ssh-ed25519 AAAA... alice"], '
@@ -111,6 +123,9 @@ RELAY_USER_KEYS = {
     "keys": 'keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... alice"]',
     "services": 'services = ["gpu-cluster:22", "jupyter:*"]',
     "max_sessions": "max_sessions = 10",
+    "share": "share = 2",
+    "rate_limit": 'rate_limit = "20MB"',
+    "rate_burst": 'rate_burst = "4MB"',
 }
 FORWARD_KEYS = {
     "listen": 'listen = "0.0.0.0:2201"',

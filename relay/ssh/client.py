@@ -47,6 +47,7 @@ from relay.ssh.guard import PeerInputGuard
 from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier
 from relay.ssh.resumable import ResumableSessions
 from relay.ssh.wire import GRANT_REVOKED, pack_endpoints, unpack_endpoints, unpack_grant_revoked
+from relay.transport.dial import Dialer, Route
 
 TARGET_CONNECT_TIMEOUT = 10.0
 
@@ -148,6 +149,8 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         self.why: str | None = None
         self.connection: LinkConnection | None = None
         self._timer: IDelayedCall | None = None
+        # How this connection reached the server (set by relay.transport.dial).
+        self.transport_route: Route | None = None
 
     @property
     def tcp(self) -> Any:
@@ -248,20 +251,46 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         self.ready.callback(conn)
 
 
+class _Certificate(keys.Key):
+    """The public key Conch's client userauth offers, for an OpenSSH certificate: the
+    certificate's algorithm name and blob are sent, and the signature is the certified
+    key's own (PROTOCOL.certkeys)."""
+
+    def __init__(self, key: keys.Key, blob: bytes) -> None:
+        super().__init__(key.public()._keyObject)
+        self._key = key
+        self._blob = blob
+
+    def sshType(self) -> bytes:
+        return common.getNS(self._blob)[0]
+
+    def blob(self) -> bytes:
+        return self._blob
+
+
 class LinkUserAuth(userauth.SSHUserAuthClient):
-    """Public-key authentication with the link's identities, nothing else."""
+    """Public-key authentication with the link's identities, nothing else; an identity
+    with a certificate beside it (:class:`relay.ssh.identity.CertifiedKey`) offers the
+    certificate first, then the plain key, as ssh(1) does."""
 
     preferredOrder = [b"publickey"]
 
     def __init__(self, link: LinkOwner, conn: LinkConnection) -> None:
         super().__init__(link.config.user.encode(), conn)
-        self._keys = list(link.identities)
+        self._keys: list[tuple[Identity, bytes]] = []
+        for key in link.identities:
+            certificate = getattr(key, "certificate", b"")
+            if certificate:
+                self._keys.append((key, certificate))
+            self._keys.append((key, b""))
         self._current: Identity | None = None
 
-    def getPublicKey(self) -> keys.Key | None:
+    def getPublicKey(self) -> Any:
         if not self._keys:
             return None
-        self._current = self._keys.pop(0)
+        self._current, certificate = self._keys.pop(0)
+        if certificate and isinstance(self._current, keys.Key):
+            return _Certificate(self._current, certificate)
         return self._current.public()
 
     def getPrivateKey(self) -> defer.Deferred[keys.Key]:
@@ -486,11 +515,26 @@ def transport_factory(owner: LinkOwner) -> Factory:
     return Factory.forProtocol(lambda: LinkTransport(owner))
 
 
-async def open_connection(owner: LinkOwner) -> LinkConnection:
-    """One authenticated SSH connection for ``owner``: TCP (``connect_timeout``), the
-    handshake with its host-key check, public-key auth; fails with
-    :class:`LinkSetupError` (or the TCP error) saying why."""
-    cfg = owner.config
-    endpoint = client_endpoint(owner.reactor, cfg.host, cfg.port, cfg.connect_timeout)
-    proto = cast(LinkTransport, await endpoint.connect(transport_factory(owner)))
-    return await proto.ready
+async def open_connection(owner: LinkOwner, dialer: Dialer | None = None) -> LinkConnection:
+    """One authenticated SSH connection for ``owner``: the connection (``dialer``'s
+    routes: TCP, TLS, through a proxy; ``connect_timeout`` each), the handshake with
+    its host-key check, public-key auth; fails with :class:`LinkSetupError` (or the
+    connection's error) saying why.  With several routes (``transport = "auto"``) each
+    is tried in turn until one gives a ready connection; the error then lists them all."""
+    if dialer is None:
+        dialer = Dialer(owner.reactor, owner.config)
+    errors: list[str] = []
+    for _ in dialer.routes:
+        route = dialer.current
+        try:
+            proto = cast(LinkTransport, await dialer.connect(transport_factory(owner)))
+            conn = await proto.ready
+        except Exception as e:
+            if len(dialer.routes) == 1:
+                raise
+            dialer.failed(route, str(e))
+            errors.append(f"{dialer.last}: {e}")
+            continue
+        dialer.worked(proto.transport_route or route)
+        return conn
+    raise LinkSetupError("every route failed: " + "; ".join(errors))
