@@ -48,6 +48,7 @@ struct lr_pair {
     struct lr_dir dir[2];  /* 0: a -> b, 1: b -> a */
     int wait[2];           /* the last lr_move result */
     unsigned int runnable; /* bit i: run dir[i] on the next turn */
+    unsigned int paused;   /* bit i: dir[i] is paused (lr_pump_pause) */
     struct lr_ep ep[4];
     int nep;
     int ended, published, queued;
@@ -75,6 +76,8 @@ struct lr_pump {
     struct lr_pair *adds, **adds_tail;
     int64_t *aborts;
     int naborts, cap_aborts;
+    struct lr_pause_cmd { int64_t id; unsigned int dirs; } *pauses;
+    int npauses, cap_pauses;
     struct lr_pair *done, **done_tail;
     struct lr_pair **slots;
     uint32_t *gens;

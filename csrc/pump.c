@@ -92,7 +92,7 @@ static int update_interest(struct lr_pump *p, struct lr_pair *pr)
         if (e->fd < 0)
             continue;
         for (j = 0; j < 2; j++) {
-            if (pr->dir[j].flags & LR_DIR_DONE)
+            if ((pr->dir[j].flags & LR_DIR_DONE) || (pr->paused & (1u << j)))
                 continue;
             /* LR_MOVED (budget used, nothing held) is queued for another turn
              * already; keeping EPOLLIN avoids a DEL and an ADD per budget. */
@@ -159,7 +159,7 @@ static void serve(struct lr_pump *p, struct lr_pair *pr)
         struct lr_dir *d = &pr->dir[i];
         uint64_t moved = 0, before = d->syscalls;
 
-        if (!(runnable & (1u << i)) || (d->flags & LR_DIR_DONE))
+        if (!(runnable & (1u << i)) || (d->flags & LR_DIR_DONE) || (pr->paused & (1u << i)))
             continue;
         rc = lr_move(d, &p->pool, p->budget, &moved);
         STAT_ADD(p, turns, 1);
@@ -196,7 +196,8 @@ static int socket_error(int fd)
 static void take_commands(struct lr_pump *p, int *stop)
 {
     struct lr_pair *adds, *pr, *aborting[64];
-    int i, n = 0, more;
+    struct lr_pause_cmd pausing[64];
+    int i, n = 0, np = 0, more;
 
     do {
         pthread_mutex_lock(&p->lock);
@@ -213,7 +214,10 @@ static void take_commands(struct lr_pump *p, int *stop)
             if (pr != NULL && pr->id == id && !pr->published)
                 aborting[n++] = pr;
         }
-        more = p->naborts > 0;
+        np = 0;
+        while (p->npauses > 0 && np < 64)
+            pausing[np++] = p->pauses[--p->npauses];
+        more = p->naborts > 0 || p->npauses > 0;
         pthread_mutex_unlock(&p->lock);
 
         while (adds != NULL) {
@@ -224,6 +228,21 @@ static void take_commands(struct lr_pump *p, int *stop)
         }
         for (i = 0; i < n; i++)
             lr_end_pair(p, aborting[i], ECANCELED, -1, LR_END_ABORTED);
+        /* pausing[] is oldest first: the newest command for a pair wins. */
+        for (i = 0; i < np; i++) {
+            int slot = (int)(pausing[i].id & ID_SLOT_MASK);
+            pr = slot < p->nslots ? p->slots[slot] : NULL;
+            if (pr == NULL || pr->id != pausing[i].id || pr->published || pr->ended)
+                continue;
+            {
+                unsigned int resumed = pr->paused & ~pausing[i].dirs;
+                pr->paused = pausing[i].dirs & 3u;
+                if (resumed)
+                    schedule(p, pr, resumed);
+                else if (update_interest(p, pr) < 0)
+                    lr_end_pair(p, pr, EIO, -1, 0);
+            }
+        }
     } while (more);
 }
 

@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
@@ -264,6 +265,36 @@ int lr_pump_abort(lr_pump *p, int64_t id)
     return rc;
 }
 
+int lr_pump_pause(lr_pump *p, int64_t id, unsigned int dirs)
+{
+    int slot = (int)(id & ID_SLOT_MASK), rc = -ENOENT;
+
+    pthread_mutex_lock(&p->lock);
+    if (id >= 0 && slot < p->nslots && p->slots[slot] != NULL && p->slots[slot]->id == id &&
+        !p->slots[slot]->published) {
+        if (p->npauses == p->cap_pauses) {
+            int grown = p->cap_pauses ? p->cap_pauses * 2 : 16;
+            struct lr_pause_cmd *pauses = realloc(p->pauses, (size_t)grown * sizeof *pauses);
+            if (pauses == NULL) {
+                pthread_mutex_unlock(&p->lock);
+                return -ENOMEM;
+            }
+            p->pauses = pauses;
+            p->cap_pauses = grown;
+        }
+        /* Stacked: take_commands applies them oldest first. */
+        memmove(p->pauses + 1, p->pauses, (size_t)p->npauses * sizeof *p->pauses);
+        p->pauses[0].id = id;
+        p->pauses[0].dirs = dirs;
+        p->npauses++;
+        rc = 0;
+    }
+    pthread_mutex_unlock(&p->lock);
+    if (rc == 0)
+        lr_wake(p->wakefd);
+    return rc;
+}
+
 int lr_pump_pair_bytes(lr_pump *p, int64_t id, uint64_t *a_to_b, uint64_t *b_to_a)
 {
     int slot = (int)(id & ID_SLOT_MASK), rc = -ENOENT;
@@ -347,6 +378,7 @@ void lr_pump_free(lr_pump *p)
     free(p->slots);
     free(p->gens);
     free(p->aborts);
+    free(p->pauses);
     close(p->epfd);
     close(p->wakefd);
     close(p->notifyfd);

@@ -138,6 +138,10 @@ int64_t lr_pump_add(lr_pump *pump, int a_rfd, int a_wfd, int b_rfd, int b_wfd,
                     const unsigned char *ba_prefix, size_t ba_len);
 /* Reset both ends of a live pair now; it ends with err ECANCELED.  0 or -ENOENT. */
 int lr_pump_abort(lr_pump *pump, int64_t id);
+/* Pause the directions of a live pair in `dirs` (bit 0: a -> b, bit 1: b -> a) and
+ * resume the others: a paused direction reads nothing more (what it holds waits).
+ * For per-user rate limits.  0 or -ENOENT (or -ENOMEM). */
+int lr_pump_pause(lr_pump *pump, int64_t id, unsigned int dirs);
 /* Bytes moved so far by a pair that has not been reaped.  0 or -ENOENT. */
 int lr_pump_pair_bytes(lr_pump *pump, int64_t id, uint64_t *a_to_b, uint64_t *b_to_a);
 /* Take up to `max` ended pairs (their ids become free).  Returns how many. */

@@ -344,6 +344,37 @@ def bind_address(text: str) -> str:
 
 
 
+_RATE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kKmMgG]i?)?[bB]?(?:/s)?\Z")
+_RATE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9,
+               "ki": 2**10, "mi": 2**20, "gi": 2**30}
+_RATE_HINT = 'bytes per second, e.g. "20MB" (20 000 000), "512KiB", "1.5GB/s" or 20000000'
+
+
+def byte_rate(text: str) -> int:
+    """A number of bytes (per second, for a rate): ``20MB``, ``512KiB``, ``1.5G``, ``100``.
+    Decimal prefixes are powers of 1000 (as ``scp`` and ``iperf`` print), ``Ki``/``Mi``/``Gi``
+    of 1024; a trailing ``B`` and ``/s`` are optional."""
+    match = _RATE_RE.match(text.strip())
+    if match is None:
+        raise Bad(f"{text!r} is not an amount of bytes", _RATE_HINT)
+    value = float(match.group(1)) * _RATE_UNITS[(match.group(2) or "").lower()]
+    if not 1 <= value <= 10**12:
+        raise Bad(f"{text!r} must be between 1 byte and 1 TB", _RATE_HINT)
+    return int(value)
+
+
+def share_weight(text: str) -> float:
+    """A user's share of a congested link relative to others: a number in 0.01..100."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.01 <= value <= 100:
+        raise Bad(f"share {text!r} must be a number between 0.01 and 100",
+                  'e.g. share="2" (twice what a user with the default share of 1 gets)')
+    return value
+
+
 def default_plain_forward_name(bind: str, port: int) -> str:
     """``P:2201`` (default bind), ``P:0.0.0.0:2201``; an empty bind reads ``*``."""
     if bind == LOCAL_DEFAULT_BIND:
@@ -383,6 +414,8 @@ parse_service_name = _locating(_service_name_alone)
 parse_public_key = _locating(public_key)
 parse_principal_name = _locating(principal_name)
 parse_public_bind = _locating(bind_address)
+parse_byte_rate = _locating(byte_rate)
+parse_share = _locating(share_weight)
 
 
 def parse_listen(text: str, *, source: str, keypath: str, default_bind: str) -> tuple[str, int]:

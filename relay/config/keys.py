@@ -58,6 +58,7 @@ RELAY_KEYS = {
     "public_bind": 'public_bind = "0.0.0.0"',
     "agents_file": 'agents_file = "agents"',
     "users_file": 'users_file = "users"',
+    "revoked_keys": 'revoked_keys = "revoked.krl"',
     "login_grace": "login_grace = 30",
     "max_auth_tries": "max_auth_tries = 6",
     "kex_timeout": "kex_timeout = 30",
@@ -111,6 +112,9 @@ RELAY_USER_KEYS = {
     "keys": 'keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... alice"]',
     "services": 'services = ["gpu-cluster:22", "jupyter:*"]',
     "max_sessions": "max_sessions = 10",
+    "share": "share = 2",
+    "rate_limit": 'rate_limit = "20MB"',
+    "rate_burst": 'rate_burst = "4MB"',
 }
 FORWARD_KEYS = {
     "listen": 'listen = "0.0.0.0:2201"',

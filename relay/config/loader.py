@@ -299,7 +299,22 @@ def _parse_principal(sec: Section, kind: str) -> PrincipalConfig:
         keys=tuple(keys),
         services=tuple(dict.fromkeys(services)),
         max_sessions=max_sessions,
+        share=sec.number("share", 1.0, low=0.01, high=100),
+        rate_limit=_byte_rate(sec, "rate_limit"),
+        rate_burst=_byte_rate(sec, "rate_burst"),
     )
+
+
+def _byte_rate(sec: Section, key: str) -> int | None:
+    """``rate_limit``/``rate_burst``: a byte count as an integer or a string with a unit."""
+    value = sec.data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise sec.error(key, f"expected a string or an integer, got {describe(value)}")
+    return grammar.parse_byte_rate(value, source=sec.source, keypath=sec.keypath(key))
 
 
 def _parse_penalties(sec: Section | None) -> PenaltyConfig:
@@ -366,6 +381,7 @@ def _parse_relay(sec: Section, base: Path,
             public_bind = grammar.bind_address(public_bind)
     agents_file = sec.string("agents_file")
     users_file = sec.string("users_file")
+    revoked_keys = sec.string("revoked_keys")
     window, max_packet = _window(sec)
     data_bind = sec.string("data_bind")
     if data_bind is not None:
@@ -390,6 +406,7 @@ def _parse_relay(sec: Section, base: Path,
         public_bind=defaults.public_bind if public_bind is None else public_bind,
         agents_file=None if agents_file is None else _path(agents_file, base),
         users_file=None if users_file is None else _path(users_file, base),
+        revoked_keys=None if revoked_keys is None else _path(revoked_keys, base),
         agents=_principals(sec, "agent", RELAY_AGENT_KEYS, problems),
         users=_principals(sec, "user", RELAY_USER_KEYS, problems),
         login_grace=sec.number("login_grace", defaults.login_grace, low=0, above=True),

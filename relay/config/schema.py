@@ -158,12 +158,36 @@ class ServiceGrant:
 
 
 @dataclass(frozen=True)
+class KeyLimitsConfig:
+    """OpenSSH's ``expiry-time=`` (as a Unix time) and ``from=`` (the pattern list as
+    written) on one key line of a grant file."""
+
+    key: str
+    expires: float | None = None
+    sources: str | None = None
+
+
+@dataclass(frozen=True)
+class CertAuthorityConfig:
+    """A ``cert-authority`` line: a CA key whose certificates log in as this principal
+    when one of their principals is in ``principals`` (docs/relay.md, "Certificates")."""
+
+    key: str
+    principals: tuple[str, ...]
+    expires: float | None = None
+    sources: str | None = None
+    where: str = ""
+
+
+@dataclass(frozen=True)
 class PrincipalConfig:
     """One ``[[relay.agent]]`` or ``[[relay.user]]`` entry (or one grant-file line).
 
     ``keys`` are OpenSSH public-key lines (``ssh-ed25519 AAAA... comment``).
     Agents use ``services`` (names they may register) and ``public_ports``; users use
-    ``services`` (names they may reach) and ``max_sessions``.
+    ``services`` (names they may reach), ``max_sessions`` and the sharing settings:
+    ``share`` (weight on a congested link, docs/sharing.md), ``rate_limit`` (bytes/s
+    each way, None: unlimited) and ``rate_burst`` (bytes; None: one second's worth).
     """
 
     kind: str  # "agent" | "user"
@@ -172,6 +196,11 @@ class PrincipalConfig:
     services: tuple[ServiceGrant, ...] = ()
     public_ports: tuple[int, ...] = ()
     max_sessions: int | None = None
+    share: float = 1.0
+    rate_limit: int | None = None
+    rate_burst: int | None = None
+    key_limits: tuple[KeyLimitsConfig, ...] = ()
+    authorities: tuple[CertAuthorityConfig, ...] = ()
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -210,6 +239,7 @@ class RelayConfig:
     public_bind: str = "0.0.0.0"
     agents_file: Path | None = None
     users_file: Path | None = None
+    revoked_keys: Path | None = None  # an OpenSSH KRL (ssh-keygen -k) or a file of public keys
     agents: tuple[PrincipalConfig, ...] = ()
     users: tuple[PrincipalConfig, ...] = ()
     login_grace: float = 30.0

@@ -28,13 +28,18 @@ class Principal:
     """An agent or a user as the relay sees it after authentication.
 
     ``max_sessions`` is a user's cap on concurrent sessions: its own grant, else the
-    relay's ``max_sessions_per_user``; always None for agents."""
+    relay's ``max_sessions_per_user``; always None for agents.  ``share``,
+    ``rate_limit`` and ``rate_burst`` are how a user's bytes are scheduled on a
+    congested link and limited (:mod:`relay.core.fairshare`, :mod:`relay.core.ratelimit`)."""
 
     kind: str  # "agent" | "user"
     name: str
     services: tuple[ServiceGrant, ...]
     public_ports: frozenset[int]
     max_sessions: int | None
+    share: float = 1.0
+    rate_limit: int | None = None
+    rate_burst: int | None = None
 
     def may_register(self, name: str, port: int) -> bool:
         """Whether this agent may register the service ``name:port`` (``tcpip-forward``)."""

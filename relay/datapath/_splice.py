@@ -213,6 +213,15 @@ class Pump:
         _check(rc, "lr_pump_abort")
         return True
 
+    def pause(self, pair_id: int, dirs: int) -> bool:
+        """Pause the directions in ``dirs`` (bit 0: a to b, bit 1: b to a) and resume
+        the others; False if the pair has already ended."""
+        rc = lib.lr_pump_pause(self._live(), pair_id, dirs)
+        if rc == -errno.ENOENT:
+            return False
+        _check(rc, "lr_pump_pause")
+        return True
+
     def pair_bytes(self, pair_id: int) -> tuple[int, int] | None:
         """Bytes moved so far ``(a_to_b, b_to_a)``, or None once reaped."""
         if lib.lr_pump_pair_bytes(self._live(), pair_id, self._a, self._b) < 0:

@@ -70,17 +70,21 @@ class Bridge:
 
     ``onClosed`` is called once, when both sides have closed, with the byte
     counts ``(a_to_b, b_to_a)``: accounting and status hook in there.
+    ``onData(src, nbytes)``, if set, is called after each chunk read from ``src`` was
+    handed on: a rate limit charges there and pauses ``src`` with its own reason.
     """
 
     _log = Logger()
 
-    def __init__(self, a: Side, b: Side, onClosed: object = None) -> None:
+    def __init__(self, a: Side, b: Side, onClosed: object = None,
+                 onData: Callable[[Side, int], None] | None = None) -> None:
         self.a = a
         self.b = b
         self.bytesAtoB = 0
         self.bytesBtoA = 0
         self._open = {id(a), id(b)}
         self._onClosed = onClosed
+        self.onData = onData
         a.attach(self)
         b.attach(self)
 
@@ -97,6 +101,8 @@ class Bridge:
             self.bytesBtoA += len(data)
             self.a.write(data)
         src.consumed(len(data))
+        if self.onData is not None:
+            self.onData(src, len(data))
 
     def sinkFull(self, dst: Side) -> None:
         self.peer(dst).pauseReading(SINK_FULL)

@@ -88,6 +88,7 @@ class _ReactorPair:
         self.ins = [a.rfd, b.rfd]
         self.outs = [b.wfd, a.wfd]
         self.wait = [WAIT_IN, WAIT_IN]
+        self.paused = 0  # bit i: direction i is paused (a rate limit)
         self.ended = False
         self._done = done
         self._again: Any = None
@@ -134,7 +135,7 @@ class _ReactorPair:
         budget = self.pump.budget
         for i in (0, 1):
             d = self.dirs[i]
-            if not which & (1 << i) or d.flags & _splice.DIR_DONE:
+            if not which & (1 << i) or d.flags & _splice.DIR_DONE or self.paused & (1 << i):
                 continue
             try:
                 rc, _ = d.move(budget)
@@ -157,7 +158,7 @@ class _ReactorPair:
                 continue
             want_in = want_out = False
             for i in (0, 1):
-                if self.dirs[i].flags & _splice.DIR_DONE:
+                if self.dirs[i].flags & _splice.DIR_DONE or self.paused & (1 << i):
                     continue
                 want_in |= self.wait[i] == WAIT_IN and self.ins[i] == fd
                 want_out |= self.wait[i] == WAIT_OUT and self.outs[i] == fd
@@ -197,6 +198,17 @@ class _ReactorPair:
         if w.writing:
             self.reactor.removeWriter(w)
         w.reading = w.writing = False
+
+    def pause(self, dirs: int) -> None:
+        """Pause the directions in ``dirs`` and resume the others (as lr_pump_pause)."""
+        if self.ended:
+            return
+        resumed = self.paused & ~dirs
+        self.paused = dirs & 3
+        if resumed:
+            self.serve(resumed)
+        else:
+            self._update_interest()
 
     def end(self, err: int, side: str | None, aborted: bool = False) -> None:
         if self.ended:
@@ -270,6 +282,11 @@ class ReactorPump:
         if pair is not None:
             pair.end(errno.ECANCELED, None, aborted=True)
 
+    def pause(self, pair_id: int, dirs: int) -> None:
+        pair = self.pairs.get(pair_id)
+        if pair is not None:
+            pair.pause(dirs)
+
     def pair_bytes(self, pair_id: int) -> tuple[int, int] | None:
         pair = self.pairs.get(pair_id)
         return None if pair is None else (pair.dirs[0].moved, pair.dirs[1].moved)
@@ -335,6 +352,10 @@ class ThreadPump:
     def abort(self, pair_id: int) -> None:
         if not self.native.closed:  # once closed, every pair was reset already
             self.native.abort(pair_id)
+
+    def pause(self, pair_id: int, dirs: int) -> None:
+        if not self.native.closed:
+            self.native.pause(pair_id, dirs)
 
     def pair_bytes(self, pair_id: int) -> tuple[int, int] | None:
         return None if self.native.closed else self.native.pair_bytes(pair_id)

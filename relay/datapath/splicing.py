@@ -160,6 +160,12 @@ class SplicedPair:
         if self.result is None:
             self._datapath.pump.abort(self.id)
 
+    def pause(self, a_to_b: bool, b_to_a: bool) -> None:
+        """Pause (True) or resume (False) each direction: a paused direction reads no
+        more from its source, so its peer's TCP window closes (a rate limit)."""
+        if self.result is None:
+            self._datapath.pump.pause(self.id, int(a_to_b) | int(b_to_a) << 1)
+
 
 class DataPath:
     """The process's pump for one reactor; see the module docstring."""

@@ -182,6 +182,33 @@ def _relay(relay: dict[str, Any]) -> Iterator[Metric]:
         yield family
     yield from _fast(relay.get("fast_path") or {})
     yield from _admission(relay.get("admission") or {})
+    yield from _sharing(relay.get("sharing") or {})
+
+
+def _sharing(sharing: dict[str, Any]) -> Iterator[Metric]:
+    """Shares, rate limits and what waits for a congested agent link (docs/sharing.md)."""
+    if not sharing:
+        return
+    share = _gauge("labrelay_relay_user_share",
+                   "A user's weight on a congested link (users not listed have 1).", ["user"])
+    for user, weight in sharing.get("shares", {}).items():
+        share.add_metric([_s(user)], weight)
+    rate = _gauge("labrelay_relay_user_rate_limit_bytes",
+                  "A user's rate limit each way (bytes/s).", ["user"])
+    credit = _gauge("labrelay_relay_user_rate_credit_bytes",
+                    "Bytes a limited user may move now without waiting, by direction.",
+                    ["user", "direction"])
+    for user, limit in sharing.get("rate_limits", {}).items():
+        rate.add_metric([_s(user)], limit["rate"])
+        for direction in ("to_service", "from_service"):
+            credit.add_metric([_s(user), direction], limit[f"credit_{direction}"])
+    queued = _gauge("labrelay_relay_link_queued_bytes",
+                    "Bytes waiting for a congested agent link, by agent and user.",
+                    ["agent", "user"])
+    for agent, users in sharing.get("queued", {}).items():
+        for user, nbytes in users.items():
+            queued.add_metric([_s(agent), _s(user)], nbytes)
+    yield from (share, rate, credit, queued)
 
 
 def _fast(fast: dict[str, Any]) -> Iterator[Metric]:

@@ -8,13 +8,26 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from relay.config.checks import PrincipalSite
 from relay.config.errors import ConfigError, Where
-from relay.config.grammar import parse_principal_name, parse_public_key, parse_service_grant
-from relay.config.schema import PrincipalConfig, ServiceGrant
+from relay.config.grammar import (
+    parse_byte_rate,
+    parse_principal_name,
+    parse_public_key,
+    parse_service_grant,
+    parse_share,
+)
+from relay.config.schema import (
+    CertAuthorityConfig,
+    KeyLimitsConfig,
+    PrincipalConfig,
+    ServiceGrant,
+)
 from relay.core.grants import AGENT, USER
+from relay.core.keylife import KeyOptionError, parse_expiry, parse_from
 
 _KEY_TYPE_RE = re.compile(r"(?:ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]*(?:[ \t]|\Z)")
 _OPTION_NAME_RE = re.compile(r"[A-Za-z0-9-]+")
@@ -28,12 +41,8 @@ _IGNORED = ("restrict", "port-forwarding")
 # Known OpenSSH options labrelay does not implement: refusing them is safer than
 # silently granting more than the line says.
 _UNSUPPORTED = {
-    "from": "source-address restrictions are not supported; drop it or filter with a firewall",
-    "expiry-time": "key expiry is not supported; remove the line when the key should expire",
     "command": "the relay runs no commands",
     "environment": "the relay runs no commands, so it sets no environment",
-    "principals": "certificates are not supported",
-    "cert-authority": "certificates are not supported",
     "tunnel": "tun/tap forwarding is not supported",
     "pty": "the relay never allocates a pty",
     "x11-forwarding": "the relay never forwards X11",
@@ -54,6 +63,10 @@ class _Entry:
     services: dict[ServiceGrant, Where]
     ports: dict[int, Where]
     max_sessions: tuple[int, Where] | None = None
+    limits: list[KeyLimitsConfig] = field(default_factory=list)
+    authorities: list[CertAuthorityConfig] = field(default_factory=list)
+    # a user's sharing options: option -> (value, FILE:LINE)
+    sharing: dict[str, tuple[float, str]] = field(default_factory=dict)
 
 
 def _options(line: str, where: str) -> tuple[list[tuple[str, str | None, str]], str]:
@@ -145,10 +158,57 @@ def _max_sessions(value: str, where: str, written: str) -> int:
     return int(value)
 
 
+_SHARING = ("share", "rate-limit", "rate-burst")
+"""A user's sharing options (docs/sharing.md): its weight on a congested link and its
+rate limit each way with the burst."""
+
+
+def _sharing(option: str, value: str | None, where: str, written: str) -> float:
+    example = {"share": "2", "rate-limit": "20MB", "rate-burst": "4MB"}[option]
+    if value is None:
+        raise ConfigError(where, written, f"{option} needs a value", f'e.g. {option}="{example}"')
+    if option == "share":
+        return parse_share(value, source=where, keypath=written)
+    return float(parse_byte_rate(value, source=where, keypath=written))
+
+
+_LIFECYCLE = ("expiry-time", "from", "cert-authority", "principals")
+"""Options that say when, from where and with what the key may log in."""
+
+
+def _lifecycle(option: str, value: str | None, where: str, written: str) -> Any:
+    """``expiry-time`` as a Unix time, ``from`` as written (checked), ``cert-authority``
+    as True, ``principals`` as a tuple of names."""
+    if option == "cert-authority":
+        if value is not None:
+            raise ConfigError(where, written, "cert-authority takes no value",
+                              'write cert-authority,principals="alice" before the CA key')
+        return True
+    examples = {"expiry-time": '"20260630"', "from": '"10.0.0.0/8,!10.0.0.66"',
+                "principals": '"alice,alice@lab"'}
+    if value is None:
+        raise ConfigError(where, written, f"{option} needs a value",
+                          f"e.g. {option}={examples[option]}")
+    try:
+        if option == "expiry-time":
+            return parse_expiry(value)
+        if option == "from":
+            parse_from(value)
+            return value
+    except KeyOptionError as e:
+        raise ConfigError(where, written, str(e), f"e.g. {option}={examples[option]}") from None
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if not names:
+        raise ConfigError(where, written, "principals lists no names",
+                          f"e.g. principals={examples[option]}")
+    return names
+
+
 def _grant_line(
-    line: str, kind: str, where: str
+    line: str, kind: str, where: str, sharing: dict[str, Any] | None = None
 ) -> tuple[str, str, list[tuple[ServiceGrant | int, str]], tuple[int, str] | None]:
-    """(name, key text, each grant with the option it came from, max-sessions)."""
+    """(name, key text, each grant with the option it came from, max-sessions); a user's
+    sharing options go into ``sharing``."""
     options, key_text = _options(line, where)
     parse_public_key(key_text, source=where, keypath="")
     fields = key_text.split(None, 2)
@@ -184,6 +244,13 @@ def _grant_line(
             else:
                 grant = parse_service_grant(value, USER, source=where, keypath=written)
                 grants.append((grant, written))
+        elif option in _LIFECYCLE:
+            if sharing is not None:
+                sharing[option] = _lifecycle(option, value, where, written)
+        elif option in _SHARING and kind == USER:
+            value_ = _sharing(option, value, where, written)
+            if sharing is not None:
+                sharing[option] = value_
         elif option == "no-port-forwarding":
             raise ConfigError(
                 where,
@@ -210,7 +277,8 @@ def _grant_line(
         else:
             valid = [
                 grant_option,
-                *(["max-sessions"] if kind == USER else []),
+                *(["max-sessions", *_SHARING] if kind == USER else []),
+                *_LIFECYCLE,
                 "restrict",
                 "no-pty and the other no-* options",
             ]
@@ -221,6 +289,10 @@ def _grant_line(
                 "valid options here: " + ", ".join(valid),
             )
     return name, key_text, grants, max_sessions
+
+
+def _whole(setting: tuple[float, str] | None) -> int | None:
+    return None if setting is None else int(setting[0])
 
 
 def parse_grant_file(
@@ -238,9 +310,23 @@ def parse_grant_file(
         if not line or line.startswith("#"):
             continue
         where = f"{source}:{number}"
+        sharing: dict[str, Any] = {}
         try:
-            name, key_text, grants, max_sessions = _grant_line(line, kind, where)
+            name, key_text, grants, max_sessions = _grant_line(line, kind, where, sharing)
             entry = entries.get(name)
+            if "principals" in sharing and "cert-authority" not in sharing:
+                raise ConfigError(where, "principals", "principals is only for a "
+                                  "cert-authority line", "add cert-authority before it")
+            for option, value in sharing.items():
+                if option not in _SHARING:
+                    continue
+                earlier = entry.sharing.get(option) if entry is not None else None
+                if earlier is not None and earlier[0] != value:
+                    raise ConfigError(
+                        where, option,
+                        f"{name} already has a different {option} (on {earlier[1]})",
+                        f"give {option} once per user, or the same on every line",
+                    )
             if max_sessions is not None and entry is not None:
                 value, written = max_sessions
                 if entry.max_sessions is not None and entry.max_sessions[0] != value:
@@ -259,7 +345,14 @@ def parse_grant_file(
             continue
         if entry is None:
             entry = entries[name] = _Entry(name, (where, ""), [], {}, {})
-        entry.keys.append((key_text, (where, "")))
+        expires, sources = sharing.get("expiry-time"), sharing.get("from")
+        if sharing.get("cert-authority"):
+            entry.authorities.append(CertAuthorityConfig(
+                key_text, tuple(sharing.get("principals", (name,))), expires, sources, where))
+        else:
+            entry.keys.append((key_text, (where, "")))
+            if expires is not None or sources is not None:
+                entry.limits.append(KeyLimitsConfig(key_text, expires, sources))
         for grant, written in grants:
             if isinstance(grant, int):
                 entry.ports.setdefault(grant, (where, written))
@@ -267,6 +360,9 @@ def parse_grant_file(
                 entry.services.setdefault(grant, (where, written))
         if max_sessions is not None:
             entry.max_sessions = (max_sessions[0], (where, max_sessions[1]))
+        for option, value in sharing.items():
+            if option in _SHARING:
+                entry.sharing[option] = (value, where)
     sites = []
     for entry in entries.values():
         principal = PrincipalConfig(
@@ -276,6 +372,11 @@ def parse_grant_file(
             services=tuple(entry.services),
             public_ports=tuple(entry.ports),
             max_sessions=None if entry.max_sessions is None else entry.max_sessions[0],
+            share=entry.sharing.get("share", (1.0, ""))[0],
+            rate_limit=_whole(entry.sharing.get("rate-limit")),
+            rate_burst=_whole(entry.sharing.get("rate-burst")),
+            key_limits=tuple(entry.limits),
+            authorities=tuple(entry.authorities),
         )
         sites.append(
             PrincipalSite(

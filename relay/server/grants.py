@@ -34,9 +34,13 @@ from twisted.logger import Logger
 
 from relay.config.checks import PrincipalSite, check_principals, config_sites
 from relay.config.errors import ConfigError
+from relay.config.grammar import public_key
 from relay.config.schema import RelayConfig, ServiceGrant
+from relay.core.certs import Authority, CertVerdict, is_certificate
 from relay.core.grants import AGENT, USER, Principal
+from relay.core.keylife import KeyLimits, parse_from
 from relay.server.grantfile import parse_grant_file
+from relay.server.keytrust import KeyTrust
 
 _log = Logger()
 
@@ -209,14 +213,33 @@ class Grants:
         self._observers: list[Callable[[GrantsChange], None]] = []
         self._pending: tuple[_Snapshot, ...] | None = None
         self._pending_polls = 0
+        self.trust = KeyTrust(relay.revoked_keys, lambda: self._wall_ns() / 1e9)
         self._seen = tuple(_read(path, kind) for path, kind in self._files)
         self._state = self._build(self._seen, strict=True)
 
     # --- lookups ---------------------------------------------------------
 
     def principal_for(self, key_blob: bytes) -> Principal | None:
-        """The agent or user whose key has this SSH wire blob (``Key.blob()``)."""
-        return self._state.by_key.get(key_blob)
+        """The agent or user whose key (or certificate that logged in) has this SSH wire
+        blob (``Key.blob()``), if it may be used now: not expired, not revoked."""
+        if is_certificate(key_blob):
+            return self.trust.certified(key_blob).principal
+        principal = self._state.by_key.get(key_blob)
+        if principal is None or not self.trust.usable(key_blob):
+            return None
+        return principal
+
+    def authenticate(self, key_blob: bytes, login: str, address: str) -> CertVerdict:
+        """Whether a key or certificate may log in now as ``login`` from ``address``
+        (``from=``, ``expiry-time``, certificates, the KRL): its principal or why not."""
+        if is_certificate(key_blob):
+            return self.trust.certificate(key_blob, login, address)
+        return self.trust.authenticate(key_blob, self._state.by_key.get(key_blob), login,
+                                       address)
+
+    def expires(self, key_blob: bytes) -> float | None:
+        """When a key or certificate that logged in stops being usable (Unix time)."""
+        return self.trust.expires(key_blob, is_certificate(key_blob))
 
     def principals(self) -> list[Principal]:
         """Every principal: config tables first, then the agents file, then the users file."""
@@ -232,8 +255,9 @@ class Grants:
 
     @property
     def watched(self) -> bool:
-        """Whether there are grant files to watch (config tables are read once)."""
-        return bool(self._files)
+        """Whether there are grant files or revoked keys to watch (config tables are
+        read once)."""
+        return bool(self._files) or self.trust.watched
 
     # --- reloading -------------------------------------------------------
 
@@ -242,7 +266,11 @@ class Grants:
         self._observers.append(observer)
 
     def poll(self) -> GrantsChange | None:
-        """Reload if a grant file changed and has settled; the change, or None."""
+        """Reload if a grant file changed and has settled; the change, or None.  A
+        changed ``revoked_keys`` is re-read at once and reported as an empty change (the
+        relay re-checks every connection against it)."""
+        if self.trust.pollKrl():
+            self._notify(GrantsChange({}))
         if not self._files or not self._changed():
             self._pending = None
             return None
@@ -265,6 +293,7 @@ class Grants:
         it names), re-read the files now and tell the observers what was lost.  The
         caller checked ``relay`` first (:func:`grant_problems`)."""
         self._relay = relay
+        self.trust.setPath(relay.revoked_keys)
         self._sites = config_sites(relay, self._source)
         self._files = [
             (path, kind)
@@ -292,12 +321,15 @@ class Grants:
             narrowed=len(change.narrowed),
             added=change.added,
         )
+        self._notify(change)
+        return change
+
+    def _notify(self, change: GrantsChange) -> None:
         for observer in list(self._observers):
             try:
                 observer(change)
             except Exception:
                 _log.failure("applying a grants change", event="grants_apply_failed")
-        return change
 
     def _changed(self) -> bool:
         now = self._wall_ns()
@@ -393,6 +425,8 @@ class Grants:
         owners: dict[str, Principal] = {}
         public_ports: dict[int, Principal] = {}
         origins: dict[bytes, str] = {}
+        limits: dict[bytes, KeyLimits] = {}
+        authorities: dict[bytes, list[Authority]] = {}
         principals = []
         for site, keys in zip(sites, blobs, strict=True):
             p = site.principal
@@ -405,14 +439,28 @@ class Grants:
                 services=p.services,
                 public_ports=frozenset(p.public_ports),
                 max_sessions=max_sessions,
+                share=p.share,
+                rate_limit=p.rate_limit,
+                rate_burst=p.rate_burst,
             )
             principals.append(principal)
+            for kl in p.key_limits:
+                limits[public_key(kl.key)[0]] = _limits(kl.expires, kl.sources)
+            for ca in p.authorities:
+                authorities.setdefault(public_key(ca.key)[0], []).append(Authority(
+                    public_key(ca.key)[0], principal, frozenset(ca.principals),
+                    _limits(ca.expires, ca.sources), ca.where))
             by_key.update(dict.fromkeys(keys, principal))
             origins.update(dict.fromkeys(keys, site.name_at[0]))
             if p.kind == AGENT:
                 owners.update(dict.fromkeys((g.name for g in p.services), principal))
                 public_ports.update(dict.fromkeys(p.public_ports, principal))
+        self.trust.setGrants(limits, authorities)
         return _State(by_key, tuple(principals), owners, public_ports, origins)
+
+
+def _limits(expires: float | None, sources: str | None) -> KeyLimits:
+    return KeyLimits(expires, parse_from(sources) if sources is not None else None)
 
 
 def _file_text(file: _Snapshot) -> str:

@@ -32,10 +32,12 @@ from relay.datapath.splicing import SplicedPair
 from relay.server import audit
 from relay.server.dataconn import PairingError
 from relay.server.dataport import DataPort
+from relay.server.expiry import KeyExpiry
 from relay.server.grants import Grants, GrantsChange, GrantsWatcher, Principal
 from relay.server.idle import IdleSweeper
 from relay.server.public import PublicPorts
 from relay.server.resumes import RelayResumes
+from relay.server.sharing import Sharing
 from relay.server.status import relay_status
 from relay.server.waiting import Waiting
 from relay.ssh.channels import BridgedChannel
@@ -84,6 +86,9 @@ class RelayCore:
         self.resumes = RelayResumes(reactor, config.resume_grace)
         self.resume = self.resumes.sessions
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
+        self.sharing = Sharing(grants, reactor)
+        self.expiry = KeyExpiry(self)
+        grants.subscribe(lambda _change: self.sharing.refresh())
         grants.subscribe(self.grantsChanged)
 
     # connection admission
@@ -125,6 +130,7 @@ class RelayCore:
     def sessionStarted(self, conn: RelayConnection) -> None:
         self.connections.add(conn)
         ident = conn.identity
+        self.expiry.watch(ident.key_blob)
         self._log.info(
             "{kind} {name} connected from {peer}", event="relay_connected",
             kind=ident.kind, name=ident.name, peer=conn.peer,
@@ -294,6 +300,8 @@ class RelayCore:
         d.addCallback(lambda reg: self.openToAgent(reg, port, origin, session))
 
         def connected(agent_channel: BridgedChannel) -> BridgedChannel:
+            self.sharing.tag(channel, principal.name)
+
             def not_opened(_: object) -> None:
                 agent_channel.abort()
                 self.sessionEnded(session, 0, 0, "user channel did not open")
@@ -334,7 +342,11 @@ class RelayCore:
         agent: Any = reg.session
         if session is not None:
             session.agent = agent
-        return agent.openForwarded(reg.bind, port, host, int(oport or 0))
+        d: defer.Deferred[BridgedChannel] = agent.openForwarded(reg.bind, port, host,
+                                                                int(oport or 0))
+        if session is not None:
+            d.addCallback(self.sharing.tagAgentChannel, session.user)
+        return d
 
     # the fast path's sessions (relay.server.dataport pairs them)
 
@@ -360,10 +372,14 @@ class RelayCore:
         self.sessionEnded(session, 0, 0, "fast path pairing failed")
 
     def bridge(self, session: SessionRow, user_side: Any, agent_side: BridgedChannel) -> Bridge:
+        limiter = self.sharing.limiter(session.user, user_side)
+
         def ended(to_service: int, from_service: int) -> None:
+            if limiter is not None:
+                limiter.release()  # type: ignore[attr-defined]
             self.sessionEnded(session, to_service, from_service, "bridge closed")
 
-        bridge = Bridge(user_side, agent_side, onClosed=ended)
+        bridge = Bridge(user_side, agent_side, onClosed=ended, onData=limiter)
         if isinstance(agent_side, ResumableSide):
             agent_side.row = session
 
@@ -416,7 +432,10 @@ class RelayCore:
         why.  A narrowed agent loses the registrations it may no longer hold (and
         their sessions; a ``grant-revoked@labrelay`` tells it which); a narrowed user
         loses its sessions to services it may no longer reach.  Decisions use the
-        grants now in force; ``change`` only says whose things to look at."""
+        grants now in force; ``change`` only says whose things to look at.  Keys that
+        are no longer usable for a reason a diff cannot show (expired, revoked by the
+        KRL, a certificate whose CA went) go too (:meth:`KeyExpiry.recheck`)."""
+        self.expiry.recheck(skip=change.losses.keys())
         if not change.losses:
             return
         for session in self.sessions.rows():
@@ -440,6 +459,18 @@ class RelayCore:
                 for reg in self.router.no_longer_held(conn):
                     self._dropRegistration(reg, f"{_label(reg)} is no longer granted to "
                                            f"agent {conn.principal_name}", tell=True)
+
+    def endKey(self, key_blob: bytes, why: str) -> None:
+        """Close every session and connection of ``key_blob`` (it expired or was revoked)."""
+        for session in [s for s in self.sessions.rows() if s.key == key_blob]:
+            self._closeSession(session, why)
+        for conn in [c for c in self.connections if c.identity.key_blob == key_blob]:
+            for reg in self.registry.held_by(conn):
+                self._dropRegistration(reg, why, tell=False)
+            self._log.warn("{kind} {name} at {peer}: {why}; disconnecting",
+                           event="relay_key_ended", kind=conn.identity.kind,
+                           name=conn.principal_name, peer=conn.peer, why=why)
+            conn.disconnect(why)
 
     def _revokeConnection(self, conn: RelayConnection, where: str) -> None:
         for reg in self.registry.held_by(conn):
@@ -496,6 +527,7 @@ class RelayCore:
 
     def stop(self) -> defer.Deferred[Any]:
         self.grantsWatcher.stop()
+        self.expiry.stop()
         self.idle.stop()
         stopping = self.publicPorts.stop()
         data = self.dataport.stop()
@@ -511,6 +543,7 @@ class RelayCore:
             self.sessions, sorted(self.publicPorts.listeners),
             {"held_sessions": self.resume.status(),
              "fast_path": self.dataport.status(), "admission": self.admission.status(),
+             "sharing": self.sharing.status(self.connections),
              "counters": dict(self.counters),
              "bound": str(self.bound) if self.bound is not None else None,
              "service_grants": [
@@ -529,14 +562,21 @@ class _SplicedRow:
 
     def __init__(self, core: RelayCore, session: SessionRow, agent: Any) -> None:
         self.core, self.session, self.agent = core, session, agent
+        self._unlimit: Callable[[], None] | None = None
 
     def pairStarted(self, pair: SplicedPair) -> None:
         def meter() -> tuple[int, int]:
             moved = pair.bytes()
             return moved.a_to_b, moved.b_to_a
 
+        # The user's rate limit, if any: the pump pauses the direction in debt.
+        self._unlimit = self.core.sharing.limitSpliced(
+            self.session.user, meter, lambda up, down: pair.pause(up, down))
         self.core._moving(self.session, meter, pair.abort, self.agent)
 
     def pairEnded(self, pair: SplicedPair, result: Any) -> None:
+        if self._unlimit is not None:
+            self._unlimit()
+            self._unlimit = None
         moved = pair.bytes()
         self.core.sessionEnded(self.session, moved.a_to_b, moved.b_to_a, "spliced pair done")

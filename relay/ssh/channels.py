@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from relay.config.schema import DEFAULT_MAX_PACKET, DEFAULT_WINDOW
+from relay.ssh.wire import SHARE, unpack_share
 
 if TYPE_CHECKING:
     from relay.datapath.bridge import Bridge
@@ -54,6 +55,9 @@ class BridgedChannel(SSHChannel):
             conn=conn,
         )
         self.name = name
+        # Whose bytes these are, for the link's fair share (relay.ssh.connection): set
+        # by the relay, and at the agent by the relay's ``share@labrelay`` request.
+        self.shareUser = ""
         self.bridge: Bridge | None = None
         self.opened: defer.Deferred[BridgedChannel] = defer.Deferred()
         self._early: list[bytes] = []
@@ -100,11 +104,35 @@ class BridgedChannel(SSHChannel):
             self.bridge.eofReceived(self)
         self._maybeFinish()
 
+    def requestReceived(self, requestType: bytes, data: bytes) -> int:
+        """``share@labrelay`` (the relay says whose session this is); anything else is
+        refused, as Conch does."""
+        if requestType != SHARE:
+            return 0
+        try:
+            user, weight = unpack_share(data)
+        except ValueError:
+            self._log.warn("malformed {request} request; ignored", request=SHARE.decode(),
+                           event="share_malformed")
+            return 0
+        self.shareUser = user
+        scheduler = getattr(self.conn, "scheduler", None)
+        if scheduler is not None:
+            scheduler.set_weight(user, weight)
+        return 1
+
     def closeReceived(self) -> None:
         """The peer closed: what is still queued for it can never be sent."""
         self.peerClosed = True
-        self._queued.clear()
+        self._discard()
         self.conn.sendClose(self)
+
+    def _discard(self) -> None:
+        """Drop what waits for the peer, here and in the link's scheduler."""
+        self._queued.clear()
+        discard = getattr(self.conn, "discard", None)
+        if discard is not None:
+            discard(self)
 
     def closed(self) -> None:
         self._isClosed = True
@@ -255,5 +283,5 @@ class BridgedChannel(SSHChannel):
             self.loseConnection()
 
     def abort(self) -> None:
-        self._queued.clear()
+        self._discard()
         self.conn.sendClose(self)

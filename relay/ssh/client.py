@@ -247,20 +247,46 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         self.ready.callback(conn)
 
 
+class _Certificate(keys.Key):
+    """The public key Conch's client userauth offers, for an OpenSSH certificate: the
+    certificate's algorithm name and blob are sent, and the signature is the certified
+    key's own (PROTOCOL.certkeys)."""
+
+    def __init__(self, key: keys.Key, blob: bytes) -> None:
+        super().__init__(key.public()._keyObject)
+        self._key = key
+        self._blob = blob
+
+    def sshType(self) -> bytes:
+        return common.getNS(self._blob)[0]
+
+    def blob(self) -> bytes:
+        return self._blob
+
+
 class LinkUserAuth(userauth.SSHUserAuthClient):
-    """Public-key authentication with the link's identities, nothing else."""
+    """Public-key authentication with the link's identities, nothing else; an identity
+    with a certificate beside it (:class:`relay.ssh.identity.CertifiedKey`) offers the
+    certificate first, then the plain key, as ssh(1) does."""
 
     preferredOrder = [b"publickey"]
 
     def __init__(self, link: LinkOwner, conn: LinkConnection) -> None:
         super().__init__(link.config.user.encode(), conn)
-        self._keys = list(link.identities)
+        self._keys: list[tuple[Identity, bytes]] = []
+        for key in link.identities:
+            certificate = getattr(key, "certificate", b"")
+            if certificate:
+                self._keys.append((key, certificate))
+            self._keys.append((key, b""))
         self._current: Identity | None = None
 
-    def getPublicKey(self) -> keys.Key | None:
+    def getPublicKey(self) -> Any:
         if not self._keys:
             return None
-        self._current = self._keys.pop(0)
+        self._current, certificate = self._keys.pop(0)
+        if certificate and isinstance(self._current, keys.Key):
+            return _Certificate(self._current, certificate)
         return self._current.public()
 
     def getPrivateKey(self) -> defer.Deferred[keys.Key]:

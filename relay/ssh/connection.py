@@ -10,16 +10,24 @@ re-opened by the channel itself, after its bytes were accepted downstream (see
 * lets ``getChannel`` answer with a Deferred, so an incoming channel is
   confirmed only once its target is connected (as OpenSSH does), and refused
   with a reason when it cannot be;
-* acts as the push producer of the link's TCP transport: when the link's write
-  buffer is above its high-water mark every channel is told the link is
-  congested, which pauses the TCP sources feeding them.  The SSH transport's
-  queue during a key exchange counts the same way (``keyExchangeBacklog``, from
-  :mod:`relay.ssh.aead`): the link is congested while either is full.
+* acts as the push producer of the link's TCP transport and shares the link
+  fairly when it is congested: while the link's write buffer is above its
+  high-water mark (or the SSH transport's queue during a key exchange is full,
+  ``keyExchangeBacklog`` from :mod:`relay.ssh.aead`), what channels send waits in a
+  :class:`relay.core.fairshare.FairScheduler` and leaves, as the link drains, by
+  deficit round-robin per user (``channel.shareUser``, weights from
+  ``scheduler.set_weight``) then per session, small packets of idle sessions first.
+  A channel with more than ``CHANNEL_QUEUE`` bytes waiting is told the link is
+  congested *for it* (``linkCongested``), which pauses the source feeding it, the
+  same pause as before, per channel instead of all at once; it resumes below
+  ``CHANNEL_RESUME``.  A channel's EOF and close wait behind its queued data.
 """
 
 from __future__ import annotations
 
+import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from twisted.conch import error
@@ -31,11 +39,19 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.core.fairshare import FairScheduler
+
 MAX_WINDOW = 0xFFFFFFFF
 OPEN_CONNECT_FAILED = connection.OPEN_CONNECT_FAILED
 OPEN_ADMINISTRATIVELY_PROHIBITED = connection.OPEN_ADMINISTRATIVELY_PROHIBITED
 OPEN_UNKNOWN_CHANNEL_TYPE = connection.OPEN_UNKNOWN_CHANNEL_TYPE
 LINK_BUFFER = 128 * 1024  # like OpenSSH: stop feeding channels past 128 KiB queued
+CHANNEL_QUEUE = 128 * 1024
+"""Bytes a channel may have waiting for a congested link before its source pauses:
+enough that every active session always has a packet ready for its turn."""
+CHANNEL_RESUME = CHANNEL_QUEUE // 2
+UNSENT_LOWAT = LINK_BUFFER
+"""Unsent bytes the kernel may hold for the link (TCP_NOTSENT_LOWAT)."""
 
 
 def refused_by_peer(failure: Failure) -> bool:
@@ -53,18 +69,30 @@ class FlowConnection(connection.SSHConnection):
     """An ``ssh-connection`` service whose channels own their receive windows.
 
     It is the push producer of the link's TCP transport (:meth:`serviceStarted`
-    registers it): a full TCP write buffer pauses every channel's source."""
+    registers it): while the TCP write buffer is full, what channels send waits in
+    :attr:`scheduler` (fair share), and a channel with too much waiting has its own
+    source paused (see the module docstring)."""
 
     _log = Logger()
     transport: Any  # the SSH transport, set by Conch before any packet arrives
 
     def __init__(self) -> None:
         super().__init__()
-        self.congested = False
         self._tcpFull = False  # the TCP write buffer is over its high-water mark
         self._kexFull = False  # packets queued during a key exchange are over LINK_BUFFER
         self._pendingOpens = 0
+        # What channels send while the link is congested, and the channels whose
+        # sources are paused because too much of theirs waits there.
+        self.scheduler: FairScheduler[bytes | Callable[[], None]] = FairScheduler()
+        self._held: set[Any] = set()
+        self._closing: set[Any] = set()  # channels whose CLOSE waits behind their data
+        self._draining = False
         self._stopped = False  # serviceStopped: nothing more is sent
+
+    @property
+    def congested(self) -> bool:
+        """Whether the link takes no more bytes now (TCP or key-exchange queue full)."""
+        return self._tcpFull or self._kexFull
 
     # service life
 
@@ -79,43 +107,113 @@ class FlowConnection(connection.SSHConnection):
             if hasattr(tcp, "bufferSize"):
                 tcp.bufferSize = LINK_BUFFER
             tcp.registerProducer(self, True)
+            _limitUnsent(tcp)
 
     # IPushProducer for the link's TCP transport
 
     def pauseProducing(self) -> None:
         self._tcpFull = True
-        self._setCongested()
 
     def resumeProducing(self) -> None:
         self._tcpFull = False
-        self._setCongested()
+        self._drain()
 
     def keyExchangeBacklog(self, full: bool) -> None:
         """The transport's queue of packets waiting for a key exchange to finish is
         over (or back under) ``LINK_BUFFER``: the same as a full TCP buffer."""
         self._kexFull = full
-        self._setCongested()
-
-    def _setCongested(self) -> None:
-        congested = self._tcpFull or self._kexFull
-        if congested == self.congested:
-            return
-        self.congested = congested
-        for channel in list(self.channels.values()):
-            hook = getattr(channel, "linkCongested", None)
-            if hook is not None:
-                hook(congested)
+        if not full:
+            self._drain()
 
     def stopProducing(self) -> None:
         """The link is closing; ``serviceStopped`` follows."""
 
+    # fair share of a congested link
+
     def sendData(self, channel: Any, data: bytes) -> None:
+        """Send now if the link takes it and nothing of this channel waits; else queue
+        it for the scheduler."""
+        if self.congested or self.scheduler.queued(channel):
+            self._queue(channel, bytes(data), len(data))
+            if not self.congested:
+                self._drain()
+        else:
+            self._write(channel, data)
+
+    def _write(self, channel: Any, data: bytes) -> None:
         """Conch's, framed by the transport in one copy when it can (relay.ssh.aead)."""
         send = getattr(self.transport, "sendChannelData", None)
         if send is None or channel.localClosed:
             super().sendData(channel, data)
         else:
             send(self.channelsToRemoteChannel[channel], data)
+
+    def _queue(self, channel: Any, item: bytes | Callable[[], None], size: int) -> None:
+        scheduler = self.scheduler
+        scheduler.push(channel, getattr(channel, "shareUser", ""), item, size)
+        if channel not in self._held and scheduler.queued(channel) > CHANNEL_QUEUE:
+            self._held.add(channel)
+            hook = getattr(channel, "linkCongested", None)
+            if hook is not None:
+                hook(True)
+
+    def _drain(self) -> None:
+        """Send what waits, in the scheduler's order, while the link takes it."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            scheduler = self.scheduler
+            while scheduler and not self.congested and self.transport is not None:
+                popped = scheduler.pop()
+                if popped is None:
+                    break
+                channel, item = popped
+                if callable(item):
+                    item()
+                else:
+                    self._write(channel, item)
+                if channel in self._held and scheduler.queued(channel) <= CHANNEL_RESUME:
+                    self._held.discard(channel)
+                    hook = getattr(channel, "linkCongested", None)
+                    if hook is not None:
+                        hook(False)
+        finally:
+            self._draining = False
+
+    def sendEOF(self, channel: Any) -> None:
+        if self.scheduler.queued(channel):
+            self._queue(channel, lambda: connection.SSHConnection.sendEOF(self, channel), 0)
+        else:
+            super().sendEOF(channel)
+
+    def sendClose(self, channel: Any) -> None:
+        if channel in self._closing:
+            return
+        if self.scheduler.queued(channel):
+            self._closing.add(channel)
+
+            def close() -> None:
+                self._closing.discard(channel)
+                connection.SSHConnection.sendClose(self, channel)
+
+            self._queue(channel, close, 0)
+        else:
+            super().sendClose(channel)
+
+    def discard(self, channel: Any) -> None:
+        """Forget what ``channel`` has waiting (it is aborted, or its peer closed)."""
+        self.scheduler.drop(channel)
+        self._held.discard(channel)
+        self._closing.discard(channel)
+
+    def channelClosed(self, channel: Any) -> None:
+        self.discard(channel)
+        super().channelClosed(channel)
+
+    def queueStatus(self) -> dict[str, int]:
+        """Bytes waiting for the link per user (status)."""
+        return self.scheduler.users()
 
     def packetReceived(self, messageNum: int, packet: bytes) -> None:
         try:
@@ -200,8 +298,6 @@ class FlowConnection(connection.SSHConnection):
             )
             + channel.specificData,
         )
-        if self.congested:
-            channel.linkCongested(True)
         channel.channelOpen(data)
 
     def _failOpen(self, senderChannel: int, f: Failure) -> None:
@@ -228,8 +324,6 @@ class FlowConnection(connection.SSHConnection):
             self._protocolError("maximum packet size 0")
             return
         super().ssh_CHANNEL_OPEN_CONFIRMATION(packet)
-        if self.congested and hasattr(channel, "linkCongested"):
-            channel.linkCongested(True)
 
     def ssh_CHANNEL_OPEN_FAILURE(self, packet: bytes) -> None:
         if self._channel(packet, opened=False, size=8) is not None:
@@ -311,7 +405,28 @@ class FlowConnection(connection.SSHConnection):
 
     def serviceStopped(self) -> None:
         self._stopped = True
+        self.scheduler = FairScheduler()
+        self._held.clear()
+        self._closing.clear()
         super().serviceStopped()
+
+
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
+def _limitUnsent(tcp: Any) -> None:
+    """Keep at most ``LINK_BUFFER`` unsent bytes in the kernel's socket buffer too
+    (``TCP_NOTSENT_LOWAT``): on a link slower than the machine, the kernel would
+    otherwise queue megabytes in front of every scheduled packet (at 20 MB/s, 4 MB is
+    200 ms before a keystroke's echo), and the order the scheduler chose would only
+    apply behind them."""
+    sock = getattr(tcp, "socket", None)
+    if sock is None or getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, UNSENT_LOWAT)
+    except OSError:
+        pass  # not Linux/BSD: the kernel's buffer stays as it is
 
 
 def _openError(e: error.ConchError) -> tuple[int, str]:

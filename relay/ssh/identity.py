@@ -10,13 +10,17 @@ one to ask) and anything that is not a key.
 
 from __future__ import annotations
 
+import base64
 import os
 import shlex
 import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.hazmat.primitives.serialization import (
+    load_pem_private_key,
+    load_ssh_public_identity,
+)
 from twisted.conch.ssh.keys import BadKeyError, EncryptedKeyError, Key
 
 from relay.config.errors import ConfigError
@@ -48,8 +52,17 @@ def default_identity_paths(home: Path | None = None) -> list[Path]:
     return [ssh_dir / name for name in _DEFAULT_NAMES if (ssh_dir / name).is_file()]
 
 
+class CertifiedKey(Key):
+    """A private key with the OpenSSH certificate found beside it (``KEY-cert.pub``, as
+    ssh(1) loads it): the link offers the certificate first, then the plain key."""
+
+    certificate: bytes = b""  # the certificate's SSH wire blob
+
+
 def load_identity(path: Path) -> Key:
-    """The private key in ``path``, or :class:`IdentityError`.
+    """The private key in ``path``, or :class:`IdentityError`; a :class:`CertifiedKey`
+    when ``path-cert.pub`` holds an OpenSSH certificate of that key (Ed25519 or ECDSA:
+    the signature algorithm of an RSA certificate is not negotiated here).
 
     The file must be a regular file that neither group nor others can read or
     write (``mode & 0o077 == 0``), like OpenSSH requires.
@@ -59,7 +72,28 @@ def load_identity(path: Path) -> Key:
     key = _parse(path, data)
     if key.isPublic():
         raise _public_key_error(path)
+    certificate = _certificate_beside(path, key)
+    if certificate:
+        certified = CertifiedKey(key._keyObject)
+        certified.certificate = certificate
+        return certified
     return key
+
+
+def _certificate_beside(path: Path, key: Key) -> bytes:
+    """The blob of ``path``-cert.pub if it certifies ``key``; else empty (a stale or
+    unrelated certificate file is ignored, as ssh ignores it)."""
+    cert_path = path.with_name(path.name + "-cert.pub")
+    if key.type() == "RSA" or not cert_path.is_file():
+        return b""
+    try:
+        fields = cert_path.read_text().split()
+        blob = base64.b64decode(fields[1])
+        cert = load_ssh_public_identity(f"{fields[0]} {fields[1]}".encode())
+        signed = Key(cert.public_key()).blob()  # type: ignore[union-attr]
+    except Exception:  # unreadable or not a certificate: the plain key is still used
+        return b""
+    return blob if signed == key.public().blob() else b""
 
 
 def read_key_file(path: Path) -> bytes:

@@ -10,9 +10,10 @@ from typing import Any, Protocol
 
 from twisted.conch import error
 from twisted.conch.avatar import ConchUser
+from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import common, keys, userauth
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import ISSHPrivateKey
+from twisted.cred.credentials import ISSHPrivateKey, SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -20,6 +21,7 @@ from zope.interface import implementer
 
 from relay.config.schema import RelayConfig
 from relay.core.admission import Offence
+from relay.core.certs import CertVerdict, is_certificate, parse_certificate
 from relay.core.grants import Principal
 from relay.ssh import policy
 
@@ -35,6 +37,11 @@ class PrincipalLookup(Protocol):
 
     def principal_for(self, key_blob: bytes) -> Principal | None:
         """The principal a public key (SSH wire blob) belongs to, if granted."""
+
+    def authenticate(self, key_blob: bytes, login: str, address: str) -> CertVerdict:
+        """Whether a key or certificate may log in now as ``login`` from ``address``:
+        its principal, or the reason it may not (``expiry-time``, ``from=``, a
+        certificate's checks, the KRL)."""
 
 
 class AuthHandler(Protocol):
@@ -77,9 +84,12 @@ class GrantChecker:
         self.core = core
 
     def requestAvatarId(self, credentials: Any) -> Any:
-        principal = self.core.grants.principal_for(credentials.blob)
+        login = (credentials.username or b"").decode("utf-8", "replace")
+        verdict = self.core.grants.authenticate(credentials.blob, login,
+                                                getattr(credentials, "peer", ""))
+        principal = verdict.principal
         if principal is None:
-            return defer.fail(UnauthorizedLogin("key not granted"))
+            return defer.fail(UnauthorizedLogin(verdict.reason or "key not granted"))
         if not credentials.signature:
             return defer.fail(error.ValidPublicKey())
         try:
@@ -90,7 +100,10 @@ class GrantChecker:
                 return defer.fail(UnauthorizedLogin(
                     f"signature algorithm {signed_with[:40]!r} is not accepted "
                     f"(use one of {b','.join(policy.USER_KEY_ALGORITHMS).decode()})"))
-            key = keys.Key.fromString(credentials.blob)
+            if is_certificate(credentials.blob):
+                key = keys.Key(parse_certificate(credentials.blob).public_key())
+            else:
+                key = keys.Key.fromString(credentials.blob)
             if key.verify(credentials.signature, credentials.sigData):
                 return defer.succeed(Identity(credentials.blob, principal))
         except Exception:  # a malformed key or signature is a failed login
@@ -106,8 +119,22 @@ class RelayAvatar(ConchUser):
         self.identity = identity
 
 
+class _PeerPortal:
+    """The factory's portal, adding the peer's address to every credential: ``from=``
+    and a certificate's ``source-address`` are decided with it."""
+
+    def __init__(self, portal: Any, address: str) -> None:
+        self._portal = portal
+        self._address = address
+
+    def login(self, credentials: Any, mind: Any, *interfaces: Any) -> Any:
+        credentials.peer = self._address
+        return self._portal.login(credentials, mind, *interfaces)
+
+
 class RelayUserAuth(userauth.SSHUserAuthServer):
-    """Conch's userauth with the relay's grace time and attempt cap."""
+    """Conch's userauth with the relay's grace time and attempt cap, and OpenSSH user
+    certificates (which Conch cannot parse) accepted by the grants."""
 
     def serviceStarted(self) -> None:
         core: AuthHandler = self.transport.factory.core  # type: ignore[union-attr]
@@ -116,6 +143,8 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
         self.clock = core.reactor
         super().serviceStarted()
         self.supportedAuthentications = [b"publickey"]
+        peer = self.transport.transport.getPeer()  # type: ignore[union-attr]
+        self.portal = _PeerPortal(self.portal, str(getattr(peer, "host", "")))
 
     def ssh_USERAUTH_REQUEST(self, packet: bytes) -> Any:
         """Conch's, except that an overlong user name, service or method fails the
@@ -141,11 +170,33 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
         a type), so a blob that looks like an LSH key reached an ``assert`` in its
         s-expression parser before authentication (found by tests/fuzz ``userauth``)."""
         try:
-            _, blob, _ = common.getNS(packet[1:], 2)
+            algorithm, blob, rest = common.getNS(packet[1:], 2)
+            if is_certificate(blob):
+                return self._authCertificate(packet, algorithm, blob, rest)
             keys.Key.fromString(blob, type="blob")
         except Exception:  # a key Conch cannot parse is a failed login, nothing more
             return defer.fail(UnauthorizedLogin("unsupported key type or malformed key"))
         return super().auth_publickey(packet)
+
+    def _authCertificate(self, packet: bytes, algorithm: bytes, blob: bytes,
+                         rest: bytes) -> Any:
+        """Conch's ``auth_publickey`` for a certificate: the same signed data (RFC 4252
+        §7, with the certificate as the key blob), checked by :class:`GrantChecker`."""
+        hasSig = packet[0]
+        if not hasSig:
+            c = SSHPrivateKey(self.user, algorithm, blob, None, None)
+            return self.portal.login(c, None, IConchUser).addErrback(
+                self._ebCheckKey, packet[1:])
+        signature = common.getNS(rest)[0]
+        transport: Any = self.transport
+        user: bytes = self.user or b""
+        service: bytes = self.nextService or b""
+        signed = (common.NS(transport.sessionID) + bytes((userauth.MSG_USERAUTH_REQUEST,))
+                  + common.NS(user) + common.NS(service)
+                  + common.NS(b"publickey") + bytes((hasSig,)) + common.NS(algorithm)
+                  + common.NS(blob))
+        c = SSHPrivateKey(self.user, algorithm, blob, signed, signature)
+        return self.portal.login(c, None, IConchUser)
 
     def _ebBadAuth(self, reason: Failure) -> None:
         if self.method == b"publickey" and reason.check(UnauthorizedLogin):

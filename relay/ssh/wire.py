@@ -66,3 +66,31 @@ def unpack_grant_revoked(data: bytes) -> tuple[str, int, str]:
                 why[:_MAX_REASON].decode("utf-8", "replace"))
     except (struct.error, IndexError) as e:
         raise ValueError(f"malformed grant-revoked request: {e}") from e
+
+
+SHARE = b"share@labrelay"
+"""Relay -> agent channel request on a ``forwarded-tcpip`` channel, no reply wanted (a
+stock ssh ignores it): the user the session belongs to and that user's weight, so the
+agent schedules its side of a congested link per user too (docs/sharing.md)."""
+
+_MAX_USER = 100
+_MAX_WEIGHT = 100.0
+
+
+def pack_share(user: str, weight: float) -> bytes:
+    """``share@labrelay``: the user's name (UTF-8) and weight (a decimal string)."""
+    return common.NS(user.encode("utf-8")[:4 * _MAX_USER]) + common.NS(f"{weight:g}".encode())
+
+
+def unpack_share(data: bytes) -> tuple[str, float]:
+    """The user and weight; a weight outside 0.01..100 is clamped into it."""
+    try:
+        user, rest = common.getNS(data)
+        weight_text, _ = common.getNS(rest)
+        weight = float(weight_text.decode("ascii"))
+    except (struct.error, IndexError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"malformed share request: {e}") from e
+    if weight != weight:  # NaN
+        raise ValueError("malformed share request: weight is not a number")
+    name = user.decode("utf-8", "replace")[:_MAX_USER]
+    return name, min(max(weight, 0.01), _MAX_WEIGHT)

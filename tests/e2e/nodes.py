@@ -222,7 +222,7 @@ class NsRelay(RelayNode):
 
 def relay_toml(address: str, port: int, state: Path, agents: list[tuple[str, KeyPair, list[str],
                list[int]]], users: list[tuple[str, KeyPair, list[str]]], extra: str = "",
-               admin_port: int = 7022) -> str:
+               admin_port: int = 7022, user_settings: dict[str, str] | None = None) -> str:
     def strings(xs: list[str]) -> str:
         return ", ".join(f'"{x}"' for x in xs)
 
@@ -235,6 +235,8 @@ def relay_toml(address: str, port: int, state: Path, agents: list[tuple[str, Key
     for name, key, services in users:
         text += (f'\n[[relay.user]]\nname = "{name}"\nkeys = ["{key.public}"]\n'
                  f"services = [{strings(services)}]\n")
+        if user_settings and name in user_settings:
+            text += user_settings[name] + "\n"
     return text
 
 
@@ -368,7 +370,12 @@ class Site:
 
     # -- cloud: the labrelay relay
 
-    def start_relay(self, extra: str = "", name: str = "relay") -> NsRelay:
+    def start_relay(self, extra: str = "", name: str = "relay",
+                    user_settings: dict[str, str] | None = None,
+                    user_services: dict[str, list[str]] | None = None) -> NsRelay:
+        """The relay on cloud; ``user_settings`` adds lines to a user's ``[[relay.user]]``
+        table (``{"alice": "share = 2"}``), ``user_services`` replaces a user's grants."""
+        grants = {**USER_GRANTS, **(user_services or {})}
         k = self.keys
         directory = self.dir / "relay"
         directory.mkdir(exist_ok=True)
@@ -377,8 +384,8 @@ class Site:
             CLOUD, RELAY_PORT, directory / "state",
             [("lab_pc", k.lab_pc, ["gpu-cluster:22", "data:9000", f"echo:{ECHO_PORT}"],
               [PUBLIC_PORT, DATA_PUBLIC_PORT])],
-            [(u, getattr(k, u), s) for u, s in USER_GRANTS.items()],
-            extra=RELAY_SETTINGS + extra,
+            [(u, getattr(k, u), s) for u, s in grants.items()],
+            extra=RELAY_SETTINGS + extra, user_settings=user_settings,
         ))
         proc = self.process("cloud", audited_relay_argv("relay", "--log-format", "json",
                                                         "--config", str(config)), name=name)

@@ -37,11 +37,13 @@ from twisted.python.failure import Failure
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import (
+    CHANNEL_QUEUE,
     LINK_BUFFER,
     OPEN_ADMINISTRATIVELY_PROHIBITED,
     OPEN_CONNECT_FAILED,
     FlowConnection,
 )
+from relay.ssh.wire import SHARE, pack_share, unpack_share
 from relay.testing import FakeSSHTransport, FakeTCPTransport
 
 WINDOW = 64 * 1024  # our receive window (small, so tests move few bytes)
@@ -358,33 +360,110 @@ def test_channel_congested_before_the_bridge_pauses_tcp_at_once() -> None:
 # --- link congestion -------------------------------------------------------
 
 
-def test_link_congestion_pauses_and_resumes_every_tcp_source() -> None:
+def test_a_congested_link_pauses_a_source_only_past_its_own_queue() -> None:
     link = StringTransport()
     link.bufferSize = 65536  # type: ignore[attr-defined]
     h = Harness(linkTCP=link)
     assert link.producer is h.conn and link.streaming
     assert link.bufferSize == LINK_BUFFER  # type: ignore[attr-defined]
-    sessions = [h.session(peerId=PEER_ID + i) for i in range(3)]
-    transports = [s[2] for s in sessions]
+    (_bulk, bulkTCP, bulkT, _), (_chat, chatTCP, chatT, _) = (
+        h.session(peerId=PEER_ID), h.session(peerId=PEER_ID + 1))
     h.conn.pauseProducing()
-    assert [t.producerState for t in transports] == ["paused"] * 3
-    # a channel opened while the link is congested starts paused too
-    _ch, _tcp, late, _b = h.session(peerId=PEER_ID + 9)
-    assert late.producerState == "paused"
+    assert h.conn.congested
+    chatTCP.dataReceived(b"ls\n")
+    for _ in range(CHANNEL_QUEUE // 16384 + 1):
+        bulkTCP.dataReceived(bytes(16384))
+    assert h.ssh.data() == b""  # everything waits for the link
+    assert bulkT.producerState == "paused"  # past its own queue
+    assert chatT.producerState == "producing"  # a few bytes: keeps reading
     h.conn.resumeProducing()
-    assert [t.producerState for t in [*transports, late]] == ["producing"] * 4
+    assert bulkT.producerState == "producing"
+    assert h.ssh.dataPackets()[0] == b"ls\n"  # the idle session's small packet first
+    assert len(h.ssh.data()) == 3 + (CHANNEL_QUEUE // 16384 + 1) * 16384
+    assert not h.conn.scheduler
+
+
+def test_a_congested_link_is_shared_per_user_then_per_session() -> None:
+    """One session of alice and three of bob, all with data waiting: alice's and bob's
+    packets alternate as the link drains, and bob's three take turns among themselves."""
+    h = Harness(linkTCP=StringTransport())
+    sessions = [h.session(peerId=PEER_ID + i) for i in range(4)]
+    owners = ["alice", "bob", "bob", "bob"]
+    for (channel, _tcp, _t, _b), user in zip(sessions, owners, strict=True):
+        channel.shareUser = user
+    h.conn.pauseProducing()
+    for _ in range(6):
+        for _channel, tcp, _t, _b in sessions:
+            tcp.dataReceived(bytes(32 * 1024))
+    h.conn.resumeProducing()
+    by_peer = {PEER_ID + i: owners[i] for i in range(4)}
+    order = [struct.unpack(">L", p[:4])[0] for p in h.ssh.of(MSG_CHANNEL_DATA)]
+    users = [by_peer[peer] for peer in order]
+    # while both have data waiting, they alternate
+    assert users[:12] == ["alice", "bob"] * 6
+    assert order[1:12:2] == [PEER_ID + 1, PEER_ID + 2, PEER_ID + 3] * 2
+
+
+def test_weights_give_a_user_more_turns() -> None:
+    h = Harness(linkTCP=StringTransport())
+    (a, aTCP, _, _), (b, bTCP, _, _) = h.session(peerId=PEER_ID), h.session(peerId=PEER_ID + 1)
+    a.shareUser, b.shareUser = "alice", "bob"
+    h.conn.scheduler.set_weight("alice", 2)
+    h.conn.pauseProducing()
+    for _ in range(6):
+        aTCP.dataReceived(bytes(32 * 1024))
+        bTCP.dataReceived(bytes(32 * 1024))
+    h.conn.resumeProducing()
+    order = [struct.unpack(">L", p[:4])[0] for p in h.ssh.of(MSG_CHANNEL_DATA)]
+    assert order[:6] == [PEER_ID, PEER_ID, PEER_ID + 1] * 2
+
+
+def test_eof_and_close_wait_behind_queued_data() -> None:
+    h = Harness(linkTCP=StringTransport())
+    channel, tcp, _t, _b = h.session()
+    h.conn.pauseProducing()
+    tcp.dataReceived(bytes(5000))
+    tcp.readConnectionLost()  # EOF from the TCP side
+    channel.loseConnection()
+    assert h.ssh.of(MSG_CHANNEL_EOF) == [] and h.ssh.of(MSG_CHANNEL_CLOSE) == []
+    h.conn.resumeProducing()
+    kinds = [k for k in h.ssh.kinds() if k in (MSG_CHANNEL_DATA, MSG_CHANNEL_EOF,
+                                               MSG_CHANNEL_CLOSE)]
+    assert kinds == [MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_CLOSE]
+
+
+def test_an_aborted_channel_drops_what_it_had_waiting() -> None:
+    h = Harness(linkTCP=StringTransport())
+    channel, tcp, _t, _b = h.session()
+    h.conn.pauseProducing()
+    tcp.dataReceived(bytes(5000))
+    channel.abort()
+    assert len(h.conn.scheduler) == 0
+    assert h.ssh.of(MSG_CHANNEL_CLOSE)  # the close goes at once
+    h.conn.resumeProducing()
+    assert h.ssh.data() == b""
+
+
+def test_share_request_names_the_user_and_its_weight() -> None:
+    h = Harness(linkTCP=StringTransport())
+    channel = h.openFromPeer()
+    payload = struct.pack(">L", channel.id) + common.NS(SHARE) + b"\x00" + pack_share("bob", 3)
+    h.receive(MSG_CHANNEL_REQUEST, payload)
+    assert channel.shareUser == "bob" and h.conn.scheduler.weight("bob") == 3
+    with pytest.raises(ValueError):
+        unpack_share(b"\x00\x00")
 
 
 def test_link_and_window_congestion_both_must_clear() -> None:
     h = Harness(linkTCP=StringTransport())
     channel, tcp, transport, _bridge = h.session(peerWindow=0, peerMaxPacket=1024)
     tcp.dataReceived(b"x")  # window exhausted
-    h.conn.pauseProducing()  # and the link congested
-    h.conn.resumeProducing()
-    assert transport.producerState == "paused"  # the window is still shut
-    h.conn.pauseProducing()
-    h.adjust(channel, 1000)
-    assert transport.producerState == "paused"  # the link is still congested
+    assert transport.producerState == "paused"
+    h.adjust(channel, 1 << 20)
+    h.conn.pauseProducing()  # the link congested: past the queue, the source pauses
+    tcp.dataReceived(bytes(CHANNEL_QUEUE + 1))
+    assert transport.producerState == "paused"
+    tcp.dataReceived(bytes(2000))  # still arriving: Twisted reads what it already had
     h.conn.resumeProducing()
     assert transport.producerState == "producing"
 

@@ -529,3 +529,37 @@ def test_the_pump_starts_with_the_reactor_not_before(monkeypatch: pytest.MonkeyP
         if r.threadpool is not None:
             r.threadpool.stop()
         r.removeAll()
+
+
+def test_a_paused_direction_moves_nothing_until_resumed(
+        reactor: Any, dp: DataPath, sockets: list[socket.socket]) -> None:
+    """``SplicedPair.pause`` (a rate limit): the paused direction reads no more while
+    the other keeps flowing; resumed, everything arrives."""
+    peer_a, a, b, peer_b = pair_of_hops(sockets)
+    pair = dp.splice(a, b)
+    pair.pause(True, False)
+
+    def receive(sock: socket.socket, n: int) -> bytes:
+        got = b""
+        deadline = time.monotonic() + 10
+        while len(got) < n:
+            assert time.monotonic() < deadline, got
+            reactor.iterate(0.01)
+            try:
+                got += sock.recv(64, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+        return got
+
+    peer_b.sendall(b"flows")
+    assert receive(peer_a, 5) == b"flows"  # the pause reached the pump before this
+    peer_a.sendall(b"held back")
+    # Bounded: nothing can be awaited to show that no byte came.
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        reactor.iterate(0.02)
+    assert pair.bytes().a_to_b == 0
+    pair.pause(False, False)
+    assert receive(peer_b, 9) == b"held back"
+    pair.abort()
+    wait(reactor, pair.done)

@@ -434,23 +434,32 @@ def test_queue_past_the_hard_limit_drops_the_peer(monkeypatch: pytest.MonkeyPatc
 
 
 def test_flow_connection_is_congested_while_either_buffer_is_full() -> None:
-    calls: list[bool] = []
+    """Congested (what channels send waits in the scheduler) while the TCP buffer or
+    the key exchange's queue is full; what waits leaves once both cleared."""
+    sent: list[bytes] = []
+
+    class Transport:
+        def sendChannelData(self, remote: int, data: bytes) -> None:
+            sent.append(data)
 
     class Channel:
-        def linkCongested(self, congested: bool) -> None:
-            calls.append(congested)
+        localClosed = False
+        shareUser = "alice"
 
     conn = FlowConnection()
-    conn.channels[0] = Channel()
+    conn.transport = Transport()
+    channel = Channel()
+    conn.channelsToRemoteChannel[channel] = 7
     conn.pauseProducing()
     conn.keyExchangeBacklog(True)
     conn.resumeProducing()
-    assert calls == [True] and conn.congested
+    assert conn.congested
+    conn.sendData(channel, b"x")
+    assert sent == [] and conn.scheduler.queued(channel) == 1
     conn.keyExchangeBacklog(False)
-    assert calls == [True, False] and not conn.congested
-    conn.keyExchangeBacklog(True)
-    conn.keyExchangeBacklog(False)
-    assert calls == [True, False, True, False]
+    assert not conn.congested and sent == [b"x"]
+    conn.sendData(channel, b"y")
+    assert sent == [b"x", b"y"]
 
 
 # -- the policy's lists

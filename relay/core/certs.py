@@ -1,0 +1,185 @@
+"""OpenSSH user certificates signed by a trusted CA (sans-IO, time and address given in).
+
+A ``cert-authority`` line in a grant file trusts a CA key for one principal (its
+comment is the user's or agent's name, as on every line); ``principals="a,b"`` lists
+the certificate principals it accepts (default: that name, as sshd's default
+``AuthorizedPrincipalsFile none`` matches the login name).  A certificate is accepted
+when (in this order, the first failure being the reason logged):
+
+1. it parses as an OpenSSH *user* certificate (pyca/cryptography's SSH certificate
+   support) and its CA is trusted by some line;
+2. the CA's signature over it verifies;
+3. ``valid_after <= now < valid_before``;
+4. its critical options are understood: ``force-command`` is refused (the relay runs no
+   commands, so it could not honour it), ``source-address`` must allow the peer,
+   anything else is refused (sshd refuses unknown critical options too);
+5. one of its principals is accepted by a line of that CA (if several, the one whose
+   name is the login name), and that line's own ``from=``/``expiry-time`` allow it;
+6. it is not revoked: a KRL may list its serial or key id (under its CA or any CA),
+   the certified key, or the CA key.
+
+For an *agent*, the certificate's other principals of the form ``name:port`` are the
+services it may register (``permitlisten`` derived from principals), bounded by the
+line's own ``permitlisten`` grants if it has any.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import (
+    SSHCertificate,
+    SSHCertificateType,
+    load_ssh_public_identity,
+)
+
+from relay.config.schema import ServiceGrant
+from relay.core.grants import AGENT, Principal
+from relay.core.keylife import KeyLimits, source_address_allows
+from relay.core.krl import Krl
+
+CERT_SUFFIX = b"-cert-v01@openssh.com"
+NO_LIMITS = KeyLimits()
+FOREVER = 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Authority:
+    """One ``cert-authority`` line: whom certificates by ``ca_blob`` may log in as."""
+
+    ca_blob: bytes
+    principal: Principal
+    accepted: frozenset[str]  # certificate principals accepted
+    limits: KeyLimits = NO_LIMITS
+    where: str = ""  # FILE:LINE
+
+
+@dataclass(frozen=True)
+class CertVerdict:
+    """What checking a certificate decided: a principal, or why not."""
+
+    principal: Principal | None
+    reason: str = ""
+    expires: float | None = None  # when it stops being valid (Unix time)
+    ca_blob: bytes = b""
+
+
+def is_certificate(blob: bytes) -> bool:
+    """Whether an SSH key blob is a certificate (its type name says so)."""
+    try:
+        n = int.from_bytes(blob[:4], "big")
+    except ValueError:
+        return False
+    return 0 < n <= 64 and blob[4:4 + n].endswith(CERT_SUFFIX)
+
+
+def fingerprint(blob: bytes) -> str:
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def key_blob(key: object) -> bytes:
+    """The SSH wire blob of a cryptography public key."""
+    line = key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return base64.b64decode(line.split()[1])
+
+
+def parse_certificate(blob: bytes) -> SSHCertificate:
+    """The certificate in an SSH wire blob; ValueError if it is not one."""
+    n = int.from_bytes(blob[:4], "big")
+    kind = blob[4:4 + n]
+    cert = load_ssh_public_identity(kind + b" " + base64.b64encode(blob))
+    if not isinstance(cert, SSHCertificate):
+        raise ValueError("not a certificate")
+    return cert
+
+
+def check_certificate(
+    blob: bytes,
+    authorities: Mapping[bytes, Sequence[Authority]],
+    *,
+    now: float,
+    address: str,
+    login: str,
+    krl: Krl | None = None,
+) -> CertVerdict:
+    """Check the certificate ``blob`` presented by a peer at ``address`` logging in as
+    ``login`` at time ``now``; see the module docstring for the order of the checks."""
+    try:
+        cert = parse_certificate(blob)
+        ca = key_blob(cert.signature_key())
+    except Exception as e:  # malformed: any parse error is a refusal
+        return CertVerdict(None, f"malformed certificate ({type(e).__name__})")
+    if cert.type is not SSHCertificateType.USER:
+        return CertVerdict(None, "a host certificate cannot log in")
+    lines = authorities.get(ca)
+    if not lines:
+        return CertVerdict(None, f"certificate signed by an untrusted CA ({fingerprint(ca)})")
+    try:
+        cert.verify_cert_signature()
+    except (InvalidSignature, ValueError, TypeError):
+        return CertVerdict(None, "the CA's signature on the certificate does not verify")
+    key_id = cert.key_id
+    label = f"certificate {key_id.decode('utf-8', 'replace')!r} serial {cert.serial}"
+    if now < cert.valid_after:
+        return CertVerdict(None, f"{label} is not yet valid (valid from {cert.valid_after})")
+    if cert.valid_before != FOREVER and now >= cert.valid_before:
+        return CertVerdict(None, f"{label} expired (valid until {cert.valid_before})")
+    for option, value in cert.critical_options.items():
+        name = option.decode("utf-8", "replace")
+        if option == b"force-command":
+            return CertVerdict(None, f"{label} has force-command, which the relay cannot honour")
+        if option == b"source-address":
+            if not source_address_allows(value.decode("utf-8", "replace"), address):
+                return CertVerdict(None, f"{label}: source-address does not allow {address}")
+            continue
+        return CertVerdict(None, f"{label} has unknown critical option {name!r}")
+    principals = [p.decode("utf-8", "replace") for p in cert.valid_principals]
+    if not principals:
+        return CertVerdict(None, f"{label} lists no principals")
+    matching = [a for a in lines if a.accepted.intersection(principals)]
+    if not matching:
+        return CertVerdict(None, f"{label} is for principals {','.join(principals)}, "
+                           "which no line of its CA accepts")
+    chosen = next((a for a in matching if a.principal.name == login), matching[0])
+    why = chosen.limits.refusal(now, address)
+    if why is not None:
+        return CertVerdict(None, f"{label}: {why} (cert-authority line {chosen.where})")
+    if krl is not None:
+        why = krl.revoked_cert(ca, cert.serial, key_id, key_blob(cert.public_key()))
+        if why is not None:
+            return CertVerdict(None, f"{label} revoked: {why}")
+    expires = None if cert.valid_before == FOREVER else float(cert.valid_before)
+    if chosen.limits.expires is not None:
+        expires = min(expires or chosen.limits.expires, chosen.limits.expires)
+    principal = chosen.principal
+    if principal.kind == AGENT:
+        principal = replace(principal, services=_agent_services(principals, principal))
+    return CertVerdict(principal, "", expires, ca)
+
+
+def _agent_services(principals: Sequence[str], line: Principal) -> tuple[ServiceGrant, ...]:
+    """An agent certificate's services: its principals of the form ``name:port`` (or
+    ``name:*``), within the line's own grants if it has any."""
+    services = []
+    for text in principals:
+        name, sep, port = text.rpartition(":")
+        if not sep or not name or name == "*":
+            continue
+        grant = ServiceGrant(name.lower(), None if port == "*" else _port(port))
+        if grant.port == -1:
+            continue
+        if line.services and not any(g.name == grant.name and g.port in (None, grant.port)
+                                     for g in line.services):
+            continue
+        services.append(grant)
+    return tuple(dict.fromkeys(services))
+
+
+def _port(text: str) -> int:
+    return int(text) if text.isascii() and text.isdigit() and 1 <= int(text) <= 65535 else -1

@@ -1,0 +1,223 @@
+"""Certificates, KRLs and key limits with files made by the real ``ssh-keygen``.
+
+``ssh-keygen -s`` signs user certificates (validity windows, principals, critical
+options) and ``ssh-keygen -k`` writes KRLs (serials, ranges, key ids, explicit keys,
+SHA256 fingerprints); the checks run on them with a given ``now`` and address."""
+
+from __future__ import annotations
+
+import base64
+import calendar
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.config.schema import ServiceGrant
+from relay.core.certs import Authority, check_certificate, is_certificate
+from relay.core.grants import AGENT, USER, Principal
+from relay.core.keylife import KeyLimits, KeyOptionError, parse_expiry, parse_from
+from relay.core.krl import KrlError, parse_krl
+
+KEYGEN = shutil.which("ssh-keygen")
+needs_keygen = pytest.mark.skipif(
+    KEYGEN is None and os.environ.get("CI") != "true", reason="ssh-keygen not installed")
+
+ALICE = Principal(USER, "alice", (ServiceGrant("gpu-cluster", 22),), frozenset(), 10)
+BOB = Principal(USER, "bob", (ServiceGrant("gpu-cluster", 22),), frozenset(), 10)
+
+
+def keygen(*args: str, cwd: Path) -> None:
+    assert KEYGEN is not None, "ssh-keygen is needed (CI=true: not skipped)"
+    subprocess.run([KEYGEN, "-q", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def blob(path: Path) -> bytes:
+    return base64.b64decode(path.read_text().split()[1])
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    for name in ("ca", "other_ca", "user", "user2"):
+        keygen("-t", "ed25519", "-N", "", "-C", name, "-f", name, cwd=d)
+    return d
+
+
+def sign(pki: Path, name: str, *options: str, ca: str = "ca", key: str = "user",
+         serial: int = 1) -> bytes:
+    shutil.copy(pki / f"{key}.pub", pki / f"{name}.pub")
+    keygen("-s", ca, "-z", str(serial), *options, f"{name}.pub", cwd=pki)
+    return blob(pki / f"{name}-cert.pub")
+
+
+def authorities(pki: Path, *lines: Authority) -> dict[bytes, list[Authority]]:
+    out: dict[bytes, list[Authority]] = {}
+    for a in lines:
+        out.setdefault(a.ca_blob, []).append(a)
+    return out
+
+
+def line(pki: Path, principal: Principal = ALICE, accepted: tuple[str, ...] = ("alice",),
+         limits: KeyLimits | None = None) -> Authority:
+    return Authority(blob(pki / "ca.pub"), principal, frozenset(accepted),
+                     limits or KeyLimits(), "users:1")
+
+
+NOW = time.time()
+
+
+@needs_keygen
+def test_a_valid_certificate_is_granted_with_its_expiry(pki: Path) -> None:
+    cert = sign(pki, "ok", "-I", "alice@lab", "-n", "alice", "-V", "-5m:+1h")
+    assert is_certificate(cert) and not is_certificate(blob(pki / "user.pub"))
+    verdict = check_certificate(cert, authorities(pki, line(pki)), now=time.time(),
+                                address="10.0.0.5", login="alice")
+    assert verdict.principal == ALICE and verdict.reason == ""
+    assert verdict.expires is not None and 3500 < verdict.expires - time.time() <= 3600
+
+
+@needs_keygen
+@pytest.mark.parametrize(("options", "now_offset", "reason"), [
+    (("-n", "alice", "-V", "20200101:20200201"), 0, "expired"),
+    (("-n", "alice", "-V", "+1d:+2d"), 0, "not yet valid"),
+    (("-n", "mallory", "-V", "-5m:+1h"), 0, "which no line of its CA accepts"),
+    (("-n", "alice", "-O", "force-command=/bin/true"), 0, "force-command"),
+    (("-n", "alice", "-O", "source-address=192.168.0.0/16"), 0, "source-address"),
+], ids=["expired", "not-yet-valid", "wrong-principal", "force-command", "source-address"])
+def test_refused_certificates_say_why(pki: Path, options: tuple[str, ...], now_offset: int,
+                                      reason: str) -> None:
+    cert = sign(pki, f"bad{abs(hash(options))}", "-I", "k", *options)
+    verdict = check_certificate(cert, authorities(pki, line(pki)), now=time.time() + now_offset,
+                                address="10.0.0.5", login="alice")
+    assert verdict.principal is None and reason in verdict.reason, verdict.reason
+
+
+@needs_keygen
+def test_source_address_that_allows_the_peer(pki: Path) -> None:
+    cert = sign(pki, "src", "-I", "k", "-n", "alice", "-O", "source-address=10.0.0.0/8")
+    verdict = check_certificate(cert, authorities(pki, line(pki)), now=time.time(),
+                                address="10.1.2.3", login="alice")
+    assert verdict.principal == ALICE
+
+
+@needs_keygen
+def test_a_certificate_from_another_ca_is_refused(pki: Path) -> None:
+    cert = sign(pki, "other", "-I", "k", "-n", "alice", ca="other_ca")
+    verdict = check_certificate(cert, authorities(pki, line(pki)), now=time.time(),
+                                address="10.0.0.5", login="alice")
+    assert verdict.principal is None and "untrusted CA" in verdict.reason
+
+
+@needs_keygen
+def test_principals_choose_the_line_and_the_login_breaks_ties(pki: Path) -> None:
+    cert = sign(pki, "both", "-I", "k", "-n", "alice,bob")
+    lines = authorities(pki, line(pki), line(pki, BOB, ("bob",)))
+    assert check_certificate(cert, lines, now=NOW, address="1.2.3.4",
+                             login="bob").principal == BOB
+    assert check_certificate(cert, lines, now=NOW, address="1.2.3.4",
+                             login="x").principal == ALICE
+
+
+@needs_keygen
+def test_the_lines_own_limits_apply(pki: Path) -> None:
+    cert = sign(pki, "lim", "-I", "k", "-n", "alice")
+    limited = line(pki, limits=KeyLimits(sources=parse_from("10.0.0.0/8")))
+    verdict = check_certificate(cert, authorities(pki, limited), now=NOW, address="1.2.3.4",
+                                login="alice")
+    assert verdict.principal is None and "from=" in verdict.reason
+
+
+@needs_keygen
+def test_agent_certificate_principals_name_its_services(pki: Path) -> None:
+    agent = Principal(AGENT, "lab_pc", (), frozenset(), None)
+    cert = sign(pki, "agent", "-I", "lab_pc", "-n", "lab_pc,gpu-cluster:22,jupyter:*,bad:0")
+    verdict = check_certificate(cert, authorities(pki, line(pki, agent, ("lab_pc",))),
+                                now=NOW, address="1.2.3.4", login="lab_pc")
+    assert verdict.principal is not None
+    assert verdict.principal.services == (ServiceGrant("gpu-cluster", 22),
+                                          ServiceGrant("jupyter", None))
+    assert verdict.principal.may_register("gpu-cluster", 22)
+    assert not verdict.principal.may_register("bad", 0)
+
+
+# --- KRL -------------------------------------------------------------------------
+
+
+@needs_keygen
+def test_krl_by_serial_range_key_id_key_and_fingerprint(pki: Path) -> None:
+    (pki / "spec").write_text("serial: 5\nserial: 10-20\nid: revoked@lab\n")
+    keygen("-k", "-f", "krl", "-s", "ca.pub", "spec", cwd=pki)
+    keygen("-k", "-u", "-f", "krl", "user2.pub", cwd=pki)  # the key itself, added
+    krl = parse_krl((pki / "krl").read_bytes())
+    lines = authorities(pki, line(pki))
+
+    def check(cert: bytes) -> str:
+        return check_certificate(cert, lines, now=NOW, address="1.2.3.4", login="alice",
+                                 krl=krl).reason
+
+    assert check(sign(pki, "s5", "-I", "a", "-n", "alice", serial=5)).endswith(
+        "serial 5 is revoked in the KRL")
+    assert "serial 15" in check(sign(pki, "s15", "-I", "a", "-n", "alice", serial=15))
+    assert check(sign(pki, "s21", "-I", "a", "-n", "alice", serial=21)) == ""
+    assert "key id 'revoked@lab'" in check(sign(pki, "kid", "-I", "revoked@lab", "-n", "alice",
+                                                serial=30))
+    assert "certificate's key" in check(sign(pki, "u2", "-I", "a", "-n", "alice", key="user2",
+                                             serial=31))
+    assert check(sign(pki, "fine", "-I", "a", "-n", "alice", serial=32)) == ""
+    assert krl.revoked_key(blob(pki / "user2.pub")) is not None
+    assert krl.revoked_key(blob(pki / "user.pub")) is None
+
+    (pki / "spec2").write_text(f"sha256: {(pki / 'user.pub').read_text().strip()}\n")
+    keygen("-k", "-f", "krl2", "spec2", cwd=pki)
+    assert "SHA256" in (parse_krl((pki / "krl2").read_bytes()).revoked_key(
+        blob(pki / "user.pub")) or "")
+
+
+@needs_keygen
+def test_krl_serial_bitmap(pki: Path) -> None:
+    # Many scattered serials make ssh-keygen choose its bitmap encoding.
+    serials = list(range(100, 400, 3))
+    (pki / "spec3").write_text("".join(f"serial: {s}\n" for s in serials))
+    keygen("-k", "-f", "krl3", "-s", "ca.pub", "spec3", cwd=pki)
+    krl = parse_krl((pki / "krl3").read_bytes())
+    revoked = set()
+    for entry in krl.certs.values():
+        revoked |= entry.serials
+        for low, high in entry.ranges:
+            revoked |= set(range(low, high + 1))
+    assert revoked == set(serials)
+
+
+def test_krl_garbage_is_refused() -> None:
+    with pytest.raises(KrlError):
+        parse_krl(b"not a krl")
+    with pytest.raises(KrlError):
+        parse_krl(b"SSHKRL\n\x00\x00\x00\x00\x01" + b"\x00" * 5)
+
+
+# --- expiry-time and from= ------------------------------------------------------
+
+
+def test_expiry_time_formats() -> None:
+    assert parse_expiry("20300101Z") == calendar.timegm((2030, 1, 1, 0, 0, 0))
+    assert parse_expiry("203001011230Z") == calendar.timegm((2030, 1, 1, 12, 30, 0))
+    assert parse_expiry("20300101123005Z") == calendar.timegm((2030, 1, 1, 12, 30, 5))
+    assert parse_expiry("20300101") == time.mktime((2030, 1, 1, 0, 0, 0, 0, 0, -1))
+    for bad in ("2030", "20301301", "tomorrow", "20300101123"):
+        with pytest.raises(KeyOptionError):
+            parse_expiry(bad)
+
+
+def test_key_limits() -> None:
+    limits = KeyLimits(expires=1000.0, sources=parse_from("10.0.0.0/8,!10.9.9.9,192.168.1.?"))
+    assert limits.refusal(999.0, "10.1.1.1") is None
+    assert limits.refusal(999.0, "192.168.1.7") is None
+    assert "from=" in (limits.refusal(999.0, "10.9.9.9") or "")
+    assert "from=" in (limits.refusal(999.0, "8.8.8.8") or "")
+    assert "expired" in (limits.refusal(1000.0, "10.1.1.1") or "")
+    with pytest.raises(KeyOptionError):
+        parse_from("10.0.0.0/99")
