@@ -201,7 +201,8 @@ class DataPool:
         host = peer_ip(conn)
         if host is None:
             self.state = PoolState.OFF
-            self.reason = "the link is not a TCP connection to an IP address"
+            self.reason = ("the link is not a plain TCP connection to an IP address (TLS or "
+                           "a proxy: the data port is not reachable that way)")
             return
         self._conn = conn
         self.data_host = host

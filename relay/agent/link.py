@@ -20,7 +20,6 @@ from twisted.application.service import MultiService
 from twisted.conch.ssh import keys
 from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -39,6 +38,7 @@ from relay.ssh.client import LinkConnection, LinkTransport, transport_factory
 from relay.ssh.connection import refused_by_peer
 from relay.ssh.hostkeys import HostKeyVerifier
 from relay.ssh.resumable import ResumableSessions
+from relay.transport.dial import Dialer, route_of
 
 CANCEL_TIMEOUT = 2.0
 
@@ -57,20 +57,22 @@ class LinkDown(Exception):
 
 
 class _LoggingEndpoint:
-    """Logs each connection attempt, so an operator sees the link trying."""
+    """Logs each connection attempt, so an operator sees the link trying; the dialer
+    picks the route (plain SSH, TLS, a proxy: relay.transport.dial) and logs it."""
 
-    def __init__(self, link: Link, endpoint: HostnameEndpoint) -> None:
+    def __init__(self, link: Link, dialer: Dialer) -> None:
         self._link = link
-        self._endpoint = endpoint
+        self._dialer = dialer
 
     def connect(self, factory: Factory) -> defer.Deferred[IProtocol]:
         self._link.state = LinkState.CONNECTING
+        route = self._dialer.current
         self._link.log.info(
             "link {link}: connecting to {host}:{port}",
             event="link_connecting", link=self._link.name,
-            host=self._link.config.host, port=self._link.config.port,
+            host=route.host, port=route.port, route=str(route),
         )
-        return self._endpoint.connect(factory)
+        return self._dialer.connect(factory)
 
 
 class Link(MultiService):
@@ -124,12 +126,10 @@ class Link(MultiService):
             )
             return delay
 
-        endpoint = HostnameEndpoint(
-            reactor, config.host, config.port, timeout=config.connect_timeout
-        )
+        self.dialer = Dialer(reactor, config)
         factory = transport_factory(self)
         self.client = ClientService(
-            _LoggingEndpoint(self, endpoint),  # type: ignore[arg-type]
+            _LoggingEndpoint(self, self.dialer),  # type: ignore[arg-type]
             factory,
             retryPolicy=logged_policy,
             clock=reactor,
@@ -140,7 +140,15 @@ class Link(MultiService):
     # connection life
 
     def _prepare(self, proto: Any) -> defer.Deferred[None]:
+        route = route_of(proto)
+
+        def up(conn: LinkConnection) -> None:
+            if route is not None:
+                self.dialer.worked(route)
+            self._linkUp(conn)
+
         def failed(f: Failure) -> Failure:
+            self.dialer.failed(route, f.getErrorMessage())
             self.last_error = f.getErrorMessage()
             self.state = LinkState.DOWN
             self.log.warn(
@@ -149,7 +157,7 @@ class Link(MultiService):
             )
             return f
 
-        return proto.ready.addCallbacks(self._linkUp, failed)
+        return proto.ready.addCallbacks(up, failed)
 
     def _linkUp(self, conn: LinkConnection) -> None:
         self.connection = conn
@@ -158,10 +166,12 @@ class Link(MultiService):
         self.connects += 1
         self.last_error = None
         peer = conn.link_transport.tcp.getPeer()
+        route = conn.link_transport.transport_route
         self.log.info(
-            "link {link}: connected to {host}:{port} as {user}",
+            "link {link}: connected to {host}:{port} as {user} ({route})",
             event="link_connected", link=self.name, host=self.config.host,
-            port=self.config.port, user=self.config.user, peer=str(peer),
+            port=route.port if route is not None else self.config.port,
+            user=self.config.user, peer=str(peer), route=str(route),
         )
         self._hello(conn)  # first: the relay must know before it opens our sessions
         for forward in self.remote:
@@ -372,6 +382,7 @@ class Link(MultiService):
         return {
             "name": self.name,
             "server": f"{self.config.host}:{self.config.port}",
+            "route": str(self.dialer.winner or self.dialer.current),
             "user": self.config.user,
             "state": self.state,
             "since": self.since,

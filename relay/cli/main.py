@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the relay's public name and port as users reach it")
     sshcfg.add_argument("--identity", default="~/.ssh/id_ed25519",
                         help="the user's private key path on their machine")
+    sshcfg.add_argument("--tls", nargs="?", const=0, type=int, default=None, metavar="PORT",
+                        help="reach the relay through its TLS port (PORT, default the "
+                        "relay's tls_listen port) with `openssl s_client` as ProxyCommand, "
+                        "for networks that block SSH (docs/networks.md)")
+    sshcfg.add_argument("--tls-ca-file", default=None, metavar="FILE",
+                        help="with --tls: the CA certificate users check the relay's "
+                        "certificate against (default: their system's CAs)")
 
     demo = sub.add_parser(
         "demo", help="run the whole path on loopback and show it working",
@@ -429,11 +436,16 @@ def cmd_ssh_config(ns: argparse.Namespace) -> int:
     host, _, port = ns.host.rpartition(":") if ":" in ns.host else (ns.host, "", "")
     relay_port = int(port) if port else config.relay.listen.port
     fast = config.relay.e2e_services if config.relay.data_port is not None else ()
+    tls_port = ns.tls
+    if tls_port == 0:
+        tls = config.relay.tls
+        tls_port = tls.listen.port if tls is not None and tls.listen.port else 443
     print(render(user=user.name, relay_host=host or ns.host, relay_port=relay_port,
                  services=user.services, identity=ns.identity,
-                 host_key_line=relay_host_key_line(config.relay.state_dir), fast=fast),
+                 host_key_line=relay_host_key_line(config.relay.state_dir), fast=fast,
+                 tls_port=tls_port, tls_ca_file=ns.tls_ca_file),
           end="")
-    note = fast_path_note(user.services, fast)
+    note = fast_path_note(user.services, fast) if tls_port is None else None
     if note is not None:
         print(f"labrelay ssh-config: {note}", file=sys.stderr)
     return 0

@@ -32,6 +32,7 @@ from relay.config.schema import (
     current_user,
     default_known_hosts,
 )
+from relay.config.transport import OPTION_KEYS, apply_options, claim_option
 
 CLI = "command line"
 
@@ -49,6 +50,7 @@ _SUPPORTED = {
         "StrictHostKeyChecking",
         "User",
         "UserKnownHostsFile",
+        *OPTION_KEYS,
     )
 }
 _OPTION_RE = re.compile(r"\s*([A-Za-z]+)\s*(?:=\s*|\s+)(.*?)\s*\Z")
@@ -163,6 +165,8 @@ class _Flags:
     connect_timeout: float | None = None
     fast_path_pool: int | None = None
     identities: list[Path] = field(default_factory=list)
+    # -o Transport, TLSPort, ...: the raw text by TOML key (relay.config.transport)
+    transport: dict[str, tuple[str, str]] = field(default_factory=dict)
     remote: list[tuple[RemoteForward, str]] = field(default_factory=list)
     local: list[tuple[LocalForward, str]] = field(default_factory=list)
 
@@ -180,7 +184,8 @@ class _Flags:
         self.origin.setdefault(attr, keypath)
 
     def touches_link(self) -> bool:
-        return bool(self.origin or self.identities or self.remote or self.local)
+        return bool(self.origin or self.identities or self.remote or self.local
+                    or self.transport)
 
 
 def _int(text: str, keypath: str, low: int, high: int, example: str) -> int:
@@ -289,6 +294,8 @@ def _option(flags: _Flags, text: str) -> None:
         if seconds == 0:
             raise ConfigError(CLI, keypath, "must be more than 0 seconds", "e.g. 15")
         flags.claim("connect_timeout", float(seconds), keypath)
+    elif name in OPTION_KEYS:
+        claim_option(flags.transport, OPTION_KEYS[name], value, keypath, CLI)
     elif name == "ExitOnForwardFailure":
         _yes_no(value, keypath)
         _log.info(
@@ -413,6 +420,7 @@ def _apply(link: LinkConfig, flags: _Flags) -> LinkConfig:
         fast_path_pool=(
             link.fast_path_pool if flags.fast_path_pool is None else flags.fast_path_pool
         ),
+        transport=apply_options(link.transport, flags.transport, CLI),
         remote=link.remote + tuple(fwd for fwd, _ in flags.remote),
         local=link.local + tuple(fwd for fwd, _ in flags.local),
     )

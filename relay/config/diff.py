@@ -43,7 +43,7 @@ RELAY_RESTART_ONLY = (
     "max_unauthenticated", "per_source_max_unauthenticated", "per_source_netblock4",
     "per_source_netblock6", "penalties", "penalty_exempt", "token_lifetime",
     "data_hello_timeout", "max_tokens_per_session", "max_tokens_per_user",
-    "grants_poll_interval",
+    "grants_poll_interval", "tls",
 )
 """``[relay]`` keys bound into listeners, the admission table or the token book when
 the relay starts: a reload reports their change and keeps the running value."""

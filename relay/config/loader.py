@@ -69,6 +69,7 @@ from relay.config.schema import (
     default_known_hosts,
 )
 from relay.config.section import Section, describe, fmt
+from relay.config.transport import tls_listen, transport_config
 
 T = TypeVar("T")
 
@@ -255,6 +256,10 @@ def _parse_link(sec: Section, index: int, base: Path) -> LinkConfig:
         window=window,
         max_packet=max_packet,
         fast_path_pool=sec.integer("fast_path_pool", 4, 0, 64),
+        transport=transport_config(
+            sec.string, lambda key: (sec.source, sec.keypath(key)),
+            lambda text: _path(text, base),
+            lambda key: sec.integer(key, 443, 1, 65535) if key in sec.data else None),
         resume_grace=sec.number("resume_grace", LinkConfig.resume_grace, low=0, high=86400),
         remote=remote,
         local=local,
@@ -434,6 +439,7 @@ def _parse_relay(sec: Section, base: Path,
         keepalive=_keepalive(sec),
         window=window,
         max_packet=max_packet,
+        tls=tls_listen(sec, lambda text: _path(text, base)),
     )
     check_principals(config_sites(relay, sec.source), relay, (sec.source, sec.keypath("listen")))
     return relay

@@ -104,6 +104,51 @@ class Backoff:
     jitter: float = 0.2
 
 
+TransportMode = Literal["tcp", "tls", "auto"]
+#: The ALPN id of SSH on the relay's TLS port (docs/networks.md); a client that offers
+#: no ALPN gets SSH too.
+ALPN_SSH = "labrelay-ssh/1"
+DEFAULT_TLS_PORT = 443
+
+
+@dataclass(frozen=True)
+class ProxyURL:
+    """``http://[user:pass@]host:port``: an HTTP proxy that opens tunnels with CONNECT."""
+
+    host: str
+    port: int
+    user: str | None = None
+    password: str | None = None
+
+    def __str__(self) -> str:
+        """The URL without its password (for logs, status and errors)."""
+        who = f"{self.user}:***@" if self.user is not None else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{who}{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """How a link (or ``labrelay connect``) reaches the relay (docs/networks.md).
+
+    ``mode``: ``tcp`` is SSH straight to ``host:port``; ``tls`` is SSH inside TLS to
+    ``host:tls_port`` (ALPN ``labrelay-ssh/1``), the relay's certificate checked for
+    ``server_name`` against the system CAs, ``ca_file``, or a ``pin``, and then the
+    SSH host key as always; ``auto`` tries plain SSH, then TLS, then TLS through the
+    proxy (if one is set), and keeps the first that worked.  ``proxy`` (or, with
+    ``proxy_from_env``, ``https_proxy`` unless ``no_proxy`` exempts the host) carries
+    the connection through an HTTP CONNECT tunnel.  ``pin`` is normalised to
+    ``spki:<base64 sha256>`` or ``cert:<hex sha256>``."""
+
+    mode: TransportMode = "tcp"
+    tls_port: int = DEFAULT_TLS_PORT
+    server_name: str | None = None  # default: the link's host
+    ca_file: Path | None = None  # default: the system's CA store
+    pin: str | None = None
+    proxy: ProxyURL | None = None
+    proxy_from_env: bool = False
+
+
 @dataclass(frozen=True)
 class LinkConfig:
     """One upstream SSH server and the forwards carried over the link to it."""
@@ -121,6 +166,7 @@ class LinkConfig:
     window: int = DEFAULT_WINDOW
     max_packet: int = DEFAULT_MAX_PACKET
     fast_path_pool: int = 4  # idle data connections to a labrelay relay; 0 = no fast path
+    transport: TransportConfig = field(default_factory=TransportConfig)
     # Seconds sessions are held for resumption when the link to a labrelay relay breaks
     # (docs/resilience.md); 0 = never held: they end with the link, as with a stock server.
     resume_grace: float = 60.0
@@ -231,6 +277,23 @@ class PenaltyConfig:
 
 
 @dataclass(frozen=True)
+class TLSListenConfig:
+    """The relay's TLS port (``tls_cert`` in ``[relay]``; docs/networks.md): SSH and the
+    fast path's data connections inside TLS on one port, chosen by ALPN.
+
+    ``cert``/``key`` are PEM files (certbot's ``fullchain.pem``/``privkey.pem``); they
+    are read again whenever they change, at the next handshake.  ``names`` are the SNI
+    names accepted (empty: those the certificate is for); a client that sends another
+    name is refused, one that sends none is let in (a connection to an IP address)."""
+
+    cert: Path
+    key: Path
+    listen: HostPort = HostPort("0.0.0.0", DEFAULT_TLS_PORT)
+    names: tuple[str, ...] = ()
+    handshake_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     """labrelay's own SSH relay (the cloud end): ``[relay]`` in the node config."""
 
@@ -277,6 +340,7 @@ class RelayConfig:
     # Unused fast-path tickets one SSH session / one user or agent may hold at once.
     max_tokens_per_session: int = 64
     max_tokens_per_user: int = 256
+    tls: TLSListenConfig | None = None  # the TLS port; off unless tls_cert is set
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,12 @@ def client_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStre
 def peer_ip(conn: Any) -> str | None:
     """The IP address an SSH connection's (``LinkConnection``) TCP transport is
     connected to, or None if it is not one.  The fast path dials the data port there:
-    the address whose host key was checked, not a fresh resolution of the name."""
+    the address whose host key was checked, not a fresh resolution of the name.
+    None too when the connection went through TLS or a proxy (its
+    ``transport_route`` is not direct): the data port is not reachable that way."""
+    route = getattr(getattr(conn, "link_transport", None), "transport_route", None)
+    if route is not None and not getattr(route, "direct", True):
+        return None
     try:
         host = str(conn.link_transport.tcp.getPeer().host)
         ipaddress.ip_address(host)

@@ -130,6 +130,10 @@ class RelayPart:
                 core.reconfigure(settings.new)
             else:
                 core.grants.reload()
+        # The TLS certificate files are re-read too (new handshakes also notice a change
+        # by themselves: relay.transport.tlsserver.CertificateSource).
+        if self.node.relay is not None and self.node.relay.reloadCertificates():
+            changes.append("relay: TLS certificate reloaded")
         return _logged(changes)
 
 

@@ -396,11 +396,19 @@ def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
                 f"{' '.join(fast.get('e2e_services', [])) or '(none)'}; "
                 f"{fast.get('paired', 0)} paired, {fast.get('pair_failed', 0)} failed, "
                 f"{refused} tokens refused; idle agent connections: {pools or '-'}")
+    tls = relay.get("tls")
+    if tls:
+        cert = tls.get("certificate") or {}
+        out.append(
+            f"TLS port {tls.get('port')}: certificate for {','.join(cert.get('names', []))}"
+            f" (not after {cert.get('not_after', '?')}, loaded {cert.get('loads', 0)}x); "
+            f"{tls.get('handshakes', 0)} handshakes, {tls.get('handshake_failed', 0)} failed, "
+            f"{tls.get('handshake_timeout', 0)} timed out")
     admission = relay.get("admission")
     if admission:
         refused_at = " ".join(
             f"{port} {sum((admission.get(port) or {}).get('refused', {}).values())}"
-            for port in ("ssh", "data") if port in admission)
+            for port in ("ssh", "data", "tls") if port in admission)
         out.append(f"admission: {admission.get('penalised_sources', 0)} source(s) penalised "
                    f"now; refused at accept: {refused_at}")
     return out

@@ -79,6 +79,7 @@ class RelayCore:
         self.idle = IdleSweeper(self)
         self.bound: HostPort | None = None  # where the SSH listener is (its port 0 resolved)
         self._started = False
+        self.extra_status: dict[str, Callable[[], dict[str, Any]]] = {}  # e.g. the TLS port
         self.waiting = Waiting(self.registry, self.router, reactor)
         self.dataport = DataPort(self, self.admission)
         # Sessions a labrelay agent may resume over a new link (docs/resilience.md); the
@@ -549,7 +550,8 @@ class RelayCore:
              "service_grants": [
                  {"service": str(g), "owner": p.name}
                  for p in self.grants.principals() if p.kind == "agent" for g in p.services
-             ]},
+             ],
+             **{name: get() for name, get in self.extra_status.items()}},
         )
 
 

@@ -16,9 +16,11 @@ from relay.config.errors import ConfigError
 from relay.config.schema import HostPort, RelayConfig
 from relay.server.grants import Grants
 from relay.server.relay import RelayCore
+from relay.server.tlsport import TLSPort
 from relay.ssh.hostkeys import fingerprint_sha256
 from relay.ssh.keygen import generate_keypair
 from relay.ssh.server import RelayFactory
+from relay.transport.tlsserver import CertificateError
 
 
 def load_host_keys(state_dir: Path) -> dict[bytes, keys.Key]:
@@ -50,10 +52,22 @@ class RelayService(MultiService):
         self.server = TCPServer(config.listen.port, self.factory,
                                 interface=config.listen.host, reactor=reactor)
         self.server.setServiceParent(self)
+        self.tls: TLSPort | None = None
+        if config.tls is not None:
+            try:
+                self.tls = TLSPort(config.tls, self.factory, self.core.admission,
+                                   config.max_unauthenticated, reactor)
+            except CertificateError as e:
+                raise ConfigError(str(config.tls.cert), "relay.tls_cert", str(e),
+                                  "tls_cert and tls_key are PEM files, e.g. certbot's "
+                                  "fullchain.pem and privkey.pem") from None
+            self.core.extra_status["tls"] = self.tls.status
 
     def startService(self) -> None:
         super().startService()
         self.core.start()
+        if self.tls is not None:
+            self.tls.start()
         port = self.server._port  # type: ignore[attr-defined]
         bound = port.getHost().port if port is not None else self.core.config.listen.port
         self.core.bound = HostPort(self.core.config.listen.host, bound)
@@ -63,7 +77,14 @@ class RelayService(MultiService):
             fingerprints=" ".join(self.fingerprints),
         )
 
+    def reloadCertificates(self) -> bool:
+        """Read the TLS certificate files again if they changed (a reload signal may
+        call this; new handshakes also check by themselves).  True if it changed."""
+        return self.tls.reload() if self.tls is not None else False
+
     def stopService(self) -> defer.Deferred[Any]:
+        if self.tls is not None:
+            self.tls.stop()
         for conn in list(self.core.connections):
             conn.disconnect("relay shutting down")
         d: defer.Deferred[Any] = self.core.stop()

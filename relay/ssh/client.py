@@ -46,6 +46,7 @@ from relay.ssh.guard import PeerInputGuard
 from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier
 from relay.ssh.resumable import ResumableSessions
 from relay.ssh.wire import GRANT_REVOKED, pack_endpoints, unpack_endpoints, unpack_grant_revoked
+from relay.transport.dial import Dialer, Route
 
 TARGET_CONNECT_TIMEOUT = 10.0
 
@@ -147,6 +148,8 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         self.why: str | None = None
         self.connection: LinkConnection | None = None
         self._timer: IDelayedCall | None = None
+        # How this connection reached the server (set by relay.transport.dial).
+        self.transport_route: Route | None = None
 
     @property
     def tcp(self) -> Any:
@@ -505,11 +508,26 @@ def transport_factory(owner: LinkOwner) -> Factory:
     return Factory.forProtocol(lambda: LinkTransport(owner))
 
 
-async def open_connection(owner: LinkOwner) -> LinkConnection:
-    """One authenticated SSH connection for ``owner``: TCP (``connect_timeout``), the
-    handshake with its host-key check, public-key auth; fails with
-    :class:`LinkSetupError` (or the TCP error) saying why."""
-    cfg = owner.config
-    endpoint = client_endpoint(owner.reactor, cfg.host, cfg.port, cfg.connect_timeout)
-    proto = cast(LinkTransport, await endpoint.connect(transport_factory(owner)))
-    return await proto.ready
+async def open_connection(owner: LinkOwner, dialer: Dialer | None = None) -> LinkConnection:
+    """One authenticated SSH connection for ``owner``: the connection (``dialer``'s
+    routes: TCP, TLS, through a proxy; ``connect_timeout`` each), the handshake with
+    its host-key check, public-key auth; fails with :class:`LinkSetupError` (or the
+    connection's error) saying why.  With several routes (``transport = "auto"``) each
+    is tried in turn until one gives a ready connection; the error then lists them all."""
+    if dialer is None:
+        dialer = Dialer(owner.reactor, owner.config)
+    errors: list[str] = []
+    for _ in dialer.routes:
+        route = dialer.current
+        try:
+            proto = cast(LinkTransport, await dialer.connect(transport_factory(owner)))
+            conn = await proto.ready
+        except Exception as e:
+            if len(dialer.routes) == 1:
+                raise
+            dialer.failed(route, str(e))
+            errors.append(f"{dialer.last}: {e}")
+            continue
+        dialer.worked(proto.transport_route or route)
+        return conn
+    raise LinkSetupError("every route failed: " + "; ".join(errors))

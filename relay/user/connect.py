@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 
 from relay.config.errors import ConfigError
 from relay.config.schema import LinkConfig
+from relay.config.transport import is_transport_option
 from relay.core import fastwire as fw
 from relay.core.clock import expire
 from relay.datapath import splicing as datapath
@@ -51,6 +52,7 @@ from relay.datapath.handoff import Handoff
 from relay.datapath.join import join
 from relay.datapath.net import client_endpoint, peer_ip
 from relay.ssh.client import Identity, SingleConnection, open_connection
+from relay.transport.dial import route_of
 from relay.user import keys as userkeys
 from relay.user.sshresolve import Resolved, ResolveError, resolve
 
@@ -122,6 +124,7 @@ def options_from_args(ns: argparse.Namespace, resolved: Resolved | None = None,
             options.append(f"UserKnownHostsFile={resolved.known_hosts[0]}")
         if resolved.connect_timeout is not None:
             options.append(f"ConnectTimeout={resolved.connect_timeout:g}")
+        options += [o for o in ns.options if is_transport_option(o)]  # not ssh's
     agent_ns = argparse.Namespace(
         destination=destination, config=None, port=port, login=login,
         identity=identity, remote=[], local=[], options=options, no_command=True,
@@ -304,6 +307,10 @@ class Connector:
         """The session on the fast path; DataPortUnreachable if the data port cannot be
         reached (a firewall in between is the usual reason): the caller falls back."""
         cfg = self.options.link
+        route = route_of(self.conn.link_transport)
+        if route is not None and not route.direct:
+            raise DataPortUnreachable(f"the relay is reached by {route}, and its data port "
+                                      "is not reachable that way")
         # The address this SSH connection reached (its host key was checked), not
         # the relay's name resolved again.
         host = peer_ip(self.conn) or cfg.host
@@ -375,7 +382,8 @@ def run(argv_ns: argparse.Namespace) -> int:
     try:
         resolved = resolve(argv_ns.destination, config_file=argv_ns.config_file,
                            port=argv_ns.port, login=argv_ns.login,
-                           identities=argv_ns.identity, options=argv_ns.options)
+                           identities=argv_ns.identity,
+                           options=[o for o in argv_ns.options if not is_transport_option(o)])
     except ResolveError as e:
         sys.stderr.write(f"labrelay connect: {e}\n")
         return EXIT_FAILED

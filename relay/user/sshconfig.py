@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from relay.config.schema import ServiceGrant
+from relay.config.schema import ALPN_SSH, ServiceGrant
 
 RELAY_ALIAS = "labrelay"
 
@@ -36,6 +36,9 @@ def render(
     known_hosts: str = "~/.ssh/known_hosts",
     fast: Iterable[ServiceGrant] = (),
     config_file: str | None = None,
+    tls_port: int | None = None,
+    tls_ca_file: str | None = None,
+    tls_connect: str | None = None,
 ) -> str:
     """The snippet, as text.  ``host_key_line`` is ``"ssh-ed25519 AAAA..."``.
 
@@ -43,7 +46,12 @@ def render(
     port) are reached with ``ProxyCommand labrelay connect`` (the fast path) where
     labrelay is installed, else with ``ProxyJump``; ``labrelay connect`` falls back to a
     channel by itself.  ``config_file``: where the snippet goes, when not
-    ``~/.ssh/config`` (``labrelay connect -F`` then reads the relay's entry there)."""
+    ``~/.ssh/config`` (``labrelay connect -F`` then reads the relay's entry there).
+
+    With ``tls_port`` the relay is reached through its TLS port by ``openssl s_client``
+    (:func:`tls_proxy_command`; ``tls_connect`` is the address it dials when that is
+    not ``relay_host``), and every service through the relay entry: for networks that
+    block SSH, with stock tools only."""
     fast = tuple(fast)
     port_part = "" if relay_port == 22 else f"[{relay_host}]:{relay_port}"
     kh_name = port_part or relay_host
@@ -67,6 +75,11 @@ def render(
         "    ServerAliveInterval 15",
         "    ExitOnForwardFailure yes",
     ]
+    if tls_port is not None:
+        lines.insert(-6, "    # SSH inside TLS (docs/networks.md); the SSH host key is checked too")
+        lines.insert(-6, "    ProxyCommand " + tls_proxy_command(
+            relay_host, tls_port, ca_file=tls_ca_file, connect=tls_connect))
+        fast = ()  # the fast path's data port is what such networks block
     tunnels: list[ServiceGrant] = []
     wildcard = False
     for grant in services:
@@ -111,6 +124,18 @@ def render(
         lines += ["", "# You may reach every service on this relay: add a Host entry with",
                   f"# `ProxyJump {RELAY_ALIAS}` for each ssh service you use."]
     return "\n".join(lines) + "\n"
+
+
+def tls_proxy_command(relay_host: str, tls_port: int, *, ca_file: str | None = None,
+                      connect: str | None = None) -> str:
+    """``openssl s_client`` as ssh's ProxyCommand: TLS to the relay's port with ALPN
+    ``labrelay-ssh/1``, the certificate checked for ``relay_host`` (``-verify_return_error``:
+    s_client otherwise carries on after a failed check)."""
+    target = connect or relay_host
+    target = f"[{target}]" if ":" in target else target
+    ca = f" -CAfile {ca_file}" if ca_file else ""
+    return (f"openssl s_client -quiet -verify_return_error -verify_hostname {relay_host} "
+            f"-servername {relay_host} -alpn {ALPN_SSH}{ca} -connect {target}:{tls_port}")
 
 
 def fast_path_note(services: Iterable[ServiceGrant], fast: Iterable[ServiceGrant]) -> str | None:
