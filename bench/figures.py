@@ -73,6 +73,25 @@ def key_figures(suite: str, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
             for proc, st in (s.get("cpu_s_per_gib") or {}).items():
                 _fig(figs, f"{base}.cpu_s_per_gib.{proc}", st, "CPU-s/GiB", f"{label}, {proc}")
         return figs
+    if suite == "stock_paths":
+        for s in data.get("series") or []:
+            if not isinstance(s, dict):
+                continue
+            base = f"stock_paths.{s.get('workload', '?')}.{s.get('path', '?')}"
+            label = f"{s.get('label') or s.get('path')}, {s.get('workload')} {s.get('op')}"
+            _fig(figs, f"{base}.mb_per_s", s.get("mb_per_s"), "MB/s", label)
+            _fig(figs, f"{base}.ratio_to_direct", s.get("ratio_to_direct"), "×",
+                 f"{label} ÷ direct")
+            for proc, st in (s.get("cpu_s_per_gib") or {}).items():
+                _fig(figs, f"{base}.cpu_s_per_gib.{proc}", st, "CPU-s/GiB", f"{label}, {proc}")
+        for mode, paths in (data.get("setup_latency") or {}).items():
+            for path, st in (paths or {}).items():
+                for q in ("p50_ms", "p99_ms"):
+                    _fig(figs, f"stock_paths.setup.{mode}.{path}.{q}", get_in(st, q), "ms",
+                         f"{path}, set-up {q[:3]}, {mode.replace('_', ' ')}")
+        for name, v in (data.get("ratios") or {}).items():
+            _fig(figs, f"stock_paths.ratio.{name}", v, "×", name.replace("_", " "))
+        return figs
     if suite == "plain_hop":
         for s in data.get("series") or []:
             if not isinstance(s, dict):

@@ -27,7 +27,7 @@ from bench.figures import conditions, goals, key_figures
 HISTORY = "history.jsonl"
 # result file stem -> the suite's name in the combined report and the history
 STEMS = {"agent_vs_openssh": "agent", "relay_vs_openssh": "relay", "plain_hop": "plain_hop",
-         "fast_path": "fast_path"}
+         "fast_path": "fast_path", "stock_paths": "stock_paths"}
 T = TypeVar("T")
 
 

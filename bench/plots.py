@@ -54,9 +54,10 @@ def make_plots(datas: dict[str, dict[str, Any]], combined: dict[str, Any],
     for k, v in (figs.get("plain_hop") or {}).items():
         if k.endswith(".throughput_mb_per_s"):
             rows.append(("plain_hop", v))
-    for k, v in (figs.get("fast_path") or {}).items():
-        if k.endswith(".mb_per_s"):
-            rows.append(("fast_path", v))
+    for suite in ("fast_path", "stock_paths"):
+        for k, v in (figs.get(suite) or {}).items():
+            if k.endswith(".mb_per_s"):
+                rows.append((suite, v))
     if rows:
         fig, ax = plt.subplots(figsize=(12, 0.35 * len(rows) + 1.8))
         names = [f"{s}: {v['label']}" for s, v in rows]
@@ -66,7 +67,8 @@ def make_plots(datas: dict[str, dict[str, Any]], combined: dict[str, Any],
                [max(0.0, (v["max"] if v["max"] is not None else v["value"]) - v["value"])
                 for _s, v in rows]]
         ax.barh(range(len(rows)), vals, xerr=err, capsize=3,
-                color=[{"agent": "C0", "relay": "C1", "plain_hop": "C2", "fast_path": "C3"}[s]
+                color=[{"agent": "C0", "relay": "C1", "plain_hop": "C2", "fast_path": "C3",
+                        "stock_paths": "C4"}[s]
                        for s, _ in rows])
         ax.set_yticks(range(len(rows)), names, fontsize=7)
         ax.invert_yaxis()

@@ -1,7 +1,8 @@
 """The benchmark suite: run the benchmark modules, combine their results, report and plot.
 
 ``python -m bench`` (or ``labrelay bench``) runs ``bench.agent_vs_openssh``,
-``bench.relay_vs_openssh``, ``bench.plain_hop`` and ``bench.fast_path`` (or the ones named
+``bench.relay_vs_openssh``, ``bench.plain_hop``, ``bench.fast_path`` and
+``bench.stock_paths`` (or the ones named
 with ``--only``) as subprocesses and streams their output with a prefix and the elapsed
 time. Each writes ``<stem>-latest.json`` and ``.md`` (overwritten) and appends its line to
 ``history.jsonl`` (``bench.history``). Then this reads each suite's latest JSON and writes
@@ -70,6 +71,7 @@ SUITES: dict[str, Suite] = {
                     "--idle-sessions", "1000", "--echoes", "200", "--settle", "1")),
     "plain_hop": Suite("plain_hop", "bench.plain_hop", "plain_hop", ("--quick",)),
     "fast_path": Suite("fast_path", "bench.fast_path", "fast_path", ("--quick",)),
+    "stock_paths": Suite("stock_paths", "bench.stock_paths", "stock_paths", ("--quick",)),
 }
 
 
@@ -239,6 +241,19 @@ def markdown(combined: dict[str, Any], plots: list[Path], plot_note: str = "") -
             cpu = [f"{k.rsplit('.', 1)[-1]} {c['value']:.2f}" for k, c in fp.items()
                    if k.startswith(f"{base}.cpu_s_per_gib.")]
             L.append(f"| {base.split('.')[1]} | {v['label'].rsplit(',', 1)[0]} | {_fmt(v)} | "
+                     f"{_fmt(ratio, 2) if ratio else '–'} | {', '.join(cpu) or '–'} |")
+    sp = figs.get("stock_paths") or {}
+    rows = [(k[:-len(".mb_per_s")], v) for k, v in sp.items() if k.endswith(".mb_per_s")]
+    if rows:
+        L += ["", "## Stock OpenSSH paths: ssh -J and ssh -L through the relay vs the seed's "
+              "(MB/s = 10^6 bytes/s)", "",
+              "| workload | path | MB/s | × direct | CPU-s/GiB of each relaying process |",
+              "|---|---|---|---|---|"]
+        for base, v in rows:
+            ratio = sp.get(f"{base}.ratio_to_direct")
+            cpu = [f"{k.rsplit('.', 1)[-1]} {c['value']:.2f}" for k, c in sp.items()
+                   if k.startswith(f"{base}.cpu_s_per_gib.")]
+            L.append(f"| {base.split('.', 1)[1]} | {v['label']} | {_fmt(v)} | "
                      f"{_fmt(ratio, 2) if ratio else '–'} | {', '.join(cpu) or '–'} |")
     ratios = [(s, k, v) for s, f in figs.items() for k, v in f.items()
               if ".ratio." in k or k.endswith(".ratio_to_direct")]

@@ -1,8 +1,10 @@
 """The relay's one table of user sessions (no I/O): what status, metrics and logs read.
 
 Every way a user's bytes reach a service is one row here: a user's SSH channel or a
-public-port connection bridged to an agent's channel (``path="channel"``), or a fast-path
-data connection spliced to an agent's (``path="spliced"``).  The relay's shell
+public-port connection bridged to an agent's channel (``path="channel"``), a user's SSH
+channel to an end-to-end encrypted service joined to an agent's pooled data connection
+(``path="pooled"``), or a fast-path data connection spliced to an agent's
+(``path="spliced"``).  The relay's shell
 (:mod:`relay.server.relay`) opens a row when a session is admitted (it counts against
 the user's cap from then on, even while it waits for its agent), attaches a byte meter
 once bytes can move, and closes the row with the final counts and why it ended.
@@ -26,6 +28,9 @@ CHANNEL = "channel"
 """A user's SSH channel or a public-port connection, bridged to an agent's channel."""
 SPLICED = "spliced"
 """A fast-path data connection spliced to an agent's data connection."""
+POOLED = "pooled"
+"""A user's SSH channel joined to one of the agent's pooled data connections (an
+end-to-end encrypted service: relay.server.dataport.DataPort.pooledRoute)."""
 
 RECENT = 256
 """How many ended rows the table remembers (for diagnostics; totals are kept apart)."""
@@ -201,6 +206,11 @@ class SessionTable:
             elif now - row.active_at >= timeout:
                 quiet.append(row)
         return quiet
+
+    def pooled_of_agent(self, agent: object) -> list[SessionRow]:
+        """The open rows carried on ``agent``'s pooled data connections (path
+        ``pooled``): they end with its link, as its channels do."""
+        return [r for r in self.rows() if r.agent is agent and r.path == POOLED]
 
     def of_agent_service(self, agent: object, service: str) -> list[SessionRow]:
         """The open rows to ``service`` served by ``agent`` (a registration's sessions)."""

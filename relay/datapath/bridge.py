@@ -152,7 +152,23 @@ class TCPSide(Protocol):
         self._wroteEOF = False
         self._closed = False
         self._cleanEnd = True
+        self._early = b""  # read by the connection's previous protocol: delivered first
         self.onConnected: object = None
+
+    @classmethod
+    def adopt(cls, transport: Any, received: bytes = b"") -> TCPSide:
+        """Make a connected TCP transport, paused by the protocol that owned it until
+        now, a bridge side: ``received`` are the bytes that protocol read past its own
+        framing (they belong to the stream and are delivered before anything else).
+
+        The relay does this with an agent's pooled data connection once the agent
+        answered its dispatch (relay.server.dataport); the transport stays in Twisted
+        and under the bridge's flow control."""
+        side = cls()
+        side._early = received
+        transport.protocol = side
+        side.makeConnection(transport)
+        return side
 
     # Protocol
 
@@ -192,6 +208,9 @@ class TCPSide(Protocol):
 
     def attach(self, bridge: Bridge) -> None:
         self.bridge = bridge
+        early, self._early = self._early, b""
+        if early:
+            bridge.dataReceived(self, early)
         self.resumeReading("no-peer")
         if self._readEOF:
             bridge.eofReceived(self)

@@ -395,6 +395,7 @@ def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
                 f"fast path: data port {fast['data_port']}, e2e "
                 f"{' '.join(fast.get('e2e_services', [])) or '(none)'}; "
                 f"{fast.get('paired', 0)} paired, {fast.get('pair_failed', 0)} failed, "
+                f"{fast.get('pooled', 0)} stock sessions pooled, "
                 f"{refused} tokens refused; idle agent connections: {pools or '-'}")
     tls = relay.get("tls")
     if tls:

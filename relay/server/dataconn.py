@@ -67,6 +67,14 @@ class AgentPool:
                 return
         self.idle.append(conn)
 
+    def take_idle(self) -> DataConnection | None:
+        """An idle connection now, or None (nobody waits)."""
+        while self.idle:
+            conn = self.idle.popleft()
+            if conn.state is DataState.IDLE:
+                return conn
+        return None
+
     def take(self, clock: Any, timeout: float) -> defer.Deferred[DataConnection]:
         while self.idle:
             conn = self.idle.popleft()
@@ -88,13 +96,16 @@ class AgentPool:
 
 class DataState(StrEnum):
     """A connection to the data port: ``HELLO`` -> ``USER`` or ``IDLE`` ->
-    ``DISPATCHED`` -> ``SPLICED``; any -> ``CLOSED``."""
+    ``DISPATCHED`` -> ``SPLICED`` (or ``JOINED``: an agent's answered for a user's SSH
+    channel, its transport now a bridge side, :mod:`relay.server.pooled`); any ->
+    ``CLOSED``."""
 
     HELLO = "hello"  # challenge sent, collecting the hello
     USER = "user"  # a user's, paused, waiting to be paired
     IDLE = "idle"  # an agent's pooled connection, read only to notice its end
     DISPATCHED = "dispatched"  # an agent's, sent a GO, waiting for K/E
     SPLICED = "spliced"
+    JOINED = "joined"  # an agent's, answered for a user's SSH channel: a bridge side now
     CLOSED = "closed"
 
 

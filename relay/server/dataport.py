@@ -129,7 +129,8 @@ class DataPort:
         self.pending: set[DataConnection] = set()
         self.listener: IListeningPort | None = None
         self.counters = {"data_connections": 0, "data_refused": 0, "data_throttled": 0,
-                         "paired": 0, "pair_failed": 0, "paired_local": 0}
+                         "paired": 0, "pair_failed": 0, "paired_local": 0,
+                         "pooled": 0}
 
     @property
     def enabled(self) -> bool:

@@ -26,7 +26,7 @@ from relay.core.resume import HELLO as RESUME_HELLO
 from relay.core.router import SUPERSEDED, Decision, Probe, Refused, Router, Verdict, label_of
 from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
-from relay.datapath.bridge import Bridge
+from relay.datapath.bridge import Bridge, Side
 from relay.datapath.join import PairCounters
 from relay.datapath.splicing import SplicedPair
 from relay.server import audit
@@ -35,6 +35,7 @@ from relay.server.dataport import DataPort
 from relay.server.expiry import KeyExpiry
 from relay.server.grants import Grants, GrantsChange, GrantsWatcher, Principal
 from relay.server.idle import IdleSweeper
+from relay.server.pooled import close_pooled, open_user_side
 from relay.server.public import PublicPorts
 from relay.server.resumes import RelayResumes
 from relay.server.sharing import Sharing
@@ -141,6 +142,7 @@ class RelayCore:
         self.connections.discard(conn)
         gone = self.router.drop_session(conn)
         self.dataport.sessionStopped(conn)
+        close_pooled(self, conn)
         ident = conn.identity
         held = self.resumes.held_for(conn)
         self._log.info(
@@ -300,9 +302,9 @@ class RelayCore:
                                      key=ident.key_blob)
         audit.opened(session)
         d = self.whenRegistered(host, port, self.config.public_wait, session)
-        d.addCallback(lambda reg: self.openToAgent(reg, port, origin, session))
+        d.addCallback(lambda reg: open_user_side(self, reg, port, origin, session))
 
-        def connected(agent_channel: BridgedChannel) -> BridgedChannel:
+        def connected(agent_channel: Side) -> BridgedChannel:
             self.sharing.tag(channel, principal.name)
 
             def not_opened(_: object) -> None:
@@ -374,7 +376,7 @@ class RelayCore:
     def fastSessionFailed(self, session: SessionRow) -> None:
         self.sessionEnded(session, 0, 0, "fast path pairing failed")
 
-    def bridge(self, session: SessionRow, user_side: Any, agent_side: BridgedChannel) -> Bridge:
+    def bridge(self, session: SessionRow, user_side: Any, agent_side: Side) -> Bridge:
         limiter = self.sharing.limiter(session.user, user_side)
 
         def ended(to_service: int, from_service: int) -> None:

@@ -51,10 +51,12 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from twisted.conch.ssh.transport import DISCONNECT_MAC_ERROR, DISCONNECT_PROTOCOL_ERROR, SSHCiphers
 
+from relay.ssh import policy
 from relay.ssh.ciphers import (
     _CHANNEL_DATA_HEAD,
     _FIRST,
@@ -81,9 +83,18 @@ class AEADTransportMixin(KexMixin):
 
     Mix in first: ``class T(AEADTransportMixin, transport.SSHClientTransport)``.
     """
+
+    ourVersionString = policy.VERSION_STRING
+
     _rbuf: bytearray | None = None  # the start of a packet not yet all received
     _first: bytes | None = None  # decrypted first block of a partial non-AEAD packet
     _chachaLength: int | None = None  # decrypted length of a partial chacha packet
+    #: Set by the connection service once it runs (``FlowConnection``): the handler of
+    #: ``MSG_CHANNEL_DATA``, given the payload as a memoryview into the decrypted
+    #: packet.  A bulk stream is nearly all channel data, and Conch's dispatch of a
+    #: message (transport -> service -> handler by name) was a fifth of the relay's
+    #: Python per packet; every other message still goes through ``dispatchMessage``.
+    channelDataHandler: Any = None
     _pad = b""
     _padOff = 0
 
@@ -186,7 +197,12 @@ class AEADTransportMixin(KexMixin):
                         rbuf += data[pos:]
                     return
                 pos = got[2]
-            self.dispatchMessage(got[0], got[1])
+            handler = self.channelDataHandler
+            if (got[0] == MSG_CHANNEL_DATA and handler is not None
+                    and not self.transport.disconnecting):
+                handler(got[1])
+            else:
+                self.dispatchMessage(got[0], got[1])
 
     def getPacket(self) -> bytes | None:
         """One decoded payload (message number first), or ``None``: Conch's API
@@ -288,6 +304,9 @@ class AEADTransportMixin(KexMixin):
         if pad < 4 or stop < 2:
             self._fatal(DISCONNECT_PROTOCOL_ERROR, b"bad padding length %d" % pad)
             return None
+        if plain[1] == MSG_CHANNEL_DATA and self.channelDataHandler is not None:
+            # Not copied here: the handler copies the data once, out of the packet.
+            return MSG_CHANNEL_DATA, memoryview(plain)[2:stop], end  # type: ignore[return-value]
         return plain[1], plain[2:stop], end
 
     def _checkedChachaLength(

@@ -35,6 +35,7 @@ from relay.core.keepalive import KeepaliveMonitor
 from relay.core.resume import split_sid
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.datapath.net import client_endpoint, quickack
+from relay.ssh import policy
 from relay.ssh.aead import AEADTransportMixin
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import (
@@ -374,6 +375,12 @@ class LinkConnection(FlowConnection):
         self.link_transport.why = f"dead: nothing received for {silence:.1f}s"
         self.link_transport.tcp.abortConnection()
 
+    def _maxPacket(self) -> int:
+        """The channel maximum packet to announce: larger to a labrelay relay."""
+        cfg = self.link.config
+        return policy.channel_max_packet(cfg.max_packet, cfg.window,
+                                         getattr(self.transport, "otherVersionString", None))
+
     # reverse forwards: the server opens a channel per accepted connection
 
     def channel_forwarded_tcpip(
@@ -411,7 +418,7 @@ class LinkConnection(FlowConnection):
             )
         cfg = self.link.config
         channel = BridgedChannel(
-            b"forwarded-tcpip", window=cfg.window, maxPacket=cfg.max_packet,
+            b"forwarded-tcpip", window=cfg.window, maxPacket=self._maxPacket(),
             remoteWindow=windowSize, remoteMaxPacket=maxPacket, conn=self,
         )
         target = forward.config.connect
@@ -455,7 +462,7 @@ class LinkConnection(FlowConnection):
     ) -> defer.Deferred[BridgedChannel]:
         cfg = self.link.config
         channel = BridgedChannel(
-            b"direct-tcpip", window=cfg.window, maxPacket=cfg.max_packet, conn=self
+            b"direct-tcpip", window=cfg.window, maxPacket=self._maxPacket(), conn=self
         )
         self.openChannel(channel, pack_endpoints(host, port, origHost, origPort))
         return channel.opened

@@ -108,6 +108,23 @@ class FlowConnection(connection.SSHConnection):
                 tcp.bufferSize = LINK_BUFFER
             tcp.registerProducer(self, True)
             _limitUnsent(tcp)
+        if hasattr(self.transport, "channelDataHandler"):
+            self.transport.channelDataHandler = self.channelData
+
+    def activity(self) -> None:
+        """A packet arrived (the relay's connection feeds its keepalive monitor)."""
+
+    def channelData(self, packet: Any) -> None:
+        """``MSG_CHANNEL_DATA`` straight from the transport (``AEADTransportMixin.
+        channelDataHandler``): what ``packetReceived`` does for it, without Conch's
+        dispatch by name.  ``packet`` may be a memoryview into the decrypted packet."""
+        self.activity()
+        try:
+            self.ssh_CHANNEL_DATA(packet)
+        except (struct.error, IndexError, TypeError, ValueError):
+            self._log.failure("malformed message 94 from the peer; disconnecting",
+                              level=LogLevel.warn, event="malformed_packet", num=94)
+            self._protocolError("malformed message 94")
 
     # IPushProducer for the link's TCP transport
 
@@ -352,12 +369,13 @@ class FlowConnection(connection.SSHConnection):
             )
             self.sendClose(channel)
             return
-        data = packet[8 : 8 + dataLength]
-        if len(data) != dataLength:
+        if len(packet) - 8 < dataLength:
             self._protocolError("truncated channel data")
             return
         channel.localWindowLeft -= dataLength
-        channel.dataReceived(data)
+        # The one copy out of the packet (a memoryview from the transport; a slice of
+        # bytes is already a copy, and bytes() of bytes is not another).
+        channel.dataReceived(bytes(packet[8 : 8 + dataLength]))
 
     def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
         """Forwarding channels carry no stderr; account for it and drop it."""
@@ -405,6 +423,8 @@ class FlowConnection(connection.SSHConnection):
 
     def serviceStopped(self) -> None:
         self._stopped = True
+        if getattr(self.transport, "channelDataHandler", None) is not None:
+            self.transport.channelDataHandler = None
         self.scheduler = FairScheduler()
         self._held.clear()
         self._closing.clear()

@@ -46,6 +46,16 @@ STRICT_KEX_SERVER = b"kex-strict-s-v00@openssh.com"
 STRICT_KEX_CLIENT = b"kex-strict-c-v00@openssh.com"
 EXT_INFO = (b"ext-info-c", b"ext-info-s")
 
+#: The version string of every labrelay SSH end (RFC 4253 §4.2: no version number
+#: is given away).  Two labrelay ends recognise each other by it and agree on larger
+#: channel packets between them (:func:`channel_max_packet`); a stock peer is never
+#: offered anything it did not ask for.
+VERSION_STRING = b"SSH-2.0-labrelay"
+#: Channel maximum packet a labrelay end announces to another labrelay end (the agent's
+#: link): each packet costs Python work per hop, so fewer, larger ones carry a bulk
+#: stream for less CPU.  The memory bound per session is the window, not the packet.
+LABRELAY_MAX_PACKET = 256 * 1024
+
 AES128_GCM = b"aes128-gcm@openssh.com"
 AES256_GCM = b"aes256-gcm@openssh.com"
 CHACHA20_POLY1305 = b"chacha20-poly1305@openssh.com"
@@ -326,3 +336,19 @@ class KexGuard:
     def reset_after_newkeys(self) -> bool:
         """Whether a sequence number restarts at 0 after a NEWKEYS (strict KEX)."""
         return self.strict
+
+
+def labrelay_peer(version: bytes | None) -> bool:
+    """Whether the peer's version string (``SSH-2.0-software comments``) is labrelay's."""
+    if not version:
+        return False
+    software = version.split(b" ", 1)[0]
+    return software == VERSION_STRING or software.startswith(VERSION_STRING + b"_")
+
+
+def channel_max_packet(configured: int, window: int, peer_version: bytes | None) -> int:
+    """The maximum packet to announce on a channel: larger between two labrelay ends
+    (never smaller than what the config says, never more than the channel's window)."""
+    if labrelay_peer(peer_version):
+        return min(max(configured, LABRELAY_MAX_PACKET), max(configured, window))
+    return configured

@@ -282,9 +282,12 @@ class RelayConnection(FlowConnection):
             self.keepalive.start()
         self.core.sessionStarted(self)
 
-    def packetReceived(self, messageNum: int, packet: bytes) -> None:
+    def activity(self) -> None:
         if self.keepalive is not None:
             self.keepalive.activity()
+
+    def packetReceived(self, messageNum: int, packet: bytes) -> None:
+        self.activity()
         super().packetReceived(messageNum, packet)
 
     def probe(self) -> defer.Deferred[bool]:
@@ -421,7 +424,10 @@ class RelayConnection(FlowConnection):
                      and resume.count < self.core.config.resume_max_sessions)
         channel = BridgedChannel(
             OPEN_RESUMABLE if resumable else b"forwarded-tcpip", window=self.core.config.window,
-            maxPacket=self.core.config.max_packet, conn=self,
+            maxPacket=policy.channel_max_packet(
+                self.core.config.max_packet, self.core.config.window,
+                getattr(self.transport, "otherVersionString", None)),
+            conn=self,
         )
         data = pack_endpoints(bind, port, origHost, origPort)
         if not resumable:

@@ -258,8 +258,12 @@ def test_ten_sessions_survive_a_20s_cut_byte_exact(site: Site, record: Record) -
     relay, agent = _lab(site, grace=None)  # the default grace, 60 s
     sessions = Sessions(site, "survive").start()
     try:
+        # A session by name to the e2e gpu-cluster may ride one of the agent's pooled
+        # data connections from the relay on (issue 13): not a resumable channel, it is
+        # carried across the cut by TCP, and its bytes are checked below like the others.
+        pooled = len(relay.events("relay_pooled_session"))
         cut = _cut(site, 20.0, relay, agent)
-        resumed = [agent.wait_for("session_resumed", timeout=60) for _ in range(10)]
+        resumed = [agent.wait_for("session_resumed", timeout=60) for _ in range(10 - pooled)]
         back = max(e["time"] for e in resumed) - cut["up_at"]
         for i, typist in enumerate(sessions.typists):
             assert typist.line(f"{i} after") == f"{i} after", typist.name

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.core.sessions import CHANNEL, SPLICED, SessionTable, State
+from relay.core.sessions import CHANNEL, POOLED, SPLICED, SessionTable, State
 
 GPU = "gpu-cluster:22"
 WEB = "web:80"
@@ -118,3 +118,21 @@ def test_selections_for_revocation() -> None:
     assert table.of_keys([b"bob", b"nobody"]) == [elsewhere]
     table.close(gpu, 5.0)
     assert table.of_agent_service(lab, GPU) == []
+
+
+def test_pooled_rows_of_an_agent_are_selected_for_its_link() -> None:
+    """The rows an agent's link takes with it: only its own ``pooled`` ones (its channels
+    end with the link by themselves; spliced rows are independent of it)."""
+    table = SessionTable()
+    agent, other = object(), object()
+    pooled = table.open("alice", "gpu-cluster:22", "u", 0.0, path=POOLED)
+    pooled.agent = agent
+    channel = table.open("alice", "web:8080", "u", 0.0)
+    channel.agent = agent
+    spliced = table.open("alice", "gpu-cluster:22", "u", 0.0, path=SPLICED, agent=agent)
+    elsewhere = table.open("bob", "gpu-cluster:22", "u", 0.0, path=POOLED)
+    elsewhere.agent = other
+    assert table.pooled_of_agent(agent) == [pooled]
+    table.close(pooled, 1.0)
+    assert table.pooled_of_agent(agent) == []
+    assert channel.path != POOLED and spliced.path == SPLICED

@@ -543,3 +543,34 @@ def test_client_side_key_exchange_timeout() -> None:
     client.sendKexInit()  # never pumped: the server does not answer
     clock.advance(client.kexTimeout + 0.1)
     assert client.transport.disconnecting
+
+
+# --- larger channel packets between two labrelay ends (issue 13) -------------------------
+
+
+def test_both_labrelay_ends_announce_the_same_version_string() -> None:
+    from relay.ssh.client import LinkTransport
+    from relay.ssh.server import RelayTransport
+
+    assert RelayTransport.ourVersionString == LinkTransport.ourVersionString == b"SSH-2.0-labrelay"
+
+
+@pytest.mark.parametrize(("version", "ours"), [
+    (b"SSH-2.0-labrelay", True),
+    (b"SSH-2.0-labrelay_0.2 comment", True),
+    (b"SSH-2.0-labrelay comment", True),
+    (b"SSH-2.0-labrelayx", False),
+    (b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10", False),
+    (b"SSH-2.0-Twisted_26.10.0", False),
+    (b"", False),
+    (None, False),
+])
+def test_a_labrelay_peer_is_known_by_its_version_string(version: bytes | None,
+                                                        ours: bool) -> None:
+    assert policy.labrelay_peer(version) is ours
+    window = 2 << 20
+    expected = policy.LABRELAY_MAX_PACKET if ours else 32768
+    assert policy.channel_max_packet(32768, window, version) == expected
+    # never smaller than the configured value, never more than the window
+    assert policy.channel_max_packet(1 << 20, window, version) == 1 << 20
+    assert policy.channel_max_packet(32768, 65536, version) == (65536 if ours else 32768)

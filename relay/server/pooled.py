@@ -1,0 +1,157 @@
+"""A stock user's SSH channel to an end-to-end encrypted service, carried from the relay
+to the agent on one of the agent's pooled data connections (issue 13).
+
+``ssh -J alice@relay gpu-cluster`` and ``ssh -L 8888:gpu-cluster:22 alice@relay`` arrive
+as ``direct-tcpip`` channels.  On the link they would be encrypted a second time (by the
+relay) and decrypted again (by the agent) although their payload is the user's own
+end-to-end encrypted stream.  For a service declared end-to-end encrypted
+(``e2e_services``) whose agent keeps a fast-path pool, the relay instead dispatches one of
+that agent's idle data connections exactly as the fast path does (a GO MAC'd with that
+connection's ticket secret; the agent connects the target, answers ``K`` and splices),
+and joins the user's channel to it with the one flow-controlled bridge
+(:class:`relay.datapath.bridge.Bridge`): the relay decrypts the user's outer SSH layer
+and writes the channel's bytes to the data connection, the agent moves them in its
+splice pump.
+
+The same rules as the fast path: only what the relay lists as end-to-end encrypted *and*
+the agent offered as such is ever written to a data connection, so a service that is not
+declared end-to-end encrypted never touches one (tests/integration/test_stockpaths.py
+watches every byte of every data connection).  A session never waits for the pool: with
+no idle pooled connection, or one found dead, it takes the link as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relay.core.clock import expire
+from relay.core.routing import Registration
+from relay.core.sessions import CHANNEL, POOLED, SessionRow, SessionTable
+from relay.datapath.bridge import Side, TCPSide
+from relay.server.dataconn import AgentConnectionGone, DataState, PairingError
+from relay.server.dataport import AGENT_REPLY_TIMEOUT, DataPort
+from relay.ssh.channels import BridgedChannel
+from relay.ssh.resumable import ResumableSessions
+
+_log = Logger(namespace="relay.server.pooled")
+
+
+class PooledShell(TypingProtocol):
+    """What this needs of the relay (:class:`relay.server.relay.RelayCore`)."""
+
+    @property
+    def dataport(self) -> DataPort: ...
+
+    @property
+    def sessions(self) -> SessionTable: ...
+
+    @property
+    def resume(self) -> ResumableSessions: ...
+
+    @property
+    def connections(self) -> Collection[Any]: ...
+
+    def abortSession(self, session: SessionRow, why: str) -> None:
+        """Close ``session`` now (or as soon as it would start)."""
+
+    def openToAgent(self, reg: Registration, port: int, origin: str,
+                    session: SessionRow | None = None) -> defer.Deferred[BridgedChannel]:
+        """A ``forwarded-tcpip`` channel on the agent's link."""
+
+
+def pooled_route(dataport: DataPort, reg: Registration,
+                 port: int) -> defer.Deferred[TCPSide] | None:
+    """One of ``reg``'s agent's idle pooled data connections, dispatched to ``reg`` and
+    answered ``K``, as a bridge side; or None: use the link (not declared end-to-end
+    encrypted here, not offered as such by the agent, no pool, no idle connection now).
+
+    Fails with PairingError if the agent could not connect the target (or did not
+    answer within ``AGENT_REPLY_TIMEOUT``), AgentConnectionGone if the connection turned
+    out dead."""
+    if not dataport.enabled or dataport.listener is None or not dataport.e2e(reg.name, port):
+        return None
+    pool = dataport.pools.get(reg.session)
+    if pool is None or (reg.bind.lower(), port) not in pool.spliceable:
+        return None
+    agent = pool.take_idle()
+    if agent is None:
+        return None
+    d = expire(agent.dispatch(reg.bind, port), AGENT_REPLY_TIMEOUT, dataport.clock)
+
+    def answered(_: str) -> TCPSide:
+        agent.state = DataState.JOINED
+        dataport.counters["pooled"] += 1
+        return TCPSide.adopt(agent.transport, agent.extra)
+
+    def failed(f: Failure) -> Failure:
+        if agent.state is not DataState.CLOSED:
+            agent.transport.abortConnection()
+        if f.check(defer.CancelledError):
+            return Failure(PairingError(f"the agent did not answer within "
+                                        f"{AGENT_REPLY_TIMEOUT:g}s"))
+        return f
+
+    return d.addCallbacks(answered, failed)
+
+
+def open_user_side(relay: PooledShell, reg: Registration, port: int, origin: str,
+                   session: SessionRow) -> defer.Deferred[Side]:
+    """The agent's side of a user's channel session: a pooled data connection when
+    :func:`pooled_route` has one (session path ``pooled``, event
+    ``relay_pooled_session``), else a channel on the agent's link (path ``channel``)."""
+    pooled = pooled_route(relay.dataport, reg, port)
+    if pooled is None:
+        channel: defer.Deferred[Any] = relay.openToAgent(reg, port, origin, session)
+        return channel
+    session.agent = reg.session
+    session.path = POOLED
+
+    def stale(f: Failure) -> Any:
+        # The pooled connection was dead (the agent notices and replaces it): the link
+        # carries this session.
+        f.trap(AgentConnectionGone)
+        session.path = CHANNEL
+        return relay.openToAgent(reg, port, origin, session)
+
+    def joined(side: Side) -> Side:
+        _log.info("{user}: {service} carried on the agent's pooled data connection",
+                  event="relay_pooled_session", user=session.user, service=session.service,
+                  origin=origin)
+        return side
+
+    return pooled.addCallbacks(joined, stale)
+
+
+def close_pooled(relay: PooledShell, agent: Any) -> None:
+    """``agent``'s link ended: its pooled sessions follow the link's channels.  Where
+    those end at once (``resume_grace = 0``, or an agent that did not say the resume
+    hello), so do the pooled sessions.  Where they are held for resume, the pooled
+    sessions' bytes ride their own TCP connections across the cut (as a fast-path
+    session's do), and they end ``resume_grace`` seconds later only if the agent has not
+    come back by then, when the held channels end too (docs/resilience.md)."""
+    resume = relay.resume
+    if not (getattr(agent, "resumable", False) and resume.enabled):
+        _end_pooled(relay, agent, "its agent's link ended")
+        return
+    key = agent.identity.key_blob
+
+    def expired() -> None:
+        if not any(c.identity.key_blob == key for c in relay.connections):
+            _end_pooled(relay, agent, f"its agent did not come back within "
+                                      f"{resume.grace:g}s (resume_grace)")
+
+    resume.clock.callLater(resume.grace, expired)
+
+
+def _end_pooled(relay: PooledShell, agent: Any, why: str) -> None:
+    for row in relay.sessions.pooled_of_agent(agent):
+        _log.info("closing {user}'s pooled session to {service}: {why}",
+                  event="relay_pooled_session_ended", user=row.user, service=row.service,
+                  origin=row.origin, why=why)
+        relay.abortSession(row, why)
