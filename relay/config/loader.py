@@ -3,10 +3,11 @@
 :func:`load_config` reads a file, :func:`parse_config` its text; each section has its
 reader here (``[admin]``, ``[relay]`` with ``[relay.penalties]`` and its principals,
 ``[[forward]]``) or in :mod:`relay.config.readers` (``[[link]]`` with its
-``[[link.remote]]``/``[[link.local]]``, and the small readers all sections share).  They walk the file with :class:`~relay.config.section.Section`,
-check single strings with :mod:`relay.config.grammar`, and leave what spans entries
-to :mod:`relay.config.checks`.  Nothing starts on a bad file: parsing is complete
-before any service is built.
+``[[link.remote]]``/``[[link.local]]``, and the small readers all sections share).
+They walk the file with :class:`~relay.config.section.Section`, check single strings
+with :mod:`relay.config.grammar`, and leave what spans entries to
+:mod:`relay.config.checks`.  Nothing starts on a bad file: parsing is complete before
+any service is built.
 """
 
 from __future__ import annotations
