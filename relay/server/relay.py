@@ -33,7 +33,9 @@ from relay.server import audit
 from relay.server.dataconn import PairingError
 from relay.server.dataport import DataPort
 from relay.server.expiry import KeyExpiry
-from relay.server.grants import Grants, GrantsChange, GrantsWatcher, Principal
+from relay.server.grantdiff import GrantsChange
+from relay.server.grants import Grants, Principal
+from relay.server.grantwatch import GrantsWatcher
 from relay.server.idle import IdleSweeper
 from relay.server.pooled import close_pooled, open_user_side
 from relay.server.public import PublicPorts
