@@ -7,13 +7,13 @@ key still locked by its passphrase), an OpenSSH certificate before its plain key
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-from twisted.conch.ssh import common, keys, userauth
+from twisted.conch.ssh import common, keys, service, userauth
 from twisted.internet import defer
 
-if TYPE_CHECKING:
-    from relay.ssh.client import LinkConnection, LinkOwner, LinkTransport
+from relay.config.schema import LinkConfig
 
 
 class Signer(Protocol):
@@ -27,6 +27,17 @@ class Signer(Protocol):
 
 
 Identity = keys.Key | Signer
+
+
+class AuthOwner(Protocol):
+    """What authentication needs of the link's owner (a :class:`relay.ssh.client.LinkOwner`,
+    declared there; this module does not import it, so that the two make no cycle)."""
+
+    @property
+    def config(self) -> LinkConfig: ...
+
+    @property
+    def identities(self) -> Sequence[Identity]: ...
 
 
 class _Certificate(keys.Key):
@@ -53,7 +64,7 @@ class LinkUserAuth(userauth.SSHUserAuthClient):
 
     preferredOrder = [b"publickey"]
 
-    def __init__(self, link: LinkOwner, conn: LinkConnection) -> None:
+    def __init__(self, link: AuthOwner, conn: service.SSHService) -> None:
         super().__init__(link.config.user.encode(), conn)
         self._keys: list[tuple[Identity, bytes]] = []
         for key in link.identities:
@@ -86,7 +97,7 @@ class LinkUserAuth(userauth.SSHUserAuthClient):
     def ssh_USERAUTH_FAILURE(self, packet: bytes) -> Any:
         methods = common.getNS(packet)[0]
         if (not self._keys and self.lastAuth == b"publickey") or b"publickey" not in methods:
-            transport = cast("LinkTransport", self.transport)
+            transport: Any = self.transport  # a relay.ssh.client.LinkTransport
             transport.why = (
                 f"authentication failed for user {self.user.decode()!r}: the server "
                 f"accepted none of our {len(transport.link.identities)} key(s)"
