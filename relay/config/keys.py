@@ -79,6 +79,7 @@ RELAY_KEYS = {
     "idle_timeout": "idle_timeout = 0",
     "public_wait": "public_wait = 10",
     "resume_grace": "resume_grace = 60",
+    "resume_max_sessions": "resume_max_sessions = 256",
     "keepalive_interval": "keepalive_interval = 15",
     "keepalive_count": "keepalive_count = 3",
     "window": "window = 2097152",

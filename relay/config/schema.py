@@ -325,6 +325,10 @@ class RelayConfig:
     # Seconds an agent's sessions are held for resumption when its link breaks (only
     # with a labrelay agent; docs/resilience.md); 0 = never held.
     resume_grace: float = 60.0
+    # Resumable sessions at most, open or held, over all agents: each keeps up to one
+    # window of replay, so this times ``window`` bounds that memory; past it a new
+    # session is opened as a plain ``forwarded-tcpip`` (it ends with the link).
+    resume_max_sessions: int = 256
     keepalive: Keepalive = field(default_factory=Keepalive)
     window: int = DEFAULT_WINDOW
     max_packet: int = DEFAULT_MAX_PACKET

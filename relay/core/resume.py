@@ -45,6 +45,11 @@ RESUME_CHANNEL = b"resume-session@labrelay"
 confirms with its own offer's counts as the confirmation's data, or refuses with why."""
 VERSION = 1
 SID_LEN = 16
+REPLAY_LIMIT = 16 * 1024 * 1024
+"""Bytes a stream keeps for a replay, at most: what it sends beyond the peer's credit.
+The peer's window would bound it, but the peer chooses its window (up to 4 GiB, and it
+need never re-open it); 16 MiB is the largest window a labrelay end can be configured
+with, so an honest peer's half-window ``WINDOW_ADJUST`` always comes."""
 MAX_COUNT = 2**63 - 1
 
 

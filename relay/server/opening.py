@@ -67,10 +67,12 @@ class SessionOpening:
 
     # reaching a service
 
-    def whenRegistered(self, name: str, port: int, timeout: float) -> defer.Deferred[Registration]:
+    def whenRegistered(self, name: str, port: int, timeout: float,
+                       row: SessionRow | None = None) -> defer.Deferred[Registration]:
         """``name:port``'s registration once its agent knows it holds it, waiting up to
-        ``timeout`` seconds for its agent (relay.server.waiting)."""
-        return self.waiting.whenRegistered(name, port, timeout)
+        ``timeout`` seconds for its agent (relay.server.waiting); ``row``'s wait ends at
+        once if the relay closes it meanwhile (a grants reload)."""
+        return self.waiting.whenRegistered(name, port, timeout, row)
 
     def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
                         channel: BridgedChannel) -> defer.Deferred[BridgedChannel]:
@@ -98,7 +100,7 @@ class SessionOpening:
         session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
                                      key=ident.key_blob)
         audit.opened(session)
-        d = self.whenRegistered(host, port, self.config.public_wait)
+        d = self.whenRegistered(host, port, self.config.public_wait, session)
         d.addCallback(lambda reg: open_user_side(self, reg, port, origin, session))
 
         def connected(agent_channel: Side) -> BridgedChannel:
@@ -115,7 +117,7 @@ class SessionOpening:
 
         def failed(f: Failure) -> defer.Deferred[BridgedChannel]:
             self.sessionEnded(session, 0, 0, "agent unavailable")
-            why = ("its agent did not come back within "
+            why = session.closing or ("its agent did not come back within "
                    f"{self.config.public_wait:g}s") if f.check(defer.CancelledError) else (
                 f"its agent could not connect it: {f.getErrorMessage()}")
             return refuse(OPEN_CONNECT_FAILED, f"service {service} unavailable: {why}")

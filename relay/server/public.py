@@ -36,7 +36,7 @@ class PublicShell(Protocol):
     counters: dict[str, int]
 
     def whenRegistered(
-        self, name: str, port: int, timeout: float
+        self, name: str, port: int, timeout: float, row: SessionRow | None = None
     ) -> defer.Deferred[Registration]: ...
 
     def openToAgent(
@@ -120,7 +120,7 @@ class PublicPorts:
             self._waiting[port] -= 1
             return result
 
-        d = relay.whenRegistered(PUBLIC, port, config.public_wait).addBoth(waited)
+        d = relay.whenRegistered(PUBLIC, port, config.public_wait, session).addBoth(waited)
         d.addCallback(lambda r: relay.openToAgent(r, port, origin, session))
 
         def failed(f: Failure) -> None:
@@ -128,7 +128,8 @@ class PublicPorts:
             self._log.warn(
                 "public port {port}: connection from {origin} closed: agent {owner} {why}",
                 event="relay_public_refused", port=port, origin=origin, owner=owner,
-                why="did not come back in time" if f.check(defer.CancelledError)
+                why=(session.closing or "did not come back in time")
+                if f.check(defer.CancelledError)
                 else f"could not connect it ({f.getErrorMessage()})",
             )
             side.close()

@@ -295,6 +295,10 @@ class RelayCore(SessionOpening):
                 why = ("the user's key is no longer granted" if loss.everything
                        else f"{session.service} is no longer granted to user {session.user}")
                 self._closeSession(session, why)
+        for session, why in self.resumes.no_longer_granted(change.losses,
+                                                           self.grants.principal_for):
+            self._closeSession(session, f"held for resumption: {why}")
+        self._endHopelessWaits()
         for conn in sorted(self.connections, key=lambda c: (c.identity.kind, c.principal_name)):
             loss = change.losses.get(conn.identity.key_blob)
             if loss is None:
@@ -306,10 +310,26 @@ class RelayCore(SessionOpening):
                     self._dropRegistration(reg, f"{_label(reg)} is no longer granted to "
                                            f"agent {conn.principal_name}", tell=True)
 
+    def _endHopelessWaits(self) -> None:
+        """Sessions waiting for a service no agent may register any more end now, and a
+        public port no agent holds or may hold stops listening: the revoked agent's
+        door must not stay open for ``public_wait`` (or, for the listener, forever)."""
+        for session, name, port in self.waiting.waits():
+            if not (self.grants.public_port_owner(port) is not None if name == PUBLIC
+                    else self.router.may_appear(self.grants.owner_of(name), name, port)):
+                self._closeSession(session, f"{session.service} is no longer granted to "
+                                   "any agent")
+        for port in sorted(self.publicPorts.listeners):
+            if (self.registry.lookup(PUBLIC, port) is None
+                    and self.grants.public_port_owner(port) is None):
+                self.publicPorts.close(port)
+
     def endKey(self, key_blob: bytes, why: str) -> None:
         """Close every session and connection of ``key_blob`` (it expired or was revoked)."""
         for session in [s for s in self.sessions.rows() if s.key == key_blob]:
             self._closeSession(session, why)
+        for session in self.resumes.held_rows_of(key_blob):  # held for that agent key
+            self._closeSession(session, f"held for resumption: {why}")
         for conn in [c for c in self.connections if c.identity.key_blob == key_blob]:
             for reg in self.registry.held_by(conn):
                 self._dropRegistration(reg, why, tell=False)
@@ -362,6 +382,8 @@ class RelayCore(SessionOpening):
         abort = self._aborts.get(session)
         if abort is not None:
             abort()
+        else:
+            self.waiting.cancel(session)  # waiting for its agent: ends now
 
     # start, stop
 

@@ -12,11 +12,13 @@ are reset at once instead of waiting out the grace period.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.logger import Logger
 
 from relay.core.resume import pack_hello_reply, unpack_hello
+from relay.core.routing import PUBLIC
 from relay.ssh.resumable import ResumableSessions, ResumableSide
 from relay.ssh.server import RelayConnection
 
@@ -55,6 +57,38 @@ class RelayResumes:
         """How many sessions are held whose agent connection was ``conn``."""
         return sum(1 for s in self.sessions.held_sides()
                    if s.row is not None and s.row.agent is conn)
+
+    def no_longer_granted(self, losses: Mapping[bytes, Any],
+                          principal_for: Callable[[bytes], Any]) -> list[tuple[Any, str]]:
+        """Held sessions whose agent key lost the grant for their service (or every
+        grant): ``(session row, why)`` each, for the relay to close.  A held session has
+        no registration left to drop (its agent's connection is gone), so a reload that
+        narrows an agent's grants must find them here, or the agent would resume a
+        session to a service it may no longer serve (docs/security.md)."""
+        out = []
+        for side in self.sessions.held_sides():
+            owner: Any = side.stream.owner
+            key = owner[0] if isinstance(owner, tuple) else None
+            loss = losses.get(key) if isinstance(key, bytes) else None
+            if loss is None or side.row is None or not isinstance(key, bytes):
+                continue
+            principal = None if loss.everything else principal_for(key)
+            name, _, port = side.row.service.rpartition(":")
+            if principal is not None and (principal.may_bind_public(int(port))
+                                          if name in (PUBLIC, "public")
+                                          else principal.may_register(name, int(port))):
+                continue
+            why = ("its agent's key is no longer granted" if principal is None
+                   else f"{side.row.service} is no longer granted to agent {principal.name}")
+            out.append((side.row, why))
+        return out
+
+    def held_rows_of(self, key_blob: bytes) -> list[Any]:
+        """The session rows held for agent key ``key_blob`` (it expired or was revoked:
+        its agent cannot resume them)."""
+        return [side.row for side in self.sessions.held_sides()
+                if side.row is not None and isinstance(side.stream.owner, tuple)
+                and side.stream.owner[0] == key_blob]
 
     def _resumed(self, side: ResumableSide) -> None:
         """A session continues over its agent's new connection: its row follows."""

@@ -32,10 +32,15 @@ class Waiting:
         self.reactor = reactor
         # Registrations whose tcpip-forward reply is not sent yet: not handed out.
         self._announcing: dict[tuple[str, int], Registration] = {}
+        # The session rows waiting now, with what for: a grants reload that takes the
+        # service away (or the user's grant) ends their wait at once (cancel).
+        self._rows: dict[object, tuple[str, int, defer.Deferred[Registration]]] = {}
 
-    def whenRegistered(self, name: str, port: int, timeout: float) -> defer.Deferred[Registration]:
+    def whenRegistered(self, name: str, port: int, timeout: float,
+                       row: object = None) -> defer.Deferred[Registration]:
         """``name:port``'s registration once its agent knows it holds it, waiting up to
-        ``timeout`` seconds for its agent (CancelledError after that)."""
+        ``timeout`` seconds for its agent (CancelledError after that, or when
+        :meth:`cancel` is called for ``row``)."""
         reg = self.registry.lookup(name, port)
         if reg is not None and (name, port) not in self._announcing:
             return defer.succeed(reg)
@@ -46,9 +51,25 @@ class Waiting:
                        timeout=timeout)
         def done(result: Any) -> Any:
             self.router.unwait(waiter)
+            if row is not None and self._rows.get(row, (None, None, None))[2] is d:
+                del self._rows[row]
             return result
 
+        if row is not None:
+            self._rows[row] = (name, port, d)
         return expire(d, timeout, self.reactor).addBoth(done)
+
+    def waits(self) -> list[tuple[Any, str, int]]:
+        """``(row, name, port)`` of every session row waiting now."""
+        return [(row, name, port) for row, (name, port, _) in self._rows.items()]
+
+    def cancel(self, row: object) -> bool:
+        """End ``row``'s wait now (it fails with CancelledError); False if it waits not."""
+        entry = self._rows.pop(row, None)
+        if entry is None:
+            return False
+        entry[2].cancel()
+        return True
 
     def registered(self, reg: Registration, woken: list[Waiter],
                    replied: defer.Deferred[None]) -> None:

@@ -76,6 +76,10 @@ class BridgedChannel(SSHChannel):
         # The peer re-opened our send window by n: the bytes it handed on downstream
         # (a resumable session trims its replay buffer by them; relay.ssh.resumable).
         self.onCredit: Callable[[int], object] | None = None
+        # At most this many bytes sent and not yet credited, whatever window the peer
+        # offers (sending less than a peer allows is always allowed): a resumable
+        # session keeps those bytes for a replay, so the peer must not choose how many.
+        self.windowCap: int | None = None
         self.openData = b""  # the confirmation's channel-specific data, once open
         # The peer sent CHANNEL_CLOSE (Conch marks remoteClosed on a dropped connection too).
         self.peerClosed = False
@@ -168,8 +172,15 @@ class BridgedChannel(SSHChannel):
                 send(self, view[offset:offset + step])  # copied once, into the packet
         self.remoteWindowLeft -= len(data)
 
+    def capWindow(self, cap: int) -> None:
+        """Send at most ``cap`` bytes beyond what the peer credited (see ``windowCap``)."""
+        self.windowCap = cap
+        self.remoteWindowLeft = min(self.remoteWindowLeft, cap)
+
     def addWindowBytes(self, data: int) -> None:
         self.remoteWindowLeft += data
+        if self.windowCap is not None and self.remoteWindowLeft > self.windowCap:
+            self.remoteWindowLeft = self.windowCap
         if self.onCredit is not None:
             self.onCredit(data)
         queued = self._queued

@@ -71,6 +71,11 @@ class PeerInputGuard:
     def getPacket(self) -> bytes | None:
         if not self.gotVersion:
             return None
+        tcp = getattr(self, "transport", None)
+        if tcp is not None and getattr(tcp, "disconnecting", False):
+            # Conch's loop goes on asking for packets after its own sendDisconnect
+            # closed the connection: the rest of the read is not parsed.
+            return None
         return super().getPacket()  # type: ignore[misc,no-any-return]
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:

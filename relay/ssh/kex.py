@@ -334,6 +334,10 @@ class KexMixin:
         if self._readDead:
             return
         self._readDead = True
+        if getattr(self.transport, "disconnecting", False):  # type: ignore[attr-defined]
+            # Conch already sent its own DISCONNECT (a bad KEXINIT, an unknown
+            # service ...) earlier in this read: nothing more to send or parse.
+            return
         self._log.info(
             "disconnecting {peer}: {why}", event="ssh_transport_error", code=reason,
             why=why.decode("ascii", "replace"), peer=self._peerName(),

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.core.resume import (
+    REPLAY_LIMIT,
     RESUME_CHANNEL,
     Offer,
     Refusal,
@@ -73,6 +74,7 @@ class ResumableSide:
         self._closeAfter = False  # the bridge asked close(): again after a resume
         self._timer: IDelayedCall | None = None
         channel.onCredit = self._credited
+        channel.capWindow(REPLAY_LIMIT)
 
     @property
     def sid(self) -> bytes:
@@ -197,6 +199,7 @@ class ResumableSide:
         self._timer = None
         self.channel = channel
         channel.onCredit = self._credited
+        channel.capWindow(REPLAY_LIMIT)
         if self.bridge is not None:
             self.bridge.sinkDrained(self)  # the old channel's congestion went with it
         channel.attach(self)  # type: ignore[arg-type]  # says so if this one is congested
@@ -253,6 +256,12 @@ class ResumableSessions:
         self.table = ResumeTable()
         self.sides: dict[bytes, ResumableSide] = {}
         self._on_resumed = on_resumed
+        self.opening = 0  # resumable channels asked for, not yet confirmed or refused
+
+    @property
+    def count(self) -> int:
+        """Resumable sessions open, held or being opened (what a cap counts)."""
+        return len(self.table) + self.opening
 
     @property
     def enabled(self) -> bool:

@@ -418,7 +418,10 @@ class RelayConnection(FlowConnection):
         side.  To an agent that said hello, a ``forwarded-resumable@labrelay`` whose
         side holds across a broken link (relay.ssh.resumable)."""
         resume = self.core.resume
-        resumable = self.resumable and resume.enabled
+        # Capped: each resumable session keeps up to a window of replay here, and a
+        # public port's connections are the internet's to open (docs/security.md).
+        resumable = (self.resumable and resume.enabled
+                     and resume.count < self.core.config.resume_max_sessions)
         channel = BridgedChannel(
             OPEN_RESUMABLE if resumable else b"forwarded-tcpip", window=self.core.config.window,
             maxPacket=policy.channel_max_packet(
@@ -435,7 +438,14 @@ class RelayConnection(FlowConnection):
         service = f"public:{port}" if bind in PUBLIC_BINDS else f"{bind}:{port}"
         label = f"{service} from {origHost}:{origPort}"
         owner = (self.identity.key_blob, self.agent_instance)
-        return channel.opened.addCallback(lambda ch: resume.open(sid, owner, ch, label))
+        resume.opening += 1
+
+        def opened(result: Any) -> Any:
+            resume.opening -= 1
+            return result
+
+        return channel.opened.addBoth(opened).addCallback(
+            lambda ch: resume.open(sid, owner, ch, label))
 
     def _resumeSession(self, windowSize: int, maxPacket: int, data: bytes) -> BridgedChannel:
         """The agent resumes a held session on this new connection."""

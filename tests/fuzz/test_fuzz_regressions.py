@@ -288,3 +288,19 @@ def test_a_kex_message_of_another_method_is_refused() -> None:
     t.dataReceived(world.frame_plain(b"\x20" + common.NS(b"\x81" * 8)))
     assert t.disconnects == [(DISCONNECT_PROTOCOL_ERROR, b"malformed message 32")]
     ft.transport_packets(data)
+
+
+def test_nothing_is_parsed_or_sent_after_conchs_own_disconnect() -> None:
+    """transport_banner (CI, 2026-12-05): within one read, Conch sent its own DISCONNECT
+    for one packet and then went on asking for packets; a bad packet length after it
+    made the relay write a second DISCONNECT to a connection already closing ("write
+    after loseConnection").  Now the rest of such a read is neither parsed nor answered,
+    on both paths: Conch's loop (``PeerInputGuard.getPacket``) and the relay's own
+    (``_fatal``)."""
+    t = relay_after_version()
+    t.sendDisconnect(DISCONNECT_PROTOCOL_ERROR, b"conch's own")  # as Conch does
+    written = t.transport.value()
+    t.dataReceived(struct.pack(">L", 0xFFFFFF00) + b"\x00" * 32)  # a bad packet length
+    assert t.disconnects == [(DISCONNECT_PROTOCOL_ERROR, b"conch's own")]
+    assert t.transport.value() == written
+    assert t.getPacket() is None

@@ -231,7 +231,10 @@ def test_idle_flood_on_the_data_port_does_not_lock_others_out(site: Site) -> Non
         closed = len(_closed_now(flood, within=2.0)) + reset
         assert closed == FLOOD - PER_SOURCE, closed
         data = site.admission()["data"]
-        assert data["unauthenticated"] == PER_SOURCE
+        # The attacker's ten, plus any of the agent's own pooled connections (from
+        # 127.0.0.1, at most the pool's 4) caught between accept and their hello.
+        assert PER_SOURCE <= data["unauthenticated"] <= PER_SOURCE + 4, data
+        assert data["sources"] <= 2, data
         assert data["refused"]["per_source_cap"] == FLOOD - PER_SOURCE
         fast = site.alice("gpu-cluster")
         jump = site.alice("gpu-jump")

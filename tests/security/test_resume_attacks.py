@@ -1,0 +1,459 @@
+"""Attacks on resumable sessions (docs/resilience.md) against a real relay.
+
+A labrelay agent's link is blackholed so that the relay holds a public-port session
+for it.  Then:
+
+- **hijack**: paramiko, logged in with *another* agent key, says the
+  ``resume@labrelay`` hello with an instance id of its own and offers
+  ``resume-session@labrelay`` for forged session ids (random, and the 8 hex digits
+  the status and the logs show, padded), with counts beyond what was sent; a granted
+  *user* and a client that never said hello try the same channel.  Every offer is
+  refused, none ends the held session, and the honest agent resumes it byte-exact
+  once its link is back.
+- **revoked while held**: the grant file narrows the agent (it loses the held
+  session's public port) while its link is down.  The relay must reset that held
+  session at once, not keep the user's connection for the grace period and let the
+  agent resume a session to a port it may no longer serve; the port it keeps serves
+  new connections when the link is back.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import struct
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import pytest
+from conftest import Targets
+from harness import (
+    AgentProcess,
+    RelayNode,
+    connect,
+    free_port,
+    known_hosts_line,
+    make_key,
+    recv_exactly,
+)
+from paramiko.common import cMSG_CHANNEL_OPEN
+from paramiko.message import Message
+
+pytestmark = [pytest.mark.integration, pytest.mark.security]
+
+HELLO = b"resume@labrelay"
+RESUME = "resume-session@labrelay"
+
+
+def _grant(key: object, name: str, *ports: int | str) -> str:
+    opts = ",".join(f'permitlisten="{p}"' for p in ports)
+    return f"{opts} {key.public_blob()} {name}"  # type: ignore[attr-defined]
+
+
+World = tuple[RelayNode, Any, AgentProcess, dict[str, Any], int, int]
+
+
+def _world(start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+           targets: Targets, tmp_path: Path, extra: str = "", in_toml: bool = False) -> World:
+    """The relay, the proxy under lab_pc's link, lab_pc's agent, the keys, and lab_pc's
+    two public ports (both to an echo server)."""
+    keys = {n: make_key(tmp_path / n, comment=n) for n in ("lab_pc", "mallory", "alice")}
+    held_port, kept_port = free_port(), free_port()
+    lab_pc = [_grant(keys["lab_pc"], "lab_pc", held_port, kept_port, "web:8080")]
+    if in_toml:  # lab_pc's grant in the node config, changed by a reload
+        lab_pc, extra = [], extra + _table(keys["lab_pc"], held_port, kept_port)
+    relay = start_relay(
+        agents=[*lab_pc, _grant(keys["mallory"], "mallory", free_port())],
+        users=[f'permitopen="web:8080",permitopen="gpu:22" {keys["alice"].public_blob()} alice'],
+        relay_toml=('public_bind = "127.0.0.1"\npublic_wait = 30\nresume_grace = 60\n'
+                    'keepalive_interval = 1\nkeepalive_count = 2\n'
+                    f'penalty_exempt = ["127.0.0.1"]\n{extra}'),
+    )
+    proxy = targets.proxy(("127.0.0.1", relay.port))
+    relay.trust(known_hosts_line(relay.host_key_blob, proxy.port))
+    echo = targets.echo()
+    agent = start_agent(
+        "-p", str(proxy.port), "-i", str(keys["lab_pc"].path),
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+        "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2",
+        "--backoff-initial", "0.2", "--backoff-max", "1", "--resume-grace", "60",
+        "-R", f"0.0.0.0:{held_port}:127.0.0.1:{echo.port}",
+        "-R", f"0.0.0.0:{kept_port}:127.0.0.1:{echo.port}",
+        "-R", f"web:8080:127.0.0.1:{echo.port}",
+        "lab_pc@127.0.0.1", name="agent",
+    )  # fmt: skip
+    agent.wait_for("link_connected", timeout=20)
+    for port in (held_port, kept_port):
+        agent.wait_for("forward_ready", timeout=20, since=0, kind="remote", port=port)
+    return relay, proxy, agent, keys, held_port, kept_port
+
+
+def _table(key: Any, *ports: int) -> str:
+    """lab_pc's ``[[relay.agent]]`` table with public ``ports`` and web:8080."""
+    return (f'\n[[relay.agent]]\nname = "lab_pc"\nkeys = ["{key.public_blob()}"]\n'
+            f'services = ["web:8080"]\npublic_ports = {list(ports)}\n')
+
+
+def _hold(relay: RelayNode, proxy: object, agent: AgentProcess, port: int) -> socket.socket:
+    """An echo session on public ``port``, then the link blackholed until the relay
+    holds the session."""
+    sock = connect(port, timeout=30)
+    sock.sendall(b"before ")
+    assert recv_exactly(sock, 7) == b"before "
+    mark, rmark = agent.mark(), relay.mark()
+    proxy.blackhole()  # type: ignore[attr-defined]
+    relay.wait_for("session_held", timeout=20, since=rmark)
+    agent.wait_for("session_held", timeout=20, since=mark)
+    return sock
+
+
+def _login(relay: RelayNode, key: object, user: str) -> paramiko.Transport:
+    t = paramiko.Transport(("127.0.0.1", relay.port))
+    t.connect(username=user, pkey=paramiko.Ed25519Key.from_private_key_file(
+        str(key.path)))  # type: ignore[attr-defined]
+    assert t.is_authenticated()
+    return t
+
+
+def _offer(sid: bytes, received: int, eof: bool = False) -> bytes:
+    return struct.pack(">L", len(sid)) + sid + struct.pack(">QB", received, int(eof))
+
+
+def _try_resume(t: paramiko.Transport, data: bytes) -> str:
+    """Open ``resume-session@labrelay`` with ``data`` as its type-specific data (as
+    paramiko's ``open_channel`` does for the types it knows): what the relay said."""
+    chanid = t._next_channel()
+    m = Message()
+    m.add_byte(cMSG_CHANNEL_OPEN)
+    m.add_string(RESUME)
+    m.add_int(chanid)
+    m.add_int(2 * 1024 * 1024)
+    m.add_int(32768)
+    m.add_bytes(data)
+    with t.lock:
+        chan = paramiko.Channel(chanid)
+        t._channels.put(chanid, chan)
+        t.channel_events[chanid] = event = threading.Event()
+        t.channels_seen[chanid] = True
+        chan._set_transport(t)
+        chan._set_window(2 * 1024 * 1024, 32768)
+    t._send_user_message(m)
+    if not event.wait(10):
+        raise AssertionError("the relay did not answer the channel open")
+    opened = t._channels.get(chanid)
+    if opened is not None:
+        opened.close()
+        return "opened"
+    return f"refused: {t.saved_exception}"
+
+
+def test_another_key_a_user_and_a_stock_client_cannot_resume_a_held_session(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    relay, proxy, agent, keys, held_port, _ = _world(start_relay, start_agent, targets,
+                                                     tmp_path)
+    sock = _hold(relay, proxy, agent, held_port)
+    shown = relay.status()["relay"]["held_sessions"]
+    assert len(shown) == 1
+    prefix = bytes.fromhex(shown[0]["id"])  # what status and logs show of the id
+    forged = [prefix + bytes(16 - len(prefix)), prefix + secrets.token_bytes(16 - len(prefix)),
+              secrets.token_bytes(16)]
+    rmark = relay.mark()
+
+    # Another agent key: says hello (fresh instance), offers forged ids and counts.
+    mallory = _login(relay, keys["mallory"], "mallory")
+    hello = (1, secrets.token_bytes(16))  # uint32 version, string instance id
+    assert mallory.global_request(HELLO.decode(), hello, wait=True) is not None
+    outcomes = [_try_resume(mallory, _offer(sid, n)) for sid in forged for n in (0, 7, 2**40)]
+    assert all(o.startswith("refused") for o in outcomes), outcomes
+    # A malformed offer (short id, huge length field) is refused too, not a crash.
+    assert _try_resume(mallory, struct.pack(">L", 2**31) + b"x" * 8).startswith("refused")
+    mallory.close()
+
+    # A granted user: the hello is refused and so is the channel.
+    alice = _login(relay, keys["alice"], "alice")
+    assert alice.global_request(HELLO.decode(), hello, wait=True) is None
+    assert _try_resume(alice, _offer(forged[0], 0)).startswith("refused")
+    alice.close()
+    # An agent that never said hello (a stock client's behaviour).
+    stock = _login(relay, keys["mallory"], "mallory")
+    assert _try_resume(stock, _offer(forged[0], 0)).startswith("refused")
+    stock.close()
+
+    refused = relay.events("relay_resume_refused", since=rmark)
+    assert len(refused) >= 9 and all(e["name"] == "mallory" for e in refused), refused
+    assert relay.events("session_resume_refused", since=rmark) == []
+    assert len(relay.status()["relay"]["held_sessions"]) == 1  # untouched
+
+    # The honest agent resumes it byte-exact.
+    proxy.restore()  # type: ignore[attr-defined]
+    agent.wait_for("session_resumed", timeout=30)
+    sock.sendall(b"after")
+    assert recv_exactly(sock, 5) == b"after"
+    assert relay.status()["relay"]["held_sessions"] == []
+
+
+def test_a_grant_narrowed_while_the_link_is_down_ends_the_held_session_at_once(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    relay, proxy, agent, keys, held_port, kept_port = _world(start_relay, start_agent,
+                                                             targets, tmp_path)
+    sock = _hold(relay, proxy, agent, held_port)
+    rmark, mark = relay.mark(), agent.mark()
+    t0 = time.monotonic()
+    (relay.dir / "agents").write_text(
+        _grant(keys["lab_pc"], "lab_pc", kept_port) + "\n"
+        + _grant(keys["mallory"], "mallory", free_port()) + "\n")
+    revoked = relay.wait_for("relay_session_revoked", timeout=10, since=rmark,
+                             service=f"public:{held_port}")
+    assert "no longer granted to agent lab_pc" in revoked["why"], revoked
+    # The user's connection ends with an error at once, not after the 60 s grace.
+    sock.settimeout(10)
+    with pytest.raises(OSError):
+        sock.sendall(b"x")
+        if sock.recv(1) == b"":
+            raise ConnectionResetError("closed")
+    ended = time.monotonic() - t0
+    print(f"\nheld session of a narrowed grant reset after {ended:.2f}s (grace 60 s)")
+    assert ended < 10
+    assert relay.status()["relay"]["held_sessions"] == []
+
+    # Back: nothing of the revoked port comes back; the kept port serves.
+    proxy.restore()  # type: ignore[attr-defined]
+    agent.wait_for("link_connected", timeout=30, since=mark)
+    agent.wait_for("forward_ready", timeout=20, since=mark, kind="remote", port=kept_port)
+    assert relay.events("session_resumed", since=rmark) == []
+    honest = connect(kept_port, timeout=30)
+    honest.sendall(b"still served")
+    assert recv_exactly(honest, 12) == b"still served"
+
+
+def test_a_grant_narrowed_while_the_agent_is_away_ends_waiting_sessions_and_its_port(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """While the agent is away, alice waits for web:8080 and a stranger waits on a
+    public port.  The grant files take web:8080 from alice and the public port from
+    the agent: both waits end at once (not after ``public_wait``), the revoked port
+    stops listening; a connection to the port the agent keeps, made while it was away,
+    is served when it is back."""
+    relay, proxy, agent, keys, held_port, kept_port = _world(start_relay, start_agent,
+                                                             targets, tmp_path)
+    rmark, mark = relay.mark(), agent.mark()
+    proxy.blackhole()  # type: ignore[attr-defined]
+    relay.wait_for("relay_disconnected", timeout=20, since=rmark, kind="agent")
+
+    alice = _login(relay, keys["alice"], "alice")
+    outcome: dict[str, object] = {}
+
+    def open_web() -> None:
+        try:
+            outcome["chan"] = alice.open_channel("direct-tcpip", ("web", 8080),
+                                                 ("127.0.0.1", 1), timeout=60)
+        except Exception as e:
+            outcome["error"] = e
+        outcome["at"] = time.monotonic()
+
+    opener = threading.Thread(target=open_web, daemon=True)
+    opener.start()
+    stranger = connect(held_port, timeout=60)
+    kept = connect(kept_port, timeout=60)
+    kept.sendall(b"kept ")
+    for service in ("web:8080", f"public:{held_port}", f"public:{kept_port}"):
+        relay.wait_for("relay_session_waiting", timeout=10, since=rmark, service=service)
+
+    rmark = relay.mark()
+    t0 = time.monotonic()
+    (relay.dir / "users").write_text(
+        f'permitopen="gpu:22" {keys["alice"].public_blob()} alice\n')  # type: ignore[attr-defined]
+    (relay.dir / "agents").write_text(
+        _grant(keys["lab_pc"], "lab_pc", kept_port, "web:8080") + "\n"
+        + _grant(keys["mallory"], "mallory", free_port()) + "\n")
+    opener.join(15)
+    assert "error" in outcome, outcome  # refused, not opened
+    stranger.settimeout(10)
+    with pytest.raises(OSError):
+        stranger.sendall(b"x")
+        if stranger.recv(1) == b"":
+            raise ConnectionResetError("closed")
+    stranger_ended = time.monotonic() - t0
+    alice_ended = float(outcome["at"]) - t0  # type: ignore[arg-type]
+    print(f"\nwaiting sessions of revoked grants ended after {alice_ended:.2f}s (user) "
+          f"and {stranger_ended:.2f}s (public port); public_wait 30 s")
+    assert alice_ended < 10 and stranger_ended < 10
+    with pytest.raises(OSError):
+        connect(held_port, timeout=5).recv(1)  # nothing listens there any more
+
+    proxy.restore()  # type: ignore[attr-defined]
+    agent.wait_for("link_connected", timeout=30, since=mark)
+    assert recv_exactly(kept, 5) == b"kept "
+    kept.sendall(b"and on")
+    assert recv_exactly(kept, 6) == b"and on"
+    alice.close()
+
+
+class HugeWindowAgent(paramiko.Transport):
+    """An agent that says the resume hello, accepts ``forwarded-resumable@labrelay``
+    as paramiko accepts ``forwarded-tcpip`` (the same fields, the session id after
+    them) and opens each with a 4 GiB window it never has to re-open: the relay's
+    replay buffer is bounded by the peer's window, which this peer chooses."""
+
+    def _parse_channel_open(self, m: Message) -> None:
+        kind = m.get_text()  # the message starts after its type byte
+        if kind != "forwarded-resumable@labrelay":
+            m.rewind()
+            return super()._parse_channel_open(m)  # type: ignore[misc, no-any-return]
+        rest = m.get_remainder()
+        forged = Message()
+        forged.add_string("forwarded-tcpip")
+        forged.add_bytes(rest[:-(4 + 16)])  # without the session id
+        forged.rewind()
+        return super()._parse_channel_open(forged)  # type: ignore[misc, no-any-return]
+
+
+def _bytes_to(relay: RelayNode, service: str) -> int:
+    rows = [s for s in relay.status()["relay"]["sessions"] if s["service"] == service]
+    return rows[0]["bytes_to_service"] if rows else 0
+
+
+def test_an_agent_with_a_huge_window_cannot_grow_the_relays_replay_buffer(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """mallory's agent (paramiko, a 4 GiB window, never re-opened) holds a public
+    port; a client pushes 96 MiB at it.  Without a bound the relay keeps every byte
+    for a replay it will never need; with it the relay keeps at most
+    REPLAY_LIMIT (16 MiB, the largest window a labrelay end can be configured with)
+    plus one read, and stops reading the client.  lab_pc's honest public port keeps working."""
+    relay, _proxy, _agent, keys, _held, kept_port = _world(start_relay, start_agent, targets,
+                                                           tmp_path)
+    line = (relay.dir / "agents").read_text().splitlines()[1]
+    mallory_port = int(line.split('"')[1])
+    proxy = targets.proxy(("127.0.0.1", relay.port))
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    t = HugeWindowAgent(sock, default_window_size=2**32 - 1)
+    t.connect(username="mallory", pkey=paramiko.Ed25519Key.from_private_key_file(
+        str(keys["mallory"].path)))  # type: ignore[attr-defined]
+    assert t.global_request("resume@labrelay", (1, secrets.token_bytes(16)), wait=True)
+    accepted: list[paramiko.Channel] = []
+    t.request_port_forward("0.0.0.0", mallory_port,
+                           handler=lambda ch, origin, server: accepted.append(ch))
+    base = relay.rss_kb()
+
+    total = 96 * 1024 * 1024
+    client = connect(mallory_port, timeout=120)
+    pushed: list[int] = []
+
+    def push() -> None:
+        block = bytes(1024 * 1024)
+        try:
+            for _ in range(total // len(block)):
+                client.sendall(block)
+                pushed.append(len(block))
+        except OSError:
+            pass
+
+    pusher = threading.Thread(target=push, daemon=True)
+    pusher.start()
+    service = f"public:{mallory_port}"
+    # Bounded polling (nothing to await): until all was taken, or it stopped moving.
+    deadline, last, still = time.monotonic() + 90, -1, 0
+    while time.monotonic() < deadline and pusher.is_alive():
+        now = _bytes_to(relay, service)
+        still = still + 1 if now == last and now > 0 else 0
+        if still >= 10:
+            break
+        last = now
+        time.sleep(0.2)
+    moved = _bytes_to(relay, service)
+    grown = (relay.rss_kb() - base) / 1024
+    rmark = relay.mark()
+    proxy.blackhole()  # type: ignore[attr-defined]
+    relay.wait_for("session_held", timeout=20, since=rmark)
+    unacked = max(h["unacked_bytes"] for h in relay.status()["relay"]["held_sessions"]
+                  if h["session"].startswith(service))
+    print(f"\nhuge-window agent: the relay took {moved / 2**20:.1f} MiB of 96 from the "
+          f"client, kept {unacked / 2**20:.1f} MiB for replay, its RSS grew {grown:.1f} MiB")
+    # the limit, plus the one read (64 KiB) that came before the client was paused
+    assert unacked <= 16 * 1024 * 1024 + 64 * 1024, unacked
+    assert moved <= 16 * 1024 * 1024 + 64 * 1024, moved
+
+    honest = connect(kept_port, timeout=30)
+    honest.sendall(b"honest")
+    assert recv_exactly(honest, 6) == b"honest"
+    client.close()
+    t.close()
+
+
+def test_resumable_sessions_are_capped_and_the_rest_end_with_the_link(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """Each resumable session keeps up to a window of replay at the relay, and a public
+    port's connections are anyone's to open: ``resume_max_sessions = 3`` and five
+    connections; the link is cut: three are held and resumed, two end with it."""
+    relay, proxy, agent, _keys, held_port, _ = _world(start_relay, start_agent, targets,
+                                                      tmp_path, "resume_max_sessions = 3\n")
+    socks = [connect(held_port, timeout=30) for _ in range(5)]
+    for i, sock in enumerate(socks):
+        sock.sendall(b"%d" % i)
+        assert recv_exactly(sock, 1) == b"%d" % i
+    rmark, mark = relay.mark(), agent.mark()
+    proxy.blackhole()  # type: ignore[attr-defined]
+    for _ in range(3):
+        relay.wait_for("session_held", timeout=20, since=rmark)
+    assert len(relay.status()["relay"]["held_sessions"]) == 3
+    proxy.restore()  # type: ignore[attr-defined]
+    for _ in range(3):
+        agent.wait_for("session_resumed", timeout=30, since=mark)
+    alive = []
+    for sock in socks:
+        try:
+            sock.sendall(b"?")
+            alive.append(recv_exactly(sock, 1) == b"?")
+        except OSError:
+            alive.append(False)
+    assert sorted(alive) == [False, False, True, True, True], alive
+
+
+def test_a_config_reload_that_narrows_the_agent_ends_its_held_session_at_once(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """The same through the node config: lab_pc's ``[[relay.agent]]`` table loses the
+    held session's public port and ``POST /reload`` applies it."""
+    relay, proxy, agent, _keys, held_port, kept_port = _world(
+        start_relay, start_agent, targets, tmp_path, in_toml=True)
+    sock = _hold(relay, proxy, agent, held_port)
+    config = relay.dir / "node.toml"
+    config.write_text(config.read_text().replace(
+        f"public_ports = {[held_port, kept_port]}", f"public_ports = {[kept_port]}"))
+    rmark, mark = relay.mark(), agent.mark()
+    t0 = time.monotonic()
+    request = urllib.request.Request(f"http://{relay.admin}/reload", data=b"", method="POST",
+                                     headers={"X-Labrelay-Action": "reload"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert json.load(reply)["ok"] is True
+    relay.wait_for("relay_session_revoked", timeout=10, since=rmark,
+                   service=f"public:{held_port}")
+    sock.settimeout(10)
+    with pytest.raises(OSError):
+        sock.sendall(b"x")
+        if sock.recv(1) == b"":
+            raise ConnectionResetError("closed")
+    print(f"\nheld session reset {time.monotonic() - t0:.2f}s after POST /reload")
+    assert relay.status()["relay"]["held_sessions"] == []
+    proxy.restore()  # type: ignore[attr-defined]
+    agent.wait_for("forward_ready", timeout=30, since=mark, kind="remote", port=kept_port)
+    assert relay.events("session_resumed", since=rmark) == []
+    honest = connect(kept_port, timeout=30)
+    honest.sendall(b"kept")
+    assert recv_exactly(honest, 4) == b"kept"
