@@ -1,2 +1,2 @@
-"""Node configuration, bottom layer: errors, schema, grammar, checks, keys, section, loader
-(each module imports only those before it), and agentargs (ssh's flags)."""
+"""Node configuration, bottom layer: errors, schema, grammar, checks, keys, section, readers, loader
+(each module imports only those before it), and sshoptions + agentargs (ssh's flags)."""

@@ -10,10 +10,11 @@ Identity comes from the key alone, so a key belongs to one principal, and a serv
 name to one agent (only its owner may ever take it over).
 
 Revocation is immediate and fails closed (docs/relay.md, "Reloading"):
-:class:`GrantsWatcher` polls the grant files on the reactor's clock and
-:meth:`Grants.poll` re-reads one that changed once it has settled; every reload
-yields a :class:`GrantsChange` (computed by the pure :func:`diff_grants`) that the
-relay applies to what is already running.  A deleted or emptied file grants nothing;
+:class:`~relay.server.grantwatch.GrantsWatcher` polls the grant files on the
+reactor's clock and :meth:`Grants.poll` re-reads one that changed once it has settled;
+every reload yields a :class:`~relay.server.grantdiff.GrantsChange` (computed by the
+pure :func:`~relay.server.grantdiff.diff_grants`) that the relay applies to what is
+already running.  A deleted or emptied file grants nothing;
 a bad line grants nothing (the other lines still do); a file that is unsafe or cannot
 be decoded grants nothing at all.  Only at start-up is any problem fatal.
 """
@@ -24,21 +25,20 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from relay.config.checks import PrincipalSite, check_principals, config_sites
 from relay.config.errors import ConfigError
 from relay.config.grammar import public_key
-from relay.config.schema import RelayConfig, ServiceGrant
+from relay.config.schema import RelayConfig
 from relay.core.certs import Authority, CertVerdict, is_certificate
 from relay.core.grants import AGENT, USER, Principal
 from relay.core.keylife import KeyLimits, parse_from
+from relay.server.grantdiff import GrantsChange, diff_grants
 from relay.server.grantfile import parse_grant_file
 from relay.server.keytrust import KeyTrust
 
@@ -55,83 +55,6 @@ class _State:
     owners: dict[str, Principal]
     public_ports: dict[int, Principal]
     origins: dict[bytes, str] = field(default_factory=dict)  # key -> FILE:LINE or config
-
-
-# --- what a reload took away ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Loss:
-    """What one key lost in a reload.
-
-    ``everything``: the key is granted nothing any more, or now belongs to another
-    principal (identity comes from the key alone, so a key that changed hands is a new
-    identity: what it holds goes, and it may log in again as who it now is).
-    Otherwise the key was narrowed: ``services`` are grants it had that nothing it has
-    now covers, ``public_ports`` the public ports it no longer has.  Either way the
-    relay checks what runs against the grants now in force; this only says whom to
-    check and what to log."""
-
-    before: Principal
-    everything: bool
-    services: tuple[ServiceGrant, ...] = ()
-    public_ports: tuple[int, ...] = ()
-    where: str = ""  # where the key was granted before (FILE:LINE or the config)
-
-    def describe(self) -> str:
-        if self.everything:
-            return f"{self.before.kind} {self.before.name}: key no longer granted"
-        lost = [str(g) for g in self.services] + [f"public:{p}" for p in self.public_ports]
-        return f"{self.before.kind} {self.before.name}: lost {', '.join(lost)}"
-
-
-@dataclass(frozen=True)
-class GrantsChange:
-    """The difference between two grant states, by key (see :func:`diff_grants`)."""
-
-    losses: Mapping[bytes, Loss]
-    added: int = 0  # keys granted now that were not before
-
-    @property
-    def revoked(self) -> dict[bytes, Loss]:
-        return {k: v for k, v in self.losses.items() if v.everything}
-
-    @property
-    def narrowed(self) -> dict[bytes, Loss]:
-        return {k: v for k, v in self.losses.items() if not v.everything}
-
-
-def _covers(other: ServiceGrant, grant: ServiceGrant) -> bool:
-    """Whether ``other`` allows everything ``grant`` allows."""
-    return other.name in ("*", grant.name) and (other.port is None or other.port == grant.port)
-
-
-def diff_grants(
-    old: Mapping[bytes, Principal],
-    new: Mapping[bytes, Principal],
-    origins: Mapping[bytes, str] | None = None,
-) -> GrantsChange:
-    """What each key of ``old`` lost in ``new`` (pure: plain data in, plain data out).
-
-    A key missing from ``new``, or whose principal changed kind or name, lost
-    everything; one whose grants shrank lost the grants no new grant covers (so
-    ``gpu-*`` -> ``gpu-a`` is a loss of ``gpu-*``, ``gpu:22`` -> ``gpu:*`` none).
-    ``max_sessions`` is not a loss: a lowered cap refuses new sessions only."""
-    losses: dict[bytes, Loss] = {}
-    where = origins or {}
-    for key, before in old.items():
-        after = new.get(key)
-        if after is None or (after.kind, after.name) != (before.kind, before.name):
-            losses[key] = Loss(before, True, before.services,
-                               tuple(sorted(before.public_ports)), where.get(key, ""))
-            continue
-        services = tuple(
-            g for g in before.services if not any(_covers(h, g) for h in after.services)
-        )
-        ports = tuple(sorted(before.public_ports - after.public_ports))
-        if services or ports:
-            losses[key] = Loss(before, False, services, ports, where.get(key, ""))
-    return GrantsChange(losses, sum(1 for key in new if key not in old))
 
 
 @dataclass(frozen=True)
@@ -513,31 +436,3 @@ def grant_problems(relay: RelayConfig, source: str) -> list[ConfigError]:
         except ConfigError as e:
             problems.append(e)
     return problems
-
-
-class GrantsWatcher:
-    """Polls the grant files on the reactor's clock, so a change takes effect without
-    waiting for a lookup: within two intervals of the file settling (one to notice,
-    one to see it stayed the same).  Polling rather than inotify: two ``stat`` calls
-    per interval cost nothing, and it sees every way a file can change (rename over
-    it, a bind mount, NFS, a config-management tool) the same way."""
-
-    def __init__(self, grants: Grants, clock: Any, interval: float) -> None:
-        self.grants = grants
-        self.interval = interval
-        self._loop = LoopingCall(self._poll)
-        self._loop.clock = clock
-
-    def start(self) -> None:
-        if self.grants.watched and not self._loop.running:
-            self._loop.start(self.interval, now=False)
-
-    def stop(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
-
-    def _poll(self) -> None:
-        try:
-            self.grants.poll()
-        except Exception:  # a LoopingCall that raises stops: keep watching
-            _log.failure("polling the grant files", event="grants_poll_failed")

@@ -1,6 +1,7 @@
 """labrelay's relay: named services, per-key grants, public ports, takeover, sharing.
 
-:class:`RelayCore` decides; :mod:`relay.ssh.server` parses SSH and asks it.  The
+:class:`RelayCore` decides; :mod:`relay.ssh.server` parses SSH and asks it.  How
+it opens, bridges and ends sessions is its base :class:`relay.server.opening.SessionOpening`.  The
 relay never opens a connection to a host:port on the network: every user session
 goes to a *registered service*, i.e. over a channel to the agent that registered
 it.  Public ports are listeners on the relay whose connections go the same way.
@@ -14,50 +15,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.conch import error
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from relay.config.schema import HostPort, RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
 from relay.core.resume import HELLO as RESUME_HELLO
-from relay.core.router import SUPERSEDED, Decision, Probe, Refused, Router, Verdict, label_of
+from relay.core.router import SUPERSEDED, Decision, Probe, Router, Verdict, label_of
 from relay.core.routing import PUBLIC, Registration, Registry
-from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
-from relay.datapath.bridge import Bridge, Side
-from relay.datapath.join import PairCounters
-from relay.datapath.splicing import SplicedPair
-from relay.server import audit
-from relay.server.dataconn import PairingError
+from relay.core.sessions import SessionRow, SessionTable
 from relay.server.dataport import DataPort
 from relay.server.expiry import KeyExpiry
-from relay.server.grants import Grants, GrantsChange, GrantsWatcher, Principal
+from relay.server.grantdiff import GrantsChange
+from relay.server.grants import Grants, Principal
+from relay.server.grantwatch import GrantsWatcher
 from relay.server.idle import IdleSweeper
-from relay.server.pooled import close_pooled, open_user_side
+from relay.server.opening import SessionOpening
+from relay.server.pooled import close_pooled
 from relay.server.public import PublicPorts
 from relay.server.resumes import RelayResumes
 from relay.server.sharing import Sharing
 from relay.server.status import relay_status
 from relay.server.waiting import Waiting
-from relay.ssh.channels import BridgedChannel
-from relay.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
-from relay.ssh.resumable import ResumableSide
-from relay.ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection, RelayTransport
+from relay.ssh.server import RelayConnection, RelayTransport
 from relay.ssh.wire import unpack_forward
 
 TAKEOVER_PROBE = 0.5
 
-_OPEN_FAILURE = {
-    Refused.PROHIBITED: OPEN_ADMINISTRATIVELY_PROHIBITED,
-    Refused.CAP: OPEN_RESOURCE_SHORTAGE,
-    Refused.NO_SERVICE: OPEN_CONNECT_FAILED,
-}
-"""The SSH open-failure code for each reason the router refuses a user session."""
-
-
-class RelayCore:
+class RelayCore(SessionOpening):
     """The relay's decisions and state; one per relay listener."""
 
     _log = Logger()
@@ -266,151 +252,6 @@ class RelayCore:
             self.publicPorts.close(port)
         return True
 
-    # reaching a service
-
-    def whenRegistered(self, name: str, port: int, timeout: float,
-                       row: SessionRow | None = None) -> defer.Deferred[Registration]:
-        """``name:port``'s registration once its agent knows it holds it, waiting up to
-        ``timeout`` seconds for its agent (relay.server.waiting); ``row``'s wait ends at
-        once if the relay closes it meanwhile (a grants reload)."""
-        return self.waiting.whenRegistered(name, port, timeout, row)
-
-    def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
-                        channel: BridgedChannel) -> defer.Deferred[BridgedChannel]:
-        ident = conn.identity
-        principal = self.grants.principal_for(ident.key_blob)
-        host = host.lower()
-        service = f"{host}:{port}"
-
-        def refuse(code: int, why: str) -> defer.Deferred[BridgedChannel]:
-            self.counters["sessions_refused"] += 1
-            self._log.warn(
-                "{kind} {name}: refused session to {service}: {why}",
-                event="relay_session_refused", kind=ident.kind, name=ident.name,
-                service=service, why=why,
-            )
-            return defer.fail(error.ConchError(why, code))
-
-        active = 0 if principal is None else self.sessions.active_for_user(principal.name)
-        refused = self.router.admit_session(principal, host, port, active,
-                                            self.config.max_sessions_per_user,
-                                            self.grants.owner_of(host))
-        if refused is not None:
-            return refuse(_OPEN_FAILURE[refused[0]], refused[1])
-        assert principal is not None
-        session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
-                                     key=ident.key_blob)
-        audit.opened(session)
-        d = self.whenRegistered(host, port, self.config.public_wait, session)
-        d.addCallback(lambda reg: open_user_side(self, reg, port, origin, session))
-
-        def connected(agent_channel: Side) -> BridgedChannel:
-            self.sharing.tag(channel, principal.name)
-
-            def not_opened(_: object) -> None:
-                agent_channel.abort()
-                self.sessionEnded(session, 0, 0, "user channel did not open")
-
-            channel.opened.addCallbacks(
-                lambda ch: self.bridge(session, ch, agent_channel), not_opened
-            )
-            return channel
-
-        def failed(f: Failure) -> defer.Deferred[BridgedChannel]:
-            self.sessionEnded(session, 0, 0, "agent unavailable")
-            why = session.closing or ("its agent did not come back within "
-                   f"{self.config.public_wait:g}s") if f.check(defer.CancelledError) else (
-                f"its agent could not connect it: {f.getErrorMessage()}")
-            return refuse(OPEN_CONNECT_FAILED, f"service {service} unavailable: {why}")
-
-        return d.addCallbacks(connected, failed)
-
-    def openLocal(self, name: str, port: int, origin: str) -> defer.Deferred[BridgedChannel]:
-        """A channel to registered service ``name:port`` for this node's own use.
-
-        Chaining: this node's link re-exports a service registered here to an
-        upstream relay.  The node's config authorizes it, so no user grant applies;
-        the service must be granted to an agent here, and its agent gets the usual
-        ``public_wait`` to come back.
-        """
-        name = name.lower()
-        if (self.registry.lookup(name, port) is None
-                and not self.router.may_appear(self.grants.owner_of(name), name, port)):
-            return defer.fail(error.ConchError(f"no service {name}:{port} on this relay",
-                                               OPEN_CONNECT_FAILED))
-        d = self.whenRegistered(name, port, self.config.public_wait)
-        return d.addCallback(lambda reg: self.openToAgent(reg, port, origin))
-
-    def openToAgent(self, reg: Registration, port: int, origin: str,
-                     session: SessionRow | None = None) -> defer.Deferred[BridgedChannel]:
-        host, _, oport = origin.rpartition(":")
-        agent: Any = reg.session
-        if session is not None:
-            session.agent = agent
-        d: defer.Deferred[BridgedChannel] = agent.openForwarded(reg.bind, port, host,
-                                                                int(oport or 0))
-        if session is not None:
-            d.addCallback(self.sharing.tagAgentChannel, session.user)
-        return d
-
-    # the fast path's sessions (relay.server.dataport pairs them)
-
-    def fastSessionOpening(self, principal: Any, service: str, origin: str,
-                           key: bytes | None = None) -> SessionRow:
-        """Count a fast-path session against the user's cap, or raise PairingError."""
-        refused = self.router.over_cap(principal, self.sessions.active_for_user(principal.name),
-                                       self.config.max_sessions_per_user)
-        if refused is not None:
-            self.counters["sessions_refused"] += 1
-            raise PairingError(refused[1])
-        row = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
-                                 path=SPLICED, key=key)
-        audit.opened(row)
-        return row
-
-    def fastSessionCounters(self, session: SessionRow, agent: Any = None) -> PairCounters:
-        """What counts ``session``'s spliced pair: its row (the pair's counts are its
-        meter, aborting the pair closes it) and, when the pair ends, its closing."""
-        return _SplicedRow(self, session, agent)
-
-    def fastSessionFailed(self, session: SessionRow) -> None:
-        self.sessionEnded(session, 0, 0, "fast path pairing failed")
-
-    def bridge(self, session: SessionRow, user_side: Any, agent_side: Side) -> Bridge:
-        limiter = self.sharing.limiter(session.user, user_side)
-
-        def ended(to_service: int, from_service: int) -> None:
-            if limiter is not None:
-                limiter.release()  # type: ignore[attr-defined]
-            self.sessionEnded(session, to_service, from_service, "bridge closed")
-
-        bridge = Bridge(user_side, agent_side, onClosed=ended, onData=limiter)
-        if isinstance(agent_side, ResumableSide):
-            agent_side.row = session
-
-        def abort() -> None:
-            bridge.a.abort()
-            bridge.b.abort()
-
-        self._moving(session, lambda: (bridge.bytesAtoB, bridge.bytesBtoA), abort)
-        return bridge
-
-    def _moving(self, session: SessionRow, meter: Meter, abort: Callable[[], None],
-                agent: Any = None) -> None:
-        """``session``'s bytes move now: the table reads them through ``meter``, and
-        ``abort`` stops them."""
-        if session not in self.sessions:
-            return
-        self._aborts[session] = abort
-        if not self.sessions.moving(session, meter, agent):
-            abort()  # its grant went while it was opening or being paired
-
-    def sessionEnded(self, session: SessionRow, to_service: int, from_service: int,
-                      why: str) -> None:
-        self._aborts.pop(session, None)
-        if self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why):
-            audit.closed(session)
-
     # a reload (relay.ops.reload): live settings and grants
 
     def reconfigure(self, config: RelayConfig) -> None:
@@ -583,28 +424,3 @@ class RelayCore:
 
 def _label(reg: Registration) -> str:
     return label_of(reg.name, reg.port)
-
-
-class _SplicedRow:
-    """A fast-path session's row, counting its spliced pair (:class:`PairCounters`)."""
-
-    def __init__(self, core: RelayCore, session: SessionRow, agent: Any) -> None:
-        self.core, self.session, self.agent = core, session, agent
-        self._unlimit: Callable[[], None] | None = None
-
-    def pairStarted(self, pair: SplicedPair) -> None:
-        def meter() -> tuple[int, int]:
-            moved = pair.bytes()
-            return moved.a_to_b, moved.b_to_a
-
-        # The user's rate limit, if any: the pump pauses the direction in debt.
-        self._unlimit = self.core.sharing.limitSpliced(
-            self.session.user, meter, lambda up, down: pair.pause(up, down))
-        self.core._moving(self.session, meter, pair.abort, self.agent)
-
-    def pairEnded(self, pair: SplicedPair, result: Any) -> None:
-        if self._unlimit is not None:
-            self._unlimit()
-            self._unlimit = None
-        moved = pair.bytes()
-        self.core.sessionEnded(self.session, moved.a_to_b, moved.b_to_a, "spliced pair done")

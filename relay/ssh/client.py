@@ -1,4 +1,4 @@
-"""The client end of a link: Conch transport, public-key auth and connection service.
+"""The client end of a link: Conch transport and connection service.
 
 One :class:`LinkTransport` is one TCP connection to the upstream SSH server.  Its
 phases are explicit (``phase``): ``handshake`` (version and key exchange; the host
@@ -12,8 +12,10 @@ failed attempt and is retried with backoff.
 What the transport needs of whoever owns the connection (settings, clock, host-key
 verifier, identities, and the events of a ready link) is :class:`LinkOwner`, declared
 here: the agent's :class:`relay.agent.link.Link` implements it, and
-:func:`open_connection` opens one connection for a :class:`SingleConnection` owner
-(``labrelay connect``), so nothing here imports the agent.
+:func:`open_connection` opens one connection for a
+:class:`relay.ssh.single.SingleConnection` owner (``labrelay connect``), so nothing here
+imports the agent.  Public-key auth (:class:`LinkUserAuth`, identities and signers) is
+in :mod:`relay.ssh.clientauth`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from enum import StrEnum
 from typing import Any, Protocol, cast
 
 from twisted.conch import error
-from twisted.conch.ssh import common, keys, transport, userauth
+from twisted.conch.ssh import keys, transport
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
@@ -33,11 +35,12 @@ from twisted.python.failure import Failure
 from relay.config.schema import LinkConfig, RemoteForward
 from relay.core.keepalive import KeepaliveMonitor
 from relay.core.resume import split_sid
-from relay.datapath.bridge import Bridge, TCPSide
+from relay.datapath.bridge import TCPSide
 from relay.datapath.net import client_endpoint, quickack
 from relay.ssh import policy
 from relay.ssh.aead import AEADTransportMixin
 from relay.ssh.channels import BridgedChannel
+from relay.ssh.clientauth import Identity, LinkUserAuth
 from relay.ssh.connection import (
     OPEN_ADMINISTRATIVELY_PROHIBITED,
     OPEN_CONNECT_FAILED,
@@ -60,19 +63,6 @@ class ReverseForward(Protocol):
 
     @property
     def config(self) -> RemoteForward: ...
-
-
-class Signer(Protocol):
-    """A key whose private half is not here: held by an ssh-agent, or still locked by
-    a passphrase that is asked for only when a server accepts the public half (as
-    ssh does).  ``sign`` fails when it cannot sign; the next identity is tried."""
-
-    def public(self) -> keys.Key: ...
-
-    def sign(self, data: bytes) -> defer.Deferred[bytes]: ...
-
-
-Identity = keys.Key | Signer
 
 
 class LinkOwner(Protocol):
@@ -251,74 +241,6 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         self.ready.callback(conn)
 
 
-class _Certificate(keys.Key):
-    """The public key Conch's client userauth offers, for an OpenSSH certificate: the
-    certificate's algorithm name and blob are sent, and the signature is the certified
-    key's own (PROTOCOL.certkeys)."""
-
-    def __init__(self, key: keys.Key, blob: bytes) -> None:
-        super().__init__(key.public()._keyObject)
-        self._key = key
-        self._blob = blob
-
-    def sshType(self) -> bytes:
-        return common.getNS(self._blob)[0]
-
-    def blob(self) -> bytes:
-        return self._blob
-
-
-class LinkUserAuth(userauth.SSHUserAuthClient):
-    """Public-key authentication with the link's identities, nothing else; an identity
-    with a certificate beside it (:class:`relay.ssh.identity.CertifiedKey`) offers the
-    certificate first, then the plain key, as ssh(1) does."""
-
-    preferredOrder = [b"publickey"]
-
-    def __init__(self, link: LinkOwner, conn: LinkConnection) -> None:
-        super().__init__(link.config.user.encode(), conn)
-        self._keys: list[tuple[Identity, bytes]] = []
-        for key in link.identities:
-            certificate = getattr(key, "certificate", b"")
-            if certificate:
-                self._keys.append((key, certificate))
-            self._keys.append((key, b""))
-        self._current: Identity | None = None
-
-    def getPublicKey(self) -> Any:
-        if not self._keys:
-            return None
-        self._current, certificate = self._keys.pop(0)
-        if certificate and isinstance(self._current, keys.Key):
-            return _Certificate(self._current, certificate)
-        return self._current.public()
-
-    def getPrivateKey(self) -> defer.Deferred[keys.Key]:
-        assert isinstance(self._current, keys.Key)
-        return defer.succeed(self._current)
-
-    def signData(self, publicKey: keys.Key, signData: bytes) -> defer.Deferred[bytes] | None:
-        """A key here signs itself; a :class:`Signer` (an ssh-agent's key, a locked
-        one) is asked to."""
-        if isinstance(self._current, keys.Key):
-            return super().signData(publicKey, signData)
-        assert self._current is not None
-        return self._current.sign(signData)
-
-    def ssh_USERAUTH_FAILURE(self, packet: bytes) -> Any:
-        methods = common.getNS(packet)[0]
-        if (not self._keys and self.lastAuth == b"publickey") or b"publickey" not in methods:
-            transport = cast(LinkTransport, self.transport)
-            transport.why = (
-                f"authentication failed for user {self.user.decode()!r}: the server "
-                f"accepted none of our {len(transport.link.identities)} key(s)"
-                f" (it offers: {methods.decode() or 'nothing'}); "
-                + getattr(transport.link, "auth_hint",
-                          "add the agent's public key to that user's authorized_keys")
-            )
-        return super().ssh_USERAUTH_FAILURE(packet)
-
-
 class LinkConnection(FlowConnection):
     """The ``ssh-connection`` service of a ready link."""
 
@@ -466,48 +388,6 @@ class LinkConnection(FlowConnection):
         )
         self.openChannel(channel, pack_endpoints(host, port, origHost, origPort))
         return channel.opened
-
-
-class SingleConnection:
-    """The owner of one connection that is neither kept up nor forwards anything
-    (``labrelay connect``): the link's settings, host-key check and identities without
-    its reconnecting service."""
-
-    _log = Logger()
-
-    auth_hint = ("is your public key in the relay's grants for that user? "
-                 "(ask the relay's admin; `ssh-add -L` lists the keys of your ssh-agent)")
-
-    def __init__(self, config: LinkConfig, reactor: Any, identities: Sequence[Identity]) -> None:
-        self.config = config
-        self.name = config.name
-        self.reactor = reactor
-        self.clock: IReactorTime = reactor
-        self.identities = identities
-        self.verifier = HostKeyVerifier(config.host_key, config.host, config.port)
-        self.resume: ResumableSessions | None = None
-
-    def linkLost(self, transport: LinkTransport, why: str) -> None:
-        """Nothing to reconnect: whoever holds the connection sees it close."""
-
-    def grantRevoked(self, bind: str, port: int, why: str) -> None:
-        self._log.warn(
-            "link {link}: the relay revoked {bind}:{port}, which we do not hold: {reason}",
-            event="forward_revoked", link=self.name, forward=None, bind=bind, port=port,
-            reason=why,
-        )
-
-    def remoteForwardFor(self, host: str, port: int) -> ReverseForward | None:
-        return None  # no reverse forwards: every forwarded-tcpip is refused
-
-    def sessionStarted(self, forward: Any, side: Any, channel: BridgedChannel,
-                       origin: str) -> Bridge:
-        return Bridge(side, channel)
-
-    def openRelayService(self, name: str, port: int,
-                         origin: str) -> defer.Deferred[BridgedChannel]:
-        return defer.fail(LinkSetupError(f"{name}:{port} is a relay service, but this "
-                                         "connection has no relay of its own"))
 
 
 def transport_factory(owner: LinkOwner) -> Factory:

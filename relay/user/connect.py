@@ -51,7 +51,8 @@ from relay.datapath.bridge import Bridge, TCPSide
 from relay.datapath.handoff import Handoff
 from relay.datapath.join import join
 from relay.datapath.net import client_endpoint, peer_ip
-from relay.ssh.client import Identity, SingleConnection, open_connection
+from relay.ssh.client import Identity, open_connection
+from relay.ssh.single import SingleConnection
 from relay.transport.dial import route_of
 from relay.user import keys as userkeys
 from relay.user.sshresolve import Resolved, ResolveError, resolve

@@ -31,9 +31,9 @@ from twisted.conch.ssh.transport import SSHCiphers
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from relay.config.agentargs import _Flags, _option
 from relay.config.errors import ConfigError
 from relay.config.schema import HostKeyPolicy
+from relay.config.sshoptions import _Flags, _option
 from relay.core import fastwire as fw
 from relay.server.grantfile import parse_grant_file
 from relay.ssh import wire

@@ -15,8 +15,8 @@ import pytest
 from twisted.conch.ssh import common
 from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
 
-from relay.config.agentargs import _Flags, _option
 from relay.config.errors import ConfigError
+from relay.config.sshoptions import _Flags, _option
 from relay.core import fastwire as fw
 from relay.server.grantfile import parse_grant_file
 

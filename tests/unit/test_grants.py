@@ -17,15 +17,10 @@ from zope.interface import implementer
 from relay.config.errors import ConfigError
 from relay.config.schema import PrincipalConfig, RelayConfig, ServiceGrant
 from relay.server import grants as grants_module
+from relay.server.grantdiff import GrantsChange, Loss, diff_grants
 from relay.server.grantfile import _options, parse_grant_file
-from relay.server.grants import (
-    Grants,
-    GrantsChange,
-    GrantsWatcher,
-    Loss,
-    Principal,
-    diff_grants,
-)
+from relay.server.grants import Grants, Principal
+from relay.server.grantwatch import GrantsWatcher
 
 SOURCE = "node.toml"
 

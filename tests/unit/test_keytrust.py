@@ -16,7 +16,8 @@ from twisted.conch.ssh.keys import Key
 
 from relay.config.errors import ConfigError
 from relay.config.schema import RelayConfig
-from relay.server.grants import Grants, GrantsChange
+from relay.server.grantdiff import GrantsChange
+from relay.server.grants import Grants
 
 KEYGEN = shutil.which("ssh-keygen")
 pytestmark = pytest.mark.skipif(KEYGEN is None and os.environ.get("CI") != "true",
