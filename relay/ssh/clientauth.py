@@ -40,18 +40,47 @@ class AuthOwner(Protocol):
     def identities(self) -> Sequence[Identity]: ...
 
 
-class _Certificate(keys.Key):
-    """The public key Conch's client userauth offers, for an OpenSSH certificate: the
-    certificate's algorithm name and blob are sent, and the signature is the certified
-    key's own (PROTOCOL.certkeys)."""
+RSA_SIGNATURES = (b"rsa-sha2-512", b"rsa-sha2-256")
+"""RSA signature algorithms in our order of preference (RFC 8332); never SHA-1
+``ssh-rsa``, which the relay and OpenSSH 8.8+ refuse."""
+_RSA_CERT = b"ssh-rsa-cert-v01@openssh.com"
 
-    def __init__(self, key: keys.Key, blob: bytes) -> None:
+
+def rsa_signature(server_sig_algs: bytes | None) -> bytes:
+    """The RSA signature algorithm to use with a server that sent ``server-sig-algs``
+    (RFC 8308) with this value, or None when it sent none: the first of ours it names,
+    else ``rsa-sha2-512`` (every server since OpenSSH 7.2 takes it; ssh(1) would fall
+    back to SHA-1, which the relay refuses anyway)."""
+    if server_sig_algs is not None:
+        named = server_sig_algs.split(b",")
+        for algorithm in RSA_SIGNATURES:
+            if algorithm in named:
+                return algorithm
+    return RSA_SIGNATURES[0]
+
+
+class _Offer(keys.Key):
+    """The public key Conch's client userauth offers, with the algorithm name sent for
+    it: an RSA key is offered as ``rsa-sha2-512``/``-256`` (Conch would say ``ssh-rsa``
+    and sign with SHA-1), and an OpenSSH certificate with its own name and blob, an RSA
+    certificate as ``rsa-sha2-512-cert-v01@openssh.com`` (PROTOCOL.certkeys: the blob
+    still says ``ssh-rsa-cert-v01``).  The signature is the key's own, with
+    :attr:`signature` as its algorithm."""
+
+    def __init__(self, key: keys.Key, blob: bytes, rsa: bytes) -> None:
         super().__init__(key.public()._keyObject)
-        self._key = key
-        self._blob = blob
+        self._blob = blob or key.public().blob()
+        kind = common.getNS(self._blob)[0]
+        self.signature: bytes | None = None
+        self._algorithm = kind
+        if kind == b"ssh-rsa":
+            self.signature = self._algorithm = rsa
+        elif kind == _RSA_CERT:
+            self.signature = rsa
+            self._algorithm = rsa + b"-cert-v01@openssh.com"
 
     def sshType(self) -> bytes:
-        return common.getNS(self._blob)[0]
+        return self._algorithm
 
     def blob(self) -> bytes:
         return self._blob
@@ -78,8 +107,12 @@ class LinkUserAuth(userauth.SSHUserAuthClient):
         if not self._keys:
             return None
         self._current, certificate = self._keys.pop(0)
-        if certificate and isinstance(self._current, keys.Key):
-            return _Certificate(self._current, certificate)
+        if isinstance(self._current, keys.Key) and (certificate
+                                                    or self._current.type() == "RSA"):
+            transport: Any = self.transport
+            extensions = getattr(transport, "peerExtensions", None) or {}
+            return _Offer(self._current, certificate,
+                          rsa_signature(extensions.get(b"server-sig-algs")))
         return self._current.public()
 
     def getPrivateKey(self) -> defer.Deferred[keys.Key]:
@@ -90,7 +123,8 @@ class LinkUserAuth(userauth.SSHUserAuthClient):
         """A key here signs itself; a :class:`Signer` (an ssh-agent's key, a locked
         one) is asked to."""
         if isinstance(self._current, keys.Key):
-            return super().signData(publicKey, signData)
+            signature = getattr(publicKey, "signature", None)
+            return defer.succeed(self._current.sign(signData, signatureType=signature))
         assert self._current is not None
         return self._current.sign(signData)
 

@@ -61,8 +61,8 @@ class CertifiedKey(Key):
 
 def load_identity(path: Path) -> Key:
     """The private key in ``path``, or :class:`IdentityError`; a :class:`CertifiedKey`
-    when ``path-cert.pub`` holds an OpenSSH certificate of that key (Ed25519 or ECDSA:
-    the signature algorithm of an RSA certificate is not negotiated here).
+    when ``path-cert.pub`` holds an OpenSSH certificate of that key (Ed25519, ECDSA or
+    RSA; an RSA one is offered with SHA-2 signatures, :mod:`relay.ssh.clientauth`).
 
     The file must be a regular file that neither group nor others can read or
     write (``mode & 0o077 == 0``), like OpenSSH requires.
@@ -84,7 +84,7 @@ def _certificate_beside(path: Path, key: Key) -> bytes:
     """The blob of ``path``-cert.pub if it certifies ``key``; else empty (a stale or
     unrelated certificate file is ignored, as ssh ignores it)."""
     cert_path = path.with_name(path.name + "-cert.pub")
-    if key.type() == "RSA" or not cert_path.is_file():
+    if not cert_path.is_file():
         return b""
     try:
         fields = cert_path.read_text().split()

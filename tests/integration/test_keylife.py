@@ -196,20 +196,32 @@ def test_an_agent_certificate_registers_the_services_its_principals_name(
     assert agents[0]["name"] == "lab_pc" and agents[0]["services"] == ["web:8080"]
 
 
+KEY_TYPES = {"ed25519": ["-t", "ed25519"], "ecdsa": ["-t", "ecdsa", "-b", "256"],
+             "rsa": ["-t", "rsa", "-b", "2048"]}
+
+
+@pytest.mark.parametrize("kind", sorted(KEY_TYPES))
 def test_the_labrelay_agent_presents_its_certificate(
+    kind: str,
     pki: Path,
     start_relay: Callable[..., RelayNode],
     start_agent: Callable[..., AgentProcess],
 ) -> None:
     """``labrelay agent -i KEY`` with ``KEY-cert.pub`` beside it (as ssh(1) finds it) logs in
-    with the certificate; the plain key is granted nothing."""
-    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    with the certificate, for each key type ``ssh-keygen`` makes, signed by a CA of the same
+    type (an RSA certificate is offered as ``rsa-sha2-512-cert-v01@openssh.com`` and signed
+    with SHA-2, as OpenSSH 8.8+ requires); the plain key is granted nothing."""
+    keygen(*KEY_TYPES[kind], "-N", "", "-C", f"ca_{kind}", "-f", f"ca_{kind}", cwd=pki)
+    keygen(*KEY_TYPES[kind], "-N", "", "-C", "agent_key", "-f", "agent_key", cwd=pki)
+    keygen("-s", f"ca_{kind}", "-I", "lab_pc@lab", "-n", "lab_pc,web:8080", "-V", "-5m:+1h",
+           "agent_key.pub", cwd=pki)
+    ca = " ".join((pki / f"ca_{kind}.pub").read_text().split()[:2])
     relay = start_relay(
         agents=[f'cert-authority,principals="lab_pc",permitlisten="web:8080" {ca} lab_pc'],
         relay_toml='penalty_exempt = ["127.0.0.1"]',
     )
-    key = user_cert(pki, "agent_key", "-n", "lab_pc,web:8080", "-V", "-5m:+1h")
-    pair = KeyPair(key, (pki / "agent_key.pub").read_text().strip())
+    pair = KeyPair(pki / "agent_key", (pki / "agent_key.pub").read_text().strip())
     agent = labrelay_agent(start_agent, relay, pair, "web:8080:127.0.0.1:9")
     agent.wait_for("forward_ready", timeout=20, since=0, bind="web")
     assert relay.status()["relay"]["agents"][0]["services"] == ["web:8080"]
+    assert not relay.events("relay_auth_refused")  # the certificate went first, and in
