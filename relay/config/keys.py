@@ -113,11 +113,20 @@ PENALTY_KEYS = {
     "max_sources": "max_sources = 65536",
     "overflow": 'overflow = "permissive"',
 }
+LIFECYCLE_KEYS = {
+    "expiry": 'expiry = "20270131Z" (YYYYMMDD[HHMM[SS]][Z]) or a TOML date-time: '
+              'expiry = 2027-01-31T00:00:00Z',
+    "from": 'from = "10.0.0.0/8,!10.0.0.66"',
+    "cert_authorities": 'cert_authorities = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... lab_ca"]',
+    "principals": 'principals = ["alice"]',
+}
+"""Keys of every ``[[relay.user]]``/``[[relay.agent]]`` table (relay/config/lifecycle.py)."""
 RELAY_AGENT_KEYS = {
     "name": 'name = "lab_pc"',
     "keys": 'keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... lab_pc"]',
     "services": 'services = ["gpu-cluster:22", "jupyter:8888", "tensorboard:*"]',
     "public_ports": "public_ports = [2201]",
+    **LIFECYCLE_KEYS,
 }
 RELAY_USER_KEYS = {
     "name": 'name = "alice"',
@@ -127,6 +136,7 @@ RELAY_USER_KEYS = {
     "share": "share = 2",
     "rate_limit": 'rate_limit = "20MB"',
     "rate_burst": 'rate_burst = "4MB"',
+    **LIFECYCLE_KEYS,
 }
 FORWARD_KEYS = {
     "listen": 'listen = "0.0.0.0:2201"',

@@ -40,6 +40,7 @@ from relay.config.keys import (
     RELAY_USER_KEYS,
     TOP_KEYS,
 )
+from relay.config.lifecycle import read_lifecycle
 from relay.config.readers import (
     _collect,
     _each,
@@ -80,12 +81,19 @@ def _parse_principal(sec: Section, kind: str) -> PrincipalConfig:
     assert name is not None
     with sec.at("name"):
         grammar.principal_name(name)
-    if "keys" not in sec.data:
-        raise sec.error("keys", "missing required key 'keys'")
+    certified = "cert_authorities" in sec.data
+    if "keys" not in sec.data and not certified:
+        raise sec.error("keys", "missing required key 'keys'",
+                        f"e.g. {sec.examples['keys']}, or cert_authorities = [...] to "
+                        "accept certificates")
     keys = [line.strip() for line in sec.strings("keys")]
-    if not keys:
+    if not keys and not certified:
         raise sec.error("keys", f"the {kind} has no keys")
     _each(sec, "keys", grammar.public_key, keys)
+    life = read_lifecycle(sec, name, keys)
+    if not keys and not life.authorities:
+        raise sec.error("cert_authorities", f"the {kind} has no keys and no certificate "
+                        "authorities")
     services = _each(sec, "services", lambda text: grammar.service_grant(text, kind))
     if kind == "agent":
         return PrincipalConfig(
@@ -94,6 +102,8 @@ def _parse_principal(sec: Section, kind: str) -> PrincipalConfig:
             keys=tuple(keys),
             services=tuple(dict.fromkeys(services)),
             public_ports=tuple(dict.fromkeys(sec.integers("public_ports", 1, 65535))),
+            key_limits=life.key_limits,
+            authorities=life.authorities,
         )
     max_sessions = sec.integer("max_sessions", 1, 1) if "max_sessions" in sec.data else None
     return PrincipalConfig(
@@ -105,6 +115,8 @@ def _parse_principal(sec: Section, kind: str) -> PrincipalConfig:
         share=sec.number("share", 1.0, low=0.01, high=100),
         rate_limit=_byte_rate(sec, "rate_limit"),
         rate_burst=_byte_rate(sec, "rate_burst"),
+        key_limits=life.key_limits,
+        authorities=life.authorities,
     )
 
 

@@ -17,34 +17,15 @@ is a pure function of the text, the time given and the peer's address:
 
 from __future__ import annotations
 
-import calendar
 import fnmatch
 import ipaddress
-import re
 import time
 from dataclasses import dataclass
 
-_EXPIRY_RE = re.compile(r"([0-9]{8})([0-9]{4})?([0-9]{2})?([zZ])?\Z")
+from relay.config.keyoptions import KeyOptionError, from_patterns, parse_expiry
 
-
-class KeyOptionError(ValueError):
-    """An option's value that is not valid (its message says how to write it)."""
-
-
-def parse_expiry(text: str) -> float:
-    """``expiry-time``'s value as a Unix time (seconds)."""
-    match = _EXPIRY_RE.match(text.strip())
-    if match is None:
-        raise KeyOptionError(f"expiry-time {text!r} must be YYYYMMDD[HHMM[SS]][Z]")
-    date, hm, sec, utc = match.groups()
-    digits = date + (hm or "0000") + (sec or "00")
-    try:
-        parts = time.strptime(digits, "%Y%m%d%H%M%S")
-    except ValueError:
-        raise KeyOptionError(f"expiry-time {text!r} is not a valid date and time") from None
-    if utc:
-        return float(calendar.timegm(parts))
-    return time.mktime(parts)
+__all__ = ["FromPatterns", "KeyLimits", "KeyOptionError", "parse_expiry", "parse_from",
+           "source_address_allows"]
 
 
 @dataclass(frozen=True)
@@ -66,21 +47,8 @@ class FromPatterns:
 
 
 def parse_from(text: str) -> FromPatterns:
-    patterns = []
-    for raw in text.split(","):
-        item = raw.strip()
-        negated = item.startswith("!")
-        pattern = item[1:] if negated else item
-        if not pattern:
-            raise KeyOptionError(f"from={text!r} has an empty pattern")
-        if "/" in pattern:
-            try:
-                ipaddress.ip_network(pattern, strict=False)
-            except ValueError:
-                raise KeyOptionError(f"from= pattern {pattern!r} is not a valid CIDR block"
-                                     ) from None
-        patterns.append((negated, pattern.lower()))
-    return FromPatterns(text, tuple(patterns))
+    """A ``from=`` list, or :class:`KeyOptionError` saying what is wrong with it."""
+    return FromPatterns(text, from_patterns(text))
 
 
 def _matches(pattern: str, address: str) -> bool:

@@ -51,7 +51,20 @@ CHANNEL_QUEUE = 128 * 1024
 enough that every active session always has a packet ready for its turn."""
 CHANNEL_RESUME = CHANNEL_QUEUE // 2
 UNSENT_LOWAT = LINK_BUFFER
-"""Unsent bytes the kernel may hold for the link (TCP_NOTSENT_LOWAT)."""
+"""Unsent bytes the kernel may hold for the link (TCP_NOTSENT_LOWAT) while nothing waits
+in the scheduler."""
+SHARED_BUFFER = 64 * 1024
+"""The link's write buffer (Twisted's) while bytes wait in the scheduler: what is handed
+to the transport is what the scheduler can no longer reorder, so while sessions compete
+for a congested link it is kept to two maximum-size packets (plus the one that crosses
+the mark), and a keystroke's echo waits behind that, not behind 128 KiB.  Not less:
+Twisted's ``bufferSize`` is also the size of each read from the link, and 64 KiB is
+Twisted's own default, so the other direction's reads do not shrink."""
+SHARED_UNSENT = 16 * 1024
+"""TCP_NOTSENT_LOWAT while bytes wait in the scheduler, for the same reason: the
+kernel's unsent queue is FIFO too.  The link stays busy meanwhile on the bytes already
+sent (in flight, and queued at the bottleneck), which the reactor refills long before
+they drain."""
 
 
 def refused_by_peer(failure: Failure) -> bool:
@@ -88,6 +101,7 @@ class FlowConnection(connection.SSHConnection):
         self._closing: set[Any] = set()  # channels whose CLOSE waits behind their data
         self._draining = False
         self._stopped = False  # serviceStopped: nothing more is sent
+        self._shared = False  # the link's buffers are cut to SHARED_* (bytes wait here)
 
     @property
     def congested(self) -> bool:
@@ -107,7 +121,7 @@ class FlowConnection(connection.SSHConnection):
             if hasattr(tcp, "bufferSize"):
                 tcp.bufferSize = LINK_BUFFER
             tcp.registerProducer(self, True)
-            _limitUnsent(tcp)
+            _limitUnsent(tcp, UNSENT_LOWAT)
         if hasattr(self.transport, "channelDataHandler"):
             self.transport.channelDataHandler = self.channelData
 
@@ -168,6 +182,8 @@ class FlowConnection(connection.SSHConnection):
     def _queue(self, channel: Any, item: bytes | Callable[[], None], size: int) -> None:
         scheduler = self.scheduler
         scheduler.push(channel, getattr(channel, "shareUser", ""), item, size)
+        if not self._shared:
+            self._share(True)
         if channel not in self._held and scheduler.queued(channel) > CHANNEL_QUEUE:
             self._held.add(channel)
             hook = getattr(channel, "linkCongested", None)
@@ -197,6 +213,21 @@ class FlowConnection(connection.SSHConnection):
                         hook(False)
         finally:
             self._draining = False
+        if self._shared and not self.scheduler:
+            self._share(False)
+
+    def _share(self, shared: bool) -> None:
+        """Cut the link's write buffer and the kernel's unsent queue to about a packet
+        while bytes wait in the scheduler (so that its order, sparse packets first,
+        holds at the wire), and give them back their batching sizes once nothing
+        waits."""
+        self._shared = shared
+        tcp = getattr(self.transport, "transport", None)
+        if tcp is None:
+            return
+        if hasattr(tcp, "bufferSize"):
+            tcp.bufferSize = SHARED_BUFFER if shared else LINK_BUFFER
+        _limitUnsent(tcp, SHARED_UNSENT if shared else UNSENT_LOWAT)
 
     def sendEOF(self, channel: Any) -> None:
         if self.scheduler.queued(channel):
@@ -223,6 +254,8 @@ class FlowConnection(connection.SSHConnection):
         self.scheduler.drop(channel)
         self._held.discard(channel)
         self._closing.discard(channel)
+        if self._shared and not self.scheduler and self.transport is not None:
+            self._share(False)
 
     def channelClosed(self, channel: Any) -> None:
         self.discard(channel)
@@ -428,14 +461,15 @@ class FlowConnection(connection.SSHConnection):
         self.scheduler = FairScheduler()
         self._held.clear()
         self._closing.clear()
+        self._shared = False
         super().serviceStopped()
 
 
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 
-def _limitUnsent(tcp: Any) -> None:
-    """Keep at most ``LINK_BUFFER`` unsent bytes in the kernel's socket buffer too
+def _limitUnsent(tcp: Any, lowat: int) -> None:
+    """Keep at most about ``lowat`` unsent bytes in the kernel's socket buffer too
     (``TCP_NOTSENT_LOWAT``): on a link slower than the machine, the kernel would
     otherwise queue megabytes in front of every scheduled packet (at 20 MB/s, 4 MB is
     200 ms before a keystroke's echo), and the order the scheduler chose would only
@@ -444,7 +478,7 @@ def _limitUnsent(tcp: Any) -> None:
     if sock is None or getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
         return
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, UNSENT_LOWAT)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, lowat)
     except OSError:
         pass  # not Linux/BSD: the kernel's buffer stays as it is
 

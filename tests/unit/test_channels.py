@@ -8,6 +8,7 @@ on ``relay.testing.FakeTCPTransport``, whose write buffer pushes back like Twist
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +42,10 @@ from relay.ssh.connection import (
     LINK_BUFFER,
     OPEN_ADMINISTRATIVELY_PROHIBITED,
     OPEN_CONNECT_FAILED,
+    SHARED_BUFFER,
+    SHARED_UNSENT,
+    TCP_NOTSENT_LOWAT,
+    UNSENT_LOWAT,
     FlowConnection,
 )
 from relay.ssh.wire import SHARE, pack_share, unpack_share
@@ -381,6 +386,34 @@ def test_a_congested_link_pauses_a_source_only_past_its_own_queue() -> None:
     assert h.ssh.dataPackets()[0] == b"ls\n"  # the idle session's small packet first
     assert len(h.ssh.data()) == 3 + (CHANNEL_QUEUE // 16384 + 1) * 16384
     assert not h.conn.scheduler
+
+
+def test_while_bytes_wait_the_link_hands_the_transport_about_a_packet() -> None:
+    """What is in Twisted's buffer and the kernel's unsent queue is past reordering: while
+    the scheduler holds bytes, both are cut to about a packet (``SHARED_BUFFER``,
+    TCP_NOTSENT_LOWAT ``SHARED_UNSENT``) so a keystroke's echo waits behind that, not
+    behind 256 KiB and more; once nothing waits, both get their batching sizes back."""
+    link = StringTransport()
+    link.bufferSize = 65536  # type: ignore[attr-defined]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        link.socket = sock  # type: ignore[attr-defined]
+
+        def lowat() -> int:
+            return sock.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT)
+
+        h = Harness(linkTCP=link)
+        assert (link.bufferSize, lowat()) == (LINK_BUFFER, UNSENT_LOWAT)  # type: ignore[attr-defined]
+        _bulk, bulkTCP, _t, _b = h.session()
+        bulkTCP.dataReceived(bytes(16384))  # an uncongested link: sent, nothing waits
+        assert (link.bufferSize, lowat()) == (LINK_BUFFER, UNSENT_LOWAT)  # type: ignore[attr-defined]
+        h.conn.pauseProducing()
+        bulkTCP.dataReceived(bytes(16384))
+        assert h.conn.scheduler
+        assert (link.bufferSize, lowat()) == (SHARED_BUFFER, SHARED_UNSENT)  # type: ignore[attr-defined]
+        assert SHARED_BUFFER <= 64 * 1024 and SHARED_UNSENT <= 32 * 1024
+        h.conn.resumeProducing()
+        assert not h.conn.scheduler
+        assert (link.bufferSize, lowat()) == (LINK_BUFFER, UNSENT_LOWAT)  # type: ignore[attr-defined]
 
 
 def test_a_congested_link_is_shared_per_user_then_per_session() -> None:

@@ -1,0 +1,112 @@
+"""Keys that come and go, written in the TOML config instead of the grant files (issue 15):
+``expiry``, ``from``, ``cert_authorities`` + ``principals`` in ``[[relay.user]]`` tables and
+``revoked_keys`` in ``[relay]``, through a real relay and the real OpenSSH client; a
+reload (SIGHUP) that gives a logged-in user an ``expiry`` in the past ends her session
+and refuses her next login."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Targets
+from harness import AgentProcess, RelayNode, SshProcess, connect, free_port, make_key
+from test_keylife import echo_once, forward_argv, keygen, labrelay_agent, refused, user_cert
+from test_ops_reload import labrelay
+
+pytestmark = pytest.mark.integration
+
+
+def user_table(name: str, *lines: str) -> str:
+    return "\n".join(["[[relay.user]]", f'name = "{name}"', 'services = ["web:8080"]',
+                      *lines, ""])
+
+
+def test_expiry_from_and_certificates_from_the_toml_config(
+    tmp_path: Path,
+    openssh: None,
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+) -> None:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    keygen("-t", "ed25519", "-N", "", "-C", "ca", "-f", "ca", cwd=pki)
+    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    (pki / "revoked.spec").write_text("serial: 666\n")
+    keygen("-k", "-f", "revoked.krl", "-s", "ca.pub", "revoked.spec", cwd=pki)
+    lab_pc, old, far, dave = (make_key(tmp_path / n, comment=n)
+                              for n in ("lab_pc", "old", "far", "dave"))
+    tables = "\n".join([
+        f'revoked_keys = "{pki / "revoked.krl"}"',
+        user_table("alice", f'cert_authorities = ["{ca}"]', 'principals = ["alice", "al"]',
+                   'from = "127.0.0.0/8,::1"'),
+        user_table("old", f'keys = ["{old.public_blob()}"]', 'expiry = "20200101Z"'),
+        user_table("far", f'keys = ["{far.public_blob()}"]', 'from = "10.9.9.0/24"'),
+        user_table("dave", f'keys = ["{dave.public_blob()}"]', "expiry = 2099-01-01T00:00:00Z"),
+    ])
+    relay = start_relay(agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc'],
+                        relay_toml='penalty_exempt = ["127.0.0.1"]\n' + tables)
+    echo = targets.echo()
+    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+
+    # alice has no key of her own: a certificate from the lab CA naming "al" logs her in.
+    port = free_port()
+    alice = start_ssh(forward_argv(relay, user_cert(pki, "alice", "-n", "al", "-V", "-5m:+1h"),
+                                   port, "alice"), name="ssh-alice-cert")
+    alice.wait_stderr(r"new port-listener")
+    assert echo_once(port) == b"ping"
+    dave_port = free_port()
+    start_ssh(forward_argv(relay, dave.path, dave_port, "dave"), name="ssh-dave") \
+        .wait_stderr(r"new port-listener")
+    assert echo_once(dave_port) == b"ping"
+
+    assert "key expired at 2020-01-01 00:00:00 UTC" in refused(relay, old.path, "old")
+    assert 'not allowed by from="10.9.9.0/24"' in refused(relay, far.path, "far")
+    assert "no line of its CA accepts" in refused(relay, user_cert(pki, "bob", "-n", "bob"),
+                                                  "bob")
+    assert "serial 666 is revoked" in refused(relay, user_cert(pki, "lost", "-n", "alice",
+                                                               serial=666), "alice")
+
+    # A reload gives alice an expiry in the past: her open session ends, her next login
+    # is refused; dave, untouched, keeps his.
+    config = relay.dir / "node.toml"
+    config.write_text(config.read_text().replace(
+        'principals = ["alice", "al"]', 'principals = ["alice", "al"]\nexpiry = "20200101Z"'))
+    mark = relay.mark()
+    with connect(port, timeout=30) as sock:
+        sock.sendall(b"ping")
+        assert sock.recv(4) == b"ping"
+        os.kill(relay.pid, signal.SIGHUP)
+        relay.wait_for("reload_done", since=mark)
+        relay.wait_for("relay_key_ended", since=mark, timeout=5, name="alice")
+        sock.settimeout(10)
+        try:
+            assert sock.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    assert alice.proc.wait(timeout=10) is not None
+    assert "key expired at 2020-01-01" in refused(
+        relay, user_cert(pki, "alice2", "-n", "alice", "-V", "-5m:+1h"), "alice")
+    assert echo_once(dave_port) == b"ping"
+
+
+def test_toml_errors_name_the_file_the_key_and_what_is_valid(tmp_path: Path) -> None:
+    """``labrelay check`` on tables with a wrong ``expiry``, ``from`` or ``principals``."""
+    key = make_key(tmp_path / "k", comment="k").public_blob()
+    cases = {
+        'expiry = "2027-01"': ("relay.user[0].expiry", "YYYYMMDD[HHMM[SS]][Z]"),
+        'from = "10.0.0.0/33"': ("relay.user[0].from", "not a valid CIDR block"),
+        'principals = ["alice"]': ("relay.user[0].principals", "only for certificates"),
+        "expiry = 5": ("relay.user[0].expiry", "expected a string or a TOML date-time"),
+    }
+    for line, (keypath, problem) in cases.items():
+        config = tmp_path / "node.toml"
+        config.write_text(f'[relay]\n[[relay.user]]\nname = "alice"\nkeys = ["{key}"]\n{line}\n')
+        out = labrelay("check", str(config))
+        assert out.returncode == 2, out
+        assert f"{config}: {keypath}" in out.stderr and problem in out.stderr, out.stderr
