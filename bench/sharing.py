@@ -125,7 +125,8 @@ def markdown(res: dict[str, Any]) -> str:
         "# Fair share of a congested agent link",
         "",
         f"{res['date']}, commit {res['commit']}; {c['nproc']} cores, load "
-        f"{c['loadavg_at_start']} at start; lab_pc -> cloud shaped to {c['mbit']} Mbit/s "
+        f"{c['loadavg_at_start']} at start, {c.get('loadavg_at_end', '?')} at the end "
+        f"(the bench's own load included); lab_pc -> cloud shaped to {c['mbit']} Mbit/s "
         f"(tbf); {c['runs']} run(s) of {c['seconds']:g} s per scenario (medians).",
         "",
         "| scenario | user | streams | weight | share | ideal | by streams | Jain | link MB/s |"
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": git_commit(),
         "conditions": {"nproc": os.cpu_count(), "kernel": platform.release(),
                        "python": platform.python_version(), "loadavg_at_start": load,
+                       "loadavg_at_end": loadavg(),
                        "runs": runs, "seconds": args.seconds, "mbit": args.mbit},
         "scenarios": scenarios,
     }

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 from conftest import Targets
-from harness import AgentProcess, RelayNode, SshProcess, connect, free_port, make_key
+from harness import (
+    AgentProcess,
+    RelayNode,
+    SshProcess,
+    connect,
+    free_port,
+    make_key,
+    ssh_argv,
+)
 from test_keylife import echo_once, forward_argv, keygen, labrelay_agent, refused, user_cert
 from test_ops_reload import labrelay
 
@@ -110,3 +118,31 @@ def test_toml_errors_name_the_file_the_key_and_what_is_valid(tmp_path: Path) -> 
         out = labrelay("check", str(config))
         assert out.returncode == 2, out
         assert f"{config}: {keypath}" in out.stderr and problem in out.stderr, out.stderr
+
+
+def test_an_agent_table_with_a_certificate_authority(
+    tmp_path: Path,
+    openssh: None,
+    start_relay: Callable[..., RelayNode],
+    start_ssh: Callable[..., SshProcess],
+) -> None:
+    """A ``[[relay.agent]]`` table with ``cert_authorities`` and no keys: a stock ``ssh -R``
+    with a certificate naming ``lab_pc`` and ``web:8080`` registers web:8080 (within the
+    table's ``services``), not gpu-cluster:22 (granted by the table, not by the
+    certificate)."""
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    keygen("-t", "ecdsa", "-b", "256", "-N", "", "-C", "ca", "-f", "ca", cwd=pki)
+    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    relay = start_relay(relay_toml="\n".join([
+        'penalty_exempt = ["127.0.0.1"]', "[[relay.agent]]", 'name = "lab_pc"',
+        f'cert_authorities = ["{ca}"]', 'services = ["web:8080", "gpu-cluster:22"]',
+        'from = "127.0.0.1"', ""]))
+    key = user_cert(pki, "lab_pc", "-n", "lab_pc,web:8080", "-V", "-5m:+1h")
+    proc = start_ssh(ssh_argv(relay.port, key, relay.known_hosts, "-v", "-N",
+                              "-R", "web:8080:127.0.0.1:9", "-R", "gpu-cluster:22:127.0.0.1:9",
+                              user="lab_pc"), name="stock-agent-cert")
+    proc.wait_stderr(r"remote forward success for: listen web:8080")
+    proc.wait_stderr(r"remote forward failure for: listen gpu-cluster:22")
+    agents = relay.status()["relay"]["agents"]
+    assert agents[0]["name"] == "lab_pc" and agents[0]["services"] == ["web:8080"]
