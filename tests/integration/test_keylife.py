@@ -60,13 +60,16 @@ def echo_once(port: int) -> bytes:
         return recv_exactly(sock, 4)
 
 
-def refused(relay: RelayNode, identity: Path, user: str) -> str:
-    """Run ssh with ``identity`` (and its -cert.pub); it must fail to log in; the reason
-    the relay logged for it."""
+def refused(relay: RelayNode, identity: Path, user: str, reason: str) -> str:
+    """Run ssh with ``identity`` (and its -cert.pub); it must fail to log in, and the relay
+    log a refusal that says ``reason`` (awaited: the relay wrote it before ssh exited, but
+    the harness reads its log in a thread of its own); the reasons it logged."""
     mark = relay.mark()
     out = subprocess.run(forward_argv(relay, identity, free_port(), user), capture_output=True,
                          timeout=30, stdin=subprocess.DEVNULL)
     assert out.returncode == 255 and b"Permission denied" in out.stderr, out.stderr[-500:]
+    relay.wait_for("relay_auth_refused", since=mark, timeout=10,
+                   why=lambda why: reason in str(why))
     return " | ".join(e["why"] for e in relay.events("relay_auth_refused", since=mark))
 
 
@@ -115,16 +118,15 @@ def test_certificates_from_the_lab_ca(
     assert echo_once(port) == b"ping"
     assert relay.status()["relay"]["users"][0]["name"] == "alice"
 
-    assert "expired" in refused(relay, user_cert(pki, "old", "-n", "alice", "-V",
-                                                 "20200101:20200201"), "alice")
-    assert "not yet valid" in refused(relay, user_cert(pki, "early", "-n", "alice", "-V",
-                                                       "+1d:+2d"), "alice")
-    assert "no line of its CA accepts" in refused(relay, user_cert(pki, "bob", "-n", "bob"),
-                                                  "bob")
-    assert "untrusted CA" in refused(relay, user_cert(pki, "forged", "-n", "alice",
-                                                      ca="other_ca"), "alice")
-    assert "serial 666 is revoked" in refused(relay, user_cert(pki, "lost", "-n", "alice",
-                                                               serial=666), "alice")
+    refused(relay, user_cert(pki, "old", "-n", "alice", "-V", "20200101:20200201"), "alice",
+            "expired")
+    refused(relay, user_cert(pki, "early", "-n", "alice", "-V", "+1d:+2d"), "alice",
+            "not yet valid")
+    refused(relay, user_cert(pki, "bob", "-n", "bob"), "bob", "no line of its CA accepts")
+    refused(relay, user_cert(pki, "forged", "-n", "alice", ca="other_ca"), "alice",
+            "untrusted CA")
+    refused(relay, user_cert(pki, "lost", "-n", "alice", serial=666), "alice",
+            "serial 666 is revoked")
 
 
 def test_expiry_time_refuses_then_ends_open_sessions(
@@ -149,7 +151,7 @@ def test_expiry_time_refuses_then_ends_open_sessions(
     echo = targets.echo()
     labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
 
-    assert "expired" in refused(relay, old.path, "old")
+    refused(relay, old.path, "old", "expired")
 
     port = free_port()
     proc = start_ssh(forward_argv(relay, carol.path, port, "carol"), name="ssh-carol")

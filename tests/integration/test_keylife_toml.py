@@ -73,12 +73,11 @@ def test_expiry_from_and_certificates_from_the_toml_config(
         .wait_stderr(r"new port-listener")
     assert echo_once(dave_port) == b"ping"
 
-    assert "key expired at 2020-01-01 00:00:00 UTC" in refused(relay, old.path, "old")
-    assert 'not allowed by from="10.9.9.0/24"' in refused(relay, far.path, "far")
-    assert "no line of its CA accepts" in refused(relay, user_cert(pki, "bob", "-n", "bob"),
-                                                  "bob")
-    assert "serial 666 is revoked" in refused(relay, user_cert(pki, "lost", "-n", "alice",
-                                                               serial=666), "alice")
+    refused(relay, old.path, "old", "key expired at 2020-01-01 00:00:00 UTC")
+    refused(relay, far.path, "far", 'not allowed by from="10.9.9.0/24"')
+    refused(relay, user_cert(pki, "bob", "-n", "bob"), "bob", "no line of its CA accepts")
+    refused(relay, user_cert(pki, "lost", "-n", "alice", serial=666), "alice",
+            "serial 666 is revoked")
 
     # A reload gives alice an expiry in the past: her open session ends, her next login
     # is refused; dave, untouched, keeps his.
@@ -98,8 +97,8 @@ def test_expiry_from_and_certificates_from_the_toml_config(
         except ConnectionResetError:
             pass
     assert alice.proc.wait(timeout=10) is not None
-    assert "key expired at 2020-01-01" in refused(
-        relay, user_cert(pki, "alice2", "-n", "alice", "-V", "-5m:+1h"), "alice")
+    refused(relay, user_cert(pki, "alice2", "-n", "alice", "-V", "-5m:+1h"), "alice",
+            "key expired at 2020-01-01")
     assert echo_once(dave_port) == b"ping"
 
 
