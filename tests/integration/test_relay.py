@@ -631,6 +631,9 @@ def test_direct_tcpip_to_addresses_is_refused_without_connecting(
                 err = out.stderr.decode(errors="replace")
                 assert out.returncode == 255, (who, dest, out)
                 assert "open failed" in err, (who, dest, err)
+        # the last refusal, awaited: the harness reads the relay's log in its own thread
+        relay.wait_for("relay_session_refused", since=since, name="alice",
+                       service=destinations[-1])
         refused = relay.events("relay_session_refused", since=since)
         assert len(refused) == 2 * len(destinations), refused
         for e in refused:
