@@ -91,14 +91,15 @@ class SessionOpening:
             return defer.fail(error.ConchError(why, code))
 
         active = 0 if principal is None else self.sessions.active_for_user(principal.name)
+        owner = self.grants.owner_of(host)
         refused = self.router.admit_session(principal, host, port, active,
-                                            self.config.max_sessions_per_user,
-                                            self.grants.owner_of(host))
+                                            self.config.max_sessions_per_user, owner)
         if refused is not None:
             return refuse(_OPEN_FAILURE[refused[0]], refused[1])
         assert principal is not None
         session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
-                                     key=ident.key_blob)
+                                     key=ident.key_blob,
+                                     totals_as=self.router.totals_name(owner, host, port))
         audit.opened(session)
         d = self.whenRegistered(host, port, self.config.public_wait, session)
         d.addCallback(lambda reg: open_user_side(self, reg, port, origin, session))
@@ -162,8 +163,10 @@ class SessionOpening:
         if refused is not None:
             self.counters["sessions_refused"] += 1
             raise PairingError(refused[1])
+        name, _, port = service.rpartition(":")
+        totals_as = self.router.totals_name(self.grants.owner_of(name), name, int(port))
         row = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
-                                 path=SPLICED, key=key)
+                                 path=SPLICED, key=key, totals_as=totals_as)
         audit.opened(row)
         return row
 
