@@ -170,6 +170,13 @@ class SessionOpening:
         audit.opened(row)
         return row
 
+    def fastSessionWaiting(self, session: SessionRow, cancel: Callable[[], None]) -> None:
+        """``cancel`` stops ``session``'s pairing (its wait for the agent, a free data
+        connection or the agent's answer) until it moves bytes: :meth:`abortSession`
+        (a grants change) calls it, as it aborts a moving session's bridge."""
+        if session in self.sessions:
+            self._aborts[session] = cancel
+
     def fastSessionCounters(self, session: SessionRow, agent: Any = None) -> PairCounters:
         """What counts ``session``'s spliced pair: its row (the pair's counts are its
         meter, aborting the pair closes it) and, when the pair ends, its closing."""
