@@ -31,12 +31,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from OpenSSL import SSL
 from conftest import REPO_ROOT, child_env
-from harness import LOOPBACK, free_port
+from harness import LOOPBACK, free_port, make_key
+from OpenSSL import SSL
 from test_admission import _dial
 from test_tls_hostile import Site, _client_hello, _recv_all, _until, site  # noqa: F401
-from tlscerts import RELAY_NAME
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -215,9 +214,8 @@ def test_a_hostile_proxy_answer_is_bounded(
     proxy = hostile_proxy(answer)
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text("")
-    key = tmp_path / "id"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    argv = [sys.executable, "-m", "relay", "connect", "-i", str(key),
+    key = make_key(tmp_path / "id", "alice")
+    argv = [sys.executable, "-m", "relay", "connect", "-i", str(key.path),
             "-o", f"UserKnownHostsFile={known_hosts}", "-o", "Transport=tls",
             "-o", "TLSPort=443", "-o", "TLSServerName=relay.test", "-o", "ConnectTimeout=3",
             "-o", f"Proxy=http://{LOOPBACK}:{proxy.port}", f"alice@{LOOPBACK}", "gpu-cluster"]
