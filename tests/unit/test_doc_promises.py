@@ -79,3 +79,17 @@ def test_the_live_examples_are_applied_by_a_reload() -> None:
     assert not live & set(diff.RELAY_RESTART_ONLY), live & set(diff.RELAY_RESTART_ONLY)
     for key in live:
         assert hasattr(RelayConfig(), key), key
+
+
+def test_reload_unreachable_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    """``labrelay reload --help``: "exit 0 if applied, 1 if refused or unreachable"
+    (refused: tests/integration/test_ops_reload.py)."""
+    import socket
+
+    from relay.cli.main import main
+
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        assert main(["reload", "--admin", f"127.0.0.1:{port}"]) == 1
+    assert "cannot reach" in capsys.readouterr().err
