@@ -121,6 +121,12 @@ class FastTrials(FastPeers):
                 self.events.get("relay:relay_fast_session", 0) != spliced0 + 1:
             result["error"] = ("the relay did not log exactly one relay_fast_session: the "
                                "session did not take the fast path")
+        return self._recorded(workload, variant, result)
+
+    def _recorded(self, workload: str, variant: str, result: dict[str, Any]
+                  ) -> dict[str, Any] | None:
+        """``result``, or None once its error is recorded: an anomaly, printed, and the
+        variant marked failed (not measured again unless --keep-going)."""
         if "error" in result:
             self.failed.add((workload, variant))
             report = f"{workload} {variant}: {result['error']}"

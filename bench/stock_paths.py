@@ -342,13 +342,7 @@ Host *
             result["error"] = f"{pooled} relay_pooled_session events, not 1: not pooled"
         if "error" not in result and variant in (RELAY_J_LINK, RELAY_L) and pooled:
             result["error"] = "a session to a service not declared e2e was pooled"
-        if "error" in result:
-            self.failed.add((workload, variant))
-            report = f"{workload} {variant}: {result['error']}"
-            self.anomalies.append(report)
-            print(f"!! {report}", file=sys.stderr, flush=True)
-            return None
-        return result
+        return self._recorded(workload, variant, result)
 
     def setup_round(self, variant: str, sessions: int, gap_ms: float) -> list[float] | None:
         timeout = sessions * (gap_ms / 1000 + 1) + STALL_SECONDS + 30
