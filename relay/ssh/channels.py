@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 WINDOW_EXHAUSTED = "window"
 LINK_CONGESTED = "link"
+READ_AHEAD_FULL = "read-ahead"
+"""Congested because the window left could not take one more read of the source (a
+resumable session's channel, :meth:`BridgedChannel.capWindow`)."""
 
 
 class BridgedChannel(SSHChannel):
@@ -80,6 +83,9 @@ class BridgedChannel(SSHChannel):
         # offers (sending less than a peer allows is always allowed): a resumable
         # session keeps those bytes for a replay, so the peer must not choose how many.
         self.windowCap: int | None = None
+        # With a cap: the source is paused while less than this is left of the window,
+        # so the read that would overflow it is never made (see ``capWindow``).
+        self.readAhead = 0
         self.openData = b""  # the confirmation's channel-specific data, once open
         # The peer sent CHANNEL_CLOSE (Conch marks remoteClosed on a dropped connection too).
         self.peerClosed = False
@@ -161,6 +167,7 @@ class BridgedChannel(SSHChannel):
                 self.stopWriting()
         if data:
             self._sendNow(data)
+        self._checkReadAhead()
 
     def _sendNow(self, data: bytes) -> None:
         step, send = self.remoteMaxPacket, self.conn.sendData
@@ -172,10 +179,30 @@ class BridgedChannel(SSHChannel):
                 send(self, view[offset:offset + step])  # copied once, into the packet
         self.remoteWindowLeft -= len(data)
 
-    def capWindow(self, cap: int) -> None:
-        """Send at most ``cap`` bytes beyond what the peer credited (see ``windowCap``)."""
+    def capWindow(self, cap: int, readAhead: int = 0) -> None:
+        """Send at most ``cap`` bytes beyond what the peer credited (see ``windowCap``).
+
+        With ``readAhead`` (the most a source delivers in one read), the bridge's
+        other side is told the sink is full as soon as less than that is left of the
+        window, so it stops reading *before* the read that would not fit: the bytes
+        written and not yet credited (a resumable session's replay buffer) then stay
+        within the window, and what the source has not been asked for waits in the
+        kernel's socket buffer, not in this process.  The margin is at most a quarter
+        of the window (a fresh channel's, so the peer's whole window): the peer
+        credits once it holds half a window uncredited, which must still be reachable
+        with the source paused, or the session would stall."""
         self.windowCap = cap
         self.remoteWindowLeft = min(self.remoteWindowLeft, cap)
+        self.readAhead = min(readAhead, self.remoteWindowLeft // 4)
+        self._checkReadAhead()
+
+    def _checkReadAhead(self) -> None:
+        if not self.readAhead:
+            return
+        if self.remoteWindowLeft < self.readAhead:
+            self._congest(READ_AHEAD_FULL)
+        else:
+            self._decongest(READ_AHEAD_FULL)
 
     def addWindowBytes(self, data: int) -> None:
         self.remoteWindowLeft += data
@@ -192,6 +219,7 @@ class BridgedChannel(SSHChannel):
             else:
                 queued.popleft()
             self._sendNow(chunk)
+        self._checkReadAhead()
         if queued:
             return
         if not self.areWriting and not self.closing:

@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from relay.core.resume import (
     REPLAY_LIMIT,
     RESUME_CHANNEL,
+    SOURCE_READ,
     Offer,
     Refusal,
     ResumeRefused,
@@ -45,6 +46,7 @@ from relay.core.resume import (
     unpack_counts,
     unpack_offer,
 )
+from relay.datapath.memory import release_freed_memory
 from relay.ssh.channels import BridgedChannel
 
 
@@ -57,6 +59,9 @@ def refused_by_relay(f: Failure) -> bool:
 
 HELD = "held"
 """The pause reason a held session puts on the bridge's other side."""
+RELEASE_EVERY = 10.0
+"""Seconds between two releases of freed memory (a full garbage collection, then a
+trim: tens of milliseconds in a large process), however often links are lost."""
 
 
 class ResumableSide:
@@ -74,7 +79,7 @@ class ResumableSide:
         self._closeAfter = False  # the bridge asked close(): again after a resume
         self._timer: IDelayedCall | None = None
         channel.onCredit = self._credited
-        channel.capWindow(REPLAY_LIMIT)
+        channel.capWindow(REPLAY_LIMIT, SOURCE_READ)
 
     @property
     def sid(self) -> bytes:
@@ -199,7 +204,7 @@ class ResumableSide:
         self._timer = None
         self.channel = channel
         channel.onCredit = self._credited
-        channel.capWindow(REPLAY_LIMIT)
+        channel.capWindow(REPLAY_LIMIT, SOURCE_READ)
         if self.bridge is not None:
             self.bridge.sinkDrained(self)  # the old channel's congestion went with it
         channel.attach(self)  # type: ignore[arg-type]  # says so if this one is congested
@@ -249,7 +254,8 @@ class ResumableSessions:
     log = Logger()
 
     def __init__(self, clock: IReactorTime, grace: float, where: str,
-                 on_resumed: Callable[[ResumableSide], object] | None = None) -> None:
+                 on_resumed: Callable[[ResumableSide], object] | None = None,
+                 release: Callable[[], bool] = release_freed_memory) -> None:
         self.clock = clock
         self.grace = grace
         self.where = where  # "relay" or "link NAME": the events' prefix
@@ -257,6 +263,9 @@ class ResumableSessions:
         self.sides: dict[bytes, ResumableSide] = {}
         self._on_resumed = on_resumed
         self.opening = 0  # resumable channels asked for, not yet confirmed or refused
+        self._release = release
+        self._settle: IDelayedCall | None = None
+        self._released_at: float | None = None
 
     @property
     def count(self) -> int:
@@ -364,6 +373,23 @@ class ResumableSessions:
         self.log.info("{where}: session {label} held for {grace:g}s: its link is gone",
                       event="session_held", where=self.where, label=side.label,
                       sid=side.sid.hex()[:8], grace=self.grace, unacked=side.stream.unacked)
+        if self._settle is None:  # once per link lost: its sessions are held together
+            self._settle = self.clock.callLater(0, self._settled)
+
+    def _settled(self) -> None:
+        """The sessions of a link just lost are held: what was in flight on that link is
+        freed now, and given back (relay.datapath.memory), so that a held session costs
+        what it keeps; then one event says what that is."""
+        self._settle = None
+        now = self.clock.seconds()
+        released = False
+        if self._released_at is None or now - self._released_at >= RELEASE_EVERY:
+            self._released_at = now
+            released = self._release()
+        held = self.held_sides()
+        self.log.info("{where}: {n} session(s) held, {replay} bytes kept to send again",
+                      event="sessions_held_total", where=self.where, n=len(held),
+                      replay=sum(s.stream.unacked for s in held), released=released)
 
     def resumed(self, side: ResumableSide, plan: Resumption) -> None:
         self.log.info("{where}: session {label} resumed after {outage:.1f}s "
