@@ -28,8 +28,10 @@ class RelayResumes:
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, grace: float) -> None:
+    def __init__(self, reactor: Any, grace: float,
+                 retag: Callable[[ResumableSide, str], object] | None = None) -> None:
         self.grace = grace
+        self._retag = retag  # the fair share's tag for an agent channel (server.sharing)
         self.sessions = ResumableSessions(reactor, grace, "relay", on_resumed=self._resumed)
         self.instance = secrets.token_bytes(16)
 
@@ -91,7 +93,10 @@ class RelayResumes:
                 and side.stream.owner[0] == key_blob]
 
     def _resumed(self, side: ResumableSide) -> None:
-        """A session continues over its agent's new connection: its row follows."""
+        """A session continues over its agent's new connection: its row follows, and
+        the new channel is scheduled as its user's again, here and at the agent."""
         row = side.row
         if row is not None and side.channel is not None:
             row.agent = side.channel.conn
+            if self._retag is not None and row.user:
+                self._retag(side, row.user)

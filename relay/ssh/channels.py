@@ -61,6 +61,7 @@ class BridgedChannel(SSHChannel):
         # Whose bytes these are, for the link's fair share (relay.ssh.connection): set
         # by the relay, and at the agent by the relay's ``share@labrelay`` request.
         self.shareUser = ""
+        self.shareWeight = 1.0
         self.bridge: Bridge | None = None
         self.opened: defer.Deferred[BridgedChannel] = defer.Deferred()
         self._early: list[bytes] = []
@@ -125,11 +126,16 @@ class BridgedChannel(SSHChannel):
             self._log.warn("malformed {request} request; ignored", request=SHARE.decode(),
                            event="share_malformed")
             return 0
-        self.shareUser = user
+        self.tagShare(user, weight)
+        return 1
+
+    def tagShare(self, user: str, weight: float) -> None:
+        """This channel carries ``user``'s bytes, whose share of a congested link is
+        ``weight`` (its connection's scheduler, relay.ssh.connection)."""
+        self.shareUser, self.shareWeight = user, weight
         scheduler = getattr(self.conn, "scheduler", None)
         if scheduler is not None:
             scheduler.set_weight(user, weight)
-        return 1
 
     def closeReceived(self) -> None:
         """The peer closed: what is still queued for it can never be sent."""

@@ -78,6 +78,9 @@ class ResumableSide:
         self._pauses: set[str] = set()
         self._closeAfter = False  # the bridge asked close(): again after a resume
         self._timer: IDelayedCall | None = None
+        # Whose bytes these are on a congested link and their weight (the channel's
+        # share tag, relay.ssh.connection): kept across a hold for the next channel.
+        self._share = ("", 1.0)
         channel.onCredit = self._credited
         channel.capWindow(REPLAY_LIMIT, SOURCE_READ)
 
@@ -163,7 +166,7 @@ class ResumableSide:
             self._end("closed")
             self._closed(clean)
             return
-        self._hold()  # the connection under it went
+        self._hold(side)  # the connection under it went
 
     def _credited(self, nbytes: int) -> None:
         try:
@@ -176,7 +179,12 @@ class ResumableSide:
 
     # holding and resuming
 
-    def _hold(self) -> None:
+    def _keepShare(self, channel: BridgedChannel) -> None:
+        if channel.shareUser:
+            self._share = (channel.shareUser, channel.shareWeight)
+
+    def _hold(self, old: BridgedChannel) -> None:
+        self._keepShare(old)
         self.channel = None
         if not self.stream.lost(self.sessions.clock.seconds(), self.sessions.grace):
             return
@@ -192,6 +200,7 @@ class ResumableSide:
         if old is None:
             return
         old.onCredit = None
+        self._keepShare(old)
         self.stream.lost(self.sessions.clock.seconds(), self.sessions.grace)
         if self.bridge is not None:
             self.bridge.peer(self).pauseReading(HELD)
@@ -205,6 +214,8 @@ class ResumableSide:
         self.channel = channel
         channel.onCredit = self._credited
         channel.capWindow(REPLAY_LIMIT, SOURCE_READ)
+        if self._share[0]:  # scheduled as its user's again on the new link
+            channel.tagShare(*self._share)
         if self.bridge is not None:
             self.bridge.sinkDrained(self)  # the old channel's congestion went with it
         channel.attach(self)  # type: ignore[arg-type]  # says so if this one is congested
@@ -392,12 +403,14 @@ class ResumableSessions:
                       replay=sum(s.stream.unacked for s in held), released=released)
 
     def resumed(self, side: ResumableSide, plan: Resumption) -> None:
+        if self._on_resumed is not None:
+            self._on_resumed(side)
+        user = side.channel.shareUser if side.channel is not None else ""
         self.log.info("{where}: session {label} resumed after {outage:.1f}s "
                       "({resent} bytes sent again)", event="session_resumed",
                       where=self.where, label=side.label, sid=side.sid.hex()[:8],
-                      outage=plan.outage, resent=plan.size, resend_eof=plan.resend_eof)
-        if self._on_resumed is not None:
-            self._on_resumed(side)
+                      outage=plan.outage, resent=plan.size, resend_eof=plan.resend_eof,
+                      user=user)
 
     def expired(self, side: ResumableSide) -> None:
         self.log.warn("{where}: session {label} not resumed within {grace:g}s; resetting it",

@@ -155,9 +155,17 @@ def test_sessions_continue_byte_exact_when_both_ends_lose_the_link_at_once(
     lost = w.agent.wait_for("link_lost", timeout=10, since=mark)
     assert lost["held"] == 3, lost
     w.agent.wait_for("link_connected", timeout=20, since=mark)
-    for _ in range(3):
-        w.agent.wait_for("session_resumed", timeout=20)
+    resumed = [w.agent.wait_for("session_resumed", timeout=20) for _ in range(3)]
     w.relay.wait_for("relay_disconnected", timeout=10, since=rmark, kind="agent")
+    # each resumed channel is scheduled as its user's again (the fair share), at both
+    # ends: alice's named session as alice's, the public ones as their port's
+    at_relay = [w.relay.wait_for("session_resumed", timeout=20, since=rmark)]
+    at_relay += [w.relay.wait_for("session_resumed", timeout=20) for _ in range(2)]
+    for end in (resumed, at_relay):
+        users = sorted(("web:8080" in e["label"], e["user"]) for e in end)
+        assert users[-1] == (True, "alice"), end
+        assert [u for named, u in users[:2]] == sorted(f"public:{p}" for p in
+                                                      (w.echo_port, w.sink_port)), end
 
     assert public.line(b"after") == b"after"
     assert named.line(b"after") == b"after"
