@@ -85,6 +85,12 @@ class RelayResumes:
             out.append((side.row, why))
         return out
 
+    def held_keys(self) -> set[bytes]:
+        """The agent keys sessions are held for (their links are down)."""
+        return {side.stream.owner[0] for side in self.sessions.held_sides()
+                if isinstance(side.stream.owner, tuple)
+                and isinstance(side.stream.owner[0], bytes)}
+
     def held_rows_of(self, key_blob: bytes) -> list[Any]:
         """The session rows held for agent key ``key_blob`` (it expired or was revoked:
         its agent cannot resume them)."""

@@ -457,3 +457,43 @@ def test_a_config_reload_that_narrows_the_agent_ends_its_held_session_at_once(
     honest = connect(kept_port, timeout=30)
     honest.sendall(b"kept")
     assert recv_exactly(honest, 4) == b"kept"
+
+
+def _reload(relay: RelayNode) -> None:
+    request = urllib.request.Request(f"http://{relay.admin}/reload", data=b"", method="POST",
+                                     headers={"X-Labrelay-Action": "reload"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert json.load(reply)["ok"] is True
+
+
+def test_an_agent_key_revoked_while_its_link_is_down_ends_its_held_sessions(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """The agent's key goes into ``revoked_keys`` and the relay reloads while the agent's
+    link is down and its session held: the key can never come back to resume it, so
+    the relay resets the held session at once (``endKey``), not after the grace period
+    and not by letting a revoked key's agent resume it."""
+    revoked = tmp_path / "revoked_keys"
+    revoked.write_text("# no key revoked yet\n")
+    relay, proxy, agent, keys, held_port, _kept = _world(
+        start_relay, start_agent, targets, tmp_path, f'revoked_keys = "{revoked}"\n')
+    sock = _hold(relay, proxy, agent, held_port)
+    assert len(relay.status()["relay"]["held_sessions"]) == 1
+    revoked.write_text(keys["lab_pc"].public_blob() + "\n")
+    rmark = relay.mark()
+    t0 = time.monotonic()
+    _reload(relay)
+    ended = relay.wait_for("relay_session_revoked", timeout=10, since=rmark,
+                           service=f"public:{held_port}")
+    assert "held for resumption" in ended["why"], ended
+    sock.settimeout(10)
+    with pytest.raises(OSError):
+        sock.sendall(b"x")
+        if sock.recv(1) == b"":
+            raise ConnectionResetError("closed")
+    print(f"\nheld session of a revoked agent key reset {time.monotonic() - t0:.2f}s "
+          "after POST /reload")
+    assert relay.status()["relay"]["held_sessions"] == []
+    proxy.restore()  # type: ignore[attr-defined]
+    assert relay.events("session_resumed", since=rmark) == []
