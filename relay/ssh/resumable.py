@@ -274,6 +274,7 @@ class ResumableSessions:
         self.sides: dict[bytes, ResumableSide] = {}
         self._on_resumed = on_resumed
         self.opening = 0  # resumable channels asked for, not yet confirmed or refused
+        self._opening_of: dict[object, int] = {}  # the same per owner key
         self._release = release
         self._settle: IDelayedCall | None = None
         self._released_at: float | None = None
@@ -282,6 +283,27 @@ class ResumableSessions:
     def count(self) -> int:
         """Resumable sessions open, held or being opened (what a cap counts)."""
         return len(self.table) + self.opening
+
+    def count_of(self, key: object) -> int:
+        """The same for the sessions whose owner is ``key``'s (an owner is ``(key,
+        instance)`` at the relay): a cap per agent key."""
+        return self._opening_of.get(key, 0) + sum(
+            1 for s in self.sides.values()
+            if isinstance(s.stream.owner, tuple) and s.stream.owner[0] == key)
+
+    def reserve(self, key: object) -> None:
+        """A resumable channel for ``key``'s agent is being opened: counted already."""
+        self.opening += 1
+        self._opening_of[key] = self._opening_of.get(key, 0) + 1
+
+    def unreserve(self, key: object) -> None:
+        """That channel was confirmed (then :meth:`open` counts it) or refused."""
+        self.opening -= 1
+        left = self._opening_of.get(key, 0) - 1
+        if left > 0:
+            self._opening_of[key] = left
+        else:
+            self._opening_of.pop(key, None)
 
     @property
     def enabled(self) -> bool:
