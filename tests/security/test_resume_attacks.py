@@ -568,3 +568,27 @@ def test_one_agents_public_port_cannot_take_every_agents_resumable_sessions(
 
     assert sorted(alive(s) for s in flood) == [False, False, True, True]
     assert (alive(b_first), alive(b_second)) == (True, False)
+
+
+def test_a_cap_of_zero_per_agent_makes_none_of_its_sessions_resumable(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """``resume_max_sessions_per_agent = 0``: the agent's sessions open as plain
+    ``forwarded-tcpip`` and end with its link (none held, the client sees its end)."""
+    relay, proxy, agent, _keys, held_port, _ = _world(
+        start_relay, start_agent, targets, tmp_path, "resume_max_sessions_per_agent = 0\n")
+    sock = connect(held_port, timeout=30)
+    sock.sendall(b"0")
+    assert recv_exactly(sock, 1) == b"0"
+    rmark, mark = relay.mark(), agent.mark()
+    proxy.blackhole()  # type: ignore[attr-defined]
+    assert agent.wait_for("link_lost", timeout=20, since=mark)["held"] == 0
+    assert relay.wait_for("relay_disconnected", timeout=20, since=rmark,
+                          kind="agent")["held"] == 0
+    sock.settimeout(10)
+    with pytest.raises(OSError):
+        sock.sendall(b"x")
+        if sock.recv(1) == b"":
+            raise ConnectionResetError("closed")
+    assert relay.events("session_held", since=rmark) == []
