@@ -261,7 +261,7 @@ def test_relay_value_errors(line: str, keypath: str, fragment: str) -> None:
 
 def test_resumable_sessions_are_capped_per_agent_and_in_all() -> None:
     default = relay_of("[relay]\n")
-    assert (default.resume_max_sessions_per_agent, default.resume_max_sessions) == (256, 1024)
+    assert (default.resume_max_sessions_per_agent, default.resume_max_sessions) == (128, 512)
     relay = relay_of("[relay]\nresume_max_sessions_per_agent = 8\nresume_max_sessions = 20\n")
     assert (relay.resume_max_sessions_per_agent, relay.resume_max_sessions) == (8, 20)
 
