@@ -186,11 +186,17 @@ def _traceback(event: Mapping[str, Any]) -> list[str]:
     return [escape(line, TEXT_LIMIT, backslash=False) for line in lines]
 
 
+_INFO_UP = frozenset((LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical))
+_WARN_UP = frozenset((LogLevel.warn, LogLevel.error, LogLevel.critical))
+"""Levels by set membership: ``constantly``'s ``>=`` walks every constant of the class
+on each comparison, and every library debug event of every session comes through here."""
+
+
 def _wanted(event: Mapping[str, Any], verbose: bool) -> bool:
     level = event.get("log_level", LogLevel.info)
     if "event" in event:
-        return bool(verbose or level >= LogLevel.info)
-    return bool(level >= LogLevel.warn or (verbose and level >= LogLevel.info))
+        return verbose or level in _INFO_UP
+    return level in _WARN_UP or (verbose and level in _INFO_UP)
 
 
 def json_observer(stream: IO[str], verbose: bool = False) -> ILogObserver:

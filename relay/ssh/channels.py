@@ -113,6 +113,9 @@ class BridgedChannel(SSHChannel):
         self.openData = b""  # the confirmation's channel-specific data, once open
         # The peer sent CHANNEL_CLOSE (Conch marks remoteClosed on a dropped connection too).
         self.peerClosed = False
+        # A channel request (type, data) that goes out with this channel's next packet
+        # rather than in a packet of its own (see announce()).
+        self._announce: tuple[bytes, bytes] | None = None
 
     # Conch events
 
@@ -157,6 +160,21 @@ class BridgedChannel(SSHChannel):
             scheduler.set_weight(user, weight)
         return 1
 
+    def announce(self, requestType: bytes, data: bytes) -> None:
+        """Send the channel request ``requestType`` (no reply wanted) just before this
+        channel's next data, window adjust or EOF, not now: the relay's
+        ``share@labrelay`` (whose session this is) only matters to the peer once it has
+        bytes to schedule for the channel, and sent on its own at open it cost a packet,
+        a write and a wake-up of the agent per session before the first byte (set-up
+        latency, docs/performance.md).  Sent in the same reactor turn as that next
+        packet, both leave in one TCP write."""
+        self._announce = (requestType, data)
+
+    def _announced(self) -> None:
+        pending, self._announce = self._announce, None
+        if pending is not None and self.conn is not None:
+            self.conn.sendRequest(self, pending[0], pending[1])
+
     def closeReceived(self) -> None:
         """The peer closed: what is still queued for it can never be sent."""
         self.peerClosed = True
@@ -198,6 +216,8 @@ class BridgedChannel(SSHChannel):
             self._sendNow(data)
 
     def _sendNow(self, data: bytes) -> None:
+        if self._announce is not None:
+            self._announced()
         step, send = self.remoteMaxPacket, self.conn.sendData
         if len(data) <= step:
             send(self, data)
@@ -295,6 +315,8 @@ class BridgedChannel(SSHChannel):
         # so a bulk sender gets one WINDOW_ADJUST per half window, not per packet.
         if self.localWindowLeft < self.localWindowSize // 2 and not self.localClosed:
             credit, self._credit = self._credit, 0
+            if self._announce is not None:
+                self._announced()
             self.conn.adjustWindow(self, credit)
 
     def pauseReading(self, reason: str) -> None:
@@ -319,6 +341,8 @@ class BridgedChannel(SSHChannel):
 
     def _sendEOF(self) -> None:
         self._sentEOF = True
+        if self._announce is not None:
+            self._announced()
         self.conn.sendEOF(self)
         self._maybeFinish()
 
