@@ -54,12 +54,14 @@ def write_now(transport: Any, chunks: Sequence[bytes]) -> None:
     """
     size = sum(len(c) for c in chunks)
     if (size <= WRITE_NOW_MAX and isinstance(transport, tcp.Connection)
-            and not transport.TLS and transport.connected and not transport.disconnecting
+            and not getattr(transport, "TLS", True) and transport.connected
+            and not transport.disconnecting
             and not transport._writeDisconnected and not transport._tempDataBuffer
             and len(transport.dataBuffer) <= transport.offset):
         try:
-            sent = transport.socket.sendmsg(chunks) if len(chunks) > 1 else (
-                transport.socket.send(chunks[0]))
+            sock = transport.socket
+            sent = sock.send(chunks[0]) if len(chunks) == 1 else (
+                sock.sendmsg(chunks) if hasattr(sock, "sendmsg") else sock.send(b"".join(chunks)))
         except OSError:
             sent = 0  # EAGAIN, or an error the reactor's own write will find
         if sent >= size:
