@@ -99,9 +99,10 @@ class SessionOpening:
         assert principal is not None
         session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
                                      key=ident.key_blob)
-        audit.opened(session)
         d = self.whenRegistered(host, port, self.config.public_wait, session)
         d.addCallback(lambda reg: open_user_side(self, reg, port, origin, session))
+        # After the open left for the agent (public.py says why), before anything ends it.
+        audit.opened(session)
 
         def connected(agent_channel: Side) -> BridgedChannel:
             self.sharing.tag(channel, principal.name)
