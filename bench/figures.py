@@ -58,39 +58,47 @@ def _fig(figs: dict[str, dict[str, Any]], name: str, stat: Any, unit: str,
 
 # ---------------------------------------------------------------- key figures
 
+def _series_figures(figs: dict[str, dict[str, Any]], suite: str, data: dict[str, Any],
+                    with_op: bool) -> None:
+    """The ``series`` of fast_path and stock_paths: MB/s, × direct, CPU-s/GiB per process."""
+    for s in data.get("series") or []:
+        if not isinstance(s, dict):
+            continue
+        base = f"{suite}.{s.get('workload', '?')}.{s.get('path', '?')}"
+        what = f"{s.get('workload')} {s.get('op')}" if with_op else f"{s.get('workload')}"
+        label = f"{s.get('label') or s.get('path')}, {what}"
+        _fig(figs, f"{base}.mb_per_s", s.get("mb_per_s"), "MB/s", label)
+        _fig(figs, f"{base}.ratio_to_direct", s.get("ratio_to_direct"), "×",
+             f"{label} ÷ direct")
+        for proc, st in (s.get("cpu_s_per_gib") or {}).items():
+            _fig(figs, f"{base}.cpu_s_per_gib.{proc}", st, "CPU-s/GiB", f"{label}, {proc}")
+
+
+def _setup_figures(figs: dict[str, dict[str, Any]], suite: str, data: dict[str, Any],
+                   labels: dict[str, Any]) -> None:
+    """``setup_latency``: p50 and p99 per mode (back to back, idle gap) and path."""
+    for mode, paths in (data.get("setup_latency") or {}).items():
+        for path, st in (paths or {}).items():
+            for q in ("p50_ms", "p99_ms"):
+                _fig(figs, f"{suite}.setup.{mode}.{path}.{q}", get_in(st, q), "ms",
+                     f"{labels.get(path, path)}, set-up {q[:3]}, {mode.replace('_', ' ')}")
+
+
+def _ratio_figures(figs: dict[str, dict[str, Any]], suite: str, data: dict[str, Any]) -> None:
+    for name, v in (data.get("ratios") or {}).items():
+        _fig(figs, f"{suite}.ratio.{name}", v, "×", name.replace("_", " "))
+
+
 def key_figures(suite: str, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The figures worth tracking from one suite's JSON, flat: name -> value, min, max, unit."""
     figs: dict[str, dict[str, Any]] = {}
     if suite == "fast_path":
-        for s in data.get("series") or []:
-            if not isinstance(s, dict):
-                continue
-            base = f"fast_path.{s.get('workload', '?')}.{s.get('path', '?')}"
-            label = f"{s.get('label') or s.get('path')}, {s.get('workload')}"
-            _fig(figs, f"{base}.mb_per_s", s.get("mb_per_s"), "MB/s", label)
-            _fig(figs, f"{base}.ratio_to_direct", s.get("ratio_to_direct"), "×",
-                 f"{label} ÷ direct")
-            for proc, st in (s.get("cpu_s_per_gib") or {}).items():
-                _fig(figs, f"{base}.cpu_s_per_gib.{proc}", st, "CPU-s/GiB", f"{label}, {proc}")
+        _series_figures(figs, suite, data, with_op=False)
         return figs
     if suite == "stock_paths":
-        for s in data.get("series") or []:
-            if not isinstance(s, dict):
-                continue
-            base = f"stock_paths.{s.get('workload', '?')}.{s.get('path', '?')}"
-            label = f"{s.get('label') or s.get('path')}, {s.get('workload')} {s.get('op')}"
-            _fig(figs, f"{base}.mb_per_s", s.get("mb_per_s"), "MB/s", label)
-            _fig(figs, f"{base}.ratio_to_direct", s.get("ratio_to_direct"), "×",
-                 f"{label} ÷ direct")
-            for proc, st in (s.get("cpu_s_per_gib") or {}).items():
-                _fig(figs, f"{base}.cpu_s_per_gib.{proc}", st, "CPU-s/GiB", f"{label}, {proc}")
-        for mode, paths in (data.get("setup_latency") or {}).items():
-            for path, st in (paths or {}).items():
-                for q in ("p50_ms", "p99_ms"):
-                    _fig(figs, f"stock_paths.setup.{mode}.{path}.{q}", get_in(st, q), "ms",
-                         f"{path}, set-up {q[:3]}, {mode.replace('_', ' ')}")
-        for name, v in (data.get("ratios") or {}).items():
-            _fig(figs, f"stock_paths.ratio.{name}", v, "×", name.replace("_", " "))
+        _series_figures(figs, suite, data, with_op=True)
+        _setup_figures(figs, suite, data, {})
+        _ratio_figures(figs, suite, data)
         return figs
     if suite == "plain_hop":
         for s in data.get("series") or []:
@@ -120,11 +128,7 @@ def key_figures(suite: str, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
                  "CPU-s/GiB", label)
             for proc, st in (get_in(t, "cpu_s_per_gib") or {}).items():
                 _fig(figs, f"{base}.cpu_s_per_gib.{proc}", st, "CPU-s/GiB", f"{label}, {proc}")
-    for mode, paths in (data.get("setup_latency") or {}).items():
-        for path, s in (paths or {}).items():
-            for q in ("p50_ms", "p99_ms"):
-                _fig(figs, f"{suite}.setup.{mode}.{path}.{q}", get_in(s, q), "ms",
-                     f"{labels.get(path, path)}, set-up {q[:3]}, {mode.replace('_', ' ')}")
+    _setup_figures(figs, suite, data, labels)
     for path, s in (data.get("interactive_under_bulk") or {}).items():
         for q in ("p50_ms", "p99_ms"):
             _fig(figs, f"{suite}.echo_under_bulk.{path}.{q}", get_in(s, q), "ms",
@@ -139,8 +143,7 @@ def key_figures(suite: str, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
                  f"{proc}, {get_in(s, 'requested')} idle sessions")
     end = get_in(data, "agent_health", "agent_end", "vmrss_kib")
     _fig(figs, f"{suite}.agent_rss_end_kib", end, "KiB", "agent RSS at the end")
-    for name, v in (data.get("ratios") or {}).items():
-        _fig(figs, f"{suite}.ratio.{name}", v, "×", name.replace("_", " "))
+    _ratio_figures(figs, suite, data)
     return figs
 
 

@@ -192,12 +192,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+PACKAGES = {"sshd": "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client",
+            "socat": "socat", "dbclient": "dropbear-bin", "plink": "putty-tools",
+            "tinyproxy": "tinyproxy", "openssl": "openssl"}
+"""The Debian package of each program a bench runs (``scripts/dev setup`` installs them)."""
+
+
 def find_program(name: str) -> str:
+    """The path of ``name``, or a BenchError that names the package to install."""
     path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/usr/local/sbin:/sbin"
     found = shutil.which(name, path=path)
     if found is None:
-        raise BenchError(f"{name} not found; on Debian/Ubuntu: apt-get install "
-                         "openssh-server openssh-client")
+        package = PACKAGES.get(name, name)
+        raise BenchError(f"{name} not found; on Debian/Ubuntu: apt-get install {package} "
+                         "(or run scripts/dev setup as root)")
     return found
 
 

@@ -1,6 +1,6 @@
-"""The relay bench's workers, each run in its own process (``relay_vs_openssh.py
---worker KIND``): the greeter target, the client that holds idle sessions and times echoes, and
-the bulk pusher."""
+"""The relay bench's workers, each run in its own process (``relay_workers.py
+--worker KIND``, as :class:`bench.relay_setup.RelayPeers` starts them): the greeter
+target, the client that holds idle sessions and times echoes, and the bulk pusher."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script (a worker process): make ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import (
     pctl,
@@ -268,3 +272,20 @@ def bulk_worker(port: int) -> None:
         print(json.dumps({"bytes": sent, "count": count, "seconds": seconds}), flush=True)
     except OSError as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}", "bytes": sent}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--worker bulk PORT | client | greeter``: run one worker."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["--worker"] or len(argv) < 2:
+        print("usage: relay_workers.py --worker bulk PORT|client|greeter", file=sys.stderr)
+        return 2
+    if argv[1] == "bulk":
+        bulk_worker(int(argv[2]))
+    else:
+        {"client": client_worker, "greeter": greeter_worker}[argv[1]]()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

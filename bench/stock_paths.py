@@ -57,7 +57,6 @@ Results: ``bench/results/stock_paths-latest.json`` and ``.md`` and a line in
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -69,7 +68,6 @@ if __package__ in (None, ""):
 
 from bench import agent_vs_openssh as avo
 from bench import fast_path as fp
-from bench import fast_path_report as fpr
 from bench.cli import (
     add_python_and_results,
     add_run_options,
@@ -77,66 +75,33 @@ from bench.cli import (
     quick_defaults,
     run_bench,
 )
+from bench.fast_workers import wait_exit
 from bench.meter import MachineMeter, descendants, proc_cpu
-from bench.procs import BenchError, Lines, check_procs, find_program, free_port, json_event
-from bench.report import fmt, machine_conditions, pctl, per_run_latency, result_head, spread
-from bench.sessions import LOOPBACK, REPO, STALL_SECONDS, START_TIMEOUT, GiB, MiB
-from bench.sshd import SshdBench, public_key
-
-J_RATIO_GOAL = 0.55  # ssh -J session ÷ direct
-L_RATIO_GOAL, L_RATIO_MOONSHOT = 1.0, 1.3  # ssh -L bulk, relay ÷ seed
-J_CPU_GOAL = 1.0  # relay CPU-s/GiB on -J
-SETUP_GOAL_MS = 2.0  # set-up p50 after the idle gap, relay + agent
-
-SSH, RAW = "ssh", "raw"
-DIRECT = "direct"
-RELAY_J, RELAY_J_LINK, SEED_J = "relay_J", "relay_J_link", "seed_J"
-RELAY_J_CHACHA = "relay_J_chacha"  # the same as relay_J with chacha20-poly1305 to the relay
-FAST = "fast"  # the same session through labrelay connect (the fast path), for reference
-RELAY_L, RELAY_L_E2E, SEED_L = "relay_L", "relay_L_e2e", "seed_L"
-VARIANTS = {SSH: (DIRECT, RELAY_J, RELAY_J_CHACHA, RELAY_J_LINK, SEED_J, FAST),
-            RAW: (DIRECT, RELAY_L, RELAY_L_E2E, SEED_L)}
-LABELS = {
-    (SSH, DIRECT): "ssh direct to the target",
-    (SSH, RELAY_J): "ssh -J alice@relay gpu-cluster (e2e: pooled data connection)",
-    (SSH, RELAY_J_CHACHA): "the same, chacha20-poly1305 to the relay (-J host's Ciphers)",
-    (SSH, RELAY_J_LINK): "ssh -J alice@relay gpu-chan (not e2e: channel on the link)",
-    (SSH, SEED_J): "the seed: ssh -J cloud -p PUB (cloud sshd + ssh -N -R)",
-    (SSH, FAST): "for reference: ssh with ProxyCommand labrelay connect (fast path, spliced)",
-    (RAW, DIRECT): "direct loopback (client worker → target)",
-    (RAW, RELAY_L): "user's ssh -L to web:80 through relay + agent (not e2e: link)",
-    (RAW, RELAY_L_E2E): "user's ssh -L to web-e2e:80 (e2e: pooled data connection)",
-    (RAW, SEED_L): "the seed: user's ssh -L to the cloud's -R port (cloud sshd + ssh -N -R)",
-}
-PROCS = {"relay": "relay", "agent": "agent", "user_ssh": "user's ssh (with its -J child)",
-         "ssh_R": "ssh -N -R (lab_pc)", "cloud_sshd_R": "cloud sshd session of the -R",
-         "cloud_sshd_user": "cloud sshd session of the user's jump or -L"}
-E2E = ("gpu-cluster:22", "web-e2e:80")
-SERVICES = ("gpu-cluster:22", "gpu-chan:22", "web:80", "web-e2e:80")
-REMOTE_COMMAND = fpr.REMOTE_COMMAND
-
-RELAY_CONFIG = """\
-[relay]
-listen = "127.0.0.1:0"
-state_dir = "{dir}/relay-state"
-public_bind = "127.0.0.1"
-data_port = 0
-e2e_services = [{e2e}]
-
-[[relay.agent]]
-name = "lab_pc"
-keys = ["{agent_key}"]
-services = [{services}]
-
-[[relay.user]]
-name = "alice"
-keys = ["{alice_key}"]
-services = [{services}]
-"""
-
-
-def _quoted(items: tuple[str, ...]) -> str:
-    return ", ".join(f'"{s}"' for s in items)
+from bench.procs import BenchError, Lines, check_procs, find_program, free_port
+from bench.report import pctl
+from bench.sessions import LOOPBACK, STALL_SECONDS, GiB, MiB
+from bench.sshd import public_key
+from bench.stock_paths_report import (
+    DIRECT,
+    E2E,
+    FAST,
+    RAW,
+    RELAY_J,
+    RELAY_J_CHACHA,
+    RELAY_J_LINK,
+    RELAY_L,
+    RELAY_L_E2E,
+    REMOTE_COMMAND,
+    SEED_J,
+    SEED_L,
+    SERVICES,
+    SSH,
+    VARIANTS,
+    aead_cost,
+    markdown,
+    print_table,
+    summarize,
+)
 
 
 def _per_pid(pids: list[int]) -> dict[int, float]:
@@ -154,7 +119,12 @@ def _delta(before: dict[int, float], pids: list[int],
 
 
 class StockBench(fp.FastBench):
-    """The processes of one run and one trial of each variant at a time over them."""
+    """The processes of one run and one trial of each variant at a time over them: the
+    fast-path bench's relay, agent and seed cloud (``bench/fast_setup.py``), with this
+    bench's services and forwards, the user's ``ssh -L`` and the raw target."""
+
+    SERVICES = SERVICES
+    E2E = E2E
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         super().__init__(args, workdir)
@@ -167,57 +137,17 @@ class StockBench(fp.FastBench):
 
     # -- processes
 
-    def start_relay(self) -> None:
-        blob = self.user_keys("agent", "alice")
-        config = self.dir / "relay.toml"
-        config.write_text(RELAY_CONFIG.format(dir=self.dir, agent_key=blob["agent"],
-                                              alice_key=blob["alice"], e2e=_quoted(E2E),
-                                              services=_quoted(SERVICES)))
-        ports: dict[str, int] = {}
-
-        def both(line: str) -> bool:
-            event = json_event(line) or {}
-            if event.get("event") in ("relay_listening", "relay_data_port"):
-                ports[str(event["event"])] = int(event["port"])
-            return len(ports) == 2
-
-        self.start_relay_process(config, both, "relay_listening and relay_data_port")
-        self.relay_port, self.data_port = ports["relay_listening"], ports["relay_data_port"]
-        self.trust_relay_host()
-
-    def start_relay_agent(self) -> None:
+    def agent_forwards(self) -> list[str]:
+        """The target sshd (``gpu-cluster`` e2e, ``gpu-chan`` not) and the raw target
+        (``web`` not e2e, ``web-e2e`` e2e)."""
         sshd, web = f"{LOOPBACK}:{self.sshd_port}", f"{LOOPBACK}:{self.target_port}"
-        forwards = [f"gpu-cluster:22:{sshd}", f"gpu-chan:22:{sshd}", f"web:80:{web}",
-                    f"web-e2e:80:{web}"]
-        seen: set[str] = set()
+        return [f"gpu-cluster:22:{sshd}", f"gpu-chan:22:{sshd}", f"web:80:{web}",
+                f"web-e2e:80:{web}"]
 
-        def ready(line: str) -> bool:
-            event = json_event(line) or {}
-            if event.get("event") == "forward_ready":
-                seen.add(str(event.get("bind")))
-            elif event.get("event") == "fast_path_off":
-                raise BenchError(f"the agent has no fast path: {event.get('reason')}")
-            elif event.get("event") == "fast_path_ready":
-                seen.add("fast path")
-            return len(seen) == len(forwards) + 1
-
-        self.start_relay_agent_process(forwards, "lab_pc", ready,
-                                       "fast_path_ready and forward_ready from the agent")
-
-    def start_seed(self) -> None:
-        """The seed's cloud sshd and the lab's ``ssh -N -R PUB:sshd -R PUBWEB:web``."""
-        cloud_dir = self.dir / "cloud"
-        cloud_dir.mkdir()
-        cloud_dir.chmod(0o755)
-        cloud = self.cloud = SshdBench(self.args, cloud_dir)
-        cloud.children = self.children
-        cloud.start_sshd()
+    def seed_forwards(self) -> list[tuple[int, int]]:
+        """The lab's ``ssh -N -R PUB:sshd -R PUBWEB:web`` to the cloud."""
         self.pub_port, self.ports["pub_web"] = free_port(), free_port()
-        cloud.ssh_reverse(self.ssh_r, "ssh -R", (), [(self.pub_port, self.sshd_port),
-                                                     (self.ports["pub_web"], self.target_port)],
-                          "ssh -N -R")
-        if not self.ssh_r.sshd_pids:
-            raise BenchError("no cloud sshd session process found for ssh -N -R")
+        return [(self.pub_port, self.sshd_port), (self.ports["pub_web"], self.target_port)]
 
     def write_ssh_config(self) -> None:
         """The user's ssh_config: ``relay`` and ``cloud`` as jump hosts, the targets'
@@ -347,18 +277,7 @@ Host *
 
     def _ssh_trial(self, variant: str, nbytes: int, out: Path) -> dict[str, Any]:
         feeder, r = self._feeder(nbytes)
-        argv = self.user_ssh(variant, out)
-        spawned = time.perf_counter()
-        ssh = self.children.start(f"ssh {variant}", argv, stdin=r, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, cwd=REPO, env=fp.avo_env())
-        os.close(r)
-        assert ssh.stdout is not None and ssh.stderr is not None
-        sout, serr = Lines(ssh.stdout, "ssh-stdout"), Lines(ssh.stderr, "ssh-stderr")
-        try:
-            sout.wait_for(lambda s: s.strip() == "ready", START_TIMEOUT, "'ready' from ssh")
-        except BenchError as e:
-            ssh.kill()
-            raise BenchError(f"{e}\nssh stderr:\n{serr.text()}") from None
+        ssh, sout, serr, spawned = self._spawn_user_ssh(variant, self.user_ssh(variant, out), r)
         ready = time.perf_counter()
         groups = self.ssh_groups(variant, ssh.pid)
         before = {g: _per_pid(p) for g, p in groups.items()}
@@ -367,7 +286,7 @@ Host *
         last = before
         # Polled while the stream runs: the cloud sshd session of the seed's jump ends
         # with the user's ssh, before its CPU could be read afterwards.
-        while not fp.wait_exit(ssh, 0.05):
+        while not wait_exit(ssh, 0.05):
             if time.perf_counter() > deadline:
                 ssh.kill()
                 raise BenchError(f"ssh did not finish in time:\n{serr.text()}")
@@ -377,14 +296,10 @@ Host *
         # judged (a pid gone by now counts up to its last poll).
         cpu = {g: _delta(before[g], p, last[g]) for g, p in groups.items() if g != "user_ssh"}
         feeder.wait(30)
-        try:
-            count = sout.wait_for(lambda s: s.strip() if s.strip().isdigit() else None, 10,
-                                  "the byte count from wc -c")
-        except BenchError:
-            count = "-1"
+        count = self._byte_count(sout)
         result: dict[str, Any] = {"seconds": seconds, "setup_s": ready - spawned, "cpu": cpu,
-                                  "bytes": int(count)}
-        if ssh.returncode != 0 or int(count) != nbytes:
+                                  "bytes": count}
+        if ssh.returncode != 0 or count != nbytes:
             result["error"] = (f"ssh exited {ssh.returncode}, {count} of {nbytes} bytes "
                                f"arrived:\n{serr.text()}")
         return result
@@ -417,17 +332,7 @@ Host *
         except BenchError as e:
             result = {"error": str(e)}
         finally:
-            for feeder in self.feeders:
-                try:
-                    assert feeder.stdin is not None
-                    feeder.stdin.close()
-                except (OSError, ValueError):
-                    pass
-                try:
-                    feeder.wait(10)
-                except subprocess.TimeoutExpired:
-                    feeder.kill()
-            self.feeders.clear()
+            self._end_feeders()
         self.drain_logs()
         pooled = self.events.get("relay:relay_pooled_session", 0) - pooled0
         spliced = self.events.get("relay:relay_fast_session", 0) - spliced0
@@ -437,13 +342,7 @@ Host *
             result["error"] = f"{pooled} relay_pooled_session events, not 1: not pooled"
         if "error" not in result and variant in (RELAY_J_LINK, RELAY_L) and pooled:
             result["error"] = "a session to a service not declared e2e was pooled"
-        if "error" in result:
-            self.failed.add((workload, variant))
-            report = f"{workload} {variant}: {result['error']}"
-            self.anomalies.append(report)
-            print(f"!! {report}", file=sys.stderr, flush=True)
-            return None
-        return result
+        return self._recorded(workload, variant, result)
 
     def setup_round(self, variant: str, sessions: int, gap_ms: float) -> list[float] | None:
         timeout = sessions * (gap_ms / 1000 + 1) + STALL_SECONDS + 30
@@ -512,183 +411,6 @@ Host *
         return self.children.stop_all()
 
 
-# ---------------------------------------------------------------------------
-# the AEAD ciphers' own cost, in the relay's code
-
-
-AEAD_PROBE = """
-import os, time
-from relay.ssh import aead
-packet, n = 32 * 1024, 8192  # 256 MiB in 32 KiB packets
-plain = os.urandom(packet)
-out = {}
-for name, make in (("aes128-gcm@openssh.com", lambda: aead.GCMDirection(bytes(16), bytes(12))),
-                   ("chacha20-poly1305@openssh.com", lambda: aead.ChaChaDirection(bytes(64)))):
-    tx, rx = make(), make()
-    sealed = [b"".join(tx.seal(i, plain)) for i in range(64)]
-    t0 = time.process_time()
-    for i in range(n):
-        tx.seal(i, plain)
-    t1 = time.process_time()
-    for i in range(n):
-        wire = memoryview(sealed[i % 64])
-        if isinstance(rx, aead.GCMDirection):
-            rx.counter = i % 64
-            rx.aead.decrypt(rx.nonce(), wire[4:], wire[:4])
-        else:
-            rx.open(i % 64, wire[:-16], wire[-16:])
-    t2 = time.process_time()
-    gib = n * packet / 2 ** 30
-    out[name] = {"seal": (t1 - t0) / gib, "open": (t2 - t1) / gib}
-print(__import__("json").dumps(out))
-"""
-
-
-def aead_cost(python: str) -> dict[str, Any]:
-    """CPU-s/GiB of sealing and opening 32 KiB packets with each AEAD the relay offers a
-    stock ssh, in its own code (relay.ssh.aead); one process, nothing else."""
-    out = subprocess.run([python, "-c", AEAD_PROBE], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
-    try:
-        result: dict[str, Any] = __import__("json").loads(out.stdout)
-    except ValueError:
-        return {"error": out.stderr[-500:]}
-    return result
-
-
-# ---------------------------------------------------------------------------
-# statistics and reports
-
-
-def summarize(bench: StockBench, samples: dict[tuple[str, str, str], list[dict[str, Any]]],
-              setups: dict[str, dict[str, list[list[float]]]],
-              machine: dict[str, Any]) -> dict[str, Any]:
-    args = bench.args
-    gib = args.bytes / GiB
-    series: list[dict[str, Any]] = []
-
-    def ratio(key: tuple[str, str, str], over: tuple[str, str, str]) -> dict[str, float] | None:
-        """``key``'s speed ÷ ``over``'s, run by run."""
-        base = {r["run"]: r["seconds"] for r in samples.get(over, [])}
-        return spread([base[r["run"]] / r["seconds"] for r in samples.get(key, [])
-                       if r["run"] in base])
-
-    for (workload, variant, op), runs in samples.items():
-        groups = sorted(dict.fromkeys(g for r in runs for g in r["cpu"]), key=list(PROCS).index)
-        series.append({
-            "workload": workload, "op": op, "path": variant if workload == SSH
-            else f"{variant}.{op}", "variant": variant, "label": LABELS[(workload, variant)],
-            "mb_per_s": spread([args.bytes / r["seconds"] / 1e6 for r in runs]),
-            "ratio_to_direct": ratio((workload, variant, op), (workload, DIRECT, op)),
-            "cpu_s_per_gib": {g: spread([r["cpu"][g] / gib for r in runs if g in r["cpu"]])
-                              for g in groups},
-            "samples": runs,
-        })
-
-    def find(variant: str, op: str) -> dict[str, Any]:
-        return next((s for s in series if s["variant"] == variant and s["op"] == op), {})
-
-    def med(x: dict[str, Any] | None) -> float | None:
-        return x["median"] if x else None
-
-    latency = {kind: {v: per_run_latency(runs) for v, runs in per.items() if runs}
-               for kind, per in setups.items()}
-    ratios = {
-        "J_to_direct": med(find(RELAY_J, "ssh").get("ratio_to_direct")),
-        "J_link_to_direct": med(find(RELAY_J_LINK, "ssh").get("ratio_to_direct")),
-        "J_chacha_to_J": med(ratio((SSH, RELAY_J_CHACHA, "ssh"), (SSH, RELAY_J, "ssh"))),
-        "fast_to_direct": med(find(FAST, "ssh").get("ratio_to_direct")),
-        "seed_J_to_direct": med(find(SEED_J, "ssh").get("ratio_to_direct")),
-        "J_to_seed_J": med(ratio((SSH, RELAY_J, "ssh"), (SSH, SEED_J, "ssh"))),
-        "L_push_to_seed": med(ratio((RAW, RELAY_L, "push"), (RAW, SEED_L, "push"))),
-        "L_pull_to_seed": med(ratio((RAW, RELAY_L, "pull"), (RAW, SEED_L, "pull"))),
-        "L_e2e_push_to_seed": med(ratio((RAW, RELAY_L_E2E, "push"), (RAW, SEED_L, "push"))),
-        "L_e2e_pull_to_seed": med(ratio((RAW, RELAY_L_E2E, "pull"), (RAW, SEED_L, "pull"))),
-    }
-    goals: list[dict[str, Any]] = []
-    fpr._goal(goals, f"ssh -J session through the relay ÷ direct >= {J_RATIO_GOAL}",
-             ratios["J_to_direct"], J_RATIO_GOAL, True, "×")
-    for op in ("push", "pull"):
-        for level, target in (("goal", L_RATIO_GOAL), ("moonshot", L_RATIO_MOONSHOT)):
-            fpr._goal(goals, f"ssh -L bulk {op} to a non-e2e service ÷ the seed's >= {target}",
-                     ratios[f"L_{op}_to_seed"], target, True, "×", level)
-    fpr._goal(goals, f"no regression: ssh via the fast path ÷ direct >= {fpr.SSH_RATIO_GOAL}",
-             ratios["fast_to_direct"], fpr.SSH_RATIO_GOAL, True, "×")
-    fpr._goal(goals, f"relay CPU-s/GiB on -J <= {J_CPU_GOAL}",
-             med(find(RELAY_J, "ssh").get("cpu_s_per_gib", {}).get("relay")), J_CPU_GOAL,
-             False, "CPU-s/GiB")
-    for variant in (RELAY_L, RELAY_L_E2E):
-        fpr._goal(goals, f"set-up p50 after {args.gap_ms:g} ms idle, {variant} (relay + agent) "
-                        f"<= {SETUP_GOAL_MS} ms",
-                 med(latency.get("idle_gap", {}).get(variant, {}).get("p50_ms")),
-                 SETUP_GOAL_MS, False, "ms")
-    cond = {
-        **machine_conditions(args.python, bench.loadavg_at_start),
-        "bytes": args.bytes, "runs": args.runs, "ciphers": bench.ciphers, "mb": "10^6 bytes",
-        "order": "fresh processes; a warm-up of 64 MiB per variant and 20 set-ups per raw "
-                 "path (not recorded); per run every (workload, variant, direction) in turn, "
-                 "the order rotated by one every run; then the set-up rounds",
-        "timing": "ssh: from 'go' to the feeder (session already up) to ssh's exit; raw: "
-                  "the client worker's push (to the sink's byte count) or pull (to EOF)",
-        "cpu_method": "utime+stime from /proc/PID/stat (all threads) of relay, agent, "
-                      "ssh -N -R, the cloud sshd sessions of the -R and of the user's jump "
-                      "or -L, read when the stream starts and when it ends",
-        "gap_ms": args.gap_ms, "setup_sessions": args.sessions,
-        "gap_sessions": args.gap_sessions, "e2e_services": list(E2E),
-        "relay_argv": bench.relay_argv, "agent_argv": bench.agent_argv,
-        "user_ssh_argv": {v: bench.user_ssh(v, Path("-")) for v in VARIANTS[SSH]},
-        "events": dict(sorted(bench.events.items())),
-    }
-    return {**result_head("stock_paths", bench), "conditions": cond, "series": series,
-            "setup_latency": latency, "ratios": ratios, "goals": goals,
-            "machine_cpu_during_measurement": machine, "anomalies": bench.anomalies}
-
-
-def _cpu(entry: dict[str, Any]) -> str:
-    cells = [f"{g} {fmt(s, 2)}" for g, s in (entry.get("cpu_s_per_gib") or {}).items() if s]
-    return ", ".join(cells) or "–"
-
-
-def markdown(res: dict[str, Any]) -> str:
-    c = res["conditions"]
-    out = [f"# Stock OpenSSH paths: ssh -J and ssh -L through the relay vs the seed's way "
-           f"({res['date']}, commit {res['commit']})", "",
-           f"{c.get('cpu_model')}, {c.get('nproc')} CPUs, load at start "
-           f"{c.get('loadavg_at_start')}; {c['bytes'] // MiB} MiB per transfer, {c['runs']} "
-           "runs; side by side in one run on one shared machine: compare ratios, not MB/s "
-           "across runs.", "", f"Ciphers: {c['ciphers']}", "",
-           "| workload | path | MB/s | × direct | CPU-s/GiB during the stream |",
-           "|---|---|---|---|---|"]
-    for s in res["series"]:
-        op = "" if s["workload"] == SSH else f" ({s['op']})"
-        out.append(f"| {s['workload']}{op} | {s['label']} | {fmt(s['mb_per_s'])} | "
-                   f"{fmt(s['ratio_to_direct'], 2)} | {_cpu(s)} |")
-    out += ["", "Ratios (run by run, medians): " + ", ".join(
-        f"{k} {v:.2f}" for k, v in res["ratios"].items() if v is not None), "",
-        "| set-up (1-byte echo through a new connection) | path | p50 ms | p99 ms |",
-        "|---|---|---|---|"]
-    for kind, per in res["setup_latency"].items():
-        for v, s in per.items():
-            out.append(f"| {kind.replace('_', ' ')} | {LABELS[(RAW, v)]} | "
-                       f"{fmt(s['p50_ms'], 2)} | {fmt(s['p99_ms'], 2)} |")
-    aead = res.get("aead_cpu_s_per_gib") or {}
-    if aead and "error" not in aead:
-        out += ["", "The AEADs' own cost in relay.ssh.aead (32 KiB packets, one process): " +
-                "; ".join(f"{k} seal {v['seal']:.2f}, open {v['open']:.2f} CPU-s/GiB"
-                          for k, v in aead.items())]
-    out += ["", "| goal | value | status |", "|---|---|---|"]
-    for g in res["goals"]:
-        v = "–" if g["value"] is None else f"{g['value']:.2f} {g['unit']}"
-        out.append(f"| {g['goal']} ({g['level']}) | {v} | {g['status']} |")
-    if res["anomalies"]:
-        out += ["", "Anomalies:", ""] + [f"- {a[:500]}" for a in res["anomalies"]]
-    return "\n".join(out) + "\n"
-
-
-def print_table(res: dict[str, Any]) -> None:
-    print(markdown(res))
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = bench_parser("python -m bench.stock_paths",
                      "ssh -J and ssh -L through relay + agent vs the seed's cloud sshd + "
@@ -708,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
-        return fp.main(argv)
+        return fp.main(argv)  # the fast-path workers (bench/fast_workers.py)
     args = quick_defaults(build_parser().parse_args(argv))
     if args.sessions is None:
         args.sessions = 100 if args.quick else 300

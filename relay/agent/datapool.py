@@ -38,7 +38,7 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -46,14 +46,13 @@ from twisted.python.failure import Failure
 from relay.agent.chaining import LocalRelay
 from relay.agent.forwards import RemoteForwardRunner
 from relay.agent.refill import REFILL_WINDOW, BurstLog, RefillBudget
-from relay.config.schema import LinkConfig
 from relay.core import fastwire as fw
 from relay.core.routing import PUBLIC_BINDS
 from relay.datapath import splicing as datapath
 from relay.datapath.handoff import Handoff, Held
 from relay.datapath.join import Handed, OnEnd, SessionCounters, join
 from relay.datapath.net import client_endpoint, peer_ip, probe_idle
-from relay.ssh.client import LinkConnection
+from relay.ssh.client import LinkBasics, LinkConnection
 from relay.ssh.connection import refused_by_peer
 
 TARGET_CONNECT_TIMEOUT = 10.0
@@ -141,20 +140,8 @@ class PoolConnection(Handoff):
         self.pool.lost(self, was)
 
 
-class PoolOwner(TypingProtocol):
+class PoolOwner(LinkBasics, TypingProtocol):
     """What the data pool needs of its link (:class:`relay.agent.link.Link`)."""
-
-    @property
-    def name(self) -> str | None: ...
-
-    @property
-    def config(self) -> LinkConfig: ...
-
-    @property
-    def reactor(self) -> Any: ...
-
-    @property
-    def clock(self) -> IReactorTime: ...
 
     @property
     def remote(self) -> Sequence[RemoteForwardRunner]: ...

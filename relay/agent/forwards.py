@@ -21,16 +21,16 @@ from typing import Any, Protocol
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.config.schema import LinkConfig, LocalForward, RemoteForward
+from relay.config.schema import LocalForward, RemoteForward
 from relay.datapath.bridge import SideFactory, TCPSide
 from relay.datapath.join import SessionCounters
 from relay.datapath.net import LISTEN_BACKLOG
 from relay.ssh.channels import BridgedChannel
-from relay.ssh.client import LinkConnection
+from relay.ssh.client import LinkBasics, LinkConnection
 from relay.ssh.wire import pack_forward
 
 
@@ -42,20 +42,8 @@ class ForwardState(Enum):
     LISTENING = "listening"  # local forwards
 
 
-class ForwardOwner(Protocol):
+class ForwardOwner(LinkBasics, Protocol):
     """What a forward needs of its link (:class:`relay.agent.link.Link`)."""
-
-    @property
-    def name(self) -> str | None: ...
-
-    @property
-    def config(self) -> LinkConfig: ...
-
-    @property
-    def reactor(self) -> Any: ...
-
-    @property
-    def clock(self) -> IReactorTime: ...
 
     def forwardReady(self) -> None:
         """A reverse forward was granted."""

@@ -67,24 +67,43 @@ class _Reader:
     def string(self) -> bytes:
         return self.take(self.u32())
 
-    def mpint(self) -> int:
+    def mpint_bytes(self) -> bytes:
+        """An mpint's magnitude, big-endian (leading zero bytes stripped)."""
         raw = self.string()
         if raw and raw[0] & 0x80:
             raise KrlError("negative bitmap in KRL")
-        return int.from_bytes(raw, "big")
+        return raw.lstrip(b"\0")
 
     def done(self) -> bool:
         return self.at == len(self.data)
+
+
+@dataclass(frozen=True)
+class _Bitmap:
+    """Serials ``offset + i`` for every bit ``i`` set in ``bits`` (big-endian, bit 0
+    the last byte's lowest), kept as the file's bytes and looked up per serial: as
+    large as the file, never one object per serial (a 2 MiB bitmap would otherwise be
+    16 million set entries, and expanding it bit by bit took time quadratic in it)."""
+
+    offset: int
+    bits: bytes
+
+    def __contains__(self, serial: int) -> bool:
+        i = serial - self.offset
+        if i < 0 or i >= 8 * len(self.bits):
+            return False
+        return bool(self.bits[len(self.bits) - 1 - i // 8] >> (i % 8) & 1)
 
 
 @dataclass
 class _CertRevocations:
     serials: set[int] = field(default_factory=set)
     ranges: list[tuple[int, int]] = field(default_factory=list)
+    bitmaps: list[_Bitmap] = field(default_factory=list)
     key_ids: set[bytes] = field(default_factory=set)
 
     def match(self, serial: int, key_id: bytes) -> str | None:
-        if serial in self.serials:
+        if serial in self.serials or any(serial in b for b in self.bitmaps):
             return f"serial {serial} is revoked"
         for low, high in self.ranges:
             if low <= serial <= high:
@@ -185,14 +204,11 @@ def _certs(body: _Reader, krl: Krl) -> None:
             entry.ranges.append((low, high))
         elif kind == CERT_SERIAL_BITMAP:
             offset = sub.u64()
-            bitmap = sub.mpint()
-            if bitmap.bit_length() > MAX_BITMAP_BITS:
+            bits = sub.mpint_bytes()
+            if len(bits) > MAX_BITMAP_BITS // 8:
                 raise KrlError("KRL serial bitmap too large")
-            bit = 0
-            while bitmap >> bit:
-                if (bitmap >> bit) & 1:
-                    entry.serials.add(offset + bit)
-                bit += 1
+            if bits:
+                entry.bitmaps.append(_Bitmap(offset, bits))
         elif kind == CERT_KEY_ID:
             while not sub.done():
                 entry.key_ids.add(sub.string())

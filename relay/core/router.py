@@ -176,6 +176,20 @@ class Router:
         is granted to): worth waiting for its agent."""
         return owner is not None and owner.may_register(name, port)
 
+    def totals_name(self, owner: Principal | None, name: str, port: int) -> str:
+        """The name ``name:port``'s sessions are counted under in the per-service totals
+        (status, ``/metrics``): the service itself if its agent holds it now or its
+        agent's grant names that port, else the agent's wildcard grant ``name:*``.
+
+        A user granted ``name:*`` may ask for any of 65 535 ports; counting each under
+        its own name would let her grow the totals (and ``/metrics``' label set) without
+        bound, so the ports nobody registered or granted one by one share one name."""
+        if self.registry.lookup(name, port) is not None or owner is None:
+            return f"{name}:{port}"
+        if any(g.name == name and g.port == port for g in owner.services):
+            return f"{name}:{port}"
+        return f"{name}:*"
+
     def ungranted_holder(self, name: str, port: int, session: AgentSession) -> Registration | None:
         """The holder of ``name:port`` (not ``session``) whose key no longer holds the
         grant: the shell drops it before the offer, so it can neither answer the takeover

@@ -35,6 +35,16 @@ end-to-end encrypted service: relay.server.dataport.DataPort.pooledRoute)."""
 RECENT = 256
 """How many ended rows the table remembers (for diagnostics; totals are kept apart)."""
 
+MAX_TOTALS = 512
+"""How many distinct services the table keeps totals for; past it, new names
+are counted under :data:`OTHER`.  The shell already counts a wildcard grant's
+unregistered ports under one name (relay.core.router.Router.totals_name); this is the
+backstop that keeps status and ``/metrics`` bounded whatever the names (a hostile agent
+registering every port of its ``name:*`` grant)."""
+
+OTHER = "(other)"
+"""The totals name of the services seen after :data:`MAX_TOTALS` others."""
+
 Meter = Callable[[], tuple[int, int]]
 """Live byte counts of a moving session: (to the service, from the service)."""
 
@@ -58,6 +68,7 @@ class SessionRow:
     key: bytes | None = None
     agent: object = None  # the agent connection serving it, once known
     state: State = State.OPENING
+    totals_as: str = ""  # the per-service totals it counts in ("": ``service``)
     meter: Meter | None = None
     closing: str | None = None  # the relay asked for it to close, and why
     ended: float | None = None
@@ -105,7 +116,8 @@ def _summed(totals: dict[str, ServiceTotals]) -> dict[str, dict[str, int]]:
 class SessionTable:
     """Open sessions, per-service totals and per-user counts."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_totals: int = MAX_TOTALS) -> None:
+        self._max_totals = max_totals
         self._open: set[SessionRow] = set()
         self._services: dict[str, ServiceTotals] = {}
         self._users: dict[str, int] = {}  # open sessions per user (users seen stay, at 0)
@@ -115,13 +127,17 @@ class SessionTable:
     # rows
 
     def open(self, user: str, service: str, origin: str, now: float, *, path: str = CHANNEL,
-             key: bytes | None = None, agent: object = None) -> SessionRow:
-        """Count a new session: it holds a place in its user's cap from now on."""
+             key: bytes | None = None, agent: object = None,
+             totals_as: str | None = None) -> SessionRow:
+        """Count a new session: it holds a place in its user's cap from now on.  Its
+        service's totals are ``totals_as``'s (default: ``service``), or :data:`OTHER`'s
+        once the table keeps :data:`MAX_TOTALS` names."""
         row = SessionRow(user, service, origin, now, path=path, key=key, agent=agent,
                          active_at=now)
+        row.totals_as = self._bounded(self._services, totals_as or service)
         self._open.add(row)
         self._users[user] = self._users.get(user, 0) + 1
-        for totals in (self._services.setdefault(service, ServiceTotals()),
+        for totals in (self._services.setdefault(row.totals_as, ServiceTotals()),
                        self._user_totals.setdefault(user, ServiceTotals())):
             totals.sessions_total += 1
             totals.active.add(row)
@@ -152,12 +168,17 @@ class SessionTable:
         row.why = row.closing or why
         row.to_service, row.from_service = to_service, from_service
         self._users[row.user] -= 1
-        for totals in (self._services[row.service], self._user_totals[row.user]):
+        for totals in (self._services[row.totals_as], self._user_totals[row.user]):
             totals.active.discard(row)
             totals.bytes_to_service += to_service
             totals.bytes_from_service += from_service
         self.recent.append(row)
         return True
+
+    def _bounded(self, totals: dict[str, ServiceTotals], name: str) -> str:
+        if name in totals or len(totals) < self._max_totals:
+            return name
+        return OTHER
 
     # reading
 

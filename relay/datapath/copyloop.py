@@ -26,48 +26,36 @@ import os
 from typing import Any
 
 from relay.datapath import _splice
-from relay.datapath._splice import DONE, MOVED, WAIT_IN, WAIT_OUT, MoveError
 from relay.datapath.pumps import ReactorPump
-from relay.datapath.pymover import DEFAULT_BUDGET, Mover, _is_socket, _shutdown_write
+from relay.datapath.pymover import DEFAULT_BUDGET, LoopDirection, Mover, _is_socket
 
 # One buffer per direction.  256 KiB: a loopback or LAN socket often holds more than
 # 64 KiB, and a larger read halves the wakeups for the same bytes (bench/, docs/datapath.md).
 COPY_BUFFER = 256 * 1024
 
 
-class CopyDirection:
-    """One direction, ``in_fd`` to ``out_fd``, through one buffer (see the module)."""
+class CopyDirection(LoopDirection):
+    """One direction, ``in_fd`` to ``out_fd``, through one buffer (see the module);
+    the loop is :class:`~relay.datapath.pymover.LoopDirection`'s."""
 
     def __init__(self, in_fd: int, out_fd: int, *, out_socket: bool = True,
                  close_out: bool = False, short_waits: bool = False,
                  buffer_size: int = COPY_BUFFER) -> None:
-        self.in_fd = in_fd
-        self.out_fd = out_fd
-        self._flags = (
+        super().__init__(in_fd, out_fd, (
             _splice.DIR_COPY
             | (_splice.DIR_OUT_SOCKET if out_socket else 0)
             | (_splice.DIR_OUT_CLOSE if close_out else 0)
             | (_splice.DIR_SHORT_WAITS if short_waits else 0)
-        )
+        ))
         self._buf = bytearray(buffer_size)
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
         self._prefix = b""
-        self._moved = 0
-        self.syscalls = 0
-
-    @property
-    def flags(self) -> int:
-        return self._flags
 
     @property
     def held(self) -> int:
         return len(self._prefix) + self._end - self._start
-
-    @property
-    def moved(self) -> int:
-        return self._moved
 
     def prefix(self, data: bytes) -> None:
         """Bytes already read from ``in_fd`` elsewhere: they go out first."""
@@ -87,57 +75,12 @@ class CopyDirection:
             self._start = self._end = 0
         return n
 
-    def _shut_out(self) -> None:
-        if self._flags & _splice.DIR_OUT_SOCKET:
-            try:
-                _shutdown_write(self.out_fd)
-            except OSError:
-                pass
-        elif self._flags & _splice.DIR_OUT_CLOSE and self.out_fd >= 0:
-            os.close(self.out_fd)
-            self.out_fd = -1
-
-    def move(self, budget: int = 1 << 62) -> tuple[int, int]:
-        """Write what is held, then read and write until would-block, EOF or
-        ``budget`` bytes: ``(result, bytes moved by this call)``."""
-        moved = 0
-        short = False
-        if self._flags & _splice.DIR_DONE:
-            return DONE, 0
-        while True:
-            while self.held:
-                try:
-                    n = self._deliver()
-                except BlockingIOError:
-                    return WAIT_OUT, moved
-                except OSError as e:
-                    raise MoveError(e.errno or errno.EIO, "out") from None
-                if n <= 0:
-                    raise MoveError(errno.EIO, "out")
-                moved += n
-                self._moved += n
-            if self._flags & _splice.DIR_EOF:
-                self._shut_out()
-                self._flags |= _splice.DIR_DONE
-                return DONE, moved
-            if moved >= budget:
-                return MOVED, moved
-            if short:
-                # The last read was short: the input is drained; wait rather than pay
-                # a read that would only say EAGAIN.
-                return WAIT_IN, moved
-            self.syscalls += 1
-            try:
-                n = os.readv(self.in_fd, [self._view])
-            except BlockingIOError:
-                return WAIT_IN, moved
-            except OSError as e:
-                raise MoveError(e.errno or errno.EIO, "in") from None
-            if n == 0:
-                self._flags |= _splice.DIR_EOF
-            else:
-                self._start, self._end = 0, n
-                short = bool(self._flags & _splice.DIR_SHORT_WAITS) and n < len(self._buf)
+    def _fill(self, want: int) -> tuple[int, int]:
+        # The whole buffer, whatever the budget asks: one read is one buffer at most.
+        self.syscalls += 1
+        n = os.readv(self.in_fd, [self._view])
+        self._start, self._end = 0, n
+        return n, len(self._buf)
 
     def release(self) -> None:
         self._start = self._end = 0

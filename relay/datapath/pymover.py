@@ -109,26 +109,23 @@ _REFUSED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
 
 
-class PyDirection:
-    """``lr_move`` in Python: deliver what is held, then read into the empty pipe
-    (``os.splice``) or buffer (``os.read``), until would-block, EOF or the budget."""
+class LoopDirection:
+    """The loop of ``lr_move`` (csrc/mover.c), written once for the Python movers.
 
-    def __init__(self, pool: PyPipePool, in_fd: int, out_fd: int, *, out_socket: bool = True,
-                 close_out: bool = False, in_file: bool = False, copy: bool = False,
-                 short_waits: bool = False) -> None:
-        self.pool = pool
+    Deliver what is held, then read until would-block, EOF or the budget; EOF after
+    everything was delivered shuts the output down.  A subclass says how bytes are held
+    and moved: :meth:`_deliver` writes some of what is held, :meth:`_fill` reads into an
+    empty holder, :meth:`_refused_out` may switch to a fallback when a write is refused,
+    and :meth:`_after_move` gives back what a move borrowed.  :class:`PyDirection` (pipe
+    or buffer, the ``python`` backend) and
+    :class:`~relay.datapath.copyloop.CopyDirection` (one fixed buffer, the ``portable``
+    backend) are the two, so both backends end, wait and count alike.
+    """
+
+    def __init__(self, in_fd: int, out_fd: int, flags: int) -> None:
         self.in_fd = in_fd
         self.out_fd = out_fd
-        self._flags = (
-            (_splice.DIR_OUT_SOCKET if out_socket else 0)
-            | (_splice.DIR_OUT_CLOSE if close_out else 0)
-            | (_splice.DIR_IN_FILE if in_file else 0)
-            | (_splice.DIR_COPY if copy or not hasattr(os, "splice") else 0)
-            | (_splice.DIR_SHORT_WAITS if short_waits else 0)
-        )
-        self._pipe: tuple[int, int] | None = None
-        self._pipe_held = 0
-        self._buf = b""
+        self._flags = flags
         self._moved = 0
         self.syscalls = 0
 
@@ -138,11 +135,131 @@ class PyDirection:
 
     @property
     def held(self) -> int:
-        return self._pipe_held + len(self._buf)
+        raise NotImplementedError
 
     @property
     def moved(self) -> int:
         return self._moved
+
+    def _deliver(self) -> int:
+        """Write some of what is held; the bytes written."""
+        raise NotImplementedError
+
+    def _fill(self, want: int) -> tuple[int, int]:
+        """Read into the empty holder: ``(bytes read, most it could have read)``."""
+        raise NotImplementedError
+
+    def _refused_out(self, error: OSError) -> bool:
+        """A write failed with ``error``: True if a fallback was taken and it may be retried."""
+        return False
+
+    def _after_move(self) -> None:
+        """Give back what this move borrowed (a pipe, for :class:`PyDirection`)."""
+
+    def _shut_out(self) -> None:
+        if self._flags & _splice.DIR_OUT_SOCKET:
+            try:
+                _shutdown_write(self.out_fd)
+            except OSError:
+                pass
+        elif self._flags & _splice.DIR_OUT_CLOSE and self.out_fd >= 0:
+            os.close(self.out_fd)
+            self.out_fd = -1
+
+    def _send_file(self, want: int) -> int | None:
+        """One ``sendfile`` from a regular file: the bytes sent (0 at EOF), None if it
+        must wait for the output, -1 if it was refused (reading takes over next turn)."""
+        try:
+            self.syscalls += 1
+            return os.sendfile(self.out_fd, self.in_fd, None, want)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in _REFUSED:
+                self._flags = (self._flags & ~_splice.DIR_IN_FILE) | _splice.DIR_FELL_BACK
+                return -1
+            raise MoveError(e.errno or errno.EIO,
+                            "in" if e.errno == errno.EIO else "out") from None
+
+    def move(self, budget: int = 1 << 62) -> tuple[int, int]:
+        """Write what is held, then read and write until would-block, EOF or
+        ``budget`` bytes: ``(result, bytes moved by this call)``."""
+        moved = 0
+        short = False
+        try:
+            if self._flags & _splice.DIR_DONE:
+                return DONE, 0
+            while True:
+                while self.held:
+                    try:
+                        n = self._deliver()
+                    except BlockingIOError:
+                        return WAIT_OUT, moved
+                    except OSError as e:
+                        if self._refused_out(e):
+                            continue
+                        raise MoveError(e.errno or errno.EIO, "out") from None
+                    if n <= 0:
+                        raise MoveError(errno.EIO, "out")
+                    moved += n
+                    self._moved += n
+                if self._flags & _splice.DIR_EOF:
+                    self._shut_out()
+                    self._flags |= _splice.DIR_DONE
+                    return DONE, moved
+                if moved >= budget:
+                    return MOVED, moved
+                if short:
+                    # The last read was short: the input is drained; wait rather than
+                    # pay a read that would only say EAGAIN.
+                    return WAIT_IN, moved
+                want = min(budget - moved, 1 << 30)
+                if self._flags & _splice.DIR_IN_FILE:
+                    sent = self._send_file(want)
+                    if sent is None:
+                        return WAIT_OUT, moved
+                    if sent == 0:
+                        self._flags |= _splice.DIR_EOF
+                    if sent > 0:
+                        moved += sent
+                        self._moved += sent
+                    continue
+                try:
+                    n, cap = self._fill(want)
+                except BlockingIOError:
+                    return WAIT_IN, moved
+                except OSError as e:
+                    raise MoveError(e.errno or errno.EIO, "in") from None
+                if n == 0:
+                    self._flags |= _splice.DIR_EOF
+                elif self._flags & _splice.DIR_SHORT_WAITS and n < cap:
+                    short = True
+        finally:
+            self._after_move()
+
+
+class PyDirection(LoopDirection):
+    """``lr_move`` in Python: deliver what is held, then read into the empty pipe
+    (``os.splice``) or buffer (``os.read``), until would-block, EOF or the budget."""
+
+    def __init__(self, pool: PyPipePool, in_fd: int, out_fd: int, *, out_socket: bool = True,
+                 close_out: bool = False, in_file: bool = False, copy: bool = False,
+                 short_waits: bool = False) -> None:
+        super().__init__(in_fd, out_fd, (
+            (_splice.DIR_OUT_SOCKET if out_socket else 0)
+            | (_splice.DIR_OUT_CLOSE if close_out else 0)
+            | (_splice.DIR_IN_FILE if in_file else 0)
+            | (_splice.DIR_COPY if copy or not hasattr(os, "splice") else 0)
+            | (_splice.DIR_SHORT_WAITS if short_waits else 0)
+        ))
+        self.pool = pool
+        self._pipe: tuple[int, int] | None = None
+        self._pipe_held = 0
+        self._buf = b""
+
+    @property
+    def held(self) -> int:
+        return self._pipe_held + len(self._buf)
 
     @property
     def holds_pipe(self) -> bool:
@@ -201,78 +318,17 @@ class PyDirection:
         self._buf = data
         return len(data), want
 
-    def _shut_out(self) -> None:
-        if self._flags & _splice.DIR_OUT_SOCKET:
-            try:
-                _shutdown_write(self.out_fd)
-            except OSError:
-                pass
-        elif self._flags & _splice.DIR_OUT_CLOSE and self.out_fd >= 0:
-            os.close(self.out_fd)
-            self.out_fd = -1
+    def _refused_out(self, error: OSError) -> bool:
+        # splice refused by this pair of fds: copy through the buffer from now on.
+        if error.errno in _REFUSED and not self._flags & _splice.DIR_COPY:
+            self._flags |= _splice.DIR_COPY | _splice.DIR_FELL_BACK
+            return True
+        return False
 
-    def move(self, budget: int = 1 << 62) -> tuple[int, int]:
-        moved = 0
-        short = False
-        try:
-            if self._flags & _splice.DIR_DONE:
-                return DONE, 0
-            while True:
-                while self.held:
-                    try:
-                        n = self._deliver()
-                    except BlockingIOError:
-                        return WAIT_OUT, moved
-                    except OSError as e:
-                        if e.errno in _REFUSED and not self._flags & _splice.DIR_COPY:
-                            self._flags |= _splice.DIR_COPY | _splice.DIR_FELL_BACK
-                            continue
-                        raise MoveError(e.errno or errno.EIO, "out") from None
-                    if n <= 0:
-                        raise MoveError(errno.EIO, "out")
-                    moved += n
-                    self._moved += n
-                if self._flags & _splice.DIR_EOF:
-                    self._shut_out()
-                    self._flags |= _splice.DIR_DONE
-                    return DONE, moved
-                if moved >= budget:
-                    return MOVED, moved
-                if short:
-                    return WAIT_IN, moved
-                want = min(budget - moved, 1 << 30)
-                if self._flags & _splice.DIR_IN_FILE:
-                    try:
-                        self.syscalls += 1
-                        n = os.sendfile(self.out_fd, self.in_fd, None, want)
-                    except BlockingIOError:
-                        return WAIT_OUT, moved
-                    except OSError as e:
-                        if e.errno in _REFUSED:
-                            self._flags = (self._flags & ~_splice.DIR_IN_FILE) \
-                                | _splice.DIR_FELL_BACK
-                            continue
-                        raise MoveError(e.errno or errno.EIO,
-                                        "in" if e.errno == errno.EIO else "out") from None
-                    if n == 0:
-                        self._flags |= _splice.DIR_EOF
-                    moved += n
-                    self._moved += n
-                    continue
-                try:
-                    n, cap = self._fill(want)
-                except BlockingIOError:
-                    return WAIT_IN, moved
-                except OSError as e:
-                    raise MoveError(e.errno or errno.EIO, "in") from None
-                if n == 0:
-                    self._flags |= _splice.DIR_EOF
-                elif self._flags & _splice.DIR_SHORT_WAITS and n < cap:
-                    short = True
-        finally:
-            if not self.held and self._pipe is not None:
-                self.pool.put(self._pipe, empty=True)
-                self._pipe = None
+    def _after_move(self) -> None:
+        if not self.held and self._pipe is not None:
+            self.pool.put(self._pipe, empty=True)
+            self._pipe = None
 
     def release(self) -> None:
         if self._pipe is not None:

@@ -41,7 +41,9 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
-def _age(since: float | None, now: float) -> str:
+def age(since: float | None, now: float) -> str:
+    """How long ago ``since`` was, short and coarse ("42s", "17m", "3h05m"; "-" for
+    never): the status page and ``labrelay status`` show ages the same way."""
     if not since:
         return "-"
     seconds = int(now - since)
@@ -87,7 +89,7 @@ def _relay(relay: dict[str, Any], now: float) -> list[str]:
         services.append([
             _e(name), _state(svc is not None),
             _e(agents.get(name) or (svc or {}).get("owner") or granted.get(name, "")),
-            _e(_age(svc.get("since"), now) if svc else "-"),
+            _e(age(svc.get("since"), now) if svc else "-"),
             _num(totals.get("sessions_active", 0)), _num(totals.get("sessions_total", 0)),
             _num(_bytes(totals.get("bytes_to_service", 0))),
             _num(_bytes(totals.get("bytes_from_service", 0))),
@@ -141,7 +143,7 @@ def _links(links: list[dict[str, Any]], now: float) -> str:
         rows.append([
             _e(link["name"]), _e(link["server"]),
             _state(link["state"] == "connected", "connected", _e(link["state"])),
-            _e(_age(link.get("since"), now)), _num(link.get("reconnects", 0)),
+            _e(age(link.get("since"), now)), _num(link.get("reconnects", 0)),
             _e(", ".join(f"{f['name']} ({f['state']})" for f in link.get("forwards", []))),
             _e(fp.get("state", "off")), _e(link.get("last_error") or ""),
         ])
@@ -154,7 +156,7 @@ def render_page(snapshot: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     body = [f"<h1>labrelay {_e(snapshot.get('version', '?'))}</h1>",
             f'<p class="meta">pid {_e(snapshot.get("pid", "?"))}, up '
-            f'{_e(_age(snapshot.get("started"), now))}; this page refreshes every '
+            f'{_e(age(snapshot.get("started"), now))}; this page refreshes every '
             f"{REFRESH}s</p>"]
     if snapshot.get("relay") is not None:
         body += _relay(snapshot["relay"], now)
@@ -175,7 +177,7 @@ def render_page(snapshot: dict[str, Any], now: float | None = None) -> str:
     if last is not None:
         text = ("applied" if last["ok"]
                 else "refused, the previous config still runs: " + "; ".join(last["errors"]))
-        body.append(f"<h2>Last reload</h2><p>{_e(_age(last['at'], now))} ago: {_e(text)}</p>")
+        body.append(f"<h2>Last reload</h2><p>{_e(age(last['at'], now))} ago: {_e(text)}</p>")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f'<meta http-equiv="refresh" content="{REFRESH}">'

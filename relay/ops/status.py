@@ -32,6 +32,7 @@ from twisted.web.server import Request
 
 from relay import __version__
 from relay.ops.logfmt import escape
+from relay.ops.page import age
 
 Snapshot = Callable[[], dict[str, Any]]
 
@@ -281,17 +282,6 @@ def fetch(address: str, timeout: float = 5.0, token: bytes | None = None) -> dic
         return result
 
 
-def _age(since: float | None, now: float) -> str:
-    if not since:
-        return "-"
-    seconds = int(now - since)
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-
-
 def _table(rows: list[list[str]]) -> str:
     # Cells carry peer-supplied strings (a session's claimed origin): one visible line each.
     rows = [[escape(cell, CELL_LIMIT) for cell in row] for row in rows]
@@ -306,7 +296,7 @@ def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
     forwards = [["LINK", "FORWARD", "KIND", "LISTEN", "CONNECT", "STATE", "SESSIONS",
                  "BYTES IN/OUT", "NOTE"]]
     for link in snapshot.get("links", []):
-        links.append([link["name"], link["server"], link["state"], _age(link.get("since"), now),
+        links.append([link["name"], link["server"], link["state"], age(link.get("since"), now),
                       link.get("last_error") or ""])
         for f in link.get("forwards", []):
             listen = f["listen"]
@@ -346,7 +336,7 @@ def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
     reload = snapshot.get("reload")
     if reload is not None and reload.get("last") is not None:
         last = reload["last"]
-        parts.append(f"last reload {_age(last['at'], now)} ago: " + (
+        parts.append(f"last reload {age(last['at'], now)} ago: " + (
             "applied" if last["ok"] else "REFUSED: " + "; ".join(last["errors"])))
     lines = "\n\n".join(parts).split("\n")
     return "".join(escape(line, None, backslash=False) + "\n" for line in lines)
@@ -361,7 +351,7 @@ def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
     for svc in relay.get("services", []):
         totals = per_service.get(svc["service"], {})
         services.append([
-            svc["service"], svc["owner"], _age(svc.get("since"), now),
+            svc["service"], svc["owner"], age(svc.get("since"), now),
             str(totals.get("sessions_active", 0)), str(totals.get("sessions_total", 0)),
             f"{totals.get('bytes_to_service', 0)}/{totals.get('bytes_from_service', 0)}",
         ])

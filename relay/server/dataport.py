@@ -104,9 +104,14 @@ class RelayForDataPort(TypingProtocol):
     def fastSessionFailed(self, session: Any) -> None:
         """The session counted by fastSessionOpening never started."""
 
-    def whenRegistered(self, name: str, port: int,
-                       timeout: float) -> defer.Deferred[Registration]:
-        """The registration of ``name:port``, waiting up to ``timeout`` for one."""
+    def fastSessionWaiting(self, session: Any, cancel: Callable[[], None]) -> None:
+        """Until the session moves bytes or ends, ``cancel`` stops its pairing: a grants
+        change that takes the service away ends the wait at once."""
+
+    def whenRegistered(self, name: str, port: int, timeout: float,
+                       row: Any = None) -> defer.Deferred[Registration]:
+        """The registration of ``name:port``, waiting up to ``timeout`` for one (a wait
+        of ``row``: a grants change ends it)."""
 
 
 class DataPort:
@@ -348,7 +353,8 @@ class DataPort:
         except PairingError as e:
             self.refuse(user, "cap", str(e), tell=str(e))
             return
-        wanted: Callable[[], bool] = lambda: user.state is DataState.USER  # noqa: E731
+        def wanted() -> bool:  # the user is still there, and the relay did not close it
+            return user.state is DataState.USER and session.closing is None
 
         def paired(agent: DataConnection) -> None:
             counters = self.core.fastSessionCounters(
@@ -366,12 +372,14 @@ class DataPort:
 
         def failed(f: Failure) -> None:
             self.counters["pair_failed"] += 1
+            why = session.closing or f.getErrorMessage()  # a grants change, or the wait
             self.core.fastSessionFailed(session)
-            why = f.getErrorMessage()
             self.refuse(user, "pairing", f"{principal_name} to {label}: {why}",
                         tell=f"{label} unavailable: {why}")
 
-        d = self._dispatch(name, port, wanted)
+        d = self._dispatch(name, port, wanted, session)
+        # Before the callbacks: if it paired at once, _moving's abort replaces this.
+        self.core.fastSessionWaiting(session, d.cancel)
         d.addCallbacks(paired, failed).addErrback(failed)
 
     def pairLocal(self, name: str, port: int) -> defer.Deferred[DataConnection]:
@@ -406,13 +414,14 @@ class DataPort:
         pool request)."""
         return self.enabled and self.e2e(name.lower(), port)
 
-    def _dispatch(self, name: str, port: int,
-                  wanted: Callable[[], bool]) -> defer.Deferred[DataConnection]:
+    def _dispatch(self, name: str, port: int, wanted: Callable[[], bool],
+                  row: Any = None) -> defer.Deferred[DataConnection]:
         """One of ``name:port``'s agent's idle connections, sent GO and answered ``K``
         (paused; bytes read past ``K`` in its ``extra``), or PairingError saying which
         wait expired.  One deadline (``public_wait``) covers the agent being registered
         and having a free connection; a pooled connection found closed is replaced, up
-        to MAX_DISPATCH_TRIES.  ``wanted()`` false: the requester left; stop."""
+        to MAX_DISPATCH_TRIES.  ``wanted()`` false: the requester left; stop.  ``row``:
+        the user's session, whose wait for the registration a grants change ends."""
         label = f"{name}:{port}"
         deadline = self.clock.seconds() + self.config.public_wait
         chosen: list[DataConnection] = []
@@ -461,7 +470,8 @@ class DataPort:
                 return Failure(PairingError(timeouts[stage]))
             return f
 
-        d: defer.Deferred[Any] = self.core.whenRegistered(name, port, self.config.public_wait)
+        d: defer.Deferred[Any] = self.core.whenRegistered(name, port, self.config.public_wait,
+                                                          row)
         d.addCallback(with_registration)
         d.addCallbacks(lambda _: chosen[-1], failed)
         return d

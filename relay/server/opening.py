@@ -91,14 +91,15 @@ class SessionOpening:
             return defer.fail(error.ConchError(why, code))
 
         active = 0 if principal is None else self.sessions.active_for_user(principal.name)
+        owner = self.grants.owner_of(host)
         refused = self.router.admit_session(principal, host, port, active,
-                                            self.config.max_sessions_per_user,
-                                            self.grants.owner_of(host))
+                                            self.config.max_sessions_per_user, owner)
         if refused is not None:
             return refuse(_OPEN_FAILURE[refused[0]], refused[1])
         assert principal is not None
         session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
-                                     key=ident.key_blob)
+                                     key=ident.key_blob,
+                                     totals_as=self.router.totals_name(owner, host, port))
         d = self.whenRegistered(host, port, self.config.public_wait, session)
         d.addCallback(lambda reg: open_user_side(self, reg, port, origin, session))
         # After the open left for the agent (public.py says why), before anything ends it.
@@ -163,10 +164,19 @@ class SessionOpening:
         if refused is not None:
             self.counters["sessions_refused"] += 1
             raise PairingError(refused[1])
+        name, _, port = service.rpartition(":")
+        totals_as = self.router.totals_name(self.grants.owner_of(name), name, int(port))
         row = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
-                                 path=SPLICED, key=key)
+                                 path=SPLICED, key=key, totals_as=totals_as)
         audit.opened(row)
         return row
+
+    def fastSessionWaiting(self, session: SessionRow, cancel: Callable[[], None]) -> None:
+        """``cancel`` stops ``session``'s pairing (its wait for the agent, a free data
+        connection or the agent's answer) until it moves bytes: :meth:`abortSession`
+        (a grants change) calls it, as it aborts a moving session's bridge."""
+        if session in self.sessions:
+            self._aborts[session] = cancel
 
     def fastSessionCounters(self, session: SessionRow, agent: Any = None) -> PairCounters:
         """What counts ``session``'s spliced pair: its row (the pair's counts are its

@@ -259,11 +259,15 @@ class RelayCore(SessionOpening):
         hold their running values, :func:`relay.config.diff.diff_relay`).  Limits and
         timeouts are read where they are used, so new connections and sessions get the
         new values and open ones keep running (a lowered cap refuses new sessions
-        only); the idle sweep is restarted; the grants are rebuilt from the new tables,
+        only); ``resume_grace`` holds what is held from now on; the idle sweep is
+        restarted; the grants are rebuilt from the new tables,
         files and default cap, and what a key lost goes at once through
         :meth:`grantsChanged`."""
         old, self.config = self.config, config
         self.dataport.config = config
+        # resume_grace: the hello answer and the sessions held from now on (those held
+        # already keep the deadline they were given).
+        self.resumes.grace = self.resumes.sessions.grace = config.resume_grace
         if old.idle_timeout != config.idle_timeout and self._started:
             self.idle.restart()
         self.grants.reconfigure(config)

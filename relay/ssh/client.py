@@ -65,9 +65,10 @@ class ReverseForward(Protocol):
     def config(self) -> RemoteForward: ...
 
 
-class LinkOwner(Protocol):
-    """What a client connection needs of its owner (the agent's link, or one
-    :class:`SingleConnection`)."""
+class LinkBasics(Protocol):
+    """What every part of a link reads of it: its name, settings, reactor and clock.
+    :class:`LinkOwner` builds on it, and so do the agent's forwards and data pool
+    (``relay.agent.forwards.ForwardOwner``, ``relay.agent.datapool.PoolOwner``)."""
 
     @property
     def name(self) -> str | None: ...
@@ -80,6 +81,11 @@ class LinkOwner(Protocol):
 
     @property
     def clock(self) -> IReactorTime: ...
+
+
+class LinkOwner(LinkBasics, Protocol):
+    """What a client connection needs of its owner (the agent's link, or one
+    :class:`SingleConnection`)."""
 
     @property
     def verifier(self) -> HostKeyVerifier: ...

@@ -88,7 +88,10 @@ def add_connect_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="OPTION=VALUE",
                         help="an ssh_config option, as for ssh (labrelay uses HostName, "
                         "Port, User, IdentityFile, IdentitiesOnly, IdentityAgent, "
-                        "UserKnownHostsFile, StrictHostKeyChecking, ConnectTimeout)")
+                        "UserKnownHostsFile, StrictHostKeyChecking, ConnectTimeout), or "
+                        "one of labrelay's own: Transport=tcp|tls|auto, TLSPort, "
+                        "TLSServerName, TLSCAFile, TLSPin, Proxy=http://host:port|env "
+                        "(docs/networks.md)")
     parser.add_argument("-F", dest="config_file", metavar="CONFIGFILE",
                         help="the ssh config file to read the relay's Host entry from "
                         "(default ~/.ssh/config, as ssh)")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import formattargets
 import fuzzworld as world
 from twisted.conch.ssh import common
 from twisted.conch.ssh import transport as ssh_transport
@@ -613,4 +614,5 @@ TARGETS: dict[str, Target] = {
     "grant_file": grant_file,
     "agent_option": agent_option,
     "known_hosts": known_hosts,
+    **formattargets.TARGETS,  # KRL, HTTP CONNECT, resume, share@labrelay
 }

@@ -19,6 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import formattargets  # noqa: E402
 import fuzztargets as ft  # noqa: E402
 import fuzzworld as world  # noqa: E402
 from twisted.conch.ssh import common  # noqa: E402
@@ -333,6 +334,7 @@ SEEDS = {
     "grant_file": grants,
     "agent_option": options,
     "known_hosts": known_hosts,
+    **formattargets.SEEDS,
 }
 
 

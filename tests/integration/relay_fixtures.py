@@ -344,6 +344,26 @@ def connect_argv(relay: RelayNode, user: str, key: KeyPair, service: str,
             *extra, f"{user}@{LOOPBACK}", service]
 
 
+def ssh_defaults(known_hosts: Path, connect_timeout: int = 20, *,
+                 identities_only: bool = True) -> str:
+    """The ``Host *`` block every test's ssh_config ends with: batch mode, only the
+    relay's ``known_hosts``, strict host key checking, no host key updates."""
+    only = "  IdentitiesOnly yes\n" if identities_only else ""
+    return (f"Host *\n{only}  BatchMode yes\n  UserKnownHostsFile {known_hosts}\n"
+            "  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n"
+            f"  UpdateHostKeys no\n  ConnectTimeout {connect_timeout}\n")
+
+
+def jump_config(path: Path, relay: RelayNode, user_key: KeyPair, target_key: KeyPair,
+                connect_timeout: int = 10) -> Path:
+    """An ssh_config for ``ssh -J alice@127.0.0.1:PORT root@gpu-cluster`` (and scp):
+    ``target_key`` logs in to gpu-cluster, ``user_key`` to the relay."""
+    path.write_text(f"Host gpu-cluster\n  User root\n  IdentityFile {target_key.path}\n"
+                    f"Host {LOOPBACK}\n  IdentityFile {user_key.path}\n"
+                    + ssh_defaults(relay.known_hosts, connect_timeout))
+    return path
+
+
 def user_ssh_config(path: Path, relay: RelayNode, client_key: KeyPair, user: str,
                     user_key: KeyPair, connect_err: Path) -> Path:
     """A user's ssh_config for the service gpu-cluster (a target sshd that trusts
@@ -366,15 +386,7 @@ Host gpu-jump
   ProxyJump {user}@{LOOPBACK}:{relay.port}
 Host {LOOPBACK}
   IdentityFile {user_key.path}
-Host *
-  IdentitiesOnly yes
-  BatchMode yes
-  UserKnownHostsFile {relay.known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 20
-""")
+""" + ssh_defaults(relay.known_hosts))
     return path
 
 

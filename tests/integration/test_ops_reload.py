@@ -38,6 +38,7 @@ from harness import (
     sha256_hex,
     ssh_argv,
 )
+from relay_fixtures import jump_config
 
 pytestmark = pytest.mark.integration
 
@@ -90,25 +91,6 @@ fast_path_pool = 0
         text += (f'\n[[link.remote]]\nname = "{name}"\nlisten = "{listen}"\n'
                  f'connect = "{connect_to}"\n')
     return text
-
-
-def jump_config(path: Path, relay: RelayNode, user_key: KeyPair, target_key: KeyPair) -> Path:
-    path.write_text(f"""\
-Host gpu-cluster
-  User root
-  IdentityFile {target_key.path}
-Host 127.0.0.1
-  IdentityFile {user_key.path}
-Host *
-  IdentitiesOnly yes
-  BatchMode yes
-  UserKnownHostsFile {relay.known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 10
-""")
-    return path
 
 
 def local_forward(start_ssh: Callable[..., SshProcess], relay: RelayNode, key: KeyPair,

@@ -19,6 +19,7 @@ from test_tls import (  # noqa: F401 - fixtures
     site,
     ssh_config,
     start_tls_agent,
+    stock_tools_config,
     tls_keys,
 )
 from tinyproxy import Tinyproxy
@@ -81,19 +82,7 @@ def test_stock_ssh_and_openssl_s_client_through_the_proxy(
                   tls_ca_file=str(site.ca.pem_path), tls_connect=LOOPBACK)
     text = text.replace("openssl s_client", f"openssl s_client -proxy {LOOPBACK}:{proxy.port}")
     site.relay.trust(f"[relay.test]:{site.relay.port} {site.relay.host_key_blob}")
-    cfg = tmp_path / "ssh_config.proxy"
-    cfg.write_text(text + f"""
-Host gpu-cluster
-  User root
-  IdentityFile {client_key.path}
-Host *
-  BatchMode yes
-  UserKnownHostsFile {site.relay.known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 20
-""")
+    cfg = stock_tools_config(tmp_path / "ssh_config.proxy", text, site, client_key)
     out = _run([find_program("ssh") or "ssh", "-F", str(cfg), "gpu-cluster",
                 "echo $LABRELAY_TEST_HOST"])
     assert out.returncode == 0, out.stderr.decode()

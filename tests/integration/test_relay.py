@@ -48,7 +48,7 @@ from harness import (
     sha256_hex,
     ssh_argv,
 )
-from relay_fixtures import stock_local_forward
+from relay_fixtures import jump_config, stock_local_forward
 
 pytestmark = pytest.mark.integration
 
@@ -179,28 +179,6 @@ def agent_ready(agent: AgentProcess, *names: str, timeout: float = 20.0) -> None
     agent.wait_for("link_connected", timeout=timeout)
     for name in names:
         agent.wait_for("forward_ready", timeout=timeout, since=0, kind="remote", bind=name)
-
-
-def jump_config(path: Path, relay: RelayNode, user_key: KeyPair, target_key: KeyPair) -> Path:
-    """An ssh_config for ``ssh -J alice@127.0.0.1:PORT root@gpu-cluster`` (and scp)."""
-    path.write_text(
-        f"""\
-Host gpu-cluster
-  User root
-  IdentityFile {target_key.path}
-Host 127.0.0.1
-  IdentityFile {user_key.path}
-Host *
-  IdentitiesOnly yes
-  BatchMode yes
-  UserKnownHostsFile {relay.known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 10
-"""
-    )
-    return path
 
 
 def trust_gpu_cluster(relay: RelayNode, gpu: Sshd) -> None:

@@ -134,6 +134,33 @@ def _upload(port: int, stream: DataStream, errors: list[BaseException]) -> threa
     return t
 
 
+@dataclass
+class Upload:
+    """A stream on its way to the sink through the relay's public port (in a thread)."""
+
+    stream: DataStream
+    errors: list[BaseException]
+    thread: threading.Thread
+
+
+def _upload_moving(w: World, seed: int, size: int, at_least: int) -> Upload:
+    """Start sending ``size`` bytes to the sink; return once the relay moved ``at_least``
+    of them, so that what the test does next cuts the transfer mid-way."""
+    stream = DataStream(seed, size)
+    errors: list[BaseException] = []
+    thread = _upload(w.sink_port, stream, errors)
+    _moved(w.relay, f"public:{w.sink_port}", at_least)
+    return Upload(stream, errors, thread)
+
+
+def _assert_arrived_whole(w: World, up: Upload) -> None:
+    """The upload ended without error and the sink got every byte, in order."""
+    up.thread.join(120)
+    assert not up.errors, up.errors
+    got = w.sink.result(timeout=60)
+    assert (got.nbytes, got.sha256) == (up.stream.size, up.stream.sha256)
+
+
 def test_sessions_continue_byte_exact_when_both_ends_lose_the_link_at_once(
     start_relay: Callable[..., RelayNode],
     start_agent: Callable[..., AgentProcess],
@@ -145,10 +172,7 @@ def test_sessions_continue_byte_exact_when_both_ends_lose_the_link_at_once(
     public, named = Interactive(w.echo_port), Interactive(w.web_port)
     assert public.line(b"before ") == b"before "
     assert named.line(b"before ") == b"before "
-    stream = DataStream(7, 48 * MiB)
-    errors: list[BaseException] = []
-    upload = _upload(w.sink_port, stream, errors)
-    _moved(w.relay, f"public:{w.sink_port}", 4 * MiB)
+    up = _upload_moving(w, 7, 48 * MiB, 4 * MiB)
 
     mark, rmark = w.agent.mark(), w.relay.mark()
     w.proxy.kill_all()  # both ends see the link reset at once, mid-transfer
@@ -161,10 +185,7 @@ def test_sessions_continue_byte_exact_when_both_ends_lose_the_link_at_once(
 
     assert public.line(b"after") == b"after"
     assert named.line(b"after") == b"after"
-    upload.join(120)
-    assert not errors, errors
-    got = w.sink.result(timeout=60)
-    assert (got.nbytes, got.sha256) == (stream.size, stream.sha256)
+    _assert_arrived_whole(w, up)
     w.agent.assert_no_event("session_resume_refused")
     w.agent.assert_no_event("session_hold_expired")
     assert w.relay.events("session_resume_refused", since=rmark) == []
@@ -183,10 +204,7 @@ def test_a_silent_link_holds_sessions_and_they_resume_when_it_is_back(
     w = _world(start_relay, start_agent, start_ssh, targets, tmp_path, grace=30)
     public = Interactive(w.echo_port)
     assert public.line(b"one ") == b"one "
-    stream = DataStream(8, 32 * MiB)
-    errors: list[BaseException] = []
-    upload = _upload(w.sink_port, stream, errors)
-    _moved(w.relay, f"public:{w.sink_port}", 2 * MiB)
+    up = _upload_moving(w, 8, 32 * MiB, 2 * MiB)
 
     mark, rmark = w.agent.mark(), w.relay.mark()
     w.proxy.blackhole()
@@ -199,10 +217,7 @@ def test_a_silent_link_holds_sessions_and_they_resume_when_it_is_back(
     for _ in range(2):
         w.agent.wait_for("session_resumed", timeout=30)
     assert public.line(b"two") == b"two"
-    upload.join(120)
-    assert not errors, errors
-    got = w.sink.result(timeout=60)
-    assert (got.nbytes, got.sha256) == (stream.size, stream.sha256)
+    _assert_arrived_whole(w, up)
     assert w.relay.status()["relay"]["held_sessions"] == []
 
 
@@ -216,10 +231,7 @@ def test_past_the_grace_held_sessions_end_with_a_reset_never_short(
     w = _world(start_relay, start_agent, start_ssh, targets, tmp_path, grace=3)
     public = Interactive(w.echo_port)
     assert public.line(b"x") == b"x"
-    stream = DataStream(9, 64 * MiB)
-    errors: list[BaseException] = []
-    upload = _upload(w.sink_port, stream, errors)
-    _moved(w.relay, f"public:{w.sink_port}", 2 * MiB)
+    up = _upload_moving(w, 9, 64 * MiB, 2 * MiB)
     mark, rmark = w.agent.mark(), w.relay.mark()
     w.proxy.blackhole()
     w.relay.wait_for("session_hold_expired", timeout=30, since=rmark)
@@ -227,8 +239,8 @@ def test_past_the_grace_held_sessions_end_with_a_reset_never_short(
     with pytest.raises(OSError):
         public.line(b"y")
         public.line(b"z")  # the reset may be seen on the second
-    upload.join(60)
-    assert errors and isinstance(errors[0], OSError), errors
+    up.thread.join(60)
+    assert up.errors and isinstance(up.errors[0], OSError), up.errors
     # the target saw a reset, not a clean end: the sink records no complete stream
     with pytest.raises(HarnessError):
         w.sink.result(timeout=2)

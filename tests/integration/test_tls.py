@@ -32,6 +32,7 @@ from harness import (
     known_hosts_line,
     make_key,
 )
+from relay_fixtures import ssh_defaults
 from tlscerts import CA, RELAY_NAME, Issued
 
 pytestmark = pytest.mark.integration
@@ -118,15 +119,18 @@ Host gpu-cluster
   User root
   IdentityFile {client_key.path}
   ProxyCommand {proxy_command}
-Host *
-  IdentitiesOnly yes
-  BatchMode yes
-  UserKnownHostsFile {site.relay.known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 20
-""")
+""" + ssh_defaults(site.relay.known_hosts))
+    return path
+
+
+def stock_tools_config(path: Path, text: str, site: TLSRelay, client_key: KeyPair) -> Path:
+    """``text`` (what ``labrelay ssh-config --tls`` prints) and gpu-cluster behind it,
+    for stock ssh with nothing of labrelay installed."""
+    path.write_text(text + f"""
+Host gpu-cluster
+  User root
+  IdentityFile {client_key.path}
+""" + ssh_defaults(site.relay.known_hosts, identities_only=False))
     return path
 
 
@@ -176,19 +180,7 @@ def test_stock_ssh_with_openssl_s_client_as_proxycommand(
                   identity=str(site.user_key.path), tls_port=site.tls_port,
                   tls_ca_file=str(site.ca.pem_path), tls_connect=LOOPBACK)
     assert "ProxyCommand openssl s_client" in text
-    cfg = tmp_path / "ssh_config.tls"
-    cfg.write_text(text + f"""
-Host gpu-cluster
-  User root
-  IdentityFile {client_key.path}
-Host *
-  BatchMode yes
-  UserKnownHostsFile {site.relay.known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 20
-""")
+    cfg = stock_tools_config(tmp_path / "ssh_config.tls", text, site, client_key)
     # Through a ProxyCommand ssh checks the relay's host key under its name.
     site.relay.trust(f"{RELAY_NAME} {site.relay.host_key_blob}")
     ssh = find_program("ssh") or "ssh"

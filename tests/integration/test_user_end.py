@@ -22,7 +22,7 @@ import pytest
 import test_fastpath
 from conftest import child_env
 from harness import LOOPBACK, DataStream, KeyPair, MiB, find_program, sha256_hex
-from relay_fixtures import wait_until
+from relay_fixtures import ssh_defaults, wait_until
 from test_fastpath import Site, _run
 
 from relay.config.schema import ServiceGrant
@@ -50,15 +50,7 @@ Host gpu-cluster
   IdentityFile {site.client_key.path}
   ProxyCommand {proxy}
 {extra}
-Host *
-  IdentitiesOnly yes
-  BatchMode yes
-  UserKnownHostsFile {site.relay.known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 20
-""")
+""" + ssh_defaults(site.relay.known_hosts))
     return path
 
 

@@ -40,6 +40,7 @@ from harness import (
     sha256_hex,
     ssh_argv,
 )
+from relay_fixtures import jump_config
 
 pytestmark = pytest.mark.integration
 
@@ -71,25 +72,6 @@ def _agent(kind: str, relay: RelayNode, key: KeyPair, forwards: list[str],
         agent.wait_for("forward_ready", timeout=20, since=0, kind="remote",
                        bind=f.split(":")[0])
     return agent
-
-
-def _jump_config(path: Path, relay: RelayNode, user_key: KeyPair, target_key: KeyPair) -> Path:
-    path.write_text(f"""\
-Host gpu-cluster
-  User root
-  IdentityFile {target_key.path}
-Host 127.0.0.1
-  IdentityFile {user_key.path}
-Host *
-  IdentitiesOnly yes
-  BatchMode yes
-  UserKnownHostsFile {relay.known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 30
-""")
-    return path
 
 
 def _jump_cat(cfg: Path, relay: RelayNode, payload: bytes) -> bytes:
@@ -133,7 +115,7 @@ def test_sessions_made_while_the_agent_is_away_are_served_when_it_is_back(
     relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
     echo = targets.echo()
     forwards = [f"gpu-cluster:22:127.0.0.1:{gpu.port}", f"0.0.0.0:{public}:127.0.0.1:{echo.port}"]
-    cfg = _jump_config(tmp_path / "ssh_config", relay, keys["alice"], client_key)
+    cfg = jump_config(tmp_path / "ssh_config", relay, keys["alice"], client_key, connect_timeout=30)
 
     first = _agent(kind, relay, keys["lab_pc"], forwards, start_agent, start_ssh, "agent-1")
     hello = b"before the kill"

@@ -218,6 +218,7 @@ def test_dates_of_both_formats_order_together() -> None:
 
 fast_path = pytest.importorskip("bench.fast_path")
 fpr = pytest.importorskip("bench.fast_path_report")
+fast_workers = pytest.importorskip("bench.fast_workers")
 
 
 def fast_path_json(ratio: float = 0.72, connect_cpu: float = 0.38) -> dict:
@@ -351,7 +352,7 @@ def test_fast_path_in_the_combined_report() -> None:
 
 
 def test_fast_path_accounting_and_rusage_wrapper(tmp_path: Path) -> None:
-    acct = fast_path.Accounting({})
+    acct = fast_workers.Accounting({})
     acct.own("connect", 2**22 + 12345)  # no such process: its /proc reads give None
     acct.start, acct.end = {"connect": 0.25}, {"connect": 0.65}
     phases = acct.finish(own_total=0.72)
@@ -363,7 +364,7 @@ def test_fast_path_accounting_and_rusage_wrapper(tmp_path: Path) -> None:
 
     out = tmp_path / "rusage.jsonl"
     import subprocess
-    code = subprocess.run([sys.executable, fast_path.THIS, "--worker", "rusage", str(out), "--",
+    code = subprocess.run([sys.executable, fast_workers.THIS, "--worker", "rusage", str(out), "--",
                            sys.executable, "-c", "raise SystemExit(3)"], timeout=60).returncode
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert code == 3 and lines[0]["pid"] > 0

@@ -184,12 +184,39 @@ def test_krl_serial_bitmap(pki: Path) -> None:
     (pki / "spec3").write_text("".join(f"serial: {s}\n" for s in serials))
     keygen("-k", "-f", "krl3", "-s", "ca.pub", "spec3", cwd=pki)
     krl = parse_krl((pki / "krl3").read_bytes())
-    revoked = set()
-    for entry in krl.certs.values():
-        revoked |= entry.serials
-        for low, high in entry.ranges:
-            revoked |= set(range(low, high + 1))
+    assert any(entry.bitmaps for entry in krl.certs.values())  # the encoding under test
+    revoked = {s for s in range(0, 1000)
+               if any(entry.match(s, b"") for entry in krl.certs.values())}
     assert revoked == set(serials)
+
+
+def test_a_huge_krl_bitmap_costs_its_size_not_one_object_per_serial() -> None:
+    """A 2 MiB bitmap of ones (16 million serials) parses at once and is looked up
+    per serial; it was expanded bit by bit (quadratic: ~1.6 s at 32 KiB, hours at
+    2 MiB) into a set of 16 million ints (~1 GiB)."""
+    import struct
+    import time
+
+    from relay.core import krl as k
+
+    def s(b: bytes) -> bytes:
+        return struct.pack(">I", len(b)) + b
+
+    bits = b"\x7f" + b"\xff" * (k.MAX_BITMAP_BITS // 8 - 1)  # positive, 2^24 - 1 bits
+    sub = bytes([k.CERT_SERIAL_BITMAP]) + s(struct.pack(">Q", 1000) + s(b"\0" + bits))
+    head = k.MAGIC + struct.pack(">IQQQ", 1, 1, 0, 0) + s(b"") + s(b"bomb")
+    data = head + bytes([k.SECTION_CERTIFICATES]) + s(s(b"") + s(b"") + sub)
+    started = time.perf_counter()
+    krl = parse_krl(data)
+    took = time.perf_counter() - started
+    entry = krl.certs[b""]
+    assert took < 1.0 and not entry.serials
+    assert entry.match(1000, b"") and entry.match(1000 + 2**24 - 2, b"")
+    assert entry.match(999, b"") is None and entry.match(1000 + 2**24 - 1, b"") is None
+    too_big = b"\x01" + bits
+    sub = bytes([k.CERT_SERIAL_BITMAP]) + s(struct.pack(">Q", 0) + s(too_big))
+    with pytest.raises(KrlError, match="too large"):
+        parse_krl(head + bytes([k.SECTION_CERTIFICATES]) + s(s(b"") + s(b"") + sub))
 
 
 def test_krl_garbage_is_refused() -> None:

@@ -48,6 +48,14 @@ SOURCE = "192.0.2.7"
 # --- fakes ---------------------------------------------------------------------------
 
 
+@dataclass
+class Row:
+    """A session row as DataPort sees one: ``closing`` set when the relay closes it."""
+
+    n: int
+    closing: str | None = None
+
+
 @dataclass(eq=False)
 class FakeCore:
     """Just what DataPort asks of a RelayCore."""
@@ -61,11 +69,16 @@ class FakeCore:
     opened: list[tuple[str, str, str]] = field(default_factory=list)
     spliced: list[tuple[object, Any]] = field(default_factory=list)
     failed: list[object] = field(default_factory=list)
+    cancels: dict[int, Any] = field(default_factory=dict)  # by row number
+    waiting_rows: list[object] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
 
-    def whenRegistered(self, name: str, port: int, timeout: float) -> defer.Deferred[Any]:
+    def whenRegistered(self, name: str, port: int, timeout: float,
+                       row: object = None) -> defer.Deferred[Any]:
         reg = self.registry.lookup(name, port)
         if reg is not None:
             return defer.succeed(reg)
+        self.waiting_rows.append(row)
         return expire(defer.Deferred(), timeout, self.reactor)
 
     def fastSessionOpening(self, principal: Any, service: str, origin: str,
@@ -73,7 +86,11 @@ class FakeCore:
         if self.cap_reached:
             raise PairingError(f"user {principal.name} already has 1 sessions open")
         self.opened.append((principal.name, service, origin))
-        return ("session", len(self.opened))
+        self.rows.append(Row(len(self.opened)))
+        return self.rows[-1]
+
+    def fastSessionWaiting(self, session: Row, cancel: Any) -> None:
+        self.cancels[session.n] = cancel
 
     def fastSessionCounters(self, session: object, agent: Any = None) -> Any:
         core = self
@@ -472,7 +489,7 @@ def test_user_is_paired_and_spliced_once_the_agent_says_k(
     adc.dataReceived(fw.AGENT_OK + b"SSH-2.0-server\r\n")
     assert fake.calls == [(ut, at, b"SSH-2.0-client\r\n", fw.USER_OK + b"SSH-2.0-server\r\n")]
     assert udc.state == adc.state == "spliced"
-    assert world.core.spliced == [(("session", 1), fake.pairs[0])] and not world.core.failed
+    assert world.core.spliced == [(Row(1), fake.pairs[0])] and not world.core.failed
     assert world.port.counters["paired"] == 1
     assert not _timers(world)  # the agent reply timer was cancelled
     assert ut.value() == b""  # USER_OK goes through the splice, not this transport
@@ -489,7 +506,7 @@ def test_agent_that_cannot_connect_fails_the_user(world: World) -> None:
                        "connection refused")
     assert ut.disconnecting and udc.state == "closed"
     assert _aborted(at)
-    assert world.core.failed == [("session", 1)] and world.port.counters["pair_failed"] == 1
+    assert world.core.failed == [Row(1)] and world.port.counters["pair_failed"] == 1
     assert not _timers(world)
 
 
@@ -548,7 +565,7 @@ def test_agent_connections_closing_while_dispatched_fail_the_user_at_last(
         assert more.state == "dispatched"
         connection_lost(more)
     assert b"the agent's data connection closed" in ut.value()
-    assert world.core.failed == [("session", 1)]
+    assert world.core.failed == [Row(1)]
 
 
 def test_user_waits_for_a_free_agent_connection_then_gives_up(world: World) -> None:
@@ -562,7 +579,7 @@ def test_user_waits_for_a_free_agent_connection_then_gives_up(world: World) -> N
     world.clock.advance(0.2)
     assert ut.value() == fw.pack_error(
         fw.USER_ERROR, "gpu-cluster:22 unavailable: no agent data connection became free in time")
-    assert world.core.failed == [("session", 1)]
+    assert world.core.failed == [Row(1)]
     assert not _timers(world)
 
 
@@ -782,3 +799,28 @@ def test_pair_local_obeys_the_e2e_rule(world: World) -> None:
     world.port.pairLocal(*GPU).addErrback(failures.append)
     assert len(failures) == 2 and "keeps no data connections" in failures[1].getErrorMessage()
     assert at.value() == b""
+
+
+@pytest.mark.parametrize("stage", ["registration", "pool"])
+def test_a_session_closed_by_the_relay_stops_waiting_at_once(world: World, stage: str) -> None:
+    """A grants change closes a waiting fast-path session (RelayCore.abortSession sets
+    its ``closing`` and calls the canceller it was given): the user is told why at
+    once, not after public_wait; the wait for the agent's registration is one the relay
+    tracks (by its row)."""
+    if stage == "pool":
+        world.agent_with_pool()  # registered, nothing idle
+    alice = world.ssh("alice", "user")
+    token = world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
+    udc, ut = _dial(world.port)
+    udc.dataReceived(fw.user_hello(token, udc.nonce, *GPU))
+    world.clock.advance(1)
+    assert ut.value() == b"" and udc.state == "user"
+    row = world.core.rows[0]
+    assert world.core.waiting_rows == ([row] if stage == "registration" else [])
+    row.closing = "gpu-cluster:22 is no longer granted to user alice"
+    world.core.cancels[1]()
+    assert ut.value() == fw.pack_error(
+        fw.USER_ERROR, "gpu-cluster:22 unavailable: gpu-cluster:22 is no longer granted to "
+        "user alice")
+    assert world.core.failed == [row] and not _timers(world)
+    assert world.port.counters["pair_failed"] == 1

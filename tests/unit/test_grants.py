@@ -794,3 +794,15 @@ def test_public_port_names_cover_every_public_bind() -> None:
     assert PUBLIC in PUBLIC_PORT_NAMES
     assert PUBLIC_BINDS <= PUBLIC_PORT_NAMES
     assert not any(EVERYTHING.may_reach(name, 2201) for name in PUBLIC_PORT_NAMES)
+
+
+def test_users_file_share_and_rate_options(keys: list[str]) -> None:
+    """docs/config.md: ``share="2"``, ``rate-limit="20MB"``, ``rate-burst="4MB"`` on a
+    users-file line are the ``[[relay.user]]`` table's ``share``, ``rate_limit`` and
+    ``rate_burst``."""
+    text = f'permitopen="bulk:9000",share="2",rate-limit="20MB",rate-burst="4MB" {keys[0]} alice\n'
+    [site] = parse_grant_file(text, "user", "users")
+    assert site.principal.share == 2.0
+    assert site.principal.rate_limit == 20_000_000 and site.principal.rate_burst == 4_000_000
+    with pytest.raises(ConfigError, match="share"):
+        parse_grant_file(f'permitopen="bulk:9000",share="-1" {keys[0]} alice\n', "user", "users")

@@ -463,3 +463,22 @@ def test_reconfigure_applies_limits_grants_and_the_idle_sweep(world: Any) -> Non
     assert sweeps_in(5)
     core.stop()
     assert not clock.getDelayedCalls()
+
+
+def test_reconfigure_applies_resume_grace(world: Any) -> None:
+    """``resume_grace`` is a live [relay] setting (not in diff.RELAY_RESTART_ONLY, so a
+    reload reports it changed): the hello answer and what is held from now on use the
+    new value.  It used to be read once, when the relay started: the reload said
+    "relay: resume_grace changed" and nothing changed."""
+    import dataclasses
+
+    from relay.core.resume import HELLO, pack_hello, unpack_hello_reply
+
+    core, _clock, blobs = world
+    agent = _conn(core, blobs, "lab_pc")
+    core.reconfigure(dataclasses.replace(core.config, resume_grace=5))
+    assert core.resumes.sessions.grace == 5 and core.resumes.sessions.enabled
+    ok, reply = core.globalRequest(agent, HELLO, pack_hello(b"agent-instance"))
+    assert ok and unpack_hello_reply(reply)[1] == 5
+    core.reconfigure(dataclasses.replace(core.config, resume_grace=0))
+    assert not core.resumes.sessions.enabled

@@ -212,3 +212,18 @@ def test_user_sessions_need_a_grant_a_place_under_the_cap_and_a_service_that_can
         Refused.NO_SERVICE, "no service gpu-cluster:22 on this relay")
     router.offer("gpu-cluster", 22, w.conn(LAB), "gpu-cluster", 0.0)
     assert router.admit_session(ALICE, "gpu-cluster", 22, 0, 10, None) is None  # registered
+
+
+def test_totals_name_one_name_for_a_wildcard_grants_unregistered_ports() -> None:
+    """A ``name:*`` grant's ports count under ``name:*`` unless registered or granted
+    one by one: a user cannot grow the totals' (and /metrics') names port by port."""
+    w = World()
+    lab = Principal(kind=AGENT, name="lab_pc",
+                    services=(ServiceGrant("tb", None), ServiceGrant("tb", 6006)),
+                    public_ports=frozenset(), max_sessions=None)
+    agent = w.conn(lab)
+    assert w.router.totals_name(lab, "tb", 1234) == "tb:*"
+    assert w.router.totals_name(lab, "tb", 6006) == "tb:6006"  # granted by port
+    assert w.router.offer("tb", 7000, agent, "tb", 1.0).ok
+    assert w.router.totals_name(lab, "tb", 7000) == "tb:7000"  # registered now
+    assert w.router.totals_name(None, "gone", 22) == "gone:22"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.core.sessions import CHANNEL, POOLED, SPLICED, SessionTable, State
+from relay.core.sessions import CHANNEL, OTHER, POOLED, SPLICED, SessionTable, State
 
 GPU = "gpu-cluster:22"
 WEB = "web:80"
@@ -136,3 +136,19 @@ def test_pooled_rows_of_an_agent_are_selected_for_its_link() -> None:
     table.close(pooled, 1.0)
     assert table.pooled_of_agent(agent) == []
     assert channel.path != POOLED and spliced.path == SPLICED
+
+
+def test_totals_keep_a_bounded_number_of_names_then_count_the_rest_as_other() -> None:
+    table = SessionTable(max_totals=3)
+    rows = [table.open("alice", f"svc:{p}", "o", 0.0) for p in range(6)]
+    wild = table.open("alice", "lab:99", "o", 0.0, totals_as="lab:*")
+    assert [r.totals_as for r in rows] == ["svc:0", "svc:1", "svc:2", OTHER, OTHER, OTHER]
+    assert wild.totals_as == OTHER
+    again = table.open("alice", "svc:1", "o", 0.0)  # a name already kept keeps its own
+    assert again.totals_as == "svc:1"
+    for row in [*rows, wild, again]:
+        table.close(row, 1.0, 10, 20)
+    totals = table.per_service()
+    assert set(totals) == {"svc:0", "svc:1", "svc:2", OTHER}
+    assert totals[OTHER]["sessions_total"] == 4 and totals[OTHER]["bytes_to_service"] == 40
+    assert totals["svc:1"]["sessions_total"] == 2 and totals[OTHER]["sessions_active"] == 0
