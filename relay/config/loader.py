@@ -235,6 +235,8 @@ def _parse_relay(sec: Section, base: Path,
         public_wait=sec.number("public_wait", defaults.public_wait, low=0),
         resume_grace=sec.number("resume_grace", defaults.resume_grace, low=0, high=86400),
         resume_max_sessions=sec.integer("resume_max_sessions", defaults.resume_max_sessions, 0),
+        resume_max_sessions_per_agent=sec.integer(
+            "resume_max_sessions_per_agent", defaults.resume_max_sessions_per_agent, 0),
         keepalive=_keepalive(sec),
         window=window,
         max_packet=max_packet,

@@ -328,7 +328,10 @@ class RelayConfig:
     # Resumable sessions at most, open or held, over all agents: each keeps up to one
     # window of replay, so this times ``window`` bounds that memory; past it a new
     # session is opened as a plain ``forwarded-tcpip`` (it ends with the link).
-    resume_max_sessions: int = 256
+    resume_max_sessions: int = 512
+    # The same per agent key, so that one agent (its public ports are anyone's to
+    # open) cannot take every other agent's resumable sessions.
+    resume_max_sessions_per_agent: int = 128
     keepalive: Keepalive = field(default_factory=Keepalive)
     window: int = DEFAULT_WINDOW
     max_packet: int = DEFAULT_MAX_PACKET

@@ -17,8 +17,9 @@ Why the replay buffer costs no new memory bound: the peer acknowledges bytes wit
 SSH window (a ``WINDOW_ADJUST`` is sent only for bytes handed on downstream, DESIGN
 §4), so bytes sent and not yet acknowledged are at most the peer's window; a source
 feeding a stream is paused when that window is spent, so what is written and not yet
-acknowledged is one window plus at most what the source delivered before it was
-paused.  Bytes a receiver got are already in its downstream (the TCP connection it
+acknowledged is at most one window: the source is paused while less than one read
+(:data:`SOURCE_READ`) is left of it, so no read lands past it.  Bytes a receiver
+got are already in its downstream (the TCP connection it
 holds), so what it received is what it delivered.
 
 The wire formats (``resume@labrelay`` hello, the ``forwarded-resumable@labrelay``
@@ -32,6 +33,8 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
+
+from relay.core.replay import ReplayBuffer
 
 HELLO = b"resume@labrelay"
 """Global request from the agent, first on every link: "I can resume sessions".
@@ -50,6 +53,12 @@ REPLAY_LIMIT = 16 * 1024 * 1024
 The peer's window would bound it, but the peer chooses its window (up to 4 GiB, and it
 need never re-open it); 16 MiB is the largest window a labrelay end can be configured
 with, so an honest peer's half-window ``WINDOW_ADJUST`` always comes."""
+SOURCE_READ = 64 * 1024
+"""The most a bridge's source hands over at once (a Twisted TCP transport reads up to
+64 KiB; an SSH channel delivers a packet, at most 32 KiB by default).  A resumable
+session's channel stops its source while less than this is left of the window
+(``BridgedChannel.capWindow``), so its replay buffer never holds more than the window:
+the read that would not fit is never made."""
 MAX_COUNT = 2**63 - 1
 
 
@@ -137,11 +146,8 @@ class Stream:
         self.deadline: float | None = None
         self.resumes = 0
         self.why_ended: str | None = None
-        # [acked, sent) in one buffer: appended at the end, cut at the front (CPython's
-        # bytearray does that without moving the rest).  One buffer, not a chunk per read:
-        # chunks kept between the link's short-lived packet buffers fragmented the heap
-        # (measured: 1.3 windows of RSS per session instead of 1).
-        self._replay = bytearray()
+        # [acked, sent): what its RSS costs is measured (relay.core.replay)
+        self._replay = ReplayBuffer()
 
     # while open (and, for writes already under way, while held)
 
@@ -149,7 +155,7 @@ class Stream:
         """``data`` was written toward the peer (sent now, or when the link is back)."""
         if self.state is StreamState.ENDED or not data:
             return
-        self._replay += data
+        self._replay.append(data)
         self.sent += len(data)
 
     def wrote_eof(self) -> None:
@@ -170,7 +176,7 @@ class Stream:
         if drop <= 0:
             return
         self.acked = total
-        del self._replay[:drop]
+        self._replay.drop(drop)
 
     def got(self, nbytes: int) -> None:
         self.received += nbytes
@@ -227,7 +233,7 @@ class Stream:
 
     def _pending(self) -> list[bytes]:
         """The unacknowledged bytes, in order."""
-        return [bytes(self._replay)] if self._replay else []
+        return self._replay.chunks()
 
     def expired(self, now: float) -> bool:
         """Whether it is held past its deadline (then it is ended)."""
@@ -241,7 +247,7 @@ class Stream:
             return
         self.state = StreamState.ENDED
         self.why_ended = why
-        self._replay = bytearray()
+        self._replay.clear()
 
     def age(self, now: float) -> float:
         """Seconds it has been held (0 if it is not)."""

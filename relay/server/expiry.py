@@ -27,6 +27,7 @@ class KeyHolder(Protocol):
     grants: Any
     connections: Any
     sessions: Any
+    resumes: Any  # relay.server.resumes.RelayResumes: sessions held for an agent key
 
     def endKey(self, key_blob: bytes, why: str) -> None:
         """Close every session and connection of ``key_blob``."""
@@ -57,13 +58,17 @@ class KeyExpiry:
 
     def _inUse(self, key_blob: bytes) -> bool:
         return (any(c.identity.key_blob == key_blob for c in self.relay.connections)
-                or any(r.key == key_blob for r in self.relay.sessions.rows()))
+                or any(r.key == key_blob for r in self.relay.sessions.rows())
+                or key_blob in self.relay.resumes.held_keys())
 
     def recheck(self, skip: Collection[bytes] = ()) -> None:
         """After a reload: end what is no longer usable, re-arm the timers of the rest.
         ``skip``: keys the reload's diff already took care of."""
         blobs = {c.identity.key_blob for c in self.relay.connections}
         blobs.update(r.key for r in self.relay.sessions.rows() if r.key is not None)
+        # An agent whose link is down has no connection, but the sessions held for it
+        # are its key's: revoked, that key can never resume them (they end now).
+        blobs.update(self.relay.resumes.held_keys())
         for blob in sorted(blobs - set(skip)):
             if self.relay.grants.principal_for(blob) is None:
                 self.relay.endKey(blob, "its key is no longer usable (expired, revoked, "

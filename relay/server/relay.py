@@ -71,10 +71,11 @@ class RelayCore(SessionOpening):
         self.dataport = DataPort(self, self.admission)
         # Sessions a labrelay agent may resume over a new link (docs/resilience.md); the
         # instance id tells its agents when this relay restarted (nothing to resume).
-        self.resumes = RelayResumes(reactor, config.resume_grace)
+        self.sharing = Sharing(grants, reactor)
+        self.resumes = RelayResumes(reactor, config.resume_grace,
+                                    retag=self.sharing.tagAgentChannel)
         self.resume = self.resumes.sessions
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
-        self.sharing = Sharing(grants, reactor)
         self.expiry = KeyExpiry(self)
         grants.subscribe(lambda _change: self.sharing.refresh())
         grants.subscribe(self.grantsChanged)

@@ -28,8 +28,10 @@ class RelayResumes:
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, grace: float) -> None:
+    def __init__(self, reactor: Any, grace: float,
+                 retag: Callable[[ResumableSide, str], object] | None = None) -> None:
         self.grace = grace
+        self._retag = retag  # the fair share's tag for an agent channel (server.sharing)
         self.sessions = ResumableSessions(reactor, grace, "relay", on_resumed=self._resumed)
         self.instance = secrets.token_bytes(16)
 
@@ -83,6 +85,12 @@ class RelayResumes:
             out.append((side.row, why))
         return out
 
+    def held_keys(self) -> set[bytes]:
+        """The agent keys sessions are held for (their links are down)."""
+        return {side.stream.owner[0] for side in self.sessions.held_sides()
+                if isinstance(side.stream.owner, tuple)
+                and isinstance(side.stream.owner[0], bytes)}
+
     def held_rows_of(self, key_blob: bytes) -> list[Any]:
         """The session rows held for agent key ``key_blob`` (it expired or was revoked:
         its agent cannot resume them)."""
@@ -91,7 +99,10 @@ class RelayResumes:
                 and side.stream.owner[0] == key_blob]
 
     def _resumed(self, side: ResumableSide) -> None:
-        """A session continues over its agent's new connection: its row follows."""
+        """A session continues over its agent's new connection: its row follows, and
+        the new channel is scheduled as its user's again, here and at the agent."""
         row = side.row
         if row is not None and side.channel is not None:
             row.agent = side.channel.conn
+            if self._retag is not None and row.user:
+                self._retag(side, row.user)

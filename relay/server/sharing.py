@@ -79,16 +79,15 @@ class Sharing:
 
     def tag(self, channel: Any, user: str) -> None:
         """``channel`` carries ``user``'s bytes on its connection's link."""
-        channel.shareUser = user
-        scheduler = getattr(channel.conn, "scheduler", None)
-        if scheduler is not None:
-            scheduler.set_weight(user, self.weight(user))
+        channel.tagShare(user, self.weight(user))
 
     def tagAgentChannel(self, side: Any, user: str) -> Any:
         """Tag an agent's ``forwarded-tcpip`` channel here and at the agent; returns
         ``side`` (a Deferred's callback).  ``side`` is the channel, or a resumable
-        session's side (relay.ssh.resumable) whose ``channel`` carries it now; a session
-        resumed on a new channel is scheduled as nobody's in particular (user "")."""
+        session's side (relay.ssh.resumable) whose ``channel`` carries it now: the relay
+        calls this again when such a session is resumed on a new channel (with the
+        user's weight in force then), and the agent's side re-tags its new channel from
+        what it knew meanwhile."""
         channel = getattr(side, "channel", side)
         if channel is None or getattr(channel, "conn", None) is None:
             return side

@@ -31,6 +31,9 @@ WINDOW_EXHAUSTED = "window"
 LINK_CONGESTED = "link"
 _NONE: frozenset[str] = frozenset()
 """No pause or congestion reason: the shared empty set every idle channel points at."""
+READ_AHEAD_FULL = "read-ahead"
+"""Congested because the window left could not take one more read of the source (a
+resumable session's channel, :meth:`BridgedChannel.capWindow`)."""
 
 
 class BridgedChannel(SSHChannel):
@@ -44,6 +47,7 @@ class BridgedChannel(SSHChannel):
     sessions hold 10 000 channels at the relay and 10 000 at the agent."""
 
     __slots__ = (
+        "_announce",
         "_congestion",
         "_credit",
         "_early",
@@ -59,7 +63,9 @@ class BridgedChannel(SSHChannel):
         "openData",
         "opened",
         "peerClosed",
+        "readAhead",
         "shareUser",
+        "shareWeight",
         "windowCap",
     )
 
@@ -87,6 +93,7 @@ class BridgedChannel(SSHChannel):
         # Whose bytes these are, for the link's fair share (relay.ssh.connection): set
         # by the relay, and at the agent by the relay's ``share@labrelay`` request.
         self.shareUser = ""
+        self.shareWeight = 1.0
         self.bridge: Bridge | None = None
         self.opened: defer.Deferred[BridgedChannel] = defer.Deferred()
         self._early: list[bytes] | None = None  # data before attach(), rare
@@ -110,6 +117,9 @@ class BridgedChannel(SSHChannel):
         # offers (sending less than a peer allows is always allowed): a resumable
         # session keeps those bytes for a replay, so the peer must not choose how many.
         self.windowCap: int | None = None
+        # With a cap: the source is paused while less than this is left of the window,
+        # so the read that would overflow it is never made (see ``capWindow``).
+        self.readAhead = 0
         self.openData = b""  # the confirmation's channel-specific data, once open
         # The peer sent CHANNEL_CLOSE (Conch marks remoteClosed on a dropped connection too).
         self.peerClosed = False
@@ -154,11 +164,16 @@ class BridgedChannel(SSHChannel):
             self._log.warn("malformed {request} request; ignored", request=SHARE.decode(),
                            event="share_malformed")
             return 0
-        self.shareUser = user
+        self.tagShare(user, weight)
+        return 1
+
+    def tagShare(self, user: str, weight: float) -> None:
+        """This channel carries ``user``'s bytes, whose share of a congested link is
+        ``weight`` (its connection's scheduler, relay.ssh.connection)."""
+        self.shareUser, self.shareWeight = user, weight
         scheduler = getattr(self.conn, "scheduler", None)
         if scheduler is not None:
             scheduler.set_weight(user, weight)
-        return 1
 
     def announce(self, requestType: bytes, data: bytes) -> None:
         """Send the channel request ``requestType`` (no reply wanted) just before this
@@ -214,6 +229,7 @@ class BridgedChannel(SSHChannel):
                 self.stopWriting()
         if data:
             self._sendNow(data)
+        self._checkReadAhead()
 
     def _sendNow(self, data: bytes) -> None:
         if self._announce is not None:
@@ -227,10 +243,30 @@ class BridgedChannel(SSHChannel):
                 send(self, view[offset:offset + step])  # copied once, into the packet
         self.remoteWindowLeft -= len(data)
 
-    def capWindow(self, cap: int) -> None:
-        """Send at most ``cap`` bytes beyond what the peer credited (see ``windowCap``)."""
+    def capWindow(self, cap: int, readAhead: int = 0) -> None:
+        """Send at most ``cap`` bytes beyond what the peer credited (see ``windowCap``).
+
+        With ``readAhead`` (the most a source delivers in one read), the bridge's
+        other side is told the sink is full as soon as less than that is left of the
+        window, so it stops reading *before* the read that would not fit: the bytes
+        written and not yet credited (a resumable session's replay buffer) then stay
+        within the window, and what the source has not been asked for waits in the
+        kernel's socket buffer, not in this process.  The margin is at most a quarter
+        of the window (a fresh channel's, so the peer's whole window): the peer
+        credits once it holds half a window uncredited, which must still be reachable
+        with the source paused, or the session would stall."""
         self.windowCap = cap
         self.remoteWindowLeft = min(self.remoteWindowLeft, cap)
+        self.readAhead = min(readAhead, self.remoteWindowLeft // 4)
+        self._checkReadAhead()
+
+    def _checkReadAhead(self) -> None:
+        if not self.readAhead:
+            return
+        if self.remoteWindowLeft < self.readAhead:
+            self._congest(READ_AHEAD_FULL)
+        else:
+            self._decongest(READ_AHEAD_FULL)
 
     def addWindowBytes(self, data: int) -> None:
         self.remoteWindowLeft += data
@@ -247,6 +283,7 @@ class BridgedChannel(SSHChannel):
             else:
                 queued.popleft()
             self._sendNow(chunk)
+        self._checkReadAhead()
         if queued:
             return
         if not self.areWriting and not self.closing:

@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from relay.core.resume import (
     REPLAY_LIMIT,
     RESUME_CHANNEL,
+    SOURCE_READ,
     Offer,
     Refusal,
     ResumeRefused,
@@ -45,6 +46,7 @@ from relay.core.resume import (
     unpack_counts,
     unpack_offer,
 )
+from relay.datapath.memory import release_freed_memory
 from relay.ssh.channels import BridgedChannel
 
 
@@ -57,6 +59,9 @@ def refused_by_relay(f: Failure) -> bool:
 
 HELD = "held"
 """The pause reason a held session puts on the bridge's other side."""
+RELEASE_EVERY = 10.0
+"""Seconds between two releases of freed memory (a full garbage collection, then a
+trim: tens of milliseconds in a large process), however often links are lost."""
 
 
 class ResumableSide:
@@ -65,6 +70,7 @@ class ResumableSide:
     __slots__ = (
         "_closeAfter",
         "_pauses",
+        "_share",
         "_timer",
         "bridge",
         "channel",
@@ -85,8 +91,11 @@ class ResumableSide:
         self._pauses: frozenset[str] = frozenset()  # a new set only when one is paused
         self._closeAfter = False  # the bridge asked close(): again after a resume
         self._timer: IDelayedCall | None = None
+        # Whose bytes these are on a congested link and their weight (the channel's
+        # share tag, relay.ssh.connection): kept across a hold for the next channel.
+        self._share = ("", 1.0)
         channel.onCredit = self._credited
-        channel.capWindow(REPLAY_LIMIT)
+        channel.capWindow(REPLAY_LIMIT, SOURCE_READ)
 
     @property
     def sid(self) -> bytes:
@@ -170,7 +179,7 @@ class ResumableSide:
             self._end("closed")
             self._closed(clean)
             return
-        self._hold()  # the connection under it went
+        self._hold(side)  # the connection under it went
 
     def _credited(self, nbytes: int) -> None:
         try:
@@ -183,7 +192,12 @@ class ResumableSide:
 
     # holding and resuming
 
-    def _hold(self) -> None:
+    def _keepShare(self, channel: BridgedChannel) -> None:
+        if channel.shareUser:
+            self._share = (channel.shareUser, channel.shareWeight)
+
+    def _hold(self, old: BridgedChannel) -> None:
+        self._keepShare(old)
         self.channel = None
         if not self.stream.lost(self.sessions.clock.seconds(), self.sessions.grace):
             return
@@ -199,6 +213,7 @@ class ResumableSide:
         if old is None:
             return
         old.onCredit = None
+        self._keepShare(old)
         self.stream.lost(self.sessions.clock.seconds(), self.sessions.grace)
         if self.bridge is not None:
             self.bridge.peer(self).pauseReading(HELD)
@@ -211,7 +226,9 @@ class ResumableSide:
         self._timer = None
         self.channel = channel
         channel.onCredit = self._credited
-        channel.capWindow(REPLAY_LIMIT)
+        channel.capWindow(REPLAY_LIMIT, SOURCE_READ)
+        if self._share[0]:  # scheduled as its user's again on the new link
+            channel.tagShare(*self._share)
         if self.bridge is not None:
             self.bridge.sinkDrained(self)  # the old channel's congestion went with it
         channel.attach(self)  # type: ignore[arg-type]  # says so if this one is congested
@@ -261,7 +278,8 @@ class ResumableSessions:
     log = Logger()
 
     def __init__(self, clock: IReactorTime, grace: float, where: str,
-                 on_resumed: Callable[[ResumableSide], object] | None = None) -> None:
+                 on_resumed: Callable[[ResumableSide], object] | None = None,
+                 release: Callable[[], bool] = release_freed_memory) -> None:
         self.clock = clock
         self.grace = grace
         self.where = where  # "relay" or "link NAME": the events' prefix
@@ -269,11 +287,36 @@ class ResumableSessions:
         self.sides: dict[bytes, ResumableSide] = {}
         self._on_resumed = on_resumed
         self.opening = 0  # resumable channels asked for, not yet confirmed or refused
+        self._opening_of: dict[object, int] = {}  # the same per owner key
+        self._release = release
+        self._settle: IDelayedCall | None = None
+        self._released_at: float | None = None
 
     @property
     def count(self) -> int:
         """Resumable sessions open, held or being opened (what a cap counts)."""
         return len(self.table) + self.opening
+
+    def count_of(self, key: object) -> int:
+        """The same for the sessions whose owner is ``key``'s (an owner is ``(key,
+        instance)`` at the relay): a cap per agent key."""
+        return self._opening_of.get(key, 0) + sum(
+            1 for s in self.sides.values()
+            if isinstance(s.stream.owner, tuple) and s.stream.owner[0] == key)
+
+    def reserve(self, key: object) -> None:
+        """A resumable channel for ``key``'s agent is being opened: counted already."""
+        self.opening += 1
+        self._opening_of[key] = self._opening_of.get(key, 0) + 1
+
+    def unreserve(self, key: object) -> None:
+        """That channel was confirmed (then :meth:`open` counts it) or refused."""
+        self.opening -= 1
+        left = self._opening_of.get(key, 0) - 1
+        if left > 0:
+            self._opening_of[key] = left
+        else:
+            self._opening_of.pop(key, None)
 
     @property
     def enabled(self) -> bool:
@@ -376,14 +419,33 @@ class ResumableSessions:
         self.log.info("{where}: session {label} held for {grace:g}s: its link is gone",
                       event="session_held", where=self.where, label=side.label,
                       sid=side.sid.hex()[:8], grace=self.grace, unacked=side.stream.unacked)
+        if self._settle is None:  # once per link lost: its sessions are held together
+            self._settle = self.clock.callLater(0, self._settled)
+
+    def _settled(self) -> None:
+        """The sessions of a link just lost are held: what was in flight on that link is
+        freed now, and given back (relay.datapath.memory), so that a held session costs
+        what it keeps; then one event says what that is."""
+        self._settle = None
+        now = self.clock.seconds()
+        released = False
+        if self._released_at is None or now - self._released_at >= RELEASE_EVERY:
+            self._released_at = now
+            released = self._release()
+        held = self.held_sides()
+        self.log.info("{where}: {n} session(s) held, {replay} bytes kept to send again",
+                      event="sessions_held_total", where=self.where, n=len(held),
+                      replay=sum(s.stream.unacked for s in held), released=released)
 
     def resumed(self, side: ResumableSide, plan: Resumption) -> None:
+        if self._on_resumed is not None:
+            self._on_resumed(side)
+        user = side.channel.shareUser if side.channel is not None else ""
         self.log.info("{where}: session {label} resumed after {outage:.1f}s "
                       "({resent} bytes sent again)", event="session_resumed",
                       where=self.where, label=side.label, sid=side.sid.hex()[:8],
-                      outage=plan.outage, resent=plan.size, resend_eof=plan.resend_eof)
-        if self._on_resumed is not None:
-            self._on_resumed(side)
+                      outage=plan.outage, resent=plan.size, resend_eof=plan.resend_eof,
+                      user=user)
 
     def expired(self, side: ResumableSide) -> None:
         self.log.warn("{where}: session {label} not resumed within {grace:g}s; resetting it",

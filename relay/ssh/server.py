@@ -417,11 +417,14 @@ class RelayConnection(FlowConnection):
         """Open a ``forwarded-tcpip`` channel to this agent for one session: its bridge
         side.  To an agent that said hello, a ``forwarded-resumable@labrelay`` whose
         side holds across a broken link (relay.ssh.resumable)."""
-        resume = self.core.resume
+        resume, cfg = self.core.resume, self.core.config
+        key = self.identity.key_blob
         # Capped: each resumable session keeps up to a window of replay here, and a
-        # public port's connections are the internet's to open (docs/security.md).
+        # public port's connections are the internet's to open (docs/security.md);
+        # per agent key too, or one agent's port could take every agent's share.
         resumable = (self.resumable and resume.enabled
-                     and resume.count < self.core.config.resume_max_sessions)
+                     and resume.count < cfg.resume_max_sessions
+                     and resume.count_of(key) < cfg.resume_max_sessions_per_agent)
         channel = BridgedChannel(
             OPEN_RESUMABLE if resumable else b"forwarded-tcpip", window=self.core.config.window,
             maxPacket=policy.channel_max_packet(
@@ -437,11 +440,11 @@ class RelayConnection(FlowConnection):
         self.openChannel(channel, data + pack_sid(sid))
         service = f"public:{port}" if bind in PUBLIC_BINDS else f"{bind}:{port}"
         label = f"{service} from {origHost}:{origPort}"
-        owner = (self.identity.key_blob, self.agent_instance)
-        resume.opening += 1
+        owner = (key, self.agent_instance)
+        resume.reserve(key)
 
         def opened(result: Any) -> Any:
-            resume.opening -= 1
+            resume.unreserve(key)
             return result
 
         return channel.opened.addBoth(opened).addCallback(

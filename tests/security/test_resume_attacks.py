@@ -457,3 +457,138 @@ def test_a_config_reload_that_narrows_the_agent_ends_its_held_session_at_once(
     honest = connect(kept_port, timeout=30)
     honest.sendall(b"kept")
     assert recv_exactly(honest, 4) == b"kept"
+
+
+def _reload(relay: RelayNode) -> None:
+    request = urllib.request.Request(f"http://{relay.admin}/reload", data=b"", method="POST",
+                                     headers={"X-Labrelay-Action": "reload"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert json.load(reply)["ok"] is True
+
+
+def test_an_agent_key_revoked_while_its_link_is_down_ends_its_held_sessions(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """The agent's key goes into ``revoked_keys`` and the relay reloads while the agent's
+    link is down and its session held: the key can never come back to resume it, so
+    the relay resets the held session at once (``endKey``), not after the grace period
+    and not by letting a revoked key's agent resume it."""
+    revoked = tmp_path / "revoked_keys"
+    revoked.write_text("# no key revoked yet\n")
+    relay, proxy, agent, keys, held_port, _kept = _world(
+        start_relay, start_agent, targets, tmp_path, f'revoked_keys = "{revoked}"\n')
+    sock = _hold(relay, proxy, agent, held_port)
+    assert len(relay.status()["relay"]["held_sessions"]) == 1
+    revoked.write_text(keys["lab_pc"].public_blob() + "\n")
+    rmark = relay.mark()
+    t0 = time.monotonic()
+    _reload(relay)
+    ended = relay.wait_for("relay_session_revoked", timeout=10, since=rmark,
+                           service=f"public:{held_port}")
+    assert "held for resumption" in ended["why"], ended
+    sock.settimeout(10)
+    with pytest.raises(OSError):
+        sock.sendall(b"x")
+        if sock.recv(1) == b"":
+            raise ConnectionResetError("closed")
+    print(f"\nheld session of a revoked agent key reset {time.monotonic() - t0:.2f}s "
+          "after POST /reload")
+    assert relay.status()["relay"]["held_sessions"] == []
+    proxy.restore()  # type: ignore[attr-defined]
+    assert relay.events("session_resumed", since=rmark) == []
+
+
+def test_one_agents_public_port_cannot_take_every_agents_resumable_sessions(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """Two agents, ``resume_max_sessions_per_agent = 2`` and ``resume_max_sessions =
+    3``.  Anyone opens four connections to the first agent's public port: two are
+    resumable (its share), not three (what the relay-wide ceiling alone would give it),
+    so the second agent's session is resumable too; the second agent's next one is
+    past the relay-wide ceiling.  Both links are cut: exactly those three are held,
+    and resumed once the links are back; the others end with their link."""
+    keys = {n: make_key(tmp_path / n, comment=n) for n in ("lab_a", "lab_b")}
+    port_a, port_b = free_port(), free_port()
+    relay = start_relay(
+        agents=[_grant(keys["lab_a"], "lab_a", port_a), _grant(keys["lab_b"], "lab_b", port_b)],
+        relay_toml=('public_bind = "127.0.0.1"\npublic_wait = 30\nresume_grace = 60\n'
+                    'keepalive_interval = 1\nkeepalive_count = 2\n'
+                    'resume_max_sessions = 3\nresume_max_sessions_per_agent = 2\n'
+                    'penalty_exempt = ["127.0.0.1"]\n'),
+    )
+    echo = targets.echo()
+    proxies, agents = {}, {}
+    for name, port in (("lab_a", port_a), ("lab_b", port_b)):
+        proxy = proxies[name] = targets.proxy(("127.0.0.1", relay.port))
+        relay.trust(known_hosts_line(relay.host_key_blob, proxy.port))
+        agents[name] = start_agent(
+            "-p", str(proxy.port), "-i", str(keys[name].path),
+            "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2",
+            "--backoff-initial", "0.2", "--backoff-max", "1", "--resume-grace", "60",
+            "-R", f"0.0.0.0:{port}:127.0.0.1:{echo.port}", f"{name}@127.0.0.1", name=name,
+        )  # fmt: skip
+        agents[name].wait_for("forward_ready", timeout=20, since=0, kind="remote", port=port)
+
+    def opened(port: int) -> socket.socket:
+        sock = connect(port, timeout=30)
+        sock.sendall(b"1")
+        assert recv_exactly(sock, 1) == b"1"
+        return sock
+
+    flood = [opened(port_a) for _ in range(4)]
+    b_first, b_second = opened(port_b), opened(port_b)
+    rmark = relay.mark()
+    marks = {name: agent.mark() for name, agent in agents.items()}
+    for proxy in proxies.values():
+        proxy.blackhole()  # type: ignore[attr-defined]
+    relay.wait_for("session_held", timeout=20, since=rmark)
+    for _ in range(2):
+        relay.wait_for("session_held", timeout=20)
+    for name, n in (("lab_a", 2), ("lab_b", 1)):
+        agents[name].wait_for("link_lost", timeout=20, since=marks[name], held=n)
+    held = relay.status()["relay"]["held_sessions"]
+    assert sorted(h["session"].split(" from ")[0] for h in held) == sorted(
+        [f"public:{port_a}"] * 2 + [f"public:{port_b}"]), held
+    for proxy in proxies.values():
+        proxy.restore()  # type: ignore[attr-defined]
+    for name, n in (("lab_a", 2), ("lab_b", 1)):
+        agents[name].wait_for("session_resumed", timeout=30, since=marks[name])
+        if n == 2:
+            agents[name].wait_for("session_resumed", timeout=30)
+
+    def alive(sock: socket.socket) -> bool:
+        try:
+            sock.sendall(b"?")
+            return recv_exactly(sock, 1) == b"?"
+        except OSError:
+            return False
+
+    assert sorted(alive(s) for s in flood) == [False, False, True, True]
+    assert (alive(b_first), alive(b_second)) == (True, False)
+
+
+def test_a_cap_of_zero_per_agent_makes_none_of_its_sessions_resumable(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """``resume_max_sessions_per_agent = 0``: the agent's sessions open as plain
+    ``forwarded-tcpip`` and end with its link (none held, the client sees its end)."""
+    relay, proxy, agent, _keys, held_port, _ = _world(
+        start_relay, start_agent, targets, tmp_path, "resume_max_sessions_per_agent = 0\n")
+    sock = connect(held_port, timeout=30)
+    sock.sendall(b"0")
+    assert recv_exactly(sock, 1) == b"0"
+    rmark, mark = relay.mark(), agent.mark()
+    proxy.blackhole()  # type: ignore[attr-defined]
+    assert agent.wait_for("link_lost", timeout=20, since=mark)["held"] == 0
+    assert relay.wait_for("relay_disconnected", timeout=20, since=rmark,
+                          kind="agent")["held"] == 0
+    sock.settimeout(10)
+    with pytest.raises(OSError):
+        sock.sendall(b"x")
+        if sock.recv(1) == b"":
+            raise ConnectionResetError("closed")
+    assert relay.events("session_held", since=rmark) == []

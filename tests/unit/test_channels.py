@@ -805,3 +805,42 @@ def test_traffic_on_an_unconfirmed_channel_disconnects(kind: int, payload: bytes
     h.receive(kind, struct.pack(">L", channel.id) + payload)
     assertProtocolError(h)
     h.conn.serviceStopped()
+
+
+# --- a resumable session's channel: the read that would not fit is never made ----
+
+
+def test_a_capped_channel_pauses_its_source_before_a_read_could_overflow_the_window() -> None:
+    """``capWindow(cap, readAhead)``: the TCP source is paused as soon as less than one
+    read is left of the window, so the bytes written and not yet credited never exceed
+    the window (a resumable session's replay buffer), and it reads again once the peer
+    credits enough."""
+    h = Harness()
+    channel, tcp, transport, _bridge = h.session(peerWindow=100_000, peerMaxPacket=50_000)
+    channel.capWindow(1 << 24, readAhead=10_000)
+    assert channel.readAhead == 10_000
+    tcp.dataReceived(b"a" * 85_000)
+    assert transport.producerState == "producing"  # 15 000 left: one more read fits
+    tcp.dataReceived(b"b" * 6_000)
+    assert channel.remoteWindowLeft == 9_000
+    assert transport.producerState == "paused"  # the next read might not fit
+    assert not channel._queued  # nothing beyond the window was ever taken
+    h.adjust(channel, 500)
+    assert transport.producerState == "paused"
+    h.adjust(channel, 500)
+    assert transport.producerState == "producing"
+    assert h.ssh.data() == b"a" * 85_000 + b"b" * 6_000
+
+
+def test_the_read_ahead_margin_is_at_most_a_quarter_of_the_peers_window() -> None:
+    """With a small window the margin shrinks: the peer credits at half its window, which
+    the sender must still be able to reach with its source paused."""
+    h = Harness()
+    channel, tcp, transport, _bridge = h.session(peerWindow=40_000, peerMaxPacket=50_000)
+    channel.capWindow(1 << 24, readAhead=65_536)
+    assert channel.readAhead == 10_000
+    tcp.dataReceived(b"c" * 25_000)
+    assert transport.producerState == "producing"
+    tcp.dataReceived(b"d" * 6_000)
+    assert transport.producerState == "paused"
+    assert channel.remoteWindowLeft == 9_000

@@ -240,6 +240,9 @@ def test_agent_and_user_may_share_a_name(keys: list[str]) -> None:
         ("public_wait = -1", "relay.public_wait", "at least 0"),
         ("resume_grace = -1", "relay.resume_grace", "at least 0"),
         ("resume_grace = 90000", "relay.resume_grace", "at most 86400"),
+        ("resume_max_sessions = -1", "relay.resume_max_sessions", "at least 0"),
+        ("resume_max_sessions_per_agent = -1", "relay.resume_max_sessions_per_agent",
+         "at least 0"),
         ("keepalive_interval = -1", "relay.keepalive_interval", "at least 0"),
         ("keepalive_count = 0", "relay.keepalive_count", "at least 1"),
         ("window = 1024", "relay.window", "between 32768 and 16777216"),
@@ -254,6 +257,13 @@ def test_agent_and_user_may_share_a_name(keys: list[str]) -> None:
 )
 def test_relay_value_errors(line: str, keypath: str, fragment: str) -> None:
     check(error_of(f"[relay]\n{line}\n"), keypath, fragment)
+
+
+def test_resumable_sessions_are_capped_per_agent_and_in_all() -> None:
+    default = relay_of("[relay]\n")
+    assert (default.resume_max_sessions_per_agent, default.resume_max_sessions) == (128, 512)
+    relay = relay_of("[relay]\nresume_max_sessions_per_agent = 8\nresume_max_sessions = 20\n")
+    assert (relay.resume_max_sessions_per_agent, relay.resume_max_sessions) == (8, 20)
 
 
 def test_max_packet_must_fit_the_window() -> None:

@@ -1,0 +1,141 @@
+"""The shell of the resume protocol (relay.ssh.resumable, relay.server.resumes) with no
+reactor: channels on a scripted connection, time on a ``task.Clock``.
+
+What a held session keeps besides its bytes: whose they are on a congested link (the
+fair share's tag, relay.core.fairshare), so that a session resumed on a new channel is
+scheduled as its user's again, at the agent from what it knew and at the relay from
+its session row (which also re-sends the tag to the agent); and that the sessions of
+a lost link, once all held, give back what was in flight on it once.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from twisted.internet.task import Clock
+
+from relay.core.fairshare import FairScheduler
+from relay.core.resume import OPEN_RESUMABLE, RESUME_CHANNEL, SID_LEN, Offer, pack_offer
+from relay.datapath.bridge import Bridge
+from relay.server.resumes import RelayResumes
+from relay.server.sharing import Sharing
+from relay.ssh.channels import BridgedChannel
+from relay.ssh.resumable import HELD, RELEASE_EVERY, ResumableSessions
+from relay.ssh.wire import SHARE, pack_share
+from relay.testing import FakeSide
+
+SID = b"k" * SID_LEN
+WINDOW = 1 << 20
+
+
+class Link:
+    """A connection as a channel sees it: a fair scheduler, and what was sent."""
+
+    def __init__(self) -> None:
+        self.scheduler = FairScheduler()
+        self.data: list[bytes] = []
+        self.requests: list[tuple[Any, bytes, bytes]] = []
+
+    def sendData(self, channel: Any, data: bytes) -> None:
+        self.data.append(bytes(data))
+
+    def sendRequest(self, channel: Any, kind: bytes, data: bytes, wantReply: int = 0) -> None:
+        self.requests.append((channel, kind, data))
+
+    def adjustWindow(self, channel: Any, nbytes: int) -> None:
+        pass
+
+    def sendEOF(self, channel: Any) -> None:
+        pass
+
+    def sendClose(self, channel: Any) -> None:
+        pass
+
+
+def channel(kind: bytes, link: Link) -> BridgedChannel:
+    return BridgedChannel(kind, remoteWindow=WINDOW, remoteMaxPacket=32 * 1024, conn=link)
+
+
+def test_the_agent_schedules_a_resumed_session_as_its_user_again() -> None:
+    clock, releases = Clock(), []
+    sessions = ResumableSessions(clock, 60.0, "link test",
+                                 release=lambda: releases.append(clock.seconds()) or True)
+    old = Link()
+    ch1 = channel(OPEN_RESUMABLE, old)
+    assert ch1.requestReceived(SHARE, pack_share("alice", 2.0)) == 1  # the relay's tag
+    side = sessions.open(SID, None, ch1, "web from 10.0.0.9:5000")
+    target = FakeSide()
+    Bridge(target, side)
+    target.receive(b"hello ")
+    ch1.closed()  # the link went (no CHANNEL_CLOSE from the peer)
+    assert side.held and HELD in target.pauses
+    clock.advance(0)  # once all are held: what was in flight is given back, once
+    assert releases == [0.0]
+
+    new = Link()
+    ch2 = channel(RESUME_CHANNEL, new)
+    side.resumeOn(ch2, side.stream.resume(Offer(SID, 0, False), clock.seconds()))
+    assert (ch2.shareUser, ch2.shareWeight) == ("alice", 2.0)
+    assert new.scheduler.weight("alice") == 2.0
+    assert new.data == [b"hello "]  # sent again, as alice's
+    assert HELD not in target.pauses
+
+
+def test_the_relay_tags_a_resumed_channel_from_its_row_and_tells_the_agent() -> None:
+    clock = Clock()
+    sharing = Sharing(SimpleNamespace(principals=lambda: []), clock)
+    resumes = RelayResumes(clock, 60.0, retag=sharing.tagAgentChannel)
+    owner = (b"agent key", b"instance")
+    old, new = Link(), Link()
+    ch1 = channel(OPEN_RESUMABLE, old)
+    side = resumes.sessions.open(SID, owner, ch1, "web:8080 from 10.0.0.9:5000")
+    side.row = SimpleNamespace(user="alice", agent=old)
+    sharing.tagAgentChannel(side, "alice")
+    # The agent is told with the channel's first packet (BridgedChannel.announce).
+    assert ch1.shareUser == "alice" and old.requests == []
+    user = FakeSide()
+    Bridge(user, side)
+    user.receive(b"hi")
+    assert old.requests == [(ch1, SHARE, pack_share("alice", 1.0))] and old.data == [b"hi"]
+    ch1.closed()
+    assert side.held
+
+    ch2 = resumes.sessions.accept(new, owner, WINDOW, 32 * 1024, WINDOW, 32 * 1024,
+                                  pack_offer(Offer(SID, 0, False)))
+    assert ch2.name == RESUME_CHANNEL
+    ch2.channelOpen(b"")  # confirmed: the session carries on over it
+    assert side.channel is ch2 and side.row.agent is new
+    assert ch2.shareUser == "alice"
+    assert new.data == [b"hi"]  # sent again
+    user.receive(b" again")  # the tag goes with the new channel's next packet
+    assert new.requests == [(ch2, SHARE, pack_share("alice", 1.0))]
+    assert new.data == [b"hi", b" again"]
+
+
+def test_memory_is_given_back_once_per_loss_and_at_most_every_few_seconds() -> None:
+    clock, releases = Clock(), []
+    sessions = ResumableSessions(clock, 60.0, "link test",
+                                 release=lambda: releases.append(clock.seconds()) or True)
+    sides = []
+    for i in range(3):
+        ch = channel(OPEN_RESUMABLE, Link())
+        side = sessions.open(bytes([i]) * SID_LEN, None, ch, f"s{i}")
+        Bridge(FakeSide(), side)
+        sides.append((ch, side))
+    for ch, _ in sides[:2]:
+        ch.closed()
+    clock.advance(0)
+    assert releases == [0.0]  # two held together: one release
+    clock.advance(1)
+    sides[2][0].closed()
+    clock.advance(0)
+    assert releases == [0.0]  # too soon after the last one
+    assert len(sessions.held_sides()) == 3
+    clock.advance(RELEASE_EVERY)
+    ch = channel(OPEN_RESUMABLE, Link())
+    side = sessions.open(b"z" * SID_LEN, None, ch, "late")
+    Bridge(FakeSide(), side)
+    ch.closed()
+    clock.advance(0)
+    assert releases == [0.0, 1.0 + RELEASE_EVERY]
