@@ -292,6 +292,36 @@ def test_scp_64_mib_both_ways_over_J_rides_the_pooled_route(
     assert site.relay.connect_attempts() == []
 
 
+def test_scp_J_with_rekeys_mid_transfer_is_exact_on_the_pooled_route(site: Site) -> None:
+    """``scp -J`` 64 MiB up and back with the jump session rekeying every 16 MiB
+    (``RekeyLimit 16M``, OpenSSH's own rekeys, AES-GCM with the relay): byte-exact both
+    ways on the pooled route, and the relay's user sessions took several key exchanges
+    mid-transfer (each KEXINIT arrives between channel-data packets the relay is
+    decrypting and writing to the agent's data connection)."""
+    cfg = site.config()
+    jump = f"Host {LOOPBACK}\n"
+    cfg.write_text(cfg.read_text().replace(
+        jump, f"{jump}  RekeyLimit 16M\n  Ciphers aes128-gcm@openssh.com\n"))
+    scp = find_program("scp") or "scp"
+    stream = DataStream(29, 64 * MiB)
+    src, there, back = site.tmp / "up.bin", site.tmp / "there.bin", site.tmp / "back.bin"
+    with open(src, "wb") as f:
+        for chunk in stream.chunks():
+            f.write(chunk)
+    since = len(site.relay.events())
+    out = _run([scp, "-q", "-F", str(cfg), "-J", site.jump, str(src), f"gpu-cluster:{there}"])
+    assert out.returncode == 0, out.stderr.decode()
+    assert sha256_hex(there.read_bytes()) == stream.sha256
+    out = _run([scp, "-q", "-F", str(cfg), "-J", site.jump, f"gpu-cluster:{there}", str(back)])
+    assert out.returncode == 0, out.stderr.decode()
+    assert back.stat().st_size == stream.size and sha256_hex(back.read_bytes()) == stream.sha256
+    assert site.fast()["pooled"] == 2
+    keys = [e for e in site.relay.events("ssh_keys", since=since)
+            if e.get("cipher_in") == "aes128-gcm@openssh.com"]
+    # 64 MiB at one rekey per 16 MiB: each transfer's jump session had >= 4 key sets
+    assert max(int(e["count"]) for e in keys) >= 4, keys
+
+
 def test_L_to_a_non_e2e_service_stays_on_the_encrypted_link(
         site: Site, start_ssh: Callable[..., SshProcess]) -> None:
     """A stock ``ssh -L`` to ``web:8080`` (not declared end-to-end encrypted): bytes
