@@ -117,6 +117,22 @@ class Stream:
     :meth:`got` for every byte received, :meth:`wrote_eof`/:meth:`got_eof`; then
     :meth:`lost` when the link goes and :meth:`resume` with the peer's offer."""
 
+    __slots__ = (
+        "_replay",
+        "acked",
+        "deadline",
+        "eof_received",
+        "eof_sent",
+        "held_since",
+        "owner",
+        "received",
+        "resumes",
+        "sent",
+        "sid",
+        "state",
+        "why_ended",
+    )
+
     def __init__(self, sid: bytes, owner: object = None) -> None:
         self.sid = sid
         self.owner = owner  # who may resume it (the relay: the agent's key)

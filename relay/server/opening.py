@@ -100,9 +100,10 @@ class SessionOpening:
         session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
                                      key=ident.key_blob,
                                      totals_as=self.router.totals_name(owner, host, port))
-        audit.opened(session)
         d = self.whenRegistered(host, port, self.config.public_wait, session)
         d.addCallback(lambda reg: open_user_side(self, reg, port, origin, session))
+        # After the open left for the agent (public.py says why), before anything ends it.
+        audit.opened(session)
 
         def connected(agent_channel: Side) -> BridgedChannel:
             self.sharing.tag(channel, principal.name)

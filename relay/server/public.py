@@ -113,7 +113,6 @@ class PublicPorts:
             side.abort()
             return
         session = relay.sessions.open(label, label, origin, relay.reactor.seconds())
-        audit.opened(session)
         self._waiting[port] = self._waiting.get(port, 0) + 1
 
         def waited(result: Any) -> Any:
@@ -134,4 +133,8 @@ class PublicPorts:
             )
             side.close()
 
+        # Logged once the channel open is on its way to the agent (a small packet leaves
+        # at once: relay.datapath.net.write_now), not before it: the event's write is
+        # then off the new session's critical path.  Still before anything can end it.
+        audit.opened(session)
         d.addCallbacks(lambda ch: relay.bridge(session, side, ch), failed)

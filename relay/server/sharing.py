@@ -92,7 +92,12 @@ class Sharing:
         if channel is None or getattr(channel, "conn", None) is None:
             return side
         self.tag(channel, user)
-        channel.conn.sendRequest(channel, SHARE, pack_share(user, self.weight(user)))
+        # With the channel's first packet, not in one of its own (BridgedChannel.announce).
+        announce = getattr(channel, "announce", None)
+        if announce is not None:
+            announce(SHARE, pack_share(user, self.weight(user)))
+        else:
+            channel.conn.sendRequest(channel, SHARE, pack_share(user, self.weight(user)))
         return side
 
     # --- rate limits ------------------------------------------------------

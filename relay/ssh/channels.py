@@ -29,13 +29,45 @@ if TYPE_CHECKING:
 
 WINDOW_EXHAUSTED = "window"
 LINK_CONGESTED = "link"
+_NONE: frozenset[str] = frozenset()
+"""No pause or congestion reason: the shared empty set every idle channel points at."""
 READ_AHEAD_FULL = "read-ahead"
 """Congested because the window left could not take one more read of the source (a
 resumable session's channel, :meth:`BridgedChannel.capWindow`)."""
 
 
 class BridgedChannel(SSHChannel):
-    """A forwarding channel (``direct-tcpip`` or ``forwarded-tcpip``)."""
+    """A forwarding channel (``direct-tcpip`` or ``forwarded-tcpip``).
+
+    Per-session memory (docs/performance.md): the attributes it adds to Conch's are
+    slots, so the instance dict keeps only Conch's and stays a small split-table dict
+    (past 30 keys CPython gives each instance a full dict: 1.6 KiB instead of about
+    0.3), and what an idle channel never uses is made on first use (the queue beyond the
+    peer's window, early data, the pause and congestion reasons): 10 000 idle
+    sessions hold 10 000 channels at the relay and 10 000 at the agent."""
+
+    __slots__ = (
+        "_announce",
+        "_congestion",
+        "_credit",
+        "_early",
+        "_eofPending",
+        "_gotEOF",
+        "_isClosed",
+        "_owed",
+        "_pauses",
+        "_queued",
+        "_sentEOF",
+        "bridge",
+        "onCredit",
+        "openData",
+        "opened",
+        "peerClosed",
+        "readAhead",
+        "shareUser",
+        "shareWeight",
+        "windowCap",
+    )
 
     _log = Logger()
     conn: Any  # always set once the channel is in use (Conch types it Optional)
@@ -64,19 +96,20 @@ class BridgedChannel(SSHChannel):
         self.shareWeight = 1.0
         self.bridge: Bridge | None = None
         self.opened: defer.Deferred[BridgedChannel] = defer.Deferred()
-        self._early: list[bytes] = []
+        self._early: list[bytes] | None = None  # data before attach(), rare
         self._credit = 0
         self._owed = 0
-        self._pauses: set[str] = set()
-        self._congestion: set[str] = set()
+        self._pauses = _NONE  # why the bridge asked us not to re-open the window
+        self._congestion = _NONE  # why the bridge's other side is paused (sink full)
         self._eofPending = False
         self._sentEOF = False
         self._gotEOF = False
         self._isClosed = False
         # Bytes beyond the peer's window, in arrival order.  Conch's own ``buf``
         # grows by ``bytes +=``, copying the whole backlog on every packet (measured:
-        # a quarter of the relay's CPU when one channel feeds another).
-        self._queued: deque[bytes] = deque()
+        # a quarter of the relay's CPU when one channel feeds another).  None until
+        # the window is first spent (an empty deque is 760 bytes).
+        self._queued: deque[bytes] | None = None
         # The peer re-opened our send window by n: the bytes it handed on downstream
         # (a resumable session trims its replay buffer by them; relay.ssh.resumable).
         self.onCredit: Callable[[int], object] | None = None
@@ -90,6 +123,9 @@ class BridgedChannel(SSHChannel):
         self.openData = b""  # the confirmation's channel-specific data, once open
         # The peer sent CHANNEL_CLOSE (Conch marks remoteClosed on a dropped connection too).
         self.peerClosed = False
+        # A channel request (type, data) that goes out with this channel's next packet
+        # rather than in a packet of its own (see announce()).
+        self._announce: tuple[bytes, bytes] | None = None
 
     # Conch events
 
@@ -105,6 +141,8 @@ class BridgedChannel(SSHChannel):
     def dataReceived(self, data: bytes) -> None:
         bridge = self.bridge
         if bridge is None:
+            if self._early is None:
+                self._early = []
             self._early.append(data)  # bounded: no window is re-opened for it
         else:
             bridge.dataReceived(self, data)
@@ -137,6 +175,21 @@ class BridgedChannel(SSHChannel):
         if scheduler is not None:
             scheduler.set_weight(user, weight)
 
+    def announce(self, requestType: bytes, data: bytes) -> None:
+        """Send the channel request ``requestType`` (no reply wanted) just before this
+        channel's next data, window adjust or EOF, not now: the relay's
+        ``share@labrelay`` (whose session this is) only matters to the peer once it has
+        bytes to schedule for the channel, and sent on its own at open it cost a packet,
+        a write and a wake-up of the agent per session before the first byte (set-up
+        latency, docs/performance.md).  Sent in the same reactor turn as that next
+        packet, both leave in one TCP write."""
+        self._announce = (requestType, data)
+
+    def _announced(self) -> None:
+        pending, self._announce = self._announce, None
+        if pending is not None and self.conn is not None:
+            self.conn.sendRequest(self, pending[0], pending[1])
+
     def closeReceived(self) -> None:
         """The peer closed: what is still queued for it can never be sent."""
         self.peerClosed = True
@@ -145,7 +198,8 @@ class BridgedChannel(SSHChannel):
 
     def _discard(self) -> None:
         """Drop what waits for the peer, here and in the link's scheduler."""
-        self._queued.clear()
+        if self._queued is not None:
+            self._queued.clear()
         discard = getattr(self.conn, "discard", None)
         if discard is not None:
             discard(self)
@@ -166,6 +220,8 @@ class BridgedChannel(SSHChannel):
     def _sendWithinWindow(self, data: bytes) -> None:
         window = self.remoteWindowLeft
         if len(data) > window:
+            if self._queued is None:
+                self._queued = deque()
             self._queued.append(data[window:])
             data = data[:window]
             if self.areWriting:
@@ -176,6 +232,8 @@ class BridgedChannel(SSHChannel):
         self._checkReadAhead()
 
     def _sendNow(self, data: bytes) -> None:
+        if self._announce is not None:
+            self._announced()
         step, send = self.remoteMaxPacket, self.conn.sendData
         if len(data) <= step:
             send(self, data)
@@ -256,14 +314,15 @@ class BridgedChannel(SSHChannel):
 
     def _congest(self, reason: str) -> None:
         first = not self._congestion
-        self._congestion.add(reason)
+        if reason not in self._congestion:
+            self._congestion = self._congestion | {reason}
         if first and self.bridge is not None:
             self.bridge.sinkFull(self)
 
     def _decongest(self, reason: str) -> None:
         if reason not in self._congestion:
             return
-        self._congestion.discard(reason)
+        self._congestion = self._congestion - {reason} or _NONE
         if not self._congestion and self.bridge is not None:
             self.bridge.sinkDrained(self)
 
@@ -273,8 +332,8 @@ class BridgedChannel(SSHChannel):
         self.bridge = bridge
         if self._congestion:
             bridge.sinkFull(self)
-        early, self._early = self._early, []
-        for data in early:
+        early, self._early = self._early, None
+        for data in early or ():
             bridge.dataReceived(self, data)
         if self._gotEOF:
             bridge.eofReceived(self)
@@ -293,15 +352,18 @@ class BridgedChannel(SSHChannel):
         # so a bulk sender gets one WINDOW_ADJUST per half window, not per packet.
         if self.localWindowLeft < self.localWindowSize // 2 and not self.localClosed:
             credit, self._credit = self._credit, 0
+            if self._announce is not None:
+                self._announced()
             self.conn.adjustWindow(self, credit)
 
     def pauseReading(self, reason: str) -> None:
-        self._pauses.add(reason)
+        if reason not in self._pauses:
+            self._pauses = self._pauses | {reason}
 
     def resumeReading(self, reason: str) -> None:
         if reason not in self._pauses:
             return
-        self._pauses.discard(reason)
+        self._pauses = self._pauses - {reason} or _NONE
         if not self._pauses and self._owed:
             owed, self._owed = self._owed, 0
             self._grant(owed)
@@ -316,6 +378,8 @@ class BridgedChannel(SSHChannel):
 
     def _sendEOF(self) -> None:
         self._sentEOF = True
+        if self._announce is not None:
+            self._announced()
         self.conn.sendEOF(self)
         self._maybeFinish()
 

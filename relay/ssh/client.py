@@ -380,7 +380,9 @@ class LinkConnection(FlowConnection):
             endpoint = client_endpoint(
                 self.link.reactor, target.host, target.port, TARGET_CONNECT_TIMEOUT
             )
-            d = endpoint.connect(Factory.forProtocol(TCPSide))
+            factory = Factory.forProtocol(TCPSide)
+            factory.noisy = False  # no "Starting/Stopping factory" events per session
+            d = endpoint.connect(factory)
         return d.addCallbacks(connected, failed)
 
     # local forwards: we open a channel per accepted connection

@@ -67,6 +67,19 @@ trim: tens of milliseconds in a large process), however often links are lost."""
 class ResumableSide:
     """One resumable session's end of a bridge (see the module docstring)."""
 
+    __slots__ = (
+        "_closeAfter",
+        "_pauses",
+        "_share",
+        "_timer",
+        "bridge",
+        "channel",
+        "label",
+        "row",
+        "sessions",
+        "stream",
+    )
+
     def __init__(self, sessions: ResumableSessions, stream: Stream,
                  channel: BridgedChannel, label: str) -> None:
         self.sessions = sessions
@@ -75,7 +88,7 @@ class ResumableSide:
         self.channel: BridgedChannel | None = channel
         self.bridge: Any = None
         self.row: Any = None  # the relay's session row, for its owner to update
-        self._pauses: set[str] = set()
+        self._pauses: frozenset[str] = frozenset()  # a new set only when one is paused
         self._closeAfter = False  # the bridge asked close(): again after a resume
         self._timer: IDelayedCall | None = None
         # Whose bytes these are on a congested link and their weight (the channel's
@@ -111,12 +124,12 @@ class ResumableSide:
             self.channel.consumed(nbytes)
 
     def pauseReading(self, reason: str) -> None:
-        self._pauses.add(reason)
+        self._pauses = self._pauses | {reason}
         if self.channel is not None:
             self.channel.pauseReading(reason)
 
     def resumeReading(self, reason: str) -> None:
-        self._pauses.discard(reason)
+        self._pauses = self._pauses - {reason}
         if self.channel is not None:
             self.channel.resumeReading(reason)
 

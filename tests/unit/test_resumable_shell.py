@@ -92,8 +92,12 @@ def test_the_relay_tags_a_resumed_channel_from_its_row_and_tells_the_agent() -> 
     side = resumes.sessions.open(SID, owner, ch1, "web:8080 from 10.0.0.9:5000")
     side.row = SimpleNamespace(user="alice", agent=old)
     sharing.tagAgentChannel(side, "alice")
-    assert ch1.shareUser == "alice" and old.requests == [(ch1, SHARE, pack_share("alice", 1.0))]
-    Bridge(FakeSide(), side)
+    # The agent is told with the channel's first packet (BridgedChannel.announce).
+    assert ch1.shareUser == "alice" and old.requests == []
+    user = FakeSide()
+    Bridge(user, side)
+    user.receive(b"hi")
+    assert old.requests == [(ch1, SHARE, pack_share("alice", 1.0))] and old.data == [b"hi"]
     ch1.closed()
     assert side.held
 
@@ -103,7 +107,10 @@ def test_the_relay_tags_a_resumed_channel_from_its_row_and_tells_the_agent() -> 
     ch2.channelOpen(b"")  # confirmed: the session carries on over it
     assert side.channel is ch2 and side.row.agent is new
     assert ch2.shareUser == "alice"
+    assert new.data == [b"hi"]  # sent again
+    user.receive(b" again")  # the tag goes with the new channel's next packet
     assert new.requests == [(ch2, SHARE, pack_share("alice", 1.0))]
+    assert new.data == [b"hi", b" again"]
 
 
 def test_memory_is_given_back_once_per_loss_and_at_most_every_few_seconds() -> None:
