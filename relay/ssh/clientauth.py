@@ -23,7 +23,10 @@ class Signer(Protocol):
 
     def public(self) -> keys.Key: ...
 
-    def sign(self, data: bytes) -> defer.Deferred[bytes]: ...
+    def sign(self, data: bytes, signature: bytes | None = None) -> defer.Deferred[bytes]:
+        """Sign ``data``; ``signature`` names the algorithm for an RSA key
+        (``rsa-sha2-512``/``-256``; None: the key's own default)."""
+        ...
 
 
 Identity = keys.Key | Signer
@@ -107,13 +110,16 @@ class LinkUserAuth(userauth.SSHUserAuthClient):
         if not self._keys:
             return None
         self._current, certificate = self._keys.pop(0)
-        if isinstance(self._current, keys.Key) and (certificate
-                                                    or self._current.type() == "RSA"):
+        public = (self._current if isinstance(self._current, keys.Key)
+                  else self._current.public())
+        if certificate or public.type() == "RSA":
+            # A key here or a Signer (an ssh-agent's RSA key): both are offered under
+            # a SHA-2 name, never as SHA-1 ``ssh-rsa``, which the relay refuses.
             transport: Any = self.transport
             extensions = getattr(transport, "peerExtensions", None) or {}
-            return _Offer(self._current, certificate,
+            return _Offer(public, certificate,
                           rsa_signature(extensions.get(b"server-sig-algs")))
-        return self._current.public()
+        return public.public()
 
     def getPrivateKey(self) -> defer.Deferred[keys.Key]:
         assert isinstance(self._current, keys.Key)
@@ -126,7 +132,7 @@ class LinkUserAuth(userauth.SSHUserAuthClient):
             signature = getattr(publicKey, "signature", None)
             return defer.succeed(self._current.sign(signData, signatureType=signature))
         assert self._current is not None
-        return self._current.sign(signData)
+        return self._current.sign(signData, getattr(publicKey, "signature", None))
 
     def ssh_USERAUTH_FAILURE(self, packet: bytes) -> Any:
         methods = common.getNS(packet)[0]

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import base64
 import os
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from twisted.conch.ssh import common, keys
-from twisted.conch.ssh.agent import SSHAgentClient
+from twisted.conch.ssh.agent import AGENT_SIGN_RESPONSE, AGENTC_SIGN_REQUEST, SSHAgentClient
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory
@@ -41,8 +42,24 @@ Say = Callable[[str], None]
 Ask = Callable[[str], "str | None"]
 
 
+class AgentRefused(Exception):
+    """The ssh-agent did not sign; the next identity is tried."""
+
+
 class NoIdentity(Exception):
     """No key to offer; ``str()`` tells the user what to do."""
+
+
+AGENT_RSA_FLAGS = {b"rsa-sha2-256": 2, b"rsa-sha2-512": 4}
+"""The ssh-agent sign request's flag for each SHA-2 RSA signature algorithm."""
+
+
+def _signature(response: bytes) -> bytes:
+    """The signature in an ssh-agent's answer to a sign request."""
+    if response[:1] != bytes([AGENT_SIGN_RESPONSE]):
+        raise AgentRefused("the ssh-agent refused to sign (is the key still in it? "
+                           "ssh-add -l)")
+    return bytes(common.getNS(response[1:])[0])
 
 
 @dataclass
@@ -56,8 +73,15 @@ class AgentKey:
     def public(self) -> keys.Key:
         return self.key
 
-    def sign(self, data: bytes) -> defer.Deferred[bytes]:
-        return self.agent.signData(self.key.blob(), data)  # type: ignore[no-any-return]
+    def sign(self, data: bytes, signature: bytes | None = None) -> defer.Deferred[bytes]:
+        """Ask the agent to sign.  Conch's ``signData`` sends flags 0, which makes an
+        RSA key sign with SHA-1 (``ssh-rsa``, refused by the relay and OpenSSH 8.8+);
+        the request here carries ``SSH_AGENT_RSA_SHA2_512``/``_256`` (draft-miller-
+        ssh-agent §4.5.1) when ``signature`` names one."""
+        flags = AGENT_RSA_FLAGS.get(signature or b"", 0)
+        request = common.NS(self.key.blob()) + common.NS(data) + struct.pack("!L", flags)
+        return self.agent.sendRequest(  # type: ignore[no-any-return]
+            AGENTC_SIGN_REQUEST, request).addCallback(_signature)
 
 
 @dataclass
@@ -80,9 +104,9 @@ class LockedKey:
             self._unlocked = unlock(self.path, self.data, self.ask, self.say)
         return self._unlocked
 
-    def sign(self, data: bytes) -> defer.Deferred[bytes]:
+    def sign(self, data: bytes, signature: bytes | None = None) -> defer.Deferred[bytes]:
         try:
-            return defer.succeed(self.unlock().sign(data))
+            return defer.succeed(self.unlock().sign(data, signatureType=signature))
         except IdentityError as e:
             self.say(str(e))
             return defer.fail(e)
