@@ -51,6 +51,12 @@ def write_now(transport: Any, chunks: Sequence[bytes]) -> None:
     Bulk (larger writes) keeps the reactor's batching.  Nothing is reordered: the
     socket is written directly only when Twisted holds nothing for it, and what the
     kernel does not take now is buffered by Twisted behind it.
+
+    This reads private state of ``twisted.internet.tcp.Connection`` (``dataBuffer``,
+    ``offset``, ``_tempDataBuffer``, ``_writeDisconnected``): Twisted is pinned to a
+    range in pyproject.toml, and tests/unit/test_write_now.py runs it on real
+    connections of the installed Twisted, so a release that changes them fails there,
+    not in a user's session.
     """
     size = sum(len(c) for c in chunks)
     if (size <= WRITE_NOW_MAX and isinstance(transport, tcp.Connection)
