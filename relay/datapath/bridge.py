@@ -32,8 +32,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.datapath.net import write_now
-
 
 class Side(TypingProtocol):
     """One end of a bridge, as the bridge sees it."""
@@ -227,7 +225,7 @@ class TCPSide(Protocol):
 
     def write(self, data: bytes) -> None:
         if not self._closed:
-            write_now(self.transport, (data,))  # small writes leave at once
+            self.transport.write(data)
 
     def consumed(self, nbytes: int) -> None:
         """TCP re-opens its own window as the kernel drains; nothing to do."""
