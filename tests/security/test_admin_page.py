@@ -29,6 +29,8 @@ from conftest import Targets
 from harness import AgentProcess, RelayNode, make_key, recv_exactly
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.ops.page import REFRESH
+
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
 PWN = "document.body.setAttribute('data-pwned','1')"
@@ -44,15 +46,23 @@ def chromium() -> str:
     return path
 
 
+BUDGET_MS = (REFRESH - 2) * 1000
+"""Chromium's virtual time for the page's scripts (if markup got in and ran): under the
+page's own ``<meta http-equiv="refresh">``.  At 5000 ms, equal to REFRESH, the reload
+started as the budget ran out and chromium dumped the DOM of a page in mid-navigation:
+nothing, now and then (seen in the clean-clone CI run)."""
+
+
 def render(url: str) -> str:
     """The DOM chromium built for ``url`` after its scripts ran.  A profile of its own
     each time (another chromium on the machine holding the default profile makes this
     one exit at once with nothing), and a second try if it still printed no page."""
+    assert BUDGET_MS >= 2000, "the page refreshes too often for scripts to be given time"
     for _ in range(3):
         with tempfile.TemporaryDirectory(prefix="labrelay-chromium-") as profile:
             done = subprocess.run(
                 [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom",
+                 f"--user-data-dir={profile}", f"--virtual-time-budget={BUDGET_MS}", "--dump-dom",
                  url], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         if "<body" in done.stdout:
