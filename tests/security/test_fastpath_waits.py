@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, Targets, child_env
 from harness import LOOPBACK, AgentProcess, RelayNode, make_key
+from test_fastpath import _read_all
 
 from relay.core import fastwire as fw
 
@@ -50,16 +51,6 @@ def _challenge(s: socket.socket) -> bytes:
         got += chunk
 
 
-def _read_all(s: socket.socket) -> bytes:
-    got = b""
-    while True:
-        try:
-            chunk = s.recv(65536)
-        except ConnectionResetError:
-            return got
-        if not chunk:
-            return got
-        got += chunk
 
 
 def _write(path: Path, *lines: str) -> float:
