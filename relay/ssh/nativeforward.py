@@ -41,7 +41,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from relay.datapath.bridge import TCPSide
-from relay.ssh.ciphers import GCMDirection, MAX_PACKET_LENGTH
+from relay.ssh.ciphers import MAX_PACKET_LENGTH, GCMDirection
 from relay.ssh.gcmrun import REASONS, RUNNING, Pump, PumpState, native_enabled
 
 _log = Logger(namespace="relay.ssh.nativeforward")
@@ -88,7 +88,8 @@ def maybe_arm(transport: Any) -> NativeForward | None:
             or channel.localWindowLeft <= 0):
         return None
     side = _data_side(channel)
-    if side is None or side._closed or side._wroteEOF or getattr(side.transport, "disconnecting", True):
+    if (side is None or side._closed or side._wroteEOF
+            or getattr(side.transport, "disconnecting", True)):
         return None
     if not _idle_transport(side.transport):
         # The bytes this read delivered wait in Twisted's buffer until the reactor's
@@ -110,7 +111,9 @@ def maybe_arm(transport: Any) -> NativeForward | None:
     transport.nativeForward = forward
     side.forwarder = forward
     tcp.reactor.addReader(forward)
-    side.nativeStats["native_runs"] += 1
+    stats = side.nativeStats
+    if stats is not None:
+        stats["native_runs"] += 1
     return forward
 
 
