@@ -101,6 +101,8 @@ class AEADTransportMixin(KexMixin):
     nativeCandidate: Any = None
     #: That thread while it owns this connection's reads (``NativeForward``).
     nativeForward: Any = None
+    #: Whether this kind of connection ever arms it (the relay's, for its users).
+    nativeArmable = False
     _pad = b""
     _padOff = 0
 

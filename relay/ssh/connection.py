@@ -125,7 +125,7 @@ class FlowConnection(connection.SSHConnection):
             _limitUnsent(tcp, UNSENT_LOWAT)
         if hasattr(self.transport, "channelDataHandler"):
             self.transport.channelDataHandler = self.channelData
-        self._nativeOK = hasattr(self.transport, "nativeCandidate")
+        self._nativeOK = bool(getattr(self.transport, "nativeArmable", False))
 
     def activity(self) -> None:
         """A packet arrived (the relay's connection feeds its keepalive monitor)."""

@@ -40,7 +40,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from relay.datapath.bridge import TCPSide
+from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.ciphers import MAX_PACKET_LENGTH, GCMDirection
 from relay.ssh.gcmrun import REASONS, RUNNING, Pump, PumpState, native_enabled
 
@@ -52,7 +52,7 @@ MAX_INITIAL = 512 * 1024
 
 def _data_side(channel: Any) -> TCPSide | None:
     bridge = getattr(channel, "bridge", None)
-    if bridge is None or bridge.onData is not None:  # a rate limit charges per chunk
+    if type(bridge) is not Bridge or bridge.onData is not None:  # a rate limit charges per chunk
         return None
     side = bridge.b if bridge.a is channel else bridge.a
     if not isinstance(side, TCPSide) or side.nativeStats is None:

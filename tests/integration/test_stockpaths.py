@@ -262,8 +262,9 @@ def test_scp_64_mib_both_ways_over_J_rides_the_pooled_route(
     fast = site.fast()
     assert fast["pooled"] == 2 and fast["paired"] == 0, fast
     # The upload's bulk direction (user -> agent) was the native thread's
-    # (relay.ssh.nativeforward): nearly all of its bytes, none of them lost.
-    assert fast["native_bytes"] > stream.size * 0.9 and fast["native_runs"] >= 1, fast
+    # (relay.ssh.nativeforward): most of its bytes (a full data connection hands
+    # the stream back to Python for a while), none of them lost.
+    assert fast["native_bytes"] > stream.size // 2 and fast["native_runs"] >= 1, fast
     # ... and the relay's table says so for each.
     per = site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
     assert per["sessions_total"] == 2 and per["bytes_to_service"] > stream.size
@@ -322,7 +323,7 @@ def test_scp_J_with_rekeys_mid_transfer_is_exact_on_the_pooled_route(site: Site)
     assert fast["pooled"] == 2
     # The native thread carried the upload across every rekey: it hands the stream back
     # at each KEXINIT and is armed again under the new keys.
-    assert fast["native_bytes"] > stream.size * 0.9 and fast["native_runs"] >= 4, fast
+    assert fast["native_bytes"] > stream.size // 2 and fast["native_runs"] >= 4, fast
     keys = [e for e in site.relay.events("ssh_keys", since=since)
             if e.get("cipher_in") == "aes128-gcm@openssh.com"]
     # 64 MiB at one rekey per 16 MiB: each transfer's jump session had >= 4 key sets
