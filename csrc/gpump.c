@@ -128,9 +128,9 @@ static void *run(void *arg)
             reason = LR_GP_STOPPED;
             break;
         }
-        reason = open_some(p);
-        if (reason != LR_GP_RUNNING)
-            break;
+        /* a packet that is not ours ends the thread after what it opened is written
+         * as far as the data connection takes it now (Python writes the rest) */
+        int ending = open_some(p);
         /* write what is opened */
         while (p->outoff < p->outlen) {
             ssize_t n = send(p->dfd, p->out + p->outoff, p->outlen - p->outoff,
@@ -152,6 +152,8 @@ static void *run(void *arg)
             err = n < 0 ? errno : EPIPE;
             break;
         }
+        if (reason == LR_GP_RUNNING)
+            reason = ending;
         if (reason != LR_GP_RUNNING)
             break;
         uint64_t t = now_ms();
