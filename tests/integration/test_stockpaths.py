@@ -67,6 +67,7 @@ class RecordingBox:
         self.marker_seen = False
         self.socks: list[socket.socket] = [self.ssh, self.data]
         self.link: list[socket.socket] = []  # the SSH pass-through's sockets
+        self.datas: list[socket.socket] = []  # the data connections' sockets
         for listener, upstream, record in ((self.ssh, relay_ssh_port, False),
                                            (self.data, data_port, True)):
             threading.Thread(target=self._accept, args=(listener, upstream, record),
@@ -89,6 +90,14 @@ class RecordingBox:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             s.close()
 
+    def cut_data(self) -> None:
+        """Reset every data connection (the agent's pool, and the sessions on it)."""
+        with self.lock:
+            datas, self.datas = self.datas, []
+        for s in datas:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+
     def _accept(self, listener: socket.socket, port: int, record: bool) -> None:
         while True:
             try:
@@ -102,6 +111,7 @@ class RecordingBox:
                 self.socks += [down, up]
                 if record:
                     self.data_connections += 1
+                    self.datas += [down, up]
                 else:
                     self.link += [down, up]
             for src, dst in ((down, up), (up, down)):
