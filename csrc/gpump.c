@@ -25,6 +25,8 @@
 #define OUT_CAP (512 * 1024) /* channel bytes opened and not yet written */
 #define QUIET_MS 20          /* report unreported bytes after this long without news */
 #define STALL_MS 50          /* hand back when the data connection takes nothing this long */
+#define IDLE_MS 2000         /* hand back a session that sent nothing this long (its buffers
+                              * and thread are for bulk; Python re-arms on the next data) */
 #define LR_GP_CONGESTED LR_GP_FULL
 
 static int live; /* threads running, for LR_GP_MAX (atomic) */
@@ -175,12 +177,12 @@ static void *run(void *arg)
             {.fd = p->inlen < IN_CAP ? p->ufd : -1, .events = POLLIN},
             {.fd = p->outoff < p->outlen ? p->dfd : -1, .events = POLLOUT},
         };
-        int timeout = -1;
+        int timeout = IDLE_MS;
         if (written != reported)
             timeout = (int)(t - last_news >= QUIET_MS ? 0 : QUIET_MS - (t - last_news));
         if (stalled_since) {
             int left = (int)(STALL_MS - (t - stalled_since));
-            if (timeout < 0 || left < timeout)
+            if (left < timeout)
                 timeout = left;
         }
         if (timeout == 0 && written != reported) {
@@ -190,6 +192,10 @@ static void *run(void *arg)
             continue;
         }
         int ready = poll(fds, 3, timeout);
+        if (ready == 0 && timeout == IDLE_MS) {
+            reason = LR_GP_IDLE;
+            break;
+        }
         if (ready < 0) {
             if (errno == EINTR)
                 continue;

@@ -81,7 +81,8 @@ int lr_gcm_open_run(struct lr_gcm *g, struct lr_gcm_run *run, const unsigned cha
 #define LR_GP_DATA_ERROR 4 /* writing the data connection failed (err) */
 #define LR_GP_STOPPED 5    /* lr_gpump_stop() */
 #define LR_GP_CRYPTO 6     /* OpenSSL failed in a way that is not a bad tag */
-#define LR_GP_FULL 7       /* its buffer is full of a packet it cannot open */
+#define LR_GP_FULL 7       /* the data connection took nothing for a while (congested) */
+#define LR_GP_IDLE 8       /* the user sent nothing for a while */
 
 struct lr_gpump;
 

@@ -101,7 +101,7 @@ class PumpState(NamedTuple):
 RUNNING = 0
 #: Why the thread handed the stream back (``LR_GP_*`` in csrc/relay_sshopen.h).
 REASONS = {0: "running", 1: "packet", 2: "user_eof", 3: "user_error", 4: "data_error",
-           5: "stopped", 6: "crypto", 7: "congested"}
+           5: "stopped", 6: "crypto", 7: "congested", 8: "idle"}
 
 
 class Pump:

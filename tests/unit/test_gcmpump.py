@@ -262,3 +262,17 @@ def test_stop_while_idle_and_python_closing_its_descriptors_first(pair: Pair) ->
     assert pair.agent.recv(1) == b""  # closed now
     assert pair.user.recv(1) == b""
     assert fd_count() == before - 2  # Pair's two relay ends were closed above
+
+
+def test_an_idle_session_is_handed_back(pair: Pair) -> None:
+    """A session that sends nothing for a while goes back to the Python path (the thread
+    and its buffers are for bulk); Python arms it again on its next data."""
+    key = KEYS[AES128_GCM]
+    tx = GCMDirection(key, IV)
+    pump = pair.start(key, tx.counter)
+    pair.user.sendall(data(tx, b"q" * 10))
+    assert pair.read_agent(10) == b"q" * 10
+    state = wait_end(pump, timeout=15)
+    assert gcmrun.REASONS[state.reason] == "idle"
+    final, left, pending = pump.stop()
+    assert (final.packets, left, pending) == (1, b"", b"")
