@@ -301,6 +301,7 @@ struct lr_gpump *lr_gpump_start(const unsigned char *key, size_t keylen, uint32_
         errno = rc;
         return NULL;
     }
+    pthread_setname_np(p->thread, "lr-gpump"); /* seen in top -H, perf, /proc */
     p->started = 1;
     return p;
 }
