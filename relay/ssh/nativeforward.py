@@ -165,7 +165,9 @@ class NativeForward:
         channel = self.channel
         if consumed:
             channel.localWindowLeft -= consumed
-            self.transport.service.activity()
+            activity = getattr(self.transport.service, "activity", None)
+            if activity is not None:
+                activity()
         if written:
             bridge = channel.bridge
             if bridge is not None:

@@ -16,14 +16,16 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from cryptography.exceptions import InvalidTag
 from test_gcmrun import BIG, CHANNEL, IV, KEYS, data, packet
 
-from relay.ssh import gcmrun
+from relay.ssh import gcmrun, nativeforward
 from relay.ssh.ciphers import AES128_GCM, AES256_GCM, MAX_PACKET_LENGTH, GCMDirection
 
 pytestmark = pytest.mark.skipif(
@@ -276,3 +278,92 @@ def test_an_idle_session_is_handed_back(pair: Pair) -> None:
     assert gcmrun.REASONS[state.reason] == "idle"
     final, left, pending = pump.stop()
     assert (final.packets, left, pending) == (1, b"", b"")
+
+
+# -- the reactor's side (relay.ssh.nativeforward.NativeForward), with recording doubles
+
+
+class Recorder:
+    def __init__(self, **attrs: object) -> None:
+        self.calls: list[tuple[str, tuple[object, ...]]] = []
+        self.__dict__.update(attrs)
+
+    def record(self, name: str) -> Callable[..., None]:
+        def call(*args: object) -> None:
+            self.calls.append((name, args))
+        return call
+
+
+class Channel:
+    """A BridgedChannel's window bookkeeping: credit once less than half is left."""
+
+    def __init__(self, window: int) -> None:
+        self.localWindowLeft = self.localWindowSize = window
+        self.bridge: Any = None
+        self.adjusts: list[int] = []
+        self._credit = 0
+
+    def consumed(self, n: int) -> None:
+        self._credit += n
+        if self.localWindowLeft < self.localWindowSize // 2:
+            self.adjusts.append(self._credit)
+            self.localWindowLeft += self._credit
+            self._credit = 0
+
+
+def test_the_handback_leaves_the_transport_as_the_python_path_would(pair: Pair) -> None:
+    """Through a KEXINIT (a rekey): the nonce counter and the incoming sequence number
+    (strict KEX counts packets; it wraps here) set past the packets the thread opened,
+    the window used and granted, the bytes metered, and the KEXINIT and what follows fed
+    to the transport, which reads its socket again."""
+    key = KEYS[AES128_GCM]
+    tx = GCMDirection(key, IV)
+    rx = GCMDirection(key, IV)
+    chunks = [os.urandom(n) for n in (32768, 32768, 32768, 100, 32768)]
+    wire = b"".join(data(tx, c) for c in chunks)
+    at = tx.counter
+    rest = packet(tx, 20, os.urandom(300)) + data(tx, b"under the old keys")
+    window = 160 * 1024  # more than the data (a client never sends beyond it)
+    channel = Channel(window)
+    bridge = Recorder(bytesAtoB=0, bytesBtoA=0)
+    bridge.a = channel
+    bridge.dataReceived = bridge.record("dataReceived")
+    channel.bridge = bridge
+    side = Recorder(nativeStats={"native_bytes": 0}, forwarder=None, _closed=False)
+    reactor = Recorder()
+    reactor.removeReader = reactor.record("removeReader")
+    tcp = Recorder(reactor=reactor, disconnecting=False, disconnected=False)
+    tcp.startReading = tcp.record("startReading")
+    fed: list[bytes] = []
+    counted: list[int] = []
+    t = Recorder(transport=tcp, service=None, sessionID=b"s", _readDead=False,
+                 incomingPacketSequence=0xFFFFFFFE, nativeForward=None)
+    t.dataReceived = fed.append
+    t._count = counted.append
+    fixed = struct.unpack(">L", IV[:4])[0]
+    pump = gcmrun.Pump(key, fixed, rx.counter, CHANNEL, window, MAX_DATA, MAX_PACKET_LENGTH,
+                       pair.relay_user.fileno(), pair.relay_data.fileno(), b"", window // 4)
+    forward = nativeforward.NativeForward(t, channel, side, rx, pump)  # type: ignore[arg-type]
+    t.nativeForward = side.forwarder = forward
+    expect = b"".join(chunks)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(pair.read_agent(len(expect))))
+    reader.start()
+    pair.user.sendall(wire + rest)
+    deadline = time.monotonic() + 10
+    while not forward.done:  # the reactor's turns: grants while it runs, then the end
+        assert time.monotonic() < deadline
+        select.select([pump.fileno()], [], [], 1)
+        forward.doRead()
+    reader.join(10)
+    assert got == [expect]
+    assert rx.counter == at
+    assert t.incomingPacketSequence == (0xFFFFFFFE + len(chunks)) & 0xFFFFFFFF
+    assert fed == [rest] and ("startReading", ()) in tcp.calls
+    assert ("removeReader", (forward,)) in reactor.calls
+    assert t.nativeForward is None and side.forwarder is None
+    assert bridge.bytesAtoB == len(expect) == side.nativeStats["native_bytes"]
+    assert bridge.calls == []  # nothing left unwritten
+    assert sum(counted) == len(expect) + 8 * len(chunks)
+    assert channel.localWindowLeft == window - len(expect) + sum(channel.adjusts)
+    assert channel.adjusts  # the window was re-opened as the bytes were written
