@@ -76,7 +76,7 @@ def test_the_user_vanishing_mid_bulk_ends_the_thread(site: Site) -> None:  # noq
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     _back_to(site, threads, fds)
-    assert site.relay.events("session_close", path="pooled")
+    site.relay.wait_for("session_close", timeout=10, since=0, path="pooled")
 
 
 def test_a_narrowed_grant_ends_the_session_mid_bulk(site: Site) -> None:  # noqa: F811
