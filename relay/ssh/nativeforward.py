@@ -12,8 +12,9 @@ from it through an eventfd only to grant the window, meter the bytes and, when i
 take the stream back.
 
 **Arming** (:func:`maybe_arm`, after a read whose packets included that channel's data)
-only when it is exactly the common case: the incoming cipher is AES-GCM and the native
-module and libcrypto are there (``LABRELAY_DATAPATH=python|portable`` keep the Python
+only when it is exactly the common case: both connections are plain TCP (a user's SSH
+inside the relay's TLS port keeps the Python path), the incoming cipher is AES-GCM, the
+native module and libcrypto are there (``LABRELAY_DATAPATH=python|portable`` keep the Python
 path), no key exchange runs, the connection has that one channel, open, bridged to a
 pooled data connection (``TCPSide.nativeStats``) with nothing buffered for it, no rate
 limit, nothing paused.  The thread starts with the partial packet Python had buffered.
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 
 from relay.datapath.bridge import Bridge, TCPSide
@@ -66,11 +68,19 @@ def _idle_transport(tcp: Any) -> bool:
             and len(getattr(tcp, "dataBuffer", b"x")) == getattr(tcp, "offset", -1))
 
 
+def _plain_tcp(tcp: Any) -> bool:
+    """``tcp`` is Twisted's own TCP connection, its socket carrying exactly the bytes
+    the protocol sees: not a wrapper (the relay's TLS port wraps a user's SSH in TLS, and
+    a wrapper forwards ``fileno()`` to a socket that carries TLS records)."""
+    return isinstance(tcp, Connection)
+
+
 def maybe_arm(transport: Any) -> NativeForward | None:
     """Start the thread for ``transport.nativeCandidate`` (the channel whose data the
     last read carried) if this is the case it is made for (module docstring)."""
     channel, transport.nativeCandidate = transport.nativeCandidate, None
-    if transport.nativeForward is not None or not native_enabled():
+    if (transport.nativeForward is not None or not _plain_tcp(transport.transport)
+            or not native_enabled()):
         return None
     gcm = getattr(transport.currentEncryptions, "inAEAD", None)
     tcp = transport.transport
@@ -88,8 +98,8 @@ def maybe_arm(transport: Any) -> NativeForward | None:
             or channel.localWindowLeft <= 0):
         return None
     side = _data_side(channel)
-    if (side is None or side._closed or side._wroteEOF
-            or getattr(side.transport, "disconnecting", True)):
+    if (side is None or side._closed or side._wroteEOF or not _plain_tcp(side.transport)
+            or side.transport.disconnecting):
         return None
     if not _idle_transport(side.transport):
         # The bytes this read delivered wait in Twisted's buffer until the reactor's

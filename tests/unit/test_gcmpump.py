@@ -367,3 +367,20 @@ def test_the_handback_leaves_the_transport_as_the_python_path_would(pair: Pair) 
     assert sum(counted) == len(expect) + 8 * len(chunks)
     assert channel.localWindowLeft == window - len(expect) + sum(channel.adjusts)
     assert channel.adjusts  # the window was re-opened as the bytes were written
+
+
+def test_a_connection_inside_tls_is_never_armed(pair: Pair) -> None:
+    """A user's SSH inside the relay's TLS port reaches the transport through a wrapper
+    that forwards ``fileno()`` to the socket, which carries TLS records: the thread must
+    never read it (nor write a data connection that is wrapped)."""
+    from twisted.internet import reactor
+    from twisted.internet.tcp import Connection
+    from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+    raw = Connection(pair.relay_user, None, reactor)  # type: ignore[arg-type]
+    wrapper = ProtocolWrapper(WrappingFactory(None), None)  # type: ignore[arg-type]
+    wrapper.transport = raw  # what makeConnection sets
+    assert wrapper.fileno() == pair.relay_user.fileno()  # what the thread would take
+    t = Recorder(nativeCandidate=object(), nativeForward=None, transport=wrapper)
+    assert nativeforward.maybe_arm(t) is None and t.nativeCandidate is None
+    assert nativeforward._plain_tcp(raw) and not nativeforward._plain_tcp(wrapper)
