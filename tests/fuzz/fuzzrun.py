@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"
 #: What atheris instruments for coverage: the code under test and the Conch code
 #: in front of it (not the whole of Twisted or the cryptography bindings).
-INSTRUMENT = ["relay", "twisted.conch", "fuzztargets", "fuzzworld"]
+INSTRUMENT = ["relay", "twisted.conch", "fuzztargets", "fuzzworld", "resumetargets"]
 PLAIN = [
     "twisted.internet.defer", "twisted.internet.testing", "twisted.internet.protocol",
     "twisted.internet.task", "twisted.internet.tcp", "twisted.internet.endpoints",

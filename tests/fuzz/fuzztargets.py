@@ -26,6 +26,7 @@ from typing import Any
 
 import formattargets
 import fuzzworld as world
+import resumetargets
 from twisted.conch.ssh import common
 from twisted.conch.ssh import transport as ssh_transport
 from twisted.conch.ssh.transport import SSHCiphers
@@ -615,4 +616,5 @@ TARGETS: dict[str, Target] = {
     "agent_option": agent_option,
     "known_hosts": known_hosts,
     **formattargets.TARGETS,  # KRL, HTTP CONNECT, resume, share@labrelay
+    **resumetargets.TARGETS,  # the resume hello, whole, at each end
 }
