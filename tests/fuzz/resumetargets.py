@@ -40,7 +40,6 @@ from relay.ssh.resumable import ResumableSessions, ResumableSide
 from relay.testing import FakeSide
 
 Target = Callable[[bytes], None]
-FAILURES = world.FailureLog()
 GRACE = 60.0
 WINDOW = 1 << 16
 MAX_HELD = 4
@@ -132,7 +131,7 @@ def resume_hello_agent(data: bytes) -> None:
     runs on the new link's channel; none is held past the grace period."""
     link, clock, sides, replay = _held_link(data)
     conn: _Conn | None = None
-    for sel, payload in _records(data[1:])[:MAX_STEPS]:
+    for sel, payload in world.records(data[1:])[:MAX_STEPS]:
         op = sel % 7
         if op == 0 or conn is None:
             if conn is not None:
@@ -184,7 +183,7 @@ def resume_hello_agent(data: bytes) -> None:
     clock.advance(GRACE + 1)
     assert not any(s.held for s in sides), "held past the grace period"
     assert clock.getDelayedCalls() == [], clock.getDelayedCalls()
-    _no_failures_logged()
+    world.no_failures_logged()
 
 
 def _check_agent(link: Link, sides: list[ResumableSide], replay: int,
@@ -233,7 +232,7 @@ def resume_hello_relay(data: bytes) -> None:
     held = sessions.held_sides()
     assert len(held) == 2
     reply = rs.pack_hello_reply(core.resumes.instance, core.resumes.grace)
-    for sel, payload in _records(data)[:MAX_STEPS]:
+    for sel, payload in world.records(data)[:MAX_STEPS]:
         if sel % 8 == 7:
             clock.advance(payload[0] if payload else 1)
             continue
@@ -258,25 +257,7 @@ def resume_hello_relay(data: bytes) -> None:
     clock.advance(GRACE + 1)
     assert sessions.held_sides() == []
     core.dataport.stop()
-    _no_failures_logged()
-
-
-def _no_failures_logged() -> None:
-    events = FAILURES.take()
-    assert not events, "a failure was logged: " + "; ".join(
-        repr(e["log_failure"].value) for e in events)
-
-
-def _records(data: bytes) -> list[tuple[int, bytes]]:
-    """``data`` as ``(selector byte, payload)`` records: ``sel, len u16, payload``."""
-    out = []
-    at = 0
-    while at + 3 <= len(data):
-        sel = data[at]
-        (n,) = struct.unpack_from(">H", data, at + 1)
-        out.append((sel, data[at + 3: at + 3 + n]))
-        at += 3 + n
-    return out
+    world.no_failures_logged()
 
 
 TARGETS: dict[str, Target] = {
