@@ -99,11 +99,12 @@ def _same(a: tuple[_Snapshot, ...], b: tuple[_Snapshot, ...]) -> bool:
 _MAX_SETTLE_POLLS = 3
 """Polls a changing file may keep changing before it is taken as it is."""
 
-_PARTIAL_READS = 4
-"""Reads in a row that must agree before a file that looks cut off is applied (three
-poll intervals of the same bytes, 0.75 s by default, instead of one)."""
+_PARTIAL_READS = 3
+"""Reads in a row that must agree before a file that looks cut off is applied (two
+poll intervals of the same bytes, 0.5 s by default, instead of one): an emptied file
+is still in force within 0.75 s of the write, as any other change."""
 
-_MAX_PARTIAL_POLLS = 8
+_MAX_PARTIAL_POLLS = 6
 """Polls a file that looks cut off may keep changing before it is taken as it is."""
 
 
@@ -112,7 +113,7 @@ def _looks_cut(snapshot: tuple[_Snapshot, ...], seen: tuple[_Snapshot, ...]) -> 
     write: emptied (it had bytes), or not ending in a newline (cut mid-line).  Such a
     read must stay the same for longer before it is applied, since applying it revokes
     every key after the cut until the write lands.  Only a delay: it is still applied
-    (fail closed), within a second."""
+    (fail closed), within 0.75 s."""
     before = {s.path: s.data for s in seen}
     for file in snapshot:
         if file.data is None or file.data == before.get(file.path):
@@ -134,8 +135,8 @@ class Grants:
     three).  A changed file is taken once two polls in a row read the same bytes, so a
     file caught half-written (an editor's truncate-then-write, a copy in progress) is
     not applied as a version that revokes every key after the cut; one that reads as
-    cut off (emptied, or not ending in a newline) must read the same four times in a
-    row, so a writer stalled up to 0.75 s between its truncate and its write (a busy
+    cut off (emptied, or not ending in a newline) must read the same three times in a
+    row, so a writer stalled up to 0.5 s between its truncate and its write (a busy
     machine, a slow disk) is not taken half-way either.
 
     A reload never keeps old grants: a missing or unsafe file grants nothing, a bad

@@ -217,13 +217,13 @@ def _rewrite(path: Path, text: str, stall: float) -> None:
         f.write(text)
 
 
-@pytest.mark.parametrize("stall", [0, 0.6], ids=["atomic", "in-place-stalled"])
+@pytest.mark.parametrize("stall", [0, 0.4], ids=["atomic", "in-place-stalled"])
 def test_a_grant_narrowed_while_the_link_is_down_ends_the_held_session_at_once(
     start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
     targets: Targets, tmp_path: Path, stall: float,
 ) -> None:
     """Also when the agents file is rewritten in place by a writer that stalls between
-    its truncate and its write (0.6 s, over two poll intervals): the relay must not take
+    its truncate and its write (0.4 s, over one poll interval): the relay must not take
     the emptied file, which would revoke lab_pc's key, end the held session for that
     reason instead, and take the kept port away too (docs/relay.md, "Watching")."""
     relay, proxy, agent, keys, held_port, kept_port = _world(start_relay, start_agent,
