@@ -49,6 +49,7 @@ from relay.agent.refill import REFILL_WINDOW, BurstLog, RefillBudget
 from relay.core import fastwire as fw
 from relay.core.routing import PUBLIC_BINDS
 from relay.datapath import splicing as datapath
+from relay.datapath.dialnow import connect_target
 from relay.datapath.handoff import Handoff, Held
 from relay.datapath.join import Handed, OnEnd, SessionCounters, join
 from relay.datapath.net import client_endpoint, peer_ip, probe_idle
@@ -416,11 +417,8 @@ class DataPool:
             # node's relay, answered K; this session is then spliced through to it.
             d = local.dataport.pairLocal(target.host, target.port)
         else:
-            endpoint = client_endpoint(self.link.reactor, target.host, target.port,
-                                       TARGET_CONNECT_TIMEOUT)
-            factory = Factory.forProtocol(Held)
-            factory.noisy = False
-            connecting: defer.Deferred[Any] = endpoint.connect(factory)  # of a Held
+            connecting: defer.Deferred[Any] = connect_target(  # of a Held, in this turn
+                self.link.reactor, target.host, target.port, Held, TARGET_CONNECT_TIMEOUT)
             d = connecting
 
         def connected(server: Handed) -> None:

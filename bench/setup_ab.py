@@ -1,0 +1,122 @@
+"""Set-up latency only, two source trees side by side in one session (A/B).
+
+Issue 13 item 5 (set-up after a 50 ms idle gap) is a per-session figure of a few
+milliseconds on a shared machine, where the spread between runs is larger than most
+changes: the only comparison that means anything is two trees measured alternately in
+the same minutes.  This starts :class:`bench.stock_paths.StockBench` (only its set-up;
+no bulk trials) once per tree, each in a server process importing that tree's
+``bench`` and running that tree's relay and agent, and then alternates set-up rounds
+between them, A B B A A B ..., printing each round's p50 and the medians at the end::
+
+    git archive main | tar -x -C /tmp/base      # the baseline tree (build its C module)
+    python bench/setup_ab.py /tmp/base . --rounds 8 --sessions 30
+
+The paths measured are the stock ones (``relay_L``: ``ssh -L`` to a non-e2e service, on
+the link; ``relay_L_e2e``: the same to an e2e service, the pooled route; ``direct``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def serve(repo: Path) -> int:
+    """One tree's bench: set up, then answer ``variant sessions gap_ms`` lines with the
+    round's milliseconds as JSON, until stdin closes."""
+    sys.path.insert(0, str(repo))
+    from bench import stock_paths as sp  # the tree's own bench
+
+    args = sp.quick_defaults(sp.build_parser().parse_args(["--quick"]))
+    with tempfile.TemporaryDirectory(prefix="labrelay-setup-ab-") as tmp:
+        workdir = Path(tmp)
+        workdir.chmod(0o755)
+        bench = sp.StockBench(args, workdir)
+        try:
+            bench.setup()
+            for variant in sp.VARIANTS[sp.RAW]:
+                bench.setup_round(variant, 20, 0)  # warm-up, not recorded
+            print(json.dumps({"ready": True}), flush=True)
+            for line in sys.stdin:
+                variant, sessions, gap = line.split()
+                ms = bench.setup_round(variant, int(sessions), float(gap))
+                print(json.dumps({"ms": ms, "anomalies": bench.anomalies[-1:]}), flush=True)
+        finally:
+            for note in bench.cleanup():
+                print(f"cleanup: {note}", file=sys.stderr)
+    return 0
+
+
+def _ask(proc: subprocess.Popen[str], line: str) -> dict[str, Any]:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    while True:
+        out = proc.stdout.readline()
+        if not out:
+            raise SystemExit(f"a bench server ended: {proc.args}")
+        if out.startswith("{"):
+            return dict(json.loads(out))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("trees", nargs="*", type=Path, help="two source trees: A (base), B")
+    p.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--sessions", type=int, default=30, help="sessions per round")
+    p.add_argument("--gap-ms", type=float, default=50.0)
+    p.add_argument("--variants", default="relay_L,relay_L_e2e,direct")
+    args = p.parse_args()
+    if args.serve is not None:
+        return serve(args.serve.resolve())
+    if len(args.trees) != 2:
+        p.error("give two trees")
+    names = ["A", "B"]
+    procs = []
+    for tree in args.trees:
+        procs.append(subprocess.Popen(
+            [sys.executable, __file__, "--serve", str(tree.resolve())], text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tree))
+    for proc in procs:
+        assert proc.stdout is not None
+        while not proc.stdout.readline().startswith('{"ready"'):
+            if proc.poll() is not None:
+                raise SystemExit(f"a bench server failed to start: {proc.args}")
+    variants = args.variants.split(",")
+    p50: dict[tuple[str, str], list[float]] = {(n, v): [] for n in names for v in variants}
+    try:
+        for r in range(args.rounds):
+            order = [0, 1] if r % 2 == 0 else [1, 0]
+            for variant in variants:
+                for i in order:
+                    got = _ask(procs[i], f"{variant} {args.sessions} {args.gap_ms}")
+                    if not got.get("ms"):
+                        print(f"round {r} {names[i]} {variant}: {got}", flush=True)
+                        continue
+                    m = statistics.median(got["ms"])
+                    p50[(names[i], variant)].append(m)
+                    print(f"round {r} {names[i]} {variant:12} p50 {m:6.3f} ms", flush=True)
+    finally:
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        for proc in procs:
+            proc.wait(60)
+    print(f"medians of the rounds' p50 ({args.sessions} sessions, {args.gap_ms} ms gap):")
+    for variant in variants:
+        a, b = p50[("A", variant)], p50[("B", variant)]
+        if a and b:
+            print(f"  {variant:12} A {statistics.median(a):6.3f}  B {statistics.median(b):6.3f}"
+                  f"  B/A {statistics.median(b) / statistics.median(a):5.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
