@@ -49,6 +49,19 @@ class _One(Factory):
         return self.protocol_
 
 
+Dial = Callable[[Any, str, int, Callable[[], Protocol], float], "defer.Deferred[Any]"]
+"""The signature of :func:`connect_target` and :func:`connect_endpoint`."""
+
+
+def connect_endpoint(reactor: Any, host: str, port: int, make: Callable[[], Protocol],
+                     timeout: float) -> defer.Deferred[Any]:
+    """A connection to ``host:port`` through Twisted's endpoint (``connect()`` a reactor
+    turn later): for a reactor that has no sockets (tests' ``MemoryReactor``)."""
+    factory = Factory.forProtocol(make)
+    factory.noisy = False  # no "Starting/Stopping factory" events per session
+    return client_endpoint(reactor, host, port, timeout).connect(factory)
+
+
 def connect_target(reactor: Any, host: str, port: int, make: Callable[[], Protocol],
                    timeout: float) -> defer.Deferred[Any]:
     """A connection to ``host:port`` for a new session: :func:`dial_now` for an IP
@@ -56,9 +69,7 @@ def connect_target(reactor: Any, host: str, port: int, make: Callable[[], Protoc
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        factory = Factory.forProtocol(make)
-        factory.noisy = False  # no "Starting/Stopping factory" events per session
-        return client_endpoint(reactor, host, port, timeout).connect(factory)
+        return connect_endpoint(reactor, host, port, make, timeout)
     family = socket.AF_INET if address.version == 4 else socket.AF_INET6
     return dial_now(reactor, family, host, port, make, timeout)
 
