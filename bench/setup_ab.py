@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,27 +29,49 @@ from pathlib import Path
 from typing import Any
 
 
-def serve(repo: Path) -> int:
+def serve(repo: Path, suite: str) -> int:
     """One tree's bench: set up, then answer ``variant sessions gap_ms`` lines with the
-    round's milliseconds as JSON, until stdin closes."""
+    round's milliseconds as JSON, until stdin closes.  ``suite``: ``stock``
+    (bench.stock_paths: ``relay_L``, ``relay_L_e2e``, ``direct``, ``seed_L``) or
+    ``relay`` (bench.relay_vs_openssh: ``relay``, the public port; ``relay-L``, ``ssh``,
+    ``direct``)."""
     sys.path.insert(0, str(repo))
-    from bench import stock_paths as sp  # the tree's own bench
+    from bench import relay_vs_openssh as rv  # the tree's own bench
+    from bench import stock_paths as sp
 
-    args = sp.quick_defaults(sp.build_parser().parse_args(["--quick"]))
     with tempfile.TemporaryDirectory(prefix="labrelay-setup-ab-") as tmp:
         workdir = Path(tmp)
         workdir.chmod(0o755)
-        bench = sp.StockBench(args, workdir)
+        bench: Any
+        if suite == "stock":
+            bench = sp.StockBench(sp.quick_defaults(sp.build_parser().parse_args(["--quick"])),
+                                  workdir)
+
+            def round_(variant: str, n: int, gap: float) -> list[float] | None:
+                return bench.setup_round(variant, n, gap)
+        else:
+            args = rv.quick_defaults(rv.build_parser().parse_args(["--quick"]))
+            bench = rv.RelayBench(args, workdir)
+
+            def round_(variant: str, n: int, gap: float) -> list[float] | None:
+                r = bench.sessions(bench.paths[variant], n, gap, "set-up A/B")
+                return None if r is None else list(r["ms"])
         try:
             bench.setup()
-            for variant in sp.VARIANTS[sp.RAW]:
-                bench.setup_round(variant, 20, 0)  # warm-up, not recorded
+            names = sp.VARIANTS[sp.RAW] if suite == "stock" else list(bench.paths)
+            for variant in names:
+                round_(variant, 20, 0)  # warm-up, not recorded
             print(json.dumps({"ready": True}), flush=True)
             for line in sys.stdin:
                 variant, sessions, gap = line.split()
-                ms = bench.setup_round(variant, int(sessions), float(gap))
+                ms = round_(variant, int(sessions), float(gap))
                 print(json.dumps({"ms": ms, "anomalies": bench.anomalies[-1:]}), flush=True)
         finally:
+            if os.environ.get("LABRELAY_STAMP_DIR"):  # a stamping sitecustomize: dump now
+                for proc in (bench.relay, bench.agent):
+                    if proc is not None and proc.poll() is None:
+                        os.kill(proc.pid, signal.SIGUSR2)
+                        proc.wait(10)
             for note in bench.cleanup():
                 print(f"cleanup: {note}", file=sys.stderr)
     return 0
@@ -72,24 +96,28 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--sessions", type=int, default=30, help="sessions per round")
     p.add_argument("--gap-ms", type=float, default=50.0)
-    p.add_argument("--variants", default="relay_L,relay_L_e2e,direct")
+    p.add_argument("--suite", choices=("stock", "relay"), default="stock")
+    p.add_argument("--variants", default=None,
+                   help="default: relay_L,relay_L_e2e,direct (stock); relay,relay-L,direct")
     args = p.parse_args()
     if args.serve is not None:
-        return serve(args.serve.resolve())
+        return serve(args.serve.resolve(), args.suite)
     if len(args.trees) != 2:
         p.error("give two trees")
     names = ["A", "B"]
     procs = []
     for tree in args.trees:
         procs.append(subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(tree.resolve())], text=True,
+            [sys.executable, __file__, "--serve", str(tree.resolve()), "--suite", args.suite],
+            text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tree))
     for proc in procs:
         assert proc.stdout is not None
         while not proc.stdout.readline().startswith('{"ready"'):
             if proc.poll() is not None:
                 raise SystemExit(f"a bench server failed to start: {proc.args}")
-    variants = args.variants.split(",")
+    variants = (args.variants or ("relay_L,relay_L_e2e,direct" if args.suite == "stock"
+                                  else "relay,relay-L,direct")).split(",")
     p50: dict[tuple[str, str], list[float]] = {(n, v): [] for n in names for v in variants}
     try:
         for r in range(args.rounds):

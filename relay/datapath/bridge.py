@@ -63,6 +63,9 @@ class Side(TypingProtocol):
 
 
 SINK_FULL = "sink-full"
+NO_PEER = "no-peer"
+"""A :class:`TCPSide`'s pause until it is bridged (a forward's accepted connection
+before its channel opened)."""
 _NONE: frozenset[str] = frozenset()
 
 
@@ -184,7 +187,7 @@ class TCPSide(Protocol):
             transport.setTcpNoDelay(True)
         transport.registerProducer(self, True)
         if self.bridge is None:
-            self.pauseReading("no-peer")
+            self.pauseReading(NO_PEER)
         if callable(self.onConnected):
             self.onConnected(self)
 
@@ -192,6 +195,22 @@ class TCPSide(Protocol):
         bridge = self.bridge
         if bridge is not None:
             bridge.dataReceived(self, data)
+        else:  # read ahead (readAhead): keep this one read for attach(), read no more
+            self._early += data
+            self.pauseReading(NO_PEER)
+
+    def readAhead(self) -> None:
+        """Read once before this side is bridged: what the peer sent first (the one
+        read of at most Twisted's 64 KiB) is then here when the bridge is made, and
+        handed on in that reactor turn instead of a poll later.
+
+        For the relay's public ports (relay.server.public): called as the channel open
+        leaves for the agent, so the user's first bytes are read while the agent
+        connects its target, off the session's set-up path (docs/benchmarks.md,
+        "Set-up after an idle gap").  Bounded: after one read the side is paused again
+        until :meth:`attach`."""
+        if self.bridge is None and not self._closed and not self._early:
+            self.resumeReading(NO_PEER)
 
     def readConnectionLost(self) -> None:
         """The peer sent FIN: pass EOF on, keep writing (IHalfCloseableProtocol)."""
@@ -217,7 +236,7 @@ class TCPSide(Protocol):
         early, self._early = self._early, b""
         if early:
             bridge.dataReceived(self, early)
-        self.resumeReading("no-peer")
+        self.resumeReading(NO_PEER)
         if self._readEOF:
             bridge.eofReceived(self)
         if self._closed:

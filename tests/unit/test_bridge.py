@@ -63,6 +63,35 @@ def test_tcp_is_paused_until_attached_then_resumed() -> None:
     assert transport.producerState == "producing"
 
 
+def test_read_ahead_keeps_one_read_paused_and_hands_it_on_at_attach() -> None:
+    """A public port's user side reads once while the agent opens (set-up latency):
+    that read is kept, nothing more is read, and attach delivers it first."""
+    tcp, transport = connected_tcp()
+    assert transport.producerState == "paused"
+    tcp.readAhead()
+    assert transport.producerState == "producing"
+    tcp.dataReceived(b"GET / HTTP/1.1\r\n")
+    assert transport.producerState == "paused"  # bounded: one read, then no more
+    tcp.readAhead()
+    assert transport.producerState == "paused"  # not again while a read is kept
+    other = FakeSide()
+    Bridge(tcp, other)
+    assert other.written == [b"GET / HTTP/1.1\r\n"]
+    assert transport.producerState == "producing"
+    tcp.dataReceived(b"Host: x\r\n")
+    assert other.written == [b"GET / HTTP/1.1\r\n", b"Host: x\r\n"]
+
+
+def test_read_ahead_with_nothing_sent_then_attach_reads_on() -> None:
+    tcp, transport = connected_tcp()
+    tcp.readAhead()
+    other = FakeSide()
+    Bridge(tcp, other)
+    assert other.written == [] and transport.producerState == "producing"
+    tcp.dataReceived(b"x")
+    assert other.written == [b"x"]
+
+
 def test_tcp_eof_and_close_before_attach_are_delivered_on_attach() -> None:
     tcp, _transport = connected_tcp()
     tcp.readConnectionLost()
