@@ -97,6 +97,9 @@ def main() -> int:
     p.add_argument("--sessions", type=int, default=30, help="sessions per round")
     p.add_argument("--gap-ms", type=float, default=50.0)
     p.add_argument("--suite", choices=("stock", "relay"), default="stock")
+    p.add_argument("--stamp-dir", type=Path, default=None,
+                   help="with a stamping sitecustomize on PYTHONPATH: each tree's stamps in "
+                        "DIR/A and DIR/B")
     p.add_argument("--variants", default=None,
                    help="default: relay_L,relay_L_e2e,direct (stock); relay,relay-L,direct")
     args = p.parse_args()
@@ -106,10 +109,14 @@ def main() -> int:
         p.error("give two trees")
     names = ["A", "B"]
     procs = []
-    for tree in args.trees:
+    for name, tree in zip(names, args.trees, strict=True):
+        env = dict(os.environ)
+        if args.stamp_dir is not None:
+            (args.stamp_dir / name).mkdir(parents=True, exist_ok=True)
+            env["LABRELAY_STAMP_DIR"] = str((args.stamp_dir / name).resolve())
         procs.append(subprocess.Popen(
             [sys.executable, __file__, "--serve", str(tree.resolve()), "--suite", args.suite],
-            text=True,
+            text=True, env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tree))
     for proc in procs:
         assert proc.stdout is not None

@@ -154,8 +154,10 @@ class TCPSide(Protocol):
     _log = Logger()
     transport: Any  # an ITCPTransport once connected (Twisted types it Optional)
 
-    def __init__(self) -> None:
+    def __init__(self, readAhead: bool = False) -> None:
         self.bridge: Bridge | None = None
+        # Not paused at connect: the first read is kept for attach() (see readAhead()).
+        self._readAheadFirst = readAhead
         self._pauses: frozenset[str] = _NONE  # made on first pause (per-session memory)
         self._readEOF = False
         self._wroteEOF = False
@@ -163,6 +165,15 @@ class TCPSide(Protocol):
         self._cleanEnd = True
         self._early = b""  # read by the connection's previous protocol: delivered first
         self.onConnected: object = None
+
+    @classmethod
+    def readingAhead(cls) -> TCPSide:
+        """A side that is not paused when it connects: for a connection its owner
+        bridges in the same reactor turn (a target the agent dialled with
+        ``relay.datapath.dialnow``), whose pause and resume would be two ``epoll_ctl``
+        calls for nothing.  Should bytes come first, one read is kept, as with
+        :meth:`readAhead`."""
+        return cls(readAhead=True)
 
     @classmethod
     def adopt(cls, transport: Any, received: bytes = b"") -> TCPSide:
@@ -186,7 +197,7 @@ class TCPSide(Protocol):
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
         transport.registerProducer(self, True)
-        if self.bridge is None:
+        if self.bridge is None and not self._readAheadFirst:
             self.pauseReading(NO_PEER)
         if callable(self.onConnected):
             self.onConnected(self)

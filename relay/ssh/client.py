@@ -381,8 +381,8 @@ class LinkConnection(FlowConnection):
             # connect() in this turn, and for a target on this host the channel is
             # confirmed in it too (relay.datapath.dialnow): no reactor turn between
             # reading the open and connecting.
-            d = connect_target(self.link.reactor, target.host, target.port, TCPSide,
-                               TARGET_CONNECT_TIMEOUT)
+            d = connect_target(self.link.reactor, target.host, target.port,
+                               TCPSide.readingAhead, TARGET_CONNECT_TIMEOUT)
         return d.addCallbacks(connected, failed)
 
     # local forwards: we open a channel per accepted connection

@@ -82,6 +82,28 @@ def test_read_ahead_keeps_one_read_paused_and_hands_it_on_at_attach() -> None:
     assert other.written == [b"GET / HTTP/1.1\r\n", b"Host: x\r\n"]
 
 
+def test_a_side_reading_ahead_from_the_start_is_never_paused_when_bridged_at_once() -> None:
+    tcp = TCPSide.readingAhead()
+    transport = FakeTCPTransport()
+    tcp.makeConnection(transport)
+    assert transport.producerState == "producing"
+    other = FakeSide()
+    Bridge(tcp, other)
+    tcp.dataReceived(b"SSH-2.0-x\r\n")
+    assert other.written == [b"SSH-2.0-x\r\n"] and transport.producerState == "producing"
+
+
+def test_a_side_reading_ahead_from_the_start_keeps_one_read() -> None:
+    tcp = TCPSide.readingAhead()
+    transport = FakeTCPTransport()
+    tcp.makeConnection(transport)
+    tcp.dataReceived(b"banner")
+    assert transport.producerState == "paused"
+    other = FakeSide()
+    Bridge(tcp, other)
+    assert other.written == [b"banner"] and transport.producerState == "producing"
+
+
 def test_read_ahead_with_nothing_sent_then_attach_reads_on() -> None:
     tcp, transport = connected_tcp()
     tcp.readAhead()
