@@ -197,10 +197,13 @@ class TCPSide(Protocol):
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
         transport.registerProducer(self, True)
-        if self.bridge is None and not self._readAheadFirst:
-            self.pauseReading(NO_PEER)
         if callable(self.onConnected):
             self.onConnected(self)
+        # Paused after the owner heard of it, not before: an owner that bridges it or
+        # lets it read ahead in this turn (a public port whose agent is there) spares
+        # the reactor a pause and a resume.  Nothing is read in between.
+        if self.bridge is None and not self._readAheadFirst:
+            self.pauseReading(NO_PEER)
 
     def dataReceived(self, data: bytes) -> None:
         bridge = self.bridge
@@ -221,6 +224,7 @@ class TCPSide(Protocol):
         "Set-up after an idle gap").  Bounded: after one read the side is paused again
         until :meth:`attach`."""
         if self.bridge is None and not self._closed and not self._early:
+            self._readAheadFirst = True
             self.resumeReading(NO_PEER)
 
     def readConnectionLost(self) -> None:

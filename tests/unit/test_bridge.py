@@ -104,6 +104,21 @@ def test_a_side_reading_ahead_from_the_start_keeps_one_read() -> None:
     assert other.written == [b"banner"] and transport.producerState == "producing"
 
 
+def test_read_ahead_asked_on_connect_spares_the_pause() -> None:
+    """A public port whose agent is there asks for read-ahead as the connection is
+    reported: the side is never paused (no pause and resume for the reactor)."""
+    tcp = TCPSide()
+    tcp.onConnected = lambda side: side.readAhead()
+    transport = FakeTCPTransport()
+    tcp.makeConnection(transport)
+    assert transport.producerState == "producing"
+    tcp.dataReceived(b"first")
+    assert transport.producerState == "paused"
+    other = FakeSide()
+    Bridge(tcp, other)
+    assert other.written == [b"first"] and transport.producerState == "producing"
+
+
 def test_read_ahead_with_nothing_sent_then_attach_reads_on() -> None:
     tcp, transport = connected_tcp()
     tcp.readAhead()
