@@ -98,8 +98,8 @@ def main() -> int:
     p.add_argument("--gap-ms", type=float, default=50.0)
     p.add_argument("--suite", choices=("stock", "relay"), default="stock")
     p.add_argument("--stamp-dir", type=Path, default=None,
-                   help="with a stamping sitecustomize on PYTHONPATH: each tree's stamps in "
-                        "DIR/A and DIR/B")
+                   help="stamp the relay's and agent's socket calls (bench/stamps): each "
+                        "tree's in DIR/A and DIR/B, for bench/setup_steps.py")
     p.add_argument("--variants", default=None,
                    help="default: relay_L,relay_L_e2e,direct (stock); relay,relay-L,direct")
     args = p.parse_args()
@@ -114,6 +114,9 @@ def main() -> int:
         if args.stamp_dir is not None:
             (args.stamp_dir / name).mkdir(parents=True, exist_ok=True)
             env["LABRELAY_STAMP_DIR"] = str((args.stamp_dir / name).resolve())
+            stamps = str(Path(__file__).resolve().parent / "stamps")  # its sitecustomize
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (stamps, env.get("PYTHONPATH", "")) if p)
         procs.append(subprocess.Popen(
             [sys.executable, __file__, "--serve", str(tree.resolve()), "--suite", args.suite],
             text=True, env=env,

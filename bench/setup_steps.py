@@ -1,8 +1,7 @@
 """Per-step medians of new sessions through a public port, from the stamps of
 ``bench/stamps`` (relay-*.txt and agent-*.txt in one directory)::
 
-    PYTHONPATH=bench/stamps python bench/setup_ab.py /tmp/base . --suite relay \\
-        --variants relay --stamp-dir /tmp/st
+    python bench/setup_ab.py /tmp/base . --suite relay --variants relay --stamp-dir /tmp/st
     python bench/setup_steps.py /tmp/st/A; python bench/setup_steps.py /tmp/st/B
 
 Each session is followed from the relay's ``accept`` through its socket calls and the
