@@ -145,7 +145,14 @@ class _Connecting:
         _adopt(self.reactor, self.sock, self.family, self.make).chainDeferred(self.done)
 
     def connectionLost(self, reason: Failure) -> None:
-        self._fail(ConnectError(string=reason.getErrorMessage()))
+        """The reactor saw an error or hang-up on the socket: the connect failed
+        (``SO_ERROR`` says why: refused, unreachable, ...)."""
+        try:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            err = 0
+        self._fail(getConnectError((err, os.strerror(err))) if err
+                   else ConnectError(string=reason.getErrorMessage()))
 
     def _timedOut(self) -> None:
         self._fail(TimeoutError(string="connection timed out"))
@@ -154,7 +161,7 @@ class _Connecting:
         self._stop()
         self.sock.close()
 
-    def _fail(self, why: Exception) -> None:
+    def _fail(self, why: BaseException) -> None:
         self._stop()
         self.sock.close()
         if not self.done.called:

@@ -144,3 +144,16 @@ def test_a_host_name_goes_through_the_endpoint(monkeypatch: pytest.MonkeyPatch) 
     connect_target(clock, "127.0.0.1", 22, Recorder, 3.0)
     connect_target(clock, "::1", 22, Recorder, 3.0)
     assert dialled == ["127.0.0.1", "::1"]
+
+
+def test_in_progress_refused_says_so(reactor: EPollReactor,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dialnow.select, "poll", NotYet)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    d = dial_now(reactor, socket.AF_INET, "127.0.0.1", port, Recorder, 5.0)
+    _turn_until(reactor, lambda: d.called)
+    assert _result(d).check(error.ConnectionRefusedError)
+    assert reactor.getWriters() == [] and reactor.getDelayedCalls() == []
