@@ -58,7 +58,6 @@ class SessionOpening:
     connections: set[RelayConnection]
     sessions: SessionTable
     _aborts: dict[SessionRow, Callable[[], None]]
-    _auditPending: set[SessionRow]
     counters: dict[str, int]
     waiting: Waiting
     dataport: DataPort
@@ -103,7 +102,8 @@ class SessionOpening:
                                      totals_as=self.router.totals_name(owner, host, port))
         d = self.whenRegistered(host, port, self.config.public_wait, session)
         d.addCallback(lambda reg: open_user_side(self, reg, port, origin, session))
-        self.auditOpened(session)  # once the open has left for the agent
+        # After the open left for the agent (public.py says why), before anything ends it.
+        audit.opened(session)
 
         def connected(agent_channel: Side) -> BridgedChannel:
             self.sharing.tag(channel, principal.name)
@@ -215,36 +215,8 @@ class SessionOpening:
         if not self.sessions.moving(session, meter, agent):
             abort()  # its grant went while it was opening or being paired
 
-    def auditOpened(self, session: SessionRow) -> None:
-        """``session``'s audit ``session_open``, once the writes of this reactor turn
-        (its channel open to the agent) have left.
-
-        The event's JSON line and its write to the log cost a new session about a
-        third of the relay's work between the user's connect and the open reaching
-        the agent, and Twisted sends what was written in a turn only at the next
-        poll, after everything else the turn does: logged in the turn, the open waited
-        for it (docs/benchmarks.md, "Set-up after an idle gap").  So it is logged two
-        reactor iterations later: the next iteration's poll (with a timeout of zero,
-        as a call is due) writes the open, the one after logs the event, while the
-        agent connects.  Nothing changes for the audit log: the event is the same,
-        ``started`` is the row's; and if the session ends first (a refusal, a lost
-        link), :meth:`sessionEnded` logs it then, before its ``session_close``."""
-        pending = self._auditPending
-        pending.add(session)
-        reactor = self.reactor
-
-        def log() -> None:
-            if session in pending:
-                pending.discard(session)
-                audit.opened(session)
-
-        reactor.callLater(0, reactor.callLater, 0, log)
-
     def sessionEnded(self, session: SessionRow, to_service: int, from_service: int,
                       why: str) -> None:
-        if session in self._auditPending:
-            self._auditPending.discard(session)
-            audit.opened(session)
         self._aborts.pop(session, None)
         if self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why):
             audit.closed(session)

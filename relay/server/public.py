@@ -20,6 +20,7 @@ from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SessionRow, SessionTable
 from relay.datapath.bridge import Bridge, SideFactory, TCPSide
 from relay.datapath.net import LISTEN_BACKLOG
+from relay.server import audit
 from relay.server.grants import Grants
 from relay.ssh.channels import BridgedChannel
 
@@ -45,8 +46,6 @@ class PublicShell(Protocol):
     def sessionEnded(
         self, session: SessionRow, to_service: int, from_service: int, why: str
     ) -> None: ...
-
-    def auditOpened(self, session: SessionRow) -> None: ...
 
     def bridge(self, session: SessionRow, user_side: Any, agent_side: BridgedChannel) -> Bridge: ...
 
@@ -140,8 +139,8 @@ class PublicPorts:
             )
             side.close()
 
-        # Logged once the channel open has left for the agent, not before it: the
-        # event's write is then off the new session's critical path
-        # (SessionOpening.auditOpened).  Still before its session_close.
-        relay.auditOpened(session)
+        # Logged once the channel open is on its way to the agent, not before it: the
+        # event's write is then off the new session's critical path.  Still before
+        # anything can end it.
+        audit.opened(session)
         d.addCallbacks(lambda ch: relay.bridge(session, side, ch), failed)

@@ -57,7 +57,6 @@ class RelayCore(SessionOpening):
         self.connections: set[RelayConnection] = set()
         self.sessions = SessionTable()
         self._aborts: dict[SessionRow, Callable[[], None]] = {}  # stops a moving row's bytes
-        self._auditPending: set[SessionRow] = set()  # session_open not logged yet
         self.publicPorts = PublicPorts(self)
         self.counters = {"auth_refused": 0, "requests_refused": 0, "sessions_refused": 0,
                          "connections_dropped_unauthenticated_cap": 0}
