@@ -49,6 +49,7 @@ from relay.agent.refill import REFILL_WINDOW, BurstLog, RefillBudget
 from relay.core import fastwire as fw
 from relay.core.routing import PUBLIC_BINDS
 from relay.datapath import splicing as datapath
+from relay.datapath.dialnow import Dial, connect_target
 from relay.datapath.handoff import Handoff, Held
 from relay.datapath.join import Handed, OnEnd, SessionCounters, join
 from relay.datapath.net import client_endpoint, peer_ip, probe_idle
@@ -155,8 +156,9 @@ class DataPool:
 
     _log = Logger()
 
-    def __init__(self, link: PoolOwner, size: int) -> None:
+    def __init__(self, link: PoolOwner, size: int, dial: Dial = connect_target) -> None:
         self.link = link
+        self._connectTarget = dial  # how a dispatched session's target is connected
         self.size = size
         self.state = PoolState.OFF if size <= 0 else PoolState.DOWN
         self.reason = "fast_path_pool = 0" if size <= 0 else ""
@@ -416,11 +418,8 @@ class DataPool:
             # node's relay, answered K; this session is then spliced through to it.
             d = local.dataport.pairLocal(target.host, target.port)
         else:
-            endpoint = client_endpoint(self.link.reactor, target.host, target.port,
-                                       TARGET_CONNECT_TIMEOUT)
-            factory = Factory.forProtocol(Held)
-            factory.noisy = False
-            connecting: defer.Deferred[Any] = endpoint.connect(factory)  # of a Held
+            connecting: defer.Deferred[Any] = self._connectTarget(  # of a Held, in this turn
+                self.link.reactor, target.host, target.port, Held, TARGET_CONNECT_TIMEOUT)
             d = connecting
 
         def connected(server: Handed) -> None:

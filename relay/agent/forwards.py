@@ -259,6 +259,7 @@ class LocalForwardListener(Service):
         def open_channel(conn: LinkConnection) -> defer.Deferred[Any]:
             target = self.config.connect
             opened = conn.openDirect(target.host, target.port, origin_host, origin_port)
+            side.readAhead()  # the first bytes, read while the channel opens
             return opened.addCallback(
                 lambda ch: self.link.sessionStarted(self, side, ch, f"{origin_host}:{origin_port}")
             )

@@ -63,6 +63,9 @@ class Side(TypingProtocol):
 
 
 SINK_FULL = "sink-full"
+NO_PEER = "no-peer"
+"""A :class:`TCPSide`'s pause until it is bridged (a forward's accepted connection
+before its channel opened)."""
 _NONE: frozenset[str] = frozenset()
 
 
@@ -151,8 +154,10 @@ class TCPSide(Protocol):
     _log = Logger()
     transport: Any  # an ITCPTransport once connected (Twisted types it Optional)
 
-    def __init__(self) -> None:
+    def __init__(self, readAhead: bool = False) -> None:
         self.bridge: Bridge | None = None
+        # Not paused at connect: the first read is kept for attach() (see readAhead()).
+        self._readAheadFirst = readAhead
         self._pauses: frozenset[str] = _NONE  # made on first pause (per-session memory)
         self._readEOF = False
         self._wroteEOF = False
@@ -168,6 +173,15 @@ class TCPSide(Protocol):
         #: takes the stream back from it (``handback``), so Python's writes and close
         #: come after the thread's, and it is done with the socket before it closes.
         self.forwarder: Any = None
+
+    @classmethod
+    def readingAhead(cls) -> TCPSide:
+        """A side that is not paused when it connects: for a connection its owner
+        bridges in the same reactor turn (a target the agent dialled with
+        ``relay.datapath.dialnow``), whose pause and resume would be two ``epoll_ctl``
+        calls for nothing.  Should bytes come first, one read is kept, as with
+        :meth:`readAhead`."""
+        return cls(readAhead=True)
 
     @classmethod
     def adopt(cls, transport: Any, received: bytes = b"") -> TCPSide:
@@ -191,15 +205,35 @@ class TCPSide(Protocol):
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
         transport.registerProducer(self, True)
-        if self.bridge is None:
-            self.pauseReading("no-peer")
         if callable(self.onConnected):
             self.onConnected(self)
+        # Paused after the owner heard of it, not before: an owner that bridges it or
+        # lets it read ahead in this turn (a public port whose agent is there) spares
+        # the reactor a pause and a resume.  Nothing is read in between.
+        if self.bridge is None and not self._readAheadFirst:
+            self.pauseReading(NO_PEER)
 
     def dataReceived(self, data: bytes) -> None:
         bridge = self.bridge
         if bridge is not None:
             bridge.dataReceived(self, data)
+        else:  # read ahead (readAhead): keep this one read for attach(), read no more
+            self._early += data
+            self.pauseReading(NO_PEER)
+
+    def readAhead(self) -> None:
+        """Read once before this side is bridged: what the peer sent first (the one
+        read of at most Twisted's 64 KiB) is then here when the bridge is made, and
+        handed on in that reactor turn instead of a poll later.
+
+        For the relay's public ports (relay.server.public): called as the channel open
+        leaves for the agent, so the user's first bytes are read while the agent
+        connects its target, off the session's set-up path (docs/benchmarks.md,
+        "Set-up after an idle gap").  Bounded: after one read the side is paused again
+        until :meth:`attach`."""
+        if self.bridge is None and not self._closed and not self._early:
+            self._readAheadFirst = True
+            self.resumeReading(NO_PEER)
 
     def readConnectionLost(self) -> None:
         """The peer sent FIN: pass EOF on, keep writing (IHalfCloseableProtocol)."""
@@ -231,7 +265,7 @@ class TCPSide(Protocol):
         early, self._early = self._early, b""
         if early:
             bridge.dataReceived(self, early)
-        self.resumeReading("no-peer")
+        self.resumeReading(NO_PEER)
         if self._readEOF:
             bridge.eofReceived(self)
         if self._closed:

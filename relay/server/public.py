@@ -120,7 +120,13 @@ class PublicPorts:
             return result
 
         d = relay.whenRegistered(PUBLIC, port, config.public_wait, session).addBoth(waited)
-        d.addCallback(lambda r: relay.openToAgent(r, port, origin, session))
+
+        def open_(reg: Any) -> defer.Deferred[Any]:
+            opening = relay.openToAgent(reg, port, origin, session)
+            side.readAhead()  # the user's first bytes, read while the agent connects
+            return opening
+
+        d.addCallback(open_)
 
         def failed(f: Failure) -> None:
             relay.sessionEnded(session, 0, 0, "agent unavailable")

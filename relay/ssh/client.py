@@ -36,7 +36,8 @@ from relay.config.schema import LinkConfig, RemoteForward
 from relay.core.keepalive import KeepaliveMonitor
 from relay.core.resume import split_sid
 from relay.datapath.bridge import TCPSide
-from relay.datapath.net import client_endpoint, quickack
+from relay.datapath.dialnow import connect_target
+from relay.datapath.net import quickack
 from relay.ssh import policy
 from relay.ssh.aead import AEADTransportMixin
 from relay.ssh.channels import BridgedChannel
@@ -377,12 +378,11 @@ class LinkConnection(FlowConnection):
             # Chaining: the target is a service registered at this node's own relay.
             d = self.link.openRelayService(target.host, target.port, origin)
         else:
-            endpoint = client_endpoint(
-                self.link.reactor, target.host, target.port, TARGET_CONNECT_TIMEOUT
-            )
-            factory = Factory.forProtocol(TCPSide)
-            factory.noisy = False  # no "Starting/Stopping factory" events per session
-            d = endpoint.connect(factory)
+            # connect() in this turn, and for a target on this host the channel is
+            # confirmed in it too (relay.datapath.dialnow): no reactor turn between
+            # reading the open and connecting.
+            d = connect_target(self.link.reactor, target.host, target.port,
+                               TCPSide.readingAhead, TARGET_CONNECT_TIMEOUT)
         return d.addCallbacks(connected, failed)
 
     # local forwards: we open a channel per accepted connection

@@ -63,6 +63,72 @@ def test_tcp_is_paused_until_attached_then_resumed() -> None:
     assert transport.producerState == "producing"
 
 
+def test_read_ahead_keeps_one_read_paused_and_hands_it_on_at_attach() -> None:
+    """A public port's user side reads once while the agent opens (set-up latency):
+    that read is kept, nothing more is read, and attach delivers it first."""
+    tcp, transport = connected_tcp()
+    assert transport.producerState == "paused"
+    tcp.readAhead()
+    assert transport.producerState == "producing"
+    tcp.dataReceived(b"GET / HTTP/1.1\r\n")
+    assert transport.producerState == "paused"  # bounded: one read, then no more
+    tcp.readAhead()
+    assert transport.producerState == "paused"  # not again while a read is kept
+    other = FakeSide()
+    Bridge(tcp, other)
+    assert other.written == [b"GET / HTTP/1.1\r\n"]
+    assert transport.producerState == "producing"
+    tcp.dataReceived(b"Host: x\r\n")
+    assert other.written == [b"GET / HTTP/1.1\r\n", b"Host: x\r\n"]
+
+
+def test_a_side_reading_ahead_from_the_start_is_never_paused_when_bridged_at_once() -> None:
+    tcp = TCPSide.readingAhead()
+    transport = FakeTCPTransport()
+    tcp.makeConnection(transport)
+    assert transport.producerState == "producing"
+    other = FakeSide()
+    Bridge(tcp, other)
+    tcp.dataReceived(b"SSH-2.0-x\r\n")
+    assert other.written == [b"SSH-2.0-x\r\n"] and transport.producerState == "producing"
+
+
+def test_a_side_reading_ahead_from_the_start_keeps_one_read() -> None:
+    tcp = TCPSide.readingAhead()
+    transport = FakeTCPTransport()
+    tcp.makeConnection(transport)
+    tcp.dataReceived(b"banner")
+    assert transport.producerState == "paused"
+    other = FakeSide()
+    Bridge(tcp, other)
+    assert other.written == [b"banner"] and transport.producerState == "producing"
+
+
+def test_read_ahead_asked_on_connect_spares_the_pause() -> None:
+    """A public port whose agent is there asks for read-ahead as the connection is
+    reported: the side is never paused (no pause and resume for the reactor)."""
+    tcp = TCPSide()
+    tcp.onConnected = lambda side: side.readAhead()
+    transport = FakeTCPTransport()
+    tcp.makeConnection(transport)
+    assert transport.producerState == "producing"
+    tcp.dataReceived(b"first")
+    assert transport.producerState == "paused"
+    other = FakeSide()
+    Bridge(tcp, other)
+    assert other.written == [b"first"] and transport.producerState == "producing"
+
+
+def test_read_ahead_with_nothing_sent_then_attach_reads_on() -> None:
+    tcp, transport = connected_tcp()
+    tcp.readAhead()
+    other = FakeSide()
+    Bridge(tcp, other)
+    assert other.written == [] and transport.producerState == "producing"
+    tcp.dataReceived(b"x")
+    assert other.written == [b"x"]
+
+
 def test_tcp_eof_and_close_before_attach_are_delivered_on_attach() -> None:
     tcp, _transport = connected_tcp()
     tcp.readConnectionLost()

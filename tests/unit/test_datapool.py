@@ -29,6 +29,7 @@ import relay.agent.datapool
 from relay.agent.datapool import RETRY_DELAY, TARGET_CONNECT_TIMEOUT, DataPool, PoolConnection
 from relay.config.schema import HostPort, RemoteForward
 from relay.core import fastwire as fw
+from relay.datapath.dialnow import connect_endpoint
 from relay.datapath.join import SessionCounters
 from relay.datapath.splicing import PairAborted, PairResult
 from relay.testing import FakeDataPath, connection_lost, feed_bytewise
@@ -128,7 +129,9 @@ def _make(monkeypatch: pytest.MonkeyPatch, size: int = 2,
     monkeypatch.setattr(relay.agent.datapool.datapath, "get", lambda reactor: fake)
     gpu = FakeForward("GPU-Cluster", 22)
     link = FakeLink([gpu, *(extra or [])])
-    pool = DataPool(link, size)  # type: ignore[arg-type]
+    # The endpoint's dial (connectTCP, recorded by the MemoryReactorClock), not dial_now's
+    # real socket: tests/unit/test_dialnow.py covers that one.
+    pool = DataPool(link, size, dial=connect_endpoint)  # type: ignore[arg-type]
     return World(link, pool, FakeConn(), link.clock, fake, gpu)
 
 

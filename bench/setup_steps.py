@@ -1,0 +1,95 @@
+"""Per-step medians of new sessions through a public port, from the stamps of
+``bench/stamps`` (relay-*.txt and agent-*.txt in one directory)::
+
+    python bench/setup_ab.py /tmp/base . --suite relay --variants relay --stamp-dir /tmp/st
+    python bench/setup_steps.py /tmp/st/A; python bench/setup_steps.py /tmp/st/B
+
+Each session is followed from the relay's ``accept`` through its socket calls and the
+agent's (same CLOCK_MONOTONIC) to the echo written back to the client: the steps of the
+table in docs/benchmarks.md, "Set-up after an idle gap".  Also the reactor wake-ups
+and ``epoll_ctl`` calls of each process per session (accept to echo).  Sessions whose
+calls do not line up (one overlapping a keepalive, say) are left out and counted.
+"""
+
+from __future__ import annotations
+
+import glob
+import statistics
+import sys
+
+Event = tuple[int, str, int, int, int]
+STEPS = ["relay: accept -> CHANNEL_OPEN sent", "link: -> the agent has read it",
+         "agent: -> connect() to the target", "agent: connect() -> confirmation sent",
+         "link: -> the relay has read it", "relay: confirmation -> first data sent",
+         "link: -> the agent has read it (data)", "agent: -> the byte written to the target",
+         "target: its echo -> the agent has read it", "agent: -> the echo sent up the link",
+         "link: -> the relay has read it (echo)", "relay: -> the echo written to the client"]
+
+
+def load(where: str, role: str) -> list[Event]:
+    (name,) = glob.glob(f"{where}/{role}-*.txt")
+    with open(name) as f:
+        return [(int(t), op, int(fd), int(n), int(p))
+                for t, op, fd, n, p in (line.split() for line in f)]
+
+
+def first(events: list[Event], after: int, op: str, fd: int | None = None,
+          not_fd: int | None = None) -> Event:
+    for e in events:
+        if e[0] > after and e[1] == op and (fd is None or e[2] == fd) and (
+                not_fd is None or e[2] != not_fd):
+            return e
+    raise LookupError(op)
+
+
+def main(where: str) -> int:
+    relay, agent = load(where, "relay"), load(where, "agent")
+    steps: list[list[float]] = [[] for _ in STEPS]
+    counts: dict[str, list[int]] = {k: [] for k in ("relay wake", "relay ctl", "agent wake",
+                                                    "agent ctl")}
+    accepts = [e for e in relay if e[1] == "accept"]
+    for a in accepts:
+        t0, user = a[0], a[2]
+        r = [e for e in relay if t0 <= e[0] < t0 + 40_000_000]
+        g = [e for e in agent if t0 <= e[0] < t0 + 40_000_000]
+        try:
+            s1 = first(r, t0, "send", not_fd=user)
+            link = s1[2]
+            g1 = first(g, s1[0] - 1, "recv")
+            glink = g1[2]
+            c = first(g, g1[0] - 1, "connect")
+            g2 = first(g, c[0], "send", glink)
+            r1 = first(r, g2[0], "recv", link)
+            s2 = first(r, r1[0], "send", link)
+            g3 = first(g, s2[0], "recv", glink)
+            t1 = first(g, g3[0] - 1, "send", not_fd=glink)
+            t2 = first(g, t1[0], "recv", t1[2])
+            g4 = first(g, t2[0], "send", glink)
+            r2 = first(r, g4[0], "recv", link)
+            u = first(r, r2[0], "send", user)
+        except LookupError:
+            continue
+        ts = [t0, s1[0], g1[0], c[0], g2[0], r1[0], s2[0], g3[0], t1[0], t2[0], g4[0],
+              r2[0], u[0]]
+        for i in range(len(STEPS)):
+            steps[i].append((ts[i + 1] - ts[i]) / 1e6)
+        counts["relay wake"].append(sum(1 for e in r if e[1] == "wake" and e[0] <= u[0]))
+        counts["relay ctl"].append(sum(1 for e in r if e[1] == "ctl" and e[0] <= u[0]))
+        counts["agent wake"].append(sum(1 for e in g if e[1] == "wake" and e[0] <= g4[0]))
+        counts["agent ctl"].append(sum(1 for e in g if e[1] == "ctl" and e[0] <= g4[0]))
+    print(f"{len(steps[0])} of {len(accepts)} sessions lined up; medians in ms")
+    total = 0.0
+    for name, values in zip(STEPS, steps, strict=True):
+        m = statistics.median(values) if values else float("nan")
+        total += m
+        print(f"| {name} | {m:.2f} |")
+    print(f"| sum of the steps | {total:.2f} |")
+    for name, values in counts.items():
+        if values:
+            print(f"{name} per session: median {statistics.median(values):g}, "
+                  f"mean {statistics.mean(values):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1]))

@@ -1,0 +1,124 @@
+"""Stamps on the socket calls and reactor wake-ups of ``labrelay relay`` and ``labrelay
+agent`` processes (CLOCK_MONOTONIC, about a microsecond per call, no ptrace): the
+per-step timing of a new session in docs/benchmarks.md ("Set-up after an idle gap").
+
+Put this directory first on ``PYTHONPATH`` and set ``LABRELAY_STAMP_DIR``; every
+``python -m relay relay|agent`` started then records ``accept``, ``connect`` (and
+``connect_ex``), ``send``/``sendmsg``/``sendall``, ``recv``, each return of the epoll
+reactor's poll (``wake``, a reactor iteration) and each ``epoll_ctl`` (``ctl``), and
+writes them to ``$LABRELAY_STAMP_DIR/<relay|agent>-<pid>.txt`` at exit or on SIGUSR2.
+``bench/setup_ab.py --stamp-dir`` does this for both trees; ``bench/setup_steps.py``
+reads the files.  Nothing here is imported by labrelay itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+_LOG: list[tuple[int, str, int, int, int]] = []
+
+
+def _install(role: str, where: str) -> None:
+    import atexit
+    import signal
+    import socket
+    import time
+
+    now = time.monotonic_ns
+    rec = _LOG.append
+    cls = socket.socket
+
+    def wrap(name: str, kind: str) -> None:
+        orig = getattr(cls, name)
+
+        def stamped(self: Any, *a: Any, **k: Any) -> Any:
+            r = orig(self, *a, **k)
+            t = now()
+            if kind == "recv":
+                rec((t, "recv", self.fileno(), len(r), 0))
+            elif kind == "send":
+                rec((t, "send", self.fileno(), r if isinstance(r, int) else -1, 0))
+            elif kind == "accept":
+                peer = r[1][1] if isinstance(r[1], tuple) else 0
+                rec((t, "accept", r[0].fileno(), 0, peer))
+            else:
+                port = a[0][1] if a and isinstance(a[0], tuple) else 0
+                rec((t, "connect", self.fileno(), 0, port))
+            return r
+
+        setattr(cls, name, stamped)
+
+    wrap("recv", "recv")
+    for name in ("send", "sendmsg", "sendall"):
+        wrap(name, "send")
+    wrap("accept", "accept")
+    wrap("connect_ex", "connect")
+    wrap("connect", "connect")
+
+    def dump() -> None:
+        with open(os.path.join(where, f"{role}-{os.getpid()}.txt"), "w") as f:
+            for e in _LOG:
+                f.write(" ".join(map(str, e)) + "\n")
+
+    def dump_and_exit(signum: int, frame: Any) -> None:
+        dump()
+        os._exit(0)
+
+    atexit.register(dump)
+    signal.signal(signal.SIGUSR2, dump_and_exit)
+    _patch_epoll(now)
+
+
+def _patch_epoll(now: Any) -> None:
+    from twisted.internet import epollreactor
+
+    init = epollreactor.EPollReactor.__init__
+    rec = _LOG.append
+
+    class Poller:
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def poll(self, *a: Any) -> Any:
+            r = self.real.poll(*a)
+            rec((now(), "wake", len(r), 0, 0))
+            return r
+
+        def register(self, *a: Any) -> Any:
+            rec((now(), "ctl", 0, 0, 0))
+            return self.real.register(*a)
+
+        def modify(self, *a: Any) -> Any:
+            rec((now(), "ctl", 0, 0, 0))
+            return self.real.modify(*a)
+
+        def unregister(self, *a: Any) -> Any:
+            rec((now(), "ctl", 0, 0, 0))
+            return self.real.unregister(*a)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.real, name)
+
+    def __init__(self: Any, *a: Any, **k: Any) -> None:
+        init(self, *a, **k)
+        self._poller = Poller(self._poller)
+
+    epollreactor.EPollReactor.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _role() -> str | None:
+    args = getattr(sys, "orig_argv", sys.argv)
+    if "-m" not in args:
+        return None
+    i = args.index("-m")
+    if args[i + 1:i + 2] == ["relay"] and args[i + 2:i + 3] in (["relay"], ["agent"]):
+        return args[i + 2]
+    return None
+
+
+_where = os.environ.get("LABRELAY_STAMP_DIR")
+_r = _role() if _where else None
+if _where and _r:
+    _install(_r, _where)
