@@ -150,6 +150,7 @@ class TCPSide(Protocol):
 
     _log = Logger()
     transport: Any  # an ITCPTransport once connected (Twisted types it Optional)
+    _writeLost = False  # our half-close completed (writeConnectionLost)
 
     def __init__(self) -> None:
         self.bridge: Bridge | None = None
@@ -201,6 +202,7 @@ class TCPSide(Protocol):
         self._maybeFinish()
 
     def writeConnectionLost(self) -> None:
+        self._writeLost = True  # an instance attribute only once it happens
         self._maybeFinish()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -257,10 +259,19 @@ class TCPSide(Protocol):
             self.close()
 
     def close(self) -> None:
-        if not self._closed and self.transport is not None:
+        transport = self.transport
+        if not self._closed and transport is not None:
             if not self._wroteEOF:
-                self.transport.unregisterProducer()  # see writeEOF
-            self.transport.loseConnection()
+                transport.unregisterProducer()  # see writeEOF
+            transport.loseConnection()
+            if (self._readEOF and self._writeLost and not self._closed
+                    and not ITCPTransport.providedBy(transport)):
+                # Both halves ended on their own (EOF read and our half-close done, in
+                # either order).  A TCP transport ends itself in loseConnection then;
+                # Twisted's StandardIO (``labrelay connect``'s stdin/stdout) has no
+                # half left to close and never calls connectionLost, so the bridge
+                # would never end (tests/unit/test_stdio_side.py): end it as it would.
+                transport.connectionLost(Failure(ConnectionDone()))
 
     def abort(self) -> None:
         if not self._closed and self.transport is not None:
