@@ -32,6 +32,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.datapath.net import write_now
+
 
 class Side(TypingProtocol):
     """One end of a bridge, as the bridge sees it."""
@@ -227,7 +229,7 @@ class TCPSide(Protocol):
 
     def write(self, data: bytes) -> None:
         if not self._closed:
-            self.transport.write(data)
+            write_now(self.transport, (data,), limit=None)  # leaves at once if nothing waits
 
     def consumed(self, nbytes: int) -> None:
         """TCP re-opens its own window as the kernel drains; nothing to do."""

@@ -56,6 +56,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from twisted.conch.ssh.transport import DISCONNECT_MAC_ERROR, DISCONNECT_PROTOCOL_ERROR, SSHCiphers
 
+from relay.datapath.net import write_now
 from relay.ssh import policy
 from relay.ssh.ciphers import (
     _CHANNEL_DATA_HEAD,
@@ -145,7 +146,7 @@ class AEADTransportMixin(KexMixin):
         self._sealAndWrite(aead, plain)
 
     def _sealAndWrite(self, aead: AEADDirection, plain: bytes) -> None:
-        self.transport.writeSequence(aead.seal(self.outgoingPacketSequence, plain))
+        write_now(self.transport, aead.seal(self.outgoingPacketSequence, plain))
         self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & 0xFFFFFFFF
         self._count(len(plain))
 
