@@ -15,12 +15,13 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
+from automat import NoTransition
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.conch.ssh import keys
 from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -56,6 +57,45 @@ class LinkDown(Exception):
     """The link was not ready within the time a new local connection may wait."""
 
 
+class _LostBeforeReady:
+    """The factory ``ClientService`` gives its endpoint, with one Twisted trap closed.
+
+    ``ClientService`` wraps each protocol in a proxy that reports its loss to the
+    service's state machine, and that machine has no transition for a loss while
+    ``prepareConnection`` (our SSH handshake) is still pending: a relay that closes
+    the connection mid-handshake (restarting, an HTTP proxy giving up, a refused
+    key) first fails the attempt through ``prepareConnection`` — the service moves
+    to its retry wait, as it should — and then the proxy's loss report raises
+    ``automat.NoTransition`` out of ``connectionLost``, which the reactor logs as a
+    critical "Unhandled Error" with a traceback on every such attempt.  The report
+    carries nothing the failed attempt has not already said, so it is dropped in
+    exactly that case; a loss after the link was up still reaches the service.
+    """
+
+    def __init__(self, factory: Any, link: Link) -> None:
+        self._factory = factory
+        self._link = link
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
+        proto = self._factory.buildProtocol(addr)
+        notify = getattr(proto, "_lostNotification", None)
+        if proto is not None and callable(notify):
+            link = self._link
+
+            def lost(reason: Failure) -> None:
+                try:
+                    notify(reason)
+                except NoTransition:
+                    link.log.debug("link {link}: lost during the handshake (already "
+                                   "counted as a failed attempt)", link=link.name)
+
+            proto._lostNotification = lost
+        return proto  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._factory, name)  # doStart, doStop, ... of the real one
+
+
 class _LoggingEndpoint:
     """Logs each connection attempt, so an operator sees the link trying; the dialer
     picks the route (plain SSH, TLS, a proxy: relay.transport.dial) and logs it."""
@@ -72,7 +112,7 @@ class _LoggingEndpoint:
             event="link_connecting", link=self._link.name,
             host=route.host, port=route.port, route=str(route),
         )
-        return self._dialer.connect(factory)
+        return self._dialer.connect(_LostBeforeReady(factory, self._link))  # type: ignore[arg-type]
 
 
 class Link(MultiService):

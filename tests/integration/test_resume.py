@@ -382,7 +382,11 @@ def test_a_relay_restart_is_not_resumable_and_says_so(
     w.proxy.upstream = ("127.0.0.1", relay2.port)
     gone = w.agent.wait_for("link_resume_impossible", timeout=30, since=mark)
     assert gone["n"] == 2 and "relay restarted" in gone["why"], gone
+    # Each forward is re-requested on its own: wait for the one the fresh session
+    # takes (waiting for "web" alone let the echo port be refused under load).
     w.agent.wait_for("forward_ready", timeout=20, since=mark, bind="web")
+    w.agent.wait_for("forward_ready", timeout=20, since=mark, kind="remote",
+                     port=w.echo_port)
     with pytest.raises(HarnessError):
         w.sink.result(timeout=5)  # the target saw a reset: no complete stream
     assert relay2.events("session_resumed") == []
