@@ -3,7 +3,7 @@ the table it prints."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bench.report import (
     anomaly_lines,
@@ -20,15 +20,13 @@ from bench.report import (
     spread,
     uncommitted,
 )
+from bench.runs import AgentRun
 from bench.sessions import (
     CHUNK,
     STALL_SECONDS,
     GiB,
     MiB,
 )
-
-if TYPE_CHECKING:
-    from bench.agent_vs_openssh import Bench
 
 THROUGHPUT_GOAL = 0.8  # agent / ssh, from the issue
 SETUP_P50_GOAL_MS = 2.0
@@ -49,7 +47,7 @@ LABELS = {
 PEER_RATIOS = ((AGENT, ASYNCSSH), (AGENT, SSHTUNNEL), (AGENT, SSH_L), (SSHTUNNEL, SSH_L))
 
 
-def summarize(bench: Bench, tput: dict[str, dict[str, list[dict[str, Any]]]],
+def summarize(bench: AgentRun, tput: dict[str, dict[str, list[dict[str, Any]]]],
               lat: dict[str, dict[str, list[dict[str, Any]]]],
               health: dict[str, Any], sshd_lines: int, machine: dict[str, Any]
               ) -> dict[str, Any]:
@@ -154,7 +152,7 @@ def summarize(bench: Bench, tput: dict[str, dict[str, list[dict[str, Any]]]],
     }
 
 
-def conditions(bench: Bench) -> dict[str, Any]:
+def conditions(bench: AgentRun) -> dict[str, Any]:
     args = bench.args
     order = ",".join(bench.paths)
     return {

@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import struct
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -74,21 +72,18 @@ from bench.cli import (
 from bench.meter import MachineMeter, cpu_seconds, descendants, proc_health
 from bench.peers import ensure_peers
 from bench.procs import BenchError, Lines, check_procs, free_port, json_event, read_port, wait_ready
+from bench.relay_workers import client_worker
 from bench.report import (
     pctl,
 )
 from bench.sessions import (
-    CHUNK,
     LOOPBACK,
     REPO,
     STALL_SECONDS,
     MiB,
-    pull_bytes,
-    push_bytes,
-    setup_sessions,
     target_worker,
 )
-from bench.sshd import Route, SshdBench
+from bench.sshd import Route, SshdBench, labrelay_argv
 
 PEERS_SCRIPT = str(Path(__file__).resolve().parent / "peers.py")
 
@@ -105,31 +100,6 @@ AEAD_MARKERS = ("gcm", "poly1305")  # ciphers whose MAC is implicit
 AES_OPTIONS = ("-c", "aes128-ctr", "-m", "hmac-sha2-256")
 
 Samples = dict[str, dict[str, list[dict[str, Any]]]]  # per op or kind, per path: results
-
-
-# ---------------------------------------------------------------------------
-# the client worker, in its own process (the target is bench.sessions' target_worker)
-
-
-def client_worker() -> None:
-    """Run JSON commands from stdin, one per line; answer each with one JSON line."""
-    payload = memoryview(os.urandom(CHUNK))
-    view = memoryview(bytearray(CHUNK))
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        try:
-            if cmd["op"] == "push":
-                result = push_bytes(payload, cmd["port"], cmd["bytes"],
-                                    cmd.get("counted", False))
-            elif cmd["op"] == "pull":
-                result = pull_bytes(view, cmd["port"], cmd["bytes"])
-            elif cmd["op"] == "setup":
-                result = setup_sessions(cmd["port"], cmd["sessions"], cmd["gap"])
-            else:
-                result = {"error": f"unknown op {cmd['op']!r}"}
-        except (OSError, struct.error) as e:
-            result = {"error": f"{type(e).__name__}: {e}"}
-        print(json.dumps(result), flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -165,16 +135,12 @@ class Bench(SshdBench):
         path = self.paths[AGENT]
         assert self.sshd is not None
         before = descendants(self.sshd.pid)
-        path.argv = [
-            self.args.python, "-m", "relay", "agent", "--log-format", "json",
+        path.argv = labrelay_argv(
+            self.args.python, "agent",
             "-p", str(self.sshd_port), "-i", str(self.key),
             "-o", f"UserKnownHostsFile={self.known_hosts}",
             "-R", f"{LOOPBACK}:0:{LOOPBACK}:{self.target_port}", f"{self.user}@{LOOPBACK}",
-        ]
-        path.forwarder = self.children.start("agent", path.argv, cwd=REPO,
-                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert path.forwarder.stdout is not None
-        path.log = Lines(path.forwarder.stdout, "agent-stdout")
+        )
 
         def ready(line: str) -> int | None:
             event = json_event(line)
@@ -184,8 +150,8 @@ class Bench(SshdBench):
                 return int(event["port"])
             return None
 
-        path.port = wait_ready("agent", path.forwarder, path.log, ready,
-                               "forward_ready event from the agent")
+        path.forwarder, path.log, path.port = self.start_labrelay(
+            "agent", path.argv, ready, "forward_ready event from the agent")
         self._new_sshd_sessions(before, path)
 
     def start_ssh(self, name: str, extra: Sequence[str]) -> None:

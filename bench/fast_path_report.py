@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bench.report import (
     anomaly_lines,
@@ -18,13 +18,11 @@ from bench.report import (
     spread,
     uncommitted,
 )
+from bench.runs import FastRun
 from bench.sessions import (
     GiB,
     MiB,
 )
-
-if TYPE_CHECKING:
-    from bench.fast_path import FastBench
 
 SSH_RATIO_GOAL = 0.65  # fast path ssh session ÷ direct
 PORTABLE_RATIO_GOAL = 0.6  # the same with labrelay connect on its portable copy loop
@@ -127,7 +125,7 @@ def _goal(goals: list[dict[str, Any]], text: str, value: float | None, target: f
                   "margin_pct": None if margin is None or not target else 100 * margin / target})
 
 
-def summarize(bench: FastBench, samples: dict[str, dict[str, list[dict[str, Any]]]],
+def summarize(bench: FastRun, samples: dict[str, dict[str, list[dict[str, Any]]]],
               machine: dict[str, Any]) -> dict[str, Any]:
     args = bench.args
     gib = args.bytes / GiB

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bench import agent_report
 from bench.procs import (
@@ -25,14 +25,12 @@ from bench.report import (
     spread,
     uncommitted,
 )
+from bench.runs import RelayRun
 from bench.sessions import (
     STALL_SECONDS,
     GiB,
     MiB,
 )
-
-if TYPE_CHECKING:
-    from bench.relay_vs_openssh import RelayBench
 
 THROUGHPUT_GOAL = 0.75  # relay+agent / ssh -N -R (default cipher), from issues 3 and 6
 SETUP_P50_GOAL_MS = 2.0
@@ -52,7 +50,7 @@ def _median(s: dict[str, float] | None) -> float | None:
     return s["median"] if s else None
 
 
-def summarize(bench: RelayBench, tput: dict[str, dict[str, list[dict[str, Any]]]],
+def summarize(bench: RelayRun, tput: dict[str, dict[str, list[dict[str, Any]]]],
               lat: dict[str, dict[str, list[dict[str, Any]]]],
               echo: dict[str, list[dict[str, Any]]], idle: dict[str, Any],
               health: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any]:

@@ -17,11 +17,11 @@ from typing import Any
 
 from bench import agent_vs_openssh as avo
 from bench.meter import proc_health
-from bench.procs import Lines, check_procs, free_port, json_event, read_port, wait_ready
+from bench.procs import Lines, check_procs, free_port, json_event, read_port
 from bench.relay_report import DIRECT, RELAY, RELAY_L, SSH, SSH_AES
 from bench.sessions import LOOPBACK, REPO
 from bench.sshd import Route as BaseRoute
-from bench.sshd import public_key, ssh_client, ssh_negotiated
+from bench.sshd import labrelay_argv, public_key, ssh_client, ssh_negotiated
 
 # The workers run as their own processes (``relay_workers.py --worker KIND``).
 WORKERS = str(Path(__file__).resolve().parent / "relay_workers.py")
@@ -117,13 +117,10 @@ class RelayPeers(avo.Bench):
 
     def start_relay_process(self, config: Path, ready: Callable[[str], Any], what: str) -> Any:
         """``labrelay relay --config CONFIG``; the first truthy ``ready(line)`` of its log."""
-        self.relay_argv = [self.args.python, "-m", "relay", "relay", "--log-format", "json",
-                           "--config", str(config)]
-        self.relay = self.children.start("relay", self.relay_argv, cwd=REPO,
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert self.relay.stdout is not None
-        self.relay_log = Lines(self.relay.stdout, "relay-stdout")
-        return wait_ready("relay", self.relay, self.relay_log, ready, what)
+        self.relay_argv = labrelay_argv(self.args.python, "relay", "--config", str(config))
+        self.relay, self.relay_log, found = self.start_labrelay("relay", self.relay_argv,
+                                                                ready, what)
+        return found
 
     def trust_relay_host(self) -> None:
         """The relay's host key, from its state directory, into ``relay_known_hosts``."""
@@ -134,17 +131,14 @@ class RelayPeers(avo.Bench):
                                   ready: Callable[[str], Any], what: str) -> None:
         """``labrelay agent -R FORWARD... LOGIN@relay`` with the key ``agent_ed25519``,
         ready at the first truthy ``ready(line)`` of its log."""
-        self.agent_argv = [
-            self.args.python, "-m", "relay", "agent", "--log-format", "json",
+        self.agent_argv = labrelay_argv(
+            self.args.python, "agent",
             "-p", str(self.relay_port), "-i", str(self.dir / "agent_ed25519"),
             "-o", f"UserKnownHostsFile={self.relay_known_hosts}",
             *[arg for f in forwards for arg in ("-R", f)], f"{login}@{LOOPBACK}",
-        ]
-        self.agent = self.children.start("agent", self.agent_argv, cwd=REPO,
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert self.agent.stdout is not None
-        self.agent_log = Lines(self.agent.stdout, "agent-stdout")
-        wait_ready("agent", self.agent, self.agent_log, ready, what)
+        )
+        self.agent, self.agent_log, _ = self.start_labrelay("agent", self.agent_argv, ready,
+                                                            what)
 
     def start_relay(self) -> None:
         blob = self.user_keys("agent", "alice", "bob")

@@ -11,6 +11,7 @@ import os
 import resource
 import selectors
 import socket
+import struct
 import sys
 import threading
 import time
@@ -210,8 +211,9 @@ def _echo(port: int, count: int, gap: float) -> dict[str, Any]:
 
 
 def client_worker() -> None:
-    """JSON commands on stdin, one JSON answer line each: the agent bench's push, pull and
-    set-up operations, plus echo round trips, holding idle sessions and releasing them."""
+    """JSON commands on stdin, one JSON answer line each: push, pull and set-up (both the
+    agent bench and this one run it; ``counted`` pushes are for peers that cannot
+    half-close), plus echo round trips, holding idle sessions and releasing them."""
     raise_nofile()
     payload = memoryview(os.urandom(CHUNK))
     view = memoryview(bytearray(CHUNK))
@@ -221,7 +223,8 @@ def client_worker() -> None:
         op = cmd["op"]
         try:
             if op == "push":
-                result = push_bytes(payload, cmd["port"], cmd["bytes"])
+                result = push_bytes(payload, cmd["port"], cmd["bytes"],
+                                    cmd.get("counted", False))
             elif op == "pull":
                 result = pull_bytes(view, cmd["port"], cmd["bytes"])
             elif op == "setup":
@@ -237,7 +240,7 @@ def client_worker() -> None:
                 held.clear()
             else:
                 result = {"error": f"unknown op {op!r}"}
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, struct.error) as e:
             result = {"error": f"{type(e).__name__}: {e}"}
         print(json.dumps(result), flush=True)
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from bench.history import HISTORY, write_latest
 from bench.procs import find_program, run_text
+from bench.runs import Run
 from bench.sessions import REPO
-from bench.sshd import SshdBench
 
 
 def pctl(values: Sequence[float], p: float) -> float:
@@ -77,7 +77,7 @@ def machine_conditions(python: str, loadavg_at_start: str) -> dict[str, Any]:
     }
 
 
-def result_head(benchmark: str, bench: SshdBench) -> dict[str, Any]:
+def result_head(benchmark: str, bench: Run) -> dict[str, Any]:
     """The first keys of a result: which benchmark, when, and the code it ran."""
     return {
         "benchmark": benchmark,

@@ -12,9 +12,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.meter import descendants, loadavg
 from bench.procs import (
@@ -25,8 +26,10 @@ from bench.procs import (
     free_port,
     git_commit,
     git_relay_changes,
+    json_event,
+    wait_ready,
 )
-from bench.sessions import LOOPBACK, START_TIMEOUT
+from bench.sessions import LOOPBACK, REPO, START_TIMEOUT
 
 SSHD_CONFIG = """\
 Port {port}
@@ -70,6 +73,17 @@ def ssh_negotiated(argv: Sequence[str]) -> str:
                          stdin=subprocess.DEVNULL).stderr
     m = re.search(r"kex: client->server cipher: (\S+) MAC: (\S+)", out)
     return f"{m.group(1)} + {m.group(2)}" if m else "unknown"
+
+
+def labrelay_argv(python: str, command: str, *args: str) -> list[str]:
+    """``python -m relay COMMAND --log-format json ARGS...``."""
+    return [python, "-m", "relay", command, "--log-format", "json", *args]
+
+
+def on_event(name: str) -> Callable[[str], bool]:
+    """A ``ready`` test for :meth:`SshdBench.start_labrelay`: a log line that is event
+    ``name``."""
+    return lambda line: (json_event(line) or {}).get("event") == name
 
 
 @dataclass
@@ -140,6 +154,18 @@ class SshdBench:
         self.sshd_log = Lines(self.sshd.stderr, "sshd-stderr")
         self.sshd_log.wait_for(lambda line: "Server listening" in line, START_TIMEOUT,
                                "'Server listening' from sshd")
+
+    def start_labrelay(self, name: str, argv: list[str], ready: Callable[[str], Any],
+                       what: str) -> tuple[subprocess.Popen[bytes], Lines, Any]:
+        """A ``labrelay`` process (``argv`` from :func:`labrelay_argv`) logging JSON to
+        its stdout: the process, its log, and the first truthy ``ready(line)`` of that
+        log (a port, an event), within the start-up timeout.  One shape for every bench
+        that starts a relay or an agent."""
+        proc = self.children.start(name, argv, cwd=REPO, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        log = Lines(proc.stdout, f"{name}-stdout")
+        return proc, log, wait_ready(name, proc, log, ready, what)
 
     def start_worker(self, name: str, script: str, *argv: str
                      ) -> tuple[subprocess.Popen[bytes], Lines]:

@@ -395,6 +395,8 @@ Host *
                       f"{args.bytes / r['seconds'] / 1e6:8.1f} MB/s  CPU-s/GiB {cpu}", flush=True)
             for kind, (n, gap) in (("back_to_back", (args.sessions, 0.0)),
                                    ("idle_gap", (args.gap_sessions, args.gap_ms))):
+                if n == 0:  # --gap-sessions 0 skips it, as in the agent bench
+                    continue
                 for variant in VARIANTS[RAW]:
                     ms = self.setup_round(variant, n, gap)
                     if ms is not None:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bench import fast_path_report as fpr
 from bench.report import fmt, machine_conditions, per_run_latency, result_head, spread
+from bench.runs import StockRun
 from bench.sessions import REPO, GiB, MiB
-
-if TYPE_CHECKING:
-    from bench.stock_paths import StockBench
 
 J_RATIO_GOAL = 0.55  # ssh -J session ÷ direct
 L_RATIO_GOAL, L_RATIO_MOONSHOT = 1.0, 1.3  # ssh -L bulk, relay ÷ seed
@@ -95,7 +93,7 @@ def aead_cost(python: str) -> dict[str, Any]:
 # statistics and reports
 
 
-def summarize(bench: StockBench, samples: dict[tuple[str, str, str], list[dict[str, Any]]],
+def summarize(bench: StockRun, samples: dict[tuple[str, str, str], list[dict[str, Any]]],
               setups: dict[str, dict[str, list[list[float]]]],
               machine: dict[str, Any]) -> dict[str, Any]:
     args = bench.args

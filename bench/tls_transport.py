@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.history import write_latest
-from bench.procs import BenchError, Lines, find_program, free_port, json_event, wait_ready
+from bench.procs import BenchError, find_program, free_port
 from bench.report import machine_conditions
 from bench.sessions import LOOPBACK, RESULTS_DIR, MiB
-from bench.sshd import SshdBench, public_key
+from bench.sshd import SshdBench, labrelay_argv, on_event, public_key
 
 VARIANTS = ("direct", "user_plain", "user_tls", "agent_tls")
 LABELS = {"direct": "ssh straight to the target",
@@ -105,13 +105,9 @@ class TLSBench(SshdBench):
         config = self.dir / "relay.toml"
         config.write_text(RELAY_TOML.format(ssh_port=self.ssh_port, tls_port=self.tls_port,
                                             dir=self.dir, **keys))
-        relay = self.children.start("relay", [sys.executable, "-m", "relay", "relay",
-                                              "--log-format", "json", "--config", str(config)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert relay.stdout is not None
-        log = Lines(relay.stdout, "relay")
-        wait_ready("relay", relay, log, lambda s: (json_event(s) or {}).get("event")
-                   == "relay_listening", "relay_listening")
+        self.start_labrelay("relay", labrelay_argv(sys.executable, "relay", "--config",
+                                                   str(config)),
+                            on_event("relay_listening"), "relay_listening")
         host_pub = public_key(self.dir / "state" / "ssh_host_ed25519_key.pub")
         self.relay_known.write_text(f"[{LOOPBACK}]:{self.ssh_port} {host_pub}\n"
                                     + self.known_hosts.read_text().replace(
@@ -119,18 +115,14 @@ class TLSBench(SshdBench):
                                     self.known_hosts.read_text().replace(
                                         f"[{LOOPBACK}]:{self.sshd_port}", "gpu-tls"))
         for name, extra in (("plain", []), ("tls", self.tls_options())):
-            agent = self.children.start(
+            self.start_labrelay(
                 f"agent-{name}",
-                [sys.executable, "-m", "relay", "agent", "--log-format", "json", "-p",
-                 str(self.ssh_port), "-i", str(self.dir / f"lab_{name}_ed25519"),
-                 "-o", f"UserKnownHostsFile={self.relay_known}", *extra,
-                 "-R", f"gpu-{name}:22:{LOOPBACK}:{self.sshd_port}", f"lab@{LOOPBACK}"],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            assert agent.stdout is not None
-            alog = Lines(agent.stdout, f"agent-{name}")
-            wait_ready(f"agent-{name}", agent, alog,
-                       lambda s: (json_event(s) or {}).get("event") == "forward_ready",
-                       "forward_ready")
+                labrelay_argv(sys.executable, "agent", "-p", str(self.ssh_port),
+                              "-i", str(self.dir / f"lab_{name}_ed25519"),
+                              "-o", f"UserKnownHostsFile={self.relay_known}", *extra,
+                              "-R", f"gpu-{name}:22:{LOOPBACK}:{self.sshd_port}",
+                              f"lab@{LOOPBACK}"),
+                on_event("forward_ready"), "forward_ready")
 
     def tls_options(self) -> list[str]:
         return ["-o", "Transport=tls", "-o", f"TLSPort={self.tls_port}",

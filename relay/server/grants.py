@@ -99,6 +99,31 @@ def _same(a: tuple[_Snapshot, ...], b: tuple[_Snapshot, ...]) -> bool:
 _MAX_SETTLE_POLLS = 3
 """Polls a changing file may keep changing before it is taken as it is."""
 
+_PARTIAL_READS = 3
+"""Reads in a row that must agree before a file that looks cut off is applied (two
+poll intervals of the same bytes, 0.5 s by default, instead of one): an emptied file
+is still in force within 0.75 s of the write, as any other change."""
+
+_MAX_PARTIAL_POLLS = 6
+"""Polls a file that looks cut off may keep changing before it is taken as it is."""
+
+
+def _looks_cut(snapshot: tuple[_Snapshot, ...], seen: tuple[_Snapshot, ...]) -> bool:
+    """Whether a changed file reads as a writer caught between its truncate and its last
+    write: emptied (it had bytes), or not ending in a newline (cut mid-line).  Such a
+    read must stay the same for longer before it is applied, since applying it revokes
+    every key after the cut until the write lands.  Only a delay: it is still applied
+    (fail closed), within 0.75 s."""
+    before = {s.path: s.data for s in seen}
+    for file in snapshot:
+        if file.data is None or file.data == before.get(file.path):
+            continue
+        if file.data == b"" and before.get(file.path):
+            return True
+        if file.data and not file.data.endswith(b"\n"):
+            return True
+    return False
+
 
 class Grants:
     """Who is who, by public key, and what each may do.
@@ -109,7 +134,10 @@ class Grants:
     whose content did: a rewrite within one tick of the file system's clock keeps all
     three).  A changed file is taken once two polls in a row read the same bytes, so a
     file caught half-written (an editor's truncate-then-write, a copy in progress) is
-    not applied as a version that revokes every key after the cut.
+    not applied as a version that revokes every key after the cut; one that reads as
+    cut off (emptied, or not ending in a newline) must read the same three times in a
+    row, so a writer stalled up to 0.5 s between its truncate and its write (a busy
+    machine, a slow disk) is not taken half-way either.
 
     A reload never keeps old grants: a missing or unsafe file grants nothing, a bad
     line grants nothing, a line that conflicts with an earlier grant grants nothing;
@@ -136,6 +164,7 @@ class Grants:
         self._observers: list[Callable[[GrantsChange], None]] = []
         self._pending: tuple[_Snapshot, ...] | None = None
         self._pending_polls = 0
+        self._pending_reads = 0
         self.trust = KeyTrust(relay.revoked_keys, lambda: self._wall_ns() / 1e9)
         self._seen = tuple(_read(path, kind) for path, kind in self._files)
         self._state = self._build(self._seen, strict=True)
@@ -201,14 +230,18 @@ class Grants:
         if _same(snapshot, self._seen):  # touched, or changed and changed back
             self._seen, self._pending = snapshot, None
             return None
-        if self._pending is not None and (
-            _same(snapshot, self._pending) or self._pending_polls >= _MAX_SETTLE_POLLS
-        ):
-            return self._reload(snapshot)
-        if self._pending is None:
-            self._pending_polls = 0
+        if self._pending is not None and _same(snapshot, self._pending):
+            self._pending_reads += 1
+        else:
+            if self._pending is None:
+                self._pending_polls = 0
+            self._pending_reads = 1
         self._pending = snapshot
         self._pending_polls += 1
+        cut = _looks_cut(snapshot, self._seen)
+        if (self._pending_reads >= (_PARTIAL_READS if cut else 2)
+                or self._pending_polls > (_MAX_PARTIAL_POLLS if cut else _MAX_SETTLE_POLLS)):
+            return self._reload(snapshot)
         return None
 
     def reconfigure(self, relay: RelayConfig) -> GrantsChange:

@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"
 #: What atheris instruments for coverage: the code under test and the Conch code
 #: in front of it (not the whole of Twisted or the cryptography bindings).
-INSTRUMENT = ["relay", "twisted.conch", "fuzztargets", "fuzzworld"]
+INSTRUMENT = ["relay", "twisted.conch", "fuzztargets", "fuzzworld", "resumetargets"]
 PLAIN = [
     "twisted.internet.defer", "twisted.internet.testing", "twisted.internet.protocol",
     "twisted.internet.task", "twisted.internet.tcp", "twisted.internet.endpoints",
@@ -82,7 +82,7 @@ def child(name: str, libfuzzer_args: list[str]) -> None:
     # them what they reference (the relay core, connections, transports of old
     # inputs): 300-400 MiB of peak RSS that is not the code under test's, and would
     # hide a real leak from -rss_limit_mb.  Begin logging to nothing but the
-    # observers the targets add (fuzztargets.FAILURES).
+    # observers the targets add (fuzzworld.FAILURES).
     from twisted.logger import globalLogBeginner
 
     globalLogBeginner.beginLoggingTo([], discardBuffer=True, redirectStandardIO=False)

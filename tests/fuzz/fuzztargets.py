@@ -26,6 +26,7 @@ from typing import Any
 
 import formattargets
 import fuzzworld as world
+import resumetargets
 from twisted.conch.ssh import common
 from twisted.conch.ssh import transport as ssh_transport
 from twisted.conch.ssh.transport import SSHCiphers
@@ -50,27 +51,11 @@ from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier, parse_fingerprint
 from relay.ssh.policy import STRICT_KEX_CLIENT
 
 Target = Callable[[bytes], None]
-FAILURES = world.FailureLog()
 MAX_BUFFERED = 4 + MAX_PACKET_LENGTH + 64  # one whole packet and its tag/MAC
 
 
-def _no_failures_logged() -> None:
-    events = FAILURES.take()
-    assert not events, "a failure was logged: " + "; ".join(
-        repr(e["log_failure"].value) for e in events
-    )
-
-
-def _records(data: bytes) -> list[tuple[int, bytes]]:
-    """``data`` as ``(selector byte, payload)`` records: ``sel, len u16, payload``."""
-    out = []
-    at = 0
-    while at + 3 <= len(data):
-        sel = data[at]
-        (n,) = struct.unpack_from(">H", data, at + 1)
-        out.append((sel, data[at + 3 : at + 3 + n]))
-        at += 3 + n
-    return out
+_no_failures_logged = world.no_failures_logged
+_records = world.records
 
 
 def _chunks(data: bytes, seed: int) -> list[bytes]:
@@ -615,4 +600,5 @@ TARGETS: dict[str, Target] = {
     "agent_option": agent_option,
     "known_hosts": known_hosts,
     **formattargets.TARGETS,  # KRL, HTTP CONNECT, resume, share@labrelay
+    **resumetargets.TARGETS,  # the resume hello, whole, at each end
 }

@@ -186,3 +186,26 @@ class FailureLog:
     def take(self) -> list[dict[str, Any]]:
         events, self.events = self.events, []
         return events
+
+
+FAILURES = FailureLog()
+"""The one observer every target checks (``no_failures_logged``) at its end."""
+
+
+def no_failures_logged() -> None:
+    events = FAILURES.take()
+    assert not events, "a failure was logged: " + "; ".join(
+        repr(e["log_failure"].value) for e in events
+    )
+
+
+def records(data: bytes) -> list[tuple[int, bytes]]:
+    """``data`` as ``(selector byte, payload)`` records: ``sel, len u16, payload``."""
+    out = []
+    at = 0
+    while at + 3 <= len(data):
+        sel = data[at]
+        (n,) = struct.unpack_from(">H", data, at + 1)
+        out.append((sel, data[at + 3 : at + 3 + n]))
+        at += 3 + n
+    return out

@@ -22,6 +22,7 @@ sys.path.insert(0, str(HERE))
 import formattargets  # noqa: E402
 import fuzztargets as ft  # noqa: E402
 import fuzzworld as world  # noqa: E402
+import resumetargets  # noqa: E402
 from twisted.conch.ssh import common  # noqa: E402
 
 from relay.core import fastwire as fw  # noqa: E402
@@ -335,6 +336,7 @@ SEEDS = {
     "agent_option": options,
     "known_hosts": known_hosts,
     **formattargets.SEEDS,
+    **resumetargets.SEEDS,
 }
 
 

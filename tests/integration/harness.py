@@ -51,8 +51,21 @@ class HarnessError(AssertionError):
 # small utilities
 
 
+def _named_port_range() -> tuple[int, int]:
+    """The ports just below the kernel's ephemeral range: ``bind(0)`` never hands them
+    out, so a port named here is not taken, before it is used, by one of the test's own
+    listeners that binds port 0 (the relay, an echo server, a proxy)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(1024, low - 12000), low
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that was free a moment ago (bind port 0, read it back, release it).
+    """A TCP port that was free a moment ago: a random one below the ephemeral range
+    that binds (then released), else one ``bind(0)`` picks.
 
     Racy (another process may take it before it is used), so only for a port that
     must be named before anything listens on it: a public port written in a grant,
@@ -60,7 +73,19 @@ def free_port(host: str = LOOPBACK) -> int:
     refuses a local forward on port 0), an sshd (whose start retries on a bind
     failure).  Everything labrelay listens on binds port 0 and is read back from its
     events (``relay_listening``, ``admin_listening``, ``relay_data_port``,
-    ``forward_ready``, ``plain_forward_ready``)."""
+    ``forward_ready``, ``plain_forward_ready``).  Below the ephemeral range, since a
+    port from ``bind(0)`` was once handed straight to the echo server the test
+    started next, and the relay could not bind the public port named in its grant."""
+    low, high = _named_port_range()
+    pick = random.SystemRandom()
+    for _ in range(100):
+        port = pick.randrange(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, Targets, child_env
 from harness import LOOPBACK, AgentProcess, RelayNode, make_key
+from relay_fixtures import connect_argv, wait_until
 from test_fastpath import _read_all
 
 from relay.core import fastwire as fw
@@ -143,3 +144,65 @@ def test_a_grants_change_ends_fast_path_waits_at_once(
             assert tokens.stdin is not None
             tokens.stdin.close()
             tokens.wait(timeout=15)
+
+
+def test_labrelay_connect_waiting_for_a_free_data_connection_ends_when_its_grant_goes(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """Real ``labrelay connect`` processes, a real relay and agent: the agent (pool of
+    one) is frozen (SIGSTOP: a machine under load, a debugger), so the first session
+    takes its one idle data connection and waits for its answer, and the second finds
+    none free and waits for the agent to dial another (relay.server.pooled's wait, so far
+    only unit-tested: test_dataport.py, ``stage == "pool"``).  The users file then takes
+    ``gpu-cluster:22`` from alice: both ``labrelay connect`` exit 1 at once, saying why
+    on stderr, not after ``public_wait``."""
+    lab_pc, alice = make_key(tmp_path / "lab_pc", "lab_pc"), make_key(tmp_path / "alice", "alice")
+    relay = start_relay(
+        agents=[f'permitlisten="gpu-cluster:22" {lab_pc.public_blob()} lab_pc'],
+        users=[f'permitopen="gpu-cluster:22",permitopen="web:8080" {alice.public_blob()} alice'],
+        relay_toml=f'data_port = 0\ne2e_services = ["gpu-cluster:22"]\n'
+                   f'public_wait = {PUBLIC_WAIT}\npenalty_exempt = ["127.0.0.1"]\n')
+    echo = targets.echo()
+    agent = start_agent("-p", str(relay.port), "-i", str(lab_pc.path),
+                        "-o", f"UserKnownHostsFile={relay.known_hosts}",
+                        "--fast-path-pool", "1",
+                        "-R", f"gpu-cluster:22:127.0.0.1:{echo.port}", "lab_pc@127.0.0.1",
+                        name="agent")
+    agent.wait_for("fast_path_ready", timeout=20)
+    agent.wait_for("forward_ready", timeout=20, since=0, bind="gpu-cluster")
+    wait_until(lambda: relay.status()["relay"]["fast_path"]["pools"].get("lab_pc") == 1,
+               "the agent's one data connection idle at the relay")
+    agent.sigstop()
+    connects: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(2):
+            mark = relay.mark()
+            connects.append(subprocess.Popen(
+                connect_argv(relay, "alice", alice, "gpu-cluster"), stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env={**os.environ, **child_env()}, cwd=REPO_ROOT))
+            relay.wait_for("session_open", timeout=20, since=mark, service="gpu-cluster:22")
+        fast = relay.status()["relay"]["fast_path"]
+        assert fast["paired"] == 0 and fast["pools"].get("lab_pc", 0) == 0, fast
+
+        t0 = _write(relay.dir / "users", f'permitopen="web:8080" {alice.public_blob()} alice')
+        ended = []
+        for proc in connects:
+            _, err = proc.communicate(timeout=PUBLIC_WAIT)
+            ended.append(time.monotonic() - t0)
+            assert proc.returncode == 1, err
+            assert b"gpu-cluster:22 is no longer granted to user alice" in err, err
+        print(f"\nlabrelay connect (one awaiting the agent's answer, one a free data "
+              f"connection) ended {ended[0]:.2f} / {ended[1]:.2f} s after the grant went; "
+              f"public_wait {PUBLIC_WAIT} s")
+        assert max(ended) < BOUND
+        fast = relay.status()["relay"]["fast_path"]
+        assert fast["paired"] == 0 and fast["pair_failed"] == 2, fast
+        assert relay.status()["relay"]["sessions"] == []
+    finally:
+        agent.sigcont()
+        for proc in connects:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=15)

@@ -20,6 +20,7 @@ for it.  Then:
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import socket
 import struct
@@ -200,18 +201,38 @@ def test_another_key_a_user_and_a_stock_client_cannot_resume_a_held_session(
     assert relay.status()["relay"]["held_sessions"] == []
 
 
+def _rewrite(path: Path, text: str, stall: float) -> None:
+    """Replace ``path`` with ``text``: atomically (``stall == 0``), or in place as ``>``
+    or an editor saving in place does, truncating first, with the writer stalled
+    ``stall`` seconds before its write (a busy machine; the stall *is* the scenario, it
+    waits for nothing)."""
+    if not stall:
+        tmp = path.with_name(path.name + ".new")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return
+    with open(path, "w") as f:
+        f.flush()
+        time.sleep(stall)
+        f.write(text)
+
+
+@pytest.mark.parametrize("stall", [0, 0.4], ids=["atomic", "in-place-stalled"])
 def test_a_grant_narrowed_while_the_link_is_down_ends_the_held_session_at_once(
     start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
-    targets: Targets, tmp_path: Path,
+    targets: Targets, tmp_path: Path, stall: float,
 ) -> None:
+    """Also when the agents file is rewritten in place by a writer that stalls between
+    its truncate and its write (0.4 s, over one poll interval): the relay must not take
+    the emptied file, which would revoke lab_pc's key, end the held session for that
+    reason instead, and take the kept port away too (docs/relay.md, "Watching")."""
     relay, proxy, agent, keys, held_port, kept_port = _world(start_relay, start_agent,
                                                              targets, tmp_path)
     sock = _hold(relay, proxy, agent, held_port)
     rmark, mark = relay.mark(), agent.mark()
     t0 = time.monotonic()
-    (relay.dir / "agents").write_text(
-        _grant(keys["lab_pc"], "lab_pc", kept_port) + "\n"
-        + _grant(keys["mallory"], "mallory", free_port()) + "\n")
+    _rewrite(relay.dir / "agents", _grant(keys["lab_pc"], "lab_pc", kept_port) + "\n"
+             + _grant(keys["mallory"], "mallory", free_port()) + "\n", stall)
     revoked = relay.wait_for("relay_session_revoked", timeout=10, since=rmark,
                              service=f"public:{held_port}")
     assert "no longer granted to agent lab_pc" in revoked["why"], revoked
@@ -225,6 +246,8 @@ def test_a_grant_narrowed_while_the_link_is_down_ends_the_held_session_at_once(
     print(f"\nheld session of a narrowed grant reset after {ended:.2f}s (grace 60 s)")
     assert ended < 10
     assert relay.status()["relay"]["held_sessions"] == []
+    reloads = relay.events("grants_reloaded", since=rmark)
+    assert [e["revoked"] for e in reloads] == [0], "one reload, and no key revoked"
 
     # Back: nothing of the revoked port comes back; the kept port serves.
     proxy.restore()  # type: ignore[attr-defined]

@@ -544,6 +544,56 @@ def test_a_half_written_file_is_not_applied_until_it_settles(
     assert grants.principal_for(blob(keys[1])) is not None
 
 
+def test_a_writer_stalled_between_truncate_and_write_is_not_applied_half_way(
+    keys: list[str], tmp_path: Path, events: Events
+) -> None:
+    """A truncate-then-write caught with the writer stalled for two polls (0.5 s at the
+    default interval: a busy machine, a slow disk) is not taken as an emptied file,
+    nor cut mid-line as a file without its last lines: no key is revoked on the way."""
+    lines = [f'permitlisten="gpu:22" {keys[0]} lab', f'permitlisten="web:80" {keys[1]} web']
+    agents = write(tmp_path / "agents", *lines)
+    grants = Grants(RelayConfig(agents_file=agents), SOURCE)
+    full = agents.read_bytes()
+    for cut in (b"", full[: len(lines[0]) + 20]):  # emptied; cut inside the second line
+        agents.write_bytes(cut)
+        assert [grants.poll() for _ in range(2)] == [None, None], cut
+        agents.write_bytes(full)  # the write lands
+        assert [grants.poll() for _ in range(2)] == [None, None], "changed back: no reload"
+        assert grants.owner_of("web") is not None and grants.owner_of("gpu") is not None
+    assert events.named("grants_reloaded") == []
+
+
+def test_a_file_that_stays_emptied_or_cut_is_applied_within_three_polls(
+    keys: list[str], tmp_path: Path
+) -> None:
+    """Fail closed all the same: an emptied file, or one whose last line has no newline,
+    that reads the same three times in a row (0.5–0.75 s) is applied as it is."""
+    agents = write(tmp_path / "agents", f'permitlisten="gpu:22" {keys[0]} lab',
+                   f'permitlisten="web:80" {keys[1]} web')
+    grants = Grants(RelayConfig(agents_file=agents), SOURCE)
+    agents.write_text(f'permitlisten="gpu:22" {keys[0]} lab')  # no newline at its end
+    polls = [grants.poll() for _ in range(3)]
+    assert polls[:2] == [None, None] and polls[2] is not None
+    assert list(polls[2].revoked) == [blob(keys[1])]
+    assert grants.owner_of("gpu") is not None and grants.owner_of("web") is None
+    agents.write_bytes(b"")
+    polls = [grants.poll() for _ in range(3)]
+    assert polls[:2] == [None, None] and polls[2] is not None
+    assert list(polls[2].revoked) == [blob(keys[0])]
+
+
+def test_a_cut_file_that_keeps_changing_is_taken_after_six_polls(
+    keys: list[str], tmp_path: Path
+) -> None:
+    users = write(tmp_path / "users", f"{keys[0]} alice")
+    grants = Grants(RelayConfig(users_file=users), SOURCE)
+    changes = []
+    for i in range(7):
+        users.write_text(f"{keys[0]} alice\n# growing{'.' * i}")  # never ends a line
+        changes.append(grants.poll())
+    assert changes[:6] == [None] * 6 and changes[6] is not None
+
+
 def test_a_file_that_never_settles_is_taken_as_it_is(keys: list[str], tmp_path: Path) -> None:
     users = write(tmp_path / "users", f"{keys[0]} alice")
     grants = Grants(RelayConfig(users_file=users), SOURCE)
@@ -683,11 +733,19 @@ def test_watcher_polls_on_the_clock(keys: list[str], tmp_path: Path) -> None:
     clock = Clock()
     watcher = GrantsWatcher(grants, clock, 0.25)
     watcher.start()
-    write(users)
+    write(users, "# alice is gone")
     clock.advance(0.25)
     assert grants.principal_for(blob(keys[0])) is not None, "noticed, not yet settled"
     clock.advance(0.25)
     assert grants.principal_for(blob(keys[0])) is None, "applied two intervals after the write"
+    write(users, f"{keys[1]} bob")
+    clock.pump([0.25, 0.25])
+    assert grants.principal_for(blob(keys[1])) is not None
+    users.write_bytes(b"")  # emptied: it could be a writer's truncate, so it waits longer
+    clock.pump([0.25, 0.25])
+    assert grants.principal_for(blob(keys[1])) is not None, "two reads alike, not three"
+    clock.advance(0.25)
+    assert grants.principal_for(blob(keys[1])) is None, "applied 0.75 s after the write"
     watcher.stop()
     assert clock.getDelayedCalls() == []
 
@@ -705,7 +763,7 @@ def test_watcher_keeps_watching_after_an_error(
     clock = Clock()
     watcher = GrantsWatcher(grants, clock, 0.25)
     watcher.start()
-    write(users)
+    write(users, "# alice is gone")
     clock.advance(0.25)
     clock.advance(0.25)
     assert grants.principal_for(blob(keys[0])) is None
