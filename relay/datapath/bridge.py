@@ -163,6 +163,14 @@ class TCPSide(Protocol):
         self._cleanEnd = True
         self._early = b""  # read by the connection's previous protocol: delivered first
         self.onConnected: object = None
+        #: Counters of a pooled data connection (the relay's ``fast_path`` counters) when
+        #: a native thread may write this side's bytes (relay.ssh.nativeforward); None
+        #: for every other connection.
+        self.nativeStats: dict[str, int] | None = None
+        #: That thread while it owns the writes: anything else done to this side first
+        #: takes the stream back from it (``handback``), so Python's writes and close
+        #: come after the thread's, and it is done with the socket before it closes.
+        self.forwarder: Any = None
 
     @classmethod
     def adopt(cls, transport: Any, received: bytes = b"") -> TCPSide:
@@ -207,7 +215,13 @@ class TCPSide(Protocol):
         self._writeLost = True  # an instance attribute only once it happens
         self._maybeFinish()
 
+    def _takeBack(self, why: str, lost: bool = False) -> None:
+        forwarder = self.forwarder
+        if forwarder is not None:
+            forwarder.handback(why, dataLost=lost)
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._takeBack("data connection lost", lost=True)
         self._closed = True
         self._cleanEnd = self._readEOF or (reason is not None
                                            and reason.check(ConnectionDone) is not None)
@@ -228,6 +242,8 @@ class TCPSide(Protocol):
             bridge.sideClosed(self, clean=self._cleanEnd)
 
     def write(self, data: bytes) -> None:
+        if self.forwarder is not None:
+            self._takeBack("written")
         if not self._closed:
             write_now(self.transport, (data,), limit=None)  # leaves at once if nothing waits
 
@@ -248,6 +264,7 @@ class TCPSide(Protocol):
             self.transport.resumeProducing()
 
     def writeEOF(self) -> None:
+        self._takeBack("eof")
         if self._closed or self._wroteEOF:
             return
         self._wroteEOF = True
@@ -261,6 +278,7 @@ class TCPSide(Protocol):
             self.close()
 
     def close(self) -> None:
+        self._takeBack("closed")
         transport = self.transport
         if not self._closed and transport is not None:
             if not self._wroteEOF:
@@ -276,6 +294,7 @@ class TCPSide(Protocol):
                 transport.connectionLost(Failure(ConnectionDone()))
 
     def abort(self) -> None:
+        self._takeBack("aborted")
         if not self._closed and self.transport is not None:
             self.transport.abortConnection()
 

@@ -214,6 +214,8 @@ def _sharing(sharing: dict[str, Any]) -> Iterator[Metric]:
 def _fast(fast: dict[str, Any]) -> Iterator[Metric]:
     docs = {"paired": "Fast-path sessions paired.", "pair_failed": "Fast-path pairings failed.",
             "pooled": "Stock users' channels carried on an agent's pooled data connection.",
+            "native_runs": "Times the native thread took a pooled channel's bulk direction.",
+            "native_bytes": "Bytes the native thread forwarded to pooled data connections.",
             "data_connections": "Data-port connections accepted.",
             "data_refused": "Data-port connections refused.",
             "data_throttled": "Data-port connections throttled."}

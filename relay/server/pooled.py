@@ -87,7 +87,10 @@ def pooled_route(dataport: DataPort, reg: Registration,
     def answered(_: str) -> TCPSide:
         agent.state = DataState.JOINED
         dataport.counters["pooled"] += 1
-        return TCPSide.adopt(agent.transport, agent.extra)
+        side = TCPSide.adopt(agent.transport, agent.extra)
+        # the user's bytes may be written by the native thread (relay.ssh.nativeforward)
+        side.nativeStats = dataport.counters
+        return side
 
     def failed(f: Failure) -> Failure:
         if agent.state is not DataState.CLOSED:

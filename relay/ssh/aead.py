@@ -57,7 +57,7 @@ from cryptography.exceptions import InvalidTag
 from twisted.conch.ssh.transport import DISCONNECT_MAC_ERROR, DISCONNECT_PROTOCOL_ERROR, SSHCiphers
 
 from relay.datapath.net import poll_writable, write_now
-from relay.ssh import policy
+from relay.ssh import nativeforward, policy
 from relay.ssh.ciphers import (
     _CHANNEL_DATA_HEAD,
     _FIRST,
@@ -96,6 +96,14 @@ class AEADTransportMixin(KexMixin):
     #: message (transport -> service -> handler by name) was a fifth of the relay's
     #: Python per packet; every other message still goes through ``dispatchMessage``.
     channelDataHandler: Any = None
+    #: The channel whose data the read being handled carried, when the connection may
+    #: hand such a channel to the native open-and-forward thread (a pooled session's,
+    #: relay.ssh.nativeforward): set by ``FlowConnection``, looked at after the read.
+    nativeCandidate: Any = None
+    #: That thread while it owns this connection's reads (``NativeForward``).
+    nativeForward: Any = None
+    #: Whether this kind of connection ever arms it (the relay's, for its users).
+    nativeArmable = False
     _pad = b""
     _padOff = 0
 
@@ -163,6 +171,17 @@ class AEADTransportMixin(KexMixin):
     # every read to ``self.buf`` and re-slices the remainder after each packet).
 
     def dataReceived(self, data: bytes) -> None:
+        self._received(data)
+        if self.nativeCandidate is not None:
+            nativeforward.maybe_arm(self)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        forward = self.nativeForward
+        if forward is not None:
+            forward.handback("connection lost", lost=True)
+        super().connectionLost(reason)
+
+    def _received(self, data: bytes) -> None:
         if not self.gotVersion:
             # Conch reads the version line, then calls self.getPacket() (ours)
             # for whatever followed it.

@@ -96,7 +96,7 @@ def chacha_padding(n: int) -> int:
 class GCMDirection:
     """One direction of AES-GCM: the key's ``AESGCM`` object and the nonce state."""
 
-    __slots__ = ("aead", "counter", "fixed")
+    __slots__ = ("aead", "counter", "fixed", "key")
     block = GCM_BLOCK
     padding = staticmethod(gcm_padding)
 
@@ -104,6 +104,9 @@ class GCMDirection:
         if len(iv) < GCM_IV:
             raise ValueError(f"AES-GCM needs a {GCM_IV}-byte IV, got {len(iv)}")
         self.aead = AESGCM(key)
+        # kept for the native open-and-forward thread (relay.ssh.nativeforward), which
+        # opens this direction's packets with its own EVP context while it runs
+        self.key = key
         self.fixed, self.counter = _NONCE.unpack(iv[:GCM_IV])
 
     def nonce(self) -> bytes:

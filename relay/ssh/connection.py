@@ -101,6 +101,7 @@ class FlowConnection(connection.SSHConnection):
         self._closing: set[Any] = set()  # channels whose CLOSE waits behind their data
         self._draining = False
         self._stopped = False  # serviceStopped: nothing more is sent
+        self._nativeOK = False  # the transport may arm relay.ssh.nativeforward
         self._shared = False  # the link's buffers are cut to SHARED_* (bytes wait here)
 
     @property
@@ -124,6 +125,7 @@ class FlowConnection(connection.SSHConnection):
             _limitUnsent(tcp, UNSENT_LOWAT)
         if hasattr(self.transport, "channelDataHandler"):
             self.transport.channelDataHandler = self.channelData
+        self._nativeOK = bool(getattr(self.transport, "nativeArmable", False))
 
     def activity(self) -> None:
         """A packet arrived (the relay's connection feeds its keepalive monitor)."""
@@ -235,7 +237,15 @@ class FlowConnection(connection.SSHConnection):
         else:
             super().sendEOF(channel)
 
+    def _takeBack(self, why: str, channel: Any = None) -> None:
+        """The native thread (relay.ssh.nativeforward) stops owning the channel's
+        reads before Python ends it (or, with None, the service)."""
+        forward = getattr(self.transport, "nativeForward", None)
+        if forward is not None and (channel is None or forward.channel is channel):
+            forward.handback(why)
+
     def sendClose(self, channel: Any) -> None:
+        self._takeBack("channel closed", channel)
         if channel in self._closing:
             return
         if self.scheduler.queued(channel):
@@ -409,6 +419,8 @@ class FlowConnection(connection.SSHConnection):
         # The one copy out of the packet (a memoryview from the transport; a slice of
         # bytes is already a copy, and bytes() of bytes is not another).
         channel.dataReceived(bytes(packet[8 : 8 + dataLength]))
+        if self._nativeOK:
+            self.transport.nativeCandidate = channel  # relay.ssh.nativeforward
 
     def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
         """Forwarding channels carry no stderr; account for it and drop it."""
@@ -455,6 +467,7 @@ class FlowConnection(connection.SSHConnection):
         super().ssh_REQUEST_FAILURE(packet)
 
     def serviceStopped(self) -> None:
+        self._takeBack("service stopped")
         self._stopped = True
         if getattr(self.transport, "channelDataHandler", None) is not None:
             self.transport.channelDataHandler = None

@@ -127,6 +127,8 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
     offence: Offence | None = None  # how it misbehaved before authenticating, if it did
     authenticated = False
     _graceTimer: IDelayedCall | None = None  # login_grace: from connectionMade to auth
+    # a user's pooled channel may be forwarded by the native thread (relay.ssh.nativeforward)
+    nativeArmable = True
 
     # Disconnects the relay sends for bytes that are not SSH: a ``protocol`` offence.
     PROTOCOL_DISCONNECTS = frozenset({

@@ -43,6 +43,8 @@ from harness import (
 )
 from relay_fixtures import admin_port, admin_status, stock_local_forward, wait_until
 
+from relay.ssh.gcmrun import native_enabled
+
 pytestmark = pytest.mark.integration
 
 BOX = "127.0.0.3"  # where the agent believes the relay is
@@ -65,6 +67,7 @@ class RecordingBox:
         self.marker_seen = False
         self.socks: list[socket.socket] = [self.ssh, self.data]
         self.link: list[socket.socket] = []  # the SSH pass-through's sockets
+        self.datas: list[socket.socket] = []  # the data connections' sockets
         for listener, upstream, record in ((self.ssh, relay_ssh_port, False),
                                            (self.data, data_port, True)):
             threading.Thread(target=self._accept, args=(listener, upstream, record),
@@ -87,6 +90,14 @@ class RecordingBox:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             s.close()
 
+    def cut_data(self) -> None:
+        """Reset every data connection (the agent's pool, and the sessions on it)."""
+        with self.lock:
+            datas, self.datas = self.datas, []
+        for s in datas:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+
     def _accept(self, listener: socket.socket, port: int, record: bool) -> None:
         while True:
             try:
@@ -100,6 +111,7 @@ class RecordingBox:
                 self.socks += [down, up]
                 if record:
                     self.data_connections += 1
+                    self.datas += [down, up]
                 else:
                     self.link += [down, up]
             for src, dst in ((down, up), (up, down)):
@@ -261,6 +273,13 @@ def test_scp_64_mib_both_ways_over_J_rides_the_pooled_route(
     assert site.box.data_bytes - before > 2 * stream.size
     fast = site.fast()
     assert fast["pooled"] == 2 and fast["paired"] == 0, fast
+    # The upload's bulk direction (user -> agent) was the native thread's
+    # (relay.ssh.nativeforward): much of it (a full data connection hands
+    # the stream back to Python for a while), none of them lost.
+    if native_enabled():
+        assert fast["native_bytes"] > stream.size // 4 and fast["native_runs"] >= 1, fast
+    else:  # LABRELAY_DATAPATH=python|portable: the Python path, the same bytes
+        assert fast["native_bytes"] == 0 and fast["native_runs"] == 0, fast
     # ... and the relay's table says so for each.
     per = site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
     assert per["sessions_total"] == 2 and per["bytes_to_service"] > stream.size
@@ -315,7 +334,14 @@ def test_scp_J_with_rekeys_mid_transfer_is_exact_on_the_pooled_route(site: Site)
     out = _run([scp, "-q", "-F", str(cfg), "-J", site.jump, f"gpu-cluster:{there}", str(back)])
     assert out.returncode == 0, out.stderr.decode()
     assert back.stat().st_size == stream.size and sha256_hex(back.read_bytes()) == stream.sha256
-    assert site.fast()["pooled"] == 2
+    fast = site.fast()
+    assert fast["pooled"] == 2
+    # The native thread carried the upload across every rekey: it hands the stream back
+    # at each KEXINIT and is armed again under the new keys.
+    if native_enabled():
+        assert fast["native_bytes"] > stream.size // 4 and fast["native_runs"] >= 4, fast
+    else:
+        assert fast["native_runs"] == 0, fast
     keys = [e for e in site.relay.events("ssh_keys", since=since)
             if e.get("cipher_in") == "aes128-gcm@openssh.com"]
     # 64 MiB at one rekey per 16 MiB: each transfer's jump session had >= 4 key sets

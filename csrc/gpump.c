@@ -1,0 +1,371 @@
+/* The open-and-forward thread of a pooled `ssh -J` session (relay_sshopen.h says what
+ * and why).  One thread per armed session, under LR_GP_MAX at once: a session's
+ * thread only ever blocks in poll() on its two sockets and its control eventfd, so
+ * stopping it is one write and one join, and its state (buffers, counters, the
+ * sockets' duplicates) belongs to it alone until then.  No Python C API. */
+
+#define _GNU_SOURCE
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "relay_sshopen.h"
+
+#define IN_CAP (512 * 1024)  /* wire bytes read and not yet opened */
+#define OUT_CAP (512 * 1024) /* channel bytes opened and not yet written */
+#define QUIET_MS 20          /* report unreported bytes after this long without news */
+#define STALL_MS 50          /* hand back when the data connection takes nothing this long */
+#define IDLE_MS 2000         /* hand back a session that sent nothing this long (its buffers
+                              * and thread are for bulk; Python re-arms on the next data) */
+#define LR_GP_CONGESTED LR_GP_FULL
+
+static int live; /* threads running, for LR_GP_MAX (atomic) */
+
+struct lr_gpump {
+    struct lr_gcm *gcm;
+    pthread_t thread;
+    int started, joined;
+    int ufd, dfd;     /* the thread's own duplicates; -1 once it closed them */
+    int notify, ctl;  /* eventfds: thread -> Python, Python -> thread */
+    uint32_t fixed, channel, max_data, max_packet_length;
+    uint64_t report;
+    /* shared with Python (atomics) */
+    uint64_t window_total; /* window at start + every grant */
+    int stop;
+    struct lr_gpump_state st; /* counter/packets/consumed/written/reads/reason: atomics */
+    /* the thread's */
+    unsigned char *in, *out;
+    size_t inlen, outoff, outlen;
+};
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void wake(int fd)
+{
+    uint64_t one = 1;
+    ssize_t ignored = write(fd, &one, sizeof one);
+    (void)ignored;
+}
+
+static void drain(int fd)
+{
+    uint64_t v;
+    ssize_t ignored = read(fd, &v, sizeof v);
+    (void)ignored;
+}
+
+static uint32_t be32(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_ACQUIRE)
+#define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELEASE)
+
+/* Opens what the buffers allow; returns LR_GP_RUNNING, LR_GP_PACKET or LR_GP_CRYPTO. */
+static int open_some(struct lr_gpump *p)
+{
+    if (p->outoff > 0) {
+        memmove(p->out, p->out + p->outoff, p->outlen - p->outoff);
+        p->outlen -= p->outoff;
+        p->outoff = 0;
+    }
+    size_t room = OUT_CAP - p->outlen;
+    if (p->inlen > 0 && room > 0) {
+        uint64_t window = LOAD(p->window_total) - p->st.consumed;
+        struct lr_gcm_run r = {
+            .counter = p->st.counter, .fixed = p->fixed, .channel = p->channel,
+            .window = window, .max_data = p->max_data,
+            .max_packet_length = p->max_packet_length,
+        };
+        if (lr_gcm_open_run(p->gcm, &r, p->in, p->inlen, p->out + p->outlen, room) != 0)
+            return LR_GP_CRYPTO;
+        if (r.packets) {
+            memmove(p->in, p->in + r.consumed, p->inlen - r.consumed);
+            p->inlen -= r.consumed;
+            p->outlen += r.produced;
+            room -= r.produced;
+            STORE(p->st.counter, r.counter);
+            STORE(p->st.packets, p->st.packets + r.packets);
+            STORE(p->st.consumed, p->st.consumed + r.produced);
+        }
+    }
+    /* A whole packet left at the head that the out buffer had room for is not one the
+     * run takes (another message, over the window, a bad tag...): Python's.  So is a
+     * length the run refuses, and a packet longer than the buffer could ever hold. */
+    if (p->inlen >= 4) {
+        uint32_t plen = be32(p->in);
+        if (plen < LR_GCM_BLOCK || plen % LR_GCM_BLOCK || plen > p->max_packet_length ||
+            4 + (size_t)plen + LR_GCM_TAG > IN_CAP)
+            return LR_GP_PACKET;
+        if (p->inlen >= 4 + (size_t)plen + LR_GCM_TAG && room >= plen)
+            return LR_GP_PACKET;
+    }
+    return LR_GP_RUNNING;
+}
+
+static void *run(void *arg)
+{
+    struct lr_gpump *p = arg;
+    int reason = LR_GP_RUNNING, err = 0;
+    uint64_t reported = 0, last_news = now_ms(), stalled_since = 0;
+
+    while (reason == LR_GP_RUNNING) {
+        if (LOAD(p->stop)) {
+            reason = LR_GP_STOPPED;
+            break;
+        }
+        /* a packet that is not ours ends the thread after what it opened is written
+         * as far as the data connection takes it now (Python writes the rest) */
+        int ending = open_some(p);
+        /* write what is opened */
+        while (p->outoff < p->outlen) {
+            ssize_t n = send(p->dfd, p->out + p->outoff, p->outlen - p->outoff,
+                             MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (n > 0) {
+                p->outoff += (size_t)n;
+                STORE(p->st.written, p->st.written + (uint64_t)n);
+                stalled_since = 0;
+                continue;
+            }
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                if (stalled_since == 0)
+                    stalled_since = now_ms();
+                break;
+            }
+            reason = LR_GP_DATA_ERROR;
+            err = n < 0 ? errno : EPIPE;
+            break;
+        }
+        if (reason == LR_GP_RUNNING)
+            reason = ending;
+        if (reason != LR_GP_RUNNING)
+            break;
+        uint64_t t = now_ms();
+        uint64_t written = p->st.written;
+        if (written - reported >= p->report) {
+            reported = written;
+            last_news = t;
+            wake(p->notify);
+        }
+        /* The data connection took nothing for a while: Python's path (its buffer
+         * absorbs up to the window and it keeps reading the user's other messages, as
+         * it does without the thread). */
+        if (stalled_since && t - stalled_since >= STALL_MS) {
+            reason = LR_GP_CONGESTED;
+            break;
+        }
+        struct pollfd fds[3] = {
+            {.fd = p->ctl, .events = POLLIN},
+            {.fd = p->inlen < IN_CAP ? p->ufd : -1, .events = POLLIN},
+            {.fd = p->outoff < p->outlen ? p->dfd : -1, .events = POLLOUT},
+        };
+        int timeout = IDLE_MS;
+        if (written != reported)
+            timeout = (int)(t - last_news >= QUIET_MS ? 0 : QUIET_MS - (t - last_news));
+        if (stalled_since) {
+            int left = (int)(STALL_MS - (t - stalled_since));
+            if (left < timeout)
+                timeout = left;
+        }
+        if (timeout == 0 && written != reported) {
+            reported = written;
+            last_news = t;
+            wake(p->notify);
+            continue;
+        }
+        int ready = poll(fds, 3, timeout);
+        if (ready == 0 && timeout == IDLE_MS) {
+            reason = LR_GP_IDLE;
+            break;
+        }
+        if (ready < 0) {
+            if (errno == EINTR)
+                continue;
+            reason = LR_GP_USER_ERROR;
+            err = errno;
+            break;
+        }
+        if (fds[0].revents)
+            drain(p->ctl);
+        if (fds[1].revents) {
+            ssize_t n = recv(p->ufd, p->in + p->inlen, IN_CAP - p->inlen, MSG_DONTWAIT);
+            if (n > 0) {
+                p->inlen += (size_t)n;
+                STORE(p->st.reads, p->st.reads + 1);
+            } else if (n == 0) {
+                reason = LR_GP_USER_EOF;
+            } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                reason = LR_GP_USER_ERROR;
+                err = errno;
+            }
+        }
+    }
+    /* Done with the sockets before Python learns it has ended. */
+    close(p->ufd);
+    close(p->dfd);
+    p->ufd = p->dfd = -1;
+    p->st.err = err;
+    p->st.left = p->inlen;
+    p->st.pending = p->outlen - p->outoff;
+    STORE(p->st.reason, reason);
+    __atomic_sub_fetch(&live, 1, __ATOMIC_ACQ_REL);
+    wake(p->notify);
+    return NULL;
+}
+
+static void release(struct lr_gpump *p)
+{
+    if (p->ufd >= 0)
+        close(p->ufd);
+    if (p->dfd >= 0)
+        close(p->dfd);
+    if (p->notify >= 0)
+        close(p->notify);
+    if (p->ctl >= 0)
+        close(p->ctl);
+    lr_gcm_free(p->gcm);
+    free(p->in);
+    free(p->out);
+    free(p);
+}
+
+struct lr_gpump *lr_gpump_start(const unsigned char *key, size_t keylen, uint32_t fixed,
+                                uint64_t counter, uint32_t channel, uint64_t window,
+                                uint32_t max_data, uint32_t max_packet_length,
+                                int user_fd, int data_fd, const unsigned char *initial,
+                                size_t initial_len, uint64_t report)
+{
+    if (initial_len > IN_CAP || report == 0) {
+        errno = EINVAL;
+        return NULL;
+    }
+    struct lr_gpump *p = calloc(1, sizeof *p);
+    if (p == NULL)
+        return NULL;
+    p->ufd = p->dfd = p->notify = p->ctl = -1;
+    p->gcm = lr_gcm_new(key, keylen);
+    p->in = malloc(IN_CAP);
+    p->out = malloc(OUT_CAP);
+    if (p->gcm == NULL || p->in == NULL || p->out == NULL) {
+        release(p);
+        errno = ENOMEM;
+        return NULL;
+    }
+    p->ufd = fcntl(user_fd, F_DUPFD_CLOEXEC, 0);
+    p->dfd = fcntl(data_fd, F_DUPFD_CLOEXEC, 0);
+    p->notify = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    p->ctl = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (p->ufd < 0 || p->dfd < 0 || p->notify < 0 || p->ctl < 0) {
+        int e = errno;
+        release(p);
+        errno = e;
+        return NULL;
+    }
+    p->fixed = fixed;
+    p->channel = channel;
+    p->max_data = max_data;
+    p->max_packet_length = max_packet_length;
+    p->report = report;
+    p->window_total = window;
+    p->st.counter = counter;
+    memcpy(p->in, initial, initial_len);
+    p->inlen = initial_len;
+    if (__atomic_add_fetch(&live, 1, __ATOMIC_ACQ_REL) > LR_GP_MAX) {
+        __atomic_sub_fetch(&live, 1, __ATOMIC_ACQ_REL);
+        release(p);
+        errno = EAGAIN;
+        return NULL;
+    }
+    int rc = pthread_create(&p->thread, NULL, run, p);
+    if (rc != 0) {
+        __atomic_sub_fetch(&live, 1, __ATOMIC_ACQ_REL);
+        release(p);
+        errno = rc;
+        return NULL;
+    }
+    pthread_setname_np(p->thread, "lr-gpump"); /* seen in top -H, perf, /proc */
+    p->started = 1;
+    return p;
+}
+
+int lr_gpump_fd(struct lr_gpump *p)
+{
+    return p->notify;
+}
+
+static void copy_state(struct lr_gpump *p, struct lr_gpump_state *st)
+{
+    st->reason = LOAD(p->st.reason);
+    st->counter = LOAD(p->st.counter);
+    st->packets = LOAD(p->st.packets);
+    st->consumed = LOAD(p->st.consumed);
+    st->written = LOAD(p->st.written);
+    st->reads = LOAD(p->st.reads);
+    if (st->reason != LR_GP_RUNNING) {
+        st->err = p->st.err;
+        st->left = p->st.left;
+        st->pending = p->st.pending;
+    } else {
+        st->err = 0;
+        st->left = st->pending = 0;
+    }
+}
+
+int lr_gpump_poll(struct lr_gpump *p, struct lr_gpump_state *st)
+{
+    drain(p->notify);
+    copy_state(p, st);
+    return st->reason != LR_GP_RUNNING;
+}
+
+void lr_gpump_grant(struct lr_gpump *p, uint64_t n)
+{
+    __atomic_add_fetch(&p->window_total, n, __ATOMIC_ACQ_REL);
+    wake(p->ctl);
+}
+
+void lr_gpump_stop(struct lr_gpump *p, struct lr_gpump_state *st)
+{
+    if (p->started && !p->joined) {
+        STORE(p->stop, 1);
+        wake(p->ctl);
+        pthread_join(p->thread, NULL);
+        p->joined = 1;
+    }
+    copy_state(p, st);
+}
+
+void lr_gpump_take(struct lr_gpump *p, unsigned char *left, unsigned char *pending)
+{
+    if (!p->joined)
+        return;
+    memcpy(left, p->in, p->inlen);
+    memcpy(pending, p->out + p->outoff, p->outlen - p->outoff);
+}
+
+void lr_gpump_free(struct lr_gpump *p)
+{
+    if (p == NULL)
+        return;
+    struct lr_gpump_state st;
+    lr_gpump_stop(p, &st);
+    release(p);
+}

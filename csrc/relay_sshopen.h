@@ -1,0 +1,125 @@
+/* labrelay's native SSH receive loop: opens a run of AES-GCM CHANNEL_DATA packets.
+ *
+ * Like relay_splice.h this file is both the C header and the cffi cdef
+ * (relay/datapath/_splice_build.py reads it verbatim): declarations and integer
+ * #defines only.  Include <stddef.h> and <stdint.h> first.  The code is sshopen.c.
+ *
+ * A stock client sends a bulk stream as 32 KiB CHANNEL_DATA packets; in Python each
+ * one costs a parse, a decrypt call, a dispatch and a copy (docs/benchmarks.md, issue
+ * 13).  lr_gcm_open_run() takes one read's worth of wire bytes and opens every
+ * consecutive packet that is CHANNEL_DATA for the one channel the caller names,
+ * within that channel's window and maximum packet, writing the channel's bytes back
+ * to back into `out`.  It stops *before* the first packet it does not take whole
+ * (incomplete, another message, another channel, over the window, a bad length or
+ * padding, a tag that does not verify): the caller's per-packet code handles that
+ * packet with the state the run hands back, so the run never decides anything the
+ * per-packet code would decide differently; it only does the common case faster.
+ *
+ * The AEAD is OpenSSL's EVP AES-GCM, from the process's libcrypto loaded with
+ * dlopen() (not linked: the wheel stays manylinux, and a host without libcrypto
+ * runs the Python path).  lr_gcm_available() says whether it could be loaded.
+ */
+
+#define LR_GCM_TAG 16
+#define LR_GCM_BLOCK 16
+
+struct lr_gcm;
+
+struct lr_gcm_run {
+    /* in/out: the nonce's invocation counter (RFC 5647), advanced once per packet */
+    uint64_t counter;
+    /* in: the nonce's fixed field, the recipient channel (the receiver's id), the bytes
+     * the channel's window still takes, its maximum data per packet, and the largest
+     * packet_length accepted */
+    uint32_t fixed;
+    uint32_t channel;
+    uint64_t window;
+    uint32_t max_data;
+    uint32_t max_packet_length;
+    /* out: wire bytes taken, channel bytes written to out, packets taken */
+    size_t consumed;
+    size_t produced;
+    uint32_t packets;
+};
+
+/* 1 if libcrypto's EVP AES-GCM could be loaded (once per process), else 0. */
+int lr_gcm_available(void);
+
+/* A decryption context for one key (16 or 32 bytes); NULL if unavailable or bad. */
+struct lr_gcm *lr_gcm_new(const unsigned char *key, size_t keylen);
+void lr_gcm_free(struct lr_gcm *g);
+
+/* Opens the run at in[0:inlen] into out[0:outcap] (outcap >= inlen always suffices).
+ * Returns 0 (see run->consumed/produced/packets; 0 packets is fine) or -1 if OpenSSL
+ * failed in a way that is not a bad tag (the caller then uses its own path). */
+int lr_gcm_open_run(struct lr_gcm *g, struct lr_gcm_run *run, const unsigned char *in,
+                    size_t inlen, unsigned char *out, size_t outcap);
+
+/* -- the open-and-forward thread (gpump.c) ---------------------------------------
+ *
+ * For a stock `ssh -J` whose channel rides a pooled data connection
+ * (relay/server/pooled.py), one native thread per armed session owns the bulk
+ * direction user -> agent: it reads the user's socket, opens the run of that one
+ * channel's CHANNEL_DATA packets (lr_gcm_open_run) and writes their bytes to the data
+ * connection (POLLOUT when it is full: the back-pressure), so the Python reactor
+ * takes no turn per read.  It stops at the first packet it does not take whole
+ * (any other message, another channel, over the window, a bad tag or length), at EOF
+ * or an error on either socket, or when asked (lr_gpump_stop), and hands back the
+ * nonce counter, the packets opened and the bytes it did not consume.
+ *
+ * The thread works on dup()s of the two sockets, so Python may close its own
+ * descriptors at any time: the numbers the thread uses are its own until it ends,
+ * and it closes them itself when it stops.  It reports through an eventfd
+ * (lr_gpump_fd) when it consumed `report` bytes since the last report, after a short
+ * quiet time with unreported bytes, and when it stops; the window towards the user is
+ * Python's to grant (lr_gpump_grant). */
+
+#define LR_GP_RUNNING 0
+#define LR_GP_PACKET 1     /* a packet it does not take whole (or a bad length) */
+#define LR_GP_USER_EOF 2   /* the user's socket read 0 */
+#define LR_GP_USER_ERROR 3 /* reading the user's socket failed (err) */
+#define LR_GP_DATA_ERROR 4 /* writing the data connection failed (err) */
+#define LR_GP_STOPPED 5    /* lr_gpump_stop() */
+#define LR_GP_CRYPTO 6     /* OpenSSL failed in a way that is not a bad tag */
+#define LR_GP_FULL 7       /* the data connection took nothing for a while (congested) */
+#define LR_GP_IDLE 8       /* the user sent nothing for a while */
+
+struct lr_gpump;
+
+struct lr_gpump_state {
+    uint64_t counter;  /* the nonce's invocation counter after the packets opened */
+    uint64_t packets;  /* packets opened */
+    uint64_t consumed; /* channel bytes taken out of packets */
+    uint64_t written;  /* channel bytes written to the data connection */
+    uint64_t reads;    /* reads of the user's socket */
+    int reason;        /* LR_GP_*; LR_GP_RUNNING while it runs */
+    int err;           /* errno for the *_ERROR reasons */
+    size_t left;       /* after it stopped: wire bytes it did not consume */
+    size_t pending;    /* after it stopped: channel bytes not written */
+};
+
+/* Starts the thread; NULL (errno set) if it could not (no libcrypto, a bad key,
+ * more than LR_GP_MAX at once, no memory, no thread).  `initial` are wire bytes
+ * already read from the user's socket (a partial packet).  `window` is what the
+ * channel's receive window takes now. */
+#define LR_GP_MAX 64
+struct lr_gpump *lr_gpump_start(const unsigned char *key, size_t keylen, uint32_t fixed,
+                                uint64_t counter, uint32_t channel, uint64_t window,
+                                uint32_t max_data, uint32_t max_packet_length,
+                                int user_fd, int data_fd, const unsigned char *initial,
+                                size_t initial_len, uint64_t report);
+/* The eventfd Python watches (readable when there is news). */
+int lr_gpump_fd(struct lr_gpump *p);
+/* Clears the eventfd and copies the counters; returns 1 once the thread has ended
+ * (then the state is final), else 0. */
+int lr_gpump_poll(struct lr_gpump *p, struct lr_gpump_state *st);
+/* Python sent a WINDOW_ADJUST of n bytes: the thread may take n more. */
+void lr_gpump_grant(struct lr_gpump *p, uint64_t n);
+/* Asks the thread to stop and waits for it (it is never blocked but in poll());
+ * fills the final state.  Idempotent. */
+void lr_gpump_stop(struct lr_gpump *p, struct lr_gpump_state *st);
+/* After stop: copies the unconsumed wire bytes and the unwritten channel bytes
+ * (sizes from the state). */
+void lr_gpump_take(struct lr_gpump *p, unsigned char *left, unsigned char *pending);
+/* Stops it if needed and frees everything. */
+void lr_gpump_free(struct lr_gpump *p);

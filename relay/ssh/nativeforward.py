@@ -1,0 +1,230 @@
+"""The native open-and-forward thread of a pooled ``ssh -J`` session (issue 13).
+
+A stock ``ssh -J alice@relay svc`` to an end-to-end encrypted service rides one of the
+agent's pooled data connections (relay.server.pooled): the relay only opens the user's
+outer SSH layer and writes the channel's bytes to the data connection.  Done in Python
+that costs a reactor turn per read of the user's socket, the dispatch and the write
+(about 2 CPU-s/GiB here, docs/benchmarks.md).  While the bulk direction is nothing but
+``CHANNEL_DATA`` of that one channel, a native thread (csrc/gpump.c, via
+:class:`relay.ssh.gcmrun.Pump`) takes it: it reads the user's socket, opens the
+AES-GCM packets and writes their bytes to the data connection itself; Python hears
+from it through an eventfd only to grant the window, meter the bytes and, when it stops,
+take the stream back.
+
+**Arming** (:func:`maybe_arm`, after a read whose packets included that channel's data)
+only when it is exactly the common case: both connections are plain TCP (a user's SSH
+inside the relay's TLS port keeps the Python path), the incoming cipher is AES-GCM, the
+native module and libcrypto are there (``LABRELAY_DATAPATH=python|portable`` keep the Python
+path), no key exchange runs, the connection has that one channel, open, bridged to a
+pooled data connection (``TCPSide.nativeStats``) with nothing buffered for it, no rate
+limit, nothing paused.  The thread starts with the partial packet Python had buffered.
+
+**Handback** (:meth:`NativeForward.handback`) at the first packet the thread does not
+take whole (any other message, another channel, over the window, a bad tag or length: the
+Python path then does exactly what it does without the thread), at EOF or an error on
+either socket, when the data connection stays full (Python's buffer then absorbs up to
+the window while it keeps reading the user's other messages), or when Python ends the
+channel, either connection or the service.  Python sets the nonce counter and the
+incoming sequence number (strict KEX depends on it) past the packets the thread opened,
+writes the channel bytes it had not written yet, feeds the wire bytes it had not
+consumed to the transport and reads the socket again.
+
+**Teardown**: the thread works on duplicates of the two descriptors and closes them
+itself when it ends, so Twisted closing its own (a reset, an abort, a shutdown) never
+leaves the thread using a number that could be reused; every way the session ends
+reaches :meth:`handback`, which joins the thread (it only ever waits in ``poll()``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.tcp import Connection
+from twisted.logger import Logger
+
+from relay.datapath.bridge import Bridge, TCPSide
+from relay.ssh.ciphers import MAX_PACKET_LENGTH, GCMDirection
+from relay.ssh.gcmrun import REASONS, RUNNING, Pump, PumpState, native_enabled
+
+_log = Logger(namespace="relay.ssh.nativeforward")
+
+#: Wire bytes the thread takes over with it at most (its buffer's size, csrc/gpump.c).
+MAX_INITIAL = 512 * 1024
+
+
+def _data_side(channel: Any) -> TCPSide | None:
+    bridge = getattr(channel, "bridge", None)
+    if type(bridge) is not Bridge or bridge.onData is not None:  # a rate limit charges per chunk
+        return None
+    side = bridge.b if bridge.a is channel else bridge.a
+    if not isinstance(side, TCPSide) or side.nativeStats is None:
+        return None
+    return side
+
+
+def _idle_transport(tcp: Any) -> bool:
+    """Twisted holds nothing unsent for ``tcp`` (so the thread's writes come next)."""
+    return (not getattr(tcp, "disconnecting", True) and not getattr(tcp, "_tempDataBuffer", 1)
+            and len(getattr(tcp, "dataBuffer", b"x")) == getattr(tcp, "offset", -1))
+
+
+def _plain_tcp(tcp: Any) -> bool:
+    """``tcp`` is Twisted's own TCP connection, its socket carrying exactly the bytes
+    the protocol sees: not a wrapper (the relay's TLS port wraps a user's SSH in TLS, and
+    a wrapper forwards ``fileno()`` to a socket that carries TLS records)."""
+    return isinstance(tcp, Connection)
+
+
+def maybe_arm(transport: Any) -> NativeForward | None:
+    """Start the thread for ``transport.nativeCandidate`` (the channel whose data the
+    last read carried) if this is the case it is made for (module docstring)."""
+    channel, transport.nativeCandidate = transport.nativeCandidate, None
+    if (transport.nativeForward is not None or not _plain_tcp(transport.transport)
+            or not native_enabled()):
+        return None
+    gcm = getattr(transport.currentEncryptions, "inAEAD", None)
+    tcp = transport.transport
+    rbuf = transport._rbuf
+    if (not isinstance(gcm, GCMDirection) or transport._readDead or transport.buf
+            or transport._keyExchangeState != transport._KEY_EXCHANGE_NONE
+            or transport.sessionID is None or rbuf is None or len(rbuf) > MAX_INITIAL
+            or getattr(tcp, "disconnecting", True) or not hasattr(tcp, "stopReading")):
+        return None
+    conn = transport.service
+    if (conn is None or getattr(conn, "_stopped", True) or len(conn.channels) != 1
+            or conn.channels.get(channel.id) is not channel):
+        return None
+    if (channel.localClosed or channel.remoteClosed or channel._gotEOF or channel._pauses
+            or channel.localWindowLeft <= 0):
+        return None
+    side = _data_side(channel)
+    if (side is None or side._closed or side._wroteEOF or not _plain_tcp(side.transport)
+            or side.transport.disconnecting):
+        return None
+    if not _idle_transport(side.transport):
+        # The bytes this read delivered wait in Twisted's buffer until the reactor's
+        # next write turn: send them now (what that turn would do), so the thread's
+        # writes come after them.  An error stays for the reactor to find.
+        if side.transport.doWrite() is not None or not _idle_transport(side.transport):
+            return None
+    try:
+        pump = Pump(gcm.key, gcm.fixed, gcm.counter, channel.id, channel.localWindowLeft,
+                    channel.localMaxPacket, MAX_PACKET_LENGTH, tcp.fileno(),
+                    side.transport.fileno(), bytes(rbuf),
+                    max(1, channel.localWindowSize // 4))
+    except (OSError, ValueError) as e:
+        _log.debug("native forwarding not started: {why}", why=str(e))
+        return None
+    rbuf.clear()
+    tcp.stopReading()
+    forward = NativeForward(transport, channel, side, gcm, pump)
+    transport.nativeForward = forward
+    side.forwarder = forward
+    tcp.reactor.addReader(forward)
+    stats = side.nativeStats
+    if stats is not None:
+        stats["native_runs"] += 1
+    return forward
+
+
+class NativeForward:
+    """One armed session: the reactor's view of its thread (an ``IReadDescriptor`` on
+    the thread's eventfd)."""
+
+    def __init__(self, transport: Any, channel: Any, side: TCPSide, gcm: GCMDirection,
+                 pump: Pump) -> None:
+        self.transport = transport
+        self.channel = channel
+        self.side = side
+        self.gcm = gcm
+        self.pump = pump
+        self._seen = PumpState(RUNNING, gcm.counter, 0, 0, 0, 0, 0)
+        self._fd = pump.fileno()
+        self.done = False
+
+    # IReadDescriptor
+
+    def fileno(self) -> int:
+        return -1 if self.done else self._fd
+
+    def logPrefix(self) -> str:
+        return "NativeForward"
+
+    def doRead(self) -> None:
+        if self.done:
+            return
+        state = self.pump.poll()
+        self._account(state)
+        if state.reason != RUNNING:
+            self.handback(REASONS.get(state.reason, "?"))
+
+    def connectionLost(self, reason: Any) -> None:
+        """The reactor dropped the eventfd (it is shutting down)."""
+        self.handback("reactor")
+
+    # the thread's progress
+
+    def _account(self, state: PumpState) -> None:
+        """Meter what the thread did since the last look: the window it used, the bytes
+        it handed on (which re-open the window, as a bridge's delivery does), the key's
+        byte budget and the connection's activity."""
+        seen, self._seen = self._seen, state
+        consumed = state.consumed - seen.consumed
+        written = state.written - seen.written
+        packets = state.packets - seen.packets
+        channel = self.channel
+        if consumed:
+            channel.localWindowLeft -= consumed
+            activity = getattr(self.transport.service, "activity", None)
+            if activity is not None:
+                activity()
+        if written:
+            bridge = channel.bridge
+            if bridge is not None:
+                if bridge.a is channel:
+                    bridge.bytesAtoB += written
+                else:
+                    bridge.bytesBtoA += written
+            stats = self.side.nativeStats
+            if stats is not None:
+                stats["native_bytes"] += written
+            before = channel.localWindowLeft
+            channel.consumed(written)
+            credit = channel.localWindowLeft - before
+            if credit > 0 and not self.done:
+                self.pump.grant(credit)
+        if packets and self.transport.sessionID is not None:
+            # as the per-packet path counts (each payload after its message number);
+            # this may start the relay's own rekey: the thread stops at the peer's KEXINIT
+            self.transport._count(consumed + 8 * packets)
+
+    def handback(self, why: str, lost: bool = False, dataLost: bool = False) -> None:
+        """End the thread's ownership and give the stream back to the Python path
+        (module docstring).  ``lost``: the user's connection is gone, feed nothing;
+        ``dataLost``: the data connection is, write nothing."""
+        if self.done:
+            return
+        transport, side, channel = self.transport, self.side, self.channel
+        tcp = transport.transport
+        tcp.reactor.removeReader(self)  # by fileno(): before it says -1
+        self.done = True
+        state, left, pending = self.pump.stop()
+        if transport.nativeForward is self:
+            transport.nativeForward = None
+        if side.forwarder is self:
+            side.forwarder = None
+        self._account(state)
+        self.gcm.counter = state.counter
+        transport.incomingPacketSequence = (
+            transport.incomingPacketSequence + state.packets) & 0xFFFFFFFF
+        _log.debug("native forwarding handed back: {why}", why=why, event="native_handback",
+                   reason=REASONS.get(state.reason, why), packets=state.packets,
+                   written=state.written, reads=state.reads, err=state.err)
+        if pending and not dataLost and not side._closed and channel.bridge is not None:
+            channel.bridge.dataReceived(channel, pending)
+        if lost or getattr(tcp, "disconnected", False) or transport._readDead:
+            return
+        if not tcp.disconnecting:
+            tcp.startReading()
+        if left:
+            transport.dataReceived(left)

@@ -1,0 +1,117 @@
+"""The native open-and-forward thread of a pooled ``ssh -J`` session
+(relay.ssh.nativeforward) ending in every way a session ends, mid-bulk: the user's ssh
+killed, the user's grant narrowed (the session revoked, her connection kept), the data
+connection reset under it, and the relay stopped.  Each time the session ends as it would
+on the Python path, and the relay is left with no extra thread and no extra descriptor
+(the thread was done with its duplicates of the sockets before it ended).
+
+Real processes, from tests/integration/test_stockpaths.py's site: a ``labrelay relay``,
+the labrelay agent's pool through the recording box, a target sshd, stock ``ssh -J``
+pushing ``/dev/zero`` into ``cat`` on the target.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from harness import MiB, find_program
+from relay_fixtures import wait_until
+from test_stockpaths import Site, site  # noqa: F401  (the site fixture)
+
+from relay.ssh.gcmrun import native_enabled
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not native_enabled() and os.environ.get("CI") != "true",
+                       reason="no native module or libcrypto here"),
+]
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _bulk_jump(site: Site) -> subprocess.Popen[bytes]:  # noqa: F811
+    """A stock ``ssh -J`` pushing zeros to the target without end, once the native
+    thread carries it (its counters move)."""
+    assert native_enabled(), "CI builds the native module: the thread must be tested there"
+    ssh = find_program("ssh") or "ssh"
+    zero = open("/dev/zero", "rb")
+    proc = subprocess.Popen([ssh, "-F", str(site.config()), "-J", site.jump, "gpu-cluster",
+                             "cat >/dev/null"], stdin=zero, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    zero.close()
+    start = site.fast()["native_bytes"]
+    wait_until(lambda: site.fast()["native_bytes"] - start > 16 * MiB,
+               "the native thread to carry the upload", timeout=60)
+    assert [x["path"] for x in site.sessions()] == ["pooled"]
+    return proc
+
+
+def _baseline(site: Site) -> tuple[int, int]:  # noqa: F811
+    wait_until(lambda: site.pool()["idle"] > 0, "the agent's pool", timeout=20)
+    return _threads(site.relay.pid), _fds(site.relay.pid)
+
+
+def _back_to(site: Site, threads: int, fds: int) -> None:  # noqa: F811
+    pid = site.relay.pid
+    wait_until(lambda: not site.sessions(), "the session to end at the relay", timeout=30)
+    wait_until(lambda: _threads(pid) <= threads, "the thread to end", timeout=20)
+    # the pool is topped up again by the agent: as many descriptors as before, no more
+    wait_until(lambda: _fds(pid) <= fds, "no leaked descriptor", timeout=20)
+
+
+def test_the_user_vanishing_mid_bulk_ends_the_thread(site: Site) -> None:  # noqa: F811
+    threads, fds = _baseline(site)
+    proc = _bulk_jump(site)
+    assert _threads(site.relay.pid) == threads + 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    _back_to(site, threads, fds)
+    site.relay.wait_for("session_close", timeout=10, since=0, path="pooled")
+
+
+def test_a_narrowed_grant_ends_the_session_mid_bulk(site: Site) -> None:  # noqa: F811
+    """alice loses gpu-cluster (her key stays, for web:8080): the relay revokes the pooled
+    session while the thread carries it; her ssh ends; nothing is left behind."""
+    threads, fds = _baseline(site)
+    proc = _bulk_jump(site)
+    mark = site.relay.mark()
+    users = Path(site.relay.dir) / "users"
+    users.write_text(f'permitopen="web:8080" {site.alice.public_blob()} alice\n')
+    revoked = site.relay.wait_for("relay_session_revoked", timeout=30, since=mark,
+                                  user="alice")
+    assert (revoked["service"], revoked["path"]) == ("gpu-cluster:22", "pooled"), revoked
+    assert proc.wait(timeout=30) != 0
+    _back_to(site, threads, fds)
+
+
+def test_a_reset_data_connection_ends_the_session_mid_bulk(site: Site) -> None:  # noqa: F811
+    threads, fds = _baseline(site)
+    proc = _bulk_jump(site)
+    site.box.cut_data()
+    assert proc.wait(timeout=30) != 0  # an error, not a clean end of the stream
+    pid = site.relay.pid
+    wait_until(lambda: not site.sessions(), "the session to end at the relay", timeout=30)
+    wait_until(lambda: _threads(pid) <= threads, "the thread to end", timeout=20)
+    # every data connection was reset: the relay holds none of them any more
+    wait_until(lambda: _fds(pid) <= fds, "no leaked descriptor", timeout=20)
+
+
+def test_the_relay_stops_promptly_mid_bulk(site: Site) -> None:  # noqa: F811
+    proc = _bulk_jump(site)
+    try:
+        # SIGTERM, then SIGKILL if it is not gone within the timeout (a hang fails here)
+        assert site.relay.proc.stop(timeout=20) == 0
+        assert proc.wait(timeout=30) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
