@@ -32,6 +32,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.datapath.net import write_now
+
 
 class Side(TypingProtocol):
     """One end of a bridge, as the bridge sees it."""
@@ -153,6 +155,7 @@ class TCPSide(Protocol):
 
     _log = Logger()
     transport: Any  # an ITCPTransport once connected (Twisted types it Optional)
+    _writeLost = False  # our half-close completed (writeConnectionLost)
 
     def __init__(self, readAhead: bool = False) -> None:
         self.bridge: Bridge | None = None
@@ -243,6 +246,7 @@ class TCPSide(Protocol):
         self._maybeFinish()
 
     def writeConnectionLost(self) -> None:
+        self._writeLost = True  # an instance attribute only once it happens
         self._maybeFinish()
 
     def _takeBack(self, why: str, lost: bool = False) -> None:
@@ -275,7 +279,7 @@ class TCPSide(Protocol):
         if self.forwarder is not None:
             self._takeBack("written")
         if not self._closed:
-            self.transport.write(data)
+            write_now(self.transport, (data,), limit=None)  # leaves at once if nothing waits
 
     def consumed(self, nbytes: int) -> None:
         """TCP re-opens its own window as the kernel drains; nothing to do."""
@@ -309,10 +313,19 @@ class TCPSide(Protocol):
 
     def close(self) -> None:
         self._takeBack("closed")
-        if not self._closed and self.transport is not None:
+        transport = self.transport
+        if not self._closed and transport is not None:
             if not self._wroteEOF:
-                self.transport.unregisterProducer()  # see writeEOF
-            self.transport.loseConnection()
+                transport.unregisterProducer()  # see writeEOF
+            transport.loseConnection()
+            if (self._readEOF and self._writeLost and not self._closed
+                    and not ITCPTransport.providedBy(transport)):
+                # Both halves ended on their own (EOF read and our half-close done, in
+                # either order).  A TCP transport ends itself in loseConnection then;
+                # Twisted's StandardIO (``labrelay connect``'s stdin/stdout) has no
+                # half left to close and never calls connectionLost, so the bridge
+                # would never end (tests/unit/test_stdio_side.py): end it as it would.
+                transport.connectionLost(Failure(ConnectionDone()))
 
     def abort(self) -> None:
         self._takeBack("aborted")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import select
 import socket
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 
@@ -28,6 +31,81 @@ def client_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStre
     if address.version == 4:
         return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
     return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+
+
+WRITE_NOW_MAX = 8 * 1024
+"""By default, writes up to this size go to the socket at once (:func:`write_now`);
+larger ones are batched by the reactor as before.  ``TCPSide`` passes no limit."""
+
+
+def write_now(transport: Any, chunks: Sequence[bytes], limit: int | None = WRITE_NOW_MAX,
+              writable: Callable[[Any], bool] | None = None) -> None:
+    """Write ``chunks`` (in order) to ``transport``: straight to its socket when it is
+    a plain TCP connection with nothing waiting in its buffer (and the bytes are at
+    most ``limit``, if given), else through ``transport.writeSequence`` as usual.
+
+    Twisted buffers every write until the next turn of the reactor, when ``epoll``
+    says the socket is writable: two ``epoll_ctl`` calls, an ``epoll_wait`` and a
+    reactor turn before the bytes leave, after whatever else this turn still does.  A
+    new session's set-up crosses relay and agent about ten times that way (measured:
+    docs/benchmarks.md, "Set-up after an idle gap"); a small packet (a channel open,
+    its confirmation, a keystroke, its echo) sent at once saves that on each crossing.
+    Nothing is reordered: the socket is written directly only when Twisted holds
+    nothing for it, and what the kernel does not take now is buffered by Twisted
+    behind it (and counts toward its producer's pause as any write does).
+
+    A larger write goes at once too if ``writable(transport)`` says the socket is
+    writable now, as the reactor's ``epoll`` would: the SSH transport passes
+    :func:`poll_writable`, because its link has ``TCP_NOTSENT_LOWAT``
+    (relay.ssh.connection), which the writable event honours and a bare send does
+    not; the bytes the kernel then holds unsent stay within what the reactor's own
+    ``doWrite`` would have given it (the link's fair share relies on that bound).  A
+    bridge's TCP side (no such option) passes ``limit=None``: Twisted's ``doWrite``
+    also hands the kernel all it takes, so a direct write of any size only saves the
+    reactor turn (on the pooled ``-J`` route, one per read; docs/benchmarks.md).
+
+    This reads private state of ``twisted.internet.tcp.Connection`` (``dataBuffer``,
+    ``offset``, ``_tempDataBuffer``, ``_writeDisconnected``, ``_aborting``): Twisted
+    is pinned to a range in pyproject.toml, and tests/unit/test_write_now.py runs it
+    on real connections of the installed Twisted, so a release that changes them
+    fails there, not in a user's session.
+    """
+    size = sum(len(c) for c in chunks)
+    sent = 0
+    if (isinstance(transport, tcp.Connection)
+            and not getattr(transport, "TLS", True) and transport.connected
+            and not transport.disconnecting and not getattr(transport, "_aborting", False)
+            and not transport._writeDisconnected and not transport._tempDataBuffer
+            and len(transport.dataBuffer) <= transport.offset
+            and (limit is None or size <= limit
+                 or (writable is not None and writable(transport)))):
+        try:
+            sock = transport.socket
+            sent = sock.send(chunks[0]) if len(chunks) == 1 else (
+                sock.sendmsg(chunks) if hasattr(sock, "sendmsg") else sock.send(b"".join(chunks)))
+        except OSError:
+            sent = 0  # EAGAIN, or an error the reactor's own write will find
+        if sent >= size:
+            return
+    if sent:
+        transport.write((chunks[0] if len(chunks) == 1 else b"".join(chunks))[sent:])
+    elif len(chunks) == 1:
+        transport.write(chunks[0])
+    else:
+        transport.writeSequence(chunks)
+
+
+def poll_writable(transport: Any) -> bool:
+    """Whether ``transport``'s socket is writable now, by the same test the reactor's
+    ``epoll`` makes (``poll`` with no wait: free space in the send buffer and, with
+    ``TCP_NOTSENT_LOWAT``, fewer unsent bytes than the mark).  One system call, in
+    place of the two ``epoll_ctl`` and the reactor turn of a buffered write."""
+    poller = select.poll()
+    poller.register(transport.socket.fileno(), select.POLLOUT)
+    try:
+        return bool(poller.poll(0))
+    except OSError:
+        return False  # the buffered write meets the error as it always did
 
 
 def peer_ip(conn: Any) -> str | None:

@@ -56,6 +56,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from twisted.conch.ssh.transport import DISCONNECT_MAC_ERROR, DISCONNECT_PROTOCOL_ERROR, SSHCiphers
 
+from relay.datapath.net import poll_writable, write_now
 from relay.ssh import nativeforward, policy
 from relay.ssh.ciphers import (
     _CHANNEL_DATA_HEAD,
@@ -153,7 +154,10 @@ class AEADTransportMixin(KexMixin):
         self._sealAndWrite(aead, plain)
 
     def _sealAndWrite(self, aead: AEADDirection, plain: bytes) -> None:
-        self.transport.writeSequence(aead.seal(self.outgoingPacketSequence, plain))
+        # At once when nothing waits and the link is writable (TCP_NOTSENT_LOWAT and
+        # all, as epoll would say): relay.datapath.net.write_now.
+        write_now(self.transport, aead.seal(self.outgoingPacketSequence, plain),
+                  writable=poll_writable)
         self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & 0xFFFFFFFF
         self._count(len(plain))
 

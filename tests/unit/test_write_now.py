@@ -1,0 +1,201 @@
+"""``relay.datapath.net.write_now``: small writes leave at once, nothing is reordered.
+
+A real socket pair under Twisted's own ``tcp.Connection`` (the class every plain TCP
+transport of the relay and the agent is), driven by a ``MemoryReactor`` so the test
+sees exactly when the reactor would have been asked to write later.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactor, StringTransport
+
+from relay.datapath.net import WRITE_NOW_MAX, poll_writable, write_now
+from relay.ssh.connection import TCP_NOTSENT_LOWAT
+
+Pair = tuple[tcp.Connection, socket.socket, MemoryReactor]
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    reactor = MemoryReactor()
+    conn = tcp.Connection(ours, Protocol(), reactor)
+    conn.connected = 1
+    try:
+        yield conn, theirs, reactor
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def received(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(1 << 20)
+    except BlockingIOError:
+        return b""
+
+
+def test_a_small_write_reaches_the_peer_before_the_reactor_turns(pair: Pair) -> None:
+    conn, theirs, reactor = pair
+    write_now(conn, (b"\x00\x00\x00\x10", b"sealed packet"))
+    assert received(theirs) == b"\x00\x00\x00\x10sealed packet"
+    assert conn not in reactor.getWriters()  # no epoll round for it
+    assert not conn._tempDataBuffer and not conn.dataBuffer
+
+
+def test_a_write_behind_buffered_bytes_waits_its_turn(pair: Pair) -> None:
+    conn, theirs, reactor = pair
+    conn.write(b"first ")  # Twisted holds it until the socket is writable
+    write_now(conn, (b"second",))
+    assert received(theirs) == b""
+    assert conn in reactor.getWriters()
+    conn.doWrite()
+    assert received(theirs) == b"first second"
+
+
+def test_bulk_keeps_the_reactors_batching(pair: Pair) -> None:
+    conn, theirs, reactor = pair
+    write_now(conn, (b"x" * (WRITE_NOW_MAX + 1),))
+    assert received(theirs) == b""
+    assert conn in reactor.getWriters()
+    conn.doWrite()
+    assert len(received(theirs)) == WRITE_NOW_MAX + 1
+
+
+def test_what_the_kernel_does_not_take_is_buffered_in_order(pair: Pair) -> None:
+    conn, theirs, _reactor = pair
+    conn.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sent = b""
+    for i in range(200):  # fill the socket until it refuses
+        chunk = bytes([i % 251]) * 1000
+        write_now(conn, (chunk,))
+        sent += chunk
+        if conn._tempDataBuffer:
+            break
+    assert conn._tempDataBuffer, "the socket never filled"
+    write_now(conn, (b"tail",))  # behind what waits: buffered too
+    sent += b"tail"
+    got = b""
+    while len(got) < len(sent):
+        got += received(theirs)
+        conn.doWrite()
+    assert got == sent
+
+
+def test_other_transports_get_an_ordinary_write() -> None:
+    transport = StringTransport()
+    write_now(transport, (b"one",))
+    write_now(transport, (b"two ", b"three"))
+    assert transport.value() == b"onetwo three"
+
+
+def test_without_a_limit_bulk_leaves_at_once(pair: Pair) -> None:
+    """``TCPSide``'s writes (limit=None): a large write goes straight to the socket too."""
+    conn, theirs, reactor = pair
+    data = bytes(range(256)) * 64  # 16 KiB, over WRITE_NOW_MAX
+    write_now(conn, (data,), limit=None)
+    got = b""
+    while len(got) < len(data):
+        chunk = received(theirs)
+        assert chunk, "not sent at once"
+        got += chunk
+    assert got == data
+    assert conn not in reactor.getWriters()
+
+
+def test_without_a_limit_the_rest_is_buffered_and_pauses_the_producer(pair: Pair) -> None:
+    """What the kernel does not take of an unlimited write waits in Twisted's buffer,
+    in order, and counts toward the registered producer's pause like any write."""
+    conn, theirs, reactor = pair
+    conn.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    class Producer:
+        paused = 0
+        resumed = 0
+
+        def pauseProducing(self) -> None:
+            self.paused += 1
+
+        def resumeProducing(self) -> None:
+            self.resumed += 1
+
+        def stopProducing(self) -> None:
+            pass
+
+    producer = Producer()
+    conn.registerProducer(producer, True)
+    conn.bufferSize = 64 * 1024
+    data = bytes(i % 251 for i in range(1 << 20))  # far more than the socket takes
+    write_now(conn, (data,), limit=None)
+    assert conn._tempDataBuffer and conn in reactor.getWriters()
+    assert producer.paused == 1
+    write_now(conn, (b"tail",), limit=None)  # behind the rest: buffered too
+    got = b""
+    while len(got) < len(data) + 4:
+        got += received(theirs)
+        conn.doWrite()
+    assert got == data + b"tail"
+    assert producer.resumed == 1
+
+
+def test_an_aborted_connection_sends_nothing_directly(pair: Pair) -> None:
+    conn, theirs, _reactor = pair
+    conn._aborting = True  # what abortConnection sets before connectionLost runs
+    write_now(conn, (b"late",))
+    assert received(theirs) == b""
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[Pair]:
+    """A real loopback TCP connection (TCP_NOTSENT_LOWAT needs TCP, not a socketpair)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    ours = socket.create_connection(listener.getsockname())
+    theirs, _ = listener.accept()
+    listener.close()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    reactor = MemoryReactor()
+    conn = tcp.Connection(ours, Protocol(), reactor)
+    conn.connected = 1
+    try:
+        yield conn, theirs, reactor
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_large_packet_leaves_at_once_only_while_the_link_is_writable(tcp_pair: Pair) -> None:
+    """The SSH transport's bulk (``writable=poll_writable``): sent straight away while
+    the socket is writable as epoll sees it, buffered for the reactor once the unsent
+    bytes reach TCP_NOTSENT_LOWAT, although the kernel would still take them."""
+    conn, theirs, reactor = tcp_pair
+    packet = b"p" * (WRITE_NOW_MAX * 2)
+    write_now(conn, (packet[:5], packet[5:]), writable=poll_writable)
+    assert conn not in reactor.getWriters() and not conn._tempDataBuffer
+    got = b""
+    while len(got) < len(packet):
+        got += received(theirs)
+    assert got == packet
+
+    conn.socket.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, 1)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sent = 0
+    for _ in range(10_000):  # until the peer's window is full and bytes stay unsent
+        if not poll_writable(conn):
+            break
+        try:
+            sent += conn.socket.send(b"x" * 65536)
+        except BlockingIOError:
+            break
+    assert not poll_writable(conn), "the socket never stopped being writable"
+    write_now(conn, (packet,), writable=poll_writable)
+    assert conn in reactor.getWriters()  # left to the reactor's writable event
+    assert b"".join(conn._tempDataBuffer) == packet
