@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-import select
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import tcp
@@ -39,7 +38,7 @@ larger ones are batched by the reactor as before.  ``TCPSide`` passes no limit."
 
 
 def write_now(transport: Any, chunks: Sequence[bytes], limit: int | None = WRITE_NOW_MAX,
-              writable: Callable[[Any], bool] | None = None) -> None:
+              ) -> None:
     """Write ``chunks`` (in order) to ``transport``: straight to its socket when it is
     a plain TCP connection with nothing waiting in its buffer (and the bytes are at
     most ``limit``, if given), else through ``transport.writeSequence`` as usual.
@@ -54,15 +53,12 @@ def write_now(transport: Any, chunks: Sequence[bytes], limit: int | None = WRITE
     nothing for it, and what the kernel does not take now is buffered by Twisted
     behind it (and counts toward its producer's pause as any write does).
 
-    A larger write goes at once too if ``writable(transport)`` says the socket is
-    writable now, as the reactor's ``epoll`` would: the SSH transport passes
-    :func:`poll_writable`, because its link has ``TCP_NOTSENT_LOWAT``
-    (relay.ssh.connection), which the writable event honours and a bare send does
-    not; the bytes the kernel then holds unsent stay within what the reactor's own
-    ``doWrite`` would have given it (the link's fair share relies on that bound).  A
-    bridge's TCP side (no such option) passes ``limit=None``: Twisted's ``doWrite``
-    also hands the kernel all it takes, so a direct write of any size only saves the
-    reactor turn (on the pooled ``-J`` route, one per read; docs/benchmarks.md).
+    The SSH transport keeps the default limit: its link has ``TCP_NOTSENT_LOWAT``
+    (relay.ssh.connection), which the reactor's writable event honours and a direct
+    send does not, so only small packets skip it.  A bridge's TCP side (no such limit)
+    passes ``limit=None``: Twisted's own ``doWrite`` also hands the kernel all it
+    takes, so a direct write of any size only saves the reactor turn (on the pooled
+    ``-J`` route, one per read; docs/benchmarks.md).
 
     This reads private state of ``twisted.internet.tcp.Connection`` (``dataBuffer``,
     ``offset``, ``_tempDataBuffer``, ``_writeDisconnected``, ``_aborting``): Twisted
@@ -72,13 +68,11 @@ def write_now(transport: Any, chunks: Sequence[bytes], limit: int | None = WRITE
     """
     size = sum(len(c) for c in chunks)
     sent = 0
-    if (isinstance(transport, tcp.Connection)
+    if ((limit is None or size <= limit) and isinstance(transport, tcp.Connection)
             and not getattr(transport, "TLS", True) and transport.connected
             and not transport.disconnecting and not getattr(transport, "_aborting", False)
             and not transport._writeDisconnected and not transport._tempDataBuffer
-            and len(transport.dataBuffer) <= transport.offset
-            and (limit is None or size <= limit
-                 or (writable is not None and writable(transport)))):
+            and len(transport.dataBuffer) <= transport.offset):
         try:
             sock = transport.socket
             sent = sock.send(chunks[0]) if len(chunks) == 1 else (
@@ -93,19 +87,6 @@ def write_now(transport: Any, chunks: Sequence[bytes], limit: int | None = WRITE
         transport.write(chunks[0])
     else:
         transport.writeSequence(chunks)
-
-
-def poll_writable(transport: Any) -> bool:
-    """Whether ``transport``'s socket is writable now, by the same test the reactor's
-    ``epoll`` makes (``poll`` with no wait: free space in the send buffer and, with
-    ``TCP_NOTSENT_LOWAT``, fewer unsent bytes than the mark).  One system call, in
-    place of the two ``epoll_ctl`` and the reactor turn of a buffered write."""
-    poller = select.poll()
-    poller.register(transport.socket.fileno(), select.POLLOUT)
-    try:
-        return bool(poller.poll(0))
-    except OSError:
-        return False  # the buffered write meets the error as it always did
 
 
 def peer_ip(conn: Any) -> str | None:

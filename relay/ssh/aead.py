@@ -56,7 +56,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from twisted.conch.ssh.transport import DISCONNECT_MAC_ERROR, DISCONNECT_PROTOCOL_ERROR, SSHCiphers
 
-from relay.datapath.net import poll_writable, write_now
+from relay.datapath.net import write_now
 from relay.ssh import nativeforward, policy
 from relay.ssh.ciphers import (
     _CHANNEL_DATA_HEAD,
@@ -154,10 +154,7 @@ class AEADTransportMixin(KexMixin):
         self._sealAndWrite(aead, plain)
 
     def _sealAndWrite(self, aead: AEADDirection, plain: bytes) -> None:
-        # At once when nothing waits and the link is writable (TCP_NOTSENT_LOWAT and
-        # all, as epoll would say): relay.datapath.net.write_now.
-        write_now(self.transport, aead.seal(self.outgoingPacketSequence, plain),
-                  writable=poll_writable)
+        write_now(self.transport, aead.seal(self.outgoingPacketSequence, plain))
         self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & 0xFFFFFFFF
         self._count(len(plain))
 

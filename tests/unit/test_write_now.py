@@ -15,8 +15,7 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from relay.datapath.net import WRITE_NOW_MAX, poll_writable, write_now
-from relay.ssh.connection import TCP_NOTSENT_LOWAT
+from relay.datapath.net import WRITE_NOW_MAX, write_now
 
 Pair = tuple[tcp.Connection, socket.socket, MemoryReactor]
 
@@ -151,51 +150,3 @@ def test_an_aborted_connection_sends_nothing_directly(pair: Pair) -> None:
     conn._aborting = True  # what abortConnection sets before connectionLost runs
     write_now(conn, (b"late",))
     assert received(theirs) == b""
-
-
-@pytest.fixture
-def tcp_pair() -> Iterator[Pair]:
-    """A real loopback TCP connection (TCP_NOTSENT_LOWAT needs TCP, not a socketpair)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    ours = socket.create_connection(listener.getsockname())
-    theirs, _ = listener.accept()
-    listener.close()
-    ours.setblocking(False)
-    theirs.setblocking(False)
-    reactor = MemoryReactor()
-    conn = tcp.Connection(ours, Protocol(), reactor)
-    conn.connected = 1
-    try:
-        yield conn, theirs, reactor
-    finally:
-        ours.close()
-        theirs.close()
-
-
-def test_a_large_packet_leaves_at_once_only_while_the_link_is_writable(tcp_pair: Pair) -> None:
-    """The SSH transport's bulk (``writable=poll_writable``): sent straight away while
-    the socket is writable as epoll sees it, buffered for the reactor once the unsent
-    bytes reach TCP_NOTSENT_LOWAT, although the kernel would still take them."""
-    conn, theirs, reactor = tcp_pair
-    packet = b"p" * (WRITE_NOW_MAX * 2)
-    write_now(conn, (packet[:5], packet[5:]), writable=poll_writable)
-    assert conn not in reactor.getWriters() and not conn._tempDataBuffer
-    got = b""
-    while len(got) < len(packet):
-        got += received(theirs)
-    assert got == packet
-
-    conn.socket.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, 1)
-    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sent = 0
-    for _ in range(10_000):  # until the peer's window is full and bytes stay unsent
-        if not poll_writable(conn):
-            break
-        try:
-            sent += conn.socket.send(b"x" * 65536)
-        except BlockingIOError:
-            break
-    assert not poll_writable(conn), "the socket never stopped being writable"
-    write_now(conn, (packet,), writable=poll_writable)
-    assert conn in reactor.getWriters()  # left to the reactor's writable event
-    assert b"".join(conn._tempDataBuffer) == packet
