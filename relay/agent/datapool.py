@@ -52,12 +52,18 @@ from relay.datapath import splicing as datapath
 from relay.datapath.dialnow import Dial, connect_target
 from relay.datapath.handoff import Handoff, Held
 from relay.datapath.join import Handed, OnEnd, SessionCounters, join
-from relay.datapath.net import client_endpoint, peer_ip, probe_idle
+from relay.datapath.net import client_endpoint, peer_ip, probe_idle, write_now
 from relay.ssh.client import LinkBasics, LinkConnection
 from relay.ssh.connection import refused_by_peer
 
 TARGET_CONNECT_TIMEOUT = 10.0
 RETRY_DELAY = 2.0
+# A connection the relay used is replaced this long after its GO while others are
+# still idle: its dial (and the relay's accept, challenge and hello check) would
+# otherwise run while the session is being set up, on the same cores (~0.3 ms of the
+# agent's GO -> connect step and a stall at the relay; docs/benchmarks.md, "Set-up
+# after an idle gap").  With none idle it is dialled at once, as before.
+REFILL_AFTER_USE = 0.010
 
 
 class PoolConnState(StrEnum):
@@ -114,7 +120,7 @@ class PoolConnection(Handoff):
             if self.buf:
                 self.pool.protocolError(self, "bytes after the challenge, before our hello")
                 return
-            self.transport.write(fw.agent_hello(self.token, self.nonce))
+            write_now(self.transport, (fw.agent_hello(self.token, self.nonce),))
             self.state = PoolConnState.IDLE
             return
         if self.state is not PoolConnState.IDLE:
@@ -174,6 +180,7 @@ class DataPool:
         self._conn: LinkConnection | None = None
         self._asking = False
         self._retry: IDelayedCall | None = None
+        self._soon: IDelayedCall | None = None  # a used connection's replacement (REFILL_AFTER_USE)
         self.counters = SessionCounters()  # every spliced session of the pool
         self._ready: list[defer.Deferred[None]] = []
         self.dial_failures = 0
@@ -221,6 +228,9 @@ class DataPool:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
+        self._soon = None
 
     def _services(self) -> list[tuple[str, int]]:
         local = self.link.local_relay
@@ -382,6 +392,22 @@ class DataPool:
 
     # a session
 
+    def _refillAfterUse(self) -> None:
+        """Replace a connection the relay just used: at once if none is left idle (the
+        next session would take the link), else REFILL_AFTER_USE later, once this
+        session's set-up is over (one timer for a burst of them)."""
+        if not self.idle:
+            self.refill()
+            return
+        if self._soon is not None and self._soon.active():
+            return
+
+        def due() -> None:
+            self._soon = None
+            self.refill()
+
+        self._soon = self.link.clock.callLater(REFILL_AFTER_USE, due)
+
     def _forwardFor(self, name: str, port: int) -> Any:
         """The forward for exactly ``name:port`` (name case-insensitive, port exact), if
         this agent offered it and the relay listed it as one it dispatches; never a
@@ -398,8 +424,8 @@ class DataPool:
     def dispatched(self, pc: PoolConnection, name: str, port: int) -> None:
         """A GO whose MAC was right: the relay asked for ``name:port``."""
         self.idle.discard(pc)
-        self._credits = min(self._credits + 1, self.size)  # the relay used it: replace at once
-        self.refill()
+        self._credits = min(self._credits + 1, self.size)  # the relay used it: replace it
+        self._refillAfterUse()
         forward = self._forwardFor(name, port)
         local = self.link.local_relay
         if forward is None or (forward.config.via_relay and (
@@ -426,7 +452,7 @@ class DataPool:
             if pc.state is not PoolConnState.CONNECTING:
                 server.transport.abortConnection()
                 return
-            pc.transport.write(fw.AGENT_OK)
+            write_now(pc.transport, (fw.AGENT_OK,))  # now, not a reactor turn later
 
             def ended(pair: datapath.SplicedPair, result: Any) -> None:
                 if isinstance(result, Failure) and not result.check(datapath.PairAborted):
