@@ -5,7 +5,8 @@ per-step timing of a new session in docs/benchmarks.md ("Set-up after an idle ga
 Put this directory first on ``PYTHONPATH`` and set ``LABRELAY_STAMP_DIR``; every
 ``python -m relay relay|agent`` started then records ``accept``, ``connect`` (and
 ``connect_ex``), ``send``/``sendmsg``/``sendall``, ``recv``, each return of the epoll
-reactor's poll (``wake``, a reactor iteration) and each ``epoll_ctl`` (``ctl``), and
+reactor's poll (``wake``, a reactor iteration; ``sleep`` as it enters it) and each
+``epoll_ctl`` (``ctl``), and
 writes them to ``$LABRELAY_STAMP_DIR/<relay|agent>-<pid>.txt`` at exit or on SIGUSR2.
 ``bench/setup_ab.py --stamp-dir`` does this for both trees; ``bench/setup_steps.py``
 reads the files.  Nothing here is imported by labrelay itself.
@@ -82,6 +83,7 @@ def _patch_epoll(now: Any) -> None:
             self.real = real
 
         def poll(self, *a: Any) -> Any:
+            rec((now(), "sleep", 0, 0, 0))  # the iteration's work is done: into epoll_wait
             r = self.real.poll(*a)
             rec((now(), "wake", len(r), 0, 0))
             return r
