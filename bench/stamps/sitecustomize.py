@@ -7,7 +7,8 @@ Put this directory first on ``PYTHONPATH`` and set ``LABRELAY_STAMP_DIR``; every
 ``connect_ex``), ``send``/``sendmsg``/``sendall``, ``recv``, each return of the epoll
 reactor's poll (``wake``, a reactor iteration; ``sleep`` as it enters it) and each
 ``epoll_ctl`` (``ctl``), and
-writes them to ``$LABRELAY_STAMP_DIR/<relay|agent>-<pid>.txt`` at exit or on SIGUSR2.
+writes them to ``$LABRELAY_STAMP_DIR/<relay|agent>-<pid>.txt`` at exit or on SIGUSR2
+(with ``LABRELAY_STAMP_PROFILE=1`` also a cProfile of the whole process, ``.prof``).
 ``bench/setup_ab.py --stamp-dir`` does this for both trees; ``bench/setup_steps.py``
 reads the files.  Nothing here is imported by labrelay itself.
 """
@@ -58,10 +59,20 @@ def _install(role: str, where: str) -> None:
     wrap("connect_ex", "connect")
     wrap("connect", "connect")
 
+    profile = None
+    if os.environ.get("LABRELAY_STAMP_PROFILE"):  # cProfile too: where the Python time goes
+        import cProfile
+
+        profile = cProfile.Profile()
+        profile.enable()
+
     def dump() -> None:
         with open(os.path.join(where, f"{role}-{os.getpid()}.txt"), "w") as f:
             for e in _LOG:
                 f.write(" ".join(map(str, e)) + "\n")
+        if profile is not None:
+            profile.disable()
+            profile.dump_stats(os.path.join(where, f"{role}-{os.getpid()}.prof"))
 
     def dump_and_exit(signum: int, frame: Any) -> None:
         dump()
