@@ -90,6 +90,10 @@ def stock(where: str) -> int:
         for i in range(len(STOCK_STEPS)):
             steps[i].append((ts[i + 1] - ts[i]) / 1e6)
         for role, evs in (("relay", r), ("agent", g)):
+            busy.setdefault(f"{route}: {role} wake-ups (to the echo)", []).append(
+                sum(1 for e in evs if e[1] == "wake" and e[0] <= u3[0]))
+            busy.setdefault(f"{route}: {role} epoll_ctl (to the echo)", []).append(
+                sum(1 for e in evs if e[1] == "ctl" and e[0] <= u3[0]))
             work, woke = 0, None
             for e in evs:
                 if e[0] > u3[0]:
@@ -114,7 +118,9 @@ def stock(where: str) -> int:
         print(f"| {step} | " + " | ".join(cells) + " |")
     print("| sum of the steps | " + " | ".join(f"{totals[n]:.2f}" for n in names) + " |")
     for name, values in sorted(busy.items()):
-        print(f"{name}: median {statistics.median(values):.2f} ms")
+        unit = " ms" if "busy" in name else ""
+        print(f"{name}: median {statistics.median(values):.2f}{unit}, "
+              f"mean {statistics.mean(values):.2f}")
     return 0
 
 

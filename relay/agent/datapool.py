@@ -58,11 +58,11 @@ from relay.ssh.connection import refused_by_peer
 
 TARGET_CONNECT_TIMEOUT = 10.0
 RETRY_DELAY = 2.0
-# A connection the relay used is replaced this long after its GO while others are
-# still idle: its dial (and the relay's accept, challenge and hello check) would
+# A connection the relay used is replaced this long after its GO while at least half
+# the pool is still idle: its dial (and the relay's accept, challenge and hello check) would
 # otherwise run while the session is being set up, on the same cores (~0.3 ms of the
 # agent's GO -> connect step and a stall at the relay; docs/benchmarks.md, "Set-up
-# after an idle gap").  With none idle it is dialled at once, as before.
+# after an idle gap").  With fewer idle it is dialled at once, as before.
 REFILL_AFTER_USE = 0.010
 
 
@@ -393,10 +393,12 @@ class DataPool:
     # a session
 
     def _refillAfterUse(self) -> None:
-        """Replace a connection the relay just used: at once if none is left idle (the
-        next session would take the link), else REFILL_AFTER_USE later, once this
-        session's set-up is over (one timer for a burst of them)."""
-        if not self.idle:
+        """Replace a connection the relay just used: REFILL_AFTER_USE later, once this
+        session's set-up is over (one timer for a burst of them), while at least half
+        the pool is still idle; else at once, as before, so that a burst of sessions
+        does not empty the pool (a session that finds none takes the link for its whole
+        life)."""
+        if len(self.idle) * 2 < self.size:
             self.refill()
             return
         if self._soon is not None and self._soon.active():

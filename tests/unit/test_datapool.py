@@ -490,9 +490,9 @@ def test_go_uses_a_stashed_token_for_the_refill(world: World) -> None:
 def test_used_connection_is_replaced_after_the_set_up_while_others_are_idle(
         world: World) -> None:
     """The dial that replaces a used connection (and the relay's accept, challenge and
-    hello check it causes) does not run during the session's set-up while the pool has
-    another idle connection: REFILL_AFTER_USE later, one timer for a burst; with none
-    left idle it is dialled at once, as before."""
+    hello check it causes) does not run during the session's set-up while at least
+    half the pool is idle: REFILL_AFTER_USE later; with fewer idle it is dialled at
+    once, as before."""
     _ready(world, _tokens(4))  # two dialled, two stashed
     pcs = [_connect(d)[0] for d in _dials(world)]
     assert len(world.pool.idle) == 2 and len(_dials(world)) == 2
@@ -510,17 +510,22 @@ def test_used_connection_is_replaced_after_the_set_up_while_others_are_idle(
     assert world.clock.getDelayedCalls() == []
 
 
-def test_a_burst_of_sessions_sets_one_refill_timer_that_refills_them_all(
+def test_a_burst_of_sessions_refills_at_once_below_half_the_pool(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """One timer for the first sessions of a burst; the one that leaves less than half
+    the pool idle refills all that was used, at once, and the timer then has nothing
+    left to do."""
     w = _make(monkeypatch, size=4)
     _ready(w, _tokens(8))
     pcs = [_connect(d)[0] for d in _dials(w)]
     assert len(w.pool.idle) == 4
-    for pc in pcs[:3]:
+    for pc in pcs[:2]:
         pc.dataReceived(_go(pc, *GPU))
     assert len(w.clock.getDelayedCalls()) == 1 and len(_dials(w)) == 4
-    w.clock.advance(REFILL_AFTER_USE)
+    pcs[2].dataReceived(_go(pcs[2], *GPU))  # one idle of four left
     assert len(_dials(w)) == 7 and w.pool.dialing == 3  # all three replaced, free
+    w.clock.advance(REFILL_AFTER_USE)
+    assert len(_dials(w)) == 7 and w.clock.getDelayedCalls() == []
 
 
 def test_link_down_cancels_a_pending_refill(world: World) -> None:
