@@ -19,7 +19,9 @@ vouch for (docs/fastpath.md "Protocol"):
   of a forward it offered and the relay listed as end-to-end encrypted;
 - a connection that ends without a valid dispatch (closed, garbage, a bad MAC) is
   replaced at a bounded rate (:class:`RefillBudget`) and logged once per burst
-  (:class:`BurstLog`); one used by a valid dispatch is replaced at once.
+  (:class:`BurstLog`); one used by a valid dispatch is replaced freely, once the
+  session's set-up is over (``REFILL_AFTER_USE``) or at once when less than half the
+  pool is idle.
 
 An idle connection that gets a valid GO connects that service's target like a
 ``forwarded-tcpip`` channel would, answers ``K`` (or ``E`` and why) and hands both
