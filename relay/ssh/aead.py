@@ -51,6 +51,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -106,6 +108,7 @@ class AEADTransportMixin(KexMixin):
     nativeArmable = False
     _pad = b""
     _padOff = 0
+    _cork: list[bytes] | None = None  # sealed packets held by corked()
 
     # -- sending
 
@@ -153,8 +156,31 @@ class AEADTransportMixin(KexMixin):
         )
         self._sealAndWrite(aead, plain)
 
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        """Packets sealed inside leave together at the end, in one write (one
+        ``sendmsg``), not one each: a channel's deferred request and the data it goes
+        with (``BridgedChannel.announce``: the relay's ``share@labrelay`` before a
+        session's first bytes), one wake-up of the peer and one system call.  Nested,
+        the outer one writes.  Only the AEAD path is held (the others write through
+        Twisted's buffer, in order, as before)."""
+        if self._cork is not None:
+            yield
+            return
+        self._cork = []
+        try:
+            yield
+        finally:
+            chunks, self._cork = self._cork, None
+            if chunks and self.transport is not None:
+                write_now(self.transport, chunks)
+
     def _sealAndWrite(self, aead: AEADDirection, plain: bytes) -> None:
-        write_now(self.transport, aead.seal(self.outgoingPacketSequence, plain))
+        sealed = aead.seal(self.outgoingPacketSequence, plain)
+        if self._cork is not None:
+            self._cork.extend(sealed)
+        else:
+            write_now(self.transport, sealed)
         self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & 0xFFFFFFFF
         self._count(len(plain))
 
