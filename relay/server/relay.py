@@ -20,8 +20,8 @@ from twisted.logger import Logger
 
 from relay.config.schema import HostPort, RelayConfig
 from relay.core import fastwire
-from relay.core.certs import describe as describe_cert
 from relay.core.admission import Admission, Offence, Refusal, Ticket
+from relay.core.certs import describe as describe_cert
 from relay.core.resume import HELLO as RESUME_HELLO
 from relay.core.router import SUPERSEDED, Decision, Probe, Router, Verdict, label_of
 from relay.core.routing import PUBLIC, Registration, Registry
