@@ -7,8 +7,6 @@ dropping the CA from the config (SIGHUP) ends the sessions it let in."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 from collections.abc import Callable
@@ -21,12 +19,12 @@ from harness import (
     AgentProcess,
     RelayNode,
     SshProcess,
-    connect,
     find_program,
     free_port,
     make_key,
 )
 from test_keylife import echo_once, forward_argv, keygen, labrelay_agent, refused, user_cert
+from test_keylife_toml import reload_ends_session
 
 pytestmark = pytest.mark.integration
 
@@ -144,18 +142,8 @@ def test_a_relay_wide_user_ca(
     config = relay.dir / "node.toml"
     config.write_text(config.read_text().replace(f'"{ca}", ', ""))
     mark = relay.mark()
-    with connect(port, timeout=30) as sock:
-        sock.sendall(b"ping")
-        assert sock.recv(4) == b"ping"
-        os.kill(relay.pid, signal.SIGHUP)
-        relay.wait_for("reload_done", since=mark)
-        ended = relay.wait_for("relay_key_ended", since=mark, timeout=5, name="alice")
-        assert ended["cert_ca"] == ca_fp and ended["cert_id"].startswith("alice@lab")
-        sock.settimeout(10)
-        try:
-            assert sock.recv(1) == b""
-        except ConnectionResetError:
-            pass
+    ended = reload_ends_session(relay, port, "alice")
+    assert ended["cert_ca"] == ca_fp and ended["cert_id"].startswith("alice@lab")
     assert alice.proc.wait(timeout=10) is not None
     assert echo_once(bob_port) == b"ping" and echo_once(carol_port) == b"ping"
     assert not relay.events("relay_key_ended", since=mark, name="carol")
