@@ -19,9 +19,8 @@ vouch for (docs/fastpath.md "Protocol"):
   of a forward it offered and the relay listed as end-to-end encrypted;
 - a connection that ends without a valid dispatch (closed, garbage, a bad MAC) is
   replaced at a bounded rate (:class:`RefillBudget`) and logged once per burst
-  (:class:`BurstLog`); one used by a valid dispatch is replaced freely, once the
-  session's set-up is over (``REFILL_AFTER_USE``) or at once when less than half the
-  pool is idle.
+  (:class:`BurstLog`); one used by a valid dispatch is replaced freely
+  (``REFILL_AFTER_USE``).
 
 An idle connection that gets a valid GO connects that service's target like a
 ``forwarded-tcpip`` channel would, answers ``K`` (or ``E`` and why) and hands both
@@ -60,11 +59,8 @@ from relay.ssh.connection import refused_by_peer
 
 TARGET_CONNECT_TIMEOUT = 10.0
 RETRY_DELAY = 2.0
-# A connection the relay used is replaced this long after its GO while at least half
-# the pool is still idle: its dial (and the relay's accept, challenge and hello check) would
-# otherwise run while the session is being set up, on the same cores (~0.3 ms of the
-# agent's GO -> connect step and a stall at the relay; docs/benchmarks.md, "Set-up
-# after an idle gap").  With fewer idle it is dialled at once, as before.
+# A used connection's replacement, while half the pool is idle: after the session's
+# set-up, not during it (DataPool._refillAfterUse; docs/benchmarks.md, round 6).
 REFILL_AFTER_USE = 0.010
 
 
@@ -182,7 +178,7 @@ class DataPool:
         self._conn: LinkConnection | None = None
         self._asking = False
         self._retry: IDelayedCall | None = None
-        self._soon: IDelayedCall | None = None  # a used connection's replacement (REFILL_AFTER_USE)
+        self._soon: IDelayedCall | None = None  # REFILL_AFTER_USE's timer
         self.counters = SessionCounters()  # every spliced session of the pool
         self._ready: list[defer.Deferred[None]] = []
         self.dial_failures = 0
@@ -227,12 +223,10 @@ class DataPool:
             pair.abort()
 
     def _cancelRetry(self) -> None:
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        if self._soon is not None and self._soon.active():
-            self._soon.cancel()
-        self._soon = None
+        for call in (self._retry, self._soon):
+            if call is not None and call.active():
+                call.cancel()
+        self._retry = self._soon = None
 
     def _services(self) -> list[tuple[str, int]]:
         local = self.link.local_relay
@@ -395,22 +389,18 @@ class DataPool:
     # a session
 
     def _refillAfterUse(self) -> None:
-        """Replace a connection the relay just used: REFILL_AFTER_USE later, once this
-        session's set-up is over (one timer for a burst of them), while at least half
-        the pool is still idle; else at once, as before, so that a burst of sessions
-        does not empty the pool (a session that finds none takes the link for its whole
-        life)."""
+        """Replace a connection the relay just used REFILL_AFTER_USE later (one timer for
+        a burst), so that its dial and the relay's accept, challenge and hello check do
+        not run during this session's set-up on the same cores; at once, as before, when
+        less than half the pool is idle (a session finding none takes the link)."""
         if len(self.idle) * 2 < self.size:
             self.refill()
-            return
-        if self._soon is not None and self._soon.active():
-            return
+        elif self._soon is None or not self._soon.active():
+            self._soon = self.link.clock.callLater(REFILL_AFTER_USE, self._refillDue)
 
-        def due() -> None:
-            self._soon = None
-            self.refill()
-
-        self._soon = self.link.clock.callLater(REFILL_AFTER_USE, due)
+    def _refillDue(self) -> None:
+        self._soon = None
+        self.refill()
 
     def _forwardFor(self, name: str, port: int) -> Any:
         """The forward for exactly ``name:port`` (name case-insensitive, port exact), if
