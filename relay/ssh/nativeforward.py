@@ -42,9 +42,13 @@ from typing import Any
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 
+import struct
+
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.ciphers import MAX_PACKET_LENGTH, GCMDirection
-from relay.ssh.gcmrun import REASONS, RUNNING, Pump, PumpState, native_enabled
+from relay.ssh.gcmrun import REASONS, RUNNING, Pump, PumpState, Seal, native_enabled
+
+MSG_CHANNEL_WINDOW_ADJUST = 93
 
 _log = Logger(namespace="relay.ssh.nativeforward")
 
@@ -75,6 +79,19 @@ def _plain_tcp(tcp: Any) -> bool:
     return isinstance(tcp, Connection)
 
 
+def _sends_as_python_would(conn: Any, channel: Any) -> bool:
+    """The thread may seal the channel's bytes to the user: nothing of the channel's
+    waits in Python (its own queue, the link's scheduler, an announcement), the link is
+    not congested, and none of the per-credit hooks a thread would skip is set (a
+    resumable session's window cap and credit hook; its bridge is never a plain
+    ``Bridge`` anyway)."""
+    return (not channel._queued and channel._announce is None and not channel._sentEOF
+            and not channel.closing and getattr(channel, "windowCap", None) is None
+            and getattr(channel, "onCredit", None) is None and channel.remoteMaxPacket > 0
+            and channel in conn.channelsToRemoteChannel and not conn.scheduler
+            and not conn.congested)
+
+
 def maybe_arm(transport: Any) -> NativeForward | None:
     """Start the thread for ``transport.nativeCandidate`` (the channel whose data the
     last read carried) if this is the case it is made for (module docstring)."""
@@ -83,9 +100,11 @@ def maybe_arm(transport: Any) -> NativeForward | None:
             or not native_enabled()):
         return None
     gcm = getattr(transport.currentEncryptions, "inAEAD", None)
+    out = getattr(transport.currentEncryptions, "outAEAD", None)
     tcp = transport.transport
     rbuf = transport._rbuf
-    if (not isinstance(gcm, GCMDirection) or transport._readDead or transport.buf
+    if (not isinstance(gcm, GCMDirection) or not isinstance(out, GCMDirection)
+            or transport._readDead or transport.buf
             or transport._keyExchangeState != transport._KEY_EXCHANGE_NONE
             or transport.sessionID is None or rbuf is None or len(rbuf) > MAX_INITIAL
             or getattr(tcp, "disconnecting", True) or not hasattr(tcp, "stopReading")):
@@ -95,28 +114,35 @@ def maybe_arm(transport: Any) -> NativeForward | None:
             or conn.channels.get(channel.id) is not channel):
         return None
     if (channel.localClosed or channel.remoteClosed or channel._gotEOF or channel._pauses
-            or channel.localWindowLeft <= 0):
+            or channel.localWindowLeft <= 0 or not _sends_as_python_would(conn, channel)):
         return None
     side = _data_side(channel)
-    if (side is None or side._closed or side._wroteEOF or not _plain_tcp(side.transport)
-            or side.transport.disconnecting):
+    if (side is None or side._closed or side._wroteEOF or side._readEOF or side._pauses
+            or not _plain_tcp(side.transport) or side.transport.disconnecting):
         return None
+    if not _idle_transport(tcp):
+        # the thread's sealed packets must follow everything Python wrote to the user
+        if tcp.doWrite() is not None or not _idle_transport(tcp):
+            return None
     if not _idle_transport(side.transport):
         # The bytes this read delivered wait in Twisted's buffer until the reactor's
         # next write turn: send them now (what that turn would do), so the thread's
         # writes come after them.  An error stays for the reactor to find.
         if side.transport.doWrite() is not None or not _idle_transport(side.transport):
             return None
+    seal = Seal(out.key, out.fixed, out.counter, conn.channelsToRemoteChannel[channel],
+                channel.remoteWindowLeft, channel.remoteMaxPacket)
     try:
         pump = Pump(gcm.key, gcm.fixed, gcm.counter, channel.id, channel.localWindowLeft,
                     channel.localMaxPacket, MAX_PACKET_LENGTH, tcp.fileno(),
                     side.transport.fileno(), bytes(rbuf),
-                    max(1, channel.localWindowSize // 4))
+                    max(1, channel.localWindowSize // 4), seal)
     except (OSError, ValueError) as e:
         _log.debug("native forwarding not started: {why}", why=str(e))
         return None
     rbuf.clear()
     tcp.stopReading()
+    side.transport.stopReading()  # the thread reads the agent's bytes now
     forward = NativeForward(transport, channel, side, gcm, pump)
     transport.nativeForward = forward
     side.forwarder = forward
@@ -138,7 +164,15 @@ class NativeForward:
         self.side = side
         self.gcm = gcm
         self.pump = pump
-        self._seen = PumpState(RUNNING, gcm.counter, 0, 0, 0, 0, 0)
+        #: The thread seals the reverse direction too: it owns the outgoing stream (nonce
+        #: counter, sequence numbers) until :meth:`handback`, and Python's grants to the
+        #: user go through it (:meth:`grantSend`).
+        self.sealing = pump.sealing
+        out = getattr(transport.currentEncryptions, "outAEAD", None) if self.sealing else None
+        self.out: GCMDirection | None = out
+        self._seen = PumpState(RUNNING, gcm.counter, 0, 0, 0, 0, 0,
+                               out.counter if out is not None else 0)
+        self._asked = 0  # grants Python asked the thread to seal
         self._fd = pump.fileno()
         self.done = False
 
@@ -155,31 +189,55 @@ class NativeForward:
             return
         state = self.pump.poll()
         self._account(state)
-        if state.reason != RUNNING:
+        if state.reason != RUNNING and not self.done:
             self.handback(REASONS.get(state.reason, "?"))
 
     def connectionLost(self, reason: Any) -> None:
         """The reactor dropped the eventfd (it is shutting down)."""
         self.handback("reactor")
 
+    # the relay's grants, while the thread owns the outgoing stream
+
+    def grantSend(self, nbytes: int) -> None:
+        """Python granted the user ``nbytes`` more (``FlowConnection.adjustWindow``,
+        which already counted them): the thread seals the ``WINDOW_ADJUST``."""
+        self._asked += nbytes
+        self.pump.grant_send(nbytes)
+
     # the thread's progress
 
     def _account(self, state: PumpState) -> None:
         """Meter what the thread did since the last look: the window it used, the bytes
-        it handed on (which re-open the window, as a bridge's delivery does), the key's
-        byte budget and the connection's activity."""
+        it handed on either way (which re-open the window, as a bridge's delivery does),
+        the user's credit, the key's byte budget and the connection's activity.  The
+        byte budget comes last: it may start the relay's own key exchange, whose
+        KEXINIT takes the stream back first (``AEADTransportMixin._sealAndWrite``)."""
         seen, self._seen = self._seen, state
         consumed = state.consumed - seen.consumed
         written = state.written - seen.written
         packets = state.packets - seen.packets
+        sealed = state.sealed - seen.sealed
+        adjusted = state.adjusted - seen.adjusted
+        oplain = state.oplain - seen.oplain
         channel = self.channel
-        if consumed:
+        bridge = channel.bridge
+        if consumed or packets:
             channel.localWindowLeft -= consumed
             activity = getattr(self.transport.service, "activity", None)
             if activity is not None:
                 activity()
+        if sealed or adjusted:
+            channel.remoteWindowLeft += adjusted - sealed
+            if sealed:
+                if bridge is not None:
+                    if bridge.a is channel:
+                        bridge.bytesBtoA += sealed
+                    else:
+                        bridge.bytesAtoB += sealed
+                stats = self.side.nativeStats
+                if stats is not None:
+                    stats["native_sealed"] = stats.get("native_sealed", 0) + sealed
         if written:
-            bridge = channel.bridge
             if bridge is not None:
                 if bridge.a is channel:
                     bridge.bytesAtoB += written
@@ -189,42 +247,81 @@ class NativeForward:
             if stats is not None:
                 stats["native_bytes"] += written
             before = channel.localWindowLeft
-            channel.consumed(written)
+            channel.consumed(written)  # a sealing thread's grant: adjustWindow -> grantSend
             credit = channel.localWindowLeft - before
-            if credit > 0 and not self.done:
+            if credit > 0 and not self.done and not self.sealing:
                 self.pump.grant(credit)
-        if packets and self.transport.sessionID is not None:
-            # as the per-packet path counts (each payload after its message number);
-            # this may start the relay's own rekey: the thread stops at the peer's KEXINIT
-            self.transport._count(consumed + 8 * packets)
+        if self.transport.sessionID is not None:
+            # as the per-packet paths count (each payload after its message number; each
+            # sealed plaintext)
+            count = (consumed + 8 * packets if packets else 0) + oplain
+            if count:
+                self.transport._count(count)
 
-    def handback(self, why: str, lost: bool = False, dataLost: bool = False) -> None:
+    def handback(self, why: str, lost: bool = False, dataLost: bool = False,
+                 later: bool = False) -> None:
         """End the thread's ownership and give the stream back to the Python path
-        (module docstring).  ``lost``: the user's connection is gone, feed nothing;
-        ``dataLost``: the data connection is, write nothing."""
+        (module docstring).  ``lost``: the user's connection is gone, feed nothing and
+        write nothing to it; ``dataLost``: the data connection is, write nothing to it;
+        ``later``: Python is about to write a packet to the user (the caller's), so the
+        user's bytes the thread did not consume are parsed in a later reactor turn, not
+        inside that write."""
         if self.done:
             return
         transport, side, channel = self.transport, self.side, self.channel
         tcp = transport.transport
         tcp.reactor.removeReader(self)  # by fileno(): before it says -1
         self.done = True
-        state, left, pending = self.pump.stop()
+        state, left, pending, unsealed, unsent = self.pump.stop()
         if transport.nativeForward is self:
             transport.nativeForward = None
         if side.forwarder is self:
             side.forwarder = None
-        self._account(state)
         self.gcm.counter = state.counter
         transport.incomingPacketSequence = (
             transport.incomingPacketSequence + state.packets) & 0xFFFFFFFF
+        gone = lost or getattr(tcp, "disconnected", False)
+        if self.out is not None:
+            # The outgoing stream, exactly where the thread left it: what it sealed and
+            # did not write goes first, then the grants it had not sealed yet.
+            self.out.counter = state.ocounter
+            transport.outgoingPacketSequence = (
+                transport.outgoingPacketSequence + state.opackets) & 0xFFFFFFFF
+            if unsent and not gone:
+                tcp.write(unsent)
         _log.debug("native forwarding handed back: {why}", why=why, event="native_handback",
                    reason=REASONS.get(state.reason, why), packets=state.packets,
-                   written=state.written, reads=state.reads, err=state.err)
-        if pending and not dataLost and not side._closed and channel.bridge is not None:
-            channel.bridge.dataReceived(channel, pending)
-        if lost or getattr(tcp, "disconnected", False) or transport._readDead:
+                   written=state.written, reads=state.reads, sealed=state.sealed,
+                   opackets=state.opackets, err=state.err)
+        owed = self._asked - state.granted
+        if owed > 0 and not gone and not channel.localClosed:
+            transport.sendPacket(MSG_CHANNEL_WINDOW_ADJUST, struct.pack(
+                ">2L", transport.service.channelsToRemoteChannel[channel], owed))
+        self._account(state)
+        bridge = channel.bridge
+        if pending and not dataLost and not side._closed and bridge is not None:
+            bridge.dataReceived(channel, pending)
+        if unsealed and not gone and bridge is not None:
+            bridge.dataReceived(side, unsealed)
+        if (self.out is not None and not dataLost and not side._closed and not side._pauses
+                and not side.transport.disconnecting):
+            side.transport.startReading()
+        if gone or transport._readDead:
             return
         if not tcp.disconnecting:
             tcp.startReading()
         if left:
-            transport.dataReceived(left)
+            if later:
+                rbuf = transport._rbuf
+                if rbuf is None:
+                    rbuf = transport._rbuf = bytearray()
+                rbuf[:0] = left
+                tcp.reactor.callLater(0, self._feed)
+            else:
+                transport.dataReceived(left)
+
+    def _feed(self) -> None:
+        """Parse what the thread left (now in the transport's buffer, ``handback``)."""
+        transport = self.transport
+        if not getattr(transport.transport, "disconnected", True) and transport._rbuf:
+            transport.dataReceived(b"")
