@@ -37,12 +37,11 @@ reaches :meth:`handback`, which joins the thread (it only ever waits in ``poll()
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
-
-import struct
 
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.ciphers import MAX_PACKET_LENGTH, GCMDirection
@@ -281,6 +280,8 @@ class NativeForward:
         transport.incomingPacketSequence = (
             transport.incomingPacketSequence + state.packets) & 0xFFFFFFFF
         gone = lost or getattr(tcp, "disconnected", False)
+        if later and side.nativeStats is not None:
+            side.nativeStats["native_yields"] = side.nativeStats.get("native_yields", 0) + 1
         if self.out is not None:
             # The outgoing stream, exactly where the thread left it: what it sealed and
             # did not write goes first, then the grants it had not sealed yet.
