@@ -60,6 +60,8 @@ struct lr_gpump {
     uint64_t rwindow;    /* the thread's: what the user's window still takes */
     uint64_t grant_pend; /* Python's grants not yet taken by the thread (atomic) */
     uint64_t grant_hold; /* taken, not yet sealed (no room) */
+    uint64_t wsize;      /* > 0: the thread grants by the channel's rule */
+    uint64_t credit;     /* written, not yet granted */
     unsigned char *raw, *sb;
     size_t rawoff, rawlen, sboff, sblen;
     unsigned char pad[PAD_POOL];
@@ -255,6 +257,7 @@ static void *run(void *arg)
             if (n > 0) {
                 p->outoff += (size_t)n;
                 STORE(p->st.written, p->st.written + (uint64_t)n);
+                p->credit += (uint64_t)n;
                 stalled_since = 0;
                 continue;
             }
@@ -271,6 +274,14 @@ static void *run(void *arg)
         }
         if (reason == LR_GP_RUNNING)
             reason = ending;
+        if (reason == LR_GP_RUNNING && p->wsize && p->credit &&
+            LOAD(p->window_total) - p->st.consumed < p->wsize / 2) {
+            /* the channel's rule: top the window up once less than half is left */
+            __atomic_add_fetch(&p->window_total, p->credit, __ATOMIC_ACQ_REL);
+            p->grant_hold += p->credit;
+            STORE(p->st.sgranted, p->st.sgranted + p->credit);
+            p->credit = 0;
+        }
         if (reason == LR_GP_RUNNING)
             reason = seal_some(p);
         /* write what is sealed */
@@ -376,6 +387,7 @@ static void *run(void *arg)
     p->st.left = p->inlen;
     p->st.pending = p->outlen - p->outoff;
     p->st.unsealed = p->rawlen - p->rawoff;
+    p->st.credit = p->credit;
     p->st.unsent = p->sblen - p->sboff;
     STORE(p->st.reason, reason);
     wake(p->notify);
@@ -454,7 +466,8 @@ struct lr_gpump *lr_gpump_start(const unsigned char *key, size_t keylen, uint32_
 }
 
 int lr_gpump_seal(struct lr_gpump *p, const unsigned char *key, size_t keylen, uint32_t fixed,
-                  uint64_t counter, uint32_t rchannel, uint64_t rwindow, uint32_t rmax)
+                  uint64_t counter, uint32_t rchannel, uint64_t rwindow, uint32_t rmax,
+                  uint64_t wsize, uint64_t credit)
 {
     if (p->started || p->seal != NULL || rmax == 0) {
         errno = EINVAL;
@@ -473,6 +486,8 @@ int lr_gpump_seal(struct lr_gpump *p, const unsigned char *key, size_t keylen, u
     p->rwindow = rwindow;
     p->rmax = rmax > SEAL_CAP / 4 ? SEAL_CAP / 4 : rmax;
     p->padoff = PAD_POOL; /* filled on first use */
+    p->wsize = wsize;
+    p->credit = credit;
     return 0;
 }
 
@@ -507,6 +522,7 @@ static void copy_state(struct lr_gpump *p, struct lr_gpump_state *st)
     st->adjusted = LOAD(p->st.adjusted);
     st->granted = LOAD(p->st.granted);
     st->dreads = LOAD(p->st.dreads);
+    st->sgranted = LOAD(p->st.sgranted);
     st->reason = LOAD(p->st.reason);
     st->counter = LOAD(p->st.counter);
     st->packets = LOAD(p->st.packets);
@@ -519,7 +535,9 @@ static void copy_state(struct lr_gpump *p, struct lr_gpump_state *st)
         st->pending = p->st.pending;
         st->unsealed = p->st.unsealed;
         st->unsent = p->st.unsent;
+        st->credit = p->st.credit;
     } else {
+        st->credit = 0;
         st->err = 0;
         st->left = st->pending = st->unsealed = st->unsent = 0;
     }

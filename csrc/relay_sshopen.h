@@ -122,7 +122,9 @@ struct lr_gpump_state {
     uint64_t sealed;   /* channel bytes sealed as CHANNEL_DATA to the user */
     uint64_t uwritten; /* sealed bytes written to the user's socket */
     uint64_t adjusted; /* bytes the user's WINDOW_ADJUSTs credited */
-    uint64_t granted;  /* bytes of the WINDOW_ADJUSTs it sealed for Python's grants */
+    uint64_t granted;  /* bytes of the WINDOW_ADJUSTs it sealed (Python's and its own) */
+    uint64_t sgranted; /* bytes it granted by its own policy (wsize below) */
+    uint64_t credit;   /* bytes written and not yet granted (the channel's credit) */
     uint64_t dreads;   /* reads of the data connection */
     size_t unsealed;   /* after it stopped: bytes read from the data connection, not sealed */
     size_t unsent;     /* after it stopped: sealed bytes not written to the user */
@@ -141,9 +143,13 @@ struct lr_gpump *lr_gpump_start(const unsigned char *key, size_t keylen, uint32_
 /* Before lr_gpump_run: the reverse direction too (the agent's bytes, read from the data
  * connection, sealed as CHANNEL_DATA to the user's channel `rchannel` within its window
  * `rwindow` and `rmax` bytes a packet; the user's WINDOW_ADJUSTs for `channel` taken;
- * Python's grants sealed by the thread).  0, or -1 (errno). */
+ * Python's grants sealed by the thread).  With `wsize` > 0 the thread also grants by
+ * the channel's own rule (relay.ssh.channels.BridgedChannel._grant): the bytes written
+ * to the data connection are credit (`credit` at the start), sent as one WINDOW_ADJUST
+ * once less than wsize / 2 of the window is left.  0, or -1 (errno). */
 int lr_gpump_seal(struct lr_gpump *p, const unsigned char *key, size_t keylen, uint32_t fixed,
-                  uint64_t counter, uint32_t rchannel, uint64_t rwindow, uint32_t rmax);
+                  uint64_t counter, uint32_t rchannel, uint64_t rwindow, uint32_t rmax,
+                  uint64_t wsize, uint64_t credit);
 /* lr_gpump_start makes the thread's state; this starts it.  0, or -1 (errno). */
 int lr_gpump_run(struct lr_gpump *p);
 /* Python granted n bytes and the thread seals the WINDOW_ADJUST (sealing threads). */

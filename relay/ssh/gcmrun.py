@@ -105,6 +105,8 @@ class PumpState(NamedTuple):
     adjusted: int = 0  # bytes the user's WINDOW_ADJUSTs credited
     granted: int = 0  # bytes of the grants it sealed
     dreads: int = 0  # reads of the data connection
+    sgranted: int = 0  # bytes it granted by the channel's rule (``Seal.window_size``)
+    credit: int = 0  # after it stopped: bytes written and not yet granted
 
 
 class Seal(NamedTuple):
@@ -118,6 +120,11 @@ class Seal(NamedTuple):
     channel: int
     window: int
     max_data: int
+    #: > 0: the thread grants the user's window itself by the channel's rule (once less
+    #: than half of ``window_size`` is left, the bytes written since), starting with
+    #: ``credit`` bytes not yet granted; 0: only Python's grants (``grant_send``)
+    window_size: int = 0
+    credit: int = 0
 
 
 class Stopped(NamedTuple):
@@ -146,7 +153,7 @@ class Pump:
     readable when there is news (:meth:`poll`).  :meth:`stop` ends it and hands back
     the bytes it had not consumed or written."""
 
-    __slots__ = ("_p", "_st", "freed", "sealing")
+    __slots__ = ("_p", "_st", "freed", "sealing", "self_grants")
 
     def __init__(self, key: bytes, fixed: int, counter: int, channel: int, window: int,
                  max_data: int, max_packet_length: int, user_fd: int, data_fd: int,
@@ -159,7 +166,7 @@ class Pump:
             raise OSError(ffi.errno, "the open-and-forward thread did not start")
         if seal is not None and lib.lr_gpump_seal(
                 p, seal.key, len(seal.key), seal.fixed, seal.counter, seal.channel,
-                seal.window, seal.max_data) != 0:
+                seal.window, seal.max_data, seal.window_size, seal.credit) != 0:
             errno = ffi.errno
             lib.lr_gpump_free(p)
             raise OSError(errno, "the sealing direction could not be set up")
@@ -168,6 +175,7 @@ class Pump:
             lib.lr_gpump_free(p)
             raise OSError(errno, "the open-and-forward thread did not start")
         self.sealing = seal is not None
+        self.self_grants = seal is not None and seal.window_size > 0
         self._p: Any = p
         self._st: Any = ffi.new("struct lr_gpump_state *")
         self.freed = False
@@ -180,7 +188,8 @@ class Pump:
         return PumpState(int(st.reason), int(st.counter), int(st.packets), int(st.consumed),
                          int(st.written), int(st.reads), int(st.err), int(st.ocounter),
                          int(st.opackets), int(st.oplain), int(st.sealed), int(st.uwritten),
-                         int(st.adjusted), int(st.granted), int(st.dreads))
+                         int(st.adjusted), int(st.granted), int(st.dreads), int(st.sgranted),
+                         int(st.credit))
 
     def poll(self) -> PumpState:
         """Clear the eventfd and read the counters (``reason`` is RUNNING while it runs)."""

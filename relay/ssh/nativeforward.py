@@ -53,6 +53,10 @@ _log = Logger(namespace="relay.ssh.nativeforward")
 
 #: Wire bytes the thread takes over with it at most (its buffer's size, csrc/gpump.c).
 MAX_INITIAL = 512 * 1024
+#: Bytes handed on (either way) between the thread's reports to Python: metering only
+#: (the session's byte counts, the key's byte budget, keepalive activity), since the
+#: thread grants the window itself; a pause of 20 ms reports at once.
+REPORT = 8 * 1024 * 1024
 
 
 def _data_side(channel: Any) -> TCPSide | None:
@@ -129,13 +133,16 @@ def maybe_arm(transport: Any) -> NativeForward | None:
         # writes come after them.  An error stays for the reactor to find.
         if side.transport.doWrite() is not None or not _idle_transport(side.transport):
             return None
+    # The thread grants the user's window by the channel's own rule and seals the
+    # WINDOW_ADJUSTs itself, so Python hears from it only to meter (every REPORT bytes,
+    # or 20 ms after the last ones).
     seal = Seal(out.key, out.fixed, out.counter, conn.channelsToRemoteChannel[channel],
-                channel.remoteWindowLeft, channel.remoteMaxPacket)
+                channel.remoteWindowLeft, channel.remoteMaxPacket, channel.localWindowSize,
+                channel._credit)
     try:
         pump = Pump(gcm.key, gcm.fixed, gcm.counter, channel.id, channel.localWindowLeft,
                     channel.localMaxPacket, MAX_PACKET_LENGTH, tcp.fileno(),
-                    side.transport.fileno(), bytes(rbuf),
-                    max(1, channel.localWindowSize // 4), seal)
+                    side.transport.fileno(), bytes(rbuf), REPORT, seal)
     except (OSError, ValueError) as e:
         _log.debug("native forwarding not started: {why}", why=str(e))
         return None
@@ -172,6 +179,9 @@ class NativeForward:
         self._seen = PumpState(RUNNING, gcm.counter, 0, 0, 0, 0, 0,
                                out.counter if out is not None else 0)
         self._asked = 0  # grants Python asked the thread to seal
+        #: the thread grants by the channel's rule (``Seal.window_size``): Python only
+        #: counts what it granted, and takes its credit back at the handback
+        self.selfGrants = self.sealing and pump.self_grants
         self._fd = pump.fileno()
         self.done = False
 
@@ -245,11 +255,15 @@ class NativeForward:
             stats = self.side.nativeStats
             if stats is not None:
                 stats["native_bytes"] += written
-            before = channel.localWindowLeft
-            channel.consumed(written)  # a sealing thread's grant: adjustWindow -> grantSend
-            credit = channel.localWindowLeft - before
-            if credit > 0 and not self.done and not self.sealing:
-                self.pump.grant(credit)
+            if not self.selfGrants:
+                before = channel.localWindowLeft
+                channel.consumed(written)  # a sealing thread's: adjustWindow -> grantSend
+                credit = channel.localWindowLeft - before
+                if credit > 0 and not self.done and not self.sealing:
+                    self.pump.grant(credit)
+        sgranted = state.sgranted - seen.sgranted
+        if sgranted:
+            channel.localWindowLeft += sgranted  # the thread's grants, by the channel's rule
         if self.transport.sessionID is not None:
             # as the per-packet paths count (each payload after its message number; each
             # sealed plaintext)
@@ -294,10 +308,14 @@ class NativeForward:
                    reason=REASONS.get(state.reason, why), packets=state.packets,
                    written=state.written, reads=state.reads, sealed=state.sealed,
                    opackets=state.opackets, err=state.err)
-        owed = self._asked - state.granted
+        if self.selfGrants:
+            channel._credit = state.credit  # written and not yet granted: the channel's now
+        owed = self._asked + state.sgranted - state.granted
         if owed > 0 and not gone and not channel.localClosed:
             transport.sendPacket(MSG_CHANNEL_WINDOW_ADJUST, struct.pack(
                 ">2L", transport.service.channelsToRemoteChannel[channel], owed))
+        if self.selfGrants and not gone and not channel.localClosed:
+            channel.consumed(0)  # a credit the thread had no turn to grant: the rule now
         self._account(state)
         bridge = channel.bridge
         if pending and not dataLost and not side._closed and bridge is not None:

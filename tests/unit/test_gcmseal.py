@@ -17,6 +17,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -356,3 +357,41 @@ def test_a_python_write_hands_back_and_parses_the_rest_later(pair: Pair) -> None
     assert sends == [(93, struct.pack(">2L", RCHANNEL, 7))]
     forward._feed()
     assert t.fed == [b""]  # the transport's own parse of its buffer
+
+
+def test_the_thread_grants_by_the_channels_rule(pair: Pair) -> None:
+    """With the channel's window size given, the thread tops the user's window up itself
+    once less than half of it is left, by the bytes written since (as
+    ``BridgedChannel._grant`` does), starting from the credit Python had not granted: the
+    user sends far past the first window and every byte arrives."""
+    key = KEYS[AES128_GCM]
+    tx = GCMDirection(key, IV)
+    out = GCMDirection(key, OUT_IV)
+    size = 64 * 1024
+    seal = gcmrun.Seal(key, out.fixed, out.counter, RCHANNEL, 1 << 20, RMAX, size, 100)
+    pump = gcmrun.Pump(key, FIXED, tx.counter, CHANNEL, size, MAX_DATA, MAX_PACKET_LENGTH,
+                       pair.relay_user.fileno(), pair.relay_data.fileno(), b"", 1 << 30, seal)
+    user = UserReader(GCMDirection(key, OUT_IV))
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(pair.read_agent(400_000)))
+    reader.start()
+    sent = b""
+    window = size
+    while len(sent) < 400_000:
+        while window < 20_000:  # what a client does: wait for the relay's adjust
+            ready, _, _ = select.select([pair.user], [], [], 10)
+            assert ready, f"no WINDOW_ADJUST after {len(sent)} bytes"
+            before = len(user.adjusts)
+            user.feed(pair.user.recv(1 << 16))
+            window += sum(user.adjusts[before:])
+        chunk = os.urandom(min(window, 16_000, 400_000 - len(sent)))
+        pair.user.sendall(data(tx, chunk))
+        sent += chunk
+        window -= len(chunk)
+    reader.join(10)
+    assert got == [sent]
+    final, left, *_ = pump.stop()
+    assert left == b"" and final.written == len(sent)
+    assert final.sgranted == final.granted >= sum(user.adjusts) > 0
+    # every grant is the credit written since the last one (the first with Python's 100)
+    assert final.sgranted + final.credit == len(sent) + 100
