@@ -24,7 +24,8 @@
 
 #define IN_CAP (512 * 1024)  /* wire bytes read and not yet opened */
 #define OUT_CAP (512 * 1024) /* channel bytes opened and not yet written */
-#define QUIET_MS 20          /* report unreported bytes after this long without news */
+#define QUIET_MS 20          /* report unreported bytes this long after the last ones */
+#define NEWS_MS 500          /* and at least this often while bytes keep flowing */
 #define STALL_MS 50          /* hand back when the data connection takes nothing this long */
 #define IDLE_MS 2000         /* hand back a session that sent nothing this long (its buffers
                               * and thread are for bulk; Python re-arms on the next data) */
@@ -240,7 +241,8 @@ static void *run(void *arg)
 {
     struct lr_gpump *p = arg;
     int reason = LR_GP_RUNNING, err = 0;
-    uint64_t reported = 0, last_news = now_ms(), stalled_since = 0;
+    uint64_t reported = 0, last_news = now_ms(), stalled_since = 0, moved = 0;
+    uint64_t last_move = last_news;
 
     while (reason == LR_GP_RUNNING) {
         if (LOAD(p->stop)) {
@@ -305,6 +307,10 @@ static void *run(void *arg)
         uint64_t t = now_ms();
         /* news for Python: bytes handed on either way (it meters, grants, counts) */
         uint64_t written = p->st.written + p->st.sealed;
+        if (written != moved) {
+            moved = written;
+            last_move = t;
+        }
         if (written - reported >= p->report) {
             reported = written;
             last_news = t;
@@ -327,8 +333,13 @@ static void *run(void *arg)
             {.fd = dev ? p->dfd : -1, .events = dev},
         };
         int timeout = IDLE_MS;
-        if (written != reported)
-            timeout = (int)(t - last_news >= QUIET_MS ? 0 : QUIET_MS - (t - last_news));
+        if (written != reported) {
+            /* Python meters what moved: once the bytes pause (or every NEWS_MS) */
+            uint64_t due = last_move + QUIET_MS;
+            if (last_news + NEWS_MS < due)
+                due = last_news + NEWS_MS;
+            timeout = (int)(t >= due ? 0 : due - t);
+        }
         if (stalled_since) {
             int left = (int)(STALL_MS - (t - stalled_since));
             if (left < timeout)
