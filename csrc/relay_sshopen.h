@@ -89,7 +89,9 @@ int lr_gcm_open_run(struct lr_gcm *g, struct lr_gcm_run *run, const unsigned cha
  * and it closes them itself when it stops.  It reports through an eventfd
  * (lr_gpump_fd) when it consumed `report` bytes since the last report, after a short
  * quiet time with unreported bytes, and when it stops; the window towards the user is
- * Python's to grant (lr_gpump_grant). */
+ * Python's to grant (lr_gpump_grant), unless the thread seals too (lr_gpump_seal: then
+ * it owns the relay -> user direction as well, grants by the channel's rule, and
+ * reports 20 ms after the bytes pause or every 500 ms while they flow). */
 
 #define LR_GP_RUNNING 0
 #define LR_GP_PACKET 1     /* a packet it does not take whole (or a bad length) */

@@ -1,33 +1,42 @@
 """The native open-and-forward thread of a pooled ``ssh -J`` session (issue 13).
 
 A stock ``ssh -J alice@relay svc`` to an end-to-end encrypted service rides one of the
-agent's pooled data connections (relay.server.pooled): the relay only opens the user's
-outer SSH layer and writes the channel's bytes to the data connection.  Done in Python
-that costs a reactor turn per read of the user's socket, the dispatch and the write
-(about 2 CPU-s/GiB here, docs/benchmarks.md).  While the bulk direction is nothing but
-``CHANNEL_DATA`` of that one channel, a native thread (csrc/gpump.c, via
-:class:`relay.ssh.gcmrun.Pump`) takes it: it reads the user's socket, opens the
-AES-GCM packets and writes their bytes to the data connection itself; Python hears
-from it through an eventfd only to grant the window, meter the bytes and, when it stops,
-take the stream back.
+agent's pooled data connections (relay.server.pooled): the relay only opens and seals the
+user's outer SSH layer and joins the channel to the data connection.  Done in Python that
+costs a reactor turn per read of either socket, the dispatch, the crypto call and the write
+(about 2 CPU-s/GiB here, docs/benchmarks.md).  While the session is nothing but
+``CHANNEL_DATA`` of that one channel and window adjusts, a native thread (csrc/gpump.c,
+via :class:`relay.ssh.gcmrun.Pump`) takes both directions: it reads the user's socket,
+opens the AES-GCM packets and writes their bytes to the data connection; it reads the
+data connection and seals its bytes as ``CHANNEL_DATA`` for the user within her window and
+maximum packet; it takes her ``WINDOW_ADJUST``s and grants her window by the channel's own
+rule, sealing those ``WINDOW_ADJUST``s itself.  Python hears from it through an eventfd
+only to meter the bytes (:meth:`NativeForward._account`) and, when it stops, to take the
+stream back.
 
 **Arming** (:func:`maybe_arm`, after a read whose packets included that channel's data)
 only when it is exactly the common case: both connections are plain TCP (a user's SSH
-inside the relay's TLS port keeps the Python path), the incoming cipher is AES-GCM, the
-native module and libcrypto are there (``LABRELAY_DATAPATH=python|portable`` keep the Python
-path), no key exchange runs, the connection has that one channel, open, bridged to a
-pooled data connection (``TCPSide.nativeStats``) with nothing buffered for it, no rate
-limit, nothing paused.  The thread starts with the partial packet Python had buffered.
+inside the relay's TLS port keeps the Python path), AES-GCM both ways, the native module
+and libcrypto are there (``LABRELAY_DATAPATH=python|portable`` keep the Python path), no
+key exchange runs, the connection has that one channel, open, bridged to a pooled data
+connection (``TCPSide.nativeStats``), nothing buffered for either connection or waiting in
+the channel or the link's scheduler, no rate limit, nothing paused, no EOF either way.
+The thread starts with the partial packet Python had buffered.
 
 **Handback** (:meth:`NativeForward.handback`) at the first packet the thread does not
 take whole (any other message, another channel, over the window, a bad tag or length: the
 Python path then does exactly what it does without the thread), at EOF or an error on
 either socket, when the data connection stays full (Python's buffer then absorbs up to
-the window while it keeps reading the user's other messages), or when Python ends the
-channel, either connection or the service.  Python sets the nonce counter and the
-incoming sequence number (strict KEX depends on it) past the packets the thread opened,
-writes the channel bytes it had not written yet, feeds the wire bytes it had not
-consumed to the transport and reads the socket again.
+the window while it keeps reading the user's other messages), whenever Python writes a
+packet to the user (``AEADTransportMixin._sealAndWrite``: the outgoing counter and
+sequence number are the thread's while it runs), or when Python ends the channel, either
+connection or the service.  Python sets both nonce counters and sequence numbers (strict
+KEX depends on them) past the packets the thread opened and sealed, writes the user the
+bytes it sealed and had not written, then any grant it had not sealed, writes the data
+connection the bytes it opened and had not written, gives the bridge the data
+connection's bytes it had not sealed, reads both sockets again and parses the user's
+bytes it had not consumed (in the next reactor turn when a Python write asked for the
+handback: never inside that write).
 
 **Teardown**: the thread works on duplicates of the two descriptors and closes them
 itself when it ends, so Twisted closing its own (a reset, an abort, a shutdown) never
