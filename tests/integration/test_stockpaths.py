@@ -68,6 +68,7 @@ class RecordingBox:
         self.socks: list[socket.socket] = [self.ssh, self.data]
         self.link: list[socket.socket] = []  # the SSH pass-through's sockets
         self.datas: list[socket.socket] = []  # the data connections' sockets
+        self.cut: set[socket.socket] = set()  # reset by cut_data: no FIN passed on
         for listener, upstream, record in ((self.ssh, relay_ssh_port, False),
                                            (self.data, data_port, True)):
             threading.Thread(target=self._accept, args=(listener, upstream, record),
@@ -91,11 +92,24 @@ class RecordingBox:
             s.close()
 
     def cut_data(self) -> None:
-        """Reset every data connection (the agent's pool, and the sessions on it)."""
+        """Reset every data connection (the agent's pool, and the sessions on it).
+
+        A pump thread blocked in ``recv`` on a socket holds it open past ``close()``
+        (the kernel releases it, and sends the RST, only when that ``recv`` returns): a
+        session whose bytes had stopped both ways (the user waiting for a window the
+        agent's side would have opened) then never saw its reset and hung the test.  So
+        each socket's reading side is shut first, which wakes such a ``recv`` (the pump
+        then ends without passing a FIN on), and the close resets at once."""
         with self.lock:
             datas, self.datas = self.datas, []
+            self.cut.update(datas)
         for s in datas:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            try:
+                s.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        for s in datas:
             s.close()
 
     def _accept(self, listener: socket.socket, port: int, record: bool) -> None:
@@ -126,8 +140,11 @@ class RecordingBox:
             except OSError:
                 chunk = b""
             if not chunk:
+                with self.lock:
+                    cut = src in self.cut or dst in self.cut
                 try:
-                    dst.shutdown(socket.SHUT_WR)
+                    if not cut:
+                        dst.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
                 return
