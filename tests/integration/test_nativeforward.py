@@ -155,7 +155,6 @@ def test_keepalives_mid_bulk_hand_back_and_rearm_byte_exact(site: Site) -> None:
     fast = site.fast()
     runs = fast["native_runs"] - start["native_runs"]
     yields = fast["native_yields"] - start["native_yields"]
-    print("native counters", {k: v for k, v in fast.items() if k.startswith("native")})
     if not native_enabled():  # LABRELAY_DATAPATH=python (.ci/run): the same bytes, no thread
         assert runs == yields == 0 and fast["native_sealed"] == start["native_sealed"], fast
         return
