@@ -395,3 +395,55 @@ def test_the_thread_grants_by_the_channels_rule(pair: Pair) -> None:
     assert final.sgranted == final.granted >= sum(user.adjusts) > 0
     # every grant is the credit written since the last one (the first with Python's 100)
     assert final.sgranted + final.credit == len(sent) + 100
+
+
+def test_a_sealing_thread_stops_after_python_closed_its_descriptors(pair: Pair) -> None:
+    """As for the opening-only thread (test_gcmpump): Twisted may close its descriptors
+    first; the sealing thread's duplicates keep the sockets until stop(), which closes
+    them, and no descriptor is left."""
+    key = KEYS[AES128_GCM]
+    before = len(os.listdir("/proc/self/fd"))
+    pump, _ = start(pair, key, rwindow=1 << 20)
+    pair.relay_user.close()
+    pair.relay_data.close()
+    pair.agent.sendall(b"z" * 1000)  # sealed to the user through the duplicates
+    pair.user.settimeout(5)
+    assert pair.user.recv(1) != b""
+    t0 = time.monotonic()
+    state, *_ = pump.stop()
+    assert time.monotonic() - t0 < 2.0 and gcmrun.REASONS[state.reason] == "stopped"
+    assert state.sealed == 1000
+    pair.agent.settimeout(5)
+    assert pair.agent.recv(1) == b""  # closed now
+    assert len(os.listdir("/proc/self/fd")) == before - 2
+
+
+def test_a_stalled_data_connection_hands_back_both_directions(pair: Pair) -> None:
+    """The agent reads nothing (the data connection congested) while it sends: the
+    sealing thread hands back within its stall time with what it opened and did not
+    write, and with the agent's bytes it sealed and wrote, exact."""
+    key = KEYS[AES128_GCM]
+    tx = GCMDirection(key, IV)
+    pair.agent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    pump, rx = start(pair, key, rwindow=1 << 20)
+    back = os.urandom(50_000)
+    pair.agent.sendall(back)
+    pair.user.setblocking(False)
+    try:
+        for _ in range(200):
+            pair.user.send(data(tx, os.urandom(32768)))
+    except BlockingIOError:
+        pass
+    state = wait_end(pump)
+    assert gcmrun.REASONS[state.reason] == "congested"
+    final, _left, pending, unsealed, unsent = pump.stop()
+    assert pending and final.consumed == final.written + len(pending)
+    user = UserReader(rx)
+    pair.user.setblocking(True)
+    pair.user.settimeout(5)
+    wire = b""
+    while len(wire) < final.uwritten:  # exactly what the thread wrote to the user
+        wire += pair.user.recv(final.uwritten - len(wire))
+    user.feed(wire + unsent)
+    assert user.buf == b"" and len(user.data) == final.sealed
+    assert user.data + unsealed == back[: len(user.data) + len(unsealed)]
