@@ -44,7 +44,9 @@ def native_enabled() -> bool:
             return False
     except DatapathError:
         return False  # reported where the backend is chosen for the data path
-    return bool(_splice.lib.lr_gcm_available())
+    # a module built from older C sources (a stale in-place build) lacks the sealing
+    # thread: the Python path then, never an AttributeError mid-session
+    return hasattr(_splice.lib, "lr_gpump_seal") and bool(_splice.lib.lr_gcm_available())
 
 
 class GCMRun:
