@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -23,11 +24,18 @@
 
 #define IN_CAP (512 * 1024)  /* wire bytes read and not yet opened */
 #define OUT_CAP (512 * 1024) /* channel bytes opened and not yet written */
-#define QUIET_MS 20          /* report unreported bytes after this long without news */
+#define QUIET_MS 20          /* report unreported bytes this long after the last ones */
+#define NEWS_MS 500          /* and at least this often while bytes keep flowing */
 #define STALL_MS 50          /* hand back when the data connection takes nothing this long */
 #define IDLE_MS 2000         /* hand back a session that sent nothing this long (its buffers
                               * and thread are for bulk; Python re-arms on the next data) */
 #define LR_GP_CONGESTED LR_GP_FULL
+#define RAW_CAP (256 * 1024)  /* bytes read from the data connection, not yet sealed */
+#define SEAL_CAP (512 * 1024) /* sealed bytes not yet written to the user */
+#define SEAL_ROOM 64          /* a WINDOW_ADJUST packet fits in this */
+#define PAD_POOL 512          /* random padding, refilled by getrandom() */
+#define MSG_WINDOW_ADJUST 93
+#define MSG_DATA 94
 
 static int live; /* threads running, for LR_GP_MAX (atomic) */
 
@@ -46,6 +54,19 @@ struct lr_gpump {
     /* the thread's */
     unsigned char *in, *out;
     size_t inlen, outoff, outlen;
+    int counted; /* in `live` */
+    /* the reverse direction (lr_gpump_seal); seal == NULL: forward only */
+    struct lr_gcm *seal;
+    uint32_t ofixed, rchannel, rmax;
+    uint64_t rwindow;    /* the thread's: what the user's window still takes */
+    uint64_t grant_pend; /* Python's grants not yet taken by the thread (atomic) */
+    uint64_t grant_hold; /* taken, not yet sealed (no room) */
+    uint64_t wsize;      /* > 0: the thread grants by the channel's rule */
+    uint64_t credit;     /* written, not yet granted */
+    unsigned char *raw, *sb;
+    size_t rawoff, rawlen, sboff, sblen;
+    unsigned char pad[PAD_POOL];
+    size_t padoff;
 };
 
 static uint64_t now_ms(void)
@@ -92,9 +113,14 @@ static int open_some(struct lr_gpump *p)
             .counter = p->st.counter, .fixed = p->fixed, .channel = p->channel,
             .window = window, .max_data = p->max_data,
             .max_packet_length = p->max_packet_length,
+            .adjusts_ok = p->seal != NULL, .rwindow = p->rwindow,
         };
         if (lr_gcm_open_run(p->gcm, &r, p->in, p->inlen, p->out + p->outlen, room) != 0)
             return LR_GP_CRYPTO;
+        if (r.adjusted) {
+            p->rwindow += r.adjusted;
+            STORE(p->st.adjusted, p->st.adjusted + r.adjusted);
+        }
         if (r.packets) {
             memmove(p->in, p->in + r.consumed, p->inlen - r.consumed);
             p->inlen -= r.consumed;
@@ -119,11 +145,104 @@ static int open_some(struct lr_gpump *p)
     return LR_GP_RUNNING;
 }
 
+static void put32(unsigned char *b, uint32_t v)
+{
+    b[0] = (unsigned char)(v >> 24);
+    b[1] = (unsigned char)(v >> 16);
+    b[2] = (unsigned char)(v >> 8);
+    b[3] = (unsigned char)v;
+}
+
+static const unsigned char *padding(struct lr_gpump *p, size_t n)
+{
+    if (p->padoff + n > PAD_POOL) {
+        ssize_t got = getrandom(p->pad, PAD_POOL, 0);
+        (void)got; /* the padding is encrypted; a short read only repeats old bytes */
+        p->padoff = 0;
+    }
+    p->padoff += n;
+    return p->pad + p->padoff - n;
+}
+
+/* Seals one packet (message `msg`, the fields in `fields`, then `data`) at the end
+ * of the sealed buffer (the caller checked the room).  0, or LR_GP_CRYPTO. */
+static int seal_one(struct lr_gpump *p, const unsigned char *fields, size_t flen,
+                    const unsigned char *data, size_t dlen)
+{
+    size_t n = 1 + flen + dlen; /* message number and payload */
+    size_t pad = LR_GCM_BLOCK - ((n + 1) % LR_GCM_BLOCK);
+    if (pad < 4)
+        pad += LR_GCM_BLOCK;
+    unsigned char head[2 + 12];
+    head[0] = (unsigned char)pad;
+    memcpy(head + 1, fields, flen + 1); /* fields[0] is the message number */
+    unsigned char *o = p->sb + p->sblen;
+    uint64_t counter = p->st.ocounter;
+    if (lr_gcm_seal(p->seal, p->ofixed, counter, head, 2 + flen, data, dlen,
+                    padding(p, pad), pad, o) != 0)
+        return LR_GP_CRYPTO;
+    size_t plain = 1 + n + pad;
+    p->sblen += 4 + plain + LR_GCM_TAG;
+    STORE(p->st.ocounter, counter + 1);
+    STORE(p->st.opackets, p->st.opackets + 1);
+    STORE(p->st.oplain, p->st.oplain + plain);
+    return 0;
+}
+
+/* Seals Python's grants, then what the user's window takes of the agent's bytes. */
+static int seal_some(struct lr_gpump *p)
+{
+    if (p->seal == NULL)
+        return LR_GP_RUNNING;
+    if (p->sboff > 0) {
+        memmove(p->sb, p->sb + p->sboff, p->sblen - p->sboff);
+        p->sblen -= p->sboff;
+        p->sboff = 0;
+    }
+    p->grant_hold += __atomic_exchange_n(&p->grant_pend, 0, __ATOMIC_ACQ_REL);
+    while (p->grant_hold > 0 && SEAL_CAP - p->sblen >= SEAL_ROOM) {
+        uint32_t n = p->grant_hold > 0xFFFFFFFFu ? 0xFFFFFFFFu : (uint32_t)p->grant_hold;
+        unsigned char f[9];
+        f[0] = MSG_WINDOW_ADJUST;
+        put32(f + 1, p->rchannel);
+        put32(f + 5, n);
+        if (seal_one(p, f, 8, NULL, 0) != 0)
+            return LR_GP_CRYPTO;
+        p->grant_hold -= n;
+        STORE(p->st.granted, p->st.granted + n);
+    }
+    while (p->rawoff < p->rawlen && p->rwindow > 0) {
+        size_t chunk = p->rawlen - p->rawoff;
+        if (chunk > p->rwindow)
+            chunk = (size_t)p->rwindow;
+        if (chunk > p->rmax)
+            chunk = p->rmax;
+        if (SEAL_CAP - p->sblen < 4 + 1 + 9 + chunk + 2 * LR_GCM_BLOCK + LR_GCM_TAG + SEAL_ROOM)
+            break;
+        unsigned char f[9];
+        f[0] = MSG_DATA;
+        put32(f + 1, p->rchannel);
+        put32(f + 5, (uint32_t)chunk);
+        if (seal_one(p, f, 8, p->raw + p->rawoff, chunk) != 0)
+            return LR_GP_CRYPTO;
+        p->rawoff += chunk;
+        p->rwindow -= chunk;
+        STORE(p->st.sealed, p->st.sealed + chunk);
+    }
+    if (p->rawoff > 0) {
+        memmove(p->raw, p->raw + p->rawoff, p->rawlen - p->rawoff);
+        p->rawlen -= p->rawoff;
+        p->rawoff = 0;
+    }
+    return LR_GP_RUNNING;
+}
+
 static void *run(void *arg)
 {
     struct lr_gpump *p = arg;
     int reason = LR_GP_RUNNING, err = 0;
-    uint64_t reported = 0, last_news = now_ms(), stalled_since = 0;
+    uint64_t reported = 0, last_news = now_ms(), stalled_since = 0, moved = 0;
+    uint64_t last_move = last_news;
 
     while (reason == LR_GP_RUNNING) {
         if (LOAD(p->stop)) {
@@ -140,6 +259,7 @@ static void *run(void *arg)
             if (n > 0) {
                 p->outoff += (size_t)n;
                 STORE(p->st.written, p->st.written + (uint64_t)n);
+                p->credit += (uint64_t)n;
                 stalled_since = 0;
                 continue;
             }
@@ -156,10 +276,41 @@ static void *run(void *arg)
         }
         if (reason == LR_GP_RUNNING)
             reason = ending;
+        if (reason == LR_GP_RUNNING && p->wsize && p->credit &&
+            LOAD(p->window_total) - p->st.consumed < p->wsize / 2) {
+            /* the channel's rule: top the window up once less than half is left */
+            __atomic_add_fetch(&p->window_total, p->credit, __ATOMIC_ACQ_REL);
+            p->grant_hold += p->credit;
+            STORE(p->st.sgranted, p->st.sgranted + p->credit);
+            p->credit = 0;
+        }
+        if (reason == LR_GP_RUNNING)
+            reason = seal_some(p);
+        /* write what is sealed */
+        while (reason == LR_GP_RUNNING && p->sboff < p->sblen) {
+            ssize_t n = send(p->ufd, p->sb + p->sboff, p->sblen - p->sboff,
+                             MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (n > 0) {
+                p->sboff += (size_t)n;
+                STORE(p->st.uwritten, p->st.uwritten + (uint64_t)n);
+                continue;
+            }
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+                break;
+            reason = LR_GP_USER_ERROR;
+            err = n < 0 ? errno : EPIPE;
+        }
         if (reason != LR_GP_RUNNING)
             break;
         uint64_t t = now_ms();
-        uint64_t written = p->st.written;
+        /* news for Python: bytes handed on either way (it meters, grants, counts) */
+        uint64_t written = p->st.written + p->st.sealed;
+        if (written != moved) {
+            moved = written;
+            last_move = t;
+        }
         if (written - reported >= p->report) {
             reported = written;
             last_news = t;
@@ -172,14 +323,23 @@ static void *run(void *arg)
             reason = LR_GP_CONGESTED;
             break;
         }
+        short uev = (short)((p->inlen < IN_CAP ? POLLIN : 0) |
+                            (p->sboff < p->sblen ? POLLOUT : 0));
+        short dev = (short)((p->outoff < p->outlen ? POLLOUT : 0) |
+                            (p->seal != NULL && p->rawlen < RAW_CAP ? POLLIN : 0));
         struct pollfd fds[3] = {
             {.fd = p->ctl, .events = POLLIN},
-            {.fd = p->inlen < IN_CAP ? p->ufd : -1, .events = POLLIN},
-            {.fd = p->outoff < p->outlen ? p->dfd : -1, .events = POLLOUT},
+            {.fd = uev ? p->ufd : -1, .events = uev},
+            {.fd = dev ? p->dfd : -1, .events = dev},
         };
         int timeout = IDLE_MS;
-        if (written != reported)
-            timeout = (int)(t - last_news >= QUIET_MS ? 0 : QUIET_MS - (t - last_news));
+        if (written != reported) {
+            /* Python meters what moved: once the bytes pause (or every NEWS_MS) */
+            uint64_t due = last_move + QUIET_MS;
+            if (last_news + NEWS_MS < due)
+                due = last_news + NEWS_MS;
+            timeout = (int)(t >= due ? 0 : due - t);
+        }
         if (stalled_since) {
             int left = (int)(STALL_MS - (t - stalled_since));
             if (left < timeout)
@@ -205,7 +365,19 @@ static void *run(void *arg)
         }
         if (fds[0].revents)
             drain(p->ctl);
-        if (fds[1].revents) {
+        if (fds[2].revents && (dev & POLLIN)) {
+            ssize_t n = recv(p->dfd, p->raw + p->rawlen, RAW_CAP - p->rawlen, MSG_DONTWAIT);
+            if (n > 0) {
+                p->rawlen += (size_t)n;
+                STORE(p->st.dreads, p->st.dreads + 1);
+            } else if (n == 0) {
+                reason = LR_GP_DATA_EOF;
+            } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                reason = LR_GP_DATA_READ;
+                err = errno;
+            }
+        }
+        if (reason == LR_GP_RUNNING && fds[1].revents && (uev & POLLIN)) {
             ssize_t n = recv(p->ufd, p->in + p->inlen, IN_CAP - p->inlen, MSG_DONTWAIT);
             if (n > 0) {
                 p->inlen += (size_t)n;
@@ -225,8 +397,10 @@ static void *run(void *arg)
     p->st.err = err;
     p->st.left = p->inlen;
     p->st.pending = p->outlen - p->outoff;
+    p->st.unsealed = p->rawlen - p->rawoff;
+    p->st.credit = p->credit;
+    p->st.unsent = p->sblen - p->sboff;
     STORE(p->st.reason, reason);
-    __atomic_sub_fetch(&live, 1, __ATOMIC_ACQ_REL);
     wake(p->notify);
     return NULL;
 }
@@ -241,9 +415,14 @@ static void release(struct lr_gpump *p)
         close(p->notify);
     if (p->ctl >= 0)
         close(p->ctl);
+    if (p->counted)
+        __atomic_sub_fetch(&live, 1, __ATOMIC_ACQ_REL);
     lr_gcm_free(p->gcm);
+    lr_gcm_free(p->seal);
     free(p->in);
     free(p->out);
+    free(p->raw);
+    free(p->sb);
     free(p);
 }
 
@@ -288,22 +467,55 @@ struct lr_gpump *lr_gpump_start(const unsigned char *key, size_t keylen, uint32_
     p->st.counter = counter;
     memcpy(p->in, initial, initial_len);
     p->inlen = initial_len;
+    p->counted = 1;
     if (__atomic_add_fetch(&live, 1, __ATOMIC_ACQ_REL) > LR_GP_MAX) {
-        __atomic_sub_fetch(&live, 1, __ATOMIC_ACQ_REL);
         release(p);
         errno = EAGAIN;
         return NULL;
     }
+    return p;
+}
+
+int lr_gpump_seal(struct lr_gpump *p, const unsigned char *key, size_t keylen, uint32_t fixed,
+                  uint64_t counter, uint32_t rchannel, uint64_t rwindow, uint32_t rmax,
+                  uint64_t wsize, uint64_t credit)
+{
+    if (p->started || p->seal != NULL || rmax == 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    p->seal = lr_gcm_new_sealer(key, keylen);
+    p->raw = malloc(RAW_CAP);
+    p->sb = malloc(SEAL_CAP);
+    if (p->seal == NULL || p->raw == NULL || p->sb == NULL) {
+        errno = ENOMEM;
+        return -1; /* lr_gpump_free releases what was made */
+    }
+    p->ofixed = fixed;
+    p->st.ocounter = counter;
+    p->rchannel = rchannel;
+    p->rwindow = rwindow;
+    p->rmax = rmax > SEAL_CAP / 4 ? SEAL_CAP / 4 : rmax;
+    p->padoff = PAD_POOL; /* filled on first use */
+    p->wsize = wsize;
+    p->credit = credit;
+    return 0;
+}
+
+int lr_gpump_run(struct lr_gpump *p)
+{
+    if (p->started) {
+        errno = EINVAL;
+        return -1;
+    }
     int rc = pthread_create(&p->thread, NULL, run, p);
     if (rc != 0) {
-        __atomic_sub_fetch(&live, 1, __ATOMIC_ACQ_REL);
-        release(p);
         errno = rc;
-        return NULL;
+        return -1;
     }
     pthread_setname_np(p->thread, "lr-gpump"); /* seen in top -H, perf, /proc */
     p->started = 1;
-    return p;
+    return 0;
 }
 
 int lr_gpump_fd(struct lr_gpump *p)
@@ -313,6 +525,15 @@ int lr_gpump_fd(struct lr_gpump *p)
 
 static void copy_state(struct lr_gpump *p, struct lr_gpump_state *st)
 {
+    st->ocounter = LOAD(p->st.ocounter);
+    st->opackets = LOAD(p->st.opackets);
+    st->oplain = LOAD(p->st.oplain);
+    st->sealed = LOAD(p->st.sealed);
+    st->uwritten = LOAD(p->st.uwritten);
+    st->adjusted = LOAD(p->st.adjusted);
+    st->granted = LOAD(p->st.granted);
+    st->dreads = LOAD(p->st.dreads);
+    st->sgranted = LOAD(p->st.sgranted);
     st->reason = LOAD(p->st.reason);
     st->counter = LOAD(p->st.counter);
     st->packets = LOAD(p->st.packets);
@@ -323,9 +544,13 @@ static void copy_state(struct lr_gpump *p, struct lr_gpump_state *st)
         st->err = p->st.err;
         st->left = p->st.left;
         st->pending = p->st.pending;
+        st->unsealed = p->st.unsealed;
+        st->unsent = p->st.unsent;
+        st->credit = p->st.credit;
     } else {
+        st->credit = 0;
         st->err = 0;
-        st->left = st->pending = 0;
+        st->left = st->pending = st->unsealed = st->unsent = 0;
     }
 }
 
@@ -339,6 +564,13 @@ int lr_gpump_poll(struct lr_gpump *p, struct lr_gpump_state *st)
 void lr_gpump_grant(struct lr_gpump *p, uint64_t n)
 {
     __atomic_add_fetch(&p->window_total, n, __ATOMIC_ACQ_REL);
+    wake(p->ctl);
+}
+
+void lr_gpump_grant_send(struct lr_gpump *p, uint64_t n)
+{
+    __atomic_add_fetch(&p->window_total, n, __ATOMIC_ACQ_REL);
+    __atomic_add_fetch(&p->grant_pend, n, __ATOMIC_ACQ_REL);
     wake(p->ctl);
 }
 
@@ -359,6 +591,14 @@ void lr_gpump_take(struct lr_gpump *p, unsigned char *left, unsigned char *pendi
         return;
     memcpy(left, p->in, p->inlen);
     memcpy(pending, p->out + p->outoff, p->outlen - p->outoff);
+}
+
+void lr_gpump_take_rev(struct lr_gpump *p, unsigned char *unsealed, unsigned char *unsent)
+{
+    if (!p->joined || p->seal == NULL)
+        return;
+    memcpy(unsealed, p->raw + p->rawoff, p->rawlen - p->rawoff);
+    memcpy(unsent, p->sb + p->sboff, p->sblen - p->sboff);
 }
 
 void lr_gpump_free(struct lr_gpump *p)

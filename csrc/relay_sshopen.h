@@ -36,6 +36,13 @@ struct lr_gcm_run {
     uint64_t window;
     uint32_t max_data;
     uint32_t max_packet_length;
+    /* in: also take the peer's WINDOW_ADJUST for `channel` (1) or stop at it (0), and
+     * the window the peer had granted for our sends before this run (a credit that
+     * would take it past 2^32 - 1 is not taken) */
+    uint32_t adjusts_ok;
+    uint64_t rwindow;
+    /* out: bytes those WINDOW_ADJUSTs added */
+    uint64_t adjusted;
     /* out: wire bytes taken, channel bytes written to out, packets taken */
     size_t consumed;
     size_t produced;
@@ -48,6 +55,16 @@ int lr_gcm_available(void);
 /* A decryption context for one key (16 or 32 bytes); NULL if unavailable or bad. */
 struct lr_gcm *lr_gcm_new(const unsigned char *key, size_t keylen);
 void lr_gcm_free(struct lr_gcm *g);
+
+/* A sealing context for one key (the reverse direction of the thread below). */
+struct lr_gcm *lr_gcm_new_sealer(const unsigned char *key, size_t keylen);
+
+/* Seals one packet whose plaintext is head || data || pad (a multiple of 16 bytes;
+ * head starts with padding_length) into out: packet_length, the ciphertext, the tag
+ * (4 + plain + 16 bytes).  0, or -1 if OpenSSL failed. */
+int lr_gcm_seal(struct lr_gcm *g, uint32_t fixed, uint64_t counter, const unsigned char *head,
+                size_t headlen, const unsigned char *data, size_t datalen,
+                const unsigned char *pad, size_t padlen, unsigned char *out);
 
 /* Opens the run at in[0:inlen] into out[0:outcap] (outcap >= inlen always suffices).
  * Returns 0 (see run->consumed/produced/packets; 0 packets is fine) or -1 if OpenSSL
@@ -72,7 +89,9 @@ int lr_gcm_open_run(struct lr_gcm *g, struct lr_gcm_run *run, const unsigned cha
  * and it closes them itself when it stops.  It reports through an eventfd
  * (lr_gpump_fd) when it consumed `report` bytes since the last report, after a short
  * quiet time with unreported bytes, and when it stops; the window towards the user is
- * Python's to grant (lr_gpump_grant). */
+ * Python's to grant (lr_gpump_grant), unless the thread seals too (lr_gpump_seal: then
+ * it owns the relay -> user direction as well, grants by the channel's rule, and
+ * reports 20 ms after the bytes pause or every 500 ms while they flow). */
 
 #define LR_GP_RUNNING 0
 #define LR_GP_PACKET 1     /* a packet it does not take whole (or a bad length) */
@@ -83,6 +102,8 @@ int lr_gcm_open_run(struct lr_gcm *g, struct lr_gcm_run *run, const unsigned cha
 #define LR_GP_CRYPTO 6     /* OpenSSL failed in a way that is not a bad tag */
 #define LR_GP_FULL 7       /* the data connection took nothing for a while (congested) */
 #define LR_GP_IDLE 8       /* the user sent nothing for a while */
+#define LR_GP_DATA_EOF 9   /* the data connection read 0 (Python reads it again) */
+#define LR_GP_DATA_READ 10 /* reading the data connection failed (err) */
 
 struct lr_gpump;
 
@@ -96,9 +117,22 @@ struct lr_gpump_state {
     int err;           /* errno for the *_ERROR reasons */
     size_t left;       /* after it stopped: wire bytes it did not consume */
     size_t pending;    /* after it stopped: channel bytes not written */
+    /* the reverse direction (a thread started with a sealing key) */
+    uint64_t ocounter; /* the outgoing nonce's invocation counter */
+    uint64_t opackets; /* packets sealed (CHANNEL_DATA and WINDOW_ADJUST) */
+    uint64_t oplain;   /* their plaintext bytes (the key's byte budget) */
+    uint64_t sealed;   /* channel bytes sealed as CHANNEL_DATA to the user */
+    uint64_t uwritten; /* sealed bytes written to the user's socket */
+    uint64_t adjusted; /* bytes the user's WINDOW_ADJUSTs credited */
+    uint64_t granted;  /* bytes of the WINDOW_ADJUSTs it sealed (Python's and its own) */
+    uint64_t sgranted; /* bytes it granted by its own policy (wsize below) */
+    uint64_t credit;   /* bytes written and not yet granted (the channel's credit) */
+    uint64_t dreads;   /* reads of the data connection */
+    size_t unsealed;   /* after it stopped: bytes read from the data connection, not sealed */
+    size_t unsent;     /* after it stopped: sealed bytes not written to the user */
 };
 
-/* Starts the thread; NULL (errno set) if it could not (no libcrypto, a bad key,
+/* Makes the thread's state (lr_gpump_run starts it); NULL (errno set) if it could not (no libcrypto, a bad key,
  * more than LR_GP_MAX at once, no memory, no thread).  `initial` are wire bytes
  * already read from the user's socket (a partial packet).  `window` is what the
  * channel's receive window takes now. */
@@ -108,6 +142,23 @@ struct lr_gpump *lr_gpump_start(const unsigned char *key, size_t keylen, uint32_
                                 uint32_t max_data, uint32_t max_packet_length,
                                 int user_fd, int data_fd, const unsigned char *initial,
                                 size_t initial_len, uint64_t report);
+/* Before lr_gpump_run: the reverse direction too (the agent's bytes, read from the data
+ * connection, sealed as CHANNEL_DATA to the user's channel `rchannel` within its window
+ * `rwindow` and `rmax` bytes a packet; the user's WINDOW_ADJUSTs for `channel` taken;
+ * Python's grants sealed by the thread).  With `wsize` > 0 the thread also grants by
+ * the channel's own rule (relay.ssh.channels.BridgedChannel._grant): the bytes written
+ * to the data connection are credit (`credit` at the start), sent as one WINDOW_ADJUST
+ * once less than wsize / 2 of the window is left.  0, or -1 (errno). */
+int lr_gpump_seal(struct lr_gpump *p, const unsigned char *key, size_t keylen, uint32_t fixed,
+                  uint64_t counter, uint32_t rchannel, uint64_t rwindow, uint32_t rmax,
+                  uint64_t wsize, uint64_t credit);
+/* lr_gpump_start makes the thread's state; this starts it.  0, or -1 (errno). */
+int lr_gpump_run(struct lr_gpump *p);
+/* Python granted n bytes and the thread seals the WINDOW_ADJUST (sealing threads). */
+void lr_gpump_grant_send(struct lr_gpump *p, uint64_t n);
+/* After stop: the data connection's bytes it did not seal and the sealed bytes it did
+ * not write to the user (sizes from the state). */
+void lr_gpump_take_rev(struct lr_gpump *p, unsigned char *unsealed, unsigned char *unsent);
 /* The eventfd Python watches (readable when there is news). */
 int lr_gpump_fd(struct lr_gpump *p);
 /* Clears the eventfd and copies the counters; returns 1 once the thread has ended

@@ -11,6 +11,8 @@
 #include "relay_sshopen.h"
 
 #define MSG_CHANNEL_DATA 94
+#define MSG_CHANNEL_WINDOW_ADJUST 93
+#define EVP_CTRL_GCM_GET_TAG 0x10
 #define EVP_CTRL_GCM_SET_TAG 0x11
 #define HEAD 10 /* padding_length, message number, recipient, data length */
 
@@ -28,10 +30,15 @@ static struct {
     int (*update)(EVP_CIPHER_CTX *, unsigned char *, int *, const unsigned char *, int);
     int (*final)(EVP_CIPHER_CTX *, unsigned char *, int *);
     int (*ctrl)(EVP_CIPHER_CTX *, int, int, void *);
+    int (*einit)(EVP_CIPHER_CTX *, const EVP_CIPHER *, void *, const unsigned char *,
+                 const unsigned char *);
+    int (*eupdate)(EVP_CIPHER_CTX *, unsigned char *, int *, const unsigned char *, int);
+    int (*efinal)(EVP_CIPHER_CTX *, unsigned char *, int *);
 } evp;
 
 struct lr_gcm {
     EVP_CIPHER_CTX *ctx;
+    int sealing; /* made by lr_gcm_new_sealer: encrypts */
 };
 
 static int load(void *h, void **slot, const char *name)
@@ -57,14 +64,17 @@ int lr_gcm_available(void)
                  load(h, (void **)&evp.init, "EVP_DecryptInit_ex") &&
                  load(h, (void **)&evp.update, "EVP_DecryptUpdate") &&
                  load(h, (void **)&evp.final, "EVP_DecryptFinal_ex") &&
-                 load(h, (void **)&evp.ctrl, "EVP_CIPHER_CTX_ctrl");
+                 load(h, (void **)&evp.ctrl, "EVP_CIPHER_CTX_ctrl") &&
+                 load(h, (void **)&evp.einit, "EVP_EncryptInit_ex") &&
+                 load(h, (void **)&evp.eupdate, "EVP_EncryptUpdate") &&
+                 load(h, (void **)&evp.efinal, "EVP_EncryptFinal_ex");
         if (!evp.ok)
             dlclose(h);
     }
     return evp.ok;
 }
 
-struct lr_gcm *lr_gcm_new(const unsigned char *key, size_t keylen)
+static struct lr_gcm *make(const unsigned char *key, size_t keylen, int sealing)
 {
     if (!lr_gcm_available() || (keylen != 16 && keylen != 32))
         return NULL;
@@ -74,11 +84,31 @@ struct lr_gcm *lr_gcm_new(const unsigned char *key, size_t keylen)
     g->ctx = evp.ctx_new();
     const EVP_CIPHER *cipher = keylen == 16 ? evp.aes_128_gcm() : evp.aes_256_gcm();
     /* the default IV length of GCM is the 12 bytes SSH uses */
-    if (g->ctx == NULL || evp.init(g->ctx, cipher, NULL, key, NULL) != 1) {
+    g->sealing = sealing;
+    if (g->ctx == NULL ||
+        (sealing ? evp.einit : evp.init)(g->ctx, cipher, NULL, key, NULL) != 1) {
         lr_gcm_free(g);
         return NULL;
     }
     return g;
+}
+
+struct lr_gcm *lr_gcm_new(const unsigned char *key, size_t keylen)
+{
+    return make(key, keylen, 0);
+}
+
+struct lr_gcm *lr_gcm_new_sealer(const unsigned char *key, size_t keylen)
+{
+    return make(key, keylen, 1);
+}
+
+static void put32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
 }
 
 void lr_gcm_free(struct lr_gcm *g)
@@ -106,7 +136,7 @@ static void nonce(unsigned char iv[12], uint32_t fixed, uint64_t counter)
 /* Opens the packet at `p` (len bytes of packet_length..tag, all there) into out: the
  * channel's bytes at out[0:*data].  0: taken; 1: not ours to take (the caller's
  * per-packet code handles it); -1: OpenSSL failed. */
-static int open_one(struct lr_gcm *g, const struct lr_gcm_run *run, uint64_t window,
+static int open_one(struct lr_gcm *g, struct lr_gcm_run *run, uint64_t window,
                     const unsigned char *p, uint32_t plen, unsigned char *out,
                     uint32_t *data)
 {
@@ -120,6 +150,24 @@ static int open_one(struct lr_gcm *g, const struct lr_gcm_run *run, uint64_t win
     if (evp.update(g->ctx, head, &n, p + 4, LR_GCM_BLOCK) != 1 || n != LR_GCM_BLOCK)
         return -1;
     uint32_t pad = head[0];
+    if (head[1] == MSG_CHANNEL_WINDOW_ADJUST && run->adjusts_ok && pad >= 4 &&
+        plen == pad + 10 && be32(head + 2) == run->channel) {
+        /* the user's credit for the relay's sends on this channel: taken when it keeps
+         * the window within 2^32 - 1 (the per-packet code refuses more) */
+        uint64_t add = be32(head + 6);
+        if (run->rwindow + run->adjusted + add > 0xFFFFFFFFu)
+            return 1;
+        if (plen > LR_GCM_BLOCK &&
+            evp.update(g->ctx, out, &n, p + 4 + LR_GCM_BLOCK, (int)(plen - LR_GCM_BLOCK)) != 1)
+            return -1;
+        if (evp.ctrl(g->ctx, EVP_CTRL_GCM_SET_TAG, LR_GCM_TAG, (void *)(p + 4 + plen)) != 1)
+            return -1;
+        if (evp.final(g->ctx, out, &n) != 1)
+            return 1;
+        *data = 0;
+        run->adjusted += add;
+        return 0;
+    }
     if (head[1] != MSG_CHANNEL_DATA || pad < 4 || pad + HEAD > plen ||
         be32(head + 2) != run->channel)
         return 1;
@@ -147,6 +195,7 @@ int lr_gcm_open_run(struct lr_gcm *g, struct lr_gcm_run *run, const unsigned cha
     uint32_t packets = 0;
     uint64_t window = run->window;
     int rc = 0;
+    run->adjusted = 0;
     while (inlen - pos >= 4 + LR_GCM_BLOCK + LR_GCM_TAG) {
         uint32_t plen = be32(in + pos);
         if (plen < LR_GCM_BLOCK || plen % LR_GCM_BLOCK || plen > run->max_packet_length)
@@ -167,4 +216,34 @@ int lr_gcm_open_run(struct lr_gcm *g, struct lr_gcm_run *run, const unsigned cha
     run->produced = made;
     run->packets = packets;
     return rc < 0 ? -1 : 0;
+}
+
+int lr_gcm_seal(struct lr_gcm *g, uint32_t fixed, uint64_t counter, const unsigned char *head,
+                size_t headlen, const unsigned char *data, size_t datalen,
+                const unsigned char *pad, size_t padlen, unsigned char *out)
+{
+    unsigned char iv[12];
+    int n;
+    size_t plain = headlen + datalen + padlen;
+    if (!g->sealing || plain % LR_GCM_BLOCK || plain > 0x7FFFFFFF)
+        return -1;
+    put32(out, (uint32_t)plain);
+    nonce(iv, fixed, counter);
+    unsigned char *c = out + 4;
+    if (evp.einit(g->ctx, NULL, NULL, NULL, iv) != 1 || evp.eupdate(g->ctx, NULL, &n, out, 4) != 1)
+        return -1;
+    if (evp.eupdate(g->ctx, c, &n, head, (int)headlen) != 1 || (size_t)n != headlen)
+        return -1;
+    c += headlen;
+    if (datalen) {
+        if (evp.eupdate(g->ctx, c, &n, data, (int)datalen) != 1 || (size_t)n != datalen)
+            return -1;
+        c += datalen;
+    }
+    if (evp.eupdate(g->ctx, c, &n, pad, (int)padlen) != 1 || (size_t)n != padlen)
+        return -1;
+    c += padlen;
+    if (evp.efinal(g->ctx, c, &n) != 1 || n != 0)
+        return -1;
+    return evp.ctrl(g->ctx, EVP_CTRL_GCM_GET_TAG, LR_GCM_TAG, c) == 1 ? 0 : -1;
 }

@@ -216,6 +216,10 @@ def _fast(fast: dict[str, Any]) -> Iterator[Metric]:
             "pooled": "Stock users' channels carried on an agent's pooled data connection.",
             "native_runs": "Times the native thread took a pooled channel's bulk direction.",
             "native_bytes": "Bytes the native thread forwarded to pooled data connections.",
+            "native_sealed": "Bytes the native thread sealed from pooled data connections "
+                             "to their users.",
+            "native_yields": "Times the native thread handed a session back because the relay "
+                             "had its own packet to send the user (a keepalive, a rekey).",
             "data_connections": "Data-port connections accepted.",
             "data_refused": "Data-port connections refused.",
             "data_throttled": "Data-port connections throttled."}

@@ -135,7 +135,8 @@ class DataPort:
         self.listener: IListeningPort | None = None
         self.counters = {"data_connections": 0, "data_refused": 0, "data_throttled": 0,
                          "paired": 0, "pair_failed": 0, "paired_local": 0,
-                         "pooled": 0, "native_runs": 0, "native_bytes": 0}
+                         "pooled": 0, "native_runs": 0, "native_bytes": 0,
+                         "native_sealed": 0, "native_yields": 0}
 
     @property
     def enabled(self) -> bool:

@@ -176,6 +176,13 @@ class AEADTransportMixin(KexMixin):
                 write_now(self.transport, chunks)
 
     def _sealAndWrite(self, aead: AEADDirection, plain: bytes) -> None:
+        forward = self.nativeForward
+        if forward is not None and forward.sealing:
+            # The one place Python writes a packet to this peer: while a native thread
+            # seals for it (relay.ssh.nativeforward) the outgoing nonce counter and
+            # sequence number are the thread's, so it hands the stream back first and
+            # what it sealed leaves before this packet.
+            forward.handback("python write", later=True)
         sealed = aead.seal(self.outgoingPacketSequence, plain)
         if self._cork is not None:
             self._cork.extend(sealed)

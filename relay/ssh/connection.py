@@ -244,6 +244,17 @@ class FlowConnection(connection.SSHConnection):
         if forward is not None and (channel is None or forward.channel is channel):
             forward.handback(why)
 
+    def adjustWindow(self, channel: Any, bytesToAdd: int) -> None:
+        """Conch's, except while a native thread seals for the channel's user
+        (relay.ssh.nativeforward): the thread sends the ``WINDOW_ADJUST`` in its stream."""
+        forward = getattr(self.transport, "nativeForward", None)
+        if (forward is not None and forward.sealing and forward.channel is channel
+                and not channel.localClosed):
+            channel.localWindowLeft += bytesToAdd
+            forward.grantSend(bytesToAdd)
+            return
+        super().adjustWindow(channel, bytesToAdd)
+
     def sendClose(self, channel: Any) -> None:
         self._takeBack("channel closed", channel)
         if channel in self._closing:

@@ -44,7 +44,9 @@ def native_enabled() -> bool:
             return False
     except DatapathError:
         return False  # reported where the backend is chosen for the data path
-    return bool(_splice.lib.lr_gcm_available())
+    # a module built from older C sources (a stale in-place build) lacks the sealing
+    # thread: the Python path then, never an AttributeError mid-session
+    return hasattr(_splice.lib, "lr_gpump_seal") and bool(_splice.lib.lr_gcm_available())
 
 
 class GCMRun:
@@ -87,7 +89,8 @@ _ALLOC: Any = (_splice.ffi.new_allocator(should_clear_after_alloc=False)
 
 
 class PumpState(NamedTuple):
-    """The open-and-forward thread's counters (``struct lr_gpump_state``)."""
+    """The open-and-forward thread's counters (``struct lr_gpump_state``); the last
+    eight are the reverse direction's (0 for a thread that only forwards)."""
 
     reason: int  # REASONS' key; RUNNING while it runs
     counter: int
@@ -96,12 +99,51 @@ class PumpState(NamedTuple):
     written: int
     reads: int
     err: int
+    ocounter: int = 0  # the outgoing nonce's invocation counter
+    opackets: int = 0  # packets sealed (CHANNEL_DATA and the grants' WINDOW_ADJUST)
+    oplain: int = 0  # their plaintext bytes
+    sealed: int = 0  # channel bytes sealed for the user
+    uwritten: int = 0  # sealed bytes written to the user
+    adjusted: int = 0  # bytes the user's WINDOW_ADJUSTs credited
+    granted: int = 0  # bytes of the grants it sealed
+    dreads: int = 0  # reads of the data connection
+    sgranted: int = 0  # bytes it granted by the channel's rule (``Seal.window_size``)
+    credit: int = 0  # after it stopped: bytes written and not yet granted
+
+
+class Seal(NamedTuple):
+    """The reverse direction of a thread (``lr_gpump_seal``): the outgoing AES-GCM key
+    and nonce, the user's channel id, what its window takes now and its maximum data
+    per packet."""
+
+    key: bytes
+    fixed: int
+    counter: int
+    channel: int
+    window: int
+    max_data: int
+    #: > 0: the thread grants the user's window itself by the channel's rule (once less
+    #: than half of ``window_size`` is left, the bytes written since), starting with
+    #: ``credit`` bytes not yet granted; 0: only Python's grants (``grant_send``)
+    window_size: int = 0
+    credit: int = 0
+
+
+class Stopped(NamedTuple):
+    """A thread's final state and the bytes it held, in stream order each."""
+
+    state: PumpState
+    left: bytes  # the user's wire bytes it did not consume
+    pending: bytes  # channel bytes it opened and did not write to the data connection
+    unsealed: bytes  # the data connection's bytes it read and did not seal
+    unsent: bytes  # sealed bytes it did not write to the user
 
 
 RUNNING = 0
 #: Why the thread handed the stream back (``LR_GP_*`` in csrc/relay_sshopen.h).
 REASONS = {0: "running", 1: "packet", 2: "user_eof", 3: "user_error", 4: "data_error",
-           5: "stopped", 6: "crypto", 7: "congested", 8: "idle"}
+           5: "stopped", 6: "crypto", 7: "congested", 8: "idle", 9: "data_eof",
+           10: "data_read_error"}
 
 
 class Pump:
@@ -113,17 +155,29 @@ class Pump:
     readable when there is news (:meth:`poll`).  :meth:`stop` ends it and hands back
     the bytes it had not consumed or written."""
 
-    __slots__ = ("_p", "_st", "freed")
+    __slots__ = ("_p", "_st", "freed", "sealing", "self_grants")
 
     def __init__(self, key: bytes, fixed: int, counter: int, channel: int, window: int,
                  max_data: int, max_packet_length: int, user_fd: int, data_fd: int,
-                 initial: bytes, report: int) -> None:
+                 initial: bytes, report: int, seal: Seal | None = None) -> None:
         ffi, lib = _splice.ffi, _splice.lib
         p = lib.lr_gpump_start(key, len(key), fixed, counter, channel, window, max_data,
                                max_packet_length, user_fd, data_fd, initial, len(initial),
                                report)
         if p == ffi.NULL:
             raise OSError(ffi.errno, "the open-and-forward thread did not start")
+        if seal is not None and lib.lr_gpump_seal(
+                p, seal.key, len(seal.key), seal.fixed, seal.counter, seal.channel,
+                seal.window, seal.max_data, seal.window_size, seal.credit) != 0:
+            errno = ffi.errno
+            lib.lr_gpump_free(p)
+            raise OSError(errno, "the sealing direction could not be set up")
+        if lib.lr_gpump_run(p) != 0:
+            errno = ffi.errno
+            lib.lr_gpump_free(p)
+            raise OSError(errno, "the open-and-forward thread did not start")
+        self.sealing = seal is not None
+        self.self_grants = seal is not None and seal.window_size > 0
         self._p: Any = p
         self._st: Any = ffi.new("struct lr_gpump_state *")
         self.freed = False
@@ -134,7 +188,10 @@ class Pump:
     def _state(self) -> PumpState:
         st = self._st
         return PumpState(int(st.reason), int(st.counter), int(st.packets), int(st.consumed),
-                         int(st.written), int(st.reads), int(st.err))
+                         int(st.written), int(st.reads), int(st.err), int(st.ocounter),
+                         int(st.opackets), int(st.oplain), int(st.sealed), int(st.uwritten),
+                         int(st.adjusted), int(st.granted), int(st.dreads), int(st.sgranted),
+                         int(st.credit))
 
     def poll(self) -> PumpState:
         """Clear the eventfd and read the counters (``reason`` is RUNNING while it runs)."""
@@ -142,20 +199,30 @@ class Pump:
         return self._state()
 
     def grant(self, nbytes: int) -> None:
-        """The channel's window towards the user grew by ``nbytes``."""
+        """The channel's window towards the user grew by ``nbytes`` (Python told the
+        user itself)."""
         _splice.lib.lr_gpump_grant(self._p, nbytes)
 
-    def stop(self) -> tuple[PumpState, bytes, bytes]:
+    def grant_send(self, nbytes: int) -> None:
+        """The channel's window towards the user grows by ``nbytes`` and the thread
+        seals the ``WINDOW_ADJUST`` (a sealing thread owns the outgoing stream)."""
+        _splice.lib.lr_gpump_grant_send(self._p, nbytes)
+
+    def stop(self) -> Stopped:
         """Stop the thread (it only ever waits in poll(), so this is short) and free it:
-        its final state, the wire bytes it did not consume and the channel bytes it did
-        not write, in that order."""
+        its final state and the bytes it held (:class:`Stopped`)."""
         ffi, lib = _splice.ffi, _splice.lib
-        lib.lr_gpump_stop(self._p, self._st)
-        left = ffi.new("unsigned char[]", max(1, self._st.left))
-        pending = ffi.new("unsigned char[]", max(1, self._st.pending))
+        st = self._st
+        lib.lr_gpump_stop(self._p, st)
+        left = ffi.new("unsigned char[]", max(1, st.left))
+        pending = ffi.new("unsigned char[]", max(1, st.pending))
         lib.lr_gpump_take(self._p, left, pending)
-        state = self._state()
-        got = ffi.buffer(left, self._st.left)[:], ffi.buffer(pending, self._st.pending)[:]
+        unsealed = ffi.new("unsigned char[]", max(1, st.unsealed))
+        unsent = ffi.new("unsigned char[]", max(1, st.unsent))
+        lib.lr_gpump_take_rev(self._p, unsealed, unsent)
+        got = Stopped(self._state(), ffi.buffer(left, st.left)[:],
+                      ffi.buffer(pending, st.pending)[:], ffi.buffer(unsealed, st.unsealed)[:],
+                      ffi.buffer(unsent, st.unsent)[:])
         lib.lr_gpump_free(self._p)
         self.freed = True
-        return state, got[0], got[1]
+        return got

@@ -15,10 +15,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
-from harness import MiB, find_program
+from harness import DataStream, MiB, find_program, sha256_hex
 from relay_fixtures import wait_until
 from test_stockpaths import Site, site  # noqa: F401  (the site fixture)
 
@@ -115,3 +117,49 @@ def test_the_relay_stops_promptly_mid_bulk(site: Site) -> None:  # noqa: F811
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("site", [{"keepalive_interval": 0.3, "keepalive_count": 50}],
+                         indirect=True)
+def test_keepalives_mid_bulk_hand_back_and_rearm_byte_exact(site: Site) -> None:  # noqa: F811
+    """The relay's keepalives (every 0.3 s of silence here) are Python's packets to the
+    user while the thread seals for her: each one takes the stream back first, and the
+    thread is armed again on her next data.  16 MiB up three times with pauses (her
+    side), then down twice with pauses (the target's), through one session: byte-exact
+    both ways, handbacks for a keepalive, the thread carrying both directions."""
+    ssh = find_program("ssh") or "ssh"
+    stream = DataStream(41, 16 * MiB)
+    piece = b"".join(stream.chunks())
+    there = site.tmp / "there.bin"
+    start = dict(site.fast())
+    proc = subprocess.Popen([ssh, "-F", str(site.config()), "-J", site.jump, "gpu-cluster",
+                             f"cat > {there} && sleep 1 && cat {there} && sleep 1 && "
+                             f"cat {there}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(proc.stdout.read()))  # type: ignore[union-attr]
+    reader.start()
+    assert proc.stdin is not None
+    for i in range(3):
+        proc.stdin.write(piece)
+        proc.stdin.flush()
+        if i < 2:
+            time.sleep(1.0)  # the user's pause: a keepalive goes out while armed
+    proc.stdin.close()
+    reader.join(120)
+    assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else b""
+    assert there.stat().st_size == 3 * len(piece)
+    assert sha256_hex(there.read_bytes()) == sha256_hex(piece * 3)
+    assert len(got) == 1 and len(got[0]) == 6 * len(piece)
+    assert sha256_hex(got[0]) == sha256_hex(piece * 6)
+    fast = site.fast()
+    runs = fast["native_runs"] - start["native_runs"]
+    yields = fast["native_yields"] - start["native_yields"]
+    if not native_enabled():  # LABRELAY_DATAPATH=python (.ci/run): the same bytes, no thread
+        assert runs == yields == 0 and fast["native_sealed"] == start["native_sealed"], fast
+        return
+    # four pauses: at least one keepalive found the thread armed (a congested data
+    # connection may have handed it back before some of them), and it was armed again
+    assert yields >= 1 and runs >= 2, fast
+    assert fast["native_bytes"] - start["native_bytes"] > len(piece), fast
+    assert fast["native_sealed"] - start["native_sealed"] > 2 * len(piece), fast

@@ -294,13 +294,16 @@ def test_scp_64_mib_both_ways_over_J_rides_the_pooled_route(
     assert site.box.data_bytes - before > 2 * stream.size
     fast = site.fast()
     assert fast["pooled"] == 2 and fast["paired"] == 0, fast
-    # The upload's bulk direction (user -> agent) was the native thread's
-    # (relay.ssh.nativeforward): much of it (a full data connection hands
-    # the stream back to Python for a while), none of them lost.
+    # The upload's bulk direction (user -> agent) and the download's (agent -> user,
+    # sealed by the thread) were the native thread's (relay.ssh.nativeforward): much
+    # of each (a full data connection hands the stream back to Python for a while),
+    # none of them lost.
     if native_enabled():
         assert fast["native_bytes"] > stream.size // 4 and fast["native_runs"] >= 1, fast
+        assert fast["native_sealed"] > stream.size // 4, fast
     else:  # LABRELAY_DATAPATH=python|portable: the Python path, the same bytes
         assert fast["native_bytes"] == 0 and fast["native_runs"] == 0, fast
+        assert fast["native_sealed"] == 0, fast
     # ... and the relay's table says so for each.
     per = site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
     assert per["sessions_total"] == 2 and per["bytes_to_service"] > stream.size
@@ -360,12 +363,14 @@ def test_scp_J_with_rekeys_mid_transfer_is_exact_on_the_pooled_route(site: Site)
     assert back.stat().st_size == stream.size and sha256_hex(back.read_bytes()) == stream.sha256
     fast = site.fast()
     assert fast["pooled"] == 2
-    # The native thread carried the upload across every rekey: it hands the stream back
-    # at each KEXINIT and is armed again under the new keys.
+    # The native thread carried the upload and the download across every rekey: it
+    # hands the stream back at each KEXINIT (the user's, or the relay's own, which is a
+    # Python write) and is armed again under the new keys.
     if native_enabled():
         assert fast["native_bytes"] > stream.size // 4 and fast["native_runs"] >= 4, fast
+        assert fast["native_sealed"] > stream.size // 4, fast
     else:
-        assert fast["native_runs"] == 0, fast
+        assert fast["native_runs"] == 0 and fast["native_sealed"] == 0, fast
     keys = [e for e in site.relay.events("ssh_keys", since=since)
             if e.get("cipher_in") == "aes128-gcm@openssh.com"]
     # 64 MiB at one rekey per 16 MiB: each transfer's jump session had >= 4 key sets

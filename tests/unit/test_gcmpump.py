@@ -123,7 +123,7 @@ def test_it_forwards_the_run_and_hands_back_at_another_message(pair: Pair, ciphe
     assert pair.read_agent(len(expect)) == expect
     state = wait_end(pump)
     assert gcmrun.REASONS[state.reason] == "packet"
-    final, left, pending = pump.stop()
+    final, left, pending, _, _ = pump.stop()
     assert (final.packets, final.consumed, final.written) == (len(chunks), len(expect),
                                                               len(expect))
     assert final.counter == at and pending == b""
@@ -147,7 +147,7 @@ def test_every_split_between_what_python_read_and_the_socket(pair: Pair) -> None
             p.user.sendall(wire[cut:])
             assert p.read_agent(60) == b"a" * 20 + b"b" * 40
             wait_end(pump)
-            state, left, pending = pump.stop()
+            state, left, pending, _, _ = pump.stop()
             assert (state.packets, (state.counter - start) % 2**64, len(left), pending) == (
                 3, 3, len(wire) - sum(len(data(GCMDirection(key, IV), c)) for c in chunks), b"")
             assert open_python(state.counter, key, left)[0] == 2
@@ -174,7 +174,7 @@ def test_the_window_is_granted_by_python(pair: Pair) -> None:
     pair.user.sendall(over)
     state = wait_end(pump)
     assert gcmrun.REASONS[state.reason] == "packet"
-    state, left, _ = pump.stop()
+    state, left, _, _, _ = pump.stop()
     assert left == over and state.consumed == 3000
 
 
@@ -188,7 +188,7 @@ def test_a_bad_tag_is_left_to_python(pair: Pair) -> None:
     pair.user.sendall(good + bytes(bad))
     assert pair.read_agent(100) == b"x" * 100
     wait_end(pump)
-    state, left, _ = pump.stop()
+    state, left, _, _, _ = pump.stop()
     assert left == bytes(bad) and state.packets == 1
     with pytest.raises(InvalidTag):
         open_python(state.counter, key, left)
@@ -204,7 +204,7 @@ def test_user_eof_and_a_partial_packet(pair: Pair) -> None:
     pair.user.shutdown(socket.SHUT_WR)
     state = wait_end(pump)
     assert gcmrun.REASONS[state.reason] == "user_eof"
-    _, left, _ = pump.stop()
+    _, left, _, _, _ = pump.stop()
     assert left == cut
 
 
@@ -239,7 +239,7 @@ def test_a_stalled_data_connection_hands_back_what_it_holds(pair: Pair) -> None:
         pass
     state = wait_end(pump)
     assert gcmrun.REASONS[state.reason] == "congested"
-    final, _left, pending = pump.stop()
+    final, _left, pending, _, _ = pump.stop()
     assert pending and final.consumed == final.written + len(pending)
 
 
@@ -257,7 +257,7 @@ def test_stop_while_idle_and_python_closing_its_descriptors_first(pair: Pair) ->
     with pytest.raises(TimeoutError):
         pair.agent.recv(1)  # still open: the thread's duplicate holds it
     t0 = time.monotonic()
-    state, left, pending = pump.stop()
+    state, left, pending, _, _ = pump.stop()
     assert time.monotonic() - t0 < 2.0
     assert gcmrun.REASONS[state.reason] == "stopped" and left == pending == b""
     pair.agent.settimeout(5)
@@ -276,7 +276,7 @@ def test_an_idle_session_is_handed_back(pair: Pair) -> None:
     assert pair.read_agent(10) == b"q" * 10
     state = wait_end(pump, timeout=15)
     assert gcmrun.REASONS[state.reason] == "idle"
-    final, left, pending = pump.stop()
+    final, left, pending, _, _ = pump.stop()
     assert (final.packets, left, pending) == (1, b"", b"")
 
 
