@@ -4,11 +4,12 @@
 (``AEADTransportMixin``, sealing with AES-GCM) over Twisted's own ``tcp.Connection`` on
 a real loopback TCP socket; a reader drains the other end at a fixed pace, ``PACE``
 bytes per reactor turn, so the link is the bottleneck.  The reactor (a
-``MemoryReactor``) is played by hand: each turn the sources of the channels that are
-not paused hand their channel a read (two maximum-size packets, as a ``TCPSide`` read
-of 64 KiB does), the connection is written if the reactor would write it (it asked to
-be, and ``poll`` says the socket is writable, as ``epoll`` would), and the reader
-reads.  Every packet the reader gets is opened to see which channel sent it.
+``MemoryReactorClock``) is played by hand: each turn its calls that are due run, the
+sources of the channels that are not paused hand their channel a read (two
+maximum-size packets, as a ``TCPSide`` read of 64 KiB does), the connection is written
+if the reactor would write it (it asked to be, and ``poll`` says the socket is
+writable, as ``epoll`` would), and the reader reads.  Every packet the reader gets is
+opened to see which channel sent it.
 
 So the shares are counted in bytes on the wire, in the order they went out, not from
 wall-clock rates: the test gives the same answer on an idle laptop and on a loaded
@@ -44,7 +45,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.conch.ssh import transport
 from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactorClock
 
 from relay.ssh.aead import AEADTransportMixin
 from relay.ssh.ciphers import AES128_GCM, MSG_CHANNEL_DATA, PacketCiphers
@@ -151,7 +152,7 @@ class Reader:
 class Link:
     conn: FlowConnection
     tcp: tcp.Connection
-    reactor: MemoryReactor
+    reactor: MemoryReactorClock
     reader: Reader
     ids: dict[str, int] = field(default_factory=dict)
 
@@ -164,7 +165,9 @@ class Link:
         return c
 
     def turn(self, sources: list[Channel]) -> None:
-        """One reactor turn: the sources' reads, the link's write event, the reader."""
+        """One reactor turn: its timed calls, the sources' reads, the link's write
+        event, the reader."""
+        self.reactor.advance(0)
         for c in sources:
             if not c.paused:
                 for _ in range(READ // PACKET):
@@ -197,7 +200,7 @@ def make_link(sndbuf: int = SNDBUF, rcvbuf: int = RCVBUF, pace: int = PACE) -> L
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     ours.setblocking(False)
     theirs.setblocking(False)
-    reactor = MemoryReactor()
+    reactor = MemoryReactorClock()
     ssh = Transport()
     tcp_conn = tcp.Connection(ours, Protocol(), reactor)
     tcp_conn.connected = 1
