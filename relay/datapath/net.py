@@ -106,17 +106,19 @@ class TurnBudget:
     with the most streams would get ahead (round 5's ae04867 did that; reverted in
     649ab53; tests/unit/test_fairshare_wire.py).
 
-    So each write goes straight to the socket (:func:`write_now`, no size limit) only
-    while the bytes sent that way in this reactor turn, with it, stay within the
-    connection's ``bufferSize``; past that it goes to Twisted's buffer, and the
-    producer is paused as soon as the direct bytes plus the buffered ones exceed
-    ``bufferSize``, exactly where Twisted would have paused it had they all been
-    buffered.  The buffer is then non-empty, so the reactor's write event comes and
-    resumes the producer as before.  The count starts again at the next reactor turn
-    (one ``callLater(0)`` per turn that wrote directly).  The kernel itself keeps the
-    link's ``TCP_NOTSENT_LOWAT`` on a direct write: Linux's ``send`` takes no new
-    segment once the unsent bytes reach the mark (it returns what it took, or EAGAIN),
-    the same ``send`` that ``doWrite`` makes when ``epoll`` says writable.
+    So a write goes straight to the socket (:func:`write_now`, no size limit) while the
+    bytes sent that way in this reactor turn are under the connection's
+    ``bufferSize``, as Twisted's buffer takes writes until it holds more than that; and
+    once the direct bytes plus the buffered ones are over ``bufferSize`` the producer
+    is paused, where Twisted would have paused it had they all been buffered.  If
+    bytes wait in Twisted's buffer, the reactor's write event resumes the producer once
+    they are sent, as always; if the kernel took everything, the next reactor turn does
+    (the turn in which Twisted's ``doWrite`` would have emptied the buffer).  The count
+    starts again at each turn: one ``callLater(0)`` per turn that wrote directly.  The
+    kernel itself keeps the link's ``TCP_NOTSENT_LOWAT`` on a direct write: Linux's
+    ``send`` takes no new segment once the unsent bytes reach the mark (it returns what
+    it took, or EAGAIN), the same ``send`` that ``doWrite`` makes when ``epoll`` says
+    writable.
 
     What that saves: a bulk stream that the peer reads as fast as it comes (a user's
     ``ssh -L`` pull through the relay) is written in the turn that read it, without the
@@ -127,6 +129,7 @@ class TurnBudget:
         self.transport = transport
         self.used = 0  # bytes written directly in this reactor turn
         self._turn: Any = None  # the pending callLater(0) that starts the next turn
+        self._paused = False  # we paused the producer with nothing buffered
 
     @staticmethod
     def usable(transport: Any) -> bool:
@@ -137,8 +140,7 @@ class TurnBudget:
 
     def write(self, chunks: Sequence[bytes]) -> None:
         t: Any = self.transport  # reads Twisted's buffer state, as write_now does
-        size = sum(len(c) for c in chunks)
-        if self.used + size <= t.bufferSize:
+        if self.used < t.bufferSize:
             sent = write_now(t, chunks, limit=None)
             if sent:
                 self.used += sent
@@ -148,22 +150,32 @@ class TurnBudget:
             t.write(chunks[0])
         else:
             t.writeSequence(chunks)
-        if self.used:
-            buffered = len(t.dataBuffer) - t.offset + t._tempDataLen
-            if (buffered and self.used + buffered > t.bufferSize and t.producer is not None
-                    and t.streamingProducer and not t.producerPaused):
-                t.producerPaused = True  # so that doWrite resumes it once the buffer empties
-                t.producer.pauseProducing()
+        if not self.used or t.producer is None or not t.streamingProducer or t.producerPaused:
+            return
+        buffered = len(t.dataBuffer) - t.offset + t._tempDataLen
+        if self._paused or self.used + buffered <= t.bufferSize:
+            return
+        if buffered:
+            t.producerPaused = True  # doWrite resumes it once the buffer is sent
+        else:
+            self._paused = True  # nothing for doWrite to send: the next turn resumes it
+        t.producer.pauseProducing()
 
     def _nextTurn(self) -> None:
         self._turn = None
         self.used = 0
+        t: Any = self.transport
+        if self._paused:
+            self._paused = False
+            if not t.producerPaused and t.producer is not None and t.connected:
+                t.producer.resumeProducing()
 
     def stop(self) -> None:
         """The connection service stopped: no turn is pending any more."""
         if self._turn is not None and self._turn.active():
             self._turn.cancel()
         self._turn = None
+        self._paused = False
 
 
 def peer_ip(conn: Any) -> str | None:

@@ -224,6 +224,27 @@ def test_a_turn_budget_sends_bulk_at_once_up_to_the_buffer_size(
     assert conn not in reactor.getWriters()
 
 
+def test_a_turn_budget_that_the_kernel_took_whole_resumes_at_the_next_turn(
+        clocked: tuple[tcp.Connection, socket.socket, MemoryReactorClock]) -> None:
+    """The write that crosses ``bufferSize`` still leaves at once (Twisted's buffer takes
+    it too), and the producer is paused after it; nothing waits in Twisted's buffer, so
+    no write event will come: the next reactor turn resumes the producer instead."""
+    conn, theirs, reactor = clocked
+    producer = Producer()
+    conn.registerProducer(producer, True)
+    conn.bufferSize = 128 * 1024
+    budget = TurnBudget(conn)
+    packet = b"q" * (48 * 1024)
+    for _ in range(3):  # 0, 48 and 96 KiB sent before each: all three at once
+        budget.write((packet,))
+    assert len(drain(theirs, 3 * len(packet))) == 3 * len(packet)
+    assert conn not in reactor.getWriters()
+    assert (producer.paused, producer.resumed) == (1, 0)
+    reactor.advance(0)
+    assert (producer.paused, producer.resumed) == (1, 1)
+    assert budget.used == 0
+
+
 def test_a_turn_budget_never_writes_past_buffered_bytes(
         clocked: tuple[tcp.Connection, socket.socket, MemoryReactorClock]) -> None:
     conn, theirs, _reactor = clocked
