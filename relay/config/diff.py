@@ -48,7 +48,7 @@ RELAY_RESTART_ONLY = (
 """``[relay]`` keys bound into listeners, the admission table or the token book when
 the relay starts: a reload reports their change and keeps the running value."""
 
-RELAY_GRANT_FIELDS = ("agents", "users", "agents_file", "users_file")
+RELAY_GRANT_FIELDS = ("agents", "users", "agents_file", "users_file", "trusted_user_ca")
 """``[relay]`` keys that say who may do what: a change re-reads the grants."""
 
 

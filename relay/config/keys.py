@@ -65,6 +65,7 @@ RELAY_KEYS = {
     "agents_file": 'agents_file = "agents"',
     "users_file": 'users_file = "users"',
     "revoked_keys": 'revoked_keys = "revoked.krl"',
+    "trusted_user_ca": 'trusted_user_ca = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... lab_ca"]',
     "login_grace": "login_grace = 30",
     "max_auth_tries": "max_auth_tries = 6",
     "kex_timeout": "kex_timeout = 30",

@@ -27,6 +27,8 @@ class Lifecycle:
 
     key_limits: tuple[KeyLimitsConfig, ...] = ()
     authorities: tuple[CertAuthorityConfig, ...] = ()
+    expires: float | None = None  # the entry's own expiry and from (for trusted_user_ca)
+    sources: str | None = None
 
 
 def read_lifecycle(sec: Section, name: str, keys: list[str]) -> Lifecycle:
@@ -59,7 +61,7 @@ def read_lifecycle(sec: Section, name: str, keys: list[str]) -> Lifecycle:
         CertAuthorityConfig(ca, tuple(dict.fromkeys(principals or [name])), expires,
                             sources, f"{where}[{j}]")
         for j, ca in enumerate(cas))
-    return Lifecycle(limits, authorities)
+    return Lifecycle(limits, authorities, expires, sources)
 
 
 def _expiry(sec: Section) -> float | None:

@@ -74,24 +74,26 @@ def _parse_admin(sec: Section, base: Path) -> AdminConfig:
     )
 
 
-def _parse_principal(sec: Section, kind: str) -> PrincipalConfig:
+def _parse_principal(sec: Section, kind: str, trusted_ca: bool = False) -> PrincipalConfig:
     """One ``[[relay.agent]]`` or ``[[relay.user]]`` table (conflicts between tables
-    are checked afterwards, by :func:`check_principals`)."""
+    are checked afterwards, by :func:`check_principals`).  With ``trusted_ca`` (a
+    relay-wide ``trusted_user_ca``), a user needs no keys: its certificates log in."""
     name = sec.string("name", required=True)
     assert name is not None
     with sec.at("name"):
         grammar.principal_name(name)
     certified = "cert_authorities" in sec.data
-    if "keys" not in sec.data and not certified:
+    by_relay_ca = trusted_ca and kind == "user"
+    if "keys" not in sec.data and not certified and not by_relay_ca:
         raise sec.error("keys", "missing required key 'keys'",
-                        f"e.g. {sec.examples['keys']}, or cert_authorities = [...] to "
-                        "accept certificates")
+                        f"e.g. {sec.examples['keys']}, or cert_authorities = [...] "
+                        "(or trusted_user_ca in [relay], for users) to accept certificates")
     keys = [line.strip() for line in sec.strings("keys")]
-    if not keys and not certified:
+    if not keys and not certified and not by_relay_ca:
         raise sec.error("keys", f"the {kind} has no keys")
     _each(sec, "keys", grammar.public_key, keys)
     life = read_lifecycle(sec, name, keys)
-    if not keys and not life.authorities:
+    if not keys and not life.authorities and not by_relay_ca:
         raise sec.error("cert_authorities", f"the {kind} has no keys and no certificate "
                         "authorities")
     services = _each(sec, "services", lambda text: grammar.service_grant(text, kind))
@@ -117,6 +119,8 @@ def _parse_principal(sec: Section, kind: str) -> PrincipalConfig:
         rate_burst=_byte_rate(sec, "rate_burst"),
         key_limits=life.key_limits,
         authorities=life.authorities,
+        expires=life.expires,
+        sources=life.sources,
     )
 
 
@@ -174,14 +178,25 @@ def _networks(sec: Section, key: str) -> tuple[IPNetwork, ...]:
 
 
 def _principals(sec: Section, kind: str, examples: Any,
-                problems: list[ConfigError] | None) -> tuple[PrincipalConfig, ...]:
+                problems: list[ConfigError] | None,
+                trusted_ca: bool = False) -> tuple[PrincipalConfig, ...]:
     """The ``[[relay.agent]]`` or ``[[relay.user]]`` entries; with ``problems``, a wrong
     entry is added there and the others are still read."""
     if problems is None:
-        return tuple(_parse_principal(s, kind) for s in sec.tables(kind, examples))
-    read = [_collect(problems, lambda s=s: _parse_principal(s, kind))  # type: ignore[misc]
+        return tuple(_parse_principal(s, kind, trusted_ca)
+                     for s in sec.tables(kind, examples))
+    read = [_collect(problems,
+                     lambda s=s: _parse_principal(s, kind, trusted_ca))  # type: ignore[misc]
             for s in sec.tables(kind, examples)]
     return tuple(p for p in read if p is not None)
+
+
+def _trusted_user_ca(sec: Section) -> tuple[str, ...]:
+    """``trusted_user_ca``: CA public-key lines (a string or an array), each checked as a
+    key (an error names its index; a certificate or a DSA key is refused)."""
+    cas = [line.strip() for line in sec.strings("trusted_user_ca")]
+    _each(sec, "trusted_user_ca", grammar.public_key, cas)
+    return tuple(dict.fromkeys(cas))
 
 
 def _parse_relay(sec: Section, base: Path,
@@ -197,6 +212,7 @@ def _parse_relay(sec: Section, base: Path,
     agents_file = sec.string("agents_file")
     users_file = sec.string("users_file")
     revoked_keys = sec.string("revoked_keys")
+    trusted_user_ca = _trusted_user_ca(sec)
     window, max_packet = _window(sec)
     data_bind = sec.string("data_bind")
     if data_bind is not None:
@@ -223,7 +239,8 @@ def _parse_relay(sec: Section, base: Path,
         users_file=None if users_file is None else _path(users_file, base),
         revoked_keys=None if revoked_keys is None else _path(revoked_keys, base),
         agents=_principals(sec, "agent", RELAY_AGENT_KEYS, problems),
-        users=_principals(sec, "user", RELAY_USER_KEYS, problems),
+        trusted_user_ca=trusted_user_ca,
+        users=_principals(sec, "user", RELAY_USER_KEYS, problems, bool(trusted_user_ca)),
         login_grace=sec.number("login_grace", defaults.login_grace, low=0, above=True),
         max_auth_tries=sec.integer("max_auth_tries", defaults.max_auth_tries, 1),
         kex_timeout=sec.number("kex_timeout", defaults.kex_timeout, low=0, above=True),

@@ -247,6 +247,10 @@ class PrincipalConfig:
     rate_burst: int | None = None
     key_limits: tuple[KeyLimitsConfig, ...] = ()
     authorities: tuple[CertAuthorityConfig, ...] = ()
+    # The TOML entry's own ``expiry``/``from`` (None in a grant-file line, whose options
+    # are its key's): they also bound certificates of the relay-wide ``trusted_user_ca``.
+    expires: float | None = None
+    sources: str | None = None
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -303,6 +307,11 @@ class RelayConfig:
     agents_file: Path | None = None
     users_file: Path | None = None
     revoked_keys: Path | None = None  # an OpenSSH KRL (ssh-keygen -k) or a file of public keys
+    #: CA public-key lines trusted for every user (sshd's ``TrustedUserCAKeys``): a
+    #: certificate they sign logs in as the user the login name names, when that name is
+    #: one of its principals and a ``[[relay.user]]`` (or users-file user).  Agents are
+    #: not covered.  Read again on reload (SIGHUP); docs/relay.md "Certificates".
+    trusted_user_ca: tuple[str, ...] = ()
     agents: tuple[PrincipalConfig, ...] = ()
     users: tuple[PrincipalConfig, ...] = ()
     login_grace: float = 30.0

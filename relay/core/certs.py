@@ -18,6 +18,11 @@ when (in this order, the first failure being the reason logged):
 6. it is not revoked: a KRL may list its serial or key id (under its CA or any CA),
    the certified key, or the CA key.
 
+A relay-wide ``trusted_user_ca`` (sshd's ``TrustedUserCAKeys``) is one *login-bound*
+line per configured user: its certificate logs in as that user only when the login name
+is that user's name *and* one of the certificate's principals (step 5); the other
+checks are the same.
+
 For an *agent*, the certificate's other principals of the form ``name:port`` are the
 services it may register (``permitlisten`` derived from principals), bounded by the
 line's own ``permitlisten`` grants if it has any.
@@ -57,6 +62,13 @@ class Authority:
     accepted: frozenset[str]  # certificate principals accepted
     limits: KeyLimits = NO_LIMITS
     where: str = ""  # FILE:LINE
+    login_bound: bool = False  # trusted_user_ca: the login name must be the principal
+
+    def accepts(self, principals: Sequence[str], login: str) -> bool:
+        """Whether this line lets a certificate for ``principals`` log in as ``login``."""
+        if self.login_bound:
+            return self.principal.name == login and login in principals
+        return not self.accepted.isdisjoint(principals)
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,20 @@ def key_blob(key: object) -> bytes:
     line = key.public_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return base64.b64decode(line.split()[1])
+
+
+def describe(blob: bytes) -> tuple[str, str]:
+    """A certificate's CA fingerprint and key id, for log fields (both empty for a plain
+    key or a certificate that does not parse); the key id is the peer's text, escaped by
+    the log observers (relay/ops/logfmt.py) like any field."""
+    if not is_certificate(blob):
+        return "", ""
+    try:
+        cert = parse_certificate(blob)
+        return fingerprint(key_blob(cert.signature_key())), cert.key_id.decode("utf-8",
+                                                                               "replace")
+    except Exception:  # malformed: nothing to name
+        return "", ""
 
 
 def parse_certificate(blob: bytes) -> SSHCertificate:
@@ -125,7 +151,8 @@ def check_certificate(
     except (InvalidSignature, ValueError, TypeError):
         return CertVerdict(None, "the CA's signature on the certificate does not verify")
     key_id = cert.key_id
-    label = f"certificate {key_id.decode('utf-8', 'replace')!r} serial {cert.serial}"
+    label = (f"certificate {key_id.decode('utf-8', 'replace')!r} serial {cert.serial} "
+             f"(CA {fingerprint(ca)})")
     if now < cert.valid_after:
         return CertVerdict(None, f"{label} is not yet valid (valid from {cert.valid_after})")
     if cert.valid_before != FOREVER and now >= cert.valid_before:
@@ -142,10 +169,13 @@ def check_certificate(
     principals = [p.decode("utf-8", "replace") for p in cert.valid_principals]
     if not principals:
         return CertVerdict(None, f"{label} lists no principals")
-    matching = [a for a in lines if a.accepted.intersection(principals)]
+    matching = [a for a in lines if a.accepts(principals, login)]
     if not matching:
+        bound = any(a.login_bound for a in lines)
         return CertVerdict(None, f"{label} is for principals {','.join(principals)}, "
-                           "which no line of its CA accepts")
+                           "which no line of its CA accepts" + (
+                               f" (trusted_user_ca: the login name {login!r} must be one of "
+                               "them and name a configured user)" if bound else ""))
     chosen = next((a for a in matching if a.principal.name == login), matching[0])
     why = chosen.limits.refusal(now, address)
     if why is not None:

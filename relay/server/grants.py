@@ -383,6 +383,8 @@ class Grants:
         origins: dict[bytes, str] = {}
         limits: dict[bytes, KeyLimits] = {}
         authorities: dict[bytes, list[Authority]] = {}
+        # trusted_user_ca: one login-bound line per user (relay.core.certs).
+        relay_cas = [public_key(line)[0] for line in self._relay.trusted_user_ca]
         principals = []
         for site, keys in zip(sites, blobs, strict=True):
             p = site.principal
@@ -406,6 +408,12 @@ class Grants:
                 authorities.setdefault(public_key(ca.key)[0], []).append(Authority(
                     public_key(ca.key)[0], principal, frozenset(ca.principals),
                     _limits(ca.expires, ca.sources), ca.where))
+            if p.kind == USER:
+                for j, blob in enumerate(relay_cas):
+                    authorities.setdefault(blob, []).append(Authority(
+                        blob, principal, frozenset((p.name,)), _limits(p.expires, p.sources),
+                        f"{self._source}: relay.trusted_user_ca[{j}] for user {p.name}",
+                        login_bound=True))
             by_key.update(dict.fromkeys(keys, principal))
             origins.update(dict.fromkeys(keys, site.name_at[0]))
             if p.kind == AGENT:

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from relay.config.schema import HostPort, RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
+from relay.core.certs import describe as describe_cert
 from relay.core.resume import HELLO as RESUME_HELLO
 from relay.core.router import SUPERSEDED, Decision, Probe, Router, Verdict, label_of
 from relay.core.routing import PUBLIC, Registration, Registry
@@ -120,9 +121,12 @@ class RelayCore(SessionOpening):
         self.connections.add(conn)
         ident = conn.identity
         self.expiry.watch(ident.key_blob)
+        # A certificate's CA and key id say which CA let this login in (trusted_user_ca
+        # or a cert-authority line); both empty for a plain key.
+        ca, key_id = describe_cert(ident.key_blob)
         self._log.info(
             "{kind} {name} connected from {peer}", event="relay_connected",
-            kind=ident.kind, name=ident.name, peer=conn.peer,
+            kind=ident.kind, name=ident.name, peer=conn.peer, cert_ca=ca, cert_id=key_id,
         )
 
     def sessionStopped(self, conn: RelayConnection) -> None:
@@ -338,9 +342,11 @@ class RelayCore(SessionOpening):
         for conn in [c for c in self.connections if c.identity.key_blob == key_blob]:
             for reg in self.registry.held_by(conn):
                 self._dropRegistration(reg, why, tell=False)
+            ca, key_id = describe_cert(key_blob)
             self._log.warn("{kind} {name} at {peer}: {why}; disconnecting",
                            event="relay_key_ended", kind=conn.identity.kind,
-                           name=conn.principal_name, peer=conn.peer, why=why)
+                           name=conn.principal_name, peer=conn.peer, why=why,
+                           cert_ca=ca, cert_id=key_id)
             conn.disconnect(why)
 
     def _revokeConnection(self, conn: RelayConnection, where: str) -> None:

@@ -12,7 +12,10 @@ What is here, by what it stands in for:
   ``PrincipalConfig`` entries of a ``RelayConfig`` that grant them services);
 - transports: :class:`FakeTCPTransport` (a TCP socket whose write buffer pushes back
   like Twisted's ``FileDescriptor``), :class:`FakeSSHTransport` (what a Conch connection
-  service sends, recorded and decoded);
+  service sends, recorded and decoded), :class:`FakeSSHConnection` (what a channel or
+  the agent's resume hello asks of its connection, recorded), :class:`BareSSHTransport`
+  (a transport past key exchange, recording what it dispatches); in
+  :mod:`relay.testing.ssh`;
 - SSH transport pairs: :class:`TrustingSSHClient` and :class:`PlainSSHServer` (Conch's
   transports with labrelay's AEAD ciphers and algorithm policy), :func:`ssh_server`
   (a server transport with a fresh host key), :func:`connect_in_memory` (a client and
@@ -30,16 +33,10 @@ The top layer of ``pyproject.toml``'s import-linter contract: nothing imports it
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.conch.ssh import common, factory, keys, transport
-from twisted.conch.ssh.connection import (
-    MSG_CHANNEL_DATA,
-    MSG_CHANNEL_OPEN_FAILURE,
-    MSG_CHANNEL_WINDOW_ADJUST,
-)
+from twisted.conch.ssh import factory, keys, transport
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol, ITCPTransport
@@ -52,12 +49,15 @@ from relay.datapath.bridge import Bridge
 from relay.datapath.splicing import PairResult
 from relay.ssh.aead import AEADTransportMixin
 from relay.testing.keys import KeyRing, TestKey, new_key
+from relay.testing.ssh import BareSSHTransport, FakeSSHConnection, FakeSSHTransport
 
 __all__ = [
+    "BareSSHTransport",
     "FakeDataPath",
     "FakeIdentity",
     "FakePair",
     "FakeRelayConnection",
+    "FakeSSHConnection",
     "FakeSSHTransport",
     "FakeSide",
     "FakeTCPTransport",
@@ -133,59 +133,6 @@ class FakeTCPTransport(StringTransport):
 
     def loseWriteConnection(self) -> None:
         self.writeClosed = True
-
-
-class FakeSSHTransport:
-    """The SSH transport under a connection service (its ``transport``, before
-    ``serviceStarted``): the packets it sends land in ``packets``, decoded by the
-    helpers.  ``tcp`` is the link's TCP transport, if the code under test reaches it."""
-
-    def __init__(self, tcp: Any = None) -> None:
-        self.transport = tcp
-        self.packets: list[tuple[int, bytes]] = []
-        self.disconnects: list[tuple[int, bytes]] = []
-        self.unimplemented = 0
-
-    def sendPacket(self, messageType: int, payload: bytes) -> None:
-        self.packets.append((messageType, payload))
-
-    def sendDisconnect(self, reason: int, description: bytes) -> None:
-        self.disconnects.append((reason, description))
-
-    def sendUnimplemented(self) -> None:
-        self.unimplemented += 1
-
-    def logPrefix(self) -> str:
-        return "fake-ssh"
-
-    # decoding what was sent to the peer
-
-    def kinds(self) -> list[int]:
-        """The message numbers sent, in order."""
-        return [kind for kind, _ in self.packets]
-
-    def of(self, kind: int) -> list[bytes]:
-        """The payloads of every packet of one kind."""
-        return [payload for k, payload in self.packets if k == kind]
-
-    def adjusts(self) -> list[int]:
-        """The byte counts of the WINDOW_ADJUSTs sent."""
-        return [struct.unpack(">2L", p)[1] for p in self.of(MSG_CHANNEL_WINDOW_ADJUST)]
-
-    def data(self) -> bytes:
-        """Every CHANNEL_DATA payload, joined."""
-        return b"".join(self.dataPackets())
-
-    def dataPackets(self) -> list[bytes]:
-        return [common.getNS(p[4:])[0] for p in self.of(MSG_CHANNEL_DATA)]
-
-    def openFailures(self) -> list[tuple[int, int, bytes]]:
-        """``(recipient channel, reason code, description)`` of each OPEN_FAILURE."""
-        out = []
-        for p in self.of(MSG_CHANNEL_OPEN_FAILURE):
-            sender, code = struct.unpack(">2L", p[:8])
-            out.append((sender, code, common.getNS(p[8:])[0]))
-        return out
 
 
 # --- SSH transport pairs -------------------------------------------------------------

@@ -221,7 +221,10 @@ def keys(topology: Topology, tmp_path_factory: pytest.TempPathFactory) -> Keys:
 @pytest.fixture
 def site(topology: Topology, keys: Keys, tmp_path: Path,
          diagnostics: Callable[[Any], Any]) -> Iterator[Site]:
-    """A fresh set of processes on the shared topology; the path is clean again after."""
+    """A fresh set of processes on the shared topology; the path is clean again after.
+    Like the integration fixtures (``start_process``), a test fails at teardown when a
+    labrelay process it started logged an unhandled error (a traceback at level
+    critical), whatever the scenario did to it."""
     s = Site(topology, keys, tmp_path, diagnostics)
     try:
         yield s
@@ -234,6 +237,9 @@ def site(topology: Topology, keys: Keys, tmp_path: Path,
         stray = topology.reap(timeout=5.0)
         if stray:
             raise TopologyError(f"processes left running in the namespaces: {stray}")
+    if s.unhandled:
+        pytest.fail("a labrelay process logged an unhandled error (a traceback at level "
+                    f"critical): {s.unhandled}")
 
 
 @pytest.fixture

@@ -46,6 +46,7 @@ from harness import (
     find_program,
     make_key,
     recv_exactly,
+    unhandled_errors,
 )
 from topology import ADDR, Topology
 
@@ -306,6 +307,7 @@ class Site:
         self._sshds: list[NsSshd] = []
         self._configs: dict[tuple[str, str], Path] = {}
         self._lock = threading.Lock()
+        self.unhandled: list[tuple[str, dict[str, Any]]] = []  # set by close()
         self.gpu: NsSshd | None = None
         self.relay: NsRelay | None = None
         self.data: LanServer | None = None
@@ -334,6 +336,7 @@ class Site:
         for proc in reversed(self._procs):
             with contextlib.suppress(Exception):
                 proc.stop(5)
+        self.unhandled = unhandled_errors(self._procs)
         for server in self._servers:
             server.close()
         for sshd in self._sshds:

@@ -514,7 +514,7 @@ def connection(data: bytes) -> None:
     user, user_link = world.new_connection(core, "user")
     agent.packetReceived(80, b"\x00\x00\x00\x0dtcpip-forward\x01"
                          + b"\x00\x00\x00\x0bgpu-cluster\x00\x00\x00\x16")
-    assert agent_link.sent[-1][0] == 81, "registration refused"
+    assert agent_link.packets[-1][0] == 81, "registration refused"
     for sel, payload in _records(data)[:64]:
         conn, link = (agent, agent_link) if sel & 0x80 else (user, user_link)
         if link.disconnects:

@@ -22,7 +22,7 @@ from relay.server.relay import RelayCore
 from relay.ssh import policy
 from relay.ssh.server import RelayConnection, RelayFactory
 from relay.ssh.serverauth import Identity, RelayAvatar
-from relay.testing import FakeTCPTransport, new_key
+from relay.testing import FakeSSHTransport, FakeTCPTransport, new_key
 
 CLIENT_VERSION = b"SSH-2.0-OpenSSH_9.6p1 Debian-4\r\n"
 
@@ -132,30 +132,12 @@ def after_strict_kex(t: Any) -> None:
     t.keyExchanges = 1
 
 
-class FakeLink:
-    """What a ``RelayConnection`` needs of its SSH transport after authentication."""
-
-    def __init__(self, kind: str) -> None:
-        self.avatar = RelayAvatar(identity(kind))
-        self.transport = TCP()
-        self.sent: list[tuple[int, bytes]] = []
-        self.disconnects: list[tuple[int, bytes]] = []
-
-    def sendPacket(self, messageType: int, payload: bytes) -> None:
-        self.sent.append((messageType, payload))
-
-    def sendDisconnect(self, reason: int, desc: bytes) -> None:
-        self.disconnects.append((reason, desc))
-        self.transport.loseConnection()
-
-    def sendUnimplemented(self) -> None:
-        self.sent.append((3, b""))
-
-
-def new_connection(core: RelayCore, kind: str) -> tuple[RelayConnection, FakeLink]:
+def new_connection(core: RelayCore, kind: str) -> tuple[RelayConnection, FakeSSHTransport]:
+    """An authenticated agent's or user's connection service on a fake SSH transport
+    (what it sends is in ``link.packets``, its disconnects in ``link.disconnects``)."""
     conn = RelayConnection(core)
-    link = FakeLink(kind)
-    conn.transport = link  # as Conch's transport.setService does
+    link = FakeSSHTransport(TCP(), avatar=RelayAvatar(identity(kind)))
+    conn.transport = link  # type: ignore[assignment]  # as Conch's transport.setService does
     conn.serviceStarted()
     return conn, link
 

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any
 
 import fuzzworld as world
 from twisted.conch import error
-from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -33,53 +31,16 @@ from twisted.python.failure import Failure
 from relay.agent.link import Link
 from relay.config.schema import LinkConfig
 from relay.core import resume as rs
-from relay.core.fairshare import FairScheduler
 from relay.datapath.bridge import Bridge
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.resumable import ResumableSessions, ResumableSide
-from relay.testing import FakeSide
+from relay.testing import FakeSide, FakeSSHConnection
 
 Target = Callable[[bytes], None]
 GRACE = 60.0
 WINDOW = 1 << 16
 MAX_HELD = 4
 MAX_STEPS = 32
-
-
-class _Conn:
-    """A link's SSH connection as the agent's hello and its channels use it: global
-    requests and channel opens are recorded, for the target to answer."""
-
-    def __init__(self) -> None:
-        self.scheduler = FairScheduler()
-        self.requests: list[tuple[bytes, bytes, defer.Deferred[bytes]]] = []
-        self.opens: list[tuple[BridgedChannel, bytes]] = []
-        self.resumable = False
-        self.sent = 0
-
-    def sendGlobalRequest(self, kind: bytes, data: bytes, wantReply: int = 0,
-                          ) -> defer.Deferred[bytes]:
-        d: defer.Deferred[bytes] = defer.Deferred()
-        self.requests.append((kind, data, d))
-        return d
-
-    def openChannel(self, channel: BridgedChannel, extra: bytes = b"") -> None:
-        self.opens.append((channel, extra))
-
-    def sendData(self, channel: Any, data: bytes) -> None:
-        self.sent += len(data)
-
-    def sendRequest(self, channel: Any, kind: bytes, data: bytes, wantReply: int = 0) -> None:
-        pass
-
-    def adjustWindow(self, channel: Any, nbytes: int) -> None:
-        pass
-
-    def sendEOF(self, channel: Any) -> None:
-        pass
-
-    def sendClose(self, channel: Any) -> None:
-        pass
 
 
 def _held_link(data: bytes) -> tuple[Link, MemoryReactorClock, list[ResumableSide], int]:
@@ -90,7 +51,7 @@ def _held_link(data: bytes) -> tuple[Link, MemoryReactorClock, list[ResumableSid
                            resume_grace=GRACE, fast_path_pool=0), clock, [])
     # Not the process-wide gc + malloc_trim of a real loss (tens of ms an input).
     link.resume = ResumableSessions(clock, GRACE, "link fuzz", release=lambda: False)
-    old = _Conn()
+    old = FakeSSHConnection()
     sides = []
     for i in range((data[0] if data else 0) % MAX_HELD + 1):
         ch = BridgedChannel(rs.OPEN_RESUMABLE, remoteWindow=WINDOW, remoteMaxPacket=32768,
@@ -107,10 +68,10 @@ def _held_link(data: bytes) -> tuple[Link, MemoryReactorClock, list[ResumableSid
     return link, clock, sides, sum(s.stream.unacked for s in sides)
 
 
-def _lost(conn: _Conn) -> None:
+def _lost(conn: FakeSSHConnection) -> None:
     """The link goes: pending requests and opens fail as Conch fails them on a stopped
     connection, open channels close."""
-    for _, _, d in conn.requests:
+    for _, _, d in conn.globalRequests:
         if not d.called:
             d.errback(error.ConchError("Connection stopped."))
     for ch, _ in conn.opens:
@@ -130,18 +91,18 @@ def resume_hello_agent(data: bytes) -> None:
     offer is answered with bad counts ends and its channel is aborted; a resumed one
     runs on the new link's channel; none is held past the grace period."""
     link, clock, sides, replay = _held_link(data)
-    conn: _Conn | None = None
+    conn: FakeSSHConnection | None = None
     for sel, payload in world.records(data[1:])[:MAX_STEPS]:
         op = sel % 7
         if op == 0 or conn is None:
             if conn is not None:
                 _lost(conn)
-            conn = _Conn()
+            conn = FakeSSHConnection()
             link.connection = conn  # type: ignore[assignment]
             link._hello(conn)  # type: ignore[arg-type]
-            assert [k for k, _, _ in conn.requests] == [rs.HELLO], conn.requests
+            assert [k for k, _, _ in conn.globalRequests] == [rs.HELLO], conn.globalRequests
             continue
-        pending = [d for _, _, d in conn.requests if not d.called]
+        pending = [d for _, _, d in conn.globalRequests if not d.called]
         offers = [ch for ch, _ in conn.opens if not ch.opened.called]
         if op == 1 and pending:
             held = [s for s in sides if s.held]
@@ -187,14 +148,14 @@ def resume_hello_agent(data: bytes) -> None:
 
 
 def _check_agent(link: Link, sides: list[ResumableSide], replay: int,
-                 conn: _Conn | None) -> None:
+                 conn: FakeSSHConnection | None) -> None:
     assert link.resume is not None
     assert len(link.resume.sides) <= len(sides), "a session appeared"
     assert sum(s.stream.unacked for s in sides) <= replay, "replay grew"
     assert link._relayInstance is None or 1 <= len(link._relayInstance) <= 64
     if conn is not None:
         assert len(conn.opens) <= len(sides), "more offers than held sessions"
-        assert len(conn.requests) == 1, "more than one hello on a link"
+        assert len(conn.globalRequests) == 1, "more than one hello on a link"
         assert conn.sent <= replay, "sent again more than was held"
     for s in sides:
         assert s.held or s.stream.state is rs.StreamState.ENDED or (
@@ -219,7 +180,7 @@ def resume_hello_relay(data: bytes) -> None:
     old_instance = b"agent-instance-1"
     sessions = core.resumes.sessions
     sessions._release = lambda: False  # not the process-wide gc + malloc_trim (~55 ms)
-    link = _Conn()
+    link = FakeSSHConnection()
     for i in range(2):
         ch = BridgedChannel(rs.OPEN_RESUMABLE, remoteWindow=WINDOW, remoteMaxPacket=32768,
                             conn=link)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.core import resume as rs
+from relay.testing import FakeSSHConnection
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -68,10 +69,10 @@ def test_the_relay_survives_any_sequence_of_hellos(steps: list[tuple[int, bytes]
 
 def test_a_malformed_reply_ends_every_held_session_with_a_reason() -> None:
     link, _, sides, _ = rt._held_link(b"\x03")
-    conn = rt._Conn()
+    conn = FakeSSHConnection()
     link.connection = conn  # type: ignore[assignment]
     link._hello(conn)  # type: ignore[arg-type]
-    conn.requests[0][2].callback(b"\x00\x00\x00\x05abc")
+    conn.globalRequests[0][2].callback(b"\x00\x00\x00\x05abc")
     assert len(sides) == 4 and not any(s.held for s in sides)
     assert all(s.stream.state is rs.StreamState.ENDED for s in sides)
     assert conn.opens == [] and not conn.resumable
@@ -79,10 +80,10 @@ def test_a_malformed_reply_ends_every_held_session_with_a_reason() -> None:
 
 def test_counts_beyond_what_was_sent_end_that_session_only() -> None:
     link, _, sides, replay = rt._held_link(b"\x01")
-    conn = rt._Conn()
+    conn = FakeSSHConnection()
     link.connection = conn  # type: ignore[assignment]
     link._hello(conn)  # type: ignore[arg-type]
-    conn.requests[0][2].callback(rs.pack_hello_reply(b"relay", 60))
+    conn.globalRequests[0][2].callback(rs.pack_hello_reply(b"relay", 60))
     (bad, _), (good, _) = conn.opens
     for ch in (bad, good):  # as Conch sets them from the confirmation
         ch.remoteWindowLeft, ch.remoteMaxPacket = rt.WINDOW, 32768

@@ -843,6 +843,20 @@ class AgentProcess(_Process):
         return super().diagnostics() + "\n--- events ---\n" + "\n".join(lines)
 
 
+def is_unhandled(event: dict[str, Any]) -> bool:
+    """An event no test may cause: Twisted's "Unhandled Error" (an exception that escaped
+    a callback or a protocol method) or anything else logged at level critical."""
+    return event.get("level") == "critical" or "Unhandled Error" in str(event.get("text", ""))
+
+
+def unhandled_errors(procs: Sequence[Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(process name, event) of every unhandled error the labrelay processes among
+    ``procs`` logged (processes without a JSON log, such as ssh, are skipped).  The
+    integration, security and e2e fixtures fail a test that leaves any."""
+    return [(proc.name, e) for proc in procs if isinstance(proc, AgentProcess)
+            for e in proc.events() if is_unhandled(e)]
+
+
 def _matches(event: dict[str, Any], match: dict[str, Matcher]) -> bool:
     for key, want in match.items():
         if key not in event:

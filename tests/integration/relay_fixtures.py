@@ -42,6 +42,7 @@ from harness import (
     free_port,
     make_key,
     ssh_argv,
+    unhandled_errors,
     write_known_hosts,
 )
 
@@ -169,16 +170,10 @@ def start_process(
     yield start
     for proc in reversed(procs):
         proc.stop()
-    unhandled = [(proc.name, e) for proc in procs for e in proc.events() if _unhandled(e)]
+    unhandled = unhandled_errors(procs)
     if unhandled:
         pytest.fail("a labrelay process logged an unhandled error (a traceback at level "
                     f"critical): {unhandled}")
-
-
-def _unhandled(event: dict[str, Any]) -> bool:
-    """An event no test may cause: Twisted's "Unhandled Error" (an exception that escaped
-    a callback or a protocol method) or anything else logged at level critical."""
-    return event.get("level") == "critical" or "Unhandled Error" in str(event.get("text", ""))
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from harness import (
     free_port,
     receive_stream,
     send_stream,
+    unhandled_errors,
 )
 from relay_fixtures import stock_local_forward
 
@@ -327,3 +328,21 @@ def test_free_port_is_bindable() -> None:
     port = free_port()
     with socket.create_server(("127.0.0.1", port)):
         pass
+
+
+def test_unhandled_errors_finds_critical_events_and_unhandled_tracebacks() -> None:
+    """The teardown check of the integration, security and e2e fixtures: an event at
+    level critical or one whose text is Twisted's "Unhandled Error" is found, with the
+    process's name; other events and processes without a JSON log are not."""
+    lines = [{"event": "a", "level": "critical", "text": "boom"},
+             {"event": "b", "level": "error", "text": "Unhandled Error\nTraceback ..."},
+             {"event": "c", "level": "error", "text": "a handled failure"}]
+    script = "import json\n" + "".join(f"print(json.dumps({e!r}))\n" for e in lines)
+    proc = AgentProcess([sys.executable, "-c", script], name="logger")
+    assert proc.proc.wait(timeout=30) == 0
+    proc.stop()
+    ssh = SshProcess([sys.executable, "-c", "print('Unhandled Error')"], name="not-json")
+    assert ssh.proc.wait(timeout=30) == 0
+    ssh.stop()
+    found = unhandled_errors([proc, ssh])
+    assert [(name, e["event"]) for name, e in found] == [("logger", "a"), ("logger", "b")]

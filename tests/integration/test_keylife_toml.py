@@ -10,6 +10,7 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Targets
@@ -31,6 +32,25 @@ pytestmark = pytest.mark.integration
 def user_table(name: str, *lines: str) -> str:
     return "\n".join(["[[relay.user]]", f'name = "{name}"', 'services = ["web:8080"]',
                       *lines, ""])
+
+
+def reload_ends_session(relay: RelayNode, port: int, name: str) -> dict[str, Any]:
+    """With a session through ``port`` open (it echoes), SIGHUP the relay (its config was
+    just edited): the reload ends ``name``'s session (``relay_key_ended``, returned) and
+    the socket is closed by the relay."""
+    mark = relay.mark()
+    with connect(port, timeout=30) as sock:
+        sock.sendall(b"ping")
+        assert sock.recv(4) == b"ping"
+        os.kill(relay.pid, signal.SIGHUP)
+        relay.wait_for("reload_done", since=mark)
+        ended = relay.wait_for("relay_key_ended", since=mark, timeout=5, name=name)
+        sock.settimeout(10)
+        try:
+            assert sock.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    return ended
 
 
 def test_expiry_from_and_certificates_from_the_toml_config(
@@ -84,18 +104,7 @@ def test_expiry_from_and_certificates_from_the_toml_config(
     config = relay.dir / "node.toml"
     config.write_text(config.read_text().replace(
         'principals = ["alice", "al"]', 'principals = ["alice", "al"]\nexpiry = "20200101Z"'))
-    mark = relay.mark()
-    with connect(port, timeout=30) as sock:
-        sock.sendall(b"ping")
-        assert sock.recv(4) == b"ping"
-        os.kill(relay.pid, signal.SIGHUP)
-        relay.wait_for("reload_done", since=mark)
-        relay.wait_for("relay_key_ended", since=mark, timeout=5, name="alice")
-        sock.settimeout(10)
-        try:
-            assert sock.recv(1) == b""
-        except ConnectionResetError:
-            pass
+    reload_ends_session(relay, port, "alice")
     assert alice.proc.wait(timeout=10) is not None
     refused(relay, user_cert(pki, "alice2", "-n", "alice", "-V", "-5m:+1h"), "alice",
             "key expired at 2020-01-01")

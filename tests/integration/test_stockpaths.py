@@ -68,6 +68,7 @@ class RecordingBox:
         self.socks: list[socket.socket] = [self.ssh, self.data]
         self.link: list[socket.socket] = []  # the SSH pass-through's sockets
         self.datas: list[socket.socket] = []  # the data connections' sockets
+        self.cut: set[socket.socket] = set()  # reset by cut_*: their pumps just leave
         for listener, upstream, record in ((self.ssh, relay_ssh_port, False),
                                            (self.data, data_port, True)):
             threading.Thread(target=self._accept, args=(listener, upstream, record),
@@ -86,16 +87,33 @@ class RecordingBox:
         """Reset the agent's SSH link (only it: the data connections stay up)."""
         with self.lock:
             link, self.link = self.link, []
-        for s in link:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            s.close()
+            self.cut.update(link)
+        self._reset(link)
 
     def cut_data(self) -> None:
         """Reset every data connection (the agent's pool, and the sessions on it)."""
         with self.lock:
             datas, self.datas = self.datas, []
-        for s in datas:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.cut.update(datas)
+        self._reset(datas)
+
+    @staticmethod
+    def _reset(socks: list[socket.socket]) -> None:
+        """Reset ``socks`` (an RST to both peers), also those a pump thread is blocked on.
+
+        ``close()`` alone does not: while another thread waits in ``recv()`` on a
+        socket, the kernel keeps it open until that call returns, so a quiet peer would
+        see neither an RST nor a FIN (the connection simply went silent: a flaky
+        test_a_reset_data_connection_ends_the_session_mid_bulk).  ``shutdown(SHUT_RD)``
+        sends nothing and wakes the reader; the pump then sees its socket in ``cut`` and
+        leaves without a FIN; the last ``close()`` sends the RST (``SO_LINGER`` 0)."""
+        for s in socks:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        for s in socks:
             s.close()
 
     def _accept(self, listener: socket.socket, port: int, record: bool) -> None:
@@ -126,6 +144,9 @@ class RecordingBox:
             except OSError:
                 chunk = b""
             if not chunk:
+                with self.lock:
+                    if src in self.cut or dst in self.cut:
+                        return  # reset, not ended: no FIN (_reset)
                 try:
                     dst.shutdown(socket.SHUT_WR)
                 except OSError:

@@ -14,7 +14,7 @@ import struct
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from twisted.conch.ssh import common, transport
+from twisted.conch.ssh import common
 from twisted.conch.ssh.transport import (
     DISCONNECT_MAC_ERROR,
     DISCONNECT_PROTOCOL_ERROR,
@@ -34,6 +34,7 @@ from relay.ssh.ciphers import (
     PacketCiphers,
     gcm_padding,
 )
+from relay.testing import BareSSHTransport as Bare
 from relay.testing import (
     IgnoreRecorder,
     PlainSSHServer,
@@ -46,21 +47,6 @@ KEY16 = bytes(range(16))
 KEY32 = bytes(range(100, 132))
 IV = bytes.fromhex("000102030405060708090a0b") + b"extra key material ignored"
 IV_IN = bytes.fromhex("a0a1a2a3ffffffffffffffff")  # counter wraps after one packet
-
-
-class Bare(AEADTransportMixin, transport.SSHTransportBase):
-    """A transport past key exchange, recording what it dispatches and disconnects."""
-
-    def __init__(self) -> None:
-        self.dispatched: list[tuple[int, bytes]] = []
-        self.disconnects: list[tuple[int, bytes]] = []
-
-    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
-        self.dispatched.append((messageNum, payload))
-
-    def sendDisconnect(self, reason: int, desc: bytes) -> None:
-        self.disconnects.append((reason, desc))
-        super().sendDisconnect(reason, desc)
 
 
 def gcm_transport(cipher: bytes = AES128_GCM, key: bytes = KEY16) -> Bare:

@@ -123,6 +123,34 @@ def test_principals_choose_the_line_and_the_login_breaks_ties(pki: Path) -> None
 
 
 @needs_keygen
+def test_a_relay_wide_ca_logs_in_only_as_the_login_name(pki: Path) -> None:
+    """``trusted_user_ca`` lines are login-bound: the login name must be one of the
+    certificate's principals and the line's user; the CA's other lines still work as
+    before (a per-user line does not need the login name)."""
+    ca = blob(pki / "ca.pub")
+    bound = [Authority(ca, p, frozenset((p.name,)), KeyLimits(), "relay.toml", login_bound=True)
+             for p in (ALICE, BOB)]
+    lines = authorities(pki, *bound)
+    cert = sign(pki, "bound", "-I", "alice@lab", "-n", "alice,al")
+
+    def check(login: str, certificate: bytes = cert,
+              using: dict[bytes, list[Authority]] = lines) -> Principal | None:
+        return check_certificate(certificate, using, now=NOW, address="1.2.3.4",
+                                 login=login).principal
+
+    assert check("alice") == ALICE
+    assert check("bob") is None and check("al") is None and check("x") is None
+    reason = check_certificate(cert, lines, now=NOW, address="1.2.3.4", login="bob").reason
+    assert "trusted_user_ca" in reason and "'bob'" in reason and "alice@lab" in reason
+    assert "(CA SHA256:" in reason
+    # bob's certificate, presented as alice: refused (it is bob's, not alice's).
+    assert check("alice", sign(pki, "bobs", "-I", "bob@lab", "-n", "bob")) is None
+    # The same CA also on a per-user line accepting "al" for bob: that line is unbound.
+    mixed = authorities(pki, *bound, line(pki, BOB, ("al",)))
+    assert check("x", using=mixed) == BOB and check("alice", using=mixed) == ALICE
+
+
+@needs_keygen
 def test_the_lines_own_limits_apply(pki: Path) -> None:
     cert = sign(pki, "lim", "-I", "k", "-n", "alice")
     limited = line(pki, limits=KeyLimits(sources=parse_from("10.0.0.0/8")))

@@ -114,3 +114,36 @@ def test_a_reload_applies_them_as_grants(keys: list[str]) -> None:
     (action,) = diff.diff_relay(before, after)
     assert isinstance(action, diff.RelaySettings) and action.grants
     assert action.fields == ("users",)
+
+
+def test_trusted_user_ca_lets_users_have_no_keys(keys: list[str]) -> None:
+    """``trusted_user_ca`` in ``[relay]`` (a string or an array): a ``[[relay.user]]``
+    needs no keys then (agents still do), its ``expiry``/``from`` are kept for the CA's
+    certificates, and a change re-reads the grants on reload."""
+    text = (f'[relay]\ntrusted_user_ca = ["{keys[0]}", "{keys[0]}"]\n'
+            '[[relay.user]]\nname = "alice"\nservices = ["gpu:22"]\nfrom = "10.0.0.0/8"\n'
+            'expiry = "20270131Z"\n')
+    relay = relay_of(text)
+    assert relay.trusted_user_ca == (keys[0],)  # listed twice: once
+    (alice,) = relay.users
+    assert alice.keys == () and alice.sources == "10.0.0.0/8"
+    assert alice.expires == calendar.timegm((2027, 1, 31, 0, 0, 0))
+    assert relay_of(f'[relay]\ntrusted_user_ca = "{keys[1]}"\n').trusted_user_ca == (keys[1],)
+    err = error_of(f'[relay]\ntrusted_user_ca = "{keys[0]}"\n[[relay.agent]]\n'
+                   'name = "lab_pc"\nservices = ["gpu:22"]\n')
+    assert err.keypath == "relay.agent[0].keys"
+    (action,) = diff.diff_relay(relay, relay_of(text.replace(keys[0], keys[1])))
+    assert isinstance(action, diff.RelaySettings) and action.grants
+    assert action.fields == ("trusted_user_ca",)
+
+
+@pytest.mark.parametrize(("value", "fragment"), [
+    ('"ssh-ed25519 AAAA"', "not a valid ssh-ed25519 public key"),
+    ("5", "expected a string or an array of strings"),
+    ('["ssh-ed25519-cert-v01@openssh.com AAAA lab"]', "certificates"),
+])
+def test_trusted_user_ca_errors_name_the_file_the_key_and_what_is_valid(
+        value: str, fragment: str) -> None:
+    err = error_of(f"[relay]\ntrusted_user_ca = {value}\n")
+    assert err.source == SOURCE and err.keypath.startswith("relay.trusted_user_ca")
+    assert fragment in str(err) and err.hint

@@ -11,11 +11,9 @@ a lost link, once all held, give back what was in flight on it once.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
 
 from twisted.internet.task import Clock
 
-from relay.core.fairshare import FairScheduler
 from relay.core.resume import OPEN_RESUMABLE, RESUME_CHANNEL, SID_LEN, Offer, pack_offer
 from relay.datapath.bridge import Bridge
 from relay.server.resumes import RelayResumes
@@ -23,37 +21,13 @@ from relay.server.sharing import Sharing
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.resumable import HELD, RELEASE_EVERY, ResumableSessions
 from relay.ssh.wire import SHARE, pack_share
-from relay.testing import FakeSide
+from relay.testing import FakeSide, FakeSSHConnection
 
 SID = b"k" * SID_LEN
 WINDOW = 1 << 20
 
 
-class Link:
-    """A connection as a channel sees it: a fair scheduler, and what was sent."""
-
-    def __init__(self) -> None:
-        self.scheduler = FairScheduler()
-        self.data: list[bytes] = []
-        self.requests: list[tuple[Any, bytes, bytes]] = []
-
-    def sendData(self, channel: Any, data: bytes) -> None:
-        self.data.append(bytes(data))
-
-    def sendRequest(self, channel: Any, kind: bytes, data: bytes, wantReply: int = 0) -> None:
-        self.requests.append((channel, kind, data))
-
-    def adjustWindow(self, channel: Any, nbytes: int) -> None:
-        pass
-
-    def sendEOF(self, channel: Any) -> None:
-        pass
-
-    def sendClose(self, channel: Any) -> None:
-        pass
-
-
-def channel(kind: bytes, link: Link) -> BridgedChannel:
+def channel(kind: bytes, link: FakeSSHConnection) -> BridgedChannel:
     return BridgedChannel(kind, remoteWindow=WINDOW, remoteMaxPacket=32 * 1024, conn=link)
 
 
@@ -61,7 +35,7 @@ def test_the_agent_schedules_a_resumed_session_as_its_user_again() -> None:
     clock, releases = Clock(), []
     sessions = ResumableSessions(clock, 60.0, "link test",
                                  release=lambda: releases.append(clock.seconds()) or True)
-    old = Link()
+    old = FakeSSHConnection()
     ch1 = channel(OPEN_RESUMABLE, old)
     assert ch1.requestReceived(SHARE, pack_share("alice", 2.0)) == 1  # the relay's tag
     side = sessions.open(SID, None, ch1, "web from 10.0.0.9:5000")
@@ -73,7 +47,7 @@ def test_the_agent_schedules_a_resumed_session_as_its_user_again() -> None:
     clock.advance(0)  # once all are held: what was in flight is given back, once
     assert releases == [0.0]
 
-    new = Link()
+    new = FakeSSHConnection()
     ch2 = channel(RESUME_CHANNEL, new)
     side.resumeOn(ch2, side.stream.resume(Offer(SID, 0, False), clock.seconds()))
     assert (ch2.shareUser, ch2.shareWeight) == ("alice", 2.0)
@@ -87,17 +61,17 @@ def test_the_relay_tags_a_resumed_channel_from_its_row_and_tells_the_agent() -> 
     sharing = Sharing(SimpleNamespace(principals=lambda: []), clock)
     resumes = RelayResumes(clock, 60.0, retag=sharing.tagAgentChannel)
     owner = (b"agent key", b"instance")
-    old, new = Link(), Link()
+    old, new = FakeSSHConnection(), FakeSSHConnection()
     ch1 = channel(OPEN_RESUMABLE, old)
     side = resumes.sessions.open(SID, owner, ch1, "web:8080 from 10.0.0.9:5000")
     side.row = SimpleNamespace(user="alice", agent=old)
     sharing.tagAgentChannel(side, "alice")
     # The agent is told with the channel's first packet (BridgedChannel.announce).
-    assert ch1.shareUser == "alice" and old.requests == []
+    assert ch1.shareUser == "alice" and old.channelRequests == []
     user = FakeSide()
     Bridge(user, side)
     user.receive(b"hi")
-    assert old.requests == [(ch1, SHARE, pack_share("alice", 1.0))] and old.data == [b"hi"]
+    assert old.channelRequests == [(ch1, SHARE, pack_share("alice", 1.0))] and old.data == [b"hi"]
     ch1.closed()
     assert side.held
 
@@ -109,7 +83,7 @@ def test_the_relay_tags_a_resumed_channel_from_its_row_and_tells_the_agent() -> 
     assert ch2.shareUser == "alice"
     assert new.data == [b"hi"]  # sent again
     user.receive(b" again")  # the tag goes with the new channel's next packet
-    assert new.requests == [(ch2, SHARE, pack_share("alice", 1.0))]
+    assert new.channelRequests == [(ch2, SHARE, pack_share("alice", 1.0))]
     assert new.data == [b"hi", b" again"]
 
 
@@ -119,7 +93,7 @@ def test_memory_is_given_back_once_per_loss_and_at_most_every_few_seconds() -> N
                                  release=lambda: releases.append(clock.seconds()) or True)
     sides = []
     for i in range(3):
-        ch = channel(OPEN_RESUMABLE, Link())
+        ch = channel(OPEN_RESUMABLE, FakeSSHConnection())
         side = sessions.open(bytes([i]) * SID_LEN, None, ch, f"s{i}")
         Bridge(FakeSide(), side)
         sides.append((ch, side))
@@ -133,7 +107,7 @@ def test_memory_is_given_back_once_per_loss_and_at_most_every_few_seconds() -> N
     assert releases == [0.0]  # too soon after the last one
     assert len(sessions.held_sides()) == 3
     clock.advance(RELEASE_EVERY)
-    ch = channel(OPEN_RESUMABLE, Link())
+    ch = channel(OPEN_RESUMABLE, FakeSSHConnection())
     side = sessions.open(b"z" * SID_LEN, None, ch, "late")
     Bridge(FakeSide(), side)
     ch.closed()

@@ -16,14 +16,12 @@ from typing import Any
 
 import pytest
 from asyncssh.crypto.chacha import ChachaCipher
-from twisted.conch.ssh import transport
 from twisted.conch.ssh.transport import MSG_IGNORE, MSG_KEXINIT, MSG_NEWKEYS
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 
 from relay.ssh import kex, policy
-from relay.ssh.aead import AEADTransportMixin
 from relay.ssh.ciphers import (
     AES128_GCM,
     AES256_GCM,
@@ -33,6 +31,7 @@ from relay.ssh.ciphers import (
     chacha_padding,
 )
 from relay.ssh.connection import LINK_BUFFER, FlowConnection
+from relay.testing import BareSSHTransport as Bare
 from relay.testing import IgnoreRecorder, connect_in_memory, ssh_server
 from relay.testing import PlainSSHServer as Server
 from relay.testing import TrustingSSHClient as Client
@@ -83,21 +82,6 @@ def test_chacha_padding_rule() -> None:
     for n in range(1, 100):
         pad = chacha_padding(n)
         assert 4 <= pad < 12 and (1 + n + pad) % 8 == 0
-
-
-class Bare(AEADTransportMixin, transport.SSHTransportBase):
-    """A transport past key exchange, recording what it dispatches and disconnects."""
-
-    def __init__(self) -> None:
-        self.dispatched: list[tuple[int, bytes]] = []
-        self.disconnects: list[tuple[int, bytes]] = []
-
-    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
-        self.dispatched.append((messageNum, payload))
-
-    def sendDisconnect(self, reason: int, desc: bytes) -> None:
-        self.disconnects.append((reason, desc))
-        super().sendDisconnect(reason, desc)
 
 
 def chacha_pair() -> tuple[Bare, Bare]:
