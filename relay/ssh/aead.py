@@ -56,7 +56,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from twisted.conch.ssh.transport import DISCONNECT_MAC_ERROR, DISCONNECT_PROTOCOL_ERROR, SSHCiphers
 
-from relay.datapath.net import write_now
+from relay.datapath.net import TurnBudget, write_now
 from relay.ssh import nativeforward, policy
 from relay.ssh.ciphers import (
     _CHANNEL_DATA_HEAD,
@@ -104,6 +104,11 @@ class AEADTransportMixin(KexMixin):
     nativeForward: Any = None
     #: Whether this kind of connection ever arms it (the relay's, for its users).
     nativeArmable = False
+    #: Set by the connection service while it is the TCP transport's producer
+    #: (``FlowConnection``): packets of any size are written straight to the socket
+    #: within what Twisted's buffer would have taken in the same reactor turn
+    #: (:class:`relay.datapath.net.TurnBudget`); None: small packets only.
+    writeBudget: TurnBudget | None = None
     _pad = b""
     _padOff = 0
 
@@ -161,7 +166,12 @@ class AEADTransportMixin(KexMixin):
             # sequence number are the thread's, so it hands the stream back first and
             # what it sealed leaves before this packet.
             forward.handback("python write", later=True)
-        write_now(self.transport, aead.seal(self.outgoingPacketSequence, plain))
+        chunks = aead.seal(self.outgoingPacketSequence, plain)
+        budget = self.writeBudget
+        if budget is None:
+            write_now(self.transport, chunks)  # small packets at once, the rest buffered
+        else:
+            budget.write(chunks)  # any packet at once, within the turn's budget
         self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & 0xFFFFFFFF
         self._count(len(plain))
 

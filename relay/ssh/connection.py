@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.core.fairshare import FairScheduler
+from relay.datapath.net import TurnBudget
 
 MAX_WINDOW = 0xFFFFFFFF
 OPEN_CONNECT_FAILED = connection.OPEN_CONNECT_FAILED
@@ -123,6 +124,8 @@ class FlowConnection(connection.SSHConnection):
                 tcp.bufferSize = LINK_BUFFER
             tcp.registerProducer(self, True)
             _limitUnsent(tcp, UNSENT_LOWAT)
+            if TurnBudget.usable(tcp) and hasattr(self.transport, "writeBudget"):
+                self.transport.writeBudget = TurnBudget(tcp)
         if hasattr(self.transport, "channelDataHandler"):
             self.transport.channelDataHandler = self.channelData
         self._nativeOK = bool(getattr(self.transport, "nativeArmable", False))
@@ -482,6 +485,10 @@ class FlowConnection(connection.SSHConnection):
         self._stopped = True
         if getattr(self.transport, "channelDataHandler", None) is not None:
             self.transport.channelDataHandler = None
+        budget = getattr(self.transport, "writeBudget", None)
+        if budget is not None:
+            budget.stop()
+            self.transport.writeBudget = None
         self.scheduler = FairScheduler()
         self._held.clear()
         self._closing.clear()
