@@ -230,3 +230,21 @@ def probe_idle(transport: Any, idle: int = 30, interval: int = 10, count: int = 
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
     except OSError:
         pass
+
+
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
+def limit_unsent(tcp: Any, lowat: int) -> None:
+    """Keep at most about ``lowat`` unsent bytes in the kernel's socket buffer too
+    (``TCP_NOTSENT_LOWAT``): on a link slower than the machine, the kernel would
+    otherwise queue megabytes in front of every scheduled packet (at 20 MB/s, 4 MB is
+    200 ms before a keystroke's echo), and the order the scheduler chose would only
+    apply behind them."""
+    sock = getattr(tcp, "socket", None)
+    if sock is None or getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, lowat)
+    except OSError:
+        pass  # not Linux/BSD: the kernel's buffer stays as it is
