@@ -364,8 +364,11 @@ Host *
 
     def run(self) -> dict[str, Any]:  # type: ignore[override]
         args = self.args
-        keys = [(SSH, v, "ssh") for v in VARIANTS[SSH]] + [
-            (RAW, v, op) for op in ("push", "pull") for v in VARIANTS[RAW]]
+        only = set(args.only or [])
+        keys = [(SSH, v, "ssh") for v in VARIANTS[SSH] if not only or v in only] + [
+            (RAW, v, op) for op in ("push", "pull") for v in VARIANTS[RAW]
+            if not only or v in only]
+        raw = [v for v in VARIANTS[RAW] if not only or v in only]
         samples: dict[tuple[str, str, str], list[dict[str, Any]]] = {k: [] for k in keys}
         setups: dict[str, dict[str, list[list[float]]]] = {
             "back_to_back": {v: [] for v in VARIANTS[RAW]},
@@ -374,7 +377,7 @@ Host *
         print(f"warming up: {warm // MiB} MiB per variant (not recorded)", flush=True)
         for workload, variant, op in keys:
             self.trial(workload, variant, warm, op)
-        for variant in VARIANTS[RAW]:
+        for variant in raw:
             self.setup_round(variant, 20, 0)
         self.failed.clear()
         self.check_alive()
@@ -397,20 +400,35 @@ Host *
                                    ("idle_gap", (args.gap_sessions, args.gap_ms))):
                 if n == 0:  # --gap-sessions 0 skips it, as in the agent bench
                     continue
-                for variant in VARIANTS[RAW]:
+                for variant in raw:
                     ms = self.setup_round(variant, n, gap)
                     if ms is not None:
                         setups[kind][variant].append(ms)
                         print(f"run {run}/{args.runs} set-up {kind:12} {variant:12} p50 "
                               f"{pctl(ms, 50):6.2f} p99 {pctl(ms, 99):6.2f} ms", flush=True)
         res = summarize(self, samples, setups, meter.result())
-        res["aead_cpu_s_per_gib"] = aead_cost(args.python)
+        if not only:
+            res["aead_cpu_s_per_gib"] = aead_cost(args.python)
+        else:
+            res["conditions"]["only"] = sorted(only)
         if args.note:
             res["conditions"]["note"] = args.note
         return res
 
     def cleanup(self) -> list[str]:
         return self.children.stop_all()
+
+
+def _variants(text: str) -> list[str]:
+    """``--only``'s comma-separated variant names, each checked against VARIANTS."""
+    known = {v for vs in VARIANTS.values() for v in vs}
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown variant(s) {', '.join(unknown) or '(none given)'}; "
+            f"valid: {', '.join(sorted(known))}")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -425,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set-up sessions after an idle gap per run (default 50; --quick 20)")
     p.add_argument("--gap-ms", type=float, default=50.0, help="the idle gap (default 50 ms)")
     p.add_argument("--note", default="", help="a sentence to add to the Markdown report")
+    p.add_argument("--only", type=_variants, default=None, metavar="V1,V2",
+                   help="run only these variants, e.g. relay_L,seed_L (all processes still "
+                   "start; ratios whose two sides did not both run are left out)")
     add_python_and_results(p, "the Python that runs relay and agent")
     return p
 

@@ -55,7 +55,7 @@ from relay.datapath.handoff import Handoff, Held
 from relay.datapath.join import Handed, OnEnd, SessionCounters, join
 from relay.datapath.net import client_endpoint, peer_ip, probe_idle, write_now
 from relay.ssh.client import LinkBasics, LinkConnection
-from relay.ssh.connection import refused_by_peer
+from relay.ssh.openerrors import refused_by_peer
 
 TARGET_CONNECT_TIMEOUT = 10.0
 RETRY_DELAY = 2.0

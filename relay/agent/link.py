@@ -36,8 +36,8 @@ from relay.core.resume import HELLO, pack_hello, unpack_hello_reply
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.client import LinkConnection, LinkTransport, transport_factory
-from relay.ssh.connection import refused_by_peer
 from relay.ssh.hostkeys import HostKeyVerifier
+from relay.ssh.openerrors import refused_by_peer
 from relay.ssh.resumable import ResumableSessions
 from relay.transport.dial import Dialer, route_of
 

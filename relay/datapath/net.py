@@ -38,7 +38,7 @@ larger ones are batched by the reactor as before.  ``TCPSide`` passes no limit."
 
 
 def write_now(transport: Any, chunks: Sequence[bytes], limit: int | None = WRITE_NOW_MAX,
-              ) -> None:
+              ) -> int:
     """Write ``chunks`` (in order) to ``transport``: straight to its socket when it is
     a plain TCP connection with nothing waiting in its buffer (and the bytes are at
     most ``limit``, if given), else through ``transport.writeSequence`` as usual.
@@ -65,6 +65,8 @@ def write_now(transport: Any, chunks: Sequence[bytes], limit: int | None = WRITE
     is pinned to a range in pyproject.toml, and tests/unit/test_write_now.py runs it
     on real connections of the installed Twisted, so a release that changes them
     fails there, not in a user's session.
+
+    Returns the bytes the kernel took at once (0 when all went to Twisted's buffer).
     """
     size = sum(len(c) for c in chunks)
     sent = 0
@@ -80,13 +82,100 @@ def write_now(transport: Any, chunks: Sequence[bytes], limit: int | None = WRITE
         except OSError:
             sent = 0  # EAGAIN, or an error the reactor's own write will find
         if sent >= size:
-            return
+            return sent
     if sent:
         transport.write((chunks[0] if len(chunks) == 1 else b"".join(chunks))[sent:])
     elif len(chunks) == 1:
         transport.write(chunks[0])
     else:
         transport.writeSequence(chunks)
+    return sent
+
+
+class TurnBudget:
+    """Direct writes for a producer's TCP connection that let no more bytes past the
+    producer in a reactor turn than Twisted's own buffer would.
+
+    The link's fair share (relay.ssh.connection.FlowConnection) rests on Twisted's
+    pause: within one reactor turn, what its channels write goes to the buffer until
+    the buffer holds more than ``bufferSize``; then the producer is paused, and what
+    the channels write next waits in the scheduler, which orders it.  A direct write
+    the kernel takes never reaches that buffer, so direct writes alone never pause the
+    producer: while the kernel has room (the link's queue drained, a fresh link) every
+    channel's bytes would leave in the order the sources produced them, and the user
+    with the most streams would get ahead (round 5's ae04867 did that; reverted in
+    649ab53; tests/unit/test_fairshare_wire.py).
+
+    So a write goes straight to the socket (:func:`write_now`, no size limit) while the
+    bytes sent that way in this reactor turn are under the connection's
+    ``bufferSize``, as Twisted's buffer takes writes until it holds more than that; and
+    once the direct bytes plus the buffered ones are over ``bufferSize`` the producer
+    is paused, where Twisted would have paused it had they all been buffered.  If
+    bytes wait in Twisted's buffer, the reactor's write event resumes the producer once
+    they are sent, as always; if the kernel took everything, the next reactor turn does
+    (the turn in which Twisted's ``doWrite`` would have emptied the buffer).  The count
+    starts again at each turn: one ``callLater(0)`` per turn that wrote directly.  The
+    kernel itself keeps the link's ``TCP_NOTSENT_LOWAT`` on a direct write: Linux's
+    ``send`` takes no new segment once the unsent bytes reach the mark (it returns what
+    it took, or EAGAIN), the same ``send`` that ``doWrite`` makes when ``epoll`` says
+    writable.
+
+    What that saves: a bulk stream that the peer reads as fast as it comes (a user's
+    ``ssh -L`` pull through the relay) is written in the turn that read it, without the
+    two ``epoll_ctl`` calls, the ``epoll_wait`` and the reactor turn of a buffered write
+    (docs/performance.md)."""
+
+    def __init__(self, transport: tcp.Connection) -> None:
+        self.transport = transport
+        self.used = 0  # bytes written directly in this reactor turn
+        self._turn: Any = None  # the pending callLater(0) that starts the next turn
+        self._paused = False  # we paused the producer with nothing buffered
+
+    @staticmethod
+    def usable(transport: Any) -> bool:
+        """Whether ``transport`` is a plain TCP connection whose reactor can tell turns
+        apart (anything else keeps :func:`write_now`'s default)."""
+        return (isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", True)
+                and hasattr(getattr(transport, "reactor", None), "callLater"))
+
+    def write(self, chunks: Sequence[bytes]) -> None:
+        t: Any = self.transport  # reads Twisted's buffer state, as write_now does
+        if self.used < t.bufferSize:
+            sent = write_now(t, chunks, limit=None)
+            if sent:
+                self.used += sent
+                if self._turn is None:
+                    self._turn = t.reactor.callLater(0, self._nextTurn)
+        elif len(chunks) == 1:
+            t.write(chunks[0])
+        else:
+            t.writeSequence(chunks)
+        if not self.used or t.producer is None or not t.streamingProducer or t.producerPaused:
+            return
+        buffered = len(t.dataBuffer) - t.offset + t._tempDataLen
+        if self._paused or self.used + buffered <= t.bufferSize:
+            return
+        if buffered:
+            t.producerPaused = True  # doWrite resumes it once the buffer is sent
+        else:
+            self._paused = True  # nothing for doWrite to send: the next turn resumes it
+        t.producer.pauseProducing()
+
+    def _nextTurn(self) -> None:
+        self._turn = None
+        self.used = 0
+        t: Any = self.transport
+        if self._paused:
+            self._paused = False
+            if not t.producerPaused and t.producer is not None and t.connected:
+                t.producer.resumeProducing()
+
+    def stop(self) -> None:
+        """The connection service stopped: no turn is pending any more."""
+        if self._turn is not None and self._turn.active():
+            self._turn.cancel()
+        self._turn = None
+        self._paused = False
 
 
 def peer_ip(conn: Any) -> str | None:
@@ -141,3 +230,21 @@ def probe_idle(transport: Any, idle: int = 30, interval: int = 10, count: int = 
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
     except OSError:
         pass
+
+
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
+def limit_unsent(tcp: Any, lowat: int) -> None:
+    """Keep at most about ``lowat`` unsent bytes in the kernel's socket buffer too
+    (``TCP_NOTSENT_LOWAT``): on a link slower than the machine, the kernel would
+    otherwise queue megabytes in front of every scheduled packet (at 20 MB/s, 4 MB is
+    200 ms before a keystroke's echo), and the order the scheduler chose would only
+    apply behind them."""
+    sock = getattr(tcp, "socket", None)
+    if sock is None or getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, lowat)
+    except OSError:
+        pass  # not Linux/BSD: the kernel's buffer stays as it is

@@ -51,14 +51,14 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from twisted.conch.ssh.transport import DISCONNECT_MAC_ERROR, DISCONNECT_PROTOCOL_ERROR, SSHCiphers
 
-from relay.datapath.net import write_now
+from relay.datapath.net import TurnBudget, write_now
 from relay.ssh import nativeforward, policy
 from relay.ssh.ciphers import (
     _CHANNEL_DATA_HEAD,
@@ -106,6 +106,11 @@ class AEADTransportMixin(KexMixin):
     nativeForward: Any = None
     #: Whether this kind of connection ever arms it (the relay's, for its users).
     nativeArmable = False
+    #: Set by the connection service while it is the TCP transport's producer
+    #: (``FlowConnection``): packets of any size are written straight to the socket
+    #: within what Twisted's buffer would have taken in the same reactor turn
+    #: (:class:`relay.datapath.net.TurnBudget`); None: small packets only.
+    writeBudget: TurnBudget | None = None
     _pad = b""
     _padOff = 0
     _cork: list[bytes] | None = None  # sealed packets held by corked()
@@ -173,7 +178,14 @@ class AEADTransportMixin(KexMixin):
         finally:
             chunks, self._cork = self._cork, None
             if chunks and self.transport is not None:
-                write_now(self.transport, chunks)
+                self._writeSealed(chunks)
+
+    def _writeSealed(self, chunks: Sequence[bytes]) -> None:
+        budget = self.writeBudget
+        if budget is None:
+            write_now(self.transport, chunks)  # small packets at once, the rest buffered
+        else:
+            budget.write(chunks)  # any packet at once, within the turn's budget
 
     def _sealAndWrite(self, aead: AEADDirection, plain: bytes) -> None:
         forward = self.nativeForward
@@ -183,11 +195,11 @@ class AEADTransportMixin(KexMixin):
             # sequence number are the thread's, so it hands the stream back first and
             # what it sealed leaves before this packet.
             forward.handback("python write", later=True)
-        sealed = aead.seal(self.outgoingPacketSequence, plain)
+        chunks = aead.seal(self.outgoingPacketSequence, plain)
         if self._cork is not None:
-            self._cork.extend(sealed)
+            self._cork.extend(chunks)  # written by corked(), in order
         else:
-            write_now(self.transport, sealed)
+            self._writeSealed(chunks)
         self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & 0xFFFFFFFF
         self._count(len(plain))
 

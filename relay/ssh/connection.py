@@ -25,7 +25,6 @@ re-opened by the channel itself, after its bytes were accepted downstream (see
 
 from __future__ import annotations
 
-import socket
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +39,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.core.fairshare import FairScheduler
+from relay.datapath.net import TurnBudget, limit_unsent
+from relay.ssh.openerrors import open_error
 
 MAX_WINDOW = 0xFFFFFFFF
 OPEN_CONNECT_FAILED = connection.OPEN_CONNECT_FAILED
@@ -65,16 +66,6 @@ SHARED_UNSENT = 16 * 1024
 kernel's unsent queue is FIFO too.  The link stays busy meanwhile on the bytes already
 sent (in flight, and queued at the bottleneck), which the reactor refills long before
 they drain."""
-
-
-def refused_by_peer(failure: Failure) -> bool:
-    """Whether a global request's failure is the peer's ``REQUEST_FAILURE`` reply.
-
-    Conch errbacks that with ``ConchError("global request failed", packet)`` and the
-    requests pending on a stopped connection with ``ConchError("Connection stopped.")``,
-    whose ``data`` is None (``args`` has two items either way)."""
-    e = failure.value
-    return isinstance(e, error.ConchError) and e.data is not None
 
 
 @implementer(IPushProducer)
@@ -122,7 +113,9 @@ class FlowConnection(connection.SSHConnection):
             if hasattr(tcp, "bufferSize"):
                 tcp.bufferSize = LINK_BUFFER
             tcp.registerProducer(self, True)
-            _limitUnsent(tcp, UNSENT_LOWAT)
+            limit_unsent(tcp, UNSENT_LOWAT)
+            if TurnBudget.usable(tcp) and hasattr(self.transport, "writeBudget"):
+                self.transport.writeBudget = TurnBudget(tcp)
         if hasattr(self.transport, "channelDataHandler"):
             self.transport.channelDataHandler = self.channelData
         self._nativeOK = bool(getattr(self.transport, "nativeArmable", False))
@@ -229,7 +222,7 @@ class FlowConnection(connection.SSHConnection):
             return
         if hasattr(tcp, "bufferSize"):
             tcp.bufferSize = SHARED_BUFFER if shared else LINK_BUFFER
-        _limitUnsent(tcp, SHARED_UNSENT if shared else UNSENT_LOWAT)
+        limit_unsent(tcp, SHARED_UNSENT if shared else UNSENT_LOWAT)
 
     def sendEOF(self, channel: Any) -> None:
         if self.scheduler.queued(channel):
@@ -337,7 +330,7 @@ class FlowConnection(connection.SSHConnection):
         try:
             result = self.getChannel(channelType, windowSize, maxPacket, rest[12:])
         except error.ConchError as e:
-            self._refuseOpen(senderChannel, *_openError(e))
+            self._refuseOpen(senderChannel, *open_error(e))
             return
         except Exception:
             self._log.failure("channel open failed")
@@ -376,7 +369,7 @@ class FlowConnection(connection.SSHConnection):
         if self.transport is None or self._stopped:
             return
         if isinstance(f.value, error.ConchError):
-            self._refuseOpen(senderChannel, *_openError(f.value))
+            self._refuseOpen(senderChannel, *open_error(f.value))
         else:
             self._refuseOpen(senderChannel, OPEN_CONNECT_FAILED, f.getErrorMessage())
 
@@ -482,40 +475,12 @@ class FlowConnection(connection.SSHConnection):
         self._stopped = True
         if getattr(self.transport, "channelDataHandler", None) is not None:
             self.transport.channelDataHandler = None
+        budget = getattr(self.transport, "writeBudget", None)
+        if budget is not None:
+            budget.stop()
+            self.transport.writeBudget = None
         self.scheduler = FairScheduler()
         self._held.clear()
         self._closing.clear()
         self._shared = False
         super().serviceStopped()
-
-
-TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
-
-
-def _limitUnsent(tcp: Any, lowat: int) -> None:
-    """Keep at most about ``lowat`` unsent bytes in the kernel's socket buffer too
-    (``TCP_NOTSENT_LOWAT``): on a link slower than the machine, the kernel would
-    otherwise queue megabytes in front of every scheduled packet (at 20 MB/s, 4 MB is
-    200 ms before a keystroke's echo), and the order the scheduler chose would only
-    apply behind them."""
-    sock = getattr(tcp, "socket", None)
-    if sock is None or getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, lowat)
-    except OSError:
-        pass  # not Linux/BSD: the kernel's buffer stays as it is
-
-
-def _openError(e: error.ConchError) -> tuple[int, str]:
-    """(reason code, text) for a refused open from a ``ConchError``.
-
-    Conch raises both ``ConchError(text, code)`` and ``ConchError(code, text)``
-    (Twisted #3657), and ``ConchError(text)`` leaves the code ``None``.
-    """
-    text, code = e.value, e.data
-    if isinstance(text, int) and not isinstance(code, int):
-        text, code = code, text
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    return (code if isinstance(code, int) else OPEN_CONNECT_FAILED), str(text)

@@ -46,9 +46,9 @@ from relay.ssh.connection import (
     OPEN_ADMINISTRATIVELY_PROHIBITED,
     OPEN_CONNECT_FAILED,
     FlowConnection,
-    refused_by_peer,
 )
 from relay.ssh.guard import PeerInputGuard
+from relay.ssh.openerrors import refused_by_peer
 from relay.ssh.resumable import ResumableSessions
 from relay.ssh.serverauth import (
     NAME_LIMIT,

@@ -7,9 +7,17 @@ alice downloads from the data service on gpu_cluster with one connection, carol 
 eight, each through their own stock ``ssh -L``; over 10 s each user's share of what
 crossed the link is measured (with equal weights, and with alice's ``share = 2``), and
 eve's echo round trips through the same link meanwhile.  The load is
-``sharingload.py``, which ``bench/sharing.py`` runs too.  Bounds are loose enough for a
-loaded shared 2-core box; the goals (40-60 %, 60-73 %, echo p99 <= 20 ms) are the
-benchmark's figures.
+``sharingload.py``, which ``bench/sharing.py`` runs too.
+
+The bounds are wall-clock rates on a shared 2-core box, so they are as tight as a loaded
+box allows and no tighter: the shares within 42-58 % and 58-75 % (measured at load 5-6:
+49.8-50.0 % and 64.4-66.7 %; earlier rounds' single runs at load 6-12 went down to
+59 % with weights), the echo p99 under 75 ms (measured at load 5-6: 32-46 ms; earlier
+rounds up to 58 ms).  The goals (40-60 %, 60-73 %, echo p99 <= 20 ms) are the bench's,
+on a quiet box.  What no wall-clock bound here can catch (round 5's direct writes gave
+61 % with weights 2:1 on the quiet bench and passed this test) is carried by
+tests/unit/test_fairshare_wire.py, which reads the shares from the order of the bytes
+on the wire.
 """
 
 from __future__ import annotations
@@ -26,8 +34,8 @@ RATE_MBIT = 320  # 40 MB/s
 
 
 @pytest.mark.parametrize(("alice_share", "bounds"), [
-    (1, (0.35, 0.65)),  # the goal: 40-60 %
-    (2, (0.55, 0.78)),  # the goal: 60-73 %
+    (1, (0.42, 0.58)),  # the goal: 40-60 %
+    (2, (0.58, 0.75)),  # the goal: 60-73 %
 ], ids=["equal", "alice-share-2"])
 def test_one_stream_against_eight_share_the_link_by_user(
     site: Site, record: Record, alice_share: int, bounds: tuple[float, float]
@@ -44,4 +52,4 @@ def test_one_stream_against_eight_share_the_link_by_user(
           f"p99 {p99:.1f} ms over {len(m.rtts)}")
     assert m.link_mb_s > 0.5 * RATE_MBIT / 8  # the link was the bottleneck, and used
     assert bounds[0] <= share <= bounds[1], share
-    assert p99 <= 100, p99  # the goal is 20 ms; loose here, for a loaded shared box
+    assert p99 <= 75, p99  # the goal is 20 ms on a quiet box; 32-46 ms measured at load 5-6

@@ -37,6 +37,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from relay.datapath.bridge import Bridge, TCPSide
+from relay.datapath.net import TCP_NOTSENT_LOWAT
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import (
     CHANNEL_QUEUE,
@@ -45,7 +46,6 @@ from relay.ssh.connection import (
     OPEN_CONNECT_FAILED,
     SHARED_BUFFER,
     SHARED_UNSENT,
-    TCP_NOTSENT_LOWAT,
     UNSENT_LOWAT,
     FlowConnection,
 )

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 
-from relay.datapath.net import WRITE_NOW_MAX, write_now
+from relay.datapath.net import WRITE_NOW_MAX, TurnBudget, write_now
 
 Pair = tuple[tcp.Connection, socket.socket, MemoryReactor]
 
@@ -150,3 +150,117 @@ def test_an_aborted_connection_sends_nothing_directly(pair: Pair) -> None:
     conn._aborting = True  # what abortConnection sets before connectionLost runs
     write_now(conn, (b"late",))
     assert received(theirs) == b""
+
+
+class Producer:
+    """A streaming producer that counts what the transport asks of it."""
+
+    def __init__(self) -> None:
+        self.paused = 0
+        self.resumed = 0
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@pytest.fixture
+def clocked() -> Iterator[tuple[tcp.Connection, socket.socket, MemoryReactorClock]]:
+    """A real socket pair whose reactor has a clock: ``advance(0)`` is a new turn."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    reactor = MemoryReactorClock()
+    conn = tcp.Connection(ours, Protocol(), reactor)
+    conn.connected = 1
+    try:
+        yield conn, theirs, reactor
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def drain(sock: socket.socket, size: int) -> bytes:
+    got = b""
+    while len(got) < size:
+        chunk = received(sock)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_a_turn_budget_sends_bulk_at_once_up_to_the_buffer_size(
+        clocked: tuple[tcp.Connection, socket.socket, MemoryReactorClock]) -> None:
+    """TurnBudget (the SSH transport's writes under FlowConnection): packets of any size
+    leave in the turn that wrote them while the turn's direct bytes stay within
+    ``bufferSize``; the next one is buffered and pauses the producer exactly where
+    Twisted's buffer would have (direct + buffered over ``bufferSize``); the reactor's
+    write event resumes it; a new turn starts the count again."""
+    conn, theirs, reactor = clocked
+    producer = Producer()
+    conn.registerProducer(producer, True)
+    conn.bufferSize = 128 * 1024
+    budget = TurnBudget(conn)
+    packet = b"p" * (32 * 1024)
+    for _ in range(4):  # 128 KiB: all at once, no reactor round
+        budget.write((packet[:16], packet[16:]))
+    assert conn not in reactor.getWriters() and producer.paused == 0
+    assert len(drain(theirs, 4 * len(packet))) == 4 * len(packet)
+    budget.write((packet,))  # the fifth crosses the mark: buffered, and paused
+    assert conn in reactor.getWriters() and producer.paused == 1
+    assert drain(theirs, len(packet)) == b""
+    conn.doWrite()
+    assert producer.resumed == 1
+    assert drain(theirs, len(packet)) == packet
+    reactor.advance(0)  # the next turn: the budget is whole again
+    budget.write((packet,))
+    assert drain(theirs, len(packet)) == packet
+    assert conn not in reactor.getWriters()
+
+
+def test_a_turn_budget_that_the_kernel_took_whole_resumes_at_the_next_turn(
+        clocked: tuple[tcp.Connection, socket.socket, MemoryReactorClock]) -> None:
+    """The write that crosses ``bufferSize`` still leaves at once (Twisted's buffer takes
+    it too), and the producer is paused after it; nothing waits in Twisted's buffer, so
+    no write event will come: the next reactor turn resumes the producer instead."""
+    conn, theirs, reactor = clocked
+    producer = Producer()
+    conn.registerProducer(producer, True)
+    conn.bufferSize = 128 * 1024
+    budget = TurnBudget(conn)
+    packet = b"q" * (48 * 1024)
+    for _ in range(3):  # 0, 48 and 96 KiB sent before each: all three at once
+        budget.write((packet,))
+    assert len(drain(theirs, 3 * len(packet))) == 3 * len(packet)
+    assert conn not in reactor.getWriters()
+    assert (producer.paused, producer.resumed) == (1, 0)
+    reactor.advance(0)
+    assert (producer.paused, producer.resumed) == (1, 1)
+    assert budget.used == 0
+
+
+def test_a_turn_budget_never_writes_past_buffered_bytes(
+        clocked: tuple[tcp.Connection, socket.socket, MemoryReactorClock]) -> None:
+    conn, theirs, _reactor = clocked
+    conn.bufferSize = 128 * 1024
+    budget = TurnBudget(conn)
+    conn.write(b"first ")  # waits for the reactor
+    budget.write((b"second",))
+    assert received(theirs) == b""
+    conn.doWrite()
+    assert received(theirs) == b"first second"
+
+
+def test_a_turn_budget_needs_a_plain_tcp_connection_and_a_clock(
+        clocked: tuple[tcp.Connection, socket.socket, MemoryReactorClock]) -> None:
+    conn, _theirs, _reactor = clocked
+    assert TurnBudget.usable(conn)
+    assert not TurnBudget.usable(StringTransport())
+    conn.reactor = MemoryReactor()
+    assert not TurnBudget.usable(conn)

@@ -1,0 +1,39 @@
+"""Reading Conch's errors about channel opens and global requests.
+
+Conch's ``ConchError`` carries its reason code and text in either order, and tells a
+peer's refusal apart from a stopped connection only by ``data``: the two helpers here
+read them, so the connection, the relay's server side and the agent's link and pool
+agree on what a failure meant.
+"""
+
+from __future__ import annotations
+
+from twisted.conch import error
+from twisted.conch.ssh import connection
+from twisted.python.failure import Failure
+
+OPEN_CONNECT_FAILED = connection.OPEN_CONNECT_FAILED
+
+
+def refused_by_peer(failure: Failure) -> bool:
+    """Whether a global request's failure is the peer's ``REQUEST_FAILURE`` reply.
+
+    Conch errbacks that with ``ConchError("global request failed", packet)`` and the
+    requests pending on a stopped connection with ``ConchError("Connection stopped.")``,
+    whose ``data`` is None (``args`` has two items either way)."""
+    e = failure.value
+    return isinstance(e, error.ConchError) and e.data is not None
+
+
+def open_error(e: error.ConchError) -> tuple[int, str]:
+    """(reason code, text) for a refused open from a ``ConchError``.
+
+    Conch raises both ``ConchError(text, code)`` and ``ConchError(code, text)``
+    (Twisted #3657), and ``ConchError(text)`` leaves the code ``None``.
+    """
+    text, code = e.value, e.data
+    if isinstance(text, int) and not isinstance(code, int):
+        text, code = code, text
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return (code if isinstance(code, int) else OPEN_CONNECT_FAILED), str(text)
