@@ -29,6 +29,23 @@ from pathlib import Path
 from typing import Any
 
 
+def cost(pid: int) -> tuple[int, int]:
+    """CPU nanoseconds on a core and voluntary context switches (each a sleep in
+    ``epoll_wait`` or another blocking call: a wake-up) of all ``pid``'s threads so far,
+    from /proc: counts that do not depend on the other processes' load, unlike the
+    wall-clock p50."""
+    ns = switches = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            ns += int((task / "schedstat").read_text().split()[0])
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    switches += int(line.split()[1])
+        except (OSError, ValueError):  # a thread that ended meanwhile
+            continue
+    return ns, switches
+
+
 def serve(repo: Path, suite: str) -> int:
     """One tree's bench: set up, then answer ``variant sessions gap_ms`` lines with the
     round's milliseconds as JSON, until stdin closes.  ``suite``: ``stock``
@@ -62,10 +79,17 @@ def serve(repo: Path, suite: str) -> int:
             for variant in names:
                 round_(variant, 20, 0)  # warm-up, not recorded
             print(json.dumps({"ready": True}), flush=True)
+            pids = {"relay": bench.relay.pid, "agent": bench.agent.pid}
             for line in sys.stdin:
                 variant, sessions, gap = line.split()
+                before = {k: cost(pid) for k, pid in pids.items()}
                 ms = round_(variant, int(sessions), float(gap))
-                print(json.dumps({"ms": ms, "anomalies": bench.anomalies[-1:]}), flush=True)
+                after = {k: cost(pid) for k, pid in pids.items()}
+                per = {f"{k} {what}": (after[k][i] - before[k][i]) / int(sessions) / scale
+                       for k in pids for i, (what, scale) in enumerate(
+                           (("CPU-us", 1000), ("wake-ups", 1)))}
+                print(json.dumps({"ms": ms, "per_session": per,
+                                  "anomalies": bench.anomalies[-1:]}), flush=True)
         finally:
             if os.environ.get("LABRELAY_STAMP_DIR"):  # a stamping sitecustomize: dump now
                 for proc in (bench.relay, bench.agent):
@@ -129,6 +153,7 @@ def main() -> int:
     variants = (args.variants or ("relay_L,relay_L_e2e,direct" if args.suite == "stock"
                                   else "relay,relay-L,direct")).split(",")
     p50: dict[tuple[str, str], list[float]] = {(n, v): [] for n in names for v in variants}
+    per: dict[tuple[str, str, str], list[float]] = {}
     try:
         for r in range(args.rounds):
             order = [0, 1] if r % 2 == 0 else [1, 0]
@@ -140,7 +165,11 @@ def main() -> int:
                         continue
                     m = statistics.median(got["ms"])
                     p50[(names[i], variant)].append(m)
-                    print(f"round {r} {names[i]} {variant:12} p50 {m:6.3f} ms", flush=True)
+                    for k, v in got.get("per_session", {}).items():
+                        per.setdefault((names[i], variant, k), []).append(v)
+                    costs = "  ".join(f"{k} {v:.1f}" for k, v in got.get("per_session", {}).items())
+                    print(f"round {r} {names[i]} {variant:12} p50 {m:6.3f} ms  per session: "
+                          f"{costs}", flush=True)
     finally:
         for proc in procs:
             assert proc.stdin is not None
@@ -153,6 +182,14 @@ def main() -> int:
         if a and b:
             print(f"  {variant:12} A {statistics.median(a):6.3f}  B {statistics.median(b):6.3f}"
                   f"  B/A {statistics.median(b) / statistics.median(a):5.3f}")
+    print("per session, medians of the rounds (the processes' CPU-us from schedstat, "
+          "voluntary context switches = wake-ups):")
+    for variant in variants:
+        for k in sorted({k for (_, v, k) in per if v == variant}):
+            a, b = per.get(("A", variant, k), []), per.get(("B", variant, k), [])
+            if a and b:
+                print(f"  {variant:12} {k:16} A {statistics.median(a):7.1f}  "
+                      f"B {statistics.median(b):7.1f}")
     return 0
 
 

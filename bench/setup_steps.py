@@ -42,6 +42,88 @@ def first(events: list[Event], after: int, op: str, fd: int | None = None,
     raise LookupError(op)
 
 
+STOCK_STEPS = ["relay: the user's open read -> sent on (GO or CHANNEL_OPEN)",
+               "-> the agent has read it", "agent: -> connect() to the target",
+               "agent: connect() -> answer sent (K or confirmation)",
+               "-> the relay has read it", "relay: -> the user's confirmation sent",
+               "user: -> her first bytes read by the relay",
+               "relay: -> sent on to the agent", "agent + target: -> the echo read by the relay",
+               "relay: -> the echo sent to the user"]
+
+
+def stock(where: str) -> int:
+    """Per-step medians of ``ssh -L`` sessions of the stock suite (``setup_ab.py --suite
+    stock``): from the relay's read of the user's channel open (after an idle gap)
+    through the agent (the link's CHANNEL_OPEN, or the pooled route's GO and ``K``)
+    to the echo written back to the user.  The pooled route's agent splices in C (not
+    stamped): its steps after the answer are the relay's."""
+    relay, agent = load(where, "relay"), load(where, "agent")
+    routes: dict[str, list[list[float]]] = {}
+    busy: dict[str, list[float]] = {}
+    opens = [e for i, e in enumerate(relay) if e[1] == "recv" and 60 <= e[3] <= 200 and i > 1
+             and relay[i - 1][1] == "wake" and relay[i - 1][0] - relay[i - 2][0] > 20_000_000]
+    for o in opens:
+        t0, user = o[0], o[2]
+        r = [e for e in relay if t0 <= e[0] < t0 + 40_000_000]
+        g = [e for e in agent if t0 <= e[0] < t0 + 40_000_000]
+        try:
+            s1 = first(r, t0, "send", not_fd=user)
+            down = s1[2]
+            g1 = first(g, s1[0] - 1, "recv")
+            c = first(g, g1[0] - 1, "connect")
+            r1 = first(r, c[0], "recv", down)
+            try:  # the agent's answer (main's pooled route: written later, not by send)
+                g2 = first(g, c[0], "send", g1[2])
+            except LookupError:
+                g2 = (r1[0], "", 0, 0, 0)
+            g2 = g2 if g2[0] <= r1[0] else (r1[0], "", 0, 0, 0)
+            u1 = first(r, r1[0], "send", user)
+            u2 = first(r, u1[0], "recv", user)
+            s2 = first(r, u2[0], "send", down)
+            r2 = first(r, s2[0], "recv", down)
+            u3 = first(r, r2[0], "send", user)
+        except LookupError:
+            continue
+        ts = [t0, s1[0], g1[0], c[0], g2[0], r1[0], u1[0], u2[0], s2[0], r2[0], u3[0]]
+        route = "pooled (GO, K)" if r1[3] == 1 else "link (CHANNEL_OPEN)"
+        steps = routes.setdefault(route, [[] for _ in STOCK_STEPS])
+        for i in range(len(STOCK_STEPS)):
+            steps[i].append((ts[i + 1] - ts[i]) / 1e6)
+        for role, evs in (("relay", r), ("agent", g)):
+            busy.setdefault(f"{route}: {role} wake-ups (to the echo)", []).append(
+                sum(1 for e in evs if e[1] == "wake" and e[0] <= u3[0]))
+            busy.setdefault(f"{route}: {role} epoll_ctl (to the echo)", []).append(
+                sum(1 for e in evs if e[1] == "ctl" and e[0] <= u3[0]))
+            work, woke = 0, None
+            for e in evs:
+                if e[0] > u3[0]:
+                    break
+                if e[1] == "wake":
+                    woke = e[0]
+                elif e[1] == "sleep" and woke is not None:
+                    work, woke = work + e[0] - woke, None
+            busy.setdefault(f"{route}: {role} busy (wake to sleep, to the echo)",
+                            []).append(work / 1e6)
+    print(f"{sum(len(s[0]) for s in routes.values())} of {len(opens)} sessions lined up; "
+          f"medians in ms")
+    names = sorted(routes)
+    print("| step | " + " | ".join(f"{n} ({len(routes[n][0])})" for n in names) + " |")
+    totals = dict.fromkeys(names, 0.0)
+    for i, step in enumerate(STOCK_STEPS):
+        cells = []
+        for n in names:
+            m = statistics.median(routes[n][i])
+            totals[n] += m
+            cells.append(f"{m:.2f}")
+        print(f"| {step} | " + " | ".join(cells) + " |")
+    print("| sum of the steps | " + " | ".join(f"{totals[n]:.2f}" for n in names) + " |")
+    for name, values in sorted(busy.items()):
+        unit = " ms" if "busy" in name else ""
+        print(f"{name}: median {statistics.median(values):.2f}{unit}, "
+              f"mean {statistics.mean(values):.2f}")
+    return 0
+
+
 def main(where: str) -> int:
     relay, agent = load(where, "relay"), load(where, "agent")
     steps: list[list[float]] = [[] for _ in STEPS]
@@ -92,4 +174,6 @@ def main(where: str) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--stock":
+        raise SystemExit(stock(sys.argv[2]))
     raise SystemExit(main(sys.argv[1]))

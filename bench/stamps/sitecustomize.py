@@ -5,8 +5,10 @@ per-step timing of a new session in docs/benchmarks.md ("Set-up after an idle ga
 Put this directory first on ``PYTHONPATH`` and set ``LABRELAY_STAMP_DIR``; every
 ``python -m relay relay|agent`` started then records ``accept``, ``connect`` (and
 ``connect_ex``), ``send``/``sendmsg``/``sendall``, ``recv``, each return of the epoll
-reactor's poll (``wake``, a reactor iteration) and each ``epoll_ctl`` (``ctl``), and
-writes them to ``$LABRELAY_STAMP_DIR/<relay|agent>-<pid>.txt`` at exit or on SIGUSR2.
+reactor's poll (``wake``, a reactor iteration; ``sleep`` as it enters it) and each
+``epoll_ctl`` (``ctl``), and
+writes them to ``$LABRELAY_STAMP_DIR/<relay|agent>-<pid>.txt`` at exit or on SIGUSR2
+(with ``LABRELAY_STAMP_PROFILE=1`` also a cProfile of the whole process, ``.prof``).
 ``bench/setup_ab.py --stamp-dir`` does this for both trees; ``bench/setup_steps.py``
 reads the files.  Nothing here is imported by labrelay itself.
 """
@@ -57,10 +59,20 @@ def _install(role: str, where: str) -> None:
     wrap("connect_ex", "connect")
     wrap("connect", "connect")
 
+    profile = None
+    if os.environ.get("LABRELAY_STAMP_PROFILE"):  # cProfile too: where the Python time goes
+        import cProfile
+
+        profile = cProfile.Profile()
+        profile.enable()
+
     def dump() -> None:
         with open(os.path.join(where, f"{role}-{os.getpid()}.txt"), "w") as f:
             for e in _LOG:
                 f.write(" ".join(map(str, e)) + "\n")
+        if profile is not None:
+            profile.disable()
+            profile.dump_stats(os.path.join(where, f"{role}-{os.getpid()}.prof"))
 
     def dump_and_exit(signum: int, frame: Any) -> None:
         dump()
@@ -82,6 +94,7 @@ def _patch_epoll(now: Any) -> None:
             self.real = real
 
         def poll(self, *a: Any) -> Any:
+            rec((now(), "sleep", 0, 0, 0))  # the iteration's work is done: into epoll_wait
             r = self.real.poll(*a)
             rec((now(), "wake", len(r), 0, 0))
             return r

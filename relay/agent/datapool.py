@@ -19,7 +19,8 @@ vouch for (docs/fastpath.md "Protocol"):
   of a forward it offered and the relay listed as end-to-end encrypted;
 - a connection that ends without a valid dispatch (closed, garbage, a bad MAC) is
   replaced at a bounded rate (:class:`RefillBudget`) and logged once per burst
-  (:class:`BurstLog`); one used by a valid dispatch is replaced at once.
+  (:class:`BurstLog`); one used by a valid dispatch is replaced freely
+  (``REFILL_AFTER_USE``).
 
 An idle connection that gets a valid GO connects that service's target like a
 ``forwarded-tcpip`` channel would, answers ``K`` (or ``E`` and why) and hands both
@@ -52,12 +53,15 @@ from relay.datapath import splicing as datapath
 from relay.datapath.dialnow import Dial, connect_target
 from relay.datapath.handoff import Handoff, Held
 from relay.datapath.join import Handed, OnEnd, SessionCounters, join
-from relay.datapath.net import client_endpoint, peer_ip, probe_idle
+from relay.datapath.net import client_endpoint, peer_ip, probe_idle, write_now
 from relay.ssh.client import LinkBasics, LinkConnection
 from relay.ssh.openerrors import refused_by_peer
 
 TARGET_CONNECT_TIMEOUT = 10.0
 RETRY_DELAY = 2.0
+# A used connection's replacement, while half the pool is idle: after the session's
+# set-up, not during it (DataPool._refillAfterUse; docs/benchmarks.md, round 6).
+REFILL_AFTER_USE = 0.010
 
 
 class PoolConnState(StrEnum):
@@ -114,7 +118,7 @@ class PoolConnection(Handoff):
             if self.buf:
                 self.pool.protocolError(self, "bytes after the challenge, before our hello")
                 return
-            self.transport.write(fw.agent_hello(self.token, self.nonce))
+            write_now(self.transport, (fw.agent_hello(self.token, self.nonce),))
             self.state = PoolConnState.IDLE
             return
         if self.state is not PoolConnState.IDLE:
@@ -174,6 +178,7 @@ class DataPool:
         self._conn: LinkConnection | None = None
         self._asking = False
         self._retry: IDelayedCall | None = None
+        self._soon: IDelayedCall | None = None  # REFILL_AFTER_USE's timer
         self.counters = SessionCounters()  # every spliced session of the pool
         self._ready: list[defer.Deferred[None]] = []
         self.dial_failures = 0
@@ -218,9 +223,10 @@ class DataPool:
             pair.abort()
 
     def _cancelRetry(self) -> None:
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+        for call in (self._retry, self._soon):
+            if call is not None and call.active():
+                call.cancel()
+        self._retry = self._soon = None
 
     def _services(self) -> list[tuple[str, int]]:
         local = self.link.local_relay
@@ -382,6 +388,20 @@ class DataPool:
 
     # a session
 
+    def _refillAfterUse(self) -> None:
+        """Replace a connection the relay just used REFILL_AFTER_USE later (one timer for
+        a burst), so that its dial and the relay's accept, challenge and hello check do
+        not run during this session's set-up on the same cores; at once, as before, when
+        less than half the pool is idle (a session finding none takes the link)."""
+        if len(self.idle) * 2 < self.size:
+            self.refill()
+        elif self._soon is None or not self._soon.active():
+            self._soon = self.link.clock.callLater(REFILL_AFTER_USE, self._refillDue)
+
+    def _refillDue(self) -> None:
+        self._soon = None
+        self.refill()
+
     def _forwardFor(self, name: str, port: int) -> Any:
         """The forward for exactly ``name:port`` (name case-insensitive, port exact), if
         this agent offered it and the relay listed it as one it dispatches; never a
@@ -398,8 +418,8 @@ class DataPool:
     def dispatched(self, pc: PoolConnection, name: str, port: int) -> None:
         """A GO whose MAC was right: the relay asked for ``name:port``."""
         self.idle.discard(pc)
-        self._credits = min(self._credits + 1, self.size)  # the relay used it: replace at once
-        self.refill()
+        self._credits = min(self._credits + 1, self.size)  # the relay used it: replace it
+        self._refillAfterUse()
         forward = self._forwardFor(name, port)
         local = self.link.local_relay
         if forward is None or (forward.config.via_relay and (
@@ -426,7 +446,7 @@ class DataPool:
             if pc.state is not PoolConnState.CONNECTING:
                 server.transport.abortConnection()
                 return
-            pc.transport.write(fw.AGENT_OK)
+            write_now(pc.transport, (fw.AGENT_OK,))  # now, not a reactor turn later
 
             def ended(pair: datapath.SplicedPair, result: Any) -> None:
                 if isinstance(result, Failure) and not result.check(datapath.PairAborted):

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from relay.config.schema import RelayConfig
 from relay.core.router import Refused, Router
 from relay.core.routing import Registration, Registry
-from relay.core.sessions import SPLICED, Meter, SessionRow, SessionTable
+from relay.core.sessions import POOLED, SPLICED, Meter, SessionRow, SessionTable
 from relay.datapath.bridge import Bridge, Side
 from relay.datapath.join import PairCounters
 from relay.datapath.splicing import SplicedPair
@@ -28,7 +28,7 @@ from relay.server import audit
 from relay.server.dataconn import PairingError
 from relay.server.dataport import DataPort
 from relay.server.grants import Grants
-from relay.server.pooled import open_user_side
+from relay.server.pooled import log_pooled, open_user_side
 from relay.server.sharing import Sharing
 from relay.server.waiting import Waiting
 from relay.ssh.channels import BridgedChannel
@@ -112,9 +112,15 @@ class SessionOpening:
                 agent_channel.abort()
                 self.sessionEnded(session, 0, 0, "user channel did not open")
 
-            channel.opened.addCallbacks(
-                lambda ch: self.bridge(session, ch, agent_channel), not_opened
-            )
+            def opened(ch: BridgedChannel) -> Bridge:
+                # The user's confirmation has left (FlowConnection._confirmOpen sends it
+                # before channelOpen): what is only logged waits until now.
+                bridge = self.bridge(session, ch, agent_channel)
+                if session.path == POOLED:
+                    log_pooled(session)
+                return bridge
+
+            channel.opened.addCallbacks(opened, not_opened)
             return channel
 
         def failed(f: Failure) -> defer.Deferred[BridgedChannel]:

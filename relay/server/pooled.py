@@ -106,8 +106,8 @@ def pooled_route(dataport: DataPort, reg: Registration,
 def open_user_side(relay: PooledShell, reg: Registration, port: int, origin: str,
                    session: SessionRow) -> defer.Deferred[Side]:
     """The agent's side of a user's channel session: a pooled data connection when
-    :func:`pooled_route` has one (session path ``pooled``, event
-    ``relay_pooled_session``), else a channel on the agent's link (path ``channel``)."""
+    :func:`pooled_route` has one (session path ``pooled``; :func:`log_pooled` once the
+    channel is open), else a channel on the agent's link (path ``channel``)."""
     pooled = pooled_route(relay.dataport, reg, port)
     if pooled is None:
         channel: defer.Deferred[Any] = relay.openToAgent(reg, port, origin, session)
@@ -122,13 +122,18 @@ def open_user_side(relay: PooledShell, reg: Registration, port: int, origin: str
         session.path = CHANNEL
         return relay.openToAgent(reg, port, origin, session)
 
-    def joined(side: Side) -> Side:
-        _log.info("{user}: {service} carried on the agent's pooled data connection",
-                  event="relay_pooled_session", user=session.user, service=session.service,
-                  origin=origin)
-        return side
+    return pooled.addErrback(stale)
 
-    return pooled.addCallbacks(joined, stale)
+
+def log_pooled(session: SessionRow) -> None:
+    """``relay_pooled_session``: ``session`` is carried on a pooled data connection.
+    Logged once the user's channel is open, that is after its confirmation left
+    (relay.server.opening), not between the agent's ``K`` and the confirmation: a log
+    line is a write to the log's pipe or file that wakes its reader, ~0.1-0.5 ms of an
+    e2e session's set-up on a small machine (docs/benchmarks.md)."""
+    _log.info("{user}: {service} carried on the agent's pooled data connection",
+              event="relay_pooled_session", user=session.user, service=session.service,
+              origin=session.origin)
 
 
 def close_pooled(relay: PooledShell, agent: Any) -> None:

@@ -51,6 +51,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -111,6 +113,7 @@ class AEADTransportMixin(KexMixin):
     writeBudget: TurnBudget | None = None
     _pad = b""
     _padOff = 0
+    _cork: list[bytes] | None = None  # sealed packets held by corked()
 
     # -- sending
 
@@ -158,6 +161,32 @@ class AEADTransportMixin(KexMixin):
         )
         self._sealAndWrite(aead, plain)
 
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        """Packets sealed inside leave together at the end, in one write (one
+        ``sendmsg``), not one each: a channel's deferred request and the data it goes
+        with (``BridgedChannel.announce``: the relay's ``share@labrelay`` before a
+        session's first bytes), one wake-up of the peer and one system call.  Nested,
+        the outer one writes.  Only the AEAD path is held (the others write through
+        Twisted's buffer, in order, as before)."""
+        if self._cork is not None:
+            yield
+            return
+        self._cork = []
+        try:
+            yield
+        finally:
+            chunks, self._cork = self._cork, None
+            if chunks and self.transport is not None:
+                self._writeSealed(chunks)
+
+    def _writeSealed(self, chunks: Sequence[bytes]) -> None:
+        budget = self.writeBudget
+        if budget is None:
+            write_now(self.transport, chunks)  # small packets at once, the rest buffered
+        else:
+            budget.write(chunks)  # any packet at once, within the turn's budget
+
     def _sealAndWrite(self, aead: AEADDirection, plain: bytes) -> None:
         forward = self.nativeForward
         if forward is not None and forward.sealing:
@@ -167,11 +196,10 @@ class AEADTransportMixin(KexMixin):
             # what it sealed leaves before this packet.
             forward.handback("python write", later=True)
         chunks = aead.seal(self.outgoingPacketSequence, plain)
-        budget = self.writeBudget
-        if budget is None:
-            write_now(self.transport, chunks)  # small packets at once, the rest buffered
+        if self._cork is not None:
+            self._cork.extend(chunks)  # written by corked(), in order
         else:
-            budget.write(chunks)  # any packet at once, within the turn's budget
+            self._writeSealed(chunks)
         self.outgoingPacketSequence = (self.outgoingPacketSequence + 1) & 0xFFFFFFFF
         self._count(len(plain))
 

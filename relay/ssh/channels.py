@@ -233,7 +233,16 @@ class BridgedChannel(SSHChannel):
 
     def _sendNow(self, data: bytes) -> None:
         if self._announce is not None:
+            corked = getattr(getattr(self.conn, "transport", None), "corked", None)
+            if corked is not None:
+                with corked():  # the request and these bytes: one write
+                    self._announced()
+                    self._sendChunks(data)
+                return
             self._announced()
+        self._sendChunks(data)
+
+    def _sendChunks(self, data: bytes) -> None:
         step, send = self.remoteMaxPacket, self.conn.sendData
         if len(data) <= step:
             send(self, data)

@@ -308,7 +308,10 @@ def test_scp_64_mib_both_ways_over_J_rides_the_pooled_route(
     per = site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
     assert per["sessions_total"] == 2 and per["bytes_to_service"] > stream.size
     assert per["bytes_from_service"] > stream.size
-    assert len(site.relay.events("relay_pooled_session", since=0)) == 2
+    # Logged once each user channel was open (relay.server.opening), with its fields.
+    pooled = site.relay.events("relay_pooled_session", since=0)
+    assert [(e["user"], e["service"]) for e in pooled] == [("alice", "gpu-cluster:22")] * 2
+    assert all(e["origin"] for e in pooled)
     wait_until(lambda: site.pool()["sessions_total"] == 2 and site.pool()["idle"] == POOL,
           "the agent to count both sessions and refill")
 

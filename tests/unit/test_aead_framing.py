@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import struct
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -387,3 +388,42 @@ def test_rekeys_by_itself_after_rekey_after_bytes() -> None:
     assert 8 <= client.keyExchanges <= 40, client.keyExchanges
     assert client.secure == 1
     assert not client.transport.disconnecting and not server.transport.disconnecting
+
+
+class CountingTransport(StringTransport):
+    """Counts the writes the SSH transport makes (each one a send to the peer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+    def writeSequence(self, seq: Any) -> None:
+        self.writes += 1
+        super().write(b"".join(seq))
+
+
+def test_corked_packets_leave_in_one_write_with_the_same_bytes() -> None:
+    """``corked()``: what is sealed inside leaves at the end in one write (a channel's
+    announced request and its first data: one send, one wake-up of the peer), the
+    same bytes in the same order with the same sequence numbers as uncorked."""
+    plain, held = gcm_transport(), gcm_transport()
+    plain.transport = CountingTransport()
+    held.transport = CountingTransport()
+    for t in (plain, held):
+        t.sendPacket(MSG_IGNORE, b"before")
+    with held.corked():
+        held.sendPacket(MSG_IGNORE, b"the request")
+        with held.corked():  # nested: the outer one writes
+            held.sendChannelData(7, b"x")
+        assert held.transport.writes == 1  # only the packet before the cork
+    plain.sendPacket(MSG_IGNORE, b"the request")
+    plain.sendChannelData(7, b"x")
+    assert held.transport.writes == 2 and plain.transport.writes == 3
+    assert held.transport.value() == plain.transport.value()
+    assert held.outgoingPacketSequence == plain.outgoingPacketSequence == 3
+    held.sendPacket(MSG_IGNORE, b"after")  # uncorked again: written at once
+    assert held.transport.writes == 3

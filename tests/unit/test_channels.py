@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -877,3 +878,45 @@ def test_the_read_ahead_margin_is_at_most_a_quarter_of_the_peers_window() -> Non
     tcp.dataReceived(b"d" * 6_000)
     assert transport.producerState == "paused"
     assert channel.remoteWindowLeft == 9_000
+
+
+class CorkingSSHTransport(FakeSSHTransport):
+    """A FakeSSHTransport with ``corked()`` (relay.ssh.aead): records which packets
+    were sent inside one cork (one write on a real transport)."""
+
+    def __init__(self, tcp: Any = None) -> None:
+        super().__init__(tcp)
+        self.corks: list[list[int]] = []
+        self._open: list[int] | None = None
+
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        self._open = []
+        try:
+            yield
+        finally:
+            self.corks.append(self._open)
+            self._open = None
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        super().sendPacket(messageType, payload)
+        if self._open is not None:
+            self._open.append(messageType)
+
+
+def test_announced_request_leaves_with_the_first_data_in_one_write() -> None:
+    """``announce``: the deferred channel request (the relay's ``share@labrelay``) and
+    the session's first bytes are sealed inside one cork, so they leave in one write
+    (one send, one wake-up of the agent), the request first; later data is not
+    corked."""
+    h = Harness(linkTCP=StringTransport())
+    h.ssh = CorkingSSHTransport(h.ssh.transport)
+    h.conn.transport = h.ssh  # type: ignore[assignment]
+    channel, tcp, _transport, _bridge = h.session()
+    channel.announce(SHARE, pack_share("bob", 2))
+    tcp.dataReceived(b"first")
+    assert h.ssh.corks == [[MSG_CHANNEL_REQUEST, MSG_CHANNEL_DATA]]
+    assert h.ssh.data() == b"first"
+    tcp.dataReceived(b"second")
+    assert h.ssh.corks == [[MSG_CHANNEL_REQUEST, MSG_CHANNEL_DATA]]
+    assert h.ssh.data() == b"firstsecond"

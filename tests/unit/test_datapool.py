@@ -26,7 +26,13 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
 import relay.agent.datapool
-from relay.agent.datapool import RETRY_DELAY, TARGET_CONNECT_TIMEOUT, DataPool, PoolConnection
+from relay.agent.datapool import (
+    REFILL_AFTER_USE,
+    RETRY_DELAY,
+    TARGET_CONNECT_TIMEOUT,
+    DataPool,
+    PoolConnection,
+)
 from relay.config.schema import HostPort, RemoteForward
 from relay.core import fastwire as fw
 from relay.datapath.dialnow import connect_endpoint
@@ -442,7 +448,10 @@ def test_go_for_a_known_forward_connects_its_target_and_splices(world: World) ->
     feed_bytewise(pc, _go(pc, "GPU-Cluster", 22))
     assert pc.state == "connecting" and t.producerState == "paused"
     assert pc not in world.pool.idle
-    # refill: one more token asked for (none stashed)
+    # refill: one more token asked for (none stashed), once the set-up is over (another
+    # connection is idle)
+    assert len(world.conn.requests) == 1
+    world.clock.advance(REFILL_AFTER_USE)
     assert len(world.conn.requests) == 2
     _grant(world, _tokens(2, first=10))
     assert len(_dials(world)) == 3 and world.pool.dialing == 1
@@ -476,6 +485,57 @@ def test_go_uses_a_stashed_token_for_the_refill(world: World) -> None:
     pc, _t = _connect(_dials(world)[0])
     pc.dataReceived(_go(pc, *GPU))
     assert len(_dials(world)) == 3 and len(world.conn.requests) == 1
+
+
+def test_used_connection_is_replaced_after_the_set_up_while_others_are_idle(
+        world: World) -> None:
+    """The dial that replaces a used connection (and the relay's accept, challenge and
+    hello check it causes) does not run during the session's set-up while at least
+    half the pool is idle: REFILL_AFTER_USE later; with fewer idle it is dialled at
+    once, as before."""
+    _ready(world, _tokens(4))  # two dialled, two stashed
+    pcs = [_connect(d)[0] for d in _dials(world)]
+    assert len(world.pool.idle) == 2 and len(_dials(world)) == 2
+    pcs[0].dataReceived(_go(pcs[0], *GPU))
+    _connect(_targets(world)[0])
+    assert pcs[0].state == "spliced"
+    assert len(_dials(world)) == 2  # not during this session's set-up
+    (soon,) = world.clock.getDelayedCalls()
+    assert soon.getTime() == pytest.approx(REFILL_AFTER_USE)
+    world.clock.advance(REFILL_AFTER_USE)
+    assert len(_dials(world)) == 3 and world.pool.dialing == 1
+    # The last idle one used: replaced at once (the next session would take the link).
+    pcs[1].dataReceived(_go(pcs[1], *GPU))
+    assert len(_dials(world)) == 4 and world.pool.dialing == 2
+    assert world.clock.getDelayedCalls() == []
+
+
+def test_a_burst_of_sessions_refills_at_once_below_half_the_pool(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One timer for the first sessions of a burst; the one that leaves less than half
+    the pool idle refills all that was used, at once, and the timer then has nothing
+    left to do."""
+    w = _make(monkeypatch, size=4)
+    _ready(w, _tokens(8))
+    pcs = [_connect(d)[0] for d in _dials(w)]
+    assert len(w.pool.idle) == 4
+    for pc in pcs[:2]:
+        pc.dataReceived(_go(pc, *GPU))
+    assert len(w.clock.getDelayedCalls()) == 1 and len(_dials(w)) == 4
+    pcs[2].dataReceived(_go(pcs[2], *GPU))  # one idle of four left
+    assert len(_dials(w)) == 7 and w.pool.dialing == 3  # all three replaced, free
+    w.clock.advance(REFILL_AFTER_USE)
+    assert len(_dials(w)) == 7 and w.clock.getDelayedCalls() == []
+
+
+def test_link_down_cancels_a_pending_refill(world: World) -> None:
+    _ready(world, _tokens(4))
+    pcs = [_connect(d)[0] for d in _dials(world)]
+    pcs[0].dataReceived(_go(pcs[0], *GPU))
+    assert len(world.clock.getDelayedCalls()) == 1
+    world.pool.linkDown()
+    assert world.clock.getDelayedCalls() == []
+    assert len(_dials(world)) == 2
 
 
 def test_bytes_after_the_go_go_to_the_target_first(world: World) -> None:
