@@ -1,5 +1,6 @@
 """The suite report's plots (PNG, with matplotlib if installed): throughput per path,
-set-up latency, memory per idle session, interactive latency under bulk."""
+set-up latency, memory per idle session, interactive latency under bulk, and the
+stock-paths suite against its goals (bench/stock_plot.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench import stock_plot
 from bench.figures import get_in
 
 
@@ -78,6 +80,12 @@ def make_plots(datas: dict[str, dict[str, Any]], combined: dict[str, Any],
             f"{s}: {_title(combined, s)}" for s in dict.fromkeys(s for s, _ in rows)),
             fontsize=7)
         save(fig, "throughput")
+
+    # the stock-paths suite: ratios, CPU per GiB and set-up against their goals
+    if datas.get("stock_paths"):
+        fig = stock_plot.draw(plt, datas["stock_paths"], _title(combined, "stock_paths"))
+        if fig is not None:
+            save(fig, "stock-paths")
 
     # set-up latency: distributions from the raw per-session samples
     for s in ("agent", "relay"):
