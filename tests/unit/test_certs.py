@@ -276,3 +276,22 @@ def test_key_limits() -> None:
     assert "expired" in (limits.refusal(1000.0, "10.1.1.1") or "")
     with pytest.raises(KeyOptionError):
         parse_from("10.0.0.0/99")
+
+
+@needs_keygen
+def test_a_relay_wide_ca_listed_in_the_krl_logs_no_one_in(pki: Path) -> None:
+    """docs/relay.md: listing the CA's key in ``revoked_keys`` cuts a ``trusted_user_ca``
+    off without a reload of the config: every certificate it signed is refused, for the
+    user it names too."""
+    ca = blob(pki / "ca.pub")
+    bound = [Authority(ca, ALICE, frozenset(("alice",)), KeyLimits(), "relay.toml",
+                       login_bound=True)]
+    lines = authorities(pki, *bound)
+    cert = sign(pki, "bound_krl", "-I", "alice@lab", "-n", "alice", serial=77)
+    assert check_certificate(cert, lines, now=NOW, address="1.2.3.4",
+                             login="alice").principal == ALICE
+    keygen("-k", "-f", "krl_ca", "ca.pub", cwd=pki)  # the CA's own key, revoked
+    krl = parse_krl((pki / "krl_ca").read_bytes())
+    verdict = check_certificate(cert, lines, now=NOW, address="1.2.3.4", login="alice",
+                                krl=krl)
+    assert verdict.principal is None and "revoked" in verdict.reason, verdict.reason

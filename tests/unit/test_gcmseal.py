@@ -447,3 +447,21 @@ def test_a_stalled_data_connection_hands_back_both_directions(pair: Pair) -> Non
     user.feed(wire + unsent)
     assert user.buf == b"" and len(user.data) == final.sealed
     assert user.data + unsealed == back[: len(user.data) + len(unsealed)]
+
+
+def test_a_module_built_from_older_sources_keeps_the_python_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """gcmrun.native_enabled: a stale in-place build (a module without the sealing
+    thread's entry point) takes the Python path instead of failing when a session arms."""
+    from relay.datapath import _splice
+
+    class Stale:
+        """The module's lib as an older build had it: everything but lr_gpump_seal."""
+
+        def __getattr__(self, name: str) -> object:
+            if name == "lr_gpump_seal":
+                raise AttributeError(name)
+            return getattr(_splice.lib, name)
+
+    monkeypatch.setattr(_splice, "lib", Stale())
+    assert not gcmrun.native_enabled()
