@@ -145,12 +145,23 @@ class SessionOpening:
         early = EarlySession()
         self.sharing.tag(channel, session.user)
         d = self._agentSide(reg, port, origin, session)
-        audit.opened(session)
 
-        def end(why: str) -> None:
+        def end(why: str, confirmed: bool = True) -> None:
             if early.end(why):
-                _close_user(channel)
+                if confirmed:
+                    _close_user(channel)
                 self.sessionEnded(session, 0, 0, why)
+
+        def audited(result: Any) -> Any:
+            # After the user's confirmation left (FlowConnection._confirmOpen, in this
+            # turn): the audit's write is off the path of both the agent's open and
+            # the user's first bytes; still before anything can end the session.
+            audit.opened(session, early=True)
+            if isinstance(result, Failure):
+                end("user channel did not open", confirmed=False)
+                result = None
+            d.addCallbacks(connected, failed)  # so the agent's answer acts after this
+            return result
 
         # Until the bridge takes over (abortSession): a grants reload ends it now.
         self._aborts[session] = lambda: end(session.closing or "closed by the relay")
@@ -172,7 +183,7 @@ class SessionOpening:
                                 f"{f.getErrorMessage()}", early=True)
             end(why)
 
-        d.addCallbacks(connected, failed)
+        channel.opened.addBoth(audited)
         return channel
 
     def _agentSide(self, reg: Registration, port: int, origin: str,
