@@ -142,9 +142,9 @@ class SessionOpening:
         window is re-opened until the bridge hands them on) and go to the agent's side
         when it opens.  If that fails, or the relay ends the session first (a grants
         reload), the user's channel is closed: EOF, then close (docs/relay.md)."""
+        d = self._agentSide(reg, port, origin, session)  # first: the critical path
         early = EarlySession()
         self.sharing.tag(channel, session.user)
-        d = self._agentSide(reg, port, origin, session)
 
         def end(why: str, confirmed: bool = True) -> None:
             if early.end(why):
