@@ -275,3 +275,20 @@ def test_a_grant_narrowed_during_the_early_phase_ends_the_session(site: Site) ->
     assert "grant" in closed["why"] or "no longer" in closed["why"], closed["why"]
     site.agent.sigcont()
     site.echo_through(GPU, b"still granted")
+
+
+@pytest.mark.parametrize("site", [{"early_confirm": "false"}], indirect=True)
+def test_with_early_confirm_off_every_open_waits_for_the_agent(site: Site) -> None:
+    """``early_confirm = false``: as before it existed.  Healthy sessions are confirmed
+    after the agent's answer, and a target that went down is an "open failed" at once."""
+    mark = site.relay.mark()
+    for service in (WEB, GPU):
+        for _ in range(3):
+            site.echo_through(service, os.urandom(4096))
+    assert [o["early"] for o in site.relay.events("session_open", since=mark)] == [False] * 6
+    proc, port = site.forward(WEB)
+    site.echoes[WEB].close()
+    mark = site.relay.mark()
+    _closed_without_data(port, timeout=20)
+    proc.wait_stderr(r"open failed: connect failed: .*could not connect it")
+    assert site.relay.wait_for("relay_session_refused", since=mark, service=WEB)["early"] is False
