@@ -156,6 +156,10 @@ class TCPSide(Protocol):
     _log = Logger()
     transport: Any  # an ITCPTransport once connected (Twisted types it Optional)
     _writeLost = False  # our half-close completed (writeConnectionLost)
+    #: This session's own counts of the native thread (relay.ssh.nativeforward), made
+    #: when the thread first takes it: its ``session_close`` line reports them.  A class
+    #: default, so the sessions it never carries hold nothing for it.
+    nativeSession: dict[str, int] | None = None
 
     def __init__(self, readAhead: bool = False) -> None:
         self.bridge: Bridge | None = None

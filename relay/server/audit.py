@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Mapping
 
 from twisted.logger import Logger
 
@@ -45,14 +46,30 @@ def opened(row: SessionRow) -> None:
     )
 
 
-def closed(row: SessionRow) -> None:
+NATIVE_FIELDS = (("native_opened", "native_bytes"), ("native_sealed", "native_sealed"),
+                 ("native_runs", "native_runs"), ("native_handbacks", "native_handbacks"),
+                 ("native_yields", "native_yields"))
+"""``session_close``'s fields for a session the native thread carried (relay.ssh.
+nativeforward), each from the session's own counter of that name."""
+
+
+def closed(row: SessionRow, native: Mapping[str, int] | None = None) -> None:
+    """``session_close``; ``native``: the session's own counts of the native thread
+    (bytes it opened to the service and sealed to the user, its runs, its hand-backs and
+    those a relay write asked for), when it carried any of the session."""
     duration = (row.ended or row.started) - row.started
+    extra: dict[str, int] = {}
+    text = ""
+    if native:
+        extra = {field: native.get(counter, 0) for field, counter in NATIVE_FIELDS}
+        text = (" (native thread: {native_opened} bytes opened, {native_sealed} sealed, "
+                "{native_runs} runs, {native_handbacks} hand-backs)")
     _log.info(
         "session close: {user} ({key}) to {service} from {origin} by {path}: "
         "{bytes_to_service} bytes to it, {bytes_from_service} from it in {duration:.3f}s "
-        "({why})",
+        "({why})" + text,
         event="session_close", audit=True, user=row.user, key=key_fingerprint(row.key),
         service=row.service, origin=row.origin, path=path_of(row), started=row.started,
         bytes_to_service=row.to_service, bytes_from_service=row.from_service,
-        duration=round(duration, 3), why=row.why or "closed",
+        duration=round(duration, 3), why=row.why or "closed", **extra,
     )

@@ -9,7 +9,7 @@ pairs counted the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.conch import error
@@ -198,7 +198,8 @@ class SessionOpening:
         def ended(to_service: int, from_service: int) -> None:
             if limiter is not None:
                 limiter.release()  # type: ignore[attr-defined]
-            self.sessionEnded(session, to_service, from_service, "bridge closed")
+            self.sessionEnded(session, to_service, from_service, "bridge closed",
+                              native=getattr(agent_side, "nativeSession", None))
 
         bridge = Bridge(user_side, agent_side, onClosed=ended, onData=limiter)
         if isinstance(agent_side, ResumableSide):
@@ -222,10 +223,12 @@ class SessionOpening:
             abort()  # its grant went while it was opening or being paired
 
     def sessionEnded(self, session: SessionRow, to_service: int, from_service: int,
-                      why: str) -> None:
+                      why: str, native: Mapping[str, int] | None = None) -> None:
+        """``session`` is over: its row closed, its ``session_close`` logged (with what
+        the native thread carried of it, ``native``, on a pooled route)."""
         self._aborts.pop(session, None)
         if self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why):
-            audit.closed(session)
+            audit.closed(session, native)
 
 
 class _SplicedRow:
