@@ -53,21 +53,28 @@ NATIVE_FIELDS = (("native_opened", "native_bytes"), ("native_sealed", "native_se
 nativeforward), each from the session's own counter of that name."""
 
 
-def closed(row: SessionRow, native: Mapping[str, int] | None = None) -> None:
+def closed(row: SessionRow, native: Mapping[str, int] | None = None,
+           ended: str | None = None) -> None:
     """``session_close``; ``native``: the session's own counts of the native thread
     (bytes it opened to the service and sealed to the user, its runs, its hand-backs and
-    those a relay write asked for), when it carried any of the session."""
+    those a relay write asked for), when it carried any of the session; ``ended``: which
+    side began the end and how (``service eof``, ``user closed``, ``service reset`` ...:
+    ``Bridge.endedBy``), for a bridged session."""
     duration = (row.ended or row.started) - row.started
-    extra: dict[str, int] = {}
+    extra: dict[str, int | str] = {}
+    why = "({why})"
+    if ended is not None:
+        extra["ended"] = ended
+        why = "({why}; {ended} first)"
     text = ""
     if native:
-        extra = {field: native.get(counter, 0) for field, counter in NATIVE_FIELDS}
+        extra.update((field, native.get(counter, 0)) for field, counter in NATIVE_FIELDS)
         text = (" (native thread: {native_opened} bytes opened, {native_sealed} sealed, "
                 "{native_runs} runs, {native_handbacks} hand-backs)")
     _log.info(
         "session close: {user} ({key}) to {service} from {origin} by {path}: "
         "{bytes_to_service} bytes to it, {bytes_from_service} from it in {duration:.3f}s "
-        "({why})" + text,
+        + why + text,
         event="session_close", audit=True, user=row.user, key=key_fingerprint(row.key),
         service=row.service, origin=row.origin, path=path_of(row), started=row.started,
         bytes_to_service=row.to_service, bytes_from_service=row.from_service,

@@ -194,14 +194,17 @@ class SessionOpening:
 
     def bridge(self, session: SessionRow, user_side: Any, agent_side: Side) -> Bridge:
         limiter = self.sharing.limiter(session.user, user_side)
+        made: list[Bridge] = []  # empty if both sides had ended before it was made
 
         def ended(to_service: int, from_service: int) -> None:
             if limiter is not None:
                 limiter.release()  # type: ignore[attr-defined]
             self.sessionEnded(session, to_service, from_service, "bridge closed",
-                              native=getattr(agent_side, "nativeSession", None))
+                              native=getattr(agent_side, "nativeSession", None),
+                              ended=made[0].endedBy("user", "service") if made else None)
 
         bridge = Bridge(user_side, agent_side, onClosed=ended, onData=limiter)
+        made.append(bridge)
         if isinstance(agent_side, ResumableSide):
             agent_side.row = session
 
@@ -223,12 +226,14 @@ class SessionOpening:
             abort()  # its grant went while it was opening or being paired
 
     def sessionEnded(self, session: SessionRow, to_service: int, from_service: int,
-                      why: str, native: Mapping[str, int] | None = None) -> None:
+                      why: str, native: Mapping[str, int] | None = None,
+                      ended: str | None = None) -> None:
         """``session`` is over: its row closed, its ``session_close`` logged (with what
-        the native thread carried of it, ``native``, on a pooled route)."""
+        the native thread carried of it, ``native``, on a pooled route, and which side
+        began the end, ``ended``, for a bridged session)."""
         self._aborts.pop(session, None)
         if self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why):
-            audit.closed(session, native)
+            audit.closed(session, native, ended)
 
 
 class _SplicedRow:
