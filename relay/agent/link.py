@@ -336,13 +336,13 @@ class Link(MultiService):
         counters = forward.counters
         counters.opened()
         local = isinstance(forward, LocalForwardListener)
-        made: list[Bridge] = []  # empty if both sides had ended before it was made
+        bridge: Bridge | None = None  # None only while it is made (both sides may have ended)
 
         def ended(a_to_b: int, b_to_a: int) -> None:
             to_target, from_target = (a_to_b, b_to_a) if local else (b_to_a, a_to_b)
             counters.closed(to_target, from_target)
-            how = (made[0].endedBy("client" if local else "target", "relay") if made
-                   else "before it was bridged")
+            how = ("before it was bridged" if bridge is None
+                   else bridge.endedBy("client" if local else "target", "relay"))
             # A target that was sent bytes and answered none is worth a line without -v:
             # it is what a session that "got EOF and nothing back" looks like from here,
             # and ``ended`` says whose end it was (the target's EOF or reset, the relay's
@@ -358,9 +358,8 @@ class Link(MultiService):
             "forward {forward}: session from {origin}", event="session_open",
             link=self.name, forward=forward.name, origin=origin,
         )
-        bridge = Bridge(side, channel, onClosed=ended)
-        made.append(bridge)
-        return bridge
+        bridge = made = Bridge(side, channel, onClosed=ended)
+        return made
 
     def openRelayService(self, name: str, port: int,
                          origin: str) -> defer.Deferred[BridgedChannel]:

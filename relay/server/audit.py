@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Mapping
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -61,22 +62,24 @@ def closed(row: SessionRow, native: Mapping[str, int] | None = None,
     side began the end and how (``service eof``, ``user closed``, ``service reset`` ...:
     ``Bridge.endedBy``), for a bridged session."""
     duration = (row.ended or row.started) - row.started
-    extra: dict[str, int | str] = {}
-    why = "({why})"
-    if ended is not None:
-        extra["ended"] = ended
-        why = "({why}; {ended} first)"
-    text = ""
-    if native:
-        extra.update((field, native.get(counter, 0)) for field, counter in NATIVE_FIELDS)
-        text = (" (native thread: {native_opened} bytes opened, {native_sealed} sealed, "
-                "{native_runs} runs, {native_handbacks} hand-backs)")
-    _log.info(
-        "session close: {user} ({key}) to {service} from {origin} by {path}: "
-        "{bytes_to_service} bytes to it, {bytes_from_service} from it in {duration:.3f}s "
-        + why + text,
+    fields: dict[str, Any] = dict(
         event="session_close", audit=True, user=row.user, key=key_fingerprint(row.key),
         service=row.service, origin=row.origin, path=path_of(row), started=row.started,
         bytes_to_service=row.to_service, bytes_from_service=row.from_service,
-        duration=round(duration, 3), why=row.why or "closed", **extra,
+        duration=round(duration, 3), why=row.why or "closed",
     )
+    if ended is None:
+        _log.info("session close: {user} ({key}) to {service} from {origin} by {path}: "
+                  "{bytes_to_service} bytes to it, {bytes_from_service} from it in "
+                  "{duration:.3f}s ({why})", **fields)
+    elif not native:
+        _log.info("session close: {user} ({key}) to {service} from {origin} by {path}: "
+                  "{bytes_to_service} bytes to it, {bytes_from_service} from it in "
+                  "{duration:.3f}s ({why}; {ended} first)", ended=ended, **fields)
+    else:
+        _log.info("session close: {user} ({key}) to {service} from {origin} by {path}: "
+                  "{bytes_to_service} bytes to it, {bytes_from_service} from it in "
+                  "{duration:.3f}s ({why}; {ended} first) (native thread: {native_opened} "
+                  "bytes opened, {native_sealed} sealed, {native_runs} runs, "
+                  "{native_handbacks} hand-backs)", ended=ended, **fields,
+                  **{field: native.get(counter, 0) for field, counter in NATIVE_FIELDS})

@@ -194,26 +194,31 @@ class SessionOpening:
 
     def bridge(self, session: SessionRow, user_side: Any, agent_side: Side) -> Bridge:
         limiter = self.sharing.limiter(session.user, user_side)
-        made: list[Bridge] = []  # empty if both sides had ended before it was made
+        # One cell for every closure here (per-session memory): None only while the
+        # Bridge is being made, when both sides may already have ended.
+        bridge: Bridge | None = None
 
         def ended(to_service: int, from_service: int) -> None:
             if limiter is not None:
                 limiter.release()  # type: ignore[attr-defined]
             self.sessionEnded(session, to_service, from_service, "bridge closed",
                               native=getattr(agent_side, "nativeSession", None),
-                              ended=made[0].endedBy("user", "service") if made else None)
-
-        bridge = Bridge(user_side, agent_side, onClosed=ended, onData=limiter)
-        made.append(bridge)
-        if isinstance(agent_side, ResumableSide):
-            agent_side.row = session
+                              ended=None if bridge is None else bridge.endedBy("user",
+                                                                               "service"))
 
         def abort() -> None:
-            bridge.a.abort()
-            bridge.b.abort()
+            if bridge is not None:
+                bridge.a.abort()
+                bridge.b.abort()
 
-        self._moving(session, lambda: (bridge.bytesAtoB, bridge.bytesBtoA), abort)
-        return bridge
+        def meter() -> tuple[int, int]:
+            return (0, 0) if bridge is None else (bridge.bytesAtoB, bridge.bytesBtoA)
+
+        bridge = made = Bridge(user_side, agent_side, onClosed=ended, onData=limiter)
+        if isinstance(agent_side, ResumableSide):
+            agent_side.row = session
+        self._moving(session, meter, abort)
+        return made
 
     def _moving(self, session: SessionRow, meter: Meter, abort: Callable[[], None],
                 agent: Any = None) -> None:
