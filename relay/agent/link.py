@@ -335,10 +335,10 @@ class Link(MultiService):
     ) -> Bridge:
         counters = forward.counters
         counters.opened()
-        local = isinstance(forward, LocalForwardListener)
         bridge: Bridge | None = None  # None only while it is made (both sides may have ended)
 
         def ended(a_to_b: int, b_to_a: int) -> None:
+            local = isinstance(forward, LocalForwardListener)  # here: one cell less a session
             to_target, from_target = (a_to_b, b_to_a) if local else (b_to_a, a_to_b)
             counters.closed(to_target, from_target)
             how = ("before it was bridged" if bridge is None

@@ -201,10 +201,12 @@ class SessionOpening:
         def ended(to_service: int, from_service: int) -> None:
             if limiter is not None:
                 limiter.release()  # type: ignore[attr-defined]
-            self.sessionEnded(session, to_service, from_service, "bridge closed",
-                              native=getattr(agent_side, "nativeSession", None),
-                              ended=None if bridge is None else bridge.endedBy("user",
-                                                                               "service"))
+            if bridge is None:
+                self.sessionEnded(session, to_service, from_service, "bridge closed")
+            else:  # its agent side (b) may have been carried by the native thread
+                self.sessionEnded(session, to_service, from_service, "bridge closed",
+                                  native=getattr(bridge.b, "nativeSession", None),
+                                  ended=bridge.endedBy("user", "service"))
 
         def abort() -> None:
             if bridge is not None:
