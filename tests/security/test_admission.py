@@ -15,7 +15,7 @@ in the notes for docs/security.md.
 from __future__ import annotations
 
 import os
-import select
+import selectors
 import socket
 import subprocess
 import sys
@@ -158,15 +158,22 @@ def _closed_now(sockets: list[socket.socket], within: float) -> set[socket.socke
     closed: set[socket.socket] = set()
     waiting = set(sockets)
     deadline = time.monotonic() + within
-    while waiting and (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select(list(waiting), [], [], left)
-        for s in ready:
-            waiting.discard(s)
-            try:
-                if s.recv(256, socket.MSG_PEEK) == b"":
+    # selectors (epoll), not select.select: late in a long run this process's
+    # descriptors pass 1024, which select() cannot take.
+    with selectors.DefaultSelector() as sel:
+        for s in waiting:
+            sel.register(s, selectors.EVENT_READ)
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            for key, _ in sel.select(left):
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                sel.unregister(s)
+                waiting.discard(s)
+                try:
+                    if s.recv(256, socket.MSG_PEEK) == b"":
+                        closed.add(s)
+                except ConnectionResetError:
                     closed.add(s)
-            except ConnectionResetError:
-                closed.add(s)
     return closed
 
 
