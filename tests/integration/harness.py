@@ -196,6 +196,10 @@ class LineLog:
         except (OSError, ValueError):
             pass
         finally:
+            # The pipe is this thread's once it read EOF: close it here, or every
+            # process a test starts leaves its pipe open in pytest until the end.
+            with contextlib.suppress(OSError):
+                stream.close()
             with self._cond:
                 if generation == len(self._threads):
                     self._eof = True
@@ -771,6 +775,8 @@ class AgentProcess(_Process):
         except (OSError, ValueError):
             pass
         finally:
+            with contextlib.suppress(OSError):
+                stream.close()
             with self._cond:
                 self._stdout_eof = True
                 self._cond.notify_all()
