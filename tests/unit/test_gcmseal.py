@@ -465,3 +465,70 @@ def test_a_module_built_from_older_sources_keeps_the_python_path(
 
     monkeypatch.setattr(_splice, "lib", Stale())
     assert not gcmrun.native_enabled()
+
+
+def test_a_trickle_back_is_not_held_behind_bulk_nor_after_it(pair: Pair) -> None:
+    """While the user's bytes stream in, the thread reads the agent's trickle (the inner
+    session's window adjusts) on its wake-ups for the user's bytes instead of waking up
+    for it (csrc/gpump.c, HOLD_US): each trickle still reaches the user while the stream
+    flows, and one sent just after the stream stopped arrives at once, not when the
+    user next sends (the thread watches the data connection again ~1 ms after the last
+    bulk read).  Both directions byte-exact."""
+    key = KEYS[AES128_GCM]
+    tx = GCMDirection(key, IV)
+    pump, rx = start(pair, key, rwindow=1 << 20)
+    user = UserReader(rx)
+    chunk = os.urandom(32768)
+    stop = threading.Event()
+    sent = bytearray()
+
+    def stream_in() -> None:
+        while not stop.is_set():
+            pair.user.sendall(data(tx, chunk))
+            sent.extend(chunk)
+
+    got = bytearray()
+    arrived = threading.Condition()
+
+    def drain_agent() -> None:
+        pair.agent.settimeout(10)
+        while True:
+            try:
+                b = pair.agent.recv(1 << 20)
+            except (TimeoutError, OSError):
+                return
+            if not b:
+                return
+            with arrived:
+                got.extend(b)
+                arrived.notify_all()
+
+    feeder = threading.Thread(target=stream_in)
+    reader = threading.Thread(target=drain_agent, daemon=True)
+    reader.start()
+    feeder.start()
+    trickle = b""
+    try:
+        for i in range(20):  # while the stream flows
+            t = bytes([i]) * 36
+            trickle += t
+            t0 = time.monotonic()
+            pair.agent.sendall(t)
+            user.read(pair.user, len(trickle), timeout=5.0)
+            assert time.monotonic() - t0 < 0.5
+    finally:
+        stop.set()
+        feeder.join()
+    with arrived:  # the stream's tail reached the agent
+        assert arrived.wait_for(lambda: len(got) >= len(sent), timeout=10), len(got)
+    t = b"\xee" * 36  # just after the stream stopped: not held until the user's next bytes
+    trickle += t
+    t0 = time.monotonic()
+    pair.agent.sendall(t)
+    user.read(pair.user, len(trickle), timeout=5.0)
+    assert time.monotonic() - t0 < 0.5  # ~1 ms by design; far below the 2 s idle hand-back
+    assert user.data == trickle and bytes(got) == bytes(sent)
+    final, left, pending, unsealed, unsent = pump.stop()
+    assert gcmrun.REASONS[final.reason] == "stopped"
+    assert (left, pending, unsealed, unsent) == (b"", b"", b"", b"")
+    assert final.written == len(sent) and final.sealed == len(trickle)
