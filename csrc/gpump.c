@@ -31,19 +31,6 @@
 #define IDLE_MS 2000         /* hand back a session that sent nothing this long (its buffers
                               * and thread are for bulk; Python re-arms on the next data) */
 #define LR_GP_CONGESTED LR_GP_FULL
-/* While the user's bytes stream in (a read of BULK_READ or more less than HOLD_US ago)
- * and the data connection sends back only a trickle (its last read < REV_SMALL: the
- * inner session's window adjusts, ~36 bytes every 3 packets), the thread does not wake
- * up for that trickle: it reads the data connection on each wake-up for the user's
- * bytes instead, and at the latest HOLD_US after the last such read (then it watches
- * the data connection again).  A third of the wake-ups of a pooled -J upload were
- * for that trickle alone (each: a context switch, three system calls, a sealed packet
- * of ~84 bytes and a wake-up of the user's ssh).  Only while those reads come often
- * (their mean gap under HOLD_US / 2): a slower stream would wake the thread for the
- * timer instead. */
-#define HOLD_US 1000
-#define BULK_READ (16 * 1024)
-#define REV_SMALL 1024
 #define RAW_CAP (256 * 1024)  /* bytes read from the data connection, not yet sealed */
 #define SEAL_CAP (512 * 1024) /* sealed bytes not yet written to the user */
 #define SEAL_ROOM 64          /* a WINDOW_ADJUST packet fits in this */
@@ -89,13 +76,6 @@ static uint64_t now_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-static uint64_t now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
 static void wake(int fd)
@@ -294,9 +274,6 @@ static void *run(void *arg)
     uint64_t last_move = last_news;
     short uhave = 0, dhave = 0; /* what the epoll set watches on each socket */
     int ep = p->ep;
-    uint64_t bulk_at = 0; /* µs: the last read of the user's socket of BULK_READ or more */
-    uint64_t bulk_gap = HOLD_US; /* µs: the mean gap between such reads (moving average) */
-    int trickle = 1;      /* the last read of the data connection was < REV_SMALL (or none) */
 
     while (reason == LR_GP_RUNNING) {
         if (LOAD(p->stop)) {
@@ -358,7 +335,7 @@ static void *run(void *arg)
         }
         if (reason != LR_GP_RUNNING)
             break;
-        uint64_t us = now_us(), t = us / 1000;
+        uint64_t t = now_ms();
         /* news for Python: bytes handed on either way (it meters, grants, counts) */
         uint64_t written = p->st.written + p->st.sealed;
         if (written != moved) {
@@ -379,10 +356,8 @@ static void *run(void *arg)
         }
         short uev = (short)((p->inlen < IN_CAP ? POLLIN : 0) |
                             (p->sboff < p->sblen ? POLLOUT : 0));
-        int hold = p->seal != NULL && trickle && bulk_at != 0 && us - bulk_at < HOLD_US &&
-                   bulk_gap < HOLD_US / 2;
         short dev = (short)((p->outoff < p->outlen ? POLLOUT : 0) |
-                            (p->seal != NULL && p->rawlen < RAW_CAP && !hold ? POLLIN : 0));
+                            (p->seal != NULL && p->rawlen < RAW_CAP ? POLLIN : 0));
         if (watch(ep, p->ufd, 1, uev, &uhave) != 0 || watch(ep, p->dfd, 2, dev, &dhave) != 0) {
             reason = LR_GP_USER_ERROR;
             err = errno;
@@ -398,12 +373,6 @@ static void *run(void *arg)
         }
         if (stalled_since) {
             int left = (int)(STALL_MS - (t - stalled_since));
-            if (left < timeout)
-                timeout = left;
-        }
-        if (hold) {
-            /* the trickle is watched again once the stream pauses (rounded up to 1 ms) */
-            int left = (int)((bulk_at + HOLD_US - us + 999) / 1000);
             if (left < timeout)
                 timeout = left;
         }
@@ -431,11 +400,10 @@ static void *run(void *arg)
         }
         if (rev[0])
             drain(p->ctl);
-        if ((rev[2] && (dev & POLLIN)) || (hold && rev[1] && p->rawlen < RAW_CAP)) {
+        if (rev[2] && (dev & POLLIN)) {
             ssize_t n = recv(p->dfd, p->raw + p->rawlen, RAW_CAP - p->rawlen, MSG_DONTWAIT);
             if (n > 0) {
                 p->rawlen += (size_t)n;
-                trickle = n < REV_SMALL;
                 STORE(p->st.dreads, p->st.dreads + 1);
             } else if (n == 0) {
                 reason = LR_GP_DATA_EOF;
@@ -448,12 +416,6 @@ static void *run(void *arg)
             ssize_t n = recv(p->ufd, p->in + p->inlen, IN_CAP - p->inlen, MSG_DONTWAIT);
             if (n > 0) {
                 p->inlen += (size_t)n;
-                if (n >= BULK_READ) {
-                    uint64_t at = now_us();
-                    uint64_t gap = bulk_at ? at - bulk_at : HOLD_US;
-                    bulk_gap = (3 * bulk_gap + (gap < 4 * HOLD_US ? gap : 4 * HOLD_US)) / 4;
-                    bulk_at = at;
-                }
                 STORE(p->st.reads, p->st.reads + 1);
             } else if (n == 0) {
                 reason = LR_GP_USER_EOF;
