@@ -1,6 +1,6 @@
 /* The open-and-forward thread of a pooled `ssh -J` session (relay_sshopen.h says what
  * and why).  One thread per armed session, under LR_GP_MAX at once: a session's
- * thread only ever blocks in epoll_wait() on its two sockets and its control eventfd, so
+ * thread only ever blocks in poll() on its two sockets and its control eventfd, so
  * stopping it is one write and one join, and its state (buffers, counters, the
  * sockets' duplicates) belongs to it alone until then.  No Python C API. */
 
@@ -14,7 +14,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/random.h>
 #include <sys/socket.h>
@@ -46,7 +45,6 @@ struct lr_gpump {
     int started, joined;
     int ufd, dfd;     /* the thread's own duplicates; -1 once it closed them */
     int notify, ctl;  /* eventfds: thread -> Python, Python -> thread */
-    int ep;           /* the thread's epoll set (ctl, then the sockets as it needs them) */
     uint32_t fixed, channel, max_data, max_packet_length;
     uint64_t report;
     /* shared with Python (atomics) */
@@ -55,7 +53,7 @@ struct lr_gpump {
     struct lr_gpump_state st; /* counter/packets/consumed/written/reads/reason: atomics */
     /* the thread's */
     unsigned char *in, *out;
-    size_t inoff, inlen, outoff, outlen; /* in[inoff:inlen] is not consumed yet */
+    size_t inlen, outoff, outlen;
     int counted; /* in `live` */
     /* the reverse direction (lr_gpump_seal); seal == NULL: forward only */
     struct lr_gcm *seal;
@@ -108,18 +106,8 @@ static int open_some(struct lr_gpump *p)
         p->outlen -= p->outoff;
         p->outoff = 0;
     }
-    /* The run consumed from the front of `in`; its unconsumed tail moves to the front
-     * only when the room behind it runs low (not after every read: the tail is most
-     * often part of a packet, so that was a copy of up to a packet per wake-up). */
-    if (p->inoff == p->inlen) {
-        p->inoff = p->inlen = 0;
-    } else if (p->inoff > 0 && IN_CAP - p->inlen < IN_CAP / 2) {
-        memmove(p->in, p->in + p->inoff, p->inlen - p->inoff);
-        p->inlen -= p->inoff;
-        p->inoff = 0;
-    }
     size_t room = OUT_CAP - p->outlen;
-    if (p->inlen > p->inoff && room > 0) {
+    if (p->inlen > 0 && room > 0) {
         uint64_t window = LOAD(p->window_total) - p->st.consumed;
         struct lr_gcm_run r = {
             .counter = p->st.counter, .fixed = p->fixed, .channel = p->channel,
@@ -127,15 +115,15 @@ static int open_some(struct lr_gpump *p)
             .max_packet_length = p->max_packet_length,
             .adjusts_ok = p->seal != NULL, .rwindow = p->rwindow,
         };
-        if (lr_gcm_open_run(p->gcm, &r, p->in + p->inoff, p->inlen - p->inoff,
-                            p->out + p->outlen, room) != 0)
+        if (lr_gcm_open_run(p->gcm, &r, p->in, p->inlen, p->out + p->outlen, room) != 0)
             return LR_GP_CRYPTO;
         if (r.adjusted) {
             p->rwindow += r.adjusted;
             STORE(p->st.adjusted, p->st.adjusted + r.adjusted);
         }
         if (r.packets) {
-            p->inoff += r.consumed;
+            memmove(p->in, p->in + r.consumed, p->inlen - r.consumed);
+            p->inlen -= r.consumed;
             p->outlen += r.produced;
             room -= r.produced;
             STORE(p->st.counter, r.counter);
@@ -146,12 +134,12 @@ static int open_some(struct lr_gpump *p)
     /* A whole packet left at the head that the out buffer had room for is not one the
      * run takes (another message, over the window, a bad tag...): Python's.  So is a
      * length the run refuses, and a packet longer than the buffer could ever hold. */
-    if (p->inlen - p->inoff >= 4) {
-        uint32_t plen = be32(p->in + p->inoff);
+    if (p->inlen >= 4) {
+        uint32_t plen = be32(p->in);
         if (plen < LR_GCM_BLOCK || plen % LR_GCM_BLOCK || plen > p->max_packet_length ||
             4 + (size_t)plen + LR_GCM_TAG > IN_CAP)
             return LR_GP_PACKET;
-        if (p->inlen - p->inoff >= 4 + (size_t)plen + LR_GCM_TAG && room >= plen)
+        if (p->inlen >= 4 + (size_t)plen + LR_GCM_TAG && room >= plen)
             return LR_GP_PACKET;
     }
     return LR_GP_RUNNING;
@@ -249,31 +237,12 @@ static int seal_some(struct lr_gpump *p)
     return LR_GP_RUNNING;
 }
 
-/* Sets what the thread's epoll set watches on one socket (`tag` names it in the
- * results), with a system call only when that changes.  The three descriptors stay
- * registered from wait to wait: poll() added and removed a wait-queue entry for each
- * of them on every wake-up, ~1.5 % of the thread.  Nothing watched is no registration
- * (epoll reports a hang-up even to an empty interest, and the loop would spin). */
-static int watch(int ep, int fd, uint32_t tag, short want, short *have)
-{
-    if (want == *have)
-        return 0;
-    struct epoll_event ev = {.events = (uint32_t)want, .data.u32 = tag};
-    int op = *have == 0 ? EPOLL_CTL_ADD : want == 0 ? EPOLL_CTL_DEL : EPOLL_CTL_MOD;
-    if (epoll_ctl(ep, op, fd, &ev) != 0)
-        return -1;
-    *have = want;
-    return 0;
-}
-
 static void *run(void *arg)
 {
     struct lr_gpump *p = arg;
     int reason = LR_GP_RUNNING, err = 0;
     uint64_t reported = 0, last_news = now_ms(), stalled_since = 0, moved = 0;
     uint64_t last_move = last_news;
-    short uhave = 0, dhave = 0; /* what the epoll set watches on each socket */
-    int ep = p->ep;
 
     while (reason == LR_GP_RUNNING) {
         if (LOAD(p->stop)) {
@@ -358,11 +327,11 @@ static void *run(void *arg)
                             (p->sboff < p->sblen ? POLLOUT : 0));
         short dev = (short)((p->outoff < p->outlen ? POLLOUT : 0) |
                             (p->seal != NULL && p->rawlen < RAW_CAP ? POLLIN : 0));
-        if (watch(ep, p->ufd, 1, uev, &uhave) != 0 || watch(ep, p->dfd, 2, dev, &dhave) != 0) {
-            reason = LR_GP_USER_ERROR;
-            err = errno;
-            break;
-        }
+        struct pollfd fds[3] = {
+            {.fd = p->ctl, .events = POLLIN},
+            {.fd = uev ? p->ufd : -1, .events = uev},
+            {.fd = dev ? p->dfd : -1, .events = dev},
+        };
         int timeout = IDLE_MS;
         if (written != reported) {
             /* Python meters what moved: once the bytes pause (or every NEWS_MS) */
@@ -382,11 +351,7 @@ static void *run(void *arg)
             wake(p->notify);
             continue;
         }
-        struct epoll_event evs[3];
-        int ready = epoll_wait(ep, evs, 3, timeout);
-        short rev[3] = {0, 0, 0}; /* the control eventfd's, the user's, the data connection's */
-        for (int i = 0; i < ready; i++)
-            rev[evs[i].data.u32] |= (short)evs[i].events;
+        int ready = poll(fds, 3, timeout);
         if (ready == 0 && timeout == IDLE_MS) {
             reason = LR_GP_IDLE;
             break;
@@ -398,9 +363,9 @@ static void *run(void *arg)
             err = errno;
             break;
         }
-        if (rev[0])
+        if (fds[0].revents)
             drain(p->ctl);
-        if (rev[2] && (dev & POLLIN)) {
+        if (fds[2].revents && (dev & POLLIN)) {
             ssize_t n = recv(p->dfd, p->raw + p->rawlen, RAW_CAP - p->rawlen, MSG_DONTWAIT);
             if (n > 0) {
                 p->rawlen += (size_t)n;
@@ -412,7 +377,7 @@ static void *run(void *arg)
                 err = errno;
             }
         }
-        if (reason == LR_GP_RUNNING && rev[1] && (uev & POLLIN)) {
+        if (reason == LR_GP_RUNNING && fds[1].revents && (uev & POLLIN)) {
             ssize_t n = recv(p->ufd, p->in + p->inlen, IN_CAP - p->inlen, MSG_DONTWAIT);
             if (n > 0) {
                 p->inlen += (size_t)n;
@@ -425,15 +390,12 @@ static void *run(void *arg)
             }
         }
     }
-    /* Done with the sockets before Python learns it has ended (the epoll set first: its
-     * registrations live as long as the sockets' open files, which Python shares). */
-    close(ep);
+    /* Done with the sockets before Python learns it has ended. */
     close(p->ufd);
-    p->ep = -1;
     close(p->dfd);
     p->ufd = p->dfd = -1;
     p->st.err = err;
-    p->st.left = p->inlen - p->inoff;
+    p->st.left = p->inlen;
     p->st.pending = p->outlen - p->outoff;
     p->st.unsealed = p->rawlen - p->rawoff;
     p->st.credit = p->credit;
@@ -445,8 +407,6 @@ static void *run(void *arg)
 
 static void release(struct lr_gpump *p)
 {
-    if (p->ep >= 0)
-        close(p->ep);
     if (p->ufd >= 0)
         close(p->ufd);
     if (p->dfd >= 0)
@@ -479,7 +439,7 @@ struct lr_gpump *lr_gpump_start(const unsigned char *key, size_t keylen, uint32_
     struct lr_gpump *p = calloc(1, sizeof *p);
     if (p == NULL)
         return NULL;
-    p->ufd = p->dfd = p->notify = p->ctl = p->ep = -1;
+    p->ufd = p->dfd = p->notify = p->ctl = -1;
     p->gcm = lr_gcm_new(key, keylen);
     p->in = malloc(IN_CAP);
     p->out = malloc(OUT_CAP);
@@ -492,10 +452,7 @@ struct lr_gpump *lr_gpump_start(const unsigned char *key, size_t keylen, uint32_
     p->dfd = fcntl(data_fd, F_DUPFD_CLOEXEC, 0);
     p->notify = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     p->ctl = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    p->ep = epoll_create1(EPOLL_CLOEXEC);
-    struct epoll_event cev = {.events = EPOLLIN, .data.u32 = 0};
-    if (p->ufd < 0 || p->dfd < 0 || p->notify < 0 || p->ctl < 0 || p->ep < 0 ||
-        epoll_ctl(p->ep, EPOLL_CTL_ADD, p->ctl, &cev) != 0) {
+    if (p->ufd < 0 || p->dfd < 0 || p->notify < 0 || p->ctl < 0) {
         int e = errno;
         release(p);
         errno = e;
@@ -632,7 +589,7 @@ void lr_gpump_take(struct lr_gpump *p, unsigned char *left, unsigned char *pendi
 {
     if (!p->joined)
         return;
-    memcpy(left, p->in + p->inoff, p->inlen - p->inoff);
+    memcpy(left, p->in, p->inlen);
     memcpy(pending, p->out + p->outoff, p->outlen - p->outoff);
 }
 
