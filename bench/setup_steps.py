@@ -51,6 +51,13 @@ STOCK_STEPS = ["relay: the user's open read -> sent on (GO or CHANNEL_OPEN)",
                "relay: -> the echo sent to the user"]
 
 
+TIMELINE = ["relay: open sent on (GO or CHANNEL_OPEN)", "relay: the user's confirmation sent",
+            "agent: the open read", "agent: connect() to the target",
+            "agent: answer sent (K or confirmation)", "relay: the answer read",
+            "relay: her first bytes read", "relay: her bytes sent on",
+            "relay: the echo read", "relay: the echo sent to the user"]
+
+
 def stock(where: str) -> int:
     """Per-step medians of ``ssh -L`` sessions of the stock suite (``setup_ab.py --suite
     stock``): from the relay's read of the user's channel open (after an idle gap)
@@ -59,6 +66,7 @@ def stock(where: str) -> int:
     stamped): its steps after the answer are the relay's."""
     relay, agent = load(where, "relay"), load(where, "agent")
     routes: dict[str, list[list[float]]] = {}
+    timelines: dict[str, list[list[float]]] = {}
     busy: dict[str, list[float]] = {}
     opens = [e for i, e in enumerate(relay) if e[1] == "recv" and 60 <= e[3] <= 200 and i > 1
              and relay[i - 1][1] == "wake" and relay[i - 1][0] - relay[i - 2][0] > 20_000_000]
@@ -77,18 +85,26 @@ def stock(where: str) -> int:
             except LookupError:
                 g2 = (r1[0], "", 0, 0, 0)
             g2 = g2 if g2[0] <= r1[0] else (r1[0], "", 0, 0, 0)
-            u1 = first(r, r1[0], "send", user)
+            u1 = first(r, s1[0] - 1, "send", user)  # her confirmation
+            early = u1[0] < r1[0]  # confirmed before the agent's answer was read
+            if not early:
+                u1 = first(r, r1[0], "send", user)
             u2 = first(r, u1[0], "recv", user)
-            s2 = first(r, u2[0], "send", down)
+            s2 = first(r, max(u2[0], r1[0]), "send", down)
             r2 = first(r, s2[0], "recv", down)
             u3 = first(r, r2[0], "send", user)
         except LookupError:
             continue
-        ts = [t0, s1[0], g1[0], c[0], g2[0], r1[0], u1[0], u2[0], s2[0], r2[0], u3[0]]
         route = "pooled (GO, K)" if r1[3] == 1 else "link (CHANNEL_OPEN)"
-        steps = routes.setdefault(route, [[] for _ in STOCK_STEPS])
-        for i in range(len(STOCK_STEPS)):
-            steps[i].append((ts[i + 1] - ts[i]) / 1e6)
+        if early:
+            route += ", early"
+        at = [s1[0], u1[0], g1[0], c[0], g2[0], r1[0], u2[0], s2[0], r2[0], u3[0]]
+        timelines.setdefault(route, []).append([(t - t0) / 1e6 for t in at])
+        if not early:  # the steps follow each other only when the user waits
+            ts = [t0, s1[0], g1[0], c[0], g2[0], r1[0], u1[0], u2[0], s2[0], r2[0], u3[0]]
+            steps = routes.setdefault(route, [[] for _ in STOCK_STEPS])
+            for i in range(len(STOCK_STEPS)):
+                steps[i].append((ts[i + 1] - ts[i]) / 1e6)
         for role, evs in (("relay", r), ("agent", g)):
             busy.setdefault(f"{route}: {role} wake-ups (to the echo)", []).append(
                 sum(1 for e in evs if e[1] == "wake" and e[0] <= u3[0]))
@@ -104,19 +120,28 @@ def stock(where: str) -> int:
                     work, woke = work + e[0] - woke, None
             busy.setdefault(f"{route}: {role} busy (wake to sleep, to the echo)",
                             []).append(work / 1e6)
-    print(f"{sum(len(s[0]) for s in routes.values())} of {len(opens)} sessions lined up; "
+    print(f"{sum(len(t) for t in timelines.values())} of {len(opens)} sessions lined up; "
           f"medians in ms")
     names = sorted(routes)
-    print("| step | " + " | ".join(f"{n} ({len(routes[n][0])})" for n in names) + " |")
-    totals = dict.fromkeys(names, 0.0)
-    for i, step in enumerate(STOCK_STEPS):
-        cells = []
-        for n in names:
-            m = statistics.median(routes[n][i])
-            totals[n] += m
-            cells.append(f"{m:.2f}")
-        print(f"| {step} | " + " | ".join(cells) + " |")
-    print("| sum of the steps | " + " | ".join(f"{totals[n]:.2f}" for n in names) + " |")
+    if names:
+        print("| step | " + " | ".join(f"{n} ({len(routes[n][0])})" for n in names) + " |")
+        totals = dict.fromkeys(names, 0.0)
+        for i, step in enumerate(STOCK_STEPS):
+            cells = []
+            for n in names:
+                m = statistics.median(routes[n][i])
+                totals[n] += m
+                cells.append(f"{m:.2f}")
+            print(f"| {step} | " + " | ".join(cells) + " |")
+        print("| sum of the steps | " + " | ".join(f"{totals[n]:.2f}" for n in names) + " |")
+    # Every route, early-confirmed ones too (whose agent and user legs overlap): when
+    # each event happened, after the relay read the user's open.
+    names = sorted(timelines)
+    print("\n| ms after the relay read the open | "
+          + " | ".join(f"{n} ({len(timelines[n])})" for n in names) + " |")
+    for i, event in enumerate(TIMELINE):
+        cells = [f"{statistics.median(t[i] for t in timelines[n]):.2f}" for n in names]
+        print(f"| {event} | " + " | ".join(cells) + " |")
     for name, values in sorted(busy.items()):
         unit = " ms" if "busy" in name else ""
         print(f"{name}: median {statistics.median(values):.2f}{unit}, "

@@ -79,6 +79,7 @@ RELAY_KEYS = {
     "max_sessions_per_user": "max_sessions_per_user = 64",
     "idle_timeout": "idle_timeout = 0",
     "public_wait": "public_wait = 10",
+    "early_confirm": "early_confirm = true",
     "resume_grace": "resume_grace = 60",
     "resume_max_sessions": "resume_max_sessions = 512",
     "resume_max_sessions_per_agent": "resume_max_sessions_per_agent = 128",

@@ -262,6 +262,7 @@ def _parse_relay(sec: Section, base: Path,
         ),
         idle_timeout=sec.number("idle_timeout", defaults.idle_timeout, low=0),
         public_wait=sec.number("public_wait", defaults.public_wait, low=0),
+        early_confirm=sec.boolean("early_confirm", defaults.early_confirm),
         resume_grace=sec.number("resume_grace", defaults.resume_grace, low=0, high=86400),
         resume_max_sessions=sec.integer("resume_max_sessions", defaults.resume_max_sessions, 0),
         resume_max_sessions_per_agent=sec.integer(

@@ -331,6 +331,12 @@ class RelayConfig:
     max_sessions_per_user: int = 64
     idle_timeout: float = 0.0
     public_wait: float = 10.0
+    #: Confirm a user's ``direct-tcpip`` channel as soon as it is admitted, when its
+    #: service's agent is connected and its last open succeeded, and hold the user's
+    #: first bytes (within the channel's window) until the agent's side is open: one
+    #: crossing less before the first byte (docs/relay.md "Early confirmation").  If the
+    #: agent then fails, the user's channel is closed instead of refused.
+    early_confirm: bool = True
     # Seconds an agent's sessions are held for resumption when its link breaks (only
     # with a labrelay agent; docs/resilience.md); 0 = never held.
     resume_grace: float = 60.0

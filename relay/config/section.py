@@ -105,6 +105,13 @@ class Section:
     def at(self, key: str) -> AbstractContextManager[None]:
         return located(self.source, self.keypath(key))
 
+    def boolean(self, key: str, default: bool) -> bool:
+        """``key`` as true or false (TOML booleans only: not 0/1, not "yes")."""
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {describe(value)}")
+        return value
+
     def string(self, key: str, *, required: bool = False) -> str | None:
         value = self.data.get(key)
         if value is None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from relay.core.earlyopen import OpenHealth
+
 PUBLIC_BINDS = frozenset({"", "0.0.0.0", "*", "::", "localhost", "127.0.0.1", "::1"})
 """``tcpip-forward`` binds that ask the relay for a public port, not a named service.
 The agent needs them too: it never offers such a forward on the fast path."""
@@ -58,6 +60,8 @@ class Registration:
     since: float
     sessions_total: int = 0
     active: set[object] = field(default_factory=set)
+    # How the last open of its sessions went (relay.core.earlyopen: early confirmation).
+    open_health: OpenHealth = OpenHealth.UNKNOWN
 
 
 class ServiceRegistry(Protocol):

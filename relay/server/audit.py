@@ -37,11 +37,14 @@ def path_of(row: SessionRow) -> str:
     return row.path
 
 
-def opened(row: SessionRow) -> None:
+def opened(row: SessionRow, early: bool = False) -> None:
+    """``early``: the user's channel was confirmed before the agent answered
+    (``[relay] early_confirm``, relay.core.earlyopen)."""
     _log.info(
         "session open: {user} ({key}) to {service} from {origin} by {path}",
         event="session_open", audit=True, user=row.user, key=key_fingerprint(row.key),
         service=row.service, origin=row.origin, path=path_of(row), started=row.started,
+        early=early,
     )
 
 

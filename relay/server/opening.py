@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.config.schema import RelayConfig
+from relay.core.earlyopen import EarlyPhase, EarlySession, after_open, confirms_early
 from relay.core.router import Refused, Router
 from relay.core.routing import Registration, Registry
 from relay.core.sessions import POOLED, SPLICED, Meter, SessionRow, SessionTable
@@ -75,20 +76,17 @@ class SessionOpening:
         return self.waiting.whenRegistered(name, port, timeout, row)
 
     def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
-                        channel: BridgedChannel) -> defer.Deferred[BridgedChannel]:
+                        channel: BridgedChannel) -> defer.Deferred[BridgedChannel] | BridgedChannel:
+        """A user's ``direct-tcpip`` to ``host:port``: ``channel`` once the agent's side
+        is open (the user's confirmation waits for it), or ``channel`` itself at once
+        (confirmed now, :meth:`_openEarly`) for a healthy service whose agent is here."""
         ident = conn.identity
         principal = self.grants.principal_for(ident.key_blob)
         host = host.lower()
         service = f"{host}:{port}"
 
         def refuse(code: int, why: str) -> defer.Deferred[BridgedChannel]:
-            self.counters["sessions_refused"] += 1
-            self._log.warn(
-                "{kind} {name}: refused session to {service}: {why}",
-                event="relay_session_refused", kind=ident.kind, name=ident.name,
-                service=service, why=why,
-            )
-            return defer.fail(error.ConchError(why, code))
+            return defer.fail(error.ConchError(self._refused(ident, service, why), code))
 
         active = 0 if principal is None else self.sessions.active_for_user(principal.name)
         owner = self.grants.owner_of(host)
@@ -100,8 +98,12 @@ class SessionOpening:
         session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
                                      key=ident.key_blob,
                                      totals_as=self.router.totals_name(owner, host, port))
+        reg = self.waiting.ready(host, port)
+        if reg is not None and confirms_early(self.config.early_confirm, reg.open_health,
+                                              _live(reg.session)):
+            return self._openEarly(ident, reg, port, origin, channel, session)
         d = self.whenRegistered(host, port, self.config.public_wait, session)
-        d.addCallback(lambda reg: open_user_side(self, reg, port, origin, session))
+        d.addCallback(lambda reg: self._agentSide(reg, port, origin, session))
         # After the open left for the agent (public.py says why), before anything ends it.
         audit.opened(session)
 
@@ -131,6 +133,78 @@ class SessionOpening:
             return refuse(OPEN_CONNECT_FAILED, f"service {service} unavailable: {why}")
 
         return d.addCallbacks(connected, failed)
+
+    def _openEarly(self, ident: Any, reg: Registration, port: int, origin: str,
+                   channel: BridgedChannel, session: SessionRow) -> BridgedChannel:
+        """Confirm the user's channel now and open the agent's side in the same turn
+        (its open leaves first: it is the critical path); the user's first bytes wait in
+        the channel (``BridgedChannel._early``, bounded by the window it advertises: no
+        window is re-opened until the bridge hands them on) and go to the agent's side
+        when it opens.  If that fails, or the relay ends the session first (a grants
+        reload), the user's channel is closed: EOF, then close (docs/relay.md)."""
+        d = self._agentSide(reg, port, origin, session)  # first: the critical path
+        early = EarlySession()
+        self.sharing.tag(channel, session.user)
+
+        def end(why: str, confirmed: bool = True) -> None:
+            if early.end(why):
+                if confirmed:
+                    _close_user(channel)
+                self.sessionEnded(session, 0, 0, why)
+
+        def audited(result: Any) -> Any:
+            # After the user's confirmation left (FlowConnection._confirmOpen, in this
+            # turn): the audit's write is off the path of both the agent's open and
+            # the user's first bytes; still before anything can end the session.
+            audit.opened(session, early=True)
+            if isinstance(result, Failure):
+                end("user channel did not open", confirmed=False)
+                result = None
+            d.addCallbacks(connected, failed)  # so the agent's answer acts after this
+            return result
+
+        # Until the bridge takes over (abortSession): a grants reload ends it now.
+        self._aborts[session] = lambda: end(session.closing or "closed by the relay")
+
+        def connected(agent_side: Side) -> None:
+            if not early.agent_opened():
+                agent_side.abort()  # ended meanwhile: nothing to carry
+                return
+            self._aborts.pop(session, None)
+            self.bridge(session, channel, agent_side)
+            if session.path == POOLED:
+                log_pooled(session)
+
+        def failed(f: Failure) -> None:
+            if early.phase is not EarlyPhase.HOLDING:
+                return
+            why = self._refused(ident, session.service, f"service {session.service} "
+                                f"unavailable: its agent could not connect it: "
+                                f"{f.getErrorMessage()}", early=True)
+            end(why)
+
+        channel.opened.addBoth(audited)
+        return channel
+
+    def _agentSide(self, reg: Registration, port: int, origin: str,
+                   session: SessionRow) -> defer.Deferred[Side]:
+        """The agent's side of ``session`` (relay.server.pooled), the answer noted in
+        the registration's open health (relay.core.earlyopen)."""
+        def noted(result: Any) -> Any:
+            reg.open_health = after_open(reg.open_health, not isinstance(result, Failure))
+            return result
+
+        return open_user_side(self, reg, port, origin, session).addBoth(noted)
+
+    def _refused(self, ident: Any, service: str, why: str, early: bool = False) -> str:
+        """Count and log a user session refused (or, confirmed early, closed): ``why``."""
+        self.counters["sessions_refused"] += 1
+        self._log.warn(
+            "{kind} {name}: refused session to {service}: {why}",
+            event="relay_session_refused", kind=ident.kind, name=ident.name,
+            service=service, why=why, early=early,
+        )
+        return why
 
     def openLocal(self, name: str, port: int, origin: str) -> defer.Deferred[BridgedChannel]:
         """A channel to registered service ``name:port`` for this node's own use.
@@ -226,6 +300,19 @@ class SessionOpening:
         self._aborts.pop(session, None)
         if self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why):
             audit.closed(session)
+
+
+def _live(agent: Any) -> bool:
+    """``agent``'s link can carry an open now (connected, its service not stopped)."""
+    return getattr(agent, "transport", None) is not None and not getattr(agent, "_stopped", False)
+
+
+def _close_user(channel: BridgedChannel) -> None:
+    """End an early-confirmed user's channel whose agent side never opened: what it
+    sent is dropped, and the user sees EOF then close (as from the seed's chain)."""
+    channel._early = None
+    channel.writeEOF()
+    channel.loseConnection()
 
 
 class _SplicedRow:

@@ -36,6 +36,12 @@ class Waiting:
         # service away (or the user's grant) ends their wait at once (cancel).
         self._rows: dict[object, tuple[str, int, defer.Deferred[Registration]]] = {}
 
+    def ready(self, name: str, port: int) -> Registration | None:
+        """``name:port``'s registration if :meth:`whenRegistered` would hand it out now
+        (its agent holds it and knows it does), else None."""
+        reg = self.registry.lookup(name, port)
+        return reg if reg is not None and (name, port) not in self._announcing else None
+
     def whenRegistered(self, name: str, port: int, timeout: float,
                        row: object = None) -> defer.Deferred[Registration]:
         """``name:port``'s registration once its agent knows it holds it, waiting up to

@@ -94,8 +94,9 @@ class RelayHandler(AuthHandler, Protocol):
         """Answer a global request: False, True, bytes, or a Deferred of one."""
 
     def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
-                        channel: BridgedChannel) -> defer.Deferred[BridgedChannel]:
-        """Bridge a user's ``direct-tcpip`` channel to ``host:port``."""
+                        channel: BridgedChannel) -> defer.Deferred[BridgedChannel] | BridgedChannel:
+        """Bridge a user's ``direct-tcpip`` channel to ``host:port``: ``channel`` itself
+        when it is confirmed at once (early confirmation, relay.core.earlyopen)."""
 
     @property
     def resume(self) -> ResumableSessions:

@@ -253,6 +253,8 @@ def test_agent_and_user_may_share_a_name(keys: list[str]) -> None:
         ('state_dir = ""', "relay.state_dir", "must not be empty"),
         ("agents_file = 3", "relay.agents_file", "expected a string"),
         ("login_grace = true", "relay.login_grace", "expected a number"),
+        ('early_confirm = "yes"', "relay.early_confirm", "expected true or false"),
+        ("early_confirm = 1", "relay.early_confirm", "expected true or false"),
     ],
 )
 def test_relay_value_errors(line: str, keypath: str, fragment: str) -> None:
@@ -264,6 +266,13 @@ def test_resumable_sessions_are_capped_per_agent_and_in_all() -> None:
     assert (default.resume_max_sessions_per_agent, default.resume_max_sessions) == (128, 512)
     relay = relay_of("[relay]\nresume_max_sessions_per_agent = 8\nresume_max_sessions = 20\n")
     assert (relay.resume_max_sessions_per_agent, relay.resume_max_sessions) == (8, 20)
+
+
+def test_early_confirm_is_on_unless_turned_off() -> None:
+    assert relay_of("[relay]\n").early_confirm is True
+    assert relay_of("[relay]\nearly_confirm = false\n").early_confirm is False
+    err = error_of('[relay]\nearly_confirm = "no"\n')
+    check(err, "relay.early_confirm", "expected true or false", "early_confirm = true")
 
 
 def test_max_packet_must_fit_the_window() -> None:

@@ -1,0 +1,271 @@
+"""Early confirmation of a user's channel (relay.core.earlyopen and its shell in
+relay.server.opening), with a fake clock, fake connections and a real BridgedChannel.
+
+The integration tests (tests/integration/test_earlyconfirm.py) run it with a real relay,
+agent and OpenSSH; these pin down when a channel is confirmed early, what happens to the
+user's held bytes, and how each way out of the early phase ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import Any
+
+import pytest
+from twisted.conch import error
+from twisted.conch.ssh import common
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+
+from relay.config.schema import RelayConfig
+from relay.core.earlyopen import (
+    EarlyPhase,
+    EarlySession,
+    OpenHealth,
+    after_open,
+    confirms_early,
+)
+from relay.server.grants import Grants
+from relay.server.relay import RelayCore
+from relay.ssh.channels import BridgedChannel
+from relay.testing import FakeIdentity, FakeRelayConnection, KeyRing, result_of
+
+
+def _register(core: RelayCore, conn: Any, name: str = "gpu-cluster", port: int = 22) -> Any:
+    payload = common.NS(name.encode()) + struct.pack(">L", port)
+    return defer.maybeDeferred(core.globalRequest, conn, b"tcpip-forward", payload)
+
+
+# the health memory and the phase, alone
+
+
+def test_only_a_healthy_registration_with_a_live_agent_is_confirmed_early() -> None:
+    assert confirms_early(True, OpenHealth.HEALTHY, True)
+    assert not confirms_early(False, OpenHealth.HEALTHY, True), "early_confirm = false"
+    assert not confirms_early(True, OpenHealth.UNKNOWN, True), "no open answered yet"
+    assert not confirms_early(True, OpenHealth.FAILING, True), "its last open failed"
+    assert not confirms_early(True, OpenHealth.HEALTHY, False), "its agent is not here"
+
+
+def test_the_last_answer_decides_the_health() -> None:
+    health = OpenHealth.UNKNOWN
+    health = after_open(health, True)
+    assert health is OpenHealth.HEALTHY
+    health = after_open(health, False)
+    assert health is OpenHealth.FAILING
+    assert after_open(health, False) is OpenHealth.FAILING
+    assert after_open(health, True) is OpenHealth.HEALTHY
+
+
+def test_an_early_session_is_bridged_or_ended_once() -> None:
+    bridged = EarlySession()
+    assert bridged.agent_opened() and bridged.phase is EarlyPhase.BRIDGED
+    assert not bridged.end("late failure"), "a bridged session is the bridge's to end"
+    ended = EarlySession()
+    assert ended.end("grant revoked") and ended.phase is EarlyPhase.CLOSED
+    assert ended.why == "grant revoked"
+    assert not ended.agent_opened(), "an agent side opening after the end is aborted"
+    assert not ended.end("again")
+
+
+# the shell: RelayCore.openUserSession with fakes
+
+
+class _UserConn:
+    """The user's connection as a BridgedChannel sees it: what it was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any]] = []
+        self.scheduler = None
+        self.transport = None
+
+    def sendData(self, channel: Any, data: bytes) -> None:
+        self.sent.append(("data", bytes(data)))
+
+    def sendEOF(self, channel: Any) -> None:
+        self.sent.append(("eof", None))
+        channel.localClosed = False
+
+    def sendClose(self, channel: Any) -> None:
+        if not channel.localClosed:
+            channel.localClosed = True
+            self.sent.append(("close", None))
+
+    def adjustWindow(self, channel: Any, n: int) -> None:
+        self.sent.append(("adjust", n))
+
+    def sendRequest(self, channel: Any, kind: bytes, data: bytes) -> None:
+        self.sent.append(("request", kind))
+
+
+class _AgentSide:
+    """The agent's side of a session (a bridge Side that records)."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.aborted = False
+        self.eof = False
+        self.bridge: Any = None
+
+    def attach(self, bridge: Any) -> None:
+        self.bridge = bridge
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def writeEOF(self) -> None:
+        self.eof = True
+
+    def consumed(self, n: int) -> None:
+        pass
+
+    def pauseReading(self, reason: str) -> None:
+        pass
+
+    def resumeReading(self, reason: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+@dataclasses.dataclass(eq=False)
+class _Agent(FakeRelayConnection):
+    """An agent whose link is up: each open waits for the test to answer it."""
+
+    transport: Any = "up"
+    opens: list[defer.Deferred[Any]] = dataclasses.field(default_factory=list)
+
+    def openForwarded(self, bind: str, port: int, host: str, oport: int) -> defer.Deferred[Any]:
+        self.opens.append(defer.Deferred())
+        return self.opens[-1]
+
+
+class World:
+    def __init__(self, early: bool = True) -> None:
+        ring = KeyRing()
+        config = RelayConfig(agents=(ring.agent("lab_pc", "gpu-cluster:22"),),
+                             users=(ring.user("alice", "gpu-cluster:22"),),
+                             early_confirm=early)
+        self.clock = MemoryReactorClock()
+        self.core = RelayCore(config, Grants(config, "test"), self.clock)
+        blobs = {name: ring.blob(name) for name in ("lab_pc", "alice")}
+        self.agent = _Agent(FakeIdentity(blobs["lab_pc"], "lab_pc", "agent"))
+        self.core.connections.add(self.agent)  # type: ignore[arg-type]
+        assert result_of(_register(self.core, self.agent)) is True
+        self.alice = FakeRelayConnection(FakeIdentity(blobs["alice"], "alice", "user"))
+        self.core.connections.add(self.alice)  # type: ignore[arg-type]
+
+    def open(self) -> tuple[Any, BridgedChannel, _UserConn]:
+        """A user's direct-tcpip: what openUserSession returned, and the channel."""
+        conn = _UserConn()
+        channel = BridgedChannel(b"direct-tcpip", window=1000, remoteWindow=1 << 20,
+                                 remoteMaxPacket=32768, conn=conn)
+        return (self.core.openUserSession(self.alice, "gpu-cluster", 22, "10.0.0.1:5",
+                                          channel), channel, conn)
+
+    def confirm(self, channel: BridgedChannel) -> None:
+        """What FlowConnection does with a channel returned at once: confirm it."""
+        channel.channelOpen(b"")
+
+    def health(self) -> OpenHealth:
+        return self.core.registry.lookup("gpu-cluster", 22).open_health  # type: ignore[union-attr]
+
+    def healthy(self) -> None:
+        """One session opened and answered: the registration is healthy."""
+        answer, channel, _ = self.open()
+        assert isinstance(answer, defer.Deferred), "a fresh registration confirms late"
+        self.agent.opens[-1].callback(_AgentSide())
+        assert result_of(answer) is channel
+        assert self.health() is OpenHealth.HEALTHY
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+def test_a_healthy_service_is_confirmed_at_once_and_the_held_bytes_go_on(world: World) -> None:
+    world.healthy()
+    answer, channel, conn = world.open()
+    assert answer is channel, "confirmed at once"
+    assert len(world.agent.opens) == 2, "the agent's open left before the answer"
+    world.confirm(channel)
+    channel.dataReceived(b"hello ")
+    channel.localWindowLeft -= 6
+    channel.dataReceived(b"there")
+    assert ("adjust", 6) not in conn.sent, "held bytes re-open no window"
+    side = _AgentSide()
+    world.agent.opens[-1].callback(side)
+    assert side.written == [b"hello ", b"there"]
+    assert side.bridge is channel.bridge is not None
+    assert world.core.sessions.active_for_user("alice") == 2
+
+
+def test_an_agent_failure_after_early_confirmation_closes_the_users_channel(
+        world: World) -> None:
+    world.healthy()
+    refused = world.core.counters["sessions_refused"]
+    _, channel, conn = world.open()
+    world.confirm(channel)
+    channel.dataReceived(b"lost")
+    world.agent.opens[-1].errback(error.ConchError("connection refused", 2))
+    assert conn.sent == [("eof", None), ("close", None)]
+    assert world.core.counters["sessions_refused"] == refused + 1
+    assert world.core.sessions.active_for_user("alice") == 1, "its row is closed"
+    assert world.health() is OpenHealth.FAILING
+    # the next open confirms only after the agent's answer, until one succeeds
+    later, _, _ = world.open()
+    assert isinstance(later, defer.Deferred)
+    world.agent.opens[-1].errback(error.ConchError("connection refused", 2))
+    assert isinstance(result_of(later).value, error.ConchError), "open failed, as without"
+    world.healthy()
+
+
+def test_a_grants_reload_in_the_early_phase_ends_it_and_the_late_agent_side(
+        world: World) -> None:
+    world.healthy()
+    _, channel, conn = world.open()
+    world.confirm(channel)
+    rows = list(world.core._aborts)
+    assert len(rows) == 1, "the early session can be aborted"
+    world.core.abortSession(rows[0], "grant revoked")
+    assert conn.sent == [("eof", None), ("close", None)]
+    assert world.core.sessions.active_for_user("alice") == 1
+    side = _AgentSide()
+    world.agent.opens[-1].callback(side)
+    assert side.aborted and side.bridge is None
+
+
+def test_without_early_confirm_every_channel_waits_for_the_agent() -> None:
+    world = World(early=False)
+    for _ in range(2):
+        answer, channel, _ = world.open()
+        assert isinstance(answer, defer.Deferred)
+        world.agent.opens[-1].callback(_AgentSide())
+        assert result_of(answer) is channel
+    assert world.health() is OpenHealth.HEALTHY
+
+
+def test_an_agent_whose_link_is_down_is_not_confirmed_early(world: World) -> None:
+    world.healthy()
+    world.agent.transport = None
+    answer, _, _ = world.open()
+    assert isinstance(answer, defer.Deferred)
+
+
+def test_a_confirmation_that_could_not_leave_ends_the_session(world: World) -> None:
+    """The user's connection stopped in the turn of the open: the channel is never
+    confirmed (FlowConnection calls openFailed); the session ends and the agent's side,
+    when it opens, is aborted; nothing is sent to the user."""
+    world.healthy()
+    _, channel, conn = world.open()
+    channel.openFailed(error.ConchError("link lost", 2))
+    assert world.core.sessions.active_for_user("alice") == 1
+    side = _AgentSide()
+    world.agent.opens[-1].callback(side)
+    assert side.aborted and conn.sent == []
