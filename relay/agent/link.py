@@ -335,23 +335,31 @@ class Link(MultiService):
     ) -> Bridge:
         counters = forward.counters
         counters.opened()
-        local = isinstance(forward, LocalForwardListener)
+        bridge: Bridge | None = None  # None only while it is made (both sides may have ended)
 
         def ended(a_to_b: int, b_to_a: int) -> None:
+            local = isinstance(forward, LocalForwardListener)  # here: one cell less a session
             to_target, from_target = (a_to_b, b_to_a) if local else (b_to_a, a_to_b)
             counters.closed(to_target, from_target)
-            self.log.debug(
-                "forward {forward}: session from {origin} closed "
-                "({to_target} bytes in, {from_target} out)",
+            how = ("before it was bridged" if bridge is None
+                   else bridge.endedBy("client" if local else "target", "relay"))
+            # A target that was sent bytes and answered none is worth a line without -v:
+            # it is what a session that "got EOF and nothing back" looks like from here,
+            # and ``ended`` says whose end it was (the target's EOF or reset, the relay's
+            # EOF or close).
+            log = (self.log.info if to_target and not from_target and not local
+                   else self.log.debug)
+            log("forward {forward}: session from {origin} closed "
+                "({to_target} bytes in, {from_target} out; {ended} first)",
                 event="session_closed", link=self.name, forward=forward.name, origin=origin,
-                to_target=to_target, from_target=from_target,
-            )
+                to_target=to_target, from_target=from_target, ended=how)
 
         self.log.debug(
             "forward {forward}: session from {origin}", event="session_open",
             link=self.name, forward=forward.name, origin=origin,
         )
-        return Bridge(side, channel, onClosed=ended)
+        bridge = made = Bridge(side, channel, onClosed=ended)
+        return made
 
     def openRelayService(self, name: str, port: int,
                          origin: str) -> defer.Deferred[BridgedChannel]:

@@ -81,6 +81,12 @@ class Bridge:
     """
 
     _log = Logger()
+    #: How the session began to end, set once by the first EOF or close of either side:
+    #: ``(side, how)`` with ``side`` 0 for ``a``, 1 for ``b`` and ``how`` one of
+    #: ``"eof"``, ``"closed"`` (after its EOF or a clean close) or ``"reset"``; owners name
+    #: it in their close events (:meth:`endedBy`).  A class default until then, so an idle
+    #: bridge holds nothing for it.
+    firstEnd: tuple[int, str] | None = None
 
     def __init__(self, a: Side, b: Side, onClosed: object = None,
                  onData: Callable[[Side, int], None] | None = None) -> None:
@@ -119,7 +125,18 @@ class Bridge:
         self.peer(dst).resumeReading(SINK_FULL)
 
     def eofReceived(self, src: Side) -> None:
+        if self.firstEnd is None:
+            self.firstEnd = (0 if src is self.a else 1, "eof")
         self.peer(src).writeEOF()
+
+    def endedBy(self, a: str, b: str) -> str:
+        """How the session began to end, with ``a`` and ``b`` as the sides' names:
+        ``"target eof"``, ``"relay closed"``, ``"user reset"`` ... (``"open"`` while
+        neither side has ended)."""
+        if self.firstEnd is None:
+            return "open"
+        side, how = self.firstEnd
+        return f"{b if side else a} {how}"
 
     def sideClosed(self, side: Side, clean: bool = True) -> None:
         """``side`` is gone.  After a clean end (it sent EOF first) the other side is
@@ -132,6 +149,8 @@ class Bridge:
             self._bOpen = False
         else:
             return
+        if self.firstEnd is None:
+            self.firstEnd = (0 if side is self.a else 1, "closed" if clean else "reset")
         if self._aOpen or self._bOpen:
             if clean:
                 self.peer(side).close()
@@ -156,6 +175,10 @@ class TCPSide(Protocol):
     _log = Logger()
     transport: Any  # an ITCPTransport once connected (Twisted types it Optional)
     _writeLost = False  # our half-close completed (writeConnectionLost)
+    #: This session's own counts of the native thread (relay.ssh.nativeforward), made
+    #: when the thread first takes it: its ``session_close`` line reports them.  A class
+    #: default, so the sessions it never carries hold nothing for it.
+    nativeSession: dict[str, int] | None = None
 
     def __init__(self, readAhead: bool = False) -> None:
         self.bridge: Bridge | None = None

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Mapping
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -48,14 +50,39 @@ def opened(row: SessionRow, early: bool = False) -> None:
     )
 
 
-def closed(row: SessionRow) -> None:
+NATIVE_FIELDS = (("native_opened", "native_bytes"), ("native_sealed", "native_sealed"),
+                 ("native_runs", "native_runs"), ("native_handbacks", "native_handbacks"),
+                 ("native_yields", "native_yields"))
+"""``session_close``'s fields for a session the native thread carried (relay.ssh.
+nativeforward), each from the session's own counter of that name."""
+
+
+def closed(row: SessionRow, native: Mapping[str, int] | None = None,
+           ended: str | None = None) -> None:
+    """``session_close``; ``native``: the session's own counts of the native thread
+    (bytes it opened to the service and sealed to the user, its runs, its hand-backs and
+    those a relay write asked for), when it carried any of the session; ``ended``: which
+    side began the end and how (``service eof``, ``user closed``, ``service reset`` ...:
+    ``Bridge.endedBy``), for a bridged session."""
     duration = (row.ended or row.started) - row.started
-    _log.info(
-        "session close: {user} ({key}) to {service} from {origin} by {path}: "
-        "{bytes_to_service} bytes to it, {bytes_from_service} from it in {duration:.3f}s "
-        "({why})",
+    fields: dict[str, Any] = dict(
         event="session_close", audit=True, user=row.user, key=key_fingerprint(row.key),
         service=row.service, origin=row.origin, path=path_of(row), started=row.started,
         bytes_to_service=row.to_service, bytes_from_service=row.from_service,
         duration=round(duration, 3), why=row.why or "closed",
     )
+    if ended is None:
+        _log.info("session close: {user} ({key}) to {service} from {origin} by {path}: "
+                  "{bytes_to_service} bytes to it, {bytes_from_service} from it in "
+                  "{duration:.3f}s ({why})", **fields)
+    elif not native:
+        _log.info("session close: {user} ({key}) to {service} from {origin} by {path}: "
+                  "{bytes_to_service} bytes to it, {bytes_from_service} from it in "
+                  "{duration:.3f}s ({why}; {ended} first)", ended=ended, **fields)
+    else:
+        _log.info("session close: {user} ({key}) to {service} from {origin} by {path}: "
+                  "{bytes_to_service} bytes to it, {bytes_from_service} from it in "
+                  "{duration:.3f}s ({why}; {ended} first) (native thread: {native_opened} "
+                  "bytes opened, {native_sealed} sealed, {native_runs} runs, "
+                  "{native_handbacks} hand-backs)", ended=ended, **fields,
+                  **{field: native.get(counter, 0) for field, counter in NATIVE_FIELDS})

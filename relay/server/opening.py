@@ -9,7 +9,7 @@ pairs counted the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.conch import error
@@ -268,22 +268,33 @@ class SessionOpening:
 
     def bridge(self, session: SessionRow, user_side: Any, agent_side: Side) -> Bridge:
         limiter = self.sharing.limiter(session.user, user_side)
+        # One cell for every closure here (per-session memory): None only while the
+        # Bridge is being made, when both sides may already have ended.
+        bridge: Bridge | None = None
 
         def ended(to_service: int, from_service: int) -> None:
             if limiter is not None:
                 limiter.release()  # type: ignore[attr-defined]
-            self.sessionEnded(session, to_service, from_service, "bridge closed")
-
-        bridge = Bridge(user_side, agent_side, onClosed=ended, onData=limiter)
-        if isinstance(agent_side, ResumableSide):
-            agent_side.row = session
+            if bridge is None:
+                self.sessionEnded(session, to_service, from_service, "bridge closed")
+            else:  # its agent side (b) may have been carried by the native thread
+                self.sessionEnded(session, to_service, from_service, "bridge closed",
+                                  native=getattr(bridge.b, "nativeSession", None),
+                                  ended=bridge.endedBy("user", "service"))
 
         def abort() -> None:
-            bridge.a.abort()
-            bridge.b.abort()
+            if bridge is not None:
+                bridge.a.abort()
+                bridge.b.abort()
 
-        self._moving(session, lambda: (bridge.bytesAtoB, bridge.bytesBtoA), abort)
-        return bridge
+        def meter() -> tuple[int, int]:
+            return (0, 0) if bridge is None else (bridge.bytesAtoB, bridge.bytesBtoA)
+
+        bridge = made = Bridge(user_side, agent_side, onClosed=ended, onData=limiter)
+        if isinstance(agent_side, ResumableSide):
+            agent_side.row = session
+        self._moving(session, meter, abort)
+        return made
 
     def _moving(self, session: SessionRow, meter: Meter, abort: Callable[[], None],
                 agent: Any = None) -> None:
@@ -296,10 +307,14 @@ class SessionOpening:
             abort()  # its grant went while it was opening or being paired
 
     def sessionEnded(self, session: SessionRow, to_service: int, from_service: int,
-                      why: str) -> None:
+                      why: str, native: Mapping[str, int] | None = None,
+                      ended: str | None = None) -> None:
+        """``session`` is over: its row closed, its ``session_close`` logged (with what
+        the native thread carried of it, ``native``, on a pooled route, and which side
+        began the end, ``ended``, for a bridged session)."""
         self._aborts.pop(session, None)
         if self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why):
-            audit.closed(session)
+            audit.closed(session, native, ended)
 
 
 def _live(agent: Any) -> bool:

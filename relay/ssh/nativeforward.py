@@ -68,6 +68,14 @@ MAX_INITIAL = 512 * 1024
 REPORT = 8 * 1024 * 1024
 
 
+def tally(side: TCPSide, counter: str, n: int) -> None:
+    """Add ``n`` to ``counter`` relay-wide (``side.nativeStats``: status and metrics) and
+    for this session alone (``side.nativeSession``: its ``session_close`` line)."""
+    for counts in (side.nativeStats, getattr(side, "nativeSession", None)):
+        if counts is not None:
+            counts[counter] = counts.get(counter, 0) + n
+
+
 def _data_side(channel: Any) -> TCPSide | None:
     bridge = getattr(channel, "bridge", None)
     if type(bridge) is not Bridge or bridge.onData is not None:  # a rate limit charges per chunk
@@ -162,9 +170,9 @@ def maybe_arm(transport: Any) -> NativeForward | None:
     transport.nativeForward = forward
     side.forwarder = forward
     tcp.reactor.addReader(forward)
-    stats = side.nativeStats
-    if stats is not None:
-        stats["native_runs"] += 1
+    if side.nativeSession is None:
+        side.nativeSession = {}
+    tally(side, "native_runs", 1)
     return forward
 
 
@@ -247,23 +255,9 @@ class NativeForward:
         if sealed or adjusted:
             channel.remoteWindowLeft += adjusted - sealed
             if sealed:
-                if bridge is not None:
-                    if bridge.a is channel:
-                        bridge.bytesBtoA += sealed
-                    else:
-                        bridge.bytesAtoB += sealed
-                stats = self.side.nativeStats
-                if stats is not None:
-                    stats["native_sealed"] = stats.get("native_sealed", 0) + sealed
+                self._carried(bridge, False, sealed, "native_sealed")
         if written:
-            if bridge is not None:
-                if bridge.a is channel:
-                    bridge.bytesAtoB += written
-                else:
-                    bridge.bytesBtoA += written
-            stats = self.side.nativeStats
-            if stats is not None:
-                stats["native_bytes"] += written
+            self._carried(bridge, True, written, "native_bytes")
             if not self.selfGrants:
                 before = channel.localWindowLeft
                 channel.consumed(written)  # a sealing thread's: adjustWindow -> grantSend
@@ -279,6 +273,19 @@ class NativeForward:
             count = (consumed + 8 * packets if packets else 0) + oplain
             if count:
                 self.transport._count(count)
+
+    def _carried(self, bridge: Bridge | None, toService: bool, nbytes: int,
+                 counter: str) -> None:
+        """``nbytes`` the thread handed on one way (``toService``: opened from the user
+        and written to the data connection; else read from it and sealed to the user):
+        counted in the bridge's direction, the relay-wide ``counter`` and the session's
+        own (``TCPSide.nativeSession``, its ``session_close``)."""
+        if bridge is not None:
+            if (bridge.a is self.channel) is toService:
+                bridge.bytesAtoB += nbytes
+            else:
+                bridge.bytesBtoA += nbytes
+        tally(self.side, counter, nbytes)
 
     def handback(self, why: str, lost: bool = False, dataLost: bool = False,
                  later: bool = False) -> None:
@@ -303,8 +310,11 @@ class NativeForward:
         transport.incomingPacketSequence = (
             transport.incomingPacketSequence + state.packets) & 0xFFFFFFFF
         gone = lost or getattr(tcp, "disconnected", False)
-        if later and side.nativeStats is not None:
-            side.nativeStats["native_yields"] = side.nativeStats.get("native_yields", 0) + 1
+        mine = getattr(side, "nativeSession", None)
+        if mine is not None:  # relay-wide, the runs count them
+            mine["native_handbacks"] = mine.get("native_handbacks", 0) + 1
+        if later:
+            tally(side, "native_yields", 1)
         if self.out is not None:
             # The outgoing stream, exactly where the thread left it: what it sealed and
             # did not write goes first, then the grants it had not sealed yet.

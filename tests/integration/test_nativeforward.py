@@ -152,12 +152,25 @@ def test_keepalives_mid_bulk_hand_back_and_rearm_byte_exact(site: Site) -> None:
     assert sha256_hex(there.read_bytes()) == sha256_hex(piece * 3)
     assert len(got) == 1 and len(got[0]) == 6 * len(piece)
     assert sha256_hex(got[0]) == sha256_hex(piece * 6)
+    # The session's own audit line (the one session of this relay, so the relay-wide
+    # counters moved by its figures alone): what the thread carried of it.
+    closed = site.relay.wait_for("session_close", timeout=10, since=0, path="pooled")
     fast = site.fast()
     runs = fast["native_runs"] - start["native_runs"]
     yields = fast["native_yields"] - start["native_yields"]
     if not native_enabled():  # LABRELAY_DATAPATH=python (.ci/run): the same bytes, no thread
         assert runs == yields == 0 and fast["native_sealed"] == start["native_sealed"], fast
+        assert not [k for k in closed if k.startswith("native_")], closed
         return
+    assert closed["native_opened"] == fast["native_bytes"] - start["native_bytes"], closed
+    assert closed["native_sealed"] == fast["native_sealed"] - start["native_sealed"], closed
+    assert closed["native_runs"] == closed["native_handbacks"] == runs, (closed, fast)
+    assert closed["native_yields"] == yields, (closed, fast)
+    assert closed["bytes_to_service"] >= 3 * len(piece), closed  # the inner SSH stream
+    assert closed["bytes_from_service"] >= 6 * len(piece), closed
+    assert closed["native_opened"] <= closed["bytes_to_service"], closed
+    assert closed["native_sealed"] <= closed["bytes_from_service"], closed
+    assert "(native thread: " in closed["text"], closed
     # four pauses: at least one keepalive found the thread armed (a congested data
     # connection may have handed it back before some of them), and it was armed again
     assert yields >= 1 and runs >= 2, fast

@@ -303,3 +303,36 @@ def test_on_closed_is_optional() -> None:
     tcp.connectionLost(Failure(ConnectionDone()))
     other.closed()
     assert other.closeCalls == 1
+
+
+# --- which side began the end (the close events' ``ended``) ----------------------------
+
+
+def test_ended_by_names_the_side_whose_eof_came_first() -> None:
+    tcp, _transport, other, bridge, ended = bridged()
+    assert bridge.endedBy("target", "relay") == "open"
+    tcp.dataReceived(b"ping")
+    tcp.readConnectionLost()  # the target's EOF, then the relay's
+    other.eof()
+    tcp.connectionLost(Failure(ConnectionDone()))
+    other.closed()
+    assert ended.calls == [(4, 0)]
+    assert bridge.endedBy("target", "relay") == "target eof"
+
+    tcp, _transport, other, bridge, _ended = bridged()
+    other.eof()  # the relay's first
+    tcp.readConnectionLost()
+    assert bridge.endedBy("target", "relay") == "relay eof"
+
+
+def test_ended_by_tells_a_close_from_a_reset() -> None:
+    tcp, _transport, other, bridge, _ended = bridged()
+    other.closed()  # the channel closed without an EOF: the TCP side is closed after it
+    tcp.connectionLost(Failure(ConnectionDone()))
+    assert bridge.endedBy("target", "relay") == "relay closed"
+
+    tcp, _transport, other, bridge, ended = bridged()
+    tcp.connectionLost(Failure(ConnectionLost()))
+    other.closed()
+    assert ended.calls == [(0, 0)]
+    assert bridge.endedBy("target", "relay") == "target reset"
