@@ -50,9 +50,9 @@ REMOTE_COMMAND = fpr.REMOTE_COMMAND
 
 
 AEAD_PROBE = """
-import os, time
+import os, sys, time
 from relay.ssh import aead
-packet, n = 32 * 1024, 8192  # 256 MiB in 32 KiB packets
+packet, n = 32 * 1024, int(sys.argv[1])  # 8192: 256 MiB in 32 KiB packets
 plain = os.urandom(packet)
 out = {}
 for name, make in (("aes128-gcm@openssh.com", lambda: aead.GCMDirection(bytes(16), bytes(12))),
@@ -73,14 +73,45 @@ for name, make in (("aes128-gcm@openssh.com", lambda: aead.GCMDirection(bytes(16
     t2 = time.process_time()
     gib = n * packet / 2 ** 30
     out[name] = {"seal": (t1 - t0) / gib, "open": (t2 - t1) / gib}
+# The relay's native thread opens -J's packets with the libcrypto it loads itself
+# (csrc/sshopen.c: the system's libcrypto.so.3), not cryptography's bundled OpenSSL:
+# its cost is the floor of the thread's CPU-s/GiB, and it differs by OpenSSL version.
+from relay.datapath import _splice
+from relay.ssh import gcmrun
+if gcmrun.native_enabled():
+    import ctypes
+    ffi, lib = _splice.ffi, _splice.lib
+    tx = aead.GCMDirection(bytes(16), bytes(12))
+    body = bytes(4) + packet.to_bytes(4, "big") + plain  # recipient 0, data length
+    pad = 16 - (2 + len(body)) % 16
+    pad += 16 if pad < 4 else 0
+    run = b"".join(b"".join(tx.seal(i, bytes((pad, 94)) + body + bytes(pad))) for i in range(64))
+    ctx = lib.lr_gcm_new(bytes(16), 16)
+    src, dst = ffi.from_buffer(run), ffi.new("unsigned char[]", len(run))
+    r = ffi.new("struct lr_gcm_run *")
+    t0 = time.process_time()
+    for i in range(max(1, n // 64)):
+        r.counter, r.fixed, r.channel, r.window = 0, 0, 0, 1 << 40
+        r.max_data, r.max_packet_length = 1 << 20, 1 << 20
+        lib.lr_gcm_open_run(ctx, r, src, len(run), dst, len(run))
+    t1 = time.process_time()
+    assert r.packets == 64, r.packets
+    lib.lr_gcm_free(ctx)
+    crypto = ctypes.CDLL("libcrypto.so.3")
+    crypto.OpenSSL_version.restype = ctypes.c_char_p
+    opened = max(1, n // 64) * 64 * packet
+    out["aes128-gcm, native thread"] = {"open": (t1 - t0) / (opened / 2 ** 30),
+                                        "libcrypto": crypto.OpenSSL_version(0).decode()}
 print(__import__("json").dumps(out))
 """
 
 
-def aead_cost(python: str) -> dict[str, Any]:
+def aead_cost(python: str, packets: int = 8192) -> dict[str, Any]:
     """CPU-s/GiB of sealing and opening 32 KiB packets with each AEAD the relay offers a
-    stock ssh, in its own code (relay.ssh.aead); one process, nothing else."""
-    out = subprocess.run([python, "-c", AEAD_PROBE], cwd=REPO, capture_output=True,
+    stock ssh, in its own code (relay.ssh.aead); one process, nothing else.  Also the
+    native -J thread's opening (csrc/sshopen.c) with the libcrypto it loads, and that
+    libcrypto's version: the floor of the relay's CPU-s/GiB on pooled -J."""
+    out = subprocess.run([python, "-c", AEAD_PROBE, str(packets)], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     try:
         result: dict[str, Any] = __import__("json").loads(out.stdout)
@@ -208,7 +239,9 @@ def markdown(res: dict[str, Any]) -> str:
     if aead and "error" not in aead:
         out += ["", "The AEADs' own cost in relay.ssh.aead (32 KiB packets, one process): " +
                 "; ".join(f"{k} seal {v['seal']:.2f}, open {v['open']:.2f} CPU-s/GiB"
-                          for k, v in aead.items())]
+                          for k, v in aead.items() if "seal" in v)]
+        out += [f"{k} (the -J thread's floor): open {v['open']:.2f} CPU-s/GiB with "
+                f"{v['libcrypto']}" for k, v in aead.items() if "seal" not in v]
     out += ["", "| goal | value | status |", "|---|---|---|"]
     for g in res["goals"]:
         v = "–" if g["value"] is None else f"{g['value']:.2f} {g['unit']}"

@@ -503,3 +503,21 @@ def test_counted_sink_replies_without_a_half_close() -> None:
         client.settimeout(10)
         assert struct.unpack(">Q", sessions.recv_exact(client, 8))[0] == nbytes  # no shutdown
     t.join(10)
+
+
+def test_stock_paths_reports_the_native_threads_aes_gcm_and_its_libcrypto() -> None:
+    """The stock-paths suite's AEAD line: relay.ssh.aead's cost (cryptography's bundled
+    OpenSSL) and, apart, the native -J thread's opening with the libcrypto it loads and
+    that library's version (docs/benchmarks.md, round 7: the two differ by 2x here)."""
+    from bench.stock_paths_report import aead_cost
+    from relay.ssh import gcmrun
+
+    res = aead_cost(sys.executable, packets=64)
+    assert "error" not in res, res
+    assert res["aes128-gcm@openssh.com"]["open"] > 0
+    native = res.get("aes128-gcm, native thread")
+    if not gcmrun.native_enabled():
+        assert native is None
+        return
+    assert native is not None and native["open"] > 0
+    assert native["libcrypto"].startswith("OpenSSL ")
