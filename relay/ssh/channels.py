@@ -344,6 +344,10 @@ class BridgedChannel(SSHChannel):
         early, self._early = self._early, None
         for data in early or ():
             bridge.dataReceived(self, data)
+        if early:
+            offer = getattr(self.conn, "offerNative", None)
+            if offer is not None:
+                offer(self)  # relay.ssh.nativeforward: as after a read that carried them
         if self._gotEOF:
             bridge.eofReceived(self)
         if self._isClosed:

@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from relay.core.fairshare import FairScheduler
 from relay.datapath.net import TurnBudget, limit_unsent
+from relay.ssh import nativeforward
 from relay.ssh.openerrors import open_error
 
 MAX_WINDOW = 0xFFFFFFFF
@@ -119,6 +120,21 @@ class FlowConnection(connection.SSHConnection):
         if hasattr(self.transport, "channelDataHandler"):
             self.transport.channelDataHandler = self.channelData
         self._nativeOK = bool(getattr(self.transport, "nativeArmable", False))
+
+    def offerNative(self, channel: Any) -> None:
+        """Bytes ``channel`` held before its bridge existed (relay.core.earlyopen) went
+        on: the native thread may take it now, as after a read that carried them (else a
+        download begun by one held request stays in Python).  Next turn: not mid-read."""
+        transport, tcp = self.transport, getattr(self.transport, "transport", None)
+        if not self._nativeOK or tcp is None:
+            return
+
+        def arm() -> None:
+            if transport.nativeForward is None and channel in self.channelsToRemoteChannel:
+                transport.nativeCandidate = channel
+                nativeforward.maybe_arm(transport)
+
+        tcp.reactor.callLater(0, arm)
 
     def activity(self) -> None:
         """A packet arrived (the relay's connection feeds its keepalive monitor)."""

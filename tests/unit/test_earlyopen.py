@@ -269,3 +269,57 @@ def test_a_confirmation_that_could_not_leave_ends_the_session(world: World) -> N
     side = _AgentSide()
     world.agent.opens[-1].callback(side)
     assert side.aborted and conn.sent == []
+
+
+# the native thread and held bytes (relay.ssh.nativeforward arms after a read that
+# carried a channel's data; held bytes handed on at the bridge count as that read)
+
+
+def test_held_bytes_handed_on_offer_the_session_to_the_native_thread(world: World) -> None:
+    world.healthy()
+    _, channel, conn = world.open()
+    offers: list[Any] = []
+    conn.offerNative = offers.append  # type: ignore[attr-defined]
+    world.confirm(channel)
+    channel.dataReceived(b"GET / HTTP/1.0\r\n\r\n")  # held: the agent has not answered
+    world.agent.opens[-1].callback(_AgentSide())
+    assert offers == [channel], "a download begun by one held request must be offered"
+
+
+def test_a_bridge_with_nothing_held_offers_nothing(world: World) -> None:
+    world.healthy()
+    _, channel, conn = world.open()
+    offers: list[Any] = []
+    conn.offerNative = offers.append  # type: ignore[attr-defined]
+    world.confirm(channel)
+    world.agent.opens[-1].callback(_AgentSide())
+    assert offers == [], "the next read that carries data arms it, as without early"
+
+
+def test_an_offer_arms_in_the_next_turn_never_inside_a_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from relay.ssh import connection as flow
+
+    armed: list[Any] = []
+    monkeypatch.setattr(flow.nativeforward, "maybe_arm",
+                        lambda t: armed.append(t.nativeCandidate))
+    clock = MemoryReactorClock()
+
+    class _Transport:
+        nativeForward = None
+        nativeCandidate = None
+        transport = type("TCP", (), {"reactor": clock})()
+
+    conn = flow.FlowConnection()
+    conn.transport = _Transport()  # type: ignore[assignment]
+    conn._nativeOK = True
+    channel = object()
+    conn.channelsToRemoteChannel[channel] = 7  # type: ignore[index]
+    conn.offerNative(channel)
+    assert armed == [], "not inside the turn that handed the bytes on"
+    clock.advance(0)
+    assert armed == [channel]
+    conn._nativeOK = False  # a transport that cannot arm (TLS port, python data path)
+    conn.offerNative(channel)
+    clock.advance(0)
+    assert armed == [channel]
