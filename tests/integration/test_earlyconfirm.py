@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -286,6 +287,26 @@ def test_a_grant_narrowed_during_the_early_phase_ends_the_session(site: Site) ->
     assert "grant" in closed["why"] or "no longer" in closed["why"], closed["why"]
     site.agent.sigcont()
     site.echo_through(GPU, b"still granted")
+
+
+def test_early_confirm_follows_a_reload_for_new_sessions(site: Site) -> None:
+    """docs/relay.md: "A reload applies it to new sessions": turned off by a SIGHUP, a
+    healthy service's next open waits for the agent; turned on again, it is early."""
+    config = site.relay.dir / "node.toml"
+    original = config.read_text()
+    site.echo_through(WEB, b"healthy")  # a fresh registration answers late, then healthy
+
+    def reload_with(extra: str) -> list[bool]:
+        config.write_text(original + extra)
+        mark = site.relay.mark()
+        os.kill(site.relay.pid, signal.SIGHUP)
+        site.relay.wait_for("reload_done", since=mark)
+        mark = site.relay.mark()
+        site.echo_through(WEB, b"after the reload")
+        return [o["early"] for o in site.relay.events("session_open", since=mark)]
+
+    assert reload_with("early_confirm = false\n") == [False]
+    assert reload_with("early_confirm = true\n") == [True]
 
 
 @pytest.mark.parametrize("site", [{"early_confirm": "false"}], indirect=True)
