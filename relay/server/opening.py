@@ -149,7 +149,7 @@ class SessionOpening:
         def end(why: str, confirmed: bool = True) -> None:
             if early.end(why):
                 if confirmed:
-                    _close_user(channel)
+                    channel.endUnbridged()
                 self.sessionEnded(session, 0, 0, why)
 
         def audited(result: Any) -> Any:
@@ -320,14 +320,6 @@ class SessionOpening:
 def _live(agent: Any) -> bool:
     """``agent``'s link can carry an open now (connected, its service not stopped)."""
     return getattr(agent, "transport", None) is not None and not getattr(agent, "_stopped", False)
-
-
-def _close_user(channel: BridgedChannel) -> None:
-    """End an early-confirmed user's channel whose agent side never opened: what it
-    sent is dropped, and the user sees EOF then close (as from the seed's chain)."""
-    channel._early = None
-    channel.writeEOF()
-    channel.loseConnection()
 
 
 class _SplicedRow:

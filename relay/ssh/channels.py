@@ -304,6 +304,14 @@ class BridgedChannel(SSHChannel):
         if self.closing:
             self.loseConnection()
 
+    def endUnbridged(self) -> None:
+        """End a channel confirmed before its bridge existed (an early-confirmed user
+        channel whose agent side never opened, relay.core.earlyopen): what it held is
+        dropped, and the peer sees EOF then close, as from the seed's chain."""
+        self._early = None
+        self.writeEOF()
+        self.loseConnection()
+
     def loseConnection(self) -> None:
         self.closing = 1
         if not self._queued:

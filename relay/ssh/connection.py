@@ -129,10 +129,9 @@ class FlowConnection(connection.SSHConnection):
         if not self._nativeOK or tcp is None:
             return
 
-        def arm() -> None:
-            if transport.nativeForward is None and channel in self.channelsToRemoteChannel:
-                transport.nativeCandidate = channel
-                nativeforward.maybe_arm(transport)
+        def arm() -> None:  # maybe_arm checks the rest (channel still open, no thread yet)
+            transport.nativeCandidate = channel
+            nativeforward.maybe_arm(transport)
 
         tcp.reactor.callLater(0, arm)
 
