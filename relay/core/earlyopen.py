@@ -48,8 +48,9 @@ class EarlyPhase(Enum):
     BRIDGED = "bridged"
     """The agent's side opened: the held bytes went to it, the bridge carries the rest."""
     CLOSED = "closed"
-    """The agent's side failed, or the relay ended the session: the user's channel is
-    closed (EOF and close), the agent's side aborted if it opens later."""
+    """The agent's side failed, or the relay ended the session (the user's channel is
+    closed: EOF and close), or the user closed her channel first; the agent's side is
+    aborted if it opens later."""
 
 
 class EarlySession:
@@ -74,5 +75,15 @@ class EarlySession:
         (True) unless it is already bridged or closed (False: the bridge ends it)."""
         if self.phase is EarlyPhase.HOLDING:
             self.phase, self.why = EarlyPhase.CLOSED, why
+            return True
+        return False
+
+    def user_closed(self) -> bool:
+        """The user's channel closed before the bridge existed: end the session now
+        (True: its row must not wait for an agent that may answer late, or never)
+        unless it is already bridged or closed (False: the bridge, or whoever closed
+        it, ends it)."""
+        if self.phase is EarlyPhase.HOLDING:
+            self.phase, self.why = EarlyPhase.CLOSED, "user closed"
             return True
         return False

@@ -160,8 +160,19 @@ class SessionOpening:
             if isinstance(result, Failure):
                 end("user channel did not open", confirmed=False)
                 result = None
+            else:
+                channel.onClosedUnbridged = user_left
             d.addCallbacks(connected, failed)  # so the agent's answer acts after this
             return result
+
+        def user_left(clean: bool) -> None:
+            # Her channel closed (or her connection went) before the agent answered:
+            # the row ends now, not when (or if) the agent answers, which then finds
+            # the session closed and aborts its side.
+            if early.user_closed():
+                self._aborts.pop(session, None)
+                self.sessionEnded(session, 0, 0, "user left before the agent answered",
+                                  ended="user closed" if clean else "user reset")
 
         # Until the bridge takes over (abortSession): a grants reload ends it now.
         self._aborts[session] = lambda: end(session.closing or "closed by the relay")
@@ -171,6 +182,7 @@ class SessionOpening:
                 agent_side.abort()  # ended meanwhile: nothing to carry
                 return
             self._aborts.pop(session, None)
+            channel.onClosedUnbridged = None  # the bridge hears of her close now
             self.bridge(session, channel, agent_side)
             if session.path == POOLED:
                 log_pooled(session)

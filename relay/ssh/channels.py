@@ -59,6 +59,7 @@ class BridgedChannel(SSHChannel):
         "_queued",
         "_sentEOF",
         "bridge",
+        "onClosedUnbridged",
         "onCredit",
         "openData",
         "opened",
@@ -105,6 +106,10 @@ class BridgedChannel(SSHChannel):
         self._sentEOF = False
         self._gotEOF = False
         self._isClosed = False
+        # Called (with whether the peer sent EOF first) if the channel closes before a
+        # bridge took it: an early-confirmed user channel (relay.server.opening) whose
+        # agent has not answered yet, so that its session ends at once.
+        self.onClosedUnbridged: Callable[[bool], object] | None = None
         # Bytes beyond the peer's window, in arrival order.  Conch's own ``buf``
         # grows by ``bytes +=``, copying the whole backlog on every packet (measured:
         # a quarter of the relay's CPU when one channel feeds another).  None until
@@ -208,6 +213,9 @@ class BridgedChannel(SSHChannel):
         self._isClosed = True
         if self.bridge is not None:
             self.bridge.sideClosed(self, clean=self._gotEOF)
+        elif self.onClosedUnbridged is not None:
+            report, self.onClosedUnbridged = self.onClosedUnbridged, None
+            report(self._gotEOF)
 
     # sending, within the peer's window
 

@@ -69,6 +69,7 @@ class ResumableSide:
 
     __slots__ = (
         "_closeAfter",
+        "_endedUnattached",
         "_pauses",
         "_share",
         "_timer",
@@ -90,6 +91,10 @@ class ResumableSide:
         self.row: Any = None  # the relay's session row, for its owner to update
         self._pauses: frozenset[str] = frozenset()  # a new set only when one is paused
         self._closeAfter = False  # the bridge asked close(): again after a resume
+        # Ended (aborted) before a bridge attached it: how, told to the bridge at attach
+        # as every Side does (a bridge built with its other side already closed aborts
+        # this one while making itself).
+        self._endedUnattached: bool | None = None
         self._timer: IDelayedCall | None = None
         # Whose bytes these are on a congested link and their weight (the channel's
         # share tag, relay.ssh.connection): kept across a hold for the next channel.
@@ -111,6 +116,8 @@ class ResumableSide:
         self.bridge = bridge
         if self.channel is not None:
             self.channel.attach(self)  # type: ignore[arg-type]  # we are its bridge
+        elif self._endedUnattached is not None:
+            self._closed(self._endedUnattached)
 
     def write(self, data: bytes) -> None:
         if self.stream.state is StreamState.ENDED:
@@ -267,8 +274,11 @@ class ResumableSide:
     def _closed(self, clean: bool) -> None:
         bridge, self.bridge = self.bridge, None
         if bridge is not None:
+            self._endedUnattached = None
             bridge.peer(self).resumeReading(HELD)
             bridge.sideClosed(self, clean=clean)
+        else:
+            self._endedUnattached = clean
 
 
 class ResumableSessions:

@@ -270,6 +270,38 @@ def test_an_agent_that_never_answers_closes_the_users_connection(site: Site,
     site.agent.sigcont()
 
 
+@pytest.mark.parametrize("service", [WEB, GPU])
+def test_a_user_who_leaves_before_the_agent_answers_ends_her_session(
+        site: Site, service: str) -> None:
+    """Her ssh dies (SIGKILL: her connection to the relay drops) while the agent
+    (stopped) has not answered: the relay ends her session at once, so it no longer
+    counts against her cap, and the agent's late answer is closed, not bridged.  Found
+    by the bad-input test in CI: on the link route the late answer bridged a closed
+    channel and the session never ended.  (Closing only her local socket is a
+    half-close that ssh -L passes on as EOF: her request may still have an answer, so
+    that session rightly waits for the agent.)"""
+    site.echo_through(service, b"healthy")
+    proc, port = site.forward(service)
+    wait_until(lambda: not site.relay.status()["relay"]["sessions"],
+               "the healthy echo's session to end")
+    site.agent.sigstop()
+    mark = site.relay.mark()
+    with connect(port) as s:
+        s.sendall(b"held")
+        site.relay.wait_for("session_open", since=mark, service=service, early=True)
+        proc.kill()
+        del site.forwards[service]
+    closed = site.relay.wait_for("session_close", since=mark, service=service, timeout=20)
+    assert closed["ended"] == "user reset" and closed["bytes_to_service"] == 0, closed
+    assert "before the agent answered" in closed["why"], closed
+    assert site.relay.status()["relay"]["per_user"].get("alice", 0) == 0
+    site.agent.sigcont()
+    site.echo_through(service, b"after the agent answered late")
+    wait_until(lambda: not site.relay.status()["relay"]["sessions"],
+               "every session at the relay to end")
+    assert site.relay.status()["relay"]["per_user"].get("alice", 0) == 0
+
+
 def test_a_grant_narrowed_during_the_early_phase_ends_the_session(site: Site) -> None:
     site.echo_through(WEB, b"healthy")
     _, port = site.forward(WEB)

@@ -67,6 +67,11 @@ def test_an_early_session_is_bridged_or_ended_once() -> None:
     assert ended.why == "grant revoked"
     assert not ended.agent_opened(), "an agent side opening after the end is aborted"
     assert not ended.end("again")
+    left = EarlySession()
+    assert left.user_closed() and left.phase is EarlyPhase.CLOSED
+    assert not left.agent_opened() and not left.end("late failure")
+    assert not ended.user_closed(), "a channel the relay closed ends no session twice"
+    assert not bridged.user_closed(), "a bridged channel's close is the bridge's"
 
 
 # the shell: RelayCore.openUserSession with fakes
@@ -269,6 +274,41 @@ def test_a_confirmation_that_could_not_leave_ends_the_session(world: World) -> N
     side = _AgentSide()
     world.agent.opens[-1].callback(side)
     assert side.aborted and conn.sent == []
+
+
+@pytest.mark.parametrize("how", ["close", "connection lost"])
+def test_a_user_who_leaves_before_the_agent_answers_ends_her_session_at_once(
+        world: World, how: str) -> None:
+    """Her channel closes (ssh -L's socket closed, or her connection dropped) while the
+    agent has not answered: her row closes now, not when (or if) the agent answers; the
+    agent's side, when it opens, is aborted and never bridged.  (Before this, the late
+    answer bridged a closed channel, and on the link route the session was never
+    closed: it counted against her cap for good.)"""
+    world.healthy()
+    _, channel, conn = world.open()
+    world.confirm(channel)
+    channel.dataReceived(b"held")
+    if how == "close":
+        channel.eofReceived()
+    channel.localClosed = channel.remoteClosed = True
+    channel.closed()  # Conch's channelClosed, after her CLOSE or at serviceStopped
+    assert world.core.sessions.active_for_user("alice") == 1, "her row closed at once"
+    assert world.core._aborts == {}
+    side = _AgentSide()
+    world.agent.opens[-1].callback(side)
+    assert side.aborted and side.bridge is None and side.written == []
+    assert [kind for kind, _ in conn.sent if kind in ("data", "eof")] == []
+    assert world.core.sessions.active_for_user("alice") == 1
+    assert world.health() is OpenHealth.HEALTHY, "the agent's open itself succeeded"
+
+
+def test_a_bridged_early_channel_forgets_its_unbridged_close_hook(world: World) -> None:
+    world.healthy()
+    _, channel, _ = world.open()
+    world.confirm(channel)
+    assert channel.onClosedUnbridged is not None
+    world.agent.opens[-1].callback(_AgentSide())
+    assert channel.onClosedUnbridged is None, "an idle session keeps no closure for it"
 
 
 # the native thread and held bytes (relay.ssh.nativeforward arms after a read that

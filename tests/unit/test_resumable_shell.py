@@ -113,3 +113,21 @@ def test_memory_is_given_back_once_per_loss_and_at_most_every_few_seconds() -> N
     ch.closed()
     clock.advance(0)
     assert releases == [0.0, 1.0 + RELEASE_EVERY]
+
+
+def test_a_side_aborted_before_its_bridge_attached_reports_its_end_at_attach() -> None:
+    """A bridge made with its other side already closed aborts this one while it is
+    being made, before attaching it (relay.datapath.bridge); the bridge must still hear
+    that it ended, or the session never closes (an early-confirmed user channel closed
+    before its agent answered, on the link route, left its row open for good)."""
+    sessions = ResumableSessions(Clock(), 60.0, "link test")
+    side = sessions.open(SID, None, channel(OPEN_RESUMABLE, FakeSSHConnection()), "web")
+    ended: list[tuple[int, int]] = []
+
+    class _Closed(FakeSide):
+        def attach(self, bridge: Bridge) -> None:
+            super().attach(bridge)
+            bridge.sideClosed(self, clean=False)  # as a closed BridgedChannel does
+
+    Bridge(_Closed(), side, onClosed=lambda a, b: ended.append((a, b)))
+    assert ended == [(0, 0)], "the bridge never heard its second side end"
