@@ -13,9 +13,12 @@ import struct
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.conch import error
 from twisted.conch.ssh import common
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
 from relay.config.schema import RelayConfig
@@ -26,10 +29,18 @@ from relay.core.earlyopen import (
     after_open,
     confirms_early,
 )
+from relay.core.resume import OPEN_RESUMABLE, SID_LEN
 from relay.server.grants import Grants
 from relay.server.relay import RelayCore
 from relay.ssh.channels import BridgedChannel
-from relay.testing import FakeIdentity, FakeRelayConnection, KeyRing, result_of
+from relay.ssh.resumable import ResumableSessions
+from relay.testing import (
+    FakeIdentity,
+    FakeRelayConnection,
+    FakeSSHConnection,
+    KeyRing,
+    result_of,
+)
 
 
 def _register(core: RelayCore, conn: Any, name: str = "gpu-cluster", port: int = 22) -> Any:
@@ -363,3 +374,127 @@ def test_an_offer_arms_in_the_next_turn_never_inside_a_read(
     conn.offerNative(channel)
     clock.advance(0)
     assert armed == [channel]
+
+
+# every order of events in and just after the early phase (found by CI: a user who left
+# before the agent answered kept her session row for good on the link route)
+
+_EVENTS = ("data", "user_eof", "user_close", "user_reset", "agent_ok", "agent_fail",
+           "reload", "agent_close")
+
+
+class _Orders:
+    """One early session driven through an order of events, every event applied only
+    where the protocol allows it (a closed channel gets no data, an agent answers once),
+    then brought to its end as real peers would (each side that was told to close
+    answers with its close; an agent that has not answered, answers)."""
+
+    def __init__(self, resumable: bool) -> None:
+        self.world = World()
+        self.world.healthy()
+        core = self.world.core
+        self.base = core.sessions.active_for_user("alice")
+        before = set(core._aborts)
+        self.answer, self.channel, self.conn = self.world.open()
+        (self.row,) = set(core._aborts) - before
+        self.closes: list[bool] = []
+        close = core.sessions.close
+
+        def counted(row: Any, *args: Any, **kwargs: Any) -> bool:
+            done = close(row, *args, **kwargs)
+            if row is self.row:
+                self.closes.append(done)
+            return done
+
+        core.sessions.close = counted  # type: ignore[method-assign]
+        self.inner: BridgedChannel | None = None
+        if resumable:  # the link route: the agent's channel under a ResumableSide
+            self.inner = BridgedChannel(OPEN_RESUMABLE, remoteWindow=1 << 20,
+                                        remoteMaxPacket=32768, conn=FakeSSHConnection())
+            sessions = ResumableSessions(Clock(), 60.0, "orders")
+            self.side: Any = sessions.open(b"s" * SID_LEN, None, self.inner, "gpu-cluster")
+        else:  # the pooled route: a TCP side (its close arrives after an abort)
+            self.side = _AgentSide()
+        self.confirmed = self.user_closed = self.user_eof = self.agent_closed = False
+        self.agent = "pending"
+
+    def confirm(self, ok: bool) -> None:
+        if ok:
+            self.world.confirm(self.channel)
+            self.confirmed = True
+        else:  # her connection went in the turn of the open (FlowConnection)
+            self.channel.openFailed(error.ConchError("link lost", 2))
+            self.user_closed = True
+
+    def apply(self, event: str) -> None:
+        ch, open_ = self.channel, self.confirmed and not self.user_closed
+        if event == "data" and open_ and not self.user_eof:
+            ch.localWindowLeft -= 1
+            ch.dataReceived(b"x")
+        elif event == "user_eof" and open_ and not self.user_eof:
+            self.user_eof = True
+            ch.eofReceived()
+        elif event in ("user_close", "user_reset") and open_:
+            if event == "user_close":
+                ch.closeReceived()  # her CHANNEL_CLOSE; then Conch's channelClosed
+            self._userGone()
+        elif event in ("agent_ok", "agent_fail") and self.agent == "pending":
+            opened = self.world.agent.opens[-1]
+            if event == "agent_ok":
+                self.agent = "ok"
+                opened.callback(self.side)
+            else:
+                self.agent = "failed"
+                opened.errback(error.ConchError("connection refused", 2))
+        elif event == "reload" and self.row in self.world.core.sessions:
+            self.world.core.abortSession(self.row, "grant revoked")
+        elif event == "agent_close" and self.agent == "ok":
+            self._agentGone()
+
+    def _userGone(self) -> None:
+        self.user_closed = True
+        self.channel.localClosed = self.channel.remoteClosed = True
+        self.channel.closed()
+
+    def _agentGone(self) -> None:
+        if self.agent_closed:
+            return
+        self.agent_closed = True
+        if self.inner is not None:
+            self.inner.closeReceived()
+            self.inner.localClosed = self.inner.remoteClosed = True
+            self.inner.closed()
+        elif self.side.bridge is not None:
+            self.side.bridge.sideClosed(self.side, clean=True)
+
+    def finish(self) -> None:
+        """The peers end what is left: an agent that has not answered answers, and
+        every side closes (as its peer does once told to, or on its own)."""
+        if self.agent == "pending":
+            self.apply("agent_ok")
+        if self.confirmed and not self.user_closed:
+            self._userGone()
+        if self.agent == "ok":
+            self._agentGone()
+
+
+@settings(max_examples=400, deadline=None)
+@given(confirmed=st.booleans(), resumable=st.booleans(),
+       events=st.lists(st.sampled_from(_EVENTS), max_size=8))
+def test_every_order_of_events_ends_the_early_session_exactly_once(
+        confirmed: bool, resumable: bool, events: list[str]) -> None:
+    run = _Orders(resumable)
+    assert run.answer is run.channel, "a healthy service: confirmed early"
+    run.confirm(confirmed)
+    for event in events:
+        run.apply(event)
+    run.finish()
+    core = run.world.core
+    assert run.closes.count(True) == 1, f"the row closed {run.closes.count(True)} times"
+    assert run.row not in core.sessions and run.row not in core._aborts
+    assert core.sessions.active_for_user("alice") == run.base
+    assert run.channel.onClosedUnbridged is None
+    if run.agent == "ok" and run.channel.bridge is None:
+        # ended before the agent's side opened: that side was aborted, never bridged
+        assert run.inner is None or run.inner in run.inner.conn.closes
+        assert run.inner is not None or run.side.aborted
