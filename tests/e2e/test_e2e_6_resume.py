@@ -160,6 +160,13 @@ class Typist:
 
 
 @dataclass
+def _pooled(relay: Any, mark: int) -> int:
+    """How many of the ten sessions ride a pooled data connection: their opening events
+    are written just after their set-up (audit.SetupLog), so once all ten opens are."""
+    relay.events_at_least("session_open", 10, since=mark)
+    return len(relay.events("relay_pooled_session", since=mark))
+
+
 class Sessions:
     """The ten sessions of both scenarios."""
 
@@ -255,12 +262,13 @@ def _lab(site: Site, grace: float | None) -> tuple[Any, Any]:
 
 def test_ten_sessions_survive_a_20s_cut_byte_exact(site: Site, record: Record) -> None:
     relay, agent = _lab(site, grace=None)  # the default grace, 60 s
+    mark = relay.mark()
     sessions = Sessions(site, "survive").start()
     try:
         # A session by name to the e2e gpu-cluster may ride one of the agent's pooled
         # data connections from the relay on (issue 13): not a resumable channel, it is
         # carried across the cut by TCP, and its bytes are checked below like the others.
-        pooled = len(relay.events("relay_pooled_session"))
+        pooled = _pooled(relay, mark)
         cut = _cut(site, 20.0, relay, agent)
         resumed = [agent.wait_for("session_resumed", timeout=60) for _ in range(10 - pooled)]
         back = max(e["time"] for e in resumed) - cut["up_at"]
@@ -301,9 +309,10 @@ def test_ten_sessions_survive_a_20s_cut_byte_exact(site: Site, record: Record) -
 def test_past_the_grace_every_session_ends_with_an_error_none_short(site: Site,
                                                                     record: Record) -> None:
     relay, agent = _lab(site, grace=None)  # the default grace, 60 s
+    mark = relay.mark()
     sessions = Sessions(site, "expire").start()
     try:
-        pooled = len(relay.events("relay_pooled_session"))
+        pooled = _pooled(relay, mark)
         cut = _cut(site, 70.0, relay, agent)
         # every held session expired during the cut (the grace runs out ~64 s into it)
         expired = agent.events("session_hold_expired")

@@ -838,6 +838,24 @@ class AgentProcess(_Process):
             + self.diagnostics()
         )
 
+    def events_at_least(self, event: str, count: int, since: int = 0, timeout: float = 15.0,
+                        **match: Matcher) -> list[dict]:
+        """The events named ``event`` (fields matching) since ``since``, once at least
+        ``count`` arrived: for events written a little after what a test just did (the
+        relay writes a session's ``session_open`` just after its set-up, audit.SetupLog)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [e for e in self._events[since:]
+                         if e.get("event") == event and _matches(e, match)]
+                if len(found) >= count or self._stdout_eof:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise HarnessError(f"{len(found)} of {count} {event} {match or ''} from "
+                                       f"{self.name} within {timeout}s\n" + self.diagnostics())
+                self._cond.wait(remaining)
+
     def assert_no_event(self, event: str, since: int = 0, **match: Matcher) -> None:
         found = self.events(event, since=since, **match)
         if found:
@@ -1675,6 +1693,11 @@ class RelayNode:
     def events(self, event: str | None = None, since: int = 0, **match: Matcher) -> list[dict]:
         """Like ``AgentProcess.events``; ``match`` may include ``name`` (a relay field)."""
         return [e for e in self.proc.events(event, since=since) if _matches(e, match)]
+
+    def events_at_least(self, event: str, count: int, since: int = 0, timeout: float = 15.0,
+                        **match: Matcher) -> list[dict]:
+        """Like ``AgentProcess.events_at_least``."""
+        return self.proc.events_at_least(event, count, since=since, timeout=timeout, **match)
 
     def mark(self) -> int:
         return self.proc.mark()

@@ -94,8 +94,10 @@ class Site:
             got = recv_exactly(s, len(GREETING[service]) + len(payload))
         assert got == GREETING[service] + payload
 
-    def opens(self, service: str, since: int = 0) -> list[dict[str, Any]]:
-        return self.relay.events("session_open", since=since, service=service)
+    def opens(self, service: str, since: int = 0, count: int = 1) -> list[dict[str, Any]]:
+        """The relay's ``session_open`` events for ``service`` since ``since``, once
+        ``count`` were written (each just after its session's set-up: audit.SetupLog)."""
+        return self.relay.events_at_least("session_open", count, since=since, service=service)
 
 
 @pytest.fixture
@@ -156,7 +158,7 @@ def test_L_and_W_to_a_healthy_service_are_confirmed_early_and_exact(
     site.echo_through(service, b"first")  # a fresh registration: after the agent
     for size in (1, 65536, 3 * MiB):  # a session's bytes, also well beyond the window
         site.echo_through(service, os.urandom(size))
-    opens = site.opens(service, since=mark)
+    opens = site.opens(service, since=mark, count=4)
     assert [o["early"] for o in opens] == [False, True, True, True]
     if service == GPU:  # (a session finding no idle pooled connection takes the link)
         assert [o for o in opens if o["early"] and o["path"] == "pooled"], opens
@@ -168,7 +170,7 @@ def test_L_and_W_to_a_healthy_service_are_confirmed_early_and_exact(
          f"alice@{LOOPBACK}"], input=payload, capture_output=True, timeout=60,
         env={**os.environ, **child_env()}, cwd=REPO_ROOT)
     assert done.stdout == GREETING[service] + payload, done.stderr.decode()[-2000:]
-    assert site.opens(service, since=mark)[-1]["early"] is True
+    assert site.opens(service, since=mark, count=5)[-1]["early"] is True
 
 
 @pytest.mark.parametrize("service", [WEB, GPU])
@@ -335,7 +337,12 @@ def test_early_confirm_follows_a_reload_for_new_sessions(site: Site) -> None:
         site.relay.wait_for("reload_done", since=mark)
         mark = site.relay.mark()
         site.echo_through(WEB, b"after the reload")
+        # Its close comes after its open (audit.SetupLog writes a held open first), and
+        # the next reload's mark after it: no open of this session is read as the next's.
+        site.relay.wait_for("session_close", since=mark, service=WEB)
         return [o["early"] for o in site.relay.events("session_open", since=mark)]
+
+    site.relay.wait_for("session_close", service=WEB)  # the healthy echo's, and its open
 
     assert reload_with("early_confirm = false\n") == [False]
     assert reload_with("early_confirm = true\n") == [True]
@@ -349,7 +356,8 @@ def test_with_early_confirm_off_every_open_waits_for_the_agent(site: Site) -> No
     for service in (WEB, GPU):
         for _ in range(3):
             site.echo_through(service, os.urandom(4096))
-    assert [o["early"] for o in site.relay.events("session_open", since=mark)] == [False] * 6
+    opens = site.relay.events_at_least("session_open", 6, since=mark)
+    assert [o["early"] for o in opens] == [False] * 6
     proc, port = site.forward(WEB)
     site.echoes[WEB].close()
     mark = site.relay.mark()
@@ -372,6 +380,7 @@ def test_a_download_begun_by_one_held_request_is_taken_by_the_native_thread(
     warm = DataStream(1, 64 * 1024)
     first = mode_download(port, warm)  # a fresh registration: late; then healthy
     assert (first.nbytes, first.sha256) == (warm.size, warm.sha256)
+    site.opens(DL)  # its open written (just after its set-up), so not read as the next's
     mark = site.relay.mark()
     stream = DataStream(7, 24 * MiB)
     got = mode_download(port, stream)
