@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.logger import Logger
@@ -86,3 +86,57 @@ def closed(row: SessionRow, native: Mapping[str, int] | None = None,
                   "bytes opened, {native_sealed} sealed, {native_runs} runs, "
                   "{native_handbacks} hand-backs)", ended=ended, **fields,
                   **{field: native.get(counter, 0) for field, counter in NATIVE_FIELDS})
+
+
+SETUP_LOG_DELAY = 0.02
+"""Seconds a session's opening events (``session_open``, ``relay_pooled_session``) wait
+before they are written (:class:`SetupLog`).  Longer than a set-up plus its first echo
+on a LAN (a few ms), short enough that a reader of the log sees them at once."""
+
+
+class SetupLog:
+    """A session's opening events, written a little after its set-up (issue 13 item 5).
+
+    Writing a log line is a write to the log's pipe or file that wakes its reader
+    (journald, a shipper): on a small machine ~0.15-0.2 ms of the relay's turn and one
+    more process competing for a core while the agent connects and the user's client
+    sends her first bytes (docs/benchmarks.md, "Set-up after an idle gap").  So these
+    events are written :data:`SETUP_LOG_DELAY` seconds later, off that path.
+
+    This is safe because nothing is lost or reordered for the session: its held events
+    are written first whenever something else is logged about it (:meth:`flush`: the
+    relay calls it before ``relay_session_refused`` and ``session_close``), and all of
+    them when the relay stops (:meth:`flushAll`).  The events carry the same fields,
+    ``started`` included, as when they were written at once."""
+
+    def __init__(self, clock: Any, delay: float = SETUP_LOG_DELAY) -> None:
+        self.clock = clock
+        self.delay = delay
+        self._held: dict[Any, tuple[Any, list[Callable[[], None]]]] = {}
+
+    def later(self, session: Any, write: Callable[[], None]) -> None:
+        """``write`` ``session``'s event in :attr:`delay` seconds (or at its flush)."""
+        held = self._held.get(session)
+        if held is None:
+            self._held[session] = (self.clock.callLater(self.delay, self.flush, session),
+                                   [write])
+        else:
+            held[1].append(write)
+
+    def flush(self, session: Any) -> None:
+        """Write ``session``'s held events now, in the order they were made."""
+        held = self._held.pop(session, None)
+        if held is None:
+            return
+        call, writes = held
+        if call.active():
+            call.cancel()
+        for write in writes:
+            write()
+
+    def flushAll(self) -> None:
+        for session in list(self._held):
+            self.flush(session)
+
+    def __len__(self) -> int:
+        return len(self._held)

@@ -64,6 +64,7 @@ class SessionOpening:
     dataport: DataPort
     resume: ResumableSessions
     sharing: Sharing
+    setupLog: audit.SetupLog
     abortSession: Callable[[SessionRow, str], None]
 
     # reaching a service
@@ -104,8 +105,9 @@ class SessionOpening:
             return self._openEarly(ident, reg, port, origin, channel, session)
         d = self.whenRegistered(host, port, self.config.public_wait, session)
         d.addCallback(lambda reg: self._agentSide(reg, port, origin, session))
-        # After the open left for the agent (public.py says why), before anything ends it.
-        audit.opened(session)
+        # After the open left for the agent, and written a little later (audit.SetupLog
+        # says why and why that is safe).
+        self.setupLog.later(session, lambda: audit.opened(session))
 
         def connected(agent_channel: Side) -> BridgedChannel:
             self.sharing.tag(channel, principal.name)
@@ -119,7 +121,7 @@ class SessionOpening:
                 # before channelOpen): what is only logged waits until now.
                 bridge = self.bridge(session, ch, agent_channel)
                 if session.path == POOLED:
-                    log_pooled(session)
+                    self.setupLog.later(session, lambda: log_pooled(session))
                 return bridge
 
             channel.opened.addCallbacks(opened, not_opened)
@@ -154,9 +156,10 @@ class SessionOpening:
 
         def audited(result: Any) -> Any:
             # After the user's confirmation left (FlowConnection._confirmOpen, in this
-            # turn): the audit's write is off the path of both the agent's open and
-            # the user's first bytes; still before anything can end the session.
-            audit.opened(session, early=True)
+            # turn), and written a little later (audit.SetupLog): off the path of the
+            # agent's open, its answer and the user's first bytes; flushed before
+            # anything else is logged about the session.
+            self.setupLog.later(session, lambda: audit.opened(session, early=True))
             if isinstance(result, Failure):
                 end("user channel did not open", confirmed=False)
                 result = None
@@ -185,11 +188,12 @@ class SessionOpening:
             channel.onClosedUnbridged = None  # the bridge hears of her close now
             self.bridge(session, channel, agent_side)
             if session.path == POOLED:
-                log_pooled(session)
+                self.setupLog.later(session, lambda: log_pooled(session))
 
         def failed(f: Failure) -> None:
             if early.phase is not EarlyPhase.HOLDING:
                 return
+            self.setupLog.flush(session)  # its session_open first
             why = self._refused(ident, session.service, f"service {session.service} "
                                 f"unavailable: its agent could not connect it: "
                                 f"{f.getErrorMessage()}", early=True)
@@ -325,6 +329,7 @@ class SessionOpening:
         the native thread carried of it, ``native``, on a pooled route, and which side
         began the end, ``ended``, for a bridged session)."""
         self._aborts.pop(session, None)
+        self.setupLog.flush(session)  # its session_open (if still held) comes first
         if self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why):
             audit.closed(session, native, ended)
 
