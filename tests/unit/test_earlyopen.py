@@ -363,3 +363,93 @@ def test_an_offer_arms_in_the_next_turn_never_inside_a_read(
     conn.offerNative(channel)
     clock.advance(0)
     assert armed == [channel]
+
+
+# the session's opening events, written after its set-up (relay.server.audit.SetupLog)
+
+
+@pytest.fixture
+def events() -> Any:
+    """The ``event`` names of what the relay logs meanwhile, in order."""
+    from twisted.logger import globalLogPublisher
+
+    seen: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if "event" in event:
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield seen
+    globalLogPublisher.removeObserver(observer)
+
+
+def test_setup_log_writes_later_in_order_or_at_a_flush() -> None:
+    from twisted.internet.task import Clock
+
+    from relay.server.audit import SETUP_LOG_DELAY, SetupLog
+
+    clock, written = Clock(), []
+    log = SetupLog(clock)
+    log.later("a", lambda: written.append("a1"))
+    log.later("a", lambda: written.append("a2"))
+    log.later("b", lambda: written.append("b1"))
+    clock.advance(SETUP_LOG_DELAY * 0.9)
+    assert written == [] and len(log) == 2
+    log.flush("b")
+    assert written == ["b1"] and len(clock.getDelayedCalls()) == 1, "b's timer cancelled"
+    clock.advance(SETUP_LOG_DELAY * 0.1)
+    assert written == ["b1", "a1", "a2"] and len(log) == 0
+    log.flush("a")  # nothing held: nothing written twice
+    log.later("c", lambda: written.append("c1"))
+    log.flushAll()
+    assert written[-1] == "c1" and not clock.getDelayedCalls()
+
+
+def test_an_early_sessions_open_event_is_written_after_its_set_up(
+        world: World, events: list[dict[str, Any]]) -> None:
+    from relay.server.audit import SETUP_LOG_DELAY
+
+    world.healthy()
+    world.clock.advance(SETUP_LOG_DELAY)
+    del events[:]
+    _, channel, _ = world.open()
+    world.confirm(channel)
+    world.agent.opens[-1].callback(_AgentSide())
+    assert [e["event"] for e in events] == [], "nothing written in the set-up's turns"
+    world.clock.advance(SETUP_LOG_DELAY)
+    (opened,) = events
+    assert opened["event"] == "session_open" and opened["early"] is True
+    assert opened["user"] == "alice" and opened["service"] == "gpu-cluster:22"
+    assert opened["started"] == 0 + SETUP_LOG_DELAY, "the time it opened, not written"
+
+
+def test_a_held_open_event_comes_before_what_ends_the_session(
+        world: World, events: list[dict[str, Any]]) -> None:
+    world.healthy()
+    _, channel, _ = world.open()
+    world.confirm(channel)
+    world.agent.opens[-1].errback(error.ConchError("connection refused", 2))
+    names = [e["event"] for e in events]
+    assert names[-3:] == ["session_open", "relay_session_refused", "session_close"]
+    assert names.count("session_open") == 1, "the first, healthy session's is still held"
+    assert len(world.core.setupLog) == 1
+
+
+def test_a_late_sessions_open_event_is_written_before_its_close(
+        events: list[dict[str, Any]]) -> None:
+    world = World(early=False)
+    answer, channel, _ = world.open()
+    world.agent.opens[-1].errback(error.ConchError("connection refused", 2))
+    assert isinstance(result_of(answer).value, error.ConchError)
+    names = [e["event"] for e in events if e["event"].startswith(("session", "relay_session"))]
+    assert names == ["session_open", "session_close", "relay_session_refused"], (
+        "the same order as when session_open was written at once")
+
+
+def test_the_relay_writes_every_held_event_when_it_stops(
+        world: World, events: list[dict[str, Any]]) -> None:
+    world.healthy()
+    world.core.stop()
+    assert [e["event"] for e in events].count("session_open") == 1
+    assert not world.core.setupLog
