@@ -106,29 +106,33 @@ def _watch_gc(now: Any) -> None:
 
 def _patch_epoll(now: Any, idle_profile: Any = None) -> None:
     """``idle_profile``: a cProfile enabled only for the reactor turn that follows an
-    idle gap of 20 ms or more (``LABRELAY_STAMP_PROFILE=idle``): the call counts of the
-    first turn of a set-up after idle, summed over sessions (exact whatever the load)."""
+    idle gap of 20 ms or more (``LABRELAY_STAMP_PROFILE=idle``), or for every turn
+    within ``LABRELAY_STAMP_WINDOW_MS`` of it: the call counts of a set-up after idle,
+    summed over sessions (exact whatever the load)."""
     from twisted.internet import epollreactor
 
     init = epollreactor.EPollReactor.__init__
     rec = _LOG.append
-    slept = [0, False]  # when the last turn ended; whether this turn is profiled
+    slept = [0, False]  # when the profiled window began; whether it is on
+    # LABRELAY_STAMP_WINDOW_MS: profile every turn this long after the idle wake (the
+    # whole set-up) rather than the first turn only (0, the default)
+    window = float(os.environ.get("LABRELAY_STAMP_WINDOW_MS", "0")) * 1e6
 
     class Poller:
         def __init__(self, real: Any) -> None:
             self.real = real
 
         def poll(self, *a: Any) -> Any:
-            if slept[1]:
+            t = now()
+            if slept[1] and t - slept[0] > window:
                 idle_profile.disable()
                 slept[1] = False
-            t = now()
             rec((t, "sleep", 0, 0, 0))  # the iteration's work is done: into epoll_wait
             r = self.real.poll(*a)
             woke = now()
             rec((woke, "wake", len(r), 0, 0))
-            if idle_profile is not None and r and woke - t > 20_000_000:
-                slept[1] = True
+            if idle_profile is not None and r and not slept[1] and woke - t > 20_000_000:
+                slept[0], slept[1] = woke, True
                 idle_profile.enable()
             return r
 
