@@ -89,19 +89,20 @@ def closed(row: SessionRow, native: Mapping[str, int] | None = None,
 
 
 SETUP_LOG_DELAY = 0.02
-"""Seconds a session's opening events (``session_open``, ``relay_pooled_session``) wait
-before they are written (:class:`SetupLog`).  Longer than a set-up plus its first echo
-on a LAN (a few ms), short enough that a reader of the log sees them at once."""
+"""Seconds at most that a held event waits (:class:`SetupLog`): longer than an agent's
+answer on a LAN (about a millisecond), short enough that a reader of the log sees the
+event at once."""
 
 
 class SetupLog:
-    """A session's opening events, written a little after its set-up (issue 13 item 5).
+    """Events held until a session's set-up is past (issue 13 item 5): an early-confirmed
+    session's ``session_open`` (relay.server.opening) is written when the agent's side
+    is open and her held bytes went on, or after :data:`SETUP_LOG_DELAY` seconds.
 
     Writing a log line is a write to the log's pipe or file that wakes its reader
     (journald, a shipper): on a small machine ~0.15-0.2 ms of the relay's turn and one
     more process competing for a core while the agent connects and the user's client
-    sends her first bytes (docs/benchmarks.md, "Set-up after an idle gap").  So these
-    events are written :data:`SETUP_LOG_DELAY` seconds later, off that path.
+    sends her first bytes (docs/benchmarks.md, "Set-up after an idle gap").
 
     This is safe because nothing is lost or reordered for the session: its held events
     are written first whenever something else is logged about it (:meth:`flush`: the

@@ -105,9 +105,8 @@ class SessionOpening:
             return self._openEarly(ident, reg, port, origin, channel, session)
         d = self.whenRegistered(host, port, self.config.public_wait, session)
         d.addCallback(lambda reg: self._agentSide(reg, port, origin, session))
-        # After the open left for the agent, and written a little later (audit.SetupLog
-        # says why and why that is safe).
-        self.setupLog.later(session, lambda: audit.opened(session))
+        # After the open left for the agent (public.py says why), before anything ends it.
+        audit.opened(session)
 
         def connected(agent_channel: Side) -> BridgedChannel:
             self.sharing.tag(channel, principal.name)
@@ -121,7 +120,7 @@ class SessionOpening:
                 # before channelOpen): what is only logged waits until now.
                 bridge = self.bridge(session, ch, agent_channel)
                 if session.path == POOLED:
-                    self.setupLog.later(session, lambda: log_pooled(session))
+                    log_pooled(session)
                 return bridge
 
             channel.opened.addCallbacks(opened, not_opened)
@@ -155,10 +154,11 @@ class SessionOpening:
                 self.sessionEnded(session, 0, 0, why)
 
         def audited(result: Any) -> Any:
-            # After the user's confirmation left (FlowConnection._confirmOpen, in this
-            # turn), and written a little later (audit.SetupLog): off the path of the
-            # agent's open, its answer and the user's first bytes; flushed before
-            # anything else is logged about the session.
+            # Held (audit.SetupLog) until the agent's side is open and her held bytes
+            # went on (connected, the same turn), so that its write (which wakes the
+            # log's reader) is off the agent's leg and her first bytes' way; written
+            # before anything else about the session, and before the service's answer
+            # to her bytes can reach her.  An agent slower than SETUP_LOG_DELAY: then.
             self.setupLog.later(session, lambda: audit.opened(session, early=True))
             if isinstance(result, Failure):
                 end("user channel did not open", confirmed=False)
@@ -187,8 +187,9 @@ class SessionOpening:
             self._aborts.pop(session, None)
             channel.onClosedUnbridged = None  # the bridge hears of her close now
             self.bridge(session, channel, agent_side)
+            self.setupLog.flush(session)  # its session_open, now that her bytes went on
             if session.path == POOLED:
-                self.setupLog.later(session, lambda: log_pooled(session))
+                log_pooled(session)
 
         def failed(f: Failure) -> None:
             if early.phase is not EarlyPhase.HOLDING:

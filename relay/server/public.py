@@ -140,8 +140,7 @@ class PublicPorts:
             side.close()
 
         # Logged once the channel open is on its way to the agent (a small packet leaves
-        # at once: relay.datapath.net.write_now), and a little later (audit.SetupLog):
-        # the event's write is then off the new session's critical path.  Flushed before
-        # anything else is logged about the session.
-        relay.setupLog.later(session, lambda: audit.opened(session))
+        # at once: relay.datapath.net.write_now), not before it: the event's write is
+        # then off the new session's critical path.  Still before anything can end it.
+        audit.opened(session)
         d.addCallbacks(lambda ch: relay.bridge(session, side, ch), failed)
