@@ -154,11 +154,10 @@ class SessionOpening:
                 self.sessionEnded(session, 0, 0, why)
 
         def audited(result: Any) -> Any:
-            # Held (audit.SetupLog) until the agent's side is open and her held bytes
-            # went on (connected, the same turn), so that its write (which wakes the
-            # log's reader) is off the agent's leg and her first bytes' way; written
-            # before anything else about the session, and before the service's answer
-            # to her bytes can reach her.  An agent slower than SETUP_LOG_DELAY: then.
+            # Held (audit.SetupLog) until the set-up is past (connected says when), so
+            # that its write, which wakes the log's reader, is off the agent's leg and
+            # her first bytes' way; written before anything else about the session.
+            # An agent slower than SETUP_LOG_DELAY: then.
             self.setupLog.later(session, lambda: audit.opened(session, early=True))
             if isinstance(result, Failure):
                 end("user channel did not open", confirmed=False)
@@ -186,10 +185,14 @@ class SessionOpening:
                 return
             self._aborts.pop(session, None)
             channel.onClosedUnbridged = None  # the bridge hears of her close now
-            self.bridge(session, channel, agent_side)
-            self.setupLog.flush(session)  # its session_open, now that her bytes went on
+            bridge = self.bridge(session, channel, agent_side)
             if session.path == POOLED:
+                # The native thread may carry the service's answer (it needs onData
+                # unset): written now, after her held bytes went on.
+                self.setupLog.flush(session)
                 log_pooled(session)
+            else:
+                self._logOnAnswer(session, bridge)
 
         def failed(f: Failure) -> None:
             if early.phase is not EarlyPhase.HOLDING:
@@ -202,6 +205,27 @@ class SessionOpening:
 
         channel.opened.addBoth(audited)
         return channel
+
+    def _logOnAnswer(self, session: SessionRow, bridge: Bridge) -> None:
+        """Write ``session``'s held ``session_open`` (audit.SetupLog) in the turn that
+        hands the service's first bytes on to the user, after they went: the end of an
+        early session's set-up on the link route, so the log write is off it (a test or
+        a log reader still sees the event before the user can act on those bytes); or
+        SetupLog's timer, if the service says nothing first.  ``bridge.onData`` (the
+        user's rate limit, if any) is back as it was once written."""
+        charge = bridge.onData
+
+        def answered(src: Side, nbytes: int) -> None:
+            if src is bridge.b:
+                self.setupLog.flush(session)  # restores charge too (held after it)
+            if charge is not None:
+                charge(src, nbytes)
+
+        def restore() -> None:
+            bridge.onData = charge
+
+        bridge.onData = answered
+        self.setupLog.later(session, restore)
 
     def _agentSide(self, reg: Registration, port: int, origin: str,
                    session: SessionRow) -> defer.Deferred[Side]:

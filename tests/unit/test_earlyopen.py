@@ -406,21 +406,27 @@ def test_setup_log_writes_later_in_order_or_at_a_flush() -> None:
     assert written[-1] == "c1" and not clock.getDelayedCalls()
 
 
-def test_an_early_sessions_open_event_is_written_once_the_agents_side_is_open(
+def test_an_early_sessions_open_event_is_written_once_the_service_answered(
         world: World, events: list[dict[str, Any]]) -> None:
     world.healthy()
     del events[:]
-    _, channel, _ = world.open()
+    _, channel, conn = world.open()
     world.confirm(channel)
     channel.dataReceived(b"hello")
-    assert [e["event"] for e in events] == [], "not in the turns of the open"
     side = _AgentSide()
     world.agent.opens[-1].callback(side)
     assert side.written == [b"hello"]
+    assert [e["event"] for e in events] == [], "not in the set-up's turns"
+    bridge = side.bridge
+    bridge.dataReceived(side, b"hi!")  # the service's answer, handed on to her
+    assert ("data", b"hi!") in conn.sent
     (opened,) = events
     assert opened["event"] == "session_open" and opened["early"] is True
     assert opened["user"] == "alice" and opened["service"] == "gpu-cluster:22"
+    assert bridge.onData is None, "the bridge's hook is back as it was"
     assert not world.core.setupLog and not world.clock.getDelayedCalls()
+    bridge.dataReceived(side, b"more")
+    assert len(events) == 1, "written once"
 
 
 def test_a_slow_agents_early_session_is_logged_after_the_delay(
