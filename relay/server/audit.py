@@ -88,16 +88,20 @@ def closed(row: SessionRow, native: Mapping[str, int] | None = None,
                   **{field: native.get(counter, 0) for field, counter in NATIVE_FIELDS})
 
 
-SETUP_LOG_DELAY = 0.02
-"""Seconds at most that a held event waits (:class:`SetupLog`): longer than an agent's
-answer on a LAN (about a millisecond), short enough that a reader of the log sees the
-event at once."""
+SETUP_LOG_DELAY = 1.0
+"""Seconds at most that a held event waits (:class:`SetupLog`): far longer than an
+agent's answer or a service's first bytes on a LAN (about a millisecond), so that it
+is written by them, off the set-up, and not by this timer; short enough for a reader of
+the log.  One timer for all held sessions: a relay setting up many sessions a second
+wakes for it about once a second, not once per session."""
 
 
 class SetupLog:
     """Events held until a session's set-up is past (issue 13 item 5): an early-confirmed
-    session's ``session_open`` (relay.server.opening) is written when the agent's side
-    is open and her held bytes went on, or after :data:`SETUP_LOG_DELAY` seconds.
+    session's ``session_open`` (relay.server.opening) is written once the service's
+    first bytes went on to the user (the link route) or her held bytes went on to the
+    agent's side (the pooled route), or :data:`SETUP_LOG_DELAY` seconds after it was
+    held, whichever comes first.
 
     Writing a log line is a write to the log's pipe or file that wakes its reader
     (journald, a shipper): on a small machine ~0.15-0.2 ms of the relay's turn and one
@@ -113,29 +117,41 @@ class SetupLog:
     def __init__(self, clock: Any, delay: float = SETUP_LOG_DELAY) -> None:
         self.clock = clock
         self.delay = delay
-        self._held: dict[Any, tuple[Any, list[Callable[[], None]]]] = {}
+        # session -> (when held, its writes), oldest first (a dict keeps insertion order)
+        self._held: dict[Any, tuple[float, list[Callable[[], None]]]] = {}
+        self._timer: Any = None  # one for all: a cancelled call still wakes the reactor
 
     def later(self, session: Any, write: Callable[[], None]) -> None:
-        """``write`` ``session``'s event in :attr:`delay` seconds (or at its flush)."""
+        """``write`` ``session``'s event at its flush, or :attr:`delay` seconds from the
+        first event held for it."""
         held = self._held.get(session)
-        if held is None:
-            self._held[session] = (self.clock.callLater(self.delay, self.flush, session),
-                                   [write])
-        else:
+        if held is not None:
             held[1].append(write)
+            return
+        self._held[session] = (self.clock.seconds(), [write])
+        if self._timer is None:
+            self._timer = self.clock.callLater(self.delay, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        for session, (since, _) in list(self._held.items()):
+            if since + self.delay > now:
+                self._timer = self.clock.callLater(since + self.delay - now, self._due)
+                return
+            self.flush(session)
 
     def flush(self, session: Any) -> None:
         """Write ``session``'s held events now, in the order they were made."""
         held = self._held.pop(session, None)
-        if held is None:
-            return
-        call, writes = held
-        if call.active():
-            call.cancel()
-        for write in writes:
-            write()
+        if held is not None:
+            for write in held[1]:
+                write()
 
     def flushAll(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         for session in list(self._held):
             self.flush(session)
 

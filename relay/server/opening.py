@@ -156,8 +156,8 @@ class SessionOpening:
         def audited(result: Any) -> Any:
             # Held (audit.SetupLog) until the set-up is past (connected says when), so
             # that its write, which wakes the log's reader, is off the agent's leg and
-            # her first bytes' way; written before anything else about the session.
-            # An agent slower than SETUP_LOG_DELAY: then.
+            # her first bytes' way; written before anything else about the session,
+            # and at most SETUP_LOG_DELAY after the open.
             self.setupLog.later(session, lambda: audit.opened(session, early=True))
             if isinstance(result, Failure):
                 end("user channel did not open", confirmed=False)
@@ -211,7 +211,7 @@ class SessionOpening:
         hands the service's first bytes on to the user, after they went: the end of an
         early session's set-up on the link route, so the log write is off it (a test or
         a log reader still sees the event before the user can act on those bytes); or
-        SetupLog's timer, if the service says nothing first.  ``bridge.onData`` (the
+        by SetupLog's timer, if the service says nothing first.  ``bridge.onData`` (the
         user's rate limit, if any) is back as it was once written."""
         charge = bridge.onData
 
