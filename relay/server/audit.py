@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.logger import Logger
@@ -86,74 +86,3 @@ def closed(row: SessionRow, native: Mapping[str, int] | None = None,
                   "bytes opened, {native_sealed} sealed, {native_runs} runs, "
                   "{native_handbacks} hand-backs)", ended=ended, **fields,
                   **{field: native.get(counter, 0) for field, counter in NATIVE_FIELDS})
-
-
-SETUP_LOG_DELAY = 1.0
-"""Seconds at most that a held event waits (:class:`SetupLog`): far longer than an
-agent's answer or a service's first bytes on a LAN (about a millisecond), so that it
-is written by them, off the set-up, and not by this timer; short enough for a reader of
-the log.  One timer for all held sessions: a relay setting up many sessions a second
-wakes for it about once a second, not once per session."""
-
-
-class SetupLog:
-    """Events held until a session's set-up is past (issue 13 item 5): an early-confirmed
-    session's ``session_open`` (relay.server.opening) is written once the service's
-    first bytes went on to the user (the link route) or her held bytes went on to the
-    agent's side (the pooled route), or :data:`SETUP_LOG_DELAY` seconds after it was
-    held, whichever comes first.
-
-    Writing a log line is a write to the log's pipe or file that wakes its reader
-    (journald, a shipper): on a small machine ~0.15-0.2 ms of the relay's turn and one
-    more process competing for a core while the agent connects and the user's client
-    sends her first bytes (docs/benchmarks.md, "Set-up after an idle gap").
-
-    This is safe because nothing is lost or reordered for the session: its held events
-    are written first whenever something else is logged about it (:meth:`flush`: the
-    relay calls it before ``relay_session_refused`` and ``session_close``), and all of
-    them when the relay stops (:meth:`flushAll`).  The events carry the same fields,
-    ``started`` included, as when they were written at once."""
-
-    def __init__(self, clock: Any, delay: float = SETUP_LOG_DELAY) -> None:
-        self.clock = clock
-        self.delay = delay
-        # session -> (when held, its writes), oldest first (a dict keeps insertion order)
-        self._held: dict[Any, tuple[float, list[Callable[[], None]]]] = {}
-        self._timer: Any = None  # one for all: a cancelled call still wakes the reactor
-
-    def later(self, session: Any, write: Callable[[], None]) -> None:
-        """``write`` ``session``'s event at its flush, or :attr:`delay` seconds from the
-        first event held for it."""
-        held = self._held.get(session)
-        if held is not None:
-            held[1].append(write)
-            return
-        self._held[session] = (self.clock.seconds(), [write])
-        if self._timer is None:
-            self._timer = self.clock.callLater(self.delay, self._due)
-
-    def _due(self) -> None:
-        self._timer = None
-        now = self.clock.seconds()
-        for session, (since, _) in list(self._held.items()):
-            if since + self.delay > now:
-                self._timer = self.clock.callLater(since + self.delay - now, self._due)
-                return
-            self.flush(session)
-
-    def flush(self, session: Any) -> None:
-        """Write ``session``'s held events now, in the order they were made."""
-        held = self._held.pop(session, None)
-        if held is not None:
-            for write in held[1]:
-                write()
-
-    def flushAll(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        for session in list(self._held):
-            self.flush(session)
-
-    def __len__(self) -> int:
-        return len(self._held)

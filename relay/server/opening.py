@@ -64,7 +64,6 @@ class SessionOpening:
     dataport: DataPort
     resume: ResumableSessions
     sharing: Sharing
-    setupLog: audit.SetupLog
     abortSession: Callable[[SessionRow, str], None]
 
     # reaching a service
@@ -154,11 +153,10 @@ class SessionOpening:
                 self.sessionEnded(session, 0, 0, why)
 
         def audited(result: Any) -> Any:
-            # Held (audit.SetupLog) until the set-up is past (connected says when), so
-            # that its write, which wakes the log's reader, is off the agent's leg and
-            # her first bytes' way; written before anything else about the session,
-            # and at most SETUP_LOG_DELAY after the open.
-            self.setupLog.later(session, lambda: audit.opened(session, early=True))
+            # After the user's confirmation left (FlowConnection._confirmOpen, in this
+            # turn): the audit's write is off the path of both the agent's open and
+            # the user's first bytes; still before anything can end the session.
+            audit.opened(session, early=True)
             if isinstance(result, Failure):
                 end("user channel did not open", confirmed=False)
                 result = None
@@ -185,19 +183,13 @@ class SessionOpening:
                 return
             self._aborts.pop(session, None)
             channel.onClosedUnbridged = None  # the bridge hears of her close now
-            bridge = self.bridge(session, channel, agent_side)
+            self.bridge(session, channel, agent_side)
             if session.path == POOLED:
-                # The native thread may carry the service's answer (it needs onData
-                # unset): written now, after her held bytes went on.
-                self.setupLog.flush(session)
                 log_pooled(session)
-            else:
-                self._logOnAnswer(session, bridge)
 
         def failed(f: Failure) -> None:
             if early.phase is not EarlyPhase.HOLDING:
                 return
-            self.setupLog.flush(session)  # its session_open first
             why = self._refused(ident, session.service, f"service {session.service} "
                                 f"unavailable: its agent could not connect it: "
                                 f"{f.getErrorMessage()}", early=True)
@@ -205,27 +197,6 @@ class SessionOpening:
 
         channel.opened.addBoth(audited)
         return channel
-
-    def _logOnAnswer(self, session: SessionRow, bridge: Bridge) -> None:
-        """Write ``session``'s held ``session_open`` (audit.SetupLog) in the turn that
-        hands the service's first bytes on to the user, after they went: the end of an
-        early session's set-up on the link route, so the log write is off it (a test or
-        a log reader still sees the event before the user can act on those bytes); or
-        by SetupLog's timer, if the service says nothing first.  ``bridge.onData`` (the
-        user's rate limit, if any) is back as it was once written."""
-        charge = bridge.onData
-
-        def answered(src: Side, nbytes: int) -> None:
-            if src is bridge.b:
-                self.setupLog.flush(session)  # restores charge too (held after it)
-            if charge is not None:
-                charge(src, nbytes)
-
-        def restore() -> None:
-            bridge.onData = charge
-
-        bridge.onData = answered
-        self.setupLog.later(session, restore)
 
     def _agentSide(self, reg: Registration, port: int, origin: str,
                    session: SessionRow) -> defer.Deferred[Side]:
@@ -354,7 +325,6 @@ class SessionOpening:
         the native thread carried of it, ``native``, on a pooled route, and which side
         began the end, ``ended``, for a bridged session)."""
         self._aborts.pop(session, None)
-        self.setupLog.flush(session)  # its session_open (if still held) comes first
         if self.sessions.close(session, self.reactor.seconds(), to_service, from_service, why):
             audit.closed(session, native, ended)
 

@@ -26,7 +26,6 @@ from relay.core.resume import HELLO as RESUME_HELLO
 from relay.core.router import SUPERSEDED, Decision, Probe, Router, Verdict, label_of
 from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SessionRow, SessionTable
-from relay.server import audit
 from relay.server.dataport import DataPort
 from relay.server.expiry import KeyExpiry
 from relay.server.grantdiff import GrantsChange
@@ -59,7 +58,6 @@ class RelayCore(SessionOpening):
         self.connections: set[RelayConnection] = set()
         self.sessions = SessionTable()
         self._aborts: dict[SessionRow, Callable[[], None]] = {}  # stops a moving row's bytes
-        self.setupLog = audit.SetupLog(reactor)  # opening events, written after set-up
         self.publicPorts = PublicPorts(self)
         self.counters = {"auth_refused": 0, "requests_refused": 0, "sessions_refused": 0,
                          "connections_dropped_unauthenticated_cap": 0}
@@ -410,7 +408,6 @@ class RelayCore(SessionOpening):
         self.grantsWatcher.stop()
         self.expiry.stop()
         self.idle.stop()
-        self.setupLog.flushAll()
         stopping = self.publicPorts.stop()
         data = self.dataport.stop()
         if data is not None:
