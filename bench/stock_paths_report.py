@@ -73,9 +73,10 @@ for name, make in (("aes128-gcm@openssh.com", lambda: aead.GCMDirection(bytes(16
     t2 = time.process_time()
     gib = n * packet / 2 ** 30
     out[name] = {"seal": (t1 - t0) / gib, "open": (t2 - t1) / gib}
-# The relay's native thread opens -J's packets with the libcrypto it loads itself
-# (csrc/sshopen.c: the system's libcrypto.so.3), not cryptography's bundled OpenSSL:
-# its cost is the floor of the thread's CPU-s/GiB, and it differs by OpenSSL version.
+# The relay's native thread opens -J's packets with its own libcrypto (csrc/sshopen.c:
+# the one built into the module from scripts/openssl, or else the system's
+# libcrypto.so.3), not cryptography's bundled OpenSSL: its cost is the floor of the
+# thread's CPU-s/GiB, and it differs by OpenSSL version.
 from relay.datapath import _splice
 from relay.ssh import gcmrun
 if gcmrun.native_enabled():
@@ -97,11 +98,15 @@ if gcmrun.native_enabled():
     t1 = time.process_time()
     assert r.packets == 64, r.packets
     lib.lr_gcm_free(ctx)
-    crypto = ctypes.CDLL("libcrypto.so.3")
-    crypto.OpenSSL_version.restype = ctypes.c_char_p
+    if hasattr(lib, "lr_gcm_libcrypto"):
+        which = ffi.string(lib.lr_gcm_libcrypto()).decode()
+    else:  # a module from before it said (it loads the system's)
+        crypto = ctypes.CDLL("libcrypto.so.3")
+        crypto.OpenSSL_version.restype = ctypes.c_char_p
+        which = crypto.OpenSSL_version(0).decode()
     opened = max(1, n // 64) * 64 * packet
     out["aes128-gcm, native thread"] = {"open": (t1 - t0) / (opened / 2 ** 30),
-                                        "libcrypto": crypto.OpenSSL_version(0).decode()}
+                                        "libcrypto": which}
 print(__import__("json").dumps(out))
 """
 

@@ -17,7 +17,9 @@
  *
  * The AEAD is OpenSSL's EVP AES-GCM, from the process's libcrypto loaded with
  * dlopen() (not linked: the wheel stays manylinux, and a host without libcrypto
- * runs the Python path).  lr_gcm_available() says whether it could be loaded.
+ * runs the Python path), or from a current OpenSSL built into the module when it was
+ * built with LABRELAY_OPENSSL (scripts/openssl).  lr_gcm_available() says whether it
+ * could be loaded, lr_gcm_libcrypto() which it is.
  */
 
 #define LR_GCM_TAG 16
@@ -51,6 +53,10 @@ struct lr_gcm_run {
 
 /* 1 if libcrypto's EVP AES-GCM could be loaded (once per process), else 0. */
 int lr_gcm_available(void);
+
+/* The libcrypto the thread uses, as OpenSSL_version(OPENSSL_VERSION) says, with
+ * " (bundled)" when the module carries its own; "" if none could be loaded. */
+const char *lr_gcm_libcrypto(void);
 
 /* A decryption context for one key (16 or 32 bytes); NULL if unavailable or bad. */
 struct lr_gcm *lr_gcm_new(const unsigned char *key, size_t keylen);

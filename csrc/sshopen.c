@@ -1,23 +1,35 @@
 /* lr_gcm_open_run: a run of AES-GCM CHANNEL_DATA packets opened in one call
  * (relay_sshopen.h says what and why).  OpenSSL's EVP API is reached through dlopen;
- * the prototypes below are its stable ABI (OpenSSL 1.1 and 3). */
+ * the prototypes below are its stable ABI (OpenSSL 1.1 and 3).  Built with
+ * LR_LIBCRYPTO_STATIC (relay/datapath/_splice_build.py, LABRELAY_OPENSSL), the module
+ * carries its own libcrypto instead, linked in with its symbols hidden, and the same
+ * table points at it: a host whose libcrypto predates OpenSSL's VAES/AVX-512 AES-GCM
+ * (Debian 12, Ubuntu 24.04: OpenSSL 3.0) still gets it (docs/fastpath.md). */
 
 #include <dlfcn.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#ifdef LR_LIBCRYPTO_STATIC
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#endif
 
 #include "relay_sshopen.h"
 
 #define MSG_CHANNEL_DATA 94
 #define MSG_CHANNEL_WINDOW_ADJUST 93
-#define EVP_CTRL_GCM_GET_TAG 0x10
-#define EVP_CTRL_GCM_SET_TAG 0x11
 #define HEAD 10 /* padding_length, message number, recipient, data length */
 
+#ifndef LR_LIBCRYPTO_STATIC
+#define EVP_CTRL_GCM_GET_TAG 0x10
+#define EVP_CTRL_GCM_SET_TAG 0x11
 typedef struct evp_cipher_ctx EVP_CIPHER_CTX;
 typedef struct evp_cipher EVP_CIPHER;
+#endif
 
 static struct {
     int tried, ok;
@@ -34,6 +46,8 @@ static struct {
                  const unsigned char *);
     int (*eupdate)(EVP_CIPHER_CTX *, unsigned char *, int *, const unsigned char *, int);
     int (*efinal)(EVP_CIPHER_CTX *, unsigned char *, int *);
+    const char *(*version)(int);
+    char bundled;
 } evp;
 
 struct lr_gcm {
@@ -47,6 +61,36 @@ static int load(void *h, void **slot, const char *name)
     return *slot != NULL;
 }
 
+#ifdef LR_LIBCRYPTO_STATIC
+int lr_gcm_available(void)
+{
+    if (evp.tried)
+        return evp.ok;
+    evp.tried = 1;
+    /* Our own copy: it reads no openssl.cnf (the host's config is for the host's
+     * libcrypto) and registers no atexit cleanup (the forwarding threads may still be
+     * running when the interpreter exits). */
+    if (OPENSSL_init_crypto(OPENSSL_INIT_NO_LOAD_CONFIG | OPENSSL_INIT_NO_ATEXIT, NULL) != 1)
+        return 0;
+    evp.ctx_new = EVP_CIPHER_CTX_new;
+    evp.ctx_free = EVP_CIPHER_CTX_free;
+    evp.aes_128_gcm = EVP_aes_128_gcm;
+    evp.aes_256_gcm = EVP_aes_256_gcm;
+    evp.init = (int (*)(EVP_CIPHER_CTX *, const EVP_CIPHER *, void *, const unsigned char *,
+                        const unsigned char *))EVP_DecryptInit_ex;
+    evp.update = EVP_DecryptUpdate;
+    evp.final = EVP_DecryptFinal_ex;
+    evp.ctrl = EVP_CIPHER_CTX_ctrl;
+    evp.einit = (int (*)(EVP_CIPHER_CTX *, const EVP_CIPHER *, void *, const unsigned char *,
+                         const unsigned char *))EVP_EncryptInit_ex;
+    evp.eupdate = EVP_EncryptUpdate;
+    evp.efinal = EVP_EncryptFinal_ex;
+    evp.version = OpenSSL_version;
+    evp.bundled = 1;
+    evp.ok = 1;
+    return 1;
+}
+#else
 int lr_gcm_available(void)
 {
     static const char *const names[] = {"libcrypto.so.3", "libcrypto.so.1.1", "libcrypto.so"};
@@ -70,8 +114,23 @@ int lr_gcm_available(void)
                  load(h, (void **)&evp.efinal, "EVP_EncryptFinal_ex");
         if (!evp.ok)
             dlclose(h);
+        else if (!load(h, (void **)&evp.version, "OpenSSL_version"))
+            evp.version = NULL; /* OpenSSL 1.0 named it SSLeay_version: say "unknown" */
     }
     return evp.ok;
+}
+#endif
+
+const char *lr_gcm_libcrypto(void)
+{
+    static char text[128];
+    if (!lr_gcm_available())
+        return "";
+    if (text[0] == 0)
+        snprintf(text, sizeof text, "%s%s",
+                 evp.version != NULL ? evp.version(0) : "libcrypto of unknown version",
+                 evp.bundled ? " (bundled)" : "");
+    return text;
 }
 
 static struct lr_gcm *make(const unsigned char *key, size_t keylen, int sealing)

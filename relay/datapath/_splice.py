@@ -33,6 +33,15 @@ lib: Any = _splice_c.lib if _splice_c is not None else None
 
 AVAILABLE = lib is not None
 
+
+def aead_library() -> str:
+    """The libcrypto the native AES-GCM thread (pooled ``ssh -J``) uses, as OpenSSL names
+    itself, with " (bundled)" when the module carries its own (scripts/openssl); ""
+    when it has none (no module, no libcrypto, or a module from before it said)."""
+    if lib is None or not hasattr(lib, "lr_gcm_libcrypto"):
+        return ""
+    return str(ffi.string(lib.lr_gcm_libcrypto()).decode("ascii", "replace"))
+
 MOVED, WAIT_IN, WAIT_OUT, DONE = 1, 2, 3, 4
 RESULT_NAMES = {MOVED: "moved", WAIT_IN: "wait-in", WAIT_OUT: "wait-out", DONE: "done"}
 

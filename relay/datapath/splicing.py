@@ -308,8 +308,9 @@ def get(reactor: Any) -> DataPath:
         key = (backend.name, backend.reason)
         if key not in _logged:
             _logged.add(key)
-            _log.info("data path: {backend} backend ({reason})", event="datapath_backend",
-                      backend=backend.name, reason=backend.reason)
+            _log.info("data path: {backend} backend ({reason}); AES-GCM thread: {aead}",
+                      event="datapath_backend", backend=backend.name, reason=backend.reason,
+                      aead=(backend.name == "c" and _splice.aead_library()) or "none")
     return dp
 
 

@@ -506,6 +506,9 @@ def test_the_choice_is_logged_once(monkeypatch: pytest.MonkeyPatch, backend: str
     chosen = [e for e in events if e.get("event") == "datapath_backend"]
     assert len(chosen) == 1
     assert chosen[0]["backend"] == backend
+    # which libcrypto the pooled -J thread opens AES-GCM with (none without the C backend)
+    expected = (backend == "c" and _splice.aead_library()) or "none"
+    assert chosen[0]["aead"] == expected and (backend != "c" or "OpenSSL" in expected)
     assert datapath.status(reactors[0])["backend"] == backend  # type: ignore[index]
 
 
