@@ -28,9 +28,9 @@ STEPS = ["relay: accept -> CHANNEL_OPEN sent", "link: -> the agent has read it",
 
 def load(where: str, role: str) -> list[Event]:
     (name,) = glob.glob(f"{where}/{role}-*.txt")
-    with open(name) as f:
+    with open(name) as f:  # (the GC's ``gc`` lines are not socket or reactor steps)
         return [(int(t), op, int(fd), int(n), int(p))
-                for t, op, fd, n, p in (line.split() for line in f)]
+                for t, op, fd, n, p in (line.split() for line in f) if op != "gc"]
 
 
 def first(events: list[Event], after: int, op: str, fd: int | None = None,

@@ -60,11 +60,13 @@ def _install(role: str, where: str) -> None:
     wrap("connect", "connect")
 
     profile = None
-    if os.environ.get("LABRELAY_STAMP_PROFILE"):  # cProfile too: where the Python time goes
+    mode = os.environ.get("LABRELAY_STAMP_PROFILE", "")
+    if mode:  # cProfile too: where the Python time goes
         import cProfile
 
         profile = cProfile.Profile()
-        profile.enable()
+        if mode != "idle":
+            profile.enable()
 
     def dump() -> None:
         with open(os.path.join(where, f"{role}-{os.getpid()}.txt"), "w") as f:
@@ -80,23 +82,58 @@ def _install(role: str, where: str) -> None:
 
     atexit.register(dump)
     signal.signal(signal.SIGUSR2, dump_and_exit)
-    _patch_epoll(now)
+    _patch_epoll(now, profile if mode == "idle" else None)
+    _watch_gc(now)
 
 
-def _patch_epoll(now: Any) -> None:
+def _watch_gc(now: Any) -> None:
+    """A ``gc`` stamp per cyclic-GC collection: its generation, the objects it freed and
+    its nanoseconds (``gc.callbacks``), to see whether collections fall on a set-up."""
+    import gc
+
+    rec = _LOG.append
+    started = [0]
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        t = now()
+        if phase == "start":
+            started[0] = t
+        else:
+            rec((t, "gc", info.get("generation", -1), info.get("collected", 0), t - started[0]))
+
+    gc.callbacks.append(watch)
+
+
+def _patch_epoll(now: Any, idle_profile: Any = None) -> None:
+    """``idle_profile``: a cProfile enabled only for the reactor turn that follows an
+    idle gap of 20 ms or more (``LABRELAY_STAMP_PROFILE=idle``), or for every turn
+    within ``LABRELAY_STAMP_WINDOW_MS`` of it: the call counts of a set-up after idle,
+    summed over sessions (exact whatever the load)."""
     from twisted.internet import epollreactor
 
     init = epollreactor.EPollReactor.__init__
     rec = _LOG.append
+    slept = [0, False]  # when the profiled window began; whether it is on
+    # LABRELAY_STAMP_WINDOW_MS: profile every turn this long after the idle wake (the
+    # whole set-up) rather than the first turn only (0, the default)
+    window = float(os.environ.get("LABRELAY_STAMP_WINDOW_MS", "0")) * 1e6
 
     class Poller:
         def __init__(self, real: Any) -> None:
             self.real = real
 
         def poll(self, *a: Any) -> Any:
-            rec((now(), "sleep", 0, 0, 0))  # the iteration's work is done: into epoll_wait
+            t = now()
+            if slept[1] and t - slept[0] > window:
+                idle_profile.disable()
+                slept[1] = False
+            rec((t, "sleep", 0, 0, 0))  # the iteration's work is done: into epoll_wait
             r = self.real.poll(*a)
-            rec((now(), "wake", len(r), 0, 0))
+            woke = now()
+            rec((woke, "wake", len(r), 0, 0))
+            if idle_profile is not None and r and not slept[1] and woke - t > 20_000_000:
+                slept[0], slept[1] = woke, True
+                idle_profile.enable()
             return r
 
         def register(self, *a: Any) -> Any:
