@@ -159,7 +159,6 @@ class Typist:
             self.proc.wait(5)
 
 
-@dataclass
 def _pooled(relay: Any, mark: int) -> int:
     """How many of the ten sessions ride a pooled data connection: their opening events
     are written just after their set-up (audit.SetupLog), so once all ten opens are."""
@@ -167,6 +166,7 @@ def _pooled(relay: Any, mark: int) -> int:
     return len(relay.events("relay_pooled_session", since=mark))
 
 
+@dataclass
 class Sessions:
     """The ten sessions of both scenarios."""
 
