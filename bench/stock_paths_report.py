@@ -98,9 +98,8 @@ if gcmrun.native_enabled():
     t1 = time.process_time()
     assert r.packets == 64, r.packets
     lib.lr_gcm_free(ctx)
-    if hasattr(lib, "lr_gcm_libcrypto"):
-        which = ffi.string(lib.lr_gcm_libcrypto()).decode()
-    else:  # a module from before it said (it loads the system's)
+    which = _splice.aead_library()
+    if not which:  # a module from before it said (it loads the system's)
         crypto = ctypes.CDLL("libcrypto.so.3")
         crypto.OpenSSL_version.restype = ctypes.c_char_p
         which = crypto.OpenSSL_version(0).decode()

@@ -326,25 +326,20 @@ def test_a_bridged_early_channel_forgets_its_unbridged_close_hook(world: World) 
 # carried a channel's data; held bytes handed on at the bridge count as that read)
 
 
-def test_held_bytes_handed_on_offer_the_session_to_the_native_thread(world: World) -> None:
+@pytest.mark.parametrize("held", [b"GET / HTTP/1.0\r\n\r\n", b""])
+def test_held_bytes_handed_on_offer_the_session_to_the_native_thread(
+        world: World, held: bytes) -> None:
+    """A download begun by one held request must be offered; with nothing held nothing
+    is (the next read that carries data arms it, as without early confirmation)."""
     world.healthy()
     _, channel, conn = world.open()
     offers: list[Any] = []
     conn.offerNative = offers.append  # type: ignore[attr-defined]
     world.confirm(channel)
-    channel.dataReceived(b"GET / HTTP/1.0\r\n\r\n")  # held: the agent has not answered
+    if held:
+        channel.dataReceived(held)  # held: the agent has not answered
     world.agent.opens[-1].callback(_AgentSide())
-    assert offers == [channel], "a download begun by one held request must be offered"
-
-
-def test_a_bridge_with_nothing_held_offers_nothing(world: World) -> None:
-    world.healthy()
-    _, channel, conn = world.open()
-    offers: list[Any] = []
-    conn.offerNative = offers.append  # type: ignore[attr-defined]
-    world.confirm(channel)
-    world.agent.opens[-1].callback(_AgentSide())
-    assert offers == [], "the next read that carries data arms it, as without early"
+    assert offers == ([channel] if held else [])
 
 
 def test_an_offer_arms_in_the_next_turn_never_inside_a_read(

@@ -161,3 +161,22 @@ def test_python_and_portable_backends_keep_the_python_path(
         assert not sshopen.native_enabled()
     monkeypatch.setenv("LABRELAY_DATAPATH", "auto")
     assert sshopen.native_enabled()
+
+
+def test_the_module_exports_no_libcrypto_symbol() -> None:
+    """docs/fastpath.md: a bundled libcrypto is linked in with its symbols hidden (and a
+    build that dlopens the host's links none), so the module can never interpose on the
+    process's own libcrypto (Python's ssl and hashlib): looked up through the module's
+    own handle (itself and what it links), no OpenSSL symbol resolves, while its AES-GCM
+    runs on the library it names."""
+    import ctypes
+
+    from relay.datapath import _splice, _splice_c  # type: ignore[attr-defined]
+
+    module = ctypes.CDLL(_splice_c.__file__)
+    assert module.lr_gcm_available() == 1
+    for name in ("EVP_CIPHER_CTX_new", "EVP_DecryptUpdate", "OpenSSL_version",
+                 "OPENSSL_init_crypto"):
+        with pytest.raises(AttributeError):
+            getattr(module, name)
+    assert _splice.aead_library().startswith("OpenSSL ")
