@@ -36,9 +36,11 @@ from relay.core.resume import HELLO, pack_hello, unpack_hello_reply
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.client import LinkConnection, LinkTransport, transport_factory
+from relay.ssh.earlydata import EarlyIntake
 from relay.ssh.hostkeys import HostKeyVerifier
 from relay.ssh.openerrors import refused_by_peer
 from relay.ssh.resumable import ResumableSessions
+from relay.ssh.wire import EARLY_DATA_OK, EARLY_LIMIT, pack_early_data_ok
 from relay.transport.dial import Dialer, route_of
 
 CANCEL_TIMEOUT = 2.0
@@ -213,7 +215,8 @@ class Link(MultiService):
             port=route.port if route is not None else self.config.port,
             user=self.config.user, peer=str(peer), route=str(route),
         )
-        self._hello(conn)  # first: the relay must know before it opens our sessions
+        self._takeEarly(conn)  # first: the relay must know before it opens our sessions
+        self._hello(conn)
         for forward in self.remote:
             forward.linkUp(conn)
         self.pool.linkUp(conn)
@@ -222,6 +225,13 @@ class Link(MultiService):
         for d, timer in waiters:
             timer.cancel()
             d.callback(conn)
+
+    def _takeEarly(self, conn: LinkConnection) -> None:
+        """Say ``early-data-ok@labrelay``: a labrelay relay then sends a session's first
+        bytes with its open, before our confirmation (relay.ssh.earlydata); a stock
+        server ignores it (no reply wanted)."""
+        conn.early = EarlyIntake(EARLY_LIMIT)
+        conn.sendGlobalRequest(EARLY_DATA_OK, pack_early_data_ok(EARLY_LIMIT), wantReply=0)
 
     def _hello(self, conn: LinkConnection) -> None:
         """Say ``resume@labrelay``; a labrelay relay answers with its instance and the

@@ -144,9 +144,27 @@ class SessionOpening:
         window is re-opened until the bridge hands them on) and go to the agent's side
         when it opens.  If that fails, or the relay ends the session first (a grants
         reload), the user's channel is closed: EOF, then close (docs/relay.md)."""
-        d = self._agentSide(reg, port, origin, session)  # first: the critical path
+        pending: list[BridgedChannel] = []
+
+        def agentPending(agent_channel: BridgedChannel) -> None:
+            # The agent's channel, before it answered, to an agent that takes early
+            # bytes (relay.ssh.earlydata): her bytes go on as they arrive, so the agent
+            # writes them to the target once connected, not one relay turn and one
+            # agent wake-up after its answer.  Only as the stream's prefix: none if
+            # some of hers are held already (the pooled route fell back to the link).
+            if not channel.holding:
+                pending.append(agent_channel)
+
+        d = self._agentSide(reg, port, origin, session, agentPending)  # first: critical
         early = EarlySession()
         self.sharing.tag(channel, session.user)
+
+        def carry(data: bytes) -> None:
+            if pending and early.phase is EarlyPhase.HOLDING and pending[0].sendEarly(data):
+                if not early.carried:
+                    early.carried = True
+                    self.counters["early_data_sessions"] += 1
+                self.counters["early_data_bytes"] += len(data)
 
         def end(why: str, confirmed: bool = True) -> None:
             if early.end(why):
@@ -165,6 +183,7 @@ class SessionOpening:
                 result = None
             else:
                 channel.onClosedUnbridged = user_left
+                channel.onEarlyData = carry
             d.addCallbacks(connected, failed)  # so the agent's answer acts after this
             return result
 
@@ -186,6 +205,7 @@ class SessionOpening:
                 return
             self._aborts.pop(session, None)
             channel.onClosedUnbridged = None  # the bridge hears of her close now
+            channel.onEarlyData = None
             self.bridge(session, channel, agent_side)
             if session.path == POOLED:
                 self.setupLog.later(session, lambda: log_pooled(session))
@@ -202,15 +222,17 @@ class SessionOpening:
         channel.opened.addBoth(audited)
         return channel
 
-    def _agentSide(self, reg: Registration, port: int, origin: str,
-                   session: SessionRow) -> defer.Deferred[Side]:
+    def _agentSide(self, reg: Registration, port: int, origin: str, session: SessionRow,
+                   onPending: Callable[[BridgedChannel], object] | None = None,
+                   ) -> defer.Deferred[Side]:
         """The agent's side of ``session`` (relay.server.pooled), the answer noted in
-        the registration's open health (relay.core.earlyopen)."""
+        the registration's open health (relay.core.earlyopen); ``onPending`` as in
+        :meth:`RelayConnection.openForwarded`."""
         def noted(result: Any) -> Any:
             reg.open_health = after_open(reg.open_health, not isinstance(result, Failure))
             return result
 
-        return open_user_side(self, reg, port, origin, session).addBoth(noted)
+        return open_user_side(self, reg, port, origin, session, onPending).addBoth(noted)
 
     def _refused(self, ident: Any, service: str, why: str, early: bool = False) -> str:
         """Count and log a user session refused (or, confirmed early, closed): ``why``."""
@@ -239,13 +261,15 @@ class SessionOpening:
         return d.addCallback(lambda reg: self.openToAgent(reg, port, origin))
 
     def openToAgent(self, reg: Registration, port: int, origin: str,
-                     session: SessionRow | None = None) -> defer.Deferred[BridgedChannel]:
+                    session: SessionRow | None = None,
+                    onPending: Callable[[BridgedChannel], object] | None = None,
+                    ) -> defer.Deferred[BridgedChannel]:
         host, _, oport = origin.rpartition(":")
         agent: Any = reg.session
         if session is not None:
             session.agent = agent
         d: defer.Deferred[BridgedChannel] = agent.openForwarded(reg.bind, port, host,
-                                                                int(oport or 0))
+                                                                int(oport or 0), onPending)
         if session is not None:
             d.addCallback(self.sharing.tagAgentChannel, session.user)
         return d

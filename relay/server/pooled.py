@@ -22,7 +22,7 @@ no idle pooled connection, or one found dead, it takes the link as before.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -61,7 +61,9 @@ class PooledShell(TypingProtocol):
         """Close ``session`` now (or as soon as it would start)."""
 
     def openToAgent(self, reg: Registration, port: int, origin: str,
-                    session: SessionRow | None = None) -> defer.Deferred[BridgedChannel]:
+                    session: SessionRow | None = None,
+                    onPending: Callable[[BridgedChannel], object] | None = None,
+                    ) -> defer.Deferred[BridgedChannel]:
         """A ``forwarded-tcpip`` channel on the agent's link."""
 
 
@@ -104,13 +106,17 @@ def pooled_route(dataport: DataPort, reg: Registration,
 
 
 def open_user_side(relay: PooledShell, reg: Registration, port: int, origin: str,
-                   session: SessionRow) -> defer.Deferred[Side]:
+                   session: SessionRow,
+                   onPending: Callable[[BridgedChannel], object] | None = None,
+                   ) -> defer.Deferred[Side]:
     """The agent's side of a user's channel session: a pooled data connection when
     :func:`pooled_route` has one (session path ``pooled``; :func:`log_pooled` once the
-    channel is open), else a channel on the agent's link (path ``channel``)."""
+    channel is open), else a channel on the agent's link (path ``channel``; given to
+    ``onPending`` before the agent answers if it takes early bytes)."""
     pooled = pooled_route(relay.dataport, reg, port)
     if pooled is None:
-        channel: defer.Deferred[Any] = relay.openToAgent(reg, port, origin, session)
+        channel: defer.Deferred[Any] = relay.openToAgent(reg, port, origin, session,
+                                                         onPending)
         return channel
     session.agent = reg.session
     session.path = POOLED
@@ -120,7 +126,7 @@ def open_user_side(relay: PooledShell, reg: Registration, port: int, origin: str
         # carries this session.
         f.trap(AgentConnectionGone)
         session.path = CHANNEL
-        return relay.openToAgent(reg, port, origin, session)
+        return relay.openToAgent(reg, port, origin, session, onPending)
 
     return pooled.addErrback(stale)
 

@@ -41,7 +41,7 @@ from relay.server.sharing import Sharing
 from relay.server.status import relay_status
 from relay.server.waiting import Waiting
 from relay.ssh.server import RelayConnection, RelayTransport
-from relay.ssh.wire import unpack_forward
+from relay.ssh.wire import EARLY_DATA_OK, unpack_early_data_ok, unpack_forward
 
 TAKEOVER_PROBE = 0.5
 
@@ -62,7 +62,10 @@ class RelayCore(SessionOpening):
         self.setupLog = audit.SetupLog(reactor)  # opening events, written after set-up
         self.publicPorts = PublicPorts(self)
         self.counters = {"auth_refused": 0, "requests_refused": 0, "sessions_refused": 0,
-                         "connections_dropped_unauthenticated_cap": 0}
+                         "connections_dropped_unauthenticated_cap": 0,
+                         # users' first bytes sent to the agent before it answered
+                         # their open (relay.ssh.earlydata)
+                         "early_data_sessions": 0, "early_data_bytes": 0}
         # Per-source limits and penalties, shared by the SSH port and the data port.
         self.admission = Admission(config, reactor)
         self.ssh_gate = self.admission.gate("ssh", config.max_unauthenticated)
@@ -159,7 +162,21 @@ class RelayCore(SessionOpening):
             return self.dataport.poolRequest(conn, data)
         if requestType == RESUME_HELLO:
             return self.resumes.hello(conn, data)
+        if requestType == EARLY_DATA_OK:
+            return self._takesEarly(conn, data)
         return False  # keepalives and anything unknown: a standard failure reply
+
+    def _takesEarly(self, conn: RelayConnection, data: bytes) -> bool:
+        """``early-data-ok@labrelay`` from an agent: its sessions' first bytes may go
+        before it answered their open (relay.ssh.earlydata), when the relay confirmed
+        them early (``[relay] early_confirm``: only then do they arrive before it)."""
+        if conn.identity.kind != "agent":
+            return False
+        try:
+            conn.earlyLimit = unpack_early_data_ok(data)
+        except ValueError:
+            return False
+        return True
 
     def _refuse(self, conn: RelayConnection, what: str, why: str) -> bool:
         self.counters["requests_refused"] += 1

@@ -22,7 +22,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from relay.config.schema import DEFAULT_MAX_PACKET, DEFAULT_WINDOW
-from relay.ssh.wire import SHARE, unpack_share
+from relay.ssh.earlydata import EarlySend
+from relay.ssh.wire import EARLY_DATA, SHARE, pack_early_data, unpack_share
 
 if TYPE_CHECKING:
     from relay.datapath.bridge import Bridge
@@ -51,6 +52,7 @@ class BridgedChannel(SSHChannel):
         "_congestion",
         "_credit",
         "_early",
+        "_earlySend",
         "_eofPending",
         "_gotEOF",
         "_isClosed",
@@ -61,6 +63,7 @@ class BridgedChannel(SSHChannel):
         "bridge",
         "onClosedUnbridged",
         "onCredit",
+        "onEarlyData",
         "openData",
         "opened",
         "peerClosed",
@@ -98,6 +101,12 @@ class BridgedChannel(SSHChannel):
         self.bridge: Bridge | None = None
         self.opened: defer.Deferred[BridgedChannel] = defer.Deferred()
         self._early: list[bytes] | None = None  # data before attach(), rare
+        # Held bytes are offered here as they arrive (an early-confirmed user channel:
+        # relay.server.opening sends them on before the agent answered).
+        self.onEarlyData: Callable[[bytes], object] | None = None
+        # A channel we opened whose first bytes may go before its confirmation
+        # (relay.ssh.earlydata): what went early, skipped when the bridge writes it.
+        self._earlySend: EarlySend | None = None
         self._credit = 0
         self._owed = 0
         self._pauses = _NONE  # why the bridge asked us not to re-open the window
@@ -136,10 +145,14 @@ class BridgedChannel(SSHChannel):
 
     def channelOpen(self, specificData: bytes) -> None:
         self.openData = specificData
+        if self._earlySend is not None:
+            self._earlySend.close()  # answered: the rest goes as CHANNEL_DATA
         if not self.opened.called:
             self.opened.callback(self)
 
     def openFailed(self, reason: Any) -> None:
+        if self._earlySend is not None:
+            self._earlySend.close()
         if not self.opened.called:
             self.opened.errback(reason)
 
@@ -149,8 +162,32 @@ class BridgedChannel(SSHChannel):
             if self._early is None:
                 self._early = []
             self._early.append(data)  # bounded: no window is re-opened for it
+            if self.onEarlyData is not None:
+                self.onEarlyData(data)
         else:
             bridge.dataReceived(self, data)
+
+    @property
+    def holding(self) -> bool:
+        """Whether bytes arrived before a bridge took the channel."""
+        return bool(self._early)
+
+    # early data (relay.ssh.earlydata): this end opened the channel
+
+    def allowEarly(self, limit: int) -> None:
+        """The peer takes up to ``limit`` of this channel's first bytes before it
+        answers the open (it said ``early-data-ok@labrelay``)."""
+        self._earlySend = EarlySend(limit)
+
+    def sendEarly(self, data: bytes) -> bool:
+        """Send ``data``, the next bytes of this channel's stream, before the peer
+        answered the open: True if sent (the bridge's write of them later is skipped),
+        False if they wait for the answer (and so does everything after them)."""
+        early = self._earlySend
+        if early is None or self.conn is None or self.id is None or not early.take(len(data)):
+            return False
+        self.conn.sendGlobalRequest(EARLY_DATA, pack_early_data(self.id, data), wantReply=0)
+        return True
 
     def eofReceived(self) -> None:
         self._gotEOF = True
@@ -220,6 +257,15 @@ class BridgedChannel(SSHChannel):
     # sending, within the peer's window
 
     def write(self, data: bytes) -> None:
+        early = self._earlySend
+        if early is not None and early.skip:
+            # The first bytes of the stream went before the answer (sendEarly): the
+            # peer has them, and counted them in the window it confirmed.
+            n = early.skipped(len(data))
+            self.remoteWindowLeft = max(0, self.remoteWindowLeft - n)
+            data = data[n:]
+            if not data:
+                return
         if self._queued:
             self._queued.append(data)
         else:

@@ -50,7 +50,13 @@ from relay.ssh.connection import (
 from relay.ssh.guard import PeerInputGuard
 from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier
 from relay.ssh.resumable import ResumableSessions
-from relay.ssh.wire import GRANT_REVOKED, pack_endpoints, unpack_endpoints, unpack_grant_revoked
+from relay.ssh.wire import (
+    EARLY_DATA,
+    GRANT_REVOKED,
+    pack_endpoints,
+    unpack_endpoints,
+    unpack_grant_revoked,
+)
 from relay.transport.dial import Dialer, Route
 
 TARGET_CONNECT_TIMEOUT = 10.0
@@ -280,7 +286,11 @@ class LinkConnection(FlowConnection):
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
         """``grant-revoked@labrelay``: the relay dropped one of our registrations
-        (its grant was revoked); anything else as Conch does (refused)."""
+        (its grant was revoked); ``early-data@labrelay``: a channel's first bytes
+        (relay.ssh.earlydata); anything else as Conch does (refused)."""
+        if requestType == EARLY_DATA and self.early is not None:
+            self.earlyReceived(data)
+            return 1
         if requestType == GRANT_REVOKED:
             try:
                 bind, port, why = unpack_grant_revoked(data)

@@ -41,7 +41,9 @@ from zope.interface import implementer
 from relay.core.fairshare import FairScheduler
 from relay.datapath.net import TurnBudget, limit_unsent
 from relay.ssh import nativeforward
+from relay.ssh.earlydata import EarlyError, EarlyIntake
 from relay.ssh.openerrors import open_error
+from relay.ssh.wire import unpack_early_data
 
 MAX_WINDOW = 0xFFFFFFFF
 OPEN_CONNECT_FAILED = connection.OPEN_CONNECT_FAILED
@@ -95,6 +97,9 @@ class FlowConnection(connection.SSHConnection):
         self._stopped = False  # serviceStopped: nothing more is sent
         self._nativeOK = False  # the transport may arm relay.ssh.nativeforward
         self._shared = False  # the link's buffers are cut to SHARED_* (bytes wait here)
+        # The peer's channels' first bytes before we confirmed them (relay.ssh.earlydata):
+        # set by an agent that said early-data-ok@labrelay.
+        self.early: EarlyIntake | None = None
 
     @property
     def congested(self) -> bool:
@@ -288,6 +293,8 @@ class FlowConnection(connection.SSHConnection):
 
     def channelClosed(self, channel: Any) -> None:
         self.discard(channel)
+        if self.early is not None:
+            self.early.closed(self.channelsToRemoteChannel.get(channel))
         super().channelClosed(channel)
 
     def queueStatus(self) -> dict[str, int]:
@@ -352,6 +359,8 @@ class FlowConnection(connection.SSHConnection):
             self._refuseOpen(senderChannel, OPEN_CONNECT_FAILED, "internal error")
             return
         self._pendingOpens += 1
+        if self.early is not None:
+            self.early.opening(senderChannel)
         d = defer.maybeDeferred(lambda: result)
         d.addCallbacks(
             lambda channel: self._confirmOpen(senderChannel, channel, rest[12:]),
@@ -361,6 +370,8 @@ class FlowConnection(connection.SSHConnection):
     def _confirmOpen(self, senderChannel: int, channel: Any, data: bytes) -> None:
         self._pendingOpens -= 1
         if self.transport is None or self._stopped:
+            if self.early is not None:
+                self.early.refused(senderChannel)
             channel.openFailed(error.ConchError("link lost", OPEN_CONNECT_FAILED))
             return
         localChannel = self.localChannelID
@@ -378,9 +389,35 @@ class FlowConnection(connection.SSHConnection):
             + channel.specificData,
         )
         channel.channelOpen(data)
+        if self.early is not None:
+            for chunk in self.early.confirmed(senderChannel, channel):
+                self._deliverEarly(channel, chunk)
+
+    def earlyReceived(self, data: bytes) -> None:
+        """``early-data@labrelay``: the first bytes of a channel the relay opened
+        (relay.ssh.earlydata), delivered now to a channel we confirmed, held for an
+        open being answered, dropped for one refused or closed."""
+        if self.early is None:
+            return
+        try:
+            remote, payload = unpack_early_data(data)
+            channel = self.early.received(remote, payload)
+        except (ValueError, EarlyError) as e:
+            self._protocolError(str(e))
+            return
+        if channel is not None and not channel.localClosed:
+            self._deliverEarly(channel, payload)
+
+    def _deliverEarly(self, channel: Any, data: bytes) -> None:
+        # As ssh_CHANNEL_DATA does: out of the window we confirmed (the intake checked
+        # it fits), re-opened by the channel once the bytes are handed on.
+        channel.localWindowLeft -= len(data)
+        channel.dataReceived(data)
 
     def _failOpen(self, senderChannel: int, f: Failure) -> None:
         self._pendingOpens -= 1
+        if self.early is not None:
+            self.early.refused(senderChannel)
         if self.transport is None or self._stopped:
             return
         if isinstance(f.value, error.ConchError):
@@ -498,4 +535,6 @@ class FlowConnection(connection.SSHConnection):
         self._held.clear()
         self._closing.clear()
         self._shared = False
+        if self.early is not None:
+            self.early.clear()
         super().serviceStopped()

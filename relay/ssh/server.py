@@ -24,6 +24,7 @@ the CPU per packet here; ``policy.server_ciphers_for``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.conch import error
@@ -260,6 +261,9 @@ class RelayConnection(FlowConnection):
         self._handling: list[defer.Deferred[None]] | None = None  # the request being handled
         self.resumable = False  # a labrelay agent said resume@labrelay hello
         self.agent_instance = b""  # which agent process (from its hello)
+        # The agent takes this many of a channel's first bytes before it answers the
+        # open (its early-data-ok@labrelay; relay.ssh.earlydata); 0: it does not.
+        self.earlyLimit = 0
 
     @property
     def identity(self) -> Identity:
@@ -415,11 +419,14 @@ class RelayConnection(FlowConnection):
         origin = f"{origHost[:ORIGIN_LIMIT]}:{origPort}"
         return self.core.openUserSession(self, host, port, origin, channel)
 
-    def openForwarded(self, bind: str, port: int, origHost: str,
-                      origPort: int) -> defer.Deferred[Any]:
+    def openForwarded(self, bind: str, port: int, origHost: str, origPort: int,
+                      onPending: Callable[[BridgedChannel], object] | None = None,
+                      ) -> defer.Deferred[Any]:
         """Open a ``forwarded-tcpip`` channel to this agent for one session: its bridge
         side.  To an agent that said hello, a ``forwarded-resumable@labrelay`` whose
-        side holds across a broken link (relay.ssh.resumable)."""
+        side holds across a broken link (relay.ssh.resumable).  ``onPending`` is given
+        the channel at once, before the agent answered, if the agent takes early bytes
+        (``BridgedChannel.sendEarly``)."""
         resume, cfg = self.core.resume, self.core.config
         key = self.identity.key_blob
         # Capped: each resumable session keeps up to a window of replay here, and a
@@ -436,11 +443,17 @@ class RelayConnection(FlowConnection):
             conn=self,
         )
         data = pack_endpoints(bind, port, origHost, origPort)
+        if self.earlyLimit and onPending is not None:
+            channel.allowEarly(self.earlyLimit)
         if not resumable:
             self.openChannel(channel, data)
+            if self.earlyLimit and onPending is not None:
+                onPending(channel)
             return channel.opened
         sid = resume.new_sid()
         self.openChannel(channel, data + pack_sid(sid))
+        if self.earlyLimit and onPending is not None:
+            onPending(channel)
         service = f"public:{port}" if bind in PUBLIC_BINDS else f"{bind}:{port}"
         label = f"{service} from {origHost}:{origPort}"
         owner = (key, self.agent_instance)

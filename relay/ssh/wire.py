@@ -94,3 +94,44 @@ def unpack_share(data: bytes) -> tuple[str, float]:
         raise ValueError("malformed share request: weight is not a number")
     name = user.decode("utf-8", "replace")[:_MAX_USER]
     return name, min(max(weight, 0.01), _MAX_WEIGHT)
+
+
+EARLY_DATA_OK = b"early-data-ok@labrelay"
+"""Agent -> relay global request, no reply wanted (a stock sshd ignores it), sent as
+the link comes up: "I take your channels' first bytes before I confirm them"
+(``early-data@labrelay``).  Payload: uint32, the most early bytes per channel it takes."""
+EARLY_DATA = b"early-data@labrelay"
+"""Relay -> agent global request, no reply wanted, only to an agent that said
+``early-data-ok@labrelay``: bytes for a ``forwarded-tcpip`` (or resumable) channel the
+relay opened and the agent has not confirmed *to the relay* yet.  Payload: uint32 the
+relay's (sender) channel id, string the bytes: the first bytes of that channel's
+stream, in order, before any ``CHANNEL_DATA`` of it, and counted in the channel's window
+as if they were (docs/relay.md "Early confirmation")."""
+EARLY_LIMIT = 32 * 1024
+"""The most early bytes per channel either end uses: within the smallest window a
+labrelay end can be configured with (32 KiB), so they always fit the agent's window."""
+
+
+def pack_early_data_ok(limit: int) -> bytes:
+    return struct.pack(">L", limit)
+
+
+def unpack_early_data_ok(data: bytes) -> int:
+    """The announced limit, capped at :data:`EARLY_LIMIT`."""
+    if len(data) < 4:
+        raise ValueError("malformed early-data-ok request")
+    (limit,) = struct.unpack(">L", data[:4])
+    return min(limit, EARLY_LIMIT)
+
+
+def pack_early_data(channel: int, data: bytes) -> bytes:
+    return struct.pack(">L", channel) + common.NS(data)
+
+
+def unpack_early_data(data: bytes) -> tuple[int, bytes]:
+    if len(data) < 8:
+        raise ValueError("malformed early-data request: truncated")
+    channel, n = struct.unpack(">2L", data[:8])
+    if len(data) != 8 + n:
+        raise ValueError("malformed early-data request: its length does not match")
+    return channel, data[8:]

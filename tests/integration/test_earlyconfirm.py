@@ -173,6 +173,36 @@ def test_L_and_W_to_a_healthy_service_are_confirmed_early_and_exact(
     assert site.opens(service, since=mark, count=5)[-1]["early"] is True
 
 
+def test_her_first_bytes_go_to_the_agent_before_it_answers_and_arrive_exact(
+        site: Site) -> None:
+    """The link route to a labrelay agent (it says early-data-ok@labrelay): with the
+    agent stopped, the relay confirms her channel and sends her first bytes on the link
+    at once (early-data@labrelay), not after the agent's answer; once the agent runs,
+    the service gets them, then the rest, exactly once and in order."""
+    site.echo_through(WEB, b"healthy")
+    _, port = site.forward(WEB)
+
+    def early_bytes() -> int:
+        return int(site.relay.status()["relay"]["counters"]["early_data_bytes"])
+
+    before = early_bytes()
+    first, rest = os.urandom(1000), os.urandom(300_000)
+    site.agent.sigstop()
+    try:
+        sock = connect(port)
+        sock.sendall(first)
+        wait_until(lambda: early_bytes() >= before + len(first),
+                   "the relay to send her first bytes before the agent answered", timeout=20)
+    finally:
+        site.agent.sigcont()
+    with sock:
+        sock.settimeout(30)
+        sock.sendall(rest)
+        got = recv_exactly(sock, len(GREETING[WEB]) + len(first) + len(rest))
+    assert got == GREETING[WEB] + first + rest
+    assert early_bytes() == before + len(first), "only her bytes before the answer"
+
+
 @pytest.mark.parametrize("service", [WEB, GPU])
 def test_a_target_that_went_down_closes_the_users_connection_then_open_fails(
         site: Site, service: str) -> None:

@@ -34,6 +34,7 @@ from relay.server.grants import Grants
 from relay.server.relay import RelayCore
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.resumable import ResumableSessions
+from relay.ssh.wire import EARLY_DATA_OK, EARLY_LIMIT, pack_early_data_ok, unpack_early_data
 from relay.testing import (
     FakeIdentity,
     FakeRelayConnection,
@@ -155,9 +156,18 @@ class _Agent(FakeRelayConnection):
 
     transport: Any = "up"
     opens: list[defer.Deferred[Any]] = dataclasses.field(default_factory=list)
+    takesEarly: bool = False  # said early-data-ok@labrelay (relay.ssh.earlydata)
+    pendings: list[BridgedChannel] = dataclasses.field(default_factory=list)
 
-    def openForwarded(self, bind: str, port: int, host: str, oport: int) -> defer.Deferred[Any]:
+    def openForwarded(self, bind: str, port: int, host: str, oport: int,
+                      onPending: Any = None) -> defer.Deferred[Any]:
         self.opens.append(defer.Deferred())
+        if self.takesEarly and onPending is not None:
+            pending = BridgedChannel(b"forwarded-tcpip", conn=FakeSSHConnection())
+            pending.id = len(self.opens)
+            pending.allowEarly(EARLY_LIMIT)
+            self.pendings.append(pending)
+            onPending(pending)
         return self.opens[-1]
 
 
@@ -220,6 +230,48 @@ def test_a_healthy_service_is_confirmed_at_once_and_the_held_bytes_go_on(world: 
     assert side.written == [b"hello ", b"there"]
     assert side.bridge is channel.bridge is not None
     assert world.core.sessions.active_for_user("alice") == 2
+
+
+def _early(pending: BridgedChannel) -> list[bytes]:
+    conn: Any = pending.conn
+    return [unpack_early_data(data)[1] for _, data, _ in conn.globalRequests]
+
+
+def test_her_bytes_go_to_an_agent_that_takes_them_before_it_answered(world: World) -> None:
+    world.healthy()
+    world.agent.takesEarly = True
+    _, channel, _ = world.open()
+    world.confirm(channel)
+    channel.dataReceived(b"hello ")
+    channel.dataReceived(b"there")
+    (pending,) = world.agent.pendings
+    assert _early(pending) == [b"hello ", b"there"], "sent on as they arrived"
+    assert world.core.counters["early_data_sessions"] == 1
+    assert world.core.counters["early_data_bytes"] == 11
+    side = _AgentSide()
+    world.agent.opens[-1].callback(side)
+    assert side.written == [b"hello ", b"there"], "the bridge hands them on as before"
+    channel.dataReceived(b"!")
+    assert _early(pending) == [b"hello ", b"there"], "after the answer: the bridge's"
+    assert side.written[-1] == b"!"
+
+
+def test_only_an_agent_may_say_it_takes_early_bytes(world: World) -> None:
+    ok = pack_early_data_ok(EARLY_LIMIT)
+    assert world.core.globalRequest(world.alice, EARLY_DATA_OK, ok) is False, "a user"
+    assert getattr(world.alice, "earlyLimit", 0) == 0
+    assert world.core.globalRequest(world.agent, EARLY_DATA_OK, b"\x00") is False
+    assert world.core.globalRequest(world.agent, EARLY_DATA_OK, ok) is True
+    assert world.agent.earlyLimit == EARLY_LIMIT
+
+
+def test_without_early_confirmation_nothing_goes_early(world: World) -> None:
+    world.agent.takesEarly = True
+    answer, _, _ = world.open()  # a fresh registration: confirmed after the agent
+    assert isinstance(answer, defer.Deferred)
+    world.agent.opens[-1].callback(_AgentSide())
+    assert not world.agent.pendings or not _early(world.agent.pendings[0])
+    assert world.core.counters["early_data_bytes"] == 0
 
 
 def test_an_agent_failure_after_early_confirmation_closes_the_users_channel(
