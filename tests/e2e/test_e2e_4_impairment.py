@@ -11,17 +11,19 @@ reorder against: 25 % of packets go at once, the rest wait 10 ms.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
-from harness import DataStream
-from nodes import CLOUD, MiB, Site, file_sha256, rate
+from harness import DataStream, recv_exactly
+from nodes import CLOUD, ECHO_PORT, GPU, MiB, Site, file_sha256, rate
 from topology import Impairment
 
 Record = Callable[..., dict[str, Any]]
 SIZE = 64 * MiB
+FAR_PORT = 7600  # eve's ssh -L on mac
 
 SETTINGS = [
     ("none, through the impairment path", Impairment()),
@@ -98,3 +100,53 @@ def test_64mib_scp_intact_under_each_impairment(site: Site, record: Record) -> N
     site.topo.clear_impairment()
     assert len(agent.events("link_connected")) == 1, agent.events("link_lost")
     assert gpu.connections() == gpu.connections_from(site.topo.address("lab_pc"))
+
+
+def first_echo(site: Site, port: int, payload: bytes) -> float:
+    """A new connection to eve's ``ssh -L`` port on mac: ``payload`` sent at once,
+    seconds until all of it came back (a session's set-up to its first echo)."""
+    started = time.monotonic()
+    with site.mac_socket(port) as sock:
+        sock.sendall(payload)
+        got = recv_exactly(sock, len(payload))
+        took = time.monotonic() - started
+    assert got == payload
+    return took
+
+
+def test_a_far_agents_new_session_echoes_after_one_round_trip_not_two(
+        site: Site, record: Record) -> None:
+    """The agent 100 ms away (one way), the user next to the relay: her first bytes go
+    to the agent with the open (early-data@labrelay, docs/relay.md), so a new session's
+    first echo takes one round trip of the far link, not two (the agent's answer, then
+    her bytes).  Protocol round trips, not speed: 1 against 2 times 200 ms."""
+    site.start_gpu(data=False, echo=True)
+    relay = site.start_relay()
+    agent = site.start_agent(f"echo:{ECHO_PORT}:{GPU}:{ECHO_PORT}", keepalive=(1, 10))
+    site.wait_agent_ready(agent)
+    agent.wait_for("forward_ready", timeout=20, kind="remote", bind="echo", port=ECHO_PORT)
+    site.local_forward("eve", f"echo:{ECHO_PORT}", FAR_PORT)
+    first_echo(site, FAR_PORT, b"warm")  # a fresh registration: confirmed after the agent
+
+    def counters() -> dict[str, int]:
+        return dict(relay.status()["relay"]["counters"])
+
+    before = counters()
+    imp = Impairment(delay_ms=100)
+    backend = site.topo.impair(imp)
+    try:
+        rtt = connect_time(site, relay.port)
+        assert rtt >= 0.18, rtt
+        took = sorted(first_echo(site, FAR_PORT, os.urandom(200)) for _ in range(5))
+    finally:
+        site.topo.clear_impairment()
+    after = counters()
+    assert after["early_data_sessions"] - before["early_data_sessions"] == 5
+    assert after["early_data_bytes"] - before["early_data_bytes"] == 5 * 200
+    median = took[2]
+    record("a far agent: a new session's first echo", sessions=5, bytes_lost=0,
+           silently_wrong=0, impairment=imp.as_dict(), backend=backend,
+           handshake_ms=round(rtt * 1000), first_echo_ms=[round(t * 1000) for t in took],
+           round_trips=round(median / rtt, 2),
+           notes="the user's first bytes sent with the open (early-data@labrelay)")
+    assert median < 1.5 * rtt, (took, rtt)
