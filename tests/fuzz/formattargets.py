@@ -10,12 +10,19 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable
+from typing import Any
+
+from twisted.conch.ssh import common
+from twisted.internet import defer
 
 from relay.core import httpconnect as hc
 from relay.core import krl as k
 from relay.core import resume as rs
 from relay.ssh import wire
 from relay.ssh.channels import BridgedChannel
+from relay.ssh.connection import FlowConnection
+from relay.ssh.earlydata import EarlyIntake
+from relay.testing.ssh import FakeSSHTransport
 
 Target = Callable[[bytes], None]
 
@@ -182,11 +189,63 @@ def share_request(data: bytes) -> None:
         assert conn.scheduler.weights == {}
 
 
+# --- early-data@labrelay (relay/ssh/earlydata.py, read by the agent's connection) -------
+
+
+class _EarlyAgent(FlowConnection):
+    """An agent's connection service that took ``early-data-ok``: opens of channels 1
+    (answered at once) and 2 (being answered)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transport = FakeSSHTransport()
+        self.early = EarlyIntake()
+        self.made: list[BridgedChannel] = []
+        self.later: list[Any] = []
+
+    def getChannel(self, channelType: bytes, windowSize: int, maxPacket: int,
+                   data: bytes) -> Any:
+        channel = BridgedChannel(channelType, window=64 * 1024, remoteWindow=windowSize,
+                                 remoteMaxPacket=maxPacket)
+        self.made.append(channel)
+        if len(self.made) == 1:
+            return channel
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.later.append((d, channel))
+        return d
+
+
+def early_data(data: bytes) -> None:
+    """Any sequence of ``early-data@labrelay`` payloads (records cut from ``data``) to an
+    agent with one channel confirmed and one open being answered: each is delivered
+    (to the channel it names), held (for the open), dropped (an unknown channel), or
+    ends the link with a protocol error (malformed, past 32 KiB or the window); never
+    an exception, and never more than 32 KiB taken per channel."""
+    agent = _EarlyAgent()
+    for sender in (1, 2):
+        agent.ssh_CHANNEL_OPEN(common.NS(b"forwarded-tcpip")
+                               + struct.pack(">3L", sender, 1 << 20, 32768)
+                               + common.NS(b"web") + struct.pack(">L", 80)
+                               + common.NS(b"10.0.0.1") + struct.pack(">L", 5))
+    view = memoryview(data)
+    while len(view) >= 2 and not agent.transport.disconnects:
+        n = int.from_bytes(view[:2], "big")
+        agent.earlyReceived(bytes(view[2:2 + n]))
+        view = view[2 + n:]
+    d, channel = agent.later[0]
+    d.callback(channel)
+    for made in agent.made:
+        taken = sum(map(len, made._early or []))
+        assert taken <= wire.EARLY_LIMIT, taken
+        assert made.localWindowLeft == 64 * 1024 - taken
+
+
 TARGETS: dict[str, Target] = {
     "krl": krl,
     "http_connect": http_connect,
     "resume_wire": resume_wire,
     "share_request": share_request,
+    "early_data": early_data,
 }
 
 
@@ -268,9 +327,26 @@ def share_seeds() -> dict[str, bytes]:
     }
 
 
+def early_seeds() -> dict[str, bytes]:
+    def rec(payload: bytes) -> bytes:
+        return struct.pack(">H", len(payload)) + payload
+
+    return {
+        "one": rec(wire.pack_early_data(1, b"GET / HTTP/1.1\r\n")),
+        "held": rec(wire.pack_early_data(2, b"SSH-2.0-OpenSSH_9.6\r\n"))
+        + rec(wire.pack_early_data(2, b"more")),
+        "unknown": rec(wire.pack_early_data(7, b"x")),
+        "short": rec(b"\x00\x00\x00\x01\x00\x00\x00\x09abc"),
+        "limit": rec(wire.pack_early_data(1, b"y" * 30000))
+        + rec(wire.pack_early_data(1, b"z" * 3000)),
+        "both": rec(wire.pack_early_data(1, b"a")) + rec(wire.pack_early_data(2, b"b")),
+    }
+
+
 SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
     "krl": krl_seeds,
     "http_connect": http_seeds,
     "resume_wire": resume_seeds,
     "share_request": share_seeds,
+    "early_data": early_seeds,
 }
