@@ -57,12 +57,11 @@ class EarlySession:
     """The phase of one early-confirmed session (its shell acts on what each event
     returns: True means "do it", False "too late, undo what arrived")."""
 
-    __slots__ = ("carried", "phase", "why")
+    __slots__ = ("phase", "why")
 
     def __init__(self) -> None:
         self.phase = EarlyPhase.HOLDING
         self.why = ""
-        self.carried = False  # some of the user's bytes went before the agent answered
 
     def agent_opened(self) -> bool:
         """The agent's side is open: bridge it (True) or abort it (False: closed)."""

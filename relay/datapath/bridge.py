@@ -179,6 +179,10 @@ class TCPSide(Protocol):
     #: when the thread first takes it: its ``session_close`` line reports them.  A class
     #: default, so the sessions it never carries hold nothing for it.
     nativeSession: dict[str, int] | None = None
+    #: Told of each read made before the bridge exists (a public port's read-ahead): the
+    #: relay sends it to an agent that takes a session's first bytes before it answered
+    #: (relay.ssh.earlydata).  A class default: set only where that can happen.
+    onEarlyData: Callable[[bytes], object] | None = None
 
     def __init__(self, readAhead: bool = False) -> None:
         self.bridge: Bridge | None = None
@@ -244,8 +248,11 @@ class TCPSide(Protocol):
         if bridge is not None:
             bridge.dataReceived(self, data)
         else:  # read ahead (readAhead): keep this one read for attach(), read no more
+            first = not self._early
             self._early += data
             self.pauseReading(NO_PEER)
+            if first and self.onEarlyData is not None:
+                self.onEarlyData(data)
 
     def readAhead(self) -> None:
         """Read once before this side is bridged: what the peer sent first (the one

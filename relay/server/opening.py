@@ -34,6 +34,7 @@ from relay.server.sharing import Sharing
 from relay.server.waiting import Waiting
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
+from relay.ssh.earlydata import EarlyFeed
 from relay.ssh.resumable import ResumableSessions, ResumableSide
 from relay.ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection
 
@@ -144,29 +145,19 @@ class SessionOpening:
         window is re-opened until the bridge hands them on) and go to the agent's side
         when it opens.  If that fails, or the relay ends the session first (a grants
         reload), the user's channel is closed: EOF, then close (docs/relay.md)."""
-        pending: list[BridgedChannel] = []
-
-        def agentPending(agent_channel: BridgedChannel) -> None:
-            # The agent's channel, before it answered, to an agent that takes early
-            # bytes (relay.ssh.earlydata): her bytes go on as they arrive, so the agent
-            # writes them to the target once connected, not one relay turn and one
-            # agent wake-up after its answer.  Only as the stream's prefix: none if
-            # some of hers are held already (the pooled route fell back to the link).
-            if not channel.holding:
-                pending.append(agent_channel)
-
-        d = self._agentSide(reg, port, origin, session, agentPending)  # first: critical
+        # The agent's channel, before it answered, to an agent that takes early bytes
+        # (relay.ssh.earlydata): her bytes go on as they arrive, so the agent writes
+        # them to the target once connected, not after its answer crossed back and the
+        # relay's next turn.  Only as the stream's prefix: none if some of hers are
+        # held already (the pooled route fell back to the link).
+        feed = EarlyFeed(self.counters)
+        d = self._agentSide(reg, port, origin, session,
+                            lambda ch: feed.pending(ch, channel.holding))  # first: critical
         early = EarlySession()
         self.sharing.tag(channel, session.user)
 
-        def carry(data: bytes) -> None:
-            if pending and early.phase is EarlyPhase.HOLDING and pending[0].sendEarly(data):
-                if not early.carried:
-                    early.carried = True
-                    self.counters["early_data_sessions"] += 1
-                self.counters["early_data_bytes"] += len(data)
-
         def end(why: str, confirmed: bool = True) -> None:
+            feed.stop()
             if early.end(why):
                 if confirmed:
                     channel.endUnbridged()
@@ -183,7 +174,7 @@ class SessionOpening:
                 result = None
             else:
                 channel.onClosedUnbridged = user_left
-                channel.onEarlyData = carry
+                channel.onEarlyData = feed.carry
             d.addCallbacks(connected, failed)  # so the agent's answer acts after this
             return result
 
@@ -191,6 +182,7 @@ class SessionOpening:
             # Her channel closed (or her connection went) before the agent answered:
             # the row ends now, not when (or if) the agent answers, which then finds
             # the session closed and aborts its side.
+            feed.stop()
             if early.user_closed():
                 self._aborts.pop(session, None)
                 self.sessionEnded(session, 0, 0, "user left before the agent answered",
@@ -206,6 +198,7 @@ class SessionOpening:
             self._aborts.pop(session, None)
             channel.onClosedUnbridged = None  # the bridge hears of her close now
             channel.onEarlyData = None
+            feed.stop()
             self.bridge(session, channel, agent_side)
             if session.path == POOLED:
                 self.setupLog.later(session, lambda: log_pooled(session))

@@ -8,6 +8,7 @@ seconds for it; at most ``max_unauthenticated`` of them wait per port.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet import defer
@@ -23,6 +24,7 @@ from relay.datapath.net import LISTEN_BACKLOG
 from relay.server import audit
 from relay.server.grants import Grants
 from relay.ssh.channels import BridgedChannel
+from relay.ssh.earlydata import EarlyFeed
 
 
 class PublicShell(Protocol):
@@ -41,7 +43,8 @@ class PublicShell(Protocol):
     ) -> defer.Deferred[Registration]: ...
 
     def openToAgent(
-        self, reg: Registration, port: int, origin: str, session: SessionRow | None = None
+        self, reg: Registration, port: int, origin: str, session: SessionRow | None = None,
+        onPending: Callable[[BridgedChannel], object] | None = None,
     ) -> defer.Deferred[BridgedChannel]: ...
 
     def sessionEnded(
@@ -122,12 +125,24 @@ class PublicPorts:
 
         d = relay.whenRegistered(PUBLIC, port, config.public_wait, session).addBoth(waited)
 
+        # Her first read goes to an agent that takes a session's first bytes before it
+        # answered (relay.ssh.earlydata): written to the target once it is connected,
+        # not after the agent's answer crossed back.
+        feed = EarlyFeed(relay.counters)
+
         def open_(reg: Any) -> defer.Deferred[Any]:
-            opening = relay.openToAgent(reg, port, origin, session)
+            side.onEarlyData = feed.carry
+            opening = relay.openToAgent(reg, port, origin, session,
+                                        lambda ch: feed.pending(ch, bool(side._early)))
             side.readAhead()  # the user's first bytes, read while the agent connects
             return opening
 
-        d.addCallback(open_)
+        def answered(result: Any) -> Any:
+            feed.stop()
+            side.onEarlyData = None
+            return result
+
+        d.addCallback(open_).addBoth(answered)
 
         def failed(f: Failure) -> None:
             relay.sessionEnded(session, 0, 0, "agent unavailable")

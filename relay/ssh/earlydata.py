@@ -72,6 +72,39 @@ class EarlySend:
         self.open = False
 
 
+class EarlyFeed:
+    """The relay's side, per session: her first bytes handed to the agent's channel
+    (``BridgedChannel.sendEarly``) as they arrive, until the agent answers or the
+    session's bridge takes over, counted in the relay's ``early_data_*`` counters."""
+
+    __slots__ = ("carried", "channel", "counters", "live")
+
+    def __init__(self, counters: dict[str, int]) -> None:
+        self.counters = counters
+        self.channel: Any = None  # the agent's channel, before it answered
+        self.carried = False
+        self.live = True
+
+    def pending(self, channel: Any, holding: bool) -> None:
+        """The agent's channel is open-pending and takes early bytes; ``holding``: some
+        of hers are held already, so what would go now is no prefix (none go)."""
+        if not holding:
+            self.channel = channel
+
+    def carry(self, data: bytes) -> None:
+        """Her next bytes: sent on now if the agent's channel still takes them."""
+        if self.live and self.channel is not None and self.channel.sendEarly(data):
+            if not self.carried:
+                self.carried = True
+                self.counters["early_data_sessions"] += 1
+            self.counters["early_data_bytes"] += len(data)
+
+    def stop(self) -> None:
+        """The bridge (or the session's end) takes over: nothing more goes early."""
+        self.live = False
+        self.channel = None
+
+
 class EarlyIntake:
     """The agent's side: early bytes by the relay's channel id, for opens not yet
     answered (held here) and channels this end confirmed (delivered at once)."""

@@ -34,7 +34,9 @@ from harness import (
     RelayNode,
     SshProcess,
     connect,
+    echo_roundtrip,
     find_program,
+    free_port,
     make_key,
     mode_download,
     recv_exactly,
@@ -201,6 +203,47 @@ def test_her_first_bytes_go_to_the_agent_before_it_answers_and_arrive_exact(
         got = recv_exactly(sock, len(GREETING[WEB]) + len(first) + len(rest))
     assert got == GREETING[WEB] + first + rest
     assert early_bytes() == before + len(first), "only her bytes before the answer"
+
+
+def test_a_public_ports_first_read_goes_to_the_agent_before_it_answers(
+        start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+        targets: Targets, tmp_path: Path) -> None:
+    """A public port (no SSH on the user's side): the relay reads her first bytes while
+    the agent connects and sends them on the link before its answer
+    (early-data@labrelay); with the agent stopped they are counted as sent early, and
+    once it runs the service gets them, then the rest, exactly."""
+    lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
+    public = free_port()
+    relay = start_relay(
+        agents=[f'permitlisten="{public}" {lab_pc.public_blob()} lab_pc'], users=[],
+        relay_toml='public_bind = "127.0.0.1"\npenalty_exempt = ["127.0.0.1"]\n')
+    echo = targets.echo()
+    agent = start_agent(
+        "-p", str(relay.port), "-i", str(lab_pc.path),
+        "-o", f"UserKnownHostsFile={relay.known_hosts}",
+        "-R", f"0.0.0.0:{public}:127.0.0.1:{echo.port}", f"lab_pc@{LOOPBACK}", name="agent")  # fmt: skip
+    agent.wait_for("forward_ready", timeout=20)
+
+    def early_bytes() -> int:
+        return int(relay.status()["relay"]["counters"]["early_data_bytes"])
+
+    assert echo_roundtrip(public, b"healthy") == b"healthy"
+    before = early_bytes()
+    first, rest = os.urandom(2000), os.urandom(200_000)
+    agent.sigstop()
+    try:
+        sock = connect(public)
+        sock.sendall(first)
+        wait_until(lambda: early_bytes() >= before + len(first),
+                   "the relay to send her first read before the agent answered", timeout=20)
+    finally:
+        agent.sigcont()
+    with sock:
+        sock.settimeout(30)
+        sock.sendall(rest)
+        got = recv_exactly(sock, len(first) + len(rest))
+    assert got == first + rest
+    assert early_bytes() == before + len(first)
 
 
 @pytest.mark.parametrize("service", [WEB, GPU])

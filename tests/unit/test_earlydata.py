@@ -19,7 +19,7 @@ from twisted.internet import defer
 
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import FlowConnection
-from relay.ssh.earlydata import EarlyError, EarlyIntake, EarlySend
+from relay.ssh.earlydata import EarlyError, EarlyFeed, EarlyIntake, EarlySend
 from relay.ssh.wire import (
     EARLY_DATA,
     EARLY_LIMIT,
@@ -225,3 +225,21 @@ def test_a_closed_channel_is_forgotten() -> None:
     with pytest.raises(EarlyError):
         intake.opening(2)
         intake.received(2, b"x" * 101)
+
+
+def test_the_feed_sends_a_sessions_bytes_until_the_bridge_takes_over() -> None:
+    counters = {"early_data_sessions": 0, "early_data_bytes": 0}
+    conn = FakeSSHConnection()
+    feed = EarlyFeed(counters)
+    feed.carry(b"nowhere yet")  # no pending channel: nothing goes early
+    feed.pending(_agentChannel(conn), holding=False)
+    feed.carry(b"abc")
+    feed.carry(b"de")
+    assert counters == {"early_data_sessions": 1, "early_data_bytes": 5}
+    feed.stop()
+    feed.carry(b"late")
+    assert [unpack_early_data(d)[1] for _, d, _ in conn.globalRequests] == [b"abc", b"de"]
+    held = EarlyFeed(counters)
+    held.pending(_agentChannel(FakeSSHConnection()), holding=True)
+    held.carry(b"x")
+    assert counters["early_data_sessions"] == 1, "bytes held already: no prefix, none go"
