@@ -221,7 +221,8 @@ def test_a_public_ports_first_read_goes_to_the_agent_before_it_answers(
     agent = start_agent(
         "-p", str(relay.port), "-i", str(lab_pc.path),
         "-o", f"UserKnownHostsFile={relay.known_hosts}",
-        "-R", f"0.0.0.0:{public}:127.0.0.1:{echo.port}", f"lab_pc@{LOOPBACK}", name="agent")  # fmt: skip
+        "-R", f"0.0.0.0:{public}:127.0.0.1:{echo.port}", f"lab_pc@{LOOPBACK}",
+        name="agent")  # fmt: skip
     agent.wait_for("forward_ready", timeout=20)
 
     def early_bytes() -> int:
