@@ -265,6 +265,11 @@ class BridgedChannel(SSHChannel):
             self.remoteWindowLeft = max(0, self.remoteWindowLeft - n)
             data = data[n:]
             if not data:
+                # What would have gone with them goes now: the relay's share@labrelay
+                # (whose session this is), which the agent needs before it schedules
+                # the reply (the fair share, docs/sharing.md).
+                if self._announce is not None and self.conn is not None:
+                    self._announced()
                 return
         if self._queued:
             self._queued.append(data)

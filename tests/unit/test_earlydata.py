@@ -23,8 +23,10 @@ from relay.ssh.earlydata import EarlyError, EarlyFeed, EarlyIntake, EarlySend
 from relay.ssh.wire import (
     EARLY_DATA,
     EARLY_LIMIT,
+    SHARE,
     pack_early_data,
     pack_early_data_ok,
+    pack_share,
     unpack_early_data,
     unpack_early_data_ok,
 )
@@ -243,3 +245,18 @@ def test_the_feed_sends_a_sessions_bytes_until_the_bridge_takes_over() -> None:
     held.pending(_agentChannel(FakeSSHConnection()), holding=True)
     held.carry(b"x")
     assert counters["early_data_sessions"] == 1, "bytes held already: no prefix, none go"
+
+
+def test_the_share_tag_goes_even_when_every_byte_went_early() -> None:
+    """The relay's share@labrelay rides a channel's next packet; when the bridge's
+    first writes were all sent early there is none, so it goes on its own: the agent
+    schedules the reply as that user's (found by the resume test's public ports)."""
+    conn = FakeSSHConnection()
+    channel = _agentChannel(conn)
+    assert channel.sendEarly(b"GET / HTTP/1.1\r\n\r\n")
+    _confirm(channel, window=1000)
+    channel.announce(SHARE, pack_share("alice", 2.0))
+    channel.write(b"GET / HTTP/1.1\r\n\r\n")
+    assert conn.data == []
+    assert [(kind, data) for _, kind, data in conn.channelRequests] == [
+        (SHARE, pack_share("alice", 2.0))]
