@@ -184,7 +184,14 @@ class BridgedChannel(SSHChannel):
         answered the open: True if sent (the bridge's write of them later is skipped),
         False if they wait for the answer (and so does everything after them)."""
         early = self._earlySend
-        if early is None or self.conn is None or self.id is None or not early.take(len(data)):
+        if early is None or self.conn is None or self.id is None:
+            return False
+        if getattr(self.conn, "congested", False) or getattr(self.conn, "scheduler", None):
+            # Bytes wait for the link's fair share: these must not pass them (nor
+            # anything after them: only a prefix goes early).
+            early.close()
+            return False
+        if not early.take(len(data)):
             return False
         self.conn.sendGlobalRequest(EARLY_DATA, pack_early_data(self.id, data), wantReply=0)
         return True

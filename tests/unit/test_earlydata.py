@@ -260,3 +260,18 @@ def test_the_share_tag_goes_even_when_every_byte_went_early() -> None:
     assert conn.data == []
     assert [(kind, data) for _, kind, data in conn.channelRequests] == [
         (SHARE, pack_share("alice", 2.0))]
+
+
+def test_nothing_goes_early_past_a_congested_link() -> None:
+    """While the link's fair share holds bytes, her first bytes wait for the answer like
+    any channel data (through the scheduler), and none after them go early."""
+    conn = FakeSSHConnection()
+    channel = _agentChannel(conn)
+    conn.congested = True  # type: ignore[attr-defined]
+    assert not channel.sendEarly(b"first")
+    conn.congested = False  # type: ignore[attr-defined]
+    assert not channel.sendEarly(b"second"), "only a prefix goes early"
+    assert not conn.globalRequests
+    queued = _agentChannel(FakeSSHConnection())
+    queued.conn.scheduler.push("flow", "bob", b"x" * 10, 10)
+    assert not queued.sendEarly(b"first")
