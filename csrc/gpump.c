@@ -2,7 +2,20 @@
  * and why).  One thread per armed session, under LR_GP_MAX at once: a session's
  * thread only ever blocks in poll() on its two sockets and its control eventfd, so
  * stopping it is one write and one join, and its state (buffers, counters, the
- * sockets' duplicates) belongs to it alone until then.  No Python C API. */
+ * sockets' duplicates) belongs to it alone until then.  No Python C API.
+ *
+ * Its CPU is spent per wake-up far more than per byte: each one is a sleep and a
+ * wake in poll(), a recv, and a send whose loopback TCP (the agent's receive, its
+ * wake-up) runs in this thread; the AES-GCM is a tenth of it (docs/performance.md).
+ * It wakes once per write of the user's ssh, and reads end at a packet's end almost
+ * always, so waiting for more bytes (SO_RCVLOWAT) or reading again before poll() finds
+ * nothing to batch.  What does batch: while the session moves bulk (BULK_BYTES read
+ * either way within a BULK_MS span) the thread is SCHED_BATCH, which does not preempt
+ * the task running where it is woken; by the time it runs, the user's ssh has mostly
+ * written again and one wake-up carries several packets.  A session that is not bulk
+ * stays SCHED_OTHER, so a lone keystroke wakes it as before: the span is judged in the
+ * loop when the thread runs anyway (never a timer of its own), and once the bytes
+ * pause the quiet report (QUIET_MS) ends the span and the thread is SCHED_OTHER again. */
 
 #define _GNU_SOURCE
 
@@ -10,6 +23,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -29,6 +43,8 @@
 #define STALL_MS 50          /* hand back when the data connection takes nothing this long */
 #define IDLE_MS 2000         /* hand back a session that sent nothing this long (its buffers
                               * and thread are for bulk; Python re-arms on the next data) */
+#define BULK_MS 20              /* the span over which a session is judged bulk or not */
+#define BULK_BYTES (1024 * 1024) /* read either way in a span: bulk (about 50 MB/s) */
 #define LR_GP_CONGESTED LR_GP_FULL
 #define RAW_CAP (256 * 1024)  /* bytes read from the data connection, not yet sealed */
 #define SEAL_CAP (512 * 1024) /* sealed bytes not yet written to the user */
@@ -237,12 +253,22 @@ static int seal_some(struct lr_gpump *p)
     return LR_GP_RUNNING;
 }
 
+/* SCHED_BATCH (bulk) or SCHED_OTHER for the calling thread; 0, or an errno (a
+ * sandbox may refuse: the thread then stays as it is). */
+static int set_batch(int on)
+{
+    struct sched_param sp = {0};
+    return pthread_setschedparam(pthread_self(), on ? SCHED_BATCH : SCHED_OTHER, &sp);
+}
+
 static void *run(void *arg)
 {
     struct lr_gpump *p = arg;
     int reason = LR_GP_RUNNING, err = 0;
     uint64_t reported = 0, last_news = now_ms(), stalled_since = 0, moved = 0;
     uint64_t last_move = last_news;
+    uint64_t span_start = last_news, span_bytes = 0; /* bytes read in the current span */
+    int batch = 0, can_batch = 1;
 
     while (reason == LR_GP_RUNNING) {
         if (LOAD(p->stop)) {
@@ -311,6 +337,28 @@ static void *run(void *arg)
             moved = written;
             last_move = t;
         }
+        if (batch && t - last_move >= QUIET_MS) {
+            /* the bytes paused: SCHED_OTHER again before a keystroke can come */
+            if (set_batch(0) == 0)
+                batch = 0;
+            span_start = t;
+            span_bytes = 0;
+        } else if (t - span_start >= BULK_MS) {
+            /* bulk: at least BULK_BYTES per BULK_MS over the span, however long it was */
+            int bulk = span_bytes * BULK_MS >= (uint64_t)BULK_BYTES * (t - span_start);
+            if (bulk && !batch && can_batch) {
+                if (set_batch(1) == 0) {
+                    batch = 1;
+                    STORE(p->st.batched, p->st.batched + 1);
+                } else {
+                    can_batch = 0;
+                }
+            } else if (!bulk && batch && set_batch(0) == 0) {
+                batch = 0;
+            }
+            span_start = t;
+            span_bytes = 0;
+        }
         if (written - reported >= p->report) {
             reported = written;
             last_news = t;
@@ -345,6 +393,8 @@ static void *run(void *arg)
             if (left < timeout)
                 timeout = left;
         }
+        if (batch && timeout > QUIET_MS)
+            timeout = QUIET_MS; /* a pause ends SCHED_BATCH before a long sleep */
         if (timeout == 0 && written != reported) {
             reported = written;
             last_news = t;
@@ -369,6 +419,7 @@ static void *run(void *arg)
             ssize_t n = recv(p->dfd, p->raw + p->rawlen, RAW_CAP - p->rawlen, MSG_DONTWAIT);
             if (n > 0) {
                 p->rawlen += (size_t)n;
+                span_bytes += (uint64_t)n;
                 STORE(p->st.dreads, p->st.dreads + 1);
             } else if (n == 0) {
                 reason = LR_GP_DATA_EOF;
@@ -381,6 +432,7 @@ static void *run(void *arg)
             ssize_t n = recv(p->ufd, p->in + p->inlen, IN_CAP - p->inlen, MSG_DONTWAIT);
             if (n > 0) {
                 p->inlen += (size_t)n;
+                span_bytes += (uint64_t)n;
                 STORE(p->st.reads, p->st.reads + 1);
             } else if (n == 0) {
                 reason = LR_GP_USER_EOF;
@@ -540,6 +592,7 @@ static void copy_state(struct lr_gpump *p, struct lr_gpump_state *st)
     st->consumed = LOAD(p->st.consumed);
     st->written = LOAD(p->st.written);
     st->reads = LOAD(p->st.reads);
+    st->batched = LOAD(p->st.batched);
     if (st->reason != LR_GP_RUNNING) {
         st->err = p->st.err;
         st->left = p->st.left;

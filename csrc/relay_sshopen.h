@@ -136,6 +136,7 @@ struct lr_gpump_state {
     uint64_t dreads;   /* reads of the data connection */
     size_t unsealed;   /* after it stopped: bytes read from the data connection, not sealed */
     size_t unsent;     /* after it stopped: sealed bytes not written to the user */
+    uint64_t batched;  /* times it turned SCHED_BATCH for bulk (gpump.c: BULK_BYTES) */
 };
 
 /* Makes the thread's state (lr_gpump_run starts it); NULL (errno set) if it could not (no libcrypto, a bad key,

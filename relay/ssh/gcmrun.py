@@ -109,6 +109,7 @@ class PumpState(NamedTuple):
     dreads: int = 0  # reads of the data connection
     sgranted: int = 0  # bytes it granted by the channel's rule (``Seal.window_size``)
     credit: int = 0  # after it stopped: bytes written and not yet granted
+    batched: int = 0  # times it turned SCHED_BATCH for bulk (csrc/gpump.c, BULK_BYTES)
 
 
 class Seal(NamedTuple):
@@ -191,7 +192,7 @@ class Pump:
                          int(st.written), int(st.reads), int(st.err), int(st.ocounter),
                          int(st.opackets), int(st.oplain), int(st.sealed), int(st.uwritten),
                          int(st.adjusted), int(st.granted), int(st.dreads), int(st.sgranted),
-                         int(st.credit))
+                         int(st.credit), int(st.batched))
 
     def poll(self) -> PumpState:
         """Clear the eventfd and read the counters (``reason`` is RUNNING while it runs)."""

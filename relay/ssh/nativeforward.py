@@ -325,8 +325,9 @@ class NativeForward:
                 tcp.write(unsent)
         _log.debug("native forwarding handed back: {why}", why=why, event="native_handback",
                    reason=REASONS.get(state.reason, why), packets=state.packets,
-                   written=state.written, reads=state.reads, sealed=state.sealed,
-                   opackets=state.opackets, err=state.err)
+                   written=state.written, reads=state.reads, dreads=state.dreads,
+                   sealed=state.sealed, opackets=state.opackets, batched=state.batched,
+                   err=state.err)
         if self.selfGrants:
             channel._credit = state.credit  # written and not yet granted: the channel's now
         owed = self._asked + state.sgranted - state.granted

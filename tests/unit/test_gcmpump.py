@@ -280,6 +280,58 @@ def test_an_idle_session_is_handed_back(pair: Pair) -> None:
     assert (final.packets, left, pending) == (1, b"", b"")
 
 
+def pump_thread() -> int:
+    """The id of the one open-and-forward thread running in this process."""
+    tids = [int(t) for t in os.listdir("/proc/self/task")
+            if open(f"/proc/self/task/{t}/comm").read().strip() == "lr-gpump"]
+    assert len(tids) == 1, tids
+    return tids[0]
+
+
+def test_bulk_runs_sched_batch_and_a_pause_ends_it(pair: Pair) -> None:
+    """While bulk flows the thread is SCHED_BATCH (several packets per wake-up, fewer
+    wake-ups per GiB: csrc/gpump.c); small packets one at a time never make it so, and
+    once the bytes pause it is SCHED_OTHER again, so a keystroke after a transfer wakes
+    it as before.  The bytes stay exact across the multi-packet reads batching makes."""
+    key = KEYS[AES128_GCM]
+    tx = GCMDirection(key, IV)
+    pump = pair.start(key, tx.counter, report=BIG)
+    tid = pump_thread()
+    for i in range(50):  # interactive: each small packet awaited at the other end
+        pair.user.sendall(data(tx, bytes([i]) * 10))
+        assert pair.read_agent(10) == bytes([i]) * 10
+    assert os.sched_getscheduler(tid) == os.SCHED_OTHER
+    assert pump.poll().batched == 0
+    chunks = [struct.pack(">L", i) * 8192 for i in range(2048)]  # 64 MiB, 32 KiB packets
+    wire = memoryview(b"".join(data(tx, c) for c in chunks))
+    total = 32768 * len(chunks)
+    got, seen, sent, pos = bytearray(total), set(), 0, 0
+    view = memoryview(got)
+    pair.user.setblocking(False)  # one thread writes and reads: never 50 ms unread
+    while pos < total:
+        r, w, _ = select.select([pair.agent], [pair.user] if sent < len(wire) else [], [], 10)
+        assert r or w, f"no progress at {pos} bytes: {pump.poll()}"
+        if w:
+            sent += pair.user.send(wire[sent : sent + (1 << 20)])
+        if r:
+            n = pair.agent.recv_into(view[pos:])
+            assert n, f"data connection closed after {pos} bytes"
+            pos += n
+            seen.add(os.sched_getscheduler(tid))
+    pair.user.setblocking(True)
+    assert got[:pos] == b"".join(chunks)
+    assert os.SCHED_BATCH in seen and pump.poll().batched >= 1
+    deadline = time.monotonic() + 5.0
+    while os.sched_getscheduler(tid) != os.SCHED_OTHER:  # no event says so: poll for it
+        assert time.monotonic() < deadline, "still SCHED_BATCH after the bytes paused"
+        if select.select([pump.fileno()], [], [], 0.01)[0]:
+            pump.poll()
+    pair.user.sendall(data(tx, b"k"))  # a keystroke after the transfer
+    assert pair.read_agent(1) == b"k"
+    final, left, pending, _, _ = pump.stop()
+    assert (final.packets, left, pending) == (50 + len(chunks) + 1, b"", b"")
+
+
 # -- the reactor's side (relay.ssh.nativeforward.NativeForward), with recording doubles
 
 
