@@ -503,6 +503,8 @@ class Topology:
 
     def _start_wire(self) -> None:
         r = self.ns(ROUTER)
+        with self._wire_cond:  # a wire started before this one said "ready" too
+            since = len(self._wire_lines)
         proc = subprocess.Popen(
             ["ip", "netns", "exec", r, sys.executable, str(WIRE), "--lab", "wl", "--cloud", "wc"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -512,7 +514,7 @@ class Topology:
         assert proc.stdout is not None
         threading.Thread(target=self._wire_pump, args=(proc.stdout,), daemon=True,
                          name="wire-stdout").start()
-        self._wire_wait(lambda msg: msg.get("ready") is True, 15.0)
+        self._wire_wait(lambda msg: msg.get("ready") is True, 15.0, since)
         ip = ["ip", "-n", r]
         # Steer lab_pc<->cloud through the wire: in from lab0 -> wl -> (wire) -> wc -> out.
         run([*ip, "route", "replace", "default", "dev", "wl", "table", "101"])
