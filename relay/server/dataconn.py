@@ -193,6 +193,18 @@ class DataConnection(Handoff):
         self.resume()
         return self.reply
 
+    def writeAhead(self, data: bytes) -> None:
+        """Bytes of the stream a GO opened, written before the agent's answer (the
+        pooled route's pipelining, relay.server.pooled): they follow the GO on the wire,
+        the agent keeps what it reads past the GO (``PoolConnection.prefaceReceived``)
+        and hands them to the target first, once it is connected.  Nothing is read as
+        the stream's here until ``K`` was read.  Dropped once the connection is closed
+        or closing: the session then ends, or takes the link, whose channel still holds
+        them (``BridgedChannel.unpipe``)."""
+        if (self.state in (DataState.DISPATCHED, DataState.JOINED)
+                and not self.transport.disconnecting):
+            write_now(self.transport, (data,), limit=None)
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         super().connectionLost(reason)
         if self._timer is not None and self._timer.active():

@@ -142,9 +142,13 @@ class SessionOpening:
         (its open leaves first: it is the critical path); the user's first bytes wait in
         the channel (``BridgedChannel._early``, bounded by the window it advertises: no
         window is re-opened until the bridge hands them on) and go to the agent's side
-        when it opens.  If that fails, or the relay ends the session first (a grants
-        reload), the user's channel is closed: EOF, then close (docs/relay.md)."""
-        d = self._agentSide(reg, port, origin, session)  # first: the critical path
+        when it opens, or, on the pooled route, follow the GO on the data connection as
+        they arrive (relay.server.pooled: the agent holds them until its target is
+        connected), still held here until its ``K``.  If that fails, or the relay ends
+        the session first (a grants reload), the user's channel is closed: EOF, then
+        close (docs/relay.md)."""
+        # first: the critical path; on the pooled route her bytes follow the GO
+        d = self._agentSide(reg, port, origin, session, early=channel)
         early = EarlySession()
         self.sharing.tag(channel, session.user)
 
@@ -202,15 +206,16 @@ class SessionOpening:
         channel.opened.addBoth(audited)
         return channel
 
-    def _agentSide(self, reg: Registration, port: int, origin: str,
-                   session: SessionRow) -> defer.Deferred[Side]:
-        """The agent's side of ``session`` (relay.server.pooled), the answer noted in
-        the registration's open health (relay.core.earlyopen)."""
+    def _agentSide(self, reg: Registration, port: int, origin: str, session: SessionRow,
+                   early: BridgedChannel | None = None) -> defer.Deferred[Side]:
+        """The agent's side of ``session`` (relay.server.pooled; ``early``: the user's
+        channel, confirmed now), the answer noted in the registration's open health
+        (relay.core.earlyopen)."""
         def noted(result: Any) -> Any:
             reg.open_health = after_open(reg.open_health, not isinstance(result, Failure))
             return result
 
-        return open_user_side(self, reg, port, origin, session).addBoth(noted)
+        return open_user_side(self, reg, port, origin, session, early).addBoth(noted)
 
     def _refused(self, ident: Any, service: str, why: str, early: bool = False) -> str:
         """Count and log a user session refused (or, confirmed early, closed): ``why``."""

@@ -56,6 +56,7 @@ class BridgedChannel(SSHChannel):
         "_isClosed",
         "_owed",
         "_pauses",
+        "_pipe",
         "_queued",
         "_sentEOF",
         "bridge",
@@ -98,6 +99,8 @@ class BridgedChannel(SSHChannel):
         self.bridge: Bridge | None = None
         self.opened: defer.Deferred[BridgedChannel] = defer.Deferred()
         self._early: list[bytes] | None = None  # data before attach(), rare
+        # While set (pipeEarly): where that data is also written as it arrives.
+        self._pipe: Callable[[bytes], object] | None = None
         self._credit = 0
         self._owed = 0
         self._pauses = _NONE  # why the bridge asked us not to re-open the window
@@ -149,6 +152,8 @@ class BridgedChannel(SSHChannel):
             if self._early is None:
                 self._early = []
             self._early.append(data)  # bounded: no window is re-opened for it
+            if self._pipe is not None:
+                self._pipe(data)
         else:
             bridge.dataReceived(self, data)
 
@@ -312,11 +317,33 @@ class BridgedChannel(SSHChannel):
         if self.closing:
             self.loseConnection()
 
+    def pipeEarly(self, write: Callable[[bytes], object]) -> None:
+        """Write the data this channel holds before its bridge exists to ``write`` now,
+        and what arrives later as it arrives: the pooled route's pipelining
+        (relay.server.pooled), where her bytes follow the GO on the data connection
+        instead of waiting at the relay for the agent's ``K``.
+
+        The bytes are still *held*: kept here and no window re-opened for them, so what
+        she can send before the answer stays bounded by her window, exactly as without
+        the pipe.  The owner then either bridges this channel to the side ``write``
+        wrote to (:meth:`attach` counts the held bytes as handed on: they are credited,
+        not written again), or calls :meth:`unpipe` first (the answer failed: the
+        bytes are dropped with the channel, or handed on to another side at attach)."""
+        self._pipe = write
+        for data in self._early or ():
+            write(data)
+
+    def unpipe(self) -> None:
+        """Stop :meth:`pipeEarly`: what is held goes to whichever side attaches next
+        (the link, when the pooled connection turned out dead)."""
+        self._pipe = None
+
     def endUnbridged(self) -> None:
         """End a channel confirmed before its bridge existed (an early-confirmed user
         channel whose agent side never opened, relay.core.earlyopen): what it held is
         dropped, and the peer sees EOF then close, as from the seed's chain."""
         self._early = None
+        self._pipe = None
         self.writeEOF()
         self.loseConnection()
 
@@ -358,8 +385,13 @@ class BridgedChannel(SSHChannel):
         if self._congestion:
             bridge.sinkFull(self)
         early, self._early = self._early, None
-        for data in early or ():
-            bridge.dataReceived(self, data)
+        piped, self._pipe = self._pipe, None
+        if piped is not None:  # written to the other side already (pipeEarly)
+            if early:
+                bridge.handedOn(self, sum(len(data) for data in early))
+        else:
+            for data in early or ():
+                bridge.dataReceived(self, data)
         if early:
             offer = getattr(self.conn, "offerNative", None)
             if offer is not None:
