@@ -46,7 +46,6 @@ from relay.testing import (
     FakeRelayConnection,
     KeyRing,
     connection_lost,
-    feed_bytewise,
     result_of,
 )
 
@@ -282,7 +281,7 @@ def test_a_dead_connection_sends_her_held_bytes_on_the_link_once(world: World) -
     the session takes the link, and the bytes written to the dead connection go there,
     held until then as without the pipe."""
     dc, at = world.pooled()
-    _, channel, conn = world.open()
+    _, channel, _conn = world.open()
     channel.channelOpen(b"")
     _her(channel, b"one ")
     connection_lost(dc)
