@@ -31,9 +31,6 @@ WINDOW_EXHAUSTED = "window"
 LINK_CONGESTED = "link"
 _NONE: frozenset[str] = frozenset()
 """No pause or congestion reason: the shared empty set every idle channel points at."""
-NATIVE_OFFERS = 4
-"""Writes to the peer after which a channel that held bytes before its bridge offers
-itself to the native thread (:meth:`BridgedChannel.attach`), at most."""
 READ_AHEAD_FULL = "read-ahead"
 """Congested because the window left could not take one more read of the source (a
 resumable session's channel, :meth:`BridgedChannel.capWindow`)."""
@@ -57,7 +54,6 @@ class BridgedChannel(SSHChannel):
         "_eofPending",
         "_gotEOF",
         "_isClosed",
-        "_offers",
         "_owed",
         "_pauses",
         "_pipe",
@@ -105,8 +101,6 @@ class BridgedChannel(SSHChannel):
         self._early: list[bytes] | None = None  # data before attach(), rare
         # While set (pipeEarly): where that data is also written as it arrives.
         self._pipe: Callable[[bytes], object] | None = None
-        # Writes to the peer left that offer this channel to the native thread (attach)
-        self._offers = 0
         self._credit = 0
         self._owed = 0
         self._pauses = _NONE  # why the bridge asked us not to re-open the window
@@ -235,11 +229,6 @@ class BridgedChannel(SSHChannel):
             self._queued.append(data)
         else:
             self._sendWithinWindow(data)
-        if self._offers:
-            self._offers -= 1
-            offer = getattr(self.conn, "offerNative", None)
-            if offer is not None:
-                offer(self)  # the native thread: next turn, after this write left
 
     def _sendWithinWindow(self, data: bytes) -> None:
         window = self.remoteWindowLeft
@@ -404,15 +393,9 @@ class BridgedChannel(SSHChannel):
             for data in early or ():
                 bridge.dataReceived(self, data)
         if early:
-            # The native thread (relay.ssh.nativeforward) may take the session as after
-            # a read that carried them (else a download begun by one held request stays
-            # in Python), but not in this turn: arming costs the relay ~0.3 ms of
-            # Python and a thread start, which here would sit between the agent's
-            # answer and the first bytes coming back (an echo, the reply to a held
-            # request).  It is offered when those bytes have been written to the peer,
-            # and after the next few writes should that offer not arm (maybe_arm wants
-            # nothing waiting for the peer in Twisted's buffer, say).
-            self._offers = NATIVE_OFFERS
+            offer = getattr(self.conn, "offerNative", None)
+            if offer is not None:
+                offer(self)  # relay.ssh.nativeforward: as after a read that carried them
         if self._gotEOF:
             bridge.eofReceived(self)
         if self._isClosed:

@@ -14,13 +14,11 @@ rule, sealing those ``WINDOW_ADJUST``s itself.  Python hears from it through an 
 only to meter the bytes (:meth:`NativeForward._account`) and, when it stops, to take the
 stream back.
 
-**Arming** (:func:`maybe_arm`, after a read whose packets included that channel's data;
-for a channel that held bytes before its bridge, after the first writes back to the
-user, ``BridgedChannel.attach``, so that arming does not delay the first reply) only
-when it is exactly the common case: both connections are plain TCP (a user's SSH inside
-the relay's TLS port keeps the Python path), AES-GCM both ways, the native module and
-libcrypto are there (``LABRELAY_DATAPATH=python|portable`` keep the Python path), no key
-exchange runs, the connection has that one channel, open, bridged to a pooled data
+**Arming** (:func:`maybe_arm`, after a read whose packets included that channel's data)
+only when it is exactly the common case: both connections are plain TCP (a user's SSH
+inside the relay's TLS port keeps the Python path), AES-GCM both ways, the native module
+and libcrypto are there (``LABRELAY_DATAPATH=python|portable`` keep the Python path), no
+key exchange runs, the connection has that one channel, open, bridged to a pooled data
 connection (``TCPSide.nativeStats``), nothing buffered for either connection or waiting in
 the channel or the link's scheduler, no rate limit, nothing paused, no EOF either way.
 The thread starts with the partial packet Python had buffered.
@@ -170,7 +168,6 @@ def maybe_arm(transport: Any) -> NativeForward | None:
     side.transport.stopReading()  # the thread reads the agent's bytes now
     forward = NativeForward(transport, channel, side, gcm, pump)
     transport.nativeForward = forward
-    channel._offers = 0  # armed: no more offers (BridgedChannel.attach)
     side.forwarder = forward
     tcp.reactor.addReader(forward)
     if side.nativeSession is None:
