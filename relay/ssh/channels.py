@@ -14,7 +14,7 @@ the link itself is congested.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.conch.ssh.channel import SSHChannel
@@ -100,7 +100,7 @@ class BridgedChannel(SSHChannel):
         self.opened: defer.Deferred[BridgedChannel] = defer.Deferred()
         self._early: list[bytes] | None = None  # data before attach(), rare
         # While set (pipeEarly): where that data is also written as it arrives.
-        self._pipe: Callable[[bytes], object] | None = None
+        self._pipe: _Pipe | None = None
         self._credit = 0
         self._owed = 0
         self._pauses = _NONE  # why the bridge asked us not to re-open the window
@@ -153,7 +153,7 @@ class BridgedChannel(SSHChannel):
                 self._early = []
             self._early.append(data)  # bounded: no window is re-opened for it
             if self._pipe is not None:
-                self._pipe(data)
+                self._pipe.push(self._early)
         else:
             bridge.dataReceived(self, data)
 
@@ -317,7 +317,7 @@ class BridgedChannel(SSHChannel):
         if self.closing:
             self.loseConnection()
 
-    def pipeEarly(self, write: Callable[[bytes], object]) -> None:
+    def pipeEarly(self, write: Callable[[bytes], bool]) -> None:
         """Write the data this channel holds before its bridge exists to ``write`` now,
         and what arrives later as it arrives: the pooled route's pipelining
         (relay.server.pooled), where her bytes follow the GO on the data connection
@@ -325,13 +325,17 @@ class BridgedChannel(SSHChannel):
 
         The bytes are still *held*: kept here and no window re-opened for them, so what
         she can send before the answer stays bounded by her window, exactly as without
-        the pipe.  The owner then either bridges this channel to the side ``write``
-        wrote to (:meth:`attach` counts the held bytes as handed on: they are credited,
-        not written again), or calls :meth:`unpipe` first (the answer failed: the
-        bytes are dropped with the channel, or handed on to another side at attach)."""
-        self._pipe = write
-        for data in self._early or ():
-            write(data)
+        the pipe.  ``write`` returns whether the connection took them whole (the
+        kernel, not a buffer in this process); once it did not, nothing more is
+        written before the answer, so this process holds her window's worth and at most
+        one chunk more.  The owner then either bridges this channel to the side
+        ``write`` wrote to (:meth:`attach` counts what went as handed on: credited, not
+        written again; the rest goes on as usual), or calls :meth:`unpipe` first (the
+        answer failed: the bytes are dropped with the channel, or all handed on to
+        another side at attach)."""
+        self._pipe = _Pipe(write)
+        if self._early:
+            self._pipe.push(self._early)
 
     def unpipe(self) -> None:
         """Stop :meth:`pipeEarly`: what is held goes to whichever side attaches next
@@ -384,14 +388,14 @@ class BridgedChannel(SSHChannel):
         self.bridge = bridge
         if self._congestion:
             bridge.sinkFull(self)
-        early, self._early = self._early, None
-        piped, self._pipe = self._pipe, None
-        if piped is not None:  # written to the other side already (pipeEarly)
-            if early:
-                bridge.handedOn(self, sum(len(data) for data in early))
-        else:
-            for data in early or ():
-                bridge.dataReceived(self, data)
+        early: Sequence[bytes] = self._early or ()
+        self._early = None
+        pipe, self._pipe = self._pipe, None
+        sent = 0 if pipe is None else pipe.sent
+        if sent:  # written to the other side already (pipeEarly)
+            bridge.handedOn(self, sum(len(data) for data in early[:sent]))
+        for data in early[sent:]:
+            bridge.dataReceived(self, data)
         if early:
             offer = getattr(self.conn, "offerNative", None)
             if offer is not None:
@@ -455,3 +459,21 @@ class BridgedChannel(SSHChannel):
     def abort(self) -> None:
         self._discard()
         self.conn.sendClose(self)
+
+
+class _Pipe:
+    """Where a channel's bytes held before its bridge are written meanwhile
+    (:meth:`BridgedChannel.pipeEarly`), and how many of its held chunks went."""
+
+    __slots__ = ("full", "sent", "write")
+
+    def __init__(self, write: Callable[[bytes], bool]) -> None:
+        self.write = write
+        self.sent = 0  # the held chunks written, from the first
+        self.full = False  # the last write was not taken whole: write no more
+
+    def push(self, held: list[bytes]) -> None:
+        """Write the held chunks not written yet (unless the connection is full)."""
+        while not self.full and self.sent < len(held):
+            self.full = not self.write(held[self.sent])
+            self.sent += 1

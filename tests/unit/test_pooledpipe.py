@@ -323,3 +323,26 @@ def test_a_session_ended_before_k_writes_nothing_more(world: World) -> None:
     dc.dataReceived(fw.AGENT_OK)
     assert at.value() == _go(dc) + b"before" and at.disconnected
     assert channel.bridge is None
+
+
+def test_nothing_more_goes_ahead_once_the_connection_does_not_take_it_whole(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay keeps her held bytes until K: were the data connection's own buffer in
+    this process to fill with them too, the session would hold her window twice.  So
+    once a write ahead is not taken whole by the kernel, the rest waits here (as without
+    the pipe) and follows the K, in order, once."""
+    from relay.server import dataconn
+
+    dc, at = world.pooled()
+    _, channel, conn = world.open()
+    channel.channelOpen(b"")
+    _her(channel, b"one ")
+    monkeypatch.setattr(dataconn, "unsent", lambda transport: 1)  # the kernel is full
+    _her(channel, b"two ")
+    _her(channel, b"three")
+    assert at.value() == _go(dc) + b"one two ", "the write that was not taken whole, no more"
+    dc.dataReceived(fw.AGENT_OK)
+    assert at.value() == _go(dc) + b"one two three"
+    assert channel.bridge is not None and channel.bridge.bytesAtoB == 13
+    assert not [s for s in conn.sent if s[0] == "adjust"], "13 of 1000: no credit due yet"
+    assert channel._credit == 13, "all of it credited once handed on"
