@@ -101,9 +101,10 @@ def stock(where: str) -> int:
         if early:
             route += ", early"
         if r2[3] == 0:
-            # The echo was read (and sealed, and sent) by the relay's native thread,
-            # which is not stamped: what Python read next is the end of the stream.
-            route += ", echo not stamped (native thread)"
+            # What Python read next was the end of the stream: the echo was read (and
+            # sealed, and sent) by the relay's native thread, which is not stamped, or
+            # (rarely) not caught; its last two rows are not the echo's.
+            route += ", echo not seen by Python"
         at = [s1[0], u1[0], g1[0], c[0], g2[0], r1[0], u2[0], s2[0], r2[0], u3[0]]
         timelines.setdefault(route, []).append([(t - t0) / 1e6 for t in at])
         if not early:  # the steps follow each other only when the user waits
