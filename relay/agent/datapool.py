@@ -50,10 +50,11 @@ from relay.agent.refill import REFILL_WINDOW, BurstLog, RefillBudget
 from relay.core import fastwire as fw
 from relay.core.routing import PUBLIC_BINDS
 from relay.datapath import splicing as datapath
-from relay.datapath.dialnow import Dial, connect_target
+from relay.datapath.dialnow import Dial, connect_spliced
 from relay.datapath.handoff import Handoff, Held
 from relay.datapath.join import Handed, OnEnd, SessionCounters, join
 from relay.datapath.net import client_endpoint, peer_ip, probe_idle, write_now
+from relay.datapath.pymover import End, _reset_and_close
 from relay.ssh.client import LinkBasics, LinkConnection
 from relay.ssh.openerrors import refused_by_peer
 
@@ -145,6 +146,15 @@ class PoolConnection(Handoff):
         self.pool.lost(self, was)
 
 
+def _abort(server: Handed | End) -> None:
+    """Reset a dialled target that will not be spliced (an ``End``'s descriptor is
+    ours to close: relay.datapath.dialnow.connect_spliced)."""
+    if isinstance(server, End):
+        _reset_and_close(server.rfd, True)
+    else:
+        server.transport.abortConnection()
+
+
 class PoolOwner(LinkBasics, TypingProtocol):
     """What the data pool needs of its link (:class:`relay.agent.link.Link`)."""
 
@@ -160,7 +170,7 @@ class DataPool:
 
     _log = Logger()
 
-    def __init__(self, link: PoolOwner, size: int, dial: Dial = connect_target) -> None:
+    def __init__(self, link: PoolOwner, size: int, dial: Dial = connect_spliced) -> None:
         self.link = link
         self._connectTarget = dial  # how a dispatched session's target is connected
         self.size = size
@@ -432,7 +442,7 @@ class DataPool:
             self._fail(pc, name, port, "no such end-to-end encrypted forward on this agent")
             return
         target = forward.config.connect
-        d: defer.Deferred[Handed]
+        d: defer.Deferred[Handed | End]
         if forward.config.via_relay and local is not None:  # (checked above)
             # Chaining: one of the service's own agent's data connections at this
             # node's relay, answered K; this session is then spliced through to it.
@@ -442,9 +452,9 @@ class DataPool:
                 self.link.reactor, target.host, target.port, Held, TARGET_CONNECT_TIMEOUT)
             d = connecting
 
-        def connected(server: Handed) -> None:
+        def connected(server: Handed | End) -> None:
             if pc.state is not PoolConnState.CONNECTING:
-                server.transport.abortConnection()
+                _abort(server)
                 return
             write_now(pc.transport, (fw.AGENT_OK,))  # now, not a reactor turn later
 
@@ -462,7 +472,7 @@ class DataPool:
                                 event="fast_path_splice_failed", forward=forward.name,
                                 reason=str(e))
                 pc.transport.abortConnection()
-                server.transport.abortConnection()
+                _abort(server)
                 return
             pc.state = PoolConnState.SPLICED
 

@@ -118,6 +118,20 @@ class Bridge:
         if self.onData is not None:
             self.onData(src, len(data))
 
+    def handedOn(self, src: Side, nbytes: int) -> None:
+        """``nbytes`` from ``src`` reached the other side before this bridge existed,
+        written there by ``src``'s owner (the pooled route's pipelining,
+        :meth:`relay.ssh.channels.BridgedChannel.pipeEarly`): counted, credited to
+        ``src`` and charged to a rate limit as if this bridge had carried them, not
+        written again."""
+        if src is self.a:
+            self.bytesAtoB += nbytes
+        else:
+            self.bytesBtoA += nbytes
+        src.consumed(nbytes)
+        if self.onData is not None:
+            self.onData(src, nbytes)
+
     def sinkFull(self, dst: Side) -> None:
         self.peer(dst).pauseReading(SINK_FULL)
 

@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.datapath.net import client_endpoint
+from relay.datapath.pymover import End
 
 
 class _One(Factory):
@@ -74,12 +75,33 @@ def connect_target(reactor: Any, host: str, port: int, make: Callable[[], Protoc
     return dial_now(reactor, family, host, port, make, timeout)
 
 
+def connect_spliced(reactor: Any, host: str, port: int, make: Callable[[], Protocol],
+                    timeout: float) -> defer.Deferred[Any]:
+    """:func:`connect_target` for a target the caller splices at once (the agent's
+    pooled route, relay.agent.datapool): a connection made inside ``connect()`` comes as
+    a bare :class:`~relay.datapath.pymover.End` (its descriptor, now the caller's), not
+    adopted by the reactor.  Adopted, it cost a ``dup``, a ``getpeername``, the
+    reactor's registration and the protocol's pause, all undone in the same turn by
+    the hand-off to the data path (another ``dup``, ``epoll_ctl``, ``connectionLost``):
+    about 0.1 ms between the agent's GO and its splice, which is on the way of the
+    session's first reply.  A connection still in progress, or a host name, is the
+    protocol ``make()`` made, as from :func:`connect_target`."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return connect_endpoint(reactor, host, port, make, timeout)
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    return dial_now(reactor, family, host, port, make, timeout, adopt=False)
+
+
 def dial_now(reactor: Any, family: int, host: str, port: int,
-             make: Callable[[], Protocol], timeout: float) -> defer.Deferred[Any]:
+             make: Callable[[], Protocol], timeout: float,
+             adopt: bool = True) -> defer.Deferred[Any]:
     """A TCP connection from here to the IP address ``host``: the protocol ``make()``
     made, connected.  The Deferred has fired when this returns if the connection was
     made (or refused) at once; otherwise it fires when it is, or fails after
-    ``timeout`` seconds."""
+    ``timeout`` seconds.  ``adopt=False``: a connection made at once is an
+    :class:`~relay.datapath.pymover.End` instead (see :func:`connect_spliced`)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -98,6 +120,9 @@ def dial_now(reactor: Any, family: int, host: str, port: int,
     if err:
         sock.close()
         return defer.fail(getConnectError((err, os.strerror(err))))
+    if not adopt:
+        fd = sock.detach()
+        return defer.succeed(End(fd, fd))
     return _adopt(reactor, sock, family, make)
 
 

@@ -92,6 +92,14 @@ def write_now(transport: Any, chunks: Sequence[bytes], limit: int | None = WRITE
     return sent
 
 
+def unsent(transport: Any) -> int:
+    """Bytes Twisted holds for ``transport`` that the kernel has not taken yet (0 for a
+    transport that is not a plain TCP connection: nothing known to wait)."""
+    if not isinstance(transport, tcp.Connection):
+        return 0
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
 class TurnBudget:
     """Direct writes for a producer's TCP connection that let no more bytes past the
     producer in a reactor turn than Twisted's own buffer would.

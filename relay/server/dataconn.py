@@ -22,7 +22,7 @@ from relay.core.admission import Ticket as AdmissionTicket
 from relay.core.clock import expire
 from relay.core.tokens import Ticket
 from relay.datapath.handoff import Handoff
-from relay.datapath.net import write_now
+from relay.datapath.net import unsent, write_now
 
 
 class DataPortHandler(TypingProtocol):
@@ -192,6 +192,24 @@ class DataConnection(Handoff):
         write_now(self.transport, (fw.pack_go(bind, port, mac),))
         self.resume()
         return self.reply
+
+    def writeAhead(self, data: bytes) -> bool:
+        """Bytes of the stream a GO opened, written before the agent's answer (the
+        pooled route's pipelining, relay.server.pooled): they follow the GO on the wire,
+        the agent keeps what it reads past the GO (``PoolConnection.prefaceReceived``)
+        and hands them to the target first, once it is connected.  Nothing is read as
+        the stream's here until ``K`` was read.  Dropped once the connection is closed
+        or closing: the session then ends, or takes the link, whose channel still holds
+        them (``BridgedChannel.unpipe``).
+
+        Returns whether nothing waits for this connection in Twisted's buffer now (the
+        kernel took everything): the caller writes no more ahead of the answer when it
+        does, so its copies and this buffer do not both hold her window."""
+        if (self.state not in (DataState.DISPATCHED, DataState.JOINED)
+                or self.transport.disconnecting):
+            return False
+        write_now(self.transport, (data,), limit=None)
+        return unsent(self.transport) == 0
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         super().connectionLost(reason)

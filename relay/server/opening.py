@@ -143,16 +143,21 @@ class SessionOpening:
         (its open leaves first: it is the critical path); the user's first bytes wait in
         the channel (``BridgedChannel._early``, bounded by the window it advertises: no
         window is re-opened until the bridge hands them on) and go to the agent's side
-        when it opens.  If that fails, or the relay ends the session first (a grants
-        reload), the user's channel is closed: EOF, then close (docs/relay.md)."""
-        # The agent's channel, before it answered, to an agent that takes early bytes
-        # (relay.ssh.earlydata): her bytes go on as they arrive, so the agent writes
-        # them to the target once connected, not after its answer crossed back and the
-        # relay's next turn.  Only as the stream's prefix: none if some of hers are
-        # held already (the pooled route fell back to the link).
+        when it opens, or, on the pooled route, follow the GO on the data connection as
+        they arrive (relay.server.pooled: the agent holds them until its target is
+        connected), still held here until its ``K``.  If that fails, or the relay ends
+        the session first (a grants reload), the user's channel is closed: EOF, then
+        close (docs/relay.md)."""
+        # On the link, the agent's channel, before it answered, to an agent that takes
+        # early bytes (relay.ssh.earlydata): her bytes go on as they arrive, so the agent
+        # writes them to the target once connected, not after its answer crossed back
+        # and the relay's next turn.  Only as the stream's prefix: none if some of hers
+        # are held already (the pooled route fell back to the link).  On the pooled
+        # route her bytes follow the GO (``early=channel``).
         feed = EarlyFeed(self.counters)
         d = self._agentSide(reg, port, origin, session,
-                            lambda ch: feed.pending(ch, channel.holding))  # first: critical
+                            lambda ch: feed.pending(ch, channel.holding),
+                            early=channel)  # first: the critical path
         early = EarlySession()
         self.sharing.tag(channel, session.user)
 
@@ -217,15 +222,16 @@ class SessionOpening:
 
     def _agentSide(self, reg: Registration, port: int, origin: str, session: SessionRow,
                    onPending: Callable[[BridgedChannel], object] | None = None,
-                   ) -> defer.Deferred[Side]:
-        """The agent's side of ``session`` (relay.server.pooled), the answer noted in
-        the registration's open health (relay.core.earlyopen); ``onPending`` as in
-        :meth:`RelayConnection.openForwarded`."""
+                   early: BridgedChannel | None = None) -> defer.Deferred[Side]:
+        """The agent's side of ``session`` (relay.server.pooled; ``early``: the user's
+        channel, confirmed now), the answer noted in the registration's open health
+        (relay.core.earlyopen); ``onPending`` as in :meth:`RelayConnection.openForwarded`."""
         def noted(result: Any) -> Any:
             reg.open_health = after_open(reg.open_health, not isinstance(result, Failure))
             return result
 
-        return open_user_side(self, reg, port, origin, session, onPending).addBoth(noted)
+        return open_user_side(self, reg, port, origin, session, onPending,
+                              early).addBoth(noted)
 
     def _refused(self, ident: Any, service: str, why: str, early: bool = False) -> str:
         """Count and log a user session refused (or, confirmed early, closed): ``why``."""

@@ -11,7 +11,10 @@ connection's ticket secret; the agent connects the target, answers ``K`` and spl
 and joins the user's channel to it with the one flow-controlled bridge
 (:class:`relay.datapath.bridge.Bridge`): the relay decrypts the user's outer SSH layer
 and writes the channel's bytes to the data connection, the agent moves them in its
-splice pump.
+splice pump.  A channel confirmed before the agent's answer (early confirmation) has
+its first bytes written right behind the GO, not after the ``K``: the agent keeps what
+it reads past the GO and hands it to the target first, so they no longer wait at the
+relay for the answer (:func:`pooled_route`).
 
 The same rules as the fast path: only what the relay lists as end-to-end encrypted *and*
 the agent offered as such is ever written to a data connection, so a service that is not
@@ -67,15 +70,27 @@ class PooledShell(TypingProtocol):
         """A ``forwarded-tcpip`` channel on the agent's link."""
 
 
-def pooled_route(dataport: DataPort, reg: Registration,
-                 port: int) -> defer.Deferred[TCPSide] | None:
+def pooled_route(dataport: DataPort, reg: Registration, port: int,
+                 early: BridgedChannel | None = None) -> defer.Deferred[TCPSide] | None:
     """One of ``reg``'s agent's idle pooled data connections, dispatched to ``reg`` and
     answered ``K``, as a bridge side; or None: use the link (not declared end-to-end
     encrypted here, not offered as such by the agent, no pool, no idle connection now).
 
+    ``early``: the user's channel, confirmed before the answer (relay.server.opening
+    ``_openEarly``): what she sends meanwhile is written to the data connection right
+    behind the GO (:meth:`BridgedChannel.pipeEarly`), not held until ``K``; the channel
+    must then be bridged to the side this returns, or, on failure, it is unpiped and
+    keeps the bytes (see below).  Her window stays bounded as when they were held: it
+    re-opens for them only at the bridge.  Only the answer, ``K`` or ``E``, is read
+    before the bridge exists, so nothing the agent sends is taken as the stream's (or
+    handed to the native thread) before ``K``.
+
     Fails with PairingError if the agent could not connect the target (or did not
     answer within ``AGENT_REPLY_TIMEOUT``), AgentConnectionGone if the connection turned
-    out dead."""
+    out dead.  Either way ``early`` is unpiped first: the bytes written are gone with
+    the connection, and the copies it holds go to the link (a dead connection: the agent
+    never acted on the GO, or it would have answered ``K`` before anything else) or are
+    dropped with the session."""
     if not dataport.enabled or dataport.listener is None or not dataport.e2e(reg.name, port):
         return None
     pool = dataport.pools.get(reg.session)
@@ -85,6 +100,8 @@ def pooled_route(dataport: DataPort, reg: Registration,
     if agent is None:
         return None
     d = expire(agent.dispatch(reg.bind, port), AGENT_REPLY_TIMEOUT, dataport.clock)
+    if early is not None:
+        early.pipeEarly(agent.writeAhead)
 
     def answered(_: str) -> TCPSide:
         agent.state = DataState.JOINED
@@ -95,6 +112,8 @@ def pooled_route(dataport: DataPort, reg: Registration,
         return side
 
     def failed(f: Failure) -> Failure:
+        if early is not None:
+            early.unpipe()
         if agent.state is not DataState.CLOSED:
             agent.transport.abortConnection()
         if f.check(defer.CancelledError):
@@ -108,12 +127,13 @@ def pooled_route(dataport: DataPort, reg: Registration,
 def open_user_side(relay: PooledShell, reg: Registration, port: int, origin: str,
                    session: SessionRow,
                    onPending: Callable[[BridgedChannel], object] | None = None,
-                   ) -> defer.Deferred[Side]:
+                   early: BridgedChannel | None = None) -> defer.Deferred[Side]:
     """The agent's side of a user's channel session: a pooled data connection when
     :func:`pooled_route` has one (session path ``pooled``; :func:`log_pooled` once the
-    channel is open), else a channel on the agent's link (path ``channel``; given to
+    channel is open; ``early``, her channel confirmed now, pipes her bytes to it before
+    the answer), else a channel on the agent's link (path ``channel``; given to
     ``onPending`` before the agent answers if it takes early bytes)."""
-    pooled = pooled_route(relay.dataport, reg, port)
+    pooled = pooled_route(relay.dataport, reg, port, early)
     if pooled is None:
         channel: defer.Deferred[Any] = relay.openToAgent(reg, port, origin, session,
                                                          onPending)

@@ -14,7 +14,7 @@ the link itself is congested.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.conch.ssh.channel import SSHChannel
@@ -58,6 +58,7 @@ class BridgedChannel(SSHChannel):
         "_isClosed",
         "_owed",
         "_pauses",
+        "_pipe",
         "_queued",
         "_sentEOF",
         "bridge",
@@ -107,6 +108,8 @@ class BridgedChannel(SSHChannel):
         # A channel we opened whose first bytes may go before its confirmation
         # (relay.ssh.earlydata): what went early, skipped when the bridge writes it.
         self._earlySend: EarlySend | None = None
+        # While set (pipeEarly): where that data is also written as it arrives.
+        self._pipe: _Pipe | None = None
         self._credit = 0
         self._owed = 0
         self._pauses = _NONE  # why the bridge asked us not to re-open the window
@@ -164,6 +167,8 @@ class BridgedChannel(SSHChannel):
             self._early.append(data)  # bounded: no window is re-opened for it
             if self.onEarlyData is not None:
                 self.onEarlyData(data)
+            if self._pipe is not None:
+                self._pipe.push(self._early)
         else:
             bridge.dataReceived(self, data)
 
@@ -370,11 +375,37 @@ class BridgedChannel(SSHChannel):
         if self.closing:
             self.loseConnection()
 
+    def pipeEarly(self, write: Callable[[bytes], bool]) -> None:
+        """Write the data this channel holds before its bridge exists to ``write`` now,
+        and what arrives later as it arrives: the pooled route's pipelining
+        (relay.server.pooled), where her bytes follow the GO on the data connection
+        instead of waiting at the relay for the agent's ``K``.
+
+        The bytes are still *held*: kept here and no window re-opened for them, so what
+        she can send before the answer stays bounded by her window, exactly as without
+        the pipe.  ``write`` returns whether the connection took them whole (the
+        kernel, not a buffer in this process); once it did not, nothing more is
+        written before the answer, so this process holds her window's worth and at most
+        one chunk more.  The owner then either bridges this channel to the side
+        ``write`` wrote to (:meth:`attach` counts what went as handed on: credited, not
+        written again; the rest goes on as usual), or calls :meth:`unpipe` first (the
+        answer failed: the bytes are dropped with the channel, or all handed on to
+        another side at attach)."""
+        self._pipe = _Pipe(write)
+        if self._early:
+            self._pipe.push(self._early)
+
+    def unpipe(self) -> None:
+        """Stop :meth:`pipeEarly`: what is held goes to whichever side attaches next
+        (the link, when the pooled connection turned out dead)."""
+        self._pipe = None
+
     def endUnbridged(self) -> None:
         """End a channel confirmed before its bridge existed (an early-confirmed user
         channel whose agent side never opened, relay.core.earlyopen): what it held is
         dropped, and the peer sees EOF then close, as from the seed's chain."""
         self._early = None
+        self._pipe = None
         self.writeEOF()
         self.loseConnection()
 
@@ -415,8 +446,13 @@ class BridgedChannel(SSHChannel):
         self.bridge = bridge
         if self._congestion:
             bridge.sinkFull(self)
-        early, self._early = self._early, None
-        for data in early or ():
+        early: Sequence[bytes] = self._early or ()
+        self._early = None
+        pipe, self._pipe = self._pipe, None
+        sent = 0 if pipe is None else pipe.sent
+        if sent:  # written to the other side already (pipeEarly)
+            bridge.handedOn(self, sum(len(data) for data in early[:sent]))
+        for data in early[sent:]:
             bridge.dataReceived(self, data)
         if early:
             offer = getattr(self.conn, "offerNative", None)
@@ -481,3 +517,21 @@ class BridgedChannel(SSHChannel):
     def abort(self) -> None:
         self._discard()
         self.conn.sendClose(self)
+
+
+class _Pipe:
+    """Where a channel's bytes held before its bridge are written meanwhile
+    (:meth:`BridgedChannel.pipeEarly`), and how many of its held chunks went."""
+
+    __slots__ = ("full", "sent", "write")
+
+    def __init__(self, write: Callable[[bytes], bool]) -> None:
+        self.write = write
+        self.sent = 0  # the held chunks written, from the first
+        self.full = False  # the last write was not taken whole: write no more
+
+    def push(self, held: list[bytes]) -> None:
+        """Write the held chunks not written yet (unless the connection is full)."""
+        while not self.full and self.sent < len(held):
+            self.full = not self.write(held[self.sent])
+            self.sent += 1

@@ -6,6 +6,7 @@ hand; the timeout path on a MemoryReactorClock."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -157,3 +158,42 @@ def test_in_progress_refused_says_so(reactor: EPollReactor,
     _turn_until(reactor, lambda: d.called)
     assert _result(d).check(error.ConnectionRefusedError)
     assert reactor.getWriters() == [] and reactor.getDelayedCalls() == []
+
+
+def test_a_target_spliced_at_once_is_a_bare_descriptor_the_reactor_never_saw(
+        reactor: EPollReactor, listener: socket.socket) -> None:
+    """connect_spliced (the agent's pooled route): a connection made inside connect()
+    is an End, its fd non-blocking with TCP_NODELAY, never registered with the reactor
+    (which would be undone in the same turn by the hand-off to the data path)."""
+    from relay.datapath.pymover import End
+
+    port = listener.getsockname()[1]
+    readers = set(reactor.getReaders())
+    end = _result(dialnow.connect_spliced(reactor, "127.0.0.1", port, Recorder, 5.0))
+    assert isinstance(end, End) and end.rfd == end.wfd and not os.get_blocking(end.rfd)
+    sock = socket.socket(fileno=end.rfd)
+    try:
+        assert sock.getpeername()[1] == port
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert set(reactor.getReaders()) == readers and reactor.getDelayedCalls() == []
+        served, _ = listener.accept()
+        sock.send(b"ping")
+        assert served.recv(4) == b"ping"
+        served.close()
+    finally:
+        sock.close()
+
+
+def test_a_spliced_target_by_name_goes_through_the_endpoint(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What connect_spliced cannot dial at once (a host name) goes through the reactor's
+    endpoint, as from connect_target; an IP address is dialled now, unadopted."""
+    called: list[tuple[str, Any]] = []
+    monkeypatch.setattr(dialnow, "connect_endpoint",
+                        lambda r, host, *a: called.append((host, None)))
+    monkeypatch.setattr(dialnow, "dial_now",
+                        lambda r, f, host, *a, **k: called.append((host, k.get("adopt"))))
+    clock = MemoryReactorClock()
+    dialnow.connect_spliced(clock, "localhost", 22, Recorder, 3.0)
+    dialnow.connect_spliced(clock, "127.0.0.1", 22, Recorder, 3.0)
+    assert called == [("localhost", None), ("127.0.0.1", False)]
