@@ -10,6 +10,7 @@ attempt (seen in CI while a relay restarted behind a proxy).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -45,6 +46,12 @@ class HangUp:
                     conn.recv(4096)  # the agent's banner (and maybe its KEXINIT)
 
     def close(self) -> None:
+        # shutdown() first: it wakes a thread blocked in accept(), which close() alone
+        # does not; a thread left blocked there outlives the test, and once the fd
+        # number is reused it can accept a later test's connections and answer them with
+        # this banner (seen: test_trusted_ca's echo target answered "SSH-2.0-OpenSSH_9.6").
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self._thread.join(5)
 
