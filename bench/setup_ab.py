@@ -154,6 +154,7 @@ def main() -> int:
                                   else "relay,relay-L,direct")).split(",")
     p50: dict[tuple[str, str], list[float]] = {(n, v): [] for n in names for v in variants}
     per: dict[tuple[str, str, str], list[float]] = {}
+    every: dict[tuple[str, str], list[float]] = {(n, v): [] for n in names for v in variants}
     try:
         for r in range(args.rounds):
             order = [0, 1] if r % 2 == 0 else [1, 0]
@@ -165,6 +166,7 @@ def main() -> int:
                         continue
                     m = statistics.median(got["ms"])
                     p50[(names[i], variant)].append(m)
+                    every[(names[i], variant)].extend(got["ms"])
                     for k, v in got.get("per_session", {}).items():
                         per.setdefault((names[i], variant, k), []).append(v)
                     costs = "  ".join(f"{k} {v:.1f}" for k, v in got.get("per_session", {}).items())
@@ -182,6 +184,14 @@ def main() -> int:
         if a and b:
             print(f"  {variant:12} A {statistics.median(a):6.3f}  B {statistics.median(b):6.3f}"
                   f"  B/A {statistics.median(b) / statistics.median(a):5.3f}")
+    print("the tail, over every session of every round (a stall in one turn, such as a "
+          "collection, shows here, not in the p50):")
+    for variant in variants:
+        a, b = sorted(every[("A", variant)]), sorted(every[("B", variant)])
+        if a and b:
+            q = {k: (a[int(len(a) * k / 100)], b[int(len(b) * k / 100)]) for k in (90, 99)}
+            print(f"  {variant:12} p90 A {q[90][0]:6.3f}  B {q[90][1]:6.3f}   "
+                  f"p99 A {q[99][0]:6.3f}  B {q[99][1]:6.3f}   max A {a[-1]:6.3f}  B {b[-1]:6.3f}")
     print("per session, medians of the rounds (the processes' CPU-us from schedstat, "
           "voluntary context switches = wake-ups):")
     for variant in variants:

@@ -260,7 +260,8 @@ def _node(config: NodeConfig, reactor: Any, fatal: Callable[[str], object],
     from relay.ops.service import make_node_service
 
     return make_node_service(config, reactor, on_fatal=fatal, load=load,
-                             notifier=SystemdNotifier(), handle_sighup=True)
+                             notifier=SystemdNotifier(), handle_sighup=True,
+                             pace_gc=True)
 
 
 def cmd_agent(ns: argparse.Namespace) -> int:

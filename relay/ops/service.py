@@ -21,6 +21,7 @@ from relay.agent.link import Link
 from relay.config.errors import ConfigError
 from relay.config.schema import LinkConfig, NodeConfig, PlainForwardConfig
 from relay.ops.check import node_problems
+from relay.ops.gcpace import CollectorPacing
 from relay.ops.metrics import MetricsRegistry
 from relay.ops.notify import SystemdNotifier
 from relay.ops.parts import default_parts
@@ -48,7 +49,11 @@ class NodeService(MultiService):
     With ``load`` (how to read the config again) it can reload: a :class:`Reloader`
     with the default parts (:mod:`relay.ops.parts`) is :attr:`reloader`, reached by
     SIGHUP (``handle_sighup``, set by the command line and twistd, never by tests
-    that build a node in-process) and by ``POST /reload`` on the admin endpoint."""
+    that build a node in-process) and by ``POST /reload`` on the admin endpoint.
+
+    ``pace_gc`` (also the command line's and twistd's only: the collector is the
+    process's) collects cyclic garbage at a steady pace between sessions' turns
+    (:mod:`relay.ops.gcpace`)."""
 
     _log = Logger()
 
@@ -56,7 +61,7 @@ class NodeService(MultiService):
                  on_fatal: Callable[[str], object] | None = None, *,
                  load: Callable[[], NodeConfig] | None = None,
                  notifier: SystemdNotifier | None = None,
-                 handle_sighup: bool = False) -> None:
+                 handle_sighup: bool = False, pace_gc: bool = False) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -97,6 +102,10 @@ class NodeService(MultiService):
             admin = AdminServer(listen.port, site, interface=listen.host, reactor=reactor)
             admin.setName("admin")
             admin.setServiceParent(self)
+        self.gc_pacing: CollectorPacing | None = None
+        if pace_gc:  # last: the start-up heap it freezes includes the parts above
+            self.gc_pacing = CollectorPacing(reactor)
+            self.gc_pacing.setServiceParent(self)
 
     # parts that a reload starts and stops (relay.ops.parts)
 
@@ -186,6 +195,8 @@ class NodeService(MultiService):
             snapshot["datapath"] = splicing.describe(self.reactor)
         if self.reloader is not None:
             snapshot["reload"] = self.reloader.status()
+        if self.gc_pacing is not None:
+            snapshot["gc"] = self.gc_pacing.status()
         return snapshot
 
 
@@ -193,10 +204,10 @@ def make_node_service(config: NodeConfig, reactor: Any,
                       on_fatal: Callable[[str], object] | None = None, *,
                       load: Callable[[], NodeConfig] | None = None,
                       notifier: SystemdNotifier | None = None,
-                      handle_sighup: bool = False) -> NodeService:
+                      handle_sighup: bool = False, pace_gc: bool = False) -> NodeService:
     if not config.links and config.relay is None and not getattr(config, "forwards", ()):
         raise ConfigError(config.source, "link", "nothing to run: no [[link]], [relay] or "
                           "[[forward]] configured",
                           "add a [[link]] table, or give [user@]host on the command line")
     return NodeService(config, reactor, on_fatal=on_fatal, load=load, notifier=notifier,
-                       handle_sighup=handle_sighup)
+                       handle_sighup=handle_sighup, pace_gc=pace_gc)

@@ -94,7 +94,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         node = make_node_service(config, reactor, on_fatal=_Fatal(reactor),
                                  load=lambda: load_config(options["config"]),
-                                 notifier=SystemdNotifier(), handle_sighup=True)
+                                 notifier=SystemdNotifier(), handle_sighup=True,
+                                 pace_gc=True)
     except ConfigError as e:
         raise SystemExit(f"labrelay: {e}") from None
     return TwistdRoot(node, getattr(options, "parent", None))

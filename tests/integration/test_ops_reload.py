@@ -242,6 +242,9 @@ def test_sighup_under_a_256mib_scp_adds_a_service_and_a_user_and_revokes_one(
     status = relay.status()
     assert status["reload"]["last"]["ok"] is False
     assert status["reload"]["reloads"] == {"success": 1, "failure": 1}
+    # `labrelay relay` paces its garbage collection (relay.ops.gcpace), and it ran
+    # during the scp and the reloads.
+    assert status["gc"]["paced"] is True and sum(status["gc"]["collections"]) > 0, status["gc"]
     # the same problems from `labrelay check` (exit 2) and `labrelay reload` (exit 1)
     check = labrelay("check", str(config))
     assert check.returncode == 2 and check.stderr.count("labrelay: ") == 4, check.stderr
