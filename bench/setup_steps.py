@@ -13,9 +13,9 @@ calls do not line up (one overlapping a keepalive, say) are left out and counted
 
 from __future__ import annotations
 
+import argparse
 import glob
 import statistics
-import sys
 
 Event = tuple[int, str, int, int, int]
 STEPS = ["relay: accept -> CHANNEL_OPEN sent", "link: -> the agent has read it",
@@ -40,6 +40,23 @@ def first(events: list[Event], after: int, op: str, fd: int | None = None,
                 not_fd is None or e[2] != not_fd):
             return e
     raise LookupError(op)
+
+
+SPAN = 40_000_000
+"""How long after its start (ns) a session's events are looked for."""
+
+
+def around(events: list[Event], t0: int) -> list[Event]:
+    """The events of the session that started at ``t0``: those in the next ``SPAN``."""
+    return [e for e in events if t0 <= e[0] < t0 + SPAN]
+
+
+def opens_after_idle(relay: list[Event]) -> list[Event]:
+    """The relay's reads of a user's channel open (60 to 200 bytes) that are the first
+    read of a wake-up after more than 20 ms asleep: the new sessions of a stock suite
+    after its idle gap (each its ``t0``; its user's socket is the event's fd)."""
+    return [e for i, e in enumerate(relay) if e[1] == "recv" and 60 <= e[3] <= 200 and i > 1
+            and relay[i - 1][1] == "wake" and relay[i - 1][0] - relay[i - 2][0] > 20_000_000]
 
 
 STOCK_STEPS = ["relay: the user's open read -> sent on (GO or CHANNEL_OPEN)",
@@ -68,12 +85,10 @@ def stock(where: str) -> int:
     routes: dict[str, list[list[float]]] = {}
     timelines: dict[str, list[list[float]]] = {}
     busy: dict[str, list[float]] = {}
-    opens = [e for i, e in enumerate(relay) if e[1] == "recv" and 60 <= e[3] <= 200 and i > 1
-             and relay[i - 1][1] == "wake" and relay[i - 1][0] - relay[i - 2][0] > 20_000_000]
+    opens = opens_after_idle(relay)
     for o in opens:
         t0, user = o[0], o[2]
-        r = [e for e in relay if t0 <= e[0] < t0 + 40_000_000]
-        g = [e for e in agent if t0 <= e[0] < t0 + 40_000_000]
+        r, g = around(relay, t0), around(agent, t0)
         try:
             s1 = first(r, t0, "send", not_fd=user)
             down = s1[2]
@@ -164,8 +179,7 @@ def main(where: str) -> int:
     accepts = [e for e in relay if e[1] == "accept"]
     for a in accepts:
         t0, user = a[0], a[2]
-        r = [e for e in relay if t0 <= e[0] < t0 + 40_000_000]
-        g = [e for e in agent if t0 <= e[0] < t0 + 40_000_000]
+        r, g = around(relay, t0), around(agent, t0)
         try:
             s1 = first(r, t0, "send", not_fd=user)
             link = s1[2]
@@ -206,6 +220,10 @@ def main(where: str) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--stock":
-        raise SystemExit(stock(sys.argv[2]))
-    raise SystemExit(main(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stock", action="store_true",
+                        help="the stock suite's ssh -L sessions (setup_ab.py --suite stock)")
+    parser.add_argument("where", help="a stamp directory (relay-*.txt and agent-*.txt)")
+    args = parser.parse_args()
+    raise SystemExit(stock(args.where) if args.stock else main(args.where))

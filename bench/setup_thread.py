@@ -23,13 +23,14 @@ AES-GCM), by Python or by the thread, whichever came first.
 
 from __future__ import annotations
 
+import argparse
 import glob
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from setup_steps import Event, first, load
+from setup_steps import Event, around, first, load, opens_after_idle
 
 ECHO = 36  # a sealed one-byte CHANNEL_DATA: 4 + 16 + 16
 
@@ -60,13 +61,9 @@ def main(where: str, perf: str) -> int:
     thread = thread_calls(perf, int(Path(name).stem.split("-")[1]))
     rows: list[dict[str, int]] = []
     who = {"python": 0, "thread": 0}
-    opens = [e for i, e in enumerate(relay) if e[1] == "recv" and 60 <= e[3] <= 200 and i > 1
-             and relay[i - 1][1] == "wake" and relay[i - 1][0] - relay[i - 2][0] > 20_000_000]
-    for o in opens:
+    for o in opens_after_idle(relay):
         t0, user = o[0], o[2]
-        r = [e for e in relay if t0 <= e[0] < t0 + 40_000_000]
-        g = [e for e in agent if t0 <= e[0] < t0 + 40_000_000]
-        th = [e for e in thread if t0 <= e[0] < t0 + 40_000_000]
+        r, g, th = around(relay, t0), around(agent, t0), around(thread, t0)
         try:
             go = first(r, t0, "send", not_fd=user)
             answer = first(r, go[0], "recv", go[2])
@@ -114,4 +111,9 @@ def main(where: str, perf: str) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1], sys.argv[2]))
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("where", help="a stamp directory (relay-*.txt and agent-*.txt)")
+    parser.add_argument("perf", help="perf script output with the lr-gpump thread's calls")
+    args = parser.parse_args()
+    raise SystemExit(main(args.where, args.perf))

@@ -64,6 +64,29 @@ class Side(TypingProtocol):
         """Close now, dropping anything pending."""
 
 
+class EarlySink(TypingProtocol):
+    """Where a side sends the bytes it holds before its bridge exists, as they arrive,
+    so that they need not wait at the relay for the other side's answer.
+
+    One interface for the two routes a user's first bytes take early: on the agent's
+    link, ``early-data@labrelay`` on the agent's pending channel
+    (:class:`relay.ssh.earlydata.EarlyFeed`, for a user's channel and a public port's
+    :class:`TCPSide` alike), and on a pooled data connection, written right behind the
+    GO (relay.server.pooled).  The side keeps every byte it offers (held: no window
+    re-opened for them) until :meth:`stop`, so a sink that could not send them loses
+    nothing.  Each sink keeps its own rule of what goes (only a prefix of the stream,
+    within its own limit); the side just offers."""
+
+    def offer(self, data: bytes) -> None:
+        """The side's next held chunk, in the stream's order."""
+
+    def stop(self) -> int:
+        """Nothing more is offered: the bridge takes over, or the session ended.
+        Returns how many of the offered bytes, from the first, are already where the
+        bridge's other side writes them (counted as handed on at attach, not written
+        again); 0 where that side skips them itself or they went nowhere."""
+
+
 SINK_FULL = "sink-full"
 NO_PEER = "no-peer"
 """A :class:`TCPSide`'s pause until it is bridged (a forward's accepted connection
@@ -120,8 +143,8 @@ class Bridge:
 
     def handedOn(self, src: Side, nbytes: int) -> None:
         """``nbytes`` from ``src`` reached the other side before this bridge existed,
-        written there by ``src``'s owner (the pooled route's pipelining,
-        :meth:`relay.ssh.channels.BridgedChannel.pipeEarly`): counted, credited to
+        written there by ``src``'s :class:`EarlySink` (the pooled route's pipelining,
+        :meth:`relay.ssh.channels.BridgedChannel.sendHeldTo`): counted, credited to
         ``src`` and charged to a rate limit as if this bridge had carried them, not
         written again."""
         if src is self.a:
@@ -193,10 +216,10 @@ class TCPSide(Protocol):
     #: when the thread first takes it: its ``session_close`` line reports them.  A class
     #: default, so the sessions it never carries hold nothing for it.
     nativeSession: dict[str, int] | None = None
-    #: Told of each read made before the bridge exists (a public port's read-ahead): the
+    #: Offered the read made before the bridge exists (a public port's read-ahead): the
     #: relay sends it to an agent that takes a session's first bytes before it answered
     #: (relay.ssh.earlydata).  A class default: set only where that can happen.
-    onEarlyData: Callable[[bytes], object] | None = None
+    earlySink: EarlySink | None = None
 
     def __init__(self, readAhead: bool = False) -> None:
         self.bridge: Bridge | None = None
@@ -265,8 +288,8 @@ class TCPSide(Protocol):
             first = not self._early
             self._early += data
             self.pauseReading(NO_PEER)
-            if first and self.onEarlyData is not None:
-                self.onEarlyData(data)
+            if first and self.earlySink is not None:
+                self.earlySink.offer(data)
 
     def readAhead(self) -> None:
         """Read once before this side is bridged: what the peer sent first (the one

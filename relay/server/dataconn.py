@@ -200,7 +200,7 @@ class DataConnection(Handoff):
         and hands them to the target first, once it is connected.  Nothing is read as
         the stream's here until ``K`` was read.  Dropped once the connection is closed
         or closing: the session then ends, or takes the link, whose channel still holds
-        them (``BridgedChannel.unpipe``).
+        them (``BridgedChannel.stopSending``).
 
         Returns whether nothing waits for this connection in Twisted's buffer now (the
         kernel took everything): the caller writes no more ahead of the answer when it

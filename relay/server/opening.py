@@ -153,10 +153,15 @@ class SessionOpening:
         # writes them to the target once connected, not after its answer crossed back
         # and the relay's next turn.  Only as the stream's prefix: none if some of hers
         # are held already (the pooled route fell back to the link).  On the pooled
-        # route her bytes follow the GO (``early=channel``).
+        # route her bytes follow the GO (``early=channel``).  Either way the channel's
+        # early sink (BridgedChannel.sendHeldTo) until its bridge takes over.
         feed = EarlyFeed(self.counters)
-        d = self._agentSide(reg, port, origin, session,
-                            lambda ch: feed.pending(ch, channel.holding),
+
+        def pending(agent_channel: BridgedChannel) -> None:
+            feed.pending(agent_channel, channel.holding)
+            channel.sendHeldTo(feed)
+
+        d = self._agentSide(reg, port, origin, session, pending,
                             early=channel)  # first: the critical path
         early = EarlySession()
         self.sharing.tag(channel, session.user)
@@ -179,7 +184,6 @@ class SessionOpening:
                 result = None
             else:
                 channel.onClosedUnbridged = user_left
-                channel.onEarlyData = feed.carry
             d.addCallbacks(connected, failed)  # so the agent's answer acts after this
             return result
 
@@ -202,8 +206,7 @@ class SessionOpening:
                 return
             self._aborts.pop(session, None)
             channel.onClosedUnbridged = None  # the bridge hears of her close now
-            channel.onEarlyData = None
-            feed.stop()
+            feed.stop()  # (the bridge stops the channel's sink, whichever it is)
             self.bridge(session, channel, agent_side)
             if session.path == POOLED:
                 self.setupLog.later(session, lambda: log_pooled(session))

@@ -78,16 +78,16 @@ def pooled_route(dataport: DataPort, reg: Registration, port: int,
 
     ``early``: the user's channel, confirmed before the answer (relay.server.opening
     ``_openEarly``): what she sends meanwhile is written to the data connection right
-    behind the GO (:meth:`BridgedChannel.pipeEarly`), not held until ``K``; the channel
-    must then be bridged to the side this returns, or, on failure, it is unpiped and
-    keeps the bytes (see below).  Her window stays bounded as when they were held: it
+    behind the GO (:class:`WriteAhead`, the channel's early sink), not held until ``K``;
+    the channel must then be bridged to the side this returns, or, on failure, it stops
+    sending and keeps the bytes (see below).  Her window stays bounded as when they were held: it
     re-opens for them only at the bridge.  Only the answer, ``K`` or ``E``, is read
     before the bridge exists, so nothing the agent sends is taken as the stream's (or
     handed to the native thread) before ``K``.
 
     Fails with PairingError if the agent could not connect the target (or did not
     answer within ``AGENT_REPLY_TIMEOUT``), AgentConnectionGone if the connection turned
-    out dead.  Either way ``early`` is unpiped first: the bytes written are gone with
+    out dead.  Either way ``early`` stops sending first: the bytes written are gone with
     the connection, and the copies it holds go to the link (a dead connection: the agent
     never acted on the GO, or it would have answered ``K`` before anything else) or are
     dropped with the session."""
@@ -101,7 +101,7 @@ def pooled_route(dataport: DataPort, reg: Registration, port: int,
         return None
     d = expire(agent.dispatch(reg.bind, port), AGENT_REPLY_TIMEOUT, dataport.clock)
     if early is not None:
-        early.pipeEarly(agent.writeAhead)
+        early.sendHeldTo(WriteAhead(agent.writeAhead))
 
     def answered(_: str) -> TCPSide:
         agent.state = DataState.JOINED
@@ -113,7 +113,7 @@ def pooled_route(dataport: DataPort, reg: Registration, port: int,
 
     def failed(f: Failure) -> Failure:
         if early is not None:
-            early.unpipe()
+            early.stopSending()
         if agent.state is not DataState.CLOSED:
             agent.transport.abortConnection()
         if f.check(defer.CancelledError):
@@ -122,6 +122,35 @@ def pooled_route(dataport: DataPort, reg: Registration, port: int,
         return f
 
     return d.addCallbacks(answered, failed)
+
+
+class WriteAhead:
+    """Her channel's :class:`relay.datapath.bridge.EarlySink` on the pooled route: her
+    held bytes written to the dispatched data connection (``write``, that is
+    ``DataConnection.writeAhead``) as they arrive, right behind the GO, until ``K``.
+
+    ``write`` returns whether the connection took the bytes whole (the kernel, not a
+    buffer in this process); once it did not, nothing more is written before the
+    answer, so this process holds her window's worth (in her channel) and at most one
+    chunk more (in the connection's buffer)."""
+
+    __slots__ = ("full", "sent", "write")
+
+    def __init__(self, write: Callable[[bytes], bool]) -> None:
+        self.write = write
+        self.sent = 0  # the bytes written, from the first: the data connection has them
+        self.full = False  # the last write was not taken whole: write no more
+
+    def offer(self, data: bytes) -> None:
+        """Write her next held chunk unless the connection is full."""
+        if not self.full:
+            self.full = not self.write(data)
+            self.sent += len(data)
+
+    def stop(self) -> int:
+        """What was written: the data connection bridged at ``K`` has it already."""
+        self.full = True
+        return self.sent
 
 
 def open_user_side(relay: PooledShell, reg: Registration, port: int, origin: str,

@@ -131,7 +131,7 @@ class PublicPorts:
         feed = EarlyFeed(relay.counters)
 
         def open_(reg: Any) -> defer.Deferred[Any]:
-            side.onEarlyData = feed.carry
+            side.earlySink = feed
             opening = relay.openToAgent(reg, port, origin, session,
                                         lambda ch: feed.pending(ch, bool(side._early)))
             side.readAhead()  # the user's first bytes, read while the agent connects
@@ -139,7 +139,7 @@ class PublicPorts:
 
         def answered(result: Any) -> Any:
             feed.stop()
-            side.onEarlyData = None
+            side.earlySink = None
             return result
 
         d.addCallback(open_).addBoth(answered)

@@ -26,7 +26,7 @@ from relay.ssh.earlydata import EarlySend
 from relay.ssh.wire import EARLY_DATA, SHARE, pack_early_data, unpack_share
 
 if TYPE_CHECKING:
-    from relay.datapath.bridge import Bridge
+    from relay.datapath.bridge import Bridge, EarlySink
 
 WINDOW_EXHAUSTED = "window"
 LINK_CONGESTED = "link"
@@ -58,13 +58,12 @@ class BridgedChannel(SSHChannel):
         "_isClosed",
         "_owed",
         "_pauses",
-        "_pipe",
         "_queued",
         "_sentEOF",
+        "_sink",
         "bridge",
         "onClosedUnbridged",
         "onCredit",
-        "onEarlyData",
         "openData",
         "opened",
         "peerClosed",
@@ -102,14 +101,12 @@ class BridgedChannel(SSHChannel):
         self.bridge: Bridge | None = None
         self.opened: defer.Deferred[BridgedChannel] = defer.Deferred()
         self._early: list[bytes] | None = None  # data before attach(), rare
-        # Held bytes are offered here as they arrive (an early-confirmed user channel:
-        # relay.server.opening sends them on before the agent answered).
-        self.onEarlyData: Callable[[bytes], object] | None = None
+        # While set (sendHeldTo): where that data is also sent on as it arrives (an
+        # early-confirmed user channel, before the agent answered: relay.server.opening).
+        self._sink: EarlySink | None = None
         # A channel we opened whose first bytes may go before its confirmation
         # (relay.ssh.earlydata): what went early, skipped when the bridge writes it.
         self._earlySend: EarlySend | None = None
-        # While set (pipeEarly): where that data is also written as it arrives.
-        self._pipe: _Pipe | None = None
         self._credit = 0
         self._owed = 0
         self._pauses = _NONE  # why the bridge asked us not to re-open the window
@@ -165,10 +162,8 @@ class BridgedChannel(SSHChannel):
             if self._early is None:
                 self._early = []
             self._early.append(data)  # bounded: no window is re-opened for it
-            if self.onEarlyData is not None:
-                self.onEarlyData(data)
-            if self._pipe is not None:
-                self._pipe.push(self._early)
+            if self._sink is not None:
+                self._sink.offer(data)
         else:
             bridge.dataReceived(self, data)
 
@@ -375,37 +370,38 @@ class BridgedChannel(SSHChannel):
         if self.closing:
             self.loseConnection()
 
-    def pipeEarly(self, write: Callable[[bytes], bool]) -> None:
-        """Write the data this channel holds before its bridge exists to ``write`` now,
-        and what arrives later as it arrives: the pooled route's pipelining
-        (relay.server.pooled), where her bytes follow the GO on the data connection
-        instead of waiting at the relay for the agent's ``K``.
+    def sendHeldTo(self, sink: EarlySink) -> None:
+        """Offer the data this channel holds before its bridge exists to ``sink`` now,
+        and what arrives later as it arrives, so that her first bytes need not wait
+        here for the agent's answer: on the link, ``early-data@labrelay`` on the agent's
+        pending channel (relay.ssh.earlydata.EarlyFeed); on the pooled route, written
+        right behind the GO (relay.server.pooled).
 
         The bytes are still *held*: kept here and no window re-opened for them, so what
         she can send before the answer stays bounded by her window, exactly as without
-        the pipe.  ``write`` returns whether the connection took them whole (the
-        kernel, not a buffer in this process); once it did not, nothing more is
-        written before the answer, so this process holds her window's worth and at most
-        one chunk more.  The owner then either bridges this channel to the side
-        ``write`` wrote to (:meth:`attach` counts what went as handed on: credited, not
-        written again; the rest goes on as usual), or calls :meth:`unpipe` first (the
-        answer failed: the bytes are dropped with the channel, or all handed on to
-        another side at attach)."""
-        self._pipe = _Pipe(write)
-        if self._early:
-            self._pipe.push(self._early)
+        a sink.  The owner then either bridges this channel (:meth:`attach` stops the
+        sink and counts what it says the other side has already as handed on: credited,
+        not written again; the rest goes on as usual), or calls :meth:`stopSending`
+        first (the answer failed: the bytes are dropped with the channel, or all handed
+        on to another side at attach).  One sink at a time."""
+        assert self._sink is None, "a sink already takes this channel's held bytes"
+        self._sink = sink
+        for data in self._early or ():
+            sink.offer(data)
 
-    def unpipe(self) -> None:
-        """Stop :meth:`pipeEarly`: what is held goes to whichever side attaches next
-        (the link, when the pooled connection turned out dead)."""
-        self._pipe = None
+    def stopSending(self) -> None:
+        """Stop :meth:`sendHeldTo`: what is held goes to whichever side attaches next
+        (the link, when the pooled connection turned out dead), all of it."""
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.stop()
 
     def endUnbridged(self) -> None:
         """End a channel confirmed before its bridge existed (an early-confirmed user
         channel whose agent side never opened, relay.core.earlyopen): what it held is
         dropped, and the peer sees EOF then close, as from the seed's chain."""
         self._early = None
-        self._pipe = None
+        self.stopSending()
         self.writeEOF()
         self.loseConnection()
 
@@ -448,12 +444,16 @@ class BridgedChannel(SSHChannel):
             bridge.sinkFull(self)
         early: Sequence[bytes] = self._early or ()
         self._early = None
-        pipe, self._pipe = self._pipe, None
-        sent = 0 if pipe is None else pipe.sent
-        if sent:  # written to the other side already (pipeEarly)
-            bridge.handedOn(self, sum(len(data) for data in early[:sent]))
-        for data in early[sent:]:
-            bridge.dataReceived(self, data)
+        sink, self._sink = self._sink, None
+        there = 0 if sink is None else sink.stop()
+        if there:  # written to the other side already (sendHeldTo)
+            bridge.handedOn(self, there)
+        for data in early:
+            if there >= len(data):
+                there -= len(data)
+            else:
+                bridge.dataReceived(self, data[there:] if there else data)
+                there = 0
         if early:
             offer = getattr(self.conn, "offerNative", None)
             if offer is not None:
@@ -517,21 +517,3 @@ class BridgedChannel(SSHChannel):
     def abort(self) -> None:
         self._discard()
         self.conn.sendClose(self)
-
-
-class _Pipe:
-    """Where a channel's bytes held before its bridge are written meanwhile
-    (:meth:`BridgedChannel.pipeEarly`), and how many of its held chunks went."""
-
-    __slots__ = ("full", "sent", "write")
-
-    def __init__(self, write: Callable[[bytes], bool]) -> None:
-        self.write = write
-        self.sent = 0  # the held chunks written, from the first
-        self.full = False  # the last write was not taken whole: write no more
-
-    def push(self, held: list[bytes]) -> None:
-        """Write the held chunks not written yet (unless the connection is full)."""
-        while not self.full and self.sent < len(held):
-            self.full = not self.write(held[self.sent])
-            self.sent += 1

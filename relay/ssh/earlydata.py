@@ -75,7 +75,10 @@ class EarlySend:
 class EarlyFeed:
     """The relay's side, per session: her first bytes handed to the agent's channel
     (``BridgedChannel.sendEarly``) as they arrive, until the agent answers or the
-    session's bridge takes over, counted in the relay's ``early_data_*`` counters."""
+    session's bridge takes over, counted in the relay's ``early_data_*`` counters.
+
+    The :class:`relay.datapath.bridge.EarlySink` of her side (her channel's, or a public
+    port's connection's) on the link route."""
 
     __slots__ = ("carried", "channel", "counters", "live")
 
@@ -91,7 +94,7 @@ class EarlyFeed:
         if not holding:
             self.channel = channel
 
-    def carry(self, data: bytes) -> None:
+    def offer(self, data: bytes) -> None:
         """Her next bytes: sent on now if the agent's channel still takes them."""
         if self.live and self.channel is not None and self.channel.sendEarly(data):
             if not self.carried:
@@ -99,10 +102,13 @@ class EarlyFeed:
                 self.counters["early_data_sessions"] += 1
             self.counters["early_data_bytes"] += len(data)
 
-    def stop(self) -> None:
-        """The bridge (or the session's end) takes over: nothing more goes early."""
+    def stop(self) -> int:
+        """The bridge (or the session's end) takes over: nothing more goes early.
+        Returns 0: the bridge writes what went early to the agent's channel again, which
+        skips it (``BridgedChannel.write``), so that it counts in that channel's window."""
         self.live = False
         self.channel = None
+        return 0
 
 
 class EarlyIntake:

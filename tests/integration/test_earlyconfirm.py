@@ -175,6 +175,34 @@ def test_L_and_W_to_a_healthy_service_are_confirmed_early_and_exact(
     assert site.opens(service, since=mark, count=5)[-1]["early"] is True
 
 
+def _sent_early_then_exact(relay: RelayNode, agent: AgentProcess, port: int,
+                           greeting: bytes, first: bytes, rest: bytes) -> None:
+    """Her ``first`` bytes, sent to ``port`` (an echo service) while the agent is stopped
+    (SIGSTOP: the relay's open to it cannot be answered), are counted by the relay as
+    sent early (``early_data_bytes``, early-data@labrelay) before the agent runs again;
+    then ``rest`` follows, and the service's ``greeting``, ``first`` and ``rest`` come
+    back exactly, once and in order, with nothing more counted early."""
+
+    def early_bytes() -> int:
+        return int(relay.status()["relay"]["counters"]["early_data_bytes"])
+
+    before = early_bytes()
+    agent.sigstop()
+    try:
+        sock = connect(port)
+        sock.sendall(first)
+        wait_until(lambda: early_bytes() >= before + len(first),
+                   "the relay to send her first bytes before the agent answered", timeout=20)
+    finally:
+        agent.sigcont()
+    with sock:
+        sock.settimeout(30)
+        sock.sendall(rest)
+        got = recv_exactly(sock, len(greeting) + len(first) + len(rest))
+    assert got == greeting + first + rest
+    assert early_bytes() == before + len(first), "only her bytes before the answer"
+
+
 def test_her_first_bytes_go_to_the_agent_before_it_answers_and_arrive_exact(
         site: Site) -> None:
     """The link route to a labrelay agent (it says early-data-ok@labrelay): with the
@@ -183,26 +211,8 @@ def test_her_first_bytes_go_to_the_agent_before_it_answers_and_arrive_exact(
     the service gets them, then the rest, exactly once and in order."""
     site.echo_through(WEB, b"healthy")
     _, port = site.forward(WEB)
-
-    def early_bytes() -> int:
-        return int(site.relay.status()["relay"]["counters"]["early_data_bytes"])
-
-    before = early_bytes()
-    first, rest = os.urandom(1000), os.urandom(300_000)
-    site.agent.sigstop()
-    try:
-        sock = connect(port)
-        sock.sendall(first)
-        wait_until(lambda: early_bytes() >= before + len(first),
-                   "the relay to send her first bytes before the agent answered", timeout=20)
-    finally:
-        site.agent.sigcont()
-    with sock:
-        sock.settimeout(30)
-        sock.sendall(rest)
-        got = recv_exactly(sock, len(GREETING[WEB]) + len(first) + len(rest))
-    assert got == GREETING[WEB] + first + rest
-    assert early_bytes() == before + len(first), "only her bytes before the answer"
+    _sent_early_then_exact(site.relay, site.agent, port, GREETING[WEB],
+                           os.urandom(1000), os.urandom(300_000))
 
 
 def test_a_public_ports_first_read_goes_to_the_agent_before_it_answers(
@@ -225,26 +235,8 @@ def test_a_public_ports_first_read_goes_to_the_agent_before_it_answers(
         name="agent")  # fmt: skip
     agent.wait_for("forward_ready", timeout=20)
 
-    def early_bytes() -> int:
-        return int(relay.status()["relay"]["counters"]["early_data_bytes"])
-
     assert echo_roundtrip(public, b"healthy") == b"healthy"
-    before = early_bytes()
-    first, rest = os.urandom(2000), os.urandom(200_000)
-    agent.sigstop()
-    try:
-        sock = connect(public)
-        sock.sendall(first)
-        wait_until(lambda: early_bytes() >= before + len(first),
-                   "the relay to send her first read before the agent answered", timeout=20)
-    finally:
-        agent.sigcont()
-    with sock:
-        sock.settimeout(30)
-        sock.sendall(rest)
-        got = recv_exactly(sock, len(first) + len(rest))
-    assert got == first + rest
-    assert early_bytes() == before + len(first)
+    _sent_early_then_exact(relay, agent, public, b"", os.urandom(2000), os.urandom(200_000))
 
 
 @pytest.mark.parametrize("service", [WEB, GPU])

@@ -281,6 +281,70 @@ def test_data_before_the_bridge_waits_without_reopening_the_window() -> None:
     assert 0 < sum(h.ssh.adjusts()) <= 5 * MAX_PACKET
 
 
+class _Sink:
+    """An early sink (relay.datapath.bridge.EarlySink) that records what it is offered
+    and says, at stop, that the other side has ``there`` bytes already."""
+
+    def __init__(self, there: int = 0) -> None:
+        self.offered: list[bytes] = []
+        self.there = there
+        self.stops = 0
+
+    def offer(self, data: bytes) -> None:
+        self.offered.append(data)
+
+    def stop(self) -> int:
+        self.stops += 1
+        return self.there
+
+
+@pytest.mark.parametrize("there", [0, 3, 5 * MAX_PACKET // 2, 5 * MAX_PACKET])
+def test_held_data_goes_to_the_early_sink_and_what_it_placed_is_not_written_again(
+        there: int) -> None:
+    """The one interface both early routes use (the link's EarlyFeed, the pooled
+    route's WriteAhead): every held chunk is offered in order, those held before
+    ``sendHeldTo`` first; the window is still not re-opened for them; at the bridge the
+    sink is stopped once and the bytes it says are there already (from the first, even
+    part of a chunk) are credited, not written; the rest is written as usual."""
+    h = Harness()
+    channel = h.openFromPeer()
+    chunks = [bytes([65 + i]) * MAX_PACKET for i in range(5)]
+    h.data(channel, chunks[0])
+    sink = _Sink(there)
+    channel.sendHeldTo(sink)
+    for chunk in chunks[1:]:
+        h.data(channel, chunk)
+    assert sink.offered == chunks and h.ssh.adjusts() == []
+    tcp = TCPSide()
+    transport = FakeTCPTransport()
+    tcp.makeConnection(transport)
+    bridge = Bridge(tcp, channel)
+    assert sink.stops == 1
+    assert transport.value() == b"".join(chunks)[there:], "only what is not there yet"
+    assert bridge.bytesBtoA == 5 * MAX_PACKET, "all of it counted"
+    assert 0 < sum(h.ssh.adjusts()) <= 5 * MAX_PACKET, "and credited"
+    h.data(channel, b"later")
+    assert sink.offered == chunks and transport.value().endswith(b"later")
+
+
+def test_a_stopped_sink_leaves_every_held_byte_to_the_bridge() -> None:
+    """``stopSending`` (the pooled connection turned out dead): the sink is stopped,
+    offered nothing more, and the side attached next gets every byte held."""
+    h = Harness()
+    channel = h.openFromPeer()
+    sink = _Sink(there=4)
+    channel.sendHeldTo(sink)
+    h.data(channel, b"one ")
+    channel.stopSending()
+    h.data(channel, b"two")
+    assert sink.offered == [b"one "] and sink.stops == 1
+    tcp = TCPSide()
+    transport = FakeTCPTransport()
+    tcp.makeConnection(transport)
+    Bridge(tcp, channel)
+    assert transport.value() == b"one two" and sink.stops == 1
+
+
 def test_extended_data_is_dropped_and_credited() -> None:
     h = Harness()
     channel, _tcp, transport, _bridge = h.session()

@@ -233,17 +233,17 @@ def test_the_feed_sends_a_sessions_bytes_until_the_bridge_takes_over() -> None:
     counters = {"early_data_sessions": 0, "early_data_bytes": 0}
     conn = FakeSSHConnection()
     feed = EarlyFeed(counters)
-    feed.carry(b"nowhere yet")  # no pending channel: nothing goes early
+    feed.offer(b"nowhere yet")  # no pending channel: nothing goes early
     feed.pending(_agentChannel(conn), holding=False)
-    feed.carry(b"abc")
-    feed.carry(b"de")
+    feed.offer(b"abc")
+    feed.offer(b"de")
     assert counters == {"early_data_sessions": 1, "early_data_bytes": 5}
     feed.stop()
-    feed.carry(b"late")
+    feed.offer(b"late")
     assert [unpack_early_data(d)[1] for _, d, _ in conn.globalRequests] == [b"abc", b"de"]
     held = EarlyFeed(counters)
     held.pending(_agentChannel(FakeSSHConnection()), holding=True)
-    held.carry(b"x")
+    held.offer(b"x")
     assert counters["early_data_sessions"] == 1, "bytes held already: no prefix, none go"
 
 

@@ -38,6 +38,7 @@ from relay.ssh.wire import EARLY_DATA_OK, EARLY_LIMIT, pack_early_data_ok, unpac
 from relay.testing import (
     FakeIdentity,
     FakeRelayConnection,
+    FakeSide,
     FakeSSHConnection,
     KeyRing,
     result_of,
@@ -116,40 +117,6 @@ class _UserConn:
         self.sent.append(("request", kind))
 
 
-class _AgentSide:
-    """The agent's side of a session (a bridge Side that records)."""
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.aborted = False
-        self.eof = False
-        self.bridge: Any = None
-
-    def attach(self, bridge: Any) -> None:
-        self.bridge = bridge
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def writeEOF(self) -> None:
-        self.eof = True
-
-    def consumed(self, n: int) -> None:
-        pass
-
-    def pauseReading(self, reason: str) -> None:
-        pass
-
-    def resumeReading(self, reason: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        self.aborted = True
-
-
 @dataclasses.dataclass(eq=False)
 class _Agent(FakeRelayConnection):
     """An agent whose link is up: each open waits for the test to answer it."""
@@ -205,7 +172,7 @@ class World:
         """One session opened and answered: the registration is healthy."""
         answer, channel, _ = self.open()
         assert isinstance(answer, defer.Deferred), "a fresh registration confirms late"
-        self.agent.opens[-1].callback(_AgentSide())
+        self.agent.opens[-1].callback(FakeSide())
         assert result_of(answer) is channel
         assert self.health() is OpenHealth.HEALTHY
 
@@ -225,7 +192,7 @@ def test_a_healthy_service_is_confirmed_at_once_and_the_held_bytes_go_on(world: 
     channel.localWindowLeft -= 6
     channel.dataReceived(b"there")
     assert ("adjust", 6) not in conn.sent, "held bytes re-open no window"
-    side = _AgentSide()
+    side = FakeSide()
     world.agent.opens[-1].callback(side)
     assert side.written == [b"hello ", b"there"]
     assert side.bridge is channel.bridge is not None
@@ -248,7 +215,7 @@ def test_her_bytes_go_to_an_agent_that_takes_them_before_it_answered(world: Worl
     assert _early(pending) == [b"hello ", b"there"], "sent on as they arrived"
     assert world.core.counters["early_data_sessions"] == 1
     assert world.core.counters["early_data_bytes"] == 11
-    side = _AgentSide()
+    side = FakeSide()
     world.agent.opens[-1].callback(side)
     assert side.written == [b"hello ", b"there"], "the bridge hands them on as before"
     channel.dataReceived(b"!")
@@ -269,7 +236,7 @@ def test_without_early_confirmation_nothing_goes_early(world: World) -> None:
     world.agent.takesEarly = True
     answer, _, _ = world.open()  # a fresh registration: confirmed after the agent
     assert isinstance(answer, defer.Deferred)
-    world.agent.opens[-1].callback(_AgentSide())
+    world.agent.opens[-1].callback(FakeSide())
     assert not world.agent.pendings or not _early(world.agent.pendings[0])
     assert world.core.counters["early_data_bytes"] == 0
 
@@ -304,9 +271,9 @@ def test_a_grants_reload_in_the_early_phase_ends_it_and_the_late_agent_side(
     world.core.abortSession(rows[0], "grant revoked")
     assert conn.sent == [("eof", None), ("close", None)]
     assert world.core.sessions.active_for_user("alice") == 1
-    side = _AgentSide()
+    side = FakeSide()
     world.agent.opens[-1].callback(side)
-    assert side.aborted and side.bridge is None
+    assert side.abortCalls == 1 and side.bridge is None
 
 
 def test_without_early_confirm_every_channel_waits_for_the_agent() -> None:
@@ -314,7 +281,7 @@ def test_without_early_confirm_every_channel_waits_for_the_agent() -> None:
     for _ in range(2):
         answer, channel, _ = world.open()
         assert isinstance(answer, defer.Deferred)
-        world.agent.opens[-1].callback(_AgentSide())
+        world.agent.opens[-1].callback(FakeSide())
         assert result_of(answer) is channel
     assert world.health() is OpenHealth.HEALTHY
 
@@ -334,9 +301,9 @@ def test_a_confirmation_that_could_not_leave_ends_the_session(world: World) -> N
     _, channel, conn = world.open()
     channel.openFailed(error.ConchError("link lost", 2))
     assert world.core.sessions.active_for_user("alice") == 1
-    side = _AgentSide()
+    side = FakeSide()
     world.agent.opens[-1].callback(side)
-    assert side.aborted and conn.sent == []
+    assert side.abortCalls == 1 and conn.sent == []
 
 
 @pytest.mark.parametrize("how", ["close", "connection lost"])
@@ -357,9 +324,9 @@ def test_a_user_who_leaves_before_the_agent_answers_ends_her_session_at_once(
     channel.closed()  # Conch's channelClosed, after her CLOSE or at serviceStopped
     assert world.core.sessions.active_for_user("alice") == 1, "her row closed at once"
     assert world.core._aborts == {}
-    side = _AgentSide()
+    side = FakeSide()
     world.agent.opens[-1].callback(side)
-    assert side.aborted and side.bridge is None and side.written == []
+    assert side.abortCalls == 1 and side.bridge is None and side.written == []
     assert [kind for kind, _ in conn.sent if kind in ("data", "eof")] == []
     assert world.core.sessions.active_for_user("alice") == 1
     assert world.health() is OpenHealth.HEALTHY, "the agent's open itself succeeded"
@@ -370,7 +337,7 @@ def test_a_bridged_early_channel_forgets_its_unbridged_close_hook(world: World) 
     _, channel, _ = world.open()
     world.confirm(channel)
     assert channel.onClosedUnbridged is not None
-    world.agent.opens[-1].callback(_AgentSide())
+    world.agent.opens[-1].callback(FakeSide())
     assert channel.onClosedUnbridged is None, "an idle session keeps no closure for it"
 
 
@@ -390,7 +357,7 @@ def test_held_bytes_handed_on_offer_the_session_to_the_native_thread(
     world.confirm(channel)
     if held:
         channel.dataReceived(held)  # held: the agent has not answered
-    world.agent.opens[-1].callback(_AgentSide())
+    world.agent.opens[-1].callback(FakeSide())
     assert offers == ([channel] if held else [])
 
 
@@ -461,7 +428,7 @@ class _Orders:
             sessions = ResumableSessions(Clock(), 60.0, "orders")
             self.side: Any = sessions.open(b"s" * SID_LEN, None, self.inner, "gpu-cluster")
         else:  # the pooled route: a TCP side (its close arrives after an abort)
-            self.side = _AgentSide()
+            self.side = FakeSide()
         self.confirmed = self.user_closed = self.user_eof = self.agent_closed = False
         self.agent = "pending"
 
@@ -512,7 +479,7 @@ class _Orders:
             self.inner.localClosed = self.inner.remoteClosed = True
             self.inner.closed()
         elif self.side.bridge is not None:
-            self.side.bridge.sideClosed(self.side, clean=True)
+            self.side.closed()
 
     def finish(self) -> None:
         """The peers end what is left: an agent that has not answered answers, and
@@ -544,7 +511,7 @@ def test_every_order_of_events_ends_the_early_session_exactly_once(
     if run.agent == "ok" and run.channel.bridge is None:
         # ended before the agent's side opened: that side was aborted, never bridged
         assert run.inner is None or run.inner in run.inner.conn.closes
-        assert run.inner is not None or run.side.aborted
+        assert run.inner is not None or run.side.abortCalls
 
 
 # the session's opening events, written after its set-up (relay.server.audit.SetupLog)
@@ -597,7 +564,7 @@ def test_an_early_sessions_open_event_is_written_after_its_set_up(
     del events[:]
     _, channel, _ = world.open()
     world.confirm(channel)
-    world.agent.opens[-1].callback(_AgentSide())
+    world.agent.opens[-1].callback(FakeSide())
     assert [e["event"] for e in events] == [], "nothing written in the set-up's turns"
     world.clock.advance(SETUP_LOG_DELAY)
     (opened,) = events

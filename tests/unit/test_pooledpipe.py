@@ -44,6 +44,7 @@ from relay.ssh.channels import BridgedChannel
 from relay.testing import (
     FakeIdentity,
     FakeRelayConnection,
+    FakeSide,
     KeyRing,
     connection_lost,
     result_of,
@@ -94,38 +95,6 @@ class _Agent(FakeRelayConnection):
                       onPending: Any = None) -> defer.Deferred[Any]:
         self.opens.append(defer.Deferred())
         return self.opens[-1]
-
-
-class _LinkSide:
-    """A channel on the agent's link, as a bridge side that records."""
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.bridge: Any = None
-
-    def attach(self, bridge: Any) -> None:
-        self.bridge = bridge
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def consumed(self, n: int) -> None:
-        pass
-
-    def pauseReading(self, reason: str) -> None:
-        pass
-
-    def resumeReading(self, reason: str) -> None:
-        pass
-
-    def writeEOF(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
 
 
 class World:
@@ -289,7 +258,7 @@ def test_a_dead_connection_sends_her_held_bytes_on_the_link_once(world: World) -
     _her(channel, b"two")
     assert at.value() == _go(dc) + b"one "
     assert world.row().path == CHANNEL and len(world.agent.opens) == 1
-    side = _LinkSide()
+    side = FakeSide()  # the channel on the agent's link
     world.agent.opens[-1].callback(side)
     assert side.written == [b"one ", b"two"] and channel.bridge is side.bridge
     assert side.bridge.bytesAtoB == 7
