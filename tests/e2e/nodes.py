@@ -375,10 +375,17 @@ class Site:
 
     def start_relay(self, extra: str = "", name: str = "relay",
                     user_settings: dict[str, str] | None = None,
-                    user_services: dict[str, list[str]] | None = None) -> NsRelay:
+                    user_services: dict[str, list[str]] | None = None,
+                    e2e_services: list[str] | None = None) -> NsRelay:
         """The relay on cloud; ``user_settings`` adds lines to a user's ``[[relay.user]]``
-        table (``{"alice": "share = 2"}``), ``user_services`` replaces a user's grants."""
+        table (``{"alice": "share = 2"}``), ``user_services`` replaces a user's grants,
+        ``e2e_services`` the services declared end-to-end (``gpu-cluster:22``)."""
         grants = {**USER_GRANTS, **(user_services or {})}
+        settings = RELAY_SETTINGS
+        if e2e_services is not None:
+            listed = ", ".join(f'"{s}"' for s in e2e_services)
+            settings = settings.replace('e2e_services = ["gpu-cluster:22"]',
+                                        f"e2e_services = [{listed}]")
         k = self.keys
         directory = self.dir / "relay"
         directory.mkdir(exist_ok=True)
@@ -388,7 +395,7 @@ class Site:
             [("lab_pc", k.lab_pc, ["gpu-cluster:22", "data:9000", f"echo:{ECHO_PORT}"],
               [PUBLIC_PORT, DATA_PUBLIC_PORT])],
             [(u, getattr(k, u), s) for u, s in grants.items()],
-            extra=RELAY_SETTINGS + extra, user_settings=user_settings,
+            extra=settings + extra, user_settings=user_settings,
         ))
         proc = self.process("cloud", audited_relay_argv("relay", "--log-format", "json",
                                                         "--config", str(config)), name=name)

@@ -150,3 +150,53 @@ def test_a_far_agents_new_session_echoes_after_one_round_trip_not_two(
            round_trips=round(median / rtt, 2),
            notes="the user's first bytes sent with the open (early-data@labrelay)")
     assert median < 1.5 * rtt, (took, rtt)
+
+
+def test_a_far_agents_pooled_session_echoes_after_one_round_trip_not_two(
+        site: Site, record: Record) -> None:
+    """The same on the pooled route (docs/fastpath.md, "GO, her bytes, then K"): the
+    echo service declared end-to-end, so each of eve's ``ssh -L`` sessions rides one of
+    the agent's pooled data connections, across the far hop too.  Her bytes follow the
+    GO on it as they arrive, so the first echo takes one round trip of the far link, not
+    two (the agent's ``K``, then her bytes)."""
+    site.start_gpu(data=False, echo=True)
+    relay = site.start_relay(e2e_services=["gpu-cluster:22", f"echo:{ECHO_PORT}"])
+    agent = site.start_agent(f"echo:{ECHO_PORT}:{GPU}:{ECHO_PORT}", keepalive=(1, 10))
+    site.wait_agent_ready(agent)
+    agent.wait_for("forward_ready", timeout=20, kind="remote", bind="echo", port=ECHO_PORT)
+    site.local_forward("eve", f"echo:{ECHO_PORT}", FAR_PORT)
+
+    def fast() -> dict[str, Any]:
+        return dict(relay.status()["relay"]["fast_path"])
+
+    def pool_has_one() -> None:
+        """Each session finds an idle pooled connection (the pool refills across the
+        far hop between sessions; a session that found none would take the link)."""
+        deadline = time.monotonic() + 20
+        while fast()["pools"].get("lab_pc", 0) < 1:
+            assert time.monotonic() < deadline, fast()["pools"]
+            time.sleep(0.05)
+
+    pool_has_one()
+    first_echo(site, FAR_PORT, b"warm")  # a fresh registration: confirmed after the agent
+    before = fast()["pooled"]
+    imp = Impairment(delay_ms=100)
+    backend = site.topo.impair(imp)
+    try:
+        rtt = connect_time(site, relay.port)
+        assert rtt >= 0.18, rtt
+        took = []
+        for _ in range(5):
+            pool_has_one()
+            took.append(first_echo(site, FAR_PORT, os.urandom(200)))
+    finally:
+        site.topo.clear_impairment()
+    assert fast()["pooled"] - before == 5, fast()
+    took.sort()
+    median = took[2]
+    record("a far agent, pooled route: a new session's first echo", sessions=5, bytes_lost=0,
+           silently_wrong=0, impairment=imp.as_dict(), backend=backend,
+           handshake_ms=round(rtt * 1000), first_echo_ms=[round(t * 1000) for t in took],
+           round_trips=round(median / rtt, 2),
+           notes="the user's first bytes written behind the GO on a pooled data connection")
+    assert median < 1.5 * rtt, (took, rtt)
