@@ -247,9 +247,13 @@ def markdown(res: dict[str, Any]) -> str:
         out += [f"{k} (the -J thread's floor): open {v['open']:.2f} CPU-s/GiB with "
                 f"{v['libcrypto']}" for k, v in aead.items() if "seal" not in v]
     out += ["", "| goal | value | status |", "|---|---|---|"]
+    partial = bool(res.get("conditions", {}).get("only"))
     for g in res["goals"]:
         v = "–" if g["value"] is None else f"{g['value']:.2f} {g['unit']}"
-        out.append(f"| {g['goal']} ({g['level']}) | {v} | {g['status']} |")
+        # A figure with no value is a MISS in a full run (its measurement failed); in a
+        # run of some variants only (--only) it was not measured.
+        status = "not run (--only)" if partial and g["value"] is None else g["status"]
+        out.append(f"| {g['goal']} ({g['level']}) | {v} | {status} |")
     if res["anomalies"]:
         out += ["", "Anomalies:", ""] + [f"- {a[:500]}" for a in res["anomalies"]]
     return "\n".join(out) + "\n"
