@@ -1032,6 +1032,18 @@ def receive_stream(port: int, host: str = LOOPBACK, timeout: float = 60.0) -> Re
 # TCP targets
 
 
+def close_woken(sock: socket.socket) -> None:
+    """Close a socket that another thread may be blocked on (``accept()``, ``recv()``):
+    ``shutdown()`` first, which wakes that call, then ``close()``.  ``close()`` alone does
+    not: the blocked call keeps the old socket alive and the thread outlives its test,
+    and such zombie accept threads took later tests' connections in CI twice
+    (test_trusted_ca's echo in round 9, test_relay's takeover echo in round 10)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
 class TcpServer:
     """A threaded server on 127.0.0.1 port 0: one thread per accepted connection."""
 

@@ -35,6 +35,7 @@ from harness import (
     RelayNode,
     Sshd,
     SshProcess,
+    close_woken,
     find_program,
     known_hosts_line,
     make_key,
@@ -69,19 +70,22 @@ class RecordingBox:
         self.link: list[socket.socket] = []  # the SSH pass-through's sockets
         self.datas: list[socket.socket] = []  # the data connections' sockets
         self.cut: set[socket.socket] = set()  # reset by cut_*: their pumps just leave
-        for listener, upstream, record in ((self.ssh, relay_ssh_port, False),
-                                           (self.data, data_port, True)):
-            threading.Thread(target=self._accept, args=(listener, upstream, record),
-                             daemon=True).start()
+        self.accepting = [threading.Thread(target=self._accept, args=(listener, up, record),
+                                           daemon=True)
+                          for listener, up, record in ((self.ssh, relay_ssh_port, False),
+                                                       (self.data, data_port, True))]
+        for thread in self.accepting:
+            thread.start()
 
     def close(self) -> None:
+        """Close everything, waking the accept and pump threads (they end)."""
         with self.lock:
             socks = list(self.socks)
         for s in socks:
-            try:
-                s.close()
-            except OSError:
-                pass
+            close_woken(s)
+        for thread in self.accepting:  # none may outlive the test (close_woken says why)
+            thread.join(5)
+            assert not thread.is_alive(), "the box's accept thread outlived close()"
 
     def cut_link(self) -> None:
         """Reset the agent's SSH link (only it: the data connections stay up)."""

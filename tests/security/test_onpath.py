@@ -43,6 +43,7 @@ from harness import (
     KeyPair,
     RelayNode,
     Sshd,
+    close_woken,
     find_program,
     known_hosts_line,
     make_key,
@@ -115,12 +116,10 @@ class OnPathBox:
             threading.Thread(target=target, daemon=True).start()
 
     def close(self) -> None:
+        """Close everything, waking the accept and pump threads (they end)."""
         self.closed = True
         for s in self._socks:
-            try:
-                s.close()
-            except OSError:
-                pass
+            close_woken(s)
 
     def _keep(self, s: socket.socket) -> socket.socket:
         with self.lock:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, child_env
-from harness import LOOPBACK, free_port, make_key
+from harness import LOOPBACK, close_woken, free_port, make_key
 from OpenSSL import SSL
 from test_admission import _dial
 from test_tls_hostile import Site, _client_hello, _recv_all, _until, site  # noqa: F401
@@ -167,7 +167,7 @@ class HostileProxy:
                     pass
 
     def close(self) -> None:
-        self.listener.close()
+        close_woken(self.listener)  # its accept thread ends
 
 
 @pytest.fixture
