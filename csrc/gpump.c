@@ -34,17 +34,18 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "lr_bulk.h"
 #include "relay_sshopen.h"
 
 #define IN_CAP (512 * 1024)  /* wire bytes read and not yet opened */
 #define OUT_CAP (512 * 1024) /* channel bytes opened and not yet written */
-#define QUIET_MS 20          /* report unreported bytes this long after the last ones */
+#define QUIET_MS LR_QUIET_MS /* report unreported bytes this long after the last ones */
 #define NEWS_MS 500          /* and at least this often while bytes keep flowing */
 #define STALL_MS 50          /* hand back when the data connection takes nothing this long */
 #define IDLE_MS 2000         /* hand back a session that sent nothing this long (its buffers
                               * and thread are for bulk; Python re-arms on the next data) */
-#define BULK_MS 20              /* the span over which a session is judged bulk or not */
-#define BULK_BYTES (1024 * 1024) /* read either way in a span: bulk (about 50 MB/s) */
+#define BULK_MS LR_BULK_MS       /* the span over which a session is judged bulk or not */
+#define BULK_BYTES LR_BULK_BYTES /* read either way in a span: bulk (lr_bulk.h) */
 #define LR_GP_CONGESTED LR_GP_FULL
 #define RAW_CAP (256 * 1024)  /* bytes read from the data connection, not yet sealed */
 #define SEAL_CAP (512 * 1024) /* sealed bytes not yet written to the user */
@@ -85,12 +86,7 @@ struct lr_gpump {
     size_t padoff;
 };
 
-static uint64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
+#define now_ms lr_now_ms
 
 static void wake(int fd)
 {
@@ -253,13 +249,7 @@ static int seal_some(struct lr_gpump *p)
     return LR_GP_RUNNING;
 }
 
-/* SCHED_BATCH (bulk) or SCHED_OTHER for the calling thread; 0, or an errno (a
- * sandbox may refuse: the thread then stays as it is). */
-static int set_batch(int on)
-{
-    struct sched_param sp = {0};
-    return pthread_setschedparam(pthread_self(), on ? SCHED_BATCH : SCHED_OTHER, &sp);
-}
+#define set_batch lr_set_batch
 
 static void *run(void *arg)
 {

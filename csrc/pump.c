@@ -13,6 +13,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "lr_bulk.h"
 #include "lr_internal.h"
 
 void lr_wake(int fd)
@@ -280,10 +281,15 @@ void *lr_pump_main(void *arg)
 {
     struct lr_pump *p = arg;
     struct epoll_event evs[MAX_EVENTS];
+    struct lr_bulk bulk;
     int stop = 0;
 
+    lr_bulk_init(&bulk);
     while (!stop) {
-        int i, j, n = epoll_wait(p->epfd, evs, MAX_EVENTS, p->turns != NULL ? 0 : -1);
+        /* SCHED_BATCH while bulk flows (lr_bulk.h); a pause ends it, so a thread that is
+         * batch never sleeps longer than that without looking */
+        int timeout = p->turns != NULL ? 0 : (bulk.batch ? LR_QUIET_MS : -1);
+        int i, j, n = epoll_wait(p->epfd, evs, MAX_EVENTS, timeout);
 
         if (n < 0) {
             if (errno == EINTR)
@@ -337,6 +343,8 @@ void *lr_pump_main(void *arg)
             }
         }
         publish(p);
+        if (lr_bulk_update(&bulk, STAT_GET(p, bytes)))
+            STAT_ADD(p, batched, 1);
     }
     return NULL;
 }

@@ -63,6 +63,7 @@ lr_pump *lr_pump_new(const struct lr_pump_config *config, int *err)
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc < 0)
         goto fail_fds;
+    pthread_setname_np(p->thread, "lr-pump"); /* seen in top -H, perf, /proc */
     return p;
 
 fail_fds:
@@ -350,6 +351,7 @@ void lr_pump_get_stats(lr_pump *p, struct lr_pump_stats *s)
     s->pairs_total = STAT_GET(p, pairs_total);
     s->pairs_active = STAT_GET(p, pairs_active);
     s->fell_back = STAT_GET(p, fell_back);
+    s->batched = STAT_GET(p, batched);
     /* The pool belongs to the pump thread; these two are a racy glimpse. */
     s->pipes_total = __atomic_load_n(&p->pool.total, __ATOMIC_RELAXED);
     s->pipes_idle = __atomic_load_n(&p->pool.idle, __ATOMIC_RELAXED);

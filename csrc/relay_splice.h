@@ -120,6 +120,7 @@ struct lr_pump_stats {
     uint64_t pairs_total;
     uint64_t pairs_active;
     uint64_t fell_back;   /* pairs that copied some bytes */
+    uint64_t batched;     /* times the thread turned SCHED_BATCH for bulk (lr_bulk.h) */
     int pipes_total;
     int pipes_idle;
     int pipe_size;

@@ -257,7 +257,7 @@ class Pump:
         lib.lr_pump_get_stats(self._live(), s)
         return {name: int(getattr(s, name)) for name in (
             "wakeups", "turns", "syscalls", "bytes", "pairs_total", "pairs_active",
-            "fell_back", "pipes_total", "pipes_idle", "pipe_size")}
+            "fell_back", "batched", "pipes_total", "pipes_idle", "pipe_size")}
 
     def close(self) -> None:
         """Stop the thread; pairs still running are reset and closed (not reported)."""

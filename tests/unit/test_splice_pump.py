@@ -566,3 +566,59 @@ def test_a_paused_direction_moves_nothing_until_resumed(
     assert receive(peer_b, 9) == b"held back"
     pair.abort()
     wait(reactor, pair.done)
+
+
+def _pump_thread() -> int:
+    tids = [int(t) for t in os.listdir("/proc/self/task")
+            if open(f"/proc/self/task/{t}/comm").read().strip() == "lr-pump"]
+    assert len(tids) == 1, tids
+    return tids[0]
+
+
+def test_the_pump_thread_runs_sched_batch_during_bulk_and_not_after(
+        reactor: Any, sockets: list[socket.socket]) -> None:
+    """The native pump's thread is SCHED_BATCH while a pair moves bulk (csrc/lr_bulk.h:
+    several of the sender's writes per wake-up, fewer wake-ups per GiB), never for small
+    exchanges one at a time, and SCHED_OTHER again once the bytes pause, so a keystroke
+    after a transfer wakes it as before.  The bytes stay exact."""
+    path = DataPath(reactor, Backend("c", "test"), pipe_size=64 * 1024, max_idle_pipes=4)
+    try:
+        peer_a, a, b, peer_b = pair_of_hops(sockets)
+        pair = path.splice(a, b)
+        tid = _pump_thread()
+        for i in range(50):  # interactive: each small write awaited at the other end
+            peer_a.sendall(bytes([i]) * 10)
+            got = b""
+            while len(got) < 10:
+                got += peer_b.recv(10 - len(got))
+            assert got == bytes([i]) * 10
+        assert os.sched_getscheduler(tid) == os.SCHED_OTHER
+        assert path.status()["batched"] == 0
+        chunk = os.urandom(MiB)
+        rounds = 0
+        # Bulk is >= 1 MiB per 20 ms (lr_bulk.h): a busy machine may move a round slower
+        # than that, so up to three rounds of 64 MiB, each exact, until the thread turned.
+        while rounds < 3 and (rounds == 0 or path.status()["batched"] == 0):
+            rounds += 1
+            sender = threading.Thread(target=lambda: [peer_a.sendall(chunk) for _ in range(64)])
+            sender.start()
+            got = bytearray()
+            while len(got) < 64 * MiB:
+                data = peer_b.recv(1 << 20)
+                assert data, "the pair ended"
+                got += data
+            sender.join()
+            assert got == chunk * 64
+        assert path.status()["batched"] >= 1, f"never SCHED_BATCH in 3 x 64 MiB: {path.status()}"
+        deadline = time.monotonic() + 5.0
+        while os.sched_getscheduler(tid) != os.SCHED_OTHER:  # no event says so: poll
+            assert time.monotonic() < deadline, "still SCHED_BATCH after the bytes paused"
+            time.sleep(0.01)
+        peer_a.sendall(b"k")  # a keystroke after the transfer
+        assert peer_b.recv(1) == b"k"
+        peer_a.shutdown(socket.SHUT_WR)
+        peer_b.shutdown(socket.SHUT_WR)
+        result = wait(reactor, pair.done)
+        assert result == PairResult(500 + rounds * 64 * MiB + 1, 0)
+    finally:
+        path.close()

@@ -1,0 +1,90 @@
+/* Bulk detection for labrelay's data-path threads: while a thread moves bulk it runs
+ * SCHED_BATCH, which does not preempt the task running where it is woken, so by the
+ * time it runs the sender has mostly written again and one wake-up carries several
+ * writes (fewer wake-ups, sleeps and syscalls per GiB: docs/performance.md).  A thread
+ * that moves little stays SCHED_OTHER, so a lone keystroke wakes it as before; once the
+ * bytes pause for LR_QUIET_MS it is SCHED_OTHER again.  Used by the splice pump
+ * (pump.c, every spliced pair's thread) and the pooled -J thread (gpump.c).
+ * Private to csrc/; header-only (static inline); no Python C API. */
+
+#ifndef LR_BULK_H
+#define LR_BULK_H
+
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <time.h>
+
+#define LR_QUIET_MS 20                 /* bytes paused this long: SCHED_OTHER again */
+#define LR_BULK_MS 20                  /* the span over which bulk is judged */
+#define LR_BULK_BYTES (1024 * 1024)    /* moved in a span: bulk (about 50 MB/s) */
+
+static inline uint64_t lr_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* SCHED_BATCH (bulk) or SCHED_OTHER for the calling thread; 0, or an errno (a
+ * sandbox may refuse: the thread then stays as it is). */
+static inline int lr_set_batch(int on)
+{
+    struct sched_param sp = {0};
+    return pthread_setschedparam(pthread_self(), on ? SCHED_BATCH : SCHED_OTHER, &sp);
+}
+
+/* One thread's bulk state, judged from a running total of the bytes it moved. */
+struct lr_bulk {
+    uint64_t span_start, span_from; /* the current span: when, and the total then */
+    uint64_t last_move, last_total; /* when the total last grew, and to what */
+    int batch;                      /* the thread is SCHED_BATCH now */
+    int can;                        /* 0 once the system refused SCHED_BATCH */
+};
+
+static inline void lr_bulk_init(struct lr_bulk *b)
+{
+    uint64_t t = lr_now_ms();
+    b->span_start = b->last_move = t;
+    b->span_from = b->last_total = 0;
+    b->batch = 0;
+    b->can = 1;
+}
+
+/* After a round of work: ``total`` is every byte the thread moved so far.  Switches
+ * the calling thread's policy when due; returns 1 when it turned SCHED_BATCH on now. */
+static inline int lr_bulk_update(struct lr_bulk *b, uint64_t total)
+{
+    uint64_t t = lr_now_ms();
+    int turned = 0;
+
+    if (total != b->last_total) {
+        b->last_total = total;
+        b->last_move = t;
+    }
+    if (b->batch && t - b->last_move >= LR_QUIET_MS) {
+        if (lr_set_batch(0) == 0)
+            b->batch = 0;
+        b->span_start = t;
+        b->span_from = total;
+    } else if (t - b->span_start >= LR_BULK_MS) {
+        /* bulk: at least LR_BULK_BYTES per LR_BULK_MS over the span, however long */
+        int bulk = (total - b->span_from) * LR_BULK_MS >=
+                   (uint64_t)LR_BULK_BYTES * (t - b->span_start);
+        if (bulk && !b->batch && b->can) {
+            if (lr_set_batch(1) == 0) {
+                b->batch = 1;
+                turned = 1;
+            } else {
+                b->can = 0;
+            }
+        } else if (!bulk && b->batch && lr_set_batch(0) == 0) {
+            b->batch = 0;
+        }
+        b->span_start = t;
+        b->span_from = total;
+    }
+    return turned;
+}
+
+#endif
