@@ -9,13 +9,14 @@
  * wake-up) runs in this thread; the AES-GCM is a tenth of it (docs/performance.md).
  * It wakes once per write of the user's ssh, and reads end at a packet's end almost
  * always, so waiting for more bytes (SO_RCVLOWAT) or reading again before poll() finds
- * nothing to batch.  What does batch: while the session moves bulk (BULK_BYTES read
- * either way within a BULK_MS span) the thread is SCHED_BATCH, which does not preempt
+ * nothing to batch.  What does batch: while the session moves bulk (LR_BULK_BYTES read
+ * either way within an LR_BULK_MS span) the thread is SCHED_BATCH, which does not preempt
  * the task running where it is woken; by the time it runs, the user's ssh has mostly
  * written again and one wake-up carries several packets.  A session that is not bulk
  * stays SCHED_OTHER, so a lone keystroke wakes it as before: the span is judged in the
  * loop when the thread runs anyway (never a timer of its own), and once the bytes
- * pause the quiet report (QUIET_MS) ends the span and the thread is SCHED_OTHER again. */
+ * pause the quiet report (LR_QUIET_MS) ends the span and the thread is SCHED_OTHER
+ * again.  The rule is lr_bulk.h's, shared with the splice pump. */
 
 #define _GNU_SOURCE
 
@@ -39,13 +40,11 @@
 
 #define IN_CAP (512 * 1024)  /* wire bytes read and not yet opened */
 #define OUT_CAP (512 * 1024) /* channel bytes opened and not yet written */
-#define QUIET_MS LR_QUIET_MS /* report unreported bytes this long after the last ones */
+/* unreported bytes are reported LR_QUIET_MS after the last ones (lr_bulk.h's pause) */
 #define NEWS_MS 500          /* and at least this often while bytes keep flowing */
 #define STALL_MS 50          /* hand back when the data connection takes nothing this long */
 #define IDLE_MS 2000         /* hand back a session that sent nothing this long (its buffers
                               * and thread are for bulk; Python re-arms on the next data) */
-#define BULK_MS LR_BULK_MS       /* the span over which a session is judged bulk or not */
-#define BULK_BYTES LR_BULK_BYTES /* read either way in a span: bulk (lr_bulk.h) */
 #define LR_GP_CONGESTED LR_GP_FULL
 #define RAW_CAP (256 * 1024)  /* bytes read from the data connection, not yet sealed */
 #define SEAL_CAP (512 * 1024) /* sealed bytes not yet written to the user */
@@ -85,8 +84,6 @@ struct lr_gpump {
     unsigned char pad[PAD_POOL];
     size_t padoff;
 };
-
-#define now_ms lr_now_ms
 
 static void wake(int fd)
 {
@@ -249,16 +246,15 @@ static int seal_some(struct lr_gpump *p)
     return LR_GP_RUNNING;
 }
 
-#define set_batch lr_set_batch
-
 static void *run(void *arg)
 {
     struct lr_gpump *p = arg;
     int reason = LR_GP_RUNNING, err = 0;
-    uint64_t reported = 0, last_news = now_ms(), stalled_since = 0, moved = 0;
-    uint64_t last_move = last_news;
-    uint64_t span_start = last_news, span_bytes = 0; /* bytes read in the current span */
-    int batch = 0, can_batch = 1;
+    uint64_t reported = 0, last_news = lr_now_ms(), stalled_since = 0;
+    uint64_t got = 0; /* bytes read either way: bulk is judged on these (lr_bulk.h) */
+    struct lr_bulk bulk;
+
+    lr_bulk_init(&bulk, last_news);
 
     while (reason == LR_GP_RUNNING) {
         if (LOAD(p->stop)) {
@@ -283,7 +279,7 @@ static void *run(void *arg)
                 continue;
             if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
                 if (stalled_since == 0)
-                    stalled_since = now_ms();
+                    stalled_since = lr_now_ms();
                 break;
             }
             reason = LR_GP_DATA_ERROR;
@@ -320,35 +316,12 @@ static void *run(void *arg)
         }
         if (reason != LR_GP_RUNNING)
             break;
-        uint64_t t = now_ms();
+        uint64_t t = lr_now_ms();
         /* news for Python: bytes handed on either way (it meters, grants, counts) */
         uint64_t written = p->st.written + p->st.sealed;
-        if (written != moved) {
-            moved = written;
-            last_move = t;
-        }
-        if (batch && t - last_move >= QUIET_MS) {
-            /* the bytes paused: SCHED_OTHER again before a keystroke can come */
-            if (set_batch(0) == 0)
-                batch = 0;
-            span_start = t;
-            span_bytes = 0;
-        } else if (t - span_start >= BULK_MS) {
-            /* bulk: at least BULK_BYTES per BULK_MS over the span, however long it was */
-            int bulk = span_bytes * BULK_MS >= (uint64_t)BULK_BYTES * (t - span_start);
-            if (bulk && !batch && can_batch) {
-                if (set_batch(1) == 0) {
-                    batch = 1;
-                    STORE(p->st.batched, p->st.batched + 1);
-                } else {
-                    can_batch = 0;
-                }
-            } else if (!bulk && batch && set_batch(0) == 0) {
-                batch = 0;
-            }
-            span_start = t;
-            span_bytes = 0;
-        }
+        /* the pause is judged on the bytes handed on (bulk.last_move), bulk on those read */
+        if (lr_bulk_update(&bulk, t, written, got))
+            STORE(p->st.batched, p->st.batched + 1);
         if (written - reported >= p->report) {
             reported = written;
             last_news = t;
@@ -373,7 +346,7 @@ static void *run(void *arg)
         int timeout = IDLE_MS;
         if (written != reported) {
             /* Python meters what moved: once the bytes pause (or every NEWS_MS) */
-            uint64_t due = last_move + QUIET_MS;
+            uint64_t due = bulk.last_move + LR_QUIET_MS;
             if (last_news + NEWS_MS < due)
                 due = last_news + NEWS_MS;
             timeout = (int)(t >= due ? 0 : due - t);
@@ -383,8 +356,8 @@ static void *run(void *arg)
             if (left < timeout)
                 timeout = left;
         }
-        if (batch && timeout > QUIET_MS)
-            timeout = QUIET_MS; /* a pause ends SCHED_BATCH before a long sleep */
+        if (bulk.batch && timeout > LR_QUIET_MS)
+            timeout = LR_QUIET_MS; /* a pause ends SCHED_BATCH before a long sleep */
         if (timeout == 0 && written != reported) {
             reported = written;
             last_news = t;
@@ -409,7 +382,7 @@ static void *run(void *arg)
             ssize_t n = recv(p->dfd, p->raw + p->rawlen, RAW_CAP - p->rawlen, MSG_DONTWAIT);
             if (n > 0) {
                 p->rawlen += (size_t)n;
-                span_bytes += (uint64_t)n;
+                got += (uint64_t)n;
                 STORE(p->st.dreads, p->st.dreads + 1);
             } else if (n == 0) {
                 reason = LR_GP_DATA_EOF;
@@ -422,7 +395,7 @@ static void *run(void *arg)
             ssize_t n = recv(p->ufd, p->in + p->inlen, IN_CAP - p->inlen, MSG_DONTWAIT);
             if (n > 0) {
                 p->inlen += (size_t)n;
-                span_bytes += (uint64_t)n;
+                got += (uint64_t)n;
                 STORE(p->st.reads, p->st.reads + 1);
             } else if (n == 0) {
                 reason = LR_GP_USER_EOF;

@@ -34,43 +34,47 @@ static inline int lr_set_batch(int on)
     return pthread_setschedparam(pthread_self(), on ? SCHED_BATCH : SCHED_OTHER, &sp);
 }
 
-/* One thread's bulk state, judged from a running total of the bytes it moved. */
+/* One thread's bulk state.  Two running totals, because the pooled -J thread reads
+ * wire bytes and hands on channel bytes: the pause is judged on the bytes it handed on
+ * (``moved``), bulk on the bytes it read (``got``); the splice pump moves what it reads
+ * and passes its one total as both. */
 struct lr_bulk {
-    uint64_t span_start, span_from; /* the current span: when, and the total then */
-    uint64_t last_move, last_total; /* when the total last grew, and to what */
+    uint64_t span_start, span_from; /* the current span: when, and ``got`` then */
+    uint64_t last_move, last_total; /* when ``moved`` last grew, and to what */
     int batch;                      /* the thread is SCHED_BATCH now */
     int can;                        /* 0 once the system refused SCHED_BATCH */
 };
 
-static inline void lr_bulk_init(struct lr_bulk *b)
+/* ``now``: lr_now_ms(), the caller's, so its own timers use the same instant. */
+static inline void lr_bulk_init(struct lr_bulk *b, uint64_t now)
 {
-    uint64_t t = lr_now_ms();
-    b->span_start = b->last_move = t;
+    b->span_start = b->last_move = now;
     b->span_from = b->last_total = 0;
     b->batch = 0;
     b->can = 1;
 }
 
-/* After a round of work: ``total`` is every byte the thread moved so far.  Switches
- * the calling thread's policy when due; returns 1 when it turned SCHED_BATCH on now. */
-static inline int lr_bulk_update(struct lr_bulk *b, uint64_t total)
+/* After a round of work, at ``now`` (lr_now_ms()): ``moved`` is every byte the thread
+ * handed on so far, ``got`` every byte it read.  Switches the calling thread's policy
+ * when due; returns 1 when it turned SCHED_BATCH on now. */
+static inline int lr_bulk_update(struct lr_bulk *b, uint64_t now, uint64_t moved, uint64_t got)
 {
-    uint64_t t = lr_now_ms();
     int turned = 0;
 
-    if (total != b->last_total) {
-        b->last_total = total;
-        b->last_move = t;
+    if (moved != b->last_total) {
+        b->last_total = moved;
+        b->last_move = now;
     }
-    if (b->batch && t - b->last_move >= LR_QUIET_MS) {
+    if (b->batch && now - b->last_move >= LR_QUIET_MS) {
+        /* the bytes paused: SCHED_OTHER again before a keystroke can come */
         if (lr_set_batch(0) == 0)
             b->batch = 0;
-        b->span_start = t;
-        b->span_from = total;
-    } else if (t - b->span_start >= LR_BULK_MS) {
-        /* bulk: at least LR_BULK_BYTES per LR_BULK_MS over the span, however long */
-        int bulk = (total - b->span_from) * LR_BULK_MS >=
-                   (uint64_t)LR_BULK_BYTES * (t - b->span_start);
+        b->span_start = now;
+        b->span_from = got;
+    } else if (now - b->span_start >= LR_BULK_MS) {
+        /* bulk: at least LR_BULK_BYTES read per LR_BULK_MS over the span, however long */
+        int bulk = (got - b->span_from) * LR_BULK_MS >=
+                   (uint64_t)LR_BULK_BYTES * (now - b->span_start);
         if (bulk && !b->batch && b->can) {
             if (lr_set_batch(1) == 0) {
                 b->batch = 1;
@@ -81,8 +85,8 @@ static inline int lr_bulk_update(struct lr_bulk *b, uint64_t total)
         } else if (!bulk && b->batch && lr_set_batch(0) == 0) {
             b->batch = 0;
         }
-        b->span_start = t;
-        b->span_from = total;
+        b->span_start = now;
+        b->span_from = got;
     }
     return turned;
 }

@@ -284,7 +284,7 @@ void *lr_pump_main(void *arg)
     struct lr_bulk bulk;
     int stop = 0;
 
-    lr_bulk_init(&bulk);
+    lr_bulk_init(&bulk, lr_now_ms());
     while (!stop) {
         /* SCHED_BATCH while bulk flows (lr_bulk.h); a pause ends it, so a thread that is
          * batch never sleeps longer than that without looking */
@@ -343,7 +343,8 @@ void *lr_pump_main(void *arg)
             }
         }
         publish(p);
-        if (lr_bulk_update(&bulk, STAT_GET(p, bytes)))
+        uint64_t total = STAT_GET(p, bytes); /* what it reads it moves: one total */
+        if (lr_bulk_update(&bulk, lr_now_ms(), total, total))
             STAT_ADD(p, batched, 1);
     }
     return NULL;

@@ -114,6 +114,35 @@ def first_echo(site: Site, port: int, payload: bytes) -> float:
     return took
 
 
+def far_first_echoes(site: Site, relay_port: int, record: Record, scenario: str, notes: str,
+                     before_each: Callable[[], object] = lambda: None,
+                     check: Callable[[], object] = lambda: None) -> None:
+    """Five new sessions' first echoes with the agent 100 ms away (one way) and the user
+    next to the relay, recorded as ``scenario``: the median must be under 1.5 round trips
+    of the far link (one, not two).  ``before_each`` runs before each session (the
+    pooled route waits for an idle connection); ``check`` runs once the link is clean
+    again, before the row is recorded (the route's own counters)."""
+    imp = Impairment(delay_ms=100)
+    backend = site.topo.impair(imp)
+    try:
+        rtt = connect_time(site, relay_port)
+        assert rtt >= 0.18, rtt
+        took: list[float] = []
+        for _ in range(5):
+            before_each()
+            took.append(first_echo(site, FAR_PORT, os.urandom(200)))
+    finally:
+        site.topo.clear_impairment()
+    check()
+    took.sort()
+    median = took[2]
+    record(scenario, sessions=5, bytes_lost=0, silently_wrong=0, impairment=imp.as_dict(),
+           backend=backend, handshake_ms=round(rtt * 1000),
+           first_echo_ms=[round(t * 1000) for t in took], round_trips=round(median / rtt, 2),
+           notes=notes)
+    assert median < 1.5 * rtt, (took, rtt)
+
+
 def test_a_far_agents_new_session_echoes_after_one_round_trip_not_two(
         site: Site, record: Record) -> None:
     """The agent 100 ms away (one way), the user next to the relay: her first bytes go
@@ -132,24 +161,15 @@ def test_a_far_agents_new_session_echoes_after_one_round_trip_not_two(
         return dict(relay.status()["relay"]["counters"])
 
     before = counters()
-    imp = Impairment(delay_ms=100)
-    backend = site.topo.impair(imp)
-    try:
-        rtt = connect_time(site, relay.port)
-        assert rtt >= 0.18, rtt
-        took = sorted(first_echo(site, FAR_PORT, os.urandom(200)) for _ in range(5))
-    finally:
-        site.topo.clear_impairment()
-    after = counters()
-    assert after["early_data_sessions"] - before["early_data_sessions"] == 5
-    assert after["early_data_bytes"] - before["early_data_bytes"] == 5 * 200
-    median = took[2]
-    record("a far agent: a new session's first echo", sessions=5, bytes_lost=0,
-           silently_wrong=0, impairment=imp.as_dict(), backend=backend,
-           handshake_ms=round(rtt * 1000), first_echo_ms=[round(t * 1000) for t in took],
-           round_trips=round(median / rtt, 2),
-           notes="the user's first bytes sent with the open (early-data@labrelay)")
-    assert median < 1.5 * rtt, (took, rtt)
+
+    def check() -> None:
+        after = counters()
+        assert after["early_data_sessions"] - before["early_data_sessions"] == 5
+        assert after["early_data_bytes"] - before["early_data_bytes"] == 5 * 200
+
+    far_first_echoes(
+        site, relay.port, record, "a far agent: a new session's first echo",
+        notes="the user's first bytes sent with the open (early-data@labrelay)", check=check)
 
 
 def test_a_far_agents_pooled_session_echoes_after_one_round_trip_not_two(
@@ -180,23 +200,11 @@ def test_a_far_agents_pooled_session_echoes_after_one_round_trip_not_two(
     pool_has_one()
     first_echo(site, FAR_PORT, b"warm")  # a fresh registration: confirmed after the agent
     before = fast()["pooled"]
-    imp = Impairment(delay_ms=100)
-    backend = site.topo.impair(imp)
-    try:
-        rtt = connect_time(site, relay.port)
-        assert rtt >= 0.18, rtt
-        took = []
-        for _ in range(5):
-            pool_has_one()
-            took.append(first_echo(site, FAR_PORT, os.urandom(200)))
-    finally:
-        site.topo.clear_impairment()
-    assert fast()["pooled"] - before == 5, fast()
-    took.sort()
-    median = took[2]
-    record("a far agent, pooled route: a new session's first echo", sessions=5, bytes_lost=0,
-           silently_wrong=0, impairment=imp.as_dict(), backend=backend,
-           handshake_ms=round(rtt * 1000), first_echo_ms=[round(t * 1000) for t in took],
-           round_trips=round(median / rtt, 2),
-           notes="the user's first bytes written behind the GO on a pooled data connection")
-    assert median < 1.5 * rtt, (took, rtt)
+
+    def check() -> None:
+        assert fast()["pooled"] - before == 5, fast()
+
+    far_first_echoes(
+        site, relay.port, record, "a far agent, pooled route: a new session's first echo",
+        notes="the user's first bytes written behind the GO on a pooled data connection",
+        before_each=pool_has_one, check=check)
