@@ -11,8 +11,9 @@ idle gap").
 :func:`dial_now` calls ``connect_ex`` at once.  A non-blocking connect to a host on
 the same machine or LAN segment is usually done when the call returns (Linux answers
 a loopback SYN inside it), which one ``poll`` with a zero timeout shows; the socket is
-then handed to the reactor with ``adoptStreamConnection`` and the protocol is connected
-before :func:`dial_now` returns, so a caller's callbacks run in the same turn.  Only a
+then made a Twisted TCP transport (as ``adoptStreamConnection`` would, without its
+``dup`` and address look-ups: :func:`_adopt`) and the protocol is connected before
+:func:`dial_now` returns, so a caller's callbacks run in the same turn.  Only a
 connection still in progress waits for writability (and ``timeout``).  Host names are
 not handled here: they need resolution, which the endpoints do.
 """
@@ -27,7 +28,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.error import ConnectError, TimeoutError, getConnectError
 from twisted.internet.interfaces import IDelayedCall, IWriteDescriptor
 from twisted.internet.protocol import Factory, Protocol
@@ -36,19 +37,6 @@ from zope.interface import implementer
 
 from relay.datapath.net import client_endpoint
 from relay.datapath.pymover import End
-
-
-class _One(Factory):
-    """Hands ``adoptStreamConnection`` the one protocol made for this connection."""
-
-    noisy = False
-
-    def __init__(self, protocol: Protocol) -> None:
-        self.protocol_ = protocol
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return self.protocol_
-
 
 Dial = Callable[[Any, str, int, Callable[[], Protocol], float], "defer.Deferred[Any]"]
 """The signature of :func:`connect_target` and :func:`connect_endpoint`."""
@@ -123,19 +111,36 @@ def dial_now(reactor: Any, family: int, host: str, port: int,
     if not adopt:
         fd = sock.detach()
         return defer.succeed(End(fd, fd))
-    return _adopt(reactor, sock, family, make)
+    return _adopt(reactor, sock, family, make, (host, port))
 
 
-def _adopt(reactor: Any, sock: socket.socket, family: int,
-           make: Callable[[], Protocol]) -> defer.Deferred[Any]:
-    """The connected ``sock`` as a Twisted TCP transport of a new ``make()``."""
+def _adopt(reactor: Any, sock: socket.socket, family: int, make: Callable[[], Protocol],
+           peer: tuple[str, int] | None = None) -> defer.Deferred[Any]:
+    """The connected ``sock`` as a Twisted TCP transport of a new ``make()``; the
+    transport owns ``sock`` from now on.
+
+    ``reactor.adoptStreamConnection`` would do it for a descriptor it knows nothing
+    about: duplicate it (``socket.fromfd``), ask the kernel for both addresses, and the
+    caller would close the original.  For a socket dialled here that is a ``dup``, a
+    ``getpeername``, a ``getsockname`` and a ``close`` in the agent's open turn, about
+    40 µs of it after an idle gap (docs/benchmarks.md, round 11).  So the transport is
+    built as ``adoptStreamConnection`` builds it (a ``tcp.Server`` with no port), on
+    ``sock`` itself, its peer the address dialled (``peer``; asked of the kernel after
+    a connect that was in progress, which also finds one already reset)."""
+    if peer is None:
+        try:
+            peer = sock.getpeername()[:2]
+        except OSError as e:  # the peer reset it already
+            sock.close()
+            return defer.fail(getConnectError(e))
+    assert peer is not None
+    # The transport's address type follows the tuple's length, as for an accepted one.
+    client = (peer[0], peer[1], 0, 0) if family == socket.AF_INET6 else (peer[0], peer[1])
     protocol = make()
-    try:
-        reactor.adoptStreamConnection(sock.fileno(), family, _One(protocol))
-    except OSError as e:  # the peer reset it already (getpeername fails)
-        return defer.fail(getConnectError(e))
-    finally:
-        sock.close()  # the reactor holds its own descriptor (a dup)
+    # (no Port: as adoptStreamConnection passes None, which the stub does not allow)
+    transport = tcp.Server(sock, protocol, client, None, peer[1], reactor)  # type: ignore[arg-type]
+    transport.repstr = f"<{type(protocol).__name__} to {peer[0]}:{peer[1]}>"
+    protocol.makeConnection(transport)
     return defer.succeed(protocol)
 
 

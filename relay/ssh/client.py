@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from relay.config.schema import LinkConfig, RemoteForward
 from relay.core.keepalive import KeepaliveMonitor
-from relay.core.resume import split_sid
+from relay.core.resume import OPEN_RESUMABLE, split_sid
 from relay.datapath.bridge import TCPSide
 from relay.datapath.dialnow import connect_target
 from relay.datapath.net import quickack
@@ -45,6 +45,7 @@ from relay.ssh.clientauth import Identity, LinkUserAuth
 from relay.ssh.connection import (
     OPEN_ADMINISTRATIVELY_PROHIBITED,
     OPEN_CONNECT_FAILED,
+    OPEN_UNKNOWN_CHANNEL_TYPE,
     FlowConnection,
 )
 from relay.ssh.guard import PeerInputGuard
@@ -178,8 +179,16 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         )
         self.tcp.abortConnection()
 
+    quickAck = True
+    """Re-arm ``TCP_QUICKACK`` after each read (:func:`relay.datapath.net.quickack` says
+    why): for a server that leaves Nagle on, such as OpenSSH's sshd.  A labrelay relay
+    sets ``TCP_NODELAY`` on its end, so toward one it is a ``setsockopt`` per read for
+    nothing (on the agent's open turn of every new session): off once its version line
+    is known (:meth:`connectionSecure`)."""
+
     def dataReceived(self, data: bytes) -> None:
-        quickack(self.transport)
+        if self.quickAck:
+            quickack(self.transport)
         super().dataReceived(data)
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
@@ -208,6 +217,7 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         return defer.succeed(True)
 
     def connectionSecure(self) -> None:
+        self.quickAck = not policy.labrelay_peer(getattr(self, "otherVersionString", None))
         self.phase = LinkPhase.AUTH
         self.connection = LinkConnection(self.link)
         self.requestService(LinkUserAuth(self.link, self.connection))
@@ -321,6 +331,18 @@ class LinkConnection(FlowConnection):
                                          getattr(self.transport, "otherVersionString", None))
 
     # reverse forwards: the server opens a channel per accepted connection
+
+    def getChannel(self, channelType: bytes, windowSize: int, maxPacket: int,
+                   data: bytes) -> Any:
+        """The two channel types a relay opens to an agent; any other is refused as
+        Conch refuses it (``OPEN_UNKNOWN_CHANNEL_TYPE``).  Conch's own lookup builds a
+        method name from the type and emits a debug event per open, in the agent's
+        open turn of every new session (docs/benchmarks.md, round 11)."""
+        if channelType == b"forwarded-tcpip":
+            return self.channel_forwarded_tcpip(windowSize, maxPacket, data)
+        if channelType == OPEN_RESUMABLE:
+            return self.channel_forwarded_resumable_labrelay(windowSize, maxPacket, data)
+        raise error.ConchError("unknown channel", OPEN_UNKNOWN_CHANNEL_TYPE)
 
     def channel_forwarded_tcpip(
         self, windowSize: int, maxPacket: int, data: bytes

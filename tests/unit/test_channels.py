@@ -828,6 +828,62 @@ def ourChannel(h: Harness) -> BridgedChannel:
     return channel
 
 
+def test_our_open_is_conchs_packet_and_logs_nothing() -> None:
+    """FlowConnection.openChannel: the packet and the bookkeeping Conch's makes, without
+    its per-open info event (on the relay's path from her open to the agent's)."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h = Harness()
+        first = BridgedChannel(b"direct-tcpip", window=WINDOW, maxPacket=MAX_PACKET,
+                               conn=h.conn)
+        second = BridgedChannel(b"forwarded-tcpip", window=WINDOW, maxPacket=MAX_PACKET,
+                                conn=h.conn)
+        h.conn.openChannel(first, b"extra")
+        h.conn.openChannel(second)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert h.ssh.packets == [
+        (MSG_CHANNEL_OPEN, common.NS(b"direct-tcpip")
+         + struct.pack(">3L", 0, WINDOW, MAX_PACKET) + b"extra"),
+        (MSG_CHANNEL_OPEN, common.NS(b"forwarded-tcpip")
+         + struct.pack(">3L", 1, WINDOW, MAX_PACKET)),
+    ]
+    assert (first.id, second.id) == (0, 1)
+    assert h.conn.channels == {0: first, 1: second}
+    assert events == []
+
+
+def test_an_agent_takes_only_the_relays_two_channel_types() -> None:
+    """LinkConnection.getChannel: ``forwarded-tcpip`` and ``forwarded-resumable@labrelay``
+    reach their handlers; any other type is refused as unknown, including names Conch's
+    lookup would have mapped onto a handler (it turned every non-alphanumeric into _)."""
+    from relay.core.resume import OPEN_RESUMABLE
+    from relay.ssh.client import LinkConnection
+    from relay.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_UNKNOWN_CHANNEL_TYPE
+    from relay.ssh.wire import pack_endpoints
+
+    class Link:  # what the two handlers reach before they refuse
+        resume = None
+
+        def remoteForwardFor(self, host: str, port: int) -> None:
+            return None
+
+    conn = LinkConnection(Link())  # type: ignore[arg-type]
+    data = pack_endpoints("127.0.0.1", 8080, "192.0.2.7", 5000)
+    cases = [(b"forwarded-tcpip", OPEN_ADMINISTRATIVELY_PROHIBITED, "no such forward"),
+             (OPEN_RESUMABLE, OPEN_ADMINISTRATIVELY_PROHIBITED, "not negotiated")]
+    cases += [(kind, OPEN_UNKNOWN_CHANNEL_TYPE, "unknown channel")
+              for kind in (b"session", b"direct-tcpip", b"x11", b"forwarded_tcpip",
+                           b"forwarded.tcpip", b"forwarded-resumable_labrelay", b"")]
+    for kind, code, why in cases:
+        with pytest.raises(error.ConchError) as refused:
+            conn.getChannel(kind, 1 << 20, 32768, data)
+        assert refused.value.data == code and why in str(refused.value.value), kind
+
+
 def confirm(h: Harness, channel: BridgedChannel, maxPacket: int = 1024) -> None:
     h.receive(
         MSG_CHANNEL_OPEN_CONFIRMATION, struct.pack(">4L", channel.id, PEER_ID, 4096, maxPacket)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import error
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
@@ -86,6 +87,28 @@ def test_connected_before_it_returns_and_read_by_the_reactor(
     _turn_until(reactor, lambda: proto.transport.dataBuffer == b"" and not proto.transport._tempDataBuffer)  # noqa: E501
     assert server.recv(16) == b"back"
     server.close()
+
+
+def test_the_transport_names_the_dialled_peer_for_either_family(
+        reactor: EPollReactor) -> None:
+    # _adopt builds the transport on the dialled socket with the address it dialled
+    # (no getpeername): the address type must still follow the family.
+    for family, host, kind in ((socket.AF_INET, "127.0.0.1", IPv4Address),
+                               (socket.AF_INET6, "::1", IPv6Address)):
+        with socket.socket(family) as server:
+            server.bind((host, 0))
+            server.listen(1)
+            port = server.getsockname()[1]
+            proto = _result(dial_now(reactor, family, host, port, Recorder, 5.0))
+            peer = proto.transport.getPeer()
+            assert isinstance(peer, kind) and (peer.host, peer.port) == (host, port)
+            assert proto.transport.getHost().port not in (0, port)
+            assert f"to {host}:{port}" in repr(proto.transport)
+            accepted, _ = server.accept()
+            proto.transport.loseConnection()
+            _turn_until(reactor, lambda t=proto.transport: t.disconnected)
+            assert accepted.recv(1) == b""  # it was the dialled connection that closed
+            accepted.close()
 
 
 def test_refused_fails_at_once(reactor: EPollReactor) -> None:

@@ -558,3 +558,33 @@ def test_a_labrelay_peer_is_known_by_its_version_string(version: bytes | None,
     # never smaller than the configured value, never more than the window
     assert policy.channel_max_packet(1 << 20, window, version) == 1 << 20
     assert policy.channel_max_packet(32768, 65536, version) == (65536 if ours else 32768)
+
+
+@pytest.mark.parametrize(("version", "rearmed"), [
+    (b"SSH-2.0-labrelay", False),
+    (b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13", True),
+    (b"SSH-2.0-dropbear_2022.83", True),
+])
+def test_the_agent_rearms_quickack_per_read_only_toward_a_server_that_needs_it(
+        version: bytes, rearmed: bool) -> None:
+    """TCP_QUICKACK after each read of the link is for a server that leaves Nagle on
+    (OpenSSH's sshd); a labrelay relay sets TCP_NODELAY, so toward one the per-read
+    setsockopt is skipped once its version line is known (LinkTransport.quickAck)."""
+    import socket
+    from types import SimpleNamespace
+
+    from relay.ssh.client import LinkTransport
+
+    calls: list[tuple[int, int, int]] = []
+    sock = SimpleNamespace(setsockopt=lambda *a: calls.append(a))
+    link = SimpleNamespace(config=SimpleNamespace(user="lab"), identities=[])
+    t = LinkTransport(link)  # type: ignore[arg-type]
+    t.transport = SimpleNamespace(socket=sock)  # type: ignore[assignment]
+    t.requestService = lambda service: None  # type: ignore[method-assign]
+    t.dataReceived(b"")  # before the version line: re-armed, whoever the server is
+    assert calls == [(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)]
+    t.otherVersionString = version
+    t.connectionSecure()
+    calls.clear()
+    t.dataReceived(b"")
+    assert calls == ([(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)] if rearmed else [])
