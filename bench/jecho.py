@@ -1,4 +1,4 @@
-"""Keystroke round trips on the pooled ``ssh -J`` route while bulk flows (issue 13, round 9).
+"""Keystroke round trips beside bulk: on the pooled ``ssh -J`` route and on the fast path.
 
 The relay's native thread of a pooled session (``csrc/gpump.c``) is SCHED_BATCH while its
 session moves bulk, which spares wake-ups but could cost a keystroke its promptness; this
@@ -12,9 +12,23 @@ on the target), one every 10 ms, through:
 * ``same_channel``: a session multiplexed (``ControlMaster``) over the same inner ssh
   connection as the bulk one, hence the same pooled channel and the same thread.
 
-Prints, as JSON, p50/p90/p99/max in ms per case and the scheduling policies of the
-relay's ``lr-gpump`` threads while the bulk ran (0 SCHED_OTHER, 3 SCHED_BATCH).  Writes
-no results file.  Compare two trees alternately, each from its own root (copy this file
+And on the fast path (``ssh`` with ``ProxyCommand labrelay connect``, spliced), where one
+thread in the relay and one in the agent (``lr-pump``) carry every session's bytes and
+turn SCHED_BATCH while they move bulk (round 10), the question is whether one user's bulk
+delays the others' keystrokes:
+
+* ``fast_alone``: an echo session on the fast path with nothing else running;
+* ``fast_beside_bulk``: the same while another fast-path session pushes from
+  ``/dev/zero`` through the same two pumps;
+* ``fast_beside_4_bulk``: the same beside four such sessions;
+* ``direct_alone`` and ``direct_beside_4_bulk``: for reference, the same with ``ssh``
+  straight to the target sshd, no relay: what four bulk sessions cost a keystroke on
+  this machine's CPUs by themselves.
+
+Prints, as JSON, p50/p90/p99/max in ms per case, and the scheduling policies of the
+relay's ``lr-gpump`` threads (pooled cases) and of the relay's and the agent's
+``lr-pump`` threads (fast-path cases) while the bulk ran (0 SCHED_OTHER, 3 SCHED_BATCH).
+Writes no results file.  Compare two trees alternately, each from its own root (copy this file
 into a tree that lacks it: it runs that tree's relay and agent)::
 
     for i in 1 2 3; do for t in /tmp/base .; do
@@ -64,12 +78,12 @@ def summary(ms: list[float]) -> dict[str, float]:
     return {f"p{q}": round(pctl(ms, q), 3) for q in (50, 90, 99)} | {"max": round(max(ms), 3)}
 
 
-def gpump_policies(pid: int) -> list[int]:
-    """The scheduling policies of process ``pid``'s ``lr-gpump`` threads now."""
+def gpump_policies(pid: int, name: str = "lr-gpump") -> list[int]:
+    """The scheduling policies of process ``pid``'s threads called ``name`` now."""
     policies = []
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            if Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() == "lr-gpump":
+            if Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() == name:
                 policies.append(os.sched_getscheduler(int(tid)))
         except OSError:  # it ended meanwhile
             continue
@@ -108,6 +122,26 @@ class Echoes:
         time.sleep(RAMP)  # bulk at speed before the echoes, not a wait for an event
         return p
 
+    def fast(self, command: str, stdin: Any = subprocess.PIPE) -> subprocess.Popen[bytes]:
+        """A fast-path session (``ProxyCommand labrelay connect``) running ``command``."""
+        proxy = " ".join(self.bench.connect_argv("%h:%p"))
+        return self.start(["-o", f"ProxyCommand={proxy}", "gpu-cluster", command], stdin)
+
+    def direct(self, command: str, stdin: Any = subprocess.PIPE) -> subprocess.Popen[bytes]:
+        """A session straight to the target sshd running ``command``."""
+        return self.start(["-p", str(self.bench.sshd_port), sp.LOOPBACK, command], stdin)
+
+    def fast_echo(self, direct: bool = False) -> subprocess.Popen[bytes]:
+        p = self.direct("cat") if direct else self.fast("cat")
+        round_trips(p, 50)  # set up, spliced, warm
+        return p
+
+    def fast_bulk(self, n: int, direct: bool = False) -> None:
+        with open("/dev/zero", "rb") as zero:
+            for _ in range(n):
+                (self.direct if direct else self.fast)("cat >/dev/null", stdin=zero)
+        time.sleep(RAMP)  # bulk at speed before the echoes, not a wait for an event
+
     def master(self) -> None:
         """The inner connection that ``same_channel``'s two sessions share."""
         self.procs.append(subprocess.Popen(
@@ -142,6 +176,21 @@ def measure(bench: sp.StockBench, workdir: Path, n: int) -> dict[str, Any]:
         sessions.bulk(via_master=True)
         res["same_channel"] = summary(round_trips(e, n))
         res["policies_during_bulk"]["same_channel"] = gpump_policies(bench.relay.pid)
+        sessions.stop()
+        assert bench.agent is not None
+        e = sessions.fast_echo()
+        res["fast_alone"] = summary(round_trips(e, n))
+        for case, bulk in (("fast_beside_bulk", 1), ("fast_beside_4_bulk", 3)):
+            sessions.fast_bulk(bulk)  # 1, then 3 more: 4
+            res[case] = summary(round_trips(e, n))
+            res["policies_during_bulk"][case] = {
+                "relay": gpump_policies(bench.relay.pid, "lr-pump"),
+                "agent": gpump_policies(bench.agent.pid, "lr-pump")}
+        sessions.stop()
+        e = sessions.fast_echo(direct=True)
+        res["direct_alone"] = summary(round_trips(e, n))
+        sessions.fast_bulk(4, direct=True)
+        res["direct_beside_4_bulk"] = summary(round_trips(e, n))
     finally:
         sessions.stop()
     return res

@@ -320,7 +320,7 @@ static void *run(void *arg)
         /* news for Python: bytes handed on either way (it meters, grants, counts) */
         uint64_t written = p->st.written + p->st.sealed;
         /* the pause is judged on the bytes handed on (bulk.last_move), bulk on those read */
-        if (lr_bulk_update(&bulk, t, written, got))
+        if (lr_bulk_update(&bulk, t, written, got, 0)) /* one session: its own rate */
             STORE(p->st.batched, p->st.batched + 1);
         if (written - reported >= p->report) {
             reported = written;

@@ -16,6 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "lr_bulk.h"
 #include "relay_splice.h"
 
 /* Shared between this module's files, not exported from the extension. */
@@ -55,6 +56,7 @@ struct lr_pair {
     int err, side;
     unsigned int end_flags;
     uint64_t seen[2];      /* dir[i].moved, published for other threads */
+    struct lr_rate rate;   /* its bytes in the last two spans (lr_bulk.h) */
     struct lr_pair *next;  /* on the add list, the ended list or the done list */
     struct lr_pair *next_turn;
 };
@@ -69,6 +71,7 @@ struct lr_pump {
     /* owned by the pump thread */
     struct lr_pair *turns;
     struct lr_pair *ended;
+    uint64_t interactive_at; /* lr_now_ms() it last served an interactive pair, or 0 */
 
     /* shared, under lock */
     pthread_mutex_t lock;

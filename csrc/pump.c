@@ -150,10 +150,11 @@ static int update_interest(struct lr_pump *p, struct lr_pair *pr)
     return 0;
 }
 
-static void serve(struct lr_pump *p, struct lr_pair *pr)
+static void serve(struct lr_pump *p, struct lr_pair *pr, uint64_t now)
 {
     int i, rc;
     unsigned int runnable = pr->runnable;
+    uint64_t served = 0;
 
     pr->runnable = 0;
     for (i = 0; i < 2; i++) {
@@ -166,6 +167,7 @@ static void serve(struct lr_pump *p, struct lr_pair *pr)
         STAT_ADD(p, turns, 1);
         STAT_ADD(p, syscalls, d->syscalls - before);
         STAT_ADD(p, bytes, moved);
+        served += moved;
         __atomic_store_n(&pr->seen[i], d->moved, __ATOMIC_RELAXED);
         if (rc < 0) {
             lr_end_pair(p, pr, -rc, d->err_side == LR_SIDE_IN ? i : 1 - i, 0);
@@ -175,6 +177,8 @@ static void serve(struct lr_pump *p, struct lr_pair *pr)
         if (rc == LR_MOVED)
             schedule(p, pr, 1u << i);
     }
+    if (lr_rate_add(&pr->rate, now, served))
+        p->interactive_at = now; /* lr_bulk.h: not SCHED_BATCH beside this pair */
     if ((pr->dir[0].flags & LR_DIR_DONE) && (pr->dir[1].flags & LR_DIR_DONE)) {
         lr_end_pair(p, pr, 0, -1, 0);
         return;
@@ -330,6 +334,7 @@ void *lr_pump_main(void *arg)
         }
         /* Serve this round's pairs; a pair that used its budget queues itself
          * again for the next round, after the others have had their turn. */
+        uint64_t now = lr_now_ms();
         {
             struct lr_pair *round = p->turns;
             p->turns = NULL;
@@ -339,12 +344,13 @@ void *lr_pump_main(void *arg)
                 pr->next_turn = NULL;
                 pr->queued = 0;
                 if (!pr->ended)
-                    serve(p, pr);
+                    serve(p, pr, now);
             }
         }
         publish(p);
         uint64_t total = STAT_GET(p, bytes); /* what it reads it moves: one total */
-        if (lr_bulk_update(&bulk, lr_now_ms(), total, total))
+        int interactive = p->interactive_at != 0 && now - p->interactive_at < LR_INTERACTIVE_MS;
+        if (lr_bulk_update(&bulk, now, total, total, interactive))
             STAT_ADD(p, batched, 1);
     }
     return NULL;

@@ -575,9 +575,31 @@ def _pump_thread() -> int:
     return tids[0]
 
 
+def _exchange(peer_a: socket.socket, peer_b: socket.socket, i: int) -> None:
+    """One small write through a pair, awaited at the other end (a keystroke)."""
+    peer_a.sendall(bytes([i % 256]) * 10)
+    got = b""
+    while len(got) < 10:
+        got += peer_b.recv(10 - len(got))
+    assert got == bytes([i % 256]) * 10
+
+
+def _bulk_round(peer_a: socket.socket, peer_b: socket.socket, chunk: bytes) -> None:
+    """64 x ``chunk`` through a pair, exact."""
+    sender = threading.Thread(target=lambda: [peer_a.sendall(chunk) for _ in range(64)])
+    sender.start()
+    got = bytearray()
+    while len(got) < 64 * len(chunk):
+        data = peer_b.recv(1 << 20)
+        assert data, "the pair ended"
+        got += data
+    sender.join()
+    assert got == chunk * 64
+
+
 def test_the_pump_thread_runs_sched_batch_during_bulk_and_not_after(
         reactor: Any, sockets: list[socket.socket]) -> None:
-    """The native pump's thread is SCHED_BATCH while a pair moves bulk (csrc/lr_bulk.h:
+    """The native pump's thread is SCHED_BATCH while its pairs move bulk (csrc/lr_bulk.h:
     several of the sender's writes per wake-up, fewer wake-ups per GiB), never for small
     exchanges one at a time, and SCHED_OTHER again once the bytes pause, so a keystroke
     after a transfer wakes it as before.  The bytes stay exact."""
@@ -587,29 +609,19 @@ def test_the_pump_thread_runs_sched_batch_during_bulk_and_not_after(
         pair = path.splice(a, b)
         tid = _pump_thread()
         for i in range(50):  # interactive: each small write awaited at the other end
-            peer_a.sendall(bytes([i]) * 10)
-            got = b""
-            while len(got) < 10:
-                got += peer_b.recv(10 - len(got))
-            assert got == bytes([i]) * 10
+            _exchange(peer_a, peer_b, i)
         assert os.sched_getscheduler(tid) == os.SCHED_OTHER
         assert path.status()["batched"] == 0
         chunk = os.urandom(MiB)
         rounds = 0
-        # Bulk is >= 1 MiB per 20 ms (lr_bulk.h): a busy machine may move a round slower
-        # than that, so up to three rounds of 64 MiB, each exact, until the thread turned.
-        while rounds < 3 and (rounds == 0 or path.status()["batched"] == 0):
+        # Bulk is >= 1 MiB per 20 ms (lr_bulk.h), and not within LR_INTERACTIVE_MS (1 s)
+        # of an interactive exchange (the pair's own, above): rounds of 64 MiB, each
+        # exact, until the thread turned (a busy machine may also move a round slower).
+        deadline = time.monotonic() + 20.0
+        while rounds == 0 or path.status()["batched"] == 0:
+            assert time.monotonic() < deadline, f"never SCHED_BATCH: {path.status()}"
             rounds += 1
-            sender = threading.Thread(target=lambda: [peer_a.sendall(chunk) for _ in range(64)])
-            sender.start()
-            got = bytearray()
-            while len(got) < 64 * MiB:
-                data = peer_b.recv(1 << 20)
-                assert data, "the pair ended"
-                got += data
-            sender.join()
-            assert got == chunk * 64
-        assert path.status()["batched"] >= 1, f"never SCHED_BATCH in 3 x 64 MiB: {path.status()}"
+            _bulk_round(peer_a, peer_b, chunk)
         deadline = time.monotonic() + 5.0
         while os.sched_getscheduler(tid) != os.SCHED_OTHER:  # no event says so: poll
             assert time.monotonic() < deadline, "still SCHED_BATCH after the bytes paused"
@@ -620,5 +632,73 @@ def test_the_pump_thread_runs_sched_batch_during_bulk_and_not_after(
         peer_b.shutdown(socket.SHUT_WR)
         result = wait(reactor, pair.done)
         assert result == PairResult(500 + rounds * 64 * MiB + 1, 0)
+    finally:
+        path.close()
+
+
+def test_the_pump_thread_stays_sched_other_while_it_serves_a_keystroke_beside_bulk(
+        reactor: Any, sockets: list[socket.socket]) -> None:
+    """One thread serves every spliced pair, and a woken SCHED_BATCH thread does not
+    preempt the running task: beside another user's bulk, a user's keystrokes would wait
+    for a CPU slice (bench/jecho.py).  So while it serves an interactive pair the
+    thread stays SCHED_OTHER whatever the others move, and once that pair has been quiet
+    for LR_INTERACTIVE_MS the bulk pair alone turns it SCHED_BATCH."""
+    path = DataPath(reactor, Backend("c", "test"), pipe_size=64 * 1024, max_idle_pipes=4)
+    try:
+        typist_a, ta, tb, typist_b = pair_of_hops(sockets)
+        bulk_a, ba, bb, bulk_b = pair_of_hops(sockets)
+        typing = path.splice(ta, tb)
+        bulk = path.splice(ba, bb)
+        tid = _pump_thread()
+        chunk = os.urandom(MiB)
+        stop = threading.Event()
+        moved: list[int] = []
+
+        def push() -> None:  # bulk, exact, until told to stop
+            n = 0
+            while not stop.is_set():
+                _bulk_round(bulk_a, bulk_b, chunk)
+                n += 1
+            moved.append(n)
+
+        pusher = threading.Thread(target=push)
+        pusher.start()
+        policies = set()
+        keys = 0
+        try:
+            while path.status()["bytes"] < 256 * MiB:  # 4 bulk rounds, keystrokes all along
+                _exchange(typist_a, typist_b, keys)
+                keys += 1
+                policies.add(os.sched_getscheduler(tid))
+        finally:
+            stop.set()
+            pusher.join()
+        assert policies == {os.SCHED_OTHER}
+        assert path.status()["batched"] == 0, path.status()
+        # The typist stops: the bulk pair alone turns the thread SCHED_BATCH.
+        stop.clear()
+        pusher = threading.Thread(target=push)
+        pusher.start()
+        try:
+            deadline = time.monotonic() + 20.0
+            while os.sched_getscheduler(tid) != os.SCHED_BATCH:  # no event says so: poll
+                assert time.monotonic() < deadline, f"never SCHED_BATCH alone: {path.status()}"
+                time.sleep(0.01)
+            # A keystroke while the bulk still flows turns it SCHED_OTHER at once (it would
+            # stay SCHED_BATCH for as long as the bulk flows otherwise).
+            _exchange(typist_a, typist_b, keys)
+            keys += 1
+            deadline = time.monotonic() + 1.0
+            while os.sched_getscheduler(tid) != os.SCHED_OTHER:
+                assert time.monotonic() < deadline, "still SCHED_BATCH after a keystroke"
+                time.sleep(0.001)
+            assert pusher.is_alive(), "the bulk ended before the keystroke was judged"
+        finally:
+            stop.set()
+            pusher.join()
+        for s in (typist_a, typist_b, bulk_a, bulk_b):
+            s.shutdown(socket.SHUT_WR)
+        assert wait(reactor, typing.done) == PairResult(10 * keys, 0)
+        assert wait(reactor, bulk.done) == PairResult(sum(moved) * 64 * MiB, 0)
     finally:
         path.close()
