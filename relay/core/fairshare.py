@@ -174,6 +174,37 @@ class FairScheduler(Generic[T]):
                 and not any(g.user is u for g in self._flows.values())):
             self._users.pop(u.name, None)  # a user in debt is kept until it paid
 
+    def move(self, flow: Hashable, user: str) -> None:
+        """``flow``'s bytes, queued and to come, are ``user``'s from now on.
+
+        A flow belongs to the user it was first pushed under for as long as it has bytes
+        waiting, and on a congested link that is for ever.  The agent learns whose a
+        session is (``share@labrelay``) only after the relay has the agent's answer; a
+        download whose request went ahead as early data has bytes queued before that,
+        under no one (user ``""``, weight 1), and without this it stayed there: a user
+        with ``share = 2`` got an unweighted half (bench/sharing.py, one run in a few)."""
+        f = self._flows.get(flow)
+        if f is None or f.user.name == user:
+            return
+        old = f.user
+        if f in old.flows:  # active: leave the old user's round
+            old.flows.remove(f)
+            if not old.flows and old in self._active:
+                self._active.remove(old)
+                old.turn = False
+                old.deficit = min(old.deficit, 0.0)
+        u = self._users.get(user)
+        if u is None:
+            u = self._users[user] = _User(user, self.weight(user))
+        f.user = u
+        f.turn = False
+        f.deficit = 0
+        if f.items:
+            self._activate(f)
+        if (not old.flows and old.deficit >= 0
+                and not any(g.user is old for g in self._flows.values())):
+            self._users.pop(old.name, None)
+
     def drop(self, flow: Hashable) -> int:
         """Forget what ``flow`` has queued (its channel closed); the bytes dropped."""
         f = self._flows.pop(flow, None)

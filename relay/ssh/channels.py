@@ -223,6 +223,9 @@ class BridgedChannel(SSHChannel):
         scheduler = getattr(self.conn, "scheduler", None)
         if scheduler is not None:
             scheduler.set_weight(user, weight)
+            # Bytes it queued before the tag (a download whose request went early) were
+            # no one's; they and the rest are the user's now (FairScheduler.move).
+            scheduler.move(self, user)
 
     def announce(self, requestType: bytes, data: bytes) -> None:
         """Send the channel request ``requestType`` (no reply wanted) just before this

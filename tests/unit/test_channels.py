@@ -552,6 +552,28 @@ def test_share_request_names_the_user_and_its_weight() -> None:
         unpack_share(b"\x00\x00")
 
 
+def test_bytes_queued_before_the_share_request_become_the_users() -> None:
+    """A download whose request went to the agent as early data: the target answers and
+    the channel's bytes queue on the congested link before the relay's share@labrelay
+    arrives (it rides the relay's next packet on the channel).  Once it does, those
+    bytes and the rest are the user's in the scheduler, not no one's (user "")."""
+    link = StringTransport()
+    link.bufferSize = 65536  # type: ignore[attr-defined]
+    h = Harness(linkTCP=link)
+    (channel, tcp, _, _) = h.session(peerId=PEER_ID)
+    h.conn.pauseProducing()  # congested: what the channel sends waits in the scheduler
+    tcp.dataReceived(bytes(16384))
+    tcp.dataReceived(bytes(16384))
+    assert h.conn.scheduler.users() == {"": 32768}
+    payload = struct.pack(">L", channel.id) + common.NS(SHARE) + b"\x00" + pack_share("alice", 2)
+    h.receive(MSG_CHANNEL_REQUEST, payload)
+    assert h.conn.scheduler.users() == {"alice": 32768}
+    tcp.dataReceived(bytes(16384))
+    assert h.conn.scheduler.users() == {"alice": 49152}
+    h.conn.resumeProducing()
+    assert len(h.ssh.data()) == 49152 and not h.conn.scheduler
+
+
 def test_link_and_window_congestion_both_must_clear() -> None:
     h = Harness(linkTCP=StringTransport())
     channel, tcp, transport, _bridge = h.session(peerWindow=0, peerMaxPacket=1024)

@@ -55,6 +55,43 @@ def test_weights_two_to_one() -> None:
     assert share(got, "alice") == pytest.approx(2 / 3, abs=0.01)
 
 
+def test_a_flow_queued_under_no_one_takes_its_users_weight_once_tagged() -> None:
+    """The agent's view of a download whose request went ahead as early data: its
+    bytes are queued before the relay says whose session it is (user "", weight 1),
+    and on a congested link the flow never drains.  Tagged, it must count as its user's
+    (weight 2: two thirds), not stay no one's (an unweighted half): FairScheduler.move."""
+    sched: FairScheduler[str] = FairScheduler()
+    sched.set_weight("alice", 2)
+    flows = {"a1": ""} | {f"b{i}": "bob" for i in range(8)}
+    for flow, user in flows.items():
+        for _ in range(40 if flow == "a1" else 4):  # its backlog never drains
+            sched.push(flow, user, flow, PACKET)
+    for _ in range(10):  # some bytes leave while it is no one's
+        assert sched.pop() is not None
+    assert sched.queued("a1") > 0
+    sched.move("a1", "alice")
+    assert set(sched.users()) == {"alice", "bob"}  # no one's user is gone
+    got = run_link(sched, {"a1": "alice"} | {f"b{i}": "bob" for i in range(8)},
+                   64 * 1024 * 1024, backlog=0)
+    assert share(got, "alice") == pytest.approx(2 / 3, abs=0.01)
+
+
+def test_moving_a_flow_keeps_every_queued_byte_and_its_order() -> None:
+    sched: FairScheduler[int] = FairScheduler()
+    for i in range(6):
+        sched.push("f", "", i, PACKET)
+    sched.push("g", "bob", 100, PACKET)
+    sched.move("f", "alice")
+    sched.move("f", "alice")  # again: nothing to do
+    sched.move("nothing", "alice")  # a flow with nothing queued: nothing to do
+    out = []
+    while (popped := sched.pop()) is not None:
+        out.append(popped)
+    assert [item for flow, item in out if flow == "f"] == list(range(6))
+    assert [item for flow, item in out if flow == "g"] == [100]
+    assert len(sched) == 0 and sched.users() == {}
+
+
 def test_a_users_sessions_share_its_part_equally() -> None:
     flows = {"a1": "alice", "b1": "bob", "b2": "bob", "b3": "bob"}
     sched: FairScheduler[str] = FairScheduler()
