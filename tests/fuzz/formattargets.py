@@ -159,9 +159,13 @@ def resume_wire(data: bytes) -> None:
 class _Scheduler:
     def __init__(self) -> None:
         self.weights: dict[str, float] = {}
+        self.moved: list[tuple[object, str]] = []
 
     def set_weight(self, user: str, weight: float) -> None:
         self.weights[user] = weight
+
+    def move(self, flow: object, user: str) -> None:
+        self.moved.append((flow, user))
 
 
 class _Conn:
@@ -185,8 +189,9 @@ def share_request(data: bytes) -> None:
     if answered:
         ((user, weight),) = conn.scheduler.weights.items()
         assert channel.shareUser == user and len(user) <= 100 and 0.01 <= weight <= 100.0
+        assert conn.scheduler.moved == [(channel, user)]  # its queued bytes are the user's
     else:
-        assert conn.scheduler.weights == {}
+        assert conn.scheduler.weights == {} and conn.scheduler.moved == []
 
 
 # --- early-data@labrelay (relay/ssh/earlydata.py, read by the agent's connection) -------
