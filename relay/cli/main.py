@@ -228,7 +228,22 @@ def _with_backoff(config: NodeConfig, ns: argparse.Namespace) -> NodeConfig:
     return dataclasses.replace(config, links=tuple(links))
 
 
-def run_reactor(build: Callable[[Any, Callable[[str], object]], Any]) -> int:
+REACTOR_COMMANDS = frozenset({"agent", "relay", "run"})
+"""The commands that run a node and so choose its reactor (:func:`choose_reactor`)."""
+
+
+def choose_reactor() -> str:
+    """Install labrelay's epoll reactor (:mod:`relay.ops.reactor`) while it can still
+    be chosen: before anything imports Conch, which imports the global reactor.
+    Returns the name of the reactor the process will run, for its start-up event
+    (the installed one's, when called again)."""
+    from relay.ops.reactor import install
+
+    return install()
+
+
+def run_reactor(build: Callable[[Any, Callable[[str], object]], Any],
+                reactor_name: str) -> int:
     """Build the service tree with the real reactor, run it until a signal, stop it."""
     from twisted.internet import reactor
     from twisted.logger import Logger
@@ -244,7 +259,7 @@ def run_reactor(build: Callable[[Any, Callable[[str], object]], Any]) -> int:
 
     service = build(reactor, fatal)
     log.info("labrelay {version} started (pid {pid})", event="agent_started",
-             version=__version__, pid=os.getpid())
+             version=__version__, pid=os.getpid(), reactor=reactor_name)
     reactor.callWhenRunning(service.startService)  # type: ignore[attr-defined]
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
@@ -265,6 +280,7 @@ def _node(config: NodeConfig, reactor: Any, fatal: Callable[[str], object],
 
 
 def cmd_agent(ns: argparse.Namespace) -> int:
+    reactor_name = choose_reactor()
     from relay.config.agentargs import config_from_agent_args
 
     def load() -> NodeConfig:
@@ -274,10 +290,11 @@ def cmd_agent(ns: argparse.Namespace) -> int:
     start_logging(ns.log_format, ns.verbose)
     # run_reactor builds the tree before the reactor runs: a bad key file
     # raises ConfigError here and exits 2 with nothing started.
-    return run_reactor(lambda r, fatal: _node(config, r, fatal, load))
+    return run_reactor(lambda r, fatal: _node(config, r, fatal, load), reactor_name)
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
+    reactor_name = choose_reactor()
     from relay.config.loader import load_config
 
     def load() -> NodeConfig:
@@ -285,16 +302,18 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     config = load()
     start_logging(ns.log_format, ns.verbose)
-    return run_reactor(lambda r, fatal: _node(config, r, fatal, load))
+    return run_reactor(lambda r, fatal: _node(config, r, fatal, load), reactor_name)
 
 
 def cmd_relay(ns: argparse.Namespace) -> int:
+    reactor_name = choose_reactor()
     from relay.cli.relayargs import config_from_relay_args
 
     config = config_from_relay_args(ns)
     start_logging(ns.log_format, ns.verbose)
     return run_reactor(lambda r, fatal: _node(config, r, fatal,
-                                              lambda: config_from_relay_args(ns)))
+                                              lambda: config_from_relay_args(ns)),
+                       reactor_name)
 
 
 def cmd_check(ns: argparse.Namespace) -> int:
@@ -470,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
         from relay.cli.benchcmd import main as bench_main
 
         return bench_main(argv[1:])
+    # Before the parser is built: building it imports Conch, which imports the global
+    # reactor.  choose_reactor() again in the command is a no-op that names it.
+    if next((a for a in argv if not a.startswith("-")), None) in REACTOR_COMMANDS:
+        choose_reactor()
     parser = build_parser()
     ns = parser.parse_args(argv)
     commands = {

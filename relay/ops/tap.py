@@ -22,8 +22,11 @@ from twisted.application.service import IService, MultiService
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
+from relay import __version__
 from relay.config.errors import ConfigError
 from relay.config.loader import load_config
+
+_log = Logger(namespace="labrelay")
 
 
 class Options(usage.Options):
@@ -58,10 +61,21 @@ class TwistdRoot(MultiService):
     on twistd's application before twistd starts logging (twistd uses an
     ``ILogObserver`` component of the application instead of its default)."""
 
-    def __init__(self, node: IService, server_options: Any) -> None:
+    def __init__(self, node: IService, server_options: Any,
+                 reactor_name: str | None = None) -> None:
         super().__init__()
         self._server_options = server_options
+        self._reactor_name = reactor_name
         node.setServiceParent(self)
+
+    def startService(self) -> None:
+        # Here, not in makeService: twistd replays what was logged before it started
+        # logging to every observer, so the JSON stream would have it twice.
+        if self._reactor_name is not None:
+            _log.info("labrelay {version} started under twistd (pid {pid})",
+                      event="agent_started", version=__version__, pid=os.getpid(),
+                      reactor=self._reactor_name)
+        super().startService()
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
@@ -75,7 +89,13 @@ class TwistdRoot(MultiService):
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
+    reactor_name = None
     if reactor is None:
+        from relay.ops.reactor import install
+
+        # twistd installs its reactor when it runs it, after this, unless it was
+        # given ``--reactor``: ours is chosen here in the first case only.
+        reactor_name = install()
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
@@ -98,7 +118,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
                                  pace_gc=True)
     except ConfigError as e:
         raise SystemExit(f"labrelay: {e}") from None
-    return TwistdRoot(node, getattr(options, "parent", None))
+    return TwistdRoot(node, getattr(options, "parent", None), reactor_name)
 
 
 class _Fatal:

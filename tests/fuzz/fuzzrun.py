@@ -51,10 +51,14 @@ def replay(name: str, files: list[Path]) -> list[tuple[Path, str]]:
     import traceback
 
     import fuzztargets
+    import fuzzworld
 
     target = fuzztargets.TARGETS[name]
     failed = []
     for path in files:
+        # Only this input's failures: the same process may have run other tests that
+        # logged some (tests/unit and tests/fuzz in one pytest run).
+        fuzzworld.FAILURES.take()
         try:
             target(path.read_bytes())
         except Exception:

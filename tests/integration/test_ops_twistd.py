@@ -90,6 +90,10 @@ connect = "127.0.0.1:{web.port}"
                     name="alice")  # fmt: skip
     ssh.wait_stderr(r"new port-listener")
     assert echo_roundtrip(port, b"under twistd", greeting=b"twistd\n") == b"under twistd"
+    # twistd was given no --reactor: both run labrelay's (relay.ops.reactor).
+    for proc in (relay.proc, agent):
+        started = proc.events("agent_started")
+        assert [e["reactor"] for e in started] == ["LeanEPollReactor"], started
 
     mark = relay.mark()
     os.kill(relay.pid, signal.SIGHUP)

@@ -327,6 +327,9 @@ def test_labrelay_agent_jump_and_takeover(
     out = run(jump)
     assert (out.returncode, out.stdout.strip()) == (0, b"gpu_cluster"), out.stderr.decode()
     scp_through_jump(cfg, relay, tmp_path, seed=21)
+    # ``labrelay relay`` and ``labrelay agent`` run labrelay's reactor (relay.ops.reactor).
+    for proc in (relay.proc, old):
+        assert [e["reactor"] for e in proc.events("agent_started")] == ["LeanEPollReactor"]
     web = local_forward(start_ssh, relay, keys.alice, "web:8080", user="alice")
     assert echo_roundtrip(web, b"before", greeting=b"A\n") == b"before"
 
