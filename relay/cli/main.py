@@ -268,15 +268,17 @@ def run_reactor(build: Callable[[Any, Callable[[str], object]], Any],
 
 
 def _node(config: NodeConfig, reactor: Any, fatal: Callable[[str], object],
-          load: Callable[[], NodeConfig]) -> Any:
+          load: Callable[[], NodeConfig], verbose: bool) -> Any:
     """The node service of a ``labrelay`` command: it reloads with ``load`` on SIGHUP
-    and ``POST /reload``, and speaks sd_notify when systemd runs it."""
+    and ``POST /reload``, and speaks sd_notify when systemd runs it.  Without ``-v``
+    (``verbose``) its links do not emit the per-session debug events no observer of
+    this process would print (:class:`relay.agent.link.Link`)."""
     from relay.ops.notify import SystemdNotifier
     from relay.ops.service import make_node_service
 
     return make_node_service(config, reactor, on_fatal=fatal, load=load,
                              notifier=SystemdNotifier(), handle_sighup=True,
-                             pace_gc=True)
+                             pace_gc=True, session_debug=verbose)
 
 
 def cmd_agent(ns: argparse.Namespace) -> int:
@@ -290,7 +292,8 @@ def cmd_agent(ns: argparse.Namespace) -> int:
     start_logging(ns.log_format, ns.verbose)
     # run_reactor builds the tree before the reactor runs: a bad key file
     # raises ConfigError here and exits 2 with nothing started.
-    return run_reactor(lambda r, fatal: _node(config, r, fatal, load), reactor_name)
+    return run_reactor(lambda r, fatal: _node(config, r, fatal, load, ns.verbose),
+                       reactor_name)
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
@@ -302,7 +305,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     config = load()
     start_logging(ns.log_format, ns.verbose)
-    return run_reactor(lambda r, fatal: _node(config, r, fatal, load), reactor_name)
+    return run_reactor(lambda r, fatal: _node(config, r, fatal, load, ns.verbose),
+                       reactor_name)
 
 
 def cmd_relay(ns: argparse.Namespace) -> int:
@@ -312,7 +316,7 @@ def cmd_relay(ns: argparse.Namespace) -> int:
     config = config_from_relay_args(ns)
     start_logging(ns.log_format, ns.verbose)
     return run_reactor(lambda r, fatal: _node(config, r, fatal,
-                                              lambda: config_from_relay_args(ns)),
+                                              lambda: config_from_relay_args(ns), ns.verbose),
                        reactor_name)
 
 

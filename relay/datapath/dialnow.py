@@ -21,7 +21,6 @@ not handled here: they need resolution, which the endpoints do.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import select
 import socket
@@ -35,7 +34,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.datapath.net import client_endpoint
+from relay.datapath.net import client_endpoint, ip_family
 from relay.datapath.pymover import End
 
 Dial = Callable[[Any, str, int, Callable[[], Protocol], float], "defer.Deferred[Any]"]
@@ -55,11 +54,9 @@ def connect_target(reactor: Any, host: str, port: int, make: Callable[[], Protoc
                    timeout: float) -> defer.Deferred[Any]:
     """A connection to ``host:port`` for a new session: :func:`dial_now` for an IP
     address, the endpoint (name resolution) for a host name."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+    family = ip_family(host)
+    if family is None:
         return connect_endpoint(reactor, host, port, make, timeout)
-    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
     return dial_now(reactor, family, host, port, make, timeout)
 
 
@@ -74,11 +71,9 @@ def connect_spliced(reactor: Any, host: str, port: int, make: Callable[[], Proto
     about 0.1 ms between the agent's GO and its splice, which is on the way of the
     session's first reply.  A connection still in progress, or a host name, is the
     protocol ``make()`` made, as from :func:`connect_target`."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+    family = ip_family(host)
+    if family is None:
         return connect_endpoint(reactor, host, port, make, timeout)
-    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
     return dial_now(reactor, family, host, port, make, timeout, adopt=False)
 
 

@@ -17,17 +17,38 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 LISTEN_BACKLOG = 511
 
 
+def ip_family(host: str) -> int | None:
+    """``AF_INET`` or ``AF_INET6`` if ``host`` is an IP address (as
+    :func:`ipaddress.ip_address` reads one), None for a host name.
+
+    Asked on every new session the agent dials: ``inet_pton`` is one C call where
+    ``ipaddress`` runs a dozen Python functions, on the agent's set-up turn after an
+    idle gap (docs/benchmarks.md, round 12).  A scoped IPv6 address (``fe80::1%eth0``)
+    is left to :mod:`ipaddress`, which ``inet_pton`` does not read."""
+    if "%" in host:
+        try:
+            return socket.AF_INET if ipaddress.ip_address(host).version == 4 else socket.AF_INET6
+        except ValueError:
+            return None
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family
+    return None
+
+
 def client_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
     """An endpoint for ``host:port``; IP literals skip name resolution.
 
     ``HostnameEndpoint`` resolves even ``127.0.0.1`` through ``getaddrinfo`` on a
     thread, which costs a thread hop on every new forwarded session.
     """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+    family = ip_family(host)
+    if family is None:
         return HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if address.version == 4:
+    if family == socket.AF_INET:
         return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
     return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
 
@@ -122,7 +143,11 @@ class TurnBudget:
     bytes wait in Twisted's buffer, the reactor's write event resumes the producer once
     they are sent, as always; if the kernel took everything, the next reactor turn does
     (the turn in which Twisted's ``doWrite`` would have emptied the buffer).  The count
-    starts again at each turn: one ``callLater(0)`` per turn that wrote directly.  The
+    starts again at each turn.  On labrelay's reactor (relay.ops.reactor), which counts
+    its turns, the first write of a new turn sees the count changed; on another, one
+    ``callLater(0)`` per turn that wrote directly starts it again, which costs a timer
+    and an extra pass of the reactor's loop after every such turn, on each new
+    session's set-up turns too (docs/benchmarks.md, round 12).  The
     kernel itself keeps the link's ``TCP_NOTSENT_LOWAT`` on a direct write: Linux's
     ``send`` takes no new segment once the unsent bytes reach the mark (it returns what
     it took, or EAGAIN), the same ``send`` that ``doWrite`` makes when ``epoll`` says
@@ -138,6 +163,10 @@ class TurnBudget:
         self.used = 0  # bytes written directly in this reactor turn
         self._turn: Any = None  # the pending callLater(0) that starts the next turn
         self._paused = False  # we paused the producer with nothing buffered
+        # The reactor counts its turns (relay.ops.reactor.LeanEPollReactor.turns):
+        # the turn ``used`` counts for.
+        self._counted = isinstance(getattr(transport.reactor, "turns", None), int)
+        self._seen = -1
 
     @staticmethod
     def usable(transport: Any) -> bool:
@@ -148,11 +177,14 @@ class TurnBudget:
 
     def write(self, chunks: Sequence[bytes]) -> None:
         t: Any = self.transport  # reads Twisted's buffer state, as write_now does
+        if self._counted and t.reactor.turns != self._seen:
+            self._seen = t.reactor.turns
+            self.used = 0
         if self.used < t.bufferSize:
             sent = write_now(t, chunks, limit=None)
             if sent:
                 self.used += sent
-                if self._turn is None:
+                if self._turn is None and not self._counted:
                     self._turn = t.reactor.callLater(0, self._nextTurn)
         elif len(chunks) == 1:
             t.write(chunks[0])
@@ -167,6 +199,8 @@ class TurnBudget:
             t.producerPaused = True  # doWrite resumes it once the buffer is sent
         else:
             self._paused = True  # nothing for doWrite to send: the next turn resumes it
+            if self._turn is None:
+                self._turn = t.reactor.callLater(0, self._nextTurn)
         t.producer.pauseProducing()
 
     def _nextTurn(self) -> None:

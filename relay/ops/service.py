@@ -53,7 +53,10 @@ class NodeService(MultiService):
 
     ``pace_gc`` (also the command line's and twistd's only: the collector is the
     process's) collects cyclic garbage at a steady pace between sessions' turns
-    (:mod:`relay.ops.gcpace`)."""
+    (:mod:`relay.ops.gcpace`).
+
+    ``session_debug`` false (``labrelay`` without ``-v``) tells its links not to emit
+    their per-session debug events (:class:`relay.agent.link.Link`)."""
 
     _log = Logger()
 
@@ -61,9 +64,11 @@ class NodeService(MultiService):
                  on_fatal: Callable[[str], object] | None = None, *,
                  load: Callable[[], NodeConfig] | None = None,
                  notifier: SystemdNotifier | None = None,
-                 handle_sighup: bool = False, pace_gc: bool = False) -> None:
+                 handle_sighup: bool = False, pace_gc: bool = False,
+                 session_debug: bool = True) -> None:
         super().__init__()
         self.config = config
+        self.session_debug = session_debug
         self.reactor = reactor
         self._on_fatal = on_fatal
         self._started = reactor.seconds()
@@ -113,7 +118,8 @@ class NodeService(MultiService):
         index = config.links.index(link_config)
         identities = load_identities(config, link_config, index)
         link = Link(link_config, self.reactor, identities, on_fatal=self._fatalFor(),
-                    local_relay=self.relay.core if self.relay is not None else None)
+                    local_relay=self.relay.core if self.relay is not None else None,
+                    session_debug=self.session_debug)
         link.setServiceParent(self)
         return link
 
@@ -204,10 +210,12 @@ def make_node_service(config: NodeConfig, reactor: Any,
                       on_fatal: Callable[[str], object] | None = None, *,
                       load: Callable[[], NodeConfig] | None = None,
                       notifier: SystemdNotifier | None = None,
-                      handle_sighup: bool = False, pace_gc: bool = False) -> NodeService:
+                      handle_sighup: bool = False, pace_gc: bool = False,
+                      session_debug: bool = True) -> NodeService:
     if not config.links and config.relay is None and not getattr(config, "forwards", ()):
         raise ConfigError(config.source, "link", "nothing to run: no [[link]], [relay] or "
                           "[[forward]] configured",
                           "add a [[link]] table, or give [user@]host on the command line")
     return NodeService(config, reactor, on_fatal=on_fatal, load=load, notifier=notifier,
-                       handle_sighup=handle_sighup, pace_gc=pace_gc)
+                       handle_sighup=handle_sighup, pace_gc=pace_gc,
+                       session_debug=session_debug)

@@ -220,3 +220,24 @@ def test_a_spliced_target_by_name_goes_through_the_endpoint(
     dialnow.connect_spliced(clock, "localhost", 22, Recorder, 3.0)
     dialnow.connect_spliced(clock, "127.0.0.1", 22, Recorder, 3.0)
     assert called == [("localhost", None), ("127.0.0.1", False)]
+
+
+@pytest.mark.parametrize("host", [
+    "127.0.0.1", "10.0.0.5", "::1", "2001:db8::1", "::ffff:1.2.3.4", "fe80::1%eth0",
+    "gpu-cluster", "localhost", "", "01.2.3.4", "1.2.3", "256.1.1.1", "0x7f.1.1.1",
+    "1.2.3.4 ", "1.2.3.4%x", "[::1]",
+])
+def test_ip_family_reads_addresses_as_ipaddress_does(host: str) -> None:
+    """The agent dials an IP address at once and resolves anything else: the family
+    (one C call, not the ipaddress module's Python) must agree with ipaddress on
+    what is an address."""
+    import ipaddress
+
+    from relay.datapath.net import ip_family
+
+    try:
+        version = ipaddress.ip_address(host).version
+        expected = socket.AF_INET if version == 4 else socket.AF_INET6
+    except ValueError:
+        expected = None
+    assert ip_family(host) == expected

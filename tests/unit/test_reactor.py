@@ -75,6 +75,10 @@ def test_it_carries_tcp_both_ways_and_runs_timers(reactor: Any) -> None:
     turn_until(reactor, lambda: len(client.got) >= len(payload) and bool(fired))
     assert bytes(client.got) == payload
     assert fired == ["timer"]
+    turns = reactor.turns
+    assert turns > 0
+    reactor.doIteration(0)  # nothing ready: still a turn (TurnBudget's budget restarts)
+    assert reactor.turns == turns + 1
     client.transport.loseConnection()
     port.stopListening()
     turn_until(reactor, lambda: not client.transport.connected)

@@ -169,13 +169,27 @@ class Producer:
         pass
 
 
-@pytest.fixture
-def clocked() -> Iterator[tuple[tcp.Connection, socket.socket, MemoryReactorClock]]:
-    """A real socket pair whose reactor has a clock: ``advance(0)`` is a new turn."""
+class TurnCountingClock(MemoryReactorClock):
+    """A clock that also counts its turns, as labrelay's reactor does
+    (relay.ops.reactor.LeanEPollReactor.turns): ``advance`` is a new turn."""
+
+    turns = 0
+
+    def advance(self, amount: float) -> None:
+        self.turns += 1
+        super().advance(amount)
+
+
+@pytest.fixture(params=["callLater", "turns"])
+def clocked(request: pytest.FixtureRequest,
+            ) -> Iterator[tuple[tcp.Connection, socket.socket, MemoryReactorClock]]:
+    """A real socket pair whose reactor has a clock: ``advance(0)`` is a new turn.
+    Twice: a reactor TurnBudget must mark turns on with ``callLater(0)``, and one that
+    counts them."""
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.setblocking(False)
-    reactor = MemoryReactorClock()
+    reactor = MemoryReactorClock() if request.param == "callLater" else TurnCountingClock()
     conn = tcp.Connection(ours, Protocol(), reactor)
     conn.connected = 1
     try:
@@ -243,6 +257,43 @@ def test_a_turn_budget_that_the_kernel_took_whole_resumes_at_the_next_turn(
     reactor.advance(0)
     assert (producer.paused, producer.resumed) == (1, 1)
     assert budget.used == 0
+
+
+def test_on_a_reactor_that_counts_turns_a_budget_schedules_nothing_until_it_pauses(
+) -> None:
+    """labrelay's reactor counts its turns: direct writes leave no timer behind (each
+    was a timer and an extra pass of the loop per writing turn), a new turn is seen at
+    the next write, and only a pause with nothing buffered asks for the next turn."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    reactor = TurnCountingClock()
+    conn = tcp.Connection(ours, Protocol(), reactor)
+    conn.connected = 1
+    try:
+        producer = Producer()
+        conn.registerProducer(producer, True)
+        conn.bufferSize = 128 * 1024
+        budget = TurnBudget(conn)
+        packet = b"t" * (48 * 1024)
+        budget.write((packet,))
+        budget.write((packet,))
+        assert reactor.getDelayedCalls() == [] and budget.used == 2 * len(packet)
+        assert len(drain(theirs, 2 * len(packet))) == 2 * len(packet)
+        reactor.turns += 1  # a new turn: the budget is whole at its first write
+        budget.write((packet,))
+        assert budget.used == len(packet) and reactor.getDelayedCalls() == []
+        budget.write((packet,))
+        budget.write((packet,))  # over bufferSize, and the kernel took it: paused
+        assert (producer.paused, producer.resumed) == (1, 0)
+        assert len(reactor.getDelayedCalls()) == 1
+        assert len(drain(theirs, 3 * len(packet))) == 3 * len(packet)
+        reactor.advance(0)
+        assert (producer.paused, producer.resumed) == (1, 1)
+        assert reactor.getDelayedCalls() == []
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def test_a_turn_budget_never_writes_past_buffered_bytes(
