@@ -228,8 +228,8 @@ def _with_backoff(config: NodeConfig, ns: argparse.Namespace) -> NodeConfig:
     return dataclasses.replace(config, links=tuple(links))
 
 
-REACTOR_COMMANDS = frozenset({"agent", "relay", "run"})
-"""The commands that run a node and so choose its reactor (:func:`choose_reactor`)."""
+REACTOR_COMMANDS = frozenset({"agent", "relay", "run", "demo", "connect"})
+"""The commands that run a reactor and so choose it (:func:`choose_reactor`)."""
 
 
 def choose_reactor() -> str:

@@ -160,3 +160,30 @@ def test_install_keeps_a_reactor_already_installed() -> None:
         "name = install()\n"
         "from twisted.internet import reactor\n"
         "print(name, type(reactor).__name__)\n") == "PollReactor PollReactor"
+
+
+@pytest.mark.parametrize("argv", [
+    ["relay", "--listen", "127.0.0.1:0"],  # refused (nobody may use it): after the choice
+    ["agent", "-R", "web:80:127.0.0.1:80", "lab@127.0.0.1"],
+    ["connect", "-p", "1", "alice@127.0.0.1", "gpu:22"],
+    ["demo", "--once"],
+])
+def test_the_commands_that_run_a_reactor_choose_it_before_conch_is_imported(
+    argv: list[str],
+) -> None:
+    """Building the parser imports Conch, which imports the global reactor: a choice
+    made any later would find Twisted's default installed.  (The reactor's ``run`` is
+    stopped at once here: only the choice is looked at.)"""
+    assert run_fresh(
+        "import sys\n"
+        "from twisted.internet import base\n"
+        "def run(self, *a, **k):\n"
+        "    raise SystemExit(0)\n"
+        "base.ReactorBase.run = run\n"
+        "from relay.cli.main import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(type(sys.modules['twisted.internet.reactor']).__name__)\n"
+    ).splitlines()[-1] == "LeanEPollReactor"
