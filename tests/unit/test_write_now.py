@@ -7,8 +7,10 @@ sees exactly when the reactor would have been asked to write later.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from twisted.internet import tcp
@@ -20,19 +22,27 @@ from relay.datapath.net import WRITE_NOW_MAX, TurnBudget, write_now
 Pair = tuple[tcp.Connection, socket.socket, MemoryReactor]
 
 
-@pytest.fixture
-def pair() -> Iterator[Pair]:
+@contextlib.contextmanager
+def connected_on(reactor: Any) -> Iterator[tuple[tcp.Connection, socket.socket]]:
+    """A Twisted TCP connection of ``reactor`` on one end of a real socket pair, and
+    the other end."""
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.setblocking(False)
-    reactor = MemoryReactor()
     conn = tcp.Connection(ours, Protocol(), reactor)
     conn.connected = 1
     try:
-        yield conn, theirs, reactor
+        yield conn, theirs
     finally:
         ours.close()
         theirs.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    reactor = MemoryReactor()
+    with connected_on(reactor) as (conn, theirs):
+        yield conn, theirs, reactor
 
 
 def received(sock: socket.socket) -> bytes:
@@ -186,17 +196,9 @@ def clocked(request: pytest.FixtureRequest,
     """A real socket pair whose reactor has a clock: ``advance(0)`` is a new turn.
     Twice: a reactor TurnBudget must mark turns on with ``callLater(0)``, and one that
     counts them."""
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.setblocking(False)
     reactor = MemoryReactorClock() if request.param == "callLater" else TurnCountingClock()
-    conn = tcp.Connection(ours, Protocol(), reactor)
-    conn.connected = 1
-    try:
+    with connected_on(reactor) as (conn, theirs):
         yield conn, theirs, reactor
-    finally:
-        ours.close()
-        theirs.close()
 
 
 def drain(sock: socket.socket, size: int) -> bytes:
@@ -264,13 +266,8 @@ def test_on_a_reactor_that_counts_turns_a_budget_schedules_nothing_until_it_paus
     """labrelay's reactor counts its turns: direct writes leave no timer behind (each
     was a timer and an extra pass of the loop per writing turn), a new turn is seen at
     the next write, and only a pause with nothing buffered asks for the next turn."""
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.setblocking(False)
     reactor = TurnCountingClock()
-    conn = tcp.Connection(ours, Protocol(), reactor)
-    conn.connected = 1
-    try:
+    with connected_on(reactor) as (conn, theirs):
         producer = Producer()
         conn.registerProducer(producer, True)
         conn.bufferSize = 128 * 1024
@@ -291,9 +288,6 @@ def test_on_a_reactor_that_counts_turns_a_budget_schedules_nothing_until_it_paus
         reactor.advance(0)
         assert (producer.paused, producer.resumed) == (1, 1)
         assert reactor.getDelayedCalls() == []
-    finally:
-        ours.close()
-        theirs.close()
 
 
 def test_a_turn_budget_never_writes_past_buffered_bytes(
