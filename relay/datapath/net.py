@@ -143,7 +143,7 @@ class TurnBudget:
     bytes wait in Twisted's buffer, the reactor's write event resumes the producer once
     they are sent, as always; if the kernel took everything, the next reactor turn does
     (the turn in which Twisted's ``doWrite`` would have emptied the buffer).  The count
-    starts again at each turn.  On labrelay's reactor (relay.ops.reactor), which counts
+    starts again at each turn.  On labrelay's reactor (relay.ops.leanepoll), which counts
     its turns, the first write of a new turn sees the count changed; on another, one
     ``callLater(0)`` per turn that wrote directly starts it again, which costs a timer
     and an extra pass of the reactor's loop after every such turn, on each new
@@ -163,7 +163,7 @@ class TurnBudget:
         self.used = 0  # bytes written directly in this reactor turn
         self._turn: Any = None  # the pending callLater(0) that starts the next turn
         self._paused = False  # we paused the producer with nothing buffered
-        # The reactor counts its turns (relay.ops.reactor.LeanEPollReactor.turns):
+        # The reactor counts its turns (relay.ops.leanepoll.LeanEPollReactor.turns):
         # the turn ``used`` counts for.
         self._counted = isinstance(getattr(transport.reactor, "turns", None), int)
         self._seen = -1

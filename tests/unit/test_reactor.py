@@ -1,16 +1,18 @@
-"""relay.ops.reactor: labrelay's epoll reactor, on real sockets.
+"""relay.ops.leanepoll and relay.ops.reactor: labrelay's epoll reactor, on real sockets.
 
 Each test drives its own, uninstalled reactor instance turn by turn (the test process's
 global reactor is not touched); ``install`` is checked in fresh interpreters."""
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.skipif(not hasattr(select, "epoll"), reason="epoll is L
 
 @pytest.fixture
 def reactor() -> Any:
-    from relay.ops.reactor import LeanEPollReactor
+    from relay.ops.leanepoll import LeanEPollReactor
 
     r = LeanEPollReactor()
     yield r
@@ -130,16 +132,25 @@ def test_an_exception_escaping_one_event_is_logged_and_the_next_event_is_handled
     failures = [e for e in seen if "log_failure" in e]
     assert len(failures) == 1
     assert failures[0]["log_failure"].check(RuntimeError)
-    assert failures[0]["log_namespace"] == "relay.ops.reactor"
+    assert failures[0]["log_namespace"] == "relay.ops.leanepoll"
     assert healthy in reactor.getReaders() and failing not in reactor.getReaders()
     reactor.removeReader(healthy)
     for s in (a_here, a_there, b_here, b_there):
         s.close()
 
 
-def run_fresh(code: str) -> str:
+NOLINUX = Path(__file__).resolve().parent.parent / "nolinux"
+
+
+def run_fresh(code: str, nolinux: bool = False) -> str:
+    """``code``'s stdout in a fresh interpreter; ``nolinux``: one that looks like a Mac
+    (tests/nolinux: no epoll, no splice, no native module)."""
+    env = dict(os.environ)
+    if nolinux:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(NOLINUX),
+                                                        env.get("PYTHONPATH")) if p)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True)
+                         timeout=60, check=True, env=env)
     return out.stdout.strip()
 
 
@@ -162,18 +173,31 @@ def test_install_keeps_a_reactor_already_installed() -> None:
         "print(name, type(reactor).__name__)\n") == "PollReactor PollReactor"
 
 
+def test_without_epoll_install_leaves_twisteds_choice() -> None:
+    """A Mac: Twisted's epoll module cannot be imported at all, so install() must not
+    import it; Twisted then picks its poll reactor, as it would without labrelay."""
+    assert run_fresh(
+        "from relay.ops.reactor import install\n"
+        "name = install()\n"
+        "from twisted.internet import reactor\n"
+        "print(name, type(reactor).__name__)\n", nolinux=True) == "default PollReactor"
+
+
 @pytest.mark.parametrize("argv", [
     ["relay", "--listen", "127.0.0.1:0"],  # refused (nobody may use it): after the choice
     ["agent", "-R", "web:80:127.0.0.1:80", "lab@127.0.0.1"],
     ["connect", "-p", "1", "alice@127.0.0.1", "gpu:22"],
     ["demo", "--once"],
 ])
+@pytest.mark.parametrize("nolinux", [False, True], ids=["linux", "nolinux"])
 def test_the_commands_that_run_a_reactor_choose_it_before_conch_is_imported(
-    argv: list[str],
+    argv: list[str], nolinux: bool,
 ) -> None:
     """Building the parser imports Conch, which imports the global reactor: a choice
-    made any later would find Twisted's default installed.  (The reactor's ``run`` is
+    made any later would find Twisted's default installed.  Without epoll (a Mac) each
+    command runs on Twisted's choice and does not fail.  (The reactor's ``run`` is
     stopped at once here: only the choice is looked at.)"""
+    expected = "PollReactor" if nolinux else "LeanEPollReactor"
     assert run_fresh(
         "import sys\n"
         "from twisted.internet import base\n"
@@ -185,5 +209,6 @@ def test_the_commands_that_run_a_reactor_choose_it_before_conch_is_imported(
         f"    main({argv!r})\n"
         "except SystemExit:\n"
         "    pass\n"
-        "print(type(sys.modules['twisted.internet.reactor']).__name__)\n"
-    ).splitlines()[-1] == "LeanEPollReactor"
+        "print(type(sys.modules['twisted.internet.reactor']).__name__)\n",
+        nolinux=nolinux,
+    ).splitlines()[-1] == expected

@@ -181,7 +181,7 @@ class Producer:
 
 class TurnCountingClock(MemoryReactorClock):
     """A clock that also counts its turns, as labrelay's reactor does
-    (relay.ops.reactor.LeanEPollReactor.turns): ``advance`` is a new turn."""
+    (relay.ops.leanepoll.LeanEPollReactor.turns): ``advance`` is a new turn."""
 
     turns = 0
 
