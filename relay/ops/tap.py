@@ -27,6 +27,7 @@ from relay.config.errors import ConfigError
 from relay.config.loader import load_config
 
 _log = Logger(namespace="labrelay")
+"""The twistd plugin's own events (``agent_started``, ``fatal``)."""
 
 
 class Options(usage.Options):
@@ -128,14 +129,12 @@ class _Fatal:
     that nothing went wrong; an exit hook that runs after twistd's own clean-up (pid
     file removed, logs flushed) sets the status instead."""
 
-    _log = Logger(namespace="labrelay")
-
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
         self._armed = False
 
     def __call__(self, why: str) -> None:
-        self._log.critical("{why}; stopping", why=why, event="fatal")
+        _log.critical("{why}; stopping", why=why, event="fatal")
         if not self._armed:
             self._armed = True
             atexit.register(_exit_failed)
