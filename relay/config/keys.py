@@ -77,6 +77,7 @@ RELAY_KEYS = {
     "penalty_exempt": 'penalty_exempt = ["192.0.2.0/24", "2001:db8::/48"]',
     "max_channels": "max_channels = 1024",
     "max_sessions_per_user": "max_sessions_per_user = 64",
+    "max_connections_per_user": "max_connections_per_user = 64",
     "idle_timeout": "idle_timeout = 0",
     "public_wait": "public_wait = 10",
     "early_confirm": "early_confirm = true",

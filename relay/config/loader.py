@@ -260,6 +260,9 @@ def _parse_relay(sec: Section, base: Path,
         max_sessions_per_user=sec.integer(
             "max_sessions_per_user", defaults.max_sessions_per_user, 1
         ),
+        max_connections_per_user=sec.integer(
+            "max_connections_per_user", defaults.max_connections_per_user, 1
+        ),
         idle_timeout=sec.number("idle_timeout", defaults.idle_timeout, low=0),
         public_wait=sec.number("public_wait", defaults.public_wait, low=0),
         early_confirm=sec.boolean("early_confirm", defaults.early_confirm),

@@ -329,6 +329,9 @@ class RelayConfig:
     penalty_exempt: tuple[IPNetwork, ...] = ()
     max_channels: int = 1024
     max_sessions_per_user: int = 64
+    #: Authenticated SSH connections one user (or agent) may hold at once: a valid key
+    #: must not be able to take every descriptor of the relay (docs/security.md).
+    max_connections_per_user: int = 64
     idle_timeout: float = 0.0
     public_wait: float = 10.0
     #: Confirm a user's ``direct-tcpip`` channel as soon as it is admitted, when its

@@ -12,6 +12,7 @@ to ``public_wait`` seconds for it, then are refused cleanly.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,7 @@ from relay.server.sharing import Sharing
 from relay.server.status import relay_status
 from relay.server.waiting import Waiting
 from relay.ssh.server import RelayConnection, RelayTransport
+from relay.ssh.serverauth import Identity
 from relay.ssh.wire import EARLY_DATA_OK, unpack_early_data_ok, unpack_forward
 
 TAKEOVER_PROBE = 0.5
@@ -57,12 +59,15 @@ class RelayCore(SessionOpening):
         self.registry = Registry()
         self.router = Router(self.registry, self._principalOf, lambda s: s in self.connections)
         self.connections: set[RelayConnection] = set()
+        # Authenticated connections per principal (kind, name): max_connections_per_user.
+        self._connectionsOf: Counter[tuple[str, str]] = Counter()
         self.sessions = SessionTable()
         self._aborts: dict[SessionRow, Callable[[], None]] = {}  # stops a moving row's bytes
         self.setupLog = audit.SetupLog(reactor)  # opening events, written after set-up
         self.publicPorts = PublicPorts(self)
         self.counters = {"auth_refused": 0, "requests_refused": 0, "sessions_refused": 0,
                          "connections_dropped_unauthenticated_cap": 0,
+                         "connections_refused_per_user_cap": 0,
                          # users' first bytes sent to the agent before it answered
                          # their open (relay.ssh.earlydata)
                          "early_data_sessions": 0, "early_data_bytes": 0}
@@ -122,9 +127,29 @@ class RelayCore(SessionOpening):
 
     # sessions of agents and users
 
+    def connectionRefusal(self, identity: Identity) -> str | None:
+        """A valid key may not take every descriptor and the memory of the relay's
+        connections from the other users: past ``max_connections_per_user`` a new
+        connection of the same principal is refused (the user's own, not her
+        source's, limit; a reload applies a change to new connections)."""
+        cap = self.config.max_connections_per_user
+        held = self._connectionsOf[(identity.kind, identity.name)]
+        if held < cap:
+            return None
+        self.counters["connections_refused_per_user_cap"] += 1
+        self._log.warn(
+            "{kind} {name}: connection refused: {held} already open "
+            "(max_connections_per_user = {cap})", event="relay_connection_cap",
+            kind=identity.kind, name=identity.name, held=held, cap=cap,
+        )
+        return (f"{identity.kind} {identity.name} already has {held} connections open on "
+                f"this relay (max_connections_per_user = {cap}): close some, or share one "
+                f"with ssh's ControlMaster")
+
     def sessionStarted(self, conn: RelayConnection) -> None:
         self.connections.add(conn)
         ident = conn.identity
+        self._connectionsOf[(ident.kind, ident.name)] += 1
         self.expiry.watch(ident.key_blob)
         # A certificate's CA and key id say which CA let this login in (trusted_user_ca
         # or a cert-authority line); both empty for a plain key.
@@ -135,7 +160,12 @@ class RelayCore(SessionOpening):
         )
 
     def sessionStopped(self, conn: RelayConnection) -> None:
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            principal = (conn.identity.kind, conn.identity.name)
+            self._connectionsOf[principal] -= 1
+            if self._connectionsOf[principal] <= 0:
+                del self._connectionsOf[principal]
         gone = self.router.drop_session(conn)
         self.dataport.sessionStopped(conn)
         close_pooled(self, conn)

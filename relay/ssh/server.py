@@ -172,12 +172,23 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
 
     def setService(self, service: Any) -> None:
         if isinstance(service, RelayConnection) and not self.authenticated:
-            self.authenticated = True
-            if self._graceTimer is not None and self._graceTimer.active():
-                self._graceTimer.cancel()
-            self._graceTimer = None
-            self.factory.core.authenticated(self)
+            self._authenticated()
         super().setService(service)
+
+    def _authenticated(self) -> None:
+        self.authenticated = True
+        if self._graceTimer is not None and self._graceTimer.active():
+            self._graceTimer.cancel()
+        self._graceTimer = None
+        self.factory.core.authenticated(self)
+
+    def refuseAuthenticated(self, why: str) -> None:
+        """The peer proved a granted key, but the relay will not serve this connection
+        (a cap): it leaves the unauthenticated count unpenalised, and the client is
+        told why."""
+        self._authenticated()
+        self.sendDisconnect(transport.DISCONNECT_TOO_MANY_CONNECTIONS,
+                            why.encode("utf-8", "replace"))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._graceTimer is not None and self._graceTimer.active():

@@ -57,6 +57,10 @@ class AuthHandler(Protocol):
     @property
     def grants(self) -> PrincipalLookup: ...
 
+    def connectionRefusal(self, identity: Identity) -> str | None:
+        """Why a connection that just authenticated as ``identity`` may not start now
+        (``max_connections_per_user``), or None."""
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -197,6 +201,21 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
                   + common.NS(blob))
         c = SSHPrivateKey(self.user, algorithm, blob, signed, signature)
         return self.portal.login(c, None, IConchUser)
+
+    def _cbFinishedAuth(self, result: Any) -> None:
+        """Conch's, unless the principal already holds ``max_connections_per_user``
+        connections: then the client is told so (``DISCONNECT_TOO_MANY_CONNECTIONS``,
+        which OpenSSH prints) and the connection ends.  The key was valid, so this is
+        no offence of its source's (behind a NAT, others share that source)."""
+        _interface, avatar, logout = result
+        core: AuthHandler = self.transport.factory.core  # type: ignore[union-attr]
+        why = core.connectionRefusal(avatar.identity)
+        if why is None:
+            super()._cbFinishedAuth(result)
+            return
+        logout()
+        relay: Any = self.transport
+        relay.refuseAuthenticated(why)
 
     def _ebBadAuth(self, reason: Failure) -> None:
         if self.method == b"publickey" and reason.check(UnauthorizedLogin):

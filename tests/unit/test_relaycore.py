@@ -482,3 +482,26 @@ def test_reconfigure_applies_resume_grace(world: Any) -> None:
     assert ok and unpack_hello_reply(reply)[1] == 5
     core.reconfigure(dataclasses.replace(core.config, resume_grace=0))
     assert not core.resumes.sessions.enabled
+
+
+def test_max_connections_per_user_counts_each_principal_s_live_connections() -> None:
+    ring = KeyRing()
+    config = RelayConfig(users=(ring.user("alice", "gpu-cluster:22"),
+                                ring.user("bob", "gpu-cluster:22")),
+                         max_connections_per_user=2)
+    core = RelayCore(config, Grants(config, "test"), MemoryReactorClock())
+    alice = FakeIdentity(ring.blob("alice"), "alice", "user")
+    bob = FakeIdentity(ring.blob("bob"), "bob", "user")
+    conns = [FakeRelayConnection(alice) for _ in range(2)]
+    for conn in conns:
+        assert core.connectionRefusal(alice) is None  # type: ignore[arg-type]
+        core.sessionStarted(conn)  # type: ignore[arg-type]
+    why = core.connectionRefusal(alice)  # type: ignore[arg-type]
+    assert why is not None and "user alice already has 2 connections open" in why
+    assert core.connectionRefusal(bob) is None  # type: ignore[arg-type]
+    assert core.counters["connections_refused_per_user_cap"] == 1
+    core.sessionStopped(conns[0])  # type: ignore[arg-type]
+    core.sessionStopped(conns[0])  # type: ignore[arg-type]  # (twice: counted once)
+    assert core.connectionRefusal(alice) is None  # type: ignore[arg-type]
+    core.sessionStopped(conns[1])  # type: ignore[arg-type]
+    assert core.status()["counters"]["connections_refused_per_user_cap"] == 1
