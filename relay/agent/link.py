@@ -35,13 +35,21 @@ from relay.core.clock import expire
 from relay.core.resume import HELLO, pack_hello, unpack_hello_reply
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.channels import BridgedChannel
-from relay.ssh.client import LinkConnection, LinkTransport, transport_factory
+from relay.ssh.client import LinkConnection, LinkSetupError, LinkTransport, transport_factory
 from relay.ssh.earlydata import EarlyIntake
 from relay.ssh.hostkeys import HostKeyVerifier
 from relay.ssh.openerrors import refused_by_peer
 from relay.ssh.resumable import ResumableSessions
 from relay.ssh.wire import EARLY_DATA_OK, EARLY_LIMIT, pack_early_data_ok
 from relay.transport.dial import Dialer, route_of
+
+KEYS_REFUSED_RETRY = 10.0
+"""Seconds at least before the next attempt after the server refused every key.  A
+refused key does not start working by itself (an admin has to act), and each failed
+login charges the agent's address a penalty at the relay (5 s by default, as sshd 9.8+
+does) which, once past 15 s, refuses every connection from that address, the lab
+mates' laptops behind the same NAT included.  Attempts twice the penalty apart never
+add up to that; a key put back is used within this delay."""
 
 CANCEL_TIMEOUT = 2.0
 
@@ -154,6 +162,7 @@ class Link(MultiService):
         self._on_fatal = on_fatal
         self._waiters: list[tuple[defer.Deferred[LinkConnection], IDelayedCall]] = []
         self._allReady: list[defer.Deferred[None]] = []
+        self._keysRefused = False  # the last attempt failed on a refusal of our keys
         policy = self._policy = retry_policy(config.backoff)
         self.remote = [RemoteForwardRunner(self, fwd, policy) for fwd in config.remote]
         self.local = [LocalForwardListener(self, fwd) for fwd in config.local]
@@ -168,6 +177,15 @@ class Link(MultiService):
 
         def logged_policy(failures: int) -> float:
             delay = policy(failures)
+            if self._keysRefused and delay < KEYS_REFUSED_RETRY:
+                delay = KEYS_REFUSED_RETRY
+                self.log.info(
+                    "link {link}: reconnecting in {delay:.2f}s (attempt {failures}; the "
+                    "server refused our keys, so not sooner: each failed login costs this "
+                    "address a penalty at the relay)", event="link_retry", link=self.name,
+                    delay=delay, failures=failures, keys_refused=True,
+                )
+                return delay
             self.log.info(
                 "link {link}: reconnecting in {delay:.2f}s (attempt {failures})",
                 event="link_retry", link=self.name, delay=delay, failures=failures,
@@ -197,6 +215,7 @@ class Link(MultiService):
 
         def failed(f: Failure) -> Failure:
             self.dialer.failed(route, f.getErrorMessage())
+            self._keysRefused = isinstance(f.value, LinkSetupError) and f.value.keys_refused
             self.last_error = f.getErrorMessage()
             self.state = LinkState.DOWN
             self.log.warn(
@@ -208,6 +227,7 @@ class Link(MultiService):
         return proto.ready.addCallbacks(up, failed)
 
     def _linkUp(self, conn: LinkConnection) -> None:
+        self._keysRefused = False
         self.connection = conn
         self.state = LinkState.CONNECTED
         self.since = self.last_up = self.reactor.seconds()

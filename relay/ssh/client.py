@@ -125,7 +125,13 @@ class LinkOwner(LinkBasics, Protocol):
 
 
 class LinkSetupError(Exception):
-    """A connection attempt ended before the link was ready; ``str()`` says why."""
+    """A connection attempt ended before the link was ready; ``str()`` says why.
+    ``keys_refused``: the server refused every key we offered (a refusal that does not
+    go away by itself, unlike a network failure)."""
+
+    def __init__(self, why: str, keys_refused: bool = False) -> None:
+        super().__init__(why)
+        self.keys_refused = keys_refused
 
 
 class LinkPhase(StrEnum):
@@ -151,6 +157,7 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         self.phase = LinkPhase.HANDSHAKE
         self.ready: defer.Deferred[LinkConnection] = defer.Deferred()
         self.why: str | None = None
+        self.keysRefused = False  # the server refused every key (relay.ssh.clientauth)
         self.connection: LinkConnection | None = None
         self._timer: IDelayedCall | None = None
         # How this connection reached the server (set by relay.transport.dial).
@@ -247,12 +254,18 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         if not self.ready.called:
             if phase is LinkPhase.AUTH and self.why is None:
                 why = "authentication failed: the server accepted none of our keys"
+                self.keysRefused = True
+            elif phase is LinkPhase.HANDSHAKE and self.why is None and not self.gotVersion:
+                why = (f"the server closed the connection before its SSH version line ({why}): "
+                       "refused at accept? A labrelay relay (and sshd 9.8+) refuses an address "
+                       "for a while after failed logins from it, and past its limit of "
+                       "connections not yet logged in")
             if phase is LinkPhase.AUTH:
                 self._log.error(
                     "link {link}: {reason}", event="auth_failed", link=self.link.name,
                     reason=why,
                 )
-            self.ready.errback(LinkSetupError(why))
+            self.ready.errback(LinkSetupError(why, self.keysRefused))
         else:
             self.link.linkLost(self, why)
 

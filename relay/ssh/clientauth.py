@@ -14,6 +14,7 @@ from twisted.conch.ssh import common, keys, service, userauth
 from twisted.internet import defer
 
 from relay.config.schema import LinkConfig
+from relay.ssh import policy
 
 
 class Signer(Protocol):
@@ -89,6 +90,15 @@ class _Offer(keys.Key):
         return self._blob
 
 
+def _agent_hint(transport: Any) -> str:
+    """Where an agent's key goes on the server it tried: a labrelay relay's grants
+    (its version line says so), or that user's ``authorized_keys`` on a stock sshd."""
+    if policy.labrelay_peer(getattr(transport, "otherVersionString", None)):
+        return ("add the agent's public key to the relay's agents file (agents_file, or "
+                "a [[relay.agent]]'s keys): ask the relay's admin")
+    return "add the agent's public key to that user's authorized_keys"
+
+
 class LinkUserAuth(userauth.SSHUserAuthClient):
     """Public-key authentication with the link's identities, nothing else; an identity
     with a certificate beside it (:class:`relay.ssh.identity.CertifiedKey`) offers the
@@ -138,11 +148,11 @@ class LinkUserAuth(userauth.SSHUserAuthClient):
         methods = common.getNS(packet)[0]
         if (not self._keys and self.lastAuth == b"publickey") or b"publickey" not in methods:
             transport: Any = self.transport  # a relay.ssh.client.LinkTransport
+            transport.keysRefused = True
             transport.why = (
                 f"authentication failed for user {self.user.decode()!r}: the server "
                 f"accepted none of our {len(transport.link.identities)} key(s)"
                 f" (it offers: {methods.decode() or 'nothing'}); "
-                + getattr(transport.link, "auth_hint",
-                          "add the agent's public key to that user's authorized_keys")
+                + (getattr(transport.link, "auth_hint", None) or _agent_hint(transport))
             )
         return super().ssh_USERAUTH_FAILURE(packet)

@@ -588,3 +588,43 @@ def test_the_agent_rearms_quickack_per_read_only_toward_a_server_that_needs_it(
     calls.clear()
     t.dataReceived(b"")
     assert calls == ([(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)] if rearmed else [])
+
+
+@pytest.mark.parametrize("version_seen", [False, True])
+def test_a_server_that_closes_before_its_version_line_is_said_to_refuse_at_accept(
+        version_seen: bool) -> None:
+    """A labrelay relay (and sshd 9.8+) closes a penalised address's connections at
+    accept, before its version line: the agent's reason says so instead of only
+    "Connection was closed cleanly" (round 13's operator review)."""
+    from types import SimpleNamespace
+
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    from relay.ssh.client import LinkSetupError, LinkTransport
+
+    link = SimpleNamespace(config=SimpleNamespace(user="lab"), identities=[])
+    t = LinkTransport(link)  # type: ignore[arg-type]
+    t.gotVersion = version_seen
+    errors: list[Failure] = []
+    t.ready.addErrback(errors.append)
+    t.connectionLost(Failure(ConnectionDone()))
+    (f,) = errors
+    assert isinstance(f.value, LinkSetupError) and not f.value.keys_refused
+    said = str(f.value)
+    assert ("before its SSH version line" in said and "refused at accept" in said
+            and "Connection was closed cleanly" in said) is not version_seen, said
+
+
+@pytest.mark.parametrize(("version", "where"), [
+    (b"SSH-2.0-labrelay", "the relay's agents file"),
+    (b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13", "that user's authorized_keys"),
+    (None, "that user's authorized_keys"),
+])
+def test_an_agent_whose_keys_are_refused_is_told_where_its_key_goes(
+        version: bytes | None, where: str) -> None:
+    from types import SimpleNamespace
+
+    from relay.ssh.clientauth import _agent_hint
+
+    assert where in _agent_hint(SimpleNamespace(otherVersionString=version))
