@@ -191,8 +191,25 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
 
     def ssh_SERVICE_REQUEST(self, packet: bytes) -> None:
         """Conch's, except that an unknown service's name is not echoed back and
-        logged at full length (it may be as long as a packet, before any login)."""
+        logged at full length (it may be as long as a packet, before any login), and
+        that a running service is never replaced.
+
+        Conch started a new ``ssh-userauth`` on every request, and its count of failed
+        attempts with it: paramiko asks before every attempt, so a client that did so
+        had ``max_auth_tries`` reset each time and could try keys without limit until
+        ``login_grace``.  As in sshd, a request for ``ssh-userauth`` while it runs is
+        accepted and the same attempt count goes on.  After login, Conch replaced the
+        connection service (every channel dropped) and a second login raised out of
+        the new one's start ("Cannot register producer", logged critical, on demand
+        by any user): a service request after authentication is a protocol error."""
         service, _ = common.getNS(packet)
+        if self.authenticated:
+            self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR,
+                                b"service request after authentication")
+            return
+        if service == b"ssh-userauth" and isinstance(self.service, RelayUserAuth):
+            self.sendPacket(transport.MSG_SERVICE_ACCEPT, common.NS(service))
+            return
         try:
             known = self.factory.getService(self, service) is not None
         except KeyError:  # Conch's lookup after login

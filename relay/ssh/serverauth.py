@@ -139,7 +139,9 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
     def serviceStarted(self) -> None:
         core: AuthHandler = self.transport.factory.core  # type: ignore[union-attr]
         self.loginTimeout = core.config.login_grace  # type: ignore[assignment]
-        self.attemptsBeforeDisconnect = core.config.max_auth_tries
+        # Conch disconnects once its count *exceeds* this, so it would check one key
+        # more than max_auth_tries; sshd's MaxAuthTries ends at the last failure.
+        self.attemptsBeforeDisconnect = core.config.max_auth_tries - 1
         self.clock = core.reactor
         super().serviceStarted()
         self.supportedAuthentications = [b"publickey"]
