@@ -287,3 +287,44 @@ def test_tls_1_2_without_forward_secrecy_or_aead_is_refused(site: Site) -> None:
             tls.recv(64)
     _until(lambda: site.tls()["handshake_failed"] == 1, "the refused handshake")
     assert site.tls()["handshakes"] == 0
+
+
+def test_a_source_holding_its_ssh_share_is_refused_before_the_handshake(site: Site) -> None:
+    """127.0.0.2 holds its 10 unauthenticated SSH connections through the TLS port
+    (handshake done, version line sent), then opens 50 more TLS connections.  The SSH
+    server would refuse each right after its handshake; now the TLS port asks the SSH
+    gate at accept and closes them before a byte of TLS.  Before: 50 full handshakes
+    (~1 ms of the relay's CPU each, 500 in 1.5 s from one process), no penalty, for as
+    long as the source liked.  alice connects through the TLS port meanwhile."""
+    ctx = ssl.create_default_context(cafile=str(site.ca.pem_path))
+    ctx.set_alpn_protocols(["labrelay-ssh/1"])
+    held: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(PER_SOURCE):
+            raw = _dial(site.tls_port)
+            assert raw is not None
+            held.append(ctx.wrap_socket(raw, server_hostname=RELAY_NAME))
+            held[-1].sendall(b"SSH-2.0-mallory\r\n")
+        _until(lambda: site.admission()["ssh"]["unauthenticated"] >= PER_SOURCE,
+               "the attacker's share of the SSH gate")
+        before = site.tls()["handshakes"]
+        completed = 0
+        for _ in range(50):
+            raw = _dial(site.tls_port)
+            if raw is None:
+                continue
+            try:
+                ctx.wrap_socket(raw, server_hostname=RELAY_NAME).close()
+                completed += 1
+            except (ssl.SSLError, OSError):
+                raw.close()
+        tls = site.tls()
+        print(f"\n  at its SSH share, 50 more TLS connections: {completed} handshakes, "
+              f"{tls['refused_at_accept']} refused at accept")
+        assert completed == 0
+        assert tls["handshakes"] == before
+        assert tls["refused_at_accept"] >= 50
+        site.alice()
+    finally:
+        for s in held:
+            s.close()
