@@ -21,6 +21,7 @@ through the relay, keeps working.
 from __future__ import annotations
 
 import io
+import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -111,7 +112,10 @@ def test_max_auth_tries_holds_when_the_client_asks_for_userauth_each_time(
         assert not transport.is_active()
     finally:
         transport.close()
-    checked = len(relay.events("relay_auth_refused", since=mark))
+    refusals = relay.events("relay_auth_refused", since=mark)
+    checked = len(refusals)
+    # named as every other event names a peer (it was "IPv4Address(type='TCP', ...)")
+    assert all(re.fullmatch(r"127\.0\.0\.2:\d+", e["peer"]) for e in refusals), refusals
     print(f"\n  paramiko, a fresh key per attempt: {checked} keys checked in {tried} "
           "attempts, then disconnected")
     # Before the fix: 30 keys checked and the connection still open.
