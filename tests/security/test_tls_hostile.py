@@ -328,3 +328,37 @@ def test_a_source_holding_its_ssh_share_is_refused_before_the_handshake(site: Si
     finally:
         for s in held:
             s.close()
+
+
+def test_a_client_asking_to_renegotiate_is_refused(site: Site) -> None:
+    """``openssl s_client -tls1_2`` finishes its handshake, reads the relay's SSH banner
+    and asks to renegotiate (its ``R`` command): the relay answers ``no renegotiation``
+    (OP_NO_RENEGOTIATION; a renegotiation would be a second, unbounded handshake on a
+    connection the gate already let through).  alice is served meanwhile."""
+    openssl = find_program("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    proc = subprocess.Popen(
+        [openssl, "s_client", "-connect", f"{LOOPBACK}:{site.tls_port}", "-tls1_2",
+         "-servername", RELAY_NAME, "-alpn", "labrelay-ssh/1", "-CAfile",
+         str(site.ca.pem_path), "-bind", "127.0.0.2:0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdin is not None and proc.stdout is not None
+    seen: list[bytes] = []
+    try:
+        for line in proc.stdout:  # up to the banner: the handshake is done
+            seen.append(line)
+            if line.startswith(b"SSH-2.0-"):
+                break
+        assert any(line.startswith(b"SSH-2.0-") for line in seen), b"".join(seen)
+        proc.stdin.write(b"R\n")
+        proc.stdin.flush()
+        rest, _ = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = (b"".join(seen) + rest).decode(errors="replace")
+    assert "RENEGOTIATING" in out, out
+    assert "no renegotiation" in out, out
+    site.alice()
