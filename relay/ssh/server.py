@@ -229,7 +229,10 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
         ])  # fmt: skip
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
-        if reason in self.PROTOCOL_DISCONNECTS:
+        # Before the peer's version line every disconnect is for its bytes: Conch's
+        # "version string longer than 4KB" (garbage, an HTTP request ...) says
+        # CONNECTION_LOST, which cost the source only the 1 s of ``noauth``.
+        if reason in self.PROTOCOL_DISCONNECTS or not self.gotVersion:
             self.offended(Offence.PROTOCOL)
         tcp: Any = self.transport
         if tcp is not None and getattr(tcp, "producer", None) is not None:
