@@ -222,6 +222,12 @@ class Gate:
         self.total += 1
         return Ticket(source, exempt)
 
+    def refuses(self, host: str) -> Refusal | None:
+        """Why a connection from ``host`` would be refused now, without admitting,
+        counting or recording anything: a door in front of this gate (the TLS port
+        in front of the SSH server) asks before it pays for a handshake."""
+        return self._check(*self.admission.source(host))
+
     def _check(self, source: str, exempt: bool) -> Refusal | None:
         penalties = self.admission.penalties
         if not exempt:

@@ -56,7 +56,8 @@ class RelayService(MultiService):
         if config.tls is not None:
             try:
                 self.tls = TLSPort(config.tls, self.factory, self.core.admission,
-                                   config.max_unauthenticated, reactor)
+                                   config.max_unauthenticated, reactor,
+                                   inner_gate=self.core.ssh_gate)
             except CertificateError as e:
                 raise ConfigError(str(config.tls.cert), "relay.tls_cert", str(e),
                                   "tls_cert and tls_key are PEM files, e.g. certbot's "

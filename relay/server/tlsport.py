@@ -6,7 +6,9 @@ penalties, shared with the SSH port: relay.core.admission), before a byte of TLS
 read.  The handshake must finish within ``tls_handshake_timeout``; garbage, a refused
 SNI name or a client that offers only ALPN protocols the relay does not speak end it
 with a ``protocol`` penalty for the source, a stalled one with ``grace-exceeded``.
-Once the handshake is done the connection leaves the TLS gate and ALPN chooses what
+The SSH server's gate is asked at accept too (without counting): a source it would
+refuse after the handshake is refused before it.  Once the handshake is done the
+connection leaves the TLS gate and ALPN chooses what
 runs inside: ``labrelay-ssh/1`` (or no ALPN, as ``openssl s_client`` without
 ``-alpn`` sends) is the relay's own SSH server, built by the same factory as the SSH
 port's, so the SSH gate, grants and limits apply to it unchanged.
@@ -29,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.config.schema import ALPN_SSH, TLSListenConfig
-from relay.core.admission import Admission, Offence, Ticket
+from relay.core.admission import Admission, Gate, Offence, Refusal, Ticket
 from relay.datapath.net import LISTEN_BACKLOG
 from relay.transport.tlsserver import CertificateSource, WrongServerName
 
@@ -130,7 +132,17 @@ class _AdmittingTLSFactory(TLSMemoryBIOFactory):
 
     def buildProtocol(self, addr: Any) -> Any:
         host = str(getattr(addr, "host", "?"))
-        verdict = self.port.gate.admit(host)
+        # The SSH server's gate first: a source that holds its share of unauthenticated
+        # SSH connections (through either door) would be refused right after the
+        # handshake, and the relay would have paid ~1 ms of CPU for it, without end and
+        # without a penalty (a refused connection earns none).
+        inner = self.port.inner_gate
+        refused = inner.refuses(host) if inner is not None else None
+        if refused is not None:
+            self.port.gate.refused[refused.value] += 1
+            verdict: Ticket | Refusal = refused
+        else:
+            verdict = self.port.gate.admit(host)
         if not isinstance(verdict, Ticket):
             self.port.counters["refused_at_accept"] += 1
             return None  # closed at once
@@ -143,9 +155,10 @@ class TLSPort:
     log = Logger()
 
     def __init__(self, config: TLSListenConfig, ssh_factory: Any, admission: Admission,
-                 max_unauthenticated: int, reactor: Any) -> None:
+                 max_unauthenticated: int, reactor: Any, inner_gate: Gate | None = None) -> None:
         self.config = config
         self.ssh_factory = ssh_factory
+        self.inner_gate = inner_gate  # the SSH server's, asked at accept too
         self.clock = reactor
         self.reactor = reactor
         self.gate = admission.gate("tls", max_unauthenticated)

@@ -202,8 +202,25 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
 
     def ssh_SERVICE_REQUEST(self, packet: bytes) -> None:
         """Conch's, except that an unknown service's name is not echoed back and
-        logged at full length (it may be as long as a packet, before any login)."""
+        logged at full length (it may be as long as a packet, before any login), and
+        that a running service is never replaced.
+
+        Conch started a new ``ssh-userauth`` on every request, and its count of failed
+        attempts with it: paramiko asks before every attempt, so a client that did so
+        had ``max_auth_tries`` reset each time and could try keys without limit until
+        ``login_grace``.  As in sshd, a request for ``ssh-userauth`` while it runs is
+        accepted and the same attempt count goes on.  After login, Conch replaced the
+        connection service (every channel dropped) and a second login raised out of
+        the new one's start ("Cannot register producer", logged critical, on demand
+        by any user): a service request after authentication is a protocol error."""
         service, _ = common.getNS(packet)
+        if self.authenticated:
+            self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR,
+                                b"service request after authentication")
+            return
+        if service == b"ssh-userauth" and isinstance(self.service, RelayUserAuth):
+            self.sendPacket(transport.MSG_SERVICE_ACCEPT, common.NS(service))
+            return
         try:
             known = self.factory.getService(self, service) is not None
         except KeyError:  # Conch's lookup after login
@@ -223,7 +240,10 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
         ])  # fmt: skip
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
-        if reason in self.PROTOCOL_DISCONNECTS:
+        # Before the peer's version line every disconnect is for its bytes: Conch's
+        # "version string longer than 4KB" (garbage, an HTTP request ...) says
+        # CONNECTION_LOST, which cost the source only the 1 s of ``noauth``.
+        if reason in self.PROTOCOL_DISCONNECTS or not self.gotVersion:
             self.offended(Offence.PROTOCOL)
         tcp: Any = self.transport
         if tcp is not None and getattr(tcp, "producer", None) is not None:

@@ -143,7 +143,9 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
     def serviceStarted(self) -> None:
         core: AuthHandler = self.transport.factory.core  # type: ignore[union-attr]
         self.loginTimeout = core.config.login_grace  # type: ignore[assignment]
-        self.attemptsBeforeDisconnect = core.config.max_auth_tries
+        # Conch disconnects once its count *exceeds* this, so it would check one key
+        # more than max_auth_tries; sshd's MaxAuthTries ends at the last failure.
+        self.attemptsBeforeDisconnect = core.config.max_auth_tries - 1
         self.clock = core.reactor
         super().serviceStarted()
         self.supportedAuthentications = [b"publickey"]
@@ -221,10 +223,14 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
         if self.method == b"publickey" and reason.check(UnauthorizedLogin):
             relay: Any = self.transport
             relay.offended(Offence.AUTHFAIL)
+            # host:port, as every other event names a peer (it was the address's repr,
+            # "IPv4Address(type='TCP', host=..., port=...)", which a filter on the
+            # source address did not match)
+            addr = relay.transport.getPeer()
             self._log.info(
                 "auth refused for user {user} from {peer}: {why}", event="relay_auth_refused",
                 user=(self.user or b"").decode("utf-8", "replace"),
                 why=reason.getErrorMessage(),
-                peer=str(self.transport.transport.getPeer()),  # type: ignore[union-attr]
+                peer=f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', '?')}",
             )
         super()._ebBadAuth(reason)

@@ -324,6 +324,37 @@ def test_repeated_auth_failures_penalise_the_source_only(site: Site) -> None:
           f"alice fast path {fast:.2f}s, -J {jump:.2f}s")
 
 
+def test_garbage_instead_of_a_version_line_is_a_protocol_offence(site: Site) -> None:
+    """8 KB of bytes that are not an SSH version line, from 127.0.0.2: the relay drops
+    each at Conch's 4 KiB limit, and each costs the source 10 s (``protocol``, as a bad
+    version line should), so the third connection is refused at accept.  Before: Conch's
+    disconnect for it (CONNECTION_LOST) counted as ``noauth``, 1 s, and the source could
+    send 15 such blobs in a burst unrefused.  alice logs in meanwhile."""
+    for i in range(2):
+        s = _dial(site.relay.port)
+        assert s is not None, "refused before it was penalised"
+        with s:
+            try:
+                s.sendall(b"GET / HTTP/1.1\r\nX-Junk: " + b"A" * 8000)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            s.settimeout(10)
+            reply = b""
+            try:
+                while chunk := s.recv(4096):
+                    reply += chunk
+            except ConnectionResetError:
+                pass
+            assert b"longer than 4KB" in reply, reply[-200:]
+        wait_until(lambda n=i + 1: site.admission()["penalties"]["protocol"] == n,
+                   "the offence to be counted")
+    assert site.admission()["penalties"]["noauth"] == 0
+    refused_in = _refused_at_accept(site.relay.port)
+    jump = site.alice("gpu-jump")
+    print(f"\ngarbage version lines: 2, then refused at accept in {refused_in * 1000:.1f} ms; "
+          f"alice -J {jump:.2f}s")
+
+
 def test_early_closes_on_the_data_port_are_penalised(site: Site) -> None:
     """Connections to the data port that close before their hello (``noauth``, 1 s
     each): after 16 or so in a burst (more than ``min``, 15 s, left) the source is

@@ -287,3 +287,78 @@ def test_tls_1_2_without_forward_secrecy_or_aead_is_refused(site: Site) -> None:
             tls.recv(64)
     _until(lambda: site.tls()["handshake_failed"] == 1, "the refused handshake")
     assert site.tls()["handshakes"] == 0
+
+
+def test_a_source_holding_its_ssh_share_is_refused_before_the_handshake(site: Site) -> None:
+    """127.0.0.2 holds its 10 unauthenticated SSH connections through the TLS port
+    (handshake done, version line sent), then opens 50 more TLS connections.  The SSH
+    server would refuse each right after its handshake; now the TLS port asks the SSH
+    gate at accept and closes them before a byte of TLS.  Before: 50 full handshakes
+    (~1 ms of the relay's CPU each, 500 in 1.5 s from one process), no penalty, for as
+    long as the source liked.  alice connects through the TLS port meanwhile."""
+    ctx = ssl.create_default_context(cafile=str(site.ca.pem_path))
+    ctx.set_alpn_protocols(["labrelay-ssh/1"])
+    held: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(PER_SOURCE):
+            raw = _dial(site.tls_port)
+            assert raw is not None
+            held.append(ctx.wrap_socket(raw, server_hostname=RELAY_NAME))
+            held[-1].sendall(b"SSH-2.0-mallory\r\n")
+        _until(lambda: site.admission()["ssh"]["unauthenticated"] >= PER_SOURCE,
+               "the attacker's share of the SSH gate")
+        before = site.tls()["handshakes"]
+        completed = 0
+        for _ in range(50):
+            raw = _dial(site.tls_port)
+            if raw is None:
+                continue
+            try:
+                ctx.wrap_socket(raw, server_hostname=RELAY_NAME).close()
+                completed += 1
+            except (ssl.SSLError, OSError):
+                raw.close()
+        tls = site.tls()
+        print(f"\n  at its SSH share, 50 more TLS connections: {completed} handshakes, "
+              f"{tls['refused_at_accept']} refused at accept")
+        assert completed == 0
+        assert tls["handshakes"] == before
+        assert tls["refused_at_accept"] >= 50
+        site.alice()
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_client_asking_to_renegotiate_is_refused(site: Site) -> None:
+    """``openssl s_client -tls1_2`` finishes its handshake, reads the relay's SSH banner
+    and asks to renegotiate (its ``R`` command): the relay answers ``no renegotiation``
+    (OP_NO_RENEGOTIATION; a renegotiation would be a second, unbounded handshake on a
+    connection the gate already let through).  alice is served meanwhile."""
+    openssl = find_program("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    proc = subprocess.Popen(
+        [openssl, "s_client", "-connect", f"{LOOPBACK}:{site.tls_port}", "-tls1_2",
+         "-servername", RELAY_NAME, "-alpn", "labrelay-ssh/1", "-CAfile",
+         str(site.ca.pem_path), "-bind", "127.0.0.2:0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdin is not None and proc.stdout is not None
+    seen: list[bytes] = []
+    try:
+        for line in proc.stdout:  # up to the banner: the handshake is done
+            seen.append(line)
+            if line.startswith(b"SSH-2.0-"):
+                break
+        assert any(line.startswith(b"SSH-2.0-") for line in seen), b"".join(seen)
+        proc.stdin.write(b"R\n")
+        proc.stdin.flush()
+        rest, _ = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = (b"".join(seen) + rest).decode(errors="replace")
+    assert "RENEGOTIATING" in out, out
+    assert "no renegotiation" in out, out
+    site.alice()

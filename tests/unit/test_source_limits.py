@@ -78,6 +78,22 @@ def test_per_source_cap_then_global_cap(clock: Clock) -> None:
     assert not clock.getDelayedCalls()
 
 
+def test_refuses_asks_without_counting(clock: Clock) -> None:
+    """What the TLS port asks of the SSH gate at accept: the verdict admit() would give,
+    with nothing admitted or recorded."""
+    adm = _admission(clock)
+    gate = adm.gate("ssh", 64)
+    for _ in range(adm.per_source):
+        assert gate.refuses(A) is None
+        _ticket(gate, A)
+    assert gate.refuses(A) is Refusal.PER_SOURCE
+    assert gate.refuses(B) is None
+    assert gate.total == adm.per_source and gate.refused[Refusal.PER_SOURCE.value] == 0
+    for _ in range(4):
+        adm.penalties.penalise(f"{B}/32", Offence.AUTHFAIL)
+    assert gate.refuses(B) is Refusal.PENALTY
+
+
 def test_gates_count_separately_but_share_penalties(clock: Clock) -> None:
     adm = _admission(clock, per_source_max_unauthenticated=1)
     ssh, data = adm.gate("ssh", 10), adm.gate("data", 10)

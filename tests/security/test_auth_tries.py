@@ -1,0 +1,166 @@
+"""``max_auth_tries`` against a client that asks for ``ssh-userauth`` before every
+attempt, and a service request after login, against a real ``labrelay relay``.
+
+paramiko sends ``SERVICE_REQUEST ssh-userauth`` before each ``auth_publickey``.  Conch
+started a new userauth service on every such request, and with it a new count of
+failed attempts: one unauthenticated connection could try any number of keys (which
+one of a list of public keys is granted, as a user, as an agent) until
+``login_grace``, and its source was charged one failed login for all of them.  sshd
+keeps one attempt count per connection; so does the relay now
+(:meth:`relay.ssh.server.RelayTransport.ssh_SERVICE_REQUEST`).
+
+After login the same request replaced the connection service (dropping every channel
+without closing the connection), and a second login on it raised out of the new
+service's start: a ``critical`` traceback in the log, on demand, from any user.  It is
+now a protocol-error disconnect, as the request has no meaning there.
+
+Each test checks that alice, a granted user with a stock ``ssh -L`` to an echo service
+through the relay, keeps working.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import paramiko
+import pytest
+from conftest import Targets
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from harness import (
+    LOOPBACK,
+    KeyPair,
+    RelayNode,
+    SshProcess,
+    echo_roundtrip,
+    free_port,
+    make_key,
+    ssh_argv,
+)
+from paramiko.common import cMSG_SERVICE_REQUEST
+
+pytestmark = [pytest.mark.integration, pytest.mark.security]
+
+ATTACKER = "127.0.0.2"
+MAX_AUTH_TRIES = 6  # the relay's default
+
+
+def stranger_key() -> paramiko.PKey:
+    """A fresh ed25519 key no grant names."""
+    pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption())
+    return paramiko.Ed25519Key.from_private_key(io.StringIO(pem.decode()))
+
+
+def paramiko_from(source: str, port: int) -> paramiko.Transport:
+    """A paramiko transport from ``source`` (a loopback address), key exchange done."""
+    sock = socket.create_connection((LOOPBACK, port), timeout=30, source_address=(source, 0))
+    transport = paramiko.Transport(sock)
+    transport.banner_timeout = transport.auth_timeout = 30
+    transport.start_client(timeout=30)
+    return transport
+
+
+@pytest.fixture
+def site(start_relay: Callable[..., RelayNode], start_ssh: Callable[..., SshProcess],
+         targets: Targets, tmp_path: Path) -> tuple[RelayNode, dict[str, KeyPair], int]:
+    """The relay (default limits), lab_pc's stock ``ssh -R web:8080`` to an echo target
+    and alice's stock ``ssh -L`` to it; returns the relay, the keys and alice's port."""
+    keys = {n: make_key(tmp_path / n, comment=n) for n in ("lab_pc", "alice")}
+    relay = start_relay(
+        agents=[f'permitlisten="web:8080" {keys["lab_pc"].public_blob()} lab_pc'],
+        users=[f'permitopen="web:8080" {keys["alice"].public_blob()} alice'])
+    web = targets.echo(greeting=b"WEB ")
+    agent = start_ssh(ssh_argv(
+        relay.port, keys["lab_pc"].path, relay.known_hosts, "-v", "-N",
+        "-o", "ExitOnForwardFailure=yes", "-R", f"web:8080:127.0.0.1:{web.port}",
+        user="lab_pc"), name="stock-agent")  # fmt: skip
+    agent.wait_stderr(r"remote forward success for: listen web:8080,")
+    alice_port = free_port()
+    alice = start_ssh(ssh_argv(
+        relay.port, keys["alice"].path, relay.known_hosts, "-v", "-N",
+        "-o", "ExitOnForwardFailure=yes", "-L", f"127.0.0.1:{alice_port}:web:8080",
+        user="alice"), name="alice")  # fmt: skip
+    alice.wait_stderr(r"new port-listener")
+    assert echo_roundtrip(alice_port, b"hello", greeting=b"WEB ") == b"hello"
+    return relay, keys, alice_port
+
+
+def test_max_auth_tries_holds_when_the_client_asks_for_userauth_each_time(
+    site: tuple[RelayNode, dict[str, KeyPair], int],
+) -> None:
+    relay, keys, alice_port = site
+    mark = relay.mark()
+    transport = paramiko_from(ATTACKER, relay.port)
+    tried = 0
+    try:
+        for _ in range(30):
+            tried += 1
+            try:
+                transport.auth_publickey("alice", stranger_key())
+            except paramiko.AuthenticationException:
+                if not transport.is_active():
+                    break
+            except paramiko.SSHException:
+                break
+        transport.join(15)  # the relay disconnected: paramiko's thread ends
+        assert not transport.is_active()
+    finally:
+        transport.close()
+    refusals = relay.events("relay_auth_refused", since=mark)
+    checked = len(refusals)
+    # named as every other event names a peer (it was "IPv4Address(type='TCP', ...)")
+    assert all(re.fullmatch(r"127\.0\.0\.2:\d+", e["peer"]) for e in refusals), refusals
+    print(f"\n  paramiko, a fresh key per attempt: {checked} keys checked in {tried} "
+          "attempts, then disconnected")
+    # Before the fix: 30 keys checked and the connection still open.
+    assert tried == checked == MAX_AUTH_TRIES
+
+    # A person whose agent offers several keys still gets in with the granted one, as
+    # long as it comes within max_auth_tries (from another address: the attacker's is
+    # penalised now).
+    person = paramiko_from("127.0.0.3", relay.port)
+    try:
+        for _ in range(MAX_AUTH_TRIES - 1):
+            with pytest.raises(paramiko.AuthenticationException):
+                person.auth_publickey("alice", stranger_key())
+        person.auth_publickey(
+            "alice", paramiko.Ed25519Key.from_private_key_file(str(keys["alice"].path)))
+        assert person.is_authenticated()
+    finally:
+        person.close()
+    assert echo_roundtrip(alice_port, b"still here", greeting=b"WEB ") == b"still here"
+
+
+def test_a_service_request_after_login_is_a_protocol_error(
+    site: tuple[RelayNode, dict[str, KeyPair], int],
+) -> None:
+    relay, keys, alice_port = site
+    mark = relay.mark()
+    alice_key = paramiko.Ed25519Key.from_private_key_file(str(keys["alice"].path))
+    transport = paramiko_from(LOOPBACK, relay.port)
+    try:
+        transport.auth_publickey("alice", alice_key)
+        assert transport.is_authenticated()
+        request = paramiko.Message()
+        request.add_byte(cMSG_SERVICE_REQUEST)
+        request.add_string("ssh-userauth")
+        transport._send_user_message(request)
+        # Before the fix the relay accepted it, and this second login made it log a
+        # critical "Cannot register producer" traceback; the connection stayed open.
+        try:
+            transport.auth_publickey("alice", alice_key)
+        except paramiko.SSHException:
+            pass
+        transport.join(15)
+        assert not transport.is_active()
+    finally:
+        transport.close()
+    bad = [e for e in relay.events(since=mark) if e.get("level") in ("critical", "error")]
+    assert not bad, bad
+    assert echo_roundtrip(alice_port, b"still here", greeting=b"WEB ") == b"still here"
