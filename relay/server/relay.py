@@ -140,7 +140,7 @@ class RelayCore(SessionOpening):
         self.dataport.sessionStopped(conn)
         close_pooled(self, conn)
         ident = conn.identity
-        if ident.kind == "agent" and getattr(conn.transport, "leftOnPurpose", False):
+        if ident.kind == "agent" and conn.leftOnPurpose:
             # A stopping agent says goodbye; its next process is another instance,
             # which could never resume these (docs/resilience.md).
             self.resumes.agent_left(conn)

@@ -386,6 +386,12 @@ class RelayConnection(FlowConnection):
             else:
                 _fire(replied, error.ConchError("connection stopped before the reply"))
 
+    @property
+    def leftOnPurpose(self) -> bool:
+        """Whether the peer said goodbye by application before it went (a labrelay
+        agent that stops): :attr:`RelayTransport.leftOnPurpose`."""
+        return bool(getattr(self.transport, "leftOnPurpose", False))
+
     def serviceStopped(self) -> None:
         if self.keepalive is not None:
             self.keepalive.stop()
