@@ -168,7 +168,7 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
             self.offended(Offence.GRACE)
             self._log.info(
                 "closing {peer}: not authenticated within {grace:g}s (login_grace)",
-                event="relay_login_timeout", peer=str(self.transport.getPeer()),  # type: ignore[union-attr]
+                event="relay_login_timeout", peer=self.peerName(),
                 grace=self.factory.core.config.login_grace,
             )
             self.transport.abortConnection()  # type: ignore[union-attr]

@@ -206,6 +206,6 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
                 "auth refused for user {user} from {peer}: {why}", event="relay_auth_refused",
                 user=(self.user or b"").decode("utf-8", "replace"),
                 why=reason.getErrorMessage(),
-                peer=str(self.transport.transport.getPeer()),  # type: ignore[union-attr]
+                peer=relay.peerName(),  # host:port, as every other event has it
             )
         super()._ebBadAuth(reason)
