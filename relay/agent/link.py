@@ -313,6 +313,9 @@ class Link(MultiService):
         if self.running:
             self.log.warn("link {link}: lost: {reason}", event="link_lost", link=self.name,
                           reason=why, held=held)
+        else:  # stopped (the process, or a reload that removed or restarts the link):
+            # this link will not come back to resume them, so their targets end now.
+            self._cannotResume("the link was stopped")
 
     def whenReady(self, timeout: float) -> defer.Deferred[LinkConnection]:
         """The ready connection, waiting up to ``timeout`` seconds for one."""

@@ -14,6 +14,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
+class OperatorText(str):
+    """A message labrelay composed for the operator from its own words and the
+    operator's own files: a refused reload's problems, a refused host key with its fix.
+
+    The log shows such a field escaped like any other, but cut at the whole message's
+    limit (``relay.ops.logfmt.TEXT_LIMIT``), not a peer string's (``FIELD_LIMIT``, 200
+    characters): the fix comes at the end (``ssh-keygen -R ...``, the line to add, the
+    second problem of a reload), and a log that cuts it off tells the admin that
+    something is wrong but not what to do.  Never wrap a string a peer chose."""
+
+    __slots__ = ()
+
+
 class ConfigError(Exception):
     """A configuration problem, with where it is and how to fix it.
 

@@ -50,6 +50,8 @@ from twisted.logger import ILogObserver, LegacyLogObserverWrapper, LogLevel, glo
 from twisted.python import log as legacy_log
 from zope.interface import provider
 
+from relay.config.errors import OperatorText
+
 FIELD_LIMIT = 200
 """Characters of one field shown in a log (OpenSSH shows ``%.100s`` of a user name)."""
 TEXT_LIMIT = 2000
@@ -119,13 +121,19 @@ def sanitize_event(event: Mapping[str, Any]) -> dict[str, Any]:
         if key == "log_text" and isinstance(value, (str, bytes)):
             safe[key] = escape(value, TEXT_LIMIT)
         elif not key.startswith("log_") and isinstance(value, (str, bytes)):
-            safe[key] = escape(value)
+            safe[key] = escape(value, _limit(value))
         elif not key.startswith("log_") and _simple_list(value):
-            safe[key] = [escape(v) if isinstance(v, (str, bytes)) else v
+            safe[key] = [escape(v, _limit(v)) if isinstance(v, (str, bytes)) else v
                          for v in value[:LIST_LIMIT]]
         else:
             safe[key] = value
     return safe
+
+
+def _limit(value: str | bytes) -> int:
+    """A peer's string is cut at FIELD_LIMIT; a message labrelay composed for the
+    operator (:class:`OperatorText`) only at TEXT_LIMIT, so its fix is not cut off."""
+    return TEXT_LIMIT if isinstance(value, OperatorText) else FIELD_LIMIT
 
 
 LIST_LIMIT = 100

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from twisted.logger import Logger
 
-from relay.config.errors import ConfigError, ConfigErrors
+from relay.config.errors import ConfigError, ConfigErrors, OperatorText
 from relay.config.schema import NodeConfig
 
 _log = Logger(namespace="labrelay.reload")
@@ -139,12 +139,12 @@ class Reloader:
         return self.last
 
     def _failed(self, now: float, problems: list[ConfigError]) -> ReloadResult:
-        errors = [str(p) for p in problems]
+        errors: list[str] = [OperatorText(p) for p in problems]  # shown whole in the log
         self.counts["failure"] += 1
         self.last = ReloadResult(False, now, errors=errors)
         _log.error("reload refused, nothing changed: {n} problem(s): {problems}",
                    event="reload_failed", n=len(errors), errors=errors,
-                   problems=" | ".join(errors))
+                   problems=OperatorText(" | ".join(errors)))
         return self.last
 
     def status(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from relay.config.checks import PrincipalSite, check_principals, config_sites
-from relay.config.errors import ConfigError
+from relay.config.errors import ConfigError, OperatorText
 from relay.config.grammar import public_key
 from relay.config.schema import RelayConfig
 from relay.core.certs import Authority, CertVerdict, is_certificate
@@ -317,7 +317,7 @@ class Grants:
                 _log.error(
                     "{kind}s file {file} grants nothing: {reason}",
                     event="grants_file_invalid", kind=file.kind, file=str(file.path),
-                    reason=str(e),
+                    reason=OperatorText(e),
                 )
             return []
         if strict:
@@ -328,7 +328,7 @@ class Grants:
             _log.error(
                 "{file}: this line grants nothing (the other lines still apply): {reason}",
                 event="grants_line_invalid", kind=file.kind, file=problem.source,
-                reason=str(problem),
+                reason=OperatorText(problem),  # whole: the fix is at its end
             )
         if not sites and not problems:
             _log.warn(
@@ -361,7 +361,7 @@ class Grants:
                     # fail closed on every file.
                     _log.error(
                         "grant files grant nothing: {reason}", event="grants_conflict",
-                        file=e.source, reason=str(e), kind="", name="",
+                        file=e.source, reason=OperatorText(e), kind="", name="",
                     )
                     sites = list(self._sites)
                     continue
@@ -369,7 +369,7 @@ class Grants:
                 _log.error(
                     "{file}: {kind} {name} grants nothing here: {reason}",
                     event="grants_conflict", file=e.source, kind=dropped.kind,
-                    name=dropped.name, reason=str(e),
+                    name=dropped.name, reason=OperatorText(e),
                 )
 
     def _build(self, snapshot: Iterable[_Snapshot], strict: bool) -> _State:

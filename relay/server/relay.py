@@ -170,6 +170,10 @@ class RelayCore(SessionOpening):
         self.dataport.sessionStopped(conn)
         close_pooled(self, conn)
         ident = conn.identity
+        if ident.kind == "agent" and conn.leftOnPurpose:
+            # A stopping agent says goodbye; its next process is another instance,
+            # which could never resume these (docs/resilience.md).
+            self.resumes.agent_left(conn)
         held = self.resumes.held_for(conn)
         self._log.info(
             "{kind} {name} at {peer} disconnected; {n} service(s) now waiting for it, "

@@ -55,6 +55,18 @@ class RelayResumes:
                 side.refused("its agent restarted")
         return True, pack_hello_reply(self.instance, self.grace)
 
+    def agent_left(self, conn: RelayConnection) -> None:
+        """``conn``'s agent disconnected on purpose (it is stopping): the sessions held
+        for it end now, with a reset, instead of leaving their users' connections
+        stalled for ``resume_grace`` and then reset all the same."""
+        for side in self.sessions.held_sides():
+            if side.row is not None and side.row.agent is conn:
+                self._log.warn(
+                    "agent {agent}: session {label} cannot be resumed: its agent stopped",
+                    event="session_resume_refused", where="relay", agent=conn.principal_name,
+                    label=side.label, why="its agent stopped")
+                side.refused("its agent stopped")
+
     def held_for(self, conn: RelayConnection) -> int:
         """How many sessions are held whose agent connection was ``conn``."""
         return sum(1 for s in self.sessions.held_sides()

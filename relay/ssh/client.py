@@ -32,6 +32,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relay.config.errors import OperatorText
 from relay.config.schema import LinkConfig, RemoteForward
 from relay.core.keepalive import KeepaliveMonitor
 from relay.core.resume import OPEN_RESUMABLE, split_sid
@@ -212,7 +213,8 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
             self.why = str(e)
             self._log.error(
                 "link {link}: host key refused: {reason}",
-                event="hostkey_refused", link=self.link.name, reason=str(e),
+                event="hostkey_refused", link=self.link.name,
+                reason=OperatorText(e),  # whole: its fix is at the end
             )
             return defer.fail(e)
         except keys.BadKeyError as e:

@@ -137,7 +137,8 @@ class HostKeyVerifier:
                     HostKeyStatus.ERROR,
                     self.hostname,
                     f"the pinned {e}",
-                    "set host_key.fingerprint to the SHA256 fingerprint of the server's key",
+                    'set host_key = "SHA256:..." (--host-key) to the fingerprint of the '
+                    "server's key",
                 ) from None
         known = policy.known_hosts if policy.known_hosts is not None else Path("~/.ssh/known_hosts")
         self.known_hosts = known.expanduser()
@@ -181,7 +182,7 @@ class HostKeyVerifier:
             f"the server offered {offered}, but the configuration pins {expected}. "
             "This could be a man-in-the-middle attack, or the server's key was replaced",
             "confirm the server's key out of band (on the server: ssh-keygen -lf "
-            "/etc/ssh/ssh_host_*_key.pub), then set host_key.fingerprint to the new value",
+            "/etc/ssh/ssh_host_*_key.pub), then set host_key (--host-key) to the new value",
         )
 
     def _verify_known_hosts(self, offered: _Offered) -> str:
@@ -215,8 +216,8 @@ class HostKeyVerifier:
                 f"{_fingerprint_of_blob(old.blob)}. This could be a man-in-the-middle attack, "
                 "or the server's host key was replaced",
                 "if the change is expected, confirm the new fingerprint out of band, remove "
-                f"the old entry with: {remove}  then add the new key (or let accept_new "
-                "record it)",
+                f"the old entry with: {remove}  then add the new key (or let "
+                'strict_host_key_checking = "accept-new" record it)',
             )
         if self.policy.accept_new:
             self._append(offered)
@@ -239,8 +240,9 @@ class HostKeyVerifier:
             f"the host is UNKNOWN: the server offered {offered} and {where}",
             "check the fingerprint out of band (on the server: ssh-keygen -lf "
             f"/etc/ssh/ssh_host_*_key.pub), then add this line to {path}: {line}  "
-            f'-- or pin host_key.fingerprint = "{offered.fingerprint}", or set '
-            "host_key.accept_new = true to record the key on first connection",
+            f'-- or pin host_key = "{offered.fingerprint}" (--host-key), or set '
+            'strict_host_key_checking = "accept-new" (-o StrictHostKeyChecking=accept-new) '
+            "to record the key on first connection",
         )
 
     def _read(self) -> tuple[list[_Entry], list[int]]:
@@ -256,7 +258,7 @@ class HostKeyVerifier:
                 self.hostname,
                 f"cannot read known_hosts file {path}: {e.strerror or e}",
                 "make it a readable file for the user running labrelay, "
-                "or set host_key.known_hosts to another file",
+                "or set known_hosts to another file",
             ) from None
         entries: list[_Entry] = []
         skipped: list[int] = []

@@ -212,7 +212,9 @@ class KexMixin:
             if call is not None and call.active():
                 call.cancel()
 
-    def _peerName(self) -> str:
+    def peerName(self) -> str:
+        """The peer as ``host:port``, the form every labrelay event gives an address in
+        (an admin greps one form; Twisted's ``str(IPv4Address)`` is another)."""
         tcp = self.transport
         peer = tcp.getPeer() if tcp is not None else None
         return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
@@ -223,7 +225,7 @@ class KexMixin:
         self._log.warn(
             "key exchange #{count} with {peer} not finished after {timeout:g}s "
             "(kex_timeout); dropping the peer",
-            event="ssh_kex_timeout", count=self.keyExchanges + 1, peer=self._peerName(),
+            event="ssh_kex_timeout", count=self.keyExchanges + 1, peer=self.peerName(),
             timeout=self.kexTimeout, queued=self._kexBacklog,
         )  # fmt: skip
         self._fatal(DISCONNECT_KEY_EXCHANGE_FAILED, b"key exchange timed out")
@@ -239,7 +241,7 @@ class KexMixin:
             self._log.warn(
                 "{queued} bytes wait for a key exchange {peer} does not finish; "
                 "dropping the peer", event="ssh_kex_backlog", queued=self._kexBacklog,
-                peer=self._peerName(),
+                peer=self.peerName(),
             )  # fmt: skip
             self._blockedByKeyExchange.clear()
             self._fatal(DISCONNECT_KEY_EXCHANGE_FAILED, b"key exchange backlog over limit")
@@ -340,6 +342,6 @@ class KexMixin:
             return
         self._log.info(
             "disconnecting {peer}: {why}", event="ssh_transport_error", code=reason,
-            why=why.decode("ascii", "replace"), peer=self._peerName(),
+            why=why.decode("ascii", "replace"), peer=self.peerName(),
         )  # fmt: skip
         self.sendDisconnect(reason, why)  # type: ignore[attr-defined]

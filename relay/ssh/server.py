@@ -128,6 +128,9 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
     admission: Ticket | None = None  # set by RelayFactory.buildProtocol
     offence: Offence | None = None  # how it misbehaved before authenticating, if it did
     authenticated = False
+    # The peer said SSH_MSG_DISCONNECT "by application": it is leaving on purpose (a
+    # labrelay agent sends it when it stops), so nothing of it will come back to resume.
+    leftOnPurpose = False
     _graceTimer: IDelayedCall | None = None  # login_grace: from connectionMade to auth
     # a user's pooled channel may be forwarded by the native thread (relay.ssh.nativeforward)
     nativeArmable = True
@@ -165,7 +168,7 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
             self.offended(Offence.GRACE)
             self._log.info(
                 "closing {peer}: not authenticated within {grace:g}s (login_grace)",
-                event="relay_login_timeout", peer=str(self.transport.getPeer()),  # type: ignore[union-attr]
+                event="relay_login_timeout", peer=self.peerName(),
                 grace=self.factory.core.config.login_grace,
             )
             self.transport.abortConnection()  # type: ignore[union-attr]
@@ -198,7 +201,12 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
         self.factory.core.disconnected(self)
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
-        """A client saying goodbye is routine, not an error."""
+        """A client saying goodbye is routine, not an error.  One that says it leaves
+        by application (not a protocol fault) is remembered: a labrelay agent says so
+        only when it stops, and its held sessions must then end at once rather than
+        wait out ``resume_grace`` for a process that will not come back."""
+        if reasonCode == transport.DISCONNECT_BY_APPLICATION:
+            self.leftOnPurpose = True
 
     def ssh_SERVICE_REQUEST(self, packet: bytes) -> None:
         """Conch's, except that an unknown service's name is not echoed back and
@@ -408,6 +416,12 @@ class RelayConnection(FlowConnection):
                 _fire(replied)
             else:
                 _fire(replied, error.ConchError("connection stopped before the reply"))
+
+    @property
+    def leftOnPurpose(self) -> bool:
+        """Whether the peer said goodbye by application before it went (a labrelay
+        agent that stops): :attr:`RelayTransport.leftOnPurpose`."""
+        return bool(getattr(self.transport, "leftOnPurpose", False))
 
     def serviceStopped(self) -> None:
         if self.keepalive is not None:

@@ -223,14 +223,10 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
         if self.method == b"publickey" and reason.check(UnauthorizedLogin):
             relay: Any = self.transport
             relay.offended(Offence.AUTHFAIL)
-            # host:port, as every other event names a peer (it was the address's repr,
-            # "IPv4Address(type='TCP', host=..., port=...)", which a filter on the
-            # source address did not match)
-            addr = relay.transport.getPeer()
             self._log.info(
                 "auth refused for user {user} from {peer}: {why}", event="relay_auth_refused",
                 user=(self.user or b"").decode("utf-8", "replace"),
                 why=reason.getErrorMessage(),
-                peer=f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', '?')}",
+                peer=relay.peerName(),  # host:port, as every other event has it
             )
         super()._ebBadAuth(reason)

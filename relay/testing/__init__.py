@@ -280,6 +280,7 @@ class FakeRelayConnection:
     probes: list[defer.Deferred[bool]] = field(default_factory=list)
     disconnected: list[str] = field(default_factory=list)
     revoked: list[tuple[str, int, str]] = field(default_factory=list)
+    leftOnPurpose: bool = False  # the peer said DISCONNECT by application
 
     @property
     def principal_name(self) -> str:

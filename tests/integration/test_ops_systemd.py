@@ -126,8 +126,10 @@ services = ["web:8080"]
         assert ready["STATUS"] == "reloaded"
 
         # a broken config: the reload is refused, and systemd hears so
-        config.write_text(config.read_text().replace("[[relay.user]]",
-                                                     "max_channels = 0\n\n[[relay.user]]"))
+        # (two problems, each longer than a peer string's 200 characters in the log)
+        config.write_text(config.read_text().replace(
+            "[[relay.user]]", "max_channels = 0\n\n[[relay.user]]").replace(
+            f"{KEY} alice", "ssh-ed25519 AAAAbroken alice"))
         proc.send_signal(signal.SIGHUP)
         listener.wait("RELOADING")
         ready = listener.wait("READY")
@@ -146,4 +148,12 @@ services = ["web:8080"]
     assert listening and listening[0].startswith("<6>info  relay listening on"), lines
     refused = [line for line in lines if "reload refused" in line]
     assert refused and refused[0].startswith("<3>error reload refused"), lines
+    # The journal's line is the admin's only record of a SIGHUP's problems: every one
+    # whole, each with its fix (round 13: cut at 200 characters, the first problem's
+    # hint and every later problem were lost).
+    assert f"{config}: relay.max_channels: " in refused[0], refused[0]
+    assert f"{config}: relay.user[0].keys[0]: " in refused[0], refused[0]
+    assert "(labrelay keygen makes one))" in refused[0], refused[0]
+    assert refused[0].endswith("(e.g. max_channels = 1024)"), refused[0]
+    assert "more chars]" not in refused[0], refused[0]
     assert not any(re.match(r"\d{4}-\d\d-\d\d ", line) for line in lines), lines

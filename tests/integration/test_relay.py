@@ -1037,3 +1037,36 @@ def test_status_and_metrics_show_agents_services_and_user_sessions(
         for sock in held:
             sock.close()
     assert_relay_clean(relay)
+
+
+def test_a_rotated_host_key_is_refused_with_the_whole_fix_and_the_fix_works(
+    relay: RelayNode,
+    keys: Keys,
+    start_agent: Callable[..., AgentProcess],
+    targets: Targets,
+    tmp_path: Path,
+) -> None:
+    """docs/security.md's rotation: the lab PC's known_hosts still has the relay's old
+    key.  ``hostkey_refused`` carries the fix whole (round 13: the log cut it at 200
+    characters, before the ``ssh-keygen -R`` command, and the hint named config keys
+    that do not exist); running that command and adding the new line lets it in."""
+    old = make_key(tmp_path / "old_host_key", comment="old")
+    kh = tmp_path / "lab_known_hosts"
+    kh.write_text(known_hosts_line(old.public_blob(), relay.port) + "\n")
+    echo = targets.echo()
+    agent = start_agent(
+        "-p", str(relay.port), "-i", str(keys.lab_pc.path),
+        "-o", f"UserKnownHostsFile={kh}", "--backoff-initial", "0.2", "--backoff-max", "0.5",
+        "-R", f"web:8080:127.0.0.1:{echo.port}", "lab_pc@127.0.0.1",
+    )  # fmt: skip
+    reason = agent.wait_for("hostkey_refused", timeout=20)["reason"]
+    assert "more chars]" not in reason, reason
+    new_fp = relay.proc.events("relay_listening")[0]["fingerprints"]
+    assert "has CHANGED" in reason and new_fp in reason, reason
+    remove = re.search(r"remove the old entry with: (ssh-keygen -R .+?)  then add", reason)
+    assert remove, reason
+    assert 'strict_host_key_checking = "accept-new"' in reason, reason
+    subprocess.run(remove.group(1), shell=True, check=True, capture_output=True)
+    with open(kh, "a") as f:
+        f.write(known_hosts_line(relay.host_key_blob, relay.port) + "\n")
+    agent.wait_for("forward_ready", timeout=20, bind="web")

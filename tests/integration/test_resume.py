@@ -256,6 +256,51 @@ def test_past_the_grace_held_sessions_end_with_a_reset_never_short(
     w.agent.wait_for("link_connected", timeout=30, since=mark)
 
 
+def _ended_within(session: Interactive, seconds: float) -> float:
+    """How long ``session`` took to end (a reset or an end, not a silence of
+    ``seconds``): the next line fails."""
+    session.sock.settimeout(seconds)
+    start = time.monotonic()
+    try:
+        session.line(b"after")
+        session.line(b"again")  # the end may be seen on the second
+    except TimeoutError:
+        raise AssertionError(f"still open and silent after {seconds}s") from None
+    except (OSError, HarnessError):
+        return time.monotonic() - start
+    raise AssertionError("the session still echoes")
+
+
+def test_an_agent_stopped_ends_its_sessions_at_once_not_after_the_grace(
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+    tmp_path: Path,
+) -> None:
+    """``systemctl stop labrelay-agent`` (SIGTERM) with sessions open: the agent says
+    goodbye, and a stopped process can resume nothing, so the relay ends what it held
+    for it at once instead of leaving the users' connections silent for
+    ``resume_grace`` (60 s) and resetting them then."""
+    w = _world(start_relay, start_agent, start_ssh, targets, tmp_path, grace=60)
+    public, web = Interactive(w.echo_port), Interactive(w.web_port)
+    assert public.line(b"public") == b"public" and web.line(b"web") == b"web"
+    mark, rmark = w.agent.mark(), w.relay.mark()
+    assert w.agent.stop() == 0
+    gone = w.relay.wait_for("relay_disconnected", timeout=10, since=rmark, kind="agent")
+    assert gone["held"] == 0, gone
+    for session in (public, web):
+        assert _ended_within(session, 10) < 5
+    refused = w.relay.events("session_resume_refused", since=rmark)
+    assert sorted(e["why"] for e in refused) == ["its agent stopped"] * 2, refused
+    closes = w.relay.events("session_close", since=rmark)
+    # the agent says so too, rather than leaving "held for 60s" as its last word
+    ended = w.agent.events("link_resume_impossible", since=mark)
+    assert [(e["n"], e["why"]) for e in ended] == [(2, "the link was stopped")], ended
+    # an end with an error, never one that looks complete (docs/resilience.md)
+    assert [e["ended"] for e in closes] == ["service reset"] * 2, closes
+
+
 class Zeros(TcpServer):
     """Sends zeros on each connection until it cannot (a reader that never reads)."""
 

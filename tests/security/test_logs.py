@@ -212,6 +212,8 @@ def test_json_log_fields_are_escaped_and_truncated(
     assert [e["user"] for e in refused] == [escaped(FORGED_USER),
                                             "A" * 200 + "[... 56 more chars]", "format"]
     assert refused[2]["why"] == "unsupported key type or malformed key"
+    # the source as every other event writes it (round 13: IPv4Address(type='TCP', ...))
+    assert all(re.fullmatch(r"127\.0\.0\.1:\d+", e["peer"]) for e in refused), refused
     assert not [e for e in relay.events()
                 if "privateKeys" in json.dumps(e) or "Private Key" in json.dumps(e)]
     assert all("\n" not in e["text"] for e in refused)

@@ -438,6 +438,8 @@ def test_emptied_deleted_and_broken_grant_files_grant_nothing(
     gone = closed_at(alice_chan)
     bad = relay.wait_for("grants_line_invalid", since=mark)
     assert bad["file"] == f"{users_file}:1" and bad["level"] == "error"
+    # the reason is whole, with its fix (round 13: cut at 200 characters, mid-hint)
+    assert "more chars]" not in bad["reason"] and bad["reason"].endswith(")"), bad["reason"]
     revoked = relay.wait_for("relay_key_revoked", since=mark, kind="user", name="alice")
     report("typo on alice's line", {"alice disconnected": revoked["time"] - t0,
                                     "her session closed": gone - t0})

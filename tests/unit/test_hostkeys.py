@@ -104,7 +104,8 @@ def test_pinned_fingerprint_accepts_only_that_key(tmp_path: Path, keys) -> None:
     message = str(err.value)
     assert BRACKETED in message
     assert fingerprint_sha256(key_b) in message and fp in message
-    assert "host_key.fingerprint" in message
+    # the hint names the setting as config.md spells it (round 13: host_key.fingerprint)
+    assert "set host_key (--host-key) to the new value" in message
     assert not (tmp_path / "kh").exists()
 
 
@@ -234,7 +235,8 @@ def test_unknown_host_is_refused_with_the_line_to_add(tmp_path: Path, keys) -> N
     message = str(err.value)
     assert "UNKNOWN" in message and fingerprint_sha256(key_a) in message
     assert f"{BRACKETED} {line_a}" in message
-    assert "accept_new" in message and "lines 2" in message
+    assert 'strict_host_key_checking = "accept-new"' in message and "lines 2" in message
+    assert f'pin host_key = "{fingerprint_sha256(key_a)}"' in message
 
 
 def test_missing_file_means_unknown_and_is_not_created(tmp_path: Path, keys) -> None:

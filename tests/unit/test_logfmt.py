@@ -20,6 +20,7 @@ from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from zope.interface import provider
 
+from relay.config.errors import OperatorText
 from relay.ops.logfmt import (
     CONTINUATION,
     FIELD_LIMIT,
@@ -100,6 +101,19 @@ def test_sanitize_event_copies_and_escapes_fields_only() -> None:
     assert safe["blob"] == "\\xff" * FIELD_LIMIT + "[... 800 more bytes]"
     assert safe["n"] == 3 and safe["log_format"] == "user {user}"
     assert safe["log_text"] == "legacy\\nline"
+
+
+def test_operator_text_is_shown_whole_up_to_the_message_limit_and_still_escaped() -> None:
+    """A message labrelay composed for the operator (a reload's problems, a host key's
+    fix) keeps its end, which is the fix; it is still escaped and still bounded."""
+    fix = "x" * 600 + "\n" + "ssh-keygen -R host"
+    event = {"reason": OperatorText(fix), "errors": [OperatorText(fix), "y" * 600],
+             "huge": OperatorText("z" * 10 * TEXT_LIMIT), "peer": "p" * 600}
+    safe = sanitize_event(event)
+    assert safe["reason"] == "x" * 600 + "\\n" + "ssh-keygen -R host"
+    assert safe["errors"] == [safe["reason"], "y" * FIELD_LIMIT + "[... 400 more chars]"]
+    assert safe["huge"].endswith(f"[... {9 * TEXT_LIMIT} more chars]")
+    assert safe["peer"] == "p" * FIELD_LIMIT + "[... 400 more chars]"  # a plain str: as before
 
 
 class Secret:
