@@ -13,15 +13,25 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import test_fastpath
-from conftest import child_env
-from harness import LOOPBACK, DataStream, KeyPair, MiB, find_program, sha256_hex
+from conftest import REPO_ROOT, child_env
+from harness import (
+    LOOPBACK,
+    AgentProcess,
+    DataStream,
+    KeyPair,
+    MiB,
+    find_program,
+    sha256_hex,
+)
 from relay_fixtures import ssh_defaults, wait_until
 from test_fastpath import Site, _run
 
@@ -283,3 +293,51 @@ Host *
     assert site.fast()["paired"] == 1  # the second went through an SSH channel (ssh -J)
     wait_until(lambda: site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
           ["sessions_total"] == 2, "the relay to count the -J session")
+
+
+# 6 ---------------------------------------------------------------------------
+
+
+def test_the_demo_as_a_user_tries_it_from_another_terminal(
+        start_process: Callable[..., AgentProcess], tmp_path: Path) -> None:
+    """``.venv/bin/labrelay demo`` (scripts/dev's own words), then what it prints to try,
+    run from another directory as a new terminal would: the fast-path entry (its
+    ProxyCommand names labrelay by an absolute path: it was ``.venv/bin/labrelay``,
+    relative to the checkout) and ``scp`` (SFTP since OpenSSH 9: the demo's sshd had
+    no sftp subsystem, "subsystem request failed"), both ways; then Ctrl-C stops
+    it, exit 0, its files gone."""
+    script = Path(sys.executable).parent / "labrelay"
+    if script.exists():  # as scripts/dev's help says: relative to the checkout
+        argv = [os.path.relpath(script, REPO_ROOT), "demo"]
+    else:
+        argv = [sys.executable, "-m", "relay", "demo"]
+    demo = start_process([*argv, "--log-format", "json"], name="demo")
+    demo.wait_for("_raw", timeout=60, text=lambda t: t.startswith("Press Ctrl-C"))
+    up = demo.events("_raw", text=lambda t: t.startswith("labrelay demo is up"))
+    workdir = Path(up[0]["text"].split("(files in ")[1].rstrip("):"))
+    cfg = workdir / "ssh_config"
+    assert "gpu-cluster-fast" in cfg.read_text()
+
+    def ssh(*args: str) -> subprocess.CompletedProcess[bytes]:
+        program = find_program(args[0]) or args[0]
+        return subprocess.run([program, *args[1:]], capture_output=True, timeout=120,
+                              cwd=tmp_path, stdin=subprocess.DEVNULL, start_new_session=True,
+                              env={**os.environ, **child_env()})
+
+    out = ssh("ssh", "-F", str(cfg), "gpu-cluster-fast", "echo $LABRELAY_DEMO_HOST")
+    assert out.returncode == 0 and out.stdout.decode().strip() == "gpu_cluster", \
+        out.stderr.decode()
+    stream = DataStream(13, 4 * MiB)
+    src = tmp_path / "data.bin"
+    src.write_bytes(b"".join(stream.chunks()))
+    for host in ("gpu-cluster", "gpu-cluster-fast"):
+        there, back = tmp_path / f"there-{host}.bin", tmp_path / f"back-{host}.bin"
+        out = ssh("scp", "-q", "-F", str(cfg), str(src), f"{host}:{there}")
+        assert out.returncode == 0, (host, out.stderr.decode())
+        out = ssh("scp", "-q", "-F", str(cfg), f"{host}:{there}", str(back))
+        assert out.returncode == 0, (host, out.stderr.decode())
+        assert sha256_hex(back.read_bytes()) == stream.sha256, host
+
+    os.kill(demo.pid, signal.SIGINT)  # Ctrl-C
+    assert demo.wait_exit(timeout=30) == 0, demo.diagnostics()
+    assert not workdir.exists()
