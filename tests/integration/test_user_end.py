@@ -341,3 +341,44 @@ def test_the_demo_as_a_user_tries_it_from_another_terminal(
     os.kill(demo.pid, signal.SIGINT)  # Ctrl-C
     assert demo.wait_exit(timeout=30) == 0, demo.diagnostics()
     assert not workdir.exists()
+
+
+# 7 ---------------------------------------------------------------------------
+
+
+def _connect_fails(tmp_path: Path, *args: str) -> str:
+    """``labrelay connect ARGS`` as a laptop runs it (HOME here, no ssh-agent), which
+    must fail at once: its exit status 1 and stderr."""
+    out = subprocess.run([sys.executable, "-m", "relay", "connect", *args],
+                         capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+                         env={**os.environ, **child_env(), "HOME": str(tmp_path),
+                              "SSH_AUTH_SOCK": ""})
+    assert out.returncode == 1, out
+    assert out.stdout == b""
+    return out.stderr.decode()
+
+
+def test_a_key_file_too_open_is_named_as_such_not_as_missing(tmp_path: Path) -> None:
+    """``-i KEY`` with mode 0644: ssh's "too open" with the chmod to run, and the final
+    word names KEY as unusable; it said "none of KEY, KEY exists", which sent a user
+    looking for a file that is there."""
+    key = tmp_path / "id_lab"
+    subprocess.run([find_program("ssh-keygen") or "ssh-keygen", "-q", "-t", "ed25519",
+                    "-N", "", "-f", str(key)], check=True, capture_output=True,
+                   stdin=subprocess.DEVNULL)
+    key.chmod(0o644)
+    said = _connect_fails(tmp_path, "-i", str(key), "-p", "1", f"alice@{LOOPBACK}",
+                          "gpu-cluster")
+    assert f"chmod 600 {key}" in said, said
+    assert "exists" not in said, said
+    assert said.splitlines()[-1] == (
+        f"labrelay connect: no key to offer: no ssh-agent (SSH_AUTH_SOCK is not set) and "
+        f"{key} could not be used (see above); fix that, add a key to your agent with "
+        "`ssh-add`, or give -i KEYFILE"), said
+
+    key.unlink()  # a key that is really missing is still said so
+    said = _connect_fails(tmp_path, "-i", str(key), "-p", "1", f"alice@{LOOPBACK}",
+                          "gpu-cluster")
+    assert f"identity file {key} not accessible: no such file" in said, said
+    assert said.splitlines()[-1].startswith("labrelay connect: no key to offer: "), said
+    assert "none of " in said and "could not be used" not in said, said
