@@ -382,3 +382,57 @@ def test_a_key_file_too_open_is_named_as_such_not_as_missing(tmp_path: Path) -> 
     assert f"identity file {key} not accessible: no such file" in said, said
     assert said.splitlines()[-1].startswith("labrelay connect: no key to offer: "), said
     assert "none of " in said and "could not be used" not in said, said
+
+
+# 8 ---------------------------------------------------------------------------
+
+
+def test_ctrl_c_at_the_passphrase_prompt_ends_it_and_gives_the_terminal_back(
+        tmp_path: Path) -> None:
+    """Ctrl-C at ``Enter passphrase for key``: the process dies of SIGINT at once, with
+    the terminal's echo back on.  It went on reading the terminal (the reactor's
+    handler only schedules a stop): in a shell, ssh died of the same Ctrl-C, the prompt
+    came back, and the next line typed for the shell was read here, unseen, as a
+    passphrase.  A real pseudo-terminal; the key is an old PEM one with no ``.pub``,
+    which ssh and labrelay ask for before connecting."""
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    key = tmp_path / "id_pem"
+    subprocess.run([find_program("ssh-keygen") or "ssh-keygen", "-q", "-t", "ecdsa", "-m",
+                    "PEM", "-N", PASSPHRASE, "-f", str(key)], check=True, capture_output=True,
+                   stdin=subprocess.DEVNULL)
+    Path(f"{key}.pub").unlink()
+    master, slave = pty.openpty()
+
+    def controlling_tty() -> None:  # the pty is the child's terminal, as a shell's is
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "connect", "-i", str(key), "-p", "1",
+         f"alice@{LOOPBACK}", "gpu-cluster"],
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        preexec_fn=controlling_tty,
+        env={**os.environ, **child_env(), "HOME": str(tmp_path), "SSH_AUTH_SOCK": "",
+             "SSH_ASKPASS": ""})
+    os.close(slave)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"Enter passphrase" not in seen:
+            assert time.monotonic() < deadline and proc.poll() is None, seen
+            if select.select([master], [], [], 0.2)[0]:
+                seen += os.read(master, 4096)
+        while termios.tcgetattr(master)[3] & termios.ECHO:  # it turns echo off after
+            assert time.monotonic() < deadline and proc.poll() is None  # the prompt
+            time.sleep(0.01)
+        os.write(master, b"\x03")  # Ctrl-C: the terminal sends SIGINT
+        assert proc.wait(timeout=10) == -signal.SIGINT
+        assert termios.tcgetattr(master)[3] & termios.ECHO, "echo left off"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
