@@ -38,6 +38,7 @@ from typing import Any, TextIO
 
 from twisted.conch.error import ConchError
 from twisted.internet import defer, stdio
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
@@ -228,10 +229,30 @@ class Connector:
         self.path = ""
         self.conn: Any = None
         self.agent: Any = None
+        self.interrupted = False
 
     def say(self, text: str) -> None:
+        if self.interrupted:
+            return  # what the stop broke is not news (see interrupt)
         self.stderr.write(f"labrelay connect: {text}\n")
         self.stderr.flush()
+
+    def interrupt(self) -> None:
+        """The reactor is stopping before the run ended: a signal (Ctrl-C, SIGTERM).
+        Say so, and nothing after: the connections the stop closes would otherwise
+        be reported as the relay's failure ("cannot reach the relay: Connection
+        lost", "ended abnormally ... (the relay side)")."""
+        if self.interrupted:
+            return
+        cfg = self.options.link
+        if self.conn is None and not self.path:
+            where = f" while reaching the relay {cfg.host}:{cfg.port}"
+        elif not self.path:
+            where = f" while setting up {self.label}"
+        else:
+            where = f"; the session to {self.label} is closed"
+        self.say(f"interrupted{where}")
+        self.interrupted = True
 
     @property
     def label(self) -> str:
@@ -408,19 +429,32 @@ def run(argv_ns: argparse.Namespace) -> int:
     options = ConnectOptions(options.link, options.service, options.port, options.fast_path,
                              keys=source)
     result = [EXIT_FAILED]
+    ended = [False]
     connector = Connector(options, reactor, [], verbose=argv_ns.verbose)
 
     def finished(code: int | Failure) -> None:
+        ended[0] = True
         if isinstance(code, Failure):
             connector.say(f"internal error: {code.getErrorMessage()}")
             code = EXIT_FAILED
-        result[0] = code
-        reactor.callLater(0, reactor.stop)  # type: ignore[attr-defined]
+        result[0] = code if not connector.interrupted else EXIT_FAILED
+        reactor.callLater(0, stop)  # type: ignore[attr-defined]
+
+    def stop() -> None:
+        try:
+            reactor.stop()  # type: ignore[attr-defined]
+        except ReactorNotRunning:  # a signal stopped it first: the run ended meanwhile
+            pass
+
+    def stopping() -> None:
+        if not ended[0]:
+            connector.interrupt()
 
     def start() -> None:
         defer.Deferred.fromCoroutine(connector.run()).addBoth(finished)
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", stopping)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return result[0]
 

@@ -436,3 +436,61 @@ def test_ctrl_c_at_the_passphrase_prompt_ends_it_and_gives_the_terminal_back(
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+# 9 ---------------------------------------------------------------------------
+
+
+def _interrupted(argv: list[str], started: Callable[[subprocess.Popen[bytes]], None],
+                 home: Path) -> str:
+    """Run ``labrelay connect ARGV``, SIGINT it (Ctrl-C) once ``started`` returned: it
+    exits 1 within 10 s; its stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "relay", "connect", *argv],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, **child_env(), "HOME": str(home),
+                                 "SSH_AUTH_SOCK": ""})
+    try:
+        started(proc)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err.decode()
+    return err.decode()
+
+
+def test_ctrl_c_is_said_as_such_not_as_the_relays_failure(site: Site) -> None:
+    """Ctrl-C while the relay does not answer yet, and during a fast-path session: one
+    line, "interrupted", and nothing the stop broke.  It said "cannot reach the relay
+    ...: Connection to the other side was lost" and "session ... ended abnormally:
+    Operation canceled (the relay side)", sending the user after a relay that was fine."""
+    import socket
+
+    held: list[socket.socket] = []
+    with socket.socket() as silent:  # a relay that accepts and says nothing (yet)
+        silent.bind((LOOPBACK, 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+
+        def accepted(proc: subprocess.Popen[bytes]) -> None:
+            silent.settimeout(30)
+            held.append(silent.accept()[0])  # held open: no close to race the signal
+        try:
+            err = _interrupted(["-i", str(site.keys.alice.path), "-p", str(port),
+                                f"alice@{LOOPBACK}", "gpu-cluster"], accepted, site.tmp)
+        finally:
+            for conn in held:
+                conn.close()
+    assert err == f"labrelay connect: interrupted while reaching the relay {LOOPBACK}:{port}\n"
+
+    def banner(proc: subprocess.Popen[bytes]) -> None:  # the target's sshd speaks: joined
+        assert proc.stdout is not None
+        assert proc.stdout.read(8) == b"SSH-2.0-"
+    err = _interrupted(["-i", str(site.keys.alice.path), "-p", str(site.relay.port),
+                        "-o", f"UserKnownHostsFile={site.relay.known_hosts}",
+                        f"alice@{LOOPBACK}", "gpu-cluster"], banner, site.tmp)
+    assert err == "labrelay connect: interrupted; the session to gpu-cluster:22 is closed\n"
+    assert site.fast()["paired"] == 1
