@@ -181,7 +181,8 @@ class HostKeyVerifier:
             f"the server offered {offered}, but the configuration pins {expected}. "
             "This could be a man-in-the-middle attack, or the server's key was replaced",
             "confirm the server's key out of band (on the server: ssh-keygen -lf "
-            "/etc/ssh/ssh_host_*_key.pub), then set host_key.fingerprint to the new value",
+            "/etc/ssh/ssh_host_*_key.pub), then pin the new value (--host-key on the "
+            "command line, host_key.fingerprint in a config file)",
         )
 
     def _verify_known_hosts(self, offered: _Offered) -> str:
@@ -215,7 +216,8 @@ class HostKeyVerifier:
                 f"{_fingerprint_of_blob(old.blob)}. This could be a man-in-the-middle attack, "
                 "or the server's host key was replaced",
                 "if the change is expected, confirm the new fingerprint out of band, remove "
-                f"the old entry with: {remove}  then add the new key (or let accept_new "
+                f"the old entry with: {remove}  then add the new key (or let "
+                "-o StrictHostKeyChecking=accept-new, host_key.accept_new in a config file, "
                 "record it)",
             )
         if self.policy.accept_new:
@@ -239,8 +241,10 @@ class HostKeyVerifier:
             f"the host is UNKNOWN: the server offered {offered} and {where}",
             "check the fingerprint out of band (on the server: ssh-keygen -lf "
             f"/etc/ssh/ssh_host_*_key.pub), then add this line to {path}: {line}  "
-            f'-- or pin host_key.fingerprint = "{offered.fingerprint}", or set '
-            "host_key.accept_new = true to record the key on first connection",
+            f"-- or pin it: --host-key {offered.fingerprint} on the command line "
+            f'(host_key.fingerprint = "{offered.fingerprint}" in a config file), or record '
+            "it on first connection: -o StrictHostKeyChecking=accept-new "
+            "(host_key.accept_new = true)",
         )
 
     def _read(self) -> tuple[list[_Entry], list[int]]:

@@ -123,10 +123,14 @@ def options_from_args(ns: argparse.Namespace, resolved: Resolved | None = None,
         # accept-new (a changed key is still refused).
         destination, port, login, identity = (
             resolved.hostname, str(resolved.port), resolved.user or None, [])
-        options = [f"StrictHostKeyChecking="
-                   f"{_STRICT.get(resolved.strict_host_key_checking.lower(), 'yes')}"]
-        if resolved.known_hosts:
-            options.append(f"UserKnownHostsFile={resolved.known_hosts[0]}")
+        options = []
+        # --host-key pins the key *instead of* known_hosts (ssh -G always names a
+        # known_hosts file and a checking mode, which the pin refuses to be combined with).
+        if ns.host_key is None:
+            options.append(f"StrictHostKeyChecking="
+                           f"{_STRICT.get(resolved.strict_host_key_checking.lower(), 'yes')}")
+            if resolved.known_hosts:
+                options.append(f"UserKnownHostsFile={resolved.known_hosts[0]}")
         if resolved.connect_timeout is not None:
             options.append(f"ConnectTimeout={resolved.connect_timeout:g}")
         options += [o for o in ns.options if is_transport_option(o)]  # not ssh's

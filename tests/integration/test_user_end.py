@@ -494,3 +494,47 @@ def test_ctrl_c_is_said_as_such_not_as_the_relays_failure(site: Site) -> None:
                         f"alice@{LOOPBACK}", "gpu-cluster"], banner, site.tmp)
     assert err == "labrelay connect: interrupted; the session to gpu-cluster:22 is closed\n"
     assert site.fast()["paired"] == 1
+
+
+# 10 --------------------------------------------------------------------------
+
+
+def test_an_unknown_relay_key_says_how_connect_takes_it_and_both_ways_work(
+        site: Site) -> None:
+    """A relay whose key is not in known_hosts: the error names what ``labrelay
+    connect`` takes (``--host-key SHA256:...``, ``-o StrictHostKeyChecking=accept-new``;
+    it named only the config file's ``host_key.fingerprint``/``accept_new``), and each
+    works: ``--host-key`` was refused whenever ssh is installed ("cannot be combined with
+    -o UserKnownHostsFile": ssh -G always names one); a wrong pin is refused."""
+    fingerprint = site.relay.fingerprints.split(",")[0].strip()
+    nowhere = site.tmp / "no_known_hosts"
+    err = site.tmp / "connect.err"
+    base = ["-p", str(site.relay.port), "-i", str(site.keys.alice.path),
+            f"alice@{LOOPBACK}", "%h:%p"]
+
+    proxy = _connect("-o", f"UserKnownHostsFile={nowhere}", *base, err=err)
+    assert _ssh(_config(site, proxy), "gpu-cluster", "true").returncode != 0
+    said = err.read_text()
+    assert "the host is UNKNOWN" in said, said
+    assert f"--host-key {fingerprint}" in said and "-o StrictHostKeyChecking=accept-new" in said
+    assert not nowhere.exists()
+
+    err.write_text("")
+    proxy = _connect("--host-key", fingerprint, *base, err=err)
+    _reached(_ssh(_config(site, proxy), "gpu-cluster", "echo $LABRELAY_TEST_HOST"))
+    assert err.read_text() == ""
+    assert not nowhere.exists()
+
+    wrong = "SHA256:" + "A" * 43
+    proxy = _connect("--host-key", wrong, *base, err=err)
+    assert _ssh(_config(site, proxy), "gpu-cluster", "true").returncode != 0
+    said = err.read_text()
+    assert f"the configuration pins {wrong}" in said and "--host-key" in said, said
+
+    err.write_text("")
+    proxy = _connect("-o", f"UserKnownHostsFile={nowhere}",
+                     "-o", "StrictHostKeyChecking=accept-new", *base, err=err)
+    _reached(_ssh(_config(site, proxy), "gpu-cluster", "echo $LABRELAY_TEST_HOST"))
+    assert err.read_text() == ""
+    assert nowhere.exists()  # recorded: the next connection checks it
+    assert site.fast()["paired"] == 2
