@@ -328,8 +328,9 @@ class Connector:
                         return await self._fast(data_port, token)
                     except DataPortUnreachable as e:
                         why = str(e)
-        self.say(f"fast path unavailable for {self.label} ({why}); using an SSH channel "
-                 "through the relay")
+        if self.options.fast_path or self.verbose:  # --no-fast-path: as asked, no news
+            self.say(f"fast path unavailable for {self.label} ({why}); using an SSH channel "
+                     "through the relay")
         return await self._channel()
 
     async def _fast(self, data_port: int, token: bytes) -> int:
@@ -386,7 +387,7 @@ class Connector:
             channel = await self.conn.openDirect(self.options.service, self.options.port,
                                                  "labrelay-connect", 0)
         except Exception as e:
-            self.say(f"the relay refused {self.label}: {e}")
+            self.say(f"the relay refused {self.label}: {_open_failure(e)}")
             return EXIT_FAILED
         done: defer.Deferred[None] = defer.Deferred()
         side = TCPSide()
@@ -400,6 +401,15 @@ class Connector:
         Bridge(side, channel, onClosed=closed)
         await done
         return 0
+
+
+def _open_failure(e: Exception) -> str:
+    """The relay's words for a refused channel.  Conch fails the open with
+    ``ConchError(description, code)``, whose ``str()`` is the tuple's repr: "(b'no
+    service nosuch:22 on this relay', 2)"."""
+    if isinstance(e, ConchError) and isinstance(e.value, bytes):
+        return e.value.decode("utf-8", "replace") or f"reason code {e.data}"
+    return str(e)
 
 
 def run(argv_ns: argparse.Namespace) -> int:

@@ -538,3 +538,22 @@ def test_an_unknown_relay_key_says_how_connect_takes_it_and_both_ways_work(
     assert err.read_text() == ""
     assert nowhere.exists()  # recorded: the next connection checks it
     assert site.fast()["paired"] == 2
+
+
+# 11 --------------------------------------------------------------------------
+
+
+def test_a_refused_service_is_said_in_the_relays_words(site: Site) -> None:
+    """A service alice may not reach, on an SSH channel (``--no-fast-path``): one line
+    with the relay's reason.  It printed Conch's tuple, "(b'nosuch:22 is not granted to
+    user alice', 1)", after a line saying the fast path she turned off was
+    "unavailable"."""
+    out = subprocess.run(
+        [sys.executable, "-m", "relay", "connect", "--no-fast-path",
+         "-p", str(site.relay.port), "-i", str(site.keys.alice.path),
+         "-o", f"UserKnownHostsFile={site.relay.known_hosts}", f"alice@{LOOPBACK}", "nosuch"],
+        capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+        env={**os.environ, **child_env(), "HOME": str(site.tmp), "SSH_AUTH_SOCK": ""})
+    assert out.returncode == 1
+    assert out.stderr.decode() == ("labrelay connect: the relay refused nosuch:22: "
+                                   "nosuch:22 is not granted to user alice\n")
