@@ -446,7 +446,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
 def cmd_ssh_config(ns: argparse.Namespace) -> int:
     from relay.config.loader import load_config
     from relay.server.grants import Grants
-    from relay.user.sshconfig import fast_path_note, relay_host_key_line, render
+    from relay.user.sshconfig import fast_path_note, relay_address, relay_host_key_line, render
 
     config = load_config(ns.config)
     if config.relay is None:
@@ -457,14 +457,13 @@ def cmd_ssh_config(ns: argparse.Namespace) -> int:
     if user is None:
         raise ConfigError(config.source, "relay.user", f"no user named {ns.user!r}",
                           "use a name from [[relay.user]] or the users file")
-    host, _, port = ns.host.rpartition(":") if ":" in ns.host else (ns.host, "", "")
-    relay_port = int(port) if port else config.relay.listen.port
+    host, relay_port = relay_address(ns.host, config.relay.listen.port)
     fast = config.relay.e2e_services if config.relay.data_port is not None else ()
     tls_port = ns.tls
     if tls_port == 0:
         tls = config.relay.tls
         tls_port = tls.listen.port if tls is not None and tls.listen.port else 443
-    print(render(user=user.name, relay_host=host or ns.host, relay_port=relay_port,
+    print(render(user=user.name, relay_host=host, relay_port=relay_port,
                  services=user.services, identity=ns.identity,
                  host_key_line=relay_host_key_line(config.relay.state_dir), fast=fast,
                  tls_port=tls_port, tls_ca_file=ns.tls_ca_file),

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from relay.config.errors import ConfigError
 from relay.config.schema import ALPN_SSH, ServiceGrant
 
 RELAY_ALIAS = "labrelay"
@@ -124,6 +125,30 @@ def render(
         lines += ["", "# You may reach every service on this relay: add a Host entry with",
                   f"# `ProxyJump {RELAY_ALIAS}` for each ssh service you use."]
     return "\n".join(lines) + "\n"
+
+
+def relay_address(text: str, default_port: int) -> tuple[str, int]:
+    """``--host HOST[:PORT]`` as users reach the relay: ``[v6]:PORT`` and a bare IPv6
+    address too (whose last group is not a port); ConfigError saying what is wrong."""
+    host, port = text, ""
+    if text.startswith("["):
+        inside, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            host = ""
+        else:
+            host, port = inside, rest[1:]
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    if not host or (port and (not port.isdigit() or not 1 <= int(port) <= 65535)):
+        raise ConfigError("command line", "--host", f"{text!r} is not HOST or HOST:PORT",
+                          "the relay's public name and its SSH port, e.g. "
+                          "relay.example.org:2222 or [2001:db8::1]:2222")
+    if not port and not default_port:
+        raise ConfigError("command line", "--host", f"{text!r} has no port, and the relay's "
+                          "listen port is chosen when it starts (0)",
+                          "give the port users reach it at: --host "
+                          + (f"[{host}]:PORT" if ":" in host else f"{host}:PORT"))
+    return host, int(port) if port else default_port
 
 
 def tls_proxy_command(relay_host: str, tls_port: int, *, ca_file: str | None = None,

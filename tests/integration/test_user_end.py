@@ -557,3 +557,47 @@ def test_a_refused_service_is_said_in_the_relays_words(site: Site) -> None:
     assert out.returncode == 1
     assert out.stderr.decode() == ("labrelay connect: the relay refused nosuch:22: "
                                    "nosuch:22 is not granted to user alice\n")
+
+
+# 12 --------------------------------------------------------------------------
+
+
+def test_ssh_config_command_on_the_relays_own_config(site: Site) -> None:
+    """``labrelay ssh-config --config RELAY.toml --user alice --host HOST:PORT`` (the
+    quickstart's command; test 5 renders the entries, this runs the command on a
+    running relay's config): the relay entry at that port, its real host key for
+    known_hosts, the fast-path pair for gpu-cluster, a LocalForward for web:8080.  A
+    --host it cannot read is a one-line error, exit 2: "relay.example.org:abc" was a
+    ValueError traceback, and a bare IPv6 address lost its last group as a port."""
+    def ssh_config(host: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "relay", "ssh-config", "--config",
+             str(site.relay.dir / "node.toml"), "--user", "alice", "--host", host,
+             "--identity", "~/.ssh/id_lab"],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            env={**os.environ, **child_env()})
+
+    out = ssh_config("relay.example.org:2222")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "Host labrelay\n    HostName relay.example.org\n    Port 2222\n    User alice\n" \
+           "    IdentityFile ~/.ssh/id_lab\n" in text, text
+    assert f"echo '[relay.example.org]:2222 {site.relay.host_key_blob}' >> " in text, text
+    assert 'Match originalhost gpu-cluster exec "command -v labrelay >/dev/null 2>&1"\n' \
+           "    ProxyCommand labrelay connect labrelay %h:%p\nHost gpu-cluster\n" \
+           "    ProxyJump labrelay\n" in text, text
+    assert "    LocalForward 8080 web:8080\n" in text, text
+    assert "gpu-cluster: the fast path" in out.stderr
+
+    out = ssh_config("2001:db8::7")  # no port: the relay's listen port, here 0 (chosen
+    assert out.returncode == 2, out.stdout  # at start): said, not printed as "Port 0"
+    assert "has no port" in out.stderr and "--host [2001:db8::7]:PORT" in out.stderr, out.stderr
+    out = ssh_config("[2001:db8::7]:2222")
+    assert out.returncode == 0, out.stderr
+    assert "    HostName 2001:db8::7\n    Port 2222\n" in out.stdout, out.stdout
+
+    out = ssh_config("relay.example.org:abc")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == ("labrelay: command line: --host: 'relay.example.org:abc' is not "
+                          "HOST or HOST:PORT (the relay's public name and its SSH port, e.g. "
+                          "relay.example.org:2222 or [2001:db8::1]:2222)\n"), out.stderr
