@@ -453,7 +453,8 @@ def _interrupted(argv: list[str], started: Callable[[subprocess.Popen[bytes]], N
     try:
         started(proc)
         proc.send_signal(signal.SIGINT)
-        _out, err = proc.communicate(timeout=10)
+        proc.wait(timeout=10)  # stdin held open: its EOF would end the session by itself
+        _out, err = proc.communicate()
     finally:
         if proc.poll() is None:
             proc.kill()
