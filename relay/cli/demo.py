@@ -321,6 +321,7 @@ class Demo:
             f"  ssh -F {cfg} gpu-cluster 'echo $LABRELAY_DEMO_HOST'      # alice, by name\n"
             f"  ssh -F {cfg} -J labrelay gpu-cluster                     # the same with -J\n"
             f"  ssh -F {cfg} gpu-cluster-fast   # the fast path: ProxyCommand labrelay connect\n"
+            f"  scp -F {cfg} FILE gpu-cluster-fast:/tmp/   # a copy (SFTP), either entry\n"
             if with_sshd else
             "  (install openssh-server and openssh-client to also try ssh -J gpu-cluster)\n"
         )

@@ -317,6 +317,7 @@ def test_the_demo_as_a_user_tries_it_from_another_terminal(
     workdir = Path(up[0]["text"].split("(files in ")[1].rstrip("):"))
     cfg = workdir / "ssh_config"
     assert "gpu-cluster-fast" in cfg.read_text()
+    assert demo.events("_raw", text=lambda t: t.strip().startswith(f"scp -F {cfg} FILE "))
 
     def ssh(*args: str) -> subprocess.CompletedProcess[bytes]:
         program = find_program(args[0]) or args[0]
