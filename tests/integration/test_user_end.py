@@ -603,3 +603,57 @@ def test_ssh_config_command_on_the_relays_own_config(site: Site) -> None:
     assert out.stderr == ("labrelay: command line: --host: 'relay.example.org:abc' is not "
                           "HOST or HOST:PORT (the relay's public name and its SSH port, e.g. "
                           "relay.example.org:2222 or [2001:db8::1]:2222)\n"), out.stderr
+
+
+# 13 --------------------------------------------------------------------------
+
+
+def test_a_second_relay_gets_its_own_alias_beside_an_existing_host_labrelay(
+        site: Site) -> None:
+    """A user whose ``~/.ssh/config`` already has ``Host labrelay`` (another lab's
+    relay) appends this relay's entries.  ssh takes each option from the first entry
+    that sets it, so a second ``Host labrelay`` would silently send this relay's
+    services to the other one: ``labrelay ssh-config --alias lab2`` names the entry
+    ``lab2``, its services jump through it, and ssh reaches the target (stock ssh, no
+    labrelay on PATH); the entries say the first one wins.  A pattern is refused."""
+    def ssh_config(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "relay", "ssh-config", "--config",
+             str(site.relay.dir / "node.toml"), "--user", "alice",
+             "--host", f"{LOOPBACK}:{site.relay.port}",
+             "--identity", str(site.keys.alice.path), *extra],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            env={**os.environ, **child_env()})
+
+    out = ssh_config("--alias", "lab2")
+    assert out.returncode == 0, out.stderr
+    assert "Host lab2\n" in out.stdout and "    ProxyJump lab2\n" in out.stdout
+    assert "    ProxyCommand labrelay connect lab2 %h:%p\n" in out.stdout
+    assert "Host labrelay" not in out.stdout
+    assert "FIRST entry that sets it" in out.stdout
+    assert "ProxyJump lab2" in out.stderr  # the fast-path note names it too
+
+    cfg = site.tmp / "ssh_config"
+    cfg.write_text(f"""\
+Host labrelay
+  HostName 192.0.2.1
+  Port 2222
+
+{out.stdout}
+Host gpu-cluster
+  User root
+  IdentityFile {site.client_key.path}
+""" + ssh_defaults(site.relay.known_hosts))
+    ssh_dir = str(Path(find_program("ssh") or "/usr/bin/ssh").parent)
+    plain = {"PATH": os.pathsep.join(dict.fromkeys((ssh_dir, "/usr/bin", "/bin")))}
+    resolved = _ssh(cfg, "-G", "gpu-cluster", env=plain).stdout.decode()
+    assert "proxyjump lab2" in resolved, resolved
+    shadowed = site.tmp / "ssh_config.shadowed"  # the default alias: the old entry wins
+    shadowed.write_text(cfg.read_text().replace(out.stdout, ssh_config().stdout))
+    resolved = _ssh(shadowed, "-G", "labrelay", env=plain).stdout.decode()
+    assert "hostname 192.0.2.1" in resolved and "port 2222" in resolved
+    _reached(_ssh(cfg, "gpu-cluster", "echo $LABRELAY_TEST_HOST", env=plain))
+
+    out = ssh_config("--alias", "lab*")
+    assert out.returncode == 2 and out.stdout == ""
+    assert "--alias: 'lab*' is not a plain host alias" in out.stderr, out.stderr
