@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -127,12 +128,15 @@ class _CollectProtocol(protocol.ProcessProtocol):
 
 
 def _labrelay_command() -> str:
-    """How to run labrelay again from another terminal (it may live in a venv)."""
+    """How to run labrelay again from another terminal (it may live in a venv): an
+    absolute path, because the ProxyCommand it goes into runs in the user's ssh's
+    working directory, not the demo's (``.venv/bin/labrelay demo`` gave a relative
+    ``argv[0]``), and quoted for the shell that runs it."""
     argv0 = sys.argv[0]
     if os.path.basename(argv0) == "labrelay":
         on_path = shutil.which("labrelay") == os.path.abspath(argv0)
-        return "labrelay" if on_path else argv0
-    return f"{sys.executable} -m relay"
+        return "labrelay" if on_path else shlex.quote(os.path.abspath(argv0))
+    return f"{shlex.quote(sys.executable)} -m relay"
 
 
 class Demo:
@@ -149,6 +153,7 @@ class Demo:
         self.node: Any = None
         self.web_port: Any = None
         self.keys: dict[str, str] = {}
+        self.up = False
 
     def _write_files(self, with_sshd: bool) -> None:
         d = self.dir
@@ -170,6 +175,8 @@ class Demo:
                 "StrictModes no\nUsePAM no\nPasswordAuthentication no\n"
                 "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
                 "AllowTcpForwarding no\nX11Forwarding no\n"
+                # scp of OpenSSH >= 9.0 speaks SFTP: without it "subsystem request failed"
+                "Subsystem sftp internal-sftp\n"
                 "SetEnv LABRELAY_DEMO_HOST=gpu_cluster\nLogLevel INFO\n"
             )
         (d / "known_hosts").write_text("\n".join(known) + "\n")
@@ -270,6 +277,7 @@ class Demo:
         self.print_tries(bob_port, with_sshd, once)
         if once:
             return 0
+        self.up = True  # from now on, Ctrl-C is how it is meant to stop: exit 0
         await defer.Deferred()  # until Ctrl-C stops the reactor
         return 0
 
@@ -313,6 +321,7 @@ class Demo:
             f"  ssh -F {cfg} gpu-cluster 'echo $LABRELAY_DEMO_HOST'      # alice, by name\n"
             f"  ssh -F {cfg} -J labrelay gpu-cluster                     # the same with -J\n"
             f"  ssh -F {cfg} gpu-cluster-fast   # the fast path: ProxyCommand labrelay connect\n"
+            f"  scp -F {cfg} FILE gpu-cluster-fast:/tmp/   # a copy (SFTP), either entry\n"
             if with_sshd else
             "  (install openssh-server and openssh-client to also try ssh -J gpu-cluster)\n"
         )
@@ -370,6 +379,8 @@ def run_demo(once: bool, log_format: str, verbose: bool) -> int:
                     reactor.stop()  # type: ignore[attr-defined]
 
         def before_shutdown() -> defer.Deferred[None]:
+            if demo.up:  # stopped as the banner says (Ctrl-C), not by a failure
+                result["code"] = 0
             return defer.ensureDeferred(demo.stop())
 
         reactor.callWhenRunning(lambda: defer.ensureDeferred(main()))  # type: ignore[attr-defined]

@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the relay's public name and port as users reach it")
     sshcfg.add_argument("--identity", default="~/.ssh/id_ed25519",
                         help="the user's private key path on their machine")
+    sshcfg.add_argument("--alias", default="labrelay", metavar="NAME",
+                        help="the Host name of the relay's entry (default labrelay); give "
+                        "each relay its own: ssh uses the first Host entry of a name")
     sshcfg.add_argument("--tls", nargs="?", const=0, type=int, default=None, metavar="PORT",
                         help="reach the relay through its TLS port (PORT, default the "
                         "relay's tls_listen port) with `openssl s_client` as ProxyCommand, "
@@ -446,7 +449,13 @@ def cmd_status(ns: argparse.Namespace) -> int:
 def cmd_ssh_config(ns: argparse.Namespace) -> int:
     from relay.config.loader import load_config
     from relay.server.grants import Grants
-    from relay.user.sshconfig import fast_path_note, relay_host_key_line, render
+    from relay.user.sshconfig import (
+        check_alias,
+        fast_path_note,
+        relay_address,
+        relay_host_key_line,
+        render,
+    )
 
     config = load_config(ns.config)
     if config.relay is None:
@@ -457,19 +466,19 @@ def cmd_ssh_config(ns: argparse.Namespace) -> int:
     if user is None:
         raise ConfigError(config.source, "relay.user", f"no user named {ns.user!r}",
                           "use a name from [[relay.user]] or the users file")
-    host, _, port = ns.host.rpartition(":") if ":" in ns.host else (ns.host, "", "")
-    relay_port = int(port) if port else config.relay.listen.port
+    host, relay_port = relay_address(ns.host, config.relay.listen.port)
+    alias = check_alias(ns.alias)
     fast = config.relay.e2e_services if config.relay.data_port is not None else ()
     tls_port = ns.tls
     if tls_port == 0:
         tls = config.relay.tls
         tls_port = tls.listen.port if tls is not None and tls.listen.port else 443
-    print(render(user=user.name, relay_host=host or ns.host, relay_port=relay_port,
+    print(render(user=user.name, relay_host=host, relay_port=relay_port,
                  services=user.services, identity=ns.identity,
                  host_key_line=relay_host_key_line(config.relay.state_dir), fast=fast,
-                 tls_port=tls_port, tls_ca_file=ns.tls_ca_file),
+                 tls_port=tls_port, tls_ca_file=ns.tls_ca_file, alias=alias),
           end="")
-    note = fast_path_note(user.services, fast) if tls_port is None else None
+    note = fast_path_note(user.services, fast, alias) if tls_port is None else None
     if note is not None:
         print(f"labrelay ssh-config: {note}", file=sys.stderr)
     return 0

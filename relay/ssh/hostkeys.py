@@ -217,7 +217,8 @@ class HostKeyVerifier:
                 "or the server's host key was replaced",
                 "if the change is expected, confirm the new fingerprint out of band, remove "
                 f"the old entry with: {remove}  then add the new key (or let "
-                'strict_host_key_checking = "accept-new" record it)',
+                'strict_host_key_checking = "accept-new", or -o StrictHostKeyChecking=accept-new '
+                "on the command line, record it)",
             )
         if self.policy.accept_new:
             self._append(offered)
@@ -240,9 +241,10 @@ class HostKeyVerifier:
             f"the host is UNKNOWN: the server offered {offered} and {where}",
             "check the fingerprint out of band (on the server: ssh-keygen -lf "
             f"/etc/ssh/ssh_host_*_key.pub), then add this line to {path}: {line}  "
-            f'-- or pin host_key = "{offered.fingerprint}" (--host-key), or set '
-            'strict_host_key_checking = "accept-new" (-o StrictHostKeyChecking=accept-new) '
-            "to record the key on first connection",
+            f"-- or pin it: --host-key {offered.fingerprint} on the command line "
+            f'(pin host_key = "{offered.fingerprint}" in a config file), or record it on '
+            "first connection: -o StrictHostKeyChecking=accept-new "
+            '(strict_host_key_checking = "accept-new")',
         )
 
     def _read(self) -> tuple[list[_Entry], list[int]]:

@@ -38,6 +38,7 @@ from typing import Any, TextIO
 
 from twisted.conch.error import ConchError
 from twisted.internet import defer, stdio
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
@@ -122,10 +123,14 @@ def options_from_args(ns: argparse.Namespace, resolved: Resolved | None = None,
         # accept-new (a changed key is still refused).
         destination, port, login, identity = (
             resolved.hostname, str(resolved.port), resolved.user or None, [])
-        options = [f"StrictHostKeyChecking="
-                   f"{_STRICT.get(resolved.strict_host_key_checking.lower(), 'yes')}"]
-        if resolved.known_hosts:
-            options.append(f"UserKnownHostsFile={resolved.known_hosts[0]}")
+        options = []
+        # --host-key pins the key *instead of* known_hosts (ssh -G always names a
+        # known_hosts file and a checking mode, which the pin refuses to be combined with).
+        if ns.host_key is None:
+            options.append(f"StrictHostKeyChecking="
+                           f"{_STRICT.get(resolved.strict_host_key_checking.lower(), 'yes')}")
+            if resolved.known_hosts:
+                options.append(f"UserKnownHostsFile={resolved.known_hosts[0]}")
         if resolved.connect_timeout is not None:
             options.append(f"ConnectTimeout={resolved.connect_timeout:g}")
         options += [o for o in ns.options if is_transport_option(o)]  # not ssh's
@@ -228,10 +233,30 @@ class Connector:
         self.path = ""
         self.conn: Any = None
         self.agent: Any = None
+        self.interrupted = False
 
     def say(self, text: str) -> None:
+        if self.interrupted:
+            return  # what the stop broke is not news (see interrupt)
         self.stderr.write(f"labrelay connect: {text}\n")
         self.stderr.flush()
+
+    def interrupt(self) -> None:
+        """The reactor is stopping before the run ended: a signal (Ctrl-C, SIGTERM).
+        Say so, and nothing after: the connections the stop closes would otherwise
+        be reported as the relay's failure ("cannot reach the relay: Connection
+        lost", "ended abnormally ... (the relay side)")."""
+        if self.interrupted:
+            return
+        cfg = self.options.link
+        if self.conn is None and not self.path:
+            where = f" while reaching the relay {cfg.host}:{cfg.port}"
+        elif not self.path:
+            where = f" while setting up {self.label}"
+        else:
+            where = f"; the session to {self.label} is closed"
+        self.say(f"interrupted{where}")
+        self.interrupted = True
 
     @property
     def label(self) -> str:
@@ -303,8 +328,9 @@ class Connector:
                         return await self._fast(data_port, token)
                     except DataPortUnreachable as e:
                         why = str(e)
-        self.say(f"fast path unavailable for {self.label} ({why}); using an SSH channel "
-                 "through the relay")
+        if self.options.fast_path or self.verbose:  # --no-fast-path: as asked, no news
+            self.say(f"fast path unavailable for {self.label} ({why}); using an SSH channel "
+                     "through the relay")
         return await self._channel()
 
     async def _fast(self, data_port: int, token: bytes) -> int:
@@ -361,7 +387,7 @@ class Connector:
             channel = await self.conn.openDirect(self.options.service, self.options.port,
                                                  "labrelay-connect", 0)
         except Exception as e:
-            self.say(f"the relay refused {self.label}: {e}")
+            self.say(f"the relay refused {self.label}: {_open_failure(e)}")
             return EXIT_FAILED
         done: defer.Deferred[None] = defer.Deferred()
         side = TCPSide()
@@ -375,6 +401,15 @@ class Connector:
         Bridge(side, channel, onClosed=closed)
         await done
         return 0
+
+
+def _open_failure(e: Exception) -> str:
+    """The relay's words for a refused channel.  Conch fails the open with
+    ``ConchError(description, code)``, whose ``str()`` is the tuple's repr: "(b'no
+    service nosuch:22 on this relay', 2)"."""
+    if isinstance(e, ConchError) and isinstance(e.value, bytes):
+        return e.value.decode("utf-8", "replace") or f"reason code {e.data}"
+    return str(e)
 
 
 def run(argv_ns: argparse.Namespace) -> int:
@@ -408,19 +443,32 @@ def run(argv_ns: argparse.Namespace) -> int:
     options = ConnectOptions(options.link, options.service, options.port, options.fast_path,
                              keys=source)
     result = [EXIT_FAILED]
+    ended = [False]
     connector = Connector(options, reactor, [], verbose=argv_ns.verbose)
 
     def finished(code: int | Failure) -> None:
+        ended[0] = True
         if isinstance(code, Failure):
             connector.say(f"internal error: {code.getErrorMessage()}")
             code = EXIT_FAILED
-        result[0] = code
-        reactor.callLater(0, reactor.stop)  # type: ignore[attr-defined]
+        result[0] = code if not connector.interrupted else EXIT_FAILED
+        reactor.callLater(0, stop)  # type: ignore[attr-defined]
+
+    def stop() -> None:
+        try:
+            reactor.stop()  # type: ignore[attr-defined]
+        except ReactorNotRunning:  # a signal stopped it first: the run ended meanwhile
+            pass
+
+    def stopping() -> None:
+        if not ended[0]:
+            connector.interrupt()
 
     def start() -> None:
         defer.Deferred.fromCoroutine(connector.run()).addBoth(finished)
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", stopping)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return result[0]
 

@@ -250,9 +250,18 @@ def order(agent: Sequence[AgentKey], files: Sequence[tuple[Path, keys.Key | Lock
 
 
 def no_identity_message(files: Sequence[Path], agent: str | None) -> str:
+    """Why there is no key.  A file that exists but was skipped (too open, not a key,
+    not unlocked: :func:`load_files` said why just before) is named as such: "none
+    of KEY exists" sent a user whose key was merely 0644 looking for a missing file."""
     where = f"ssh-agent ({agent}) holds no key and " if agent else "no ssh-agent (SSH_AUTH_SOCK " \
         "is not set) and "
-    names = ", ".join(str(p) for p in files) or ", ".join(DEFAULT_FILES)
+    paths = list(dict.fromkeys(p.expanduser() for p in files))  # -i FILE is there twice
+    unusable = [p for p in paths if p.exists()]
+    if unusable:
+        names = ", ".join(str(p) for p in unusable)
+        return (f"no key to offer: {where}{names} could not be used (see above); fix "
+                "that, add a key to your agent with `ssh-add`, or give -i KEYFILE")
+    names = ", ".join(str(p) for p in paths) or ", ".join(DEFAULT_FILES)
     return (f"no key to offer: {where}none of {names} exists; create one with "
             "`ssh-keygen -t ed25519`, add it to your agent with `ssh-add`, or give -i KEYFILE")
 

@@ -17,9 +17,11 @@ alias's ``HostName``, ``Port``, ``User``, ``IdentityFile`` with ``ssh -G``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from relay.config.errors import ConfigError
 from relay.config.schema import ALPN_SSH, ServiceGrant
 
 RELAY_ALIAS = "labrelay"
@@ -39,6 +41,7 @@ def render(
     tls_port: int | None = None,
     tls_ca_file: str | None = None,
     tls_connect: str | None = None,
+    alias: str = RELAY_ALIAS,
 ) -> str:
     """The snippet, as text.  ``host_key_line`` is ``"ssh-ed25519 AAAA..."``.
 
@@ -51,13 +54,20 @@ def render(
     With ``tls_port`` the relay is reached through its TLS port by ``openssl s_client``
     (:func:`tls_proxy_command`; ``tls_connect`` is the address it dials when that is
     not ``relay_host``), and every service through the relay entry: for networks that
-    block SSH, with stock tools only."""
+    block SSH, with stock tools only.
+
+    ``alias`` names the relay's entry (``labrelay`` by default): a second relay needs
+    its own, since ssh reads the first ``Host`` entry of a name and ignores later
+    ones, so a second ``Host labrelay`` appended would silently send that relay's
+    services through the first."""
     fast = tuple(fast)
     port_part = "" if relay_port == 22 else f"[{relay_host}]:{relay_port}"
     kh_name = port_part or relay_host
     lines = [
         f"# labrelay: services on {relay_host}:{relay_port} for {user}",
         "# Append to ~/.ssh/config; then e.g. `ssh gpu-cluster` or `scp file gpu-cluster:`.",
+        "# ssh takes each option from the FIRST entry that sets it: remove (or rename) any",
+        "# earlier Host entry of these names, or it wins over these silently.",
     ]
     if host_key_line:
         lines += [
@@ -66,7 +76,7 @@ def render(
         ]
     lines += [
         "",
-        f"Host {RELAY_ALIAS}",
+        f"Host {alias}",
         f"    HostName {relay_host}",
         f"    Port {relay_port}",
         f"    User {user}",
@@ -91,26 +101,26 @@ def render(
                 "",
                 f"# {grant.name}: the fast path where labrelay is installed (spliced at the "
                 "relay, encrypted once: docs/fastpath.md),",
-                f"# else ProxyJump {RELAY_ALIAS} (stock ssh).  ssh keeps the first of the two "
+                f"# else ProxyJump {alias} (stock ssh).  ssh keeps the first of the two "
                 "it reads.",
                 f'Match originalhost {grant.name} exec "command -v labrelay >/dev/null 2>&1"',
-                f"    ProxyCommand labrelay connect {dash_f}{RELAY_ALIAS} %h:%p",
+                f"    ProxyCommand labrelay connect {dash_f}{alias} %h:%p",
                 f"Host {grant.name}",
-                f"    ProxyJump {RELAY_ALIAS}",
+                f"    ProxyJump {alias}",
                 "    # User <your account on that host>",
             ]
         elif grant.port == 22:
             lines += [
                 "",
                 f"Host {grant.name}",
-                f"    ProxyJump {RELAY_ALIAS}",
+                f"    ProxyJump {alias}",
                 "    # User <your account on that host>",
             ]
         else:
             tunnels.append(grant)
     if tunnels:
-        lines += ["", f"# Other services: `ssh -N {RELAY_ALIAS}-tunnels` keeps these open",
-                  f"Host {RELAY_ALIAS}-tunnels",
+        lines += ["", f"# Other services: `ssh -N {alias}-tunnels` keeps these open",
+                  f"Host {alias}-tunnels",
                   f"    HostName {relay_host}", f"    Port {relay_port}", f"    User {user}",
                   f"    IdentityFile {identity}", "    IdentitiesOnly yes",
                   "    SessionType none"]
@@ -122,8 +132,40 @@ def render(
                 lines.append(f"    LocalForward {grant.port} {grant.name}:{grant.port}")
     if wildcard:
         lines += ["", "# You may reach every service on this relay: add a Host entry with",
-                  f"# `ProxyJump {RELAY_ALIAS}` for each ssh service you use."]
+                  f"# `ProxyJump {alias}` for each ssh service you use."]
     return "\n".join(lines) + "\n"
+
+
+def check_alias(alias: str) -> str:
+    """An ``--alias`` usable as one ``Host`` name (no pattern, no space); ConfigError."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", alias):
+        raise ConfigError("command line", "--alias", f"{alias!r} is not a plain host alias",
+                          "letters, digits, '.', '_' and '-', e.g. labrelay-lab2")
+    return alias
+
+
+def relay_address(text: str, default_port: int) -> tuple[str, int]:
+    """``--host HOST[:PORT]`` as users reach the relay: ``[v6]:PORT`` and a bare IPv6
+    address too (whose last group is not a port); ConfigError saying what is wrong."""
+    host, port = text, ""
+    if text.startswith("["):
+        inside, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            host = ""
+        else:
+            host, port = inside, rest[1:]
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    if not host or (port and (not port.isdigit() or not 1 <= int(port) <= 65535)):
+        raise ConfigError("command line", "--host", f"{text!r} is not HOST or HOST:PORT",
+                          "the relay's public name and its SSH port, e.g. "
+                          "relay.example.org:2222 or [2001:db8::1]:2222")
+    if not port and not default_port:
+        raise ConfigError("command line", "--host", f"{text!r} has no port, and the relay's "
+                          "listen port is chosen when it starts (0)",
+                          "give the port users reach it at: --host "
+                          + (f"[{host}]:PORT" if ":" in host else f"{host}:PORT"))
+    return host, int(port) if port else default_port
 
 
 def tls_proxy_command(relay_host: str, tls_port: int, *, ca_file: str | None = None,
@@ -138,7 +180,8 @@ def tls_proxy_command(relay_host: str, tls_port: int, *, ca_file: str | None = N
             f"-servername {relay_host} -alpn {ALPN_SSH}{ca} -connect {target}:{tls_port}")
 
 
-def fast_path_note(services: Iterable[ServiceGrant], fast: Iterable[ServiceGrant]) -> str | None:
+def fast_path_note(services: Iterable[ServiceGrant], fast: Iterable[ServiceGrant],
+                   alias: str = RELAY_ALIAS) -> str | None:
     """What ``labrelay ssh-config`` says on stderr about the entries it wrote."""
     fast = tuple(fast)
     names = [g.name for g in services
@@ -146,7 +189,7 @@ def fast_path_note(services: Iterable[ServiceGrant], fast: Iterable[ServiceGrant
     if not names:
         return None
     return (f"{', '.join(names)}: the fast path (ProxyCommand labrelay connect) where "
-            f"labrelay is installed, else ProxyJump {RELAY_ALIAS}; both entries are written")
+            f"labrelay is installed, else ProxyJump {alias}; both entries are written")
 
 
 def relay_host_key_line(state_dir: Path) -> str | None:

@@ -13,15 +13,25 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import test_fastpath
-from conftest import child_env
-from harness import LOOPBACK, DataStream, KeyPair, MiB, find_program, sha256_hex
+from conftest import REPO_ROOT, child_env
+from harness import (
+    LOOPBACK,
+    AgentProcess,
+    DataStream,
+    KeyPair,
+    MiB,
+    find_program,
+    sha256_hex,
+)
 from relay_fixtures import ssh_defaults, wait_until
 from test_fastpath import Site, _run
 
@@ -283,3 +293,367 @@ Host *
     assert site.fast()["paired"] == 1  # the second went through an SSH channel (ssh -J)
     wait_until(lambda: site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
           ["sessions_total"] == 2, "the relay to count the -J session")
+
+
+# 6 ---------------------------------------------------------------------------
+
+
+def test_the_demo_as_a_user_tries_it_from_another_terminal(
+        start_process: Callable[..., AgentProcess], tmp_path: Path) -> None:
+    """``.venv/bin/labrelay demo`` (scripts/dev's own words), then what it prints to try,
+    run from another directory as a new terminal would: the fast-path entry (its
+    ProxyCommand names labrelay by an absolute path: it was ``.venv/bin/labrelay``,
+    relative to the checkout) and ``scp`` (SFTP since OpenSSH 9: the demo's sshd had
+    no sftp subsystem, "subsystem request failed"), both ways; then Ctrl-C stops
+    it, exit 0, its files gone."""
+    script = Path(sys.executable).parent / "labrelay"
+    if script.exists():  # as scripts/dev's help says: relative to the checkout
+        argv = [os.path.relpath(script, REPO_ROOT), "demo"]
+    else:
+        argv = [sys.executable, "-m", "relay", "demo"]
+    demo = start_process([*argv, "--log-format", "json"], name="demo")
+    demo.wait_for("_raw", timeout=60, text=lambda t: t.startswith("Press Ctrl-C"))
+    up = demo.events("_raw", text=lambda t: t.startswith("labrelay demo is up"))
+    workdir = Path(up[0]["text"].split("(files in ")[1].rstrip("):"))
+    cfg = workdir / "ssh_config"
+    assert "gpu-cluster-fast" in cfg.read_text()
+    assert demo.events("_raw", text=lambda t: t.strip().startswith(f"scp -F {cfg} FILE "))
+
+    def ssh(*args: str) -> subprocess.CompletedProcess[bytes]:
+        program = find_program(args[0]) or args[0]
+        return subprocess.run([program, *args[1:]], capture_output=True, timeout=120,
+                              cwd=tmp_path, stdin=subprocess.DEVNULL, start_new_session=True,
+                              env={**os.environ, **child_env()})
+
+    out = ssh("ssh", "-F", str(cfg), "gpu-cluster-fast", "echo $LABRELAY_DEMO_HOST")
+    assert out.returncode == 0 and out.stdout.decode().strip() == "gpu_cluster", \
+        out.stderr.decode()
+    stream = DataStream(13, 4 * MiB)
+    src = tmp_path / "data.bin"
+    src.write_bytes(b"".join(stream.chunks()))
+    for host in ("gpu-cluster", "gpu-cluster-fast"):
+        there, back = tmp_path / f"there-{host}.bin", tmp_path / f"back-{host}.bin"
+        out = ssh("scp", "-q", "-F", str(cfg), str(src), f"{host}:{there}")
+        assert out.returncode == 0, (host, out.stderr.decode())
+        out = ssh("scp", "-q", "-F", str(cfg), f"{host}:{there}", str(back))
+        assert out.returncode == 0, (host, out.stderr.decode())
+        assert sha256_hex(back.read_bytes()) == stream.sha256, host
+
+    os.kill(demo.pid, signal.SIGINT)  # Ctrl-C
+    assert demo.wait_exit(timeout=30) == 0, demo.diagnostics()
+    assert not workdir.exists()
+
+
+# 7 ---------------------------------------------------------------------------
+
+
+def _connect_fails(tmp_path: Path, *args: str) -> str:
+    """``labrelay connect ARGS`` as a laptop runs it (HOME here, no ssh-agent), which
+    must fail at once: its exit status 1 and stderr."""
+    out = subprocess.run([sys.executable, "-m", "relay", "connect", *args],
+                         capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+                         env={**os.environ, **child_env(), "HOME": str(tmp_path),
+                              "SSH_AUTH_SOCK": ""})
+    assert out.returncode == 1, out
+    assert out.stdout == b""
+    return out.stderr.decode()
+
+
+def test_a_key_file_too_open_is_named_as_such_not_as_missing(tmp_path: Path) -> None:
+    """``-i KEY`` with mode 0644: ssh's "too open" with the chmod to run, and the final
+    word names KEY as unusable; it said "none of KEY, KEY exists", which sent a user
+    looking for a file that is there."""
+    key = tmp_path / "id_lab"
+    subprocess.run([find_program("ssh-keygen") or "ssh-keygen", "-q", "-t", "ed25519",
+                    "-N", "", "-f", str(key)], check=True, capture_output=True,
+                   stdin=subprocess.DEVNULL)
+    key.chmod(0o644)
+    said = _connect_fails(tmp_path, "-i", str(key), "-p", "1", f"alice@{LOOPBACK}",
+                          "gpu-cluster")
+    assert f"chmod 600 {key}" in said, said
+    assert "exists" not in said, said
+    assert said.splitlines()[-1] == (
+        f"labrelay connect: no key to offer: no ssh-agent (SSH_AUTH_SOCK is not set) and "
+        f"{key} could not be used (see above); fix that, add a key to your agent with "
+        "`ssh-add`, or give -i KEYFILE"), said
+
+    key.unlink()  # a key that is really missing is still said so
+    said = _connect_fails(tmp_path, "-i", str(key), "-p", "1", f"alice@{LOOPBACK}",
+                          "gpu-cluster")
+    assert f"identity file {key} not accessible: no such file" in said, said
+    assert said.splitlines()[-1].startswith("labrelay connect: no key to offer: "), said
+    assert "none of " in said and "could not be used" not in said, said
+
+
+# 8 ---------------------------------------------------------------------------
+
+
+def test_ctrl_c_at_the_passphrase_prompt_ends_it_and_gives_the_terminal_back(
+        tmp_path: Path) -> None:
+    """Ctrl-C at ``Enter passphrase for key``: the process dies of SIGINT at once, with
+    the terminal's echo back on.  It went on reading the terminal (the reactor's
+    handler only schedules a stop): in a shell, ssh died of the same Ctrl-C, the prompt
+    came back, and the next line typed for the shell was read here, unseen, as a
+    passphrase.  A real pseudo-terminal; the key is an old PEM one with no ``.pub``,
+    which ssh and labrelay ask for before connecting."""
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    key = tmp_path / "id_pem"
+    subprocess.run([find_program("ssh-keygen") or "ssh-keygen", "-q", "-t", "ecdsa", "-m",
+                    "PEM", "-N", PASSPHRASE, "-f", str(key)], check=True, capture_output=True,
+                   stdin=subprocess.DEVNULL)
+    Path(f"{key}.pub").unlink()
+    master, slave = pty.openpty()
+
+    def controlling_tty() -> None:  # the pty is the child's terminal, as a shell's is
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "connect", "-i", str(key), "-p", "1",
+         f"alice@{LOOPBACK}", "gpu-cluster"],
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        preexec_fn=controlling_tty,
+        env={**os.environ, **child_env(), "HOME": str(tmp_path), "SSH_AUTH_SOCK": "",
+             "SSH_ASKPASS": ""})
+    os.close(slave)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"Enter passphrase" not in seen:
+            assert time.monotonic() < deadline and proc.poll() is None, seen
+            if select.select([master], [], [], 0.2)[0]:
+                seen += os.read(master, 4096)
+        while termios.tcgetattr(master)[3] & termios.ECHO:  # it turns echo off after
+            assert time.monotonic() < deadline and proc.poll() is None  # the prompt
+            time.sleep(0.01)
+        os.write(master, b"\x03")  # Ctrl-C: the terminal sends SIGINT
+        assert proc.wait(timeout=10) == -signal.SIGINT
+        assert termios.tcgetattr(master)[3] & termios.ECHO, "echo left off"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
+# 9 ---------------------------------------------------------------------------
+
+
+def _interrupted(argv: list[str], started: Callable[[subprocess.Popen[bytes]], None],
+                 home: Path) -> str:
+    """Run ``labrelay connect ARGV``, SIGINT it (Ctrl-C) once ``started`` returned: it
+    exits 1 within 10 s; its stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "relay", "connect", *argv],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, **child_env(), "HOME": str(home),
+                                 "SSH_AUTH_SOCK": ""})
+    try:
+        started(proc)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)  # stdin held open: its EOF would end the session by itself
+        _out, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err.decode()
+    return err.decode()
+
+
+def test_ctrl_c_is_said_as_such_not_as_the_relays_failure(site: Site) -> None:
+    """Ctrl-C while the relay does not answer yet, and during a fast-path session: one
+    line, "interrupted", and nothing the stop broke.  It said "cannot reach the relay
+    ...: Connection to the other side was lost" and "session ... ended abnormally:
+    Operation canceled (the relay side)", sending the user after a relay that was fine."""
+    import socket
+
+    held: list[socket.socket] = []
+    with socket.socket() as silent:  # a relay that accepts and says nothing (yet)
+        silent.bind((LOOPBACK, 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+
+        def accepted(proc: subprocess.Popen[bytes]) -> None:
+            silent.settimeout(30)
+            held.append(silent.accept()[0])  # held open: no close to race the signal
+        try:
+            err = _interrupted(["-i", str(site.keys.alice.path), "-p", str(port),
+                                f"alice@{LOOPBACK}", "gpu-cluster"], accepted, site.tmp)
+        finally:
+            for conn in held:
+                conn.close()
+    assert err == f"labrelay connect: interrupted while reaching the relay {LOOPBACK}:{port}\n"
+
+    def banner(proc: subprocess.Popen[bytes]) -> None:  # the target's sshd speaks: joined
+        assert proc.stdout is not None
+        assert proc.stdout.read(8) == b"SSH-2.0-"
+    err = _interrupted(["-i", str(site.keys.alice.path), "-p", str(site.relay.port),
+                        "-o", f"UserKnownHostsFile={site.relay.known_hosts}",
+                        f"alice@{LOOPBACK}", "gpu-cluster"], banner, site.tmp)
+    assert err == "labrelay connect: interrupted; the session to gpu-cluster:22 is closed\n"
+    assert site.fast()["paired"] == 1
+
+
+# 10 --------------------------------------------------------------------------
+
+
+def test_an_unknown_relay_key_says_how_connect_takes_it_and_both_ways_work(
+        site: Site) -> None:
+    """A relay whose key is not in known_hosts: the error names what ``labrelay
+    connect`` takes (``--host-key SHA256:...``, ``-o StrictHostKeyChecking=accept-new``;
+    it named only the config file's settings), and each
+    works: ``--host-key`` was refused whenever ssh is installed ("cannot be combined with
+    -o UserKnownHostsFile": ssh -G always names one); a wrong pin is refused."""
+    fingerprint = site.relay.fingerprints.split(",")[0].strip()
+    nowhere = site.tmp / "no_known_hosts"
+    err = site.tmp / "connect.err"
+    base = ["-p", str(site.relay.port), "-i", str(site.keys.alice.path),
+            f"alice@{LOOPBACK}", "%h:%p"]
+
+    proxy = _connect("-o", f"UserKnownHostsFile={nowhere}", *base, err=err)
+    assert _ssh(_config(site, proxy), "gpu-cluster", "true").returncode != 0
+    said = err.read_text()
+    assert "the host is UNKNOWN" in said, said
+    assert f"--host-key {fingerprint}" in said and "-o StrictHostKeyChecking=accept-new" in said
+    assert not nowhere.exists()
+
+    err.write_text("")
+    proxy = _connect("--host-key", fingerprint, *base, err=err)
+    _reached(_ssh(_config(site, proxy), "gpu-cluster", "echo $LABRELAY_TEST_HOST"))
+    assert err.read_text() == ""
+    assert not nowhere.exists()
+
+    wrong = "SHA256:" + "A" * 43
+    proxy = _connect("--host-key", wrong, *base, err=err)
+    assert _ssh(_config(site, proxy), "gpu-cluster", "true").returncode != 0
+    said = err.read_text()
+    assert f"the configuration pins {wrong}" in said and "--host-key" in said, said
+
+    err.write_text("")
+    proxy = _connect("-o", f"UserKnownHostsFile={nowhere}",
+                     "-o", "StrictHostKeyChecking=accept-new", *base, err=err)
+    _reached(_ssh(_config(site, proxy), "gpu-cluster", "echo $LABRELAY_TEST_HOST"))
+    assert err.read_text() == ""
+    assert nowhere.exists()  # recorded: the next connection checks it
+    assert site.fast()["paired"] == 2
+
+
+# 11 --------------------------------------------------------------------------
+
+
+def test_a_refused_service_is_said_in_the_relays_words(site: Site) -> None:
+    """A service alice may not reach, on an SSH channel (``--no-fast-path``): one line
+    with the relay's reason.  It printed Conch's tuple, "(b'nosuch:22 is not granted to
+    user alice', 1)", after a line saying the fast path she turned off was
+    "unavailable"."""
+    out = subprocess.run(
+        [sys.executable, "-m", "relay", "connect", "--no-fast-path",
+         "-p", str(site.relay.port), "-i", str(site.keys.alice.path),
+         "-o", f"UserKnownHostsFile={site.relay.known_hosts}", f"alice@{LOOPBACK}", "nosuch"],
+        capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+        env={**os.environ, **child_env(), "HOME": str(site.tmp), "SSH_AUTH_SOCK": ""})
+    assert out.returncode == 1
+    assert out.stderr.decode() == ("labrelay connect: the relay refused nosuch:22: "
+                                   "nosuch:22 is not granted to user alice\n")
+
+
+# 12 --------------------------------------------------------------------------
+
+
+def test_ssh_config_command_on_the_relays_own_config(site: Site) -> None:
+    """``labrelay ssh-config --config RELAY.toml --user alice --host HOST:PORT`` (the
+    quickstart's command; test 5 renders the entries, this runs the command on a
+    running relay's config): the relay entry at that port, its real host key for
+    known_hosts, the fast-path pair for gpu-cluster, a LocalForward for web:8080.  A
+    --host it cannot read is a one-line error, exit 2: "relay.example.org:abc" was a
+    ValueError traceback, and a bare IPv6 address lost its last group as a port."""
+    def ssh_config(host: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "relay", "ssh-config", "--config",
+             str(site.relay.dir / "node.toml"), "--user", "alice", "--host", host,
+             "--identity", "~/.ssh/id_lab"],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            env={**os.environ, **child_env()})
+
+    out = ssh_config("relay.example.org:2222")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "Host labrelay\n    HostName relay.example.org\n    Port 2222\n    User alice\n" \
+           "    IdentityFile ~/.ssh/id_lab\n" in text, text
+    assert f"echo '[relay.example.org]:2222 {site.relay.host_key_blob}' >> " in text, text
+    assert 'Match originalhost gpu-cluster exec "command -v labrelay >/dev/null 2>&1"\n' \
+           "    ProxyCommand labrelay connect labrelay %h:%p\nHost gpu-cluster\n" \
+           "    ProxyJump labrelay\n" in text, text
+    assert "    LocalForward 8080 web:8080\n" in text, text
+    assert "gpu-cluster: the fast path" in out.stderr
+
+    out = ssh_config("2001:db8::7")  # no port: the relay's listen port, here 0 (chosen
+    assert out.returncode == 2, out.stdout  # at start): said, not printed as "Port 0"
+    assert "has no port" in out.stderr and "--host [2001:db8::7]:PORT" in out.stderr, out.stderr
+    out = ssh_config("[2001:db8::7]:2222")
+    assert out.returncode == 0, out.stderr
+    assert "    HostName 2001:db8::7\n    Port 2222\n" in out.stdout, out.stdout
+
+    out = ssh_config("relay.example.org:abc")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == ("labrelay: command line: --host: 'relay.example.org:abc' is not "
+                          "HOST or HOST:PORT (the relay's public name and its SSH port, e.g. "
+                          "relay.example.org:2222 or [2001:db8::1]:2222)\n"), out.stderr
+
+
+# 13 --------------------------------------------------------------------------
+
+
+def test_a_second_relay_gets_its_own_alias_beside_an_existing_host_labrelay(
+        site: Site) -> None:
+    """A user whose ``~/.ssh/config`` already has ``Host labrelay`` (another lab's
+    relay) appends this relay's entries.  ssh takes each option from the first entry
+    that sets it, so a second ``Host labrelay`` would silently send this relay's
+    services to the other one: ``labrelay ssh-config --alias lab2`` names the entry
+    ``lab2``, its services jump through it, and ssh reaches the target (stock ssh, no
+    labrelay on PATH); the entries say the first one wins.  A pattern is refused."""
+    def ssh_config(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "relay", "ssh-config", "--config",
+             str(site.relay.dir / "node.toml"), "--user", "alice",
+             "--host", f"{LOOPBACK}:{site.relay.port}",
+             "--identity", str(site.keys.alice.path), *extra],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            env={**os.environ, **child_env()})
+
+    out = ssh_config("--alias", "lab2")
+    assert out.returncode == 0, out.stderr
+    assert "Host lab2\n" in out.stdout and "    ProxyJump lab2\n" in out.stdout
+    assert "    ProxyCommand labrelay connect lab2 %h:%p\n" in out.stdout
+    assert "Host labrelay" not in out.stdout
+    assert "FIRST entry that sets it" in out.stdout
+    assert "ProxyJump lab2" in out.stderr  # the fast-path note names it too
+
+    cfg = site.tmp / "ssh_config"
+    cfg.write_text(f"""\
+Host labrelay
+  HostName 192.0.2.1
+  Port 2222
+
+{out.stdout}
+Host gpu-cluster
+  User root
+  IdentityFile {site.client_key.path}
+""" + ssh_defaults(site.relay.known_hosts))
+    ssh_dir = str(Path(find_program("ssh") or "/usr/bin/ssh").parent)
+    plain = {"PATH": os.pathsep.join(dict.fromkeys((ssh_dir, "/usr/bin", "/bin")))}
+    resolved = _ssh(cfg, "-G", "gpu-cluster", env=plain).stdout.decode()
+    assert "proxyjump lab2" in resolved, resolved
+    shadowed = site.tmp / "ssh_config.shadowed"  # the default alias: the old entry wins
+    shadowed.write_text(cfg.read_text().replace(out.stdout, ssh_config().stdout))
+    resolved = _ssh(shadowed, "-G", "labrelay", env=plain).stdout.decode()
+    assert "hostname 192.0.2.1" in resolved and "port 2222" in resolved
+    _reached(_ssh(cfg, "gpu-cluster", "echo $LABRELAY_TEST_HOST", env=plain))
+
+    out = ssh_config("--alias", "lab*")
+    assert out.returncode == 2 and out.stdout == ""
+    assert "--alias: 'lab*' is not a plain host alias" in out.stderr, out.stderr
