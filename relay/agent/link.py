@@ -177,7 +177,10 @@ class Link(MultiService):
 
         def logged_policy(failures: int) -> float:
             delay = policy(failures)
-            if self._keysRefused and delay < KEYS_REFUSED_RETRY:
+            # (read once: an attempt that fails before its SSH handshake, a network
+            # failure, does not pass through _prepare to set it again)
+            refused, self._keysRefused = self._keysRefused, False
+            if refused and delay < KEYS_REFUSED_RETRY:
                 delay = KEYS_REFUSED_RETRY
                 self.log.info(
                     "link {link}: reconnecting in {delay:.2f}s (attempt {failures}; the "
