@@ -122,6 +122,50 @@ def test_a_refusing_proxy_is_an_error_with_its_status_line(
     assert "cannot reach the relay" not in bypass.stderr.decode(), bypass.stderr.decode()
 
 
+def _link_status(admin: int) -> dict[str, object]:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status.json", timeout=10) as r:
+        link: dict[str, object] = json.load(r)["links"][0]
+    return link
+
+
+def test_an_agent_kept_out_by_its_proxy_says_why_in_its_log_and_status(
+        site: TLSRelay, start_agent: Callable[..., AgentProcess],  # noqa: F811
+        proxy_factory: Callable[..., Tinyproxy]) -> None:
+    """The lab PC's agent behind a proxy that refuses the tunnel (403), one that wants
+    credentials (407) and one that accepts and never answers: each attempt is a
+    ``link_failed`` with the proxy's answer (or its silence and the time waited), and
+    ``labrelay status`` shows the link down with that error, not "connecting" with none
+    for as long as the proxy keeps it out (operations.md: link_failed is "an attempt
+    ended before ready (reason: refused, ...)")."""
+    import socket
+
+    refusing = proxy_factory([site.relay.port])  # not the TLS port
+    locked = proxy_factory([site.tls_port], auth=("lab", "s3cret"))
+    silent = socket.create_server((LOOPBACK, 0))  # the kernel accepts; nobody answers
+    try:
+        cases = [(refusing.url(), " 403 "), (locked.url(), " 407 Proxy Authentication"),
+                 (f"http://{LOOPBACK}:{silent.getsockname()[1]}",
+                  "did not open the tunnel to ")]
+        for url, says in cases:
+            admin = free_port()
+            agent = start_tls_agent(site, start_agent, *site.tls_options(
+                "-o", f"Proxy={url}", "-o", "ConnectTimeout=2",
+                "--admin", f"127.0.0.1:{admin}"))
+            failed = agent.wait_for("link_failed", timeout=20)
+            assert says in failed["reason"] and url in failed["reason"], failed
+            agent.wait_for("link_retry", timeout=20, since=failed["_index"])
+            agent.wait_for("admin_listening", timeout=20, since=0)
+            link = _link_status(admin)
+            assert says in str(link["last_error"]), link
+            assert link["state"] in ("down", "connecting") and link["connects"] == 0, link
+            agent.stop()
+    finally:
+        silent.close()
+
+
 def _run_env(argv: list[str], env: dict[str, str]) -> object:
     import subprocess
 
