@@ -392,3 +392,35 @@ def test_a_relay_restart_is_not_resumable_and_says_so(
     assert relay2.events("session_resumed") == []
     fresh = Interactive(w.echo_port)
     assert fresh.line(b"new session") == b"new session"
+
+
+def test_an_agent_restart_is_not_resumable_and_the_relay_resets_at_once(
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess],
+    start_process: Callable[..., AgentProcess],
+    targets: Targets,
+    tmp_path: Path,
+) -> None:
+    """docs/resilience.md: the agent SIGKILLed (a crash, an upgrade) with a session under
+    way; the relay holds it (the link just went), and when the new agent process (same
+    key, a new instance) says hello, the relay resets the session at once, saying why,
+    instead of holding it for the grace (60 s here) to resume with a process that no
+    longer has the other end."""
+    w = _world(start_relay, start_agent, start_ssh, targets, tmp_path, grace=60)
+    public = Interactive(w.echo_port)
+    assert public.line(b"before") == b"before"
+    rmark = w.relay.mark()
+    argv = list(w.agent.proc.args)
+    w.agent.proc.kill()
+    w.relay.wait_for("session_held", timeout=10, since=rmark)
+    again = start_process(argv, name="agent-restarted")
+    again.wait_for("link_connected", timeout=20)
+    public.sock.settimeout(15)  # well inside the grace: a timeout is a failure
+    with pytest.raises(ConnectionResetError):  # a reset, never a clean end
+        public.line(b"after")
+    refused = w.relay.wait_for("session_resume_refused", timeout=5, since=rmark)
+    assert refused["why"] == "its agent restarted" and refused["where"] == "relay", refused
+    assert w.relay.status()["relay"]["held_sessions"] == []
+    again.wait_for("forward_ready", timeout=20, since=0, kind="remote", port=w.echo_port)
+    assert Interactive(w.echo_port).line(b"new") == b"new"
