@@ -309,3 +309,47 @@ def test_certificate_replaced_new_handshakes_use_it_open_sessions_continue(
     assert agent.events("link_connected") and len(agent.events("link_connected")) == 1
     out = _run([ssh, "-F", str(cfg), "gpu-cluster", "echo $LABRELAY_TEST_HOST"])
     assert out.returncode == 0 and out.stdout.decode().strip() == "gpu_cluster"
+
+
+# 4 ---------------------------------------------------------------------------
+
+
+def test_labrelay_connect_over_tls_takes_an_ssh_channel_and_says_why_once(
+        ca: CA, tls_keys: dict[str, KeyPair], start_relay: Callable[..., RelayNode],
+        start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
+        client_key: KeyPair, tmp_path: Path) -> None:
+    """docs/networks.md "The fast path": the agent's link is plain SSH with its data
+    pool up, so the relay grants alice a fast-path ticket either way; over plain SSH her
+    ``labrelay connect`` is spliced, over TLS it does not dial the data port (on a
+    network that lets out only 443 that is a wait and a failure) but says why, once,
+    and takes an SSH channel."""
+    gpu = sshd_factory("gpu_cluster")
+    relay = start_relay(
+        agents=[f'permitlisten="gpu-cluster:22" {tls_keys["lab_pc"].public_blob()} lab_pc'],
+        users=[f'permitopen="gpu-cluster:22" {tls_keys["alice"].public_blob()} alice'],
+        relay_toml=tls_relay_toml(ca.issue("relay", (RELAY_NAME,)),
+                                  'data_port = 0\ne2e_services = ["gpu-cluster:22"]\n'))
+    tls_port = relay.wait_for("relay_tls_listening", since=0)["port"]
+    relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
+    agent = start_agent(
+        "-p", str(relay.port), "-i", str(tls_keys["lab_pc"].path),
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "ServerAliveInterval=5",
+        "-R", f"gpu-cluster:22:127.0.0.1:{gpu.port}", f"lab_pc@{LOOPBACK}")
+    agent.wait_for("fast_path_ready", timeout=20)
+    agent.wait_for("forward_ready", timeout=20, since=0, bind="gpu-cluster")
+    site = TLSRelay(relay, tls_port, ca, ca.issue("unused", (RELAY_NAME,)), gpu,
+                    tls_keys["lab_pc"], tls_keys["alice"], tmp_path)
+    ssh = find_program("ssh") or "ssh"
+    said = {}
+    for how, options in (("tcp", ["-p", str(relay.port)]), ("tls", site.tls_options())):
+        cfg = ssh_config(site, client_key, " ".join(
+            site.connect_argv(*options, service="%h:%p")))
+        out = _run([ssh, "-F", str(cfg), "gpu-cluster", "echo $LABRELAY_TEST_HOST"])
+        assert out.returncode == 0, out.stderr.decode()
+        assert out.stdout.decode().strip() == "gpu_cluster"
+        said[how] = [line for line in out.stderr.decode().splitlines()
+                     if "fast path unavailable" in line]
+    assert said["tcp"] == [], said  # spliced: the relay and the agent offer it
+    assert len(said["tls"]) == 1, said
+    assert f"the relay is reached by tls {LOOPBACK}:{tls_port}" in said["tls"][0], said
+    assert "its data port is not reachable that way" in said["tls"][0], said
