@@ -213,3 +213,32 @@ def test_auto_falls_back_in_order_and_remembers_the_route(
     again = agent.wait_for("link_attempt", timeout=30, since=mark)
     assert again["route"] == f"tls {LOOPBACK}:{cut.port}", again
     agent.wait_for("link_connected", timeout=30, since=mark)
+
+
+def test_auto_moves_on_from_a_port_that_accepts_and_never_speaks_ssh(
+        site: TLSRelay, start_agent: Callable[..., AgentProcess]) -> None:  # noqa: F811
+    """``transport = "auto"`` where the SSH port accepts TCP and then says nothing (a
+    middlebox, a captive portal): that attempt fails at ``connect_timeout`` and the next
+    one takes TLS, which is kept (docs/networks.md)."""
+    import socket
+
+    silent = socket.create_server((LOOPBACK, 0))  # the kernel accepts; nobody answers
+    port = silent.getsockname()[1]
+    known = site.tmp / "known_hosts.silent"
+    known.write_text(site.relay.known_hosts.read_text().replace(
+        f"[{LOOPBACK}]:{site.relay.port}", f"[{LOOPBACK}]:{port}"))
+    try:
+        agent = start_tls_agent(site, start_agent, "-p", str(port), "-o", "Transport=auto",
+                                "-o", f"TLSPort={site.tls_port}", "-o",
+                                "TLSServerName=relay.test", "-o",
+                                f"TLSCAFile={site.ca.pem_path}", "-o", "ConnectTimeout=2",
+                                known_hosts=known)
+        connected = agent.wait_for("link_connected", timeout=30)
+    finally:
+        silent.close()
+    assert connected["route"] == f"tls {LOOPBACK}:{site.tls_port}", connected
+    failed = agent.events("link_route_failed")
+    assert [e["route"] for e in failed] == [f"tcp {LOOPBACK}:{port}"], failed
+    assert "no SSH handshake within 2s" in failed[0]["reason"], failed
+    assert [e["route"] for e in agent.events("link_attempt")] == [
+        f"tcp {LOOPBACK}:{port}", f"tls {LOOPBACK}:{site.tls_port}"]
