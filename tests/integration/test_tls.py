@@ -194,7 +194,7 @@ def test_stock_ssh_with_openssl_s_client_as_proxycommand(
 
 REFUSALS = [
     ("wrong name", lambda ca, tmp: (ca.issue("other", ("other.test",)), None),
-     "another name"),
+     "the relay's certificate is for another name: it names other.test, not 'relay.test'"),
     ("expired", lambda ca, tmp: (ca.issue("old", (RELAY_NAME,), expired=True), None),
      "has expired"),
     ("untrusted CA", lambda ca, tmp: (CA(tmp / "rogue", "rogue CA").issue("rogue"), None),
@@ -210,10 +210,16 @@ def test_bad_certificates_are_refused_saying_which(
         case: str, make: Callable[[CA, Path], tuple[Issued, str | None]], message: str,
         ca: CA, tls_keys: dict[str, KeyPair], start_relay: Callable[..., RelayNode],
         start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
-        tmp_path: Path) -> None:
+        client_key: KeyPair, tmp_path: Path) -> None:
     """Each bad certificate is refused by the agent (its link_failed reason) and by
     ``labrelay connect`` (stderr, exit 1) with a message that says which check failed;
-    no SSH is spoken (the relay sees no SSH connection)."""
+    and, but for the pin, by stock ssh with the ``openssl s_client`` line that
+    ``labrelay ssh-config --tls`` prints (``-verify_return_error``: without it s_client
+    carries on, and ssh, whose known_hosts trusts the relay's key, would log in). No SSH
+    is spoken (the relay sees no SSH connection)."""
+    from relay.config.schema import ServiceGrant
+    from relay.user.sshconfig import render
+
     cert, pin = make(ca, tmp_path)
     relay = start_relay(
         agents=[f'permitlisten="gpu-cluster:22" {tls_keys["lab_pc"].public_blob()} lab_pc'],
@@ -234,6 +240,15 @@ def test_bad_certificates_are_refused_saying_which(
     out = _run(site.connect_argv(*options))
     assert out.returncode == 1
     assert message in out.stderr.decode(), out.stderr.decode()
+    if pin is None:  # ssh-config --tls has no pin option: the CA file and the name
+        text = render(user="alice", relay_host=RELAY_NAME, relay_port=relay.port,
+                      services=[ServiceGrant("gpu-cluster", 22)],
+                      identity=str(site.user_key.path), tls_port=tls_port,
+                      tls_ca_file=str(ca.pem_path), tls_connect=LOOPBACK)
+        relay.trust(f"[{RELAY_NAME}]:{relay.port} {relay.host_key_blob}")
+        cfg = stock_tools_config(tmp_path / "ssh_config.stock", text, site, client_key)
+        stock = _run([find_program("ssh") or "ssh", "-F", str(cfg), "labrelay", "true"])
+        assert stock.returncode == 255, stock.stderr.decode()
     assert relay.events("relay_authenticated") == [] and relay.events("auth_ok") == []
     assert relay.status()["relay"]["tls"]["handshakes"] == 0
 
