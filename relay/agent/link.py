@@ -122,7 +122,17 @@ class _LoggingEndpoint:
             event="link_connecting", link=self._link.name,
             host=route.host, port=route.port, route=str(route),
         )
-        return self._dialer.connect(_LostBeforeReady(factory, self._link))  # type: ignore[arg-type]
+        d = self._dialer.connect(_LostBeforeReady(factory, self._link))  # type: ignore[arg-type]
+        return d.addErrback(self._failed)
+
+    def _failed(self, f: Failure) -> Failure:
+        """No connection at all (refused, unreachable, a proxy's refusal or silence):
+        the attempt failed as much as one whose handshake did, and ``status`` must say
+        why rather than show the link "connecting" with no error for as long as the
+        network keeps it out."""
+        if not f.check(defer.CancelledError):  # not the service stopping mid-attempt
+            self._link.attemptFailed(f.getErrorMessage())
+        return f
 
 
 class Link(MultiService):
@@ -219,15 +229,20 @@ class Link(MultiService):
         def failed(f: Failure) -> Failure:
             self.dialer.failed(route, f.getErrorMessage())
             self._keysRefused = isinstance(f.value, LinkSetupError) and f.value.keys_refused
-            self.last_error = f.getErrorMessage()
-            self.state = LinkState.DOWN
-            self.log.warn(
-                "link {link}: attempt failed: {reason}",
-                event="link_failed", link=self.name, reason=self.last_error,
-            )
+            self.attemptFailed(f.getErrorMessage())
             return f
 
         return proto.ready.addCallbacks(up, failed)
+
+    def attemptFailed(self, why: str) -> None:
+        """A connection attempt ended before the link was ready (``why``): the link is
+        down, ``status`` shows why, and ``link_failed`` says it."""
+        self.last_error = why
+        self.state = LinkState.DOWN
+        self.log.warn(
+            "link {link}: attempt failed: {reason}",
+            event="link_failed", link=self.name, reason=why,
+        )
 
     def _linkUp(self, conn: LinkConnection) -> None:
         self._keysRefused = False

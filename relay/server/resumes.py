@@ -48,11 +48,15 @@ class RelayResumes:
         for side in self.sessions.held_sides():
             owner: Any = side.stream.owner
             if owner[0] == key and owner[1] != instance:
+                # The relay cannot tell a restart from a second process running with
+                # the same key (a standby): either way the held session's other end is
+                # not this process's, and the log says both (docs/resilience.md).
+                why = "its agent restarted, or another agent with its key connected"
                 self._log.warn(
-                    "agent {agent}: session {label} cannot be resumed: its agent restarted",
+                    "agent {agent}: session {label} cannot be resumed: {why}",
                     event="session_resume_refused", where="relay", agent=conn.principal_name,
-                    label=side.label, why="its agent restarted")
-                side.refused("its agent restarted")
+                    label=side.label, why=why)
+                side.refused(why)
         return True, pack_hello_reply(self.instance, self.grace)
 
     def agent_left(self, conn: RelayConnection) -> None:

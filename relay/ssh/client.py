@@ -181,10 +181,23 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
 
     def _timeout(self) -> None:
         self._timer = None
-        self.why = (
-            f"no SSH handshake within {self.link.config.connect_timeout:g}s "
-            f"(phase {self.phase}); is this an SSH server, and is it responsive?"
-        )
+        wait = self.link.config.connect_timeout
+        route = self.transport_route
+        if route is not None and route.tls and not (self.gotVersion or self.buf):
+            # Inside TLS nothing reaches us before the TLS handshake is done: a relay
+            # that never answered it (a proxy whose tunnel leads nowhere, a middlebox
+            # that swallows port 443) is not "an SSH server" question.
+            path = ("do the network and the proxy" if route.proxy is not None
+                    else "does the network")
+            self.why = (
+                f"no TLS handshake (or no SSH version after it) within {wait:g}s over "
+                f"{route}: is that the relay's TLS port, and {path} let it through?"
+            )
+        else:
+            self.why = (
+                f"no SSH handshake within {wait:g}s "
+                f"(phase {self.phase}); is this an SSH server, and is it responsive?"
+            )
         self.tcp.abortConnection()
 
     quickAck = True

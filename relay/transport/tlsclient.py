@@ -19,7 +19,13 @@ from typing import Any
 
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
-from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.hazmat import (
+    DNS_ID,
+    DNSPattern,
+    IPAddress_ID,
+    IPAddressPattern,
+    verify_service_identity,
+)
 from service_identity.pyopenssl import extract_patterns
 from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -151,7 +157,8 @@ class VerifyingCreator:
                 try:
                     verify_service_identity(extract_patterns(cert), [self._id], [])
                 except VerificationError:
-                    names = ", ".join(str(p) for p in extract_patterns(cert)) or "no names"
+                    names = ", ".join(_pattern(p) for p in extract_patterns(cert)) \
+                        or "no names"
                     return fail(f"the relay's certificate is for another name: it names "
                                 f"{names}, not {self.server_name!r} (set tls_server_name "
                                 "if the relay is reached by another name)")
@@ -160,6 +167,17 @@ class VerifyingCreator:
                 return fail(f"cannot check the relay's certificate: {e!r}")
 
         return verify
+
+
+def _pattern(p: Any) -> str:
+    """A name the certificate holds as its operator wrote it (``relay.example.org``,
+    ``*.example.org``, ``203.0.113.10``), not service_identity's repr of it
+    (``DNSPattern(pattern=b'relay.example.org')``)."""
+    if isinstance(p, DNSPattern):
+        return p.pattern.decode("ascii", "replace")
+    if isinstance(p, IPAddressPattern):
+        return str(p.pattern)
+    return str(p)
 
 
 def _read_certificates(path: Path) -> list[ssl.Certificate]:

@@ -123,39 +123,11 @@ def _tls_options(ca: CA) -> list[str]:
             "-o", f"TLSCAFile={ca.pem_path}"]
 
 
-def test_lab_behind_a_proxy_and_mac_on_443_only(site: Site, blocked: dict[str, Any],
-                                                 record: Record) -> None:
-    """lab_pc reaches the cloud only through tinyproxy, and only its 443; mac only the
-    cloud's 443. The agent (``transport = auto``) finds TLS through the proxy; mac's
-    ssh and 64 MiB scp to gpu-cluster arrive byte-exact, with ``labrelay connect`` over
-    TLS and with stock ssh + ``openssl s_client``."""
+def _mac_configs(site: Site, relay: Any, gpu: Any, ca: CA) -> tuple[Path, Path]:
+    """mac's two ways to gpu-cluster by name on 443 only: ``labrelay connect`` over TLS
+    as ProxyCommand, and stock ssh with ``openssl s_client`` (what ``labrelay ssh-config
+    --tls`` prints) and ``ProxyJump``."""
     from relay.user.sshconfig import render
-
-    topo, ca = site.topo, blocked["ca"]
-    gpu = site.start_gpu(data=False)
-    relay = _relay(site, blocked["cert"])
-    relay.wait_for("relay_tls_listening", since=0)
-    # The networks are what the scenario says, with the relay listening on both ports.
-    assert not _connects(topo, "lab_pc", CLOUD, RELAY_PORT)
-    assert not _connects(topo, "lab_pc", CLOUD, TLS_PORT)
-    assert _connects(topo, "lab_pc", PROXY, PROXY_PORT)
-    assert not _connects(topo, "mac", CLOUD, RELAY_PORT)
-    assert _connects(topo, "mac", CLOUD, TLS_PORT)
-
-    argv = site.agent_argv(RELAY_PORT, relay.known_hosts, f"gpu-cluster:22:{GPU}:22")
-    argv[-1:-1] = ["-o", "Transport=auto", *_tls_options(ca),
-                   "-o", f"Proxy=http://{PROXY}:{PROXY_PORT}"]
-    agent = site.process("lab_pc", argv, name="agent")
-    started = time.monotonic()
-    connected = agent.wait_for("link_connected", timeout=60)
-    took = time.monotonic() - started
-    via = f"tls {CLOUD}:{TLS_PORT} via proxy http://{PROXY}:{PROXY_PORT}"
-    assert connected["route"] == via
-    tried = [e["route"] for e in agent.events("link_attempt")]
-    assert tried == [f"tcp {CLOUD}:{RELAY_PORT}", f"tls {CLOUD}:{TLS_PORT}", via], tried
-    assert len(agent.events("link_route_failed")) == 2
-    agent.wait_for("forward_ready", timeout=20, since=0, bind="gpu-cluster")
-    assert relay.status()["relay"]["tls"]["handshakes"] >= 1
 
     k = site.keys
     known = site.dir / "known_hosts.tls"
@@ -186,6 +158,42 @@ Host *
                             services=(), identity=str(k.alice.path), tls_port=TLS_PORT,
                             tls_ca_file=str(ca.pem_path), tls_connect=CLOUD)
                      + f"\nHost gpu-cluster\n  ProxyJump labrelay\n{common}")
+    return by_connect, stock
+
+
+def test_lab_behind_a_proxy_and_mac_on_443_only(site: Site, blocked: dict[str, Any],
+                                                 record: Record) -> None:
+    """lab_pc reaches the cloud only through tinyproxy, and only its 443; mac only the
+    cloud's 443. The agent (``transport = auto``) finds TLS through the proxy; mac's
+    ssh and 64 MiB scp to gpu-cluster arrive byte-exact, with ``labrelay connect`` over
+    TLS and with stock ssh + ``openssl s_client``."""
+    topo, ca = site.topo, blocked["ca"]
+    gpu = site.start_gpu(data=False)
+    relay = _relay(site, blocked["cert"])
+    relay.wait_for("relay_tls_listening", since=0)
+    # The networks are what the scenario says, with the relay listening on both ports.
+    assert not _connects(topo, "lab_pc", CLOUD, RELAY_PORT)
+    assert not _connects(topo, "lab_pc", CLOUD, TLS_PORT)
+    assert _connects(topo, "lab_pc", PROXY, PROXY_PORT)
+    assert not _connects(topo, "mac", CLOUD, RELAY_PORT)
+    assert _connects(topo, "mac", CLOUD, TLS_PORT)
+
+    argv = site.agent_argv(RELAY_PORT, relay.known_hosts, f"gpu-cluster:22:{GPU}:22")
+    argv[-1:-1] = ["-o", "Transport=auto", *_tls_options(ca),
+                   "-o", f"Proxy=http://{PROXY}:{PROXY_PORT}"]
+    agent = site.process("lab_pc", argv, name="agent")
+    started = time.monotonic()
+    connected = agent.wait_for("link_connected", timeout=60)
+    took = time.monotonic() - started
+    via = f"tls {CLOUD}:{TLS_PORT} via proxy http://{PROXY}:{PROXY_PORT}"
+    assert connected["route"] == via
+    tried = [e["route"] for e in agent.events("link_attempt")]
+    assert tried == [f"tcp {CLOUD}:{RELAY_PORT}", f"tls {CLOUD}:{TLS_PORT}", via], tried
+    assert len(agent.events("link_route_failed")) == 2
+    agent.wait_for("forward_ready", timeout=20, since=0, bind="gpu-cluster")
+    assert relay.status()["relay"]["tls"]["handshakes"] >= 1
+
+    by_connect, stock = _mac_configs(site, relay, gpu, ca)
 
     rows = {}
     for name, cfg in (("labrelay connect over TLS", by_connect),
@@ -205,3 +213,102 @@ Host *
     record("networks: lab_pc behind an HTTP proxy (transport auto)", ok=True,
            notes=f"link up via {via} after {took:.1f}s (tcp and direct tls timed out)")
     print(f"\nlink up via the proxy after {took:.1f}s; scp 64 MiB: {rows}")
+
+
+CUT = 20.0  # seconds lab_pc's uplink is down: the scenario itself
+PACE_KBIT = str(2 * MiB * 8 // 1000)  # scp -l: 2 MiB/s, so the upload spans the cut
+UPLOAD = 32 * MiB
+
+
+def test_a_20s_cut_behind_the_proxy_resumes_mac_s_sessions(site: Site, blocked: dict[str, Any],
+                                                           record: Record) -> None:
+    """The agent's link is TLS through the proxy (so mac's sessions ride SSH channels on
+    it: a TLS link keeps no pooled data connections). mac types into ``ssh gpu-cluster
+    cat`` and uploads 32 MiB with scp at 2 MiB/s, both with stock ssh + ``openssl
+    s_client`` on 443, while lab_pc's uplink is down for 20 s; the proxy's own connection
+    to the relay stays up meanwhile, so only keepalives tell either end. The agent comes
+    back through the proxy with its backoff, registers gpu-cluster again and resumes
+    both sessions: the typed one carries on where it was, the upload arrives
+    byte-exact (docs/resilience.md, docs/networks.md "the same relay")."""
+    import subprocess
+    import threading
+
+    ca = blocked["ca"]
+    gpu = site.start_gpu(data=False)
+    relay = _relay(site, blocked["cert"])
+    relay.wait_for("relay_tls_listening", since=0)
+    via = f"tls {CLOUD}:{TLS_PORT} via proxy http://{PROXY}:{PROXY_PORT}"
+    argv = site.agent_argv(RELAY_PORT, relay.known_hosts, f"gpu-cluster:22:{GPU}:22")
+    argv[-1:-1] = ["-o", "Transport=tls", *_tls_options(ca),
+                   "-o", f"Proxy=http://{PROXY}:{PROXY_PORT}"]
+    agent = site.process("lab_pc", argv, name="agent")
+    assert agent.wait_for("link_connected", timeout=60)["route"] == via
+    agent.wait_for("forward_ready", timeout=20, since=0, bind="gpu-cluster")
+    _, stock = _mac_configs(site, relay, gpu, ca)
+
+    typist = subprocess.Popen(site.topo.argv("mac", site.ssh_bin, "-F", str(stock),
+                                             "gpu-cluster", "cat"),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+
+    def line(text: str) -> str:
+        assert typist.stdin is not None and typist.stdout is not None
+        typist.stdin.write(text.encode() + b"\n")
+        typist.stdin.flush()
+        return typist.stdout.readline().decode().rstrip("\n")
+
+    try:
+        assert line("before the cut") == "before the cut"
+        stream = DataStream(603, UPLOAD)
+        src = site.write_file("cut-up.bin", stream)
+        dst = site.dir / "cut-arrived.bin"
+        done: dict[str, Any] = {}
+        mark = gpu.log.mark()
+
+        def upload() -> None:
+            done["out"] = site.mac_run([site.scp_bin, "-q", "-l", PACE_KBIT, "-F", str(stock),
+                                        str(src), f"gpu-cluster:{dst}"], timeout=300)
+
+        scp = threading.Thread(target=upload, name="paced-scp", daemon=True)
+        scp.start()
+        gpu.wait_log(r"Starting session: subsystem 'sftp'", timeout=30, since=mark)
+
+        a_mark, r_mark = agent.mark(), relay.mark()
+        t0 = time.monotonic()
+        site.topo.link_down()
+        agent.wait_for("link_dead", timeout=20, since=a_mark)
+        relay.wait_for("relay_peer_dead", timeout=20, since=r_mark, kind="agent")
+        held = relay.wait_for("relay_disconnected", timeout=10, since=r_mark, kind="agent")
+        assert held["held"] == 2, held
+        time.sleep(max(0.0, t0 + CUT - time.monotonic()))  # the cut's length, not a wait
+        site.topo.link_up()
+        up_at = time.monotonic()
+        back = agent.wait_for("link_connected", timeout=30, since=a_mark)
+        assert back["route"] == via, back
+        agent.wait_for("forward_ready", timeout=20, since=a_mark, bind="gpu-cluster")
+        for _ in range(2):
+            agent.wait_for("session_resumed", timeout=20, since=a_mark)
+        resumed_after = time.monotonic() - up_at
+        # The agent retried through the cut on its backoff (0.5 s -> 2 s here), each try
+        # a link_failed saying why (the uplink is down: the proxy is unreachable).
+        retries = [e["delay"] for e in agent.events("link_retry", since=a_mark)]
+        assert len(retries) >= 3 and max(retries) <= 2.0 * 1.2 + 0.01, retries
+        failed = agent.events("link_failed", since=a_mark)
+        assert failed and "cannot reach the proxy" in failed[0]["reason"], failed
+
+        assert line("after the cut") == "after the cut"
+        scp.join(300)
+        out = done["out"]
+        assert out.returncode == 0, out.stderr.decode(errors="replace")
+        assert file_sha256(dst) == (stream.size, stream.sha256)
+        assert relay.events("session_hold_expired") == []
+    finally:
+        if typist.poll() is None:
+            typist.kill()
+            typist.wait(5)
+    record("networks: lab_pc's uplink cut for 20 s, link TLS through the proxy",
+           bytes_sent=stream.size, bytes_received=stream.size, bytes_lost=0, sessions=2,
+           silently_wrong=0, notes=f"both sessions resumed {resumed_after:.2f}s after the "
+                                   f"link was up ({len(retries)} retries on the backoff)")
+    print(f"\n20 s cut behind the proxy: resumed {resumed_after:.2f}s after the link was up; "
+          f"retries {[round(r, 2) for r in retries]}")

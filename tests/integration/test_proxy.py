@@ -122,6 +122,50 @@ def test_a_refusing_proxy_is_an_error_with_its_status_line(
     assert "cannot reach the relay" not in bypass.stderr.decode(), bypass.stderr.decode()
 
 
+def _link_status(admin: int) -> dict[str, object]:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status.json", timeout=10) as r:
+        link: dict[str, object] = json.load(r)["links"][0]
+    return link
+
+
+def test_an_agent_kept_out_by_its_proxy_says_why_in_its_log_and_status(
+        site: TLSRelay, start_agent: Callable[..., AgentProcess],  # noqa: F811
+        proxy_factory: Callable[..., Tinyproxy]) -> None:
+    """The lab PC's agent behind a proxy that refuses the tunnel (403), one that wants
+    credentials (407) and one that accepts and never answers: each attempt is a
+    ``link_failed`` with the proxy's answer (or its silence and the time waited), and
+    ``labrelay status`` shows the link down with that error, not "connecting" with none
+    for as long as the proxy keeps it out (operations.md: link_failed is "an attempt
+    ended before ready (reason: refused, ...)")."""
+    import socket
+
+    refusing = proxy_factory([site.relay.port])  # not the TLS port
+    locked = proxy_factory([site.tls_port], auth=("lab", "s3cret"))
+    silent = socket.create_server((LOOPBACK, 0))  # the kernel accepts; nobody answers
+    try:
+        cases = [(refusing.url(), " 403 "), (locked.url(), " 407 Proxy Authentication"),
+                 (f"http://{LOOPBACK}:{silent.getsockname()[1]}",
+                  "did not open the tunnel to ")]
+        for url, says in cases:
+            admin = free_port()
+            agent = start_tls_agent(site, start_agent, *site.tls_options(
+                "-o", f"Proxy={url}", "-o", "ConnectTimeout=2",
+                "--admin", f"127.0.0.1:{admin}"))
+            failed = agent.wait_for("link_failed", timeout=20)
+            assert says in failed["reason"] and url in failed["reason"], failed
+            agent.wait_for("link_retry", timeout=20, since=failed["_index"])
+            agent.wait_for("admin_listening", timeout=20, since=0)
+            link = _link_status(admin)
+            assert says in str(link["last_error"]), link
+            assert link["state"] in ("down", "connecting") and link["connects"] == 0, link
+            agent.stop()
+    finally:
+        silent.close()
+
+
 def _run_env(argv: list[str], env: dict[str, str]) -> object:
     import subprocess
 
@@ -169,3 +213,32 @@ def test_auto_falls_back_in_order_and_remembers_the_route(
     again = agent.wait_for("link_attempt", timeout=30, since=mark)
     assert again["route"] == f"tls {LOOPBACK}:{cut.port}", again
     agent.wait_for("link_connected", timeout=30, since=mark)
+
+
+def test_auto_moves_on_from_a_port_that_accepts_and_never_speaks_ssh(
+        site: TLSRelay, start_agent: Callable[..., AgentProcess]) -> None:  # noqa: F811
+    """``transport = "auto"`` where the SSH port accepts TCP and then says nothing (a
+    middlebox, a captive portal): that attempt fails at ``connect_timeout`` and the next
+    one takes TLS, which is kept (docs/networks.md)."""
+    import socket
+
+    silent = socket.create_server((LOOPBACK, 0))  # the kernel accepts; nobody answers
+    port = silent.getsockname()[1]
+    known = site.tmp / "known_hosts.silent"
+    known.write_text(site.relay.known_hosts.read_text().replace(
+        f"[{LOOPBACK}]:{site.relay.port}", f"[{LOOPBACK}]:{port}"))
+    try:
+        agent = start_tls_agent(site, start_agent, "-p", str(port), "-o", "Transport=auto",
+                                "-o", f"TLSPort={site.tls_port}", "-o",
+                                "TLSServerName=relay.test", "-o",
+                                f"TLSCAFile={site.ca.pem_path}", "-o", "ConnectTimeout=2",
+                                known_hosts=known)
+        connected = agent.wait_for("link_connected", timeout=30)
+    finally:
+        silent.close()
+    assert connected["route"] == f"tls {LOOPBACK}:{site.tls_port}", connected
+    failed = agent.events("link_route_failed")
+    assert [e["route"] for e in failed] == [f"tcp {LOOPBACK}:{port}"], failed
+    assert "no SSH handshake within 2s" in failed[0]["reason"], failed
+    assert [e["route"] for e in agent.events("link_attempt")] == [
+        f"tcp {LOOPBACK}:{port}", f"tls {LOOPBACK}:{site.tls_port}"]

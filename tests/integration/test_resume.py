@@ -53,17 +53,21 @@ class World:
     sink_port: int  # public port -> hash sink
     sink: Any
     web_port: int  # alice's ssh -L to web:8080 -> echo
+    standby: Any = None  # a second key of the agent lab_pc, if asked for
 
 
 def _world(start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
            start_ssh: Callable[..., SshProcess], targets: Targets, tmp_path: Path,
            grace: float, relay_grace: float | None = None, relay_toml: str = "",
-           sink: Any = None) -> World:
-    keys = {n: make_key(tmp_path / n, comment=n) for n in ("lab_pc", "alice")}
+           sink: Any = None, standby: bool = False) -> World:
+    names = ("lab_pc", "alice", "standby") if standby else ("lab_pc", "alice")
+    keys = {n: make_key(tmp_path / n, comment=n) for n in names}
     echo_port, sink_port = free_port(), free_port()
+    grant = f'permitlisten="{echo_port}",permitlisten="{sink_port}",permitlisten="web:8080"'
     relay = start_relay(
-        agents=[f'permitlisten="{echo_port}",permitlisten="{sink_port}",'
-                f'permitlisten="web:8080" {keys["lab_pc"].public_blob()} lab_pc'],
+        # standby: a second key of the same agent (one principal, its grants merged)
+        agents=[f'{grant} {keys[n].public_blob()} lab_pc' for n in ("lab_pc", "standby")
+                if n in keys],
         users=[f'permitopen="web:8080" {keys["alice"].public_blob()} alice'],
         relay_toml=(f'public_bind = "127.0.0.1"\npublic_wait = 30\n'
                     f"resume_grace = {relay_grace if relay_grace is not None else grace}\n"
@@ -93,7 +97,8 @@ def _world(start_relay: Callable[..., RelayNode], start_agent: Callable[..., Age
                                "-L", f"127.0.0.1:{web_port}:web:8080", user="alice"),
                       name="alice")  # fmt: skip
     alice.wait_stderr(r"new port-listener")
-    return World(relay, proxy, agent, echo_port, sink_port, sink, web_port)
+    return World(relay, proxy, agent, echo_port, sink_port, sink, web_port,
+                 keys.get("standby"))
 
 
 class Interactive:
@@ -437,3 +442,67 @@ def test_a_relay_restart_is_not_resumable_and_says_so(
     assert relay2.events("session_resumed") == []
     fresh = Interactive(w.echo_port)
     assert fresh.line(b"new session") == b"new session"
+
+
+def test_an_agent_restart_is_not_resumable_and_the_relay_resets_at_once(
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess],
+    start_process: Callable[..., AgentProcess],
+    targets: Targets,
+    tmp_path: Path,
+) -> None:
+    """docs/resilience.md: the agent SIGKILLed (a crash, an upgrade) with a session under
+    way; the relay holds it (the link just went), and when the new agent process (same
+    key, a new instance) says hello, the relay resets the session at once, saying why,
+    instead of holding it for the grace (60 s here) to resume with a process that no
+    longer has the other end."""
+    w = _world(start_relay, start_agent, start_ssh, targets, tmp_path, grace=60)
+    public = Interactive(w.echo_port)
+    assert public.line(b"before") == b"before"
+    rmark = w.relay.mark()
+    argv = list(w.agent.proc.args)
+    w.agent.proc.kill()
+    w.relay.wait_for("session_held", timeout=10, since=rmark)
+    again = start_process(argv, name="agent-restarted")
+    again.wait_for("link_connected", timeout=20)
+    public.sock.settimeout(15)  # well inside the grace: a timeout is a failure
+    with pytest.raises(ConnectionResetError):  # a reset, never a clean end
+        public.line(b"after")
+    refused = w.relay.wait_for("session_resume_refused", timeout=5, since=rmark)
+    assert refused["why"].startswith("its agent restarted") and refused["where"] == "relay", \
+        refused
+    assert w.relay.status()["relay"]["held_sessions"] == []
+    again.wait_for("forward_ready", timeout=20, since=0, kind="remote", port=w.echo_port)
+    assert Interactive(w.echo_port).line(b"new") == b"new"
+
+
+def test_a_standby_agent_with_its_own_key_leaves_the_first_ones_held_sessions(
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess],
+    start_process: Callable[..., AgentProcess],
+    targets: Targets,
+    tmp_path: Path,
+) -> None:
+    """Two agents for one lab (docs/resilience.md): the first one's link goes silent with
+    a session under way, and a standby, a second key of the same agent, connects
+    meanwhile and takes the names over. Its hello does not reset the first one's held
+    session (they are matched by key): when the first agent's link is back, the session
+    resumes and carries on."""
+    w = _world(start_relay, start_agent, start_ssh, targets, tmp_path, grace=60,
+               standby=True)
+    public = Interactive(w.echo_port)
+    assert public.line(b"before") == b"before"
+    argv = list(w.agent.proc.args)
+    argv[argv.index("-p") + 1] = str(w.relay.port)  # straight to the relay, not the proxy
+    argv[argv.index("-i") + 1] = str(w.standby.path)
+    rmark, amark = w.relay.mark(), w.agent.mark()
+    w.proxy.blackhole()
+    w.relay.wait_for("session_held", timeout=15, since=rmark)
+    standby = start_process(argv, name="standby")
+    standby.wait_for("forward_ready", timeout=20, kind="remote", port=w.echo_port)
+    w.proxy.restore()
+    w.agent.wait_for("session_resumed", timeout=30, since=amark)
+    assert public.line(b"after") == b"after"
+    assert w.relay.events("session_resume_refused", since=rmark) == []

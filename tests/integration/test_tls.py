@@ -194,7 +194,7 @@ def test_stock_ssh_with_openssl_s_client_as_proxycommand(
 
 REFUSALS = [
     ("wrong name", lambda ca, tmp: (ca.issue("other", ("other.test",)), None),
-     "another name"),
+     "the relay's certificate is for another name: it names other.test, not 'relay.test'"),
     ("expired", lambda ca, tmp: (ca.issue("old", (RELAY_NAME,), expired=True), None),
      "has expired"),
     ("untrusted CA", lambda ca, tmp: (CA(tmp / "rogue", "rogue CA").issue("rogue"), None),
@@ -210,10 +210,16 @@ def test_bad_certificates_are_refused_saying_which(
         case: str, make: Callable[[CA, Path], tuple[Issued, str | None]], message: str,
         ca: CA, tls_keys: dict[str, KeyPair], start_relay: Callable[..., RelayNode],
         start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
-        tmp_path: Path) -> None:
+        client_key: KeyPair, tmp_path: Path) -> None:
     """Each bad certificate is refused by the agent (its link_failed reason) and by
     ``labrelay connect`` (stderr, exit 1) with a message that says which check failed;
-    no SSH is spoken (the relay sees no SSH connection)."""
+    and, but for the pin, by stock ssh with the ``openssl s_client`` line that
+    ``labrelay ssh-config --tls`` prints (``-verify_return_error``: without it s_client
+    carries on, and ssh, whose known_hosts trusts the relay's key, would log in). No SSH
+    is spoken (the relay sees no SSH connection)."""
+    from relay.config.schema import ServiceGrant
+    from relay.user.sshconfig import render
+
     cert, pin = make(ca, tmp_path)
     relay = start_relay(
         agents=[f'permitlisten="gpu-cluster:22" {tls_keys["lab_pc"].public_blob()} lab_pc'],
@@ -234,6 +240,15 @@ def test_bad_certificates_are_refused_saying_which(
     out = _run(site.connect_argv(*options))
     assert out.returncode == 1
     assert message in out.stderr.decode(), out.stderr.decode()
+    if pin is None:  # ssh-config --tls has no pin option: the CA file and the name
+        text = render(user="alice", relay_host=RELAY_NAME, relay_port=relay.port,
+                      services=[ServiceGrant("gpu-cluster", 22)],
+                      identity=str(site.user_key.path), tls_port=tls_port,
+                      tls_ca_file=str(ca.pem_path), tls_connect=LOOPBACK)
+        relay.trust(f"[{RELAY_NAME}]:{relay.port} {relay.host_key_blob}")
+        cfg = stock_tools_config(tmp_path / "ssh_config.stock", text, site, client_key)
+        stock = _run([find_program("ssh") or "ssh", "-F", str(cfg), "labrelay", "true"])
+        assert stock.returncode == 255, stock.stderr.decode()
     assert relay.events("relay_authenticated") == [] and relay.events("auth_ok") == []
     assert relay.status()["relay"]["tls"]["handshakes"] == 0
 
@@ -309,3 +324,47 @@ def test_certificate_replaced_new_handshakes_use_it_open_sessions_continue(
     assert agent.events("link_connected") and len(agent.events("link_connected")) == 1
     out = _run([ssh, "-F", str(cfg), "gpu-cluster", "echo $LABRELAY_TEST_HOST"])
     assert out.returncode == 0 and out.stdout.decode().strip() == "gpu_cluster"
+
+
+# 4 ---------------------------------------------------------------------------
+
+
+def test_labrelay_connect_over_tls_takes_an_ssh_channel_and_says_why_once(
+        ca: CA, tls_keys: dict[str, KeyPair], start_relay: Callable[..., RelayNode],
+        start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
+        client_key: KeyPair, tmp_path: Path) -> None:
+    """docs/networks.md "The fast path": the agent's link is plain SSH with its data
+    pool up, so the relay grants alice a fast-path ticket either way; over plain SSH her
+    ``labrelay connect`` is spliced, over TLS it does not dial the data port (on a
+    network that lets out only 443 that is a wait and a failure) but says why, once,
+    and takes an SSH channel."""
+    gpu = sshd_factory("gpu_cluster")
+    relay = start_relay(
+        agents=[f'permitlisten="gpu-cluster:22" {tls_keys["lab_pc"].public_blob()} lab_pc'],
+        users=[f'permitopen="gpu-cluster:22" {tls_keys["alice"].public_blob()} alice'],
+        relay_toml=tls_relay_toml(ca.issue("relay", (RELAY_NAME,)),
+                                  'data_port = 0\ne2e_services = ["gpu-cluster:22"]\n'))
+    tls_port = relay.wait_for("relay_tls_listening", since=0)["port"]
+    relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
+    agent = start_agent(
+        "-p", str(relay.port), "-i", str(tls_keys["lab_pc"].path),
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "ServerAliveInterval=5",
+        "-R", f"gpu-cluster:22:127.0.0.1:{gpu.port}", f"lab_pc@{LOOPBACK}")
+    agent.wait_for("fast_path_ready", timeout=20)
+    agent.wait_for("forward_ready", timeout=20, since=0, bind="gpu-cluster")
+    site = TLSRelay(relay, tls_port, ca, ca.issue("unused", (RELAY_NAME,)), gpu,
+                    tls_keys["lab_pc"], tls_keys["alice"], tmp_path)
+    ssh = find_program("ssh") or "ssh"
+    said = {}
+    for how, options in (("tcp", ["-p", str(relay.port)]), ("tls", site.tls_options())):
+        cfg = ssh_config(site, client_key, " ".join(
+            site.connect_argv(*options, service="%h:%p")))
+        out = _run([ssh, "-F", str(cfg), "gpu-cluster", "echo $LABRELAY_TEST_HOST"])
+        assert out.returncode == 0, out.stderr.decode()
+        assert out.stdout.decode().strip() == "gpu_cluster"
+        said[how] = [line for line in out.stderr.decode().splitlines()
+                     if "fast path unavailable" in line]
+    assert said["tcp"] == [], said  # spliced: the relay and the agent offer it
+    assert len(said["tls"]) == 1, said
+    assert f"the relay is reached by tls {LOOPBACK}:{tls_port}" in said["tls"][0], said
+    assert "its data port is not reachable that way" in said["tls"][0], said

@@ -19,6 +19,7 @@ reaches gpu_cluster through the TLS port before and after, 127.0.0.1).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -203,11 +204,22 @@ def _silent(conn: socket.socket) -> None:
     conn.recv(1)  # until the client gives up
 
 
+def _tunnel_to_nowhere(conn: socket.socket) -> None:
+    """200, then nothing: the proxy's own way out to the relay is blocked or black-holed,
+    so the TLS handshake inside the tunnel never gets an answer."""
+    conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    conn.settimeout(30)
+    with contextlib.suppress(OSError):
+        while conn.recv(4096):  # the ClientHello, swallowed, until the client gives up
+            pass
+
+
 @pytest.mark.parametrize("answer,expect", [
     (_endless_at_full_speed, "longer than 16384 bytes"),
     (_trickle, "within 3s"),
     (_silent, "within 3s"),
-], ids=["endless header", "trickled header", "no answer"])
+    (_tunnel_to_nowhere, "no TLS handshake (or no SSH version after it) within 3s over tls "),
+], ids=["endless header", "trickled header", "no answer", "tunnel to nowhere"])
 def test_a_hostile_proxy_answer_is_bounded(
         hostile_proxy: Callable[..., HostileProxy], tmp_path: Path,
         answer: Callable[[socket.socket], None], expect: str) -> None:
