@@ -76,11 +76,17 @@ class HostKeyPolicy:
     otherwise ``known_hosts`` (OpenSSH format, hashed entries too) is consulted.
     ``accept_new`` (OpenSSH's ``StrictHostKeyChecking=accept-new``) records the key of a
     host that has no entry yet; a *changed* key is always refused.
+
+    ``extra_known_hosts`` are read after ``known_hosts`` as if they were one file with
+    it, and never written: ``labrelay connect`` puts there the rest of what the user's
+    ssh reads (its other UserKnownHostsFile entries, then GlobalKnownHostsFile).  No
+    config key sets it: an agent's config names one file.
     """
 
     known_hosts: Path | None = None
     fingerprint: str | None = None
     accept_new: bool = False
+    extra_known_hosts: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
 """Verification of an SSH server's host key, as OpenSSH's ``ssh`` does it.
 
 A :class:`HostKeyVerifier` answers one question for one ``host:port``: is this key
-the server's?  It either pins one key by its ``SHA256:`` fingerprint or consults an
-OpenSSH ``known_hosts`` file (plain and hashed entries, comma-separated patterns
+the server's?  It either pins one key by its ``SHA256:`` fingerprint or consults
+OpenSSH ``known_hosts`` files (plain and hashed entries, comma-separated patterns
 with ``*``/``?``/``!``, ``[host]:port`` for other ports than 22, ``@revoked``;
 ``@cert-authority`` lines are ignored because certificates are not supported).
+Several files are read as one, as ssh reads its UserKnownHostsFile and
+GlobalKnownHostsFile entries (sshconnect.c loads them all into one set before it
+decides); only the first is ever written.
 
 Conch's ``twisted.conch.client.knownhosts.KnownHostsFile`` is deliberately not used:
 it ignores ``@revoked`` lines (they fail to parse and are skipped), does not match
@@ -12,7 +15,7 @@ patterns or compare host names case-insensitively, reports a *changed* key at th
 first entry of the key type even when a later entry matches, and appends new lines
 without fixing file modes or a missing final newline.
 
-The file is small and read synchronously on every verification, so edits made by an
+The files are small and read synchronously on every verification, so edits made by an
 operator (``ssh-keygen -R``, a new line) take effect on the next connection.
 """
 
@@ -27,7 +30,7 @@ import re
 import secrets
 import shlex
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.conch.ssh.keys import Key
@@ -114,13 +117,18 @@ def known_hosts_name(host: str, port: int) -> str:
 class HostKeyVerifier:
     """Applies one :class:`HostKeyPolicy` to the server at ``host:port``.
 
-    A pinned ``fingerprint`` accepts that key and nothing else (the known_hosts file
-    is then not consulted).  Otherwise ``known_hosts`` (default
-    ``~/.ssh/known_hosts``) decides, with OpenSSH's rules: a key listed under
-    ``@revoked`` is refused (whatever host pattern the line carries); a key listed
-    for the host is accepted; a host listed with *another* key of the same type is
-    refused as changed, always; a host with no entry of this key type is refused
-    as unknown, unless ``accept_new``, in which case a hashed line is appended.
+    A pinned ``fingerprint`` accepts that key and nothing else (the known_hosts files
+    are then not consulted).  Otherwise ``known_hosts`` (default
+    ``~/.ssh/known_hosts``) and then ``extra_known_hosts`` decide together, with
+    OpenSSH's rules: a key listed under ``@revoked`` in any of them is refused
+    (whatever host pattern the line carries); a key listed for the host in any of
+    them is accepted; a host listed with *another* key of the same type (and this
+    key nowhere) is refused as changed, always; a host with no entry of this key
+    type is refused as unknown, unless ``accept_new``, in which case a hashed line is
+    appended to ``known_hosts``, the first file, as ssh records into its first
+    UserKnownHostsFile.  A missing file has no entries; a file that cannot be read
+    does not stop a match in another, but a host is never taken as new while one
+    cannot be read (it might list the host).
     """
 
     def __init__(self, policy: HostKeyPolicy, host: str, port: int) -> None:
@@ -142,6 +150,11 @@ class HostKeyVerifier:
                 ) from None
         known = policy.known_hosts if policy.known_hosts is not None else Path("~/.ssh/known_hosts")
         self.known_hosts = known.expanduser()
+        # Every file, in ssh's order, each once (ssh would read a repeated one twice,
+        # to the same effect).
+        self.files: tuple[Path, ...] = tuple(
+            dict.fromkeys([self.known_hosts, *(p.expanduser() for p in policy.extra_known_hosts)])
+        )
 
     def verify(self, key: Key) -> str:
         """Accept ``key`` or raise :class:`HostKeyError`.
@@ -156,20 +169,17 @@ class HostKeyVerifier:
         return self._verify_known_hosts(offered)
 
     def known_key_types(self) -> list[str]:
-        """Key types known_hosts records for this host, in file order (none when a
-        fingerprint is pinned or the file is unreadable): the SSH client offers
-        these host key algorithms first, as OpenSSH does, so a recorded ECDSA or RSA
-        key is asked for again rather than an unrecorded ed25519 one refused."""
+        """Key types the known_hosts files record for this host, in file order (none
+        when a fingerprint is pinned; an unreadable file adds none): the SSH client
+        offers these host key algorithms first, as OpenSSH does, so a recorded ECDSA or
+        RSA key is asked for again rather than an unrecorded ed25519 one refused."""
         if self._pin is not None:
             return []
-        try:
-            entries, _skipped = self._read()
-        except (OSError, HostKeyError):
-            return []
         types: list[str] = []
-        for e in entries:
-            if e.marker is None and e.matches(self.hostname) and e.key_type not in types:
-                types.append(e.key_type)
+        for read in self._read_all():
+            for e in read.entries:
+                if e.marker is None and e.matches(self.hostname) and e.key_type not in types:
+                    types.append(e.key_type)
         return types
 
     def _verify_pinned(self, offered: _Offered, pin: bytes) -> str:
@@ -186,9 +196,9 @@ class HostKeyVerifier:
         )
 
     def _verify_known_hosts(self, offered: _Offered) -> str:
-        path = self.known_hosts
-        entries, skipped = self._read()
-        for entry in entries:
+        reads = self._read_all()
+        entries = [(r.path, e) for r in reads for e in r.entries]
+        for path, entry in entries:
             if entry.marker == "@revoked" and hmac.compare_digest(entry.blob, offered.blob):
                 raise HostKeyError(
                     HostKeyStatus.REVOKED,
@@ -198,28 +208,26 @@ class HostKeyVerifier:
                     "replace the server's host key, or remove the @revoked line if it is wrong",
                 )
         same_type = [
-            e
-            for e in entries
+            (path, e)
+            for path, e in entries
             if e.marker is None and e.key_type == offered.key_type and e.matches(self.hostname)
         ]
-        for entry in same_type:
+        for path, entry in same_type:
             if hmac.compare_digest(entry.blob, offered.blob):
                 return f"known_hosts {path} line {entry.lineno}"
         if same_type:
-            old = same_type[0]
-            remove = shlex.join(["ssh-keygen", "-R", self.hostname, "-f", str(path)])
+            raise self._changed(offered, *same_type[0])
+        unreadable = [r for r in reads if r.error is not None]
+        if unreadable:
+            first = unreadable[0]
             raise HostKeyError(
-                HostKeyStatus.CHANGED,
+                HostKeyStatus.ERROR,
                 self.hostname,
-                f"the host key has CHANGED: the server offered {offered}, but {path} line "
-                f"{old.lineno} records a different {old.key_type} key "
-                f"{_fingerprint_of_blob(old.blob)}. This could be a man-in-the-middle attack, "
-                "or the server's host key was replaced",
-                "if the change is expected, confirm the new fingerprint out of band, remove "
-                f"the old entry with: {remove}  then add the new key (or let "
-                'strict_host_key_checking = "accept-new", or -o StrictHostKeyChecking=accept-new '
-                "on the command line, record it)",
+                f"cannot read known_hosts file {first.path}: {first.error}",
+                "make it a readable file for the user running labrelay, "
+                "or set known_hosts to another file",
             )
+        path = self.known_hosts
         if self.policy.accept_new:
             self._append(offered)
             log.info(
@@ -230,15 +238,11 @@ class HostKeyVerifier:
                 path=str(path),
             )
             return f"accepted new key, saved to {path}"
-        where = f"{path} has no entry for this host" if path.exists() else f"{path} does not exist"
-        if skipped:
-            lines = ", ".join(str(n) for n in skipped)
-            where += f" (lines {lines} could not be parsed and were ignored)"
         line = f"{self.hostname} {offered.key_type} {base64.b64encode(offered.blob).decode()}"
         raise HostKeyError(
             HostKeyStatus.UNKNOWN,
             self.hostname,
-            f"the host is UNKNOWN: the server offered {offered} and {where}",
+            f"the host is UNKNOWN: the server offered {offered} and {_where(reads)}",
             "check the fingerprint out of band (on the server: ssh-keygen -lf "
             f"/etc/ssh/ssh_host_*_key.pub), then add this line to {path}: {line}  "
             f"-- or pin it: --host-key {offered.fingerprint} on the command line "
@@ -247,23 +251,39 @@ class HostKeyVerifier:
             '(strict_host_key_checking = "accept-new")',
         )
 
-    def _read(self) -> tuple[list[_Entry], list[int]]:
-        """The parsed entries and the numbers of lines that were skipped as invalid."""
-        path = self.known_hosts
+    def _changed(self, offered: _Offered, path: Path, old: _Entry) -> HostKeyError:
+        remove = shlex.join(["ssh-keygen", "-R", self.hostname, "-f", str(path)])
+        also = (
+            ""
+            if path == self.known_hosts
+            else " (if the file is not yours to edit, ask whoever installed it)"
+        )
+        return HostKeyError(
+            HostKeyStatus.CHANGED,
+            self.hostname,
+            f"the host key has CHANGED: the server offered {offered}, but {path} line "
+            f"{old.lineno} records a different {old.key_type} key "
+            f"{_fingerprint_of_blob(old.blob)}. This could be a man-in-the-middle attack, "
+            "or the server's host key was replaced",
+            "if the change is expected, confirm the new fingerprint out of band, remove "
+            f"the old entry with: {remove}{also}  then add the new key (or let "
+            'strict_host_key_checking = "accept-new", or -o StrictHostKeyChecking=accept-new '
+            "on the command line, record it)",
+        )
+
+    def _read_all(self) -> list[_FileEntries]:
+        return [self._read(path) for path in self.files]
+
+    def _read(self, path: Path) -> _FileEntries:
+        """One file's parsed entries and the numbers of the lines skipped as invalid."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            return [], []
+            return _FileEntries(path, exists=False)
         except OSError as e:
-            raise HostKeyError(
-                HostKeyStatus.ERROR,
-                self.hostname,
-                f"cannot read known_hosts file {path}: {e.strerror or e}",
-                "make it a readable file for the user running labrelay, "
-                "or set known_hosts to another file",
-            ) from None
-        entries: list[_Entry] = []
-        skipped: list[int] = []
+            log.debug("cannot read known_hosts file {path}: {e}", path=str(path), e=e)
+            return _FileEntries(path, exists=True, error=e.strerror or str(e))
+        read = _FileEntries(path, exists=True)
         for lineno, raw in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -275,10 +295,10 @@ class HostKeyVerifier:
                     path=str(path),
                     lineno=lineno,
                 )
-                skipped.append(lineno)
+                read.skipped.append(lineno)
             else:
-                entries.append(entry)
-        return entries, skipped
+                read.entries.append(entry)
+        return read
 
     def _append(self, offered: _Offered) -> None:
         """Append a hashed entry (``HashKnownHosts yes``), creating the file 0600 and
@@ -312,6 +332,36 @@ class HostKeyVerifier:
                 f"not be saved to {path}: {e.strerror or e}",
                 "make the file and its directory writable by the user running labrelay",
             ) from None
+
+
+@dataclass
+class _FileEntries:
+    """What one known_hosts file said: its usable entries, the lines skipped as
+    invalid, or why it could not be read."""
+
+    path: Path
+    exists: bool
+    error: str | None = None
+    entries: list[_Entry] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+
+
+def _where(reads: list[_FileEntries]) -> str:
+    """Where the host was looked for, for an UNKNOWN host: "FILE has no entry for this
+    host" (or "does not exist") for one file; each file's state for several."""
+
+    def state(r: _FileEntries, one: bool) -> str:
+        text = ("has no entry for this host" if one else "no entry") if r.exists else (
+            "does not exist")
+        if r.skipped:
+            lines = ", ".join(str(n) for n in r.skipped)
+            text += f" (lines {lines} could not be parsed and were ignored)"
+        return text
+
+    if len(reads) == 1:
+        return f"{reads[0].path} {state(reads[0], True)}"
+    listed = "; ".join(f"{r.path}: {state(r, False)}" for r in reads)
+    return f"no known_hosts file lists this host ({listed})"
 
 
 @dataclass(frozen=True)

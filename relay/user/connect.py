@@ -30,9 +30,10 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import re
 import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -89,7 +90,8 @@ def add_connect_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="OPTION=VALUE",
                         help="an ssh_config option, as for ssh (labrelay uses HostName, "
                         "Port, User, IdentityFile, IdentitiesOnly, IdentityAgent, "
-                        "UserKnownHostsFile, StrictHostKeyChecking, ConnectTimeout), or "
+                        "UserKnownHostsFile, GlobalKnownHostsFile, StrictHostKeyChecking, "
+                        "ConnectTimeout), or "
                         "one of labrelay's own: Transport=tcp|tls|auto, TLSPort, "
                         "TLSServerName, TLSCAFile, TLSPin, Proxy=http://host:port|env "
                         "(docs/networks.md)")
@@ -97,7 +99,8 @@ def add_connect_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the ssh config file to read the relay's Host entry from "
                         "(default ~/.ssh/config, as ssh)")
     parser.add_argument("--host-key", dest="host_key", metavar="SHA256:FINGERPRINT",
-                        help="pin the relay's host key instead of checking known_hosts")
+                        help="pin the relay's host key instead of checking the known_hosts "
+                        "files")
     parser.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                         help="always use an SSH channel through the relay")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -139,12 +142,34 @@ def options_from_args(ns: argparse.Namespace, resolved: Resolved | None = None,
         identity=identity, remote=[], local=[], options=options, no_command=True,
         name=None, fast_path_pool=None, host_key=ns.host_key)
     link = config_from_agent_args(agent_ns).links[0]
+    if link.host_key.fingerprint is None:
+        extra = _more_known_hosts(ns.options, resolved)
+        link = replace(link, host_key=replace(link.host_key, extra_known_hosts=extra))
     name, _, port_text = ns.service.partition(":")
     if not name or (port_text and (not port_text.isdigit() or not 1 <= int(port_text) <= 65535)):
         raise ConfigError(CLI, repr(ns.service), "expected SERVICE or SERVICE:PORT",
                           "e.g. gpu-cluster or jupyter:8888")
     return ConnectOptions(link=link, service=name.lower(), port=int(port_text or 22),
                           fast_path=ns.fast_path)
+
+
+# ssh's defaults (pathnames.h): a second user file, and the system-wide ones a lab
+# admin may fill with the relay's key on every laptop.
+_SECOND_USER_KNOWN_HOSTS = "~/.ssh/known_hosts2"
+_GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
+_USER_KNOWN_HOSTS_OPTION = re.compile(r"\s*UserKnownHostsFile\b", re.IGNORECASE)
+
+
+def _more_known_hosts(options: list[str], resolved: Resolved | None) -> tuple[Path, ...]:
+    """The known_hosts files ssh reads after its first UserKnownHostsFile (which the
+    link's ``known_hosts`` is, and the only one written): the other user files, then
+    GlobalKnownHostsFile, as ``ssh -G`` names them.  Without ssh to ask, ssh's
+    defaults (``-o UserKnownHostsFile`` then replaces the user files)."""
+    if resolved is not None:
+        return tuple(Path(p) for p in (*resolved.known_hosts[1:], *resolved.global_known_hosts))
+    given = any(_USER_KNOWN_HOSTS_OPTION.match(o) for o in options)
+    user = () if given else (_SECOND_USER_KNOWN_HOSTS,)
+    return tuple(Path(p) for p in (*user, *_GLOBAL_KNOWN_HOSTS))
 
 
 def _grow_pipe(fd: int) -> None:

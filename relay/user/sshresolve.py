@@ -39,6 +39,7 @@ class Resolved:
     strict_host_key_checking: str
     connect_timeout: float | None
     identity_agent: str | None
+    global_known_hosts: tuple[str, ...] = ()  # GlobalKnownHostsFile, read after known_hosts
 
 
 def parse(text: str) -> dict[str, list[str]]:
@@ -67,7 +68,15 @@ def from_options(opts: dict[str, list[str]]) -> Resolved:
         strict_host_key_checking=one("stricthostkeychecking", "ask"),
         connect_timeout=None if timeout == "none" else float(timeout),
         identity_agent=one("identityagent") or None,
+        global_known_hosts=_files(one("globalknownhostsfile")),
     )
+
+
+def _files(value: str) -> tuple[str, ...]:
+    """A whitespace-separated list of files, as ``ssh -G`` prints it (expanded);
+    ``none`` is no file (ssh.c)."""
+    files = tuple(value.split())
+    return () if len(files) == 1 and files[0].lower() == "none" else files
 
 
 def resolve(destination: str, *, config_file: str | None = None, port: str | None = None,

@@ -30,6 +30,7 @@ from harness import (
     KeyPair,
     MiB,
     find_program,
+    known_hosts_line,
     sha256_hex,
 )
 from relay_fixtures import ssh_defaults, wait_until
@@ -657,3 +658,65 @@ Host gpu-cluster
     out = ssh_config("--alias", "lab*")
     assert out.returncode == 2 and out.stdout == ""
     assert "--alias: 'lab*' is not a plain host alias" in out.stderr, out.stderr
+
+
+# 14 --------------------------------------------------------------------------
+
+
+def test_the_relay_key_where_ssh_finds_it_a_global_or_second_known_hosts_file(
+        site: Site) -> None:
+    """A lab admin puts the relay's key in the laptops' system-wide known_hosts
+    (GlobalKnownHostsFile, here given with -o); the user's own file does not list it.
+    Stock ssh (``-J``) accepts it, and ``labrelay connect`` as its ProxyCommand must
+    too: it checked the first UserKnownHostsFile only and said UNKNOWN.  Also a key
+    in the second UserKnownHostsFile (``~/.ssh/known_hosts2`` by default).  A
+    different key there is refused by both, as changed; nothing is recorded in the
+    user's file."""
+    relay_line = known_hosts_line(site.relay.host_key_blob, site.relay.port)
+    nowhere = site.tmp / "user_known_hosts"
+    admins = site.tmp / "ssh_known_hosts"
+    admins.write_text(f"# installed by the lab admin\n{relay_line}\n")
+    err = site.tmp / "connect.err"
+    base = ["-p", str(site.relay.port), "-i", str(site.keys.alice.path),
+            f"alice@{LOOPBACK}", "%h:%p"]
+
+    def jump(global_file: Path) -> subprocess.CompletedProcess[bytes]:
+        """Stock ssh through the relay with these files for the relay's key."""
+        cfg = site.tmp / "jump_config"
+        cfg.write_text(f"Host {LOOPBACK}\n  User alice\n  IdentityFile {site.keys.alice.path}\n"
+                       f"  UserKnownHostsFile {nowhere}\n  GlobalKnownHostsFile {global_file}\n"
+                       f"Host gpu-cluster\n  User root\n  IdentityFile {site.client_key.path}\n"
+                       + ssh_defaults(site.relay.known_hosts))
+        return _ssh(cfg, "-J", f"alice@{LOOPBACK}:{site.relay.port}", "gpu-cluster",
+                    "echo $LABRELAY_TEST_HOST")
+
+    _reached(jump(admins))  # stock ssh: the global file is enough
+    proxy = _connect("-o", f"UserKnownHostsFile={nowhere}",
+                     "-o", f"GlobalKnownHostsFile={admins}", *base, err=err)
+    _reached(_ssh(_config(site, proxy), "gpu-cluster", "echo $LABRELAY_TEST_HOST"))
+    assert err.read_text() == ""
+    assert site.fast()["paired"] == 1
+
+    # The second user file, with no global one.
+    proxy = _connect("-o", f"UserKnownHostsFile={nowhere} {admins}",
+                     "-o", "GlobalKnownHostsFile=none", *base, err=err)
+    _reached(_ssh(_config(site, proxy), "gpu-cluster", "echo $LABRELAY_TEST_HOST"))
+    assert err.read_text() == ""
+    assert site.fast()["paired"] == 2
+
+    # Another ed25519 key for the relay in the global file: refused by both.
+    other = " ".join(site.client_key.public.split()[:2])
+    assert other.startswith("ssh-ed25519 ") and relay_line.split()[1] == "ssh-ed25519"
+    stale = site.tmp / "ssh_known_hosts.stale"
+    stale.write_text(f"{relay_line.split()[0]} {other}\n")
+    refused = jump(stale)
+    assert refused.returncode != 0
+    assert b"REMOTE HOST IDENTIFICATION HAS CHANGED" in refused.stderr, refused.stderr
+    proxy = _connect("-o", f"UserKnownHostsFile={nowhere}",
+                     "-o", f"GlobalKnownHostsFile={stale}",
+                     "-o", "StrictHostKeyChecking=accept-new", *base, err=err)
+    assert _ssh(_config(site, proxy), "gpu-cluster", "true").returncode != 0
+    said = err.read_text()
+    assert "the host key has CHANGED" in said and f"{stale} line 1" in said, said
+    assert not nowhere.exists()
+    assert site.fast()["paired"] == 2

@@ -99,3 +99,35 @@ def test_what_ssh_G_resolved_is_the_link(strict: str, accept_new: bool) -> None:
     assert o.link.host_key.known_hosts == Path("/k/known")
     assert o.link.host_key.accept_new is accept_new
     assert o.link.connect_timeout == 7.0
+    assert o.link.host_key.extra_known_hosts == (Path("/k/known2"),)
+
+
+def test_every_known_hosts_file_ssh_reads_is_read_in_ssh_order() -> None:
+    """ssh reads all its UserKnownHostsFile entries, then GlobalKnownHostsFile (a lab
+    admin may put the relay's key there): so does connect; only the first user file
+    is written (``known_hosts``), and --host-key replaces them all."""
+    from relay.user.sshresolve import Resolved
+
+    resolved = Resolved(hostname="relay", port=22, user="alice", identity_files=(),
+                        identities_only=False, known_hosts=("/u/kh", "/u/kh2"),
+                        strict_host_key_checking="yes", connect_timeout=None,
+                        identity_agent=None, global_known_hosts=("/g/a", "/g/b"))
+    o = options_from_args(parse("relay", "gpu"), resolved)
+    assert o.link.host_key.known_hosts == Path("/u/kh")
+    assert o.link.host_key.extra_known_hosts == tuple(
+        Path(p) for p in ("/u/kh2", "/g/a", "/g/b"))
+    fp = "SHA256:" + "A" * 43
+    pinned = options_from_args(parse("--host-key", fp, "relay", "gpu"), resolved).link.host_key
+    assert (pinned.fingerprint, pinned.extra_known_hosts) == (fp, ())
+
+
+def test_without_ssh_the_files_are_ssh_defaults(tmp_path: Path) -> None:
+    o = options_from_args(parse("relay", "gpu"))
+    assert o.link.host_key.known_hosts == tmp_path / ".ssh" / "known_hosts"
+    assert o.link.host_key.extra_known_hosts == (
+        Path("~/.ssh/known_hosts2"), Path("/etc/ssh/ssh_known_hosts"),
+        Path("/etc/ssh/ssh_known_hosts2"))
+    o = options_from_args(parse("-o", "userknownhostsfile /k/known", "relay", "gpu"))
+    assert o.link.host_key.known_hosts == Path("/k/known")
+    assert o.link.host_key.extra_known_hosts == (
+        Path("/etc/ssh/ssh_known_hosts"), Path("/etc/ssh/ssh_known_hosts2"))

@@ -366,3 +366,126 @@ def test_known_key_types_lists_this_hosts_types_in_file_order(tmp_path: Path, ke
         HostKeyPolicy(fingerprint=fingerprint_sha256(keys["a"][0]), known_hosts=path), HOST, PORT
     )
     assert pinned.known_key_types() == []
+
+
+# -- several files, as ssh reads UserKnownHostsFile and GlobalKnownHostsFile -------------------
+
+
+def several(
+    user: Path, *more: Path, accept_new: bool = False
+) -> HostKeyVerifier:
+    """``user`` first (the one written), then ``more``: ssh's other user files, then its
+    global ones."""
+    policy = HostKeyPolicy(known_hosts=user, extra_known_hosts=more, accept_new=accept_new)
+    return HostKeyVerifier(policy, HOST, PORT)
+
+
+def test_a_match_in_the_second_user_file_accepts(tmp_path: Path, keys) -> None:
+    key_a, line_a = keys["a"]
+    first = write(tmp_path / "known_hosts", f"elsewhere.example {keys['b'][1]}")
+    second = write(tmp_path / "known_hosts2", "# second", f"{BRACKETED} {line_a}")
+    before = first.read_bytes()
+    assert several(first, second, accept_new=True).verify(key_a) == (
+        f"known_hosts {second} line 2")
+    assert first.read_bytes() == before  # found, so nothing recorded
+
+
+def test_a_match_in_a_global_file_accepts_with_the_user_files_missing(
+    tmp_path: Path, keys
+) -> None:
+    """The lab admin's case: the relay's key only in a system-wide file (ssh's
+    GlobalKnownHostsFile); the user's own files do not exist, and stay so."""
+    key_a, line_a = keys["a"]
+    user, user2 = tmp_path / "dot-ssh" / "known_hosts", tmp_path / "dot-ssh" / "known_hosts2"
+    glob1 = tmp_path / "etc" / "ssh_known_hosts"
+    glob2 = write(tmp_path / "ssh_known_hosts2", f"{BRACKETED} {line_a}")
+    v = several(user, user2, glob1, glob2)
+    assert v.verify(key_a) == f"known_hosts {glob2} line 1"
+    assert v.known_key_types() == ["ssh-ed25519"]
+    assert not user.parent.exists()
+    # ssh-keygen agrees that this is where the key is.
+    assert ssh_keygen("-F", BRACKETED, "-f", str(glob2)).returncode == 0
+
+
+def test_a_match_anywhere_wins_over_a_stale_key_elsewhere(tmp_path: Path, keys) -> None:
+    """sshconnect.c accepts as soon as any loaded entry equals the key: a stale line in
+    the user's file does not refuse a key the global file lists (and the other way)."""
+    key_a, line_a = keys["a"]
+    stale = write(tmp_path / "known_hosts", f"{BRACKETED} {keys['b'][1]}")
+    glob = write(tmp_path / "ssh_known_hosts", f"{BRACKETED} {line_a}")
+    assert several(stale, glob).verify(key_a) == f"known_hosts {glob} line 1"
+    assert several(glob, stale).verify(key_a) == f"known_hosts {glob} line 1"
+
+
+@pytest.mark.parametrize("accept_new", [False, True])
+def test_a_different_key_in_a_global_file_is_refused_as_changed(
+    tmp_path: Path, keys, accept_new: bool
+) -> None:
+    """The global file lists another key of this type and no file lists the offered
+    one: CHANGED, as ssh says, even with accept-new; the user's file is not written."""
+    key_a, _ = keys["a"]
+    user = write(tmp_path / "known_hosts", f"elsewhere.example {keys['a'][1]}")
+    glob = write(tmp_path / "ssh_known_hosts", "# admin's", f"{BRACKETED} {keys['b'][1]}")
+    before = user.read_bytes()
+    with pytest.raises(HostKeyError) as err:
+        several(user, tmp_path / "missing2", glob, accept_new=accept_new).verify(key_a)
+    assert err.value.status is HostKeyStatus.CHANGED
+    message = str(err.value)
+    assert f"{glob} line 2" in message and fingerprint_sha256(keys["b"][0]) in message
+    assert f"-f {glob}" in message and "ask whoever installed it" in message
+    assert user.read_bytes() == before
+
+
+def test_revoked_in_a_global_file_refuses_a_key_a_user_file_lists(
+    tmp_path: Path, keys
+) -> None:
+    key_a, line_a = keys["a"]
+    user = write(tmp_path / "known_hosts", f"{BRACKETED} {line_a}")
+    glob = write(tmp_path / "ssh_known_hosts", f"@revoked * {line_a}")
+    with pytest.raises(HostKeyError) as err:
+        several(user, glob).verify(key_a)
+    assert err.value.status is HostKeyStatus.REVOKED
+    assert f"{glob} line 1" in str(err.value)
+
+
+def test_accept_new_records_into_the_first_user_file_only(tmp_path: Path, keys) -> None:
+    key_a, line_a = keys["a"]
+    first = tmp_path / "dot-ssh" / "known_hosts"
+    second = write(tmp_path / "known_hosts2", f"elsewhere.example {keys['b'][1]}")
+    glob = write(tmp_path / "ssh_known_hosts", f"otherhost {keys['b'][1]}")
+    before = {p: p.read_bytes() for p in (second, glob)}
+    v = several(first, second, glob, accept_new=True)
+    assert v.verify(key_a) == f"accepted new key, saved to {first}"
+    assert {p: p.read_bytes() for p in (second, glob)} == before
+    (line,) = first.read_text().splitlines()
+    assert line.endswith(line_a)
+    assert several(first, second, glob).verify(key_a) == f"known_hosts {first} line 1"
+
+
+def test_unknown_in_several_files_says_each_and_where_to_add(tmp_path: Path, keys) -> None:
+    key_a, line_a = keys["a"]
+    first = write(tmp_path / "known_hosts", f"elsewhere.example {keys['b'][1]}", "garbage")
+    glob = tmp_path / "ssh_known_hosts"
+    with pytest.raises(HostKeyError) as err:
+        several(first, glob).verify(key_a)
+    assert err.value.status is HostKeyStatus.UNKNOWN
+    message = str(err.value)
+    assert f"{first}: no entry (lines 2 could not be parsed" in message
+    assert f"{glob}: does not exist" in message
+    assert f"add this line to {first}: {BRACKETED} {line_a}" in message
+
+
+def test_an_unreadable_file_never_makes_a_host_new(tmp_path: Path, keys) -> None:
+    """ssh skips a file it cannot open; labrelay takes a match elsewhere, but does not
+    call the host unknown (nor record it) while a file that may list it is unreadable."""
+    key_a, line_a = keys["a"]
+    user = tmp_path / "known_hosts"
+    unreadable = tmp_path / "ssh_known_hosts"
+    unreadable.mkdir()  # reading it fails, whoever runs the test (root reads any file)
+    with pytest.raises(HostKeyError) as err:
+        several(user, unreadable, accept_new=True).verify(key_a)
+    assert err.value.status is HostKeyStatus.ERROR
+    assert str(unreadable) in str(err.value)
+    assert not user.exists()
+    write(user, f"{BRACKETED} {line_a}")
+    assert several(user, unreadable).verify(key_a) == f"known_hosts {user} line 1"

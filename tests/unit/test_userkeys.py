@@ -132,6 +132,12 @@ def test_ssh_G_reads_a_host_alias_from_F(tmp_path: Path) -> None:
     assert set(r.identity_files) == {str(first), "~/.ssh/lab"}  # expanded by keys.expand
     assert r.known_hosts == ("/k/known",) and r.identities_only and r.connect_timeout == 7
     assert r.identity_agent == "none"
+    assert r.global_known_hosts == ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
+    r = sshresolve.resolve("myrelay", config_file=str(cfg),
+                           options=["UserKnownHostsFile /k/a /k/b", "GlobalKnownHostsFile /g"])
+    assert r is not None and (r.known_hosts, r.global_known_hosts) == (("/k/a", "/k/b"), ("/g",))
+    r = sshresolve.resolve("myrelay", config_file=str(cfg), options=["GlobalKnownHostsFile none"])
+    assert r is not None and r.global_known_hosts == ()
     r = sshresolve.resolve("bob@myrelay", config_file=str(cfg), port="22")
     assert r is not None and (r.user, r.port) == ("bob", 22)  # the command line wins
     with pytest.raises(sshresolve.ResolveError):
