@@ -62,7 +62,7 @@ SSH_PREFIX = b"SSH-"
 #: refusal (never the peer's bytes themselves), so an operator who put the SSH port
 #: behind the wrong thing sees which thing.
 _NOT_SSH = (
-    (b"\x16\x03", "a TLS handshake (the relay's TLS port is tls_port)"),
+    (b"\x16\x03", "a TLS handshake (TLS goes to the relay's tls_listen port)"),
     (b"PROXY ", "a PROXY protocol header (the relay does not take one)"),
     (b"GET ", "an HTTP request"), (b"POST ", "an HTTP request"),
     (b"HEAD ", "an HTTP request"), (b"CONNECT ", "an HTTP request"),

@@ -363,7 +363,7 @@ def test_a_version_line_in_pieces_is_read() -> None:
         assert refusal(b"SSH-2.0-x"[:n]) is None
     assert refusal(b"GET / HTTP/1.1") == "not an SSH version line: an HTTP request"
     assert refusal(b"\x16\x03\x01") == (
-        "not an SSH version line: a TLS handshake (the relay's TLS port is tls_port)")
+        "not an SSH version line: a TLS handshake (TLS goes to the relay's tls_listen port)")
     assert refusal(b"PROXY TC") == (
         "not an SSH version line: a PROXY protocol header (the relay does not take one)")
     assert refusal(b"SSh-") == refusal(b" SSH-") == refusal(b"G") == "not an SSH version line"
