@@ -57,6 +57,38 @@ MSG_KEX_DH_GEX_REQUEST = 34
 MALFORMED = (struct.error, IndexError, KeyError, TypeError, ValueError, UnicodeDecodeError)
 
 
+SSH_PREFIX = b"SSH-"
+#: What a first line that is not SSH usually is, by its first bytes: named in the
+#: refusal (never the peer's bytes themselves), so an operator who put the SSH port
+#: behind the wrong thing sees which thing.
+_NOT_SSH = (
+    (b"\x16\x03", "a TLS handshake (TLS goes to the relay's tls_listen port)"),
+    (b"PROXY ", "a PROXY protocol header (the relay does not take one)"),
+    (b"GET ", "an HTTP request"), (b"POST ", "an HTTP request"),
+    (b"HEAD ", "an HTTP request"), (b"CONNECT ", "an HTTP request"),
+)
+
+
+def client_first_line_refusal(head: bytes) -> str | None:
+    """Why the first bytes a *client* sent, ``head`` (any length), cannot begin its
+    SSH version line, or None while they still may.
+
+    RFC 4253 §4.2 lets a server send lines before its version line; a client sends
+    its version line first.  Conch's server skipped any lines before it, so an HTTP
+    request or a PROXY header held an unauthenticated place until ``login_grace``;
+    sshd refuses such a connection at once (kex.c ``kex_exchange_identification``:
+    "client sent invalid protocol identifier").  The relay refuses as soon as the
+    first bytes differ from ``SSH-``, which is earlier than sshd (it waits for the
+    newline) and decides the same: nothing that starts otherwise can become a
+    version line."""
+    if head[: len(SSH_PREFIX)] == SSH_PREFIX[: len(head)]:
+        return None
+    for start, what in _NOT_SSH:
+        if head.startswith(start):  # known only when the read held all of ``start``
+            return f"not an SSH version line: {what}"
+    return "not an SSH version line"
+
+
 class PeerInputGuard:
     """Protocol-error disconnects for messages Conch cannot parse (module docstring)."""
 

@@ -48,7 +48,7 @@ from relay.ssh.connection import (
     OPEN_CONNECT_FAILED,
     FlowConnection,
 )
-from relay.ssh.guard import PeerInputGuard
+from relay.ssh.guard import PeerInputGuard, client_first_line_refusal
 from relay.ssh.openerrors import refused_by_peer
 from relay.ssh.resumable import ResumableSessions
 from relay.ssh.serverauth import (
@@ -155,6 +155,21 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
         self.kexTimeout = core.config.kex_timeout
         self.kexInitWait = KEXINIT_WAIT
         super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        """Refuses a client whose first bytes cannot begin its version line, at once
+        (:func:`relay.ssh.guard.client_first_line_refusal`): Conch's server would skip
+        such lines and hold the connection until ``login_grace``.  A disconnect before
+        the peer's version line is a ``protocol`` offence (:meth:`sendDisconnect`)."""
+        if not self.gotVersion:
+            if self._readDead:  # refused: the rest of what it sent is not read
+                return
+            why = client_first_line_refusal(self.buf[:8] + data[:8])
+            if why is not None:
+                self.buf = b""
+                self._fatal(transport.DISCONNECT_PROTOCOL_ERROR, why.encode())
+                return
+        super().dataReceived(data)
 
     def offended(self, offence: Offence) -> None:
         """Record what this unauthenticated connection did wrong; the worst one counts

@@ -12,6 +12,7 @@ from twisted.conch import error
 from twisted.conch.avatar import ConchUser
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import common, keys, userauth
+from twisted.conch.ssh.transport import DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ISSHPrivateKey, SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
@@ -140,6 +141,9 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
     """Conch's userauth with the relay's grace time and attempt cap, and OpenSSH user
     certificates (which Conch cannot parse) accepted by the grants."""
 
+    _noneAnswered = False  # the connection's first ``none`` was answered (it is free)
+    _exhausted = False  # max_auth_tries used up: charged and logged once
+
     def serviceStarted(self) -> None:
         core: AuthHandler = self.transport.factory.core  # type: ignore[union-attr]
         self.loginTimeout = core.config.login_grace  # type: ignore[assignment]
@@ -220,7 +224,16 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
         relay.refuseAuthenticated(why)
 
     def _ebBadAuth(self, reason: Failure) -> None:
-        if self.method == b"publickey" and reason.check(UnauthorizedLogin):
+        """Conch's, with the relay's accounting: a failed ``publickey`` attempt is
+        logged and is an ``authfail`` offence of the source; every ``none`` after the
+        connection's first counts against ``max_auth_tries`` (Conch never counted
+        one); and the attempt past ``max_auth_tries``, whatever its methods, is an
+        ``authfail`` offence too (sshd charges MaxAuthTries exceeded so)."""
+        if self.method == b"none" and not reason.check(error.IgnoreAuthentication):
+            if self._noneAnswered and self._countNone():
+                return
+            self._noneAnswered = True
+        elif self.method == b"publickey" and reason.check(UnauthorizedLogin):
             relay: Any = self.transport
             relay.offended(Offence.AUTHFAIL)
             self._log.info(
@@ -230,3 +243,34 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
                 peer=relay.peerName(),  # host:port, as every other event has it
             )
         super()._ebBadAuth(reason)
+        if self.loginAttempts > self.attemptsBeforeDisconnect:  # Conch disconnected
+            self._triesExhausted()
+
+    def _countNone(self) -> bool:
+        """Count a ``none`` request that is not the connection's first as a failed
+        attempt, as sshd does (auth2.c ``userauth_finish``: only an initial ``none``
+        is free).  Every client sends one ``none`` to learn the methods; Conch
+        answered any number of them without counting, so one connection could keep
+        asking until ``login_grace``.  True if this one exhausted ``max_auth_tries``
+        (the connection is closing)."""
+        self.loginAttempts += 1
+        if self.loginAttempts <= self.attemptsBeforeDisconnect:
+            return False
+        self._triesExhausted()
+        self.transport.sendDisconnect(  # type: ignore[union-attr]
+            DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"too many bad auths")
+        return True
+
+    def _triesExhausted(self) -> None:
+        """The connection used its ``max_auth_tries``: an ``authfail`` offence (sshd's
+        PerSourcePenalties charge ``authfail`` for MaxAuthTries exceeded), logged."""
+        if self._exhausted:  # a check that finished after the disconnect
+            return
+        self._exhausted = True
+        relay: Any = self.transport
+        relay.offended(Offence.AUTHFAIL)
+        core: AuthHandler = relay.factory.core
+        self._log.info(
+            "closing {peer}: {tries} failed authentication attempts (max_auth_tries)",
+            event="relay_auth_tries_exceeded", peer=relay.peerName(),
+            tries=core.config.max_auth_tries)

@@ -297,7 +297,9 @@ def test_protocol_abuse_from_the_internet(site: Site, record: Record) -> None:
         s2 = socket.create_connection((CLOUD, RELAY_PORT), timeout=10)
     with s1:
         try:
-            s1.sendall(b"A" * MiB)
+            # a version line that never ends (one that does not start "SSH-" is
+            # refused at its first byte: test_admission)
+            s1.sendall(b"SSH-2.0-" + b"A" * MiB)
         except (BrokenPipeError, ConnectionResetError):
             pass
         reply = closed_within(s1, 10)

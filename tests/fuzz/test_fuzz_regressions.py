@@ -88,10 +88,16 @@ def test_no_packet_is_read_before_the_version_line() -> None:
     dispatched = []
     t.dispatchMessage = lambda n, p: dispatched.append(n)
     t.dataReceived(packet + b"\n")
-    assert dispatched == [] and not t.gotVersion and not t.disconnects
-    t.dataReceived(b"x" * 4096)  # then Conch's 4 KiB limit on what precedes the version
-    assert t.disconnects and t.transport.disconnecting
+    assert dispatched == [] and not t.gotVersion
+    # Since the relay refuses a client's line that is not its version line (sshd does):
+    # at once, without reading further.
+    assert t.disconnects == [(DISCONNECT_PROTOCOL_ERROR, b"not an SSH version line")]
+    assert t.transport.disconnecting
     ft.transport_banner(data)
+    # A version line that never ends: Conch's 4 KiB limit.
+    t = world.new_transport(core)
+    t.dataReceived(b"SSH-2.0-" + b"x" * 4096)
+    assert not t.gotVersion and t.disconnects and t.transport.disconnecting
 
 
 def test_an_honest_client_still_gets_through_the_kex() -> None:

@@ -713,9 +713,10 @@ def test_bad_input_is_refused_cleanly_and_others_are_untouched(
     rss_before = relay.rss_kb()
 
     # A 1 MiB "version line" without a newline: dropped after Conch's 4 KiB limit.
+    # (One that does not start "SSH-" is refused at its first byte: test_admission.)
     with connect(relay.port) as s:
         try:
-            s.sendall(b"A" * MiB)
+            s.sendall(b"SSH-2.0-" + b"A" * MiB)
         except (BrokenPipeError, ConnectionResetError):
             pass
         reply = closed_within(s, 10)

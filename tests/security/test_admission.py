@@ -325,17 +325,21 @@ def test_repeated_auth_failures_penalise_the_source_only(site: Site) -> None:
 
 
 def test_garbage_instead_of_a_version_line_is_a_protocol_offence(site: Site) -> None:
-    """8 KB of bytes that are not an SSH version line, from 127.0.0.2: the relay drops
-    each at Conch's 4 KiB limit, and each costs the source 10 s (``protocol``, as a bad
-    version line should), so the third connection is refused at accept.  Before: Conch's
-    disconnect for it (CONNECTION_LOST) counted as ``noauth``, 1 s, and the source could
-    send 15 such blobs in a burst unrefused.  alice logs in meanwhile."""
-    for i in range(2):
+    """8 KB of bytes that are not an SSH version line, from 127.0.0.2: a version line
+    that never ends (dropped at Conch's 4 KiB limit) and an HTTP request with a long
+    header (refused at its first byte); each costs the source 10 s (``protocol``, as a
+    bad version line should), so the third connection is refused at accept.  Before:
+    Conch's disconnect for the 4 KiB limit (CONNECTION_LOST) counted as ``noauth``, 1 s,
+    and the source could send 15 such blobs in a burst unrefused.  alice logs in
+    meanwhile."""
+    for i, (blob, said) in enumerate([
+            (b"SSH-2.0-" + b"A" * 8000, b"longer than 4KB"),
+            (b"GET / HTTP/1.1\r\nX-Junk: " + b"A" * 8000, b"not an SSH version line")]):
         s = _dial(site.relay.port)
         assert s is not None, "refused before it was penalised"
         with s:
             try:
-                s.sendall(b"GET / HTTP/1.1\r\nX-Junk: " + b"A" * 8000)
+                s.sendall(blob)
             except (BrokenPipeError, ConnectionResetError):
                 pass
             s.settimeout(10)
@@ -345,7 +349,7 @@ def test_garbage_instead_of_a_version_line_is_a_protocol_offence(site: Site) -> 
                     reply += chunk
             except ConnectionResetError:
                 pass
-            assert b"longer than 4KB" in reply, reply[-200:]
+            assert said in reply, reply[-200:]
         wait_until(lambda n=i + 1: site.admission()["penalties"]["protocol"] == n,
                    "the offence to be counted")
     assert site.admission()["penalties"]["noauth"] == 0
@@ -353,6 +357,43 @@ def test_garbage_instead_of_a_version_line_is_a_protocol_offence(site: Site) -> 
     jump = site.alice("gpu-jump")
     print(f"\ngarbage version lines: 2, then refused at accept in {refused_in * 1000:.1f} ms; "
           f"alice -J {jump:.2f}s")
+
+
+def test_a_line_before_the_version_line_is_refused_at_once(site: Site) -> None:
+    """A short HTTP request (``GET / HTTP/1.1``, then nothing) from 127.0.0.2: refused
+    at once, as sshd refuses a client's line that is not its version line, and a
+    ``protocol`` offence (10 s).  Before: Conch's server skipped the line and held the
+    connection, one of the source's 10 unauthenticated places, until ``login_grace``
+    (30 s, then ``grace_exceeded``).  Stock ssh (alice, ``-J``) logs in meanwhile; the
+    interop matrix (tests/security/test_interop.py) covers the other clients."""
+    took = []
+    for i in range(2):
+        s = _dial(site.relay.port)
+        assert s is not None, "refused before it was penalised"
+        with s:
+            start = time.monotonic()
+            s.sendall(b"GET / HTTP/1.1\r\n")
+            s.settimeout(10)
+            reply = b""
+            try:
+                while chunk := s.recv(4096):
+                    reply += chunk
+            except (TimeoutError, ConnectionResetError):
+                pass
+            took.append(time.monotonic() - start)
+            assert b"not an SSH version line: an HTTP request" in reply, reply[-200:]
+        wait_until(lambda n=i + 1: site.admission()["penalties"]["protocol"] == n,
+                   "the offence to be counted")
+    assert max(took) < 5, took  # before: held for login_grace (30 s)
+    penalties = site.admission()["penalties"]
+    assert penalties["grace-exceeded"] == penalties["noauth"] == 0, penalties
+    refused_in = _refused_at_accept(site.relay.port)  # 20 s of penalty > min 15 s
+    jump = site.alice("gpu-jump")
+    event = site.relay.wait_for("ssh_transport_error", since=0,
+                                why="not an SSH version line: an HTTP request")
+    assert event["peer"].startswith(f"{ATTACKER}:"), event
+    print(f"\nGET lines: closed in {', '.join(f'{t * 1000:.1f}' for t in took)} ms, then "
+          f"refused at accept in {refused_in * 1000:.1f} ms; alice -J {jump:.2f}s")
 
 
 def test_early_closes_on_the_data_port_are_penalised(site: Site) -> None:

@@ -14,6 +14,12 @@ without closing the connection), and a second login on it raised out of the new
 service's start: a ``critical`` traceback in the log, on demand, from any user.  It is
 now a protocol-error disconnect, as the request has no meaning there.
 
+``none`` requests: Conch answered any number of them without counting (200 on one
+connection, which then stayed open until ``login_grace``).  sshd lets only a client's
+first ``none`` (every client sends one to learn the methods) go free; each further one
+is a failed attempt.  So does the relay now, and the disconnect at ``max_auth_tries``
+is an ``authfail`` offence of the source, whatever methods used it up.
+
 Each test checks that alice, a granted user with a stock ``ssh -L`` to an echo service
 through the relay, keeps working.
 """
@@ -42,6 +48,7 @@ from harness import (
     ssh_argv,
 )
 from paramiko.common import cMSG_SERVICE_REQUEST
+from relay_fixtures import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -163,4 +170,53 @@ def test_a_service_request_after_login_is_a_protocol_error(
         transport.close()
     bad = [e for e in relay.events(since=mark) if e.get("level") in ("critical", "error")]
     assert not bad, bad
+    assert echo_roundtrip(alice_port, b"still here", greeting=b"WEB ") == b"still here"
+
+
+def test_none_requests_count_after_the_first(
+    site: tuple[RelayNode, dict[str, KeyPair], int],
+) -> None:
+    relay, keys, alice_port = site
+    mark = relay.mark()
+    transport = paramiko_from(ATTACKER, relay.port)
+    sent = answered = 0
+    try:
+        for _ in range(200):
+            sent += 1
+            try:
+                transport.auth_none("alice")
+            except paramiko.BadAuthenticationType as e:
+                assert e.allowed_types == ["publickey"]
+                answered += 1
+                continue
+            except (paramiko.SSHException, EOFError):
+                pass
+            break
+        transport.join(15)
+        assert not transport.is_active()
+    finally:
+        transport.close()
+    print(f"\n  paramiko auth_none: {answered} answered, disconnected at request {sent}")
+    # Before the fix: 200 answered, the connection still open (until login_grace).
+    assert (answered, sent) == (MAX_AUTH_TRIES, MAX_AUTH_TRIES + 1)
+    event = relay.wait_for("relay_auth_tries_exceeded", since=mark)
+    assert re.fullmatch(r"127\.0\.0\.2:\d+", event["peer"]) and event["tries"] == MAX_AUTH_TRIES
+    wait_until(lambda: relay.status()["relay"]["admission"]["penalties"]["authfail"] == 1,
+               "the authfail to be counted")
+    assert relay.status()["relay"]["admission"]["penalties"]["protocol"] == 0
+
+    # One `none` first, then keys, as OpenSSH, PuTTY, dbclient and asyncssh do: the
+    # granted key still logs in at the last of max_auth_tries.
+    person = paramiko_from("127.0.0.3", relay.port)
+    try:
+        with pytest.raises(paramiko.BadAuthenticationType):
+            person.auth_none("alice")
+        for _ in range(MAX_AUTH_TRIES - 1):
+            with pytest.raises(paramiko.AuthenticationException):
+                person.auth_publickey("alice", stranger_key())
+        person.auth_publickey(
+            "alice", paramiko.Ed25519Key.from_private_key_file(str(keys["alice"].path)))
+        assert person.is_authenticated()
+    finally:
+        person.close()
     assert echo_roundtrip(alice_port, b"still here", greeting=b"WEB ") == b"still here"

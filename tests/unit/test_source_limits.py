@@ -330,3 +330,104 @@ def test_authenticated_connections_are_not_penalised(
     _end(proto)
     assert sum(core.admission.penalties.penalised.values()) == 0
     assert core.ssh_gate.total == 0
+
+
+# --- before the version line, and `none` requests: closed at once, counted ---------------
+
+
+@pytest.mark.parametrize("first", [b"GET / HTTP/1.1\r\n", b"\r\n", b"\x16\x03\x01\x02\x00",
+                                   b"PROXY TCP4 192.0.2.1 192.0.2.2 5000 22\r\n", b"S", b"x"])
+def test_a_client_line_before_its_version_line_is_refused_at_once(
+        relay: tuple[RelayCore, RelayFactory, MemoryReactorClock], first: bytes) -> None:
+    """sshd refuses a client that sends anything but its version line first; Conch's
+    server skipped such lines, holding the place until ``login_grace``."""
+    core, factory, reactor = relay
+    proto, tcp = _connect(factory)
+    for i in range(len(first)):  # byte by byte: the refusal comes with the first bad one
+        proto.dataReceived(first[i:i + 1])
+        if tcp.disconnecting:
+            break
+    if first == b"S":
+        assert not tcp.disconnecting  # "S" may still begin "SSH-"
+        proto.dataReceived(b"x")
+    assert tcp.disconnecting and not proto.gotVersion
+    _end(proto)
+    assert {k: v for k, v in core.admission.penalties.penalised.items() if v} == {"protocol": 1}
+    assert not reactor.getDelayedCalls()
+
+
+def test_a_version_line_in_pieces_is_read() -> None:
+    from relay.ssh.guard import client_first_line_refusal as refusal
+
+    for n in range(1, 9):
+        assert refusal(b"SSH-2.0-x"[:n]) is None
+    assert refusal(b"GET / HTTP/1.1") == "not an SSH version line: an HTTP request"
+    assert refusal(b"\x16\x03\x01") == (
+        "not an SSH version line: a TLS handshake (TLS goes to the relay's tls_listen port)")
+    assert refusal(b"PROXY TC") == (
+        "not an SSH version line: a PROXY protocol header (the relay does not take one)")
+    assert refusal(b"SSh-") == refusal(b" SSH-") == refusal(b"G") == "not an SSH version line"
+
+
+def _userauth(factory: RelayFactory) -> tuple[Any, _TCP]:
+    """A connection from A past a (simulated) strict key exchange, with ``ssh-userauth``
+    started: the seams ``tests/fuzz/fuzzworld.after_strict_kex`` uses."""
+    from twisted.conch.ssh import common
+
+    from relay.ssh import policy
+
+    proto, tcp = _connect(factory)
+    proto.dataReceived(b"SSH-2.0-OpenSSH_9.6\r\n")
+    guard = proto.kexGuard
+    assert guard.kexinit_received([policy.CURVE25519, policy.STRICT_KEX_CLIENT], 0) is None
+    guard.newkeys_received()
+    proto.sessionID = bytes(range(32))
+    proto.keyExchanges = 1
+    proto.dispatchMessage(5, common.NS(b"ssh-userauth"))
+    assert not tcp.disconnecting
+    return proto, tcp
+
+
+def _auth_none(proto: Any) -> None:
+    from twisted.conch.ssh import common
+
+    proto.dispatchMessage(50, common.NS(b"mallory") + common.NS(b"ssh-connection")
+                          + common.NS(b"none"))
+
+
+def test_the_first_none_is_free_and_each_further_one_counts(
+        relay: tuple[RelayCore, RelayFactory, MemoryReactorClock]) -> None:
+    """As sshd: a client's first ``none`` (to learn the methods) costs nothing, every
+    later one is a failed attempt; the one past ``max_auth_tries`` (6) disconnects and is
+    an ``authfail`` offence.  Conch counted none of them."""
+    core, factory, _reactor = relay
+    proto, tcp = _userauth(factory)
+    answered = 0
+    while not tcp.disconnecting and answered < 50:
+        _auth_none(proto)
+        answered += 1
+    assert answered == 1 + core.config.max_auth_tries
+    assert proto.offence is Offence.AUTHFAIL
+    _end(proto)
+    assert core.admission.penalties.penalised["authfail"] == 1
+
+
+def test_a_none_counts_with_the_keys_tried(
+        relay: tuple[RelayCore, RelayFactory, MemoryReactorClock]) -> None:
+    """``none`` and other methods share one count: the first ``none``, four unsupported
+    ``password`` attempts and then ``none`` again and again: the sixth counted one
+    disconnects."""
+    from twisted.conch.ssh import common
+
+    _core, factory, _reactor = relay
+    proto, tcp = _userauth(factory)
+    _auth_none(proto)
+    for _ in range(4):
+        proto.dispatchMessage(50, common.NS(b"mallory") + common.NS(b"ssh-connection")
+                              + common.NS(b"password") + b"\x00" + common.NS(b"x"))
+    assert proto.service.loginAttempts == 4 and not tcp.disconnecting
+    _auth_none(proto)
+    assert proto.service.loginAttempts == 5 and not tcp.disconnecting
+    _auth_none(proto)
+    assert tcp.disconnecting
+    assert proto.offence is Offence.AUTHFAIL  # max_auth_tries exceeded, whatever the methods
