@@ -497,7 +497,11 @@ def test_a_refused_forward_tells_the_labrelay_agent_why_and_stock_ssh_nothing_ne
     echo2 = [line for line in table.stdout.splitlines() if " echo2:7 " in line]
     assert len(echo2) == 1 and not_granted in echo2[0], table.stdout
 
-    # Stock ssh, the same key and the same refusal: exactly what it always saw.
+    # Stock ssh, the same key and the same refusal: exactly what it always saw.  The
+    # second agent goes first: its retries would be refused with the same reason.
+    gone = relay.mark()
+    second.stop()
+    relay.wait_for("relay_disconnected", since=gone, name="lab_pc")
     mark = relay.mark()
     out = run(
         user_ssh(relay, keys.lab_pc, "-v", "-N", "-o", "ExitOnForwardFailure=yes",
