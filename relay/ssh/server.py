@@ -108,7 +108,6 @@ class _PendingReply:
     why: str | None = None  # refused with a reason (RefusedRequest)
 
 
-
 class RelayHandler(AuthHandler, Protocol):
     """What the SSH server needs of the relay above it.
 
@@ -415,7 +414,9 @@ class RelayConnection(FlowConnection):
             result.addErrback(lambda f: self._log.failure("global request", f))
             result.addBoth(lambda _: _fire(replied))
             return
-        slot = _PendingReply(requestType, data, replied)
+        # The payload is kept only where a refusal may name it (a forward's bind, port).
+        slot = _PendingReply(requestType, data if requestType in EXPLAINED_REQUESTS else b"",
+                             replied)
         self._replies.append(slot)
 
         def answered(outcome: Any) -> None:

@@ -308,3 +308,21 @@ def test_a_refused_cancel_is_logged_with_the_reason() -> None:
     assert outcome(done) is None
     said = [e for e in logs if e.get("event") == "forward_cancel_refused"]
     assert [e["reason"] for e in said] == ["echo2:7 is not registered by this connection"]
+
+
+def test_the_relays_reason_is_escaped_and_cut_like_any_peer_string() -> None:
+    """The reason is the relay's text: the agent's log shows it as one line of printable
+    characters, cut at a peer string's 200, however the relay wrote it."""
+    from relay.ops.logfmt import FIELD_LIMIT, format_event, sanitize_event
+
+    _forward, conn, _link = runner()
+    why = "not granted\r\n2026-12-07 forward_ready fake\x1b[2J" + "x" * 1000
+    with capturedLogs() as logs:
+        conn.replies[0].errback(RefusedWithReason(b"", RefusalNote(FORWARD, "echo2", 7, why)))
+    (event,) = [e for e in logs if e.get("event") == "forward_refused"]
+    reason = sanitize_event(event)["reason"]
+    assert reason.startswith("refused by the relay: not granted\\r\\n2026-12-07 forward_ready")
+    assert "\x1b" not in reason and "\\x1b[2J" in reason
+    assert reason.endswith("more chars]") and len(reason) < FIELD_LIMIT + 40
+    line = format_event(sanitize_event(event))
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
