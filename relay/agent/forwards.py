@@ -31,6 +31,7 @@ from relay.datapath.join import SessionCounters
 from relay.datapath.net import LISTEN_BACKLOG
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.client import LinkBasics, LinkConnection
+from relay.ssh.openerrors import refusal_reason
 from relay.ssh.wire import pack_forward
 
 
@@ -57,6 +58,11 @@ class ForwardOwner(LinkBasics, Protocol):
     def sessionStarted(self, forward: Any, side: Any, channel: BridgedChannel,
                        origin: str) -> Any:
         """A session's channel opened: bridge it to ``side`` and count it."""
+
+
+#: What a refusal says when the server gave no reason (a stock sshd, or a relay before
+#: ``request-refused@labrelay``): SSH's REQUEST_FAILURE carries none.
+REFUSED_NO_REASON = "refused by the server (port in use or not permitted)"
 
 
 class RemoteForwardRunner:
@@ -118,7 +124,8 @@ class RemoteForwardRunner:
             return  # the link went away meanwhile; linkUp will request again
         self.failures += 1
         self.state = ForwardState.REFUSED
-        self.last_error = "refused by the server (port in use or not permitted)"
+        why = refusal_reason(f, b"tcpip-forward", self.config.bind, self.config.port)
+        self.last_error = REFUSED_NO_REASON if why is None else f"refused by the relay: {why}"
         delay = self._policy(self.failures)
         self._log.warn(
             "forward {forward}: server refused {bind}:{port} ({reason}); "
@@ -177,7 +184,17 @@ class RemoteForwardRunner:
         if conn is None or not ready or port is None:
             return defer.succeed(None)
         d = conn.sendGlobalRequest(b"cancel-tcpip-forward", self._request_data(port), 1)
-        return d.addErrback(lambda _: None)
+
+        def refused(f: Failure) -> None:
+            why = refusal_reason(f, b"cancel-tcpip-forward", self.config.bind, port)
+            if why is not None:  # else a plain refusal, or the link went: nothing to say
+                self._log.info(
+                    "forward {forward}: the relay refused to cancel {bind}:{port}: {reason}",
+                    event="forward_cancel_refused", link=self.link.name, forward=self.name,
+                    bind=self.config.bind, port=port, reason=why,
+                )
+
+        return d.addErrback(refused)
 
     def status(self) -> dict[str, Any]:
         return {

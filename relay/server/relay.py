@@ -41,7 +41,7 @@ from relay.server.resumes import RelayResumes
 from relay.server.sharing import Sharing
 from relay.server.status import relay_status
 from relay.server.waiting import Waiting
-from relay.ssh.server import RelayConnection, RelayTransport
+from relay.ssh.server import RefusedRequest, RelayConnection, RelayTransport
 from relay.ssh.serverauth import Identity
 from relay.ssh.wire import EARLY_DATA_OK, unpack_early_data_ok, unpack_forward
 
@@ -212,13 +212,15 @@ class RelayCore(SessionOpening):
             return False
         return True
 
-    def _refuse(self, conn: RelayConnection, what: str, why: str) -> bool:
+    def _refuse(self, conn: RelayConnection, what: str, why: str) -> RefusedRequest:
+        """Refuse ``what`` and log why; the answer carries ``why`` too, which a labrelay
+        agent is told (``request-refused@labrelay``, relay.ssh.server)."""
         self.counters["requests_refused"] += 1
         self._log.warn(
             "{kind} {name}: refused {what}: {why}", event="relay_request_refused",
             kind=conn.identity.kind, name=conn.principal_name, what=what, why=why,
         )
-        return False
+        return RefusedRequest(why)
 
     def _principalOf(self, session: Any) -> Principal | None:
         """The principal ``session``'s key is granted as now (None: no longer granted)."""
@@ -246,7 +248,7 @@ class RelayCore(SessionOpening):
         return self._apply(decision, conn, what, replied)
 
     def _apply(self, decision: Decision, conn: RelayConnection, what: str,
-               replied: defer.Deferred[None]) -> bool:
+               replied: defer.Deferred[None]) -> bool | RefusedRequest:
         """Do what the router decided about ``conn``'s ``what``; the request's answer.
 
         Sessions waiting for the name are handed the registration only once the reply
@@ -270,10 +272,11 @@ class RelayCore(SessionOpening):
         return True
 
     def _probeThenTakeover(self, probe: Probe, conn: RelayConnection, what: str,
-                           replied: defer.Deferred[None]) -> defer.Deferred[bool]:
+                           replied: defer.Deferred[None],
+                           ) -> defer.Deferred[bool | RefusedRequest]:
         """Probe the holder for ``TAKEOVER_PROBE`` seconds; the router decides from the
         first of: its answer, its connection stopping (no answer will come), silence."""
-        result: defer.Deferred[bool] = defer.Deferred()
+        result: defer.Deferred[bool | RefusedRequest] = defer.Deferred()
 
         def settle(decision: Decision | None) -> None:
             if decision is None:  # settled already
@@ -296,14 +299,16 @@ class RelayCore(SessionOpening):
         old.probe().addCallback(answered)
         return result
 
-    def _cancel(self, conn: RelayConnection, data: bytes) -> bool:
+    def _cancel(self, conn: RelayConnection, data: bytes) -> bool | RefusedRequest:
+        """Refused quietly (a cancel changes nothing the relay holds): the agent is
+        told why all the same."""
         try:
             bind, port = unpack_forward(data)
         except ValueError:
-            return False
+            return RefusedRequest("malformed request")
         name = self.router.cancel(bind, port, conn)
         if name is None:
-            return False
+            return RefusedRequest(f"{bind}:{port} is not registered by this connection")
         self._log.info("agent {agent} cancelled {service}", event="relay_service_cancelled",
                        agent=conn.principal_name, service=label_of(name, port))
         if name == PUBLIC:

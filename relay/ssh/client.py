@@ -51,13 +51,17 @@ from relay.ssh.connection import (
 )
 from relay.ssh.guard import PeerInputGuard
 from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier
+from relay.ssh.openerrors import RefusedWithReason
 from relay.ssh.resumable import ResumableSessions
 from relay.ssh.wire import (
     EARLY_DATA,
     GRANT_REVOKED,
+    REQUEST_REFUSED,
+    RefusalNote,
     pack_endpoints,
     unpack_endpoints,
     unpack_grant_revoked,
+    unpack_request_refused,
 )
 from relay.transport.dial import Dialer, Route
 
@@ -302,6 +306,8 @@ class LinkConnection(FlowConnection):
         self.link = link
         self.keepalive: KeepaliveMonitor | None = None
         self.resumable = False  # the relay answered our resume@labrelay hello
+        # The relay's request-refused@labrelay, for the very next global reply only.
+        self._refusal: RefusalNote | None = None
 
     @property
     def link_transport(self) -> LinkTransport:
@@ -325,9 +331,18 @@ class LinkConnection(FlowConnection):
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
         """``grant-revoked@labrelay``: the relay dropped one of our registrations
         (its grant was revoked); ``early-data@labrelay``: a channel's first bytes
-        (relay.ssh.earlydata); anything else as Conch does (refused)."""
+        (relay.ssh.earlydata); ``request-refused@labrelay``: why the relay refuses the
+        request it answers next (:meth:`ssh_REQUEST_FAILURE`); anything else as Conch
+        does (refused)."""
         if requestType == EARLY_DATA and self.early is not None:
             self.earlyReceived(data)
+            return 1
+        if requestType == REQUEST_REFUSED:
+            try:
+                self._refusal = unpack_request_refused(data)
+            except ValueError:
+                self._refusal = None
+                return 0
             return 1
         if requestType == GRANT_REVOKED:
             try:
@@ -337,6 +352,20 @@ class LinkConnection(FlowConnection):
             self.link.grantRevoked(bind, port, why)
             return 1
         return super().gotGlobalRequest(requestType, data)
+
+    def ssh_REQUEST_SUCCESS(self, packet: bytes) -> None:
+        self._refusal = None  # it preceded a success: about nothing
+        super().ssh_REQUEST_SUCCESS(packet)
+
+    def ssh_REQUEST_FAILURE(self, packet: bytes) -> None:
+        """A refused request: with the relay's reason when a ``request-refused@labrelay``
+        came just before (:class:`RefusedWithReason`; whoever asked checks that the note
+        names its request, :func:`relay.ssh.openerrors.refusal_reason`)."""
+        note, self._refusal = self._refusal, None
+        if note is None or not self.deferreds["global"]:
+            super().ssh_REQUEST_FAILURE(packet)
+            return
+        self.deferreds["global"].pop(0).errback(RefusedWithReason(packet, note))
 
     def _sendKeepalive(self) -> None:
         d = self.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)

@@ -25,6 +25,7 @@ the CPU per packet here; ``policy.server_ciphers_for``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.conch import error
@@ -59,7 +60,15 @@ from relay.ssh.serverauth import (
     RelayAvatar,
     RelayUserAuth,
 )
-from relay.ssh.wire import GRANT_REVOKED, pack_endpoints, pack_grant_revoked, unpack_endpoints
+from relay.ssh.wire import (
+    GRANT_REVOKED,
+    REQUEST_REFUSED,
+    pack_endpoints,
+    pack_grant_revoked,
+    pack_request_refused,
+    unpack_endpoints,
+    unpack_forward,
+)
 
 OPEN_RESOURCE_SHORTAGE = 4
 ORIGIN_LIMIT = 255
@@ -67,6 +76,36 @@ ORIGIN_LIMIT = 255
 #: Seconds the relay waits for a client's first KEXINIT before sending its own.
 #: OpenSSH, PuTTY, Dropbear, paramiko and asyncssh send theirs at once.
 KEXINIT_WAIT = 1.0
+#: The refused global requests whose reason a labrelay agent is told
+#: (``request-refused@labrelay``): their payload names a bind address and port.
+EXPLAINED_REQUESTS = (b"tcpip-forward", b"cancel-tcpip-forward")
+
+
+@dataclass(frozen=True)
+class RefusedRequest:
+    """A global request's answer: no, and why (:meth:`RelayHandler.globalRequest`).
+
+    The peer gets a plain ``REQUEST_FAILURE`` as for ``False``; a labrelay agent is told
+    ``why`` in a ``request-refused@labrelay`` just before it.  False in a boolean test,
+    like the answer it stands for."""
+
+    why: str
+
+    def __bool__(self) -> bool:
+        return False
+
+
+@dataclass
+class _PendingReply:
+    """One global request that wants a reply; replies go out in request order."""
+
+    request: bytes
+    data: bytes
+    replied: list[defer.Deferred[None]]
+    done: bool = False
+    ok: bool = False
+    reply: bytes = b""
+    why: str | None = None  # refused with a reason (RefusedRequest)
 
 
 class RelayHandler(AuthHandler, Protocol):
@@ -92,7 +131,8 @@ class RelayHandler(AuthHandler, Protocol):
         """That service stopped."""
 
     def globalRequest(self, conn: RelayConnection, requestType: bytes, data: bytes) -> Any:
-        """Answer a global request: False, True, bytes, or a Deferred of one."""
+        """Answer a global request: False, True, bytes, a :class:`RefusedRequest`, or a
+        Deferred of one."""
 
     def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
                         channel: BridgedChannel) -> defer.Deferred[BridgedChannel] | BridgedChannel:
@@ -311,7 +351,7 @@ class RelayConnection(FlowConnection):
         super().__init__()
         self.core = core
         self.keepalive: KeepaliveMonitor | None = None
-        self._replies: list[list[Any]] = []  # [done, ok, data, replied] in request order
+        self._replies: list[_PendingReply] = []  # in request order
         self._handling: list[defer.Deferred[None]] | None = None  # the request being handled
         self.resumable = False  # a labrelay agent said resume@labrelay hello
         self.agent_instance = b""  # which agent process (from its hello)
@@ -389,17 +429,25 @@ class RelayConnection(FlowConnection):
             result.addErrback(lambda f: self._log.failure("global request", f))
             result.addBoth(lambda _: _fire(replied))
             return
-        slot: list[Any] = [False, False, b"", replied]
+        # The payload is kept only where a refusal may name it (a forward's bind, port).
+        slot = _PendingReply(requestType, data if requestType in EXPLAINED_REQUESTS else b"",
+                             replied)
         self._replies.append(slot)
 
         def answered(outcome: Any) -> None:
-            ok, reply = outcome if isinstance(outcome, tuple) else (bool(outcome), b"")
-            slot[:3] = [True, ok, reply]
+            if isinstance(outcome, RefusedRequest):
+                slot.why = outcome.why
+            elif isinstance(outcome, tuple):
+                ok, slot.reply = outcome
+                slot.ok = bool(ok)
+            else:
+                slot.ok = bool(outcome)
+            slot.done = True
             self._flushReplies()
 
         def failed(f: Failure) -> None:
             self._log.failure("global request {type}", f, type=requestType)
-            slot[:3] = [True, False, b""]
+            slot.done = True
             self._flushReplies()
 
         result.addCallbacks(answered, failed)
@@ -423,14 +471,32 @@ class RelayConnection(FlowConnection):
     def _flushReplies(self) -> None:
         from twisted.conch.ssh.connection import MSG_REQUEST_FAILURE, MSG_REQUEST_SUCCESS
 
-        while self._replies and self._replies[0][0]:
-            _, ok, data, replied = self._replies.pop(0)
+        while self._replies and self._replies[0].done:
+            slot = self._replies.pop(0)
             if self.transport is not None and not self._stopped:
-                self.transport.sendPacket(MSG_REQUEST_SUCCESS if ok else MSG_REQUEST_FAILURE,
-                                          data if ok else b"")
-                _fire(replied)
+                if not slot.ok and slot.why is not None:
+                    self._explainRefusal(slot.request, slot.data, slot.why)
+                self.transport.sendPacket(MSG_REQUEST_SUCCESS if slot.ok else MSG_REQUEST_FAILURE,
+                                          slot.reply if slot.ok else b"")
+                _fire(slot.replied)
             else:
-                _fire(replied, error.ConchError("connection stopped before the reply"))
+                _fire(slot.replied, error.ConchError("connection stopped before the reply"))
+
+    def _explainRefusal(self, request: bytes, data: bytes, why: str) -> None:
+        """Tell a labrelay agent why its ``tcpip-forward``/``cancel-tcpip-forward`` is
+        refused (``request-refused@labrelay``), just before the failure itself: SSH's
+        ``REQUEST_FAILURE`` has no room for a reason.  Only a peer whose version string
+        is labrelay's hears it, so a stock ``ssh -R`` sees exactly the failure it always
+        did; a request the relay could not read names no bind and port, so nothing."""
+        if request not in EXPLAINED_REQUESTS or not policy.labrelay_peer(
+                getattr(self.transport, "otherVersionString", None)):
+            return
+        try:
+            bind, port = unpack_forward(data)
+        except ValueError:
+            return
+        self.sendGlobalRequest(REQUEST_REFUSED, pack_request_refused(request, bind, port, why),
+                               wantReply=0)
 
     @property
     def leftOnPurpose(self) -> bool:
@@ -444,7 +510,7 @@ class RelayConnection(FlowConnection):
         super().serviceStopped()
         replies, self._replies = self._replies, []
         for slot in replies:
-            _fire(slot[3], error.ConchError("connection stopped before the reply"))
+            _fire(slot.replied, error.ConchError("connection stopped before the reply"))
         self.core.sessionStopped(self)
 
     # channels

@@ -7,6 +7,7 @@ a malformed payload raises :class:`ValueError`.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from twisted.conch.ssh import common
 
@@ -135,3 +136,49 @@ def unpack_early_data(data: bytes) -> tuple[int, bytes]:
     if len(data) != 8 + n:
         raise ValueError("malformed early-data request: its length does not match")
     return channel, data[8:]
+
+
+REQUEST_REFUSED = b"request-refused@labrelay"
+"""Relay -> agent global request, no reply wanted, sent only to a peer whose version
+string is labrelay's (:func:`relay.ssh.policy.labrelay_peer`), just before the
+``REQUEST_FAILURE`` of a refused ``tcpip-forward`` or ``cancel-tcpip-forward``: SSH's
+failure carries no reason, so without it the lab PC's log could not say what to fix.
+Payload: string the refused request's name, string its bind address and uint32 its
+port as the relay read them (a bind longer than 255 bytes is cut, and then pairs with
+nothing), string why (UTF-8, at most 1 KiB).  The agent pairs it with the very next
+reply only (:meth:`RefusalNote.answers`); anything else is ignored."""
+
+_MAX_BIND = 255
+
+
+@dataclass(frozen=True)
+class RefusalNote:
+    """A ``request-refused@labrelay``: which request the relay refused, and why."""
+
+    request: bytes
+    bind: str
+    port: int
+    why: str
+
+    def answers(self, request: bytes, bind: str, port: int) -> bool:
+        """Whether this note is about the request ``request`` for ``bind:port``: a note
+        is believed only for the request it names, never for another one it preceded."""
+        return (self.request, self.bind, self.port) == (request, bind, port)
+
+
+def pack_request_refused(request: bytes, bind: str, port: int, why: str) -> bytes:
+    reason = why.encode("utf-8")[:_MAX_REASON].decode("utf-8", "ignore")
+    return (common.NS(request[:_MAX_BIND]) + common.NS(bind.encode("utf-8")[:_MAX_BIND])
+            + struct.pack(">L", port) + common.NS(reason.encode("utf-8")))
+
+
+def unpack_request_refused(data: bytes) -> RefusalNote:
+    try:
+        request, rest = common.getNS(data)
+        bind, rest = common.getNS(rest)
+        (port,) = struct.unpack(">L", rest[:4])
+        why, _ = common.getNS(rest[4:])
+    except (struct.error, IndexError) as e:
+        raise ValueError(f"malformed request-refused request: {e}") from e
+    return RefusalNote(request[:_MAX_BIND], bind[:_MAX_BIND].decode("utf-8", "replace"), port,
+                       why[:_MAX_REASON].decode("utf-8", "replace"))

@@ -245,12 +245,43 @@ def early_data(data: bytes) -> None:
         assert made.localWindowLeft == 64 * 1024 - taken
 
 
+# --- request-refused@labrelay (read by the agent's connection) ---------------------
+
+
+def request_refused(data: bytes) -> None:
+    """``request-refused@labrelay`` with any payload, then the failure of the agent's
+    pending ``tcpip-forward`` for ``echo2:7``: a plain refusal, or one whose note is
+    bounded (bind <= 255 bytes, reason <= 1 KiB, as characters after decoding) and is
+    believed only when it names that very request; never an exception, never a reply."""
+    from relay.ssh.client import LinkConnection
+    from relay.ssh.openerrors import RefusedWithReason, refusal_reason, refused_by_peer
+
+    conn = LinkConnection(object())  # type: ignore[arg-type]  # nothing here reads it
+    link = FakeSSHTransport()
+    conn.transport = link  # type: ignore[assignment]
+    asked = conn.sendGlobalRequest(b"tcpip-forward", wire.pack_forward("echo2", 7), wantReply=1)
+    outcome: list[Any] = []
+    asked.addBoth(outcome.append)
+    conn.packetReceived(80, common.NS(wire.REQUEST_REFUSED) + b"\x00" + data)
+    conn.packetReceived(82, b"")
+    (f,) = outcome
+    assert refused_by_peer(f) and link.packets[1:] == [] and link.disconnects == []
+    why = refusal_reason(f, b"tcpip-forward", "echo2", 7)
+    if isinstance(f.value, RefusedWithReason):
+        note = f.value.note
+        assert len(note.request) <= 255 and len(note.bind) <= 255 and len(note.why) <= 1024
+        assert (why is not None) == note.answers(b"tcpip-forward", "echo2", 7)
+    else:
+        assert why is None
+
+
 TARGETS: dict[str, Target] = {
     "krl": krl,
     "http_connect": http_connect,
     "resume_wire": resume_wire,
     "share_request": share_request,
     "early_data": early_data,
+    "request_refused": request_refused,
 }
 
 
@@ -348,10 +379,25 @@ def early_seeds() -> dict[str, bytes]:
     }
 
 
+def refused_seeds() -> dict[str, bytes]:
+    forward = b"tcpip-forward"
+    return {
+        "granted": wire.pack_request_refused(
+            forward, "echo2", 7, "service echo2:7 is not granted to agent lab_pc"),
+        "other-port": wire.pack_request_refused(forward, "echo2", 8, "why"),
+        "cancel": wire.pack_request_refused(b"cancel-tcpip-forward", "echo2", 7, "why"),
+        "long": wire.pack_request_refused(forward, "echo2", 7, "\u00e9" * 2000),
+        "bad-utf8": _s(forward) + _s(b"echo2") + struct.pack(">L", 7) + _s(b"\xff\x1b[2J"),
+        "short": _s(forward) + _s(b"echo2") + b"\x00\x00",
+        "overlong": _s(forward) + _s(b"echo2") + struct.pack(">LL", 7, 2**32 - 1) + b"x",
+    }
+
+
 SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
     "krl": krl_seeds,
     "http_connect": http_seeds,
     "resume_wire": resume_seeds,
     "share_request": share_seeds,
     "early_data": early_seeds,
+    "request_refused": refused_seeds,
 }

@@ -49,6 +49,7 @@ from relay.ssh.ciphers import (
 )
 from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier, parse_fingerprint
 from relay.ssh.policy import STRICT_KEX_CLIENT
+from relay.ssh.server import RefusedRequest
 
 Target = Callable[[bytes], None]
 MAX_BUFFERED = 4 + MAX_PACKET_LENGTH + 64  # one whole packet and its tag/MAC
@@ -224,8 +225,9 @@ _REQUEST_TYPES = (
 def global_request(data: bytes) -> None:
     """``RelayCore.globalRequest`` with any payload, from an agent or a user, in any
     order: every request is answered (after the takeover probe's window at most) with
-    a bool or ``(bool, reply)`` -- never an exception -- and a reply to a fast-path
-    request parses with the matching fastwire unpacker."""
+    a bool, ``(bool, reply)`` or a refusal with its reason (``RefusedRequest``) -- never
+    an exception -- and a reply to a fast-path request parses with the matching
+    fastwire unpacker."""
     core, clock = world.new_core()
     conns = {
         kind: world.new_connection(core, kind)[0] for kind in ("agent", "user")
@@ -251,6 +253,8 @@ def global_request(data: bytes) -> None:
                 fw.unpack_token_reply(reply)
             elif ok and request == fw.POOL_REQUEST:
                 fw.unpack_pool_reply(reply)
+        elif isinstance(answer, RefusedRequest):
+            assert isinstance(answer.why, str) and answer.why and not answer, answer
         else:
             assert isinstance(answer, bool), answer
     for conn in conns.values():

@@ -281,6 +281,9 @@ def test_port_held_by_old_session_is_retried_without_dropping_link(
     )  # fmt: skip
     agent.wait_for("link_connected", timeout=20)
     refused = agent.wait_for("forward_refused", timeout=20, since=0)
+    # sshd gives no reason (REQUEST_FAILURE has no room for one, and it sends no
+    # request-refused@labrelay): the agent says what it can.
+    assert refused["reason"] == "refused by the server (port in use or not permitted)", refused
     retry = agent.wait_for(
         "forward_retry", timeout=20, since=refused["_index"] + 1, forward=refused["forward"]
     )

@@ -48,7 +48,7 @@ from harness import (
     sha256_hex,
     ssh_argv,
 )
-from relay_fixtures import jump_config, stock_local_forward, wait_until
+from relay_fixtures import admin_port, admin_status, jump_config, stock_local_forward, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -448,6 +448,72 @@ def test_other_agent_key_cannot_take_a_name_online_or_not(
     agent_ready(back, "gpu-cluster")
     out = run(user_ssh(relay, keys.alice, "-W", "gpu-cluster:22", user="alice"), input=b"hi\n")
     assert (out.returncode, out.stdout) == (0, b"owner\nhi\n"), out.stderr
+    assert_relay_clean(relay)
+
+
+def test_a_refused_forward_tells_the_labrelay_agent_why_and_stock_ssh_nothing_new(
+    relay: RelayNode,
+    keys: Keys,
+    start_agent: Callable[..., AgentProcess],
+    targets: Targets,
+) -> None:
+    """The relay refuses a forward whose name is not granted (``echo2``) and one that
+    another live agent with the same key holds (``gpu-cluster``).  The labrelay agent
+    hears why (``request-refused@labrelay``): its ``forward_refused`` and ``labrelay
+    status`` carry the relay's reason, not a guess at one (operations.md).  A stock
+    ``ssh -R`` refused the same way sees only its plain failure, and no extension
+    message (its ``-v`` log names every global request the server sends)."""
+    target = targets.echo(greeting=b"owner\n")
+    owner = labrelay_agent(
+        start_agent, relay, keys.lab_pc, f"gpu-cluster:22:127.0.0.1:{target.port}", name="owner"
+    )
+    agent_ready(owner, "gpu-cluster")
+    second = start_agent(
+        "-p", str(relay.port), "-i", str(keys.lab_pc.path),
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+        "--backoff-initial", "0.2", "--backoff-max", "1", "--admin", "127.0.0.1:0",
+        "-R", f"echo2:7:127.0.0.1:{target.port}",
+        "-R", f"gpu-cluster:22:127.0.0.1:{target.port}",
+        "lab_pc@127.0.0.1", name="second",
+    )  # fmt: skip
+    not_granted = "service echo2:7 is not granted to agent lab_pc"
+    refused = second.wait_for("forward_refused", timeout=20, since=0, bind="echo2")
+    assert refused["reason"] == f"refused by the relay: {not_granted}", refused
+    held = second.wait_for("forward_refused", timeout=20, since=0, bind="gpu-cluster")
+    assert re.fullmatch(r"refused by the relay: held by a live session of lab_pc from "
+                        r"127\.0\.0\.1:\d+ \(answered a probe just now\)",
+                        held["reason"]), held
+    second.assert_no_event("forward_ready")
+
+    admin = f"{LOOPBACK}:{admin_port(second)}"
+    forwards = {f["listen"]: f for f in admin_status(admin_port(second))["links"][0]["forwards"]}
+    assert forwards["echo2:7"]["last_error"] == f"refused by the relay: {not_granted}"
+    assert "held by a live session of lab_pc" in forwards["gpu-cluster:22"]["last_error"]
+    table = subprocess.run(
+        [sys.executable, "-m", "relay", "status", "--admin", admin], capture_output=True,
+        text=True, timeout=30, cwd=REPO_ROOT, env={**os.environ, **child_env()},
+    )  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    echo2 = [line for line in table.stdout.splitlines() if " echo2:7 " in line]
+    assert len(echo2) == 1 and not_granted in echo2[0], table.stdout
+
+    # Stock ssh, the same key and the same refusal: exactly what it always saw.  The
+    # second agent goes first: its retries would be refused with the same reason.
+    gone = relay.mark()
+    second.stop()
+    relay.wait_for("relay_disconnected", since=gone, name="lab_pc")
+    mark = relay.mark()
+    out = run(
+        user_ssh(relay, keys.lab_pc, "-v", "-N", "-o", "ExitOnForwardFailure=yes",
+                 "-R", f"echo2:7:127.0.0.1:{target.port}", user="lab_pc"),
+    )  # fmt: skip
+    assert out.returncode == 255, out
+    assert b"remote port forwarding failed for listen port 7" in out.stderr, out.stderr
+    asked = [line for line in out.stderr.splitlines() if b"client_input_global_request" in line]
+    assert all(b"rtype keepalive@openssh.com " in line for line in asked), asked
+    why = relay.wait_for("relay_request_refused", since=mark, name="lab_pc")
+    assert why["why"] == not_granted, why
+    owner.assert_no_event("link_lost")
     assert_relay_clean(relay)
 
 

@@ -21,6 +21,7 @@ from relay.core.routing import Outcome, Registry
 from relay.core.sessions import SPLICED, SessionRow
 from relay.server.grants import Grants
 from relay.server.relay import TAKEOVER_PROBE, RelayCore
+from relay.ssh.server import RefusedRequest
 from relay.testing import (
     FakeIdentity,
     FakePair,
@@ -79,8 +80,10 @@ def test_ungranted_name_and_user_registration_are_refused(world: Any) -> None:
     core, _clock, blobs = world
     agent = _conn(core, blobs, "lab_pc")
     user = _conn(core, blobs, "alice", kind="user")
-    assert result_of(_register(core, agent, "other")) is False
-    assert result_of(_register(core, user)) is False
+    # The answer carries the reason a labrelay agent is told (request-refused@labrelay).
+    assert result_of(_register(core, agent, "other")) == RefusedRequest(
+        "service other:22 is not granted to agent lab_pc")
+    assert result_of(_register(core, user)) == RefusedRequest("users may not register services")
     assert core.registry.registrations() == []
     assert core.counters["requests_refused"] == 2
 
@@ -107,7 +110,8 @@ def test_live_holder_keeps_the_name_no_flapping(world: Any) -> None:
     result_of(_register(core, holder))
     pending = _register(core, newcomer)
     holder.probes[0].callback(True)  # the holder answers its keepalive
-    assert result_of(pending) is False
+    assert result_of(pending) == RefusedRequest(
+        "held by a live session of lab_pc from 127.0.0.1:1 (answered a probe just now)")
     clock.advance(TAKEOVER_PROBE * 2)  # the timer was cancelled: nothing changes later
     assert core.registry.lookup("gpu-cluster", 22).session is holder
     assert holder.disconnected == []
@@ -118,9 +122,10 @@ def test_other_agent_is_refused_online_or_not(world: Any) -> None:
     core, _clock, blobs = world
     owner = _conn(core, blobs, "lab_pc")
     intruder = _conn(core, blobs, "intruder")
-    assert result_of(_register(core, intruder)) is False  # owner offline: not granted anyway
+    not_granted = RefusedRequest("service gpu-cluster:22 is not granted to agent intruder")
+    assert result_of(_register(core, intruder)) == not_granted  # owner offline: not granted
     result_of(_register(core, owner))
-    assert result_of(_register(core, intruder)) is False
+    assert result_of(_register(core, intruder)) == not_granted
     assert owner.probes == []  # never probed on behalf of another agent
 
 
@@ -321,7 +326,8 @@ def test_revoked_agent_key_loses_its_names_sessions_and_connection(filed: Filed)
     k1 = _conn(core, b, "k1")
     k1.identity.name = "lab_pc"
     assert result_of(_register(core, k1)) is True
-    assert result_of(_register(core, k1, "")) is False  # port 22 is no public port granted
+    assert result_of(_register(core, k1, "")) == RefusedRequest(
+        "public port 22 is not granted to agent lab_pc")
     assert result_of(_register(core, k1, "", 2201)) is True
     assert 2201 in core.publicPorts.listeners
     alice = _session(core, "alice", "gpu-cluster:22", b["alice"], k1)
@@ -353,7 +359,7 @@ def test_narrowed_agent_loses_only_what_it_lost_and_is_told(filed: Filed) -> Non
     assert k1.disconnected == []
     assert k1.revoked == [("web", 80, "web:80 is no longer granted to agent lab_pc")]
     # ... and cannot register it again.
-    assert result_of(_register(core, k1, "web", 80)) is False
+    assert not result_of(_register(core, k1, "web", 80))
 
 
 def test_a_holder_whose_grant_went_cannot_keep_a_name_by_answering_probes(filed: Filed) -> None:
@@ -442,7 +448,7 @@ def test_reconfigure_applies_limits_grants_and_the_idle_sweep(world: Any) -> Non
     core.start()
     alice = _conn(core, blobs, "alice", kind="user")
     agent = _conn(core, blobs, "lab_pc")
-    assert result_of(_register(core, agent, "web", 8080)) is False  # not granted yet
+    assert not result_of(_register(core, agent, "web", 8080))  # not granted yet
     config = core.config
     assert core.grants.principal_for(blobs["alice"]).max_sessions == 64
     lab_pc = dataclasses.replace(config.agents[0], services=(
