@@ -257,7 +257,8 @@ class Link(MultiService):
             "link {link}: connected to {host}:{port} as {user} ({route})",
             event="link_connected", link=self.name, host=self.config.host,
             port=route.port if route is not None else self.config.port,
-            user=self.config.user, peer=str(peer), route=str(route),
+            user=self.config.user, route=str(route),
+            peer=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
         )
         self._takeEarly(conn)  # first: the relay must know before it opens our sessions
         self._hello(conn)

@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import shlex
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,15 +230,16 @@ class HostKeyVerifier:
             )
         path = self.known_hosts
         if self.policy.accept_new:
-            self._append(offered)
+            where = f"saved to {path}" if self._append(offered) else f"not recorded ({path})"
             log.info(
-                "accepted new {key_type} host key {fingerprint} for {hostname}, saved to {path}",
+                "accepted new {key_type} host key {fingerprint} for {hostname}, {where}",
                 key_type=offered.key_type,
                 fingerprint=offered.fingerprint,
                 hostname=self.hostname,
                 path=str(path),
+                where=where,
             )
-            return f"accepted new key, saved to {path}"
+            return f"accepted new key, {where}"
         line = f"{self.hostname} {offered.key_type} {base64.b64encode(offered.blob).decode()}"
         raise HostKeyError(
             HostKeyStatus.UNKNOWN,
@@ -300,10 +302,12 @@ class HostKeyVerifier:
                 read.entries.append(entry)
         return read
 
-    def _append(self, offered: _Offered) -> None:
+    def _append(self, offered: _Offered) -> bool:
         """Append a hashed entry (``HashKnownHosts yes``), creating the file 0600 and
-        its directory 0700 if needed.  A failure refuses the key: silently not
-        recording it would make every later connection trust-on-first-use again."""
+        its directory 0700 if needed; False if ``known_hosts`` is not a regular file
+        (``/dev/null``: the user asked for nothing to be kept).  A failure refuses the
+        key: silently not recording it would make every later connection
+        trust-on-first-use again."""
         path = self.known_hosts
         salt = secrets.token_bytes(_SALT_LEN)
         digest = hmac.new(salt, self.hostname.encode("utf-8"), hashlib.sha1).digest()
@@ -316,6 +320,11 @@ class HostKeyVerifier:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    # ``/dev/null``, ssh's idiom for "record nowhere": nothing to keep.
+                    # Its mode is the system's (an fchmod here, as root, made it 0600 for
+                    # everyone), and a device cannot be fsync'ed (EINVAL refused the key).
+                    return False
                 if st.st_size == 0:
                     os.fchmod(fd, 0o600)
                 elif os.pread(fd, 1, st.st_size - 1) != b"\n":
@@ -324,6 +333,7 @@ class HostKeyVerifier:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            return True
         except OSError as e:
             raise HostKeyError(
                 HostKeyStatus.ERROR,

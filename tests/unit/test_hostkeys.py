@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import subprocess
@@ -489,3 +490,22 @@ def test_an_unreadable_file_never_makes_a_host_new(tmp_path: Path, keys) -> None
     assert not user.exists()
     write(user, f"{BRACKETED} {line_a}")
     assert several(user, unreadable).verify(key_a) == f"known_hosts {user} line 1"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes a character device (mknod): root only; "
+                    "CI runs as root")
+def test_accept_new_into_a_null_device_keeps_its_mode_and_accepts(tmp_path: Path, keys) -> None:
+    """``-o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=accept-new`` (or
+    ``=no``), ssh's idiom for a throwaway host: labrelay fchmod'ed the file it had just
+    "created" to 0600 when it was empty, which for /dev/null, as root (an agent under
+    systemd), made the null device unusable by every other user; and fsync of a device
+    fails (EINVAL), so the key was refused.  Tested on a null device of our own (the
+    same major/minor), never on the system's."""
+    node = tmp_path / "null"
+    os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.chmod(node, 0o666)
+    key_a, _ = keys["a"]
+    said = verifier(node, accept_new=True).verify(key_a)
+    assert said == f"accepted new key, not recorded ({node})"
+    assert stat.S_IMODE(os.stat(node).st_mode) == 0o666
+    assert stat.S_ISCHR(os.stat(node).st_mode)
