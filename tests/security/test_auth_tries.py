@@ -119,6 +119,9 @@ def test_max_auth_tries_holds_when_the_client_asks_for_userauth_each_time(
         assert not transport.is_active()
     finally:
         transport.close()
+    # Logged after the last refusal: once it is read, every refusal has been (reading
+    # at once raced the relay's log stream under load: 5 of 6 read, in one CI run).
+    relay.wait_for("relay_auth_tries_exceeded", since=mark)
     refusals = relay.events("relay_auth_refused", since=mark)
     checked = len(refusals)
     # named as every other event names a peer (it was "IPv4Address(type='TCP', ...)")
@@ -168,6 +171,7 @@ def test_a_service_request_after_login_is_a_protocol_error(
         assert not transport.is_active()
     finally:
         transport.close()
+    relay.wait_for("relay_disconnected", since=mark, name="alice")  # all of it logged
     bad = [e for e in relay.events(since=mark) if e.get("level") in ("critical", "error")]
     assert not bad, bad
     assert echo_roundtrip(alice_port, b"still here", greeting=b"WEB ") == b"still here"
