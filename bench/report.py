@@ -74,7 +74,18 @@ def machine_conditions(python: str, loadavg_at_start: str) -> dict[str, Any]:
         "cryptography": versions[1],
         "labrelay": versions[2],
         "openssh": run_text([find_program("ssh"), "-V"]),
+        "tcp_congestion_control": tcp_congestion_control(),
     }
+
+
+def tcp_congestion_control() -> str:
+    """The host's default TCP congestion control (every socket of a loopback suite
+    uses it): a condition of the latency figures, which a host may set to bbr."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "?"
+
 
 
 def result_head(benchmark: str, bench: Run) -> dict[str, Any]:
@@ -118,7 +129,8 @@ def conditions_text(c: dict[str, Any]) -> str:
     """The machine and versions sentence of a report, from ``machine_conditions``."""
     return (f"{c['cpu_model']}, {c['nproc']} CPUs (load {c['loadavg_at_start']} at start), "
             f"Linux {c['kernel']}, Python {c['python']}, Twisted {c['twisted']}, "
-            f"cryptography {c['cryptography']}, labrelay {c['labrelay']}, {c['openssh']}. ")
+            f"cryptography {c['cryptography']}, labrelay {c['labrelay']}, {c['openssh']}, "
+            f"TCP congestion control {c.get('tcp_congestion_control', '?')}. ")
 
 
 def goals_table(goals: list[dict[str, Any]]) -> list[str]:

@@ -127,7 +127,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"{res['date']}, commit {res['commit']}; {c['nproc']} cores, load "
         f"{c['loadavg_at_start']} at start, {c.get('loadavg_at_end', '?')} at the end "
         f"(the bench's own load included); lab_pc -> cloud shaped to {c['mbit']} Mbit/s "
-        f"(tbf); {c['runs']} run(s) of {c['seconds']:g} s per scenario (medians).",
+        f"(tbf), the link's TCP congestion control {c.get('tcp_congestion_control', '?')}; "
+        f"{c['runs']} run(s) of {c['seconds']:g} s per scenario (medians).",
         "",
         "| scenario | user | streams | weight | share | ideal | by streams | Jain | link MB/s |"
         " echo p50 / p99 ms |",
@@ -212,11 +213,15 @@ def main(argv: list[str] | None = None) -> int:
 
     topo = Topology()
     load = loadavg()
+    congestion = "?"
     scenarios: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="labrelay-bench-sharing-") as tmp:
         workdir = Path(tmp)
         try:
             topo.up()
+            # The link's congestion control is the agent's namespace's default: a
+            # condition of every latency figure here (a host's default may be bbr).
+            congestion = topo.sysctl("lab_pc", "net.ipv4.tcp_congestion_control")
             keys = make_keys(workdir / "keys")
             for name, spec in SCENARIOS.items():
                 results = []
@@ -234,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         "conditions": {"nproc": os.cpu_count(), "kernel": platform.release(),
                        "python": platform.python_version(), "loadavg_at_start": load,
                        "loadavg_at_end": loadavg(),
-                       "runs": runs, "seconds": args.seconds, "mbit": args.mbit},
+                       "runs": runs, "seconds": args.seconds, "mbit": args.mbit,
+                       "tcp_congestion_control": congestion},
         "scenarios": scenarios,
     }
     res["goals"] = goals(scenarios)

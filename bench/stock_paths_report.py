@@ -222,7 +222,9 @@ def markdown(res: dict[str, Any]) -> str:
     out = [f"# Stock OpenSSH paths: ssh -J and ssh -L through the relay vs the seed's way "
            f"({res['date']}, commit {res['commit']})", "",
            f"{c.get('cpu_model')}, {c.get('nproc')} CPUs, load at start "
-           f"{c.get('loadavg_at_start')}; {c['bytes'] // MiB} MiB per transfer, {c['runs']} "
+           f"{c.get('loadavg_at_start')}, TCP congestion control "
+           f"{c.get('tcp_congestion_control', '?')}; {c['bytes'] // MiB} MiB per transfer, "
+           f"{c['runs']} "
            "runs; side by side in one run on one shared machine: compare ratios, not MB/s "
            "across runs.", "", f"Ciphers: {c['ciphers']}", "",
            "| workload | path | MB/s | × direct | CPU-s/GiB during the stream |",
