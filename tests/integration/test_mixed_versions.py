@@ -316,20 +316,6 @@ def test_mixed_versions_serve_stock_ssh_and_degrade_to_the_older_side(
         assert refused["reason"] == GENERIC_REFUSAL, refused
     p.relay.wait_for("relay_request_refused", since=0)
 
-    # The keys-refused back-off is the agent's own: this agent waits 10 s after any relay
-    # (the previous one too) refused its keys; the previous agent retries on its
-    # backoff (0.5 s here), whichever relay it meets.
-    stranger = make_key(p.tmp / "stranger", comment="stranger")
-    refused_agent = p.start_agent(stranger, "--fast-path-pool", "0", "--backoff-initial", "0.5",
-                                  "-N", name="refused-agent")
-    refused_agent.wait_for("auth_failed", timeout=20)
-    retry = refused_agent.wait_for("link_retry", timeout=20)
-    if v.agent_previous:
-        assert retry["delay"] < KEYS_REFUSED_RETRY and "keys_refused" not in retry, retry
-    else:
-        assert retry["delay"] >= KEYS_REFUSED_RETRY and retry["keys_refused"] is True, retry
-    refused_agent.stop()
-
     if not v.relay_previous:
         # max_connections_per_user = 2: lab_pc's link and a standby (no forwards) fill
         # it; a third agent with the key is told why, nothing else.
@@ -338,11 +324,31 @@ def test_mixed_versions_serve_stock_ssh_and_degrade_to_the_older_side(
         third = p.start_agent(p.lab_pc, "--fast-path-pool", "0", "-N", name="third")
         failed = third.wait_for("link_failed", timeout=20)
         assert "max_connections_per_user = 2" in failed["reason"], failed
+        third.wait_for("link_retry")  # and it tries again later, on its backoff
         p.relay.wait_for("relay_connection_cap", since=0, name="lab_pc")
+        # no penalty for its address: the key was valid (nothing else failed a login yet)
+        penalties = p.relay.status()["relay"]["admission"]["penalties"]
+        assert sum(penalties.values()) == 0, penalties
         third.stop()
         standby.stop()
         # the first agent's link is untouched: its services still answer
         assert echo_roundtrip(port, b"still here", greeting=b"web\n") == b"still here"
+
+    # The keys-refused back-off is the agent's own: this agent waits 10 s after any relay
+    # (the previous one too) refused its keys; the previous agent retries on its
+    # backoff (0.5 s here), whichever relay it meets.
+    stranger = make_key(p.tmp / "stranger", comment="stranger")
+    refused_agent = p.start_agent(stranger, "--fast-path-pool", "0", "--backoff-initial", "0.5",
+                                  "-N", name="refused-agent")
+    auth = refused_agent.wait_for("auth_failed", timeout=20)
+    if not v.agent_previous:  # the previous relay is a labrelay relay all the same
+        assert "the relay's agents file" in auth["reason"], auth
+    retry = refused_agent.wait_for("link_retry", timeout=20)
+    if v.agent_previous:
+        assert retry["delay"] < KEYS_REFUSED_RETRY and "keys_refused" not in retry, retry
+    else:
+        assert retry["delay"] >= KEYS_REFUSED_RETRY and retry["keys_refused"] is True, retry
+    refused_agent.stop()
 
     # The agent stopped (SIGTERM) with a session open on the link: it says goodbye (the
     # previous agent did too); this relay ends what it held for it at once, the
@@ -384,6 +390,6 @@ def test_the_previous_relay_refuses_a_config_with_max_connections_per_user(
     config = write_relay_dir(tmp_path / "relay", [], [], "max_connections_per_user = 8\n")
     proc = start_process(relay_argv(True, config), name="previous-relay",
                          env=previous_env(previous_tree))
-    assert proc.wait_exit(timeout=30) != 0
+    assert proc.wait_exit(timeout=30) == 2  # a config problem, as for any other
     said = "\n".join(proc.stderr.lines) + "\n".join(str(e) for e in proc.events())
     assert "max_connections_per_user" in said, said
