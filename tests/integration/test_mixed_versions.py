@@ -28,7 +28,10 @@ this round added behaves as the older side allows:
   told why and carries on with its other connection; the previous relay refuses to
   start with that key in its config (a downgrade must remove it).
 
-Nothing is logged at level critical, and no traceback, by either side.
+Nothing is logged at level critical, and no traceback, by either side.  A control
+pairing (this version on both sides) runs the same steps, so each degraded answer is
+shown to differ from the full one.  Last, the relay upgraded in place and rolled back
+(same config, port and state_dir) under a connected previous agent.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +65,11 @@ from harness import (
     connect,
     echo_roundtrip,
     find_program,
+    free_port,
     known_hosts_line,
     make_key,
     recv_exactly,
+    write_known_hosts,
 )
 from relay_fixtures import admin_port, admin_status, stock_local_forward, wait_until
 
@@ -133,7 +139,7 @@ def relay_argv(previous: bool, config: Path) -> list[str]:
 
 
 def write_relay_dir(directory: Path, agents: list[str], users: list[str],
-                    relay_toml: str) -> Path:
+                    relay_toml: str, listen: str = "127.0.0.1:0") -> Path:
     """A relay's directory as ``start_relay`` writes it, with keys both versions know."""
     directory.mkdir()
     (directory / "agents").write_text("".join(line + "\n" for line in agents))
@@ -144,7 +150,7 @@ def write_relay_dir(directory: Path, agents: list[str], users: list[str],
 listen = "127.0.0.1:0"
 
 [relay]
-listen = "127.0.0.1:0"
+listen = "{listen}"
 state_dir = "{directory / "state"}"
 agents_file = "agents"
 users_file = "users"
@@ -246,6 +252,10 @@ def pairing(request: pytest.FixtureRequest, previous_tree: Path, client_key: Key
     relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
     return Pairing(versions, relay, gpu, web, alice, lab_pc, client_key, tmp_path,
                    start_process, previous_tree)
+
+
+def _pool_full(relay: RelayNode) -> bool:
+    return bool(relay.status()["relay"]["fast_path"]["pools"].get("lab_pc") == POOL)
 
 
 def _ssh(argv: list[str], data: bytes = b"") -> bytes:
@@ -393,3 +403,67 @@ def test_the_previous_relay_refuses_a_config_with_max_connections_per_user(
     assert proc.wait_exit(timeout=30) == 2  # a config problem, as for any other
     said = "\n".join(proc.stderr.lines) + "\n".join(str(e) for e in proc.events())
     assert "max_connections_per_user" in said, said
+
+
+def test_the_relay_upgraded_in_place_then_rolled_back_keeps_the_previous_agent(
+        previous_tree: Path, client_key: KeyPair, start_process: Callable[..., AgentProcess],
+        sshd_factory: Callable[[str], Sshd], tmp_path: Path) -> None:
+    """The relay-first upgrade as an admin does it, and its rollback: the previous relay
+    runs with the previous agent connected; it is stopped and this version started on
+    the same config, port and state_dir (so the same host key), then the previous one
+    again.  Each time the agent comes back by itself (the key it knows, no
+    hostkey_refused), registers its service again with its pool, and stock ``ssh -J``
+    reaches the e2e service on the pooled route, byte-exact."""
+    lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
+    alice = make_key(tmp_path / "alice", comment="alice")
+    gpu = sshd_factory("gpu_cluster")
+    config = write_relay_dir(
+        tmp_path / "relay", listen=f"127.0.0.1:{free_port()}",
+        agents=[f'permitlisten="gpu-cluster:22" {lab_pc.public_blob()} lab_pc'],
+        users=[f'permitopen="gpu-cluster:22" {alice.public_blob()} alice'],
+        relay_toml='data_port = 0\ndata_bind = "127.0.0.1"\ne2e_services = ["gpu-cluster:22"]\n')
+    old_env = previous_env(previous_tree)
+
+    def start_relay(previous: bool) -> RelayNode:
+        proc = start_process(relay_argv(previous, config), name="relay-previous" if previous
+                             else "relay-this", env=old_env if previous else {})
+        relay = RelayNode(proc, config.parent, admin_port(proc))
+        relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
+        return relay
+
+    relays = [start_relay(previous=True)]
+    # The agent's own known_hosts, written once: the relay's host key must not change.
+    agent_known = write_known_hosts(tmp_path / "agent_known_hosts",
+                                    known_hosts_line(relays[0].host_key_blob, relays[0].port))
+    agent = start_process(agent_argv(
+        True, "-p", str(relays[0].port), "-i", str(lab_pc.path),
+        "-o", f"UserKnownHostsFile={agent_known}", "--fast-path-pool", str(POOL),
+        "--backoff-initial", "0.2", "--backoff-max", "0.5",
+        "-R", f"gpu-cluster:22:127.0.0.1:{gpu.port}", f"lab_pc@{LOOPBACK}"),
+        name="agent-previous", env=old_env)  # fmt: skip
+    ssh = find_program("ssh") or "ssh"
+    mark = 0
+    for n, previous in enumerate((True, False, True)):
+        if n:
+            assert relays[-1].proc.stop() == 0
+            mark = agent.mark()
+            relays.append(start_relay(previous))
+        relay = relays[-1]
+        assert relay.host_key_blob == relays[0].host_key_blob  # the same state_dir
+        agent.wait_for("link_connected", timeout=30, since=mark)
+        agent.wait_for("forward_ready", timeout=20, since=mark, bind="gpu-cluster")
+        wait_until(partial(_pool_full, relay), "the agent's pool to fill", timeout=30)
+        cfg = tmp_path / "ssh_config"
+        cfg.write_text(f"Host gpu-cluster\n  User root\n  IdentityFile {client_key.path}\n"
+                       f"Host {LOOPBACK}\n  User alice\n  IdentityFile {alice.path}\n"
+                       f"Host *\n  IdentitiesOnly yes\n  BatchMode yes\n"
+                       f"  UserKnownHostsFile {relay.known_hosts}\n"
+                       "  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n")
+        stream = DataStream(40 + n, MiB)
+        got = _ssh([ssh, "-F", str(cfg), "-J", f"alice@{LOOPBACK}:{relay.port}", "gpu-cluster",
+                    "cat"], stream.bytes())
+        assert hashlib.sha256(got).hexdigest() == stream.sha256
+        assert relay.status()["relay"]["fast_path"]["pooled"] == 1
+    assert len(agent.events("link_connected")) == 3, agent.events("link_connected")
+    agent.assert_no_event("hostkey_refused")
+    _no_traceback([*(r.proc for r in relays), agent])
