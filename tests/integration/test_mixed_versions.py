@@ -15,8 +15,9 @@ previous relay's pooled route then runs its Python data path.
 In each pairing: the agent registers an end-to-end service (gpu-cluster:22, a real
 sshd) and a plain one (web:8080, an echo server); a stock OpenSSH user moves 4 MiB
 each way by ``ssh -J`` to gpu-cluster (on the pooled data route: both sides have
-data-pool-v2) and 4 MiB through ``ssh -L`` to web (on the link), checksummed; then what
-this round added behaves as the older side allows:
+data-pool-v2) and 4 MiB through ``ssh -L`` to web (on the link), checksummed, and a
+user's ``labrelay connect`` of the agent's version reaches gpu-cluster on the fast path
+(data-token-v2); then what this round added behaves as the older side allows:
 
 * ``request-refused@labrelay`` (a refused forward's reason): only when both are new;
   with an older peer the agent says the generic reason, and the old agent ignores the
@@ -39,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -71,7 +73,13 @@ from harness import (
     recv_exactly,
     write_known_hosts,
 )
-from relay_fixtures import admin_port, admin_status, stock_local_forward, wait_until
+from relay_fixtures import (
+    admin_port,
+    admin_status,
+    connect_argv,
+    stock_local_forward,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -198,9 +206,22 @@ class Pairing:
     tree: Path  # the previous version's
 
     def config(self) -> Path:
-        """An ssh_config for ``ssh -J alice@relay gpu-cluster`` and ``ssh -L`` as alice."""
+        """An ssh_config for ``ssh -J alice@relay gpu-cluster`` and ``ssh -L`` as alice,
+        and ``gpu-fast``: gpu-cluster by ``labrelay connect`` (the fast path) of the
+        agent's version (a user who upgrades with her lab), its stderr in connect.err."""
+        previous = self.versions.agent_previous
+        argv = connect_argv(self.relay, "alice", self.alice, "%h:%p")
+        if previous:  # its own code only, as the agent
+            argv = ["env", *(f"{k}={v}" for k, v in previous_env(self.tree).items()),
+                    argv[0], "-P", *argv[1:]]
         path = self.tmp / "ssh_config"
         path.write_text(f"""\
+Host gpu-fast
+  HostName gpu-cluster
+  HostKeyAlias gpu-cluster
+  User root
+  IdentityFile {self.client_key.path}
+  ProxyCommand {shlex.join(argv)} 2>>{self.tmp / "connect.err"}
 Host gpu-cluster
   User root
   IdentityFile {self.client_key.path}
@@ -305,6 +326,15 @@ def test_mixed_versions_serve_stock_ssh_and_degrade_to_the_older_side(
     assert len(back) == SIZE and hashlib.sha256(back).hexdigest() == stream.sha256
     fast = p.relay.status()["relay"]["fast_path"]
     assert fast["pooled"] == 2, fast  # both sessions rode a data connection of the pool
+
+    # labrelay connect of the agent's version (data-token-v2): 1 MiB through the fast
+    # path, a data connection paired with one of the agent's; it says nothing there.
+    stream = DataStream(16, MiB)
+    got = _ssh([ssh, "-F", str(cfg), "gpu-fast", "cat"], stream.bytes())
+    assert hashlib.sha256(got).hexdigest() == stream.sha256
+    fast = p.relay.status()["relay"]["fast_path"]
+    assert (fast["paired"], fast["pooled"]) == (1, 2), fast
+    assert (p.tmp / "connect.err").read_text() == ""
 
     # ssh -L to the plain service, 4 MiB echoed, on the link.
     _, port = stock_local_forward(start_ssh, lambda port: [
