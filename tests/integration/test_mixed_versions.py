@@ -17,7 +17,9 @@ sshd) and a plain one (web:8080, an echo server); a stock OpenSSH user moves 4 M
 each way by ``ssh -J`` to gpu-cluster (on the pooled data route: both sides have
 data-pool-v2) and 4 MiB through ``ssh -L`` to web (on the link), checksummed, and a
 user's ``labrelay connect`` of the agent's version reaches gpu-cluster on the fast path
-(data-token-v2); then what this round added behaves as the older side allows:
+(data-token-v2); the agent's link is cut (reset at both ends) with a session open on
+it, and the session resumes (resume@labrelay, forwarded-resumable@labrelay); then
+what this round added behaves as the older side allows:
 
 * ``request-refused@labrelay`` (a refused forward's reason): only when both are new;
   with an older peer the agent says the generic reason, and the old agent ignores the
@@ -64,6 +66,7 @@ from harness import (
     RelayNode,
     Sshd,
     SshProcess,
+    TcpProxy,
     connect,
     echo_roundtrip,
     find_program,
@@ -204,6 +207,7 @@ class Pairing:
     tmp: Path
     start: Callable[..., AgentProcess]  # the start_process fixture
     tree: Path  # the previous version's
+    proxy: Callable[[tuple[str, int]], TcpProxy]  # targets.proxy
 
     def config(self) -> Path:
         """An ssh_config for ``ssh -J alice@relay gpu-cluster`` and ``ssh -L`` as alice,
@@ -239,11 +243,13 @@ Host *
 """)
         return path
 
-    def start_agent(self, key: KeyPair, *args: str, name: str) -> AgentProcess:
+    def start_agent(self, key: KeyPair, *args: str, name: str,
+                    port: int | None = None) -> AgentProcess:
         """An agent process of the pairing's agent version, logging in as lab_pc with
-        ``key`` to the relay, with ``args`` (forwards, options) besides."""
+        ``key`` to the relay (at ``port``, a proxy's, if given), with ``args``
+        (forwards, options) besides."""
         previous = self.versions.agent_previous
-        argv = agent_argv(previous, "-p", str(self.relay.port), "-i", str(key.path),
+        argv = agent_argv(previous, "-p", str(port or self.relay.port), "-i", str(key.path),
                           "-o", f"UserKnownHostsFile={self.relay.known_hosts}", *args,
                           f"lab_pc@{LOOPBACK}")  # fmt: skip
         return self.start(argv, name=name, env=previous_env(self.tree) if previous else {})
@@ -272,7 +278,19 @@ def pairing(request: pytest.FixtureRequest, previous_tree: Path, client_key: Key
     relay = RelayNode(proc, config.parent, admin_port(proc))
     relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
     return Pairing(versions, relay, gpu, web, alice, lab_pc, client_key, tmp_path,
-                   start_process, previous_tree)
+                   start_process, previous_tree, targets.proxy)
+
+
+class Interactive:
+    """An echo session through ``ssh -L``, typed into line by line."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = connect(port, timeout=30)
+        assert recv_exactly(self.sock, 4) == b"web\n"
+
+    def line(self, text: bytes) -> bytes:
+        self.sock.sendall(text)
+        return recv_exactly(self.sock, len(text))
 
 
 def _pool_full(relay: RelayNode) -> bool:
@@ -302,10 +320,14 @@ def test_mixed_versions_serve_stock_ssh_and_degrade_to_the_older_side(
     p, v = pairing, pairing.versions
     # The agent registers gpu-cluster:22 (e2e) and web:8080; denied:7000 is not in
     # lab_pc's grant, so the relay refuses that forward.
+    # Its link goes through a proxy, to be cut; the data connections go straight.
+    link = p.proxy((LOOPBACK, p.relay.port))
+    p.relay.trust(known_hosts_line(p.relay.host_key_blob, link.port))
     agent = p.start_agent(
         p.lab_pc, "--admin", "127.0.0.1:0", "--fast-path-pool", str(POOL),
+        "--backoff-initial", "0.2", "--backoff-max", "1",
         "-R", f"gpu-cluster:22:127.0.0.1:{p.gpu.port}", "-R", f"web:8080:127.0.0.1:{p.web.port}",
-        "-R", f"denied:7000:127.0.0.1:{p.web.port}", name="agent")  # fmt: skip
+        "-R", f"denied:7000:127.0.0.1:{p.web.port}", name="agent", port=link.port)  # fmt: skip
     agent_admin = admin_port(agent)
     for bind in ("gpu-cluster", "web"):
         agent.wait_for("forward_ready", timeout=20, since=0, bind=bind)
@@ -344,6 +366,19 @@ def test_mixed_versions_serve_stock_ssh_and_degrade_to_the_older_side(
     got = echo_roundtrip(port, payload, greeting=b"web\n", timeout=60)
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
     assert p.relay.status()["relay"]["fast_path"]["pooled"] == 2  # not pooled: not e2e
+
+    # The link cut (both ends reset) with a session open on it: held at both ends,
+    # resumed byte-exact once the agent is back (resume@labrelay, forwarded-resumable).
+    session = Interactive(port)
+    assert session.line(b"before") == b"before"
+    mark, rmark = agent.mark(), p.relay.mark()
+    link.kill_all()
+    assert agent.wait_for("link_lost", timeout=10, since=mark)["held"] == 1
+    agent.wait_for("link_connected", timeout=20, since=mark)
+    agent.wait_for("session_resumed", timeout=20, since=mark)
+    p.relay.wait_for("session_resumed", timeout=20, since=rmark)
+    assert session.line(b"after") == b"after"
+    session.sock.close()
 
     # request-refused@labrelay: the relay's reason reaches only a new agent from a new
     # relay; here the agent says the generic reason (the previous agent ignores the
@@ -393,10 +428,9 @@ def test_mixed_versions_serve_stock_ssh_and_degrade_to_the_older_side(
     # The agent stopped (SIGTERM) with a session open on the link: it says goodbye (the
     # previous agent did too); this relay ends what it held for it at once, the
     # previous relay holds it for resume_grace, then ends it.
-    session = connect(port, timeout=30)
-    assert recv_exactly(session, 4) == b"web\n"
-    session.sendall(b"held")
-    assert recv_exactly(session, 4) == b"held"
+    held = Interactive(port)
+    assert held.line(b"held") == b"held"
+    session = held.sock
     rmark, started = p.relay.mark(), time.monotonic()
     assert agent.stop() == 0
     gone = p.relay.wait_for("relay_disconnected", timeout=10, since=rmark, kind="agent")
