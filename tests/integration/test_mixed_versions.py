@@ -96,9 +96,25 @@ KEYS_REFUSED_RETRY = 10.0  # relay.agent.link.KEYS_REFUSED_RETRY (this agent's f
 # --- the previous version's tree ---------------------------------------------------------
 
 
-def _git(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([shutil.which("git") or "git", "-C", str(REPO_ROOT), *args],
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([shutil.which("git") or "git", "-C", str(repo), *args],
                           capture_output=True, timeout=60)
+
+
+def why_missing(repo: Path, commit: str) -> str | None:
+    """Why ``commit`` cannot be extracted from ``repo``, with how to get it; None if it
+    can."""
+    if shutil.which("git") is None:
+        return f"git is not installed: it extracts the previous version ({commit})"
+    if _git(repo, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}").returncode == 0:
+        return None
+    shallow = _git(repo, "rev-parse", "--is-shallow-repository").stdout.decode().strip()
+    where = ("this is a shallow clone: run `git fetch --unshallow` (or clone without "
+             "--depth)" if shallow == "true" else
+             f"{repo} is not a git checkout with that commit (an sdist or an export?): "
+             "run the tests from a full `git clone` of labrelay")
+    return (f"the mixed-version tests need commit {commit} (the previous version) in the "
+            f"repository's history: {where}")
 
 
 @pytest.fixture(scope="session")
@@ -107,19 +123,10 @@ def previous_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Fails (never skips) without that history: a shallow clone or an sdist would
     otherwise pass without testing anything."""
-    if shutil.which("git") is None:
-        pytest.fail("the mixed-version tests need git, to extract the previous version "
-                    f"({PREVIOUS}) from this repository's history")
-    found = _git("rev-parse", "--verify", "--quiet", f"{PREVIOUS}^{{commit}}")
-    if found.returncode != 0:
-        shallow = _git("rev-parse", "--is-shallow-repository").stdout.decode().strip()
-        where = ("this is a shallow clone: run `git fetch --unshallow` (or clone without "
-                 "--depth)" if shallow == "true" else
-                 f"{REPO_ROOT} is not a git checkout with that commit (an sdist or an "
-                 "export?): run the tests from a full `git clone` of labrelay")
-        pytest.fail(f"the mixed-version tests need commit {PREVIOUS} (round 12's head, the "
-                    f"previous version) in the repository's history: {where}")
-    archive = _git("archive", "--format=tar", PREVIOUS, "relay")
+    why = why_missing(REPO_ROOT, PREVIOUS)
+    if why is not None:
+        pytest.fail(why)
+    archive = _git(REPO_ROOT, "archive", "--format=tar", PREVIOUS, "relay")
     assert archive.returncode == 0, archive.stderr.decode()
     tree = tmp_path_factory.mktemp(f"labrelay-{PREVIOUS}")
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
@@ -531,3 +538,22 @@ def test_the_relay_upgraded_in_place_then_rolled_back_keeps_the_previous_agent(
     assert len(agent.events("link_connected")) == 3, agent.events("link_connected")
     agent.assert_no_event("hostkey_refused")
     _no_traceback([*(r.proc for r in relays), agent])
+
+
+def test_without_the_history_the_tests_fail_saying_how_to_get_it(tmp_path: Path) -> None:
+    """A shallow clone (CI with --depth) or an sdist must fail with the fix, never
+    skip: a two-commit repository, its --depth 1 clone, and a plain directory."""
+    full, shallow, plain = tmp_path / "full", tmp_path / "shallow", tmp_path / "plain"
+    plain.mkdir()
+    full.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "one"],
+                 ["commit", "-q", "--allow-empty", "-m", "two"]):
+        subprocess.run(["git", "-C", str(full), *args], check=True, env=env, timeout=30)
+    first = _git(full, "rev-parse", "HEAD~1").stdout.decode().strip()
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{full}", str(shallow)],
+                   check=True, timeout=30)
+    assert why_missing(full, first) is None
+    assert "git fetch --unshallow" in (why_missing(shallow, first) or "")
+    assert "full `git clone`" in (why_missing(plain, first) or "")
