@@ -142,13 +142,14 @@ def _flags(ns: argparse.Namespace) -> _Flags:
     if flags.user is not None and (not flags.user or any(ch.isspace() for ch in flags.user)):
         raise ConfigError(CLI, flags.origin["user"], f"bad user name {flags.user!r}", "e.g. -l lab")
     if flags.fingerprint is not None:
-        if flags.known_hosts is not None:
-            raise ConfigError(
-                CLI,
-                "--host-key",
-                f"cannot be combined with {flags.origin['known_hosts']}",
-                "pin the key with --host-key, or check a known_hosts file, not both",
-            )
+        for attr in ("known_hosts", "global_known_hosts"):
+            if getattr(flags, attr) is not None:
+                raise ConfigError(
+                    CLI,
+                    "--host-key",
+                    f"cannot be combined with {flags.origin[attr]}",
+                    "pin the key with --host-key, or check known_hosts files, not both",
+                )
         if flags.accept_new:
             raise ConfigError(
                 CLI,
@@ -174,8 +175,15 @@ def _apply(link: LinkConfig, flags: _Flags) -> LinkConfig:
     host_key = link.host_key
     if flags.fingerprint is not None:
         host_key = HostKeyPolicy(fingerprint=flags.fingerprint)
-    elif flags.known_hosts is not None:
-        host_key = HostKeyPolicy(known_hosts=flags.known_hosts, accept_new=host_key.accept_new)
+    elif flags.known_hosts is not None or flags.global_known_hosts is not None:
+        # Either replaces a pin from the file (its files then start from the defaults);
+        # each replaces the file's list of its kind and keeps the other.
+        if host_key.fingerprint is not None:
+            host_key = HostKeyPolicy(known_hosts=default_known_hosts())
+        if flags.known_hosts is not None:
+            host_key = host_key.with_user_files(flags.known_hosts)
+        if flags.global_known_hosts is not None:
+            host_key = replace(host_key, global_known_hosts=flags.global_known_hosts)
     if flags.accept_new is not None:
         if flags.accept_new and host_key.fingerprint is not None:
             raise ConfigError(

@@ -24,6 +24,7 @@ LINK_KEYS = {
     "user": 'user = "lab"',
     "identity": 'identity = "~/.ssh/id_ed25519"',
     "known_hosts": 'known_hosts = "~/.ssh/known_hosts"',
+    "global_known_hosts": 'global_known_hosts = "/etc/ssh/ssh_known_hosts"',
     "host_key": f'host_key = "{EXAMPLE_FINGERPRINT}"',
     "strict_host_key_checking": 'strict_host_key_checking = "accept-new"',
     "keepalive_interval": "keepalive_interval = 15",

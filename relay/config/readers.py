@@ -9,6 +9,7 @@ and ``max_packet``, keepalive) and ``[[link]]`` with its ``[[link.remote]]``,
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -147,13 +148,15 @@ def _parse_host_key(sec: Section, base: Path) -> HostKeyPolicy:
     if fingerprint is not None:
         with sec.at("host_key"):
             grammar.fingerprint(fingerprint)
-    known_hosts_text = sec.string("known_hosts")
-    if fingerprint is not None and known_hosts_text is not None:
-        raise sec.error(
-            "known_hosts",
-            "set either host_key (pin one key) or known_hosts, not both",
-            f'keep one of them, e.g. host_key = "{EXAMPLE_FINGERPRINT}"',
-        )
+    user_files = _known_hosts_files(sec, "known_hosts", base)
+    global_files = _known_hosts_files(sec, "global_known_hosts", base)
+    for key, files in (("known_hosts", user_files), ("global_known_hosts", global_files)):
+        if fingerprint is not None and files is not None:
+            raise sec.error(
+                key,
+                f"set either host_key (pin one key) or {key}, not both",
+                f'keep one of them, e.g. host_key = "{EXAMPLE_FINGERPRINT}"',
+            )
     strict = sec.string("strict_host_key_checking") or "yes"
     if strict in ("no", "off", "false", "ask"):
         raise sec.error(
@@ -175,10 +178,29 @@ def _parse_host_key(sec: Section, base: Path) -> HostKeyPolicy:
         )
     if fingerprint is not None:
         return HostKeyPolicy(fingerprint=fingerprint)
-    known_hosts = (
-        default_known_hosts() if known_hosts_text is None else _path(known_hosts_text, base)
-    )
-    return HostKeyPolicy(known_hosts=known_hosts, accept_new=accept_new)
+    policy = HostKeyPolicy(known_hosts=default_known_hosts(), accept_new=accept_new)
+    if user_files is not None:
+        policy = policy.with_user_files(user_files)
+    return replace(policy, global_known_hosts=global_files or ())
+
+
+def _known_hosts_files(sec: Section, key: str, base: Path) -> tuple[Path, ...] | None:
+    """``key`` as ssh's list of known_hosts files: a path, an array of paths (read in
+    order; the first of ``known_hosts`` is the one written), or ``"none"`` for no file
+    (ssh's ``none``: never a file named ``none``); None if the key is not set."""
+    if key not in sec.data:
+        return None
+    names = sec.strings(key)
+    if not names:
+        raise sec.error(key, "an empty array names no file",
+                        f'to read no file write {key} = "none"; '
+                        f'else e.g. {key} = ["~/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts"]')
+    if any(n.lower() == "none" for n in names):
+        if len(names) > 1:
+            raise sec.error(key, f'"none" appears with other files in {names!r}',
+                            f'give either "none" or the files, e.g. {key} = "none"')
+        return ()
+    return tuple(_path(n, base) for n in names)
 
 
 def _parse_link(sec: Section, index: int, base: Path) -> LinkConfig:

@@ -9,6 +9,7 @@ grammar and the command line share.  Parsing is elsewhere: :mod:`relay.config.gr
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import ipaddress
 from dataclasses import dataclass, field
@@ -77,16 +78,32 @@ class HostKeyPolicy:
     ``accept_new`` (OpenSSH's ``StrictHostKeyChecking=accept-new``) records the key of a
     host that has no entry yet; a *changed* key is always refused.
 
-    ``extra_known_hosts`` are read after ``known_hosts`` as if they were one file with
-    it, and never written: ``labrelay connect`` puts there the rest of what the user's
-    ssh reads (its other UserKnownHostsFile entries, then GlobalKnownHostsFile).  No
-    config key sets it: an agent's config names one file.
+    The files are ssh's UserKnownHostsFile and GlobalKnownHostsFile: ``known_hosts``
+    is the first user file, the only one ever written; ``extra_known_hosts`` are the
+    other user files and ``global_known_hosts`` the global ones, read after it as if
+    they were one file with it (``labrelay connect`` takes them from the user's ssh; an
+    agent from ``known_hosts``/``global_known_hosts`` or ``-o``).
+    ``no_user_known_hosts`` is ssh's ``UserKnownHostsFile none``: no user file is read
+    (``known_hosts`` is ignored) and, as in ssh, a new host is refused even with
+    ``accept_new``, because there is no file to record it in.
     """
 
     known_hosts: Path | None = None
     fingerprint: str | None = None
     accept_new: bool = False
     extra_known_hosts: tuple[Path, ...] = ()
+    global_known_hosts: tuple[Path, ...] = ()
+    no_user_known_hosts: bool = False
+
+    def with_user_files(self, files: tuple[Path, ...]) -> HostKeyPolicy:
+        """This policy with ssh's UserKnownHostsFile list: the first is ``known_hosts``,
+        the rest are read after it; ``()`` is ``none``."""
+        return dataclasses.replace(
+            self,
+            known_hosts=files[0] if files else None,
+            extra_known_hosts=files[1:],
+            no_user_known_hosts=not files,
+        )
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ ALIASES = {
     "hostname": "host",
     "identityfile": "identity",
     "userknownhostsfile": "known_hosts",
+    "globalknownhostsfile": "global_known_hosts",
     "stricthostkeychecking": "strict_host_key_checking",
     "serveraliveinterval": "keepalive_interval",
     "serveralivecountmax": "keepalive_count",

@@ -27,6 +27,7 @@ _SUPPORTED = {
     for name in (
         "ConnectTimeout",
         "ExitOnForwardFailure",
+        "GlobalKnownHostsFile",
         "IdentityFile",
         "Port",
         "ServerAliveCountMax",
@@ -53,7 +54,8 @@ class _Flags:
     origin: dict[str, str] = field(default_factory=dict)
     port: int | None = None
     user: str | None = None
-    known_hosts: Path | None = None
+    known_hosts: tuple[Path, ...] | None = None  # UserKnownHostsFile; () for none
+    global_known_hosts: tuple[Path, ...] | None = None  # GlobalKnownHostsFile; () for none
     accept_new: bool | None = None
     fingerprint: str | None = None
     keepalive_interval: float | None = None
@@ -168,15 +170,9 @@ def _option(flags: _Flags, text: str) -> None:
         flags.claim("user", value, keypath)
     elif name == "IdentityFile":
         flags.identities.append(_cli_path(value, keypath))
-    elif name == "UserKnownHostsFile":
-        if len(value.split()) != 1:
-            raise ConfigError(
-                CLI,
-                keypath,
-                "exactly one known_hosts file is supported",
-                "e.g. -o UserKnownHostsFile=~/.ssh/known_hosts",
-            )
-        flags.claim("known_hosts", _cli_path(value, keypath), keypath)
+    elif name in ("UserKnownHostsFile", "GlobalKnownHostsFile"):
+        attr = "known_hosts" if name == "UserKnownHostsFile" else "global_known_hosts"
+        flags.claim(attr, _known_hosts_files(value, keypath), keypath)
     elif name == "StrictHostKeyChecking":
         flags.claim("accept_new", _strict(value, keypath), keypath)
     elif name == "ServerAliveInterval":
@@ -198,6 +194,22 @@ def _option(flags: _Flags, text: str) -> None:
             "ExitOnForwardFailure is ignored: labrelay keeps the link up and retries a "
             "forward that failed, with backoff (see status)"
         )
+
+
+def _known_hosts_files(value: str, keypath: str) -> tuple[Path, ...]:
+    """ssh's list of known_hosts files: paths separated by spaces, or ``none`` for no
+    file at all (ssh.c; never a file named ``none`` in the current directory)."""
+    names = value.split()
+    if any(n.lower() == "none" for n in names):
+        if len(names) > 1:
+            raise ConfigError(
+                CLI,
+                keypath,
+                f"'none' appears with other files in {value!r} (ssh refuses this too)",
+                f"give either none or the files, e.g. {keypath}=~/.ssh/known_hosts",
+            )
+        return ()
+    return tuple(_cli_path(n, keypath) for n in names)
 
 
 def _strict(value: str, keypath: str) -> bool:

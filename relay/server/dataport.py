@@ -32,6 +32,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from relay.config.schema import RelayConfig
@@ -112,6 +113,18 @@ class RelayForDataPort(TypingProtocol):
                        row: Any = None) -> defer.Deferred[Registration]:
         """The registration of ``name:port``, waiting up to ``timeout`` for one (a wait
         of ``row``: a grants change ends it)."""
+
+
+def _why_no_pool(session: Any) -> str:
+    """Why an agent session offered no data connections, as far as the relay can tell:
+    an agent keeps them only over a plain TCP link (it dials the data port at the
+    address of its link), so a link that came in on the TLS port says so; otherwise
+    the agent turned the fast path off (``fast_path_pool = 0``) or is older."""
+    ssh_transport = getattr(session, "transport", None)
+    if isinstance(getattr(ssh_transport, "transport", None), TLSMemoryBIOProtocol):
+        return ("its link to the relay comes over TLS, and an agent keeps data "
+                "connections only on a plain TCP link: docs/networks.md, the fast path")
+    return "fast path off there, or an older agent"
 
 
 class DataPort:
@@ -210,8 +223,8 @@ class DataPort:
         pool = self.pools.get(reg.session)
         if pool is None:
             return answer(fw.Status.UNAVAILABLE,
-                          f"agent {reg.owner} keeps no data connections (fast path off "
-                          "there, or an older agent)")
+                          f"agent {reg.owner} keeps no data connections "
+                          f"({_why_no_pool(reg.session)})")
         if (reg.bind.lower(), port) not in pool.spliceable:
             return answer(fw.Status.UNAVAILABLE,
                           f"agent {reg.owner} cannot splice {service} (a chained service)")

@@ -129,7 +129,9 @@ class HostKeyVerifier:
     appended to ``known_hosts``, the first file, as ssh records into its first
     UserKnownHostsFile.  A missing file has no entries; a file that cannot be read
     does not stop a match in another, but a host is never taken as new while one
-    cannot be read (it might list the host).
+    cannot be read (it might list the host).  With ``no_user_known_hosts`` (ssh's
+    ``UserKnownHostsFile none``) only the global files are read and a new host is
+    refused in every mode, as ssh refuses it: there is no file to record it in.
     """
 
     def __init__(self, policy: HostKeyPolicy, host: str, port: int) -> None:
@@ -150,11 +152,18 @@ class HostKeyVerifier:
                     "server's key",
                 ) from None
         known = policy.known_hosts if policy.known_hosts is not None else Path("~/.ssh/known_hosts")
-        self.known_hosts = known.expanduser()
+        # None: "UserKnownHostsFile none", no user file is read nor written (ssh.c).
+        self.known_hosts: Path | None = (
+            None if policy.no_user_known_hosts else known.expanduser())
+        user = (
+            []
+            if self.known_hosts is None
+            else [self.known_hosts, *(p.expanduser() for p in policy.extra_known_hosts)]
+        )
         # Every file, in ssh's order, each once (ssh would read a repeated one twice,
         # to the same effect).
         self.files: tuple[Path, ...] = tuple(
-            dict.fromkeys([self.known_hosts, *(p.expanduser() for p in policy.extra_known_hosts)])
+            dict.fromkeys([*user, *(p.expanduser() for p in policy.global_known_hosts)])
         )
 
     def verify(self, key: Key) -> str:
@@ -228,6 +237,9 @@ class HostKeyVerifier:
                 "make it a readable file for the user running labrelay, "
                 "or set known_hosts to another file",
             )
+        line = f"{self.hostname} {offered.key_type} {base64.b64encode(offered.blob).decode()}"
+        if self.known_hosts is None:
+            raise self._nowhere_to_record(offered, reads, line)
         path = self.known_hosts
         if self.policy.accept_new:
             where = f"saved to {path}" if self._append(offered) else f"not recorded ({path})"
@@ -240,7 +252,6 @@ class HostKeyVerifier:
                 where=where,
             )
             return f"accepted new key, {where}"
-        line = f"{self.hostname} {offered.key_type} {base64.b64encode(offered.blob).decode()}"
         raise HostKeyError(
             HostKeyStatus.UNKNOWN,
             self.hostname,
@@ -251,6 +262,35 @@ class HostKeyVerifier:
             f'(pin host_key = "{offered.fingerprint}" in a config file), or record it on '
             "first connection: -o StrictHostKeyChecking=accept-new "
             '(strict_host_key_checking = "accept-new")',
+        )
+
+    def _nowhere_to_record(
+        self, offered: _Offered, reads: list[_FileEntries], line: str
+    ) -> HostKeyError:
+        """A new host with ``UserKnownHostsFile none``: refused in every mode, as ssh
+        does (sshconnect.c: with no user file it is read-only, and a new host then
+        fails whatever StrictHostKeyChecking says), so accept-new says why."""
+        mode = (
+            "; accept-new cannot record it: UserKnownHostsFile is none, so there is no "
+            "file to record it in (ssh refuses it too)"
+            if self.policy.accept_new
+            else " (UserKnownHostsFile is none)"
+        )
+        places = (
+            "add this line to a GlobalKnownHostsFile that is read "
+            f"({', '.join(str(r.path) for r in reads)}): {line}  -- or "
+            if reads
+            else ""
+        )
+        return HostKeyError(
+            HostKeyStatus.UNKNOWN,
+            self.hostname,
+            f"the host is UNKNOWN: the server offered {offered} and {_where(reads)}{mode}",
+            "check the fingerprint out of band (on the server: ssh-keygen -lf "
+            f"/etc/ssh/ssh_host_*_key.pub), then {places}pin it: --host-key "
+            f"{offered.fingerprint} on the command line "
+            f'(host_key = "{offered.fingerprint}" in a config file), or set '
+            "UserKnownHostsFile (known_hosts) to a file instead of none",
         )
 
     def _changed(self, offered: _Offered, path: Path, old: _Entry) -> HostKeyError:
@@ -309,6 +349,7 @@ class HostKeyVerifier:
         key: silently not recording it would make every later connection
         trust-on-first-use again."""
         path = self.known_hosts
+        assert path is not None  # _verify_known_hosts never appends without a user file
         salt = secrets.token_bytes(_SALT_LEN)
         digest = hmac.new(salt, self.hostname.encode("utf-8"), hashlib.sha1).digest()
         line = (
@@ -368,6 +409,8 @@ def _where(reads: list[_FileEntries]) -> str:
             text += f" (lines {lines} could not be parsed and were ignored)"
         return text
 
+    if not reads:
+        return "no known_hosts file is read"
     if len(reads) == 1:
         return f"{reads[0].path} {state(reads[0], True)}"
     listed = "; ".join(f"{r.path}: {state(r, False)}" for r in reads)

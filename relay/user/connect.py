@@ -44,7 +44,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from relay.config.errors import ConfigError
-from relay.config.schema import LinkConfig
+from relay.config.schema import HostKeyPolicy, LinkConfig
 from relay.config.transport import is_transport_option
 from relay.core import fastwire as fw
 from relay.core.clock import expire
@@ -129,11 +129,10 @@ def options_from_args(ns: argparse.Namespace, resolved: Resolved | None = None,
         options = []
         # --host-key pins the key *instead of* known_hosts (ssh -G always names a
         # known_hosts file and a checking mode, which the pin refuses to be combined with).
+        # The files themselves are set below, from ssh's lists as they are.
         if ns.host_key is None:
             options.append(f"StrictHostKeyChecking="
                            f"{_STRICT.get(resolved.strict_host_key_checking.lower(), 'yes')}")
-            if resolved.known_hosts:
-                options.append(f"UserKnownHostsFile={resolved.known_hosts[0]}")
         if resolved.connect_timeout is not None:
             options.append(f"ConnectTimeout={resolved.connect_timeout:g}")
         options += [o for o in ns.options if is_transport_option(o)]  # not ssh's
@@ -143,8 +142,7 @@ def options_from_args(ns: argparse.Namespace, resolved: Resolved | None = None,
         name=None, fast_path_pool=None, host_key=ns.host_key)
     link = config_from_agent_args(agent_ns).links[0]
     if link.host_key.fingerprint is None:
-        extra = _more_known_hosts(ns.options, resolved)
-        link = replace(link, host_key=replace(link.host_key, extra_known_hosts=extra))
+        link = replace(link, host_key=_known_hosts_files(link.host_key, ns.options, resolved))
     name, _, port_text = ns.service.partition(":")
     if not name or (port_text and (not port_text.isdigit() or not 1 <= int(port_text) <= 65535)):
         raise ConfigError(CLI, repr(ns.service), "expected SERVICE or SERVICE:PORT",
@@ -155,21 +153,31 @@ def options_from_args(ns: argparse.Namespace, resolved: Resolved | None = None,
 
 # ssh's defaults (pathnames.h): a second user file, and the system-wide ones a lab
 # admin may fill with the relay's key on every laptop.
-_SECOND_USER_KNOWN_HOSTS = "~/.ssh/known_hosts2"
+_USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
 _GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
 _USER_KNOWN_HOSTS_OPTION = re.compile(r"\s*UserKnownHostsFile\b", re.IGNORECASE)
+_GLOBAL_KNOWN_HOSTS_OPTION = re.compile(r"\s*GlobalKnownHostsFile\b", re.IGNORECASE)
 
 
-def _more_known_hosts(options: list[str], resolved: Resolved | None) -> tuple[Path, ...]:
-    """The known_hosts files ssh reads after its first UserKnownHostsFile (which the
-    link's ``known_hosts`` is, and the only one written): the other user files, then
-    GlobalKnownHostsFile, as ``ssh -G`` names them.  Without ssh to ask, ssh's
-    defaults (``-o UserKnownHostsFile`` then replaces the user files)."""
+def _known_hosts_files(policy: HostKeyPolicy, options: list[str],
+                       resolved: Resolved | None) -> HostKeyPolicy:
+    """``policy`` reading the known_hosts files ssh reads, in its order: every
+    UserKnownHostsFile (the first is ``known_hosts``, the only one written), then every
+    GlobalKnownHostsFile, as ``ssh -G`` names them; ``none`` is no file, as in ssh.c
+    (never a file named ``none``).  Without ssh to ask, the command line's
+    ``-o UserKnownHostsFile``/``GlobalKnownHostsFile`` (already in ``policy``) or else
+    ssh's defaults."""
     if resolved is not None:
-        return tuple(Path(p) for p in (*resolved.known_hosts[1:], *resolved.global_known_hosts))
-    given = any(_USER_KNOWN_HOSTS_OPTION.match(o) for o in options)
-    user = () if given else (_SECOND_USER_KNOWN_HOSTS,)
-    return tuple(Path(p) for p in (*user, *_GLOBAL_KNOWN_HOSTS))
+        user = tuple(Path(p) for p in resolved.known_hosts)
+        glob = tuple(Path(p) for p in resolved.global_known_hosts)
+        return replace(policy.with_user_files(user), global_known_hosts=glob)
+    if not any(_USER_KNOWN_HOSTS_OPTION.match(o) for o in options):
+        # ~/.ssh/known_hosts is already the first (the agent's default); ssh reads
+        # ~/.ssh/known_hosts2 after it.
+        policy = replace(policy, extra_known_hosts=tuple(Path(p) for p in _USER_KNOWN_HOSTS[1:]))
+    if not any(_GLOBAL_KNOWN_HOSTS_OPTION.match(o) for o in options):
+        policy = replace(policy, global_known_hosts=tuple(Path(p) for p in _GLOBAL_KNOWN_HOSTS))
+    return policy
 
 
 def _grow_pipe(fd: int) -> None:

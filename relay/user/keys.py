@@ -33,6 +33,8 @@ from relay.ssh.client import Identity
 from relay.ssh.identity import IdentityError, parse_key, read_key_file
 
 DEFAULT_FILES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
+# ssh's default IdentityFile names of key types labrelay cannot use.
+_UNUSABLE_DEFAULTS = frozenset({"id_ecdsa_sk", "id_ed25519_sk", "id_xmss", "id_dsa"})
 PASSPHRASE_TRIES = 3  # ssh's NumberOfPasswordPrompts
 AGENT_TIMEOUT = 5.0
 _OPENSSH_BEGIN = b"-----BEGIN OPENSSH PRIVATE KEY-----"
@@ -261,7 +263,10 @@ def no_identity_message(files: Sequence[Path], agent: str | None) -> str:
         names = ", ".join(str(p) for p in unusable)
         return (f"no key to offer: {where}{names} could not be used (see above); fix "
                 "that, add a key to your agent with `ssh-add`, or give -i KEYFILE")
-    names = ", ".join(str(p) for p in paths) or ", ".join(DEFAULT_FILES)
+    # ssh -G lists its defaults of every type; those labrelay cannot use (security
+    # keys, XMSS, DSA) would send a user to create a key that cannot help.
+    usable = [p for p in paths if p.name not in _UNUSABLE_DEFAULTS]
+    names = ", ".join(str(p) for p in usable) or ", ".join(DEFAULT_FILES)
     return (f"no key to offer: {where}none of {names} exists; create one with "
             "`ssh-keygen -t ed25519`, add it to your agent with `ssh-add`, or give -i KEYFILE")
 

@@ -35,7 +35,7 @@ class Resolved:
     user: str
     identity_files: tuple[str, ...]
     identities_only: bool
-    known_hosts: tuple[str, ...]
+    known_hosts: tuple[str, ...]  # UserKnownHostsFile; () for none
     strict_host_key_checking: str
     connect_timeout: float | None
     identity_agent: str | None
@@ -64,11 +64,12 @@ def from_options(opts: dict[str, list[str]]) -> Resolved:
         user=one("user"),
         identity_files=tuple(opts.get("identityfile", [])),
         identities_only=one("identitiesonly", "no") == "yes",
-        known_hosts=tuple(one("userknownhostsfile").split()),
+        known_hosts=_files(one("userknownhostsfile", "~/.ssh/known_hosts ~/.ssh/known_hosts2")),
         strict_host_key_checking=one("stricthostkeychecking", "ask"),
         connect_timeout=None if timeout == "none" else float(timeout),
         identity_agent=one("identityagent") or None,
-        global_known_hosts=_files(one("globalknownhostsfile")),
+        global_known_hosts=_files(
+            one("globalknownhostsfile", "/etc/ssh/ssh_known_hosts /etc/ssh/ssh_known_hosts2")),
     )
 
 

@@ -551,3 +551,45 @@ def test_demo_proves_the_path(start_process: Callable[..., AgentProcess]) -> Non
     assert demo.events("relay_fast_session", service="gpu-cluster:22")
     registered = {e["service"] for e in demo.events("relay_service_registered")}
     assert registered == {"jupyter:8888", "gpu-cluster:22"}
+
+
+# known_hosts files as ssh names them ---------------------------------------------------
+
+
+def test_agent_reads_the_known_hosts_files_ssh_can_name(
+    sshd: Sshd, client_key: KeyPair, known_hosts: Callable[..., Path],
+    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path,
+) -> None:
+    """The agent takes what ssh takes: the server's key only in a GlobalKnownHostsFile,
+    or only in the second of several UserKnownHostsFile files, is accepted (it took one
+    user file and refused GlobalKnownHostsFile).  ``UserKnownHostsFile=none`` is no
+    file: a ``none`` planted in the agent's directory with the server's key is not
+    trusted, and accept-new refuses the unknown server (no file to record it in) and
+    creates nothing."""
+    echo = targets.echo()
+    kh = known_hosts(sshd.known_hosts_line())
+    missing = tmp_path / "absent_known_hosts"
+    base = ("-p", str(sshd.port), "-i", str(client_key.path), "--backoff-initial", "0.2",
+            "--backoff-max", "1", "-R", f"0:127.0.0.1:{echo.port}")
+    for files in (("-o", f"UserKnownHostsFile={missing}", "-o", f"GlobalKnownHostsFile={kh}"),
+                  ("-o", f"UserKnownHostsFile={missing} {kh}")):
+        agent = start_agent(*base, *files, DEST, name="agent-files")
+        remote_ready(agent)
+        agent.stop()
+        assert not missing.exists()
+
+    home = tmp_path / "cwd"
+    home.mkdir()
+    planted = home / "none"
+    planted.write_text(sshd.known_hosts_line() + "\n")
+    agent = AgentProcess(agent_command(*base, "-o", "UserKnownHostsFile=none",
+                                       "-o", "StrictHostKeyChecking=accept-new", DEST),
+                         env=child_env(), cwd=home, name="agent-none")
+    try:
+        refused = agent.wait_for("hostkey_refused", timeout=20)
+        assert "no file to record it in" in refused["reason"], refused
+        agent.assert_no_event("link_connected")
+    finally:
+        agent.stop()
+    assert sorted(p.name for p in home.iterdir()) == ["none"]
+    assert planted.read_text() == sshd.known_hosts_line() + "\n"

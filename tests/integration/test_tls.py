@@ -368,3 +368,36 @@ def test_labrelay_connect_over_tls_takes_an_ssh_channel_and_says_why_once(
     assert len(said["tls"]) == 1, said
     assert f"the relay is reached by tls {LOOPBACK}:{tls_port}" in said["tls"][0], said
     assert "its data port is not reachable that way" in said["tls"][0], said
+
+
+def test_an_agent_linked_over_tls_is_named_as_why_there_is_no_fast_path(
+        ca: CA, tls_keys: dict[str, KeyPair], start_relay: Callable[..., RelayNode],
+        start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
+        client_key: KeyPair, tmp_path: Path) -> None:
+    """The agent's link is TLS, so it keeps no data connections; alice over plain SSH
+    gets an SSH channel, and her ``labrelay connect`` said only "keeps no data
+    connections (fast path off there, or an older agent)", which sent her to the agent's
+    config.  It now says the agent's link is TLS (the relay knows the port it came in on)."""
+    gpu = sshd_factory("gpu_cluster")
+    relay = start_relay(
+        agents=[f'permitlisten="gpu-cluster:22" {tls_keys["lab_pc"].public_blob()} lab_pc'],
+        users=[f'permitopen="gpu-cluster:22" {tls_keys["alice"].public_blob()} alice'],
+        relay_toml=tls_relay_toml(ca.issue("relay", (RELAY_NAME,)),
+                                  'data_port = 0\ne2e_services = ["gpu-cluster:22"]\n'))
+    tls_port = relay.wait_for("relay_tls_listening", since=0)["port"]
+    relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
+    site = TLSRelay(relay, tls_port, ca, ca.issue("unused", (RELAY_NAME,)), gpu,
+                    tls_keys["lab_pc"], tls_keys["alice"], tmp_path)
+    agent = start_tls_agent(site, start_agent)
+    assert agent.wait_for("link_connected", timeout=20)["route"] == f"tls {LOOPBACK}:{tls_port}"
+    agent.wait_for("forward_ready", timeout=20, since=0, bind="gpu-cluster")
+    cfg = ssh_config(site, client_key, " ".join(
+        site.connect_argv("-p", str(relay.port), service="%h:%p")))
+    out = _run([find_program("ssh") or "ssh", "-F", str(cfg), "gpu-cluster",
+                "echo $LABRELAY_TEST_HOST"])
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().strip() == "gpu_cluster"
+    said = [line for line in out.stderr.decode().splitlines() if "fast path unavailable" in line]
+    assert len(said) == 1, out.stderr.decode()
+    assert "agent lab_pc keeps no data connections (its link to the relay comes over TLS" in (
+        said[0]), said

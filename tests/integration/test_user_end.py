@@ -720,3 +720,71 @@ def test_the_relay_key_where_ssh_finds_it_a_global_or_second_known_hosts_file(
     assert "the host key has CHANGED" in said and f"{stale} line 1" in said, said
     assert not nowhere.exists()
     assert site.fast()["paired"] == 2
+
+
+def test_known_hosts_none_is_no_file_never_a_file_named_none(site: Site, tmp_path: Path) -> None:
+    """``UserKnownHostsFile none`` in the ssh config that ``ProxyCommand labrelay connect``
+    reads is no user file, as for ssh (ssh.c), never ``./none``: connect read it, and
+    with accept-new wrote it.  So a ``none`` file planted in the current directory,
+    listing the key an impostor relay offers, made connect trust that relay.  Now, as
+    stock ssh (-J) with the same config: the planted file is not consulted (the host is
+    UNKNOWN, refused even with accept-new, since there is no file to record it in), no
+    ``./none`` is created, and the key in the GlobalKnownHostsFile is what is trusted."""
+    relay_line = known_hosts_line(site.relay.host_key_blob, site.relay.port)
+    admins = site.tmp / "ssh_known_hosts"
+    admins.write_text(f"{relay_line}\n")
+    cwd = tmp_path / "somewhere"
+    cwd.mkdir()
+    err = site.tmp / "connect.err"
+
+    def relay_config(global_file: str) -> Path:
+        path = site.tmp / f"relay_config_{global_file.replace('/', '_')}"
+        path.write_text(f"Host lab-relay\n  HostName {LOOPBACK}\n  Port {site.relay.port}\n"
+                        f"  User alice\n  IdentityFile {site.keys.alice.path}\n"
+                        "  UserKnownHostsFile none\n"
+                        f"  GlobalKnownHostsFile {global_file}\n"
+                        "  StrictHostKeyChecking accept-new\n")
+        return path
+
+    def both(global_file: str) -> tuple[subprocess.CompletedProcess[bytes], ...]:
+        """Stock ssh -J, then ssh with connect as its ProxyCommand, both run in ``cwd``."""
+        rc = relay_config(global_file)
+        jump_cfg = site.tmp / "jump_config"
+        jump_cfg.write_text(rc.read_text() + f"Host gpu-cluster\n  User root\n"
+                            f"  IdentityFile {site.client_key.path}\n"
+                            + ssh_defaults(site.relay.known_hosts))
+        ssh = find_program("ssh") or "ssh"
+        env = {**os.environ, **child_env()}
+        run = dict(capture_output=True, timeout=120, stdin=subprocess.DEVNULL,
+                   start_new_session=True, env=env, cwd=cwd)
+        jump = subprocess.run([ssh, "-F", str(jump_cfg), "-J", "lab-relay", "gpu-cluster",
+                               "echo $LABRELAY_TEST_HOST"], **run)  # type: ignore[call-overload]
+        err.write_text("")
+        proxy = _connect("-F", str(rc), "lab-relay", "%h:%p", err=err)
+        via = subprocess.run([ssh, "-F", str(_config(site, proxy)), "gpu-cluster",
+                              "echo $LABRELAY_TEST_HOST"], **run)  # type: ignore[call-overload]
+        return jump, via
+
+    # No file anywhere lists the relay: both refuse, even with accept-new; nothing made.
+    jump, via = both("none")
+    assert jump.returncode != 0 and b"Host key verification failed" in jump.stderr, jump.stderr
+    assert via.returncode != 0
+    said = err.read_text()
+    assert "the host is UNKNOWN" in said and "no file to record it in" in said, said
+    assert list(cwd.iterdir()) == []
+    # An impostor's key planted as ./none: not consulted, by either.
+    planted = cwd / "none"
+    planted.write_text(f"{relay_line}\n")
+    jump, via = both("none")
+    assert jump.returncode != 0 and via.returncode != 0
+    assert "the host is UNKNOWN" in err.read_text(), err.read_text()
+    assert planted.read_text() == f"{relay_line}\n"
+    # The key where the lab admin put it, the global file: both reach the target, the
+    # fast path for connect.
+    jump, via = both(str(admins))
+    _reached(jump)
+    _reached(via)
+    assert err.read_text() == ""
+    assert site.fast()["paired"] == 1
+    assert sorted(p.name for p in cwd.iterdir()) == ["none"]
+    assert planted.read_text() == f"{relay_line}\n"

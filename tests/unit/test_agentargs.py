@@ -192,7 +192,12 @@ def test_unsupported_option() -> None:
         (["-o", "ConnectTimeout=0"], "-o ConnectTimeout", "more than 0"),
         (["-o", "Port=70000"], "-o Port", "between 1 and 65535"),
         (["-o", "ExitOnForwardFailure=maybe"], "-o ExitOnForwardFailure", "yes or no"),
-        (["-o", "UserKnownHostsFile=/a /b"], "-o UserKnownHostsFile", "exactly one"),
+        (["-o", "UserKnownHostsFile=/a none"], "-o UserKnownHostsFile",
+         "'none' appears with other files"),
+        (["-o", "GlobalKnownHostsFile=none /g"], "-o GlobalKnownHostsFile",
+         "'none' appears with other files"),
+        (["--host-key", EXAMPLE_FINGERPRINT, "-o", "GlobalKnownHostsFile=/g"], "--host-key",
+         "cannot be combined with -o GlobalKnownHostsFile"),
         (["-p", "ssh"], "-p", "expected a number, got 'ssh'"),
         (["-p", "1", "-o", "Port=2"], "-o Port", "2 conflicts with 1 from -p"),
         (["-l", "bob"], "-l", "bob conflicts with alice from 'alice@cloud'"),
@@ -339,3 +344,32 @@ def test_fast_path_pool_flag_and_key(tmp_path: Path) -> None:
     path = write(tmp_path, '[[link]]\nname = "c"\nhost = "cloud"\nuser = "lab"\n'
                            "fast_path_pool = 2\n")
     assert config("--config", path).links[0].fast_path_pool == 2
+
+
+def test_known_hosts_options_take_what_ssh_takes(tmp_path: Path) -> None:
+    """-o UserKnownHostsFile: several files (the first is written), or none (no user
+    file: never a file named "none"); -o GlobalKnownHostsFile: files read after them,
+    or none.  The command line replaces the file's list of the same kind only."""
+    (link,) = config("-o", "UserKnownHostsFile=/a ~/b", "-o",
+                     "GlobalKnownHostsFile /etc/ssh/ssh_known_hosts", "alice@cloud").links
+    assert link.host_key == HostKeyPolicy(
+        known_hosts=Path("/a"), extra_known_hosts=(Path("/home/tester/b"),),
+        global_known_hosts=(Path("/etc/ssh/ssh_known_hosts"),))
+    (link,) = config("-o", "UserKnownHostsFile=none", "-o",
+                     "StrictHostKeyChecking=accept-new", "alice@cloud").links
+    assert link.host_key == HostKeyPolicy(no_user_known_hosts=True, accept_new=True)
+    (link,) = config("-o", "GlobalKnownHostsFile=none", "alice@cloud").links
+    assert link.host_key == HostKeyPolicy(known_hosts=KNOWN_HOSTS)
+    text = ONE_LINK.replace("port = 22", 'port = 22\nknown_hosts = ["/u1", "/u2"]\n'
+                            'global_known_hosts = "/g"')
+    path = write(tmp_path, text)
+    assert config("--config", path).links[0].host_key == HostKeyPolicy(
+        known_hosts=Path("/u1"), extra_known_hosts=(Path("/u2"),),
+        global_known_hosts=(Path("/g"),))
+    (link,) = config("--config", path, "-o", "GlobalKnownHostsFile=/h").links
+    assert link.host_key == HostKeyPolicy(
+        known_hosts=Path("/u1"), extra_known_hosts=(Path("/u2"),),
+        global_known_hosts=(Path("/h"),))
+    (link,) = config("--config", path, "-o", "UserKnownHostsFile=none").links
+    assert link.host_key == HostKeyPolicy(no_user_known_hosts=True,
+                                          global_known_hosts=(Path("/g"),))

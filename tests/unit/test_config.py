@@ -402,6 +402,37 @@ def test_pinned_key_excludes_known_hosts_and_accept_new() -> None:
     check(err, "link[0].strict_host_key_checking", "no effect with a pinned host_key")
 
 
+def test_known_hosts_files_as_ssh_lists_them() -> None:
+    """known_hosts and global_known_hosts: a path, an array (read in order; the first
+    known_hosts file is the one written), or "none" (no file; never a file named none).
+    A string still means what it always meant."""
+    def policy(body: str) -> HostKeyPolicy:
+        return parse(link(body)).links[0].host_key
+
+    assert policy('known_hosts = "kh"') == HostKeyPolicy(known_hosts=BASE / "kh")
+    assert policy('known_hosts = ["kh", "/k2"]\nglobal_known_hosts = ["/g1", "/g2"]') == (
+        HostKeyPolicy(known_hosts=BASE / "kh", extra_known_hosts=(Path("/k2"),),
+                      global_known_hosts=(Path("/g1"), Path("/g2"))))
+    assert policy('known_hosts = "none"\nglobal_known_hosts = "/etc/ssh/ssh_known_hosts"') == (
+        HostKeyPolicy(no_user_known_hosts=True,
+                      global_known_hosts=(Path("/etc/ssh/ssh_known_hosts"),)))
+    assert policy('global_known_hosts = "none"') == HostKeyPolicy(
+        known_hosts=Path("/home/tester/.ssh/known_hosts"))
+
+
+@pytest.mark.parametrize(("body", "keypath", "fragment"), [
+    ("known_hosts = []", "link[0].known_hosts", "an empty array names no file"),
+    ('known_hosts = ["/k", "none"]', "link[0].known_hosts", '"none" appears with other files'),
+    ("global_known_hosts = 3", "link[0].global_known_hosts", "expected a string or an array"),
+    ('global_known_hosts = [""]', "link[0].global_known_hosts", "an empty string"),
+    (f'host_key = "{EXAMPLE_FINGERPRINT}"\nglobal_known_hosts = "/g"',
+     "link[0].global_known_hosts", "not both"),
+    ('GlobalKnownHostsFile = "/g"', "link[0].GlobalKnownHostsFile", "global_known_hosts"),
+])
+def test_known_hosts_files_errors(body: str, keypath: str, fragment: str) -> None:
+    check(error_of(link(body)), keypath, fragment)
+
+
 def test_backoff_max_below_initial() -> None:
     err = error_of(link("backoff_initial = 10\nbackoff_max = 5"))
     check(err, "link[0].backoff_max", "backoff_max 5 is less than backoff_initial 10")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from relay.config.errors import ConfigError
+from relay.ssh.hostkeys import HostKeyVerifier
 from relay.user.connect import add_connect_arguments, options_from_args
 
 
@@ -114,20 +115,49 @@ def test_every_known_hosts_file_ssh_reads_is_read_in_ssh_order() -> None:
                         identity_agent=None, global_known_hosts=("/g/a", "/g/b"))
     o = options_from_args(parse("relay", "gpu"), resolved)
     assert o.link.host_key.known_hosts == Path("/u/kh")
-    assert o.link.host_key.extra_known_hosts == tuple(
-        Path(p) for p in ("/u/kh2", "/g/a", "/g/b"))
+    assert o.link.host_key.extra_known_hosts == (Path("/u/kh2"),)
+    assert o.link.host_key.global_known_hosts == (Path("/g/a"), Path("/g/b"))
+    assert HostKeyVerifier(o.link.host_key, "relay", 22).files == tuple(
+        Path(p) for p in ("/u/kh", "/u/kh2", "/g/a", "/g/b"))
     fp = "SHA256:" + "A" * 43
     pinned = options_from_args(parse("--host-key", fp, "relay", "gpu"), resolved).link.host_key
-    assert (pinned.fingerprint, pinned.extra_known_hosts) == (fp, ())
+    assert (pinned.fingerprint, pinned.extra_known_hosts, pinned.global_known_hosts) == (
+        fp, (), ())
+
+
+def test_known_hosts_none_from_ssh_is_no_file_never_a_file_named_none() -> None:
+    """``UserKnownHostsFile none`` (ssh -G prints ``none``) reads no user file, as ssh.c;
+    it was passed through as the path ``none``, relative to the current directory."""
+    from relay.user.sshresolve import from_options
+    from relay.user.sshresolve import parse as parse_g
+
+    resolved = from_options(parse_g("hostname relay\nport 22\nuser a\n"
+                                    "userknownhostsfile none\n"
+                                    "globalknownhostsfile /g/a\n"))
+    policy = options_from_args(parse("relay", "gpu"), resolved).link.host_key
+    assert policy.no_user_known_hosts
+    assert HostKeyVerifier(policy, "relay", 22).files == (Path("/g/a"),)
+    resolved = from_options(parse_g("hostname relay\nuserknownhostsfile none\n"
+                                    "globalknownhostsfile none\n"))
+    policy = options_from_args(parse("relay", "gpu"), resolved).link.host_key
+    assert HostKeyVerifier(policy, "relay", 22).files == ()
 
 
 def test_without_ssh_the_files_are_ssh_defaults(tmp_path: Path) -> None:
     o = options_from_args(parse("relay", "gpu"))
     assert o.link.host_key.known_hosts == tmp_path / ".ssh" / "known_hosts"
-    assert o.link.host_key.extra_known_hosts == (
-        Path("~/.ssh/known_hosts2"), Path("/etc/ssh/ssh_known_hosts"),
-        Path("/etc/ssh/ssh_known_hosts2"))
+    assert o.link.host_key.extra_known_hosts == (Path("~/.ssh/known_hosts2"),)
+    assert o.link.host_key.global_known_hosts == (
+        Path("/etc/ssh/ssh_known_hosts"), Path("/etc/ssh/ssh_known_hosts2"))
     o = options_from_args(parse("-o", "userknownhostsfile /k/known", "relay", "gpu"))
     assert o.link.host_key.known_hosts == Path("/k/known")
-    assert o.link.host_key.extra_known_hosts == (
+    assert o.link.host_key.extra_known_hosts == ()
+    assert o.link.host_key.global_known_hosts == (
+        Path("/etc/ssh/ssh_known_hosts"), Path("/etc/ssh/ssh_known_hosts2"))
+    # ssh's other forms work without ssh too: several files, none, GlobalKnownHostsFile.
+    o = options_from_args(parse("-o", "UserKnownHostsFile=/k/a /k/b", "-o",
+                                "GlobalKnownHostsFile none", "relay", "gpu"))
+    assert HostKeyVerifier(o.link.host_key, "relay", 22).files == (Path("/k/a"), Path("/k/b"))
+    o = options_from_args(parse("-o", "UserKnownHostsFile=none", "relay", "gpu"))
+    assert HostKeyVerifier(o.link.host_key, "relay", 22).files == (
         Path("/etc/ssh/ssh_known_hosts"), Path("/etc/ssh/ssh_known_hosts2"))

@@ -509,3 +509,60 @@ def test_accept_new_into_a_null_device_keeps_its_mode_and_accepts(tmp_path: Path
     assert said == f"accepted new key, not recorded ({node})"
     assert stat.S_IMODE(os.stat(node).st_mode) == 0o666
     assert stat.S_ISCHR(os.stat(node).st_mode)
+
+
+# -- UserKnownHostsFile none, GlobalKnownHostsFile none -----------------------------------------
+
+
+def test_user_known_hosts_none_reads_and_writes_no_user_file(
+    tmp_path: Path, keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ssh's ``UserKnownHostsFile none`` is no user file (ssh.c), never a file named
+    ``none``: one planted in the current directory with the offered key is not trusted,
+    and a new host is refused even with accept-new, as ssh refuses it (sshconnect.c: no
+    user file makes the check read-only, and a new host then fails in every mode);
+    nothing is created."""
+    key_a, line_a = keys["a"]
+    monkeypatch.chdir(tmp_path)
+    planted = write(tmp_path / "none", f"{BRACKETED} {line_a}")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for accept_new in (False, True):
+        policy = HostKeyPolicy(known_hosts=Path("none"), no_user_known_hosts=True,
+                               accept_new=accept_new)
+        v = HostKeyVerifier(policy, HOST, PORT)
+        assert v.files == ()
+        with pytest.raises(HostKeyError) as err:
+            v.verify(key_a)
+        assert err.value.status is HostKeyStatus.UNKNOWN
+        assert "no known_hosts file is read" in str(err.value)
+        assert "UserKnownHostsFile is none" in str(err.value)
+        assert f"--host-key {fingerprint_sha256(key_a)}" in err.value.hint
+        assert ("no file to record it in" in str(err.value)) is accept_new
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert planted.read_text() == f"{BRACKETED} {line_a}\n"
+
+
+def test_user_known_hosts_none_still_reads_the_global_files(tmp_path: Path, keys) -> None:
+    """With no user file a global file decides alone: its key is accepted, another key
+    of the type is CHANGED, and an unknown host names the global file to add it to."""
+    key_a, line_a = keys["a"]
+    glob = write(tmp_path / "ssh_known_hosts", f"{BRACKETED} {line_a}")
+    policy = HostKeyPolicy(no_user_known_hosts=True, global_known_hosts=(glob,),
+                           accept_new=True)
+    assert HostKeyVerifier(policy, HOST, PORT).verify(key_a) == f"known_hosts {glob} line 1"
+    with pytest.raises(HostKeyError) as err:
+        HostKeyVerifier(policy, HOST, PORT).verify(keys["b"][0])
+    assert err.value.status is HostKeyStatus.CHANGED
+    with pytest.raises(HostKeyError) as err:
+        HostKeyVerifier(policy, HOST, PORT).verify(keys["ecdsa"][0])
+    assert err.value.status is HostKeyStatus.UNKNOWN
+    assert f"add this line to a GlobalKnownHostsFile that is read ({glob})" in err.value.hint
+    assert glob.read_text() == f"{BRACKETED} {line_a}\n"
+
+
+def test_global_known_hosts_none_reads_only_the_user_files(tmp_path: Path, keys) -> None:
+    user = tmp_path / "known_hosts"
+    policy = HostKeyPolicy(known_hosts=user, accept_new=True)
+    v = HostKeyVerifier(policy, HOST, PORT)
+    assert v.files == (user,)
+    assert v.verify(keys["a"][0]) == f"accepted new key, saved to {user}"

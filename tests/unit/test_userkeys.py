@@ -148,3 +148,21 @@ def _public(path: Path) -> str:
     keygen = shutil.which("ssh-keygen") or "ssh-keygen"
     return subprocess.run([keygen, "-y", "-P", PASSPHRASE, "-f", str(path)],
                           capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs OpenSSH's ssh")
+def test_no_key_names_only_default_files_labrelay_can_use(tmp_path: Path) -> None:
+    """With no key at all, the message names ssh's default files (from a real ``ssh -G``)
+    that labrelay could use; it listed id_ecdsa_sk, id_ed25519_sk, id_xmss and id_dsa
+    too, key types it cannot use."""
+    env_home = {"HOME": str(tmp_path)}
+    out = subprocess.run(["ssh", "-G", "-F", "/dev/null", "relay"], capture_output=True,
+                         text=True, check=True, env={**os.environ, **env_home})
+    files = [Path(line.split(None, 1)[1]) for line in out.stdout.splitlines()
+             if line.startswith("identityfile ")]
+    assert {f.name for f in files} >= {"id_ed25519", "id_ecdsa_sk"}
+    message = userkeys.no_identity_message(files, None)
+    for unusable in ("id_ecdsa_sk", "id_ed25519_sk", "id_xmss", "id_dsa"):
+        assert unusable not in message, message
+    for usable in ("id_ed25519", "id_ecdsa", "id_rsa"):
+        assert f"{usable}," in message or f"{usable} exists" in message, message
