@@ -33,6 +33,7 @@ from twisted.conch.ssh import common, factory, keys, transport
 from twisted.cred import portal
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -348,7 +349,16 @@ class RelayFactory(factory.SSHFactory):
         ticket = self.core.admitConnection(addr)
         if ticket is None:
             return None  # closes the TCP connection at once
-        proto: Any = super().buildProtocol(addr)
+        # Conch's SSHFactory.buildProtocol, less its "disabling non-fixed-group key
+        # exchange algorithms because we cannot find moduli file" info line: logged on
+        # every connection (the relay has no primes on purpose, getPrimes), and shown
+        # by twistd's log, which has no level filter.  Its filtering of the key
+        # exchanges is moot: the transport offers relay.ssh.policy's (kex.py).
+        proto: Any = Factory.buildProtocol(self, addr)
+        proto.supportedPublicKeys = [
+            algorithm for key in self.privateKeys.values()
+            for algorithm in key.supportedSignatureAlgorithms()
+        ]
         proto.admission = ticket
         return proto
 

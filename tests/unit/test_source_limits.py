@@ -370,6 +370,27 @@ def test_a_version_line_in_pieces_is_read() -> None:
     assert refusal(b"SSh-") == refusal(b" SSH-") == refusal(b"G") == "not an SSH version line"
 
 
+def test_a_connection_logs_nothing_about_a_moduli_file(
+        relay: tuple[RelayCore, RelayFactory, MemoryReactorClock]) -> None:
+    """Conch's factory logged "disabling non-fixed-group key exchange algorithms
+    because we cannot find moduli file" (info) for every connection: the relay has no
+    primes on purpose, and twistd's log shows every info line.  The transport still
+    gets the host key's signature algorithms and offers the policy's key exchanges."""
+    from twisted.logger import capturedLogs
+
+    from relay.ssh import policy
+
+    _core, factory, _reactor = relay
+    with capturedLogs() as logs:
+        proto, tcp = _connect(factory)
+    assert not [e for e in logs if "moduli" in str(e.get("log_format", ""))], logs
+    assert proto.supportedPublicKeys == [b"ssh-ed25519"]
+    assert [k for k in proto.supportedKeyExchanges if k in policy.KEX_ALGORITHMS] == list(
+        policy.KEX_ALGORITHMS)
+    assert not tcp.disconnecting
+    _end(proto)
+
+
 def test_the_first_bytes_check_is_gone_once_the_version_line_is_in(
         relay: tuple[RelayCore, RelayFactory, MemoryReactorClock],
         monkeypatch: pytest.MonkeyPatch) -> None:
