@@ -338,6 +338,21 @@ def cmd_check(ns: argparse.Namespace) -> int:
     return 0
 
 
+def admin_table(text: str) -> str | None:
+    """The ``[admin]`` table of a TOML config's ``text`` alone (its header line to the
+    next table header), or None: read from a file TOML cannot parse as a whole."""
+    import re
+
+    lines = text.splitlines()
+    header = re.compile(r"\s*\[\s*admin\s*\]\s*(#.*)?$")
+    for i, line in enumerate(lines):
+        if header.fullmatch(line):
+            end = next((j for j in range(i + 1, len(lines))
+                        if re.match(r"\s*\[", lines[j])), len(lines))
+            return "\n".join(lines[i:end]) + "\n"
+    return None
+
+
 def _admin_of(path: Path) -> tuple[str, Path | None]:
     """The admin address and token file of the config at ``path``, read leniently: the
     config being reloaded may be the broken one, and the running labrelay (not this
@@ -347,9 +362,24 @@ def _admin_of(path: Path) -> tuple[str, Path | None]:
     from relay.config.grammar import parse_admin_listen
 
     try:
-        admin = tomllib.loads(path.read_text("utf-8")).get("admin")
+        text = path.read_text("utf-8")
     except (OSError, ValueError) as e:
         raise ConfigError(str(path), "", f"cannot read it: {e}") from None
+    try:
+        admin = tomllib.loads(text).get("admin")
+    except tomllib.TOMLDecodeError as e:
+        # A syntax error elsewhere in the file: its [admin] table alone still says where
+        # the running labrelay listens, and asking it to reload is what puts the error
+        # in its journal and in /status.json, where the operator looks (ExecReload=).
+        section = admin_table(text)
+        try:
+            admin = tomllib.loads(section).get("admin") if section is not None else None
+        except tomllib.TOMLDecodeError:
+            admin = None
+        if not isinstance(admin, dict):
+            raise ConfigError(str(path), "", f"cannot read it: {e}",
+                              "the running labrelay was not asked to reload: fix the file, "
+                              "or pass --admin ADDR:PORT") from None
     if not isinstance(admin, dict):
         raise ConfigError(str(path), "admin", "no [admin] section: a running labrelay is "
                           "reloaded through its admin endpoint",
@@ -372,7 +402,7 @@ def cmd_reload(ns: argparse.Namespace) -> int:
     from relay.ops.status import TokenError, post_reload, read_token
 
     address, token_file = ns.admin, ns.token_file
-    if ns.config is not None:
+    if ns.config is not None and (address is None or token_file is None):
         admin_listen, admin_token = _admin_of(ns.config)
         address = address or admin_listen
         token_file = token_file or admin_token

@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.application.internet import TCPServer
 from twisted.application.service import MultiService
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -31,13 +32,38 @@ from relay.ssh.identity import load_identities
 
 
 class AdminServer(TCPServer):
-    """The admin endpoint's listener; says where it listens once it does."""
+    """The admin endpoint's listener; says where it listens once it does.
+
+    A port it cannot bind (another labrelay holds it) is a fatal error of the node,
+    told in one line through ``on_fatal``: Twisted raised ``CannotListenError`` out of
+    ``startService``, which under twistd logged a traceback and under ``labrelay``
+    left the node running without its admin endpoint (and without telling systemd
+    it was ready: the services after it never started)."""
 
     _log = Logger()
+    on_fatal: Callable[[str], object] | None = None
+    _cannot_listen = False
+
+    def _getPort(self) -> Any:
+        if self._cannot_listen:
+            return None
+        try:
+            return super()._getPort()  # type: ignore[misc]
+        except CannotListenError as e:
+            if self.on_fatal is None:
+                raise
+            self._cannot_listen = True
+            why = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            host, port = e.interface or "0.0.0.0", e.port
+            self.on_fatal(f"admin endpoint cannot listen on {host}:{port}: {why} (is another "
+                          "labrelay running? change [admin] listen, or stop what holds the port)")
+            return None
 
     def startService(self) -> None:
         super().startService()
         port: Any = self._port  # type: ignore[attr-defined]
+        if port is None:
+            return
         bound = port.getHost()
         self._log.info("admin endpoint listening on {host}:{port}", event="admin_listening",
                        host=bound.host, port=bound.port)
@@ -105,6 +131,7 @@ class NodeService(MultiService):
                                        metrics=metrics.exposition, reload=reload))
             site.noisy = False
             admin = AdminServer(listen.port, site, interface=listen.host, reactor=reactor)
+            admin.on_fatal = on_fatal
             admin.setName("admin")
             admin.setServiceParent(self)
         self.gc_pacing: CollectorPacing | None = None

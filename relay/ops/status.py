@@ -292,12 +292,12 @@ def _table(rows: list[list[str]]) -> str:
 
 def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
-    links = [["LINK", "SERVER", "STATE", "FOR", "LAST ERROR"]]
+    links = [["LINK", "SERVER", "STATE", "FOR", "RECONNECTS", "LAST ERROR"]]
     forwards = [["LINK", "FORWARD", "KIND", "LISTEN", "CONNECT", "STATE", "SESSIONS",
                  "BYTES IN/OUT", "NOTE"]]
     for link in snapshot.get("links", []):
         links.append([link["name"], link["server"], link["state"], age(link.get("since"), now),
-                      link.get("last_error") or ""])
+                      str(link.get("reconnects", "")), link.get("last_error") or ""])
         for f in link.get("forwards", []):
             listen = f["listen"]
             if f.get("bound_port") is not None and listen.endswith(":0"):

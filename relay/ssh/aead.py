@@ -56,7 +56,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from twisted.conch.ssh.transport import DISCONNECT_MAC_ERROR, DISCONNECT_PROTOCOL_ERROR, SSHCiphers
+from twisted.conch.ssh.transport import (
+    DISCONNECT_CONNECTION_LOST,
+    DISCONNECT_MAC_ERROR,
+    DISCONNECT_PROTOCOL_ERROR,
+    SSHCiphers,
+)
 
 from relay.datapath.net import TurnBudget, write_now
 from relay.ssh import nativeforward, policy
@@ -77,6 +82,7 @@ from relay.ssh.ciphers import (
     ChaChaDirection,
     GCMDirection,
 )
+from relay.ssh.guard import VERSION_TOO_LONG, scan_version_line
 from relay.ssh.kex import KexMixin
 
 
@@ -225,9 +231,7 @@ class AEADTransportMixin(KexMixin):
 
     def _received(self, data: bytes) -> None:
         if not self.gotVersion:
-            # Conch reads the version line, then calls self.getPacket() (ours)
-            # for whatever followed it.
-            super().dataReceived(data)  # type: ignore[misc]
+            self._versionReceived(data)
             return
         if self._readDead:
             return
@@ -268,6 +272,33 @@ class AEADTransportMixin(KexMixin):
                 handler(got[1])
             else:
                 self.dispatchMessage(got[0], got[1])
+
+    #: Lines the peer sent before its version line, dropped (only a server may).
+    _preBannerLines = 0
+
+    def _versionReceived(self, data: bytes) -> None:
+        """Bytes before the peer's version line is complete, kept in ``self.buf``
+        (:func:`relay.ssh.guard.scan_version_line` says why not Conch's own check).
+        Conch is handed the version line alone, to parse and answer as it does; what
+        followed it in the same read goes to the packet path."""
+        if self._readDead:
+            return
+        buf = self.buf + data
+        scan = scan_version_line(buf, self._preBannerLines, preamble=self.isClient)
+        self._preBannerLines = scan.lines
+        if scan.refusal is not None:
+            self.buf = b""
+            self._fatal(DISCONNECT_CONNECTION_LOST if scan.refusal == VERSION_TOO_LONG
+                        else DISCONNECT_PROTOCOL_ERROR, scan.refusal)
+            return
+        if scan.end is None:
+            self.buf = buf[scan.skip :]
+            return
+        self.buf = b""
+        super().dataReceived(buf[scan.skip : scan.end])  # type: ignore[misc]
+        rest = buf[scan.end :]
+        if rest and self.gotVersion and not self.transport.disconnecting:
+            self._received(rest)
 
     def getPacket(self) -> bytes | None:
         """One decoded payload (message number first), or ``None``: Conch's API

@@ -187,7 +187,8 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         self._timer = None
         wait = self.link.config.connect_timeout
         route = self.transport_route
-        if route is not None and route.tls and not (self.gotVersion or self.buf):
+        if route is not None and route.tls and not (self.gotVersion or self.buf
+                                                     or self._preBannerLines):
             # Inside TLS nothing reaches us before the TLS handshake is done: a relay
             # that never answered it (a proxy whose tunnel leads nowhere, a middlebox
             # that swallows port 443) is not "an SSH server" question.

@@ -23,8 +23,9 @@ It also keeps Conch from reading packets before the peer's version line: Conch's
 version parsing looks for ``"\\n"`` from ``buf.find(b"SSH-")``, which is -1 when there
 is no ``SSH-`` at all, so any buffer that merely *ends* in a newline was parsed as
 packets and dispatched (a ``KEXINIT`` before the version exchange, whose hash then
-lacks the version string: an AttributeError).  Lines before the version are only
-buffered now (Conch drops the peer past 4 KiB).
+lacks the version string: an AttributeError).  The version line is now found before
+Conch sees anything (:func:`scan_version_line`, used by ``relay.ssh.aead``): Conch is
+handed that line alone.
 
 Mix in first, over the transport policy (whose ``_fatal`` it disconnects with):
 ``class T(PeerInputGuard, AEADTransportMixin, SSHServerTransport)``.  The rule of what
@@ -36,6 +37,7 @@ completed and a breach is reported as a malformed message.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
@@ -87,6 +89,65 @@ def client_first_line_refusal(head: bytes) -> str | None:
         if head.startswith(start):  # known only when the read held all of ``start``
             return f"not an SSH version line: {what}"
     return "not an SSH version line"
+
+
+#: The version line, its newline included, may be as long as Conch allowed (4 KiB;
+#: RFC 4253 says 255, sshd takes 8192).  Only the bytes up to that newline count.
+VERSION_LINE_LIMIT = 4096
+VERSION_TOO_LONG = b"Peer version string longer than 4KB. Preventing a denial of service attack."
+#: Lines a *server* may send before its version line (RFC 4253 §4.2): sshd's client
+#: takes 1024 of them (``SSH_MAX_PRE_BANNER_LINES``), each at most 8192 bytes
+#: (``SSH_MAX_BANNER_LEN``); sshd's server takes none.
+PRE_BANNER_LINES = 1024
+PRE_BANNER_LINE_LIMIT = 8192
+
+
+@dataclass(frozen=True)
+class VersionScan:
+    """Where a peer's version line is in what it sent so far (:func:`scan_version_line`).
+
+    ``skip`` bytes at the front are whole lines before the version line (``lines`` of
+    them so far, counting earlier reads): drop them.  The version line is
+    ``buf[skip:end]``, newline included, once ``end`` is set; what follows it is packets.
+    ``refusal`` says why the peer is to be disconnected."""
+
+    skip: int = 0
+    lines: int = 0
+    end: int | None = None
+    refusal: bytes | None = None
+
+
+def scan_version_line(buf: bytes, lines: int, *, preamble: bool) -> VersionScan:
+    """Find the peer's version line in ``buf`` (the bytes since the last line dropped),
+    ``lines`` lines having been dropped before it; ``preamble``: lines before it are
+    allowed (the peer is a server).
+
+    Conch's own check counted every byte of the read that held the version line, so
+    a client whose first read carried its version line and a large KEXINIT (long
+    post-quantum and host key lists) was cut at 4 KiB; and it took the *last* line of
+    that read beginning ``SSH-`` (binary packet data may hold one).  Here only the
+    bytes up to the version line's newline count, and the first ``SSH-`` line is the
+    version line, as in sshd (kex.c ``kex_exchange_identification``)."""
+    pos = 0
+    while True:
+        nl = buf.find(b"\n", pos)
+        line_end = len(buf) if nl < 0 else nl + 1
+        if buf[pos : pos + len(SSH_PREFIX)] == SSH_PREFIX[: line_end - pos]:
+            # The version line, or what may still become it (a prefix of "SSH-").
+            if line_end - pos > VERSION_LINE_LIMIT:
+                return VersionScan(pos, lines, refusal=VERSION_TOO_LONG)
+            return VersionScan(pos, lines, None if nl < 0 else line_end)
+        if not preamble:
+            return VersionScan(pos, lines, refusal=b"not an SSH version line")
+        if line_end - pos > PRE_BANNER_LINE_LIMIT:
+            return VersionScan(pos, lines, refusal=b"a line before the version line is too long")
+        if nl < 0:
+            return VersionScan(pos, lines)
+        lines += 1
+        pos = line_end
+        if lines >= PRE_BANNER_LINES:
+            return VersionScan(pos, lines, refusal=b"no SSH version line in the first "
+                               + str(PRE_BANNER_LINES).encode() + b" lines")
 
 
 class PeerInputGuard:

@@ -33,6 +33,7 @@ from twisted.conch.ssh import common, factory, keys, transport
 from twisted.cred import portal
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -200,16 +201,26 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
         """Refuses a client whose first bytes cannot begin its version line, at once
         (:func:`relay.ssh.guard.client_first_line_refusal`): Conch's server would skip
         such lines and hold the connection until ``login_grace``.  A disconnect before
-        the peer's version line is a ``protocol`` offence (:meth:`sendDisconnect`)."""
-        if not self.gotVersion:
-            if self._readDead:  # refused: the rest of what it sent is not read
-                return
-            why = client_first_line_refusal(self.buf[:8] + data[:8])
-            if why is not None:
-                self.buf = b""
-                self._fatal(transport.DISCONNECT_PROTOCOL_ERROR, why.encode())
-                return
-        super().dataReceived(data)
+        the peer's version line is a ``protocol`` offence (:meth:`sendDisconnect`).
+
+        This runs only until the version line is in: then the instance's
+        ``dataReceived`` becomes the packet path's own (``AEADTransportMixin``), so
+        the reads of the whole connection, bulk data included, pay no frame and no
+        check for it."""
+        if self.gotVersion:  # fed by something that kept the old bound method
+            super().dataReceived(data)
+            return
+        if self._readDead:  # refused: the rest of what it sent is not read
+            return
+        why = client_first_line_refusal(self.buf[:8] + data[:8])
+        if why is not None:
+            self.buf = b""
+            self._fatal(transport.DISCONNECT_PROTOCOL_ERROR, why.encode())
+            return
+        direct = super().dataReceived
+        direct(data)
+        if self.gotVersion:
+            self.dataReceived = direct  # type: ignore[method-assign]
 
     def offended(self, offence: Offence) -> None:
         """Record what this unauthenticated connection did wrong; the worst one counts
@@ -252,6 +263,7 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
         if self._graceTimer is not None and self._graceTimer.active():
             self._graceTimer.cancel()
         self._graceTimer = None
+        vars(self).pop("dataReceived", None)  # the bound method set above: a cycle
         super().connectionLost(reason)
         self.factory.core.disconnected(self)
 
@@ -337,7 +349,16 @@ class RelayFactory(factory.SSHFactory):
         ticket = self.core.admitConnection(addr)
         if ticket is None:
             return None  # closes the TCP connection at once
-        proto: Any = super().buildProtocol(addr)
+        # Conch's SSHFactory.buildProtocol, less its "disabling non-fixed-group key
+        # exchange algorithms because we cannot find moduli file" info line: logged on
+        # every connection (the relay has no primes on purpose, getPrimes), and shown
+        # by twistd's log, which has no level filter.  Its filtering of the key
+        # exchanges is moot: the transport offers relay.ssh.policy's (kex.py).
+        proto: Any = Factory.buildProtocol(self, addr)
+        proto.supportedPublicKeys = [
+            algorithm for key in self.privateKeys.values()
+            for algorithm in key.supportedSignatureAlgorithms()
+        ]
         proto.admission = ticket
         return proto
 

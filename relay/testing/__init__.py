@@ -23,6 +23,8 @@ What is here, by what it stands in for:
 - bridge sides: :class:`FakeSide` (one side of a ``Bridge``, scripted);
 - the relay's SSH sessions: :class:`FakeIdentity` and :class:`FakeRelayConnection`
   (what ``RelayCore``, ``DataPort`` and the registry ask of a ``RelayConnection``);
+- the agent's forwards: :class:`FakeLink` and :class:`FakeLinkConnection` (what a
+  ``RemoteForwardRunner`` asks of its link and of the link's connection);
 - the data path: :class:`FakeDataPath` and :class:`FakePair` (the splice, which needs
   real sockets, recorded instead);
 - small verbs: :func:`result_of` (a fired Deferred's result), :func:`connection_lost`
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.conch.ssh import factory, keys, transport
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol, ITCPTransport
 from twisted.internet.testing import StringTransport
@@ -55,6 +57,8 @@ __all__ = [
     "BareSSHTransport",
     "FakeDataPath",
     "FakeIdentity",
+    "FakeLink",
+    "FakeLinkConnection",
     "FakePair",
     "FakeRelayConnection",
     "FakeSSHConnection",
@@ -299,6 +303,38 @@ class FakeRelayConnection:
 
     def whenReplied(self) -> defer.Deferred[None]:
         return defer.succeed(None)  # its replies are sent at once
+
+
+# --- the agent's forwards ------------------------------------------------------------
+
+
+class FakeLink:
+    """What a ``RemoteForwardRunner`` asks of its agent link: a name, a clock the test
+    advances (retries and backoff), and ``forwardReady`` (ignored)."""
+
+    name = "relay"
+
+    def __init__(self) -> None:
+        self.clock = task.Clock()
+
+    def forwardReady(self) -> None:
+        pass
+
+
+class FakeLinkConnection:
+    """What a ``RemoteForwardRunner`` asks of the link's SSH connection: each global
+    request is recorded in ``requests`` and answered by the Deferred the test fires,
+    in ``replies``."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[bytes, bytes]] = []
+        self.replies: list[defer.Deferred[bytes]] = []
+
+    def sendGlobalRequest(self, kind: bytes, data: bytes, wantReply: int) -> defer.Deferred[bytes]:
+        self.requests.append((kind, data))
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self.replies.append(d)
+        return d
 
 
 # --- the data path -------------------------------------------------------------------

@@ -292,6 +292,53 @@ def test_reload_endpoint_wants_its_header_and_post(
     assert ok.stdout == "reloaded: nothing changed\n"
 
 
+def test_reload_of_a_file_toml_cannot_parse_is_refused_by_the_relay_and_shown(
+    start_process: Callable[..., AgentProcess], tmp_path: Path,
+) -> None:
+    """``labrelay reload --config F`` (systemd's ExecReload=) with a TOML syntax error
+    in F: the CLI finds the admin endpoint in F's ``[admin]`` table alone and asks the
+    relay, so the refusal, with the line and column, is in the relay's journal
+    (``reload_failed``) and in ``/status.json``, and the CLI exits 1.  Before, the CLI
+    stopped at its own parse (exit 2) and the relay, never asked, showed its last
+    reload as ok.  A file whose ``[admin]`` itself is broken still exits 2 and says
+    the relay was not asked."""
+    from conftest import relay_command
+
+    key = make_key(tmp_path / "keys" / "alice", "alice")
+    directory = tmp_path / "relay"
+    directory.mkdir()
+    admin_port = free_port()
+    config = directory / "node.toml"
+    good = relay_toml(admin_port, directory / "state", principal("user", "alice", key, "web:8080"))
+    config.write_text(good)
+    relay = RelayNode(start_process(relay_command("--config", str(config)), name="relay"),
+                      directory, admin_port)
+    relay.wait_for("admin_listening", since=0)
+    assert labrelay("reload", "--config", str(config)).returncode == 0
+    assert relay.status()["reload"]["last"]["ok"] is True
+
+    config.write_text(good.replace("public_wait = 5", "public_wait = = 5"))
+    at = f"line {good.splitlines().index('public_wait = 5') + 1}, column"
+    mark = relay.mark()
+    out = labrelay("reload", "--config", str(config))
+    assert out.returncode == 1, out
+    assert "reload refused (1 problem(s))" in out.stderr and at in out.stderr, out.stderr
+    failed = relay.wait_for("reload_failed", since=mark)
+    assert len(failed["errors"]) == 1 and at in failed["errors"][0], failed
+    last = relay.status()["reload"]["last"]
+    assert last["ok"] is False and at in last["errors"][0], last
+
+    config.write_text(good.replace("[admin]", "[admin"))
+    mark = relay.mark()
+    out = labrelay("reload", "--config", str(config))
+    assert out.returncode == 2, out
+    assert "the running labrelay was not asked to reload" in out.stderr, out.stderr
+    assert "--admin ADDR:PORT" in out.stderr, out.stderr
+    relay.proc.assert_no_event("reload_failed", since=mark)
+    relay.proc.assert_no_event("reload_done", since=mark)
+    assert relay.events(level="critical") == []
+
+
 def test_check_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
     """``labrelay check`` (ExecStartPre=): each bad entry, a missing key file and a bad
     grant-file line, all at once; exit 2.  Nothing is created (no state_dir)."""

@@ -128,3 +128,31 @@ def test_twistd_exits_non_zero_on_a_bad_config_and_on_a_fatal_error(tmp_path: Pa
     assert out.returncode == 1, out
     assert "cannot listen on" in out.stdout + out.stderr
     assert not (tmp_path / "t.pid").exists()
+
+
+def test_an_admin_port_in_use_is_one_clear_line_and_exit_1(tmp_path: Path) -> None:
+    """The admin endpoint's port held by another process (a second labrelay): one
+    line saying what, which port and how to fix it, and exit 1, under twistd and under
+    ``labrelay run``.  Before: twistd logged a traceback (exit 1), and ``labrelay run``
+    logged a critical traceback and ran on without its admin endpoint (never telling
+    systemd it was ready)."""
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        config = tmp_path / "node.toml"
+        hop = f'listen = "127.0.0.1:{free_port()}"\nconnect = "127.0.0.1:{free_port()}"\n'
+        config.write_text(f'[admin]\nlisten = "127.0.0.1:{taken}"\n\n[[forward]]\n{hop}')
+        under_twistd = twistd(config, tmp_path)
+        under_labrelay = subprocess.run(
+            [sys.executable, "-m", "relay", "run", str(config)], capture_output=True,
+            text=True, timeout=60, cwd=REPO_ROOT, env={**os.environ, **child_env()})
+    line = (f"admin endpoint cannot listen on 127.0.0.1:{taken}: Address already in use "
+            "(is another labrelay running? change [admin] listen, or stop what holds the port)")
+    for out in (under_twistd, under_labrelay):
+        text = out.stdout + out.stderr
+        assert out.returncode == 1, out
+        assert line in text and "Traceback" not in text, text
+    assert not (tmp_path / "t.pid").exists()

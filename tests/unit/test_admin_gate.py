@@ -207,3 +207,19 @@ def test_status_shows_held_sessions_with_their_age_at_both_ends() -> None:
     assert "sessions held for their agent to resume them" in text
     rows = [line for line in text.splitlines() if line.startswith("public:2202")]
     assert len(rows) == 2 and all("12s" in r and "48s" in r and "65536" in r for r in rows)
+
+
+def test_status_shows_each_links_reconnects() -> None:
+    """How often a link came back (``reconnects`` in ``/status.json``) is in the LINK
+    table too: a flapping link shows there, not only in the JSON."""
+    from relay.ops.status import format_status
+
+    snapshot = {"version": "x", "pid": 1,
+                "links": [{"name": "cloud", "server": "cloud:2222", "state": "ready",
+                           "since": 0.0, "last_error": None, "forwards": [],
+                           "connects": 8, "reconnects": 7}]}
+    lines = format_status(snapshot, now=0.0).splitlines()
+    header = next(line for line in lines if line.startswith("LINK  "))
+    row = next(line for line in lines if line.startswith("cloud "))
+    assert header.split()[:6] == ["LINK", "SERVER", "STATE", "FOR", "RECONNECTS", "LAST"]
+    assert row.split()[4] == "7", row

@@ -427,3 +427,26 @@ def test_corked_packets_leave_in_one_write_with_the_same_bytes() -> None:
     assert held.outgoingPacketSequence == plain.outgoingPacketSequence == 3
     held.sendPacket(MSG_IGNORE, b"after")  # uncorked again: written at once
     assert held.transport.writes == 3
+
+
+def test_a_client_reads_a_servers_lines_before_its_version_line_as_ssh_does() -> None:
+    """RFC 4253 §4.2: a server may send lines before its version line.  The agent's
+    link takes them as OpenSSH's client does (1024 lines, each at most 8192 bytes),
+    also when they share a read with the version line and the first packet."""
+    from relay.testing import FakeTCPTransport
+
+    client = Client()
+    tcp = FakeTCPTransport()
+    client.makeConnection(tcp)
+    client.dataReceived(b"Welcome\r\n" * 3 + b"SSH-2.0-OpenSSH_9.6\r\n")
+    assert client.gotVersion and client.otherVersionString == b"SSH-2.0-OpenSSH_9.6"
+    assert not tcp.disconnecting
+    client = Client()
+    tcp = FakeTCPTransport()
+    client.makeConnection(tcp)
+    sent = 0
+    while not tcp.disconnecting and sent < 1100:
+        client.dataReceived(b"x\n")
+        sent += 1
+    assert sent == 1024 and not client.gotVersion
+    assert b"no SSH version line in the first 1024 lines" in tcp.value()

@@ -6,15 +6,12 @@ grant (docs/relay.md, "Reloading"); the agent logs it and asks again with backof
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from twisted.internet import defer
-from twisted.internet.task import Clock
 
 from relay.agent.forwards import ForwardState, RemoteForwardRunner
 from relay.config.schema import HostPort, RemoteForward
 from relay.ssh.wire import pack_grant_revoked, unpack_grant_revoked
+from relay.testing import FakeLink, FakeLinkConnection
 
 
 def test_round_trip_and_reason_bounded() -> None:
@@ -29,33 +26,11 @@ def test_malformed_is_an_error(data: bytes) -> None:
         unpack_grant_revoked(data)
 
 
-class FakeLink:
-    name = "relay"
-
-    def __init__(self) -> None:
-        self.clock = Clock()
-
-    def forwardReady(self) -> None:
-        pass
-
-
-class FakeConn:
-    def __init__(self) -> None:
-        self.requests: list[tuple[bytes, bytes]] = []
-        self.replies: list[defer.Deferred[bytes]] = []
-
-    def sendGlobalRequest(self, kind: bytes, data: bytes, wantReply: int) -> Any:
-        self.requests.append((kind, data))
-        d: defer.Deferred[bytes] = defer.Deferred()
-        self.replies.append(d)
-        return d
-
-
 def test_a_revoked_forward_asks_again_with_backoff() -> None:
     link = FakeLink()
     runner = RemoteForwardRunner(link, RemoteForward("web", 8080, HostPort("127.0.0.1", 80), "web"),
                                  lambda failures: 2.0 * failures)  # type: ignore[arg-type]
-    conn = FakeConn()
+    conn = FakeLinkConnection()
     runner.linkUp(conn)  # type: ignore[arg-type]
     conn.replies[0].callback(b"")
     assert runner.state is ForwardState.READY and runner.matches("web", 8080)

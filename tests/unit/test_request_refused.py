@@ -20,7 +20,6 @@ from twisted.conch.ssh.connection import (
     MSG_REQUEST_SUCCESS,
 )
 from twisted.internet import defer
-from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
@@ -40,7 +39,7 @@ from relay.ssh.wire import (
     pack_request_refused,
     unpack_request_refused,
 )
-from relay.testing import FakeSSHTransport, FakeTCPTransport, KeyRing
+from relay.testing import FakeLink, FakeLinkConnection, FakeSSHTransport, FakeTCPTransport, KeyRing
 
 LABRELAY = b"SSH-2.0-labrelay"
 OPENSSH = b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13"
@@ -246,30 +245,8 @@ def test_a_note_with_no_request_waiting_is_still_a_protocol_error_reply() -> Non
     assert len(link.disconnects) == 1
 
 
-class FakeLink:
-    name = "relay"
-
-    def __init__(self) -> None:
-        self.clock = Clock()
-
-    def forwardReady(self) -> None:
-        pass
-
-
-class FakeConn:
-    def __init__(self) -> None:
-        self.requests: list[tuple[bytes, bytes]] = []
-        self.replies: list[defer.Deferred[bytes]] = []
-
-    def sendGlobalRequest(self, kind: bytes, data: bytes, wantReply: int) -> Any:
-        self.requests.append((kind, data))
-        d: defer.Deferred[bytes] = defer.Deferred()
-        self.replies.append(d)
-        return d
-
-
-def runner() -> tuple[RemoteForwardRunner, FakeConn, FakeLink]:
-    link, conn = FakeLink(), FakeConn()
+def runner() -> tuple[RemoteForwardRunner, FakeLinkConnection, FakeLink]:
+    link, conn = FakeLink(), FakeLinkConnection()
     forward = RemoteForwardRunner(
         link, RemoteForward("echo2", 7, HostPort("127.0.0.1", 7), "echo2"),  # type: ignore[arg-type]
         lambda failures: 1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import struct
 from typing import Any
 
 import pytest
@@ -367,6 +368,114 @@ def test_a_version_line_in_pieces_is_read() -> None:
     assert refusal(b"PROXY TC") == (
         "not an SSH version line: a PROXY protocol header (the relay does not take one)")
     assert refusal(b"SSh-") == refusal(b" SSH-") == refusal(b"G") == "not an SSH version line"
+
+
+def test_a_connection_logs_nothing_about_a_moduli_file(
+        relay: tuple[RelayCore, RelayFactory, MemoryReactorClock]) -> None:
+    """Conch's factory logged "disabling non-fixed-group key exchange algorithms
+    because we cannot find moduli file" (info) for every connection: the relay has no
+    primes on purpose, and twistd's log shows every info line.  The transport still
+    gets the host key's signature algorithms and offers the policy's key exchanges."""
+    from twisted.logger import capturedLogs
+
+    from relay.ssh import policy
+
+    _core, factory, _reactor = relay
+    with capturedLogs() as logs:
+        proto, tcp = _connect(factory)
+    assert not [e for e in logs if "moduli" in str(e.get("log_format", ""))], logs
+    assert proto.supportedPublicKeys == [b"ssh-ed25519"]
+    assert [k for k in proto.supportedKeyExchanges if k in policy.KEX_ALGORITHMS] == list(
+        policy.KEX_ALGORITHMS)
+    assert not tcp.disconnecting
+    _end(proto)
+
+
+def test_the_first_bytes_check_is_gone_once_the_version_line_is_in(
+        relay: tuple[RelayCore, RelayFactory, MemoryReactorClock],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check of a client's first bytes runs on the reads before its version line
+    only: after it, the instance reads straight into the packet path (no frame and no
+    check on each read of bulk data).  A ``GET /`` line after a good version line is
+    then not a first-line offence: it is read as a packet, as Conch reads it (a bad
+    packet length)."""
+    from relay.ssh import server
+    from relay.ssh.aead import AEADTransportMixin
+
+    checked: list[bytes] = []
+    check = server.client_first_line_refusal
+    monkeypatch.setattr(server, "client_first_line_refusal",
+                        lambda head: checked.append(head) or check(head))
+    _core, factory, _reactor = relay
+    proto, tcp = _connect(factory)
+    proto.dataReceived(b"SSH-2.")
+    proto.dataReceived(b"0-OpenSSH_9.6\r\n")
+    assert proto.gotVersion and len(checked) == 2
+    direct = vars(proto)["dataReceived"]
+    assert direct.__func__ is AEADTransportMixin.dataReceived and direct.__self__ is proto
+    proto.dataReceived(b"GET / HTTP/1.1\r\n")
+    assert len(checked) == 2  # not asked again
+    assert tcp.disconnecting
+    sent = tcp.value()
+    assert b"bad packet length" in sent and b"not an SSH version line" not in sent
+    _end(proto)
+    assert "dataReceived" not in vars(proto)  # no cycle left behind
+
+
+def test_only_the_bytes_before_the_version_line_count_toward_its_limit(
+        relay: tuple[RelayCore, RelayFactory, MemoryReactorClock]) -> None:
+    """Conch counted every byte of the read that held the version line toward its
+    4 KiB limit: a client whose first read carried its version line and a KEXINIT of
+    more than 4 KiB (long post-quantum and host key lists) was dropped.  And it took
+    the last line of that read beginning ``SSH-`` as the version line."""
+    from twisted.conch.ssh import common
+
+    from relay.ssh import policy
+
+    lists = [
+        b",".join([*policy.KEX_ALGORITHMS, policy.STRICT_KEX_CLIENT]
+                  + [b"x-kex-%d@example.com" % i for i in range(200)]),
+        b"ssh-ed25519", policy.AES128_GCM, policy.AES128_GCM,
+        b"hmac-sha2-256-etm@openssh.com", b"hmac-sha2-256-etm@openssh.com",
+        b"none", b"none", b"", b"",
+    ]
+    kexinit = b"\x14" + bytes(16) + b"".join(common.NS(x) for x in lists) + bytes(5)
+    # An "SSH-" line inside the packet: Conch would have taken it as the version line.
+    kexinit = kexinit.replace(b"x-kex-7@", b"\nSSH-97@")
+    pad = 8 - (5 + len(kexinit)) % 8 + 8
+    packet = struct.pack(">LB", 1 + len(kexinit) + pad, pad) + kexinit + bytes(pad)
+    assert len(packet) > 4096
+    _core, factory, _reactor = relay
+    proto, tcp = _connect(factory)
+    proto.dataReceived(b"SSH-2.0-OpenSSH_9.6\r\n" + packet)
+    assert proto.gotVersion and not tcp.disconnecting, tcp.value()[-200:]
+    assert proto.otherVersionString == b"SSH-2.0-OpenSSH_9.6"
+    assert proto._peerInKex  # the KEXINIT was read
+    # The version line alone still has Conch's limit.
+    proto, tcp = _connect(factory, "192.0.2.7")
+    proto.dataReceived(b"SSH-2.0-" + b"x" * 4087 + b"\r\n")
+    assert tcp.disconnecting and not proto.gotVersion
+    assert b"Peer version string longer than 4KB" in tcp.value()
+
+
+def test_a_server_may_send_bounded_lines_before_its_version_line() -> None:
+    """The client side (an agent's link) takes lines before the server's version line
+    as sshd's client does: up to 1024, each up to 8192 bytes; a server takes none."""
+    from relay.ssh.guard import VERSION_TOO_LONG, scan_version_line
+
+    scan = scan_version_line(b"hello\r\nworld\nSSH-2.0-x\r\nrest", 0, preamble=True)
+    assert (scan.skip, scan.lines, scan.end, scan.refusal) == (13, 2, 24, None)
+    scan = scan_version_line(b"hello\r\nwor", 5, preamble=True)
+    assert (scan.skip, scan.lines, scan.end, scan.refusal) == (7, 6, None, None)
+    assert scan_version_line(b"x" * 8193, 0, preamble=True).refusal is not None
+    assert scan_version_line(b"x" * 8192, 0, preamble=True).refusal is None
+    assert scan_version_line(b"\n", 1023, preamble=True).refusal == (
+        b"no SSH version line in the first 1024 lines")
+    assert scan_version_line(b"\n", 0, preamble=False).refusal == b"not an SSH version line"
+    assert scan_version_line(b"SSH-2.0-" + b"x" * 4089, 0, preamble=False).refusal == (
+        VERSION_TOO_LONG)
+    assert scan_version_line(b"SSH-2.0-" + b"x" * 4087 + b"\n", 0, preamble=True).end == 4096
+    assert scan_version_line(b"SS", 0, preamble=False) == scan_version_line(b"", 0, preamble=False)
 
 
 def _userauth(factory: RelayFactory) -> tuple[Any, _TCP]:
