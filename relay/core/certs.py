@@ -13,6 +13,12 @@ when (in this order, the first failure being the reason logged):
 4. its critical options are understood: ``force-command`` is refused (the relay runs no
    commands, so it could not honour it), ``source-address`` must allow the peer,
    anything else is refused (sshd refuses unknown critical options too);
+   and it has the ``permit-port-forwarding`` extension: without it (``ssh-keygen -s``
+   with ``-O no-port-forwarding`` or ``-O clear``) sshd lets it forward
+   nothing, and forwarding is all the relay does, so it is refused rather than granted
+   as if the restriction were not there.  The other extensions only permit what the
+   relay never offers (a pty, agent or X11 forwarding, ``~/.ssh/rc``): their absence
+   takes nothing away here, and unknown ones are ignored, as sshd ignores them;
 5. one of its principals is accepted by a line of that CA (if several, the one whose
    name is the login name), and that line's own ``from=``/``expiry-time`` allow it;
 6. it is not revoked: a KRL may list its serial or key id (under its CA or any CA),
@@ -51,6 +57,7 @@ from relay.core.krl import Krl
 CERT_SUFFIX = b"-cert-v01@openssh.com"
 NO_LIMITS = KeyLimits()
 FOREVER = 0xFFFFFFFFFFFFFFFF
+PERMIT_PORT_FORWARDING = b"permit-port-forwarding"
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,10 @@ def check_certificate(
                 return CertVerdict(None, f"{label}: source-address does not allow {address}")
             continue
         return CertVerdict(None, f"{label} has unknown critical option {name!r}")
+    if PERMIT_PORT_FORWARDING not in cert.extensions:
+        return CertVerdict(None, f"{label} lacks the permit-port-forwarding extension (signed "
+                           "with -O no-port-forwarding or -O clear): it may "
+                           "forward nothing, and forwarding is all the relay does")
     principals = [p.decode("utf-8", "replace") for p in cert.valid_principals]
     if not principals:
         return CertVerdict(None, f"{label} lists no principals")

@@ -227,3 +227,56 @@ def test_the_labrelay_agent_presents_its_certificate(
     agent.wait_for("forward_ready", timeout=20, since=0, bind="web")
     assert relay.status()["relay"]["agents"][0]["services"] == ["web:8080"]
     assert not relay.events("relay_auth_refused")  # the certificate went first, and in
+
+
+def test_a_certificate_that_may_not_forward_ports_is_refused(
+    pki: Path,
+    tmp_path: Path,
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+) -> None:
+    """A certificate without the ``permit-port-forwarding`` extension (``ssh-keygen -s``
+    with ``-O no-port-forwarding`` or ``-O clear``) may forward nothing
+    under sshd, and forwarding is all the relay does: refused at login with that reason,
+    for a user (``ssh -L``) and for an agent (a stock ``ssh -R``), never granted as if the
+    restriction were not there.  ``-O clear -O permit-port-forwarding`` and the
+    extensions for what the relay never offers (``-O no-pty`` ...) log in and forward."""
+    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
+    relay = start_relay(
+        agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc',
+                f'cert-authority,principals="lab_pc2",permitlisten="gpu-cluster:22" {ca} lab_pc2'],
+        users=[f'cert-authority,principals="alice",permitopen="web:8080" {ca} alice'],
+        relay_toml='penalty_exempt = ["127.0.0.1"]',
+    )
+    echo = targets.echo()
+    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+
+    for n, options in enumerate((["-O", "no-port-forwarding"], ["-O", "clear"])):
+        why = refused(relay, user_cert(pki, f"nofw{n}", "-n", "alice", *options), "alice",
+                      "permit-port-forwarding")
+        assert "-O no-port-forwarding" in why, why
+
+    # A stock ssh -R agent whose certificate may not forward: not logged in either.
+    agent_key = user_cert(pki, "lab_pc2", "-n", "lab_pc2,gpu-cluster:22", "-O", "clear")
+    mark = relay.mark()
+    out = subprocess.run(ssh_argv(relay.port, agent_key, relay.known_hosts, "-N",
+                                  "-o", "ExitOnForwardFailure=yes",
+                                  "-R", "gpu-cluster:22:127.0.0.1:9", user="lab_pc2"),
+                         capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert out.returncode == 255 and b"Permission denied" in out.stderr, out.stderr[-500:]
+    relay.wait_for("relay_auth_refused", since=mark, timeout=10,
+                   why=lambda why: "permit-port-forwarding" in str(why))
+    assert relay.status()["relay"]["agents"][0]["name"] == "lab_pc"
+
+    # What sshd would let forward, the relay lets forward.
+    for n, options in enumerate((["-O", "clear", "-O", "permit-port-forwarding"],
+                                 ["-O", "no-pty", "-O", "no-agent-forwarding",
+                                  "-O", "no-x11-forwarding", "-O", "no-user-rc"])):
+        port = free_port()
+        proc = start_ssh(forward_argv(relay, user_cert(pki, f"fw{n}", "-n", "alice", *options),
+                                      port, "alice"), name=f"ssh-fw{n}")
+        proc.wait_stderr(r"new port-listener")
+        assert echo_once(port) == b"ping"

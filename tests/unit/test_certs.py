@@ -87,13 +87,29 @@ def test_a_valid_certificate_is_granted_with_its_expiry(pki: Path) -> None:
     (("-n", "mallory", "-V", "-5m:+1h"), 0, "which no line of its CA accepts"),
     (("-n", "alice", "-O", "force-command=/bin/true"), 0, "force-command"),
     (("-n", "alice", "-O", "source-address=192.168.0.0/16"), 0, "source-address"),
-], ids=["expired", "not-yet-valid", "wrong-principal", "force-command", "source-address"])
+    (("-n", "alice", "-O", "verify-required"), 0, "unknown critical option 'verify-required'"),
+    (("-n", "alice", "-O", "critical:lab-only@example.org=x"), 0, "unknown critical option"),
+    (("-n", "alice", "-O", "no-port-forwarding"), 0, "lacks the permit-port-forwarding"),
+    (("-n", "alice", "-O", "clear"), 0, "lacks the permit-port-forwarding"),
+], ids=["expired", "not-yet-valid", "wrong-principal", "force-command", "source-address",
+        "verify-required", "unknown-critical", "no-port-forwarding", "clear"])
 def test_refused_certificates_say_why(pki: Path, options: tuple[str, ...], now_offset: int,
                                       reason: str) -> None:
     cert = sign(pki, f"bad{abs(hash(options))}", "-I", "k", *options)
     verdict = check_certificate(cert, authorities(pki, line(pki)), now=time.time() + now_offset,
                                 address="10.0.0.5", login="alice")
     assert verdict.principal is None and reason in verdict.reason, verdict.reason
+
+
+@needs_keygen
+def test_extensions_for_what_the_relay_never_offers_take_nothing_away(pki: Path) -> None:
+    """``-O clear -O permit-port-forwarding`` (no pty, agent or X11 forwarding, user rc)
+    and an unknown extension: granted, as sshd grants them (it ignores unknown ones)."""
+    cert = sign(pki, "fwonly", "-I", "k", "-n", "alice", "-O", "clear",
+                "-O", "permit-port-forwarding", "-O", "extension:lab@example.org=x")
+    verdict = check_certificate(cert, authorities(pki, line(pki)), now=time.time(),
+                                address="10.0.0.5", login="alice")
+    assert verdict.principal == ALICE, verdict.reason
 
 
 @needs_keygen
