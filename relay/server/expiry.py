@@ -51,8 +51,9 @@ class KeyExpiry:
 
     def _due(self, key_blob: bytes) -> None:
         self._timers.pop(key_blob, None)
-        if self.relay.grants.principal_for(key_blob) is None:
-            self.relay.endKey(key_blob, "its key or certificate expired")
+        why = self.relay.grants.refusal(key_blob)
+        if why is not None:
+            self.relay.endKey(key_blob, f"its key is no longer usable: {why}")
         elif self._inUse(key_blob):
             self.watch(key_blob)  # extended by a reload meanwhile
 
@@ -70,9 +71,9 @@ class KeyExpiry:
         # are its key's: revoked, that key can never resume them (they end now).
         blobs.update(self.relay.resumes.held_keys())
         for blob in sorted(blobs - set(skip)):
-            if self.relay.grants.principal_for(blob) is None:
-                self.relay.endKey(blob, "its key is no longer usable (expired, revoked, "
-                                  "or its CA no longer trusted)")
+            why = self.relay.grants.refusal(blob)
+            if why is not None:  # the reason itself: expired, which KRL entry, which CA
+                self.relay.endKey(blob, f"its key is no longer usable: {why}")
             else:
                 self.watch(blob)
 

@@ -144,10 +144,19 @@ class KeyTrust:
     def usable(self, blob: bytes) -> bool:
         """Whether a plain key that logged in may still be used (not expired, not
         revoked); ``from=`` was decided at login, as sshd does."""
+        return self.unusable(blob) is None
+
+    def unusable(self, blob: bytes) -> str | None:
+        """Why a plain key that logged in may no longer be used (expired, or listed in
+        the revoked keys), or None: the reason its sessions end with, so the log says
+        which (an admin who revoked a key wants to read that it was the KRL)."""
         limits = self._limits.get(blob)
-        if limits is not None and limits.expires is not None and self._wall() >= limits.expires:
-            return False
-        return self._krl is None or self._krl.revoked_key(blob) is None
+        if limits is not None and limits.expires is not None:
+            # expiry only: from= was decided at login, as sshd does
+            why = KeyLimits(limits.expires).refusal(self._wall(), "")
+            if why is not None:
+                return why
+        return None if self._krl is None else self._krl.revoked_key(blob)
 
     def certificate(self, blob: bytes, login: str, address: str) -> CertVerdict:
         """Check a certificate presented at login; remembered if granted."""

@@ -66,8 +66,10 @@ def test_expiry_time_and_from_at_login_and_after(setup: tuple[Path, list[str], W
     assert "expired" in grants.authenticate(blob(keys[1]), "old", "10.1.2.3").reason
     assert grants.principal_for(blob(keys[1])) is None
     assert grants.principal_for(blob(keys[0])) is not None
+    assert grants.refusal(blob(keys[0])) is None  # from= was decided at login
     wall.now = EXPIRES
     assert grants.principal_for(blob(keys[0])) is None  # expired since login
+    assert grants.refusal(blob(keys[0])) == "key expired at 2030-03-17 08:00:00 UTC (expiry-time)"
 
 
 def test_revoked_keys_krl_and_text(setup: tuple[Path, list[str], Wall]) -> None:
@@ -92,6 +94,10 @@ def test_revoked_keys_krl_and_text(setup: tuple[Path, list[str], Wall]) -> None:
     assert len(changes) == 1 and not changes[0].losses
     assert grants.principal_for(blob(keys[0])) is None
     assert grants.principal_for(blob(keys[1])) is not None
+    # Why a key in use ends, as relay_key_ended says it: which list, not a guess.
+    assert grants.refusal(blob(keys[0])) == "the key is listed in the KRL"
+    assert grants.refusal(blob(keys[1])) is None
+    assert grants.refusal(blob(make_key(d, "stranger"))) == "the key is no longer granted"
     # A broken file on reload keeps the list in force (fail closed)...
     (d / "revoked.krl").write_bytes(b"SSHKRL\n\x00garbage")
     grants.poll()
