@@ -334,6 +334,11 @@ class RelayCore(SessionOpening):
         if old.idle_timeout != config.idle_timeout and self._started:
             self.idle.restart()
         self.grants.reconfigure(config)
+        if self._started:
+            # A relay that started with nothing to watch (grants in [[relay.*]] tables
+            # only, no revoked_keys) and is now told of a KRL or a grant file: watch it
+            # from now on, or a later `ssh-keygen -k -u` would never be seen.
+            self.grantsWatcher.start()
 
     # grants reloaded: what a key lost goes at once (DESIGN §7)
 
