@@ -62,14 +62,19 @@ class KeyExpiry:
                 or any(r.key == key_blob for r in self.relay.sessions.rows())
                 or key_blob in self.relay.resumes.held_keys())
 
-    def recheck(self, skip: Collection[bytes] = ()) -> None:
-        """After a reload: end what is no longer usable, re-arm the timers of the rest.
-        ``skip``: keys the reload's diff already took care of."""
+    def keys_in_use(self) -> set[bytes]:
+        """Every key blob with a connection, a session or a held session."""
         blobs = {c.identity.key_blob for c in self.relay.connections}
         blobs.update(r.key for r in self.relay.sessions.rows() if r.key is not None)
         # An agent whose link is down has no connection, but the sessions held for it
         # are its key's: revoked, that key can never resume them (they end now).
         blobs.update(self.relay.resumes.held_keys())
+        return blobs
+
+    def recheck(self, skip: Collection[bytes] = ()) -> None:
+        """After a reload: end what is no longer usable, re-arm the timers of the rest.
+        ``skip``: keys the reload's diff already took care of."""
+        blobs = self.keys_in_use()
         for blob in sorted(blobs - set(skip)):
             why = self.relay.grants.refusal(blob)
             if why is not None:  # the reason itself: expired, which KRL entry, which CA

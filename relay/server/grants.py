@@ -200,6 +200,12 @@ class Grants:
         return self.trust.authenticate(key_blob, self._state.by_key.get(key_blob), login,
                                        address)
 
+    def remember(self, key_blob: bytes, login: str, address: str) -> None:
+        """``key_blob`` logged in (its signature verified) as ``login`` from ``address``:
+        a certificate is checked again with these on every later look-up."""
+        if is_certificate(key_blob):
+            self.trust.remember(key_blob, login, address)
+
     def expires(self, key_blob: bytes) -> float | None:
         """When a key or certificate that logged in stops being usable (Unix time)."""
         return self.trust.expires(key_blob, is_certificate(key_blob))

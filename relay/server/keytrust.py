@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 from twisted.logger import Logger
@@ -29,8 +29,11 @@ from relay.core.krl import MAGIC, Krl, KrlError, parse_krl
 _log = Logger()
 
 CERT_CACHE = 4096
-"""Certificates remembered after login (the oldest is forgotten first; one forgotten
-while its connection is still up is simply no longer granted: fail closed)."""
+"""Certificates remembered after login, beyond those in use: past it the oldest not in
+use is forgotten (a later look-up of a forgotten one grants nothing: fail closed).  One
+in use (a connection, a session, a held session) is never forgotten, or a lab with
+short-lived certificates (one per login) would, after this many logins, cut off an
+agent whose certificate logged in weeks ago; they are bounded by the connections."""
 
 
 def read_revoked(path: Path) -> Krl:
@@ -60,6 +63,9 @@ class KeyTrust:
         self._krl: Krl | None = None
         self._krlSignature: tuple[int, ...] | None = None
         self._certs: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
+        # The key blobs in use (the relay's connections, sessions and held sessions):
+        # certificates among them are never forgotten.  Set by the relay.
+        self.inUse: Callable[[], Collection[bytes]] = frozenset
         if revoked is not None:
             self._loadKrl(strict=True)
 
@@ -159,15 +165,25 @@ class KeyTrust:
         return None if self._krl is None else self._krl.revoked_key(blob)
 
     def certificate(self, blob: bytes, login: str, address: str) -> CertVerdict:
-        """Check a certificate presented at login; remembered if granted."""
-        verdict = check_certificate(blob, self._authorities, now=self._wall(),
-                                    address=address, login=login, krl=self._krl)
-        if verdict.principal is not None:
-            self._certs[blob] = (login, address)
-            self._certs.move_to_end(blob)
-            while len(self._certs) > CERT_CACHE:
-                self._certs.popitem(last=False)
-        return verdict
+        """Check a certificate presented at login (not remembered: :meth:`remember`,
+        once the login proved its key)."""
+        return check_certificate(blob, self._authorities, now=self._wall(),
+                                 address=address, login=login, krl=self._krl)
+
+    def remember(self, blob: bytes, login: str, address: str) -> None:
+        """A certificate logged in as ``login`` from ``address``, its key proved: later
+        look-ups check it again with these.  Only a signed login is remembered: an offer
+        without a signature (anyone may hold a public ``-cert.pub``) must not replace
+        the login and address a connected holder's certificate is checked with."""
+        self._certs[blob] = (login, address)
+        self._certs.move_to_end(blob)
+        if len(self._certs) <= CERT_CACHE:
+            return
+        in_use = set(self.inUse())
+        for old in [b for b in self._certs if b not in in_use and b != blob]:
+            if len(self._certs) <= CERT_CACHE:
+                break
+            del self._certs[old]
 
     def certified(self, blob: bytes) -> CertVerdict:
         """A certificate that logged in, checked again now."""

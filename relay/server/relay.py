@@ -88,6 +88,7 @@ class RelayCore(SessionOpening):
         self.resume = self.resumes.sessions
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
         self.expiry = KeyExpiry(self)
+        grants.trust.inUse = self.expiry.keys_in_use  # certificates in use stay known
         grants.subscribe(lambda _change: self.sharing.refresh())
         grants.subscribe(self.grantsChanged)
 

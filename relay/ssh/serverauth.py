@@ -44,6 +44,9 @@ class PrincipalLookup(Protocol):
         its principal, or the reason it may not (``expiry-time``, ``from=``, a
         certificate's checks, the KRL)."""
 
+    def remember(self, key_blob: bytes, login: str, address: str) -> None:
+        """The key or certificate logged in: its signature verified."""
+
 
 class AuthHandler(Protocol):
     """What authentication needs of the relay: its settings, clock and grants (the
@@ -110,6 +113,8 @@ class GrantChecker:
             else:
                 key = keys.Key.fromString(credentials.blob)
             if key.verify(credentials.signature, credentials.sigData):
+                self.core.grants.remember(credentials.blob, login,
+                                          getattr(credentials, "peer", ""))
                 return defer.succeed(Identity(credentials.blob, principal))
         except Exception:  # a malformed key or signature is a failed login
             pass
