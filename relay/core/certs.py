@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -161,9 +162,11 @@ def check_certificate(
     label = (f"certificate {key_id.decode('utf-8', 'replace')!r} serial {cert.serial} "
              f"(CA {fingerprint(ca)})")
     if now < cert.valid_after:
-        return CertVerdict(None, f"{label} is not yet valid (valid from {cert.valid_after})")
+        return CertVerdict(None, f"{label} is not yet valid (valid from "
+                           f"{_utc(cert.valid_after)}; {_skew(now, cert.valid_after)})")
     if cert.valid_before != FOREVER and now >= cert.valid_before:
-        return CertVerdict(None, f"{label} expired (valid until {cert.valid_before})")
+        return CertVerdict(None, f"{label} expired (valid until {_utc(cert.valid_before)}; "
+                           f"{_skew(now, cert.valid_before)})")
     for option, value in cert.critical_options.items():
         name = option.decode("utf-8", "replace")
         if option == b"force-command":
@@ -202,6 +205,29 @@ def check_certificate(
     if principal.kind == AGENT:
         principal = replace(principal, services=_agent_services(principals, principal))
     return CertVerdict(principal, "", expires, ca)
+
+
+def _utc(when: float) -> str:
+    """A certificate time as ``ssh-keygen -L`` would show it, in UTC (the raw Unix time
+    told an admin nothing)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(min(when, 253402300799)))
+
+
+def _skew(now: float, when: float) -> str:
+    """The relay's clock beside a certificate's bound: a certificate refused as not yet
+    valid moments after ``ssh-keygen -s`` signed it, or expired early, usually means the
+    relay's clock and the CA's disagree, and this says by how much."""
+    delta = now - when
+    word = "later" if delta >= 0 else "earlier"
+    return (f"the relay's clock says {_utc(now)}, {_span(abs(delta))} {word}; "
+            "if that is wrong, check the relay's and the CA's clocks")
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def _agent_services(principals: Sequence[str], line: Principal) -> tuple[ServiceGrant, ...]:
