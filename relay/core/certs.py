@@ -102,6 +102,21 @@ def fingerprint(blob: bytes) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
+def key_fingerprint(blob: bytes | None) -> str:
+    """The fingerprint of the key that logged in as ``ssh-keygen -lf`` prints it (``-``
+    for none): for a certificate, its key's (``ssh-keygen -lf id-cert.pub`` prints the
+    same as for ``id.pub``, and that is what an admin holds of a lost laptop and what a
+    KRL's ``sha256:`` line names), not a hash of the certificate no tool shows."""
+    if blob is None:
+        return "-"
+    if is_certificate(blob):
+        try:
+            return fingerprint(key_blob(parse_certificate(blob).public_key()))
+        except Exception:  # malformed: the bytes as they came
+            pass
+    return fingerprint(blob)
+
+
 def key_blob(key: object) -> bytes:
     """The SSH wire blob of a cryptography public key."""
     line = key.public_bytes(  # type: ignore[attr-defined]

@@ -280,3 +280,53 @@ def test_a_certificate_that_may_not_forward_ports_is_refused(
                                       port, "alice"), name=f"ssh-fw{n}")
         proc.wait_stderr(r"new port-listener")
         assert echo_once(port) == b"ping"
+
+
+def test_two_laptops_each_key_named_by_its_fingerprint_one_revoked(
+    pki: Path,
+    tmp_path: Path,
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+) -> None:
+    """alice has two laptops: one logs in with its key (a users-file line), the other with
+    a lab-CA certificate.  Every event about a login names the key as ``ssh-keygen -lf``
+    prints it (for a certificate, that is its key's fingerprint, which ``-lf`` prints
+    for ``id-cert.pub`` too): ``relay_connected``, the audit log's ``session_open``,
+    and, when the first laptop is lost and its line removed, ``relay_key_revoked`` and
+    the refused retry's ``relay_auth_refused``, so the admin can tell which laptop it
+    was.  The other laptop's session carries on."""
+    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    lab_pc, laptop1 = (make_key(tmp_path / n, comment=n) for n in ("lab_pc", "laptop1"))
+    alice_key = f'permitopen="web:8080" {laptop1.public_blob()} alice'
+    alice_ca = f'cert-authority,principals="alice",permitopen="web:8080" {ca} alice'
+    relay = start_relay(agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc'],
+                        users=[alice_key, alice_ca],
+                        relay_toml='penalty_exempt = ["127.0.0.1"]')
+    echo = targets.echo()
+    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+    laptop2 = user_cert(pki, "laptop2", "-n", "alice", "-V", "-5m:+1h")
+    fingerprints = {laptop1.fingerprint(), KeyPair(laptop2, "").fingerprint()}
+    assert len(fingerprints) == 2
+
+    ports = {}
+    for name, identity in (("laptop1", laptop1.path), ("laptop2", laptop2)):
+        ports[name] = port = free_port()
+        start_ssh(forward_argv(relay, identity, port, "alice"),
+                  name=f"ssh-{name}").wait_stderr(r"new port-listener")
+        assert echo_once(port) == b"ping"
+    connected = relay.events("relay_connected", since=0, name="alice")
+    assert {e["key"] for e in connected} == fingerprints, connected
+    opened = [relay.wait_for("session_open", since=0, user="alice", key=fp)
+              for fp in fingerprints]
+    assert len(opened) == 2
+
+    mark = relay.mark()
+    (relay.dir / "users").write_text(alice_ca + "\n")  # laptop1 is lost
+    revoked = relay.wait_for("relay_key_revoked", since=mark, name="alice")
+    assert revoked["key"] == laptop1.fingerprint(), revoked
+    refused(relay, laptop1.path, "alice", "key not granted")
+    assert {e["key"] for e in relay.events("relay_auth_refused", since=mark)} \
+        == {laptop1.fingerprint()}
+    assert echo_once(ports["laptop2"]) == b"ping"
