@@ -36,6 +36,13 @@ short-lived certificates (one per login) would, after this many logins, cut off 
 agent whose certificate logged in weeks ago; they are bounded by the connections."""
 
 
+EMPTIED_READS = 3
+"""Polls in a row that must read an emptied ``revoked_keys`` before it is taken (as for
+a grant file that reads emptied, relay.server.grants): ``ssh-keygen -k -u`` rewrites the
+KRL in place, truncate then write, and an empty read taken at once would revoke nothing
+until the next poll."""
+
+
 def read_revoked(path: Path) -> Krl:
     """A KRL file, or a text file of public keys (one per line, ``#`` comments)."""
     data = path.read_bytes()
@@ -52,6 +59,11 @@ def read_revoked(path: Path) -> Krl:
     return krl
 
 
+def _revokes(krl: Krl | None) -> bool:
+    """Whether ``krl`` revokes anything."""
+    return krl is not None and bool(krl.keys or krl.sha256 or krl.sha1 or krl.certs)
+
+
 class KeyTrust:
     """See the module docstring.  ``wall()`` is the wall clock in seconds."""
 
@@ -62,6 +74,7 @@ class KeyTrust:
         self._authorities: dict[bytes, list[Authority]] = {}
         self._krl: Krl | None = None
         self._krlSignature: tuple[int, ...] | None = None
+        self._emptiedReads = 0  # polls in a row that read the KRL emptied
         self._certs: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
         # The key blobs in use (the relay's connections, sessions and held sessions):
         # certificates among them are never forgotten.  Set by the relay.
@@ -119,6 +132,16 @@ class KeyTrust:
             signature = None
         if signature == self._krlSignature:
             return False
+        if signature is not None and signature[1] == 0 and _revokes(self._krl):
+            # Emptied: a writer caught between its truncate and its write, or an admin
+            # un-revoking everything.  Keep the list in force (and the old signature, so
+            # the next poll looks again) until it has read empty EMPTIED_READS times.
+            self._emptiedReads += 1
+            if self._emptiedReads < EMPTIED_READS:
+                return False
+            _log.warn("revoked_keys {file} emptied: no key or certificate is revoked by it "
+                      "any more", event="krl_emptied", file=str(self._path))
+        self._emptiedReads = 0
         self._loadKrl(strict=False)
         self._krlSignature = signature
         return True

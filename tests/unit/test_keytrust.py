@@ -119,6 +119,45 @@ def test_revoked_keys_krl_and_text(setup: tuple[Path, list[str], Wall]) -> None:
     assert grants.principal_for(blob(keys[0])) is not None
 
 
+def test_a_krl_caught_emptied_mid_write_revokes_on_until_it_stays_empty(
+    setup: tuple[Path, list[str], Wall],
+) -> None:
+    """``ssh-keygen -k -u`` rewrites the KRL in place (truncate, then write): a poll
+    between the two read an empty file, which as a list of public keys revokes nothing,
+    so every revoked key could log in until the next poll.  An emptied file is taken, as
+    a grant file is, only once three polls in a row read it empty (0.5 s by default);
+    the write landing meanwhile is taken at once."""
+    d, keys, wall = setup
+    assert KEYGEN is not None
+    users = d / "users"
+    users.write_text("".join(f'permitopen="web:80" {k} u{i}\n' for i, k in enumerate(keys)))
+    krl = d / "revoked.krl"
+    subprocess.run([KEYGEN, "-q", "-k", "-f", str(krl), str(d / "k1.pub")], check=True)
+    grants = Grants(RelayConfig(users_file=users, revoked_keys=krl), "node.toml", wall_ns=wall)
+    assert grants.principal_for(blob(keys[1])) is None
+
+    # ssh-keygen -k -u adding k2, caught between its truncate and its write
+    shutil.copy(krl, d / "next.krl")
+    subprocess.run([KEYGEN, "-q", "-k", "-u", "-f", str(d / "next.krl"), str(d / "k2.pub")],
+                   check=True)
+    krl.write_bytes(b"")
+    grants.poll()
+    assert grants.principal_for(blob(keys[1])) is None, "an emptied KRL un-revoked k1 at once"
+    assert "listed in the KRL" in grants.authenticate(blob(keys[1]), "u1", "10.0.0.1").reason
+    krl.write_bytes((d / "next.krl").read_bytes())
+    grants.poll()  # the write landed: taken at once, k2 revoked too
+    assert grants.principal_for(blob(keys[1])) is None
+    assert grants.principal_for(blob(keys[2])) is None
+
+    krl.write_bytes(b"")  # emptied on purpose: taken on the third read in a row
+    for _ in range(2):
+        grants.poll()
+        assert grants.principal_for(blob(keys[1])) is None
+    grants.poll()
+    assert grants.principal_for(blob(keys[1])) is not None
+    assert grants.principal_for(blob(keys[2])) is not None
+
+
 # --- certificates remembered after login ---------------------------------------------------
 
 
