@@ -330,3 +330,44 @@ def test_two_laptops_each_key_named_by_its_fingerprint_one_revoked(
     assert {e["key"] for e in relay.events("relay_auth_refused", since=mark)} \
         == {laptop1.fingerprint()}
     assert echo_once(ports["laptop2"]) == b"ping"
+
+
+def test_an_agent_certificate_renewed_on_disk_is_offered_when_the_old_one_expires(
+    pki: Path,
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    targets: Targets,
+) -> None:
+    """The lab PC's agent logs in with a short-lived certificate that a job renews on
+    disk (``ssh-keygen -s`` again, into the same ``KEY-cert.pub``) before it expires.
+    At expiry the relay ends the agent's connection (``relay_key_ended``); the agent
+    reconnects offering the renewed certificate, as a new ssh(1) would, and serves
+    again, instead of offering the expired one it started with until restarted."""
+    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    relay = start_relay(
+        agents=[f'cert-authority,principals="lab_pc",permitlisten="web:8080" {ca} lab_pc'],
+        relay_toml='penalty_exempt = ["127.0.0.1"]',
+    )
+    echo = targets.echo()
+    key = make_key(pki / "lab_pc", comment="lab_pc")
+    sign = ("-s", "ca", "-I", "lab_pc@lab", "-n", "lab_pc,web:8080")
+    keygen(*sign, "-z", "1", "-V", "-5m:+12s", "lab_pc.pub", cwd=pki)
+    agent = start_agent(
+        "-p", str(relay.port), "-i", str(key.path),
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+        "--backoff-initial", "0.2", "--backoff-max", "1",
+        "-R", f"web:8080:127.0.0.1:{echo.port}", "lab_pc@127.0.0.1",
+    )  # fmt: skip
+    agent.wait_for("forward_ready", timeout=20, since=0, bind="web")
+    first = relay.wait_for("relay_connected", since=0, name="lab_pc")
+    assert first["cert_id"] == "lab_pc@lab"
+
+    keygen(*sign, "-z", "2", "-V", "-5m:+1h", "lab_pc.pub", cwd=pki)  # the renewal job
+    mark, amark = relay.mark(), agent.mark()
+    ended = relay.wait_for("relay_key_ended", since=mark, timeout=30, name="lab_pc")
+    assert "expired" in ended["why"], ended
+    agent.wait_for("forward_ready", timeout=15, since=amark, bind="web")
+    assert relay.events("relay_auth_refused", since=mark) == []
+    again = relay.wait_for("relay_connected", since=mark, name="lab_pc")
+    assert again["cert_id"] == "lab_pc@lab" and again["key"] == first["key"]
+    assert relay.status()["relay"]["agents"][0]["services"] == ["web:8080"]
