@@ -13,6 +13,12 @@ when (in this order, the first failure being the reason logged):
 4. its critical options are understood: ``force-command`` is refused (the relay runs no
    commands, so it could not honour it), ``source-address`` must allow the peer,
    anything else is refused (sshd refuses unknown critical options too);
+   and it has the ``permit-port-forwarding`` extension: without it (``ssh-keygen -s``
+   with ``-O no-port-forwarding`` or ``-O clear``) sshd lets it forward
+   nothing, and forwarding is all the relay does, so it is refused rather than granted
+   as if the restriction were not there.  The other extensions only permit what the
+   relay never offers (a pty, agent or X11 forwarding, ``~/.ssh/rc``): their absence
+   takes nothing away here, and unknown ones are ignored, as sshd ignores them;
 5. one of its principals is accepted by a line of that CA (if several, the one whose
    name is the login name), and that line's own ``from=``/``expiry-time`` allow it;
 6. it is not revoked: a KRL may list its serial or key id (under its CA or any CA),
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -51,6 +58,7 @@ from relay.core.krl import Krl
 CERT_SUFFIX = b"-cert-v01@openssh.com"
 NO_LIMITS = KeyLimits()
 FOREVER = 0xFFFFFFFFFFFFFFFF
+PERMIT_PORT_FORWARDING = b"permit-port-forwarding"
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,21 @@ def is_certificate(blob: bytes) -> bool:
 
 def fingerprint(blob: bytes) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def key_fingerprint(blob: bytes | None) -> str:
+    """The fingerprint of the key that logged in as ``ssh-keygen -lf`` prints it (``-``
+    for none): for a certificate, its key's (``ssh-keygen -lf id-cert.pub`` prints the
+    same as for ``id.pub``, and that is what an admin holds of a lost laptop and what a
+    KRL's ``sha256:`` line names), not a hash of the certificate no tool shows."""
+    if blob is None:
+        return "-"
+    if is_certificate(blob):
+        try:
+            return fingerprint(key_blob(parse_certificate(blob).public_key()))
+        except Exception:  # malformed: the bytes as they came
+            pass
+    return fingerprint(blob)
 
 
 def key_blob(key: object) -> bytes:
@@ -154,9 +177,11 @@ def check_certificate(
     label = (f"certificate {key_id.decode('utf-8', 'replace')!r} serial {cert.serial} "
              f"(CA {fingerprint(ca)})")
     if now < cert.valid_after:
-        return CertVerdict(None, f"{label} is not yet valid (valid from {cert.valid_after})")
+        return CertVerdict(None, f"{label} is not yet valid (valid from "
+                           f"{_utc(cert.valid_after)}; {_skew(now, cert.valid_after)})")
     if cert.valid_before != FOREVER and now >= cert.valid_before:
-        return CertVerdict(None, f"{label} expired (valid until {cert.valid_before})")
+        return CertVerdict(None, f"{label} expired (valid until {_utc(cert.valid_before)}; "
+                           f"{_skew(now, cert.valid_before)})")
     for option, value in cert.critical_options.items():
         name = option.decode("utf-8", "replace")
         if option == b"force-command":
@@ -166,6 +191,10 @@ def check_certificate(
                 return CertVerdict(None, f"{label}: source-address does not allow {address}")
             continue
         return CertVerdict(None, f"{label} has unknown critical option {name!r}")
+    if PERMIT_PORT_FORWARDING not in cert.extensions:
+        return CertVerdict(None, f"{label} lacks the permit-port-forwarding extension (signed "
+                           "with -O no-port-forwarding or -O clear): it may "
+                           "forward nothing, and forwarding is all the relay does")
     principals = [p.decode("utf-8", "replace") for p in cert.valid_principals]
     if not principals:
         return CertVerdict(None, f"{label} lists no principals")
@@ -191,6 +220,29 @@ def check_certificate(
     if principal.kind == AGENT:
         principal = replace(principal, services=_agent_services(principals, principal))
     return CertVerdict(principal, "", expires, ca)
+
+
+def _utc(when: float) -> str:
+    """A certificate time as ``ssh-keygen -L`` would show it, in UTC (the raw Unix time
+    told an admin nothing)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(min(when, 253402300799)))
+
+
+def _skew(now: float, when: float) -> str:
+    """The relay's clock beside a certificate's bound: a certificate refused as not yet
+    valid moments after ``ssh-keygen -s`` signed it, or expired early, usually means the
+    relay's clock and the CA's disagree, and this says by how much."""
+    delta = now - when
+    word = "later" if delta >= 0 else "earlier"
+    return (f"the relay's clock says {_utc(now)}, {_span(abs(delta))} {word}; "
+            "if that is wrong, check the relay's and the CA's clocks")
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def _agent_services(principals: Sequence[str], line: Principal) -> tuple[ServiceGrant, ...]:

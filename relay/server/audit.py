@@ -12,24 +12,17 @@ are escaped there.  The rows themselves are :mod:`relay.core.sessions`'s.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.logger import Logger
 
+from relay.core.certs import key_fingerprint as key_fingerprint  # re-exported
 from relay.core.sessions import SessionRow
 
 _log = Logger(namespace="labrelay.audit")
 
 
-def key_fingerprint(blob: bytes | None) -> str:
-    """``SHA256:...`` as ``ssh-keygen -lf`` prints it; ``-`` when there is no key."""
-    if blob is None:
-        return "-"
-    digest = hashlib.sha256(blob).digest()
-    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
 
 def path_of(row: SessionRow) -> str:

@@ -51,8 +51,9 @@ class KeyExpiry:
 
     def _due(self, key_blob: bytes) -> None:
         self._timers.pop(key_blob, None)
-        if self.relay.grants.principal_for(key_blob) is None:
-            self.relay.endKey(key_blob, "its key or certificate expired")
+        why = self.relay.grants.refusal(key_blob)
+        if why is not None:
+            self.relay.endKey(key_blob, f"its key is no longer usable: {why}")
         elif self._inUse(key_blob):
             self.watch(key_blob)  # extended by a reload meanwhile
 
@@ -61,18 +62,23 @@ class KeyExpiry:
                 or any(r.key == key_blob for r in self.relay.sessions.rows())
                 or key_blob in self.relay.resumes.held_keys())
 
-    def recheck(self, skip: Collection[bytes] = ()) -> None:
-        """After a reload: end what is no longer usable, re-arm the timers of the rest.
-        ``skip``: keys the reload's diff already took care of."""
+    def keys_in_use(self) -> set[bytes]:
+        """Every key blob with a connection, a session or a held session."""
         blobs = {c.identity.key_blob for c in self.relay.connections}
         blobs.update(r.key for r in self.relay.sessions.rows() if r.key is not None)
         # An agent whose link is down has no connection, but the sessions held for it
         # are its key's: revoked, that key can never resume them (they end now).
         blobs.update(self.relay.resumes.held_keys())
+        return blobs
+
+    def recheck(self, skip: Collection[bytes] = ()) -> None:
+        """After a reload: end what is no longer usable, re-arm the timers of the rest.
+        ``skip``: keys the reload's diff already took care of."""
+        blobs = self.keys_in_use()
         for blob in sorted(blobs - set(skip)):
-            if self.relay.grants.principal_for(blob) is None:
-                self.relay.endKey(blob, "its key is no longer usable (expired, revoked, "
-                                  "or its CA no longer trusted)")
+            why = self.relay.grants.refusal(blob)
+            if why is not None:  # the reason itself: expired, which KRL entry, which CA
+                self.relay.endKey(blob, f"its key is no longer usable: {why}")
             else:
                 self.watch(blob)
 

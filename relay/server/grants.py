@@ -181,6 +181,17 @@ class Grants:
             return None
         return principal
 
+    def refusal(self, key_blob: bytes) -> str | None:
+        """Why the key or certificate ``key_blob``, which logged in, may no longer be
+        used (None when :meth:`principal_for` grants it): the reason its sessions and
+        connections end with (``relay_key_ended``)."""
+        if is_certificate(key_blob):
+            verdict = self.trust.certified(key_blob)
+            return None if verdict.principal is not None else verdict.reason
+        if key_blob not in self._state.by_key:
+            return "the key is no longer granted"
+        return self.trust.unusable(key_blob)
+
     def authenticate(self, key_blob: bytes, login: str, address: str) -> CertVerdict:
         """Whether a key or certificate may log in now as ``login`` from ``address``
         (``from=``, ``expiry-time``, certificates, the KRL): its principal or why not."""
@@ -188,6 +199,12 @@ class Grants:
             return self.trust.certificate(key_blob, login, address)
         return self.trust.authenticate(key_blob, self._state.by_key.get(key_blob), login,
                                        address)
+
+    def remember(self, key_blob: bytes, login: str, address: str) -> None:
+        """``key_blob`` logged in (its signature verified) as ``login`` from ``address``:
+        a certificate is checked again with these on every later look-up."""
+        if is_certificate(key_blob):
+            self.trust.remember(key_blob, login, address)
 
     def expires(self, key_blob: bytes) -> float | None:
         """When a key or certificate that logged in stops being usable (Unix time)."""

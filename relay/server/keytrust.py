@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 from twisted.logger import Logger
@@ -29,8 +29,18 @@ from relay.core.krl import MAGIC, Krl, KrlError, parse_krl
 _log = Logger()
 
 CERT_CACHE = 4096
-"""Certificates remembered after login (the oldest is forgotten first; one forgotten
-while its connection is still up is simply no longer granted: fail closed)."""
+"""Certificates remembered after login, beyond those in use: past it the oldest not in
+use is forgotten (a later look-up of a forgotten one grants nothing: fail closed).  One
+in use (a connection, a session, a held session) is never forgotten, or a lab with
+short-lived certificates (one per login) would, after this many logins, cut off an
+agent whose certificate logged in weeks ago; they are bounded by the connections."""
+
+
+EMPTIED_READS = 3
+"""Polls in a row that must read an emptied ``revoked_keys`` before it is taken (as for
+a grant file that reads emptied, relay.server.grants): ``ssh-keygen -k -u`` rewrites the
+KRL in place, truncate then write, and an empty read taken at once would revoke nothing
+until the next poll."""
 
 
 def read_revoked(path: Path) -> Krl:
@@ -49,6 +59,11 @@ def read_revoked(path: Path) -> Krl:
     return krl
 
 
+def _revokes(krl: Krl | None) -> bool:
+    """Whether ``krl`` revokes anything."""
+    return krl is not None and bool(krl.keys or krl.sha256 or krl.sha1 or krl.certs)
+
+
 class KeyTrust:
     """See the module docstring.  ``wall()`` is the wall clock in seconds."""
 
@@ -59,7 +74,11 @@ class KeyTrust:
         self._authorities: dict[bytes, list[Authority]] = {}
         self._krl: Krl | None = None
         self._krlSignature: tuple[int, ...] | None = None
+        self._emptiedReads = 0  # polls in a row that read the KRL emptied
         self._certs: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
+        # The key blobs in use (the relay's connections, sessions and held sessions):
+        # certificates among them are never forgotten.  Set by the relay.
+        self.inUse: Callable[[], Collection[bytes]] = frozenset
         if revoked is not None:
             self._loadKrl(strict=True)
 
@@ -113,6 +132,16 @@ class KeyTrust:
             signature = None
         if signature == self._krlSignature:
             return False
+        if signature is not None and signature[1] == 0 and _revokes(self._krl):
+            # Emptied: a writer caught between its truncate and its write, or an admin
+            # un-revoking everything.  Keep the list in force (and the old signature, so
+            # the next poll looks again) until it has read empty EMPTIED_READS times.
+            self._emptiedReads += 1
+            if self._emptiedReads < EMPTIED_READS:
+                return False
+            _log.warn("revoked_keys {file} emptied: no key or certificate is revoked by it "
+                      "any more", event="krl_emptied", file=str(self._path))
+        self._emptiedReads = 0
         self._loadKrl(strict=False)
         self._krlSignature = signature
         return True
@@ -144,21 +173,40 @@ class KeyTrust:
     def usable(self, blob: bytes) -> bool:
         """Whether a plain key that logged in may still be used (not expired, not
         revoked); ``from=`` was decided at login, as sshd does."""
+        return self.unusable(blob) is None
+
+    def unusable(self, blob: bytes) -> str | None:
+        """Why a plain key that logged in may no longer be used (expired, or listed in
+        the revoked keys), or None: the reason its sessions end with, so the log says
+        which (an admin who revoked a key wants to read that it was the KRL)."""
         limits = self._limits.get(blob)
-        if limits is not None and limits.expires is not None and self._wall() >= limits.expires:
-            return False
-        return self._krl is None or self._krl.revoked_key(blob) is None
+        if limits is not None and limits.expires is not None:
+            # expiry only: from= was decided at login, as sshd does
+            why = KeyLimits(limits.expires).refusal(self._wall(), "")
+            if why is not None:
+                return why
+        return None if self._krl is None else self._krl.revoked_key(blob)
 
     def certificate(self, blob: bytes, login: str, address: str) -> CertVerdict:
-        """Check a certificate presented at login; remembered if granted."""
-        verdict = check_certificate(blob, self._authorities, now=self._wall(),
-                                    address=address, login=login, krl=self._krl)
-        if verdict.principal is not None:
-            self._certs[blob] = (login, address)
-            self._certs.move_to_end(blob)
-            while len(self._certs) > CERT_CACHE:
-                self._certs.popitem(last=False)
-        return verdict
+        """Check a certificate presented at login (not remembered: :meth:`remember`,
+        once the login proved its key)."""
+        return check_certificate(blob, self._authorities, now=self._wall(),
+                                 address=address, login=login, krl=self._krl)
+
+    def remember(self, blob: bytes, login: str, address: str) -> None:
+        """A certificate logged in as ``login`` from ``address``, its key proved: later
+        look-ups check it again with these.  Only a signed login is remembered: an offer
+        without a signature (anyone may hold a public ``-cert.pub``) must not replace
+        the login and address a connected holder's certificate is checked with."""
+        self._certs[blob] = (login, address)
+        self._certs.move_to_end(blob)
+        if len(self._certs) <= CERT_CACHE:
+            return
+        in_use = set(self.inUse())
+        for old in [b for b in self._certs if b not in in_use and b != blob]:
+            if len(self._certs) <= CERT_CACHE:
+                break
+            del self._certs[old]
 
     def certified(self, blob: bytes) -> CertVerdict:
         """A certificate that logged in, checked again now."""

@@ -88,6 +88,7 @@ class RelayCore(SessionOpening):
         self.resume = self.resumes.sessions
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
         self.expiry = KeyExpiry(self)
+        grants.trust.inUse = self.expiry.keys_in_use  # certificates in use stay known
         grants.subscribe(lambda _change: self.sharing.refresh())
         grants.subscribe(self.grantsChanged)
 
@@ -155,8 +156,9 @@ class RelayCore(SessionOpening):
         # or a cert-authority line); both empty for a plain key.
         ca, key_id = describe_cert(ident.key_blob)
         self._log.info(
-            "{kind} {name} connected from {peer}", event="relay_connected",
+            "{kind} {name} connected from {peer} with key {key}", event="relay_connected",
             kind=ident.kind, name=ident.name, peer=conn.peer, cert_ca=ca, cert_id=key_id,
+            key=audit.key_fingerprint(ident.key_blob),
         )
 
     def sessionStopped(self, conn: RelayConnection) -> None:
@@ -334,6 +336,11 @@ class RelayCore(SessionOpening):
         if old.idle_timeout != config.idle_timeout and self._started:
             self.idle.restart()
         self.grants.reconfigure(config)
+        if self._started:
+            # A relay that started with nothing to watch (grants in [[relay.*]] tables
+            # only, no revoked_keys) and is now told of a KRL or a grant file: watch it
+            # from now on, or a later `ssh-keygen -k -u` would never be seen.
+            self.grantsWatcher.start()
 
     # grants reloaded: what a key lost goes at once (DESIGN §7)
 
@@ -404,7 +411,7 @@ class RelayCore(SessionOpening):
             self._log.warn("{kind} {name} at {peer}: {why}; disconnecting",
                            event="relay_key_ended", kind=conn.identity.kind,
                            name=conn.principal_name, peer=conn.peer, why=why,
-                           cert_ca=ca, cert_id=key_id)
+                           cert_ca=ca, cert_id=key_id, key=audit.key_fingerprint(key_blob))
             conn.disconnect(why)
 
     def _revokeConnection(self, conn: RelayConnection, where: str) -> None:
@@ -413,7 +420,7 @@ class RelayCore(SessionOpening):
         self._log.warn(
             "{kind} {name} at {peer}: key no longer granted (was in {where}); disconnecting",
             event="relay_key_revoked", kind=conn.identity.kind, name=conn.principal_name,
-            peer=conn.peer, where=where,
+            peer=conn.peer, where=where, key=audit.key_fingerprint(conn.identity.key_blob),
         )
         conn.disconnect("this key is no longer granted on this relay")
 

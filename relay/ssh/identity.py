@@ -15,6 +15,7 @@ import os
 import shlex
 import stat
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import (
@@ -54,9 +55,23 @@ def default_identity_paths(home: Path | None = None) -> list[Path]:
 
 class CertifiedKey(Key):
     """A private key with the OpenSSH certificate found beside it (``KEY-cert.pub``, as
-    ssh(1) loads it): the link offers the certificate first, then the plain key."""
+    ssh(1) loads it): the link offers the certificate first, then the plain key.
 
-    certificate: bytes = b""  # the certificate's SSH wire blob
+    :attr:`certificate` reads that file again each time (each login the link makes), as
+    each new ssh(1) process does: a certificate renewed on disk before the old one
+    expires (a job running ``ssh-keygen -s``, ``step ssh renew``) is what the agent
+    offers when the relay ends the expired one's connection and the link comes back,
+    not the expired one it started with until someone restarts it.  A file that is
+    missing, unreadable or for another key means the plain key only."""
+
+    def __init__(self, keyObject: Any, path: Path) -> None:
+        super().__init__(keyObject)
+        self.path = path  # the private key's file; its certificate is PATH-cert.pub
+
+    @property
+    def certificate(self) -> bytes:
+        """The certificate's SSH wire blob, read now (empty if there is none)."""
+        return _certificate_beside(self.path, self)
 
 
 def load_identity(path: Path) -> Key:
@@ -72,12 +87,8 @@ def load_identity(path: Path) -> Key:
     key = _parse(path, data)
     if key.isPublic():
         raise _public_key_error(path)
-    certificate = _certificate_beside(path, key)
-    if certificate:
-        certified = CertifiedKey(key._keyObject)
-        certified.certificate = certificate
-        return certified
-    return key
+    # Always a CertifiedKey: a certificate put beside the key later is offered too.
+    return CertifiedKey(key._keyObject, path)
 
 
 def _certificate_beside(path: Path, key: Key) -> bytes:

@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from relay.config.schema import RelayConfig
 from relay.core.admission import Offence
-from relay.core.certs import CertVerdict, is_certificate, parse_certificate
+from relay.core.certs import CertVerdict, is_certificate, key_fingerprint, parse_certificate
 from relay.core.grants import Principal
 from relay.ssh import policy
 
@@ -43,6 +43,9 @@ class PrincipalLookup(Protocol):
         """Whether a key or certificate may log in now as ``login`` from ``address``:
         its principal, or the reason it may not (``expiry-time``, ``from=``, a
         certificate's checks, the KRL)."""
+
+    def remember(self, key_blob: bytes, login: str, address: str) -> None:
+        """The key or certificate logged in: its signature verified."""
 
 
 class AuthHandler(Protocol):
@@ -110,6 +113,8 @@ class GrantChecker:
             else:
                 key = keys.Key.fromString(credentials.blob)
             if key.verify(credentials.signature, credentials.sigData):
+                self.core.grants.remember(credentials.blob, login,
+                                          getattr(credentials, "peer", ""))
                 return defer.succeed(Identity(credentials.blob, principal))
         except Exception:  # a malformed key or signature is a failed login
             pass
@@ -179,8 +184,10 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
         crash on non-ASCII; and it guesses the blob's format (``Key.fromString`` without
         a type), so a blob that looks like an LSH key reached an ``assert`` in its
         s-expression parser before authentication (found by tests/fuzz ``userauth``)."""
+        self._offered: bytes | None = None  # named in relay_auth_refused if it fails
         try:
             algorithm, blob, rest = common.getNS(packet[1:], 2)
+            self._offered = blob
             if is_certificate(blob):
                 return self._authCertificate(packet, algorithm, blob, rest)
             keys.Key.fromString(blob, type="blob")
@@ -237,10 +244,12 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
             relay: Any = self.transport
             relay.offended(Offence.AUTHFAIL)
             self._log.info(
-                "auth refused for user {user} from {peer}: {why}", event="relay_auth_refused",
+                "auth refused for user {user} from {peer} (key {key}): {why}",
+                event="relay_auth_refused",
                 user=(self.user or b"").decode("utf-8", "replace"),
                 why=reason.getErrorMessage(),
                 peer=relay.peerName(),  # host:port, as every other event has it
+                key=key_fingerprint(getattr(self, "_offered", None)),
             )
         super()._ebBadAuth(reason)
         if self.loginAttempts > self.attemptsBeforeDisconnect:  # Conch disconnected

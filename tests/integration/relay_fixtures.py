@@ -273,7 +273,8 @@ def start_relay(
 ) -> Callable[..., RelayNode]:
     """``start_relay(agents=[...], users=[...], relay_toml="", name="relay")``.
 
-    Writes the agents and users grant files (authorized_keys lines) and a node config
+    Writes the agents and users grant files (authorized_keys lines; none with
+    ``grant_files=False``: the ``[[relay.*]]`` tables in ``relay_toml`` grant) and a node config
     whose ``[relay]`` and ``[admin]`` listen on 127.0.0.1 port 0 (the ports are read
     back from the ``relay_listening`` and ``admin_listening`` events); ``relay_toml``
     is added to the ``[relay]`` table (keys, then ``[[relay.user]]``/``[[relay.agent]]``
@@ -286,13 +287,17 @@ def start_relay(
         users: list[str] | None = None,
         relay_toml: str = "",
         name: str = "relay",
+        grant_files: bool = True,
     ) -> RelayNode:
         nonlocal count
         count += 1
         directory = tmp_path / f"{name}-{count}"
         directory.mkdir()
-        (directory / "agents").write_text("".join(line + "\n" for line in agents or []))
-        (directory / "users").write_text("".join(line + "\n" for line in users or []))
+        files = ""
+        if grant_files:  # else: grants from [[relay.agent]]/[[relay.user]] tables only
+            (directory / "agents").write_text("".join(line + "\n" for line in agents or []))
+            (directory / "users").write_text("".join(line + "\n" for line in users or []))
+            files = 'agents_file = "agents"\nusers_file = "users"\n'
         config = directory / "node.toml"
         config.write_text(
             f"""\
@@ -302,9 +307,7 @@ listen = "127.0.0.1:0"
 [relay]
 listen = "127.0.0.1:0"
 state_dir = "{directory / "state"}"
-agents_file = "agents"
-users_file = "users"
-{relay_toml}
+{files}{relay_toml}
 """
         )
         proc = start_process(relay_command("--config", str(config)), name=name)

@@ -227,3 +227,147 @@ def test_the_labrelay_agent_presents_its_certificate(
     agent.wait_for("forward_ready", timeout=20, since=0, bind="web")
     assert relay.status()["relay"]["agents"][0]["services"] == ["web:8080"]
     assert not relay.events("relay_auth_refused")  # the certificate went first, and in
+
+
+def test_a_certificate_that_may_not_forward_ports_is_refused(
+    pki: Path,
+    tmp_path: Path,
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+) -> None:
+    """A certificate without the ``permit-port-forwarding`` extension (``ssh-keygen -s``
+    with ``-O no-port-forwarding`` or ``-O clear``) may forward nothing
+    under sshd, and forwarding is all the relay does: refused at login with that reason,
+    for a user (``ssh -L``) and for an agent (a stock ``ssh -R``), never granted as if the
+    restriction were not there.  ``-O clear -O permit-port-forwarding`` and the
+    extensions for what the relay never offers (``-O no-pty`` ...) log in and forward."""
+    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
+    relay = start_relay(
+        agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc',
+                f'cert-authority,principals="lab_pc2",permitlisten="gpu-cluster:22" {ca} lab_pc2'],
+        users=[f'cert-authority,principals="alice",permitopen="web:8080" {ca} alice'],
+        relay_toml='penalty_exempt = ["127.0.0.1"]',
+    )
+    echo = targets.echo()
+    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+
+    for n, options in enumerate((["-O", "no-port-forwarding"], ["-O", "clear"])):
+        why = refused(relay, user_cert(pki, f"nofw{n}", "-n", "alice", *options), "alice",
+                      "permit-port-forwarding")
+        assert "-O no-port-forwarding" in why, why
+
+    # A stock ssh -R agent whose certificate may not forward: not logged in either.
+    agent_key = user_cert(pki, "lab_pc2", "-n", "lab_pc2,gpu-cluster:22", "-O", "clear")
+    mark = relay.mark()
+    out = subprocess.run(ssh_argv(relay.port, agent_key, relay.known_hosts, "-N",
+                                  "-o", "ExitOnForwardFailure=yes",
+                                  "-R", "gpu-cluster:22:127.0.0.1:9", user="lab_pc2"),
+                         capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert out.returncode == 255 and b"Permission denied" in out.stderr, out.stderr[-500:]
+    relay.wait_for("relay_auth_refused", since=mark, timeout=10,
+                   why=lambda why: "permit-port-forwarding" in str(why))
+    assert relay.status()["relay"]["agents"][0]["name"] == "lab_pc"
+
+    # What sshd would let forward, the relay lets forward.
+    for n, options in enumerate((["-O", "clear", "-O", "permit-port-forwarding"],
+                                 ["-O", "no-pty", "-O", "no-agent-forwarding",
+                                  "-O", "no-x11-forwarding", "-O", "no-user-rc"])):
+        port = free_port()
+        proc = start_ssh(forward_argv(relay, user_cert(pki, f"fw{n}", "-n", "alice", *options),
+                                      port, "alice"), name=f"ssh-fw{n}")
+        proc.wait_stderr(r"new port-listener")
+        assert echo_once(port) == b"ping"
+
+
+def test_two_laptops_each_key_named_by_its_fingerprint_one_revoked(
+    pki: Path,
+    tmp_path: Path,
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+) -> None:
+    """alice has two laptops: one logs in with its key (a users-file line), the other with
+    a lab-CA certificate.  Every event about a login names the key as ``ssh-keygen -lf``
+    prints it (for a certificate, that is its key's fingerprint, which ``-lf`` prints
+    for ``id-cert.pub`` too): ``relay_connected``, the audit log's ``session_open``,
+    and, when the first laptop is lost and its line removed, ``relay_key_revoked`` and
+    the refused retry's ``relay_auth_refused``, so the admin can tell which laptop it
+    was.  The other laptop's session carries on."""
+    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    lab_pc, laptop1 = (make_key(tmp_path / n, comment=n) for n in ("lab_pc", "laptop1"))
+    alice_key = f'permitopen="web:8080" {laptop1.public_blob()} alice'
+    alice_ca = f'cert-authority,principals="alice",permitopen="web:8080" {ca} alice'
+    relay = start_relay(agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc'],
+                        users=[alice_key, alice_ca],
+                        relay_toml='penalty_exempt = ["127.0.0.1"]')
+    echo = targets.echo()
+    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+    laptop2 = user_cert(pki, "laptop2", "-n", "alice", "-V", "-5m:+1h")
+    fingerprints = {laptop1.fingerprint(), KeyPair(laptop2, "").fingerprint()}
+    assert len(fingerprints) == 2
+
+    ports = {}
+    for name, identity in (("laptop1", laptop1.path), ("laptop2", laptop2)):
+        ports[name] = port = free_port()
+        start_ssh(forward_argv(relay, identity, port, "alice"),
+                  name=f"ssh-{name}").wait_stderr(r"new port-listener")
+        assert echo_once(port) == b"ping"
+    connected = relay.events("relay_connected", since=0, name="alice")
+    assert {e["key"] for e in connected} == fingerprints, connected
+    opened = [relay.wait_for("session_open", since=0, user="alice", key=fp)
+              for fp in fingerprints]
+    assert len(opened) == 2
+
+    mark = relay.mark()
+    (relay.dir / "users").write_text(alice_ca + "\n")  # laptop1 is lost
+    revoked = relay.wait_for("relay_key_revoked", since=mark, name="alice")
+    assert revoked["key"] == laptop1.fingerprint(), revoked
+    refused(relay, laptop1.path, "alice", "key not granted")
+    assert {e["key"] for e in relay.events("relay_auth_refused", since=mark)} \
+        == {laptop1.fingerprint()}
+    assert echo_once(ports["laptop2"]) == b"ping"
+
+
+def test_an_agent_certificate_renewed_on_disk_is_offered_when_the_old_one_expires(
+    pki: Path,
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    targets: Targets,
+) -> None:
+    """The lab PC's agent logs in with a short-lived certificate that a job renews on
+    disk (``ssh-keygen -s`` again, into the same ``KEY-cert.pub``) before it expires.
+    At expiry the relay ends the agent's connection (``relay_key_ended``); the agent
+    reconnects offering the renewed certificate, as a new ssh(1) would, and serves
+    again, instead of offering the expired one it started with until restarted."""
+    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    relay = start_relay(
+        agents=[f'cert-authority,principals="lab_pc",permitlisten="web:8080" {ca} lab_pc'],
+        relay_toml='penalty_exempt = ["127.0.0.1"]',
+    )
+    echo = targets.echo()
+    key = make_key(pki / "lab_pc", comment="lab_pc")
+    sign = ("-s", "ca", "-I", "lab_pc@lab", "-n", "lab_pc,web:8080")
+    keygen(*sign, "-z", "1", "-V", "-5m:+12s", "lab_pc.pub", cwd=pki)
+    agent = start_agent(
+        "-p", str(relay.port), "-i", str(key.path),
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+        "--backoff-initial", "0.2", "--backoff-max", "1",
+        "-R", f"web:8080:127.0.0.1:{echo.port}", "lab_pc@127.0.0.1",
+    )  # fmt: skip
+    agent.wait_for("forward_ready", timeout=20, since=0, bind="web")
+    first = relay.wait_for("relay_connected", since=0, name="lab_pc")
+    assert first["cert_id"] == "lab_pc@lab"
+
+    keygen(*sign, "-z", "2", "-V", "-5m:+1h", "lab_pc.pub", cwd=pki)  # the renewal job
+    mark, amark = relay.mark(), agent.mark()
+    ended = relay.wait_for("relay_key_ended", since=mark, timeout=30, name="lab_pc")
+    assert "expired" in ended["why"], ended
+    agent.wait_for("forward_ready", timeout=15, since=amark, bind="web")
+    assert relay.events("relay_auth_refused", since=mark) == []
+    again = relay.wait_for("relay_connected", since=mark, name="lab_pc")
+    assert again["cert_id"] == "lab_pc@lab" and again["key"] == first["key"]
+    assert relay.status()["relay"]["agents"][0]["services"] == ["web:8080"]

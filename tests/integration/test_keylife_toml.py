@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -154,3 +155,64 @@ def test_an_agent_table_with_a_certificate_authority(
     proc.wait_stderr(r"remote forward failure for: listen gpu-cluster:22")
     agents = relay.status()["relay"]["agents"]
     assert agents[0]["name"] == "lab_pc" and agents[0]["services"] == ["web:8080"]
+
+
+def test_a_krl_named_by_a_reload_is_watched_from_then_on(
+    tmp_path: Path,
+    openssh: None,
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+) -> None:
+    """A lab whose grants are all ``[[relay.*]]`` tables (no grant file) and that had no
+    ``revoked_keys``.  alice loses her laptop: the admin makes a KRL (``ssh-keygen -k``),
+    names it in ``[relay]`` and reloads: her session ends.  Then carol loses hers:
+    ``ssh-keygen -k -u`` adds her key to that KRL and nothing else is done.  The file is
+    watched (docs/relay.md, "Revoked keys"): her open session ends within 1 s and her next
+    login is refused; dave's session carries on.  (It was read once by the reload and never
+    again: the watcher had not started, as the relay started with nothing to watch.)"""
+    lab_pc, alice, carol, dave = (make_key(tmp_path / n, comment=n)
+                                  for n in ("lab_pc", "alice", "carol", "dave"))
+    tables = "\n".join([
+        "[[relay.agent]]", 'name = "lab_pc"', f'keys = ["{lab_pc.public_blob()}"]',
+        'services = ["web:8080"]', "",
+        *(user_table(k.path.name, f'keys = ["{k.public_blob()}"]') for k in (alice, carol, dave)),
+    ])
+    relay = start_relay(grant_files=False,
+                        relay_toml='penalty_exempt = ["127.0.0.1"]\n' + tables)
+    echo = targets.echo()
+    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+    ports = {}
+    for key in (alice, carol, dave):
+        ports[key.path.name] = port = free_port()
+        start_ssh(forward_argv(relay, key.path, port, key.path.name),
+                  name=f"ssh-{key.path.name}").wait_stderr(r"new port-listener")
+        assert echo_once(port) == b"ping"
+
+    krl = tmp_path / "revoked.krl"
+    keygen("-k", "-f", str(krl), "alice.pub", cwd=tmp_path)
+    config = relay.dir / "node.toml"
+    config.write_text(config.read_text().replace(
+        'penalty_exempt = ["127.0.0.1"]\n',
+        f'penalty_exempt = ["127.0.0.1"]\nrevoked_keys = "{krl}"\n'))
+    reload_ends_session(relay, ports["alice"], "alice")
+
+    mark = relay.mark()
+    with connect(ports["carol"], timeout=30) as sock:
+        sock.sendall(b"ping")
+        assert sock.recv(4) == b"ping"
+        t0 = time.time()
+        keygen("-k", "-u", "-f", str(krl), "carol.pub", cwd=tmp_path)
+        sock.settimeout(5)
+        try:
+            assert sock.recv(1) == b"", "carol's session outlived her key"
+        except ConnectionResetError:
+            pass
+        closed = time.time() - t0
+    ended = relay.wait_for("relay_key_ended", since=mark, timeout=5, name="carol")
+    print(f"carol's session ended {closed:.3f} s after ssh-keygen -k -u")
+    assert closed <= 1.0, closed
+    assert "the key is listed in the KRL" in ended["why"], ended
+    refused(relay, carol.path, "carol", "the key is listed in the KRL")
+    assert echo_once(ports["dave"]) == b"ping"

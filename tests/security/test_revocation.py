@@ -33,9 +33,12 @@ from harness import (
     KeyPair,
     RelayNode,
     SshProcess,
+    connect,
+    free_port,
     make_key,
     ssh_argv,
 )
+from harness import recv_exactly as recv_exactly_sock
 
 BOUND = 1.0  # seconds from the file write to the effect (issue 10, "Done when")
 
@@ -485,3 +488,129 @@ def test_emptied_deleted_and_broken_grant_files_grant_nothing(
     relay.wait_for("relay_service_registered", since=mark, service="gpu-cluster:22",
                    timeout=20)
     assert roundtrip(alice.open("gpu-cluster:22", b"gpu\n"), b"back") == b"back"
+
+
+# --- 5: a lost laptop and a compromised lab PC, revoked with ssh-keygen -k ------------------
+
+
+def krl_revoke(krl: Path, key: KeyPair) -> float:
+    """``ssh-keygen -k -u -f KRL KEY.pub``: the admin adds a key to the KRL the relay
+    watches (in place, as ssh-keygen rewrites it); the wall time just before."""
+    t0 = time.time()
+    subprocess.run(["ssh-keygen", "-q", "-k", "-u", "-f", str(krl), f"{key.path}.pub"],
+                   check=True, capture_output=True)
+    return t0
+
+
+def test_a_key_added_to_the_krl_loses_everything_at_once_and_cannot_come_back(
+    keys: Keys, tmp_path: Path, start_relay: Callable[..., RelayNode],
+    start_ssh: Callable[..., SshProcess], start_agent: Callable[..., AgentProcess],
+    targets: Any, users: list[User],
+) -> None:
+    """alice's laptop is lost while she has a channel session (paramiko), a stock
+    ``ssh -N -L`` with a connection through it, and a spliced ``labrelay connect``; the
+    admin runs ``ssh-keygen -k -u`` on the relay's ``revoked_keys``.  Each ends within
+    the bound; ``relay_key_ended`` says the KRL listed her key (not a guess among
+    expired/revoked/CA); she cannot log in again, by ssh or ``labrelay connect``; bob
+    carries on.  Then the lab PC is compromised: its agent key goes into the KRL; its
+    registrations, data-pool connections and bob's sessions through it end, and the
+    agent, reconnecting, is refused."""
+    krl = tmp_path / "revoked.krl"
+    subprocess.run(["ssh-keygen", "-q", "-k", "-f", str(krl)], check=True)  # revokes nothing
+    relay = start_relay(
+        agents=[agent_line(keys.k1, "lab_pc", "gpu-cluster:22", "web:8080")],
+        users=[line(keys.alice, "alice", "gpu-cluster:22", "web:8080"),
+               line(keys.bob, "bob", "gpu-cluster:22", "web:8080")],
+        relay_toml=(f'data_port = 0\ne2e_services = ["gpu-cluster:22"]\npublic_wait = 1\n'
+                    f'revoked_keys = "{krl}"\npenalty_exempt = ["127.0.0.1"]\n'),
+    )
+    gpu, web = targets.echo(greeting=b"gpu\n"), targets.echo(greeting=b"web\n")
+    agent = labrelay_agent(start_agent, relay, keys.k1, "lab_pc",
+                           f"gpu-cluster:22:127.0.0.1:{gpu.port}",
+                           f"web:8080:127.0.0.1:{web.port}")
+    agent.wait_for("fast_path_ready", timeout=20, since=0)
+
+    alice, bob = login(users, relay, keys.alice, "alice"), login(users, relay, keys.bob, "bob")
+    alice_web, bob_web = alice.open("web:8080", b"web\n"), bob.open("web:8080", b"web\n")
+    local = free_port()
+    stock = start_ssh(ssh_argv(relay.port, keys.alice.path, relay.known_hosts, "-v", "-N",
+                               "-o", "ExitOnForwardFailure=yes",
+                               "-L", f"127.0.0.1:{local}:web:8080", user="alice"),
+                      name="ssh-alice-L")
+    stock.wait_stderr(r"new port-listener")
+    held = connect(local, timeout=10)
+    assert recv_exactly_sock(held, 4) == b"web\n"
+
+    def fast_connect(key: KeyPair, user: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "relay", "connect", "-p", str(relay.port),
+             "-i", str(key.path), "-o", f"UserKnownHostsFile={relay.known_hosts}",
+             f"{user}@{LOOPBACK}", "gpu-cluster:22"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+    fast, bob_fast = fast_connect(keys.alice, "alice"), fast_connect(keys.bob, "bob")
+    try:
+        for proc, user in ((fast, "alice"), (bob_fast, "bob")):
+            assert proc.stdout is not None and proc.stdout.read(4) == b"gpu\n"
+            relay.wait_for("relay_fast_session", since=0, user=user, service="gpu-cluster:22")
+
+        # The lost laptop.
+        mark = relay.mark()
+        t0 = krl_revoke(krl, keys.alice)
+        channel_closed = closed_at(alice_web)
+        assert fast.stdout is not None
+        spliced_closed = eof_at(fast.stdout)
+        held.settimeout(5)
+        try:
+            assert held.recv(1) == b""
+        except ConnectionResetError:
+            pass
+        forward_closed = time.time()
+        assert stock.proc.wait(timeout=5) == 255
+        ended = relay.wait_for("relay_key_ended", since=mark, kind="user", name="alice")
+        assert ended["why"] == "its key is no longer usable: the key is listed in the KRL", ended
+        closes = relay.events("relay_session_revoked", since=mark, user="alice")
+        assert {(e["service"], e["path"]) for e in closes} == {
+            ("web:8080", "channel"), ("gpu-cluster:22", "spliced")}, closes
+        assert all("listed in the KRL" in e["why"] for e in closes), closes
+        report("user key added to the KRL", {
+            "relay disconnected alice": ended["time"] - t0,
+            "her channel session closed": channel_closed - t0,
+            "her -L connection closed": forward_closed - t0,
+            "her spliced session closed": spliced_closed - t0,
+        })
+        with pytest.raises(paramiko.AuthenticationException):
+            User(relay, keys.alice, "alice")
+        again = fast_connect(keys.alice, "alice")
+        assert again.wait(timeout=30) != 0
+        relay.wait_for("relay_auth_refused", since=mark, user="alice",
+                       why="the key is listed in the KRL")
+        assert roundtrip(bob_web, b"bob still here") == b"bob still here"
+        assert relay.events("relay_session_revoked", since=mark, user="bob") == []
+
+        # The compromised lab PC.
+        assert relay.status()["relay"]["fast_path"]["pools"].get("lab_pc", 0) > 0
+        mark = relay.mark()
+        t0 = krl_revoke(krl, keys.k1)
+        bob_closed = closed_at(bob_web)
+        assert bob_fast.stdout is not None
+        bob_spliced_closed = eof_at(bob_fast.stdout)
+        ended = relay.wait_for("relay_key_ended", since=mark, kind="agent", name="lab_pc")
+        assert ended["why"] == "its key is no longer usable: the key is listed in the KRL", ended
+        dropped = {e["service"] for e in relay.events("relay_registration_revoked", since=mark)}
+        assert dropped == {"gpu-cluster:22", "web:8080"}, dropped
+        report("agent key added to the KRL", {
+            "relay disconnected lab_pc": ended["time"] - t0,
+            "bob's channel session closed": bob_closed - t0,
+            "bob's spliced session closed": bob_spliced_closed - t0,
+        })
+        agent.wait_for("link_lost", since=0)
+        relay.wait_for("relay_auth_refused", since=mark, user="lab_pc",
+                       why="the key is listed in the KRL", timeout=15)
+        status = relay.status()["relay"]
+        assert status["services"] == [] and status["agents"] == []
+        assert status["fast_path"]["pools"] == {}
+    finally:
+        for proc in (fast, bob_fast):
+            proc.kill()
+            proc.wait()

@@ -87,13 +87,46 @@ def test_a_valid_certificate_is_granted_with_its_expiry(pki: Path) -> None:
     (("-n", "mallory", "-V", "-5m:+1h"), 0, "which no line of its CA accepts"),
     (("-n", "alice", "-O", "force-command=/bin/true"), 0, "force-command"),
     (("-n", "alice", "-O", "source-address=192.168.0.0/16"), 0, "source-address"),
-], ids=["expired", "not-yet-valid", "wrong-principal", "force-command", "source-address"])
+    (("-n", "alice", "-O", "verify-required"), 0, "unknown critical option 'verify-required'"),
+    (("-n", "alice", "-O", "critical:lab-only@example.org=x"), 0, "unknown critical option"),
+    (("-n", "alice", "-O", "no-port-forwarding"), 0, "lacks the permit-port-forwarding"),
+    (("-n", "alice", "-O", "clear"), 0, "lacks the permit-port-forwarding"),
+], ids=["expired", "not-yet-valid", "wrong-principal", "force-command", "source-address",
+        "verify-required", "unknown-critical", "no-port-forwarding", "clear"])
 def test_refused_certificates_say_why(pki: Path, options: tuple[str, ...], now_offset: int,
                                       reason: str) -> None:
     cert = sign(pki, f"bad{abs(hash(options))}", "-I", "k", *options)
     verdict = check_certificate(cert, authorities(pki, line(pki)), now=time.time() + now_offset,
                                 address="10.0.0.5", login="alice")
     assert verdict.principal is None and reason in verdict.reason, verdict.reason
+
+
+@needs_keygen
+def test_a_validity_refusal_gives_times_in_utc_and_the_relays_clock(pki: Path) -> None:
+    """Clock skew between the relay and the CA shows as a certificate refused moments
+    after it was signed: the reason gives the bound as ``ssh-keygen -L`` shows it (UTC,
+    not a Unix time) and the relay's own clock beside it, with the difference."""
+    cert = sign(pki, "skew", "-I", "k", "-n", "alice", "-V", "20300101000000Z:20300201000000Z")
+    now = calendar.timegm((2029, 12, 31, 23, 58, 30, 0, 0, 0))
+    why = check_certificate(cert, authorities(pki, line(pki)), now=now, address="10.0.0.5",
+                            login="alice").reason
+    assert ("is not yet valid (valid from 2030-01-01 00:00:00 UTC; the relay's clock says "
+            "2029-12-31 23:58:30 UTC, 1.5 min earlier;") in why, why
+    why = check_certificate(cert, authorities(pki, line(pki)), now=now + 31 * 86400 + 95,
+                            address="10.0.0.5", login="alice").reason
+    assert ("expired (valid until 2030-02-01 00:00:00 UTC; the relay's clock says "
+            "2030-02-01 00:00:05 UTC, 5 s later;") in why, why
+
+
+@needs_keygen
+def test_extensions_for_what_the_relay_never_offers_take_nothing_away(pki: Path) -> None:
+    """``-O clear -O permit-port-forwarding`` (no pty, agent or X11 forwarding, user rc)
+    and an unknown extension: granted, as sshd grants them (it ignores unknown ones)."""
+    cert = sign(pki, "fwonly", "-I", "k", "-n", "alice", "-O", "clear",
+                "-O", "permit-port-forwarding", "-O", "extension:lab@example.org=x")
+    verdict = check_certificate(cert, authorities(pki, line(pki)), now=time.time(),
+                                address="10.0.0.5", login="alice")
+    assert verdict.principal == ALICE, verdict.reason
 
 
 @needs_keygen

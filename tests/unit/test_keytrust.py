@@ -5,19 +5,28 @@ closed on a bad reload (the previous list stays in force)."""
 
 from __future__ import annotations
 
+import base64
 import calendar
 import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.conch.error import ValidPublicKey
 from twisted.conch.ssh.keys import Key
+from twisted.cred.credentials import SSHPrivateKey
+from twisted.internet.testing import MemoryReactorClock
 
 from relay.config.errors import ConfigError
 from relay.config.schema import RelayConfig
+from relay.server import keytrust
 from relay.server.grantdiff import GrantsChange
 from relay.server.grants import Grants
+from relay.server.relay import RelayCore
+from relay.ssh.serverauth import GrantChecker
+from relay.testing import FakeIdentity, FakeRelayConnection, result_of
 
 KEYGEN = shutil.which("ssh-keygen")
 pytestmark = pytest.mark.skipif(KEYGEN is None and os.environ.get("CI") != "true",
@@ -66,8 +75,10 @@ def test_expiry_time_and_from_at_login_and_after(setup: tuple[Path, list[str], W
     assert "expired" in grants.authenticate(blob(keys[1]), "old", "10.1.2.3").reason
     assert grants.principal_for(blob(keys[1])) is None
     assert grants.principal_for(blob(keys[0])) is not None
+    assert grants.refusal(blob(keys[0])) is None  # from= was decided at login
     wall.now = EXPIRES
     assert grants.principal_for(blob(keys[0])) is None  # expired since login
+    assert grants.refusal(blob(keys[0])) == "key expired at 2030-03-17 08:00:00 UTC (expiry-time)"
 
 
 def test_revoked_keys_krl_and_text(setup: tuple[Path, list[str], Wall]) -> None:
@@ -92,6 +103,10 @@ def test_revoked_keys_krl_and_text(setup: tuple[Path, list[str], Wall]) -> None:
     assert len(changes) == 1 and not changes[0].losses
     assert grants.principal_for(blob(keys[0])) is None
     assert grants.principal_for(blob(keys[1])) is not None
+    # Why a key in use ends, as relay_key_ended says it: which list, not a guess.
+    assert grants.refusal(blob(keys[0])) == "the key is listed in the KRL"
+    assert grants.refusal(blob(keys[1])) is None
+    assert grants.refusal(blob(make_key(d, "stranger"))) == "the key is no longer granted"
     # A broken file on reload keeps the list in force (fail closed)...
     (d / "revoked.krl").write_bytes(b"SSHKRL\n\x00garbage")
     grants.poll()
@@ -102,3 +117,109 @@ def test_revoked_keys_krl_and_text(setup: tuple[Path, list[str], Wall]) -> None:
     # A reload whose [relay] names no revoked_keys any more: the keys it listed are back.
     grants.reconfigure(RelayConfig(users_file=users))
     assert grants.principal_for(blob(keys[0])) is not None
+
+
+def test_a_krl_caught_emptied_mid_write_revokes_on_until_it_stays_empty(
+    setup: tuple[Path, list[str], Wall],
+) -> None:
+    """``ssh-keygen -k -u`` rewrites the KRL in place (truncate, then write): a poll
+    between the two read an empty file, which as a list of public keys revokes nothing,
+    so every revoked key could log in until the next poll.  An emptied file is taken, as
+    a grant file is, only once three polls in a row read it empty (0.5 s by default);
+    the write landing meanwhile is taken at once."""
+    d, keys, wall = setup
+    assert KEYGEN is not None
+    users = d / "users"
+    users.write_text("".join(f'permitopen="web:80" {k} u{i}\n' for i, k in enumerate(keys)))
+    krl = d / "revoked.krl"
+    subprocess.run([KEYGEN, "-q", "-k", "-f", str(krl), str(d / "k1.pub")], check=True)
+    grants = Grants(RelayConfig(users_file=users, revoked_keys=krl), "node.toml", wall_ns=wall)
+    assert grants.principal_for(blob(keys[1])) is None
+
+    # ssh-keygen -k -u adding k2, caught between its truncate and its write
+    shutil.copy(krl, d / "next.krl")
+    subprocess.run([KEYGEN, "-q", "-k", "-u", "-f", str(d / "next.krl"), str(d / "k2.pub")],
+                   check=True)
+    krl.write_bytes(b"")
+    grants.poll()
+    assert grants.principal_for(blob(keys[1])) is None, "an emptied KRL un-revoked k1 at once"
+    assert "listed in the KRL" in grants.authenticate(blob(keys[1]), "u1", "10.0.0.1").reason
+    krl.write_bytes((d / "next.krl").read_bytes())
+    grants.poll()  # the write landed: taken at once, k2 revoked too
+    assert grants.principal_for(blob(keys[1])) is None
+    assert grants.principal_for(blob(keys[2])) is None
+
+    krl.write_bytes(b"")  # emptied on purpose: taken on the third read in a row
+    for _ in range(2):
+        grants.poll()
+        assert grants.principal_for(blob(keys[1])) is None
+    grants.poll()
+    assert grants.principal_for(blob(keys[1])) is not None
+    assert grants.principal_for(blob(keys[2])) is not None
+
+
+# --- certificates remembered after login ---------------------------------------------------
+
+
+def _signed_login(checker: GrantChecker, d: Path, name: str, login: str,
+                  sign: bool = True) -> Any:
+    """``name``'s certificate (``d/name-cert.pub``) presented as ``login`` the way
+    ssh(1) does: with a signature by ``d/name`` over the session data, or (``sign``
+    false) offered without one, as any client may do with a public certificate."""
+    blob = base64.b64decode((d / f"{name}-cert.pub").read_text().split()[1])
+    data = b"session id and userauth request"
+    signature = Key.fromFile(str(d / name)).sign(data) if sign else None
+    creds = SSHPrivateKey(login.encode(), b"ssh-ed25519-cert-v01@openssh.com", blob,
+                          data if sign else None, signature)
+    creds.peer = "10.0.0.7"  # type: ignore[attr-defined]
+    return checker.requestAvatarId(creds)
+
+
+def test_a_certificate_in_use_is_never_forgotten_and_an_unsigned_offer_is_not_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The relay remembers the certificates that logged in (to check them again on each
+    session and reload), at most ``CERT_CACHE``.  A lab with short-lived certificates
+    (one per login, from an online CA) passes that many while its lab PC's agent, logged
+    in with a certificate weeks ago, is still connected: the agent's certificate must not
+    be the one forgotten (it was: its lookups failed, and the next reload or KRL change
+    disconnected it, 'certificate not seen at login').  And only a login that proved the
+    key is remembered: a certificate offered without a signature (ssh's query, or
+    anyone holding the public ``-cert.pub``) is checked, not recorded."""
+    assert KEYGEN is not None
+    monkeypatch.setattr(keytrust, "CERT_CACHE", 3)
+    for name in ("ca", "lab_pc", *(f"u{i}" for i in range(6))):
+        subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", name, "-f",
+                        str(tmp_path / name)], check=True)
+    sign = [KEYGEN, "-q", "-s", str(tmp_path / "ca"), "-V", "-5m:+1h"]
+    subprocess.run([*sign, "-I", "lab_pc", "-n", "lab_pc,web:8080",
+                    str(tmp_path / "lab_pc.pub")], check=True)
+    for i in range(6):
+        subprocess.run([*sign, "-I", f"alice-{i}", "-n", "alice", str(tmp_path / f"u{i}.pub")],
+                       check=True)
+    ca = " ".join((tmp_path / "ca.pub").read_text().split()[:2])
+    (tmp_path / "agents").write_text(
+        f'cert-authority,principals="lab_pc",permitlisten="web:8080" {ca} lab_pc\n')
+    (tmp_path / "users").write_text(
+        f'cert-authority,principals="alice",permitopen="web:8080" {ca} alice\n')
+    config = RelayConfig(agents_file=tmp_path / "agents", users_file=tmp_path / "users")
+    core = RelayCore(config, Grants(config, "node.toml"), MemoryReactorClock())
+    checker = GrantChecker(core)
+
+    agent_id = result_of(_signed_login(checker, tmp_path, "lab_pc", "lab_pc"))
+    agent = FakeRelayConnection(FakeIdentity(agent_id.key_blob, "lab_pc", "agent"))
+    core.connections.add(agent)  # type: ignore[arg-type]
+    for i in range(5):  # alice's short-lived certificates, one login each, gone since
+        assert result_of(_signed_login(checker, tmp_path, f"u{i}", "alice")).name == "alice"
+
+    granted = core.grants.principal_for(agent_id.key_blob)
+    assert granted is not None and granted.name == "lab_pc"
+    core.grantsChanged(GrantsChange({}))  # a reload or a KRL change re-checks every key
+    assert agent.disconnected == []
+
+    # An offer without a signature: checked (ssh learns the key would do), not recorded.
+    offer = _signed_login(checker, tmp_path, "u5", "alice", sign=False)
+    assert offer.result.check(ValidPublicKey)
+    offer.addErrback(lambda _f: None)
+    blob5 = base64.b64decode((tmp_path / "u5-cert.pub").read_text().split()[1])
+    assert core.grants.principal_for(blob5) is None
