@@ -6,7 +6,9 @@ Until round 14 the target's ``socket()`` failing with EMFILE raised out of the
 channel's open (relay.datapath.dialnow): an unhandled error at level critical per
 session, and the relay told only "internal error".  Now it is a failed connect like a
 refused one: ``target_unreachable`` with "Too many open files" at the agent, the
-relay's ``relay_public_refused`` says so, and the user's connection is closed.
+relay's ``relay_public_refused`` says so, in words (it said the repr of Conch's error,
+"(b'connect failed: ...', 2)", as did ``labrelay connect``), and the user's connection is
+closed.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ def test_an_agent_out_of_descriptors_refuses_with_the_reason_and_recovers(
     assert "Too many open files" in failed["reason"], failed
     refused = relay.wait_for("relay_public_refused", timeout=10, since=rmark)
     assert "Too many open files" in refused["why"], refused
+    # in words, not the repr of Conch's error ("(b'connect failed: ...', 2)")
+    assert refused["why"].startswith("could not connect it (connect failed: "), refused
     assert agent.events(level="critical") == []
 
     # Descriptors free again (once the agent has closed those sessions' targets; it
