@@ -8,6 +8,18 @@ a row went unanswered, each given ``interval`` seconds to be answered: after
 ``interval × (count_max + 1)`` seconds of silence.  So a silently cut path (no
 FIN, no RST) is detected in bounded time instead of after TCP's retransmission
 timeout of ~15 minutes, and even ``count_max = 1`` probes before giving up.
+
+Silence counts only the time this process ran.  A process that did not run for a
+while (SIGSTOP and SIGCONT, a paused VM, a swapped-out or suspended machine, a clock
+stepped forward) finds its timer due long ago when it runs again; the peer could not
+have answered a keepalive that was never sent, and what it did send may still be
+waiting unread in the socket.  Judging the link by that silence declared every
+healthy peer dead at once on waking (a relay frozen for 12 s closed all its users'
+connections and the agent's).  So a tick that runs more than an ``interval`` late
+(no busy reactor is that late; a stopped process is) does not count its lateness as
+the peer's silence: the next keepalive goes out and the peer gets the rest of its
+``interval × (count_max + 1)`` in this process's running time, as OpenSSH's count of
+unanswered keepalives does.  A dead peer is still found, that much later.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ class KeepaliveMonitor:
         self.last_activity = clock.seconds()
         self.sent = 0
         self._timer: Timer | None = None
+        self._due = 0.0  # when the pending tick should run
         self._dead = False
 
     @property
@@ -64,11 +77,16 @@ class KeepaliveMonitor:
         self.sent = 0
 
     def _schedule(self, delay: float) -> None:
-        self._timer = self._clock.callLater(max(delay, 0.0), self._tick)
+        delay = max(delay, 0.0)
+        self._due = self._clock.seconds() + delay
+        self._timer = self._clock.callLater(delay, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
         now = self._clock.seconds()
+        late = now - self._due
+        if late > self.interval:  # this process was not running: not the peer's silence
+            self.last_activity = min(now, self.last_activity + late)
         silence = now - self.last_activity
         if silence >= self.limit:
             self._dead = True

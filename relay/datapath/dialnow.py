@@ -85,7 +85,13 @@ def dial_now(reactor: Any, family: int, host: str, port: int,
     made (or refused) at once; otherwise it fires when it is, or fails after
     ``timeout`` seconds.  ``adopt=False``: a connection made at once is an
     :class:`~relay.datapath.pymover.End` instead (see :func:`connect_spliced`)."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # Out of descriptors (EMFILE, ENFILE) or buffers: this session's target cannot
+        # be reached, said as a failed connect like any other (the channel is refused
+        # with the reason, target_unreachable), not raised into the channel open.
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        return defer.fail(getConnectError(e))
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -337,6 +337,12 @@ class DataPort:
             pool.put(dc)
             return
         dc.state = DataState.USER
+        # The user's side gets the same probes as the pool's: once spliced, no SSH
+        # keepalive watches this hop, and a user who vanished without FIN or RST (a
+        # laptop closed or off the network) left an idle session spliced at the relay,
+        # the agent and the target for good; the probes find it in about a minute and
+        # the pump ends it with a reset.
+        probe_idle(dc.transport)
         assert ticket.service is not None
         self._pairUser(dc, ticket.principal, ticket.service, ticket.session)
 

@@ -35,6 +35,7 @@ from relay.server.waiting import Waiting
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
 from relay.ssh.earlydata import EarlyFeed
+from relay.ssh.openerrors import failure_text
 from relay.ssh.resumable import ResumableSessions, ResumableSide
 from relay.ssh.server import OPEN_RESOURCE_SHORTAGE, RelayConnection
 
@@ -132,7 +133,7 @@ class SessionOpening:
             self.sessionEnded(session, 0, 0, "agent unavailable")
             why = session.closing or ("its agent did not come back within "
                    f"{self.config.public_wait:g}s") if f.check(defer.CancelledError) else (
-                f"its agent could not connect it: {f.getErrorMessage()}")
+                f"its agent could not connect it: {failure_text(f)}")
             return refuse(OPEN_CONNECT_FAILED, f"service {service} unavailable: {why}")
 
         return d.addCallbacks(connected, failed)
@@ -217,7 +218,7 @@ class SessionOpening:
             self.setupLog.flush(session)  # its session_open first
             why = self._refused(ident, session.service, f"service {session.service} "
                                 f"unavailable: its agent could not connect it: "
-                                f"{f.getErrorMessage()}", early=True)
+                                f"{failure_text(f)}", early=True)
             end(why)
 
         channel.opened.addBoth(audited)

@@ -25,6 +25,7 @@ from relay.server import audit
 from relay.server.grants import Grants
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.earlydata import EarlyFeed
+from relay.ssh.openerrors import failure_text
 
 
 class PublicShell(Protocol):
@@ -151,7 +152,7 @@ class PublicPorts:
                 event="relay_public_refused", port=port, origin=origin, owner=owner,
                 why=(session.closing or "did not come back in time")
                 if f.check(defer.CancelledError)
-                else f"could not connect it ({f.getErrorMessage()})",
+                else f"could not connect it ({failure_text(f)})",
             )
             side.close()
 

@@ -42,6 +42,17 @@ def open_error(e: error.ConchError) -> tuple[int, str]:
     return (code if isinstance(code, int) else OPEN_CONNECT_FAILED), str(text)
 
 
+def failure_text(failure: Failure) -> str:
+    """A failed open's reason as words: the text of a ``ConchError`` (whose
+    ``getErrorMessage()`` is the repr of its arguments, "(b'connect failed: ...', 2)",
+    which reached the relay's logs and the users' error messages), else the failure's
+    own message."""
+    e = failure.value
+    if isinstance(e, error.ConchError):
+        return open_error(e)[1]
+    return failure.getErrorMessage()
+
+
 class RefusedWithReason(error.ConchError):
     """A ``REQUEST_FAILURE`` that a ``request-refused@labrelay`` preceded (the relay
     says why; :data:`relay.ssh.wire.REQUEST_REFUSED`).  Still the peer's refusal for

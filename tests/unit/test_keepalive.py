@@ -164,3 +164,34 @@ def test_fractional_interval_is_exact() -> None:
     advance(clock, 1e-6)
     assert len(rec.dead) == 1
     assert monitor.sent == 3
+
+
+def test_a_process_that_did_not_run_does_not_call_its_peer_dead_on_waking() -> None:
+    """SIGSTOP/SIGCONT, a paused VM: the timer is found due long ago (one advance, as a
+    stopped reactor sees it).  The peer never got a keepalive to answer, so it is asked
+    now, not declared dead; it answers and the link lives on."""
+    clock, rec, monitor = make()
+    clock.advance(5.0)  # a healthy idle peer: silent, not yet probed
+    clock.advance(INTERVAL * (COUNT + 1) * 3)  # the process stopped for 3 limits
+    assert rec.dead == []
+    assert rec.sent == [clock.seconds()]  # probed on waking
+    clock.advance(0.05)
+    monitor.activity()  # the peer answers
+    advance(clock, INTERVAL * COUNT, step=0.5)
+    assert rec.dead == []
+    monitor.stop()
+
+
+def test_a_dead_peer_is_still_found_after_the_process_ran_again() -> None:
+    """Waking does not spare a peer that is really gone: count_max keepalives in the
+    process's running time, then dead, ``limit`` after the silence began (minus what
+    was slept)."""
+    clock, rec, _monitor = make()
+    clock.advance(5.0)
+    clock.advance(1000.0)  # stopped
+    woke = clock.seconds()
+    advance(clock, INTERVAL * (COUNT + 1), step=0.5)
+    assert len(rec.dead) == 1
+    assert len(rec.sent) == COUNT
+    assert rec.sent[0] == woke
+    assert rec.dead[0] == pytest.approx(INTERVAL * (COUNT + 1))

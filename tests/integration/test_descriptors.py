@@ -1,0 +1,116 @@
+"""A labrelay agent out of file descriptors (``ulimit -n`` reached: a busy lab PC, a
+unit's ``LimitNOFILE``) refuses the sessions it cannot serve, with the reason, and
+serves again as soon as descriptors are free.
+
+Until round 14 the target's ``socket()`` failing with EMFILE raised out of the
+channel's open (relay.datapath.dialnow): an unhandled error at level critical per
+session, and the relay told only "internal error".  Now it is a failed connect like a
+refused one: ``target_unreachable`` with "Too many open files" at the agent, the
+relay's ``relay_public_refused`` says so, in words (it said the repr of Conch's error,
+"(b'connect failed: ...', 2)", as did ``labrelay connect``), and the user's connection is
+closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Targets
+from harness import (
+    AgentProcess,
+    HarnessError,
+    RelayNode,
+    connect,
+    find_program,
+    free_port,
+    make_key,
+    recv_exactly,
+)
+from relay_fixtures import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _highest_fd(pid: int) -> int:
+    return max(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+def _echoes(port: int) -> socket.socket | None:
+    """A session through the public port, if it echoes; ``None`` if it was closed."""
+    sock = connect(port, timeout=10)
+    try:
+        sock.sendall(b"?")
+        if recv_exactly(sock, 1) == b"?":
+            return sock
+    except (OSError, HarnessError):
+        pass
+    sock.close()
+    return None
+
+
+def test_an_agent_out_of_descriptors_refuses_with_the_reason_and_recovers(
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    targets: Targets,
+    tmp_path: Path,
+) -> None:
+    prlimit = find_program("prlimit")
+    if prlimit is None:
+        pytest.skip("prlimit (util-linux) not installed")
+    key = make_key(tmp_path / "lab_pc", comment="lab_pc")
+    echo = targets.echo()
+    public = free_port()
+    relay = start_relay(
+        agents=[f'permitlisten="{public}" {key.public_blob()} lab_pc'],
+        relay_toml='public_bind = "127.0.0.1"\npenalty_exempt = ["127.0.0.1"]\n',
+    )
+    agent = start_agent(
+        "-p", str(relay.port), "-i", str(key.path),
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+        "-R", f"0.0.0.0:{public}:127.0.0.1:{echo.port}", "lab_pc@127.0.0.1",
+    )  # fmt: skip
+    agent.wait_for("forward_ready", timeout=20)
+    first = _echoes(public)
+    assert first is not None
+    first.close()
+
+    # Each session costs the agent one descriptor (its target's): with the limit one
+    # above the highest in use, the holes below it and that one fill, then socket()
+    # fails.
+    before = len(os.listdir(f"/proc/{agent.pid}/fd"))
+    limit = _highest_fd(agent.pid) + 2
+    subprocess.run([prlimit, f"--pid={agent.pid}", f"--nofile={limit}:{limit}"], check=True)
+    mark, rmark = agent.mark(), relay.mark()
+    open_sessions = []
+    for _ in range(limit):
+        session = _echoes(public)
+        if session is None:
+            break
+        open_sessions.append(session)
+    else:
+        pytest.fail(f"{limit} sessions served under a limit of {limit} descriptors")
+
+    assert open_sessions, "not even the session the limit left room for was served"
+    failed = agent.wait_for("target_unreachable", timeout=10, since=mark)
+    assert "Too many open files" in failed["reason"], failed
+    refused = relay.wait_for("relay_public_refused", timeout=10, since=rmark)
+    assert "Too many open files" in refused["why"], refused
+    # in words, not the repr of Conch's error ("(b'connect failed: ...', 2)")
+    assert refused["why"].startswith("could not connect it (connect failed: "), refused
+    assert agent.events(level="critical") == []
+
+    # Descriptors free again (once the agent has closed those sessions' targets; it
+    # logs no event per session): the next session is served.
+    for session in open_sessions:
+        session.close()
+    wait_until(lambda: len(os.listdir(f"/proc/{agent.pid}/fd")) <= before,
+               "the agent to close the ended sessions' targets")
+    with contextlib.closing(connect(public, timeout=10)) as again:
+        again.sendall(b"back")
+        assert recv_exactly(again, 4) == b"back"
