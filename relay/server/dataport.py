@@ -96,7 +96,7 @@ class RelayForDataPort(TypingProtocol):
     def connections(self) -> Collection[RelayConnection]: ...
 
     def fastSessionOpening(self, principal: Any, service: str, origin: str,
-                           key: bytes | None = None) -> Any:
+                           key: bytes | None = None, login: str = "") -> Any:
         """Count a fast-path session against the user's cap, or raise PairingError."""
 
     def fastSessionCounters(self, session: Any, agent: Any = None) -> PairCounters:
@@ -205,7 +205,8 @@ class DataPort:
             return True, fw.pack_token_reply(status, why, self.bound_port, token,
                                              self.tokens.lifetime if token else 0.0)
 
-        principal = self.core.grants.principal_for(conn.identity.key_blob)
+        principal = self.core.grants.principal_for(conn.identity.key_blob,
+                                                   conn.identity.login)
         if principal is None:
             return answer(fw.Status.REFUSED, "this key is no longer granted")
         if principal.kind != "user" or not principal.may_reach(name, port):
@@ -241,7 +242,8 @@ class DataPort:
             count, services = fw.unpack_pool_request(data)
         except fw.WireError:
             return False, b""
-        principal = self.core.grants.principal_for(conn.identity.key_blob)
+        principal = self.core.grants.principal_for(conn.identity.key_blob,
+                                                   conn.identity.login)
         if principal is None or principal.kind != "agent":
             return True, fw.pack_pool_reply(fw.Status.REFUSED, "only agents keep data pools")
         if not self.enabled or self.listener is None:
@@ -362,14 +364,16 @@ class DataPort:
         name, port = service
         label = f"{name}:{port}"
         # Grants are looked up again: a key revoked since the token was issued is refused.
-        principal = self.core.grants.principal_for(asked_by.identity.key_blob)
+        principal = self.core.grants.principal_for(asked_by.identity.key_blob,
+                                                   asked_by.identity.login)
         if principal is None or not principal.may_reach(name, port):
             self.refuse(user, "grant", f"{principal_name} is no longer granted {label}",
                         tell=f"{label} is not granted to you")
             return
         try:
             session = self.core.fastSessionOpening(principal, label, f"{user.source}",
-                                                   key=asked_by.identity.key_blob)
+                                                   key=asked_by.identity.key_blob,
+                                                   login=asked_by.identity.login)
         except PairingError as e:
             self.refuse(user, "cap", str(e), tell=str(e))
             return

@@ -92,7 +92,10 @@ class KeyTrust:
         self._pending = b""  # sha256 of a version that might un-revoke, not yet taken
         self._emptiedReads = 0  # polls in a row that read that version
         self._pendingKrl = Krl()
-        self._certs: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
+        # (certificate, login name) -> the address it logged in from.  Per login, not
+        # per certificate: one certificate may be logged in under two names at once (a
+        # student as herself and as a shared lab account), each checked as its own.
+        self._certs: OrderedDict[tuple[bytes, str], str] = OrderedDict()
         # The key blobs in use (the relay's connections, sessions and held sessions):
         # certificates among them are never forgotten.  Set by the relay.
         self.inUse: Callable[[], Collection[bytes]] = frozenset
@@ -260,30 +263,37 @@ class KeyTrust:
 
     def remember(self, blob: bytes, login: str, address: str) -> None:
         """A certificate logged in as ``login`` from ``address``, its key proved: later
-        look-ups check it again with these.  Only a signed login is remembered: an offer
-        without a signature (anyone may hold a public ``-cert.pub``) must not replace
-        the login and address a connected holder's certificate is checked with."""
-        self._certs[blob] = (login, address)
-        self._certs.move_to_end(blob)
+        look-ups of that login check it again with these.  Only a signed login is
+        remembered: an offer without a signature (anyone may hold a public
+        ``-cert.pub``) must not replace the address a connected holder's certificate is
+        checked with.  A login under another name is another record."""
+        self._certs[(blob, login)] = address
+        self._certs.move_to_end((blob, login))
         if len(self._certs) <= CERT_CACHE:
             return
         in_use = set(self.inUse())
-        for old in [b for b in self._certs if b not in in_use and b != blob]:
+        for old in [k for k in self._certs if k[0] not in in_use and k[0] != blob]:
             if len(self._certs) <= CERT_CACHE:
                 break
             del self._certs[old]
 
-    def certified(self, blob: bytes) -> CertVerdict:
-        """A certificate that logged in, checked again now."""
-        seen = self._certs.get(blob)
-        if seen is None:
+    def certified(self, blob: bytes, login: str | None = None) -> CertVerdict:
+        """A certificate that logged in as ``login``, checked again now.  ``login``
+        None (a look-up by key alone: sessions held for an agent whose link is down):
+        the login it made last."""
+        if login is None:
+            logins = [k[1] for k in self._certs if k[0] == blob]
+            login = logins[-1] if logins else ""
+        address = self._certs.get((blob, login))
+        if address is None:
             return CertVerdict(None, "certificate not seen at login")
-        return check_certificate(blob, self._authorities, now=self._wall(), address=seen[1],
-                                 login=seen[0], krl=self._krl)
+        return check_certificate(blob, self._authorities, now=self._wall(), address=address,
+                                 login=login, krl=self._krl)
 
-    def expires(self, blob: bytes, certificate: bool) -> float | None:
+    def expires(self, blob: bytes, certificate: bool, login: str | None = None
+                ) -> float | None:
         """When a key or a certificate that logged in stops being usable, if ever."""
         if certificate:
-            return self.certified(blob).expires
+            return self.certified(blob, login).expires
         limits = self._limits.get(blob)
         return limits.expires if limits is not None else None

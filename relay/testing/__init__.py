@@ -269,6 +269,7 @@ class FakeIdentity:
     key_blob: bytes
     name: str
     kind: str
+    login: str = ""
 
 
 @dataclass(eq=False)

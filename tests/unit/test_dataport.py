@@ -82,7 +82,7 @@ class FakeCore:
         return expire(defer.Deferred(), timeout, self.reactor)
 
     def fastSessionOpening(self, principal: Any, service: str, origin: str,
-                           key: bytes | None = None) -> object:
+                           key: bytes | None = None, login: str = "") -> object:
         if self.cap_reached:
             raise PairingError(f"user {principal.name} already has 1 sessions open")
         self.opened.append((principal.name, service, origin))
@@ -601,7 +601,7 @@ def test_user_whose_grant_was_revoked_is_refused(world: World,
     world.agent_with_pool()
     alice = world.ssh("alice", "user")
     token = world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
-    monkeypatch.setattr(world.core.grants, "principal_for", lambda blob: None)
+    monkeypatch.setattr(world.core.grants, "principal_for", lambda blob, login=None: None)
     udc, ut = _dial(world.port)
     udc.dataReceived(fw.user_hello(token, udc.nonce, *GPU))
     assert ut.value() == fw.pack_error(fw.USER_ERROR, "gpu-cluster:22 is not granted to you")

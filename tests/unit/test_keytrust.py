@@ -279,3 +279,57 @@ def test_a_certificate_in_use_is_never_forgotten_and_an_unsigned_offer_is_not_re
     offer.addErrback(lambda _f: None)
     blob5 = base64.b64decode((tmp_path / "u5-cert.pub").read_text().split()[1])
     assert core.grants.principal_for(blob5) is None
+
+
+@pytest.mark.parametrize("first", ["lab", "alice"])
+def test_one_certificate_logged_in_under_two_names_is_checked_as_each(
+    tmp_path: Path, first: str,
+) -> None:
+    """A student logged in as herself and, with the same certificate, as the shared lab
+    account.  The relay kept one record per certificate, so both connections were looked
+    up as the last login (its grants, its name in the logs) and re-checked as it: when
+    the lab account's line expired (``expiry-time``), the lab connection stayed if she
+    had logged in as herself last (fail open), and her own connection ended with it if
+    the lab login came last.  Each connection is checked as the login it made."""
+    assert KEYGEN is not None
+    wall = Wall()
+    for name in ("ca", "alice"):
+        subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", name, "-f",
+                        str(tmp_path / name)], check=True)
+    subprocess.run([KEYGEN, "-q", "-s", str(tmp_path / "ca"), "-V",
+                    "20300317000000Z:20300318000000Z", "-I", "alice-laptop", "-n", "alice,lab",
+                    str(tmp_path / "alice.pub")], check=True)
+    ca = " ".join((tmp_path / "ca.pub").read_text().split()[:2])
+    (tmp_path / "users").write_text(
+        f'cert-authority,principals="alice",permitopen="web:8080" {ca} alice\n'
+        f'cert-authority,principals="lab",expiry-time="20300317080000Z",'
+        f'permitopen="secret:22" {ca} lab\n')
+    config = RelayConfig(users_file=tmp_path / "users")
+    reactor = MemoryReactorClock()
+    core = RelayCore(config, Grants(config, "node.toml", wall_ns=wall), reactor)
+    checker = GrantChecker(core)
+
+    conns = {}
+    for login in (first, "lab" if first == "alice" else "alice"):
+        ident = result_of(_signed_login(checker, tmp_path, "alice", login))
+        assert (ident.name, ident.login) == (login, login)
+        conns[login] = FakeRelayConnection(FakeIdentity(ident.key_blob, login, "user",
+                                                        login=login))
+        core.sessionStarted(conns[login])  # type: ignore[arg-type]
+    cert = conns["alice"].identity.key_blob
+    assert conns["lab"].identity.key_blob == cert
+
+    # Each connection's look-ups (its sessions, fast-path tokens) are as its own login.
+    p = core.grants.principal_for(cert, "alice")
+    assert p is not None and p.name == "alice", "alice's connection got lab's grants"
+    assert p.may_reach("web", 8080) and not p.may_reach("secret", 22)
+    p = core.grants.principal_for(cert, "lab")
+    assert p is not None and p.name == "lab" and p.may_reach("secret", 22)
+
+    # The lab line's expiry-time passes: the lab connection ends, hers stays.
+    wall.now = EXPIRES + 1
+    reactor.advance(EXPIRES - T0 + 1)
+    assert conns["lab"].disconnected, "the lab login outlived its line's expiry-time"
+    assert not conns["alice"].disconnected, "her own login ended with the lab one"
+    core.grantsChanged(GrantsChange({}))  # a reload or KRL change: the same, per login
+    assert not conns["alice"].disconnected
