@@ -328,6 +328,10 @@ class DataPort:
             if pool is None or len(pool.idle) >= MAX_POOL_PER_AGENT:
                 self.refuse(dc, "pool", f"agent {ticket.principal}: pool full or gone")
                 return
+            why = self._addressRefusal(ticket.session, dc.source)
+            if why is not None:
+                self.refuse(dc, "address", f"agent {ticket.principal}: {why}")
+                return
             dc.state = DataState.IDLE
             dc.pool = pool
             dc.ticket = ticket
@@ -346,7 +350,27 @@ class DataPort:
         # the pump ends it with a reset.
         probe_idle(dc.transport)
         assert ticket.service is not None
+        why = self._addressRefusal(ticket.session, dc.source)
+        if why is not None:
+            self.refuse(dc, "address", f"user {ticket.principal}: {why}",
+                        tell=f"this key may not be used from {dc.source}")
+            return
         self._pairUser(dc, ticket.principal, ticket.service, ticket.session)
+
+    def _addressRefusal(self, owner: RelayConnection, source: str) -> str | None:
+        """Why a data connection from ``source`` may not use a ticket ``owner``'s SSH
+        login obtained, or None.  The login's address limits (``from=`` on its grant or
+        CA line, a certificate's ``source-address``) hold for its data connections too:
+        a ticket is a bearer secret, and one that leaked (or a login made from an
+        allowed network handing its tickets elsewhere) must not reach the data port
+        from an address the key may not log in from.  From the login's own address
+        nothing is re-checked (it passed at login); from another, the login's checks run
+        again with that address, as sshd would at a login from there."""
+        ident = owner.identity
+        if source == ident.address:
+            return None
+        verdict = self.core.grants.authenticate(ident.key_blob, ident.login, source)
+        return None if verdict.principal is not None else verdict.reason
 
     def lost(self, dc: DataConnection, was: DataState) -> None:
         # closed before its hello: a NOAUTH offence

@@ -76,6 +76,7 @@ class Identity:
     key_blob: bytes
     principal: Principal
     login: str = ""
+    address: str = ""  # the peer's address the login was checked from (from=, source-address)
 
     @property
     def name(self) -> str:
@@ -119,7 +120,8 @@ class GrantChecker:
             if key.verify(credentials.signature, credentials.sigData):
                 self.core.grants.remember(credentials.blob, login,
                                           getattr(credentials, "peer", ""))
-                return defer.succeed(Identity(credentials.blob, principal, login))
+                return defer.succeed(Identity(credentials.blob, principal, login,
+                                              getattr(credentials, "peer", "")))
         except Exception:  # a malformed key or signature is a failed login
             pass
         return defer.fail(UnauthorizedLogin("bad signature"))

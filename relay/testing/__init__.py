@@ -270,6 +270,7 @@ class FakeIdentity:
     name: str
     kind: str
     login: str = ""
+    address: str = ""
 
 
 @dataclass(eq=False)
