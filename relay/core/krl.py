@@ -214,3 +214,33 @@ def _certs(body: _Reader, krl: Krl) -> None:
                 entry.key_ids.add(sub.string())
         else:
             raise KrlError(f"unknown KRL certificate section type {kind:#x}")
+
+
+def krl_union(a: Krl, b: Krl) -> Krl:
+    """What either revokes: in force while a changed revoked-keys file is not yet
+    trusted (:mod:`relay.server.keytrust`), so a half-written one never un-revokes."""
+    out = Krl(version=max(a.version, b.version), comment=b.comment,
+              keys=a.keys | b.keys, sha1=a.sha1 | b.sha1, sha256=a.sha256 | b.sha256)
+    for ca in a.certs.keys() | b.certs.keys():
+        x = a.certs.get(ca, _CertRevocations())
+        y = b.certs.get(ca, _CertRevocations())
+        out.certs[ca] = _CertRevocations(
+            serials=x.serials | y.serials, ranges=x.ranges + [r for r in y.ranges
+                                                              if r not in x.ranges],
+            bitmaps=x.bitmaps + [m for m in y.bitmaps if m not in x.bitmaps],
+            key_ids=x.key_ids | y.key_ids)
+    return out
+
+
+def krl_may_unrevoke(old: Krl, new: Krl) -> bool:
+    """Whether ``new`` might revoke less than ``old`` (conservative: a serial merged into
+    a range or bitmap by ``ssh-keygen -k -u`` counts as possibly un-revoked)."""
+    if not (old.keys <= new.keys and old.sha1 <= new.sha1 and old.sha256 <= new.sha256):
+        return True
+    for ca, x in old.certs.items():
+        y = new.certs.get(ca)
+        if y is None or not (x.serials <= y.serials and x.key_ids <= y.key_ids
+                             and all(r in y.ranges for r in x.ranges)
+                             and all(m in y.bitmaps for m in x.bitmaps)):
+            return True
+    return False

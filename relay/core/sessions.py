@@ -66,6 +66,7 @@ class SessionRow:
     started: float
     path: str = CHANNEL
     key: bytes | None = None
+    login: str = ""  # the login name the user's connection gave (its certificate's grants)
     agent: object = None  # the agent connection serving it, once known
     state: State = State.OPENING
     totals_as: str = ""  # the per-service totals it counts in ("": ``service``)
@@ -128,12 +129,12 @@ class SessionTable:
 
     def open(self, user: str, service: str, origin: str, now: float, *, path: str = CHANNEL,
              key: bytes | None = None, agent: object = None,
-             totals_as: str | None = None) -> SessionRow:
+             totals_as: str | None = None, login: str = "") -> SessionRow:
         """Count a new session: it holds a place in its user's cap from now on.  Its
         service's totals are ``totals_as``'s (default: ``service``), or :data:`OTHER`'s
         once the table keeps :data:`MAX_TOTALS` names."""
-        row = SessionRow(user, service, origin, now, path=path, key=key, agent=agent,
-                         active_at=now)
+        row = SessionRow(user, service, origin, now, path=path, key=key, login=login,
+                         agent=agent, active_at=now)
         row.totals_as = self._bounded(self._services, totals_as or service)
         self._open.add(row)
         self._users[user] = self._users.get(user, 0) + 1

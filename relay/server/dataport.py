@@ -96,7 +96,7 @@ class RelayForDataPort(TypingProtocol):
     def connections(self) -> Collection[RelayConnection]: ...
 
     def fastSessionOpening(self, principal: Any, service: str, origin: str,
-                           key: bytes | None = None) -> Any:
+                           key: bytes | None = None, login: str = "") -> Any:
         """Count a fast-path session against the user's cap, or raise PairingError."""
 
     def fastSessionCounters(self, session: Any, agent: Any = None) -> PairCounters:
@@ -205,7 +205,8 @@ class DataPort:
             return True, fw.pack_token_reply(status, why, self.bound_port, token,
                                              self.tokens.lifetime if token else 0.0)
 
-        principal = self.core.grants.principal_for(conn.identity.key_blob)
+        principal = self.core.grants.principal_for(conn.identity.key_blob,
+                                                   conn.identity.login)
         if principal is None:
             return answer(fw.Status.REFUSED, "this key is no longer granted")
         if principal.kind != "user" or not principal.may_reach(name, port):
@@ -241,7 +242,8 @@ class DataPort:
             count, services = fw.unpack_pool_request(data)
         except fw.WireError:
             return False, b""
-        principal = self.core.grants.principal_for(conn.identity.key_blob)
+        principal = self.core.grants.principal_for(conn.identity.key_blob,
+                                                   conn.identity.login)
         if principal is None or principal.kind != "agent":
             return True, fw.pack_pool_reply(fw.Status.REFUSED, "only agents keep data pools")
         if not self.enabled or self.listener is None:
@@ -326,6 +328,10 @@ class DataPort:
             if pool is None or len(pool.idle) >= MAX_POOL_PER_AGENT:
                 self.refuse(dc, "pool", f"agent {ticket.principal}: pool full or gone")
                 return
+            why = self._addressRefusal(ticket.session, dc.source)
+            if why is not None:
+                self.refuse(dc, "address", f"agent {ticket.principal}: {why}")
+                return
             dc.state = DataState.IDLE
             dc.pool = pool
             dc.ticket = ticket
@@ -344,7 +350,27 @@ class DataPort:
         # the pump ends it with a reset.
         probe_idle(dc.transport)
         assert ticket.service is not None
+        why = self._addressRefusal(ticket.session, dc.source)
+        if why is not None:
+            self.refuse(dc, "address", f"user {ticket.principal}: {why}",
+                        tell=f"this key may not be used from {dc.source}")
+            return
         self._pairUser(dc, ticket.principal, ticket.service, ticket.session)
+
+    def _addressRefusal(self, owner: RelayConnection, source: str) -> str | None:
+        """Why a data connection from ``source`` may not use a ticket ``owner``'s SSH
+        login obtained, or None.  The login's address limits (``from=`` on its grant or
+        CA line, a certificate's ``source-address``) hold for its data connections too:
+        a ticket is a bearer secret, and one that leaked (or a login made from an
+        allowed network handing its tickets elsewhere) must not reach the data port
+        from an address the key may not log in from.  From the login's own address
+        nothing is re-checked (it passed at login); from another, the login's checks run
+        again with that address, as sshd would at a login from there."""
+        ident = owner.identity
+        if source == ident.address:
+            return None
+        verdict = self.core.grants.authenticate(ident.key_blob, ident.login, source)
+        return None if verdict.principal is not None else verdict.reason
 
     def lost(self, dc: DataConnection, was: DataState) -> None:
         # closed before its hello: a NOAUTH offence
@@ -362,14 +388,16 @@ class DataPort:
         name, port = service
         label = f"{name}:{port}"
         # Grants are looked up again: a key revoked since the token was issued is refused.
-        principal = self.core.grants.principal_for(asked_by.identity.key_blob)
+        principal = self.core.grants.principal_for(asked_by.identity.key_blob,
+                                                   asked_by.identity.login)
         if principal is None or not principal.may_reach(name, port):
             self.refuse(user, "grant", f"{principal_name} is no longer granted {label}",
                         tell=f"{label} is not granted to you")
             return
         try:
             session = self.core.fastSessionOpening(principal, label, f"{user.source}",
-                                                   key=asked_by.identity.key_blob)
+                                                   key=asked_by.identity.key_blob,
+                                                   login=asked_by.identity.login)
         except PairingError as e:
             self.refuse(user, "cap", str(e), tell=str(e))
             return

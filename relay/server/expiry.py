@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall
 
+from relay.core.certs import is_certificate
+
 SLACK = 0.05
 """Seconds after the expiry time the timer fires: the check must see it expired."""
 
@@ -29,58 +31,77 @@ class KeyHolder(Protocol):
     sessions: Any
     resumes: Any  # relay.server.resumes.RelayResumes: sessions held for an agent key
 
-    def endKey(self, key_blob: bytes, why: str) -> None:
-        """Close every session and connection of ``key_blob``."""
+    def endKey(self, key_blob: bytes, why: str, login: str = "") -> None:
+        """Close every session and connection of ``key_blob`` (with ``login``: only
+        those that logged in under that name)."""
+
+
+Holder = tuple[bytes, str]
+"""A key blob in use and the login name it is checked as: a certificate's grants depend
+on the login (one certificate may be logged in as two names at once, each checked as
+its own); "" for a plain key (its grants do not), and for sessions held for an agent
+whose link is down (checked as the login its certificate made last)."""
+
+
+def holder(key_blob: bytes, login: str) -> Holder:
+    return (key_blob, login if is_certificate(key_blob) else "")
 
 
 class KeyExpiry:
     def __init__(self, relay: KeyHolder) -> None:
         self.relay = relay
-        self._timers: dict[bytes, IDelayedCall] = {}
+        self._timers: dict[Holder, IDelayedCall] = {}
 
-    def watch(self, key_blob: bytes) -> None:
-        """``key_blob`` is in use: end its sessions when it expires, if it does."""
-        when = self.relay.grants.expires(key_blob)
-        old = self._timers.pop(key_blob, None)
+    def watch(self, key_blob: bytes, login: str = "") -> None:
+        """``key_blob`` is in use (logged in as ``login``): end its sessions when it
+        expires, if it does."""
+        self._watch(holder(key_blob, login))
+
+    def _watch(self, who: Holder) -> None:
+        when = self.relay.grants.expires(who[0], who[1] or None)
+        old = self._timers.pop(who, None)
         if old is not None and old.active():
             old.cancel()
         if when is None:
             return
         delay = max(0.0, when - self.relay.grants.trust.now()) + SLACK
-        self._timers[key_blob] = self.relay.reactor.callLater(delay, self._due, key_blob)
+        self._timers[who] = self.relay.reactor.callLater(delay, self._due, who)
 
-    def _due(self, key_blob: bytes) -> None:
-        self._timers.pop(key_blob, None)
-        why = self.relay.grants.refusal(key_blob)
+    def _due(self, who: Holder) -> None:
+        self._timers.pop(who, None)
+        why = self.relay.grants.refusal(who[0], who[1] or None)
         if why is not None:
-            self.relay.endKey(key_blob, f"its key is no longer usable: {why}")
-        elif self._inUse(key_blob):
-            self.watch(key_blob)  # extended by a reload meanwhile
-
-    def _inUse(self, key_blob: bytes) -> bool:
-        return (any(c.identity.key_blob == key_blob for c in self.relay.connections)
-                or any(r.key == key_blob for r in self.relay.sessions.rows())
-                or key_blob in self.relay.resumes.held_keys())
+            self.relay.endKey(who[0], f"its key is no longer usable: {why}", who[1])
+        elif who in self.holders_in_use():
+            self._watch(who)  # extended by a reload meanwhile
 
     def keys_in_use(self) -> set[bytes]:
         """Every key blob with a connection, a session or a held session."""
-        blobs = {c.identity.key_blob for c in self.relay.connections}
-        blobs.update(r.key for r in self.relay.sessions.rows() if r.key is not None)
+        return {who[0] for who in self.holders_in_use()}
+
+    def holders_in_use(self) -> set[Holder]:
+        """Every (key blob, login) with a connection, a session or a held session."""
+        out = {holder(c.identity.key_blob, getattr(c.identity, "login", ""))
+               for c in self.relay.connections}
+        out.update(holder(r.key, r.login) for r in self.relay.sessions.rows()
+                   if r.key is not None)
         # An agent whose link is down has no connection, but the sessions held for it
         # are its key's: revoked, that key can never resume them (they end now).
-        blobs.update(self.relay.resumes.held_keys())
-        return blobs
+        out.update((blob, "") for blob in self.relay.resumes.held_keys())
+        return out
 
     def recheck(self, skip: Collection[bytes] = ()) -> None:
-        """After a reload: end what is no longer usable, re-arm the timers of the rest.
-        ``skip``: keys the reload's diff already took care of."""
-        blobs = self.keys_in_use()
-        for blob in sorted(blobs - set(skip)):
-            why = self.relay.grants.refusal(blob)
+        """After a reload: end what is no longer usable, re-arm the timers of the rest,
+        each (key, login) checked as its own.  ``skip``: keys the reload's diff already
+        took care of."""
+        for who in sorted(self.holders_in_use()):
+            if who[0] in skip:
+                continue
+            why = self.relay.grants.refusal(who[0], who[1] or None)
             if why is not None:  # the reason itself: expired, which KRL entry, which CA
-                self.relay.endKey(blob, f"its key is no longer usable: {why}")
+                self.relay.endKey(who[0], f"its key is no longer usable: {why}", who[1])
             else:
-                self.watch(blob)
+                self._watch(who)
 
     def stop(self) -> None:
         for timer in self._timers.values():

@@ -171,22 +171,24 @@ class Grants:
 
     # --- lookups ---------------------------------------------------------
 
-    def principal_for(self, key_blob: bytes) -> Principal | None:
+    def principal_for(self, key_blob: bytes, login: str | None = None) -> Principal | None:
         """The agent or user whose key (or certificate that logged in) has this SSH wire
-        blob (``Key.blob()``), if it may be used now: not expired, not revoked."""
+        blob (``Key.blob()``), if it may be used now: not expired, not revoked.  A
+        certificate is looked up as the ``login`` name its connection used (its
+        ``principals=`` and CA line depend on it; None: the login it made last)."""
         if is_certificate(key_blob):
-            return self.trust.certified(key_blob).principal
+            return self.trust.certified(key_blob, login).principal
         principal = self._state.by_key.get(key_blob)
         if principal is None or not self.trust.usable(key_blob):
             return None
         return principal
 
-    def refusal(self, key_blob: bytes) -> str | None:
+    def refusal(self, key_blob: bytes, login: str | None = None) -> str | None:
         """Why the key or certificate ``key_blob``, which logged in, may no longer be
         used (None when :meth:`principal_for` grants it): the reason its sessions and
         connections end with (``relay_key_ended``)."""
         if is_certificate(key_blob):
-            verdict = self.trust.certified(key_blob)
+            verdict = self.trust.certified(key_blob, login)
             return None if verdict.principal is not None else verdict.reason
         if key_blob not in self._state.by_key:
             return "the key is no longer granted"
@@ -206,9 +208,10 @@ class Grants:
         if is_certificate(key_blob):
             self.trust.remember(key_blob, login, address)
 
-    def expires(self, key_blob: bytes) -> float | None:
-        """When a key or certificate that logged in stops being usable (Unix time)."""
-        return self.trust.expires(key_blob, is_certificate(key_blob))
+    def expires(self, key_blob: bytes, login: str | None = None) -> float | None:
+        """When a key or certificate that logged in (as ``login``) stops being usable
+        (Unix time)."""
+        return self.trust.expires(key_blob, is_certificate(key_blob), login)
 
     def principals(self) -> list[Principal]:
         """Every principal: config tables first, then the agents file, then the users file."""

@@ -12,7 +12,9 @@ the grants, the KRL and the clock of that moment).  The decisions are
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +26,7 @@ from relay.config.grammar import public_key
 from relay.core.certs import Authority, CertVerdict, check_certificate
 from relay.core.grants import Principal
 from relay.core.keylife import KeyLimits
-from relay.core.krl import MAGIC, Krl, KrlError, parse_krl
+from relay.core.krl import MAGIC, Krl, KrlError, krl_may_unrevoke, krl_union, parse_krl
 
 _log = Logger()
 
@@ -37,10 +39,17 @@ agent whose certificate logged in weeks ago; they are bounded by the connections
 
 
 EMPTIED_READS = 3
-"""Polls in a row that must read an emptied ``revoked_keys`` before it is taken (as for
-a grant file that reads emptied, relay.server.grants): ``ssh-keygen -k -u`` rewrites the
-KRL in place, truncate then write, and an empty read taken at once would revoke nothing
-until the next poll."""
+"""Polls in a row that must read the same ``revoked_keys`` before a version that might
+revoke less than the list in force is taken (an emptied file, one cut at a line break,
+a text file not ending in a newline); meanwhile what either revokes stays revoked.
+``ssh-keygen -k -u`` rewrites the KRL in place, truncate then write, and a poll between
+the two, taken at once, would un-revoke until the next poll.  A version that only adds
+is taken at once.  (The name is kept from when only an emptied file waited.)"""
+
+RACY_NS = 2_000_000_000
+"""A file modified this recently (by the real clock) is read again at each poll even if
+its size and time stamp are unchanged: a rewrite of the same size within one time stamp
+tick changes neither (as for the grant files, relay.server.grants)."""
 
 
 def read_revoked(path: Path) -> Krl:
@@ -48,6 +57,10 @@ def read_revoked(path: Path) -> Krl:
     data = path.read_bytes()
     if data.startswith(MAGIC):
         return parse_krl(data)
+    return _text_krl(data)
+
+
+def _text_krl(data: bytes) -> Krl:
     krl = Krl()
     for number, raw in enumerate(data.decode("utf-8").splitlines(), start=1):
         line = raw.strip()
@@ -74,8 +87,15 @@ class KeyTrust:
         self._authorities: dict[bytes, list[Authority]] = {}
         self._krl: Krl | None = None
         self._krlSignature: tuple[int, ...] | None = None
-        self._emptiedReads = 0  # polls in a row that read the KRL emptied
-        self._certs: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
+        self._good: Krl | None = None  # the last list taken whole (self._krl may add to it)
+        self._digest = b""  # sha256 of the bytes last read and dealt with
+        self._pending = b""  # sha256 of a version that might un-revoke, not yet taken
+        self._emptiedReads = 0  # polls in a row that read that version
+        self._pendingKrl = Krl()
+        # (certificate, login name) -> the address it logged in from.  Per login, not
+        # per certificate: one certificate may be logged in under two names at once (a
+        # student as herself and as a shared lab account), each checked as its own.
+        self._certs: OrderedDict[tuple[bytes, str], str] = OrderedDict()
         # The key blobs in use (the relay's connections, sessions and held sessions):
         # certificates among them are never forgotten.  Set by the relay.
         self.inUse: Callable[[], Collection[bytes]] = frozenset
@@ -90,25 +110,40 @@ class KeyTrust:
         self._authorities = {ca: list(lines) for ca, lines in authorities.items()}
 
     def _loadKrl(self, strict: bool) -> None:
+        """Read the file and take it whole (at start and when a reload names it)."""
         assert self._path is not None
         try:
             st = os.stat(self._path)
             self._krlSignature = (st.st_ino, st.st_size, st.st_mtime_ns)
-            self._krl = read_revoked(self._path)
+            data = self._path.read_bytes()
+            krl = self._parse(data)
         except (OSError, KrlError, UnicodeDecodeError) as e:
             if strict:
                 raise ConfigError(str(self._path), "relay.revoked_keys",
                                   f"cannot read the revoked keys: {e}",
                                   "make it with ssh-keygen -k -f FILE, or list public keys"
                                   ) from None
-            # Fail closed: a KRL that cannot be read revokes every key it could name,
-            # and we cannot tell which; keep the last one read instead of none.
-            _log.error("revoked_keys {file} unreadable, keeping the previous list: {why}",
-                       event="krl_invalid", file=str(self._path), why=str(e))
+            self._invalid(e)
             return
+        self._take(krl, hashlib.sha256(data).digest())
+
+    def _parse(self, data: bytes) -> Krl:
+        if data.startswith(MAGIC):
+            return parse_krl(data)
+        return _text_krl(data)
+
+    def _invalid(self, e: Exception) -> None:
+        # Fail closed: a KRL that cannot be read revokes every key it could name,
+        # and we cannot tell which; keep the last one read instead of none.
+        _log.error("revoked_keys {file} unreadable, keeping the previous list: {why}",
+                   event="krl_invalid", file=str(self._path), why=str(e))
+
+    def _take(self, krl: Krl, digest: bytes) -> None:
+        self._krl = self._good = krl
+        self._digest, self._pending, self._emptiedReads = digest, b"", 0
         _log.info("revoked_keys {file}: {keys} keys, {cas} CA sections", event="krl_loaded",
-                  file=str(self._path), keys=len(self._krl.keys) + len(self._krl.sha256)
-                  + len(self._krl.sha1), cas=len(self._krl.certs))
+                  file=str(self._path), keys=len(krl.keys) + len(krl.sha256)
+                  + len(krl.sha1), cas=len(krl.certs))
 
     def setPath(self, revoked: Path | None) -> None:
         """A reload named another ``revoked_keys`` file (or none): read it now (a bad one
@@ -116,13 +151,20 @@ class KeyTrust:
         if revoked == self._path:
             return
         self._path, self._krlSignature = revoked, None
+        self._digest, self._pending, self._emptiedReads = b"", b"", 0
         if revoked is None:
-            self._krl = None
+            self._krl = self._good = None
         else:
             self._loadKrl(strict=False)
 
     def pollKrl(self) -> bool:
-        """Re-read the KRL if its file changed; whether it did."""
+        """Re-read the KRL if its file changed; whether the list in force did.
+
+        The content is compared, not only the size and time stamp.  A version that
+        might revoke less than the last one taken whole (emptied, cut at a line break
+        mid-write, a text file without its final newline, or an admin un-revoking) is
+        taken only once EMPTIED_READS polls in a row read it the same; until then what
+        either revokes is in force.  A version that only adds is taken at once."""
         if self._path is None:
             return False
         try:
@@ -130,20 +172,46 @@ class KeyTrust:
             signature: tuple[int, ...] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError:
             signature = None
-        if signature == self._krlSignature:
+        if (signature == self._krlSignature and not self._pending
+                and (signature is None or signature[2] + RACY_NS < time.time_ns())):
             return False
-        if signature is not None and signature[1] == 0 and _revokes(self._krl):
-            # Emptied: a writer caught between its truncate and its write, or an admin
-            # un-revoking everything.  Keep the list in force (and the old signature, so
-            # the next poll looks again) until it has read empty EMPTIED_READS times.
+        self._krlSignature = signature
+        try:
+            data = self._path.read_bytes()
+        except OSError as e:
+            if self._digest != b"unreadable":
+                self._digest = b"unreadable"
+                self._invalid(e)
+            return False
+        digest = hashlib.sha256(data).digest()
+        if digest == self._digest:
+            return False
+        if digest == self._pending:
             self._emptiedReads += 1
-            if self._emptiedReads < EMPTIED_READS:
+        else:
+            try:
+                krl = self._parse(data)
+            except (KrlError, UnicodeDecodeError) as e:
+                self._digest, self._pending = digest, b""
+                self._invalid(e)
                 return False
+            old = self._good
+            cut = not data.startswith(MAGIC) and data != b"" and not data.endswith(b"\n")
+            if old is None or not (cut or krl_may_unrevoke(old, krl)):
+                self._take(krl, digest)
+                return True
+            self._pending, self._pendingKrl, self._emptiedReads = digest, krl, 1
+            merged = krl_union(old, krl)
+            changed = krl_may_unrevoke(merged, self._krl) if self._krl is not None else True
+            self._krl = merged  # what either revokes, until this version holds
+            if self._emptiedReads < EMPTIED_READS:
+                return changed
+        if self._emptiedReads < EMPTIED_READS:
+            return False
+        if data == b"" or not _revokes(self._pendingKrl):
             _log.warn("revoked_keys {file} emptied: no key or certificate is revoked by it "
                       "any more", event="krl_emptied", file=str(self._path))
-        self._emptiedReads = 0
-        self._loadKrl(strict=False)
-        self._krlSignature = signature
+        self._take(self._pendingKrl, digest)
         return True
 
     @property
@@ -195,30 +263,37 @@ class KeyTrust:
 
     def remember(self, blob: bytes, login: str, address: str) -> None:
         """A certificate logged in as ``login`` from ``address``, its key proved: later
-        look-ups check it again with these.  Only a signed login is remembered: an offer
-        without a signature (anyone may hold a public ``-cert.pub``) must not replace
-        the login and address a connected holder's certificate is checked with."""
-        self._certs[blob] = (login, address)
-        self._certs.move_to_end(blob)
+        look-ups of that login check it again with these.  Only a signed login is
+        remembered: an offer without a signature (anyone may hold a public
+        ``-cert.pub``) must not replace the address a connected holder's certificate is
+        checked with.  A login under another name is another record."""
+        self._certs[(blob, login)] = address
+        self._certs.move_to_end((blob, login))
         if len(self._certs) <= CERT_CACHE:
             return
         in_use = set(self.inUse())
-        for old in [b for b in self._certs if b not in in_use and b != blob]:
+        for old in [k for k in self._certs if k[0] not in in_use and k[0] != blob]:
             if len(self._certs) <= CERT_CACHE:
                 break
             del self._certs[old]
 
-    def certified(self, blob: bytes) -> CertVerdict:
-        """A certificate that logged in, checked again now."""
-        seen = self._certs.get(blob)
-        if seen is None:
+    def certified(self, blob: bytes, login: str | None = None) -> CertVerdict:
+        """A certificate that logged in as ``login``, checked again now.  ``login``
+        None (a look-up by key alone: sessions held for an agent whose link is down):
+        the login it made last."""
+        if login is None:
+            logins = [k[1] for k in self._certs if k[0] == blob]
+            login = logins[-1] if logins else ""
+        address = self._certs.get((blob, login))
+        if address is None:
             return CertVerdict(None, "certificate not seen at login")
-        return check_certificate(blob, self._authorities, now=self._wall(), address=seen[1],
-                                 login=seen[0], krl=self._krl)
+        return check_certificate(blob, self._authorities, now=self._wall(), address=address,
+                                 login=login, krl=self._krl)
 
-    def expires(self, blob: bytes, certificate: bool) -> float | None:
+    def expires(self, blob: bytes, certificate: bool, login: str | None = None
+                ) -> float | None:
         """When a key or a certificate that logged in stops being usable, if ever."""
         if certificate:
-            return self.certified(blob).expires
+            return self.certified(blob, login).expires
         limits = self._limits.get(blob)
         return limits.expires if limits is not None else None

@@ -84,7 +84,7 @@ class SessionOpening:
         is open (the user's confirmation waits for it), or ``channel`` itself at once
         (confirmed now, :meth:`_openEarly`) for a healthy service whose agent is here."""
         ident = conn.identity
-        principal = self.grants.principal_for(ident.key_blob)
+        principal = self.grants.principal_for(ident.key_blob, ident.login)
         host = host.lower()
         service = f"{host}:{port}"
 
@@ -99,7 +99,7 @@ class SessionOpening:
             return refuse(_OPEN_FAILURE[refused[0]], refused[1])
         assert principal is not None
         session = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
-                                     key=ident.key_blob,
+                                     key=ident.key_blob, login=ident.login,
                                      totals_as=self.router.totals_name(owner, host, port))
         reg = self.waiting.ready(host, port)
         if reg is not None and confirms_early(self.config.early_confirm, reg.open_health,
@@ -280,7 +280,7 @@ class SessionOpening:
     # the fast path's sessions (relay.server.dataport pairs them)
 
     def fastSessionOpening(self, principal: Any, service: str, origin: str,
-                           key: bytes | None = None) -> SessionRow:
+                           key: bytes | None = None, login: str = "") -> SessionRow:
         """Count a fast-path session against the user's cap, or raise PairingError."""
         refused = self.router.over_cap(principal, self.sessions.active_for_user(principal.name),
                                        self.config.max_sessions_per_user)
@@ -290,7 +290,7 @@ class SessionOpening:
         name, _, port = service.rpartition(":")
         totals_as = self.router.totals_name(self.grants.owner_of(name), name, int(port))
         row = self.sessions.open(principal.name, service, origin, self.reactor.seconds(),
-                                 path=SPLICED, key=key, totals_as=totals_as)
+                                 path=SPLICED, key=key, totals_as=totals_as, login=login)
         audit.opened(row)
         return row
 

@@ -151,7 +151,7 @@ class RelayCore(SessionOpening):
         self.connections.add(conn)
         ident = conn.identity
         self._connectionsOf[(ident.kind, ident.name)] += 1
-        self.expiry.watch(ident.key_blob)
+        self.expiry.watch(ident.key_blob, ident.login)
         # A certificate's CA and key id say which CA let this login in (trusted_user_ca
         # or a cert-authority line); both empty for a plain key.
         ca, key_id = describe_cert(ident.key_blob)
@@ -226,7 +226,7 @@ class RelayCore(SessionOpening):
 
     def _principalOf(self, session: Any) -> Principal | None:
         """The principal ``session``'s key is granted as now (None: no longer granted)."""
-        return self.grants.principal_for(session.identity.key_blob)
+        return self.grants.principal_for(session.identity.key_blob, session.identity.login)
 
     def _forward(self, conn: RelayConnection, data: bytes) -> Any:
         try:
@@ -363,7 +363,8 @@ class RelayCore(SessionOpening):
             loss = change.losses.get(key) if key is not None else None
             if key is None or loss is None:
                 continue
-            principal = None if loss.everything else self.grants.principal_for(key)
+            principal = (None if loss.everything
+                         else self.grants.principal_for(key, session.login or None))
             name, _, port = session.service.rpartition(":")
             if principal is None or not principal.may_reach(name, int(port)):
                 why = ("the user's key is no longer granted" if loss.everything
@@ -398,13 +399,18 @@ class RelayCore(SessionOpening):
                     and self.grants.public_port_owner(port) is None):
                 self.publicPorts.close(port)
 
-    def endKey(self, key_blob: bytes, why: str) -> None:
-        """Close every session and connection of ``key_blob`` (it expired or was revoked)."""
-        for session in [s for s in self.sessions.rows() if s.key == key_blob]:
+    def endKey(self, key_blob: bytes, why: str, login: str = "") -> None:
+        """Close every session and connection of ``key_blob`` (it expired or was revoked);
+        with ``login``, only those of the connections that logged in under that name (a
+        certificate no longer usable as one login may still be as another)."""
+        for session in [s for s in self.sessions.rows()
+                        if s.key == key_blob and (not login or s.login == login)]:
             self._closeSession(session, why)
-        for session in self.resumes.held_rows_of(key_blob):  # held for that agent key
-            self._closeSession(session, f"held for resumption: {why}")
-        for conn in [c for c in self.connections if c.identity.key_blob == key_blob]:
+        if not login:
+            for session in self.resumes.held_rows_of(key_blob):  # held for that agent key
+                self._closeSession(session, f"held for resumption: {why}")
+        for conn in [c for c in self.connections if c.identity.key_blob == key_blob
+                     and (not login or c.identity.login == login)]:
             for reg in self.registry.held_by(conn):
                 self._dropRegistration(reg, why, tell=False)
             ca, key_id = describe_cert(key_blob)

@@ -36,8 +36,9 @@ NAME_LIMIT = 64
 class PrincipalLookup(Protocol):
     """The grants, as far as authentication needs them."""
 
-    def principal_for(self, key_blob: bytes) -> Principal | None:
-        """The principal a public key (SSH wire blob) belongs to, if granted."""
+    def principal_for(self, key_blob: bytes, login: str | None = None) -> Principal | None:
+        """The principal a public key (SSH wire blob) belongs to, if granted (a
+        certificate: as it logged in as ``login``)."""
 
     def authenticate(self, key_blob: bytes, login: str, address: str) -> CertVerdict:
         """Whether a key or certificate may log in now as ``login`` from ``address``:
@@ -68,10 +69,14 @@ class AuthHandler(Protocol):
 
 @dataclass(frozen=True)
 class Identity:
-    """Who a connection authenticated as: the verified key and its principal."""
+    """Who a connection authenticated as: the verified key, its principal and the login
+    name it gave (a certificate's grants depend on it, and one certificate may be logged
+    in under two names at once: each connection is checked as its own)."""
 
     key_blob: bytes
     principal: Principal
+    login: str = ""
+    address: str = ""  # the peer's address the login was checked from (from=, source-address)
 
     @property
     def name(self) -> str:
@@ -115,7 +120,8 @@ class GrantChecker:
             if key.verify(credentials.signature, credentials.sigData):
                 self.core.grants.remember(credentials.blob, login,
                                           getattr(credentials, "peer", ""))
-                return defer.succeed(Identity(credentials.blob, principal))
+                return defer.succeed(Identity(credentials.blob, principal, login,
+                                              getattr(credentials, "peer", "")))
         except Exception:  # a malformed key or signature is a failed login
             pass
         return defer.fail(UnauthorizedLogin("bad signature"))

@@ -269,6 +269,8 @@ class FakeIdentity:
     key_blob: bytes
     name: str
     kind: str
+    login: str = ""
+    address: str = ""
 
 
 @dataclass(eq=False)

@@ -371,3 +371,49 @@ def test_an_agent_certificate_renewed_on_disk_is_offered_when_the_old_one_expire
     again = relay.wait_for("relay_connected", since=mark, name="lab_pc")
     assert again["cert_id"] == "lab_pc@lab" and again["key"] == first["key"]
     assert relay.status()["relay"]["agents"][0]["services"] == ["web:8080"]
+
+
+def test_one_certificate_logged_in_as_herself_and_as_the_lab_account(
+    pki: Path,
+    tmp_path: Path,
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+) -> None:
+    """A student's certificate names her and the shared lab account (``-n alice,lab``);
+    she has a stock ``ssh -L`` open as herself, then one as ``lab``.  The relay kept one
+    record per certificate, the last login's: her own connection's next session was
+    opened and audited as ``lab``, and when the lab line's ``expiry-time`` passed, her
+    own connection ended with the lab one.  Each connection is checked and logged as the
+    login it made."""
+    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
+    expires = int(time.time()) + 15
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(expires))
+    relay = start_relay(
+        agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc'],
+        users=[f'cert-authority,principals="alice",permitopen="web:8080" {ca} alice',
+               f'cert-authority,principals="lab",expiry-time="{stamp}Z",'
+               f'permitopen="web:8080" {ca} lab'],
+        relay_toml='penalty_exempt = ["127.0.0.1"]',
+    )
+    echo = targets.echo()
+    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+    cert = user_cert(pki, "alice", "-n", "alice,lab", "-V", "-5m:+1h")
+    ports = {}
+    for login in ("alice", "lab"):
+        ports[login] = port = free_port()
+        start_ssh(forward_argv(relay, cert, port, login),
+                  name=f"ssh-{login}").wait_stderr(r"new port-listener")
+    mark = relay.mark()
+    assert echo_once(ports["alice"]) == b"ping"  # after the lab login
+    opened = relay.wait_for("session_open", since=mark)
+    assert opened["user"] == "alice", f"her session was logged as {opened['user']}"
+
+    # The lab line's expiry-time passes: the lab login ends, hers carries on.
+    ended = relay.wait_for("relay_key_ended", timeout=30, since=mark)
+    assert ended["name"] == "lab", ended
+    assert echo_once(ports["alice"]) == b"ping"
+    # both would have ended in the same turn (one record, one endKey)
+    assert [e["name"] for e in relay.events("relay_key_ended", since=mark)] == ["lab"]

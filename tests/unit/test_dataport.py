@@ -10,6 +10,7 @@ does, where a real reactor would after an abort or a close.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 import relay.server.dataport
-from relay.config.schema import RelayConfig, ServiceGrant
+from relay.config.schema import KeyLimitsConfig, RelayConfig, ServiceGrant
 from relay.core import fastwire as fw
 from relay.core.clock import expire
 from relay.core.routing import Registry
@@ -82,7 +83,7 @@ class FakeCore:
         return expire(defer.Deferred(), timeout, self.reactor)
 
     def fastSessionOpening(self, principal: Any, service: str, origin: str,
-                           key: bytes | None = None) -> object:
+                           key: bytes | None = None, login: str = "") -> object:
         if self.cap_reached:
             raise PairingError(f"user {principal.name} already has 1 sessions open")
         self.opened.append((principal.name, service, origin))
@@ -601,7 +602,7 @@ def test_user_whose_grant_was_revoked_is_refused(world: World,
     world.agent_with_pool()
     alice = world.ssh("alice", "user")
     token = world.port.tokens.issue(fw.ROLE_USER, "alice", alice, GPU)
-    monkeypatch.setattr(world.core.grants, "principal_for", lambda blob: None)
+    monkeypatch.setattr(world.core.grants, "principal_for", lambda blob, login=None: None)
     udc, ut = _dial(world.port)
     udc.dataReceived(fw.user_hello(token, udc.nonce, *GPU))
     assert ut.value() == fw.pack_error(fw.USER_ERROR, "gpu-cluster:22 is not granted to you")
@@ -824,3 +825,65 @@ def test_a_session_closed_by_the_relay_stops_waiting_at_once(world: World, stage
         "user alice")
     assert world.core.failed == [row] and not _timers(world)
     assert world.port.counters["pair_failed"] == 1
+
+
+# --- the login's address limits hold on the data port ------------------------------------------
+
+
+@pytest.mark.parametrize("source,paired", [
+    ("10.1.2.3", True),  # the login's own address
+    ("10.9.9.9", True),  # another address from= allows
+    ("192.0.2.66", False),  # elsewhere: a leaked ticket, or one handed on
+])
+def test_a_users_from_limit_holds_on_her_data_connection(
+    world: World, source: str, paired: bool,
+) -> None:
+    """``from=`` (and a certificate's ``source-address``) were checked at the SSH login
+    only: a fast-path ticket the login obtained (a bearer secret) opened a spliced
+    session from any address.  The data connection is held to the login's address
+    limits: from the login's own address nothing is re-checked; from another, the
+    login's checks run again with that address."""
+    ring = world.ring
+    carol = dataclasses.replace(
+        ring.user("carol", "gpu-cluster:22"),
+        key_limits=(KeyLimitsConfig(ring.line("carol"), sources="10.0.0.0/8"),))
+    config = dataclasses.replace(world.core.config, users=(*world.core.config.users, carol))
+    world.core.config = config
+    world.core.grants = Grants(config, "test")
+    world.agent_with_pool()
+    conn = FakeRelayConnection(FakeIdentity(ring.blob("carol"), "carol", "user",
+                                            login="carol", address="10.1.2.3"))
+    world.core.connections.add(conn)
+    status, why, _port, token, _life = _token_request(world, conn)
+    assert status is fw.Status.OK, why
+    udc, ut = _dial(world.port, source)
+    udc.dataReceived(fw.user_hello(token, udc.nonce, *GPU))
+    if paired:
+        assert world.core.opened == [("carol", "gpu-cluster:22", source)]
+    else:
+        assert not world.core.opened, "a ticket opened a session from outside from="
+        assert ut.value() == fw.pack_error(fw.USER_ERROR,
+                                           "this key may not be used from 192.0.2.66")
+        assert udc.state == "closed"
+
+
+def test_an_agents_from_limit_holds_on_its_pooled_data_connections(world: World) -> None:
+    """The same for an agent: a pool ticket its login obtained does not let a data
+    connection from outside its key's ``from=`` into the pool."""
+    ring = world.ring
+    lab = dataclasses.replace(
+        world.core.config.agents[0],
+        key_limits=(KeyLimitsConfig(ring.line("lab_pc"), sources="10.0.0.0/8"),))
+    config = dataclasses.replace(world.core.config, agents=(lab,))
+    world.core.config = config
+    world.core.grants = Grants(config, "test")
+    agent = FakeRelayConnection(FakeIdentity(ring.blob("lab_pc"), "lab_pc", "agent",
+                                             login="lab_pc", address="10.1.2.3"))
+    world.core.connections.add(agent)
+    pool = AgentPool(agent, {GPU})
+    world.port.pools[agent] = pool  # type: ignore[index]
+    for source, taken in (("10.1.2.3", True), ("192.0.2.66", False)):
+        dc, _t = _dial(world.port, source)
+        feed_bytewise(dc, _pool_hello(world, agent, dc))
+        assert (dc in pool.idle) is taken
+        assert dc.state == ("idle" if taken else "closed")

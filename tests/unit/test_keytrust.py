@@ -97,11 +97,16 @@ def test_revoked_keys_krl_and_text(setup: tuple[Path, list[str], Wall]) -> None:
     changes: list[GrantsChange] = []
     grants.subscribe(changes.append)
     # Now a text file of public keys, revoking k0 instead: re-read on the next poll, and
-    # the relay is told (an empty change: it re-checks every key in use).
+    # the relay is told (an empty change: it re-checks every key in use).  k0 is revoked
+    # at once; k1, no longer listed, only once three polls in a row read it so (it could
+    # be a file cut mid-write).
     (d / "revoked.krl").write_text(f"# left the lab\n{keys[0]} u0\n")
     grants.poll()
     assert len(changes) == 1 and not changes[0].losses
     assert grants.principal_for(blob(keys[0])) is None
+    assert grants.principal_for(blob(keys[1])) is None
+    grants.poll()
+    grants.poll()
     assert grants.principal_for(blob(keys[1])) is not None
     # Why a key in use ends, as relay_key_ended says it: which list, not a guess.
     assert grants.refusal(blob(keys[0])) == "the key is listed in the KRL"
@@ -156,6 +161,57 @@ def test_a_krl_caught_emptied_mid_write_revokes_on_until_it_stays_empty(
     grants.poll()
     assert grants.principal_for(blob(keys[1])) is not None
     assert grants.principal_for(blob(keys[2])) is not None
+
+
+def test_a_revoked_keys_file_cut_at_a_line_break_or_rewritten_in_one_tick_stays_revoked(
+    setup: tuple[Path, list[str], Wall],
+) -> None:
+    """A text ``revoked_keys`` read mid-write, cut exactly at a line break, parses: taken
+    at once it un-revoked the keys after the cut until the next poll.  A version that
+    might revoke less than the one in force is taken only once three polls in a row read
+    it the same; meanwhile what either revokes stays revoked.  And a rewrite of the same
+    size within one time stamp tick (same size and mtime) is seen: the content is
+    compared, not only (size, mtime)."""
+    d, keys, wall = setup
+    users = d / "users"
+    users.write_text("".join(f'permitopen="web:80" {k} u{i}\n' for i, k in enumerate(keys)))
+    revoked = d / "revoked"
+    full = f"{keys[1]} u1\n{keys[2]} u2\n"
+    revoked.write_text(full)
+    grants = Grants(RelayConfig(users_file=users, revoked_keys=revoked), "node.toml",
+                    wall_ns=wall)
+    assert grants.principal_for(blob(keys[2])) is None
+
+    # An editor's rewrite in place, caught after its first line.
+    revoked.write_text(f"{keys[1]} u1\n")
+    grants.poll()
+    assert grants.principal_for(blob(keys[2])) is None, "a cut file un-revoked k2"
+    revoked.write_text(full)  # the write lands
+    grants.poll()
+    assert grants.principal_for(blob(keys[1])) is None
+    assert grants.principal_for(blob(keys[2])) is None
+    # Cut mid-line after a whole key (no final newline): waits too.
+    revoked.write_text(full.rstrip("\n"))
+    grants.poll()
+    assert grants.principal_for(blob(keys[2])) is None
+    revoked.write_text(full)
+    grants.poll()
+
+    # The same size, the same time stamp, other content: k0 for k2 (u0 and u2 are as
+    # long, and the keys are all ed25519), within one tick.
+    st = os.stat(revoked)
+    swapped = f"{keys[1]} u1\n{keys[0]} u0\n"
+    assert len(swapped) == len(full)
+    revoked.write_text(swapped)
+    os.utime(revoked, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(revoked).st_size == st.st_size
+    grants.poll()
+    assert grants.principal_for(blob(keys[0])) is None, "a same-size rewrite went unseen"
+    assert grants.principal_for(blob(keys[2])) is None  # un-revoked only once it holds
+    grants.poll()
+    grants.poll()
+    assert grants.principal_for(blob(keys[2])) is not None
+    assert grants.principal_for(blob(keys[0])) is None
 
 
 # --- certificates remembered after login ---------------------------------------------------
@@ -223,3 +279,57 @@ def test_a_certificate_in_use_is_never_forgotten_and_an_unsigned_offer_is_not_re
     offer.addErrback(lambda _f: None)
     blob5 = base64.b64decode((tmp_path / "u5-cert.pub").read_text().split()[1])
     assert core.grants.principal_for(blob5) is None
+
+
+@pytest.mark.parametrize("first", ["lab", "alice"])
+def test_one_certificate_logged_in_under_two_names_is_checked_as_each(
+    tmp_path: Path, first: str,
+) -> None:
+    """A student logged in as herself and, with the same certificate, as the shared lab
+    account.  The relay kept one record per certificate, so both connections were looked
+    up as the last login (its grants, its name in the logs) and re-checked as it: when
+    the lab account's line expired (``expiry-time``), the lab connection stayed if she
+    had logged in as herself last (fail open), and her own connection ended with it if
+    the lab login came last.  Each connection is checked as the login it made."""
+    assert KEYGEN is not None
+    wall = Wall()
+    for name in ("ca", "alice"):
+        subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", name, "-f",
+                        str(tmp_path / name)], check=True)
+    subprocess.run([KEYGEN, "-q", "-s", str(tmp_path / "ca"), "-V",
+                    "20300317000000Z:20300318000000Z", "-I", "alice-laptop", "-n", "alice,lab",
+                    str(tmp_path / "alice.pub")], check=True)
+    ca = " ".join((tmp_path / "ca.pub").read_text().split()[:2])
+    (tmp_path / "users").write_text(
+        f'cert-authority,principals="alice",permitopen="web:8080" {ca} alice\n'
+        f'cert-authority,principals="lab",expiry-time="20300317080000Z",'
+        f'permitopen="secret:22" {ca} lab\n')
+    config = RelayConfig(users_file=tmp_path / "users")
+    reactor = MemoryReactorClock()
+    core = RelayCore(config, Grants(config, "node.toml", wall_ns=wall), reactor)
+    checker = GrantChecker(core)
+
+    conns = {}
+    for login in (first, "lab" if first == "alice" else "alice"):
+        ident = result_of(_signed_login(checker, tmp_path, "alice", login))
+        assert (ident.name, ident.login) == (login, login)
+        conns[login] = FakeRelayConnection(FakeIdentity(ident.key_blob, login, "user",
+                                                        login=login))
+        core.sessionStarted(conns[login])  # type: ignore[arg-type]
+    cert = conns["alice"].identity.key_blob
+    assert conns["lab"].identity.key_blob == cert
+
+    # Each connection's look-ups (its sessions, fast-path tokens) are as its own login.
+    p = core.grants.principal_for(cert, "alice")
+    assert p is not None and p.name == "alice", "alice's connection got lab's grants"
+    assert p.may_reach("web", 8080) and not p.may_reach("secret", 22)
+    p = core.grants.principal_for(cert, "lab")
+    assert p is not None and p.name == "lab" and p.may_reach("secret", 22)
+
+    # The lab line's expiry-time passes: the lab connection ends, hers stays.
+    wall.now = EXPIRES + 1
+    reactor.advance(EXPIRES - T0 + 1)
+    assert conns["lab"].disconnected, "the lab login outlived its line's expiry-time"
+    assert not conns["alice"].disconnected, "her own login ended with the lab one"
+    core.grantsChanged(GrantsChange({}))  # a reload or KRL change: the same, per login
+    assert not conns["alice"].disconnected
