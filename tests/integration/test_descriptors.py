@@ -32,7 +32,7 @@ from harness import (
     make_key,
     recv_exactly,
 )
-from relay_fixtures import wait_until
+from relay_fixtures import connect_argv, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -163,6 +163,15 @@ def test_a_relay_out_of_descriptors_says_so(
         assert "LimitNOFILE" in failed["text"], failed
         # one line for the burst, not one per connection
         assert len(relay.events("relay_accept_failed", since=mark)) == 1
+        # what a user's labrelay connect says names this cause, not penalties alone
+        user = make_key(tmp_path / "alice", comment="alice")
+        out = subprocess.run(connect_argv(relay, "alice", user, "web:8080"),
+                             capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL)
+        assert out.returncode != 0, out
+        assert "before its SSH version line" in out.stderr, out.stderr
+        assert "out of file descriptors" in out.stderr, out.stderr
+        assert "relay_accept_failed" in out.stderr, out.stderr
     finally:
         for sock in held:
             sock.close()
