@@ -79,15 +79,16 @@ class AcceptWatch:
 
     def _first(self, name: str) -> None:
         self._log.error(
-            "cannot accept connections: {why}; connecting users see the connection "
-            "closed before the SSH version line. Raise the descriptor limit "
+            "cannot accept connections: {why}; connecting users see their connection "
+            "closed before the SSH version line, or unanswered. Raise the descriptor limit "
             "(LimitNOFILE= in the systemd unit, ulimit -n) or look for a descriptor leak "
             "(ls /proc/PID/fd)", event="relay_accept_failed", why=describe(name),
             errno=name, count=1)
 
     def _more(self, count: int, name: str) -> None:
         self._log.error(
-            "cannot accept connections: {count} more lost in the last {window:.0f}s: {why}",
+            "cannot accept connections: {count} more failed accepts in the last "
+            "{window:.0f}s: {why}",
             event="relay_accept_failed", why=describe(name), errno=name, count=count,
             window=self._burst.window)
 
