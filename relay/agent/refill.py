@@ -5,10 +5,11 @@ log lines (docs/fastpath.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall
+from relay.core.burstlog import BurstLog
+
+__all__ = ["REFILL_WINDOW", "BurstLog", "RefillBudget"]
 
 REFILL_WINDOW = 5.0  # failed pool connections are replaced at most pool-size per window
 
@@ -44,41 +45,3 @@ class RefillBudget:
         """Seconds until the next dial may be spent."""
         self._update()
         return max(0.0, (1.0 - self.tokens) / self.rate)
-
-
-class BurstLog:
-    """Logs the first failure of a burst, then only how many more there were once
-    ``window`` seconds passed: an attacker who kills every data connection costs one
-    log line per window, not one per connection.  Sans-IO but for the timer."""
-
-    def __init__(self, clock: Any, window: float, first: Callable[[str], None],
-                 more: Callable[[int, str], None]) -> None:
-        self.clock = clock
-        self.window = window
-        self.first = first
-        self.more = more
-        self.count = 0
-        self.last = ""
-        self._timer: IDelayedCall | None = None
-
-    def failed(self, why: str) -> None:
-        self.last = why
-        if self._timer is None:
-            self.first(why)
-            self.count = 0
-            self._timer = self.clock.callLater(self.window, self._end)
-        else:
-            self.count += 1
-
-    def _end(self) -> None:
-        self._timer = None
-        if self.count:
-            self.more(self.count, self.last)
-        self.count = 0
-
-    def stop(self) -> None:
-        """End the burst now (saying how many more there were)."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-            self._end()
-        self._timer = None

@@ -68,6 +68,9 @@ class RelayCore(SessionOpening):
         self.counters = {"auth_refused": 0, "requests_refused": 0, "sessions_refused": 0,
                          "connections_dropped_unauthenticated_cap": 0,
                          "connections_refused_per_user_cap": 0,
+                         # connections a listener lost at accept (EMFILE …;
+                         # relay.server.acceptwatch)
+                         "accept_failed": 0,
                          # users' first bytes sent to the agent before it answered
                          # their open (relay.ssh.earlydata)
                          "early_data_sessions": 0, "early_data_bytes": 0}

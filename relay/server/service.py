@@ -10,10 +10,11 @@ from twisted.application.internet import TCPServer
 from twisted.application.service import MultiService
 from twisted.conch.ssh import keys
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 
 from relay.config.errors import ConfigError
 from relay.config.schema import HostPort, RelayConfig
+from relay.server.acceptwatch import AcceptWatch
 from relay.server.grants import Grants
 from relay.server.relay import RelayCore
 from relay.server.tlsport import TLSPort
@@ -42,10 +43,15 @@ class RelayService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, config: RelayConfig, grants: Grants, reactor: Any) -> None:
+    def __init__(self, config: RelayConfig, grants: Grants, reactor: Any,
+                 log_publisher: Any = None) -> None:
         super().__init__()
         self.setName("relay")
         self.core = RelayCore(config, grants, reactor)
+        # Twisted logs a listener's failed accept (EMFILE …) only as library chatter;
+        # the watch turns it into relay_accept_failed while the relay runs.
+        self.accept_watch = AcceptWatch(reactor, self.core.counters)
+        self._publisher = globalLogPublisher if log_publisher is None else log_publisher
         host_keys = load_host_keys(config.state_dir)
         self.factory = RelayFactory(self.core, host_keys)
         self.fingerprints = [fingerprint_sha256(k.public()) for k in host_keys.values()]
@@ -65,6 +71,7 @@ class RelayService(MultiService):
             self.core.extra_status["tls"] = self.tls.status
 
     def startService(self) -> None:
+        self._publisher.addObserver(self.accept_watch)
         super().startService()
         self.core.start()
         if self.tls is not None:
@@ -84,6 +91,8 @@ class RelayService(MultiService):
         return self.tls.reload() if self.tls is not None else False
 
     def stopService(self) -> defer.Deferred[Any]:
+        self._publisher.removeObserver(self.accept_watch)
+        self.accept_watch.stop()
         if self.tls is not None:
             self.tls.stop()
         for conn in list(self.core.connections):

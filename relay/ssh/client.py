@@ -277,9 +277,11 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
                 self.keysRefused = True
             elif phase is LinkPhase.HANDSHAKE and self.why is None and not self.gotVersion:
                 why = (f"the server closed the connection before its SSH version line ({why}): "
-                       "refused at accept? A labrelay relay (and sshd 9.8+) refuses an address "
-                       "for a while after failed logins from it, and past its limit of "
-                       "connections not yet logged in")
+                       "refused at accept? A labrelay relay does so for a while after failed "
+                       "logins from this address (as sshd 9.8+ does), past its "
+                       "max_unauthenticated connections not yet logged in, or when it is out "
+                       "of file descriptors; the relay's log says which "
+                       "(relay_source_penalised, relay_unauth_cap, relay_accept_failed)")
             if phase is LinkPhase.AUTH:
                 self._log.error(
                     "link {link}: {reason}", event="auth_failed", link=self.link.name,

@@ -52,7 +52,7 @@ from relay.datapath import splicing as datapath
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.datapath.handoff import Handoff
 from relay.datapath.join import join
-from relay.datapath.net import client_endpoint, peer_ip
+from relay.datapath.net import client_endpoint, peer_ip, probe_idle
 from relay.ssh.client import Identity, open_connection
 from relay.ssh.single import SingleConnection
 from relay.transport.dial import route_of
@@ -388,6 +388,11 @@ class Connector:
         except Exception as e:
             raise DataPortUnreachable(
                 f"cannot reach its data port {host}:{data_port}: {e}") from e
+        # The relay's side of this connection has the same probes.  Once spliced, no
+        # SSH keepalive watches it: without them, a relay that vanished (no FIN, no
+        # RST) during an idle session left the user's ssh waiting on its own
+        # ServerAliveInterval, or on TCP's two hours.
+        probe_idle(proto.transport)
         try:
             await expire(proto.answer, PAIR_TIMEOUT, self.reactor)
         except defer.CancelledError:

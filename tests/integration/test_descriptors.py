@@ -32,7 +32,7 @@ from harness import (
     make_key,
     recv_exactly,
 )
-from relay_fixtures import wait_until
+from relay_fixtures import connect_argv, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -114,3 +114,70 @@ def test_an_agent_out_of_descriptors_refuses_with_the_reason_and_recovers(
     with contextlib.closing(connect(public, timeout=10)) as again:
         again.sendall(b"back")
         assert recv_exactly(again, 4) == b"back"
+
+
+def _greeted(port: int) -> tuple[socket.socket, bytes]:
+    """A raw TCP connection to the relay's SSH port and what it said first (``b""``:
+    closed before its version line)."""
+    sock = connect(port, timeout=10)
+    try:
+        return sock, sock.recv(64)
+    except OSError:
+        return sock, b""
+
+
+def test_a_relay_out_of_descriptors_says_so(
+    start_relay: Callable[..., RelayNode], tmp_path: Path,
+) -> None:
+    """Twisted accepts and closes the connections it has no descriptor for (or leaves
+    them queued) and logs that only as library chatter: the relay was silent while
+    users read a hint about login penalties.  Now ``relay_accept_failed`` says why and
+    what to do, once per burst, and ``accept_failed`` counts them."""
+    prlimit = find_program("prlimit")
+    if prlimit is None:
+        pytest.skip("prlimit (util-linux) not installed")
+    relay = start_relay(relay_toml="per_source_max_unauthenticated = 64\n"
+                                   'penalty_exempt = ["127.0.0.1"]\n')
+    sock, hello = _greeted(relay.port)
+    assert hello.startswith(b"SSH-2.0-"), hello
+    sock.close()
+    assert relay.status()["relay"]["counters"]["accept_failed"] == 0
+
+    limit = _highest_fd(relay.pid) + 4
+    subprocess.run([prlimit, f"--pid={relay.pid}", f"--nofile={limit}:{limit}"], check=True)
+    mark = relay.mark()
+    held = []
+    refused = 0
+    try:
+        for _ in range(limit):
+            sock, hello = _greeted(relay.port)
+            held.append(sock)
+            if not hello.startswith(b"SSH-2.0-"):
+                refused += 1
+                if refused == 3:
+                    break
+        assert refused, f"{len(held)} connections greeted under a limit of {limit}"
+        failed = relay.wait_for("relay_accept_failed", timeout=10, since=mark)
+        assert failed["errno"] == "EMFILE", failed
+        assert "Too many open files" in failed["why"], failed
+        assert "LimitNOFILE" in failed["text"], failed
+        # one line for the burst, not one per connection
+        assert len(relay.events("relay_accept_failed", since=mark)) == 1
+        # what a user's labrelay connect says names this cause, not penalties alone
+        user = make_key(tmp_path / "alice", comment="alice")
+        out = subprocess.run(connect_argv(relay, "alice", user, "web:8080"),
+                             capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL)
+        assert out.returncode != 0, out
+        assert "before its SSH version line" in out.stderr, out.stderr
+        assert "out of file descriptors" in out.stderr, out.stderr
+        assert "relay_accept_failed" in out.stderr, out.stderr
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: _highest_fd(relay.pid) < limit - 2, "the relay to close the connections")
+    sock, hello = _greeted(relay.port)
+    sock.close()
+    assert hello.startswith(b"SSH-2.0-"), hello
+    assert relay.status()["relay"]["counters"]["accept_failed"] >= refused
+    assert "labrelay_relay_accept_failed_total" in relay.metrics()
