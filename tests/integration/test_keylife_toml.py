@@ -216,3 +216,62 @@ def test_a_krl_named_by_a_reload_is_watched_from_then_on(
     assert "the key is listed in the KRL" in ended["why"], ended
     refused(relay, carol.path, "carol", "the key is listed in the KRL")
     assert echo_once(ports["dave"]) == b"ping"
+
+
+def test_a_krl_deleted_or_broken_while_the_relay_runs_keeps_its_keys_revoked(
+    tmp_path: Path,
+    openssh: None,
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+) -> None:
+    """docs/security.md: "A KRL that cannot be read on reload leaves the previous one in
+    force (un-revoking on a typo would fail open)."  alice's key is in the KRL; the admin
+    then moves the KRL away by mistake (or a bad copy overwrites it): alice stays refused,
+    well past the three polls an emptied file needs to be taken, and dave's session
+    carries on.  When the file comes back without her, she logs in again: the file is
+    still watched."""
+    lab_pc, alice, dave = (make_key(tmp_path / n, comment=n) for n in ("lab_pc", "alice", "dave"))
+    krl = tmp_path / "revoked.krl"
+    keygen("-k", "-f", str(krl), "alice.pub", cwd=tmp_path)
+    tables = "\n".join([
+        "[[relay.agent]]", 'name = "lab_pc"', f'keys = ["{lab_pc.public_blob()}"]',
+        'services = ["web:8080"]', "",
+        *(user_table(k.path.name, f'keys = ["{k.public_blob()}"]') for k in (alice, dave)),
+    ])
+    relay = start_relay(grant_files=False,
+                        relay_toml=f'penalty_exempt = ["127.0.0.1"]\nrevoked_keys = "{krl}"\n'
+                        + tables)
+    echo = targets.echo()
+    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+    port = free_port()
+    start_ssh(forward_argv(relay, dave.path, port, "dave"),
+              name="ssh-dave").wait_stderr(r"new port-listener")
+    assert echo_once(port) == b"ping"
+    refused(relay, alice.path, "alice", "the key is listed in the KRL")
+
+    for broken in ("deleted", "garbage"):
+        mark = relay.mark()
+        if broken == "deleted":
+            krl.rename(tmp_path / "revoked.krl.moved")
+        else:
+            krl.write_bytes(b"SSHKRL\n\x00not a KRL")
+        relay.wait_for("krl_invalid", since=mark, timeout=5)
+        # Nothing to await for "still revoked": give the watcher well over the 0.5 s
+        # (three polls) an emptied file needs before it would be taken.
+        time.sleep(1.5)
+        assert not relay.events("krl_loaded", since=mark), broken
+        refused(relay, alice.path, "alice", "the key is listed in the KRL")
+        assert echo_once(port) == b"ping"
+
+    # The file back, without alice (an admin un-revoking on purpose): taken, she logs in.
+    mark = relay.mark()
+    krl.unlink(missing_ok=True)
+    make_key(tmp_path / "stranger", comment="stranger")
+    keygen("-k", "-f", str(krl), "stranger.pub", cwd=tmp_path)  # it names someone else now
+    relay.wait_for("krl_loaded", since=mark, timeout=5)
+    alice_port = free_port()
+    start_ssh(forward_argv(relay, alice.path, alice_port, "alice"),
+              name="ssh-alice").wait_stderr(r"new port-listener")
+    assert echo_once(alice_port) == b"ping"
