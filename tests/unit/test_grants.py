@@ -683,6 +683,21 @@ def test_a_world_writable_file_grants_nothing(
     assert invalid["log_level"].name == "error" and "writable by anyone" in invalid["reason"]
 
 
+def test_a_file_rewritten_as_non_utf8_grants_nothing(
+    keys: list[str], tmp_path: Path, events: Events
+) -> None:
+    """docs/security.md: "an unreadable, ``o+w`` or non-UTF-8 file grants nothing" on a
+    reload too, not only at start-up (a bad encoding must not keep the old grants)."""
+    users = write(tmp_path / "users", f"{keys[0]} alice")
+    grants = Grants(RelayConfig(users_file=users), SOURCE)
+    assert grants.principal_for(blob(keys[0])) is not None
+    users.write_bytes(f"{keys[0]} alice\n".encode() + b"# caf\xe9\n")
+    settle(grants)
+    assert grants.principal_for(blob(keys[0])) is None
+    [invalid] = events.named("grants_file_invalid")
+    assert invalid["log_level"].name == "error" and "not UTF-8" in invalid["reason"]
+
+
 def test_an_unchanged_file_is_only_stat_ed(
     keys: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
