@@ -540,3 +540,28 @@ def test_a_none_counts_with_the_keys_tried(
     _auth_none(proto)
     assert tcp.disconnecting
     assert proto.offence is Offence.AUTHFAIL  # max_auth_tries exceeded, whatever the methods
+
+
+@pytest.mark.parametrize("service,method", [
+    (b"s" * 65, b"publickey"),  # a service name one byte over
+    (b"ssh-connection", b"m" * 65),  # a method name one byte over
+    (b"s" * 30000, b"m" * 30000),
+])
+def test_a_method_or_service_name_over_64_bytes_fails_that_attempt(
+        relay: tuple[RelayCore, RelayFactory, MemoryReactorClock],
+        service: bytes, method: bytes) -> None:
+    """docs/security.md: "the relay keeps at most 256 bytes of a user name and 64 of a
+    method or service name (a longer one fails that attempt)": it counts as a failed
+    attempt, the connection stays to try again, and no more than 64 bytes of either is
+    held."""
+    from twisted.conch.ssh import common
+
+    from relay.ssh.serverauth import NAME_LIMIT
+
+    _core, factory, _reactor = relay
+    proto, tcp = _userauth(factory)
+    proto.dispatchMessage(50, common.NS(b"mallory") + common.NS(service) + common.NS(method))
+    assert proto.service.loginAttempts == 1, "a name over the limit was not a failed attempt"
+    assert not tcp.disconnecting
+    assert len(proto.service.nextService) <= NAME_LIMIT == 64
+    assert len(proto.service.method) <= NAME_LIMIT
