@@ -163,6 +163,10 @@ def test_another_key_a_user_and_a_stock_client_cannot_resume_a_held_session(
     sock = _hold(relay, proxy, agent, held_port)
     shown = relay.status()["relay"]["held_sessions"]
     assert len(shown) == 1
+    # docs/security.md: "Status and logs show only the first 8 hex digits of an id."
+    assert len(shown[0]["id"]) == 8, shown
+    logged = [e["sid"] for e in relay.events() if "sid" in e]
+    assert logged and all(sid == shown[0]["id"] for sid in logged), logged
     prefix = bytes.fromhex(shown[0]["id"])  # what status and logs show of the id
     forged = [prefix + bytes(16 - len(prefix)), prefix + secrets.token_bytes(16 - len(prefix)),
               secrets.token_bytes(16)]
