@@ -166,8 +166,11 @@ class Router:
         """The per-user cap: the user's own ``max-sessions``, else the relay's."""
         cap = principal.max_sessions or default_cap
         if active >= cap:
-            return Refused.CAP, (f"user {principal.name} already has {cap} sessions open "
-                                 "(max_sessions)")
+            # ``active`` exceeds ``cap`` after a lowered max-sessions (open sessions are
+            # kept): say both, or the refusal names a count she does not have.
+            limit = "max_sessions" if active == cap else f"max_sessions {cap}"
+            return Refused.CAP, (f"user {principal.name} already has {active} sessions open "
+                                 f"({limit})")
         return None
 
     @staticmethod

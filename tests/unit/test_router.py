@@ -208,6 +208,9 @@ def test_user_sessions_need_a_grant_a_place_under_the_cap_and_a_service_that_can
     own = Principal(kind=USER, name="alice", services=ALICE.services,
                     public_ports=frozenset(), max_sessions=2)
     assert router.admit_session(own, "gpu-cluster", 22, 2, 10, LAB)[0] is Refused.CAP
+    # max-sessions lowered under her open sessions: the refusal says what she has
+    assert router.admit_session(own, "gpu-cluster", 22, 3, 10, LAB) == (
+        Refused.CAP, "user alice already has 3 sessions open (max_sessions 2)")
     assert router.admit_session(ALICE, "gpu-cluster", 22, 0, 10, None) == (
         Refused.NO_SERVICE, "no service gpu-cluster:22 on this relay")
     router.offer("gpu-cluster", 22, w.conn(LAB), "gpu-cluster", 0.0)
