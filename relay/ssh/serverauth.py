@@ -178,9 +178,19 @@ class RelayUserAuth(userauth.SSHUserAuthServer):
         self.authenticatedWith = []
         self.user, self.nextService = user[:USER_NAME_LIMIT], next_service[:NAME_LIMIT]
         self.method = method[:NAME_LIMIT]
-        self._ebBadAuth(Failure(UnauthorizedLogin(
-            f"user name, service or method too long ({len(user)}, {len(next_service)} and "
-            f"{len(method)} bytes; at most {USER_NAME_LIMIT}, {NAME_LIMIT}, {NAME_LIMIT})")))
+        why = (f"user name, service or method too long ({len(user)}, {len(next_service)} "
+               f"and {len(method)} bytes; at most {USER_NAME_LIMIT}, {NAME_LIMIT}, "
+               f"{NAME_LIMIT})")
+        if self.method != b"publickey":
+            # _ebBadAuth logs only a refused key; an overlong name is refused whatever the
+            # method, and operations.md says it is logged as such.
+            self._log.info(
+                "auth refused for user {user} from {peer} (key {key}): {why}",
+                event="relay_auth_refused", user=self.user.decode("utf-8", "replace"),
+                why=why, peer=self.transport.peerName(),  # type: ignore[union-attr]
+                key=key_fingerprint(None),
+            )  # fmt: skip
+        self._ebBadAuth(Failure(UnauthorizedLogin(why)))
         return None
 
     def auth_publickey(self, packet: bytes) -> Any:

@@ -552,16 +552,23 @@ def test_a_method_or_service_name_over_64_bytes_fails_that_attempt(
         service: bytes, method: bytes) -> None:
     """docs/security.md: "the relay keeps at most 256 bytes of a user name and 64 of a
     method or service name (a longer one fails that attempt)": it counts as a failed
-    attempt, the connection stays to try again, and no more than 64 bytes of either is
-    held."""
+    attempt, is logged as ``relay_auth_refused``, the connection stays to try again, and
+    no more than 64 bytes of either is held."""
     from twisted.conch.ssh import common
+    from twisted.logger import Logger
 
     from relay.ssh.serverauth import NAME_LIMIT
 
     _core, factory, _reactor = relay
     proto, tcp = _userauth(factory)
+    logged: list[dict[str, Any]] = []
+    proto.service._log = Logger(observer=logged.append)
     proto.dispatchMessage(50, common.NS(b"mallory") + common.NS(service) + common.NS(method))
     assert proto.service.loginAttempts == 1, "a name over the limit was not a failed attempt"
+    # operations.md: "(a longer one fails that attempt, ``relay_auth_refused``)", once,
+    # whatever the method (only a refused publickey attempt was logged)
+    [refused] = [e for e in logged if e.get("event") == "relay_auth_refused"]
+    assert "too long" in refused["why"] and refused["user"] == "mallory", refused
     assert not tcp.disconnecting
     assert len(proto.service.nextService) <= NAME_LIMIT == 64
     assert len(proto.service.method) <= NAME_LIMIT
