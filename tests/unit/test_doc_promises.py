@@ -93,3 +93,31 @@ def test_reload_unreachable_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
         port = s.getsockname()[1]
         assert main(["reload", "--admin", f"127.0.0.1:{port}"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+# (field, its default, the doc, the words in it that state the default)
+STATED_DEFAULTS = [
+    ("kex_timeout", 30.0, "security.md", "`kex_timeout` (30 s)"),
+    ("grants_poll_interval", 0.25, "security.md", "`grants_poll_interval` (0.25 s)"),
+    ("max_unauthenticated", 64, "security.md", "(`max_unauthenticated`, 64 per port)"),
+    ("per_source_max_unauthenticated", 10, "security.md",
+     "**`per_source_max_unauthenticated`** (10)"),
+    ("max_connections_per_user", 64, "security.md", "`max_connections_per_user` (64)"),
+    ("resume_max_sessions_per_agent", 128, "security.md",
+     "`resume_max_sessions_per_agent` (default 128)"),
+    ("resume_max_sessions", 512, "security.md", "`resume_max_sessions` (default 512)"),
+    ("resume_max_sessions_per_agent", 128, "resilience.md",
+     "`resume_max_sessions_per_agent` (default 128)"),
+    ("resume_max_sessions", 512, "resilience.md", "`resume_max_sessions` (default 512)"),
+    ("resume_grace", 60.0, "resilience.md", "`resume_grace` (default 60 s)"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "doc", "words"), STATED_DEFAULTS)
+def test_the_defaults_security_and_resilience_state_are_the_relays(
+    field: str, value: float, doc: str, words: str,
+) -> None:
+    """A default stated in security.md or resilience.md is a promise an operator sizes
+    by (a cap, a timeout): the relay's and the page's must not drift apart."""
+    assert words in " ".join((DOCS / doc).read_text().split()), (doc, words)
+    assert getattr(RelayConfig(), field) == value, field
