@@ -9,6 +9,12 @@ one.  Before, it logged one ``protocol_error`` warning and sent one more CLOSE f
 never does), the log flood docs/security.md rules out.
 Now the second overrun on a channel already closed for one is a protocol-error
 disconnect: two lines in all.  bob's session through the same agent echoes meanwhile.
+
+alice also asks, in a loop, for a service she is not granted: each open is refused,
+and each was one ``relay_session_refused`` warning (2 600 a second from one paramiko
+client, for as long as she liked).  Now the first 32 of each 10 s per user are logged
+one by one and the rest as one count line per window; every refusal is still counted
+(``sessions_refused``), and bob's refusal is logged as before.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
@@ -49,10 +56,10 @@ def _echo(t: paramiko.Transport, payload: bytes) -> bytes:
     return got
 
 
-def test_data_past_the_window_costs_two_log_lines_then_the_connection(
-    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
-    targets: Targets, tmp_path: Path,
-) -> None:
+def _world(start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+           targets: Targets, tmp_path: Path) -> tuple[RelayNode, dict[str, Any]]:
+    """The relay, lab_pc's agent serving web:8080 (an echo server), alice and bob
+    granted it."""
     keys = {n: make_key(tmp_path / n, comment=n) for n in ("lab_pc", "alice", "bob")}
     relay = start_relay(
         agents=[f'permitlisten="web:8080" {keys["lab_pc"].public_blob()} lab_pc'],
@@ -65,6 +72,14 @@ def test_data_past_the_window_costs_two_log_lines_then_the_connection(
         "-R", f"web:8080:127.0.0.1:{echo.port}", "lab_pc@127.0.0.1", name="agent",
     )  # fmt: skip
     agent.wait_for("forward_ready", timeout=20, since=0, forward="R:web:8080")
+    return relay, keys
+
+
+def test_data_past_the_window_costs_two_log_lines_then_the_connection(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    relay, keys = _world(start_relay, start_agent, targets, tmp_path)
     bob = _login(relay, keys["bob"], "bob")
     assert _echo(bob, b"before") == b"before"
 
@@ -89,3 +104,35 @@ def test_data_past_the_window_costs_two_log_lines_then_the_connection(
     assert len(errors) == 2, [e["text"] for e in errors]
     assert "past channel 0's window" in errors[1]["why"], errors[1]
     assert _echo(bob, b"after") == b"after"
+
+
+REFUSALS = 600
+
+
+def test_opens_refused_in_a_loop_cost_a_bounded_number_of_log_lines(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    relay, keys = _world(start_relay, start_agent, targets, tmp_path)
+    alice = _login(relay, keys["alice"], "alice")
+    bob = _login(relay, keys["bob"], "bob")
+    mark = relay.mark()
+    start = time.monotonic()
+    for _ in range(REFUSALS):
+        with pytest.raises(paramiko.ChannelException):
+            alice.open_channel("direct-tcpip", ("nothere", 1), ("127.0.0.1", 1), timeout=10)
+    took = time.monotonic() - start
+    with pytest.raises(paramiko.ChannelException):
+        bob.open_channel("direct-tcpip", ("nothere", 1), ("127.0.0.1", 1), timeout=10)
+    assert _echo(bob, b"bob") == b"bob"
+    assert relay.events("relay_session_refused", since=mark, name="bob") != []
+    # the window (10 s) ends: one line says how many more
+    summary = relay.wait_for("relay_session_refused", since=mark, name="alice", timeout=20,
+                             count=lambda n: n is not None)
+    lines = relay.events("relay_session_refused", since=mark, name="alice")
+    print(f"\n{REFUSALS} refused opens in {took:.2f}s: {len(lines)} log lines; {summary['text']}")
+    assert len(lines) <= 33 * (1 + int(took // 10) + 1), len(lines)
+    logged = sum(1 for e in lines if "count" not in e) + sum(e.get("count", 0) for e in lines)
+    assert logged == REFUSALS, lines[-1]
+    assert "is not granted to user alice" in summary["why"], summary
+    assert relay.status()["relay"]["counters"]["sessions_refused"] == REFUSALS + 1
