@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.config.schema import RelayConfig
+from relay.core.burstlog import PerKeyLog
 from relay.core.earlyopen import EarlyPhase, EarlySession, after_open, confirms_early
 from relay.core.router import Refused, Router
 from relay.core.routing import Registration, Registry
@@ -53,6 +54,7 @@ class SessionOpening:
 
     # What RelayCore.__init__ sets, for the type checker (class-body annotations only).
     _log: Logger
+    refusalLog: PerKeyLog
     config: RelayConfig
     grants: Grants
     reactor: Any
@@ -240,12 +242,23 @@ class SessionOpening:
     def _refused(self, ident: Any, service: str, why: str, early: bool = False) -> str:
         """Count and log a user session refused (or, confirmed early, closed): ``why``."""
         self.counters["sessions_refused"] += 1
-        self._log.warn(
-            "{kind} {name}: refused session to {service}: {why}",
-            event="relay_session_refused", kind=ident.kind, name=ident.name,
-            service=service, why=why, early=early,
-        )
+        if self.refusalLog.allow(f"{ident.kind} {ident.name}", why):
+            self._log.warn(
+                "{kind} {name}: refused session to {service}: {why}",
+                event="relay_session_refused", kind=ident.kind, name=ident.name,
+                service=service, why=why, early=early,
+            )
         return why
+
+    def _moreRefused(self, who: str, count: int, why: str) -> None:
+        """The refusals :meth:`_refused` did not log in the window that just ended."""
+        kind, _, name = who.partition(" ")
+        self._log.warn(
+            "{kind} {name}: {count} more sessions refused in the last {window:.0f}s "
+            "(not logged one by one; the last: {why})",
+            event="relay_session_refused", kind=kind, name=name, count=count,
+            window=self.refusalLog.window, why=why, service="", early=False,
+        )
 
     def openLocal(self, name: str, port: int, origin: str) -> defer.Deferred[BridgedChannel]:
         """A channel to registered service ``name:port`` for this node's own use.

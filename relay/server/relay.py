@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from relay.config.schema import HostPort, RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
+from relay.core.burstlog import PerKeyLog
 from relay.core.certs import describe as describe_cert
 from relay.core.resume import HELLO as RESUME_HELLO
 from relay.core.router import SUPERSEDED, Decision, Probe, Router, Verdict, label_of
@@ -46,6 +47,11 @@ from relay.ssh.serverauth import Identity
 from relay.ssh.wire import EARLY_DATA_OK, unpack_early_data_ok, unpack_forward
 
 TAKEOVER_PROBE = 0.5
+REFUSAL_LOG_WINDOW = 10.0
+"""Seconds per window of a user's ``relay_session_refused`` lines."""
+REFUSAL_LOG_ALLOWANCE = 32
+"""A user's refused sessions logged one by one per window; past it, one count line."""
+
 
 class RelayCore(SessionOpening):
     """The relay's decisions and state; one per relay listener."""
@@ -64,6 +70,10 @@ class RelayCore(SessionOpening):
         self.sessions = SessionTable()
         self._aborts: dict[SessionRow, Callable[[], None]] = {}  # stops a moving row's bytes
         self.setupLog = audit.SetupLog(reactor)  # opening events, written after set-up
+        # relay_session_refused: REFUSAL_LOG_ALLOWANCE lines per user per window in full,
+        # then a count (a user refused in a loop must not flood the log)
+        self.refusalLog = PerKeyLog(reactor, REFUSAL_LOG_WINDOW, REFUSAL_LOG_ALLOWANCE,
+                                    self._moreRefused)
         self.publicPorts = PublicPorts(self)
         self.counters = {"auth_refused": 0, "requests_refused": 0, "sessions_refused": 0,
                          "connections_dropped_unauthenticated_cap": 0,
@@ -480,6 +490,7 @@ class RelayCore(SessionOpening):
 
     def stop(self) -> defer.Deferred[Any]:
         self.grantsWatcher.stop()
+        self.refusalLog.stop()
         self.expiry.stop()
         self.idle.stop()
         self.setupLog.flushAll()

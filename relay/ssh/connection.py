@@ -93,6 +93,9 @@ class FlowConnection(connection.SSHConnection):
         self.scheduler: FairScheduler[bytes | Callable[[], None]] = FairScheduler()
         self._held: set[Any] = set()
         self._closing: set[Any] = set()  # channels whose CLOSE waits behind their data
+        # Channels closed because their peer sent past the window: a second overrun on
+        # one is a protocol error (docs/security.md), not another warning and CLOSE.
+        self._overran: set[Any] = set()
         self._draining = False
         self._stopped = False  # serviceStopped: nothing more is sent
         self._nativeOK = False  # the transport may arm relay.ssh.nativeforward
@@ -288,6 +291,7 @@ class FlowConnection(connection.SSHConnection):
         self.scheduler.drop(channel)
         self._held.discard(channel)
         self._closing.discard(channel)
+        self._overran.discard(channel)
         if self._shared and not self.scheduler and self.transport is not None:
             self._share(False)
 
@@ -473,6 +477,25 @@ class FlowConnection(connection.SSHConnection):
             return
         channel.addWindowBytes(bytesToAdd)
 
+    def _overrun(self, channel: Any, localChannel: int) -> None:
+        """The peer sent past ``channel``'s window or maximum packet.
+
+        The first time, one warning and CLOSE (a peer off by a packet loses only that
+        channel).  Our window is not re-opened after that CLOSE, so a peer that honours
+        it never overruns it again: the second time is a protocol-error disconnect.
+        Before, every such packet was one more ``protocol_error`` line (a 1-byte
+        ``CHANNEL_DATA`` each, as fast as the user could send them, for as long as she
+        kept the channel from closing): the log flood docs/security.md rules out."""
+        if channel in self._overran:
+            self._protocolError(f"peer kept sending past channel {localChannel}'s window")
+            return
+        self._overran.add(channel)
+        self._log.warn(
+            "peer overran channel {id} window; closing it", id=localChannel,
+            event="protocol_error",
+        )
+        self.sendClose(channel)
+
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
         """Deliver data without re-opening the window: the channel does that."""
         channel = self._channel(packet, size=8)
@@ -480,11 +503,7 @@ class FlowConnection(connection.SSHConnection):
             return
         localChannel, dataLength = struct.unpack(">2L", packet[:8])
         if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
-            self._log.warn(
-                "peer overran channel {id} window; closing it", id=localChannel,
-                event="protocol_error",
-            )
-            self.sendClose(channel)
+            self._overrun(channel, localChannel)
             return
         if len(packet) - 8 < dataLength:
             self._protocolError("truncated channel data")
@@ -501,9 +520,9 @@ class FlowConnection(connection.SSHConnection):
         channel = self._channel(packet, size=12)
         if channel is None:
             return
-        _localChannel, _typeCode, dataLength = struct.unpack(">3L", packet[:12])
+        localChannel, _typeCode, dataLength = struct.unpack(">3L", packet[:12])
         if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
-            self.sendClose(channel)
+            self._overrun(channel, localChannel)
             return
         channel.localWindowLeft -= dataLength
         self.adjustWindow(channel, dataLength)

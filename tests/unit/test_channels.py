@@ -734,6 +734,35 @@ def test_data_beyond_the_window_closes_the_channel() -> None:
     assert h.ssh.disconnects == []
 
 
+@pytest.mark.parametrize("kind", [MSG_CHANNEL_DATA, MSG_CHANNEL_EXTENDED_DATA])
+def test_data_past_the_window_again_after_our_close_disconnects(kind: int) -> None:
+    """A greedy user keeps a channel we closed for an overrun (she never answers the
+    CLOSE) and sends 1-byte packets past its window as fast as she can: before, each one
+    was another ``protocol_error`` warning and CLOSE, a log line per ~40 bytes on the
+    wire for as long as she liked.  Our window is never re-opened after the CLOSE, so
+    a second overrun can only be deliberate: one warning, then a protocol error."""
+    h = Harness()
+    channel, _tcp, transport, _bridge = h.session(highWater=0)
+    GreedyPeer(h, channel).pump(WINDOW)
+    delivered = transport.value()
+
+    def overrun() -> None:
+        if kind == MSG_CHANNEL_DATA:
+            h.data(channel, b"x")
+        else:
+            h.receive(kind, struct.pack(">2L", channel.id, 1) + common.NS(b"x"))
+
+    overrun()
+    assert h.ssh.kinds()[-1] == MSG_CHANNEL_CLOSE
+    assert h.ssh.disconnects == []
+    closes = h.ssh.kinds().count(MSG_CHANNEL_CLOSE)
+    overrun()
+    assertProtocolError(h)
+    assert b"past channel" in h.ssh.disconnects[0][1]
+    assert h.ssh.kinds().count(MSG_CHANNEL_CLOSE) == closes  # no second CLOSE
+    assert transport.value() == delivered  # neither overrun reached the target
+
+
 def test_data_beyond_max_packet_closes_the_channel() -> None:
     h = Harness()
     channel, _tcp, transport, _bridge = h.session()

@@ -1,0 +1,138 @@
+"""A greedy lab mate (a valid key, a grant) against the shared relay.
+
+alice, with paramiko, opens a channel to a service she is granted and then sends
+``CHANNEL_DATA`` past what the relay allows (packets larger than the relay's maximum
+packet, as fast as she can write them).  The relay closes that channel at the first
+one.  Before, it logged one ``protocol_error`` warning and sent one more CLOSE for
+*every* later packet until her CLOSE came back: a log line per packet of hers (76 for
+300 packets with paramiko, which answers the CLOSE; without end for a client that
+never does), the log flood docs/security.md rules out.
+Now the second overrun on a channel already closed for one is a protocol-error
+disconnect: two lines in all.  bob's session through the same agent echoes meanwhile.
+
+alice also asks, in a loop, for a service she is not granted: each open is refused,
+and each was one ``relay_session_refused`` warning (2 600 a second from one paramiko
+client, for as long as she liked).  Now the first 32 of each 10 s per user are logged
+one by one and the rest as one count line per window; every refusal is still counted
+(``sessions_refused``), and bob's refusal is logged as before.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import pytest
+from conftest import Targets
+from harness import AgentProcess, RelayNode, make_key
+from paramiko.common import cMSG_CHANNEL_DATA
+from paramiko.message import Message
+
+pytestmark = [pytest.mark.integration, pytest.mark.security]
+
+PACKETS = 300
+TOO_BIG = 40_000  # past the relay's max_packet (32 KiB) for users
+
+
+def _login(relay: RelayNode, key: object, user: str) -> paramiko.Transport:
+    t = paramiko.Transport(("127.0.0.1", relay.port))
+    t.connect(username=user, pkey=paramiko.Ed25519Key.from_private_key_file(
+        str(key.path)))  # type: ignore[attr-defined]
+    assert t.is_authenticated()
+    return t
+
+
+def _echo(t: paramiko.Transport, payload: bytes) -> bytes:
+    ch = t.open_channel("direct-tcpip", ("web", 8080), ("127.0.0.1", 1), timeout=20)
+    ch.settimeout(20)
+    ch.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        got += ch.recv(len(payload) - len(got))
+    ch.close()
+    return got
+
+
+def _world(start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+           targets: Targets, tmp_path: Path) -> tuple[RelayNode, dict[str, Any]]:
+    """The relay, lab_pc's agent serving web:8080 (an echo server), alice and bob
+    granted it."""
+    keys = {n: make_key(tmp_path / n, comment=n) for n in ("lab_pc", "alice", "bob")}
+    relay = start_relay(
+        agents=[f'permitlisten="web:8080" {keys["lab_pc"].public_blob()} lab_pc'],
+        users=[f'permitopen="web:8080" {keys[u].public_blob()} {u}' for u in ("alice", "bob")],
+    )
+    echo = targets.echo()
+    agent = start_agent(
+        "-p", str(relay.port), "-i", str(keys["lab_pc"].path),
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+        "-R", f"web:8080:127.0.0.1:{echo.port}", "lab_pc@127.0.0.1", name="agent",
+    )  # fmt: skip
+    agent.wait_for("forward_ready", timeout=20, since=0, forward="R:web:8080")
+    return relay, keys
+
+
+def test_data_past_the_window_costs_two_log_lines_then_the_connection(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    relay, keys = _world(start_relay, start_agent, targets, tmp_path)
+    bob = _login(relay, keys["bob"], "bob")
+    assert _echo(bob, b"before") == b"before"
+
+    alice = _login(relay, keys["alice"], "alice")
+    ch = alice.open_channel("direct-tcpip", ("web", 8080), ("127.0.0.1", 1), timeout=20)
+    mark = relay.mark()
+    start = time.time()
+    for _ in range(PACKETS):
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_DATA)
+        m.add_int(ch.remote_chanid)
+        m.add_string(b"z" * TOO_BIG)
+        try:
+            alice._send_user_message(m)  # what paramiko's Channel.send would refuse
+        except (EOFError, OSError):
+            break  # the relay is done with her
+    gone = relay.wait_for("relay_disconnected", since=mark, name="alice")
+    errors = relay.events("protocol_error", since=mark)
+    print(f"\n{PACKETS} packets of {TOO_BIG} bytes: {len(errors)} protocol_error lines, "
+          f"disconnected after {gone['time'] - start:.3f}s of wall time")
+    assert [e["text"] for e in errors][:1] == ["peer overran channel 0 window; closing it"]
+    assert len(errors) == 2, [e["text"] for e in errors]
+    assert "past channel 0's window" in errors[1]["why"], errors[1]
+    assert _echo(bob, b"after") == b"after"
+
+
+REFUSALS = 600
+
+
+def test_opens_refused_in_a_loop_cost_a_bounded_number_of_log_lines(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    relay, keys = _world(start_relay, start_agent, targets, tmp_path)
+    alice = _login(relay, keys["alice"], "alice")
+    bob = _login(relay, keys["bob"], "bob")
+    mark = relay.mark()
+    start = time.monotonic()
+    for _ in range(REFUSALS):
+        with pytest.raises(paramiko.ChannelException):
+            alice.open_channel("direct-tcpip", ("nothere", 1), ("127.0.0.1", 1), timeout=10)
+    took = time.monotonic() - start
+    with pytest.raises(paramiko.ChannelException):
+        bob.open_channel("direct-tcpip", ("nothere", 1), ("127.0.0.1", 1), timeout=10)
+    assert _echo(bob, b"bob") == b"bob"
+    assert relay.events("relay_session_refused", since=mark, name="bob") != []
+    # the window (10 s) ends: one line says how many more
+    summary = relay.wait_for("relay_session_refused", since=mark, name="alice", timeout=20,
+                             count=lambda n: n is not None)
+    lines = relay.events("relay_session_refused", since=mark, name="alice")
+    print(f"\n{REFUSALS} refused opens in {took:.2f}s: {len(lines)} log lines; {summary['text']}")
+    assert len(lines) <= 33 * (1 + int(took // 10) + 1), len(lines)
+    logged = sum(1 for e in lines if "count" not in e) + sum(e.get("count", 0) for e in lines)
+    assert logged == REFUSALS, lines[-1]
+    assert "is not granted to user alice" in summary["why"], summary
+    assert relay.status()["relay"]["counters"]["sessions_refused"] == REFUSALS + 1
