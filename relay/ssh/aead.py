@@ -62,8 +62,9 @@ from twisted.conch.ssh.transport import (
     DISCONNECT_PROTOCOL_ERROR,
     SSHCiphers,
 )
+from twisted.internet.tcp import Connection
 
-from relay.datapath.net import TurnBudget, write_now
+from relay.datapath.net import TurnBudget, unsent, write_now
 from relay.ssh import nativeforward, policy
 from relay.ssh.ciphers import (
     _CHANNEL_DATA_HEAD,
@@ -120,6 +121,42 @@ class AEADTransportMixin(KexMixin):
     _pad = b""
     _padOff = 0
     _cork: list[bytes] | None = None  # sealed packets held by corked()
+    #: Stop reading the peer while more than this many bytes of ours wait unread by it
+    #: in Twisted's buffer (None: never).  Channel data cannot get there (the connection
+    #: service stops feeding at ``LINK_BUFFER``), but every answer to a request can: a
+    #: peer that sends global requests, opens or pings and never reads the answers
+    #: grew the relay's memory without bound (300 000 requests: 42 MB).  OpenSSH takes
+    #: in more work only while it has "not very much data to write"
+    #: (``ssh_packet_not_very_much_data_to_write``: 128 KiB); here the peer is not read
+    #: past ``readHoldBytes``, and is read again once the buffer has drained
+    #: (:meth:`outputDrained`).
+    readHoldBytes: int | None = None
+    _readHeld: Any = None  # the socket transport whose reading is held, while it is
+
+    def _holdIfUnread(self) -> None:
+        """After a read: stop reading the peer if ``readHoldBytes`` of ours wait unread."""
+        sock = self.transport
+        if not isinstance(sock, Connection):
+            sock = getattr(sock, "transport", None)  # the TCP connection under TLS
+            if not isinstance(sock, Connection):
+                return
+        if unsent(sock) > (self.readHoldBytes or 0) and not sock.disconnecting:
+            # Held again if something else resumed reading meanwhile (a TLS layer).
+            first = self._readHeld is None
+            self._readHeld = sock
+            sock.pauseProducing()
+            if first:
+                self.readHeld(unsent(sock))
+
+    def readHeld(self, waiting: int) -> None:
+        """Reading was held with ``waiting`` bytes of ours unread (for a log line)."""
+
+    def outputDrained(self) -> None:
+        """Twisted's buffer for the peer is empty again (the connection service, its
+        producer, is resumed): read the peer again if :meth:`_holdIfUnread` stopped."""
+        sock, self._readHeld = self._readHeld, None
+        if sock is not None and not sock.disconnecting:
+            sock.resumeProducing()
 
     # -- sending
 
@@ -222,6 +259,8 @@ class AEADTransportMixin(KexMixin):
         self._received(data)
         if self.nativeCandidate is not None:
             nativeforward.maybe_arm(self)
+        if self.readHoldBytes is not None:
+            self._holdIfUnread()
 
     def connectionLost(self, reason: Any = None) -> None:
         forward = self.nativeForward

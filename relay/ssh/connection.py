@@ -165,6 +165,9 @@ class FlowConnection(connection.SSHConnection):
 
     def resumeProducing(self) -> None:
         self._tcpFull = False
+        drained = getattr(self.transport, "outputDrained", None)
+        if drained is not None:
+            drained()  # reading the peer again, if its unread answers had stopped it
         self._drain()
 
     def keyExchangeBacklog(self, full: bool) -> None:

@@ -161,6 +161,12 @@ class RelayRealm:
         return IConchUser, RelayAvatar(avatarId), lambda: None
 
 
+READ_HOLD = 1024 * 1024
+"""Bytes of the relay's output a peer may leave unread before the relay stops reading
+it: eight times the most channel data ever waits there (``LINK_BUFFER``), so only
+answers to requests the peer does not read can reach it."""
+
+
 class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTransport):
     """One client connection to the relay (an agent or a user)."""
 
@@ -175,6 +181,9 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
     _graceTimer: IDelayedCall | None = None  # login_grace: from connectionMade to auth
     # a user's pooled channel may be forwarded by the native thread (relay.ssh.nativeforward)
     nativeArmable = True
+    # Not read while this much of the relay's output waits unread by it (AEADTransportMixin)
+    readHoldBytes = READ_HOLD
+    _heldOnce = False
 
     # Disconnects the relay sends for bytes that are not SSH: a ``protocol`` offence.
     PROTOCOL_DISCONNECTS = frozenset({
@@ -221,6 +230,19 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
         direct(data)
         if self.gotVersion:
             self.dataReceived = direct  # type: ignore[method-assign]
+
+    def readHeld(self, waiting: int) -> None:
+        """Logged once per connection: a peer that keeps the relay's answers unread
+        (a client that sends requests and never reads) is not read until it does."""
+        if self._heldOnce:
+            return
+        self._heldOnce = True
+        self._log.info(
+            "not reading {peer} while {waiting} bytes of the relay's answers wait unread "
+            "by it (more than {hold}); reading resumes once it reads them",
+            event="relay_read_held", peer=self.peerName(), waiting=waiting,
+            hold=self.readHoldBytes,
+        )
 
     def offended(self, offence: Offence) -> None:
         """Record what this unauthenticated connection did wrong; the worst one counts

@@ -57,13 +57,15 @@ def _echo(t: paramiko.Transport, payload: bytes) -> bytes:
 
 
 def _world(start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
-           targets: Targets, tmp_path: Path) -> tuple[RelayNode, dict[str, Any]]:
+           targets: Targets, tmp_path: Path, relay_toml: str = "",
+           ) -> tuple[RelayNode, dict[str, Any]]:
     """The relay, lab_pc's agent serving web:8080 (an echo server), alice and bob
     granted it."""
     keys = {n: make_key(tmp_path / n, comment=n) for n in ("lab_pc", "alice", "bob")}
     relay = start_relay(
         agents=[f'permitlisten="web:8080" {keys["lab_pc"].public_blob()} lab_pc'],
         users=[f'permitopen="web:8080" {keys[u].public_blob()} {u}' for u in ("alice", "bob")],
+        relay_toml=relay_toml,
     )
     echo = targets.echo()
     agent = start_agent(
@@ -136,3 +138,70 @@ def test_opens_refused_in_a_loop_cost_a_bounded_number_of_log_lines(
     assert logged == REFUSALS, lines[-1]
     assert "is not granted to user alice" in summary["why"], summary
     assert relay.status()["relay"]["counters"]["sessions_refused"] == REFUSALS + 1
+
+
+FLOOD = 400_000
+NOREAD = """
+import sys, time, paramiko
+from paramiko.common import cMSG_GLOBAL_REQUEST
+from paramiko.message import Message
+port, keyfile, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+t = paramiko.Transport(("127.0.0.1", port))
+t.connect(username="alice", pkey=paramiko.Ed25519Key.from_private_key_file(keyfile))
+t.packetizer.read_message = lambda: time.sleep(1e9)  # reads nothing from now on
+t.global_request("wake@x", wait=False)
+print("ready", flush=True)
+m = Message(); m.add_byte(cMSG_GLOBAL_REQUEST); m.add_string("foo@bar"); m.add_boolean(True)
+for i in range(n):
+    t.packetizer.send_message(m)
+print("sent", n, flush=True)
+time.sleep(1e9)
+"""
+
+
+def test_a_user_who_never_reads_the_answers_is_not_read_and_costs_bounded_memory(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """alice sends global requests that want a reply and reads none of the replies.
+    The relay read every request and kept every answer in Twisted's buffer: 300 000
+    requests grew it by 42 MB, without bound.  Now, as OpenSSH takes in more only while
+    it has little to write, the relay stops reading her once 1 MiB of its
+    answers wait unread (``relay_read_held``): her sends block in her own kernel
+    buffers, the relay's memory stays bounded, bob is served meanwhile, and the
+    keepalive (whose answers she does not read either) ends her."""
+    import subprocess
+    import sys
+
+    relay, keys = _world(start_relay, start_agent, targets, tmp_path,
+                         relay_toml="keepalive_interval = 1\nkeepalive_count = 2\n")
+    bob = _login(relay, keys["bob"], "bob")
+    assert _echo(bob, b"before") == b"before"
+    script = tmp_path / "noread.py"
+    script.write_text(NOREAD)
+    before = relay.rss_kb()
+    mark = relay.mark()
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(relay.port), str(keys["alice"].path), str(FLOOD)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        held = relay.wait_for("relay_read_held", since=mark, timeout=60)
+        assert held["waiting"] > 1024 * 1024, held
+        assert _echo(bob, b"during") == b"during"
+        grown = relay.rss_kb() - before
+        print(f"\nheld after {held['waiting']} bytes unread; relay RSS +{grown} KiB; "
+              f"the client still sending: {proc.poll() is None}")
+        # Unread answers are what the relay holds: a few MiB, not the 50 MB of before.
+        assert grown < 24 * 1024, grown
+        # Her sender is blocked (it never got to the end of its requests).
+        assert proc.poll() is None
+        # She reads nothing, so she answers no keepalive either: the relay ends her
+        # (1 s x (2 + 1) here), her process still there.
+        relay.wait_for("relay_disconnected", since=mark, name="alice", timeout=30)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _echo(bob, b"after") == b"after"
