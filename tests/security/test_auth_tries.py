@@ -173,8 +173,8 @@ def test_a_service_request_after_login_is_a_protocol_error(
         # critical "Cannot register producer" traceback; the connection stayed open.
         try:
             transport.auth_publickey("alice", alice_key)
-        except paramiko.SSHException:
-            pass
+        except (paramiko.SSHException, EOFError, OSError):
+            pass  # refused, or the relay's disconnect came first (its socket closed)
         transport.join(15)
         assert not transport.is_active()
     finally:
