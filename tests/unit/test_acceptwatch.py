@@ -3,14 +3,22 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
-from relay.server.acceptwatch import AcceptWatch, accept_failure, describe
+from relay.server.acceptwatch import (
+    LISTENERS,
+    AcceptWatch,
+    accept_failure,
+    describe,
+    name_listener,
+)
 
 
 def _twisted(fmt: str, **fields: Any) -> dict[str, Any]:
@@ -76,3 +84,53 @@ def test_one_line_per_burst_then_the_count(said: list[dict[str, Any]]) -> None:
     watch.stop()  # says the rest now, leaves no timer
     assert [e["count"] for e in said] == [1, 4, 1, 1]
     assert clock.getDelayedCalls() == []
+
+
+class _Refusing:
+    """A listening socket whose ``accept()`` fails as at the system's file limit."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def accept(self) -> Any:
+        raise OSError(errno.ENFILE, os.strerror(errno.ENFILE))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("kind", LISTENERS)
+def test_the_line_names_the_listener_that_failed(said: list[dict[str, Any]], kind: str) -> None:
+    """A real Twisted TCP port, named as the relay names its listeners, whose accept
+    fails: the line says which listener and port (it did not: an operator could not
+    tell a public port's clients from users on the SSH port).  Fails if Twisted's
+    accept loop stops logging through the port's ``_logger``."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    port: Any = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    watch = AcceptWatch(Clock(), {"accept_failed": 0})
+    globalLogPublisher.addObserver(watch)
+    try:
+        assert name_listener(port, kind)
+        number = port.getHost().port
+        real, port.socket = port.socket, _Refusing(port.socket)
+        try:
+            port.doRead()
+        finally:
+            port.socket = real
+    finally:
+        globalLogPublisher.removeObserver(watch)
+        watch.stop()
+        port.stopListening()
+    assert [(e["listener"], e["listener_port"], e["errno"]) for e in said] == [
+        (kind, number, "ENFILE")]
+    assert f"cannot accept connections on the {kind} port {number}: " in formatEvent(said[0])
+
+
+def test_an_unnamed_listener_is_said_so(said: list[dict[str, Any]]) -> None:
+    watch = AcceptWatch(Clock(), {"accept_failed": 0})
+    watch(_twisted(COULD_NOT, acceptError="ENFILE"))
+    assert said[0]["listener"] is None
+    assert "cannot accept connections on an unnamed listener: " in formatEvent(said[0])
+    assert not name_listener(object(), "SSH")  # nothing to name: no harm done
