@@ -288,6 +288,7 @@ def start_relay(
         relay_toml: str = "",
         name: str = "relay",
         grant_files: bool = True,
+        wrap: list[str] | None = None,
     ) -> RelayNode:
         nonlocal count
         count += 1
@@ -310,10 +311,27 @@ state_dir = "{directory / "state"}"
 {files}{relay_toml}
 """
         )
-        proc = start_process(relay_command("--config", str(config)), name=name)
+        proc = start_process([*(wrap or []), *relay_command("--config", str(config))],
+                             name=name)
         return RelayNode(proc, directory, admin_port(proc))
 
     return start
+
+
+def permissions_apply() -> list[str]:
+    """A command prefix under which a ``chmod 000`` file cannot be read, as it cannot by
+    a relay that runs as its own user: the tests run as root (CI too), whom file modes
+    do not stop.  For root, ``setpriv`` (util-linux) drops ``CAP_DAC_OVERRIDE`` and
+    ``CAP_DAC_READ_SEARCH`` from the bounding set, so the process keeps uid 0 and its
+    access to the test's root-owned directories but ``open()`` meets the file's mode
+    and fails with ``EACCES``, the error an unprivileged relay gets.  Nothing for
+    anyone else; skips if setpriv is missing."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = find_program("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) not installed: root reads a chmod 000 file")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
 
 
 # --- what several real-process tests do the same way ------------------------------------
