@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
+from relay.config.loader import parse_config
+from relay.ops.service import make_node_service
 from relay.server.acceptwatch import (
     LISTENERS,
     AcceptWatch,
@@ -19,6 +24,9 @@ from relay.server.acceptwatch import (
     describe,
     name_listener,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from tlscerts import CA
 
 
 def _twisted(fmt: str, **fields: Any) -> dict[str, Any]:
@@ -134,3 +142,55 @@ def test_an_unnamed_listener_is_said_so(said: list[dict[str, Any]]) -> None:
     assert said[0]["listener"] is None
     assert "cannot accept connections on an unnamed listener: " in formatEvent(said[0])
     assert not name_listener(object(), "SSH")  # nothing to name: no harm done
+
+
+def test_every_listener_of_a_relay_node_is_named(said: list[dict[str, Any]],
+                                                 tmp_path: Path) -> None:
+    """A relay node with every kind of listener (SSH, TLS, data port, a public port,
+    admin) on a private reactor: an accept failing on each one's real port is said with
+    that listener's kind and port.  Fails if one of them is not named where it starts
+    listening (relay.server.service, tlsport, dataport, public; relay.ops.service)."""
+    cert = CA(tmp_path / "ca").issue("relay")
+    alice = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+    config = parse_config(f"""\
+[admin]
+listen = "127.0.0.1:0"
+
+[relay]
+listen = "127.0.0.1:0"
+state_dir = "{tmp_path / "state"}"
+public_bind = "127.0.0.1"
+data_port = 0
+data_bind = "127.0.0.1"
+tls_listen = "127.0.0.1:0"
+tls_cert = "{cert.cert}"
+tls_key = "{cert.key}"
+
+[[relay.user]]
+name = "alice"
+keys = ["{alice} alice"]
+services = ["web:8080"]
+""", str(tmp_path / "node.toml"))
+    reactor = EPollReactor()
+    node = make_node_service(config, reactor)
+    node.startService()
+    try:
+        relay = node.relay
+        assert relay.core.publicPorts.listen(0)
+        ports = {"SSH": relay.server._port, "TLS": relay.tls.listener,
+                 "data": relay.core.dataport.listener,
+                 "public": relay.core.publicPorts.listeners[0],
+                 "admin": node.getServiceNamed("admin")._port}
+        assert set(ports) == set(LISTENERS)
+        for port in ports.values():
+            real, port.socket = port.socket, _Refusing(port.socket)
+            try:
+                port.doRead()
+            finally:
+                port.socket = real
+            relay.accept_watch.stop()  # the next failure starts a burst: a line of its own
+        got = [(e["listener"], e["listener_port"]) for e in said]
+        assert got == [(kind, port.getHost().port) for kind, port in ports.items()]
+    finally:
+        node.stopService()
+        reactor.removeAll()
