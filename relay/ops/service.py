@@ -28,6 +28,7 @@ from relay.ops.notify import SystemdNotifier
 from relay.ops.parts import default_parts
 from relay.ops.reload import Reloader
 from relay.ops.status import AdminGate, TokenError, admin_resource, base_snapshot, read_token
+from relay.server.acceptwatch import name_listener
 from relay.ssh.identity import load_identities
 
 
@@ -65,6 +66,7 @@ class AdminServer(TCPServer):
         if port is None:
             return
         bound = port.getHost()
+        name_listener(port, "admin")
         self._log.info("admin endpoint listening on {host}:{port}", event="admin_listening",
                        host=bound.host, port=bound.port)
 

@@ -46,6 +46,7 @@ from relay.core.tokens import TokenBook, TokenRefused, TooManyTokens
 from relay.datapath import splicing as datapath
 from relay.datapath.join import PairCounters, join
 from relay.datapath.net import LISTEN_BACKLOG, probe_idle
+from relay.server.acceptwatch import name_listener
 from relay.server.dataconn import (
     AgentConnectionGone,
     AgentPool,
@@ -169,6 +170,7 @@ class DataPort:
         bind = self.config.data_bind or self.config.public_bind
         self.listener = self.clock.listenTCP(self.config.data_port, factory,
                                              backlog=LISTEN_BACKLOG, interface=bind)
+        name_listener(self.listener, "data")
         self.tokens.start()
         self._log.info("fast path: data port {port} on {bind}", event="relay_data_port",
                        port=self.bound_port, bind=bind)

@@ -447,6 +447,24 @@ def _limits(expires: float | None, sources: str | None) -> KeyLimits:
     return KeyLimits(expires, parse_from(sources) if sources is not None else None)
 
 
+def _unreadable_fix(file: _Snapshot) -> str:
+    """The fix for a grant file ``open()`` failed on: the path for a missing one, the
+    file's mode or owner for one the relay's user may not read (the path is right
+    then: "check users_file" sent the operator to the wrong place)."""
+    if file.signature[1] in (errno.EACCES, errno.EPERM):
+        try:
+            import grp
+            import pwd
+
+            user = pwd.getpwuid(os.geteuid()).pw_name
+            group = grp.getgrgid(os.getegid()).gr_name
+        except (ImportError, AttributeError, KeyError):  # no such names, not POSIX
+            user, group = "its user", "GROUP"
+        return (f"let the user the relay runs as ({user}) read it and the directories "
+                f"above it, e.g. chgrp {group} {file.path} && chmod 640 {file.path}")
+    return f"check {file.kind}s_file in [relay] or --{file.kind}s"
+
+
 def _file_text(file: _Snapshot) -> str:
     """The file's text, or ConfigError saying why it grants nothing."""
     if file.data is None:
@@ -454,7 +472,7 @@ def _file_text(file: _Snapshot) -> str:
             str(file.path),
             "",
             f"cannot read the {file.kind}s file: {file.error}",
-            f"check {file.kind}s_file in [relay] or --{file.kind}s",
+            _unreadable_fix(file),
         )
     if file.mode & stat.S_IWOTH:
         raise ConfigError(

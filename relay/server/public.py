@@ -22,6 +22,7 @@ from relay.core.sessions import SessionRow, SessionTable
 from relay.datapath.bridge import Bridge, SideFactory, TCPSide
 from relay.datapath.net import LISTEN_BACKLOG
 from relay.server import audit
+from relay.server.acceptwatch import name_listener
 from relay.server.grants import Grants
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.earlydata import EarlyFeed
@@ -79,6 +80,7 @@ class PublicPorts:
             self._log.error("cannot listen on public port {port}: {why}",
                             event="relay_public_failed", port=port, why=str(e))
             return False
+        name_listener(self.listeners[port], "public")
         self._log.info("public port {port} listening on {bind}", event="relay_public_port",
                        port=port, bind=config.public_bind)
         return True

@@ -14,7 +14,7 @@ from twisted.logger import Logger, globalLogPublisher
 
 from relay.config.errors import ConfigError
 from relay.config.schema import HostPort, RelayConfig
-from relay.server.acceptwatch import AcceptWatch
+from relay.server.acceptwatch import AcceptWatch, name_listener
 from relay.server.grants import Grants
 from relay.server.relay import RelayCore
 from relay.server.tlsport import TLSPort
@@ -78,6 +78,8 @@ class RelayService(MultiService):
             self.tls.start()
         port = self.server._port  # type: ignore[attr-defined]
         bound = port.getHost().port if port is not None else self.core.config.listen.port
+        if port is not None:
+            name_listener(port, "SSH")
         self.core.bound = HostPort(self.core.config.listen.host, bound)
         self._log.info(
             "relay listening on {host}:{port}; host key {fingerprints}",

@@ -33,6 +33,7 @@ from zope.interface import implementer
 from relay.config.schema import ALPN_SSH, TLSListenConfig
 from relay.core.admission import Admission, Gate, Offence, Refusal, Ticket
 from relay.datapath.net import LISTEN_BACKLOG
+from relay.server.acceptwatch import name_listener
 from relay.transport.tlsserver import CertificateSource, WrongServerName
 
 ALPN_OFFERED = [ALPN_SSH.encode()]
@@ -172,6 +173,7 @@ class TLSPort:
         self.listener = self.reactor.listenTCP(
             self.config.listen.port, _AdmittingTLSFactory(self), backlog=LISTEN_BACKLOG,
             interface=self.config.listen.host)
+        name_listener(self.listener, "TLS")
         self.log.info("TLS port {port} on {bind} (ALPN {alpn}; certificate sha256 "
                       "{fingerprint} for {names}, not after {not_after})",
                       event="relay_tls_listening", port=self.bound_port,

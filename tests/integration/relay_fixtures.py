@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -288,6 +289,7 @@ def start_relay(
         relay_toml: str = "",
         name: str = "relay",
         grant_files: bool = True,
+        wrap: list[str] | None = None,
     ) -> RelayNode:
         nonlocal count
         count += 1
@@ -310,10 +312,31 @@ state_dir = "{directory / "state"}"
 {files}{relay_toml}
 """
         )
-        proc = start_process(relay_command("--config", str(config)), name=name)
+        proc = start_process([*(wrap or []), *relay_command("--config", str(config))],
+                             name=name)
         return RelayNode(proc, directory, admin_port(proc))
 
     return start
+
+
+def permissions_apply() -> list[str]:
+    """A command prefix under which a ``chmod 000`` file cannot be read, as it cannot by
+    a relay that runs as its own user: the tests run as root (CI too), whom file modes
+    do not stop.  For root, ``setpriv`` (util-linux) drops ``CAP_DAC_OVERRIDE`` and
+    ``CAP_DAC_READ_SEARCH`` from the bounding set, so the process keeps uid 0 and its
+    access to the test's root-owned directories but ``open()`` meets the file's mode
+    and fails with ``EACCES``, the error an unprivileged relay gets.  Nothing for
+    anyone else; skips if setpriv is missing."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = find_program("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) not installed: root reads a chmod 000 file")
+    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
+    tried = subprocess.run([*prefix, "true"], capture_output=True, text=True, timeout=30)
+    if tried.returncode != 0:  # no CAP_SETPCAP (a restricted container)
+        pytest.skip(f"setpriv cannot drop capabilities here: {tried.stderr.strip()}")
+    return prefix
 
 
 # --- what several real-process tests do the same way ------------------------------------

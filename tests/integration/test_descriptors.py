@@ -161,6 +161,9 @@ def test_a_relay_out_of_descriptors_says_so(
         assert failed["errno"] == "EMFILE", failed
         assert "Too many open files" in failed["why"], failed
         assert "LimitNOFILE" in failed["text"], failed
+        # which listener: users on the SSH port, not a public port's clients
+        assert (failed["listener"], failed["listener_port"]) == ("SSH", relay.port), failed
+        assert f"on the SSH port {relay.port}: Too many open files" in failed["text"], failed
         # one line for the burst, not one per connection
         assert len(relay.events("relay_accept_failed", since=mark)) == 1
         # what a user's labrelay connect says names this cause, not penalties alone

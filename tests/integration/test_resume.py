@@ -506,3 +506,46 @@ def test_a_standby_agent_with_its_own_key_leaves_the_first_ones_held_sessions(
     w.agent.wait_for("session_resumed", timeout=30, since=amark)
     assert public.line(b"after") == b"after"
     assert w.relay.events("session_resume_refused", since=rmark) == []
+
+
+def test_a_second_process_with_the_same_key_resets_the_first_ones_held_sessions(
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess],
+    start_process: Callable[..., AgentProcess],
+    targets: Targets,
+    tmp_path: Path,
+) -> None:
+    """docs/resilience.md: the relay cannot tell a restart from a second agent process
+    running with the same key.  The first one's link goes silent with a session under
+    way (the process lives on); a second process with the *same* key connects
+    meanwhile: the relay resets the first one's held session at once, saying why,
+    though the first one comes back well within the grace (60 s) and would have
+    resumed it.  (With a key of its own, the standby test above: nothing is reset.)"""
+    w = _world(start_relay, start_agent, start_ssh, targets, tmp_path, grace=60)
+    public = Interactive(w.echo_port)
+    assert public.line(b"before") == b"before"
+    argv = list(w.agent.proc.args)
+    argv[argv.index("-p") + 1] = str(w.relay.port)  # straight to the relay, not the proxy
+    rmark, amark = w.relay.mark(), w.agent.mark()
+    w.proxy.blackhole()
+    w.relay.wait_for("session_held", timeout=15, since=rmark)
+    second = start_process(argv, name="second")  # the same -i: lab_pc's one key
+    second.wait_for("link_connected", timeout=20)
+    public.sock.settimeout(15)  # well inside the grace: a timeout is a failure
+    with pytest.raises(ConnectionResetError):  # a reset, never a clean end
+        public.line(b"after")
+    refused = w.relay.wait_for("session_resume_refused", timeout=5, since=rmark)
+    assert refused["where"] == "relay" and refused["why"] == (
+        "its agent restarted, or another agent with its key connected"), refused
+    assert w.relay.status()["relay"]["held_sessions"] == []
+
+    # The first process's link is back within the grace: nothing of it resumes.
+    w.proxy.restore()
+    w.agent.wait_for("link_connected", timeout=30, since=amark)
+    # its offer meets a session the relay no longer has: it resets its own end too
+    ended = w.agent.wait_for("session_resume_refused", timeout=15, since=amark)
+    assert ended["why"] == "unknown or ended session", ended
+    w.agent.assert_no_event("session_resumed", since=amark)
+    w.relay.proc.assert_no_event("session_resumed", since=rmark)
+    assert Interactive(w.echo_port).line(b"new") == b"new"  # served by the second

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -185,3 +186,52 @@ users_file = "users"
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert "admin.token_file" in done.stderr and "chmod 600" in done.stderr
+
+
+
+def post_reload(port: int, token: str) -> tuple[int, bytes]:
+    """``POST /reload`` as ``labrelay reload`` sends it, with the bearer token."""
+    request = (f"POST /reload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+               f"Authorization: Bearer {token}\r\nX-Labrelay-Action: reload\r\n"
+               "Content-Length: 0\r\nConnection: close\r\n\r\n")
+    with socket.create_connection((LOOPBACK, port), timeout=30) as sock:
+        sock.sendall(request.encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_the_token_is_read_at_start_up_only(
+    start_process: Callable[..., AgentProcess], tmp_path: Path,
+) -> None:
+    """docs/security.md: "The token is read at start-up (changing it needs a restart)".
+    A rewritten token file changes nothing on a reload (SIGHUP, ``POST /reload``):
+    the old token still opens the endpoint and the new one does not, until a restart
+    reads the file again."""
+    relay, token_file = start_relay_with_token(start_process, tmp_path / "relay")
+    new = "9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b"
+    token_file.write_text(new + "\n")  # still 0600: a reload's checks accept the file
+
+    def answers(port: int, token: str) -> int:
+        return http_get(port, f"127.0.0.1:{port}", authorization="Bearer " + token)[0]
+
+    port = relay.admin_port
+    # an answer means startService ran, so SIGHUP is handled (before, it ends the process)
+    assert answers(port, TOKEN) == 200
+    mark = relay.mark()
+    os.kill(relay.pid, signal.SIGHUP)
+    assert relay.wait_for("reload_done", since=mark)["changes"] == []
+    assert (answers(port, TOKEN), answers(port, new)) == (200, 401)
+    code, body = post_reload(port, TOKEN)
+    assert code == 200 and json.loads(body)["ok"] is True, (code, body)
+    assert post_reload(port, new)[0] == 401
+    assert (answers(port, TOKEN), answers(port, new)) == (200, 401)
+
+    assert relay.proc.stop() == 0
+    restarted = start_process(relay_command("--config", str(relay.dir / "node.toml")),
+                              name="relay-token-restarted")
+    port = admin_port(restarted)
+    restarted.wait_for("relay_listening", timeout=20)
+    assert (answers(port, TOKEN), answers(port, new)) == (401, 200)

@@ -39,6 +39,7 @@ from harness import (
     ssh_argv,
 )
 from harness import recv_exactly as recv_exactly_sock
+from relay_fixtures import permissions_apply
 
 BOUND = 1.0  # seconds from the file write to the effect (issue 10, "Done when")
 
@@ -487,6 +488,50 @@ def test_emptied_deleted_and_broken_grant_files_grant_nothing(
     rewrite(agents_file, agent_line(keys.k1, "lab_pc", "gpu-cluster:22"))
     relay.wait_for("relay_service_registered", since=mark, service="gpu-cluster:22",
                    timeout=20)
+    assert roundtrip(alice.open("gpu-cluster:22", b"gpu\n"), b"back") == b"back"
+
+
+
+def test_an_unreadable_grant_file_grants_nothing_and_says_why(
+    keys: Keys, start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess], targets: Any, users: list[User],
+) -> None:
+    """security.md: an unreadable grant file grants nothing on reload (fail closed,
+    as a deleted one: it does not keep the grants read before) and the relay says why,
+    naming the file.  The relay runs where file modes apply (``permissions_apply``:
+    root without CAP_DAC_OVERRIDE, as a relay running as its own user), so ``chmod
+    000`` makes its ``open()`` fail with EACCES.  Readable again, it grants again."""
+    relay = start_relay(
+        agents=[agent_line(keys.k1, "lab_pc", "gpu-cluster:22")],
+        users=[line(keys.alice, "alice", "gpu-cluster:22")],
+        relay_toml="public_wait = 1\n", wrap=permissions_apply(),
+    )
+    gpu = targets.echo(greeting=b"gpu\n")
+    agent = labrelay_agent(start_agent, relay, keys.k1, "lab_pc",
+                           f"gpu-cluster:22:127.0.0.1:{gpu.port}")
+    users_file = relay.dir / "users"
+    alice = login(users, relay, keys.alice, "alice")
+    alice_chan = alice.open("gpu-cluster:22", b"gpu\n")
+
+    mark = relay.mark()
+    t0 = time.time()
+    os.chmod(users_file, 0)
+    gone = closed_at(alice_chan)
+    bad = relay.wait_for("grants_file_invalid", since=mark, file=str(users_file))
+    assert bad["level"] == "error" and "Permission denied" in bad["reason"], bad
+    assert "grants nothing" in bad["text"], bad
+    revoked = relay.wait_for("relay_key_revoked", since=mark, kind="user", name="alice")
+    report("users file made unreadable", {"logged": bad["time"] - t0,
+                                          "alice disconnected": revoked["time"] - t0,
+                                          "her session closed": gone - t0})
+    assert revoked["time"] - t0 < BOUND
+    auth_refused(relay, keys.alice, "alice")
+    agent.assert_no_event("link_lost")  # the agents file still reads
+
+    mark = relay.mark()
+    os.chmod(users_file, 0o600)
+    relay.wait_for("grants_reloaded", since=mark)
+    alice = login(users, relay, keys.alice, "alice")
     assert roundtrip(alice.open("gpu-cluster:22", b"gpu\n"), b"back") == b"back"
 
 

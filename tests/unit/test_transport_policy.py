@@ -240,6 +240,30 @@ def test_chacha_without_strict_kex_is_refused() -> None:
     assert said and b"needs strict key exchange" in said[0] and b"CVE-2023-48795" in said[0]
 
 
+
+def test_a_compressor_set_anyhow_disconnects_at_newkeys() -> None:
+    """docs/security.md: the relay "disconnects if a compressor were ever set".  No peer
+    can get one set (the policy refuses any KEXINIT asking for zlib, the test above),
+    so this stands in for a future Conch or policy change that let one through: the
+    negotiated types are forced to zlib after the relay's KEXINIT checks; at NEWKEYS,
+    where Conch builds its compressors, the relay disconnects before any packet is
+    inflated.  Fails if the check after Conch's _newKeys goes."""
+    server = make_server()
+    said: list[bytes] = []
+    server.sendDisconnect = lambda code, why: said.append(why)  # type: ignore[method-assign]
+    checked = server.ssh_KEXINIT
+
+    def widened(packet: bytes) -> None:
+        checked(packet)
+        server.outgoingCompressionType = server.incomingCompressionType = b"zlib"
+
+    server.ssh_KEXINIT = widened  # type: ignore[method-assign]
+    pair(server=server)
+    assert server.incomingCompression is not None  # Conch did build its inflater
+    assert said == [b"compression is not supported"], said
+    assert server.keyExchanges == 0  # the keys were never taken as in force
+
+
 def test_gcm_without_strict_kex_is_allowed_and_sequence_numbers_run_on() -> None:
     """AES-GCM is not open to Terrapin: a peer without strict KEX keeps it; then the
     sequence numbers are not reset at NEWKEYS (RFC 4253)."""
