@@ -19,6 +19,7 @@ from typing import Any
 from relay import __version__
 from relay.config.errors import ConfigError
 from relay.config.schema import NodeConfig
+from relay.ops.hangup import HangupBeforeStart
 from relay.ops.logfmt import start_logging
 from relay.ssh.keygen import KeygenError
 
@@ -234,6 +235,9 @@ def _with_backoff(config: NodeConfig, ns: argparse.Namespace) -> NodeConfig:
 REACTOR_COMMANDS = frozenset({"agent", "relay", "run", "demo", "connect"})
 """The commands that run a reactor and so choose it (:func:`choose_reactor`)."""
 
+NODE_COMMANDS = frozenset({"agent", "relay", "run"})
+"""The commands that run a node, which reloads on SIGHUP (the others end on it)."""
+
 
 def choose_reactor() -> str:
     """Install labrelay's epoll reactor (:mod:`relay.ops.reactor`) while it can still
@@ -271,17 +275,19 @@ def run_reactor(build: Callable[[Any, Callable[[str], object]], Any],
 
 
 def _node(config: NodeConfig, reactor: Any, fatal: Callable[[str], object],
-          load: Callable[[], NodeConfig], verbose: bool) -> Any:
+          load: Callable[[], NodeConfig], ns: argparse.Namespace) -> Any:
     """The node service of a ``labrelay`` command: it reloads with ``load`` on SIGHUP
     and ``POST /reload``, and speaks sd_notify when systemd runs it.  Without ``-v``
     (``verbose``) its links do not emit the per-session debug events no observer of
-    this process would print (:class:`relay.agent.link.Link`)."""
+    this process would print (:class:`relay.agent.link.Link`).  A SIGHUP that came
+    while the process started (``ns.hangup``, :func:`main`) reloads once it runs."""
     from relay.ops.notify import SystemdNotifier
     from relay.ops.service import make_node_service
 
     return make_node_service(config, reactor, on_fatal=fatal, load=load,
                              notifier=SystemdNotifier(), handle_sighup=True,
-                             pace_gc=True, session_debug=verbose)
+                             pace_gc=True, session_debug=ns.verbose,
+                             hangup=getattr(ns, "hangup", None))
 
 
 def cmd_agent(ns: argparse.Namespace) -> int:
@@ -295,7 +301,7 @@ def cmd_agent(ns: argparse.Namespace) -> int:
     start_logging(ns.log_format, ns.verbose)
     # run_reactor builds the tree before the reactor runs: a bad key file
     # raises ConfigError here and exits 2 with nothing started.
-    return run_reactor(lambda r, fatal: _node(config, r, fatal, load, ns.verbose),
+    return run_reactor(lambda r, fatal: _node(config, r, fatal, load, ns),
                        reactor_name)
 
 
@@ -308,7 +314,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     config = load()
     start_logging(ns.log_format, ns.verbose)
-    return run_reactor(lambda r, fatal: _node(config, r, fatal, load, ns.verbose),
+    return run_reactor(lambda r, fatal: _node(config, r, fatal, load, ns),
                        reactor_name)
 
 
@@ -319,7 +325,7 @@ def cmd_relay(ns: argparse.Namespace) -> int:
     config = config_from_relay_args(ns)
     start_logging(ns.log_format, ns.verbose)
     return run_reactor(lambda r, fatal: _node(config, r, fatal,
-                                              lambda: config_from_relay_args(ns), ns.verbose),
+                                              lambda: config_from_relay_args(ns), ns),
                        reactor_name)
 
 
@@ -534,10 +540,16 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     # Before the parser is built: building it imports Conch, which imports the global
     # reactor.  choose_reactor() again in the command is a no-op that names it.
-    if next((a for a in argv if not a.startswith("-")), None) in REACTOR_COMMANDS:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    hangup = None
+    if command in NODE_COMMANDS:  # first: a SIGHUP from now on reloads (relay.ops.hangup)
+        hangup = HangupBeforeStart()
+        hangup.install()
+    if command in REACTOR_COMMANDS:
         choose_reactor()
     parser = build_parser()
     ns = parser.parse_args(argv)
+    ns.hangup = hangup
     commands = {
         "agent": cmd_agent, "relay": cmd_relay, "run": cmd_run, "keygen": cmd_keygen,
         "status": cmd_status, "ssh-config": cmd_ssh_config, "demo": cmd_demo,

@@ -23,6 +23,7 @@ from relay.config.errors import ConfigError
 from relay.config.schema import LinkConfig, NodeConfig, PlainForwardConfig
 from relay.ops.check import node_problems
 from relay.ops.gcpace import CollectorPacing
+from relay.ops.hangup import HangupBeforeStart
 from relay.ops.metrics import MetricsRegistry
 from relay.ops.notify import SystemdNotifier
 from relay.ops.parts import default_parts
@@ -93,7 +94,7 @@ class NodeService(MultiService):
                  load: Callable[[], NodeConfig] | None = None,
                  notifier: SystemdNotifier | None = None,
                  handle_sighup: bool = False, pace_gc: bool = False,
-                 session_debug: bool = True) -> None:
+                 session_debug: bool = True, hangup: HangupBeforeStart | None = None) -> None:
         super().__init__()
         self.config = config
         self.session_debug = session_debug
@@ -119,6 +120,17 @@ class NodeService(MultiService):
         if load is not None:
             self.reloader = Reloader(config, load, default_parts(self), reactor,
                                      check=node_problems, notifier=notifier)
+        if handle_sighup and self.reloader is not None:
+            # Now, not at startService: the reactor starts later (twistd's, or
+            # labrelay's after its "started" line), and a SIGHUP meanwhile must reload,
+            # not end the process (relay.ops.hangup).  callFromThread queues the reload
+            # until the reactor runs, after startService.
+            signal.signal(signal.SIGHUP, self._sighup)
+            if hangup is not None and hangup.pending:
+                hangup.pending = False
+                self._log.info("SIGHUP came while the process was starting: reloading "
+                               "once running", event="reload_requested_at_start")
+                reactor.callFromThread(self.reloadNow)
         if config.admin is not None:
             listen = config.admin.listen
             token = None
@@ -240,11 +252,12 @@ def make_node_service(config: NodeConfig, reactor: Any,
                       load: Callable[[], NodeConfig] | None = None,
                       notifier: SystemdNotifier | None = None,
                       handle_sighup: bool = False, pace_gc: bool = False,
-                      session_debug: bool = True) -> NodeService:
+                      session_debug: bool = True,
+                      hangup: HangupBeforeStart | None = None) -> NodeService:
     if not config.links and config.relay is None and not getattr(config, "forwards", ()):
         raise ConfigError(config.source, "link", "nothing to run: no [[link]], [relay] or "
                           "[[forward]] configured",
                           "add a [[link]] table, or give [user@]host on the command line")
     return NodeService(config, reactor, on_fatal=on_fatal, load=load, notifier=notifier,
                        handle_sighup=handle_sighup, pace_gc=pace_gc,
-                       session_debug=session_debug)
+                       session_debug=session_debug, hangup=hangup)

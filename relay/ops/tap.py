@@ -91,7 +91,12 @@ class TwistdRoot(MultiService):
 
 def makeService(options: Options, reactor: Any = None) -> IService:
     reactor_name = None
-    if reactor is None:
+    hangup = None
+    if reactor is None:  # twistd itself: a SIGHUP from now on reloads (relay.ops.hangup)
+        from relay.ops.hangup import HangupBeforeStart
+
+        hangup = HangupBeforeStart()
+        hangup.install()
         from relay.ops.reactor import install
 
         # twistd installs its reactor when it runs it, after this, unless it was
@@ -116,7 +121,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         node = make_node_service(config, reactor, on_fatal=_Fatal(reactor),
                                  load=lambda: load_config(options["config"]),
                                  notifier=SystemdNotifier(), handle_sighup=True,
-                                 pace_gc=True)
+                                 pace_gc=True, hangup=hangup)
     except ConfigError as e:
         raise SystemExit(f"labrelay: {e}") from None
     return TwistdRoot(node, getattr(options, "parent", None), reactor_name)

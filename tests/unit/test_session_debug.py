@@ -8,6 +8,8 @@ info line either way."""
 
 from __future__ import annotations
 
+import argparse
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -92,5 +94,10 @@ def test_labrelay_passes_its_v_flag_down_to_the_links(verbose: bool, tmp_path: P
     generate_keypair(key, "lab")
     config = parse_config(CONFIG.replace('user = "lab"', f'user = "lab"\nidentity = "{key}"'),
                           "test.toml", base_dir=tmp_path)
-    node = _node(config, MemoryReactorClock(), print, lambda: config, verbose)
+    before = signal.getsignal(signal.SIGHUP)
+    try:  # _node's service takes SIGHUP when built (relay.ops.hangup)
+        node = _node(config, MemoryReactorClock(), print, lambda: config,
+                     argparse.Namespace(verbose=verbose, hangup=None))
+    finally:
+        signal.signal(signal.SIGHUP, before)
     assert [link.session_debug for link in node.links] == [verbose]
