@@ -101,7 +101,7 @@ class RelayCore(SessionOpening):
         self.resume = self.resumes.sessions
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
         self.expiry = KeyExpiry(self)
-        grants.trust.inUse = self.expiry.keys_in_use  # certificates in use stay known
+        grants.trust.inUse = self.expiry.holders_in_use  # records in use stay known
         grants.subscribe(lambda _change: self.sharing.refresh())
         grants.subscribe(self.grantsChanged)
 
