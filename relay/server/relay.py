@@ -50,7 +50,8 @@ TAKEOVER_PROBE = 0.5
 REFUSAL_LOG_WINDOW = 10.0
 """Seconds per window of a user's ``relay_session_refused`` lines."""
 REFUSAL_LOG_ALLOWANCE = 32
-"""A user's refused sessions logged one by one per window; past it, one count line."""
+"""A user's refused sessions logged one by one per window and key; past it, one count
+line (for that key)."""
 
 
 class RelayCore(SessionOpening):
@@ -70,8 +71,9 @@ class RelayCore(SessionOpening):
         self.sessions = SessionTable()
         self._aborts: dict[SessionRow, Callable[[], None]] = {}  # stops a moving row's bytes
         self.setupLog = audit.SetupLog(reactor)  # opening events, written after set-up
-        # relay_session_refused: REFUSAL_LOG_ALLOWANCE lines per user per window in full,
-        # then a count (a user refused in a loop must not flood the log)
+        # relay_session_refused: REFUSAL_LOG_ALLOWANCE lines per user's key per window in
+        # full, then a count (a user refused in a loop must not flood the log, nor use up
+        # the allowance of another key logged in under the same name)
         self.refusalLog = PerKeyLog(reactor, REFUSAL_LOG_WINDOW, REFUSAL_LOG_ALLOWANCE,
                                     self._moreRefused)
         self.publicPorts = PublicPorts(self)
