@@ -39,6 +39,7 @@ from relay.config.schema import RelayConfig
 from relay.core import fastwire as fw
 from relay.core.admission import Admission, Offence, Refusal
 from relay.core.admission import Ticket as AdmissionTicket
+from relay.core.burstlog import BurstLog
 from relay.core.clock import expire
 from relay.core.routing import Registration, Registry
 from relay.core.tokens import Refusal as TokenRefusal
@@ -61,6 +62,9 @@ POOL_TOKEN_LIFETIME = 30.0
 MAX_POOL_PER_AGENT = 64
 MAX_TOKENS_PER_REQUEST = 16
 AGENT_REPLY_TIMEOUT = 15.0  # the agent's own target connect timeout is 10 s
+CAP_LOG_WINDOW = 10.0
+"""Seconds per burst of connections dropped at the global cap (``relay_unauth_cap``,
+``relay_data_cap``): the first is logged in full, the rest as one count line."""
 MAX_DISPATCH_TRIES = 3  # pooled connections found dead at dispatch before giving up
 # Token refusals that penalise the source (authfail): those a guesser or forger gets.
 # The others (expired, session gone, wrong role or service) need a real token's secret:
@@ -144,6 +148,9 @@ class DataPort:
         # The relay passes the admission it shares with its SSH port.
         self.admission = admission or Admission(core.config, self.clock)
         self.gate = self.admission.gate("data", core.config.max_unauthenticated)
+        # relay_data_cap: the first drop at the global cap of each burst, then a count
+        self.capLog = BurstLog(self.clock, CAP_LOG_WINDOW, self._firstCapDrop,
+                               self._moreCapDrops)
         self.pools: dict[Any, AgentPool] = {}
         self.pending: set[DataConnection] = set()
         self.listener: IListeningPort | None = None
@@ -177,6 +184,7 @@ class DataPort:
 
     def stop(self) -> defer.Deferred[Any] | None:
         self.tokens.stop()
+        self.capLog.stop()
         for pool in list(self.pools.values()):
             pool.close()
         self.pools.clear()
@@ -280,9 +288,7 @@ class DataPort:
         verdict = self.gate.admit(dc.source)
         if verdict is Refusal.GLOBAL:
             self.counters["data_refused"] += 1
-            self._log.warn("data port: dropping a connection from {source}: {n} still owe "
-                           "their hello (max_unauthenticated)", event="relay_data_cap",
-                           source=dc.source, n=self.gate.total)
+            self.capLog.failed(dc.source)  # counted each, logged once per burst
             return False
         if not isinstance(verdict, AdmissionTicket):  # penalised, or its source's cap is full
             self.counters["data_throttled"] += 1
@@ -290,6 +296,17 @@ class DataPort:
         dc.admission = verdict
         self.pending.add(dc)
         return True
+
+    def _firstCapDrop(self, source: str) -> None:
+        self._log.warn("data port: dropping a connection from {source}: {n} still owe "
+                       "their hello (max_unauthenticated)", event="relay_data_cap",
+                       source=source, n=self.gate.total, count=1)
+
+    def _moreCapDrops(self, count: int, source: str) -> None:
+        self._log.warn("data port: dropped {count} more connections in the last "
+                       "{window:.0f}s, the last from {source}: {n} still owe their hello "
+                       "(max_unauthenticated)", event="relay_data_cap", source=source,
+                       n=self.gate.total, count=count, window=self.capLog.window)
 
     def _release(self, dc: DataConnection, offence: Offence | None = None) -> None:
         """``dc`` no longer owes its hello; ``offence`` penalises its source."""

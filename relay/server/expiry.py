@@ -47,15 +47,38 @@ def holder(key_blob: bytes, login: str) -> Holder:
     return (key_blob, login if is_certificate(key_blob) else "")
 
 
+PRUNE_FLOOR = 64
+"""Timers kept before :meth:`KeyExpiry.watch` first looks for ones no longer in use."""
+
+
 class KeyExpiry:
     def __init__(self, relay: KeyHolder) -> None:
         self.relay = relay
         self._timers: dict[Holder, IDelayedCall] = {}
+        self._pruneAt = PRUNE_FLOOR
 
     def watch(self, key_blob: bytes, login: str = "") -> None:
         """``key_blob`` is in use (logged in as ``login``): end its sessions when it
         expires, if it does."""
         self._watch(holder(key_blob, login))
+        if len(self._timers) > self._pruneAt:
+            self._prune()
+
+    def _prune(self) -> None:
+        """Cancel the timers of (key, login) pairs no longer in use.  A timer stayed
+        until its key expired, one per pair that ever logged in: a certificate-authority
+        line does not bind the login name, so one certificate valid for a year, logged
+        in under 100 000 names, left 100 000 timers in the reactor for a year, all
+        firing at its expiry.  Run when the timers have doubled since the last prune
+        (amortised O(1) a login).  Timers of a key with held sessions (``(key, "")``
+        in use) are kept, whatever their login."""
+        in_use = self.holders_in_use()
+        for who in [w for w in self._timers
+                    if w not in in_use and (w[0], "") not in in_use]:
+            timer = self._timers.pop(who)
+            if timer.active():
+                timer.cancel()
+        self._pruneAt = max(PRUNE_FLOOR, 2 * len(self._timers))
 
     def _watch(self, who: Holder) -> None:
         when = self.relay.grants.expires(who[0], who[1] or None)

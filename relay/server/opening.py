@@ -242,22 +242,28 @@ class SessionOpening:
     def _refused(self, ident: Any, service: str, why: str, early: bool = False) -> str:
         """Count and log a user session refused (or, confirmed early, closed): ``why``."""
         self.counters["sessions_refused"] += 1
-        if self.refusalLog.allow(f"{ident.kind} {ident.name}", why):
+        # Per key, not per name: the holders of a shared account (a lab login several
+        # students' keys or certificates log in as, or one cert-authority line's many
+        # certificates) are one name, and one of them refused in a loop used up the
+        # allowance of all: the others' refusals were only counted, under her last reason.
+        key = audit.key_fingerprint(getattr(ident, "key_blob", None))
+        if self.refusalLog.allow(f"{ident.kind} {ident.name} {key}", why):
             self._log.warn(
                 "{kind} {name}: refused session to {service}: {why}",
                 event="relay_session_refused", kind=ident.kind, name=ident.name,
-                service=service, why=why, early=early,
+                service=service, why=why, early=early, key=key,
             )
         return why
 
     def _moreRefused(self, who: str, count: int, why: str) -> None:
         """The refusals :meth:`_refused` did not log in the window that just ended."""
-        kind, _, name = who.partition(" ")
+        kind, _, rest = who.partition(" ")
+        name, _, key = rest.rpartition(" ")
         self._log.warn(
             "{kind} {name}: {count} more sessions refused in the last {window:.0f}s "
-            "(not logged one by one; the last: {why})",
+            "with key {key} (not logged one by one; the last: {why})",
             event="relay_session_refused", kind=kind, name=name, count=count,
-            window=self.refusalLog.window, why=why, service="", early=False,
+            window=self.refusalLog.window, why=why, service="", early=False, key=key,
         )
 
     def openLocal(self, name: str, port: int, origin: str) -> defer.Deferred[BridgedChannel]:

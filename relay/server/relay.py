@@ -22,14 +22,14 @@ from twisted.logger import Logger
 from relay.config.schema import HostPort, RelayConfig
 from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
-from relay.core.burstlog import PerKeyLog
+from relay.core.burstlog import BurstLog, PerKeyLog
 from relay.core.certs import describe as describe_cert
 from relay.core.resume import HELLO as RESUME_HELLO
 from relay.core.router import SUPERSEDED, Decision, Probe, Router, Verdict, label_of
 from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SessionRow, SessionTable
 from relay.server import audit
-from relay.server.dataport import DataPort
+from relay.server.dataport import CAP_LOG_WINDOW, DataPort
 from relay.server.expiry import KeyExpiry
 from relay.server.grantdiff import GrantsChange
 from relay.server.grants import Grants, Principal
@@ -50,7 +50,8 @@ TAKEOVER_PROBE = 0.5
 REFUSAL_LOG_WINDOW = 10.0
 """Seconds per window of a user's ``relay_session_refused`` lines."""
 REFUSAL_LOG_ALLOWANCE = 32
-"""A user's refused sessions logged one by one per window; past it, one count line."""
+"""A user's refused sessions logged one by one per window and key; past it, one count
+line (for that key)."""
 
 
 class RelayCore(SessionOpening):
@@ -70,10 +71,13 @@ class RelayCore(SessionOpening):
         self.sessions = SessionTable()
         self._aborts: dict[SessionRow, Callable[[], None]] = {}  # stops a moving row's bytes
         self.setupLog = audit.SetupLog(reactor)  # opening events, written after set-up
-        # relay_session_refused: REFUSAL_LOG_ALLOWANCE lines per user per window in full,
-        # then a count (a user refused in a loop must not flood the log)
+        # relay_session_refused: REFUSAL_LOG_ALLOWANCE lines per user's key per window in
+        # full, then a count (a user refused in a loop must not flood the log, nor use up
+        # the allowance of another key logged in under the same name)
         self.refusalLog = PerKeyLog(reactor, REFUSAL_LOG_WINDOW, REFUSAL_LOG_ALLOWANCE,
                                     self._moreRefused)
+        # relay_unauth_cap: the first drop at the global cap of each burst, then a count
+        self.capLog = BurstLog(reactor, CAP_LOG_WINDOW, self._firstCapDrop, self._moreCapDrops)
         self.publicPorts = PublicPorts(self)
         self.counters = {"auth_refused": 0, "requests_refused": 0, "sessions_refused": 0,
                          "connections_dropped_unauthenticated_cap": 0,
@@ -101,7 +105,7 @@ class RelayCore(SessionOpening):
         self.resume = self.resumes.sessions
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
         self.expiry = KeyExpiry(self)
-        grants.trust.inUse = self.expiry.keys_in_use  # certificates in use stay known
+        grants.trust.inUse = self.expiry.holders_in_use  # records in use stay known
         grants.subscribe(lambda _change: self.sharing.refresh())
         grants.subscribe(self.grantsChanged)
 
@@ -118,13 +122,28 @@ class RelayCore(SessionOpening):
         if isinstance(verdict, Ticket):
             return verdict
         if verdict is Refusal.GLOBAL:
+            # Counted each; logged once per burst.  A drop costs its sender one TCP
+            # handshake and earns no penalty (it never held a place), so one line per
+            # drop let anyone write a warning per connection while others held the
+            # places (3 000 connects: 3 000 lines).
             self.counters["connections_dropped_unauthenticated_cap"] += 1
-            self._log.warn(
-                "dropping connection from {peer}: {n} connections are still authenticating "
-                "(max_unauthenticated)", event="relay_unauth_cap",
-                peer=f"{host}:{getattr(addr, 'port', '?')}", n=self.ssh_gate.total,
-            )
+            self.capLog.failed(f"{host}:{getattr(addr, 'port', '?')}")
         return None
+
+    def _firstCapDrop(self, peer: str) -> None:
+        self._log.warn(
+            "dropping connection from {peer}: {n} connections are still authenticating "
+            "(max_unauthenticated)", event="relay_unauth_cap", peer=peer,
+            n=self.ssh_gate.total, count=1,
+        )
+
+    def _moreCapDrops(self, count: int, peer: str) -> None:
+        self._log.warn(
+            "dropped {count} more connections in the last {window:.0f}s, the last from "
+            "{peer}: {n} connections are still authenticating (max_unauthenticated)",
+            event="relay_unauth_cap", peer=peer, n=self.ssh_gate.total, count=count,
+            window=self.capLog.window,
+        )
 
     def authenticated(self, transport: RelayTransport) -> None:
         if transport.admission is not None:
@@ -491,6 +510,7 @@ class RelayCore(SessionOpening):
     def stop(self) -> defer.Deferred[Any]:
         self.grantsWatcher.stop()
         self.refusalLog.stop()
+        self.capLog.stop()
         self.expiry.stop()
         self.idle.stop()
         self.setupLog.flushAll()

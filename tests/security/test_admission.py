@@ -418,3 +418,51 @@ def test_early_closes_on_the_data_port_are_penalised(site: Site) -> None:
     assert site.admission()["penalised_sources"] == 1  # alice and lab_pc cost nothing
     print(f"\ndata-port early closes: {closes} closes, then refused at accept in "
           f"{refused_in * 1000:.1f} ms; alice fast path {fast:.2f}s")
+
+
+def test_connections_dropped_at_the_global_cap_cost_one_log_line_per_burst(
+    keys: Keys, start_relay: Callable[..., RelayNode],
+) -> None:
+    """Four hosts hold every place (``max_unauthenticated = 8``, 2 each) with idle
+    connections; a fifth connects and closes 300 times.  Each drop at the global cap
+    earns no penalty (the connection never held a place) and was one
+    ``relay_unauth_cap`` warning: 300 lines, as many as anyone cared to send.  Now
+    each drop is counted and a burst is logged once in full and once as a count when
+    its window (10 s) ends.  alice gets in once the places are free."""
+    relay = start_relay(users=[f'permitopen="web:8080" {keys.alice.public_blob()} alice'],
+                        relay_toml="max_unauthenticated = 8\n"
+                                   "per_source_max_unauthenticated = 2\n")
+    holders = []
+    for host in range(2, 6):
+        for _ in range(2):
+            s = socket.socket()
+            s.bind((f"127.0.0.{host}", 0))
+            s.connect((LOOPBACK, relay.port))
+            holders.append(s)
+    wait_until(lambda: relay.status()["relay"]["admission"]["ssh"]["unauthenticated"] == 8,
+               "the 8 places held")
+    mark = relay.mark()
+    for _ in range(300):
+        s = socket.socket()
+        s.bind(("127.0.0.9", 0))
+        s.connect((LOOPBACK, relay.port))
+        s.settimeout(10)
+        assert s.recv(1) == b""  # dropped at accept: closed before the version line
+        s.close()
+    counters = relay.status()["relay"]["counters"]
+    assert counters["connections_dropped_unauthenticated_cap"] == 300
+    summary = relay.wait_for("relay_unauth_cap", since=mark, timeout=20,
+                             count=lambda n: n is not None and n > 1)
+    lines = relay.events("relay_unauth_cap", since=mark)
+    print(f"\n300 drops at the cap: {len(lines)} relay_unauth_cap lines; {summary['text']}")
+    assert len(lines) == 2 and sum(e["count"] for e in lines) == 300, lines[-1]
+    assert summary["peer"].startswith("127.0.0.9:") and summary["n"] == 8
+    for s in holders:
+        s.close()
+    wait_until(lambda: relay.status()["relay"]["admission"]["ssh"]["unauthenticated"] == 0,
+               "the places freed")
+    t = paramiko.Transport((LOOPBACK, relay.port))
+    t.connect(username="alice",
+              pkey=paramiko.Ed25519Key.from_private_key_file(str(keys.alice.path)))
+    assert t.is_authenticated()
+    t.close()

@@ -140,6 +140,32 @@ def test_opens_refused_in_a_loop_cost_a_bounded_number_of_log_lines(
     assert relay.status()["relay"]["counters"]["sessions_refused"] == REFUSALS + 1
 
 
+
+def test_one_holder_of_a_shared_account_refused_in_a_loop_does_not_silence_another(
+    start_relay: Callable[..., RelayNode], tmp_path: Path,
+) -> None:
+    """The shared lab account ``lab`` is logged in with two keys: mallory's and
+    alice's.  The log's allowance of refusals (32 a window in full) was per name, so
+    mallory, refused in a loop, used up alice's too: alice's refusal was not logged,
+    only counted in a line under mallory's last reason.  The allowance is per key, and
+    each line names the key (``ssh-keygen -lf``)."""
+    keys = {n: make_key(tmp_path / n, comment=n) for n in ("mallory", "alice")}
+    relay = start_relay(users=[f'permitopen="web:8080" {keys[n].public_blob()} lab'
+                               for n in ("mallory", "alice")])
+    mallory = _login(relay, keys["mallory"], "lab")
+    alice = _login(relay, keys["alice"], "lab")
+    mark = relay.mark()
+    for _ in range(100):
+        with pytest.raises(paramiko.ChannelException):
+            mallory.open_channel("direct-tcpip", ("nothere", 1), ("127.0.0.1", 1), timeout=10)
+    with pytest.raises(paramiko.ChannelException):
+        alice.open_channel("direct-tcpip", ("alsonot", 2), ("127.0.0.1", 1), timeout=10)
+    line = relay.wait_for("relay_session_refused", since=mark, service="alsonot:2", timeout=5)
+    assert line["key"] == keys["alice"].fingerprint(), line
+    full = relay.events("relay_session_refused", since=mark, service="nothere:1")
+    assert len(full) == 32 and {e["key"] for e in full} == {keys["mallory"].fingerprint()}
+
+
 FLOOD = 400_000
 NOREAD = """
 import sys, time, paramiko

@@ -28,6 +28,7 @@ from relay.core.routing import Registry
 from relay.server.dataconn import AgentPool, DataConnection, PairingError
 from relay.server.dataport import (
     AGENT_REPLY_TIMEOUT,
+    CAP_LOG_WINDOW,
     MAX_TOKENS_PER_REQUEST,
     POOL_TOKEN_LIFETIME,
     DataPort,
@@ -314,6 +315,27 @@ def test_connections_owing_a_hello_are_capped(world: World) -> None:
     connection_lost(conns[0][0])  # one goes: room for another
     _dc, t = _dial(world.port, "198.51.100.10")
     assert not t.disconnecting
+
+
+
+def test_drops_at_the_global_cap_are_logged_once_per_burst(world: World) -> None:
+    """A connection dropped at the global cap earns no penalty, so each was one
+    ``relay_data_cap`` warning for as long as anyone connected and closed: now the
+    first of a burst in full and the rest as one count when its window ends."""
+    from twisted.logger import capturedLogs
+
+    held = [_dial(world.port, f"198.51.100.{i}") for i in range(4)]
+    assert all(not t.disconnecting for _dc, t in held)
+    with capturedLogs() as logs:
+        for _ in range(100):
+            _dc, t = _dial(world.port, "203.0.113.9")
+            assert _aborted(t)
+        world.clock.advance(CAP_LOG_WINDOW)
+    lines = [e for e in logs if e.get("event") == "relay_data_cap"]
+    assert [e["count"] for e in lines] == [1, 99], lines
+    assert lines[0]["n"] == 4 and lines[1]["source"] == "203.0.113.9"
+    assert world.port.counters["data_refused"] >= 100  # and the held ones' hello timeouts
+    assert len(held) == 4
 
 
 # --- agents' pooled connections ---------------------------------------------------------------
