@@ -106,12 +106,13 @@ class Relay:
         self.ring = KeyRing()
         config = RelayConfig(agents=(self.ring.agent("lab_pc", "gpu-cluster:22"),
                                      self.ring.agent("old_lab", "web:80"),
-                                     self.ring.agent("evil", "evil:1")))
+                                     self.ring.agent("evil", "evil:1")),
+                             users=(self.ring.user("alice", "gpu-cluster:22"),))
         self.clock = MemoryReactorClock()
         self.grants = Grants(config, "test")
         self.core = RelayCore(config, self.grants, self.clock)
 
-    def connect(self, name: str, version: bytes, service: str) -> RelayConnection:
+    def connect(self, name: str, version: bytes, service: str | None) -> RelayConnection:
         principal = self.grants.principal_for(self.ring.blob(name))
         assert principal is not None
         link = FakeSSHTransport(FakeTCPTransport(),
@@ -120,6 +121,8 @@ class Relay:
         conn = RelayConnection(self.core)
         conn.transport = link  # type: ignore[assignment]
         conn.serviceStarted()
+        if service is None:
+            return conn
         bind, port = service.split(":")
         conn.packetReceived(MSG_GLOBAL_REQUEST, common.NS(b"tcpip-forward") + b"\xff"
                             + pack_forward(bind, int(port)))
@@ -135,11 +138,15 @@ def test_the_relay_shows_each_agents_version_in_its_log_status_and_metrics() -> 
         relay.connect("lab_pc", client_version_string("0.2.0.dev0"), "gpu-cluster:22")
         relay.connect("old_lab", b"SSH-2.0-labrelay", "web:80")
         relay.connect("evil", EVIL, "evil:1")
+        relay.connect("alice", b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10", None)
     connected = {e["name"]: e for e in events if e.get("event") == "relay_connected"}
     registered = {e["agent"]: e for e in events if e.get("event") == "relay_service_registered"}
     assert connected["lab_pc"]["version"] == registered["lab_pc"]["version"] == "0.2.0.dev0"
     assert connected["old_lab"]["version"] == registered["old_lab"]["version"] == OLD
     assert connected["old_lab"]["software"] == "labrelay"
+    # a user's software is a field (which ssh she runs), not in her line's text
+    assert connected["alice"]["software"] == "OpenSSH_9.2p1"
+    assert "version" not in connected["alice"]["log_format"].format(**connected["alice"])
     # The log's lines say it in words, the hostile one made safe and short.
     out = io.StringIO()
     observer = json_observer(out)
@@ -161,6 +168,7 @@ def test_the_relay_shows_each_agents_version_in_its_log_status_and_metrics() -> 
     assert len(evil) < SOFTWARE_LIMIT + len(CUT)
 
     table = format_status(snapshot, now=10.0)
+    assert table.startswith(f"labrelay {__version__} (pid 1)\n")  # the relay's own
     head = next(line for line in table.splitlines() if line.startswith("AGENT"))
     assert head.split() == ["AGENT", "FROM", "VERSION", "SERVICES"]
     rows = {line.split()[0]: line for line in table.splitlines() if line.strip()}
