@@ -15,6 +15,7 @@ labels for what varies (``direction="to_service"``), a HELP on every family,
 from __future__ import annotations
 
 import platform
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -161,6 +162,15 @@ def _totals(prefix: str, what: str, label: str,
 def _relay(relay: dict[str, Any]) -> Iterator[Metric]:
     agents = _gauge("labrelay_relay_agents_connected", "Agent connections now.")
     agents.add_metric([], len(relay.get("agents", [])))
+    # by agent and the version its version line named: which labs run old agents
+    running: Counter[tuple[str, str]] = Counter(
+        (a["name"], a.get("version", "?")) for a in relay.get("agents", []))
+    versions = _gauge("labrelay_relay_agent_connections",
+                      "Agent connections now, by agent and the labrelay version it runs "
+                      "('unknown (before 0.2.0.dev0)': an older agent; 'not labrelay: ...').",
+                      ["agent", "version"])
+    for (name, version), n in sorted(running.items()):
+        versions.add_metric([_s(name), _s(version)], n)
     users = _gauge("labrelay_relay_users_connected", "User connections now.")
     users.add_metric([], len(relay.get("users", [])))
     service_up = _gauge("labrelay_relay_service_up",
@@ -173,7 +183,7 @@ def _relay(relay: dict[str, Any]) -> Iterator[Metric]:
     for grant in relay.get("service_grants", []):
         if grant["service"] not in held and not grant["service"].endswith(":*"):
             service_up.add_metric([_s(grant["service"]), _s(grant["owner"])], 0)
-    yield from (agents, users, service_up)
+    yield from (agents, versions, users, service_up)
     yield from _totals("", "service", "service", relay.get("per_service", {}))
     yield from _totals("user_", "user", "user", relay.get("per_user_totals", {}))
     for counter, value in relay.get("counters", {}).items():

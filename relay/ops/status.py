@@ -343,8 +343,10 @@ def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
 
 
 def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
-    agents = [["AGENT", "FROM", "SERVICES"]] + [
-        [a["name"], a["peer"], " ".join(a["services"]) or "-"] for a in relay.get("agents", [])
+    agents = [["AGENT", "FROM", "VERSION", "SERVICES"]] + [
+        # (a relay before 0.2.0.dev0 reports no version)
+        [a["name"], a["peer"], a.get("version", "?"), " ".join(a["services"]) or "-"]
+        for a in relay.get("agents", [])
     ]
     services = [["SERVICE", "OWNER", "FOR", "OPEN", "TOTAL", "BYTES TO/FROM"]]
     per_service = relay.get("per_service", {})

@@ -187,10 +187,14 @@ class RelayCore(SessionOpening):
         # A certificate's CA and key id say which CA let this login in (trusted_user_ca
         # or a cert-authority line); both empty for a plain key.
         ca, key_id = describe_cert(ident.key_blob)
+        # Which version an agent runs (relay.ssh.peersoftware): an operator looks for
+        # the labs whose agents are old; a user's software is a field only.
         self._log.info(
-            "{kind} {name} connected from {peer} with key {key}", event="relay_connected",
-            kind=ident.kind, name=ident.name, peer=conn.peer, cert_ca=ca, cert_id=key_id,
-            key=audit.key_fingerprint(ident.key_blob),
+            "{kind} {name} connected from {peer} with key {key}{running}",
+            event="relay_connected", kind=ident.kind, name=ident.name, peer=conn.peer,
+            cert_ca=ca, cert_id=key_id, key=audit.key_fingerprint(ident.key_blob),
+            software=conn.software.software, version=conn.software.shown,
+            running=f", version {conn.software.shown}" if ident.kind == "agent" else "",
         )
 
     def sessionStopped(self, conn: RelayConnection) -> None:
@@ -296,8 +300,9 @@ class RelayCore(SessionOpening):
         assert reg is not None
         takeover = decision.verdict is Verdict.TAKEOVER
         self._log.info(
-            "agent {agent} registered {service}{how}", event="relay_service_registered",
-            agent=conn.principal_name, service=_label(reg), peer=conn.peer, takeover=takeover,
+            "agent {agent} registered {service}{how} (agent version {version})",
+            event="relay_service_registered", agent=conn.principal_name, service=_label(reg),
+            peer=conn.peer, takeover=takeover, version=conn.software.shown,
             how=" (took it over from its stale session)" if takeover else "",
         )
         self.waiting.registered(reg, decision.woken, replied)

@@ -23,6 +23,9 @@ def relay_status(now: float, config: RelayConfig, connections: Collection[RelayC
         "listen": str(config.listen),
         "agents": [
             {"name": c.principal_name, "peer": c.peer,
+             # what its version line said (relay.ssh.peersoftware): "0.2.0.dev0",
+             # "unknown (before 0.2.0.dev0)", "not labrelay: OpenSSH_9.2p1"
+             "version": c.software.shown, "software": c.software.software,
              "services": [_label(r) for r in registry.held_by(c)]}
             for c in conns if c.identity.kind == "agent"
         ],

@@ -32,6 +32,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relay import __version__
 from relay.config.errors import OperatorText
 from relay.config.schema import LinkConfig, RemoteForward
 from relay.core.keepalive import KeepaliveMonitor
@@ -52,6 +53,7 @@ from relay.ssh.connection import (
 from relay.ssh.guard import PeerInputGuard
 from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier
 from relay.ssh.openerrors import RefusedWithReason
+from relay.ssh.peersoftware import client_version_string
 from relay.ssh.resumable import ResumableSessions
 from relay.ssh.wire import (
     EARLY_DATA,
@@ -156,6 +158,9 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
     :mod:`relay.ssh.aead` (the same as the relay's server side)."""
 
     _log = Logger()
+    #: ``SSH-2.0-labrelay_<version>``: the relay shows which version each agent runs
+    #: (relay.ssh.peersoftware); the relay's own line stays versionless.
+    ourVersionString = client_version_string(__version__)
 
     def __init__(self, link: LinkOwner) -> None:
         self.link = link

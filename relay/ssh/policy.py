@@ -46,10 +46,12 @@ STRICT_KEX_SERVER = b"kex-strict-s-v00@openssh.com"
 STRICT_KEX_CLIENT = b"kex-strict-c-v00@openssh.com"
 EXT_INFO = (b"ext-info-c", b"ext-info-s")
 
-#: The version string of every labrelay SSH end (RFC 4253 §4.2: no version number
-#: is given away).  Two labrelay ends recognise each other by it and agree on larger
-#: channel packets between them (:func:`channel_max_packet`); a stock peer is never
-#: offered anything it did not ask for.
+#: The version string of the relay, which gives no version number away to whoever
+#: connects; a labrelay client (the agent, ``labrelay connect``) adds ``_<version>``
+#: (:func:`relay.ssh.peersoftware.client_version_string`), so a relay's operator sees
+#: which agents are old.  Two labrelay ends recognise each other by it
+#: (:func:`labrelay_peer`) and agree on larger channel packets between them
+#: (:func:`channel_max_packet`); a stock peer is never offered anything it did not ask for.
 VERSION_STRING = b"SSH-2.0-labrelay"
 #: Channel maximum packet a labrelay end announces to another labrelay end (the agent's
 #: link): each packet costs Python work per hop, so fewer, larger ones carry a bulk

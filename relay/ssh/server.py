@@ -52,6 +52,7 @@ from relay.ssh.connection import (
 )
 from relay.ssh.guard import PeerInputGuard, client_first_line_refusal
 from relay.ssh.openerrors import refused_by_peer
+from relay.ssh.peersoftware import read_version_line
 from relay.ssh.resumable import ResumableSessions
 from relay.ssh.serverauth import (
     NAME_LIMIT,
@@ -401,6 +402,8 @@ class RelayConnection(FlowConnection):
         # The agent takes this many of a channel's first bytes before it answers the
         # open (its early-data-ok@labrelay; relay.ssh.earlydata); 0: it does not.
         self.earlyLimit = 0
+        # Its software and labrelay version, from its version line (serviceStarted).
+        self.software = read_version_line(None)
 
     @property
     def identity(self) -> Identity:
@@ -418,6 +421,7 @@ class RelayConnection(FlowConnection):
 
     def serviceStarted(self) -> None:
         super().serviceStarted()
+        self.software = read_version_line(getattr(self.transport, "otherVersionString", None))
         ka = self.core.config.keepalive
         if ka.interval > 0:
             self.keepalive = KeepaliveMonitor(

@@ -50,6 +50,7 @@ from zope.interface import implementer
 from relay.datapath.bridge import Bridge
 from relay.datapath.splicing import PairResult
 from relay.ssh.aead import AEADTransportMixin
+from relay.ssh.peersoftware import PeerSoftware, read_version_line
 from relay.testing.keys import KeyRing, TestKey, new_key
 from relay.testing.ssh import BareSSHTransport, FakeSSHConnection, FakeSSHTransport
 
@@ -287,6 +288,8 @@ class FakeRelayConnection:
     disconnected: list[str] = field(default_factory=list)
     revoked: list[tuple[str, int, str]] = field(default_factory=list)
     leftOnPurpose: bool = False  # the peer said DISCONNECT by application
+    # from its version line (relay.ssh.peersoftware): none read, unless a test says
+    software: PeerSoftware = field(default_factory=lambda: read_version_line(None))
 
     @property
     def principal_name(self) -> str:

@@ -196,6 +196,8 @@ def test_an_agent_certificate_registers_the_services_its_principals_name(
     proc.wait_stderr(r"remote forward failure for: listen gpu-cluster:22")
     agents = relay.status()["relay"]["agents"]
     assert agents[0]["name"] == "lab_pc" and agents[0]["services"] == ["web:8080"]
+    # a stock ssh -R as the agent: its software shown (docs/operations.md)
+    assert agents[0]["version"].startswith("not labrelay: OpenSSH_"), agents
 
 
 KEY_TYPES = {"ed25519": ["-t", "ed25519"], "ecdsa": ["-t", "ecdsa", "-b", "256"],

@@ -31,6 +31,12 @@ what this round added behaves as the older side allows:
   told why and carries on with its other connection; the previous relay refuses to
   start with that key in its config (a downgrade must remove it).
 
+The relay shows which version the agent runs (docs/operations.md, "Which version each
+agent runs"): this relay shows the previous agent's as ``unknown (before 0.2.0.dev0)``,
+the previous relay shows none.  The previous version has the TLS transport, so both
+mixed pairings also run with the agent's link over TLS (port 443's transport), where
+stock ssh reaches the relay through ``openssl s_client``.
+
 Nothing is logged at level critical, and no traceback, by either side.  A control
 pairing (this version on both sides) runs the same steps, so each degraded answer is
 shown to differ from the full one.  Last, the relay upgraded in place and rolled back
@@ -53,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT, Targets
+from conftest import REPO_ROOT, Targets, child_env
 from harness import (
     AUDITED_LABRELAY,
     LOOPBACK,
@@ -74,13 +80,20 @@ from harness import (
     recv_exactly,
     write_known_hosts,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from relay_fixtures import (
     admin_port,
     admin_status,
     connect_argv,
+    ssh_defaults,
     stock_local_forward,
     wait_until,
 )
+from tlscerts import CA, RELAY_NAME
+
+from relay import __version__
+from relay.ssh.peersoftware import FIRST_SENT
+from relay.user.sshconfig import tls_proxy_command
 
 pytestmark = pytest.mark.integration
 
@@ -89,6 +102,7 @@ POOL = 2
 SIZE = 4 * MiB
 GENERIC_REFUSAL = "refused by the server (port in use or not permitted)"
 KEYS_REFUSED_RETRY = 10.0  # relay.agent.link.KEYS_REFUSED_RETRY (this agent's floor)
+OLD_AGENT = f"unknown (before {FIRST_SENT})"  # how this relay shows the previous agent
 
 
 # --- the previous version's tree ---------------------------------------------------------
@@ -318,6 +332,48 @@ def _no_traceback(procs: list[AgentProcess]) -> None:
         assert "Traceback" not in "\n".join(proc.stderr.lines), (proc.name, proc.stderr.lines)
 
 
+def _agent_version_shown(relay: RelayNode, v: Versions) -> None:
+    """Which version the agent lab_pc runs, where the relay's operator looks: this
+    relay names it in its relay_connected and relay_service_registered lines, in
+    ``labrelay status`` (JSON and text) and in ``labrelay_relay_agent_connections``; the
+    previous agent names none (its line is the bare ``SSH-2.0-labrelay``), so it shows
+    as ``unknown (before 0.2.0.dev0)``.  The previous relay takes this agent's line as
+    labrelay's (everything above depends on it) and shows no version; this version's
+    ``labrelay status`` against it says ``?``."""
+    shown = OLD_AGENT if v.agent_previous else __version__
+    connected = relay.wait_for("relay_connected", since=0, advance=False, name="lab_pc")
+    registered = relay.wait_for("relay_service_registered", since=0, advance=False,
+                                agent="lab_pc")
+    agents = relay.status()["relay"]["agents"]
+    if v.relay_previous:
+        assert "version" not in connected and "version" not in registered
+        assert all("version" not in a for a in agents), agents
+        shown = "?"
+    else:
+        # and its own, as every labrelay process says it
+        assert relay.wait_for("agent_started", since=0, advance=False)["version"] == __version__
+        assert connected["version"] == registered["version"] == shown, (connected, registered)
+        assert f", version {shown}" in connected["text"], connected
+        assert f"(agent version {shown})" in registered["text"], registered
+        assert {a["version"] for a in agents if a["name"] == "lab_pc"} == {shown}, agents
+        assert {a["software"] for a in agents} == {
+            "labrelay" if v.agent_previous else f"labrelay_{__version__}"}, agents
+        samples = [s for f in text_string_to_metric_families(relay.metrics())
+                   if f.name == "labrelay_relay_agent_connections" for s in f.samples]
+        assert [(s.labels, s.value) for s in samples] == [
+            ({"agent": "lab_pc", "version": shown}, 1.0)], samples
+    table = subprocess.run([sys.executable, "-m", "relay", "status", "--admin", relay.admin],
+                           capture_output=True, timeout=60, env={**os.environ, **child_env()},
+                           cwd=REPO_ROOT)
+    assert table.returncode == 0, table.stderr.decode()
+    lines = table.stdout.decode().splitlines()
+    assert lines[0].startswith(f"labrelay {__version__ if not v.relay_previous else '0.1.0'} ")
+    assert next(x for x in lines if x.startswith("AGENT")).split()[:3] == [
+        "AGENT", "FROM", "VERSION"], lines
+    row = next(x for x in lines if x.startswith("lab_pc "))
+    assert f" {shown} " in row, row
+
+
 def test_mixed_versions_serve_stock_ssh_and_degrade_to_the_older_side(
         pairing: Pairing, start_ssh: Callable[..., SshProcess]) -> None:
     """One pairing (see the module's docstring): stock ssh's paths byte-exact, then
@@ -340,6 +396,7 @@ def test_mixed_versions_serve_stock_ssh_and_degrade_to_the_older_side(
     wait_until(lambda: admin_status(agent_admin)["links"][0]["fast_path"]["idle"] == POOL
                and p.relay.status()["relay"]["fast_path"]["pools"].get("lab_pc") == POOL,
                "the agent's pool to fill", timeout=30)
+    _agent_version_shown(p.relay, v)
     ssh = find_program("ssh") or "ssh"
     cfg = p.config()
     jump = f"alice@{LOOPBACK}:{p.relay.port}"
@@ -462,6 +519,128 @@ def test_mixed_versions_serve_stock_ssh_and_degrade_to_the_older_side(
     if not v.agent_previous:  # this agent says what became of them; the previous did not
         agent.wait_for("link_resume_impossible", since=0, why="the link was stopped")
     _no_traceback([p.relay.proc, agent])
+
+
+# --- over the TLS transport (SSH inside TLS, port 443) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_ca(tmp_path_factory: pytest.TempPathFactory) -> CA:
+    return CA(tmp_path_factory.mktemp("tls-ca"))
+
+
+# test_tls.py runs this version on both sides; these are the two mixed ones.
+TLS_PAIRINGS = {name: v for name, v in PAIRINGS.items() if not v.both_new}
+
+
+@pytest.mark.parametrize("name", list(TLS_PAIRINGS))
+def test_mixed_versions_over_the_tls_link(
+        name: str, previous_tree: Path, client_key: KeyPair,
+        start_process: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
+        targets: Targets, tls_ca: CA, start_ssh: Callable[..., SshProcess],
+        tmp_path: Path) -> None:
+    """The previous version has the TLS transport (its relay's ``tls_listen``, its
+    agent's ``transport = "tls"``; round 13 changed only the TLS port's gate at accept
+    and the client's messages), so each mixed pairing runs over it: the agent's link
+    goes to the relay's TLS port (CA file, SNI), through a proxy; the relay shows the
+    agent's version as over plain SSH; stock ``ssh`` with ``openssl s_client`` as the
+    ProxyCommand to the relay's TLS port moves 4 MiB up and back to gpu-cluster by
+    ``-J`` (both hops in TLS), ``ssh -L`` on the SSH port echoes 4 MiB to web; the link
+    is cut with a session open and the session resumes; no TLS handshake failed, and
+    nothing critical and no traceback on either side."""
+    v = TLS_PAIRINGS[name]
+    old_env = previous_env(previous_tree)
+    lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
+    alice = make_key(tmp_path / "alice", comment="alice")
+    gpu = sshd_factory("gpu_cluster")
+    web = targets.echo(greeting=b"web\n")
+    cert = tls_ca.issue("relay", (RELAY_NAME,))
+    config = write_relay_dir(
+        tmp_path / "relay",
+        agents=[f'permitlisten="gpu-cluster:22",permitlisten="web:8080" '
+                f"{lab_pc.public_blob()} lab_pc"],
+        users=[f'permitopen="gpu-cluster:22",permitopen="web:8080" {alice.public_blob()} alice'],
+        relay_toml=f'tls_cert = "{cert.cert}"\ntls_key = "{cert.key}"\n'
+                   f'tls_listen = "127.0.0.1:0"\ntls_handshake_timeout = 5\n'
+                   f"resume_grace = {GRACE}\n")
+    proc = start_process(relay_argv(v.relay_previous, config), name="relay",
+                         env=old_env if v.relay_previous else {})
+    relay = RelayNode(proc, config.parent, admin_port(proc))
+    tls_port = proc.wait_for("relay_tls_listening", since=0, advance=False)["port"]
+    relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
+    relay.trust(f"{RELAY_NAME} {relay.host_key_blob}")  # ssh through s_client: by name
+
+    # The agent's link: TLS to the relay's TLS port, through a proxy (to be cut);
+    # -p: the SSH port names the relay in known_hosts whichever way it is reached.
+    link = targets.proxy((LOOPBACK, tls_port))
+    agent = start_process(agent_argv(
+        v.agent_previous, "-p", str(relay.port), "-i", str(lab_pc.path),
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "Transport=tls",
+        "-o", f"TLSPort={link.port}", "-o", f"TLSServerName={RELAY_NAME}",
+        "-o", f"TLSCAFile={tls_ca.pem_path}", "--fast-path-pool", "0",
+        "--backoff-initial", "0.2", "--backoff-max", "1",
+        "-R", f"gpu-cluster:22:127.0.0.1:{gpu.port}", "-R", f"web:8080:127.0.0.1:{web.port}",
+        f"lab_pc@{LOOPBACK}"), name="agent", env=old_env if v.agent_previous else {})  # fmt: skip
+    connected = agent.wait_for("link_connected", timeout=30, since=0, advance=False)
+    assert connected["route"] == f"tls {LOOPBACK}:{link.port}", connected
+    for bind in ("gpu-cluster", "web"):
+        agent.wait_for("forward_ready", timeout=20, since=0, advance=False, bind=bind)
+    _agent_version_shown(relay, v)
+
+    ssh = find_program("ssh") or "ssh"
+    cfg = tmp_path / "ssh_config"
+    proxy_command = tls_proxy_command(RELAY_NAME, tls_port, ca_file=str(tls_ca.pem_path),
+                                      connect=LOOPBACK)
+    cfg.write_text(f"""\
+Host relay-tls
+  HostName {RELAY_NAME}
+  User alice
+  IdentityFile {alice.path}
+  ProxyCommand {proxy_command}
+Host gpu-cluster
+  User root
+  IdentityFile {client_key.path}
+  ProxyJump relay-tls
+Host {LOOPBACK}
+  User alice
+  IdentityFile {alice.path}
+""" + ssh_defaults(relay.known_hosts))
+    handshakes = relay.status()["relay"]["tls"]["handshakes"]
+
+    # ssh -J through the relay's TLS port to gpu-cluster (over the agent's TLS link).
+    stream = DataStream(24, SIZE)
+    there = tmp_path / "there.bin"
+    _ssh([ssh, "-F", str(cfg), "gpu-cluster", f"cat > {there}"], stream.bytes())
+    assert hashlib.sha256(there.read_bytes()).hexdigest() == stream.sha256
+    back = _ssh([ssh, "-F", str(cfg), "gpu-cluster", f"cat {there}"])
+    assert len(back) == SIZE and hashlib.sha256(back).hexdigest() == stream.sha256
+
+    # ssh -L on the relay's SSH port to web, 4 MiB echoed over the agent's TLS link.
+    _, port = stock_local_forward(start_ssh, lambda port: [
+        ssh, "-v", "-F", str(cfg), "-N", "-o", "ExitOnForwardFailure=yes",
+        "-p", str(relay.port), "-L", f"127.0.0.1:{port}:web:8080", LOOPBACK])
+    payload = DataStream(25, SIZE).bytes()
+    got = echo_roundtrip(port, payload, greeting=b"web\n", timeout=60)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+
+    # The TLS link cut (both ends reset) with a session open: resumed over a new one.
+    session = Interactive(port)
+    assert session.line(b"before") == b"before"
+    mark, rmark = agent.mark(), relay.mark()
+    link.kill_all()
+    agent.wait_for("link_lost", timeout=10, since=mark)
+    again = agent.wait_for("link_connected", timeout=20, since=mark)
+    assert again["route"] == f"tls {LOOPBACK}:{link.port}", again
+    agent.wait_for("session_resumed", timeout=20, since=mark)
+    relay.wait_for("session_resumed", timeout=20, since=rmark)
+    assert session.line(b"after") == b"after"
+    session.sock.close()
+
+    tls = relay.status()["relay"]["tls"]
+    # the agent's two links and the two ssh -J hops, at least; none failed
+    assert tls["handshakes"] >= handshakes + 3 and tls["handshake_failed"] == 0, tls
+    assert agent.stop() == 0
+    _no_traceback([relay.proc, agent])
 
 
 def test_the_previous_relay_refuses_a_config_with_max_connections_per_user(

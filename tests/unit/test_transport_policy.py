@@ -556,11 +556,16 @@ def test_client_side_key_exchange_timeout() -> None:
 # --- larger channel packets between two labrelay ends (issue 13) -------------------------
 
 
-def test_both_labrelay_ends_announce_the_same_version_string() -> None:
+def test_both_labrelay_ends_announce_a_labrelay_version_string() -> None:
+    """The relay's line is bare; the agent's names its version after a ``_``
+    (tests/unit/test_peer_software.py): each is labrelay's to the other."""
     from relay.ssh.client import LinkTransport
     from relay.ssh.server import RelayTransport
 
-    assert RelayTransport.ourVersionString == LinkTransport.ourVersionString == b"SSH-2.0-labrelay"
+    assert RelayTransport.ourVersionString == b"SSH-2.0-labrelay"
+    assert LinkTransport.ourVersionString.startswith(b"SSH-2.0-labrelay_")
+    assert policy.labrelay_peer(RelayTransport.ourVersionString)
+    assert policy.labrelay_peer(LinkTransport.ourVersionString)
 
 
 @pytest.mark.parametrize(("version", "ours"), [
