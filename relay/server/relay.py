@@ -24,6 +24,7 @@ from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
 from relay.core.burstlog import PerKeyLog
 from relay.core.certs import describe as describe_cert
+from relay.core.certs import is_certificate
 from relay.core.resume import HELLO as RESUME_HELLO
 from relay.core.router import SUPERSEDED, Decision, Probe, Router, Verdict, label_of
 from relay.core.routing import PUBLIC, Registration, Registry
@@ -412,18 +413,22 @@ class RelayCore(SessionOpening):
                     and self.grants.public_port_owner(port) is None):
                 self.publicPorts.close(port)
 
-    def endKey(self, key_blob: bytes, why: str, login: str = "") -> None:
-        """Close every session and connection of ``key_blob`` (it expired or was revoked);
-        with ``login``, only those of the connections that logged in under that name (a
-        certificate no longer usable as one login may still be as another)."""
+    def endKey(self, key_blob: bytes, why: str, login: str | None = None) -> None:
+        """Close every session and connection of ``key_blob`` (it expired or was revoked),
+        the sessions held for it while its agent's link is down included.  For a
+        certificate with ``login``, only those of that login: the connections that logged
+        in under that name, their sessions, and the sessions held for the agent that did
+        (a certificate no longer usable as one login may still be as another).  A plain
+        key's grants do not depend on the login: all of its."""
+        if login is not None and not is_certificate(key_blob):
+            login = None
         for session in [s for s in self.sessions.rows()
-                        if s.key == key_blob and (not login or s.login == login)]:
+                        if s.key == key_blob and (login is None or s.login == login)]:
             self._closeSession(session, why)
-        if not login:
-            for session in self.resumes.held_rows_of(key_blob):  # held for that agent key
-                self._closeSession(session, f"held for resumption: {why}")
+        for session in self.resumes.held_rows_of(key_blob, login):  # held for that agent
+            self._closeSession(session, f"held for resumption: {why}")
         for conn in [c for c in self.connections if c.identity.key_blob == key_blob
-                     and (not login or c.identity.login == login)]:
+                     and (login is None or c.identity.login == login)]:
             for reg in self.registry.held_by(conn):
                 self._dropRegistration(reg, why, tell=False)
             ca, key_id = describe_cert(key_blob)
