@@ -370,31 +370,38 @@ class RelayCore(SessionOpening):
         are no longer usable for a reason a diff cannot show (expired, revoked by the
         KRL, a certificate whose CA went) go too (:meth:`KeyExpiry.recheck`)."""
         self.expiry.recheck(skip=change.losses.keys())
-        if not change.losses:
+        # What each key lost: the diff's, by key.  A certificate is granted by its CA
+        # line, which the diff by key cannot see: every certificate in use is looked at
+        # as if narrowed (its lines may have lost a service or a public port), each
+        # connection, session and held session as its own login, against the grants now
+        # in force; one that lost nothing keeps everything.  One no longer usable at all
+        # was ended by the recheck above.
+        looked = {key: loss.everything for key, loss in change.losses.items()}
+        for blob in self.expiry.keys_in_use():
+            if is_certificate(blob):
+                looked.setdefault(blob, False)
+        if not looked:
             return
         for session in self.sessions.rows():
             key = session.key
-            loss = change.losses.get(key) if key is not None else None
-            if key is None or loss is None:
+            everything = looked.get(key) if key is not None else None
+            if key is None or everything is None or session.closing is not None:
                 continue
-            principal = (None if loss.everything
-                         else self.grants.principal_for(key, session.login or None))
+            principal = None if everything else self.grants.principal_for(
+                key, session.login or None)
             name, _, port = session.service.rpartition(":")
             if principal is None or not principal.may_reach(name, int(port)):
-                why = ("the user's key is no longer granted" if loss.everything
+                why = ("the user's key is no longer granted" if principal is None
                        else f"{session.service} is no longer granted to user {session.user}")
                 self._closeSession(session, why)
-        for session, why in self.resumes.no_longer_granted(change.losses,
-                                                           self.grants.principal_for):
+        for session, why in self.resumes.no_longer_granted(looked, self.grants.principal_for):
             self._closeSession(session, f"held for resumption: {why}")
         self._endHopelessWaits()
         for conn in sorted(self.connections, key=lambda c: (c.identity.kind, c.principal_name)):
             loss = change.losses.get(conn.identity.key_blob)
-            if loss is None:
-                continue
-            if loss.everything:
+            if loss is not None and loss.everything:
                 self._revokeConnection(conn, loss.where)
-            elif conn.identity.kind == "agent":
+            elif conn.identity.kind == "agent" and conn.identity.key_blob in looked:
                 for reg in self.router.no_longer_held(conn):
                     self._dropRegistration(reg, f"{_label(reg)} is no longer granted to "
                                            f"agent {conn.principal_name}", tell=True)

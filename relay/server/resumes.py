@@ -79,22 +79,25 @@ class RelayResumes:
         return sum(1 for s in self.sessions.held_sides()
                    if s.row is not None and s.row.agent is conn)
 
-    def no_longer_granted(self, losses: Mapping[bytes, Any],
+    def no_longer_granted(self, looked: Mapping[bytes, bool],
                           principal_for: Callable[[bytes, str | None], Any]
                           ) -> list[tuple[Any, str]]:
         """Held sessions whose agent key lost the grant for their service (or every
-        grant): ``(session row, why)`` each, for the relay to close.  A held session has
-        no registration left to drop (its agent's connection is gone), so a reload that
-        narrows an agent's grants must find them here, or the agent would resume a
-        session to a service it may no longer serve (docs/security.md).  Each is looked
-        up as the login its agent made (a certificate's grants depend on it)."""
+        grant): ``(session row, why)`` each, for the relay to close.  ``looked``: the
+        keys a reload may have taken something from, each with whether it lost
+        everything.  A held session has no registration left to drop (its agent's
+        connection is gone), so a reload that narrows an agent's grants must find them
+        here, or the agent would resume a session to a service it may no longer serve
+        (docs/security.md).  Each is looked up as the login its agent made (a
+        certificate's grants depend on it)."""
         out = []
         for side in self.sessions.held_sides():
             owner = _owner(side)
-            loss = losses.get(owner[0]) if owner is not None else None
-            if loss is None or side.row is None or owner is None:
+            everything = looked.get(owner[0]) if owner is not None else None
+            if everything is None or owner is None or side.row is None \
+                    or side.row.closing is not None:
                 continue
-            principal = None if loss.everything else principal_for(owner[0], owner[2] or None)
+            principal = None if everything else principal_for(owner[0], owner[2] or None)
             name, _, port = side.row.service.rpartition(":")
             if principal is not None and (principal.may_bind_public(int(port))
                                           if name in (PUBLIC, "public")

@@ -640,11 +640,12 @@ CertWorld = tuple[RelayNode, Any, AgentProcess, Path, int, int, Any]
 def _cert_lines(ca: str, held_port: int, spare_port: int, lab_pc: str = "",
                 spare: str = "") -> str:
     """The agents file: a lab CA line for each of the certificate's two principals,
-    each with a public port and the extra options given."""
-    return (f'cert-authority,principals="lab_pc",permitlisten="{held_port}"{lab_pc} {ca} '
-            'lab_pc\n'
-            f'cert-authority,principals="spare",permitlisten="{spare_port}"{spare} {ca} '
-            'spare\n')
+    each with a public port (none: 0) and the extra options given."""
+    def port(p: int) -> str:
+        return f'permitlisten="{p}"' if p else 'permitlisten="web:8080"'
+
+    return (f'cert-authority,principals="lab_pc",{port(held_port)}{lab_pc} {ca} lab_pc\n'
+            f'cert-authority,principals="spare",{port(spare_port)}{spare} {ca} spare\n')
 
 
 def _cert_world(start_relay: Callable[..., RelayNode],
@@ -804,3 +805,45 @@ def test_a_held_session_outlives_the_end_of_its_certificates_other_login(
     assert recv_exactly(sock, 5) == b"after"
     assert relay.status()["relay"]["held_sessions"] == []
     assert relay.events("session_resume_refused", since=rmark) == []
+
+
+def test_a_ca_line_narrowed_while_the_link_is_down_ends_the_held_session_at_once(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess], targets: Targets, tmp_path: Path,
+) -> None:
+    """The lab CA's lines lose their public ports (``permitlisten``) while lab_pc's link
+    is down, and the same certificate is connected as spare (a stock ``ssh -R``): the
+    session held for lab_pc is reset at once and spare's port is taken from it.  A
+    certificate is granted by its CA line, which the diff of a reload (by key) cannot
+    name: both kept what their line no longer granted, lab_pc to resume its session when
+    back within the grace, spare its listening port for as long as it stayed connected."""
+    relay, proxy, agent, key, held_port, spare_port, echo = _cert_world(
+        start_relay, start_agent, targets, tmp_path)
+    sock = _hold(relay, proxy, agent, held_port)
+    _second_login("ssh", relay, key, spare_port, echo, start_agent, start_ssh)
+
+    ca = " ".join((tmp_path / "pki" / "ca.pub").read_text().split()[:2])
+    rmark, mark = relay.mark(), agent.mark()
+    t0 = time.monotonic()
+    _replace(relay.dir / "agents", _cert_lines(ca, 0, 0))
+    ended = relay.wait_for("relay_session_revoked", timeout=10, since=rmark,
+                           service=f"public:{held_port}")
+    assert ended["why"] == (f"held for resumption: public:{held_port} is no longer granted "
+                            "to agent lab_pc"), ended
+    sock.settimeout(10)
+    with pytest.raises(OSError):
+        sock.sendall(b"x")
+        if sock.recv(1) == b"":
+            raise ConnectionResetError("closed")
+    print(f"\nheld session of a narrowed CA line reset {time.monotonic() - t0:.2f}s after "
+          "the change (grace 60 s)")
+    dropped = relay.wait_for("relay_registration_revoked", timeout=10, since=rmark,
+                             agent="spare")
+    assert dropped["service"] == f"public:{spare_port}", dropped
+    with pytest.raises(OSError):
+        connect(spare_port, timeout=5).recv(1)  # nothing listens there any more
+    assert relay.events("relay_key_ended", since=rmark) == []  # narrowed, not ended
+
+    proxy.restore()  # type: ignore[attr-defined]
+    agent.wait_for("link_connected", timeout=30, since=mark)
+    assert relay.events("session_resumed", since=rmark) == []
