@@ -368,7 +368,8 @@ class RelayCore(SessionOpening):
         loses its sessions to services it may no longer reach.  Decisions use the
         grants now in force; ``change`` only says whose things to look at.  Keys that
         are no longer usable for a reason a diff cannot show (expired, revoked by the
-        KRL, a certificate whose CA went) go too (:meth:`KeyExpiry.recheck`)."""
+        KRL, a certificate whose CA went) go too (:meth:`KeyExpiry.recheck`), and every
+        certificate in use is looked at as narrowed (its CA line may have lost grants)."""
         self.expiry.recheck(skip=change.losses.keys())
         # What each key lost: the diff's, by key.  A certificate is granted by its CA
         # line, which the diff by key cannot see: every certificate in use is looked at
@@ -382,19 +383,27 @@ class RelayCore(SessionOpening):
                 looked.setdefault(blob, False)
         if not looked:
             return
+        memo: dict[tuple[bytes, str | None], Principal | None] = {}
+
+        def principal_for(key: bytes, login: str | None) -> Principal | None:
+            """The grants' look-up, once per (key, login): a certificate's re-runs its
+            checks (a signature), and a lab's users may have many sessions each."""
+            if (key, login) not in memo:
+                memo[(key, login)] = self.grants.principal_for(key, login)
+            return memo[(key, login)]
+
         for session in self.sessions.rows():
             key = session.key
             everything = looked.get(key) if key is not None else None
             if key is None or everything is None or session.closing is not None:
                 continue
-            principal = None if everything else self.grants.principal_for(
-                key, session.login or None)
+            principal = None if everything else principal_for(key, session.login or None)
             name, _, port = session.service.rpartition(":")
             if principal is None or not principal.may_reach(name, int(port)):
                 why = ("the user's key is no longer granted" if principal is None
                        else f"{session.service} is no longer granted to user {session.user}")
                 self._closeSession(session, why)
-        for session, why in self.resumes.no_longer_granted(looked, self.grants.principal_for):
+        for session, why in self.resumes.no_longer_granted(looked, principal_for):
             self._closeSession(session, f"held for resumption: {why}")
         self._endHopelessWaits()
         for conn in sorted(self.connections, key=lambda c: (c.identity.kind, c.principal_name)):
@@ -518,7 +527,7 @@ class RelayCore(SessionOpening):
         return relay_status(
             self.reactor.seconds(), self.config, self.connections, self.registry,
             self.sessions, sorted(self.publicPorts.listeners),
-            {"held_sessions": self.resume.status(),
+            {"held_sessions": self.resumes.status(),
              "fast_path": self.dataport.status(), "admission": self.admission.status(),
              "sharing": self.sharing.status(self.connections),
              "counters": dict(self.counters),

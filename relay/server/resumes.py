@@ -128,6 +128,19 @@ class RelayResumes:
                 out.append(side.row)
         return out
 
+    def status(self) -> list[dict[str, Any]]:
+        """The held sessions (:meth:`ResumableSessions.status`), each with the agent it
+        is held for and the login that agent made ("" for a plain key): for a
+        certificate, the login whose grants it is checked against while its link is
+        down, and the one that may resume it."""
+        out = []
+        for side, shown in zip(self.sessions.held_sides(), self.sessions.status(),
+                               strict=True):
+            owner, agent = _owner(side), getattr(side.row, "agent", None)
+            out.append({**shown, "agent": getattr(agent, "principal_name", ""),
+                        "login": owner[2] if owner is not None else ""})
+        return out
+
     def _resumed(self, side: ResumableSide) -> None:
         """A session continues over its agent's new connection: its row follows, and
         the new channel is scheduled as its user's again, here and at the agent."""

@@ -741,9 +741,11 @@ def test_a_held_session_ends_when_its_agents_login_does_not_the_certificates_las
     rmark = relay.mark()
     _second_login(client, relay, key, spare_port, echo, start_agent, start_ssh)
     # A second agent process with the same certificate, logged in as another name, is
-    # not lab_pc's restart: its hello leaves lab_pc's held session alone.
+    # not lab_pc's restart: its hello leaves lab_pc's held session alone.  Status says
+    # whose it is: lab_pc's, as the login lab_pc made (not the certificate's last).
     assert relay.events("session_resume_refused", since=rmark) == []
-    assert len(relay.status()["relay"]["held_sessions"]) == 1
+    [shown] = relay.status()["relay"]["held_sessions"]
+    assert (shown["agent"], shown["login"]) == ("lab_pc", "lab_pc"), shown
 
     ca = " ".join((tmp_path / "pki" / "ca.pub").read_text().split()[:2])
     rmark = relay.mark()
