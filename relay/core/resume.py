@@ -135,7 +135,7 @@ class Stream:
 
     def __init__(self, sid: bytes, owner: object = None) -> None:
         self.sid = sid
-        self.owner = owner  # who may resume it (the relay: the agent's key)
+        self.owner = owner  # who may resume it (the relay: agent key, process, login)
         self.state = StreamState.OPEN
         self.sent = 0  # bytes written toward the peer, in total
         self.acked = 0  # of which the peer said it delivered downstream

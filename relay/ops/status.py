@@ -408,10 +408,18 @@ def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
 
 
 def _held(held: list[dict[str, Any]]) -> str:
-    """Held sessions (docs/resilience.md): how long each has been held, and until when."""
-    return _table([["SESSION", "ID", "HELD FOR", "RESET IN", "UNACKED BYTES"]] + [
-        [h["session"], h["id"], f"{h['age']:.0f}s", f"{h['expires_in']:.0f}s",
-         str(h["unacked_bytes"])] for h in held])
+    """Held sessions (docs/resilience.md): how long each has been held, and until when;
+    at the relay, for which agent (and the login it made, if not its name: a
+    certificate's held sessions are checked as that login)."""
+    rows = [[h["session"], h["id"], f"{h['age']:.0f}s", f"{h['expires_in']:.0f}s",
+             str(h["unacked_bytes"])] for h in held]
+    if not any("agent" in h for h in held):  # an agent link's, or an older relay's
+        return _table([["SESSION", "ID", "HELD FOR", "RESET IN", "UNACKED BYTES"], *rows])
+    for row, h in zip(rows, held, strict=True):
+        agent, login = h.get("agent") or "-", h.get("login") or ""
+        row.insert(0, agent if login in ("", agent) else f"{agent} (login {login})")
+    return _table([["AGENT", "SESSION", "ID", "HELD FOR", "RESET IN", "UNACKED BYTES"],
+                   *rows])
 
 
 def base_snapshot(pid: int, started: float) -> dict[str, Any]:

@@ -31,16 +31,16 @@ class KeyHolder(Protocol):
     sessions: Any
     resumes: Any  # relay.server.resumes.RelayResumes: sessions held for an agent key
 
-    def endKey(self, key_blob: bytes, why: str, login: str = "") -> None:
-        """Close every session and connection of ``key_blob`` (with ``login``: only
-        those that logged in under that name)."""
+    def endKey(self, key_blob: bytes, why: str, login: str | None = None) -> None:
+        """Close every session and connection of ``key_blob``, held sessions included
+        (for a certificate with ``login``: only those of that login)."""
 
 
 Holder = tuple[bytes, str]
 """A key blob in use and the login name it is checked as: a certificate's grants depend
 on the login (one certificate may be logged in as two names at once, each checked as
-its own); "" for a plain key (its grants do not), and for sessions held for an agent
-whose link is down (checked as the login its certificate made last)."""
+its own); "" for a plain key (its grants do not).  Sessions held for an agent whose
+link is down are checked as the login that agent made (relay.server.resumes)."""
 
 
 def holder(key_blob: bytes, login: str) -> Holder:
@@ -109,8 +109,9 @@ class KeyExpiry:
         out.update(holder(r.key, r.login) for r in self.relay.sessions.rows()
                    if r.key is not None)
         # An agent whose link is down has no connection, but the sessions held for it
-        # are its key's: revoked, that key can never resume them (they end now).
-        out.update((blob, "") for blob in self.relay.resumes.held_keys())
+        # are its key's, as the login it made: no longer usable as that login, it can
+        # never resume them (they end now), whatever the certificate's other logins.
+        out.update(holder(blob, login) for blob, login in self.relay.resumes.held_holders())
         return out
 
     def recheck(self, skip: Collection[bytes] = ()) -> None:

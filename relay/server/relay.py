@@ -24,6 +24,7 @@ from relay.core import fastwire
 from relay.core.admission import Admission, Offence, Refusal, Ticket
 from relay.core.burstlog import BurstLog, PerKeyLog
 from relay.core.certs import describe as describe_cert
+from relay.core.certs import is_certificate
 from relay.core.resume import HELLO as RESUME_HELLO
 from relay.core.router import SUPERSEDED, Decision, Probe, Router, Verdict, label_of
 from relay.core.routing import PUBLIC, Registration, Registry
@@ -391,33 +392,49 @@ class RelayCore(SessionOpening):
         loses its sessions to services it may no longer reach.  Decisions use the
         grants now in force; ``change`` only says whose things to look at.  Keys that
         are no longer usable for a reason a diff cannot show (expired, revoked by the
-        KRL, a certificate whose CA went) go too (:meth:`KeyExpiry.recheck`)."""
+        KRL, a certificate whose CA went) go too (:meth:`KeyExpiry.recheck`), and every
+        certificate in use is looked at as narrowed (its CA line may have lost grants)."""
         self.expiry.recheck(skip=change.losses.keys())
-        if not change.losses:
+        # What each key lost: the diff's, by key.  A certificate is granted by its CA
+        # line, which the diff by key cannot see: every certificate in use is looked at
+        # as if narrowed (its lines may have lost a service or a public port), each
+        # connection, session and held session as its own login, against the grants now
+        # in force; one that lost nothing keeps everything.  One no longer usable at all
+        # was ended by the recheck above.
+        looked = {key: loss.everything for key, loss in change.losses.items()}
+        for blob in self.expiry.keys_in_use():
+            if is_certificate(blob):
+                looked.setdefault(blob, False)
+        if not looked:
             return
+        memo: dict[tuple[bytes, str | None], Principal | None] = {}
+
+        def principal_for(key: bytes, login: str | None) -> Principal | None:
+            """The grants' look-up, once per (key, login): a certificate's re-runs its
+            checks (a signature), and a lab's users may have many sessions each."""
+            if (key, login) not in memo:
+                memo[(key, login)] = self.grants.principal_for(key, login)
+            return memo[(key, login)]
+
         for session in self.sessions.rows():
             key = session.key
-            loss = change.losses.get(key) if key is not None else None
-            if key is None or loss is None:
+            everything = looked.get(key) if key is not None else None
+            if key is None or everything is None or session.closing is not None:
                 continue
-            principal = (None if loss.everything
-                         else self.grants.principal_for(key, session.login or None))
+            principal = None if everything else principal_for(key, session.login or None)
             name, _, port = session.service.rpartition(":")
             if principal is None or not principal.may_reach(name, int(port)):
-                why = ("the user's key is no longer granted" if loss.everything
+                why = ("the user's key is no longer granted" if principal is None
                        else f"{session.service} is no longer granted to user {session.user}")
                 self._closeSession(session, why)
-        for session, why in self.resumes.no_longer_granted(change.losses,
-                                                           self.grants.principal_for):
+        for session, why in self.resumes.no_longer_granted(looked, principal_for):
             self._closeSession(session, f"held for resumption: {why}")
         self._endHopelessWaits()
         for conn in sorted(self.connections, key=lambda c: (c.identity.kind, c.principal_name)):
             loss = change.losses.get(conn.identity.key_blob)
-            if loss is None:
-                continue
-            if loss.everything:
+            if loss is not None and loss.everything:
                 self._revokeConnection(conn, loss.where)
-            elif conn.identity.kind == "agent":
+            elif conn.identity.kind == "agent" and conn.identity.key_blob in looked:
                 for reg in self.router.no_longer_held(conn):
                     self._dropRegistration(reg, f"{_label(reg)} is no longer granted to "
                                            f"agent {conn.principal_name}", tell=True)
@@ -436,18 +453,22 @@ class RelayCore(SessionOpening):
                     and self.grants.public_port_owner(port) is None):
                 self.publicPorts.close(port)
 
-    def endKey(self, key_blob: bytes, why: str, login: str = "") -> None:
-        """Close every session and connection of ``key_blob`` (it expired or was revoked);
-        with ``login``, only those of the connections that logged in under that name (a
-        certificate no longer usable as one login may still be as another)."""
+    def endKey(self, key_blob: bytes, why: str, login: str | None = None) -> None:
+        """Close every session and connection of ``key_blob`` (it expired or was revoked),
+        the sessions held for it while its agent's link is down included.  For a
+        certificate with ``login``, only those of that login: the connections that logged
+        in under that name, their sessions, and the sessions held for the agent that did
+        (a certificate no longer usable as one login may still be as another).  A plain
+        key's grants do not depend on the login: all of its."""
+        if login is not None and not is_certificate(key_blob):
+            login = None
         for session in [s for s in self.sessions.rows()
-                        if s.key == key_blob and (not login or s.login == login)]:
+                        if s.key == key_blob and (login is None or s.login == login)]:
             self._closeSession(session, why)
-        if not login:
-            for session in self.resumes.held_rows_of(key_blob):  # held for that agent key
-                self._closeSession(session, f"held for resumption: {why}")
+        for session in self.resumes.held_rows_of(key_blob, login):  # held for that agent
+            self._closeSession(session, f"held for resumption: {why}")
         for conn in [c for c in self.connections if c.identity.key_blob == key_blob
-                     and (not login or c.identity.login == login)]:
+                     and (login is None or c.identity.login == login)]:
             for reg in self.registry.held_by(conn):
                 self._dropRegistration(reg, why, tell=False)
             ca, key_id = describe_cert(key_blob)
@@ -531,7 +552,7 @@ class RelayCore(SessionOpening):
         return relay_status(
             self.reactor.seconds(), self.config, self.connections, self.registry,
             self.sessions, sorted(self.publicPorts.listeners),
-            {"held_sessions": self.resume.status(),
+            {"held_sessions": self.resumes.status(),
              "fast_path": self.dataport.status(), "admission": self.admission.status(),
              "sharing": self.sharing.status(self.connections),
              "counters": dict(self.counters),

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from relay.core.resume import pack_hello_reply, unpack_hello
 from relay.core.routing import PUBLIC
 from relay.ssh.resumable import ResumableSessions, ResumableSide
-from relay.ssh.server import RelayConnection
+from relay.ssh.server import RelayConnection, resume_owner
 
 
 class RelayResumes:
@@ -44,13 +44,16 @@ class RelayResumes:
         except ValueError:
             return False
         conn.resumable, conn.agent_instance = True, instance
-        key = conn.identity.key_blob
+        key, _, login = resume_owner(conn.identity, instance)
         for side in self.sessions.held_sides():
-            owner: Any = side.stream.owner
-            if owner[0] == key and owner[1] != instance:
+            owner = _owner(side)
+            if owner is not None and (owner[0], owner[2]) == (key, login) \
+                    and owner[1] != instance:
                 # The relay cannot tell a restart from a second process running with
                 # the same key (a standby): either way the held session's other end is
-                # not this process's, and the log says both (docs/resilience.md).
+                # not this process's, and the log says both (docs/resilience.md).  The
+                # same certificate logged in under another name is another agent, not
+                # this one's restart: its sessions wait for their own agent.
                 why = "its agent restarted, or another agent with its key connected"
                 self._log.warn(
                     "agent {agent}: session {label} cannot be resumed: {why}",
@@ -76,21 +79,25 @@ class RelayResumes:
         return sum(1 for s in self.sessions.held_sides()
                    if s.row is not None and s.row.agent is conn)
 
-    def no_longer_granted(self, losses: Mapping[bytes, Any],
-                          principal_for: Callable[[bytes], Any]) -> list[tuple[Any, str]]:
+    def no_longer_granted(self, looked: Mapping[bytes, bool],
+                          principal_for: Callable[[bytes, str | None], Any]
+                          ) -> list[tuple[Any, str]]:
         """Held sessions whose agent key lost the grant for their service (or every
-        grant): ``(session row, why)`` each, for the relay to close.  A held session has
-        no registration left to drop (its agent's connection is gone), so a reload that
-        narrows an agent's grants must find them here, or the agent would resume a
-        session to a service it may no longer serve (docs/security.md)."""
+        grant): ``(session row, why)`` each, for the relay to close.  ``looked``: the
+        keys a reload may have taken something from, each with whether it lost
+        everything.  A held session has no registration left to drop (its agent's
+        connection is gone), so a reload that narrows an agent's grants must find them
+        here, or the agent would resume a session to a service it may no longer serve
+        (docs/security.md).  Each is looked up as the login its agent made (a
+        certificate's grants depend on it)."""
         out = []
         for side in self.sessions.held_sides():
-            owner: Any = side.stream.owner
-            key = owner[0] if isinstance(owner, tuple) else None
-            loss = losses.get(key) if isinstance(key, bytes) else None
-            if loss is None or side.row is None or not isinstance(key, bytes):
+            owner = _owner(side)
+            everything = looked.get(owner[0]) if owner is not None else None
+            if everything is None or owner is None or side.row is None \
+                    or side.row.closing is not None:
                 continue
-            principal = None if loss.everything else principal_for(key)
+            principal = None if everything else principal_for(owner[0], owner[2] or None)
             name, _, port = side.row.service.rpartition(":")
             if principal is not None and (principal.may_bind_public(int(port))
                                           if name in (PUBLIC, "public")
@@ -101,18 +108,38 @@ class RelayResumes:
             out.append((side.row, why))
         return out
 
-    def held_keys(self) -> set[bytes]:
-        """The agent keys sessions are held for (their links are down)."""
-        return {side.stream.owner[0] for side in self.sessions.held_sides()
-                if isinstance(side.stream.owner, tuple)
-                and isinstance(side.stream.owner[0], bytes)}
+    def held_holders(self) -> set[tuple[bytes, str]]:
+        """The agent keys sessions are held for (their links are down), each with the
+        login it made ("" for a plain key): what the key checks look up, per login, as
+        they do a connected agent's (relay.server.expiry)."""
+        return {(owner[0], owner[2]) for owner in map(_owner, self.sessions.held_sides())
+                if owner is not None}
 
-    def held_rows_of(self, key_blob: bytes) -> list[Any]:
+    def held_rows_of(self, key_blob: bytes, login: str | None = None) -> list[Any]:
         """The session rows held for agent key ``key_blob`` (it expired or was revoked:
-        its agent cannot resume them)."""
-        return [side.row for side in self.sessions.held_sides()
-                if side.row is not None and isinstance(side.stream.owner, tuple)
-                and side.stream.owner[0] == key_blob]
+        its agent cannot resume them); with ``login``, only those its agent opened
+        logged in under that name (a certificate no longer usable as one login may
+        still be as another, and that agent's held sessions are its own)."""
+        out = []
+        for side in self.sessions.held_sides():
+            owner = _owner(side)
+            if side.row is not None and owner is not None and owner[0] == key_blob \
+                    and (login is None or owner[2] == login):
+                out.append(side.row)
+        return out
+
+    def status(self) -> list[dict[str, Any]]:
+        """The held sessions (:meth:`ResumableSessions.status`), each with the agent it
+        is held for and the login that agent made ("" for a plain key): for a
+        certificate, the login whose grants it is checked against while its link is
+        down, and the one that may resume it."""
+        out = []
+        for side, shown in zip(self.sessions.held_sides(), self.sessions.status(),
+                               strict=True):
+            owner, agent = _owner(side), getattr(side.row, "agent", None)
+            out.append({**shown, "agent": getattr(agent, "principal_name", ""),
+                        "login": owner[2] if owner is not None else ""})
+        return out
 
     def _resumed(self, side: ResumableSide) -> None:
         """A session continues over its agent's new connection: its row follows, and
@@ -122,3 +149,14 @@ class RelayResumes:
             row.agent = side.channel.conn
             if self._retag is not None and row.user:
                 self._retag(side, row.user)
+
+
+def _owner(side: ResumableSide) -> tuple[bytes, bytes, str] | None:
+    """Who may resume ``side``: ``(agent key, agent instance, login)``, as
+    :attr:`relay.ssh.server.RelayConnection.resumeOwner` made it (None: not the
+    relay's; a test's or fuzzer's side)."""
+    owner: Any = side.stream.owner
+    if (isinstance(owner, tuple) and len(owner) == 3 and isinstance(owner[0], bytes)
+            and isinstance(owner[2], str)):
+        return owner[0], owner[1], owner[2]
+    return None

@@ -309,7 +309,7 @@ class ResumableSessions:
 
     def count_of(self, key: object) -> int:
         """The same for the sessions whose owner is ``key``'s (an owner is ``(key,
-        instance)`` at the relay): a cap per agent key."""
+        instance, login)`` at the relay): a cap per agent key, whatever its login."""
         return self._opening_of.get(key, 0) + sum(
             1 for s in self.sides.values()
             if isinstance(s.stream.owner, tuple) and s.stream.owner[0] == key)

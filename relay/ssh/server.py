@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.core.admission import Offence, Ticket, worst
+from relay.core.certs import is_certificate
 from relay.core.keepalive import KeepaliveMonitor
 from relay.core.resume import OPEN_RESUMABLE, RESUME_CHANNEL, ResumeRefused, pack_sid
 from relay.core.routing import PUBLIC_BINDS
@@ -415,6 +416,11 @@ class RelayConnection(FlowConnection):
         return self.identity.name
 
     @property
+    def resumeOwner(self) -> tuple[bytes, bytes, str]:
+        """Who may resume a session opened to this agent (:func:`resume_owner`)."""
+        return resume_owner(self.identity, self.agent_instance)
+
+    @property
     def peer(self) -> str:
         peer = self.transport.transport.getPeer()
         return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
@@ -629,7 +635,7 @@ class RelayConnection(FlowConnection):
             onPending(channel)
         service = f"public:{port}" if bind in PUBLIC_BINDS else f"{bind}:{port}"
         label = f"{service} from {origHost}:{origPort}"
-        owner = (key, self.agent_instance)
+        owner = self.resumeOwner
         resume.reserve(key)
 
         def opened(result: Any) -> Any:
@@ -641,7 +647,7 @@ class RelayConnection(FlowConnection):
 
     def _resumeSession(self, windowSize: int, maxPacket: int, data: bytes) -> BridgedChannel:
         """The agent resumes a held session on this new connection."""
-        owner = (self.identity.key_blob, self.agent_instance)
+        owner = self.resumeOwner
         try:
             return self.core.resume.accept(
                 self, owner, self.core.config.window, self.core.config.max_packet,
@@ -651,6 +657,17 @@ class RelayConnection(FlowConnection):
                            event="relay_resume_refused", name=self.principal_name,
                            why=str(e))
             raise error.ConchError(str(e), OPEN_CONNECT_FAILED) from e
+
+
+def resume_owner(identity: Any, instance: bytes) -> tuple[bytes, bytes, str]:
+    """Who may resume a session opened to an agent: its key, its process (the hello's
+    instance id) and, for a certificate, the login name it gave.  One certificate may be
+    logged in under two names at once, each another agent with grants of its own
+    (relay.server.keytrust): a session held for one is checked as that login while its
+    link is down, and only that login resumes it.  A plain key's grants do not depend
+    on the login: "" (as relay.server.expiry.holder)."""
+    login = identity.login if is_certificate(identity.key_blob) else ""
+    return (identity.key_blob, instance, login)
 
 
 def _fire(waiting: list[defer.Deferred[None]], why: Exception | None = None) -> None:

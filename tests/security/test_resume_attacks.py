@@ -15,6 +15,13 @@ for it.  Then:
   session at once, not keep the user's connection for the grace period and let the
   agent resume a session to a port it may no longer serve; the port it keeps serves
   new connections when the link is back.
+- **one certificate, two logins**: the agent logs in with an OpenSSH certificate
+  whose principals name two agents' lines (``-n lab_pc,spare``); while its link is
+  down the same certificate logs in as ``spare``.  A reload that ends the lab_pc
+  line (its ``expiry-time`` passed, or ``from=`` no longer allows it) must reset the
+  session held for lab_pc at once, and one that ends the spare line must leave it to
+  be resumed: the held session is checked as the login its agent made, not as the
+  certificate's last login.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import os
 import secrets
 import socket
 import struct
+import subprocess
 import threading
 import time
 import urllib.request
@@ -37,11 +45,14 @@ from conftest import Targets
 from harness import (
     AgentProcess,
     RelayNode,
+    SshProcess,
     connect,
+    find_program,
     free_port,
     known_hosts_line,
     make_key,
     recv_exactly,
+    ssh_argv,
 )
 from paramiko.common import cMSG_CHANNEL_OPEN
 from paramiko.message import Message
@@ -619,3 +630,222 @@ def test_a_cap_of_zero_per_agent_makes_none_of_its_sessions_resumable(
         if sock.recv(1) == b"":
             raise ConnectionResetError("closed")
     assert relay.events("session_held", since=rmark) == []
+
+
+# One certificate, two logins (docs/security.md, "Keys that come and go").
+
+CertWorld = tuple[RelayNode, Any, AgentProcess, Path, int, int, Any]
+
+
+def _cert_lines(ca: str, held_port: int, spare_port: int, lab_pc: str = "",
+                spare: str = "") -> str:
+    """The agents file: a lab CA line for each of the certificate's two principals,
+    each with a public port (none: 0) and the extra options given."""
+    def port(p: int) -> str:
+        return f'permitlisten="{p}"' if p else 'permitlisten="web:8080"'
+
+    return (f'cert-authority,principals="lab_pc",{port(held_port)}{lab_pc} {ca} lab_pc\n'
+            f'cert-authority,principals="spare",{port(spare_port)}{spare} {ca} spare\n')
+
+
+def _cert_world(start_relay: Callable[..., RelayNode],
+                start_agent: Callable[..., AgentProcess], targets: Targets,
+                tmp_path: Path) -> CertWorld:
+    """The relay; lab_pc's labrelay agent behind the proxy, logged in with a
+    certificate for ``lab_pc`` and ``spare`` (``ssh-keygen -s``) as lab_pc; the key's
+    path, lab_pc's public port and spare's, and the echo server."""
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    keygen = find_program("ssh-keygen") or "ssh-keygen"
+    subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "ca", "-f", "ca"],
+                   cwd=pki, check=True, capture_output=True)
+    key = make_key(pki / "lab_pc", comment="lab_pc")
+    subprocess.run([keygen, "-q", "-s", "ca", "-I", "lab_pc@lab", "-n", "lab_pc,spare",
+                    "-V", "-5m:+1h", "lab_pc.pub"], cwd=pki, check=True, capture_output=True)
+    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    held_port, spare_port = free_port(), free_port()
+    relay = start_relay(
+        agents=_cert_lines(ca, held_port, spare_port).splitlines(),
+        relay_toml=('public_bind = "127.0.0.1"\nresume_grace = 60\n'
+                    'keepalive_interval = 1\nkeepalive_count = 2\n'
+                    'penalty_exempt = ["127.0.0.1"]\n'),
+    )
+    proxy = targets.proxy(("127.0.0.1", relay.port))
+    relay.trust(known_hosts_line(relay.host_key_blob, proxy.port))
+    echo = targets.echo()
+    agent = start_agent(
+        "-p", str(proxy.port), "-i", str(key.path),
+        "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+        "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2",
+        "--backoff-initial", "0.2", "--backoff-max", "1", "--resume-grace", "60",
+        "-R", f"0.0.0.0:{held_port}:127.0.0.1:{echo.port}", "lab_pc@127.0.0.1", name="agent",
+    )  # fmt: skip
+    agent.wait_for("forward_ready", timeout=20, since=0, kind="remote", port=held_port)
+    assert relay.wait_for("relay_connected", since=0, name="lab_pc")["cert_id"] == "lab_pc@lab"
+    return relay, proxy, agent, key.path, held_port, spare_port, echo
+
+
+def _second_login(client: str, relay: RelayNode, key: Path, port: int, echo: Any,
+                  start_agent: Callable[..., AgentProcess],
+                  start_ssh: Callable[..., SshProcess]) -> None:
+    """The same certificate logs in as ``spare`` (the certificate's last login from now
+    on) and serves spare's public port: a stock ``ssh -R`` (no resume hello), or a
+    labrelay agent (its hello names another process of the same key)."""
+    mark = relay.mark()
+    forward = f"0.0.0.0:{port}:127.0.0.1:{echo.port}"
+    if client == "ssh":
+        proc = start_ssh(ssh_argv(relay.port, key, relay.known_hosts, "-v", "-N",
+                                  "-o", "ExitOnForwardFailure=yes", "-R", forward,
+                                  user="spare"), name="ssh-spare")
+        proc.wait_stderr(r"remote forward success")
+    else:
+        spare = start_agent(
+            "-p", str(relay.port), "-i", str(key),
+            "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            "--backoff-initial", "0.2", "--backoff-max", "1",
+            "-R", forward, "spare@127.0.0.1", name="agent-spare",
+        )  # fmt: skip
+        spare.wait_for("forward_ready", timeout=20, since=0, kind="remote", port=port)
+    assert relay.wait_for("relay_connected", since=mark, name="spare")["cert_id"] == "lab_pc@lab"
+    with connect(port, timeout=10) as sock:
+        sock.sendall(b"spare")
+        assert recv_exactly(sock, 5) == b"spare"
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@pytest.mark.parametrize(("change", "client", "reason"), [
+    ('expiry-time="20200101Z"', "ssh", "(expiry-time)"),
+    ('from="10.255.255.1"', "labrelay", "not allowed by from="),
+], ids=["expired-ssh", "from-labrelay"])
+def test_a_held_session_ends_when_its_agents_login_does_not_the_certificates_last(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess], targets: Targets, tmp_path: Path,
+    change: str, client: str, reason: str,
+) -> None:
+    """lab_pc's link is down and its session held; the same certificate then logs in
+    as ``spare``.  A reload ends the lab_pc line for it (``expiry-time`` in the past,
+    or ``from=`` another network): the held session is reset at once, its reason naming
+    the lab_pc line's limit (only that line has one).  The relay checked held sessions
+    as the certificate's last login (spare, still usable), so the user's connection
+    stayed silent for the 60 s grace; and a labrelay agent logging in as spare reset
+    lab_pc's held session with its hello, as if lab_pc had restarted.  The spare login
+    is untouched."""
+    relay, proxy, agent, key, held_port, spare_port, echo = _cert_world(
+        start_relay, start_agent, targets, tmp_path)
+    sock = _hold(relay, proxy, agent, held_port)
+    rmark = relay.mark()
+    _second_login(client, relay, key, spare_port, echo, start_agent, start_ssh)
+    # A second agent process with the same certificate, logged in as another name, is
+    # not lab_pc's restart: its hello leaves lab_pc's held session alone.  Status says
+    # whose it is: lab_pc's, as the login lab_pc made (not the certificate's last).
+    assert relay.events("session_resume_refused", since=rmark) == []
+    [shown] = relay.status()["relay"]["held_sessions"]
+    assert (shown["agent"], shown["login"]) == ("lab_pc", "lab_pc"), shown
+
+    ca = " ".join((tmp_path / "pki" / "ca.pub").read_text().split()[:2])
+    rmark = relay.mark()
+    t0 = time.monotonic()
+    _replace(relay.dir / "agents", _cert_lines(ca, held_port, spare_port, lab_pc="," + change))
+    ended = relay.wait_for("relay_session_revoked", timeout=10, since=rmark,
+                           service=f"public:{held_port}")
+    assert "held for resumption" in ended["why"] and reason in ended["why"], ended
+    sock.settimeout(10)
+    with pytest.raises(OSError):
+        sock.sendall(b"x")
+        if sock.recv(1) == b"":
+            raise ConnectionResetError("closed")
+    print(f"\nheld session of a login no longer usable reset "
+          f"{time.monotonic() - t0:.2f}s after the change (grace 60 s)")
+    assert relay.status()["relay"]["held_sessions"] == []
+    # The certificate's other login carries on.
+    assert relay.events("relay_key_ended", since=rmark) == []
+    with connect(spare_port, timeout=10) as other:
+        other.sendall(b"still")
+        assert recv_exactly(other, 5) == b"still"
+
+
+@pytest.mark.parametrize("client", ["ssh", "labrelay"])
+def test_a_held_session_outlives_the_end_of_its_certificates_other_login(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess], targets: Targets, tmp_path: Path, client: str,
+) -> None:
+    """The other way round: the reload ends the *spare* line (``expiry-time`` in the
+    past), the certificate's last login.  Its connection ends; the session held for
+    lab_pc stays held (the relay reset it with the spare login's) and lab_pc's agent
+    resumes it byte-exact once its link is back, bytes the user sent meanwhile
+    included."""
+    relay, proxy, agent, key, held_port, spare_port, echo = _cert_world(
+        start_relay, start_agent, targets, tmp_path)
+    sock = _hold(relay, proxy, agent, held_port)
+    _second_login(client, relay, key, spare_port, echo, start_agent, start_ssh)
+    payload = secrets.token_bytes(32 * 1024)
+    sock.sendall(payload)  # kept by the kernel and the relay while held
+
+    ca = " ".join((tmp_path / "pki" / "ca.pub").read_text().split()[:2])
+    rmark, mark = relay.mark(), agent.mark()
+    _replace(relay.dir / "agents",
+             _cert_lines(ca, held_port, spare_port, spare=',expiry-time="20200101Z"'))
+    ended = relay.wait_for("relay_key_ended", timeout=10, since=rmark, name="spare")
+    assert "(expiry-time)" in ended["why"], ended
+    # The reload's checks ran in the turn that ended spare: lab_pc's held session is
+    # still there, and nothing of lab_pc ended.
+    assert relay.events("relay_session_revoked", since=rmark,
+                        service=f"public:{held_port}") == [], "lab_pc's held session ended"
+    assert [e["name"] for e in relay.events("relay_key_ended", since=rmark)] == ["spare"]
+    assert len(relay.status()["relay"]["held_sessions"]) == 1
+
+    proxy.restore()  # type: ignore[attr-defined]
+    agent.wait_for("session_resumed", timeout=30, since=mark)
+    sock.settimeout(30)
+    assert recv_exactly(sock, len(payload)) == payload
+    sock.sendall(b"after")
+    assert recv_exactly(sock, 5) == b"after"
+    assert relay.status()["relay"]["held_sessions"] == []
+    assert relay.events("session_resume_refused", since=rmark) == []
+
+
+def test_a_ca_line_narrowed_while_the_link_is_down_ends_the_held_session_at_once(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess], targets: Targets, tmp_path: Path,
+) -> None:
+    """The lab CA's lines lose their public ports (``permitlisten``) while lab_pc's link
+    is down, and the same certificate is connected as spare (a stock ``ssh -R``): the
+    session held for lab_pc is reset at once and spare's port is taken from it.  A
+    certificate is granted by its CA line, which the diff of a reload (by key) cannot
+    name: both kept what their line no longer granted, lab_pc to resume its session when
+    back within the grace, spare its listening port for as long as it stayed connected."""
+    relay, proxy, agent, key, held_port, spare_port, echo = _cert_world(
+        start_relay, start_agent, targets, tmp_path)
+    sock = _hold(relay, proxy, agent, held_port)
+    _second_login("ssh", relay, key, spare_port, echo, start_agent, start_ssh)
+
+    ca = " ".join((tmp_path / "pki" / "ca.pub").read_text().split()[:2])
+    rmark, mark = relay.mark(), agent.mark()
+    t0 = time.monotonic()
+    _replace(relay.dir / "agents", _cert_lines(ca, 0, 0))
+    ended = relay.wait_for("relay_session_revoked", timeout=10, since=rmark,
+                           service=f"public:{held_port}")
+    assert ended["why"] == (f"held for resumption: public:{held_port} is no longer granted "
+                            "to agent lab_pc"), ended
+    sock.settimeout(10)
+    with pytest.raises(OSError):
+        sock.sendall(b"x")
+        if sock.recv(1) == b"":
+            raise ConnectionResetError("closed")
+    print(f"\nheld session of a narrowed CA line reset {time.monotonic() - t0:.2f}s after "
+          "the change (grace 60 s)")
+    dropped = relay.wait_for("relay_registration_revoked", timeout=10, since=rmark,
+                             agent="spare")
+    assert dropped["service"] == f"public:{spare_port}", dropped
+    with pytest.raises(OSError):
+        connect(spare_port, timeout=5).recv(1)  # nothing listens there any more
+    assert relay.events("relay_key_ended", since=rmark) == []  # narrowed, not ended
+
+    proxy.restore()  # type: ignore[attr-defined]
+    agent.wait_for("link_connected", timeout=30, since=mark)
+    assert relay.events("session_resumed", since=rmark) == []

@@ -209,6 +209,30 @@ def test_status_shows_held_sessions_with_their_age_at_both_ends() -> None:
     assert len(rows) == 2 and all("12s" in r and "48s" in r and "65536" in r for r in rows)
 
 
+def test_the_relays_held_sessions_name_their_agent_and_its_login() -> None:
+    """At the relay each held session names the agent it is held for, and the login that
+    agent made when it is not the agent's name (one certificate may log in under two
+    names; a held session is checked, and resumed, as its agent's)."""
+    from relay.ops.status import format_status
+
+    held = [{"session": "public:2202 from 10.0.0.9:5000", "id": "0a1b2c3d", "age": 1.0,
+             "expires_in": 59.0, "unacked_bytes": 7, "agent": "lab_pc", "login": "lab_pc"},
+            {"session": "public:2203 from 10.0.0.9:5001", "id": "1a1b2c3d", "age": 1.0,
+             "expires_in": 59.0, "unacked_bytes": 0, "agent": "lab_pc", "login": "pc7"},
+            {"session": "public:2204 from 10.0.0.9:5002", "id": "2a1b2c3d", "age": 1.0,
+             "expires_in": 59.0, "unacked_bytes": 0, "agent": "gpu_box", "login": ""}]
+    snapshot = {"version": "x", "pid": 1,
+                "relay": {"listen": "127.0.0.1:2222", "agents": [], "users": [],
+                          "services": [], "sessions": [], "held_sessions": held}}
+    lines = format_status(snapshot, now=0.0).splitlines()
+    header = lines.index("sessions held for their agent to resume them") + 1
+    assert lines[header].split()[:2] == ["AGENT", "SESSION"]
+    rows = lines[header + 1:header + 4]
+    assert rows[0].startswith("lab_pc ") and "(login" not in rows[0]
+    assert rows[1].startswith("lab_pc (login pc7) ")
+    assert rows[2].startswith("gpu_box ")
+
+
 def test_status_shows_each_links_reconnects() -> None:
     """How often a link came back (``reconnects`` in ``/status.json``) is in the LINK
     table too: a flapping link shows there, not only in the JSON."""

@@ -9,14 +9,17 @@ import base64
 import calendar
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.conch.error import ValidPublicKey
+from twisted.conch.ssh import common
 from twisted.conch.ssh.keys import Key
 from twisted.cred.credentials import SSHPrivateKey
+from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
 from relay.config.errors import ConfigError
@@ -333,3 +336,77 @@ def test_one_certificate_logged_in_under_two_names_is_checked_as_each(
     assert not conns["alice"].disconnected, "her own login ended with the lab one"
     core.grantsChanged(GrantsChange({}))  # a reload or KRL change: the same, per login
     assert not conns["alice"].disconnected
+
+
+def test_a_narrowed_cert_authority_line_takes_away_what_it_no_longer_grants(
+    tmp_path: Path,
+) -> None:
+    """A reload narrows the lab CA's lines: the agent's loses ``gpu:22`` and the public
+    port a session is held on (its link is down), the user's loses ``gpu:22``.  A
+    certificate is granted by its CA line, not by a key the diff of a reload can name,
+    so nothing was taken away: the agent kept its registration (and its port), alice her
+    session to gpu:22, and the agent could resume the held session to a port it may no
+    longer serve.  Each goes as a plain key's would; what is still granted stays."""
+    from relay.core.resume import OPEN_RESUMABLE, SID_LEN
+    from relay.datapath.bridge import Bridge
+    from relay.ssh.channels import BridgedChannel
+    from relay.testing import FakeSide, FakeSSHConnection
+
+    assert KEYGEN is not None
+    for name in ("ca", "lab_pc", "alice"):
+        subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", name, "-f",
+                        str(tmp_path / name)], check=True)
+    for name, principals in (("lab_pc", "lab_pc,web:8080,gpu:22"), ("alice", "alice")):
+        subprocess.run([KEYGEN, "-q", "-s", str(tmp_path / "ca"), "-V",
+                        "20300317000000Z:20300318000000Z", "-I", name, "-n", principals,
+                        str(tmp_path / f"{name}.pub")], check=True)
+    ca = " ".join((tmp_path / "ca.pub").read_text().split()[:2])
+    agents, users = tmp_path / "agents", tmp_path / "users"
+
+    def lines(narrowed: bool) -> None:
+        more = "" if narrowed else ',permitlisten="gpu:22",permitlisten="4711"'
+        agents.write_text(f'cert-authority,principals="lab_pc",permitlisten="web:8080"{more} '
+                          f'{ca} lab_pc\n')
+        more = "" if narrowed else ',permitopen="gpu:22"'
+        users.write_text(f'cert-authority,principals="alice",permitopen="web:8080"{more} '
+                         f'{ca} alice\n')
+
+    lines(narrowed=False)
+    config = RelayConfig(agents_file=agents, users_file=users)
+    reactor = MemoryReactorClock()
+    core = RelayCore(config, Grants(config, "node.toml", wall_ns=Wall()), reactor)
+    checker = GrantChecker(core)
+    conns = {}
+    for name, kind in (("lab_pc", "agent"), ("alice", "user")):
+        ident = result_of(_signed_login(checker, tmp_path, name, name))
+        conns[name] = FakeRelayConnection(FakeIdentity(ident.key_blob, name, kind, login=name))
+        core.sessionStarted(conns[name])  # type: ignore[arg-type]
+    agent, alice = conns["lab_pc"], conns["alice"]
+    for service in ("web", "gpu"):
+        port = 8080 if service == "web" else 22
+        request = common.NS(service.encode()) + struct.pack(">L", port)
+        assert result_of(defer.maybeDeferred(core.globalRequest, agent, b"tcpip-forward",
+                                             request)) is True
+    rows = {s: core.sessions.open("alice", s, "x:1", 0.0, key=alice.identity.key_blob,
+                                  login="alice", agent=agent) for s in ("web:8080", "gpu:22")}
+    # A session to public port 4711 held for the agent, whose link is down.
+    held_row = core.sessions.open("public:4711", "public:4711", "x:2", 0.0, agent=agent)
+    channel = BridgedChannel(OPEN_RESUMABLE, remoteWindow=1 << 20, remoteMaxPacket=32768,
+                             conn=FakeSSHConnection())
+    side = core.resumes.sessions.open(b"h" * SID_LEN, (agent.identity.key_blob, b"i", "lab_pc"),
+                                      channel, "public:4711 from x:2")
+    side.row = held_row
+    Bridge(FakeSide(), side)
+    channel.closed()
+    assert side.held and core.resumes.held_holders() == {(agent.identity.key_blob, "lab_pc")}
+
+    lines(narrowed=True)
+    assert core.grants.reload().losses == {}  # no key the diff could name
+    assert core.registry.lookup("gpu", 22) is None, "the agent kept gpu:22"
+    assert [(b, p) for b, p, _ in agent.revoked] == [("gpu", 22)]  # grant-revoked@labrelay
+    assert core.registry.lookup("web", 8080) is not None
+    assert rows["gpu:22"].closing == "gpu:22 is no longer granted to user alice"
+    assert rows["web:8080"].closing is None
+    assert held_row.closing == ("held for resumption: public:4711 is no longer granted to "
+                                "agent lab_pc"), "the held session may be resumed"
+    assert not agent.disconnected and not alice.disconnected
