@@ -78,6 +78,7 @@ from relay_fixtures import (
     admin_port,
     admin_status,
     connect_argv,
+    ssh_defaults,
     stock_local_forward,
     wait_until,
 )
@@ -237,15 +238,7 @@ Host gpu-cluster
 Host {LOOPBACK}
   User alice
   IdentityFile {self.alice.path}
-Host *
-  IdentitiesOnly yes
-  BatchMode yes
-  UserKnownHostsFile {self.relay.known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 20
-""")
+""" + ssh_defaults(self.relay.known_hosts, 20))
         return path
 
     def start_agent(self, key: KeyPair, *args: str, name: str,
