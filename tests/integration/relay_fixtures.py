@@ -12,6 +12,7 @@ are attached to the report as extra sections.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -419,6 +420,25 @@ Host {LOOPBACK}
   IdentityFile {user_key.path}
 """ + ssh_defaults(relay.known_hosts))
     return path
+
+
+@contextlib.contextmanager
+def running_ssh_agent(sock: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """OpenSSH's ``ssh-agent -D -a sock``, once its socket is there (it prints nothing
+    to await: it binds, then serves); terminated on the way out."""
+    agent_bin = find_program("ssh-agent")
+    assert agent_bin, "OpenSSH's ssh-agent is needed"
+    agent = subprocess.Popen([agent_bin, "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline and agent.poll() is None, "ssh-agent did not start"
+            time.sleep(0.02)
+        yield agent
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
 
 
 def stock_local_forward(start_ssh: Callable[..., SshProcess], argv: Callable[[int], list[str]],

@@ -29,6 +29,7 @@ from harness import (
     DataStream,
     KeyPair,
     MiB,
+    ModeServer,
     RelayNode,
     Sshd,
     SshProcess,
@@ -93,6 +94,30 @@ def run_agent(
     )  # fmt: skip
 
 
+@pytest.fixture
+def agent_to_sshd(
+    cipher_sshd: Callable[..., Sshd],
+    client_key: KeyPair,
+    known_hosts: Callable[..., Path],
+    start_agent: Callable[..., AgentProcess],
+    targets: Targets,
+) -> Callable[..., tuple[Sshd, ModeServer, AgentProcess]]:
+    """``agent_to_sshd(ciphers, rekey=None)``: a stock sshd allowing only ``ciphers``
+    (:func:`cipher_sshd`), a mode target, and the labrelay agent logging in to that sshd
+    with a reverse forward (``-R 0:``) to the target; ``(sshd, target, agent)``."""
+
+    def start(ciphers: str, rekey: str | None = None) -> tuple[Sshd, ModeServer, AgentProcess]:
+        sshd = cipher_sshd(ciphers, rekey=rekey)
+        target = targets.mode()
+        agent = run_agent(
+            start_agent, client_key, known_hosts(sshd.known_hosts_line()), sshd.port,
+            "-R", f"0:127.0.0.1:{target.port}",
+        )  # fmt: skip
+        return sshd, target, agent
+
+    return start
+
+
 def both_ways(port: int, target: Any, seed: int, size: int) -> None:
     """``size`` bytes up to the mode target and ``size`` back (seeds ``seed`` and
     ``seed + 1``), each checked by length and sha256."""
@@ -115,18 +140,9 @@ def keys_events(proc: AgentProcess | RelayNode, **match: Any) -> list[dict[str, 
 @pytest.mark.parametrize("cipher", [GCM128, GCM256])
 def test_agent_against_gcm_only_sshd_moves_64_mib_each_way(
     cipher: str,
-    cipher_sshd: Callable[..., Sshd],
-    client_key: KeyPair,
-    known_hosts: Callable[..., Path],
-    start_agent: Callable[..., AgentProcess],
-    targets: Targets,
+    agent_to_sshd: Callable[..., tuple[Sshd, ModeServer, AgentProcess]],
 ) -> None:
-    sshd = cipher_sshd(cipher)
-    target = targets.mode()
-    agent = run_agent(
-        start_agent, client_key, known_hosts(sshd.known_hosts_line()), sshd.port,
-        "-R", f"0:127.0.0.1:{target.port}",
-    )  # fmt: skip
+    _sshd, target, agent = agent_to_sshd(cipher)
     agent.wait_for("link_connected", timeout=20)
     port = agent.wait_for("forward_ready", timeout=20, kind="remote")["port"]
     keys = agent.wait_for("ssh_keys", timeout=5, since=0)
@@ -141,18 +157,9 @@ def test_agent_against_gcm_only_sshd_moves_64_mib_each_way(
 
 
 def test_agent_survives_sshd_rekeying_every_mib(
-    cipher_sshd: Callable[..., Sshd],
-    client_key: KeyPair,
-    known_hosts: Callable[..., Path],
-    start_agent: Callable[..., AgentProcess],
-    targets: Targets,
+    agent_to_sshd: Callable[..., tuple[Sshd, ModeServer, AgentProcess]],
 ) -> None:
-    sshd = cipher_sshd(GCM128, rekey="1M")
-    target = targets.mode()
-    agent = run_agent(
-        start_agent, client_key, known_hosts(sshd.known_hosts_line()), sshd.port,
-        "-R", f"0:127.0.0.1:{target.port}",
-    )  # fmt: skip
+    sshd, target, agent = agent_to_sshd(GCM128, rekey="1M")
     port = agent.wait_for("forward_ready", timeout=20, kind="remote")["port"]
     both_ways(port, target, seed=74, size=16 * MiB)
     rekeys = keys_events(agent)
@@ -194,21 +201,12 @@ def test_agent_starts_rekeys_itself_and_sshd_follows(
 
 
 def test_agent_against_chacha_only_sshd_across_rekeys(
-    cipher_sshd: Callable[..., Sshd],
-    client_key: KeyPair,
-    known_hosts: Callable[..., Path],
-    start_agent: Callable[..., AgentProcess],
-    targets: Targets,
+    agent_to_sshd: Callable[..., tuple[Sshd, ModeServer, AgentProcess]],
 ) -> None:
     """chacha20-poly1305 on the Conch client side with stock sshd (strict KEX on both
     ends): 16 MiB each way across sshd's rekeys every MiB; the sequence numbers, which
     are chacha's nonce, restart at each NEWKEYS on both ends alike."""
-    sshd = cipher_sshd("chacha20-poly1305@openssh.com", rekey="1M")
-    target = targets.mode()
-    agent = run_agent(
-        start_agent, client_key, known_hosts(sshd.known_hosts_line()), sshd.port,
-        "-R", f"0:127.0.0.1:{target.port}",
-    )  # fmt: skip
+    sshd, target, agent = agent_to_sshd(CHACHA, rekey="1M")
     port = agent.wait_for("forward_ready", timeout=20, kind="remote")["port"]
     keys = agent.wait_for("ssh_keys", timeout=5, since=0)
     assert (keys["cipher_out"], keys["cipher_in"]) == (CHACHA, CHACHA), keys
@@ -223,20 +221,11 @@ def test_agent_against_chacha_only_sshd_across_rekeys(
 
 
 def test_agent_refuses_an_sshd_without_aead_ciphers(
-    cipher_sshd: Callable[..., Sshd],
-    client_key: KeyPair,
-    known_hosts: Callable[..., Path],
-    start_agent: Callable[..., AgentProcess],
-    targets: Targets,
+    agent_to_sshd: Callable[..., tuple[Sshd, ModeServer, AgentProcess]],
 ) -> None:
     """AEAD only (relay.ssh.policy): an sshd that allows nothing but AES-CTR is refused,
     and the agent says why."""
-    sshd = cipher_sshd("aes128-ctr,aes256-ctr")
-    target = targets.mode()
-    agent = run_agent(
-        start_agent, client_key, known_hosts(sshd.known_hosts_line()), sshd.port,
-        "-R", f"0:127.0.0.1:{target.port}",
-    )  # fmt: skip
+    _sshd, _target, agent = agent_to_sshd("aes128-ctr,aes256-ctr")
     failed = agent.wait_for("link_failed", timeout=20)
     print(f"agent: {failed['reason']}")
     assert "only AEAD ciphers are allowed" in failed["reason"], failed

@@ -9,13 +9,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import child_env
 from harness import find_program
+from relay_fixtures import running_ssh_agent
 
 pytestmark = pytest.mark.integration
 
@@ -51,19 +51,10 @@ def rsa_agent(tmp_path: Path) -> Iterator[Path]:
     subprocess.run([keygen, "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(key)],
                    check=True, capture_output=True, stdin=subprocess.DEVNULL)
     sock = tmp_path / "agent.sock"
-    agent = subprocess.Popen([agent_bin, "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():  # ssh-agent -D prints nothing to await; it binds, then serves
-            assert time.monotonic() < deadline and agent.poll() is None, "ssh-agent did not start"
-            time.sleep(0.02)
+    with running_ssh_agent(sock):
         subprocess.run([add_bin, str(key)], check=True, capture_output=True, timeout=30,
                        stdin=subprocess.DEVNULL, env={**os.environ, "SSH_AUTH_SOCK": str(sock)})
         yield sock
-    finally:
-        agent.terminate()
-        agent.wait(timeout=10)
 
 
 def test_an_agents_rsa_key_signs_with_the_sha2_algorithm_asked(rsa_agent: Path) -> None:

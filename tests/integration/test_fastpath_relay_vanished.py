@@ -19,31 +19,17 @@ import subprocess
 
 import pytest
 import test_fastpath
-from conftest import REPO_ROOT, child_env
-from harness import find_program, tcp_sockets
+from harness import find_program
 from test_fastpath import Site
-from test_fastpath_vanished import _borrow, _dropped, _socket_of
+from test_fastpath_vanished import _borrow, _dropped, _idle_spliced_session, _socket_of
 
 pytestmark = pytest.mark.integration
 keys, site = test_fastpath.keys, test_fastpath.site  # the fast-path site: relay, agent, sshd
 
 
 def test_an_idle_spliced_session_whose_relay_vanished_ends(site: Site) -> None:
-    ssh = find_program("ssh") or "ssh"
-    user = subprocess.Popen([ssh, "-F", str(site.ssh_config()), "gpu-cluster",
-                             "echo ready; cat >/dev/null"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL,
-                            env={**os.environ, **child_env()}, cwd=REPO_ROOT)
-    try:
-        assert user.stdout is not None and user.stdout.readline() == b"ready\n"
-        [row] = site.relay.status()["relay"]["sessions"]
-        assert row["path"] == "spliced", row
-        # labrelay connect (ssh's ProxyCommand, its child) and its data connection
-        connect_pid = int(subprocess.run(["pgrep", "-P", str(user.pid)], capture_output=True,
-                                         text=True, check=True).stdout.split()[0])
-        [mine] = [s for s in tcp_sockets(connect_pid) if s.remote[1] == site.data_port]
-        port = mine.local[1]
+    with _idle_spliced_session(site, stderr=subprocess.DEVNULL) as session:
+        user, connect_pid, port = session.user, session.connect_pid, session.port
         borrowed = _borrow(connect_pid, _socket_of(connect_pid, port, site.data_port))
         with borrowed:
             assert borrowed.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1, (
@@ -63,7 +49,3 @@ def test_an_idle_spliced_session_whose_relay_vanished_ends(site: Site) -> None:
         # pipe") and exits 255; it hangs up connect as it goes, before connect can say
         # "ended abnormally ... (the relay side)".
         assert rc == 255, rc
-    finally:
-        if user.poll() is None:
-            user.kill()
-            user.wait(10)

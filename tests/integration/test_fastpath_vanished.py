@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import signal
 import socket
@@ -85,13 +86,23 @@ def _dropped(port: int) -> Iterator[None]:
             subprocess.run([iptables, "-D", *rule], check=False, capture_output=True)
 
 
-def test_a_spliced_session_whose_user_vanished_is_ended(site: Site) -> None:
-    if os.geteuid() != 0 or find_program("iptables") is None:
-        pytest.skip("needs root and iptables (drops one loopback port's packets)")
+@dataclasses.dataclass
+class IdleSession:
+    """An interactive fast-path session that sends nothing once it is up."""
+
+    user: subprocess.Popen[bytes]  # ssh gpu-cluster, labrelay connect its ProxyCommand
+    connect_pid: int  # that labrelay connect
+    port: int  # the local port of its data connection to the relay
+
+
+@contextlib.contextmanager
+def _idle_spliced_session(site: Site, stderr: int | None = None) -> Iterator[IdleSession]:
+    """``ssh gpu-cluster`` by the fast path, its session up, idle and spliced at the relay
+    (checked); ssh is killed on the way out if it is still running."""
     ssh = find_program("ssh") or "ssh"
     user = subprocess.Popen([ssh, "-F", str(site.ssh_config()), "gpu-cluster",
                              "echo ready; cat >/dev/null"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
                             env={**os.environ, **child_env()}, cwd=REPO_ROOT)
     try:
         assert user.stdout is not None and user.stdout.readline() == b"ready\n"
@@ -101,7 +112,18 @@ def test_a_spliced_session_whose_user_vanished_is_ended(site: Site) -> None:
         connect_pid = int(subprocess.run(["pgrep", "-P", str(user.pid)], capture_output=True,
                                          text=True, check=True).stdout.split()[0])
         [mine] = [s for s in tcp_sockets(connect_pid) if s.remote[1] == site.data_port]
-        port = mine.local[1]
+        yield IdleSession(user, connect_pid, mine.local[1])
+    finally:
+        if user.poll() is None:
+            user.kill()
+            user.wait(10)
+
+
+def test_a_spliced_session_whose_user_vanished_is_ended(site: Site) -> None:
+    if os.geteuid() != 0 or find_program("iptables") is None:
+        pytest.skip("needs root and iptables (drops one loopback port's packets)")
+    with _idle_spliced_session(site) as session:
+        user, connect_pid, port = session.user, session.connect_pid, session.port
         borrowed = _borrow(site.relay.pid, _socket_of(site.relay.pid, site.data_port, port))
         with borrowed:
             assert borrowed.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1, (
@@ -118,7 +140,3 @@ def test_a_spliced_session_whose_user_vanished_is_ended(site: Site) -> None:
             assert site.relay.status()["relay"]["sessions"] == []
             wait_until(lambda: site.pool()["sessions_active"] == 0,
                        "the agent to end the session's target side")
-    finally:
-        if user.poll() is None:
-            user.kill()
-            user.wait(10)

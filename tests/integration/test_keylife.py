@@ -16,6 +16,7 @@ import pytest
 from conftest import Targets
 from harness import (
     AgentProcess,
+    EchoServer,
     KeyPair,
     RelayNode,
     SshProcess,
@@ -26,6 +27,7 @@ from harness import (
     recv_exactly,
     ssh_argv,
 )
+from relay_fixtures import stock_local_forward
 
 pytestmark = pytest.mark.integration
 
@@ -35,17 +37,54 @@ def keygen(*args: str, cwd: Path) -> None:
                    check=True, capture_output=True)
 
 
+def make_cas(pki: Path, *names: str, key_type: tuple[str, ...] = ("-t", "ed25519")) -> Path:
+    """A new directory ``pki`` holding a CA key pair (``ssh-keygen``) for each of ``names``."""
+    pki.mkdir()
+    for name in names:
+        keygen(*key_type, "-N", "", "-C", name, "-f", name, cwd=pki)
+    return pki
+
+
+def ca_blob(pki: Path, name: str = "ca") -> str:
+    """CA ``name``'s public key as ``TYPE BASE64``, the way a ``cert-authority`` line or a
+    ``cert_authorities`` entry names it."""
+    return " ".join((pki / f"{name}.pub").read_text().split()[:2])
+
+
+def revoke_serial(pki: Path, serial: int = 666) -> Path:
+    """``pki/revoked.krl``, made by ``ssh-keygen -k -s ca.pub``: the lab CA's certificates
+    with serial ``serial`` revoked."""
+    (pki / "revoked.spec").write_text(f"serial: {serial}\n")
+    keygen("-k", "-f", "revoked.krl", "-s", "ca.pub", "revoked.spec", cwd=pki)
+    return pki / "revoked.krl"
+
+
+def lab_pc_grant(key: KeyPair) -> str:
+    """The agents-file line that lets ``key`` register web:8080 as lab_pc."""
+    return f'permitlisten="web:8080" {key.public_blob()} lab_pc'
+
+
 def labrelay_agent(start_agent: Callable[..., AgentProcess], relay: RelayNode, key: KeyPair,
-                   forward: str) -> AgentProcess:
+                   *forwards: str) -> AgentProcess:
+    """The labrelay agent as lab_pc with ``-R`` ``forwards``, once each is ready."""
+    rs = [a for f in forwards for a in ("-R", f)]
     agent = start_agent(
         "-p", str(relay.port), "-i", str(key.path),
         "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-        "-R", forward, "lab_pc@127.0.0.1",
+        *rs, "lab_pc@127.0.0.1",
     )  # fmt: skip
     agent.wait_for("link_connected", timeout=20)
-    agent.wait_for("forward_ready", timeout=20, since=0, kind="remote",
-                   bind=forward.split(":")[0])
+    for f in forwards:
+        agent.wait_for("forward_ready", timeout=20, since=0, kind="remote", bind=f.split(":")[0])
     return agent
+
+
+def serve_web(start_agent: Callable[..., AgentProcess], relay: RelayNode, key: KeyPair,
+              targets: Targets) -> EchoServer:
+    """An echo target, served as web:8080 by a labrelay agent logged in with ``key``."""
+    echo = targets.echo()
+    labrelay_agent(start_agent, relay, key, f"web:8080:127.0.0.1:{echo.port}")
+    return echo
 
 
 def forward_argv(relay: RelayNode, identity: Path, port: int, user: str) -> list[str]:
@@ -54,32 +93,39 @@ def forward_argv(relay: RelayNode, identity: Path, port: int, user: str) -> list
                     user=user)  # fmt: skip
 
 
+def open_forward(start_ssh: Callable[..., SshProcess], relay: RelayNode, identity: Path,
+                 user: str, name: str) -> tuple[SshProcess, int]:
+    """A stock ``ssh -L PORT:web:8080`` as ``user`` with ``identity``, once it listens."""
+    return stock_local_forward(start_ssh, lambda port: forward_argv(relay, identity, port, user),
+                               name=name)
+
+
 def echo_once(port: int) -> bytes:
     with connect(port, timeout=10) as sock:
         sock.sendall(b"ping")
         return recv_exactly(sock, 4)
 
 
-def refused(relay: RelayNode, identity: Path, user: str, reason: str) -> str:
-    """Run ssh with ``identity`` (and its -cert.pub); it must fail to log in, and the relay
-    log a refusal that says ``reason`` (awaited: the relay wrote it before ssh exited, but
-    the harness reads its log in a thread of its own); the reasons it logged."""
+def refused_login(relay: RelayNode, argv: list[str], reason: str) -> str:
+    """Run ssh ``argv``; it must fail to log in, and the relay log a refusal that says
+    ``reason`` (awaited: the relay wrote it before ssh exited, but the harness reads its
+    log in a thread of its own); the reasons it logged."""
     mark = relay.mark()
-    out = subprocess.run(forward_argv(relay, identity, free_port(), user), capture_output=True,
-                         timeout=30, stdin=subprocess.DEVNULL)
+    out = subprocess.run(argv, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
     assert out.returncode == 255 and b"Permission denied" in out.stderr, out.stderr[-500:]
     relay.wait_for("relay_auth_refused", since=mark, timeout=10,
                    why=lambda why: reason in str(why))
     return " | ".join(e["why"] for e in relay.events("relay_auth_refused", since=mark))
 
 
+def refused(relay: RelayNode, identity: Path, user: str, reason: str) -> str:
+    """:func:`refused_login` for an ``ssh -L`` with ``identity`` (and its -cert.pub)."""
+    return refused_login(relay, forward_argv(relay, identity, free_port(), user), reason)
+
+
 @pytest.fixture
 def pki(tmp_path: Path, openssh: None) -> Path:
-    d = tmp_path / "pki"
-    d.mkdir()
-    for name in ("ca", "other_ca"):
-        keygen("-t", "ed25519", "-N", "", "-C", name, "-f", name, cwd=d)
-    return d
+    return make_cas(tmp_path / "pki", "ca", "other_ca")
 
 
 def user_cert(pki: Path, name: str, *options: str, ca: str = "ca", serial: int = 1) -> Path:
@@ -87,6 +133,23 @@ def user_cert(pki: Path, name: str, *options: str, ca: str = "ca", serial: int =
     keygen("-s", ca, "-z", str(serial), "-I", f"{name}@lab", *options, f"{name}.pub", cwd=pki)
     assert (pki / f"{name}-cert.pub").exists()
     return key.path
+
+
+def stock_agent_registers_only_its_principals(
+    pki: Path, relay: RelayNode, start_ssh: Callable[..., SshProcess]
+) -> None:
+    """A stock ``ssh -R`` as lab_pc with a certificate whose principals are ``lab_pc`` and
+    ``web:8080``, asking for web:8080 and gpu-cluster:22: only web:8080 is granted."""
+    key = user_cert(pki, "lab_pc", "-n", "lab_pc,web:8080", "-V", "-5m:+1h")
+    proc = start_ssh(ssh_argv(relay.port, key, relay.known_hosts, "-v", "-N",
+                              "-R", "web:8080:127.0.0.1:9", "-R", "gpu-cluster:22:127.0.0.1:9",
+                              user="lab_pc"), name="stock-agent-cert")
+    proc.wait_stderr(r"remote forward success for: listen web:8080")
+    proc.wait_stderr(r"remote forward failure for: listen gpu-cluster:22")
+    agents = relay.status()["relay"]["agents"]
+    assert agents[0]["name"] == "lab_pc" and agents[0]["services"] == ["web:8080"]
+    # a stock ssh -R as the agent: its software shown (docs/operations.md)
+    assert agents[0]["version"].startswith("not labrelay: OpenSSH_"), agents
 
 
 def test_certificates_from_the_lab_ca(
@@ -97,24 +160,21 @@ def test_certificates_from_the_lab_ca(
     start_ssh: Callable[..., SshProcess],
     targets: Targets,
 ) -> None:
-    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    ca = ca_blob(pki)
     lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
-    (pki / "revoked.spec").write_text("serial: 666\n")
-    keygen("-k", "-f", "revoked.krl", "-s", "ca.pub", "revoked.spec", cwd=pki)
+    krl = revoke_serial(pki)
     relay = start_relay(
-        agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc'],
+        agents=[lab_pc_grant(lab_pc)],
         users=[f'cert-authority,principals="alice",permitopen="web:8080" {ca} alice'],
-        relay_toml=f'penalty_exempt = ["127.0.0.1"]\nrevoked_keys = "{pki / "revoked.krl"}"',
+        relay_toml=f'penalty_exempt = ["127.0.0.1"]\nrevoked_keys = "{krl}"',
     )
-    echo = targets.echo()
-    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+    serve_web(start_agent, relay, lab_pc, targets)
 
     # alice's certificate, valid now: granted, and her session works.
-    port = free_port()
-    proc = start_ssh(forward_argv(relay, user_cert(pki, "alice", "-n", "alice", "-V", "-5m:+1h"),
-                                  port, "alice"), name="ssh-cert")
+    proc, port = open_forward(start_ssh, relay,
+                              user_cert(pki, "alice", "-n", "alice", "-V", "-5m:+1h"), "alice",
+                              name="ssh-cert")
     proc.wait_stderr(r"Authenticated to .* using \"publickey\"")
-    proc.wait_stderr(r"new port-listener")
     assert echo_once(port) == b"ping"
     assert relay.status()["relay"]["users"][0]["name"] == "alice"
 
@@ -143,19 +203,16 @@ def test_expiry_time_refuses_then_ends_open_sessions(
     expires = int(time.time()) + 15
     stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(expires))
     relay = start_relay(
-        agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc'],
+        agents=[lab_pc_grant(lab_pc)],
         users=[f'expiry-time="20200101Z",permitopen="web:8080" {old.public_blob()} old',
                f'expiry-time="{stamp}Z",permitopen="web:8080" {carol.public_blob()} carol'],
         relay_toml='penalty_exempt = ["127.0.0.1"]',
     )
-    echo = targets.echo()
-    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+    serve_web(start_agent, relay, lab_pc, targets)
 
     refused(relay, old.path, "old", "expired")
 
-    port = free_port()
-    proc = start_ssh(forward_argv(relay, carol.path, port, "carol"), name="ssh-carol")
-    proc.wait_stderr(r"new port-listener")
+    _proc, port = open_forward(start_ssh, relay, carol.path, "carol", name="ssh-carol")
     with connect(port, timeout=30) as sock:
         sock.sendall(b"ping")
         assert recv_exactly(sock, 4) == b"ping"
@@ -182,22 +239,13 @@ def test_an_agent_certificate_registers_the_services_its_principals_name(
     """A stock ``ssh -R`` as the agent, with a certificate whose principals are
     ``lab_pc`` (who it is) and ``web:8080`` (what it may register): web:8080 is granted,
     gpu-cluster:22 (not among its principals) refused, though the CA line allows both."""
-    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    ca = ca_blob(pki)
     relay = start_relay(
         agents=[f'cert-authority,principals="lab_pc",permitlisten="web:8080",'
                 f'permitlisten="gpu-cluster:22" {ca} lab_pc'],
         relay_toml='penalty_exempt = ["127.0.0.1"]',
     )
-    key = user_cert(pki, "lab_pc", "-n", "lab_pc,web:8080", "-V", "-5m:+1h")
-    proc = start_ssh(ssh_argv(relay.port, key, relay.known_hosts, "-v", "-N",
-                              "-R", "web:8080:127.0.0.1:9", "-R", "gpu-cluster:22:127.0.0.1:9",
-                              user="lab_pc"), name="stock-agent-cert")
-    proc.wait_stderr(r"remote forward success for: listen web:8080")
-    proc.wait_stderr(r"remote forward failure for: listen gpu-cluster:22")
-    agents = relay.status()["relay"]["agents"]
-    assert agents[0]["name"] == "lab_pc" and agents[0]["services"] == ["web:8080"]
-    # a stock ssh -R as the agent: its software shown (docs/operations.md)
-    assert agents[0]["version"].startswith("not labrelay: OpenSSH_"), agents
+    stock_agent_registers_only_its_principals(pki, relay, start_ssh)
 
 
 KEY_TYPES = {"ed25519": ["-t", "ed25519"], "ecdsa": ["-t", "ecdsa", "-b", "256"],
@@ -219,7 +267,7 @@ def test_the_labrelay_agent_presents_its_certificate(
     keygen(*KEY_TYPES[kind], "-N", "", "-C", "agent_key", "-f", "agent_key", cwd=pki)
     keygen("-s", f"ca_{kind}", "-I", "lab_pc@lab", "-n", "lab_pc,web:8080", "-V", "-5m:+1h",
            "agent_key.pub", cwd=pki)
-    ca = " ".join((pki / f"ca_{kind}.pub").read_text().split()[:2])
+    ca = ca_blob(pki, f"ca_{kind}")
     relay = start_relay(
         agents=[f'cert-authority,principals="lab_pc",permitlisten="web:8080" {ca} lab_pc'],
         relay_toml='penalty_exempt = ["127.0.0.1"]',
@@ -245,16 +293,15 @@ def test_a_certificate_that_may_not_forward_ports_is_refused(
     for a user (``ssh -L``) and for an agent (a stock ``ssh -R``), never granted as if the
     restriction were not there.  ``-O clear -O permit-port-forwarding`` and the
     extensions for what the relay never offers (``-O no-pty`` ...) log in and forward."""
-    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    ca = ca_blob(pki)
     lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
     relay = start_relay(
-        agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc',
+        agents=[lab_pc_grant(lab_pc),
                 f'cert-authority,principals="lab_pc2",permitlisten="gpu-cluster:22" {ca} lab_pc2'],
         users=[f'cert-authority,principals="alice",permitopen="web:8080" {ca} alice'],
         relay_toml='penalty_exempt = ["127.0.0.1"]',
     )
-    echo = targets.echo()
-    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+    serve_web(start_agent, relay, lab_pc, targets)
 
     for n, options in enumerate((["-O", "no-port-forwarding"], ["-O", "clear"])):
         why = refused(relay, user_cert(pki, f"nofw{n}", "-n", "alice", *options), "alice",
@@ -263,24 +310,19 @@ def test_a_certificate_that_may_not_forward_ports_is_refused(
 
     # A stock ssh -R agent whose certificate may not forward: not logged in either.
     agent_key = user_cert(pki, "lab_pc2", "-n", "lab_pc2,gpu-cluster:22", "-O", "clear")
-    mark = relay.mark()
-    out = subprocess.run(ssh_argv(relay.port, agent_key, relay.known_hosts, "-N",
+    refused_login(relay, ssh_argv(relay.port, agent_key, relay.known_hosts, "-N",
                                   "-o", "ExitOnForwardFailure=yes",
                                   "-R", "gpu-cluster:22:127.0.0.1:9", user="lab_pc2"),
-                         capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
-    assert out.returncode == 255 and b"Permission denied" in out.stderr, out.stderr[-500:]
-    relay.wait_for("relay_auth_refused", since=mark, timeout=10,
-                   why=lambda why: "permit-port-forwarding" in str(why))
+                  "permit-port-forwarding")
     assert relay.status()["relay"]["agents"][0]["name"] == "lab_pc"
 
     # What sshd would let forward, the relay lets forward.
     for n, options in enumerate((["-O", "clear", "-O", "permit-port-forwarding"],
                                  ["-O", "no-pty", "-O", "no-agent-forwarding",
                                   "-O", "no-x11-forwarding", "-O", "no-user-rc"])):
-        port = free_port()
-        proc = start_ssh(forward_argv(relay, user_cert(pki, f"fw{n}", "-n", "alice", *options),
-                                      port, "alice"), name=f"ssh-fw{n}")
-        proc.wait_stderr(r"new port-listener")
+        _proc, port = open_forward(start_ssh, relay,
+                                   user_cert(pki, f"fw{n}", "-n", "alice", *options), "alice",
+                                   name=f"ssh-fw{n}")
         assert echo_once(port) == b"ping"
 
 
@@ -299,24 +341,22 @@ def test_two_laptops_each_key_named_by_its_fingerprint_one_revoked(
     and, when the first laptop is lost and its line removed, ``relay_key_revoked`` and
     the refused retry's ``relay_auth_refused``, so the admin can tell which laptop it
     was.  The other laptop's session carries on."""
-    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    ca = ca_blob(pki)
     lab_pc, laptop1 = (make_key(tmp_path / n, comment=n) for n in ("lab_pc", "laptop1"))
     alice_key = f'permitopen="web:8080" {laptop1.public_blob()} alice'
     alice_ca = f'cert-authority,principals="alice",permitopen="web:8080" {ca} alice'
-    relay = start_relay(agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc'],
+    relay = start_relay(agents=[lab_pc_grant(lab_pc)],
                         users=[alice_key, alice_ca],
                         relay_toml='penalty_exempt = ["127.0.0.1"]')
-    echo = targets.echo()
-    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+    serve_web(start_agent, relay, lab_pc, targets)
     laptop2 = user_cert(pki, "laptop2", "-n", "alice", "-V", "-5m:+1h")
     fingerprints = {laptop1.fingerprint(), KeyPair(laptop2, "").fingerprint()}
     assert len(fingerprints) == 2
 
     ports = {}
     for name, identity in (("laptop1", laptop1.path), ("laptop2", laptop2)):
-        ports[name] = port = free_port()
-        start_ssh(forward_argv(relay, identity, port, "alice"),
-                  name=f"ssh-{name}").wait_stderr(r"new port-listener")
+        _proc, port = open_forward(start_ssh, relay, identity, "alice", name=f"ssh-{name}")
+        ports[name] = port
         assert echo_once(port) == b"ping"
     connected = relay.events("relay_connected", since=0, name="alice")
     assert {e["key"] for e in connected} == fingerprints, connected
@@ -345,7 +385,7 @@ def test_an_agent_certificate_renewed_on_disk_is_offered_when_the_old_one_expire
     At expiry the relay ends the agent's connection (``relay_key_ended``); the agent
     reconnects offering the renewed certificate, as a new ssh(1) would, and serves
     again, instead of offering the expired one it started with until restarted."""
-    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    ca = ca_blob(pki)
     relay = start_relay(
         agents=[f'cert-authority,principals="lab_pc",permitlisten="web:8080" {ca} lab_pc'],
         relay_toml='penalty_exempt = ["127.0.0.1"]',
@@ -389,25 +429,22 @@ def test_one_certificate_logged_in_as_herself_and_as_the_lab_account(
     opened and audited as ``lab``, and when the lab line's ``expiry-time`` passed, her
     own connection ended with the lab one.  Each connection is checked and logged as the
     login it made."""
-    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    ca = ca_blob(pki)
     lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
     expires = int(time.time()) + 15
     stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(expires))
     relay = start_relay(
-        agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc'],
+        agents=[lab_pc_grant(lab_pc)],
         users=[f'cert-authority,principals="alice",permitopen="web:8080" {ca} alice',
                f'cert-authority,principals="lab",expiry-time="{stamp}Z",'
                f'permitopen="web:8080" {ca} lab'],
         relay_toml='penalty_exempt = ["127.0.0.1"]',
     )
-    echo = targets.echo()
-    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+    serve_web(start_agent, relay, lab_pc, targets)
     cert = user_cert(pki, "alice", "-n", "alice,lab", "-V", "-5m:+1h")
     ports = {}
     for login in ("alice", "lab"):
-        ports[login] = port = free_port()
-        start_ssh(forward_argv(relay, cert, port, login),
-                  name=f"ssh-{login}").wait_stderr(r"new port-listener")
+        _proc, ports[login] = open_forward(start_ssh, relay, cert, login, name=f"ssh-{login}")
     mark = relay.mark()
     assert echo_once(ports["alice"]) == b"ping"  # after the lab login
     opened = relay.wait_for("session_open", since=mark)

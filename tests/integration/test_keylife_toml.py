@@ -20,11 +20,21 @@ from harness import (
     RelayNode,
     SshProcess,
     connect,
-    free_port,
     make_key,
-    ssh_argv,
 )
-from test_keylife import echo_once, forward_argv, keygen, labrelay_agent, refused, user_cert
+from test_keylife import (
+    ca_blob,
+    echo_once,
+    keygen,
+    lab_pc_grant,
+    make_cas,
+    open_forward,
+    refused,
+    revoke_serial,
+    serve_web,
+    stock_agent_registers_only_its_principals,
+    user_cert,
+)
 from test_ops_reload import labrelay
 
 pytestmark = pytest.mark.integration
@@ -62,36 +72,29 @@ def test_expiry_from_and_certificates_from_the_toml_config(
     start_ssh: Callable[..., SshProcess],
     targets: Targets,
 ) -> None:
-    pki = tmp_path / "pki"
-    pki.mkdir()
-    keygen("-t", "ed25519", "-N", "", "-C", "ca", "-f", "ca", cwd=pki)
-    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
-    (pki / "revoked.spec").write_text("serial: 666\n")
-    keygen("-k", "-f", "revoked.krl", "-s", "ca.pub", "revoked.spec", cwd=pki)
+    pki = make_cas(tmp_path / "pki", "ca")
+    ca = ca_blob(pki)
+    krl = revoke_serial(pki)
     lab_pc, old, far, dave = (make_key(tmp_path / n, comment=n)
                               for n in ("lab_pc", "old", "far", "dave"))
     tables = "\n".join([
-        f'revoked_keys = "{pki / "revoked.krl"}"',
+        f'revoked_keys = "{krl}"',
         user_table("alice", f'cert_authorities = ["{ca}"]', 'principals = ["alice", "al"]',
                    'from = "127.0.0.0/8,::1"'),
         user_table("old", f'keys = ["{old.public_blob()}"]', 'expiry = "20200101Z"'),
         user_table("far", f'keys = ["{far.public_blob()}"]', 'from = "10.9.9.0/24"'),
         user_table("dave", f'keys = ["{dave.public_blob()}"]', "expiry = 2099-01-01T00:00:00Z"),
     ])
-    relay = start_relay(agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc'],
+    relay = start_relay(agents=[lab_pc_grant(lab_pc)],
                         relay_toml='penalty_exempt = ["127.0.0.1"]\n' + tables)
-    echo = targets.echo()
-    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+    serve_web(start_agent, relay, lab_pc, targets)
 
     # alice has no key of her own: a certificate from the lab CA naming "al" logs her in.
-    port = free_port()
-    alice = start_ssh(forward_argv(relay, user_cert(pki, "alice", "-n", "al", "-V", "-5m:+1h"),
-                                   port, "alice"), name="ssh-alice-cert")
-    alice.wait_stderr(r"new port-listener")
+    alice, port = open_forward(start_ssh, relay,
+                               user_cert(pki, "alice", "-n", "al", "-V", "-5m:+1h"), "alice",
+                               name="ssh-alice-cert")
     assert echo_once(port) == b"ping"
-    dave_port = free_port()
-    start_ssh(forward_argv(relay, dave.path, dave_port, "dave"), name="ssh-dave") \
-        .wait_stderr(r"new port-listener")
+    _dave, dave_port = open_forward(start_ssh, relay, dave.path, "dave", name="ssh-dave")
     assert echo_once(dave_port) == b"ping"
 
     refused(relay, old.path, "old", "key expired at 2020-01-01 00:00:00 UTC")
@@ -139,22 +142,13 @@ def test_an_agent_table_with_a_certificate_authority(
     with a certificate naming ``lab_pc`` and ``web:8080`` registers web:8080 (within the
     table's ``services``), not gpu-cluster:22 (granted by the table, not by the
     certificate)."""
-    pki = tmp_path / "pki"
-    pki.mkdir()
-    keygen("-t", "ecdsa", "-b", "256", "-N", "", "-C", "ca", "-f", "ca", cwd=pki)
-    ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    pki = make_cas(tmp_path / "pki", "ca", key_type=("-t", "ecdsa", "-b", "256"))
+    ca = ca_blob(pki)
     relay = start_relay(relay_toml="\n".join([
         'penalty_exempt = ["127.0.0.1"]', "[[relay.agent]]", 'name = "lab_pc"',
         f'cert_authorities = ["{ca}"]', 'services = ["web:8080", "gpu-cluster:22"]',
         'from = "127.0.0.1"', ""]))
-    key = user_cert(pki, "lab_pc", "-n", "lab_pc,web:8080", "-V", "-5m:+1h")
-    proc = start_ssh(ssh_argv(relay.port, key, relay.known_hosts, "-v", "-N",
-                              "-R", "web:8080:127.0.0.1:9", "-R", "gpu-cluster:22:127.0.0.1:9",
-                              user="lab_pc"), name="stock-agent-cert")
-    proc.wait_stderr(r"remote forward success for: listen web:8080")
-    proc.wait_stderr(r"remote forward failure for: listen gpu-cluster:22")
-    agents = relay.status()["relay"]["agents"]
-    assert agents[0]["name"] == "lab_pc" and agents[0]["services"] == ["web:8080"]
+    stock_agent_registers_only_its_principals(pki, relay, start_ssh)
 
 
 def test_a_krl_named_by_a_reload_is_watched_from_then_on(
@@ -181,13 +175,12 @@ def test_a_krl_named_by_a_reload_is_watched_from_then_on(
     ])
     relay = start_relay(grant_files=False,
                         relay_toml='penalty_exempt = ["127.0.0.1"]\n' + tables)
-    echo = targets.echo()
-    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+    serve_web(start_agent, relay, lab_pc, targets)
     ports = {}
     for key in (alice, carol, dave):
-        ports[key.path.name] = port = free_port()
-        start_ssh(forward_argv(relay, key.path, port, key.path.name),
-                  name=f"ssh-{key.path.name}").wait_stderr(r"new port-listener")
+        _proc, port = open_forward(start_ssh, relay, key.path, key.path.name,
+                                   name=f"ssh-{key.path.name}")
+        ports[key.path.name] = port
         assert echo_once(port) == b"ping"
 
     krl = tmp_path / "revoked.krl"
@@ -243,11 +236,8 @@ def test_a_krl_deleted_or_broken_while_the_relay_runs_keeps_its_keys_revoked(
     relay = start_relay(grant_files=False,
                         relay_toml=f'penalty_exempt = ["127.0.0.1"]\nrevoked_keys = "{krl}"\n'
                         + tables)
-    echo = targets.echo()
-    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
-    port = free_port()
-    start_ssh(forward_argv(relay, dave.path, port, "dave"),
-              name="ssh-dave").wait_stderr(r"new port-listener")
+    serve_web(start_agent, relay, lab_pc, targets)
+    _dave, port = open_forward(start_ssh, relay, dave.path, "dave", name="ssh-dave")
     assert echo_once(port) == b"ping"
     refused(relay, alice.path, "alice", "the key is listed in the KRL")
 
@@ -271,7 +261,5 @@ def test_a_krl_deleted_or_broken_while_the_relay_runs_keeps_its_keys_revoked(
     make_key(tmp_path / "stranger", comment="stranger")
     keygen("-k", "-f", str(krl), "stranger.pub", cwd=tmp_path)  # it names someone else now
     relay.wait_for("krl_loaded", since=mark, timeout=5)
-    alice_port = free_port()
-    start_ssh(forward_argv(relay, alice.path, alice_port, "alice"),
-              name="ssh-alice").wait_stderr(r"new port-listener")
+    _alice, alice_port = open_forward(start_ssh, relay, alice.path, "alice", name="ssh-alice")
     assert echo_once(alice_port) == b"ping"

@@ -251,15 +251,7 @@ Host gpu-cluster
 Host {LOOPBACK}
   User alice
   IdentityFile {self.alice.path}
-Host *
-  IdentitiesOnly yes
-  BatchMode yes
-  UserKnownHostsFile {self.relay.known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 20
-""")
+""" + ssh_defaults(self.relay.known_hosts, 20))
         return path
 
     def start_agent(self, key: KeyPair, *args: str, name: str,

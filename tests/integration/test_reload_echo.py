@@ -41,11 +41,10 @@ from harness import (
     RelayNode,
     SshProcess,
     connect,
-    free_port,
     make_key,
     recv_exactly,
 )
-from test_keylife import forward_argv, labrelay_agent
+from test_keylife import labrelay_agent, open_forward
 
 pytestmark = pytest.mark.integration
 
@@ -97,9 +96,8 @@ def test_echoes_right_after_and_during_reloads_come_back_whole(
     agent = labrelay_agent(start_agent, relay, keys["lab_pc"], f"web:8080:127.0.0.1:{web.port}")
     ports = {}
     for user in ("bob", "carol"):
-        ports[user] = free_port()
-        start_ssh(forward_argv(relay, keys[user].path, ports[user], user),
-                  name=f"ssh-{user}").wait_stderr(r"new port-listener")
+        _proc, ports[user] = open_forward(start_ssh, relay, keys[user].path, user,
+                                          name=f"ssh-{user}")
 
     def check(label: str, since: tuple[int, int], users: dict[str, int] = ports) -> None:
         for user, port in users.items():
@@ -131,10 +129,8 @@ def test_echoes_right_after_and_during_reloads_come_back_whole(
         relay.wait_for("reload_done", since=since[1], timeout=15)
         check(f"added-{n}", since)
         # A user removed while her echo is open: the reload ends her session.
-        temp_port = free_port()
-        temp = start_ssh(forward_argv(relay, keys["temp"].path, temp_port, "temp"),
-                         name=f"ssh-temp-{n}")
-        temp.wait_stderr(r"new port-listener")
+        temp, temp_port = open_forward(start_ssh, relay, keys["temp"].path, "temp",
+                                       name=f"ssh-temp-{n}")
         check(f"first-{n}", since, {"temp": temp_port})  # her first echo, at once
         with connect(temp_port, timeout=15) as held:
             held.sendall(b"ping")
@@ -166,9 +162,7 @@ def test_a_target_that_answers_nothing_is_logged_by_the_agent_with_who_ended_it(
                                               user_table("bob", keys["bob"])]))
     sink = targets.sink()  # reads to EOF, answers nothing, then closes
     agent = labrelay_agent(start_agent, relay, keys["lab_pc"], f"web:8080:127.0.0.1:{sink.port}")
-    port = free_port()
-    start_ssh(forward_argv(relay, keys["bob"].path, port, "bob"),
-              name="ssh-bob").wait_stderr(r"new port-listener")
+    _bob, port = open_forward(start_ssh, relay, keys["bob"].path, "bob", name="ssh-bob")
     mark = agent.mark()
     with connect(port, timeout=15) as sock:
         sock.sendall(b"x" * 1000)

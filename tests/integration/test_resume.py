@@ -12,6 +12,7 @@ an error, never short.  docs/resilience.md states what survives what.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import threading
 import time
@@ -101,6 +102,19 @@ def _world(start_relay: Callable[..., RelayNode], start_agent: Callable[..., Age
                  keys.get("standby"))
 
 
+@pytest.fixture
+def world(
+    start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess],
+    targets: Targets,
+    tmp_path: Path,
+) -> Callable[..., World]:
+    """``world(grace, ...)``: :func:`_world` (its keyword arguments) with this test's
+    relay, agent, ssh, targets and directory."""
+    return functools.partial(_world, start_relay, start_agent, start_ssh, targets, tmp_path)
+
+
 class Interactive:
     """An echo session typed into line by line: each line must come back before the
     next is sent, so it sees exactly where a cut happened."""
@@ -167,13 +181,9 @@ def _assert_arrived_whole(w: World, up: Upload) -> None:
 
 
 def test_sessions_continue_byte_exact_when_both_ends_lose_the_link_at_once(
-    start_relay: Callable[..., RelayNode],
-    start_agent: Callable[..., AgentProcess],
-    start_ssh: Callable[..., SshProcess],
-    targets: Targets,
-    tmp_path: Path,
+    world: Callable[..., World],
 ) -> None:
-    w = _world(start_relay, start_agent, start_ssh, targets, tmp_path, grace=30)
+    w = world(grace=30)
     public, named = Interactive(w.echo_port), Interactive(w.web_port)
     assert public.line(b"before ") == b"before "
     assert named.line(b"before ") == b"before "
@@ -206,15 +216,11 @@ def test_sessions_continue_byte_exact_when_both_ends_lose_the_link_at_once(
 
 
 def test_a_silent_link_holds_sessions_and_they_resume_when_it_is_back(
-    start_relay: Callable[..., RelayNode],
-    start_agent: Callable[..., AgentProcess],
-    start_ssh: Callable[..., SshProcess],
-    targets: Targets,
-    tmp_path: Path,
+    world: Callable[..., World],
 ) -> None:
     """The link goes silent (nothing is reset): both ends find it dead by keepalives,
     hold their sessions, and resume them once the link carries bytes again."""
-    w = _world(start_relay, start_agent, start_ssh, targets, tmp_path, grace=30)
+    w = world(grace=30)
     public = Interactive(w.echo_port)
     assert public.line(b"one ") == b"one "
     up = _upload_moving(w, 8, 32 * MiB, 2 * MiB)
@@ -235,13 +241,9 @@ def test_a_silent_link_holds_sessions_and_they_resume_when_it_is_back(
 
 
 def test_past_the_grace_held_sessions_end_with_a_reset_never_short(
-    start_relay: Callable[..., RelayNode],
-    start_agent: Callable[..., AgentProcess],
-    start_ssh: Callable[..., SshProcess],
-    targets: Targets,
-    tmp_path: Path,
+    world: Callable[..., World],
 ) -> None:
-    w = _world(start_relay, start_agent, start_ssh, targets, tmp_path, grace=3)
+    w = world(grace=3)
     public = Interactive(w.echo_port)
     assert public.line(b"x") == b"x"
     up = _upload_moving(w, 9, 64 * MiB, 2 * MiB)
@@ -277,17 +279,13 @@ def _ended_within(session: Interactive, seconds: float) -> float:
 
 
 def test_an_agent_stopped_ends_its_sessions_at_once_not_after_the_grace(
-    start_relay: Callable[..., RelayNode],
-    start_agent: Callable[..., AgentProcess],
-    start_ssh: Callable[..., SshProcess],
-    targets: Targets,
-    tmp_path: Path,
+    world: Callable[..., World],
 ) -> None:
     """``systemctl stop labrelay-agent`` (SIGTERM) with sessions open: the agent says
     goodbye, and a stopped process can resume nothing, so the relay ends what it held
     for it at once instead of leaving the users' connections silent for
     ``resume_grace`` (60 s) and resetting them then."""
-    w = _world(start_relay, start_agent, start_ssh, targets, tmp_path, grace=60)
+    w = world(grace=60)
     public, web = Interactive(w.echo_port), Interactive(w.web_port)
     assert public.line(b"public") == b"public" and web.line(b"web") == b"web"
     mark, rmark = w.agent.mark(), w.relay.mark()
@@ -324,11 +322,7 @@ HELD = 100
 
 
 def test_memory_with_100_held_sessions_stays_within_one_window_each(
-    start_relay: Callable[..., RelayNode],
-    start_agent: Callable[..., AgentProcess],
-    start_ssh: Callable[..., SshProcess],
-    targets: Targets,
-    tmp_path: Path,
+    world: Callable[..., World],
 ) -> None:
     """100 sessions whose target pushes bytes at a client that never reads: the relay
     stops crediting the agent once the user's side is full, so the agent keeps at most
@@ -340,9 +334,9 @@ def test_memory_with_100_held_sessions_stays_within_one_window_each(
     flight on the dead link freed and given back)."""
     zeros = Zeros()
     try:
-        w = _world(start_relay, start_agent, start_ssh, targets, tmp_path, grace=60,
-                   relay_toml=f"window = {WINDOW}\nmax_sessions_per_user = 1000",
-                   sink=zeros)
+        w = world(grace=60,
+                  relay_toml=f"window = {WINDOW}\nmax_sessions_per_user = 1000",
+                  sink=zeros)
         assert Interactive(w.echo_port).line(b"warm") == b"warm"
         base = {"relay": w.relay.rss_kb(), "agent": w.agent.rss_kb()}
         clients = []
@@ -398,17 +392,13 @@ def _moved_all(relay: RelayNode, service: str, n: int, at_least: int,
 
 
 def test_a_relay_restart_is_not_resumable_and_says_so(
-    start_relay: Callable[..., RelayNode],
-    start_agent: Callable[..., AgentProcess],
-    start_ssh: Callable[..., SshProcess],
+    world: Callable[..., World],
     start_process: Callable[..., AgentProcess],
-    targets: Targets,
-    tmp_path: Path,
 ) -> None:
     """SIGKILL the relay with sessions under way and start it again (same config, state
     and host key): the users' connections died with it, the agent's link returns, and
     the agent resets the sessions it held, saying the relay restarted."""
-    w = _world(start_relay, start_agent, start_ssh, targets, tmp_path, grace=60)
+    w = world(grace=60)
     public = Interactive(w.echo_port)
     assert public.line(b"before") == b"before"
     stream = DataStream(10, 64 * MiB)
@@ -445,19 +435,15 @@ def test_a_relay_restart_is_not_resumable_and_says_so(
 
 
 def test_an_agent_restart_is_not_resumable_and_the_relay_resets_at_once(
-    start_relay: Callable[..., RelayNode],
-    start_agent: Callable[..., AgentProcess],
-    start_ssh: Callable[..., SshProcess],
+    world: Callable[..., World],
     start_process: Callable[..., AgentProcess],
-    targets: Targets,
-    tmp_path: Path,
 ) -> None:
     """docs/resilience.md: the agent SIGKILLed (a crash, an upgrade) with a session under
     way; the relay holds it (the link just went), and when the new agent process (same
     key, a new instance) says hello, the relay resets the session at once, saying why,
     instead of holding it for the grace (60 s here) to resume with a process that no
     longer has the other end."""
-    w = _world(start_relay, start_agent, start_ssh, targets, tmp_path, grace=60)
+    w = world(grace=60)
     public = Interactive(w.echo_port)
     assert public.line(b"before") == b"before"
     rmark = w.relay.mark()
@@ -478,20 +464,15 @@ def test_an_agent_restart_is_not_resumable_and_the_relay_resets_at_once(
 
 
 def test_a_standby_agent_with_its_own_key_leaves_the_first_ones_held_sessions(
-    start_relay: Callable[..., RelayNode],
-    start_agent: Callable[..., AgentProcess],
-    start_ssh: Callable[..., SshProcess],
+    world: Callable[..., World],
     start_process: Callable[..., AgentProcess],
-    targets: Targets,
-    tmp_path: Path,
 ) -> None:
     """Two agents for one lab (docs/resilience.md): the first one's link goes silent with
     a session under way, and a standby, a second key of the same agent, connects
     meanwhile and takes the names over. Its hello does not reset the first one's held
     session (they are matched by key): when the first agent's link is back, the session
     resumes and carries on."""
-    w = _world(start_relay, start_agent, start_ssh, targets, tmp_path, grace=60,
-               standby=True)
+    w = world(grace=60, standby=True)
     public = Interactive(w.echo_port)
     assert public.line(b"before") == b"before"
     argv = list(w.agent.proc.args)

@@ -27,10 +27,11 @@ from harness import (
     RelayNode,
     SshProcess,
     connect,
-    free_port,
     make_key,
     ssh_argv,
 )
+from relay_fixtures import stock_local_forward
+from test_keylife import labrelay_agent
 
 pytestmark = pytest.mark.integration
 
@@ -38,31 +39,15 @@ RATE = 20_000_000  # bytes/s: "20MB"
 SIZE = 200 * MiB
 
 
-def labrelay_agent(start_agent: Callable[..., AgentProcess], relay: RelayNode, key: KeyPair,
-                   *forwards: str) -> AgentProcess:
-    rs = [a for f in forwards for a in ("-R", f)]
-    agent = start_agent(
-        "-p", str(relay.port), "-i", str(key.path),
-        "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-        *rs, "lab_pc@127.0.0.1",
-    )  # fmt: skip
-    agent.wait_for("link_connected", timeout=20)
-    for f in forwards:
-        agent.wait_for("forward_ready", timeout=20, since=0, kind="remote", bind=f.split(":")[0])
-    return agent
-
-
 def local_forward(start_ssh: Callable[..., SshProcess], relay: RelayNode, key: KeyPair,
                   service: str, user: str) -> int:
-    port = free_port()
-    proc = start_ssh(
-        ssh_argv(relay.port, key.path, relay.known_hosts, "-v", "-N",
-                 "-o", "ExitOnForwardFailure=yes", "-L", f"127.0.0.1:{port}:{service}",
-                 user=user),
+    _proc, port = stock_local_forward(
+        start_ssh,
+        lambda port: ssh_argv(relay.port, key.path, relay.known_hosts, "-v", "-N",
+                              "-o", "ExitOnForwardFailure=yes",
+                              "-L", f"127.0.0.1:{port}:{service}", user=user),
         name=f"ssh-L-{user}",
     )  # fmt: skip
-    proc.wait_stderr(rf"Local forwarding listening on 127\.0\.0\.1 port {port}\b")
-    proc.wait_stderr(r"new port-listener")
     return port
 
 

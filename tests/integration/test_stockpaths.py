@@ -42,7 +42,7 @@ from harness import (
     read_to_eof,
     sha256_hex,
 )
-from relay_fixtures import admin_port, admin_status, stock_local_forward, wait_until
+from relay_fixtures import admin_port, admin_status, jump_config, stock_local_forward, wait_until
 
 from relay.ssh.gcmrun import native_enabled
 
@@ -183,23 +183,8 @@ class Site:
 
     def config(self) -> Path:
         """An ssh_config for ``ssh -J alice@relay root@gpu-cluster`` (and scp, ``-L``)."""
-        path = self.tmp / "ssh_config"
-        path.write_text(f"""\
-Host gpu-cluster
-  User root
-  IdentityFile {self.client_key.path}
-Host {LOOPBACK}
-  IdentityFile {self.alice.path}
-Host *
-  IdentitiesOnly yes
-  BatchMode yes
-  UserKnownHostsFile {self.relay.known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 20
-""")
-        return path
+        return jump_config(self.tmp / "ssh_config", self.relay, self.alice, self.client_key,
+                           connect_timeout=20)
 
     @property
     def jump(self) -> str:

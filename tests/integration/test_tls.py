@@ -87,20 +87,30 @@ def tls_relay_toml(cert: Issued, extra: str = "") -> str:
             f'tls_listen = "127.0.0.1:0"\ntls_handshake_timeout = 3\n{extra}')
 
 
-@pytest.fixture
-def site(ca: CA, tls_keys: dict[str, KeyPair], start_relay: Callable[..., RelayNode],
-         sshd_factory: Callable[[str], Sshd], tmp_path: Path) -> TLSRelay:
+def start_tls_site(ca: CA, tls_keys: dict[str, KeyPair], start_relay: Callable[..., RelayNode],
+                   sshd_factory: Callable[[str], Sshd], tmp_path: Path,
+                   relay_toml: str) -> TLSRelay:
+    """gpu_cluster's sshd, and a relay granting it to lab_pc and alice that serves TLS
+    with a certificate for RELAY_NAME (``relay_toml`` added to its ``[relay]``), with
+    gpu-cluster's host key trusted; no agent yet."""
     good = ca.issue("relay", (RELAY_NAME,))
     gpu = sshd_factory("gpu_cluster")
     relay = start_relay(
         agents=[f'permitlisten="gpu-cluster:22" {tls_keys["lab_pc"].public_blob()} lab_pc'],
         users=[f'permitopen="gpu-cluster:22" {tls_keys["alice"].public_blob()} alice'],
-        # The refusal tests end handshakes badly from 127.0.0.1 on purpose.
-        relay_toml=tls_relay_toml(good, 'penalty_exempt = ["127.0.0.1"]\n'))
+        relay_toml=tls_relay_toml(good, relay_toml))
     tls_port = relay.wait_for("relay_tls_listening", since=0)["port"]
     relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
     return TLSRelay(relay, tls_port, ca, good, gpu, tls_keys["lab_pc"], tls_keys["alice"],
                     tmp_path)
+
+
+@pytest.fixture
+def site(ca: CA, tls_keys: dict[str, KeyPair], start_relay: Callable[..., RelayNode],
+         sshd_factory: Callable[[str], Sshd], tmp_path: Path) -> TLSRelay:
+    # The refusal tests end handshakes badly from 127.0.0.1 on purpose.
+    return start_tls_site(ca, tls_keys, start_relay, sshd_factory, tmp_path,
+                          'penalty_exempt = ["127.0.0.1"]\n')
 
 
 def start_tls_agent(site: TLSRelay, start_agent: Callable[..., AgentProcess],
@@ -338,22 +348,15 @@ def test_labrelay_connect_over_tls_takes_an_ssh_channel_and_says_why_once(
     ``labrelay connect`` is spliced, over TLS it does not dial the data port (on a
     network that lets out only 443 that is a wait and a failure) but says why, once,
     and takes an SSH channel."""
-    gpu = sshd_factory("gpu_cluster")
-    relay = start_relay(
-        agents=[f'permitlisten="gpu-cluster:22" {tls_keys["lab_pc"].public_blob()} lab_pc'],
-        users=[f'permitopen="gpu-cluster:22" {tls_keys["alice"].public_blob()} alice'],
-        relay_toml=tls_relay_toml(ca.issue("relay", (RELAY_NAME,)),
-                                  'data_port = 0\ne2e_services = ["gpu-cluster:22"]\n'))
-    tls_port = relay.wait_for("relay_tls_listening", since=0)["port"]
-    relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
+    site = start_tls_site(ca, tls_keys, start_relay, sshd_factory, tmp_path,
+                          'data_port = 0\ne2e_services = ["gpu-cluster:22"]\n')
+    relay, tls_port, gpu = site.relay, site.tls_port, site.gpu
     agent = start_agent(
         "-p", str(relay.port), "-i", str(tls_keys["lab_pc"].path),
         "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "ServerAliveInterval=5",
         "-R", f"gpu-cluster:22:127.0.0.1:{gpu.port}", f"lab_pc@{LOOPBACK}")
     agent.wait_for("fast_path_ready", timeout=20)
     agent.wait_for("forward_ready", timeout=20, since=0, bind="gpu-cluster")
-    site = TLSRelay(relay, tls_port, ca, ca.issue("unused", (RELAY_NAME,)), gpu,
-                    tls_keys["lab_pc"], tls_keys["alice"], tmp_path)
     ssh = find_program("ssh") or "ssh"
     said = {}
     for how, options in (("tcp", ["-p", str(relay.port)]), ("tls", site.tls_options())):
@@ -378,16 +381,9 @@ def test_an_agent_linked_over_tls_is_named_as_why_there_is_no_fast_path(
     gets an SSH channel, and her ``labrelay connect`` said only "keeps no data
     connections (fast path off there, or an older agent)", which sent her to the agent's
     config.  It now says the agent's link is TLS (the relay knows the port it came in on)."""
-    gpu = sshd_factory("gpu_cluster")
-    relay = start_relay(
-        agents=[f'permitlisten="gpu-cluster:22" {tls_keys["lab_pc"].public_blob()} lab_pc'],
-        users=[f'permitopen="gpu-cluster:22" {tls_keys["alice"].public_blob()} alice'],
-        relay_toml=tls_relay_toml(ca.issue("relay", (RELAY_NAME,)),
-                                  'data_port = 0\ne2e_services = ["gpu-cluster:22"]\n'))
-    tls_port = relay.wait_for("relay_tls_listening", since=0)["port"]
-    relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
-    site = TLSRelay(relay, tls_port, ca, ca.issue("unused", (RELAY_NAME,)), gpu,
-                    tls_keys["lab_pc"], tls_keys["alice"], tmp_path)
+    site = start_tls_site(ca, tls_keys, start_relay, sshd_factory, tmp_path,
+                          'data_port = 0\ne2e_services = ["gpu-cluster:22"]\n')
+    relay, tls_port = site.relay, site.tls_port
     agent = start_tls_agent(site, start_agent)
     assert agent.wait_for("link_connected", timeout=20)["route"] == f"tls {LOOPBACK}:{tls_port}"
     agent.wait_for("forward_ready", timeout=20, since=0, bind="gpu-cluster")

@@ -20,10 +20,19 @@ from harness import (
     RelayNode,
     SshProcess,
     find_program,
-    free_port,
     make_key,
 )
-from test_keylife import echo_once, forward_argv, keygen, labrelay_agent, refused, user_cert
+from test_keylife import (
+    ca_blob,
+    echo_once,
+    lab_pc_grant,
+    make_cas,
+    open_forward,
+    refused,
+    revoke_serial,
+    serve_web,
+    user_cert,
+)
 from test_keylife_toml import reload_ends_session
 
 pytestmark = pytest.mark.integration
@@ -61,24 +70,19 @@ def test_a_relay_wide_user_ca(
     start_ssh: Callable[..., SshProcess],
     targets: Targets,
 ) -> None:
-    pki = tmp_path / "pki"
-    pki.mkdir()
-    for name in ("ca", "other_ca", "stray_ca"):
-        keygen("-t", "ed25519", "-N", "", "-C", name, "-f", name, cwd=pki)
-    ca, other_ca = (" ".join((pki / f"{n}.pub").read_text().split()[:2])
-                    for n in ("ca", "other_ca"))
+    pki = make_cas(tmp_path / "pki", "ca", "other_ca", "stray_ca")
+    ca, other_ca = ca_blob(pki), ca_blob(pki, "other_ca")
     ca_fp = fingerprint(pki / "ca.pub")
-    (pki / "revoked.spec").write_text("serial: 666\n")
-    keygen("-k", "-f", "revoked.krl", "-s", "ca.pub", "revoked.spec", cwd=pki)
+    krl = revoke_serial(pki)
     lab_pc, bob = (make_key(tmp_path / n, comment=n) for n in ("lab_pc", "bob"))
     carol = make_key(tmp_path / "carol", comment="carol")
     relay = start_relay(
-        agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc'],
+        agents=[lab_pc_grant(lab_pc)],
         # carol is a users-file user: the relay-wide CA covers her too.
         users=[f'permitopen="web:8080" {carol.public_blob()} carol'],
         relay_toml="\n".join([
             'penalty_exempt = ["127.0.0.1"]',
-            f'revoked_keys = "{pki / "revoked.krl"}"',
+            f'revoked_keys = "{krl}"',
             f'trusted_user_ca = ["{ca}", "{other_ca}"]',
             # alice has no key of her own: the lab CA's certificates log her in.
             '[[relay.user]]', 'name = "alice"', 'services = ["web:8080"]',
@@ -87,30 +91,25 @@ def test_a_relay_wide_user_ca(
             '[[relay.user]]', 'name = "dave"', 'services = ["web:8080"]',
             'from = "10.9.9.0/24"', ""]),
     )
-    echo = targets.echo()
-    labrelay_agent(start_agent, relay, lab_pc, f"web:8080:127.0.0.1:{echo.port}")
+    serve_web(start_agent, relay, lab_pc, targets)
 
     # alice: OpenSSH with a certificate naming her, as alice. The key id carries an
     # escape sequence: logged escaped.
     mark = relay.mark()
-    port = free_port()
-    alice = start_ssh(forward_argv(relay, user_cert(pki, "alice", "-n", "alice,al",
-                                                    "-I", "alice@lab\x1b[2J", "-V", "-5m:+1h"),
-                                   port, "alice"), name="ssh-alice-cert")
-    alice.wait_stderr(r"new port-listener")
+    alice, port = open_forward(start_ssh, relay,
+                               user_cert(pki, "alice", "-n", "alice,al",
+                                         "-I", "alice@lab\x1b[2J", "-V", "-5m:+1h"),
+                               "alice", name="ssh-alice-cert")
     assert echo_once(port) == b"ping"
     connected = relay.wait_for("relay_connected", since=mark, name="alice")
     assert connected["cert_ca"] == ca_fp
     assert connected["cert_id"] == "alice@lab\\x1b[2J", connected["cert_id"]
     # carol (users file), with a certificate from the second CA.
-    carol_port = free_port()
-    start_ssh(forward_argv(relay, user_cert(pki, "carol_c", "-n", "carol", ca="other_ca"),
-                           carol_port, "carol"), name="ssh-carol-cert").wait_stderr(
-        r"new port-listener")
+    _carol, carol_port = open_forward(start_ssh, relay,
+                                      user_cert(pki, "carol_c", "-n", "carol", ca="other_ca"),
+                                      "carol", name="ssh-carol-cert")
     assert echo_once(carol_port) == b"ping"
-    bob_port = free_port()
-    start_ssh(forward_argv(relay, bob.path, bob_port, "bob"), name="ssh-bob") \
-        .wait_stderr(r"new port-listener")
+    _bob, bob_port = open_forward(start_ssh, relay, bob.path, "bob", name="ssh-bob")
 
     # Refused, each with its reason; the hostile client is paramiko.
     bound = "trusted_user_ca: the login name"

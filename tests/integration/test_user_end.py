@@ -33,7 +33,7 @@ from harness import (
     known_hosts_line,
     sha256_hex,
 )
-from relay_fixtures import ssh_defaults, wait_until
+from relay_fixtures import running_ssh_agent, ssh_defaults, wait_until
 from test_fastpath import Site, _run
 
 from relay.config.schema import ServiceGrant
@@ -168,13 +168,7 @@ def test_a_passphrase_key_held_by_a_real_ssh_agent(site: Site) -> None:
     sock = site.tmp / "agent.sock"
     agent_bin, add_bin = find_program("ssh-agent"), find_program("ssh-add")
     assert agent_bin and add_bin, "OpenSSH's ssh-agent and ssh-add are needed"
-    agent = subprocess.Popen([agent_bin, "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():  # ssh-agent -D prints nothing to await; it binds, then serves
-            assert time.monotonic() < deadline and agent.poll() is None, "ssh-agent did not start"
-            time.sleep(0.02)
+    with running_ssh_agent(sock):
         ask_env = {"SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force",
                    "DISPLAY": ":0"}
         added = subprocess.run([add_bin, str(locked)], capture_output=True, timeout=30,
@@ -197,9 +191,6 @@ def test_a_passphrase_key_held_by_a_real_ssh_agent(site: Site) -> None:
         assert "from ssh-agent" in said, said
         assert len(_prompts(log)) == 1, "labrelay connect asked for a passphrase"
         assert site.fast()["paired"] == 1
-    finally:
-        agent.terminate()
-        agent.wait(timeout=10)
 
 
 # 3 ---------------------------------------------------------------------------

@@ -87,16 +87,21 @@ class Site:
     def alice(self, host: str) -> float:
         """alice runs ``echo`` on gpu_cluster via ``host`` (gpu-cluster: fast path,
         gpu-jump: -J); returns the seconds it took, asserting it worked."""
-        ssh = find_program("ssh") or "ssh"
-        start = time.monotonic()
-        out = subprocess.run([ssh, "-F", str(self.ssh_config()), host,
-                              "echo $LABRELAY_TEST_HOST"], capture_output=True, timeout=90,
-                             stdin=subprocess.DEVNULL, env={**os.environ, **child_env()},
-                             cwd=REPO_ROOT)
-        took = time.monotonic() - start
-        assert out.returncode == 0, out.stderr.decode() + self.relay.diagnostics()
-        assert out.stdout.decode().strip() == "gpu_cluster"
-        return took
+        return timed_gpu_echo(self.ssh_config(), host, self.relay)
+
+
+def timed_gpu_echo(ssh_config: Path, host: str, relay: RelayNode) -> float:
+    """``ssh -F ssh_config HOST 'echo $LABRELAY_TEST_HOST'``: the seconds it took,
+    asserting it worked and ran on gpu_cluster (the relay's log shown if not)."""
+    ssh = find_program("ssh") or "ssh"
+    start = time.monotonic()
+    out = subprocess.run([ssh, "-F", str(ssh_config), host, "echo $LABRELAY_TEST_HOST"],
+                         capture_output=True, timeout=90, stdin=subprocess.DEVNULL,
+                         env={**os.environ, **child_env()}, cwd=REPO_ROOT)
+    took = time.monotonic() - start
+    assert out.returncode == 0, out.stderr.decode() + relay.diagnostics()
+    assert out.stdout.decode().strip() == "gpu_cluster"
+    return took
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import relay_fixtures
 from conftest import Targets, in_ci
 from harness import (
     LOOPBACK,
@@ -466,25 +467,8 @@ def jump_config(lab: Lab, target_key: KeyPair, gpu: Sshd) -> Path:
     """An ssh_config for ``ssh -J alice@127.0.0.1:PORT root@gpu-cluster`` (and scp);
     gpu-cluster's own host key is trusted under its service name."""
     lab.relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
-    path = lab.tmp_path / "ssh_config"
-    path.write_text(
-        f"""\
-Host gpu-cluster
-  User root
-  IdentityFile {target_key.path}
-Host 127.0.0.1
-  IdentityFile {lab.keys.alice.path}
-Host *
-  IdentitiesOnly yes
-  BatchMode yes
-  UserKnownHostsFile {lab.relay.known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 10
-"""
-    )
-    return path
+    return relay_fixtures.jump_config(lab.tmp_path / "ssh_config", lab.relay, lab.keys.alice,
+                                      target_key, connect_timeout=10)
 
 
 class LoopThread:

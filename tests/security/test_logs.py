@@ -67,6 +67,23 @@ def grants(k: Keys) -> tuple[list[str], list[str]]:
             [f'permitopen="web:8080" {k.alice.public_blob()} alice'])
 
 
+def relay_config(directory: Path, keys: Keys) -> Path:
+    """``directory/node.toml`` for a relay run by hand (not by ``start_relay``: the
+    tests here pick its log format or run it under twistd), with :func:`grants`."""
+    agents, users = grants(keys)
+    (directory / "agents").write_text("\n".join(agents) + "\n")
+    (directory / "users").write_text("\n".join(users) + "\n")
+    config = directory / "node.toml"
+    config.write_text(f"""\
+[relay]
+listen = "127.0.0.1:0"
+state_dir = "{directory / "state"}"
+agents_file = "agents"
+users_file = "users"
+""")
+    return config
+
+
 class FormatKey(paramiko.PKey):
     """A "key" whose algorithm name is a log format reaching into the relay's objects
     and whose blob no SSH library parses: Conch used to log that name *as* a format,
@@ -103,14 +120,20 @@ def paramiko_transport(port: int) -> Iterator[paramiko.Transport]:
         transport.close()
 
 
-def attack(port: int, k: Keys) -> None:
-    """The hostile sessions; each request is refused (and logged) by the relay."""
+def hostile_logins(port: int, k: Keys) -> None:
+    """Logins as a forged, an overlong and a format-string user name: each refused."""
     key = paramiko.Ed25519Key.from_private_key_file
     for user in (FORGED_USER, BIG_USER):
         with paramiko_transport(port) as t, pytest.raises(paramiko.AuthenticationException):
             t.auth_publickey(user, key(str(k.stranger.path)))
     with paramiko_transport(port) as t, pytest.raises(paramiko.AuthenticationException):
         t.auth_publickey("format", FormatKey())
+
+
+def attack(port: int, k: Keys) -> None:
+    """The hostile sessions; each request is refused (and logged) by the relay."""
+    hostile_logins(port, k)
+    key = paramiko.Ed25519Key.from_private_key_file
     with paramiko_transport(port) as t:
         t.auth_publickey("alice", key(str(k.alice.path)))
         for host in (FORGED_HOST, LONG_HOST):
@@ -152,17 +175,7 @@ def escaped(text: str) -> str:
 def test_text_log_has_no_forged_line(
     start_ssh: Callable[..., SshProcess], keys: Keys, targets: Targets, tmp_path: Path,
 ) -> None:
-    agents, users = grants(keys)
-    (tmp_path / "agents").write_text("\n".join(agents) + "\n")
-    (tmp_path / "users").write_text("\n".join(users) + "\n")
-    config = tmp_path / "node.toml"
-    config.write_text(f"""\
-[relay]
-listen = "127.0.0.1:0"
-state_dir = "{tmp_path / "state"}"
-agents_file = "agents"
-users_file = "users"
-""")
+    config = relay_config(tmp_path, keys)
     relay = start_ssh([sys.executable, "-m", "relay", "relay", "--log-format", "text",
                        "--config", str(config)], name="relay-text")
     port = int(relay.wait_stderr(r"relay listening on 127\.0\.0\.1:(\d+);", timeout=30)[1])
@@ -235,28 +248,13 @@ def test_twistd_log_has_no_forged_line(
 ) -> None:
     """``twistd -n labrelay --config F``: twistd's own log observer (stdout here, the
     ``--logfile`` otherwise) sees the same escaped and truncated fields."""
-    agents, users = grants(keys)
-    (tmp_path / "agents").write_text("\n".join(agents) + "\n")
-    (tmp_path / "users").write_text("\n".join(users) + "\n")
-    config = tmp_path / "node.toml"
-    config.write_text(f"""\
-[relay]
-listen = "127.0.0.1:0"
-state_dir = "{tmp_path / "state"}"
-agents_file = "agents"
-users_file = "users"
-""")
+    config = relay_config(tmp_path, keys)
     twistd = start_process(twistd_command("-n", "--pidfile", "", "labrelay",
                                           "--config", str(config)), name="twistd")
     listening = twistd.wait_for("_raw", timeout=30, text=lambda t: "relay listening on" in t)
     port = int(re.search(r"relay listening on 127\.0\.0\.1:(\d+);", listening["text"])[1])
 
-    key = paramiko.Ed25519Key.from_private_key_file
-    for user in (FORGED_USER, BIG_USER):
-        with paramiko_transport(port) as t, pytest.raises(paramiko.AuthenticationException):
-            t.auth_publickey(user, key(str(keys.stranger.path)))
-    with paramiko_transport(port) as t, pytest.raises(paramiko.AuthenticationException):
-        t.auth_publickey("format", FormatKey())
+    hostile_logins(port, keys)
     twistd.wait_for("_raw", timeout=15, text=lambda t: "auth refused for user format" in t)
 
     lines = [e["text"] for e in twistd.events("_raw")]

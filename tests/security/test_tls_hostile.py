@@ -10,7 +10,6 @@ per source, the default penalties), shared by its SSH and TLS ports, and a 2 s
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 import subprocess
@@ -22,9 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT, child_env
 from harness import LOOPBACK, AgentProcess, KeyPair, RelayNode, Sshd, find_program, make_key
-from test_admission import FLOOD, PER_SOURCE, _closed_now, _dial, _refused_at_accept
+from relay_fixtures import wait_until
+from test_admission import (
+    FLOOD,
+    PER_SOURCE,
+    _closed_now,
+    _dial,
+    _refused_at_accept,
+    timed_gpu_echo,
+)
 from tlscerts import CA, RELAY_NAME
 
 pytestmark = pytest.mark.integration
@@ -66,15 +72,7 @@ Host gpu-cluster
   StrictHostKeyChecking yes
   ConnectTimeout 20
 """)
-        start = time.monotonic()
-        out = subprocess.run([find_program("ssh") or "ssh", "-F", str(cfg), "gpu-cluster",
-                              "echo $LABRELAY_TEST_HOST"], capture_output=True, timeout=90,
-                             stdin=subprocess.DEVNULL, env={**os.environ, **child_env()},
-                             cwd=REPO_ROOT)
-        took = time.monotonic() - start
-        assert out.returncode == 0, out.stderr.decode() + self.relay.diagnostics()
-        assert out.stdout.decode().strip() == "gpu_cluster"
-        return took
+        return timed_gpu_echo(cfg, "gpu-cluster", self.relay)
 
 
 @pytest.fixture
@@ -98,15 +96,6 @@ def site(openssh: None, client_key: KeyPair, start_relay: Callable[..., RelayNod
     agent.wait_for("forward_ready", timeout=20, bind="gpu-cluster")
     yield Site(relay, tls_port, ca, alice, client_key, tmp_path)
     assert relay.events(level="critical") == []
-
-
-def _until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    """Poll the status endpoint: a remote process's counters have no event to await."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _client_hello() -> bytes:
@@ -143,14 +132,14 @@ def test_handshake_flood_from_one_source_does_not_lock_others_out(site: Site) ->
     flood = [s for s in dialled if s is not None]
     try:
         closed = len(_closed_now(flood, within=1.0)) + (FLOOD - len(flood))
-        _until(lambda: site.admission()["tls"]["refused"]["per_source_cap"]
-               == FLOOD - PER_SOURCE, "the relay to count the refusals")
+        wait_until(lambda: site.admission()["tls"]["refused"]["per_source_cap"]
+                   == FLOOD - PER_SOURCE, "the relay to count the refusals")
         assert closed == FLOOD - PER_SOURCE, closed
         assert site.admission()["tls"]["unauthenticated"] == PER_SOURCE
         during = site.alice()
         # The 10 held ones are closed too, at the handshake timeout.
         assert len(_closed_now(flood, within=10.0)) == len(flood)
-        _until(lambda: site.tls()["handshake_timeout"] == PER_SOURCE, "the timeouts")
+        wait_until(lambda: site.tls()["handshake_timeout"] == PER_SOURCE, "the timeouts")
         assert site.admission()["penalties"]["grace-exceeded"] >= 1
         assert _refused_at_accept(site.tls_port) < 1.0
         assert _refused_at_accept(site.relay.port) < 1.0  # penalties are shared
@@ -177,7 +166,7 @@ def test_garbage_before_the_handshake_is_closed_and_penalised(site: Site, garbag
         data, took = _recv_all(s, 10)
     assert took < 2.0 and len(data) < 64, (took, data)  # an alert, never a banner
     assert b"SSH-" not in data
-    _until(lambda: site.tls()["handshake_failed"] == 1, "the relay to count it")
+    wait_until(lambda: site.tls()["handshake_failed"] == 1, "the relay to count it")
     assert site.admission()["penalties"]["protocol"] == 1
     site.alice()
 
@@ -205,7 +194,7 @@ def test_garbage_after_the_handshake_is_closed_by_the_ssh_server(site: Site) -> 
         took = time.monotonic() - start
     assert data.startswith(b"SSH-2.0-"), data[:100]
     assert took < 5.0
-    _until(lambda: site.admission()["penalties"]["protocol"] >= 1, "the protocol penalty")
+    wait_until(lambda: site.admission()["penalties"]["protocol"] >= 1, "the protocol penalty")
     assert site.tls()["handshakes"] == 1
     site.alice()
 
@@ -223,7 +212,7 @@ def test_a_stalled_handshake_is_closed_at_the_timeout(site: Site) -> None:
         data, _ = _recv_all(s, 15)
         took = time.monotonic() - start
     assert data == b"" or b"SSH-" not in data
-    _until(lambda: site.tls()["handshake_timeout"] == 1, "the handshake timeout")
+    wait_until(lambda: site.tls()["handshake_timeout"] == 1, "the handshake timeout")
     assert site.admission()["penalties"]["grace-exceeded"] == 1
     assert site.tls()["handshakes"] >= 1  # alice's
     assert took < 15
@@ -247,9 +236,22 @@ def test_a_name_or_protocol_the_relay_does_not_serve_is_refused(
         with ctx.wrap_socket(raw, server_hostname=sni) as tls:
             tls.settimeout(5)
             assert b"SSH-" not in tls.recv(64)
-    _until(lambda: site.tls()["handshake_failed"] == 1, "the refused handshake")
+    wait_until(lambda: site.tls()["handshake_failed"] == 1, "the refused handshake")
     assert site.tls()["handshakes"] == 0
     assert site.admission()["penalties"]["protocol"] == 1
+
+
+def _assert_handshake_refused(site: Site, ctx: ssl.SSLContext) -> None:
+    """A client with ``ctx`` fails its handshake at the relay's TLS port: the relay
+    counts one failed handshake and none done."""
+    raw = _dial(site.tls_port)
+    assert raw is not None
+    with raw, pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
+        with ctx.wrap_socket(raw, server_hostname=RELAY_NAME) as tls:
+            tls.settimeout(5)
+            tls.recv(64)
+    wait_until(lambda: site.tls()["handshake_failed"] == 1, "the refused handshake")
+    assert site.tls()["handshakes"] == 0
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
@@ -262,14 +264,7 @@ def test_tls_before_1_2_is_refused(site: Site) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1
     ctx.maximum_version = ssl.TLSVersion.TLSv1_1
     ctx.set_ciphers("ALL:@SECLEVEL=0")
-    raw = _dial(site.tls_port)
-    assert raw is not None
-    with raw, pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
-        with ctx.wrap_socket(raw, server_hostname=RELAY_NAME) as tls:
-            tls.settimeout(5)
-            tls.recv(64)
-    _until(lambda: site.tls()["handshake_failed"] == 1, "the refused handshake")
-    assert site.tls()["handshakes"] == 0
+    _assert_handshake_refused(site, ctx)
 
 
 def test_tls_1_2_without_forward_secrecy_or_aead_is_refused(site: Site) -> None:
@@ -279,14 +274,7 @@ def test_tls_1_2_without_forward_secrecy_or_aead_is_refused(site: Site) -> None:
     ctx.verify_mode = ssl.CERT_NONE
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers("ECDHE-ECDSA-AES128-SHA:AES128-GCM-SHA256:AES256-SHA")
-    raw = _dial(site.tls_port)
-    assert raw is not None
-    with raw, pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
-        with ctx.wrap_socket(raw, server_hostname=RELAY_NAME) as tls:
-            tls.settimeout(5)
-            tls.recv(64)
-    _until(lambda: site.tls()["handshake_failed"] == 1, "the refused handshake")
-    assert site.tls()["handshakes"] == 0
+    _assert_handshake_refused(site, ctx)
 
 
 def test_a_source_holding_its_ssh_share_is_refused_before_the_handshake(site: Site) -> None:
@@ -305,8 +293,8 @@ def test_a_source_holding_its_ssh_share_is_refused_before_the_handshake(site: Si
             assert raw is not None
             held.append(ctx.wrap_socket(raw, server_hostname=RELAY_NAME))
             held[-1].sendall(b"SSH-2.0-mallory\r\n")
-        _until(lambda: site.admission()["ssh"]["unauthenticated"] >= PER_SOURCE,
-               "the attacker's share of the SSH gate")
+        wait_until(lambda: site.admission()["ssh"]["unauthenticated"] >= PER_SOURCE,
+                   "the attacker's share of the SSH gate")
         before = site.tls()["handshakes"]
         completed = 0
         for _ in range(50):

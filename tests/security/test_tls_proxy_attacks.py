@@ -35,8 +35,9 @@ import pytest
 from conftest import REPO_ROOT, child_env
 from harness import LOOPBACK, close_woken, free_port, make_key
 from OpenSSL import SSL
+from relay_fixtures import wait_until
 from test_admission import _dial
-from test_tls_hostile import Site, _client_hello, _recv_all, _until, site  # noqa: F401
+from test_tls_hostile import Site, _client_hello, _recv_all, site  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -68,7 +69,7 @@ def test_a_slowloris_handshake_is_closed_at_the_deadline_though_bytes_keep_comin
     print(f"\nslowloris ClientHello: closed after {closed_after}s, {sent} of "
           f"{len(hello)} bytes sent (tls_handshake_timeout 2 s)")
     assert closed_after is not None and closed_after < 4.0 and sent < len(hello)
-    _until(lambda: site.tls()["handshake_timeout"] == 1, "the handshake timeout")
+    wait_until(lambda: site.tls()["handshake_timeout"] == 1, "the handshake timeout")
     assert site.admission()["penalties"]["grace-exceeded"] == 1
     site.alice()
 
@@ -129,7 +130,7 @@ def test_a_huge_client_hello_is_refused_at_its_header(site: Site) -> None:  # no
     assert b"SSH-" not in data and len(data) < 64
     assert pushed < 4 * 1024 * 1024, "the relay read the whole flood"
     assert after - before < 4096
-    _until(lambda: site.tls()["handshake_failed"] == 1, "the refused handshake")
+    wait_until(lambda: site.tls()["handshake_failed"] == 1, "the refused handshake")
     site.alice()
 
 
