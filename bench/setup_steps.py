@@ -100,7 +100,7 @@ def stock(where: str) -> int:
             except LookupError:
                 g2 = (r1[0], "", 0, 0, 0)
             g2 = g2 if g2[0] <= r1[0] else (r1[0], "", 0, 0, 0)
-            u1 = first(r, s1[0] - 1, "send", user)  # her confirmation
+            u1 = first(r, t0, "send", user)  # her confirmation (before or after the GO)
             early = u1[0] < r1[0]  # confirmed before the agent's answer was read
             if not early:
                 u1 = first(r, r1[0], "send", user)
