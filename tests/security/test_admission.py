@@ -424,14 +424,15 @@ def test_connections_dropped_at_the_global_cap_cost_one_log_line_per_burst(
     keys: Keys, start_relay: Callable[..., RelayNode],
 ) -> None:
     """Four hosts hold every place (``max_unauthenticated = 8``, 2 each) with idle
-    connections; a fifth connects and closes 300 times.  Each drop at the global cap
-    earns no penalty (the connection never held a place) and was one
-    ``relay_unauth_cap`` warning: 300 lines, as many as anyone cared to send.  Now
-    each drop is counted and a burst is logged once in full and once as a count when
-    its window (10 s) ends.  alice gets in once the places are free."""
+    connections; one of them connects and closes 300 times more (it holds as many
+    places as any, so it evicts nobody).  Each drop at the global cap earns no penalty
+    (the connection never held a place) and was one ``relay_unauth_cap`` warning: 300
+    lines, as many as anyone cared to send.  Now each drop is counted and a burst is
+    logged once in full and once as a count when its window (10 s) ends.  alice gets
+    in once the places are free."""
     relay = start_relay(users=[f'permitopen="web:8080" {keys.alice.public_blob()} alice'],
                         relay_toml="max_unauthenticated = 8\n"
-                                   "per_source_max_unauthenticated = 2\n")
+                                   "per_source_max_unauthenticated = 3\n")
     holders = []
     for host in range(2, 6):
         for _ in range(2):
@@ -444,7 +445,7 @@ def test_connections_dropped_at_the_global_cap_cost_one_log_line_per_burst(
     mark = relay.mark()
     for _ in range(300):
         s = socket.socket()
-        s.bind(("127.0.0.9", 0))
+        s.bind(("127.0.0.2", 0))  # holds 2 of its 3, as many as anyone
         s.connect((LOOPBACK, relay.port))
         s.settimeout(10)
         assert s.recv(1) == b""  # dropped at accept: closed before the version line
@@ -456,7 +457,8 @@ def test_connections_dropped_at_the_global_cap_cost_one_log_line_per_burst(
     lines = relay.events("relay_unauth_cap", since=mark)
     print(f"\n300 drops at the cap: {len(lines)} relay_unauth_cap lines; {summary['text']}")
     assert len(lines) == 2 and sum(e["count"] for e in lines) == 300, lines[-1]
-    assert summary["peer"].startswith("127.0.0.9:") and summary["n"] == 8
+    assert summary["peer"].startswith("127.0.0.2:") and summary["n"] == 8
+    assert relay.status()["relay"]["admission"]["ssh"]["evicted"] == 0
     for s in holders:
         s.close()
     wait_until(lambda: relay.status()["relay"]["admission"]["ssh"]["unauthenticated"] == 0,
@@ -466,3 +468,70 @@ def test_connections_dropped_at_the_global_cap_cost_one_log_line_per_burst(
               pkey=paramiko.Ed25519Key.from_private_key_file(str(keys.alice.path)))
     assert t.is_authenticated()
     t.close()
+
+
+# --- a few hosts holding every place ------------------------------------------------------
+
+
+CROWD = [f"127.0.0.{i}" for i in range(2, 9)]  # 7 sources x PER_SOURCE > 64 places
+
+
+def _ended(sockets: list[socket.socket], within: float) -> set[socket.socket]:
+    """The sockets the relay closed within ``within`` seconds, whatever it sent first
+    (an evicted connection had its SSH banner): read each until EOF or a reset."""
+    ended: set[socket.socket] = set()
+    deadline = time.monotonic() + within
+    with selectors.DefaultSelector() as sel:
+        for s in sockets:
+            sel.register(s, selectors.EVENT_READ)
+        while len(ended) < len(sockets) and (left := deadline - time.monotonic()) > 0:
+            for key, _ in sel.select(left):
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                try:
+                    if s.recv(65536) != b"":
+                        continue
+                except ConnectionResetError:
+                    pass
+                sel.unregister(s)
+                ended.add(s)
+    return ended
+
+
+def test_a_few_hosts_holding_every_place_do_not_lock_a_new_source_out(site: Site) -> None:
+    """7 hosts (127.0.0.2-8) hold 10 idle TCP connections each at the SSH port: the
+    64 places of ``max_unauthenticated`` are full.  alice (127.0.0.1, holding none)
+    was refused at accept until those connections reached ``login_grace`` (30 s; found
+    by the r15 audit).  Now the oldest connection of the host holding the most is
+    closed for her: her stock ``ssh -J`` session runs at once.  The crowd's own last
+    connections evicted each other's (a host holding fewer takes from the one holding
+    most), never alice's, and an evicted connection costs its host no penalty."""
+    base = site.alice("gpu-jump")
+    mark = site.relay.mark()
+    crowd = [s for host in CROWD for _ in range(PER_SOURCE)
+             if (s := _dial(site.relay.port, host)) is not None]
+    try:
+        # all 70 accepted or refused: 64 held, 6 evicted (or, without eviction, refused)
+        wait_until(lambda: (ssh := site.admission()["ssh"])["unauthenticated"] == 64
+                   and ssh.get("evicted", 0) + ssh["refused"]["global_cap"] == 6,
+                   "64 places held")
+        jump = site.alice("gpu-jump")
+        ssh = site.admission()["ssh"]
+        assert ssh["evicted"] == 7 and ssh["refused"]["global_cap"] == 0, ssh
+        closed = _ended(crowd, within=2.0)  # the 7 evicted (after the relay's banner)
+        assert len(closed) == 7, len(closed)
+        counters = site.relay.status()["relay"]["counters"]
+        assert counters["connections_evicted_unauthenticated_cap"] == 7
+        assert counters["connections_dropped_unauthenticated_cap"] == 0
+        assert site.admission()["penalties"]["noauth"] == 0  # evicted: no penalty
+        first = site.relay.wait_for("relay_unauth_evicted", since=mark, timeout=5)
+        assert first["count"] == 1 and first["source"] == "127.0.0.2/32", first
+    finally:
+        for s in crowd:
+            s.close()
+    lines = site.relay.events("relay_unauth_evicted", since=mark)
+    print(f"\n7 hosts x 10 idle connections: 64 held, 7 evicted (6 among them, 1 for alice); "
+          f"alice -J {jump:.2f}s (before {base:.2f}s); {len(lines)} relay_unauth_evicted "
+          f"line(s) so far")
+    assert len(lines) == 1  # the rest of the burst is one count line, 10 s later
+    assert jump < 10
