@@ -526,6 +526,11 @@ def test_a_few_hosts_holding_every_place_do_not_lock_a_new_source_out(site: Site
         assert site.admission()["penalties"]["noauth"] == 0  # evicted: no penalty
         first = site.relay.wait_for("relay_unauth_evicted", since=mark, timeout=5)
         assert first["count"] == 1 and first["source"] == "127.0.0.2/32", first
+        metrics = site.relay.metrics()
+        assert 'labrelay_relay_admission_evicted_total{port="ssh"} 7.0' in metrics
+        assert 'labrelay_relay_admission_evicted_total{port="data"} 0.0' in metrics
+        assert "labrelay_relay_connections_evicted_unauthenticated_cap_total 7.0" in metrics
+        assert "labrelay_relay_fast_data_evicted_total 0.0" in metrics
     finally:
         for s in crowd:
             s.close()
