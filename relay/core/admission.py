@@ -18,15 +18,16 @@ close.  Modelled on OpenSSH sshd 9.8+ (``MaxStartups``, ``PerSourceMaxStartups``
   is *active* and every new connection from that source is refused until it runs
   out.  Penalties are shared by both ports: a host that guesses tokens at the data
   port is also refused at the SSH port;
-- when the global cap is full, a connection from a source that holds *fewer* places
-  than the source holding the most is not refused: the oldest unauthenticated
-  connection of the source holding the most places (ties: the one whose oldest
-  connection is oldest) is *evicted* to make room (the gate picks it,
-  :attr:`Ticket.evicted`; the server closes it; it earns no penalty).  A few hosts
+- when the global cap is full, a connection from a source that would hold, with it,
+  *fewer* places than the source holding the most is not refused: the oldest
+  unauthenticated connection of the source holding the most places (ties: the one
+  whose oldest connection is oldest) is *evicted* to make room (the gate picks it,
+  :attr:`Ticket.displaced`; the server closes it; it earns no penalty).  A few hosts
   holding every place (7 x 10 idle sockets) no longer lock a new source out until
-  ``login_grace``; a source at the maximum never evicts another at the maximum, so a
-  flood churns only its own places.  sshd has no such rule (its MaxStartups drops the
-  newcomer); an attacker with more sources than places still keeps others out;
+  ``login_grace``; a source holding the most (or one less) evicts nobody, so a crowd
+  cannot trade places among itself for ever (:meth:`Gate._victim`).  sshd has no such
+  rule (its MaxStartups drops the newcomer); an attacker with as many sources as
+  places, one each, still keeps others out;
 - exempt networks are never penalised nor refused for a penalty (the per-source cap,
   the global cap and eviction apply to them as to any source: exemption is about
   penalties, not priority);
@@ -274,12 +275,21 @@ class Gate:
 
     def _victim(self, source: str) -> Ticket | None:
         """Which connection to evict so that ``source`` gets a place at the full global
-        cap, or None: the oldest of the source holding the most places, if ``source``
-        holds fewer (ties: the source whose oldest connection is oldest).  A source at
-        the maximum evicts nobody, so a few hosts holding every place cannot keep a new
-        one out until ``login_grace``, and a flood only churns its own places.
+        cap, or None: the oldest of the source holding the most places (ties: the
+        source whose oldest connection is oldest), if ``source``, *counting the new
+        connection*, would still hold fewer.  So a few hosts holding every place
+        cannot keep a new one out until ``login_grace``.
+
+        Counting the new connection is what ends churn: had a source holding 9 evicted
+        one holding 10, the two would hold 10 and 9 and could trade that place back
+        and forth for ever, every connection admitted and none penalised (an evicted
+        one earns nothing); 10 000 such connects from two hosts were all admitted.
+        Now a place only moves from a source holding ``n`` to one that then holds at
+        most ``n - 1``, which lowers the sum of the squares of the counts each time:
+        without closing connections (penalised) a crowd can only evict a bounded
+        number of times, and a source holding the most (or one less) evicts nobody.
         O(sources), at most ``global_cap``: paid only at the full cap."""
-        mine = self.pending.get(source, 0)
+        mine = self.pending.get(source, 0) + 1  # with the new connection
         best: Ticket | None = None
         most = mine
         for held in self._held.values():

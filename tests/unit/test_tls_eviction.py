@@ -44,9 +44,9 @@ def test_the_tls_gate_evicts_the_oldest_handshake_of_the_busiest_source(
         _proto, tcp = dial("198.51.100.7")  # holds none; 192.0.2.1 holds the most (3)
         assert not tcp.disconnected
         assert held[0][1].disconnected and not held[1][1].disconnected  # its oldest
-        assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.2", 1)) is not None
-        assert held[1][1].disconnected  # .2 (1) < .1 (2): .1's next oldest
-        # .1 holds 1, .2 2 (the most): it evicts nobody
+        dial("198.51.100.8")  # 1 < .1's 2: .1's next oldest
+        assert held[1][1].disconnected and not held[2][1].disconnected
+        # one each now: nobody evicts (with it, .2 would hold 2)
         assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.2", 2)) is None
         reactor.advance(CAP_LOG_WINDOW)
     assert port.counters["evicted"] == 2 and port.gate.evicted == 2
@@ -54,3 +54,4 @@ def test_the_tls_gate_evicts_the_oldest_handshake_of_the_busiest_source(
     lines = [e for e in logs if e.get("event") == "tls_evicted"]
     assert [e["count"] for e in lines] == [1, 1], lines
     assert lines[0]["source"] == "192.0.2.1/32" and lines[0]["peer"] == "198.51.100.7"
+    assert lines[1]["source"] == "192.0.2.1/32" and lines[1]["peer"] == "198.51.100.8"
