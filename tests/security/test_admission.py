@@ -103,11 +103,17 @@ class Site:
 def site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
          start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
          targets: Targets, tmp_path: Path) -> Iterator[Site]:
+    yield _site(keys, client_key, start_relay, start_agent, sshd_factory, tmp_path)
+
+
+def _site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
+          start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
+          tmp_path: Path, relay_toml: str = "") -> Site:
     gpu = sshd_factory("gpu_cluster")
     relay = start_relay(
         agents=[f'permitlisten="gpu-cluster:22" {keys.lab_pc.public_blob()} lab_pc'],
         users=[f'permitopen="gpu-cluster:22" {keys.alice.public_blob()} alice'],
-        relay_toml='data_port = 0\ne2e_services = ["gpu-cluster:22"]\n')
+        relay_toml='data_port = 0\ne2e_services = ["gpu-cluster:22"]\n' + relay_toml)
     data_port = relay.wait_for("relay_data_port", since=0)["port"]
     relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
     agent = start_agent(
@@ -123,7 +129,7 @@ def site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
     wait_until(lambda: s.pool()["idle"] == 4
                and s.relay.status()["relay"]["fast_path"]["pools"].get("lab_pc") == 4,
                "the agent's pool to fill")
-    yield s
+    return s
 
 
 def _counted(site: Site, offence: str, n: int) -> Callable[[], bool]:
@@ -542,3 +548,41 @@ def test_a_few_hosts_holding_every_place_do_not_lock_a_new_source_out(site: Site
           f"relay_unauth_evicted line(s) so far")
     assert len(lines) == 1  # the rest of the burst is one count line, 10 s later
     assert jump < 10
+
+
+def test_a_few_hosts_holding_the_data_ports_places_do_not_lock_the_fast_path_out(
+    keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """The same crowd at the data port (``data_hello_timeout = 30`` here, so that the
+    crowd's connections outlive the test as they would ``login_grace``): alice's
+    ``ssh`` by the fast path (``labrelay connect``, her data connection from 127.0.0.1)
+    failed (``kex_exchange_identification: Connection closed``: the data port dropped
+    her at accept); now the busiest host's oldest connection is closed for her data
+    connection, and she takes the fast path."""
+    site = _site(keys, client_key, start_relay, start_agent, sshd_factory, tmp_path,
+                 relay_toml="data_hello_timeout = 30\n")
+    mark = site.relay.mark()
+    crowd = [s for host in CROWD for _ in range(PER_SOURCE)
+             if (s := _dial(site.data_port, host)) is not None]
+    try:
+        wait_until(lambda: (d := site.admission()["data"])["unauthenticated"] == 64
+                   and d.get("evicted", 0) + d["refused"]["global_cap"] == 6,
+                   "64 places held")
+        fast = site.alice("gpu-cluster")
+        data = site.admission()["data"]
+        assert data["evicted"] >= 6 and data["refused"]["global_cap"] == 1, data
+        assert site.relay.status()["relay"]["fast_path"]["data_evicted"] == data["evicted"]
+        assert site.admission()["penalties"]["noauth"] == 0  # evicted: no penalty
+        first = site.relay.wait_for("relay_data_evicted", since=mark, timeout=5)
+        assert first["count"] == 1 and first["source"] == "127.0.0.2/32", first
+    finally:
+        for s in crowd:
+            s.close()
+    print(f"\ndata port, 7 hosts x 10 idle connections: {data['evicted']} evicted "
+          f"(5 among them, the rest for alice and the agent's pool); alice fast path "
+          f"{fast:.2f}s")
+    assert (site.tmp / "connect.err").read_text() == ""  # the fast path, no fallback
+    assert site.relay.status()["relay"]["fast_path"]["paired"] == 1
+    assert fast < 10
