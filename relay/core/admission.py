@@ -18,8 +18,19 @@ close.  Modelled on OpenSSH sshd 9.8+ (``MaxStartups``, ``PerSourceMaxStartups``
   is *active* and every new connection from that source is refused until it runs
   out.  Penalties are shared by both ports: a host that guesses tokens at the data
   port is also refused at the SSH port;
-- exempt networks are never penalised nor refused for a penalty (the per-source cap
-  still applies to them);
+- when the global cap is full, a connection from a source that would hold, with it,
+  *fewer* places than the source holding the most is not refused: the oldest
+  unauthenticated connection of the source holding the most places (ties: the one
+  whose oldest connection is oldest) is *evicted* to make room (the gate picks it,
+  :attr:`Ticket.displaced`; the server closes it; it earns no penalty).  A few hosts
+  holding every place (7 x 10 idle sockets) no longer lock a new source out until
+  ``login_grace``; a source holding the most (or one less) evicts nobody, so a crowd
+  cannot trade places among itself for ever (:meth:`Gate._victim`).  sshd has no such
+  rule (its MaxStartups drops the newcomer); an attacker with as many sources as
+  places, one each, still keeps others out;
+- exempt networks are never penalised nor refused for a penalty (the per-source cap,
+  the global cap and eviction apply to them as to any source: exemption is about
+  penalties, not priority);
 - the penalty table holds at most ``max_sources`` sources.  ``permissive`` (the
   default) forgets the penalties that would expire soonest to make room: a flood of
   addresses can shorten other sources' penalties but never locks anyone out.
@@ -198,6 +209,18 @@ class Ticket:
     source: str
     exempt: bool
     pending: bool = True
+    seq: int = 0  # admission order at its gate: the oldest of a source is evicted first
+    owner: Any = None  # the server's connection: what it closes if this ticket is evicted
+    # Set on a new ticket: the connection the gate evicted to make room for it (already
+    # released; the server closes its ``owner``).  Set on that one: True.
+    displaced: Ticket | None = None
+    evicted: bool = False
+
+    def take_displaced(self) -> Ticket | None:
+        """The connection evicted to admit this one, once (the reference is dropped:
+        a chain of evicted tickets must not keep their connections alive)."""
+        victim, self.displaced = self.displaced, None
+        return victim
 
 
 @dataclass(eq=False)
@@ -210,23 +233,73 @@ class Gate:
     pending: dict[str, int] = field(default_factory=dict)  # source -> unauthenticated
     total: int = 0
     refused: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in Refusal})
+    evicted: int = 0  # connections dropped to make room for a source holding fewer
+    # source -> its unauthenticated tickets, oldest first (dicts keep insertion order;
+    # removing one is O(1)).  Holds the same sources as ``pending``.
+    _held: dict[str, dict[Ticket, None]] = field(default_factory=dict, init=False, repr=False)
+    _seq: int = field(default=0, init=False, repr=False)
 
-    def admit(self, host: str) -> Ticket | Refusal:
-        """A ticket for a new connection from ``host``, or why it is refused."""
+    def admit(self, host: str, owner: Any = None) -> Ticket | Refusal:
+        """A ticket for a new connection from ``host``, or why it is refused.
+
+        At the global cap the ticket may come with ``displaced``: a connection of the
+        source holding the most places, released here, that the server must close
+        (:meth:`_victim`).  ``owner`` is kept on the ticket for that."""
         source, exempt = self.admission.source(host)
         why = self._check(source, exempt)
-        if why is not None:
+        victim = self._victim(source) if why is Refusal.GLOBAL else None
+        if why is not None and victim is None:
             self.refused[why.value] += 1
             return why
+        if victim is not None:
+            self.passed(victim)
+            victim.evicted = True
+            self.evicted += 1
         self.pending[source] = self.pending.get(source, 0) + 1
         self.total += 1
-        return Ticket(source, exempt)
+        self._seq += 1
+        ticket = Ticket(source, exempt, seq=self._seq, owner=owner, displaced=victim)
+        self._held.setdefault(source, {})[ticket] = None
+        return ticket
 
     def refuses(self, host: str) -> Refusal | None:
         """Why a connection from ``host`` would be refused now, without admitting,
         counting or recording anything: a door in front of this gate (the TLS port
-        in front of the SSH server) asks before it pays for a handshake."""
-        return self._check(*self.admission.source(host))
+        in front of the SSH server) asks before it pays for a handshake.  None when
+        :meth:`admit` would evict a connection to let it in."""
+        source, exempt = self.admission.source(host)
+        why = self._check(source, exempt)
+        if why is Refusal.GLOBAL and self._victim(source) is not None:
+            return None
+        return why
+
+    def _victim(self, source: str) -> Ticket | None:
+        """Which connection to evict so that ``source`` gets a place at the full global
+        cap, or None: the oldest of the source holding the most places (ties: the
+        source whose oldest connection is oldest), if ``source``, *counting the new
+        connection*, would still hold fewer.  So a few hosts holding every place
+        cannot keep a new one out until ``login_grace``.
+
+        Counting the new connection is what ends churn: had a source holding 9 evicted
+        one holding 10, the two would hold 10 and 9 and could trade that place back
+        and forth for ever, every connection admitted and none penalised (an evicted
+        one earns nothing); 10 000 such connects from two hosts were all admitted.
+        Now a place only moves from a source holding ``n`` to one that then holds at
+        most ``n - 1``, which lowers the sum of the squares of the counts each time:
+        without closing connections (penalised) a crowd can only evict a bounded
+        number of times, and a source holding the most (or one less) evicts nobody.
+        O(sources), at most ``global_cap``: paid only at the full cap."""
+        mine = self.pending.get(source, 0) + 1  # with the new connection
+        best: Ticket | None = None
+        most = mine
+        for held in self._held.values():
+            n = len(held)
+            if n <= mine or n < most:
+                continue
+            oldest = next(iter(held))
+            if best is None or n > most or oldest.seq < best.seq:
+                best, most = oldest, n
+        return best
 
     def _check(self, source: str, exempt: bool) -> Refusal | None:
         penalties = self.admission.penalties
@@ -249,15 +322,20 @@ class Gate:
         ticket.pending = False
         self.total -= 1
         left = self.pending[ticket.source] - 1
+        held = self._held[ticket.source]
+        del held[ticket]
         if left:
             self.pending[ticket.source] = left
         else:
             del self.pending[ticket.source]
+            del self._held[ticket.source]
 
     def closed(self, ticket: Ticket, offence: Offence | None) -> None:
-        """The connection ended; ``offence`` if it ended badly."""
+        """The connection ended; ``offence`` if it ended badly.  An evicted one earns
+        no penalty: the relay closed it, and its source (perhaps a NAT full of users)
+        only held the most places."""
         self.passed(ticket)
-        if offence is not None:
+        if offence is not None and not ticket.evicted:
             self.penalise(ticket, offence)
 
     def penalise(self, ticket: Ticket, offence: Offence) -> None:
@@ -266,7 +344,7 @@ class Gate:
 
     def status(self) -> dict[str, Any]:
         return {"unauthenticated": self.total, "sources": len(self.pending),
-                "refused": dict(self.refused)}
+                "refused": dict(self.refused), "evicted": self.evicted}
 
 
 class Admission:

@@ -232,7 +232,9 @@ def _fast(fast: dict[str, Any]) -> Iterator[Metric]:
                              "had its own packet to send the user (a keepalive, a rekey).",
             "data_connections": "Data-port connections accepted.",
             "data_refused": "Data-port connections refused.",
-            "data_throttled": "Data-port connections throttled."}
+            "data_throttled": "Data-port connections throttled.",
+            "data_evicted": "Data-port connections owing their hello closed at the full "
+                            "global cap to admit a source holding fewer places."}
     for counter, doc in docs.items():
         if counter in fast:
             family = _counter(f"labrelay_relay_fast_{counter}", doc)
@@ -257,6 +259,9 @@ def _admission(admission: dict[str, Any]) -> Iterator[Metric]:
         penalties.add_metric([_s(offence)], value)
     refused = _counter("labrelay_relay_admission_refused",
                        "Connections closed at accept, by port and reason.", ["port", "reason"])
+    evicted = _counter("labrelay_relay_admission_evicted",
+                       "Unauthenticated connections closed at the full global cap to admit "
+                       "a source holding fewer places, by port.", ["port"])
     waiting = _gauge("labrelay_relay_unauthenticated", "Connections not yet authenticated "
                      "(SSH) or owing their hello (data), by port.", ["port"])
     for port in ("ssh", "data"):
@@ -265,8 +270,9 @@ def _admission(admission: dict[str, Any]) -> Iterator[Metric]:
             continue
         for reason, value in gate.get("refused", {}).items():
             refused.add_metric([port, _s(reason)], value)
+        evicted.add_metric([port], gate.get("evicted", 0))
         waiting.add_metric([port], gate["unauthenticated"])
-    yield from (penalised, penalties, refused, waiting)
+    yield from (penalised, penalties, refused, evicted, waiting)
 
 
 def _reload(reload: dict[str, Any]) -> Iterator[Metric]:

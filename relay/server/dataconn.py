@@ -136,6 +136,18 @@ class DataConnection(Handoff):
         self.nonce = secrets.token_bytes(fw.NONCE_LEN)
         write_now(self.transport, (fw.challenge(self.nonce),))
 
+    def evict(self) -> None:
+        """The admission gate dropped this connection, still owing its hello, to make
+        room for a source holding fewer places (relay.core.admission; counted and
+        logged by the port, no penalty): closed at once."""
+        if self.state is not DataState.HELLO:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.state = DataState.CLOSED
+        self.transport.abortConnection()
+
     def _helloTimeout(self) -> None:
         self._timer = None
         self.port.refuse(self, "no hello", f"did not send its hello within "

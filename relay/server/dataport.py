@@ -151,10 +151,15 @@ class DataPort:
         # relay_data_cap: the first drop at the global cap of each burst, then a count
         self.capLog = BurstLog(self.clock, CAP_LOG_WINDOW, self._firstCapDrop,
                                self._moreCapDrops)
+        # relay_data_evicted: connections closed at the full cap to admit a source
+        # holding fewer places (relay.core.admission), the same way
+        self.evictLog = BurstLog(self.clock, CAP_LOG_WINDOW, self._firstEviction,
+                                 self._moreEvictions)
         self.pools: dict[Any, AgentPool] = {}
         self.pending: set[DataConnection] = set()
         self.listener: IListeningPort | None = None
         self.counters = {"data_connections": 0, "data_refused": 0, "data_throttled": 0,
+                         "data_evicted": 0,
                          "paired": 0, "pair_failed": 0, "paired_local": 0,
                          "pooled": 0, "native_runs": 0, "native_bytes": 0,
                          "native_sealed": 0, "native_yields": 0}
@@ -185,6 +190,7 @@ class DataPort:
     def stop(self) -> defer.Deferred[Any] | None:
         self.tokens.stop()
         self.capLog.stop()
+        self.evictLog.stop()
         for pool in list(self.pools.values()):
             pool.close()
         self.pools.clear()
@@ -285,7 +291,7 @@ class DataPort:
 
     def admit(self, dc: DataConnection) -> bool:
         self.counters["data_connections"] += 1
-        verdict = self.gate.admit(dc.source)
+        verdict = self.gate.admit(dc.source, owner=dc)
         if verdict is Refusal.GLOBAL:
             self.counters["data_refused"] += 1
             self.capLog.failed(dc.source)  # counted each, logged once per burst
@@ -295,7 +301,29 @@ class DataPort:
             return False
         dc.admission = verdict
         self.pending.add(dc)
+        victim = verdict.take_displaced()
+        if victim is not None:  # the cap was full: a source holding more gives way
+            self.counters["data_evicted"] += 1
+            self.evictLog.failed(f"{victim.source} {dc.source}")
+            if isinstance(victim.owner, DataConnection):
+                self.pending.discard(victim.owner)
+                victim.owner.evict()
         return True
+
+    def _firstEviction(self, what: str) -> None:
+        source, peer = what.split(" ", 1)
+        self._log.warn("data port: closed the oldest connection owing its hello of {source}, "
+                       "the source holding the most places, to admit {peer}: {n} still owe "
+                       "their hello (max_unauthenticated)", event="relay_data_evicted",
+                       source=source, peer=peer, n=self.gate.total, count=1)
+
+    def _moreEvictions(self, count: int, what: str) -> None:
+        source, peer = what.split(" ", 1)
+        self._log.warn("data port: closed {count} more connections owing their hello in the "
+                       "last {window:.0f}s to admit sources holding fewer places, the last "
+                       "of {source} for {peer} (max_unauthenticated)",
+                       event="relay_data_evicted", source=source, peer=peer,
+                       n=self.gate.total, count=count, window=self.evictLog.window)
 
     def _firstCapDrop(self, source: str) -> None:
         self._log.warn("data port: dropping a connection from {source}: {n} still owe "

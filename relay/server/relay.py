@@ -79,9 +79,14 @@ class RelayCore(SessionOpening):
                                     self._moreRefused)
         # relay_unauth_cap: the first drop at the global cap of each burst, then a count
         self.capLog = BurstLog(reactor, CAP_LOG_WINDOW, self._firstCapDrop, self._moreCapDrops)
+        # relay_unauth_evicted: connections closed at the full cap to admit a source
+        # holding fewer places (relay.core.admission), the same way
+        self.evictLog = BurstLog(reactor, CAP_LOG_WINDOW, self._firstEviction,
+                                 self._moreEvictions)
         self.publicPorts = PublicPorts(self)
         self.counters = {"auth_refused": 0, "requests_refused": 0, "sessions_refused": 0,
                          "connections_dropped_unauthenticated_cap": 0,
+                         "connections_evicted_unauthenticated_cap": 0,
                          "connections_refused_per_user_cap": 0,
                          # connections a listener lost at accept (EMFILE …;
                          # relay.server.acceptwatch)
@@ -121,6 +126,9 @@ class RelayCore(SessionOpening):
         host = str(getattr(addr, "host", "?"))
         verdict = self.ssh_gate.admit(host)
         if isinstance(verdict, Ticket):
+            victim = verdict.take_displaced()
+            if victim is not None:
+                self._evict(victim, f"{host}:{getattr(addr, 'port', '?')}")
             return verdict
         if verdict is Refusal.GLOBAL:
             # Counted each; logged once per burst.  A drop costs its sender one TCP
@@ -130,6 +138,34 @@ class RelayCore(SessionOpening):
             self.counters["connections_dropped_unauthenticated_cap"] += 1
             self.capLog.failed(f"{host}:{getattr(addr, 'port', '?')}")
         return None
+
+    def _evict(self, victim: Ticket, peer: str) -> None:
+        """The global cap was full and ``peer``'s source held fewer places than
+        ``victim``'s, which held the most: the gate released ``victim`` (the oldest of
+        that source's); close its connection.  Counted each, logged once per burst
+        (an attacker's reconnects would otherwise write a line each)."""
+        self.counters["connections_evicted_unauthenticated_cap"] += 1
+        self.evictLog.failed(f"{victim.source} {peer}")
+        if victim.owner is not None:
+            victim.owner.evict()
+
+    def _firstEviction(self, what: str) -> None:
+        source, peer = what.split(" ", 1)
+        self._log.warn(
+            "closed the oldest unauthenticated connection of {source}, the source holding "
+            "the most places, to admit {peer}: {n} connections are still authenticating "
+            "(max_unauthenticated)", event="relay_unauth_evicted", source=source, peer=peer,
+            n=self.ssh_gate.total, count=1,
+        )
+
+    def _moreEvictions(self, count: int, what: str) -> None:
+        source, peer = what.split(" ", 1)
+        self._log.warn(
+            "closed {count} more unauthenticated connections in the last {window:.0f}s to "
+            "admit sources holding fewer places, the last of {source} for {peer} "
+            "(max_unauthenticated)", event="relay_unauth_evicted", source=source, peer=peer,
+            n=self.ssh_gate.total, count=count, window=self.evictLog.window,
+        )
 
     def _firstCapDrop(self, peer: str) -> None:
         self._log.warn(
@@ -537,6 +573,7 @@ class RelayCore(SessionOpening):
         self.grantsWatcher.stop()
         self.refusalLog.stop()
         self.capLog.stop()
+        self.evictLog.stop()
         self.expiry.stop()
         self.idle.stop()
         self.setupLog.flushAll()

@@ -32,8 +32,10 @@ from zope.interface import implementer
 
 from relay.config.schema import ALPN_SSH, TLSListenConfig
 from relay.core.admission import Admission, Gate, Offence, Refusal, Ticket
+from relay.core.burstlog import BurstLog
 from relay.datapath.net import LISTEN_BACKLOG
 from relay.server.acceptwatch import name_listener
+from relay.server.dataport import CAP_LOG_WINDOW
 from relay.transport.tlsserver import CertificateSource, WrongServerName
 
 ALPN_OFFERED = [ALPN_SSH.encode()]
@@ -73,6 +75,17 @@ class _Inside(Protocol):
         self._timer = None
         self.offence = Offence.GRACE
         self.port.counters["handshake_timeout"] += 1
+        self.transport.abortConnection()
+
+    def evict(self) -> None:
+        """The ``tls`` gate dropped this connection, mid-handshake, to make room for a
+        source holding fewer places (relay.core.admission; counted and logged by the
+        port, no penalty): closed at once."""
+        if self.state is not InsideState.HANDSHAKE:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
@@ -147,7 +160,11 @@ class _AdmittingTLSFactory(TLSMemoryBIOFactory):
         if not isinstance(verdict, Ticket):
             self.port.counters["refused_at_accept"] += 1
             return None  # closed at once
-        return self.protocol(self, _Inside(self.port, addr, verdict))
+        inside = verdict.owner = _Inside(self.port, addr, verdict)
+        victim = verdict.take_displaced()
+        if victim is not None:  # the cap was full: a source holding more gives way
+            self.port.evicted(victim, host)
+        return self.protocol(self, inside)
 
 
 class TLSPort:
@@ -167,7 +184,31 @@ class TLSPort:
                                         alpn=ALPN_OFFERED)
         self.listener: IListeningPort | None = None
         self.counters = {"handshakes": 0, "handshake_failed": 0, "handshake_timeout": 0,
-                         "refused_at_accept": 0}
+                         "refused_at_accept": 0, "evicted": 0}
+        # tls_evicted: handshakes closed at the full cap to admit a source holding
+        # fewer places, the first of a burst in full, then a count (as relay_unauth_evicted)
+        self.evictLog = BurstLog(reactor, CAP_LOG_WINDOW, self._firstEviction,
+                                 self._moreEvictions)
+
+    def evicted(self, victim: Ticket, peer: str) -> None:
+        self.counters["evicted"] += 1
+        self.evictLog.failed(f"{victim.source} {peer}")
+        if isinstance(victim.owner, _Inside):
+            victim.owner.evict()
+
+    def _firstEviction(self, what: str) -> None:
+        source, peer = what.split(" ", 1)
+        self.log.warn("TLS port: closed the oldest handshake of {source}, the source holding "
+                      "the most places, to admit {peer}: {n} handshakes under way "
+                      "(max_unauthenticated)", event="tls_evicted", source=source, peer=peer,
+                      n=self.gate.total, count=1)
+
+    def _moreEvictions(self, count: int, what: str) -> None:
+        source, peer = what.split(" ", 1)
+        self.log.warn("TLS port: closed {count} more handshakes in the last {window:.0f}s to "
+                      "admit sources holding fewer places, the last of {source} for {peer} "
+                      "(max_unauthenticated)", event="tls_evicted", source=source, peer=peer,
+                      n=self.gate.total, count=count, window=self.evictLog.window)
 
     def start(self) -> None:
         self.listener = self.reactor.listenTCP(
@@ -192,6 +233,7 @@ class TLSPort:
         return self.source.reload()
 
     def stop(self) -> Any:
+        self.evictLog.stop()
         listener, self.listener = self.listener, None
         if listener is not None:
             return listener.stopListening()

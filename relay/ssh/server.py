@@ -263,6 +263,14 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
             )
             self.transport.abortConnection()  # type: ignore[union-attr]
 
+    def evict(self) -> None:
+        """The admission gate dropped this unauthenticated connection to make room for
+        a source holding fewer places (relay.core.admission; counted and logged by the
+        relay, no penalty): closed at once, as at ``login_grace``."""
+        if self.authenticated or self.transport is None:
+            return
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
     def setService(self, service: Any) -> None:
         if isinstance(service, RelayConnection) and not self.authenticated:
             self._authenticated()
@@ -384,6 +392,7 @@ class RelayFactory(factory.SSHFactory):
             for algorithm in key.supportedSignatureAlgorithms()
         ]
         proto.admission = ticket
+        ticket.owner = proto  # closed by evict() if the gate evicts it
         return proto
 
 

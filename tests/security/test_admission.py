@@ -108,11 +108,17 @@ def timed_gpu_echo(ssh_config: Path, host: str, relay: RelayNode) -> float:
 def site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
          start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
          targets: Targets, tmp_path: Path) -> Iterator[Site]:
+    yield _site(keys, client_key, start_relay, start_agent, sshd_factory, tmp_path)
+
+
+def _site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
+          start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
+          tmp_path: Path, relay_toml: str = "") -> Site:
     gpu = sshd_factory("gpu_cluster")
     relay = start_relay(
         agents=[f'permitlisten="gpu-cluster:22" {keys.lab_pc.public_blob()} lab_pc'],
         users=[f'permitopen="gpu-cluster:22" {keys.alice.public_blob()} alice'],
-        relay_toml='data_port = 0\ne2e_services = ["gpu-cluster:22"]\n')
+        relay_toml='data_port = 0\ne2e_services = ["gpu-cluster:22"]\n' + relay_toml)
     data_port = relay.wait_for("relay_data_port", since=0)["port"]
     relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
     agent = start_agent(
@@ -128,7 +134,7 @@ def site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
     wait_until(lambda: s.pool()["idle"] == 4
                and s.relay.status()["relay"]["fast_path"]["pools"].get("lab_pc") == 4,
                "the agent's pool to fill")
-    yield s
+    return s
 
 
 def _counted(site: Site, offence: str, n: int) -> Callable[[], bool]:
@@ -429,14 +435,15 @@ def test_connections_dropped_at_the_global_cap_cost_one_log_line_per_burst(
     keys: Keys, start_relay: Callable[..., RelayNode],
 ) -> None:
     """Four hosts hold every place (``max_unauthenticated = 8``, 2 each) with idle
-    connections; a fifth connects and closes 300 times.  Each drop at the global cap
-    earns no penalty (the connection never held a place) and was one
-    ``relay_unauth_cap`` warning: 300 lines, as many as anyone cared to send.  Now
-    each drop is counted and a burst is logged once in full and once as a count when
-    its window (10 s) ends.  alice gets in once the places are free."""
+    connections; one of them connects and closes 300 times more (it holds as many
+    places as any, so it evicts nobody).  Each drop at the global cap earns no penalty
+    (the connection never held a place) and was one ``relay_unauth_cap`` warning: 300
+    lines, as many as anyone cared to send.  Now each drop is counted and a burst is
+    logged once in full and once as a count when its window (10 s) ends.  alice gets
+    in once the places are free."""
     relay = start_relay(users=[f'permitopen="web:8080" {keys.alice.public_blob()} alice'],
                         relay_toml="max_unauthenticated = 8\n"
-                                   "per_source_max_unauthenticated = 2\n")
+                                   "per_source_max_unauthenticated = 3\n")
     holders = []
     for host in range(2, 6):
         for _ in range(2):
@@ -449,7 +456,7 @@ def test_connections_dropped_at_the_global_cap_cost_one_log_line_per_burst(
     mark = relay.mark()
     for _ in range(300):
         s = socket.socket()
-        s.bind(("127.0.0.9", 0))
+        s.bind(("127.0.0.2", 0))  # holds 2 of its 3, as many as anyone
         s.connect((LOOPBACK, relay.port))
         s.settimeout(10)
         assert s.recv(1) == b""  # dropped at accept: closed before the version line
@@ -461,7 +468,8 @@ def test_connections_dropped_at_the_global_cap_cost_one_log_line_per_burst(
     lines = relay.events("relay_unauth_cap", since=mark)
     print(f"\n300 drops at the cap: {len(lines)} relay_unauth_cap lines; {summary['text']}")
     assert len(lines) == 2 and sum(e["count"] for e in lines) == 300, lines[-1]
-    assert summary["peer"].startswith("127.0.0.9:") and summary["n"] == 8
+    assert summary["peer"].startswith("127.0.0.2:") and summary["n"] == 8
+    assert relay.status()["relay"]["admission"]["ssh"]["evicted"] == 0
     for s in holders:
         s.close()
     wait_until(lambda: relay.status()["relay"]["admission"]["ssh"]["unauthenticated"] == 0,
@@ -471,3 +479,115 @@ def test_connections_dropped_at_the_global_cap_cost_one_log_line_per_burst(
               pkey=paramiko.Ed25519Key.from_private_key_file(str(keys.alice.path)))
     assert t.is_authenticated()
     t.close()
+
+
+# --- a few hosts holding every place ------------------------------------------------------
+
+
+CROWD = [f"127.0.0.{i}" for i in range(2, 9)]  # 7 sources x PER_SOURCE > 64 places
+
+
+def _ended(sockets: list[socket.socket], within: float) -> set[socket.socket]:
+    """The sockets the relay closed within ``within`` seconds, whatever it sent first
+    (an evicted connection had its SSH banner): read each until EOF or a reset."""
+    ended: set[socket.socket] = set()
+    deadline = time.monotonic() + within
+    with selectors.DefaultSelector() as sel:
+        for s in sockets:
+            sel.register(s, selectors.EVENT_READ)
+        while len(ended) < len(sockets) and (left := deadline - time.monotonic()) > 0:
+            for key, _ in sel.select(left):
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                try:
+                    if s.recv(65536) != b"":
+                        continue
+                except ConnectionResetError:
+                    pass
+                sel.unregister(s)
+                ended.add(s)
+    return ended
+
+
+def test_a_few_hosts_holding_every_place_do_not_lock_a_new_source_out(site: Site) -> None:
+    """7 hosts (127.0.0.2-8) open 10 idle TCP connections each to the SSH port: the 64
+    places of ``max_unauthenticated`` are full.  alice (127.0.0.1, holding none) was
+    refused at accept until those connections reached ``login_grace`` (30 s; found by
+    the r15 audit).  Now the oldest connection of the host holding the most is closed
+    for her: her stock ``ssh -J`` session runs at once.  The crowd's last host took 5
+    places from the others while it held fewer, then was dropped (with its next
+    connection it would have held as many as the busiest); none of that cost a
+    penalty, and alice's place is never the one taken."""
+    base = site.alice("gpu-jump")
+    mark = site.relay.mark()
+    crowd = [s for host in CROWD for _ in range(PER_SOURCE)
+             if (s := _dial(site.relay.port, host)) is not None]
+    try:
+        # all 70 accepted or refused: 64 held, 5 evicted, 1 dropped (without
+        # eviction: 6 dropped)
+        wait_until(lambda: (ssh := site.admission()["ssh"])["unauthenticated"] == 64
+                   and ssh.get("evicted", 0) + ssh["refused"]["global_cap"] == 6,
+                   "64 places held")
+        jump = site.alice("gpu-jump")
+        ssh = site.admission()["ssh"]
+        assert ssh["evicted"] == 6 and ssh["refused"]["global_cap"] == 1, ssh
+        held = len(crowd) - len(_ended(crowd, within=2.0))  # evicted: EOF after the banner
+        assert held == 63, held  # 64, less the one closed for alice
+        counters = site.relay.status()["relay"]["counters"]
+        assert counters["connections_evicted_unauthenticated_cap"] == 6
+        assert counters["connections_dropped_unauthenticated_cap"] == 1
+        assert site.admission()["penalties"]["noauth"] == 0  # evicted: no penalty
+        first = site.relay.wait_for("relay_unauth_evicted", since=mark, timeout=5)
+        assert first["count"] == 1 and first["source"] == "127.0.0.2/32", first
+        metrics = site.relay.metrics()
+        assert 'labrelay_relay_admission_evicted_total{port="ssh"} 6.0' in metrics
+        assert 'labrelay_relay_admission_evicted_total{port="data"} 0.0' in metrics
+        assert "labrelay_relay_connections_evicted_unauthenticated_cap_total 6.0" in metrics
+        assert "labrelay_relay_fast_data_evicted_total 0.0" in metrics
+    finally:
+        for s in crowd:
+            s.close()
+    lines = site.relay.events("relay_unauth_evicted", since=mark)
+    print(f"\n7 hosts x 10 idle connections: 64 held, 6 evicted (5 among them, 1 for alice), "
+          f"1 dropped; alice -J {jump:.2f}s (before {base:.2f}s); {len(lines)} "
+          f"relay_unauth_evicted line(s) so far")
+    assert len(lines) == 1  # the rest of the burst is one count line, 10 s later
+    assert jump < 10
+
+
+def test_a_few_hosts_holding_the_data_ports_places_do_not_lock_the_fast_path_out(
+    keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """The same crowd at the data port (``data_hello_timeout = 30`` here, so that the
+    crowd's connections outlive the test as they would ``login_grace``): alice's
+    ``ssh`` by the fast path (``labrelay connect``, her data connection from 127.0.0.1)
+    failed (``kex_exchange_identification: Connection closed``: the data port dropped
+    her at accept); now the busiest host's oldest connection is closed for her data
+    connection, and she takes the fast path."""
+    site = _site(keys, client_key, start_relay, start_agent, sshd_factory, tmp_path,
+                 relay_toml="data_hello_timeout = 30\n")
+    mark = site.relay.mark()
+    crowd = [s for host in CROWD for _ in range(PER_SOURCE)
+             if (s := _dial(site.data_port, host)) is not None]
+    try:
+        wait_until(lambda: (d := site.admission()["data"])["unauthenticated"] == 64
+                   and d.get("evicted", 0) + d["refused"]["global_cap"] == 6,
+                   "64 places held")
+        fast = site.alice("gpu-cluster")
+        data = site.admission()["data"]
+        assert data["evicted"] >= 6 and data["refused"]["global_cap"] == 1, data
+        assert site.relay.status()["relay"]["fast_path"]["data_evicted"] == data["evicted"]
+        assert site.admission()["penalties"]["noauth"] == 0  # evicted: no penalty
+        first = site.relay.wait_for("relay_data_evicted", since=mark, timeout=5)
+        assert first["count"] == 1 and first["source"] == "127.0.0.2/32", first
+    finally:
+        for s in crowd:
+            s.close()
+    print(f"\ndata port, 7 hosts x 10 idle connections: {data['evicted']} evicted "
+          f"(5 among them, the rest for alice and the agent's pool); alice fast path "
+          f"{fast:.2f}s")
+    assert (site.tmp / "connect.err").read_text() == ""  # the fast path, no fallback
+    assert site.relay.status()["relay"]["fast_path"]["paired"] == 1
+    assert fast < 10

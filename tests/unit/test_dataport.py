@@ -307,14 +307,45 @@ def test_close_before_the_hello_is_penalised_and_after_it_is_not(world: World) -
 
 
 def test_connections_owing_a_hello_are_capped(world: World) -> None:
-    conns = [_dial(world.port, f"198.51.100.{i}") for i in range(4)]
+    conns = [_dial(world.port, f"198.51.100.{i}") for i in (1, 1, 2, 2)]
     assert all(not t.disconnecting for _dc, t in conns)
-    dc, t = _dial(world.port, "198.51.100.9")
+    dc, t = _dial(world.port, "198.51.100.1")  # holds as many as anyone: no eviction
     assert _aborted(t) and dc not in world.port.pending
     assert world.port.counters["data_refused"] == 1
     connection_lost(conns[0][0])  # one goes: room for another
     _dc, t = _dial(world.port, "198.51.100.10")
     assert not t.disconnecting
+
+
+def test_at_the_full_cap_a_source_holding_fewer_evicts_the_busiest(world: World) -> None:
+    """Two hosts holding every place (2 each, max_unauthenticated 4) no longer keep a
+    third out until ``data_hello_timeout``: the oldest connection of the host holding
+    the most (tie: the oldest) is closed for it, counted, logged once per burst and
+    not penalised."""
+    from twisted.logger import capturedLogs
+
+    conns = [_dial(world.port, f"198.51.100.{i}") for i in (1, 2, 1, 2)]
+    with capturedLogs() as logs:
+        dc, t = _dial(world.port, "203.0.113.9")
+        assert not t.disconnecting and dc in world.port.pending
+        victim, vt = conns[0]
+        assert _aborted(vt) and victim.state == "closed" and victim not in world.port.pending
+        assert not [c for c in world.clock.getDelayedCalls()
+                    if getattr(c.func, "__self__", None) is victim]  # its hello timer
+        connection_lost(victim)
+        # .2 (2) holds the most now: the next newcomer takes its oldest
+        _dc2, t2 = _dial(world.port, "203.0.113.10")
+        assert not t2.disconnecting and _aborted(conns[1][1])
+        connection_lost(conns[1][0])
+        assert _penalties(world) == {}  # the relay closed them: no noauth
+        assert world.port.counters["data_evicted"] == 2 and world.port.gate.total == 4
+        assert world.port.status()["admission"]["evicted"] == 2
+        world.clock.advance(CAP_LOG_WINDOW)
+    assert _penalties(world) == {"grace-exceeded": 4}  # the four still owing their hello
+    lines = [e for e in logs if e.get("event") == "relay_data_evicted"]
+    assert [e["count"] for e in lines] == [1, 1], lines  # the first, then "1 more"
+    assert lines[0]["source"] == "198.51.100.1/32" and lines[0]["peer"] == "203.0.113.9"
+    assert lines[1]["source"] == "198.51.100.2/32" and lines[1]["peer"] == "203.0.113.10"
 
 
 
@@ -328,12 +359,13 @@ def test_drops_at_the_global_cap_are_logged_once_per_burst(world: World) -> None
     assert all(not t.disconnecting for _dc, t in held)
     with capturedLogs() as logs:
         for _ in range(100):
-            _dc, t = _dial(world.port, "203.0.113.9")
+            # one of the holders: it holds as many as anyone, so it evicts nobody
+            _dc, t = _dial(world.port, "198.51.100.0")
             assert _aborted(t)
         world.clock.advance(CAP_LOG_WINDOW)
     lines = [e for e in logs if e.get("event") == "relay_data_cap"]
     assert [e["count"] for e in lines] == [1, 99], lines
-    assert lines[0]["n"] == 4 and lines[1]["source"] == "203.0.113.9"
+    assert lines[0]["n"] == 4 and lines[1]["source"] == "198.51.100.0"
     assert world.port.counters["data_refused"] >= 100  # and the held ones' hello timeouts
     assert len(held) == 4
 

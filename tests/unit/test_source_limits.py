@@ -69,14 +69,121 @@ def test_per_source_cap_then_global_cap(clock: Clock) -> None:
     a1, _a2 = _ticket(gate, A), _ticket(gate, A)
     assert gate.admit(A) is Refusal.PER_SOURCE  # A holds its 2
     _ticket(gate, B)
-    assert gate.admit(C) is Refusal.GLOBAL  # 3 in all: the last line
-    gate.passed(a1)  # A authenticated: it no longer counts, anywhere
-    gate.passed(a1)  # idempotent
-    assert gate.total == 2 and gate.pending == {f"{A}/32": 1, f"{B}/32": 1}
-    _ticket(gate, C)
-    assert gate.refused == {"penalty": 0, "per_source_cap": 1, "global_cap": 1,
+    assert gate.admit(B) is Refusal.GLOBAL  # 3 in all; with it B would hold 2, as A does
+    c = _ticket(gate, C)  # with it C holds 1, fewer than A's 2: A's oldest gives way
+    assert c.take_displaced() is a1 and a1.evicted and not a1.pending
+    assert gate.total == 3 and gate.pending == {f"{A}/32": 1, f"{B}/32": 1, f"{C}/32": 1}
+    gate.passed(a1)  # already released by its eviction: nothing changes
+    assert gate.total == 3
+    assert gate.admit(C) is Refusal.GLOBAL  # one each: nobody holds more
+    assert gate.refused == {"penalty": 0, "per_source_cap": 1, "global_cap": 2,
                             "penalty_table_full": 0}
     assert not clock.getDelayedCalls()
+
+
+def test_a_source_holding_fewer_evicts_the_oldest_of_the_source_holding_most(
+        clock: Clock) -> None:
+    """At the full global cap, 7 hosts x 10 idle connections no longer keep a new
+    source out until ``login_grace``: its connection takes the place of the oldest
+    one of the source holding the most (ties: the one whose oldest is oldest)."""
+    adm = _admission(clock)
+    gate = adm.gate("ssh", 64)
+    hosts = [f"203.0.113.{i}" for i in range(2, 9)]
+    held: dict[str, list[Ticket]] = {h: [] for h in hosts}
+    for _round in range(10):
+        for h in hosts:
+            if gate.total < 64:
+                held[h].append(_ticket(gate, h))
+                clock.advance(0.01)
+    assert gate.total == 64 and len(held[hosts[0]]) == 10  # the others hold 9
+    # alice (0 places): hosts[0] holds the most; its oldest goes
+    alice = _ticket(gate, A)
+    victim = alice.take_displaced()
+    assert victim is held[hosts[0]][0] and victim.evicted and not victim.pending
+    assert alice.take_displaced() is None  # handed over once
+    assert gate.total == 64 and gate.pending[f"{hosts[0]}/32"] == 9
+    # bob: all 7 hold 9; the oldest connection of theirs is hosts[1]'s first
+    assert _ticket(gate, B).take_displaced() is held[hosts[1]][0]
+    # a host holding the most evicts nobody, nor one holding one less (hosts[1], 8):
+    # with its new connection it would hold as many as the one it took from
+    assert gate.admit(hosts[2]) is Refusal.GLOBAL
+    assert gate.admit(hosts[1]) is Refusal.GLOBAL
+    # carol: the oldest of those holding 9 is hosts[2]'s first
+    assert _ticket(gate, C).take_displaced() is held[hosts[2]][0]
+    assert gate.evicted == 3 and gate.refused["global_cap"] == 2
+    assert gate.status()["evicted"] == 3
+    # an evicted connection earns its source nothing when it closes
+    gate.closed(victim, Offence.NOAUTH)
+    assert len(adm.penalties) == 0 and gate.total == 64
+    assert not clock.getDelayedCalls()
+
+
+def test_a_crowd_cannot_trade_places_for_ever(clock: Clock) -> None:
+    """An evicted connection earns no penalty, so a crowd that could evict itself
+    without end would be admitted without end: with "fewer than the most" alone, two
+    hosts holding 10 and 9 traded a place back and forth, 10 000 connects all admitted.
+    A source evicts only if, with its new connection, it still holds fewer than the
+    busiest did: each eviction lowers the sum of the squares of the counts, so the
+    crowd settles after a few."""
+    adm = _admission(clock)
+    gate = adm.gate("ssh", 19)
+    for _ in range(10):
+        _ticket(gate, A)
+    for _ in range(9):
+        _ticket(gate, B)
+    admitted = sum(isinstance(gate.admit(A if i % 2 else B), Ticket) for i in range(10_000))
+    assert admitted == 0 and gate.evicted == 0
+    gate = adm.gate("ssh2", 64)
+    hosts = [f"203.0.113.{i}" for i in range(2, 9)]
+    admitted = sum(isinstance(gate.admit(hosts[i % 7]), Ticket) for i in range(10_000))
+    assert gate.total == 64 and admitted - 64 == gate.evicted <= 64 * 64 // 2
+    assert admitted < 100, admitted  # settled: the rest dropped at accept
+    assert len(adm.penalties) == 0
+
+
+def test_ties_are_broken_by_the_oldest_connection(clock: Clock) -> None:
+    adm = _admission(clock, per_source_max_unauthenticated=3)
+    gate = adm.gate("data", 4)
+    b1 = _ticket(gate, B)
+    a1 = _ticket(gate, A)
+    _ticket(gate, A), _ticket(gate, B)  # A and B hold 2 each; B's oldest is older
+    assert _ticket(gate, C).take_displaced() is b1
+    assert _ticket(gate, "198.51.100.10").take_displaced() is a1  # A holds 2, B 1 now
+    # one each: a fifth source evicts nobody (with it, it would hold as many)
+    assert gate.admit("198.51.100.11") is Refusal.GLOBAL
+
+
+def test_refuses_says_none_when_admit_would_evict(clock: Clock) -> None:
+    """The TLS port asks the SSH gate before a handshake: a source that would evict
+    after it is not refused before it."""
+    adm = _admission(clock, per_source_max_unauthenticated=2)
+    gate = adm.gate("ssh", 2)
+    _ticket(gate, A), _ticket(gate, A)
+    assert gate.refuses(B) is None and gate.refuses(A) is Refusal.GLOBAL
+    assert gate.total == 2 and gate.evicted == 0 and gate.pending == {f"{A}/32": 2}
+
+
+def test_exempt_sources_evict_and_are_evicted_like_any_other(clock: Clock) -> None:
+    """Exemption is about penalties, not places: an exempt network holding the most
+    gives way, and one holding fewer takes a place, as any source."""
+    adm = _admission(clock, per_source_max_unauthenticated=4,
+                     penalty_exempt=(ipaddress.ip_network("192.0.2.0/24"),))
+    gate = adm.gate("ssh", 4)
+    a = [_ticket(gate, A) for _ in range(4)]  # A is exempt
+    assert _ticket(gate, C).take_displaced() is a[0]
+    assert _ticket(gate, C).take_displaced() is a[1]  # C 1 + 1 < A's 3
+    b = _ticket(gate, B)  # exempt too: 0 + 1 < 2 (A and C); A's oldest is older
+    assert b.exempt and b.take_displaced() is a[2]
+    assert gate.pending == {f"{A}/32": 1, f"{B}/32": 1, f"{C}/32": 2}
+
+
+def test_penalised_sources_evict_nobody(clock: Clock) -> None:
+    adm = _admission(clock, per_source_max_unauthenticated=2)
+    gate = adm.gate("ssh", 2)
+    _ticket(gate, A), _ticket(gate, A)
+    for _ in range(4):
+        adm.penalties.penalise(f"{B}/32", Offence.AUTHFAIL)
+    assert gate.admit(B) is Refusal.PENALTY and gate.evicted == 0
 
 
 def test_refuses_asks_without_counting(clock: Clock) -> None:
@@ -222,7 +329,7 @@ def test_status(clock: Clock) -> None:
     assert status["penalties"]["grace-exceeded"] == 1
     assert status["ssh"] == {"unauthenticated": 1, "sources": 1,
                              "refused": {"penalty": 0, "per_source_cap": 0, "global_cap": 0,
-                                         "penalty_table_full": 0}}
+                                         "penalty_table_full": 0}, "evicted": 0}
     assert not clock.getDelayedCalls()
 
 
@@ -572,3 +679,39 @@ def test_a_method_or_service_name_over_64_bytes_fails_that_attempt(
     assert not tcp.disconnecting
     assert len(proto.service.nextService) <= NAME_LIMIT == 64
     assert len(proto.service.method) <= NAME_LIMIT
+
+
+def test_ssh_eviction_closes_the_oldest_of_the_busiest_source_unpenalised(
+        relay: tuple[RelayCore, RelayFactory, MemoryReactorClock]) -> None:
+    """The gate picks, the relay closes: at the full global cap a new host's
+    connection is admitted and the oldest of the host holding the most is aborted,
+    counted, logged once per burst (``relay_unauth_evicted``) and not penalised."""
+    from twisted.logger import capturedLogs
+
+    from relay.server.dataport import CAP_LOG_WINDOW
+
+    core, factory, reactor = relay
+    core.ssh_gate.global_cap = 4
+    held = [_connect(factory, h) for h in (A, B, A, B)]  # 2 each (the per-source cap)
+    with capturedLogs() as logs:
+        newcomers = [_connect(factory, f"198.51.100.{i}") for i in range(1, 21)]
+        # the first takes A's oldest, the second B's oldest; then every source holds
+        # one and the others are dropped at accept as before
+        assert [proto is not None for proto, _tcp in newcomers] == [True] * 2 + [False] * 18
+        aborted = [proto for proto, tcp in held if tcp.disconnecting]
+        assert aborted == [held[0][0], held[1][0]]
+        for proto in aborted:  # the reactor's connectionLost for each abort
+            _end(proto)
+        reactor.advance(CAP_LOG_WINDOW)
+    assert core.counters["connections_evicted_unauthenticated_cap"] == 2
+    assert core.counters["connections_dropped_unauthenticated_cap"] == 18
+    for proto, _tcp in held[2:] + newcomers[:2]:  # aborted at login_grace
+        _end(proto)
+    assert core.ssh_gate.total == 0 and core.ssh_gate.evicted == 2
+    lines = [e for e in logs if e.get("event") == "relay_unauth_evicted"]
+    assert [e["count"] for e in lines] == [1, 1], lines
+    assert lines[0]["source"] == f"{A}/32" and lines[0]["peer"] == "198.51.100.1:40000"
+    assert lines[1]["source"] == f"{B}/32" and lines[1]["peer"] == "198.51.100.2:40000"
+    # the four still open reached login_grace; the two evicted cost nothing
+    penalised = {k: v for k, v in core.admission.penalties.penalised.items() if v}
+    assert penalised == {"grace-exceeded": 4}
