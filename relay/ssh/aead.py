@@ -327,6 +327,11 @@ class AEADTransportMixin(KexMixin):
         rest, self._backlog = self._backlog, None
         sock = self._backlogSock
         if rest is None or sock is None or sock.disconnecting or self._readDead:
+            # The rest is dropped with the connection; what its first turns already
+            # parsed goes on, as it would have without the budget.
+            flush = self.channelDataFlush
+            if flush is not None:
+                flush()
             return
         self._handleRead(rest)
         if self._backlog is None:

@@ -252,6 +252,23 @@ def test_a_connection_lost_mid_backlog_drops_the_rest(
     assert not any(e[0] == "data" for e in events)  # nothing handled after the loss
 
 
+def test_a_connection_closing_mid_backlog_hands_on_what_was_parsed(
+    tcp_pair: tuple[Connection, MemoryReactorClock],
+) -> None:
+    tcp, reactor = tcp_pair
+    events: list[tuple[Any, ...]] = []
+    t, _conn, chans = receiver(tcp, events, channels=1)
+    t.packetsPerTurn = PACKETS_PER_TURN
+    peer = Peer()
+    for _ in range(3 * PACKETS_PER_TURN):
+        peer.data(0, b"z")
+    t.dataReceived(peer.wire())
+    tcp.disconnecting = True  # e.g. the relay disconnected her meanwhile
+    turn(reactor)
+    assert chans[0].chunks == [b"z" * PACKETS_PER_TURN]  # as without the budget
+    assert reactor.getDelayedCalls() == []
+
+
 def test_without_a_budget_a_read_is_handled_whole(
     tcp_pair: tuple[Connection, MemoryReactorClock],
 ) -> None:
