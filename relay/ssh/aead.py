@@ -86,6 +86,11 @@ from relay.ssh.ciphers import (
 from relay.ssh.guard import VERSION_TOO_LONG, scan_version_line
 from relay.ssh.kex import KexMixin
 
+PACKETS_PER_TURN = 128
+"""Packets one read may have handled in one reactor turn (``packetsPerTurn``): ~1 ms of
+Python at the ~8 µs a small packet costs here, so a peer that floods small packets
+holds the reactor for about that long at a time, not for the ~30 ms of a whole read."""
+
 
 class AEADTransportMixin(KexMixin):
     """AEAD ciphers, strict KEX, bounded key exchanges and a leaner packet path for
@@ -105,6 +110,12 @@ class AEADTransportMixin(KexMixin):
     #: message (transport -> service -> handler by name) was a fifth of the relay's
     #: Python per packet; every other message still goes through ``dispatchMessage``.
     channelDataHandler: Any = None
+    #: Set with ``channelDataHandler``: called at the end of each read and before any
+    #: other message of it is dispatched.  The handler may hold the small data of a
+    #: read back and hand it on per channel, joined, here (``FlowConnection.
+    #: flushData``): a 1-byte packet costs the same Python as a 32 KiB one, so a peer
+    #: that floods 1-byte packets cost the relay ~9 µs and the agent ~6 µs per byte.
+    channelDataFlush: Any = None
     #: The channel whose data the read being handled carried, when the connection may
     #: hand such a channel to the native open-and-forward thread (a pooled session's,
     #: relay.ssh.nativeforward): set by ``FlowConnection``, looked at after the read.
@@ -132,6 +143,19 @@ class AEADTransportMixin(KexMixin):
     #: (:meth:`outputDrained`).
     readHoldBytes: int | None = None
     _readHeld: Any = None  # the socket transport whose reading is held, while it is
+    #: Packets handled per reactor turn out of one read (None: all of it; the relay
+    #: sets ``PACKETS_PER_TURN`` for a user's connection).  The rest of the read waits,
+    #: in order, for the next turn (:meth:`_deferRest`), the socket unread meanwhile,
+    #: so that every other connection's events are handled in between.  A read is up
+    #: to 128 KiB (``connection.LINK_BUFFER``): 3 600 1-byte ``CHANNEL_DATA`` packets,
+    #: ~30 ms of one user's Python in one turn, which every other user waited for
+    #: (docs/security.md).  Bulk packets are 32 KiB, four to a read: never held.  Not
+    #: for an agent's link: it carries every user's replies in one FIFO stream, and
+    #: holding it back would only make each of them wait longer behind the others.
+    packetsPerTurn: int | None = None
+    _backlog: bytes | None = None  # the rest of a read past packetsPerTurn, in order
+    _backlogCall: Any = None  # the reactor call that parses it
+    _backlogSock: Any = None  # the TCP connection not read meanwhile
 
     def _holdIfUnread(self) -> None:
         """After a read: stop reading the peer if ``readHoldBytes`` of ours wait unread."""
@@ -155,8 +179,8 @@ class AEADTransportMixin(KexMixin):
         """Twisted's buffer for the peer is empty again (the connection service, its
         producer, is resumed): read the peer again if :meth:`_holdIfUnread` stopped."""
         sock, self._readHeld = self._readHeld, None
-        if sock is not None and not sock.disconnecting:
-            sock.resumeProducing()
+        if sock is not None and not sock.disconnecting and self._backlog is None:
+            sock.resumeProducing()  # else once the backlog is parsed (_parseBacklog)
 
     # -- sending
 
@@ -256,24 +280,82 @@ class AEADTransportMixin(KexMixin):
     # every read to ``self.buf`` and re-slices the remainder after each packet).
 
     def dataReceived(self, data: bytes) -> None:
-        self._received(data)
+        if self._backlog is not None:
+            # Read while the rest of an earlier read waits (something resumed the
+            # socket): it goes after that rest, in order.
+            self._backlog += data
+            return
+        self._handleRead(data)
+
+    def _handleRead(self, data: bytes) -> None:
+        sock = self._socket() if self.packetsPerTurn is not None else None
+        rest = self._received(data, None if sock is None else self.packetsPerTurn)
+        if rest:
+            # The data held so far waits for the rest of the read (so that a read of
+            # small packets is still joined into one chunk per channel), unless
+            # another message comes first.
+            self._deferRest(sock, rest)
+            return
+        flush = self.channelDataFlush
+        if flush is not None:
+            flush()  # before a native thread may take the stream (its bytes go first)
         if self.nativeCandidate is not None:
             nativeforward.maybe_arm(self)
         if self.readHoldBytes is not None:
             self._holdIfUnread()
 
+    def _socket(self) -> Connection | None:
+        """The TCP connection under this protocol (under TLS too), if it is one."""
+        sock = self.transport
+        if not isinstance(sock, Connection):
+            sock = getattr(sock, "transport", None)
+            if not isinstance(sock, Connection):
+                return None
+        return sock
+
+    def _deferRest(self, sock: Any, rest: bytes) -> None:
+        """Parse ``rest`` (what a read held past ``packetsPerTurn``) in the reactor's
+        next turn, and read nothing more from the socket until it is parsed."""
+        self._backlog = rest
+        if self._backlogSock is None:
+            self._backlogSock = sock
+            sock.pauseProducing()
+        self._backlogCall = sock.reactor.callLater(0, self._parseBacklog)
+
+    def _parseBacklog(self) -> None:
+        self._backlogCall = None
+        rest, self._backlog = self._backlog, None
+        sock = self._backlogSock
+        if rest is None or sock is None or sock.disconnecting or self._readDead:
+            # The rest is dropped with the connection; what its first turns already
+            # parsed goes on, as it would have without the budget.
+            flush = self.channelDataFlush
+            if flush is not None:
+                flush()
+            return
+        self._handleRead(rest)
+        if self._backlog is None:
+            self._backlogSock = None
+            if self._readHeld is None:  # else outputDrained reads again
+                sock.resumeProducing()
+
     def connectionLost(self, reason: Any = None) -> None:
         forward = self.nativeForward
         if forward is not None:
             forward.handback("connection lost", lost=True)
+        call, self._backlogCall = self._backlogCall, None
+        if call is not None and call.active():
+            call.cancel()
+        self._backlog = self._backlogSock = None
         super().connectionLost(reason)
 
-    def _received(self, data: bytes) -> None:
+    def _received(self, data: bytes, budget: int | None = None) -> bytes | None:
+        """Parse and handle the packets in ``data``; past ``budget`` packets (at a
+        packet's end), stop and return the rest of ``data``."""
         if not self.gotVersion:
-            self._versionReceived(data)
-            return
+            return self._versionReceived(data)
         if self._readDead:
-            return
+            return None
         rbuf = self._rbuf
         if rbuf is None:
             rbuf = self._rbuf = bytearray()
@@ -282,12 +364,13 @@ class AEADTransportMixin(KexMixin):
             self.buf = b""
         pos = 0
         end = len(data)
+        left = budget
         while not self._readDead:
             if rbuf:
                 # Finish the partial packet: add only the bytes it still needs.
                 need = self._pendingSize(rbuf)
                 if need is None:
-                    return  # a bad length: already disconnecting
+                    return None  # a bad length: already disconnecting
                 take = min(need - len(rbuf), end - pos)
                 if take > 0:
                     rbuf += data[pos : pos + take]
@@ -295,33 +378,41 @@ class AEADTransportMixin(KexMixin):
                 got = self._nextPacket(rbuf, 0)
                 if got is None:
                     if pos >= end or self._readDead:
-                        return
+                        return None
                     continue  # its size is known now: top up again
                 del rbuf[: got[2]]
             else:
+                if left is not None:
+                    if left <= 0 and pos < end:
+                        return bytes(data[pos:])  # this turn's packets are done
+                    left -= 1
                 got = self._nextPacket(data, pos)
                 if got is None:
                     if not self._readDead:
                         rbuf += data[pos:]
-                    return
+                    return None
                 pos = got[2]
             handler = self.channelDataHandler
             if (got[0] == MSG_CHANNEL_DATA and handler is not None
                     and not self.transport.disconnecting):
                 handler(got[1])
             else:
+                flush = self.channelDataFlush
+                if flush is not None:
+                    flush()  # the data before this message is handed on before it
                 self.dispatchMessage(got[0], got[1])
+        return None
 
     #: Lines the peer sent before its version line, dropped (only a server may).
     _preBannerLines = 0
 
-    def _versionReceived(self, data: bytes) -> None:
+    def _versionReceived(self, data: bytes) -> bytes | None:
         """Bytes before the peer's version line is complete, kept in ``self.buf``
         (:func:`relay.ssh.guard.scan_version_line` says why not Conch's own check).
         Conch is handed the version line alone, to parse and answer as it does; what
         followed it in the same read goes to the packet path."""
         if self._readDead:
-            return
+            return None
         buf = self.buf + data
         scan = scan_version_line(buf, self._preBannerLines, preamble=self.isClient)
         self._preBannerLines = scan.lines
@@ -329,15 +420,16 @@ class AEADTransportMixin(KexMixin):
             self.buf = b""
             self._fatal(DISCONNECT_CONNECTION_LOST if scan.refusal == VERSION_TOO_LONG
                         else DISCONNECT_PROTOCOL_ERROR, scan.refusal)
-            return
+            return None
         if scan.end is None:
             self.buf = buf[scan.skip :]
-            return
+            return None
         self.buf = b""
         super().dataReceived(buf[scan.skip : scan.end])  # type: ignore[misc]
         rest = buf[scan.end :]
         if rest and self.gotVersion and not self.transport.disconnecting:
-            self._received(rest)
+            return self._received(rest)
+        return None
 
     def getPacket(self) -> bytes | None:
         """One decoded payload (message number first), or ``None``: Conch's API

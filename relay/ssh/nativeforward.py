@@ -124,7 +124,7 @@ def maybe_arm(transport: Any) -> NativeForward | None:
     tcp = transport.transport
     rbuf = transport._rbuf
     if (not isinstance(gcm, GCMDirection) or not isinstance(out, GCMDirection)
-            or transport._readDead or transport.buf
+            or transport._readDead or transport.buf or transport._backlog is not None
             or transport._keyExchangeState != transport._KEY_EXCHANGE_NONE
             or transport.sessionID is None or rbuf is None or len(rbuf) > MAX_INITIAL
             or getattr(tcp, "disconnecting", True) or not hasattr(tcp, "stopReading")):

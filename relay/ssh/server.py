@@ -40,11 +40,12 @@ from zope.interface import implementer
 
 from relay.core.admission import Offence, Ticket, worst
 from relay.core.certs import is_certificate
+from relay.core.grants import USER
 from relay.core.keepalive import KeepaliveMonitor
 from relay.core.resume import OPEN_RESUMABLE, RESUME_CHANNEL, ResumeRefused, pack_sid
 from relay.core.routing import PUBLIC_BINDS
 from relay.ssh import policy
-from relay.ssh.aead import AEADTransportMixin
+from relay.ssh.aead import PACKETS_PER_TURN, AEADTransportMixin
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import (
     OPEN_ADMINISTRATIVELY_PROHIBITED,
@@ -437,6 +438,10 @@ class RelayConnection(FlowConnection):
     def serviceStarted(self) -> None:
         super().serviceStarted()
         self.software = read_version_line(getattr(self.transport, "otherVersionString", None))
+        if self.identity.kind == USER:
+            # One user's read of small packets must not make every other connection's
+            # turn wait (AEADTransportMixin.packetsPerTurn; docs/security.md).
+            self.transport.packetsPerTurn = PACKETS_PER_TURN
         ka = self.core.config.keepalive
         if ka.interval > 0:
             self.keepalive = KeepaliveMonitor(
