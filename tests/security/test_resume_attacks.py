@@ -22,6 +22,11 @@ for it.  Then:
   session held for lab_pc at once, and one that ends the spare line must leave it to
   be resumed: the held session is checked as the login its agent made, not as the
   certificate's last login.
+- **a certificate renewed during the cut**: the lab's job re-signs the agent's key
+  over ``lab_pc-cert.pub`` while its link is down.  The same agent process, logged in
+  with the renewal, resumes its held session byte-exact; from then on the session is
+  the renewal's (its revocation or expiry ends the session, the old certificate's no
+  longer does).
 """
 
 from __future__ import annotations

@@ -413,12 +413,14 @@ def test_a_narrowed_cert_authority_line_takes_away_what_it_no_longer_grants(
 
 
 def test_a_renewed_certificate_resumes_only_the_sessions_it_grants(tmp_path: Path) -> None:
-    """lab_pc's agent certificate names ``web:8080`` and ``gpu:22``; a session to each
-    is held when its link goes down.  The renewal that lands meanwhile names only
-    web:8080: the same agent process, logged in with it, resumes the web:8080 session,
+    """lab_pc's agent certificate names ``web:8080`` and ``gpu:22``; sessions to each
+    are held when its link goes down.  The renewal that lands meanwhile names only
+    web:8080: the same agent process, logged in with it, resumes a web:8080 session,
     and its gpu:22 session is refused and ended, not handed to an agent that may no
     longer serve it (the relay.core.resume.may_resume renewal carries grants of its
-    own, which no reload diff announced)."""
+    own, which no reload diff announced).  Then the agent restarts, still with the
+    renewal: its hello resets the session the old process left held, at once, as it
+    would without the renewal."""
     from relay.core.resume import (
         OPEN_RESUMABLE,
         SID_LEN,
@@ -427,6 +429,7 @@ def test_a_renewed_certificate_resumes_only_the_sessions_it_grants(tmp_path: Pat
         ResumeOwner,
         ResumeRefused,
         StreamState,
+        pack_hello,
         pack_offer,
     )
     from relay.datapath.bridge import Bridge
@@ -458,12 +461,13 @@ def test_a_renewed_certificate_resumes_only_the_sessions_it_grants(tmp_path: Pat
     core.sessionStarted(agent)  # type: ignore[arg-type]
     old = ResumeOwner(first.key_blob, b"i", "lab_pc")
     sides = {}
-    for n, service in enumerate(("web:8080", "gpu:22")):
+    for n, service in enumerate(("web:8080", "gpu:22", "web:8080#2")):
         channel = BridgedChannel(OPEN_RESUMABLE, remoteWindow=1 << 20,
                                  remoteMaxPacket=32768, conn=FakeSSHConnection())
         sid = bytes([n + 1]) * SID_LEN
         side = core.resumes.sessions.open(sid, old, channel, f"{service} from x:{n}")
-        side.row = core.sessions.open("alice", service, f"x:{n}", 0.0, agent=agent)
+        side.row = core.sessions.open("alice", service.split("#")[0], f"x:{n}", 0.0,
+                                      agent=agent)
         Bridge(FakeSide(), side)
         channel.closed()  # the link went
         sides[service] = side
@@ -487,3 +491,10 @@ def test_a_renewed_certificate_resumes_only_the_sessions_it_grants(tmp_path: Pat
     assert sides["gpu:22"].stream.state is StreamState.ENDED
     assert sides["gpu:22"].sid not in core.resumes.sessions.sides
     assert sides["web:8080"].stream.owner == new
+
+    # The agent restarts (another instance), with the renewal.
+    assert sides["web:8080#2"].held
+    restarted = FakeRelayConnection(FakeIdentity(renewed.key_blob, "lab_pc", "agent",
+                                                 login="lab_pc"))
+    assert core.resumes.hello(restarted, pack_hello(b"j")) is not False  # type: ignore[arg-type]
+    assert sides["web:8080#2"].stream.state is StreamState.ENDED, "left to the grace"
