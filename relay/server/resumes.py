@@ -146,9 +146,12 @@ class RelayResumes:
         None.  Its key's grants were kept in step while the session was held
         (:meth:`no_longer_granted`), but a renewed certificate
         (relay.core.resume.may_resume) carries grants of its own: its ``name:port``
-        principals may name fewer services than the one the session was opened under."""
+        principals may name fewer services than the one the session was opened under.
+        The same owner is not looked up again: a certificate's look-up verifies its
+        signature, and an agent back from a cut may resume a hundred sessions at once."""
         row = side.row
-        if self._principal_for is None or row is None or not isinstance(owner, ResumeOwner):
+        if self._principal_for is None or row is None or not isinstance(owner, ResumeOwner) \
+                or side.stream.owner == owner:
             return None
         principal = self._principal_for(owner.key, owner.login or None)
         if principal is not None and _grants(principal, row.service):
