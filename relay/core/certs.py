@@ -117,6 +117,18 @@ def key_fingerprint(blob: bytes | None) -> str:
     return fingerprint(blob)
 
 
+def certified_key(blob: bytes) -> bytes | None:
+    """The public key a certificate blob certifies, as a plain key blob (None for a
+    plain key or a certificate that does not parse): what stays the same when a
+    certificate is renewed (``ssh-keygen -s`` again over the same ``KEY.pub``)."""
+    if not is_certificate(blob):
+        return None
+    try:
+        return key_blob(parse_certificate(blob).public_key())
+    except Exception:  # malformed: it certifies nothing
+        return None
+
+
 def key_blob(key: object) -> bytes:
     """The SSH wire blob of a cryptography public key."""
     line = key.public_bytes(  # type: ignore[attr-defined]

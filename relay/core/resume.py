@@ -33,7 +33,9 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
+from relay.core.certs import certified_key
 from relay.core.replay import ReplayBuffer
 
 HELLO = b"resume@labrelay"
@@ -76,7 +78,44 @@ class Refusal(Enum):
     BEYOND = "peer claims more bytes than were sent"
     BEHIND = "peer claims fewer bytes than it acknowledged"
     EXPIRED = "held past its grace period"
+    NOT_GRANTED = "its service is not granted to the agent now"
     MALFORMED = "malformed resume offer"
+
+
+class ResumeOwner(NamedTuple):
+    """Who may resume a session at the relay: the agent's key blob as it logged in (a
+    certificate's own blob), its process (the hello's instance id) and, for a
+    certificate, the login it made ("" for a plain key)."""
+
+    key: bytes
+    instance: bytes
+    login: str
+
+    def same_agent(self, other: ResumeOwner) -> bool:
+        """Whether ``other`` is the same login with the same key, in any process: the
+        same key blob, or another certificate of the same public key (a renewal: see
+        :func:`may_resume`).  A plain key renews nothing: another blob is another key."""
+        if self.login != other.login:
+            return False
+        if self.key == other.key:
+            return True
+        key = certified_key(self.key)
+        return key is not None and key == certified_key(other.key)
+
+
+def may_resume(held: object, offering: object) -> bool:
+    """Whether ``offering`` may resume a session whose owner is ``held``: the same
+    owner, or, between two :class:`ResumeOwner`, the same process and login with another
+    certificate of the same public key.  A lab renews short-lived certificates often
+    and the agent reads its certificate at every login, so a renewal that lands while
+    the link is down must not make the agent a stranger to its own sessions.  What the
+    blob adds to the key (validity, serial, CA) was checked at that login, as the login
+    it made (a CA trusted for it, valid now, not revoked); the key and the instance say
+    it is the same agent process."""
+    if held == offering:
+        return True
+    return (isinstance(held, ResumeOwner) and isinstance(offering, ResumeOwner)
+            and held.instance == offering.instance and held.same_agent(offering))
 
 
 class ResumeRefused(Exception):
@@ -285,17 +324,21 @@ class ResumeTable:
 
     def offered(self, offer: Offer, owner: object, now: float) -> tuple[Stream, Resumption]:
         """A peer (``owner``) offers to resume: the stream and what to resend, or
-        :class:`ResumeRefused` (an ended or refused stream is forgotten)."""
+        :class:`ResumeRefused` (an ended or refused stream is forgotten).  Resumed, the
+        stream is ``owner``'s from now on (:func:`may_resume`: a renewed certificate's,
+        whose own expiry or revocation ends it, and no longer the old one's)."""
         stream = self._streams.get(offer.sid)
         if stream is None:
             raise ResumeRefused(Refusal.UNKNOWN)
-        if stream.owner != owner:
+        if not may_resume(stream.owner, owner):
             raise ResumeRefused(Refusal.NOT_YOURS)  # not ended: its owner may still come
         try:
-            return stream, stream.resume(offer, now)
+            plan = stream.resume(offer, now)
         finally:
             if stream.state is StreamState.ENDED:
                 self.forget(stream)
+        stream.owner = owner
+        return stream, plan
 
     def expired(self, now: float) -> list[Stream]:
         """Held streams past their deadline, ended and forgotten."""

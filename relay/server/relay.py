@@ -107,7 +107,8 @@ class RelayCore(SessionOpening):
         # instance id tells its agents when this relay restarted (nothing to resume).
         self.sharing = Sharing(grants, reactor)
         self.resumes = RelayResumes(reactor, config.resume_grace,
-                                    retag=self.sharing.tagAgentChannel)
+                                    retag=self.sharing.tagAgentChannel,
+                                    principal_for=grants.principal_for)
         self.resume = self.resumes.sessions
         self.grantsWatcher = GrantsWatcher(grants, reactor, config.grants_poll_interval)
         self.expiry = KeyExpiry(self)

@@ -17,7 +17,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from relay.core.resume import pack_hello_reply, unpack_hello
+from relay.core.resume import ResumeOwner, pack_hello_reply, unpack_hello
 from relay.core.routing import PUBLIC
 from relay.ssh.resumable import ResumableSessions, ResumableSide
 from relay.ssh.server import RelayConnection, resume_owner
@@ -29,10 +29,13 @@ class RelayResumes:
     _log = Logger()
 
     def __init__(self, reactor: Any, grace: float,
-                 retag: Callable[[ResumableSide, str], object] | None = None) -> None:
+                 retag: Callable[[ResumableSide, str], object] | None = None,
+                 principal_for: Callable[[bytes, str | None], Any] | None = None) -> None:
         self.grace = grace
         self._retag = retag  # the fair share's tag for an agent channel (server.sharing)
-        self.sessions = ResumableSessions(reactor, grace, "relay", on_resumed=self._resumed)
+        self._principal_for = principal_for  # the grants' look-up (relay.server.grants)
+        self.sessions = ResumableSessions(reactor, grace, "relay", on_resumed=self._resumed,
+                                          vet=self._still_granted)
         self.instance = secrets.token_bytes(16)
 
     def hello(self, conn: RelayConnection, data: bytes) -> Any:
@@ -44,16 +47,16 @@ class RelayResumes:
         except ValueError:
             return False
         conn.resumable, conn.agent_instance = True, instance
-        key, _, login = resume_owner(conn.identity, instance)
+        me = resume_owner(conn.identity, instance)
         for side in self.sessions.held_sides():
             owner = _owner(side)
-            if owner is not None and (owner[0], owner[2]) == (key, login) \
-                    and owner[1] != instance:
+            if owner is not None and owner.instance != instance and owner.same_agent(me):
                 # The relay cannot tell a restart from a second process running with
                 # the same key (a standby): either way the held session's other end is
                 # not this process's, and the log says both (docs/resilience.md).  The
                 # same certificate logged in under another name is another agent, not
-                # this one's restart: its sessions wait for their own agent.
+                # this one's restart: its sessions wait for their own agent.  A renewed
+                # certificate of the same key is the same agent.
                 why = "its agent restarted, or another agent with its key connected"
                 self._log.warn(
                     "agent {agent}: session {label} cannot be resumed: {why}",
@@ -93,15 +96,12 @@ class RelayResumes:
         out = []
         for side in self.sessions.held_sides():
             owner = _owner(side)
-            everything = looked.get(owner[0]) if owner is not None else None
+            everything = looked.get(owner.key) if owner is not None else None
             if everything is None or owner is None or side.row is None \
                     or side.row.closing is not None:
                 continue
-            principal = None if everything else principal_for(owner[0], owner[2] or None)
-            name, _, port = side.row.service.rpartition(":")
-            if principal is not None and (principal.may_bind_public(int(port))
-                                          if name in (PUBLIC, "public")
-                                          else principal.may_register(name, int(port))):
+            principal = None if everything else principal_for(owner.key, owner.login or None)
+            if principal is not None and _grants(principal, side.row.service):
                 continue
             why = ("its agent's key is no longer granted" if principal is None
                    else f"{side.row.service} is no longer granted to agent {principal.name}")
@@ -112,7 +112,7 @@ class RelayResumes:
         """The agent keys sessions are held for (their links are down), each with the
         login it made ("" for a plain key): what the key checks look up, per login, as
         they do a connected agent's (relay.server.expiry)."""
-        return {(owner[0], owner[2]) for owner in map(_owner, self.sessions.held_sides())
+        return {(owner.key, owner.login) for owner in map(_owner, self.sessions.held_sides())
                 if owner is not None}
 
     def held_rows_of(self, key_blob: bytes, login: str | None = None) -> list[Any]:
@@ -123,8 +123,8 @@ class RelayResumes:
         out = []
         for side in self.sessions.held_sides():
             owner = _owner(side)
-            if side.row is not None and owner is not None and owner[0] == key_blob \
-                    and (login is None or owner[2] == login):
+            if side.row is not None and owner is not None and owner.key == key_blob \
+                    and (login is None or owner.login == login):
                 out.append(side.row)
         return out
 
@@ -138,8 +138,26 @@ class RelayResumes:
                                strict=True):
             owner, agent = _owner(side), getattr(side.row, "agent", None)
             out.append({**shown, "agent": getattr(agent, "principal_name", ""),
-                        "login": owner[2] if owner is not None else ""})
+                        "login": owner.login if owner is not None else ""})
         return out
+
+    def _still_granted(self, side: ResumableSide, owner: object) -> str | None:
+        """Why ``owner`` (the agent offering to resume ``side``) may not have it back, or
+        None.  Its key's grants were kept in step while the session was held
+        (:meth:`no_longer_granted`), but a renewed certificate
+        (relay.core.resume.may_resume) carries grants of its own: its ``name:port``
+        principals may name fewer services than the one the session was opened under.
+        The same owner is not looked up again: a certificate's look-up verifies its
+        signature, and an agent back from a cut may resume a hundred sessions at once."""
+        row = side.row
+        if self._principal_for is None or row is None or not isinstance(owner, ResumeOwner) \
+                or side.stream.owner == owner:
+            return None
+        principal = self._principal_for(owner.key, owner.login or None)
+        if principal is not None and _grants(principal, row.service):
+            return None
+        return (f"{row.service} is not granted to agent "
+                f"{principal.name if principal is not None else owner.login}")
 
     def _resumed(self, side: ResumableSide) -> None:
         """A session continues over its agent's new connection: its row follows, and
@@ -151,12 +169,17 @@ class RelayResumes:
                 self._retag(side, row.user)
 
 
-def _owner(side: ResumableSide) -> tuple[bytes, bytes, str] | None:
+def _grants(principal: Any, service: str) -> bool:
+    """Whether ``principal`` may serve ``service`` (a session row's: ``NAME:PORT``, or
+    ``public:PORT``)."""
+    name, _, port = service.rpartition(":")
+    return bool(principal.may_bind_public(int(port)) if name in (PUBLIC, "public")
+                else principal.may_register(name, int(port)))
+
+
+def _owner(side: ResumableSide) -> ResumeOwner | None:
     """Who may resume ``side``: ``(agent key, agent instance, login)``, as
     :attr:`relay.ssh.server.RelayConnection.resumeOwner` made it (None: not the
     relay's; a test's or fuzzer's side)."""
     owner: Any = side.stream.owner
-    if (isinstance(owner, tuple) and len(owner) == 3 and isinstance(owner[0], bytes)
-            and isinstance(owner[2], str)):
-        return owner[0], owner[1], owner[2]
-    return None
+    return owner if isinstance(owner, ResumeOwner) else None

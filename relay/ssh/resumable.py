@@ -41,6 +41,7 @@ from relay.core.resume import (
     Resumption,
     Stream,
     StreamState,
+    may_resume,
     pack_counts,
     pack_offer,
     unpack_counts,
@@ -289,13 +290,16 @@ class ResumableSessions:
 
     def __init__(self, clock: IReactorTime, grace: float, where: str,
                  on_resumed: Callable[[ResumableSide], object] | None = None,
-                 release: Callable[[], bool] = release_freed_memory) -> None:
+                 release: Callable[[], bool] = release_freed_memory,
+                 vet: Callable[[ResumableSide, object], str | None] | None = None) -> None:
         self.clock = clock
         self.grace = grace
         self.where = where  # "relay" or "link NAME": the events' prefix
         self.table = ResumeTable()
         self.sides: dict[bytes, ResumableSide] = {}
         self._on_resumed = on_resumed
+        # Whether the peer (its owner) may have the session back now: why not, or None.
+        self._vet = vet
         self.opening = 0  # resumable channels asked for, not yet confirmed or refused
         self._opening_of: dict[object, int] = {}  # the same per owner key
         self._release = release
@@ -348,8 +352,12 @@ class ResumableSessions:
         """The peer offers to resume ``offer.sid``: the side and what to send again, or
         :class:`ResumeRefused` (and the session ended, unless it is another key's)."""
         side = self.sides.get(offer.sid)
-        if side is not None and side.stream.owner == owner:
+        if side is not None and may_resume(side.stream.owner, owner):
             side.detach()
+            why = self._vet(side, owner) if self._vet is not None else None
+            if why is not None:
+                side.refused(why)
+                raise ResumeRefused(Refusal.NOT_GRANTED, why)
         try:
             stream, plan = self.table.offered(offer, owner, self.clock.seconds())
         except ResumeRefused as e:

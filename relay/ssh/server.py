@@ -42,7 +42,13 @@ from relay.core.admission import Offence, Ticket, worst
 from relay.core.certs import is_certificate
 from relay.core.grants import USER
 from relay.core.keepalive import KeepaliveMonitor
-from relay.core.resume import OPEN_RESUMABLE, RESUME_CHANNEL, ResumeRefused, pack_sid
+from relay.core.resume import (
+    OPEN_RESUMABLE,
+    RESUME_CHANNEL,
+    ResumeOwner,
+    ResumeRefused,
+    pack_sid,
+)
 from relay.core.routing import PUBLIC_BINDS
 from relay.ssh import policy
 from relay.ssh.aead import PACKETS_PER_TURN, AEADTransportMixin
@@ -426,7 +432,7 @@ class RelayConnection(FlowConnection):
         return self.identity.name
 
     @property
-    def resumeOwner(self) -> tuple[bytes, bytes, str]:
+    def resumeOwner(self) -> ResumeOwner:
         """Who may resume a session opened to this agent (:func:`resume_owner`)."""
         return resume_owner(self.identity, self.agent_instance)
 
@@ -673,15 +679,17 @@ class RelayConnection(FlowConnection):
             raise error.ConchError(str(e), OPEN_CONNECT_FAILED) from e
 
 
-def resume_owner(identity: Any, instance: bytes) -> tuple[bytes, bytes, str]:
+def resume_owner(identity: Any, instance: bytes) -> ResumeOwner:
     """Who may resume a session opened to an agent: its key, its process (the hello's
     instance id) and, for a certificate, the login name it gave.  One certificate may be
     logged in under two names at once, each another agent with grants of its own
     (relay.server.keytrust): a session held for one is checked as that login while its
     link is down, and only that login resumes it.  A plain key's grants do not depend
-    on the login: "" (as relay.server.expiry.holder)."""
+    on the login: "" (as relay.server.expiry.holder).  The same process and login
+    with a renewed certificate of the same key may resume it too
+    (relay.core.resume.may_resume)."""
     login = identity.login if is_certificate(identity.key_blob) else ""
-    return (identity.key_blob, instance, login)
+    return ResumeOwner(identity.key_blob, instance, login)
 
 
 def _fire(waiting: list[defer.Deferred[None]], why: Exception | None = None) -> None:

@@ -184,8 +184,8 @@ def resume_hello_relay(data: bytes) -> None:
     for i in range(2):
         ch = BridgedChannel(rs.OPEN_RESUMABLE, remoteWindow=WINDOW, remoteMaxPacket=32768,
                             conn=link)
-        side = sessions.open(bytes([i + 9]) * rs.SID_LEN, (key, old_instance, ""), ch,
-                             f"h{i}")
+        owner = rs.ResumeOwner(key, old_instance, "")
+        side = sessions.open(bytes([i + 9]) * rs.SID_LEN, owner, ch, f"h{i}")
         user_end = FakeSide()
         Bridge(user_end, side)
         user_end.receive(b"x" * 10)

@@ -22,12 +22,18 @@ for it.  Then:
   session held for lab_pc at once, and one that ends the spare line must leave it to
   be resumed: the held session is checked as the login its agent made, not as the
   certificate's last login.
+- **a certificate renewed during the cut**: the lab's job re-signs the agent's key
+  over ``lab_pc-cert.pub`` while its link is down.  The same agent process, logged in
+  with the renewal, resumes its held session byte-exact; from then on the session is
+  the renewal's (its revocation or expiry ends the session, the old certificate's no
+  longer does).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import secrets
 import socket
 import struct
@@ -35,7 +41,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,7 @@ from harness import (
     AgentProcess,
     RelayNode,
     SshProcess,
+    TcpServer,
     connect,
     find_program,
     free_port,
@@ -648,37 +655,45 @@ def _cert_lines(ca: str, held_port: int, spare_port: int, lab_pc: str = "",
             f'cert-authority,principals="spare",{port(spare_port)}{spare} {ca} spare\n')
 
 
+def _keygen(*args: str, cwd: Path) -> None:
+    subprocess.run([find_program("ssh-keygen") or "ssh-keygen", "-q", *args], cwd=cwd,
+                   check=True, capture_output=True)
+
+
 def _cert_world(start_relay: Callable[..., RelayNode],
                 start_agent: Callable[..., AgentProcess], targets: Targets,
-                tmp_path: Path) -> CertWorld:
+                tmp_path: Path, validity: str = "-5m:+1h", krl: bool = False,
+                target: Any = None) -> CertWorld:
     """The relay; lab_pc's labrelay agent behind the proxy, logged in with a
-    certificate for ``lab_pc`` and ``spare`` (``ssh-keygen -s``) as lab_pc; the key's
-    path, lab_pc's public port and spare's, and the echo server."""
+    certificate for ``lab_pc`` and ``spare`` (``ssh-keygen -s``, serial 1, valid for
+    ``validity``) as lab_pc; the key's path, lab_pc's public port (to ``target``, by
+    default an echo server) and spare's, and the echo server.  With ``krl``, the relay's
+    ``revoked_keys`` is ``pki/revoked.krl`` (:func:`_krl`), serial 666 revoked."""
     pki = tmp_path / "pki"
     pki.mkdir()
-    keygen = find_program("ssh-keygen") or "ssh-keygen"
-    subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "ca", "-f", "ca"],
-                   cwd=pki, check=True, capture_output=True)
+    _keygen("-t", "ed25519", "-N", "", "-C", "ca", "-f", "ca", cwd=pki)
     key = make_key(pki / "lab_pc", comment="lab_pc")
-    subprocess.run([keygen, "-q", "-s", "ca", "-I", "lab_pc@lab", "-n", "lab_pc,spare",
-                    "-V", "-5m:+1h", "lab_pc.pub"], cwd=pki, check=True, capture_output=True)
+    _keygen("-s", "ca", "-I", "lab_pc@lab", "-n", "lab_pc,spare", "-z", "1", "-V", validity,
+            "lab_pc.pub", cwd=pki)
     ca = " ".join((pki / "ca.pub").read_text().split()[:2])
+    extra = f'revoked_keys = "{_krl(tmp_path, 666)}"\n' if krl else ""
     held_port, spare_port = free_port(), free_port()
     relay = start_relay(
         agents=_cert_lines(ca, held_port, spare_port).splitlines(),
         relay_toml=('public_bind = "127.0.0.1"\nresume_grace = 60\n'
                     'keepalive_interval = 1\nkeepalive_count = 2\n'
-                    'penalty_exempt = ["127.0.0.1"]\n'),
+                    f'penalty_exempt = ["127.0.0.1"]\n{extra}'),
     )
     proxy = targets.proxy(("127.0.0.1", relay.port))
     relay.trust(known_hosts_line(relay.host_key_blob, proxy.port))
     echo = targets.echo()
+    to = target.port if target is not None else echo.port
     agent = start_agent(
         "-p", str(proxy.port), "-i", str(key.path),
         "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "StrictHostKeyChecking=yes",
         "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2",
         "--backoff-initial", "0.2", "--backoff-max", "1", "--resume-grace", "60",
-        "-R", f"0.0.0.0:{held_port}:127.0.0.1:{echo.port}", "lab_pc@127.0.0.1", name="agent",
+        "-R", f"0.0.0.0:{held_port}:127.0.0.1:{to}", "lab_pc@127.0.0.1", name="agent",
     )  # fmt: skip
     agent.wait_for("forward_ready", timeout=20, since=0, kind="remote", port=held_port)
     assert relay.wait_for("relay_connected", since=0, name="lab_pc")["cert_id"] == "lab_pc@lab"
@@ -849,3 +864,180 @@ def test_a_ca_line_narrowed_while_the_link_is_down_ends_the_held_session_at_once
     proxy.restore()  # type: ignore[attr-defined]
     agent.wait_for("link_connected", timeout=30, since=mark)
     assert relay.events("session_resumed", since=rmark) == []
+
+
+# A certificate renewed while the link is down (docs/resilience.md, "Who may resume").
+
+
+class Handed(TcpServer):
+    """A target that hands each connection it accepts to the test, so that the
+    target's end can send while the agent's link is down."""
+
+    kind = "handed"
+
+    def __init__(self) -> None:
+        self.conns: queue.Queue[socket.socket] = queue.Queue()
+        self._done = threading.Event()
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        self.conns.put(conn)
+        self._done.wait(300)  # the test's until it ends
+
+    def close(self) -> None:
+        self._done.set()
+        super().close()
+
+
+@pytest.fixture
+def handed() -> Iterator[Handed]:
+    server = Handed()
+    yield server
+    server.close()
+
+
+def _renew(tmp_path: Path, serial: int, validity: str) -> None:
+    """The lab's renewal job: the same public key signed again by the same CA for the
+    same principals, with a new serial and validity, written over ``lab_pc-cert.pub``
+    (whole, as a job renaming its output would) for the agent to read at its next
+    login."""
+    pki = tmp_path / "pki"
+    job = pki / f"renewal-{serial}"
+    job.mkdir()
+    (job / "lab_pc.pub").write_bytes((pki / "lab_pc.pub").read_bytes())
+    _keygen("-s", "../ca", "-I", f"lab_pc@lab-{serial}", "-n", "lab_pc,spare", "-z",
+            str(serial), "-V", validity, "lab_pc.pub", cwd=job)
+    os.replace(job / "lab_pc-cert.pub", pki / "lab_pc-cert.pub")
+
+
+def _ends(sock: socket.socket, timeout: float) -> None:
+    """``sock``'s session ends (a reset or a close) within ``timeout`` seconds."""
+    sock.settimeout(timeout)
+    with pytest.raises(OSError):
+        while True:
+            sock.sendall(b"x")
+            if sock.recv(64 * 1024) == b"":
+                raise ConnectionResetError("closed")
+
+
+def _krl(tmp_path: Path, serial: int) -> Path:
+    """``pki/revoked.krl`` (``ssh-keygen -k``): the lab CA's serial ``serial`` revoked."""
+    pki = tmp_path / "pki"
+    (pki / "revoked.spec").write_text(f"serial: {serial}\n")
+    new = pki / "revoked.krl.new"
+    new.unlink(missing_ok=True)
+    _keygen("-k", "-f", new.name, "-s", "ca.pub", "revoked.spec", cwd=pki)
+    os.replace(new, pki / "revoked.krl")
+    return pki / "revoked.krl"
+
+
+def test_a_certificate_renewed_while_the_link_is_down_resumes_and_is_then_what_counts(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path, handed: Handed,
+) -> None:
+    """lab_pc's agent logs in with a certificate; its link goes down with a session
+    held, and the lab's job renews the certificate on disk meanwhile (same key, same
+    principals, new serial and validity).  The agent's next login presents the renewed
+    certificate: the session resumes byte-exact, what the user and the target sent
+    while it was held included.  The relay compared the certificate's blob, so the same
+    process with the same key was "another key": its sessions waited out the grace and
+    ended.  From then on the session is the renewed certificate's: revoking the old
+    serial leaves it alone, revoking the new one ends it."""
+    relay, proxy, agent, _key, held_port, _spare, _echo = _cert_world(
+        start_relay, start_agent, targets, tmp_path, target=handed, krl=True)
+    sock = connect(held_port, timeout=30)
+    sock.sendall(b"before")
+    target = handed.conns.get(timeout=30)
+    target.settimeout(30)
+    assert recv_exactly(target, 6) == b"before"
+    target.sendall(b"hello")
+    assert recv_exactly(sock, 5) == b"hello"
+    mark, rmark = agent.mark(), relay.mark()
+    proxy.blackhole()  # type: ignore[attr-defined]
+    relay.wait_for("session_held", timeout=20, since=rmark)
+    agent.wait_for("session_held", timeout=20, since=mark)
+
+    up, down = secrets.token_bytes(32 * 1024), secrets.token_bytes(32 * 1024)
+    sock.sendall(up)  # kept by the relay (and the kernel) while held
+    target.sendall(down)  # kept by the agent (and the kernel) while held
+    _renew(tmp_path, 2, "-5m:+2h")
+    proxy.restore()  # type: ignore[attr-defined]
+    agent.wait_for("session_resumed", timeout=30, since=mark)
+    again = relay.wait_for("relay_connected", timeout=10, since=rmark, name="lab_pc")
+    assert again["cert_id"] == "lab_pc@lab-2", again  # the renewed certificate logged in
+    assert recv_exactly(sock, len(down)) == down
+    assert recv_exactly(target, len(up)) == up
+    sock.sendall(b"after")
+    assert recv_exactly(target, 5) == b"after"
+    target.sendall(b"back")
+    assert recv_exactly(sock, 4) == b"back"
+    assert relay.events("session_resume_refused", since=rmark) == []
+    assert relay.status()["relay"]["held_sessions"] == []
+
+    # The link goes down again: the held session is the renewed certificate's now.
+    # Revoking the old one leaves it held; revoking the renewed one resets it at once.
+    _cut(relay, proxy, agent)
+    rmark = relay.mark()
+    _krl(tmp_path, 1)
+    _reload(relay)
+    assert relay.events("relay_session_revoked", since=rmark) == []
+    assert len(relay.status()["relay"]["held_sessions"]) == 1
+    t0 = time.monotonic()
+    _krl(tmp_path, 2)
+    _reload(relay)
+    ended = relay.wait_for("relay_session_revoked", timeout=10, since=rmark,
+                           service=f"public:{held_port}")
+    assert "held for resumption" in ended["why"], ended
+    _ends(sock, 10)
+    print(f"\nheld session of a revoked renewed certificate reset "
+          f"{time.monotonic() - t0:.2f}s after POST /reload (grace 60 s)")
+    assert relay.status()["relay"]["held_sessions"] == []
+
+
+def _cut(relay: RelayNode, proxy: Any, agent: AgentProcess) -> None:
+    """The agent's link blackholed until both ends hold its sessions."""
+    mark, rmark = agent.mark(), relay.mark()
+    proxy.blackhole()
+    relay.wait_for("session_held", timeout=20, since=rmark)
+    agent.wait_for("session_held", timeout=20, since=mark)
+
+
+def test_a_resumed_session_ends_with_its_renewed_certificate_not_the_old_one(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """The certificate lab_pc's agent started with expires 30 s after it was signed;
+    the renewal that lands while the link is down expires 12 s after that.  Resumed
+    under the renewal, and held again when the link goes down a second time, the
+    session outlives the old certificate's expiry (the relay watches the renewal's
+    now) and is reset when the renewal expires: not after the grace, and not never."""
+    old_expiry = time.time() + 30
+    relay, proxy, agent, _key, held_port, _spare, _echo = _cert_world(
+        start_relay, start_agent, targets, tmp_path, validity="-5m:+30s")
+    sock = _hold(relay, proxy, agent, held_port)
+    payload = secrets.token_bytes(16 * 1024)
+    sock.sendall(payload)
+    new_expiry = old_expiry + 12
+    _renew(tmp_path, 2, f"-5m:+{round(new_expiry - time.time())}s")
+    mark, rmark = agent.mark(), relay.mark()
+    proxy.restore()  # type: ignore[attr-defined]
+    agent.wait_for("session_resumed", timeout=15, since=mark)
+    sock.settimeout(15)
+    assert recv_exactly(sock, len(payload)) == payload
+    assert relay.events("session_resume_refused", since=rmark) == []
+    _cut(relay, proxy, agent)
+    assert time.time() < old_expiry - 1, "held too late to tell the two expiries apart"
+
+    rmark = relay.mark()
+    # Nothing happens at the old certificate's expiry, so there is nothing to await:
+    # wait for the clock to pass it, then look.
+    time.sleep(old_expiry + 1.5 - time.time())
+    assert relay.events("relay_session_revoked", since=rmark) == []
+    assert len(relay.status()["relay"]["held_sessions"]) == 1
+
+    ended = relay.wait_for("relay_session_revoked", timeout=new_expiry - time.time() + 10,
+                           since=rmark, service=f"public:{held_port}")
+    assert "held for resumption" in ended["why"] and "lab_pc@lab-2" in ended["why"], ended
+    print(f"\nheld session reset {time.time() - new_expiry:+.2f}s from the renewed "
+          "certificate's expiry (signed to the second; grace 60 s)")
+    _ends(sock, 10)

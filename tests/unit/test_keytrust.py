@@ -347,7 +347,7 @@ def test_a_narrowed_cert_authority_line_takes_away_what_it_no_longer_grants(
     so nothing was taken away: the agent kept its registration (and its port), alice her
     session to gpu:22, and the agent could resume the held session to a port it may no
     longer serve.  Each goes as a plain key's would; what is still granted stays."""
-    from relay.core.resume import OPEN_RESUMABLE, SID_LEN
+    from relay.core.resume import OPEN_RESUMABLE, SID_LEN, ResumeOwner
     from relay.datapath.bridge import Bridge
     from relay.ssh.channels import BridgedChannel
     from relay.testing import FakeSide, FakeSSHConnection
@@ -393,8 +393,8 @@ def test_a_narrowed_cert_authority_line_takes_away_what_it_no_longer_grants(
     held_row = core.sessions.open("public:4711", "public:4711", "x:2", 0.0, agent=agent)
     channel = BridgedChannel(OPEN_RESUMABLE, remoteWindow=1 << 20, remoteMaxPacket=32768,
                              conn=FakeSSHConnection())
-    side = core.resumes.sessions.open(b"h" * SID_LEN, (agent.identity.key_blob, b"i", "lab_pc"),
-                                      channel, "public:4711 from x:2")
+    owner = ResumeOwner(agent.identity.key_blob, b"i", "lab_pc")
+    side = core.resumes.sessions.open(b"h" * SID_LEN, owner, channel, "public:4711 from x:2")
     side.row = held_row
     Bridge(FakeSide(), side)
     channel.closed()
@@ -410,3 +410,91 @@ def test_a_narrowed_cert_authority_line_takes_away_what_it_no_longer_grants(
     assert held_row.closing == ("held for resumption: public:4711 is no longer granted to "
                                 "agent lab_pc"), "the held session may be resumed"
     assert not agent.disconnected and not alice.disconnected
+
+
+def test_a_renewed_certificate_resumes_only_the_sessions_it_grants(tmp_path: Path) -> None:
+    """lab_pc's agent certificate names ``web:8080`` and ``gpu:22``; sessions to each
+    are held when its link goes down.  The renewal that lands meanwhile names only
+    web:8080: the same agent process, logged in with it, resumes a web:8080 session,
+    and its gpu:22 session is refused and ended, not handed to an agent that may no
+    longer serve it (the relay.core.resume.may_resume renewal carries grants of its
+    own, which no reload diff announced).  Then the agent restarts, still with the
+    renewal: its hello resets the session the old process left held, at once, as it
+    would without the renewal."""
+    from relay.core.resume import (
+        OPEN_RESUMABLE,
+        SID_LEN,
+        Offer,
+        Refusal,
+        ResumeOwner,
+        ResumeRefused,
+        StreamState,
+        pack_hello,
+        pack_offer,
+    )
+    from relay.datapath.bridge import Bridge
+    from relay.ssh.channels import BridgedChannel
+    from relay.testing import FakeSide, FakeSSHConnection
+
+    assert KEYGEN is not None
+    for name in ("ca", "lab_pc"):
+        subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", name, "-f",
+                        str(tmp_path / name)], check=True)
+
+    def sign(serial: int, principals: str) -> None:
+        subprocess.run([KEYGEN, "-q", "-s", str(tmp_path / "ca"), "-z", str(serial), "-V",
+                        "20300317000000Z:20300318000000Z", "-I", "lab_pc", "-n", principals,
+                        str(tmp_path / "lab_pc.pub")], check=True)
+
+    sign(1, "lab_pc,web:8080,gpu:22")
+    ca = " ".join((tmp_path / "ca.pub").read_text().split()[:2])
+    agents = tmp_path / "agents"
+    agents.write_text('cert-authority,principals="lab_pc",permitlisten="web:8080",'
+                      f'permitlisten="gpu:22" {ca} lab_pc\n')
+    config = RelayConfig(agents_file=agents)
+    reactor = MemoryReactorClock()
+    core = RelayCore(config, Grants(config, "node.toml", wall_ns=Wall()), reactor)
+    checker = GrantChecker(core)
+    first = result_of(_signed_login(checker, tmp_path, "lab_pc", "lab_pc"))
+    agent = FakeRelayConnection(FakeIdentity(first.key_blob, "lab_pc", "agent",
+                                             login="lab_pc"))
+    core.sessionStarted(agent)  # type: ignore[arg-type]
+    old = ResumeOwner(first.key_blob, b"i", "lab_pc")
+    sides = {}
+    for n, service in enumerate(("web:8080", "gpu:22", "web:8080#2")):
+        channel = BridgedChannel(OPEN_RESUMABLE, remoteWindow=1 << 20,
+                                 remoteMaxPacket=32768, conn=FakeSSHConnection())
+        sid = bytes([n + 1]) * SID_LEN
+        side = core.resumes.sessions.open(sid, old, channel, f"{service} from x:{n}")
+        side.row = core.sessions.open("alice", service.split("#")[0], f"x:{n}", 0.0,
+                                      agent=agent)
+        Bridge(FakeSide(), side)
+        channel.closed()  # the link went
+        sides[service] = side
+    core.sessionStopped(agent)  # type: ignore[arg-type]
+
+    sign(2, "lab_pc,web:8080")  # the renewal job, over lab_pc-cert.pub
+    renewed = result_of(_signed_login(checker, tmp_path, "lab_pc", "lab_pc"))
+    assert renewed.key_blob != first.key_blob
+    new = ResumeOwner(renewed.key_blob, b"i", "lab_pc")
+
+    def offer(service: str) -> Any:
+        return core.resumes.sessions.accept(
+            FakeSSHConnection(), new, 1 << 20, 32768, 1 << 20, 32768,
+            pack_offer(Offer(sides[service].sid, 0, False)))
+
+    assert offer("web:8080") is not None
+    with pytest.raises(ResumeRefused) as refused:
+        offer("gpu:22")
+    assert refused.value.why is Refusal.NOT_GRANTED
+    assert "gpu:22 is not granted to agent lab_pc" in str(refused.value)
+    assert sides["gpu:22"].stream.state is StreamState.ENDED
+    assert sides["gpu:22"].sid not in core.resumes.sessions.sides
+    assert sides["web:8080"].stream.owner == new
+
+    # The agent restarts (another instance), with the renewal.
+    assert sides["web:8080#2"].held
+    restarted = FakeRelayConnection(FakeIdentity(renewed.key_blob, "lab_pc", "agent",
+                                                 login="lab_pc"))
+    assert core.resumes.hello(restarted, pack_hello(b"j")) is not False  # type: ignore[arg-type]
+    assert sides["web:8080#2"].stream.state is StreamState.ENDED, "left to the grace"
