@@ -76,6 +76,7 @@ RELAY_KEYS = {
     "per_source_netblock6": "per_source_netblock6 = 64",
     "penalties": "[relay.penalties] authfail = 5, noauth = 1, grace_exceeded = 20",
     "penalty_exempt": 'penalty_exempt = ["192.0.2.0/24", "2001:db8::/48"]',
+    "crowding": "[relay.crowding] silent = 2, handshake = 10, auth = 20",
     "max_channels": "max_channels = 1024",
     "max_sessions_per_user": "max_sessions_per_user = 64",
     "max_connections_per_user": "max_connections_per_user = 64",
@@ -117,6 +118,12 @@ PENALTY_KEYS = {
     "min": "min = 15",
     "max_sources": "max_sources = 65536",
     "overflow": 'overflow = "permissive"',
+}
+CROWDING_KEYS = {
+    "enabled": "enabled = true",
+    "silent": "silent = 2",
+    "handshake": "handshake = 10",
+    "auth": "auth = 20",
 }
 LIFECYCLE_KEYS = {
     "expiry": 'expiry = "20270131Z" (YYYYMMDD[HHMM[SS]][Z]) or a TOML date-time: '

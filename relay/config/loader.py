@@ -32,6 +32,7 @@ from relay.config.grammar import (
 )
 from relay.config.keys import (
     ADMIN_KEYS,
+    CROWDING_KEYS,
     FORWARD_KEYS,
     LINK_KEYS,
     PENALTY_KEYS,
@@ -54,6 +55,7 @@ from relay.config.schema import (
     DEFAULT_ADMIN_LISTEN,
     LOCAL_DEFAULT_BIND,
     AdminConfig,
+    CrowdingConfig,
     IPNetwork,
     NodeConfig,
     PenaltyConfig,
@@ -165,6 +167,42 @@ def _parse_penalties(sec: Section | None) -> PenaltyConfig:
     )
 
 
+CROWDING_FLOOR = 1.0
+"""The least ``[relay.crowding] silent`` may be: a real client's version line (or
+hello, or ClientHello) arrives within one round trip of accept, and a TCP
+retransmission of it (the first retransmission timeout is 1 s) must not cost a
+client on a bad link its place."""
+
+
+def _parse_crowding(sec: Section | None, login_grace: float) -> CrowdingConfig:
+    # A short login_grace shortens the stages left to their defaults.
+    base = CrowdingConfig()
+    defaults = CrowdingConfig(silent=min(base.silent, login_grace),
+                              handshake=min(base.handshake, login_grace),
+                              auth=min(base.auth, login_grace))
+    if sec is None:
+        return defaults
+    enabled = sec.data.get("enabled", defaults.enabled)
+    if not isinstance(enabled, bool):
+        raise sec.error("enabled", f"expected true or false, got {describe(enabled)}")
+    silent = sec.number("silent", defaults.silent, low=CROWDING_FLOOR)
+    handshake = sec.number("handshake", defaults.handshake, low=0, above=True)
+    auth = sec.number("auth", defaults.auth, low=0, above=True)
+    if handshake < silent:
+        raise sec.error("handshake", f"handshake ({fmt(handshake)}) must be at least silent "
+                        f"({fmt(silent)}): a connection that has spoken must not lose its "
+                        "place before one that has not", "e.g. silent = 2, handshake = 10")
+    if auth < handshake:
+        raise sec.error("auth", f"auth ({fmt(auth)}) must be at least handshake "
+                        f"({fmt(handshake)}): a connection past key exchange must not lose "
+                        "its place before one still in it", "e.g. handshake = 10, auth = 20")
+    if auth > login_grace:
+        raise sec.error("auth", f"auth ({fmt(auth)}) must be at most login_grace "
+                        f"({fmt(login_grace)}): past login_grace the connection is closed "
+                        "anyway", f"e.g. auth = {fmt(login_grace)}, or a longer login_grace")
+    return CrowdingConfig(enabled=enabled, silent=silent, handshake=handshake, auth=auth)
+
+
 def _networks(sec: Section, key: str) -> tuple[IPNetwork, ...]:
     nets = []
     for j, text in enumerate(sec.strings(key)):
@@ -256,6 +294,9 @@ def _parse_relay(sec: Section, base: Path,
                                          defaults.per_source_netblock6, 0, 128),
         penalties=_parse_penalties(sec.table("penalties", PENALTY_KEYS)),
         penalty_exempt=_networks(sec, "penalty_exempt"),
+        crowding=_parse_crowding(sec.table("crowding", CROWDING_KEYS),
+                                 sec.number("login_grace", defaults.login_grace, low=0,
+                                            above=True)),
         max_channels=sec.integer("max_channels", defaults.max_channels, 1),
         max_sessions_per_user=sec.integer(
             "max_sessions_per_user", defaults.max_sessions_per_user, 1

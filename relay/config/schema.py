@@ -304,6 +304,29 @@ class PenaltyConfig:
 
 
 @dataclass(frozen=True)
+class CrowdingConfig:
+    """What a full ``max_unauthenticated`` cap does to connections that stall:
+    ``[relay.crowding]`` (docs/relay.md "Per-source limits and penalties").
+
+    When every place of a port is taken and no source holds more places than the
+    newcomer's would, the newcomer takes the place of the connection that has made the
+    least progress for longest, once it has held its place past its stage's seconds
+    (counted from accept): ``silent`` while it has sent nothing (no SSH version line,
+    no byte of a data-port hello or a TLS ClientHello), ``handshake`` while its key
+    exchange (or TLS handshake, or hello) is unfinished, ``auth`` while it
+    authenticates.  Such an eviction charges its source ``grace_exceeded``: a real
+    client sends its version line within a round trip and finishes key exchange in
+    two, so only an idle socket stalls that long.  Each must be at least the one before
+    it and ``auth`` at most ``login_grace`` (beyond it there is nothing to shorten).
+    """
+
+    enabled: bool = True
+    silent: float = 2.0
+    handshake: float = 10.0
+    auth: float = 20.0
+
+
+@dataclass(frozen=True)
 class TLSListenConfig:
     """The relay's TLS port (``tls_cert`` in ``[relay]``; docs/networks.md): SSH and the
     fast path's data connections inside TLS on one port, chosen by ALPN.
@@ -350,6 +373,7 @@ class RelayConfig:
     per_source_netblock6: int = 64
     penalties: PenaltyConfig = field(default_factory=PenaltyConfig)
     penalty_exempt: tuple[IPNetwork, ...] = ()
+    crowding: CrowdingConfig = field(default_factory=CrowdingConfig)
     max_channels: int = 1024
     max_sessions_per_user: int = 64
     #: Authenticated SSH connections one user (or agent) may hold at once: a valid key

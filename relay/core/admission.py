@@ -28,6 +28,20 @@ close.  Modelled on OpenSSH sshd 9.8+ (``MaxStartups``, ``PerSourceMaxStartups``
   cannot trade places among itself for ever (:meth:`Gate._victim`).  sshd has no such
   rule (its MaxStartups drops the newcomer); an attacker with as many sources as
   places, one each, still keeps others out;
+- when the global cap is full and nobody holds more than the newcomer's source would,
+  *progress* decides (:meth:`Gate._stalled`, ``[relay.crowding]``): every connection
+  is at a :class:`Stage` (``silent``: nothing received; ``handshake``: its version
+  line, hello or ClientHello begun, key exchange unfinished; ``auth``: keyed,
+  authenticating), and the one at the lowest stage that has held its place longest
+  gives way, once it has held it past that stage's seconds (``silent`` 2 s,
+  ``handshake`` 10 s, ``auth`` 20 s from accept).  Its source is charged
+  ``grace-exceeded``: under pressure the login grace shrinks by progress, and
+  outliving the shortened grace is the offence it always was.  An attacker with a
+  place per source (64 or more sources, an IPv6 /56) no longer keeps newcomers out
+  until ``login_grace`` with idle sockets: each would have to finish a key exchange
+  (a curve25519 of its own per connection) and start over every ``auth`` seconds,
+  and each of its stalled connections that is evicted blocks its source for
+  ``grace_exceeded``;
 - exempt networks are never penalised nor refused for a penalty (the per-source cap,
   the global cap and eviction apply to them as to any source: exemption is about
   penalties, not priority);
@@ -48,12 +62,12 @@ from __future__ import annotations
 import heapq
 import ipaddress
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import Any
 
 from twisted.logger import Logger
 
-from relay.config.schema import PenaltyConfig, RelayConfig
+from relay.config.schema import CrowdingConfig, PenaltyConfig, RelayConfig
 
 
 class Offence(Enum):
@@ -68,9 +82,25 @@ class Offence(Enum):
 _SEVERITY = (Offence.NOAUTH, Offence.AUTHFAIL, Offence.PROTOCOL, Offence.GRACE)
 
 
+def eviction_reason(victim: Ticket) -> str:
+    """Why ``victim`` was evicted, for the servers' log lines."""
+    if victim.stalled is None:
+        return "the source holding the most places"
+    return f"stalled at {victim.stalled.name.lower()} past its seconds ([relay.crowding])"
+
+
 def worst(a: Offence | None, b: Offence) -> Offence:
     """The worse of two offences of one connection (only one is penalised)."""
     return b if a is None or _SEVERITY.index(b) > _SEVERITY.index(a) else a
+
+
+class Stage(IntEnum):
+    """How far an unauthenticated connection has got (:meth:`Gate.advance`); the lower,
+    the sooner it gives way at the full cap (:meth:`Gate._stalled`)."""
+
+    SILENT = 0  # nothing received yet
+    HANDSHAKE = 1  # its version line (hello, ClientHello) begun; key exchange unfinished
+    AUTH = 2  # key exchange done: authenticating (a passphrase typed, a key touched)
 
 
 class Refusal(Enum):
@@ -215,6 +245,11 @@ class Ticket:
     # released; the server closes its ``owner``).  Set on that one: True.
     displaced: Ticket | None = None
     evicted: bool = False
+    stage: Stage = Stage.SILENT
+    admitted: float = 0.0  # clock time of its admission: its stage's seconds run from it
+    # Set on an evicted ticket: the stage it stalled at (:meth:`Gate._stalled`), or None
+    # when it gave way to a source holding fewer places (:meth:`Gate._victim`).
+    stalled: Stage | None = None
 
     def take_displaced(self) -> Ticket | None:
         """The connection evicted to admit this one, once (the reference is dropped:
@@ -233,21 +268,36 @@ class Gate:
     pending: dict[str, int] = field(default_factory=dict)  # source -> unauthenticated
     total: int = 0
     refused: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in Refusal})
-    evicted: int = 0  # connections dropped to make room for a source holding fewer
+    evicted: int = 0  # connections dropped to make room (for a source holding fewer, or stalled)
+    # of which: stalled past their stage's seconds (by stage name)
+    stalled: dict[str, int] = field(default_factory=lambda: {s.name.lower(): 0 for s in Stage})
     # source -> its unauthenticated tickets, oldest first (dicts keep insertion order;
     # removing one is O(1)).  Holds the same sources as ``pending``.
     _held: dict[str, dict[Ticket, None]] = field(default_factory=dict, init=False, repr=False)
     _seq: int = field(default=0, init=False, repr=False)
+    # Per stage, its unauthenticated tickets as a heap by admission order (seq), lazily
+    # cleaned: an entry is live while its ticket is pending at that stage.  The oldest
+    # of the lowest stage is found in O(log n) amortised at the full cap.
+    _stages: tuple[list[tuple[int, Ticket]], ...] = field(
+        default_factory=lambda: tuple([] for _ in Stage), init=False, repr=False)
+    _live: list[int] = field(default_factory=lambda: [0 for _ in Stage], init=False,
+                             repr=False)
 
     def admit(self, host: str, owner: Any = None) -> Ticket | Refusal:
         """A ticket for a new connection from ``host``, or why it is refused.
 
-        At the global cap the ticket may come with ``displaced``: a connection of the
-        source holding the most places, released here, that the server must close
-        (:meth:`_victim`).  ``owner`` is kept on the ticket for that."""
+        At the global cap the ticket may come with ``displaced``: a connection released
+        here that the server must close: the source holding the most places gives one
+        up (:meth:`_victim`), or else the connection that stalled longest
+        (:meth:`_stalled`, charged ``grace-exceeded``).  ``owner`` is kept on the ticket
+        for that."""
         source, exempt = self.admission.source(host)
         why = self._check(source, exempt)
         victim = self._victim(source) if why is Refusal.GLOBAL else None
+        if why is Refusal.GLOBAL and victim is None:
+            victim = self._stalled(source)
+            if victim is not None:
+                victim.stalled = victim.stage
         if why is not None and victim is None:
             self.refused[why.value] += 1
             return why
@@ -255,12 +305,68 @@ class Gate:
             self.passed(victim)
             victim.evicted = True
             self.evicted += 1
+            if victim.stalled is not None:
+                self.stalled[victim.stalled.name.lower()] += 1
+                self.penalise(victim, Offence.GRACE)  # closed() will not: it is evicted
         self.pending[source] = self.pending.get(source, 0) + 1
         self.total += 1
         self._seq += 1
-        ticket = Ticket(source, exempt, seq=self._seq, owner=owner, displaced=victim)
+        ticket = Ticket(source, exempt, seq=self._seq, owner=owner, displaced=victim,
+                        admitted=self.admission.clock.seconds())
         self._held.setdefault(source, {})[ticket] = None
+        self._enter(ticket)
         return ticket
+
+    def advance(self, ticket: Ticket, stage: Stage) -> None:
+        """``ticket``'s connection got to ``stage`` (its server says when: the version
+        line, the first byte of a hello or ClientHello; the end of the first key
+        exchange).  Never backwards; nothing once it passed."""
+        if not ticket.pending or stage <= ticket.stage:
+            return
+        self._live[ticket.stage] -= 1
+        ticket.stage = stage
+        self._enter(ticket)
+
+    def _enter(self, ticket: Ticket) -> None:
+        heap = self._stages[ticket.stage]
+        self._live[ticket.stage] += 1
+        heapq.heappush(heap, (ticket.seq, ticket))
+        if len(heap) > 2 * self._live[ticket.stage] + 64:  # stale entries: rebuild
+            live = [(t.seq, t) for _, t in heap if t.pending and t.stage is ticket.stage]
+            heapq.heapify(live)
+            self._stages[ticket.stage][:] = live
+
+    def _stalled(self, source: str) -> Ticket | None:
+        """The connection to evict for ``source`` at the full cap when no source holds
+        more places (:meth:`_victim` found none): of the lowest stage that has one, the
+        oldest that has held its place past its stage's seconds; None if every
+        connection is within its own, or ``[relay.crowding]`` is off.
+
+        It never breaks the per-source cap (a source at it only replaces its own), and
+        it ends churn: a connection is evicted only once it held its place for
+        ``silent`` seconds at least, so a crowd can evict at most
+        ``global_cap / silent`` a second among itself, and each eviction blocks the
+        evicted source for ``grace_exceeded``.  O(stages x log n) amortised: the heads
+        of three heaps, stale entries popped once."""
+        crowding = self.admission.crowding
+        if not crowding.enabled:
+            return None
+        now = self.admission.clock.seconds()
+        full = self.pending.get(source, 0) >= self.admission.per_source
+        for stage, limit in zip(Stage, (crowding.silent, crowding.handshake, crowding.auth),
+                                strict=True):
+            heap = self._stages[stage]
+            while heap and not (heap[0][1].pending and heap[0][1].stage is stage):
+                heapq.heappop(heap)
+            if not heap:
+                continue
+            oldest = heap[0][1]
+            if now - oldest.admitted < limit:
+                continue  # the oldest of this stage is within its seconds: all are
+            if full and oldest.source != source:
+                return None
+            return oldest
+        return None
 
     def refuses(self, host: str) -> Refusal | None:
         """Why a connection from ``host`` would be refused now, without admitting,
@@ -269,7 +375,7 @@ class Gate:
         :meth:`admit` would evict a connection to let it in."""
         source, exempt = self.admission.source(host)
         why = self._check(source, exempt)
-        if why is Refusal.GLOBAL and self._victim(source) is not None:
+        if why is Refusal.GLOBAL and (self._victim(source) or self._stalled(source)):
             return None
         return why
 
@@ -321,6 +427,7 @@ class Gate:
             return
         ticket.pending = False
         self.total -= 1
+        self._live[ticket.stage] -= 1  # its heap entry is stale now
         left = self.pending[ticket.source] - 1
         held = self._held[ticket.source]
         del held[ticket]
@@ -344,7 +451,9 @@ class Gate:
 
     def status(self) -> dict[str, Any]:
         return {"unauthenticated": self.total, "sources": len(self.pending),
-                "refused": dict(self.refused), "evicted": self.evicted}
+                "refused": dict(self.refused), "evicted": self.evicted,
+                "stalled_evicted": dict(self.stalled),
+                "stages": {s.name.lower(): n for s, n in zip(Stage, self._live, strict=True)}}
 
 
 class Admission:
@@ -353,6 +462,8 @@ class Admission:
     def __init__(self, config: RelayConfig, clock: Any) -> None:
         self.config = config
         self.per_source = config.per_source_max_unauthenticated
+        self.crowding: CrowdingConfig = config.crowding
+        self.clock = clock
         self.penalties = Penalties(config.penalties, clock)
         self.gates: dict[str, Gate] = {}
 

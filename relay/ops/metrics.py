@@ -261,18 +261,24 @@ def _admission(admission: dict[str, Any]) -> Iterator[Metric]:
                        "Connections closed at accept, by port and reason.", ["port", "reason"])
     evicted = _counter("labrelay_relay_admission_evicted",
                        "Unauthenticated connections closed at the full global cap to admit "
-                       "a source holding fewer places, by port.", ["port"])
+                       "another (for a source holding fewer places, or stalled), by port.",
+                       ["port"])
+    stalled = _counter("labrelay_relay_admission_stalled_evicted",
+                       "Of those, connections that stalled past their stage's seconds "
+                       "([relay.crowding]), by port and stage.", ["port", "stage"])
     waiting = _gauge("labrelay_relay_unauthenticated", "Connections not yet authenticated "
                      "(SSH) or owing their hello (data), by port.", ["port"])
-    for port in ("ssh", "data"):
+    for port in ("ssh", "data", "tls"):
         gate = admission.get(port)
         if gate is None:
             continue
+        for stage, value in gate.get("stalled_evicted", {}).items():
+            stalled.add_metric([port, _s(stage)], value)
         for reason, value in gate.get("refused", {}).items():
             refused.add_metric([port, _s(reason)], value)
         evicted.add_metric([port], gate.get("evicted", 0))
         waiting.add_metric([port], gate["unauthenticated"])
-    yield from (penalised, penalties, refused, evicted, waiting)
+    yield from (penalised, penalties, refused, evicted, stalled, waiting)
 
 
 def _reload(reload: dict[str, Any]) -> Iterator[Metric]:

@@ -37,6 +37,8 @@ class DataPortHandler(TypingProtocol):
     def refuse(self, dc: DataConnection, what: str, why: str, *,
                failure: bool | Offence = ..., tell: str | None = ...) -> None: ...
 
+    def helloStarted(self, dc: DataConnection) -> None: ...
+
     def helloReceived(self, dc: DataConnection, hello: fw.Hello) -> None: ...
 
     def lost(self, dc: DataConnection, was: DataState) -> None: ...
@@ -162,6 +164,8 @@ class DataConnection(Handoff):
                                  failure=Offence.PROTOCOL)
                 return
             if length is None or len(self.buf) < length:
+                if self.buf:
+                    self.port.helloStarted(self)
                 return
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()

@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 
 from relay.config.schema import RelayConfig
 from relay.core import fastwire as fw
-from relay.core.admission import Admission, Offence, Refusal
+from relay.core.admission import Admission, Offence, Refusal, Stage, eviction_reason
 from relay.core.admission import Ticket as AdmissionTicket
 from relay.core.burstlog import BurstLog
 from relay.core.clock import expire
@@ -304,25 +304,25 @@ class DataPort:
         victim = verdict.take_displaced()
         if victim is not None:  # the cap was full: a source holding more gives way
             self.counters["data_evicted"] += 1
-            self.evictLog.failed(f"{victim.source} {dc.source}")
+            self.evictLog.failed(f"{victim.source} {dc.source} {eviction_reason(victim)}")
             if isinstance(victim.owner, DataConnection):
                 self.pending.discard(victim.owner)
                 victim.owner.evict()
         return True
 
     def _firstEviction(self, what: str) -> None:
-        source, peer = what.split(" ", 1)
-        self._log.warn("data port: closed the oldest connection owing its hello of {source}, "
-                       "the source holding the most places, to admit {peer}: {n} still owe "
-                       "their hello (max_unauthenticated)", event="relay_data_evicted",
-                       source=source, peer=peer, n=self.gate.total, count=1)
+        source, peer, why = what.split(" ", 2)
+        self._log.warn("data port: closed a connection owing its hello of {source}, {why}, "
+                       "to admit {peer}: {n} still owe their hello (max_unauthenticated)",
+                       event="relay_data_evicted", source=source, peer=peer, why=why,
+                       n=self.gate.total, count=1)
 
     def _moreEvictions(self, count: int, what: str) -> None:
-        source, peer = what.split(" ", 1)
+        source, peer, why = what.split(" ", 2)
         self._log.warn("data port: closed {count} more connections owing their hello in the "
-                       "last {window:.0f}s to admit sources holding fewer places, the last "
-                       "of {source} for {peer} (max_unauthenticated)",
-                       event="relay_data_evicted", source=source, peer=peer,
+                       "last {window:.0f}s to admit others, the last of {source}, {why}, "
+                       "for {peer} (max_unauthenticated)",
+                       event="relay_data_evicted", source=source, peer=peer, why=why,
                        n=self.gate.total, count=count, window=self.evictLog.window)
 
     def _firstCapDrop(self, source: str) -> None:
@@ -335,6 +335,12 @@ class DataPort:
                        "{window:.0f}s, the last from {source}: {n} still owe their hello "
                        "(max_unauthenticated)", event="relay_data_cap", source=source,
                        n=self.gate.total, count=count, window=self.capLog.window)
+
+    def helloStarted(self, dc: DataConnection) -> None:
+        """``dc`` sent the first bytes of its hello: at the full cap it keeps its place
+        for ``[relay.crowding] handshake`` seconds, not ``silent``."""
+        if dc.admission is not None:
+            self.gate.advance(dc.admission, Stage.HANDSHAKE)
 
     def _release(self, dc: DataConnection, offence: Offence | None = None) -> None:
         """``dc`` no longer owes its hello; ``offence`` penalises its source."""

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from relay.config.schema import HostPort, RelayConfig
 from relay.core import fastwire
-from relay.core.admission import Admission, Offence, Refusal, Ticket
+from relay.core.admission import Admission, Offence, Refusal, Stage, Ticket, eviction_reason
 from relay.core.burstlog import BurstLog, PerKeyLog
 from relay.core.certs import describe as describe_cert
 from relay.core.certs import is_certificate
@@ -146,26 +146,26 @@ class RelayCore(SessionOpening):
         that source's); close its connection.  Counted each, logged once per burst
         (an attacker's reconnects would otherwise write a line each)."""
         self.counters["connections_evicted_unauthenticated_cap"] += 1
-        self.evictLog.failed(f"{victim.source} {peer}")
+        self.evictLog.failed(f"{victim.source} {peer} {eviction_reason(victim)}")
         if victim.owner is not None:
             victim.owner.evict()
 
     def _firstEviction(self, what: str) -> None:
-        source, peer = what.split(" ", 1)
+        source, peer, why = what.split(" ", 2)
         self._log.warn(
-            "closed the oldest unauthenticated connection of {source}, the source holding "
-            "the most places, to admit {peer}: {n} connections are still authenticating "
-            "(max_unauthenticated)", event="relay_unauth_evicted", source=source, peer=peer,
+            "closed an unauthenticated connection of {source}, {why}, to admit {peer}: "
+            "{n} connections are still authenticating (max_unauthenticated)",
+            event="relay_unauth_evicted", source=source, peer=peer, why=why,
             n=self.ssh_gate.total, count=1,
         )
 
     def _moreEvictions(self, count: int, what: str) -> None:
-        source, peer = what.split(" ", 1)
+        source, peer, why = what.split(" ", 2)
         self._log.warn(
-            "closed {count} more unauthenticated connections in the last {window:.0f}s to "
-            "admit sources holding fewer places, the last of {source} for {peer} "
+            "closed {count} more unauthenticated connections in the last {window:.0f}s "
+            "to admit others, the last of {source}, {why}, for {peer} "
             "(max_unauthenticated)", event="relay_unauth_evicted", source=source, peer=peer,
-            n=self.ssh_gate.total, count=count, window=self.evictLog.window,
+            why=why, n=self.ssh_gate.total, count=count, window=self.evictLog.window,
         )
 
     def _firstCapDrop(self, peer: str) -> None:
@@ -186,6 +186,10 @@ class RelayCore(SessionOpening):
     def authenticated(self, transport: RelayTransport) -> None:
         if transport.admission is not None:
             self.ssh_gate.passed(transport.admission)
+
+    def progressed(self, transport: RelayTransport, stage: Stage) -> None:
+        if transport.admission is not None:
+            self.ssh_gate.advance(transport.admission, stage)
 
     def disconnected(self, transport: RelayTransport) -> None:
         """The connection ended: an unauthenticated one earns its source a penalty

@@ -26,12 +26,12 @@ from OpenSSL import SSL
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.config.schema import ALPN_SSH, TLSListenConfig
-from relay.core.admission import Admission, Gate, Offence, Refusal, Ticket
+from relay.core.admission import Admission, Gate, Offence, Refusal, Stage, Ticket, eviction_reason
 from relay.core.burstlog import BurstLog
 from relay.datapath.net import LISTEN_BACKLOG
 from relay.server.acceptwatch import name_listener
@@ -136,8 +136,22 @@ def _reason(reason: Failure | None) -> str:
     return text[:300]
 
 
+class _ProgressTLS(TLSMemoryBIOProtocol):
+    """TLSMemoryBIOProtocol that tells the ``tls`` gate when the ClientHello begins: a
+    handshake under way keeps its place at the full cap for ``[relay.crowding]
+    handshake`` seconds, a silent socket only ``silent``."""
+
+    def dataReceived(self, data: bytes) -> None:
+        inside = self.wrappedProtocol
+        if data and isinstance(inside, _Inside) and inside.state is InsideState.HANDSHAKE:
+            inside.port.gate.advance(inside.ticket, Stage.HANDSHAKE)
+        super().dataReceived(data)
+
+
 class _AdmittingTLSFactory(TLSMemoryBIOFactory):
     """TLSMemoryBIOFactory that asks the gate before it builds anything."""
+
+    protocol = _ProgressTLS
 
     def __init__(self, port: TLSPort) -> None:
         self.port = port
@@ -192,23 +206,22 @@ class TLSPort:
 
     def evicted(self, victim: Ticket, peer: str) -> None:
         self.counters["evicted"] += 1
-        self.evictLog.failed(f"{victim.source} {peer}")
+        self.evictLog.failed(f"{victim.source} {peer} {eviction_reason(victim)}")
         if isinstance(victim.owner, _Inside):
             victim.owner.evict()
 
     def _firstEviction(self, what: str) -> None:
-        source, peer = what.split(" ", 1)
-        self.log.warn("TLS port: closed the oldest handshake of {source}, the source holding "
-                      "the most places, to admit {peer}: {n} handshakes under way "
-                      "(max_unauthenticated)", event="tls_evicted", source=source, peer=peer,
-                      n=self.gate.total, count=1)
+        source, peer, why = what.split(" ", 2)
+        self.log.warn("TLS port: closed a handshake of {source}, {why}, to admit {peer}: "
+                      "{n} handshakes under way (max_unauthenticated)", event="tls_evicted",
+                      source=source, peer=peer, why=why, n=self.gate.total, count=1)
 
     def _moreEvictions(self, count: int, what: str) -> None:
-        source, peer = what.split(" ", 1)
+        source, peer, why = what.split(" ", 2)
         self.log.warn("TLS port: closed {count} more handshakes in the last {window:.0f}s to "
-                      "admit sources holding fewer places, the last of {source} for {peer} "
+                      "admit others, the last of {source}, {why}, for {peer} "
                       "(max_unauthenticated)", event="tls_evicted", source=source, peer=peer,
-                      n=self.gate.total, count=count, window=self.evictLog.window)
+                      why=why, n=self.gate.total, count=count, window=self.evictLog.window)
 
     def start(self) -> None:
         self.listener = self.reactor.listenTCP(

@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.core.admission import Offence, Ticket, worst
+from relay.core.admission import Offence, Stage, Ticket, worst
 from relay.core.certs import is_certificate
 from relay.core.grants import USER
 from relay.core.keepalive import KeepaliveMonitor
@@ -130,6 +130,10 @@ class RelayHandler(AuthHandler, Protocol):
 
     def authenticated(self, transport: RelayTransport) -> None:
         """The transport's peer authenticated."""
+
+    def progressed(self, transport: RelayTransport, stage: Stage) -> None:
+        """The unauthenticated transport got to ``stage`` (its version line; its first
+        key exchange done): it keeps its place longer at the full cap."""
 
     def disconnected(self, transport: RelayTransport) -> None:
         """The transport closed (authenticated or not)."""
@@ -239,6 +243,16 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
         direct(data)
         if self.gotVersion:
             self.dataReceived = direct  # type: ignore[method-assign]
+            if not self._readDead:
+                self.factory.core.progressed(self, Stage.HANDSHAKE)
+
+    def _newKeys(self) -> None:
+        """The first key exchange done, the peer is authenticating: a connection that
+        got this far paid a key agreement of its own and keeps its place longer at the
+        full cap ([relay.crowding] ``auth``)."""
+        super()._newKeys()
+        if self.keyExchanges == 1 and not self.authenticated and self.transport is not None:
+            self.factory.core.progressed(self, Stage.AUTH)
 
     def readHeld(self, waiting: int) -> None:
         """Logged once per connection: a peer that keeps the relay's answers unread

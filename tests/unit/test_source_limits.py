@@ -14,8 +14,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
-from relay.config.schema import PenaltyConfig, RelayConfig
-from relay.core.admission import Admission, Gate, Offence, Refusal, Ticket, worst
+from relay.config.schema import CrowdingConfig, PenaltyConfig, RelayConfig
+from relay.core.admission import Admission, Gate, Offence, Refusal, Stage, Ticket, worst
 from relay.server.grants import Grants
 from relay.server.relay import RelayCore
 from relay.ssh.server import RelayFactory
@@ -329,7 +329,9 @@ def test_status(clock: Clock) -> None:
     assert status["penalties"]["grace-exceeded"] == 1
     assert status["ssh"] == {"unauthenticated": 1, "sources": 1,
                              "refused": {"penalty": 0, "per_source_cap": 0, "global_cap": 0,
-                                         "penalty_table_full": 0}, "evicted": 0}
+                                         "penalty_table_full": 0}, "evicted": 0,
+                             "stalled_evicted": {"silent": 0, "handshake": 0, "auth": 0},
+                             "stages": {"silent": 1, "handshake": 0, "auth": 0}}
     assert not clock.getDelayedCalls()
 
 
@@ -715,3 +717,153 @@ def test_ssh_eviction_closes_the_oldest_of_the_busiest_source_unpenalised(
     # the four still open reached login_grace; the two evicted cost nothing
     penalised = {k: v for k, v in core.admission.penalties.penalised.items() if v}
     assert penalised == {"grace-exceeded": 4}
+
+
+# --- [relay.crowding]: at the full cap, the connection that stalled longest gives way ----
+
+
+def _crowd(gate: Gate, n: int, prefix: str = "2001:db8:0:") -> list[Ticket]:
+    """``n`` sources (IPv6 /64s of one /48), one place each."""
+    return [_ticket(gate, f"{prefix}{i:x}::1") for i in range(n)]
+
+
+def test_one_idle_place_per_source_gives_way_once_silent_past_its_seconds(
+        clock: Clock) -> None:
+    """The attack the busiest-source rule cannot answer: 64 sources, one idle
+    connection each (an IPv6 /56 has 256).  Before its ``silent`` seconds nobody is
+    evicted (a real client's version line is on its way); after them the newcomer takes
+    the oldest silent place, and that source is charged ``grace-exceeded`` (20 s, past
+    ``min``): its next connection is refused at accept."""
+    adm = _admission(clock)
+    gate = adm.gate("ssh", global_cap=64)
+    crowd = _crowd(gate, 64)
+    assert gate.admit(A) is Refusal.GLOBAL  # everyone holds one: no busiest source
+    clock.advance(1.9)
+    assert gate.admit(A) is Refusal.GLOBAL  # within ``silent`` (2 s)
+    clock.advance(0.2)
+    alice = _ticket(gate, A)
+    assert alice.take_displaced() is crowd[0] and crowd[0].stalled is Stage.SILENT
+    assert gate.total == 64 and gate.stalled == {"silent": 1, "handshake": 0, "auth": 0}
+    assert adm.penalties.penalised["grace-exceeded"] == 1
+    assert gate.admit("2001:db8:0:0::7") is Refusal.PENALTY  # the evicted /64, refused
+    gate.closed(crowd[0], Offence.NOAUTH)  # its connection's end is not charged again
+    assert adm.penalties.penalised == {"authfail": 0, "noauth": 0, "grace-exceeded": 1,
+                                       "protocol": 0}
+
+
+def test_progress_decides_who_gives_way_before_age(clock: Clock) -> None:
+    """The lowest stage first, the oldest within it: a connection that sent its version
+    line outlasts an older silent one, one past key exchange outlasts both; each is
+    evictable only past its own stage's seconds (counted from accept)."""
+    adm = _admission(clock)
+    gate = adm.gate("ssh", global_cap=3)
+    keyed, spoke, silent = _crowd(gate, 3)
+    gate.advance(keyed, Stage.AUTH)
+    gate.advance(spoke, Stage.HANDSHAKE)
+    gate.advance(spoke, Stage.SILENT)  # never backwards
+    assert spoke.stage is Stage.HANDSHAKE
+    clock.advance(2.0)
+    alice = _ticket(gate, A)  # a real client: keyed within a few round trips
+    assert alice.take_displaced() is silent  # the youngest, but silent past 2 s
+    gate.advance(alice, Stage.AUTH)
+    assert gate.admit(B) is Refusal.GLOBAL  # the version line's 10 s not yet up
+    clock.advance(8.0)
+    bob = _ticket(gate, B)
+    assert bob.take_displaced() is spoke and spoke.stalled is Stage.HANDSHAKE
+    gate.advance(bob, Stage.AUTH)
+    assert gate.admit(C) is Refusal.GLOBAL  # all keyed, ``keyed`` for 10 s of its 20
+    clock.advance(10.0)
+    assert _ticket(gate, C).take_displaced() is keyed and keyed.stalled is Stage.AUTH
+    assert gate.stalled == {"silent": 1, "handshake": 1, "auth": 1}
+    assert adm.penalties.penalised["grace-exceeded"] == 3
+
+
+def test_a_stalled_eviction_keeps_the_per_source_cap(clock: Clock) -> None:
+    """A source at ``per_source_max_unauthenticated`` gets no stalled place of another
+    source's (it would hold one more than its cap); it may replace its own."""
+    adm = _admission(clock, per_source_max_unauthenticated=2)
+    gate = adm.gate("ssh", global_cap=4)
+    a1, a2 = _ticket(gate, A), _ticket(gate, A)
+    _b1, _b2 = _ticket(gate, B), _ticket(gate, B)
+    clock.advance(5.0)
+    assert gate.refuses(A) is None  # its own oldest, a1, is stalled
+    assert _ticket(gate, A).take_displaced() is a1
+    assert gate.admit(B) is Refusal.GLOBAL  # the stalled oldest is A's a2: not B's own
+    assert gate.pending == {f"{A}/32": 2, f"{B}/32": 2}
+    # C holds none: A's a2 goes (the busiest-source rule, which comes first: unpenalised)
+    assert _ticket(gate, C).take_displaced() is a2 and a2.stalled is None
+    assert gate.stalled["silent"] == 1
+
+
+def test_crowding_can_be_turned_off(clock: Clock) -> None:
+    config = dataclasses.replace(RelayConfig(), crowding=CrowdingConfig(enabled=False))
+    gate = Admission(config, clock).gate("ssh", global_cap=8)
+    _crowd(gate, 8)
+    clock.advance(29.0)
+    assert gate.admit(A) is Refusal.GLOBAL and gate.refuses(A) is Refusal.GLOBAL
+
+
+def test_refuses_marks_nothing_and_the_tls_door_sees_stalled_places(clock: Clock) -> None:
+    """``refuses`` (the TLS port asks it before a handshake) says None when a stalled
+    place would be given, without marking it: a later eviction of the same ticket for
+    the busiest-source rule must not be charged as stalled."""
+    adm = _admission(clock)
+    gate = adm.gate("ssh", global_cap=4)
+    crowd = _crowd(gate, 4)
+    clock.advance(3.0)
+    assert gate.refuses(A) is None
+    assert all(t.stalled is None and t.pending for t in crowd)
+    assert adm.penalties.penalised["grace-exceeded"] == 0
+
+
+def test_reconnecting_sources_lose_their_places_to_penalties(clock: Clock) -> None:
+    """A crowd of 256 sources (an IPv6 /56 at /64 grouping) that reconnects every
+    0.25 s whenever it holds no place (refused, evicted): each stalled eviction blocks
+    its source for ``grace_exceeded`` (20 s), so the crowd runs out of sources and a
+    newcomer gets in; the gate's work stays bounded (heaps at most 2 x live + 64)."""
+    adm = _admission(clock)
+    gate = adm.gate("ssh", global_cap=64)
+    holding: dict[int, Ticket] = {}
+    sources = [f"2001:db8:0:{i:x}::1" for i in range(256)]
+    admitted_alice = []
+    for tick in range(240):  # 60 s
+        for i, host in enumerate(sources):
+            held = holding.get(i)
+            if held is not None and held.pending:
+                continue
+            if held is not None:  # evicted: its connection ends
+                gate.closed(held, Offence.NOAUTH)
+                del holding[i]
+            verdict = gate.admit(host)
+            if isinstance(verdict, Ticket):
+                holding[i] = verdict
+        if tick % 8 == 7:  # every 2 s, a newcomer (alice, her own source each time)
+            verdict = gate.admit(f"192.0.2.{tick // 8}")
+            admitted_alice.append(isinstance(verdict, Ticket))
+            if isinstance(verdict, Ticket):
+                gate.passed(verdict)  # she logs in
+        assert all(len(h) <= 2 * live + 64 for h, live in zip(gate._stages, gate._live,
+                                                               strict=True))
+        clock.advance(0.25)
+    print(f"\n256 reconnecting sources, 60 s: {sum(admitted_alice)}/{len(admitted_alice)} "
+          f"newcomers admitted, {gate.stalled['silent']} stalled evictions, "
+          f"{adm.penalties.activated} penalties activated, "
+          f"{gate.refused['penalty']} refused for a penalty")
+    assert sum(admitted_alice[-10:]) >= 5  # once the crowd is penalised
+
+
+def test_the_ssh_transport_reports_its_version_line_to_the_gate(
+        relay: tuple[RelayCore, RelayFactory, MemoryReactorClock]) -> None:
+    """The stage a connection's place is judged by: silent until its version line is
+    in (a line in pieces counts once whole), then handshake."""
+    core, factory, reactor = relay
+    proto, _tcp = _connect(factory)
+    ticket = proto.admission
+    assert ticket.stage is Stage.SILENT
+    proto.dataReceived(b"SSH-2.0-Open")
+    assert ticket.stage is Stage.SILENT
+    proto.dataReceived(b"SSH_9.6\r\n")
+    assert ticket.stage is Stage.HANDSHAKE
+    assert core.ssh_gate.status()["stages"] == {"silent": 0, "handshake": 1, "auth": 0}
+    _end(proto)
+    assert core.ssh_gate.status()["stages"] == {"silent": 0, "handshake": 0, "auth": 0}
