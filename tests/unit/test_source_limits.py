@@ -856,7 +856,7 @@ def test_the_ssh_transport_reports_its_version_line_to_the_gate(
         relay: tuple[RelayCore, RelayFactory, MemoryReactorClock]) -> None:
     """The stage a connection's place is judged by: silent until its version line is
     in (a line in pieces counts once whole), then handshake."""
-    core, factory, reactor = relay
+    core, factory, _reactor = relay
     proto, _tcp = _connect(factory)
     ticket = proto.admission
     assert ticket.stage is Stage.SILENT
