@@ -269,11 +269,12 @@ def _admission(admission: dict[str, Any]) -> Iterator[Metric]:
     waiting = _gauge("labrelay_relay_unauthenticated", "Connections not yet authenticated "
                      "(SSH) or owing their hello (data), by port.", ["port"])
     for port in ("ssh", "data", "tls"):
+        for stage, value in (admission.get(port) or {}).get("stalled_evicted", {}).items():
+            stalled.add_metric([port, _s(stage)], value)
+    for port in ("ssh", "data"):
         gate = admission.get(port)
         if gate is None:
             continue
-        for stage, value in gate.get("stalled_evicted", {}).items():
-            stalled.add_metric([port, _s(stage)], value)
         for reason, value in gate.get("refused", {}).items():
             refused.add_metric([port, _s(reason)], value)
         evicted.add_metric([port], gate.get("evicted", 0))

@@ -279,7 +279,8 @@ def start_relay(
     ``grant_files=False``: the ``[[relay.*]]`` tables in ``relay_toml`` grant) and a node config
     whose ``[relay]`` and ``[admin]`` listen on 127.0.0.1 port 0 (the ports are read
     back from the ``relay_listening`` and ``admin_listening`` events); ``relay_toml``
-    is added to the ``[relay]`` table (keys, then ``[[relay.user]]``/``[[relay.agent]]``
+    is added to the ``[relay]`` table (``listen`` replaces the SSH port's address:
+    ``"[::]:0"`` for a dual-stack one) (keys, then ``[[relay.user]]``/``[[relay.agent]]``
     tables).  Returns once it listens.
     """
     count = 0
@@ -291,6 +292,7 @@ def start_relay(
         name: str = "relay",
         grant_files: bool = True,
         wrap: list[str] | None = None,
+        listen: str = "127.0.0.1:0",
     ) -> RelayNode:
         nonlocal count
         count += 1
@@ -308,7 +310,7 @@ def start_relay(
 listen = "127.0.0.1:0"
 
 [relay]
-listen = "127.0.0.1:0"
+listen = "{listen}"
 state_dir = "{directory / "state"}"
 {files}{relay_toml}
 """

@@ -17,6 +17,7 @@ from relay.config.schema import (
     DEFAULT_MAX_PACKET,
     DEFAULT_WINDOW,
     AdminConfig,
+    CrowdingConfig,
     HostPort,
     Keepalive,
     NodeConfig,
@@ -772,6 +773,37 @@ overflow = "deny-all"
     ],
 )
 def test_per_source_errors(line: str, keypath: str, fragment: str) -> None:
+    check(error_of(f"[relay]\n{line}\n"), keypath, fragment)
+
+
+def test_crowding_defaults_settings_and_a_short_login_grace() -> None:
+    assert relay_of("[relay]\n").crowding == CrowdingConfig(
+        enabled=True, silent=2, handshake=10, auth=20)
+    relay = relay_of("[relay]\n[relay.crowding]\nsilent = 1.5\nhandshake = 4\nauth = 30\n")
+    assert relay.crowding == CrowdingConfig(enabled=True, silent=1.5, handshake=4, auth=30)
+    assert relay_of("[relay.crowding]\nenabled = false\n").crowding.enabled is False
+    # a login_grace shorter than a default stage shortens that stage, set or not
+    assert relay_of("[relay]\nlogin_grace = 8\n").crowding == CrowdingConfig(
+        silent=2, handshake=8, auth=8)
+    assert relay_of("[relay]\nlogin_grace = 8\n[relay.crowding]\nsilent = 3\n").crowding \
+        == CrowdingConfig(silent=3, handshake=8, auth=8)
+
+
+@pytest.mark.parametrize(
+    ("line", "keypath", "fragment"),
+    [
+        ("crowding = { silent = 0.5 }", "relay.crowding.silent", "at least 1"),
+        ("crowding = { handshake = 1.5 }", "relay.crowding.handshake",
+         "handshake (1.5) must be at least silent (2)"),
+        ("crowding = { auth = 5 }", "relay.crowding.auth",
+         "auth (5) must be at least handshake (10)"),
+        ("crowding = { auth = 31 }", "relay.crowding.auth",
+         "auth (31) must be at most login_grace (30)"),
+        ('crowding = { enabled = "yes" }', "relay.crowding.enabled", "true or false"),
+        ("crowding = { idle = 3 }", "relay.crowding.idle", "unknown key 'idle'"),
+    ],
+)
+def test_crowding_errors(line: str, keypath: str, fragment: str) -> None:
     check(error_of(f"[relay]\n{line}\n"), keypath, fragment)
 
 
