@@ -77,7 +77,8 @@ def netns() -> Iterator[None]:
         os.close(own)
 
 
-def _site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
+def _site(keys: Keys, client_key: KeyPair,  # noqa: F811
+          start_relay: Callable[..., RelayNode],
           start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
           tmp_path: Path, relay_toml: str = "") -> Site:
     """test_admission's site (relay, lab_pc's agent with gpu-cluster:22, alice), the
