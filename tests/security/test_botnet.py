@@ -361,3 +361,53 @@ def _refused_now(s: socket.socket) -> bool:
         return s.recv(256) == b""
     except ConnectionResetError:
         return True
+
+
+def test_one_place_per_source_at_the_tls_port_does_not_lock_alice_out(
+        netns: None, openssh: None, client_key: KeyPair,
+        start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+        sshd_factory: Callable[[str], Sshd], tmp_path: Path) -> None:
+    """The same 500 addresses, one TCP connection each to the TLS port, no byte of TLS
+    (``tls_handshake_timeout = 30``, so that they would hold their places as long as
+    ``login_grace``): alice's ssh through the TLS port (``labrelay connect -o
+    Transport=tls``) takes the place of a silent one (the ``tls`` gate)."""
+    from harness import make_key
+    from test_tls_hostile import Site as TLSSite
+    from tlscerts import CA, RELAY_NAME
+
+    ca = CA(tmp_path / "ca")
+    cert = ca.issue("relay", (RELAY_NAME,))
+    lab, alice = make_key(tmp_path / "lab_pc"), make_key(tmp_path / "alice")
+    gpu = sshd_factory("gpu_cluster")
+    relay = start_relay(
+        agents=[f'permitlisten="gpu-cluster:22" {lab.public_blob()} lab_pc'],
+        users=[f'permitopen="gpu-cluster:22" {alice.public_blob()} alice'],
+        relay_toml=f'tls_cert = "{cert.cert}"\ntls_key = "{cert.key}"\n'
+                   f'tls_listen = "[::]:0"\ntls_handshake_timeout = 30\n')
+    tls_port = relay.wait_for("relay_tls_listening", since=0)["port"]
+    relay.trust(f"gpu-cluster {gpu.host_key.public_blob()}")
+    agent = start_agent("-p", str(relay.port), "-i", str(lab.path),
+                        "-o", f"UserKnownHostsFile={relay.known_hosts}",
+                        "-R", f"gpu-cluster:22:127.0.0.1:{gpu.port}", "lab_pc@127.0.0.1")
+    agent.wait_for("forward_ready", timeout=20, bind="gpu-cluster")
+    site = TLSSite(relay, tls_port, ca, alice, client_key, tmp_path)
+    start = time.monotonic()
+    sockets = [s for a in V4 + V6 if (s := _dial(a, tls_port)) is not None]
+    try:
+        wait_until(lambda: (t := site.admission()["tls"])["unauthenticated"] == PLACES
+                   and sum(t["refused"].values()) + t["evicted"] == 500 - PLACES,
+                   "the crowd to hold every place", timeout=60)
+        took = time.monotonic() - start
+        wait_until(lambda: time.monotonic() - start > 2.5 + took,
+                   "the crowd's places to be 2 s old", timeout=60)
+        during = site.alice()
+        tls = site.admission()["tls"]
+        assert tls["stalled_evicted"]["silent"] >= 1, tls
+        evicted = relay.wait_for("tls_evicted", since=0, timeout=5)
+        assert "stalled at silent" in evicted["why"], evicted
+    finally:
+        for s in sockets:
+            s.close()
+    print(f"\nTLS port, 500 addresses: 64 places held in {took:.2f}s; alice through TLS "
+          f"{during:.2f}s; stalled evictions {tls['stalled_evicted']}")
+    assert during < 10
