@@ -41,7 +41,7 @@ T = TypeVar("T")
 RELAY_RESTART_ONLY = (
     "listen", "state_dir", "public_bind", "data_port", "data_bind",
     "max_unauthenticated", "per_source_max_unauthenticated", "per_source_netblock4",
-    "per_source_netblock6", "penalties", "penalty_exempt", "token_lifetime",
+    "per_source_netblock6", "penalties", "penalty_exempt", "crowding", "token_lifetime",
     "data_hello_timeout", "max_tokens_per_session", "max_tokens_per_user",
     "grants_poll_interval", "tls",
 )
