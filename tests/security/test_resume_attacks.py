@@ -647,12 +647,15 @@ CertWorld = tuple[RelayNode, Any, AgentProcess, Path, int, int, Any]
 def _cert_lines(ca: str, held_port: int, spare_port: int, lab_pc: str = "",
                 spare: str = "") -> str:
     """The agents file: a lab CA line for each of the certificate's two principals,
-    each with a public port (none: 0) and the extra options given."""
-    def port(p: int) -> str:
-        return f'permitlisten="{p}"' if p else 'permitlisten="web:8080"'
+    each with a public port (none: 0, a service of its own instead) and the extra
+    options given."""
+    def port(p: int, service: str) -> str:
+        return f'permitlisten="{p}"' if p else f'permitlisten="{service}"'
 
-    return (f'cert-authority,principals="lab_pc",{port(held_port)}{lab_pc} {ca} lab_pc\n'
-            f'cert-authority,principals="spare",{port(spare_port)}{spare} {ca} spare\n')
+    return (f'cert-authority,principals="lab_pc",{port(held_port, "web:8080")}{lab_pc} '
+            f'{ca} lab_pc\n'
+            f'cert-authority,principals="spare",{port(spare_port, "spare-web:8080")}{spare} '
+            f'{ca} spare\n')
 
 
 def _keygen(*args: str, cwd: Path) -> None:
@@ -1041,3 +1044,70 @@ def test_a_resumed_session_ends_with_its_renewed_certificate_not_the_old_one(
     print(f"\nheld session reset {time.time() - new_expiry:+.2f}s from the renewed "
           "certificate's expiry (signed to the second; grace 60 s)")
     _ends(sock, 10)
+
+
+# A login is granted only by a line for that login (docs/security.md, "A certificate is
+# granted only as the name of the line that accepts it").
+
+
+def _refused_login(relay: RelayNode, argv: list[str], reason: str) -> str:
+    """Run the stock ``ssh`` ``argv``: it must fail to log in, and the relay log a
+    refusal that says ``reason``; the reasons logged."""
+    mark = relay.mark()
+    out = subprocess.run(argv, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert out.returncode == 255 and b"Permission denied" in out.stderr, out.stderr[-500:]
+    relay.wait_for("relay_auth_refused", since=mark, timeout=10,
+                   why=lambda why: reason in str(why))
+    return " | ".join(e["why"] for e in relay.events("relay_auth_refused", since=mark))
+
+
+def test_deleting_a_certificates_line_ends_that_login_though_another_line_accepts_it(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess], targets: Targets, tmp_path: Path,
+) -> None:
+    """lab_pc's agent logs in as lab_pc with a certificate for ``lab_pc,spare``; its
+    link goes down with a session held, and a stock ``ssh -N`` with the same
+    certificate is connected as lab_pc too.  The admin deletes lab_pc's line (spare's
+    stays).  OpenSSH would refuse lab_pc from then on: ``cert-authority`` lines are per
+    account, and a line in spare's ``authorized_keys`` never lets anyone log in as
+    lab_pc.  The relay fell back to spare's line for the login lab_pc: the held session
+    stayed held (for the agent to resume), the ``ssh -N`` stayed connected, and a new
+    ``ssh lab_pc@relay`` logged in, as agent spare.  Now the reload ends both at once, a
+    new login as lab_pc is refused (saying which name the certificate's lines are for),
+    the agent's login when its link is back too, and spare's logins are untouched."""
+    relay, proxy, agent, key, held_port, spare_port, echo = _cert_world(
+        start_relay, start_agent, targets, tmp_path)
+    sock = _hold(relay, proxy, agent, held_port)
+    live = start_ssh(ssh_argv(relay.port, key, relay.known_hosts, "-v", "-N",
+                              user="lab_pc"), name="ssh-lab_pc")
+    live.wait_stderr(r"Authenticated to .* using \"publickey\"")
+    _second_login("ssh", relay, key, spare_port, echo, start_agent, start_ssh)
+
+    ca = " ".join((tmp_path / "pki" / "ca.pub").read_text().split()[:2])
+    rmark, mark = relay.mark(), agent.mark()
+    t0 = time.monotonic()
+    _replace(relay.dir / "agents", _cert_lines(ca, held_port, spare_port).splitlines()[1] + "\n")
+    ended = relay.wait_for("relay_session_revoked", timeout=10, since=rmark,
+                           service=f"public:{held_port}")
+    assert "held for resumption" in ended["why"] and "not as 'lab_pc'" in ended["why"], ended
+    _ends(sock, 10)
+    gone = relay.wait_for("relay_key_ended", timeout=10, since=rmark, name="lab_pc")
+    assert "may log in as spare only, not as 'lab_pc'" in gone["why"], gone
+    assert live.wait_exit(10) == 255
+    print(f"\nlab_pc's line deleted: its held session reset and its connection ended "
+          f"{time.monotonic() - t0:.2f}s after the change (grace 60 s)")
+    assert relay.status()["relay"]["held_sessions"] == []
+    # spare's login carries on; a new one as spare works, one as lab_pc is refused.
+    assert [e["name"] for e in relay.events("relay_key_ended", since=rmark)] == ["lab_pc"]
+    with connect(spare_port, timeout=10) as other:
+        other.sendall(b"still")
+        assert recv_exactly(other, 5) == b"still"
+    why = _refused_login(relay, ssh_argv(relay.port, key, relay.known_hosts, "-N",
+                                         user="lab_pc"), "not as 'lab_pc'")
+    assert "may log in as spare only" in why, why
+    # The agent's link is back: its login as lab_pc is refused, nothing is resumed.
+    proxy.restore()  # type: ignore[attr-defined]
+    relay.wait_for("relay_auth_refused", timeout=30, since=rmark, user="lab_pc",
+                   why=lambda why: "not as 'lab_pc'" in str(why))
+    assert relay.events("session_resumed", since=rmark) == []
+    assert agent.events("session_resumed", since=mark) == []
