@@ -252,15 +252,14 @@ def _no_line(label: str, principals: Sequence[str], lines: Sequence[Authority],
     would accept it under its own name, which names (the fix: log in as one), said
     first, since a log field keeps only its first 200 characters."""
     names = sorted({a.principal.name for a in lines if a.accepts_any(principals)})
+    bound = any(a.login_bound for a in lines)
+    hint = (f" (trusted_user_ca: the login name {login!r} must be one of them and name a "
+            "configured user)") if bound else ""
     if names:
-        why = (f"{label} may log in as {', '.join(names)} only, not as {login!r} (no line "
-               "of its CA accepts it for that login name)")
-    else:
-        why = f"{label} is for principals {','.join(principals)}, which no line of its CA accepts"
-    if any(a.login_bound for a in lines):
-        why += (f" (trusted_user_ca: the login name {login!r} must be one of them and "
-                "name a configured user)")
-    return why
+        return (f"{label} may log in as {', '.join(names)} only, not as {login!r}"
+                + (hint or " (no line of its CA accepts it for that login name)"))
+    return (f"{label} is for principals {','.join(principals)}, which no line of its CA "
+            "accepts" + hint)
 
 
 def _utc(when: float) -> str:
