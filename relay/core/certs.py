@@ -19,15 +19,22 @@ when (in this order, the first failure being the reason logged):
    as if the restriction were not there.  The other extensions only permit what the
    relay never offers (a pty, agent or X11 forwarding, ``~/.ssh/rc``): their absence
    takes nothing away here, and unknown ones are ignored, as sshd ignores them;
-5. one of its principals is accepted by a line of that CA (if several, the one whose
-   name is the login name), and that line's own ``from=``/``expiry-time`` allow it;
+5. one of its principals is accepted by a line of that CA **for the login name** (the
+   line's name is the login name: as in sshd, where ``cert-authority`` lines are per
+   account and a line in spare's ``authorized_keys`` never lets anyone log in as
+   lab_pc), and that line's own ``from=``/``expiry-time`` allow it;
 6. it is not revoked: a KRL may list its serial or key id (under its CA or any CA),
    the certified key, or the CA key.
 
-A relay-wide ``trusted_user_ca`` (sshd's ``TrustedUserCAKeys``) is one *login-bound*
-line per configured user: its certificate logs in as that user only when the login name
-is that user's name *and* one of the certificate's principals (step 5); the other
-checks are the same.
+Every line is bound to the login name it is for: a certificate logs in only as the name
+of a line that accepts it, so the login name is what a later look-up (each session,
+each reload) checks it as and it can only ever yield that line's principal, or nothing.
+Until round 16 a login name no accepting line was for fell back to another accepting
+line: a certificate for ``lab_pc,spare`` whose lab_pc line was deleted still logged in,
+and stayed connected, as ``lab_pc``, granted as spare.  A relay-wide
+``trusted_user_ca`` (sshd's ``TrustedUserCAKeys``) is one line per configured user that
+also requires the login name to be one of the certificate's principals (step 5); the
+other checks are the same.
 
 For an *agent*, the certificate's other principals of the form ``name:port`` are the
 services it may register (``permitlisten`` derived from principals), bounded by the
@@ -70,13 +77,22 @@ class Authority:
     accepted: frozenset[str]  # certificate principals accepted
     limits: KeyLimits = NO_LIMITS
     where: str = ""  # FILE:LINE
-    login_bound: bool = False  # trusted_user_ca: the login name must be the principal
+    login_bound: bool = False  # trusted_user_ca: the login name must be a principal too
 
     def accepts(self, principals: Sequence[str], login: str) -> bool:
-        """Whether this line lets a certificate for ``principals`` log in as ``login``."""
+        """Whether this line lets a certificate for ``principals`` log in as ``login``:
+        only as the line's own name (sshd's per-account ``authorized_keys``), never as
+        another line's, even one the same certificate would be accepted for."""
+        if self.principal.name != login:
+            return False
         if self.login_bound:
-            return self.principal.name == login and login in principals
+            return login in principals
         return not self.accepted.isdisjoint(principals)
+
+    def accepts_any(self, principals: Sequence[str]) -> bool:
+        """Whether this line would accept ``principals`` as its own name (to tell a
+        refused login which name the certificate is for)."""
+        return self.accepts(principals, self.principal.name)
 
 
 @dataclass(frozen=True)
@@ -212,12 +228,8 @@ def check_certificate(
         return CertVerdict(None, f"{label} lists no principals")
     matching = [a for a in lines if a.accepts(principals, login)]
     if not matching:
-        bound = any(a.login_bound for a in lines)
-        return CertVerdict(None, f"{label} is for principals {','.join(principals)}, "
-                           "which no line of its CA accepts" + (
-                               f" (trusted_user_ca: the login name {login!r} must be one of "
-                               "them and name a configured user)" if bound else ""))
-    chosen = next((a for a in matching if a.principal.name == login), matching[0])
+        return CertVerdict(None, _no_line(label, principals, lines, login))
+    chosen = matching[0]
     why = chosen.limits.refusal(now, address)
     if why is not None:
         return CertVerdict(None, f"{label}: {why} (cert-authority line {chosen.where})")
@@ -232,6 +244,22 @@ def check_certificate(
     if principal.kind == AGENT:
         principal = replace(principal, services=_agent_services(principals, principal))
     return CertVerdict(principal, "", expires, ca)
+
+
+def _no_line(label: str, principals: Sequence[str], lines: Sequence[Authority],
+             login: str) -> str:
+    """Why no line of the CA lets the certificate log in as ``login``; when some line
+    would accept it under its own name, which names (the fix: log in as one), said
+    first, since a log field keeps only its first 200 characters."""
+    names = sorted({a.principal.name for a in lines if a.accepts_any(principals)})
+    bound = any(a.login_bound for a in lines)
+    hint = (f" (trusted_user_ca: the login name {login!r} must be one of them and name a "
+            "configured user)") if bound else ""
+    if names:
+        return (f"{label} may log in as {', '.join(names)} only, not as {login!r}"
+                + (hint or " (no line of its CA accepts it for that login name)"))
+    return (f"{label} is for principals {','.join(principals)}, which no line of its CA "
+            "accepts" + hint)
 
 
 def _utc(when: float) -> str:

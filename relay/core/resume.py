@@ -111,7 +111,13 @@ def may_resume(held: object, offering: object) -> bool:
     the link is down must not make the agent a stranger to its own sessions.  What the
     blob adds to the key (validity, serial, CA) was checked at that login, as the login
     it made (a CA trusted for it, valid now, not revoked); the key and the instance say
-    it is the same agent process."""
+    it is the same agent process.  The CA need not be the same: a lab rotating its CA
+    trusts the old and the new one for the agent's name meanwhile, and the first renewal
+    by the new one may land during a cut.  Requiring the same CA would add nothing an
+    attacker lacks: the login was already granted by a line for *that* login name
+    (relay.core.certs: since round 16 never by another name's line), the resume needs
+    the agent's private key and its process's instance id, and the renewal's grants
+    are checked for each session it resumes (relay.server.resumes)."""
     if held == offering:
         return True
     return (isinstance(held, ResumeOwner) and isinstance(offering, ResumeOwner)

@@ -4,8 +4,13 @@ One server-rendered HTML page, no JavaScript at all: it refreshes itself every
 :data:`REFRESH` seconds with ``<meta http-equiv="refresh">``, and every value in it
 is HTML-escaped (service names, user names and a session's claimed origin come from
 peers).  It shows what an operator asks first: which services are up and which agent
-holds them, who is connected and what each user has moved, the fast path, each link's
-health, the plain hops and the last reload.  ``/status.json`` has the same data.
+holds them, which agents are connected and which version each runs, who is connected
+and what each user has moved, the fast path, each link's health, the plain hops and the
+last reload.  ``/status.json`` has the same data.
+
+An agent's version is what its SSH version line said (relay.ssh.peersoftware): cut to
+64 characters of printable ASCII already, which still allows ``<``, ``&`` and quotes,
+so it is escaped like every peer string.
 """
 
 from __future__ import annotations
@@ -94,6 +99,12 @@ def _relay(relay: dict[str, Any], now: float) -> list[str]:
             _num(_bytes(totals.get("bytes_to_service", 0))),
             _num(_bytes(totals.get("bytes_from_service", 0))),
         ])
+    agent_rows = [
+        # (a relay before 0.2.0.dev0 reports no version)
+        [_e(a["name"]), _e(a["peer"]), _e(a.get("version", "?")),
+         _e(", ".join(a["services"]) or "-")]
+        for a in relay.get("agents", [])
+    ]
     connected: dict[str, int] = {}
     for user in relay.get("users", []):
         connected[user["name"]] = connected.get(user["name"], 0) + 1
@@ -116,6 +127,8 @@ def _relay(relay: dict[str, Any], now: float) -> list[str]:
         f'{len(relay.get("agents", []))} agent(s), {len(connected)} user(s) connected</p>',
         _table("Services", ["service", "state", "agent", "up for", "open", "sessions",
                             "bytes to", "bytes from"], services, "no service granted"),
+        _table("Agents", ["agent", "from", "version", "services"], agent_rows,
+               "no agent connected"),
         _table("Users", ["user", "state", "open", "sessions", "bytes to services",
                          "bytes from services"], users, "no user has connected yet"),
         _table("Open sessions", ["user", "service", "from", "path", "age", "bytes to",

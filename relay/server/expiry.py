@@ -66,15 +66,15 @@ class KeyExpiry:
 
     def _prune(self) -> None:
         """Cancel the timers of (key, login) pairs no longer in use.  A timer stayed
-        until its key expired, one per pair that ever logged in: a certificate-authority
-        line does not bind the login name, so one certificate valid for a year, logged
-        in under 100 000 names, left 100 000 timers in the reactor for a year, all
-        firing at its expiry.  Run when the timers have doubled since the last prune
-        (amortised O(1) a login).  Timers of a key with held sessions (``(key, "")``
-        in use) are kept, whatever their login."""
+        until its key expired, one per pair that ever logged in: before round 16 a
+        certificate-authority line bound no login name, so one certificate valid for a
+        year, logged in under 100 000 names, left 100 000 timers in the reactor for a
+        year, all firing at its expiry (now it may log in under as many names as lines
+        accept it, and many short-lived certificates still add up).  Run when the
+        timers have doubled since the last prune (amortised O(1) a login).  A held
+        session's pair is in use as the login its agent made (relay.server.resumes)."""
         in_use = self.holders_in_use()
-        for who in [w for w in self._timers
-                    if w not in in_use and (w[0], "") not in in_use]:
+        for who in [w for w in self._timers if w not in in_use]:
             timer = self._timers.pop(who)
             if timer.active():
                 timer.cancel()

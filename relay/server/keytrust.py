@@ -33,14 +33,14 @@ _log = Logger()
 CERT_CACHE = 4096
 """(Certificate, login) records remembered after login, beyond those in use: past it the
 oldest not in use are forgotten (a later look-up of a forgotten one grants nothing: fail
-closed), :data:`CERT_TRIM` of them at once.  One in use (a connection or a session that
-logged in under that name; for a held session, its certificate's last login) is never
-forgotten, or a lab with short-lived certificates (one per login) would, after this many
-logins, cut off an agent whose certificate logged in weeks ago; they are bounded by the
-connections.  In use is per record, not per certificate: a certificate-authority line
-does not bind the login name, so one certificate may log in under any number of names,
-and while it held one connection none of its records was ever forgotten (6 000 logins
-under new names: every later login scanned them all, 3.6 ms a login growing to 12 ms)."""
+closed), :data:`CERT_TRIM` of them at once.  One in use (a connection, a session or a
+held session of that login) is never forgotten, or a lab with short-lived certificates
+(one per login) would, after this many logins, cut off an agent whose certificate logged
+in weeks ago; they are bounded by the connections.  In use is per record, not per
+certificate: one certificate may log in under as many names as lines accept it, and
+while it held one connection none of its records used to be forgotten (before round 16
+a cert-authority line bound no login name: 6 000 logins under new names, every later
+login scanning them all, 3.6 ms a login growing to 12 ms)."""
 
 CERT_TRIM = 256
 """Records forgotten in one go once :data:`CERT_CACHE` is passed (at most a sixteenth of
@@ -106,9 +106,9 @@ class KeyTrust:
         # per certificate: one certificate may be logged in under two names at once (a
         # student as herself and as a shared lab account), each checked as its own.
         self._certs: OrderedDict[tuple[bytes, str], str] = OrderedDict()
-        # The (key blob, login) pairs in use (the relay's connections and sessions; a
-        # held session's is (blob, ""): its certificate's last login): those records
-        # are never forgotten.  Set by the relay (KeyExpiry.holders_in_use).
+        # The (key blob, login) pairs in use (the relay's connections, sessions and
+        # held sessions, each as the login it made): those records are never
+        # forgotten.  Set by the relay (KeyExpiry.holders_in_use).
         self.inUse: Callable[[], Collection[tuple[bytes, str]]] = frozenset
         if revoked is not None:
             self._loadKrl(strict=True)
@@ -284,11 +284,6 @@ class KeyTrust:
             return
         keep = set(self.inUse())
         keep.add((blob, login))
-        last: dict[bytes, tuple[bytes, str]] = {}  # a held certificate's last login
-        for k in self._certs:
-            if (k[0], "") in keep:
-                last[k[0]] = k
-        keep.update(last.values())
         goal = CERT_CACHE - min(CERT_TRIM, CERT_CACHE // 16)
         for old in [k for k in self._certs if k not in keep]:
             if len(self._certs) <= goal:

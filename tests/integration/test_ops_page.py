@@ -3,8 +3,8 @@ users and a running agent:
 
 - ``promtool check metrics`` (Debian ``prometheus``) passes on both ``/metrics``;
 - the page at ``/``, opened in headless Chromium (Debian ``chromium``), shows the
-  services, their agent and the users; the test reads the page's text as Chromium
-  rendered it (``--dump-dom``) and takes the screenshot committed as
+  services, their agent, each agent's version and the users; the test reads the
+  page's text as Chromium rendered it (``--dump-dom``) and takes the screenshot committed as
   ``docs/status-page.png`` (rewritten when ``LABRELAY_UPDATE_SCREENSHOT=1``).
 """
 
@@ -32,6 +32,8 @@ from harness import (
     make_key,
     ssh_argv,
 )
+
+from relay import __version__ as relay_version
 
 pytestmark = pytest.mark.integration
 
@@ -144,8 +146,15 @@ def test_status_page_in_headless_chromium(
     text = html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom.stdout)))
     for expected in ("labrelay", "Services", "gpu-cluster:22 up lab_pc",
                      "web:8080 up lab_pc", "Users", "alice connected 1 2",
-                     "bob connected 1 2", "Open sessions"):
+                     "bob connected 1 2", "Open sessions", "Agents"):
         assert expected in text, f"{expected!r} not on the page:\n{text}"
+    # Each agent's version, as its version line named it (SSH-2.0-labrelay_<version>).
+    [agent] = relay.status()["relay"]["agents"]
+    assert agent["version"] == relay_version, agent
+    shown = re.search(r"lab_pc (127\.0\.0\.1:\d+) (\S+) (gpu-cluster:22, web:8080|"
+                      r"web:8080, gpu-cluster:22)", text)
+    assert shown is not None, f"lab_pc's row not on the page:\n{text}"
+    assert shown.group(1, 2) == (agent["peer"], relay_version), shown.group(0)
     shot = tmp_path / "status-page.png"
     out = subprocess.run([chromium, *flags, "--window-size=1100,900",
                           f"--screenshot={shot}", url], capture_output=True, text=True,

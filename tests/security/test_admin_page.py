@@ -37,6 +37,9 @@ PWN = "document.body.setAttribute('data-pwned','1')"
 XSS_ORIGIN = (f'<img src=x onerror="{PWN}"><script>{PWN}</script>'
               "\n2026-01-01 00:00:00 info  forged\x1b[2J")
 XSS_KEY = f'"<img src=x onerror=\\"{PWN}\\">"'
+XSS_VERSION = "<img/src=x/onerror=document.body.dataset.pwned=1>"
+"""An agent's version line's software field: printable ASCII without spaces, which the
+relay keeps (relay.ssh.peersoftware) and shows on the page as the agent's version."""
 
 
 def chromium() -> str:
@@ -86,7 +89,9 @@ def test_peer_markup_is_text_on_the_page_in_the_logs_and_metrics(
     targets: Targets, tmp_path: Path,
 ) -> None:
     lab_pc, alice = make_key(tmp_path / "lab_pc", "lab_pc"), make_key(tmp_path / "alice", "alice")
-    relay = start_relay(agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc'],
+    mallory = make_key(tmp_path / "mallory", "mallory")
+    relay = start_relay(agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc',
+                                f'permitlisten="spare:9" {mallory.public_blob()} mallory'],
                         users=[f'permitopen="web:8080" {alice.public_blob()} alice'],
                         relay_toml='penalty_exempt = ["127.0.0.1"]\n')
     echo = targets.echo()
@@ -101,12 +106,20 @@ def test_peer_markup_is_text_on_the_page_in_the_logs_and_metrics(
     hostile = echo_chan(t, XSS_ORIGIN)
     assert roundtrip(hostile, b"hostile") == b"hostile"
     assert roundtrip(honest, b"one") == b"one"
+    # An agent whose version line is markup: shown as its version, as text.
+    m = paramiko.Transport(("127.0.0.1", relay.port))
+    m.local_version = "SSH-2.0-" + XSS_VERSION
+    m.connect(username="mallory",
+              pkey=paramiko.Ed25519Key.from_private_key_file(str(mallory.path)))
+    agents = {a["name"]: a for a in relay.status()["relay"]["agents"]}
+    assert agents["mallory"]["version"] == "not labrelay: " + XSS_VERSION, agents
 
     dom = render(f"http://{relay.admin}/")
     assert "data-pwned" not in dom.split("<body", 1)[1].split(">", 1)[0], dom[:2000]
     assert "<img" not in dom and "<script>document" not in dom
     assert "&lt;img src=x onerror=" in dom  # shown, as text
     assert "alice" in dom
+    assert "not labrelay: &lt;img/src=x/onerror=document.body.dataset.pwned=1&gt;" in dom
 
     # (each written just after its set-up: audit.SetupLog)
     opened = relay.events_at_least("session_open", 2, user="alice")
@@ -137,6 +150,7 @@ def test_peer_markup_is_text_on_the_page_in_the_logs_and_metrics(
     assert "data-pwned" not in dom.split("<body", 1)[1].split(">", 1)[0]
     assert roundtrip(honest, b"two") == b"two"
     t.close()
+    m.close()
 
 
 def test_a_web_page_cannot_make_the_browser_reload_the_relay(

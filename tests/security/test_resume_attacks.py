@@ -647,12 +647,15 @@ CertWorld = tuple[RelayNode, Any, AgentProcess, Path, int, int, Any]
 def _cert_lines(ca: str, held_port: int, spare_port: int, lab_pc: str = "",
                 spare: str = "") -> str:
     """The agents file: a lab CA line for each of the certificate's two principals,
-    each with a public port (none: 0) and the extra options given."""
-    def port(p: int) -> str:
-        return f'permitlisten="{p}"' if p else 'permitlisten="web:8080"'
+    each with a public port (none: 0, a service of its own instead) and the extra
+    options given."""
+    def port(p: int, service: str) -> str:
+        return f'permitlisten="{p}"' if p else f'permitlisten="{service}"'
 
-    return (f'cert-authority,principals="lab_pc",{port(held_port)}{lab_pc} {ca} lab_pc\n'
-            f'cert-authority,principals="spare",{port(spare_port)}{spare} {ca} spare\n')
+    return (f'cert-authority,principals="lab_pc",{port(held_port, "web:8080")}{lab_pc} '
+            f'{ca} lab_pc\n'
+            f'cert-authority,principals="spare",{port(spare_port, "spare-web:8080")}{spare} '
+            f'{ca} spare\n')
 
 
 def _keygen(*args: str, cwd: Path) -> None:
@@ -663,24 +666,36 @@ def _keygen(*args: str, cwd: Path) -> None:
 def _cert_world(start_relay: Callable[..., RelayNode],
                 start_agent: Callable[..., AgentProcess], targets: Targets,
                 tmp_path: Path, validity: str = "-5m:+1h", krl: bool = False,
-                target: Any = None) -> CertWorld:
+                target: Any = None, new_ca_for: str = "", grace: int = 60) -> CertWorld:
     """The relay; lab_pc's labrelay agent behind the proxy, logged in with a
     certificate for ``lab_pc`` and ``spare`` (``ssh-keygen -s``, serial 1, valid for
     ``validity``) as lab_pc; the key's path, lab_pc's public port (to ``target``, by
     default an echo server) and spare's, and the echo server.  With ``krl``, the relay's
-    ``revoked_keys`` is ``pki/revoked.krl`` (:func:`_krl`), serial 666 revoked."""
+    ``revoked_keys`` is ``pki/revoked.krl`` (:func:`_krl`), serial 666 revoked.  With
+    ``new_ca_for`` (``lab_pc`` or ``spare``), a second CA, ``pki/new_ca``, is trusted
+    by one more line for that name, with that name's port (a lab's CA rotation: old
+    and new CA both trusted meanwhile).  ``grace``: the relay's and the agent's
+    ``resume_grace``."""
     pki = tmp_path / "pki"
     pki.mkdir()
     _keygen("-t", "ed25519", "-N", "", "-C", "ca", "-f", "ca", cwd=pki)
+    if new_ca_for:
+        _keygen("-t", "ed25519", "-N", "", "-C", "new_ca", "-f", "new_ca", cwd=pki)
     key = make_key(pki / "lab_pc", comment="lab_pc")
     _keygen("-s", "ca", "-I", "lab_pc@lab", "-n", "lab_pc,spare", "-z", "1", "-V", validity,
             "lab_pc.pub", cwd=pki)
     ca = " ".join((pki / "ca.pub").read_text().split()[:2])
     extra = f'revoked_keys = "{_krl(tmp_path, 666)}"\n' if krl else ""
     held_port, spare_port = free_port(), free_port()
+    lines = _cert_lines(ca, held_port, spare_port).splitlines()
+    if new_ca_for:
+        new_ca = " ".join((pki / "new_ca.pub").read_text().split()[:2])
+        port = held_port if new_ca_for == "lab_pc" else spare_port
+        lines.append(f'cert-authority,principals="{new_ca_for}",permitlisten="{port}" '
+                     f'{new_ca} {new_ca_for}')
     relay = start_relay(
-        agents=_cert_lines(ca, held_port, spare_port).splitlines(),
-        relay_toml=('public_bind = "127.0.0.1"\nresume_grace = 60\n'
+        agents=lines,
+        relay_toml=(f'public_bind = "127.0.0.1"\nresume_grace = {grace}\n'
                     'keepalive_interval = 1\nkeepalive_count = 2\n'
                     f'penalty_exempt = ["127.0.0.1"]\n{extra}'),
     )
@@ -692,7 +707,7 @@ def _cert_world(start_relay: Callable[..., RelayNode],
         "-p", str(proxy.port), "-i", str(key.path),
         "-o", f"UserKnownHostsFile={relay.known_hosts}", "-o", "StrictHostKeyChecking=yes",
         "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2",
-        "--backoff-initial", "0.2", "--backoff-max", "1", "--resume-grace", "60",
+        "--backoff-initial", "0.2", "--backoff-max", "1", "--resume-grace", str(grace),
         "-R", f"0.0.0.0:{held_port}:127.0.0.1:{to}", "lab_pc@127.0.0.1", name="agent",
     )  # fmt: skip
     agent.wait_for("forward_ready", timeout=20, since=0, kind="remote", port=held_port)
@@ -896,16 +911,16 @@ def handed() -> Iterator[Handed]:
     server.close()
 
 
-def _renew(tmp_path: Path, serial: int, validity: str) -> None:
-    """The lab's renewal job: the same public key signed again by the same CA for the
-    same principals, with a new serial and validity, written over ``lab_pc-cert.pub``
-    (whole, as a job renaming its output would) for the agent to read at its next
-    login."""
+def _renew(tmp_path: Path, serial: int, validity: str, ca: str = "ca") -> None:
+    """The lab's renewal job: the same public key signed again by the CA ``ca`` (by
+    default the same one) for the same principals, with a new serial and validity,
+    written over ``lab_pc-cert.pub`` (whole, as a job renaming its output would) for
+    the agent to read at its next login."""
     pki = tmp_path / "pki"
     job = pki / f"renewal-{serial}"
     job.mkdir()
     (job / "lab_pc.pub").write_bytes((pki / "lab_pc.pub").read_bytes())
-    _keygen("-s", "../ca", "-I", f"lab_pc@lab-{serial}", "-n", "lab_pc,spare", "-z",
+    _keygen("-s", f"../{ca}", "-I", f"lab_pc@lab-{serial}", "-n", "lab_pc,spare", "-z",
             str(serial), "-V", validity, "lab_pc.pub", cwd=job)
     os.replace(job / "lab_pc-cert.pub", pki / "lab_pc-cert.pub")
 
@@ -1041,3 +1056,155 @@ def test_a_resumed_session_ends_with_its_renewed_certificate_not_the_old_one(
     print(f"\nheld session reset {time.time() - new_expiry:+.2f}s from the renewed "
           "certificate's expiry (signed to the second; grace 60 s)")
     _ends(sock, 10)
+
+
+# A login is granted only by a line for that login (docs/security.md, "A certificate is
+# granted only as the name of the line that accepts it").
+
+
+def _refused_login(relay: RelayNode, argv: list[str], reason: str) -> str:
+    """Run the stock ``ssh`` ``argv``: it must fail to log in, and the relay log a
+    refusal that says ``reason``; the reasons logged."""
+    mark = relay.mark()
+    out = subprocess.run(argv, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert out.returncode == 255 and b"Permission denied" in out.stderr, out.stderr[-500:]
+    relay.wait_for("relay_auth_refused", since=mark, timeout=10,
+                   why=lambda why: reason in str(why))
+    return " | ".join(e["why"] for e in relay.events("relay_auth_refused", since=mark))
+
+
+def test_deleting_a_certificates_line_ends_that_login_though_another_line_accepts_it(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    start_ssh: Callable[..., SshProcess], targets: Targets, tmp_path: Path,
+) -> None:
+    """lab_pc's agent logs in as lab_pc with a certificate for ``lab_pc,spare``; its
+    link goes down with a session held, and a stock ``ssh -N`` with the same
+    certificate is connected as lab_pc too.  The admin deletes lab_pc's line (spare's
+    stays).  OpenSSH would refuse lab_pc from then on: ``cert-authority`` lines are per
+    account, and a line in spare's ``authorized_keys`` never lets anyone log in as
+    lab_pc.  The relay fell back to spare's line for the login lab_pc: the held session
+    stayed held (for the agent to resume), the ``ssh -N`` stayed connected, and a new
+    ``ssh lab_pc@relay`` logged in, as agent spare.  Now the reload ends both at once, a
+    new login as lab_pc is refused (saying which name the certificate's lines are for),
+    the agent's login when its link is back too, and spare's logins are untouched."""
+    relay, proxy, agent, key, held_port, spare_port, echo = _cert_world(
+        start_relay, start_agent, targets, tmp_path)
+    sock = _hold(relay, proxy, agent, held_port)
+    live = start_ssh(ssh_argv(relay.port, key, relay.known_hosts, "-v", "-N",
+                              user="lab_pc"), name="ssh-lab_pc")
+    live.wait_stderr(r"Authenticated to .* using \"publickey\"")
+    _second_login("ssh", relay, key, spare_port, echo, start_agent, start_ssh)
+
+    ca = " ".join((tmp_path / "pki" / "ca.pub").read_text().split()[:2])
+    rmark, mark = relay.mark(), agent.mark()
+    t0 = time.monotonic()
+    _replace(relay.dir / "agents", _cert_lines(ca, held_port, spare_port).splitlines()[1] + "\n")
+    ended = relay.wait_for("relay_session_revoked", timeout=10, since=rmark,
+                           service=f"public:{held_port}")
+    assert "held for resumption" in ended["why"] and "not as 'lab_pc'" in ended["why"], ended
+    _ends(sock, 10)
+    gone = relay.wait_for("relay_key_ended", timeout=10, since=rmark, name="lab_pc")
+    assert "may log in as spare only, not as 'lab_pc'" in gone["why"], gone
+    assert live.wait_exit(10) == 255
+    print(f"\nlab_pc's line deleted: its held session reset and its connection ended "
+          f"{time.monotonic() - t0:.2f}s after the change (grace 60 s)")
+    assert relay.status()["relay"]["held_sessions"] == []
+    # spare's login carries on; a new one as spare works, one as lab_pc is refused.
+    assert [e["name"] for e in relay.events("relay_key_ended", since=rmark)] == ["lab_pc"]
+    with connect(spare_port, timeout=10) as other:
+        other.sendall(b"still")
+        assert recv_exactly(other, 5) == b"still"
+    why = _refused_login(relay, ssh_argv(relay.port, key, relay.known_hosts, "-N",
+                                         user="lab_pc"), "not as 'lab_pc'")
+    assert "may log in as spare only" in why, why
+    # The agent's link is back: its login as lab_pc is refused, nothing is resumed.
+    proxy.restore()  # type: ignore[attr-defined]
+    relay.wait_for("relay_auth_refused", timeout=30, since=rmark, user="lab_pc",
+                   why=lambda why: "not as 'lab_pc'" in str(why))
+    assert relay.events("session_resumed", since=rmark) == []
+    assert agent.events("session_resumed", since=mark) == []
+
+
+# A CA rotation during a cut (docs/resilience.md, "Who may resume": a renewal by another
+# CA the relay trusts for the agent's login resumes; one by a CA trusted only for another
+# name does not even log in).
+
+
+def test_a_renewal_by_the_labs_new_ca_resumes_during_the_rotations_overlap(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path, handed: Handed,
+) -> None:
+    """The lab rotates its CA: lab_pc's line for the old CA stays while a new line for
+    lab_pc trusts the new CA (the overlap).  lab_pc's link goes down with a session
+    held, and the first renewal signed by the new CA lands on disk meanwhile (same key,
+    same principals).  The same agent process logs in with it as lab_pc, a login the new
+    CA's own lab_pc line grants, and resumes byte-exact: the CA vouches for the key at
+    each login; the key, the process and the login say it is the same agent.  Then the
+    old CA's line goes (the rotation's end): the resumed session is the renewal's and
+    stays."""
+    relay, proxy, agent, _key, held_port, _spare, _echo = _cert_world(
+        start_relay, start_agent, targets, tmp_path, target=handed, new_ca_for="lab_pc")
+    sock = connect(held_port, timeout=30)
+    sock.sendall(b"before")
+    target = handed.conns.get(timeout=30)
+    target.settimeout(30)
+    assert recv_exactly(target, 6) == b"before"
+    _cut(relay, proxy, agent)
+    mark, rmark = agent.mark(), relay.mark()
+    up, down = secrets.token_bytes(32 * 1024), secrets.token_bytes(32 * 1024)
+    sock.sendall(up)
+    target.sendall(down)
+    _renew(tmp_path, 2, "-5m:+2h", ca="new_ca")
+    proxy.restore()  # type: ignore[attr-defined]
+    agent.wait_for("session_resumed", timeout=30, since=mark)
+    again = relay.wait_for("relay_connected", timeout=10, since=rmark, name="lab_pc")
+    new_fp = subprocess.run([find_program("ssh-keygen") or "ssh-keygen", "-lf",
+                             str(tmp_path / "pki" / "new_ca.pub")], capture_output=True,
+                            text=True, check=True).stdout.split()[1]
+    assert (again["cert_id"], again["cert_ca"]) == ("lab_pc@lab-2", new_fp), again
+    sock.settimeout(30)
+    assert recv_exactly(sock, len(down)) == down
+    assert recv_exactly(target, len(up)) == up
+    assert relay.events("session_resume_refused", since=rmark) == []
+    assert relay.events("relay_resume_refused", since=rmark) == []
+
+    # The rotation ends: the old CA's lab_pc line is deleted.  The session carries on.
+    rmark = relay.mark()
+    new_ca = " ".join((tmp_path / "pki" / "new_ca.pub").read_text().split()[:2])
+    _replace(relay.dir / "agents",
+             f'cert-authority,principals="lab_pc",permitlisten="{held_port}" {new_ca} lab_pc\n')
+    relay.wait_for("grants_reloaded", timeout=10, since=rmark)
+    sock.sendall(b"after")
+    assert recv_exactly(target, 5) == b"after"
+    target.sendall(b"back")
+    assert recv_exactly(sock, 4) == b"back"
+    assert relay.events("relay_key_ended", since=rmark) == []
+
+
+def test_a_renewal_by_a_ca_trusted_only_for_another_name_resumes_nothing(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """The relay trusts a second CA, but only on spare's line.  lab_pc's link goes
+    down with a session held and its certificate is replaced meanwhile by one from that
+    CA (same key, principals ``lab_pc,spare``).  The agent's login as lab_pc is refused
+    (that CA is trusted for spare, not for lab_pc), so it resumes nothing, and the held
+    session ends at the grace (5 s here) as for any agent that does not come back.
+    Before round 16 the login was accepted as lab_pc by falling back to spare's line,
+    and the resume offer was refused only because spare's line did not grant the held
+    port."""
+    relay, proxy, agent, _key, held_port, _spare, _echo = _cert_world(
+        start_relay, start_agent, targets, tmp_path, new_ca_for="spare", grace=5)
+    sock = _hold(relay, proxy, agent, held_port)
+    mark, rmark = agent.mark(), relay.mark()
+    _renew(tmp_path, 2, "-5m:+2h", ca="new_ca")
+    proxy.restore()  # type: ignore[attr-defined]
+    refused = relay.wait_for("relay_auth_refused", timeout=10, since=rmark, user="lab_pc",
+                             why=lambda why: "lab_pc@lab-2" in str(why))
+    assert "may log in as spare only, not as 'lab_pc'" in refused["why"], refused
+    expired = relay.wait_for("session_hold_expired", timeout=15, since=rmark)
+    assert refused["time"] < expired["time"], "the agent came back only after the grace"
+    _ends(sock, 10)
+    assert relay.events("relay_connected", since=rmark) == []
+    assert relay.events("session_resumed", since=rmark) == []
+    assert agent.events("session_resumed", since=mark) == []

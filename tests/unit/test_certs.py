@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from relay.config.schema import ServiceGrant
-from relay.core.certs import Authority, check_certificate, is_certificate
+from relay.core.certs import Authority, CertVerdict, check_certificate, is_certificate
 from relay.core.grants import AGENT, USER, Principal
 from relay.core.keylife import KeyLimits, KeyOptionError, parse_expiry, parse_from
 from relay.core.krl import KrlError, parse_krl
@@ -146,13 +146,28 @@ def test_a_certificate_from_another_ca_is_refused(pki: Path) -> None:
 
 
 @needs_keygen
-def test_principals_choose_the_line_and_the_login_breaks_ties(pki: Path) -> None:
+def test_a_line_grants_only_the_login_it_is_for(pki: Path) -> None:
+    """A certificate for ``alice,bob`` logs in as alice by alice's line and as bob by
+    bob's, never under a name no line accepting it is for, and, once alice's line is
+    gone, not as alice by bob's line (sshd: a ``cert-authority`` line in bob's
+    ``authorized_keys`` never lets anyone log in as alice).  Until round 16 a login
+    under another name fell back to the first accepting line: ``x`` logged in as alice,
+    and alice, her line deleted, as bob."""
     cert = sign(pki, "both", "-I", "k", "-n", "alice,bob")
     lines = authorities(pki, line(pki), line(pki, BOB, ("bob",)))
-    assert check_certificate(cert, lines, now=NOW, address="1.2.3.4",
-                             login="bob").principal == BOB
-    assert check_certificate(cert, lines, now=NOW, address="1.2.3.4",
-                             login="x").principal == ALICE
+
+    def check(login: str, using: dict[bytes, list[Authority]] = lines) -> CertVerdict:
+        return check_certificate(cert, using, now=NOW, address="1.2.3.4", login=login)
+
+    assert check("bob").principal == BOB and check("alice").principal == ALICE
+    refused = check("x")
+    assert refused.principal is None, refused
+    assert "may log in as alice, bob only, not as 'x'" in refused.reason, refused.reason
+    only_bob = authorities(pki, line(pki, BOB, ("bob",)))  # alice's line deleted
+    refused = check("alice", only_bob)
+    assert refused.principal is None, refused
+    assert "may log in as bob only, not as 'alice'" in refused.reason, refused
+    assert check("bob", only_bob).principal == BOB
 
 
 @needs_keygen
@@ -178,9 +193,11 @@ def test_a_relay_wide_ca_logs_in_only_as_the_login_name(pki: Path) -> None:
     assert "(CA SHA256:" in reason
     # bob's certificate, presented as alice: refused (it is bob's, not alice's).
     assert check("alice", sign(pki, "bobs", "-I", "bob@lab", "-n", "bob")) is None
-    # The same CA also on a per-user line accepting "al" for bob: that line is unbound.
+    # The same CA also on a per-user line accepting "al" for bob: that line needs no
+    # principal named by the login, but is for bob's login only.
     mixed = authorities(pki, *bound, line(pki, BOB, ("al",)))
-    assert check("x", using=mixed) == BOB and check("alice", using=mixed) == ALICE
+    assert check("bob", using=mixed) == BOB and check("alice", using=mixed) == ALICE
+    assert check("x", using=mixed) is None
 
 
 @needs_keygen

@@ -266,12 +266,13 @@ def test_a_certificate_in_use_is_never_forgotten_and_an_unsigned_offer_is_not_re
     checker = GrantChecker(core)
 
     agent_id = result_of(_signed_login(checker, tmp_path, "lab_pc", "lab_pc"))
-    agent = FakeRelayConnection(FakeIdentity(agent_id.key_blob, "lab_pc", "agent"))
+    agent = FakeRelayConnection(FakeIdentity(agent_id.key_blob, "lab_pc", "agent",
+                                             login="lab_pc"))
     core.connections.add(agent)  # type: ignore[arg-type]
     for i in range(5):  # alice's short-lived certificates, one login each, gone since
         assert result_of(_signed_login(checker, tmp_path, f"u{i}", "alice")).name == "alice"
 
-    granted = core.grants.principal_for(agent_id.key_blob)
+    granted = core.grants.principal_for(agent_id.key_blob, "lab_pc")
     assert granted is not None and granted.name == "lab_pc"
     core.grantsChanged(GrantsChange({}))  # a reload or a KRL change re-checks every key
     assert agent.disconnected == []
@@ -282,6 +283,30 @@ def test_a_certificate_in_use_is_never_forgotten_and_an_unsigned_offer_is_not_re
     offer.addErrback(lambda _f: None)
     blob5 = base64.b64decode((tmp_path / "u5-cert.pub").read_text().split()[1])
     assert core.grants.principal_for(blob5) is None
+
+    # The agent's link goes down with a session held for it: the held session keeps its
+    # certificate's record (as the login lab_pc made) however many logins come after.
+    from relay.core.resume import OPEN_RESUMABLE, SID_LEN, ResumeOwner
+    from relay.datapath.bridge import Bridge
+    from relay.ssh.channels import BridgedChannel
+    from relay.testing import FakeSide, FakeSSHConnection
+
+    held_row = core.sessions.open("alice", "web:8080", "x:2", 0.0, agent=agent)
+    channel = BridgedChannel(OPEN_RESUMABLE, remoteWindow=1 << 20, remoteMaxPacket=32768,
+                             conn=FakeSSHConnection())
+    side = core.resumes.sessions.open(b"h" * SID_LEN, ResumeOwner(agent_id.key_blob, b"i",
+                                                                  "lab_pc"),
+                                      channel, "web:8080 from x:2")
+    side.row = held_row
+    Bridge(FakeSide(), side)
+    core.connections.discard(agent)  # type: ignore[arg-type]
+    channel.closed()
+    assert side.held and core.resumes.held_holders() == {(agent_id.key_blob, "lab_pc")}
+    for i in range(5):
+        assert result_of(_signed_login(checker, tmp_path, f"u{i}", "alice")).name == "alice"
+    assert (agent_id.key_blob, "lab_pc") in core.grants.trust._certs
+    core.grantsChanged(GrantsChange({}))
+    assert held_row.closing is None and side.held
 
 
 @pytest.mark.parametrize("first", ["lab", "alice"])

@@ -5,6 +5,7 @@ real datagram socket with a fake clock, and journald-style text logs."""
 
 from __future__ import annotations
 
+import html
 import io
 import re
 import socket
@@ -21,6 +22,7 @@ from relay.ops.page import render_page
 from relay.server.audit import key_fingerprint, path_of
 
 HOSTILE = '<script>alert("x")</script>'
+HOSTILE_VERSION = "\"><img/src=x/onerror=alert(1)>&amp;"
 
 SNAPSHOT = {
     "version": "9.9", "pid": 7, "started": 1000.0,
@@ -32,7 +34,11 @@ SNAPSHOT = {
                              "bytes_to_target": 10, "bytes_from_target": 20}]}],
     "relay": {
         "listen": "0.0.0.0:2222",
-        "agents": [{"name": "lab_pc", "peer": "1.2.3.4:5", "services": ["gpu-cluster:22"]}],
+        "agents": [{"name": "lab_pc", "peer": "1.2.3.4:5", "version": "0.2.0.dev0",
+                    "services": ["gpu-cluster:22"]},
+                   # a stock client's software field: printable ASCII, markup included
+                   {"name": "spare", "peer": "1.2.3.4:6", "services": [],
+                    "version": "not labrelay: " + HOSTILE_VERSION}],
         "users": [{"name": "alice", "peer": "5.6.7.8:9"}],
         "services": [{"service": "gpu-cluster:22", "owner": "lab_pc", "since": 1000.0}],
         "service_grants": [{"service": "gpu-cluster:22", "owner": "lab_pc"},
@@ -66,6 +72,10 @@ def test_page_shows_services_users_links_and_escapes_peers() -> None:
     assert "web:8080 down lab_pc" in text  # granted, not registered
     assert "alice connected 1 4 100 B 2.0 KiB" in text
     assert "up relay:2222 connected 10s 2 gpu (ready) ready" in text
+    # Each agent's version, escaped (it is the peer's version line).
+    assert "<img" not in page and "&lt;img/src=x/onerror=alert(1)&gt;&amp;amp;" in page
+    assert "lab_pc 1.2.3.4:5 0.2.0.dev0 gpu-cluster:22" in text
+    assert html.unescape(text).count("spare 1.2.3.4:6 not labrelay: " + HOSTILE_VERSION) == 1
     assert "refused, the previous config still runs: n.toml: relay.max_channels" in text
 
 
