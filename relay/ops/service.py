@@ -28,7 +28,14 @@ from relay.ops.metrics import MetricsRegistry
 from relay.ops.notify import SystemdNotifier
 from relay.ops.parts import default_parts
 from relay.ops.reload import Reloader
-from relay.ops.status import AdminGate, TokenError, admin_resource, base_snapshot, read_token
+from relay.ops.status import (
+    AdminGate,
+    TokenError,
+    TokenFile,
+    admin_resource,
+    base_snapshot,
+    read_token,
+)
 from relay.server.acceptwatch import name_listener
 from relay.ssh.identity import load_identities
 
@@ -133,15 +140,17 @@ class NodeService(MultiService):
                 reactor.callFromThread(self.reloadNow)
         if config.admin is not None:
             listen = config.admin.listen
-            token = None
+            token_file = None
             if config.admin.token_file is not None:
                 try:
-                    token = read_token(config.admin.token_file)
+                    token_file = TokenFile(config.admin.token_file,
+                                           read_token(config.admin.token_file))
                 except TokenError as e:
                     raise ConfigError(config.source, "admin.token_file", str(e)) from e
             metrics = MetricsRegistry(self.status)
             reload = self.reloadNow if self.reloader is not None else None
-            site = Site(admin_resource(self.status, AdminGate(listen.host, token),
+            gate = AdminGate(listen.host, token_file=token_file)
+            site = Site(admin_resource(self.status, gate,
                                        metrics=metrics.exposition, reload=reload))
             site.noisy = False
             admin = AdminServer(listen.port, site, interface=listen.host, reactor=reactor)
