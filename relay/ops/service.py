@@ -110,6 +110,9 @@ class NodeService(MultiService):
         self._started = reactor.seconds()
         self.notifier = notifier
         self._handle_sighup = handle_sighup
+        # Run at each SIGHUP before the reload: twistd's --logfile is reopened here
+        # (relay.ops.tap), so logrotate's move-then-HUP starts a new file.
+        self.on_hangup: list[Callable[[], object]] = []
         self.links: list[Link] = []
         self.relay: Any = None
         if config.relay is not None:
@@ -207,7 +210,15 @@ class NodeService(MultiService):
         return self.reloader.reload().as_dict()
 
     def _sighup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.reloadNow)
+        self.reactor.callFromThread(self._hangup)
+
+    def _hangup(self) -> Any:
+        for hook in self.on_hangup:
+            try:
+                hook()
+            except Exception:
+                self._log.failure("SIGHUP: {hook!r} failed", hook=hook)
+        return self.reloadNow()
 
     def startService(self) -> None:
         super().startService()
