@@ -70,6 +70,11 @@ def test_a_rotated_admin_token_is_used_without_a_restart(tmp_path: Path) -> None
         assert "relay on 127.0.0.1" in after.stdout
         stale = _labrelay("status", "--admin", admin, "--token-file", str(tmp_path / "old.token"))
         assert stale.returncode != 0 and "401" in stale.stdout + stale.stderr
+        # The admin's own commands take the address and token from the config, as
+        # `systemctl reload`'s ExecReload= does (status had no --config until round 16).
+        by_config = _labrelay("status", "--config", str(config))
+        assert by_config.returncode == 0, by_config.stdout + by_config.stderr
+        assert "relay on 127.0.0.1" in by_config.stdout
         reload = _labrelay("reload", "--config", str(config))
         assert reload.returncode == 0, reload.stdout + reload.stderr
         assert relay.poll() is None
