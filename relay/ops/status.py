@@ -451,6 +451,15 @@ def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
             f" (not after {cert.get('not_after', '?')}, loaded {cert.get('loads', 0)}x); "
             f"{tls.get('handshakes', 0)} handshakes, {tls.get('handshake_failed', 0)} failed, "
             f"{tls.get('handshake_timeout', 0)} timed out")
+    problems = relay.get("grant_problems") or []
+    count = relay.get("grant_problem_count", len(problems))
+    if count:
+        lines = [f"GRANTS: {count} problem(s); what each names grants nothing "
+                 "until it is fixed:"]
+        lines += [f"  {p[:2000]}" for p in problems[:20]]
+        if count > 20:
+            lines.append(f"  ... and {count - 20} more (the log has each)")
+        out.append("\n".join(lines))
     admission = relay.get("admission")
     if admission:
         refused_at = " ".join(
