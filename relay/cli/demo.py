@@ -50,7 +50,7 @@ from relay.config.schema import (
     ServiceGrant,
 )
 from relay.ops.service import make_node_service
-from relay.server.service import load_host_keys
+from relay.server.hostkeyfile import load_host_keys
 from relay.ssh.hostkeys import fingerprint_sha256
 from relay.ssh.keygen import generate_keypair
 

@@ -114,8 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fetch the status of a labrelay started with --admin (or [admin] in "
         "its config) and print it as tables.",
     )
+    status.add_argument("--config", default=None, type=Path, metavar="CONFIG",
+                        help="take the admin address and token file from this config's "
+                        "[admin], as labrelay reload --config does")
     status.add_argument("--admin", default=None, metavar="ADDR:PORT",
-                        help="its admin endpoint (default 127.0.0.1:7022)")
+                        help="its admin endpoint (default: --config's [admin], else "
+                        "127.0.0.1:7022)")
     status.add_argument("--token-file", default=None, type=Path, metavar="FILE",
                         help="send the bearer token in FILE (its [admin] token_file)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -448,7 +452,10 @@ def cmd_keygen(ns: argparse.Namespace) -> int:
     comment = ns.comment or f"{getpass.getuser()}@{socket.gethostname()}"
     line = generate_keypair(ns.path, comment, overwrite=ns.force)
     print(f"wrote {ns.path} (private, mode 0600) and {ns.path}.pub", file=sys.stderr)
-    print("add this line to the server's ~/.ssh/authorized_keys:", file=sys.stderr)
+    print("add this line to the server's ~/.ssh/authorized_keys (a stock sshd), or to a "
+          "labrelay relay's agents file with permitlisten=\"NAME:PORT\" in front, its "
+          "comment being the agent's name there (-C NAME sets it; docs/relay.md):",
+          file=sys.stderr)
     print(line)
     return 0
 
@@ -460,9 +467,14 @@ def cmd_status(ns: argparse.Namespace) -> int:
     from relay.config.schema import DEFAULT_ADMIN_LISTEN
     from relay.ops.status import TokenError, fetch, format_status, read_token
 
-    address = ns.admin or DEFAULT_ADMIN_LISTEN
+    address, token_file = ns.admin, ns.token_file
+    if ns.config is not None and (address is None or token_file is None):
+        admin_listen, admin_token = _admin_of(ns.config)
+        address = address or admin_listen
+        token_file = token_file or admin_token
+    address = address or DEFAULT_ADMIN_LISTEN
     try:
-        token = read_token(ns.token_file) if ns.token_file is not None else None
+        token = read_token(token_file) if token_file is not None else None
     except TokenError as e:
         print(f"labrelay: {e}", file=sys.stderr)
         return 2

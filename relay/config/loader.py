@@ -353,12 +353,7 @@ def parse_config(text: str, source: str, *, base_dir: Path | None = None) -> Nod
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(
-            source,
-            "",
-            f"TOML syntax error: {e}",
-            'strings need double quotes and tables brackets, e.g. host = "cloud.example.org"',
-        ) from None
+        raise ConfigError(source, "", f"TOML syntax error: {e}", _toml_hint(str(e))) from None
     base = base_dir if base_dir is not None else Path(source).expanduser().absolute().parent
     problems: list[ConfigError] = []
     top = Section(source, doc, "", TOP_KEYS)
@@ -405,3 +400,13 @@ def load_config(path: str | Path) -> NodeConfig:
             source, "", f"not UTF-8 text (bad byte at offset {e.start})", "save it as UTF-8"
         ) from None
     return parse_config(text, source, base_dir=file.absolute().parent)
+
+
+def _toml_hint(message: str) -> str:
+    """The fix for a TOML error: tomllib says "Cannot overwrite a value" (or "Cannot
+    declare ... twice") for a key or table written twice — an admin who added a second
+    ``listen =`` or pasted a ``[relay]`` table twice — where the quoting hint misled."""
+    if message.startswith(("Cannot overwrite a value", "Cannot declare")):
+        return ("a key is set twice in the same table, or a [table] appears twice: keep one "
+                "(a list of tables is written [[link]], [[relay.user]] …)")
+    return 'strings need double quotes and tables brackets, e.g. host = "cloud.example.org"'

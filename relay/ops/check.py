@@ -2,9 +2,10 @@
 
 As ``sshd -t`` does for sshd: the config file is parsed (every problem of every entry
 at once), then what it names on disk is checked the way start-up would — each link's
-private key files, the relay's grant files (each bad line), the admin token file —
-and every problem is listed.  Nothing listens, connects or writes: a missing host key
-is not a problem (start-up generates it).  A reload runs the same checks on the file
+private key files, the relay's grant files (each bad line), the relay's host key if
+there is one (readable by the relay's user only, a key), the admin token file — and
+every problem is listed.  Nothing listens, connects or writes: a missing host key is
+not a problem (start-up generates it).  A reload runs the same checks on the file
 it read before it changes anything (:mod:`relay.ops.reload`).
 """
 
@@ -32,6 +33,9 @@ def node_problems(config: NodeConfig) -> list[ConfigError]:
         from relay.server.grants import grant_problems
 
         problems += grant_problems(config.relay, config.source)
+        from relay.server.hostkeyfile import host_key_problems
+
+        problems += host_key_problems(config.relay.state_dir)
     if config.admin is not None and config.admin.token_file is not None:
         try:
             read_token(config.admin.token_file)

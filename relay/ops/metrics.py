@@ -183,7 +183,12 @@ def _relay(relay: dict[str, Any]) -> Iterator[Metric]:
     for grant in relay.get("service_grants", []):
         if grant["service"] not in held and not grant["service"].endswith(":*"):
             service_up.add_metric([_s(grant["service"]), _s(grant["owner"])], 0)
-    yield from (agents, versions, users, service_up)
+    grant_problems = _gauge("labrelay_relay_grant_problems",
+                            "Problems in the grant files now: each file or line named "
+                            "grants nothing (labrelay status lists them).", [])
+    grant_problems.add_metric([], relay.get("grant_problem_count",
+                                            len(relay.get("grant_problems", []))))
+    yield from (agents, versions, users, service_up, grant_problems)
     yield from _totals("", "service", "service", relay.get("per_service", {}))
     yield from _totals("user_", "user", "user", relay.get("per_user_totals", {}))
     for counter, value in relay.get("counters", {}).items():

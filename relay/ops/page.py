@@ -122,9 +122,17 @@ def _relay(relay: dict[str, Any], now: float) -> list[str]:
          _num(_bytes(s["bytes_from_service"]))]
         for s in relay.get("sessions", [])
     ]
+    problems = relay.get("grant_problems") or []
+    count = relay.get("grant_problem_count", len(problems))
+    warn = ([f"<h2>Grant problems: {_e(count)}</h2><p>each names a file or line that "
+             "grants nothing until it is fixed</p><ul>"
+             + "".join(f"<li>{_e(p)}</li>" for p in problems[:20])
+             + (f"<li>… and {count - 20} more</li>" if count > 20 else "") + "</ul>"]
+            if count else [])
     out = [
         f'<p class="meta">relay on {_e(relay.get("bound") or relay.get("listen"))}: '
         f'{len(relay.get("agents", []))} agent(s), {len(connected)} user(s) connected</p>',
+        *warn,
         _table("Services", ["service", "state", "agent", "up for", "open", "sessions",
                             "bytes to", "bytes from"], services, "no service granted"),
         _table("Agents", ["agent", "from", "version", "services"], agent_rows,

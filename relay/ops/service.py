@@ -28,7 +28,14 @@ from relay.ops.metrics import MetricsRegistry
 from relay.ops.notify import SystemdNotifier
 from relay.ops.parts import default_parts
 from relay.ops.reload import Reloader
-from relay.ops.status import AdminGate, TokenError, admin_resource, base_snapshot, read_token
+from relay.ops.status import (
+    AdminGate,
+    TokenError,
+    TokenFile,
+    admin_resource,
+    base_snapshot,
+    read_token,
+)
 from relay.server.acceptwatch import name_listener
 from relay.ssh.identity import load_identities
 
@@ -103,6 +110,9 @@ class NodeService(MultiService):
         self._started = reactor.seconds()
         self.notifier = notifier
         self._handle_sighup = handle_sighup
+        # Run at each SIGHUP before the reload: twistd's --logfile is reopened here
+        # (relay.ops.tap), so logrotate's move-then-HUP starts a new file.
+        self.on_hangup: list[Callable[[], object]] = []
         self.links: list[Link] = []
         self.relay: Any = None
         if config.relay is not None:
@@ -133,15 +143,17 @@ class NodeService(MultiService):
                 reactor.callFromThread(self.reloadNow)
         if config.admin is not None:
             listen = config.admin.listen
-            token = None
+            token_file = None
             if config.admin.token_file is not None:
                 try:
-                    token = read_token(config.admin.token_file)
+                    token_file = TokenFile(config.admin.token_file,
+                                           read_token(config.admin.token_file))
                 except TokenError as e:
                     raise ConfigError(config.source, "admin.token_file", str(e)) from e
             metrics = MetricsRegistry(self.status)
             reload = self.reloadNow if self.reloader is not None else None
-            site = Site(admin_resource(self.status, AdminGate(listen.host, token),
+            gate = AdminGate(listen.host, token_file=token_file)
+            site = Site(admin_resource(self.status, gate,
                                        metrics=metrics.exposition, reload=reload))
             site.noisy = False
             admin = AdminServer(listen.port, site, interface=listen.host, reactor=reactor)
@@ -198,7 +210,15 @@ class NodeService(MultiService):
         return self.reloader.reload().as_dict()
 
     def _sighup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.reloadNow)
+        self.reactor.callFromThread(self._hangup)
+
+    def _hangup(self) -> Any:
+        for hook in self.on_hangup:
+            try:
+                hook()
+            except Exception:
+                self._log.failure("SIGHUP: {hook!r} failed", hook=hook)
+        return self.reloadNow()
 
     def startService(self) -> None:
         super().startService()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
@@ -90,6 +91,52 @@ def read_token(path: Path) -> bytes:
     return token
 
 
+class TokenFile:
+    """The admin token as its file says now: rotating the token is writing the file.
+
+    The token used to be read once at start-up, and ``[admin]`` is a restart-only
+    setting, so rotating it meant restarting the node — every session through a relay
+    ended — and ``labrelay reload --config`` could not even ask for the restart's
+    alternative: it sends the token the file holds, the new one, which the running
+    node refused.  The file is stat'ed at each request (one ``stat``) and read again
+    when its inode, size or times changed.  A file that became unusable (too open,
+    too short, gone) refuses every request until it is fixed: the old token, which
+    the operator meant to retire, is not kept."""
+
+    _log = Logger()
+
+    def __init__(self, path: Path, token: bytes) -> None:
+        self.path = path
+        self._token: bytes | None = token
+        self._problem = ""
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, ...] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def current(self) -> bytes | None:
+        """The token in force; None while the file is unusable (logged once a change)."""
+        stamp = self._stamp()
+        if stamp != self._seen:
+            self._seen = stamp
+            try:
+                self._token = read_token(self.path)
+                self._problem = ""
+                self._log.info("admin token file {path} read again: the new token is in "
+                               "force", event="admin_token_changed", path=str(self.path))
+            except TokenError as e:
+                self._token = None
+                self._problem = str(e)
+                self._log.error("admin endpoint refuses every request until its token file "
+                                "is fixed: {problem}", event="admin_token_invalid",
+                                problem=self._problem)
+        return self._token
+
+
 @dataclass(frozen=True)
 class Refusal:
     """An HTTP answer that carries no data."""
@@ -123,9 +170,11 @@ class AdminGate:
     refused too (every browser, curl, urllib and Prometheus send one).
     """
 
-    def __init__(self, listen_host: str, token: bytes | None = None) -> None:
+    def __init__(self, listen_host: str, token: bytes | None = None,
+                 token_file: TokenFile | None = None) -> None:
         self.listen_host = listen_host
         self.token = token
+        self.token_file = token_file
 
     def allowed_hosts(self, local_host: str, local_port: int) -> set[str]:
         names = {_host_name(local_host)}
@@ -145,10 +194,15 @@ class AdminGate:
         if host not in self.allowed_hosts(local_host, local_port):
             return Refusal(421, "misdirected request: this endpoint answers only requests "
                            "addressed to its own address or localhost")
-        if self.token is not None:
+        token = self.token
+        if self.token_file is not None:
+            token = self.token_file.current()
+            if token is None:
+                return Refusal(503, "the admin token file is not usable: see this node's log")
+        if token is not None:
             scheme, _, presented = (authorization or b"").strip().partition(b" ")
             if not (scheme.lower() == b"bearer"
-                    and hmac.compare_digest(presented.strip(), self.token)):
+                    and hmac.compare_digest(presented.strip(), token)):
                 return Refusal(401, "a bearer token is required",
                                ((b"www-authenticate", b'Bearer realm="labrelay"'),))
         return None
@@ -397,6 +451,15 @@ def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
             f" (not after {cert.get('not_after', '?')}, loaded {cert.get('loads', 0)}x); "
             f"{tls.get('handshakes', 0)} handshakes, {tls.get('handshake_failed', 0)} failed, "
             f"{tls.get('handshake_timeout', 0)} timed out")
+    problems = relay.get("grant_problems") or []
+    count = relay.get("grant_problem_count", len(problems))
+    if count:
+        lines = [f"GRANTS: {count} problem(s); what each names grants nothing "
+                 "until it is fixed:"]
+        lines += [f"  {p[:2000]}" for p in problems[:20]]
+        if count > 20:
+            lines.append(f"  ... and {count - 20} more (the log has each)")
+        out.append("\n".join(lines))
     admission = relay.get("admission")
     if admission:
         refused_at = " ".join(

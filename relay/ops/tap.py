@@ -67,6 +67,7 @@ class TwistdRoot(MultiService):
         super().__init__()
         self._server_options = server_options
         self._reactor_name = reactor_name
+        self._node = node
         node.setServiceParent(self)
 
     def startService(self) -> None:
@@ -86,7 +87,31 @@ class TwistdRoot(MultiService):
         if parent.getComponent(ILogObserver, None) is None:
             from relay.ops.logfmt import sanitizing_observer
 
-            parent.setComponent(ILogObserver, sanitizing_observer(_twistd_observer(options)))
+            observer = _twistd_observer(options)
+            _reopen_at_hangup(self._node, observer)
+            parent.setComponent(ILogObserver, sanitizing_observer(observer))
+
+
+def _reopen_at_hangup(node: IService, observer: Any) -> None:
+    """Reopen twistd's ``--logfile`` at each SIGHUP, before the reload.
+
+    twistd rotates its file itself (at 1 MB, or at SIGUSR1) but cannot follow a file
+    moved under it: after logrotate's usual move-then-signal the process wrote on into
+    the moved file — compressed and deleted by the next rotations, so the log was lost
+    — and SIGUSR1 could not help (twistd's rotation skips a path that no longer
+    exists).  ``LogFile.reopen`` opens the configured path again (a new file when it
+    was moved, the same one otherwise)."""
+    from twisted.python.logfile import LogFile
+
+    log_file = getattr(observer, "_outFile", None)  # twisted.logger.FileLogObserver
+    hooks = getattr(node, "on_hangup", None)
+    if isinstance(log_file, LogFile) and hooks is not None:
+        def reopen() -> None:
+            log_file.reopen()
+            _log.info("SIGHUP: log file {path} reopened", event="log_reopened",
+                      path=log_file.path)
+
+        hooks.append(reopen)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

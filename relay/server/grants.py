@@ -162,6 +162,12 @@ class Grants:
             if path is not None
         ]
         self._observers: list[Callable[[GrantsChange], None]] = []
+        # What the grants in force left out (a file that grants nothing, a bad or
+        # conflicting line), for `labrelay status` and /metrics: the watch applies a
+        # broken file by itself, so the log alone was the only place it showed.
+        self.problems: tuple[str, ...] = ()
+        self.problem_count = 0
+        self._building: list[str] = []
         self._pending: tuple[_Snapshot, ...] | None = None
         self._pending_polls = 0
         self._pending_reads = 0
@@ -328,6 +334,8 @@ class Grants:
         except ConfigError as e:
             if strict:
                 raise
+            self._building.append(f"{file.kind}s file {file.path} grants nothing: "
+                                  + ("it is missing" if file.missing else str(e)))
             if file.missing:
                 _log.warn(
                     "{kind}s file {file} is missing: no {kind} keys from it are granted",
@@ -345,12 +353,14 @@ class Grants:
         problems: list[ConfigError] = []
         sites = parse_grant_file(text, file.kind, str(file.path), problems=problems)
         for problem in problems:
+            self._building.append(f"{problem.source}: this line grants nothing: {problem}")
             _log.error(
                 "{file}: this line grants nothing (the other lines still apply): {reason}",
                 event="grants_line_invalid", kind=file.kind, file=problem.source,
                 reason=OperatorText(problem),  # whole: the fix is at its end
             )
         if not sites and not problems:
+            self._building.append(f"{file.kind}s file {file.path} is empty: it grants nothing")
             _log.warn(
                 "{kind}s file {file} is empty: no {kind} keys from it are granted",
                 event="grants_file_empty", kind=file.kind, file=str(file.path),
@@ -379,6 +389,7 @@ class Grants:
                 if index is None or index < len(self._sites):
                     # Not a file's line (the config tables were checked at start-up):
                     # fail closed on every file.
+                    self._building.append(f"grant files grant nothing: {e}")
                     _log.error(
                         "grant files grant nothing: {reason}", event="grants_conflict",
                         file=e.source, reason=OperatorText(e), kind="", name="",
@@ -386,6 +397,8 @@ class Grants:
                     sites = list(self._sites)
                     continue
                 dropped = sites.pop(index).principal
+                self._building.append(f"{e.source}: {dropped.kind} {dropped.name} grants "
+                                      f"nothing here: {e}")
                 _log.error(
                     "{file}: {kind} {name} grants nothing here: {reason}",
                     event="grants_conflict", file=e.source, kind=dropped.kind,
@@ -393,10 +406,15 @@ class Grants:
                 )
 
     def _build(self, snapshot: Iterable[_Snapshot], strict: bool) -> _State:
+        self._building = []
         sites = list(self._sites)
         for file in snapshot:
             sites.extend(self._fileSites(file, strict))
         sites, blobs = self._checked(sites, strict)
+        # Bounded, as everything in the status is: a file of 10 000 bad lines is
+        # counted whole and listed by its first 100.
+        self.problems = tuple(self._building[:100])
+        self.problem_count = len(self._building)
         by_key: dict[bytes, Principal] = {}
         owners: dict[str, Principal] = {}
         public_ports: dict[int, Principal] = {}

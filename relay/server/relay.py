@@ -599,6 +599,8 @@ class RelayCore(SessionOpening):
              "sharing": self.sharing.status(self.connections),
              "counters": dict(self.counters),
              "bound": str(self.bound) if self.bound is not None else None,
+             "grant_problems": list(self.grants.problems),
+             "grant_problem_count": self.grants.problem_count,
              "service_grants": [
                  {"service": str(g), "owner": p.name}
                  for p in self.grants.principals() if p.kind == "agent" for g in p.services

@@ -3,12 +3,10 @@ keys it presents (generated into the state directory on first start)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import TCPServer
 from twisted.application.service import MultiService
-from twisted.conch.ssh import keys
 from twisted.internet import defer
 from twisted.logger import Logger, globalLogPublisher
 
@@ -16,26 +14,12 @@ from relay.config.errors import ConfigError
 from relay.config.schema import HostPort, RelayConfig
 from relay.server.acceptwatch import AcceptWatch, name_listener
 from relay.server.grants import Grants
+from relay.server.hostkeyfile import load_host_keys
 from relay.server.relay import RelayCore
 from relay.server.tlsport import TLSPort
 from relay.ssh.hostkeys import fingerprint_sha256
-from relay.ssh.keygen import generate_keypair
 from relay.ssh.server import RelayFactory
 from relay.transport.tlsserver import CertificateError
-
-
-def load_host_keys(state_dir: Path) -> dict[bytes, keys.Key]:
-    """The relay's host keys, generated into ``state_dir`` on first start."""
-    try:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(str(state_dir), "relay.state_dir", f"cannot create it: {e}",
-                          "choose a writable directory with --state-dir") from e
-    path = state_dir / "ssh_host_ed25519_key"
-    if not path.exists():
-        generate_keypair(path, "labrelay-relay-host-key")
-    key = keys.Key.fromFile(str(path))
-    return {key.sshType(): key}
 
 
 class RelayService(MultiService):

@@ -45,6 +45,14 @@ _HASH_MAGIC = "|1|"
 _SALT_LEN = 20  # SHA-1 digest size, as OpenSSH's hostfile.c uses
 
 
+
+# Where an admin reads the key on the server: a stock sshd's files, or a labrelay
+# relay's state directory (its host key is not under /etc/ssh; its start-up line
+# "relay listening on ...; host key SHA256:..." names the fingerprint too).
+ON_THE_SERVER = ("(on the server: ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub; for a labrelay "
+                 "relay: ssh-keygen -lf STATE_DIR/ssh_host_ed25519_key.pub, STATE_DIR being "
+                 "its [relay] state_dir, or its 'relay listening' log line)")
+
 class HostKeyStatus(enum.Enum):
     """Why a host key was refused."""
 
@@ -200,8 +208,8 @@ class HostKeyVerifier:
             self.hostname,
             f"the server offered {offered}, but the configuration pins {expected}. "
             "This could be a man-in-the-middle attack, or the server's key was replaced",
-            "confirm the server's key out of band (on the server: ssh-keygen -lf "
-            "/etc/ssh/ssh_host_*_key.pub), then set host_key (--host-key) to the new value",
+            "confirm the server's key out of band " + ON_THE_SERVER
+            + ", then set host_key (--host-key) to the new value",
         )
 
     def _verify_known_hosts(self, offered: _Offered) -> str:
@@ -255,8 +263,8 @@ class HostKeyVerifier:
             HostKeyStatus.UNKNOWN,
             self.hostname,
             f"the host is UNKNOWN: the server offered {offered} and {_where(reads)}",
-            "check the fingerprint out of band (on the server: ssh-keygen -lf "
-            f"/etc/ssh/ssh_host_*_key.pub), then add this line to {path}: {line}  "
+            "check the fingerprint out of band " + ON_THE_SERVER + ", "
+            f"then add this line to {path}: {line}  "
             f"-- or pin it: --host-key {offered.fingerprint} on the command line "
             f'(pin host_key = "{offered.fingerprint}" in a config file), or record it on '
             "first connection: -o StrictHostKeyChecking=accept-new "
@@ -285,8 +293,8 @@ class HostKeyVerifier:
             HostKeyStatus.UNKNOWN,
             self.hostname,
             f"the host is UNKNOWN: the server offered {offered} and {_where(reads)}{mode}",
-            "check the fingerprint out of band (on the server: ssh-keygen -lf "
-            f"/etc/ssh/ssh_host_*_key.pub), then {places}pin it: --host-key "
+            "check the fingerprint out of band " + ON_THE_SERVER + ", "
+            f"then {places}pin it: --host-key "
             f"{offered.fingerprint} on the command line "
             f'(host_key = "{offered.fingerprint}" in a config file), or set '
             "UserKnownHostsFile (known_hosts) to a file instead of none",

@@ -19,6 +19,7 @@ from relay.ops.status import (
     MIN_TOKEN_LENGTH,
     AdminGate,
     TokenError,
+    TokenFile,
     admin_resource,
     read_token,
 )
@@ -247,3 +248,30 @@ def test_status_shows_each_links_reconnects() -> None:
     row = next(line for line in lines if line.startswith("cloud "))
     assert header.split()[:6] == ["LINK", "SERVER", "STATE", "FOR", "RECONNECTS", "LAST"]
     assert row.split()[4] == "7", row
+
+
+def test_a_rotated_token_file_is_in_force_at_the_next_request(tmp_path: Path) -> None:
+    """Rotating the admin token is writing its file: the old token is refused from the
+    next request on, the new one answered, without a restart (which would end every
+    session through a relay).  A file made unusable refuses everything (503), the old
+    token included, until it is fixed."""
+    path = tmp_path / "admin.token"
+    old, new = TOKEN, b"fedcba9876543210fedcba9876543210"
+    path.write_bytes(old + b"\n")
+    path.chmod(0o600)
+    gate = AdminGate("127.0.0.1", token_file=TokenFile(path, read_token(path)))
+
+    def ask(token: bytes) -> int | None:
+        refusal = gate.check(b"127.0.0.1:7022", "127.0.0.1", 7022, b"Bearer " + token)
+        return None if refusal is None else refusal.code
+
+    assert ask(old) is None
+    path.write_bytes(new + b"\n")  # as `openssl rand -hex 16 > admin.token` does
+    assert ask(old) == 401
+    assert ask(new) is None
+    path.chmod(0o644)
+    assert ask(new) == 503 and ask(old) == 503
+    path.chmod(0o600)
+    assert ask(new) is None
+    path.unlink()
+    assert ask(new) == 503

@@ -484,6 +484,19 @@ def test_toml_syntax_error_names_the_line() -> None:
     check(err, "", "TOML syntax error", "line 3")
 
 
+@pytest.mark.parametrize("text", [
+    '[relay]\nlisten = "0.0.0.0:2222"\nlisten = "127.0.0.1:0"\n',
+    '[relay]\nlisten = "0.0.0.0:2222"\n[relay]\nstate_dir = "s"\n',
+])
+def test_a_key_or_table_written_twice_gets_its_own_fix(text: str) -> None:
+    """tomllib's "Cannot overwrite a value" came with the quoting hint ("strings need
+    double quotes ..."), which sent an admin who had pasted a key twice looking for a
+    quote that was not missing."""
+    err = error_of(text)
+    assert "TOML syntax error" in str(err)
+    assert "set twice" in err.hint and "double quotes" not in err.hint
+
+
 def test_load_config_resolves_relative_paths_against_the_file(tmp_path: Path) -> None:
     (tmp_path / "conf").mkdir()
     path = tmp_path / "conf" / "node.toml"

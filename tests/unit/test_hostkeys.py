@@ -238,6 +238,9 @@ def test_unknown_host_is_refused_with_the_line_to_add(tmp_path: Path, keys) -> N
     assert f"{BRACKETED} {line_a}" in message
     assert 'strict_host_key_checking = "accept-new"' in message and "lines 2" in message
     assert f'pin host_key = "{fingerprint_sha256(key_a)}"' in message
+    # Where to compare it: a labrelay relay's key is in its state_dir, not /etc/ssh
+    # (the hint named only sshd's files, which a relay's admin does not have).
+    assert "STATE_DIR/ssh_host_ed25519_key.pub" in message and "state_dir" in message
 
 
 def test_missing_file_means_unknown_and_is_not_created(tmp_path: Path, keys) -> None:

@@ -181,3 +181,28 @@ def test_default_identity_paths(tmp_path: Path) -> None:
     ssh_keygen(ssh / "id_ed25519", "-t", "ed25519")
     (ssh / "id_ecdsa").mkdir()  # not a file: skipped
     assert default_identity_paths(tmp_path) == [ssh / "id_ed25519", ssh / "id_rsa"]
+
+
+@pytest.mark.parametrize("damage", ["header", "body"])
+def test_a_damaged_key_file_is_refused_without_quoting_it(tmp_path: Path, damage: str) -> None:
+    """Conch's own message for a file it cannot guess ("cannot guess the type of
+    b'...'") quotes the whole file: a private key whose first line lost a dash went
+    whole into the error, and from there into `labrelay check`'s output and the
+    journal.  The error says what is wrong with the file's shape, never its bytes."""
+    path = ssh_keygen(tmp_path / "id", "-t", "ed25519")
+    lines = path.read_text().splitlines()
+    if damage == "header":
+        lines[0] = lines[0][1:]
+    else:
+        lines[1] = "!" + lines[1][1:]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(IdentityError) as err:
+        load_identity(path)
+    message = str(err.value)
+    assert "is not a supported private key" in message
+    for line in lines[1:-1]:
+        assert line[5:30] not in message
+    if damage == "header":
+        assert "first line is not a private key header" in message
+    else:
+        assert "BEGIN OPENSSH PRIVATE KEY----- found" in message

@@ -79,6 +79,18 @@ def test_page_shows_services_users_links_and_escapes_peers() -> None:
     assert "refused, the previous config still runs: n.toml: relay.max_channels" in text
 
 
+def test_page_lists_grant_problems_escaped() -> None:
+    """A grant file the watch applied as "grants nothing" shows on the page too (round
+    16: before, only the log said so); its text is the operator's file's, escaped."""
+    relay = {**SNAPSHOT["relay"], "grant_problems": [f"users:2: this line grants nothing: "
+                                                     f"{HOSTILE}"], "grant_problem_count": 1}
+    page = render_page({**SNAPSHOT, "relay": relay}, now=1010.0)
+    assert "<script" not in page
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page))
+    assert "Grant problems: 1" in text and "users:2: this line grants nothing" in text
+    assert "Grant problems" not in render_page(SNAPSHOT, now=1010.0)
+
+
 def test_metrics_are_conventional_and_described() -> None:
     text = prometheus_text(SNAPSHOT)
     families = list(text_string_to_metric_families(text))
