@@ -43,7 +43,7 @@ from relay.server.resumes import RelayResumes
 from relay.server.sharing import Sharing
 from relay.server.status import relay_status
 from relay.server.waiting import Waiting
-from relay.ssh.aead import PACKETS_PER_TURN
+from relay.ssh.aead import PACKETS_PER_TURN, CorkGroup
 from relay.ssh.server import RefusedRequest, RelayConnection, RelayTransport
 from relay.ssh.serverauth import Identity
 from relay.ssh.turnshare import UserTurnShares
@@ -111,6 +111,7 @@ class RelayCore(SessionOpening):
         # Each user's budget of packets per reactor turn, over all her connections
         # (relay.ssh.turnshare; docs/security.md, "one user's flood of small packets").
         self.turnShares = UserTurnShares(reactor, PACKETS_PER_TURN)
+        self.writeCork = CorkGroup()  # what one read makes the relay send, one write a peer
         self.resumes = RelayResumes(reactor, config.resume_grace,
                                     retag=self.sharing.tagAgentChannel,
                                     principal_for=grants.principal_for)

@@ -104,6 +104,43 @@ USER_NO_FLUSH = NO_FLUSH | {MSG_GLOBAL_REQUEST}
 refused) touch no channel either."""
 
 
+class CorkGroup:
+    """Packets that transports of the group seal while a read is handled (:meth:`held`)
+    leave at its end, one write per transport, not one each.
+
+    A read of a user's small packets for 50 channels is handed on to the agent's link
+    as up to 50 packets (one per channel, relay.ssh.connection joins the rest): each
+    was a ``send`` of its own at the relay and a segment to wake the agent for; and a
+    read of the link, every user's replies, was a ``send`` per reply.  The group holds
+    them in each transport's cork (``AEADTransportMixin.corked``) until the read is
+    handled, still within the same reactor turn.  One per relay (``RelayCore``)."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._held: list[AEADTransportMixin] = []
+
+    @property
+    def active(self) -> bool:
+        return self._depth > 0
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                held, self._held = self._held, []
+                for t in held:
+                    t._uncork()
+
+    def join(self, t: AEADTransportMixin) -> None:
+        """``t`` seals a packet while the group is held: hold it in ``t``'s cork."""
+        t._cork = []
+        self._held.append(t)
+
+
 class AEADTransportMixin(KexMixin):
     """AEAD ciphers, strict KEX, bounded key exchanges and a leaner packet path for
     Conch's SSH transports (module docstring).
@@ -144,6 +181,8 @@ class AEADTransportMixin(KexMixin):
     _pad = b""
     _padOff = 0
     _cork: list[bytes] | None = None  # sealed packets held by corked()
+    #: The relay's :class:`CorkGroup` (None: every packet is written as it is sealed).
+    corkGroup: CorkGroup | None = None
     #: Stop reading the peer while more than this many bytes of ours wait unread by it
     #: in Twisted's buffer (None: never).  Channel data cannot get there (the connection
     #: service stops feeding at ``LINK_BUFFER``), but every answer to a request can: a
@@ -267,6 +306,12 @@ class AEADTransportMixin(KexMixin):
             if chunks and self.transport is not None:
                 self._writeSealed(chunks)
 
+    def _uncork(self) -> None:
+        """The end of a :class:`CorkGroup`'s hold: what this transport sealed meanwhile."""
+        chunks, self._cork = self._cork, None
+        if chunks and self.transport is not None:
+            self._writeSealed(chunks)
+
     def _writeSealed(self, chunks: Sequence[bytes]) -> None:
         budget = self.writeBudget
         if budget is None:
@@ -283,6 +328,9 @@ class AEADTransportMixin(KexMixin):
             # what it sealed leaves before this packet.
             forward.handback("python write", later=True)
         chunks = aead.seal(self.outgoingPacketSequence, plain)
+        group = self.corkGroup
+        if self._cork is None and group is not None and group.active:
+            group.join(self)
         if self._cork is not None:
             self._cork.extend(chunks)  # written by corked(), in order
         else:
@@ -308,6 +356,14 @@ class AEADTransportMixin(KexMixin):
         self._handleRead(data)
 
     def _handleRead(self, data: bytes) -> None:
+        group = self.corkGroup
+        if group is None:
+            self._handleReadNow(data)
+            return
+        with group.held():
+            self._handleReadNow(data)
+
+    def _handleReadNow(self, data: bytes) -> None:
         share = self.turnShare
         sock = self._socket() if share is not None else None
         if sock is None:
@@ -362,6 +418,13 @@ class AEADTransportMixin(KexMixin):
     def parseWaiting(self, budget: int) -> int:
         """Handle up to ``budget`` packets of what waits (``UserTurns``, at the start of
         a turn); the packets handled."""
+        group = self.corkGroup
+        if group is None:
+            return self._parseWaiting(budget)
+        with group.held():
+            return self._parseWaiting(budget)
+
+    def _parseWaiting(self, budget: int) -> int:
         rest, self._backlog = self._backlog, None
         sock = self._backlogSock
         if rest is None or sock is None or sock.disconnecting or self._readDead:

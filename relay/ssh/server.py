@@ -51,7 +51,7 @@ from relay.core.resume import (
 )
 from relay.core.routing import PUBLIC_BINDS
 from relay.ssh import policy
-from relay.ssh.aead import USER_NO_FLUSH, AEADTransportMixin
+from relay.ssh.aead import USER_NO_FLUSH, AEADTransportMixin, CorkGroup
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import (
     OPEN_ADMINISTRATIVELY_PROHIBITED,
@@ -128,6 +128,7 @@ class RelayHandler(AuthHandler, Protocol):
     shared by all her connections (relay.ssh.turnshare)."""
 
     turnShares: UserTurnShares
+    writeCork: CorkGroup
 
     def admitConnection(self, addr: Any) -> Ticket | None:
         """A ticket for a new TCP connection, or None to close it at once."""
@@ -217,6 +218,7 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
         self.kexClock = core.reactor
         self.kexTimeout = core.config.kex_timeout
         self.kexInitWait = KEXINIT_WAIT
+        self.corkGroup = core.writeCork  # a read's packets to each peer in one write
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:

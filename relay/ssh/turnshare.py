@@ -16,7 +16,9 @@ at all for bulk (four 32 KiB packets to a read).  The transports' side is in
 
 from __future__ import annotations
 
+import time
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from relay.core.fairshare import TurnShare
@@ -35,10 +37,13 @@ class Reader(Protocol):
 class UserTurns:
     """One user's budget of packets per reactor turn, and her connections that wait."""
 
-    def __init__(self, reactor: Any, per_turn: int) -> None:
+    def __init__(self, reactor: Any, per_turn: int,
+                 othersActive: Callable[[UserTurns], bool] | None = None) -> None:
         self.reactor = reactor
         self.share: TurnShare[Reader] = TurnShare(per_turn)
         self._call: Any = None
+        self._othersActive = othersActive
+        self.lastRead = 0.0  # reactor.seconds() of this user's last read
         # A reactor that counts its turns (relay.ops.leanepoll) tells them apart by
         # that number; on another, a turn for this budget ends at each of our calls.
         self._counted = isinstance(getattr(reactor, "turns", None), int)
@@ -48,7 +53,12 @@ class UserTurns:
         return self.reactor.turns if self._counted else self._ticks
 
     def budget(self) -> int:
-        """Packets a read of this user may have handled now."""
+        """Packets a read of this user may have handled now: none while any of her
+        connections waits (the read waits behind it, its socket paused)."""
+        if self._othersActive is not None:
+            self.lastRead = self.reactor.seconds()
+        if len(self.share):
+            return 0
         return self.share.grant(self._turn())
 
     def spend(self, packets: int) -> None:
@@ -77,6 +87,7 @@ class UserTurns:
         else:
             self._ticks += 1
             left = self.share.renew(self._ticks)
+        start = time.perf_counter()
         served = 0
         waiting = len(self.share)
         while left > 0 and served < waiting:
@@ -90,7 +101,16 @@ class UserTurns:
             if reader.stillWaiting():
                 self.share.wait(reader)  # at the back: the others go first next turn
         if len(self.share) and self._call is None:
-            self._call = self.reactor.callLater(0, self._nextTurn)
+            # While others are active, she waits as long as her turn took: at most
+            # half of the relay's time is hers, and her peer is pushed back.
+            delay = 0.0
+            if self._othersActive is not None and self._othersActive(self):
+                delay = time.perf_counter() - start
+            self._call = self.reactor.callLater(delay, self._nextTurn)
+
+
+ACTIVE_WINDOW = 1.0
+"""Seconds since another user's last read during which she is held to half the time."""
 
 
 class UserTurnShares:
@@ -107,8 +127,14 @@ class UserTurnShares:
     def of(self, user: str) -> UserTurns:
         share = self._shares.get(user)
         if share is None:
-            share = self._shares[user] = UserTurns(self.reactor, self.per_turn)
+            share = self._shares[user] = UserTurns(self.reactor, self.per_turn,
+                                                   self.othersActive)
         return share
+
+    def othersActive(self, me: UserTurns) -> bool:
+        """Whether a user other than ``me`` read anything within ``ACTIVE_WINDOW``."""
+        since = self.reactor.seconds() - ACTIVE_WINDOW
+        return any(s is not me and s.lastRead >= since for s in self._shares.values())
 
     def __len__(self) -> int:
         return len(self._shares)
