@@ -24,7 +24,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from relay.ssh.aead import PACKETS_PER_TURN
 from relay.ssh.ciphers import AES128_GCM, PacketCiphers
 from relay.ssh.connection import COALESCE_BELOW, COALESCE_MAX, FlowConnection
-from relay.ssh.turnshare import UserTurns
+from relay.ssh.turnshare import UserTurns, UserTurnShares
 from relay.testing import BareSSHTransport
 
 KEY = bytes(range(16))
@@ -416,3 +416,71 @@ def test_messages_that_are_not_data_count_against_the_budget_and_do_not_split_th
     sent0 = bytes(65 + k % 26 for k in range(0, rounds, 2)) + b"!"
     sent1 = bytes(65 + k % 26 for k in range(1, rounds, 2))
     assert chans[0].chunks == [sent0] and chans[1].chunks == [sent1]  # one chunk each
+
+
+@pytest.mark.parametrize("others", [False, True])
+def test_while_others_are_active_a_user_past_her_budget_waits_as_long_as_her_turn_took(
+    tcp_pair: tuple[Connection, MemoryReactorClock], others: bool,
+) -> None:
+    """Alone, the rest of her read is parsed in the very next turn (a lone user's rate
+    is not cut); while another user is active, her next turn comes only after as long
+    as her last one took, so that at most half of the relay's time is hers."""
+    tcp, reactor = tcp_pair
+    t, _conn, chans = receiver(tcp, [], channels=1)
+    shares = UserTurnShares(reactor, PACKETS_PER_TURN)
+    t.turnShare = shares.of("alice")
+    bob = shares.of("bob")
+    reactor.advance(10)
+    if others:
+        bob.budget()  # bob read something just now
+    peer = Peer()
+    for _ in range(3 * PACKETS_PER_TURN):
+        peer.data(0, b"z")
+    t.dataReceived(peer.wire())
+    first = reactor.getDelayedCalls()[0]
+    assert first.getTime() == reactor.seconds()  # the first wait: the next turn
+    turn(reactor)  # her second turn, measured
+    (second,) = reactor.getDelayedCalls()
+    if others:
+        assert second.getTime() > reactor.seconds()
+    else:
+        assert second.getTime() == reactor.seconds()
+    turn(reactor)  # (whenever it is due)
+    assert chans[0].chunks == [b"z" * 3 * PACKETS_PER_TURN]
+    assert reactor.getDelayedCalls() == []
+
+
+def test_what_a_read_makes_the_relay_send_leaves_in_one_write_per_peer() -> None:
+    """A read of 1-byte packets for 20 channels, each channel bridged to the same
+    other transport (the agent's link): one write to it for the whole read, the
+    packets in order (each was one ``send``)."""
+    from relay.ssh.aead import CorkGroup
+
+    group = CorkGroup()
+    link = Peer()  # seals with the receiver's ciphers: a transport to write to
+    writes: list[bytes] = []
+    link.t.transport.write = writes.append  # type: ignore[method-assign]
+    link.t.transport.writeSequence = lambda seq: writes.append(b"".join(seq))  # type: ignore
+    link.t.corkGroup = group
+
+    class Bridged(Channel):
+        def dataReceived(self, data: bytes) -> None:
+            super().dataReceived(data)
+            link.t.sendChannelData(self.id, data)
+
+    t, conn, _ = receiver(StringTransport(), [], channels=0)
+    t.corkGroup = group
+    chans = [Bridged(cid, []) for cid in range(20)]
+    for ch in chans:
+        conn.channels[ch.id] = ch
+        conn.channelsToRemoteChannel[ch] = 100 + ch.id  # type: ignore[index]
+        conn.localToRemoteChannel[ch.id] = 100 + ch.id
+    peer = Peer()
+    for k in range(200):
+        peer.data(k % 20, b"%c" % (65 + k % 26))
+    t.dataReceived(peer.wire())
+    assert len(writes) == 1  # one write for the 20 packets
+    got = receiver(StringTransport(), [], channels=20)
+    got[0].dataReceived(writes[0])  # the link's peer opens them: exact, in order
+    for ch in got[2]:
+        assert b"".join(ch.chunks) == bytes(65 + k % 26 for k in range(ch.id, 200, 20))
