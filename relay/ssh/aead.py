@@ -104,6 +104,11 @@ USER_NO_FLUSH = NO_FLUSH | {MSG_GLOBAL_REQUEST}
 refused) touch no channel either."""
 
 
+CORK_BELOW = 8 * 1024
+"""Packets from this size up start no :class:`CorkGroup` hold of their transport (bulk
+is written as it is sealed, within ``TurnBudget``, as before); smaller ones do."""
+
+
 class CorkGroup:
     """Packets that transports of the group seal while a read is handled (:meth:`held`)
     leave at its end, one write per transport, not one each.
@@ -329,8 +334,9 @@ class AEADTransportMixin(KexMixin):
             forward.handback("python write", later=True)
         chunks = aead.seal(self.outgoingPacketSequence, plain)
         group = self.corkGroup
-        if self._cork is None and group is not None and group.active:
-            group.join(self)
+        if (self._cork is None and group is not None and group.active
+                and len(plain) < CORK_BELOW):
+            group.join(self)  # a bulk packet starts no cork: it goes at once, as before
         if self._cork is not None:
             self._cork.extend(chunks)  # written by corked(), in order
         else:
