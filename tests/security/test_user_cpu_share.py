@@ -10,16 +10,23 @@ trips on his forwarded port with a plain socket.
 
 Round 15 held each of a user's *connections* to ``PACKETS_PER_TURN`` packets per reactor
 turn (relay.ssh.aead) and joined small packets per channel per read: bob's p99 held,
-but the relay still opened every one of her packets, and his median went to 3-10 ms
-under the flood (against ~0.7 ms in the control), and her 5 connections got 5 budgets.
-Now the budget is her *key's*, shared by all her connections (relay.ssh.turnshare), and
-while she has packets waiting past it the relay yields to everyone else's events for
-as long as it spent on hers (docs/security.md, "one user's flood of small packets").
+but the relay still opened every one of her packets, her 5 connections got 5 budgets,
+and an ``SSH_MSG_IGNORE`` or a global request between her 1-byte packets undid the
+joining.  Now the budget is her *user's*, shared by all her connections and served in
+turn (relay.ssh.turnshare), those messages leave the joining alone, while another user
+is active she waits after each turn past her budget as long as it took, and what one
+read makes the relay send leaves in one write per peer (docs/security.md, "One user's
+share of the relay's CPU").
 
 The bounds are relative, measured in the same run: the control is alice running the
 same client loop straight against the echo server (the same CPU load of hers on this
-2-core box, no relay work), bob's figures under her flood are compared with the
-control's.
+2-core box, no relay work); bob's median and p99 under her flood are compared with the
+control's.  Measured on the shared 2-core box (load average ~4 from other jobs), bob's
+median ms under the flood (control 0.3-1.9 ms) before / after, interleaved runs:
+50 channels 6.9-13.5 (6 runs) / 0.4-2.9 (6 runs), and one run of 10.5 whose control
+p99 was 46 ms (the box busy: it fails this bound); 5 connections 7.2-18.6 (6) / 0.8-1.5
+(3); with IGNORE and keepalives 55-90 (6) / 1.0-1.2 (3).  The figures without the fix
+fail the bounds in every run.
 """
 
 from __future__ import annotations
@@ -38,8 +45,8 @@ from harness import AgentProcess, RelayNode, SshProcess, free_port, make_key, ss
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
 SAMPLES = 400  # bob's round trips per phase
-MEDIAN_RATIO = 4.0  # bob's median under the flood / control, at most (+ MEDIAN_SLACK_MS)
-MEDIAN_SLACK_MS = 1.0
+MEDIAN_RATIO = 5.0  # bob's median under the flood / control, at most (+ MEDIAN_SLACK_MS)
+MEDIAN_SLACK_MS = 2.0
 P99_RATIO = 3.0  # the same for his p99 (+ P99_SLACK_MS)
 P99_SLACK_MS = 15.0
 
