@@ -252,3 +252,65 @@ def jain_index(shares: list[float]) -> float:
     total = sum(shares)
     squares = sum(s * s for s in shares)
     return (total * total) / (len(shares) * squares) if squares else 1.0
+
+
+class TurnShare(Generic[T]):
+    """One user's packets per reactor turn, over all her connections (sans-IO).
+
+    The relay reads a user's connections within this budget: a read that would take
+    more waits, whole or in part, until a later turn (relay.ssh.turnshare holds the
+    reactor side).  Opening a packet costs the relay the same Python whatever its size
+    or kind (a 1-byte ``CHANNEL_DATA``, an ``SSH_MSG_IGNORE``, a keepalive, a window
+    adjust), so the budget counts packets, not bytes: the byte-counting share of the
+    link (:class:`FairScheduler`) cannot see a flood of small ones.  Per user and not
+    per connection, so that five connections of her key get one user's turn, not five.
+
+    ``turn`` is whatever tells reactor turns apart (a number the caller gives); the
+    budget is granted afresh at the first :meth:`grant` of a new one.  Connections
+    that wait are served in the order they began to wait, and one that waits again
+    goes to the back, so each of her connections gets its turn in the round."""
+
+    def __init__(self, per_turn: int) -> None:
+        if per_turn < 1:
+            raise ValueError("a turn must allow at least one packet")
+        self.per_turn = per_turn
+        self.left = per_turn
+        self._turn: object = None
+        self._waiting: deque[T] = deque()
+
+    def grant(self, turn: object) -> int:
+        """Packets this user may still have handled in ``turn``."""
+        if turn != self._turn:
+            self._turn = turn
+            self.left = self.per_turn
+        return self.left
+
+    def renew(self, turn: object) -> int:
+        """A fresh budget for ``turn``, even if it was granted already (the start of a
+        turn that the caller knows is new before its number changes)."""
+        self._turn = turn
+        self.left = self.per_turn
+        return self.left
+
+    def spend(self, packets: int) -> None:
+        self.left -= packets
+
+    def wait(self, who: T) -> None:
+        """``who`` has packets waiting for a later turn (once in the queue)."""
+        if who not in self._waiting:
+            self._waiting.append(who)
+
+    def forget(self, who: T) -> None:
+        """``who`` waits no more (its connection is gone)."""
+        try:
+            self._waiting.remove(who)
+        except ValueError:
+            pass
+
+    def next_waiting(self) -> T | None:
+        """The connection whose turn it is, out of the queue; None if none waits."""
+        return self._waiting.popleft() if self._waiting else None
+
+    def __len__(self) -> int:
+        """Connections waiting."""
+        return len(self._waiting)

@@ -43,8 +43,10 @@ from relay.server.resumes import RelayResumes
 from relay.server.sharing import Sharing
 from relay.server.status import relay_status
 from relay.server.waiting import Waiting
+from relay.ssh.aead import PACKETS_PER_TURN, CorkGroup
 from relay.ssh.server import RefusedRequest, RelayConnection, RelayTransport
 from relay.ssh.serverauth import Identity
+from relay.ssh.turnshare import UserTurnShares
 from relay.ssh.wire import EARLY_DATA_OK, unpack_early_data_ok, unpack_forward
 
 TAKEOVER_PROBE = 0.5
@@ -106,6 +108,10 @@ class RelayCore(SessionOpening):
         # Sessions a labrelay agent may resume over a new link (docs/resilience.md); the
         # instance id tells its agents when this relay restarted (nothing to resume).
         self.sharing = Sharing(grants, reactor)
+        # Each user's budget of packets per reactor turn, over all her connections
+        # (relay.ssh.turnshare; docs/security.md, "one user's flood of small packets").
+        self.turnShares = UserTurnShares(reactor, PACKETS_PER_TURN)
+        self.writeCork = CorkGroup()  # what one read makes the relay send, one write a peer
         self.resumes = RelayResumes(reactor, config.resume_grace,
                                     retag=self.sharing.tagAgentChannel,
                                     principal_for=grants.principal_for)

@@ -56,10 +56,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from twisted.conch.ssh.connection import MSG_CHANNEL_WINDOW_ADJUST, MSG_GLOBAL_REQUEST
 from twisted.conch.ssh.transport import (
     DISCONNECT_CONNECTION_LOST,
     DISCONNECT_MAC_ERROR,
     DISCONNECT_PROTOCOL_ERROR,
+    MSG_DEBUG,
+    MSG_IGNORE,
+    MSG_UNIMPLEMENTED,
     SSHCiphers,
 )
 from twisted.internet.tcp import Connection
@@ -87,9 +91,59 @@ from relay.ssh.guard import VERSION_TOO_LONG, scan_version_line
 from relay.ssh.kex import KexMixin
 
 PACKETS_PER_TURN = 128
-"""Packets one read may have handled in one reactor turn (``packetsPerTurn``): ~1 ms of
-Python at the ~8 µs a small packet costs here, so a peer that floods small packets
-holds the reactor for about that long at a time, not for the ~30 ms of a whole read."""
+"""Packets a user's connections may have handled in one reactor turn, all of them
+together (``turnShare``): ~1 ms of Python at the ~5-8 µs a small packet costs here, so
+a user who floods small packets holds the reactor for about that long at a time, not
+for the ~30 ms of a whole read, however many connections she opens."""
+
+NO_FLUSH = frozenset({MSG_IGNORE, MSG_UNIMPLEMENTED, MSG_DEBUG, MSG_CHANNEL_WINDOW_ADJUST})
+"""Messages that leave the channel data held from the read before them held (``noFlush``):
+a window adjust is about the other direction, the rest about no channel."""
+USER_NO_FLUSH = NO_FLUSH | {MSG_GLOBAL_REQUEST}
+"""The same for a user's connection at the relay, whose global requests (keepalives, or
+refused) touch no channel either."""
+
+
+CORK_BELOW = 8 * 1024
+"""Packets from this size up start no :class:`CorkGroup` hold of their transport (bulk
+is written as it is sealed, within ``TurnBudget``, as before); smaller ones do."""
+
+
+class CorkGroup:
+    """Packets that transports of the group seal while a read is handled (:meth:`held`)
+    leave at its end, one write per transport, not one each.
+
+    A read of a user's small packets for 50 channels is handed on to the agent's link
+    as up to 50 packets (one per channel, relay.ssh.connection joins the rest): each
+    was a ``send`` of its own at the relay and a segment to wake the agent for; and a
+    read of the link, every user's replies, was a ``send`` per reply.  The group holds
+    them in each transport's cork (``AEADTransportMixin.corked``) until the read is
+    handled, still within the same reactor turn.  One per relay (``RelayCore``)."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._held: list[AEADTransportMixin] = []
+
+    @property
+    def active(self) -> bool:
+        return self._depth > 0
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                held, self._held = self._held, []
+                for t in held:
+                    t._uncork()
+
+    def join(self, t: AEADTransportMixin) -> None:
+        """``t`` seals a packet while the group is held: hold it in ``t``'s cork."""
+        t._cork = []
+        self._held.append(t)
 
 
 class AEADTransportMixin(KexMixin):
@@ -132,6 +186,8 @@ class AEADTransportMixin(KexMixin):
     _pad = b""
     _padOff = 0
     _cork: list[bytes] | None = None  # sealed packets held by corked()
+    #: The relay's :class:`CorkGroup` (None: every packet is written as it is sealed).
+    corkGroup: CorkGroup | None = None
     #: Stop reading the peer while more than this many bytes of ours wait unread by it
     #: in Twisted's buffer (None: never).  Channel data cannot get there (the connection
     #: service stops feeding at ``LINK_BUFFER``), but every answer to a request can: a
@@ -143,19 +199,27 @@ class AEADTransportMixin(KexMixin):
     #: (:meth:`outputDrained`).
     readHoldBytes: int | None = None
     _readHeld: Any = None  # the socket transport whose reading is held, while it is
-    #: Packets handled per reactor turn out of one read (None: all of it; the relay
-    #: sets ``PACKETS_PER_TURN`` for a user's connection).  The rest of the read waits,
-    #: in order, for the next turn (:meth:`_deferRest`), the socket unread meanwhile,
-    #: so that every other connection's events are handled in between.  A read is up
-    #: to 128 KiB (``connection.LINK_BUFFER``): 3 600 1-byte ``CHANNEL_DATA`` packets,
-    #: ~30 ms of one user's Python in one turn, which every other user waited for
-    #: (docs/security.md).  Bulk packets are 32 KiB, four to a read: never held.  Not
-    #: for an agent's link: it carries every user's replies in one FIFO stream, and
-    #: holding it back would only make each of them wait longer behind the others.
-    packetsPerTurn: int | None = None
-    _backlog: bytes | None = None  # the rest of a read past packetsPerTurn, in order
-    _backlogCall: Any = None  # the reactor call that parses it
+    #: The budget of packets per reactor turn this connection shares with every other
+    #: connection of the same user (:class:`relay.ssh.turnshare.UserTurns`; None: a
+    #: read is handled whole, as on an agent's link).  Past it, the rest of a read
+    #: waits, in order, for a later turn, the socket unread meanwhile, so that every
+    #: other user's events are handled in between.  A read is up to 128 KiB
+    #: (``connection.LINK_BUFFER``): 3 600 1-byte ``CHANNEL_DATA`` packets, ~30 ms of
+    #: one user's Python in one turn, which every other user waited for, and per
+    #: connection she multiplied it by opening more (docs/security.md).  Bulk packets
+    #: are 32 KiB, four to a read: never held.  Not for an agent's link: it carries
+    #: every user's replies in one FIFO stream, and holding it back would only make
+    #: each of them wait longer behind the others.
+    turnShare: Any = None
+    #: Messages that do not hand on the channel data held from earlier in the read
+    #: before they are dispatched: they touch no channel's incoming data (the relay
+    #: sets ``USER_NO_FLUSH`` for a user's connection, which adds global requests).
+    #: Without this a peer that put an ``SSH_MSG_IGNORE`` between its 1-byte packets
+    #: undid the joining: one link packet and one ``send`` per byte at the relay.
+    noFlush: frozenset[int] = NO_FLUSH
+    _backlog: bytes | None = None  # the rest of a read past the turn's budget, in order
     _backlogSock: Any = None  # the TCP connection not read meanwhile
+    _turnLeft: int | None = None  # packets the read being parsed may still have handled
 
     def _holdIfUnread(self) -> None:
         """After a read: stop reading the peer if ``readHoldBytes`` of ours wait unread."""
@@ -180,7 +244,7 @@ class AEADTransportMixin(KexMixin):
         producer, is resumed): read the peer again if :meth:`_holdIfUnread` stopped."""
         sock, self._readHeld = self._readHeld, None
         if sock is not None and not sock.disconnecting and self._backlog is None:
-            sock.resumeProducing()  # else once the backlog is parsed (_parseBacklog)
+            sock.resumeProducing()  # else once the backlog is parsed (parseWaiting)
 
     # -- sending
 
@@ -247,6 +311,12 @@ class AEADTransportMixin(KexMixin):
             if chunks and self.transport is not None:
                 self._writeSealed(chunks)
 
+    def _uncork(self) -> None:
+        """The end of a :class:`CorkGroup`'s hold: what this transport sealed meanwhile."""
+        chunks, self._cork = self._cork, None
+        if chunks and self.transport is not None:
+            self._writeSealed(chunks)
+
     def _writeSealed(self, chunks: Sequence[bytes]) -> None:
         budget = self.writeBudget
         if budget is None:
@@ -263,6 +333,10 @@ class AEADTransportMixin(KexMixin):
             # what it sealed leaves before this packet.
             forward.handback("python write", later=True)
         chunks = aead.seal(self.outgoingPacketSequence, plain)
+        group = self.corkGroup
+        if (self._cork is None and group is not None and group.active
+                and len(plain) < CORK_BELOW):
+            group.join(self)  # a bulk packet starts no cork: it goes at once, as before
         if self._cork is not None:
             self._cork.extend(chunks)  # written by corked(), in order
         else:
@@ -288,14 +362,34 @@ class AEADTransportMixin(KexMixin):
         self._handleRead(data)
 
     def _handleRead(self, data: bytes) -> None:
-        sock = self._socket() if self.packetsPerTurn is not None else None
-        rest = self._received(data, None if sock is None else self.packetsPerTurn)
+        group = self.corkGroup
+        if group is None:
+            self._handleReadNow(data)
+            return
+        with group.held():
+            self._handleReadNow(data)
+
+    def _handleReadNow(self, data: bytes) -> None:
+        share = self.turnShare
+        sock = self._socket() if share is not None else None
+        if sock is None:
+            self._received(data)
+            self._readDone()
+            return
+        budget = share.budget()
+        self._turnLeft = budget
+        rest = self._received(data, budget)
+        share.spend(budget - (self._turnLeft or 0))
         if rest:
             # The data held so far waits for the rest of the read (so that a read of
             # small packets is still joined into one chunk per channel), unless
             # another message comes first.
             self._deferRest(sock, rest)
             return
+        self._readDone()
+
+    def _readDone(self) -> None:
+        """After the whole of a read is handled."""
         flush = self.channelDataFlush
         if flush is not None:
             flush()  # before a native thread may take the stream (its bytes go first)
@@ -314,38 +408,57 @@ class AEADTransportMixin(KexMixin):
         return sock
 
     def _deferRest(self, sock: Any, rest: bytes) -> None:
-        """Parse ``rest`` (what a read held past ``packetsPerTurn``) in the reactor's
-        next turn, and read nothing more from the socket until it is parsed."""
+        """Wait with ``rest`` (what a read held past the turn's budget) for a later
+        turn (:meth:`parseWaiting`), and read nothing more from the socket until it is
+        parsed."""
         self._backlog = rest
         if self._backlogSock is None:
             self._backlogSock = sock
             sock.pauseProducing()
-        self._backlogCall = sock.reactor.callLater(0, self._parseBacklog)
+        self.turnShare.wait(self)
 
-    def _parseBacklog(self) -> None:
-        self._backlogCall = None
+    def stillWaiting(self) -> bool:
+        """Whether part of a read waits for a later turn (``UserTurns``)."""
+        return self._backlog is not None
+
+    def parseWaiting(self, budget: int) -> int:
+        """Handle up to ``budget`` packets of what waits (``UserTurns``, at the start of
+        a turn); the packets handled."""
+        group = self.corkGroup
+        if group is None:
+            return self._parseWaiting(budget)
+        with group.held():
+            return self._parseWaiting(budget)
+
+    def _parseWaiting(self, budget: int) -> int:
         rest, self._backlog = self._backlog, None
         sock = self._backlogSock
         if rest is None or sock is None or sock.disconnecting or self._readDead:
             # The rest is dropped with the connection; what its first turns already
             # parsed goes on, as it would have without the budget.
+            self._backlogSock = None
             flush = self.channelDataFlush
             if flush is not None:
                 flush()
-            return
-        self._handleRead(rest)
-        if self._backlog is None:
-            self._backlogSock = None
-            if self._readHeld is None:  # else outputDrained reads again
-                sock.resumeProducing()
+            return 0
+        self._turnLeft = budget
+        rest = self._received(rest, budget)
+        used = budget - (self._turnLeft or 0)
+        if rest:
+            self._backlog = rest  # the socket stays paused
+            return used
+        self._readDone()
+        self._backlogSock = None
+        if self._readHeld is None and not sock.disconnecting:  # else outputDrained does
+            sock.resumeProducing()
+        return used
 
     def connectionLost(self, reason: Any = None) -> None:
         forward = self.nativeForward
         if forward is not None:
             forward.handback("connection lost", lost=True)
-        call, self._backlogCall = self._backlogCall, None
-        if call is not None and call.active():
-            call.cancel()
+        if self.turnShare is not None:
+            self.turnShare.forget(self)
         self._backlog = self._backlogSock = None
         super().connectionLost(reason)
 
@@ -364,7 +477,6 @@ class AEADTransportMixin(KexMixin):
             self.buf = b""
         pos = 0
         end = len(data)
-        left = budget
         while not self._readDead:
             if rbuf:
                 # Finish the partial packet: add only the bytes it still needs.
@@ -382,10 +494,10 @@ class AEADTransportMixin(KexMixin):
                     continue  # its size is known now: top up again
                 del rbuf[: got[2]]
             else:
-                if left is not None:
-                    if left <= 0 and pos < end:
+                if budget is not None:
+                    if (self._turnLeft or 0) <= 0 and pos < end:
                         return bytes(data[pos:])  # this turn's packets are done
-                    left -= 1
+                    self._turnLeft = (self._turnLeft or 0) - 1
                 got = self._nextPacket(data, pos)
                 if got is None:
                     if not self._readDead:
@@ -398,7 +510,7 @@ class AEADTransportMixin(KexMixin):
                 handler(got[1])
             else:
                 flush = self.channelDataFlush
-                if flush is not None:
+                if flush is not None and got[0] not in self.noFlush:
                     flush()  # the data before this message is handed on before it
                 self.dispatchMessage(got[0], got[1])
         return None

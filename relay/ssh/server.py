@@ -51,7 +51,7 @@ from relay.core.resume import (
 )
 from relay.core.routing import PUBLIC_BINDS
 from relay.ssh import policy
-from relay.ssh.aead import PACKETS_PER_TURN, AEADTransportMixin
+from relay.ssh.aead import USER_NO_FLUSH, AEADTransportMixin, CorkGroup
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.connection import (
     OPEN_ADMINISTRATIVELY_PROHIBITED,
@@ -70,6 +70,7 @@ from relay.ssh.serverauth import (
     RelayAvatar,
     RelayUserAuth,
 )
+from relay.ssh.turnshare import UserTurnShares
 from relay.ssh.wire import (
     GRANT_REVOKED,
     REQUEST_REFUSED,
@@ -123,7 +124,11 @@ class RelayHandler(AuthHandler, Protocol):
 
     Settings and the clock (``config``, ``reactor``), the grants (``grants``), and the
     events of a connection's life; every decision (admission, registrations, sessions)
-    is the handler's."""
+    is the handler's.  ``turnShares``: each user's budget of packets per reactor turn,
+    shared by all her connections (relay.ssh.turnshare)."""
+
+    turnShares: UserTurnShares
+    writeCork: CorkGroup
 
     def admitConnection(self, addr: Any) -> Ticket | None:
         """A ticket for a new TCP connection, or None to close it at once."""
@@ -217,6 +222,7 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
         self.kexClock = core.reactor
         self.kexTimeout = core.config.kex_timeout
         self.kexInitWait = KEXINIT_WAIT
+        self.corkGroup = core.writeCork  # a read's packets to each peer in one write
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
@@ -459,9 +465,11 @@ class RelayConnection(FlowConnection):
         super().serviceStarted()
         self.software = read_version_line(getattr(self.transport, "otherVersionString", None))
         if self.identity.kind == USER:
-            # One user's read of small packets must not make every other connection's
-            # turn wait (AEADTransportMixin.packetsPerTurn; docs/security.md).
-            self.transport.packetsPerTurn = PACKETS_PER_TURN
+            # One user's reads of small packets must not make every other user's turn
+            # wait, however many connections she opens: her connections share one
+            # budget of packets per turn (AEADTransportMixin.turnShare; docs/security.md).
+            self.transport.turnShare = self.core.turnShares.of(self.identity.name)
+            self.transport.noFlush = USER_NO_FLUSH
         ka = self.core.config.keepalive
         if ka.interval > 0:
             self.keepalive = KeepaliveMonitor(

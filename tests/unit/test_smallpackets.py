@@ -24,6 +24,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from relay.ssh.aead import PACKETS_PER_TURN
 from relay.ssh.ciphers import AES128_GCM, PacketCiphers
 from relay.ssh.connection import COALESCE_BELOW, COALESCE_MAX, FlowConnection
+from relay.ssh.turnshare import UserTurns, UserTurnShares
 from relay.testing import BareSSHTransport
 
 KEY = bytes(range(16))
@@ -200,7 +201,7 @@ def test_a_user_read_is_handled_at_most_packets_per_turn_at_a_time(
     tcp, reactor = tcp_pair
     events: list[tuple[Any, ...]] = []
     t, _conn, chans = receiver(tcp, events, channels=2)
-    t.packetsPerTurn = PACKETS_PER_TURN  # the relay's, for a user's connection
+    t.turnShare = UserTurns(reactor, PACKETS_PER_TURN)  # the relay's, for a user's
     peer = Peer()
     count = 5 * PACKETS_PER_TURN + 7
     sent = {0: bytearray(), 1: bytearray()}
@@ -240,7 +241,7 @@ def test_a_connection_lost_mid_backlog_drops_the_rest(
     tcp, reactor = tcp_pair
     events: list[tuple[Any, ...]] = []
     t, _conn, _chans = receiver(tcp, events, channels=1)
-    t.packetsPerTurn = PACKETS_PER_TURN
+    t.turnShare = UserTurns(reactor, PACKETS_PER_TURN)
     peer = Peer()
     for _ in range(3 * PACKETS_PER_TURN):
         peer.data(0, b"z")
@@ -258,7 +259,7 @@ def test_a_connection_closing_mid_backlog_hands_on_what_was_parsed(
     tcp, reactor = tcp_pair
     events: list[tuple[Any, ...]] = []
     t, _conn, chans = receiver(tcp, events, channels=1)
-    t.packetsPerTurn = PACKETS_PER_TURN
+    t.turnShare = UserTurns(reactor, PACKETS_PER_TURN)
     peer = Peer()
     for _ in range(3 * PACKETS_PER_TURN):
         peer.data(0, b"z")
@@ -284,24 +285,202 @@ def test_without_a_budget_a_read_is_handled_whole(
     assert reactor.getDelayedCalls() == [] and tcp in reactor.getReaders()
 
 
-@pytest.mark.parametrize(("kind", "budget"), [("user", PACKETS_PER_TURN), ("agent", None)])
-def test_the_relay_holds_a_users_reads_to_the_budget_not_an_agents_link(
-    kind: str, budget: int | None,
-) -> None:
+def _relay_connection(core: Any, kind: str, name: str) -> Transport:
     from types import SimpleNamespace
 
     from relay.ssh.server import RelayConnection
 
+    t = Transport([])
+    t.transport = StringTransport()
+    t.avatar = SimpleNamespace(  # type: ignore[attr-defined]
+        identity=SimpleNamespace(kind=kind, name=name))
+    conn = RelayConnection(core)
+    conn.transport = t
+    conn.serviceStarted()
+    return t
+
+
+def test_the_relay_budgets_a_users_connections_together_not_an_agents_link() -> None:
+    from types import SimpleNamespace
+
+    from relay.ssh.aead import NO_FLUSH, USER_NO_FLUSH
+    from relay.ssh.turnshare import UserTurnShares
+
     class Core:
         config = SimpleNamespace(keepalive=SimpleNamespace(interval=0))
+        turnShares = UserTurnShares(MemoryReactorClock(), PACKETS_PER_TURN)
 
         def sessionStarted(self, conn: Any) -> None:
             pass
 
-    t = Transport([])
-    t.transport = StringTransport()
-    t.avatar = SimpleNamespace(identity=SimpleNamespace(kind=kind))  # type: ignore[attr-defined]
-    conn = RelayConnection(Core())  # type: ignore[arg-type]
-    conn.transport = t
-    conn.serviceStarted()
-    assert t.packetsPerTurn == budget
+    core = Core()
+    alice1, alice2, bob = (_relay_connection(core, "user", n) for n in ("alice", "alice", "bob"))
+    agent = _relay_connection(core, "agent", "lab_pc")
+    assert alice1.turnShare is alice2.turnShare is not None  # one budget for her key
+    assert bob.turnShare is not None and bob.turnShare is not alice1.turnShare
+    assert alice1.turnShare.share.per_turn == PACKETS_PER_TURN
+    assert agent.turnShare is None and agent.noFlush == NO_FLUSH
+    assert alice1.noFlush == USER_NO_FLUSH
+    del alice1, alice2
+    import gc
+
+    gc.collect()
+    assert len(core.turnShares) == 1  # hers went with her connections
+
+
+def _tcp(reactor: MemoryReactorClock, socks: list[socket.socket]) -> Connection:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    socks += (a, b)
+    tcp = Connection(a, None, reactor)  # type: ignore[arg-type]
+    tcp.connected = True
+    tcp.startReading()
+    return tcp
+
+
+def test_a_users_connections_share_one_budget_per_turn_in_turn() -> None:
+    """Five connections of one user: at most ``PACKETS_PER_TURN`` packets a turn
+    between them (one budget per connection gave her five), each connection's turn
+    in the round comes, and every byte arrives exact and in order."""
+    reactor, socks = MemoryReactorClock(), []
+    share = UserTurns(reactor, PACKETS_PER_TURN)
+    conns = []
+    for _ in range(5):
+        tcp = _tcp(reactor, socks)
+        t, _conn, chans = receiver(tcp, [], channels=2)
+        t.turnShare = share
+        conns.append((tcp, t, chans))
+    count = 3 * PACKETS_PER_TURN
+    for _, t, _ in conns:  # all five reads arrive in one turn
+        peer = Peer()
+        for k in range(count):
+            peer.data(k % 2, bytes([k % 251]))
+        t.dataReceived(peer.wire())
+    total = sum(t.incomingPacketSequence for _, t, _ in conns)
+    assert total == PACKETS_PER_TURN  # the first read took the turn; the rest wait
+    assert all(tcp not in reactor.getReaders() for tcp, t, _ in conns if t.stillWaiting())
+    served: list[set[int]] = []  # the connections that went, turn by turn
+    waiting: list[set[int]] = []  # those that waited at the turn's start
+    while any(t.stillWaiting() for _, t, _ in conns):
+        waiting.append({i for i, (_, t, _) in enumerate(conns) if t.stillWaiting()})
+        before = [t.incomingPacketSequence for _, t, _ in conns]
+        turn(reactor)
+        after = [t.incomingPacketSequence for _, t, _ in conns]
+        assert sum(after) - sum(before) <= PACKETS_PER_TURN
+        served.append({i for i in range(5) if after[i] > before[i]})
+    assert len(served) == 5 * 3 - 1  # 15 turns' worth in all, the first one's included
+    # In turn: every connection that waits goes within the next five turns.
+    for i in range(len(served)):
+        went = set().union(*served[i : i + 5])
+        assert waiting[i] <= went or i + 5 > len(served), (i, waiting[i], went)
+    for tcp, _t, chans in conns:
+        assert tcp in reactor.getReaders()
+        assert b"".join(chans[0].chunks) == bytes(k % 251 for k in range(0, count, 2))
+        assert b"".join(chans[1].chunks) == bytes(k % 251 for k in range(1, count, 2))
+    assert reactor.getDelayedCalls() == []
+    for s in socks:
+        s.close()
+
+
+def test_messages_that_are_not_data_count_against_the_budget_and_do_not_split_the_data(
+    tcp_pair: tuple[Connection, MemoryReactorClock],
+) -> None:
+    """A peer that puts ``SSH_MSG_IGNORE``, window adjusts and keepalive global requests
+    between its 1-byte packets: each one counts as a packet of the turn (the relay opens
+    it), and none of them makes the relay hand on a channel's held bytes early, which
+    had cost one link packet and one ``send`` per byte."""
+    from twisted.conch.ssh.common import NS
+    from twisted.conch.ssh.connection import MSG_CHANNEL_WINDOW_ADJUST, MSG_GLOBAL_REQUEST
+    from twisted.conch.ssh.transport import MSG_IGNORE
+
+    from relay.ssh.aead import USER_NO_FLUSH
+
+    tcp, reactor = tcp_pair
+    events: list[tuple[Any, ...]] = []
+    t, _conn, chans = receiver(tcp, events, channels=2)
+    t.turnShare = UserTurns(reactor, PACKETS_PER_TURN)
+    t.noFlush = USER_NO_FLUSH
+    peer = Peer()
+    rounds = PACKETS_PER_TURN // 4  # 4 packets a round: one turn's budget
+    for k in range(rounds):
+        peer.data(k % 2, b"%c" % (65 + k % 26))
+        peer.t.sendPacket(MSG_IGNORE, NS(b"x"))
+        peer.t.sendPacket(MSG_GLOBAL_REQUEST, NS(b"keepalive@openssh.com") + b"\x00")
+        peer.t.sendPacket(MSG_CHANNEL_WINDOW_ADJUST, struct.pack(">2L", 100, 1))
+    peer.data(0, b"!")  # one packet past the budget
+    t.dataReceived(peer.wire())
+    assert t.incomingPacketSequence == PACKETS_PER_TURN and t.stillWaiting()
+    assert sum(e == ("message", MSG_GLOBAL_REQUEST) for e in events) == rounds
+    turn(reactor)
+    assert not t.stillWaiting()
+    sent0 = bytes(65 + k % 26 for k in range(0, rounds, 2)) + b"!"
+    sent1 = bytes(65 + k % 26 for k in range(1, rounds, 2))
+    assert chans[0].chunks == [sent0] and chans[1].chunks == [sent1]  # one chunk each
+
+
+@pytest.mark.parametrize("others", [False, True])
+def test_while_others_are_active_a_user_past_her_budget_waits_as_long_as_her_turn_took(
+    tcp_pair: tuple[Connection, MemoryReactorClock], others: bool,
+) -> None:
+    """Alone, the rest of her read is parsed in the very next turn (a lone user's rate
+    is not cut); while another user is active, her next turn comes only after as long
+    as her last one took, so that at most half of the relay's time is hers."""
+    tcp, reactor = tcp_pair
+    t, _conn, chans = receiver(tcp, [], channels=1)
+    shares = UserTurnShares(reactor, PACKETS_PER_TURN)
+    t.turnShare = shares.of("alice")
+    bob = shares.of("bob")
+    reactor.advance(10)
+    if others:
+        bob.budget()  # bob read something just now
+    peer = Peer()
+    for _ in range(3 * PACKETS_PER_TURN):
+        peer.data(0, b"z")
+    t.dataReceived(peer.wire())
+    first = reactor.getDelayedCalls()[0]
+    assert first.getTime() == reactor.seconds()  # the first wait: the next turn
+    turn(reactor)  # her second turn, measured
+    (second,) = reactor.getDelayedCalls()
+    if others:
+        assert second.getTime() > reactor.seconds()
+    else:
+        assert second.getTime() == reactor.seconds()
+    turn(reactor)  # (whenever it is due)
+    assert chans[0].chunks == [b"z" * 3 * PACKETS_PER_TURN]
+    assert reactor.getDelayedCalls() == []
+
+
+def test_what_a_read_makes_the_relay_send_leaves_in_one_write_per_peer() -> None:
+    """A read of 1-byte packets for 20 channels, each channel bridged to the same
+    other transport (the agent's link): one write to it for the whole read, the
+    packets in order (each was one ``send``)."""
+    from relay.ssh.aead import CorkGroup
+
+    group = CorkGroup()
+    link = Peer()  # seals with the receiver's ciphers: a transport to write to
+    writes: list[bytes] = []
+    link.t.transport.write = writes.append  # type: ignore[method-assign]
+    link.t.transport.writeSequence = lambda seq: writes.append(b"".join(seq))  # type: ignore
+    link.t.corkGroup = group
+
+    class Bridged(Channel):
+        def dataReceived(self, data: bytes) -> None:
+            super().dataReceived(data)
+            link.t.sendChannelData(self.id, data)
+
+    t, conn, _ = receiver(StringTransport(), [], channels=0)
+    t.corkGroup = group
+    chans = [Bridged(cid, []) for cid in range(20)]
+    for ch in chans:
+        conn.channels[ch.id] = ch
+        conn.channelsToRemoteChannel[ch] = 100 + ch.id  # type: ignore[index]
+        conn.localToRemoteChannel[ch.id] = 100 + ch.id
+    peer = Peer()
+    for k in range(200):
+        peer.data(k % 20, b"%c" % (65 + k % 26))
+    t.dataReceived(peer.wire())
+    assert len(writes) == 1  # one write for the 20 packets
+    got = receiver(StringTransport(), [], channels=20)
+    got[0].dataReceived(writes[0])  # the link's peer opens them: exact, in order
+    for ch in got[2]:
+        assert b"".join(ch.chunks) == bytes(65 + k % 26 for k in range(ch.id, 200, 20))

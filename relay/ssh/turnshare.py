@@ -1,0 +1,140 @@
+"""The reactor side of a user's packet budget per turn (relay.core.fairshare.TurnShare).
+
+The relay opens every packet a user sends (~5 µs of Python each, whatever its size),
+so a user who floods small ones can make the relay's turns long for everyone, and one
+budget per *connection* let her multiply it by opening more connections.  Each user's
+connections share one :class:`UserTurns`: in a reactor turn they may have at most
+``per_turn`` packets handled between them; the rest of a read waits, in order, its
+socket not read meanwhile (TCP pushes back on her; nothing is dropped and nothing more
+is buffered than the read already taken in), and one call per user in the next turn
+(``callLater(0)``) hands the waiting connections the new turn's budget in turn.
+
+A user alone loses one pass of the reactor's loop per ``per_turn`` packets, and none
+at all for bulk (four 32 KiB packets to a read).  The transports' side is in
+:class:`relay.ssh.aead.AEADTransportMixin` (``turnShare``).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from relay.core.fairshare import TurnShare
+
+
+class Reader(Protocol):
+    """What a transport under a share provides (AEADTransportMixin)."""
+
+    def parseWaiting(self, budget: int) -> int:
+        """Handle up to ``budget`` packets of what waits; the packets handled."""
+
+    def stillWaiting(self) -> bool:
+        """Whether part of a read still waits for a later turn."""
+
+
+class UserTurns:
+    """One user's budget of packets per reactor turn, and her connections that wait."""
+
+    def __init__(self, reactor: Any, per_turn: int,
+                 othersActive: Callable[[UserTurns], bool] | None = None) -> None:
+        self.reactor = reactor
+        self.share: TurnShare[Reader] = TurnShare(per_turn)
+        self._call: Any = None
+        self._othersActive = othersActive
+        self.lastRead = 0.0  # reactor.seconds() of this user's last read
+        # A reactor that counts its turns (relay.ops.leanepoll) tells them apart by
+        # that number; on another, a turn for this budget ends at each of our calls.
+        self._counted = isinstance(getattr(reactor, "turns", None), int)
+        self._ticks = 0
+
+    def _turn(self) -> int:
+        return self.reactor.turns if self._counted else self._ticks
+
+    def budget(self) -> int:
+        """Packets a read of this user may have handled now: none while any of her
+        connections waits (the read waits behind it, its socket paused)."""
+        if self._othersActive is not None:
+            self.lastRead = self.reactor.seconds()
+        if len(self.share):
+            return 0
+        return self.share.grant(self._turn())
+
+    def spend(self, packets: int) -> None:
+        self.share.spend(packets)
+
+    def wait(self, reader: Reader) -> None:
+        """``reader`` holds the rest of a read: it gets its share in a later turn."""
+        self.share.wait(reader)
+        if self._call is None:
+            self._call = self.reactor.callLater(0, self._nextTurn)
+
+    def forget(self, reader: Reader) -> None:
+        self.share.forget(reader)
+        if not len(self.share) and self._call is not None and self._call.active():
+            self._call.cancel()
+            self._call = None
+
+    def _nextTurn(self) -> None:
+        """The start of a reactor turn (timed calls run before its poll): the waiting
+        connections get this turn's budget, in turn, before her new reads do."""
+        self._call = None
+        if self._counted:
+            # The poll that follows counts as the next turn: the events it brings of
+            # this user's other connections share what is left of this budget.
+            left = self.share.renew(self.reactor.turns + 1)
+        else:
+            self._ticks += 1
+            left = self.share.renew(self._ticks)
+        start = time.perf_counter()
+        served = 0
+        waiting = len(self.share)
+        while left > 0 and served < waiting:
+            reader = self.share.next_waiting()
+            if reader is None:
+                break
+            served += 1
+            used = reader.parseWaiting(left)
+            self.share.spend(used)
+            left = self.share.left
+            if reader.stillWaiting():
+                self.share.wait(reader)  # at the back: the others go first next turn
+        if len(self.share) and self._call is None:
+            # While others are active, she waits as long as her turn took: at most
+            # half of the relay's time is hers, and her peer is pushed back.
+            delay = 0.0
+            if self._othersActive is not None and self._othersActive(self):
+                delay = time.perf_counter() - start
+            self._call = self.reactor.callLater(delay, self._nextTurn)
+
+
+ACTIVE_WINDOW = 1.0
+"""Seconds since another user's last read during which she is held to half the time."""
+
+
+class UserTurnShares:
+    """The relay's :class:`UserTurns`, one per user while any of her connections is
+    open (held by the connections; weakly here, so that nothing is kept for a user
+    who has gone)."""
+
+    def __init__(self, reactor: Any, per_turn: int) -> None:
+        self.reactor = reactor
+        self.per_turn = per_turn
+        self._shares: weakref.WeakValueDictionary[str, UserTurns] = (
+            weakref.WeakValueDictionary())
+
+    def of(self, user: str) -> UserTurns:
+        share = self._shares.get(user)
+        if share is None:
+            share = self._shares[user] = UserTurns(self.reactor, self.per_turn,
+                                                   self.othersActive)
+        return share
+
+    def othersActive(self, me: UserTurns) -> bool:
+        """Whether a user other than ``me`` read anything within ``ACTIVE_WINDOW``."""
+        since = self.reactor.seconds() - ACTIVE_WINDOW
+        return any(s is not me and s.lastRead >= since for s in self._shares.values())
+
+    def __len__(self) -> int:
+        return len(self._shares)
