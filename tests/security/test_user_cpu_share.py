@@ -234,17 +234,28 @@ def _phase(world: tuple, mode: str, nconn: int, nchan: int
 def test_bobs_median_and_tail_under_alices_small_packet_flood(
     world: tuple, mode: str, nconn: int, nchan: int,
 ) -> None:
-    control, _, _, rc, ac = _phase(world, "control", nconn, nchan)
-    flood, packets, exact, rf, af = _phase(world, mode, nconn, nchan)
-    print(f"\n{mode} {nconn}x{nchan}: bob median/p99 ms control {_median(control):.2f}/"
-          f"{_p99(control):.1f}, flood {_median(flood):.2f}/{_p99(flood):.1f}; alice "
-          f"{packets} packets; relay CPU {rc:.2f}/{rf:.2f} s, agent {ac:.2f}/{af:.2f} s "
-          f"(control/flood)")
-    assert exact, "alice's bytes did not come back exact and in order"
-    assert packets > 10 * SAMPLES  # she did flood
+    # Two tries at most, each a control and a flood measured back to back: other jobs
+    # on the box only ever add latency, so a try within the bounds shows the relay
+    # holds them; a relay without the budget fails both (6.9-90 ms medians above).
+    for attempt in (1, 2):
+        control, _, _, rc, ac = _phase(world, "control", nconn, nchan)
+        flood, packets, exact, rf, af = _phase(world, mode, nconn, nchan)
+        print(f"\n{mode} {nconn}x{nchan} try {attempt}: bob median/p99 ms control "
+              f"{_median(control):.2f}/{_p99(control):.1f}, flood {_median(flood):.2f}/"
+              f"{_p99(flood):.1f}; alice {packets} packets; relay CPU {rc:.2f}/{rf:.2f} s, "
+              f"agent {ac:.2f}/{af:.2f} s (control/flood)")
+        # Her bytes and her flood are checked on every try, never retried away.
+        assert exact, "alice's bytes did not come back exact and in order"
+        assert packets > 10 * SAMPLES  # she did flood
+        within = (
+            _median(flood) <= MEDIAN_RATIO * _median(control) + MEDIAN_SLACK_MS
+            and _p99(flood) <= P99_RATIO * _p99(control) + P99_SLACK_MS)
+        if within:
+            break
     assert _median(flood) <= MEDIAN_RATIO * _median(control) + MEDIAN_SLACK_MS, (
         f"bob's median {_median(flood):.2f} ms under the flood, control "
-        f"{_median(control):.2f} ms")
+        f"{_median(control):.2f} ms (both tries)")
     assert _p99(flood) <= P99_RATIO * _p99(control) + P99_SLACK_MS, (
-        f"bob's p99 {_p99(flood):.1f} ms under the flood, control {_p99(control):.1f} ms")
+        f"bob's p99 {_p99(flood):.1f} ms under the flood, control {_p99(control):.1f} ms "
+        f"(both tries)")
     assert _round_trips(world[4], 5)  # bob's session still works
