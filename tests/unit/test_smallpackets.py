@@ -484,3 +484,29 @@ def test_what_a_read_makes_the_relay_send_leaves_in_one_write_per_peer() -> None
     got[0].dataReceived(writes[0])  # the link's peer opens them: exact, in order
     for ch in got[2]:
         assert b"".join(ch.chunks) == bytes(65 + k % 26 for k in range(ch.id, 200, 20))
+
+
+def test_an_open_leaves_at_once_within_a_hold_and_data_after_it_waits_for_the_end() -> None:
+    """Only channel data starts a :class:`CorkGroup` hold: the relay's open to the agent,
+    sealed in the turn that read a user's open, leaves at once, not after the rest of
+    the read (her confirmation) is handled; data sealed after it waits for the end of
+    the read, and everything leaves in the order it was sealed."""
+    from twisted.conch.ssh.connection import MSG_CHANNEL_OPEN
+
+    from relay.ssh.aead import CorkGroup
+
+    group = CorkGroup()
+    link = Peer()
+    writes: list[bytes] = []
+    link.t.transport.write = writes.append  # type: ignore[method-assign]
+    link.t.transport.writeSequence = lambda seq: writes.append(b"".join(seq))  # type: ignore
+    link.t.corkGroup = group
+    with group.held():
+        link.t.sendPacket(MSG_CHANNEL_OPEN, b"\x00\x00\x00\x0fforwarded-tcpip")
+        assert len(writes) == 1  # the open: at once
+        link.t.sendChannelData(7, b"a")
+        link.t.sendPacket(MSG_CHANNEL_OPEN, b"\x00\x00\x00\x0fforwarded-tcpip")
+        link.t.sendChannelData(7, b"b")
+        assert len(writes) == 1  # data began a hold; what follows waits behind it
+    assert len(writes) == 2  # the rest in one write at the end of the read
+    assert len(writes[1]) > 2 * len(writes[0])  # data, open, data: all three
