@@ -288,8 +288,14 @@ class AEADTransportMixin(KexMixin):
         self._handleRead(data)
 
     def _handleRead(self, data: bytes) -> None:
-        sock = self._socket() if self.packetsPerTurn is not None else None
+        paced = self.kexPacer is not None
+        sock = self._socket() if self.packetsPerTurn is not None or paced else None
         rest = self._received(data, None if sock is None else self.packetsPerTurn)
+        if paced and self.kexInitHeld:
+            # The peer's KEXINIT waits for the pace (KexMixin.ssh_KEXINIT): so does the
+            # rest of this read, and the socket is not read until kexPaceOver.
+            self._holdForKex(sock, rest or b"")
+            return
         if rest:
             # The data held so far waits for the rest of the read (so that a read of
             # small packets is still joined into one chunk per channel), unless
@@ -321,6 +327,27 @@ class AEADTransportMixin(KexMixin):
             self._backlogSock = sock
             sock.pauseProducing()
         self._backlogCall = sock.reactor.callLater(0, self._parseBacklog)
+
+    def _holdForKex(self, sock: Connection | None, rest: bytes) -> None:
+        flush = self.channelDataFlush
+        if flush is not None:
+            flush()  # the data before the KEXINIT goes on now
+        call, self._backlogCall = self._backlogCall, None
+        if call is not None and call.active():
+            call.cancel()  # kexPaceOver parses the backlog
+        self._backlog = rest  # None before: dataReceived appends to a backlog instead
+        if self._backlogSock is None and sock is not None:
+            self._backlogSock = sock
+            sock.pauseProducing()
+
+    def kexPaceOver(self) -> None:
+        if self._backlog is None:
+            return
+        if self._backlogSock is not None:
+            self._parseBacklog()
+            return
+        rest, self._backlog = self._backlog, None  # not a TCP connection (tests)
+        self._handleRead(rest)
 
     def _parseBacklog(self) -> None:
         self._backlogCall = None
@@ -401,6 +428,8 @@ class AEADTransportMixin(KexMixin):
                 if flush is not None:
                     flush()  # the data before this message is handed on before it
                 self.dispatchMessage(got[0], got[1])
+                if self._pacedKexInit is not None:
+                    return bytes(data[pos:])  # held with it (_holdForKex)
         return None
 
     #: Lines the peer sent before its version line, dropped (only a server may).
