@@ -16,10 +16,17 @@ from its accept (a deadline, not an idle timer: trickling bytes does not extend 
 one past a cap is closed at accept, before a byte is read.  The operator's own address
 (``127.0.0.1``, ``::1``) is not counted against the total, only against its own share.
 ``labrelay status``, a browser and a scraper need one or a few short connections.
+
+A request's body is bounded too (:class:`BoundedRequest`): Twisted writes any body of
+100 000 bytes or more, or of no stated length (chunked), to a temporary file, without
+limit, before the resource (and the token check) sees the request, so one connection
+could fill the relay host's disk.  No admin request needs a body: past
+:data:`MAX_BODY` bytes the answer is ``413`` and the connection is closed.
 """
 
 from __future__ import annotations
 
+from io import BytesIO
 from typing import Any
 
 from twisted.internet.interfaces import IAddress
@@ -27,6 +34,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from twisted.web.server import Request
 
 from relay.core.burstlog import BurstLog
 
@@ -44,6 +52,8 @@ answer is computed at once, so an honest request is done in well under a second,
 keep-alive scraper reconnects."""
 IDLE_TIMEOUT = 10
 """Twisted's idle timer for the ``Site`` (its default is 60 s)."""
+MAX_BODY = 64 * 1024
+"""Bytes of a request body the admin endpoint reads (``POST /reload`` sends none)."""
 REFUSAL_LOG_WINDOW = 10.0
 """Refusals are logged once per burst of this many seconds (relay.core.burstlog)."""
 
@@ -160,6 +170,37 @@ class CappedFactory(WrappingFactory):
         self._log.warn("admin endpoint: {count} more connections refused at accept in the "
                        "last {window}s (last: {why})", event="admin_connection_refused_burst",
                        count=count, window=REFUSAL_LOG_WINDOW, why=why)
+
+
+class BoundedRequest(Request):
+    """A ``Request`` whose body is kept in memory up to :data:`MAX_BODY` bytes; past
+    that (stated or sent) the peer is answered ``413`` and the connection closed."""
+
+    _bodyBytes = 0
+    _tooLarge = False
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()  # never Twisted's temporary file
+        if length is not None and length > MAX_BODY:
+            self._refuseBody()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._tooLarge:
+            return
+        self._bodyBytes += len(data)
+        if self._bodyBytes > MAX_BODY:
+            self._refuseBody()
+            return
+        super().handleContentChunk(data)
+
+    def _refuseBody(self) -> None:
+        self._tooLarge = True
+        transport: Any = self.channel.transport if self.channel is not None else None
+        if transport is None:
+            return
+        transport.write(b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\n"
+                        b"Content-Length: 0\r\n\r\n")
+        transport.loseConnection()
 
 
 def capped_site(site: Any, clock: Any) -> CappedFactory:

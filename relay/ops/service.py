@@ -21,7 +21,7 @@ from twisted.web.server import Site
 from relay.agent.link import Link
 from relay.config.errors import ConfigError
 from relay.config.schema import LinkConfig, NodeConfig, PlainForwardConfig
-from relay.ops.admincap import IDLE_TIMEOUT, capped_site
+from relay.ops.admincap import IDLE_TIMEOUT, BoundedRequest, capped_site
 from relay.ops.check import node_problems
 from relay.ops.gcpace import CollectorPacing
 from relay.ops.hangup import HangupBeforeStart
@@ -144,7 +144,8 @@ class NodeService(MultiService):
             reload = self.reloadNow if self.reloader is not None else None
             site = Site(admin_resource(self.status, AdminGate(listen.host, token),
                                        metrics=metrics.exposition, reload=reload),
-                        timeout=IDLE_TIMEOUT, reactor=reactor)
+                        requestFactory=BoundedRequest, timeout=IDLE_TIMEOUT,
+                        reactor=reactor)
             site.noisy = False
             # Bounded: every admin connection is a descriptor the SSH port needs too.
             admin = AdminServer(listen.port, capped_site(site, reactor), interface=listen.host,

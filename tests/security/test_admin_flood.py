@@ -15,6 +15,7 @@ still answered (docs/security.md).
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import subprocess
@@ -92,3 +93,63 @@ def test_connections_held_on_the_admin_port_do_not_take_the_ssh_port(
     finally:
         for s in socks:
             s.close()
+
+
+BODY = 32 * 1024 * 1024
+
+
+def _temporary_files(pid: int) -> int:
+    """Bytes in the deleted files the process holds open (Twisted's request bodies)."""
+    total = 0
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in fds.iterdir():
+        try:
+            if os.readlink(fd).endswith("(deleted)"):
+                total += os.stat(fd).st_size
+        except OSError:
+            continue
+    return total
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_request_body_sent_to_the_admin_port_is_bounded(
+    start_relay: Callable[..., RelayNode], framing: str
+) -> None:
+    """Twisted wrote every request body of 100 000 bytes or more (or chunked) to a
+    temporary file, before the token check or the resource saw it: 127.0.0.2 sending
+    32 MiB to ``/status.json`` made the relay write 32 MiB to its temporary directory,
+    as much as it was sent.  Now past 64 KiB it answers 413 and closes."""
+    relay = start_relay()
+    head = b"POST /status.json HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % relay.admin_port
+    if framing == "chunked":
+        head += b"Transfer-Encoding: chunked\r\n\r\n"
+    else:
+        head += b"Content-Length: %d\r\n\r\n" % (BODY * 4)
+    chunk = b"x" * 65536
+    piece = b"%x\r\n%s\r\n" % (len(chunk), chunk) if framing == "chunked" else chunk
+    sock = socket.create_connection((LOOPBACK, relay.admin_port), timeout=10,
+                                    source_address=("127.0.0.2", 0))
+    sent, answer, on_disk = 0, b"", 0
+    try:
+        sock.sendall(head)
+        while sent < BODY:
+            try:
+                sock.sendall(piece)
+            except OSError:  # closed by the relay
+                break
+            sent += len(chunk)
+            on_disk = max(on_disk, _temporary_files(relay.pid))
+        sock.settimeout(10)
+        try:
+            answer = sock.recv(4096)
+        except OSError:
+            pass
+    finally:
+        sock.close()
+    print(f"\n{framing}: sent {sent} bytes, the relay wrote up to {on_disk} to temporary "
+          f"files; answer {answer[:40]!r}")
+    assert on_disk == 0
+    assert sent < BODY  # stopped reading it
+    assert answer.startswith(b"HTTP/1.1 413")
+    status, _, body = http_get(relay.admin_port, f"127.0.0.1:{relay.admin_port}")
+    assert status == 200 and b'"relay"' in body
