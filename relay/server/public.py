@@ -3,7 +3,9 @@ go to the agent that registered it like any user session (docs/relay.md, "Public
 ports").
 
 A connection that arrives while the port's agent is away waits up to ``public_wait``
-seconds for it; at most ``max_unauthenticated`` of them wait per port.
+seconds for it; at most ``max_unauthenticated`` of them wait per port.  The ones
+refused past that are logged once per burst and port (``REFUSAL_LOG_WINDOW``): anyone
+on the internet can connect and close in a loop, and each was a warning line.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.config.schema import RelayConfig
+from relay.core.burstlog import BurstLog
 from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SessionRow, SessionTable
 from relay.datapath.bridge import Bridge, SideFactory, TCPSide
@@ -27,6 +30,9 @@ from relay.server.grants import Grants
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.earlydata import EarlyFeed
 from relay.ssh.openerrors import failure_text
+
+REFUSAL_LOG_WINDOW = 10.0
+"""Seconds of a burst of refused public connections logged as one line, then a count."""
 
 
 class PublicShell(Protocol):
@@ -65,6 +71,7 @@ class PublicPorts:
         self.relay = relay
         self.listeners: dict[int, IListeningPort] = {}
         self._waiting: dict[int, int] = {}  # connections waiting for their agent
+        self._refusals: dict[int, BurstLog] = {}  # per listening port that refused some
 
     def listen(self, port: int) -> bool:
         """Listen on ``port`` (if not already); False if it cannot be bound."""
@@ -85,14 +92,48 @@ class PublicPorts:
                        port=port, bind=config.public_bind)
         return True
 
+    def _refusalLog(self, port: int) -> BurstLog:
+        log = self._refusals.get(port)
+        if log is None:
+            cap = self.relay.config.max_unauthenticated
+
+            def first(what: str) -> None:
+                origin, owner = what.split(" ", 1)
+                self._log.warn(
+                    "public port {port}: connection from {origin} refused: {cap} connections "
+                    "already waiting for agent {owner} (max_unauthenticated)",
+                    event="relay_public_refused", port=port, origin=origin, cap=cap,
+                    owner=owner,
+                )
+
+            def more(count: int, what: str) -> None:
+                origin, owner = what.split(" ", 1)
+                self._log.warn(
+                    "public port {port}: {count} more connections refused in the last "
+                    "{window:.0f}s, the last from {origin}: {cap} connections already "
+                    "waiting for agent {owner} (max_unauthenticated)",
+                    event="relay_public_refused", port=port, origin=origin, cap=cap,
+                    owner=owner, count=count, window=REFUSAL_LOG_WINDOW,
+                )
+
+            log = self._refusals[port] = BurstLog(self.relay.reactor, REFUSAL_LOG_WINDOW,
+                                                  first, more)
+        return log
+
     def close(self, port: int) -> None:
         """Stop listening on ``port`` (its registration went)."""
+        log = self._refusals.pop(port, None)
+        if log is not None:
+            log.stop()
         listener = self.listeners.pop(port, None)
         if listener is not None:
             listener.stopListening()
 
     def stop(self) -> list[defer.Deferred[Any]]:
         """Stop every listener; the Deferreds fire when they have stopped."""
+        for log in list(self._refusals.values()):
+            log.stop()
+        self._refusals.clear()
         listeners = list(self.listeners.values())
         self.listeners.clear()
         return [defer.maybeDeferred(p.stopListening) for p in listeners]  # type: ignore[call-overload]
@@ -111,12 +152,7 @@ class PublicPorts:
             # socket here and nothing else, and a flood of them must not pile up while
             # the agent is away.  Established sessions are the target's to limit.
             relay.counters["sessions_refused"] += 1
-            self._log.warn(
-                "public port {port}: connection from {origin} refused: {cap} connections "
-                "already waiting for agent {owner} (max_unauthenticated)",
-                event="relay_public_refused", port=port, origin=origin,
-                cap=config.max_unauthenticated, owner=owner,
-            )
+            self._refusalLog(port).failed(f"{origin} {owner}")
             side.abort()
             return
         session = relay.sessions.open(label, label, origin, relay.reactor.seconds())
