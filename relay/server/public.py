@@ -6,10 +6,17 @@ A connection that arrives while the port's agent is away waits up to ``public_wa
 seconds for it; at most ``max_unauthenticated`` of them wait per port.  The ones
 refused past that are logged once per burst and port (``REFUSAL_LOG_WINDOW``): anyone
 on the internet can connect and close in a loop, and each was a warning line.
+
+The public ports together hold at most half the process's descriptor limit
+(:func:`public_connection_cap`); one more is closed at accept.  Every public connection
+is a descriptor of the relay's one process, which its SSH port needs too: a stranger
+holding connections to a public port (no key needed) ran it out of descriptors
+(``EMFILE``) and no user or agent could connect until they let go (docs/security.md).
 """
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -33,6 +40,48 @@ from relay.ssh.openerrors import failure_text
 
 REFUSAL_LOG_WINDOW = 10.0
 """Seconds of a burst of refused public connections logged as one line, then a count."""
+MIN_PUBLIC_CONNECTIONS = 64
+"""The cap on open public connections never goes below this (a tiny ``ulimit -n``)."""
+
+
+def public_connection_cap() -> int:
+    """Open public connections allowed in all: half the descriptor limit (read at each
+    accept: ``prlimit`` may change it), the other half kept for the SSH port, the data
+    port, the agents' links and the admin endpoint."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(MIN_PUBLIC_CONNECTIONS, soft // 2)
+
+
+class _PublicSide(TCPSide):
+    """A public connection: gives its place back when it ends."""
+
+    released: Callable[[], None] | None = None
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        done, self.released = self.released, None
+        if done is not None:
+            done()
+        super().connectionLost(reason)
+
+
+class _PublicFactory(SideFactory):
+    """A public port's listener: past the cap a connection is closed at accept
+    (``buildProtocol`` returns None), before it is bridged or read."""
+
+    def __init__(self, ports: PublicPorts, port: int) -> None:
+        super().__init__(lambda side: ports._connection(port, side))
+        self.ports, self.port = ports, port
+
+    def buildProtocol(self, addr: Any) -> TCPSide | None:  # type: ignore[override]
+        if not self.ports.admit(self.port, addr):
+            return None
+        side = _PublicSide()
+        side.onConnected = self._on_connected
+        side.factory = self
+        side.released = self.ports.release
+        return side
 
 
 class PublicShell(Protocol):
@@ -72,13 +121,16 @@ class PublicPorts:
         self.listeners: dict[int, IListeningPort] = {}
         self._waiting: dict[int, int] = {}  # connections waiting for their agent
         self._refusals: dict[int, BurstLog] = {}  # per listening port that refused some
+        self.open = 0  # public connections open now, all ports (public_connection_cap)
+        self.capLog = BurstLog(relay.reactor, REFUSAL_LOG_WINDOW, self._firstCapRefusal,
+                               self._moreCapRefusals)
 
     def listen(self, port: int) -> bool:
         """Listen on ``port`` (if not already); False if it cannot be bound."""
         if port in self.listeners:
             return True
         config = self.relay.config
-        factory = SideFactory(lambda side: self._connection(port, side))
+        factory = _PublicFactory(self, port)
         try:
             self.listeners[port] = self.relay.reactor.listenTCP(
                 port, factory, backlog=LISTEN_BACKLOG, interface=config.public_bind
@@ -91,6 +143,38 @@ class PublicPorts:
         self._log.info("public port {port} listening on {bind}", event="relay_public_port",
                        port=port, bind=config.public_bind)
         return True
+
+    def admit(self, port: int, addr: Any) -> bool:
+        """Whether a new connection to public ``port`` may open (counted if so)."""
+        cap = public_connection_cap()
+        if self.open >= cap:
+            self.relay.counters["sessions_refused"] += 1
+            self.capLog.failed(f"{port} {getattr(addr, 'host', '?')}:{getattr(addr, 'port', 0)}"
+                               f" {cap}")
+            return False
+        self.open += 1
+        return True
+
+    def release(self) -> None:
+        self.open -= 1
+
+    def _firstCapRefusal(self, what: str) -> None:
+        port, origin, cap = what.split(" ")
+        self._log.warn(
+            "public port {port}: connection from {origin} closed at accept: {cap} public "
+            "connections open (half the relay's descriptor limit; the rest is kept for "
+            "its SSH and data ports)", event="relay_public_cap", port=int(port),
+            origin=origin, cap=int(cap),
+        )
+
+    def _moreCapRefusals(self, count: int, what: str) -> None:
+        port, origin, cap = what.split(" ")
+        self._log.warn(
+            "public ports: {count} more connections closed at accept in the last "
+            "{window:.0f}s, the last to {port} from {origin}: {cap} public connections open",
+            event="relay_public_cap", port=int(port), origin=origin, cap=int(cap),
+            count=count, window=REFUSAL_LOG_WINDOW,
+        )
 
     def _refusalLog(self, port: int) -> BurstLog:
         log = self._refusals.get(port)
@@ -131,6 +215,7 @@ class PublicPorts:
 
     def stop(self) -> list[defer.Deferred[Any]]:
         """Stop every listener; the Deferreds fire when they have stopped."""
+        self.capLog.stop()
         for log in list(self._refusals.values()):
             log.stop()
         self._refusals.clear()
