@@ -174,12 +174,13 @@ def _relay(relay: dict[str, Any]) -> Iterator[Metric]:
     users = _gauge("labrelay_relay_users_connected", "User connections now.")
     users.add_metric([], len(relay.get("users", [])))
     service_up = _gauge("labrelay_relay_service_up",
-                        "1 while an agent holds the service (0: granted, not registered).",
+                        "1 while an agent holds the service (0: granted, not registered); "
+                        "for a NAME:* grant, how many of its ports are held.",
                         ["service", "owner"])
     held = set()
-    for svc in relay.get("services", []):
-        held.add(svc["service"])
-        service_up.add_metric([_s(svc["service"]), _s(svc["owner"])], 1)
+    for (service, owner), n in _services_up(relay).items():
+        held.add(service)
+        service_up.add_metric([_s(service), _s(owner)], n)
     for grant in relay.get("service_grants", []):
         if grant["service"] not in held and not grant["service"].endswith(":*"):
             service_up.add_metric([_s(grant["service"]), _s(grant["owner"])], 0)
@@ -198,6 +199,37 @@ def _relay(relay: dict[str, Any]) -> Iterator[Metric]:
     yield from _fast(relay.get("fast_path") or {})
     yield from _admission(relay.get("admission") or {})
     yield from _sharing(relay.get("sharing") or {})
+
+
+WILDCARD_SERIES = 16
+"""Ports held under one ``NAME:*`` grant shown one by one in ``service_up``; past it,
+all of them count as one ``NAME:*`` series."""
+
+
+def _services_up(relay: dict[str, Any]) -> dict[tuple[str, str], int]:
+    """The registrations by (service label, owner).  An agent granted
+    ``tensorboard:*`` may register all 65 535 ports, and each was a series of its own
+    (3 000 registrations: /metrics 9 KB -> 200 KB; docs/security.md): the ports held
+    under a ``NAME:*`` grant (and granted by no line of their own) are shown one by one
+    up to :data:`WILDCARD_SERIES` of them, and past it counted as one ``NAME:*`` series
+    whose value is how many are held."""
+    grants = {g["service"] for g in relay.get("service_grants", [])}
+    up: dict[tuple[str, str], int] = {}
+    wild: dict[tuple[str, str], list[str]] = {}
+    for svc in relay.get("services", []):
+        service, owner = svc["service"], svc["owner"]
+        name, _, _ = service.rpartition(":")
+        if service not in grants and f"{name}:*" in grants:
+            wild.setdefault((f"{name}:*", owner), []).append(service)
+        else:
+            up[(service, owner)] = up.get((service, owner), 0) + 1
+    for (pattern, owner), services in wild.items():
+        if len(services) > WILDCARD_SERIES:
+            up[(pattern, owner)] = len(services)
+        else:
+            for service in services:
+                up[(service, owner)] = up.get((service, owner), 0) + 1
+    return up
 
 
 def _sharing(sharing: dict[str, Any]) -> Iterator[Metric]:

@@ -21,6 +21,7 @@ from twisted.web.server import Site
 from relay.agent.link import Link
 from relay.config.errors import ConfigError
 from relay.config.schema import LinkConfig, NodeConfig, PlainForwardConfig
+from relay.ops.admincap import IDLE_TIMEOUT, BoundedRequest, capped_site
 from relay.ops.check import node_problems
 from relay.ops.gcpace import CollectorPacing
 from relay.ops.hangup import HangupBeforeStart
@@ -154,9 +155,13 @@ class NodeService(MultiService):
             reload = self.reloadNow if self.reloader is not None else None
             gate = AdminGate(listen.host, token_file=token_file)
             site = Site(admin_resource(self.status, gate,
-                                       metrics=metrics.exposition, reload=reload))
+                                       metrics=metrics.exposition, reload=reload),
+                        requestFactory=BoundedRequest, timeout=IDLE_TIMEOUT,
+                        reactor=reactor)
             site.noisy = False
-            admin = AdminServer(listen.port, site, interface=listen.host, reactor=reactor)
+            # Bounded: every admin connection is a descriptor the SSH port needs too.
+            admin = AdminServer(listen.port, capped_site(site, reactor), interface=listen.host,
+                                reactor=reactor)
             admin.on_fatal = on_fatal
             admin.setName("admin")
             admin.setServiceParent(self)

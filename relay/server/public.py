@@ -3,11 +3,20 @@ go to the agent that registered it like any user session (docs/relay.md, "Public
 ports").
 
 A connection that arrives while the port's agent is away waits up to ``public_wait``
-seconds for it; at most ``max_unauthenticated`` of them wait per port.
+seconds for it; at most ``max_unauthenticated`` of them wait per port.  The ones
+refused past that are logged once per burst and port (``REFUSAL_LOG_WINDOW``): anyone
+on the internet can connect and close in a loop, and each was a warning line.
+
+The public ports together hold at most half the process's descriptor limit
+(:func:`public_connection_cap`); one more is closed at accept.  Every public connection
+is a descriptor of the relay's one process, which its SSH port needs too: a stranger
+holding connections to a public port (no key needed) ran it out of descriptors
+(``EMFILE``) and no user or agent could connect until they let go (docs/security.md).
 """
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -17,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.config.schema import RelayConfig
+from relay.core.burstlog import BurstLog
 from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SessionRow, SessionTable
 from relay.datapath.bridge import Bridge, SideFactory, TCPSide
@@ -27,6 +37,51 @@ from relay.server.grants import Grants
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.earlydata import EarlyFeed
 from relay.ssh.openerrors import failure_text
+
+REFUSAL_LOG_WINDOW = 10.0
+"""Seconds of a burst of refused public connections logged as one line, then a count."""
+MIN_PUBLIC_CONNECTIONS = 64
+"""The cap on open public connections never goes below this (a tiny ``ulimit -n``)."""
+
+
+def public_connection_cap() -> int:
+    """Open public connections allowed in all: half the descriptor limit (read at each
+    accept: ``prlimit`` may change it), the other half kept for the SSH port, the data
+    port, the agents' links and the admin endpoint."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(MIN_PUBLIC_CONNECTIONS, soft // 2)
+
+
+class _PublicSide(TCPSide):
+    """A public connection: gives its place back when it ends."""
+
+    released: Callable[[], None] | None = None
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        done, self.released = self.released, None
+        if done is not None:
+            done()
+        super().connectionLost(reason)
+
+
+class _PublicFactory(SideFactory):
+    """A public port's listener: past the cap a connection is closed at accept
+    (``buildProtocol`` returns None), before it is bridged or read."""
+
+    def __init__(self, ports: PublicPorts, port: int) -> None:
+        super().__init__(lambda side: ports._connection(port, side))
+        self.ports, self.port = ports, port
+
+    def buildProtocol(self, addr: Any) -> TCPSide | None:  # type: ignore[override]
+        if not self.ports.admit(self.port, addr):
+            return None
+        side = _PublicSide()
+        side.onConnected = self._on_connected
+        side.factory = self
+        side.released = self.ports.release
+        return side
 
 
 class PublicShell(Protocol):
@@ -65,13 +120,17 @@ class PublicPorts:
         self.relay = relay
         self.listeners: dict[int, IListeningPort] = {}
         self._waiting: dict[int, int] = {}  # connections waiting for their agent
+        self._refusals: dict[int, BurstLog] = {}  # per listening port that refused some
+        self.open = 0  # public connections open now, all ports (public_connection_cap)
+        self.capLog = BurstLog(relay.reactor, REFUSAL_LOG_WINDOW, self._firstCapRefusal,
+                               self._moreCapRefusals)
 
     def listen(self, port: int) -> bool:
         """Listen on ``port`` (if not already); False if it cannot be bound."""
         if port in self.listeners:
             return True
         config = self.relay.config
-        factory = SideFactory(lambda side: self._connection(port, side))
+        factory = _PublicFactory(self, port)
         try:
             self.listeners[port] = self.relay.reactor.listenTCP(
                 port, factory, backlog=LISTEN_BACKLOG, interface=config.public_bind
@@ -85,14 +144,81 @@ class PublicPorts:
                        port=port, bind=config.public_bind)
         return True
 
+    def admit(self, port: int, addr: Any) -> bool:
+        """Whether a new connection to public ``port`` may open (counted if so)."""
+        cap = public_connection_cap()
+        if self.open >= cap:
+            self.relay.counters["sessions_refused"] += 1
+            self.capLog.failed(f"{port} {getattr(addr, 'host', '?')}:{getattr(addr, 'port', 0)}"
+                               f" {cap}")
+            return False
+        self.open += 1
+        return True
+
+    def release(self) -> None:
+        self.open -= 1
+
+    def _firstCapRefusal(self, what: str) -> None:
+        port, origin, cap = what.split(" ")
+        self._log.warn(
+            "public port {port}: connection from {origin} closed at accept: {cap} public "
+            "connections open (half the relay's descriptor limit; the rest is kept for "
+            "its SSH and data ports)", event="relay_public_cap", port=int(port),
+            origin=origin, cap=int(cap),
+        )
+
+    def _moreCapRefusals(self, count: int, what: str) -> None:
+        port, origin, cap = what.split(" ")
+        self._log.warn(
+            "public ports: {count} more connections closed at accept in the last "
+            "{window:.0f}s, the last to {port} from {origin}: {cap} public connections open",
+            event="relay_public_cap", port=int(port), origin=origin, cap=int(cap),
+            count=count, window=REFUSAL_LOG_WINDOW,
+        )
+
+    def _refusalLog(self, port: int) -> BurstLog:
+        log = self._refusals.get(port)
+        if log is None:
+            cap = self.relay.config.max_unauthenticated
+
+            def first(what: str) -> None:
+                origin, owner = what.split(" ", 1)
+                self._log.warn(
+                    "public port {port}: connection from {origin} refused: {cap} connections "
+                    "already waiting for agent {owner} (max_unauthenticated)",
+                    event="relay_public_refused", port=port, origin=origin, cap=cap,
+                    owner=owner,
+                )
+
+            def more(count: int, what: str) -> None:
+                origin, owner = what.split(" ", 1)
+                self._log.warn(
+                    "public port {port}: {count} more connections refused in the last "
+                    "{window:.0f}s, the last from {origin}: {cap} connections already "
+                    "waiting for agent {owner} (max_unauthenticated)",
+                    event="relay_public_refused", port=port, origin=origin, cap=cap,
+                    owner=owner, count=count, window=REFUSAL_LOG_WINDOW,
+                )
+
+            log = self._refusals[port] = BurstLog(self.relay.reactor, REFUSAL_LOG_WINDOW,
+                                                  first, more)
+        return log
+
     def close(self, port: int) -> None:
         """Stop listening on ``port`` (its registration went)."""
+        log = self._refusals.pop(port, None)
+        if log is not None:
+            log.stop()
         listener = self.listeners.pop(port, None)
         if listener is not None:
             listener.stopListening()
 
     def stop(self) -> list[defer.Deferred[Any]]:
         """Stop every listener; the Deferreds fire when they have stopped."""
+        self.capLog.stop()
+        for log in list(self._refusals.values()):
+            log.stop()
+        self._refusals.clear()
         listeners = list(self.listeners.values())
         self.listeners.clear()
         return [defer.maybeDeferred(p.stopListening) for p in listeners]  # type: ignore[call-overload]
@@ -111,12 +237,7 @@ class PublicPorts:
             # socket here and nothing else, and a flood of them must not pile up while
             # the agent is away.  Established sessions are the target's to limit.
             relay.counters["sessions_refused"] += 1
-            self._log.warn(
-                "public port {port}: connection from {origin} refused: {cap} connections "
-                "already waiting for agent {owner} (max_unauthenticated)",
-                event="relay_public_refused", port=port, origin=origin,
-                cap=config.max_unauthenticated, owner=owner,
-            )
+            self._refusalLog(port).failed(f"{origin} {owner}")
             side.abort()
             return
         session = relay.sessions.open(label, label, origin, relay.reactor.seconds())

@@ -54,7 +54,11 @@ REFUSAL_LOG_WINDOW = 10.0
 """Seconds per window of a user's ``relay_session_refused`` lines."""
 REFUSAL_LOG_ALLOWANCE = 32
 """A user's refused sessions logged one by one per window and key; past it, one count
-line (for that key)."""
+line (for that key).  The same for refused requests, and for an agent's registrations
+and cancels (``REFUSED_REQUEST``, ``REGISTERED``: the categories RelayCore._logRequest
+counts apart)."""
+REFUSED_REQUEST = "refused"
+REGISTERED = "registered"
 
 
 class RelayCore(SessionOpening):
@@ -79,6 +83,11 @@ class RelayCore(SessionOpening):
         # the allowance of another key logged in under the same name)
         self.refusalLog = PerKeyLog(reactor, REFUSAL_LOG_WINDOW, REFUSAL_LOG_ALLOWANCE,
                                     self._moreRefused)
+        # relay_request_refused, relay_service_registered/cancelled: the same allowance
+        # per key and window, then a count: a tcpip-forward refused (or granted and
+        # cancelled) in a loop was one line per request, thousands a second.
+        self.requestLog = PerKeyLog(reactor, REFUSAL_LOG_WINDOW, REFUSAL_LOG_ALLOWANCE,
+                                    self._moreRequests)
         # relay_unauth_cap: the first drop at the global cap of each burst, then a count
         self.capLog = BurstLog(reactor, CAP_LOG_WINDOW, self._firstCapDrop, self._moreCapDrops)
         # relay_unauth_evicted: connections closed at the full cap to admit a source
@@ -302,11 +311,39 @@ class RelayCore(SessionOpening):
         """Refuse ``what`` and log why; the answer carries ``why`` too, which a labrelay
         agent is told (``request-refused@labrelay``, relay.ssh.server)."""
         self.counters["requests_refused"] += 1
-        self._log.warn(
-            "{kind} {name}: refused {what}: {why}", event="relay_request_refused",
-            kind=conn.identity.kind, name=conn.principal_name, what=what, why=why,
-        )
+        if self._logRequest(REFUSED_REQUEST, conn, f"{what}: {why}"):
+            self._log.warn(
+                "{kind} {name}: refused {what}: {why}", event="relay_request_refused",
+                kind=conn.identity.kind, name=conn.principal_name, what=what, why=why,
+            )
         return RefusedRequest(why)
+
+    def _logRequest(self, category: str, conn: RelayConnection, what: str) -> bool:
+        """Whether to log one of ``conn``'s requests in full (per key and window, as
+        refused sessions: relay.core.burstlog.PerKeyLog); else it is only counted."""
+        ident = conn.identity
+        key = audit.key_fingerprint(getattr(ident, "key_blob", None))
+        return self.requestLog.allow(f"{category} {ident.kind} {conn.principal_name} {key}",
+                                     what)
+
+    def _moreRequests(self, who: str, count: int, last: str) -> None:
+        """The requests :meth:`_logRequest` did not log in the window that just ended."""
+        category, kind, rest = who.split(" ", 2)
+        name, _, key = rest.rpartition(" ")
+        if category == REFUSED_REQUEST:
+            self._log.warn(
+                "{kind} {name}: {count} more requests refused in the last {window:.0f}s "
+                "with key {key} (not logged one by one; the last: {last})",
+                event="relay_request_refused", kind=kind, name=name, count=count,
+                window=self.requestLog.window, key=key, last=last, what="", why="",
+            )
+        else:
+            self._log.info(
+                "agent {agent}: {count} more services registered or cancelled in the last "
+                "{window:.0f}s with key {key} (not logged one by one; the last: {last})",
+                event="relay_service_registered", agent=name, count=count,
+                window=self.requestLog.window, key=key, last=last, service="",
+            )
 
     def _principalOf(self, session: Any) -> Principal | None:
         """The principal ``session``'s key is granted as now (None: no longer granted)."""
@@ -347,16 +384,20 @@ class RelayCore(SessionOpening):
         reg = decision.registration
         assert reg is not None
         takeover = decision.verdict is Verdict.TAKEOVER
+        if self._logRequest(REGISTERED, conn, f"registered {_label(reg)}"):
+            self._logRegistered(conn, reg, takeover)
+        self.waiting.registered(reg, decision.woken, replied)
+        if decision.superseded is not None:
+            decision.superseded.disconnect(SUPERSEDED)
+        return True
+
+    def _logRegistered(self, conn: RelayConnection, reg: Registration, takeover: bool) -> None:
         self._log.info(
             "agent {agent} registered {service}{how} (agent version {version})",
             event="relay_service_registered", agent=conn.principal_name, service=_label(reg),
             peer=conn.peer, takeover=takeover, version=conn.software.shown,
             how=" (took it over from its stale session)" if takeover else "",
         )
-        self.waiting.registered(reg, decision.woken, replied)
-        if decision.superseded is not None:
-            decision.superseded.disconnect(SUPERSEDED)
-        return True
 
     def _probeThenTakeover(self, probe: Probe, conn: RelayConnection, what: str,
                            replied: defer.Deferred[None],
@@ -396,8 +437,10 @@ class RelayCore(SessionOpening):
         name = self.router.cancel(bind, port, conn)
         if name is None:
             return RefusedRequest(f"{bind}:{port} is not registered by this connection")
-        self._log.info("agent {agent} cancelled {service}", event="relay_service_cancelled",
-                       agent=conn.principal_name, service=label_of(name, port))
+        service = label_of(name, port)
+        if self._logRequest(REGISTERED, conn, f"cancelled {service}"):
+            self._log.info("agent {agent} cancelled {service}", event="relay_service_cancelled",
+                           agent=conn.principal_name, service=service)
         if name == PUBLIC:
             self.publicPorts.close(port)
         return True
@@ -583,6 +626,7 @@ class RelayCore(SessionOpening):
     def stop(self) -> defer.Deferred[Any]:
         self.grantsWatcher.stop()
         self.refusalLog.stop()
+        self.requestLog.stop()
         self.capLog.stop()
         self.evictLog.stop()
         self.expiry.stop()

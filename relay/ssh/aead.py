@@ -382,15 +382,20 @@ class AEADTransportMixin(KexMixin):
 
     def _handleReadNow(self, data: bytes) -> None:
         share = self.turnShare
-        sock = self._socket() if share is not None else None
-        if sock is None:
-            self._received(data)
-            self._readDone()
-            return
-        budget = share.budget()
-        self._turnLeft = budget
+        paced = self.kexPacer is not None
+        sock = self._socket() if share is not None or paced else None
+        budget = None
+        if share is not None and sock is not None:
+            budget = share.budget()
+            self._turnLeft = budget
         rest = self._received(data, budget)
-        share.spend(budget - (self._turnLeft or 0))
+        if budget is not None:
+            share.spend(budget - (self._turnLeft or 0))
+        if paced and self.kexInitHeld:
+            # The peer's KEXINIT waits for the pace (KexMixin.ssh_KEXINIT): so does the
+            # rest of this read, and the socket is not read until kexPaceOver.
+            self._holdForKex(sock, rest or b"")
+            return
         if rest:
             # The data held so far waits for the rest of the read (so that a read of
             # small packets is still joined into one chunk per channel), unless
@@ -429,8 +434,9 @@ class AEADTransportMixin(KexMixin):
         self.turnShare.wait(self)
 
     def stillWaiting(self) -> bool:
-        """Whether part of a read waits for a later turn (``UserTurns``)."""
-        return self._backlog is not None
+        """Whether part of a read waits for a later turn (``UserTurns``); not while a
+        KEXINIT is held for the pace (:meth:`kexPaceOver` hands it back)."""
+        return self._backlog is not None and not self.kexInitHeld
 
     def parseWaiting(self, budget: int) -> int:
         """Handle up to ``budget`` packets of what waits (``UserTurns``, at the start of
@@ -440,6 +446,31 @@ class AEADTransportMixin(KexMixin):
             return self._parseWaiting(budget)
         with group.held():
             return self._parseWaiting(budget)
+
+    def _holdForKex(self, sock: Connection | None, rest: bytes) -> None:
+        """The peer's KEXINIT is held for the pace: the rest of the read waits with it,
+        out of the user's turns, the socket unread, until :meth:`kexPaceOver`."""
+        flush = self.channelDataFlush
+        if flush is not None:
+            flush()  # the data before the KEXINIT goes on now
+        if self.turnShare is not None:
+            self.turnShare.forget(self)  # not served by the turns while it is held
+        self._backlog = rest  # None before: dataReceived appends to a backlog instead
+        if self._backlogSock is None and sock is not None:
+            self._backlogSock = sock
+            sock.pauseProducing()
+
+    def kexPaceOver(self) -> None:
+        """The held KEXINIT was handled: what waited behind it is handled as a new read
+        (within the user's budget), and the socket read again unless that read waits."""
+        if self._backlog is None:
+            return
+        rest, self._backlog = self._backlog, None
+        sock, self._backlogSock = self._backlogSock, None
+        self._handleRead(rest)
+        if (sock is not None and self._backlog is None and self._readHeld is None
+                and not sock.disconnecting and not self._readDead):
+            sock.resumeProducing()
 
     def _parseWaiting(self, budget: int) -> int:
         rest, self._backlog = self._backlog, None
@@ -455,6 +486,9 @@ class AEADTransportMixin(KexMixin):
         self._turnLeft = budget
         rest = self._received(rest, budget)
         used = budget - (self._turnLeft or 0)
+        if self.kexInitHeld:
+            self._holdForKex(sock, rest or b"")  # the socket stays paused
+            return used
         if rest:
             self._backlog = rest  # the socket stays paused
             return used
@@ -524,6 +558,8 @@ class AEADTransportMixin(KexMixin):
                 if flush is not None and got[0] not in self.noFlush:
                     flush()  # the data before this message is handed on before it
                 self.dispatchMessage(got[0], got[1])
+                if self._pacedKexInit is not None:
+                    return bytes(data[pos:])  # held with it (_holdForKex)
         return None
 
     #: Lines the peer sent before its version line, dropped (only a server may).

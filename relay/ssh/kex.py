@@ -2,7 +2,8 @@
 :class:`relay.ssh.aead.AEADTransportMixin`, whose docstring has the whole list): the
 offer and strict KEX, bounded key exchanges (a timeout, a counted backlog), the keys
 installed into :class:`relay.ssh.ciphers.PacketCiphers`, rekeying after
-``rekeyAfterBytes``, and the one place a transport-level fault of the peer disconnects
+``rekeyAfterBytes``, the pace of the key exchanges a peer starts (``kexPacer``), and
+the one place a transport-level fault of the peer disconnects
 (``_fatal``)."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from twisted.conch.ssh.transport import (
     SSHCiphers,
 )
 
+from relay.core.ratelimit import TokenBucket
 from relay.ssh import policy
 from relay.ssh.ciphers import PacketCiphers
 from relay.ssh.connection import LINK_BUFFER
@@ -28,6 +30,20 @@ from relay.ssh.connection import LINK_BUFFER
 #: ``QUEUED_OVERHEAD`` bytes on top of its payload (Python's cost of holding it).
 KEX_BACKLOG_LIMIT = 64 * 1024 * 1024
 QUEUED_OVERHEAD = 128
+#: Key exchanges a peer may start after the first one, at once (``KEX_PACE_BURST``) and
+#: then per second (``KEX_PACE_RATE``), on one connection of the relay's
+#: (:func:`kex_pacer`).  Each costs the relay a curve25519 or ML-KEM exchange, a host
+#: key signature and the key derivation (~0.9-1.4 ms of its one thread); a user who
+#: re-keyed in a loop (paramiko, six connections) took 2 400 in 5 s, 41 % of a core,
+#: without limit (docs/security.md).  OpenSSH re-keys after gigabytes by default; a
+#: client set to ``RekeyLimit=1M`` moving 8 MiB asks for about 12.
+KEX_PACE_BURST = 16
+KEX_PACE_RATE = 1.0
+
+
+def kex_pacer(now: float) -> TokenBucket:
+    """The bucket a relay connection's peer-started key exchanges draw on."""
+    return TokenBucket(KEX_PACE_RATE, KEX_PACE_BURST, now)
 
 
 def _printable(names: bytes, limit: int = 300) -> str:
@@ -95,6 +111,15 @@ class KexMixin:
     _kexBacklog = 0
     _kexBacklogFull = False
     _guard: policy.KexGuard | None = None
+    #: The pace of key exchanges the peer starts after the first (None: no pace; the
+    #: relay's server sets one, :func:`kex_pacer`).  A KEXINIT that comes before the
+    #: bucket has a token for it is held, and nothing more of the peer is read, until
+    #: it has (the peer may send nothing but key exchange messages after its KEXINIT
+    #: anyway, RFC 4253 §7.1): slower re-keys, never a refusal.  Needs ``kexClock``.
+    kexPacer: TokenBucket | None = None
+    kexesPaced = 0  # peer KEXINITs held for the pace (status, tests)
+    _pacedKexInit: bytes | None = None  # the peer's KEXINIT while it is held
+    _kexPaceCall: Any = None
 
     # -- the offer and the key exchange
 
@@ -147,6 +172,39 @@ class KexMixin:
             self.sendKexInit()
 
     def ssh_KEXINIT(self, packet: bytes) -> None:
+        pacer, clock = self.kexPacer, self.kexClock
+        if (pacer is not None and clock is not None and self.keyExchanges >= 1
+                and self._keyExchangeState == self._KEY_EXCHANGE_NONE):
+            # The peer starts a re-key (not an answer to ours): one token each.
+            wait = pacer.charge(1, clock.seconds())
+            if wait > 0:
+                self.kexesPaced += 1
+                self._pacedKexInit = packet
+                self._kexPaceCall = clock.callLater(wait, self._kexPaceDue)
+                self.kexPaced(wait)
+                return
+        self._kexInitReceived(packet)
+
+    def kexPaced(self, wait: float) -> None:
+        """The peer's KEXINIT is held ``wait`` seconds (a hook: the relay logs it)."""
+
+    @property
+    def kexInitHeld(self) -> bool:
+        """Whether a peer KEXINIT is held for the pace: read nothing more meanwhile."""
+        return self._pacedKexInit is not None
+
+    def _kexPaceDue(self) -> None:
+        self._kexPaceCall = None
+        packet, self._pacedKexInit = self._pacedKexInit, None
+        if packet is None or self._readDead or self.transport is None:
+            return
+        self._kexInitReceived(packet)
+        self.kexPaceOver()
+
+    def kexPaceOver(self) -> None:
+        """The held KEXINIT was handled: read the peer again (the packet path's)."""
+
+    def _kexInitReceived(self, packet: bytes) -> None:
         guard = self.kexGuard
         try:
             peer = policy.KexInit.parse(packet)
@@ -206,7 +264,7 @@ class KexMixin:
             self._kexTimer = self.kexClock.callLater(self.kexTimeout, self._kexTimedOut)
 
     def _disarmKexTimers(self) -> None:
-        for name in ("_kexTimer", "_kexInitWaitCall"):
+        for name in ("_kexTimer", "_kexInitWaitCall", "_kexPaceCall"):
             call = getattr(self, name)
             setattr(self, name, None)
             if call is not None and call.active():

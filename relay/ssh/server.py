@@ -59,6 +59,7 @@ from relay.ssh.connection import (
     FlowConnection,
 )
 from relay.ssh.guard import PeerInputGuard, client_first_line_refusal
+from relay.ssh.kex import KEX_PACE_BURST, KEX_PACE_RATE, kex_pacer
 from relay.ssh.openerrors import refused_by_peer
 from relay.ssh.peersoftware import read_version_line
 from relay.ssh.resumable import ResumableSessions
@@ -202,6 +203,7 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
     # Not read while this much of the relay's output waits unread by it (AEADTransportMixin)
     readHoldBytes = READ_HOLD
     _heldOnce = False
+    _kexPacedOnce = False
 
     # Disconnects the relay sends for bytes that are not SSH: a ``protocol`` offence.
     PROTOCOL_DISCONNECTS = frozenset({
@@ -223,6 +225,7 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
         self.kexTimeout = core.config.kex_timeout
         self.kexInitWait = KEXINIT_WAIT
         self.corkGroup = core.writeCork  # a read's packets to each peer in one write
+        self.kexPacer = kex_pacer(core.reactor.seconds())
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
@@ -271,6 +274,18 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
             "by it (more than {hold}); reading resumes once it reads them",
             event="relay_read_held", peer=self.peerName(), waiting=waiting,
             hold=self.readHoldBytes,
+        )
+
+    def kexPaced(self, wait: float) -> None:
+        """Logged once per connection: a peer that starts key exchanges faster than
+        the pace (relay.ssh.kex.KEX_PACE_RATE) has each held until its turn."""
+        if self._kexPacedOnce:
+            return
+        self._kexPacedOnce = True
+        self._log.info(
+            "{peer} starts key exchanges faster than {rate:g} a second (after {burst}); "
+            "each is held until its turn ({wait:.2f}s now)", event="ssh_kex_paced",
+            peer=self.peerName(), rate=KEX_PACE_RATE, burst=KEX_PACE_BURST, wait=wait,
         )
 
     def offended(self, offence: Offence) -> None:

@@ -94,3 +94,43 @@ def test_two_thousand_ports_of_a_wildcard_grant_do_not_grow_metrics(
     chan.sendall(b"pong")
     assert recv_exactly(chan, 4) == b"pong"  # type: ignore[arg-type]
     t.close()
+
+
+REGISTERED = 3000
+
+
+def test_an_agent_registering_every_port_of_its_wildcard_grant_does_not_grow_metrics(
+    start_relay: Callable[..., RelayNode], tmp_path: Path,
+) -> None:
+    """The agent's side of the same grant: lab_pc (paramiko), granted ``tb:*``, asks
+    for ``tb:1`` … ``tb:3000`` (one ``tcpip-forward`` each, all granted).  Before, each
+    registration was a ``labrelay_relay_service_up`` series of its own: /metrics grew
+    by ~65 bytes a port (200 KB for 3 000; 4 MB for the 65 535 the grant allows, at
+    every scrape).  Now, past ``WILDCARD_SERIES`` ports held under one ``NAME:*`` grant,
+    they are one ``tb:*`` series whose value is how many; an explicitly granted
+    service keeps its own."""
+    lab_pc = make_key(tmp_path / "lab_pc", "lab_pc")
+    relay = start_relay(
+        agents=[f'permitlisten="tb:*",permitlisten="web:8080" {lab_pc.public_blob()} lab_pc'])
+    t = paramiko.Transport(("127.0.0.1", relay.port))
+    t.connect(username="lab_pc",
+              pkey=paramiko.Ed25519Key.from_private_key_file(str(lab_pc.path)))
+    try:
+        assert t.global_request("tcpip-forward", ("web", 8080), wait=True) is not None
+        for port in range(1, 4):
+            assert t.global_request("tcpip-forward", ("tb", port), wait=True) is not None
+        few = relay.metrics()
+        assert {"web:8080", "tb:1", "tb:2", "tb:3"} <= service_labels(few)
+        for port in range(4, REGISTERED + 1):
+            t.global_request("tcpip-forward", ("tb", port), wait=False)
+        assert t.global_request("keepalive@openssh.com", wait=True) is None  # all answered
+        assert len(relay.status()["relay"]["services"]) == REGISTERED + 1
+        text = relay.metrics()
+        up = {s.labels["service"]: s.value for f in text_string_to_metric_families(text)
+              if f.name == "labrelay_relay_service_up" for s in f.samples}
+        print(f"\n/metrics with 4 registrations {len(few)} bytes, with {REGISTERED + 1}: "
+              f"{len(text)} bytes; service_up {up}")
+        assert up == {"web:8080": 1, "tb:*": REGISTERED}
+        assert len(text) - len(few) < 1024, len(text) - len(few)
+    finally:
+        t.close()

@@ -115,6 +115,7 @@ def test_live_holder_keeps_the_name_no_flapping(world: Any) -> None:
     clock.advance(TAKEOVER_PROBE * 2)  # the timer was cancelled: nothing changes later
     assert core.registry.lookup("gpu-cluster", 22).session is holder
     assert holder.disconnected == []
+    core.requestLog.stop()  # the log's per-key windows; the probe's timer is gone already
     assert not clock.getDelayedCalls()
 
 
@@ -150,6 +151,7 @@ def test_holder_stopping_before_answering_is_a_takeover_at_once(world: Any) -> N
     old.probes[0].callback(False)  # its connection stopped: no answer will come
     assert result_of(pending) is True
     assert core.registry.lookup("gpu-cluster", 22).session is new
+    core.requestLog.stop()  # the log's per-key windows (relay.core.burstlog)
     assert not clock.getDelayedCalls()
 
 
@@ -160,6 +162,7 @@ def test_waiting_user_session_is_released_by_registration(world: Any) -> None:
     clock.advance(3)
     result_of(_register(core, agent))
     assert result_of(waiting).session is agent
+    core.requestLog.stop()  # the log's per-key windows (relay.core.burstlog)
     assert not clock.getDelayedCalls()
 
 
@@ -188,6 +191,7 @@ def test_waiting_sessions_get_the_registration_only_once_the_reply_was_sent(worl
     assert not waiting.called and not late.called, "handed out before the agent heard"
     agent.replies[0].callback(None)
     assert result_of(waiting).session is agent and result_of(late).session is agent
+    core.requestLog.stop()  # the log's per-key windows (relay.core.burstlog)
     assert not clock.getDelayedCalls()
 
 
@@ -205,6 +209,7 @@ def test_waiters_wait_on_when_the_agent_goes_before_its_reply(world: Any) -> Non
     back = _conn(core, blobs, "lab_pc")
     result_of(_register(core, back))
     assert result_of(waiting).session is back
+    core.requestLog.stop()  # the log's per-key windows (relay.core.burstlog)
     assert not clock.getDelayedCalls()
 
 

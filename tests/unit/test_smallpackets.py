@@ -510,3 +510,62 @@ def test_an_open_leaves_at_once_within_a_hold_and_data_after_it_waits_for_the_en
         assert len(writes) == 1  # data began a hold; what follows waits behind it
     assert len(writes) == 2  # the rest in one write at the end of the read
     assert len(writes[1]) > 2 * len(writes[0])  # data, open, data: all three
+
+
+def test_a_kexinit_held_for_the_pace_mid_backlog_stops_her_turns_until_its_turn() -> None:
+    """A user's read waits past her turn's budget and, in a later turn, reaches a
+    KEXINIT that the re-key pace holds (relay.ssh.kex; emulated: an ``IGNORE`` whose
+    dispatch holds, as ``ssh_KEXINIT`` does past the burst): her turns stop handing her
+    anything, her socket stays paused, until ``kexPaceOver``; then the rest is handled
+    within her budget, every byte exact and in order, and the socket read again."""
+    from twisted.conch.ssh.transport import MSG_IGNORE
+
+    class Paced(Transport):
+        kexPacer = object()  # a pace is set (the relay's server sets a TokenBucket)
+
+        def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+            if messageNum == MSG_IGNORE and payload.endswith(b"HOLD"):
+                self._pacedKexInit = payload  # what ssh_KEXINIT does when paced
+                return
+            super().dispatchMessage(messageNum, payload)
+
+    reactor, socks = MemoryReactorClock(), []
+    share = UserTurns(reactor, PACKETS_PER_TURN)
+    tcp = _tcp(reactor, socks)
+    t = Paced([])
+    t.transport = tcp
+    t.gotVersion = True
+    t.currentEncryptions = ciphers(IV_OUT, IV_IN)
+    conn = FlowConnection()
+    conn.transport = t
+    t.service = conn
+    conn.serviceStarted()
+    ch = Channel(0, [])
+    conn.channels[0] = ch
+    conn.channelsToRemoteChannel[ch] = 100  # type: ignore[index]
+    conn.localToRemoteChannel[0] = 100
+    t.turnShare = share
+    peer = Peer()
+    count = 3 * PACKETS_PER_TURN
+    at = PACKETS_PER_TURN + 50
+    for k in range(count):
+        if k == at:
+            peer.t.sendPacket(MSG_IGNORE, struct.pack(">L", 4) + b"HOLD")
+        peer.data(0, bytes([k % 251]))
+    t.dataReceived(peer.wire())
+    assert t.incomingPacketSequence == PACKETS_PER_TURN and t.stillWaiting()
+    turn(reactor)  # her next turn reaches the held KEXINIT
+    assert t.incomingPacketSequence == at + 1 and t.kexInitHeld
+    assert not t.stillWaiting() and tcp not in reactor.getReaders()
+    assert reactor.getDelayedCalls() == []  # no turn of hers while it is held
+    assert b"".join(ch.chunks) == bytes(k % 251 for k in range(at))  # before it: on
+    t._pacedKexInit = None  # its turn came (KexMixin._kexPaceDue)
+    t.kexPaceOver()
+    while t.stillWaiting():
+        before = t.incomingPacketSequence
+        turn(reactor)
+        assert t.incomingPacketSequence - before <= PACKETS_PER_TURN
+    assert b"".join(ch.chunks) == bytes(k % 251 for k in range(count))
+    assert tcp in reactor.getReaders()
+    for s in socks:
+        s.close()

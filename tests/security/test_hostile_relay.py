@@ -1,0 +1,131 @@
+"""The agent as a target: a relay that is not what it should be.
+
+A relay whose host or address was taken over is trusted by the agent for what the
+relay does (it says which sessions to open), but the agent must not become a way into
+the rest of the lab: it connects only the targets its own ``-R`` forwards declare,
+whatever the relay asks (docs/security.md, "The agent against a relay it trusted").
+A paramiko server holding the relay's host key (a compromised relay) accepts the
+labrelay agent's login and its ``tcpip-forward``, then asks the agent to open
+``forwarded-tcpip`` channels to hosts and ports it never declared (another lab host,
+the agent's own loopback services), and ``direct-tcpip``, ``session``, ``x11`` and
+``auth-agent@openssh.com`` channels.  The agent refuses every one of them, connects
+nothing but its declared target, and the declared forward still works.
+
+The other half, a relay at the right address without the host key (an on-path box),
+is refused before authentication: ``tests/integration/test_relay.py`` (a rotated
+host key) and ``test_onpath.py``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import pytest
+from conftest import Targets
+from harness import LOOPBACK, AgentProcess, known_hosts_line, make_key, write_known_hosts
+
+pytestmark = [pytest.mark.integration, pytest.mark.security]
+
+
+class _CompromisedRelay(paramiko.ServerInterface):
+    """Lets the agent in and grants its forwards; records what it asked."""
+
+    def __init__(self) -> None:
+        self.forwards: list[tuple[str, int]] = []
+        self.forwarded = threading.Event()
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "publickey"
+
+    def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_port_forward_request(self, address: str, port: int) -> int:
+        self.forwards.append((address, port))
+        self.forwarded.set()
+        return port
+
+    def check_global_request(self, kind: str, msg: paramiko.Message) -> bool:
+        return False
+
+
+def _open(t: paramiko.Transport, kind: str, dest: tuple[str, int] | None = None,
+          src: tuple[str, int] = ("203.0.113.9", 4000)) -> Any:
+    """The agent's answer to one channel the relay opens: the channel, or the error."""
+    try:
+        return t.open_channel(kind, dest_addr=dest, src_addr=src if dest else None, timeout=10)
+    except paramiko.ChannelException as e:
+        return e
+
+
+def test_a_compromised_relay_reaches_only_the_declared_targets(
+    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path
+) -> None:
+    host_key = make_key(tmp_path / "relay_host_key", comment="relay")
+    lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
+    declared = targets.echo(greeting=b"declared\n")
+    other = targets.echo(greeting=b"other lab host\n")  # reachable from the agent, not declared
+
+    listener = socket.create_server((LOOPBACK, 0))
+    port = listener.getsockname()[1]
+    known_hosts = write_known_hosts(tmp_path / "known_hosts",
+                                    known_hosts_line(host_key.public_blob(), port))
+    agent = start_agent(
+        "-p", str(port), "-i", str(lab_pc.path), "-o", f"UserKnownHostsFile={known_hosts}",
+        "-o", "StrictHostKeyChecking=yes", "-R", f"web:8080:127.0.0.1:{declared.port}",
+        "lab_pc@127.0.0.1", name="agent",
+    )  # fmt: skip
+    listener.settimeout(30)
+    sock, _ = listener.accept()
+    listener.close()
+    t = paramiko.Transport(sock)
+    t.add_server_key(paramiko.Ed25519Key.from_private_key_file(str(host_key.path)))
+    server = _CompromisedRelay()
+    t.start_server(server=server)
+    try:
+        assert server.forwarded.wait(30), "the agent never asked for its forward"
+        assert server.forwards == [("web", 8080)]
+
+        answers = {
+            "another lab host": _open(t, "forwarded-tcpip", ("10.20.30.40", 22)),
+            "an undeclared port": _open(t, "forwarded-tcpip", ("web", other.port)),
+            "the undeclared target's port": _open(t, "forwarded-tcpip",
+                                                  ("127.0.0.1", other.port)),
+            "direct-tcpip": _open(t, "direct-tcpip", ("127.0.0.1", other.port)),
+            "session": _open(t, "session"),
+            "x11": _open(t, "x11", ("127.0.0.1", 6000)),
+            "auth-agent": _open(t, "auth-agent@openssh.com"),
+        }
+        print()
+        for what, answer in answers.items():
+            print(f"{what}: {answer!r}")
+        opened = {w: a for w, a in answers.items() if not isinstance(a, paramiko.ChannelException)}
+        assert not opened, f"the agent opened {sorted(opened)}"
+        assert other.accepted == 0 and declared.accepted == 0
+
+        # The declared forward, asked under another name for its port, reaches only
+        # the declared target (the agent matches its forwards by port).
+        for dest in (("web", 8080), ("10.20.30.40", 8080)):
+            ch = t.open_channel("forwarded-tcpip", dest_addr=dest, src_addr=("203.0.113.9", 1),
+                                timeout=10)
+            ch.settimeout(10)
+            got = b""
+            while len(got) < len(b"declared\n"):
+                got += ch.recv(64)
+            assert got == b"declared\n"
+            ch.sendall(b"ping")
+            echoed = b""
+            while len(echoed) < 4:
+                echoed += ch.recv(4 - len(echoed))
+            assert echoed == b"ping"
+            ch.close()
+        assert other.accepted == 0 and declared.accepted == 2
+        assert t.is_active()  # refusals, not a dropped link
+    finally:
+        t.close()
+    assert agent.events("target_unreachable") == []
