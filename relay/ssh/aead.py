@@ -141,15 +141,24 @@ class CorkGroup:
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        self._depth += 1
+        self.begin()
         try:
             yield
         finally:
-            self._depth -= 1
-            if not self._depth:
-                held, self._held = self._held, []
-                for t in held:
-                    t._uncork()
+            self.end()
+
+    def begin(self) -> None:
+        """A read's handling begins (:meth:`held` without the generator: the hot path's
+        form, one call each side of every read)."""
+        self._depth += 1
+
+    def end(self) -> None:
+        """It ended: what the transports sealed meanwhile leaves, one write each."""
+        self._depth -= 1
+        if not self._depth and self._held:
+            held, self._held = self._held, []
+            for t in held:
+                t._uncork()
 
     def join(self, t: AEADTransportMixin) -> None:
         """``t`` seals a packet while the group is held: hold it in ``t``'s cork."""
@@ -377,24 +386,26 @@ class AEADTransportMixin(KexMixin):
         if group is None:
             self._handleReadNow(data)
             return
-        with group.held():
+        group.begin()
+        try:
             self._handleReadNow(data)
+        finally:
+            group.end()
 
     def _handleReadNow(self, data: bytes) -> None:
         share = self.turnShare
-        paced = self.kexPacer is not None
-        sock = self._socket() if share is not None or paced else None
+        sock = self._socket() if share is not None else None
         budget = None
-        if share is not None and sock is not None:
+        if sock is not None:
             budget = share.budget()
             self._turnLeft = budget
         rest = self._received(data, budget)
         if budget is not None:
             share.spend(budget - (self._turnLeft or 0))
-        if paced and self.kexInitHeld:
+        if self._pacedKexInit is not None:
             # The peer's KEXINIT waits for the pace (KexMixin.ssh_KEXINIT): so does the
             # rest of this read, and the socket is not read until kexPaceOver.
-            self._holdForKex(sock, rest or b"")
+            self._holdForKex(sock if sock is not None else self._socket(), rest or b"")
             return
         if rest:
             # The data held so far waits for the rest of the read (so that a read of
@@ -444,8 +455,11 @@ class AEADTransportMixin(KexMixin):
         group = self.corkGroup
         if group is None:
             return self._parseWaiting(budget)
-        with group.held():
+        group.begin()
+        try:
             return self._parseWaiting(budget)
+        finally:
+            group.end()
 
     def _holdForKex(self, sock: Connection | None, rest: bytes) -> None:
         """The peer's KEXINIT is held for the pace: the rest of the read waits with it,
