@@ -405,18 +405,25 @@ def _admin_of(path: Path) -> tuple[str, Path | None]:
     return str(listen.listen), token_path
 
 
-def cmd_reload(ns: argparse.Namespace) -> int:
-    import urllib.error
-
+def _admin_target(ns: argparse.Namespace) -> tuple[str, Any]:
+    """The admin endpoint and token file ``labrelay status``/``reload`` talk to: the
+    command line's, else ``--config``'s ``[admin]``, else the default address."""
     from relay.config.schema import DEFAULT_ADMIN_LISTEN
-    from relay.ops.status import TokenError, post_reload, read_token
 
     address, token_file = ns.admin, ns.token_file
     if ns.config is not None and (address is None or token_file is None):
         admin_listen, admin_token = _admin_of(ns.config)
         address = address or admin_listen
         token_file = token_file or admin_token
-    address = address or DEFAULT_ADMIN_LISTEN
+    return address or DEFAULT_ADMIN_LISTEN, token_file
+
+
+def cmd_reload(ns: argparse.Namespace) -> int:
+    import urllib.error
+
+    from relay.ops.status import TokenError, post_reload, read_token
+
+    address, token_file = _admin_target(ns)
     try:
         token = read_token(token_file) if token_file is not None else None
     except TokenError as e:
@@ -464,15 +471,9 @@ def cmd_status(ns: argparse.Namespace) -> int:
     import json
     import urllib.error
 
-    from relay.config.schema import DEFAULT_ADMIN_LISTEN
     from relay.ops.status import TokenError, fetch, format_status, read_token
 
-    address, token_file = ns.admin, ns.token_file
-    if ns.config is not None and (address is None or token_file is None):
-        admin_listen, admin_token = _admin_of(ns.config)
-        address = address or admin_listen
-        token_file = token_file or admin_token
-    address = address or DEFAULT_ADMIN_LISTEN
+    address, token_file = _admin_target(ns)
     try:
         token = read_token(token_file) if token_file is not None else None
     except TokenError as e:
