@@ -16,7 +16,11 @@ TOP_KEYS = {
     "forward": '[[forward]] listen = "0.0.0.0:2201", connect = "localhost:22"',
 }
 ADMIN_KEYS = {"listen": 'listen = "127.0.0.1:7022"',
-              "token_file": 'token_file = "/etc/labrelay/admin.token"'}
+              "token_file": 'token_file = "/etc/labrelay/admin.token"',
+              "max_connections": "max_connections = 32",
+              "max_connections_per_source": "max_connections_per_source = 8",
+              "connection_lifetime": "connection_lifetime = 30",
+              "max_body": "max_body = 65536"}
 LINK_KEYS = {
     "name": 'name = "cloud"',
     "host": 'host = "cloud.example.org"',
@@ -82,6 +86,8 @@ RELAY_KEYS = {
     "max_connections_per_user": "max_connections_per_user = 64",
     "idle_timeout": "idle_timeout = 0",
     "public_wait": "public_wait = 10",
+    "public_max_connections": "public_max_connections = 512",
+    "public_max_per_source": "public_max_per_source = 32",
     "early_confirm": "early_confirm = true",
     "resume_grace": "resume_grace = 60",
     "resume_max_sessions": "resume_max_sessions = 512",

@@ -12,6 +12,7 @@ any service is built.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import tomllib
 from pathlib import Path
@@ -66,13 +67,37 @@ from relay.config.schema import (
 from relay.config.section import Section, describe, fmt
 from relay.config.transport import tls_listen
 
+ADMIN_MAX_BODY = 1024 * 1024
+"""The most ``[admin] max_body`` may be: a body is kept in memory, for each of up to
+``max_connections`` connections, and no admin request needs one."""
+ADMIN_MAX_LIFETIME = 3600.0
+"""The most ``[admin] connection_lifetime`` may be (an hour): past a few seconds it
+only lets a trickling client hold a descriptor longer."""
+
 
 def _parse_admin(sec: Section, base: Path) -> AdminConfig:
     token_file = sec.string("token_file")
-    return parse_admin_listen(
+    listen = parse_admin_listen(
         sec.string("listen") or DEFAULT_ADMIN_LISTEN, source=sec.source,
         keypath=sec.keypath("listen"),
         token_file=_path(token_file, base) if token_file else None,
+    )
+    defaults = AdminConfig(listen.listen)
+    total = sec.integer("max_connections", defaults.max_connections, 1, 4096)
+    per_source = sec.integer("max_connections_per_source",
+                             defaults.max_connections_per_source, 1, 4096)
+    if per_source > total:
+        raise sec.error(
+            "max_connections_per_source",
+            f"max_connections_per_source ({per_source}) must be at most max_connections "
+            f"({total}): one address could otherwise hold every admin connection",
+            f"e.g. max_connections_per_source = {min(defaults.max_connections_per_source, total)}"
+            f", or a larger max_connections")
+    return dataclasses.replace(
+        listen, max_connections=total, max_connections_per_source=per_source,
+        connection_lifetime=sec.number("connection_lifetime", defaults.connection_lifetime,
+                                       low=0, above=True, high=ADMIN_MAX_LIFETIME),
+        max_body=sec.integer("max_body", defaults.max_body, 0, ADMIN_MAX_BODY),
     )
 
 
@@ -306,6 +331,10 @@ def _parse_relay(sec: Section, base: Path,
         ),
         idle_timeout=sec.number("idle_timeout", defaults.idle_timeout, low=0),
         public_wait=sec.number("public_wait", defaults.public_wait, low=0),
+        public_max_connections=(sec.integer("public_max_connections", 0, 1)
+                                if "public_max_connections" in sec.data else None),
+        public_max_per_source=sec.integer("public_max_per_source",
+                                          defaults.public_max_per_source, 0),
         early_confirm=sec.boolean("early_confirm", defaults.early_confirm),
         resume_grace=sec.number("resume_grace", defaults.resume_grace, low=0, high=86400),
         resume_max_sessions=sec.integer("resume_max_sessions", defaults.resume_max_sessions, 0),

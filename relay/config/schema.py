@@ -205,6 +205,17 @@ class AdminConfig:
 
     listen: HostPort
     token_file: Path | None = None
+    # Bounds on the endpoint's connections (relay.ops.admincap; docs/security.md "The
+    # admin endpoint"): every admin connection is a descriptor the SSH port needs too.
+    # Bound when labrelay starts, as the rest of [admin]: a reload reports a change.
+    #: Admin connections open at once, from everyone (loopback not counted here).
+    max_connections: int = 32
+    #: Admin connections open at once from one address (a browser opens up to 6).
+    max_connections_per_source: int = 8
+    #: Seconds an admin connection may stay open from its accept, whatever it sends.
+    connection_lifetime: float = 30.0
+    #: Bytes of a request body read; past it the answer is 413 (no request needs one).
+    max_body: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -381,6 +392,12 @@ class RelayConfig:
     max_connections_per_user: int = 64
     idle_timeout: float = 0.0
     public_wait: float = 10.0
+    #: Open connections to the public ports, all together; None: half the descriptor
+    #: limit (at least 64).  A number only lowers that (relay.server.public).
+    public_max_connections: int | None = None
+    #: Open connections from one source (address, or its per_source_netblock network)
+    #: to one public port; 0: no per-source cap.  Read at each accept: live on reload.
+    public_max_per_source: int = 32
     #: Confirm a user's ``direct-tcpip`` channel as soon as it is admitted, when its
     #: service's agent is connected and its last open succeeded, and hold the user's
     #: first bytes (within the channel's window) until the agent's side is open: one

@@ -22,6 +22,11 @@ A request's body is bounded too (:class:`BoundedRequest`): Twisted writes any bo
 limit, before the resource (and the token check) sees the request, so one connection
 could fill the relay host's disk.  No admin request needs a body: past
 :data:`MAX_BODY` bytes the answer is ``413`` and the connection is closed.
+
+The four numbers are the defaults of ``[admin]`` settings (``max_connections``,
+``max_connections_per_source``, ``connection_lifetime``, ``max_body``;
+:class:`relay.config.schema.AdminConfig`), bound when the node starts
+(:func:`capped_site`, :func:`request_factory`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from relay.config.schema import AdminConfig
 from relay.core.burstlog import BurstLog
 
 MAX_CONNECTIONS = 32
@@ -176,19 +182,20 @@ class BoundedRequest(Request):
     """A ``Request`` whose body is kept in memory up to :data:`MAX_BODY` bytes; past
     that (stated or sent) the peer is answered ``413`` and the connection closed."""
 
+    maxBody = MAX_BODY
     _bodyBytes = 0
     _tooLarge = False
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()  # never Twisted's temporary file
-        if length is not None and length > MAX_BODY:
+        if length is not None and length > self.maxBody:
             self._refuseBody()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._tooLarge:
             return
         self._bodyBytes += len(data)
-        if self._bodyBytes > MAX_BODY:
+        if self._bodyBytes > self.maxBody:
             self._refuseBody()
             return
         super().handleContentChunk(data)
@@ -203,7 +210,19 @@ class BoundedRequest(Request):
         transport.loseConnection()
 
 
-def capped_site(site: Any, clock: Any) -> CappedFactory:
-    """The admin ``site`` behind the caps, as the admin listener's factory."""
-    return CappedFactory(site, clock)
+def request_factory(max_body: int = MAX_BODY) -> type[BoundedRequest]:
+    """The admin ``Site``'s request class, reading bodies up to ``max_body`` bytes."""
+    if max_body == MAX_BODY:
+        return BoundedRequest
+    return type("BoundedRequest", (BoundedRequest,), {"maxBody": max_body})
+
+
+def capped_site(site: Any, clock: Any, config: AdminConfig | None = None) -> CappedFactory:
+    """The admin ``site`` behind the caps (``config``'s, else the defaults), as the
+    admin listener's factory."""
+    if config is None:
+        return CappedFactory(site, clock)
+    return CappedFactory(site, clock,
+                         AdminSlots(config.max_connections, config.max_connections_per_source),
+                         config.connection_lifetime)
 

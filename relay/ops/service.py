@@ -21,7 +21,7 @@ from twisted.web.server import Site
 from relay.agent.link import Link
 from relay.config.errors import ConfigError
 from relay.config.schema import LinkConfig, NodeConfig, PlainForwardConfig
-from relay.ops.admincap import IDLE_TIMEOUT, BoundedRequest, capped_site
+from relay.ops.admincap import IDLE_TIMEOUT, capped_site, request_factory
 from relay.ops.check import node_problems
 from relay.ops.gcpace import CollectorPacing
 from relay.ops.hangup import HangupBeforeStart
@@ -156,12 +156,13 @@ class NodeService(MultiService):
             gate = AdminGate(listen.host, token_file=token_file)
             site = Site(admin_resource(self.status, gate,
                                        metrics=metrics.exposition, reload=reload),
-                        requestFactory=BoundedRequest, timeout=IDLE_TIMEOUT,
+                        requestFactory=request_factory(config.admin.max_body),
+                        timeout=IDLE_TIMEOUT,
                         reactor=reactor)
             site.noisy = False
             # Bounded: every admin connection is a descriptor the SSH port needs too.
-            admin = AdminServer(listen.port, capped_site(site, reactor), interface=listen.host,
-                                reactor=reactor)
+            admin = AdminServer(listen.port, capped_site(site, reactor, config.admin),
+                                interface=listen.host, reactor=reactor)
             admin.on_fatal = on_fatal
             admin.setName("admin")
             admin.setServiceParent(self)

@@ -8,10 +8,20 @@ refused past that are logged once per burst and port (``REFUSAL_LOG_WINDOW``): a
 on the internet can connect and close in a loop, and each was a warning line.
 
 The public ports together hold at most half the process's descriptor limit
-(:func:`public_connection_cap`); one more is closed at accept.  Every public connection
-is a descriptor of the relay's one process, which its SSH port needs too: a stranger
-holding connections to a public port (no key needed) ran it out of descriptors
-(``EMFILE``) and no user or agent could connect until they let go (docs/security.md).
+(:func:`public_connection_cap`; ``public_max_connections`` may lower it); one more is
+closed at accept.  Every public connection is a descriptor of the relay's one process,
+which its SSH port needs too: a stranger holding connections to a public port (no key
+needed) ran it out of descriptors (``EMFILE``) and no user or agent could connect until
+they let go (docs/security.md).
+
+One source (an address, or its ``per_source_netblock4``/``6`` network) holds at most
+``public_max_per_source`` connections to one public port; one more is closed at accept,
+logged once per burst and port, and counted (``connections_refused_public_per_source``).
+Without it one address could take every slot the cap above leaves and lock everyone
+else out of a port the agent published for many (a shared Jupyter).  Loopback is not
+exempt: a reverse proxy on the relay host that funnels everyone through 127.0.0.1 must
+raise the cap (or set 0, no per-source cap).  Both settings are read at each accept, so
+a reload applies them to the next connection.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.config.schema import RelayConfig
+from relay.core.admission import Admission
 from relay.core.burstlog import BurstLog
 from relay.core.routing import PUBLIC, Registration, Registry
 from relay.core.sessions import SessionRow, SessionTable
@@ -44,14 +55,16 @@ MIN_PUBLIC_CONNECTIONS = 64
 """The cap on open public connections never goes below this (a tiny ``ulimit -n``)."""
 
 
-def public_connection_cap() -> int:
+def public_connection_cap(configured: int | None = None) -> int:
     """Open public connections allowed in all: half the descriptor limit (read at each
     accept: ``prlimit`` may change it), the other half kept for the SSH port, the data
-    port, the agents' links and the admin endpoint."""
+    port, the agents' links and the admin endpoint.  ``configured``
+    (``public_max_connections``) may lower it, never raise it past that half."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    return max(MIN_PUBLIC_CONNECTIONS, soft // 2)
+    cap = max(MIN_PUBLIC_CONNECTIONS, soft // 2)
+    return cap if configured is None else min(cap, configured)
 
 
 class _PublicSide(TCPSide):
@@ -80,7 +93,8 @@ class _PublicFactory(SideFactory):
         side = _PublicSide()
         side.onConnected = self._on_connected
         side.factory = self
-        side.released = self.ports.release
+        source = self.ports.source_of(addr)
+        side.released = lambda: self.ports.release(self.port, source)
         return side
 
 
@@ -93,6 +107,7 @@ class PublicShell(Protocol):
     registry: Registry
     sessions: SessionTable
     counters: dict[str, int]
+    admission: Admission
     setupLog: audit.SetupLog
 
     def whenRegistered(
@@ -122,8 +137,12 @@ class PublicPorts:
         self._waiting: dict[int, int] = {}  # connections waiting for their agent
         self._refusals: dict[int, BurstLog] = {}  # per listening port that refused some
         self.open = 0  # public connections open now, all ports (public_connection_cap)
+        # open public connections per (port, source): public_max_per_source; a key is
+        # dropped when its count reaches 0, so the table holds only open connections
+        self.bySource: dict[tuple[int, str], int] = {}
         self.capLog = BurstLog(relay.reactor, REFUSAL_LOG_WINDOW, self._firstCapRefusal,
                                self._moreCapRefusals)
+        self._sourceLogs: dict[int, BurstLog] = {}  # per port that refused a source
 
     def listen(self, port: int) -> bool:
         """Listen on ``port`` (if not already); False if it cannot be bound."""
@@ -144,19 +163,66 @@ class PublicPorts:
                        port=port, bind=config.public_bind)
         return True
 
+    def source_of(self, addr: Any) -> str:
+        """The source a connection from ``addr`` counts against: its address's network
+        (``per_source_netblock4``/``6``), as the SSH port's per-source limits count."""
+        source, _ = self.relay.admission.source(str(getattr(addr, "host", "?")))
+        return source
+
     def admit(self, port: int, addr: Any) -> bool:
         """Whether a new connection to public ``port`` may open (counted if so)."""
-        cap = public_connection_cap()
+        config = self.relay.config
+        cap = public_connection_cap(config.public_max_connections)
+        origin = f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', 0)}"
         if self.open >= cap:
             self.relay.counters["sessions_refused"] += 1
-            self.capLog.failed(f"{port} {getattr(addr, 'host', '?')}:{getattr(addr, 'port', 0)}"
-                               f" {cap}")
+            self.capLog.failed(f"{port} {origin} {cap}")
+            return False
+        source = self.source_of(addr)
+        held = self.bySource.get((port, source), 0)
+        per_source = config.public_max_per_source
+        if per_source and held >= per_source:
+            self.relay.counters["sessions_refused"] += 1
+            self.relay.counters["connections_refused_public_per_source"] += 1
+            self._sourceLog(port).failed(f"{origin} {source} {per_source}")
             return False
         self.open += 1
+        self.bySource[(port, source)] = held + 1
         return True
 
-    def release(self) -> None:
+    def release(self, port: int, source: str) -> None:
         self.open -= 1
+        left = self.bySource[(port, source)] - 1
+        if left:
+            self.bySource[(port, source)] = left
+        else:
+            del self.bySource[(port, source)]
+
+    def _sourceLog(self, port: int) -> BurstLog:
+        log = self._sourceLogs.get(port)
+        if log is None:
+            def first(what: str) -> None:
+                origin, source, cap = what.split(" ")
+                self._log.warn(
+                    "public port {port}: connection from {origin} closed at accept: {cap} "
+                    "connections already open from {source} (public_max_per_source)",
+                    event="relay_public_per_source", port=port, origin=origin,
+                    source=source, cap=int(cap),
+                )
+
+            def more(count: int, what: str) -> None:
+                origin, source, cap = what.split(" ")
+                self._log.warn(
+                    "public port {port}: {count} more connections closed at accept in the "
+                    "last {window:.0f}s, the last from {origin}: {cap} connections already "
+                    "open from {source} (public_max_per_source)",
+                    event="relay_public_per_source", port=port, origin=origin,
+                    source=source, cap=int(cap), count=count, window=REFUSAL_LOG_WINDOW,
+                )
+
+            log = self._sourceLogs[port] = BurstLog(self.relay.reactor, REFUSAL_LOG_WINDOW,
+                                                    first, more)
+        return log
 
     def _firstCapRefusal(self, what: str) -> None:
         port, origin, cap = what.split(" ")
@@ -206,9 +272,10 @@ class PublicPorts:
 
     def close(self, port: int) -> None:
         """Stop listening on ``port`` (its registration went)."""
-        log = self._refusals.pop(port, None)
-        if log is not None:
-            log.stop()
+        for logs in (self._refusals, self._sourceLogs):
+            log = logs.pop(port, None)
+            if log is not None:
+                log.stop()
         listener = self.listeners.pop(port, None)
         if listener is not None:
             listener.stopListening()
@@ -216,9 +283,10 @@ class PublicPorts:
     def stop(self) -> list[defer.Deferred[Any]]:
         """Stop every listener; the Deferreds fire when they have stopped."""
         self.capLog.stop()
-        for log in list(self._refusals.values()):
-            log.stop()
-        self._refusals.clear()
+        for logs in (self._refusals, self._sourceLogs):
+            for log in list(logs.values()):
+                log.stop()
+            logs.clear()
         listeners = list(self.listeners.values())
         self.listeners.clear()
         return [defer.maybeDeferred(p.stopListening) for p in listeners]  # type: ignore[call-overload]

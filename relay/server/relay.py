@@ -99,6 +99,8 @@ class RelayCore(SessionOpening):
                          "connections_dropped_unauthenticated_cap": 0,
                          "connections_evicted_unauthenticated_cap": 0,
                          "connections_refused_per_user_cap": 0,
+                         # public connections past public_max_per_source (relay.server.public)
+                         "connections_refused_public_per_source": 0,
                          # connections a listener lost at accept (EMFILE …;
                          # relay.server.acceptwatch)
                          "accept_failed": 0,

@@ -87,7 +87,9 @@ def test_connections_held_on_a_public_port_do_not_take_the_ssh_port(
     relay = start_relay(
         agents=[f'permitlisten="{public_port}" {keys["lab_pc"].public_blob()} lab_pc'],
         users=[f'permitopen="web:8080" {keys["alice"].public_blob()} alice'],
-        relay_toml='public_bind = "127.0.0.1"\n')
+        # one source (127.0.0.2) plays every holder: no per-source cap here
+        # (test_public_per_source.py has it)
+        relay_toml='public_bind = "127.0.0.1"\npublic_max_per_source = 0\n')
     target = targets.echo(greeting=b"P")
     agent = start_ssh(ssh_argv(
         relay.port, keys["lab_pc"].path, relay.known_hosts, "-v", "-N",

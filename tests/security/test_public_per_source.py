@@ -1,0 +1,87 @@
+"""One address must not take every connection slot of a public port.
+
+lab_pc publishes a public port (a shared Jupyter, say) with stock ``ssh -R``; the relay
+runs with 256 descriptors, so the public ports hold at most 128 connections
+(relay.server.public.public_connection_cap).  127.0.0.2 (no key, raw sockets) opens
+200 connections to the port and holds them.  Before the per-source cap it got all
+128, and 127.0.0.3 — anyone else — was closed at accept: locked out for as long as
+the first held on.  Now one source holds at most ``public_max_per_source`` (32) per
+port; the rest are closed at accept, logged once per burst, and counted in
+``connections_refused_public_per_source``; 127.0.0.3 is served.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Targets
+from harness import LOOPBACK, RelayNode, SshProcess, free_port, make_key, ssh_argv
+
+pytestmark = [pytest.mark.integration, pytest.mark.security]
+
+NOFILE = 256  # public cap 128
+HELD = 200
+PER_SOURCE = 32  # the default public_max_per_source
+
+
+def _served(s: socket.socket) -> bool:
+    """Whether the target's greeting arrives (a refused connection is closed at accept:
+    reset or end of file, at once)."""
+    s.settimeout(10)
+    try:
+        return s.recv(1) == b"P"
+    except OSError:
+        return False
+
+
+def test_one_source_cannot_take_every_slot_of_a_public_port(
+    start_relay: Callable[..., RelayNode], start_ssh: Callable[..., SshProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
+    public_port = free_port()
+    relay = start_relay(
+        agents=[f'permitlisten="{public_port}" {lab_pc.public_blob()} lab_pc'],
+        relay_toml='public_bind = "127.0.0.1"\n')
+    target = targets.echo(greeting=b"P")
+    agent = start_ssh(ssh_argv(
+        relay.port, lab_pc.path, relay.known_hosts, "-v", "-N",
+        "-R", f"0.0.0.0:{public_port}:127.0.0.1:{target.port}", user="lab_pc",
+    ), name="stock-agent")  # fmt: skip
+    agent.wait_stderr(rf"remote forward success for: listen 0\.0\.0\.0:{public_port},")
+    subprocess.run(["prlimit", f"--pid={relay.pid}", f"--nofile={NOFILE}:{NOFILE}"],
+                   check=True)
+    held: list[socket.socket] = []
+    others: list[socket.socket] = []
+    try:
+        for _ in range(HELD):
+            held.append(socket.create_connection((LOOPBACK, public_port), timeout=5,
+                                                 source_address=("127.0.0.2", 0)))
+        hog = sum(_served(s) for s in held)
+        for _ in range(4):  # someone else, while the first holds on
+            others.append(socket.create_connection((LOOPBACK, public_port), timeout=5,
+                                                   source_address=("127.0.0.3", 0)))
+        other = sum(_served(s) for s in others)
+        counters = relay.status()["relay"]["counters"]
+        lines = relay.events("relay_public_per_source")
+        print(f"\n127.0.0.2 opened {HELD}: {hog} served; 127.0.0.3 opened {len(others)}: "
+              f"{other} served; refused per source "
+              f"{counters.get('connections_refused_public_per_source')}, "
+              f"{len(lines)} log line(s)")
+        assert other == len(others), "127.0.0.3 was locked out of the public port"
+        assert hog == PER_SOURCE
+        assert counters["connections_refused_public_per_source"] == HELD - PER_SOURCE
+        assert len(lines) == 1 and lines[0]["source"] == "127.0.0.2/32"
+        more = relay.wait_for("relay_public_per_source", timeout=15, since=0,
+                              count=lambda n: bool(n))
+        assert more["count"] == HELD - PER_SOURCE - 1
+        metrics = relay.metrics()
+        assert (f"labrelay_relay_connections_refused_public_per_source_total "
+                f"{float(HELD - PER_SOURCE)}") in metrics
+    finally:
+        for s in held + others:
+            s.close()
