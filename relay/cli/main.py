@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--token-file", default=None, type=Path, metavar="FILE",
                         help="send the bearer token in FILE (its [admin] token_file)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument("--all", action="store_true",
+                        help="every registration, session and user connection (by default "
+                        "the first 100 of each, with exact counts of the rest)")
 
     check = sub.add_parser(
         "check", help="validate a node config without starting anything (exit 0 or 2)",
@@ -480,7 +483,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
         print(f"labrelay: {e}", file=sys.stderr)
         return 2
     try:
-        snapshot = fetch(address, token=token)
+        snapshot = fetch(address, token=token, everything=ns.all)
     except urllib.error.HTTPError as e:
         print(f"labrelay: http://{address}/status.json answered {e.code} {e.reason}"
               + (" (give its token with --token-file)" if e.code == 401 else ""),

@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from relay.ops.statusview import cut
+
 REFRESH = 5
 
 _STYLE = """
@@ -88,11 +90,17 @@ def _relay(relay: dict[str, Any], now: float) -> list[str]:
     granted = {g["service"]: g["owner"] for g in relay.get("service_grants", [])}
     names = sorted(set(held) | {n for n in granted if not n.endswith(":*")})
     agents = {s: a["name"] for a in relay.get("agents", []) for s in a["services"]}
+    # The view lists the explicitly granted registrations first (relay.ops.statusview):
+    # when it shows any other, it shows every granted one that is registered.
+    seen_all_granted = not cut(relay, "services") or any(
+        name not in granted for name in held)
     services = []
     for name in names:
         svc, totals = held.get(name), per_service.get(name, {})
         services.append([
-            _e(name), _state(svc is not None),
+            # a granted name past the list's cut may be registered: not called down
+            _e(name), _state(svc is not None) if svc is not None or seen_all_granted
+            else '<span class="muted">not shown</span>',
             _e(agents.get(name) or (svc or {}).get("owner") or granted.get(name, "")),
             _e(age(svc.get("since"), now) if svc else "-"),
             _num(totals.get("sessions_active", 0)), _num(totals.get("sessions_total", 0)),
@@ -102,7 +110,9 @@ def _relay(relay: dict[str, Any], now: float) -> list[str]:
     agent_rows = [
         # (a relay before 0.2.0.dev0 reports no version)
         [_e(a["name"]), _e(a["peer"]), _e(a.get("version", "?")),
-         _e(", ".join(a["services"]) or "-")]
+         _e(", ".join(a["services"]) + (
+             f" (+{a['services_count'] - len(a['services'])} more)"
+             if a.get("services_count", 0) > len(a["services"]) else "") or "-")]
         for a in relay.get("agents", [])
     ]
     connected: dict[str, int] = {}
@@ -131,16 +141,20 @@ def _relay(relay: dict[str, Any], now: float) -> list[str]:
             if count else [])
     out = [
         f'<p class="meta">relay on {_e(relay.get("bound") or relay.get("listen"))}: '
-        f'{len(relay.get("agents", []))} agent(s), {len(connected)} user(s) connected</p>',
+        f'{_e(relay.get("agents_count", len(relay.get("agents", []))))} agent(s), '
+        + (f'{_e(relay["users_count"])} user connections</p>' if cut(relay, "users")
+           else f'{len(connected)} user(s) connected</p>'),
         *warn,
         _table("Services", ["service", "state", "agent", "up for", "open", "sessions",
                             "bytes to", "bytes from"], services, "no service granted"),
+        *_more(relay, "services", "registrations"),
         _table("Agents", ["agent", "from", "version", "services"], agent_rows,
                "no agent connected"),
         _table("Users", ["user", "state", "open", "sessions", "bytes to services",
                          "bytes from services"], users, "no user has connected yet"),
         _table("Open sessions", ["user", "service", "from", "path", "age", "bytes to",
                                  "bytes from"], sessions, "no open session"),
+        *_more(relay, "sessions", "open sessions"),
     ]
     fast = relay.get("fast_path")
     if fast is not None:
@@ -155,6 +169,21 @@ def _relay(relay: dict[str, Any], now: float) -> list[str]:
                     f"{_e(', '.join(fast.get('e2e_services', [])) or 'none')}")
         out.append(f"<h2>Fast path</h2><p>{line}</p>")
     return out
+
+
+def _more(relay: dict[str, Any], key: str, what: str) -> list[str]:
+    """A line under a cut table (relay.ops.statusview): how many were left out, of how
+    many, and for the registrations the exact count per agent and name."""
+    left = cut(relay, key)
+    if not left:
+        return []
+    line = (f'<p class="muted">{left} more of {_e(relay[f"{key}_count"])} {_e(what)} not '
+            f'shown (<a href="?all=1">show all</a>)')
+    if key == "services":
+        line += "; registered per agent and name: " + _e(", ".join(
+            f"{s['owner']} {s['name']}: {s['registered']}"
+            for s in relay.get("services_summary", [])[:50]))
+    return [line + "</p>"]
 
 
 def _links(links: list[dict[str, Any]], now: float) -> str:

@@ -34,6 +34,7 @@ from twisted.web.server import Request
 from relay import __version__
 from relay.ops.logfmt import escape
 from relay.ops.page import age
+from relay.ops.statusview import BadQuery, bounded, cut, limit_of
 
 Snapshot = Callable[[], dict[str, Any]]
 
@@ -49,9 +50,17 @@ class _Leaf(Resource):
         self._type = content_type
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", self._type.encode())
         request.setHeader(b"cache-control", b"no-store")
-        return self._render(self._snapshot()).encode()
+        try:
+            limit = limit_of(request.args or {})
+        except BadQuery as e:
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return f"{e}\n".encode()
+        request.setHeader(b"content-type", self._type.encode())
+        # Bounded (relay.ops.statusview): a wildcard grant's thousands of registrations
+        # must not make every answer (and every refresh of the page) unbounded.
+        return self._render(bounded(self._snapshot(), limit)).encode()
 
 
 def _json(snapshot: dict[str, Any]) -> str:
@@ -325,10 +334,13 @@ def post_reload(address: str, timeout: float = 60.0,
     return result
 
 
-def fetch(address: str, timeout: float = 5.0, token: bytes | None = None) -> dict[str, Any]:
+def fetch(address: str, timeout: float = 5.0, token: bytes | None = None,
+          everything: bool = False) -> dict[str, Any]:
     """The JSON status of the labrelay whose admin endpoint is ``host:port`` (with
-    ``Authorization: Bearer`` when a token is given)."""
-    request = urllib.request.Request(f"http://{address}/status.json")
+    ``Authorization: Bearer`` when a token is given); its long lists cut to their first
+    entries (relay.ops.statusview) unless ``everything``."""
+    query = "?all=1" if everything else ""
+    request = urllib.request.Request(f"http://{address}/status.json{query}")
     if token is not None:
         request.add_header("Authorization", "Bearer " + token.decode("ascii"))
     with urllib.request.urlopen(request, timeout=timeout) as reply:
@@ -399,7 +411,11 @@ def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
 def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
     agents = [["AGENT", "FROM", "VERSION", "SERVICES"]] + [
         # (a relay before 0.2.0.dev0 reports no version)
-        [a["name"], a["peer"], a.get("version", "?"), " ".join(a["services"]) or "-"]
+        # (the count first: the cell is cut at CELL_LIMIT characters)
+        [a["name"], a["peer"], a.get("version", "?"), (
+            f"{a['services_count']} (first {len(a['services'])}): "
+            if a.get("services_count", 0) > len(a["services"]) else ""
+        ) + " ".join(a["services"]) or "-"]
         for a in relay.get("agents", [])
     ]
     services = [["SERVICE", "OWNER", "FOR", "OPEN", "TOTAL", "BYTES TO/FROM"]]
@@ -421,10 +437,22 @@ def _relay_tables(relay: dict[str, Any], now: float) -> list[str]:
          f"{t['bytes_to_service']}/{t['bytes_from_service']}"]
         for name, t in relay.get("per_user_totals", {}).items()
     ]
-    out = [f"relay on {relay.get('listen', '?')}: {len(relay.get('agents', []))} agent(s), "
-           f"{len(relay.get('users', []))} user connection(s)", _table(agents), _table(services)]
+    agent_count = relay.get("agents_count", len(relay.get("agents", [])))
+    user_count = relay.get("users_count", len(relay.get("users", [])))
+    out = [f"relay on {relay.get('listen', '?')}: {agent_count} agent(s), "
+           f"{user_count} user connection(s)", _table(agents), _table(services)]
+    if cut(relay, "services"):
+        # the exact counts, per agent and name, of what the table leaves out
+        held = ", ".join(f"{s['owner']} {s['name']}: {s['registered']}"
+                         for s in relay.get("services_summary", [])[:20])
+        out.append(f"... {cut(relay, 'services')} more of {relay['services_count']} "
+                   f"registrations not shown (labrelay status --all); registered per "
+                   f"agent and name: {held}")
     if len(sessions) > 1:
         out.append(_table(sessions))
+    if cut(relay, "sessions"):
+        out.append(f"... {cut(relay, 'sessions')} more of {relay['sessions_count']} open "
+                   "sessions not shown (labrelay status --all)")
     if len(accounts) > 1:
         out.append(_table(accounts))
     if relay.get("held_sessions"):
