@@ -279,9 +279,9 @@ def start_relay(
     ``grant_files=False``: the ``[[relay.*]]`` tables in ``relay_toml`` grant) and a node config
     whose ``[relay]`` and ``[admin]`` listen on 127.0.0.1 port 0 (the ports are read
     back from the ``relay_listening`` and ``admin_listening`` events); ``relay_toml``
-    is added to the ``[relay]`` table (``listen`` replaces the SSH port's address:
-    ``"[::]:0"`` for a dual-stack one) (keys, then ``[[relay.user]]``/``[[relay.agent]]``
-    tables).  Returns once it listens.
+    is added to the ``[relay]`` table, ``admin_toml`` to ``[admin]`` (``listen``
+    replaces the SSH port's address: ``"[::]:0"`` for a dual-stack one) (keys, then
+    ``[[relay.user]]``/``[[relay.agent]]`` tables).  Returns once it listens.
     """
     count = 0
 
@@ -293,6 +293,7 @@ def start_relay(
         grant_files: bool = True,
         wrap: list[str] | None = None,
         listen: str = "127.0.0.1:0",
+        admin_toml: str = "",
     ) -> RelayNode:
         nonlocal count
         count += 1
@@ -308,7 +309,7 @@ def start_relay(
             f"""\
 [admin]
 listen = "127.0.0.1:0"
-
+{admin_toml}
 [relay]
 listen = "{listen}"
 state_dir = "{directory / "state"}"
