@@ -37,6 +37,8 @@ RELAY_CONFIG = """\
 listen = "127.0.0.1:0"
 state_dir = "{dir}/relay-state"
 public_bind = "127.0.0.1"
+# every load generator is this host: one source, not to be capped as one
+public_max_per_source = 0
 
 [[relay.agent]]
 name = "bench_agent"
