@@ -2,7 +2,8 @@
 
 As ``sshd -t`` does for sshd: the config file is parsed (every problem of every entry
 at once), then what it names on disk is checked the way start-up would — each link's
-private key files, the relay's grant files (each bad line), the relay's host key if
+private key files, the relay's grant files (each bad line; who else may change them),
+the revoked-keys list, the relay's host key if
 there is one (readable by the relay's user only, a key), the admin token file — and
 every problem is listed.  Nothing listens, connects or writes: a missing host key is
 not a problem (start-up generates it).  A reload runs the same checks on the file
@@ -33,6 +34,9 @@ def node_problems(config: NodeConfig) -> list[ConfigError]:
         from relay.server.grants import grant_problems
 
         problems += grant_problems(config.relay, config.source)
+        from relay.server.keytrust import revoked_keys_problems
+
+        problems += revoked_keys_problems(config.relay.revoked_keys)
         from relay.server.hostkeyfile import host_key_problems
 
         problems += host_key_problems(config.relay.state_dir)

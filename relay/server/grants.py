@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from relay.config.checks import PrincipalSite, check_principals, config_sites
 from relay.config.errors import ConfigError, OperatorText
 from relay.config.grammar import public_key
+from relay.config.safepath import open_to_anyone
 from relay.config.schema import RelayConfig
 from relay.core.certs import Authority, CertVerdict, is_certificate
 from relay.core.grants import AGENT, USER, Principal
@@ -500,6 +501,10 @@ def _file_text(file: _Snapshot) -> str:
             "themselves access",
             f"chmod o-w {file.path}",
         )
+    unsafe = open_to_anyone(file.path)
+    if unsafe is not None:
+        raise ConfigError(str(file.path), "", f"anyone could grant themselves access through "
+                          f"the {file.kind}s file: {unsafe[0]}", unsafe[1])
     try:
         return file.data.decode("utf-8")
     except UnicodeDecodeError as e:

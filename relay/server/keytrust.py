@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from relay.config.errors import ConfigError
 from relay.config.grammar import public_key
+from relay.config.safepath import open_to_anyone
 from relay.core.certs import Authority, CertVerdict, check_certificate
 from relay.core.grants import Principal
 from relay.core.keylife import KeyLimits
@@ -87,6 +88,31 @@ def _revokes(krl: Krl | None) -> bool:
     return krl is not None and bool(krl.keys or krl.sha256 or krl.sha1 or krl.certs)
 
 
+class _OpenToAnyone(Exception):
+    """The revoked-keys file could be rewritten by anyone (relay.config.safepath)."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(what)
+        self.fix = fix
+
+
+def _refuse_if_open(path: Path) -> None:
+    unsafe = open_to_anyone(path)
+    if unsafe is not None:
+        raise _OpenToAnyone(*unsafe)
+
+
+def revoked_keys_problems(path: Path | None) -> list[ConfigError]:
+    """What start-up would refuse in the ``revoked_keys`` file (``labrelay check``)."""
+    if path is None:
+        return []
+    try:
+        KeyTrust(path, time.time)
+    except ConfigError as e:
+        return [e]
+    return []
+
+
 class KeyTrust:
     """See the module docstring.  ``wall()`` is the wall clock in seconds."""
 
@@ -127,8 +153,13 @@ class KeyTrust:
             st = os.stat(self._path)
             self._krlSignature = (st.st_ino, st.st_size, st.st_mtime_ns)
             data = self._path.read_bytes()
+            _refuse_if_open(self._path)
             krl = self._parse(data)
-        except (OSError, KrlError, UnicodeDecodeError) as e:
+        except (OSError, KrlError, UnicodeDecodeError, _OpenToAnyone) as e:
+            if strict and isinstance(e, _OpenToAnyone):
+                raise ConfigError(str(self._path), "relay.revoked_keys",
+                                  f"anyone could un-revoke a stolen key: {e}",
+                                  e.fix) from None
             if strict:
                 raise ConfigError(str(self._path), "relay.revoked_keys",
                                   f"cannot read the revoked keys: {e}",
@@ -146,8 +177,9 @@ class KeyTrust:
     def _invalid(self, e: Exception) -> None:
         # Fail closed: a KRL that cannot be read revokes every key it could name,
         # and we cannot tell which; keep the last one read instead of none.
-        _log.error("revoked_keys {file} unreadable, keeping the previous list: {why}",
-                   event="krl_invalid", file=str(self._path), why=str(e))
+        why = f"{e}; fix: {e.fix}" if isinstance(e, _OpenToAnyone) else str(e)
+        _log.error("revoked_keys {file} not taken, keeping the previous list: {why}",
+                   event="krl_invalid", file=str(self._path), why=why)
 
     def _take(self, krl: Krl, digest: bytes) -> None:
         self._krl = self._good = krl
@@ -196,6 +228,14 @@ class KeyTrust:
             return False
         digest = hashlib.sha256(data).digest()
         if digest == self._digest:
+            return False
+        try:
+            _refuse_if_open(self._path)
+        except _OpenToAnyone as e:
+            # Whoever could write this version could un-revoke a stolen key: keep the
+            # list in force (read again at the next change).
+            self._digest, self._pending = digest, b""
+            self._invalid(e)
             return False
         if digest == self._pending:
             self._emptiedReads += 1
