@@ -397,7 +397,7 @@ class RelayConfig:
     public_max_connections: int | None = None
     #: Open connections from one source (address, or its per_source_netblock network)
     #: to one public port; 0: no per-source cap.  Read at each accept: live on reload.
-    public_max_per_source: int = 32
+    public_max_per_source: int = 128
     #: Confirm a user's ``direct-tcpip`` channel as soon as it is admitted, when its
     #: service's agent is connected and its last open succeeded, and hold the user's
     #: first bytes (within the channel's window) until the agent's side is open: one

@@ -5,8 +5,8 @@ runs with 256 descriptors, so the public ports hold at most 128 connections
 (relay.server.public.public_connection_cap).  127.0.0.2 (no key, raw sockets) opens
 200 connections to the port and holds them.  Before the per-source cap it got all
 128, and 127.0.0.3 — anyone else — was closed at accept: locked out for as long as
-the first held on.  Now one source holds at most ``public_max_per_source`` (32) per
-port; the rest are closed at accept, logged once per burst, and counted in
+the first held on.  Now one source holds at most ``public_max_per_source`` (default
+128; 32 in this test) per port; the rest are closed at accept, logged once per burst, and counted in
 ``connections_refused_public_per_source``; 127.0.0.3 is served.
 """
 
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.security]
 
 NOFILE = 256  # public cap 128
 HELD = 200
-PER_SOURCE = 32  # the default public_max_per_source
+PER_SOURCE = 32  # set here: below the public cap of 128 that NOFILE leaves (default 128)
 
 
 def _served(s: socket.socket) -> bool:
@@ -46,7 +46,7 @@ def test_one_source_cannot_take_every_slot_of_a_public_port(
     public_port = free_port()
     relay = start_relay(
         agents=[f'permitlisten="{public_port}" {lab_pc.public_blob()} lab_pc'],
-        relay_toml='public_bind = "127.0.0.1"\n')
+        relay_toml=f'public_bind = "127.0.0.1"\npublic_max_per_source = {PER_SOURCE}\n')
     target = targets.echo(greeting=b"P")
     agent = start_ssh(ssh_argv(
         relay.port, lab_pc.path, relay.known_hosts, "-v", "-N",

@@ -52,7 +52,7 @@ def test_the_defaults_are_the_constants_they_replace() -> None:
         admincap.MAX_CONNECTIONS, admincap.MAX_PER_SOURCE, admincap.LIFETIME,
         admincap.MAX_BODY)
     relay = parse("[relay]\n").relay
-    assert relay.public_max_connections is None and relay.public_max_per_source == 32
+    assert relay.public_max_connections is None and relay.public_max_per_source == 128
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert public_connection_cap(None) == max(MIN_PUBLIC_CONNECTIONS, soft // 2)
 
@@ -110,7 +110,7 @@ def test_labrelay_check_names_the_key_the_problem_and_the_fix(
     assert "e.g. max_connections_per_source = 4, or a larger max_connections" in err
     assert f"{path}: relay.public_max_per_source: public_max_per_source must be at " \
            "least 0, got -3" in err, err
-    assert "e.g. public_max_per_source = 32" in err
+    assert "e.g. public_max_per_source = 128" in err
 
 
 # --- reload semantics -----------------------------------------------------------------
