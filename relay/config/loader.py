@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from relay.config.readers import (
     _path,
     _window,
 )
+from relay.config.safepath import open_to_anyone
 from relay.config.schema import (
     DEFAULT_ADMIN_LISTEN,
     LOCAL_DEFAULT_BIND,
@@ -422,6 +424,18 @@ def load_config(path: str | Path) -> NodeConfig:
             f"cannot read the config file: {e.strerror or e}",
             "check the path; docs/config.md has a complete example to start from",
         ) from None
+    # The config may grant ([[relay.user]]) and says where links go and what they
+    # forward: one that others could rewrite is refused, as a grant file is (a pipe,
+    # e.g. --config <(...), has no directories to check).
+    try:
+        regular = stat.S_ISREG(file.stat().st_mode)
+    except OSError:
+        regular = False
+    if regular:
+        unsafe = open_to_anyone(file)
+        if unsafe is not None:
+            raise ConfigError(source, "", f"anyone could change what this node does: "
+                              f"{unsafe[0]}", unsafe[1])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -99,3 +99,31 @@ def test_a_relative_path_is_checked_from_the_working_directory(
 def test_a_file_gone_since_it_was_read_is_not_passed(tmp_path: Path) -> None:
     what, fix = open_to_anyone(tmp_path / "gone") or ("", "")
     assert what.startswith("cannot check who may change it") and "readable" in fix
+
+
+def test_a_config_file_others_could_rewrite_is_refused(tmp_path: Path) -> None:
+    from relay.config.errors import ConfigError
+    from relay.config.loader import load_config
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    config = etc / "relay.toml"
+    config.write_text('[relay]\nlisten = "127.0.0.1:0"\n')
+    assert load_config(config).relay is not None
+    etc.chmod(0o777)
+    with pytest.raises(ConfigError) as e:
+        load_config(config)
+    assert f"anyone could change what this node does: the directory {etc}" in str(e.value)
+    assert f"chmod o-w {etc}" in str(e.value)
+
+
+def test_a_config_from_a_pipe_is_read(tmp_path: Path) -> None:
+    from relay.config.loader import load_config
+
+    read, write = os.pipe()
+    os.write(write, b'[relay]\nlisten = "127.0.0.1:0"\n')
+    os.close(write)
+    try:
+        assert load_config(f"/dev/fd/{read}").relay is not None
+    finally:
+        os.close(read)
