@@ -22,6 +22,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from relay.core.fairshare import TurnShare
+from relay.core.ratelimit import TokenBucket
+from relay.ssh.kex import user_kex_pacer
 
 
 class Reader(Protocol):
@@ -48,6 +50,16 @@ class UserTurns:
         # that number; on another, a turn for this budget ends at each of our calls.
         self._counted = isinstance(getattr(reactor, "turns", None), int)
         self._ticks = 0
+        self._kexPacer: TokenBucket | None = None
+
+    @property
+    def kexPacer(self) -> TokenBucket:
+        """The pace of the key exchanges all her connections start
+        (:func:`relay.ssh.kex.user_kex_pacer`; ``KexMixin.kexUserPacer``): kept here
+        because this is what lives exactly as long as any connection of hers."""
+        if self._kexPacer is None:
+            self._kexPacer = user_kex_pacer(self.reactor.seconds())
+        return self._kexPacer
 
     def _turn(self) -> int:
         return self.reactor.turns if self._counted else self._ticks
