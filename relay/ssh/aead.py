@@ -553,8 +553,10 @@ class AEADTransportMixin(KexMixin):
                     continue  # its size is known now: top up again
                 del rbuf[: got[2]]
             else:
-                if budget is not None:
-                    if (self._turnLeft or 0) <= 0 and pos < end:
+                if budget is not None and pos < end:
+                    # (Not at the read's end: the budget now carries across reads,
+                    # and each read was charged one packet more than it had.)
+                    if (self._turnLeft or 0) <= 0:
                         return bytes(data[pos:])  # this turn's packets are done
                     self._turnLeft = (self._turnLeft or 0) - 1
                 got = self._nextPacket(data, pos)
