@@ -96,7 +96,8 @@ from relay.ssh.kex import KexMixin
 
 PACKETS_PER_TURN = 128
 """Packets a user's connections may have handled in one reactor turn, all of them
-together (``turnShare``): ~1 ms of Python at the ~5-8 µs a small packet costs here, so
+together (``turnShare``), and since round 17 in one window of reads
+(relay.ssh.turnshare.TURN_WINDOW): ~1 ms of Python at the ~5-8 µs a small packet costs here, so
 a user who floods small packets holds the reactor for about that long at a time, not
 for the ~30 ms of a whole read, however many connections she opens."""
 

@@ -3,8 +3,10 @@
 The relay opens every packet a user sends (~5 µs of Python each, whatever its size),
 so a user who floods small ones can make the relay's turns long for everyone, and one
 budget per *connection* let her multiply it by opening more connections.  Each user's
-connections share one :class:`UserTurns`: in a reactor turn they may have at most
-``per_turn`` packets handled between them; the rest of a read waits, in order, its
+connections share one :class:`UserTurns`: in a window of ``TURN_WINDOW`` seconds (a
+reactor turn before round 17, which let a user whose every read was small never wait)
+they may have at most ``per_turn`` packets handled between them; the rest of a read
+waits, in order, its
 socket not read meanwhile (TCP pushes back on her; nothing is dropped and nothing more
 is buffered than the read already taken in), and one call per user in the next turn
 (``callLater(0)``) hands the waiting connections the new turn's budget in turn.
@@ -43,7 +45,8 @@ class Reader(Protocol):
 
 
 class UserTurns:
-    """One user's budget of packets per reactor turn, and her connections that wait."""
+    """One user's budget of packets per window, her connections that wait, and the pace
+    of the key exchanges they start."""
 
     def __init__(self, reactor: Any, per_turn: int,
                  othersActive: Callable[[UserTurns], bool] | None = None,
