@@ -402,7 +402,7 @@ class AEADTransportMixin(KexMixin):
             self._turnLeft = budget
         rest = self._received(data, budget)
         if budget is not None:
-            share.spend(budget - (self._turnLeft or 0))
+            share.spend(budget - (self._turnLeft or 0), len(data) - len(rest or b""))
         if self._pacedKexInit is not None:
             # The peer's KEXINIT waits for the pace (KexMixin.ssh_KEXINIT): so does the
             # rest of this read, and the socket is not read until kexPaceOver.

@@ -34,6 +34,11 @@ reads within one window add up, however small each is.  128 packets in 10 ms is
 packets a read) waits after 4 MiB in 10 ms, faster than the relay moves it."""
 
 
+BULK_PACKET = 8 * 1024
+"""Bytes a packet, on average over a read, from which the read is bulk and not charged
+to her window (relay.ssh.aead.CORK_BELOW draws the same line for writes)."""
+
+
 class Reader(Protocol):
     """What a transport under a share provides (AEADTransportMixin)."""
 
@@ -92,8 +97,15 @@ class UserTurns:
             return 0
         return self.share.grant(window)
 
-    def spend(self, packets: int) -> None:
-        """After the read :meth:`budget` was asked for: ``packets`` were handled."""
+    def spend(self, packets: int, nbytes: int = 0) -> None:
+        """After the read :meth:`budget` was asked for: ``packets`` were handled, in
+        ``nbytes`` bytes.  A read of bulk (``BULK_PACKET`` bytes a packet or more) is
+        held to the budget left within itself but not charged to the window: a
+        transfer at the relay's channel rate (~350 MB/s of OpenSSH's 16 KiB packets,
+        ~21 000 a second) would otherwise wait, and while anyone else is active yield
+        half its time; so bulk is as it was in round 16, and small reads add up."""
+        if packets and nbytes >= packets * BULK_PACKET:
+            return
         self.busy += time.perf_counter() - self._readAt
         self.share.spend(packets)
 

@@ -655,3 +655,24 @@ def test_her_yield_counts_the_time_of_her_reads_before_the_wait(
     (call,) = reactor.getDelayedCalls()
     # (0.9: her read's own time is measured inside what the test measures of it)
     assert call.getTime() - reactor.seconds() >= 0.9 * spent + PACKETS_PER_TURN * 0.0002
+
+
+def test_reads_of_bulk_in_one_window_never_wait(
+    tcp_pair: tuple[Connection, MemoryReactorClock],
+) -> None:
+    """A transfer's reads (OpenSSH's 16 KiB packets, eight to a read) are not charged to
+    the window: 40 of them in one window, 320 packets, none waits, as in round 16; a
+    window charged with them would make a transfer at the relay's channel rate wait, and
+    yield half its time whenever anyone else is active."""
+    tcp, reactor = tcp_pair
+    t, _conn, chans = receiver(tcp, [], channels=1)
+    t.turnShare = UserTurns(reactor, PACKETS_PER_TURN)
+    reactor.advance(100)
+    peer = Peer()
+    for _ in range(40):
+        for _ in range(8):
+            peer.data(0, b"x" * 16384)
+        t.dataReceived(peer.wire())
+        assert not reactor.getDelayedCalls() and tcp in reactor.getReaders()
+    assert t.incomingPacketSequence == 320
+    assert sum(map(len, chans[0].chunks)) == 320 * 16384
