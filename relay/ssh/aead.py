@@ -96,7 +96,8 @@ from relay.ssh.kex import KexMixin
 
 PACKETS_PER_TURN = 128
 """Packets a user's connections may have handled in one reactor turn, all of them
-together (``turnShare``): ~1 ms of Python at the ~5-8 µs a small packet costs here, so
+together (``turnShare``), and since round 17 in one window of reads
+(relay.ssh.turnshare.TURN_WINDOW): ~1 ms of Python at the ~5-8 µs a small packet costs here, so
 a user who floods small packets holds the reactor for about that long at a time, not
 for the ~30 ms of a whole read, however many connections she opens."""
 
@@ -401,7 +402,7 @@ class AEADTransportMixin(KexMixin):
             self._turnLeft = budget
         rest = self._received(data, budget)
         if budget is not None:
-            share.spend(budget - (self._turnLeft or 0))
+            share.spend(budget - (self._turnLeft or 0), len(data) - len(rest or b""))
         if self._pacedKexInit is not None:
             # The peer's KEXINIT waits for the pace (KexMixin.ssh_KEXINIT): so does the
             # rest of this read, and the socket is not read until kexPaceOver.
@@ -553,8 +554,10 @@ class AEADTransportMixin(KexMixin):
                     continue  # its size is known now: top up again
                 del rbuf[: got[2]]
             else:
-                if budget is not None:
-                    if (self._turnLeft or 0) <= 0 and pos < end:
+                if budget is not None and pos < end:
+                    # (Not at the read's end: the budget now carries across reads,
+                    # and each read was charged one packet more than it had.)
+                    if (self._turnLeft or 0) <= 0:
                         return bytes(data[pos:])  # this turn's packets are done
                     self._turnLeft = (self._turnLeft or 0) - 1
                 got = self._nextPacket(data, pos)

@@ -39,11 +39,25 @@ QUEUED_OVERHEAD = 128
 #: client set to ``RekeyLimit=1M`` moving 8 MiB asks for about 12.
 KEX_PACE_BURST = 16
 KEX_PACE_RATE = 1.0
+#: The same for all the connections of one user together (:func:`user_kex_pacer`,
+#: round 17): with ``max_connections_per_user`` (64) connections the pace per
+#: connection alone let her have 64 a second and 64 bursts of 16 (~6-9 % of a core
+#: and ~1 s of it at once).  A re-key of hers waits for a token of both buckets.
+#: Two clients of hers set to ``RekeyLimit=1M`` moving 8 MiB at once (~24) still
+#: fit in the burst; past it her re-keys take longer, never fail.
+USER_KEX_PACE_BURST = 32
+USER_KEX_PACE_RATE = 2.0
 
 
 def kex_pacer(now: float) -> TokenBucket:
     """The bucket a relay connection's peer-started key exchanges draw on."""
     return TokenBucket(KEX_PACE_RATE, KEX_PACE_BURST, now)
+
+
+def user_kex_pacer(now: float) -> TokenBucket:
+    """The bucket all of one user's connections' key exchanges draw on as well (set
+    once she is authenticated: before, a connection has its own pace only)."""
+    return TokenBucket(USER_KEX_PACE_RATE, USER_KEX_PACE_BURST, now)
 
 
 def _printable(names: bytes, limit: int = 300) -> str:
@@ -117,6 +131,10 @@ class KexMixin:
     #: it has (the peer may send nothing but key exchange messages after its KEXINIT
     #: anyway, RFC 4253 §7.1): slower re-keys, never a refusal.  Needs ``kexClock``.
     kexPacer: TokenBucket | None = None
+    #: The pace shared by all the connections of the peer's user (None: none, as
+    #: before authentication; the relay sets :func:`user_kex_pacer`'s, one per user).
+    #: Charged with ``kexPacer``: the KEXINIT waits for the later of the two.
+    kexUserPacer: TokenBucket | None = None
     kexesPaced = 0  # peer KEXINITs held for the pace (status, tests)
     _pacedKexInit: bytes | None = None  # the peer's KEXINIT while it is held
     _kexPaceCall: Any = None
@@ -176,7 +194,14 @@ class KexMixin:
         if (pacer is not None and clock is not None and self.keyExchanges >= 1
                 and self._keyExchangeState == self._KEY_EXCHANGE_NONE):
             # The peer starts a re-key (not an answer to ours): one token each.
-            wait = pacer.charge(1, clock.seconds())
+            now = clock.seconds()
+            wait = pacer.charge(1, now)
+            shared = self.kexUserPacer
+            if shared is not None:
+                # Charged even when this connection's own bucket already holds the
+                # KEXINIT: each held one takes its place in her queue, so her held
+                # re-keys are spread at her rate, whatever the number of connections.
+                wait = max(wait, shared.charge(1, now))
             if wait > 0:
                 self.kexesPaced += 1
                 self._pacedKexInit = packet

@@ -59,7 +59,13 @@ from relay.ssh.connection import (
     FlowConnection,
 )
 from relay.ssh.guard import PeerInputGuard, client_first_line_refusal
-from relay.ssh.kex import KEX_PACE_BURST, KEX_PACE_RATE, kex_pacer
+from relay.ssh.kex import (
+    KEX_PACE_BURST,
+    KEX_PACE_RATE,
+    USER_KEX_PACE_BURST,
+    USER_KEX_PACE_RATE,
+    kex_pacer,
+)
 from relay.ssh.openerrors import refused_by_peer
 from relay.ssh.peersoftware import read_version_line
 from relay.ssh.resumable import ResumableSessions
@@ -283,9 +289,11 @@ class RelayTransport(PeerInputGuard, AEADTransportMixin, transport.SSHServerTran
             return
         self._kexPacedOnce = True
         self._log.info(
-            "{peer} starts key exchanges faster than {rate:g} a second (after {burst}); "
+            "{peer} starts key exchanges faster than {rate:g} a second (after {burst}), "
+            "or its user's connections faster than {user_rate:g} (after {user_burst}); "
             "each is held until its turn ({wait:.2f}s now)", event="ssh_kex_paced",
             peer=self.peerName(), rate=KEX_PACE_RATE, burst=KEX_PACE_BURST, wait=wait,
+            user_rate=USER_KEX_PACE_RATE, user_burst=USER_KEX_PACE_BURST,
         )
 
     def offended(self, offence: Offence) -> None:
@@ -483,7 +491,10 @@ class RelayConnection(FlowConnection):
             # One user's reads of small packets must not make every other user's turn
             # wait, however many connections she opens: her connections share one
             # budget of packets per turn (AEADTransportMixin.turnShare; docs/security.md).
-            self.transport.turnShare = self.core.turnShares.of(self.identity.name)
+            share = self.core.turnShares.of(self.identity.name)
+            self.transport.turnShare = share
+            # Her re-keys draw on one pace for all her connections, too (relay.ssh.kex).
+            self.transport.kexUserPacer = share.kexPacer
             self.transport.noFlush = USER_NO_FLUSH
         ka = self.core.config.keepalive
         if ka.interval > 0:

@@ -3,8 +3,10 @@
 The relay opens every packet a user sends (~5 µs of Python each, whatever its size),
 so a user who floods small ones can make the relay's turns long for everyone, and one
 budget per *connection* let her multiply it by opening more connections.  Each user's
-connections share one :class:`UserTurns`: in a reactor turn they may have at most
-``per_turn`` packets handled between them; the rest of a read waits, in order, its
+connections share one :class:`UserTurns`: in a window of ``TURN_WINDOW`` seconds (a
+reactor turn before round 17, which let a user whose every read was small never wait)
+they may have at most ``per_turn`` packets handled between them; the rest of a read
+waits, in order, its
 socket not read meanwhile (TCP pushes back on her; nothing is dropped and nothing more
 is buffered than the read already taken in), and one call per user in the next turn
 (``callLater(0)``) hands the waiting connections the new turn's budget in turn.
@@ -22,6 +24,19 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from relay.core.fairshare import TurnShare
+from relay.core.ratelimit import TokenBucket
+from relay.ssh.kex import user_kex_pacer
+
+TURN_WINDOW = 0.01
+"""Seconds over which a user's budget of packets (``PACKETS_PER_TURN``) counts: her
+reads within one window add up, however small each is.  128 packets in 10 ms is
+~12 800 a second (~6-10 % of a core) before she waits at all; bulk (four 32 KiB
+packets a read) waits after 4 MiB in 10 ms, faster than the relay moves it."""
+
+
+BULK_PACKET = 8 * 1024
+"""Bytes a packet, on average over a read, from which the read is bulk and not charged
+to her window (relay.ssh.aead.CORK_BELOW draws the same line for writes)."""
 
 
 class Reader(Protocol):
@@ -35,33 +50,63 @@ class Reader(Protocol):
 
 
 class UserTurns:
-    """One user's budget of packets per reactor turn, and her connections that wait."""
+    """One user's budget of packets per window, her connections that wait, and the pace
+    of the key exchanges they start."""
 
     def __init__(self, reactor: Any, per_turn: int,
-                 othersActive: Callable[[UserTurns], bool] | None = None) -> None:
+                 othersActive: Callable[[UserTurns], bool] | None = None,
+                 window: float = TURN_WINDOW) -> None:
         self.reactor = reactor
         self.share: TurnShare[Reader] = TurnShare(per_turn)
         self._call: Any = None
         self._othersActive = othersActive
+        self.window = window
         self.lastRead = 0.0  # reactor.seconds() of this user's last read
-        # A reactor that counts its turns (relay.ops.leanepoll) tells them apart by
-        # that number; on another, a turn for this budget ends at each of our calls.
-        self._counted = isinstance(getattr(reactor, "turns", None), int)
-        self._ticks = 0
+        # The time her packets took in this window, her waiting reads' included: what
+        # she yields, while others are active, once past her budget (_nextTurn).
+        self.busy = 0.0
+        self._busyWindow = -1
+        self._readAt = 0.0
+        self._kexPacer: TokenBucket | None = None
 
-    def _turn(self) -> int:
-        return self.reactor.turns if self._counted else self._ticks
+    @property
+    def kexPacer(self) -> TokenBucket:
+        """The pace of the key exchanges all her connections start
+        (:func:`relay.ssh.kex.user_kex_pacer`; ``KexMixin.kexUserPacer``): kept here
+        because this is what lives exactly as long as any connection of hers."""
+        if self._kexPacer is None:
+            self._kexPacer = user_kex_pacer(self.reactor.seconds())
+        return self._kexPacer
 
     def budget(self) -> int:
         """Packets a read of this user may have handled now: none while any of her
-        connections waits (the read waits behind it, its socket paused)."""
-        if self._othersActive is not None:
-            self.lastRead = self.reactor.seconds()
+        connections waits (the read waits behind it, its socket paused).
+
+        The budget is per window of ``window`` seconds, not per read nor per reactor
+        turn: before (round 16), a user whose reads each stayed under the budget (one
+        connection, small writes each flushed) had it whole again at every turn, never
+        waited, and so never yielded to anyone.  O(1) a read: the clock, a division."""
+        now = self.reactor.seconds()
+        self.lastRead = now
+        window = int(now / self.window)
+        if window != self._busyWindow:
+            self._busyWindow = window
+            self.busy = 0.0
+        self._readAt = time.perf_counter()
         if len(self.share):
             return 0
-        return self.share.grant(self._turn())
+        return self.share.grant(window)
 
-    def spend(self, packets: int) -> None:
+    def spend(self, packets: int, nbytes: int = 0) -> None:
+        """After the read :meth:`budget` was asked for: ``packets`` were handled, in
+        ``nbytes`` bytes.  A read of bulk (``BULK_PACKET`` bytes a packet or more) is
+        held to the budget left within itself but not charged to the window: a
+        transfer at the relay's channel rate (~350 MB/s of OpenSSH's 16 KiB packets,
+        ~21 000 a second) would otherwise wait, and while anyone else is active yield
+        half its time; so bulk is as it was in round 16, and small reads add up."""
+        if packets and nbytes >= packets * BULK_PACKET:
+            return
+        self.busy += time.perf_counter() - self._readAt
         self.share.spend(packets)
 
     def wait(self, reader: Reader) -> None:
@@ -80,13 +125,10 @@ class UserTurns:
         """The start of a reactor turn (timed calls run before its poll): the waiting
         connections get this turn's budget, in turn, before her new reads do."""
         self._call = None
-        if self._counted:
-            # The poll that follows counts as the next turn: the events it brings of
-            # this user's other connections share what is left of this budget.
-            left = self.share.renew(self.reactor.turns + 1)
-        else:
-            self._ticks += 1
-            left = self.share.renew(self._ticks)
+        # A fresh budget for the current window: the reads that follow within it (her
+        # other connections', her next ones) share what is left of it.
+        window = int(self.reactor.seconds() / self.window)
+        left = self.share.renew(window)
         start = time.perf_counter()
         served = 0
         waiting = len(self.share)
@@ -100,13 +142,17 @@ class UserTurns:
             left = self.share.left
             if reader.stillWaiting():
                 self.share.wait(reader)  # at the back: the others go first next turn
+        spent = time.perf_counter() - start
         if len(self.share) and self._call is None:
-            # While others are active, she waits as long as her turn took: at most
+            # While others are active, she waits as long as her packets took since her
+            # last wait (this turn and the reads of the window before it): at most
             # half of the relay's time is hers, and her peer is pushed back.
             delay = 0.0
             if self._othersActive is not None and self._othersActive(self):
-                delay = time.perf_counter() - start
+                delay = self.busy + spent
             self._call = self.reactor.callLater(delay, self._nextTurn)
+        self.busy = 0.0
+        self._busyWindow = window
 
 
 ACTIVE_WINDOW = 1.0

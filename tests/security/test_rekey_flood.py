@@ -8,7 +8,9 @@ in 5 s, ~2 s of the relay's CPU (sshd does not limit them either, but it forks a
 process per connection; here everyone shares one).  Now the key exchanges a peer
 starts after the first are paced per connection (relay.ssh.kex: 16 at once, then one
 a second): a KEXINIT before its turn is held, and nothing more of that peer read,
-until its turn.  Nobody is disconnected: alice's connections stay up and echo, bob's
+until its turn (and since round 17 also per user, across her connections:
+test_user_rekey_pace.py; the bound below is the per-connection one, still an upper
+bound).  Nobody is disconnected: alice's connections stay up and echo, bob's
 echoes meanwhile, and the relay's CPU for her loop is bounded by the pace.
 """
 

@@ -75,3 +75,65 @@ def test_the_relays_pace() -> None:
     waits = [bucket.charge(1, 0.0) for _ in range(KEX_PACE_BURST + 2)]
     assert waits[:KEX_PACE_BURST] == [0.0] * KEX_PACE_BURST
     assert waits[KEX_PACE_BURST:] == [1 / KEX_PACE_RATE, 2 / KEX_PACE_RATE]
+
+
+def _user_pair(shared: TokenBucket, clock: task.Clock) -> tuple[Client, object, object]:
+    server = ssh_server()
+    server.kexClock = clock
+    server.kexPacer = TokenBucket(1.0, 16, clock.seconds())
+    server.kexUserPacer = shared
+    client = Client()
+    pump = connect_in_memory(server, client)
+    return client, server, pump
+
+
+def test_a_users_connections_share_one_pace() -> None:
+    """Round 17: the per-connection pace let a user with many connections have many
+    bursts and many re-keys a second.  Four connections of one user, a shared bucket
+    of 2 at once and 1 a second: the third re-key of hers, on whichever connection,
+    waits, though each connection's own bucket has tokens left; then they go in turn,
+    one a second, and all complete."""
+    clock = task.Clock()
+    shared = TokenBucket(1.0, 2, clock.seconds())
+    pairs = [_user_pair(shared, clock) for _ in range(4)]
+    for client, _, pump in pairs:
+        client.sendKexInit()
+        pump.flush()
+    servers = [server for _, server, _ in pairs]
+    assert [s.keyExchanges for s in servers] == [2, 2, 1, 1]
+    assert [s.kexInitHeld for s in servers] == [False, False, True, True]
+    clock.advance(1.0)
+    for _, _, pump in pairs:
+        pump.flush()
+    assert [s.keyExchanges for s in servers] == [2, 2, 2, 1]  # one a second, in turn
+    clock.advance(1.0)
+    for _, _, pump in pairs:
+        pump.flush()
+    assert [s.keyExchanges for s in servers] == [2, 2, 2, 2]
+    assert all(c.keyExchanges == 2 for c, _, _ in pairs)
+    assert not any(s.transport.disconnecting for s in servers)
+
+
+def test_without_a_user_pace_a_connection_keeps_its_own() -> None:
+    """Before authentication (no ``kexUserPacer``) only the connection's pace applies."""
+    client, server, pump, _ = _paced_pair(burst=3)
+    for _ in range(3):
+        client.sendKexInit()
+        pump.flush()
+    assert server.keyExchanges == 4 and server.kexesPaced == 0
+
+
+def test_the_relays_user_pace_is_kept_with_her_turn_share() -> None:
+    """The relay's shared bucket is the user's turn share's: one per user, the same
+    for every connection of hers, fresh for another user."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from relay.ssh.kex import USER_KEX_PACE_BURST, USER_KEX_PACE_RATE
+    from relay.ssh.turnshare import UserTurnShares
+
+    shares = UserTurnShares(MemoryReactorClock(), 128)
+    alice = shares.of("alice")
+    assert shares.of("alice").kexPacer is alice.kexPacer
+    assert shares.of("bob").kexPacer is not alice.kexPacer
+    assert (alice.kexPacer.rate, alice.kexPacer.burst) == (USER_KEX_PACE_RATE,
+                                                           USER_KEX_PACE_BURST)

@@ -569,3 +569,110 @@ def test_a_kexinit_held_for_the_pace_mid_backlog_stops_her_turns_until_its_turn(
     assert tcp in reactor.getReaders()
     for s in socks:
         s.close()
+
+
+def test_small_reads_within_a_window_add_up_to_one_budget(
+    tcp_pair: tuple[Connection, MemoryReactorClock],
+) -> None:
+    """Round 16 gave the budget whole again at each reactor turn, so a user whose
+    reads each stayed under it (small writes, each flushed) never waited and never
+    yielded.  Now her reads within ``TURN_WINDOW`` share one budget: the third read of
+    50 packets in one window has 28 handled, the rest waits, her socket unread, for
+    the next turn; a read in a later window has a whole budget again."""
+    from relay.ssh.turnshare import TURN_WINDOW
+
+    tcp, reactor = tcp_pair
+    t, _conn, chans = receiver(tcp, [], channels=1)
+    # labrelay's reactor counts its turns (relay.ops.leanepoll): each read its own.
+    reactor.turns = 0  # type: ignore[attr-defined]
+    t.turnShare = UserTurns(reactor, PACKETS_PER_TURN)
+    reactor.advance(100)
+    peer = Peer()
+    for _ in range(2):  # two reads of 50 in the same window: handled whole
+        for _ in range(50):
+            peer.data(0, b"a")
+        reactor.turns += 1  # type: ignore[attr-defined]
+        t.dataReceived(peer.wire())
+    assert t.incomingPacketSequence == 100 and not reactor.getDelayedCalls()
+    for _ in range(50):
+        peer.data(0, b"b")
+    reactor.turns += 1  # type: ignore[attr-defined]
+    t.dataReceived(peer.wire())
+    assert t.incomingPacketSequence == PACKETS_PER_TURN  # 28 of the third read
+    assert tcp not in reactor.getReaders()  # the rest waits, the socket unread
+    turn(reactor)
+    assert t.incomingPacketSequence == 150 and tcp in reactor.getReaders()
+    assert b"".join(chans[0].chunks) == b"a" * 100 + b"b" * 50
+    # A later window: a whole budget again (an interactive user never waits).
+    reactor.advance(TURN_WINDOW)
+    for _ in range(PACKETS_PER_TURN):
+        peer.data(0, b"c")
+    t.dataReceived(peer.wire())
+    assert t.incomingPacketSequence == 150 + PACKETS_PER_TURN
+    assert not reactor.getDelayedCalls()
+
+
+def test_her_yield_counts_the_time_of_her_reads_before_the_wait(
+    tcp_pair: tuple[Connection, MemoryReactorClock],
+) -> None:
+    """While another user is active, what she yields once past her budget is the time
+    all her packets of the window took, not only those of the turn that served the rest
+    of her last read: many small reads add up to her time as to her packets."""
+    import time as _time
+
+    tcp, reactor = tcp_pair
+    t, _conn, _chans = receiver(tcp, [], channels=1)
+    shares = UserTurnShares(reactor, PACKETS_PER_TURN)
+    t.turnShare = shares.of("alice")
+    reactor.advance(100)
+    bob = shares.of("bob")
+    bob.budget()  # bob read something just now
+    handler = t.channelDataHandler
+
+    def slow(payload: bytes) -> None:
+        until = _time.perf_counter() + 0.0002  # a packet that costs 0.2 ms of CPU
+        while _time.perf_counter() < until:
+            pass
+        handler(payload)
+
+    t.channelDataHandler = slow
+    peer = Peer()
+    for _ in range(4):  # four reads of 40 packets: 120 handled at once, ~24 ms
+        for _ in range(40):
+            peer.data(0, b"z")
+        t.dataReceived(peer.wire())
+    assert t.incomingPacketSequence == PACKETS_PER_TURN
+    turn(reactor)  # the rest of the fourth read, past a second budget of none
+    assert t.incomingPacketSequence == 160
+    assert not reactor.getDelayedCalls()  # nothing waits: no yield to schedule
+    # Past the budget again in the same window: her yield is her window's time.
+    for _ in range(3 * PACKETS_PER_TURN):
+        peer.data(0, b"y")
+    start = _time.perf_counter()
+    t.dataReceived(peer.wire())  # 96 handled (~19 ms), the rest waits
+    spent = _time.perf_counter() - start
+    turn(reactor)
+    (call,) = reactor.getDelayedCalls()
+    # (0.9: her read's own time is measured inside what the test measures of it)
+    assert call.getTime() - reactor.seconds() >= 0.9 * spent + PACKETS_PER_TURN * 0.0002
+
+
+def test_reads_of_bulk_in_one_window_never_wait(
+    tcp_pair: tuple[Connection, MemoryReactorClock],
+) -> None:
+    """A transfer's reads (OpenSSH's 16 KiB packets, eight to a read) are not charged to
+    the window: 40 of them in one window, 320 packets, none waits, as in round 16; a
+    window charged with them would make a transfer at the relay's channel rate wait, and
+    yield half its time whenever anyone else is active."""
+    tcp, reactor = tcp_pair
+    t, _conn, chans = receiver(tcp, [], channels=1)
+    t.turnShare = UserTurns(reactor, PACKETS_PER_TURN)
+    reactor.advance(100)
+    peer = Peer()
+    for _ in range(40):
+        for _ in range(8):
+            peer.data(0, b"x" * 16384)
+        t.dataReceived(peer.wire())
+        assert not reactor.getDelayedCalls() and tcp in reactor.getReaders()
+    assert t.incomingPacketSequence == 320
+    assert sum(map(len, chans[0].chunks)) == 320 * 16384
