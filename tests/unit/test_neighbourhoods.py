@@ -20,7 +20,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 
 from relay.config.schema import CrowdingConfig, RelayConfig
-from relay.core.admission import Admission, Gate, Offence, Refusal, Stage, Ticket, _Tally
+from relay.core.admission import Admission, Gate, Offence, Refusal, Stage, Ticket
 from relay.ops.metrics import prometheus_text
 from relay.server.relay import RelayCore
 from relay.ssh.server import RelayFactory
@@ -219,6 +219,8 @@ def test_neighbourhoods_by_netblock(clock: Clock) -> None:
 def test_the_tally_keeps_the_most_under_any_sequence_of_changes() -> None:
     """The O(1) count of the busiest (sources and neighbourhoods alike) against a
     recount, over random admissions and departures."""
+    from relay.core.admission import _Tally
+
     rng = random.Random(17)
     counts: dict[str, int] = {}
     tally = _Tally(counts)
