@@ -28,9 +28,9 @@ close.  Modelled on OpenSSH sshd 9.8+ (``MaxStartups``, ``PerSourceMaxStartups``
   cannot trade places among itself for ever (:meth:`Gate._victim`).  sshd has no such
   rule (its MaxStartups drops the newcomer); an attacker with as many sources as
   places, one each, still keeps others out;
-- when the global cap is full and nobody holds more than the newcomer's source would,
-  *progress* decides (:meth:`Gate._stalled`, ``[relay.crowding]``): every connection
-  is at a :class:`Stage` (``silent``: nothing received; ``handshake``: its version
+- when the global cap is full and no source nor neighbourhood (below) holds more
+  than the newcomer's would, *progress* decides (:meth:`Gate._stalled`,
+  ``[relay.crowding]``): every connection is at a :class:`Stage` (``silent``: nothing received; ``handshake``: its version
   line, hello or ClientHello begun, key exchange unfinished; ``auth``: keyed,
   authenticating), and the one at the lowest stage that has held its place longest
   gives way, once it has held it past that stage's seconds (``silent`` 2 s,
@@ -42,13 +42,13 @@ close.  Modelled on OpenSSH sshd 9.8+ (``MaxStartups``, ``PerSourceMaxStartups``
   (a curve25519 of its own per connection) and start over every ``auth`` seconds,
   and each of its stalled connections that is evicted blocks its source for
   ``grace_exceeded``;
-- when the global cap is full and no source holds more than the newcomer's would,
-  *neighbourhoods* decide next (:meth:`Gate._neighbour`, ``[relay.crowding]
+- before progress, when no source holds more than the newcomer's would,
+  *neighbourhoods* decide (:meth:`Gate._neighbour`, ``[relay.crowding]
   netblock4/netblock6``: an IPv4 /24 and an IPv6 /48 by default): a newcomer whose
   neighbourhood would, with it, hold fewer places than the neighbourhood holding the
   most takes the place of that neighbourhood's connection at the lowest stage that was
   admitted first, fresh or not.  Unpenalised unless that one was also stalled past its
-  stage's seconds (then ``grace-exceeded``, as below): its source did nothing wrong on
+  stage's seconds (then ``grace-exceeded``, as above): its source did nothing wrong on
   its own, it only shares a network with many others.  An attacker with one place per
   source who *recycles* each place before it stalls (reconnects every < 2 s, or a
   version line every < 10 s), from one IPv6 /56 or one IPv4 /24, filled every place
