@@ -30,13 +30,13 @@ close.  Modelled on OpenSSH sshd 9.8+ (``MaxStartups``, ``PerSourceMaxStartups``
   places, one each, still keeps others out;
 - when the global cap is full and no source nor neighbourhood (below) holds more
   than the newcomer's would, *progress* decides (:meth:`Gate._stalled`,
-  ``[relay.crowding]``): every connection is at a :class:`Stage` (``silent``: nothing received; ``handshake``: its version
-  line, hello or ClientHello begun, key exchange unfinished; ``auth``: keyed,
-  authenticating), and the one at the lowest stage that has held its place longest
-  gives way, once it has held it past that stage's seconds (``silent`` 2 s,
-  ``handshake`` 10 s, ``auth`` 20 s from accept).  Its source is charged
-  ``grace-exceeded``: under pressure the login grace shrinks by progress, and
-  outliving the shortened grace is the offence it always was.  An attacker with a
+  ``[relay.crowding]``): every connection is at a :class:`Stage` (``silent``:
+  nothing received; ``handshake``: its version line, hello or ClientHello begun, key
+  exchange unfinished; ``auth``: keyed, authenticating), and the one at the lowest
+  stage that has held its place longest gives way, once it has held it past that
+  stage's seconds (``silent`` 2 s, ``handshake`` 10 s, ``auth`` 20 s from accept).
+  Its source is charged ``grace-exceeded``: under pressure the login grace shrinks by
+  progress, and outliving the shortened grace is the offence it always was.  An attacker with a
   place per source (64 or more sources, an IPv6 /56) no longer keeps newcomers out
   until ``login_grace`` with idle sockets: each would have to finish a key exchange
   (a curve25519 of its own per connection) and start over every ``auth`` seconds,
