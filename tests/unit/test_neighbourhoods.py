@@ -301,3 +301,22 @@ def test_ssh_neighbourhood_eviction_is_logged_once_per_burst_and_counted(
     assert 'labrelay_relay_admission_neighbourhood_evicted_total{port="ssh"} 3.0' in metrics
     for proto, _tcp in [p for p in held if p[0] not in aborted] + newcomers:
         _end(proto)
+
+
+def test_exempt_networks_give_way_like_any_other_but_are_never_charged(
+        clock: Clock) -> None:
+    """``penalty_exempt`` (a bastion, loopback if listed) spares penalties, not places:
+    an exempt /24 holding the most gives up its lowest-stage oldest to a newcomer from
+    elsewhere, and is not charged even when that one had stalled; an exempt newcomer
+    takes a place like anyone."""
+    import ipaddress
+
+    adm, gate = _gate(clock, cap=4,
+                      penalty_exempt=(ipaddress.ip_network("192.0.2.0/24"),))
+    bastion = [_ticket(gate, f"192.0.2.{i}") for i in (1, 2, 3)]
+    _ticket(gate, "203.0.113.1")
+    clock.advance(3.0)  # the bastion's places are silent past 2 s: stalled
+    victim = _ticket(gate, ALICE).take_displaced()
+    assert victim is bastion[0] and victim.crowded and victim.stalled is Stage.SILENT
+    assert adm.penalties.penalised["grace-exceeded"] == 0 and len(adm.penalties) == 0
+    assert [t.pending for t in bastion] == [False, True, True]  # it keeps two of four
