@@ -80,7 +80,8 @@ RELAY_KEYS = {
     "per_source_netblock6": "per_source_netblock6 = 64",
     "penalties": "[relay.penalties] authfail = 5, noauth = 1, grace_exceeded = 20",
     "penalty_exempt": 'penalty_exempt = ["192.0.2.0/24", "2001:db8::/48"]',
-    "crowding": "[relay.crowding] silent = 2, handshake = 10, auth = 20",
+    "crowding": "[relay.crowding] silent = 2, handshake = 10, auth = 20, netblock4 = 24, "
+                "netblock6 = 48",
     "max_channels": "max_channels = 1024",
     "max_sessions_per_user": "max_sessions_per_user = 64",
     "max_connections_per_user": "max_connections_per_user = 64",
@@ -130,6 +131,8 @@ CROWDING_KEYS = {
     "silent": "silent = 2",
     "handshake": "handshake = 10",
     "auth": "auth = 20",
+    "netblock4": "netblock4 = 24",
+    "netblock6": "netblock6 = 48",
 }
 LIFECYCLE_KEYS = {
     "expiry": 'expiry = "20270131Z" (YYYYMMDD[HHMM[SS]][Z]) or a TOML date-time: '

@@ -201,14 +201,26 @@ retransmission of it (the first retransmission timeout is 1 s) must not cost a
 client on a bad link its place."""
 
 
-def _parse_crowding(sec: Section | None, login_grace: float) -> CrowdingConfig:
-    # A short login_grace shortens the stages left to their defaults.
+def _parse_crowding(sec: Section | None, login_grace: float, source4: int,
+                    source6: int) -> CrowdingConfig:
+    # A short login_grace shortens the stages left to their defaults; a per-source
+    # netblock wider than a neighbourhood's default widens that default to it.
     base = CrowdingConfig()
     defaults = CrowdingConfig(silent=min(base.silent, login_grace),
                               handshake=min(base.handshake, login_grace),
-                              auth=min(base.auth, login_grace))
+                              auth=min(base.auth, login_grace),
+                              netblock4=min(base.netblock4, source4),
+                              netblock6=min(base.netblock6, source6))
     if sec is None:
         return defaults
+    netblocks = {}
+    for key, source, top, example in (("netblock4", source4, 32, "netblock4 = 24"),
+                                       ("netblock6", source6, 128, "netblock6 = 48")):
+        bits = netblocks[key] = sec.integer(key, getattr(defaults, key), 0, top)
+        if bits > source:
+            raise sec.error(key, f"{key} ({bits}) must be at most per_source_{key} "
+                            f"({source}): a neighbourhood is made of whole sources, so its "
+                            "network cannot be narrower than a source's", f"e.g. {example}")
     enabled = sec.data.get("enabled", defaults.enabled)
     if not isinstance(enabled, bool):
         raise sec.error("enabled", f"expected true or false, got {describe(enabled)}")
@@ -227,7 +239,8 @@ def _parse_crowding(sec: Section | None, login_grace: float) -> CrowdingConfig:
         raise sec.error("auth", f"auth ({fmt(auth)}) must be at most login_grace "
                         f"({fmt(login_grace)}): past login_grace the connection is closed "
                         "anyway", f"e.g. auth = {fmt(login_grace)}, or a longer login_grace")
-    return CrowdingConfig(enabled=enabled, silent=silent, handshake=handshake, auth=auth)
+    return CrowdingConfig(enabled=enabled, silent=silent, handshake=handshake, auth=auth,
+                          netblock4=netblocks["netblock4"], netblock6=netblocks["netblock6"])
 
 
 def _networks(sec: Section, key: str) -> tuple[IPNetwork, ...]:
@@ -323,7 +336,11 @@ def _parse_relay(sec: Section, base: Path,
         penalty_exempt=_networks(sec, "penalty_exempt"),
         crowding=_parse_crowding(sec.table("crowding", CROWDING_KEYS),
                                  sec.number("login_grace", defaults.login_grace, low=0,
-                                            above=True)),
+                                            above=True),
+                                 sec.integer("per_source_netblock4",
+                                             defaults.per_source_netblock4, 0, 32),
+                                 sec.integer("per_source_netblock6",
+                                             defaults.per_source_netblock6, 0, 128)),
         max_channels=sec.integer("max_channels", defaults.max_channels, 1),
         max_sessions_per_user=sec.integer(
             "max_sessions_per_user", defaults.max_sessions_per_user, 1

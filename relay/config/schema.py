@@ -329,12 +329,23 @@ class CrowdingConfig:
     client sends its version line within a round trip and finishes key exchange in
     two, so only an idle socket stalls that long.  Each must be at least the one before
     it and ``auth`` at most ``login_grace`` (beyond it there is nothing to shorten).
+
+    Before progress, *neighbourhoods* decide (``netblock4``/``netblock6``: the peer's
+    address masked to an IPv4 /24 and an IPv6 /48 by default, each at most as long as
+    its ``per_source_netblock``): a newcomer whose neighbourhood, with it, would hold
+    fewer places than the neighbourhood holding the most takes the place of that
+    neighbourhood's lowest-stage, oldest connection, fresh or not (unpenalised unless
+    it was stalled).  An attacker with a place per source who recycles each place
+    before it stalls (an IPv6 /56 is 256 sources but one /48) then holds a
+    neighbourhood's share, not the cap.  ``enabled = false`` turns both rules off.
     """
 
     enabled: bool = True
     silent: float = 2.0
     handshake: float = 10.0
     auth: float = 20.0
+    netblock4: int = 24
+    netblock6: int = 48
 
 
 @dataclass(frozen=True)

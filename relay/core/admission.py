@@ -28,20 +28,32 @@ close.  Modelled on OpenSSH sshd 9.8+ (``MaxStartups``, ``PerSourceMaxStartups``
   cannot trade places among itself for ever (:meth:`Gate._victim`).  sshd has no such
   rule (its MaxStartups drops the newcomer); an attacker with as many sources as
   places, one each, still keeps others out;
-- when the global cap is full and nobody holds more than the newcomer's source would,
-  *progress* decides (:meth:`Gate._stalled`, ``[relay.crowding]``): every connection
-  is at a :class:`Stage` (``silent``: nothing received; ``handshake``: its version
-  line, hello or ClientHello begun, key exchange unfinished; ``auth``: keyed,
-  authenticating), and the one at the lowest stage that has held its place longest
-  gives way, once it has held it past that stage's seconds (``silent`` 2 s,
-  ``handshake`` 10 s, ``auth`` 20 s from accept).  Its source is charged
-  ``grace-exceeded``: under pressure the login grace shrinks by progress, and
-  outliving the shortened grace is the offence it always was.  An attacker with a
+- when the global cap is full and no source nor neighbourhood (below) holds more
+  than the newcomer's would, *progress* decides (:meth:`Gate._stalled`,
+  ``[relay.crowding]``): every connection is at a :class:`Stage` (``silent``:
+  nothing received; ``handshake``: its version line, hello or ClientHello begun, key
+  exchange unfinished; ``auth``: keyed, authenticating), and the one at the lowest
+  stage that has held its place longest gives way, once it has held it past that
+  stage's seconds (``silent`` 2 s, ``handshake`` 10 s, ``auth`` 20 s from accept).
+  Its source is charged ``grace-exceeded``: under pressure the login grace shrinks by
+  progress, and outliving the shortened grace is the offence it always was.  An attacker with a
   place per source (64 or more sources, an IPv6 /56) no longer keeps newcomers out
   until ``login_grace`` with idle sockets: each would have to finish a key exchange
   (a curve25519 of its own per connection) and start over every ``auth`` seconds,
   and each of its stalled connections that is evicted blocks its source for
   ``grace_exceeded``;
+- before progress, when no source holds more than the newcomer's would,
+  *neighbourhoods* decide (:meth:`Gate._neighbour`, ``[relay.crowding]
+  netblock4/netblock6``: an IPv4 /24 and an IPv6 /48 by default): a newcomer whose
+  neighbourhood would, with it, hold fewer places than the neighbourhood holding the
+  most takes the place of that neighbourhood's connection at the lowest stage that was
+  admitted first, fresh or not.  Unpenalised unless that one was also stalled past its
+  stage's seconds (then ``grace-exceeded``, as above): its source did nothing wrong on
+  its own, it only shares a network with many others.  An attacker with one place per
+  source who *recycles* each place before it stalls (reconnects every < 2 s, or a
+  version line every < 10 s), from one IPv6 /56 or one IPv4 /24, filled every place
+  for good; now it holds at most a neighbourhood's fair share and needs as many
+  neighbourhoods as places.  Counting the newcomer ends churn as for sources;
 - exempt networks are never penalised nor refused for a penalty (the per-source cap,
   the global cap and eviction apply to them as to any source: exemption is about
   penalties, not priority);
@@ -84,9 +96,14 @@ _SEVERITY = (Offence.NOAUTH, Offence.AUTHFAIL, Offence.PROTOCOL, Offence.GRACE)
 
 def eviction_reason(victim: Ticket) -> str:
     """Why ``victim`` was evicted, for the servers' log lines."""
-    if victim.stalled is None:
-        return "the source holding the most places"
-    return f"stalled at {victim.stalled.name.lower()} past its seconds ([relay.crowding])"
+    crowd = (f" in {victim.neighbourhood}, the neighbourhood holding the most places"
+             if victim.crowded else "")
+    if victim.stalled is not None:
+        return (f"stalled at {victim.stalled.name.lower()} past its seconds{crowd} "
+                "([relay.crowding])")
+    if victim.crowded:
+        return f"the oldest at the lowest stage{crowd} ([relay.crowding])"
+    return "the source holding the most places"
 
 
 def worst(a: Offence | None, b: Offence) -> Offence:
@@ -239,6 +256,7 @@ class Ticket:
     source: str
     exempt: bool
     pending: bool = True
+    neighbourhood: str = ""  # its source's wider network ([relay.crowding] netblock4/6)
     seq: int = 0  # admission order at its gate: the oldest of a source is evicted first
     owner: Any = None  # the server's connection: what it closes if this ticket is evicted
     # Set on a new ticket: the connection the gate evicted to make room for it (already
@@ -250,12 +268,91 @@ class Ticket:
     # Set on an evicted ticket: the stage it stalled at (:meth:`Gate._stalled`), or None
     # when it gave way to a source holding fewer places (:meth:`Gate._victim`).
     stalled: Stage | None = None
+    # Set on an evicted ticket: it gave way to a neighbourhood holding fewer places
+    # (:meth:`Gate._neighbour`); ``stalled`` says whether it was also stalled.
+    crowded: bool = False
 
     def take_displaced(self) -> Ticket | None:
         """The connection evicted to admit this one, once (the reference is dropped:
         a chain of evicted tickets must not keep their connections alive)."""
         victim, self.displaced = self.displaced, None
         return victim
+
+
+class _Tally:
+    """How many places each key (a source, a neighbourhood) holds, the keys grouped by
+    that count, and the most any holds: each change and :meth:`busiest` are O(1), so
+    the full cap never scans its places to find who holds the most."""
+
+    def __init__(self, count: dict[str, int]) -> None:
+        self.count = count  # key -> places held (> 0); shared with its gate's ``pending``
+        self._by: dict[int, dict[str, None]] = {}  # count -> keys, by when they got there
+        self.most = 0
+
+    def add(self, key: str) -> None:
+        n = self.count.get(key, 0)
+        if n:
+            self._out(key, n)
+        self.count[key] = n + 1
+        self._by.setdefault(n + 1, {})[key] = None
+        self.most = max(self.most, n + 1)
+
+    def remove(self, key: str) -> None:
+        n = self.count[key]
+        self._out(key, n)
+        if n > 1:
+            self.count[key] = n - 1
+            self._by.setdefault(n - 1, {})[key] = None
+        else:
+            del self.count[key]
+        if n == self.most and n not in self._by:  # it was the last at the most:
+            self.most = n - 1  # it holds n - 1 now (or, at 1, nobody holds any)
+
+    def busiest(self) -> dict[str, None]:
+        """The keys holding the most places, the first to get there first."""
+        return self._by.get(self.most, {})
+
+    def _out(self, key: str, n: int) -> None:
+        keys = self._by[n]
+        del keys[key]
+        if not keys:
+            del self._by[n]
+
+
+class _ByStage:
+    """Unauthenticated tickets by :class:`Stage`, each stage a heap by admission order
+    (seq), lazily cleaned: an entry is live while its ticket is pending at that stage.
+    The oldest of the lowest stage is found in O(log n) amortised."""
+
+    def __init__(self) -> None:
+        self.heaps: tuple[list[tuple[int, Ticket]], ...] = tuple([] for _ in Stage)
+        self.live = [0 for _ in Stage]
+
+    def enter(self, ticket: Ticket) -> None:
+        """``ticket`` is pending at ``ticket.stage`` now."""
+        heap = self.heaps[ticket.stage]
+        self.live[ticket.stage] += 1
+        heapq.heappush(heap, (ticket.seq, ticket))
+        if len(heap) > 2 * self.live[ticket.stage] + 16:  # stale entries: rebuild
+            heap[:] = [(t.seq, t) for _, t in heap if t.pending and t.stage is ticket.stage]
+            heapq.heapify(heap)
+
+    def leave(self, ticket: Ticket) -> None:
+        """``ticket`` leaves its stage (it advanced, or passed): its entry is stale."""
+        self.live[ticket.stage] -= 1
+
+    def oldest(self, stage: Stage) -> Ticket | None:
+        heap = self.heaps[stage]
+        while heap and not (heap[0][1].pending and heap[0][1].stage is stage):
+            heapq.heappop(heap)
+        return heap[0][1] if heap else None
+
+    def lowest(self) -> Ticket | None:
+        """The one admitted first of the lowest stage that has any."""
+        for stage in Stage:
+            if self.live[stage] and (oldest := self.oldest(stage)) is not None:
+                return oldest
+        return None
 
 
 @dataclass(eq=False)
@@ -271,51 +368,84 @@ class Gate:
     evicted: int = 0  # connections dropped to make room (for a source holding fewer, or stalled)
     # of which: stalled past their stage's seconds (by stage name)
     stalled: dict[str, int] = field(default_factory=lambda: {s.name.lower(): 0 for s in Stage})
+    # of which: given way to a neighbourhood holding fewer places (stalled or not)
+    crowded: int = 0
     # source -> its unauthenticated tickets, oldest first (dicts keep insertion order;
     # removing one is O(1)).  Holds the same sources as ``pending``.
     _held: dict[str, dict[Ticket, None]] = field(default_factory=dict, init=False, repr=False)
     _seq: int = field(default=0, init=False, repr=False)
-    # Per stage, its unauthenticated tickets as a heap by admission order (seq), lazily
-    # cleaned: an entry is live while its ticket is pending at that stage.  The oldest
-    # of the lowest stage is found in O(log n) amortised at the full cap.
-    _stages: tuple[list[tuple[int, Ticket]], ...] = field(
-        default_factory=lambda: tuple([] for _ in Stage), init=False, repr=False)
-    _live: list[int] = field(default_factory=lambda: [0 for _ in Stage], init=False,
-                             repr=False)
+    # every unauthenticated ticket by stage (:meth:`_stalled`)
+    _stages: _ByStage = field(default_factory=_ByStage, init=False, repr=False)
+    # the places each source holds (``pending``), and each neighbourhood
+    _sources: _Tally = field(init=False, repr=False)
+    _hoods: _Tally = field(default_factory=lambda: _Tally({}), init=False, repr=False)
+    # neighbourhood -> its unauthenticated tickets by stage (:meth:`_neighbour`); only
+    # neighbourhoods with a place, so bounded by the global cap
+    _crowds: dict[str, _ByStage] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._sources = _Tally(self.pending)
 
     def admit(self, host: str, owner: Any = None) -> Ticket | Refusal:
         """A ticket for a new connection from ``host``, or why it is refused.
 
         At the global cap the ticket may come with ``displaced``: a connection released
         here that the server must close: the source holding the most places gives one
-        up (:meth:`_victim`), or else the connection that stalled longest
-        (:meth:`_stalled`, charged ``grace-exceeded``).  ``owner`` is kept on the ticket
-        for that."""
-        source, exempt = self.admission.source(host)
+        up (:meth:`_victim`), or else the neighbourhood holding the most
+        (:meth:`_neighbour`), or else the connection that stalled longest
+        (:meth:`_stalled`); a stalled one is charged ``grace-exceeded``.  ``owner`` is
+        kept on the ticket for that.  One eviction per accept at most."""
+        source, hood, exempt = self.admission.place(host)
         why = self._check(source, exempt)
-        victim = self._victim(source) if why is Refusal.GLOBAL else None
-        if why is Refusal.GLOBAL and victim is None:
-            victim = self._stalled(source)
-            if victim is not None:
-                victim.stalled = victim.stage
-        if why is not None and victim is None:
+        choice = self._choose(source, hood) if why is Refusal.GLOBAL else None
+        if why is not None and choice is None:
             self.refused[why.value] += 1
             return why
-        if victim is not None:
+        victim = None
+        if choice is not None:
+            victim, crowded, stalled = choice
+            victim.crowded = crowded
+            if stalled:
+                victim.stalled = victim.stage
             self.passed(victim)
             victim.evicted = True
             self.evicted += 1
+            self.crowded += victim.crowded
             if victim.stalled is not None:
                 self.stalled[victim.stalled.name.lower()] += 1
                 self.penalise(victim, Offence.GRACE)  # closed() will not: it is evicted
-        self.pending[source] = self.pending.get(source, 0) + 1
+        self._sources.add(source)
+        self._hoods.add(hood)
         self.total += 1
         self._seq += 1
-        ticket = Ticket(source, exempt, seq=self._seq, owner=owner, displaced=victim,
-                        admitted=self.admission.clock.seconds())
+        ticket = Ticket(source, exempt, neighbourhood=hood, seq=self._seq, owner=owner,
+                        displaced=victim, admitted=self.admission.clock.seconds())
         self._held.setdefault(source, {})[ticket] = None
         self._enter(ticket)
         return ticket
+
+    def _choose(self, source: str, hood: str) -> tuple[Ticket, bool, bool] | None:
+        """Whom a newcomer from ``source`` in ``hood`` evicts at the full cap, whether
+        for its neighbourhood and whether stalled; None: it is refused.  Marks
+        nothing (:meth:`refuses` asks too).
+
+        The order goes from the finest fairness to the coarsest, then to progress: a
+        busier source gives way first (a few hosts filling the cap); then a busier
+        neighbourhood (a crowd of sources from one network recycling fresh places,
+        which no stall rule can see); only when sources and neighbourhoods are even
+        does age decide, charging the stalled.  A neighbourhood's stalled connection
+        is taken before its fresh ones (:meth:`_neighbour`) and charged too, so an
+        idle crowd from one network is still penalised."""
+        victim = self._victim(source)
+        if victim is not None:
+            return victim, False, False
+        victim = self._neighbour(source, hood)
+        if victim is not None:
+            return victim, True, self._overdue(victim)
+        victim = self._stalled(source)
+        if victim is not None:
+            return victim, False, True
+        return None
 
     def advance(self, ticket: Ticket, stage: Stage) -> None:
         """``ticket``'s connection got to ``stage`` (its server says when: the version
@@ -323,24 +453,62 @@ class Gate:
         exchange).  Never backwards; nothing once it passed."""
         if not ticket.pending or stage <= ticket.stage:
             return
-        self._live[ticket.stage] -= 1
+        self._stages.leave(ticket)
+        self._crowds[ticket.neighbourhood].leave(ticket)
         ticket.stage = stage
         self._enter(ticket)
 
     def _enter(self, ticket: Ticket) -> None:
-        heap = self._stages[ticket.stage]
-        self._live[ticket.stage] += 1
-        heapq.heappush(heap, (ticket.seq, ticket))
-        if len(heap) > 2 * self._live[ticket.stage] + 64:  # stale entries: rebuild
-            live = [(t.seq, t) for _, t in heap if t.pending and t.stage is ticket.stage]
-            heapq.heapify(live)
-            self._stages[ticket.stage][:] = live
+        self._stages.enter(ticket)
+        crowd = self._crowds.get(ticket.neighbourhood)
+        if crowd is None:
+            crowd = self._crowds[ticket.neighbourhood] = _ByStage()
+        crowd.enter(ticket)
+
+    def _limit(self, stage: Stage) -> float:
+        crowding = self.admission.crowding
+        return (crowding.silent, crowding.handshake, crowding.auth)[stage]
+
+    def _overdue(self, ticket: Ticket) -> bool:
+        """``ticket`` has held its place past its stage's seconds."""
+        return self.admission.clock.seconds() - ticket.admitted >= self._limit(ticket.stage)
+
+    def _neighbour(self, source: str, hood: str) -> Ticket | None:
+        """The connection to evict for a newcomer from ``source`` in neighbourhood
+        ``hood`` at the full cap when no source holds more places than its own would
+        (:meth:`_victim` found none): if ``hood``, *counting the newcomer*, would still
+        hold fewer places than the neighbourhood holding the most (ties: the first to
+        get there), that neighbourhood's connection at the lowest stage admitted
+        first; else None (and None if ``[relay.crowding]`` is off, or ``source`` is at
+        its per-source cap: this rule never breaks it).
+
+        Lowest stage first, not simply oldest: a neighbourhood shared by an attacker
+        and honest users (a campus /24, an office NAT, the lab's agent) loses the
+        attacker's cheap places (a connect, a version line) before anyone's that
+        finished a key exchange; an honest client reaches ``auth`` in two round trips
+        and, unless it stalls there, outlasts every recycled place.  Oldest within a
+        stage: the one that had the longest to make progress.  Counting the newcomer
+        ends churn as in :meth:`_victim`: a place moves from a neighbourhood holding
+        ``n`` to one that then holds at most ``n - 1``, so two neighbourhoods cannot
+        trade places, and a busy one keeps at least what every other holds (a NAT'ed
+        office keeps a fair share, never none).  O(1) for the busiest (a tally by
+        count), O(log n) amortised for its lowest stage's oldest."""
+        if not self.admission.crowding.enabled:
+            return None
+        if self.pending.get(source, 0) >= self.admission.per_source:
+            return None
+        mine = self._hoods.count.get(hood, 0) + 1  # with the new connection
+        if self._hoods.most <= mine:
+            return None
+        busiest = next(iter(self._hoods.busiest()))
+        return self._crowds[busiest].lowest()
 
     def _stalled(self, source: str) -> Ticket | None:
-        """The connection to evict for ``source`` at the full cap when no source holds
-        more places (:meth:`_victim` found none): of the lowest stage that has one, the
-        oldest that has held its place past its stage's seconds; None if every
-        connection is within its own, or ``[relay.crowding]`` is off.
+        """The connection to evict for ``source`` at the full cap when no source nor
+        neighbourhood holds more places (:meth:`_victim`, :meth:`_neighbour` found
+        none): of the lowest stage that has one, the oldest that has held its place
+        past its stage's seconds; None if every connection is within its own, or
+        ``[relay.crowding]`` is off.
 
         It never breaks the per-source cap (a source at it only replaces its own), and
         it ends churn: a connection is evicted only once it held its place for
@@ -353,15 +521,11 @@ class Gate:
             return None
         now = self.admission.clock.seconds()
         full = self.pending.get(source, 0) >= self.admission.per_source
-        for stage, limit in zip(Stage, (crowding.silent, crowding.handshake, crowding.auth),
-                                strict=True):
-            heap = self._stages[stage]
-            while heap and not (heap[0][1].pending and heap[0][1].stage is stage):
-                heapq.heappop(heap)
-            if not heap:
+        for stage in Stage:
+            oldest = self._stages.oldest(stage)
+            if oldest is None:
                 continue
-            oldest = heap[0][1]
-            if now - oldest.admitted < limit:
+            if now - oldest.admitted < self._limit(stage):
                 continue  # the oldest of this stage is within its seconds: all are
             if full and oldest.source != source:
                 return None
@@ -373,9 +537,9 @@ class Gate:
         counting or recording anything: a door in front of this gate (the TLS port
         in front of the SSH server) asks before it pays for a handshake.  None when
         :meth:`admit` would evict a connection to let it in."""
-        source, exempt = self.admission.source(host)
+        source, hood, exempt = self.admission.place(host)
         why = self._check(source, exempt)
-        if why is Refusal.GLOBAL and (self._victim(source) or self._stalled(source)):
+        if why is Refusal.GLOBAL and self._choose(source, hood) is not None:
             return None
         return why
 
@@ -394,17 +558,16 @@ class Gate:
         most ``n - 1``, which lowers the sum of the squares of the counts each time:
         without closing connections (penalised) a crowd can only evict a bounded
         number of times, and a source holding the most (or one less) evicts nobody.
-        O(sources), at most ``global_cap``: paid only at the full cap."""
+        O(1) when nobody holds more (the tally's most): a crowd of sources holding one
+        place each costs no scan; else the sources holding the most are compared."""
         mine = self.pending.get(source, 0) + 1  # with the new connection
+        if self._sources.most <= mine:
+            return None
         best: Ticket | None = None
-        most = mine
-        for held in self._held.values():
-            n = len(held)
-            if n <= mine or n < most:
-                continue
-            oldest = next(iter(held))
-            if best is None or n > most or oldest.seq < best.seq:
-                best, most = oldest, n
+        for busy in self._sources.busiest():
+            oldest = next(iter(self._held[busy]))
+            if best is None or oldest.seq < best.seq:
+                best = oldest
         return best
 
     def _check(self, source: str, exempt: bool) -> Refusal | None:
@@ -427,14 +590,16 @@ class Gate:
             return
         ticket.pending = False
         self.total -= 1
-        self._live[ticket.stage] -= 1  # its heap entry is stale now
-        left = self.pending[ticket.source] - 1
+        self._stages.leave(ticket)  # its heap entries are stale now
+        crowd = self._crowds[ticket.neighbourhood]
+        crowd.leave(ticket)
+        self._sources.remove(ticket.source)
+        self._hoods.remove(ticket.neighbourhood)
+        if ticket.neighbourhood not in self._hoods.count:
+            del self._crowds[ticket.neighbourhood]
         held = self._held[ticket.source]
         del held[ticket]
-        if left:
-            self.pending[ticket.source] = left
-        else:
-            del self.pending[ticket.source]
+        if not held:
             del self._held[ticket.source]
 
     def closed(self, ticket: Ticket, offence: Offence | None) -> None:
@@ -452,8 +617,10 @@ class Gate:
     def status(self) -> dict[str, Any]:
         return {"unauthenticated": self.total, "sources": len(self.pending),
                 "refused": dict(self.refused), "evicted": self.evicted,
-                "stalled_evicted": dict(self.stalled),
-                "stages": {s.name.lower(): n for s, n in zip(Stage, self._live, strict=True)}}
+                "stalled_evicted": dict(self.stalled), "neighbourhood_evicted": self.crowded,
+                "neighbourhoods": len(self._hoods.count),
+                "stages": {s.name.lower(): n
+                           for s, n in zip(Stage, self._stages.live, strict=True)}}
 
 
 class Admission:
@@ -472,19 +639,28 @@ class Admission:
         return gate
 
     def source(self, host: str) -> tuple[str, bool]:
-        """``host``'s source (its network, as text) and whether it is exempt.  A host
-        that is not an IP address (a UNIX socket, a test double) is its own source."""
+        """``host``'s source (its network, as text) and whether it is exempt."""
+        source, _, exempt = self.place(host)
+        return source, exempt
+
+    def place(self, host: str) -> tuple[str, str, bool]:
+        """``host``'s source (its network, as text), its neighbourhood (the wider
+        network of ``[relay.crowding] netblock4/netblock6``) and whether it is exempt.
+        A host that is not an IP address (a UNIX socket, a test double) is its own
+        source and neighbourhood."""
         try:
             ip = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
-            return host, False
+            return host, host, False
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        bits = (self.config.per_source_netblock4 if ip.version == 4
-                else self.config.per_source_netblock6)
+        v4 = ip.version == 4
+        bits = self.config.per_source_netblock4 if v4 else self.config.per_source_netblock6
+        wide = self.crowding.netblock4 if v4 else self.crowding.netblock6
         net = ipaddress.ip_network((ip, bits), strict=False)
+        hood = ipaddress.ip_network((ip, min(wide, bits)), strict=False)
         exempt = any(ip in n for n in self.config.penalty_exempt)
-        return str(net), exempt
+        return str(net), str(hood), exempt
 
     def status(self) -> dict[str, Any]:
         p = self.penalties

@@ -303,11 +303,17 @@ def _admission(admission: dict[str, Any]) -> Iterator[Metric]:
     stalled = _counter("labrelay_relay_admission_stalled_evicted",
                        "Of those, connections that stalled past their stage's seconds "
                        "([relay.crowding]), by port and stage.", ["port", "stage"])
+    crowded = _counter("labrelay_relay_admission_neighbourhood_evicted",
+                       "Of those, connections that gave way to a newcomer from a "
+                       "neighbourhood holding fewer places ([relay.crowding] netblock4/6), "
+                       "by port.", ["port"])
     waiting = _gauge("labrelay_relay_unauthenticated", "Connections not yet authenticated "
                      "(SSH) or owing their hello (data), by port.", ["port"])
     for port in ("ssh", "data", "tls"):
         for stage, value in (admission.get(port) or {}).get("stalled_evicted", {}).items():
             stalled.add_metric([port, _s(stage)], value)
+        if port in admission:
+            crowded.add_metric([port], admission[port].get("neighbourhood_evicted", 0))
     for port in ("ssh", "data"):
         gate = admission.get(port)
         if gate is None:
@@ -316,7 +322,7 @@ def _admission(admission: dict[str, Any]) -> Iterator[Metric]:
             refused.add_metric([port, _s(reason)], value)
         evicted.add_metric([port], gate.get("evicted", 0))
         waiting.add_metric([port], gate["unauthenticated"])
-    yield from (penalised, penalties, refused, evicted, stalled, waiting)
+    yield from (penalised, penalties, refused, evicted, stalled, crowded, waiting)
 
 
 def _reload(reload: dict[str, Any]) -> Iterator[Metric]:

@@ -351,8 +351,9 @@ def test_at_the_full_cap_a_source_holding_fewer_evicts_the_busiest(world: World)
 
 def test_at_the_full_cap_one_place_each_the_silent_one_gives_way_not_the_speaking_one(
         world: World) -> None:
-    """Four sources, one connection each, fill the cap: nobody holds more, so the
-    connection that stalled longest at the lowest stage gives way ([relay.crowding]).
+    """Four sources, one connection each, each in a /24 of its own, fill the cap:
+    no source nor neighbourhood holds more, so the connection that stalled longest at
+    the lowest stage gives way ([relay.crowding]).
     The oldest began its hello (a few bytes): the next oldest, silent, goes, and its
     source is charged ``grace-exceeded``; the reason is logged."""
     from twisted.logger import capturedLogs
@@ -360,7 +361,7 @@ def test_at_the_full_cap_one_place_each_the_silent_one_gives_way_not_the_speakin
     from relay.config.schema import CrowdingConfig
 
     world.port.admission.crowding = CrowdingConfig(silent=0.25, handshake=0.5, auth=0.75)
-    conns = [_dial(world.port, f"198.51.100.{i}") for i in (1, 2, 3, 4)]
+    conns = [_dial(world.port, f"198.51.{99 + i}.{i}") for i in (1, 2, 3, 4)]
     first, _ = conns[0]
     first.dataReceived(fw.agent_hello(b"\x00" * fw.TOKEN_LEN, first.nonce)[:3])
     assert first.admission is not None and first.admission.stage.name == "HANDSHAKE"
@@ -373,7 +374,31 @@ def test_at_the_full_cap_one_place_each_the_silent_one_gives_way_not_the_speakin
     assert _penalties(world) == {"grace-exceeded": 1}
     assert world.port.status()["admission"]["stalled_evicted"]["silent"] == 1
     (line,) = [e for e in logs if e.get("event") == "relay_data_evicted"]
-    assert line["source"] == "198.51.100.2/32" and "stalled at silent" in line["why"]
+    assert line["source"] == "198.51.101.2/32" and "stalled at silent" in line["why"]
+
+
+def test_at_the_full_cap_a_crowd_of_one_24_gives_up_a_fresh_place_unpenalised(
+        world: World) -> None:
+    """Four sources of one /24, one fresh connection each, fill the cap (a crowd that
+    recycles its places before they stall): a newcomer from another /24 takes the place
+    of its neighbourhood's lowest-stage oldest at once, fresh as it is, and nobody is
+    charged; the reason names the neighbourhood.  Dropped at accept before."""
+    from twisted.logger import capturedLogs
+
+    conns = [_dial(world.port, f"198.51.100.{i}") for i in (1, 2, 3, 4)]
+    first, _ = conns[0]
+    first.dataReceived(fw.agent_hello(b"\x00" * fw.TOKEN_LEN, first.nonce)[:3])
+    with capturedLogs() as logs:
+        _dc, t = _dial(world.port, "203.0.113.10")
+    assert not t.disconnecting
+    assert _aborted(conns[1][1]) and not _aborted(conns[0][1])  # silent before handshake
+    connection_lost(conns[1][0])
+    assert _penalties(world) == {}
+    assert world.port.status()["admission"]["neighbourhood_evicted"] == 1
+    (line,) = [e for e in logs if e.get("event") == "relay_data_evicted"]
+    assert line["source"] == "198.51.100.2/32"
+    assert "198.51.100.0/24, the neighbourhood holding the most places" in line["why"]
+    assert _dial(world.port, "198.51.100.9")[1].disconnected  # its own crowd: no
 
 
 def test_drops_at_the_global_cap_are_logged_once_per_burst(world: World) -> None:

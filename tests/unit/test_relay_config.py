@@ -778,7 +778,7 @@ def test_per_source_errors(line: str, keypath: str, fragment: str) -> None:
 
 def test_crowding_defaults_settings_and_a_short_login_grace() -> None:
     assert relay_of("[relay]\n").crowding == CrowdingConfig(
-        enabled=True, silent=2, handshake=10, auth=20)
+        enabled=True, silent=2, handshake=10, auth=20, netblock4=24, netblock6=48)
     relay = relay_of("[relay]\n[relay.crowding]\nsilent = 1.5\nhandshake = 4\nauth = 30\n")
     assert relay.crowding == CrowdingConfig(enabled=True, silent=1.5, handshake=4, auth=30)
     assert relay_of("[relay.crowding]\nenabled = false\n").crowding.enabled is False
@@ -801,10 +801,36 @@ def test_crowding_defaults_settings_and_a_short_login_grace() -> None:
          "auth (31) must be at most login_grace (30)"),
         ('crowding = { enabled = "yes" }', "relay.crowding.enabled", "true or false"),
         ("crowding = { idle = 3 }", "relay.crowding.idle", "unknown key 'idle'"),
+        ("crowding = { netblock4 = 33 }", "relay.crowding.netblock4",
+         "netblock4 must be between 0 and 32, got 33"),
+        ("crowding = { netblock6 = 129 }", "relay.crowding.netblock6",
+         "netblock6 must be between 0 and 128, got 129"),
+        ('crowding = { netblock6 = "48" }', "relay.crowding.netblock6", "expected an integer"),
+        ("per_source_netblock4 = 24\ncrowding = { netblock4 = 28 }", "relay.crowding.netblock4",
+         "netblock4 (28) must be at most per_source_netblock4 (24): a neighbourhood is made "
+         "of whole sources"),
+        ("crowding = { netblock6 = 96 }", "relay.crowding.netblock6",
+         "netblock6 (96) must be at most per_source_netblock6 (64)"),
     ],
 )
 def test_crowding_errors(line: str, keypath: str, fragment: str) -> None:
     check(error_of(f"[relay]\n{line}\n"), keypath, fragment)
+
+
+def test_neighbourhood_netblocks_default_and_follow_wider_sources() -> None:
+    """``[relay.crowding] netblock4/netblock6``: /24 and /48 by default; set, any length
+    up to the source's own; left unset under a per-source netblock wider than the
+    default, they widen to it (a neighbourhood is never narrower than a source)."""
+    crowding = relay_of("[relay]\n").crowding
+    assert (crowding.netblock4, crowding.netblock6) == (24, 48)
+    crowding = relay_of("[relay]\n[relay.crowding]\nnetblock4 = 16\nnetblock6 = 40\n").crowding
+    assert (crowding.netblock4, crowding.netblock6) == (16, 40)
+    crowding = relay_of("[relay]\nper_source_netblock4 = 32\n"
+                        "[relay.crowding]\nnetblock4 = 32\n").crowding
+    assert crowding.netblock4 == 32  # as wide as a source: the rule is the source's
+    crowding = relay_of("[relay]\nper_source_netblock4 = 20\nper_source_netblock6 = 44\n"
+                        ).crowding
+    assert (crowding.netblock4, crowding.netblock6) == (20, 44)
 
 
 @pytest.mark.parametrize(

@@ -331,6 +331,7 @@ def test_status(clock: Clock) -> None:
                              "refused": {"penalty": 0, "per_source_cap": 0, "global_cap": 0,
                                          "penalty_table_full": 0}, "evicted": 0,
                              "stalled_evicted": {"silent": 0, "handshake": 0, "auth": 0},
+                             "neighbourhood_evicted": 0, "neighbourhoods": 1,
                              "stages": {"silent": 1, "handshake": 0, "auth": 0}}
     assert not clock.getDelayedCalls()
 
@@ -722,9 +723,10 @@ def test_ssh_eviction_closes_the_oldest_of_the_busiest_source_unpenalised(
 # --- [relay.crowding]: at the full cap, the connection that stalled longest gives way ----
 
 
-def _crowd(gate: Gate, n: int, prefix: str = "2001:db8:0:") -> list[Ticket]:
-    """``n`` sources (IPv6 /64s of one /48), one place each."""
-    return [_ticket(gate, f"{prefix}{i:x}::1") for i in range(n)]
+def _crowd(gate: Gate, n: int) -> list[Ticket]:
+    """``n`` sources, one place each, each in a neighbourhood of its own (IPv6 /64s of
+    distinct /48s): no source nor neighbourhood holds more, so only progress decides."""
+    return [_ticket(gate, f"2001:db8:{i:x}::1") for i in range(n)]
 
 
 def test_one_idle_place_per_source_gives_way_once_silent_past_its_seconds(
@@ -766,9 +768,9 @@ def test_progress_decides_who_gives_way_before_age(clock: Clock) -> None:
     alice = _ticket(gate, A)  # a real client: keyed within a few round trips
     assert alice.take_displaced() is silent  # the youngest, but silent past 2 s
     gate.advance(alice, Stage.AUTH)
-    assert gate.admit(B) is Refusal.GLOBAL  # the version line's 10 s not yet up
+    assert gate.admit("203.0.113.2") is Refusal.GLOBAL  # the version line's 10 s not yet up
     clock.advance(8.0)
-    bob = _ticket(gate, B)
+    bob = _ticket(gate, "203.0.113.2")  # not alice's /24: each neighbourhood holds one
     assert bob.take_displaced() is spoke and spoke.stalled is Stage.HANDSHAKE
     gate.advance(bob, Stage.AUTH)
     assert gate.admit(C) is Refusal.GLOBAL  # all keyed, ``keyed`` for 10 s of its 20
@@ -842,8 +844,8 @@ def test_reconnecting_sources_lose_their_places_to_penalties(clock: Clock) -> No
             admitted_alice.append(isinstance(verdict, Ticket))
             if isinstance(verdict, Ticket):
                 gate.passed(verdict)  # she logs in
-        assert all(len(h) <= 2 * live + 64 for h, live in zip(gate._stages, gate._live,
-                                                               strict=True))
+        assert all(len(h) <= 2 * live + 16 for h, live in zip(gate._stages.heaps,
+                                                               gate._stages.live, strict=True))
         clock.advance(0.25)
     print(f"\n256 reconnecting sources, 60 s: {sum(admitted_alice)}/{len(admitted_alice)} "
           f"newcomers admitted, {gate.stalled['silent']} stalled evictions, "
