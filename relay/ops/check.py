@@ -35,7 +35,7 @@ def node_problems(config: NodeConfig) -> list[ConfigError]:
         problems += grant_problems(config.relay, config.source)
         from relay.server.hostkeyfile import host_key_problems
 
-        problems += host_key_problems(config.relay.state_dir)
+        problems += host_key_problems(config.relay.state_dir, config.relay.next_host_key)
     if config.admin is not None and config.admin.token_file is not None:
         try:
             read_token(config.admin.token_file)
