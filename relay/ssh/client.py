@@ -51,7 +51,8 @@ from relay.ssh.connection import (
     FlowConnection,
 )
 from relay.ssh.guard import PeerInputGuard
-from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier
+from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier, fingerprint_sha256
+from relay.ssh.hostkeyupdate import HOSTKEYS, ProveRefused, unpack_blobs
 from relay.ssh.openerrors import RefusedWithReason
 from relay.ssh.peersoftware import client_version_string
 from relay.ssh.resumable import ResumableSessions
@@ -359,7 +360,34 @@ class LinkConnection(FlowConnection):
                 return 0
             self.link.grantRevoked(bind, port, why)
             return 1
+        if requestType == HOSTKEYS:
+            self._hostKeysAnnounced(data)
+            return 1
         return super().gotGlobalRequest(requestType, data)
+
+    def _hostKeysAnnounced(self, data: bytes) -> None:
+        """``hostkeys-00@openssh.com``: the relay's keys, its next one among them when a
+        rotation is under way (relay.ssh.hostkeyupdate).  The agent does not learn them
+        (no proof is asked, nothing is written): it says which of them its known_hosts
+        or pin would refuse, with the line to add, so that an operator gives it the next
+        key before the relay switches (docs/operations.md, rotating the host key)."""
+        try:
+            blobs = unpack_blobs(data)
+        except ProveRefused:
+            return
+        verifier = self.link.verifier
+        for blob in verifier.unlisted(blobs):
+            try:
+                key = keys.Key.fromString(blob)
+            except (keys.BadKeyError, ValueError, IndexError):
+                continue  # a type Conch does not know: OpenSSH's client skips it too
+            line = f"{verifier.hostname} {key.public().toString('OPENSSH').decode()}"
+            self._log.info(
+                "link {link}: the relay announces a host key {fingerprint} that this agent "
+                "would refuse; before the relay switches to it, add to its known_hosts: "
+                "{line}", event="link_hostkey_announced", link=self.link.name,
+                fingerprint=fingerprint_sha256(key), line=line,
+            )
 
     def ssh_REQUEST_SUCCESS(self, packet: bytes) -> None:
         self._refusal = None  # it preceded a success: about nothing

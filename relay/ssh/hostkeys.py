@@ -199,6 +199,22 @@ class HostKeyVerifier:
                     types.append(e.key_type)
         return types
 
+    def unlisted(self, blobs: list[bytes]) -> list[bytes]:
+        """The key blobs of ``blobs`` this policy would not accept for the host today:
+        the keys a relay announces (``hostkeys-00@openssh.com``) that the agent must be
+        given before the relay switches to one of them.  Only a read: nothing is
+        recorded (the agent does not learn keys by itself; docs/operations.md)."""
+        if self._pin is not None:
+            pin = self._pin
+            return [b for b in blobs
+                    if not hmac.compare_digest(hashlib.sha256(b).digest(), pin)]
+        listed = [e.blob for r in self._read_all() for e in r.entries
+                  if e.marker is None and e.matches(self.hostname)]
+        revoked = [e.blob for r in self._read_all() for e in r.entries
+                   if e.marker == "@revoked"]
+        return [b for b in blobs
+                if b in revoked or not any(hmac.compare_digest(b, k) for k in listed)]
+
     def _verify_pinned(self, offered: _Offered, pin: bytes) -> str:
         if hmac.compare_digest(hashlib.sha256(offered.blob).digest(), pin):
             return f"pinned {offered.fingerprint}"

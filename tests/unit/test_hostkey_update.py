@@ -242,3 +242,44 @@ def test_next_host_key_is_read_relative_to_the_config(tmp_path: Path) -> None:
     assert config.relay.next_host_key == tmp_path / "next" / "key"
     plain = parse_config("[relay]\n", "t.toml", base_dir=tmp_path).relay
     assert plain is not None and plain.next_host_key is None
+
+
+# --- the agent's side: told, not learning ---------------------------------------------
+
+
+def _agent_told(tmp_path: Path, known: list[keys.Key], announced: list[keys.Key],
+                pin: keys.Key | None = None) -> list[dict[str, Any]]:
+    from twisted.logger import capturedLogs
+
+    from relay.config.schema import HostKeyPolicy
+    from relay.ssh.client import LinkConnection
+    from relay.ssh.hostkeys import HostKeyVerifier, fingerprint_sha256
+
+    kh = tmp_path / "known_hosts"
+    kh.write_text("".join(f"[relay.example]:2222 {k.public().toString('OPENSSH').decode()}\n"
+                          for k in known))
+    policy = (HostKeyPolicy(fingerprint=fingerprint_sha256(pin)) if pin is not None
+              else HostKeyPolicy(known_hosts=kh))
+    link: Any = SimpleNamespace(name="cloud",
+                                verifier=HostKeyVerifier(policy, "relay.example", 2222))
+    conn = LinkConnection(link)
+    before = kh.read_bytes()
+    with capturedLogs() as events:
+        assert conn.gotGlobalRequest(HOSTKEYS, pack_blobs(k.public().blob() for k in announced))
+        conn.gotGlobalRequest(HOSTKEYS, b"\x00\x00\x00\x09garbage")  # ignored, no raise
+    assert kh.read_bytes() == before  # the agent never writes an announced key
+    return [e for e in events if e.get("event") == "link_hostkey_announced"]
+
+
+def test_the_agent_says_which_announced_key_it_would_refuse_with_the_line_to_add(
+        tmp_path: Path) -> None:
+    from relay.ssh.hostkeys import fingerprint_sha256
+
+    current, nxt = new_key().key, new_key().key
+    told = _agent_told(tmp_path, [current], [current, nxt])
+    assert [e["fingerprint"] for e in told] == [fingerprint_sha256(nxt)]
+    assert told[0]["line"] == ("[relay.example]:2222 "
+                               + nxt.public().toString("OPENSSH").decode())
+    assert _agent_told(tmp_path, [current, nxt], [current, nxt]) == []  # given it: quiet
+    pinned = _agent_told(tmp_path, [], [current, nxt], pin=current)
+    assert [e["fingerprint"] for e in pinned] == [fingerprint_sha256(nxt)]
