@@ -370,13 +370,17 @@ class LinkConnection(FlowConnection):
         rotation is under way (relay.ssh.hostkeyupdate).  The agent does not learn them
         (no proof is asked, nothing is written): it says which of them its known_hosts
         or pin would refuse, with the line to add, so that an operator gives it the next
-        key before the relay switches (docs/operations.md, rotating the host key)."""
+        key before the relay switches (docs/operations.md, rotating the host key); each
+        key once in the link's life."""
         try:
             blobs = unpack_blobs(data)
         except ProveRefused:
             return
         verifier = self.link.verifier
         for blob in verifier.unlisted(blobs):
+            if blob in verifier.told:
+                continue  # once per link, not at every reconnect (a stock sshd
+            verifier.told.add(blob)  # announces each of its key types)
             try:
                 key = keys.Key.fromString(blob)
             except (keys.BadKeyError, ValueError, IndexError):

@@ -147,6 +147,9 @@ class HostKeyVerifier:
         self.port = port
         self.hostname = known_hosts_name(host, port)
         self._pin: bytes | None = None
+        #: Announced key blobs the agent already said it would refuse (relay.ssh.client):
+        #: said once for as long as this verifier (the link) lives.
+        self.told: set[bytes] = set()
         if policy.fingerprint is not None:
             try:
                 self._pin = parse_fingerprint(policy.fingerprint)
