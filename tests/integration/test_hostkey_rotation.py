@@ -27,10 +27,11 @@ pytestmark = pytest.mark.integration
 
 
 def _relay(start_process: Callable[..., Any], directory: Path, users: str, port: int = 0,
-           next_key: Path | None = None) -> RelayNode:
+           next_key: Path | None = None, extra: str = "") -> RelayNode:
     """A relay whose state directory is ``directory/state`` (kept across restarts)."""
     config = directory / "node.toml"
-    extra = f'next_host_key = "{next_key}"\n' if next_key is not None else ""
+    if next_key is not None:
+        extra += f'next_host_key = "{next_key}"\n'
     config.write_text(f'[admin]\nlisten = "127.0.0.1:0"\n\n[relay]\n'
                       f'listen = "127.0.0.1:{port}"\nstate_dir = "{directory / "state"}"\n'
                       f'users_file = "{users}"\n{extra}')
@@ -179,3 +180,43 @@ def test_a_forged_proof_request_fails_and_the_connection_goes_on(
     finally:
         client.close()
     assert relay.events("relay_request_refused")
+
+
+def test_the_labrelay_agent_learns_the_next_key_and_reconnects_after_the_swap(
+        openssh: None, tmp_path: Path, start_process: Callable[..., Any],
+        start_agent: Callable[..., Any], client_key: KeyPair) -> None:
+    """The agent, as ssh does: the next key proven and appended beside the current
+    line; after the swap its link comes back with no ``hostkey_refused``."""
+    directory = tmp_path / "relay"
+    directory.mkdir()
+    users = directory / "users"
+    users.write_text("")
+    agent_key = make_key(tmp_path / "lab_pc", "lab_pc")
+    (directory / "agents").write_text(
+        f'permitlisten="svc:22" {agent_key.public_blob()} lab_pc\n')
+    nxt = make_key(tmp_path / "next" / "ssh_host_ed25519_key", "labrelay-relay-host-key")
+    config_extra = 'agents_file = "agents"\n'
+    relay = _relay(start_process, directory, str(users), next_key=nxt.path,
+                   extra=config_extra)
+    port = relay.port
+    known = tmp_path / "agent_known_hosts"
+    known.write_text(f"[{LOOPBACK}]:{port} {relay.host_key_blob}\n")
+    agent = start_agent(
+        "-p", str(port), "-i", str(agent_key.path), "-o", f"UserKnownHostsFile={known}",
+        "-o", "StrictHostKeyChecking=yes", "--backoff-initial", "0.2", "--backoff-max", "1",
+        "-R", "svc:22:127.0.0.1:9", f"lab_pc@{LOOPBACK}", name="agent")
+    learned = agent.wait_for("link_hostkey_learned", timeout=20)
+    assert learned["fingerprint"] == nxt.fingerprint()
+    lines = known.read_text().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"[{LOOPBACK}]:{port} ")
+
+    relay.proc.stop()
+    state_key = directory / "state" / "ssh_host_ed25519_key"
+    state_key.write_bytes(nxt.path.read_bytes())
+    state_key.chmod(0o600)
+    state_key.with_name(state_key.name + ".pub").write_text(nxt.public + "\n")
+    mark = agent.mark()
+    _relay(start_process, directory, str(users), port=port, extra=config_extra)
+    agent.wait_for("link_connected", timeout=30, since=mark)
+    assert not agent.events("hostkey_refused", since=mark)
+    assert len(known.read_text().splitlines()) == 2  # nothing more learned, nothing removed

@@ -285,3 +285,72 @@ def test_the_agent_says_which_announced_key_it_would_refuse_with_the_line_to_add
     assert _agent_told(tmp_path, [current, nxt], [current, nxt]) == []  # given it: quiet
     pinned = _agent_told(tmp_path, [], [current, nxt], pin=current)
     assert [e["fingerprint"] for e in pinned] == [fingerprint_sha256(nxt)]
+
+
+def _agent_link(tmp_path: Path, current: keys.Key) -> tuple[Any, Any, Path]:
+    """A LinkConnection on a fake transport whose link verified ``current`` from its
+    first known_hosts file, as a real link does before login."""
+    from relay.config.schema import HostKeyPolicy
+    from relay.ssh.client import LinkConnection
+    from relay.ssh.hostkeys import HostKeyVerifier
+
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"[relay.example]:2222 {current.public().toString('OPENSSH').decode()}\n")
+    verifier = HostKeyVerifier(HostKeyPolicy(known_hosts=kh), "relay.example", 2222)
+    verifier.verify(current.public())
+    link: Any = SimpleNamespace(name="cloud", verifier=verifier)
+    conn = LinkConnection(link)
+    fake: Any = FakeSSHTransport(FakeTCPTransport())
+    fake.sessionID = SID
+    conn.transport = fake
+    return conn, fake, kh
+
+
+def test_the_agent_learns_a_proven_next_key_beside_the_current_one(tmp_path: Path) -> None:
+    from twisted.logger import capturedLogs
+
+    current, nxt = new_key().key, new_key().key
+    conn, fake, kh = _agent_link(tmp_path, current)
+    prover = HostKeyProver([current, nxt])
+    with capturedLogs() as events:
+        conn.gotGlobalRequest(HOSTKEYS, prover.announcement())
+        (asked,) = fake.of(MSG_GLOBAL_REQUEST)
+        name, rest = common.getNS(asked)
+        assert name == HOSTKEYS_PROVE and rest[:1] == b"\xff"  # reply wanted
+        assert unpack_blobs(rest[1:]) == [nxt.public().blob()]  # only the one it lacks
+        conn.ssh_REQUEST_SUCCESS(prover.prove(rest[1:], SID, b"ssh-ed25519", ()))
+    assert [e["event"] for e in events if e.get("event", "").startswith("link_hostkey")] \
+        == ["link_hostkey_learned"]
+    lines = kh.read_text().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("|1|")  # appended, hashed, old kept
+    assert conn.link.verifier.verify(nxt.public()).startswith("known_hosts")
+
+
+@pytest.mark.parametrize("answer", ["other session", "wrong key", "cut", "refused"])
+def test_the_agent_records_nothing_the_relay_did_not_prove(tmp_path: Path,
+                                                           answer: str) -> None:
+    from twisted.logger import capturedLogs
+
+    current, nxt = new_key().key, new_key().key
+    conn, _fake, kh = _agent_link(tmp_path, current)
+    before = kh.read_bytes()
+    blob = nxt.public().blob()
+    with capturedLogs() as events:
+        conn.gotGlobalRequest(HOSTKEYS, pack_blobs([current.public().blob(), blob]))
+        if answer == "refused":
+            conn.ssh_REQUEST_FAILURE(b"")
+        else:
+            signer = current if answer == "wrong key" else nxt
+            sid = b"\x43" * 32 if answer == "other session" else SID
+            sig = signer.sign(prove_signed_data(sid, blob))
+            conn.ssh_REQUEST_SUCCESS(pack_blobs([sig])[:-3] if answer == "cut"
+                                     else pack_blobs([sig]))
+    assert kh.read_bytes() == before
+    assert [e["event"] for e in events if e.get("event", "").startswith("link_hostkey")] \
+        == ["link_hostkey_unproven"]
+
+
+def test_a_pinned_agent_asks_for_no_proof(tmp_path: Path) -> None:
+    current, nxt = new_key().key, new_key().key
+    told = _agent_told(tmp_path, [], [current, nxt], pin=current)
+    assert len(told) == 1
