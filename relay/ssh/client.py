@@ -378,7 +378,8 @@ class LinkConnection(FlowConnection):
         the keys the agent's known_hosts lacks are asked to be proven and, once their
         signatures verify over this session, appended beside the current line — only
         when the current key was accepted from the first user known_hosts file
-        (:meth:`HostKeyVerifier.learnable`).  Nothing is removed.  A key the agent will
+        (:meth:`HostKeyVerifier.learnable`), and for the agent's link only
+        (``learnHostKeys``; not ``labrelay connect``).  Nothing is removed.  A key the agent will
         not learn (a pin, a global file) is logged with the line to add, so that an
         operator gives it before the relay switches (docs/operations.md, rotating the
         host key); each key once in the link's life."""
@@ -387,7 +388,8 @@ class LinkConnection(FlowConnection):
         except ProveRefused:
             return
         verifier = self.link.verifier
-        learn = [b for b in verifier.learnable(blobs) if _usable_host_key(b) is not None]
+        learn = ([b for b in verifier.learnable(blobs) if _usable_host_key(b) is not None]
+                 if getattr(self.link, "learnHostKeys", False) else [])
         if learn and self.transport is not None:
             d = self.sendGlobalRequest(HOSTKEYS_PROVE, pack_blobs(learn), wantReply=1)
             sid = bytes(getattr(self.transport, "sessionID", b"") or b"")

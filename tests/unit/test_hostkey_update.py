@@ -287,7 +287,8 @@ def test_the_agent_says_which_announced_key_it_would_refuse_with_the_line_to_add
     assert [e["fingerprint"] for e in pinned] == [fingerprint_sha256(nxt)]
 
 
-def _agent_link(tmp_path: Path, current: keys.Key) -> tuple[Any, Any, Path]:
+def _agent_link(tmp_path: Path, current: keys.Key,
+                learns: bool = True) -> tuple[Any, Any, Path]:
     """A LinkConnection on a fake transport whose link verified ``current`` from its
     first known_hosts file, as a real link does before login."""
     from relay.config.schema import HostKeyPolicy
@@ -298,7 +299,7 @@ def _agent_link(tmp_path: Path, current: keys.Key) -> tuple[Any, Any, Path]:
     kh.write_text(f"[relay.example]:2222 {current.public().toString('OPENSSH').decode()}\n")
     verifier = HostKeyVerifier(HostKeyPolicy(known_hosts=kh), "relay.example", 2222)
     verifier.verify(current.public())
-    link: Any = SimpleNamespace(name="cloud", verifier=verifier)
+    link: Any = SimpleNamespace(name="cloud", verifier=verifier, learnHostKeys=learns)
     conn = LinkConnection(link)
     fake: Any = FakeSSHTransport(FakeTCPTransport())
     fake.sessionID = SID
@@ -354,3 +355,16 @@ def test_a_pinned_agent_asks_for_no_proof(tmp_path: Path) -> None:
     current, nxt = new_key().key, new_key().key
     told = _agent_told(tmp_path, [], [current, nxt], pin=current)
     assert len(told) == 1
+
+
+def test_labrelay_connect_learns_nothing(tmp_path: Path) -> None:
+    """``labrelay connect`` (SingleConnection.learnHostKeys False) asks no proof and
+    writes nothing; it says which key it would refuse, as a pinned agent does."""
+    from relay.ssh.single import SingleConnection
+
+    assert SingleConnection.learnHostKeys is False
+    current, nxt = new_key().key, new_key().key
+    conn, fake, kh = _agent_link(tmp_path, current, learns=False)
+    before = kh.read_bytes()
+    conn.gotGlobalRequest(HOSTKEYS, pack_blobs([current.public().blob(), nxt.public().blob()]))
+    assert fake.of(MSG_GLOBAL_REQUEST) == [] and kh.read_bytes() == before
