@@ -324,6 +324,7 @@ class LinkConnection(FlowConnection):
         self.resumable = False  # the relay answered our resume@labrelay hello
         # The relay's request-refused@labrelay, for the very next global reply only.
         self._refusal: RefusalNote | None = None
+        self._hostKeysSeen = False  # the relay's hostkeys-00@openssh.com was handled
 
     @property
     def link_transport(self) -> LinkTransport:
@@ -383,6 +384,9 @@ class LinkConnection(FlowConnection):
         not learn (a pin, a global file) is logged with the line to add, so that an
         operator gives it before the relay switches (docs/operations.md, rotating the
         host key); each key once in the link's life."""
+        if self._hostKeysSeen:
+            return  # one per connection, as sshd sends it (ssh ends a connection on a second)
+        self._hostKeysSeen = True
         try:
             blobs = unpack_blobs(data)
         except ProveRefused:

@@ -262,13 +262,12 @@ def _agent_told(tmp_path: Path, known: list[keys.Key], announced: list[keys.Key]
               else HostKeyPolicy(known_hosts=kh))
     link: Any = SimpleNamespace(name="cloud",
                                 verifier=HostKeyVerifier(policy, "relay.example", 2222))
-    conn = LinkConnection(link)
     before = kh.read_bytes()
     with capturedLogs() as events:
         for _ in range(2):  # a reconnect: said once per link
-            assert conn.gotGlobalRequest(HOSTKEYS,
-                                         pack_blobs(k.public().blob() for k in announced))
-        conn.gotGlobalRequest(HOSTKEYS, b"\x00\x00\x00\x09garbage")  # ignored, no raise
+            assert LinkConnection(link).gotGlobalRequest(
+                HOSTKEYS, pack_blobs(k.public().blob() for k in announced))
+        LinkConnection(link).gotGlobalRequest(HOSTKEYS, b"\x00\x00\x00\x09garbage")
     assert kh.read_bytes() == before  # the agent never writes an announced key
     return [e for e in events if e.get("event") == "link_hostkey_announced"]
 
@@ -368,3 +367,14 @@ def test_labrelay_connect_learns_nothing(tmp_path: Path) -> None:
     before = kh.read_bytes()
     conn.gotGlobalRequest(HOSTKEYS, pack_blobs([current.public().blob(), nxt.public().blob()]))
     assert fake.of(MSG_GLOBAL_REQUEST) == [] and kh.read_bytes() == before
+
+
+def test_only_the_first_announcement_of_a_connection_is_handled(tmp_path: Path) -> None:
+    """As ssh (which ends the connection on a second one): a relay repeating it cannot
+    make the agent ask proof after proof."""
+    current, nxt = new_key().key, new_key().key
+    conn, fake, _ = _agent_link(tmp_path, current)
+    announced = pack_blobs([current.public().blob(), nxt.public().blob()])
+    for _ in range(3):
+        conn.gotGlobalRequest(HOSTKEYS, announced)
+    assert len(fake.of(MSG_GLOBAL_REQUEST)) == 1
