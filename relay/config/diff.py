@@ -39,7 +39,7 @@ from relay.config.schema import (
 T = TypeVar("T")
 
 RELAY_RESTART_ONLY = (
-    "listen", "state_dir", "next_host_key", "public_bind", "data_port", "data_bind",
+    "listen", "state_dir", "public_bind", "data_port", "data_bind",
     "max_unauthenticated", "per_source_max_unauthenticated", "per_source_netblock4",
     "per_source_netblock6", "penalties", "penalty_exempt", "crowding", "token_lifetime",
     "data_hello_timeout", "max_tokens_per_session", "max_tokens_per_user",

@@ -77,6 +77,26 @@ class RelayService(MultiService):
                               for fp in self.next_fingerprints),
         )
 
+    def setNextHostKey(self, path: Any) -> str:
+        """Announce ``path``'s key (or none) to the clients that log in from now on,
+        beside the current key (a reload of ``[relay] next_host_key``).  A key that
+        cannot be read now (it changed since the reload's check) keeps the running one,
+        and says so."""
+        from relay.server.hostkeyfile import read_next_host_key
+        from relay.ssh.hostkeyupdate import HostKeyProver
+
+        try:
+            next_keys = [] if path is None else [read_next_host_key(path)]
+        except ConfigError as e:
+            self._log.warn("reload: {error}; the running next host key stays",
+                           event="reload_next_host_key_failed", error=str(e))
+            return "relay: next_host_key not changed (unreadable)"
+        self.factory.hostKeyProver = HostKeyProver(
+            [*self.factory.privateKeys.values(), *next_keys])
+        self.next_fingerprints = [fingerprint_sha256(k.public()) for k in next_keys]
+        return ("relay: next host key " + " ".join(self.next_fingerprints)
+                + " announced to clients") if next_keys else "relay: no next host key"
+
     def reloadCertificates(self) -> bool:
         """Read the TLS certificate files again if they changed (a reload signal may
         call this; new handshakes also check by themselves).  True if it changed."""

@@ -220,3 +220,40 @@ def test_the_labrelay_agent_learns_the_next_key_and_reconnects_after_the_swap(
     agent.wait_for("link_connected", timeout=30, since=mark)
     assert not agent.events("hostkey_refused", since=mark)
     assert len(known.read_text().splitlines()) == 2  # nothing more learned, nothing removed
+
+
+def test_a_reload_announces_the_next_key_without_a_restart(
+        openssh: None, tmp_path: Path, start_process: Callable[..., Any],
+        start_ssh: Callable[..., Any], client_key: KeyPair) -> None:
+    """Step 2 of the runbook without a restart: SIGHUP with ``next_host_key`` added; the
+    same relay process tells the next login, which learns the key."""
+    import os
+    import signal
+
+    directory = tmp_path / "relay"
+    directory.mkdir()
+    users = directory / "users"
+    users.write_text(f'permitopen="gpu-cluster:22" {client_key.public_blob()} alice\n')
+    relay = _relay(start_process, directory, str(users))
+    port = relay.port
+    known = tmp_path / "alice_known_hosts"
+    known.write_text(f"[{LOOPBACK}]:{port} {relay.host_key_blob}\n")
+    nxt = make_key(tmp_path / "next" / "ssh_host_ed25519_key", "labrelay-relay-host-key")
+    config = directory / "node.toml"
+    good = config.read_text()
+    # A next key that is not there refuses the reload, as it refuses a start.
+    config.write_text(good + f'next_host_key = "{tmp_path / "missing"}"\n')
+    mark = relay.mark()
+    os.kill(relay.pid, signal.SIGHUP)
+    failed = relay.wait_for("reload_failed", since=mark)
+    assert "relay.next_host_key" in str(failed["errors"]), failed
+    config.write_text(good + f'next_host_key = "{nxt.path}"\n')
+    mark = relay.mark()
+    os.kill(relay.pid, signal.SIGHUP)
+    relay.wait_for("reload_change", since=mark,
+                   change=lambda c: nxt.fingerprint() in c and "announced" in c)
+    ssh = start_ssh(_ssh(port, client_key, known, "yes"), name="ssh-after-reload")
+    ssh.wait_stderr(r"Learned new hostkey: ED25519 " + nxt.fingerprint().replace("+", r"\+"))
+    wait_until(lambda: _keys_for(known, port) == {relay.host_key_blob, nxt.public_blob()},
+               "ssh to write the next key into its known_hosts")
+    assert relay.pid == relay.proc.pid and relay.proc.returncode is None  # no restart
