@@ -139,6 +139,9 @@ class Link(MultiService):
     """One upstream SSH server, its reverse forwards and its local forwards."""
 
     log = Logger()
+    #: Host keys the server announces are learned into known_hosts once proven, as
+    #: ssh's UpdateHostKeys (relay.ssh.client.LinkConnection._hostKeysAnnounced).
+    learnHostKeys = True
 
     def __init__(
         self,

@@ -66,6 +66,7 @@ LOCAL_KEYS = {
 RELAY_KEYS = {
     "listen": 'listen = "0.0.0.0:2222"',
     "state_dir": 'state_dir = "/var/lib/labrelay"',
+    "next_host_key": 'next_host_key = "/var/lib/labrelay/next/ssh_host_ed25519_key"',
     "public_bind": 'public_bind = "0.0.0.0"',
     "agents_file": 'agents_file = "agents"',
     "users_file": 'users_file = "users"',

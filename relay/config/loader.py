@@ -283,6 +283,7 @@ def _parse_relay(sec: Section, base: Path,
         sec.string("listen") or "0.0.0.0:2222", source=sec.source, keypath=sec.keypath("listen")
     )
     state_dir = sec.string("state_dir")
+    next_host_key = sec.string("next_host_key")
     public_bind = sec.string("public_bind")
     if public_bind is not None:
         with sec.at("public_bind"):
@@ -312,6 +313,7 @@ def _parse_relay(sec: Section, base: Path,
         max_tokens_per_user=sec.integer("max_tokens_per_user", defaults.max_tokens_per_user, 1),
         listen=listen,
         state_dir=defaults.state_dir if state_dir is None else _path(state_dir, base),
+        next_host_key=None if next_host_key is None else _path(next_host_key, base),
         public_bind=defaults.public_bind if public_bind is None else public_bind,
         agents_file=None if agents_file is None else _path(agents_file, base),
         users_file=None if users_file is None else _path(users_file, base),

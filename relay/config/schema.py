@@ -371,6 +371,11 @@ class RelayConfig:
 
     listen: HostPort = HostPort("0.0.0.0", 2222)
     state_dir: Path = Path("/var/lib/labrelay")
+    #: A private key file the relay announces to clients after login and proves on
+    #: request (OpenSSH's ``UpdateHostKeys``), so they learn it before it replaces the
+    #: key in ``state_dir``; the key exchange still uses that one.  A reload applies it.
+    #: docs/operations.md, rotating the host key.
+    next_host_key: Path | None = None
     public_bind: str = "0.0.0.0"
     agents_file: Path | None = None
     users_file: Path | None = None

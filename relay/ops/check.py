@@ -39,7 +39,7 @@ def node_problems(config: NodeConfig) -> list[ConfigError]:
         problems += revoked_keys_problems(config.relay.revoked_keys)
         from relay.server.hostkeyfile import host_key_problems
 
-        problems += host_key_problems(config.relay.state_dir)
+        problems += host_key_problems(config.relay.state_dir, config.relay.next_host_key)
     if config.admin is not None and config.admin.token_file is not None:
         try:
             read_token(config.admin.token_file)

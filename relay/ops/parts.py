@@ -130,6 +130,11 @@ class RelayPart:
                 core.reconfigure(settings.new)
             else:
                 core.grants.reload()
+        if (settings is not None and "next_host_key" in settings.fields
+                and self.node.relay is not None):
+            # Announced to the connections that log in from now on (checked with the
+            # rest of the config before any part applied: relay.ops.check).
+            changes.append(self.node.relay.setNextHostKey(settings.new.next_host_key))
         # The TLS certificate files are re-read too (new handshakes also notice a change
         # by themselves: relay.transport.tlsserver.CertificateSource).
         if self.node.relay is not None and self.node.relay.reloadCertificates():

@@ -24,6 +24,7 @@ from relay.ssh.keygen import generate_keypair
 
 HOST_KEY_NAME = "ssh_host_ed25519_key"
 _KEYPATH = "relay.state_dir"
+_NEXT_KEYPATH = "relay.next_host_key"
 
 
 def host_key_path(state_dir: Path) -> Path:
@@ -52,13 +53,44 @@ def read_host_key(state_dir: Path) -> keys.Key | None:
     return key
 
 
-def host_key_problems(state_dir: Path) -> list[ConfigError]:
-    """What :func:`load_host_keys` would refuse, found without creating anything."""
+def read_next_host_key(path: Path) -> keys.Key:
+    """The key ``[relay] next_host_key`` names, announced to clients beside the current
+    one (relay.ssh.hostkeyupdate).  It is checked as the current key is (this user's,
+    nobody else's, a whole private key), and it must exist: it is never generated, as
+    clients are to learn a key the operator has and will install.  The message never
+    quotes the file's bytes."""
+    if not os.path.lexists(path):
+        raise ConfigError(
+            str(path), _NEXT_KEYPATH, "the relay's next host key does not exist",
+            f"make it as the relay's user: ssh-keygen -t ed25519 -N '' -C "
+            f"labrelay-relay-host-key -f {path}; or remove next_host_key")
+    try:
+        key = parse_key(path, read_key_file(path))
+    except IdentityError as e:
+        raise ConfigError(
+            str(path), _NEXT_KEYPATH, f"the relay's next host key {e.problem}",
+            _next_fix(path, e.hint)) from None
+    if key.isPublic():
+        raise ConfigError(str(path), _NEXT_KEYPATH,
+                          "the relay's next host key file holds a public key",
+                          _next_fix(path, "next_host_key names the private key, not its .pub"))
+    return key
+
+
+def host_key_problems(state_dir: Path, next_host_key: Path | None = None) -> list[ConfigError]:
+    """What :func:`load_host_keys` and :func:`read_next_host_key` would refuse, found
+    without creating anything."""
+    problems = []
     try:
         read_host_key(state_dir)
     except ConfigError as e:
-        return [e]
-    return []
+        problems.append(e)
+    if next_host_key is not None:
+        try:
+            read_next_host_key(next_host_key)
+        except ConfigError as e:
+            problems.append(e)
+    return problems
 
 
 def load_host_keys(state_dir: Path) -> dict[bytes, keys.Key]:
@@ -81,6 +113,12 @@ def load_host_keys(state_dir: Path) -> dict[bytes, keys.Key]:
         key = read_host_key(state_dir)
         assert key is not None
     return {key.sshType(): key}
+
+
+def _next_fix(path: Path, hint: str) -> str:
+    own = f"{hint}; " if hint else ""
+    return (f"{own}the next key must be owned by the relay's user with mode 600: "
+            f"install -o USER -m 600 KEY {path}")
 
 
 def _fix(path: Path, hint: str) -> str:

@@ -44,6 +44,7 @@ from relay.server.sharing import Sharing
 from relay.server.status import relay_status
 from relay.server.waiting import Waiting
 from relay.ssh.aead import PACKETS_PER_TURN, CorkGroup
+from relay.ssh.hostkeyupdate import HOSTKEYS_PROVE, ProveRefused
 from relay.ssh.server import RefusedRequest, RelayConnection, RelayTransport
 from relay.ssh.serverauth import Identity
 from relay.ssh.turnshare import UserTurnShares
@@ -295,6 +296,11 @@ class RelayCore(SessionOpening):
             return self.resumes.hello(conn, data)
         if requestType == EARLY_DATA_OK:
             return self._takesEarly(conn, data)
+        if requestType == HOSTKEYS_PROVE:
+            try:
+                return conn.proveHostKeys(data)
+            except ProveRefused as e:
+                return self._refuse(conn, "hostkeys-prove", str(e))
         return False  # keepalives and anything unknown: a standard failure reply
 
     def _takesEarly(self, conn: RelayConnection, data: bytes) -> bool:

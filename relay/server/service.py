@@ -14,7 +14,7 @@ from relay.config.errors import ConfigError
 from relay.config.schema import HostPort, RelayConfig
 from relay.server.acceptwatch import AcceptWatch, name_listener
 from relay.server.grants import Grants
-from relay.server.hostkeyfile import load_host_keys
+from relay.server.hostkeyfile import load_host_keys, read_next_host_key
 from relay.server.relay import RelayCore
 from relay.server.tlsport import TLSPort
 from relay.ssh.hostkeys import fingerprint_sha256
@@ -37,8 +37,11 @@ class RelayService(MultiService):
         self.accept_watch = AcceptWatch(reactor, self.core.counters)
         self._publisher = globalLogPublisher if log_publisher is None else log_publisher
         host_keys = load_host_keys(config.state_dir)
-        self.factory = RelayFactory(self.core, host_keys)
+        next_keys = ([] if config.next_host_key is None
+                     else [read_next_host_key(config.next_host_key)])
+        self.factory = RelayFactory(self.core, host_keys, next_keys)
         self.fingerprints = [fingerprint_sha256(k.public()) for k in host_keys.values()]
+        self.next_fingerprints = [fingerprint_sha256(k.public()) for k in next_keys]
         self.server = TCPServer(config.listen.port, self.factory,
                                 interface=config.listen.host, reactor=reactor)
         self.server.setServiceParent(self)
@@ -66,10 +69,33 @@ class RelayService(MultiService):
             name_listener(port, "SSH")
         self.core.bound = HostPort(self.core.config.listen.host, bound)
         self._log.info(
-            "relay listening on {host}:{port}; host key {fingerprints}",
+            "relay listening on {host}:{port}; host key {fingerprints}{announced}",
             event="relay_listening", host=self.core.config.listen.host, port=bound,
             fingerprints=" ".join(self.fingerprints),
+            next_host_keys=" ".join(self.next_fingerprints),
+            announced="".join(f"; next host key {fp} (announced to clients)"
+                              for fp in self.next_fingerprints),
         )
+
+    def setNextHostKey(self, path: Any) -> str:
+        """Announce ``path``'s key (or none) to the clients that log in from now on,
+        beside the current key (a reload of ``[relay] next_host_key``).  A key that
+        cannot be read now (it changed since the reload's check) keeps the running one,
+        and says so."""
+        from relay.server.hostkeyfile import read_next_host_key
+        from relay.ssh.hostkeyupdate import HostKeyProver
+
+        try:
+            next_keys = [] if path is None else [read_next_host_key(path)]
+        except ConfigError as e:
+            self._log.warn("reload: {error}; the running next host key stays",
+                           event="reload_next_host_key_failed", error=str(e))
+            return "relay: next_host_key not changed (unreadable)"
+        self.factory.hostKeyProver = HostKeyProver(
+            [*self.factory.privateKeys.values(), *next_keys])
+        self.next_fingerprints = [fingerprint_sha256(k.public()) for k in next_keys]
+        return ("relay: next host key " + " ".join(self.next_fingerprints)
+                + " announced to clients") if next_keys else "relay: no next host key"
 
     def reloadCertificates(self) -> bool:
         """Read the TLS certificate files again if they changed (a reload signal may

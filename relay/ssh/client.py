@@ -25,7 +25,7 @@ from enum import StrEnum
 from typing import Any, Protocol, cast
 
 from twisted.conch import error
-from twisted.conch.ssh import keys, transport
+from twisted.conch.ssh import common, keys, transport
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
@@ -51,7 +51,15 @@ from relay.ssh.connection import (
     FlowConnection,
 )
 from relay.ssh.guard import PeerInputGuard
-from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier
+from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier, fingerprint_sha256
+from relay.ssh.hostkeyupdate import (
+    HOSTKEYS,
+    HOSTKEYS_PROVE,
+    ProveRefused,
+    pack_blobs,
+    prove_signed_data,
+    unpack_blobs,
+)
 from relay.ssh.openerrors import RefusedWithReason
 from relay.ssh.peersoftware import client_version_string
 from relay.ssh.resumable import ResumableSessions
@@ -316,6 +324,7 @@ class LinkConnection(FlowConnection):
         self.resumable = False  # the relay answered our resume@labrelay hello
         # The relay's request-refused@labrelay, for the very next global reply only.
         self._refusal: RefusalNote | None = None
+        self._hostKeysSeen = False  # the relay's hostkeys-00@openssh.com was handled
 
     @property
     def link_transport(self) -> LinkTransport:
@@ -359,7 +368,95 @@ class LinkConnection(FlowConnection):
                 return 0
             self.link.grantRevoked(bind, port, why)
             return 1
+        if requestType == HOSTKEYS:
+            self._hostKeysAnnounced(data)
+            return 1
         return super().gotGlobalRequest(requestType, data)
+
+    def _hostKeysAnnounced(self, data: bytes) -> None:
+        """``hostkeys-00@openssh.com``: the relay's keys, its next one among them when a
+        rotation is under way (relay.ssh.hostkeyupdate).  As ssh's ``UpdateHostKeys``:
+        the keys the agent's known_hosts lacks are asked to be proven and, once their
+        signatures verify over this session, appended beside the current line — only
+        when the current key was accepted from the first user known_hosts file
+        (:meth:`HostKeyVerifier.learnable`), and for the agent's link only
+        (``learnHostKeys``; not ``labrelay connect``).  Nothing is removed.  A key the agent will
+        not learn (a pin, a global file) is logged with the line to add, so that an
+        operator gives it before the relay switches (docs/operations.md, rotating the
+        host key); each key once in the link's life."""
+        if self._hostKeysSeen:
+            return  # one per connection, as sshd sends it (ssh ends a connection on a second)
+        self._hostKeysSeen = True
+        try:
+            blobs = unpack_blobs(data)
+        except ProveRefused:
+            return
+        verifier = self.link.verifier
+        learn = ([b for b in verifier.learnable(blobs) if _usable_host_key(b) is not None]
+                 if getattr(self.link, "learnHostKeys", False) else [])
+        if learn and self.transport is not None:
+            d = self.sendGlobalRequest(HOSTKEYS_PROVE, pack_blobs(learn), wantReply=1)
+            sid = bytes(getattr(self.transport, "sessionID", b"") or b"")
+            d.addCallbacks(self._hostKeysProved, self._hostKeysNotProved,
+                           callbackArgs=(learn, sid))
+        for blob in verifier.unlisted(blobs):
+            key = _usable_host_key(blob)
+            if blob in learn or blob in verifier.told or key is None:
+                continue  # a type Conch does not know: OpenSSH's client skips it too
+            verifier.told.add(blob)  # once per link, not at every reconnect
+            line = f"{verifier.hostname} {key.public().toString('OPENSSH').decode()}"
+            self._log.info(
+                "link {link}: the relay announces a host key {fingerprint} that this agent "
+                "would refuse; before the relay switches to it, add to its known_hosts: "
+                "{line}", event="link_hostkey_announced", link=self.link.name,
+                fingerprint=fingerprint_sha256(key), line=line,
+            )
+
+    def _hostKeysProved(self, packet: bytes, blobs: list[bytes], sid: bytes) -> None:
+        """The relay's proof: one signature per key asked, in order, each over this
+        session's identifier; every one must verify (an RSA one with SHA-2) or nothing
+        is recorded."""
+        try:
+            sigs = unpack_blobs(packet, limit=len(blobs))
+        except ProveRefused:
+            sigs = []
+        proven = []
+        for blob, sig in zip(blobs, sigs, strict=False):
+            key = _usable_host_key(blob)
+            try:
+                sig_type = common.getNS(sig)[0]
+                good = (key is not None and sid != b""
+                        and (key.sshType() != b"ssh-rsa"
+                             or sig_type in (b"rsa-sha2-256", b"rsa-sha2-512"))
+                        and key.verify(sig, prove_signed_data(sid, blob)))
+            except Exception:  # a malformed signature is a failed proof
+                good = False
+            if key is not None and good:
+                proven.append(key)
+        if len(sigs) != len(blobs) or len(proven) != len(blobs):
+            self._log.warn(
+                "link {link}: the relay did not prove the host keys it announced; "
+                "none recorded", event="link_hostkey_unproven", link=self.link.name)
+            return
+        for key in proven:
+            try:
+                where = self.link.verifier.learn(key)
+            except HostKeyError as e:
+                self._log.warn("link {link}: {reason}", event="link_hostkey_unproven",
+                               link=self.link.name, reason=OperatorText(e))
+                return
+            self._log.info(
+                "link {link}: learned the relay's host key {fingerprint} ({where})",
+                event="link_hostkey_learned", link=self.link.name,
+                fingerprint=fingerprint_sha256(key), where=where,
+            )
+
+    def _hostKeysNotProved(self, reason: Failure) -> None:
+        if self.transport is not None and not reason.check(error.ConchError):
+            self._log.failure("host key proof", reason)
+            return
+        self._log.warn("link {link}: the relay refused to prove the host keys it announced",
+                       event="link_hostkey_unproven", link=self.link.name)
 
     def ssh_REQUEST_SUCCESS(self, packet: bytes) -> None:
         self._refusal = None  # it preceded a success: about nothing
@@ -523,3 +620,16 @@ async def open_connection(owner: LinkOwner, dialer: Dialer | None = None) -> Lin
         dialer.worked(proto.transport_route or route)
         return conn
     raise LinkSetupError("every route failed: " + "; ".join(errors))
+
+
+def _usable_host_key(blob: bytes) -> keys.Key | None:
+    """The public key in an announced blob, if it is one of the host key types the
+    agent accepts (relay.ssh.policy), else None."""
+    try:
+        key = keys.Key.fromString(blob)
+    except Exception:  # BadKeyError, or a blob Conch's parser trips on
+        return None
+    if key.sshType() not in (b"ssh-ed25519", b"ecdsa-sha2-nistp256", b"ecdsa-sha2-nistp384",
+                             b"ecdsa-sha2-nistp521", b"ssh-rsa"):
+        return None
+    return key

@@ -147,6 +147,13 @@ class HostKeyVerifier:
         self.port = port
         self.hostname = known_hosts_name(host, port)
         self._pin: bytes | None = None
+        #: Announced key blobs the agent already said it would refuse (relay.ssh.client):
+        #: said once for as long as this verifier (the link) lives.
+        self.told: set[bytes] = set()
+        #: The file whose line accepted the server's key at the last verification (or
+        #: that recorded it): announced keys are learned only when it is the first
+        #: user file, as ssh's UpdateHostKeys (not a global file, not a pin).
+        self.matched_in: Path | None = None
         if policy.fingerprint is not None:
             try:
                 self._pin = parse_fingerprint(policy.fingerprint)
@@ -199,6 +206,43 @@ class HostKeyVerifier:
                     types.append(e.key_type)
         return types
 
+    def unlisted(self, blobs: list[bytes]) -> list[bytes]:
+        """The key blobs of ``blobs`` this policy would not accept for the host today:
+        the keys a relay announces (``hostkeys-00@openssh.com``) that the agent must be
+        given before the relay switches to one of them.  Only a read: nothing is
+        recorded (the agent does not learn keys by itself; docs/operations.md)."""
+        if self._pin is not None:
+            pin = self._pin
+            return [b for b in blobs
+                    if not hmac.compare_digest(hashlib.sha256(b).digest(), pin)]
+        listed = [e.blob for r in self._read_all() for e in r.entries
+                  if e.marker is None and e.matches(self.hostname)]
+        revoked = [e.blob for r in self._read_all() for e in r.entries
+                   if e.marker == "@revoked"]
+        return [b for b in blobs
+                if b in revoked or not any(hmac.compare_digest(b, k) for k in listed)]
+
+    def learnable(self, blobs: list[bytes]) -> list[bytes]:
+        """Of the keys a server announced, those the agent may ask it to prove and then
+        record: not accepted today, not ``@revoked``, and only when the server's key was
+        accepted from the first user known_hosts file (never with a pin, nor from a
+        global or extra file), as ssh's ``UpdateHostKeys`` decides."""
+        if self._pin is not None or self.known_hosts is None:
+            return []
+        if self.matched_in != self.known_hosts:
+            return []
+        return self.unlisted(blobs)
+
+    def learn(self, key: Key) -> str:
+        """Record a key the server proved it holds (``hostkeys-prove-00@openssh.com``)
+        as a hashed line in ``known_hosts``, beside the ones there: nothing is removed.
+        Returns where, for the log; :class:`HostKeyError` if it cannot be written."""
+        blob = key.blob()
+        offered = _Offered(key.sshType().decode("ascii"), blob, _fingerprint_of_blob(blob))
+        if not self.unlisted([blob]):
+            return "already listed"
+        return f"saved to {self.known_hosts}" if self._append(offered) else "not recorded"
+
     def _verify_pinned(self, offered: _Offered, pin: bytes) -> str:
         if hmac.compare_digest(hashlib.sha256(offered.blob).digest(), pin):
             return f"pinned {offered.fingerprint}"
@@ -231,6 +275,7 @@ class HostKeyVerifier:
         ]
         for path, entry in same_type:
             if hmac.compare_digest(entry.blob, offered.blob):
+                self.matched_in = path
                 return f"known_hosts {path} line {entry.lineno}"
         if same_type:
             raise self._changed(offered, *same_type[0])
@@ -250,6 +295,7 @@ class HostKeyVerifier:
         path = self.known_hosts
         if self.policy.accept_new:
             where = f"saved to {path}" if self._append(offered) else f"not recorded ({path})"
+            self.matched_in = path
             log.info(
                 "accepted new {key_type} host key {fingerprint} for {hostname}, {where}",
                 key_type=offered.key_type,

@@ -24,7 +24,7 @@ the CPU per packet here; ``policy.server_ciphers_for``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -59,6 +59,7 @@ from relay.ssh.connection import (
     FlowConnection,
 )
 from relay.ssh.guard import PeerInputGuard, client_first_line_refusal
+from relay.ssh.hostkeyupdate import HOSTKEYS, HostKeyProver
 from relay.ssh.kex import (
     KEX_PACE_BURST,
     KEX_PACE_RATE,
@@ -414,10 +415,15 @@ class RelayFactory(factory.SSHFactory):
     protocol = RelayTransport
     noisy = False
 
-    def __init__(self, core: RelayHandler, hostKeys: dict[bytes, keys.Key]) -> None:
+    def __init__(self, core: RelayHandler, hostKeys: dict[bytes, keys.Key],
+                 nextHostKeys: Sequence[keys.Key] = ()) -> None:
+        """``hostKeys`` do the key exchange; ``nextHostKeys`` are only announced to
+        clients after they log in, and proven on request (relay.ssh.hostkeyupdate), so
+        that they learn the key the relay will switch to."""
         self.core = core
         self.publicKeys = {name: key.public() for name, key in hostKeys.items()}
         self.privateKeys = dict(hostKeys)
+        self.hostKeyProver = HostKeyProver([*hostKeys.values(), *nextHostKeys])
         self.portal = portal.Portal(RelayRealm(), [GrantChecker(core)])
         self.services: dict[bytes, Any] = {
             b"ssh-userauth": RelayUserAuth,
@@ -486,6 +492,7 @@ class RelayConnection(FlowConnection):
 
     def serviceStarted(self) -> None:
         super().serviceStarted()
+        self.announceHostKeys()
         self.software = read_version_line(getattr(self.transport, "otherVersionString", None))
         if self.identity.kind == USER:
             # One user's reads of small packets must not make every other user's turn
@@ -503,6 +510,34 @@ class RelayConnection(FlowConnection):
             )
             self.keepalive.start()
         self.core.sessionStarted(self)
+
+    def announceHostKeys(self) -> None:
+        """``hostkeys-00@openssh.com`` with every host key, as sshd sends it after
+        login (``notify_hostkeys``): an OpenSSH client with ``UpdateHostKeys`` learns
+        the next key from it and forgets keys no longer announced.
+
+        Sent as the service starts, in the same turn (and, corked, the same write) as
+        the login's success: no round trip is added to a session's set-up, and the
+        client's proof request, if any, comes while its first channel opens.  No reply
+        is wanted, so Conch's client (the labrelay agent) and other clients that do
+        not know it drop it."""
+        factory = getattr(self.transport, "factory", None)
+        prover: HostKeyProver | None = getattr(factory, "hostKeyProver", None)
+        if prover is not None:
+            self.sendGlobalRequest(HOSTKEYS, prover.announcement(), wantReply=0)
+
+    def proveHostKeys(self, data: bytes) -> tuple[bool, bytes]:
+        """The answer to ``hostkeys-prove-00@openssh.com``: success with a signature
+        per key; :class:`relay.ssh.hostkeyupdate.ProveRefused` for a request that
+        names a key the relay does not hold or is malformed (a failure reply)."""
+        transport: Any = self.transport
+        prover: HostKeyProver = transport.factory.hostKeyProver
+        try:
+            client_algs = policy.KexInit.parse(transport.otherKexInitPayload[1:]).host_keys
+        except (AttributeError, ValueError):
+            client_algs = ()
+        return True, prover.prove(data, transport.sessionID,
+                                  getattr(transport, "keyAlg", None), client_algs)
 
     def activity(self) -> None:
         if self.keepalive is not None:

@@ -29,6 +29,9 @@ class SingleConnection:
     its reconnecting service."""
 
     _log = Logger()
+    #: ``labrelay connect`` never writes an announced key into the user's known_hosts
+    #: (a short-lived ProxyCommand the user did not ask to keep anything).
+    learnHostKeys = False
 
     auth_hint = ("is your public key in the relay's grants for that user? "
                  "(ask the relay's admin; `ssh-add -L` lists the keys of your ssh-agent)")

@@ -101,3 +101,54 @@ def test_a_host_key_left_without_its_private_half_is_replaced(tmp_path: Path) ->
     found = subprocess.run(["ssh-keygen", "-y", "-f", str(key)], capture_output=True,
                            text=True, check=True).stdout.split()[:2]
     assert found == new_pub.split()[:2]
+
+
+@pytest.mark.parametrize("damage", ["missing", "mode 644", "empty", "first line", "public key"])
+def test_a_bad_next_host_key_stops_start_and_check_with_the_file_and_the_fix(
+        tmp_path: Path, damage: str) -> None:
+    """``[relay] next_host_key`` (announced to clients for a rotation) is checked as the
+    current key is, and must exist: it is never generated."""
+    config = _config(tmp_path)
+    _host_key(tmp_path)
+    next_dir = tmp_path / "next"
+    next_dir.mkdir(mode=0o700)
+    key = next_dir / "ssh_host_ed25519_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    secret_lines = key.read_text().splitlines()[1:-1]
+    config.write_text(config.read_text() + 'next_host_key = "next/ssh_host_ed25519_key"\n')
+    fix = "install -o USER -m 600"
+    if damage == "missing":
+        key.unlink()
+        expect, fix = "does not exist", "ssh-keygen -t ed25519"
+    elif damage == "mode 644":
+        key.chmod(0o644)
+        expect = "too open"
+    elif damage == "empty":
+        key.write_bytes(b"")
+        expect = "the file is empty"
+    elif damage == "first line":
+        key.write_text(key.read_text()[1:])
+        expect = "first line is not a private key header"
+    else:
+        shutil.copy(key.with_name(key.name + ".pub"), key)
+        expect = "public key"
+    for argv in (("check", str(config)), ("relay", "--config", str(config))):
+        done = _run(*argv)
+        out = done.stdout + done.stderr
+        assert done.returncode == 2, (argv, out)
+        assert "Traceback" not in out, out
+        assert str(key) in out and "relay.next_host_key" in out, out
+        assert expect in out, out
+        assert fix in out, out
+        for line in secret_lines:
+            assert line[4:40] not in out, "host key material printed"
+
+
+def test_a_good_next_host_key_passes_check(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    _host_key(tmp_path)
+    key = tmp_path / "next_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    config.write_text(config.read_text() + f'next_host_key = "{key}"\n')
+    done = _run("check", str(config))
+    assert done.returncode == 0, done.stdout + done.stderr
