@@ -104,6 +104,13 @@ class FlowConnection(connection.SSHConnection):
     _log = Logger()
     transport: Any  # the SSH transport, set by Conch before any packet arrives
 
+    takesShare = False
+    """Whether the peer may tag our channels with ``share@labrelay``: only the relay's
+    word to an agent (relay.ssh.client.LinkConnection).  The relay's own connections
+    refuse it: a user who said it chose her channel's share, and each fresh name she
+    sent stayed in the scheduler's weights for the connection's life (memory without
+    bound, docs/security.md "Attacks tried")."""
+
     def __init__(self) -> None:
         super().__init__()
         self._tcpFull = False  # the TCP write buffer is over its high-water mark

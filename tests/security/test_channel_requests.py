@@ -1,0 +1,107 @@
+"""A malicious user's channel requests, sent with paramiko (not our client).
+
+``share@labrelay`` is the relay's word to an agent: "this channel carries user U's
+bytes, whose share of a congested link is W" (relay.server.sharing).  Only the relay
+may say it, and only to an agent.  The relay's own user-facing channels
+(``BridgedChannel``) used to accept it from the *user* too: each one re-tagged her
+channel and added the name she chose to her connection's scheduler's weights, a dict
+that is never pruned.  alice, logged in with a grant, sends the request with a fresh
+100-character name each time, no reply wanted: the relay kept every name, **memory
+without bound** (docs/security.md, "A malicious user ... must not be able to grow the
+relay's memory without bound"), and her channel's share was hers to choose.
+
+Now the relay refuses ``share@labrelay`` from any peer on its channels (a
+``CHANNEL_FAILURE`` when a reply is wanted), keeps nothing, and her channel still
+echoes.  Odd request names (NUL, unicode, 60 000 bytes) are refused the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paramiko
+import pytest
+from conftest import Targets
+from harness import AgentProcess, RelayNode
+from paramiko.common import cMSG_CHANNEL_REQUEST
+from paramiko.message import Message
+from test_greedy_user import _echo, _login, _world
+
+pytestmark = [pytest.mark.integration, pytest.mark.security]
+
+NAMES = 200_000
+SHARE = b"share@labrelay"
+
+
+def _request(t: paramiko.Transport, ch: paramiko.Channel, kind: bytes, body: bytes,
+             want_reply: bool) -> None:
+    """A ``CHANNEL_REQUEST`` paramiko's Channel has no method for."""
+    m = Message()
+    m.add_byte(cMSG_CHANNEL_REQUEST)
+    m.add_int(ch.remote_chanid)
+    m.add_string(kind)
+    m.add_boolean(want_reply)
+    m.add_bytes(body)
+    t._send_user_message(m)
+
+
+def _share(name: bytes, weight: bytes) -> bytes:
+    m = Message()
+    m.add_string(name)
+    m.add_string(weight)
+    return m.asbytes()
+
+
+def _granted(t: paramiko.Transport, kind: bytes, body: bytes) -> bool:
+    """Send a request wanting a reply on a fresh channel to web:8080: True for
+    CHANNEL_SUCCESS, False for CHANNEL_FAILURE (after which paramiko closes the
+    channel, hence a channel each)."""
+    ch = t.open_channel("direct-tcpip", ("web", 8080), ("127.0.0.1", 1), timeout=20)
+    ch._event_pending()  # paramiko's own wait for a channel request's reply
+    _request(t, ch, kind, body, want_reply=True)
+    try:
+        ch._wait_for_event()  # raises on CHANNEL_FAILURE
+    except paramiko.SSHException:
+        return False
+    return True
+
+
+def test_a_user_cannot_tag_her_channel_nor_grow_the_relay_with_share_requests(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    relay, keys = _world(start_relay, start_agent, targets, tmp_path)
+    bob = _login(relay, keys["bob"], "bob")
+    alice = _login(relay, keys["alice"], "alice")
+    ch = alice.open_channel("direct-tcpip", ("web", 8080), ("127.0.0.1", 1), timeout=20)
+    ch.settimeout(20)
+
+    # Asked with a reply wanted: refused, as a stock sshd refuses a request it does
+    # not know.
+    assert not _granted(alice, SHARE, _share(b"bob", b"100"))
+
+    # Odd request names: NUL, unicode, very long; each refused, the channel kept.
+    for kind in (b"x\x00y", "é@ü".encode(), b"\xff\xfe", b"r" * 60_000):
+        assert not _granted(alice, kind, b"")
+
+    # The flood: a fresh 100-character name each time, no reply wanted.
+    before = relay.rss_kb()
+    start = time.monotonic()
+    for i in range(NAMES):
+        _request(alice, ch, SHARE, _share(b"%0100d" % i, b"100"), want_reply=False)
+    # A request that wants a reply is answered after every one above was read.
+    assert alice.global_request("sync@x", wait=True) is None
+    took = time.monotonic() - start
+    grown = relay.rss_kb() - before
+    print(f"\n{NAMES} share@labrelay requests in {took:.1f}s: relay RSS +{grown} KiB")
+    # Before: every name kept (~+60 MiB for 200 000); now nothing is kept.
+    assert grown < 16 * 1024, grown
+
+    ch.sendall(b"alice")
+    got = b""
+    while len(got) < 5:
+        got += ch.recv(5 - len(got))
+    assert got == b"alice"
+    assert _echo(bob, b"bob") == b"bob"
