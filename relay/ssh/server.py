@@ -154,6 +154,11 @@ class RelayHandler(AuthHandler, Protocol):
         """Answer a global request: False, True, bytes, a :class:`RefusedRequest`, or a
         Deferred of one."""
 
+    def channelRefused(self, conn: RelayConnection, what: str) -> bool:
+        """``conn`` asked for a channel type the relay does not offer (``what``, its
+        escaped name): whether to log it in full (else the handler only counts it, and
+        says how many later: a refusal in a loop must not flood the log)."""
+
     def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
                         channel: BridgedChannel) -> defer.Deferred[BridgedChannel] | BridgedChannel:
         """Bridge a user's ``direct-tcpip`` channel to ``host:port``: ``channel`` itself
@@ -634,11 +639,15 @@ class RelayConnection(FlowConnection):
             return self._resumeSession(windowSize, maxPacket, data)
         if channelType != b"direct-tcpip":
             what = REFUSED_CHANNEL_TYPES.get(channelType, "this channel type")
-            self._log.info(
-                "{name}: refused {type} channel ({what} are not offered by the relay)",
-                event="relay_channel_refused", name=self.principal_name,
-                type=channelType.decode("ascii", "replace"), what=what,
-            )
+            kind = channelType.decode("ascii", "replace")
+            # One line per refusal was a log flood at the user's pace (600 `session`
+            # opens, 600 lines): per key, the handler's allowance, then a count.
+            if self.core.channelRefused(self, kind):
+                self._log.info(
+                    "{name}: refused {type} channel ({what} are not offered by the relay)",
+                    event="relay_channel_refused", name=self.principal_name,
+                    type=kind, what=what,
+                )
             raise error.ConchError(f"{what} are not offered by this relay",
                                    OPEN_ADMINISTRATIVELY_PROHIBITED)
         try:

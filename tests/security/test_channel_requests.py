@@ -105,3 +105,40 @@ def test_a_user_cannot_tag_her_channel_nor_grow_the_relay_with_share_requests(
         got += ch.recv(5 - len(got))
     assert got == b"alice"
     assert _echo(bob, b"bob") == b"bob"
+
+
+OPENS = 600
+
+
+def test_channel_types_refused_in_a_loop_cost_a_bounded_number_of_log_lines(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """alice asks, in a loop, for channel types the relay does not offer (``session``,
+    what ``ssh alice@relay`` asks for; odd names: NUL, unicode, 60 000 bytes).  Each
+    was one ``relay_channel_refused`` line, as fast as she could ask (the refused
+    ``direct-tcpip`` loop of test_greedy_user.py, by another door).  Now the first 32
+    of each 10 s per key are logged in full, the rest as one count line."""
+    relay, keys = _world(start_relay, start_agent, targets, tmp_path)
+    alice = _login(relay, keys["alice"], "alice")
+    bob = _login(relay, keys["bob"], "bob")
+    odd = [b"x\x00y", "é@ü".encode(), b"\xff\xfe", b"t" * 60_000]
+    mark = relay.mark()
+    start = time.monotonic()
+    for i in range(OPENS):
+        with pytest.raises(paramiko.ChannelException):
+            alice.open_channel(odd[i % len(odd)] if i % 10 == 0 else "session", timeout=10)
+    took = time.monotonic() - start
+    with pytest.raises(paramiko.ChannelException):
+        bob.open_session(timeout=10)
+    assert relay.events("relay_channel_refused", since=mark, name="bob") != []
+    assert _echo(bob, b"bob") == b"bob"
+    summary = relay.wait_for("relay_channel_refused", since=mark, name="alice", timeout=20,
+                             count=lambda n: n is not None)
+    lines = relay.events("relay_channel_refused", since=mark, name="alice")
+    print(f"\n{OPENS} refused channel opens in {took:.2f}s: {len(lines)} log lines; "
+          f"{summary['text'][:200]}")
+    assert len(lines) <= 33 * (1 + int(took // 10) + 1), len(lines)
+    logged = sum(1 for e in lines if "count" not in e) + sum(e.get("count", 0) for e in lines)
+    assert logged == OPENS, lines[-1]
+    assert all(len(e["text"]) < 1000 and "\x00" not in e["text"] for e in lines)
