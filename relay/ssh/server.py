@@ -443,10 +443,20 @@ class RelayFactory(factory.SSHFactory):
         return proto
 
 
+MIN_PEER_MAX_PACKET = 1024
+"""The smallest channel maximum packet the relay takes from a user's open or an agent's
+confirmation (the floor of labrelay's own ``max_packet``; OpenSSH, PuTTY, Dropbear,
+paramiko, asyncssh and Go all say 16-32 KiB).  Below it the relay would write what
+the service sends as that many tiny packets: asyncssh asking for 1 made bob's echo
+through the same relay wait up to 0.77 s (docs/security.md, "Attacks tried")."""
+
+
 class RelayConnection(FlowConnection):
     """The ``ssh-connection`` service of an authenticated agent or user."""
 
     _log = Logger()
+
+    minPeerMaxPacket = MIN_PEER_MAX_PACKET
 
     def __init__(self, core: RelayHandler) -> None:
         super().__init__()

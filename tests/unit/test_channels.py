@@ -978,6 +978,29 @@ def test_confirmation_twice_disconnects() -> None:
     assertProtocolError(h)
 
 
+def test_a_relay_connection_refuses_a_max_packet_below_its_floor() -> None:
+    """The relay's connections (``minPeerMaxPacket``, relay.ssh.server): an open or a
+    confirmation saying less is refused, at the floor it is taken."""
+    from relay.ssh.server import MIN_PEER_MAX_PACKET, RelayConnection
+
+    assert RelayConnection.minPeerMaxPacket == MIN_PEER_MAX_PACKET == 1024
+    h = Harness()
+    h.conn.minPeerMaxPacket = MIN_PEER_MAX_PACKET
+    h.conn.channelFactory = h.bridgedChannel
+    h.receive(MSG_CHANNEL_OPEN, openPacket(7, 1 << 20, 1))
+    h.receive(MSG_CHANNEL_OPEN, openPacket(8, 1 << 20, 1023))
+    assert h.conn.getChannelCalls == 0
+    assert h.ssh.openFailures() == [
+        (7, OPEN_CONNECT_FAILED, b"maximum packet size 1 is below 1024"),
+        (8, OPEN_CONNECT_FAILED, b"maximum packet size 1023 is below 1024")]
+    h.receive(MSG_CHANNEL_OPEN, openPacket(9, 1 << 20, 1024))
+    assert h.conn.getChannelCalls == 1 and MSG_CHANNEL_OPEN_CONFIRMATION in h.ssh.kinds()
+    channel = ourChannel(h)
+    confirm(h, channel, maxPacket=1023)
+    assertProtocolError(h)
+    assert not channel.opened.called
+
+
 def test_confirmation_with_max_packet_zero_disconnects() -> None:
     h = Harness()
     channel = ourChannel(h)
