@@ -25,8 +25,9 @@ import paramiko
 import pytest
 from conftest import Targets
 from harness import AgentProcess, RelayNode
-from paramiko.common import cMSG_CHANNEL_REQUEST
+from paramiko.common import cMSG_CHANNEL_OPEN, cMSG_CHANNEL_REQUEST
 from paramiko.message import Message
+from relay_fixtures import wait_until
 from test_greedy_user import _echo, _login, _world
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
@@ -142,3 +143,54 @@ def test_channel_types_refused_in_a_loop_cost_a_bounded_number_of_log_lines(
     logged = sum(1 for e in lines if "count" not in e) + sum(e.get("count", 0) for e in lines)
     assert logged == OPENS, lines[-1]
     assert all(len(e["text"]) < 1000 and "\x00" not in e["text"] for e in lines)
+
+
+def _open_raw(t: paramiko.Transport, sender: int) -> None:
+    """A ``direct-tcpip`` open to web:8080 sent without waiting for its answer."""
+    m = Message()
+    m.add_byte(cMSG_CHANNEL_OPEN)
+    m.add_string(b"direct-tcpip")
+    m.add_int(sender)
+    m.add_int(1 << 20)
+    m.add_int(32768)
+    m.add_string(b"web")
+    m.add_int(8080)
+    m.add_string(b"127.0.0.1")
+    m.add_int(1)
+    t._send_user_message(m)
+
+
+def test_channels_closed_in_every_state_leave_no_session_behind(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """Checked and found fine: alice opens 30 channels at a time to web:8080 and at
+    once closes them (after data, after EOF, bare), 20 rounds; then sends 30 opens and
+    drops the connection before any answer, 5 times.  No session row is left, nothing
+    is logged above info, bob echoes.  (30, not 60: a session counts toward her 64
+    ``max_sessions`` until both its sides closed, a moment after her CLOSE.)"""
+    relay, keys = _world(start_relay, start_agent, targets, tmp_path)
+    bob = _login(relay, keys["bob"], "bob")
+    alice = _login(relay, keys["alice"], "alice")
+    mark = relay.mark()
+    no_sessions = lambda: relay.status()["relay"]["sessions"] == []  # noqa: E731
+    for _ in range(20):
+        chans = [alice.open_channel("direct-tcpip", ("web", 8080), ("127.0.0.1", 1),
+                                    timeout=10) for _ in range(30)]
+        for j, ch in enumerate(chans):
+            if j % 3 == 0:
+                ch.sendall(b"x" * 1000)
+            elif j % 3 == 1:
+                ch.shutdown_write()
+            ch.close()
+        wait_until(no_sessions, "no session left", 20)
+    for _ in range(5):
+        t = _login(relay, keys["alice"], "alice")
+        for sender in range(30):
+            _open_raw(t, 100 + sender)
+        t.sock.close()  # gone before any answer
+        t.close()
+        wait_until(no_sessions, "no session left", 20)
+    assert [e for e in relay.events(since=mark)
+            if e["level"] in ("warn", "error", "critical")] == []
+    assert _echo(bob, b"bob") == b"bob"
