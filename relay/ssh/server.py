@@ -159,6 +159,10 @@ class RelayHandler(AuthHandler, Protocol):
         escaped name): whether to log it in full (else the handler only counts it, and
         says how many later: a refusal in a loop must not flood the log)."""
 
+    def resumeRefused(self, conn: RelayConnection, why: str) -> bool:
+        """An agent's resume offer refused (``why``): whether to log it in full, as
+        :meth:`channelRefused`."""
+
     def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
                         channel: BridgedChannel) -> defer.Deferred[BridgedChannel] | BridgedChannel:
         """Bridge a user's ``direct-tcpip`` channel to ``host:port``: ``channel`` itself
@@ -729,9 +733,12 @@ class RelayConnection(FlowConnection):
                 self, owner, self.core.config.window, self.core.config.max_packet,
                 windowSize, maxPacket, data)
         except ResumeRefused as e:
-            self._log.warn("agent {name}: refused to resume a session: {why}",
-                           event="relay_resume_refused", name=self.principal_name,
-                           why=str(e))
+            # Per key within the handler's allowance, then a count: one warning per
+            # forged offer was a log flood at the agent's pace.
+            if self.core.resumeRefused(self, str(e)):
+                self._log.warn("agent {name}: refused to resume a session: {why}",
+                               event="relay_resume_refused", name=self.principal_name,
+                               why=str(e))
             raise error.ConchError(str(e), OPEN_CONNECT_FAILED) from e
 
 
