@@ -60,6 +60,10 @@ and cancels (``REFUSED_REQUEST``, ``REGISTERED``: the categories RelayCore._logR
 counts apart)."""
 REFUSED_REQUEST = "refused"
 REGISTERED = "registered"
+REFUSED_CHANNEL = "channel"
+"""A channel type the relay does not offer (``relay_channel_refused``), counted apart."""
+REFUSED_RESUME = "resume"
+"""An agent's resume offer refused (``relay_resume_refused``), counted apart."""
 
 
 class RelayCore(SessionOpening):
@@ -334,11 +338,35 @@ class RelayCore(SessionOpening):
         return self.requestLog.allow(f"{category} {ident.kind} {conn.principal_name} {key}",
                                      what)
 
+    def channelRefused(self, conn: RelayConnection, what: str) -> bool:
+        """A channel type refused (RelayConnection.getChannel): logged in full within
+        the key's allowance, as refused requests are, then counted in one line."""
+        return self._logRequest(REFUSED_CHANNEL, conn, what)
+
+    def resumeRefused(self, conn: RelayConnection, why: str) -> bool:
+        """An agent's resume offer refused: logged in full within the key's allowance,
+        then counted in one line (a forged offer in a loop is one line per window)."""
+        return self._logRequest(REFUSED_RESUME, conn, why)
+
     def _moreRequests(self, who: str, count: int, last: str) -> None:
         """The requests :meth:`_logRequest` did not log in the window that just ended."""
         category, kind, rest = who.split(" ", 2)
         name, _, key = rest.rpartition(" ")
-        if category == REFUSED_REQUEST:
+        if category == REFUSED_RESUME:
+            self._log.warn(
+                "agent {name}: {count} more resumes refused in the last {window:.0f}s with "
+                "key {key} (not logged one by one; the last: {why})",
+                event="relay_resume_refused", name=name, count=count,
+                window=self.requestLog.window, key=key, why=last,
+            )
+        elif category == REFUSED_CHANNEL:
+            self._log.info(
+                "{name}: {count} more channels of types the relay does not offer refused "
+                "in the last {window:.0f}s with key {key} (not logged one by one; the last: "
+                "{last})", event="relay_channel_refused", name=name, count=count,
+                window=self.requestLog.window, key=key, last=last, type=last, what="",
+            )
+        elif category == REFUSED_REQUEST:
             self._log.warn(
                 "{kind} {name}: {count} more requests refused in the last {window:.0f}s "
                 "with key {key} (not logged one by one; the last: {last})",

@@ -203,9 +203,10 @@ class BridgedChannel(SSHChannel):
         self._maybeFinish()
 
     def requestReceived(self, requestType: bytes, data: bytes) -> int:
-        """``share@labrelay`` (the relay says whose session this is); anything else is
-        refused, as Conch does."""
-        if requestType != SHARE:
+        """``share@labrelay`` (the relay says whose session this is), taken only on a
+        connection whose peer may say it (``FlowConnection.takesShare``: an agent's
+        link to its relay); anything else is refused, as Conch does."""
+        if requestType != SHARE or not getattr(self.conn, "takesShare", False):
             return 0
         try:
             user, weight = unpack_share(data)

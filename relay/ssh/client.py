@@ -317,6 +317,8 @@ class LinkConnection(FlowConnection):
 
     _log = Logger()
 
+    takesShare = True  # the relay tags our channels with share@labrelay (whose bytes)
+
     def __init__(self, link: LinkOwner) -> None:
         super().__init__()
         self.link = link

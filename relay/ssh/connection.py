@@ -104,6 +104,20 @@ class FlowConnection(connection.SSHConnection):
     _log = Logger()
     transport: Any  # the SSH transport, set by Conch before any packet arrives
 
+    minPeerMaxPacket = 1
+    """The smallest maximum packet we take from the peer for a channel (its open, or
+    its confirmation of ours).  Conch's and SSH's floor is 1 (0 is refused); the relay's
+    connections raise it (relay.ssh.server.MIN_PEER_MAX_PACKET): every byte it sends a
+    peer that said 1 is a packet of its own, a 32 KiB agent packet 32 768 of them in
+    one reactor turn (docs/security.md, "Attacks tried")."""
+
+    takesShare = False
+    """Whether the peer may tag our channels with ``share@labrelay``: only the relay's
+    word to an agent (relay.ssh.client.LinkConnection).  The relay's own connections
+    refuse it: a user who said it chose her channel's share, and each fresh name she
+    sent stayed in the scheduler's weights for the connection's life (memory without
+    bound, docs/security.md "Attacks tried")."""
+
     def __init__(self) -> None:
         super().__init__()
         self._tcpFull = False  # the TCP write buffer is over its high-water mark
@@ -454,8 +468,8 @@ class FlowConnection(connection.SSHConnection):
     def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
         channelType, rest = common.getNS(packet)
         senderChannel, windowSize, maxPacket = struct.unpack(">3L", rest[:12])
-        if maxPacket == 0:
-            self._refuseOpen(senderChannel, OPEN_CONNECT_FAILED, "maximum packet size 0")
+        if maxPacket < max(1, self.minPeerMaxPacket):
+            self._refuseOpen(senderChannel, OPEN_CONNECT_FAILED, self._tooSmall(maxPacket))
             return
         try:
             result = self.getChannel(channelType, windowSize, maxPacket, rest[12:])
@@ -544,10 +558,15 @@ class FlowConnection(connection.SSHConnection):
         if channel is None:
             return
         maxPacket = struct.unpack(">L", packet[12:16])[0]
-        if maxPacket == 0:
-            self._protocolError("maximum packet size 0")
+        if maxPacket < max(1, self.minPeerMaxPacket):
+            self._protocolError(self._tooSmall(maxPacket))
             return
         super().ssh_CHANNEL_OPEN_CONFIRMATION(packet)
+
+    def _tooSmall(self, maxPacket: int) -> str:
+        if maxPacket == 0:
+            return "maximum packet size 0"
+        return f"maximum packet size {maxPacket} is below {self.minPeerMaxPacket}"
 
     def ssh_CHANNEL_OPEN_FAILURE(self, packet: bytes) -> None:
         if self._channel(packet, opened=False, size=8) is not None:

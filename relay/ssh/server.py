@@ -161,6 +161,15 @@ class RelayHandler(AuthHandler, Protocol):
         """Answer a global request: False, True, bytes, a :class:`RefusedRequest`, or a
         Deferred of one."""
 
+    def channelRefused(self, conn: RelayConnection, what: str) -> bool:
+        """``conn`` asked for a channel type the relay does not offer (``what``, its
+        escaped name): whether to log it in full (else the handler only counts it, and
+        says how many later: a refusal in a loop must not flood the log)."""
+
+    def resumeRefused(self, conn: RelayConnection, why: str) -> bool:
+        """An agent's resume offer refused (``why``): whether to log it in full, as
+        :meth:`channelRefused`."""
+
     def openUserSession(self, conn: RelayConnection, host: str, port: int, origin: str,
                         channel: BridgedChannel) -> defer.Deferred[BridgedChannel] | BridgedChannel:
         """Bridge a user's ``direct-tcpip`` channel to ``host:port``: ``channel`` itself
@@ -452,10 +461,20 @@ class RelayFactory(factory.SSHFactory):
         return proto
 
 
+MIN_PEER_MAX_PACKET = 1024
+"""The smallest channel maximum packet the relay takes from a user's open or an agent's
+confirmation (the floor of labrelay's own ``max_packet``; OpenSSH, PuTTY, Dropbear,
+paramiko, asyncssh and Go all say 16-32 KiB).  Below it the relay would write what
+the service sends as that many tiny packets: asyncssh asking for 1 made bob's echo
+through the same relay wait up to 0.77 s (docs/security.md, "Attacks tried")."""
+
+
 class RelayConnection(FlowConnection):
     """The ``ssh-connection`` service of an authenticated agent or user."""
 
     _log = Logger()
+
+    minPeerMaxPacket = MIN_PEER_MAX_PACKET
 
     def __init__(self, core: RelayHandler) -> None:
         super().__init__()
@@ -680,11 +699,15 @@ class RelayConnection(FlowConnection):
             return self._resumeSession(windowSize, maxPacket, data)
         if channelType != b"direct-tcpip":
             what = REFUSED_CHANNEL_TYPES.get(channelType, "this channel type")
-            self._log.info(
-                "{name}: refused {type} channel ({what} are not offered by the relay)",
-                event="relay_channel_refused", name=self.principal_name,
-                type=channelType.decode("ascii", "replace"), what=what,
-            )
+            kind = channelType.decode("ascii", "replace")
+            # One line per refusal was a log flood at the user's pace (600 `session`
+            # opens, 600 lines): per key, the handler's allowance, then a count.
+            if self.core.channelRefused(self, kind):
+                self._log.info(
+                    "{name}: refused {type} channel ({what} are not offered by the relay)",
+                    event="relay_channel_refused", name=self.principal_name,
+                    type=kind, what=what,
+                )
             raise error.ConchError(f"{what} are not offered by this relay",
                                    OPEN_ADMINISTRATIVELY_PROHIBITED)
         try:
@@ -756,9 +779,12 @@ class RelayConnection(FlowConnection):
                 self, owner, self.core.config.window, self.core.config.max_packet,
                 windowSize, maxPacket, data)
         except ResumeRefused as e:
-            self._log.warn("agent {name}: refused to resume a session: {why}",
-                           event="relay_resume_refused", name=self.principal_name,
-                           why=str(e))
+            # Per key within the handler's allowance, then a count: one warning per
+            # forged offer was a log flood at the agent's pace.
+            if self.core.resumeRefused(self, str(e)):
+                self._log.warn("agent {name}: refused to resume a session: {why}",
+                               event="relay_resume_refused", name=self.principal_name,
+                               why=str(e))
             raise error.ConchError(str(e), OPEN_CONNECT_FAILED) from e
 
 

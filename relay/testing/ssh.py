@@ -106,6 +106,7 @@ class FakeSSHConnection:
         self.eofs: list[Any] = []
         self.closes: list[Any] = []
         self.resumable = False
+        self.takesShare = False  # FlowConnection.takesShare: True for an agent's link
 
     @property
     def sent(self) -> int:

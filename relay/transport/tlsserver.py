@@ -103,6 +103,7 @@ class CertificateSource:
         self.not_after = ""
         self.loads = 0
         self._stamps: tuple[Any, ...] | None = None
+        self._missing: tuple[str, str] | None = None  # the stat failure logged last
         self._context: SSL.Context | None = None
         self._load()  # a relay that cannot load its certificate does not start
 
@@ -153,9 +154,16 @@ class CertificateSource:
         try:
             stamps = (_stamp(self.cert_path), _stamp(self.key_path))
         except OSError as e:
-            self.log.error("TLS certificate: cannot stat {path}: {why}; keeping the current "
-                           "one", event="tls_cert_error", path=e.filename, why=e.strerror)
+            # Checked at every handshake, which anyone on the internet starts: logged
+            # once until the file is back (or fails otherwise), not once per handshake.
+            missing = (str(e.filename), str(e.strerror))
+            if missing != self._missing:
+                self._missing = missing
+                self.log.error("TLS certificate: cannot stat {path}: {why}; keeping the "
+                               "current one", event="tls_cert_error", path=e.filename,
+                               why=e.strerror)
             return False
+        self._missing = None
         if stamps == self._stamps:
             return False
         before = self.fingerprint

@@ -1208,3 +1208,36 @@ def test_a_renewal_by_a_ca_trusted_only_for_another_name_resumes_nothing(
     assert relay.events("relay_connected", since=rmark) == []
     assert relay.events("session_resumed", since=rmark) == []
     assert agent.events("session_resumed", since=mark) == []
+
+
+OFFERS = 300
+
+
+def test_resume_offers_refused_in_a_loop_cost_a_bounded_number_of_log_lines(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """mallory (paramiko, an agent key) says the hello and offers 300 resumes of
+    forged ids.  Each was one ``relay_resume_refused`` warning, at her pace, for as
+    long as she liked.  Now the first 32 of each 10 s per key are logged in full, the
+    rest as one count line; every one is still refused."""
+    relay, _proxy, _agent, keys, _held, _kept = _world(start_relay, start_agent, targets,
+                                                      tmp_path)
+    mallory = _login(relay, keys["mallory"], "mallory")
+    hello = (1, secrets.token_bytes(16))
+    assert mallory.global_request(HELLO.decode(), hello, wait=True) is not None
+    rmark = relay.mark()
+    start = time.monotonic()
+    outcomes = [_try_resume(mallory, _offer(secrets.token_bytes(16), 0)) for _ in range(OFFERS)]
+    took = time.monotonic() - start
+    assert all(o.startswith("refused") for o in outcomes), [o for o in outcomes
+                                                            if not o.startswith("refused")]
+    summary = relay.wait_for("relay_resume_refused", since=rmark, name="mallory", timeout=20,
+                             count=lambda n: n is not None)
+    lines = relay.events("relay_resume_refused", since=rmark, name="mallory")
+    print(f"\n{OFFERS} refused resumes in {took:.2f}s: {len(lines)} log lines; "
+          f"{summary['text'][:200]}")
+    assert len(lines) <= 33 * (1 + int(took // 10) + 1), len(lines)
+    logged = sum(1 for e in lines if "count" not in e) + sum(e.get("count", 0) for e in lines)
+    assert logged == OFFERS, lines[-1]
+    assert "unknown" in summary["why"] or "no such" in summary["why"], summary

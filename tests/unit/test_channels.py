@@ -22,6 +22,7 @@ from twisted.conch.ssh.connection import (
     MSG_CHANNEL_DATA,
     MSG_CHANNEL_EOF,
     MSG_CHANNEL_EXTENDED_DATA,
+    MSG_CHANNEL_FAILURE,
     MSG_CHANNEL_OPEN,
     MSG_CHANNEL_OPEN_CONFIRMATION,
     MSG_CHANNEL_OPEN_FAILURE,
@@ -544,12 +545,29 @@ def test_an_aborted_channel_drops_what_it_had_waiting() -> None:
 
 def test_share_request_names_the_user_and_its_weight() -> None:
     h = Harness(linkTCP=StringTransport())
+    h.conn.takesShare = True  # an agent's link: the relay's word
     channel = h.openFromPeer()
     payload = struct.pack(">L", channel.id) + common.NS(SHARE) + b"\x00" + pack_share("bob", 3)
     h.receive(MSG_CHANNEL_REQUEST, payload)
     assert channel.shareUser == "bob" and h.conn.scheduler.weight("bob") == 3
     with pytest.raises(ValueError):
         unpack_share(b"\x00\x00")
+
+
+def test_a_share_request_from_a_peer_that_may_not_say_it_is_refused_and_kept_nowhere(
+) -> None:
+    """The relay's own connections (a user's, an agent's) refuse ``share@labrelay``:
+    a user who sent it chose her channel's share, and every fresh name she sent stayed
+    in the scheduler's weights (docs/security.md, "Attacks tried")."""
+    h = Harness(linkTCP=StringTransport())
+    assert not h.conn.takesShare
+    channel = h.openFromPeer()
+    for i in range(100):
+        payload = (struct.pack(">L", channel.id) + common.NS(SHARE) + b"\x01"
+                   + pack_share(f"user{i}", 100))
+        h.receive(MSG_CHANNEL_REQUEST, payload)
+    assert len(h.ssh.of(MSG_CHANNEL_FAILURE)) == 100
+    assert channel.shareUser == "" and h.conn.scheduler._weights == {}
 
 
 def test_bytes_queued_before_the_share_request_become_the_users() -> None:
@@ -560,6 +578,7 @@ def test_bytes_queued_before_the_share_request_become_the_users() -> None:
     link = StringTransport()
     link.bufferSize = 65536  # type: ignore[attr-defined]
     h = Harness(linkTCP=link)
+    h.conn.takesShare = True  # an agent's link: the relay's word
     (channel, tcp, _, _) = h.session(peerId=PEER_ID)
     h.conn.pauseProducing()  # congested: what the channel sends waits in the scheduler
     tcp.dataReceived(bytes(16384))
@@ -957,6 +976,29 @@ def test_confirmation_twice_disconnects() -> None:
     confirm(h, channel)
     confirm(h, channel)
     assertProtocolError(h)
+
+
+def test_a_relay_connection_refuses_a_max_packet_below_its_floor() -> None:
+    """The relay's connections (``minPeerMaxPacket``, relay.ssh.server): an open or a
+    confirmation saying less is refused, at the floor it is taken."""
+    from relay.ssh.server import MIN_PEER_MAX_PACKET, RelayConnection
+
+    assert RelayConnection.minPeerMaxPacket == MIN_PEER_MAX_PACKET == 1024
+    h = Harness()
+    h.conn.minPeerMaxPacket = MIN_PEER_MAX_PACKET
+    h.conn.channelFactory = h.bridgedChannel
+    h.receive(MSG_CHANNEL_OPEN, openPacket(7, 1 << 20, 1))
+    h.receive(MSG_CHANNEL_OPEN, openPacket(8, 1 << 20, 1023))
+    assert h.conn.getChannelCalls == 0
+    assert h.ssh.openFailures() == [
+        (7, OPEN_CONNECT_FAILED, b"maximum packet size 1 is below 1024"),
+        (8, OPEN_CONNECT_FAILED, b"maximum packet size 1023 is below 1024")]
+    h.receive(MSG_CHANNEL_OPEN, openPacket(9, 1 << 20, 1024))
+    assert h.conn.getChannelCalls == 1 and MSG_CHANNEL_OPEN_CONFIRMATION in h.ssh.kinds()
+    channel = ourChannel(h)
+    confirm(h, channel, maxPacket=1023)
+    assertProtocolError(h)
+    assert not channel.opened.called
 
 
 def test_confirmation_with_max_packet_zero_disconnects() -> None:

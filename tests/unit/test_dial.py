@@ -132,6 +132,42 @@ def test_certificate_source_reloads_when_the_files_change(tmp_path: Path) -> Non
         CertificateSource(first.cert, second.key)
 
 
+def test_a_missing_certificate_file_is_logged_once_not_per_handshake(tmp_path: Path) -> None:
+    """The files are checked at every handshake, and anyone may start one: while the
+    certificate is gone (a renewal that deletes before it writes, a path moved), the
+    error was one line per handshake, at the pace of whoever connects.  Once until the
+    file is back; the pair in use is kept throughout."""
+    from twisted.logger import globalLogPublisher
+
+    ca = CA(tmp_path / "ca")
+    pair = ca.issue("one")
+    cert, key = tmp_path / "fullchain.pem", tmp_path / "privkey.pem"
+    cert.write_bytes(pair.cert.read_bytes())
+    key.write_bytes(pair.key.read_bytes())
+    source = CertificateSource(cert, key)
+    seen: list[dict[str, object]] = []
+
+    def observe(event: dict[str, object]) -> None:
+        if event.get("event") == "tls_cert_error":
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        cert.unlink()
+        for _ in range(500):
+            assert source.serverConnectionForTLS(object()) is not None
+        assert len(seen) == 1 and seen[0]["path"] == str(cert), seen
+        cert.write_bytes(pair.cert.read_bytes())
+        assert source.serverConnectionForTLS(object()) is not None
+        cert.unlink()  # gone again: a new episode, one more line
+        source.reload()
+        source.reload()
+        assert len(seen) == 2
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert source.loads >= 1 and source.fingerprint
+
+
 def test_dialer_tries_every_route_in_order_then_says_what_each_did() -> None:
     """A connection failure moves on at once; when every route failed the error lists
     each with its reason (a MemoryReactor: nothing really dials)."""

@@ -36,6 +36,7 @@ def test_the_agent_schedules_a_resumed_session_as_its_user_again() -> None:
     sessions = ResumableSessions(clock, 60.0, "link test",
                                  release=lambda: releases.append(clock.seconds()) or True)
     old = FakeSSHConnection()
+    old.takesShare = True  # the agent's link: the relay tags its channels
     ch1 = channel(OPEN_RESUMABLE, old)
     assert ch1.requestReceived(SHARE, pack_share("alice", 2.0)) == 1  # the relay's tag
     side = sessions.open(SID, None, ch1, "web from 10.0.0.9:5000")
