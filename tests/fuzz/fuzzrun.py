@@ -19,6 +19,7 @@ a timeout or the memory limit leaves the input in ``--artifacts`` (``crash-*``,
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import os
 import select
@@ -151,6 +152,7 @@ def start(name: str, target: Callable[[bytes], None], args: argparse.Namespace,
     started = time.monotonic()
     pid = os.fork()
     if pid == 0:  # the child: never returns
+        code = 70
         try:
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
@@ -160,11 +162,18 @@ def start(name: str, target: Callable[[bytes], None], args: argparse.Namespace,
 
             atheris.Setup([sys.argv[0], *libfuzzer], target)
             atheris.Fuzz()
+        except SystemExit as stop:
+            # atheris's way out of a target's uncaught exception.
+            code = stop.code if isinstance(stop.code, int) else 1
         except BaseException:
             traceback.print_exc()
         finally:
+            sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(70)
+            # The C library's exit, not os._exit: libFuzzer's exit handler is what
+            # reports "fuzz target exited" and saves the input as crash-*; and not an
+            # exception unwinding into this (the parent's) loop.
+            ctypes.CDLL(None).exit(code)
     # The wall-clock bound covers libFuzzer's own start-up and a final slow input.
     return Running(name, pid, os.pidfd_open(pid), started,
                    started + args.seconds + args.timeout + 60, log)

@@ -72,3 +72,60 @@ def test_atheris_finds_nothing(tmp_path: Path) -> None:
         assert log.count("stat::number_of_executed_units") == 1, log[-5000:]
         cov = re.search(r"INITED cov: (\d+)", log)
         assert cov and int(cov.group(1)) > 0, log[-5000:]
+
+
+PLANTED = """
+import sys
+sys.path.insert(0, {here!r})
+import fuzzrun
+
+instrumented = fuzzrun.instrumented_targets
+
+
+def with_a_crasher():
+    targets = instrumented()
+
+    def crash(data):
+        if data:
+            raise RuntimeError("planted crash")
+
+    targets["krl"] = crash
+    return targets
+
+
+fuzzrun.instrumented_targets = with_a_crasher
+sys.exit(fuzzrun.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_crash_among_concurrent_targets_is_reported_whole(tmp_path: Path) -> None:
+    """``--jobs 2``: a target that crashes (``krl``, replaced by one that raises) while
+    another runs beside it fails the run, named, with its own log's tail in one piece
+    and its input saved; the other target's result is its own."""
+    if importlib.util.find_spec("atheris") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("atheris is missing (pip install -e '.[test]' on Linux, Python <= 3.12)")
+        pytest.skip("atheris is not installed")
+    script = tmp_path / "planted.py"
+    script.write_text(PLANTED.format(here=str(HERE)))
+    artifacts = tmp_path / "artifacts"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--seconds", "3", "--jobs", "2",
+         "--artifacts", str(artifacts), "--work", str(tmp_path / "work"),
+         "krl", "ssh_wire"],
+        capture_output=True, text=True, timeout=150,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr[-5000:]
+    assert "fuzz: 1 target(s) failed: krl;" in out, out
+    assert out.count("ssh_wire: ok") == 1, out
+    # The crasher's report: its status line, then its own log's tail up to the closing
+    # line, with no other target's output inside.
+    block = re.search(r"^krl: FAILED \(exit \d+\).*?\n--- krl: last lines of .*?\n---$", out,
+                      re.S | re.M)
+    assert block, out
+    assert "planted crash" in block.group(0), out
+    assert "ssh_wire" not in block.group(0), out
+    assert list(artifacts.glob("krl-crash-*")), sorted(artifacts.iterdir())
