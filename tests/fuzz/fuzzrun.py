@@ -243,14 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, action="append", default=[],
                         help="with --replay: these files instead of the corpus")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     targets = {} if args.replay else instrumented_targets()
     known = list(targets) if targets else target_names()
     names = args.targets or known
     unknown = set(names) - set(known)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; known: {known}")
-    if args.jobs < 1:
-        parser.error("--jobs must be at least 1")
     args.artifacts = args.artifacts.resolve()
     if args.replay:
         failed = 0
