@@ -116,6 +116,11 @@ def maybe_arm(transport: Any) -> NativeForward | None:
     """Start the thread for ``transport.nativeCandidate`` (the channel whose data the
     last read carried) if this is the case it is made for (module docstring)."""
     channel, transport.nativeCandidate = transport.nativeCandidate, None
+    if getattr(transport, "_cork", None) is not None:
+        # Packets Python sealed in this read wait in the transport's cork (a CorkGroup
+        # writes them at the read's end): the thread's packets, sealed after them, would
+        # reach the user first and fail her MAC check.  A later read arms it.
+        return None
     if (transport.nativeForward is not None or not _plain_tcp(transport.transport)
             or not native_enabled()):
         return None

@@ -441,3 +441,18 @@ def test_a_connection_inside_tls_is_never_armed(pair: Pair) -> None:
     t = Recorder(nativeCandidate=object(), nativeForward=None, transport=wrapper)
     assert nativeforward.maybe_arm(t) is None and t.nativeCandidate is None
     assert nativeforward._plain_tcp(raw) and not nativeforward._plain_tcp(wrapper)
+
+
+def test_never_armed_while_python_holds_sealed_packets_in_the_cork(pair: Pair) -> None:
+    """Packets Python sealed during the read wait in the transport's cork until the
+    read's end (relay.ssh.aead.CorkGroup); a thread armed meanwhile would write packets
+    sealed after them ahead of them, and the user's ssh would fail the MAC check
+    ("message authentication code incorrect").  Arming waits for a later read: the
+    check comes before anything else is looked at."""
+    from twisted.internet import reactor
+    from twisted.internet.tcp import Connection
+
+    raw = Connection(pair.relay_user, None, reactor)  # type: ignore[arg-type]
+    t = Recorder(nativeCandidate=object(), nativeForward=None, transport=raw,
+                 _cork=[b"sealed, not yet written"])
+    assert nativeforward.maybe_arm(t) is None and t.nativeCandidate is None
