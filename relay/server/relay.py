@@ -413,9 +413,12 @@ class RelayCore(SessionOpening):
         Sessions waiting for the name are handed the registration only once the reply
         was sent (``replied``): before, the agent does not hold its forward as
         registered and refuses a ``forwarded-tcpip`` for it."""
-        if decision.verdict is Verdict.GONE:
-            return False
-        if decision.verdict is Verdict.REFUSED:
+        if decision.verdict in (Verdict.GONE, Verdict.REFUSED):
+            # Nothing waits for this reply: a connection that stops before it is sent
+            # fails ``replied``, which would be an unhandled error (a critical log line).
+            replied.addErrback(lambda _: None)
+            if decision.verdict is Verdict.GONE:
+                return False
             return self._refuse(conn, what, decision.why)
         reg = decision.registration
         assert reg is not None

@@ -213,6 +213,28 @@ def test_waiters_wait_on_when_the_agent_goes_before_its_reply(world: Any) -> Non
     assert not clock.getDelayedCalls()
 
 
+def test_a_refused_newcomer_that_stops_before_its_reply_leaves_no_unhandled_error(
+        world: Any) -> None:
+    """The newcomer is refused (the holder is alive) and its connection stops before
+    the refusal is sent: the reply's Deferred fails, and nothing waited on it, which
+    was an "Unhandled error in Deferred" (a critical line; tests/integration fail on
+    one).  Now the refusal's path takes that failure."""
+    core, _clock, blobs = world
+    holder = _conn(core, blobs, "lab_pc")
+    newcomer = _conn(core, blobs, "lab_pc")
+    newcomer.replies = _holding(newcomer)
+    result_of(_register(core, holder))
+    pending = _register(core, newcomer)
+    holder.probes[0].callback(True)
+    assert isinstance(result_of(pending), RefusedRequest)
+    reply = newcomer.replies[-1]
+    reply.errback(RuntimeError("connection stopped before the reply"))
+    failure = reply.result
+    reply.addErrback(lambda _: None)  # (so that a failing run does not log it too)
+    assert failure is None, "the reply's failure was left unhandled"
+    core.requestLog.stop()
+
+
 def test_waiting_gives_up_after_the_timeout(world: Any) -> None:
     core, clock, _blobs = world
     waiting = core.whenRegistered("gpu-cluster", 22, timeout=10)
