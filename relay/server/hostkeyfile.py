@@ -14,6 +14,7 @@ the relay's identity must not be readable by whoever can read its state director
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.conch.ssh import keys
@@ -41,15 +42,22 @@ def read_host_key(state_dir: Path) -> keys.Key | None:
     path = host_key_path(state_dir)
     if not os.path.lexists(path):
         return None
+    return _read_private(path, _KEYPATH, "host key", _fix, "")
+
+
+def _read_private(path: Path, keypath: str, what: str, fix: Callable[[Path, str], str],
+                  public_hint: str) -> keys.Key:
+    """The private key at ``path`` (the current or the next host key), or ConfigError
+    under ``keypath`` naming the relay's ``what``, ``fix(path, hint)`` for its fix; the
+    message never quotes the file's bytes."""
     try:
         key = parse_key(path, read_key_file(path))
     except IdentityError as e:
-        raise ConfigError(
-            str(path), _KEYPATH, f"the relay's host key {e.problem}",
-            _fix(path, e.hint)) from None
+        raise ConfigError(str(path), keypath, f"the relay's {what} {e.problem}",
+                          fix(path, e.hint)) from None
     if key.isPublic():
-        raise ConfigError(str(path), _KEYPATH, "the relay's host key file holds a public key",
-                          _fix(path, ""))
+        raise ConfigError(str(path), keypath, f"the relay's {what} file holds a public key",
+                          fix(path, public_hint))
     return key
 
 
@@ -64,17 +72,8 @@ def read_next_host_key(path: Path) -> keys.Key:
             str(path), _NEXT_KEYPATH, "the relay's next host key does not exist",
             f"make it as the relay's user: ssh-keygen -t ed25519 -N '' -C "
             f"labrelay-relay-host-key -f {path}; or remove next_host_key")
-    try:
-        key = parse_key(path, read_key_file(path))
-    except IdentityError as e:
-        raise ConfigError(
-            str(path), _NEXT_KEYPATH, f"the relay's next host key {e.problem}",
-            _next_fix(path, e.hint)) from None
-    if key.isPublic():
-        raise ConfigError(str(path), _NEXT_KEYPATH,
-                          "the relay's next host key file holds a public key",
-                          _next_fix(path, "next_host_key names the private key, not its .pub"))
-    return key
+    return _read_private(path, _NEXT_KEYPATH, "next host key", _next_fix,
+                         "next_host_key names the private key, not its .pub")
 
 
 def host_key_problems(state_dir: Path, next_host_key: Path | None = None) -> list[ConfigError]:
