@@ -336,3 +336,58 @@ def test_ssh_config_during_a_rotation_makes_the_swap_need_no_prompt(
     # After the swap, next_host_key gone: ssh-config prints the one (new) key.
     _, lines = _ssh_config_known_hosts(directory / "node.toml", port, client_key.path)
     assert lines == [f"{name} {nxt.public_blob()}"]
+
+
+def test_a_reload_tells_a_connected_agent_which_needs_no_reconnect_before_the_swap(
+        openssh: None, tmp_path: Path, start_process: Callable[..., Any],
+        start_agent: Callable[..., Any], client_key: KeyPair) -> None:
+    """Step 2 with a labrelay agent whose link was up before the reload: the relay
+    tells it again (``hostkeys-again@labrelay``) and it learns the next key on the same
+    connection (no second ``link_connected``); after the swap (a restart on the next
+    key) its link comes back with strict checking and no ``hostkey_refused``."""
+    import os
+    import signal
+
+    directory = tmp_path / "relay"
+    directory.mkdir()
+    users = directory / "users"
+    users.write_text("")
+    agent_key = make_key(tmp_path / "lab_pc", "lab_pc")
+    (directory / "agents").write_text(
+        f'permitlisten="svc:22" {agent_key.public_blob()} lab_pc\n')
+    config_extra = 'agents_file = "agents"\n'
+    relay = _relay(start_process, directory, str(users), extra=config_extra)
+    port = relay.port
+    known = tmp_path / "agent_known_hosts"
+    known.write_text(f"[{LOOPBACK}]:{port} {relay.host_key_blob}\n")
+    agent = start_agent(
+        "-p", str(port), "-i", str(agent_key.path), "-o", f"UserKnownHostsFile={known}",
+        "-o", "StrictHostKeyChecking=yes", "--backoff-initial", "0.2", "--backoff-max", "1",
+        "-R", "svc:22:127.0.0.1:9", f"lab_pc@{LOOPBACK}", name="agent")
+    agent.wait_for("link_connected", timeout=20)
+    connected = agent.mark()
+
+    nxt = make_key(tmp_path / "next" / "ssh_host_ed25519_key", "labrelay-relay-host-key")
+    config = directory / "node.toml"
+    config.write_text(config.read_text() + f'next_host_key = "{nxt.path}"\n')
+    mark = relay.mark()
+    os.kill(relay.pid, signal.SIGHUP)
+    change = relay.wait_for("reload_change", since=mark,
+                            change=lambda c: nxt.fingerprint() in c)
+    assert "told again to 1 connected labrelay agent" in change["change"], change
+    learned = agent.wait_for("link_hostkey_learned", timeout=20, since=connected)
+    assert learned["fingerprint"] == nxt.fingerprint()
+    assert not agent.events("link_connected", since=connected)  # the same link learned it
+    assert not agent.events("link_lost", since=connected)
+    assert len(known.read_text().splitlines()) == 2
+
+    relay.proc.stop()
+    state_key = directory / "state" / "ssh_host_ed25519_key"
+    state_key.write_bytes(nxt.path.read_bytes())
+    state_key.chmod(0o600)
+    state_key.with_name(state_key.name + ".pub").write_text(nxt.public + "\n")
+    mark = agent.mark()
+    swapped = _relay(start_process, directory, str(users), port=port, extra=config_extra)
+    assert swapped.host_key_blob == nxt.public_blob()
+    agent.wait_for("link_connected", timeout=30, since=mark)
+    assert not agent.events("hostkey_refused", since=mark)
