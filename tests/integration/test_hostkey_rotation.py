@@ -340,12 +340,16 @@ def test_ssh_config_during_a_rotation_makes_the_swap_need_no_prompt(
 
 def test_a_reload_tells_a_connected_agent_which_needs_no_reconnect_before_the_swap(
         openssh: None, tmp_path: Path, start_process: Callable[..., Any],
-        start_agent: Callable[..., Any], client_key: KeyPair) -> None:
+        start_agent: Callable[..., Any], start_ssh: Callable[..., Any],
+        client_key: KeyPair) -> None:
     """Step 2 with a labrelay agent whose link was up before the reload: the relay
     tells it again (``hostkeys-again@labrelay``) and it learns the next key on the same
     connection (no second ``link_connected``); after the swap (a restart on the next
-    key) its link comes back with strict checking and no ``hostkey_refused``."""
+    key) its link comes back with strict checking and no ``hostkey_refused``.  A stock
+    ``ssh -R`` agent connected at the reload is not told again (OpenSSH ends a
+    connection told ``hostkeys-00`` twice) and stays connected."""
     import os
+    import re
     import signal
 
     directory = tmp_path / "relay"
@@ -353,13 +357,25 @@ def test_a_reload_tells_a_connected_agent_which_needs_no_reconnect_before_the_sw
     users = directory / "users"
     users.write_text("")
     agent_key = make_key(tmp_path / "lab_pc", "lab_pc")
+    stock_key = make_key(tmp_path / "lab_stock", "lab_stock")
     (directory / "agents").write_text(
-        f'permitlisten="svc:22" {agent_key.public_blob()} lab_pc\n')
-    config_extra = 'agents_file = "agents"\n'
+        f'permitlisten="svc:22" {agent_key.public_blob()} lab_pc\n'
+        f'permitlisten="svc2:22" {stock_key.public_blob()} lab_stock\n')
+    config_extra = 'agents_file = "agents"\nkeepalive_interval = 1\n'
     relay = _relay(start_process, directory, str(users), extra=config_extra)
     port = relay.port
     known = tmp_path / "agent_known_hosts"
     known.write_text(f"[{LOOPBACK}]:{port} {relay.host_key_blob}\n")
+    stock_known = tmp_path / "stock_known_hosts"
+    stock_known.write_text(known.read_text())
+    stock = start_ssh(
+        [find_program("ssh") or "ssh", "-F", "/dev/null", "-v", "-N", "-p", str(port),
+         "-i", str(stock_key.path), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+         "-o", f"UserKnownHostsFile={stock_known}", "-o", "GlobalKnownHostsFile=/dev/null",
+         "-o", "StrictHostKeyChecking=yes", "-o", "UpdateHostKeys=yes",
+         "-o", "ExitOnForwardFailure=yes", "-R", "svc2:22:127.0.0.1:9",
+         f"lab_stock@{LOOPBACK}"], name="stock-ssh-R")
+    stock.wait_stderr(r"remote forward success")
     agent = start_agent(
         "-p", str(port), "-i", str(agent_key.path), "-o", f"UserKnownHostsFile={known}",
         "-o", "StrictHostKeyChecking=yes", "--backoff-initial", "0.2", "--backoff-max", "1",
@@ -371,6 +387,7 @@ def test_a_reload_tells_a_connected_agent_which_needs_no_reconnect_before_the_sw
     config = directory / "node.toml"
     config.write_text(config.read_text() + f'next_host_key = "{nxt.path}"\n')
     mark = relay.mark()
+    stock_mark = stock.stderr.mark()
     os.kill(relay.pid, signal.SIGHUP)
     change = relay.wait_for("reload_change", since=mark,
                             change=lambda c: nxt.fingerprint() in c)
@@ -380,6 +397,15 @@ def test_a_reload_tells_a_connected_agent_which_needs_no_reconnect_before_the_sw
     assert not agent.events("link_connected", since=connected)  # the same link learned it
     assert not agent.events("link_lost", since=connected)
     assert len(known.read_text().splitlines()) == 2
+    # The stock agent was not counted nor told: a keepalive the relay sends it after
+    # the reload (in order on its connection) is answered, and it heard one hostkeys-00.
+    stock.stderr.wait_for(r"rtype keepalive@openssh\.com", timeout=20,
+                          since=stock_mark, what="stock ssh -R")
+    assert stock.proc.poll() is None, stock.stderr.text()
+    requests = re.findall(r"client_input_global_request: rtype (\S+)", stock.stderr.text())
+    assert requests.count("hostkeys-00@openssh.com") == 1, requests
+    assert not [r for r in requests if r.endswith("@labrelay")], requests
+    assert stock_known.read_text() == known.read_text().splitlines()[0] + "\n"
 
     relay.proc.stop()
     state_key = directory / "state" / "ssh_host_ed25519_key"
