@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ssh-config", help="print a relay user's ~/.ssh/config snippet",
         description="Print the ~/.ssh/config entries one user of a labrelay relay needs: "
         "the relay, a ProxyJump Host per ssh service they are granted, LocalForward "
-        "lines for the others, and the relay's host key. Run it where the relay's "
+        "lines for the others, and the relay's host key (and, while [relay] "
+        "next_host_key is set, the key it will switch to). Run it where the relay's "
         "config (and state dir) are.",
     )
     sshcfg.add_argument("--config", required=True, metavar="FILE",
@@ -504,6 +505,7 @@ def cmd_ssh_config(ns: argparse.Namespace) -> int:
     from relay.user.sshconfig import (
         check_alias,
         fast_path_note,
+        next_host_key_line,
         relay_address,
         relay_host_key_line,
         render,
@@ -525,11 +527,18 @@ def cmd_ssh_config(ns: argparse.Namespace) -> int:
     if tls_port == 0:
         tls = config.relay.tls
         tls_port = tls.listen.port if tls is not None and tls.listen.port else 443
+    next_path = config.relay.next_host_key
+    next_line = None if next_path is None else next_host_key_line(next_path)
     print(render(user=user.name, relay_host=host, relay_port=relay_port,
                  services=user.services, identity=ns.identity,
-                 host_key_line=relay_host_key_line(config.relay.state_dir), fast=fast,
+                 host_key_line=relay_host_key_line(config.relay.state_dir),
+                 next_host_key_line=next_line, fast=fast,
                  tls_port=tls_port, tls_ca_file=ns.tls_ca_file, alias=alias),
           end="")
+    if next_path is not None and next_line is None:
+        print(f"labrelay ssh-config: the next host key {next_path} (relay.next_host_key) "
+              "cannot be read here, nor its .pub: its known_hosts line is not printed; "
+              "run this as the relay's user", file=sys.stderr)
     note = fast_path_note(user.services, fast, alias) if tls_port is None else None
     if note is not None:
         print(f"labrelay ssh-config: {note}", file=sys.stderr)

@@ -90,6 +90,7 @@ RELAY_KEYS = {
     "public_wait": "public_wait = 10",
     "public_max_connections": "public_max_connections = 512",
     "public_max_per_source": "public_max_per_source = 128",
+    "public_per_source_exempt": 'public_per_source_exempt = ["198.51.100.7", "2001:db8:5::/48"]',
     "early_confirm": "early_confirm = true",
     "resume_grace": "resume_grace = 60",
     "resume_max_sessions": "resume_max_sessions = 512",

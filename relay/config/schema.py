@@ -414,6 +414,10 @@ class RelayConfig:
     #: Open connections from one source (address, or its per_source_netblock network)
     #: to one public port; 0: no per-source cap.  Read at each accept: live on reload.
     public_max_per_source: int = 128
+    #: Addresses or networks whose connections to a public port are not counted
+    #: against their source (only in the total): a lab's NAT, a monitoring host.  Not
+    #: ``penalty_exempt``, which is about penalties (relay.server.public).  Live on reload.
+    public_per_source_exempt: tuple[IPNetwork, ...] = ()
     #: Confirm a user's ``direct-tcpip`` channel as soon as it is admitted, when its
     #: service's agent is connected and its last open succeeded, and hold the user's
     #: first bytes (within the channel's window) until the agent's side is open: one

@@ -199,6 +199,12 @@ class SessionTable:
     def totals(self, service: str) -> ServiceTotals:
         return self._services.get(service) or ServiceTotals()
 
+    def session_counts(self, service: str) -> tuple[int, int]:
+        """``(open, opened in all)`` for ``service``, with nothing made: the status
+        snapshot asks it for each of possibly thousands of registrations per request."""
+        t = self._services.get(service)
+        return (0, 0) if t is None else (len(t.active), t.sessions_total)
+
     def per_service(self) -> dict[str, dict[str, int]]:
         """Per service ever seen: sessions opened and open, bytes each way (ended and live)."""
         return _summed(self._services)

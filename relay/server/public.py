@@ -20,14 +20,22 @@ logged once per burst and port, and counted (``connections_refused_public_per_so
 Without it one address could take every slot the cap above leaves and lock everyone
 else out of a port the agent published for many (a shared Jupyter).  Loopback is not
 exempt: a reverse proxy on the relay host that funnels everyone through 127.0.0.1 must
-raise the cap (or set 0, no per-source cap).  Both settings are read at each accept, so
-a reload applies them to the next connection.
+raise the cap (or set 0, no per-source cap), or list 127.0.0.1 in
+``public_per_source_exempt``: addresses (a lab's own NAT, a monitoring host) whose
+connections count in the total only, never against a source.  That list is its own,
+not ``penalty_exempt``: a network is exempted from penalties when its failures are not
+attacks, which says nothing of how many connections it may hold, and the docs advise
+exempting from penalties a NAT shared with an attacker, who would then get back the
+lockout this cap closes (docs/security.md).  All three settings are read at each
+accept, so a reload applies them to the next connection.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet import defer
@@ -35,7 +43,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.config.schema import RelayConfig
+from relay.config.schema import IPNetwork, RelayConfig
 from relay.core.admission import Admission
 from relay.core.burstlog import BurstLog
 from relay.core.routing import PUBLIC, Registration, Registry
@@ -79,6 +87,29 @@ class _PublicSide(TCPSide):
         super().connectionLost(reason)
 
 
+@dataclass(frozen=True)
+class PublicSlot:
+    """An admitted public connection's place: ``source`` is what it counts against
+    (``public_max_per_source``), None for a ``public_per_source_exempt`` address."""
+
+    source: str | None
+
+
+def per_source_exempt(host: str, networks: Sequence[IPNetwork]) -> bool:
+    """Whether a connection from ``host`` is left out of ``public_max_per_source``
+    (``[relay] public_per_source_exempt``): its address, an IPv4-mapped IPv6 address as
+    IPv4, is in one of ``networks``.  A host that is not an address is not exempt."""
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
 class _PublicFactory(SideFactory):
     """A public port's listener: past the cap a connection is closed at accept
     (``buildProtocol`` returns None), before it is bridged or read."""
@@ -88,13 +119,13 @@ class _PublicFactory(SideFactory):
         self.ports, self.port = ports, port
 
     def buildProtocol(self, addr: Any) -> TCPSide | None:  # type: ignore[override]
-        if not self.ports.admit(self.port, addr):
+        slot = self.ports.admit(self.port, addr)
+        if slot is None:
             return None
         side = _PublicSide()
         side.onConnected = self._on_connected
         side.factory = self
-        source = self.ports.source_of(addr)
-        side.released = lambda: self.ports.release(self.port, source)
+        side.released = lambda: self.ports.release(self.port, slot.source)
         return side
 
 
@@ -169,15 +200,20 @@ class PublicPorts:
         source, _ = self.relay.admission.source(str(getattr(addr, "host", "?")))
         return source
 
-    def admit(self, port: int, addr: Any) -> bool:
-        """Whether a new connection to public ``port`` may open (counted if so)."""
+    def admit(self, port: int, addr: Any) -> PublicSlot | None:
+        """The slot a new connection to public ``port`` takes (counted), or None when
+        it must be closed at accept.  A connection from ``public_per_source_exempt``
+        counts in the total only, not against its source (read at each accept)."""
         config = self.relay.config
         cap = public_connection_cap(config.public_max_connections)
         origin = f"{getattr(addr, 'host', '?')}:{getattr(addr, 'port', 0)}"
         if self.open >= cap:
             self.relay.counters["sessions_refused"] += 1
             self.capLog.failed(f"{port} {origin} {cap}")
-            return False
+            return None
+        if per_source_exempt(str(getattr(addr, "host", "")), config.public_per_source_exempt):
+            self.open += 1
+            return PublicSlot(None)
         source = self.source_of(addr)
         held = self.bySource.get((port, source), 0)
         per_source = config.public_max_per_source
@@ -185,13 +221,16 @@ class PublicPorts:
             self.relay.counters["sessions_refused"] += 1
             self.relay.counters["connections_refused_public_per_source"] += 1
             self._sourceLog(port).failed(f"{origin} {source} {per_source}")
-            return False
+            return None
         self.open += 1
         self.bySource[(port, source)] = held + 1
-        return True
+        return PublicSlot(source)
 
-    def release(self, port: int, source: str) -> None:
+    def release(self, port: int, source: str | None) -> None:
+        """Give back a slot :meth:`admit` gave (``source``: its :class:`PublicSlot`'s)."""
         self.open -= 1
+        if source is None:
+            return  # an exempt connection: counted in the total only
         left = self.bySource[(port, source)] - 1
         if left:
             self.bySource[(port, source)] = left

@@ -79,7 +79,8 @@ class RelayService(MultiService):
 
     def setNextHostKey(self, path: Any) -> str:
         """Announce ``path``'s key (or none) to the clients that log in from now on,
-        beside the current key (a reload of ``[relay] next_host_key``).  A key that
+        beside the current key (a reload of ``[relay] next_host_key``), and again to the
+        labrelay agents connected now.  A key that
         cannot be read now (it changed since the reload's check) keeps the running one,
         and says so."""
         from relay.server.hostkeyfile import read_next_host_key
@@ -94,8 +95,15 @@ class RelayService(MultiService):
         self.factory.hostKeyProver = HostKeyProver(
             [*self.factory.privateKeys.values(), *next_keys])
         self.next_fingerprints = [fingerprint_sha256(k.public()) for k in next_keys]
+        # Logins from now on are told at login; labrelay agents already connected are
+        # told again now (hostkeys-again@labrelay), so that they need not reconnect
+        # before the swap.  Stock clients connected now learn it at their next login.
+        told = sum(1 for conn in list(self.core.connections) if conn.reannounceHostKeys())
+        if not next_keys:
+            return "relay: no next host key"
         return ("relay: next host key " + " ".join(self.next_fingerprints)
-                + " announced to clients") if next_keys else "relay: no next host key"
+                + f" announced to clients (told again to {told} connected labrelay "
+                + ("agent)" if told == 1 else "agents)"))
 
     def reloadCertificates(self) -> bool:
         """Read the TLS certificate files again if they changed (a reload signal may

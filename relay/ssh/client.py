@@ -54,6 +54,7 @@ from relay.ssh.guard import PeerInputGuard
 from relay.ssh.hostkeys import HostKeyError, HostKeyVerifier, fingerprint_sha256
 from relay.ssh.hostkeyupdate import (
     HOSTKEYS,
+    HOSTKEYS_AGAIN,
     HOSTKEYS_PROVE,
     ProveRefused,
     pack_blobs,
@@ -327,6 +328,7 @@ class LinkConnection(FlowConnection):
         # The relay's request-refused@labrelay, for the very next global reply only.
         self._refusal: RefusalNote | None = None
         self._hostKeysSeen = False  # the relay's hostkeys-00@openssh.com was handled
+        self._proving = False  # a hostkeys-prove-00 of ours awaits the relay's answer
 
     @property
     def link_transport(self) -> LinkTransport:
@@ -373,9 +375,12 @@ class LinkConnection(FlowConnection):
         if requestType == HOSTKEYS:
             self._hostKeysAnnounced(data)
             return 1
+        if requestType == HOSTKEYS_AGAIN:
+            self._hostKeysAnnounced(data, again=True)
+            return 1
         return super().gotGlobalRequest(requestType, data)
 
-    def _hostKeysAnnounced(self, data: bytes) -> None:
+    def _hostKeysAnnounced(self, data: bytes, again: bool = False) -> None:
         """``hostkeys-00@openssh.com``: the relay's keys, its next one among them when a
         rotation is under way (relay.ssh.hostkeyupdate).  As ssh's ``UpdateHostKeys``:
         the keys the agent's known_hosts lacks are asked to be proven and, once their
@@ -385,10 +390,18 @@ class LinkConnection(FlowConnection):
         (``learnHostKeys``; not ``labrelay connect``).  Nothing is removed.  A key the agent will
         not learn (a pin, a global file) is logged with the line to add, so that an
         operator gives it before the relay switches (docs/operations.md, rotating the
-        host key); each key once in the link's life."""
-        if self._hostKeysSeen:
-            return  # one per connection, as sshd sends it (ssh ends a connection on a second)
-        self._hostKeysSeen = True
+        host key); each key once in the link's life.
+
+        ``again``: the relay's ``hostkeys-again@labrelay``, sent to its connected agents
+        after a reload changed its keys; handled as the first announcement, as often as
+        it comes, but not while a proof is awaited: at most one proof request of the
+        agent's is out at a time, each for the keys still missing."""
+        if again and self._proving:
+            return
+        if not again:
+            if self._hostKeysSeen:
+                return  # one per connection, as sshd sends it (ssh ends one told twice)
+            self._hostKeysSeen = True
         try:
             blobs = unpack_blobs(data)
         except ProveRefused:
@@ -397,7 +410,9 @@ class LinkConnection(FlowConnection):
         learn = ([b for b in verifier.learnable(blobs) if _usable_host_key(b) is not None]
                  if getattr(self.link, "learnHostKeys", False) else [])
         if learn and self.transport is not None:
+            self._proving = True
             d = self.sendGlobalRequest(HOSTKEYS_PROVE, pack_blobs(learn), wantReply=1)
+            d.addBoth(self._proofAnswered)
             sid = bytes(getattr(self.transport, "sessionID", b"") or b"")
             d.addCallbacks(self._hostKeysProved, self._hostKeysNotProved,
                            callbackArgs=(learn, sid))
@@ -413,6 +428,10 @@ class LinkConnection(FlowConnection):
                 "{line}", event="link_hostkey_announced", link=self.link.name,
                 fingerprint=fingerprint_sha256(key), line=line,
             )
+
+    def _proofAnswered(self, result: Any) -> Any:
+        self._proving = False
+        return result
 
     def _hostKeysProved(self, packet: bytes, blobs: list[bytes], sid: bytes) -> None:
         """The relay's proof: one signature per key asked, in order, each over this

@@ -33,6 +33,15 @@ from twisted.conch.ssh import common, keys
 
 HOSTKEYS = b"hostkeys-00@openssh.com"
 HOSTKEYS_PROVE = b"hostkeys-prove-00@openssh.com"
+HOSTKEYS_AGAIN = b"hostkeys-again@labrelay"
+"""Relay -> labrelay agent, no reply wanted: the payload of ``hostkeys-00@openssh.com``
+again, after a reload changed the relay's keys (``next_host_key``).  OpenSSH's client
+ends a connection told ``hostkeys-00`` twice, so the relay announces that once, at
+login, as sshd does; an agent whose link was up before the reload would learn the next
+key only when it reconnects.  This one goes only to agents whose version line is
+labrelay's, under a name of its own: a peer that does not know it (an older agent, a
+stock ``ssh -R`` taken for one) ignores it, as an unknown request with no reply wanted.
+The agent answers it as the first announcement: proves and records the keys it lacks."""
 
 MAX_PROVE_KEYS = 16
 """Blobs a prove request may list.  The relay holds two keys at most (the current and

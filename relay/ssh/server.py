@@ -40,7 +40,7 @@ from zope.interface import implementer
 
 from relay.core.admission import Offence, Stage, Ticket, worst
 from relay.core.certs import is_certificate
-from relay.core.grants import USER
+from relay.core.grants import AGENT, USER
 from relay.core.keepalive import KeepaliveMonitor
 from relay.core.resume import (
     OPEN_RESUMABLE,
@@ -59,7 +59,7 @@ from relay.ssh.connection import (
     FlowConnection,
 )
 from relay.ssh.guard import PeerInputGuard, client_first_line_refusal
-from relay.ssh.hostkeyupdate import HOSTKEYS, HostKeyProver
+from relay.ssh.hostkeyupdate import HOSTKEYS, HOSTKEYS_AGAIN, HostKeyProver
 from relay.ssh.kex import (
     KEX_PACE_BURST,
     KEX_PACE_RATE,
@@ -544,6 +544,20 @@ class RelayConnection(FlowConnection):
         prover: HostKeyProver | None = getattr(factory, "hostKeyProver", None)
         if prover is not None:
             self.sendGlobalRequest(HOSTKEYS, prover.announcement(), wantReply=0)
+
+    def reannounceHostKeys(self) -> bool:
+        """Tell a connected labrelay agent the relay's keys again
+        (``hostkeys-again@labrelay``), after a reload changed them: so that a rotation
+        does not need agents to reconnect before the swap.  Only to an agent whose
+        version line is labrelay's (a stock ``ssh -R`` agent, or any user, hears nothing
+        new; OpenSSH ends a connection told ``hostkeys-00`` twice).  True if sent."""
+        factory = getattr(self.transport, "factory", None)
+        prover: HostKeyProver | None = getattr(factory, "hostKeyProver", None)
+        if (prover is None or self._stopped or self.identity.kind != AGENT
+                or not policy.labrelay_peer(getattr(self.transport, "otherVersionString", None))):
+            return False
+        self.sendGlobalRequest(HOSTKEYS_AGAIN, prover.announcement(), wantReply=0)
+        return True
 
     def proveHostKeys(self, data: bytes) -> tuple[bool, bytes]:
         """The answer to ``hostkeys-prove-00@openssh.com``: success with a signature

@@ -4,7 +4,10 @@ Users of a labrelay relay need nothing but stock OpenSSH.  This prints, for one
 user, a ``Host`` entry for the relay itself and one per ssh service they are
 granted (reached by name through ``ProxyJump``), plus ``LocalForward`` lines for
 their other services, and the relay's host key for ``known_hosts`` so the first
-connection is verified instead of trusted blindly.
+connection is verified instead of trusted blindly.  While a host key rotation is under
+way (``[relay] next_host_key``) it prints the next key's line too: a user who adds both
+logs in with no prompt after the relay switches, whether or not their ssh learns keys
+by itself (``UpdateHostKeys``; docs/operations.md, rotating the host key).
 
 A service on the fast path gets two entries that work with and without labrelay
 installed: a ``Match originalhost NAME exec "command -v labrelay"`` block with
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from relay.config.errors import ConfigError
 from relay.config.schema import ALPN_SSH, ServiceGrant
+from relay.ssh.identity import IdentityError, parse_key, read_key_file
 
 RELAY_ALIAS = "labrelay"
 
@@ -35,6 +39,7 @@ def render(
     services: Iterable[ServiceGrant],
     identity: str = "~/.ssh/id_ed25519",
     host_key_line: str | None = None,
+    next_host_key_line: str | None = None,
     known_hosts: str = "~/.ssh/known_hosts",
     fast: Iterable[ServiceGrant] = (),
     config_file: str | None = None,
@@ -43,7 +48,10 @@ def render(
     tls_connect: str | None = None,
     alias: str = RELAY_ALIAS,
 ) -> str:
-    """The snippet, as text.  ``host_key_line`` is ``"ssh-ed25519 AAAA..."``.
+    """The snippet, as text.  ``host_key_line`` is ``"ssh-ed25519 AAAA..."``;
+    ``next_host_key_line`` the key the relay will switch to (its ``next_host_key``),
+    printed as a second known_hosts line: ssh accepts a host key when any line for
+    the host matches, so both lines make the switch need no prompt.
 
     Services matched by ``fast`` (the relay's ``e2e_services``, when it has a data
     port) are reached with ``ProxyCommand labrelay connect`` (the fast path) where
@@ -73,6 +81,12 @@ def render(
         lines += [
             f"# The relay's host key; add it to {known_hosts} once:",
             f"#   echo '{kh_name} {host_key_line}' >> {known_hosts}",
+        ]
+    if next_host_key_line and next_host_key_line != host_key_line:
+        lines += [
+            "# and the key it will switch to (a host key rotation is under way), so that",
+            "# the switch needs no prompt:",
+            f"#   echo '{kh_name} {next_host_key_line}' >> {known_hosts}",
         ]
     lines += [
         "",
@@ -190,6 +204,23 @@ def fast_path_note(services: Iterable[ServiceGrant], fast: Iterable[ServiceGrant
         return None
     return (f"{', '.join(names)}: the fast path (ProxyCommand labrelay connect) where "
             f"labrelay is installed, else ProxyJump {alias}; both entries are written")
+
+
+def next_host_key_line(path: Path) -> str | None:
+    """``"ssh-ed25519 AAAA..."`` of the relay's ``next_host_key`` (a private key file):
+    the public half of the key itself where it is readable here (what the relay
+    announces), else its ``.pub``; None if neither can be read."""
+    try:
+        key = parse_key(path, read_key_file(path))
+    except IdentityError:
+        key = None
+    if key is not None and not key.isPublic():
+        return key.public().toString("OPENSSH").decode("ascii")
+    try:
+        fields = path.with_name(path.name + ".pub").read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return " ".join(fields[:2]) if len(fields) >= 2 else None
 
 
 def relay_host_key_line(state_dir: Path) -> str | None:

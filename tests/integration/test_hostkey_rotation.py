@@ -257,3 +257,163 @@ def test_a_reload_announces_the_next_key_without_a_restart(
     wait_until(lambda: _keys_for(known, port) == {relay.host_key_blob, nxt.public_blob()},
                "ssh to write the next key into its known_hosts")
     assert relay.pid == relay.proc.pid and relay.proc.returncode is None  # no restart
+
+
+def _ssh_config_known_hosts(config: Path, port: int, identity: Path) -> tuple[str, list[str]]:
+    """``labrelay ssh-config`` for alice on the relay's config, as an operator runs it:
+    its snippet, and the known_hosts lines it tells the user to add."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from relay_fixtures import child_env
+
+    out = subprocess.run(
+        [sys.executable, "-m", "relay", "ssh-config", "--config", str(config), "--user",
+         "alice", "--host", f"{LOOPBACK}:{port}", "--identity", str(identity)],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        env={**os.environ, **child_env()})
+    assert out.returncode == 0, out.stderr
+    return out.stdout, re.findall(r"^#   echo '([^']*)' >> ~/\.ssh/known_hosts$",
+                                  out.stdout, re.M)
+
+
+def test_ssh_config_during_a_rotation_makes_the_swap_need_no_prompt(
+        openssh: None, tmp_path: Path, start_process: Callable[..., Any],
+        start_ssh: Callable[..., Any], client_key: KeyPair) -> None:
+    """A user set up with ``labrelay ssh-config`` while ``next_host_key`` is set gets the
+    next key's known_hosts line too: after the swap (a restart on the next key) a stock
+    ssh with StrictHostKeyChecking=yes, BatchMode and ``UpdateHostKeys=no`` (so nothing
+    is learned: only the printed lines count) logs in through the printed ``Host``
+    entry with no prompt.  The control, a user who added only the first line (what
+    ssh-config printed before), is refused after the swap."""
+    directory = tmp_path / "relay"
+    directory.mkdir()
+    users = directory / "users"
+    users.write_text(f'permitopen="gpu-cluster:22" {client_key.public_blob()} alice\n')
+    nxt = make_key(tmp_path / "next" / "ssh_host_ed25519_key", "labrelay-relay-host-key")
+    relay = _relay(start_process, directory, str(users), next_key=nxt.path)
+    port = relay.port
+    snippet, lines = _ssh_config_known_hosts(directory / "node.toml", port, client_key.path)
+    name = f"[{LOOPBACK}]:{port}"
+    assert lines == [f"{name} {relay.host_key_blob}", f"{name} {nxt.public_blob()}"], snippet
+    assert "rotation is under way" in snippet
+    known = tmp_path / "alice_known_hosts"
+    known.write_text("".join(line + "\n" for line in lines))
+    first_only = tmp_path / "old_setup_known_hosts"
+    first_only.write_text(lines[0] + "\n")
+    cfg = tmp_path / "alice_ssh_config"
+    cfg.write_text(snippet)
+
+    def ssh(known_hosts: Path) -> list[str]:
+        return [find_program("ssh") or "ssh", "-F", str(cfg), "-v", "-N",
+                "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={known_hosts}",
+                "-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes",
+                "-o", "UpdateHostKeys=no", "-o", "ConnectTimeout=10", "labrelay"]
+
+    before = start_ssh(ssh(known), name="ssh-before-swap")
+    before.wait_stderr(r"Authenticated to")
+    before.stop()
+
+    relay.proc.stop()
+    state_key = directory / "state" / "ssh_host_ed25519_key"
+    state_key.write_bytes(nxt.path.read_bytes())
+    state_key.chmod(0o600)
+    state_key.with_name(state_key.name + ".pub").write_text(nxt.public + "\n")
+    swapped = _relay(start_process, directory, str(users), port=port)
+    assert swapped.host_key_blob == nxt.public_blob()
+
+    after = start_ssh(ssh(known), name="ssh-after-swap")
+    after.wait_stderr(r"Authenticated to")
+    after.stop()
+    assert "IDENTIFICATION HAS CHANGED" not in after.stderr.text()
+    assert known.read_text() == "".join(line + "\n" for line in lines)  # nothing learned
+
+    refused = start_ssh(ssh(first_only), name="ssh-first-line-only")
+    refused.wait_stderr(r"REMOTE HOST IDENTIFICATION HAS CHANGED|Host key verification failed")
+
+    # After the swap, next_host_key gone: ssh-config prints the one (new) key.
+    _, lines = _ssh_config_known_hosts(directory / "node.toml", port, client_key.path)
+    assert lines == [f"{name} {nxt.public_blob()}"]
+
+
+def test_a_reload_tells_a_connected_agent_which_needs_no_reconnect_before_the_swap(
+        openssh: None, tmp_path: Path, start_process: Callable[..., Any],
+        start_agent: Callable[..., Any], start_ssh: Callable[..., Any],
+        client_key: KeyPair) -> None:
+    """Step 2 with a labrelay agent whose link was up before the reload: the relay
+    tells it again (``hostkeys-again@labrelay``) and it learns the next key on the same
+    connection (no second ``link_connected``); after the swap (a restart on the next
+    key) its link comes back with strict checking and no ``hostkey_refused``.  A stock
+    ``ssh -R`` agent connected at the reload is not told again (OpenSSH ends a
+    connection told ``hostkeys-00`` twice) and stays connected."""
+    import os
+    import re
+    import signal
+
+    directory = tmp_path / "relay"
+    directory.mkdir()
+    users = directory / "users"
+    users.write_text("")
+    agent_key = make_key(tmp_path / "lab_pc", "lab_pc")
+    stock_key = make_key(tmp_path / "lab_stock", "lab_stock")
+    (directory / "agents").write_text(
+        f'permitlisten="svc:22" {agent_key.public_blob()} lab_pc\n'
+        f'permitlisten="svc2:22" {stock_key.public_blob()} lab_stock\n')
+    config_extra = 'agents_file = "agents"\nkeepalive_interval = 1\n'
+    relay = _relay(start_process, directory, str(users), extra=config_extra)
+    port = relay.port
+    known = tmp_path / "agent_known_hosts"
+    known.write_text(f"[{LOOPBACK}]:{port} {relay.host_key_blob}\n")
+    stock_known = tmp_path / "stock_known_hosts"
+    stock_known.write_text(known.read_text())
+    stock = start_ssh(
+        [find_program("ssh") or "ssh", "-F", "/dev/null", "-v", "-N", "-p", str(port),
+         "-i", str(stock_key.path), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+         "-o", f"UserKnownHostsFile={stock_known}", "-o", "GlobalKnownHostsFile=/dev/null",
+         "-o", "StrictHostKeyChecking=yes", "-o", "UpdateHostKeys=yes",
+         "-o", "ExitOnForwardFailure=yes", "-R", "svc2:22:127.0.0.1:9",
+         f"lab_stock@{LOOPBACK}"], name="stock-ssh-R")
+    stock.wait_stderr(r"remote forward success")
+    agent = start_agent(
+        "-p", str(port), "-i", str(agent_key.path), "-o", f"UserKnownHostsFile={known}",
+        "-o", "StrictHostKeyChecking=yes", "--backoff-initial", "0.2", "--backoff-max", "1",
+        "-R", "svc:22:127.0.0.1:9", f"lab_pc@{LOOPBACK}", name="agent")
+    agent.wait_for("link_connected", timeout=20)
+    connected = agent.mark()
+
+    nxt = make_key(tmp_path / "next" / "ssh_host_ed25519_key", "labrelay-relay-host-key")
+    config = directory / "node.toml"
+    config.write_text(config.read_text() + f'next_host_key = "{nxt.path}"\n')
+    mark = relay.mark()
+    stock_mark = stock.stderr.mark()
+    os.kill(relay.pid, signal.SIGHUP)
+    change = relay.wait_for("reload_change", since=mark,
+                            change=lambda c: nxt.fingerprint() in c)
+    assert "told again to 1 connected labrelay agent" in change["change"], change
+    learned = agent.wait_for("link_hostkey_learned", timeout=20, since=connected)
+    assert learned["fingerprint"] == nxt.fingerprint()
+    assert not agent.events("link_connected", since=connected)  # the same link learned it
+    assert not agent.events("link_lost", since=connected)
+    assert len(known.read_text().splitlines()) == 2
+    # The stock agent was not counted nor told: a keepalive the relay sends it after
+    # the reload (in order on its connection) is answered, and it heard one hostkeys-00.
+    stock.stderr.wait_for(r"rtype keepalive@openssh\.com", timeout=20,
+                          since=stock_mark, what="stock ssh -R")
+    assert stock.proc.poll() is None, stock.stderr.text()
+    requests = re.findall(r"client_input_global_request: rtype (\S+)", stock.stderr.text())
+    assert requests.count("hostkeys-00@openssh.com") == 1, requests
+    assert not [r for r in requests if r.endswith("@labrelay")], requests
+    assert stock_known.read_text() == known.read_text().splitlines()[0] + "\n"
+
+    relay.proc.stop()
+    state_key = directory / "state" / "ssh_host_ed25519_key"
+    state_key.write_bytes(nxt.path.read_bytes())
+    state_key.chmod(0o600)
+    state_key.with_name(state_key.name + ".pub").write_text(nxt.public + "\n")
+    mark = agent.mark()
+    swapped = _relay(start_process, directory, str(users), port=port, extra=config_extra)
+    assert swapped.host_key_blob == nxt.public_blob()
+    agent.wait_for("link_connected", timeout=30, since=mark)
+    assert not agent.events("hostkey_refused", since=mark)

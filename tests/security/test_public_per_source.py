@@ -85,3 +85,54 @@ def test_one_source_cannot_take_every_slot_of_a_public_port(
     finally:
         for s in held + others:
             s.close()
+
+
+def test_an_exempt_address_holds_more_than_the_per_source_cap_after_a_reload(
+    start_relay: Callable[..., RelayNode], start_ssh: Callable[..., SshProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """``public_per_source_exempt``: a lab's NAT (127.0.0.4 here) that legitimately
+    holds many connections to a public port.  Before it is listed, it gets the
+    per-source cap (4 of 6); a reload that lists it lets its next 6 in, while 127.0.0.2,
+    not listed, still gets 4 of 6; ``penalty_exempt`` (127.0.0.2 is in it) exempts from
+    penalties, not from this cap."""
+    import os
+    import signal
+
+    cap = 4
+    lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
+    public_port = free_port()
+    relay = start_relay(
+        agents=[f'permitlisten="{public_port}" {lab_pc.public_blob()} lab_pc'],
+        relay_toml=(f'public_bind = "127.0.0.1"\npublic_max_per_source = {cap}\n'
+                    'penalty_exempt = ["127.0.0.2"]\n'))
+    target = targets.echo(greeting=b"P")
+    agent = start_ssh(ssh_argv(
+        relay.port, lab_pc.path, relay.known_hosts, "-v", "-N",
+        "-R", f"0.0.0.0:{public_port}:127.0.0.1:{target.port}", user="lab_pc",
+    ), name="stock-agent")  # fmt: skip
+    agent.wait_stderr(rf"remote forward success for: listen 0\.0\.0\.0:{public_port},")
+    opened: list[socket.socket] = []
+
+    def served(source: str, n: int) -> int:
+        batch = [socket.create_connection((LOOPBACK, public_port), timeout=5,
+                                          source_address=(source, 0)) for _ in range(n)]
+        opened.extend(batch)
+        return sum(_served(s) for s in batch)
+
+    try:
+        assert served("127.0.0.4", 6) == cap  # not listed yet
+        config = relay.dir / "node.toml"
+        config.write_text(config.read_text().replace(
+            "public_max_per_source", 'public_per_source_exempt = ["127.0.0.4/32"]\n'
+            "public_max_per_source"))
+        mark = relay.mark()
+        os.kill(relay.pid, signal.SIGHUP)
+        relay.wait_for("reload_done", since=mark)
+        assert served("127.0.0.4", 6) == 6  # listed: its next six are all served
+        assert served("127.0.0.2", 6) == cap  # penalty_exempt is not this list
+        counters = relay.status()["relay"]["counters"]
+        assert counters["connections_refused_public_per_source"] == 2 + 2
+    finally:
+        for s in opened:
+            s.close()

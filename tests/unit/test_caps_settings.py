@@ -11,12 +11,13 @@ the defaults are the constants they replace.
 from __future__ import annotations
 
 import resource
+from ipaddress import ip_network
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
@@ -27,7 +28,12 @@ from relay.config.loader import parse_config
 from relay.config.schema import AdminConfig, HostPort, RelayConfig
 from relay.core.admission import Admission
 from relay.ops import admincap
-from relay.server.public import MIN_PUBLIC_CONNECTIONS, PublicPorts, public_connection_cap
+from relay.server.public import (
+    MIN_PUBLIC_CONNECTIONS,
+    PublicPorts,
+    per_source_exempt,
+    public_connection_cap,
+)
 
 SOURCE = "node.toml"
 
@@ -223,3 +229,56 @@ def test_public_max_connections_lowers_the_total_never_raises_it() -> None:
     assert not ports.admit(80, _addr("203.0.113.9"))
     assert shell.counters["connections_refused_public_per_source"] == 0
     ports.stop()
+
+
+# --- public_per_source_exempt (round 18) --------------------------------------------------
+
+
+def test_an_exempt_address_is_counted_in_the_total_only() -> None:
+    """A lab's NAT in ``public_per_source_exempt`` holds more than the per-source cap
+    and does not take its netblock neighbours' share; the total still binds it."""
+    config = RelayConfig(public_max_per_source=2, public_max_connections=6,
+                         per_source_netblock4=24,
+                         public_per_source_exempt=parse(
+                             '[relay]\npublic_per_source_exempt = ["203.0.113.5"]\n'
+                         ).relay.public_per_source_exempt)
+    ports, shell = _ports(config)
+    nat = _addr("203.0.113.5")
+    slots = [ports.admit(80, nat) for _ in range(3)]
+    assert all(slots) and {s.source for s in slots if s} == {None}
+    assert ports.bySource == {}  # not counted against 203.0.113.0/24
+    assert ports.admit(80, _addr("203.0.113.6")) and ports.admit(80, _addr("203.0.113.7"))
+    assert not ports.admit(80, _addr("203.0.113.8"))  # the /24 (not the NAT) is at 2
+    assert shell.counters["connections_refused_public_per_source"] == 1
+    assert ports.admit(80, nat)  # a fourth: 6 open in all
+    assert not ports.admit(80, nat)  # the total (6) binds the exempt address too
+    ports.release(80, None)
+    assert ports.open == 5 and ports.admit(80, nat)
+    ports.stop()
+
+
+def test_the_exempt_list_is_its_own_not_penalty_exempt_and_live_on_reload() -> None:
+    ports, shell = _ports(RelayConfig(public_max_per_source=1,
+                                      penalty_exempt=(ip_network("198.51.100.0/24"),)))
+    assert ports.admit(80, _addr("198.51.100.9"))
+    assert not ports.admit(80, _addr("198.51.100.9"))  # penalty_exempt changes nothing
+    shell.config = RelayConfig(public_max_per_source=1,  # a reload adds the list
+                               public_per_source_exempt=(ip_network("198.51.100.0/24"),))
+    assert ports.admit(80, _addr("198.51.100.9"))
+    assert ports.admit(80, IPv6Address("TCP", "::ffff:198.51.100.9", 1))  # mapped: IPv4
+    assert not per_source_exempt("unix-socket", (ip_network("0.0.0.0/0"),))
+    ports.stop()
+    old = parse(BASE)
+    new = parse(BASE + 'public_per_source_exempt = ["192.0.2.0/24", "2001:db8::1"]\n')
+    [action] = diff.diff_relay(old.relay, new.relay)
+    assert isinstance(action, diff.RelaySettings)
+    assert action.fields == ("public_per_source_exempt",)
+    assert new.relay.public_per_source_exempt == (ip_network("192.0.2.0/24"),
+                                                  ip_network("2001:db8::1/128"))
+
+
+def test_a_wrong_exempt_entry_names_the_key_and_gives_an_example() -> None:
+    err = error_of('[relay]\npublic_per_source_exempt = ["lab-nat"]\n')
+    assert err.keypath == "relay.public_per_source_exempt[0]"
+    assert "'lab-nat' is not an IP address or network" in str(err)
+    assert "public_per_source_exempt = [" in err.hint

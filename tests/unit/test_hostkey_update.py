@@ -25,6 +25,7 @@ from relay.server.grants import Grants
 from relay.server.relay import RelayCore
 from relay.ssh.hostkeyupdate import (
     HOSTKEYS,
+    HOSTKEYS_AGAIN,
     HOSTKEYS_PROVE,
     MAX_PROVE_KEYS,
     HostKeyProver,
@@ -378,3 +379,67 @@ def test_only_the_first_announcement_of_a_connection_is_handled(tmp_path: Path) 
     for _ in range(3):
         conn.gotGlobalRequest(HOSTKEYS, announced)
     assert len(fake.of(MSG_GLOBAL_REQUEST)) == 1
+
+
+# --- told again after a reload (hostkeys-again@labrelay) ---------------------------------
+
+
+def _relay_peer(relay: Relay, kind: str, version: bytes) -> tuple[RelayConnection, Any]:
+    """A connection service of an agent (lab_pc) or user (alice) whose version line is
+    ``version``, its login announcement cleared."""
+    name = "lab_pc" if kind == "agent" else "alice"
+    principal = relay.grants.principal_for(relay.ring.blob(name))
+    assert principal is not None and principal.kind == kind
+    link: Any = FakeSSHTransport(FakeTCPTransport(), avatar=RelayAvatar(
+        Identity(relay.ring.blob(name), principal)))
+    link.otherVersionString = version
+    link.factory = SimpleNamespace(hostKeyProver=relay.prover)
+    conn = RelayConnection(relay.core)
+    conn.transport = link
+    conn.serviceStarted()
+    link.packets.clear()
+    return conn, link
+
+
+def test_a_reload_tells_connected_labrelay_agents_only() -> None:
+    """OpenSSH's client ends a connection told ``hostkeys-00`` twice: the relay tells
+    again only a labrelay agent, under a name of its own, no reply wanted."""
+    relay = Relay()
+    config = RelayConfig(users=(relay.ring.user("alice", "gpu-cluster:22"),),
+                         agents=(relay.ring.agent("lab_pc", "gpu-cluster:22"),))
+    relay.grants = Grants(config, "test")
+    relay.core = RelayCore(config, relay.grants, MemoryReactorClock())
+    ours = b"SSH-2.0-labrelay_0.3.0"
+    agent, agent_link = _relay_peer(relay, "agent", ours)
+    stock, stock_link = _relay_peer(relay, "agent", b"SSH-2.0-OpenSSH_9.2p1")
+    user, user_link = _relay_peer(relay, "user", ours)  # labrelay connect
+    assert [c.reannounceHostKeys() for c in (agent, stock, user)] == [True, False, False]
+    assert stock_link.packets == [] and user_link.packets == []
+    ((kind, payload),) = agent_link.packets
+    name, rest = common.getNS(payload)
+    assert (kind, name, rest[:1]) == (MSG_GLOBAL_REQUEST, HOSTKEYS_AGAIN, b"\x00")
+    assert unpack_blobs(rest[1:]) == relay.prover.blobs
+    agent.serviceStopped()
+    assert agent.reannounceHostKeys() is False  # nothing sent on a stopped connection
+
+
+def test_the_agent_learns_a_key_told_again_after_its_login(tmp_path: Path) -> None:
+    """Told only the current key at login, the agent learns the next one from the
+    relay's later ``hostkeys-again@labrelay``; one proof out at a time."""
+    current, nxt = new_key().key, new_key().key
+    conn, fake, kh = _agent_link(tmp_path, current)
+    conn.gotGlobalRequest(HOSTKEYS, HostKeyProver([current]).announcement())
+    assert fake.of(MSG_GLOBAL_REQUEST) == []  # nothing to learn at login
+    prover = HostKeyProver([current, nxt])
+    assert conn.gotGlobalRequest(HOSTKEYS_AGAIN, prover.announcement()) == 1
+    conn.gotGlobalRequest(HOSTKEYS_AGAIN, prover.announcement())  # while the proof is out
+    (asked,) = fake.of(MSG_GLOBAL_REQUEST)
+    name, rest = common.getNS(asked)
+    assert name == HOSTKEYS_PROVE and unpack_blobs(rest[1:]) == [nxt.public().blob()]
+    conn.ssh_REQUEST_SUCCESS(prover.prove(rest[1:], SID, b"ssh-ed25519", ()))
+    assert len(kh.read_text().splitlines()) == 2
+    assert conn.link.verifier.verify(nxt.public()).startswith("known_hosts")
+    # Told again once it knows it: nothing asked.
+    fake.packets.clear()
+    conn.gotGlobalRequest(HOSTKEYS_AGAIN, prover.announcement())
+    assert fake.of(MSG_GLOBAL_REQUEST) == []
