@@ -33,12 +33,17 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from twisted.conch.ssh.connection import MSG_CHANNEL_DATA, MSG_CHANNEL_WINDOW_ADJUST
-from twisted.conch.ssh.transport import MSG_IGNORE
+from twisted.conch.ssh.common import NS
+from twisted.conch.ssh.connection import (
+    MSG_CHANNEL_DATA,
+    MSG_CHANNEL_WINDOW_ADJUST,
+    MSG_GLOBAL_REQUEST,
+)
+from twisted.conch.ssh.transport import MSG_IGNORE, MSG_KEXINIT
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -46,8 +51,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh import gcmrun, nativeforward
 from relay.ssh.aead import CorkGroup
-from relay.ssh.ciphers import AES128_GCM, PacketCiphers
 from relay.ssh.channels import BridgedChannel
+from relay.ssh.ciphers import AES128_GCM, PacketCiphers
 from relay.ssh.connection import FlowConnection
 from relay.testing import BareSSHTransport
 
@@ -96,6 +101,7 @@ class _Relay(BareSSHTransport):
     as the relay's user connections are."""
 
     nativeArmable = True
+    isClient = False
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         transport_base = super(BareSSHTransport, self)
@@ -208,8 +214,11 @@ class Site:
     def user_reads(self, payload: int, timeout: float = 10.0) -> None:
         """Read the user's socket and open every packet in order until ``payload``
         channel bytes arrived, or a packet fails (a MAC error ends it)."""
+        self.user_reads_until(lambda: len(self.user.data()) >= payload, timeout)
+
+    def user_reads_until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
         self.user_peer.settimeout(timeout)
-        while len(self.user.data()) < payload and not self.user.disconnects:
+        while not done() and not self.user.disconnects:
             if self.t.nativeForward is None:
                 self.python_turn()
             try:
@@ -321,3 +330,118 @@ def test_python_writes_while_the_thread_seals_go_after_what_it_sealed(site: Site
     kinds = [n for n, _ in site.user.dispatched]
     at = site.user.dispatched.index((MSG_IGNORE, ping))
     assert MSG_CHANNEL_DATA in kinds[:at], "the thread's sealed bytes went first"
+
+
+def _thread_sealed(site: Site, nbytes: int) -> Any:
+    """Arm the thread on her data and have it seal ``nbytes`` of the agent's for her (she
+    read them): the thread's, still running."""
+    site.user_sends(_adjust(8 << 20), _data(b"go"))
+    forward = site.t.nativeForward
+    assert forward is not None and forward.sealing
+    bulk = os.urandom(nbytes)
+    site.agent_sends(bulk)
+    site.user_reads(len(bulk))
+    assert site.user.data() == bulk and site.t.nativeForward is forward
+    return forward
+
+
+def _marked(site: Site) -> list[int]:
+    """An ``IGNORE`` (sent at any time, key exchange or not) after whatever Python sent,
+    read by her: the message numbers she got, in order."""
+    mark = (MSG_IGNORE, NS(b"mark"))
+    site.t.sendPacket(*mark)
+    site.user_reads_until(lambda: mark in site.user.dispatched)
+    assert site.user.disconnects == [], "a packet reached the user out of its sealed order"
+    return [n for n, _ in site.user.dispatched]
+
+
+def test_a_rekey_the_handback_starts_holds_back_the_packet_that_asked_for_it(
+        site: Site) -> None:
+    """Python's keepalive takes the stream back from the thread; the handback meters what
+    the thread carried, and that runs out the key's byte budget: the relay's KEXINIT goes
+    out, inside the keepalive's send.  The keepalive must then wait for the new keys, as
+    every connection-layer message does after our KEXINIT (RFC 4253 section 7.1), not
+    follow the KEXINIT out because its send began before the key exchange did."""
+    forward = _thread_sealed(site, 64 * 1024)
+    site.t.rekeyAfterBytes = site.t._bytesSinceKex + 1024  # crossed by the thread's bytes
+    keepalive = NS(b"keepalive@openssh.com") + b"\x01"
+    site.t.sendPacket(MSG_GLOBAL_REQUEST, keepalive)
+    assert forward.done
+    kinds = _marked(site)
+    assert MSG_KEXINIT in kinds, kinds
+    after = kinds[kinds.index(MSG_KEXINIT):]
+    assert max(after) < 50, f"a connection-layer message after our KEXINIT: {after}"
+    assert site.t._blockedByKeyExchange == [(MSG_GLOBAL_REQUEST, keepalive)]
+
+
+def test_a_rekey_started_while_the_thread_seals_sends_one_kexinit_and_loses_nothing(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay starts a re-key while the thread owns the stream and holds the agent's
+    bytes it has not sealed yet (her socket and its seal buffer full); the relay's byte
+    budget was metered from the thread's report (``NativeForward._account``).  The
+    KEXINIT's send takes the stream back; the handback meters the thread's last bytes,
+    which must not start a second key exchange inside the first one's send (two
+    KEXINITs in a row fail her key exchange; and Conch's outer KEXINIT, finishing after
+    the inner one, would empty the queue of what waits for the new keys that the inner
+    one began).  Every byte of the agent's is sent, queued for the new keys, or unread."""
+    for s, opt in ((site.utcp.socket, socket.SO_SNDBUF), (site.user_peer, socket.SO_RCVBUF)):
+        s.setsockopt(socket.SOL_SOCKET, opt, 16 * 1024)
+    stops: list[gcmrun.Stopped] = []
+    real_stop = gcmrun.Pump.stop
+
+    def stop(pump: gcmrun.Pump) -> gcmrun.Stopped:
+        stops.append(real_stop(pump))
+        return stops[-1]
+
+    monkeypatch.setattr(gcmrun.Pump, "stop", stop)
+    site.user_sends(_adjust(16 << 20), _data(b"go"))
+    forward = site.t.nativeForward
+    assert forward is not None
+    bulk = os.urandom(3 << 20)
+    sender = threading.Thread(target=site.agent.sendall, args=(bulk,))
+    sender.start()
+    try:
+        while True:  # until its seal buffer is nearly full (it reports once bytes pause)
+            assert select.select([forward.pump.fileno()], [], [], 10)[0], "no report"
+            st = forward.pump.poll()
+            assert st.reason == gcmrun.RUNNING, gcmrun.REASONS[st.reason]
+            if st.oplain + 20 * st.opackets - st.uwritten > 400 * 1024:
+                break
+        # as KexMixin._count starts it; the thread's bytes the handback meters cross the
+        # budget again (a KEXINIT alone does not)
+        site.t.rekeyAfterBytes = 16 * 1024
+        site.t._bytesSinceKex = 0
+        site.t.sendKexInit()
+        assert stops and stops[0].unsealed, "the thread held unsealed bytes"
+        kinds = _marked(site)
+        unread = b""
+        while sender.is_alive() or select.select([site.dtcp.socket], [], [], 0)[0]:
+            if select.select([site.dtcp.socket], [], [], 0.5)[0]:
+                chunk = site.dtcp.socket.recv(1 << 20)
+                assert chunk
+                unread += chunk
+    finally:
+        sender.join(10)
+    assert kinds.count(MSG_KEXINIT) == 1, kinds
+    assert (MSG_KEXINIT, site.t.ourKexInitPayload[1:]) in site.user.dispatched
+    waiting = b"".join(bytes(p[8:]) for n, p in site.t._blockedByKeyExchange
+                       if n == MSG_CHANNEL_DATA)
+    scheduled = b""  # what waits behind those, in the link's scheduler (congested by them)
+    while (item := site.conn.scheduler.pop()) is not None:
+        assert isinstance(item[1], bytes)
+        scheduled += item[1]
+    queued = b"".join(site.channel._queued or ())  # beyond her window (none here)
+    assert site.user.data() + waiting + scheduled + queued + unread == bulk
+
+
+def test_bytes_metered_while_our_kexinit_is_sent_start_no_second_one(site: Site) -> None:
+    """What is metered while the relay's KEXINIT is being sent (the handback's bytes
+    above, or the KEXINIT's own when the budget is smaller than it) starts no key
+    exchange inside that one: one KEXINIT, the one the relay hashes (before, with a
+    budget under a KEXINIT's size, each KEXINIT's own metering started the next one,
+    without end)."""
+    site.t.rekeyAfterBytes = 1
+    site.t._count(2)
+    kinds = _marked(site)
+    assert kinds.count(MSG_KEXINIT) == 1, kinds
+    assert (MSG_KEXINIT, site.t.ourKexInitPayload[1:]) in site.user.dispatched
