@@ -278,6 +278,8 @@ class AEADTransportMixin(KexMixin):
         return self._pad[off : off + n]
 
     def sendPacket(self, messageType: int, payload: bytes) -> None:
+        if self.nativeForward is not None:
+            self._takeStreamBack()
         if self._keyExchangeState != self._KEY_EXCHANGE_NONE and not (
             self._allowedKeyExchangeMessageType(messageType)  # type: ignore[attr-defined]
         ):
@@ -299,6 +301,8 @@ class AEADTransportMixin(KexMixin):
         """``CHANNEL_DATA`` to ``remoteChannel``; the same bytes on the wire as
         ``sendPacket(94, pack(">L", remoteChannel) + NS(data))``.  ``data`` may be a
         memoryview (a slice of a larger read): it is copied once, into the packet."""
+        if self.nativeForward is not None:
+            self._takeStreamBack()
         aead = getattr(self.currentEncryptions, "outAEAD", None)
         if aead is None or self._keyExchangeState != self._KEY_EXCHANGE_NONE:
             self.sendPacket(MSG_CHANNEL_DATA, struct.pack(">2L", remoteChannel, len(data)) + data)
@@ -345,14 +349,26 @@ class AEADTransportMixin(KexMixin):
         else:
             budget.write(chunks)  # any packet at once, within the turn's budget
 
-    def _sealAndWrite(self, aead: AEADDirection, plain: bytes) -> None:
+    def _takeStreamBack(self) -> None:
+        """Python is about to send this peer a packet while a native thread may seal for
+        it (relay.ssh.nativeforward), which owns the outgoing nonce counter and sequence
+        number meanwhile: it hands the stream back first, and what it sealed leaves
+        before this packet.
+
+        First thing in ``sendPacket`` and ``sendChannelData``, before anything is
+        decided about the packet: the handback meters the thread's last bytes, and when
+        they run out the key's byte budget it sends the relay's KEXINIT there and then.
+        Decided before it, the packet would follow that KEXINIT out (a connection-layer
+        message inside our key exchange, which RFC 4253 7.1 forbids); decided after it,
+        it waits for the new keys like every other.  (A KEXINIT that itself takes the
+        stream back starts no second one: ``KexMixin._count``.)"""
         forward = self.nativeForward
         if forward is not None and forward.sealing:
-            # The one place Python writes a packet to this peer: while a native thread
-            # seals for it (relay.ssh.nativeforward) the outgoing nonce counter and
-            # sequence number are the thread's, so it hands the stream back first and
-            # what it sealed leaves before this packet.
             forward.handback("python write", later=True)
+
+    def _sealAndWrite(self, aead: AEADDirection, plain: bytes) -> None:
+        if self.nativeForward is not None:
+            self._takeStreamBack()  # (done by both callers already: never sealed twice)
         chunks = aead.seal(self.outgoingPacketSequence, plain)
         group = self.corkGroup
         if (self._cork is None and group is not None and group.active

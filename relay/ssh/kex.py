@@ -111,6 +111,15 @@ class KexMixin:
     #: labrelay ends would otherwise keep their first keys for the link's lifetime).
     rekeyAfterBytes = 1 << 30
     _bytesSinceKex = 0
+    #: Our KEXINIT is being sent: the bytes metered meanwhile start no other.  Sending it
+    #: can take the stream back from the native thread (relay.ssh.nativeforward), whose
+    #: handback meters the thread's last bytes; had they run the budget out again, a
+    #: second KEXINIT went out inside the first one's send (two in a row: the peer's
+    #: key exchange fails), and Conch, finishing the outer one, would empty the queue of
+    #: what waits for the new keys that the inner one began.  A budget smaller than a
+    #: KEXINIT recursed without end the same way (its own bytes are metered as it is
+    #: sent).
+    _kexInitSending = False
 
     #: Seconds a key exchange may take before the peer is dropped; needs ``kexClock``.
     kexTimeout = 30.0
@@ -181,7 +190,11 @@ class KexMixin:
             if call is not None and call.active():
                 call.cancel()
         self._armKexTimer()
-        super().sendKexInit()  # type: ignore[misc]
+        self._kexInitSending = True
+        try:
+            super().sendKexInit()  # type: ignore[misc]
+        finally:
+            self._kexInitSending = False
 
     def _kexInitWaitOver(self) -> None:
         """The client has not sent its KEXINIT: send ours (everything offered)."""
@@ -408,6 +421,7 @@ class KexMixin:
             self._bytesSinceKex > self.rekeyAfterBytes
             and self._keyExchangeState == self._KEY_EXCHANGE_NONE
             and self.sessionID is not None
+            and not self._kexInitSending
         ):
             self._log.debug("rekeying after {n} bytes", n=self._bytesSinceKex)
             self._bytesSinceKex = 0
