@@ -112,14 +112,20 @@ def test_a_refusing_proxy_is_an_error_with_its_status_line(
     assert "cannot reach the relay" not in out.stderr.decode(), out.stderr.decode()
     assert "refused" in out.stderr.decode()  # the relay's own answer: not granted
 
-    env_run = _run_env(site.connect_argv(*site.tls_options("-o", "Proxy=env")),
+    # A service not granted: the relay answers at once (gpu-cluster, with no agent here,
+    # waited out the relay's public_wait, 10 s per run); its refusal shows it was reached.
+    env_run = _run_env(site.connect_argv(*site.tls_options("-o", "Proxy=env"),
+                                         service="nothing-here"),
                        {"https_proxy": proxy.url(), "no_proxy": "example.org"})
-    assert env_run.returncode == 1  # gpu-cluster has no agent here; the relay answered
+    assert env_run.returncode == 1
     assert "cannot reach the relay" not in env_run.stderr.decode(), env_run.stderr.decode()
+    assert "is not granted" in env_run.stderr.decode(), env_run.stderr.decode()
     assert proxy.log.read_text().count("CONNECT") >= 2
-    bypass = _run_env(site.connect_argv(*site.tls_options("-o", "Proxy=env")),
+    bypass = _run_env(site.connect_argv(*site.tls_options("-o", "Proxy=env"),
+                                        service="nothing-here"),
                       {"https_proxy": "http://127.0.0.1:9", "no_proxy": "127.0.0.0/8"})
     assert "cannot reach the relay" not in bypass.stderr.decode(), bypass.stderr.decode()
+    assert "is not granted" in bypass.stderr.decode(), bypass.stderr.decode()
 
 
 def _link_status(admin: int) -> dict[str, object]:
