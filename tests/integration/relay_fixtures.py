@@ -360,6 +360,15 @@ def admin_status(port: int, host: str = LOOPBACK) -> dict[str, Any]:
         return dict(json.load(r))
 
 
+def burst_windows(first: float, last: float, window: float = 10.0) -> int:
+    """How many log windows (relay.core.burstlog: the first event of a burst at once,
+    a count line when its ``window`` seconds end) a burst from ``first`` to ``last``
+    (wall-clock seconds, as the relay's log ``time``) can have opened: one, unless a
+    slow box stretched it past a window.  A test that asserts the lines a burst costs
+    asserts them per window, so that the pace of its own loop cannot cross the bound."""
+    return 1 + int(max(0.0, last - first) // window)
+
+
 def wait_until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
     """Poll ``cond`` (a remote process's counters, read from its status endpoint, have
     no event to await) until it holds, for at most ``timeout`` seconds."""

@@ -38,7 +38,13 @@ from harness import (
     known_hosts_line,
     make_key,
 )
-from relay_fixtures import admin_port, admin_status, user_ssh_config, wait_until
+from relay_fixtures import (
+    admin_port,
+    admin_status,
+    burst_windows,
+    user_ssh_config,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -431,6 +437,17 @@ def test_early_closes_on_the_data_port_are_penalised(site: Site) -> None:
           f"{refused_in * 1000:.1f} ms; alice fast path {fast:.2f}s")
 
 
+# The crowds below are silent, and at the full cap a silent place older than
+# [relay.crowding] silent (2 s by default) is taken from whoever holds it (charged
+# grace-exceeded) instead of the newcomer being dropped: with the default, a test whose
+# connections took more than 2 s to be accepted on a loaded box (the 300 drops below, a
+# crowd of 70) saw other evictions and drops than it asserts.  These tests are about
+# sources holding more places and drops at the cap, so each stage keeps its place for
+# login_grace here (30 s), whatever the pace; the stall rule has its own tests
+# (test_botnet.py, tests/unit/test_source_limits.py).
+PATIENT_CROWDING = "[relay.crowding]\nsilent = 30\nhandshake = 30\nauth = 30\n"
+
+
 def test_connections_dropped_at_the_global_cap_cost_one_log_line_per_burst(
     keys: Keys, start_relay: Callable[..., RelayNode],
 ) -> None:
@@ -440,10 +457,17 @@ def test_connections_dropped_at_the_global_cap_cost_one_log_line_per_burst(
     (the connection never held a place) and was one ``relay_unauth_cap`` warning: 300
     lines, as many as anyone cared to send.  Now each drop is counted and a burst is
     logged once in full and once as a count when its window (10 s) ends.  alice gets
-    in once the places are free."""
+    in once the places are free.
+
+    The holders are silent, and at the full cap a silent place older than
+    ``[relay.crowding] silent`` (2 s by default) is taken by a newcomer (charged
+    ``grace-exceeded``) rather than the newcomer dropped: with the default the 300
+    drops had to end within 2 s of the first holder's accept (0.3-0.9 s on a loaded
+    2-core box; past it a drop took a holder's place and got a banner).  Here
+    (``PATIENT_CROWDING``) only the drops are under test, whatever the pace."""
     relay = start_relay(users=[f'permitopen="web:8080" {keys.alice.public_blob()} alice'],
                         relay_toml="max_unauthenticated = 8\n"
-                                   "per_source_max_unauthenticated = 3\n")
+                                   "per_source_max_unauthenticated = 3\n" + PATIENT_CROWDING)
     holders = []
     for host in range(2, 6):
         for _ in range(2):
@@ -461,13 +485,20 @@ def test_connections_dropped_at_the_global_cap_cost_one_log_line_per_burst(
         s.settimeout(10)
         assert s.recv(1) == b""  # dropped at accept: closed before the version line
         s.close()
+    ended = time.time()  # the relay's log times are wall-clock times
     counters = relay.status()["relay"]["counters"]
     assert counters["connections_dropped_unauthenticated_cap"] == 300
-    summary = relay.wait_for("relay_unauth_cap", since=mark, timeout=20,
-                             count=lambda n: n is not None and n > 1)
+    # every drop is in the log once each window's count line is: the first line's
+    # count is 1, each count line's the rest of its window
+    wait_until(lambda: sum(e["count"] for e in relay.events("relay_unauth_cap", since=mark))
+               == 300, "the bursts' count lines", timeout=25)
     lines = relay.events("relay_unauth_cap", since=mark)
-    print(f"\n300 drops at the cap: {len(lines)} relay_unauth_cap lines; {summary['text']}")
-    assert len(lines) == 2 and sum(e["count"] for e in lines) == 300, lines[-1]
+    summary = lines[-1]
+    windows = burst_windows(lines[0]["time"], ended)
+    print(f"\n300 drops at the cap: {len(lines)} relay_unauth_cap lines in {windows} "
+          f"window(s); {summary['text']}")
+    # two lines a window (one while the drops take less than 10 s, as they do)
+    assert summary["count"] > 1 and len(lines) <= 2 * windows, lines
     assert summary["peer"].startswith("127.0.0.2:") and summary["n"] == 8
     assert relay.status()["relay"]["admission"]["ssh"]["evicted"] == 0
     for s in holders:
@@ -509,7 +540,11 @@ def _ended(sockets: list[socket.socket], within: float) -> set[socket.socket]:
     return ended
 
 
-def test_a_few_hosts_holding_every_place_do_not_lock_a_new_source_out(site: Site) -> None:
+def test_a_few_hosts_holding_every_place_do_not_lock_a_new_source_out(
+    keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
+    start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
+    targets: Targets, tmp_path: Path,
+) -> None:
     """7 hosts (127.0.0.2-8) open 10 idle TCP connections each to the SSH port: the 64
     places of ``max_unauthenticated`` are full.  alice (127.0.0.1, holding none) was
     refused at accept until those connections reached ``login_grace`` (30 s; found by
@@ -518,6 +553,8 @@ def test_a_few_hosts_holding_every_place_do_not_lock_a_new_source_out(site: Site
     places from the others while it held fewer, then was dropped (with its next
     connection it would have held as many as the busiest); none of that cost a
     penalty, and alice's place is never the one taken."""
+    site = _site(keys, client_key, start_relay, start_agent, sshd_factory, tmp_path,
+                 relay_toml=PATIENT_CROWDING)
     base = site.alice("gpu-jump")
     mark = site.relay.mark()
     crowd = [s for host in CROWD for _ in range(PER_SOURCE)
@@ -548,10 +585,13 @@ def test_a_few_hosts_holding_every_place_do_not_lock_a_new_source_out(site: Site
         for s in crowd:
             s.close()
     lines = site.relay.events("relay_unauth_evicted", since=mark)
+    windows = burst_windows(first["time"], time.time())  # after reading the lines
     print(f"\n7 hosts x 10 idle connections: 64 held, 6 evicted (5 among them, 1 for alice), "
           f"1 dropped; alice -J {jump:.2f}s (before {base:.2f}s); {len(lines)} "
           f"relay_unauth_evicted line(s) so far")
-    assert len(lines) == 1  # the rest of the burst is one count line, 10 s later
+    # the rest of the burst is one count line when its window (10 s) ends: one line so
+    # far while the test took less (it does, ~3 s under load), two per window if not
+    assert len(lines) <= 2 * windows - 1, lines
     assert jump < 10
 
 
@@ -567,7 +607,7 @@ def test_a_few_hosts_holding_the_data_ports_places_do_not_lock_the_fast_path_out
     her at accept); now the busiest host's oldest connection is closed for her data
     connection, and she takes the fast path."""
     site = _site(keys, client_key, start_relay, start_agent, sshd_factory, tmp_path,
-                 relay_toml="data_hello_timeout = 30\n")
+                 relay_toml="data_hello_timeout = 30\n" + PATIENT_CROWDING)
     mark = site.relay.mark()
     crowd = [s for host in CROWD for _ in range(PER_SOURCE)
              if (s := _dial(site.data_port, host)) is not None]

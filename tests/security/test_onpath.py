@@ -48,8 +48,15 @@ from harness import (
     known_hosts_line,
     make_key,
 )
-from relay_fixtures import admin_port, admin_status, user_ssh_config, wait_until
+from relay_fixtures import (
+    admin_port,
+    admin_status,
+    burst_windows,
+    user_ssh_config,
+    wait_until,
+)
 
+from relay.agent.refill import REFILL_WINDOW
 from relay.core import fastwire as fw
 
 pytestmark = pytest.mark.integration
@@ -379,9 +386,13 @@ def test_an_on_path_attacker_gets_no_target_byte_and_no_user_session(
     assert status["sessions_total"] == 2 and status["failures"] >= 3, status
     # Bounded refill: the first fill and a bucket of POOL, then POOL per 5 s.
     assert in_window <= 3 * POOL, in_window
-    # Logged once per burst, not once per connection.
+    # Logged once per burst, not once per connection: a first line opens a burst and
+    # the next waits for its window (REFILL_WINDOW, 5 s) to end.  Three lines, or one a
+    # window if alice's sessions stretched the attack longer on a slow box.
     logged = agent.events("fast_path_protocol", since=mark)
-    assert 1 <= len(logged) <= 3, logged
+    assert logged, "the attack's failures were not logged"
+    windows = burst_windows(logged[0]["time"], time.time(), REFILL_WINDOW)  # after them
+    assert len(logged) <= max(3, windows), (logged, windows)
     assert not agent.events("target_unreachable", since=0)
 
     # 3. The box goes quiet (forwards again): the pool comes back and alice's fast path
