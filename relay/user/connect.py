@@ -358,7 +358,10 @@ class Connector:
                 why = "the relay does not offer labrelay's fast path (a stock sshd or an " \
                       "older relay)"
             else:
-                status, message, data_port, token, _lifetime = fw.unpack_token_reply(reply)
+                try:
+                    status, message, data_port, token, _lifetime = fw.unpack_token_reply(reply)
+                except fw.WireError as e:  # was "internal error: truncated uint32", exit 1
+                    status, message = fw.Status.UNAVAILABLE, f"its ticket answer is malformed: {e}"
                 if status is fw.Status.REFUSED:
                     self.say(f"refused by the relay: {message}")
                     return EXIT_FAILED

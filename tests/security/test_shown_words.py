@@ -20,7 +20,9 @@ Three doors, each with clients we did not write:
 - an **on-path box on the data port**: the relay's ticket is fine, the data port
   answers the challenge and then the error byte with those words.
 
-Every time ``labrelay connect`` exits 1 with one printable line per message.
+Every time ``labrelay connect`` exits 1 with one printable line per message.  A
+malformed answer to its ticket request (it said ``internal error: truncated uint32``)
+is a fast path unavailable: it falls back to a channel, as with a stock sshd.
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ def _data_port_box(listener: socket.socket, words: str) -> threading.Thread:
 
 
 @pytest.mark.parametrize("door", ["ticket refused", "channel refused", "data port",
-                                  "huge refusal"])
+                                  "huge refusal", "malformed ticket"])
 def test_labrelay_connect_shows_a_relays_words_as_text(door: str, tmp_path: Path) -> None:
     host_key = make_key(tmp_path / "relay_host_key", "relay")
     alice = make_key(tmp_path / "alice", "alice")
@@ -220,6 +222,9 @@ def test_labrelay_connect_shows_a_relays_words_as_text(door: str, tmp_path: Path
                                     os.urandom(fw.TOKEN_LEN), 30)
         box = _data_port_box(data, HOSTILE)
         expect = "the relay refused the data connection: \\x1b]52;c;"
+    elif door == "malformed ticket":  # was "internal error: truncated uint32"
+        reply = b"\x00\x00\x00\x00\x00\x00\x00\x07\x1b[2J"
+        expect = "fast path unavailable for web:8080 (its ticket answer is malformed: "
     else:
         reply = fw.pack_token_reply(fw.Status.UNAVAILABLE, HOSTILE)
         expect = "the relay refused web:8080: \\x1b]52;c;"
@@ -233,6 +238,8 @@ def test_labrelay_connect_shows_a_relays_words_as_text(door: str, tmp_path: Path
           f"({len(out.stderr)} bytes)")
     assert out.returncode == 1
     lines = _only_text(out.stderr)
+    if door == "malformed ticket":  # and it falls back to a channel, as for a stock sshd
+        assert lines[-1].startswith("labrelay connect: the relay refused web:8080: ")
     if door == "huge refusal":
         assert len(out.stderr) < 5000
         assert lines[-1].endswith("more chars]")
