@@ -223,10 +223,10 @@ class BridgedChannel(SSHChannel):
         self.shareUser, self.shareWeight = user, weight
         scheduler = getattr(self.conn, "scheduler", None)
         if scheduler is not None:
-            scheduler.set_weight(user, weight)
             # Bytes it queued before the tag (a download whose request went early) were
-            # no one's; they and the rest are the user's now (FairScheduler.move).
-            scheduler.move(self, user)
+            # no one's; they and the rest are the user's now (FairScheduler.move).  The
+            # weight lives as long as a channel tagged so (FairScheduler.tag/untag).
+            scheduler.tag(self, user, weight)
 
     def announce(self, requestType: bytes, data: bytes) -> None:
         """Send the channel request ``requestType`` (no reply wanted) just before this

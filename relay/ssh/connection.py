@@ -386,8 +386,10 @@ class FlowConnection(connection.SSHConnection):
             super().sendClose(channel)
 
     def discard(self, channel: Any) -> None:
-        """Forget what ``channel`` has waiting (it is aborted, or its peer closed)."""
+        """Forget what ``channel`` has waiting (it is aborted, or its peer closed), and
+        its share tag."""
         self.scheduler.drop(channel)
+        self.scheduler.untag(channel)
         self._held.discard(channel)
         self._closing.discard(channel)
         self._overran.discard(channel)

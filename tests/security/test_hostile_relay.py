@@ -27,7 +27,16 @@ from typing import Any
 import paramiko
 import pytest
 from conftest import Targets
-from harness import LOOPBACK, AgentProcess, known_hosts_line, make_key, write_known_hosts
+from harness import (
+    LOOPBACK,
+    AgentProcess,
+    known_hosts_line,
+    make_key,
+    rss_kb,
+    write_known_hosts,
+)
+from paramiko.common import cMSG_CHANNEL_REQUEST
+from paramiko.message import Message
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -129,3 +138,71 @@ def test_a_compromised_relay_reaches_only_the_declared_targets(
     finally:
         t.close()
     assert agent.events("target_unreachable") == []
+
+
+SHARE_NAMES = 300_000
+
+
+def test_a_compromised_relay_cannot_grow_the_agent_with_share_names(
+    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path
+) -> None:
+    """The agent takes ``share@labrelay`` (whose bytes a channel carries, and their
+    weight) from its relay only, but the names are the relay's to choose.  A
+    compromised relay re-tags one open channel 300 000 times, a fresh 100-character
+    name each time (no reply wanted): every name stayed in the agent's scheduler
+    weights for the link's life, **+63 MiB** of agent memory (one run), without end.
+    Now a name's weight lives while a channel tagged so does: the agent grows by
+    kilobytes, and the channel still echoes."""
+    host_key = make_key(tmp_path / "relay_host_key", comment="relay")
+    lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
+    declared = targets.echo(greeting=b"declared\n")
+    listener = socket.create_server((LOOPBACK, 0))
+    port = listener.getsockname()[1]
+    known_hosts = write_known_hosts(tmp_path / "known_hosts",
+                                    known_hosts_line(host_key.public_blob(), port))
+    agent = start_agent(
+        "-p", str(port), "-i", str(lab_pc.path), "-o", f"UserKnownHostsFile={known_hosts}",
+        "-o", "StrictHostKeyChecking=yes", "-R", f"web:8080:127.0.0.1:{declared.port}",
+        "lab_pc@127.0.0.1", name="agent",
+    )  # fmt: skip
+    listener.settimeout(30)
+    sock, _ = listener.accept()
+    listener.close()
+    t = paramiko.Transport(sock)
+    t.add_server_key(paramiko.Ed25519Key.from_private_key_file(str(host_key.path)))
+    server = _CompromisedRelay()
+    t.start_server(server=server)
+    try:
+        assert server.forwarded.wait(30), "the agent never asked for its forward"
+        ch = t.open_channel("forwarded-tcpip", dest_addr=("web", 8080),
+                            src_addr=("203.0.113.9", 1), timeout=10)
+        ch.settimeout(20)
+
+        def echo(data: bytes) -> bytes:
+            ch.sendall(data)
+            got = b""
+            while len(got) < len(data):
+                got += ch.recv(len(data) - len(got))
+            return got
+
+        got = b""
+        while len(got) < len(b"declared\n"):
+            got += ch.recv(64)
+        assert echo(b"before") == b"before"  # the agent settled
+        before = rss_kb(agent.proc.pid)
+        for i in range(SHARE_NAMES):
+            m = Message()
+            m.add_byte(cMSG_CHANNEL_REQUEST)
+            m.add_int(ch.remote_chanid)
+            m.add_string(b"share@labrelay")
+            m.add_boolean(False)
+            m.add_string(f"{i:0100d}".encode())
+            m.add_string(b"2")
+            t._send_user_message(m)
+        assert echo(b"after") == b"after"  # every request was read before the echo
+        grown = rss_kb(agent.proc.pid) - before
+        print(f"\n{SHARE_NAMES} share names: agent RSS +{grown} KiB")
+        assert grown < 16 * 1024, f"the agent kept the relay's names: +{grown} KiB"
+        assert t.is_active()
+    finally:
+        t.close()
