@@ -211,8 +211,13 @@ class BridgedChannel(SSHChannel):
         try:
             user, weight = unpack_share(data)
         except ValueError:
-            self._log.warn("malformed {request} request; ignored", request=SHARE.decode(),
-                           event="share_malformed")
+            # Once per connection: the relay's requests are the relay's to send, and a
+            # compromised one sent 2 000 in a loop for 2 000 warnings.
+            if not getattr(self.conn, "shareMalformedSeen", False):
+                self.conn.shareMalformedSeen = True
+                self._log.warn("malformed {request} request; ignored (further ones on this "
+                               "connection are not logged)", request=SHARE.decode(),
+                               event="share_malformed")
             return 0
         self.tagShare(user, weight)
         return 1

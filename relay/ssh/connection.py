@@ -112,6 +112,7 @@ class FlowConnection(connection.SSHConnection):
     one reactor turn (docs/security.md, "Attacks tried")."""
 
     takesShare = False
+    shareMalformedSeen = False  # a malformed share@labrelay was logged (BridgedChannel)
     """Whether the peer may tag our channels with ``share@labrelay``: only the relay's
     word to an agent (relay.ssh.client.LinkConnection).  The relay's own connections
     refuse it: a user who said it chose her channel's share, and each fresh name she

@@ -35,8 +35,10 @@ from harness import (
     rss_kb,
     write_known_hosts,
 )
-from paramiko.common import cMSG_CHANNEL_REQUEST
+from paramiko.common import cMSG_CHANNEL_REQUEST, cMSG_GLOBAL_REQUEST
 from paramiko.message import Message
+
+from relay.ssh.wire import pack_grant_revoked
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -141,18 +143,14 @@ def test_a_compromised_relay_reaches_only_the_declared_targets(
 
 
 SHARE_NAMES = 300_000
+LOOPS = 2000
 
 
-def test_a_compromised_relay_cannot_grow_the_agent_with_share_names(
-    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path
-) -> None:
-    """The agent takes ``share@labrelay`` (whose bytes a channel carries, and their
-    weight) from its relay only, but the names are the relay's to choose.  A
-    compromised relay re-tags one open channel 300 000 times, a fresh 100-character
-    name each time (no reply wanted): every name stayed in the agent's scheduler
-    weights for the link's life, **+63 MiB** of agent memory (one run), without end.
-    Now a name's weight lives while a channel tagged so does: the agent grows by
-    kilobytes, and the channel still echoes."""
+def _taken_over(start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path,
+                ) -> tuple[AgentProcess, paramiko.Transport, Any]:
+    """The labrelay agent (``-R web:8080`` to an echo) logged in to a compromised relay
+    (a paramiko server with the relay's host key), and one ``forwarded-tcpip`` channel
+    the relay opened to its declared target, the greeting read."""
     host_key = make_key(tmp_path / "relay_host_key", comment="relay")
     lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
     declared = targets.echo(greeting=b"declared\n")
@@ -172,37 +170,87 @@ def test_a_compromised_relay_cannot_grow_the_agent_with_share_names(
     t.add_server_key(paramiko.Ed25519Key.from_private_key_file(str(host_key.path)))
     server = _CompromisedRelay()
     t.start_server(server=server)
+    assert server.forwarded.wait(30), "the agent never asked for its forward"
+    ch = t.open_channel("forwarded-tcpip", dest_addr=("web", 8080),
+                        src_addr=("203.0.113.9", 1), timeout=10)
+    ch.settimeout(20)
+    got = b""
+    while len(got) < len(b"declared\n"):
+        got += ch.recv(64)
+    return agent, t, ch
+
+
+def _echo(ch: Any, data: bytes) -> bytes:
+    ch.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        got += ch.recv(len(data) - len(got))
+    return got
+
+
+def _share(t: paramiko.Transport, ch: Any, name: bytes, weight: bytes | None) -> None:
+    """``share@labrelay`` on ``ch``, no reply wanted; ``weight`` None: malformed."""
+    m = Message()
+    m.add_byte(cMSG_CHANNEL_REQUEST)
+    m.add_int(ch.remote_chanid)
+    m.add_string(b"share@labrelay")
+    m.add_boolean(False)
+    m.add_string(name)
+    if weight is not None:
+        m.add_string(weight)
+    t._send_user_message(m)
+
+
+def test_a_compromised_relay_cannot_grow_the_agent_with_share_names(
+    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path
+) -> None:
+    """The agent takes ``share@labrelay`` (whose bytes a channel carries, and their
+    weight) from its relay only, but the names are the relay's to choose.  A
+    compromised relay re-tags one open channel 300 000 times, a fresh 100-character
+    name each time (no reply wanted): every name stayed in the agent's scheduler
+    weights for the link's life, **+63 MiB** of agent memory (one run), without end.
+    Now a name's weight lives while a channel tagged so does: the agent grows by
+    kilobytes, and the channel still echoes."""
+    agent, t, ch = _taken_over(start_agent, targets, tmp_path)
     try:
-        assert server.forwarded.wait(30), "the agent never asked for its forward"
-        ch = t.open_channel("forwarded-tcpip", dest_addr=("web", 8080),
-                            src_addr=("203.0.113.9", 1), timeout=10)
-        ch.settimeout(20)
-
-        def echo(data: bytes) -> bytes:
-            ch.sendall(data)
-            got = b""
-            while len(got) < len(data):
-                got += ch.recv(len(data) - len(got))
-            return got
-
-        got = b""
-        while len(got) < len(b"declared\n"):
-            got += ch.recv(64)
-        assert echo(b"before") == b"before"  # the agent settled
+        assert _echo(ch, b"before") == b"before"  # the agent settled
         before = rss_kb(agent.proc.pid)
         for i in range(SHARE_NAMES):
-            m = Message()
-            m.add_byte(cMSG_CHANNEL_REQUEST)
-            m.add_int(ch.remote_chanid)
-            m.add_string(b"share@labrelay")
-            m.add_boolean(False)
-            m.add_string(f"{i:0100d}".encode())
-            m.add_string(b"2")
-            t._send_user_message(m)
-        assert echo(b"after") == b"after"  # every request was read before the echo
+            _share(t, ch, f"{i:0100d}".encode(), b"2")
+        assert _echo(ch, b"after") == b"after"  # every request was read before the echo
         grown = rss_kb(agent.proc.pid) - before
         print(f"\n{SHARE_NAMES} share names: agent RSS +{grown} KiB")
         assert grown < 16 * 1024, f"the agent kept the relay's names: +{grown} KiB"
+        assert t.is_active()
+    finally:
+        t.close()
+
+
+def test_a_compromised_relays_requests_in_a_loop_cost_a_bounded_number_of_agent_log_lines(
+    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path
+) -> None:
+    """Requests only a relay sends, each of which the agent logged as a warning: 2 000
+    ``grant-revoked@labrelay`` for registrations it never held and 2 000 malformed
+    ``share@labrelay`` were **4 000 warnings** in a second, at the relay's pace, on
+    the lab PC's disk.  Now the unheld revocations are logged 32 per 10 s then one
+    count line, a malformed share once per connection; the channel still echoes."""
+    agent, t, ch = _taken_over(start_agent, targets, tmp_path)
+    try:
+        for i in range(LOOPS):
+            m = Message()
+            m.add_byte(cMSG_GLOBAL_REQUEST)
+            m.add_string(b"grant-revoked@labrelay")
+            m.add_boolean(False)
+            m.add_bytes(pack_grant_revoked(f"x{i}", 1, "because"))
+            t._send_user_message(m)
+            _share(t, ch, b"\x00", None)
+        assert _echo(ch, b"ping") == b"ping"
+        counted = agent.wait_for("forward_revoked", timeout=20, count=LOOPS - 32)
+        revoked = agent.events("forward_revoked")
+        malformed = agent.events("share_malformed")
+        print(f"\n{LOOPS} unheld revocations: {len(revoked)} lines ({counted['count']} "
+              f"counted); {LOOPS} malformed shares: {len(malformed)} lines")
+        assert len(revoked) == 33 and len(malformed) == 1
         assert t.is_active()
     finally:
         t.close()
