@@ -31,6 +31,7 @@ from relay.agent.datapool import DataPool
 from relay.agent.forwards import ForwardState, LocalForwardListener, RemoteForwardRunner
 from relay.config.schema import LinkConfig, LocalForward, RemoteForward
 from relay.core.backoff import retry_policy
+from relay.core.burstlog import PerKeyLog
 from relay.core.clock import expire
 from relay.core.resume import HELLO, pack_hello, unpack_hello_reply
 from relay.datapath.bridge import Bridge, TCPSide
@@ -52,6 +53,12 @@ mates' laptops behind the same NAT included.  Attempts twice the penalty apart n
 add up to that; a key put back is used within this delay."""
 
 CANCEL_TIMEOUT = 2.0
+
+UNHELD_REVOKE_WINDOW = 10.0
+UNHELD_REVOKE_LINES = 32
+"""``grant-revoked@labrelay`` for registrations the agent does not hold (only a
+confused or compromised relay sends them): this many warnings per window in full,
+then one line with the count, as the relay's own refusals (relay.core.burstlog)."""
 
 
 class LinkState(StrEnum):
@@ -178,6 +185,10 @@ class Link(MultiService):
         self._keysRefused = False  # the last attempt failed on a refusal of our keys
         policy = self._policy = retry_policy(config.backoff)
         self.remote = [RemoteForwardRunner(self, fwd, policy) for fwd in config.remote]
+        # A relay names what it revokes: a compromised one could name registrations we
+        # never held in a loop, one warning each (2 000 lines for 2 000 requests).
+        self._unheldRevokes = PerKeyLog(reactor, UNHELD_REVOKE_WINDOW, UNHELD_REVOKE_LINES,
+                                        self._moreUnheldRevokes)
         self.local = [LocalForwardListener(self, fwd) for fwd in config.local]
         self.pool = DataPool(self, config.fast_path_pool)
         # Sessions held across a broken link to a labrelay relay (docs/resilience.md).
@@ -372,7 +383,7 @@ class Link(MultiService):
         """The relay dropped registration ``bind:port``: its grant was revoked."""
         runners = [f for f in self.remote if f.matches(bind, port)
                    and f.config.bind.lower() == bind.lower()]
-        if not runners:
+        if not runners and self._unheldRevokes.allow(str(self.name), f"{bind}:{port}: {why}"):
             self.log.warn(
                 "link {link}: the relay revoked {bind}:{port}, which we do not hold: {reason}",
                 event="forward_revoked", link=self.name, forward=None, bind=bind, port=port,
@@ -380,6 +391,14 @@ class Link(MultiService):
             )
         for runner in runners:
             runner.revoked(why)
+
+    def _moreUnheldRevokes(self, _key: str, count: int, last: str) -> None:
+        self.log.warn(
+            "link {link}: the relay revoked {count} more registrations we do not hold in "
+            "the last {window:.0f}s (not logged one by one; the last: {last})",
+            event="forward_revoked", link=self.name, forward=None, count=count,
+            window=UNHELD_REVOKE_WINDOW, last=last,
+        )
 
     def remoteForwardFor(self, host: str, port: int) -> RemoteForwardRunner | None:
         candidates = [f for f in self.remote if f.matches(host, port)]
@@ -477,6 +496,7 @@ class Link(MultiService):
         """Cancel forwards on the server, say goodbye, then stop reconnecting."""
         conn = self.connection
         self.pool.stop()
+        self._unheldRevokes.stop()
         cancels = [f.cancel() for f in self.remote]
         for d, timer in self._waiters:
             timer.cancel()

@@ -74,6 +74,8 @@ class FairScheduler(Generic[T]):
         self._flows: dict[Hashable, _Flow[T]] = {}
         self._sparse: deque[tuple[_Flow[T], T, int]] = deque()
         self._weights: dict[str, float] = {}
+        self._tags: dict[Hashable, str] = {}  # flow -> the user it was tagged as (tag)
+        self._holders: dict[str, int] = {}  # user -> flows tagged as it
         self._bytes = 0
 
     # --- configuration ------------------------------------------------------
@@ -88,6 +90,38 @@ class FairScheduler(Generic[T]):
 
     def weight(self, user: str) -> float:
         return self._weights.get(user, 1.0)
+
+    def tag(self, flow: Hashable, user: str, weight: float) -> None:
+        """``flow`` carries ``user``'s bytes, whose share is ``weight``: the weight is
+        set (:meth:`set_weight`) and the flow moved to the user (:meth:`move`), and
+        the weight is kept only while some flow tagged as ``user`` lives
+        (:meth:`untag`).  The peer that tags (the relay, ``share@labrelay``) chooses
+        the names: kept for good, a relay sending a fresh name per request grew the
+        agent by ~215 bytes a name without end (docs/security.md, the agent against a
+        relay it trusted)."""
+        old = self._tags.get(flow)
+        if old != user:
+            self._tags[flow] = user
+            self._holders[user] = self._holders.get(user, 0) + 1
+            if old is not None:
+                self._release(old)
+        self.set_weight(user, weight)
+        self.move(flow, user)
+
+    def untag(self, flow: Hashable) -> None:
+        """``flow`` is gone: its user's weight is forgotten once no flow holds it (a
+        user with bytes still queued keeps the weight it was scheduled with)."""
+        old = self._tags.pop(flow, None)
+        if old is not None:
+            self._release(old)
+
+    def _release(self, user: str) -> None:
+        left = self._holders[user] - 1
+        if left:
+            self._holders[user] = left
+        else:
+            del self._holders[user]
+            self._weights.pop(user, None)
 
     # --- queueing -----------------------------------------------------------
 

@@ -20,6 +20,7 @@ from relay.core import fastwire as fw
 from relay.core.admission import Offence
 from relay.core.admission import Ticket as AdmissionTicket
 from relay.core.clock import expire
+from relay.core.peertext import shown
 from relay.core.tokens import Ticket
 from relay.datapath.handoff import Handoff
 from relay.datapath.net import unsent, write_now
@@ -185,8 +186,9 @@ class DataConnection(Handoff):
                 return
             ok, message, rest = parsed
             self.hold(rest)
+            # Its words reach the user (the data port's error byte): printable only.
             self._answered(message if ok else Failure(PairingError(
-                f"the agent could not connect the service: {message}")))
+                f"the agent could not connect the service: {shown(message)}")))
 
     def _answered(self, result: Any) -> None:
         d, self.reply = self.reply, None

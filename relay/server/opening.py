@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from relay.config.schema import RelayConfig
 from relay.core.burstlog import PerKeyLog
 from relay.core.earlyopen import EarlyPhase, EarlySession, after_open, confirms_early
+from relay.core.peertext import shown
 from relay.core.router import Refused, Router
 from relay.core.routing import Registration, Registry
 from relay.core.sessions import POOLED, SPLICED, Meter, SessionRow, SessionTable
@@ -133,9 +134,11 @@ class SessionOpening:
 
         def failed(f: Failure) -> defer.Deferred[BridgedChannel]:
             self.sessionEnded(session, 0, 0, "agent unavailable")
+            # The agent's own words go to the user's client, which may print them to
+            # her terminal: shown as printable text, bounded (relay.core.peertext).
             why = session.closing or ("its agent did not come back within "
                    f"{self.config.public_wait:g}s") if f.check(defer.CancelledError) else (
-                f"its agent could not connect it: {failure_text(f)}")
+                f"its agent could not connect it: {shown(failure_text(f))}")
             return refuse(OPEN_CONNECT_FAILED, f"service {service} unavailable: {why}")
 
         return d.addCallbacks(connected, failed)

@@ -211,8 +211,13 @@ class BridgedChannel(SSHChannel):
         try:
             user, weight = unpack_share(data)
         except ValueError:
-            self._log.warn("malformed {request} request; ignored", request=SHARE.decode(),
-                           event="share_malformed")
+            # Once per connection: the relay's requests are the relay's to send, and a
+            # compromised one sent 2 000 in a loop for 2 000 warnings.
+            if not getattr(self.conn, "shareMalformedSeen", False):
+                self.conn.shareMalformedSeen = True
+                self._log.warn("malformed {request} request; ignored (further ones on this "
+                               "connection are not logged)", request=SHARE.decode(),
+                               event="share_malformed")
             return 0
         self.tagShare(user, weight)
         return 1
@@ -223,10 +228,10 @@ class BridgedChannel(SSHChannel):
         self.shareUser, self.shareWeight = user, weight
         scheduler = getattr(self.conn, "scheduler", None)
         if scheduler is not None:
-            scheduler.set_weight(user, weight)
             # Bytes it queued before the tag (a download whose request went early) were
-            # no one's; they and the rest are the user's now (FairScheduler.move).
-            scheduler.move(self, user)
+            # no one's; they and the rest are the user's now (FairScheduler.move).  The
+            # weight lives as long as a channel tagged so (FairScheduler.tag/untag).
+            scheduler.tag(self, user, weight)
 
     def announce(self, requestType: bytes, data: bytes) -> None:
         """Send the channel request ``requestType`` (no reply wanted) just before this

@@ -56,6 +56,7 @@ from relay.ssh.hostkeyupdate import (
     HOSTKEYS,
     HOSTKEYS_AGAIN,
     HOSTKEYS_PROVE,
+    MAX_TOLD_HOST_KEYS,
     ProveRefused,
     pack_blobs,
     prove_signed_data,
@@ -418,7 +419,8 @@ class LinkConnection(FlowConnection):
                            callbackArgs=(learn, sid))
         for blob in verifier.unlisted(blobs):
             key = _usable_host_key(blob)
-            if blob in learn or blob in verifier.told or key is None:
+            if (blob in learn or blob in verifier.told or key is None
+                    or len(verifier.told) >= MAX_TOLD_HOST_KEYS):
                 continue  # a type Conch does not know: OpenSSH's client skips it too
             verifier.told.add(blob)  # once per link, not at every reconnect
             line = f"{verifier.hostname} {key.public().toString('OPENSSH').decode()}"

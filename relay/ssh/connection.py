@@ -112,6 +112,7 @@ class FlowConnection(connection.SSHConnection):
     one reactor turn (docs/security.md, "Attacks tried")."""
 
     takesShare = False
+    shareMalformedSeen = False  # a malformed share@labrelay was logged (BridgedChannel)
     """Whether the peer may tag our channels with ``share@labrelay``: only the relay's
     word to an agent (relay.ssh.client.LinkConnection).  The relay's own connections
     refuse it: a user who said it chose her channel's share, and each fresh name she
@@ -386,8 +387,10 @@ class FlowConnection(connection.SSHConnection):
             super().sendClose(channel)
 
     def discard(self, channel: Any) -> None:
-        """Forget what ``channel`` has waiting (it is aborted, or its peer closed)."""
+        """Forget what ``channel`` has waiting (it is aborted, or its peer closed), and
+        its share tag."""
         self.scheduler.drop(channel)
+        self.scheduler.untag(channel)
         self._held.discard(channel)
         self._closing.discard(channel)
         self._overran.discard(channel)

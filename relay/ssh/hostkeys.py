@@ -49,6 +49,12 @@ _SALT_LEN = 20  # SHA-1 digest size, as OpenSSH's hostfile.c uses
 # Where an admin reads the key on the server: a stock sshd's files, or a labrelay
 # relay's state directory (its host key is not under /etc/ssh; its start-up line
 # "relay listening on ...; host key SHA256:..." names the fingerprint too).
+MAX_LEARNED_HOST_KEYS = 4
+"""Keys of one host the agent's known_hosts may hold before it learns no more from the
+host's announcements (``hostkeys-00@openssh.com``).  A relay announces two at most (its
+key and ``next_host_key``); four leaves room for a rotation whose old line was not
+yet removed.  Lines an operator adds are not limited."""
+
 ON_THE_SERVER = ("(on the server: ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub; for a labrelay "
                  "relay: ssh-keygen -lf STATE_DIR/ssh_host_ed25519_key.pub, STATE_DIR being "
                  "its [relay] state_dir, or its 'relay listening' log line)")
@@ -231,7 +237,20 @@ class HostKeyVerifier:
             return []
         if self.matched_in != self.known_hosts:
             return []
-        return self.unlisted(blobs)
+        return self.unlisted(blobs)[:self._room()]
+
+    def _room(self) -> int:
+        """Keys that may still be learned for this host: :data:`MAX_LEARNED_HOST_KEYS`
+        less the lines its first known_hosts file holds for it.  Learning adds and never
+        removes (unlike ssh's ``UpdateHostKeys``, which drops what is no longer
+        announced), so without a bound a relay that holds its host key (taken over)
+        could announce fresh keys at every reconnect, prove them, and grow the file by
+        15 lines a connection (225 lines in 21 s, one run), each connection reading it
+        all again."""
+        assert self.known_hosts is not None
+        held = sum(1 for e in self._read(self.known_hosts).entries
+                   if e.marker is None and e.matches(self.hostname))
+        return max(MAX_LEARNED_HOST_KEYS - held, 0)
 
     def learn(self, key: Key) -> str:
         """Record a key the server proved it holds (``hostkeys-prove-00@openssh.com``)
@@ -241,6 +260,9 @@ class HostKeyVerifier:
         offered = _Offered(key.sshType().decode("ascii"), blob, _fingerprint_of_blob(blob))
         if not self.unlisted([blob]):
             return "already listed"
+        if self.known_hosts is None or self._room() == 0:
+            return (f"not recorded: {self.known_hosts} holds {MAX_LEARNED_HOST_KEYS} keys "
+                    "for this host already")
         return f"saved to {self.known_hosts}" if self._append(offered) else "not recorded"
 
     def _verify_pinned(self, offered: _Offered, pin: bytes) -> str:

@@ -47,6 +47,11 @@ MAX_PROVE_KEYS = 16
 """Blobs a prove request may list.  The relay holds two keys at most (the current and
 the next); OpenSSH's client asks only for announced keys it lacks."""
 
+MAX_TOLD_HOST_KEYS = 16
+"""Announced keys an agent's link logs (``link_hostkey_announced``) in its life.  An
+honest relay announces one next key per rotation; a relay that announced fresh keys at
+every reconnect made one line and one remembered blob each, without end."""
+
 _RSA = b"ssh-rsa"
 _RSA_SHA2 = (b"rsa-sha2-512", b"rsa-sha2-256")
 

@@ -48,6 +48,7 @@ from relay.config.schema import HostKeyPolicy, LinkConfig
 from relay.config.transport import is_transport_option
 from relay.core import fastwire as fw
 from relay.core.clock import expire
+from relay.core.peertext import shown
 from relay.datapath import splicing as datapath
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.datapath.handoff import Handoff
@@ -64,6 +65,8 @@ EXIT_FAILED = 1
 DATA_CONNECT_TIMEOUT = 5.0
 # The relay answers within its public_wait (10 s) plus the agent's reply time (15 s).
 PAIR_TIMEOUT = 40.0
+SAY_LIMIT = 2000
+"""Characters of one message said (a relay may send a megabyte of refusal text)."""
 
 
 @dataclass(frozen=True)
@@ -269,9 +272,14 @@ class Connector:
         self.interrupted = False
 
     def say(self, text: str) -> None:
+        """One line on stderr, which is the user's terminal (ssh passes a
+        ProxyCommand's through).  Much of what is said is the relay's words (its
+        refusals, an agent's reason passed on, the data port's error, a disconnect's
+        text) or an on-path box's, on the unencrypted data port: shown as printable
+        text only (relay.core.peertext), never as escape sequences her terminal runs."""
         if self.interrupted:
             return  # what the stop broke is not news (see interrupt)
-        self.stderr.write(f"labrelay connect: {text}\n")
+        self.stderr.write(f"labrelay connect: {shown(text, SAY_LIMIT)}\n")
         self.stderr.flush()
 
     def interrupt(self) -> None:
@@ -350,7 +358,10 @@ class Connector:
                 why = "the relay does not offer labrelay's fast path (a stock sshd or an " \
                       "older relay)"
             else:
-                status, message, data_port, token, _lifetime = fw.unpack_token_reply(reply)
+                try:
+                    status, message, data_port, token, _lifetime = fw.unpack_token_reply(reply)
+                except fw.WireError as e:  # was "internal error: truncated uint32", exit 1
+                    status, message = fw.Status.UNAVAILABLE, f"its ticket answer is malformed: {e}"
                 if status is fw.Status.REFUSED:
                     self.say(f"refused by the relay: {message}")
                     return EXIT_FAILED

@@ -554,6 +554,29 @@ def test_share_request_names_the_user_and_its_weight() -> None:
         unpack_share(b"\x00\x00")
 
 
+def test_share_names_a_relay_sends_are_kept_only_while_their_channel_lives() -> None:
+    """The agent takes ``share@labrelay`` from its relay, but the relay chooses the
+    names: a compromised one sending a fresh name per request grew the agent's
+    scheduler weights without end (tests/security/test_hostile_relay.py measures it
+    through a real agent).  A name's weight lives while a channel tagged so does."""
+    h = Harness(linkTCP=StringTransport())
+    h.conn.takesShare = True
+    keep, gone = h.openFromPeer(), h.openFromPeer()
+    for channel, name in ((keep, "alice"), (gone, "bob")):
+        h.receive(MSG_CHANNEL_REQUEST, struct.pack(">L", channel.id) + common.NS(SHARE)
+                  + b"\x00" + pack_share(name, 2))
+    for i in range(1000):  # re-tagged, each time a new name
+        h.receive(MSG_CHANNEL_REQUEST, struct.pack(">L", gone.id) + common.NS(SHARE)
+                  + b"\x00" + pack_share(f"u{i}", 3))
+    sched = h.conn.scheduler
+    assert gone.shareUser == "u999" and sched.weight("u999") == 3
+    assert sched.weight("bob") == 1.0 and sched.weight("u0") == 1.0  # released when re-tagged
+    h.conn.discard(gone)  # what its close does (FlowConnection.channelClosed)
+    assert sched._weights == {"alice": 2}
+    h.conn.discard(keep)
+    assert sched._weights == {}
+
+
 def test_a_share_request_from_a_peer_that_may_not_say_it_is_refused_and_kept_nowhere(
 ) -> None:
     """The relay's own connections (a user's, an agent's) refuse ``share@labrelay``:

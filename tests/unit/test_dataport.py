@@ -617,6 +617,21 @@ def test_agent_that_cannot_connect_fails_the_user(world: World) -> None:
     assert not _timers(world)
 
 
+def test_an_agents_reason_reaches_the_user_as_printable_text(world: World) -> None:
+    """A malicious agent's ``E`` reason is passed on to the user's data connection,
+    whose client may print it to her terminal (``labrelay connect``): escape
+    sequences (OSC 52 writes a clipboard, CSI 2J clears the screen), CR/LF and a
+    bidi override are shown as text, not sent as they came
+    (tests/security/test_shown_words.py has the other doors)."""
+    _udc, ut, adc, _at = _paired_up(world)
+    feed_bytewise(adc, fw.pack_error(fw.AGENT_ERROR,
+                                     "\x1b]52;c;ZXZpbA==\x07\x1b[2J\r\nPassword: \u202e"))
+    ok, message, _ = fw.parse_reply(ut.value(), fw.USER_OK, fw.USER_ERROR)  # type: ignore[misc]
+    assert not ok and message.isprintable()
+    assert message.endswith("the agent could not connect the service: "
+                            "\\x1b]52;c;ZXZpbA==\\x07\\x1b[2J\\r\\nPassword: \\u202e")
+
+
 def test_agent_answering_nonsense_fails_the_user(world: World) -> None:
     _udc, ut, adc, at = _paired_up(world)
     adc.dataReceived(b"?")
