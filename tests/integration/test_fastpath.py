@@ -370,17 +370,35 @@ def test_an_unreachable_data_port_falls_back_to_a_channel(
         start_agent: Callable[..., AgentProcess], targets: Targets) -> None:
     """The relay offers a data port the user cannot reach (here: bound to another
     address; in real life, a firewall): ``labrelay connect`` says so once and carries the
-    session in an SSH channel instead of failing."""
+    session in an SSH channel instead of failing.
+
+    The port is the test's: a socket bound on 127.0.0.1 that never listens holds it there
+    (a connect is refused), and the relay's data port takes the same number on 127.0.0.2.
+    With ``data_port = 0`` the kernel could give the relay's own admin endpoint, on
+    127.0.0.1, the data port's number (seen once in CI): the user then reached a server
+    that closed without answering, not an unreachable port."""
     k = keys
     web = targets.echo(greeting=b"web\n")
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind((LOOPBACK, 0))
+    data_port = holder.getsockname()[1]
     relay = start_relay(
         agents=[f'permitlisten="web:8080" {k.lab_pc.public_blob()} lab_pc'],
         users=[f'permitopen="web:8080" {k.bob.public_blob()} bob'],
-        relay_toml='data_port = 0\ndata_bind = "127.0.0.2"\ne2e_services = ["web:8080"]\n')
+        relay_toml=f'data_port = {data_port}\ndata_bind = "127.0.0.2"\n'
+                   'e2e_services = ["web:8080"]\n')
+    try:
+        _connect_falls_back(relay, start_agent, k, web.port)
+    finally:
+        holder.close()
+
+
+def _connect_falls_back(relay: RelayNode, start_agent: Callable[..., AgentProcess],
+                        k: Keys, web_port: int) -> None:
     agent = start_agent(
         "-p", str(relay.port), "-i", str(k.lab_pc.path),
         "-o", f"UserKnownHostsFile={relay.known_hosts}",
-        "-R", f"web:8080:127.0.0.1:{web.port}", "lab_pc@127.0.0.1", name="agent")
+        "-R", f"web:8080:127.0.0.1:{web_port}", "lab_pc@127.0.0.1", name="agent")
     agent.wait_for("fast_path_ready", timeout=20)
     agent.wait_for("forward_ready", timeout=20, since=0, bind="web")
     argv = [sys.executable, "-m", "relay", "connect", "-p", str(relay.port),
