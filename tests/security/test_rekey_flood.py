@@ -105,7 +105,7 @@ def test_a_client_that_rekeys_every_megabyte_is_not_slowed(
     targets: Targets, tmp_path: Path,
 ) -> None:
     """paramiko re-keying after every 1 MiB (its packetizer's limit, lowered) moves
-    8 MiB through the relay byte-exact; 8 key exchanges, within the burst."""
+    8 MiB through the relay byte-exact; about 8 key exchanges, within the burst."""
     relay, keys = _world(start_relay, start_agent, targets, tmp_path)
     t = _login(relay, keys["alice"], "alice")
     t.packetizer.REKEY_BYTES = 1 << 20
@@ -124,6 +124,9 @@ def test_a_client_that_rekeys_every_megabyte_is_not_slowed(
     got = _echo(t, payload)
     print(f"\n8 MiB echoed in {time.monotonic() - t0:.2f}s across {newkeys} key exchanges")
     assert got == payload
-    assert newkeys >= 8
+    # paramiko checks its limit per packet, sent and received apart, and a key exchange
+    # in flight absorbs what arrives meanwhile: 8 MiB each way made 7-9 of them (7 once,
+    # in CI's parallel run). What matters: several, none paced, the bytes exact.
+    assert newkeys >= 6
     assert not relay.events("ssh_kex_paced")
     t.close()
