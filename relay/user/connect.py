@@ -198,7 +198,18 @@ def _grow_pipe(fd: int) -> None:
 
 
 class DataPortUnreachable(Exception):
-    """The relay's data port did not accept a connection; ``str()`` says why."""
+    """The relay's data port did not accept a connection, or what accepted it did not
+    speak the data port's protocol; ``str()`` says why."""
+
+
+class _NoAnswer(ConnectionError):
+    """The data connection ended, or was answered with bytes that are not the relay's,
+    before any answer to our hello: whatever accepted it (a middlebox that accepts and
+    drops what it does not know, another server on that port) is not the relay's data
+    port, so the session falls back to an SSH channel.  Safe: nothing of stdin is read
+    before the relay pairs the connection, and the ticket's secret never crosses the
+    data port (only a proof over the relay's nonce does).  An answer that *refuses* is
+    the relay's word, and stays an error."""
 
 
 class _UserData(Handoff):
@@ -222,7 +233,7 @@ class _UserData(Handoff):
             try:
                 challenge = fw.parse_challenge(self.buf)
             except fw.WireError as e:
-                self.answer.errback(ConnectionError(f"the data port answered nonsense ({e})"))
+                self.answer.errback(_NoAnswer(f"the data port answered nonsense ({e})"))
                 self.transport.abortConnection()
                 return
             if challenge is None:
@@ -234,7 +245,7 @@ class _UserData(Handoff):
         try:
             parsed = fw.parse_reply(self.buf, fw.USER_OK, fw.USER_ERROR)
         except fw.WireError as e:
-            self.answer.errback(ConnectionError(f"the data port answered nonsense ({e})"))
+            self.answer.errback(_NoAnswer(f"the data port answered nonsense ({e})"))
             return
         if parsed is None:
             return
@@ -249,8 +260,8 @@ class _UserData(Handoff):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         super().connectionLost(reason)
         if not self.answer.called:
-            self.answer.errback(ConnectionError(
-                "the relay closed the data connection without answering"))
+            self.answer.errback(_NoAnswer(
+                "the data connection was closed without an answer"))
 
 
 class Connector:
@@ -409,6 +420,9 @@ class Connector:
         except defer.CancelledError:
             self.say(f"the relay did not pair the data connection for {self.label} in time")
             return EXIT_FAILED
+        except _NoAnswer as e:
+            proto.transport.abortConnection()
+            raise DataPortUnreachable(f"its data port {host}:{data_port}: {e}") from e
         except Exception as e:
             self.say(f"fast path to {self.label} failed: {e}")
             return EXIT_FAILED

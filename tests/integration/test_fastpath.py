@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -365,8 +366,9 @@ def test_replayed_and_session_bound_tokens(site: Site) -> None:
     wait_until(lambda: site.pool()["sessions_total"] == 1, "the agent to count its session")
 
 
+@pytest.mark.parametrize("there", ["nothing", "a server that accepts and closes"])
 def test_an_unreachable_data_port_falls_back_to_a_channel(
-        keys: Keys, start_relay: Callable[..., RelayNode],
+        there: str, keys: Keys, start_relay: Callable[..., RelayNode],
         start_agent: Callable[..., AgentProcess], targets: Targets) -> None:
     """The relay offers a data port the user cannot reach (here: bound to another
     address; in real life, a firewall): ``labrelay connect`` says so once and carries the
@@ -376,25 +378,51 @@ def test_an_unreachable_data_port_falls_back_to_a_channel(
     (a connect is refused), and the relay's data port takes the same number on 127.0.0.2.
     With ``data_port = 0`` the kernel could give the relay's own admin endpoint, on
     127.0.0.1, the data port's number (seen once in CI): the user then reached a server
-    that closed without answering, not an unreachable port."""
+    that closed without answering, not an unreachable port, and ``labrelay connect``
+    failed.  Such a server is the second case here (a middlebox that accepts and drops
+    what it does not know): it falls back too, since nothing of the session was read or
+    sent yet."""
     k = keys
     web = targets.echo(greeting=b"web\n")
     holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     holder.bind((LOOPBACK, 0))
     data_port = holder.getsockname()[1]
+    closer = None
+    if there != "nothing":
+        holder.listen(16)
+        closer = threading.Thread(target=_accept_and_close, args=(holder,), daemon=True)
+        closer.start()
     relay = start_relay(
         agents=[f'permitlisten="web:8080" {k.lab_pc.public_blob()} lab_pc'],
         users=[f'permitopen="web:8080" {k.bob.public_blob()} bob'],
         relay_toml=f'data_port = {data_port}\ndata_bind = "127.0.0.2"\n'
                    'e2e_services = ["web:8080"]\n')
     try:
-        _connect_falls_back(relay, start_agent, k, web.port)
+        line = _connect_falls_back(relay, start_agent, k, web.port)
     finally:
+        if closer is not None:
+            holder.shutdown(socket.SHUT_RDWR)  # accept() returns: the thread ends
         holder.close()
+    if closer is None:
+        assert "cannot reach its data port" in line, line
+    else:
+        closer.join(10)
+        assert "the data connection was closed without an answer" in line, line
+
+
+def _accept_and_close(listener: socket.socket) -> None:
+    """Accept every connection and close it at once, reading nothing."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        conn.close()
 
 
 def _connect_falls_back(relay: RelayNode, start_agent: Callable[..., AgentProcess],
-                        k: Keys, web_port: int) -> None:
+                        k: Keys, web_port: int) -> str:
+    """bob's ``labrelay connect`` carries 1 MiB exactly and says one line: that line."""
     agent = start_agent(
         "-p", str(relay.port), "-i", str(k.lab_pc.path),
         "-o", f"UserKnownHostsFile={relay.known_hosts}",
@@ -409,8 +437,9 @@ def _connect_falls_back(relay: RelayNode, start_agent: Callable[..., AgentProces
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout == b"web\n" + payload
     lines = out.stderr.decode().splitlines()
-    assert len(lines) == 1 and "cannot reach its data port" in lines[0], lines
+    assert len(lines) == 1 and "fast path unavailable for web:8080" in lines[0], lines
     assert "using an SSH channel" in lines[0]
+    return lines[0]
 
 
 def test_a_burst_of_sessions_outgrows_the_pool(site: Site) -> None:
