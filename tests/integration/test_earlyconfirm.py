@@ -89,12 +89,17 @@ class Site:
 
     def echo_through(self, service: str, payload: bytes) -> None:
         """One connection to ``service``'s ``-L`` port: its greeting, then ``payload``
-        echoed exactly."""
+        echoed exactly; returns once the relay has logged that session's close, so that
+        a test's next ``mark()`` never sees it (a ``session_close`` after the mark was
+        taken for the early session's once in CI's parallel run)."""
         _, port = self.forward(service)
         with connect(port) as s:
+            host, local = s.getsockname()[:2]
             s.sendall(payload)
             got = recv_exactly(s, len(GREETING[service]) + len(payload))
         assert got == GREETING[service] + payload
+        self.relay.wait_for("session_close", since=0, advance=False, service=service,
+                            origin=f"{host}:{local}")
 
     def opens(self, service: str, since: int = 0, count: int = 1) -> list[dict[str, Any]]:
         """The relay's ``session_open`` events for ``service`` since ``since``, once
