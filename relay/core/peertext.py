@@ -22,7 +22,9 @@ SHOWN_LIMIT = 200
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def _char(ch: str) -> str:
+def visible(ch: str) -> str:
+    """One character as a person can read it on a terminal (relay.ops.logfmt uses the
+    same rule for the log)."""
     if ch.isprintable():
         return ch
     named = _NAMED.get(ch)
@@ -53,5 +55,5 @@ def shown(text: str | bytes, limit: int | None = SHOWN_LIMIT) -> str:
         cut = len(text) - limit
         text = text[:limit]
     if not text.isprintable():
-        text = "".join(_char(ch) for ch in text)
+        text = "".join(visible(ch) for ch in text)
     return text + (f"[... {cut} more chars]" if cut else "")

@@ -51,6 +51,7 @@ from twisted.python import log as legacy_log
 from zope.interface import provider
 
 from relay.config.errors import OperatorText
+from relay.core.peertext import visible
 
 FIELD_LIMIT = 200
 """Characters of one field shown in a log (OpenSSH shows ``%.100s`` of a user name)."""
@@ -62,26 +63,13 @@ CONTINUATION = "  | "
 """How a text-form continuation line (a traceback) starts: never a time stamp."""
 
 _SIMPLE = (str, int, float, bool, type(None))
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _PLAIN_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def _escape_char(ch: str, backslash: bool) -> str:
     if ch == "\\":
         return "\\\\" if backslash else ch
-    if ch.isprintable():
-        return ch
-    named = _NAMED.get(ch)
-    if named is not None:
-        return named
-    code = ord(ch)
-    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
-        return f"\\x{code - 0xDC00:02x}"
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    if code < 0x10000:
-        return f"\\u{code:04x}"
-    return f"\\U{code:08x}"
+    return visible(ch)
 
 
 def escape(value: str | bytes, limit: int | None = FIELD_LIMIT, *,
