@@ -49,6 +49,7 @@ import hashlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -729,3 +730,91 @@ def test_without_the_history_the_tests_fail_saying_how_to_get_it(tmp_path: Path)
     assert why_missing(full, first) is None
     assert "git fetch --unshallow" in (why_missing(shallow, first) or "")
     assert "full `git clone`" in (why_missing(plain, first) or "")
+
+
+def test_a_host_key_rotation_told_to_the_previous_agent_changes_nothing_for_it(
+        previous_tree: Path, client_key: KeyPair, start_process: Callable[..., AgentProcess],
+        start_ssh: Callable[..., SshProcess], targets: Targets, tmp_path: Path) -> None:
+    """Round 18's ``hostkeys-again@labrelay`` reaches an agent that predates it.
+
+    This relay tells its connected labrelay agents its keys again when a reload sets
+    ``next_host_key`` (docs/operations.md, rotating the host key), and it picks them by
+    their version line: the previous agent's bare ``SSH-2.0-labrelay`` is labrelay's,
+    so it is told too, and must drop the request it does not know (a global request
+    that wants no reply).  Shown here, not assumed: the relay counts it as told; the
+    agent keeps its link (no reconnect, at either end), a session open across the
+    reload echoes, a new channel opened after the request (in order on the same link,
+    so the agent has read the request first) echoes, nothing critical or a traceback
+    on either side, and the agent's known_hosts is untouched.
+
+    Then the swap (step 4 of the rotation): an agent from before round 17 learns keys
+    neither now nor at its next reconnect (it has no ``UpdateHostKeys``), so it is
+    refused (``hostkey_refused``) until the operator adds the new key's line to its
+    known_hosts by hand, as docs/operations.md says; then it comes back by itself."""
+    lab_pc = make_key(tmp_path / "lab_pc", comment="lab_pc")
+    alice = make_key(tmp_path / "alice", comment="alice")
+    web = targets.echo(greeting=b"web\n")
+    config = write_relay_dir(
+        tmp_path / "relay",
+        agents=[f'permitlisten="web:8080" {lab_pc.public_blob()} lab_pc'],
+        users=[f'permitopen="web:8080" {alice.public_blob()} alice'], relay_toml="",
+        listen=f"127.0.0.1:{free_port()}")  # the same port after the swap
+    proc = start_process(relay_argv(False, config), name="relay")
+    relay = RelayNode(proc, config.parent, admin_port(proc))
+    agent_known = write_known_hosts(tmp_path / "agent_known_hosts",
+                                    known_hosts_line(relay.host_key_blob, relay.port))
+    known_before = agent_known.read_text()
+    agent = start_process(agent_argv(
+        True, "-p", str(relay.port), "-i", str(lab_pc.path),
+        "-o", f"UserKnownHostsFile={agent_known}", "--backoff-initial", "0.2",
+        "--backoff-max", "1", "-R", f"web:8080:127.0.0.1:{web.port}", f"lab_pc@{LOOPBACK}"),
+        name="agent-previous", env=previous_env(previous_tree))  # fmt: skip
+    agent.wait_for("forward_ready", timeout=20, since=0, bind="web")
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(f"Host {LOOPBACK}\n  User alice\n  IdentityFile {alice.path}\n"
+                   + ssh_defaults(relay.known_hosts))
+    ssh = find_program("ssh") or "ssh"
+    _, port = stock_local_forward(start_ssh, lambda port: [
+        ssh, "-v", "-F", str(cfg), "-N", "-o", "ExitOnForwardFailure=yes",
+        "-p", str(relay.port), "-L", f"127.0.0.1:{port}:web:8080", LOOPBACK])
+    held = Interactive(port)
+    assert held.line(b"before the reload") == b"before the reload"
+
+    nxt = make_key(tmp_path / "next" / "ssh_host_ed25519_key", "labrelay-relay-host-key")
+    config.write_text(config.read_text() + f'next_host_key = "{nxt.path}"\n')
+    mark, agent_mark = relay.mark(), agent.mark()
+    os.kill(relay.proc.pid, signal.SIGHUP)
+    change = relay.wait_for("reload_change", since=mark,
+                            change=lambda c: nxt.fingerprint() in c)
+    assert "told again to 1 connected labrelay agent" in change["change"], change
+
+    fresh = Interactive(port)  # a channel the relay opens on the link after its request
+    assert fresh.line(b"a new session") == b"a new session"
+    assert held.line(b"after the reload") == b"after the reload"
+    held.sock.close()
+    fresh.sock.close()
+    assert not relay.proc.events("relay_connected", since=mark), "the agent reconnected"
+    assert not agent.events("link_lost", since=agent_mark)
+    assert not agent.events("link_connected", since=agent_mark)
+    assert agent_known.read_text() == known_before
+    _no_traceback([relay.proc, agent])
+
+    # The swap: the next pair becomes the relay's key, next_host_key goes; same port.
+    assert relay.proc.stop() == 0
+    state_key = config.parent / "state" / "ssh_host_ed25519_key"
+    state_key.write_bytes(nxt.path.read_bytes())
+    state_key.chmod(0o600)
+    state_key.with_name(state_key.name + ".pub").write_text(nxt.public + "\n")
+    config.write_text(config.read_text().replace(f'next_host_key = "{nxt.path}"\n', ""))
+    agent_mark = agent.mark()
+    swapped = RelayNode(start_process(relay_argv(False, config), name="relay-swapped"),
+                        config.parent, 0)
+    assert swapped.host_key_blob == nxt.public_blob()
+    agent.wait_for("hostkey_refused", timeout=30, since=agent_mark)
+    assert agent_known.read_text() == known_before  # it learned nothing on reconnecting
+    # The operator adds the new key's line (the new .pub) beside the old one.
+    mark = swapped.proc.mark()
+    with open(agent_known, "a") as f:
+        f.write(known_hosts_line(nxt.public_blob(), swapped.port) + "\n")
+    swapped.proc.wait_for("relay_service_registered", timeout=30, since=mark, agent="lab_pc")
+    _no_traceback([swapped.proc, agent])
