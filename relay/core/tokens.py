@@ -14,7 +14,11 @@ rules are DESIGN §7's and docs/fastpath.md's:
   connection meets another nonce and is a wrong proof;
 - single use: redeeming removes the ticket, whatever the outcome;
 - it expires ``lifetime`` seconds after issue, and expired tickets are swept on a
-  timer (:meth:`TokenBook.start`), not only when a new one is issued;
+  timer (:meth:`TokenBook.start`), not only when a new one is issued; the id of a
+  ticket forgotten that way is remembered for one more lifetime (at most
+  :data:`LAPSED_MAX` ids), so that a late presentation is refused as ``expired``
+  whatever the sweep's phase, not as ``unknown`` (the user's ``labrelay connect``
+  says which);
 - it is bound to one principal, one service and one SSH session: the caller gets
   the ticket back and checks that session is still alive;
 - outstanding tickets are capped per SSH session and per principal, so a user
@@ -37,10 +41,14 @@ from relay.core.fastwire import MAC_LEN, ROLE_AGENT, ROLE_USER, TOKEN_ID_LEN, TO
 
 _ROLE_NAMES = {ROLE_USER: "user", ROLE_AGENT: "agent"}
 
+LAPSED_MAX = 4096
+"""How many ids of expired, forgotten tickets are remembered at most (oldest dropped
+first): about 0.5 MiB, and only tickets the caps let be issued ever get there."""
+
 
 class Refusal(Enum):
     MALFORMED = "malformed"
-    UNKNOWN = "unknown"  # never issued, already used, or expired and forgotten
+    UNKNOWN = "unknown"  # never issued, already used, or expired over a lifetime ago
     WRONG = "wrong proof"
     EXPIRED = "expired"
     SESSION_GONE = "its SSH session ended"
@@ -87,6 +95,7 @@ class TokenBook:
         self._tickets: OrderedDict[bytes, Ticket] = OrderedDict()
         self._per_session: dict[Any, int] = {}
         self._per_principal: dict[str, int] = {}
+        self._lapsed: OrderedDict[bytes, float] = OrderedDict()  # id -> remembered until
         self._sweeper: Timer | None = None
         self._sweep_every = 0.0
         self.issued = {"user": 0, "agent": 0}
@@ -129,9 +138,17 @@ class TokenBook:
         now = self.clock.seconds()
         gone = [k for k, t in self._tickets.items() if t.expires < now]
         for k in gone:
-            self._remove(k)
+            self._lapse(k, now)
         self.swept += len(gone)
         return len(gone)
+
+    def _lapse(self, token_id: bytes, now: float) -> None:
+        """Forget an expired ticket but remember its id for one more lifetime."""
+        self._remove(token_id)
+        lapsed = self._lapsed
+        lapsed[token_id] = now + self.lifetime
+        while lapsed and (len(lapsed) > LAPSED_MAX or next(iter(lapsed.values())) < now):
+            lapsed.popitem(last=False)
 
     # issue and redeem
 
@@ -177,6 +194,9 @@ class TokenBook:
             return self._refuse(Refusal.MALFORMED)
         ticket = self._remove(token_id)
         if ticket is None:
+            until = self._lapsed.pop(token_id, None)
+            if until is not None and self.clock.seconds() <= until:
+                return self._refuse(Refusal.EXPIRED)  # swept a moment before
             return self._refuse(Refusal.UNKNOWN)
         expected = hello_proof(ticket.secret, role, token_id, nonce, service)
         if not hmac.compare_digest(expected, proof):
@@ -223,5 +243,5 @@ class TokenBook:
             token_id, ticket = next(iter(self._tickets.items()))
             if ticket.expires >= now:
                 break
-            self._remove(token_id)
+            self._lapse(token_id, now)
 

@@ -300,8 +300,41 @@ def test_expired_tickets_are_forgotten_on_a_later_issue(book: TokenBook, clock: 
     assert len(book) == 6  # nothing is forgotten without an issue
     book.issue(ROLE_USER, "alice", Session(), SVC)
     assert len(book) == 2
-    assert _refusal(book, ROLE_USER, old[0], None, SVC) is Refusal.UNKNOWN  # not EXPIRED
+    # forgotten, but its id is remembered as lapsed: told why, once
+    assert _refusal(book, ROLE_USER, old[0], None, SVC) is Refusal.EXPIRED
+    assert _refusal(book, ROLE_USER, old[0], None, SVC) is Refusal.UNKNOWN
     assert _redeem(book, ROLE_USER, newer, None, SVC)
+    clock.advance(10.1)  # one more lifetime: the lapsed ids are forgotten too
+    assert _refusal(book, ROLE_USER, old[1], None, SVC) is Refusal.UNKNOWN
+
+
+def test_a_ticket_swept_a_moment_before_it_is_presented_is_told_expired(clock: Clock) -> None:
+    """The sweep's phase must not decide what the user is told: a ticket presented
+    just after it expired says ``expired`` whether or not the sweep ran in between
+    (it ran at 8.0 here, the ticket expired at 7.9), for one more lifetime."""
+    book = TokenBook(clock, 4.0)
+    clock.advance(3.9)
+    book.start()  # sweeps at 7.9 + 0.1 = 8.0, 12.0, ...
+    late = book.issue(ROLE_USER, "alice", Session(), SVC)  # expires at 7.9
+    later = book.issue(ROLE_USER, "alice", Session(), SVC)
+    clock.advance(4.1)
+    assert len(book) == 0 and book.swept == 2
+    assert _refusal(book, ROLE_USER, late, None, SVC) is Refusal.EXPIRED
+    clock.advance(4.0)  # 12.0: remembered until 8.0 + 4.0
+    assert _refusal(book, ROLE_USER, later, None, SVC) is Refusal.EXPIRED
+    book.stop()
+
+
+def test_lapsed_ids_are_bounded(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay.core.tokens, "LAPSED_MAX", 3)
+    book = TokenBook(clock, 1.0, max_per_session=100, max_per_principal=100)
+    tokens = [book.issue(ROLE_USER, "alice", Session(), SVC) for _ in range(5)]
+    clock.advance(1.5)
+    assert book.sweep() == 5
+    assert len(book._lapsed) == 3  # the oldest two dropped first
+    assert [_refusal(book, ROLE_USER, t, None, SVC) for t in tokens] == [
+        Refusal.UNKNOWN, Refusal.UNKNOWN, Refusal.EXPIRED, Refusal.EXPIRED, Refusal.EXPIRED]
+    assert not book._lapsed
 
 
 def test_counters(book: TokenBook, clock: Clock) -> None:
