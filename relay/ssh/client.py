@@ -37,6 +37,7 @@ from relay.config.errors import OperatorText
 from relay.config.schema import LinkConfig, RemoteForward
 from relay.core.keepalive import KeepaliveMonitor
 from relay.core.resume import OPEN_RESUMABLE, split_sid
+from relay.core.sessioncap import SessionSlot
 from relay.datapath.bridge import TCPSide
 from relay.datapath.dialnow import connect_target
 from relay.datapath.net import quickack
@@ -47,6 +48,7 @@ from relay.ssh.clientauth import Identity, LinkUserAuth
 from relay.ssh.connection import (
     OPEN_ADMINISTRATIVELY_PROHIBITED,
     OPEN_CONNECT_FAILED,
+    OPEN_RESOURCE_SHORTAGE,
     OPEN_UNKNOWN_CHANNEL_TYPE,
     FlowConnection,
 )
@@ -128,9 +130,14 @@ class LinkOwner(LinkBasics, Protocol):
         """The reverse forward a ``forwarded-tcpip`` channel to ``host:port`` is for."""
 
     def sessionStarted(self, forward: Any, side: Any, channel: Any,
-                       origin: str) -> Any:
+                       origin: str, slot: SessionSlot | None = None) -> Any:
         """A forwarded session's channel opened (a :class:`BridgedChannel`, or the
-        :class:`ResumableSide` around one): bridge it to ``side``."""
+        :class:`ResumableSide` around one): bridge it to ``side``; ``slot`` (its place
+        in :meth:`admitSession`'s cap) is released when the session ends."""
+
+    def admitSession(self, forward: str) -> SessionSlot | str:
+        """A place for one more session the relay opens, or why it is refused (the
+        agent's own cap, relay.core.sessioncap)."""
 
     def openRelayService(self, name: str, port: int,
                          origin: str) -> defer.Deferred[BridgedChannel]:
@@ -562,6 +569,11 @@ class LinkConnection(FlowConnection):
             raise error.ConchError(
                 "no such forward", OPEN_ADMINISTRATIVELY_PROHIBITED
             )
+        # The agent's own cap (a relay taken over could open sessions without end):
+        # refused before anything is connected.
+        slot = self.link.admitSession(forward.name)
+        if isinstance(slot, str):
+            raise error.ConchError(slot, OPEN_RESOURCE_SHORTAGE)
         cfg = self.link.config
         channel = BridgedChannel(
             b"forwarded-tcpip", window=cfg.window, maxPacket=self._maxPacket(),
@@ -573,15 +585,22 @@ class LinkConnection(FlowConnection):
         def started(ch: BridgedChannel, side: Any) -> Any:
             resume = self.link.resume
             if sid is None or resume is None:
-                return self.link.sessionStarted(forward, side, ch, origin)
+                return self.link.sessionStarted(forward, side, ch, origin, slot)
             held = resume.open(sid, None, ch, f"{forward.name} from {origin}")
-            return self.link.sessionStarted(forward, side, held, origin)
+            return self.link.sessionStarted(forward, side, held, origin, slot)
 
         def connected(side: Any) -> BridgedChannel:
-            channel.opened.addCallbacks(lambda ch: started(ch, side), lambda _: side.abort())
+            slot.connected()
+
+            def notOpened(_: Failure) -> None:
+                slot.release()
+                side.abort()
+
+            channel.opened.addCallbacks(lambda ch: started(ch, side), notOpened)
             return channel
 
         def failed(f: Failure) -> Failure:
+            slot.release()
             self._log.warn(
                 "forward {forward}: cannot reach {target}: {reason}",
                 event="target_unreachable", link=self.link.name, forward=forward.name,

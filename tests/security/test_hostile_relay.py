@@ -24,8 +24,12 @@ host key) and ``test_onpath.py``.
 from __future__ import annotations
 
 import io
+import os
+import selectors
+import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,7 +48,9 @@ from harness import (
     write_known_hosts,
 )
 from paramiko.common import (
+    MSG_CHANNEL_OPEN_FAILURE,
     MSG_GLOBAL_REQUEST,
+    cMSG_CHANNEL_OPEN,
     cMSG_CHANNEL_REQUEST,
     cMSG_GLOBAL_REQUEST,
     cMSG_REQUEST_FAILURE,
@@ -52,6 +58,7 @@ from paramiko.common import (
 )
 from paramiko.message import Message
 
+from relay.ssh.connection import OPEN_RESOURCE_SHORTAGE
 from relay.ssh.hostkeyupdate import prove_signed_data
 from relay.ssh.wire import pack_grant_revoked
 
@@ -162,6 +169,7 @@ LOOPS = 2000
 
 
 def _taken_over(start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path,
+                held_target: int | None = None, link_toml: str | None = None,
                 ) -> tuple[AgentProcess, paramiko.Transport, Any]:
     """The labrelay agent (``-R web:8080`` to an echo) logged in to a compromised relay
     (a paramiko server with the relay's host key), and one ``forwarded-tcpip`` channel
@@ -173,11 +181,22 @@ def _taken_over(start_agent: Callable[..., AgentProcess], targets: Targets, tmp_
     port = listener.getsockname()[1]
     known_hosts = write_known_hosts(tmp_path / "known_hosts",
                                     known_hosts_line(host_key.public_blob(), port))
-    agent = start_agent(
-        "-p", str(port), "-i", str(lab_pc.path), "-o", f"UserKnownHostsFile={known_hosts}",
-        "-o", "StrictHostKeyChecking=yes", "-R", f"web:8080:127.0.0.1:{declared.port}",
-        "lab_pc@127.0.0.1", name="agent",
-    )  # fmt: skip
+    if link_toml is None:
+        agent = start_agent(
+            "-p", str(port), "-i", str(lab_pc.path), "-o", f"UserKnownHostsFile={known_hosts}",
+            "-o", "StrictHostKeyChecking=yes", "-R", f"web:8080:127.0.0.1:{declared.port}",
+            "lab_pc@127.0.0.1", name="agent",
+        )  # fmt: skip
+    else:  # a config file (the cap's keys; a SIGHUP reloads it)
+        held = ("" if held_target is None else
+                f'[[link.remote]]\nlisten = "held:2222"\nconnect = "127.0.0.1:{held_target}"\n')
+        config = tmp_path / "agent.toml"
+        config.write_text(
+            f'[[link]]\nname = "relay"\nhost = "127.0.0.1"\nport = {port}\nuser = "lab_pc"\n'
+            f'identity = "{lab_pc.path}"\nknown_hosts = "{known_hosts}"\n{link_toml}\n'
+            f'[[link.remote]]\nlisten = "web:8080"\nconnect = "127.0.0.1:{declared.port}"\n'
+            f"{held}")
+        agent = start_agent("--config", str(config), name="agent")
     listener.settimeout(30)
     sock, _ = listener.accept()
     listener.close()
@@ -367,3 +386,181 @@ def test_a_compromised_relay_cannot_grow_the_agents_known_hosts(
     assert len(lines) <= 4, f"known_hosts grew to {len(lines)} lines"
     assert len(announced) <= 16
     assert len(agent.events("link_hostkey_learned")) == 3
+
+
+class _HoldingTarget:
+    """A lab host that accepts every connection and holds it (a GPU cluster's sshd
+    waiting for a client's version line): counts what is open now and at most."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server((LOOPBACK, 0), backlog=4096)
+        self.port = self.listener.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.peak = 0
+        self._changed = threading.Condition()
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self.listener, selectors.EVENT_READ)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for key, _ in self._sel.select(0.1):
+                if key.fileobj is self.listener:
+                    conn, _ = self.listener.accept()
+                    with self._changed:
+                        self.conns.append(conn)
+                        self.peak = max(self.peak, self.open)
+                        self._changed.notify_all()
+                    self._sel.register(conn, selectors.EVENT_READ)
+                    continue
+                conn = key.fileobj  # type: ignore[assignment]
+                try:
+                    data = conn.recv(65536)  # type: ignore[union-attr]
+                except OSError:
+                    data = b""
+                if not data:
+                    self._sel.unregister(conn)
+                    with self._changed:
+                        self.conns.remove(conn)  # type: ignore[arg-type]
+                        self._changed.notify_all()
+                    conn.close()  # type: ignore[union-attr]
+
+    @property
+    def open(self) -> int:
+        return len(self.conns)
+
+    def wait_open(self, ok: Callable[[int], bool], timeout: float = 20) -> bool:
+        """Whether the number of connections held came to satisfy ``ok`` in time."""
+        with self._changed:
+            return self._changed.wait_for(lambda: ok(self.open), timeout)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self.conns:
+            conn.close()
+        self.listener.close()
+        self._sel.close()
+
+
+def _open_without_waiting(t: paramiko.Transport, dest: tuple[str, int],
+                          n: int) -> list[tuple[Any, threading.Event]]:
+    """``n`` ``forwarded-tcpip`` opens sent back to back, none awaited (paramiko's
+    ``open_channel`` less its wait): as fast as the link carries them.  The channels
+    are returned with their events (paramiko holds its channels weakly)."""
+    opened = []
+    for i in range(n):
+        with t.lock:
+            chanid = t._next_channel()
+            m = Message()
+            m.add_byte(cMSG_CHANNEL_OPEN)
+            m.add_string("forwarded-tcpip")
+            m.add_int(chanid)
+            m.add_int(2 * 1024 * 1024)
+            m.add_int(32768)
+            m.add_string(dest[0])
+            m.add_int(dest[1])
+            m.add_string("203.0.113.9")
+            m.add_int(10000 + i % 50000)
+            chan = paramiko.Channel(chanid)
+            t._channels.put(chanid, chan)
+            t.channel_events[chanid] = event = threading.Event()
+            t.channels_seen[chanid] = True
+            chan._set_transport(t)
+            chan._set_window(2 * 1024 * 1024, 32768)
+        t._send_user_message(m)
+        opened.append((chan, event))
+    return opened
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+FLOOD = 3000
+CAP = 200
+
+
+def test_a_compromised_relay_cannot_open_sessions_without_end(
+    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path
+) -> None:
+    """A taken-over relay opens 3 000 ``forwarded-tcpip`` channels to the agent's
+    declared target, back to back, and never closes one: each was a TCP connection
+    from the lab PC to a lab host (whose sshd has ``MaxStartups``), a descriptor and
+    memory on the lab PC: **3 000 confirmed in 0.9 s, agent fds 10 -> 3 010, the target
+    holding 3 000** (one run), without end.  Now the link's ``max_sessions`` (here 200)
+    bounds them: the rest are refused with ``OPEN_RESOURCE_SHORTAGE`` and the reason,
+    two log lines in all, the honest channel echoes throughout, a session closed gives
+    its place back, and a reload raises the cap on the running link."""
+    held = _HoldingTarget()
+    try:
+        agent, t, ch = _taken_over(start_agent, targets, tmp_path, held_target=held.port,
+                                   link_toml=f"max_sessions = {CAP}\n")
+        try:
+            fds0, rss0 = _fds(agent.proc.pid), rss_kb(agent.proc.pid)
+            refused: dict[int, tuple[int, str]] = {}
+            failure = t._handler_table[MSG_CHANNEL_OPEN_FAILURE]
+
+            def record(m: Message) -> None:
+                at = m.packet.tell()
+                chanid, code, text = m.get_int(), m.get_int(), m.get_text()
+                refused[chanid] = (code, text)
+                m.packet.seek(at)
+                failure(m)
+
+            t._handler_table[MSG_CHANNEL_OPEN_FAILURE] = record
+            began = time.monotonic()
+            opens = _open_without_waiting(t, ("held", 2222), FLOOD)
+            for _, event in opens:
+                assert event.wait(60), "the agent never answered an open"
+            took = time.monotonic() - began
+            confirmed = [chan for chan, _ in opens if chan.chanid not in refused]
+            fds, rss = _fds(agent.proc.pid), rss_kb(agent.proc.pid)
+            began = time.monotonic()
+            assert _echo(ch, b"honest") == b"honest"
+            echo_ms = (time.monotonic() - began) * 1000
+            print(f"\n{FLOOD} opens in {took:.1f}s: {len(confirmed)} confirmed, {len(refused)} "
+                  f"refused; agent fds {fds0} -> {fds}, RSS +{rss - rss0} KiB; target holds "
+                  f"{held.open} (peak {held.peak}); the honest channel echoes in "
+                  f"{echo_ms:.0f} ms")
+            assert len(confirmed) == CAP - 1  # the honest channel holds one place
+            assert held.wait_open(lambda n: n == CAP - 1)
+            assert fds - fds0 < CAP + 16, f"the agent holds {fds - fds0} more descriptors"
+            reasons = {r for r in refused.values()}
+            assert reasons == {(OPEN_RESOURCE_SHORTAGE, "the agent has 200 sessions open on "
+                                "this link (max_sessions = 200)")}, reasons
+            counted = agent.wait_for("session_cap", timeout=30, count=len(refused) - 1)
+            assert "max_sessions = 200" in counted["reason"]
+            assert len(agent.events("session_cap")) == 2
+
+            # A session the relay closes gives its place back; honest ones open again.
+            for chan in confirmed[:50]:
+                chan.close()
+            assert held.wait_open(lambda n: n == CAP - 1 - 50)
+            again = [t.open_channel("forwarded-tcpip", dest_addr=("web", 8080),
+                                    src_addr=("203.0.113.9", 2), timeout=10) for _ in range(50)]
+            for c in again:
+                c.settimeout(10)
+                assert c.recv(64) == b"declared\n"
+            refusal = _open(t, "forwarded-tcpip", ("web", 8080))
+            assert isinstance(refusal, paramiko.ChannelException)
+            assert refusal.code == OPEN_RESOURCE_SHORTAGE
+
+            # A reload raises the cap on the running link (no reconnect).
+            config = tmp_path / "agent.toml"
+            config.write_text(config.read_text().replace(f"max_sessions = {CAP}",
+                                                         f"max_sessions = {CAP + 20}"))
+            os.kill(agent.proc.pid, signal.SIGHUP)
+            agent.wait_for("link_reconfigured", timeout=20, max_sessions=CAP + 20)
+            more = _open_without_waiting(t, ("held", 2222), 30)
+            for _, event in more:
+                assert event.wait(30)
+            assert sum(1 for chan, _ in more if chan.chanid not in refused) == 20
+            assert _echo(ch, b"still") == b"still"
+            assert agent.events("link_lost") == [] and t.is_active()
+        finally:
+            t.close()
+    finally:
+        held.close()
