@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from relay import __version__
 from relay.config.errors import OperatorText
 from relay.config.schema import LinkConfig, RemoteForward
+from relay.core.burstlog import BurstLog
 from relay.core.keepalive import KeepaliveMonitor
 from relay.core.resume import OPEN_RESUMABLE, split_sid
 from relay.core.sessioncap import SessionSlot
@@ -80,6 +81,10 @@ from relay.ssh.wire import (
 from relay.transport.dial import Dialer, Route
 
 TARGET_CONNECT_TIMEOUT = 10.0
+
+UNPROVEN_WINDOW = 10.0
+"""Host-key proofs that failed are logged one line at the first, then one count line
+per this many seconds while more come (relay.core.burstlog)."""
 
 
 class ReverseForward(Protocol):
@@ -337,6 +342,10 @@ class LinkConnection(FlowConnection):
         self._refusal: RefusalNote | None = None
         self._hostKeysSeen = False  # the relay's hostkeys-00@openssh.com was handled
         self._proving = False  # a hostkeys-prove-00 of ours awaits the relay's answer
+        # Proofs the relay refused or failed, logged once per burst: hostkeys-again is
+        # taken as often as it comes, so a relay that announces keys it will not prove
+        # in a loop made one warning each (300 lines for 300, at its pace).
+        self._unproven: BurstLog | None = None
 
     @property
     def link_transport(self) -> LinkTransport:
@@ -355,7 +364,28 @@ class LinkConnection(FlowConnection):
     def serviceStopped(self) -> None:
         if self.keepalive is not None:
             self.keepalive.stop()
+        if self._unproven is not None:
+            self._unproven.stop()
         super().serviceStopped()
+
+    def _hostKeysUnproven(self, why: str) -> None:
+        """One ``link_hostkey_unproven`` warning per burst (:data:`UNPROVEN_WINDOW`)."""
+        if self._unproven is None:
+            name = self.link.name
+
+            def first(why: str) -> None:
+                self._log.warn("link {link}: {reason}", event="link_hostkey_unproven",
+                               link=name, reason=why)
+
+            def more(count: int, last: str) -> None:
+                self._log.warn(
+                    "link {link}: {count} more announcements of host keys not proven in "
+                    "the last {window:.0f}s (the last: {reason})",
+                    event="link_hostkey_unproven", link=name, count=count, reason=last,
+                    window=UNPROVEN_WINDOW)
+
+            self._unproven = BurstLog(self.link.clock, UNPROVEN_WINDOW, first, more)
+        self._unproven.failed(why)
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
         """``grant-revoked@labrelay``: the relay dropped one of our registrations
@@ -464,9 +494,8 @@ class LinkConnection(FlowConnection):
             if key is not None and good:
                 proven.append(key)
         if len(sigs) != len(blobs) or len(proven) != len(blobs):
-            self._log.warn(
-                "link {link}: the relay did not prove the host keys it announced; "
-                "none recorded", event="link_hostkey_unproven", link=self.link.name)
+            self._hostKeysUnproven("the relay did not prove the host keys it announced; "
+                                   "none recorded")
             return
         for key in proven:
             try:
@@ -485,8 +514,7 @@ class LinkConnection(FlowConnection):
         if self.transport is not None and not reason.check(error.ConchError):
             self._log.failure("host key proof", reason)
             return
-        self._log.warn("link {link}: the relay refused to prove the host keys it announced",
-                       event="link_hostkey_unproven", link=self.link.name)
+        self._hostKeysUnproven("the relay refused to prove the host keys it announced")
 
     def ssh_REQUEST_SUCCESS(self, packet: bytes) -> None:
         self._refusal = None  # it preceded a success: about nothing
@@ -664,9 +692,18 @@ async def open_connection(owner: LinkOwner, dialer: Dialer | None = None) -> Lin
     raise LinkSetupError("every route failed: " + "; ".join(errors))
 
 
+MAX_HOST_KEY_BLOB = 4096
+"""Bytes of an announced host key blob the agent parses at all.  The largest key it
+accepts is RSA of 16 384 bits, OpenSSH's maximum (a 2 071-byte blob); a relay taken
+over announced 1 MiB "RSA keys" (a random modulus), each parsed twice and echoed back
+whole in a proof request, ~20 ms of the agent's CPU per MiB."""
+
+
 def _usable_host_key(blob: bytes) -> keys.Key | None:
     """The public key in an announced blob, if it is one of the host key types the
-    agent accepts (relay.ssh.policy), else None."""
+    agent accepts (relay.ssh.policy) and of a size a host key has, else None."""
+    if len(blob) > MAX_HOST_KEY_BLOB:
+        return None
     try:
         key = keys.Key.fromString(blob)
     except Exception:  # BadKeyError, or a blob Conch's parser trips on

@@ -57,6 +57,7 @@ from paramiko.common import (
     cMSG_REQUEST_SUCCESS,
 )
 from paramiko.message import Message
+from twisted.conch.ssh import common
 
 from relay.ssh.connection import OPEN_RESOURCE_SHORTAGE
 from relay.ssh.hostkeyupdate import prove_signed_data
@@ -564,3 +565,135 @@ def test_a_compromised_relay_cannot_open_sessions_without_end(
             t.close()
     finally:
         held.close()
+
+
+AGAIN = 300
+
+
+def test_a_compromised_relay_announcing_keys_it_will_not_prove_costs_bounded_log_lines(
+    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path
+) -> None:
+    """``hostkeys-again@labrelay`` is taken as often as it comes (a reload's new key),
+    one proof request out at a time.  A relay that announced a fresh key again and
+    again and refused every proof it was asked for made **one warning each** (300 lines
+    for 300, at its pace; agent CPU 0.2 s).  Now the first is logged, then one count
+    line per 10 s."""
+    agent, t, ch = _taken_over(start_agent, targets, tmp_path)
+    asked = threading.Event()
+    handler = t._handler_table[MSG_GLOBAL_REQUEST]
+
+    def global_request(m: Message) -> None:
+        at = m.packet.tell()
+        if m.get_string() == b"hostkeys-prove-00@openssh.com":
+            r = Message()
+            r.add_byte(cMSG_REQUEST_FAILURE)
+            t._send_user_message(r)
+            asked.set()
+            return
+        m.packet.seek(at)
+        handler(m)
+
+    t._handler_table[MSG_GLOBAL_REQUEST] = global_request
+    relay_key = paramiko.Ed25519Key.from_private_key_file(str(tmp_path / "relay_host_key"))
+    try:
+        cpu0 = _cpu_seconds(agent.proc.pid)
+        for _ in range(AGAIN):
+            asked.clear()
+            a = Message()
+            a.add_byte(cMSG_GLOBAL_REQUEST)
+            a.add_string(b"hostkeys-again@labrelay")
+            a.add_boolean(False)
+            a.add_string(relay_key.asbytes())
+            a.add_string(_fresh_ed25519().asbytes())
+            t._send_user_message(a)
+            assert asked.wait(10), "the agent did not ask for a proof"
+        assert _echo(ch, b"ping") == b"ping"
+        cpu = _cpu_seconds(agent.proc.pid) - cpu0
+        unproven = agent.events("link_hostkey_unproven")
+        print(f"\n{AGAIN} announcements, every proof refused: {len(unproven)} "
+              f"link_hostkey_unproven lines, agent CPU {cpu:.2f}s")
+        assert len(unproven) == 1, len(unproven)
+        assert t.is_active()
+    finally:
+        t.close()
+    counted = agent.wait_for("link_hostkey_unproven", timeout=20, count=AGAIN - 1)
+    assert "refused to prove" in counted["reason"]
+    assert len(agent.events("link_hostkey_unproven")) == 2
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+HUGE = 20
+
+
+def _huge_rsa_blob(nbytes: int) -> bytes:
+    """An ``ssh-rsa`` public key blob with an ``nbytes`` modulus (odd, top bit set): it
+    parses as a key, no such key exists."""
+    n = int.from_bytes(os.urandom(nbytes), "big") | 1 | (1 << (nbytes * 8 - 1))
+    return common.NS(b"ssh-rsa") + common.MP(65537) + common.MP(n)
+
+
+def test_a_compromised_relays_host_key_announcements_cost_the_agent_little(
+    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path
+) -> None:
+    """What ``hostkeys-again@labrelay`` may carry: 10 000 keys in one, malformed ones
+    (a length past the end, bytes left over): ignored whole, no proof asked.  An RSA
+    "key" of 1 000 KiB (a random modulus) was parsed twice and asked to be proven, the
+    1 MiB blob sent back in the request: 20 of them cost the agent **0.39 s of CPU**
+    (~20 ms per MiB; one run).  Now a blob past a host key's size (RSA 16 384 bits is
+    2 071 bytes) is not a key: nothing is asked, and the agent's CPU barely moves."""
+    agent, t, ch = _taken_over(start_agent, targets, tmp_path)
+    asked = threading.Event()
+    handler = t._handler_table[MSG_GLOBAL_REQUEST]
+
+    def global_request(m: Message) -> None:
+        at = m.packet.tell()
+        if m.get_string() == b"hostkeys-prove-00@openssh.com":
+            r = Message()
+            r.add_byte(cMSG_REQUEST_FAILURE)
+            t._send_user_message(r)
+            asked.set()
+            return
+        m.packet.seek(at)
+        handler(m)
+
+    def again(payload: bytes) -> None:
+        a = Message()
+        a.add_byte(cMSG_GLOBAL_REQUEST)
+        a.add_string(b"hostkeys-again@labrelay")
+        a.add_boolean(False)
+        a.add_bytes(payload)
+        t._send_user_message(a)
+
+    t._handler_table[MSG_GLOBAL_REQUEST] = global_request
+    relay_blob = paramiko.Ed25519Key.from_private_key_file(
+        str(tmp_path / "relay_host_key")).asbytes()
+    try:
+        rss0 = rss_kb(agent.proc.pid)
+        many = b"".join(common.NS(_fresh_ed25519().asbytes()) for _ in range(10_000))
+        for payload in (many, common.NS(relay_blob) + b"\x00\x00\x10\x00abc",
+                        common.NS(relay_blob) + b"\x01"):
+            again(payload)
+        t.global_request("keepalive@openssh.com", wait=True)  # read and handled
+        assert not asked.is_set(), "the agent asked to prove a malformed announcement"
+        cpu0 = _cpu_seconds(agent.proc.pid)
+        began = time.monotonic()
+        for _ in range(HUGE):
+            asked.clear()
+            again(common.NS(relay_blob) + common.NS(_huge_rsa_blob(1000 * 1024)))
+            t.global_request("keepalive@openssh.com", wait=True)
+            assert not asked.is_set(), "the agent asked to prove a 1 MiB key"
+        took = time.monotonic() - began
+        cpu = _cpu_seconds(agent.proc.pid) - cpu0
+        echo0 = time.monotonic()
+        assert _echo(ch, b"ping") == b"ping"
+        print(f"\n{HUGE} announcements of an RSA blob of 1000 KiB: agent CPU {cpu:.2f}s in "
+              f"{took:.2f}s, RSS +{rss_kb(agent.proc.pid) - rss0} KiB, echo "
+              f"{(time.monotonic() - echo0) * 1000:.0f} ms")
+        assert t.is_active()
+    finally:
+        t.close()
