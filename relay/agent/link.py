@@ -417,7 +417,7 @@ class Link(MultiService):
         """A place for one more session the relay opens to ``forward`` (a channel or a
         fast-path dispatch), or why not: over the link's cap it is refused, and logged
         once per burst (:data:`SESSION_CAP_WINDOW`)."""
-        admitted = self.sessions.admit()
+        admitted = self.sessions.admit(forward)
         if isinstance(admitted, str):
             self._capRefusals.failed(f"{forward}: {admitted}")
         return admitted

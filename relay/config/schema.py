@@ -179,7 +179,7 @@ defaults let one user keep 64 (``max_sessions_per_user``): 16 users at that cap,
 session, the target's)."""
 
 DEFAULT_MAX_CONNECTING = 128
-"""Sessions of one link still connecting to their target.  A connect to a lab host
+"""Sessions of one link still connecting to one forward's target.  A connect to a lab host
 answers in well under a millisecond on a LAN; only a host that stopped answering keeps
 them (each up to the target connect timeout, 10 s)."""
 

@@ -8,8 +8,9 @@ under a second (docs/security.md, round 19).  The relay caps its users
 (``max_sessions_per_user``); this is the agent's cap on the relay, per link:
 
 - ``max_sessions`` sessions open at once (from the open's arrival to its close), and
-- ``max_connecting`` of them still connecting to their target (a lab host that stopped
-  accepting must not collect connects for its connect timeout each).
+- ``max_connecting`` of them still connecting to one forward's target (a lab host that
+  stopped accepting must not collect connects for its connect timeout each; counted per
+  target, so that a dead host does not hold up the sessions to the others).
 
 Over either, the open is refused (``OPEN_RESOURCE_SHORTAGE`` on a channel) with the
 reason :meth:`SessionCap.admit` returns.  Sans-IO: counters and slots only; the caller
@@ -30,13 +31,14 @@ class SessionSlot:
     connect, a refused confirmation, the bridge's close) may call them."""
 
     cap: SessionCap
+    forward: str
     connecting: bool = True
     released: bool = False
 
     def connected(self) -> None:
         if self.connecting and not self.released:
             self.connecting = False
-            self.cap.connecting -= 1
+            self.cap.connected(self.forward)
 
     def release(self) -> None:
         if self.released:
@@ -53,22 +55,37 @@ class SessionCap:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_connecting: int = DEFAULT_MAX_CONNECTING
     open: int = 0
-    connecting: int = 0
-    refused: int = field(default=0)
+    connecting: int = 0  # over all forwards
+    refused: int = 0
+    #: connects in flight per forward (only forwards with some: the keys are the
+    #: link's own forward names, never a peer's string)
+    by_forward: dict[str, int] = field(default_factory=dict)
 
-    def admit(self) -> SessionSlot | str:
-        """A slot for one more session, or why not (one line, the setting named)."""
+    def admit(self, forward: str = "") -> SessionSlot | str:
+        """A slot for one more session to ``forward``, or why not (one line, the
+        setting named)."""
         if self.open >= self.max_sessions:
             self.refused += 1
             return (f"the agent has {self.open} sessions open on this link "
                     f"(max_sessions = {self.max_sessions})")
-        if self.connecting >= self.max_connecting:
+        pending = self.by_forward.get(forward, 0)
+        if pending >= self.max_connecting:
             self.refused += 1
-            return (f"the agent has {self.connecting} sessions still connecting to their "
-                    f"targets on this link (max_connecting = {self.max_connecting})")
+            return (f"the agent has {pending} sessions still connecting to the target of "
+                    f"{forward or 'this forward'} (max_connecting = {self.max_connecting})")
         self.open += 1
         self.connecting += 1
-        return SessionSlot(self)
+        self.by_forward[forward] = pending + 1
+        return SessionSlot(self, forward)
+
+    def connected(self, forward: str) -> None:
+        """One connect to ``forward``'s target ended (connected or failed)."""
+        self.connecting -= 1
+        left = self.by_forward.get(forward, 0) - 1
+        if left > 0:
+            self.by_forward[forward] = left
+        else:
+            self.by_forward.pop(forward, None)
 
     def reconfigure(self, max_sessions: int, max_connecting: int) -> None:
         """New caps (a reload): sessions already open stay; new ones are counted

@@ -697,3 +697,66 @@ def test_a_compromised_relays_host_key_announcements_cost_the_agent_little(
         assert t.is_active()
     finally:
         t.close()
+
+
+STUCK_CAP = 16
+STUCK_OPENS = 300
+
+
+def test_connects_to_a_host_that_stopped_answering_are_capped_per_target(
+    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path
+) -> None:
+    """A lab host whose accept queue is full drops SYNs: each connect the agent makes
+    waits for its timeout (10 s).  The relay opens 300 channels to it back to back:
+    ``max_connecting`` (here 16) are connecting, the rest refused at once with the
+    reason; the sessions to the link's other target are not held up."""
+    stuck = socket.socket()
+    stuck.bind((LOOPBACK, 0))
+    stuck.listen(0)  # nothing accepted: a queue of one, then SYNs are dropped
+    fillers = []
+    for _ in range(4):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(stuck.getsockname())
+        fillers.append(f)
+    try:
+        agent, t, ch = _taken_over(
+            start_agent, targets, tmp_path, held_target=stuck.getsockname()[1],
+            link_toml=f"max_connecting = {STUCK_CAP}\n")
+        try:
+            refused: dict[int, tuple[int, str]] = {}
+            failure = t._handler_table[MSG_CHANNEL_OPEN_FAILURE]
+
+            def record(m: Message) -> None:
+                at = m.packet.tell()
+                chanid, code, text = m.get_int(), m.get_int(), m.get_text()
+                refused[chanid] = (code, text)
+                m.packet.seek(at)
+                failure(m)
+
+            t._handler_table[MSG_CHANNEL_OPEN_FAILURE] = record
+            opens = _open_without_waiting(t, ("held", 2222), STUCK_OPENS)
+            # The refusals come at once; the 16 connecting wait for their timeout.
+            assert _echo(ch, b"honest") == b"honest"
+            again = t.open_channel("forwarded-tcpip", dest_addr=("web", 8080),
+                                   src_addr=("203.0.113.9", 3), timeout=10)
+            again.settimeout(10)
+            assert again.recv(64) == b"declared\n"
+            waiting = [c for c, event in opens if not event.is_set()]
+            print(f"\n{STUCK_OPENS} opens to a host that drops SYNs: {len(refused)} refused at "
+                  f"once, {len(waiting)} connecting; the other target's new session works")
+            assert len(refused) == STUCK_OPENS - STUCK_CAP and len(waiting) == STUCK_CAP
+            assert {r for r in refused.values()} == {(
+                OPEN_RESOURCE_SHORTAGE, "the agent has 16 sessions still connecting to the "
+                "target of R:held:2222 (max_connecting = 16)")}
+            for _, event in opens:  # the 16 fail at their connect timeout
+                assert event.wait(30)
+            assert len(refused) == STUCK_OPENS
+            assert len(agent.events("target_unreachable")) == STUCK_CAP
+            assert len(agent.events("session_cap")) == 1  # the count line comes later
+        finally:
+            t.close()
+    finally:
+        for f in fillers:
+            f.close()
+        stuck.close()

@@ -92,7 +92,7 @@ class FakeLink:
         return self.clock
 
     def admitSession(self, forward: str) -> SessionSlot | str:
-        return self.sessions.admit()
+        return self.sessions.admit(forward)
 
     def remoteForwardFor(self, host: str, port: int) -> FakeForward | None:
         # Link's own is by port alone (channels); DataPool must not use it.

@@ -19,19 +19,22 @@ def test_sessions_over_the_cap_are_refused_and_a_released_place_is_free_again() 
     assert cap.refused == 1
 
 
-def test_connects_in_flight_have_their_own_cap() -> None:
+def test_connects_in_flight_have_their_own_cap_per_target() -> None:
     """A target that stopped answering keeps its connects for their timeout: at most
-    ``max_connecting`` of them, while connected sessions only count as open."""
+    ``max_connecting`` of them, per forward (a dead host does not hold up the others),
+    while connected sessions only count as open."""
     cap = SessionCap(max_sessions=100, max_connecting=2)
-    first, second = cap.admit(), cap.admit()
+    first, second = cap.admit("gpu"), cap.admit("gpu")
     assert isinstance(first, SessionSlot) and isinstance(second, SessionSlot)
-    assert cap.admit() == ("the agent has 2 sessions still connecting to their targets on "
-                           "this link (max_connecting = 2)")
+    assert cap.admit("gpu") == ("the agent has 2 sessions still connecting to the target "
+                                "of gpu (max_connecting = 2)")
+    assert isinstance(cap.admit("web"), SessionSlot)  # another target: its own count
     first.connected()
-    third = cap.admit()
+    third = cap.admit("gpu")
     assert isinstance(third, SessionSlot)
     second.release()  # a failed connect leaves both counts
-    assert (cap.open, cap.connecting) == (2, 1)
+    assert (cap.open, cap.connecting) == (3, 2)
+    assert cap.by_forward == {"gpu": 1, "web": 1}
 
 
 def test_a_reload_changes_the_caps_for_new_sessions_only() -> None:
