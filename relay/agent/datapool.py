@@ -49,6 +49,7 @@ from relay.agent.forwards import RemoteForwardRunner
 from relay.agent.refill import REFILL_WINDOW, BurstLog, RefillBudget
 from relay.core import fastwire as fw
 from relay.core.routing import PUBLIC_BINDS
+from relay.core.sessioncap import SessionSlot
 from relay.datapath import splicing as datapath
 from relay.datapath.dialnow import Dial, connect_spliced
 from relay.datapath.handoff import Handoff, Held
@@ -163,6 +164,9 @@ class PoolOwner(LinkBasics, TypingProtocol):
 
     @property
     def local_relay(self) -> LocalRelay | None: ...
+
+    def admitSession(self, forward: str) -> SessionSlot | str:
+        """A place for one more session in the link's cap, or why not."""
 
 
 class DataPool:
@@ -441,6 +445,12 @@ class DataPool:
                            service=f"{name[:64]}:{port}")
             self._fail(pc, name, port, "no such end-to-end encrypted forward on this agent")
             return
+        # The link's cap counts dispatched sessions as it counts channels: the relay
+        # replaces each data connection it uses, so they have no bound of their own.
+        slot = self.link.admitSession(forward.name)
+        if isinstance(slot, str):
+            self._fail(pc, name, port, slot)
+            return
         target = forward.config.connect
         d: defer.Deferred[Handed | End]
         if forward.config.via_relay and local is not None:  # (checked above)
@@ -453,12 +463,15 @@ class DataPool:
             d = connecting
 
         def connected(server: Handed | End) -> None:
+            slot.connected()
             if pc.state is not PoolConnState.CONNECTING:
+                slot.release()
                 _abort(server)
                 return
             write_now(pc.transport, (fw.AGENT_OK,))  # now, not a reactor turn later
 
             def ended(pair: datapath.SplicedPair, result: Any) -> None:
+                slot.release()
                 if isinstance(result, Failure) and not result.check(datapath.PairAborted):
                     self._log.debug("forward {forward}: spliced session ended: {reason}",
                                     event="fast_path_session_error", forward=forward.name,
@@ -471,12 +484,14 @@ class DataPool:
                 self._log.error("forward {forward}: cannot splice: {reason}",
                                 event="fast_path_splice_failed", forward=forward.name,
                                 reason=str(e))
+                slot.release()
                 pc.transport.abortConnection()
                 _abort(server)
                 return
             pc.state = PoolConnState.SPLICED
 
         def failed(f: Failure) -> None:
+            slot.release()
             self._log.warn("forward {forward}: cannot reach {target}: {reason}",
                            event="target_unreachable", link=self.link.name,
                            forward=forward.name, target=str(target),

@@ -31,9 +31,10 @@ from relay.agent.datapool import DataPool
 from relay.agent.forwards import ForwardState, LocalForwardListener, RemoteForwardRunner
 from relay.config.schema import LinkConfig, LocalForward, RemoteForward
 from relay.core.backoff import retry_policy
-from relay.core.burstlog import PerKeyLog
+from relay.core.burstlog import BurstLog, PerKeyLog
 from relay.core.clock import expire
 from relay.core.resume import HELLO, pack_hello, unpack_hello_reply
+from relay.core.sessioncap import SessionCap, SessionSlot
 from relay.datapath.bridge import Bridge, TCPSide
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.client import LinkConnection, LinkSetupError, LinkTransport, transport_factory
@@ -59,6 +60,13 @@ UNHELD_REVOKE_LINES = 32
 """``grant-revoked@labrelay`` for registrations the agent does not hold (only a
 confused or compromised relay sends them): this many warnings per window in full,
 then one line with the count, as the relay's own refusals (relay.core.burstlog)."""
+
+
+SESSION_CAP_WINDOW = 10.0
+"""Sessions refused over the link's cap (relay.core.sessioncap) are logged one line at
+the first, then one count line per this many seconds while they go on: only a relay
+that opens more than a lab uses (confused, or taken over) reaches the cap, and it could
+do so in a loop."""
 
 
 class LinkState(StrEnum):
@@ -190,6 +198,11 @@ class Link(MultiService):
         self._unheldRevokes = PerKeyLog(reactor, UNHELD_REVOKE_WINDOW, UNHELD_REVOKE_LINES,
                                         self._moreUnheldRevokes)
         self.local = [LocalForwardListener(self, fwd) for fwd in config.local]
+        # The agent's own cap on the sessions the relay opens, channels and fast-path
+        # dispatches together (docs/security.md, "The agent against a relay it trusted").
+        self.sessions = SessionCap(config.max_sessions, config.max_connecting)
+        self._capRefusals = BurstLog(reactor, SESSION_CAP_WINDOW, self._capRefused,
+                                     self._moreCapRefused)
         self.pool = DataPool(self, config.fast_path_pool)
         # Sessions held across a broken link to a labrelay relay (docs/resilience.md).
         self.resume: ResumableSessions | None = ResumableSessions(
@@ -400,6 +413,42 @@ class Link(MultiService):
             window=UNHELD_REVOKE_WINDOW, last=last,
         )
 
+    def admitSession(self, forward: str) -> SessionSlot | str:
+        """A place for one more session the relay opens to ``forward`` (a channel or a
+        fast-path dispatch), or why not: over the link's cap it is refused, and logged
+        once per burst (:data:`SESSION_CAP_WINDOW`)."""
+        admitted = self.sessions.admit(forward)
+        if isinstance(admitted, str):
+            self._capRefusals.failed(f"{forward}: {admitted}")
+        return admitted
+
+    def _capRefused(self, why: str) -> None:
+        self.log.warn(
+            "link {link}: a session the relay opened was refused: {reason}; more are "
+            "counted, not logged one by one, for {window:.0f}s",
+            event="session_cap", link=self.name, reason=why, count=1,
+            window=SESSION_CAP_WINDOW,
+        )
+
+    def _moreCapRefused(self, count: int, last: str) -> None:
+        self.log.warn(
+            "link {link}: {count} more sessions the relay opened were refused over the "
+            "cap in the last {window:.0f}s (the last: {reason})",
+            event="session_cap", link=self.name, reason=last, count=count,
+            window=SESSION_CAP_WINDOW,
+        )
+
+    def reconfigure(self, config: LinkConfig) -> None:
+        """A reload changed only live settings (relay.config.diff.LINK_LIVE)."""
+        self.config = config
+        self.sessions.reconfigure(config.max_sessions, config.max_connecting)
+        self.log.info(
+            "link {link}: max_sessions = {max_sessions}, max_connecting = {max_connecting} "
+            "(sessions open now: {open})", event="link_reconfigured", link=self.name,
+            max_sessions=config.max_sessions, max_connecting=config.max_connecting,
+            open=self.sessions.open,
+        )
+
     def remoteForwardFor(self, host: str, port: int) -> RemoteForwardRunner | None:
         candidates = [f for f in self.remote if f.matches(host, port)]
         if len(candidates) > 1:
@@ -412,12 +461,17 @@ class Link(MultiService):
         side: TCPSide | BridgedChannel,
         channel: Any,
         origin: str,
+        slot: SessionSlot | None = None,
     ) -> Bridge:
+        """Bridge a session's two sides; ``slot``, the session's place in the link's
+        cap, is given back when the bridge closes."""
         counters = forward.counters
         counters.opened()
         bridge: Bridge | None = None  # None only while it is made (both sides may have ended)
 
         def ended(a_to_b: int, b_to_a: int) -> None:
+            if slot is not None:
+                slot.release()
             local = isinstance(forward, LocalForwardListener)  # here: one cell less a session
             to_target, from_target = (a_to_b, b_to_a) if local else (b_to_a, a_to_b)
             counters.closed(to_target, from_target)
@@ -497,6 +551,7 @@ class Link(MultiService):
         conn = self.connection
         self.pool.stop()
         self._unheldRevokes.stop()
+        self._capRefusals.stop()
         cancels = [f.cancel() for f in self.remote]
         for d, timer in self._waiters:
             timer.cancel()
@@ -526,5 +581,6 @@ class Link(MultiService):
             "last_up": self.last_up,
             "forwards": [f.status() for f in self.remote] + [f.status() for f in self.local],
             "fast_path": self.pool.status(),
+            **self.sessions.status(),
             "held_sessions": self.resume.status() if self.resume is not None else [],
         }

@@ -48,6 +48,10 @@ RELAY_RESTART_ONLY = (
 """``[relay]`` keys bound into listeners, the admission table or the token book when
 the relay starts: a reload reports their change and keeps the running value."""
 
+LINK_LIVE = ("max_sessions", "max_connecting")
+"""``[[link]]`` keys a reload applies to the running link without restarting it (its
+sessions keep running; new ones are counted against the new value)."""
+
 RELAY_GRANT_FIELDS = ("agents", "users", "agents_file", "users_file", "trusted_user_ca")
 """``[relay]`` keys that say who may do what: a change re-reads the grants."""
 
@@ -70,6 +74,14 @@ class RestartLink:
     """The link's connection settings changed: its sessions end, it reconnects."""
 
     old: LinkConfig
+    new: LinkConfig
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """Only live settings of the link changed (:data:`LINK_LIVE`): applied in place."""
+
     new: LinkConfig
     fields: tuple[str, ...]
 
@@ -114,7 +126,7 @@ class NeedsRestart:
     why: str
 
 
-LinkAction = StartLink | StopLink | RestartLink | AddForward | RemoveForward
+LinkAction = StartLink | StopLink | RestartLink | LinkSettings | AddForward | RemoveForward
 PlainAction = StartPlain | StopPlain
 RelayAction = RelaySettings | NeedsRestart
 
@@ -162,10 +174,13 @@ def diff_links(old: Sequence[LinkConfig], new: Sequence[LinkConfig]) -> list[Lin
         if was is None:
             starts.append(StartLink(link))
             continue
-        fields = changed_fields(was, link, skip=("remote", "local"))
+        fields = changed_fields(was, link, skip=("remote", "local", *LINK_LIVE))
         if fields:
             starts.append(RestartLink(was, link, fields))
             continue
+        live = tuple(f for f in LINK_LIVE if getattr(was, f) != getattr(link, f))
+        if live:
+            starts.append(LinkSettings(link, live))
         for action in (_forwards(name, was.remote, link.remote)
                        + _forwards(name, was.local, link.local)):
             (removes if isinstance(action, RemoveForward) else adds).append(action)
@@ -223,6 +238,8 @@ def describe(action: LinkAction | PlainAction | RelayAction) -> str:
             return f"link {old.name}: stopped"
         case RestartLink(old, _, fields):
             return f"link {old.name}: restarted ({', '.join(fields)} changed)"
+        case LinkSettings(new, fields):
+            return f"link {new.name}: {', '.join(fields)} changed"
         case AddForward(link, fwd):
             return f"link {link}: forward {fwd.name} added"
         case RemoveForward(link, fwd):

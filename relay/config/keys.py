@@ -47,6 +47,8 @@ LINK_KEYS = {
     "tls_pin": 'tls_pin = "sha256//YLh1dUR9y6Kja30RrAn7JKnbQG/uEtLMkBgFF2Fuihg="',
     "proxy": 'proxy = "http://proxy.example.org:3128"',
     "resume_grace": "resume_grace = 60",
+    "max_sessions": "max_sessions = 1024",
+    "max_connecting": "max_connecting = 128",
     "window": "window = 2097152",
     "max_packet": "max_packet = 32768",
     "remote": '[[link.remote]] listen = "2201", connect = "localhost:22"',

@@ -253,6 +253,8 @@ def _parse_link(sec: Section, index: int, base: Path) -> LinkConfig:
             lambda text: _path(text, base),
             lambda key: sec.integer(key, 443, 1, 65535) if key in sec.data else None),
         resume_grace=sec.number("resume_grace", LinkConfig.resume_grace, low=0, high=86400),
+        max_sessions=sec.integer("max_sessions", LinkConfig.max_sessions, 1, 1_000_000),
+        max_connecting=sec.integer("max_connecting", LinkConfig.max_connecting, 1, 1_000_000),
         remote=remote,
         local=local,
     )

@@ -172,6 +172,18 @@ class TransportConfig:
     proxy_from_env: bool = False
 
 
+DEFAULT_MAX_SESSIONS = 1024
+"""Sessions one link may have open at once (relay.core.sessioncap).  The relay's own
+defaults let one user keep 64 (``max_sessions_per_user``): 16 users at that cap, or
+100 users with ten each, fit; a lab PC's descriptor limit is the other bound (one per
+session, the target's)."""
+
+DEFAULT_MAX_CONNECTING = 128
+"""Sessions of one link still connecting to one forward's target.  A connect to a lab host
+answers in well under a millisecond on a LAN; only a host that stopped answering keeps
+them (each up to the target connect timeout, 10 s)."""
+
+
 @dataclass(frozen=True)
 class LinkConfig:
     """One upstream SSH server and the forwards carried over the link to it."""
@@ -193,6 +205,11 @@ class LinkConfig:
     # Seconds sessions are held for resumption when the link to a labrelay relay breaks
     # (docs/resilience.md); 0 = never held: they end with the link, as with a stock server.
     resume_grace: float = 60.0
+    # The agent's own cap on the sessions its relay opens (relay.core.sessioncap): a
+    # relay taken over must not make the lab PC open connections without end.  Live on
+    # a reload (relay.config.diff.LINK_LIVE): the link is not restarted.
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_connecting: int = DEFAULT_MAX_CONNECTING
     remote: tuple[RemoteForward, ...] = ()
     local: tuple[LocalForward, ...] = ()
 

@@ -51,24 +51,42 @@ def mode(text: str) -> TransportMode:
               '443 by default) or "auto" (tcp, then tls, then tls through the proxy)')
 
 
+def shown_proxy(text: str) -> str:
+    """A proxy URL as an error may show it: everything between ``//`` and the last
+    ``@`` (the credentials, however mistyped: a password with an unencoded ``/``, ``#``
+    or ``?`` is cut by URL parsing into what looks like a port or a path) is ``***``."""
+    scheme, sep, rest = text.rpartition("://")
+    at = rest.rfind("@")
+    if at >= 0:
+        rest = "***@" + rest[at + 1:]
+    return (scheme + sep + rest)[:200]
+
+
 def proxy_url(text: str) -> ProxyURL:
     """``http://[user:pass@]host[:port]`` (port 3128 if none; ``host:port`` alone is
-    read as http, as ``https_proxy`` often is written)."""
+    read as http, as ``https_proxy`` often is written).  A refusal never quotes the
+    credentials (:func:`shown_proxy`): errors go to the terminal, the agent's log and
+    the journal, and a parse error's own text (urllib's) can hold a piece of the
+    password."""
     if "://" not in text:
         text = "http://" + text
+    shown = shown_proxy(text)
     try:
         parts = urlsplit(text)
         port = parts.port
-    except ValueError as e:
-        raise Bad(f"not a proxy URL: {e}", _PROXY_HINT) from None
+    except ValueError:
+        raise Bad(f"not a proxy URL: {shown} (its port is not a number 1..65535)",
+                  _PROXY_HINT + "; in a user name or password, write / # ? @ : % as %2F "
+                  "%23 %3F %40 %3A %25") from None
     if parts.scheme.lower() != "http":
-        raise Bad(f"proxy scheme {parts.scheme!r} is not supported: labrelay speaks plain "
-                  "HTTP to the proxy (the tunnel inside it is TLS)", _PROXY_HINT)
+        raise Bad(f"proxy scheme {parts.scheme[:20]!r} is not supported: labrelay speaks "
+                  "plain HTTP to the proxy (the tunnel inside it is TLS)", _PROXY_HINT)
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise Bad("a proxy URL has no path, query or fragment", _PROXY_HINT)
+        raise Bad(f"a proxy URL has no path, query or fragment: {shown}",
+                  _PROXY_HINT + "; in a user name or password, write / # ? as %2F %23 %3F")
     host = parts.hostname
     if not host or any(c.isspace() for c in host):
-        raise Bad(f"no host in proxy URL {text!r}", _PROXY_HINT)
+        raise Bad(f"no host in proxy URL {shown}", _PROXY_HINT)
     user = unquote(parts.username) if parts.username is not None else None
     password = unquote(parts.password) if parts.password is not None else None
     if user is not None and password is None:
@@ -160,8 +178,9 @@ def claim_option(options: dict[str, tuple[str, str]], key: str, value: str, keyp
     values is an error, as for ssh's other options here."""
     previous = options.get(key)
     if previous is not None and previous[0] != value:
-        raise ConfigError(source, keypath, f"{value} conflicts with {previous[0]}",
-                          "give each setting once")
+        show = shown_proxy if key == "proxy" else str  # never a proxy's credentials
+        raise ConfigError(source, keypath, f"{show(value)} conflicts with "
+                          f"{show(previous[0])}", "give each setting once")
     options[key] = (value, keypath)
 
 

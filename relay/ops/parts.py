@@ -66,6 +66,8 @@ class LinksPart:
                 case diff.RestartLink(was, link, _):
                     self.node.stopLink(by_name.pop(was.name))
                     by_name[link.name] = self.node.startLink(new, link)
+                case diff.LinkSettings(link, _):
+                    by_name[link.name].reconfigure(link)
                 case diff.RemoveForward(name, forward):
                     by_name[name].removeForward(configs[name], forward)
                 case diff.AddForward(name, forward):

@@ -35,8 +35,10 @@ from twisted.python.failure import Failure
 from relay import __version__
 from relay.config.errors import OperatorText
 from relay.config.schema import LinkConfig, RemoteForward
+from relay.core.burstlog import BurstLog
 from relay.core.keepalive import KeepaliveMonitor
 from relay.core.resume import OPEN_RESUMABLE, split_sid
+from relay.core.sessioncap import SessionSlot
 from relay.datapath.bridge import TCPSide
 from relay.datapath.dialnow import connect_target
 from relay.datapath.net import quickack
@@ -47,6 +49,7 @@ from relay.ssh.clientauth import Identity, LinkUserAuth
 from relay.ssh.connection import (
     OPEN_ADMINISTRATIVELY_PROHIBITED,
     OPEN_CONNECT_FAILED,
+    OPEN_RESOURCE_SHORTAGE,
     OPEN_UNKNOWN_CHANNEL_TYPE,
     FlowConnection,
 )
@@ -78,6 +81,10 @@ from relay.ssh.wire import (
 from relay.transport.dial import Dialer, Route
 
 TARGET_CONNECT_TIMEOUT = 10.0
+
+UNPROVEN_WINDOW = 10.0
+"""Host-key proofs that failed are logged one line at the first, then one count line
+per this many seconds while more come (relay.core.burstlog)."""
 
 
 class ReverseForward(Protocol):
@@ -128,9 +135,14 @@ class LinkOwner(LinkBasics, Protocol):
         """The reverse forward a ``forwarded-tcpip`` channel to ``host:port`` is for."""
 
     def sessionStarted(self, forward: Any, side: Any, channel: Any,
-                       origin: str) -> Any:
+                       origin: str, slot: SessionSlot | None = None) -> Any:
         """A forwarded session's channel opened (a :class:`BridgedChannel`, or the
-        :class:`ResumableSide` around one): bridge it to ``side``."""
+        :class:`ResumableSide` around one): bridge it to ``side``; ``slot`` (its place
+        in :meth:`admitSession`'s cap) is released when the session ends."""
+
+    def admitSession(self, forward: str) -> SessionSlot | str:
+        """A place for one more session the relay opens, or why it is refused (the
+        agent's own cap, relay.core.sessioncap)."""
 
     def openRelayService(self, name: str, port: int,
                          origin: str) -> defer.Deferred[BridgedChannel]:
@@ -330,6 +342,10 @@ class LinkConnection(FlowConnection):
         self._refusal: RefusalNote | None = None
         self._hostKeysSeen = False  # the relay's hostkeys-00@openssh.com was handled
         self._proving = False  # a hostkeys-prove-00 of ours awaits the relay's answer
+        # Proofs the relay refused or failed, logged once per burst: hostkeys-again is
+        # taken as often as it comes, so a relay that announces keys it will not prove
+        # in a loop made one warning each (300 lines for 300, at its pace).
+        self._unproven: BurstLog | None = None
 
     @property
     def link_transport(self) -> LinkTransport:
@@ -348,7 +364,28 @@ class LinkConnection(FlowConnection):
     def serviceStopped(self) -> None:
         if self.keepalive is not None:
             self.keepalive.stop()
+        if self._unproven is not None:
+            self._unproven.stop()
         super().serviceStopped()
+
+    def _hostKeysUnproven(self, why: str) -> None:
+        """One ``link_hostkey_unproven`` warning per burst (:data:`UNPROVEN_WINDOW`)."""
+        if self._unproven is None:
+            name = self.link.name
+
+            def first(why: str) -> None:
+                self._log.warn("link {link}: {reason}", event="link_hostkey_unproven",
+                               link=name, reason=why)
+
+            def more(count: int, last: str) -> None:
+                self._log.warn(
+                    "link {link}: {count} more announcements of host keys not proven in "
+                    "the last {window:.0f}s (the last: {reason})",
+                    event="link_hostkey_unproven", link=name, count=count, reason=last,
+                    window=UNPROVEN_WINDOW)
+
+            self._unproven = BurstLog(self.link.clock, UNPROVEN_WINDOW, first, more)
+        self._unproven.failed(why)
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
         """``grant-revoked@labrelay``: the relay dropped one of our registrations
@@ -457,9 +494,8 @@ class LinkConnection(FlowConnection):
             if key is not None and good:
                 proven.append(key)
         if len(sigs) != len(blobs) or len(proven) != len(blobs):
-            self._log.warn(
-                "link {link}: the relay did not prove the host keys it announced; "
-                "none recorded", event="link_hostkey_unproven", link=self.link.name)
+            self._hostKeysUnproven("the relay did not prove the host keys it announced; "
+                                   "none recorded")
             return
         for key in proven:
             try:
@@ -478,8 +514,7 @@ class LinkConnection(FlowConnection):
         if self.transport is not None and not reason.check(error.ConchError):
             self._log.failure("host key proof", reason)
             return
-        self._log.warn("link {link}: the relay refused to prove the host keys it announced",
-                       event="link_hostkey_unproven", link=self.link.name)
+        self._hostKeysUnproven("the relay refused to prove the host keys it announced")
 
     def ssh_REQUEST_SUCCESS(self, packet: bytes) -> None:
         self._refusal = None  # it preceded a success: about nothing
@@ -562,6 +597,11 @@ class LinkConnection(FlowConnection):
             raise error.ConchError(
                 "no such forward", OPEN_ADMINISTRATIVELY_PROHIBITED
             )
+        # The agent's own cap (a relay taken over could open sessions without end):
+        # refused before anything is connected.
+        slot = self.link.admitSession(forward.name)
+        if isinstance(slot, str):
+            raise error.ConchError(slot, OPEN_RESOURCE_SHORTAGE)
         cfg = self.link.config
         channel = BridgedChannel(
             b"forwarded-tcpip", window=cfg.window, maxPacket=self._maxPacket(),
@@ -573,15 +613,22 @@ class LinkConnection(FlowConnection):
         def started(ch: BridgedChannel, side: Any) -> Any:
             resume = self.link.resume
             if sid is None or resume is None:
-                return self.link.sessionStarted(forward, side, ch, origin)
+                return self.link.sessionStarted(forward, side, ch, origin, slot)
             held = resume.open(sid, None, ch, f"{forward.name} from {origin}")
-            return self.link.sessionStarted(forward, side, held, origin)
+            return self.link.sessionStarted(forward, side, held, origin, slot)
 
         def connected(side: Any) -> BridgedChannel:
-            channel.opened.addCallbacks(lambda ch: started(ch, side), lambda _: side.abort())
+            slot.connected()
+
+            def notOpened(_: Failure) -> None:
+                slot.release()
+                side.abort()
+
+            channel.opened.addCallbacks(lambda ch: started(ch, side), notOpened)
             return channel
 
         def failed(f: Failure) -> Failure:
+            slot.release()
             self._log.warn(
                 "forward {forward}: cannot reach {target}: {reason}",
                 event="target_unreachable", link=self.link.name, forward=forward.name,
@@ -645,9 +692,18 @@ async def open_connection(owner: LinkOwner, dialer: Dialer | None = None) -> Lin
     raise LinkSetupError("every route failed: " + "; ".join(errors))
 
 
+MAX_HOST_KEY_BLOB = 4096
+"""Bytes of an announced host key blob the agent parses at all.  The largest key it
+accepts is RSA of 16 384 bits, OpenSSH's maximum (a 2 071-byte blob); a relay taken
+over announced 1 MiB "RSA keys" (a random modulus), each parsed twice and echoed back
+whole in a proof request, ~20 ms of the agent's CPU per MiB."""
+
+
 def _usable_host_key(blob: bytes) -> keys.Key | None:
     """The public key in an announced blob, if it is one of the host key types the
-    agent accepts (relay.ssh.policy), else None."""
+    agent accepts (relay.ssh.policy) and of a size a host key has, else None."""
+    if len(blob) > MAX_HOST_KEY_BLOB:
+        return None
     try:
         key = keys.Key.fromString(blob)
     except Exception:  # BadKeyError, or a blob Conch's parser trips on

@@ -62,6 +62,7 @@ _DATA_HEAD = struct.Struct(">2L")  # CHANNEL_DATA: recipient channel, data lengt
 OPEN_CONNECT_FAILED = connection.OPEN_CONNECT_FAILED
 OPEN_ADMINISTRATIVELY_PROHIBITED = connection.OPEN_ADMINISTRATIVELY_PROHIBITED
 OPEN_UNKNOWN_CHANNEL_TYPE = connection.OPEN_UNKNOWN_CHANNEL_TYPE
+OPEN_RESOURCE_SHORTAGE = connection.OPEN_RESOURCE_SHORTAGE
 LINK_BUFFER = 128 * 1024  # like OpenSSH: stop feeding channels past 128 KiB queued
 CHANNEL_QUEUE = 128 * 1024
 """Bytes a channel may have waiting for a congested link before its source pauses:

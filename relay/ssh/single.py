@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from relay.config.schema import LinkConfig
+from relay.core.sessioncap import SessionSlot
 from relay.datapath.bridge import Bridge
 from relay.ssh.channels import BridgedChannel
 from relay.ssh.client import LinkSetupError, LinkTransport, ReverseForward
@@ -59,8 +60,11 @@ class SingleConnection:
         return None  # no reverse forwards: every forwarded-tcpip is refused
 
     def sessionStarted(self, forward: Any, side: Any, channel: BridgedChannel,
-                       origin: str) -> Bridge:
+                       origin: str, slot: SessionSlot | None = None) -> Bridge:
         return Bridge(side, channel)
+
+    def admitSession(self, forward: str) -> SessionSlot | str:
+        return "this connection opens no sessions for its peer"  # (no forwards either)
 
     def openRelayService(self, name: str, port: int,
                          origin: str) -> defer.Deferred[BridgedChannel]:

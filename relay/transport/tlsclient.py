@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL, crypto
-from service_identity import VerificationError
+from service_identity import CertificateError, VerificationError
 from service_identity.hazmat import (
     DNS_ID,
     DNSPattern,
@@ -40,6 +40,7 @@ from relay.transport.tlsserver import modern_ciphers
 _UNTRUSTED = {2, 18, 19, 20, 21, 27}
 _EXPIRED = 10
 _NOT_YET_VALID = 9
+_INVALID_PURPOSE = 26
 
 
 class TLSVerifyError(Exception):
@@ -96,6 +97,10 @@ def chain_error(err: int, cert: crypto.X509, trusted: str) -> str:
         return (f"the relay's certificate is not signed by a trusted CA (issuer "
                 f"{_issuer(cert)}; trusted: {trusted}): set tls_ca_file to the CA that "
                 "signed it, or pin it with tls_pin")
+    if err == _INVALID_PURPOSE:
+        return (f"the relay's certificate (or its issuer) is not for TLS servers: its "
+                f"extended key usage lacks serverAuth ({_subject(cert)}): reissue it for a "
+                "server")
     return f"the relay's certificate failed verification (OpenSSL error {err}, {_subject(cert)})"
 
 
@@ -155,10 +160,20 @@ class VerifyingCreator:
                 if depth != 0:
                     return True
                 try:
-                    verify_service_identity(extract_patterns(cert), [self._id], [])
+                    patterns = extract_patterns(cert)
+                except CertificateError as e:
+                    return fail(f"the relay's certificate holds a name that is not a host "
+                                f"name, a wildcard of one whole label under two or more, "
+                                f"or an IP address: {e}")
+                if not patterns:
+                    return fail(f"the relay's certificate names no host in its "
+                                f"subjectAltName ({_subject(cert)}): a name only in its "
+                                "subject is not accepted (as browsers and curl do); "
+                                "reissue it with the name as a DNS subjectAltName")
+                try:
+                    verify_service_identity(patterns, [self._id], [])
                 except VerificationError:
-                    names = ", ".join(_pattern(p) for p in extract_patterns(cert)) \
-                        or "no names"
+                    names = ", ".join(_pattern(p) for p in patterns)
                     return fail(f"the relay's certificate is for another name: it names "
                                 f"{names}, not {self.server_name!r} (set tls_server_name "
                                 "if the relay is reached by another name)")

@@ -24,8 +24,12 @@ host key) and ``test_onpath.py``.
 from __future__ import annotations
 
 import io
+import os
+import selectors
+import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,14 +48,18 @@ from harness import (
     write_known_hosts,
 )
 from paramiko.common import (
+    MSG_CHANNEL_OPEN_FAILURE,
     MSG_GLOBAL_REQUEST,
+    cMSG_CHANNEL_OPEN,
     cMSG_CHANNEL_REQUEST,
     cMSG_GLOBAL_REQUEST,
     cMSG_REQUEST_FAILURE,
     cMSG_REQUEST_SUCCESS,
 )
 from paramiko.message import Message
+from twisted.conch.ssh import common
 
+from relay.ssh.connection import OPEN_RESOURCE_SHORTAGE
 from relay.ssh.hostkeyupdate import prove_signed_data
 from relay.ssh.wire import pack_grant_revoked
 
@@ -162,6 +170,7 @@ LOOPS = 2000
 
 
 def _taken_over(start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path,
+                held_target: int | None = None, link_toml: str | None = None,
                 ) -> tuple[AgentProcess, paramiko.Transport, Any]:
     """The labrelay agent (``-R web:8080`` to an echo) logged in to a compromised relay
     (a paramiko server with the relay's host key), and one ``forwarded-tcpip`` channel
@@ -173,11 +182,22 @@ def _taken_over(start_agent: Callable[..., AgentProcess], targets: Targets, tmp_
     port = listener.getsockname()[1]
     known_hosts = write_known_hosts(tmp_path / "known_hosts",
                                     known_hosts_line(host_key.public_blob(), port))
-    agent = start_agent(
-        "-p", str(port), "-i", str(lab_pc.path), "-o", f"UserKnownHostsFile={known_hosts}",
-        "-o", "StrictHostKeyChecking=yes", "-R", f"web:8080:127.0.0.1:{declared.port}",
-        "lab_pc@127.0.0.1", name="agent",
-    )  # fmt: skip
+    if link_toml is None:
+        agent = start_agent(
+            "-p", str(port), "-i", str(lab_pc.path), "-o", f"UserKnownHostsFile={known_hosts}",
+            "-o", "StrictHostKeyChecking=yes", "-R", f"web:8080:127.0.0.1:{declared.port}",
+            "lab_pc@127.0.0.1", name="agent",
+        )  # fmt: skip
+    else:  # a config file (the cap's keys; a SIGHUP reloads it)
+        held = ("" if held_target is None else
+                f'[[link.remote]]\nlisten = "held:2222"\nconnect = "127.0.0.1:{held_target}"\n')
+        config = tmp_path / "agent.toml"
+        config.write_text(
+            f'[[link]]\nname = "relay"\nhost = "127.0.0.1"\nport = {port}\nuser = "lab_pc"\n'
+            f'identity = "{lab_pc.path}"\nknown_hosts = "{known_hosts}"\n{link_toml}\n'
+            f'[[link.remote]]\nlisten = "web:8080"\nconnect = "127.0.0.1:{declared.port}"\n'
+            f"{held}")
+        agent = start_agent("--config", str(config), name="agent")
     listener.settimeout(30)
     sock, _ = listener.accept()
     listener.close()
@@ -367,3 +387,377 @@ def test_a_compromised_relay_cannot_grow_the_agents_known_hosts(
     assert len(lines) <= 4, f"known_hosts grew to {len(lines)} lines"
     assert len(announced) <= 16
     assert len(agent.events("link_hostkey_learned")) == 3
+
+
+class _HoldingTarget:
+    """A lab host that accepts every connection and holds it (a GPU cluster's sshd
+    waiting for a client's version line): counts what is open now and at most."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server((LOOPBACK, 0), backlog=4096)
+        self.port = self.listener.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.peak = 0
+        self._changed = threading.Condition()
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self.listener, selectors.EVENT_READ)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for key, _ in self._sel.select(0.1):
+                if key.fileobj is self.listener:
+                    conn, _ = self.listener.accept()
+                    with self._changed:
+                        self.conns.append(conn)
+                        self.peak = max(self.peak, self.open)
+                        self._changed.notify_all()
+                    self._sel.register(conn, selectors.EVENT_READ)
+                    continue
+                conn = key.fileobj  # type: ignore[assignment]
+                try:
+                    data = conn.recv(65536)  # type: ignore[union-attr]
+                except OSError:
+                    data = b""
+                if not data:
+                    self._sel.unregister(conn)
+                    with self._changed:
+                        self.conns.remove(conn)  # type: ignore[arg-type]
+                        self._changed.notify_all()
+                    conn.close()  # type: ignore[union-attr]
+
+    @property
+    def open(self) -> int:
+        return len(self.conns)
+
+    def wait_open(self, ok: Callable[[int], bool], timeout: float = 20) -> bool:
+        """Whether the number of connections held came to satisfy ``ok`` in time."""
+        with self._changed:
+            return self._changed.wait_for(lambda: ok(self.open), timeout)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self.conns:
+            conn.close()
+        self.listener.close()
+        self._sel.close()
+
+
+def _open_without_waiting(t: paramiko.Transport, dest: tuple[str, int],
+                          n: int) -> list[tuple[Any, threading.Event]]:
+    """``n`` ``forwarded-tcpip`` opens sent back to back, none awaited (paramiko's
+    ``open_channel`` less its wait): as fast as the link carries them.  The channels
+    are returned with their events (paramiko holds its channels weakly)."""
+    opened = []
+    for i in range(n):
+        with t.lock:
+            chanid = t._next_channel()
+            m = Message()
+            m.add_byte(cMSG_CHANNEL_OPEN)
+            m.add_string("forwarded-tcpip")
+            m.add_int(chanid)
+            m.add_int(2 * 1024 * 1024)
+            m.add_int(32768)
+            m.add_string(dest[0])
+            m.add_int(dest[1])
+            m.add_string("203.0.113.9")
+            m.add_int(10000 + i % 50000)
+            chan = paramiko.Channel(chanid)
+            t._channels.put(chanid, chan)
+            t.channel_events[chanid] = event = threading.Event()
+            t.channels_seen[chanid] = True
+            chan._set_transport(t)
+            chan._set_window(2 * 1024 * 1024, 32768)
+        t._send_user_message(m)
+        opened.append((chan, event))
+    return opened
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+FLOOD = 3000
+CAP = 200
+
+
+def test_a_compromised_relay_cannot_open_sessions_without_end(
+    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path
+) -> None:
+    """A taken-over relay opens 3 000 ``forwarded-tcpip`` channels to the agent's
+    declared target, back to back, and never closes one: each was a TCP connection
+    from the lab PC to a lab host (whose sshd has ``MaxStartups``), a descriptor and
+    memory on the lab PC: **3 000 confirmed in 0.9 s, agent fds 10 -> 3 010, the target
+    holding 3 000** (one run), without end.  Now the link's ``max_sessions`` (here 200)
+    bounds them: the rest are refused with ``OPEN_RESOURCE_SHORTAGE`` and the reason,
+    two log lines in all, the honest channel echoes throughout, a session closed gives
+    its place back, and a reload raises the cap on the running link."""
+    held = _HoldingTarget()
+    try:
+        agent, t, ch = _taken_over(start_agent, targets, tmp_path, held_target=held.port,
+                                   link_toml=f"max_sessions = {CAP}\n")
+        try:
+            fds0, rss0 = _fds(agent.proc.pid), rss_kb(agent.proc.pid)
+            refused: dict[int, tuple[int, str]] = {}
+            failure = t._handler_table[MSG_CHANNEL_OPEN_FAILURE]
+
+            def record(m: Message) -> None:
+                at = m.packet.tell()
+                chanid, code, text = m.get_int(), m.get_int(), m.get_text()
+                refused[chanid] = (code, text)
+                m.packet.seek(at)
+                failure(m)
+
+            t._handler_table[MSG_CHANNEL_OPEN_FAILURE] = record
+            began = time.monotonic()
+            opens = _open_without_waiting(t, ("held", 2222), FLOOD)
+            for _, event in opens:
+                assert event.wait(60), "the agent never answered an open"
+            took = time.monotonic() - began
+            confirmed = [chan for chan, _ in opens if chan.chanid not in refused]
+            fds, rss = _fds(agent.proc.pid), rss_kb(agent.proc.pid)
+            began = time.monotonic()
+            assert _echo(ch, b"honest") == b"honest"
+            echo_ms = (time.monotonic() - began) * 1000
+            print(f"\n{FLOOD} opens in {took:.1f}s: {len(confirmed)} confirmed, {len(refused)} "
+                  f"refused; agent fds {fds0} -> {fds}, RSS +{rss - rss0} KiB; target holds "
+                  f"{held.open} (peak {held.peak}); the honest channel echoes in "
+                  f"{echo_ms:.0f} ms")
+            assert len(confirmed) == CAP - 1  # the honest channel holds one place
+            assert held.wait_open(lambda n: n == CAP - 1)
+            assert fds - fds0 < CAP + 16, f"the agent holds {fds - fds0} more descriptors"
+            reasons = {r for r in refused.values()}
+            assert reasons == {(OPEN_RESOURCE_SHORTAGE, "the agent has 200 sessions open on "
+                                "this link (max_sessions = 200)")}, reasons
+            counted = agent.wait_for("session_cap", timeout=30, count=len(refused) - 1)
+            assert "max_sessions = 200" in counted["reason"]
+            assert len(agent.events("session_cap")) == 2
+
+            # A session the relay closes gives its place back; honest ones open again.
+            for chan in confirmed[:50]:
+                chan.close()
+            assert held.wait_open(lambda n: n == CAP - 1 - 50)
+            again = [t.open_channel("forwarded-tcpip", dest_addr=("web", 8080),
+                                    src_addr=("203.0.113.9", 2), timeout=10) for _ in range(50)]
+            for c in again:
+                c.settimeout(10)
+                assert c.recv(64) == b"declared\n"
+            refusal = _open(t, "forwarded-tcpip", ("web", 8080))
+            assert isinstance(refusal, paramiko.ChannelException)
+            assert refusal.code == OPEN_RESOURCE_SHORTAGE
+
+            # A reload raises the cap on the running link (no reconnect).
+            config = tmp_path / "agent.toml"
+            config.write_text(config.read_text().replace(f"max_sessions = {CAP}",
+                                                         f"max_sessions = {CAP + 20}"))
+            os.kill(agent.proc.pid, signal.SIGHUP)
+            agent.wait_for("link_reconfigured", timeout=20, max_sessions=CAP + 20)
+            more = _open_without_waiting(t, ("held", 2222), 30)
+            for _, event in more:
+                assert event.wait(30)
+            assert sum(1 for chan, _ in more if chan.chanid not in refused) == 20
+            assert _echo(ch, b"still") == b"still"
+            assert agent.events("link_lost") == [] and t.is_active()
+        finally:
+            t.close()
+    finally:
+        held.close()
+
+
+AGAIN = 300
+
+
+def test_a_compromised_relay_announcing_keys_it_will_not_prove_costs_bounded_log_lines(
+    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path
+) -> None:
+    """``hostkeys-again@labrelay`` is taken as often as it comes (a reload's new key),
+    one proof request out at a time.  A relay that announced a fresh key again and
+    again and refused every proof it was asked for made **one warning each** (300 lines
+    for 300, at its pace; agent CPU 0.2 s).  Now the first is logged, then one count
+    line per 10 s."""
+    agent, t, ch = _taken_over(start_agent, targets, tmp_path)
+    asked = threading.Event()
+    handler = t._handler_table[MSG_GLOBAL_REQUEST]
+
+    def global_request(m: Message) -> None:
+        at = m.packet.tell()
+        if m.get_string() == b"hostkeys-prove-00@openssh.com":
+            r = Message()
+            r.add_byte(cMSG_REQUEST_FAILURE)
+            t._send_user_message(r)
+            asked.set()
+            return
+        m.packet.seek(at)
+        handler(m)
+
+    t._handler_table[MSG_GLOBAL_REQUEST] = global_request
+    relay_key = paramiko.Ed25519Key.from_private_key_file(str(tmp_path / "relay_host_key"))
+    try:
+        cpu0 = _cpu_seconds(agent.proc.pid)
+        for _ in range(AGAIN):
+            asked.clear()
+            a = Message()
+            a.add_byte(cMSG_GLOBAL_REQUEST)
+            a.add_string(b"hostkeys-again@labrelay")
+            a.add_boolean(False)
+            a.add_string(relay_key.asbytes())
+            a.add_string(_fresh_ed25519().asbytes())
+            t._send_user_message(a)
+            assert asked.wait(10), "the agent did not ask for a proof"
+        assert _echo(ch, b"ping") == b"ping"
+        cpu = _cpu_seconds(agent.proc.pid) - cpu0
+        unproven = agent.events("link_hostkey_unproven")
+        print(f"\n{AGAIN} announcements, every proof refused: {len(unproven)} "
+              f"link_hostkey_unproven lines, agent CPU {cpu:.2f}s")
+        assert len(unproven) == 1, len(unproven)
+        assert t.is_active()
+    finally:
+        t.close()
+    counted = agent.wait_for("link_hostkey_unproven", timeout=20, count=AGAIN - 1)
+    assert "refused to prove" in counted["reason"]
+    assert len(agent.events("link_hostkey_unproven")) == 2
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+HUGE = 20
+
+
+def _huge_rsa_blob(nbytes: int) -> bytes:
+    """An ``ssh-rsa`` public key blob with an ``nbytes`` modulus (odd, top bit set): it
+    parses as a key, no such key exists."""
+    n = int.from_bytes(os.urandom(nbytes), "big") | 1 | (1 << (nbytes * 8 - 1))
+    return common.NS(b"ssh-rsa") + common.MP(65537) + common.MP(n)
+
+
+def test_a_compromised_relays_host_key_announcements_cost_the_agent_little(
+    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path
+) -> None:
+    """What ``hostkeys-again@labrelay`` may carry: 10 000 keys in one, malformed ones
+    (a length past the end, bytes left over): ignored whole, no proof asked.  An RSA
+    "key" of 1 000 KiB (a random modulus) was parsed twice and asked to be proven, the
+    1 MiB blob sent back in the request: 20 of them cost the agent **0.39 s of CPU**
+    (~20 ms per MiB; one run).  Now a blob past a host key's size (RSA 16 384 bits is
+    2 071 bytes) is not a key: nothing is asked, and the agent's CPU barely moves."""
+    agent, t, ch = _taken_over(start_agent, targets, tmp_path)
+    asked = threading.Event()
+    handler = t._handler_table[MSG_GLOBAL_REQUEST]
+
+    def global_request(m: Message) -> None:
+        at = m.packet.tell()
+        if m.get_string() == b"hostkeys-prove-00@openssh.com":
+            r = Message()
+            r.add_byte(cMSG_REQUEST_FAILURE)
+            t._send_user_message(r)
+            asked.set()
+            return
+        m.packet.seek(at)
+        handler(m)
+
+    def again(payload: bytes) -> None:
+        a = Message()
+        a.add_byte(cMSG_GLOBAL_REQUEST)
+        a.add_string(b"hostkeys-again@labrelay")
+        a.add_boolean(False)
+        a.add_bytes(payload)
+        t._send_user_message(a)
+
+    t._handler_table[MSG_GLOBAL_REQUEST] = global_request
+    relay_blob = paramiko.Ed25519Key.from_private_key_file(
+        str(tmp_path / "relay_host_key")).asbytes()
+    try:
+        rss0 = rss_kb(agent.proc.pid)
+        many = b"".join(common.NS(_fresh_ed25519().asbytes()) for _ in range(10_000))
+        for payload in (many, common.NS(relay_blob) + b"\x00\x00\x10\x00abc",
+                        common.NS(relay_blob) + b"\x01"):
+            again(payload)
+        t.global_request("keepalive@openssh.com", wait=True)  # read and handled
+        assert not asked.is_set(), "the agent asked to prove a malformed announcement"
+        cpu0 = _cpu_seconds(agent.proc.pid)
+        began = time.monotonic()
+        for _ in range(HUGE):
+            asked.clear()
+            again(common.NS(relay_blob) + common.NS(_huge_rsa_blob(1000 * 1024)))
+            t.global_request("keepalive@openssh.com", wait=True)
+            assert not asked.is_set(), "the agent asked to prove a 1 MiB key"
+        took = time.monotonic() - began
+        cpu = _cpu_seconds(agent.proc.pid) - cpu0
+        echo0 = time.monotonic()
+        assert _echo(ch, b"ping") == b"ping"
+        print(f"\n{HUGE} announcements of an RSA blob of 1000 KiB: agent CPU {cpu:.2f}s in "
+              f"{took:.2f}s, RSS +{rss_kb(agent.proc.pid) - rss0} KiB, echo "
+              f"{(time.monotonic() - echo0) * 1000:.0f} ms")
+        assert t.is_active()
+    finally:
+        t.close()
+
+
+STUCK_CAP = 16
+STUCK_OPENS = 300
+
+
+def test_connects_to_a_host_that_stopped_answering_are_capped_per_target(
+    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path
+) -> None:
+    """A lab host whose accept queue is full drops SYNs: each connect the agent makes
+    waits for its timeout (10 s).  The relay opens 300 channels to it back to back:
+    ``max_connecting`` (here 16) are connecting, the rest refused at once with the
+    reason; the sessions to the link's other target are not held up."""
+    stuck = socket.socket()
+    stuck.bind((LOOPBACK, 0))
+    stuck.listen(0)  # nothing accepted: a queue of one, then SYNs are dropped
+    fillers = []
+    for _ in range(4):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(stuck.getsockname())
+        fillers.append(f)
+    try:
+        agent, t, ch = _taken_over(
+            start_agent, targets, tmp_path, held_target=stuck.getsockname()[1],
+            link_toml=f"max_connecting = {STUCK_CAP}\n")
+        try:
+            refused: dict[int, tuple[int, str]] = {}
+            failure = t._handler_table[MSG_CHANNEL_OPEN_FAILURE]
+
+            def record(m: Message) -> None:
+                at = m.packet.tell()
+                chanid, code, text = m.get_int(), m.get_int(), m.get_text()
+                refused[chanid] = (code, text)
+                m.packet.seek(at)
+                failure(m)
+
+            t._handler_table[MSG_CHANNEL_OPEN_FAILURE] = record
+            opens = _open_without_waiting(t, ("held", 2222), STUCK_OPENS)
+            # The refusals come at once; the 16 connecting wait for their timeout.
+            assert _echo(ch, b"honest") == b"honest"
+            again = t.open_channel("forwarded-tcpip", dest_addr=("web", 8080),
+                                   src_addr=("203.0.113.9", 3), timeout=10)
+            again.settimeout(10)
+            assert again.recv(64) == b"declared\n"
+            waiting = [c for c, event in opens if not event.is_set()]
+            print(f"\n{STUCK_OPENS} opens to a host that drops SYNs: {len(refused)} refused at "
+                  f"once, {len(waiting)} connecting; the other target's new session works")
+            assert len(refused) == STUCK_OPENS - STUCK_CAP and len(waiting) == STUCK_CAP
+            assert {r for r in refused.values()} == {(
+                OPEN_RESOURCE_SHORTAGE, "the agent has 16 sessions still connecting to the "
+                "target of R:held:2222 (max_connecting = 16)")}
+            for _, event in opens:  # the 16 fail at their connect timeout
+                assert event.wait(30)
+            assert len(refused) == STUCK_OPENS
+            assert len(agent.events("target_unreachable")) == STUCK_CAP
+            agent.wait_for("session_cap", timeout=30, count=STUCK_OPENS - STUCK_CAP - 1)
+            assert len(agent.events("session_cap")) == 2  # the first, then the count
+        finally:
+            t.close()
+    finally:
+        for f in fillers:
+            f.close()
+        stuck.close()

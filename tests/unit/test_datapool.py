@@ -35,6 +35,7 @@ from relay.agent.datapool import (
 )
 from relay.config.schema import HostPort, RemoteForward
 from relay.core import fastwire as fw
+from relay.core.sessioncap import SessionCap, SessionSlot
 from relay.datapath.dialnow import connect_endpoint
 from relay.datapath.join import SessionCounters
 from relay.datapath.splicing import PairAborted, PairResult
@@ -84,10 +85,14 @@ class FakeLink:
     config: FakeLinkConfig = field(default_factory=FakeLinkConfig)
     clock: MemoryReactorClock = field(default_factory=MemoryReactorClock)
     local_relay: Any = None  # this node's RelayCore, when it runs one (chaining)
+    sessions: SessionCap = field(default_factory=SessionCap)
 
     @property
     def reactor(self) -> MemoryReactorClock:
         return self.clock
+
+    def admitSession(self, forward: str) -> SessionSlot | str:
+        return self.sessions.admit(forward)
 
     def remoteForwardFor(self, host: str, port: int) -> FakeForward | None:
         # Link's own is by port alone (channels); DataPool must not use it.
@@ -478,6 +483,32 @@ def test_go_for_a_known_forward_connects_its_target_and_splices(world: World) ->
     status = world.pool.status()
     assert status["sessions_active"] == 0 and status["sessions_total"] == 1
     assert (status["bytes_to_target"], status["bytes_from_target"]) == (123, 4567)
+
+
+def test_a_go_over_the_links_session_cap_is_refused_and_a_closed_session_frees_it(
+    world: World,
+) -> None:
+    """Dispatched sessions count in the link's cap as channels do (round 19): the relay
+    replaces every data connection it uses, so they have no other bound."""
+    world.link.sessions.reconfigure(1, 1)
+    pc, t = _idle(world)
+    _connect(_dials(world)[1])
+    feed_bytewise(pc, _go(pc, *GPU))
+    (target,) = _targets(world)
+    assert world.link.sessions.connecting == 1
+    _server, _st = _connect(target)
+    assert t.value() == fw.AGENT_OK and world.link.sessions.open == 1
+    assert world.link.sessions.connecting == 0
+    pc2 = next(iter(world.pool.idle))
+    t2 = pc2.transport
+    t2.clear()
+    pc2.dataReceived(_go(pc2, *GPU))
+    assert t2.value() == fw.pack_error(
+        fw.AGENT_ERROR, "the agent has 1 sessions open on this link (max_sessions = 1)")
+    assert len(_targets(world)) == 1  # nothing connected for it
+    (pair,) = world.datapath.pairs
+    pair.done.callback(PairResult(1, 1))
+    assert world.link.sessions.open == 0
 
 
 def test_go_uses_a_stashed_token_for_the_refill(world: World) -> None:

@@ -12,12 +12,15 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.conch.ssh import common, keys
 from twisted.conch.ssh.connection import (
     MSG_GLOBAL_REQUEST,
     MSG_REQUEST_FAILURE,
     MSG_REQUEST_SUCCESS,
 )
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
 from relay.config.schema import RelayConfig
@@ -261,7 +264,7 @@ def _agent_told(tmp_path: Path, known: list[keys.Key], announced: list[keys.Key]
                           for k in known))
     policy = (HostKeyPolicy(fingerprint=fingerprint_sha256(pin)) if pin is not None
               else HostKeyPolicy(known_hosts=kh))
-    link: Any = SimpleNamespace(name="cloud",
+    link: Any = SimpleNamespace(name="cloud", clock=Clock(),
                                 verifier=HostKeyVerifier(policy, "relay.example", 2222))
     before = kh.read_bytes()
     with capturedLogs() as events:
@@ -299,7 +302,8 @@ def _agent_link(tmp_path: Path, current: keys.Key,
     kh.write_text(f"[relay.example]:2222 {current.public().toString('OPENSSH').decode()}\n")
     verifier = HostKeyVerifier(HostKeyPolicy(known_hosts=kh), "relay.example", 2222)
     verifier.verify(current.public())
-    link: Any = SimpleNamespace(name="cloud", verifier=verifier, learnHostKeys=learns)
+    link: Any = SimpleNamespace(name="cloud", verifier=verifier, learnHostKeys=learns,
+                                clock=Clock())
     conn = LinkConnection(link)
     fake: Any = FakeSSHTransport(FakeTCPTransport())
     fake.sessionID = SID
@@ -349,6 +353,25 @@ def test_the_agent_records_nothing_the_relay_did_not_prove(tmp_path: Path,
     assert kh.read_bytes() == before
     assert [e["event"] for e in events if e.get("event", "").startswith("link_hostkey")] \
         == ["link_hostkey_unproven"]
+
+
+def test_refused_proofs_in_a_loop_are_one_line_then_a_count(tmp_path: Path) -> None:
+    """Round 19: ``hostkeys-again@labrelay`` is taken as often as it comes; a relay
+    that announces a key and refuses its proof in a loop made one warning each."""
+    from twisted.logger import capturedLogs
+
+    from relay.ssh.client import UNPROVEN_WINDOW
+
+    current = new_key().key
+    conn, _fake, _kh = _agent_link(tmp_path, current)
+    with capturedLogs() as events:
+        for _ in range(50):
+            conn.gotGlobalRequest(HOSTKEYS_AGAIN, pack_blobs([current.public().blob(),
+                                                               new_key().key.public().blob()]))
+            conn.ssh_REQUEST_FAILURE(b"")
+        conn.link.clock.advance(UNPROVEN_WINDOW)
+    unproven = [e for e in events if e.get("event") == "link_hostkey_unproven"]
+    assert len(unproven) == 2 and unproven[1]["count"] == 49
 
 
 def test_a_pinned_agent_asks_for_no_proof(tmp_path: Path) -> None:
@@ -443,3 +466,43 @@ def test_the_agent_learns_a_key_told_again_after_its_login(tmp_path: Path) -> No
     fake.packets.clear()
     conn.gotGlobalRequest(HOSTKEYS_AGAIN, prover.announcement())
     assert fake.of(MSG_GLOBAL_REQUEST) == []
+
+
+_CURRENT = new_key().key
+# an "RSA key" of 40 000 bits (a random odd modulus: it parses), past any host key
+_HUGE = (common.NS(b"ssh-rsa") + common.MP(65537)
+         + common.MP(int.from_bytes(bytes(range(256)) * 20, "big") | 1 | (1 << 40_959)))
+_BLOBS = [new_key().key.public().blob() for _ in range(3)] + [_CURRENT.public().blob(), _HUGE]
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=st.one_of(
+    st.binary(max_size=2048),
+    st.lists(st.one_of(st.sampled_from(_BLOBS), st.binary(max_size=64),
+                       st.binary(min_size=4097, max_size=5000)), max_size=40).map(pack_blobs),
+    st.tuples(st.lists(st.sampled_from(_BLOBS), max_size=20).map(pack_blobs),
+              st.binary(max_size=8)).map(lambda t: t[0] + t[1]),
+))
+def test_any_announcement_from_a_relay_is_bounded(tmp_path: Path, payload: bytes) -> None:
+    """Round 19's property (no fuzz target had it): whatever a relay announces
+    (``hostkeys-00``, ``hostkeys-again``), the agent raises nothing, asks at most one
+    proof of at most ``MAX_LEARNED_HOST_KEYS`` keys, each of a host key's size, and
+    writes nothing unproven."""
+    from relay.ssh.client import MAX_HOST_KEY_BLOB
+    from relay.ssh.hostkeys import MAX_LEARNED_HOST_KEYS
+
+    conn, fake, kh = _agent_link(tmp_path, _CURRENT)
+    before = kh.read_bytes()
+    for kind in (HOSTKEYS, HOSTKEYS_AGAIN, HOSTKEYS_AGAIN):
+        assert conn.gotGlobalRequest(kind, payload) == 1
+    asked = fake.of(MSG_GLOBAL_REQUEST)
+    assert len(asked) <= 1
+    for packet in asked:
+        _name, rest = common.getNS(packet)
+        blobs = unpack_blobs(rest[1:], limit=100)
+        assert len(blobs) <= MAX_LEARNED_HOST_KEYS
+        assert all(len(b) <= MAX_HOST_KEY_BLOB for b in blobs)
+    if asked:
+        conn.ssh_REQUEST_FAILURE(b"")
+    assert kh.read_bytes() == before

@@ -110,6 +110,23 @@ def test_proxy_urls() -> None:
             proxy_url(bad)
 
 
+@pytest.mark.parametrize("url", [
+    "http://alice:hunter2@", "http://alice:hunter2/x@proxy:3128", "http://alice:hunter2#x@p:1",
+    "http://alice:hunter2?x@p:1", "http://alice:hunter2@proxy:99999",
+    "http://alice:hunter2@proxy:1/path", "http://alice:hun@ter2@ :1", "alice:hunter2@:1",
+])
+def test_a_refused_proxy_url_never_shows_its_credentials(url: str) -> None:
+    """Round 19: the URL was quoted whole, or urllib's message quoted the piece of a
+    password it took for the port."""
+    with pytest.raises(Bad) as e:
+        proxy_url(url)
+    assert "hunter2" not in e.value.problem and "ter2" not in e.value.problem
+    assert "***@" in e.value.problem
+    with pytest.raises(ProxyURLError) as env:
+        proxy_from_env({"https_proxy": url}, "relay.example.org")
+    assert "ter2" not in str(env.value)
+
+
 def test_pins() -> None:
     digest = bytes(range(32))
     b64 = base64.b64encode(digest).decode()

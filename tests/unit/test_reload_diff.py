@@ -239,6 +239,10 @@ class FakeLink:
         self.config = config
         self.calls.append(("remove", forward.name))  # type: ignore[attr-defined]
 
+    def reconfigure(self, config: object) -> None:
+        self.config = config
+        self.calls.append(("reconfigure", ""))
+
 
 class FakeNode:
     def __init__(self, config: NodeConfig) -> None:
@@ -281,3 +285,29 @@ def test_links_part_keeps_unchanged_links_and_their_objects() -> None:
     assert PlainForwardsPart(node).apply(old, new) == [  # type: ignore[arg-type]
         "forward hop: stopped", "forward hop2: started"]
     assert [f.name for f in node.plain_forwards] == ["hop2"]  # type: ignore[attr-defined]
+
+
+def test_the_session_caps_of_a_link_are_applied_without_restarting_it() -> None:
+    """``max_sessions``/``max_connecting`` (round 19) are live: the running link takes
+    them, its sessions and its connection stay; with any other link key they go with
+    the restart."""
+    from relay.ops.parts import LinksPart
+
+    old = config()
+    new = config(BASE.replace('known_hosts = "/kh"\n\n[[link.remote]]',
+                              'known_hosts = "/kh"\nmax_sessions = 50\nmax_connecting = 5\n'
+                              '\n[[link.remote]]'))
+    assert diff.diff_links(old.links, new.links) == [
+        diff.LinkSettings(new.links[0], ("max_sessions", "max_connecting"))]
+    node = FakeNode(old)
+    cloud = node.links[0]
+    changes = LinksPart(node).apply(old, new)  # type: ignore[arg-type]
+    assert node.log == [] and node.links[0] is cloud
+    assert cloud.calls == [("reconfigure", "")]
+    assert cloud.config.max_sessions == 50  # type: ignore[attr-defined]
+    assert changes == ["link cloud: max_sessions, max_connecting changed"]
+    both = config(BASE.replace('host = "relay.example.org"',
+                               'host = "r2.example.org"\nmax_sessions = 50'))
+    (restart,) = diff.diff_links(old.links, both.links)
+    assert isinstance(restart, diff.RestartLink) and restart.fields == ("host",)
+    assert restart.new.max_sessions == 50

@@ -1,0 +1,54 @@
+"""The agent's own cap on the sessions its relay opens (relay.core.sessioncap)."""
+
+from __future__ import annotations
+
+from relay.config.schema import LinkConfig
+from relay.core.sessioncap import SessionCap, SessionSlot
+
+
+def test_sessions_over_the_cap_are_refused_and_a_released_place_is_free_again() -> None:
+    cap = SessionCap(max_sessions=2, max_connecting=10)
+    a, b = cap.admit(), cap.admit()
+    assert isinstance(a, SessionSlot) and isinstance(b, SessionSlot)
+    assert cap.admit() == "the agent has 2 sessions open on this link (max_sessions = 2)"
+    a.connected()
+    a.release()
+    a.release()  # every path that ends a session may release it: counted once
+    assert (cap.open, cap.connecting) == (1, 1)
+    assert isinstance(cap.admit(), SessionSlot)
+    assert cap.refused == 1
+
+
+def test_connects_in_flight_have_their_own_cap_per_target() -> None:
+    """A target that stopped answering keeps its connects for their timeout: at most
+    ``max_connecting`` of them, per forward (a dead host does not hold up the others),
+    while connected sessions only count as open."""
+    cap = SessionCap(max_sessions=100, max_connecting=2)
+    first, second = cap.admit("gpu"), cap.admit("gpu")
+    assert isinstance(first, SessionSlot) and isinstance(second, SessionSlot)
+    assert cap.admit("gpu") == ("the agent has 2 sessions still connecting to the target "
+                                "of gpu (max_connecting = 2)")
+    assert isinstance(cap.admit("web"), SessionSlot)  # another target: its own count
+    first.connected()
+    third = cap.admit("gpu")
+    assert isinstance(third, SessionSlot)
+    second.release()  # a failed connect leaves both counts
+    assert (cap.open, cap.connecting) == (3, 2)
+    assert cap.by_forward == {"gpu": 1, "web": 1}
+
+
+def test_a_reload_changes_the_caps_for_new_sessions_only() -> None:
+    cap = SessionCap(max_sessions=3, max_connecting=3)
+    slots = [cap.admit() for _ in range(3)]
+    cap.reconfigure(1, 1)
+    assert isinstance(cap.admit(), str) and cap.open == 3  # the open ones stay
+    for s in slots:
+        assert isinstance(s, SessionSlot)
+        s.release()
+    assert isinstance(cap.admit(), SessionSlot)
+
+
+def test_the_defaults_fit_a_lab() -> None:
+    """16 users at the relay's default per-user cap (64) fit one link."""
+    assert LinkConfig.max_sessions == 1024 and LinkConfig.max_connecting == 128
+    assert SessionCap().max_sessions == LinkConfig.max_sessions
