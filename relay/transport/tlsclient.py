@@ -95,7 +95,7 @@ def chain_error(err: int, cert: crypto.X509, trusted: str) -> str:
     if err in _UNTRUSTED:
         return (f"the relay's certificate is not signed by a trusted CA (issuer "
                 f"{_issuer(cert)}; trusted: {trusted}): set tls_ca_file to the CA that "
-                "signed it, or pin it with tls_pin")
+                "signed it (-o TLSCAFile=), or pin it with tls_pin (-o TLSPin=)")
     return f"the relay's certificate failed verification (OpenSSL error {err}, {_subject(cert)})"
 
 
@@ -160,8 +160,9 @@ class VerifyingCreator:
                     names = ", ".join(_pattern(p) for p in extract_patterns(cert)) \
                         or "no names"
                     return fail(f"the relay's certificate is for another name: it names "
-                                f"{names}, not {self.server_name!r} (set tls_server_name "
-                                "if the relay is reached by another name)")
+                                f"{names}, not {self.server_name!r} (set tls_server_name, "
+                                "-o TLSServerName=, if the relay is reached by another "
+                                "name)")
                 return True
             except Exception as e:  # an exception in an OpenSSL callback would be lost
                 return fail(f"cannot check the relay's certificate: {e!r}")
