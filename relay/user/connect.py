@@ -63,6 +63,11 @@ from relay.user.sshresolve import Resolved, ResolveError, resolve
 
 CLI = "command line"
 EXIT_FAILED = 1
+"""The session could not be set up, ended abnormally, or was interrupted (the line said
+why).  0: it ended normally."""
+EXIT_USAGE = 2
+"""The command line is wrong (as argparse's and relay.cli.main's ConfigError exits): an
+option ssh cannot read with it (``-F`` a file that is not there), SERVICE:PORT."""
 DATA_CONNECT_TIMEOUT = 5.0
 # The relay answers within its public_wait (10 s) plus the agent's reply time (15 s).
 PAIR_TIMEOUT = 40.0
@@ -513,9 +518,9 @@ def run(argv_ns: argparse.Namespace) -> int:
                            port=argv_ns.port, login=argv_ns.login,
                            identities=argv_ns.identity,
                            options=[o for o in argv_ns.options if not is_transport_option(o)])
-    except ResolveError as e:
-        sys.stderr.write(f"labrelay connect: {e}\n")
-        return EXIT_FAILED
+    except ResolveError as e:  # ssh could not read the -F file or the options given
+        sys.stderr.write(f"labrelay connect: {shown(str(e), SAY_LIMIT)}\n")
+        return EXIT_USAGE
     options = options_from_args(argv_ns, resolved)
     if resolved is not None:
         tokens = {"d": str(Path.home()), "u": _local_user(), "h": resolved.hostname,

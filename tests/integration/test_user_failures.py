@@ -299,8 +299,10 @@ def test_every_failure_says_what_where_and_the_fix_as_the_table_does(world: Worl
         "data port blocked": (w.argv(), ["cannot reach its data port"]),
     }
     works = {"TLS works", "data port blocked"}
+    said: dict[str, list[str]] = {}
     for name, (argv, wanted) in cases.items():
         ssh_rc, rc, lines, err = _through_ssh(w, name, argv)
+        said[name] = lines
         if (ssh_rc, rc) != ((0, None) if name in works else (255, 1)):
             problems.append(f"{name}: exit {rc} (ssh {ssh_rc}): {err}")
         if len(lines) != len(wanted) or not all(
@@ -312,6 +314,10 @@ def test_every_failure_says_what_where_and_the_fix_as_the_table_does(world: Worl
                 problems.append(f"{name}: {len(matched)} rows of the table match {line!r}")
             for s in matched:
                 seen[s].append(name)
+
+    # Each route of auto once: it tried each three times, the error nested three deep.
+    if "".join(said["every route of auto"]).count("every route failed") != 1:
+        problems.append(f"every route of auto: {said['every route of auto']}")
 
     # Ctrl-C while connecting (a relay that accepts and says nothing), and while the
     # relay waits for the agent of away:22 (its public_wait).
@@ -348,3 +354,26 @@ def test_every_failure_says_what_where_and_the_fix_as_the_table_does(world: Worl
     unseen = [s for s, names in seen.items() if not names]
     assert not problems, "\n".join(problems)
     assert not unseen, "rows of docs/quickstart.md §8 no failure produced:\n" + "\n".join(unseen)
+
+
+def test_a_wrong_command_line_exits_2_and_says_which_part(tmp_path: Path) -> None:
+    """docs/quickstart.md §8's exit statuses: 2 for a command line that is wrong,
+    whether argparse, labrelay or ssh (``-F`` a file that is not there, read by ``ssh
+    -G``) finds it; it was 1 for the last, the status of a relay that failed."""
+    def connect(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "relay", "connect", *argv],
+                              capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL,
+                              env={**os.environ, **child_env(), "HOME": str(tmp_path),
+                                   "SSH_AUTH_SOCK": ""})
+
+    missing = tmp_path / "no_such_config"
+    out = connect("-F", str(missing), "myrelay", "gpu-cluster")
+    assert (out.returncode, out.stdout) == (2, ""), out
+    assert out.stderr.startswith("labrelay connect: ") and str(missing) in out.stderr, out
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    out = connect(f"alice@{LOOPBACK}", "gpu-cluster:http")
+    assert (out.returncode, out.stdout) == (2, ""), out
+    assert "expected SERVICE or SERVICE:PORT" in out.stderr, out.stderr
+    out = connect("--no-such-option", f"alice@{LOOPBACK}", "gpu-cluster")
+    assert out.returncode == 2 and "unrecognized arguments" in out.stderr, out
