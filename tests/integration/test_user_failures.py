@@ -59,10 +59,11 @@ _HOLES = {
 }
 
 
-def doc_rows() -> list[tuple[str, re.Pattern[str]]]:
-    """The table's first column: each symptom, and the pattern it stands for."""
+def doc_rows(marker: str = "user-failures") -> list[tuple[str, re.Pattern[str]]]:
+    """The first column of the table after ``<!-- MARKER:``: each symptom, and the
+    pattern it stands for."""
     text = DOC.read_text()
-    start = text.index("<!-- user-failures:")
+    start = text.index(f"<!-- {marker}:")
     rows = []
     for line in text[start:].splitlines()[3:]:
         if not line.startswith("| `"):
@@ -354,6 +355,41 @@ def test_every_failure_says_what_where_and_the_fix_as_the_table_does(world: Worl
     unseen = [s for s, names in seen.items() if not names]
     assert not problems, "\n".join(problems)
     assert not unseen, "rows of docs/quickstart.md §8 no failure produced:\n" + "\n".join(unseen)
+
+
+def test_stock_ssh_J_failures_as_the_table_says(world: World) -> None:
+    """The same failures with ``ssh -J`` and no labrelay on the laptop: ssh's words,
+    the relay's reason inside; the first line of each matches its row of the second
+    table, and each row is seen."""
+    w = world
+    rows = doc_rows("user-failures-jump")
+    assert len(rows) == 4, rows
+    seen: dict[str, list[str]] = {symptom: [] for symptom, _ in rows}
+    problems = []
+    for name, key, service, port, want in (
+            ("relay down", w.alice, "gpu-cluster", w.closed, "Connection refused"),
+            ("key not granted", w.stranger, "gpu-cluster", w.relay.port, "(publickey)"),
+            ("service not granted", w.alice, "secret", w.relay.port, "secret:22 is not"),
+            ("agent away", w.alice, "away", w.relay.port, "did not come back within 3s")):
+        cfg = w.tmp / f"jump-{name.replace(' ', '-')}"
+        cfg.write_text(f"Host {service}\n  User root\n  IdentityFile {w.client_key.path}\n"
+                       f"Host {LOOPBACK}\n  IdentityFile {key.path}\n"
+                       + ssh_defaults(w.relay.known_hosts))
+        out = subprocess.run([find_program("ssh") or "ssh", "-F", str(cfg),
+                              "-J", f"alice@{LOOPBACK}:{port}", service, "true"],
+                             capture_output=True, text=True, timeout=120,
+                             stdin=subprocess.DEVNULL, start_new_session=True,
+                             env={**os.environ, **child_env(), "SSH_AUTH_SOCK": ""})
+        first = (out.stderr.splitlines() or [""])[0]
+        if out.returncode != 255 or want not in first:
+            problems.append(f"{name}: exit {out.returncode}: {out.stderr}")
+        matched = [symptom for symptom, pattern in rows if pattern.fullmatch(first)]
+        if len(matched) != 1:
+            problems.append(f"{name}: {len(matched)} rows match {first!r}")
+        for symptom in matched:
+            seen[symptom].append(name)
+    assert not problems, "\n".join(problems)
+    assert all(seen.values()), seen
 
 
 def test_a_wrong_command_line_exits_2_and_says_which_part(tmp_path: Path) -> None:

@@ -4,6 +4,10 @@ tests/integration/test_user_failures.py."""
 
 from __future__ import annotations
 
+import itertools
+import re
+from pathlib import Path
+
 from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet import error as neterror
@@ -11,11 +15,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from relay.config.schema import LinkConfig, ProxyURL, TransportConfig
-from relay.core.httpconnect import ProxyError
+from relay.core.httpconnect import ProxyError, parse_response
 from relay.ssh.client import LinkSetupError, open_connection
 from relay.ssh.single import SingleConnection
 from relay.transport import explain
+from relay.transport.dial import Dialer
 from relay.transport.tlsclient import TLSVerifyError
+from relay.user.connect import ConnectOptions, Connector
 
 
 def test_auto_tries_each_route_once_and_says_each_failure_once() -> None:
@@ -96,3 +102,60 @@ def test_a_connection_not_made_says_what_to_check() -> None:
     assert explain.where("h", 443, True, ProxyURL("p", 3128)) == \
         "h:443 (TLS, through the proxy http://p:3128)"
     assert explain.where("h", 22, False, None) == "h:22"
+
+
+# The troubleshooting table of docs/quickstart.md §8 against the words made here, fast;
+# tests/integration/test_user_failures.py checks every row against real failures.
+DOC = Path(__file__).resolve().parents[2] / "docs" / "quickstart.md"
+_HOLES = {
+    "{RELAY}": r"\S+:\d+(?: \(TLS(?:, through the proxy \S+)?\))?",
+    "{PORT}": r"\d+", "{N}": r"\d+(?:\.\d+)?", "{NAME}": r"[^' ]+", "{HOST}": r"\S+",
+    "{USER}": r"[^' ]+", "{SERVICE}": r"[\w.-]+:\d+", "{URL}": r"\S+", "{…}": r".+?",
+    "…": r".*",
+}
+
+
+def _rows() -> list[re.Pattern[str]]:
+    text = DOC.read_text()
+    lines = text[text.index("<!-- user-failures:"):].splitlines()[3:]
+    rows = []
+    for line in itertools.takewhile(lambda x: x.startswith("| `"), lines):
+        parts = re.split("(" + "|".join(map(re.escape, _HOLES)) + ")", line.split("`", 2)[1])
+        rows.append(re.compile("".join(_HOLES.get(p, re.escape(p)) for p in parts)))
+    return rows
+
+
+def test_the_troubleshooting_table_has_a_row_for_each_line_of_a_route_not_reached() -> None:
+    rows = _rows()
+    assert len(rows) >= 25
+    reactor = MemoryReactorClock()
+
+    def said(e: BaseException, **transport: object) -> str:
+        link = LinkConfig(name="cloud", host="relay.example.org", port=2222,
+                          transport=TransportConfig(**transport))  # type: ignore[arg-type]
+        connector = Connector(ConnectOptions(link, "gpu-cluster", 22), reactor, [])
+        connector.dialer = Dialer(reactor, link)
+        if isinstance(e, (SSL.Error, neterror.ConnectionLost)):  # as LinkTransport says
+            e = LinkSetupError(_tls(e) or "")
+        return connector._notReached(e)  # type: ignore[arg-type]
+
+    proxy = ProxyURL("proxy.example", 3128)
+    lines = [
+        said(neterror.ConnectionRefusedError()),
+        said(neterror.ConnectionRefusedError(), mode="tls"),
+        said(neterror.TimeoutError()),
+        said(neterror.DNSLookupError("x")),
+        said(SSL.Error([("SSL routines", "", "wrong version number")]), mode="tls"),
+        said(neterror.ConnectionLost(), mode="tls"),
+    ]
+    for e in (ProxyError("cannot reach the proxy http://proxy.example:3128: connection "
+                         "refused: nothing listens on port 3128 there; is that your proxy's "
+                         "address and port (-o Proxy=URL, proxy, https_proxy)?"),):
+        lines.append(said(e, mode="tls", proxy=proxy))
+    for status in (b"407 Proxy Authentication Required", b"403 Forbidden", b"502 Bad Gateway"):
+        try:
+            parse_response(b"HTTP/1.1 " + status + b"\r\n\r\n")
+        except ProxyError as e:
+            lines.append(said(ProxyError(f"{proxy}: {e}"), mode="tls", proxy=proxy))
+    for line in lines:
+        assert len([r for r in rows if r.fullmatch(line)]) == 1, line
