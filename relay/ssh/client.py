@@ -316,16 +316,14 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
         with the TLS port and the proxy (relay.transport.explain), not the plain SSH
         port's "refused at accept?" hint."""
         route = self.transport_route
-        if route is None or not route.tls or reason is None or self.buf \
-                or self._preBannerLines:
+        if route is None or not route.tls or reason is None or reason.value is None \
+                or self.buf or self._preBannerLines:
             return None
         try:
             seen = self.transport.getPeerCertificate() is not None  # type: ignore[union-attr]
         except Exception:  # not a TLS transport, or its connection already gone
             seen = False
         cfg = self.link.config
-        if reason.value is None:
-            return None
         return explain.tls_failure(reason.value, certificate_seen=seen, host=route.host,
                                    port=route.port, proxy=route.proxy,
                                    server_name=cfg.transport.server_name or cfg.host)
@@ -669,8 +667,10 @@ async def open_connection(owner: LinkOwner, dialer: Dialer | None = None) -> Lin
         try:
             proto = cast(LinkTransport, await dialer.connect(transport_factory(owner),
                                                              tries=left, errors=errors))
-        except Exception:
-            break  # every route left failed to connect; each is in errors
+        except Exception as e:  # every route left failed to connect; each is in errors
+            if not errors:
+                errors.append(str(e))
+            break
         left -= (dialer.index - before) % n + 1
         route = proto.transport_route or dialer.current
         try:

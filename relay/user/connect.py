@@ -366,7 +366,8 @@ class Connector:
             return f"cannot reach the relay {cfg.host}:{cfg.port}: {e}"
         routes = self.dialer.routes
         if len(routes) > 1:  # the error lists each route with its reason
-            return f"cannot reach the relay {cfg.host} by any route: {e}"
+            each = str(e).removeprefix("every route failed: ")
+            return f"cannot reach the relay {cfg.host} by any route: {each}"
         route = routes[0]
         at = explain.where(route.host, route.port, route.tls, route.proxy)
         if isinstance(e, LinkSetupError):
