@@ -128,7 +128,8 @@ class ConnectProxyEndpoint:
                     t.transport.abortConnection()
             return Failure(ProxyError(
                 f"{self.proxy} did not open the tunnel to {self.host}:{self.port} "
-                f"within {timeout:g}s"))
+                f"within {timeout:g}s (it could not reach that port: is the relay up, and "
+                "is the port right? Or it is not an HTTP proxy)"))
 
         def unreachable(f: Failure) -> None:
             if not ready.called:

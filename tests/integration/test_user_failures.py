@@ -77,12 +77,14 @@ def doc_rows(marker: str = "user-failures") -> list[tuple[str, re.Pattern[str]]]
 
 class AnswerProxy:
     """An "HTTP proxy" that reads a CONNECT request and answers ``answer`` (or closes,
-    for None), on a real socket in a thread."""
+    for None; or says nothing, for ``b""``, until :meth:`close`), on a real socket in a
+    thread."""
 
     def __init__(self, answer: bytes | None) -> None:
         self.sock = socket.create_server((LOOPBACK, 0))
         self.port = self.sock.getsockname()[1]
         self.answer = answer
+        self.held: list[socket.socket] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -95,6 +97,9 @@ class AnswerProxy:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            if self.answer == b"":
+                self.held.append(conn)  # accepted, read nothing, answers nothing
+                continue
             with conn:
                 conn.settimeout(30)
                 buf = b""
@@ -107,6 +112,8 @@ class AnswerProxy:
                     conn.sendall(self.answer)
 
     def close(self) -> None:
+        for conn in self.held:
+            conn.close()
         self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self.thread.join(10)
@@ -243,7 +250,8 @@ def test_every_failure_says_what_where_and_the_fix_as_the_table_does(world: Worl
               b"Proxy-Authenticate: Basic realm=\"campus\"\r\n\r\n"),
         (403, b"HTTP/1.1 403 Forbidden\r\n\r\n"),
         (502, b"HTTP/1.1 502 Bad Gateway\r\n\r\n"),
-        (0, None))}
+        (0, None),
+        (1, b""))}
     tp.wait_listening()
     via_tp = ["-o", f"Proxy={tp.url()}"]
     closed = w.closed
@@ -285,6 +293,11 @@ def test_every_failure_says_what_where_and_the_fix_as_the_table_does(world: Worl
         "proxy 502": (w.argv(*w.tls("-o", f"Proxy={answers[502].url()}")), ["502"]),
         "proxy closes": (w.argv(*w.tls("-o", f"Proxy={answers[0].url()}")), [
             "closed the connection before answering CONNECT"]),
+        "proxy says nothing": (w.argv(*w.tls("-o", f"Proxy={answers[1].url()}")), [
+            f"did not open the tunnel to {LOOPBACK}:{w.tls_port} within 3s"]),
+        "TLS port says nothing": (w.argv(*w.tls(port=silent.getsockname()[1])), [
+            f"no TLS handshake (or no SSH version after it) within 3s over tls "
+            f"{LOOPBACK}:{silent.getsockname()[1]}"]),
         "tinyproxy 502": (w.argv(*w.tls(*via_tp, port=closed)), ["HTTP/1.1 50"]),
         "proxy to a port not TLS": (w.argv(*w.tls(*via_tp, port=w.relay.port)), [
             f"through the proxy {tp.url()}): the proxy opened its tunnel to "
