@@ -123,9 +123,13 @@ def parse_response(buf: bytes) -> Tunnel | None:
         return Tunnel(status, rest)
     hint = ""
     if status == 407:
-        hint = " (the proxy wants credentials: proxy = \"http://user:pass@host:port\")"
+        hint = (" (the proxy wants credentials: -o Proxy=http://user:pass@host:port, "
+                "proxy = \"http://user:pass@host:port\" in a config file)")
     elif status in (403, 405):
         hint = " (the proxy does not allow CONNECT to this host and port)"
+    elif status in (500, 502, 503, 504):  # tinyproxy: "500 Unable to connect"
+        hint = (" (the proxy could not reach the relay at the port asked for: is the relay "
+                "up, and is that its port?)")
     raise ProxyError(f"the proxy refused the tunnel: {_show(status_line)}{hint}")
 
 

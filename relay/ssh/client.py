@@ -78,6 +78,7 @@ from relay.ssh.wire import (
     unpack_grant_revoked,
     unpack_request_refused,
 )
+from relay.transport import explain
 from relay.transport.dial import Dialer, Route
 
 TARGET_CONNECT_TIMEOUT = 10.0
@@ -302,6 +303,9 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
             if phase is LinkPhase.AUTH and self.why is None:
                 why = "authentication failed: the server accepted none of our keys"
                 self.keysRefused = True
+            elif phase is LinkPhase.HANDSHAKE and self.why is None and not self.gotVersion \
+                    and (tls := self._tlsFailure(reason)) is not None:
+                why = tls
             elif phase is LinkPhase.HANDSHAKE and self.why is None and not self.gotVersion:
                 why = (f"the server closed the connection before its SSH version line ({why}): "
                        "refused at accept? A labrelay relay does so for a while after failed "
@@ -317,6 +321,24 @@ class LinkTransport(PeerInputGuard, AEADTransportMixin, transport.SSHClientTrans
             self.ready.errback(LinkSetupError(why, self.keysRefused))
         else:
             self.link.linkLost(self, why)
+
+    def _tlsFailure(self, reason: Failure | None) -> str | None:
+        """Why the TLS handshake under this SSH connection failed, if it did (a route
+        over TLS, nothing of SSH received): the port, the name or the certificate, said
+        with the TLS port and the proxy (relay.transport.explain), not the plain SSH
+        port's "refused at accept?" hint."""
+        route = self.transport_route
+        if route is None or not route.tls or reason is None or reason.value is None \
+                or self.buf or self._preBannerLines:
+            return None
+        try:
+            seen = self.transport.getPeerCertificate() is not None  # type: ignore[union-attr]
+        except Exception:  # not a TLS transport, or its connection already gone
+            seen = False
+        cfg = self.link.config
+        return explain.tls_failure(reason.value, certificate_seen=seen, host=route.host,
+                                   port=route.port, proxy=route.proxy,
+                                   server_name=cfg.transport.server_name or cfg.host)
 
     def markReady(self, conn: LinkConnection) -> None:
         if self._timer is not None and self._timer.active():
@@ -675,19 +697,36 @@ async def open_connection(owner: LinkOwner, dialer: Dialer | None = None) -> Lin
     is tried in turn until one gives a ready connection; the error then lists them all."""
     if dialer is None:
         dialer = Dialer(owner.reactor, owner.config)
+    n = len(dialer.routes)
+    if n == 1:
+        proto = cast(LinkTransport, await dialer.connect(transport_factory(owner)))
+        conn = await proto.ready
+        dialer.worked(proto.transport_route or dialer.current)
+        return conn
+    # The dialer moves on by itself past a route that does not connect; this loop past
+    # one that connected and did not become a link.  One round in all: each route is
+    # tried once (the dialer tried every route of each attempt afresh: a round of three
+    # routes was nine attempts, and the error said each failure three times, nested).
     errors: list[str] = []
-    for _ in dialer.routes:
-        route = dialer.current
+    left = n
+    while left > 0:
+        before = dialer.index
         try:
-            proto = cast(LinkTransport, await dialer.connect(transport_factory(owner)))
+            proto = cast(LinkTransport, await dialer.connect(transport_factory(owner),
+                                                             tries=left, errors=errors))
+        except Exception as e:  # every route left failed to connect; each is in errors
+            if not errors:
+                errors.append(str(e))
+            break
+        left -= (dialer.index - before) % n + 1
+        route = proto.transport_route or dialer.current
+        try:
             conn = await proto.ready
         except Exception as e:
-            if len(dialer.routes) == 1:
-                raise
             dialer.failed(route, str(e))
-            errors.append(f"{dialer.last}: {e}")
+            errors.append(f"{route}: {e}")
             continue
-        dialer.worked(proto.transport_route or route)
+        dialer.worked(route)
         return conn
     raise LinkSetupError("every route failed: " + "; ".join(errors))
 

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from relay.config.schema import ALPN_SSH, LinkConfig, ProxyURL
 from relay.core.httpconnect import proxy_from_env
 from relay.datapath.net import client_endpoint
+from relay.transport import explain
 from relay.transport.proxy import ConnectProxyEndpoint
 from relay.transport.tlsclient import client_creator
 
@@ -107,10 +108,14 @@ class Dialer:
     def current(self) -> Route:
         return self.routes[self.index]
 
-    def connect(self, factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+    def connect(self, factory: IProtocolFactory, *, tries: int | None = None,
+                errors: list[str] | None = None) -> defer.Deferred[IProtocol]:
         """Connect the current route; a TCP/proxy failure moves on at once to the next
-        route (up to one round), a later failure is for :meth:`failed`."""
-        return self._try(factory, len(self.routes), [])
+        route (up to ``tries`` routes: one round by default), a later failure is for
+        :meth:`failed`.  Each route that failed adds ``"ROUTE: why"`` to ``errors``
+        (the caller's list, to say every route's fate once: :func:`open_connection`)."""
+        return self._try(factory, len(self.routes) if tries is None else tries,
+                         [] if errors is None else errors)
 
     def _try(self, factory: IProtocolFactory, left: int,
              errors: list[str]) -> defer.Deferred[IProtocol]:
@@ -131,7 +136,8 @@ class Dialer:
             return proto
 
         def unreachable(f: Any) -> Any:
-            why = f.getErrorMessage()
+            why = explain.unreachable(f.value, host=route.host, port=route.port,
+                                      tls=route.tls, timeout=self.cfg.connect_timeout)
             self.log.warn("link {link}: {route} failed: {reason}", event="link_route_failed",
                           link=self.label, route=str(route), reason=why)
             errors.append(f"{route}: {why}")

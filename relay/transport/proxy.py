@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from relay.config.schema import ProxyURL
 from relay.core.httpconnect import ProxyError, Tunnel, connect_request, parse_response
 from relay.datapath.net import client_endpoint
+from relay.transport import explain
 
 
 class TunnelState(Enum):
@@ -95,7 +96,9 @@ class _Tunnel(Protocol):
             self.inner.connectionLost(reason)
         elif not self.ready.called:
             self.ready.errback(Failure(ProxyError(
-                f"{self.proxy} closed the connection before answering CONNECT")))
+                f"{self.proxy} closed the connection before answering CONNECT (is it an "
+                "HTTP proxy, at that port? Some proxies close instead of refusing with 403 "
+                "or 407)")))
 
 
 class ConnectProxyEndpoint:
@@ -125,12 +128,15 @@ class ConnectProxyEndpoint:
                     t.transport.abortConnection()
             return Failure(ProxyError(
                 f"{self.proxy} did not open the tunnel to {self.host}:{self.port} "
-                f"within {timeout:g}s"))
+                f"within {timeout:g}s (it could not reach that port: is the relay up, and "
+                "is the port right? Or it is not an HTTP proxy)"))
 
         def unreachable(f: Failure) -> None:
             if not ready.called:
-                ready.errback(Failure(ProxyError(
-                    f"cannot reach the proxy {self.proxy}: {f.getErrorMessage()}")))
+                why = explain.unreachable(
+                    f.value or Exception(f.getErrorMessage()), host=self.proxy.host,
+                    port=self.proxy.port, tls=False, timeout=self.timeout, to_proxy=True)
+                ready.errback(Failure(ProxyError(f"cannot reach the proxy {self.proxy}: {why}")))
 
         ready.addTimeout(self.timeout, self.reactor, onTimeoutCancel=timed_out)
         endpoint = client_endpoint(self.reactor, self.proxy.host, self.proxy.port, self.timeout)

@@ -96,7 +96,7 @@ def chain_error(err: int, cert: crypto.X509, trusted: str) -> str:
     if err in _UNTRUSTED:
         return (f"the relay's certificate is not signed by a trusted CA (issuer "
                 f"{_issuer(cert)}; trusted: {trusted}): set tls_ca_file to the CA that "
-                "signed it, or pin it with tls_pin")
+                "signed it (-o TLSCAFile=), or pin it with tls_pin (-o TLSPin=)")
     if err == _INVALID_PURPOSE:
         return (f"the relay's certificate (or its issuer) is not for TLS servers: its "
                 f"extended key usage lacks serverAuth ({_subject(cert)}): reissue it for a "
@@ -175,8 +175,9 @@ class VerifyingCreator:
                 except VerificationError:
                     names = ", ".join(_pattern(p) for p in patterns)
                     return fail(f"the relay's certificate is for another name: it names "
-                                f"{names}, not {self.server_name!r} (set tls_server_name "
-                                "if the relay is reached by another name)")
+                                f"{names}, not {self.server_name!r} (set tls_server_name, "
+                                "-o TLSServerName=, if the relay is reached by another "
+                                "name)")
                 return True
             except Exception as e:  # an exception in an OpenSSL callback would be lost
                 return fail(f"cannot check the relay's certificate: {e!r}")

@@ -54,14 +54,20 @@ from relay.datapath.bridge import Bridge, TCPSide
 from relay.datapath.handoff import Handoff
 from relay.datapath.join import join
 from relay.datapath.net import client_endpoint, peer_ip, probe_idle
-from relay.ssh.client import Identity, open_connection
+from relay.ssh.client import Identity, LinkSetupError, open_connection
 from relay.ssh.single import SingleConnection
-from relay.transport.dial import route_of
+from relay.transport import explain
+from relay.transport.dial import Dialer, route_of
 from relay.user import keys as userkeys
 from relay.user.sshresolve import Resolved, ResolveError, resolve
 
 CLI = "command line"
 EXIT_FAILED = 1
+"""The session could not be set up, ended abnormally, or was interrupted (the line said
+why).  0: it ended normally."""
+EXIT_USAGE = 2
+"""The command line is wrong (as argparse's and relay.cli.main's ConfigError exits): an
+option ssh cannot read with it (``-F`` a file that is not there), SERVICE:PORT."""
 DATA_CONNECT_TIMEOUT = 5.0
 # The relay answers within its public_wait (10 s) plus the agent's reply time (15 s).
 PAIR_TIMEOUT = 40.0
@@ -281,6 +287,7 @@ class Connector:
         self.conn: Any = None
         self.agent: Any = None
         self.interrupted = False
+        self.dialer: Dialer | None = None  # made in open(): https_proxy may be wrong
 
     def say(self, text: str) -> None:
         """One line on stderr, which is the user's terminal (ssh passes a
@@ -302,7 +309,10 @@ class Connector:
             return
         cfg = self.options.link
         if self.conn is None and not self.path:
-            where = f" while reaching the relay {cfg.host}:{cfg.port}"
+            route = self.dialer.last if self.dialer is not None else None
+            at = (explain.where(route.host, route.port, route.tls, route.proxy)
+                  if route is not None else f"{cfg.host}:{cfg.port}")
+            where = f" while reaching the relay {at}"
         elif not self.path:
             where = f" while setting up {self.label}"
         else:
@@ -319,11 +329,11 @@ class Connector:
         link's own transport and host-key check, without its reconnecting service
         (:func:`relay.ssh.client.open_connection`)."""
         owner = SingleConnection(self.options.link, self.reactor, self.identities)
-        self.conn = await open_connection(owner)
+        self.dialer = Dialer(self.reactor, self.options.link)
+        self.conn = await open_connection(owner, self.dialer)
         return self.conn
 
     async def run(self) -> int:
-        cfg = self.options.link
         if self.options.fast_path:
             try:  # before anything is spent: a bad LABRELAY_DATAPATH is the user's to fix
                 datapath.choose_backend()
@@ -340,12 +350,31 @@ class Connector:
         try:
             await self.open()
         except Exception as e:
-            self.say(f"cannot reach the relay {cfg.host}:{cfg.port}: {e}")
+            self.say(self._notReached(e))
             return EXIT_FAILED
         try:
             return await self._session()
         finally:
             self._hangUp()
+
+    def _notReached(self, e: Exception) -> str:
+        """The line for a connection to the relay that did not become a session: named
+        by the route it took (the TLS port and the proxy, not the SSH port the relay is
+        known by), and with what to check (relay.transport.explain)."""
+        cfg = self.options.link
+        if self.dialer is None:  # no route: the proxy's URL (https_proxy) is wrong
+            return f"cannot reach the relay {cfg.host}:{cfg.port}: {e}"
+        routes = self.dialer.routes
+        if len(routes) > 1:  # the error lists each route with its reason
+            each = str(e).removeprefix("every route failed: ")
+            return f"cannot reach the relay {cfg.host} by any route: {each}"
+        route = routes[0]
+        at = explain.where(route.host, route.port, route.tls, route.proxy)
+        if isinstance(e, LinkSetupError):
+            return f"cannot reach the relay {at}: {e}"
+        why = explain.unreachable(e, host=route.host, port=route.port, tls=route.tls,
+                                  timeout=cfg.connect_timeout)
+        return f"cannot reach the relay {at}: {why}"
 
     def _hangUp(self) -> None:
         agent, self.agent = self.agent, None
@@ -408,8 +437,10 @@ class Connector:
             proto: Any = await endpoint.connect(
                 Factory.forProtocol(lambda: _UserData(token, service, port)))
         except Exception as e:
+            why = explain.short(e, min(cfg.connect_timeout, DATA_CONNECT_TIMEOUT))
             raise DataPortUnreachable(
-                f"cannot reach its data port {host}:{data_port}: {e}") from e
+                f"cannot reach its data port {host}:{data_port}: {why}; a firewall between "
+                f"you and the relay? Its admin can open TCP port {data_port}") from e
         # The relay's side of this connection has the same probes.  Once spliced, no
         # SSH keepalive watches it: without them, a relay that vanished (no FIN, no
         # RST) during an idle session left the user's ssh waiting on its own
@@ -445,13 +476,15 @@ class Connector:
         return 0
 
     async def _channel(self) -> int:
-        self.path = "channel"
         try:
             channel = await self.conn.openDirect(self.options.service, self.options.port,
                                                  "labrelay-connect", 0)
         except Exception as e:
             self.say(f"the relay refused {self.label}: {_open_failure(e)}")
             return EXIT_FAILED
+        # Only now: a Ctrl-C while the relay waited for the service's agent
+        # (public_wait) interrupted the setting up, not a session.
+        self.path = "channel"
         done: defer.Deferred[None] = defer.Deferred()
         side = TCPSide()
         stdio.StandardIO(side, stdin=self.stdin_fd, stdout=self.stdout_fd,  # type: ignore[call-arg]
@@ -486,9 +519,9 @@ def run(argv_ns: argparse.Namespace) -> int:
                            port=argv_ns.port, login=argv_ns.login,
                            identities=argv_ns.identity,
                            options=[o for o in argv_ns.options if not is_transport_option(o)])
-    except ResolveError as e:
-        sys.stderr.write(f"labrelay connect: {e}\n")
-        return EXIT_FAILED
+    except ResolveError as e:  # ssh could not read the -F file or the options given
+        sys.stderr.write(f"labrelay connect: {shown(str(e), SAY_LIMIT)}\n")
+        return EXIT_USAGE
     options = options_from_args(argv_ns, resolved)
     if resolved is not None:
         tokens = {"d": str(Path.home()), "u": _local_user(), "h": resolved.hostname,
