@@ -136,7 +136,7 @@ def test_opens_refused_in_a_loop_cost_a_bounded_number_of_log_lines(
     # a loop stretched past one window (a loaded box) ends with a later count line than
     # the first: await them all (test_channel_requests' twin, d0373d3)
     wait_until(lambda: burst_total(relay.events("relay_session_refused", since=mark,
-                                            name="alice")) >= REFUSALS,
+                                                name="alice")) >= REFUSALS,
                "every refused open logged or counted", timeout=30)
     lines = relay.events("relay_session_refused", since=mark, name="alice")
     print(f"\n{REFUSALS} refused opens in {took:.2f}s: {len(lines)} log lines; {summary['text']}")
@@ -144,7 +144,6 @@ def test_opens_refused_in_a_loop_cost_a_bounded_number_of_log_lines(
     assert burst_total(lines) == REFUSALS, lines[-1]
     assert "is not granted to user alice" in summary["why"], summary
     assert relay.status()["relay"]["counters"]["sessions_refused"] == REFUSALS + 1
-
 
 
 def test_one_holder_of_a_shared_account_refused_in_a_loop_does_not_silence_another(
