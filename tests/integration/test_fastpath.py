@@ -154,6 +154,9 @@ def test_ssh_and_scp_through_the_fast_path_are_spliced(site: Site) -> None:
     assert out.returncode == 0, out.stderr.decode()
     assert dst.stat().st_size == stream.size
     assert sha256_hex(dst.read_bytes()) == stream.sha256
+    # the echo's and the scp's sessions end when the relay reads their clients' close,
+    # which can come after the clients exit: await both before the table is read
+    site.relay.events_at_least("session_close", 2, user="alice", path="spliced", timeout=30)
 
     # A session held open: status shows it spliced, with bytes.
     held = subprocess.Popen([ssh, "-F", str(cfg), "gpu-cluster", "echo ready; cat >/dev/null"],
@@ -178,12 +181,13 @@ def test_ssh_and_scp_through_the_fast_path_are_spliced(site: Site) -> None:
     assert (site.tmp / "connect.err").read_text() == ""  # not a word: no fallback, no error
     fast = site.fast()
     assert fast["paired"] == 3 and fast["pair_failed"] == 0
-    per = site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
-    assert per["sessions_total"] == 3 and per["bytes_to_service"] > stream.size
     # the audit log: one open and one close per spliced session, the scp's bytes in one
     wait_until(lambda: len(site.relay.events("session_close", user="alice",
                                              path="spliced")) == 3,
                "the relay to log the held session's close")
+    # read once every session's close is logged (its row closed in the same call)
+    per = site.relay.status()["relay"]["per_service"]["gpu-cluster:22"]
+    assert per["sessions_total"] == 3 and per["bytes_to_service"] > stream.size
     opens = site.relay.events("session_open", user="alice", path="spliced")
     closes = site.relay.events("session_close", user="alice", path="spliced")
     assert len(opens) == len(closes) == 3, (opens, closes)
