@@ -326,16 +326,25 @@ def test_tokens_missing_wrong_expired_replayed_other_service_and_stalled(site: S
             for b in hello[:-1]:
                 s.sendall(bytes([b]))
             assert _read_all(s) == b""
-        # expired: token_lifetime is 4 s on this relay
+        # expired: token_lifetime is 4 s on this relay.  The relay also forgets expired
+        # tickets at a sweep every 4 s (relay.core.tokens), at a phase of its own: one
+        # presented before the next sweep is refused as expired, one presented after it
+        # as unknown, swept with ``stalled`` (issued with it, never redeemed).  Which
+        # comes first is not the test's to order (a sweep 20 ms before the presentation
+        # made it "unknown" under load); both are refusals, each shown by the relay's
+        # bookkeeping (tests/unit/test_tokens.py checks the expired refusal on a clock).
         time.sleep(max(0.0, 4.3 - (time.monotonic() - issued)))
-        assert "expired" in _refusal(_present(port, _user(expiring, "gpu-cluster", 22)))
+        why = _refusal(_present(port, _user(expiring, "gpu-cluster", 22)))
+        swept = site.fast()["tokens_outstanding_by_role"]["user"] == 0
+        assert "expired" in why or ("unknown" in why and swept), (why, site.fast())
     finally:
         tokens.close()
     fast = site.fast()
     assert fast["paired"] == 0 and fast["tokens_redeemed"]["user"] == 0, fast
     refused = fast["tokens_refused"]
-    assert refused == {"unknown": 2, "wrong proof": 1, "issued for another service": 1,
-                       "expired": 1}, refused
+    late = {"expired": 1} if "expired" in why else {}
+    assert refused == {"unknown": 3 - len(late), "wrong proof": 1,
+                       "issued for another service": 1, **late}, refused
     assert fast["data_refused"] >= 9
     assert site.pool()["sessions_total"] == 0
     assert "Accepted publickey" not in site.gpu.log_text()
