@@ -20,6 +20,7 @@ Main pieces:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -31,7 +32,9 @@ import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -742,7 +745,13 @@ class AgentProcess(_Process):
         self._cond = threading.Condition()
         self._cursor = 0
         self._stdout_eof = False
+        # The reader holds ``_reading`` from a read of the pipe until its lines are
+        # events, and counts the bytes it took in ``_consumed``: ``_settle`` compares
+        # that with what the pipe still holds (see there).
+        self._reading = threading.Lock()
+        self._consumed = 0
         assert self.proc.stdout is not None
+        self._stdout_fd = self.proc.stdout.fileno()
         self._reader = threading.Thread(
             target=self._pump, args=(self.proc.stdout,), name=f"{name}-stdout", daemon=True
         )
@@ -761,25 +770,76 @@ class AgentProcess(_Process):
                 return obj
         return {"event": "_raw", "text": line}
 
+    def _take(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line.strip():
+            return
+        event = self._parse(line)
+        with self._cond:
+            event["_index"] = len(self._events)
+            self._events.append(event)
+            self._cond.notify_all()
+
     def _pump(self, stream: IO[bytes]) -> None:
+        # Reads the raw pipe (not a buffered file) so that ``_consumed`` counts bytes
+        # the pipe no longer holds; waits for data without the lock, so that
+        # ``_settle`` never waits behind an idle reader.
+        poller = select.poll()
+        poller.register(self._stdout_fd, select.POLLIN)
+        pending = b""
         try:
-            for raw in stream:
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                if not line.strip():
-                    continue
-                event = self._parse(line)
-                with self._cond:
-                    event["_index"] = len(self._events)
-                    self._events.append(event)
-                    self._cond.notify_all()
+            while True:
+                poller.poll()
+                with self._reading:
+                    chunk = os.read(self._stdout_fd, 1 << 16)
+                    if not chunk:
+                        break
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    for raw in lines:
+                        self._take(raw)
+                    with self._cond:
+                        self._consumed += len(chunk)
+                        self._cond.notify_all()
         except (OSError, ValueError):
             pass
         finally:
-            with contextlib.suppress(OSError):
-                stream.close()
-            with self._cond:
-                self._stdout_eof = True
-                self._cond.notify_all()
+            with self._reading:
+                if pending:
+                    self._take(pending)
+                with self._cond:
+                    self._stdout_eof = True
+                    self._cond.notify_all()
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+    def _settle(self, timeout: float = 10.0) -> None:
+        """Return once every byte the process wrote to stdout before this call is an
+        event here.
+
+        A process that logs an event and then answers a client has put the line in the
+        pipe before the client sees the answer, but the reader thread may not have had
+        its turn yet (under load it is one more thread waiting for a CPU): read then,
+        the event was missing (test_channel_requests, once under two xdist workers).
+        So every query settles first: what the pipe holds now (FIONREAD) plus what the
+        reader took so far is the count it must reach.  Events a process writes *after*
+        the client's effect still need ``wait_for`` / ``events_at_least``.
+        """
+        with self._reading:
+            if self._stdout_eof:
+                return
+            try:
+                unread = struct.unpack(
+                    "i", fcntl.ioctl(self._stdout_fd, termios.FIONREAD, b"\0" * 4))[0]
+            except OSError:
+                return
+            target = self._consumed + unread
+        if not unread:
+            return
+        with self._cond:
+            if not self._cond.wait_for(
+                    lambda: self._consumed >= target or self._stdout_eof, timeout):
+                raise HarnessError(f"{self.name}: {target - self._consumed} bytes of "
+                                   f"its stdout still unread after {timeout}s")
 
     def _join_readers(self) -> None:
         super()._join_readers()
@@ -788,11 +848,15 @@ class AgentProcess(_Process):
     # -- queries
 
     def mark(self) -> int:
-        """The index the next event will get."""
+        """The index the next event will get (after every line already written)."""
+        self._settle()
         with self._cond:
             return len(self._events)
 
     def events(self, name: str | None = None, since: int = 0, **match: Matcher) -> list[dict]:
+        """The events so far, including every line the process wrote before this call
+        (``_settle``); not those it writes later: await those."""
+        self._settle()
         with self._cond:
             return [
                 e

@@ -369,6 +369,15 @@ def burst_windows(first: float, last: float, window: float = 10.0) -> int:
     return 1 + int(max(0.0, last - first) // window)
 
 
+def burst_total(lines: list[dict[str, Any]]) -> int:
+    """How many events a burst's log lines stand for: one per line logged as it came,
+    plus each count line's ``count`` (relay.core.burstlog).  A test awaits this total
+    (``wait_until``) before it counts the lines: a loop stretched past a window by a
+    loaded box ends with a count line later than the first."""
+    return sum(1 for e in lines if "count" not in e) + sum(int(e.get("count", 0))
+                                                            for e in lines)
+
+
 def wait_until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
     """Poll ``cond`` (a remote process's counters, read from its status endpoint, have
     no event to await) until it holds, for at most ``timeout`` seconds."""

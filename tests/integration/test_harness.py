@@ -11,8 +11,10 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Targets
@@ -322,6 +324,50 @@ def test_agent_process_events(tmp_path: Path) -> None:
         agent.wait_for("never", timeout=30)
     assert "oops" in str(info.value)
     assert agent.wait_exit() == 3
+
+
+ANSWERING_AGENT = textwrap.dedent(
+    """
+    import json, signal, sys
+    # 2000 lines (many reads of the pipe, lines cut between them), then the line this
+    # process logs before it "answers", then the answer on another channel (stderr)
+    for i in range(2000):
+        sys.stdout.write(json.dumps({"event": "filler", "n": i, "pad": "x" * 50}) + "\\n")
+    print(json.dumps({"event": "answered"}), flush=True)
+    print("answer", file=sys.stderr, flush=True)
+    signal.pause()
+    """
+)
+
+
+def test_events_include_every_line_written_before_the_query(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process that logs an event and then answers: once the answer is seen, the
+    event is there, however late the stdout reader thread gets its turn (here it takes
+    half a second over that line; under two xdist workers a synchronously logged
+    refusal was missing once, test_channel_requests).  ``mark()`` is past it too."""
+    script = tmp_path / "answering_agent.py"
+    script.write_text(ANSWERING_AGENT)
+    parse = AgentProcess._parse
+
+    def slow_parse(line: str) -> dict[str, Any]:
+        if "answered" in line:
+            time.sleep(0.5)
+        return parse(line)
+
+    monkeypatch.setattr(AgentProcess, "_parse", staticmethod(slow_parse))
+    for query in ("events", "mark"):
+        agent = AgentProcess([sys.executable, str(script)], name="answering")
+        try:
+            agent.stderr.wait_for("answer", 30)
+            if query == "events":
+                assert len(agent.events("answered")) == 1
+                assert [e["n"] for e in agent.events("filler")] == list(range(2000))
+            else:
+                assert agent.mark() == 2001
+        finally:
+            agent.kill()
 
 
 def test_free_port_is_bindable() -> None:

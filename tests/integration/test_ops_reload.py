@@ -221,8 +221,10 @@ def test_sighup_under_a_256mib_scp_adds_a_service_and_a_user_and_revokes_one(
             scp.kill()
             scp.wait()
     assert dst.stat().st_size == SIZE and sha256_hex(dst.read_bytes()) == stream.sha256
-    closes = relay.events("session_close", user="alice")
-    assert closes and closes[-1]["bytes_to_service"] > SIZE
+    # the relay logs her session's close when its channel closes, which may come after
+    # scp's exit: await it (read at once it could be missing)
+    relay.wait_for("session_close", since=0, advance=False, user="alice",
+                   bytes_to_service=lambda n: n > SIZE, timeout=30)
     relay.proc.assert_no_event("session_close", since=relay_mark, user="alice",
                                why=lambda w: "revoked" in w or "no longer" in w)
 

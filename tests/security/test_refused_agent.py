@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from harness import AgentProcess, RelayNode, make_key
-from relay_fixtures import admin_port, admin_status
+from relay_fixtures import admin_port, admin_status, wait_until
 
 from relay.agent.link import KEYS_REFUSED_RETRY
 
@@ -50,6 +50,10 @@ def test_a_refused_agent_waits_before_trying_again_and_says_where_its_key_goes(
     assert "agents file" in link["last_error"], link
 
     relay.wait_for("relay_auth_refused", timeout=20, user="lab_pc")
+    # The relay charges a failed login when its connection ends (RelayHandler.disconnected),
+    # and the agent is the one that closes it: the count has no event; await it.
+    wait_until(lambda: relay.status()["relay"]["admission"]["penalties"]["authfail"] >= 1,
+               "the refused login to be charged when its connection ended")
     admission = relay.status()["relay"]["admission"]
     assert admission["penalties"]["authfail"] == 1, admission
     assert admission["penalties_activated"] == 0, admission

@@ -63,6 +63,7 @@ from harness import (
 )
 from paramiko.common import cMSG_CHANNEL_OPEN
 from paramiko.message import Message
+from relay_fixtures import burst_total, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -1149,6 +1150,12 @@ def test_a_renewal_by_the_labs_new_ca_resumes_during_the_rotations_overlap(
     target = handed.conns.get(timeout=30)
     target.settimeout(30)
     assert recv_exactly(target, 6) == b"before"
+    # The target can have her first bytes before the relay has the agent's answer to
+    # the open (early-data@labrelay); cut then, the answer is lost with the link and
+    # there is no session to hold (once under two xdist workers and a CPU hog). A byte
+    # back from the target is the answer's proof, as the other cert test has it.
+    target.sendall(b"hello")
+    assert recv_exactly(sock, 5) == b"hello"
     _cut(relay, proxy, agent)
     mark, rmark = agent.mark(), relay.mark()
     up, down = secrets.token_bytes(32 * 1024), secrets.token_bytes(32 * 1024)
@@ -1234,10 +1241,14 @@ def test_resume_offers_refused_in_a_loop_cost_a_bounded_number_of_log_lines(
                                                             if not o.startswith("refused")]
     summary = relay.wait_for("relay_resume_refused", since=rmark, name="mallory", timeout=20,
                              count=lambda n: n is not None)
+    # a loop stretched past one window (a loaded box) ends with a later count line than
+    # the first: await them all before counting (test_channel_requests' twin, d0373d3)
+    wait_until(lambda: burst_total(relay.events("relay_resume_refused", since=rmark,
+                                                name="mallory")) >= OFFERS,
+               "every refused resume logged or counted", timeout=30)
     lines = relay.events("relay_resume_refused", since=rmark, name="mallory")
     print(f"\n{OFFERS} refused resumes in {took:.2f}s: {len(lines)} log lines; "
           f"{summary['text'][:200]}")
     assert len(lines) <= 33 * (1 + int(took // 10) + 1), len(lines)
-    logged = sum(1 for e in lines if "count" not in e) + sum(e.get("count", 0) for e in lines)
-    assert logged == OFFERS, lines[-1]
+    assert burst_total(lines) == OFFERS, lines[-1]
     assert "unknown" in summary["why"] or "no such" in summary["why"], summary
