@@ -170,6 +170,27 @@ SHARE_NAMES = 300_000
 LOOPS = 2000
 
 
+
+def _refuse_proofs(t: paramiko.Transport) -> threading.Event:
+    """Make the taken-over relay ``t`` refuse every ``hostkeys-prove-00`` the agent asks
+    (other global requests go to paramiko as before); the event is set at each refusal."""
+    asked = threading.Event()
+    handler = t._handler_table[MSG_GLOBAL_REQUEST]
+
+    def global_request(m: Message) -> None:
+        at = m.packet.tell()
+        if m.get_string() == b"hostkeys-prove-00@openssh.com":
+            r = Message()
+            r.add_byte(cMSG_REQUEST_FAILURE)
+            t._send_user_message(r)
+            asked.set()
+            return
+        m.packet.seek(at)
+        handler(m)
+
+    t._handler_table[MSG_GLOBAL_REQUEST] = global_request
+    return asked
+
 def _taken_over(start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path,
                 held_target: int | None = None, link_toml: str | None = None,
                 ) -> tuple[AgentProcess, paramiko.Transport, Any]:
@@ -587,21 +608,7 @@ def test_a_compromised_relay_announcing_keys_it_will_not_prove_costs_bounded_log
     for 300, at its pace; agent CPU 0.2 s).  Now the first is logged, then one count
     line per 10 s."""
     agent, t, ch = _taken_over(start_agent, targets, tmp_path)
-    asked = threading.Event()
-    handler = t._handler_table[MSG_GLOBAL_REQUEST]
-
-    def global_request(m: Message) -> None:
-        at = m.packet.tell()
-        if m.get_string() == b"hostkeys-prove-00@openssh.com":
-            r = Message()
-            r.add_byte(cMSG_REQUEST_FAILURE)
-            t._send_user_message(r)
-            asked.set()
-            return
-        m.packet.seek(at)
-        handler(m)
-
-    t._handler_table[MSG_GLOBAL_REQUEST] = global_request
+    asked = _refuse_proofs(t)
     relay_key = paramiko.Ed25519Key.from_private_key_file(str(tmp_path / "relay_host_key"))
     try:
         cpu0 = _cpu_seconds(agent.proc.pid)
@@ -655,19 +662,7 @@ def test_a_compromised_relays_host_key_announcements_cost_the_agent_little(
     (~20 ms per MiB; one run).  Now a blob past a host key's size (RSA 16 384 bits is
     2 071 bytes) is not a key: nothing is asked, and the agent's CPU barely moves."""
     agent, t, ch = _taken_over(start_agent, targets, tmp_path)
-    asked = threading.Event()
-    handler = t._handler_table[MSG_GLOBAL_REQUEST]
-
-    def global_request(m: Message) -> None:
-        at = m.packet.tell()
-        if m.get_string() == b"hostkeys-prove-00@openssh.com":
-            r = Message()
-            r.add_byte(cMSG_REQUEST_FAILURE)
-            t._send_user_message(r)
-            asked.set()
-            return
-        m.packet.seek(at)
-        handler(m)
+    asked = _refuse_proofs(t)
 
     def again(payload: bytes) -> None:
         a = Message()
@@ -677,7 +672,6 @@ def test_a_compromised_relays_host_key_announcements_cost_the_agent_little(
         a.add_bytes(payload)
         t._send_user_message(a)
 
-    t._handler_table[MSG_GLOBAL_REQUEST] = global_request
     relay_blob = paramiko.Ed25519Key.from_private_key_file(
         str(tmp_path / "relay_host_key")).asbytes()
     try:
