@@ -15,10 +15,10 @@ rules are DESIGN §7's and docs/fastpath.md's:
 - single use: redeeming removes the ticket, whatever the outcome;
 - it expires ``lifetime`` seconds after issue, and expired tickets are swept on a
   timer (:meth:`TokenBook.start`), not only when a new one is issued; the id of a
-  ticket forgotten that way is remembered for one more lifetime (at most
-  :data:`LAPSED_MAX` ids), so that a late presentation is refused as ``expired``
-  whatever the sweep's phase, not as ``unknown`` (the user's ``labrelay connect``
-  says which);
+  ticket forgotten that way is remembered with its secret for one more lifetime (at
+  most :data:`LAPSED_MAX`), so that a late presentation with the right proof is
+  refused as ``expired`` whatever the sweep's phase, not as ``unknown`` (the user's
+  ``labrelay connect`` says which), and a wrong proof stays a guess;
 - it is bound to one principal, one service and one SSH session: the caller gets
   the ticket back and checks that session is still alive;
 - outstanding tickets are capped per SSH session and per principal, so a user
@@ -42,8 +42,8 @@ from relay.core.fastwire import MAC_LEN, ROLE_AGENT, ROLE_USER, TOKEN_ID_LEN, TO
 _ROLE_NAMES = {ROLE_USER: "user", ROLE_AGENT: "agent"}
 
 LAPSED_MAX = 4096
-"""How many ids of expired, forgotten tickets are remembered at most (oldest dropped
-first): about 0.5 MiB, and only tickets the caps let be issued ever get there."""
+"""How many expired, forgotten tickets are remembered at most (id and secret; oldest
+dropped first): about 1 MiB, and only tickets the caps let be issued ever get there."""
 
 
 class Refusal(Enum):
@@ -95,7 +95,8 @@ class TokenBook:
         self._tickets: OrderedDict[bytes, Ticket] = OrderedDict()
         self._per_session: dict[Any, int] = {}
         self._per_principal: dict[str, int] = {}
-        self._lapsed: OrderedDict[bytes, float] = OrderedDict()  # id -> remembered until
+        # id -> (remembered until, its secret): an expired refusal still needs the proof
+        self._lapsed: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
         self._sweeper: Timer | None = None
         self._sweep_every = 0.0
         self.issued = {"user": 0, "agent": 0}
@@ -143,11 +144,14 @@ class TokenBook:
         return len(gone)
 
     def _lapse(self, token_id: bytes, now: float) -> None:
-        """Forget an expired ticket but remember its id for one more lifetime."""
-        self._remove(token_id)
+        """Forget an expired ticket but remember its id (and secret, to check a late
+        proof) for one more lifetime."""
+        ticket = self._remove(token_id)
+        if ticket is None:
+            return
         lapsed = self._lapsed
-        lapsed[token_id] = now + self.lifetime
-        while lapsed and (len(lapsed) > LAPSED_MAX or next(iter(lapsed.values())) < now):
+        lapsed[token_id] = (now + self.lifetime, ticket.secret)
+        while lapsed and (len(lapsed) > LAPSED_MAX or next(iter(lapsed.values()))[0] < now):
             lapsed.popitem(last=False)
 
     # issue and redeem
@@ -194,10 +198,15 @@ class TokenBook:
             return self._refuse(Refusal.MALFORMED)
         ticket = self._remove(token_id)
         if ticket is None:
-            until = self._lapsed.pop(token_id, None)
-            if until is not None and self.clock.seconds() <= until:
-                return self._refuse(Refusal.EXPIRED)  # swept a moment before
-            return self._refuse(Refusal.UNKNOWN)
+            lapsed = self._lapsed.pop(token_id, None)
+            if lapsed is None or self.clock.seconds() > lapsed[0]:
+                return self._refuse(Refusal.UNKNOWN)
+            # swept a moment before: "expired" only to whoever holds its secret, as for
+            # a ticket not yet swept (an expired refusal costs its source no penalty)
+            late = hello_proof(lapsed[1], role, token_id, nonce, service)
+            if not hmac.compare_digest(late, proof):
+                return self._refuse(Refusal.WRONG)
+            return self._refuse(Refusal.EXPIRED)
         expected = hello_proof(ticket.secret, role, token_id, nonce, service)
         if not hmac.compare_digest(expected, proof):
             return self._refuse(Refusal.WRONG)
