@@ -7,13 +7,17 @@ need a running relay are in the table "Promises and their tests" of docs/config.
 from __future__ import annotations
 
 import re
+import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from relay.cli.main import build_parser
 from relay.config import diff
-from relay.config.schema import RelayConfig
+from relay.config.loader import parse_config
+from relay.config.schema import HostPort, RelayConfig
 from relay.config.transport import OPTION_KEYS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -121,3 +125,128 @@ def test_the_defaults_security_and_resilience_state_are_the_relays(
     by (a cap, a timeout): the relay's and the page's must not drift apart."""
     assert words in " ".join((DOCS / doc).read_text().split()), (doc, words)
     assert getattr(RelayConfig(), field) == value, field
+
+
+
+# -- the defaults the settings tables state ---------------------------------------------
+#
+# relay.md's ``[relay]``, ``[relay.penalties]`` and ``[relay.crowding]`` tables and
+# config.md's ``[admin]``, ``[[link]]`` and ``[relay]`` tables give a default for each
+# key: an operator sizes by them and leaves the key out.  Each row whose default is a
+# TOML value (or "none"/"unset") is checked against what the loader gives a file that
+# leaves the key out.  (Round 20's audit: ten of them were checked, by hand, above.)
+
+_NODE = parse_config('[relay]\n[admin]\n[[link]]\nhost = "h"\n', "t.toml", base_dir=Path("/"))
+_TLS = parse_config('[relay]\ntls_cert = "c.pem"\ntls_key = "k.pem"\n', "t.toml",
+                    base_dir=Path("/")).relay.tls  # type: ignore[union-attr]
+# keys whose schema field has another name, or lives in a nested value
+_FIELD: dict[str, Callable[[Any], object]] = {
+    "keepalive_interval": lambda c: c.keepalive.interval,
+    "keepalive_count": lambda c: c.keepalive.count_max,
+    "backoff_initial": lambda c: c.backoff.initial,
+    "backoff_max": lambda c: c.backoff.maximum,
+    "backoff_factor": lambda c: c.backoff.factor,
+    "backoff_jitter": lambda c: c.backoff.jitter,
+    "transport": lambda c: c.transport.mode,
+    "tls_port": lambda c: c.transport.tls_port,
+    "strict_host_key_checking": lambda c: "accept-new" if c.host_key.accept_new else "yes",
+    "identity": lambda c: c.identities,
+    "host_key": lambda c: c.host_key.fingerprint,
+    "proxy": lambda c: c.transport.proxy,
+    "tls_pin": lambda c: c.transport.pin,
+    "tls_cert": lambda c: c.tls,  # none: no TLS port at all
+    # the TLS port's keys, once tls_cert is set (_TLS)
+    "tls_listen": lambda c: _TLS.listen,
+    "tls_handshake_timeout": lambda c: _TLS.handshake_timeout,
+}
+_HOLDERS: dict[str, Any] = {
+    "relay": _NODE.relay, "admin": _NODE.admin, "link": _NODE.links[0],
+    "relay.penalties": _NODE.relay.penalties if _NODE.relay else None,
+    "relay.crowding": _NODE.relay.crowding if _NODE.relay else None,
+}
+
+
+def _section_of(doc: str, heading: str, intro: str) -> str | None:
+    """Which section a settings table documents, from the heading above it and the
+    paragraph just before it (relay.md's penalties and crowding tables follow theirs)."""
+    for name in ("relay.penalties", "relay.crowding"):
+        if intro.startswith(f"`[{name}]`"):
+            return name
+    if doc == "relay.md":
+        return "relay"
+    for marker, section in (("`[admin]`", "admin"), ("`[[link]]`", "link"),
+                            ("`[relay]`", "relay")):
+        if marker in heading:
+            return section
+    return None  # config.md's forward tables: no defaults the loader fills
+
+
+def _stated(cell: str) -> tuple[bool, object]:
+    """(checkable, value) of a default cell: a backticked TOML value, maybe followed by
+    words in parentheses ("`2097152` (2 MiB)"), or none/unset."""
+    if cell in ("none", "unset") or cell.startswith(("none (no ", "none: ")):
+        return True, None
+    found = re.fullmatch(r"`([^`]+)`(?: \(.*\))?", cell)
+    if found is None:
+        return False, None
+    try:
+        return True, tomllib.loads(f"v = {found.group(1)}")["v"]
+    except tomllib.TOMLDecodeError:
+        return False, None
+
+
+def _default_rows() -> list[tuple[str, str, object]]:
+    """(doc:line, section.key, stated default) of every checkable row."""
+    rows = []
+    for doc, header, default_col in [("relay.md", "| key | default | meaning |", 1),
+                                     ("config.md", "| key | type | default | valid | example |",
+                                      2)]:
+        heading = intro = previous = ""
+        section: str | None = None
+        for number, line in enumerate((DOCS / doc).read_text().splitlines(), 1):
+            previous, blank_before = line, not previous.strip()
+            if line.startswith("#"):
+                heading = line
+            elif line.strip() == header:
+                section = _section_of(doc, heading, intro)
+            elif line.startswith("|") and section is not None:
+                if line.startswith("|---"):
+                    continue
+                cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+                key = cells[0].strip("`")
+                checkable, stated = _stated(cells[default_col])
+                if re.fullmatch(r"[a-z_0-9]+", key) and checkable:
+                    rows.append((f"{doc}:{number}", f"{section}.{key}", stated))
+            elif not line.startswith("|"):
+                section = None
+                if line.strip() and blank_before:
+                    intro = line  # a paragraph's first line
+    return rows
+
+
+def _loaded(section_key: str) -> object:
+    section, _, key = section_key.rpartition(".")
+    holder = _HOLDERS[section]
+    value = _FIELD[key](holder) if key in _FIELD else getattr(holder, key)
+    if isinstance(value, (tuple, list)):
+        return [str(v) for v in value] or None  # an empty list: "none" and `[]` alike
+    if isinstance(value, (HostPort, Path)):
+        return str(value)
+    return value
+
+
+DEFAULT_ROWS = _default_rows()
+
+
+def test_the_settings_tables_are_read() -> None:
+    """The parse above finds the tables (a reworded header must not make the check
+    below vacuous): every [relay], penalties, crowding, admin and link table."""
+    sections = {key.rpartition(".")[0] for _, key, _ in DEFAULT_ROWS}
+    assert sections == {"relay", "relay.penalties", "relay.crowding", "admin", "link"}, sections
+    assert len(DEFAULT_ROWS) >= 80, len(DEFAULT_ROWS)
+
+
+@pytest.mark.parametrize(("where", "key", "stated"), DEFAULT_ROWS,
+                         ids=[f"{key}@{where}" for where, key, _ in DEFAULT_ROWS])
+def test_a_stated_default_is_the_loaders(where: str, key: str, stated: object) -> None:
+    assert _loaded(key) == (stated or None if stated == [] else stated), (where, key)
