@@ -1,6 +1,8 @@
 """Promises of the docs and the help text that code can check directly: the options a
 command says it takes are the ones it takes, and the operator's table of what a reload
-applies names exactly the keys the reload keeps until a restart.  (The promises that
+applies names exactly the keys the reload keeps until a restart; the defaults the
+settings tables state are the loader's; the metrics table names exactly the families
+served, with their labels.  (The promises that
 need a running relay are in the table "Promises and their tests" of docs/config.md.)
 """
 
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.testing import MemoryReactorClock
 
 from relay.cli.main import build_parser
 from relay.config import diff
@@ -250,3 +253,103 @@ def test_the_settings_tables_are_read() -> None:
                          ids=[f"{key}@{where}" for where, key, _ in DEFAULT_ROWS])
 def test_a_stated_default_is_the_loaders(where: str, key: str, stated: object) -> None:
     assert _loaded(key) == (stated or None if stated == [] else stated), (where, key)
+
+
+
+# -- the metrics table --------------------------------------------------------------------
+
+
+def _documented_families() -> list[tuple[list[str], set[str] | None, bool]]:
+    """operations.md's metrics table, row by row: the readings of each family name it
+    gives (``…_x`` after ``labrelay_relay_fast_paired_total`` may be
+    ``labrelay_relay_fast_x`` or ``labrelay_relay_x``: every shorter prefix of the row's
+    first name), the labels its label column names (None where it is prose), and whether
+    the row joins families of different kinds with ``;`` (the labels then are the last
+    one's)."""
+    text = (DOCS / "operations.md").read_text()
+    section = text[text.index("### Metrics"):text.index("## Exit status")]
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        names_cell, _kind, labels_cell = [c.strip() for c in
+                                          line.strip().strip("|").split(" | ")][:3]
+        names = re.findall(r"`([a-z_*…]+)`", names_cell)
+        while "(" in labels_cell:  # values in parentheses, not labels
+            labels_cell = re.sub(r"\([^()]*\)", "", labels_cell)
+        labels = None
+        if labels_cell.startswith("`") or not labels_cell:
+            labels = set(re.findall(r"`([a-z_]+)`", re.split(r"[:;]", labels_cell)[0]))
+        words = names[0].split("_")
+        for name in names:
+            if name.startswith("…_"):
+                readings = ["_".join(words[:n]) + name[1:] for n in range(len(words) - 1, 1, -1)]
+            else:
+                readings = [name]
+            rows.append(([r.removesuffix("_total") for r in readings], labels, ";" in names_cell))
+    return rows
+
+
+def _exposed(tmp_path: Path) -> dict[str, tuple[str, ...]]:
+    """Every family a node with a relay (data port on), a link with a forward and a plain
+    hop exposes at /metrics (the collector the admin endpoint serves; nothing started),
+    with its label names."""
+    import os
+
+    from relay.ops.metrics import MetricsRegistry
+    from relay.ops.service import make_node_service
+    from relay.testing import new_key
+
+    key = tmp_path / "id"
+    key.write_bytes(new_key().key.toString("OPENSSH"))
+    os.chmod(key, 0o600)
+    (tmp_path / "known_hosts").write_text("")
+    text = f"""
+[relay]
+listen = "127.0.0.1:0"
+state_dir = "{tmp_path}/state"
+data_port = 0
+[[link]]
+host = "relay.example.org"
+identity = "{key}"
+known_hosts = "{tmp_path}/known_hosts"
+[[link.remote]]
+listen = "2201"
+connect = "gpu:22"
+[[forward]]
+listen = "127.0.0.1:0"
+connect = "127.0.0.1:9"
+"""
+    config = parse_config(text, str(tmp_path / "node.toml"), base_dir=tmp_path)
+    node = make_node_service(config, MemoryReactorClock(), load=lambda: config)
+    registry = MetricsRegistry(node.status).registry
+    return {family.name: tuple(getattr(family, "_labelnames", ()))
+            for family in registry.collect()}
+
+
+def test_every_family_the_metrics_table_names_is_exposed_with_its_labels(
+        tmp_path: Path) -> None:
+    """An operator writes alerts and dashboards from operations.md's table: each family
+    it names must be served, with the labels it names (a renamed family or label breaks
+    every alert on it, silently).  Round 20's audit: 30 of the 50 names were in no test."""
+    exposed = _exposed(tmp_path)
+    rows = _documented_families()
+    assert len(rows) >= 50, len(rows)
+    for readings, labels, joined in rows:
+        if readings == ["process_*"]:
+            assert any(name.startswith("process_") for name in exposed)
+            continue
+        found = [r for r in readings if r in exposed]
+        assert len(found) == 1, (readings, found)
+        have = set(exposed[found[0]])
+        if labels is not None and found[0].startswith("labrelay_"):  # not the library's
+            assert have == labels or (joined and not have), (found[0], have, labels)
+
+
+def test_every_exposed_family_is_in_the_metrics_table(tmp_path: Path) -> None:
+    """The other way round: a family served but not in the table is one an operator
+    cannot know of (or one left behind by a rename)."""
+    documented = {r for readings, _, _ in _documented_families() for r in readings}
+    missing = {name for name in _exposed(tmp_path)
+               if name not in documented and not name.startswith("process_")}
+    assert not missing, sorted(missing)
