@@ -207,7 +207,8 @@ def test_idle_timeout_closes_a_quiet_session_not_one_the_thread_carries(
         deadline = time.monotonic() + 3.5
         while time.monotonic() < deadline:
             assert proc.poll() is None, "the busy session was closed"
-            wait_until(lambda: site.fast()["native_bytes"] > moved, "bytes", timeout=5)
+            wait_until(lambda last=moved: site.fast()["native_bytes"] > last, "bytes",
+                       timeout=5)
             moved = site.fast()["native_bytes"]
         assert len(site.relay.events("relay_session_idle", since=mark)) == before == 1
         assert [s["path"] for s in site.sessions()] == ["pooled"]
