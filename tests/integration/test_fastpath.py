@@ -475,6 +475,27 @@ def test_a_burst_of_sessions_outgrows_the_pool(site: Site) -> None:
     wait_until(lambda: site.pool()["idle"] == 4, "the pool to be full again")
 
 
+def test_no_fast_path_takes_the_channel_without_a_word_unless_verbose(site: Site) -> None:
+    """fastpath.md, Fallback: ``labrelay connect`` says once that it falls back, but
+    "with ``--no-fast-path``, which asked for the channel, only with ``-v``" (a
+    ProxyCommand's stderr is the user's terminal).  alice to gpu-cluster, an e2e
+    service: no line, no ticket, the bytes exact; with ``-v``, the line (round 20's
+    audit: untested)."""
+    payload = b"SSH-2.0-probe\r\n"  # the target sshd answers with its own version line
+    out = _run(site.connect_argv("alice", site.keys.alice, "gpu-cluster", "--no-fast-path"),
+               input=payload, timeout=60)
+    assert out.stdout.startswith(b"SSH-2.0-"), out
+    assert "fast path" not in out.stderr.decode(), out.stderr
+    assert site.fast()["tokens_issued"]["user"] == 0 and site.fast()["paired"] == 0
+    out = _run(site.connect_argv("alice", site.keys.alice, "gpu-cluster", "--no-fast-path",
+                                 "-v"), input=payload, timeout=60)
+    assert out.stdout.startswith(b"SSH-2.0-"), out
+    said = [line for line in out.stderr.decode().splitlines()
+            if "fast path unavailable for gpu-cluster:22" in line]
+    assert len(said) == 1, out.stderr
+    assert site.fast()["tokens_issued"]["user"] == 0 and site.fast()["paired"] == 0
+
+
 @pytest.mark.parametrize("site", ["idle_timeout = 2\n"], indirect=True)
 def test_idle_timeout_closes_a_quiet_spliced_session_not_a_busy_one(site: Site) -> None:
     """relay.md: ``idle_timeout``, "seconds without traffic before a session is
