@@ -90,9 +90,11 @@ class Site:
 
 
 @pytest.fixture
-def site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
-         start_agent: Callable[..., AgentProcess], sshd_factory: Callable[[str], Sshd],
-         targets: Targets, tmp_path: Path) -> Iterator[Site]:
+def site(request: pytest.FixtureRequest, keys: Keys, client_key: KeyPair,
+         start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+         sshd_factory: Callable[[str], Sshd], targets: Targets,
+         tmp_path: Path) -> Iterator[Site]:
+    """(``indirect`` parameter: more ``[relay]`` lines.)"""
     k = keys
     gpu = sshd_factory("gpu_cluster")
     web = targets.echo(greeting=b"web\n")
@@ -105,7 +107,8 @@ def site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
         # purpose, which would get it penalised (relay.core.admission); the penalties have
         # their own tests in tests/security/test_admission.py.
         relay_toml='data_port = 0\ne2e_services = ["gpu-cluster:22"]\ntoken_lifetime = 4\n'
-                   'data_hello_timeout = 1\npublic_wait = 3\npenalty_exempt = ["127.0.0.1"]\n')
+                   'data_hello_timeout = 1\npublic_wait = 3\npenalty_exempt = ["127.0.0.1"]\n'
+                   + getattr(request, "param", ""))
     data_port = relay.wait_for("relay_data_port", since=0)["port"]
     relay.trust(known_hosts_line(gpu.host_key.public_blob(), 22, host="gpu-cluster"))
     agent = start_agent(
@@ -470,3 +473,73 @@ def test_a_burst_of_sessions_outgrows_the_pool(site: Site) -> None:
     assert fast["paired"] == 9 and fast["pair_failed"] == 0, fast
     assert (site.tmp / "connect.err").read_text() == ""
     wait_until(lambda: site.pool()["idle"] == 4, "the pool to be full again")
+
+
+def test_no_fast_path_takes_the_channel_without_a_word_unless_verbose(site: Site) -> None:
+    """fastpath.md, Fallback: ``labrelay connect`` says once that it falls back, but
+    "with ``--no-fast-path``, which asked for the channel, only with ``-v``" (a
+    ProxyCommand's stderr is the user's terminal).  alice to gpu-cluster, an e2e
+    service: no line, no ticket, the bytes exact; with ``-v``, the line (round 20's
+    audit: untested)."""
+    payload = b"SSH-2.0-probe\r\n"  # the target sshd answers with its own version line
+    out = _run(site.connect_argv("alice", site.keys.alice, "gpu-cluster", "--no-fast-path"),
+               input=payload, timeout=60)
+    assert out.stdout.startswith(b"SSH-2.0-"), out
+    assert "fast path" not in out.stderr.decode(), out.stderr
+    assert site.fast()["tokens_issued"]["user"] == 0 and site.fast()["paired"] == 0
+    out = _run(site.connect_argv("alice", site.keys.alice, "gpu-cluster", "--no-fast-path",
+                                 "-v"), input=payload, timeout=60)
+    assert out.stdout.startswith(b"SSH-2.0-"), out
+    said = [line for line in out.stderr.decode().splitlines()
+            if "fast path unavailable for gpu-cluster:22" in line]
+    assert len(said) == 1, out.stderr
+    assert site.fast()["tokens_issued"]["user"] == 0 and site.fast()["paired"] == 0
+
+
+@pytest.mark.parametrize("site", ["idle_timeout = 2\n"], indirect=True)
+def test_idle_timeout_closes_a_quiet_spliced_session_not_a_busy_one(site: Site) -> None:
+    """relay.md: ``idle_timeout``, "seconds without traffic before a session is
+    closed".  A fast-path session's bytes move in the kernel (splice), never through
+    the relay's Python side: the sweep must read the pair's counts, or a busy session
+    would be closed as idle.  With ``idle_timeout = 2`` a quiet fast-path ``ssh … sleep``
+    is closed (``relay_session_idle``) and an upload beside it runs on (round 20's
+    audit: the sweep was tested with fake bridges only)."""
+    cfg = site.ssh_config()
+    ssh = find_program("ssh") or "ssh"
+    zero = open("/dev/zero", "rb")
+    bulk = subprocess.Popen([ssh, "-F", str(cfg), "gpu-cluster", "cat >/dev/null"],
+                            stdin=zero, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, **child_env()})
+    zero.close()
+    quiet = None
+    try:
+        def spliced() -> list[dict[str, Any]]:
+            return [s for s in site.relay.status()["relay"]["sessions"]
+                    if s["path"] == "spliced"]
+
+        def moved() -> int:  # the agent's splice count, not the relay's session table
+            return int(site.agent_status()["datapath"].get("bytes", 0))
+
+        wait_until(lambda: moved() > 16 * MiB, "the upload to be spliced", timeout=60)
+        mark = site.relay.mark()
+        quiet = subprocess.Popen([ssh, "-F", str(cfg), "-o", "ServerAliveInterval=0",
+                                  "gpu-cluster", "sleep 60"], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 env={**os.environ, **child_env()})
+        idle = site.relay.wait_for("relay_session_idle", timeout=30, since=mark)
+        assert idle["service"] == "gpu-cluster:22", idle
+        assert quiet.wait(timeout=30) != 0  # closed under it
+        # three more sweeps past the timeout while the upload moves
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            assert bulk.poll() is None, "the busy spliced session was closed"
+            last = moved()
+            wait_until(lambda last=last: moved() > last, "bytes", timeout=5)
+        assert len(site.relay.events("relay_session_idle", since=mark)) == 1
+        assert len(spliced()) == 1
+    finally:
+        for p in (quiet, bulk):
+            if p is not None:
+                if p.poll() is None:
+                    p.kill()
+                p.wait(timeout=10)

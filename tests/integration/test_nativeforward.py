@@ -176,3 +176,44 @@ def test_keepalives_mid_bulk_hand_back_and_rearm_byte_exact(site: Site) -> None:
     assert yields >= 1 and runs >= 2, fast
     assert fast["native_bytes"] - start["native_bytes"] > len(piece), fast
     assert fast["native_sealed"] - start["native_sealed"] > 2 * len(piece), fast
+
+
+@pytest.mark.parametrize("site", [{"idle_timeout": 2}], indirect=True)
+def test_idle_timeout_closes_a_quiet_session_not_one_the_thread_carries(
+        site: Site) -> None:  # noqa: F811
+    """relay.md: ``idle_timeout``, "seconds without traffic before a session is
+    closed".  The sweep reads each session's byte counts; a pooled session's bulk is
+    moved by the native thread, not by the relay's Python side, so its counts must
+    move too or a busy session would be closed as idle.  With ``idle_timeout = 2``
+    (a sweep each second): a quiet ``ssh -J … sleep`` is closed
+    (``relay_session_idle``), the bulk upload beside it runs on (round 20's audit:
+    the sweep was tested with fake bridges only)."""
+    ssh = find_program("ssh") or "ssh"
+    proc = _bulk_jump(site)
+    mark = site.relay.mark()
+    quiet = subprocess.Popen([ssh, "-F", str(site.config()), "-o", "ServerAliveInterval=0",
+                              "-J", site.jump, "gpu-cluster", "sleep 60"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    try:
+        idle = site.relay.wait_for("relay_session_idle", timeout=30, since=mark)
+        assert idle["service"] == "gpu-cluster:22", idle
+        assert quiet.wait(timeout=30) != 0  # its session was closed under it
+        moved = site.fast()["native_bytes"]
+        wait_until(lambda: site.fast()["native_bytes"] - moved > 16 * MiB,
+                   "the upload to go on", timeout=30)
+        before = len(site.relay.events("relay_session_idle", since=mark))
+        # three more sweeps past the timeout while the upload moves
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the busy session was closed"
+            wait_until(lambda last=moved: site.fast()["native_bytes"] > last, "bytes",
+                       timeout=5)
+            moved = site.fast()["native_bytes"]
+        assert len(site.relay.events("relay_session_idle", since=mark)) == before == 1
+        assert [s["path"] for s in site.sessions()] == ["pooled"]
+    finally:
+        for p in (quiet, proc):
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)

@@ -416,3 +416,50 @@ def test_a_part_a_reload_adds_that_cannot_run_is_logged_and_the_node_runs_on(
     config.write_text(f'[admin]\nlisten = "127.0.0.1:{admin}"\n\n{hop}')
     out = labrelay("reload", "--config", str(config))
     assert out.returncode == 0 and out.stdout == "forward second: stopped\n", out
+
+
+def test_a_restart_only_key_changed_by_a_reload_is_said_and_the_running_value_stays(
+    start_process: Callable[..., AgentProcess], tmp_path: Path,
+) -> None:
+    """operations.md's reload table: a changed restart-only key (here
+    ``per_source_max_unauthenticated``, 10 → 2) is "**not applied**: logged as
+    ``reload_needs_restart`` (the running value stays)", while a live key changed with
+    it (``public_wait``) is applied; ``labrelay reload`` says which and exits 0.  The
+    running value is checked by what it does: four connections from one source still
+    each get the relay's version line, where a cap of 2 closes the third at accept.
+    (Round 20's audit: only the diff was unit-tested; the event, the CLI's words and
+    the running relay were not.)"""
+    from conftest import relay_command
+
+    directory = tmp_path / "relay"
+    directory.mkdir()
+    admin_port = free_port()
+    config = directory / "node.toml"
+    alice = make_key(tmp_path / "keys" / "alice", "alice")
+    good = relay_toml(admin_port, directory / "state", principal("user", "alice", alice,
+                                                                  "web:8080"))
+    config.write_text(good)
+    relay = RelayNode(start_process(relay_command("--config", str(config)), name="relay"),
+                      directory, admin_port)
+    relay.wait_for("admin_listening", since=0)
+
+    config.write_text(good.replace("public_wait = 5",
+                                   "public_wait = 6\nper_source_max_unauthenticated = 2"))
+    mark = relay.mark()
+    out = labrelay("reload", "--config", str(config))
+    assert out.returncode == 0, out
+    assert ("relay.per_source_max_unauthenticated: not changed until a restart (bound when "
+            "the relay starts)") in out.stdout, out.stdout
+    said = relay.wait_for("reload_needs_restart", since=mark)
+    assert said["keypath"] == "relay.per_source_max_unauthenticated", said
+    done = relay.wait_for("reload_done", since=mark)
+    assert any("public_wait" in change for change in done["changes"]), done
+
+    held = [socket.create_connection(("127.0.0.1", relay.port), timeout=10) for _ in range(4)]
+    try:
+        for sock in held:
+            assert sock.recv(64).startswith(b"SSH-2.0-labrelay"), "closed at accept"
+        assert relay.status()["relay"]["admission"]["per_source_max_unauthenticated"] == 10
+    finally:
+        for sock in held:
+            sock.close()

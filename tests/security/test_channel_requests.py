@@ -204,3 +204,38 @@ def test_channels_closed_in_every_state_leave_no_session_behind(
     assert [e for e in relay.events(since=mark)
             if e["level"] in ("warn", "error", "critical")] == []
     assert _echo(bob, b"bob") == b"bob"
+
+
+def test_a_direct_tcpip_originator_is_kept_to_255_characters(
+    start_relay: Callable[..., RelayNode], start_agent: Callable[..., AgentProcess],
+    targets: Targets, tmp_path: Path,
+) -> None:
+    """docs/security.md, "Logs": the relay keeps at most 255 characters of a
+    ``direct-tcpip`` originator (the client's claim, kept per session, shown by
+    ``labrelay status`` and passed to the agent).  alice claims a 30 000-character
+    originator on each of 16 open channels: each session keeps 255 of it, and her
+    channels echo (round 20's audit: the limit was in no test)."""
+    relay, keys = _world(start_relay, start_agent, targets, tmp_path)
+    alice = _login(relay, keys["alice"], "alice")
+    claim = "o" * 30_000
+    channels = []
+    for _ in range(16):
+        ch = alice.open_channel("direct-tcpip", ("web", 8080), (claim, 4242), timeout=20)
+        ch.settimeout(20)
+        ch.sendall(b"ping")
+        got = b""
+        while len(got) < 4:
+            got += ch.recv(4 - len(got))
+        assert got == b"ping"
+        channels.append(ch)
+
+    def alices() -> list[dict]:
+        return [s for s in relay.status()["relay"]["sessions"] if s["user"] == "alice"]
+
+    wait_until(lambda: len(alices()) == 16, "alice's 16 sessions in the status")
+    sessions = alices()
+    for session in sessions:
+        assert session["origin"] == "o" * 255 + ":4242", len(session["origin"])
+    for ch in channels:
+        ch.close()
+    alice.close()

@@ -1,19 +1,26 @@
 """Promises of the docs and the help text that code can check directly: the options a
 command says it takes are the ones it takes, and the operator's table of what a reload
-applies names exactly the keys the reload keeps until a restart.  (The promises that
+applies names exactly the keys the reload keeps until a restart; the defaults the
+settings tables state are the loader's; the metrics table names exactly the families
+served, with their labels.  (The promises that
 need a running relay are in the table "Promises and their tests" of docs/config.md.)
 """
 
 from __future__ import annotations
 
 import re
+import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.internet.testing import MemoryReactorClock
 
 from relay.cli.main import build_parser
 from relay.config import diff
-from relay.config.schema import RelayConfig
+from relay.config.loader import parse_config
+from relay.config.schema import HostPort, RelayConfig
 from relay.config.transport import OPTION_KEYS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -121,3 +128,252 @@ def test_the_defaults_security_and_resilience_state_are_the_relays(
     by (a cap, a timeout): the relay's and the page's must not drift apart."""
     assert words in " ".join((DOCS / doc).read_text().split()), (doc, words)
     assert getattr(RelayConfig(), field) == value, field
+
+
+
+# -- the defaults the settings tables state ---------------------------------------------
+#
+# relay.md's ``[relay]``, ``[relay.penalties]`` and ``[relay.crowding]`` tables and
+# config.md's ``[admin]``, ``[[link]]`` and ``[relay]`` tables give a default for each
+# key: an operator sizes by them and leaves the key out.  Each row whose default is a
+# TOML value (or "none"/"unset") is checked against what the loader gives a file that
+# leaves the key out.  (Round 20's audit: ten of them were checked, by hand, above.)
+
+_NODE = parse_config('[relay]\n[admin]\n[[link]]\nhost = "h"\n', "t.toml", base_dir=Path("/"))
+_TLS = parse_config('[relay]\ntls_cert = "c.pem"\ntls_key = "k.pem"\n', "t.toml",
+                    base_dir=Path("/")).relay.tls  # type: ignore[union-attr]
+# keys whose schema field has another name, or lives in a nested value
+_FIELD: dict[str, Callable[[Any], object]] = {
+    "keepalive_interval": lambda c: c.keepalive.interval,
+    "keepalive_count": lambda c: c.keepalive.count_max,
+    "backoff_initial": lambda c: c.backoff.initial,
+    "backoff_max": lambda c: c.backoff.maximum,
+    "backoff_factor": lambda c: c.backoff.factor,
+    "backoff_jitter": lambda c: c.backoff.jitter,
+    "transport": lambda c: c.transport.mode,
+    "tls_port": lambda c: c.transport.tls_port,
+    "strict_host_key_checking": lambda c: "accept-new" if c.host_key.accept_new else "yes",
+    "identity": lambda c: c.identities,
+    "host_key": lambda c: c.host_key.fingerprint,
+    "proxy": lambda c: c.transport.proxy,
+    "tls_pin": lambda c: c.transport.pin,
+    "tls_cert": lambda c: c.tls,  # none: no TLS port at all
+    # the TLS port's keys, once tls_cert is set (_TLS)
+    "tls_listen": lambda c: _TLS.listen,
+    "tls_handshake_timeout": lambda c: _TLS.handshake_timeout,
+}
+_HOLDERS: dict[str, Any] = {
+    "relay": _NODE.relay, "admin": _NODE.admin, "link": _NODE.links[0],
+    "relay.penalties": _NODE.relay.penalties if _NODE.relay else None,
+    "relay.crowding": _NODE.relay.crowding if _NODE.relay else None,
+}
+
+
+def _section_of(doc: str, heading: str, intro: str) -> str | None:
+    """Which section a settings table documents, from the heading above it and the
+    paragraph just before it (relay.md's penalties and crowding tables follow theirs)."""
+    for name in ("relay.penalties", "relay.crowding"):
+        if intro.startswith(f"`[{name}]`"):
+            return name
+    if doc == "relay.md":
+        return "relay"
+    for marker, section in (("`[admin]`", "admin"), ("`[[link]]`", "link"),
+                            ("`[relay]`", "relay")):
+        if marker in heading:
+            return section
+    return None  # config.md's forward tables: no defaults the loader fills
+
+
+def _stated(cell: str) -> tuple[bool, object]:
+    """(checkable, value) of a default cell: a backticked TOML value, maybe followed by
+    words in parentheses ("`2097152` (2 MiB)"), or none/unset."""
+    if cell in ("none", "unset") or cell.startswith(("none (no ", "none: ")):
+        return True, None
+    found = re.fullmatch(r"`([^`]+)`(?: \(.*\))?", cell)
+    if found is None:
+        return False, None
+    try:
+        return True, tomllib.loads(f"v = {found.group(1)}")["v"]
+    except tomllib.TOMLDecodeError:
+        return False, None
+
+
+def _default_rows() -> list[tuple[str, str, object]]:
+    """(doc:line, section.key, stated default) of every checkable row."""
+    rows = []
+    for doc, header, default_col in [("relay.md", "| key | default | meaning |", 1),
+                                     ("config.md", "| key | type | default | valid | example |",
+                                      2)]:
+        heading = intro = previous = ""
+        section: str | None = None
+        for number, line in enumerate((DOCS / doc).read_text().splitlines(), 1):
+            previous, blank_before = line, not previous.strip()
+            if line.startswith("#"):
+                heading = line
+            elif line.strip() == header:
+                section = _section_of(doc, heading, intro)
+            elif line.startswith("|") and section is not None:
+                if line.startswith("|---"):
+                    continue
+                cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+                key = cells[0].strip("`")
+                checkable, stated = _stated(cells[default_col])
+                if re.fullmatch(r"[a-z_0-9]+", key) and checkable:
+                    rows.append((f"{doc}:{number}", f"{section}.{key}", stated))
+            elif not line.startswith("|"):
+                section = None
+                if line.strip() and blank_before:
+                    intro = line  # a paragraph's first line
+    return rows
+
+
+def _loaded(section_key: str) -> object:
+    section, _, key = section_key.rpartition(".")
+    holder = _HOLDERS[section]
+    value = _FIELD[key](holder) if key in _FIELD else getattr(holder, key)
+    if isinstance(value, (tuple, list)):
+        return [str(v) for v in value] or None  # an empty list: "none" and `[]` alike
+    if isinstance(value, (HostPort, Path)):
+        return str(value)
+    return value
+
+
+DEFAULT_ROWS = _default_rows()
+
+
+def test_the_settings_tables_are_read() -> None:
+    """The parse above finds the tables (a reworded header must not make the check
+    below vacuous): every [relay], penalties, crowding, admin and link table."""
+    sections = {key.rpartition(".")[0] for _, key, _ in DEFAULT_ROWS}
+    assert sections == {"relay", "relay.penalties", "relay.crowding", "admin", "link"}, sections
+    assert len(DEFAULT_ROWS) >= 80, len(DEFAULT_ROWS)
+
+
+@pytest.mark.parametrize(("where", "key", "stated"), DEFAULT_ROWS,
+                         ids=[f"{key}@{where}" for where, key, _ in DEFAULT_ROWS])
+def test_a_stated_default_is_the_loaders(where: str, key: str, stated: object) -> None:
+    assert _loaded(key) == (stated or None if stated == [] else stated), (where, key)
+
+
+
+# -- the metrics table --------------------------------------------------------------------
+
+
+def _documented_families() -> list[tuple[list[str], set[str] | None, bool]]:
+    """operations.md's metrics table, row by row: the readings of each family name it
+    gives (``…_x`` after ``labrelay_relay_fast_paired_total`` may be
+    ``labrelay_relay_fast_x`` or ``labrelay_relay_x``: every shorter prefix of the row's
+    first name), the labels its label column names (None where it is prose), and whether
+    the row joins families of different kinds with ``;`` (the labels then are the last
+    one's)."""
+    text = (DOCS / "operations.md").read_text()
+    section = text[text.index("### Metrics"):text.index("## Exit status")]
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        names_cell, _kind, labels_cell = [c.strip() for c in
+                                          line.strip().strip("|").split(" | ")][:3]
+        names = re.findall(r"`([a-z_*…]+)`", names_cell)
+        while "(" in labels_cell:  # values in parentheses, not labels
+            labels_cell = re.sub(r"\([^()]*\)", "", labels_cell)
+        labels = None
+        if labels_cell.startswith("`") or not labels_cell:
+            labels = set(re.findall(r"`([a-z_]+)`", re.split(r"[:;]", labels_cell)[0]))
+        words = names[0].split("_")
+        for name in names:
+            if name.startswith("…_"):
+                readings = ["_".join(words[:n]) + name[1:] for n in range(len(words) - 1, 1, -1)]
+            else:
+                readings = [name]
+            rows.append(([r.removesuffix("_total") for r in readings], labels, ";" in names_cell))
+    return rows
+
+
+def _exposed(tmp_path: Path) -> dict[str, tuple[str, ...]]:
+    """Every family a node with a relay (data port on), a link with a forward and a plain
+    hop exposes at /metrics (the collector the admin endpoint serves; nothing started),
+    with its label names."""
+    import os
+
+    from relay.ops.metrics import MetricsRegistry
+    from relay.ops.service import make_node_service
+    from relay.testing import new_key
+
+    key = tmp_path / "id"
+    key.write_bytes(new_key().key.toString("OPENSSH"))
+    os.chmod(key, 0o600)
+    (tmp_path / "known_hosts").write_text("")
+    text = f"""
+[relay]
+listen = "127.0.0.1:0"
+state_dir = "{tmp_path}/state"
+data_port = 0
+[[link]]
+host = "relay.example.org"
+identity = "{key}"
+known_hosts = "{tmp_path}/known_hosts"
+[[link.remote]]
+listen = "2201"
+connect = "gpu:22"
+[[forward]]
+listen = "127.0.0.1:0"
+connect = "127.0.0.1:9"
+"""
+    config = parse_config(text, str(tmp_path / "node.toml"), base_dir=tmp_path)
+    node = make_node_service(config, MemoryReactorClock(), load=lambda: config)
+    registry = MetricsRegistry(node.status).registry
+    return {family.name: tuple(getattr(family, "_labelnames", ()))
+            for family in registry.collect()}
+
+
+def test_every_family_the_metrics_table_names_is_exposed_with_its_labels(
+        tmp_path: Path) -> None:
+    """An operator writes alerts and dashboards from operations.md's table: each family
+    it names must be served, with the labels it names (a renamed family or label breaks
+    every alert on it, silently).  Round 20's audit: 30 of the 50 names were in no test."""
+    exposed = _exposed(tmp_path)
+    rows = _documented_families()
+    assert len(rows) >= 50, len(rows)
+    for readings, labels, joined in rows:
+        if readings == ["process_*"]:
+            assert any(name.startswith("process_") for name in exposed)
+            continue
+        found = [r for r in readings if r in exposed]
+        assert len(found) == 1, (readings, found)
+        have = set(exposed[found[0]])
+        if labels is not None and found[0].startswith("labrelay_"):  # not the library's
+            assert have == labels or (joined and not have), (found[0], have, labels)
+
+
+def test_every_exposed_family_is_in_the_metrics_table(tmp_path: Path) -> None:
+    """The other way round: a family served but not in the table is one an operator
+    cannot know of (or one left behind by a rename)."""
+    documented = {r for readings, _, _ in _documented_families() for r in readings}
+    missing = {name for name in _exposed(tmp_path)
+               if name not in documented and not name.startswith("process_")}
+    assert not missing, sorted(missing)
+
+
+# -- the event tables ---------------------------------------------------------------------
+
+RELAY_SOURCES = Path(__file__).resolve().parents[2] / "relay"
+
+
+def test_every_event_the_log_tables_name_is_logged_by_the_code() -> None:
+    """operations.md's event tables (the agent's and the relay's, under "Logs") are
+    what an operator greps and alerts on: an event renamed in the code and not in the
+    table leaves a silent alert.  Each name in the first column must be an
+    ``event="…"`` somewhere in relay/ (the tests that assert each event's moment are
+    the features' own).  Round 20's audit checked this by hand; all 60 rows held."""
+    text = (DOCS / "operations.md").read_text()
+    section = text[text.index("\n## Logs"):text.index("\n### Audit log")]
+    named = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            named |= set(re.findall(r"`([a-z_]+)`", line.split(" | ")[0]))
+    assert len(named) >= 60, len(named)
+    logged = set()
+    for source in RELAY_SOURCES.rglob("*.py"):
+        logged |= set(re.findall(r'event="([a-z_]+)"', source.read_text()))
+    assert named - logged == set(), sorted(named - logged)
