@@ -311,16 +311,35 @@ def _paramiko_login(port: int, key: KeyPair, user: str = "mallory") -> str:
         sock.close()
 
 
-def test_repeated_auth_failures_penalise_the_source_only(site: Site) -> None:
+# The default penalties (authfail 5 s, protocol 10 s, refused past 15 s) scaled by 12
+# for the tests that count offences up to a refusal: a source's penalty runs down in
+# real time, so with the defaults the fifth login is refused only if the first four
+# took under 5 s, which a loaded box (two test workers beside other work: four paramiko
+# handshakes of ~1.5 s each) does not keep.  Scaled, the same steps have a minute.
+_SCALED_PENALTIES = "[relay.penalties]\nauthfail = 60\nprotocol = 120\nmin = 180\n"
+
+
+@pytest.fixture
+def scaled_site(keys: Keys, client_key: KeyPair, start_relay: Callable[..., RelayNode],
+                start_agent: Callable[..., AgentProcess],
+                sshd_factory: Callable[[str], Sshd], targets: Targets,
+                tmp_path: Path) -> Iterator[Site]:
+    yield _site(keys, client_key, start_relay, start_agent, sshd_factory, tmp_path,
+                relay_toml=_SCALED_PENALTIES)
+
+
+def test_repeated_auth_failures_penalise_the_source_only(scaled_site: Site) -> None:
     """paramiko with a key the relay does not know, from 127.0.0.2: each failed login
-    costs 5 s (``authfail``); past 15 s the source is refused at accept, on both ports;
-    alice from 127.0.0.1 logs in and takes the fast path meanwhile."""
+    costs ``authfail`` (60 s here, the default 5 s × 12); past ``min`` (180 s, 15 s × 12)
+    the source is refused at accept, on both ports; alice from 127.0.0.1 logs in and
+    takes the fast path meanwhile."""
+    site = scaled_site
     outcomes = []
     for i in range(6):
         outcomes.append(_paramiko_login(site.relay.port, site.keys.mallory))
         if outcomes[-1] == "auth-failed":  # the relay counts it when the connection ends
             wait_until(_counted(site, "authfail", i + 1), "the failure to be counted")
-    assert outcomes[:4] == ["auth-failed"] * 4, outcomes  # 5+5+5+5 = 20 s > min 15 s
+    assert outcomes[:4] == ["auth-failed"] * 4, outcomes  # 4 × 60 = 240 s > min 180 s
     assert outcomes[4:] == ["refused-at-accept"] * 2, outcomes
     event = site.relay.wait_for("relay_source_penalised", since=0, source=f"{ATTACKER}/32")
     assert event["offence"] == "authfail"
@@ -341,14 +360,16 @@ def test_repeated_auth_failures_penalise_the_source_only(site: Site) -> None:
           f"alice fast path {fast:.2f}s, -J {jump:.2f}s")
 
 
-def test_garbage_instead_of_a_version_line_is_a_protocol_offence(site: Site) -> None:
+def test_garbage_instead_of_a_version_line_is_a_protocol_offence(scaled_site: Site) -> None:
     """8 KB of bytes that are not an SSH version line, from 127.0.0.2: a version line
     that never ends (dropped at Conch's 4 KiB limit) and an HTTP request with a long
-    header (refused at its first byte); each costs the source 10 s (``protocol``, as a
-    bad version line should), so the third connection is refused at accept.  Before:
+    header (refused at its first byte); each costs the source ``protocol`` (10 s by
+    default, 120 s here), as a bad version line should, so the third connection is
+    refused at accept (past ``min``, 180 s here).  Before:
     Conch's disconnect for the 4 KiB limit (CONNECTION_LOST) counted as ``noauth``, 1 s,
     and the source could send 15 such blobs in a burst unrefused.  alice logs in
     meanwhile."""
+    site = scaled_site
     for i, (blob, said) in enumerate([
             (b"SSH-2.0-" + b"A" * 8000, b"longer than 4KB"),
             (b"GET / HTTP/1.1\r\nX-Junk: " + b"A" * 8000, b"not an SSH version line")]):
@@ -376,13 +397,15 @@ def test_garbage_instead_of_a_version_line_is_a_protocol_offence(site: Site) -> 
           f"alice -J {jump:.2f}s")
 
 
-def test_a_line_before_the_version_line_is_refused_at_once(site: Site) -> None:
+def test_a_line_before_the_version_line_is_refused_at_once(scaled_site: Site) -> None:
     """A short HTTP request (``GET / HTTP/1.1``, then nothing) from 127.0.0.2: refused
     at once, as sshd refuses a client's line that is not its version line, and a
-    ``protocol`` offence (10 s).  Before: Conch's server skipped the line and held the
-    connection, one of the source's 10 unauthenticated places, until ``login_grace``
+    ``protocol`` offence (10 s by default, 120 s here).  Before: Conch's server
+    skipped the line and held the connection, one of the source's 10 unauthenticated
+    places, until ``login_grace``
     (30 s, then ``grace_exceeded``).  Stock ssh (alice, ``-J``) logs in meanwhile; the
     interop matrix (tests/security/test_interop.py) covers the other clients."""
+    site = scaled_site
     took = []
     for i in range(2):
         s = _dial(site.relay.port)
@@ -404,7 +427,7 @@ def test_a_line_before_the_version_line_is_refused_at_once(site: Site) -> None:
     assert max(took) < 5, took  # before: held for login_grace (30 s)
     penalties = site.admission()["penalties"]
     assert penalties["grace-exceeded"] == penalties["noauth"] == 0, penalties
-    refused_in = _refused_at_accept(site.relay.port)  # 20 s of penalty > min 15 s
+    refused_in = _refused_at_accept(site.relay.port)  # 2 × 120 s > min 180 s
     jump = site.alice("gpu-jump")
     event = site.relay.wait_for("ssh_transport_error", since=0,
                                 why="not an SSH version line: an HTTP request")
