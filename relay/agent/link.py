@@ -207,7 +207,8 @@ class Link(MultiService):
         self.local = [LocalForwardListener(self, fwd) for fwd in config.local]
         # The agent's own cap on the sessions the relay opens, channels and fast-path
         # dispatches together (docs/security.md, "The agent against a relay it trusted").
-        self.sessions = SessionCap(config.max_sessions, config.max_connecting)
+        self.sessions = SessionCap(config.max_sessions, config.max_connecting,
+                                   config.max_sessions_per_target)
         self._capRefusals = BurstLog(reactor, SESSION_CAP_WINDOW, self._capRefused,
                                      self._moreCapRefused)
         # Failed connects, one burst log per (forward, target): keys are the link's
@@ -476,11 +477,14 @@ class Link(MultiService):
     def reconfigure(self, config: LinkConfig) -> None:
         """A reload changed only live settings (relay.config.diff.LINK_LIVE)."""
         self.config = config
-        self.sessions.reconfigure(config.max_sessions, config.max_connecting)
+        self.sessions.reconfigure(config.max_sessions, config.max_connecting,
+                                  config.max_sessions_per_target)
         self.log.info(
-            "link {link}: max_sessions = {max_sessions}, max_connecting = {max_connecting} "
-            "(sessions open now: {open})", event="link_reconfigured", link=self.name,
+            "link {link}: max_sessions = {max_sessions}, max_sessions_per_target = "
+            "{max_sessions_per_target}, max_connecting = {max_connecting} (sessions open "
+            "now: {open})", event="link_reconfigured", link=self.name,
             max_sessions=config.max_sessions, max_connecting=config.max_connecting,
+            max_sessions_per_target=config.max_sessions_per_target,
             open=self.sessions.open,
         )
 
