@@ -87,3 +87,23 @@ def test_the_per_target_default_leaves_a_host_half_its_descriptors() -> None:
     assert LinkConfig.max_sessions_per_target == 512
     assert 30 * (6 + 5) < LinkConfig.max_sessions_per_target <= 1024 // 2
     assert SessionCap().max_sessions_per_target == LinkConfig.max_sessions_per_target
+
+
+def test_labrelay_status_says_the_caps_and_the_sessions_per_target() -> None:
+    """``labrelay status`` (its text, not only status.json) shows each link's sessions,
+    its caps and the refusals, and the sessions open per target."""
+    from relay.ops.status import format_status
+
+    cap = SessionCap(max_sessions=100, max_connecting=8, max_sessions_per_target=2)
+    held = [cap.admit("R:gpu:22"), cap.admit("R:gpu:22"), cap.admit("R:web:8080")]
+    assert isinstance(cap.admit("R:gpu:22"), str)
+    for slot in held:
+        assert isinstance(slot, SessionSlot)
+        slot.connected()
+    link = {"name": "cloud", "server": "relay.example.org:22", "state": "ready",
+            "since": 0.0, "reconnects": 0, "last_error": None, "forwards": [],
+            **cap.status()}
+    text = format_status({"version": "x", "pid": 1, "links": [link]}, now=0.0)
+    assert ("link cloud sessions: 3 open (0 connecting); max_sessions 100, "
+            "max_sessions_per_target 2, max_connecting 8; refused over them 1; open per "
+            "target: R:gpu:22 2, R:web:8080 1") in text, text
