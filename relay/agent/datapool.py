@@ -168,6 +168,9 @@ class PoolOwner(LinkBasics, TypingProtocol):
     def admitSession(self, forward: str) -> SessionSlot | str:
         """A place for one more session in the link's cap, or why not."""
 
+    def targetUnreachable(self, forward: str, target: str, reason: str) -> None:
+        """A connect to ``forward``'s target failed: logged once per burst."""
+
 
 class DataPool:
     """A link's pool of idle data connections to its relay's data port."""
@@ -492,10 +495,7 @@ class DataPool:
 
         def failed(f: Failure) -> None:
             slot.release()
-            self._log.warn("forward {forward}: cannot reach {target}: {reason}",
-                           event="target_unreachable", link=self.link.name,
-                           forward=forward.name, target=str(target),
-                           reason=f.getErrorMessage())
+            self.link.targetUnreachable(forward.name, str(target), f.getErrorMessage())
             self._fail(pc, name, port, f"connect to {target} failed: {f.getErrorMessage()}")
 
         d.addCallbacks(connected, failed)

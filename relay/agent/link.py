@@ -68,6 +68,13 @@ the first, then one count line per this many seconds while they go on: only a re
 that opens more than a lab uses (confused, or taken over) reaches the cap, and it could
 do so in a loop."""
 
+UNREACHABLE_WINDOW = 10.0
+"""Connects to a forward's target that failed (``target_unreachable``) are logged one
+line at the first of a burst, with its reason, then one count line per this many
+seconds while they go on, per forward's target: a relay taken over (or a busy lab
+whose host died) opening sessions to a dead target made one warning per connect,
+about 13 a second at the default ``max_connecting`` (round 19's red team)."""
+
 
 class LinkState(StrEnum):
     """A link as ``status`` shows it: trying to connect (after a backoff delay or
@@ -200,9 +207,13 @@ class Link(MultiService):
         self.local = [LocalForwardListener(self, fwd) for fwd in config.local]
         # The agent's own cap on the sessions the relay opens, channels and fast-path
         # dispatches together (docs/security.md, "The agent against a relay it trusted").
-        self.sessions = SessionCap(config.max_sessions, config.max_connecting)
+        self.sessions = SessionCap(config.max_sessions, config.max_connecting,
+                                   config.max_sessions_per_target)
         self._capRefusals = BurstLog(reactor, SESSION_CAP_WINDOW, self._capRefused,
                                      self._moreCapRefused)
+        # Failed connects, one burst log per (forward, target): keys are the link's
+        # own forward names and targets, never a peer's string.
+        self._unreachable: dict[tuple[str, str], BurstLog] = {}
         self.pool = DataPool(self, config.fast_path_pool)
         # Sessions held across a broken link to a labrelay relay (docs/resilience.md).
         self.resume: ResumableSessions | None = ResumableSessions(
@@ -438,14 +449,42 @@ class Link(MultiService):
             window=SESSION_CAP_WINDOW,
         )
 
+    def targetUnreachable(self, forward: str, target: str, reason: str) -> None:
+        """A connect to ``forward``'s ``target`` failed (for a channel or a fast-path
+        dispatch): logged once per burst per target (:data:`UNREACHABLE_WINDOW`), the
+        first with its reason, then how many more and the last reason."""
+        key = (forward, target)
+        burst = self._unreachable.get(key)
+        if burst is None:
+            def first(why: str) -> None:
+                self.log.warn(
+                    "forward {forward}: cannot reach {target}: {reason} (more failures "
+                    "to it are counted, not logged one by one, for {window:.0f}s)",
+                    event="target_unreachable", link=self.name, forward=forward,
+                    target=target, reason=why, count=1, window=UNREACHABLE_WINDOW)
+
+            def more(count: int, last: str) -> None:
+                self.log.warn(
+                    "forward {forward}: {count} more connects to {target} failed in the "
+                    "last {window:.0f}s (the last: {reason})",
+                    event="target_unreachable", link=self.name, forward=forward,
+                    target=target, reason=last, count=count, window=UNREACHABLE_WINDOW)
+
+            burst = self._unreachable[key] = BurstLog(self.clock, UNREACHABLE_WINDOW,
+                                                      first, more)
+        burst.failed(reason)
+
     def reconfigure(self, config: LinkConfig) -> None:
         """A reload changed only live settings (relay.config.diff.LINK_LIVE)."""
         self.config = config
-        self.sessions.reconfigure(config.max_sessions, config.max_connecting)
+        self.sessions.reconfigure(config.max_sessions, config.max_connecting,
+                                  config.max_sessions_per_target)
         self.log.info(
-            "link {link}: max_sessions = {max_sessions}, max_connecting = {max_connecting} "
-            "(sessions open now: {open})", event="link_reconfigured", link=self.name,
+            "link {link}: max_sessions = {max_sessions}, max_sessions_per_target = "
+            "{max_sessions_per_target}, max_connecting = {max_connecting} (sessions open "
+            "now: {open})", event="link_reconfigured", link=self.name,
             max_sessions=config.max_sessions, max_connecting=config.max_connecting,
+            max_sessions_per_target=config.max_sessions_per_target,
             open=self.sessions.open,
         )
 
@@ -552,6 +591,8 @@ class Link(MultiService):
         self.pool.stop()
         self._unheldRevokes.stop()
         self._capRefusals.stop()
+        for burst in self._unreachable.values():
+            burst.stop()
         cancels = [f.cancel() for f in self.remote]
         for d, timer in self._waiters:
             timer.cancel()

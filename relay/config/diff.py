@@ -48,7 +48,7 @@ RELAY_RESTART_ONLY = (
 """``[relay]`` keys bound into listeners, the admission table or the token book when
 the relay starts: a reload reports their change and keeps the running value."""
 
-LINK_LIVE = ("max_sessions", "max_connecting")
+LINK_LIVE = ("max_sessions", "max_connecting", "max_sessions_per_target")
 """``[[link]]`` keys a reload applies to the running link without restarting it (its
 sessions keep running; new ones are counted against the new value)."""
 

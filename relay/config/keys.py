@@ -49,6 +49,7 @@ LINK_KEYS = {
     "resume_grace": "resume_grace = 60",
     "max_sessions": "max_sessions = 1024",
     "max_connecting": "max_connecting = 128",
+    "max_sessions_per_target": "max_sessions_per_target = 512",
     "window": "window = 2097152",
     "max_packet": "max_packet = 32768",
     "remote": '[[link.remote]] listen = "2201", connect = "localhost:22"',

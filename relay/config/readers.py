@@ -255,6 +255,8 @@ def _parse_link(sec: Section, index: int, base: Path) -> LinkConfig:
         resume_grace=sec.number("resume_grace", LinkConfig.resume_grace, low=0, high=86400),
         max_sessions=sec.integer("max_sessions", LinkConfig.max_sessions, 1, 1_000_000),
         max_connecting=sec.integer("max_connecting", LinkConfig.max_connecting, 1, 1_000_000),
+        max_sessions_per_target=sec.integer("max_sessions_per_target",
+                                            LinkConfig.max_sessions_per_target, 1, 1_000_000),
         remote=remote,
         local=local,
     )

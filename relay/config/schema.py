@@ -178,6 +178,14 @@ defaults let one user keep 64 (``max_sessions_per_user``): 16 users at that cap,
 100 users with ten each, fit; a lab PC's descriptor limit is the other bound (one per
 session, the target's)."""
 
+DEFAULT_MAX_SESSIONS_PER_TARGET = 512
+"""Sessions of one link open to one forward's target (round 20).  An honest peak on one
+GPU node: 30 lab mates with a browser on its Jupyter (up to 6 HTTP connections each,
+plus one websocket per open notebook: 30 x (6 + 5) = 330), or 30 x (2 ssh + 1 rsync)
+= 90 on its sshd.  What one host can take: a Jupyter server's descriptor limit is
+often the soft default, 1 024, which the link's whole ``max_sessions`` filled; half of
+it stays for the host's own users and kernels."""
+
 DEFAULT_MAX_CONNECTING = 128
 """Sessions of one link still connecting to one forward's target.  A connect to a lab host
 answers in well under a millisecond on a LAN; only a host that stopped answering keeps
@@ -210,6 +218,7 @@ class LinkConfig:
     # a reload (relay.config.diff.LINK_LIVE): the link is not restarted.
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_connecting: int = DEFAULT_MAX_CONNECTING
+    max_sessions_per_target: int = DEFAULT_MAX_SESSIONS_PER_TARGET
     remote: tuple[RemoteForward, ...] = ()
     local: tuple[LocalForward, ...] = ()
 

@@ -356,6 +356,23 @@ def _table(rows: list[list[str]]) -> str:
                      for row in rows)
 
 
+def _session_cap(link: dict[str, Any]) -> str:
+    """One line: the sessions the relay opened through ``link``, the agent's caps on
+    them and how many it refused (docs/security.md, "The agent against a relay it
+    trusted"); per target only where some are open."""
+    line = (f"link {link['name']} sessions: {link['sessions_open']} open "
+            f"({link.get('sessions_connecting', 0)} connecting); max_sessions "
+            f"{link.get('max_sessions', '?')}, max_sessions_per_target "
+            f"{link.get('max_sessions_per_target', '?')}, max_connecting "
+            f"{link.get('max_connecting', '?')}; refused over them "
+            f"{link.get('sessions_refused_cap', 0)}")
+    by_target = link.get("sessions_by_target") or {}
+    if by_target:
+        line += "; open per target: " + ", ".join(f"{name} {count}"
+                                                 for name, count in by_target.items())
+    return line
+
+
 def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     links = [["LINK", "SERVER", "STATE", "FOR", "RECONNECTS", "LAST ERROR"]]
@@ -389,6 +406,9 @@ def format_status(snapshot: dict[str, Any], now: float | None = None) -> str:
                     + f"; {fp['idle']} idle data connections, {fp['sessions_active']} open / "
                     f"{fp['sessions_total']} spliced sessions, bytes in/out "
                     f"{fp['bytes_to_target']}/{fp['bytes_from_target']}")
+        for link in snapshot.get("links", []):
+            if "sessions_open" in link:  # the agent's own cap (relay.core.sessioncap)
+                parts.append(_session_cap(link))
         for link in snapshot.get("links", []):
             if link.get("held_sessions"):
                 parts.append(f"link {link['name']}: sessions held for resumption\n"

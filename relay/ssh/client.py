@@ -145,6 +145,10 @@ class LinkOwner(LinkBasics, Protocol):
         """A place for one more session the relay opens, or why it is refused (the
         agent's own cap, relay.core.sessioncap)."""
 
+    def targetUnreachable(self, forward: str, target: str, reason: str) -> None:
+        """A connect to ``forward``'s target failed (``target_unreachable``, logged
+        once per burst per target)."""
+
     def openRelayService(self, name: str, port: int,
                          origin: str) -> defer.Deferred[BridgedChannel]:
         """A channel to a service of this node's own relay (chaining)."""
@@ -651,11 +655,7 @@ class LinkConnection(FlowConnection):
 
         def failed(f: Failure) -> Failure:
             slot.release()
-            self._log.warn(
-                "forward {forward}: cannot reach {target}: {reason}",
-                event="target_unreachable", link=self.link.name, forward=forward.name,
-                target=str(target), reason=f.getErrorMessage(),
-            )
+            self.link.targetUnreachable(forward.name, str(target), f.getErrorMessage())
             return Failure(error.ConchError(f"connect failed: {f.getErrorMessage()}",
                                             OPEN_CONNECT_FAILED))
 

@@ -66,6 +66,9 @@ class SingleConnection:
     def admitSession(self, forward: str) -> SessionSlot | str:
         return "this connection opens no sessions for its peer"  # (no forwards either)
 
+    def targetUnreachable(self, forward: str, target: str, reason: str) -> None:
+        pass  # never called: admitSession admits nothing
+
     def openRelayService(self, name: str, port: int,
                          origin: str) -> defer.Deferred[BridgedChannel]:
         return defer.fail(LinkSetupError(f"{name}:{port} is a relay service, but this "

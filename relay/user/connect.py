@@ -73,6 +73,20 @@ DATA_CONNECT_TIMEOUT = 5.0
 PAIR_TIMEOUT = 40.0
 SAY_LIMIT = 2000
 """Characters of one message said (a relay may send a megabyte of refusal text)."""
+REASON_LIMIT = 1000
+"""Characters of the relay's reason in a refusal (:func:`refused`): the line's own
+words around it (what was refused, what to do) are always shown whole."""
+REFUSED_HINT = "the relay's reason; if it lasts, send this line to the relay's admin"
+
+
+def refused(label: str, why: str) -> str:
+    """The one line for a session the relay refused, whichever way it was asked for:
+    the ticket request of the fast path, the data port's answer, or an SSH channel's
+    open (each said it differently until round 20: ``refused by the relay: …``,
+    ``fast path to … failed: the relay refused the data connection: …``, ``the relay
+    refused …: …``).  What was refused, the relay's reason (shown as text,
+    relay.core.peertext, cut to :data:`REASON_LIMIT`), and what to do."""
+    return f"the relay refused {label}: {shown(why, REASON_LIMIT)} ({REFUSED_HINT})"
 
 
 @dataclass(frozen=True)
@@ -218,6 +232,14 @@ class _NoAnswer(ConnectionError):
     the relay's word, and stays an error."""
 
 
+class _Refused(ConnectionError):
+    """The data port answered our hello with a refusal: the relay's word (``why``)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
 class _UserData(Handoff):
     """The data connection until the relay answers: its challenge in, our hello (the
     proof over its nonce) out, one reply in; then held for the data path."""
@@ -260,8 +282,7 @@ class _UserData(Handoff):
         if ok:
             self.answer.callback(None)
         else:
-            self.answer.errback(ConnectionError(f"the relay refused the data connection: "
-                                                f"{message}"))
+            self.answer.errback(_Refused(message))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         super().connectionLost(reason)
@@ -403,7 +424,7 @@ class Connector:
                 except fw.WireError as e:  # was "internal error: truncated uint32", exit 1
                     status, message = fw.Status.UNAVAILABLE, f"its ticket answer is malformed: {e}"
                 if status is fw.Status.REFUSED:
-                    self.say(f"refused by the relay: {message}")
+                    self.say(refused(self.label, message))
                     return EXIT_FAILED
                 if status is not fw.Status.OK:
                     why = message
@@ -454,6 +475,9 @@ class Connector:
         except _NoAnswer as e:
             proto.transport.abortConnection()
             raise DataPortUnreachable(f"its data port {host}:{data_port}: {e}") from e
+        except _Refused as e:
+            self.say(refused(self.label, e.why))
+            return EXIT_FAILED
         except Exception as e:
             self.say(f"fast path to {self.label} failed: {e}")
             return EXIT_FAILED
@@ -480,7 +504,7 @@ class Connector:
             channel = await self.conn.openDirect(self.options.service, self.options.port,
                                                  "labrelay-connect", 0)
         except Exception as e:
-            self.say(f"the relay refused {self.label}: {_open_failure(e)}")
+            self.say(refused(self.label, _open_failure(e)))
             return EXIT_FAILED
         # Only now: a Ctrl-C while the relay waited for the service's agent
         # (public_wait) interrupted the setting up, not a session.

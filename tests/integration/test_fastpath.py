@@ -209,7 +209,8 @@ def test_ungranted_user_is_refused_before_any_pairing(site: Site) -> None:
     the token request, no data connection is paired and the agent dispatches nothing."""
     out = _run(site.connect_argv("bob", site.keys.bob, "gpu-cluster"), input=b"")
     assert out.returncode == 1
-    assert b"refused by the relay: gpu-cluster:22 is not granted to user bob" in out.stderr
+    assert b"the relay refused gpu-cluster:22: gpu-cluster:22 is not granted to user bob " \
+        b"(the relay's reason" in out.stderr
     assert out.stdout == b""
     assert site.fast()["paired"] == 0 and site.fast()["tokens_issued"]["user"] == 0
     assert site.pool()["sessions_total"] == 0

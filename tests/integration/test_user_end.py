@@ -550,7 +550,9 @@ def test_a_refused_service_is_said_in_the_relays_words(site: Site) -> None:
         env={**os.environ, **child_env(), "HOME": str(site.tmp), "SSH_AUTH_SOCK": ""})
     assert out.returncode == 1
     assert out.stderr.decode() == ("labrelay connect: the relay refused nosuch:22: "
-                                   "nosuch:22 is not granted to user alice\n")
+                                   "nosuch:22 is not granted to user alice "
+                                   "(the relay's reason; if it lasts, send this line "
+                                   "to the relay's admin)\n")
 
 
 # 12 --------------------------------------------------------------------------

@@ -266,9 +266,11 @@ def test_every_failure_says_what_where_and_the_fix_as_the_table_does(world: Worl
         "host key unknown": (w.argv(known_hosts=w.tmp / "nowhere"), ["is UNKNOWN"]),
         "key not granted": (w.argv(key=w.stranger), ["accepted none of our 1 key(s)"]),
         "service not granted": (w.argv(service="secret"), [
-            "refused by the relay: secret:22 is not granted to user alice"]),
+            "the relay refused secret:22: secret:22 is not granted to user alice "
+            "(the relay's reason; if it lasts, send this line to the relay's admin)"]),
         "not granted, channel": (w.argv("--no-fast-path", service="secret"), [
-            "the relay refused secret:22: secret:22 is not granted"]),
+            "the relay refused secret:22: secret:22 is not granted to user alice "
+            "(the relay's reason; if it lasts, send this line to the relay's admin)"]),
         "agent away": (w.argv(service="away"), [
             "away:22 is not registered right now", "did not come back within 3s"]),
         "TLS port refused": (w.argv(*w.tls(port=closed)), [

@@ -60,7 +60,7 @@ from paramiko.message import Message
 from relay_fixtures import burst_total, burst_windows, wait_until
 from twisted.conch.ssh import common
 
-from relay.ssh.connection import OPEN_RESOURCE_SHORTAGE
+from relay.ssh.connection import OPEN_CONNECT_FAILED, OPEN_RESOURCE_SHORTAGE
 from relay.ssh.hostkeyupdate import prove_signed_data
 from relay.ssh.wire import pack_grant_revoked
 
@@ -754,12 +754,157 @@ def test_connects_to_a_host_that_stopped_answering_are_capped_per_target(
             for _, event in opens:  # the 16 fail at their connect timeout
                 assert event.wait(30)
             assert len(refused) == STUCK_OPENS
-            assert len(agent.events("target_unreachable")) == STUCK_CAP
             agent.wait_for("session_cap", timeout=30, count=STUCK_OPENS - STUCK_CAP - 1)
             assert len(agent.events("session_cap")) == 2  # the first, then the count
+            # The 16 failed connects: one line at the first, the count after.
+            counted = agent.wait_for("target_unreachable", timeout=30, count=STUCK_CAP - 1)
+            assert counted["forward"] == "R:held:2222"
+            assert len(agent.events("target_unreachable")) == 2
         finally:
             t.close()
     finally:
         for f in fillers:
             f.close()
         stuck.close()
+
+
+UNREACHABLE_OPENS = 200
+
+
+def test_failed_connects_to_a_declared_target_cost_two_log_lines(
+    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path
+) -> None:
+    """A taken-over relay (or a busy lab whose host died) opens sessions to a declared
+    target that refuses connects.  Each failed connect was **one ``target_unreachable``
+    warning** (200 lines for 200 opens, without end at the relay's pace, at most
+    ``max_connecting`` per connect timeout for a host that drops SYNs).  Now the first
+    is logged with its reason, then one count line per 10 s burst, per target; each
+    open is still refused with the reason, and the honest channel echoes throughout."""
+    closed = socket.socket()
+    closed.bind((LOOPBACK, 0))  # bound, never listening: a connect to it is refused
+    try:
+        agent, t, ch = _taken_over(start_agent, targets, tmp_path,
+                                   held_target=closed.getsockname()[1], link_toml="")
+        try:
+            refused: dict[int, tuple[int, str]] = {}
+            failure = t._handler_table[MSG_CHANNEL_OPEN_FAILURE]
+
+            def record(m: Message) -> None:
+                at = m.packet.tell()
+                chanid, code, text = m.get_int(), m.get_int(), m.get_text()
+                refused[chanid] = (code, text)
+                m.packet.seek(at)
+                failure(m)
+
+            t._handler_table[MSG_CHANNEL_OPEN_FAILURE] = record
+            opens = []
+            for _ in range(UNREACHABLE_OPENS // 50):  # in rounds under max_connecting
+                batch = _open_without_waiting(t, ("held", 2222), 50)
+                for _, event in batch:
+                    assert event.wait(30), "the agent never answered an open"
+                opens += batch
+            assert len(refused) == UNREACHABLE_OPENS
+            assert {code for code, _ in refused.values()} == {OPEN_CONNECT_FAILED}
+            assert all("connect failed" in text for _, text in refused.values())
+            assert _echo(ch, b"honest") == b"honest"
+            lines = agent.events("target_unreachable")
+            print(f"\n{UNREACHABLE_OPENS} opens to a target that refuses connects: "
+                  f"{len(lines)} target_unreachable lines before the window's end")
+            assert len(lines) == 1, len(lines)
+            assert "refused" in lines[0]["reason"].lower(), lines[0]
+            counted = agent.wait_for("target_unreachable", timeout=30,
+                                     count=UNREACHABLE_OPENS - 1)
+            assert counted["forward"] == "R:held:2222"
+            assert len(agent.events("target_unreachable")) == 2
+            assert t.is_active()
+        finally:
+            t.close()
+    finally:
+        closed.close()
+
+
+PER_TARGET = 40
+TO_ONE_HOST = 300
+
+
+def test_one_lab_host_receives_at_most_max_sessions_per_target(
+    start_agent: Callable[..., AgentProcess], targets: Targets, tmp_path: Path
+) -> None:
+    """``max_sessions`` is per link: a taken-over relay could put all of it (1 024 by
+    default) on one lab host, a Jupyter server at the common soft descriptor limit
+    of 1 024, or a GPU node's sshd.  Here 300 opens to one declared target, none
+    closed: **all 300 were confirmed and held by the target** before round 20 (the link
+    cap is 1 024).  Now that target holds ``max_sessions_per_target`` (here 40), the
+    rest are refused with ``OPEN_RESOURCE_SHORTAGE`` and the setting's name, two
+    ``session_cap`` lines; the link's other target still opens; ``labrelay status``
+    shows the count per target; a reload raises the cap on the running link."""
+    import json
+    import urllib.request
+
+    from harness import free_port
+
+    held = _HoldingTarget()
+    admin = free_port()
+    try:
+        agent, t, ch = _taken_over(
+            start_agent, targets, tmp_path, held_target=held.port,
+            link_toml=f'max_sessions_per_target = {PER_TARGET}\n\n'
+                      f'[admin]\nlisten = "127.0.0.1:{admin}"\n')
+        try:
+            refused: dict[int, tuple[int, str]] = {}
+            failure = t._handler_table[MSG_CHANNEL_OPEN_FAILURE]
+
+            def record(m: Message) -> None:
+                at = m.packet.tell()
+                chanid, code, text = m.get_int(), m.get_int(), m.get_text()
+                refused[chanid] = (code, text)
+                m.packet.seek(at)
+                failure(m)
+
+            t._handler_table[MSG_CHANNEL_OPEN_FAILURE] = record
+            opens = _open_without_waiting(t, ("held", 2222), TO_ONE_HOST)
+            for _, event in opens:
+                assert event.wait(60), "the agent never answered an open"
+            confirmed = [chan for chan, _ in opens if chan.chanid not in refused]
+            print(f"\n{TO_ONE_HOST} opens to one lab host: {len(confirmed)} confirmed, "
+                  f"{len(refused)} refused; the host holds {held.open}")
+            assert len(confirmed) == PER_TARGET
+            assert held.wait_open(lambda n: n == PER_TARGET)
+            assert {r for r in refused.values()} == {(
+                OPEN_RESOURCE_SHORTAGE, f"the agent has {PER_TARGET} sessions open to the "
+                f"target of R:held:2222 (max_sessions_per_target = {PER_TARGET})")}
+            # The link's other target is not held up, and the honest channel echoes.
+            other = t.open_channel("forwarded-tcpip", dest_addr=("web", 8080),
+                                   src_addr=("203.0.113.9", 4), timeout=10)
+            other.settimeout(10)
+            assert other.recv(64) == b"declared\n"
+            assert _echo(ch, b"honest") == b"honest"
+            agent.wait_for("session_cap", timeout=30, count=len(refused) - 1)
+            assert len(agent.events("session_cap")) == 2
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status.json",
+                                        timeout=10) as r:
+                (link,) = json.load(r)["links"]
+            assert link["max_sessions_per_target"] == PER_TARGET
+            assert link["sessions_by_target"] == {"R:held:2222": PER_TARGET,
+                                                  "R:web:8080": 2}
+            assert link["sessions_refused_cap"] == TO_ONE_HOST - PER_TARGET
+
+            # A reload raises it on the running link (no reconnect).
+            config = tmp_path / "agent.toml"
+            config.write_text(config.read_text().replace(
+                f"max_sessions_per_target = {PER_TARGET}",
+                f"max_sessions_per_target = {PER_TARGET + 10}"))
+            os.kill(agent.proc.pid, signal.SIGHUP)
+            agent.wait_for("link_reconfigured", timeout=20,
+                           max_sessions_per_target=PER_TARGET + 10)
+            more = _open_without_waiting(t, ("held", 2222), 30)
+            for _, event in more:
+                assert event.wait(30)
+            assert sum(1 for chan, _ in more if chan.chanid not in refused) == 10
+            assert held.wait_open(lambda n: n == PER_TARGET + 10)
+            assert agent.events("link_lost") == [] and t.is_active()
+        finally:
+            t.close()
+    finally:
+        held.close()

@@ -51,6 +51,7 @@ from paramiko.message import Message
 from relay_fixtures import child_env
 
 from relay.core import fastwire as fw
+from relay.user.connect import REFUSED_HINT
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
@@ -214,14 +215,14 @@ def test_labrelay_connect_shows_a_relays_words_as_text(door: str, tmp_path: Path
     box = None
     if door == "ticket refused":
         reply = fw.pack_token_reply(fw.Status.REFUSED, HOSTILE)
-        expect = "refused by the relay: \\x1b]52;c;"
+        expect = "the relay refused web:8080: \\x1b]52;c;"
     elif door == "data port":
         data = socket.create_server((LOOPBACK, 0))
         data.settimeout(30)
         reply = fw.pack_token_reply(fw.Status.OK, "", data.getsockname()[1],
                                     os.urandom(fw.TOKEN_LEN), 30)
         box = _data_port_box(data, HOSTILE)
-        expect = "the relay refused the data connection: \\x1b]52;c;"
+        expect = "the relay refused web:8080: \\x1b]52;c;"
     elif door == "malformed ticket":  # was "internal error: truncated uint32"
         reply = b"\x00\x00\x00\x00\x00\x00\x00\x07\x1b[2J"
         expect = "fast path unavailable for web:8080 (its ticket answer is malformed: "
@@ -238,10 +239,14 @@ def test_labrelay_connect_shows_a_relays_words_as_text(door: str, tmp_path: Path
           f"({len(out.stderr)} bytes)")
     assert out.returncode == 1
     lines = _only_text(out.stderr)
-    if door == "malformed ticket":  # and it falls back to a channel, as for a stock sshd
-        assert lines[-1].startswith("labrelay connect: the relay refused web:8080: ")
+    # "malformed ticket" falls back to a channel, as for a stock sshd, refused there.
     if door == "huge refusal":
         assert len(out.stderr) < 5000
-        assert lines[-1].endswith("more chars]")
+        # the relay's words cut, the line's own (what to do) kept whole
+        assert lines[-1].endswith(f"more chars] ({REFUSED_HINT})"), lines[-1]
     else:
         assert any(expect in line for line in lines), lines
+    # One wording whichever way the refusal came (the ticket, the data port, a
+    # channel): what was refused, the relay's reason as text, what to do.
+    assert lines[-1].startswith("labrelay connect: the relay refused web:8080: ")
+    assert lines[-1].endswith(f" ({REFUSED_HINT})"), lines[-1]

@@ -86,6 +86,8 @@ class FakeLink:
     clock: MemoryReactorClock = field(default_factory=MemoryReactorClock)
     local_relay: Any = None  # this node's RelayCore, when it runs one (chaining)
     sessions: SessionCap = field(default_factory=SessionCap)
+    #: what DataPool told the link (Link.targetUnreachable burst-logs it)
+    unreachable: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def reactor(self) -> MemoryReactorClock:
@@ -93,6 +95,9 @@ class FakeLink:
 
     def admitSession(self, forward: str) -> SessionSlot | str:
         return self.sessions.admit(forward)
+
+    def targetUnreachable(self, forward: str, target: str, reason: str) -> None:
+        self.unreachable.append((forward, target, reason))
 
     def remoteForwardFor(self, host: str, port: int) -> FakeForward | None:
         # Link's own is by port alone (channels); DataPool must not use it.
@@ -625,14 +630,13 @@ def test_go_for_a_via_relay_forward_is_answered_with_an_error(
 def test_target_connect_failing_is_answered_with_the_reason(world: World) -> None:
     pc, t = _idle(world)
     pc.dataReceived(_go(pc, *GPU))
-    with capturedLogs() as logs:
-        reason = _refuse(world, _targets(world)[0])
+    reason = _refuse(world, _targets(world)[0])
     why = f"connect to {GPU_TARGET} failed: {reason.getErrorMessage()}"
     assert t.value() == fw.pack_error(fw.AGENT_ERROR, why)
     assert t.disconnecting and world.datapath.calls == []
     assert world.gpu.counters.total == 0
-    (event,) = _events(logs, "target_unreachable")
-    assert event["forward"] == world.gpu.name
+    assert world.link.unreachable == [(world.gpu.name, str(world.gpu.config.connect),
+                                       reason.getErrorMessage())]
 
 
 def test_target_failing_after_the_pool_connection_closed_writes_nothing(world: World) -> None:

@@ -296,16 +296,18 @@ def test_the_session_caps_of_a_link_are_applied_without_restarting_it() -> None:
     old = config()
     new = config(BASE.replace('known_hosts = "/kh"\n\n[[link.remote]]',
                               'known_hosts = "/kh"\nmax_sessions = 50\nmax_connecting = 5\n'
-                              '\n[[link.remote]]'))
-    assert diff.diff_links(old.links, new.links) == [
-        diff.LinkSettings(new.links[0], ("max_sessions", "max_connecting"))]
+                              'max_sessions_per_target = 20\n\n[[link.remote]]'))
+    assert diff.diff_links(old.links, new.links) == [diff.LinkSettings(
+        new.links[0], ("max_sessions", "max_connecting", "max_sessions_per_target"))]
     node = FakeNode(old)
     cloud = node.links[0]
     changes = LinksPart(node).apply(old, new)  # type: ignore[arg-type]
     assert node.log == [] and node.links[0] is cloud
     assert cloud.calls == [("reconfigure", "")]
     assert cloud.config.max_sessions == 50  # type: ignore[attr-defined]
-    assert changes == ["link cloud: max_sessions, max_connecting changed"]
+    assert cloud.config.max_sessions_per_target == 20  # type: ignore[attr-defined]
+    assert changes == ["link cloud: max_sessions, max_connecting, max_sessions_per_target "
+                       "changed"]
     both = config(BASE.replace('host = "relay.example.org"',
                                'host = "r2.example.org"\nmax_sessions = 50'))
     (restart,) = diff.diff_links(old.links, both.links)
