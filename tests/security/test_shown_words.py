@@ -176,7 +176,14 @@ def _serve_hostile_relay(listener: socket.socket, host_key: Path, token_reply: b
 
         t._handler_table[MSG_GLOBAL_REQUEST] = global_request
         _refuse_opens(t, open_refusal)
-        t.start_server(server=_HostileRelay())
+        try:
+            t.start_server(server=_HostileRelay())
+        except paramiko.SSHException:
+            # The client went away before the key exchange ended (seen once in a -n 2
+            # run at load 12, the test passing: what is asserted is the client's line,
+            # not this thread's); without this pytest reports the thread's exception.
+            t.close()
+            return
         t.join(60)
         t.close()
 
