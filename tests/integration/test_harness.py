@@ -247,7 +247,7 @@ def test_proxy_blackhole_restore_kill(
             "-o",
             "ServerAliveCountMax=2",
             "-R",
-            f"0:127.0.0.1:{echo.port}",
+            f"127.0.0.1:0:127.0.0.1:{echo.port}",  # one loopback: ::1 too could collide
         )
     )
     m = ssh.wait_stderr(r"Allocated port (\d+) for remote forward")
