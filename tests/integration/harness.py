@@ -167,58 +167,168 @@ def rss_kb(pid: int) -> int:
     raise HarnessError(f"no VmRSS for pid {pid}")
 
 
+class PipeReader:
+    """A thread that reads a child's pipe line by line and can be *settled*.
+
+    A process that writes a log line and then answers a client has put the line in
+    the pipe before the client sees the answer, but the thread reading the pipe may
+    not have had its turn yet (under load it is one more thread waiting for a CPU):
+    read at once, the line was missing (test_channel_requests' refusal, once under two
+    xdist workers).  So the reader reads the raw pipe (not a buffered file), holds
+    ``_reading`` from a read until its lines are delivered, and counts the bytes it
+    took; ``settle()`` takes what the pipe holds now (FIONREAD) plus what was taken so
+    far as the count to reach, i.e. every byte written before the call.  It waits for
+    nothing when nothing is unread, terminates under a continuous writer (its target is
+    fixed at call time), and raises ``HarnessError`` rather than hang.
+
+    Used by ``AgentProcess`` (stdout events) and ``LineLog`` (stderr, sshd logs, ssh's
+    ``-v`` output, the relay's connect audit): one implementation, so the two kinds of
+    log cannot drift apart again.
+    """
+
+    def __init__(
+        self,
+        stream: IO[bytes],
+        on_line: Callable[[bytes], None],
+        on_eof: Callable[[], None],
+        name: str,
+    ) -> None:
+        self._stream = stream
+        self._fd = stream.fileno()
+        self._on_line = on_line
+        self._on_eof = on_eof
+        self._reading = threading.Lock()
+        self._cond = threading.Condition()
+        self._consumed = 0
+        self._eof = False
+        self.thread = threading.Thread(target=self._pump, name=name, daemon=True)
+        self.thread.start()
+
+    @property
+    def eof(self) -> bool:
+        with self._cond:
+            return self._eof
+
+    def _pump(self) -> None:
+        # Waits for data without the lock, so that ``settle`` never waits behind an
+        # idle reader.
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        pending = b""
+        try:
+            while True:
+                poller.poll()
+                with self._reading:
+                    chunk = os.read(self._fd, 1 << 16)
+                    if not chunk:
+                        break
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    for raw in lines:
+                        self._on_line(raw)
+                    with self._cond:
+                        self._consumed += len(chunk)
+                        self._cond.notify_all()
+        except (OSError, ValueError):
+            pass
+        finally:
+            with self._reading:
+                if pending:
+                    self._on_line(pending)
+                with self._cond:
+                    self._eof = True
+                    self._cond.notify_all()
+                self._on_eof()
+                # The pipe is this thread's once it read EOF: close it here, or every
+                # process a test starts leaves its pipe open in pytest until the end.
+                with contextlib.suppress(OSError):
+                    self._stream.close()
+
+    def settle(self, what: str, timeout: float = 10.0) -> None:
+        """Return once every byte written to the pipe before this call was delivered."""
+        with self._reading:
+            if self._eof:
+                return
+            try:
+                unread = struct.unpack(
+                    "i", fcntl.ioctl(self._fd, termios.FIONREAD, b"\0" * 4))[0]
+            except OSError:
+                return
+            target = self._consumed + unread
+        if not unread:
+            return
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._consumed >= target or self._eof, timeout):
+                raise HarnessError(f"{what}: {target - self._consumed} bytes of its pipe "
+                                   f"still unread after {timeout}s")
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+
+
 class LineLog:
     """Lines read from a stream by a background thread; waiters block on a condition.
 
     Several streams (for instance successive sshd runs) can feed one log; ``eof``
-    refers to the most recently attached stream.
+    refers to the most recently attached stream.  ``lines``, ``text()`` and ``mark()``
+    first take every line already written to the streams (``PipeReader.settle``): a
+    line written before the client saw its answer is there when the test reads.
+    Lines written later still need ``wait_for``.
     """
 
-    def __init__(self, copy_to: Path | None = None) -> None:
-        self.lines: list[str] = []
+    def __init__(self, copy_to: Path | None = None, name: str = "log") -> None:
+        self.name = name
+        self._lines: list[str] = []
         self._cond = threading.Condition()
         self._eof = True
         self._copy_to = copy_to
-        self._threads: list[threading.Thread] = []
+        self._readers: list[PipeReader] = []
 
     def attach(self, stream: IO[bytes], name: str = "reader") -> threading.Thread:
         with self._cond:
             self._eof = False
-        generation = len(self._threads) + 1
-        thread = threading.Thread(
-            target=self._pump, args=(stream, generation), name=name, daemon=True
-        )
-        self._threads.append(thread)
-        thread.start()
-        return thread
+            generation = len(self._readers) + 1
+            reader = PipeReader(
+                stream,
+                on_line=lambda raw: self.append(raw.decode("utf-8", "replace").rstrip("\r\n")),
+                on_eof=lambda: self._ended(generation),
+                name=name,
+            )
+            self._readers.append(reader)
+        return reader.thread
 
-    def _pump(self, stream: IO[bytes], generation: int) -> None:
-        try:
-            for raw in stream:
-                self.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
-        except (OSError, ValueError):
-            pass
-        finally:
-            # The pipe is this thread's once it read EOF: close it here, or every
-            # process a test starts leaves its pipe open in pytest until the end.
-            with contextlib.suppress(OSError):
-                stream.close()
-            with self._cond:
-                if generation == len(self._threads):
-                    self._eof = True
-                self._cond.notify_all()
+    def _ended(self, generation: int) -> None:
+        with self._cond:
+            if generation == len(self._readers):
+                self._eof = True
+            self._cond.notify_all()
 
     def append(self, line: str) -> None:
         with self._cond:
-            self.lines.append(line)
+            self._lines.append(line)
             if self._copy_to is not None:
                 with open(self._copy_to, "a") as f:
                     f.write(line + "\n")
             self._cond.notify_all()
 
-    def mark(self) -> int:
+    def settle(self) -> None:
+        """Take every line written to the attached streams before this call."""
         with self._cond:
-            return len(self.lines)
+            readers = list(self._readers)
+        for reader in readers:
+            reader.settle(self.name)
+
+    @property
+    def lines(self) -> list[str]:
+        """A copy of the lines so far, every line written before the call included."""
+        self.settle()
+        with self._cond:
+            return list(self._lines)
+
+    def mark(self) -> int:
+        """The index the next line will get (after every line already written)."""
+        self.settle()
+        with self._cond:
+            return len(self._lines)
 
     @property
     def eof(self) -> bool:
@@ -226,12 +336,20 @@ class LineLog:
             return self._eof
 
     def text(self, since: int = 0) -> str:
+        """The lines from ``since``, every line written before the call included."""
+        self.settle()
+        return self.dump(since)
+
+    def dump(self, since: int = 0) -> str:
+        """The lines read so far, without settling (for diagnostics after a failure)."""
         with self._cond:
-            return "\n".join(self.lines[since:])
+            return "\n".join(self._lines[since:])
 
     def join(self, timeout: float = 10.0) -> None:
-        for thread in self._threads:
-            thread.join(timeout)
+        with self._cond:
+            readers = list(self._readers)
+        for reader in readers:
+            reader.join(timeout)
 
     def wait_for(
         self,
@@ -247,8 +365,8 @@ class LineLog:
         index = since
         with self._cond:
             while True:
-                while index < len(self.lines):
-                    m = regex.search(self.lines[index])
+                while index < len(self._lines):
+                    m = regex.search(self._lines[index])
                     index += 1
                     if m:
                         return m
@@ -266,7 +384,7 @@ class LineLog:
                 self._cond.wait(remaining)
 
     def _tail(self, since: int, n: int = 60) -> str:
-        return "\n".join(self.lines[max(since, len(self.lines) - n) :])
+        return "\n".join(self._lines[max(since, len(self._lines) - n) :])
 
 
 # ---------------------------------------------------------------------------
@@ -393,7 +511,7 @@ class Sshd:
         self.host_key = make_key(self.dir / "ssh_host_ed25519_key", comment=f"host-{name}")
         (self.dir / "authorized_keys").write_text("".join(k + "\n" for k in authorized))
         self.port = 0
-        self.log = LineLog(copy_to=self.log_path)
+        self.log = LineLog(copy_to=self.log_path, name=f"sshd {name}'s log")
         self.proc: subprocess.Popen[bytes] | None = None
         self._binary = find_program("sshd")
         if self._binary is None:
@@ -563,7 +681,7 @@ class Sshd:
 
     def diagnostics(self) -> str:
         state = f"pid {self.proc.pid}, running={self.running}" if self.proc else "not started"
-        return f"sshd {self.name} port {self.port} ({state}); log:\n" + self.log.text()
+        return f"sshd {self.name} port {self.port} ({state}); log:\n" + self.log.dump()
 
 
 # ---------------------------------------------------------------------------
@@ -596,7 +714,7 @@ class _Process:
             start_new_session=True,
         )
         assert self.proc.stderr is not None
-        self.stderr = LineLog()
+        self.stderr = LineLog(name=f"{name}'s stderr")
         self.stderr.attach(self.proc.stderr, name=f"{name}-stderr")
 
     @property
@@ -659,7 +777,7 @@ class _Process:
         return (
             f"{self.name}: {' '.join(self.argv)}\n"
             f"pid {self.proc.pid}, returncode {self.proc.poll()}\n"
-            f"--- stderr ---\n{self.stderr.text()}"
+            f"--- stderr ---\n{self.stderr.dump()}"
         )
 
 
@@ -669,7 +787,7 @@ class SshProcess(_Process):
     def __init__(self, argv: Sequence[str], name: str = "ssh") -> None:
         super().__init__(argv, name=name)
         assert self.proc.stdout is not None
-        self.stdout = LineLog()
+        self.stdout = LineLog(name=f"{name}'s stdout")
         self.stdout.attach(self.proc.stdout, name=f"{name}-stdout")
 
     def wait_stderr(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
@@ -680,7 +798,7 @@ class SshProcess(_Process):
         self.stdout.join(5)
 
     def diagnostics(self) -> str:
-        return super().diagnostics() + f"\n--- stdout ---\n{self.stdout.text()}"
+        return super().diagnostics() + f"\n--- stdout ---\n{self.stdout.dump()}"
 
 
 def ssh_argv(
@@ -745,17 +863,10 @@ class AgentProcess(_Process):
         self._cond = threading.Condition()
         self._cursor = 0
         self._stdout_eof = False
-        # The reader holds ``_reading`` from a read of the pipe until its lines are
-        # events, and counts the bytes it took in ``_consumed``: ``_settle`` compares
-        # that with what the pipe still holds (see there).
-        self._reading = threading.Lock()
-        self._consumed = 0
         assert self.proc.stdout is not None
-        self._stdout_fd = self.proc.stdout.fileno()
-        self._reader = threading.Thread(
-            target=self._pump, args=(self.proc.stdout,), name=f"{name}-stdout", daemon=True
+        self._reader = PipeReader(
+            self.proc.stdout, on_line=self._take, on_eof=self._ended, name=f"{name}-stdout"
         )
-        self._reader.start()
 
     @staticmethod
     def _parse(line: str) -> dict[str, Any]:
@@ -780,66 +891,16 @@ class AgentProcess(_Process):
             self._events.append(event)
             self._cond.notify_all()
 
-    def _pump(self, stream: IO[bytes]) -> None:
-        # Reads the raw pipe (not a buffered file) so that ``_consumed`` counts bytes
-        # the pipe no longer holds; waits for data without the lock, so that
-        # ``_settle`` never waits behind an idle reader.
-        poller = select.poll()
-        poller.register(self._stdout_fd, select.POLLIN)
-        pending = b""
-        try:
-            while True:
-                poller.poll()
-                with self._reading:
-                    chunk = os.read(self._stdout_fd, 1 << 16)
-                    if not chunk:
-                        break
-                    *lines, pending = (pending + chunk).split(b"\n")
-                    for raw in lines:
-                        self._take(raw)
-                    with self._cond:
-                        self._consumed += len(chunk)
-                        self._cond.notify_all()
-        except (OSError, ValueError):
-            pass
-        finally:
-            with self._reading:
-                if pending:
-                    self._take(pending)
-                with self._cond:
-                    self._stdout_eof = True
-                    self._cond.notify_all()
-                with contextlib.suppress(OSError):
-                    stream.close()
-
-    def _settle(self, timeout: float = 10.0) -> None:
-        """Return once every byte the process wrote to stdout before this call is an
-        event here.
-
-        A process that logs an event and then answers a client has put the line in the
-        pipe before the client sees the answer, but the reader thread may not have had
-        its turn yet (under load it is one more thread waiting for a CPU): read then,
-        the event was missing (test_channel_requests, once under two xdist workers).
-        So every query settles first: what the pipe holds now (FIONREAD) plus what the
-        reader took so far is the count it must reach.  Events a process writes *after*
-        the client's effect still need ``wait_for`` / ``events_at_least``.
-        """
-        with self._reading:
-            if self._stdout_eof:
-                return
-            try:
-                unread = struct.unpack(
-                    "i", fcntl.ioctl(self._stdout_fd, termios.FIONREAD, b"\0" * 4))[0]
-            except OSError:
-                return
-            target = self._consumed + unread
-        if not unread:
-            return
+    def _ended(self) -> None:
         with self._cond:
-            if not self._cond.wait_for(
-                    lambda: self._consumed >= target or self._stdout_eof, timeout):
-                raise HarnessError(f"{self.name}: {target - self._consumed} bytes of "
-                                   f"its stdout still unread after {timeout}s")
+            self._stdout_eof = True
+            self._cond.notify_all()
+
+    def _settle(self) -> None:
+        """Every line the process wrote to stdout before this call is an event here
+        (``PipeReader.settle``).  Events it writes *after* the client's effect still
+        need ``wait_for`` / ``events_at_least``."""
+        self._reader.settle(f"{self.name}'s stdout")
 
     def _join_readers(self) -> None:
         super()._join_readers()

@@ -418,12 +418,14 @@ def jump_config(path: Path, relay: RelayNode, user_key: KeyPair, target_key: Key
 
 
 def user_ssh_config(path: Path, relay: RelayNode, client_key: KeyPair, user: str,
-                    user_key: KeyPair, connect_err: Path) -> Path:
+                    user_key: KeyPair, connect_err: Path, connect_timeout: int = 20) -> Path:
     """A user's ssh_config for the service gpu-cluster (a target sshd that trusts
     ``client_key``), two ways: ``gpu-cluster`` by the fast path (``labrelay connect`` as
     ProxyCommand, its stderr appended to ``connect_err``: on the fast path it says
     nothing), ``gpu-jump`` by ``-J user@relay`` (an SSH channel).  ``-J`` to the relay
-    by hand (``ssh -J user@127.0.0.1:PORT gpu-cluster``) uses ``user_key`` too."""
+    by hand (``ssh -J user@127.0.0.1:PORT gpu-cluster``) uses ``user_key`` too.
+    ``connect_timeout`` (ssh's ConnectTimeout) bounds, with a ProxyCommand, everything
+    up to the target's banner: the command's own start-up and login included."""
     connect = connect_argv(relay, user, user_key, "%h:%p")
     proxy = f"sh -c 'exec {' '.join(connect)} 2>>{connect_err}'"
     path.write_text(f"""\
@@ -439,7 +441,7 @@ Host gpu-jump
   ProxyJump {user}@{LOOPBACK}:{relay.port}
 Host {LOOPBACK}
   IdentityFile {user_key.path}
-""" + ssh_defaults(relay.known_hosts))
+""" + ssh_defaults(relay.known_hosts, connect_timeout))
     return path
 
 

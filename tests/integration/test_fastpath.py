@@ -72,10 +72,10 @@ class Site:
     def connect_argv(self, user: str, key: KeyPair, service: str, *extra: str) -> list[str]:
         return connect_argv(self.relay, user, key, service, *extra)
 
-    def ssh_config(self) -> Path:
+    def ssh_config(self, connect_timeout: int = 20) -> Path:
         """An ssh_config whose gpu-cluster goes through ``labrelay connect`` as alice."""
         return user_ssh_config(self.tmp / "ssh_config", self.relay, self.client_key, "alice",
-                               self.keys.alice, self.tmp / "connect.err")
+                               self.keys.alice, self.tmp / "connect.err", connect_timeout)
 
     def pool(self) -> dict[str, Any]:
         return dict(self.agent_status()["links"][0]["fast_path"])
@@ -459,7 +459,11 @@ def test_a_burst_of_sessions_outgrows_the_pool(site: Site) -> None:
     sshd's own MaxStartups starts dropping at 10 unauthenticated connections.)"""
     from concurrent.futures import ThreadPoolExecutor
 
-    cfg = site.ssh_config()
+    # ssh's ConnectTimeout covers each ``labrelay connect``'s start-up: nine Python
+    # processes importing at once took longer than the default 20 s under two xdist
+    # workers and CPU hogs (none had reached the relay; the import alone took 6-9 s at
+    # load 13).  A hang guard, not what the test measures: below _run's 120 s.
+    cfg = site.ssh_config(connect_timeout=100)
     ssh = find_program("ssh") or "ssh"
 
     def one(i: int) -> subprocess.CompletedProcess[bytes]:

@@ -22,6 +22,7 @@ from harness import (
     AgentProcess,
     DataStream,
     HarnessError,
+    LineLog,
     MiB,
     Sshd,
     SshProcess,
@@ -246,7 +247,7 @@ def test_proxy_blackhole_restore_kill(
             "-o",
             "ServerAliveCountMax=2",
             "-R",
-            f"0:127.0.0.1:{echo.port}",
+            f"127.0.0.1:0:127.0.0.1:{echo.port}",  # one loopback: ::1 too could collide
         )
     )
     m = ssh.wait_stderr(r"Allocated port (\d+) for remote forward")
@@ -368,6 +369,53 @@ def test_events_include_every_line_written_before_the_query(
                 assert agent.mark() == 2001
         finally:
             agent.kill()
+
+
+STDERR_ANSWERING = textwrap.dedent(
+    """
+    import json, signal, sys
+    # as ANSWERING_AGENT, on stderr (sshd's -e log, ssh -v, the relay's connect audit):
+    # 2000 lines, the line logged before the answer, then the answer (an event)
+    for i in range(2000):
+        sys.stderr.write(f"filler {i} " + "x" * 50 + "\\n")
+    print("answered", file=sys.stderr, flush=True)
+    print(json.dumps({"event": "answer"}), flush=True)
+    signal.pause()
+    """
+)
+
+
+@pytest.mark.parametrize("query", ["text", "lines", "mark"])
+def test_stderr_includes_every_line_written_before_the_query(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, query: str,
+) -> None:
+    """The stderr logs (``LineLog``: a process's stderr, sshd's log, ssh's stdout) are
+    read by a thread too: once the answer is seen, a line written before it is there,
+    however late that thread gets its turn (here half a second over that line).  The
+    twin of the stdout case above; both go through ``PipeReader``."""
+    script = tmp_path / "stderr_answering.py"
+    script.write_text(STDERR_ANSWERING)
+    append = LineLog.append
+
+    def slow_append(self: LineLog, line: str) -> None:
+        if line == "answered":
+            time.sleep(0.5)
+        append(self, line)
+
+    monkeypatch.setattr(LineLog, "append", slow_append)
+    agent = AgentProcess([sys.executable, str(script)], name="stderr-answering")
+    try:
+        agent.wait_for("answer", timeout=30)
+        if query == "text":
+            assert agent.stderr.text().splitlines()[-1] == "answered"
+        elif query == "lines":
+            lines = agent.stderr.lines
+            assert [int(line.split()[1]) for line in lines[:-1]] == list(range(2000))
+            assert lines[-1] == "answered"
+        else:
+            assert agent.stderr.mark() == 2001
+    finally:
+        agent.kill()
 
 
 def test_free_port_is_bindable() -> None:
