@@ -111,7 +111,7 @@ def agent_to_sshd(
         target = targets.mode()
         agent = run_agent(
             start_agent, client_key, known_hosts(sshd.known_hosts_line()), sshd.port,
-            "-R", f"0:127.0.0.1:{target.port}",
+            "-R", f"127.0.0.1:0:127.0.0.1:{target.port}",
         )  # fmt: skip
         return sshd, target, agent
 
@@ -189,7 +189,7 @@ def test_agent_starts_rekeys_itself_and_sshd_follows(
         sys.executable, "-c", REKEY_1M + LABRELAY, "agent", "--log-format", "json",
         "-p", str(sshd.port), "-i", str(client_key.path),
         "-o", f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes",
-        "-R", f"0:127.0.0.1:{target.port}", "root@127.0.0.1",
+        "-R", f"127.0.0.1:0:127.0.0.1:{target.port}", "root@127.0.0.1",
     ])  # fmt: skip
     port = agent.wait_for("forward_ready", timeout=20, kind="remote")["port"]
     both_ways(port, target, seed=77, size=16 * MiB)

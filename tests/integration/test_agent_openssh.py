@@ -100,7 +100,7 @@ def test_reverse_forward_bulk_both_ways_and_50_sessions(
     """Seed §1: the server's port leads to a target behind the agent; bulk data both
     ways is byte-exact and 50 concurrent sessions share the one link."""
     target = targets.mode()
-    agent = run_agent(sshd, "-R", f"0:127.0.0.1:{target.port}")
+    agent = run_agent(sshd, "-R", f"127.0.0.1:0:127.0.0.1:{target.port}")
     port = remote_ready(agent)
 
     up = DataStream(101, 64 * MiB)
@@ -142,9 +142,10 @@ def test_seed_chain_reaches_gpu_cluster_sshd(
     to cloud; a stock ssh to cloud's port lands on gpu_cluster's own sshd."""
     gpu, lab, cloud = (sshd_factory(n) for n in ("gpu_cluster", "lab_pc", "cloud"))
 
-    agent_a = run_agent(lab, "-R", f"0:127.0.0.1:{gpu.port}", name="agent-gpu_cluster")
+    agent_a = run_agent(lab, "-R", f"127.0.0.1:0:127.0.0.1:{gpu.port}",
+                        name="agent-gpu_cluster")
     port_on_lab = remote_ready(agent_a)
-    agent_b = run_agent(cloud, "-R", f"0:127.0.0.1:{port_on_lab}", name="agent-lab_pc")
+    agent_b = run_agent(cloud, "-R", f"127.0.0.1:0:127.0.0.1:{port_on_lab}", name="agent-lab_pc")
     port_on_cloud = remote_ready(agent_b)
 
     # Only gpu_cluster's key is trusted: a hop answering with its own key would fail.
@@ -224,7 +225,7 @@ def test_silent_cut_detected_by_keepalive(
     proxy = targets.proxy(("127.0.0.1", sshd.port))
     agent = run_agent(
         sshd,
-        "-R", f"0:127.0.0.1:{echo.port}",
+        "-R", f"127.0.0.1:0:127.0.0.1:{echo.port}",
         port=proxy.port,
         options=(
             "-o", f"ServerAliveInterval={interval}",
@@ -267,7 +268,7 @@ def test_port_held_by_old_session_is_retried_without_dropping_link(
     kh = known_hosts(sshd.known_hosts_line())
     stock = start_ssh(
         ssh_command(sshd.port, kh, "-v", "-N", "-o", "ExitOnForwardFailure=yes",
-                    "-R", f"0:127.0.0.1:{stock_target.port}"),
+                    "-R", f"127.0.0.1:0:127.0.0.1:{stock_target.port}"),
         name="stock-ssh",
     )  # fmt: skip
     # sshd picks the port; the agent then asks for that very port.
@@ -276,8 +277,8 @@ def test_port_held_by_old_session_is_retried_without_dropping_link(
 
     agent = run_agent(
         sshd,
-        "-R", f"{fixed}:127.0.0.1:{fixed_target.port}",
-        "-R", f"0:127.0.0.1:{any_target.port}",
+        "-R", f"127.0.0.1:{fixed}:127.0.0.1:{fixed_target.port}",
+        "-R", f"127.0.0.1:0:127.0.0.1:{any_target.port}",
     )  # fmt: skip
     agent.wait_for("link_connected", timeout=20)
     refused = agent.wait_for("forward_refused", timeout=20, since=0)
@@ -321,7 +322,7 @@ def test_wrong_host_key_refused_before_authentication(
     echo = targets.echo()
     since = sshd.log.mark()
 
-    agent = run_agent(sshd, "-R", f"0:127.0.0.1:{echo.port}", kh=kh)
+    agent = run_agent(sshd, "-R", f"127.0.0.1:0:127.0.0.1:{echo.port}", kh=kh)
     refused = agent.wait_for("hostkey_refused", timeout=20)
     assert sshd.fingerprint() in refused["reason"], refused
     agent.stop()
@@ -344,7 +345,7 @@ def test_slow_reader_does_not_grow_memory(
     """A target that does not read: the pipeline fills and stalls the sender, and the
     agent's memory stays flat; released, every byte arrives intact."""
     lazy = targets.lazy_reader()
-    agent = run_agent(sshd, "-R", f"0:127.0.0.1:{lazy.port}")
+    agent = run_agent(sshd, "-R", f"127.0.0.1:0:127.0.0.1:{lazy.port}")
     port = remote_ready(agent)
     before = agent.rss_kb()
 
@@ -570,7 +571,7 @@ def test_agent_reads_the_known_hosts_files_ssh_can_name(
     kh = known_hosts(sshd.known_hosts_line())
     missing = tmp_path / "absent_known_hosts"
     base = ("-p", str(sshd.port), "-i", str(client_key.path), "--backoff-initial", "0.2",
-            "--backoff-max", "1", "-R", f"0:127.0.0.1:{echo.port}")
+            "--backoff-max", "1", "-R", f"127.0.0.1:0:127.0.0.1:{echo.port}")
     for files in (("-o", f"UserKnownHostsFile={missing}", "-o", f"GlobalKnownHostsFile={kh}"),
                   ("-o", f"UserKnownHostsFile={missing} {kh}")):
         agent = start_agent(*base, *files, DEST, name="agent-files")

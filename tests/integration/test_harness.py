@@ -47,15 +47,21 @@ def stock_reverse(
     kh: Path,
     spec: str,
 ) -> tuple[SshProcess, int]:
-    """Run ``ssh -N -R spec`` and return it with the port the server bound."""
+    """Run ``ssh -N -R 127.0.0.1:spec`` and return it with the port the server bound.
+
+    The listener is bound on 127.0.0.1 alone: with no address, sshd binds the port it
+    allocates on both loopbacks and keeps the forward if one of them is taken, and under
+    two test workers another worker's listener held 127.0.0.1:P while this sshd had P on
+    ::1 only, so the test's bytes went to the other worker."""
     ssh = start_ssh(
-        ssh_command(sshd.port, kh, "-v", "-N", "-o", "ExitOnForwardFailure=yes", "-R", spec)
+        ssh_command(sshd.port, kh, "-v", "-N", "-o", "ExitOnForwardFailure=yes",
+                    "-R", f"127.0.0.1:{spec}")
     )
     listen = spec.split(":")[0]
     if listen == "0":
         m = ssh.wait_stderr(r"Allocated port (\d+) for remote forward")
         return ssh, int(m.group(1))
-    ssh.wait_stderr(rf"remote forward success for: listen {listen}\b")
+    ssh.wait_stderr(rf"remote forward success for: listen (?:127\.0\.0\.1:)?{listen}\b")
     return ssh, int(listen)
 
 
