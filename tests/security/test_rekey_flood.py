@@ -135,7 +135,9 @@ def test_a_client_that_rekeys_every_megabyte_is_not_slowed(
     # next (7-9 seen, once 7 in CI's parallel run; it used to be asserted >= 6). What the
     # test is for does not: each of them completed at the relay (its count on her
     # connection, logged at her NEWKEYS, is her first exchange + hers), none was held.
-    assert 1 <= newkeys <= KEX_PACE_BURST, newkeys
+    # Several, or the test does not exercise a client that keeps re-keying: 3 is well
+    # under the 7 seen under load (each exchange would have to absorb ~2 MiB).
+    assert 3 <= newkeys <= KEX_PACE_BURST, newkeys
     relay.proc.wait_for("ssh_keys", count=newkeys + 1, advance=False, timeout=10)
     assert max(e["count"] for e in relay.events("ssh_keys")) == newkeys + 1
     assert not relay.events("ssh_kex_paced")
