@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet import error as neterror
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
@@ -136,6 +137,10 @@ class Dialer:
             return proto
 
         def unreachable(f: Any) -> Any:
+            if f.check(defer.CancelledError, neterror.ConnectingCancelledError):
+                # The process is stopping (ClientService cancels the attempt): not a
+                # route's failure, and Twisted's text for it is the address's repr.
+                return f
             why = explain.unreachable(f.value, host=route.host, port=route.port,
                                       tls=route.tls, timeout=self.cfg.connect_timeout)
             self.log.warn("link {link}: {route} failed: {reason}", event="link_route_failed",

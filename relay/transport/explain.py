@@ -18,10 +18,15 @@ from __future__ import annotations
 from typing import Any
 
 from OpenSSL import SSL
+from twisted.internet import defer
 from twisted.internet import error as neterror
 
 from relay.core.httpconnect import ProxyError
 from relay.transport.tlsclient import TLSVerifyError
+
+_CANCELLED = (defer.CancelledError, neterror.ConnectingCancelledError)
+CANCELLED = "cancelled: the process is stopping"
+"""An attempt given up by its own side: Twisted's text for it is the address's repr."""
 
 
 def where(host: str, port: int, tls: bool, proxy: Any) -> str:
@@ -46,6 +51,8 @@ def unreachable(reason: BaseException, *, host: str, port: int, tls: bool, timeo
     ``to_proxy`` the HTTP proxy on the way) was not made."""
     if isinstance(reason, ProxyError):
         return str(reason)  # the proxy's status line and its hint (relay.core.httpconnect)
+    if isinstance(reason, _CANCELLED):
+        return CANCELLED
     what = ("is that your proxy's address and port (-o Proxy=URL, proxy, https_proxy)?"
             if to_proxy else f"is the relay running, and is {port} {port_hint(tls)}?")
     if isinstance(reason, neterror.DNSLookupError):
@@ -70,6 +77,8 @@ def unreachable(reason: BaseException, *, host: str, port: int, tls: bool, timeo
 
 def short(reason: BaseException, timeout: float) -> str:
     """A few words for a connection not made, where the caller says the rest."""
+    if isinstance(reason, _CANCELLED):
+        return CANCELLED
     if isinstance(reason, neterror.ConnectionRefusedError):
         return "connection refused"
     if isinstance(reason, (neterror.TimeoutError, neterror.TCPTimedOutError)):

@@ -11,7 +11,9 @@ from pathlib import Path
 from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet import error as neterror
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
 from relay.config.schema import LinkConfig, ProxyURL, TransportConfig
@@ -159,3 +161,25 @@ def test_the_troubleshooting_table_has_a_row_for_each_line_of_a_route_not_reache
             lines.append(said(ProxyError(f"{proxy}: {e}"), mode="tls", proxy=proxy))
     for line in lines:
         assert len([r for r in rows if r.fullmatch(line)]) == 1, line
+
+
+def test_an_attempt_cancelled_as_the_agent_stops_is_not_a_routes_failure() -> None:
+    """Stopping during the first attempt (a fatal local forward, Ctrl-C): ClientService
+    cancels the connect, and the agent logged ``tcp 127.0.0.1:PORT failed:
+    IPv4Address(type='TCP', …)`` after its ``stopping`` line (Twisted's text for a
+    cancelled connect is the address's repr; round 20's audit).  Now nothing is logged
+    for it, and where words are asked for they say what happened."""
+    reactor = MemoryReactorClock()
+    cfg = LinkConfig(name="cloud", host="192.0.2.1", port=2222)
+    with capturedLogs() as events:
+        d = Dialer(reactor, cfg).connect(Factory())
+        d.addErrback(lambda f: f.trap(defer.CancelledError,
+                                      neterror.ConnectingCancelledError))
+        d.cancel()
+    assert reactor.tcpClients, "no attempt was made"
+    assert not [e for e in events if e.get("log_namespace", "").endswith("Dialer")
+                and e.get("event") == "link_route_failed"], events
+    address = neterror.ConnectingCancelledError(("192.0.2.1", 2222))
+    assert explain.unreachable(address, host="192.0.2.1", port=2222, tls=False,
+                               timeout=10) == explain.CANCELLED
+    assert explain.short(defer.CancelledError(), 10) == explain.CANCELLED
