@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -54,6 +55,14 @@ def test_a_slow_reader_holds_the_writer_at_one_buffer(sockets: list[socket.socke
             sent += client.send(b"x" * 65536)
     except BlockingIOError:
         pass
+    # What send() took reaches relay_in a little later on a loaded box (the loopback's
+    # delivery deferred to ksoftirqd): wait until a whole buffer's worth is readable, or
+    # the mover's first read may come short and wait for input instead (failed once
+    # under two CPU hogs in round 20).  SO_RCVLOWAT makes select wait for that much.
+    relay_in.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 64 * 1024)
+    readable, _, _ = select.select([relay_in], [], [], 30)
+    assert readable, "loopback did not deliver 64 KiB within 30 s"
+    relay_in.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
     d = CopyDirection(relay_in.fileno(), relay_out.fileno(), buffer_size=64 * 1024)
     rc, moved = d.move()
     assert rc == WAIT_OUT
