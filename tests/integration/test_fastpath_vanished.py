@@ -128,6 +128,10 @@ def test_a_spliced_session_whose_user_vanished_is_ended(site: Site) -> None:
         with borrowed:
             assert borrowed.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1, (
                 "the relay armed no keepalive on the user's data connection")
+            # resilience.md: "about a minute": 30 s idle, then a probe every 10 s, dead
+            # after three unanswered (the same as connect's, test_fastpath_relay_vanished)
+            assert [borrowed.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
+                    for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")] == [30, 10, 3]
             for name, value in (("TCP_KEEPIDLE", 1), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 2)):
                 borrowed.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
         mark = site.relay.mark()
