@@ -718,7 +718,7 @@ def test_the_data_path_lifts_the_soft_fd_limit_to_the_hard_one() -> None:
         pytest.skip(f"the hard fd limit ({hard}) leaves nothing to lift")
     resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
     try:
-        dp = DataPath(MemoryReactorClock(), datapath.choose_backend("python"))
+        dp = DataPath(MemoryReactorClock(), datapath.choose_backend("portable"))
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
         dp.close()
     finally:
