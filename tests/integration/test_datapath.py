@@ -466,3 +466,30 @@ def test_connection_refused_by_the_target_closes_the_client(
         failed = hop.proc.wait_for("plain_connect_failed", timeout=30)
     assert failed["forward"] == "hop"
     assert hop.forward()["connect_failures"] == 1
+
+
+@pytest.mark.parametrize(("value", "said"), [
+    ("bogus", "LABRELAY_DATAPATH='bogus' is not one of auto, c, python, portable"),
+    ("c", "LABRELAY_DATAPATH=c but the native module is not available"),
+])
+def test_a_backend_that_cannot_be_had_stops_the_node_with_exit_2(
+        tmp_path: Path, value: str, said: str) -> None:
+    """docs/datapath.md: ``c`` with the module missing makes labrelay refuse to start
+    (exit 2), and a bad ``LABRELAY_DATAPATH`` is refused; both say what to set instead.
+    The module is hidden from the child (``None`` in ``sys.modules``), as on a machine
+    where it was never built.  Only ``choose_backend`` was tested (test_splice_pump),
+    not that a node stops on it rather than running without a data path."""
+    config = tmp_path / "hop.toml"
+    config.write_text('[admin]\nlisten = "127.0.0.1:0"\n\n[[forward]]\nname = "hop"\n'
+                      'listen = "127.0.0.1:0"\nconnect = "127.0.0.1:9"\n')
+    hide = ("import runpy, sys; sys.modules['relay.datapath._splice_c'] = None; "
+            f"sys.argv = ['labrelay', 'run', {str(config)!r}]; "
+            "runpy.run_module('relay', run_name='__main__')")
+    env = {**os.environ, "LABRELAY_DATAPATH": value}
+    done = subprocess.run([sys.executable, "-c", hide], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert said in done.stderr, done.stderr
+    if value == "c":
+        assert "or set LABRELAY_DATAPATH=python" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

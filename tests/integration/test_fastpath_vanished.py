@@ -128,6 +128,10 @@ def test_a_spliced_session_whose_user_vanished_is_ended(site: Site) -> None:
         with borrowed:
             assert borrowed.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1, (
                 "the relay armed no keepalive on the user's data connection")
+            # resilience.md: "about a minute": 30 s idle, then a probe every 10 s, dead
+            # after three unanswered (the same as connect's, test_fastpath_relay_vanished)
+            assert [borrowed.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
+                    for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")] == [30, 10, 3]
             for name, value in (("TCP_KEEPIDLE", 1), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 2)):
                 borrowed.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
         mark = site.relay.mark()
@@ -140,3 +144,28 @@ def test_a_spliced_session_whose_user_vanished_is_ended(site: Site) -> None:
             assert site.relay.status()["relay"]["sessions"] == []
             wait_until(lambda: site.pool()["sessions_active"] == 0,
                        "the agent to end the session's target side")
+
+
+def test_the_pools_idle_data_connections_carry_the_probes_at_both_ends(site: Site) -> None:
+    """resilience.md/fastpath.md: the agent's pooled data connections carry nothing until
+    a user needs one, so TCP keepalives (30 s idle, every 10 s, 3 unanswered) keep NAT
+    mappings alive and find a dead one before a user is paired with it; the agent
+    (relay/agent/datapool.py) and the relay (its data port, for an idle pooled
+    connection) each arm them.  Only connect's and the relay's user side were checked."""
+    def pooled(pid: int, remote: int | None, local: int | None) -> list[tuple[int, int]]:
+        return [(s.local[1], s.remote[1]) for s in tcp_sockets(pid) if s.state == "ESTABLISHED"
+                and (remote is None or s.remote[1] == remote)
+                and (local is None or s.local[1] == local)]
+    wait_until(lambda: bool(pooled(site.agent.pid, site.data_port, None)),
+               "the agent's pool has a data connection", timeout=20)
+    ends = [(site.agent.pid, *end) for end in pooled(site.agent.pid, site.data_port, None)]
+    ends += [(site.relay.pid, *end) for end in pooled(site.relay.pid, None, site.data_port)
+             if end[1] in {local for _, local, _ in ends}]
+    assert {pid for pid, _, _ in ends} == {site.agent.pid, site.relay.pid}, ends
+    for pid, local, remote in ends:
+        with _borrow(pid, _socket_of(pid, local, remote)) as sock:
+            armed = [sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)] + [
+                sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
+                for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")]
+            who = "agent" if pid == site.agent.pid else "relay"
+            assert armed == [1, 30, 10, 3], (who, local, remote, armed)

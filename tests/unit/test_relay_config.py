@@ -848,3 +848,33 @@ def test_openssh_per_source_spellings_get_a_suggestion(key: str, guess: str) -> 
 def test_penalty_key_spelled_as_in_sshd_gets_a_suggestion() -> None:
     err = error_of('[relay.penalties]\n"grace-exceeded" = 5\n')
     check(err, "relay.penalties.grace-exceeded", "did you mean 'grace_exceeded'")
+
+
+@pytest.mark.parametrize(("written", "read"), [
+    ('"20MB"', 20_000_000), ('"20M"', 20_000_000), ('"512KiB"', 512 * 1024),
+    ('"2Mi"', 2 * 1024 * 1024), ('"1.5GB/s"', 1_500_000_000), ('"1Gi"', 1 << 30),
+    ('"100"', 100), ("100", 100), ('"4k"', 4000),
+])
+def test_a_rate_is_read_in_the_units_sharing_md_states(
+        keys: list[str], written: str, read: int) -> None:
+    """docs/sharing.md: ``K``, ``M``, ``G`` are 1000s, ``Ki``, ``Mi``, ``Gi`` 1024s, a bare
+    integer is bytes; for ``rate_limit`` and ``rate_burst`` alike.  A limit read in the
+    wrong unit is a user moving at 1.05 or 0.95 of what the admin set, which no
+    behaviour test at 20 MB/s would tell apart."""
+    relay = relay_of(user(keys[0], body=f'services = ["bulk:9000"]\n'
+                                        f"rate_limit = {written}\nrate_burst = {written}"))
+    assert (relay.users[0].rate_limit, relay.users[0].rate_burst) == (read, read)
+
+
+@pytest.mark.parametrize(("share", "ok"), [
+    ("0.01", True), ("100", True), ("0.009", False), ("100.5", False), ("0", False)])
+def test_a_share_is_a_number_in_0_01_to_100_default_1(
+        keys: list[str], share: str, ok: bool) -> None:
+    """docs/sharing.md: a weight in 0.01..100, default 1; outside it is an error naming
+    the key."""
+    assert relay_of(user(keys[0], body='services = ["bulk:9000"]')).users[0].share == 1.0
+    text = user(keys[0], body=f'services = ["bulk:9000"]\nshare = {share}')
+    if ok:
+        assert relay_of(text).users[0].share == float(share)
+    else:
+        check(error_of(text), "relay.user[0].share", "share")

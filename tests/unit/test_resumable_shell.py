@@ -132,3 +132,28 @@ def test_a_side_aborted_before_its_bridge_attached_reports_its_end_at_attach() -
 
     Bridge(_Closed(), side, onClosed=lambda a, b: ended.append((a, b)))
     assert ended == [(0, 0)], "the bridge never heard its second side end"
+
+
+def test_a_held_sessions_status_row_counts_down_to_its_reset() -> None:
+    """resilience.md, "Settings and what to watch": each held session is listed with
+    its age, its unacknowledged bytes and the seconds left before it is reset; at the
+    grace its other side is reset (never an EOF) and the row is gone.  (The status
+    page's tests feed it made-up rows; nothing else computed ``expires_in``.)"""
+    clock = Clock()
+    sessions = ResumableSessions(clock, 60.0, "link test")
+    ch = channel(OPEN_RESUMABLE, FakeSSHConnection())
+    side = sessions.open(SID, None, ch, "web from 10.0.0.9:5000")
+    target = FakeSide()
+    Bridge(target, side)
+    target.receive(b"x" * 1000)  # sent on the link, never acknowledged
+    clock.advance(5)
+    ch.closed()  # the link went
+    assert sessions.status() == [{"session": "web from 10.0.0.9:5000", "id": SID.hex()[:8],
+                                  "age": 0.0, "unacked_bytes": 1000, "expires_in": 60.0}]
+    clock.advance(45)
+    [row] = sessions.status()
+    assert (row["age"], row["expires_in"], row["unacked_bytes"]) == (45.0, 15.0, 1000)
+    assert target.abortCalls == 0
+    clock.advance(15)
+    assert sessions.status() == []
+    assert target.abortCalls == 1 and not target.wroteEOF

@@ -160,3 +160,26 @@ def test_one_session_through_a_plain_forward(reactor: Any) -> None:
     assert (status["sessions_total"], status["bytes_to_target"], status["bytes_from_target"]) \
         == (1, 4000, 4)
     forward.stopService()
+
+
+def test_a_forward_listens_with_a_1024_backlog_and_connects_within_15_seconds() -> None:
+    """docs/datapath.md, "Plain TCP hops": each accepted connection is held unread while
+    labrelay connects to ``connect`` (timeout 15 s), and the listen backlog is 1024
+    (Twisted's default 50 drops SYNs when 200 sessions arrive at once, a 1 s
+    retransmit each).  The reactor is a double: what the forward asks of it is checked."""
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    reactor = MemoryReactorClock()
+    config = PlainForwardConfig(bind="127.0.0.1", port=0, connect=HostPort("10.0.0.5", 22),
+                                name="gpu-ssh")
+    hop = PlainForward(config, reactor,
+                       data_path=datapath.DataPath(reactor, datapath.choose_backend("portable")))
+    hop.startService()
+    [(port, factory, backlog, bind)] = reactor.tcpServers
+    assert (port, backlog, bind) == (0, 1024, "127.0.0.1")
+    client = factory.buildProtocol(None)
+    client.makeConnection(StringTransport())
+    reactor.advance(0)
+    [(_, to_port, _, timeout, _)] = reactor.tcpClients  # (the double resolves any name
+    assert (to_port, timeout) == (22, 15.0)              # to 127.0.0.1)
+    assert client.transport.producerState == "paused"  # held unread meanwhile

@@ -702,3 +702,24 @@ def test_the_pump_thread_stays_sched_other_while_it_serves_a_keystroke_beside_bu
         assert wait(reactor, bulk.done) == PairResult(sum(moved) * 64 * MiB, 0)
     finally:
         path.close()
+
+
+def test_the_data_path_lifts_the_soft_fd_limit_to_the_hard_one() -> None:
+    """docs/datapath.md: the soft ``RLIMIT_NOFILE`` is raised to the hard limit when the
+    data path starts; a pair holds two sockets and up to two pipes, so a soft limit of
+    1024 (many distributions' default) would cap a relay at a few hundred sessions."""
+    import resource
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(hard, 256)
+    if low == hard:
+        pytest.skip(f"the hard fd limit ({hard}) leaves nothing to lift")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        dp = DataPath(MemoryReactorClock(), datapath.choose_backend("portable"))
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+        dp.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
