@@ -475,6 +475,23 @@ class _HoldingTarget:
         self._sel.close()
 
 
+def _record_refusals(t: paramiko.Transport) -> dict[int, tuple[int, str]]:
+    """Every ``CHANNEL_OPEN_FAILURE`` the agent sends on ``t``, by channel id: (reason
+    code, text), filled as they arrive; paramiko's own handler still runs after."""
+    refused: dict[int, tuple[int, str]] = {}
+    failure = t._handler_table[MSG_CHANNEL_OPEN_FAILURE]
+
+    def record(m: Message) -> None:
+        at = m.packet.tell()
+        chanid, code, text = m.get_int(), m.get_int(), m.get_text()
+        refused[chanid] = (code, text)
+        m.packet.seek(at)
+        failure(m)
+
+    t._handler_table[MSG_CHANNEL_OPEN_FAILURE] = record
+    return refused
+
+
 def _open_without_waiting(t: paramiko.Transport, dest: tuple[str, int],
                           n: int) -> list[tuple[Any, threading.Event]]:
     """``n`` ``forwarded-tcpip`` opens sent back to back, none awaited (paramiko's
@@ -530,17 +547,7 @@ def test_a_compromised_relay_cannot_open_sessions_without_end(
                                    link_toml=f"max_sessions = {CAP}\n")
         try:
             fds0, rss0 = _fds(agent.proc.pid), rss_kb(agent.proc.pid)
-            refused: dict[int, tuple[int, str]] = {}
-            failure = t._handler_table[MSG_CHANNEL_OPEN_FAILURE]
-
-            def record(m: Message) -> None:
-                at = m.packet.tell()
-                chanid, code, text = m.get_int(), m.get_int(), m.get_text()
-                refused[chanid] = (code, text)
-                m.packet.seek(at)
-                failure(m)
-
-            t._handler_table[MSG_CHANNEL_OPEN_FAILURE] = record
+            refused = _record_refusals(t)
             began = time.monotonic()
             opens = _open_without_waiting(t, ("held", 2222), FLOOD)
             for _, event in opens:
@@ -726,17 +733,7 @@ def test_connects_to_a_host_that_stopped_answering_are_capped_per_target(
             start_agent, targets, tmp_path, held_target=stuck.getsockname()[1],
             link_toml=f"max_connecting = {STUCK_CAP}\n")
         try:
-            refused: dict[int, tuple[int, str]] = {}
-            failure = t._handler_table[MSG_CHANNEL_OPEN_FAILURE]
-
-            def record(m: Message) -> None:
-                at = m.packet.tell()
-                chanid, code, text = m.get_int(), m.get_int(), m.get_text()
-                refused[chanid] = (code, text)
-                m.packet.seek(at)
-                failure(m)
-
-            t._handler_table[MSG_CHANNEL_OPEN_FAILURE] = record
+            refused = _record_refusals(t)
             opens = _open_without_waiting(t, ("held", 2222), STUCK_OPENS)
             # The refusals come at once; the 16 connecting wait for their timeout.
             assert _echo(ch, b"honest") == b"honest"
@@ -786,17 +783,7 @@ def test_failed_connects_to_a_declared_target_cost_two_log_lines(
         agent, t, ch = _taken_over(start_agent, targets, tmp_path,
                                    held_target=closed.getsockname()[1], link_toml="")
         try:
-            refused: dict[int, tuple[int, str]] = {}
-            failure = t._handler_table[MSG_CHANNEL_OPEN_FAILURE]
-
-            def record(m: Message) -> None:
-                at = m.packet.tell()
-                chanid, code, text = m.get_int(), m.get_int(), m.get_text()
-                refused[chanid] = (code, text)
-                m.packet.seek(at)
-                failure(m)
-
-            t._handler_table[MSG_CHANNEL_OPEN_FAILURE] = record
+            refused = _record_refusals(t)
             opens = []
             for _ in range(UNREACHABLE_OPENS // 50):  # in rounds under max_connecting
                 batch = _open_without_waiting(t, ("held", 2222), 50)
@@ -851,17 +838,7 @@ def test_one_lab_host_receives_at_most_max_sessions_per_target(
             link_toml=f'max_sessions_per_target = {PER_TARGET}\n\n'
                       f'[admin]\nlisten = "127.0.0.1:{admin}"\n')
         try:
-            refused: dict[int, tuple[int, str]] = {}
-            failure = t._handler_table[MSG_CHANNEL_OPEN_FAILURE]
-
-            def record(m: Message) -> None:
-                at = m.packet.tell()
-                chanid, code, text = m.get_int(), m.get_int(), m.get_text()
-                refused[chanid] = (code, text)
-                m.packet.seek(at)
-                failure(m)
-
-            t._handler_table[MSG_CHANNEL_OPEN_FAILURE] = record
+            refused = _record_refusals(t)
             opens = _open_without_waiting(t, ("held", 2222), TO_ONE_HOST)
             for _, event in opens:
                 assert event.wait(60), "the agent never answered an open"
